@@ -1,7 +1,7 @@
 ;; SPDX-License-Identifier: Apache-2.0
 ;; kv-draft.wat: a hand-written component that calls every function of
 ;; wasi:keyvalue@0.2.0-draft (store, atomics, batch) and exports one
-;; function per operation for the tests (test_guests.py) and the benchmark.
+;; function per operation for the tests (test_guests.py).
 ;;
 ;; Every export takes the bucket name first, opens it, does one thing, drops the
 ;; bucket and returns result<T, string>; the err string names the wasi error case:
