@@ -74,7 +74,7 @@ MAX_SEGMENTS = 64                     # keeps trees shallow and commits O(depth)
 MAX_AUTHOR_CHARS = 256                # authors come from HTTP headers: keep commits small
 BRANCH_NAME = re.compile(r"[A-Za-z0-9._-]{1,128}\Z")
 CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
-HEX_DIGITS = frozenset("0123456789abcdef")
+HASH_TEXT = re.compile(r"[0-9a-fA-F]{64}\Z")
 WASM_MAGIC = b"\0asm"
 COMPONENT_HEADER = WASM_MAGIC + b"\x0d\x00\x01\x00"   # component-model binary, layer 1
 CHUNK_SIZE = 1 << 20                  # streaming reads: bounded memory for any module size
@@ -197,7 +197,7 @@ def validate_branch(name):
 
 
 def _is_hash(text):
-    return len(text) == HASH_LENGTH and all(c in HEX_DIGITS for c in text.lower())
+    return HASH_TEXT.match(text) is not None
 
 
 def validate_hash(text, what="hash"):
@@ -408,6 +408,7 @@ class Store:
         self._indexes = _LRU(INDEX_CACHE_TREES)
         self._verified = _LRU(200_000)       # hash -> stat key of a hash-checked object file
         self._ref_cache = {}                 # branch -> (stat key, head)
+        self._default_cache = (None, None)   # (stat key of HEAD, default branch)
         self._commit_counts = _LRU(200_000)  # commit -> first-parent chain length
         self._thread_lock = threading.Lock()
         self._pool = None
@@ -918,7 +919,7 @@ class Store:
 
     def find(self, path_or_hash, *, branch=None):
         """The bytes of the module at a path (or with a hash) on a branch."""
-        return self.read_module(self._module_hash(path_or_hash, self._branch(branch)))
+        return self._read_module(self._module_hash(path_or_hash, self._branch(branch)))
 
     def locate(self, path_or_hash, *, branch=None):
         """(hash, object file name) of a module, for zero-copy serving; hash-checked."""
@@ -949,7 +950,9 @@ class Store:
 
     def read_module(self, digest):
         """The bytes of any stored module object, hash-checked."""
-        digest = validate_hash(digest)
+        return self._read_module(validate_hash(digest))
+
+    def _read_module(self, digest):
         data = self._modules.get(digest)
         if data is not None:
             return data
@@ -1164,14 +1167,20 @@ class Store:
     def default_branch(self):
         """The branch used when none is named (persisted in HEAD)."""
         try:
-            with open(self._head_file, encoding="utf-8") as handle:
+            info = os.stat(self._head_file)
+            key = (info.st_ino, info.st_mtime_ns, info.st_size)
+            if self._default_cache[0] == key:
+                return self._default_cache[1]
+            with open(self._head_file, encoding="utf-8", errors="replace") as handle:
                 name = handle.read(256).strip()
         except FileNotFoundError:
             raise CorruptObject(f"{self._head_file} is missing; run fsck") from None
         try:
-            return validate_branch(name)
+            validate_branch(name)
         except InvalidInput:
             raise CorruptObject(f"HEAD is corrupt: {name[:70]!r}") from None
+        self._default_cache = (key, name)
+        return name
 
     def set_default_branch(self, name):
         """Make an existing branch the default."""
