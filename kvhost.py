@@ -1,0 +1,2238 @@
+# SPDX-License-Identifier: Apache-2.0
+"""kvhost: run WebAssembly components against wasi:keyvalue, with memory, SQLite and Redis backends.
+
+A host on the `wasmtime` package that links both ``wasi:keyvalue@0.2.0-draft`` and
+``@0.2.0-draft2`` (store, atomics, batch; the watcher export) beside WASIp2 into one
+component linker, runs guests sandboxed (timeout, fuel, memory limit, no ambient
+authority) and keeps their data in a real backend.
+
+Library use::
+
+    import kvhost
+    host = kvhost.Host(kv="sqlite:/tmp/kv.sqlite3", namespace="demo")
+    guest = host.load("guests/host/kv_draft2.wat")
+    print(host.call(guest, "incr", ["hits", 1]))
+    host.close()
+
+Command line::
+
+    python kvhost.py run  [options] GUEST.wasm [ARGS ...]        # wasi:cli/run
+    python kvhost.py call [options] GUEST.wasm FUNCTION [JSON ...]  # one line of JSON
+    python kvhost.py kv   [--kv URL] [--namespace NS] get|set|delete|list|incr BUCKET [KEY [VALUE]]
+
+Map of this file, top-down:
+  constants and exceptions
+  backends        Backend (validation, cursors) -> MemoryBackend, SqliteBackend, RedisBackend; open_backend()
+  value codecs    type descriptors of component values and fast ctypes converters (host + JSON dialects)
+  host glue       the wasi:keyvalue functions of both versions, dispatched without per-call type walks
+  engine          compile cache on disk, Guest, Host (load / call / run / attach_watcher)
+  CLI             main()
+"""
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "KvError", "ArgumentError", "BackendError", "OperationError", "GuestError", "TrapError",
+    "Backend", "MemoryBackend", "SqliteBackend", "RedisBackend", "open_backend",
+    "Guest", "Host", "main",
+    "DEFAULT_KV_URL", "MAX_KEY_BYTES", "DEFAULT_MAX_VALUE_BYTES", "PAGE_SIZE",
+]
+
+import argparse
+import base64
+import binascii
+import ctypes
+import hashlib
+import json
+import math
+import os
+import re
+import socket
+import sqlite3
+import sys
+import tempfile
+import threading
+import urllib.parse
+
+import wasmtime
+from wasmtime import _ffi as ffi
+from wasmtime import component as wc
+
+# ---------------------------------------------------------------------------
+# constants
+# ---------------------------------------------------------------------------
+
+DEFAULT_KV_URL = "sqlite:~/.wasmstore/kv.sqlite3"   # durable embedded default (KVHOST.md)
+MAX_KEY_BYTES = 4096                                 # KVHOST.md: key at most 4 KiB
+DEFAULT_MAX_VALUE_BYTES = 16 * 1024 * 1024           # KVHOST.md: value at most 16 MiB (configurable)
+PAGE_SIZE = 1000                                     # list-keys pages hold at most 1,000 keys
+DEFAULT_TIMEOUT = 10.0                               # seconds; --timeout default
+BUCKET_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,128}\Z")
+# What Redis INCRBY accepts (no sign on zero, no leading zeros, no '+'); every backend uses it.
+DECIMAL_RE = re.compile(rb"(0|-?[1-9][0-9]{0,19})\Z")
+S64 = (-(1 << 63), (1 << 63) - 1)
+U64 = (0, (1 << 64) - 1)
+CURSOR_PREFIX = "k1."                                # draft2 cursors: "k1." + base64url(last key)
+EPOCH_TICK = 0.05                                    # seconds per epoch tick of the timeout thread
+CACHE_MAGIC = b"KVHCACHE1\n"                         # header of a compile-cache entry
+KV_VERSIONS = ("0.2.0-draft", "0.2.0-draft2")
+
+
+# ---------------------------------------------------------------------------
+# exceptions
+# ---------------------------------------------------------------------------
+
+class KvError(Exception):
+    """Root of every error kvhost raises."""
+
+
+class ArgumentError(KvError, ValueError):
+    """Bad input from the caller (CLI exit status 2)."""
+
+
+class OperationError(KvError):
+    """A key-value operation refused by the semantics (not a number, too large, bad cursor)."""
+
+
+class BackendError(KvError):
+    """The backend failed (Redis down, disk full, database locked)."""
+
+
+class GuestError(KvError):
+    """A guest could not be loaded or linked (bad module, mismatched imports)."""
+
+
+class TrapError(KvError):
+    """A guest trapped, ran out of fuel or time (CLI exit status 1)."""
+
+
+# ---------------------------------------------------------------------------
+# backends
+# ---------------------------------------------------------------------------
+
+def _check_namespace(namespace):
+    if not isinstance(namespace, str) or not namespace or len(namespace) > 1024 or "\0" in namespace:
+        raise ArgumentError(f"invalid namespace {namespace!r}: expected 1-1024 characters, no NUL")
+
+
+def _check_bucket(bucket):
+    if not isinstance(bucket, str) or not BUCKET_ID_RE.match(bucket):
+        raise ArgumentError(f"invalid bucket {bucket!r}: expected [A-Za-z0-9._-]{{1,128}}")
+
+
+def _check_key(key):
+    if not isinstance(key, str):
+        raise ArgumentError(f"invalid key {key!r}: expected a string")
+    try:
+        size = len(key.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise ArgumentError(f"invalid key {key!r}: not valid UTF-8") from None
+    if size > MAX_KEY_BYTES:
+        raise OperationError(f"key too large ({size} bytes, limit {MAX_KEY_BYTES})")
+
+
+def _parse_counter(raw, bounds):
+    """The integer a stored value holds, or OperationError if it is not a counter in bounds."""
+    if raw is None:
+        return 0
+    if not DECIMAL_RE.match(raw):
+        raise OperationError("value is not a decimal integer")
+    number = int(raw)
+    if not bounds[0] <= number <= bounds[1]:
+        raise OperationError("value is out of range for this increment")
+    return number
+
+
+def _add_checked(current, delta, bounds):
+    total = current + delta
+    if not bounds[0] <= total <= bounds[1]:
+        raise OperationError("increment overflows")
+    return total
+
+
+def encode_cursor(last_key):
+    """The opaque draft2 cursor that resumes listing after `last_key`."""
+    return CURSOR_PREFIX + base64.urlsafe_b64encode(last_key.encode("utf-8")).decode("ascii")
+
+
+def decode_cursor(cursor):
+    """The key a draft2 cursor resumes after; OperationError('invalid cursor') if malformed."""
+    if not isinstance(cursor, str) or not cursor.startswith(CURSOR_PREFIX):
+        raise OperationError("invalid cursor")
+    try:
+        return base64.urlsafe_b64decode(cursor[len(CURSOR_PREFIX):].encode("ascii")).decode("utf-8")
+    except (binascii.Error, UnicodeError, ValueError):
+        raise OperationError("invalid cursor") from None
+
+
+class Backend:
+    """A key-value store shared by namespaces and buckets; subclasses implement the `_` methods.
+
+    The public methods validate input and enforce the limits, so every backend behaves the same.
+    Failures of the underlying store raise BackendError; semantic refusals raise OperationError.
+    """
+
+    url = "?"
+
+    def __init__(self, max_value_size=DEFAULT_MAX_VALUE_BYTES):
+        if not isinstance(max_value_size, int) or max_value_size < 0:
+            raise ArgumentError(f"invalid max_value_size {max_value_size!r}")
+        self.max_value_size = max_value_size
+
+    def _check(self, namespace, bucket, key=None):
+        _check_namespace(namespace)
+        _check_bucket(bucket)
+        if key is not None:
+            _check_key(key)
+
+    def _check_value(self, value):
+        if not isinstance(value, (bytes, bytearray, memoryview)):
+            raise ArgumentError(f"invalid value of type {type(value).__name__}: expected bytes")
+        if len(value) > self.max_value_size:
+            raise OperationError(f"value too large ({len(value)} bytes, limit {self.max_value_size})")
+        return bytes(value)
+
+    def get(self, namespace, bucket, key):
+        """The value of `key`, or None when it is missing."""
+        self._check(namespace, bucket, key)
+        return self._get(namespace, bucket, key)
+
+    def set(self, namespace, bucket, key, value):
+        self._check(namespace, bucket, key)
+        self._set(namespace, bucket, key, self._check_value(value))
+
+    def delete(self, namespace, bucket, key):
+        """Remove `key`; a missing key is fine."""
+        self._check(namespace, bucket, key)
+        self._delete(namespace, bucket, key)
+
+    def exists(self, namespace, bucket, key):
+        self._check(namespace, bucket, key)
+        return self._exists(namespace, bucket, key)
+
+    def list_page(self, namespace, bucket, cursor=None, limit=PAGE_SIZE):
+        """(keys, next_cursor): sorted keys after `cursor` (draft2 opaque string); None when done."""
+        self._check(namespace, bucket)
+        after = None if cursor is None else decode_cursor(cursor)
+        keys = self._keys_after(namespace, bucket, after, limit + 1)
+        if len(keys) > limit:
+            keys = keys[:limit]
+            return keys, encode_cursor(keys[-1])
+        return keys, None
+
+    def list_page_at(self, namespace, bucket, offset=None, limit=PAGE_SIZE):
+        """(keys, next_offset): sorted keys from numeric `offset` (draft cursor); None when done."""
+        self._check(namespace, bucket)
+        offset = 0 if offset is None else offset
+        if not isinstance(offset, int) or isinstance(offset, bool) or offset < 0:
+            raise OperationError("invalid cursor")
+        keys = self._keys_at(namespace, bucket, offset, limit + 1)
+        if len(keys) > limit:
+            return keys[:limit], offset + limit
+        return keys, None
+
+    def increment(self, namespace, bucket, key, delta, signed=True):
+        """Add `delta` atomically; the value is ASCII decimal, a missing key starts at 0.
+
+        `signed` picks the s64 range (draft2) or the u64 range (draft). A non-decimal value
+        or an overflow raises OperationError and leaves the value unchanged.
+        """
+        self._check(namespace, bucket, key)
+        bounds = S64 if signed else U64
+        delta_bounds = S64 if signed else U64
+        if not isinstance(delta, int) or isinstance(delta, bool) or not delta_bounds[0] <= delta <= delta_bounds[1]:
+            raise ArgumentError(f"invalid delta {delta!r}")
+        return self._increment(namespace, bucket, key, delta, bounds)
+
+    def compare_and_swap(self, namespace, bucket, key, expected, value):
+        """Write `value` only if the current value is still `expected` (None: missing). True if written."""
+        self._check(namespace, bucket, key)
+        if expected is not None:
+            expected = bytes(expected)
+        return self._compare_and_swap(namespace, bucket, key, expected, self._check_value(value))
+
+    def get_many(self, namespace, bucket, keys):
+        """Values for `keys`, positionally (None for a missing key; duplicates answered each time)."""
+        self._check(namespace, bucket)
+        keys = list(keys)
+        for key in keys:
+            _check_key(key)
+        return self._get_many(namespace, bucket, keys) if keys else []
+
+    def set_many(self, namespace, bucket, items):
+        """Write all (key, value) pairs in one transaction where the backend has one."""
+        self._check(namespace, bucket)
+        checked = []
+        for key, value in items:
+            _check_key(key)
+            checked.append((key, self._check_value(value)))
+        if checked:
+            self._set_many(namespace, bucket, checked)
+
+    def delete_many(self, namespace, bucket, keys):
+        self._check(namespace, bucket)
+        keys = list(keys)
+        for key in keys:
+            _check_key(key)
+        if keys:
+            self._delete_many(namespace, bucket, keys)
+
+    def close(self):
+        """Release connections; the backend must not be used afterwards."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __repr__(self):
+        return f"<{type(self).__name__} {self.url}>"
+
+    # Defaults built on the single-key primitives; backends override them with batched forms.
+    def _get_many(self, namespace, bucket, keys):
+        return [self._get(namespace, bucket, key) for key in keys]
+
+    def _keys_at(self, namespace, bucket, offset, limit):
+        return self._keys_after(namespace, bucket, None, offset + limit)[offset:]
+
+
+class MemoryBackend(Backend):
+    """Process-local, thread-safe store; data lives as long as the object."""
+
+    url = "memory:"
+
+    def __init__(self, max_value_size=DEFAULT_MAX_VALUE_BYTES):
+        super().__init__(max_value_size)
+        self._lock = threading.Lock()
+        self._buckets = {}
+
+    def _table(self, namespace, bucket):
+        return self._buckets.setdefault((namespace, bucket), {})
+
+    def _get(self, namespace, bucket, key):
+        with self._lock:
+            return self._table(namespace, bucket).get(key)
+
+    def _set(self, namespace, bucket, key, value):
+        with self._lock:
+            self._table(namespace, bucket)[key] = value
+
+    def _delete(self, namespace, bucket, key):
+        with self._lock:
+            self._table(namespace, bucket).pop(key, None)
+
+    def _exists(self, namespace, bucket, key):
+        with self._lock:
+            return key in self._table(namespace, bucket)
+
+    def _keys_after(self, namespace, bucket, after, limit):
+        with self._lock:
+            keys = sorted(self._table(namespace, bucket))
+        if after is not None:
+            keys = [k for k in keys if k > after]
+        return keys[:limit]
+
+    def _increment(self, namespace, bucket, key, delta, bounds):
+        with self._lock:
+            table = self._table(namespace, bucket)
+            total = _add_checked(_parse_counter(table.get(key), bounds), delta, bounds)
+            table[key] = str(total).encode("ascii")
+            return total
+
+    def _compare_and_swap(self, namespace, bucket, key, expected, value):
+        with self._lock:
+            table = self._table(namespace, bucket)
+            if table.get(key) != expected:
+                return False
+            table[key] = value
+            return True
+
+    def _set_many(self, namespace, bucket, items):
+        with self._lock:
+            self._table(namespace, bucket).update(items)
+
+    def _delete_many(self, namespace, bucket, keys):
+        with self._lock:
+            table = self._table(namespace, bucket)
+            for key in keys:
+                table.pop(key, None)
+
+
+class SqliteBackend(Backend):
+    """Durable store in one SQLite file: WAL, one transaction per operation, one connection per thread.
+
+    Writes that read first (increment, compare-and-swap) use BEGIN IMMEDIATE, so they are atomic
+    across threads and processes sharing the file.
+    """
+
+    def __init__(self, path, max_value_size=DEFAULT_MAX_VALUE_BYTES, busy_timeout=5.0):
+        super().__init__(max_value_size)
+        self.path = os.path.abspath(os.path.expanduser(path))
+        self.url = "sqlite:" + self.path
+        self.busy_timeout = busy_timeout
+        self._local = threading.local()
+        self._all = []
+        self._all_lock = threading.Lock()
+        self._closed = False
+        self._run(lambda db: db.execute(
+            "CREATE TABLE IF NOT EXISTS kv (ns TEXT NOT NULL, bucket TEXT NOT NULL, key TEXT NOT NULL,"
+            " value BLOB NOT NULL, PRIMARY KEY (ns, bucket, key)) WITHOUT ROWID"))
+
+    def connection(self):
+        """This thread's connection (opened on first use)."""
+        db = getattr(self._local, "db", None)
+        if db is None:
+            if self._closed:
+                raise BackendError("sqlite backend is closed")
+            parent = os.path.dirname(self.path)
+            try:
+                os.makedirs(parent, exist_ok=True)
+                db = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None,
+                                     check_same_thread=False)
+                db.execute("PRAGMA journal_mode=WAL")
+                db.execute("PRAGMA synchronous=FULL")
+            except (sqlite3.Error, OSError) as e:
+                raise BackendError(f"sqlite: cannot open {self.path}: {e}") from None
+            self._local.db = db
+            with self._all_lock:
+                self._all.append(db)
+        return db
+
+    def _run(self, work, immediate=False):
+        """Run work(db) in one transaction; sqlite errors become BackendError."""
+        db = self.connection()
+        try:
+            db.execute("BEGIN IMMEDIATE" if immediate else "BEGIN")
+            try:
+                result = work(db)
+                db.execute("COMMIT")
+                return result
+            except BaseException:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as e:
+            raise BackendError(f"sqlite: {e}") from None
+
+    def _get(self, namespace, bucket, key):
+        row = self._run(lambda db: db.execute(
+            "SELECT value FROM kv WHERE ns=? AND bucket=? AND key=?", (namespace, bucket, key)).fetchone())
+        return None if row is None else bytes(row[0])
+
+    def _set(self, namespace, bucket, key, value):
+        self._run(lambda db: db.execute(
+            "INSERT OR REPLACE INTO kv (ns, bucket, key, value) VALUES (?, ?, ?, ?)",
+            (namespace, bucket, key, value)), immediate=True)
+
+    def _delete(self, namespace, bucket, key):
+        self._run(lambda db: db.execute(
+            "DELETE FROM kv WHERE ns=? AND bucket=? AND key=?", (namespace, bucket, key)), immediate=True)
+
+    def _exists(self, namespace, bucket, key):
+        return self._run(lambda db: db.execute(
+            "SELECT 1 FROM kv WHERE ns=? AND bucket=? AND key=?", (namespace, bucket, key)).fetchone()) is not None
+
+    def _keys_after(self, namespace, bucket, after, limit):
+        # TEXT compares as UTF-8 bytes, which is code-point order: the same order as Python's sorted().
+        def work(db):
+            if after is None:
+                rows = db.execute("SELECT key FROM kv WHERE ns=? AND bucket=? ORDER BY key LIMIT ?",
+                                  (namespace, bucket, limit))
+            else:
+                rows = db.execute("SELECT key FROM kv WHERE ns=? AND bucket=? AND key>? ORDER BY key LIMIT ?",
+                                  (namespace, bucket, after, limit))
+            return [row[0] for row in rows]
+        return self._run(work)
+
+    def _keys_at(self, namespace, bucket, offset, limit):
+        return self._run(lambda db: [row[0] for row in db.execute(
+            "SELECT key FROM kv WHERE ns=? AND bucket=? ORDER BY key LIMIT ? OFFSET ?",
+            (namespace, bucket, limit, offset))])
+
+    def _increment(self, namespace, bucket, key, delta, bounds):
+        def work(db):
+            row = db.execute("SELECT value FROM kv WHERE ns=? AND bucket=? AND key=?",
+                             (namespace, bucket, key)).fetchone()
+            total = _add_checked(_parse_counter(None if row is None else bytes(row[0]), bounds), delta, bounds)
+            db.execute("INSERT OR REPLACE INTO kv (ns, bucket, key, value) VALUES (?, ?, ?, ?)",
+                       (namespace, bucket, key, str(total).encode("ascii")))
+            return total
+        return self._run(work, immediate=True)
+
+    def _compare_and_swap(self, namespace, bucket, key, expected, value):
+        def work(db):
+            row = db.execute("SELECT value FROM kv WHERE ns=? AND bucket=? AND key=?",
+                             (namespace, bucket, key)).fetchone()
+            if (None if row is None else bytes(row[0])) != expected:
+                return False
+            db.execute("INSERT OR REPLACE INTO kv (ns, bucket, key, value) VALUES (?, ?, ?, ?)",
+                       (namespace, bucket, key, value))
+            return True
+        return self._run(work, immediate=True)
+
+    def _get_many(self, namespace, bucket, keys):
+        def work(db):
+            found = {}
+            for key in set(keys):
+                row = db.execute("SELECT value FROM kv WHERE ns=? AND bucket=? AND key=?",
+                                 (namespace, bucket, key)).fetchone()
+                if row is not None:
+                    found[key] = bytes(row[0])
+            return [found.get(key) for key in keys]
+        return self._run(work)
+
+    def _set_many(self, namespace, bucket, items):
+        self._run(lambda db: db.executemany(
+            "INSERT OR REPLACE INTO kv (ns, bucket, key, value) VALUES (?, ?, ?, ?)",
+            [(namespace, bucket, k, v) for k, v in items]), immediate=True)
+
+    def _delete_many(self, namespace, bucket, keys):
+        self._run(lambda db: db.executemany(
+            "DELETE FROM kv WHERE ns=? AND bucket=? AND key=?",
+            [(namespace, bucket, k) for k in keys]), immediate=True)
+
+    def close(self):
+        self._closed = True
+        with self._all_lock:
+            connections, self._all = self._all, []
+        for db in connections:
+            try:
+                db.close()
+            except sqlite3.Error:
+                pass
+        self._local = threading.local()
+
+
+class _RedisReplyError(Exception):
+    """An error reply (-ERR ...) from Redis: the connection itself is still fine."""
+
+
+class _RespConnection:
+    """One RESP2 connection over a plain socket."""
+
+    def __init__(self, host, port, timeout, password, db):
+        self.sock = socket.create_connection((host, port), timeout=timeout)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.reader = self.sock.makefile("rb")
+        if password is not None:
+            self.call(b"AUTH", password)
+        if db:
+            self.call(b"SELECT", str(db))
+
+    @staticmethod
+    def _encode(args):
+        out = [b"*%d\r\n" % len(args)]
+        for arg in args:
+            if isinstance(arg, str):
+                arg = arg.encode("utf-8")
+            elif isinstance(arg, int):
+                arg = str(arg).encode("ascii")
+            out.append(b"$%d\r\n%s\r\n" % (len(arg), arg))
+        return b"".join(out)
+
+    def call(self, *args):
+        self.sock.sendall(self._encode(args))
+        return self.read_reply()
+
+    def pipeline(self, commands):
+        """Send all commands in one write, read all replies (errors returned, not raised)."""
+        self.sock.sendall(b"".join(self._encode(c) for c in commands))
+        replies = []
+        for _ in commands:
+            try:
+                replies.append(self.read_reply())
+            except _RedisReplyError as e:
+                replies.append(e)
+        return replies
+
+    def read_reply(self):
+        line = self.reader.readline()
+        if not line.endswith(b"\r\n"):
+            raise ConnectionError("connection closed by redis")
+        kind, rest = line[:1], line[1:-2]
+        if kind == b"+":
+            return rest
+        if kind == b"-":
+            raise _RedisReplyError(rest.decode("utf-8", "replace"))
+        if kind == b":":
+            return int(rest)
+        if kind == b"$":
+            size = int(rest)
+            if size < 0:
+                return None
+            data = self.reader.read(size + 2)
+            if len(data) != size + 2:
+                raise ConnectionError("connection closed by redis")
+            return data[:-2]
+        if kind == b"*":
+            count = int(rest)
+            if count < 0:
+                return None
+            return [self.read_reply() for _ in range(count)]
+        raise ConnectionError(f"bad reply from redis: {line[:40]!r}")
+
+    def close(self):
+        try:
+            self.reader.close()
+            self.sock.close()
+        except OSError:
+            pass
+
+
+# Compare-and-swap as one server-side step; ARGV[1] says whether the key must be missing.
+_CAS_SCRIPT = (b"local v = redis.call('GET', KEYS[1]) "
+               b"if (ARGV[1] == '1' and v == false) or (ARGV[1] == '0' and v == ARGV[2]) then "
+               b"redis.call('SET', KEYS[1], ARGV[3]) return 1 end return 0")
+
+
+class RedisBackend(Backend):
+    """Redis over RESP2 on a stdlib socket, with a small connection pool and timeouts.
+
+    Keys are stored as ``kv:<quoted namespace>:<bucket>:<key>``; listing scans the bucket's
+    prefix and sorts, so cursors follow the same rules as the other backends.
+    """
+
+    def __init__(self, url, max_value_size=DEFAULT_MAX_VALUE_BYTES, timeout=5.0, pool_size=8):
+        super().__init__(max_value_size)
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme != "redis" or not parts.hostname:
+            raise ArgumentError(f"invalid redis URL {url!r}: expected redis://[:password@]host:port/db")
+        try:
+            self.port = parts.port or 6379
+            db_text = parts.path.lstrip("/")
+            self.db = int(db_text) if db_text else 0
+        except ValueError:
+            raise ArgumentError(f"invalid redis URL {url!r}: bad port or database number") from None
+        self.host = parts.hostname
+        self.password = urllib.parse.unquote(parts.password) if parts.password is not None else None
+        self.url = f"redis://{self.host}:{self.port}/{self.db}"
+        self.timeout = timeout
+        self.pool_size = pool_size
+        self._pool = []
+        self._pool_lock = threading.Lock()
+
+    def _acquire(self):
+        with self._pool_lock:
+            if self._pool:
+                return self._pool.pop()
+        try:
+            return _RespConnection(self.host, self.port, self.timeout, self.password, self.db)
+        except (OSError, _RedisReplyError) as e:
+            raise BackendError(f"redis: cannot connect to {self.host}:{self.port}: {e}") from None
+
+    def _release(self, conn):
+        with self._pool_lock:
+            if len(self._pool) < self.pool_size:
+                self._pool.append(conn)
+                return
+        conn.close()
+
+    def _with_connection(self, work):
+        """Run work(conn); a broken connection is dropped, never returned to the pool."""
+        conn = self._acquire()
+        try:
+            result = work(conn)
+        except _RedisReplyError as e:
+            self._release(conn)
+            raise BackendError(f"redis: {e}") from None
+        except (OSError, ValueError) as e:
+            conn.close()
+            raise BackendError(f"redis: {e or type(e).__name__}") from None
+        except BaseException:
+            conn.close()
+            raise
+        self._release(conn)
+        return result
+
+    def _prefix(self, namespace, bucket):
+        return "kv:%s:%s:" % (urllib.parse.quote(namespace, safe=""), bucket)
+
+    def _key(self, namespace, bucket, key):
+        return (self._prefix(namespace, bucket) + key).encode("utf-8")
+
+    def _get(self, namespace, bucket, key):
+        return self._with_connection(lambda c: c.call(b"GET", self._key(namespace, bucket, key)))
+
+    def _set(self, namespace, bucket, key, value):
+        self._with_connection(lambda c: c.call(b"SET", self._key(namespace, bucket, key), value))
+
+    def _delete(self, namespace, bucket, key):
+        self._with_connection(lambda c: c.call(b"DEL", self._key(namespace, bucket, key)))
+
+    def _exists(self, namespace, bucket, key):
+        return self._with_connection(lambda c: c.call(b"EXISTS", self._key(namespace, bucket, key))) == 1
+
+    def _all_keys(self, namespace, bucket):
+        prefix = self._prefix(namespace, bucket).encode("utf-8")
+
+        def work(conn):
+            keys, cursor = set(), b"0"
+            while True:
+                cursor, batch = conn.call(b"SCAN", cursor, b"MATCH", prefix + b"*", b"COUNT", b"1000")
+                keys.update(batch)
+                if cursor == b"0":
+                    return sorted(k[len(prefix):].decode("utf-8") for k in keys)
+        return self._with_connection(work)
+
+    def _keys_after(self, namespace, bucket, after, limit):
+        keys = self._all_keys(namespace, bucket)
+        if after is not None:
+            keys = [k for k in keys if k > after]
+        return keys[:limit]
+
+    def _keys_at(self, namespace, bucket, offset, limit):
+        return self._all_keys(namespace, bucket)[offset:offset + limit]
+
+    def _increment(self, namespace, bucket, key, delta, bounds):
+        name = self._key(namespace, bucket, key)
+        if bounds == S64:
+            try:
+                return self._with_connection(lambda c: c.call(b"INCRBY", name, delta))
+            except BackendError as e:
+                if "redis: ERR" not in str(e):
+                    raise
+                # Redis refused and changed nothing: report it in the words every backend uses.
+                _add_checked(_parse_counter(self._get(namespace, bucket, key), bounds), delta, bounds)
+                raise
+        return self._with_connection(lambda c: self._increment_watched(c, name, delta, bounds))
+
+    @staticmethod
+    def _increment_watched(conn, name, delta, bounds):
+        """Optimistic read-modify-write for ranges Redis cannot check (u64)."""
+        while True:
+            conn.call(b"WATCH", name)
+            try:
+                total = _add_checked(_parse_counter(conn.call(b"GET", name), bounds), delta, bounds)
+            except OperationError:
+                conn.call(b"UNWATCH")
+                raise
+            replies = conn.pipeline([[b"MULTI"], [b"SET", name, str(total)], [b"EXEC"]])
+            if replies[-1] is not None:
+                return total
+
+    def _compare_and_swap(self, namespace, bucket, key, expected, value):
+        name = self._key(namespace, bucket, key)
+        args = [b"EVAL", _CAS_SCRIPT, b"1", name, b"1" if expected is None else b"0", expected or b"", value]
+        return self._with_connection(lambda c: c.call(*args)) == 1
+
+    def _get_many(self, namespace, bucket, keys):
+        names = [self._key(namespace, bucket, k) for k in keys]
+        return self._with_connection(lambda c: c.call(b"MGET", *names))
+
+    def _set_many(self, namespace, bucket, items):
+        args = [b"MSET"]
+        for key, value in items:
+            args += [self._key(namespace, bucket, key), value]
+        self._with_connection(lambda c: c.call(*args))
+
+    def _delete_many(self, namespace, bucket, keys):
+        names = [self._key(namespace, bucket, k) for k in keys]
+        self._with_connection(lambda c: c.call(b"DEL", *names))
+
+    def close(self):
+        with self._pool_lock:
+            pool, self._pool = self._pool, []
+        for conn in pool:
+            conn.close()
+
+
+def open_backend(url=DEFAULT_KV_URL, max_value_size=DEFAULT_MAX_VALUE_BYTES):
+    """A Backend for `url`: "memory:", "sqlite:PATH" (default ~/.wasmstore/kv.sqlite3) or "redis://..."."""
+    if not isinstance(url, str):
+        raise ArgumentError(f"invalid backend URL {url!r}")
+    if url == "memory:":
+        return MemoryBackend(max_value_size)
+    if url.startswith("sqlite:"):
+        path = url[len("sqlite:"):] or DEFAULT_KV_URL[len("sqlite:"):]
+        return SqliteBackend(path, max_value_size)
+    if url.startswith("redis://"):
+        return RedisBackend(url, max_value_size)
+    raise ArgumentError(f"invalid backend URL {url!r}: expected memory:, sqlite:PATH or redis://host:port/db")
+
+
+# ---------------------------------------------------------------------------
+# value codecs: type descriptors and fast converters
+# ---------------------------------------------------------------------------
+#
+# A descriptor is a plain tuple: ("string",), ("u64",), ("list", D), ("option", D),
+# ("result", OK|None, ERR|None), ("record", ((name, D), ...)), ("tuple", (D, ...)),
+# ("variant", ((name, D|None), ...)), ("enum", names), ("flags", names), ("own", type_id),
+# ("borrow", type_id). The host functions' descriptors are written below from the WIT; guest
+# imports and exports are described once per component (describe_valtype), so no call ever
+# re-walks a wasmtime type. Converters are closures built once per descriptor.
+#
+# Two dialects share the converters: "host" values (bytes, tuples, Variant, Err marker for
+# result errors) for the glue, and "json" values ({"ok": ..}, {"tag": .., "value": ..},
+# lists) for `call`.
+
+_VAL = ffi.wasmtime_component_val_t
+_VAL_SIZE = ctypes.sizeof(_VAL)
+_VAL_PAYLOAD = _VAL.of.offset
+_K = {name: getattr(ffi, "WASMTIME_COMPONENT_" + name.upper()).value for name in (
+    "bool", "s8", "u8", "s16", "u16", "s32", "u32", "s64", "u64", "f32", "f64", "char", "string",
+    "list", "record", "tuple", "variant", "enum", "option", "result", "flags", "resource")}
+_PRIMITIVE_FIELD = {"bool": "boolean", "s8": "s8", "u8": "u8", "s16": "s16", "u16": "u16", "s32": "s32",
+                    "u32": "u32", "s64": "s64", "u64": "u64", "f32": "f32", "f64": "f64"}
+_INT_BOUNDS = {"s8": (-(1 << 7), (1 << 7) - 1), "u8": (0, 255), "s16": (-(1 << 15), (1 << 15) - 1),
+               "u16": (0, 65535), "s32": (-(1 << 31), (1 << 31) - 1), "u32": (0, (1 << 32) - 1),
+               "s64": S64, "u64": U64}
+
+
+class Err:
+    """Marks the err case of a result returned by a host function (wasmtime-py 50 cannot tell
+    `ok(none)` from an err for result<option<T>, E>: its lowering tries ok first)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value):
+        self.value = value
+
+
+def describe_valtype(ty):
+    """The descriptor of a wasmtime component ValType (walked once, at load time)."""
+    simple = {wc.Bool: "bool", wc.S8: "s8", wc.U8: "u8", wc.S16: "s16", wc.U16: "u16", wc.S32: "s32",
+              wc.U32: "u32", wc.S64: "s64", wc.U64: "u64", wc.F32: "f32", wc.F64: "f64", wc.Char: "char",
+              wc.String: "string"}
+    for cls, name in simple.items():
+        if isinstance(ty, cls):
+            return (name,)
+    if isinstance(ty, wc.ListType):
+        return ("list", describe_valtype(ty.element))
+    if isinstance(ty, wc.OptionType):
+        return ("option", describe_valtype(ty.payload))
+    if isinstance(ty, wc.ResultType):
+        ok, err = ty.ok, ty.err
+        return ("result", None if ok is None else describe_valtype(ok), None if err is None else describe_valtype(err))
+    if isinstance(ty, wc.RecordType):
+        return ("record", tuple((name, describe_valtype(t)) for name, t in ty.fields))
+    if isinstance(ty, wc.TupleType):
+        return ("tuple", tuple(describe_valtype(t) for t in ty.elements))
+    if isinstance(ty, wc.VariantType):
+        return ("variant", tuple((name, None if t is None else describe_valtype(t)) for name, t in ty.cases))
+    if isinstance(ty, wc.EnumType):
+        return ("enum", tuple(ty.names))
+    if isinstance(ty, wc.FlagsType):
+        return ("flags", tuple(ty.names))
+    if isinstance(ty, wc.OwnType):
+        return ("own", None)
+    if isinstance(ty, wc.BorrowType):
+        return ("borrow", None)
+    return ("unsupported", type(ty).__name__)
+
+
+def describe_functype(fty):
+    return (tuple(describe_valtype(t) for _, t in fty.params),
+            None if fty.result is None else describe_valtype(fty.result))
+
+
+def same_shape(expected, actual):
+    """True if two descriptors match (resource identities are checked by wasmtime at link time)."""
+    if expected is None or actual is None:
+        return expected is actual
+    if isinstance(expected, str) or isinstance(actual, str):
+        return expected == actual
+    if expected[0] in ("own", "borrow"):
+        return actual[0] == expected[0]
+    if len(expected) != len(actual) or expected[0] != actual[0]:
+        return False
+    return all(same_shape(e, a) if isinstance(e, tuple) or e is None else e == a
+               for e, a in zip(expected[1:], actual[1:]))
+
+
+def format_desc(desc):
+    """WIT-like text for a descriptor, for error messages."""
+    if desc is None:
+        return "_"
+    kind = desc[0]
+    if kind in ("list", "option"):
+        return f"{kind}<{format_desc(desc[1])}>"
+    if kind == "result":
+        return f"result<{format_desc(desc[1])}, {format_desc(desc[2])}>"
+    if kind == "tuple":
+        return "tuple<" + ", ".join(format_desc(d) for d in desc[1]) + ">"
+    if kind == "record":
+        return "record{" + ", ".join(f"{n}: {format_desc(d)}" for n, d in desc[1]) + "}"
+    if kind == "variant":
+        return "variant{" + ", ".join(n if d is None else f"{n}({format_desc(d)})" for n, d in desc[1]) + "}"
+    if kind in ("enum", "flags"):
+        return f"{kind}{{{', '.join(desc[1])}}}"
+    return kind
+
+
+def _boxed(lower, ctx, value):
+    raw = _VAL()
+    lower(ctx, value, raw)
+    return ffi.wasmtime_component_val_new(ctypes.byref(raw))
+
+
+def _release(cval):
+    """Neutralise a value whose payload was moved out, so deleting its container frees nothing twice."""
+    cval.kind = _K["bool"]
+    cval.of.boolean = False
+
+
+def _resource_rep(ctx, cval, type_id):
+    any_ptr = ffi.take_pointer(cval.of, "resource")
+    host_ptr = ctypes.POINTER(ffi.wasmtime_component_resource_host_t)()
+    try:
+        err = ffi.wasmtime_component_resource_any_to_host(ctx, any_ptr, ctypes.byref(host_ptr))
+        if err:
+            raise wasmtime.WasmtimeError._from_ptr(err)
+        try:
+            if type_id is not None and ffi.wasmtime_component_resource_host_type(host_ptr) != type_id:
+                raise TypeError("resource of the wrong type")
+            return ffi.wasmtime_component_resource_host_rep(host_ptr)
+        finally:
+            ffi.wasmtime_component_resource_host_delete(host_ptr)
+    finally:
+        ffi.wasmtime_component_resource_any_delete(any_ptr)
+
+
+def make_lift(desc, json_mode=False):
+    """fn(ctx, cval) -> Python value; frees what the value owned (as wasmtime-py does)."""
+    kind = desc[0]
+    if kind in _PRIMITIVE_FIELD:
+        field = _PRIMITIVE_FIELD[kind]
+        if kind == "bool":
+            return lambda ctx, c: bool(c.of.boolean)
+        return lambda ctx, c: getattr(c.of, field)
+    if kind == "char":
+        return lambda ctx, c: chr(c.of.character)
+    if kind == "string":
+        def lift_string(ctx, c):
+            vec = c.of.string
+            text = ctypes.string_at(vec.data, vec.size).decode("utf-8") if vec.size else ""
+            ffi.wasm_byte_vec_delete(ctypes.byref(vec))
+            return text
+        return lift_string
+    if kind == "list" and desc[1] == ("u8",):
+        def lift_bytes(ctx, c):
+            lst = c.of.list
+            n = lst.size
+            # Each element is a 32-byte val_t whose u8 payload sits at a fixed offset: slice with a stride.
+            data = ctypes.string_at(lst.data, n * _VAL_SIZE)[_VAL_PAYLOAD::_VAL_SIZE] if n else b""
+            ffi.wasmtime_component_vallist_delete(ctypes.byref(lst))
+            return list(data) if json_mode else data
+        return lift_bytes
+    if kind in ("list", "tuple"):
+        lifts = [make_lift(desc[1], json_mode)] if kind == "list" else [make_lift(d, json_mode) for d in desc[1]]
+
+        def lift_seq(ctx, c):
+            seq = c.of.list if kind == "list" else c.of.tuple
+            out = []
+            try:
+                for i in range(seq.size):
+                    item = seq.data[i]
+                    out.append((lifts[0] if kind == "list" else lifts[i])(ctx, item))
+                    _release(item)
+            finally:
+                if kind == "list":
+                    ffi.wasmtime_component_vallist_delete(ctypes.byref(seq))
+                else:
+                    ffi.wasmtime_component_valtuple_delete(ctypes.byref(seq))
+            return out if (kind == "list" or json_mode) else tuple(out)
+        return lift_seq
+    if kind == "record":
+        fields = [(name, make_lift(d, json_mode)) for name, d in desc[1]]
+
+        def lift_record(ctx, c):
+            rec = c.of.record
+            out = {}
+            try:
+                for i, (name, lift) in enumerate(fields):
+                    item = rec.data[i].val
+                    out[name] = lift(ctx, item)
+                    _release(item)
+            finally:
+                ffi.wasmtime_component_valrecord_delete(ctypes.byref(rec))
+            return out
+        return lift_record
+
+    def lift_boxed(lift, ctx, ptr):
+        value = lift(ctx, ptr.contents)
+        _release(ptr.contents)
+        ffi.wasmtime_component_val_delete(ptr)
+        return value
+
+    if kind == "option":
+        inner = make_lift(desc[1], json_mode)
+        return lambda ctx, c: lift_boxed(inner, ctx, c.of.option) if c.of.option else None
+    if kind == "result":
+        ok_lift = None if desc[1] is None else make_lift(desc[1], json_mode)
+        err_lift = None if desc[2] is None else make_lift(desc[2], json_mode)
+
+        def lift_result(ctx, c):
+            res = c.of.result
+            lift = ok_lift if res.is_ok else err_lift
+            value = lift_boxed(lift, ctx, res.val) if (lift is not None and res.val) else None
+            if json_mode:
+                return {"ok" if res.is_ok else "err": value}
+            return value if res.is_ok else Err(value)
+        return lift_result
+    if kind == "variant":
+        cases = {name: None if d is None else make_lift(d, json_mode) for name, d in desc[1]}
+
+        def lift_variant(ctx, c):
+            var = c.of.variant
+            tag = ctypes.string_at(var.discriminant.data, var.discriminant.size).decode("utf-8")
+            ffi.wasm_byte_vec_delete(ctypes.byref(var.discriminant))
+            lift = cases.get(tag)
+            value = lift_boxed(lift, ctx, var.val) if (lift is not None and var.val) else None
+            if json_mode:
+                return {"tag": tag} if lift is None else {"tag": tag, "value": value}
+            return wc.Variant(tag, value)
+        return lift_variant
+    if kind == "enum":
+        def lift_enum(ctx, c):
+            vec = c.of.enumeration
+            name = ctypes.string_at(vec.data, vec.size).decode("utf-8")
+            ffi.wasm_byte_vec_delete(ctypes.byref(vec))
+            return name
+        return lift_enum
+    if kind == "flags":
+        def lift_flags(ctx, c):
+            flags = c.of.flags
+            names = [ffi.to_str(flags.data[i]) for i in range(flags.size)]
+            ffi.wasmtime_component_valflags_delete(ctypes.byref(flags))
+            return names
+        return lift_flags
+    if kind in ("own", "borrow"):
+        if json_mode:
+            raise ArgumentError("resources cannot be converted to JSON")
+        return lambda ctx, c: _resource_rep(ctx, c, desc[1])
+    raise ArgumentError(f"unsupported component type {format_desc(desc)}")
+
+
+def _bad(desc, value):
+    return ArgumentError(f"expected {format_desc(desc)}, got {json.dumps(value) if _jsonable(value) else repr(value)}")
+
+
+def _jsonable(value):
+    try:
+        json.dumps(value)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
+def make_lower(desc, json_mode=False):
+    """fn(ctx, value, cval) writing `value` into the val_t `cval` (ArgumentError on a bad value)."""
+    kind = desc[0]
+    if kind == "bool":
+        def lower_bool(ctx, v, c):
+            if not isinstance(v, bool):
+                raise _bad(desc, v)
+            c.kind = _K["bool"]
+            c.of.boolean = v
+        return lower_bool
+    if kind in _INT_BOUNDS:
+        lo, hi = _INT_BOUNDS[kind]
+        code, field = _K[kind], _PRIMITIVE_FIELD[kind]
+
+        def lower_int(ctx, v, c):
+            if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
+                raise _bad(desc, v)
+            c.kind = code
+            setattr(c.of, field, v)
+        return lower_int
+    if kind in ("f32", "f64"):
+        code = _K[kind]
+
+        def lower_float(ctx, v, c):
+            if not isinstance(v, (int, float)) or isinstance(v, bool):
+                raise _bad(desc, v)
+            c.kind = code
+            setattr(c.of, kind, float(v))
+        return lower_float
+    if kind == "char":
+        def lower_char(ctx, v, c):
+            if not isinstance(v, str) or len(v) != 1:
+                raise _bad(desc, v)
+            c.kind = _K["char"]
+            c.of.character = ord(v)
+        return lower_char
+    if kind in ("string", "enum"):
+        names = desc[1] if kind == "enum" else None
+
+        def lower_string(ctx, v, c):
+            if not isinstance(v, str) or (names is not None and v not in names):
+                raise _bad(desc, v)
+            try:
+                vec = ffi.str_to_capi(v)
+            except UnicodeEncodeError:
+                raise _bad(desc, v) from None
+            c.kind = _K[kind]
+            if kind == "string":
+                c.of.string = vec
+            else:
+                c.of.enumeration = vec
+        return lower_string
+    if kind == "list" and desc[1] == ("u8",):
+        def lower_bytes(ctx, v, c):
+            if json_mode and isinstance(v, str):
+                try:
+                    v = base64.b64decode(v, validate=True)
+                except binascii.Error:
+                    raise _bad(desc, v) from None
+            elif json_mode and isinstance(v, list):
+                if not all(isinstance(b, int) and not isinstance(b, bool) and 0 <= b <= 255 for b in v):
+                    raise _bad(desc, v)
+                v = bytes(v)
+            elif not isinstance(v, (bytes, bytearray)):
+                raise _bad(desc, v)
+            n = len(v)
+            raw = ffi.wasmtime_component_vallist_t()
+            ffi.wasmtime_component_vallist_new_uninit(ctypes.byref(raw), n)
+            if n:
+                # Build all n val_t records at once: kind byte at offset 0, payload byte at its offset.
+                buf = bytearray(n * _VAL_SIZE)
+                buf[0::_VAL_SIZE] = bytes([_K["u8"]]) * n
+                buf[_VAL_PAYLOAD::_VAL_SIZE] = v
+                ctypes.memmove(raw.data, (ctypes.c_char * len(buf)).from_buffer(buf), len(buf))
+            c.kind = _K["list"]
+            c.of.list = raw
+        return lower_bytes
+    if kind in ("list", "tuple"):
+        is_list = kind == "list"
+        lowers = [make_lower(desc[1], json_mode)] if is_list else [make_lower(d, json_mode) for d in desc[1]]
+
+        def lower_seq(ctx, v, c):
+            ok_types = (list,) if (is_list or json_mode) else (tuple,)
+            if not isinstance(v, ok_types) and not (not is_list and isinstance(v, (list, tuple))):
+                raise _bad(desc, v)
+            if not is_list and len(v) != len(lowers):
+                raise _bad(desc, v)
+            raw = ffi.wasmtime_component_vallist_t() if is_list else ffi.wasmtime_component_valtuple_t()
+            (ffi.wasmtime_component_vallist_new_uninit if is_list else ffi.wasmtime_component_valtuple_new_uninit)(
+                ctypes.byref(raw), len(v))
+            done = 0
+            try:
+                for i, item in enumerate(v):
+                    (lowers[0] if is_list else lowers[i])(ctx, item, raw.data[i])
+                    done += 1
+            except BaseException:
+                for j in range(done, len(v)):
+                    _release(raw.data[j])
+                (ffi.wasmtime_component_vallist_delete if is_list else ffi.wasmtime_component_valtuple_delete)(
+                    ctypes.byref(raw))
+                raise
+            c.kind = _K[kind]
+            if is_list:
+                c.of.list = raw
+            else:
+                c.of.tuple = raw
+        return lower_seq
+    if kind == "record":
+        fields = [(name, make_lower(d, json_mode)) for name, d in desc[1]]
+
+        def lower_record(ctx, v, c):
+            if not isinstance(v, dict) or set(v) != {name for name, _ in fields}:
+                raise _bad(desc, v)
+            raw = ffi.wasmtime_component_valrecord_t()
+            ffi.wasmtime_component_valrecord_new_uninit(ctypes.byref(raw), len(fields))
+            done = 0
+            try:
+                for i, (name, lower) in enumerate(fields):
+                    lower(ctx, v[name], raw.data[i].val)
+                    raw.data[i].name = ffi.str_to_capi(name)
+                    done += 1
+            except BaseException:
+                for j in range(done, len(fields)):
+                    _release(raw.data[j].val)
+                    raw.data[j].name = ffi.str_to_capi("")
+                ffi.wasmtime_component_valrecord_delete(ctypes.byref(raw))
+                raise
+            c.kind = _K["record"]
+            c.of.record = raw
+        return lower_record
+    if kind == "option":
+        inner = make_lower(desc[1], json_mode)
+
+        def lower_option(ctx, v, c):
+            box = None if v is None else _boxed(inner, ctx, v)
+            c.kind = _K["option"]
+            c.of.option = box
+        return lower_option
+    if kind == "result":
+        ok_lower = None if desc[1] is None else make_lower(desc[1], json_mode)
+        err_lower = None if desc[2] is None else make_lower(desc[2], json_mode)
+
+        def lower_result(ctx, v, c):
+            if json_mode:
+                if not isinstance(v, dict) or len(v) != 1 or next(iter(v)) not in ("ok", "err"):
+                    raise _bad(desc, v)
+                is_ok = "ok" in v
+                payload = v["ok"] if is_ok else v["err"]
+            else:
+                is_ok = not isinstance(v, Err)
+                payload = v if is_ok else v.value
+            lower = ok_lower if is_ok else err_lower
+            if lower is None and payload is not None:
+                raise _bad(desc, v)
+            box = None if lower is None else _boxed(lower, ctx, payload)
+            c.kind = _K["result"]
+            c.of.result.is_ok = is_ok
+            c.of.result.val = box
+        return lower_result
+    if kind == "variant":
+        cases = {name: None if d is None else make_lower(d, json_mode) for name, d in desc[1]}
+
+        def lower_variant(ctx, v, c):
+            if json_mode:
+                if not isinstance(v, dict) or v.get("tag") not in cases or not set(v) <= {"tag", "value"}:
+                    raise _bad(desc, v)
+                tag, payload = v["tag"], v.get("value")
+            else:
+                tag, payload = v.tag, v.payload
+            lower = cases[tag]
+            if lower is None and payload is not None:
+                raise _bad(desc, v)
+            box = None if lower is None else _boxed(lower, ctx, payload)
+            c.kind = _K["variant"]
+            c.of.variant.discriminant = ffi.str_to_capi(tag)
+            c.of.variant.val = box
+        return lower_variant
+    if kind == "flags":
+        names = set(desc[1])
+
+        def lower_flags(ctx, v, c):
+            if not isinstance(v, (list, set)) or not all(isinstance(s, str) and s in names for s in v):
+                raise _bad(desc, v)
+            raw = ffi.wasmtime_component_valflags_t()
+            ffi.wasmtime_component_valflags_new_uninit(ctypes.byref(raw), len(set(v)))
+            for i, s in enumerate(sorted(set(v))):
+                raw.data[i] = ffi.str_to_capi(s)
+            c.kind = _K["flags"]
+            c.of.flags = raw
+        return lower_flags
+    if kind == "own" and not json_mode:
+        type_id = desc[1]
+
+        def lower_own(ctx, rep, c):
+            host_ptr = ffi.wasmtime_component_resource_host_new(True, rep, type_id)
+            any_ptr = ctypes.POINTER(ffi.wasmtime_component_resource_any_t)()
+            try:
+                err = ffi.wasmtime_component_resource_host_to_any(ctx, host_ptr, ctypes.byref(any_ptr))
+                if err:
+                    raise wasmtime.WasmtimeError._from_ptr(err)
+            finally:
+                ffi.wasmtime_component_resource_host_delete(host_ptr)
+            c.kind = _K["resource"]
+            c.of.resource = any_ptr
+        return lower_own
+    raise ArgumentError(f"unsupported component type {format_desc(desc)}")
+
+
+# ---------------------------------------------------------------------------
+# host glue: wasi:keyvalue for both versions
+# ---------------------------------------------------------------------------
+
+BUCKET_TYPE = {"0.2.0-draft": 0x6B760001, "0.2.0-draft2": 0x6B760002}   # host resource type ids
+CAS_TYPE = 0x6B760003
+_STRING, _BYTES, _BOOL, _U64, _S64 = ("string",), ("list", ("u8",)), ("bool",), ("u64",), ("s64",)
+_ERROR = ("variant", (("no-such-store", None), ("access-denied", None), ("other", _STRING)))
+_CAS_ERROR = ("variant", (("store-error", _ERROR), ("cas-failed", ("own", CAS_TYPE))))
+
+
+def _res(ok):
+    return ("result", ok, _ERROR)
+
+
+def _other(message):
+    return Err(wc.Variant("other", str(message)))
+
+
+class _CallState:
+    """Everything a host function needs for one Store: tenant, handle tables, pending watch events."""
+
+    def __init__(self, host, record_events=True):
+        self.host = host
+        self.backend = host.backend
+        self.namespace = host.namespace
+        self.buckets = {}       # rep -> bucket name
+        self.cas = {}           # rep -> (bucket, key, value seen)
+        self.next_rep = 1
+        self.events = [] if record_events else None
+
+    def new_handle(self, table, value):
+        rep = self.next_rep
+        self.next_rep += 1
+        table[rep] = value
+        return rep
+
+    def bucket(self, rep):
+        try:
+            return self.buckets[rep]
+        except KeyError:
+            raise OperationError("unknown bucket handle") from None
+
+    def record(self, op, bucket, key, value=None):
+        if self.events is not None and self.host._watchers:
+            self.events.append((op, bucket, key, value))
+
+
+def _kv_open(state, identifier):
+    name = identifier or "default"
+    host = state.host
+    if not BUCKET_ID_RE.match(name):
+        return Err(wc.Variant("no-such-store"))
+    if name in host.deny_buckets:
+        return Err(wc.Variant("access-denied"))
+    if host.allow_buckets is not None and name not in host.allow_buckets:
+        return Err(wc.Variant("no-such-store"))
+    return state.new_handle(state.buckets, name)
+
+
+def _kv_get(state, rep, key):
+    return state.backend.get(state.namespace, state.bucket(rep), key)
+
+
+def _kv_set(state, rep, key, value):
+    bucket = state.bucket(rep)
+    state.backend.set(state.namespace, bucket, key, value)
+    state.record("set", bucket, key, value)
+
+
+def _kv_delete(state, rep, key):
+    bucket = state.bucket(rep)
+    state.backend.delete(state.namespace, bucket, key)
+    state.record("delete", bucket, key)
+
+
+def _kv_exists(state, rep, key):
+    return state.backend.exists(state.namespace, state.bucket(rep), key)
+
+
+def _kv_list_keys_draft2(state, rep, cursor):
+    keys, cursor = state.backend.list_page(state.namespace, state.bucket(rep), cursor)
+    return {"keys": keys, "cursor": cursor}
+
+
+def _kv_list_keys_draft(state, rep, offset):
+    keys, offset = state.backend.list_page_at(state.namespace, state.bucket(rep), offset)
+    return {"keys": keys, "cursor": offset}
+
+
+def _kv_increment_s64(state, rep, key, delta):
+    return state.backend.increment(state.namespace, state.bucket(rep), key, delta, signed=True)
+
+
+def _kv_increment_u64(state, rep, key, delta):
+    return state.backend.increment(state.namespace, state.bucket(rep), key, delta, signed=False)
+
+
+def _kv_cas_new(state, rep, key):
+    bucket = state.bucket(rep)
+    seen = state.backend.get(state.namespace, bucket, key)
+    return state.new_handle(state.cas, (bucket, key, seen))
+
+
+def _kv_cas_current(state, rep):
+    try:
+        return state.cas[rep][2]
+    except KeyError:
+        raise OperationError("unknown cas handle") from None
+
+
+def _kv_swap(state, rep, value):
+    try:
+        bucket, key, seen = state.cas.pop(rep)
+    except KeyError:
+        raise OperationError("unknown cas handle") from None
+    if state.backend.compare_and_swap(state.namespace, bucket, key, seen, value):
+        state.record("set", bucket, key, value)
+        return None
+    fresh = state.backend.get(state.namespace, bucket, key)
+    return Err(wc.Variant("cas-failed", state.new_handle(state.cas, (bucket, key, fresh))))
+
+
+def _kv_get_many(state, rep, keys):
+    values = state.backend.get_many(state.namespace, state.bucket(rep), keys)
+    return [None if v is None else (k, v) for k, v in zip(keys, values)]
+
+
+def _kv_set_many(state, rep, items):
+    bucket = state.bucket(rep)
+    state.backend.set_many(state.namespace, bucket, items)
+    for key, value in items:
+        state.record("set", bucket, key, value)
+
+
+def _kv_delete_many(state, rep, keys):
+    bucket = state.bucket(rep)
+    state.backend.delete_many(state.namespace, bucket, keys)
+    for key in keys:
+        state.record("delete", bucket, key)
+
+
+def _guarded(func, wrap_error=lambda err: err):
+    """Host functions never raise: wasmtime-py routes exceptions through a process-global slot."""
+    def guarded(state, *args):
+        try:
+            return func(state, *args)
+        except KvError as e:
+            return wrap_error(_other(e))
+        except Exception as e:   # a bug or an unexpected backend error: the guest still gets an answer
+            return wrap_error(_other(f"internal error: {type(e).__name__}: {e}"))
+    guarded.__name__ = func.__name__
+    return guarded
+
+
+def _kv_interfaces():
+    """{import name: (resources {name: (type id, table)}, functions {name: (params, result, func)})}."""
+    interfaces = {}
+    for version in KV_VERSIONS:
+        draft2 = version == "0.2.0-draft2"
+        own_bucket, bucket = ("own", BUCKET_TYPE[version]), ("borrow", BUCKET_TYPE[version])
+        cursor = _STRING if draft2 else _U64
+        key_response = ("record", (("keys", ("list", _STRING)), ("cursor", ("option", cursor))))
+        interfaces[f"wasi:keyvalue/store@{version}"] = ({"bucket": (BUCKET_TYPE[version], "buckets")}, {
+            "open": ((_STRING,), _res(own_bucket), _kv_open),
+            "[method]bucket.get": ((bucket, _STRING), _res(("option", _BYTES)), _kv_get),
+            "[method]bucket.set": ((bucket, _STRING, _BYTES), _res(None), _kv_set),
+            "[method]bucket.delete": ((bucket, _STRING), _res(None), _kv_delete),
+            "[method]bucket.exists": ((bucket, _STRING), _res(_BOOL), _kv_exists),
+            "[method]bucket.list-keys": ((("option", cursor),), _res(key_response),
+                                         _kv_list_keys_draft2 if draft2 else _kv_list_keys_draft),
+        })
+        # list-keys is a method: its first parameter is the bucket.
+        params, result, func = interfaces[f"wasi:keyvalue/store@{version}"][1]["[method]bucket.list-keys"]
+        interfaces[f"wasi:keyvalue/store@{version}"][1]["[method]bucket.list-keys"] = ((bucket,) + params, result, func)
+        number = _S64 if draft2 else _U64
+        atomics = {"increment": ((bucket, _STRING, number), _res(number),
+                                 _kv_increment_s64 if draft2 else _kv_increment_u64)}
+        resources = {}
+        if draft2:
+            own_cas = ("own", CAS_TYPE)
+            resources = {"cas": (CAS_TYPE, "cas")}
+            atomics.update({
+                "[static]cas.new": ((bucket, _STRING), _res(own_cas), _kv_cas_new),
+                "[method]cas.current": ((("borrow", CAS_TYPE),), _res(("option", _BYTES)), _kv_cas_current),
+                "swap": ((own_cas, _BYTES), ("result", None, _CAS_ERROR), _kv_swap),
+            })
+        interfaces[f"wasi:keyvalue/atomics@{version}"] = (resources, atomics)
+        pair = ("tuple", (_STRING, _BYTES))
+        interfaces[f"wasi:keyvalue/batch@{version}"] = ({}, {
+            "get-many": ((bucket, ("list", _STRING)), _res(("list", ("option", pair))), _kv_get_many),
+            "set-many": ((bucket, ("list", pair)), _res(None), _kv_set_many),
+            "delete-many": ((bucket, ("list", _STRING)), _res(None), _kv_delete_many),
+        })
+    return interfaces
+
+
+KV_INTERFACES = _kv_interfaces()
+WATCHER_FUNCS = {version: {
+    "on-set": ((("own", BUCKET_TYPE[version]), _STRING, _BYTES), None),
+    "on-delete": ((("own", BUCKET_TYPE[version]), _STRING), None),
+} for version in KV_VERSIONS}
+
+# The C callbacks find their Python side through these tables (wasmtime gives back an integer).
+_HOST_FUNCS = {}     # function id -> (name, func, lifts, lower)
+_STATES = {}         # address of a store's wasmtime_context_t -> _CallState
+_RESOURCE_TABLES = {1: "buckets", 2: "cas"}
+_ids_lock = threading.Lock()
+_next_id = [1]
+
+
+def _context_address(ctx):
+    return ctypes.cast(ctx, ctypes.c_void_p).value
+
+
+def _trap_pointer(message):
+    err = ffi.wasmtime_error_new(message.encode("utf-8", "replace"))
+    return ctypes.cast(err, ctypes.c_void_p).value
+
+
+@ffi.wasmtime_component_func_callback_t
+def _dispatch(data, ctx, _ty, args, nargs, results, nresults):
+    """Every kv host call lands here: converters were built at registration, nothing is re-walked."""
+    entry = _HOST_FUNCS.get(data or 0)
+    if entry is None:
+        return _trap_pointer("kvhost: unknown host function")
+    name, func, lifts, lower = entry
+    try:
+        if nargs != len(lifts) or nresults != (0 if lower is None else 1):
+            return _trap_pointer(f"kvhost: {name} called with a signature that does not match the WIT")
+        state = _STATES.get(_context_address(ctx))
+        if state is None:
+            return _trap_pointer(f"kvhost: {name} called from a store this host did not create")
+        params = [lift(ctx, args[i]) for i, lift in enumerate(lifts)]
+        result = func(state, *params)
+        if lower is not None:
+            lower(ctx, result, results[0])
+        return 0
+    except BaseException as e:   # conversion bug: trap this guest only, never leak into another thread
+        return _trap_pointer(f"kvhost: {name}: {type(e).__name__}: {e}")
+
+
+@ffi.wasmtime_component_resource_destructor_t
+def _drop_resource(data, ctx, rep):
+    state = _STATES.get(_context_address(ctx))
+    if state is not None:
+        getattr(state, _RESOURCE_TABLES.get(data or 0, "buckets")).pop(rep, None)
+    return 0
+
+
+@ctypes.CFUNCTYPE(None, ctypes.c_void_p)
+def _forget_function(data):
+    _HOST_FUNCS.pop(data or 0, None)
+
+
+@ctypes.CFUNCTYPE(None, ctypes.c_void_p)
+def _forget_nothing(data):
+    return None
+
+
+def _add_host_func(instance, name, params, result, func):
+    """Register `func` under `name` with converters built now, once, from the WIT descriptors."""
+    wrap = (lambda err: Err(wc.Variant("store-error", err.value))) if name == "swap" else (lambda err: err)
+    with _ids_lock:
+        func_id = _next_id[0]
+        _next_id[0] += 1
+    _HOST_FUNCS[func_id] = (name, _guarded(func, wrap), [make_lift(p) for p in params],
+                            None if result is None else make_lower(result))
+    raw = name.encode("utf-8")
+    err = ffi.wasmtime_component_linker_instance_add_func(
+        instance.ptr(), ctypes.create_string_buffer(raw), len(raw), _dispatch, func_id, _forget_function)
+    if err:
+        raise wasmtime.WasmtimeError._from_ptr(err)
+
+
+def _add_host_resource(instance, name, type_id, table):
+    raw = name.encode("utf-8")
+    ty = wc.ResourceType.host(type_id)
+    table_code = 2 if table == "cas" else 1
+    err = ffi.wasmtime_component_linker_instance_add_resource(
+        instance.ptr(), ctypes.create_string_buffer(raw), len(raw), ty.ptr(), _drop_resource, table_code,
+        _forget_nothing)
+    if err:
+        raise wasmtime.WasmtimeError._from_ptr(err)
+
+
+def add_keyvalue_to_linker(linker):
+    """Define both wasi:keyvalue versions in a component linker."""
+    with linker.root() as root:
+        for import_name, (resources, functions) in KV_INTERFACES.items():
+            with root.add_instance(import_name) as instance:
+                for res_name, (type_id, table) in resources.items():
+                    _add_host_resource(instance, res_name, type_id, table)
+                for func_name, (params, result, func) in functions.items():
+                    _add_host_func(instance, func_name, params, result, func)
+
+
+def check_kv_imports(component_type, engine):
+    """Refuse a guest whose wasi:keyvalue imports do not match the WIT (GuestError names the import)."""
+    for import_name, item in component_type.imports(engine).items():
+        if not import_name.startswith("wasi:keyvalue/"):
+            continue
+        if import_name not in KV_INTERFACES:
+            raise GuestError(f"guest imports {import_name}, which this host does not provide "
+                             f"(it provides {', '.join(sorted(KV_INTERFACES))})")
+        resources, functions = KV_INTERFACES[import_name]
+        ty = item.ty
+        if not isinstance(ty, wc.ComponentInstanceType):
+            raise GuestError(f"guest import {import_name} is not an instance")
+        for name, export in ty.exports(engine).items():
+            member = export.ty
+            if isinstance(member, wc.ResourceType):
+                if name not in resources:
+                    raise GuestError(f"guest import {import_name} expects resource {name!r}, not in the WIT")
+                continue
+            if name not in functions:
+                raise GuestError(f"guest import {import_name} expects function {name!r}, not in the WIT")
+            params, result = describe_functype(member)
+            want_params, want_result, _ = functions[name]
+            if len(params) != len(want_params) or not all(map(same_shape, want_params, params)) \
+                    or not same_shape(want_result, result):
+                raise GuestError(
+                    f"guest import {import_name}#{name} has type func({', '.join(map(format_desc, params))})"
+                    f" -> {format_desc(result)}; the WIT says func({', '.join(map(format_desc, want_params))})"
+                    f" -> {format_desc(want_result)}")
+
+
+# ---------------------------------------------------------------------------
+# engine: compile cache, guests, the Host
+# ---------------------------------------------------------------------------
+
+ENGINE_SETTINGS = "consume_fuel=1;epoch_interruption=1;cranelift_opt_level=speed"
+FUEL_UNLIMITED = (1 << 63) - 1
+_COMPONENT_TEXT_RE = re.compile(r"\A(?:\s+|;;[^\n]*\n|\(;.*?;\))*\(\s*component\b", re.S)
+_EXIT_RE = re.compile(r"exit(?:ed with i32 exit)? status (\d+)")
+
+
+def default_cache_dir():
+    """Where compiled guests are cached when Host(cache_dir=None): $XDG_CACHE_HOME/wasmstore/kvhost."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "wasmstore", "kvhost")
+
+
+def _wasmtime_version():
+    try:
+        from importlib.metadata import version
+        return version("wasmtime")
+    except Exception:
+        return getattr(wasmtime, "__version__", "unknown")
+
+
+def _trap_reason(error):
+    """The line of a wasmtime error that says why (its message also carries a backtrace)."""
+    text = str(error).strip()
+    if "Caused by:" in text:
+        text = text.split("Caused by:", 1)[1].strip()
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    for line in lines:
+        if line.startswith("wasm trap:") or "fuel" in line or "interrupt" in line:
+            return line
+    return lines[0] if lines else type(error).__name__
+
+
+def _write_atomically(path, data):
+    """Temp file in the same directory, fsync, rename, fsync the directory: readers never see half a file."""
+    directory = os.path.dirname(path)
+    fd, temp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        try:
+            os.unlink(temp)
+        except OSError:
+            pass
+        raise
+    try:
+        dir_fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError:
+        pass
+
+
+class Guest:
+    """A compiled component or core module, ready to run in fresh Stores."""
+
+    def __init__(self, kind, artifact, digest, name):
+        self.kind = kind            # "component" or "module"
+        self.artifact = artifact    # wasmtime.component.Component or wasmtime.Module
+        self.digest = digest        # sha256 of the source
+        self.name = name
+        self._calls = {}            # function name -> (path, param lowers, result lift)
+
+    def __repr__(self):
+        return f"<Guest {self.kind} {self.name} {self.digest[:12]}>"
+
+
+class Host:
+    """Runs guests against wasi:keyvalue (both drafts) and WASIp2, each call in a fresh, limited Store.
+
+    kv: a backend URL or a Backend; namespace: the tenant whose data guests see; allow_buckets /
+    deny_buckets: bucket ids a guest may (not) open; timeout (seconds, None for no limit), fuel,
+    max_memory (bytes): sandbox limits; env ({name: value}), dirs ([(host, guest)]): what WASI may
+    see (nothing unless given); cache_dir: compile cache (None: default_cache_dir(), False: off);
+    stdout / stderr: file paths for the guest's output (default: inherited).
+    """
+
+    def __init__(self, kv="memory:", namespace="default", allow_buckets=None, deny_buckets=None, timeout=DEFAULT_TIMEOUT,
+                 fuel=None, max_memory=None, env=None, dirs=None, cache_dir=None, stdout=None, stderr=None,
+                 max_value_size=DEFAULT_MAX_VALUE_BYTES):
+        _check_namespace(namespace)
+        if timeout is not None and (not isinstance(timeout, (int, float)) or isinstance(timeout, bool)
+                                    or not 0 < timeout < 1e9 or math.isnan(timeout)):
+            raise ArgumentError(f"invalid timeout {timeout!r}: expected a positive number of seconds")
+        for label, value in (("fuel", fuel), ("max_memory", max_memory)):
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+                raise ArgumentError(f"invalid {label} {value!r}: expected a positive integer")
+        self.allow_buckets = None if allow_buckets is None else frozenset(allow_buckets)
+        self.deny_buckets = frozenset(deny_buckets or ())
+        for bucket in (self.allow_buckets or frozenset()) | self.deny_buckets:
+            _check_bucket(bucket)
+        self.env = dict(env or {})
+        for name, value in self.env.items():
+            if not isinstance(name, str) or not name or "=" in name or not isinstance(value, str):
+                raise ArgumentError(f"invalid environment variable {name!r}")
+        self.dirs = [(str(h), str(g)) for h, g in (dirs or [])]
+        for host_dir, _ in self.dirs:
+            if not os.path.isdir(host_dir):
+                raise ArgumentError(f"invalid --dir {host_dir!r}: not a directory")
+        self._owns_backend = not isinstance(kv, Backend)
+        self.backend = open_backend(kv, max_value_size) if self._owns_backend else kv
+        self.namespace = namespace
+        self.timeout = timeout
+        self.fuel = fuel
+        self.max_memory = max_memory
+        self.cache_dir = default_cache_dir() if cache_dir is None else cache_dir
+        self.stdout = stdout
+        self.stderr = stderr
+        self.watch_errors = []          # failures of watcher guests (they never reach the writer)
+        self._watchers = []             # (guest, version, buckets)
+        config = wasmtime.Config()
+        config.consume_fuel = True
+        config.epoch_interruption = True
+        config.cranelift_opt_level = "speed"
+        self.engine = wasmtime.Engine(config)
+        self._component_linker = None
+        self._module_linker = None
+        self._lock = threading.Lock()
+        self._guests = {}               # digest -> Guest
+        self._ticker = None
+        self._ticker_stop = threading.Event()
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    def close(self):
+        """Stop the timeout thread and close the backend if this Host opened it."""
+        self._ticker_stop.set()
+        if self._owns_backend:
+            self.backend.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # -- loading ----------------------------------------------------------------------------------
+
+    def load(self, source):
+        """A Guest from a path (.wasm or .wat) or bytes/str; compiled once, cached on disk."""
+        if isinstance(source, (bytes, bytearray)):
+            data, name = bytes(source), "<bytes>"
+        elif isinstance(source, str) and source.lstrip().startswith("("):
+            data, name = source.encode("utf-8"), "<text>"
+        elif isinstance(source, (str, os.PathLike)):
+            name = os.fspath(source)
+            try:
+                with open(name, "rb") as f:
+                    data = f.read()
+            except OSError as e:
+                raise ArgumentError(f"cannot read guest {name!r}: {e.strerror or e}") from None
+        else:
+            raise ArgumentError(f"invalid guest {source!r}: expected a path or bytes")
+        kind, text = self._classify(data, name)
+        digest = hashlib.sha256(data).hexdigest()
+        with self._lock:
+            guest = self._guests.get(digest)
+        if guest is not None:
+            return guest
+        artifact = self._compile_cached(kind, data if text is None else text, digest, name)
+        if kind == "component":
+            check_kv_imports(artifact.type, self.engine)
+        guest = Guest(kind, artifact, digest, name)
+        with self._lock:
+            self._guests[digest] = guest
+        return guest
+
+    @staticmethod
+    def _classify(data, name):
+        if data.startswith(b"\0asm"):
+            if len(data) < 8:
+                raise GuestError(f"{name}: truncated WebAssembly header")
+            return ("module" if data[6:8] == b"\0\0" else "component"), None
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:
+            raise GuestError(f"{name}: neither WebAssembly binary nor WAT text") from None
+        return ("component" if _COMPONENT_TEXT_RE.match(text) else "module"), text
+
+    def _cache_path(self, kind, digest):
+        key = hashlib.sha256("|".join((kind, digest, _wasmtime_version(), ENGINE_SETTINGS,
+                                       sys.platform, os.uname().machine)).encode()).hexdigest()
+        return os.path.join(self.cache_dir, f"{key}.{kind}")
+
+    def _compile_cached(self, kind, source, digest, name):
+        cls = wc.Component if kind == "component" else wasmtime.Module
+        path = self._cache_path(kind, digest) if self.cache_dir else None
+        if path is not None:
+            artifact = self._read_cache(cls, path)
+            if artifact is not None:
+                return artifact
+        try:
+            artifact = cls(self.engine, source)
+        except wasmtime.WasmtimeError as e:
+            raise GuestError(f"cannot compile {name}: {_trap_reason(e)}") from None
+        if path is not None:
+            payload = bytes(artifact.serialize())
+            entry = CACHE_MAGIC + hashlib.sha256(payload).digest() + payload
+            try:
+                os.makedirs(self.cache_dir, exist_ok=True)
+                _write_atomically(path, entry)
+            except OSError:
+                pass   # a cache that cannot be written only costs time
+        return artifact
+
+    def _read_cache(self, cls, path):
+        """A deserialized entry, or None if it is missing or fails its checksum (never trusted)."""
+        try:
+            with open(path, "rb") as f:
+                entry = f.read()
+        except OSError:
+            return None
+        header = len(CACHE_MAGIC) + 32
+        payload = entry[header:]
+        if entry[:len(CACHE_MAGIC)] != CACHE_MAGIC or hashlib.sha256(payload).digest() != entry[len(CACHE_MAGIC):header]:
+            return None
+        try:
+            return cls.deserialize(self.engine, payload)
+        except wasmtime.WasmtimeError:
+            return None
+
+    # -- stores -----------------------------------------------------------------------------------
+
+    def _start_ticker(self):
+        with self._lock:
+            if self._ticker is not None or self.timeout is None:
+                return
+            engine, stop = self.engine, self._ticker_stop
+
+            def tick():
+                while not stop.wait(EPOCH_TICK):
+                    engine.increment_epoch()
+            self._ticker = threading.Thread(target=tick, name="kvhost-epoch", daemon=True)
+            self._ticker.start()
+
+    def _wasi_config(self, argv):
+        config = wasmtime.WasiConfig()
+        config.argv = list(argv)
+        if self.env:
+            config.env = sorted(self.env.items())
+        for host_dir, guest_dir in self.dirs:
+            config.preopen_dir(host_dir, guest_dir)
+        if self.stdout:
+            config.stdout_file = self.stdout
+        else:
+            config.inherit_stdout()
+        if self.stderr:
+            config.stderr_file = self.stderr
+        else:
+            config.inherit_stderr()
+        return config
+
+    def _new_store(self, argv=("guest",)):
+        """A fresh Store with the sandbox limits; WASI is always set (a WASI call without it aborts)."""
+        self._start_ticker()
+        store = wasmtime.Store(self.engine)
+        store.set_fuel(self.fuel if self.fuel is not None else FUEL_UNLIMITED)
+        if self.timeout is None:
+            store.set_epoch_deadline(1 << 62)
+        else:
+            store.set_epoch_deadline(math.ceil(self.timeout / EPOCH_TICK) + 1)
+        if self.max_memory is not None:
+            store.set_limits(memory_size=self.max_memory)
+        store.set_wasi(self._wasi_config(argv))
+        return store
+
+    def _linker_for(self, kind):
+        with self._lock:
+            if kind == "component":
+                if self._component_linker is None:
+                    linker = wc.Linker(self.engine)
+                    linker.add_wasip2()
+                    add_keyvalue_to_linker(linker)
+                    self._component_linker = linker
+                return self._component_linker
+            if self._module_linker is None:
+                linker = wasmtime.Linker(self.engine)
+                linker.define_wasi()
+                self._module_linker = linker
+            return self._module_linker
+
+    def _session(self, guest, argv, record_events=True):
+        if not isinstance(guest, Guest):
+            raise ArgumentError(f"invalid guest {guest!r}: expected a Guest from Host.load()")
+        return _Session(self, guest, argv, record_events)
+
+    # -- calling ----------------------------------------------------------------------------------
+
+    def call(self, guest, function, args=()):
+        """Call an exported function with JSON-style arguments; returns its JSON-style result.
+
+        Components: `function` is a world-level name or "pkg:ns/iface@v#name". Core modules:
+        an export taking and returning i32/i64/f32/f64. Traps raise TrapError.
+        """
+        args = list(args)
+        with self._session(guest, ("guest",)) as session:
+            if guest.kind == "module":
+                return session.call_module(function, args)
+            return session.call_component(function, args)
+
+    def run(self, guest, argv=()):
+        """Run a wasi:cli/run component (or a core module's _start); returns the exit status."""
+        argv = [guest.name if isinstance(guest, Guest) else "guest"] + [str(a) for a in argv]
+        with self._session(guest, argv) as session:
+            return session.run()
+
+    def attach_watcher(self, guest, buckets):
+        """After a guest of this host sets or deletes a key in one of `buckets`, call `guest`'s
+        wasi:keyvalue/watcher on-set / on-delete (in order, after the writer's call returns)."""
+        if not isinstance(guest, Guest) or guest.kind != "component":
+            raise ArgumentError("a watcher must be a component from Host.load()")
+        buckets = frozenset(buckets)
+        for bucket in buckets:
+            _check_bucket(bucket)
+        exports = guest.artifact.type.exports(self.engine)
+        for version in KV_VERSIONS:
+            if f"wasi:keyvalue/watcher@{version}" in exports:
+                with self._lock:
+                    self._watchers.append((guest, version, buckets))
+                return
+        raise ArgumentError(f"{guest.name} does not export wasi:keyvalue/watcher")
+
+    def _deliver(self, events):
+        for op, bucket, key, value in events:
+            for guest, version, buckets in list(self._watchers):
+                if bucket not in buckets:
+                    continue
+                try:
+                    with self._session(guest, ("watcher",), record_events=False) as session:
+                        session.notify(version, op, bucket, key, value)
+                except KvError as e:
+                    self.watch_errors.append(f"{guest.name}: {op} {bucket}/{key}: {e}")
+                    del self.watch_errors[:-100]
+
+
+class _Session:
+    """One fresh Store + instance for one call or run; delivers watch events when it ends."""
+
+    def __init__(self, host, guest, argv, record_events):
+        self.host = host
+        self.guest = guest
+        self.state = _CallState(host, record_events)
+        self.store = host._new_store(argv)
+        self.ctx = self.store._context()
+        self.address = _context_address(self.ctx)
+        self.instance = None
+
+    def __enter__(self):
+        _STATES[self.address] = self.state
+        return self
+
+    def __exit__(self, *exc):
+        _STATES.pop(self.address, None)
+        events = self.state.events
+        if events:
+            self.host._deliver(events)
+
+    def _trap(self, error):
+        if isinstance(error, wasmtime.ExitTrap):
+            raise TrapError(f"guest exited with status {error.code}")
+        reason = _trap_reason(error)
+        if "interrupt" in reason:
+            reason = f"timeout: the guest ran longer than {self.host.timeout} s ({reason})"
+        elif "fuel" in reason:
+            reason = f"out of fuel: the guest used all {self.host.fuel} units ({reason})"
+        raise TrapError(reason) from None
+
+    def instantiate(self):
+        linker = self.host._linker_for(self.guest.kind)
+        try:
+            self.instance = linker.instantiate(self.store, self.guest.artifact)
+        except wasmtime.WasmtimeError as e:
+            reason = _trap_reason(e)
+            if "import" in reason or "matching implementation" in reason:
+                raise GuestError(f"cannot link {self.guest.name}: {reason}") from None
+            self._trap(e)
+        return self.instance
+
+    def _component_func(self, function):
+        """(Func, param lowers, result lift) for an export; converters cached on the Guest."""
+        guest = self.guest
+        cached = guest._calls.get(function)
+        if cached is None:
+            path = function.split("#", 1) if "#" in function else [function]
+            ctype = guest.artifact.type
+            exports = ctype.exports(self.host.engine)
+            item = exports.get(path[0])
+            if item is not None and len(path) == 2:
+                members = item.ty.exports(self.host.engine) if isinstance(item.ty, wc.ComponentInstanceType) else {}
+                item = members.get(path[1])
+            if item is None or not isinstance(item.ty, wc.FuncType):
+                available = [n for n, e in exports.items() if isinstance(e.ty, wc.FuncType)]
+                for n, e in exports.items():
+                    if isinstance(e.ty, wc.ComponentInstanceType):
+                        available += [f"{n}#{m}" for m, f in e.ty.exports(self.host.engine).items()
+                                      if isinstance(f.ty, wc.FuncType)]
+                raise ArgumentError(f"{guest.name} exports no function {function!r}"
+                                    f" (it exports: {', '.join(available) or 'none'})")
+            params, result = describe_functype(item.ty)
+            cached = (path, params, [make_lower(p, json_mode=True) for p in params],
+                      None if result is None else make_lift(result, json_mode=True))
+            guest._calls[function] = cached
+        path, params, lowers, lift = cached
+        instance = self.instance
+        index = None
+        for part in path:
+            index = instance.get_export_index(self.store, part, index)
+        func = instance.get_func(self.store, index)
+        return func, params, lowers, lift
+
+    def call_component(self, function, args):
+        self.instantiate()
+        func, params, lowers, lift = self._component_func(function)
+        if len(args) != len(lowers):
+            raise ArgumentError(f"{function} takes {len(lowers)} argument(s) "
+                                f"({', '.join(map(format_desc, params))}), got {len(args)}")
+        return self.invoke(func, lowers, lift, args)
+
+    def invoke(self, func, lowers, lift, args):
+        values = (_VAL * max(len(args), 1))()
+        done = 0
+        try:
+            for i, (lower, arg) in enumerate(zip(lowers, args)):
+                lower(self.ctx, arg, values[i])
+                done += 1
+            result = _VAL()
+            err = ffi.wasmtime_component_func_call(ctypes.byref(func._func), self.ctx, values, len(args),
+                                                   ctypes.byref(result) if lift else None, 1 if lift else 0)
+            if err:
+                self._trap(wasmtime.WasmtimeError._from_ptr(err))
+            value = lift(self.ctx, result) if lift else None
+            err = ffi.wasmtime_component_func_post_return(ctypes.byref(func._func), self.ctx)
+            if err:
+                self._trap(wasmtime.WasmtimeError._from_ptr(err))
+            return value
+        finally:
+            for i in range(done):
+                ffi.wasmtime_component_val_delete(ctypes.byref(values[i]))
+
+    def run(self):
+        if self.guest.kind == "module":
+            instance = self.instantiate()
+            start = instance.exports(self.store).get("_start")
+            if start is None:
+                raise ArgumentError(f"{self.guest.name} has no _start export")
+            try:
+                start(self.store)
+            except wasmtime.ExitTrap as e:
+                return e.code
+            except wasmtime.WasmtimeError as e:
+                self._trap(e)
+            return 0
+        exports = self.guest.artifact.type.exports(self.host.engine)
+        run_iface = next((n for n in exports if n.startswith("wasi:cli/run@")), None)
+        if run_iface is None:
+            raise ArgumentError(f"{self.guest.name} does not export wasi:cli/run")
+        try:
+            outcome = self.call_component(f"{run_iface}#run", [])
+        except TrapError as e:
+            match = _EXIT_RE.search(str(e))
+            if match:
+                return int(match.group(1))
+            raise
+        return 0 if "ok" in outcome else 1
+
+    def call_module(self, function, args):
+        instance = self.instantiate()
+        func = instance.exports(self.store).get(function)
+        if not isinstance(func, wasmtime.Func):
+            names = [n for n, e in instance.exports(self.store).items() if isinstance(e, wasmtime.Func)]
+            raise ArgumentError(f"{self.guest.name} exports no function {function!r} (it exports: {', '.join(names)})")
+        ftype = func.type(self.store)
+        if len(args) != len(ftype.params):
+            raise ArgumentError(f"{function} takes {len(ftype.params)} argument(s), got {len(args)}")
+        converted = []
+        for ty, arg in zip(ftype.params, args):
+            kind = str(ty)
+            if kind in ("i32", "i64"):
+                bits = 32 if kind == "i32" else 64
+                if not isinstance(arg, int) or isinstance(arg, bool) or not -(1 << (bits - 1)) <= arg < (1 << bits):
+                    raise ArgumentError(f"expected {kind}, got {json.dumps(arg)}")
+                if arg >= 1 << (bits - 1):
+                    arg -= 1 << bits            # accept unsigned spellings of the same bits
+                converted.append(arg)
+            elif kind in ("f32", "f64"):
+                if not isinstance(arg, (int, float)) or isinstance(arg, bool):
+                    raise ArgumentError(f"expected {kind}, got {json.dumps(arg)}")
+                converted.append(float(arg))
+            else:
+                raise ArgumentError(f"{function} takes a {kind} parameter, which the CLI cannot pass")
+        try:
+            result = func(self.store, *converted)
+        except wasmtime.WasmtimeError as e:
+            self._trap(e)
+        return result
+
+    def notify(self, version, op, bucket, key, value):
+        self.instantiate()
+        rep = self.state.new_handle(self.state.buckets, bucket)
+        name = "on-set" if op == "set" else "on-delete"
+        params, _ = WATCHER_FUNCS[version][name]
+        instance = self.instance
+        index = instance.get_export_index(self.store, f"wasi:keyvalue/watcher@{version}")
+        index = instance.get_export_index(self.store, name, index)
+        func = instance.get_func(self.store, index)
+        args = [rep, key, value] if op == "set" else [rep, key]
+        self.invoke(func, [make_lower(p) for p in params], None, args)
+
+
+# ---------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage error as one line (ArgumentError) instead of exiting."""
+
+    def error(self, message):
+        raise ArgumentError(message)
+
+
+def _positive_float(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number {text!r}") from None
+    if not 0 < value < 1e9:
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    return value
+
+
+def _positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid integer {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _env_pair(text):
+    name, sep, value = text.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"invalid --env {text!r}: expected NAME=VALUE")
+    return name, value
+
+
+def _dir_pair(text):
+    host_dir, sep, guest_dir = text.partition("::")
+    if not sep or not host_dir or not guest_dir:
+        raise argparse.ArgumentTypeError(f"invalid --dir {text!r}: expected HOST::GUEST")
+    return host_dir, guest_dir
+
+
+def _build_parser():
+    parser = _Parser(prog="kvhost", description="Run WebAssembly components against wasi:keyvalue.")
+    parser.add_argument("--version", action="version", version=f"kvhost {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    def add_store_options(sub):
+        sub.add_argument("--kv", default=DEFAULT_KV_URL, help=f"backend URL (default {DEFAULT_KV_URL})")
+        sub.add_argument("--namespace", default="default", help="tenant whose data the guest sees")
+
+    def add_sandbox_options(sub):
+        add_store_options(sub)
+        sub.add_argument("--allow-bucket", action="append", dest="allow_buckets", metavar="B",
+                         help="bucket the guest may open (repeatable; default: any)")
+        sub.add_argument("--timeout", type=_positive_float, default=DEFAULT_TIMEOUT, metavar="S")
+        sub.add_argument("--fuel", type=_positive_int, metavar="N")
+        sub.add_argument("--max-memory", type=_positive_int, metavar="BYTES")
+        sub.add_argument("--env", type=_env_pair, action="append", default=[], metavar="K=V")
+        sub.add_argument("--dir", type=_dir_pair, action="append", default=[], dest="dirs", metavar="HOST::GUEST")
+        sub.add_argument("--cache-dir", help="compile cache directory (default ~/.cache/wasmstore/kvhost)")
+
+    run = commands.add_parser("run", help="run a wasi:cli/run component")
+    add_sandbox_options(run)
+    run.add_argument("guest")
+    run.add_argument("args", nargs=argparse.REMAINDER)
+    call = commands.add_parser("call", help="call an exported function, print its result as JSON")
+    add_sandbox_options(call)
+    call.add_argument("guest")
+    call.add_argument("function")
+    call.add_argument("json_args", nargs="*", metavar="JSON_ARG")
+    kv = commands.add_parser("kv", help="inspect and edit stored data")
+    add_store_options(kv)
+    kv.add_argument("action", choices=["get", "set", "delete", "list", "incr"])
+    kv.add_argument("bucket")
+    kv.add_argument("key", nargs="?")
+    kv.add_argument("value", nargs="?")
+    return parser
+
+
+def _host_from_args(args):
+    return Host(kv=args.kv, namespace=args.namespace, allow_buckets=args.allow_buckets, timeout=args.timeout,
+                fuel=args.fuel, max_memory=args.max_memory, env=dict(args.env), dirs=args.dirs,
+                cache_dir=args.cache_dir)
+
+
+def _kv_command(args, out):
+    needs = {"get": 1, "set": 2, "delete": 1, "list": 0, "incr": 1}[args.action]
+    given = sum(x is not None for x in (args.key, args.value))
+    if given < needs or (args.action != "incr" and given > needs) or given > 2:
+        raise ArgumentError(f"kv {args.action} expects BUCKET" + (" KEY" if needs >= 1 else "")
+                            + (" VALUE" if needs == 2 else "") + (" [DELTA]" if args.action == "incr" else ""))
+    backend = open_backend(args.kv)
+    try:
+        _check_bucket(args.bucket)
+        ns, bucket = args.namespace, args.bucket
+        if args.action == "get":
+            value = backend.get(ns, bucket, args.key)
+            if value is None:
+                raise OperationError(f"no key {args.key!r} in bucket {bucket!r}")
+            out.buffer.write(value + b"\n")
+        elif args.action == "set":
+            backend.set(ns, bucket, args.key, args.value.encode("utf-8"))
+        elif args.action == "delete":
+            backend.delete(ns, bucket, args.key)
+        elif args.action == "list":
+            cursor = None
+            while True:
+                keys, cursor = backend.list_page(ns, bucket, cursor)
+                for key in keys:
+                    out.write(key + "\n")
+                if cursor is None:
+                    break
+        else:
+            try:
+                delta = int(args.value) if args.value is not None else 1
+            except ValueError:
+                raise ArgumentError(f"invalid delta {args.value!r}: expected an integer") from None
+            out.write(f"{backend.increment(ns, bucket, args.key, delta)}\n")
+    finally:
+        backend.close()
+    return 0
+
+
+def main(argv=None):
+    """The kvhost command line; returns the exit status (2: bad arguments, 1: failure or trap)."""
+    out, err = sys.stdout, sys.stderr
+    try:
+        args = _build_parser().parse_args(argv)
+        if args.command == "kv":
+            return _kv_command(args, out)
+        json_args = []
+        for text in getattr(args, "json_args", []):
+            try:
+                json_args.append(json.loads(text))
+            except ValueError:
+                raise ArgumentError(f"invalid JSON argument {text!r}") from None
+        host = _host_from_args(args)
+        try:
+            guest = host.load(args.guest)
+            if args.command == "run":
+                out.flush()
+                return host.run(guest, args.args)
+            result = host.call(guest, args.function, json_args)
+            out.write(json.dumps(result, separators=(",", ":"), ensure_ascii=False) + "\n")
+            return 0
+        finally:
+            host.close()
+    except ArgumentError as e:
+        err.write(f"kvhost: error: {e}\n")
+        return 2
+    except TrapError as e:
+        err.write(f"kvhost: trap: {e}\n")
+        return 1
+    except KvError as e:
+        err.write(f"kvhost: error: {e}\n")
+        return 1
+    except KeyboardInterrupt:
+        err.write("kvhost: interrupted\n")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
