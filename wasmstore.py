@@ -1549,11 +1549,9 @@ class Store:
 
     def _fsck(self):
         problems = []
-        kinds = {}
+        kinds = {}           # hash -> "module" | "tree" | "commit" | None (bad, reported)
         for digest, path in self._object_files(problems):
-            kind = _check_object_file(path, digest, problems)
-            if kind:
-                kinds[digest] = kind
+            kinds[digest] = _check_object_file(path, digest, problems)
         for digest, kind in kinds.items():
             if kind in ("tree", "commit"):
                 self._check_references(digest, kind, kinds, problems)
@@ -1597,6 +1595,8 @@ class Store:
         else:
             wanted = [(parsed["tree"], "tree")] + [(p, "commit") for p in parsed["parents"]]
         for child, child_kind in wanted:
+            if kinds.get(child, child_kind) is None:
+                continue             # a bad object: reported once, where it was read
             if kinds.get(child) != child_kind:
                 problems.append(f"{kind} {digest} refers to a missing {child_kind} {child}")
 
