@@ -21,6 +21,7 @@ import wasmstore
 from wasmstore import Store
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+THIS_MODULE = os.path.splitext(os.path.basename(__file__))[0]   # for helper subprocesses
 WASMSTORE_PY = os.path.join(HERE, "wasmstore.py")
 
 
@@ -337,7 +338,7 @@ class LibraryTest(StoreTestCase):
         time.sleep(0.1)
         self.store.add("a.wasm", make_module("a2"))
         self.store.remove("b.wasm")
-        code = ("import sys, wasmstore; from test_store import make_module; "
+        code = (f"import sys, wasmstore; from {THIS_MODULE} import make_module; "
                 "wasmstore.Store(sys.argv[1]).add('c.wasm', make_module('c'))")
         subprocess.run([sys.executable, "-c", code, self.root], check=True, cwd=HERE)
         deadline = time.time() + 5
@@ -531,13 +532,13 @@ class BadInputTest(StoreTestCase):
 
 # --------------------------------------------------------------------------- durability
 
-WRITER = """
+WRITER = f"""
 import sys, wasmstore
-from test_store import make_module
+from {THIS_MODULE} import make_module
 store = wasmstore.Store(sys.argv[1])
 prefix, count = sys.argv[2], int(sys.argv[3])
 for index in range(count):
-    store.add(f"{prefix}/{index}.wasm", make_module(f"{prefix}-{index}"))
+    store.add(f"{{prefix}}/{{index}}.wasm", make_module(f"{{prefix}}-{{index}}"))
     print(index, flush=True)
 """
 
