@@ -1394,16 +1394,17 @@ class Store:
 
     # ------------------------------------------------------------------- gc
 
-    def gc(self, *, branch=None):
+    def gc(self, *, branch=None, author=None):
         """Squash the branch's history into one "GC" commit, then delete every object
         not reachable from any branch. Returns the number of object files deleted."""
         branch = self._branch(branch)
+        author = _author(author)
         with self._ref_lock(), self._objects_lock(shared=False):
             head = self._read_ref(branch, fresh=True)
             if head and self._commit(head)["parents"]:
                 batch = _Batch()
                 tree = self._commit(head)["tree"]
-                squashed = self._put_commit(tree, [], DEFAULT_AUTHOR, "GC", batch)
+                squashed = self._put_commit(tree, [], author, "GC", batch)
                 self._land(batch, (branch, head, squashed))
             heads = [self._read_ref(name, fresh=True) for name in self.branches()]
             reachable = self._reachable(heads)
@@ -1882,7 +1883,7 @@ def _cmd_merge(store, args):
 
 
 def _cmd_gc(store, args):
-    _print_line(str(store.gc(branch=args.branch)))
+    _print_line(str(store.gc(branch=args.branch, author=args.author)))
 
 
 def _cmd_export(store, args):
@@ -1972,6 +1973,20 @@ COMMANDS = {
 }
 
 
+CLI_EXAMPLES = """examples:
+  python wasmstore.py add add.wasm /math/add.wasm     store a module, print its hash
+  cat add.wasm | python wasmstore.py add - add.wasm   from stdin
+  python wasmstore.py list /math                      '<hash>\t/<path>' per module
+  python wasmstore.py versions /math/add.wasm         every version, oldest first
+  python wasmstore.py rollback /math/add.wasm         undo its latest change
+  python wasmstore.py --branch dev add x.wasm         work on branch dev
+  python wasmstore.py server --port 6384              serve the HTTP API
+
+Global options may also follow the command. Errors print one line on stderr
+and exit 1 (also "not found"); bad usage exits 2. 'COMMAND --help' explains one
+command."""
+
+
 def _add_global_options(parser, suppress):
     default = (lambda value: argparse.SUPPRESS) if suppress else (lambda value: value)
     parser.add_argument("--root", default=default(None),
@@ -1986,7 +2001,8 @@ def _build_parser():
     parser = argparse.ArgumentParser(
         prog="wasmstore",
         description="A versioned, content-addressed store for WebAssembly modules.",
-        epilog="Errors print one line on stderr and exit 1; bad usage exits 2.")
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=CLI_EXAMPLES)
     _add_global_options(parser, suppress=False)
     parser.add_argument("--version", action="version", version=f"wasmstore {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
