@@ -1976,7 +1976,7 @@ COMMANDS = {
 CLI_EXAMPLES = """examples:
   python wasmstore.py add add.wasm /math/add.wasm     store a module, print its hash
   cat add.wasm | python wasmstore.py add - add.wasm   from stdin
-  python wasmstore.py list /math                      '<hash>\t/<path>' per module
+  python wasmstore.py list /math                      hash and path of each module
   python wasmstore.py versions /math/add.wasm         every version, oldest first
   python wasmstore.py rollback /math/add.wasm         undo its latest change
   python wasmstore.py --branch dev add x.wasm         work on branch dev
