@@ -48,6 +48,7 @@ import math
 import os
 import re
 import socket
+import struct
 import sqlite3
 import sys
 import tempfile
@@ -767,26 +768,74 @@ def open_backend(url=DEFAULT_KV_URL, max_value_size=DEFAULT_MAX_VALUE_BYTES):
 # lists) for `call`.
 
 _VAL = ffi.wasmtime_component_val_t
-_VAL_SIZE = ctypes.sizeof(_VAL)
+_VAL_SIZE = ctypes.sizeof(_VAL)                      # 32 bytes: kind at +0, payload at +8
 _VAL_PAYLOAD = _VAL.of.offset
+_ENTRY_SIZE = ctypes.sizeof(ffi.wasmtime_component_valrecord_entry)   # name (16 bytes) then val
 _K = {name: getattr(ffi, "WASMTIME_COMPONENT_" + name.upper()).value for name in (
     "bool", "s8", "u8", "s16", "u16", "s32", "u32", "s64", "u64", "f32", "f64", "char", "string",
     "list", "record", "tuple", "variant", "enum", "option", "result", "flags", "resource")}
-_PRIMITIVE_FIELD = {"bool": "boolean", "s8": "s8", "u8": "u8", "s16": "s16", "u16": "u16", "s32": "s32",
-                    "u32": "u32", "s64": "s64", "u64": "u64", "f32": "f32", "f64": "f64"}
+_SCALARS = {"s8": ctypes.c_int8, "u8": ctypes.c_uint8, "s16": ctypes.c_int16, "u16": ctypes.c_uint16,
+            "s32": ctypes.c_int32, "u32": ctypes.c_uint32, "s64": ctypes.c_int64, "u64": ctypes.c_uint64,
+            "f32": ctypes.c_float, "f64": ctypes.c_double, "char": ctypes.c_uint32}
 _INT_BOUNDS = {"s8": (-(1 << 7), (1 << 7) - 1), "u8": (0, 255), "s16": (-(1 << 15), (1 << 15) - 1),
                "u16": (0, 65535), "s32": (-(1 << 31), (1 << 31) - 1), "u32": (0, (1 << 32) - 1),
                "s64": S64, "u64": U64}
+_PACK_FORMAT = {"s8": "<B7xb", "u8": "<B7xB", "s16": "<B7xh", "u16": "<B7xH", "s32": "<B7xi", "u32": "<B7xI",
+                "s64": "<B7xq", "u64": "<B7xQ", "f32": "<B7xf", "f64": "<B7xd", "char": "<B7xI"}
+_ZERO_VAL = bytes(16)            # kind bool, payload false: a value that owns nothing
+_string_at = ctypes.string_at
+_pack = struct.pack
+_memmove = ctypes.memmove
+_c_void_p_at = ctypes.c_void_p.from_address
+
+
+def _proto(name, restype, *argtypes):
+    """A private prototype of a wasmtime C function taking plain addresses (no per-call pointer objects);
+    dll[name] makes a new function object, so wasmtime's own prototypes stay untouched."""
+    func = ffi.dll[name]
+    func.restype = restype
+    func.argtypes = argtypes
+    return func
+
+
+_vp, _sz = ctypes.c_void_p, ctypes.c_size_t
+_c_any_to_host = _proto("wasmtime_component_resource_any_to_host", _vp, _vp, _vp, ctypes.POINTER(_vp))
+_c_any_delete = _proto("wasmtime_component_resource_any_delete", None, _vp)
+_c_host_new = _proto("wasmtime_component_resource_host_new", _vp, ctypes.c_bool, ctypes.c_uint32, ctypes.c_uint32)
+_c_host_rep = _proto("wasmtime_component_resource_host_rep", ctypes.c_uint32, _vp)
+_c_host_type = _proto("wasmtime_component_resource_host_type", ctypes.c_uint32, _vp)
+_c_host_delete = _proto("wasmtime_component_resource_host_delete", None, _vp)
+_c_host_to_any = _proto("wasmtime_component_resource_host_to_any", _vp, _vp, _vp, ctypes.POINTER(_vp))
+_c_byte_vec_new = _proto("wasm_byte_vec_new", None, _vp, _sz, ctypes.c_char_p)
+_c_byte_vec_delete = _proto("wasm_byte_vec_delete", None, _vp)
+_c_val_new = _proto("wasmtime_component_val_new", _vp, _vp)
+_c_val_delete = _proto("wasmtime_component_val_delete", None, _vp)
+_c_error_new = _proto("wasmtime_error_new", _vp, ctypes.c_char_p)
+_SEQ_NEW = {"list": _proto("wasmtime_component_vallist_new_uninit", None, _vp, _sz),
+            "tuple": _proto("wasmtime_component_valtuple_new_uninit", None, _vp, _sz),
+            "record": _proto("wasmtime_component_valrecord_new_uninit", None, _vp, _sz),
+            "flags": _proto("wasmtime_component_valflags_new_uninit", None, _vp, _sz)}
+_SEQ_DELETE = {"list": _proto("wasmtime_component_vallist_delete", None, _vp),
+               "tuple": _proto("wasmtime_component_valtuple_delete", None, _vp),
+               "record": _proto("wasmtime_component_valrecord_delete", None, _vp),
+               "flags": _proto("wasmtime_component_valflags_delete", None, _vp)}
 
 
 class Err:
-    """Marks the err case of a result returned by a host function (wasmtime-py 50 cannot tell
-    `ok(none)` from an err for result<option<T>, E>: its lowering tries ok first)."""
+    """Marks the err case of a result returned by a host function.
+
+    wasmtime-py 50 lowers an untagged result by trying the ok case first, so an err returned for
+    result<option<list<u8>>, error> fails ("value not valid for this variant"). kvhost lowers
+    results with its own converters, where the case is explicit: Err(payload) or the ok value.
+    """
 
     __slots__ = ("value",)
 
     def __init__(self, value):
         self.value = value
+
+    def __repr__(self):
+        return f"Err({self.value!r})"
 
 
 def describe_valtype(ty):
@@ -844,6 +893,8 @@ def format_desc(desc):
     """WIT-like text for a descriptor, for error messages."""
     if desc is None:
         return "_"
+    if isinstance(desc, str):
+        return desc
     kind = desc[0]
     if kind in ("list", "option"):
         return f"{kind}<{format_desc(desc[1])}>"
@@ -860,216 +911,232 @@ def format_desc(desc):
     return kind
 
 
+def _vec_at(addr):
+    """(size, data address) of the {size, data} vector stored at addr."""
+    raw = _string_at(addr, 16)
+    return int.from_bytes(raw[:8], "little"), int.from_bytes(raw[8:], "little")
+
+
 def _boxed(lower, ctx, value):
+    """A heap val_t holding `value` (what option/result/variant payloads point to)."""
     raw = _VAL()
-    lower(ctx, value, raw)
-    return ffi.wasmtime_component_val_new(ctypes.byref(raw))
+    lower(ctx, value, ctypes.addressof(raw))
+    return _c_val_new(ctypes.addressof(raw))
 
 
-def _release(cval):
-    """Neutralise a value whose payload was moved out, so deleting its container frees nothing twice."""
-    cval.kind = _K["bool"]
-    cval.of.boolean = False
+def _unbox(lift, ctx, box):
+    value = lift(ctx, box)
+    _memmove(box, _ZERO_VAL, 16)
+    _c_val_delete(box)
+    return value
 
 
-def _resource_rep(ctx, cval, type_id):
-    any_ptr = ffi.take_pointer(cval.of, "resource")
-    host_ptr = ctypes.POINTER(ffi.wasmtime_component_resource_host_t)()
+def _take_resource(addr):
+    """Move the resource pointer out of the val at addr (the val no longer owns it)."""
+    cell = _c_void_p_at(addr + 8)
+    pointer = cell.value
+    cell.value = None
+    return pointer
+
+
+def _resource_rep(ctx, any_ptr, type_id):
+    host_ptr = _vp()
     try:
-        err = ffi.wasmtime_component_resource_any_to_host(ctx, any_ptr, ctypes.byref(host_ptr))
+        err = _c_any_to_host(ctx, any_ptr, ctypes.byref(host_ptr))
         if err:
-            raise wasmtime.WasmtimeError._from_ptr(err)
+            raise wasmtime.WasmtimeError._from_ptr(ctypes.cast(err, ctypes.POINTER(ffi.wasmtime_error_t)))
         try:
-            if type_id is not None and ffi.wasmtime_component_resource_host_type(host_ptr) != type_id:
+            if type_id is not None and _c_host_type(host_ptr) != type_id:
                 raise TypeError("resource of the wrong type")
-            return ffi.wasmtime_component_resource_host_rep(host_ptr)
+            return _c_host_rep(host_ptr)
         finally:
-            ffi.wasmtime_component_resource_host_delete(host_ptr)
+            _c_host_delete(host_ptr)
     finally:
-        ffi.wasmtime_component_resource_any_delete(any_ptr)
+        _c_any_delete(any_ptr)
 
 
 def make_lift(desc, json_mode=False):
-    """fn(ctx, cval) -> Python value; frees what the value owned (as wasmtime-py does)."""
+    """fn(ctx, addr) -> the Python value of the val_t at addr, freeing what it owned (as wasmtime-py
+    does for host-call arguments and call results). ctx is the store context's address."""
     kind = desc[0]
-    if kind in _PRIMITIVE_FIELD:
-        field = _PRIMITIVE_FIELD[kind]
-        if kind == "bool":
-            return lambda ctx, c: bool(c.of.boolean)
-        return lambda ctx, c: getattr(c.of, field)
-    if kind == "char":
-        return lambda ctx, c: chr(c.of.character)
-    if kind == "string":
-        def lift_string(ctx, c):
-            vec = c.of.string
-            text = ctypes.string_at(vec.data, vec.size).decode("utf-8") if vec.size else ""
-            ffi.wasm_byte_vec_delete(ctypes.byref(vec))
+    if kind == "bool":
+        return lambda ctx, addr: _string_at(addr + 8, 1) != b"\0"
+    if kind in _SCALARS:
+        ctype = _SCALARS[kind]
+        if kind == "char":
+            return lambda ctx, addr: chr(ctype.from_address(addr + 8).value)
+        return lambda ctx, addr: ctype.from_address(addr + 8).value
+    if kind in ("string", "enum"):
+        def lift_string(ctx, addr):
+            size, data = _vec_at(addr + 8)
+            text = _string_at(data, size).decode("utf-8") if size else ""
+            _c_byte_vec_delete(addr + 8)
             return text
         return lift_string
     if kind == "list" and desc[1] == ("u8",):
-        def lift_bytes(ctx, c):
-            lst = c.of.list
-            n = lst.size
-            # Each element is a 32-byte val_t whose u8 payload sits at a fixed offset: slice with a stride.
-            data = ctypes.string_at(lst.data, n * _VAL_SIZE)[_VAL_PAYLOAD::_VAL_SIZE] if n else b""
-            ffi.wasmtime_component_vallist_delete(ctypes.byref(lst))
-            return list(data) if json_mode else data
+        delete = _SEQ_DELETE["list"]
+
+        def lift_bytes(ctx, addr):
+            size, data = _vec_at(addr + 8)
+            # Each element is a 32-byte val_t with its u8 at a fixed offset: one copy, one strided slice.
+            value = _string_at(data, size * _VAL_SIZE)[_VAL_PAYLOAD::_VAL_SIZE] if size else b""
+            delete(addr + 8)
+            return list(value) if json_mode else value
         return lift_bytes
     if kind in ("list", "tuple"):
         lifts = [make_lift(desc[1], json_mode)] if kind == "list" else [make_lift(d, json_mode) for d in desc[1]]
+        delete = _SEQ_DELETE[kind]
 
-        def lift_seq(ctx, c):
-            seq = c.of.list if kind == "list" else c.of.tuple
+        def lift_seq(ctx, addr):
+            size, data = _vec_at(addr + 8)
             out = []
             try:
-                for i in range(seq.size):
-                    item = seq.data[i]
+                for i in range(size):
+                    item = data + i * _VAL_SIZE
                     out.append((lifts[0] if kind == "list" else lifts[i])(ctx, item))
-                    _release(item)
+                    _memmove(item, _ZERO_VAL, 16)
             finally:
-                if kind == "list":
-                    ffi.wasmtime_component_vallist_delete(ctypes.byref(seq))
-                else:
-                    ffi.wasmtime_component_valtuple_delete(ctypes.byref(seq))
+                delete(addr + 8)
             return out if (kind == "list" or json_mode) else tuple(out)
         return lift_seq
     if kind == "record":
         fields = [(name, make_lift(d, json_mode)) for name, d in desc[1]]
+        delete = _SEQ_DELETE["record"]
 
-        def lift_record(ctx, c):
-            rec = c.of.record
+        def lift_record(ctx, addr):
+            size, data = _vec_at(addr + 8)
             out = {}
             try:
-                for i, (name, lift) in enumerate(fields):
-                    item = rec.data[i].val
+                for i, (name, lift) in enumerate(fields[:size]):
+                    item = data + i * _ENTRY_SIZE + 16
                     out[name] = lift(ctx, item)
-                    _release(item)
+                    _memmove(item, _ZERO_VAL, 16)
             finally:
-                ffi.wasmtime_component_valrecord_delete(ctypes.byref(rec))
+                delete(addr + 8)
             return out
         return lift_record
-
-    def lift_boxed(lift, ctx, ptr):
-        value = lift(ctx, ptr.contents)
-        _release(ptr.contents)
-        ffi.wasmtime_component_val_delete(ptr)
-        return value
-
     if kind == "option":
         inner = make_lift(desc[1], json_mode)
-        return lambda ctx, c: lift_boxed(inner, ctx, c.of.option) if c.of.option else None
+
+        def lift_option(ctx, addr):
+            box = _c_void_p_at(addr + 8).value
+            return _unbox(inner, ctx, box) if box else None
+        return lift_option
     if kind == "result":
         ok_lift = None if desc[1] is None else make_lift(desc[1], json_mode)
         err_lift = None if desc[2] is None else make_lift(desc[2], json_mode)
 
-        def lift_result(ctx, c):
-            res = c.of.result
-            lift = ok_lift if res.is_ok else err_lift
-            value = lift_boxed(lift, ctx, res.val) if (lift is not None and res.val) else None
+        def lift_result(ctx, addr):
+            raw = _string_at(addr + 8, 16)
+            is_ok, box = raw[0] != 0, int.from_bytes(raw[8:], "little")
+            lift = ok_lift if is_ok else err_lift
+            value = _unbox(lift, ctx, box) if (lift is not None and box) else None
             if json_mode:
-                return {"ok" if res.is_ok else "err": value}
-            return value if res.is_ok else Err(value)
+                return {"ok" if is_ok else "err": value}
+            return value if is_ok else Err(value)
         return lift_result
     if kind == "variant":
         cases = {name: None if d is None else make_lift(d, json_mode) for name, d in desc[1]}
 
-        def lift_variant(ctx, c):
-            var = c.of.variant
-            tag = ctypes.string_at(var.discriminant.data, var.discriminant.size).decode("utf-8")
-            ffi.wasm_byte_vec_delete(ctypes.byref(var.discriminant))
+        def lift_variant(ctx, addr):
+            size, data = _vec_at(addr + 8)
+            tag = _string_at(data, size).decode("utf-8")
+            _c_byte_vec_delete(addr + 8)
+            box = _c_void_p_at(addr + 24).value
             lift = cases.get(tag)
-            value = lift_boxed(lift, ctx, var.val) if (lift is not None and var.val) else None
+            value = _unbox(lift, ctx, box) if (lift is not None and box) else None
             if json_mode:
                 return {"tag": tag} if lift is None else {"tag": tag, "value": value}
             return wc.Variant(tag, value)
         return lift_variant
-    if kind == "enum":
-        def lift_enum(ctx, c):
-            vec = c.of.enumeration
-            name = ctypes.string_at(vec.data, vec.size).decode("utf-8")
-            ffi.wasm_byte_vec_delete(ctypes.byref(vec))
-            return name
-        return lift_enum
     if kind == "flags":
-        def lift_flags(ctx, c):
-            flags = c.of.flags
-            names = [ffi.to_str(flags.data[i]) for i in range(flags.size)]
-            ffi.wasmtime_component_valflags_delete(ctypes.byref(flags))
+        delete = _SEQ_DELETE["flags"]
+
+        def lift_flags(ctx, addr):
+            size, data = _vec_at(addr + 8)
+            names = []
+            for i in range(size):
+                n, d = _vec_at(data + 16 * i)
+                names.append(_string_at(d, n).decode("utf-8"))
+            delete(addr + 8)
             return names
         return lift_flags
     if kind in ("own", "borrow"):
         if json_mode:
-            raise ArgumentError("resources cannot be converted to JSON")
-        return lambda ctx, c: _resource_rep(ctx, c, desc[1])
+            raise ArgumentError("resource handles cannot be converted to JSON")
+        type_id = desc[1]
+        return lambda ctx, addr: _resource_rep(ctx, _take_resource(addr), type_id)
     raise ArgumentError(f"unsupported component type {format_desc(desc)}")
 
 
 def _bad(desc, value):
-    return ArgumentError(f"expected {format_desc(desc)}, got {json.dumps(value) if _jsonable(value) else repr(value)}")
-
-
-def _jsonable(value):
     try:
-        json.dumps(value)
-        return True
+        shown = json.dumps(value)
     except (TypeError, ValueError):
-        return False
+        shown = repr(value)
+    if len(shown) > 80:
+        shown = shown[:77] + "..."
+    return ArgumentError(f"expected {format_desc(desc)}, got {shown}")
+
+
+def _set_kind(addr, code):
+    _memmove(addr, bytes((code,)), 1)
 
 
 def make_lower(desc, json_mode=False):
-    """fn(ctx, value, cval) writing `value` into the val_t `cval` (ArgumentError on a bad value)."""
+    """fn(ctx, value, addr) writing `value` into the val_t at addr (ArgumentError on a bad value)."""
     kind = desc[0]
     if kind == "bool":
-        def lower_bool(ctx, v, c):
+        code = _K["bool"]
+
+        def lower_bool(ctx, v, addr):
             if not isinstance(v, bool):
                 raise _bad(desc, v)
-            c.kind = _K["bool"]
-            c.of.boolean = v
+            _memmove(addr, _pack("<B7x?", code, v), 9)
         return lower_bool
     if kind in _INT_BOUNDS:
         lo, hi = _INT_BOUNDS[kind]
-        code, field = _K[kind], _PRIMITIVE_FIELD[kind]
+        code, fmt = _K[kind], _PACK_FORMAT[kind]
 
-        def lower_int(ctx, v, c):
+        def lower_int(ctx, v, addr):
             if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
                 raise _bad(desc, v)
-            c.kind = code
-            setattr(c.of, field, v)
+            _memmove(addr, _pack(fmt, code, v), 16)
         return lower_int
     if kind in ("f32", "f64"):
-        code = _K[kind]
+        code, fmt = _K[kind], _PACK_FORMAT[kind]
 
-        def lower_float(ctx, v, c):
+        def lower_float(ctx, v, addr):
             if not isinstance(v, (int, float)) or isinstance(v, bool):
                 raise _bad(desc, v)
-            c.kind = code
-            setattr(c.of, kind, float(v))
+            _memmove(addr, _pack(fmt, code, float(v)), 16)
         return lower_float
     if kind == "char":
-        def lower_char(ctx, v, c):
-            if not isinstance(v, str) or len(v) != 1:
+        code = _K["char"]
+
+        def lower_char(ctx, v, addr):
+            if not isinstance(v, str) or len(v) != 1 or 0xD800 <= ord(v) <= 0xDFFF:
                 raise _bad(desc, v)
-            c.kind = _K["char"]
-            c.of.character = ord(v)
+            _memmove(addr, _pack("<B7xI", code, ord(v)), 16)
         return lower_char
     if kind in ("string", "enum"):
         names = desc[1] if kind == "enum" else None
+        code = _K[kind]
 
-        def lower_string(ctx, v, c):
+        def lower_string(ctx, v, addr):
             if not isinstance(v, str) or (names is not None and v not in names):
                 raise _bad(desc, v)
             try:
-                vec = ffi.str_to_capi(v)
+                data = v.encode("utf-8")
             except UnicodeEncodeError:
                 raise _bad(desc, v) from None
-            c.kind = _K[kind]
-            if kind == "string":
-                c.of.string = vec
-            else:
-                c.of.enumeration = vec
+            _c_byte_vec_new(addr + 8, len(data), data)
+            _set_kind(addr, code)
         return lower_string
     if kind == "list" and desc[1] == ("u8",):
-        def lower_bytes(ctx, v, c):
+        new, code, u8 = _SEQ_NEW["list"], _K["list"], bytes((_K["u8"],))
+
+        def lower_bytes(ctx, v, addr):
             if json_mode and isinstance(v, str):
                 try:
                     v = base64.b64decode(v, validate=True)
@@ -1079,86 +1146,79 @@ def make_lower(desc, json_mode=False):
                 if not all(isinstance(b, int) and not isinstance(b, bool) and 0 <= b <= 255 for b in v):
                     raise _bad(desc, v)
                 v = bytes(v)
-            elif not isinstance(v, (bytes, bytearray)):
+            elif not isinstance(v, (bytes, bytearray, memoryview)):
                 raise _bad(desc, v)
             n = len(v)
-            raw = ffi.wasmtime_component_vallist_t()
-            ffi.wasmtime_component_vallist_new_uninit(ctypes.byref(raw), n)
+            new(addr + 8, n)
             if n:
-                # Build all n val_t records at once: kind byte at offset 0, payload byte at its offset.
+                # All n val_t records at once: kind byte at +0, the u8 at its payload offset.
                 buf = bytearray(n * _VAL_SIZE)
-                buf[0::_VAL_SIZE] = bytes([_K["u8"]]) * n
+                buf[0::_VAL_SIZE] = u8 * n
                 buf[_VAL_PAYLOAD::_VAL_SIZE] = v
-                ctypes.memmove(raw.data, (ctypes.c_char * len(buf)).from_buffer(buf), len(buf))
-            c.kind = _K["list"]
-            c.of.list = raw
+                _memmove(_vec_at(addr + 8)[1], bytes(buf), len(buf))
+            _set_kind(addr, code)
         return lower_bytes
-    if kind in ("list", "tuple"):
-        is_list = kind == "list"
-        lowers = [make_lower(desc[1], json_mode)] if is_list else [make_lower(d, json_mode) for d in desc[1]]
+    if kind in ("list", "tuple", "record"):
+        if kind == "record":
+            names = [name for name, _ in desc[1]]
+            lowers = [make_lower(d, json_mode) for _, d in desc[1]]
+        else:
+            lowers = [make_lower(desc[1], json_mode)] if kind == "list" else [make_lower(d, json_mode) for d in desc[1]]
+        new, delete, code = _SEQ_NEW[kind], _SEQ_DELETE[kind], _K[kind]
+        stride = _ENTRY_SIZE if kind == "record" else _VAL_SIZE
 
-        def lower_seq(ctx, v, c):
-            ok_types = (list,) if (is_list or json_mode) else (tuple,)
-            if not isinstance(v, ok_types) and not (not is_list and isinstance(v, (list, tuple))):
-                raise _bad(desc, v)
-            if not is_list and len(v) != len(lowers):
-                raise _bad(desc, v)
-            raw = ffi.wasmtime_component_vallist_t() if is_list else ffi.wasmtime_component_valtuple_t()
-            (ffi.wasmtime_component_vallist_new_uninit if is_list else ffi.wasmtime_component_valtuple_new_uninit)(
-                ctypes.byref(raw), len(v))
-            done = 0
-            try:
-                for i, item in enumerate(v):
-                    (lowers[0] if is_list else lowers[i])(ctx, item, raw.data[i])
-                    done += 1
-            except BaseException:
-                for j in range(done, len(v)):
-                    _release(raw.data[j])
-                (ffi.wasmtime_component_vallist_delete if is_list else ffi.wasmtime_component_valtuple_delete)(
-                    ctypes.byref(raw))
-                raise
-            c.kind = _K[kind]
-            if is_list:
-                c.of.list = raw
+        def lower_seq(ctx, v, addr):
+            if kind == "record":
+                if not isinstance(v, dict) or set(v) != set(names):
+                    raise _bad(desc, v)
+                items = [v[name] for name in names]
+            elif kind == "list":
+                if not isinstance(v, (list, tuple)):
+                    raise _bad(desc, v)
+                items = v
             else:
-                c.of.tuple = raw
-        return lower_seq
-    if kind == "record":
-        fields = [(name, make_lower(d, json_mode)) for name, d in desc[1]]
-
-        def lower_record(ctx, v, c):
-            if not isinstance(v, dict) or set(v) != {name for name, _ in fields}:
-                raise _bad(desc, v)
-            raw = ffi.wasmtime_component_valrecord_t()
-            ffi.wasmtime_component_valrecord_new_uninit(ctypes.byref(raw), len(fields))
+                if not isinstance(v, (list, tuple)) or len(v) != len(lowers):
+                    raise _bad(desc, v)
+                items = v
+            n = len(items)
+            new(addr + 8, n)
+            data = _vec_at(addr + 8)[1]
             done = 0
             try:
-                for i, (name, lower) in enumerate(fields):
-                    lower(ctx, v[name], raw.data[i].val)
-                    raw.data[i].name = ffi.str_to_capi(name)
+                for i, item in enumerate(items):
+                    slot = data + i * stride
+                    if kind == "record":
+                        name = names[i].encode("utf-8")
+                        _c_byte_vec_new(slot, len(name), name)
+                        slot += 16
+                    (lowers[0] if kind == "list" else lowers[i])(ctx, item, slot)
                     done += 1
             except BaseException:
-                for j in range(done, len(fields)):
-                    _release(raw.data[j].val)
-                    raw.data[j].name = ffi.str_to_capi("")
-                ffi.wasmtime_component_valrecord_delete(ctypes.byref(raw))
+                for j in range(done, n):
+                    slot = data + j * stride
+                    if kind == "record":
+                        if j > done:
+                            _memmove(slot, bytes(16), 16)
+                        slot += 16
+                    _memmove(slot, _ZERO_VAL, 16)
+                delete(addr + 8)
                 raise
-            c.kind = _K["record"]
-            c.of.record = raw
-        return lower_record
+            _set_kind(addr, code)
+        return lower_seq
     if kind == "option":
         inner = make_lower(desc[1], json_mode)
+        code = _K["option"]
 
-        def lower_option(ctx, v, c):
-            box = None if v is None else _boxed(inner, ctx, v)
-            c.kind = _K["option"]
-            c.of.option = box
+        def lower_option(ctx, v, addr):
+            box = 0 if v is None else _boxed(inner, ctx, v)
+            _memmove(addr, _pack("<B7xQ", code, box), 16)
         return lower_option
     if kind == "result":
         ok_lower = None if desc[1] is None else make_lower(desc[1], json_mode)
         err_lower = None if desc[2] is None else make_lower(desc[2], json_mode)
+        code = _K["result"]
 
-        def lower_result(ctx, v, c):
+        def lower_result(ctx, v, addr):
             if json_mode:
                 if not isinstance(v, dict) or len(v) != 1 or next(iter(v)) not in ("ok", "err"):
                     raise _bad(desc, v)
@@ -1170,15 +1230,14 @@ def make_lower(desc, json_mode=False):
             lower = ok_lower if is_ok else err_lower
             if lower is None and payload is not None:
                 raise _bad(desc, v)
-            box = None if lower is None else _boxed(lower, ctx, payload)
-            c.kind = _K["result"]
-            c.of.result.is_ok = is_ok
-            c.of.result.val = box
+            box = 0 if lower is None else _boxed(lower, ctx, payload)
+            _memmove(addr, _pack("<B7x?7xQ", code, is_ok, box), 24)
         return lower_result
     if kind == "variant":
         cases = {name: None if d is None else make_lower(d, json_mode) for name, d in desc[1]}
+        code = _K["variant"]
 
-        def lower_variant(ctx, v, c):
+        def lower_variant(ctx, v, addr):
             if json_mode:
                 if not isinstance(v, dict) or v.get("tag") not in cases or not set(v) <= {"tag", "value"}:
                     raise _bad(desc, v)
@@ -1188,38 +1247,40 @@ def make_lower(desc, json_mode=False):
             lower = cases[tag]
             if lower is None and payload is not None:
                 raise _bad(desc, v)
-            box = None if lower is None else _boxed(lower, ctx, payload)
-            c.kind = _K["variant"]
-            c.of.variant.discriminant = ffi.str_to_capi(tag)
-            c.of.variant.val = box
+            box = 0 if lower is None else _boxed(lower, ctx, payload)
+            name = tag.encode("utf-8")
+            _c_byte_vec_new(addr + 8, len(name), name)
+            _memmove(addr + 24, box.to_bytes(8, "little"), 8)
+            _set_kind(addr, code)
         return lower_variant
     if kind == "flags":
-        names = set(desc[1])
+        allowed = set(desc[1])
+        new, code = _SEQ_NEW["flags"], _K["flags"]
 
-        def lower_flags(ctx, v, c):
-            if not isinstance(v, (list, set)) or not all(isinstance(s, str) and s in names for s in v):
+        def lower_flags(ctx, v, addr):
+            if not isinstance(v, (list, set, tuple)) or not all(isinstance(s, str) and s in allowed for s in v):
                 raise _bad(desc, v)
-            raw = ffi.wasmtime_component_valflags_t()
-            ffi.wasmtime_component_valflags_new_uninit(ctypes.byref(raw), len(set(v)))
-            for i, s in enumerate(sorted(set(v))):
-                raw.data[i] = ffi.str_to_capi(s)
-            c.kind = _K["flags"]
-            c.of.flags = raw
+            chosen = sorted(set(v))
+            new(addr + 8, len(chosen))
+            data = _vec_at(addr + 8)[1]
+            for i, name in enumerate(chosen):
+                raw = name.encode("utf-8")
+                _c_byte_vec_new(data + 16 * i, len(raw), raw)
+            _set_kind(addr, code)
         return lower_flags
     if kind == "own" and not json_mode:
-        type_id = desc[1]
+        type_id, code = desc[1], _K["resource"]
 
-        def lower_own(ctx, rep, c):
-            host_ptr = ffi.wasmtime_component_resource_host_new(True, rep, type_id)
-            any_ptr = ctypes.POINTER(ffi.wasmtime_component_resource_any_t)()
+        def lower_own(ctx, rep, addr):
+            host_ptr = _c_host_new(True, rep, type_id)
+            any_ptr = _vp()
             try:
-                err = ffi.wasmtime_component_resource_host_to_any(ctx, host_ptr, ctypes.byref(any_ptr))
+                err = _c_host_to_any(ctx, host_ptr, ctypes.byref(any_ptr))
                 if err:
-                    raise wasmtime.WasmtimeError._from_ptr(err)
+                    raise wasmtime.WasmtimeError._from_ptr(ctypes.cast(err, ctypes.POINTER(ffi.wasmtime_error_t)))
             finally:
-                ffi.wasmtime_component_resource_host_delete(host_ptr)
-            c.kind = _K["resource"]
-            c.of.resource = any_ptr
+                _c_host_delete(host_ptr)
+            _memmove(addr, _pack("<B7xQ", code, any_ptr.value), 16)
         return lower_own
     raise ArgumentError(f"unsupported component type {format_desc(desc)}")
 
@@ -1422,6 +1483,13 @@ def _kv_interfaces():
 
 
 KV_INTERFACES = _kv_interfaces()
+
+
+def _kv_named_types(version):
+    """The value types an interface of `version` may export by name."""
+    cursor = _STRING if version == "0.2.0-draft2" else _U64
+    return {"error": _ERROR, "cas-error": _CAS_ERROR,
+            "key-response": ("record", (("keys", ("list", _STRING)), ("cursor", ("option", cursor))))}
 WATCHER_FUNCS = {version: {
     "on-set": ((("own", BUCKET_TYPE[version]), _STRING, _BYTES), None),
     "on-delete": ((("own", BUCKET_TYPE[version]), _STRING), None),
@@ -1440,11 +1508,16 @@ def _context_address(ctx):
 
 
 def _trap_pointer(message):
-    err = ffi.wasmtime_error_new(message.encode("utf-8", "replace"))
-    return ctypes.cast(err, ctypes.c_void_p).value
+    return _c_error_new(message.encode("utf-8", "replace"))
 
 
-@ffi.wasmtime_component_func_callback_t
+# ctx, args and results arrive as plain addresses: no pointer objects are built per call.
+_FUNC_CALLBACK = ctypes.CFUNCTYPE(ctypes.c_size_t, _vp, _vp, _vp, _vp, _sz, _vp, _sz)
+_DTOR_CALLBACK = ctypes.CFUNCTYPE(ctypes.c_size_t, _vp, _vp, ctypes.c_uint32)
+_FINALIZER = ctypes.CFUNCTYPE(None, _vp)
+
+
+@_FUNC_CALLBACK
 def _dispatch(data, ctx, _ty, args, nargs, results, nresults):
     """Every kv host call lands here: converters were built at registration, nothing is re-walked."""
     entry = _HOST_FUNCS.get(data or 0)
@@ -1454,32 +1527,32 @@ def _dispatch(data, ctx, _ty, args, nargs, results, nresults):
     try:
         if nargs != len(lifts) or nresults != (0 if lower is None else 1):
             return _trap_pointer(f"kvhost: {name} called with a signature that does not match the WIT")
-        state = _STATES.get(_context_address(ctx))
+        state = _STATES.get(ctx)
         if state is None:
             return _trap_pointer(f"kvhost: {name} called from a store this host did not create")
-        params = [lift(ctx, args[i]) for i, lift in enumerate(lifts)]
+        params = [lift(ctx, args + i * _VAL_SIZE) for i, lift in enumerate(lifts)]
         result = func(state, *params)
         if lower is not None:
-            lower(ctx, result, results[0])
+            lower(ctx, result, results)
         return 0
     except BaseException as e:   # conversion bug: trap this guest only, never leak into another thread
         return _trap_pointer(f"kvhost: {name}: {type(e).__name__}: {e}")
 
 
-@ffi.wasmtime_component_resource_destructor_t
+@_DTOR_CALLBACK
 def _drop_resource(data, ctx, rep):
-    state = _STATES.get(_context_address(ctx))
+    state = _STATES.get(ctx)
     if state is not None:
         getattr(state, _RESOURCE_TABLES.get(data or 0, "buckets")).pop(rep, None)
     return 0
 
 
-@ctypes.CFUNCTYPE(None, ctypes.c_void_p)
+@_FINALIZER
 def _forget_function(data):
     _HOST_FUNCS.pop(data or 0, None)
 
 
-@ctypes.CFUNCTYPE(None, ctypes.c_void_p)
+@_FINALIZER
 def _forget_nothing(data):
     return None
 
@@ -1493,21 +1566,22 @@ def _add_host_func(instance, name, params, result, func):
     _HOST_FUNCS[func_id] = (name, _guarded(func, wrap), [make_lift(p) for p in params],
                             None if result is None else make_lower(result))
     raw = name.encode("utf-8")
-    err = ffi.wasmtime_component_linker_instance_add_func(
-        instance.ptr(), ctypes.create_string_buffer(raw), len(raw), _dispatch, func_id, _forget_function)
+    add_func = _proto("wasmtime_component_linker_instance_add_func", _vp, _vp, ctypes.c_char_p, _sz,
+                      _FUNC_CALLBACK, _vp, _FINALIZER)
+    err = add_func(ctypes.cast(instance.ptr(), _vp), raw, len(raw), _dispatch, func_id, _forget_function)
     if err:
-        raise wasmtime.WasmtimeError._from_ptr(err)
+        raise wasmtime.WasmtimeError._from_ptr(ctypes.cast(err, ctypes.POINTER(ffi.wasmtime_error_t)))
 
 
 def _add_host_resource(instance, name, type_id, table):
     raw = name.encode("utf-8")
     ty = wc.ResourceType.host(type_id)
-    table_code = 2 if table == "cas" else 1
-    err = ffi.wasmtime_component_linker_instance_add_resource(
-        instance.ptr(), ctypes.create_string_buffer(raw), len(raw), ty.ptr(), _drop_resource, table_code,
-        _forget_nothing)
+    add_resource = _proto("wasmtime_component_linker_instance_add_resource", _vp, _vp, ctypes.c_char_p, _sz, _vp,
+                          _DTOR_CALLBACK, _vp, _FINALIZER)
+    err = add_resource(ctypes.cast(instance.ptr(), _vp), raw, len(raw), ctypes.cast(ty.ptr(), _vp),
+                       _drop_resource, 2 if table == "cas" else 1, _forget_nothing)
     if err:
-        raise wasmtime.WasmtimeError._from_ptr(err)
+        raise wasmtime.WasmtimeError._from_ptr(ctypes.cast(err, ctypes.POINTER(ffi.wasmtime_error_t)))
 
 
 def add_keyvalue_to_linker(linker):
@@ -1536,8 +1610,13 @@ def check_kv_imports(component_type, engine):
         for name, export in ty.exports(engine).items():
             member = export.ty
             if isinstance(member, wc.ResourceType):
-                if name not in resources:
-                    raise GuestError(f"guest import {import_name} expects resource {name!r}, not in the WIT")
+                continue   # wasmtime checks resource identity when it links
+            if isinstance(member, wc.ValType):
+                version = import_name.rsplit("@", 1)[1]
+                want = _kv_named_types(version).get(name)
+                if want is None or not same_shape(want, describe_valtype(member)):
+                    raise GuestError(f"guest import {import_name} expects type {name!r} = "
+                                     f"{format_desc(describe_valtype(member))}, which is not in the WIT")
                 continue
             if name not in functions:
                 raise GuestError(f"guest import {import_name} expects function {name!r}, not in the WIT")
@@ -1980,24 +2059,26 @@ class _Session:
 
     def invoke(self, func, lowers, lift, args):
         values = (_VAL * max(len(args), 1))()
+        base = ctypes.addressof(values)
+        ctx = self.address
         done = 0
         try:
             for i, (lower, arg) in enumerate(zip(lowers, args)):
-                lower(self.ctx, arg, values[i])
+                lower(ctx, arg, base + i * _VAL_SIZE)
                 done += 1
             result = _VAL()
             err = ffi.wasmtime_component_func_call(ctypes.byref(func._func), self.ctx, values, len(args),
                                                    ctypes.byref(result) if lift else None, 1 if lift else 0)
             if err:
                 self._trap(wasmtime.WasmtimeError._from_ptr(err))
-            value = lift(self.ctx, result) if lift else None
+            value = lift(ctx, ctypes.addressof(result)) if lift else None
             err = ffi.wasmtime_component_func_post_return(ctypes.byref(func._func), self.ctx)
             if err:
                 self._trap(wasmtime.WasmtimeError._from_ptr(err))
             return value
         finally:
             for i in range(done):
-                ffi.wasmtime_component_val_delete(ctypes.byref(values[i]))
+                _c_val_delete(base + i * _VAL_SIZE)
 
     def run(self):
         if self.guest.kind == "module":
