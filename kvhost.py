@@ -32,7 +32,8 @@ Map of this file, top-down:
 __version__ = "0.1.0"
 
 __all__ = [
-    "KvError", "ArgumentError", "BackendError", "OperationError", "GuestError", "TrapError",
+    "KvError", "ArgumentError", "BackendError", "AccessDeniedError", "NoSuchStoreError", "OperationError",
+    "GuestError", "TrapError", "Err",
     "Backend", "MemoryBackend", "SqliteBackend", "RedisBackend", "open_backend",
     "Guest", "Host", "main",
     "DEFAULT_KV_URL", "MAX_KEY_BYTES", "DEFAULT_MAX_VALUE_BYTES", "PAGE_SIZE",
@@ -97,6 +98,14 @@ class OperationError(KvError):
 
 class BackendError(KvError):
     """The backend failed (Redis down, disk full, database locked)."""
+
+
+class AccessDeniedError(BackendError):
+    """The backend refused access (e.g. a Redis ACL): the guest gets error::access-denied."""
+
+
+class NoSuchStoreError(BackendError):
+    """The backend has no such store: the guest gets error::no-such-store."""
 
 
 class GuestError(KvError):
@@ -512,12 +521,12 @@ class _RedisReplyError(Exception):
 class _RespConnection:
     """One RESP2 connection over a plain socket."""
 
-    def __init__(self, host, port, timeout, password, db):
+    def __init__(self, host, port, timeout, username, password, db):
         self.sock = socket.create_connection((host, port), timeout=timeout)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.reader = self.sock.makefile("rb")
         if password is not None:
-            self.call(b"AUTH", password)
+            self.call(b"AUTH", *([username] if username else []), password)
         if db:
             self.call(b"SELECT", str(db))
 
@@ -607,6 +616,7 @@ class RedisBackend(Backend):
             raise ArgumentError(f"invalid redis URL {url!r}: bad port or database number") from None
         self.host = parts.hostname
         self.password = urllib.parse.unquote(parts.password) if parts.password is not None else None
+        self.username = urllib.parse.unquote(parts.username) if parts.username else None
         self.url = f"redis://{self.host}:{self.port}/{self.db}"
         self.timeout = timeout
         self.pool_size = pool_size
@@ -618,8 +628,12 @@ class RedisBackend(Backend):
             if self._pool:
                 return self._pool.pop()
         try:
-            return _RespConnection(self.host, self.port, self.timeout, self.password, self.db)
-        except (OSError, _RedisReplyError) as e:
+            return _RespConnection(self.host, self.port, self.timeout, self.username, self.password, self.db)
+        except _RedisReplyError as e:
+            if str(e).startswith(("WRONGPASS", "NOPERM", "NOAUTH")):
+                raise AccessDeniedError(f"redis: {e}") from None
+            raise BackendError(f"redis: cannot connect to {self.host}:{self.port}: {e}") from None
+        except OSError as e:
             raise BackendError(f"redis: cannot connect to {self.host}:{self.port}: {e}") from None
 
     def _release(self, conn):
@@ -636,6 +650,8 @@ class RedisBackend(Backend):
             result = work(conn)
         except _RedisReplyError as e:
             self._release(conn)
+            if str(e).startswith(("NOPERM", "NOAUTH")):
+                raise AccessDeniedError(f"redis: {e}") from None
             raise BackendError(f"redis: {e}") from None
         except (OSError, ValueError) as e:
             conn.close()
@@ -739,7 +755,8 @@ class RedisBackend(Backend):
 
 
 def open_backend(url=DEFAULT_KV_URL, max_value_size=DEFAULT_MAX_VALUE_BYTES):
-    """A Backend for `url`: "memory:", "sqlite:PATH" (default ~/.wasmstore/kv.sqlite3) or "redis://..."."""
+    """A Backend for `url`: "memory:", "sqlite:PATH" (default ~/.wasmstore/kv.sqlite3) or
+    "redis://[[user]:password@]host:port/db"."""
     if not isinstance(url, str):
         raise ArgumentError(f"invalid backend URL {url!r}")
     if url == "memory:":
@@ -1432,6 +1449,10 @@ def _guarded(func, wrap_error=lambda err: err):
     def guarded(state, *args):
         try:
             return func(state, *args)
+        except AccessDeniedError:
+            return wrap_error(Err(wc.Variant("access-denied")))
+        except NoSuchStoreError:
+            return wrap_error(Err(wc.Variant("no-such-store")))
         except KvError as e:
             return wrap_error(_other(e))
         except Exception as e:   # a bug or an unexpected backend error: the guest still gets an answer

@@ -6,13 +6,19 @@
 ;;   get(bucket, key)            -> result<option<list<u8>>, error>
 ;;   set(bucket, key, value)     -> result<_, error>
 ;;   incr(bucket, key, delta)    -> result<s64, error>
+;;   list-keys(bucket, cursor)   -> result<key-response, error>
+;;   get-many(bucket, keys)      -> result<list<option<tuple<string, list<u8>>>>, error>
+;;   swap-if(bucket, key, value) -> result<bool, error>   cas.new + swap: true if written
+;;   cas-race(bucket, key, theirs, ours) -> result<bool, error>   cas.new, set(theirs), swap(ours)
 ;;   exists-loop(bucket, key, n) -> u32   n calls of bucket.exists; traps on an error
 ;;   set-get-loop(bucket, key, value, n) -> u32   n x (set, get); traps on an error
 ;;   incr-loop(bucket, key, n)   -> s64   n increments by 1; traps on an error; the last value
 ;;   spin()                      -> u32   never returns (timeout and fuel tests)
 ;;   grow(pages)                 -> s32   memory.grow's answer (max-memory tests)
 ;; Canonical-ABI layouts (byte offsets): result<own|option<list<u8>>|_|bool, error>: disc +0,
-;; payload +4 (error: disc +4, other's string +8,+12); result<s64, error>: payload +8.
+;; payload +4 (error: disc +4, other's string +8,+12); result<s64, error>: payload +8;
+;; result<key-response, error>: keys +4,+8, cursor option<string> +12,+16,+20;
+;; result<_, cas-error>: cas-error disc +4, store-error's error or cas-failed's handle at +8.
 ;; Scratch return areas live below 1024; the bump allocator hands out memory above it.
 (component $C
   (import "wasi:keyvalue/store@0.2.0-draft2" (instance $store
@@ -26,7 +32,12 @@
       (result (result (error $err)))))
     (export "[method]bucket.exists" (func (param "self" (borrow $bucket)) (param "key" string)
       (result (result bool (error $err)))))
+    (type $key-response (record (field "keys" (list string)) (field "cursor" (option string))))
+    (export "key-response" (type $kr (eq $key-response)))
+    (export "[method]bucket.list-keys" (func (param "self" (borrow $bucket)) (param "cursor" (option string))
+      (result (result $kr (error $err)))))
   ))
+  (alias export $store "key-response" (type $key-response))
   (alias export $store "bucket" (type $bucket))
   (alias export $store "error" (type $error))
   (import "wasi:keyvalue/atomics@0.2.0-draft2" (instance $atomics
@@ -36,6 +47,21 @@
     (export "error" (type $err (eq $error0)))
     (export "increment" (func (param "bucket" (borrow $bucket1)) (param "key" string) (param "delta" s64)
       (result (result s64 (error $err)))))
+    (export "cas" (type $cas (sub resource)))
+    (type $cas-error (variant (case "store-error" $err) (case "cas-failed" (own $cas))))
+    (export "cas-error" (type $ce (eq $cas-error)))
+    (export "[static]cas.new" (func (param "bucket" (borrow $bucket1)) (param "key" string)
+      (result (result (own $cas) (error $err)))))
+    (export "swap" (func (param "cas" (own $cas)) (param "value" (list u8)) (result (result (error $ce)))))
+  ))
+  (alias export $atomics "cas" (type $cas))
+  (import "wasi:keyvalue/batch@0.2.0-draft2" (instance $batch
+    (alias outer $C $bucket (type $bucket0))
+    (export "bucket" (type $bucket1 (eq $bucket0)))
+    (alias outer $C $error (type $error0))
+    (export "error" (type $err (eq $error0)))
+    (export "get-many" (func (param "bucket" (borrow $bucket1)) (param "keys" (list string))
+      (result (result (list (option (tuple string (list u8)))) (error $err)))))
   ))
 
   (core module $Libc
@@ -68,6 +94,11 @@
   (core func $exists (canon lower (func $store "[method]bucket.exists") (memory $mem) (realloc $realloc)))
   (core func $incr (canon lower (func $atomics "increment") (memory $mem) (realloc $realloc)))
   (core func $drop (canon resource.drop $bucket))
+  (core func $list-keys (canon lower (func $store "[method]bucket.list-keys") (memory $mem) (realloc $realloc)))
+  (core func $cas-new (canon lower (func $atomics "[static]cas.new") (memory $mem) (realloc $realloc)))
+  (core func $swap (canon lower (func $atomics "swap") (memory $mem) (realloc $realloc)))
+  (core func $drop-cas (canon resource.drop $cas))
+  (core func $get-many (canon lower (func $batch "get-many") (memory $mem) (realloc $realloc)))
 
   (core module $Main
     (import "libc" "memory" (memory 1))
@@ -79,6 +110,11 @@
     (import "kv" "exists" (func $exists (param i32 i32 i32 i32)))
     (import "kv" "incr" (func $incr (param i32 i32 i32 i64 i32)))
     (import "kv" "drop" (func $drop (param i32)))
+    (import "kv" "list-keys" (func $list-keys (param i32 i32 i32 i32 i32)))
+    (import "kv" "cas-new" (func $cas-new (param i32 i32 i32 i32)))
+    (import "kv" "swap" (func $swap (param i32 i32 i32 i32)))
+    (import "kv" "drop-cas" (func $drop-cas (param i32)))
+    (import "kv" "get-many" (func $get-many (param i32 i32 i32 i32)))
 
     ;; Open the bucket into the return area at 16: the handle, or -1 (the error stays at 16).
     (func $open-bucket (param $bp i32) (param $bl i32) (result i32)
@@ -168,6 +204,63 @@
       (call $drop (local.get $b))
       (local.get $last))
 
+    (func (export "list-keys") (param $bp i32) (param $bl i32) (param $cd i32) (param $cp i32) (param $cl i32) (result i32)
+      (local $b i32)
+      (local.set $b (call $open-bucket (local.get $bp) (local.get $bl)))
+      (if (i32.eq (local.get $b) (i32.const -1)) (then (return (i32.const 16))))
+      (call $list-keys (local.get $b) (local.get $cd) (local.get $cp) (local.get $cl) (i32.const 48))
+      (call $drop (local.get $b))
+      (i32.const 48))
+
+    (func (export "get-many") (param $bp i32) (param $bl i32) (param $lp i32) (param $ll i32) (result i32)
+      (local $b i32)
+      (local.set $b (call $open-bucket (local.get $bp) (local.get $bl)))
+      (if (i32.eq (local.get $b) (i32.const -1)) (then (return (i32.const 16))))
+      (call $get-many (local.get $b) (local.get $lp) (local.get $ll) (i32.const 48))
+      (call $drop (local.get $b))
+      (i32.const 48))
+
+    ;; cas.new, then (if $theirs-len >= 0) a plain set of $theirs, then swap($vp,$vl).
+    ;; Answers result<bool, error> at 112: true if the swap wrote, false on cas-failed.
+    (func $swap-after (param $bp i32) (param $bl i32) (param $kp i32) (param $kl i32)
+      (param $tp i32) (param $tl i32) (param $vp i32) (param $vl i32) (result i32)
+      (local $b i32) (local $c i32)
+      (local.set $b (call $open-bucket (local.get $bp) (local.get $bl)))
+      (if (i32.eq (local.get $b) (i32.const -1)) (then (return (i32.const 16))))
+      (call $cas-new (local.get $b) (local.get $kp) (local.get $kl) (i32.const 48))
+      (if (i32.load8_u (i32.const 48)) (then (call $drop (local.get $b)) (return (i32.const 48))))
+      (local.set $c (i32.load (i32.const 52)))
+      (if (i32.ge_s (local.get $tl) (i32.const 0))
+        (then
+          (call $set (local.get $b) (local.get $kp) (local.get $kl) (local.get $tp) (local.get $tl) (i32.const 48))
+          (if (i32.load8_u (i32.const 48)) (then unreachable))))
+      (call $swap (local.get $c) (local.get $vp) (local.get $vl) (i32.const 144))
+      (call $drop (local.get $b))
+      (i32.store8 (i32.const 112) (i32.const 0))
+      (i32.store8 (i32.const 116) (i32.const 1))
+      (if (i32.load8_u (i32.const 144))
+        (then
+          (if (i32.load8_u (i32.const 148))
+            (then   ;; cas-failed: a fresh handle we do not need
+              (call $drop-cas (i32.load (i32.const 152)))
+              (i32.store8 (i32.const 116) (i32.const 0)))
+            (else   ;; store-error: move the error from +8 to +4
+              (i32.store8 (i32.const 112) (i32.const 1))
+              (i32.store (i32.const 116) (i32.load (i32.const 152)))
+              (i32.store (i32.const 120) (i32.load (i32.const 156)))
+              (i32.store (i32.const 124) (i32.load (i32.const 160)))))))
+      (i32.const 112))
+
+    (func (export "swap-if") (param $bp i32) (param $bl i32) (param $kp i32) (param $kl i32) (param $vp i32) (param $vl i32)
+      (result i32)
+      (call $swap-after (local.get $bp) (local.get $bl) (local.get $kp) (local.get $kl)
+        (i32.const 0) (i32.const -1) (local.get $vp) (local.get $vl)))
+
+    (func (export "cas-race") (param $bp i32) (param $bl i32) (param $kp i32) (param $kl i32)
+      (param $tp i32) (param $tl i32) (param $vp i32) (param $vl i32) (result i32)
+      (call $swap-after (local.get $bp) (local.get $bl) (local.get $kp) (local.get $kl)
+        (local.get $tp) (local.get $tl) (local.get $vp) (local.get $vl)))
+
     (func (export "spin") (result i32)
       (loop $forever (br $forever))
       (unreachable))
@@ -179,7 +272,9 @@
     (with "libc" (instance $libc))
     (with "kv" (instance
       (export "open" (func $open)) (export "get" (func $get)) (export "set" (func $set))
-      (export "exists" (func $exists)) (export "incr" (func $incr)) (export "drop" (func $drop))))))
+      (export "exists" (func $exists)) (export "incr" (func $incr)) (export "drop" (func $drop))
+      (export "list-keys" (func $list-keys)) (export "cas-new" (func $cas-new)) (export "swap" (func $swap))
+      (export "drop-cas" (func $drop-cas)) (export "get-many" (func $get-many))))))
 
   (type $bytes (list u8))
   (func (export "get") (param "bucket" string) (param "key" string) (result (result (option $bytes) (error $error)))
@@ -195,6 +290,17 @@
     (canon lift (core func $main "set-get-loop") (memory $mem) (realloc $realloc)))
   (func (export "incr-loop") (param "bucket" string) (param "key" string) (param "n" u32) (result s64)
     (canon lift (core func $main "incr-loop") (memory $mem) (realloc $realloc)))
+  (func (export "list-keys") (param "bucket" string) (param "cursor" (option string))
+    (result (result $key-response (error $error)))
+    (canon lift (core func $main "list-keys") (memory $mem) (realloc $realloc)))
+  (func (export "get-many") (param "bucket" string) (param "keys" (list string))
+    (result (result (list (option (tuple string $bytes))) (error $error)))
+    (canon lift (core func $main "get-many") (memory $mem) (realloc $realloc)))
+  (func (export "swap-if") (param "bucket" string) (param "key" string) (param "value" $bytes) (result (result bool (error $error)))
+    (canon lift (core func $main "swap-if") (memory $mem) (realloc $realloc)))
+  (func (export "cas-race") (param "bucket" string) (param "key" string) (param "theirs" $bytes) (param "ours" $bytes)
+    (result (result bool (error $error)))
+    (canon lift (core func $main "cas-race") (memory $mem) (realloc $realloc)))
   (func (export "spin") (result u32) (canon lift (core func $main "spin")))
   (func (export "grow") (param "pages" u32) (result s32) (canon lift (core func $main "grow")))
 )
