@@ -5,6 +5,7 @@
 ;; included), so tests see exactly what the host gave the guest:
 ;;   get(bucket, key)            -> result<option<list<u8>>, error>
 ;;   set(bucket, key, value)     -> result<_, error>
+;;   delete(bucket, key)         -> result<_, error>
 ;;   incr(bucket, key, delta)    -> result<s64, error>
 ;;   list-keys(bucket, cursor)   -> result<key-response, error>
 ;;   get-many(bucket, keys)      -> result<list<option<tuple<string, list<u8>>>>, error>
@@ -29,6 +30,8 @@
     (export "[method]bucket.get" (func (param "self" (borrow $bucket)) (param "key" string)
       (result (result (option (list u8)) (error $err)))))
     (export "[method]bucket.set" (func (param "self" (borrow $bucket)) (param "key" string) (param "value" (list u8))
+      (result (result (error $err)))))
+    (export "[method]bucket.delete" (func (param "self" (borrow $bucket)) (param "key" string)
       (result (result (error $err)))))
     (export "[method]bucket.exists" (func (param "self" (borrow $bucket)) (param "key" string)
       (result (result bool (error $err)))))
@@ -91,6 +94,7 @@
   (core func $open (canon lower (func $store "open") (memory $mem) (realloc $realloc)))
   (core func $get (canon lower (func $store "[method]bucket.get") (memory $mem) (realloc $realloc)))
   (core func $set (canon lower (func $store "[method]bucket.set") (memory $mem) (realloc $realloc)))
+  (core func $delete (canon lower (func $store "[method]bucket.delete") (memory $mem) (realloc $realloc)))
   (core func $exists (canon lower (func $store "[method]bucket.exists") (memory $mem) (realloc $realloc)))
   (core func $incr (canon lower (func $atomics "increment") (memory $mem) (realloc $realloc)))
   (core func $drop (canon resource.drop $bucket))
@@ -108,6 +112,7 @@
     (import "kv" "get" (func $get (param i32 i32 i32 i32)))
     (import "kv" "set" (func $set (param i32 i32 i32 i32 i32 i32)))
     (import "kv" "exists" (func $exists (param i32 i32 i32 i32)))
+    (import "kv" "delete" (func $delete (param i32 i32 i32 i32)))
     (import "kv" "incr" (func $incr (param i32 i32 i32 i64 i32)))
     (import "kv" "drop" (func $drop (param i32)))
     (import "kv" "list-keys" (func $list-keys (param i32 i32 i32 i32 i32)))
@@ -137,6 +142,14 @@
       (local.set $b (call $open-bucket (local.get $bp) (local.get $bl)))
       (if (i32.eq (local.get $b) (i32.const -1)) (then (return (i32.const 16))))
       (call $set (local.get $b) (local.get $kp) (local.get $kl) (local.get $vp) (local.get $vl) (i32.const 48))
+      (call $drop (local.get $b))
+      (i32.const 48))
+
+    (func (export "delete") (param $bp i32) (param $bl i32) (param $kp i32) (param $kl i32) (result i32)
+      (local $b i32)
+      (local.set $b (call $open-bucket (local.get $bp) (local.get $bl)))
+      (if (i32.eq (local.get $b) (i32.const -1)) (then (return (i32.const 16))))
+      (call $delete (local.get $b) (local.get $kp) (local.get $kl) (i32.const 48))
       (call $drop (local.get $b))
       (i32.const 48))
 
@@ -272,7 +285,7 @@
     (with "libc" (instance $libc))
     (with "kv" (instance
       (export "open" (func $open)) (export "get" (func $get)) (export "set" (func $set))
-      (export "exists" (func $exists)) (export "incr" (func $incr)) (export "drop" (func $drop))
+      (export "exists" (func $exists)) (export "incr" (func $incr)) (export "drop" (func $drop)) (export "delete" (func $delete))
       (export "list-keys" (func $list-keys)) (export "cas-new" (func $cas-new)) (export "swap" (func $swap))
       (export "drop-cas" (func $drop-cas)) (export "get-many" (func $get-many))))))
 
@@ -281,6 +294,8 @@
     (canon lift (core func $main "get") (memory $mem) (realloc $realloc)))
   (func (export "set") (param "bucket" string) (param "key" string) (param "value" $bytes) (result (result (error $error)))
     (canon lift (core func $main "set") (memory $mem) (realloc $realloc)))
+  (func (export "delete") (param "bucket" string) (param "key" string) (result (result (error $error)))
+    (canon lift (core func $main "delete") (memory $mem) (realloc $realloc)))
   (func (export "incr") (param "bucket" string) (param "key" string) (param "delta" s64) (result (result s64 (error $error)))
     (canon lift (core func $main "incr") (memory $mem) (realloc $realloc)))
   (func (export "exists-loop") (param "bucket" string) (param "key" string) (param "n" u32) (result u32)

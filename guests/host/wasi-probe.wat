@@ -1,0 +1,96 @@
+;; SPDX-License-Identifier: Apache-2.0
+;; wasi-probe.wat: what a kvhost guest can see of WASI (no keyvalue imports).
+;;   env-count() -> u32    entries of wasi:cli/environment get-environment
+;;   dir-count() -> u32    preopened directories (wasi:filesystem/preopens)
+;;   wasi:cli/run#run      prints "hello from wasi-probe" on stdout; fails (exit 1) when given
+;;                         any argument after the program name
+;; Layouts: list results are (ptr, len) at the return pointer.
+(component $C
+  (import "wasi:io/error@0.2.0" (instance $io-error
+    (export "error" (type (sub resource)))))
+  (alias export $io-error "error" (type $io-err))
+  (import "wasi:io/streams@0.2.0" (instance $streams
+    (alias outer $C $io-err (type $e0))
+    (export "error" (type $e (eq $e0)))
+    (export "output-stream" (type $os (sub resource)))
+    (type $stream-error (variant (case "last-operation-failed" (own $e)) (case "closed")))
+    (export "stream-error" (type $se (eq $stream-error)))
+    (export "[method]output-stream.blocking-write-and-flush"
+      (func (param "self" (borrow $os)) (param "contents" (list u8)) (result (result (error $se)))))))
+  (alias export $streams "output-stream" (type $output-stream))
+  (import "wasi:cli/stdout@0.2.0" (instance $stdout
+    (alias outer $C $output-stream (type $os0))
+    (export "output-stream" (type $os (eq $os0)))
+    (export "get-stdout" (func (result (own $os))))))
+  (import "wasi:cli/environment@0.2.0" (instance $environment
+    (export "get-environment" (func (result (list (tuple string string)))))
+    (export "get-arguments" (func (result (list string))))))
+  (import "wasi:filesystem/types@0.2.0" (instance $fs-types
+    (export "descriptor" (type (sub resource)))))
+  (alias export $fs-types "descriptor" (type $descriptor))
+  (import "wasi:filesystem/preopens@0.2.0" (instance $preopens
+    (alias outer $C $descriptor (type $d0))
+    (export "descriptor" (type $d (eq $d0)))
+    (export "get-directories" (func (result (list (tuple (own $d) string)))))))
+
+  (core module $Libc
+    (memory (export "memory") 1)
+    (global $heap (mut i32) (i32.const 1024))
+    (func (export "realloc") (param $old i32) (param $old-size i32) (param $align i32) (param $size i32) (result i32)
+      (local $p i32)
+      (local.set $p (i32.and (i32.add (global.get $heap) (i32.sub (local.get $align) (i32.const 1)))
+                             (i32.sub (i32.const 0) (local.get $align))))
+      (global.set $heap (i32.add (local.get $p) (local.get $size)))
+      (if (i32.gt_u (global.get $heap) (i32.shl (memory.size) (i32.const 16)))
+        (then (if (i32.eq (memory.grow (i32.sub (i32.shr_u (i32.add (global.get $heap) (i32.const 65535)) (i32.const 16))
+                                                (memory.size)))
+                          (i32.const -1))
+                (then unreachable))))
+      (local.get $p))
+  )
+  (core instance $libc (instantiate $Libc))
+  (alias core export $libc "memory" (core memory $mem))
+  (alias core export $libc "realloc" (core func $realloc))
+  (core func $get-environment (canon lower (func $environment "get-environment") (memory $mem) (realloc $realloc)))
+  (core func $get-arguments (canon lower (func $environment "get-arguments") (memory $mem) (realloc $realloc)))
+  (core func $get-directories (canon lower (func $preopens "get-directories") (memory $mem) (realloc $realloc)))
+  (core func $get-stdout (canon lower (func $stdout "get-stdout")))
+  (core func $write (canon lower (func $streams "[method]output-stream.blocking-write-and-flush")
+    (memory $mem) (realloc $realloc)))
+  (core func $drop-stream (canon resource.drop $output-stream))
+
+  (core module $Main
+    (import "libc" "memory" (memory 1))
+    (import "host" "get-environment" (func $get-environment (param i32)))
+    (import "host" "get-arguments" (func $get-arguments (param i32)))
+    (import "host" "get-directories" (func $get-directories (param i32)))
+    (import "host" "get-stdout" (func $get-stdout (result i32)))
+    (import "host" "write" (func $write (param i32 i32 i32 i32)))
+    (import "host" "drop-stream" (func $drop-stream (param i32)))
+    (data (i32.const 64) "hello from wasi-probe\n")
+    (func (export "env-count") (result i32)
+      (call $get-environment (i32.const 16))
+      (i32.load (i32.const 20)))
+    (func (export "dir-count") (result i32)
+      (call $get-directories (i32.const 16))
+      (i32.load (i32.const 20)))
+    (func (export "run") (result i32)
+      (local $out i32)
+      (local.set $out (call $get-stdout))
+      (call $write (local.get $out) (i32.const 64) (i32.const 22) (i32.const 32))
+      (call $drop-stream (local.get $out))
+      (call $get-arguments (i32.const 16))
+      (i32.gt_u (i32.load (i32.const 20)) (i32.const 1)))
+  )
+  (core instance $main (instantiate $Main
+    (with "libc" (instance $libc))
+    (with "host" (instance
+      (export "get-environment" (func $get-environment)) (export "get-arguments" (func $get-arguments))
+      (export "get-directories" (func $get-directories)) (export "get-stdout" (func $get-stdout))
+      (export "write" (func $write)) (export "drop-stream" (func $drop-stream))))))
+  (func (export "env-count") (result u32) (canon lift (core func $main "env-count")))
+  (func (export "dir-count") (result u32) (canon lift (core func $main "dir-count")))
+  (func $run (result (result)) (canon lift (core func $main "run")))
+  (instance $run-instance (export "run" (func $run)))
+  (export "wasi:cli/run@0.2.0" (instance $run-instance))
+)
