@@ -655,9 +655,10 @@ class NodeClientTest(unittest.TestCase):
         self.assertIs(self.client.deleteBranch("feature"), True)
         self.assertEqual(self.client.branches(), [default])
 
-    def test_auth_method_without_keys_configured(self):
-        self.assertIs(self.client.auth("GET"), True)
-        self.assertIs(self.client.auth("POST"), True)
+    def test_auth_method_is_shadowed_upstream_and_works_through_the_prototype(self):
+        self.assertEqual(self.client.raw("auth", "GET"), {"error": "client[request.call] is not a function"})
+        self.assertIs(self.client.raw("Client.prototype.auth", "GET")["ok"], True)  # no keys configured
+        self.assertIs(self.client.raw("Client.prototype.auth", "POST")["ok"], True)
 
 
 class NodeClientAuthTest(unittest.TestCase):
@@ -670,11 +671,16 @@ class NodeClientAuthTest(unittest.TestCase):
     def test_auth_reports_allowed_methods(self):
         reader = NodeClient(self.driver, self.url, auth="reader-42")
         writer = NodeClient(self.driver, self.url, auth="writer-77")
-        self.assertIs(reader.auth("GET"), True)
-        self.assertIs(reader.auth("POST"), False)
-        self.assertIs(writer.auth("POST"), True)
-        self.assertIs(writer.auth("DELETE"), False)
-        self.assertIs(NodeClient(self.driver, self.url).auth("GET"), False)
+
+        def allowed(client, method):  # client.auth(method), which the key attribute shadows upstream
+            return client.raw("Client.prototype.auth", method)["ok"]
+
+        self.assertIs(allowed(reader, "GET"), True)
+        self.assertIs(allowed(reader, "POST"), False)
+        self.assertIs(allowed(writer, "POST"), True)
+        self.assertIs(allowed(writer, "DELETE"), False)
+        self.assertIs(allowed(NodeClient(self.driver, self.url), "GET"), False)
+        self.assertIs(allowed(NodeClient(self.driver, self.url, auth="writer-7"), "GET"), False)
         digest = writer.add("w.wasm", wasm_module("w"))
         self.assertEqual(reader.hash("w.wasm"), digest)
         self.assertIs(reader.delete("w.wasm"), False)

@@ -5,7 +5,7 @@
 //   {"client": [url, branch, auth], "call": "add", "args": ["a.wasm", {"b64": "..."}]}
 //   -> {"ok": <result>}  or  {"error": "<message>"}
 // Special calls: "watch_open" (client.watch(), resolves once the socket is open), "watch_next" [timeoutMs]
-// (next change event the client's callback received), "watch_close".
+// (next change event the client's callback received), "watch_close", "Client.prototype.auth" (see below).
 //
 // Environment set-up, the client itself is used unchanged:
 // - Node 20 has no global WebSocket (the client's watch() needs one): provide the one from `ws`.
@@ -103,6 +103,10 @@ async function runCall(request) {
       return await watchNext(...args);
     case "watch_close":
       return await watchClose();
+    case "Client.prototype.auth":
+      // The constructor's `this.auth = auth` (the key) shadows the auth() method upstream, so
+      // client.auth(...) throws "is not a function"; the method is still reachable on the prototype.
+      return await Client.prototype.auth.call(client, ...args);
     default:
       return await client[request.call](...args);
   }
