@@ -204,7 +204,7 @@ def start_server(test, **options):
     test.addCleanup(server.server_close)
     test.addCleanup(server.shutdown)
     host, port = server.server_address[:2]
-    return store, f"http://{host}:{port}"
+    return store, f"{'https' if options.get('tls') else 'http'}://{host}:{port}"
 
 
 class ClientCallFailed(AssertionError):
@@ -214,11 +214,12 @@ class ClientCallFailed(AssertionError):
 class Driver:
     """A client driver process speaking one JSON object per line on stdin/stdout."""
 
-    def __init__(self, test, argv):
+    def __init__(self, test, argv, extra_env=None):
         self.stderr = tempfile.TemporaryFile(mode="w+")
         env = {k: v for k, v in os.environ.items() if k.lower() not in ("http_proxy", "https_proxy", "all_proxy",
                                                                           "pythonpath")}
         env["NO_PROXY"] = env["no_proxy"] = "127.0.0.1,localhost"  # requests would honour a proxy otherwise
+        env.update(extra_env or {})
         self.process = subprocess.Popen(argv, cwd=CLIENTS_DIR, env=env, stdin=subprocess.PIPE,
                                         stdout=subprocess.PIPE, stderr=self.stderr, text=True, bufsize=1)
         self.lines = queue.Queue()
@@ -302,15 +303,33 @@ class NodeClient:
         return invoke
 
 
-def python_driver(test):
-    return Driver(test, [prepare(ensure_python_client), os.path.join(CLIENTS_DIR, "py_driver.py")])
+def python_driver(test, extra_env=None):
+    return Driver(test, [prepare(ensure_python_client), os.path.join(CLIENTS_DIR, "py_driver.py")], extra_env)
 
 
-def node_driver(test):
-    driver = Driver(test, [prepare(ensure_node_client), os.path.join(CLIENTS_DIR, "driver.mjs")])
+def node_driver(test, extra_env=None):
+    driver = Driver(test, [prepare(ensure_node_client), os.path.join(CLIENTS_DIR, "driver.mjs")], extra_env)
     ready = driver.read_answer("node driver start-up")
     test.assertEqual(ready, {"ready": True})
     return driver
+
+
+def ensure_openssl():
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        raise PrerequisiteMissing("the `openssl` command is not installed (apt-get install openssl)")
+    return openssl
+
+
+def self_signed_certificate(test):
+    """Create a key and a self-signed certificate for 127.0.0.1; return (keyfile, certfile)."""
+    openssl = prepare(ensure_openssl)
+    directory = tempfile.mkdtemp(prefix="wasmstore-clients-tls-")
+    test.addCleanup(shutil.rmtree, directory, ignore_errors=True)
+    keyfile, certfile = os.path.join(directory, "key.pem"), os.path.join(directory, "cert.pem")
+    run_quietly([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-keyout", keyfile,
+                 "-out", certfile, "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"], timeout=60)
+    return keyfile, certfile
 
 
 def raw_request(url, method, path, body=None, headers=None):
@@ -561,6 +580,21 @@ class PythonClientAuthTest(unittest.TestCase):
         self.assertIs(anonymous.contains("g.wasm"), False)
 
 
+class PythonClientTlsTest(unittest.TestCase):
+    """The PyPI client over HTTPS (--tls KEY,CERT), verifying the server's certificate."""
+
+    def test_add_find_list_over_https(self):
+        keyfile, certfile = self_signed_certificate(self)
+        store, url = start_server(self, tls=(keyfile, certfile))
+        driver = python_driver(self, {"REQUESTS_CA_BUNDLE": certfile})  # trust exactly this certificate
+        client = PythonClient(driver, url)
+        module = wasm_module("tls")
+        self.assertEqual(client.add("secure/t.wasm", module), sha256(module))
+        self.assertEqual(client.find("secure/t.wasm"), module)
+        self.assertEqual(client.list(), {"/secure/t.wasm": sha256(module)})
+        self.assertEqual(store.find("secure/t.wasm"), module)
+
+
 # --- the npm client ----------------------------------------------------------------------------------------------
 
 class NodeClientTest(unittest.TestCase):
@@ -659,6 +693,23 @@ class NodeClientTest(unittest.TestCase):
         self.assertEqual(self.client.raw("auth", "GET"), {"error": "client[request.call] is not a function"})
         self.assertIs(self.client.raw("Client.prototype.auth", "GET")["ok"], True)  # no keys configured
         self.assertIs(self.client.raw("Client.prototype.auth", "POST")["ok"], True)
+
+
+class NodeClientTlsTest(unittest.TestCase):
+    """The npm client over HTTPS: its watch() switches to wss:// and instantiate() streams over TLS."""
+
+    def test_watch_over_wss_and_instantiate_over_https(self):
+        keyfile, certfile = self_signed_certificate(self)
+        store, url = start_server(self, tls=(keyfile, certfile))
+        driver = node_driver(self, {"NODE_EXTRA_CA_CERTS": certfile})  # trust exactly this certificate
+        client = NodeClient(driver, url)
+        self.assertEqual(client.watch_open(), url.replace("https", "wss") + "/api/v1/watch")
+        module = answer_module(7)
+        self.assertEqual(client.add("secure/seven.wasm", module), sha256(module))
+        self.assertEqual(client.watch_next(WATCH_TIMEOUT_MS),
+                         {"/secure/seven.wasm": {"action": "added", "hash": sha256(module)}})
+        self.assertEqual(client.instantiate("secure/seven.wasm"), {"answer": 7})
+        self.assertEqual(client.watch_close(), 1000)
 
 
 class NodeClientAuthTest(unittest.TestCase):
