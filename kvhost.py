@@ -170,7 +170,8 @@ def decode_cursor(cursor):
     if not isinstance(cursor, str) or not cursor.startswith(CURSOR_PREFIX):
         raise OperationError("invalid cursor")
     try:
-        return base64.urlsafe_b64decode(cursor[len(CURSOR_PREFIX):].encode("ascii")).decode("utf-8")
+        raw = base64.b64decode(cursor[len(CURSOR_PREFIX):].encode("ascii"), altchars=b"-_", validate=True)
+        return raw.decode("utf-8")
     except (binascii.Error, UnicodeError, ValueError):
         raise OperationError("invalid cursor") from None
 
@@ -1721,6 +1722,7 @@ class Guest:
         self.artifact = artifact    # wasmtime.component.Component or wasmtime.Module
         self.digest = digest        # sha256 of the source
         self.name = name
+        self.engine = None          # the Host engine it was compiled for
         self._calls = {}            # function name -> (path, param lowers, result lift)
 
     def __repr__(self):
@@ -1802,7 +1804,7 @@ class Host:
         """A Guest from a path (.wasm or .wat) or bytes/str; compiled once, cached on disk."""
         if isinstance(source, (bytes, bytearray)):
             data, name = bytes(source), "<bytes>"
-        elif isinstance(source, str) and source.lstrip().startswith("("):
+        elif isinstance(source, str) and ("\n" in source or source.lstrip().startswith(("(", ";;"))):
             data, name = source.encode("utf-8"), "<text>"
         elif isinstance(source, (str, os.PathLike)):
             name = os.fspath(source)
@@ -1823,6 +1825,7 @@ class Host:
         if kind == "component":
             check_kv_imports(artifact.type, self.engine)
         guest = Guest(kind, artifact, digest, name)
+        guest.engine = self.engine
         with self._lock:
             self._guests[digest] = guest
         return guest
@@ -1944,6 +1947,8 @@ class Host:
     def _session(self, guest, argv, record_events=True):
         if not isinstance(guest, Guest):
             raise ArgumentError(f"invalid guest {guest!r}: expected a Guest from Host.load()")
+        if guest.engine is not self.engine:
+            raise ArgumentError(f"{guest.name} was loaded by another Host: load it with this one")
         return _Session(self, guest, argv, record_events)
 
     # -- calling ----------------------------------------------------------------------------------
@@ -2111,7 +2116,7 @@ class _Session:
                 start(self.store)
             except wasmtime.ExitTrap as e:
                 return e.code
-            except wasmtime.WasmtimeError as e:
+            except (wasmtime.Trap, wasmtime.WasmtimeError) as e:
                 self._trap(e)
             return 0
         exports = self.guest.artifact.type.exports(self.host.engine)
@@ -2154,7 +2159,7 @@ class _Session:
                 raise ArgumentError(f"{function} takes a {kind} parameter, which the CLI cannot pass")
         try:
             result = func(self.store, *converted)
-        except wasmtime.WasmtimeError as e:
+        except (wasmtime.Trap, wasmtime.WasmtimeError) as e:
             self._trap(e)
         return result
 
