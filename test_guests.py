@@ -680,18 +680,22 @@ class PyCounterTest(unittest.TestCase):
         self.addCleanup(host.close)
         return host, host.load(PY_COUNTER)
 
+    def kvhost(self, *args):
+        return run_kvhost(*args, env=self.env, timeout=300)
+
     def test_counter_survives_separate_runs_on_sqlite(self):
-        namespace = unique_namespace()
-        results = []
-        for _ in range(2):
-            done = run_kvhost("call", "--kv", self.kv, "--namespace", namespace, "--timeout", "120",
-                              PY_COUNTER, "bump", env=self.env, timeout=300)
-            self.assertEqual(done.returncode, 0, done.stderr)
-            results.append(json.loads(done.stdout))
-        self.assertEqual(results, [{"ok": 1}, {"ok": 2}])
-        done = run_kvhost("kv", "--kv", self.kv, "--namespace", namespace, "get", "counter", "hits", env=self.env)
+        store = ["--kv", self.kv, "--namespace", unique_namespace(), "--timeout", "120"]
+        for expected in ("hits=1\n", "hits=2\n"):          # two processes: `run` is wasi:cli/run
+            done = self.kvhost("run", *store, PY_COUNTER)
+            self.assertEqual((done.returncode, done.stdout), (0, expected), done.stderr)
+        done = self.kvhost("call", *store, PY_COUNTER, "bump")
+        self.assertEqual((done.returncode, json.loads(done.stdout)), (0, {"ok": 3}), done.stderr)
+        done = self.kvhost("kv", *store[:4], "get", "counter", "hits")
         self.assertEqual(done.returncode, 0, done.stderr)
-        self.assertIn("2", done.stdout)
+        self.assertIn("3", done.stdout)
+        done = self.kvhost("run", *store, "--allow-bucket", "elsewhere", PY_COUNTER)
+        self.assertEqual((done.returncode, done.stdout), (1, ""))
+        self.assertIn("py-counter: no-such-store", done.stderr)
 
     def test_pages_through_2500_keys(self):
         host, guest = self.make_host(unique_namespace())

@@ -11,7 +11,7 @@ cd "$root"
 
 want_version=0.25.1
 out=build/py-counter.wasm
-sources=(guests/build.sh guests/py-counter/app.py guests/py-counter/wit/*.wit wit/keyvalue-0.2.0-draft2/*.wit)
+sources=(guests/build.sh guests/py-counter/app.py guests/py-counter/wit wit/keyvalue-0.2.0-draft2)
 
 if [[ -f $out ]] && [[ -z $(find "${sources[@]}" -newer "$out" -print -quit) ]]; then
     echo "build.sh: $out is up to date"

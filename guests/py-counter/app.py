@@ -2,14 +2,18 @@
 """py-counter: the componentize-py test guest (world `wasmstore:py-counter/py-counter`).
 
 Built in CI by guests/build.sh into build/py-counter.wasm (not committed) and exercised by
-test_guests.py through kvhost: a counter that survives runs (SQLite backend), paging
-through 2,500 keys with list-keys cursors, and namespace isolation via put/peek.
+test_guests.py through kvhost: a counter that survives runs (SQLite backend; `run` prints
+`hits=<n>`), paging through 2,500 keys with list-keys cursors, and namespace isolation
+via put/peek.
 Errors are returned as strings naming the wasi:keyvalue error case, like the WAT guests:
 "no-such-store", "access-denied" or "other:<message>".
 """
 
+import sys
+
 import wit_world
 from componentize_py_types import Err
+from wit_world import exports
 from wit_world.imports import atomics, batch, store
 
 COUNTER_BUCKET = "counter"
@@ -36,12 +40,26 @@ def as_string_error(work):
         raise Err(error_name(failure.value))
 
 
+def bump_counter():
+    with store.open(COUNTER_BUCKET) as bucket:
+        return atomics.increment(bucket, COUNTER_KEY, 1)
+
+
+class Run(exports.Run):
+    """wasi:cli/run: one visit; exit status 1 (and the error on stderr) if the store fails."""
+
+    def run(self):
+        try:
+            hits = bump_counter()
+        except Err as failure:
+            print("py-counter: " + error_name(failure.value), file=sys.stderr)
+            raise Err(None)
+        print("hits=%d" % hits)
+
+
 class WitWorld(wit_world.WitWorld):
     def bump(self):
-        def work():
-            with store.open(COUNTER_BUCKET) as bucket:
-                return atomics.increment(bucket, COUNTER_KEY, 1)
-        return as_string_error(work)
+        return as_string_error(bump_counter)
 
     def fill(self, bucket_name, count):
         def work():
