@@ -536,18 +536,20 @@ class RedisGuestTest(GuestContractMixin, unittest.TestCase):
 # ---------------------------------------------------------------------------
 
 class RefusingBackend(kvhost.MemoryBackend):
-    """A memory backend whose reads of chosen keys are refused the way a remote store with
-    access control would refuse them. kvhost's own policy only refuses at `open`, so this is
-    how a test makes `bucket.get` itself return no-such-store and access-denied."""
+    """A memory backend whose reads of chosen keys fail the way a remote store fails: an ACL
+    refusal (AccessDeniedError), a vanished database (NoSuchStoreError), an I/O error
+    (BackendError). kvhost's own policy refuses only at `open`, so this is how a test makes
+    `bucket.get` itself return no-such-store and access-denied."""
 
-    REFUSALS = {"gone": wc.Variant("no-such-store"), "locked": wc.Variant("access-denied"),
-                "broken": wc.Variant("other", "disk on fire")}
+    FAILURES = {"gone": kvhost.NoSuchStoreError("database 7 does not exist"),
+                "locked": kvhost.AccessDeniedError("NOPERM this user has no permissions"),
+                "broken": kvhost.BackendError("disk on fire")}
 
-    def get(self, namespace, bucket, key):
-        refusal = self.REFUSALS.get(key)
-        if refusal is not None:
-            return kvhost.Err(refusal)
-        return super().get(namespace, bucket, key)
+    def _get(self, namespace, bucket, key):
+        failure = self.FAILURES.get(key)
+        if failure is not None:
+            raise failure
+        return super()._get(namespace, bucket, key)
 
 
 class GetErrorCasesTest(unittest.TestCase):
@@ -567,13 +569,17 @@ class GetErrorCasesTest(unittest.TestCase):
             self.assertEqual(self.host.call(guest, "get", ["b", "gone"]), {"err": "no-such-store"})
             self.assertEqual(self.host.call(guest, "get", ["b", "locked"]), {"err": "access-denied"})
             self.assertEqual(self.host.call(guest, "get", ["b", "broken"]), {"err": "other:disk on fire"})
+            self.assertEqual(self.host.call(guest, "get-many", ["b", ["k", "gone"]]), {"err": "no-such-store"})
             # and the ok cases right after, from the same host
             self.assertEqual(self.host.call(guest, "get", ["b", "missing"]), {"ok": None})
             self.assertEqual(self.host.call(guest, "set", ["b", "k", []]), {"ok": None})
             self.assertEqual(self.host.call(guest, "get", ["b", "k"]), {"ok": []})
 
-    def test_cas_current_reads_through_the_same_path(self):
+    def test_cas_new_reports_the_same_cases(self):
         guest = self.host.load(KV_DRAFT2)
+        self.assertEqual(self.host.call(guest, "cas-swap", ["b", "gone", [1]]), {"err": "no-such-store"})
+        self.assertEqual(self.host.call(guest, "cas-swap", ["b", "locked", [1]]), {"err": "access-denied"})
+        self.assertEqual(self.host.call(guest, "cas-swap", ["b", "broken", [1]]), {"err": "other:disk on fire"})
         self.assertEqual(self.host.call(guest, "cas-swap", ["b", "k", [1]]), {"ok": None})
         self.assertEqual(self.host.call(guest, "cas-swap", ["b", "k", [2]]), {"ok": [1]})
 
