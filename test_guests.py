@@ -309,6 +309,11 @@ class GuestContractMixin:
             self.assertEqual(self.call(guest, "delete", "b", "k"), {"ok": None})
             self.assertEqual(self.call(guest, "exists", "b", "k"), {"ok": False})
             self.assertEqual(self.call(guest, "delete", "b", "k"), {"ok": None})  # missing key: still ok
+        # a value larger than the guest's first memory page makes its allocator grow memory
+        big = os.urandom(150_000)
+        self.assertEqual(self.call(KV_DRAFT2, "set", "b", "big", b64(big)), {"ok": None})
+        self.assertEqual(bytes(self.call(KV_DRAFT, "get", "b", "big")["ok"]), big)
+        self.assertEqual(self.call(KV_DRAFT2, "get-many", "b", ["big"])["ok"][0][1], list(big))
         # one version reads what the other wrote
         self.assertEqual(self.call(KV_DRAFT, "set", "b", "shared", [7]), {"ok": None})
         self.assertEqual(self.call(KV_DRAFT2, "get", "b", "shared"), {"ok": [7]})
