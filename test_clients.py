@@ -563,9 +563,12 @@ class PythonClientAuthTest(unittest.TestCase):
         self.assertEqual([version[0] for version in self.reader.versions("g.wasm")], [digest])
         self.assertEqual(self.reader.branches(), [self.store.default_branch])
 
-        refused = self.reader.add("new.wasm", wasm_module("new"))
+        refused = self.reader.add("new.wasm", wasm_module("new"))  # the client returns the body, whatever the status
         self.assertNotEqual(refused, sha256(wasm_module("new")))
         self.assertNotIn(self.READER, refused)  # the key is never echoed
+        status, _ = raw_request(self.url, "POST", "/api/v1/module/new.wasm", body=wasm_module("new"),
+                                headers={"Wasmstore-Auth": self.READER})  # what the client sent, status visible
+        self.assertEqual(status, 403)
         self.assertIs(self.reader.remove("g.wasm"), False)
         self.assertIs(self.reader.create_branch("nope"), False)
         self.assertIs(self.reader.rollback(), False)
