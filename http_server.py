@@ -228,6 +228,7 @@ def json_reply(value, status=200):
 # subclass (InvalidModule, MergeConflict) finds its own entry or its parent's.
 ERROR_STATUS = {
     HttpError: None,                  # carries its own status
+    wasmstore.TooLarge: 413,          # upload over --max-body (size_limit of add_file)
     wasmstore.InvalidInput: 400,      # bad path, branch, hash, index; InvalidModule (validator message)
     wasmstore.NotFound: 404,
     wasmstore.MergeConflict: 409,
@@ -786,9 +787,11 @@ class Subscription:
 class _BranchWatcher(threading.Thread):
     """Polls one branch head and turns every new commit into one JSON change event.
 
-    The start head is read synchronously when the watcher is created (before the WebSocket
-    handshake is answered), so a commit made right after the handshake is never missed; the
-    branch head is re-read from disk on each poll, so commits by other processes are seen.
+    Same events as Store.watch (one per first-parent commit, empty changes skipped), but the
+    start head is read synchronously when the watcher is created, before the WebSocket
+    handshake is answered: Store.watch is a generator that reads it only on its first next(),
+    so a commit made right after the handshake could be missed. The branch head is re-read
+    from disk on each poll, so commits by other processes are seen.
     """
 
     def __init__(self, hub, branch, start_head):
@@ -830,9 +833,10 @@ class _BranchWatcher(threading.Thread):
         for parent, commit in reversed(chain):
             try:
                 changes = store.changes(parent, commit)
-            except wasmstore.NotFound:                      # old objects collected by gc
-                changes = store.changes(None, commit)
-            yield json.dumps(changes, separators=(",", ":"), ensure_ascii=False)
+            except wasmstore.NotFound:                      # last head collected by gc: no diff
+                continue
+            if changes:
+                yield json.dumps(changes, separators=(",", ":"), ensure_ascii=False)
 
 
 class WatchHub:
@@ -1045,9 +1049,17 @@ class WasmstoreHandler(http.server.BaseHTTPRequestHandler):
         server = self.server
         self.timeout = server.request_timeout
         self.request.settimeout(self.timeout)
+        self._tls_socket = None
         if server.ssl_context is not None:
             # The TLS handshake runs here, in the connection's thread, never in the accept loop.
-            self.request = server.ssl_context.wrap_socket(self.request, server_side=True)
+            tls = server.ssl_context.wrap_socket(self.request, server_side=True,
+                                                 do_handshake_on_connect=False)
+            try:
+                tls.do_handshake()
+            except BaseException:
+                tls.close()
+                raise
+            self.request = self._tls_socket = tls
         super().setup()
         self.rfile.close()                # replaced: see _DeadlineSocketReader
         self._reader = _DeadlineSocketReader(self.connection, self.timeout)
@@ -1060,6 +1072,9 @@ class WasmstoreHandler(http.server.BaseHTTPRequestHandler):
             super().finish()
         except OSError:
             pass
+        if self._tls_socket is not None:
+            # socketserver closes the raw socket it accepted, which wrap_socket detached.
+            self._tls_socket.close()
 
     def handle_one_request(self):
         self._reset_request_state()
