@@ -207,6 +207,36 @@ def start_server(test, **options):
     return store, f"{'https' if options.get('tls') else 'http'}://{host}:{port}"
 
 
+def start_server_process(test, *options):
+    """Run `python http_server.py --port 0 ...` on a fresh root, as a user would; return (root, base_url)."""
+    root = tempfile.mkdtemp(prefix="wasmstore-clients-cli-")
+    test.addCleanup(shutil.rmtree, root, ignore_errors=True)
+    process = subprocess.Popen([sys.executable, os.path.join(HERE, "http_server.py"), "--root", root, "--port", "0",
+                                "--quiet", *options], cwd=HERE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               text=True)
+    lines = queue.Queue()
+    reader = threading.Thread(target=lambda: [lines.put(line) for line in process.stderr], daemon=True)
+    reader.start()
+    test.addCleanup(stop_process, process, reader)
+    try:
+        banner = lines.get(timeout=CALL_TIMEOUT)  # "wasmstore: serving ROOT on URL"
+    except queue.Empty:
+        test.fail(f"http_server.py printed nothing within {CALL_TIMEOUT} s")
+    test.assertIn(" on http", banner)
+    return root, banner.rsplit(" on ", 1)[1].strip()
+
+
+def stop_process(process, stderr_reader):
+    process.terminate()
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+    stderr_reader.join(10)  # it ends at EOF, now that the process is gone
+    process.stderr.close()
+
+
 class ClientCallFailed(AssertionError):
     pass
 
@@ -713,6 +743,37 @@ class NodeClientTlsTest(unittest.TestCase):
                          {"/secure/seven.wasm": {"action": "added", "hash": sha256(module)}})
         self.assertEqual(client.instantiate("secure/seven.wasm"), {"answer": 7})
         self.assertEqual(client.watch_close(), 1000)
+
+
+class CommandLineServerTest(unittest.TestCase):
+    """Both clients against `python http_server.py` run as a separate process, as users run it."""
+
+    def test_python_client_with_keys_given_on_the_command_line(self):
+        root, url = start_server_process(self, "--auth", "cli-admin:*;cli-reader:GET")
+        driver = python_driver(self)
+        admin = PythonClient(driver, url, auth="cli-admin")
+        reader = PythonClient(driver, url, auth="cli-reader")
+        module = wasm_module("cli")
+        self.assertEqual(admin.add("cli.wasm", module), sha256(module))
+        self.assertEqual(reader.find("cli.wasm"), module)
+        self.assertIs(reader.raw("Client.auth", "POST")["ok"], False)
+        self.assertNotEqual(reader.add("other.wasm", wasm_module("other")), sha256(wasm_module("other")))
+        self.assertEqual(reader.list(), {"/cli.wasm": sha256(module)})
+
+    def test_npm_watch_sees_a_commit_made_by_a_separate_wasmstore_process(self):
+        root, url = start_server_process(self)
+        client = NodeClient(node_driver(self), url)
+        client.watch_open()
+        module = wasm_module("from-cli")
+        with tempfile.NamedTemporaryFile(suffix=".wasm") as file:
+            file.write(module)
+            file.flush()
+            added = subprocess.run([sys.executable, os.path.join(HERE, "wasmstore.py"), "add", "--root", root,
+                                    file.name, "cli/added.wasm"], capture_output=True, text=True, timeout=60)
+        self.assertEqual(added.returncode, 0, added.stderr)
+        self.assertEqual(client.watch_next(WATCH_TIMEOUT_MS),
+                         {"/cli/added.wasm": {"action": "added", "hash": sha256(module)}})
+        self.assertEqual(client.hash("cli/added.wasm"), sha256(module))
 
 
 class NodeClientAuthTest(unittest.TestCase):
