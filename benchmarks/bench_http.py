@@ -1,0 +1,366 @@
+# SPDX-License-Identifier: Apache-2.0
+"""bench_http.py: the REST API figures of issue 3 item 6 (run it as ``python bench.py http``).
+
+Figures, each the median of --rounds rounds; every ratio is taken against a baseline measured
+in the same run, by the same load generator, with the rounds alternating:
+
+- GET of a 100 KB module over 8 concurrent keep-alive connections: requests/s of
+  http_server.py vs a minimal ``http.server`` handler returning the same bytes from memory
+  (goal: ratio >= 0.8); p50/p99 latency of both.
+- POST of small distinct modules from one keep-alive client: requests/s vs the in-process
+  ``Store.add`` rate of the same modules into a fresh store (goal: ratio >= 0.8); p50/p99 of both.
+
+The load generator is a separate process (this file run with --loadgen): one thread driving
+raw keep-alive sockets with ``selectors``, so that it is not itself limited by the GIL.
+Both servers run in this process, one at a time, with access logs off.
+"""
+
+__version__ = "0.1.0"
+__all__ = ["main"]
+
+import argparse
+import http.server
+import json
+import os
+import selectors
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+REPO_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GET_BODY_SIZE = 100 * 1024
+GET_CONNECTIONS = 8
+GOAL_RATIO = 0.8
+
+
+# ------------------------------------------------------------------------------ modules
+
+def _leb(n):
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def wasm_module(tag, padding=0):
+    """A valid core module: header + one custom section named `tag`, padded with zeros."""
+    name = tag.encode()
+    payload = _leb(len(name)) + name + b"\0" * padding
+    return b"\0asm\x01\0\0\0\x00" + _leb(len(payload)) + payload
+
+
+# ------------------------------------------------------------------------ load generator
+
+class _Conn:
+    __slots__ = ("sock", "started", "header", "body_left", "requests_sent")
+
+    def __init__(self, sock):
+        self.sock = sock
+        self.started = 0.0
+        self.header = bytearray()
+        self.body_left = None
+        self.requests_sent = 0
+
+
+def _parse_head(head):
+    """(status, content length) of a response head."""
+    lines = bytes(head).split(b"\r\n")
+    status = int(lines[0].split(b" ", 2)[1])
+    length = 0
+    for line in lines[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value.strip())
+    return status, length
+
+
+def run_load(port, method, path, connections, seconds, body_prefix=None):
+    """Drive `connections` keep-alive sockets for `seconds`; returns counts and latencies.
+
+    body_prefix set: every request POSTs a distinct small module (tag = prefix + counter)
+    to path + "/<counter>.wasm".
+    """
+    selector = selectors.DefaultSelector()
+    counter = 0
+
+    def request_bytes():
+        nonlocal counter
+        counter += 1
+        if body_prefix is None:
+            return (f"{method} {path} HTTP/1.1\r\nHost: bench\r\n\r\n").encode()
+        body = wasm_module(f"{body_prefix}-{counter}")
+        return (f"{method} {path}/{counter}.wasm HTTP/1.1\r\nHost: bench\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+
+    def send(conn):
+        conn.sock.sendall(request_bytes())       # small: fits the socket buffer at once
+        conn.started = time.perf_counter()
+        conn.header.clear()
+        conn.body_left = None
+
+    conns = []
+    for _ in range(connections):
+        sock = socket.create_connection(("127.0.0.1", port))
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        conn = _Conn(sock)
+        conns.append(conn)
+    latencies, statuses, errors = [], {}, 0
+    buffer = bytearray(256 * 1024)
+    view = memoryview(buffer)
+    for conn in conns:
+        send(conn)
+        conn.sock.setblocking(False)
+        selector.register(conn.sock, selectors.EVENT_READ, conn)
+    begin = time.perf_counter()
+    end = begin + seconds
+    while True:
+        now = time.perf_counter()
+        if now >= end:
+            break
+        for key, _ in selector.select(timeout=end - now):
+            conn = key.data
+            try:
+                count = conn.sock.recv_into(buffer)
+            except BlockingIOError:
+                continue
+            if not count:
+                errors += 1
+                selector.unregister(conn.sock)
+                continue
+            data = view[:count]
+            if conn.body_left is None:
+                conn.header += data
+                mark = conn.header.find(b"\r\n\r\n")
+                if mark < 0:
+                    continue
+                status, length = _parse_head(conn.header[:mark])
+                statuses[status] = statuses.get(status, 0) + 1
+                conn.body_left = length - (len(conn.header) - mark - 4)
+            else:
+                conn.body_left -= count
+            if conn.body_left <= 0:
+                latencies.append(time.perf_counter() - conn.started)
+                conn.sock.setblocking(True)
+                send(conn)
+                conn.sock.setblocking(False)
+    elapsed = time.perf_counter() - begin
+    for conn in conns:
+        conn.sock.close()
+    latencies.sort()
+    return {
+        "requests": len(latencies),
+        "seconds": elapsed,
+        "rate": len(latencies) / elapsed,
+        "p50_ms": 1000 * _percentile(latencies, 0.50),
+        "p99_ms": 1000 * _percentile(latencies, 0.99),
+        "statuses": {str(k): v for k, v in statuses.items()},
+        "errors": errors,
+    }
+
+
+def _percentile(sorted_values, fraction):
+    if not sorted_values:
+        return float("nan")
+    index = min(len(sorted_values) - 1, int(round(fraction * (len(sorted_values) - 1))))
+    return sorted_values[index]
+
+
+def loadgen(port, method, path, connections, seconds, body_prefix=None):
+    """Run the load generator in a separate process; returns its result dict."""
+    spec = json.dumps({"port": port, "method": method, "path": path, "connections": connections,
+                       "seconds": seconds, "body_prefix": body_prefix})
+    result = subprocess.run([sys.executable, os.path.abspath(__file__), "--loadgen", spec],
+                            capture_output=True, text=True, timeout=seconds + 120)
+    if result.returncode != 0:
+        raise RuntimeError(f"load generator failed: {result.stderr.strip()[-500:]}")
+    return json.loads(result.stdout)
+
+
+# ------------------------------------------------------------------------------ servers
+
+class _MemoryHandler(http.server.BaseHTTPRequestHandler):
+    """The baseline: the smallest reasonable http.server handler serving bytes from memory."""
+
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True
+    body = b""
+
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Type", "application/wasm")
+        self.send_header("Content-Length", str(len(self.body)))
+        self.end_headers()
+        self.wfile.write(self.body)
+
+    def log_message(self, format, *args):
+        pass
+
+
+def _start(server):
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    return thread
+
+
+def _baseline_server(body):
+    handler = type("MemoryHandler", (_MemoryHandler,), {"body": body})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
+    return server
+
+
+# ------------------------------------------------------------------------------ figures
+
+def bench_get(store, rounds, seconds):
+    """Alternating rounds of GET 100 KB over 8 connections: wasmstore server vs baseline."""
+    import http_server
+    module = wasm_module("bench-get", padding=GET_BODY_SIZE - 20)
+    store.add("bench/get.wasm", module)
+    server = http_server.make_server(store, "127.0.0.1", 0, quiet=True)
+    baseline = _baseline_server(module)
+    _start(server)
+    _start(baseline)
+    ours, theirs = [], []
+    try:
+        for number in range(rounds):
+            order = [("ours", server), ("base", baseline)]
+            if number % 2:
+                order.reverse()
+            for name, srv in order:
+                result = loadgen(srv.server_address[1], "GET", "/api/v1/module/bench/get.wasm",
+                                 GET_CONNECTIONS, seconds)
+                if set(result["statuses"]) != {"200"} or result["errors"]:
+                    raise RuntimeError(f"GET benchmark saw {result['statuses']}, "
+                                       f"{result['errors']} errors")
+                (ours if name == "ours" else theirs).append(result)
+    finally:
+        server.graceful_shutdown(grace=5)
+        baseline.shutdown()
+        baseline.server_close()
+    return ours, theirs, len(module)
+
+
+def bench_post(root_parent, rounds, seconds):
+    """Alternating rounds: in-process Store.add of small distinct modules vs HTTP POSTs."""
+    import http_server
+    import wasmstore
+    inproc, http = [], []
+    for number in range(rounds):
+        for kind in (("inproc", "http") if number % 2 == 0 else ("http", "inproc")):
+            root = tempfile.mkdtemp(dir=root_parent)
+            store = wasmstore.Store(root)
+            if kind == "inproc":
+                inproc.append(_inprocess_adds(store, f"r{number}", seconds))
+            else:
+                server = http_server.make_server(store, "127.0.0.1", 0, quiet=True)
+                _start(server)
+                try:
+                    result = loadgen(server.port, "POST", f"/api/v1/module/bench/r{number}", 1, seconds,
+                                     body_prefix=f"r{number}")
+                finally:
+                    server.graceful_shutdown(grace=5)
+                if set(result["statuses"]) != {"200"} or result["errors"]:
+                    raise RuntimeError(f"POST benchmark saw {result['statuses']}")
+                http.append(result)
+            shutil.rmtree(root, ignore_errors=True)
+    return inproc, http
+
+
+def _inprocess_adds(store, prefix, seconds):
+    latencies = []
+    begin = time.perf_counter()
+    counter = 0
+    while time.perf_counter() - begin < seconds:
+        counter += 1
+        module = wasm_module(f"{prefix}-{counter}")
+        started = time.perf_counter()
+        store.add(f"bench/{prefix}/{counter}.wasm", module)
+        latencies.append(time.perf_counter() - started)
+    elapsed = time.perf_counter() - begin
+    latencies.sort()
+    return {"requests": counter, "seconds": elapsed, "rate": counter / elapsed,
+            "p50_ms": 1000 * _percentile(latencies, 0.5), "p99_ms": 1000 * _percentile(latencies, 0.99)}
+
+
+# --------------------------------------------------------------------------------- table
+
+def _median(results, key):
+    return statistics.median(r[key] for r in results)
+
+
+def _row(label, ours, base, goal=None):
+    ratio = _median(ours, "rate") / _median(base, "rate")
+    verdict = "" if goal is None else ("met" if ratio >= goal else "MISSED")
+    return ratio, (f"{label:<34} {_median(ours, 'rate'):>10.0f} {_median(base, 'rate'):>10.0f} "
+                   f"{ratio:>7.2f}  >= {goal:.1f} {verdict}")
+
+
+def _latency_row(label, results):
+    return f"  {label:<32} p50 {_median(results, 'p50_ms'):7.2f} ms   p99 {_median(results, 'p99_ms'):7.2f} ms"
+
+
+def print_table(get_ours, get_base, size, post_inproc, post_http, rounds, seconds, out=sys.stdout):
+    out.write(f"\nhttp_server.py benchmark: medians of {rounds} alternating rounds of {seconds:g} s each\n\n")
+    out.write(f"{'figure':<34} {'wasmstore':>10} {'baseline':>10} {'ratio':>7}  goal\n")
+    out.write("-" * 78 + "\n")
+    get_ratio, line = _row(f"GET {size // 1024} KB x {GET_CONNECTIONS} conns (req/s)", get_ours, get_base, GOAL_RATIO)
+    out.write(line + "\n")
+    out.write(_latency_row("wasmstore GET", get_ours) + "\n")
+    out.write(_latency_row("baseline (http.server, memory)", get_base) + "\n")
+    post_ratio, line = _row("POST small module, 1 client (/s)", post_http, post_inproc, GOAL_RATIO)
+    out.write(line + "\n")
+    out.write(_latency_row("wasmstore POST", post_http) + "\n")
+    out.write(_latency_row("baseline (in-process Store.add)", post_inproc) + "\n")
+    out.write("\nper round (req/s): GET ours " + ", ".join(f"{r['rate']:.0f}" for r in get_ours)
+              + " | GET base " + ", ".join(f"{r['rate']:.0f}" for r in get_base)
+              + " | POST http " + ", ".join(f"{r['rate']:.0f}" for r in post_http)
+              + " | add " + ", ".join(f"{r['rate']:.0f}" for r in post_inproc) + "\n")
+    return get_ratio, post_ratio
+
+
+# ---------------------------------------------------------------------------------- main
+
+def _build_parser():
+    parser = argparse.ArgumentParser(prog="bench.py http",
+                                     description="REST API throughput and latency vs same-run baselines.")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per figure (median)")
+    parser.add_argument("--seconds", type=float, default=3.0, help="duration of each measurement")
+    parser.add_argument("--json", action="store_true", help="also print the raw results as JSON")
+    return parser
+
+
+def main(argv=None):
+    args = _build_parser().parse_args(argv)
+    if args.rounds < 1 or not args.seconds > 0:
+        sys.stderr.write("bench.py http: error: --rounds >= 1 and --seconds > 0 please\n")
+        return 2
+    if REPO_DIR not in sys.path:
+        sys.path.insert(0, REPO_DIR)
+    import wasmstore
+    parent = tempfile.mkdtemp(prefix="wasmstore-bench-http-")
+    try:
+        store = wasmstore.Store(os.path.join(parent, "get"))
+        get_ours, get_base, size = bench_get(store, args.rounds, args.seconds)
+        post_inproc, post_http = bench_post(parent, args.rounds, args.seconds)
+    finally:
+        shutil.rmtree(parent, ignore_errors=True)
+    print_table(get_ours, get_base, size, post_inproc, post_http, args.rounds, args.seconds)
+    if args.json:
+        print(json.dumps({"get_wasmstore": get_ours, "get_baseline": get_base,
+                          "post_http": post_http, "add_inprocess": post_inproc}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--loadgen":
+        spec = json.loads(sys.argv[2])
+        print(json.dumps(run_load(**spec)))
+        sys.exit(0)
+    sys.exit(main())
