@@ -393,6 +393,19 @@ class PythonClientTest(unittest.TestCase):
         self.assertEqual(self.client.find(digest), module)
         self.assertEqual(self.store.find("dir/one.wasm"), module)
 
+    def test_paths_the_client_percent_encodes(self):
+        module = wasm_module("spaced")
+        # sent as %20 and %C3%BC; the clients do not encode "#" or "?", so those cannot appear in their paths
+        digest = self.client.add("dir with space/modül.wasm", module)
+        self.assertEqual(digest, sha256(module))
+        self.assertEqual(self.client.list(), {"/dir with space/modül.wasm": digest})
+        self.assertEqual(self.client.find("dir with space/modül.wasm"), module)
+
+    def test_large_module_round_trip(self):
+        module = wasm_module("big-" + "x" * (3 << 20))  # 3 MiB: a multi-read upload and a sendfile download
+        self.assertEqual(self.client.add("big.wasm", module), sha256(module))
+        self.assertEqual(self.client.find("big.wasm"), module)
+
     def test_find_and_hash_of_missing_module_are_none(self):
         self.assertIsNone(self.client.find("missing.wasm"))
         self.assertIsNone(self.client.find("0" * 64))
@@ -694,6 +707,13 @@ class NodeClientTest(unittest.TestCase):
         self.assertIs(self.client.delete("n/copy.wasm"), True)  # DELETE without Content-Length
         self.assertIs(self.client.delete("n/copy.wasm"), False)
         self.assertIs(self.client.gc(), True)
+
+    def test_paths_fetch_percent_encodes(self):
+        module = wasm_module("npm-spaced")
+        digest = self.client.add("dir with space/modül.wasm", module)
+        self.assertEqual(digest, sha256(module))
+        self.assertEqual(self.client.list("dir with space"), {"/dir with space/modül.wasm": digest})
+        self.assertEqual(self.client.instantiate("dir with space/modül.wasm"), {})  # no exports, still loads
 
     def test_snapshot_restore_rollback_and_commit_info(self):
         self.client.add("s.wasm", wasm_module("s1"))
