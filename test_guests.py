@@ -3,8 +3,11 @@
 
 Map of this file:
   helpers              paths, a real redis-server on a free loopback port, the kvhost CLI runner
-  WitFilesTest         wit/ holds both versions; the WAT guests import exactly WIT functions and,
-                       together, every one of them; componentize-py parses the WIT
+  WitTypes, describe_* a small reader of the wasi:keyvalue WIT and a describer of wasmtime's types,
+                       so guests can be compared with the WIT signature by signature
+  WitFilesTest         wit/ holds both versions; every keyvalue import/export of every WAT guest has
+                       the WIT signature (bad-import.wat: exactly its deliberate mismatch); the kv
+                       guests together import every function; componentize-py parses the WIT
   GuestContractMixin   every function of both versions through Host.call, asserting results;
                        run against each backend: MemoryGuestTest, SqliteGuestTest, RedisGuestTest
   GetErrorCasesTest    bucket.get returning each wasi error case to a guest (the wasmtime-py 50 bug)
@@ -155,6 +158,127 @@ def wit_functions(folder):
     return {f"{namespace_name}/{iface}@{version}": names for iface, names in functions.items()}
 
 
+PRIMITIVES = {"bool", "s8", "s16", "s32", "s64", "u8", "u16", "u32", "u64", "f32", "f64", "char", "string"}
+WASMTIME_PRIMITIVES = {wc.Bool: "bool", wc.S8: "s8", wc.S16: "s16", wc.S32: "s32", wc.S64: "s64", wc.U8: "u8",
+                       wc.U16: "u16", wc.U32: "u32", wc.U64: "u64", wc.F32: "f32", wc.F64: "f64", wc.Char: "char",
+                       wc.String: "string"}
+
+
+def describe_type(ty):
+    """Canonical text of a component value type as wasmtime reads it from a compiled guest.
+
+    Named types are spelled out structurally; a resource handle is just `own` or `borrow`
+    (wasmtime does not tell which resource), which is also how describe_wit_type spells them.
+    """
+    for cls, name in WASMTIME_PRIMITIVES.items():
+        if isinstance(ty, cls):
+            return name
+    if isinstance(ty, wc.ListType):
+        return f"list<{describe_type(ty.element)}>"
+    if isinstance(ty, wc.OptionType):
+        return f"option<{describe_type(ty.payload)}>"
+    if isinstance(ty, wc.ResultType):
+        ok = "_" if ty.ok is None else describe_type(ty.ok)
+        err = "_" if ty.err is None else describe_type(ty.err)
+        return f"result<{ok}, {err}>"
+    if isinstance(ty, wc.TupleType):
+        return f"tuple<{', '.join(describe_type(t) for t in ty.elements)}>"
+    if isinstance(ty, wc.RecordType):
+        return "record{" + ", ".join(f"{name}: {describe_type(t)}" for name, t in ty.fields) + "}"
+    if isinstance(ty, wc.VariantType):
+        return "variant{" + ", ".join(name if t is None else f"{name}({describe_type(t)})"
+                                      for name, t in ty.cases) + "}"
+    if isinstance(ty, wc.OwnType):
+        return "own"
+    if isinstance(ty, wc.BorrowType):
+        return "borrow"
+    raise AssertionError(f"type not used by wasi:keyvalue: {ty!r}")
+
+
+def describe_functype(fty):
+    params = ", ".join(f"{name}: {describe_type(ty)}" for name, ty in fty.params)
+    return f"func({params}) -> {'_' if fty.result is None else describe_type(fty.result)}"
+
+
+def split_top_level(text):
+    """Split on commas outside <...> and (...); drops empty parts (WIT allows trailing commas)."""
+    parts, depth, current = [], 0, ""
+    for char in text:
+        depth += char in "<(" and 1 or char in ">)" and -1 or 0
+        if char == "," and depth == 0:
+            parts.append(current.strip())
+            current = ""
+        else:
+            current += char
+    parts.append(current.strip())
+    return [part for part in parts if part]
+
+
+class WitTypes:
+    """The types and function signatures of one wasi:keyvalue WIT folder, as describe_functype spells them."""
+
+    def __init__(self, folder):
+        self.named = {}         # type name -> definition text ("variant{...}", "record{...}", "resource")
+        self.signatures = {}    # "wasi:keyvalue/<iface>@<version>#<function>" -> "func(...) -> ..."
+        sources = []
+        for name in sorted(os.listdir(folder)):
+            with open(os.path.join(folder, name), encoding="utf-8") as f:
+                sources.append(re.sub(r"//[^\n]*", "", f.read()))
+        text = " ".join(sources)
+        package = re.search(r"\bpackage\s+([\w:.-]+)@([\w.-]+)\s*;", text)
+        prefix, self.version = package.group(1), package.group(2)
+        for kind, name, body in re.findall(r"\b(variant|record)\s+([\w-]+)\s*\{([^{}]*)\}", text):
+            self.named[name] = (kind, split_top_level(body))
+        for name in re.findall(r"\bresource\s+([\w-]+)", text):
+            self.named[name] = ("resource", None)
+        for iface, body in re.findall(r"\binterface\s+([\w-]+)\s*\{((?:[^{}]|\{[^{}]*\})*)\}", text):
+            where = f"{prefix}/{iface}@{self.version}#"
+            for resource, methods in re.findall(r"\bresource\s+([\w-]+)\s*\{([^{}]*)\}", body):
+                for method, static, params, result in re.findall(
+                        r"([\w-]+)\s*:\s*(static\s+)?func\s*\(([^)]*)\)\s*(?:->\s*([^;]+))?;", methods):
+                    self_param = [] if static else [f"self: borrow<{resource}>"]
+                    kind = "static" if static else "method"
+                    self.signatures[f"{where}[{kind}]{resource}.{method}"] = self.func(
+                        self_param + split_top_level(params), result)
+            top_level = re.sub(r"\b(resource|variant|record)\s+[\w-]+\s*\{[^{}]*\}", "", body)
+            for function, params, result in re.findall(
+                    r"([\w-]+)\s*:\s*func\s*\(([^)]*)\)\s*(?:->\s*([^;]+))?;", top_level):
+                self.signatures[where + function] = self.func(split_top_level(params), result)
+
+    def func(self, params, result):
+        described = []
+        for param in params:
+            name, ty = param.split(":", 1)
+            described.append(f"{name.strip()}: {self.type(ty)}")
+        return f"func({', '.join(described)}) -> {self.type(result) if result.strip() else '_'}"
+
+    def type(self, text):
+        text = text.strip()
+        if text in PRIMITIVES:
+            return text
+        match = re.fullmatch(r"([\w-]+)\s*<(.*)>", text, re.S)
+        if match:
+            outer, args = match.group(1), split_top_level(match.group(2))
+            if outer in ("own", "borrow"):
+                return outer
+            if outer == "result":
+                return f"result<{', '.join('_' if a == '_' else self.type(a) for a in args)}>"
+            return f"{outer}<{', '.join(self.type(a) for a in args)}>"
+        if text == "result":
+            return "result<_, _>"
+        kind, members = self.named[text]
+        if kind == "resource":
+            return "own"
+        if kind == "record":
+            return "record{" + ", ".join(f"{n.strip()}: {self.type(t)}"
+                                         for n, t in (m.split(":", 1) for m in members)) + "}"
+        cases = []
+        for case in members:
+            inner = re.fullmatch(r"([\w-]+)\s*\((.*)\)", case, re.S)
+            cases.append(f"{inner.group(1)}({self.type(inner.group(2))})" if inner else case)
+        return "variant{" + ", ".join(cases) + "}"
+
+
 def component_functions(path, direction):
     """{"interface": {function names}} of a component's interface imports or exports."""
     engine = wasmtime.Engine()
@@ -229,13 +353,45 @@ class WitFilesTest(unittest.TestCase):
             iface = f"wasi:keyvalue/watcher@{version}"
             self.assertEqual(component_functions(path, "exports"), {iface: self.wit[iface]})
 
-    def test_guests_import_only_functions_that_exist_in_the_wit(self):
+    def test_every_guest_keyvalue_import_and_export_has_the_wit_signature(self):
+        signatures = {}
+        for version in VERSIONS:
+            signatures.update(WitTypes(os.path.join(WIT, f"keyvalue-{version}")).signatures)
+        self.assertEqual(len(signatures), 27)          # 12 in draft, 15 in draft2
+        engine = wasmtime.Engine()
+        checked = 0
         for name in sorted(os.listdir(GUESTS)):
             if not name.endswith(".wat"):
                 continue
-            for iface, names in component_functions(os.path.join(GUESTS, name), "imports").items():
-                if iface.startswith("wasi:keyvalue/"):
-                    self.assertLessEqual(names, self.wit[iface], f"{name} imports {iface}")
+            with open(os.path.join(GUESTS, name), encoding="utf-8") as f:
+                ctype = wc.Component(engine, f.read()).type
+            for iface, item in list(ctype.imports(engine).items()) + list(ctype.exports(engine).items()):
+                if not iface.startswith("wasi:keyvalue/"):
+                    continue
+                for function, export in item.ty.exports(engine).items():
+                    if not isinstance(export.ty, wc.FuncType):
+                        continue
+                    where = f"{iface}#{function}"
+                    actual = describe_functype(export.ty)
+                    if name == "bad-import.wat" and function == "increment":
+                        # the deliberate mismatch: the older draft's u64 under the draft2 name
+                        self.assertEqual(actual, signatures[where].replace("s64", "u64"))
+                        self.assertNotEqual(actual, signatures[where])
+                    else:
+                        self.assertEqual(actual, signatures[where], f"{name}: {where}")
+                    checked += 1
+        self.assertEqual(checked, 37)   # kv guests 13 + 10, watchers 2 x (2 exports + 3 imports), cli-run 2, bad-import 2
+
+    def test_wit_signatures_spell_out_the_error_types(self):
+        draft2 = WitTypes(os.path.join(WIT, "keyvalue-0.2.0-draft2")).signatures
+        error = "variant{no-such-store, access-denied, other(string)}"
+        self.assertEqual(draft2["wasi:keyvalue/store@0.2.0-draft2#[method]bucket.list-keys"],
+                         f"func(self: borrow, cursor: option<string>) -> "
+                         f"result<record{{keys: list<string>, cursor: option<string>}}, {error}>")
+        self.assertEqual(draft2["wasi:keyvalue/atomics@0.2.0-draft2#swap"],
+                         f"func(cas: own, value: list<u8>) -> result<_, variant{{store-error({error}), cas-failed(own)}}>")
+        self.assertEqual(draft2["wasi:keyvalue/watcher@0.2.0-draft2#on-set"],
+                         "func(bucket: own, key: string, value: list<u8>) -> _")
 
     def test_componentize_py_parses_both_packages_and_worlds(self):
         tool = require_tool("componentize-py", "pip install componentize-py==0.25.1")
