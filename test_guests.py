@@ -880,6 +880,15 @@ class PyCounterTest(unittest.TestCase):
         self.assertEqual(bob.call(guest_b, "count-keys", ["only-alice"]), {"ok": [0, 1, True]})
         self.assertEqual(alice.call(guest_a, "count-keys", ["only-alice"]), {"ok": [3, 1, True]})
 
+    def test_build_script_is_idempotent(self):
+        build = os.path.join(GUESTS, "build.sh")
+        first = subprocess.run(["bash", build], capture_output=True, text=True, timeout=600)
+        self.assertEqual(first.returncode, 0, first.stderr)      # rebuilds only if a source is newer
+        before = os.stat(PY_COUNTER).st_mtime_ns
+        again = subprocess.run(["bash", build], capture_output=True, text=True, timeout=60)
+        self.assertEqual((again.returncode, again.stdout), (0, "build.sh: build/py-counter.wasm is up to date\n"))
+        self.assertEqual(os.stat(PY_COUNTER).st_mtime_ns, before)
+
     def test_errors_reach_the_python_guest_as_wasi_error_cases(self):
         host = kvhost.Host(kv=self.kv, namespace=unique_namespace(), cache_dir=self.cache_dir, timeout=120,
                            allow_buckets=["counter"], deny_buckets=["counter"])

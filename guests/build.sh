@@ -36,6 +36,7 @@ trap 'rm -f "$tmp"' EXIT
 componentize-py --quiet \
     -d wit/keyvalue-0.2.0-draft2 -d guests/py-counter/wit -w wasmstore:py-counter/py-counter \
     componentize -p guests/py-counter app -o "$tmp"
+chmod 644 "$tmp"                 # mktemp creates 0600
 mv "$tmp" "$out"
 trap - EXIT
 echo "build.sh: built $out ($(stat -c %s "$out") bytes)"
