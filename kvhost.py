@@ -131,6 +131,8 @@ def _check_bucket(bucket):
 
 
 def _check_key(key):
+    if type(key) is str and len(key) <= MAX_KEY_BYTES // 4 and key.isascii():
+        return   # the common case, decided without encoding
     if not isinstance(key, str):
         raise ArgumentError(f"invalid key {key!r}: expected a string")
     try:
@@ -189,10 +191,15 @@ class Backend:
         if not isinstance(max_value_size, int) or max_value_size < 0:
             raise ArgumentError(f"invalid max_value_size {max_value_size!r}")
         self.max_value_size = max_value_size
+        self._checked = set()       # (namespace, bucket) pairs already validated
 
     def _check(self, namespace, bucket, key=None):
-        _check_namespace(namespace)
-        _check_bucket(bucket)
+        if (namespace, bucket) not in self._checked:
+            _check_namespace(namespace)
+            _check_bucket(bucket)
+            if len(self._checked) > 10_000:
+                self._checked.clear()
+            self._checked.add((namespace, bucket))
         if key is not None:
             _check_key(key)
 
@@ -525,16 +532,30 @@ class _RespConnection:
     def __init__(self, host, port, timeout, username, password, db):
         self.sock = socket.create_connection((host, port), timeout=timeout)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.reader = self.sock.makefile("rb")
-        if password is not None:
-            self.call(b"AUTH", *([username] if username else []), password)
-        if db:
-            self.call(b"SELECT", str(db))
+        # Blocking mode with kernel timeouts: Python's own timeouts add a poll() to every call.
+        seconds = int(timeout)
+        interval = struct.pack("ll", seconds, int((timeout - seconds) * 1e6))
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, interval)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, interval)
+        self.sock.settimeout(None)
+        self.buffer = bytearray()
+        self.pos = 0
+        try:
+            if password is not None:
+                self.call(b"AUTH", *([username] if username else []), password)
+            if db:
+                self.call(b"SELECT", str(db))
+        except BaseException:
+            self.close()
+            raise
 
     @staticmethod
     def _encode(args):
         out = [b"*%d\r\n" % len(args)]
         for arg in args:
+            if type(arg) is bytes:
+                out.append(b"$%d\r\n%s\r\n" % (len(arg), arg))
+                continue
             if isinstance(arg, str):
                 arg = arg.encode("utf-8")
             elif isinstance(arg, int):
@@ -557,11 +578,35 @@ class _RespConnection:
                 replies.append(e)
         return replies
 
-    def read_reply(self):
-        line = self.reader.readline()
-        if not line.endswith(b"\r\n"):
+    def _fill(self):
+        """Read more bytes; a kernel timeout surfaces as BlockingIOError (see __init__)."""
+        if self.pos:
+            del self.buffer[:self.pos]
+            self.pos = 0
+        data = self.sock.recv(65536)
+        if not data:
             raise ConnectionError("connection closed by redis")
-        kind, rest = line[:1], line[1:-2]
+        self.buffer += data
+
+    def _line(self):
+        while True:
+            end = self.buffer.find(b"\r\n", self.pos)
+            if end >= 0:
+                line = bytes(self.buffer[self.pos:end])
+                self.pos = end + 2
+                return line
+            self._fill()
+
+    def _exactly(self, size):
+        while len(self.buffer) - self.pos < size:
+            self._fill()
+        data = bytes(self.buffer[self.pos:self.pos + size])
+        self.pos += size
+        return data
+
+    def read_reply(self):
+        line = self._line()
+        kind, rest = line[:1], line[1:]
         if kind == b"+":
             return rest
         if kind == b"-":
@@ -572,10 +617,7 @@ class _RespConnection:
             size = int(rest)
             if size < 0:
                 return None
-            data = self.reader.read(size + 2)
-            if len(data) != size + 2:
-                raise ConnectionError("connection closed by redis")
-            return data[:-2]
+            return self._exactly(size + 2)[:-2]
         if kind == b"*":
             count = int(rest)
             if count < 0:
@@ -585,7 +627,6 @@ class _RespConnection:
 
     def close(self):
         try:
-            self.reader.close()
             self.sock.close()
         except OSError:
             pass
@@ -623,6 +664,7 @@ class RedisBackend(Backend):
         self.pool_size = pool_size
         self._pool = []
         self._pool_lock = threading.Lock()
+        self._prefixes = {}
 
     def _acquire(self):
         with self._pool_lock:
@@ -654,6 +696,9 @@ class RedisBackend(Backend):
             if str(e).startswith(("NOPERM", "NOAUTH")):
                 raise AccessDeniedError(f"redis: {e}") from None
             raise BackendError(f"redis: {e}") from None
+        except (BlockingIOError, socket.timeout):
+            conn.close()
+            raise BackendError(f"redis: timed out after {self.timeout} s") from None
         except (OSError, ValueError) as e:
             conn.close()
             raise BackendError(f"redis: {e or type(e).__name__}") from None
@@ -664,10 +709,16 @@ class RedisBackend(Backend):
         return result
 
     def _prefix(self, namespace, bucket):
-        return "kv:%s:%s:" % (urllib.parse.quote(namespace, safe=""), bucket)
+        prefix = self._prefixes.get((namespace, bucket))
+        if prefix is None:
+            prefix = ("kv:%s:%s:" % (urllib.parse.quote(namespace, safe=""), bucket)).encode("utf-8")
+            if len(self._prefixes) > 10_000:
+                self._prefixes.clear()
+            self._prefixes[(namespace, bucket)] = prefix
+        return prefix
 
     def _key(self, namespace, bucket, key):
-        return (self._prefix(namespace, bucket) + key).encode("utf-8")
+        return self._prefix(namespace, bucket) + key.encode("utf-8")
 
     def _get(self, namespace, bucket, key):
         return self._with_connection(lambda c: c.call(b"GET", self._key(namespace, bucket, key)))
@@ -682,7 +733,7 @@ class RedisBackend(Backend):
         return self._with_connection(lambda c: c.call(b"EXISTS", self._key(namespace, bucket, key))) == 1
 
     def _all_keys(self, namespace, bucket):
-        prefix = self._prefix(namespace, bucket).encode("utf-8")
+        prefix = self._prefix(namespace, bucket)
 
         def work(conn):
             keys, cursor = set(), b"0"
@@ -937,6 +988,9 @@ def _vec_at(addr):
 
 def _boxed(lower, ctx, value):
     """A heap val_t holding `value` (what option/result/variant payloads point to)."""
+    packed = getattr(lower, "packed", None)
+    if packed is not None:      # scalars: copy the packed bytes straight into the box
+        return _c_val_new(packed(value) + bytes(16))
     raw = _VAL()
     lower(ctx, value, ctypes.addressof(raw))
     return _c_val_new(ctypes.addressof(raw))
@@ -964,8 +1018,7 @@ def _resource_rep(ctx, any_ptr, type_id):
         if err:
             raise wasmtime.WasmtimeError._from_ptr(ctypes.cast(err, ctypes.POINTER(ffi.wasmtime_error_t)))
         try:
-            if type_id is not None and _c_host_type(host_ptr) != type_id:
-                raise TypeError("resource of the wrong type")
+            # No type check here: the canonical ABI already traps on a handle of another resource type.
             return _c_host_rep(host_ptr)
         finally:
             _c_host_delete(host_ptr)
@@ -1107,19 +1160,27 @@ def make_lower(desc, json_mode=False):
     if kind == "bool":
         code = _K["bool"]
 
-        def lower_bool(ctx, v, addr):
+        def pack_bool(v):
             if not isinstance(v, bool):
                 raise _bad(desc, v)
-            _memmove(addr, _pack("<B7x?", code, v), 9)
+            return _pack("<B7x?7x", code, v)
+
+        def lower_bool(ctx, v, addr):
+            _memmove(addr, pack_bool(v), 16)
+        lower_bool.packed = pack_bool
         return lower_bool
     if kind in _INT_BOUNDS:
         lo, hi = _INT_BOUNDS[kind]
         code, fmt = _K[kind], _PACK_FORMAT[kind]
 
-        def lower_int(ctx, v, addr):
+        def pack_int(v):
             if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
                 raise _bad(desc, v)
-            _memmove(addr, _pack(fmt, code, v), 16)
+            return _pack(fmt, code, v).ljust(16, b"\0")
+
+        def lower_int(ctx, v, addr):
+            _memmove(addr, pack_int(v), 16)
+        lower_int.packed = pack_int
         return lower_int
     if kind in ("f32", "f64"):
         code, fmt = _K[kind], _PACK_FORMAT[kind]

@@ -12,6 +12,7 @@ import io
 import json
 import os
 import shutil
+import signal
 import socket
 import sqlite3
 import subprocess
@@ -33,6 +34,11 @@ REDIS_SERVER = shutil.which("redis-server")
 NO_REDIS = "redis-server is not installed (apt-get install -y redis-server; .ci/run installs it)"
 
 
+def read_text(path):
+    with open(path) as f:
+        return f.read()
+
+
 def temp_dir(test):
     path = tempfile.mkdtemp(prefix="kvhost-test-")
     test.addCleanup(shutil.rmtree, path, True)
@@ -47,7 +53,7 @@ def free_port():
 
 def redis_command(port, *args, password=None):
     """One command over a fresh socket (test-side helper, independent of kvhost's client)."""
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s, s.makefile("rb") as reader:
         parts = ([("AUTH", password)] if password else []) + [args]
         payload = b""
         for cmd in parts:
@@ -56,7 +62,6 @@ def redis_command(port, *args, password=None):
                 a = a if isinstance(a, bytes) else str(a).encode()
                 payload += b"$%d\r\n%s\r\n" % (len(a), a)
         s.sendall(payload)
-        reader = s.makefile("rb")
         reply = None
         for _ in parts:
             reply = reader.readline()
@@ -439,7 +444,7 @@ class GuestGlueTest(unittest.TestCase):
         import wasmtime.component as wc
         engine = kvhost.wasmtime.Engine()
         store = kvhost.wasmtime.Store(engine)
-        component = wc.Component(engine, open(PROBE).read())
+        component = wc.Component(engine, read_text(PROBE))
         get = component.type.exports(engine)["get"].ty
         with self.assertRaisesRegex(ValueError, "value not valid for this variant"):
             get.result.convert_to_c(store, wc.Variant("access-denied"), kvhost.ctypes.pointer(kvhost._VAL()))
@@ -554,12 +559,12 @@ class GuestGlueTest(unittest.TestCase):
             self.host.attach_watcher(self.probe, ["b"])
 
     def test_guest_with_mismatched_kv_import_is_refused_naming_it(self):
-        text = open(PROBE).read().replace(
+        text = read_text(PROBE).replace(
             '(export "[method]bucket.exists" (func (param "self" (borrow $bucket)) (param "key" string)\n'
             '      (result (result bool (error $err)))))',
             '(export "[method]bucket.exists" (func (param "self" (borrow $bucket)) (param "key" string)\n'
             '      (result (result u32 (error $err)))))')
-        self.assertNotEqual(text, open(PROBE).read())
+        self.assertNotEqual(text, read_text(PROBE))
         text = text.replace("(result u32)\n    (canon lift (core func $main \"exists-loop\")",
                             "(result u32)\n    (canon lift (core func $main \"exists-loop\")")
         with self.assertRaisesRegex(kvhost.GuestError,
@@ -568,7 +573,7 @@ class GuestGlueTest(unittest.TestCase):
             self.host.load(text)
 
     def test_guest_importing_an_unknown_kv_version_is_refused(self):
-        text = open(PROBE).read().replace("wasi:keyvalue/store@0.2.0-draft2", "wasi:keyvalue/store@0.1.0")
+        text = read_text(PROBE).replace("wasi:keyvalue/store@0.2.0-draft2", "wasi:keyvalue/store@0.1.0")
         with self.assertRaisesRegex(kvhost.GuestError, r"imports wasi:keyvalue/store@0.1.0, which this host"):
             self.host.load(text)
 
@@ -630,6 +635,7 @@ class RedisFailureTest(unittest.TestCase):
 
     def test_redis_killed_mid_run_is_other_and_the_host_recovers(self):
         backend = kvhost.RedisBackend(self.server.url, timeout=1.0)
+        self.addCleanup(backend.close)
         host = kvhost.Host(kv=backend, cache_dir=False)
         self.addCleanup(host.close)
         guest = host.load(PROBE)
@@ -644,9 +650,27 @@ class RedisFailureTest(unittest.TestCase):
         self.assertEqual(host.call(guest, "set", ["b", "k", [2]]), {"ok": None})
         self.assertEqual(host.call(guest, "get", ["b", "k"]), {"ok": [2]})
 
+    def test_hung_redis_times_out_as_other_and_the_host_recovers(self):
+        backend = kvhost.RedisBackend(self.server.url, timeout=0.5)
+        self.addCleanup(backend.close)
+        host = kvhost.Host(kv=backend, cache_dir=False)
+        self.addCleanup(host.close)
+        guest = host.load(PROBE)
+        self.assertEqual(host.call(guest, "set", ["b", "k", [1]]), {"ok": None})
+        os.kill(self.server.process.pid, signal.SIGSTOP)
+        try:
+            start = time.monotonic()
+            result = host.call(guest, "get", ["b", "k"])
+            self.assertLess(time.monotonic() - start, 3)
+        finally:
+            os.kill(self.server.process.pid, signal.SIGCONT)
+        self.assertEqual(result, {"err": {"tag": "other", "value": "redis: timed out after 0.5 s"}})
+        self.assertEqual(host.call(guest, "get", ["b", "k"]), {"ok": [1]})
+
     def test_redis_acl_denial_is_access_denied(self):
         redis_command(self.server.port, "ACL", "SETUSER", "limited", "on", ">pw", "~elsewhere:*", "+@all")
         backend = kvhost.RedisBackend(f"redis://limited:pw@127.0.0.1:{self.server.port}/0")
+        self.addCleanup(backend.close)
         host = kvhost.Host(kv=backend, cache_dir=False)
         self.addCleanup(host.close)
         guest = host.load(PROBE)
@@ -809,7 +833,8 @@ class CompileCacheTest(unittest.TestCase):
         host = kvhost.Host(cache_dir=self.cache, kv="memory:")
         guest = host.load(PROBE)
         self.assertEqual(host.call(guest, "set", ["b", "k", [1]]), {"ok": None})
-        data = open(path, "rb").read()
+        with open(path, "rb") as f:
+            data = f.read()
         self.assertEqual(kvhost.hashlib.sha256(data[len(kvhost.CACHE_MAGIC) + 32:]).digest(),
                          data[len(kvhost.CACHE_MAGIC):len(kvhost.CACHE_MAGIC) + 32])   # rewritten, valid again
 

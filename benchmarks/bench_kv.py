@@ -1,0 +1,284 @@
+# SPDX-License-Identifier: Apache-2.0
+"""bench_kv.py: the kvhost figures of issue 4 item 8 (run it as ``python bench.py kv``).
+
+Figures, each the median of --rounds rounds, ratios taken against a baseline in the same run:
+
+- exists: a WAT component (guests/host/kv-probe.wat, ``exists-loop``) calling
+  wasi:keyvalue ``[method]bucket.exists`` in a loop, memory backend: host calls/s (goal
+  >= 35,000), and its ratio to a core module calling an equivalent Python host function
+  (``wasmtime.Linker.define_func``, reading the key from guest memory, same backend call).
+- sqlite: ``set-get-loop`` (one set and one get per iteration, each its own transaction) from
+  a guest on the SQLite backend, against raw ``sqlite3`` running the same transactions from
+  Python on a file with the same pragmas: pairs/s and ratio (goal >= 60%).
+- redis: the same loop on the Redis backend (a real redis-server started on a free loopback
+  port, or --redis-url), against raw RESP SET + GET round trips on one socket (goal >= 60%).
+- counter: 8 threads, each running a guest that increments one SQLite counter N times;
+  the final value must be exactly 8 x N (exit status 1 otherwise).
+
+Map: guest and baselines; one function per figure; the table and ``main``.
+"""
+
+__version__ = "0.1.0"
+__all__ = ["main"]
+
+import argparse
+import os
+import shutil
+import socket
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+REPO_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO_DIR)
+import kvhost    # noqa: E402  (the repository root is not on sys.path when loaded by file)
+import wasmtime  # noqa: E402
+
+PROBE = os.path.join(REPO_DIR, "guests", "host", "kv-probe.wat")
+# A core module calling one imported host function in a loop: the core-module baseline.
+CORE_LOOP = """(module
+  (import "kv" "exists" (func $exists (param i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 16) "key")
+  (func (export "loop") (param $n i32) (result i32)
+    (local $hits i32)
+    (block $done
+      (loop $next
+        (br_if $done (i32.eqz (local.get $n)))
+        (local.set $hits (i32.add (local.get $hits) (call $exists (i32.const 16) (i32.const 3))))
+        (local.set $n (i32.sub (local.get $n) (i32.const 1)))
+        (br $next)))
+    (local.get $hits)))"""
+VALUE = b"v" * 100
+
+
+def median_rate(rounds, work, count):
+    """Median of `rounds` timings of work(); returned as operations per second."""
+    times = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        work()
+        times.append(time.perf_counter() - start)
+    return count / statistics.median(times)
+
+
+# -- exists: component host calls vs core-module host calls ------------------------------------
+
+def bench_exists(rounds, calls):
+    host = kvhost.Host(kv="memory:", cache_dir=False, timeout=None)
+    guest = host.load(PROBE)
+    host.backend.set("default", "b", "key", b"1")
+    component = lambda: host.call(guest, "exists-loop", ["b", "key", calls])
+
+    backend = host.backend
+    engine = wasmtime.Engine()
+    store = wasmtime.Store(engine)
+    module = wasmtime.Module(engine, CORE_LOOP)
+    linker = wasmtime.Linker(engine)
+    memory_box = []
+
+    def exists(ptr, length):
+        key = memory_box[0].read(store, ptr, ptr + length).decode("utf-8")
+        return int(backend.exists("default", "b", key))
+    linker.define_func("kv", "exists", wasmtime.FuncType([wasmtime.ValType.i32()] * 2, [wasmtime.ValType.i32()]),
+                       exists)
+    instance = linker.instantiate(store, module)
+    memory_box.append(instance.exports(store)["memory"])
+    loop = instance.exports(store)["loop"]
+    core = lambda: loop(store, calls)
+
+    assert component() == calls and core() == calls
+    component_rates, core_rates = [], []
+    for _ in range(rounds):            # alternate, so both see the same machine noise
+        component_rates.append(median_rate(1, component, calls))
+        core_rates.append(median_rate(1, core, calls))
+    host.close()
+    comp, base = statistics.median(component_rates), statistics.median(core_rates)
+    return {"component calls/s": comp, "core-module calls/s": base, "ratio": comp / base}
+
+
+# -- sqlite: guest set+get vs raw sqlite3 --------------------------------------------------------
+
+def raw_sqlite_pairs(path, pairs):
+    """The transactions the SQLite backend runs for set + get, done directly from Python."""
+    db = sqlite3.connect(path, isolation_level=None)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=FULL")
+    db.execute("CREATE TABLE IF NOT EXISTS kv (ns TEXT NOT NULL, bucket TEXT NOT NULL, key TEXT NOT NULL,"
+               " value BLOB NOT NULL, PRIMARY KEY (ns, bucket, key)) WITHOUT ROWID")
+
+    def work():
+        for _ in range(pairs):
+            db.execute("BEGIN IMMEDIATE")
+            db.execute("INSERT OR REPLACE INTO kv (ns, bucket, key, value) VALUES (?, ?, ?, ?)",
+                       ("default", "b", "key", VALUE))
+            db.execute("COMMIT")
+            db.execute("BEGIN")
+            db.execute("SELECT value FROM kv WHERE ns=? AND bucket=? AND key=?", ("default", "b", "key")).fetchone()
+            db.execute("COMMIT")
+    return work, db.close
+
+
+def bench_sqlite(rounds, pairs, directory):
+    host = kvhost.Host(kv="sqlite:" + os.path.join(directory, "guest.sqlite3"), cache_dir=False, timeout=None)
+    guest = host.load(PROBE)
+    value = list(VALUE)
+    guest_work = lambda: host.call(guest, "set-get-loop", ["b", "key", value, pairs])
+    raw_work, close = raw_sqlite_pairs(os.path.join(directory, "raw.sqlite3"), pairs)
+    guest_work(), raw_work()
+    guest_rates, raw_rates = [], []
+    for _ in range(rounds):
+        guest_rates.append(median_rate(1, guest_work, pairs))
+        raw_rates.append(median_rate(1, raw_work, pairs))
+    close()
+    host.close()
+    g, r = statistics.median(guest_rates), statistics.median(raw_rates)
+    return {"guest pairs/s": g, "raw sqlite3 pairs/s": r, "ratio": g / r}
+
+
+# -- redis: guest set+get vs raw RESP ------------------------------------------------------------
+
+def start_redis(directory):
+    server = shutil.which("redis-server")
+    if server is None:
+        return None, None
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    process = subprocess.Popen([server, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                                "--appendonly", "no", "--dir", directory],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return process, f"redis://127.0.0.1:{port}/0"
+        except OSError:
+            time.sleep(0.05)
+    process.kill()
+    return None, None
+
+
+def raw_resp_pairs(url, pairs):
+    """SET + GET round trips of the same key and value on one plain socket."""
+    host, port = url[len("redis://"):].split("/")[0].rsplit("@", 1)[-1].split(":")
+    sock = socket.create_connection((host, int(port)))
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    reader = sock.makefile("rb")
+    key = "raw:default:b:key"
+
+    def work():
+        # Commands are encoded per request, as any client must (the key and value vary).
+        for _ in range(pairs):
+            name = key.encode("utf-8")
+            sock.sendall(b"*3\r\n$3\r\nSET\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n" % (len(name), name, len(VALUE), VALUE))
+            reader.readline()
+            sock.sendall(b"*2\r\n$3\r\nGET\r\n$%d\r\n%s\r\n" % (len(name), name))
+            size = int(reader.readline()[1:])
+            reader.read(size + 2)
+
+    def close():
+        reader.close()
+        sock.close()
+    return work, close
+
+
+def bench_redis(rounds, pairs, url):
+    host = kvhost.Host(kv=url, cache_dir=False, timeout=None)
+    guest = host.load(PROBE)
+    value = list(VALUE)
+    guest_work = lambda: host.call(guest, "set-get-loop", ["b", "key", value, pairs])
+    raw_work, close = raw_resp_pairs(url, pairs)
+    guest_work(), raw_work()
+    guest_rates, raw_rates = [], []
+    for _ in range(rounds):
+        guest_rates.append(median_rate(1, guest_work, pairs))
+        raw_rates.append(median_rate(1, raw_work, pairs))
+    close()
+    host.close()
+    g, r = statistics.median(guest_rates), statistics.median(raw_rates)
+    return {"guest pairs/s": g, "raw RESP pairs/s": r, "ratio": g / r}
+
+
+# -- counter: 8 threads, one SQLite counter ------------------------------------------------------
+
+def bench_counter(threads, increments, directory):
+    host = kvhost.Host(kv="sqlite:" + os.path.join(directory, "counter.sqlite3"), cache_dir=False, timeout=None)
+    guest = host.load(PROBE)
+    errors = []
+
+    def work():
+        try:
+            host.call(guest, "incr-loop", ["b", "counter", increments])
+        except kvhost.KvError as e:
+            errors.append(str(e))
+    workers = [threading.Thread(target=work) for _ in range(threads)]
+    start = time.perf_counter()
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    elapsed = time.perf_counter() - start
+    final = int(host.backend.get("default", "b", "counter") or b"0")
+    host.close()
+    return {"expected": threads * increments, "final": final, "increments/s": threads * increments / elapsed,
+            "errors": errors}
+
+
+# -- table and main ------------------------------------------------------------------------------
+
+def _parser():
+    parser = argparse.ArgumentParser(prog="bench.py kv", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=3, help="rounds per figure (median reported)")
+    parser.add_argument("--quick", action="store_true", help="smaller loops (a smoke test)")
+    parser.add_argument("--redis-url", help="use this Redis instead of starting redis-server")
+    return parser
+
+
+def main(argv=None):
+    args = _parser().parse_args(argv)
+    calls, pairs, increments = (5_000, 500, 100) if args.quick else (50_000, 5_000, 500)
+    directory = tempfile.mkdtemp(prefix="bench-kv-")
+    process = None
+    status = 0
+    try:
+        exists = bench_exists(args.rounds, calls)
+        print(f"exists   component host calls/s   {exists['component calls/s']:>10,.0f}   (goal >= 35,000: "
+              f"{'met' if exists['component calls/s'] >= 35_000 else 'MISSED'})")
+        print(f"         core-module host calls/s {exists['core-module calls/s']:>10,.0f}   "
+              f"ratio component/core {exists['ratio']:.2f}")
+        sqlite = bench_sqlite(args.rounds, pairs, directory)
+        print(f"sqlite   guest set+get pairs/s    {sqlite['guest pairs/s']:>10,.0f}   raw sqlite3 "
+              f"{sqlite['raw sqlite3 pairs/s']:,.0f}   ratio {sqlite['ratio']:.0%} (goal >= 60%: "
+              f"{'met' if sqlite['ratio'] >= 0.6 else 'MISSED'})")
+        url = args.redis_url
+        if url is None:
+            process, url = start_redis(directory)
+        if url is None:
+            print("redis    skipped: redis-server is not installed (apt-get install -y redis-server)")
+        else:
+            redis = bench_redis(args.rounds, pairs, url)
+            print(f"redis    guest set+get pairs/s    {redis['guest pairs/s']:>10,.0f}   raw RESP "
+                  f"{redis['raw RESP pairs/s']:,.0f}   ratio {redis['ratio']:.0%} (goal >= 60%: "
+                  f"{'met' if redis['ratio'] >= 0.6 else 'MISSED'})")
+        counter = bench_counter(8, increments, directory)
+        exact = counter["final"] == counter["expected"] and not counter["errors"]
+        print(f"counter  8 threads x {increments} increments on one SQLite counter: final {counter['final']}"
+              f" (expected {counter['expected']}: {'exact' if exact else 'WRONG'}), "
+              f"{counter['increments/s']:,.0f} increments/s")
+        if not exact:
+            status = 1
+    finally:
+        if process is not None:
+            process.kill()
+            process.wait()
+        shutil.rmtree(directory, True)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
