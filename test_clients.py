@@ -238,7 +238,7 @@ def stop_process(process, stderr_reader):
 
 
 class ClientCallFailed(AssertionError):
-    pass
+    """A client call raised, or its driver died or went silent; the message carries the client's own error."""
 
 
 class Driver:
@@ -253,7 +253,8 @@ class Driver:
         self.process = subprocess.Popen(argv, cwd=CLIENTS_DIR, env=env, stdin=subprocess.PIPE,
                                         stdout=subprocess.PIPE, stderr=self.stderr, text=True, bufsize=1)
         self.lines = queue.Queue()
-        threading.Thread(target=self._read_lines, daemon=True).start()
+        self.reader = threading.Thread(target=self._read_lines, daemon=True)
+        self.reader.start()
         test.addCleanup(self.close)
 
     def _read_lines(self):
@@ -288,6 +289,7 @@ class Driver:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
+        self.reader.join(10)  # it ends at EOF, now that the process is gone
         self.process.stdout.close()
         self.stderr.close()
 
