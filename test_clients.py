@@ -669,6 +669,8 @@ class NodeClientTest(unittest.TestCase):
         self.assertIs(self.client.delete("w.wasm"), True)
         self.assertEqual(self.client.watch_next(WATCH_TIMEOUT_MS),
                          {"/w.wasm": {"action": "removed", "hash": sha256(second)}})
+        # exactly one event per commit: nothing else arrives
+        self.assertEqual(self.client.raw("watch_next", 300), {"error": "timeout waiting for a watch event"})
         self.assertEqual(self.client.watch_close(), 1000)
 
     def test_instantiate_runs_the_module(self):
