@@ -413,11 +413,15 @@ class PythonClientTest(unittest.TestCase):
         self.assertIsNone(self.client.find("0" * 64))
         self.assertIsNone(self.client.hash("missing.wasm"))
 
-    def test_hash_of_path(self):
+    def test_hash_of_path_and_of_directory(self):
         module = wasm_module("hashed")
-        self.client.add("h.wasm", module)
-        self.assertEqual(self.client.hash("h.wasm"), sha256(module))
-        self.assertEqual(self.client.hash("/h.wasm"), sha256(module))
+        self.client.add("lib/h.wasm", module)
+        self.assertEqual(self.client.hash("lib/h.wasm"), sha256(module))
+        self.assertEqual(self.client.hash("/lib/h.wasm"), sha256(module))
+        tree = self.client.hash("lib")  # a directory has a tree hash
+        self.assertEqual(tree, self.store.hash("lib"))
+        self.assertRegex(tree, "^[0-9a-f]{64}$")
+        self.assertIsNone(self.client.find("lib"))  # but no module bytes
 
     def test_add_of_invalid_module_returns_validator_message_and_stores_nothing(self):
         answer = self.client.add("bad.wasm", b"\0asm\x01\0\0")  # truncated header
