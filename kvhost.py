@@ -380,8 +380,9 @@ class MemoryBackend(Backend):
 class SqliteBackend(Backend):
     """Durable store in one SQLite file: WAL, one transaction per operation, one connection per thread.
 
-    Writes that read first (increment, compare-and-swap) use BEGIN IMMEDIATE, so they are atomic
-    across threads and processes sharing the file.
+    Single-statement operations run in autocommit mode (SQLite makes each its own transaction);
+    read-modify-write operations (increment, compare-and-swap) and batches run inside
+    BEGIN IMMEDIATE, so they are atomic across threads and processes sharing the file.
     """
 
     def __init__(self, path, max_value_size=DEFAULT_MAX_VALUE_BYTES, busy_timeout=5.0):
@@ -433,23 +434,27 @@ class SqliteBackend(Backend):
         except sqlite3.Error as e:
             raise BackendError(f"sqlite: {e}") from None
 
+    def _one(self, sql, params):
+        """One statement in autocommit mode: SQLite runs it as its own transaction."""
+        db = self.connection()
+        try:
+            return db.execute(sql, params).fetchone()
+        except sqlite3.Error as e:
+            raise BackendError(f"sqlite: {e}") from None
+
     def _get(self, namespace, bucket, key):
-        row = self._run(lambda db: db.execute(
-            "SELECT value FROM kv WHERE ns=? AND bucket=? AND key=?", (namespace, bucket, key)).fetchone())
+        row = self._one("SELECT value FROM kv WHERE ns=? AND bucket=? AND key=?", (namespace, bucket, key))
         return None if row is None else bytes(row[0])
 
     def _set(self, namespace, bucket, key, value):
-        self._run(lambda db: db.execute(
-            "INSERT OR REPLACE INTO kv (ns, bucket, key, value) VALUES (?, ?, ?, ?)",
-            (namespace, bucket, key, value)), immediate=True)
+        self._one("INSERT OR REPLACE INTO kv (ns, bucket, key, value) VALUES (?, ?, ?, ?)",
+                  (namespace, bucket, key, value))
 
     def _delete(self, namespace, bucket, key):
-        self._run(lambda db: db.execute(
-            "DELETE FROM kv WHERE ns=? AND bucket=? AND key=?", (namespace, bucket, key)), immediate=True)
+        self._one("DELETE FROM kv WHERE ns=? AND bucket=? AND key=?", (namespace, bucket, key))
 
     def _exists(self, namespace, bucket, key):
-        return self._run(lambda db: db.execute(
-            "SELECT 1 FROM kv WHERE ns=? AND bucket=? AND key=?", (namespace, bucket, key)).fetchone()) is not None
+        return self._one("SELECT 1 FROM kv WHERE ns=? AND bucket=? AND key=?", (namespace, bucket, key)) is not None
 
     def _keys_after(self, namespace, bucket, after, limit):
         # TEXT compares as UTF-8 bytes, which is code-point order: the same order as Python's sorted().

@@ -112,14 +112,10 @@ def raw_sqlite_pairs(path, pairs):
                " value BLOB NOT NULL, PRIMARY KEY (ns, bucket, key)) WITHOUT ROWID")
 
     def work():
-        for _ in range(pairs):
-            db.execute("BEGIN IMMEDIATE")
+        for _ in range(pairs):     # autocommit: each statement is its own transaction
             db.execute("INSERT OR REPLACE INTO kv (ns, bucket, key, value) VALUES (?, ?, ?, ?)",
                        ("default", "b", "key", VALUE))
-            db.execute("COMMIT")
-            db.execute("BEGIN")
             db.execute("SELECT value FROM kv WHERE ns=? AND bucket=? AND key=?", ("default", "b", "key")).fetchone()
-            db.execute("COMMIT")
     return work, db.close
 
 
