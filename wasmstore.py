@@ -49,6 +49,7 @@ import collections
 import concurrent.futures
 import contextlib
 import fcntl
+import functools
 import hashlib
 import io
 import itertools
@@ -152,6 +153,12 @@ def validate_path(path):
         raise InvalidInput(f"invalid path {_short(path)}: expected a string")
     if len(path) > MAX_SEGMENTS * (MAX_SEGMENT_BYTES + 1) + 1:
         raise InvalidInput(f"invalid path {_short(path)}: longer than any valid path")
+    return _parse_path(path)
+
+
+@functools.lru_cache(maxsize=8192)
+def _parse_path(path):
+    """validate_path's work, cached: valid paths repeat (every find parses one)."""
     body = path[1:] if path.startswith("/") else path
     if not body:
         return ()
@@ -348,21 +355,21 @@ def _pid_alive(pid):
 
 
 class _LRU:
-    """A thread-safe LRU cache bounded by the sum of its entries' weights."""
+    """A thread-safe cache bounded by the sum of its entries' weights.
+
+    Hits are lock-free dict reads (the hot path of every find); eviction is oldest-first,
+    which suits immutable, content-addressed objects.
+    """
 
     def __init__(self, max_weight):
-        self._items = collections.OrderedDict()
+        self._items = {}
         self._weight = 0
         self._max_weight = max_weight
         self._lock = threading.Lock()
 
     def get(self, key):
-        with self._lock:
-            item = self._items.get(key)
-            if item is None:
-                return None
-            self._items.move_to_end(key)
-            return item[0]
+        item = self._items.get(key)
+        return None if item is None else item[0]
 
     def put(self, key, value, weight=1):
         if weight > self._max_weight:
@@ -374,8 +381,8 @@ class _LRU:
             self._items[key] = (value, weight)
             self._weight += weight
             while self._weight > self._max_weight:
-                _, (_, dropped) = self._items.popitem(last=False)
-                self._weight -= dropped
+                oldest = next(iter(self._items))
+                self._weight -= self._items.pop(oldest)[1]
 
 
 class _Batch:
@@ -408,6 +415,7 @@ class Store:
         self._indexes = _LRU(INDEX_CACHE_TREES)
         self._verified = _LRU(200_000)       # hash -> stat key of a hash-checked object file
         self._ref_cache = {}                 # branch -> (stat key, head)
+        self._ref_paths = {}                 # branch -> ref file name (validated names only)
         self._default_cache = (None, None)   # (stat key of HEAD, default branch)
         self._commit_counts = _LRU(200_000)  # commit -> first-parent chain length
         self._thread_lock = threading.Lock()
@@ -478,7 +486,12 @@ class Store:
         return os.path.join(self._objects_dir, digest[:2], digest[2:])
 
     def _ref_path(self, branch):
-        return os.path.join(self._heads_dir, branch)
+        path = self._ref_paths.get(branch)
+        if path is None:
+            path = os.path.join(self._heads_dir, branch)
+            if len(self._ref_paths) < 1024:        # bounded: names may come from requests
+                self._ref_paths[branch] = path
+        return path
 
     # ------------------------------------------------------------------- locks
 
