@@ -32,6 +32,8 @@ WATCHER = os.path.join(GUESTS, "watcher-probe.wat")
 WASI_PROBE = os.path.join(GUESTS, "wasi-probe.wat")
 REDIS_SERVER = shutil.which("redis-server")
 NO_REDIS = "redis-server is not installed (apt-get install -y redis-server; .ci/run installs it)"
+# Under CI a missing redis-server fails the Redis tests instead of skipping them.
+SKIP_REDIS = REDIS_SERVER is None and not os.environ.get("CI")
 
 
 def read_text(path):
@@ -77,6 +79,8 @@ class RedisServer:
         self.process = None
 
     def start(self):
+        if REDIS_SERVER is None:
+            raise RuntimeError(NO_REDIS)
         self.process = subprocess.Popen(
             [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
              "--dir", self.directory, "--protected-mode", "no"],
@@ -340,7 +344,7 @@ class SqliteBackendTest(BackendContract, unittest.TestCase):
         self.assertEqual(self.backend.get("ns", "b", "n"), b"450")
 
 
-@unittest.skipIf(REDIS_SERVER is None, NO_REDIS)
+@unittest.skipIf(SKIP_REDIS, NO_REDIS)
 class RedisBackendTest(BackendContract, unittest.TestCase):
     @classmethod
     def setUpClass(cls):
@@ -627,7 +631,7 @@ class SqliteFailureTest(unittest.TestCase):
         self.assertEqual(self.call("incr", "b", "n", 2), {"ok": 2})
 
 
-@unittest.skipIf(REDIS_SERVER is None, NO_REDIS)
+@unittest.skipIf(SKIP_REDIS, NO_REDIS)
 class RedisFailureTest(unittest.TestCase):
     def setUp(self):
         self.server = RedisServer(temp_dir(self)).start()
