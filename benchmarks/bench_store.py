@@ -66,6 +66,7 @@ QUICK = types.SimpleNamespace(
     history_commits=500, history_changes=10, history_dirs=10,
     gc_modules=1000, gc_small_bytes=2048, gc_factor=10, gc_commits=2,
     big_module_bytes=5 << 20, import_modules=100, import_module_bytes=1024)
+ADD_BLOCK = 50          # W1/W2 runs alternate every ADD_BLOCK adds to share the noise
 SECTIONS = ("w1", "w2", "w3", "w4", "big", "import")
 
 
@@ -193,54 +194,70 @@ def _import_dulwich(allow_install):
 
 # --------------------------------------------------------------------------- W1 / W2: adds
 
-def wasmstore_adds(ws, root, modules, directory):
-    """Add modules one commit each under directory/ (durably); returns seconds."""
-    with ws.Store(root) as store:
-        paths = [f"{directory}/m{index + 1:04d}.wasm" for index in range(len(modules))]
-        start = time.perf_counter()
-        for path, data in zip(paths, modules):
-            store.add(path, data)
-        elapsed = time.perf_counter() - start
-        if store.commit_count() < len(modules):
-            raise BenchFailure(f"wasmstore made {store.commit_count()} commits, "
-                               f"expected at least {len(modules)}")
-    return elapsed
+class WasmstoreAdder:
+    """Adds modules one commit each under directory/ of a store, block by block."""
+
+    def __init__(self, ws, root, modules, directory):
+        self.store = ws.Store(root)
+        self.items = [(f"{directory}/m{index + 1:04d}.wasm", data)
+                      for index, data in enumerate(modules)]
+
+    def add_block(self, start, stop):
+        """Add items[start:stop] durably; returns the seconds it took."""
+        add = self.store.add
+        began = time.perf_counter()
+        for path, data in self.items[start:stop]:
+            add(path, data)
+        return time.perf_counter() - began
+
+    def close(self):
+        self.store.close()
 
 
-def dulwich_adds(dulwich, repo_dir, modules, directory):
+class DulwichAdder:
     """The same work with dulwich: per add a blob, the directory tree, the root tree, a
-    commit and a compare-and-swap ref update, with dulwich's default durability."""
-    from dulwich.objects import Blob, Commit, Tree, ZERO_SHA
-    from dulwich.repo import Repo
-    repo = Repo.init(repo_dir, mkdir=True)
-    objects = repo.object_store
-    subtree = Tree()
-    head = ZERO_SHA
-    ref = b"refs/heads/master"
-    start = time.perf_counter()
-    for index, data in enumerate(modules):
-        name = f"m{index + 1:04d}.wasm"
-        blob = Blob.from_string(data)
-        objects.add_object(blob)
-        subtree.add(name.encode(), 0o100644, blob.id)
-        objects.add_object(subtree)
-        root = Tree()
-        root.add(directory.encode(), 0o040000, subtree.id)
-        objects.add_object(root)
-        commit = Commit()
-        commit.tree = root.id
-        commit.parents = [] if head == ZERO_SHA else [head]
-        commit.author = commit.committer = b"wasmstore <bench@localhost>"
-        commit.author_time = commit.commit_time = int(time.time())
-        commit.author_timezone = commit.commit_timezone = 0
-        commit.message = f"Import /{directory}/{name}\n".encode()
-        objects.add_object(commit)
-        if not repo.refs.set_if_equals(ref, head, commit.id):
-            raise BenchFailure("dulwich ref update lost a race")
-        head = commit.id
-    elapsed = time.perf_counter() - start
-    repo.close()
-    return elapsed
+    commit and a compare-and-swap ref update, with dulwich's default durability (it
+    fsyncs the ref, not the objects)."""
+
+    REF = b"refs/heads/master"
+
+    def __init__(self, dulwich, repo_dir, modules, directory):
+        from dulwich.objects import ZERO_SHA, Tree
+        from dulwich.repo import Repo
+        self.repo = Repo.init(repo_dir, mkdir=True)
+        self.modules = modules
+        self.directory = directory
+        self.subtree = Tree()
+        self.head = self.zero = ZERO_SHA
+
+    def add_block(self, start, stop):
+        from dulwich.objects import Blob, Commit, Tree
+        objects = self.repo.object_store
+        began = time.perf_counter()
+        for index in range(start, stop):
+            name = f"m{index + 1:04d}.wasm"
+            blob = Blob.from_string(self.modules[index])
+            objects.add_object(blob)
+            self.subtree.add(name.encode(), 0o100644, blob.id)
+            objects.add_object(self.subtree)
+            root = Tree()
+            root.add(self.directory.encode(), 0o040000, self.subtree.id)
+            objects.add_object(root)
+            commit = Commit()
+            commit.tree = root.id
+            commit.parents = [] if self.head == self.zero else [self.head]
+            commit.author = commit.committer = b"wasmstore <bench@localhost>"
+            commit.author_time = commit.commit_time = int(time.time())
+            commit.author_timezone = commit.commit_timezone = 0
+            commit.message = f"Import /{self.directory}/{name}\n".encode()
+            objects.add_object(commit)
+            if not self.repo.refs.set_if_equals(self.REF, self.head, commit.id):
+                raise BenchFailure("dulwich ref update lost a race")
+            self.head = commit.id
+        return time.perf_counter() - began
+
+    def close(self):
+        self.repo.close()
 
 
 def build_prefilled(ws, root, work, cfg):
@@ -256,33 +273,34 @@ def build_prefilled(ws, root, work, cfg):
 
 
 def bench_adds(ws, cfg, rounds, work, dulwich, prefilled_root, sections):
-    """W1 (wasmstore and dulwich alternating) and W2, round by round."""
+    """W1 wasmstore, W1 dulwich and W2, interleaved in blocks of ADD_BLOCK adds (rotating
+    order) so that all three share the machine's noise; returns {run: [seconds/round]}."""
     modules = [module_bytes(f"w1-{index}") for index in range(cfg.adds)]
     times = collections.defaultdict(list)
     for round_number in range(rounds):
-        runs = []
+        scratch = tempfile.mkdtemp(prefix="adds-", dir=work)
+        adders = {}
         if "w1" in sections:
-            runs.append("wasmstore")
+            adders["wasmstore"] = WasmstoreAdder(ws, os.path.join(scratch, "w1"), modules, "w1")
             if dulwich is not None:
-                runs.append("dulwich")
-            if round_number % 2:
-                runs.reverse()
+                adders["dulwich"] = DulwichAdder(dulwich, os.path.join(scratch, "git"),
+                                                 modules, "w1")
         if "w2" in sections:
-            runs.append("w2")
-        for run in runs:
-            scratch = tempfile.mkdtemp(prefix=f"{run}-", dir=work)
-            if run == "wasmstore":
-                seconds = wasmstore_adds(ws, scratch, modules, "w1")
-            elif run == "dulwich":
-                seconds = dulwich_adds(dulwich, os.path.join(scratch, "repo"), modules, "w1")
-            else:
-                distinct = [module_bytes(f"w2-{round_number}-{index}")
-                            for index in range(cfg.adds)]
-                seconds = wasmstore_adds(ws, prefilled_root, distinct,
-                                         f"w1-round{round_number + 1}")
-            shutil.rmtree(scratch)
-            times[run].append(seconds)
-            _progress(f"round {round_number + 1}/{rounds}: {run:9} {cfg.adds / seconds:8.1f} adds/s")
+            distinct = [module_bytes(f"w2-{round_number}-{index}") for index in range(cfg.adds)]
+            adders["w2"] = WasmstoreAdder(ws, prefilled_root, distinct,
+                                          f"w1-round{round_number + 1}")
+        spent = dict.fromkeys(adders, 0.0)
+        names = list(adders)
+        for block, start in enumerate(range(0, cfg.adds, ADD_BLOCK)):
+            shift = (block + round_number) % len(names)
+            for name in names[shift:] + names[:shift]:
+                spent[name] += adders[name].add_block(start, min(start + ADD_BLOCK, cfg.adds))
+        for name, adder in adders.items():
+            adder.close()
+            times[name].append(spent[name])
+        _progress(f"round {round_number + 1}/{rounds}: " + ", ".join(
+            f"{name} {cfg.adds / seconds:.1f} adds/s" for name, seconds in spent.items()))
+        shutil.rmtree(scratch)
     return times
 
 
