@@ -1542,12 +1542,9 @@ def _kv_interfaces():
             "[method]bucket.set": ((bucket, _STRING, _BYTES), _res(None), _kv_set),
             "[method]bucket.delete": ((bucket, _STRING), _res(None), _kv_delete),
             "[method]bucket.exists": ((bucket, _STRING), _res(_BOOL), _kv_exists),
-            "[method]bucket.list-keys": ((("option", cursor),), _res(key_response),
+            "[method]bucket.list-keys": ((bucket, ("option", cursor)), _res(key_response),
                                          _kv_list_keys_draft2 if draft2 else _kv_list_keys_draft),
         })
-        # list-keys is a method: its first parameter is the bucket.
-        params, result, func = interfaces[f"wasi:keyvalue/store@{version}"][1]["[method]bucket.list-keys"]
-        interfaces[f"wasi:keyvalue/store@{version}"][1]["[method]bucket.list-keys"] = ((bucket,) + params, result, func)
         number = _S64 if draft2 else _U64
         atomics = {"increment": ((bucket, _STRING, number), _res(number),
                                  _kv_increment_s64 if draft2 else _kv_increment_u64)}
@@ -1734,12 +1731,23 @@ def default_cache_dir():
     return os.path.join(base, "wasmstore", "kvhost")
 
 
+_WASMTIME_VERSION = []   # computed once: importlib.metadata alone costs ~50 ms
+
+
 def _wasmtime_version():
-    try:
-        from importlib.metadata import version
-        return version("wasmtime")
-    except Exception:
-        return getattr(wasmtime, "__version__", "unknown")
+    """The installed wasmtime version, part of every compile-cache key."""
+    if not _WASMTIME_VERSION:
+        package_dir = os.path.dirname(os.path.dirname(os.path.abspath(wasmtime.__file__)))
+        try:
+            found = [name[len("wasmtime-"):-len(".dist-info")] for name in os.listdir(package_dir)
+                     if name.startswith("wasmtime-") and name.endswith(".dist-info")]
+        except OSError:
+            found = []
+        if len(found) != 1:
+            from importlib.metadata import version
+            found = [version("wasmtime")]
+        _WASMTIME_VERSION.append(found[0])
+    return _WASMTIME_VERSION[0]
 
 
 def _trap_reason(error):
