@@ -45,6 +45,7 @@ __all__ = [
     "AuthTable",
     "Metrics",
     "WatchHub",
+    "LocateCache",
     "WasmstoreHandler",
     "WasmstoreServer",
     "make_server",
@@ -55,6 +56,7 @@ __all__ = [
 
 import argparse
 import base64
+import bisect
 import collections
 import hashlib
 import hmac
@@ -62,10 +64,12 @@ import http
 import http.client
 import http.server
 import io
+import itertools
 import json
 import os
 import queue
 import re
+import select
 import signal
 import socket
 import ssl
@@ -142,12 +146,15 @@ def decode_segment(raw):
     char is one byte). Malformed escapes, invalid UTF-8, "/" (it would change the path's
     structure), control characters and the dot segments are refused here, at the boundary.
     """
-    if not _SEGMENT_RE.match(raw):
-        raise HttpError(400, "bad percent-encoding in URL path")
-    try:
-        text = urllib.parse.unquote_to_bytes(raw.encode("latin-1")).decode("utf-8")
-    except (UnicodeEncodeError, UnicodeDecodeError):
-        raise HttpError(400, "URL path is not valid UTF-8") from None
+    if "%" not in raw and raw.isascii():
+        text = raw                                   # the common case, kept cheap
+    else:
+        if not _SEGMENT_RE.match(raw):
+            raise HttpError(400, "bad percent-encoding in URL path")
+        try:
+            text = urllib.parse.unquote_to_bytes(raw.encode("latin-1")).decode("utf-8")
+        except (UnicodeEncodeError, UnicodeDecodeError):
+            raise HttpError(400, "URL path is not valid UTF-8") from None
     if "/" in text:
         raise HttpError(400, "URL path segment contains an encoded '/'")
     if _CONTROL_RE.search(text):
@@ -168,7 +175,9 @@ def parse_target(target):
     path = path.partition("#")[0]
     if _CONTROL_RE.search(path) or " " in path:
         raise HttpError(400, "URL path contains a control character")
-    segments = tuple(decode_segment(s) for s in path.split("/") if s)
+    segments = tuple([decode_segment(s) for s in path.split("/") if s])
+    if not query:
+        return segments, {}
     try:
         params = urllib.parse.parse_qs(query, keep_blank_values=True, errors="strict")
     except (UnicodeDecodeError, ValueError):
@@ -181,16 +190,22 @@ def parse_target(target):
 # ---------------------------------------------------------------------------------------------
 
 class FileBody:
-    """A response body served from an open file (sent with socket.sendfile)."""
+    """A response body served from an open file descriptor (sent with os.sendfile)."""
 
-    __slots__ = ("file", "size")
+    __slots__ = ("fd", "size")
 
-    def __init__(self, file, size):
-        self.file = file
+    def __init__(self, fd, size):
+        self.fd = fd                  # a raw fd: io.open's buffered object costs ~40 us here
         self.size = size
 
+    def read(self):
+        """The whole body (for tests and non-socket callers)."""
+        return os.pread(self.fd, self.size, 0)
+
     def close(self):
-        self.file.close()
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
 class Reply:
@@ -213,6 +228,13 @@ class Reply:
     def close(self):
         if isinstance(self.body, FileBody):
             self.body.close()
+
+
+_REASONS = {status.value: status.phrase for status in http.HTTPStatus}
+
+
+def _reason(status):
+    return _REASONS.get(status, "Unknown")
 
 
 def text_reply(text, status=200):
@@ -273,16 +295,17 @@ def error_reply(exc):
 class Call:
     """The parts of a request a handler needs."""
 
-    __slots__ = ("params", "path", "branch", "author", "headers", "max_body")
+    __slots__ = ("params", "path", "branch", "author", "headers", "max_body", "locator")
 
     def __init__(self, params=(), path="", branch=None, author=None, headers=None,
-                 max_body=DEFAULT_MAX_BODY):
+                 max_body=DEFAULT_MAX_BODY, locator=None):
         self.params = tuple(params)   # the route's named segments (hash, index, branch...)
         self.path = path              # the "*" rest joined with "/" ("" when absent)
         self.branch = branch          # Wasmstore-Branch or None (default branch)
         self.author = author          # Wasmstore-Author or None
         self.headers = headers or {}
         self.max_body = max_body
+        self.locator = locator        # a LocateCache, or None: store.locate
 
 
 def _path_or_none(call):
@@ -299,36 +322,77 @@ def _etag_matches(header, digest):
     return False
 
 
+class LocateCache:
+    """Memoizes Store.locate per (branch, path) for as long as the branch head is unchanged.
+
+    Reading the head (one stat of the ref file) is far cheaper than resolving the path
+    through the trees and re-checking the object file; a new head (any commit, also by another
+    process, or gc) makes every entry of that branch stale. Objects reachable from a head are
+    never deleted, and object files are immutable, so a hit is always what locate would say.
+    """
+
+    def __init__(self, store, size=4096):
+        self.store = store
+        self.size = size
+        self.entries = {}
+        self.lock = threading.Lock()
+
+    def locate(self, path, branch=None):
+        head = self.store.head(branch=branch)
+        key = (branch, path)
+        hit = self.entries.get(key)
+        if hit is not None and hit[0] == head and head is not None:
+            return hit[1], hit[2]
+        digest, filename = self.store.locate(path, branch=branch)
+        if self.store.head(branch=branch) == head:     # no commit raced the lookup
+            with self.lock:
+                if len(self.entries) >= self.size:
+                    self.entries.clear()             # simple bound; refilled on demand
+                self.entries[key] = (head, digest, filename)
+        return digest, filename
+
+    def forget(self, path, branch=None):
+        self.entries.pop((branch, path), None)
+
+
 def _open_object(store, call):
     """Locate and open a module's object file; retried once if gc removed it meanwhile."""
+    locate = call.locator.locate if call.locator is not None else store.locate
     for attempt in (1, 2):
-        digest, filename = store.locate(call.path, branch=call.branch)
+        digest, filename = locate(call.path, branch=call.branch)
         try:
-            file = open(filename, "rb")
+            fd = os.open(filename, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
         except FileNotFoundError:
             if attempt == 2:
                 raise wasmstore.NotFound(f"no module at {call.path!r}") from None
+            if call.locator is not None:
+                call.locator.forget(call.path, call.branch)
+                locate = store.locate
             continue
-        return digest, file
+        return digest, fd
 
 
-def module_reply(digest, file, headers):
-    """200 with the object file (or 304 when the client's ETag is current)."""
-    size = os.fstat(file.fileno()).st_size
+def module_reply(digest, fd, headers):
+    """200 with the object file (or 304 when the client's ETag is current); owns fd."""
+    try:
+        size = os.fstat(fd).st_size
+    except BaseException:
+        os.close(fd)
+        raise
     etag = f'"{digest}"'
     common = [("Content-Type", WASM_TYPE), ("Wasmstore-Hash", digest), ("ETag", etag),
               ("Cache-Control", "no-cache")]
     if _etag_matches(headers.get("If-None-Match"), digest):
-        file.close()
+        os.close(fd)
         reply = Reply(304, common)
         reply.headers.append(("Content-Length", str(size)))   # what a 200 would have sent
         return reply
-    return Reply(200, common, FileBody(file, size))
+    return Reply(200, common, FileBody(fd, size))
 
 
 def get_module(store, call, body):
-    digest, file = _open_object(store, call)
-    return module_reply(digest, file, call.headers)
+    digest, fd = _open_object(store, call)
+    return module_reply(digest, fd, call.headers)
 
 
 def add_module(store, call, body):
@@ -366,8 +430,8 @@ def get_version(store, call, body):
     if not raw_index.isdigit() or len(raw_index) > 9:
         raise HttpError(400, f"version index must be a non-negative integer, got {raw_index!r}")
     digest, _commit = store.version(int(raw_index), call.path, branch=call.branch)
-    file = open(store.module_filename(digest), "rb")
-    return module_reply(digest, file, call.headers)
+    fd = os.open(store.module_filename(digest), os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    return module_reply(digest, fd, call.headers)
 
 
 def rollback(store, call, body):
@@ -700,9 +764,9 @@ class Metrics:
             row = self.latency.get(route)
             if row is None:
                 row = self.latency[route] = [0] * (len(LATENCY_BUCKETS) + 2)
-            for i, bound in enumerate(LATENCY_BUCKETS):
-                if seconds <= bound:
-                    row[i] += 1
+            index = bisect.bisect_left(LATENCY_BUCKETS, seconds)
+            if index < len(LATENCY_BUCKETS):
+                row[index] += 1                        # per bucket; cumulated by render()
             row[-2] += seconds
             row[-1] += 1
             self.bytes_in += bytes_in
@@ -725,7 +789,7 @@ class Metrics:
             out.append("# TYPE wasmstore_http_request_duration_seconds histogram")
             for route, row in sorted(self.latency.items()):
                 lbl = _label(route)
-                for bound, count in zip(LATENCY_BUCKETS, row):
+                for bound, count in zip(LATENCY_BUCKETS, itertools.accumulate(row[:len(LATENCY_BUCKETS)])):
                     out.append(f'wasmstore_http_request_duration_seconds_bucket{{route="{lbl}",le="{bound}"}} {count}')
                 out.append(f'wasmstore_http_request_duration_seconds_bucket{{route="{lbl}",le="+Inf"}} {row[-1]}')
                 out.append(f'wasmstore_http_request_duration_seconds_sum{{route="{lbl}"}} {row[-2]:.6f}')
@@ -1002,6 +1066,7 @@ class _DeadlineSocketReader(io.RawIOBase):
         self.sock = sock
         self.timeout = timeout
         self.deadline = None
+        self.armed = sock.gettimeout()
 
     def readable(self):
         return True
@@ -1009,29 +1074,85 @@ class _DeadlineSocketReader(io.RawIOBase):
     def set_deadline(self, seconds):
         self.deadline = None if seconds is None else time.monotonic() + seconds
 
+    def arm(self, wait):
+        """settimeout() costs a syscall: skip it unless the timeout changes by > 0.1 s."""
+        armed = self.armed
+        if armed is None or wait > armed or wait < armed - 0.1:
+            self.sock.settimeout(wait)
+            self.armed = wait
+
     def readinto(self, buffer):
         wait = self.timeout
         if self.deadline is not None:
             wait = min(wait, self.deadline - time.monotonic())
             if wait <= 0:
                 raise TimeoutError("request deadline passed")
-        self.sock.settimeout(wait)
+        self.arm(wait)
         return self.sock.recv_into(buffer)
 
 
-class _HeaderBudget:
-    """Wraps rfile while headers are parsed: bounds their total size (431)."""
+class Headers:
+    """Request headers: case-insensitive get/get_all over the (name, value) pairs received.
 
-    def __init__(self, rfile, limit):
-        self.rfile = rfile
-        self.left = limit
+    http.client.parse_headers runs the email package's parser, which costs more than the
+    rest of a request; HTTP/1.1 header fields need far less (RFC 9112 section 5).
+    """
 
-    def readline(self, size=-1):
-        line = self.rfile.readline(min(size, self.left + 1) if size >= 0 else self.left + 1)
-        self.left -= len(line)
-        if self.left < 0:
-            raise http.client.LineTooLong("header block")
-        return line
+    __slots__ = ("items_", "index")
+
+    def __init__(self, pairs=()):
+        self.items_ = []
+        self.index = {}
+        for name, value in pairs:
+            self.add(name, value)
+
+    def add(self, name, value):
+        self.items_.append((name, value))
+        self.index.setdefault(name.lower(), []).append(value)
+
+    def get(self, name, default=None):
+        values = self.index.get(name.lower())
+        return values[0] if values else default
+
+    def get_all(self, name, default=None):
+        values = self.index.get(name.lower())
+        return list(values) if values else default
+
+    def items(self):
+        return list(self.items_)
+
+    def __contains__(self, name):
+        return name.lower() in self.index
+
+    def __len__(self):
+        return len(self.items_)
+
+
+_TOKEN_RE = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
+
+
+def read_headers(rfile, max_bytes=MAX_HEADER_BYTES, max_count=MAX_HEADER_COUNT):
+    """Read header lines up to the empty line: Headers, or HttpError 400 / 431."""
+    headers = Headers()
+    budget = max_bytes
+    while True:
+        line = rfile.readline(budget + 1)
+        budget -= len(line)
+        if budget < 0:
+            raise HttpError(431, "request header fields too large", close=True)
+        if not line.endswith(b"\n"):
+            raise HttpError(400, "request headers ended early", close=True)
+        if line in (b"\r\n", b"\n"):
+            return headers
+        if len(headers) >= max_count:
+            raise HttpError(431, "too many request header fields", close=True)
+        name, colon, value = line.partition(b":")
+        if not colon or not _TOKEN_RE.match(name):     # also refuses obs-fold and spaces
+            raise HttpError(400, "malformed request header field", close=True)
+        value = value.strip(b" \t\r\n")
+        if b"\0" in value or b"\r" in value:
+            raise HttpError(400, "malformed request header field", close=True)
+        headers.add(name.decode("ascii"), value.decode("latin-1"))
 
 
 class WasmstoreHandler(http.server.BaseHTTPRequestHandler):
@@ -1104,7 +1225,7 @@ class WasmstoreHandler(http.server.BaseHTTPRequestHandler):
         self.request_version = self.default_request_version
         self.requestline = ""
         self.path = ""
-        self.headers = {}
+        self.headers = Headers()
         self._status = None
         self._bytes_out = 0
         self._bytes_in = 0
@@ -1115,21 +1236,54 @@ class WasmstoreHandler(http.server.BaseHTTPRequestHandler):
 
     def _handle_request_line(self, line):
         if len(line) > MAX_REQUEST_LINE:
-            self.requestline = ""
-            self.send_error(414)
+            self._reply_if_possible(HttpError(414, "request line too long"))
             return
         self.raw_requestline = line
-        rfile = self.rfile
-        self.rfile = _HeaderBudget(rfile, MAX_HEADER_BYTES)
         try:
-            parsed = self.parse_request()
-        finally:
-            self.rfile = rfile
-        if not parsed:
+            self.parse_request()
+        except HttpError as exc:
+            self._reply_if_possible(exc)
             return
         self._reader.set_deadline(None)            # body: per-read timeout only
         self._serve()
         self.wfile.flush()
+
+    def parse_request(self):
+        """Request line and headers (RFC 9112); raises HttpError. Replaces http.server's,
+        whose email-based header parsing dominated the cost of a small request."""
+        self.close_connection = True
+        line = self.raw_requestline
+        if not line.endswith(b"\n"):
+            raise HttpError(400, "request line ended early")
+        self.requestline = text = line.rstrip(b"\r\n").decode("latin-1")
+        words = text.split(" ")
+        if len(words) != 3 or not all(words):
+            raise HttpError(400, "bad request line")
+        method, target, version = words
+        self.command, self.path = method, target
+        if version == "HTTP/1.1":
+            keep_alive = True
+        elif version == "HTTP/1.0":
+            keep_alive = False
+        elif re.fullmatch(r"HTTP/[2-9](\.\d)?", version):
+            raise HttpError(505, "HTTP version not supported")
+        else:
+            raise HttpError(400, "bad HTTP version")
+        self.request_version = version
+        self.headers = read_headers(self.rfile)
+        tokens = {t.strip().lower() for t in (self.headers.get("Connection") or "").split(",")}
+        if "close" in tokens:
+            keep_alive = False
+        elif "keep-alive" in tokens:
+            keep_alive = True
+        self.close_connection = not keep_alive
+        expect = self.headers.get("Expect")
+        if expect is not None:
+            if expect.strip().lower() != "100-continue":
+                raise HttpError(417, "unsupported Expect", close=True)
+            if version == "HTTP/1.1":
+                self.handle_expect_100()
+        return True
 
     def handle_expect_100(self):
         self._expect_continue = True               # answered only once auth and size are checked
@@ -1180,13 +1334,14 @@ class WasmstoreHandler(http.server.BaseHTTPRequestHandler):
             server.auth.check(presented_key(self.headers), method)   # no route probing without a key
             raise
         self._route_label = route.label
-        key = presented_key(self.headers)
-        if key is None and route.websocket:
-            key = query.get("auth")                 # browsers cannot set headers on a WebSocket
-        server.auth.check(key, method)
+        if server.auth.enabled:
+            key = presented_key(self.headers)
+            if key is None and route.websocket:
+                key = query.get("auth")             # browsers cannot set headers on a WebSocket
+            server.auth.check(key, method)
         call = Call(params, rest, branch=self._header("Wasmstore-Branch"),
                     author=self._header("Wasmstore-Author"), headers=self.headers,
-                    max_body=server.max_body)
+                    max_body=server.max_body, locator=server.locate_cache)
         if route.websocket:
             call.branch = call.branch or query.get("branch") or None
             return self._serve_watch(call)
@@ -1242,7 +1397,7 @@ class WasmstoreHandler(http.server.BaseHTTPRequestHandler):
 
     def _unread_body(self):
         """True if the request announced a body that was not read to its end."""
-        if self._body_done or not hasattr(self.headers, "get_all"):
+        if self._body_done:
             return False
         if self.headers.get("Transfer-Encoding") is not None:
             return True
@@ -1270,33 +1425,34 @@ class WasmstoreHandler(http.server.BaseHTTPRequestHandler):
     def _send_reply(self, reply, head_only=False):
         """Write status, headers (always Content-Length) and the body in as few sends as possible."""
         try:
-            self.connection.settimeout(self.timeout)
+            self._reader.arm(self.timeout)
             if self.server.draining or self._unread_body():
                 self.close_connection = True      # unread body bytes would be parsed as a request
-            if not hasattr(self, "_headers_buffer"):
-                self._headers_buffer = []
             self._status = reply.status
-            self.send_response(reply.status)
+            self._reply_started = True
+            lines = [f"HTTP/1.1 {reply.status} {_reason(reply.status)}",
+                     f"Server: {self.server_version}", f"Date: {self.date_time_string()}"]
             has_length = False
             for name, value in reply.headers:
                 has_length = has_length or name.lower() == "content-length"
-                self.send_header(name, value)
+                lines.append(f"{name}: {value}")
             if not has_length:
-                self.send_header("Content-Length", str(reply.body_size))
+                lines.append(f"Content-Length: {reply.body_size}")
             if self.server.cors:
-                self.send_header("Access-Control-Allow-Origin", "*")
-                self.send_header("Access-Control-Expose-Headers", CORS_EXPOSE_HEADERS)
+                lines.append("Access-Control-Allow-Origin: *")
+                lines.append(f"Access-Control-Expose-Headers: {CORS_EXPOSE_HEADERS}")
             if self.close_connection:
-                self.send_header("Connection", "close")
+                lines.append("Connection: close")
             elif self.request_version == "HTTP/1.0":
-                self.send_header("Connection", "keep-alive")
-            self._headers_buffer.append(b"\r\n")
+                lines.append("Connection: keep-alive")
+            lines.append("\r\n")
+            self._headers_buffer = ["\r\n".join(lines).encode("latin-1")]
             body = reply.body
             if head_only or reply.status in (204, 304):
                 self.flush_headers()
                 return
             if isinstance(body, FileBody):
-                self.flush_headers()
+                self._flush_headers_before_file()
                 sent = self._send_file(body)
                 self._bytes_out += sent
                 if sent != body.size:
@@ -1308,17 +1464,42 @@ class WasmstoreHandler(http.server.BaseHTTPRequestHandler):
         finally:
             reply.close()
 
+    def _flush_headers_before_file(self):
+        """Send the head with MSG_MORE: the kernel holds it and sends it with the first bytes
+        of the file (one wakeup of the client instead of two), like TCP_CORK."""
+        data = b"".join(self._headers_buffer)
+        self._headers_buffer = []
+        if self._tls_socket is None and hasattr(socket, "MSG_MORE"):
+            self.connection.sendall(data, socket.MSG_MORE)
+        else:
+            self.wfile.write(data)
+
     def _send_file(self, body):
+        """Zero-copy os.sendfile on plain TCP; reads + sendall through TLS. Returns bytes sent."""
         sock = self.connection
-        if isinstance(sock, ssl.SSLSocket):       # no zero-copy through TLS: plain reads
+        if isinstance(sock, ssl.SSLSocket):
             sent = 0
-            while True:
-                chunk = body.file.read(256 * 1024)
+            while sent < body.size:
+                chunk = os.pread(body.fd, min(256 * 1024, body.size - sent), sent)
                 if not chunk:
-                    return sent
+                    break
                 sock.sendall(chunk)
                 sent += len(chunk)
-        return sock.sendfile(body.file, 0, body.size)
+            return sent
+        # socket.sendfile() builds a selector per call; the socket is non-blocking (it has a
+        # timeout), so loop on os.sendfile and wait for room only when the kernel says so.
+        out, offset, size = sock.fileno(), 0, body.size
+        while offset < size:
+            try:
+                count = os.sendfile(out, body.fd, offset, size - offset)
+            except BlockingIOError:
+                if not select.select([], [out], [], self.timeout)[1]:
+                    raise TimeoutError("client stopped reading") from None
+                continue
+            if count == 0:
+                break                              # file shrank: cannot happen for objects
+            offset += count
+        return offset
 
     def send_error(self, code, message=None, explain=None):
         """Errors found by http.server's own parsing: one line, never echoing the request."""
@@ -1339,12 +1520,19 @@ class WasmstoreHandler(http.server.BaseHTTPRequestHandler):
         except OSError:
             pass
 
-    def send_response(self, code, message=None):
-        self._reply_started = True
-        super().send_response(code, message)
-
     def version_string(self):
         return self.server_version
+
+    _date_cache = (0, "")
+
+    def date_time_string(self, timestamp=None):
+        if timestamp is not None:
+            return super().date_time_string(timestamp)
+        now = int(time.time())
+        cached = WasmstoreHandler._date_cache
+        if cached[0] != now:                       # formatting costs more than the lookup
+            cached = WasmstoreHandler._date_cache = (now, super().date_time_string(now))
+        return cached[1]
 
     def log_request(self, code="-", size="-"):
         pass                                       # one access-log line per request: _account()
@@ -1390,7 +1578,7 @@ class WasmstoreHandler(http.server.BaseHTTPRequestHandler):
         try:
             self._status = 101
             self._reply_started = True
-            self.connection.settimeout(self.timeout)
+            self._reader.arm(self.timeout)
             self.wfile.write(("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
                               "Connection: Upgrade\r\n"
                               f"Sec-WebSocket-Accept: {websocket_accept(key)}\r\n\r\n").encode("ascii"))
@@ -1405,7 +1593,7 @@ class WasmstoreHandler(http.server.BaseHTTPRequestHandler):
         return None
 
     def _ws_send(self, opcode, payload=b""):
-        self.connection.settimeout(self.timeout)   # a stalled reader is dropped after the timeout
+        self._reader.arm(self.timeout)             # a stalled reader is dropped after the timeout
         data = encode_frame(opcode, payload)
         self.connection.sendall(data)
         self._bytes_out += len(data)
@@ -1502,6 +1690,7 @@ class WasmstoreServer(http.server.ThreadingHTTPServer):
         self._log = log or sys.stderr
         self._log_lock = threading.Lock()
         self.hub = WatchHub(store, log=self.log_text)
+        self.locate_cache = LocateCache(store)
         self.draining = False
         self._inflight = 0
         self._inflight_cond = threading.Condition()

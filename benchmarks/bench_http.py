@@ -209,11 +209,16 @@ def _start(server):
     return thread
 
 
+class _QuietServer(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request, client_address):
+        pass                     # the load generator resets its connections at the end
+
+
 def _baseline_server(body):
     handler = type("MemoryHandler", (_MemoryHandler,), {"body": body})
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    server.daemon_threads = True
-    return server
+    return _QuietServer(("127.0.0.1", 0), handler)
 
 
 # ------------------------------------------------------------------------------ figures
