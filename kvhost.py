@@ -877,7 +877,6 @@ _c_any_to_host = _proto("wasmtime_component_resource_any_to_host", _vp, _vp, _vp
 _c_any_delete = _proto("wasmtime_component_resource_any_delete", None, _vp)
 _c_host_new = _proto("wasmtime_component_resource_host_new", _vp, ctypes.c_bool, ctypes.c_uint32, ctypes.c_uint32)
 _c_host_rep = _proto("wasmtime_component_resource_host_rep", ctypes.c_uint32, _vp)
-_c_host_type = _proto("wasmtime_component_resource_host_type", ctypes.c_uint32, _vp)
 _c_host_delete = _proto("wasmtime_component_resource_host_delete", None, _vp)
 _c_host_to_any = _proto("wasmtime_component_resource_host_to_any", _vp, _vp, _vp, ctypes.POINTER(_vp))
 _c_byte_vec_new = _proto("wasm_byte_vec_new", None, _vp, _sz, ctypes.c_char_p)
@@ -2353,7 +2352,12 @@ def _kv_command(args, out):
             value = backend.get(ns, bucket, args.key)
             if value is None:
                 raise OperationError(f"no key {args.key!r} in bucket {bucket!r}")
-            out.buffer.write(value + b"\n")
+            if hasattr(out, "buffer"):
+                out.flush()
+                out.buffer.write(value + b"\n")
+                out.buffer.flush()
+            else:   # a text stream (e.g. redirected in-process)
+                out.write(value.decode("utf-8", "replace") + "\n")
         elif args.action == "set":
             backend.set(ns, bucket, args.key, args.value.encode("utf-8"))
         elif args.action == "delete":
@@ -2378,7 +2382,9 @@ def _kv_command(args, out):
 
 
 def main(argv=None):
-    """The kvhost command line; returns the exit status (2: bad arguments, 1: failure or trap)."""
+    """The kvhost command line; returns the exit status: 2 for bad arguments or a guest refused
+    before it runs (not WebAssembly, imports that do not match the WIT), 1 for a trap or a
+    failed operation, else the guest's own status (run) or 0."""
     out, err = sys.stdout, sys.stderr
     try:
         args = _build_parser().parse_args(argv)
@@ -2401,7 +2407,7 @@ def main(argv=None):
             return 0
         finally:
             host.close()
-    except ArgumentError as e:
+    except (ArgumentError, GuestError) as e:   # bad input: arguments, or a guest refused before it runs
         err.write(f"kvhost: error: {e}\n")
         return 2
     except TrapError as e:

@@ -995,6 +995,19 @@ class CliTest(unittest.TestCase):
         self.assertEqual(self.cli("kv", "--namespace", "app", "get", "counter", "hits").stdout, "5\n")
         self.assertEqual(self.cli("kv", "get", "counter", "hits").returncode, 1)
 
+    def test_refused_guest_exits_2_with_one_line(self):
+        bad = os.path.join(temp_dir(self), "bad.wat")
+        with open(bad, "w") as f:
+            f.write(read_text(PROBE).replace("wasi:keyvalue/store@0.2.0-draft2", "wasi:keyvalue/store@9.9.9"))
+        done = self.cli("call", bad, "get", '"b"', '"k"')
+        self.assertEqual((done.returncode, done.stdout, done.stderr.count("\n")), (2, "", 1))
+        self.assertIn("wasi:keyvalue/store@9.9.9", done.stderr)
+        with open(bad, "wb") as f:
+            f.write(b"\0asm\x0d\0\x01\0garbage")
+        done = self.cli("run", bad)
+        self.assertEqual((done.returncode, done.stderr.count("\n")), (2, 1))
+        self.assertIn("cannot compile", done.stderr)
+
     def test_main_in_process_returns_status(self):
         err = io.StringIO()
         with contextlib.redirect_stderr(err):
@@ -1005,6 +1018,11 @@ class CliTest(unittest.TestCase):
             self.assertEqual(kvhost.main(["call", "--kv", "memory:", "--cache-dir", self.cache, PROBE,
                                           "incr", '"b"', '"k"', "3"]), 0)
         self.assertEqual(json.loads(out.getvalue()), {"ok": 3})
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            self.assertEqual(kvhost.main(["kv", "--kv", "sqlite:" + self.db, "set", "b", "k", "v"]), 0)
+            self.assertEqual(kvhost.main(["kv", "--kv", "sqlite:" + self.db, "get", "b", "k"]), 0)
+        self.assertEqual(out.getvalue(), "v\n")
 
 
 class ModuleShapeTest(unittest.TestCase):
