@@ -856,8 +856,9 @@ _INT_BOUNDS = {"s8": (-(1 << 7), (1 << 7) - 1), "u8": (0, 255), "s16": (-(1 << 1
                "s64": S64, "u64": U64}
 _PACK_FORMAT = {"s8": "<B7xb", "u8": "<B7xB", "s16": "<B7xh", "u16": "<B7xH", "s32": "<B7xi", "u32": "<B7xI",
                 "s64": "<B7xq", "u64": "<B7xQ", "f32": "<B7xf", "f64": "<B7xd", "char": "<B7xI"}
+_BYTES_CHUNK = 1 << 16          # list<u8> elements converted per step (2 MiB of val_t)
 _ZERO_VAL = bytes(16)            # kind bool, payload false: a value that owns nothing
-_string_at = ctypes.string_at
+_string_at = getattr(ctypes, "_string_at", ctypes.string_at)   # skips a Python-level wrapper
 _pack = struct.pack
 _memmove = ctypes.memmove
 _c_void_p_at = ctypes.c_void_p.from_address
@@ -1053,8 +1054,14 @@ def make_lift(desc, json_mode=False):
 
         def lift_bytes(ctx, addr):
             size, data = _vec_at(addr + 8)
-            # Each element is a 32-byte val_t with its u8 at a fixed offset: one copy, one strided slice.
-            value = _string_at(data, size * _VAL_SIZE)[_VAL_PAYLOAD::_VAL_SIZE] if size else b""
+            # Each element is a 32-byte val_t with its u8 at a fixed offset: copy and take a strided
+            # slice, in chunks so a large value does not cost another 32 bytes per byte at once.
+            if size <= _BYTES_CHUNK:
+                value = _string_at(data, size * _VAL_SIZE)[_VAL_PAYLOAD::_VAL_SIZE] if size else b""
+            else:
+                value = b"".join(
+                    _string_at(data + start * _VAL_SIZE, min(_BYTES_CHUNK, size - start) * _VAL_SIZE)
+                    [_VAL_PAYLOAD::_VAL_SIZE] for start in range(0, size, _BYTES_CHUNK))
             delete(addr + 8)
             return list(value) if json_mode else value
         return lift_bytes
@@ -1233,12 +1240,14 @@ def make_lower(desc, json_mode=False):
                 raise _bad(desc, v)
             n = len(v)
             new(addr + 8, n)
-            if n:
-                # All n val_t records at once: kind byte at +0, the u8 at its payload offset.
-                buf = bytearray(n * _VAL_SIZE)
-                buf[0::_VAL_SIZE] = u8 * n
-                buf[_VAL_PAYLOAD::_VAL_SIZE] = v
-                _memmove(_vec_at(addr + 8)[1], bytes(buf), len(buf))
+            data = _vec_at(addr + 8)[1]
+            for start in range(0, n, _BYTES_CHUNK):
+                # A chunk of val_t records at once: kind byte at +0, the u8 at its payload offset.
+                part = v[start:start + _BYTES_CHUNK]
+                buf = bytearray(len(part) * _VAL_SIZE)
+                buf[0::_VAL_SIZE] = u8 * len(part)
+                buf[_VAL_PAYLOAD::_VAL_SIZE] = part
+                _memmove(data + start * _VAL_SIZE, bytes(buf), len(buf))
             _set_kind(addr, code)
         return lower_bytes
     if kind in ("list", "tuple", "record"):
