@@ -10,8 +10,8 @@ Library use::
 
     import kvhost
     host = kvhost.Host(kv="sqlite:/tmp/kv.sqlite3", namespace="demo")
-    guest = host.load("guests/host/kv_draft2.wat")
-    print(host.call(guest, "incr", ["hits", 1]))
+    guest = host.load("guests/host/kv-probe.wat")          # .wat or .wasm, component or core module
+    print(host.call(guest, "incr", ["counter", "hits", 1]))  # {'ok': 1}  (JSON-style values)
     host.close()
 
 Command line::
@@ -27,6 +27,12 @@ Map of this file, top-down:
   host glue       the wasi:keyvalue functions of both versions, dispatched without per-call type walks
   engine          compile cache on disk, Guest, Host (load / call / run / attach_watcher)
   CLI             main()
+
+Why the value codecs exist: wasmtime-py's component host functions re-read and re-walk the
+function type on every call (~100 us) and cannot return an err for result<option<T>, E> (its
+lowering tries the ok case first). kvhost registers its host functions through the C API with
+converters built once from the WIT (descriptors below), writing wasmtime_component_val_t
+records by address; guests' imports are checked against the same descriptors at load time.
 """
 
 __version__ = "0.1.0"
