@@ -748,8 +748,9 @@ def run(args, cfg, sections):
             _run_w4(ws, cfg, rounds, work, table)
         if "big" in sections:
             ratios, size, baseline = bench_big_module(ws, work, cfg, rounds)
-            for op, label in (("add_file", "Store.add_file"), ("add_bytes", "Store.add (bytes)"),
-                              ("find", "Store.find")):
+            for op, label in (("add_file", "Store.add_file"),
+                              ("add_bytes", "Store.add (bytes, incl. the caller's copy)"),
+                              ("find", "Store.find (incl. the returned bytes)")):
                 ratio = _median(ratios[op])
                 table.add(f"{size / 2**20:.0f} MB module {label}: peak RSS growth / size",
                           f"{ratio:.2f}x (baseline {baseline / 1024:.0f} MiB)", "< 3x",
