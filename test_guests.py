@@ -787,8 +787,7 @@ class GuestCliTest(unittest.TestCase):
     def test_kv_subcommand_sees_what_guests_wrote(self):
         self.assertEqual(self.call(KV_DRAFT2, "set", "b", "greeting", b64(b"hello")), {"ok": None})
         done = self.kvhost("kv", *self.store, "get", "b", "greeting")
-        self.assertEqual(done.returncode, 0, done.stderr)
-        self.assertIn("hello", done.stdout)
+        self.assertEqual((done.returncode, done.stdout.strip()), (0, "hello"), done.stderr)
         done = self.kvhost("kv", *self.store, "set", "b", "from-cli", "written by kv set")
         self.assertEqual(done.returncode, 0, done.stderr)
         self.assertEqual(self.call(KV_DRAFT, "get", "b", "from-cli"), {"ok": list(b"written by kv set")})
@@ -806,7 +805,7 @@ class GuestCliTest(unittest.TestCase):
 
     def test_mismatched_import_is_refused_with_one_line_naming_it(self):
         done = self.kvhost("call", *self.store, BAD_IMPORT, "probe")
-        self.assertNotEqual(done.returncode, 0)
+        self.assertEqual(done.returncode, 2, done.stderr)
         self.assertEqual(done.stdout, "")
         self.assertNotIn("Traceback", done.stderr)
         self.assertEqual(len(done.stderr.strip().splitlines()), 1, done.stderr)
@@ -858,8 +857,7 @@ class PyCounterTest(unittest.TestCase):
         done = self.kvhost("call", *store, PY_COUNTER, "bump")
         self.assertEqual((done.returncode, json.loads(done.stdout)), (0, {"ok": 3}), done.stderr)
         done = self.kvhost("kv", *store[:4], "get", "counter", "hits")
-        self.assertEqual(done.returncode, 0, done.stderr)
-        self.assertIn("3", done.stdout)
+        self.assertEqual((done.returncode, done.stdout.strip()), (0, "3"), done.stderr)   # ASCII decimal
         done = self.kvhost("run", *store, "--allow-bucket", "elsewhere", PY_COUNTER)
         self.assertEqual((done.returncode, done.stdout), (1, ""))
         self.assertIn("py-counter: no-such-store", done.stderr)
