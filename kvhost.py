@@ -48,6 +48,7 @@ __all__ = [
 import argparse
 import base64
 import binascii
+import contextlib
 import ctypes
 import hashlib
 import json
@@ -399,6 +400,7 @@ class SqliteBackend(Backend):
         self._local = threading.local()
         self._all = []
         self._all_lock = threading.Lock()
+        self._write_lock = threading.Lock()
         self._closed = False
         self._run(lambda db: db.execute(
             "CREATE TABLE IF NOT EXISTS kv (ns TEXT NOT NULL, bucket TEXT NOT NULL, key TEXT NOT NULL,"
@@ -424,29 +426,47 @@ class SqliteBackend(Backend):
                 self._all.append(db)
         return db
 
+    @contextlib.contextmanager
+    def _writer(self, write):
+        """Writers of this process queue on a lock before asking SQLite for its write lock:
+        SQLite's busy handler polls with growing sleeps, and under load a thread could starve
+        past the busy timeout while others keep winning. Other processes still meet the
+        busy timeout."""
+        if not write:
+            yield
+            return
+        if not self._write_lock.acquire(timeout=self.busy_timeout):
+            raise BackendError("sqlite: database is locked (by this process)")
+        try:
+            yield
+        finally:
+            self._write_lock.release()
+
     def _run(self, work, immediate=False):
         """Run work(db) in one transaction; sqlite errors become BackendError."""
         db = self.connection()
-        try:
-            db.execute("BEGIN IMMEDIATE" if immediate else "BEGIN")
+        with self._writer(immediate):
             try:
-                result = work(db)
-                db.execute("COMMIT")
-                return result
-            except BaseException:
-                if db.in_transaction:
-                    db.execute("ROLLBACK")
-                raise
-        except sqlite3.Error as e:
-            raise BackendError(f"sqlite: {e}") from None
+                db.execute("BEGIN IMMEDIATE" if immediate else "BEGIN")
+                try:
+                    result = work(db)
+                    db.execute("COMMIT")
+                    return result
+                except BaseException:
+                    if db.in_transaction:
+                        db.execute("ROLLBACK")
+                    raise
+            except sqlite3.Error as e:
+                raise BackendError(f"sqlite: {e}") from None
 
-    def _one(self, sql, params):
+    def _one(self, sql, params, write=False):
         """One statement in autocommit mode: SQLite runs it as its own transaction."""
         db = self.connection()
-        try:
-            return db.execute(sql, params).fetchone()
-        except sqlite3.Error as e:
-            raise BackendError(f"sqlite: {e}") from None
+        with self._writer(write):
+            try:
+                return db.execute(sql, params).fetchone()
+            except sqlite3.Error as e:
+                raise BackendError(f"sqlite: {e}") from None
 
     def _get(self, namespace, bucket, key):
         row = self._one("SELECT value FROM kv WHERE ns=? AND bucket=? AND key=?", (namespace, bucket, key))
@@ -454,10 +474,10 @@ class SqliteBackend(Backend):
 
     def _set(self, namespace, bucket, key, value):
         self._one("INSERT OR REPLACE INTO kv (ns, bucket, key, value) VALUES (?, ?, ?, ?)",
-                  (namespace, bucket, key, value))
+                  (namespace, bucket, key, value), write=True)
 
     def _delete(self, namespace, bucket, key):
-        self._one("DELETE FROM kv WHERE ns=? AND bucket=? AND key=?", (namespace, bucket, key))
+        self._one("DELETE FROM kv WHERE ns=? AND bucket=? AND key=?", (namespace, bucket, key), write=True)
 
     def _exists(self, namespace, bucket, key):
         return self._one("SELECT 1 FROM kv WHERE ns=? AND bucket=? AND key=?", (namespace, bucket, key)) is not None
