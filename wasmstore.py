@@ -332,6 +332,15 @@ def _fsync_path(path):
         os.close(fd)
 
 
+def _stat_key(path):
+    """(inode, mtime, size) of a file, None if missing: tells a replaced file from a cached one."""
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return (info.st_ino, info.st_mtime_ns, info.st_size)
+
+
 def _write_all(fd, data):
     view = memoryview(data)
     while view:
@@ -662,11 +671,9 @@ class Store:
     def _read_ref(self, branch, fresh=False):
         """Head commit of a branch (None while it has no commits); NotFound if missing."""
         path = self._ref_path(branch)
-        try:
-            info = os.stat(path)
-        except FileNotFoundError:
-            raise NotFound(f"no such branch {branch!r}") from None
-        key = (info.st_ino, info.st_mtime_ns, info.st_size)
+        key = _stat_key(path)
+        if key is None:
+            raise NotFound(f"no such branch {branch!r}")
         cached = self._ref_cache.get(branch)
         if cached is not None and cached[0] == key and not fresh:
             return cached[1]
@@ -980,11 +987,9 @@ class Store:
         """The object file of a module, after checking its content (result cached)."""
         digest = validate_hash(digest)
         path = self._object_path(digest)
-        try:
-            info = os.stat(path)
-        except FileNotFoundError:
-            raise NotFound(f"no such module {digest}") from None
-        key = (info.st_ino, info.st_mtime_ns, info.st_size)
+        key = _stat_key(path)
+        if key is None:
+            raise NotFound(f"no such module {digest}")
         if self._verified.get(digest) != key:
             hasher = hashlib.sha256()
             with open(path, "rb") as handle:
@@ -1180,9 +1185,8 @@ class Store:
     def default_branch(self):
         """The branch used when none is named (persisted in HEAD)."""
         try:
-            info = os.stat(self._head_file)
-            key = (info.st_ino, info.st_mtime_ns, info.st_size)
-            if self._default_cache[0] == key:
+            key = _stat_key(self._head_file)
+            if key is not None and self._default_cache[0] == key:
                 return self._default_cache[1]
             with open(self._head_file, encoding="utf-8", errors="replace") as handle:
                 name = handle.read(256).strip()
