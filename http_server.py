@@ -2,8 +2,10 @@
 """The wasmstore REST API: an HTTP/1.1 server over a `wasmstore.Store`.
 
 Standard library only (plus `wasmstore.py`): `http.server.ThreadingHTTPServer` with keep-alive,
-Content-Length on every response, zero-copy downloads (`socket.sendfile`), streamed uploads,
-key/method auth, TLS, CORS, a WebSocket watch (RFC 6455) and Prometheus metrics.
+Content-Length on every response, zero-copy downloads (`os.sendfile` of the object file; plain
+reads through TLS), uploads streamed into the store, key/method auth, TLS, CORS, a WebSocket
+watch (RFC 6455), Prometheus metrics, bounded request heads and bodies, connection timeouts and
+a connection cap, and graceful shutdown on SIGTERM / Ctrl-C.
 
 As a command::
 
@@ -22,13 +24,14 @@ Map of this file (top-down):
     constants, exceptions (ServerError root)
     URL parsing        parse_target(), decode_segment()
     replies            Reply, FileBody, error_reply() and the one ERROR_STATUS table
-    route handlers     pure functions (store, call, body) -> Reply, and the ROUTES table
+    route handlers     pure functions (store, call, body) -> Reply, the ROUTES table, LocateCache
     auth               AuthTable (constant-time key comparison)
     body readers       LimitedReader, ChunkedReader (bounded, never read past the request)
     metrics            Metrics (Prometheus text format)
     watch              WatchHub (one poller thread per branch -> bounded per-client queues)
     WebSocket framing  encode_frame(), FrameParser
-    connection         WasmstoreHandler (one thread per connection)
+    connection         request head parsing (Headers, read_headers), WasmstoreHandler
+                       (one thread per connection)
     server             WasmstoreServer, make_server()
     command line       main()
 """
@@ -46,6 +49,7 @@ __all__ = [
     "Metrics",
     "WatchHub",
     "LocateCache",
+    "Headers",
     "WasmstoreHandler",
     "WasmstoreServer",
     "make_server",
@@ -61,7 +65,6 @@ import collections
 import hashlib
 import hmac
 import http
-import http.client
 import http.server
 import io
 import itertools
@@ -1500,16 +1503,6 @@ class WasmstoreHandler(http.server.BaseHTTPRequestHandler):
                 break                              # file shrank: cannot happen for objects
             offset += count
         return offset
-
-    def send_error(self, code, message=None, explain=None):
-        """Errors found by http.server's own parsing: one line, never echoing the request."""
-        self.close_connection = True              # the stream may be out of sync
-        phrase = (message or "").split(" (")[0] or http.HTTPStatus(code).phrase
-        if code == 431:
-            phrase = "request header fields too large"
-        elif code == 414:
-            phrase = "request line too long"
-        self._reply_if_possible(HttpError(code, phrase.lower()))
 
     def _reply_if_possible(self, error):
         self.close_connection = True
