@@ -39,7 +39,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "KvError", "ArgumentError", "BackendError", "AccessDeniedError", "NoSuchStoreError", "OperationError",
-    "GuestError", "TrapError", "Err",
+    "GuestError", "TrapError", "GuestExit", "Err",
     "Backend", "MemoryBackend", "SqliteBackend", "RedisBackend", "open_backend",
     "Guest", "Host", "main",
     "DEFAULT_KV_URL", "MAX_KEY_BYTES", "DEFAULT_MAX_VALUE_BYTES", "PAGE_SIZE",
@@ -121,6 +121,14 @@ class GuestError(KvError):
 
 class TrapError(KvError):
     """A guest trapped, ran out of fuel or time (CLI exit status 1)."""
+
+
+class GuestExit(TrapError):
+    """A guest called exit (wasi:cli/exit or proc_exit) during a call; .status is its status."""
+
+    def __init__(self, status):
+        super().__init__(f"guest exited with status {status}")
+        self.status = status
 
 
 # ---------------------------------------------------------------------------
@@ -1756,7 +1764,6 @@ def check_kv_imports(component_type, engine):
 ENGINE_SETTINGS = "consume_fuel=1;epoch_interruption=1;cranelift_opt_level=speed"
 FUEL_UNLIMITED = (1 << 63) - 1
 _COMPONENT_TEXT_RE = re.compile(r"\A(?:\s+|;;[^\n]*\n|\(;.*?;\))*\(\s*component\b", re.S)
-_EXIT_RE = re.compile(r"exit(?:ed with i32 exit)? status (\d+)")
 
 
 def default_cache_dir():
@@ -2132,7 +2139,7 @@ class _Session:
 
     def _trap(self, error):
         if isinstance(error, wasmtime.ExitTrap):
-            raise TrapError(f"guest exited with status {error.code}")
+            raise GuestExit(error.code) from None
         reason = _trap_reason(error)
         if "interrupt" in reason:
             reason = f"timeout: the guest ran longer than {self.host.timeout} s ({reason})"
@@ -2233,11 +2240,8 @@ class _Session:
             raise ArgumentError(f"{self.guest.name} does not export wasi:cli/run")
         try:
             outcome = self.call_component(f"{run_iface}#run", [])
-        except TrapError as e:
-            match = _EXIT_RE.search(str(e))
-            if match:
-                return int(match.group(1))
-            raise
+        except GuestExit as e:
+            return e.status
         return 0 if "ok" in outcome else 1
 
     def call_module(self, function, args):

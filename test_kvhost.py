@@ -913,6 +913,14 @@ class CoreModuleTest(unittest.TestCase):
         self.assertEqual(self.host.call(self.guest, "mix", [2, 0.5]), 2.5)
         self.assertEqual(self.host.run(self.guest), 0)
 
+    def test_core_module_exit_status(self):
+        guest = self.host.load('(module (import "wasi_snapshot_preview1" "proc_exit" (func $exit (param i32)))'
+                               ' (memory (export "memory") 1) (func (export "_start") (call $exit (i32.const 7))))')
+        self.assertEqual(self.host.run(guest), 7)
+        with self.assertRaises(kvhost.GuestExit) as caught:
+            self.host.call(guest, "_start", [])
+        self.assertEqual(caught.exception.status, 7)
+
     def test_core_module_traps_and_bad_arguments(self):
         with self.assertRaisesRegex(kvhost.TrapError, "timeout"):
             self.host.call(self.guest, "spin", [])
@@ -974,6 +982,8 @@ class CliTest(unittest.TestCase):
         self.assertEqual((done.returncode, done.stdout), (0, "hello from wasi-probe\n"))
         done = self.cli("run", WASI_PROBE, "some-argument")
         self.assertEqual((done.returncode, done.stdout), (1, "hello from wasi-probe\n"))
+        done = self.cli("run", WASI_PROBE, "exit", "more")     # wasi:cli/exit exit(ok): status 0
+        self.assertEqual((done.returncode, done.stdout, done.stderr), (0, "hello from wasi-probe\n", ""))
 
     def test_kv_subcommand_edits_and_inspects_data(self):
         self.assertEqual(self.cli("kv", "set", "b", "k", "hello").returncode, 0)

@@ -2,8 +2,9 @@
 ;; wasi-probe.wat: what a kvhost guest can see of WASI (no keyvalue imports).
 ;;   env-count() -> u32    entries of wasi:cli/environment get-environment
 ;;   dir-count() -> u32    preopened directories (wasi:filesystem/preopens)
-;;   wasi:cli/run#run      prints "hello from wasi-probe" on stdout; fails (exit 1) when given
-;;                         any argument after the program name
+;;   wasi:cli/run#run      prints "hello from wasi-probe" on stdout; then, if the first argument
+;;                         is "exit", calls wasi:cli/exit exit(ok) (status 0); otherwise fails
+;;                         (status 1) when given any argument after the program name
 ;; Layouts: list results are (ptr, len) at the return pointer.
 (component $C
   (import "wasi:io/error@0.2.0" (instance $io-error
@@ -25,6 +26,8 @@
   (import "wasi:cli/environment@0.2.0" (instance $environment
     (export "get-environment" (func (result (list (tuple string string)))))
     (export "get-arguments" (func (result (list string))))))
+  (import "wasi:cli/exit@0.2.0" (instance $exit
+    (export "exit" (func (param "status" (result))))))
   (import "wasi:filesystem/types@0.2.0" (instance $fs-types
     (export "descriptor" (type (sub resource)))))
   (alias export $fs-types "descriptor" (type $descriptor))
@@ -58,6 +61,7 @@
   (core func $write (canon lower (func $streams "[method]output-stream.blocking-write-and-flush")
     (memory $mem) (realloc $realloc)))
   (core func $drop-stream (canon resource.drop $output-stream))
+  (core func $exit (canon lower (func $exit "exit")))
 
   (core module $Main
     (import "libc" "memory" (memory 1))
@@ -67,6 +71,7 @@
     (import "host" "get-stdout" (func $get-stdout (result i32)))
     (import "host" "write" (func $write (param i32 i32 i32 i32)))
     (import "host" "drop-stream" (func $drop-stream (param i32)))
+    (import "host" "exit" (func $exit (param i32)))
     (data (i32.const 64) "hello from wasi-probe\n")
     (func (export "env-count") (result i32)
       (call $get-environment (i32.const 16))
@@ -80,6 +85,12 @@
       (call $write (local.get $out) (i32.const 64) (i32.const 22) (i32.const 32))
       (call $drop-stream (local.get $out))
       (call $get-arguments (i32.const 16))
+      ;; argument 1 is the list entry at +8: (ptr, len); "exit" is 0x74697865 little-endian
+      (if (i32.gt_u (i32.load (i32.const 20)) (i32.const 1))
+        (then
+          (if (i32.and (i32.eq (i32.load offset=12 (i32.load (i32.const 16))) (i32.const 4))
+                       (i32.eq (i32.load (i32.load offset=8 (i32.load (i32.const 16)))) (i32.const 0x74697865)))
+            (then (call $exit (i32.const 0))))))
       (i32.gt_u (i32.load (i32.const 20)) (i32.const 1)))
   )
   (core instance $main (instantiate $Main
@@ -87,7 +98,7 @@
     (with "host" (instance
       (export "get-environment" (func $get-environment)) (export "get-arguments" (func $get-arguments))
       (export "get-directories" (func $get-directories)) (export "get-stdout" (func $get-stdout))
-      (export "write" (func $write)) (export "drop-stream" (func $drop-stream))))))
+      (export "write" (func $write)) (export "drop-stream" (func $drop-stream)) (export "exit" (func $exit))))))
   (func (export "env-count") (result u32) (canon lift (core func $main "env-count")))
   (func (export "dir-count") (result u32) (canon lift (core func $main "dir-count")))
   (func $run (result (result)) (canon lift (core func $main "run")))
