@@ -201,6 +201,8 @@ class WasmstoreAdder:
         self.store = ws.Store(root)
         self.items = [(f"{directory}/m{index + 1:04d}.wasm", data)
                       for index, data in enumerate(modules)]
+        self.commits_before = self.store.commit_count()
+        self.added = 0
 
     def add_block(self, start, stop):
         """Add items[start:stop] durably; returns the seconds it took."""
@@ -208,10 +210,16 @@ class WasmstoreAdder:
         began = time.perf_counter()
         for path, data in self.items[start:stop]:
             add(path, data)
-        return time.perf_counter() - began
+        elapsed = time.perf_counter() - began
+        self.added += stop - start
+        return elapsed
 
     def close(self):
+        """Check that every add made exactly one commit (the figure counts real work)."""
+        made = self.store.commit_count() - self.commits_before
         self.store.close()
+        if made != self.added:
+            raise BenchFailure(f"{self.added} adds made {made} commits in {self.store.root}")
 
 
 class DulwichAdder:
