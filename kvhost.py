@@ -1850,7 +1850,8 @@ class Host:
     kv: a backend URL or a Backend; namespace: the tenant whose data guests see; allow_buckets /
     deny_buckets: bucket ids a guest may (not) open; timeout (seconds, None for no limit), fuel,
     max_memory (bytes): sandbox limits; env ({name: value}), dirs ([(host, guest)]): what WASI may
-    see (nothing unless given); cache_dir: compile cache (None: default_cache_dir(), False: off);
+    see (nothing unless given; sockets are never granted); cache_dir: compile cache (None:
+    default_cache_dir(), False: off);
     stdout / stderr: file paths for the guest's output (default: inherited).
     """
 

@@ -745,6 +745,11 @@ class SandboxTest(unittest.TestCase):
         self.assertEqual(granted.call(guest, "env-count", []), 2)
         self.assertEqual(granted.call(guest, "dir-count", []), 1)
 
+    def test_no_network(self):
+        # 101 = create-tcp-socket answered error-code access-denied (0 would mean a socket was bound).
+        host = self.host()
+        self.assertEqual(host.call(host.load(WASI_PROBE), "bind-probe", []), 101)
+
     def test_host_exceptions_never_escape_into_wasmtime(self):
         from wasmtime.component import _enter
         host = kvhost.Host(kv=FaultyBackend(), cache_dir=False)
