@@ -779,7 +779,7 @@ class Metrics:
         with self.lock:
             setattr(self, name, getattr(self, name) + delta)
 
-    def render(self, store=None):
+    def render(self, store=None, in_flight=None):
         """The Prometheus text exposition format (version 0.0.4)."""
         out = []
         with self.lock:
@@ -809,6 +809,10 @@ class Metrics:
             out.append("# HELP wasmstore_websocket_clients Connected watch clients.")
             out.append("# TYPE wasmstore_websocket_clients gauge")
             out.append(f"wasmstore_websocket_clients {self.websocket_clients}")
+        if in_flight is not None:
+            out.append("# HELP wasmstore_http_requests_in_flight Requests being served (this one included).")
+            out.append("# TYPE wasmstore_http_requests_in_flight gauge")
+            out.append(f"wasmstore_http_requests_in_flight {in_flight}")
         if store is not None:
             try:
                 out.extend(self._store_gauges(store))
@@ -1328,7 +1332,7 @@ class WasmstoreHandler(http.server.BaseHTTPRequestHandler):
                 raise HttpError(405, "method not allowed", headers=[("Allow", "GET, HEAD")])
             self._consume_body(upload=False)
             reply = Reply(200, [("Content-Type", "text/plain; version=0.0.4; charset=utf-8")],
-                          server.metrics.render(server.store))
+                          server.metrics.render(server.store, server.in_flight))
             return reply
         try:
             route, params, rest = match_route(method, segments)
@@ -1768,6 +1772,10 @@ class WasmstoreServer(http.server.ThreadingHTTPServer):
         self.log_text("unexpected error on a connection:\n" + traceback.format_exc())
 
     # -- graceful shutdown ------------------------------------------------------------------
+
+    @property
+    def in_flight(self):
+        return self._inflight
 
     def request_started(self):
         with self._inflight_cond:

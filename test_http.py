@@ -1325,6 +1325,20 @@ class ShutdownTests(unittest.TestCase):
         self.addCleanup(shutil.rmtree, parent, True)
         self.root = os.path.join(parent, "root")
 
+    def wait_until_in_flight(self, port, count, seconds=10):
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            try:
+                conn.request("GET", "/metrics")
+                text = conn.getresponse().read().decode()
+            finally:
+                conn.close()
+            if metric(text, "wasmstore_http_requests_in_flight") >= count:
+                return
+            time.sleep(0.05)
+        self.fail("the server never started serving the request")
+
     def check_in_flight_request_finishes(self, signum):
         proc, port = start_server_process(self, self.root)
         module = wasm_module("inflight", padding=5000)
@@ -1332,7 +1346,7 @@ class ShutdownTests(unittest.TestCase):
         self.addCleanup(sock.close)
         sock.sendall(b"POST /api/v1/module/inflight.wasm HTTP/1.1\r\nHost: x\r\n"
                      b"Content-Length: %d\r\n\r\n" % len(module) + module[:100])
-        time.sleep(0.3)
+        self.wait_until_in_flight(port, 2)          # the upload and the metrics request itself
         proc.send_signal(signum)
         time.sleep(0.7)
         self.assertIsNone(proc.poll(), "the server quit with a request in flight")
@@ -1455,6 +1469,7 @@ class ObservabilityTests(unittest.TestCase):
         self.assertEqual(metric(text, "wasmstore_modules", branch="main"), 1)
         self.assertEqual(metric(text, "wasmstore_commits", branch="main"), 1)
         self.assertIn("# TYPE wasmstore_http_request_duration_seconds histogram", text)
+        self.assertEqual(metric(text, "wasmstore_http_requests_in_flight"), 1)   # the scrape itself
 
     def test_access_log_one_line_per_request(self):
         live = LiveServer(self, auth="logkey-42:*")
