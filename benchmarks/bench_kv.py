@@ -12,7 +12,9 @@ Figures, each the median of --rounds rounds, ratios taken against a baseline in 
   Python on a file with the same pragmas: pairs/s and ratio (goal >= 60%). Guest and raw run
   in alternating blocks of 100 pairs (one guest call per block), so both see the same noise.
 - redis: the same loop on the Redis backend (a real redis-server started on a free loopback
-  port, or --redis-url), against raw RESP SET + GET round trips on one socket (goal >= 60%).
+  port, or --redis-url), against raw RESP SET + GET round trips on one socket (goal >= 60%);
+  also, for information, against the same RedisBackend object called from Python (what the
+  guest call itself costs).
 - counter: 8 threads, each running a guest that increments one SQLite counter N times;
   the final value must be exactly 8 x N (exit status 1 otherwise).
 
@@ -33,6 +35,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.parse
 
 REPO_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_DIR)
@@ -176,10 +179,18 @@ def start_redis(directory):
 
 def raw_resp_pairs(url):
     """SET + GET round trips of the same key and value on one plain socket."""
-    host, port = url[len("redis://"):].split("/")[0].rsplit("@", 1)[-1].split(":")
-    sock = socket.create_connection((host, int(port)))
+    parts = urllib.parse.urlsplit(url)
+    sock = socket.create_connection((parts.hostname, parts.port or 6379))
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     reader = sock.makefile("rb")
+    setup = ([["AUTH"] + ([parts.username] if parts.username else []) + [parts.password]] if parts.password else [])
+    setup += [["SELECT", parts.path.lstrip("/")]] if parts.path.lstrip("/") not in ("", "0") else []
+    for command in setup:
+        sock.sendall(b"*%d\r\n" % len(command) + b"".join(
+            b"$%d\r\n%s\r\n" % (len(a.encode()), a.encode()) for a in command))
+        reply = reader.readline()
+        if not reply.startswith(b"+"):
+            raise RuntimeError(f"redis refused {command[0]}: {reply.decode(errors='replace').strip()}")
     key = "raw:default:b:key"
 
     def work(pairs):
@@ -203,10 +214,18 @@ def bench_redis(rounds, pairs, url):
     guest = host.load(PROBE)
     value = list(VALUE)
     raw_work, close = raw_resp_pairs(url)
-    g, r = interleaved(rounds, pairs, lambda n: host.call(guest, "set-get-loop", ["b", "key", value, n]), raw_work)
+    guest_work = lambda n: host.call(guest, "set-get-loop", ["b", "key", value, n])
+    g, r = interleaved(rounds, pairs, guest_work, raw_work)
     close()
+    backend = host.backend
+
+    def direct_work(n):   # the same backend object called from Python: isolates the guest-call cost
+        for _ in range(n):
+            backend.set("default", "b", "key", VALUE)
+            backend.get("default", "b", "key")
+    g2, d = interleaved(rounds, pairs, guest_work, direct_work)
     host.close()
-    return {"guest pairs/s": g, "raw RESP pairs/s": r, "ratio": g / r}
+    return {"guest pairs/s": g, "raw RESP pairs/s": r, "ratio": g / r, "direct pairs/s": d, "direct ratio": g2 / d}
 
 
 # -- counter: 8 threads, one SQLite counter ------------------------------------------------------
@@ -270,6 +289,8 @@ def main(argv=None):
             print(f"redis    guest set+get pairs/s    {redis['guest pairs/s']:>10,.0f}   raw RESP "
                   f"{redis['raw RESP pairs/s']:,.0f}   ratio {redis['ratio']:.0%} (goal >= 60%: "
                   f"{'met' if redis['ratio'] >= 0.6 else 'MISSED'})")
+            print(f"         (same RedisBackend called from Python: {redis['direct pairs/s']:,.0f} pairs/s; "
+                  f"guest/direct {redis['direct ratio']:.0%})")
         counter = bench_counter(8, increments, directory)
         exact = counter["final"] == counter["expected"] and not counter["errors"]
         print(f"counter  8 threads x {increments} increments on one SQLite counter: final {counter['final']}"
