@@ -1082,9 +1082,10 @@ class _DeadlineSocketReader(io.RawIOBase):
         self.deadline = None if seconds is None else time.monotonic() + seconds
 
     def arm(self, wait):
-        """settimeout() costs a syscall: skip it unless the timeout changes by > 0.1 s."""
+        """settimeout() costs a syscall: skip it unless the timeout changes by > 0.1 s
+        (so a deadline may fire up to 0.1 s early or late, which is fine for timeouts)."""
         armed = self.armed
-        if armed is None or wait > armed or wait < armed - 0.1:
+        if armed is None or abs(wait - armed) > 0.1:
             self.sock.settimeout(wait)
             self.armed = wait
 
@@ -1361,10 +1362,14 @@ class WasmstoreHandler(http.server.BaseHTTPRequestHandler):
                 self._body_done = body.exhausted
 
     def _header(self, name):
+        """A Wasmstore-* header as text: clients send UTF-8 bytes, which arrive latin-1-decoded."""
         value = self.headers.get(name)
         if value is None or value == "":
             return None
-        return value.strip()
+        try:
+            return value.encode("latin-1").decode("utf-8").strip()
+        except UnicodeError:
+            return value.strip()
 
     def _consume_body(self, upload):
         """Return a bounded body reader for uploads; read and drop any body elsewhere."""

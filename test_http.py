@@ -619,6 +619,8 @@ class RouteTests(unittest.TestCase):
     def test_author_header_is_recorded(self):
         self.add("a.wasm", self.a, **{"Wasmstore-Author": "alice"})
         self.assertEqual(self.live.store.commit_info(self.live.store.snapshot())["author"], "alice")
+        self.add("b.wasm", self.b, **{"Wasmstore-Author": "José".encode("utf-8").decode("latin-1")})
+        self.assertEqual(self.live.store.commit_info(self.live.store.snapshot())["author"], "José")
 
     def test_merge_and_merge_conflict(self):
         self.add("a.wasm", self.a)
