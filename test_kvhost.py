@@ -30,6 +30,7 @@ PROBE = os.path.join(GUESTS, "kv-probe.wat")              # wasi:keyvalue@0.2.0-
 PROBE_DRAFT = os.path.join(GUESTS, "kv-probe-draft.wat")  # wasi:keyvalue@0.2.0-draft
 WATCHER = os.path.join(GUESTS, "watcher-probe.wat")
 WASI_PROBE = os.path.join(GUESTS, "wasi-probe.wat")
+TYPES_PROBE = os.path.join(GUESTS, "types-probe.wat")   # one export per component value shape
 REDIS_SERVER = shutil.which("redis-server")
 NO_REDIS = "redis-server is not installed (apt-get install -y redis-server; .ci/run installs it)"
 # Under CI a missing redis-server fails the Redis tests instead of skipping them.
@@ -590,6 +591,67 @@ class GuestGlueTest(unittest.TestCase):
             self.call("nope")
         with self.assertRaisesRegex(kvhost.ArgumentError, "expected list<u8>"):
             self.call("set", "b", "k", [256])
+
+
+class JsonMappingTest(unittest.TestCase):
+    """Host.call / `kvhost.py call`: JSON to and from every component value type."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.host = kvhost.Host(kv="memory:", cache_dir=False)
+        cls.guest = cls.host.load(TYPES_PROBE)
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.host.close()
+
+    def call(self, function, *args):
+        return self.host.call(self.guest, function, list(args))
+
+    def test_scalars(self):
+        self.assertEqual(self.call("not", True), False)
+        self.assertEqual(self.call("echo-char", "é"), "é")
+        self.assertEqual(self.call("echo-s8", -128), -128)
+        self.assertEqual(self.call("echo-u16", 65535), 65535)
+        self.assertEqual(self.call("echo-u32", 4294967295), 4294967295)
+        self.assertEqual(self.call("echo-s64", -(1 << 63)), -(1 << 63))
+        self.assertEqual(self.call("echo-u64", (1 << 64) - 1), (1 << 64) - 1)
+        self.assertEqual(self.call("echo-f32", 1.5), 1.5)
+        self.assertEqual(self.call("add-f64", 0.25, 2), 2.25)
+
+    def test_strings_and_lists(self):
+        self.assertEqual(self.call("echo-string", "héllo ✓"), "héllo ✓")
+        self.assertEqual(self.call("echo-bytes", [7, 8, 255]), [7, 8, 255])
+        self.assertEqual(self.call("echo-bytes", base64.b64encode(b"\x00\x01\x02").decode()), [0, 1, 2])
+        self.assertEqual(self.call("echo-bytes", []), [])
+        self.assertEqual(self.call("count-strings", ["a", "b", "c"]), 3)
+
+    def test_enum_flags_record_tuple(self):
+        self.assertEqual(self.call("echo-enum", "green"), "green")
+        self.assertEqual(self.call("echo-flags", ["exec", "read"]), ["read", "exec"])
+        self.assertEqual(self.call("echo-flags", []), [])
+        self.assertEqual(self.call("swap-point", {"x": 1, "y": -2}), {"x": -2, "y": 1})
+        self.assertEqual(self.call("swap-pair", [300, 7]), [7, 300])
+
+    def test_option_result_variant(self):
+        self.assertIsNone(self.call("opt-inc", None))
+        self.assertEqual(self.call("opt-inc", 41), 42)
+        self.assertEqual(self.call("res", {"ok": 1}), {"ok": 2})
+        self.assertEqual(self.call("res", {"err": "four"}), {"err": 4})
+        self.assertEqual(self.call("var", {"tag": "a"}), 0)
+        self.assertEqual(self.call("var", {"tag": "b", "value": 9}), 9)
+        self.assertEqual(self.call("var", {"tag": "c", "value": "xyz"}), 3)
+        self.assertEqual(self.call("make-var", 0), {"tag": "a"})
+        self.assertEqual(self.call("make-var", 5), {"tag": "b", "value": 5})
+
+    def test_values_of_the_wrong_shape_are_argument_errors(self):
+        for function, arg in (("echo-enum", "purple"), ("echo-flags", ["read", "fly"]), ("echo-char", "ab"),
+                              ("echo-s8", 128), ("echo-u64", -1), ("echo-u32", 1.5), ("not", 1),
+                              ("echo-bytes", "not base64!"), ("echo-bytes", [256]), ("swap-point", {"x": 1}),
+                              ("swap-pair", [1]), ("res", {"ok": 1, "err": "x"}), ("res", 5),
+                              ("var", {"tag": "d"}), ("var", {"tag": "a", "value": 1}), ("echo-string", None)):
+            with self.assertRaises(kvhost.ArgumentError, msg=(function, arg)):
+                self.call(function, arg)
 
 
 # ---------------------------------------------------------------------------
