@@ -341,11 +341,26 @@ def _stat_key(path):
     return (info.st_ino, info.st_mtime_ns, info.st_size)
 
 
+def _read_exactly(fd, size):
+    """Read size bytes (fewer at end of file): one read() for the usual small object."""
+    chunks, remaining = [], size
+    while remaining > 0:
+        chunk = os.read(fd, remaining)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        remaining -= len(chunk)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
 def _write_all(fd, data):
     view = memoryview(data)
     while view:
         written = os.write(fd, view)
         view = view[written:]
+
+
+_json_string = json.encoder.encode_basestring      # JSON string literal, non-ASCII kept
 
 
 def _canonical_json(document):
@@ -530,10 +545,13 @@ class Store:
     def _read_verified(self, digest):
         """The bytes of an object, checked against its name."""
         try:
-            with open(self._object_path(digest), "rb") as handle:
-                data = handle.read()
+            fd = os.open(self._object_path(digest), os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             raise NotFound(f"no such object {digest}") from None
+        try:
+            data = _read_exactly(fd, os.fstat(fd).st_size)
+        finally:
+            os.close(fd)
         if hashlib.sha256(data).hexdigest() != digest:
             raise CorruptObject(f"object {digest} is corrupt (its content does not match "
                                 "its hash); run fsck")
@@ -557,9 +575,11 @@ class Store:
         return self._load(digest, "commit")
 
     def _encode_tree(self, entries):
-        document = {"entries": {name: list(entry) for name, entry in entries.items()},
-                    "type": "tree"}
-        data = _canonical_json(document)
+        """(hash, canonical JSON) of a tree: what json.dumps(sort_keys=True, compact,
+        ensure_ascii=False) gives, built directly because commits re-encode big trees."""
+        parts = [f'{_json_string(name)}:["{kind}","{digest}"]'
+                 for name, (kind, digest) in sorted(entries.items())]
+        data = ('{"entries":{' + ",".join(parts) + '},"type":"tree"}').encode("utf-8")
         return hashlib.sha256(data).hexdigest(), data
 
     def _put_tree(self, entries, batch):
