@@ -1505,7 +1505,9 @@ class WasmstoreHandler(http.server.BaseHTTPRequestHandler):
             try:
                 count = os.sendfile(out, body.fd, offset, size - offset)
             except BlockingIOError:
-                if not select.select([], [out], [], self.timeout)[1]:
+                poller = select.poll()                 # not select(): fds may exceed 1023
+                poller.register(out, select.POLLOUT)
+                if not poller.poll(self.timeout * 1000):
                     raise TimeoutError("client stopped reading") from None
                 continue
             if count == 0:

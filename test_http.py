@@ -1242,6 +1242,23 @@ class TimeoutTests(unittest.TestCase):
         self.assertNotIn(200, statuses(answer))
         self.assertLess(time.monotonic() - started, 5)
 
+    def test_client_that_stops_reading_a_download_is_dropped(self):
+        big = wasm_module("big", padding=16 * 1024 * 1024)      # far more than socket buffers
+        self.live.store.add("big.wasm", big)
+        sock = socket.socket()
+        self.addCleanup(sock.close)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", self.live.port))
+        sock.sendall(b"GET /api/v1/module/big.wasm HTTP/1.1\r\nHost: x\r\n\r\n")
+        deadline = time.monotonic() + 8
+        while self.live.server.metrics.connections != 1 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        while self.live.server.metrics.connections != 0 and time.monotonic() < deadline:
+            time.sleep(0.05)                            # never reading: dropped after the timeout
+        self.assertEqual(self.live.server.metrics.connections, 0)
+        self.assertLess(len(read_until_close(sock, 3)), len(big))
+        self.assertEqual(self.live.request("GET", "/api/v1/branches")[0], 200)
+
     def test_stalled_connections_cannot_exhaust_the_server(self):
         socks = []
         for _ in range(4):                         # fill every connection slot
