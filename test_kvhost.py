@@ -86,15 +86,18 @@ class RedisServer:
             [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
              "--dir", self.directory, "--protected-mode", "no"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.time() + 10
-        while time.time() < deadline:
-            try:
-                if redis_command(self.port, "PING").startswith(b"+PONG"):
-                    return self
-            except OSError:
-                time.sleep(0.05)
-        self.stop()
-        raise RuntimeError("redis-server did not start")
+        try:
+            deadline = time.time() + 10
+            while time.time() < deadline:
+                try:
+                    if redis_command(self.port, "PING").startswith(b"+PONG"):
+                        return self
+                except OSError:
+                    time.sleep(0.05)
+            raise RuntimeError("redis-server did not start")
+        except BaseException:
+            self.stop()     # never leave a server behind
+            raise
 
     def stop(self):
         if self.process is not None:
@@ -350,7 +353,11 @@ class RedisBackendTest(BackendContract, unittest.TestCase):
     @classmethod
     def setUpClass(cls):
         cls.redis_dir = tempfile.mkdtemp(prefix="kvhost-redis-")
-        cls.server = RedisServer(cls.redis_dir).start()
+        try:
+            cls.server = RedisServer(cls.redis_dir).start()
+        except BaseException:
+            shutil.rmtree(cls.redis_dir, True)
+            raise
 
     @classmethod
     def tearDownClass(cls):
