@@ -237,6 +237,35 @@ class LibraryTest(StoreTestCase):
         self.assertRaises(wasmstore.NotFound, self.store.version, 2, "m.wasm")
         self.assertEqual(self.store.read_module(sha256(v2)), v2)
 
+    def test_versions_are_the_same_without_or_with_a_damaged_history_cache(self):
+        for index in range(6):
+            self.store.add("m.wasm", make_module(index % 4))
+            self.store.add(f"other/{index}.wasm", make_module(f"o{index}"))
+        self.store.create_branch("dev")
+        self.store.add("m.wasm", make_module("dev"), branch="dev")
+        self.store.merge("dev")
+        expected = self.store.versions("m.wasm")
+        self.assertEqual([digest for digest, _ in expected],
+                         [sha256(make_module(i)) for i in range(4)] + [sha256(make_module("dev"))])
+        cache = os.path.join(self.root, "cache", "history")
+        with open(cache, "rb") as handle:
+            lines = handle.read().splitlines(keepends=True)
+        self.assertEqual(len(lines), 13)        # one line per commit (the merge fast-forwards)
+        damaged = [lines[0], lines[1].replace(b"m.wasm", b"x.wasm")] + lines[2:7] + \
+            [b"garbage\tline\n", lines[7][:20]]         # a bad CRC, junk, a cut line
+        with open(cache, "wb") as handle:
+            handle.writelines(damaged)
+        self.assertEqual(Store(self.root).versions("m.wasm"), expected)
+        self.store.add("m.wasm", make_module("after"))    # appends after the cut line
+        self.assertEqual(Store(self.root).versions("m.wasm")[:-1], expected)
+        os.unlink(cache)
+        self.assertEqual(Store(self.root).versions("m.wasm")[:-1], expected)
+        self.store.gc()                                   # keeps only reachable lines
+        with open(cache, "rb") as handle:
+            self.assertEqual(len(handle.read().splitlines()), 1)
+        self.assertEqual(Store(self.root).versions("m.wasm"),
+                         [(sha256(make_module("after")), self.store.snapshot())])
+
     def test_rollback_path_and_whole_branch(self):
         v1, v2 = make_module("v1"), make_module("v2")
         self.store.add("m.wasm", v1)

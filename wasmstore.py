@@ -63,6 +63,7 @@ import sys
 import tarfile
 import threading
 import time
+import zlib
 
 # --------------------------------------------------------------------------- constants
 
@@ -434,6 +435,7 @@ class Store:
         self._heads_dir = os.path.join(self.root, "refs", "heads")
         self._tmp_dir = os.path.join(self.root, "tmp")
         self._head_file = os.path.join(self.root, "HEAD")
+        self._history = _HistoryCache(os.path.join(self.root, "cache", "history"))
         self._objects = _LRU(OBJECT_CACHE_WEIGHT)
         self._modules = _LRU(MODULE_CACHE_BYTES)
         self._indexes = _LRU(INDEX_CACHE_TREES)
@@ -833,6 +835,7 @@ class Store:
                 parents = [head] if head else []
                 commit = self._put_commit(new_tree, parents, author, message, batch)
                 self._land(batch, (branch, head, commit))
+                self._history.record(commit, head, self.changes(head, commit))
                 return commit
             finally:
                 for tmp in batch.files.values():
@@ -1113,11 +1116,34 @@ class Store:
             raise InvalidInput("versions needs a module path")
         head = self._read_ref(self._branch(branch))
         seen, result = set(), []
-        for commit, entry, _ in reversed(self._path_changes(head, segments)):
-            if entry and entry[0] == "module" and entry[1] not in seen:
-                seen.add(entry[1])
-                result.append((entry[1], commit))
+        for commit, digest in reversed(self._module_history(head, format_path(segments))):
+            if digest and digest not in seen:
+                seen.add(digest)
+                result.append((digest, commit))
         return result
+
+    def _module_history(self, head, printed):
+        """[(commit, module hash or None)] where the module path changed, newest first.
+
+        Walks first parents through the history cache (one file read, no object reads);
+        a commit the cache does not know is diffed against its parent instead."""
+        known = self._history.load()
+        found = []
+        digest = head
+        while digest:
+            entry = known.get(digest)
+            if entry is None:
+                try:
+                    parents = self._commit(digest)["parents"]
+                except NotFound:
+                    break                       # history squashed away by a concurrent gc
+                parent = parents[0] if parents else None
+                entry = (parent, _module_changes(self.changes(parent, digest)))
+            parent, changes = entry
+            if printed in changes:
+                found.append((digest, changes[printed]))
+            digest = parent
+        return found
 
     def version(self, index, path, *, branch=None):
         """The index-th entry of versions(path) (0 = oldest)."""
@@ -1289,6 +1315,7 @@ class Store:
             tree = merged[1] if merged else self._put_tree({}, batch)
             commit = self._put_commit(tree, [ours, theirs], author, f"Merge {source}", batch)
             self._land(batch, (target, ours, commit))
+            self._history.record(commit, ours, self.changes(ours, commit))
 
     def _ancestors(self, head):
         seen, stack = set(), [head] if head else []
@@ -1443,9 +1470,11 @@ class Store:
                 tree = self._commit(head)["tree"]
                 squashed = self._put_commit(tree, [], author, "GC", batch)
                 self._land(batch, (branch, head, squashed))
+                self._history.record(squashed, None, self.changes(None, squashed))
             heads = [self._read_ref(name, fresh=True) for name in self.branches()]
             reachable = self._reachable(heads)
             deleted = self._sweep(reachable)
+            self._history.compact(reachable)
             self._remove_stale_temps()
         return deleted
 
@@ -1639,6 +1668,101 @@ class Store:
                 problems.append(f"{kind} {digest} refers to a missing {child_kind} {child}")
 
 
+# --------------------------------------------------------------------------- history cache
+
+def _module_changes(changes):
+    """{printed path: new module hash or None} from changes() output."""
+    return {path: (None if change["action"] == "removed" else
+                   change["hash"]["new"] if change["action"] == "updated" else change["hash"])
+            for path, change in changes.items()}
+
+
+class _HistoryCache:
+    """A derived, append-only file: one line per commit with its first parent and the
+    module paths it changed, so versions() reads one file instead of two objects per
+    commit. Lines carry a CRC; a bad, missing or lost line only costs speed (the caller
+    diffs that commit's objects instead). It is not fsynced, not backed up, and gc
+    rewrites it keeping the lines of reachable commits."""
+
+    def __init__(self, path):
+        self.path = path
+        self._lock = threading.Lock()
+        self._key = None               # (inode, bytes parsed)
+        self._known = {}               # commit -> (first parent or None, {path: hash|None})
+
+    def record(self, commit, parent, changes):
+        """Append commit's line (callers hold the ref lock, which orders appends)."""
+        fields = [commit, parent or "-"]
+        for path, digest in _module_changes(changes).items():
+            fields += [path, digest or "-"]
+        line = _history_line(fields)
+        with contextlib.suppress(OSError):      # a cache: losing a line costs speed only
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
+                         0o644)
+            try:
+                size = os.fstat(fd).st_size
+                if size and os.pread(fd, 1, size - 1) != b"\n":
+                    line = b"\n" + line        # a crash cut the last line: start afresh
+                _write_all(fd, line)
+            finally:
+                os.close(fd)
+
+    def load(self):
+        """{commit: (parent, changes)} of every valid line, reading only what is new."""
+        with self._lock:
+            try:
+                fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                self._key, self._known = None, {}
+                return self._known
+            try:
+                info = os.fstat(fd)
+                inode, parsed = self._key or (None, 0)
+                if inode != info.st_ino or parsed > info.st_size:
+                    parsed, self._known = 0, {}
+                os.lseek(fd, parsed, os.SEEK_SET)
+                data = _read_exactly(fd, info.st_size - parsed)
+            finally:
+                os.close(fd)
+            complete = data[:data.rfind(b"\n") + 1]     # a line being appended waits
+            self._parse(complete.decode("utf-8", "replace"))
+            self._key = (info.st_ino, parsed + len(complete))
+            return self._known
+
+    def _parse(self, text):
+        for line in text.split("\n"):
+            body, _, crc = line.rpartition("\t")
+            if not body or crc != f"{zlib.crc32(body.encode('utf-8')):08x}":
+                continue
+            fields = body.split("\t")
+            parent = None if fields[1] == "-" else fields[1]
+            changes = {path: (None if digest == "-" else digest)
+                       for path, digest in zip(fields[2::2], fields[3::2])}
+            self._known[fields[0]] = (parent, changes)
+
+    def compact(self, reachable):
+        """Rewrite the file with the lines of reachable commits (under the ref lock)."""
+        known = dict(self.load())
+        lines = []
+        for commit, (parent, changes) in known.items():
+            if commit in reachable:
+                fields = [commit, parent or "-"]
+                for path, digest in changes.items():
+                    fields += [path, digest or "-"]
+                lines.append(_history_line(fields))
+        tmp = f"{self.path}.{os.getpid()}.tmp"
+        with contextlib.suppress(OSError):
+            with open(tmp, "wb") as handle:
+                handle.write(b"".join(lines))
+            os.replace(tmp, self.path)
+
+
+def _history_line(fields):
+    body = "\t".join(fields)
+    return f"{body}\t{zlib.crc32(body.encode('utf-8')):08x}\n".encode("utf-8")
+
+
 # --------------------------------------------------------------------------- object helpers
 
 def _author(author):
@@ -1744,7 +1868,8 @@ def _add_bytes(archive, name, data):
 
 _BACKUP_MEMBER = re.compile(
     r"(HEAD|refs|refs/heads|refs/heads/[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}|objects"
-    r"|objects/[0-9a-f]{2}|objects/[0-9a-f]{2}/[0-9a-f]{62}|tmp)\Z")
+    r"|objects/[0-9a-f]{2}|objects/[0-9a-f]{2}/[0-9a-f]{62})\Z")
+_DERIVED_MEMBER = re.compile(r"(tmp|cache)(/[^/]+)?\Z")   # temp files and caches: skipped
 
 
 def load_backup(filename, root):
@@ -1785,7 +1910,7 @@ def _extract_members(archive, root):
     for member in archive:
         name = member.name[2:] if member.name.startswith("./") else member.name
         name = name.rstrip("/")
-        if name in ("", "."):
+        if name in ("", ".") or _DERIVED_MEMBER.match(name):
             continue
         if not _BACKUP_MEMBER.match(name) or not (member.isfile() or member.isdir()):
             raise InvalidInput(f"backup member {member.name!r} is not part of a store; "
