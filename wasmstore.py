@@ -1397,21 +1397,24 @@ class Store:
                 out[printed] = {"action": "removed", "hash": old_module}
 
     def watch(self, *, branch=None, poll_interval=0.05, stop_event=None):
-        """Yield (commit, changes) for every new commit on a branch, also from other
-        processes, from now on. Returns when stop_event (a threading.Event) is set."""
+        """Iterate (commit, changes) for every new commit on a branch, also from other
+        processes. The start head is read now (not at the first next()), so no commit
+        made after this call is missed. Ends when stop_event (threading.Event) is set."""
         branch = self._branch(branch)
-        stop_event = stop_event or threading.Event()
-        last = self._read_ref(branch)
+        start = self._read_ref(branch)
+        return self._watch(branch, start, poll_interval, stop_event or threading.Event())
+
+    def _watch(self, branch, last, poll_interval, stop_event):
         while not stop_event.is_set():
             current = self._read_ref(branch)
             if current != last:
-                for commit, changes in self._events_between(last, current):
-                    yield commit, changes
+                yield from self.events(last, current)
                 last = current
             stop_event.wait(poll_interval)
 
-    def _events_between(self, old, new):
-        """One (commit, changes) per first-parent commit from old to new, non-empty only.
+    def events(self, old, new):
+        """[(commit, changes)]: one per first-parent commit from old to new head, oldest
+        first, commits that changed no module left out (the watch event stream).
 
         When old is not on new's first-parent chain (gc, rollback of a merge...), the
         whole jump is one event."""
@@ -1425,7 +1428,10 @@ class Store:
                 break
             chain.append((digest, commit))
         if not found or len(chain) >= WATCH_WALK_LIMIT:
-            changes = self.changes(old, new)
+            try:
+                changes = self.changes(old, new)
+            except NotFound:
+                return []       # old head squashed away by gc (which keeps the tree)
             return [(new, changes)] if changes else []
         events = []
         for digest, commit in reversed(chain):
