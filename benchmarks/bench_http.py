@@ -11,6 +11,8 @@ Ratios are the median of the per-round ratios (each round measures both sides ba
   (goal: ratio >= 0.8); p50/p99 latency of both.
 - POST of small distinct modules from one keep-alive client: requests/s vs the in-process
   ``Store.add`` rate of the same modules into a fresh store (goal: ratio >= 0.8); p50/p99 of both.
+  Adds are fsync-bound and the disk is shared, so the two sides alternate in blocks of
+  POST_BLOCK adds within each round (a persistent client process runs the HTTP blocks).
 
 The load generator is a separate process (this file run with --loadgen): one thread driving
 raw keep-alive sockets with ``selectors``, so that it is not itself limited by the GIL.
@@ -38,6 +40,7 @@ REPO_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GET_BODY_SIZE = 100 * 1024
 GET_CONNECTIONS = 8
 GOAL_RATIO = 0.8
+POST_BLOCK = 20                  # adds per block; in-process and HTTP blocks alternate
 
 
 # ------------------------------------------------------------------------------ modules
@@ -167,6 +170,47 @@ def run_load(port, method, path, connections, seconds, body_prefix=None):
     }
 
 
+def _read_response(sock, pending=b""):
+    """Read one response from a blocking socket: (status, leftover bytes)."""
+    data = pending
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionError("server closed the connection")
+        data += chunk
+    head, _, rest = data.partition(b"\r\n\r\n")
+    status, length = _parse_head(head)
+    while len(rest) < length:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionError("server closed the connection")
+        rest += chunk
+    return status, rest[length:]
+
+
+def post_worker(port, path, body_prefix):
+    """Persistent POST client: for each line "N" on stdin, POST N distinct modules on one
+    keep-alive connection and print {"seconds", "latencies", "statuses"} as one JSON line."""
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    counter, pending = 0, b""
+    for line in sys.stdin:
+        latencies, statuses = [], {}
+        begin = time.perf_counter()
+        for _ in range(int(line)):
+            counter += 1
+            body = wasm_module(f"{body_prefix}-{counter}")
+            started = time.perf_counter()
+            sock.sendall((f"POST {path}/{counter}.wasm HTTP/1.1\r\nHost: bench\r\n"
+                          f"Content-Length: {len(body)}\r\n\r\n").encode() + body)
+            status, pending = _read_response(sock, pending)
+            latencies.append(time.perf_counter() - started)
+            statuses[str(status)] = statuses.get(str(status), 0) + 1
+        print(json.dumps({"seconds": time.perf_counter() - begin, "latencies": latencies,
+                          "statuses": statuses}), flush=True)
+    sock.close()
+
+
 def _percentile(sorted_values, fraction):
     if not sorted_values:
         return float("nan")
@@ -236,6 +280,8 @@ def bench_get(store, rounds, seconds):
     _start(baseline)
     ours, theirs = [], []
     try:
+        for srv, path in ((server, "/api/v1/module/bench/get.wasm"), (baseline, "/")):
+            loadgen(srv.server_address[1], "GET", path, GET_CONNECTIONS, 0.5)   # warm-up, untimed
         for number in range(rounds):
             order = [("ours", server), ("base", baseline)]
             if number % 2:
@@ -255,44 +301,55 @@ def bench_get(store, rounds, seconds):
 
 
 def bench_post(root_parent, rounds, seconds):
-    """Alternating rounds: in-process Store.add of small distinct modules vs HTTP POSTs."""
+    """Per round: in-process Store.add into one fresh store and HTTP POSTs into another,
+    alternating in blocks of POST_BLOCK until each side has run `seconds`."""
     import http_server
     import wasmstore
     inproc, http = [], []
     for number in range(rounds):
-        for kind in (("inproc", "http") if number % 2 == 0 else ("http", "inproc")):
-            root = tempfile.mkdtemp(dir=root_parent)
-            store = wasmstore.Store(root)
-            if kind == "inproc":
-                inproc.append(_inprocess_adds(store, f"r{number}", seconds))
-            else:
-                server = http_server.make_server(store, "127.0.0.1", 0, quiet=True)
-                _start(server)
-                try:
-                    result = loadgen(server.port, "POST", f"/api/v1/module/bench/r{number}", 1, seconds,
-                                     body_prefix=f"r{number}")
-                finally:
-                    server.graceful_shutdown(grace=5)
-                if set(result["statuses"]) != {"200"} or result["errors"]:
-                    raise RuntimeError(f"POST benchmark saw {result['statuses']}")
-                http.append(result)
-            shutil.rmtree(root, ignore_errors=True)
+        local = wasmstore.Store(tempfile.mkdtemp(dir=root_parent))
+        served = wasmstore.Store(tempfile.mkdtemp(dir=root_parent))
+        server = http_server.make_server(served, "127.0.0.1", 0, quiet=True)
+        _start(server)
+        spec = json.dumps({"port": server.port, "path": f"/api/v1/module/bench/r{number}",
+                           "body_prefix": f"h{number}"})
+        worker = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--post-worker", spec],
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        local_lat, http_lat, local_time, http_time, statuses = [], [], 0.0, 0.0, {}
+        try:
+            counter = 0
+            while local_time < seconds or http_time < seconds:
+                begin = time.perf_counter()
+                for _ in range(POST_BLOCK):
+                    counter += 1
+                    started = time.perf_counter()
+                    local.add(f"bench/r{number}/{counter}.wasm", wasm_module(f"l{number}-{counter}"))
+                    local_lat.append(time.perf_counter() - started)
+                local_time += time.perf_counter() - begin
+                worker.stdin.write(f"{POST_BLOCK}\n")
+                worker.stdin.flush()
+                line = worker.stdout.readline()
+                if not line:
+                    raise RuntimeError("the POST client process died")
+                block = json.loads(line)
+                http_time += block["seconds"]
+                http_lat += block["latencies"]
+                for status, count in block["statuses"].items():
+                    statuses[status] = statuses.get(status, 0) + count
+        finally:
+            worker.stdin.close()
+            worker.wait(30)
+            server.graceful_shutdown(grace=5)
+        if set(statuses) != {"200"}:
+            raise RuntimeError(f"POST benchmark saw statuses {statuses}")
+        inproc.append(_summary(local_lat, local_time))
+        http.append(_summary(http_lat, http_time))
     return inproc, http
 
 
-def _inprocess_adds(store, prefix, seconds):
-    latencies = []
-    begin = time.perf_counter()
-    counter = 0
-    while time.perf_counter() - begin < seconds:
-        counter += 1
-        module = wasm_module(f"{prefix}-{counter}")
-        started = time.perf_counter()
-        store.add(f"bench/{prefix}/{counter}.wasm", module)
-        latencies.append(time.perf_counter() - started)
-    elapsed = time.perf_counter() - begin
-    latencies.sort()
-    return {"requests": counter, "seconds": elapsed, "rate": counter / elapsed,
+def _summary(latencies, seconds):
+    latencies = sorted(latencies)
+    return {"requests": len(latencies), "seconds": seconds, "rate": len(latencies) / seconds,
             "p50_ms": 1000 * _percentile(latencies, 0.5), "p99_ms": 1000 * _percentile(latencies, 0.99)}
 
 
@@ -374,7 +431,9 @@ def main(argv=None):
 
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--loadgen":
-        spec = json.loads(sys.argv[2])
-        print(json.dumps(run_load(**spec)))
+        print(json.dumps(run_load(**json.loads(sys.argv[2]))))
+        sys.exit(0)
+    if len(sys.argv) == 3 and sys.argv[1] == "--post-worker":
+        post_worker(**json.loads(sys.argv[2]))
         sys.exit(0)
     sys.exit(main())
