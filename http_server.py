@@ -325,13 +325,22 @@ def _etag_matches(header, digest):
     return False
 
 
+def _file_key(filename):
+    try:
+        info = os.stat(filename)
+    except OSError:
+        return None
+    return info.st_ino, info.st_mtime_ns, info.st_size
+
+
 class LocateCache:
     """Memoizes Store.locate per (branch, path) for as long as the branch head is unchanged.
 
     Reading the head (one stat of the ref file) is far cheaper than resolving the path
-    through the trees and re-checking the object file; a new head (any commit, also by another
-    process, or gc) makes every entry of that branch stale. Objects reachable from a head are
-    never deleted, and object files are immutable, so a hit is always what locate would say.
+    through the trees; a new head (any commit, also by another process, or gc) makes every
+    entry of that branch stale. A hit also needs the object file's (inode, mtime, size) to be
+    unchanged, the same key the store uses to decide when to re-check an object's hash, so a
+    replaced or modified object file goes back through Store.locate and its hash check.
     """
 
     def __init__(self, store, size=4096):
@@ -345,13 +354,15 @@ class LocateCache:
         key = (branch, path)
         hit = self.entries.get(key)
         if hit is not None and hit[0] == head and head is not None:
-            return hit[1], hit[2]
+            if _file_key(hit[2]) == hit[3]:
+                return hit[1], hit[2]
         digest, filename = self.store.locate(path, branch=branch)
-        if self.store.head(branch=branch) == head:     # no commit raced the lookup
+        file_key = _file_key(filename)
+        if file_key is not None and self.store.head(branch=branch) == head:   # no commit raced
             with self.lock:
                 if len(self.entries) >= self.size:
                     self.entries.clear()             # simple bound; refilled on demand
-                self.entries[key] = (head, digest, filename)
+                self.entries[key] = (head, digest, filename, file_key)
         return digest, filename
 
     def forget(self, path, branch=None):
@@ -1314,8 +1325,11 @@ class WasmstoreHandler(http.server.BaseHTTPRequestHandler):
             self.close_connection = True
         if isinstance(exc, (TimeoutError, ConnectionError)):
             raise exc
-        if error_status(exc) in (None, 500):
+        status = error_status(exc)
+        if status is None:                          # a bug: the traceback goes to the log only
             self.server.log_text(f"error in {self.command} {self._safe_path()}:\n" + traceback.format_exc())
+        elif status >= 500:                         # known failure (corrupt object): one line
+            self.server.log_text(f"error in {self.command} {self._safe_path()}: {one_line(exc)}")
         return error_reply(exc)
 
     def _dispatch(self, method):

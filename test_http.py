@@ -1508,6 +1508,24 @@ class ObservabilityTests(unittest.TestCase):
         self.assertRegex(lines[3], r'"GET /api/v1/modules" 401 ')
         self.assertNotIn("logkey-42", live.log.getvalue())
 
+    def test_corrupt_object_is_500_with_its_message_and_never_served(self):
+        live = LiveServer(self, quiet=True)
+        module = wasm_module("corrupt")
+        digest = live.store.add("c.wasm", module)
+        self.assertEqual(live.request("GET", "/api/v1/module/c.wasm")[2], module)   # now cached
+        filename = live.store.module_filename(digest)
+        os.chmod(filename, 0o644)
+        with open(filename, "r+b") as handle:          # same size, new mtime: re-checked
+            handle.seek(len(module) - 1)
+            handle.write(b"X")
+        os.utime(filename, ns=(time.time_ns(), time.time_ns() + 10**9))
+        status, _, body = live.request("GET", "/api/v1/module/c.wasm")
+        self.assertEqual(status, 500)
+        self.assertIn(b"corrupt", body)
+        self.assertNotIn(b"X", body[-2:])
+        self.assertNotIn("Traceback", live.log.getvalue())
+        self.assertIn("corrupt", live.log.getvalue())
+
     def test_quiet_silences_the_access_log(self):
         live = LiveServer(self, quiet=True)
         live.request("GET", "/api/v1/modules")
