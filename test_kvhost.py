@@ -377,6 +377,23 @@ class RedisBackendTest(BackendContract, unittest.TestCase):
         self.assertEqual(redis_command(self.server.port, "INCRBY", name, 1), b":42\r\n")
         self.assertEqual(self.backend.get(self.NS, "b", "n"), b"42")
 
+    def test_replies_around_the_read_buffer_size_on_one_connection(self):
+        # One pooled connection reads them all: replies that fill, straddle and outgrow its
+        # 64 KiB buffer, then small ones again (after it shrinks back), in an order that leaves
+        # partial replies at the buffer's end.
+        backend = kvhost.RedisBackend(self.server.url, pool_size=1)
+        self.addCleanup(backend.close)
+        size = kvhost._RespConnection.BUFFER
+        values = [os.urandom(n) for n in (0, 1, size - 8, size - 2, size, size + 1, 3 * size + 5, 7, size - 1)]
+        for i, value in enumerate(values):
+            backend.set(self.NS, "b", f"k{i}", value)
+        for _ in range(2):
+            for i, value in enumerate(values):
+                self.assertEqual(backend.get(self.NS, "b", f"k{i}"), value, f"value {i} ({len(value)} bytes)")
+        self.assertEqual(backend.get_many(self.NS, "b", [f"k{i}" for i in range(len(values))] + ["none"]),
+                         values + [None])
+        self.assertEqual(len(backend._pool), 1)
+
     def test_bad_url_is_an_argument_error(self):
         for url in ("redis://", "redis://host:notaport/0", "redis://host:1/x"):
             with self.assertRaises(kvhost.ArgumentError):
@@ -436,6 +453,13 @@ class GuestGlueTest(unittest.TestCase):
 
     def test_get_missing_key_is_ok_none(self):
         self.assertEqual(self.call("get", "b", "missing"), {"ok": None})
+
+    def test_get_of_an_empty_and_a_one_byte_value(self):
+        # Both sizes take the fast lowering of ok(some(bytes)); an empty list must stay ok(some([])).
+        self.host.backend.set("default", "b", "empty", b"")
+        self.host.backend.set("default", "b", "one", b"\xff")
+        self.assertEqual(self.call("get", "b", "empty"), {"ok": []})
+        self.assertEqual(self.call("get", "b", "one"), {"ok": [255]})
 
     def test_get_returns_each_error_case_to_the_guest(self):
         # Pins the wasmtime-py 50 bug: lowering an err for result<option<list<u8>>, error> fails
