@@ -106,7 +106,6 @@ WS_QUEUE_SIZE = 256                        # events buffered per client before i
 WS_POLL_SECONDS = 0.05                     # how often a session checks its queue and its socket
 WS_PING_SECONDS = 20.0                     # keep-alive ping period on an otherwise silent watch
 WATCH_POLL_SECONDS = 0.05                  # how often a branch watcher checks the branch head
-WATCH_MAX_WALK = 10000                     # commits walked back to find the last seen head
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 JSON_TYPE = "application/json"
 TEXT_TYPE = "text/plain; charset=utf-8"
@@ -867,58 +866,31 @@ class Subscription:
 
 
 class _BranchWatcher(threading.Thread):
-    """Polls one branch head and turns every new commit into one JSON change event.
+    """Runs Store.watch for one branch and broadcasts each event as one JSON text.
 
-    Same events as Store.watch (one per first-parent commit, empty changes skipped), but the
-    start head is read synchronously when the watcher is created, before the WebSocket
-    handshake is answered: Store.watch is a generator that reads it only on its first next(),
-    so a commit made right after the handshake could be missed. The branch head is re-read
-    from disk on each poll, so commits by other processes are seen.
+    The watch iterator is created by WatchHub.subscribe, before the WebSocket handshake is
+    answered, and Store.watch reads its start head at that call: a commit made right after
+    the handshake is never missed. Store.watch re-reads the branch head from disk on each
+    poll, so commits by other processes are seen.
     """
 
-    def __init__(self, hub, branch, start_head):
+    def __init__(self, hub, branch, events, stop_event):
         super().__init__(name=f"wasmstore-watch-{branch}", daemon=True)
         self.hub = hub
         self.branch = branch
-        self.last = start_head
+        self.events = events
+        self.stop_event = stop_event
         self.subscribers = set()
-        self.stop_event = threading.Event()
 
     def run(self):
-        store = self.hub.store
-        while not self.stop_event.wait(self.hub.poll_interval):
-            try:
-                head = store.head(branch=self.branch)
-                if head == self.last:
-                    continue
-                for message in self._events(store, self.last, head):
-                    self.hub.broadcast(self, message)
-                self.last = head
-            except wasmstore.NotFound:
-                self.hub.end_branch(self, (1001, "branch deleted"))
-                return
-            except Exception:                              # a bug: keep serving, say why
-                self.hub.log(f"watch {self.branch}: " + traceback.format_exc())
-                time.sleep(1.0)
-
-    def _events(self, store, last, head):
-        """JSON messages for each commit after `last` up to `head`, oldest first."""
-        chain = []                                        # (parent, commit) newest first
-        commit = head
-        while commit is not None and commit != last and len(chain) < WATCH_MAX_WALK:
-            parents = store.commit_info(commit).get("parents") or []
-            parent = parents[0] if parents else None
-            chain.append((parent, commit))
-            commit = parent
-        if commit != last:                                 # history rewritten (gc squash, ...)
-            chain = [(last, head)]
-        for parent, commit in reversed(chain):
-            try:
-                changes = store.changes(parent, commit)
-            except wasmstore.NotFound:                      # last head collected by gc: no diff
-                continue
-            if changes:
-                yield json.dumps(changes, separators=(",", ":"), ensure_ascii=False)
+        try:
+            for _commit, changes in self.events:
+                self.hub.broadcast(self, json.dumps(changes, separators=(",", ":"), ensure_ascii=False))
+        except wasmstore.NotFound:
+            self.hub.end_branch(self, (1001, "branch deleted"))
+        except Exception:                                  # a bug: say why, end the watches
+            self.hub.log(f"watch {self.branch}: " + traceback.format_exc())
+            self.hub.end_branch(self, (1011, "internal error"))
 
 
 class WatchHub:
@@ -937,8 +909,10 @@ class WatchHub:
         with self.lock:
             watcher = self.watchers.get(branch)
             if watcher is None:
-                head = self.store.head(branch=branch)     # NotFound for a missing branch
-                watcher = _BranchWatcher(self, branch, head)
+                stop_event = threading.Event()
+                events = self.store.watch(branch=branch, poll_interval=self.poll_interval,
+                                          stop_event=stop_event)    # NotFound: no such branch
+                watcher = _BranchWatcher(self, branch, events, stop_event)
                 self.watchers[branch] = watcher
                 watcher.start()
             subscription = Subscription(branch)

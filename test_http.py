@@ -1053,6 +1053,14 @@ class WatchTests(unittest.TestCase):
         self.assertEqual(live.server.metrics.websocket_clients, 1)   # the slow one was dropped
         self.assertEqual(live.request("GET", "/api/v1/branches")[0], 200)
 
+    def test_deleting_the_watched_branch_closes_with_1001(self):
+        self.live.store.create_branch("gone")
+        ws = self.watch(headers={"Wasmstore-Branch": "gone"})
+        self.assertEqual(self.live.request("DELETE", "/api/v1/branch/gone")[0], 200)
+        opcode, payload = ws.recv()
+        self.assertEqual((opcode, int.from_bytes(payload[:2], "big")), (0x8, 1001))
+        self.assertTrue(self.wait_for_gauge(0))
+
     def test_plain_get_on_watch_is_426(self):
         self.assertEqual(self.live.request("GET", "/api/v1/watch")[0], 426)
 
