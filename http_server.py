@@ -28,7 +28,7 @@ Map of this file (top-down):
     auth               AuthTable (constant-time key comparison)
     body readers       LimitedReader, ChunkedReader (bounded, never read past the request)
     metrics            Metrics (Prometheus text format)
-    watch              WatchHub (one poller thread per branch -> bounded per-client queues)
+    watch              WatchHub (one Store.watch thread per branch -> bounded per-client queues)
     WebSocket framing  encode_frame(), FrameParser
     connection         request head parsing (Headers, read_headers), WasmstoreHandler
                        (one thread per connection)
