@@ -948,6 +948,7 @@ _PACK_FORMAT = {"s8": "<B7xb", "u8": "<B7xB", "s16": "<B7xh", "u16": "<B7xH", "s
 _BYTES_CHUNK = 1 << 16          # list<u8> elements converted per step (2 MiB of val_t)
 _ZERO_VAL = bytes(16)            # kind bool, payload false: a value that owns nothing
 _U8_KIND = bytes((_K["u8"],))
+_NULL_POINTER = bytes(8)
 _string_at = getattr(ctypes, "_string_at", ctypes.string_at)   # skips a Python-level wrapper
 _pack = struct.pack
 _memmove = ctypes.memmove
@@ -973,7 +974,8 @@ _c_host_to_any = _proto("wasmtime_component_resource_host_to_any", _vp, _vp, _vp
 _c_byte_vec_new = _proto("wasm_byte_vec_new", None, _vp, _sz, ctypes.c_char_p)
 _c_byte_vec_delete = _proto("wasm_byte_vec_delete", None, _vp)
 _c_val_new = _proto("wasmtime_component_val_new", _vp, _vp)
-_c_val_delete = _proto("wasmtime_component_val_delete", None, _vp)
+_c_val_delete = _proto("wasmtime_component_val_delete", None, _vp)     # drops a val's contents in place
+_c_val_free = _proto("wasmtime_component_val_free", None, _vp)         # drops and frees a val_new box
 _c_error_new = _proto("wasmtime_error_new", _vp, ctypes.c_char_p)
 _SEQ_NEW = {"list": _proto("wasmtime_component_vallist_new_uninit", None, _vp, _sz),
             "tuple": _proto("wasmtime_component_valtuple_new_uninit", None, _vp, _sz),
@@ -1093,10 +1095,13 @@ def _boxed(lower, ctx, value):
     return _c_val_new(ctypes.addressof(raw))
 
 
-def _unbox(lift, ctx, box):
+def _unbox(lift, ctx, box, owner):
+    """Lift the heap val `box` and free it, clearing the pointer to it at address `owner`, so the
+    outer val no longer owns it (whoever drops the outer val later cannot free it twice)."""
     value = lift(ctx, box)
+    _memmove(owner, _NULL_POINTER, 8)
     _memmove(box, _ZERO_VAL, 16)
-    _c_val_delete(box)
+    _c_val_free(box)        # val_delete would only drop the (now empty) contents, leaking the box
     return value
 
 
@@ -1194,7 +1199,7 @@ def make_lift(desc, json_mode=False):
 
         def lift_option(ctx, addr):
             box = _c_void_p_at(addr + 8).value
-            return _unbox(inner, ctx, box) if box else None
+            return _unbox(inner, ctx, box, addr + 8) if box else None
         return lift_option
     if kind == "result":
         ok_lift = None if desc[1] is None else make_lift(desc[1], json_mode)
@@ -1204,7 +1209,7 @@ def make_lift(desc, json_mode=False):
             raw = _string_at(addr + 8, 16)
             is_ok, box = raw[0] != 0, int.from_bytes(raw[8:], "little")
             lift = ok_lift if is_ok else err_lift
-            value = _unbox(lift, ctx, box) if (lift is not None and box) else None
+            value = _unbox(lift, ctx, box, addr + 16) if (lift is not None and box) else None
             if json_mode:
                 return {"ok" if is_ok else "err": value}
             return value if is_ok else Err(value)
@@ -1218,7 +1223,7 @@ def make_lift(desc, json_mode=False):
             _c_byte_vec_delete(addr + 8)
             box = _c_void_p_at(addr + 24).value
             lift = cases.get(tag)
-            value = _unbox(lift, ctx, box) if (lift is not None and box) else None
+            value = _unbox(lift, ctx, box, addr + 24) if (lift is not None and box) else None
             if json_mode:
                 return {"tag": tag} if lift is None else {"tag": tag, "value": value}
             return wc.Variant(tag, value)
