@@ -1948,12 +1948,13 @@ class Host:
     max_memory (bytes): sandbox limits; env ({name: value}), dirs ([(host, guest)]): what WASI may
     see (nothing unless given; sockets are never granted); cache_dir: compile cache (None:
     default_cache_dir(), False: off);
-    stdout / stderr: file paths for the guest's output (default: inherited).
+    stdout / stderr: file paths for the guest's output (default: inherited);
+    max_value_size: value limit of a backend opened from a URL (a Backend carries its own).
     """
 
     def __init__(self, kv="memory:", namespace="default", allow_buckets=None, deny_buckets=None, timeout=DEFAULT_TIMEOUT,
                  fuel=None, max_memory=None, env=None, dirs=None, cache_dir=None, stdout=None, stderr=None,
-                 max_value_size=DEFAULT_MAX_VALUE_BYTES):
+                 max_value_size=None):
         _check_namespace(namespace)
         if timeout is not None and (not isinstance(timeout, (int, float)) or isinstance(timeout, bool)
                                     or not 0 < timeout < 1e9 or math.isnan(timeout)):
@@ -1974,7 +1975,11 @@ class Host:
             if not os.path.isdir(host_dir):
                 raise ArgumentError(f"invalid --dir {host_dir!r}: not a directory")
         self._owns_backend = not isinstance(kv, Backend)
-        self.backend = open_backend(kv, max_value_size) if self._owns_backend else kv
+        if not self._owns_backend and max_value_size is not None:
+            raise ArgumentError("max_value_size applies to a backend URL; a Backend object "
+                                "carries its own limit (Backend(max_value_size=...))")
+        self.backend = open_backend(kv, DEFAULT_MAX_VALUE_BYTES if max_value_size is None
+                                    else max_value_size) if self._owns_backend else kv
         self.namespace = namespace
         self.timeout = timeout
         self.fuel = fuel

@@ -478,9 +478,10 @@ class GuestContractMixin:
         if isinstance(self.kv, kvhost.Backend):     # a Backend object carries its own limit
             kv = kvhost.open_backend("memory:", max_value_size=8)
             self.addCleanup(kv.close)
+            limit = {}
         else:
-            kv = self.kv
-        small = kvhost.Host(kv=kv, namespace=self.namespace, cache_dir=self.cache_dir, max_value_size=8)
+            kv, limit = self.kv, {"max_value_size": 8}
+        small = kvhost.Host(kv=kv, namespace=self.namespace, cache_dir=self.cache_dir, **limit)
         self.addCleanup(small.close)
         for guest in (KV_DRAFT, KV_DRAFT2):
             key = "k-" + os.path.basename(guest)

@@ -572,6 +572,12 @@ class GuestGlueTest(unittest.TestCase):
         self.assertEqual(result["err"]["tag"], "other")
         self.assertIn("value too large", result["err"]["value"])
 
+    def test_value_limit_with_a_backend_object_is_refused_not_ignored(self):
+        backend = kvhost.open_backend("memory:")
+        with self.assertRaises(kvhost.ArgumentError) as caught:
+            kvhost.Host(kv=backend, max_value_size=100, cache_dir=False)
+        self.assertIn("carries its own limit", str(caught.exception))
+
     def test_large_values_cross_the_boundary_intact(self):
         value = os.urandom(300_000)
         self.assertEqual(self.call("set", "b", "big", base64.b64encode(value).decode()), {"ok": None})
