@@ -76,6 +76,7 @@ import select
 import signal
 import socket
 import ssl
+import struct
 import sys
 import threading
 import time
@@ -192,13 +193,17 @@ def parse_target(target):
 # ---------------------------------------------------------------------------------------------
 
 class FileBody:
-    """A response body served from an open file descriptor (sent with os.sendfile)."""
+    """A response body served from an open file descriptor (sent with os.sendfile).
 
-    __slots__ = ("fd", "size")
+    close() hands the descriptor back: to the shared open-file lease it came from
+    (see LocateCache), or to os.close when it was opened for this reply alone."""
 
-    def __init__(self, fd, size):
+    __slots__ = ("fd", "size", "_release")
+
+    def __init__(self, fd, size, release=None):
         self.fd = fd                  # a raw fd: io.open's buffered object costs ~40 us here
         self.size = size
+        self._release = release
 
     def read(self):
         """The whole body (for tests and non-socket callers)."""
@@ -206,8 +211,24 @@ class FileBody:
 
     def close(self):
         if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+            fd, self.fd = self.fd, -1
+            if self._release is None:
+                os.close(fd)
+            else:
+                self._release()
+
+
+def open_body(filename):
+    """A FileBody of its own for an object file; NotFound if gc removed it."""
+    try:
+        fd = os.open(filename, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise wasmstore.NotFound("the module was removed meanwhile") from None
+    try:
+        return FileBody(fd, os.fstat(fd).st_size)
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 class Reply:
@@ -324,88 +345,154 @@ def _etag_matches(header, digest):
     return False
 
 
-def _file_key(filename):
-    try:
-        info = os.stat(filename)
-    except OSError:
-        return None
-    return info.st_ino, info.st_mtime_ns, info.st_size
+class _OpenFile:
+    """An object file kept open for downloads, shared by the requests that lease it."""
+
+    __slots__ = ("fd", "size", "key", "leases", "evicted")
+
+    def __init__(self, fd, info):
+        self.fd = fd
+        self.size = info.st_size
+        self.key = (info.st_ino, info.st_mtime_ns, info.st_size)
+        self.leases = 1
+        self.evicted = False
 
 
 class LocateCache:
-    """Memoizes Store.locate per (branch, path) for as long as the branch head is unchanged.
+    """Serves module downloads without re-resolving the path or reopening the file.
 
-    Reading the head (one stat of the ref file) is far cheaper than resolving the path
-    through the trees; a new head (any commit, also by another process, or gc) makes every
-    entry of that branch stale. A hit also needs the object file's (inode, mtime, size) to be
-    unchanged, the same key the store uses to decide when to re-check an object's hash, so a
-    replaced or modified object file goes back through Store.locate and its hash check.
+    Paths: Store.locate is memoized per (branch, path) while the branch head is unchanged
+    (one stat of the ref file tells; any commit, also by another process, or gc makes the
+    branch's entries stale). Files: a hash-checked object file stays open and is shared by
+    requests (objects are immutable; sendfile reads at an explicit offset), leased so its
+    descriptor is closed only when no reply uses it. Each request fstats the descriptor: a
+    file changed in place since it was checked goes back through Store.locate's hash check.
+    Every syscall releases the GIL, and with many connections each release costs a thread
+    switch: this is what keeps a download to five syscalls.
     """
 
-    def __init__(self, store, size=4096):
+    def __init__(self, store, size=4096, open_files=64):
         self.store = store
         self.size = size
         self.entries = {}
         self.lock = threading.Lock()
+        self.open_files = open_files
+        self.files = collections.OrderedDict()      # digest -> _OpenFile, oldest first
 
     def locate(self, path, branch=None):
         head = self.store.head(branch=branch)
         key = (branch, path)
         hit = self.entries.get(key)
         if hit is not None and hit[0] == head and head is not None:
-            if _file_key(hit[2]) == hit[3]:
-                return hit[1], hit[2]
+            return hit[1], hit[2]
         digest, filename = self.store.locate(path, branch=branch)
-        file_key = _file_key(filename)
-        if file_key is not None and self.store.head(branch=branch) == head:   # no commit raced
+        if self.store.head(branch=branch) == head:   # no commit raced the lookup
             with self.lock:
                 if len(self.entries) >= self.size:
                     self.entries.clear()             # simple bound; refilled on demand
-                self.entries[key] = (head, digest, filename, file_key)
+                self.entries[key] = (head, digest, filename)
         return digest, filename
 
     def forget(self, path, branch=None):
         self.entries.pop((branch, path), None)
 
+    def open(self, path, branch=None):
+        """(digest, FileBody) of the module at path on branch; the caller closes the body."""
+        digest, filename = self.locate(path, branch)
+        try:
+            body = self._lease(digest, filename)
+        except FileNotFoundError:                    # gc removed it after the lookup
+            body = None
+        if body is None:
+            self.forget(path, branch)
+            digest, filename = self.store.locate(path, branch=branch)   # checks the hash again
+            body = open_body(filename)
+        return digest, body
+
+    def _lease(self, digest, filename):
+        with self.lock:
+            entry = self.files.get(digest)
+            if entry is not None:
+                entry.leases += 1
+                self.files.move_to_end(digest)
+        if entry is None:
+            entry = self._open(digest, filename)
+        else:
+            info = os.fstat(entry.fd)
+            if (info.st_ino, info.st_mtime_ns, info.st_size) != entry.key:
+                self._evict(digest, entry)           # changed in place: never trusted again
+                self._release(entry)
+                return None
+        return FileBody(entry.fd, entry.size, lambda: self._release(entry))
+
+    def _open(self, digest, filename):
+        fd = os.open(filename, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        try:
+            entry = _OpenFile(fd, os.fstat(fd))
+        except BaseException:
+            os.close(fd)
+            raise
+        with self.lock:
+            existing = self.files.get(digest)
+            if existing is not None:                  # another request opened it meanwhile
+                existing.leases += 1
+                os.close(fd)
+                return existing
+            self.files[digest] = entry
+            while len(self.files) > self.open_files:
+                oldest_digest, oldest = next(iter(self.files.items()))
+                self._evict_locked(oldest_digest, oldest)
+        return entry
+
+    def _evict(self, digest, entry):
+        with self.lock:
+            self._evict_locked(digest, entry)
+
+    def _evict_locked(self, digest, entry):
+        if self.files.get(digest) is entry:
+            del self.files[digest]
+        if not entry.evicted:
+            entry.evicted = True
+            if entry.leases == 0:
+                os.close(entry.fd)
+
+    def _release(self, entry):
+        with self.lock:
+            entry.leases -= 1
+            if entry.evicted and entry.leases == 0:
+                os.close(entry.fd)
+
+    def close(self):
+        """Close every open file no reply is using (the rest close when released)."""
+        with self.lock:
+            for digest, entry in list(self.files.items()):
+                self._evict_locked(digest, entry)
+
 
 def _open_object(store, call):
-    """Locate and open a module's object file; retried once if gc removed it meanwhile."""
-    locate = call.locator.locate if call.locator is not None else store.locate
-    for attempt in (1, 2):
-        digest, filename = locate(call.path, branch=call.branch)
-        try:
-            fd = os.open(filename, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-        except FileNotFoundError:
-            if attempt == 2:
-                raise wasmstore.NotFound(f"no module at {call.path!r}") from None
-            if call.locator is not None:
-                call.locator.forget(call.path, call.branch)
-                locate = store.locate
-            continue
-        return digest, fd
+    """(digest, FileBody) of the module a request names."""
+    if call.locator is not None:
+        return call.locator.open(call.path, call.branch)
+    digest, filename = store.locate(call.path, branch=call.branch)
+    return digest, open_body(filename)
 
 
-def module_reply(digest, fd, headers):
-    """200 with the object file (or 304 when the client's ETag is current); owns fd."""
-    try:
-        size = os.fstat(fd).st_size
-    except BaseException:
-        os.close(fd)
-        raise
+def module_reply(digest, body, headers):
+    """200 with the object file (or 304 when the client's ETag is current); owns body."""
     etag = f'"{digest}"'
     common = [("Content-Type", WASM_TYPE), ("Wasmstore-Hash", digest), ("ETag", etag),
               ("Cache-Control", "no-cache")]
     if _etag_matches(headers.get("If-None-Match"), digest):
-        os.close(fd)
+        body.close()
         reply = Reply(304, common)
-        reply.headers.append(("Content-Length", str(size)))   # what a 200 would have sent
+        reply.headers.append(("Content-Length", str(body.size)))   # what a 200 would have sent
         return reply
-    return Reply(200, common, FileBody(fd, size))
+    return Reply(200, common, body)
 
 
 def get_module(store, call, body):
-    digest, fd = _open_object(store, call)
-    return module_reply(digest, fd, call.headers)
+    digest, file_body = _open_object(store, call)
+    return module_reply(digest, file_body, call.headers)
 
 
 def add_module(store, call, body):
@@ -443,8 +530,7 @@ def get_version(store, call, body):
     if not raw_index.isdigit() or len(raw_index) > 9:
         raise HttpError(400, f"version index must be a non-negative integer, got {raw_index!r}")
     digest, _commit = store.version(int(raw_index), call.path, branch=call.branch)
-    fd = os.open(store.module_filename(digest), os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-    return module_reply(digest, fd, call.headers)
+    return module_reply(digest, open_body(store.module_filename(digest)), call.headers)
 
 
 def rollback(store, call, body):
@@ -1050,15 +1136,25 @@ class _DeadlineSocketReader(io.RawIOBase):
     """Raw socket input with a per-phase deadline.
 
     socket.makefile() cannot be used after a timeout, and its per-recv timeout lets a client
-    trickle one byte at a time forever. This reader re-arms the socket timeout before each
-    recv: min(per-read timeout, time left until the deadline of the current phase).
+    trickle one byte at a time forever. This reader re-arms the timeout before each recv:
+    min(per-read timeout, time left until the deadline of the current phase).
+
+    On plain TCP the timeouts are the kernel's (SO_RCVTIMEO / SO_SNDTIMEO on a blocking
+    socket): a Python-level socket timeout adds a poll() before every recv and send, and
+    each extra syscall releases the GIL, which costs a thread switch per request under load.
+    TLS sockets keep Python's timeouts (OpenSSL must see the socket as it expects).
     """
 
     def __init__(self, sock, timeout):
         self.sock = sock
         self.timeout = timeout
         self.deadline = None
-        self.armed = sock.gettimeout()
+        self.kernel_timeouts = not isinstance(sock, ssl.SSLSocket)
+        if self.kernel_timeouts:
+            sock.settimeout(None)
+            self.armed = None
+        else:
+            self.armed = sock.gettimeout()
 
     def readable(self):
         return True
@@ -1067,11 +1163,17 @@ class _DeadlineSocketReader(io.RawIOBase):
         self.deadline = None if seconds is None else time.monotonic() + seconds
 
     def arm(self, wait):
-        """settimeout() costs a syscall: skip it unless the timeout changes by > 0.1 s
-        (so a deadline may fire up to 0.1 s early or late, which is fine for timeouts)."""
+        """Arming costs a syscall: skip it unless the timeout changes by > 0.1 s (so a
+        deadline may fire up to 0.1 s early or late, which is fine for timeouts)."""
         armed = self.armed
         if armed is None or abs(wait - armed) > 0.1:
-            self.sock.settimeout(wait)
+            if self.kernel_timeouts:
+                wait = max(wait, 0.001)             # a zero timeval would mean "forever"
+                timeval = struct.pack("ll", int(wait), int((wait % 1) * 1_000_000))
+                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
+            else:
+                self.sock.settimeout(wait)
             self.armed = wait
 
     def readinto(self, buffer):
@@ -1081,7 +1183,10 @@ class _DeadlineSocketReader(io.RawIOBase):
             if wait <= 0:
                 raise TimeoutError("request deadline passed")
         self.arm(wait)
-        return self.sock.recv_into(buffer)
+        try:
+            return self.sock.recv_into(buffer)
+        except BlockingIOError:                     # SO_RCVTIMEO expired
+            raise TimeoutError("timed out") from None
 
 
 class Headers:
@@ -1805,6 +1910,7 @@ class WasmstoreServer(http.server.ThreadingHTTPServer):
                 if left <= 0:
                     return False
                 self._inflight_cond.wait(left)
+        self.locate_cache.close()
         return True
 
 
