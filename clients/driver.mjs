@@ -1,5 +1,5 @@
 // SPDX-License-Identifier: Apache-2.0
-// Drive the published npm client @dylibso/wasmstore@0.3.0 for ../test_clients.py.
+// Drive the published npm client @dylibso/wasmstore@0.3.0 for the clients section of ../test_all.py.
 //
 // Protocol: one JSON object per line on stdin, one answer per line on stdout (after a first {"ready": ...} line):
 //   {"client": [url, branch, auth], "call": "add", "args": ["a.wasm", {"b64": "..."}]}

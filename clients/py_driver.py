@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Drive the published PyPI client `wasmstore==0.3.0` for ../test_clients.py.
+"""Drive the published PyPI client `wasmstore==0.3.0` for the clients section of ../test_all.py.
 
 Runs under the interpreter of the clients' virtual environment (never the project's), so it imports only the
 client. Protocol, one JSON object per line on stdin, one answer per line on stdout:

@@ -2,7 +2,7 @@
 """py-counter: the componentize-py test guest (world `wasmstore:py-counter/py-counter`).
 
 Built in CI by guests/build.sh into build/py-counter.wasm (not committed) and exercised by
-test_guests.py through kvhost: a counter that survives runs (SQLite backend; `run` prints
+test_all.py (guests section) through kvhost: a counter that survives runs (SQLite backend; `run` prints
 `hits=<n>`), paging through 2,500 keys with list-keys cursors, and namespace isolation
 via put/peek.
 Errors are returned as strings naming the wasi:keyvalue error case, like the WAT guests:
