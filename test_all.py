@@ -285,7 +285,7 @@ class LibraryTest(StoreTestCase):
         with open(cache, "rb") as handle:
             lines = handle.read().splitlines(keepends=True)
         self.assertEqual(len(lines), 13)        # one line per commit (the merge fast-forwards)
-        damaged = [lines[0], lines[1].replace(b"m.wasm", b"x.wasm")] + lines[2:7] +\
+        damaged = [lines[0], lines[1].replace(b"m.wasm", b"x.wasm")] + lines[2:7] + \
             [b"garbage\tline\n", lines[7][:20]]         # a bad CRC, junk, a cut line
         with open(cache, "wb") as handle:
             handle.writelines(damaged)
@@ -436,7 +436,7 @@ class LibraryTest(StoreTestCase):
         self.assertEqual(os.listdir(outside), [])
 
     def test_large_module_streams_through_add_file(self):
-        big = b"\0asm\x01\0\0\0" + b"\x00" + _leb(3 * 1024 * 1024 + 2) + b"\x01x" +\
+        big = b"\0asm\x01\0\0\0" + b"\x00" + _leb(3 * 1024 * 1024 + 2) + b"\x01x" + \
             bytes(3 * 1024 * 1024)
         source = os.path.join(self.tmp, "big.wasm")
         with open(source, "wb") as handle:
@@ -629,7 +629,7 @@ class DurabilityTest(StoreTestCase):
             self.assertEqual(process.returncode, 0)
         self.assertEqual(errors, [])
         listing = self.store.list()
-        expected = {f"/t{t}/{i}.wasm" for t in range(8) for i in range(per_writer)} |\
+        expected = {f"/t{t}/{i}.wasm" for t in range(8) for i in range(per_writer)} | \
             {f"/p{p}/{i}.wasm" for p in range(3) for i in range(per_writer)}
         self.assertEqual(set(listing), expected)
         self.assertEqual(self.store.commit_count(), len(expected))   # one commit per add
@@ -737,7 +737,7 @@ class StoreCliTest(StoreTestCase):
         out, err = io.StringIO(), io.StringIO()
         out.buffer = io.BytesIO()
         fake_stdin = io.TextIOWrapper(io.BytesIO(stdin))
-        with mock.patch.object(sys, "stdout", out), mock.patch.object(sys, "stderr", err),\
+        with mock.patch.object(sys, "stdout", out), mock.patch.object(sys, "stderr", err), \
                 mock.patch.object(sys, "stdin", fake_stdin):
             try:
                 status = wasmstore.main(["--root", self.root, *argv])
@@ -2432,32 +2432,23 @@ def prepare(ensure):
     raise unittest.SkipTest(f"client prerequisite missing (CI unset, so skipping): {value}")
 
 
-def leb128(n):
-    out = bytearray()
-    while True:
-        byte, n = n & 0x7F, n >> 7
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
 def section(section_id, payload):
-    return bytes([section_id]) + leb128(len(payload)) + payload
+    return bytes([section_id]) + _leb(len(payload)) + payload
 
 
 def clients_wasm_module(tag):
     """A minimal valid module, made distinct by a custom section holding `tag`."""
     name = b"wasmstore-test"
-    return b"\0asm\x01\0\0\0" + section(0, leb128(len(name)) + name + tag.encode())
+    return b"\0asm\x01\0\0\0" + section(0, _leb(len(name)) + name + tag.encode())
 
 
 def answer_module(value):
     """A module exporting `answer: () -> i32` returning `value` (0..63, a one-byte signed LEB128)."""
     types = section(1, b"\x01\x60\x00\x01\x7f")
     functions = section(3, b"\x01\x00")
-    exports = section(7, b"\x01" + leb128(6) + b"answer" + b"\x00\x00")
+    exports = section(7, b"\x01" + _leb(6) + b"answer" + b"\x00\x00")
     body = b"\x00\x41" + bytes([value]) + b"\x0b"
-    code = section(10, b"\x01" + leb128(len(body)) + body)
+    code = section(10, b"\x01" + _leb(len(body)) + body)
     return b"\0asm\x01\0\0\0" + types + functions + exports + code
 
 
@@ -2571,45 +2562,50 @@ class Driver:
         self.stderr.close()
 
 
-class PythonClient:
-    """Calls on the PyPI client in its virtual environment: `client.add("a.wasm", data)` runs Client(...).add there."""
+class _ClientProxy:
+    """Calls on a client in its own runtime: `client.add("a.wasm", data)` runs it there."""
+
+    label = "client"
+
+    def __init__(self, driver, options):
+        self.driver = driver
+        self.options = options
+
+    def raw(self, call, *args):
+        encoded = [b64(arg) if isinstance(arg, bytes) else arg for arg in args]
+        return self.driver.call_raw(call, *encoded, client=self.options)
+
+    def result(self, value):
+        return value
+
+    def __getattr__(self, call):
+        def invoke(*args):
+            answer = self.raw(call, *args)
+            if "error" in answer:
+                raise ClientCallFailed(f"{self.label} {call}{args!r:.200}: {answer['error']}")
+            return self.result(answer["ok"])
+        return invoke
+
+
+class PythonClient(_ClientProxy):
+    """The PyPI client in its virtual environment: Client(url, auth=..., branch=...)."""
+
+    label = "python client"
 
     def __init__(self, driver, url, auth=None, branch=None):
-        self.driver = driver
-        self.options = {"url": url, "auth": auth, "branch": branch}
+        super().__init__(driver, {"url": url, "auth": auth, "branch": branch})
 
-    def raw(self, call, *args):
-        encoded = [b64(arg) if isinstance(arg, bytes) else arg for arg in args]
-        return self.driver.call_raw(call, *encoded, client=self.options)
-
-    def __getattr__(self, call):
-        def invoke(*args):
-            answer = self.raw(call, *args)
-            if "error" in answer:
-                raise ClientCallFailed(f"python client {call}{args!r:.200}: {answer['error']}")
-            result = answer["ok"]
-            return unb64(result) if isinstance(result, dict) and set(result) == {"b64"} else result
-        return invoke
+    def result(self, value):
+        return unb64(value) if isinstance(value, dict) and set(value) == {"b64"} else value
 
 
-class NodeClient:
-    """Calls on the npm client: `client.add("a.wasm", data)` runs new Client(url, branch, auth).add in Node."""
+class NodeClient(_ClientProxy):
+    """The npm client in Node: new Client(url, branch, auth)."""
+
+    label = "npm client"
 
     def __init__(self, driver, url, branch=None, auth=None):
-        self.driver = driver
-        self.options = [url, branch, auth]
-
-    def raw(self, call, *args):
-        encoded = [b64(arg) if isinstance(arg, bytes) else arg for arg in args]
-        return self.driver.call_raw(call, *encoded, client=self.options)
-
-    def __getattr__(self, call):
-        def invoke(*args):
-            answer = self.raw(call, *args)
-            if "error" in answer:
-                raise ClientCallFailed(f"npm client {call}{args!r:.200}: {answer['error']}")
-            return answer["ok"]
-        return invoke
+        super().__init__(driver, [url, branch, auth])
 
 
 def python_driver(test, extra_env=None):
