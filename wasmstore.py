@@ -58,7 +58,6 @@ import mmap
 import os
 import re
 import shutil
-import stat
 import sys
 import tarfile
 import threading
@@ -134,8 +133,13 @@ class CorruptObject(StoreError):
     http_status = 500
 
 
-class _RefMoved(Exception):
-    """Internal: a ref changed between read and swap (a bug if ever seen under the lock)."""
+class _RefMoved(Conflict):
+    """A ref changed between read and swap under the lock: something wrote it without
+    taking the lock. Nothing was written; retrying is safe."""
+
+    def __init__(self, branch):
+        super().__init__(f"branch {branch!r} changed while this change was being written "
+                         "(a writer without the lock?); nothing was written, retry")
 
 
 # --------------------------------------------------------------------------- names
