@@ -929,6 +929,13 @@ def open_backend(url=DEFAULT_KV_URL, max_value_size=DEFAULT_MAX_VALUE_BYTES):
 # Two dialects share the converters: "host" values (bytes, tuples, Variant, Err marker for
 # result errors) for the glue, and "json" values ({"ok": ..}, {"tag": .., "value": ..},
 # lists) for `call`.
+#
+# Converters read and write wasmtime_component_val_t records in place, through _MEMORY (a byte
+# view of the address space) with struct.unpack_from / pack_into and slices: no libffi call,
+# about a third of the cost of ctypes.string_at / memmove / from_address. They call the C API
+# only to allocate (strings, lists, boxes, resources). Ownership: lifting only reads, and the
+# val's owner frees it (wasmtime drops a host call's arguments after the callback;
+# _Session.invoke deletes a call's result with one wasmtime_component_val_delete).
 
 _VAL = ffi.wasmtime_component_val_t
 _VAL_SIZE = ctypes.sizeof(_VAL)                      # 32 bytes: kind at +0, payload at +8
@@ -937,22 +944,23 @@ _ENTRY_SIZE = ctypes.sizeof(ffi.wasmtime_component_valrecord_entry)   # name (16
 _K = {name: getattr(ffi, "WASMTIME_COMPONENT_" + name.upper()).value for name in (
     "bool", "s8", "u8", "s16", "u16", "s32", "u32", "s64", "u64", "f32", "f64", "char", "string",
     "list", "record", "tuple", "variant", "enum", "option", "result", "flags", "resource")}
-_SCALARS = {"s8": ctypes.c_int8, "u8": ctypes.c_uint8, "s16": ctypes.c_int16, "u16": ctypes.c_uint16,
-            "s32": ctypes.c_int32, "u32": ctypes.c_uint32, "s64": ctypes.c_int64, "u64": ctypes.c_uint64,
-            "f32": ctypes.c_float, "f64": ctypes.c_double, "char": ctypes.c_uint32}
 _INT_BOUNDS = {"s8": (-(1 << 7), (1 << 7) - 1), "u8": (0, 255), "s16": (-(1 << 15), (1 << 15) - 1),
                "u16": (0, 65535), "s32": (-(1 << 31), (1 << 31) - 1), "u32": (0, (1 << 32) - 1),
                "s64": S64, "u64": U64}
-_PACK_FORMAT = {"s8": "<B7xb", "u8": "<B7xB", "s16": "<B7xh", "u16": "<B7xH", "s32": "<B7xi", "u32": "<B7xI",
-                "s64": "<B7xq", "u64": "<B7xQ", "f32": "<B7xf", "f64": "<B7xd", "char": "<B7xI"}
+_SCALAR_FORMAT = {"s8": "b", "u8": "B", "s16": "h", "u16": "H", "s32": "i", "u32": "I", "s64": "q",
+                  "u64": "Q", "f32": "f", "f64": "d", "char": "I"}     # the payload at +8
 _BYTES_CHUNK = 1 << 16          # list<u8> elements converted per step (2 MiB of val_t)
-_ZERO_VAL = bytes(16)            # kind bool, payload false: a value that owns nothing
+_ZERO_VAL = bytes(_VAL_SIZE)     # kind bool, payload false: a val that owns nothing
 _U8_KIND = bytes((_K["u8"],))
-_NULL_POINTER = bytes(8)
-_string_at = getattr(ctypes, "_string_at", ctypes.string_at)   # skips a Python-level wrapper
-_pack = struct.pack
-_memmove = ctypes.memmove
-_c_void_p_at = ctypes.c_void_p.from_address
+
+# The whole address space as bytes. Like ctypes, it trusts the addresses it is given; every
+# address used with it comes from wasmtime (a val, a vector's data, a box) or from ctypes.
+_MEMORY = memoryview((ctypes.c_char * sys.maxsize).from_address(0)).cast("B")
+_read_pointer = struct.Struct("<Q").unpack_from
+_read_vec = struct.Struct("<QQ").unpack_from            # {size, data}
+_write_kind_pointer = struct.Struct("<B7xQ").pack_into   # kind, then a pointer at +8
+_write_result = struct.Struct("<B7x?7xQ").pack_into      # kind, is_ok at +8, box at +16
+_write_pointer = struct.Struct("<Q").pack_into
 
 
 def _proto(name, restype, *argtypes):
@@ -966,13 +974,11 @@ def _proto(name, restype, *argtypes):
 
 _vp, _sz = ctypes.c_void_p, ctypes.c_size_t
 _c_any_to_host = _proto("wasmtime_component_resource_any_to_host", _vp, _vp, _vp, ctypes.POINTER(_vp))
-_c_any_delete = _proto("wasmtime_component_resource_any_delete", None, _vp)
 _c_host_new = _proto("wasmtime_component_resource_host_new", _vp, ctypes.c_bool, ctypes.c_uint32, ctypes.c_uint32)
 _c_host_rep = _proto("wasmtime_component_resource_host_rep", ctypes.c_uint32, _vp)
 _c_host_delete = _proto("wasmtime_component_resource_host_delete", None, _vp)
 _c_host_to_any = _proto("wasmtime_component_resource_host_to_any", _vp, _vp, _vp, ctypes.POINTER(_vp))
 _c_byte_vec_new = _proto("wasm_byte_vec_new", None, _vp, _sz, ctypes.c_char_p)
-_c_byte_vec_delete = _proto("wasm_byte_vec_delete", None, _vp)
 _c_val_new = _proto("wasmtime_component_val_new", _vp, _vp)
 _c_val_delete = _proto("wasmtime_component_val_delete", None, _vp)     # drops a val's contents in place
 _c_val_free = _proto("wasmtime_component_val_free", None, _vp)         # drops and frees a val_new box
@@ -1077,175 +1083,174 @@ def format_desc(desc):
     return kind
 
 
-_unpack_vec = struct.Struct("<QQ").unpack
-
-
 def _vec_at(addr):
     """(size, data address) of the {size, data} vector stored at addr."""
-    return _unpack_vec(_string_at(addr, 16))
+    return _read_vec(_MEMORY, addr)
+
+
+def _pointer_at(addr):
+    return _read_pointer(_MEMORY, addr)[0]
+
+
+def _u8_vals_at(data, size):
+    """The bytes held by `size` u8 val_t records at address `data`: each record is 32 bytes with
+    its u8 at a fixed offset, so copy and take a strided slice, in chunks so that a large value
+    costs at most 2 MiB more at once."""
+    if size <= _BYTES_CHUNK:
+        return _MEMORY[data:data + size * _VAL_SIZE].tobytes()[_VAL_PAYLOAD::_VAL_SIZE]
+    return b"".join(_u8_vals_at(data + start * _VAL_SIZE, min(_BYTES_CHUNK, size - start))
+                    for start in range(0, size, _BYTES_CHUNK))
+
+
+def _store_u8_vals(data, value):
+    """Write `value` as u8 val_t records at address `data` (room for len(value) records)."""
+    for start in range(0, len(value), _BYTES_CHUNK):
+        part = value[start:start + _BYTES_CHUNK]
+        records = bytearray(len(part) * _VAL_SIZE)
+        records[0::_VAL_SIZE] = _U8_KIND * len(part)
+        records[_VAL_PAYLOAD::_VAL_SIZE] = part
+        offset = data + start * _VAL_SIZE
+        _MEMORY[offset:offset + len(records)] = records
 
 
 def _boxed(lower, ctx, value):
-    """A heap val_t holding `value` (what option/result/variant payloads point to)."""
-    packed = getattr(lower, "packed", None)
-    if packed is not None:      # scalars: copy the packed bytes straight into the box
-        return _c_val_new(packed(value) + bytes(16))
-    raw = _VAL()
-    lower(ctx, value, ctypes.addressof(raw))
-    return _c_val_new(ctypes.addressof(raw))
-
-
-def _unbox(lift, ctx, box, owner):
-    """Lift the heap val `box` and free it, clearing the pointer to it at address `owner`, so the
-    outer val no longer owns it (whoever drops the outer val later cannot free it twice)."""
-    value = lift(ctx, box)
-    _memmove(owner, _NULL_POINTER, 8)
-    _memmove(box, _ZERO_VAL, 16)
-    _c_val_free(box)        # val_delete would only drop the (now empty) contents, leaking the box
-    return value
-
-
-def _take_resource(addr):
-    """Move the resource pointer out of the val at addr (the val no longer owns it)."""
-    cell = _c_void_p_at(addr + 8)
-    pointer = cell.value
-    cell.value = None
-    return pointer
-
-
-def _resource_rep(ctx, any_ptr, type_id):
-    host_ptr = _vp()
+    """A heap val_t holding `value` (what option, result and variant payloads point to): the box
+    is made as bool false, which owns nothing, and lowered in place."""
+    box = _c_val_new(_ZERO_VAL)
     try:
-        err = _c_any_to_host(ctx, any_ptr, ctypes.byref(host_ptr))
-        if err:
-            raise wasmtime.WasmtimeError._from_ptr(ctypes.cast(err, ctypes.POINTER(ffi.wasmtime_error_t)))
-        try:
-            # No type check here: the canonical ABI already traps on a handle of another resource type.
-            return _c_host_rep(host_ptr)
-        finally:
-            _c_host_delete(host_ptr)
+        lower(ctx, value, box)
+    except BaseException:
+        _c_val_free(box)        # a lowering that raises leaves its slot owning nothing
+        raise
+    return box
+
+
+def _resource_rep(ctx, any_ptr):
+    """The rep of the host resource behind a resource_any (the val keeps owning any_ptr).
+    No type check here: the canonical ABI already traps on a handle of another resource type."""
+    host_ptr = _vp()
+    err = _c_any_to_host(ctx, any_ptr, ctypes.byref(host_ptr))
+    if err:
+        raise wasmtime.WasmtimeError._from_ptr(ctypes.cast(err, ctypes.POINTER(ffi.wasmtime_error_t)))
+    try:
+        return _c_host_rep(host_ptr)
     finally:
-        _c_any_delete(any_ptr)
+        _c_host_delete(host_ptr)
 
 
 def make_lift(desc, json_mode=False):
-    """fn(ctx, addr) -> the Python value of the val_t at addr, freeing what it owned (as wasmtime-py
-    does for host-call arguments and call results). ctx is the store context's address."""
+    """fn(ctx, addr) -> the Python value of the val_t at addr. It only reads: the val's owner
+    frees it. ctx is the store context's address (resources need it)."""
     kind = desc[0]
     if kind == "bool":
-        return lambda ctx, addr: _string_at(addr + 8, 1) != b"\0"
-    if kind in _SCALARS:
-        ctype = _SCALARS[kind]
+        return lambda ctx, addr: _MEMORY[addr + _VAL_PAYLOAD] != 0
+    if kind in _SCALAR_FORMAT:
+        read = struct.Struct("<" + _SCALAR_FORMAT[kind]).unpack_from
         if kind == "char":
-            return lambda ctx, addr: chr(ctype.from_address(addr + 8).value)
-        return lambda ctx, addr: ctype.from_address(addr + 8).value
+            return lambda ctx, addr: chr(read(_MEMORY, addr + _VAL_PAYLOAD)[0])
+        return lambda ctx, addr: read(_MEMORY, addr + _VAL_PAYLOAD)[0]
     if kind in ("string", "enum"):
-        def lift_string(ctx, addr):
-            size, data = _vec_at(addr + 8)
-            text = _string_at(data, size).decode("utf-8") if size else ""
-            _c_byte_vec_delete(addr + 8)
-            return text
-        return lift_string
+        return _lift_string
     if kind == "list" and desc[1] == ("u8",):
-        delete = _SEQ_DELETE["list"]
-
-        def lift_bytes(ctx, addr):
-            size, data = _vec_at(addr + 8)
-            # Each element is a 32-byte val_t with its u8 at a fixed offset: copy and take a strided
-            # slice, in chunks so a large value does not cost another 32 bytes per byte at once.
-            if size <= _BYTES_CHUNK:
-                value = _string_at(data, size * _VAL_SIZE)[_VAL_PAYLOAD::_VAL_SIZE] if size else b""
-            else:
-                value = b"".join(
-                    _string_at(data + start * _VAL_SIZE, min(_BYTES_CHUNK, size - start) * _VAL_SIZE)
-                    [_VAL_PAYLOAD::_VAL_SIZE] for start in range(0, size, _BYTES_CHUNK))
-            delete(addr + 8)
-            return list(value) if json_mode else value
-        return lift_bytes
-    if kind in ("list", "tuple"):
-        lifts = [make_lift(desc[1], json_mode)] if kind == "list" else [make_lift(d, json_mode) for d in desc[1]]
-        delete = _SEQ_DELETE[kind]
-
-        def lift_seq(ctx, addr):
-            size, data = _vec_at(addr + 8)
-            out = []
-            try:
-                for i in range(size):
-                    item = data + i * _VAL_SIZE
-                    out.append((lifts[0] if kind == "list" else lifts[i])(ctx, item))
-                    _memmove(item, _ZERO_VAL, 16)
-            finally:
-                delete(addr + 8)
-            return out if (kind == "list" or json_mode) else tuple(out)
-        return lift_seq
+        return _lift_json_bytes if json_mode else _lift_bytes
+    if kind == "list":
+        return _make_lift_list(make_lift(desc[1], json_mode))
+    if kind == "tuple":
+        return _make_lift_tuple([make_lift(d, json_mode) for d in desc[1]], json_mode)
     if kind == "record":
-        fields = [(name, make_lift(d, json_mode)) for name, d in desc[1]]
-        delete = _SEQ_DELETE["record"]
-
-        def lift_record(ctx, addr):
-            size, data = _vec_at(addr + 8)
-            out = {}
-            try:
-                for i, (name, lift) in enumerate(fields[:size]):
-                    item = data + i * _ENTRY_SIZE + 16
-                    out[name] = lift(ctx, item)
-                    _memmove(item, _ZERO_VAL, 16)
-            finally:
-                delete(addr + 8)
-            return out
-        return lift_record
+        return _make_lift_record([(name, make_lift(d, json_mode)) for name, d in desc[1]])
     if kind == "option":
-        inner = make_lift(desc[1], json_mode)
-
-        def lift_option(ctx, addr):
-            box = _c_void_p_at(addr + 8).value
-            return _unbox(inner, ctx, box, addr + 8) if box else None
-        return lift_option
+        return _make_lift_option(make_lift(desc[1], json_mode))
     if kind == "result":
-        ok_lift = None if desc[1] is None else make_lift(desc[1], json_mode)
-        err_lift = None if desc[2] is None else make_lift(desc[2], json_mode)
-
-        def lift_result(ctx, addr):
-            raw = _string_at(addr + 8, 16)
-            is_ok, box = raw[0] != 0, int.from_bytes(raw[8:], "little")
-            lift = ok_lift if is_ok else err_lift
-            value = _unbox(lift, ctx, box, addr + 16) if (lift is not None and box) else None
-            if json_mode:
-                return {"ok" if is_ok else "err": value}
-            return value if is_ok else Err(value)
-        return lift_result
+        return _make_lift_result(None if desc[1] is None else make_lift(desc[1], json_mode),
+                                 None if desc[2] is None else make_lift(desc[2], json_mode), json_mode)
     if kind == "variant":
-        cases = {name: None if d is None else make_lift(d, json_mode) for name, d in desc[1]}
-
-        def lift_variant(ctx, addr):
-            size, data = _vec_at(addr + 8)
-            tag = _string_at(data, size).decode("utf-8")
-            _c_byte_vec_delete(addr + 8)
-            box = _c_void_p_at(addr + 24).value
-            lift = cases.get(tag)
-            value = _unbox(lift, ctx, box, addr + 24) if (lift is not None and box) else None
-            if json_mode:
-                return {"tag": tag} if lift is None else {"tag": tag, "value": value}
-            return wc.Variant(tag, value)
-        return lift_variant
+        return _make_lift_variant({name: None if d is None else make_lift(d, json_mode) for name, d in desc[1]},
+                                  json_mode)
     if kind == "flags":
-        delete = _SEQ_DELETE["flags"]
-
-        def lift_flags(ctx, addr):
-            size, data = _vec_at(addr + 8)
-            names = []
-            for i in range(size):
-                n, d = _vec_at(data + 16 * i)
-                names.append(_string_at(d, n).decode("utf-8"))
-            delete(addr + 8)
-            return names
-        return lift_flags
+        return _lift_flags
     if kind in ("own", "borrow"):
         if json_mode:
             raise ArgumentError("resource handles cannot be converted to JSON")
-        type_id = desc[1]
-        return lambda ctx, addr: _resource_rep(ctx, _take_resource(addr), type_id)
+        return lambda ctx, addr: _resource_rep(ctx, _pointer_at(addr + _VAL_PAYLOAD))
     raise ArgumentError(f"unsupported component type {format_desc(desc)}")
+
+
+def _lift_string(ctx, addr):
+    size, data = _read_vec(_MEMORY, addr + _VAL_PAYLOAD)
+    return str(_MEMORY[data:data + size], "utf-8") if size else ""
+
+
+def _lift_bytes(ctx, addr):
+    size, data = _read_vec(_MEMORY, addr + _VAL_PAYLOAD)
+    return _u8_vals_at(data, size) if size else b""
+
+
+def _lift_json_bytes(ctx, addr):
+    return list(_lift_bytes(ctx, addr))
+
+
+def _lift_flags(ctx, addr):
+    size, data = _read_vec(_MEMORY, addr + _VAL_PAYLOAD)
+    names = []
+    for i in range(size):       # a vector of {size, data} names
+        length, text = _read_vec(_MEMORY, data + 16 * i)
+        names.append(str(_MEMORY[text:text + length], "utf-8"))
+    return names
+
+
+def _make_lift_list(lift):
+    def lift_list(ctx, addr):
+        size, data = _read_vec(_MEMORY, addr + _VAL_PAYLOAD)
+        return [lift(ctx, data + i * _VAL_SIZE) for i in range(size)]
+    return lift_list
+
+
+def _make_lift_tuple(lifts, json_mode):
+    def lift_tuple(ctx, addr):
+        _, data = _read_vec(_MEMORY, addr + _VAL_PAYLOAD)
+        items = [lift(ctx, data + i * _VAL_SIZE) for i, lift in enumerate(lifts)]
+        return items if json_mode else tuple(items)
+    return lift_tuple
+
+
+def _make_lift_record(fields):
+    def lift_record(ctx, addr):
+        _, data = _read_vec(_MEMORY, addr + _VAL_PAYLOAD)
+        # each entry is {name (16 bytes), val}
+        return {name: lift(ctx, data + i * _ENTRY_SIZE + 16) for i, (name, lift) in enumerate(fields)}
+    return lift_record
+
+
+def _make_lift_option(lift):
+    def lift_option(ctx, addr):
+        box = _pointer_at(addr + _VAL_PAYLOAD)
+        return lift(ctx, box) if box else None
+    return lift_option
+
+
+def _make_lift_result(ok_lift, err_lift, json_mode):
+    def lift_result(ctx, addr):
+        is_ok = _MEMORY[addr + _VAL_PAYLOAD] != 0
+        box = _pointer_at(addr + _VAL_PAYLOAD + 8)
+        lift = ok_lift if is_ok else err_lift
+        value = lift(ctx, box) if (lift is not None and box) else None
+        if json_mode:
+            return {"ok" if is_ok else "err": value}
+        return value if is_ok else Err(value)
+    return lift_result
+
+
+def _make_lift_variant(cases, json_mode):
+    def lift_variant(ctx, addr):
+        tag = _lift_string(ctx, addr)
+        box = _pointer_at(addr + _VAL_PAYLOAD + 16)
+        lift = cases.get(tag)
+        value = lift(ctx, box) if (lift is not None and box) else None
+        if json_mode:
+            return {"tag": tag} if lift is None else {"tag": tag, "value": value}
+        return wc.Variant(tag, value)
+    return lift_variant
 
 
 def _bad(desc, value):
@@ -1258,250 +1263,253 @@ def _bad(desc, value):
     return ArgumentError(f"expected {format_desc(desc)}, got {shown}")
 
 
-def _set_kind(addr, code):
-    _memmove(addr, bytes((code,)), 1)
-
-
-def _store_u8_vals(data, value):
-    """Write `value` as u8 val_t records at address `data` (room for len(value) records)."""
-    n = len(value)
-    for start in range(0, n, _BYTES_CHUNK):
-        # A chunk of val_t records at once: kind byte at +0, the u8 at its payload offset.
-        part = value[start:start + _BYTES_CHUNK]
-        buf = bytearray(len(part) * _VAL_SIZE)
-        buf[0::_VAL_SIZE] = _U8_KIND * len(part)
-        buf[_VAL_PAYLOAD::_VAL_SIZE] = part
-        _memmove(data + start * _VAL_SIZE, bytes(buf), len(buf))
-
-
-def _lower_ok_some_bytes(generic):
-    """The lowering of result<option<list<u8>>, E> (what `get` returns) with a fast path for
-    ok(some(bytes)): the list is built in the results slot and moved into its two boxes from
-    plain bytes (6 C calls instead of 8 and two temporary ctypes values). Others: `generic`."""
-    new_list = _SEQ_NEW["list"]
-    list_head, option_code, result_code = bytes((_K["list"],)) + bytes(7), _K["option"], _K["result"]
-    pad = bytes(8)
-
-    def lower_ok_some_bytes(ctx, v, addr):
-        if type(v) is not bytes:
-            return generic(ctx, v, addr)
-        new_list(addr + 8, len(v))
-        vec = _string_at(addr + 8, 16)          # {size, data}: the slot holds it only until moved
-        if v:
-            _store_u8_vals(int.from_bytes(vec[8:], "little"), v)
-        some = _c_val_new(list_head + vec + pad)
-        ok = _c_val_new(_pack("<B7xQ16x", option_code, some))
-        _memmove(addr, _pack("<B7x?7xQ", result_code, True, ok), 24)
-    return lower_ok_some_bytes
-
-
 def make_lower(desc, json_mode=False):
-    """fn(ctx, value, addr) writing `value` into the val_t at addr (ArgumentError on a bad value)."""
+    """fn(ctx, value, addr) writing `value` into the val_t at addr, whose old contents must own
+    nothing (they are overwritten). A bad value raises ArgumentError and leaves the slot as it
+    was, so whoever owns it can still free it."""
     kind = desc[0]
     if kind == "bool":
-        code = _K["bool"]
-
-        def pack_bool(v):
-            if not isinstance(v, bool):
-                raise _bad(desc, v)
-            return _pack("<B7x?7x", code, v)
-
-        def lower_bool(ctx, v, addr):
-            _memmove(addr, pack_bool(v), 16)
-        lower_bool.packed = pack_bool
-        return lower_bool
+        return _make_lower_bool(desc)
     if kind in _INT_BOUNDS:
-        lo, hi = _INT_BOUNDS[kind]
-        code, fmt = _K[kind], _PACK_FORMAT[kind]
-
-        def pack_int(v):
-            if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
-                raise _bad(desc, v)
-            return _pack(fmt, code, v).ljust(16, b"\0")
-
-        def lower_int(ctx, v, addr):
-            _memmove(addr, pack_int(v), 16)
-        lower_int.packed = pack_int
-        return lower_int
+        return _make_lower_int(desc)
     if kind in ("f32", "f64"):
-        code, fmt = _K[kind], _PACK_FORMAT[kind]
-
-        def lower_float(ctx, v, addr):
-            if not isinstance(v, (int, float)) or isinstance(v, bool):
-                raise _bad(desc, v)
-            _memmove(addr, _pack(fmt, code, float(v)), 16)
-        return lower_float
+        return _make_lower_float(desc)
     if kind == "char":
-        code = _K["char"]
-
-        def lower_char(ctx, v, addr):
-            if not isinstance(v, str) or len(v) != 1 or 0xD800 <= ord(v) <= 0xDFFF:
-                raise _bad(desc, v)
-            _memmove(addr, _pack("<B7xI", code, ord(v)), 16)
-        return lower_char
+        return _make_lower_char(desc)
     if kind in ("string", "enum"):
-        names = desc[1] if kind == "enum" else None
-        code = _K[kind]
-
-        def lower_string(ctx, v, addr):
-            if not isinstance(v, str) or (names is not None and v not in names):
-                raise _bad(desc, v)
-            try:
-                data = v.encode("utf-8")
-            except UnicodeEncodeError:
-                raise _bad(desc, v) from None
-            _c_byte_vec_new(addr + 8, len(data), data)
-            _set_kind(addr, code)
-        return lower_string
+        return _make_lower_string(desc)
     if kind == "list" and desc[1] == ("u8",):
-        new, code = _SEQ_NEW["list"], _K["list"]
-
-        def lower_bytes(ctx, v, addr):
-            if json_mode and isinstance(v, str):
-                try:
-                    v = base64.b64decode(v, validate=True)
-                except binascii.Error:
-                    raise _bad(desc, v) from None
-            elif json_mode and isinstance(v, list):
-                if not all(isinstance(b, int) and not isinstance(b, bool) and 0 <= b <= 255 for b in v):
-                    raise _bad(desc, v)
-                v = bytes(v)
-            elif not isinstance(v, (bytes, bytearray, memoryview)):
-                raise _bad(desc, v)
-            n = len(v)
-            new(addr + 8, n)
-            _store_u8_vals(_vec_at(addr + 8)[1], v)
-            _set_kind(addr, code)
-        return lower_bytes
+        return _make_lower_bytes(desc, json_mode)
     if kind in ("list", "tuple", "record"):
-        if kind == "record":
-            names = [name for name, _ in desc[1]]
-            lowers = [make_lower(d, json_mode) for _, d in desc[1]]
-        else:
-            lowers = [make_lower(desc[1], json_mode)] if kind == "list" else [make_lower(d, json_mode) for d in desc[1]]
-        new, delete, code = _SEQ_NEW[kind], _SEQ_DELETE[kind], _K[kind]
-        stride = _ENTRY_SIZE if kind == "record" else _VAL_SIZE
-
-        def lower_seq(ctx, v, addr):
-            if kind == "record":
-                if not isinstance(v, dict) or set(v) != set(names):
-                    raise _bad(desc, v)
-                items = [v[name] for name in names]
-            elif kind == "list":
-                if not isinstance(v, (list, tuple)):
-                    raise _bad(desc, v)
-                items = v
-            else:
-                if not isinstance(v, (list, tuple)) or len(v) != len(lowers):
-                    raise _bad(desc, v)
-                items = v
-            n = len(items)
-            new(addr + 8, n)
-            data = _vec_at(addr + 8)[1]
-            done = 0
-            try:
-                for i, item in enumerate(items):
-                    slot = data + i * stride
-                    if kind == "record":
-                        name = names[i].encode("utf-8")
-                        _c_byte_vec_new(slot, len(name), name)
-                        slot += 16
-                    (lowers[0] if kind == "list" else lowers[i])(ctx, item, slot)
-                    done += 1
-            except BaseException:
-                for j in range(done, n):
-                    slot = data + j * stride
-                    if kind == "record":
-                        if j > done:
-                            _memmove(slot, bytes(16), 16)
-                        slot += 16
-                    _memmove(slot, _ZERO_VAL, 16)
-                delete(addr + 8)
-                raise
-            _set_kind(addr, code)
-        return lower_seq
+        return _make_lower_sequence(desc, json_mode)
     if kind == "option":
-        inner = make_lower(desc[1], json_mode)
-        code = _K["option"]
-
-        def lower_option(ctx, v, addr):
-            box = 0 if v is None else _boxed(inner, ctx, v)
-            _memmove(addr, _pack("<B7xQ", code, box), 16)
-        return lower_option
+        return _make_lower_option(make_lower(desc[1], json_mode))
     if kind == "result":
-        ok_lower = None if desc[1] is None else make_lower(desc[1], json_mode)
-        err_lower = None if desc[2] is None else make_lower(desc[2], json_mode)
-        code = _K["result"]
-
-        def lower_result(ctx, v, addr):
-            if json_mode:
-                if not isinstance(v, dict) or len(v) != 1 or next(iter(v)) not in ("ok", "err"):
-                    raise _bad(desc, v)
-                is_ok = "ok" in v
-                payload = v["ok"] if is_ok else v["err"]
-            else:
-                is_ok = not isinstance(v, Err)
-                payload = v if is_ok else v.value
-            lower = ok_lower if is_ok else err_lower
-            if lower is None and payload is not None:
-                raise _bad(desc, v)
-            box = 0 if lower is None else _boxed(lower, ctx, payload)
-            _memmove(addr, _pack("<B7x?7xQ", code, is_ok, box), 24)
-        if not json_mode and desc[1] == ("option", ("list", ("u8",))):
-            return _lower_ok_some_bytes(lower_result)
-        return lower_result
+        return _make_lower_result(desc, json_mode)
     if kind == "variant":
-        cases = {name: None if d is None else make_lower(d, json_mode) for name, d in desc[1]}
-        code = _K["variant"]
-
-        def lower_variant(ctx, v, addr):
-            if json_mode:
-                if not isinstance(v, dict) or v.get("tag") not in cases or not set(v) <= {"tag", "value"}:
-                    raise _bad(desc, v)
-                tag, payload = v["tag"], v.get("value")
-            else:
-                tag, payload = v.tag, v.payload
-            lower = cases[tag]
-            if lower is None and payload is not None:
-                raise _bad(desc, v)
-            box = 0 if lower is None else _boxed(lower, ctx, payload)
-            name = tag.encode("utf-8")
-            _c_byte_vec_new(addr + 8, len(name), name)
-            _memmove(addr + 24, box.to_bytes(8, "little"), 8)
-            _set_kind(addr, code)
-        return lower_variant
+        return _make_lower_variant(desc, json_mode)
     if kind == "flags":
-        allowed = set(desc[1])
-        new, code = _SEQ_NEW["flags"], _K["flags"]
-
-        def lower_flags(ctx, v, addr):
-            if not isinstance(v, (list, set, tuple)) or not all(isinstance(s, str) and s in allowed for s in v):
-                raise _bad(desc, v)
-            chosen = sorted(set(v))
-            new(addr + 8, len(chosen))
-            data = _vec_at(addr + 8)[1]
-            for i, name in enumerate(chosen):
-                raw = name.encode("utf-8")
-                _c_byte_vec_new(data + 16 * i, len(raw), raw)
-            _set_kind(addr, code)
-        return lower_flags
+        return _make_lower_flags(desc)
     if kind == "own" and not json_mode:
-        type_id, code = desc[1], _K["resource"]
-
-        def lower_own(ctx, rep, addr):
-            host_ptr = _c_host_new(True, rep, type_id)
-            any_ptr = _vp()
-            try:
-                err = _c_host_to_any(ctx, host_ptr, ctypes.byref(any_ptr))
-                if err:
-                    raise wasmtime.WasmtimeError._from_ptr(ctypes.cast(err, ctypes.POINTER(ffi.wasmtime_error_t)))
-            finally:
-                _c_host_delete(host_ptr)
-            _memmove(addr, _pack("<B7xQ", code, any_ptr.value), 16)
-        return lower_own
+        return _make_lower_own(desc[1])
     raise ArgumentError(f"unsupported component type {format_desc(desc)}")
 
 
+def _make_lower_bool(desc):
+    write, code = struct.Struct("<B7x?").pack_into, _K["bool"]
+
+    def lower_bool(ctx, v, addr):
+        if not isinstance(v, bool):
+            raise _bad(desc, v)
+        write(_MEMORY, addr, code, v)
+    return lower_bool
+
+
+def _make_lower_int(desc):
+    (lo, hi), code = _INT_BOUNDS[desc[0]], _K[desc[0]]
+    write = struct.Struct("<B7x" + _SCALAR_FORMAT[desc[0]]).pack_into
+
+    def lower_int(ctx, v, addr):
+        if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
+            raise _bad(desc, v)
+        write(_MEMORY, addr, code, v)
+    return lower_int
+
+
+def _make_lower_float(desc):
+    write, code = struct.Struct("<B7x" + _SCALAR_FORMAT[desc[0]]).pack_into, _K[desc[0]]
+
+    def lower_float(ctx, v, addr):
+        if not isinstance(v, (int, float)) or isinstance(v, bool):
+            raise _bad(desc, v)
+        write(_MEMORY, addr, code, float(v))
+    return lower_float
+
+
+def _make_lower_char(desc):
+    write, code = struct.Struct("<B7xI").pack_into, _K["char"]
+
+    def lower_char(ctx, v, addr):
+        if not isinstance(v, str) or len(v) != 1 or 0xD800 <= ord(v) <= 0xDFFF:
+            raise _bad(desc, v)
+        write(_MEMORY, addr, code, ord(v))
+    return lower_char
+
+
+def _make_lower_string(desc):
+    names = desc[1] if desc[0] == "enum" else None
+    code = _K[desc[0]]
+
+    def lower_string(ctx, v, addr):
+        if not isinstance(v, str) or (names is not None and v not in names):
+            raise _bad(desc, v)
+        try:
+            data = v.encode("utf-8")
+        except UnicodeEncodeError:
+            raise _bad(desc, v) from None
+        _c_byte_vec_new(addr + _VAL_PAYLOAD, len(data), data)
+        _MEMORY[addr] = code
+    return lower_string
+
+
+def _make_lower_bytes(desc, json_mode):
+    new, code = _SEQ_NEW["list"], _K["list"]
+
+    def lower_bytes(ctx, v, addr):
+        if json_mode and isinstance(v, str):
+            try:
+                v = base64.b64decode(v, validate=True)
+            except binascii.Error:
+                raise _bad(desc, v) from None
+        elif json_mode and isinstance(v, list):
+            if not all(isinstance(b, int) and not isinstance(b, bool) and 0 <= b <= 255 for b in v):
+                raise _bad(desc, v)
+            v = bytes(v)
+        elif not isinstance(v, (bytes, bytearray, memoryview)):
+            raise _bad(desc, v)
+        new(addr + _VAL_PAYLOAD, len(v))
+        if len(v):
+            _store_u8_vals(_vec_at(addr + _VAL_PAYLOAD)[1], v)
+        _MEMORY[addr] = code
+    return lower_bytes
+
+
+def _make_lower_sequence(desc, json_mode):
+    """list<T> (T not u8), tuple<...> and record{...}: a vector of vals (records: of {name, val})."""
+    kind = desc[0]
+    names = [name.encode("utf-8") for name, _ in desc[1]] if kind == "record" else None
+    if kind == "list":
+        item_lower = make_lower(desc[1], json_mode)
+    else:
+        lowers = [make_lower(d, json_mode) for d in (desc[1] if kind == "tuple" else [d for _, d in desc[1]])]
+    new, delete, code = _SEQ_NEW[kind], _SEQ_DELETE[kind], _K[kind]
+    stride = _ENTRY_SIZE if kind == "record" else _VAL_SIZE
+
+    def items_of(v):
+        if kind == "record":
+            if not isinstance(v, dict) or set(v) != {name for name, _ in desc[1]}:
+                raise _bad(desc, v)
+            return [v[name] for name, _ in desc[1]]
+        if not isinstance(v, (list, tuple)) or (kind == "tuple" and len(v) != len(lowers)):
+            raise _bad(desc, v)
+        return v
+
+    def lower_sequence(ctx, v, addr):
+        items = items_of(v)
+        n = len(items)
+        new(addr + _VAL_PAYLOAD, n)
+        data = _vec_at(addr + _VAL_PAYLOAD)[1]
+        done = 0
+        try:
+            for i, item in enumerate(items):
+                slot = data + i * stride
+                if names is not None:
+                    _c_byte_vec_new(slot, len(names[i]), names[i])
+                    slot += 16
+                (item_lower if kind == "list" else lowers[i])(ctx, item, slot)
+                done += 1
+        except BaseException:
+            _abandon_sequence(data, done, n, stride, names is not None)
+            delete(addr + _VAL_PAYLOAD)
+            raise
+        _MEMORY[addr] = code
+    return lower_sequence
+
+
+def _abandon_sequence(data, done, n, stride, named):
+    """Make the unwritten entries of a half-built vector own nothing, so deleting it frees only
+    what was written (entry `done` may hold its name already)."""
+    for j in range(done, n):
+        slot = data + j * stride
+        if named:
+            if j > done:
+                _MEMORY[slot:slot + 16] = _ZERO_VAL[:16]
+            slot += 16
+        _MEMORY[slot:slot + 16] = _ZERO_VAL[:16]
+
+
+def _make_lower_option(inner):
+    code = _K["option"]
+
+    def lower_option(ctx, v, addr):
+        _write_kind_pointer(_MEMORY, addr, code, 0 if v is None else _boxed(inner, ctx, v))
+    return lower_option
+
+
+def _make_lower_result(desc, json_mode):
+    ok_lower = None if desc[1] is None else make_lower(desc[1], json_mode)
+    err_lower = None if desc[2] is None else make_lower(desc[2], json_mode)
+    code = _K["result"]
+
+    def lower_result(ctx, v, addr):
+        if json_mode:
+            if not isinstance(v, dict) or len(v) != 1 or next(iter(v)) not in ("ok", "err"):
+                raise _bad(desc, v)
+            is_ok = "ok" in v
+            payload = v["ok"] if is_ok else v["err"]
+        else:
+            is_ok = not isinstance(v, Err)
+            payload = v if is_ok else v.value
+        lower = ok_lower if is_ok else err_lower
+        if lower is None and payload is not None:
+            raise _bad(desc, v)
+        _write_result(_MEMORY, addr, code, is_ok, 0 if lower is None else _boxed(lower, ctx, payload))
+    return lower_result
+
+
+def _make_lower_variant(desc, json_mode):
+    cases = {name: None if d is None else make_lower(d, json_mode) for name, d in desc[1]}
+    code = _K["variant"]
+
+    def lower_variant(ctx, v, addr):
+        if json_mode:
+            if not isinstance(v, dict) or v.get("tag") not in cases or not set(v) <= {"tag", "value"}:
+                raise _bad(desc, v)
+            tag, payload = v["tag"], v.get("value")
+        else:
+            tag, payload = v.tag, v.payload
+        lower = cases[tag]
+        if lower is None and payload is not None:
+            raise _bad(desc, v)
+        box = 0 if lower is None else _boxed(lower, ctx, payload)
+        name = tag.encode("utf-8")
+        _c_byte_vec_new(addr + _VAL_PAYLOAD, len(name), name)
+        _write_pointer(_MEMORY, addr + _VAL_PAYLOAD + 16, box)
+        _MEMORY[addr] = code
+    return lower_variant
+
+
+def _make_lower_flags(desc):
+    allowed = set(desc[1])
+    new, code = _SEQ_NEW["flags"], _K["flags"]
+
+    def lower_flags(ctx, v, addr):
+        if not isinstance(v, (list, set, tuple)) or not all(isinstance(s, str) and s in allowed for s in v):
+            raise _bad(desc, v)
+        chosen = sorted(set(v))
+        new(addr + _VAL_PAYLOAD, len(chosen))
+        data = _vec_at(addr + _VAL_PAYLOAD)[1]
+        for i, name in enumerate(chosen):
+            raw = name.encode("utf-8")
+            _c_byte_vec_new(data + 16 * i, len(raw), raw)
+        _MEMORY[addr] = code
+    return lower_flags
+
+
+def _make_lower_own(type_id):
+    code = _K["resource"]
+
+    def lower_own(ctx, rep, addr):
+        host_ptr = _c_host_new(True, rep, type_id)
+        any_ptr = _vp()
+        try:
+            err = _c_host_to_any(ctx, host_ptr, ctypes.byref(any_ptr))
+            if err:
+                raise wasmtime.WasmtimeError._from_ptr(ctypes.cast(err, ctypes.POINTER(ffi.wasmtime_error_t)))
+        finally:
+            _c_host_delete(host_ptr)
+        _write_kind_pointer(_MEMORY, addr, code, any_ptr.value)
+    return lower_own
 # ---------------------------------------------------------------------------
 # host glue: wasi:keyvalue for both versions
 # ---------------------------------------------------------------------------
@@ -2314,7 +2322,13 @@ class _Session:
                                                    ctypes.byref(result) if lift else None, 1 if lift else 0)
             if err:
                 self._trap(wasmtime.WasmtimeError._from_ptr(err))
-            value = lift(ctx, ctypes.addressof(result)) if lift else None
+            if lift:
+                try:
+                    value = lift(ctx, ctypes.addressof(result))
+                finally:
+                    _c_val_delete(ctypes.addressof(result))     # lifting only reads
+            else:
+                value = None
             err = ffi.wasmtime_component_func_post_return(ctypes.byref(func._func), self.ctx)
             if err:
                 self._trap(wasmtime.WasmtimeError._from_ptr(err))

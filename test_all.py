@@ -3722,7 +3722,7 @@ def resident_kib():
 
 
 class BoxedValueTest(unittest.TestCase):
-    """option / result / variant payloads live in heap vals (val_new); lifting frees them."""
+    """option / result / variant payloads live in heap vals (val_new); deleting the outer val frees them."""
 
     @unittest.skipUnless(os.path.exists("/proc/self/statm"), "needs /proc/self/statm to read the process size")
     def test_lifting_boxed_payloads_frees_the_boxes(self):
@@ -3734,7 +3734,10 @@ class BoxedValueTest(unittest.TestCase):
 
         def round_trip(value):
             lower(0, value, addr)
-            return lift(0, addr)
+            try:
+                return lift(0, addr)
+            finally:
+                kvhost._c_val_delete(addr)
         self.assertEqual(round_trip(b"ab"), {"ok": [97, 98]})
         self.assertEqual(round_trip(kvhost.Err(kvhost.wc.Variant("other", "x"))),
                          {"err": {"tag": "other", "value": "x"}})
