@@ -468,13 +468,18 @@ class SqliteBackend(Backend):
                 raise BackendError(f"sqlite: {e}") from None
 
     def _one(self, sql, params, write=False):
-        """One statement in autocommit mode: SQLite runs it as its own transaction."""
-        db = self.connection()
-        with self._writer(write):
-            try:
-                return db.execute(sql, params).fetchone()
-            except sqlite3.Error as e:
-                raise BackendError(f"sqlite: {e}") from None
+        """One statement in autocommit mode: SQLite runs it as its own transaction. The hot path
+        of every get and set, so _writer's queueing is spelled out here (no generator per call)."""
+        db = getattr(self._local, "db", None) or self.connection()
+        if write and not self._write_lock.acquire(timeout=self.busy_timeout):
+            raise BackendError("sqlite: database is locked (by this process)")
+        try:
+            return db.execute(sql, params).fetchone()
+        except sqlite3.Error as e:
+            raise BackendError(f"sqlite: {e}") from None
+        finally:
+            if write:
+                self._write_lock.release()
 
     def _get(self, namespace, bucket, key):
         row = self._one("SELECT value FROM kv WHERE ns=? AND bucket=? AND key=?", (namespace, bucket, key))
@@ -950,8 +955,13 @@ _INT_BOUNDS = {"s8": (-(1 << 7), (1 << 7) - 1), "u8": (0, 255), "s16": (-(1 << 1
 _SCALAR_FORMAT = {"s8": "b", "u8": "B", "s16": "h", "u16": "H", "s32": "i", "u32": "I", "s64": "q",
                   "u64": "Q", "f32": "f", "f64": "d", "char": "I"}     # the payload at +8
 _BYTES_CHUNK = 1 << 16          # list<u8> elements converted per step (2 MiB of val_t)
-_ZERO_VAL = bytes(_VAL_SIZE)     # kind bool, payload false: a val that owns nothing
+_ZERO_HEAD = bytes(16)           # kind bool, payload false: what a val that owns nothing starts with
+_BOOL_FALSE = _VAL()             # the source of every new box (val_new moves from it; it stays bool false)
+_BOOL_FALSE_ADDRESS = ctypes.addressof(_BOOL_FALSE)
 _U8_KIND = bytes((_K["u8"],))
+_U8_TEMPLATE_RECORDS = 4096      # u8 records of a value up to this size start from a copy of:
+_U8_TEMPLATE = bytearray(_U8_TEMPLATE_RECORDS * _VAL_SIZE)    # records of kind u8 (128 KiB)
+_U8_TEMPLATE[0::_VAL_SIZE] = _U8_KIND * _U8_TEMPLATE_RECORDS
 
 # The whole address space as bytes. Like ctypes, it trusts the addresses it is given; every
 # address used with it comes from wasmtime (a val, a vector's data, a box) or from ctypes.
@@ -963,10 +973,16 @@ _write_result = struct.Struct("<B7x?7xQ").pack_into      # kind, is_ok at +8, bo
 _write_pointer = struct.Struct("<Q").pack_into
 
 
+# The same library, with calls that keep the GIL: every function called through it is short and
+# never blocks (allocation, handle conversion), and dropping and retaking the GIL around it would
+# cost more than the call. wasmtime's own bindings (func_call, which runs the guest) still drop it.
+_WASMTIME_KEEP_GIL = ctypes.PyDLL(ffi.dll._name, handle=ffi.dll._handle)
+
+
 def _proto(name, restype, *argtypes):
     """A private prototype of a wasmtime C function taking plain addresses (no per-call pointer objects);
     dll[name] makes a new function object, so wasmtime's own prototypes stay untouched."""
-    func = ffi.dll[name]
+    func = _WASMTIME_KEEP_GIL[name]
     func.restype = restype
     func.argtypes = argtypes
     return func
@@ -974,6 +990,7 @@ def _proto(name, restype, *argtypes):
 
 _vp, _sz = ctypes.c_void_p, ctypes.c_size_t
 _c_any_to_host = _proto("wasmtime_component_resource_any_to_host", _vp, _vp, _vp, ctypes.POINTER(_vp))
+_c_any_drop = _proto("wasmtime_component_resource_any_drop", _vp, _vp, _vp)
 _c_host_new = _proto("wasmtime_component_resource_host_new", _vp, ctypes.c_bool, ctypes.c_uint32, ctypes.c_uint32)
 _c_host_rep = _proto("wasmtime_component_resource_host_rep", ctypes.c_uint32, _vp)
 _c_host_delete = _proto("wasmtime_component_resource_host_delete", None, _vp)
@@ -1106,17 +1123,21 @@ def _store_u8_vals(data, value):
     """Write `value` as u8 val_t records at address `data` (room for len(value) records)."""
     for start in range(0, len(value), _BYTES_CHUNK):
         part = value[start:start + _BYTES_CHUNK]
-        records = bytearray(len(part) * _VAL_SIZE)
-        records[0::_VAL_SIZE] = _U8_KIND * len(part)
+        size = len(part) * _VAL_SIZE
+        if len(part) <= _U8_TEMPLATE_RECORDS:
+            records = _U8_TEMPLATE[:size]       # the kind bytes come with the copy
+        else:
+            records = bytearray(size)
+            records[0::_VAL_SIZE] = _U8_KIND * len(part)
         records[_VAL_PAYLOAD::_VAL_SIZE] = part
         offset = data + start * _VAL_SIZE
-        _MEMORY[offset:offset + len(records)] = records
+        _MEMORY[offset:offset + size] = records
 
 
 def _boxed(lower, ctx, value):
     """A heap val_t holding `value` (what option, result and variant payloads point to): the box
     is made as bool false, which owns nothing, and lowered in place."""
-    box = _c_val_new(_ZERO_VAL)
+    box = _c_val_new(_BOOL_FALSE_ADDRESS)
     try:
         lower(ctx, value, box)
     except BaseException:
@@ -1172,8 +1193,38 @@ def make_lift(desc, json_mode=False):
     if kind in ("own", "borrow"):
         if json_mode:
             raise ArgumentError("resource handles cannot be converted to JSON")
-        return lambda ctx, addr: _resource_rep(ctx, _pointer_at(addr + _VAL_PAYLOAD))
+        return _make_lift_borrow(desc[1]) if kind == "borrow" else _make_lift_own(desc[1])
     raise ArgumentError(f"unsupported component type {format_desc(desc)}")
+
+
+def _make_lift_borrow(type_id):
+    """A borrowed handle's rep. The guest's handles of a host resource type are exactly those this
+    store handed over (_make_lower_own) and has not got back (dropped, or passed back as own): the
+    canonical ABI refuses a dropped or mistyped handle before the host sees it. So when the guest
+    holds one handle of the type, as a guest using one bucket does, the argument is that handle,
+    and wasmtime need not be asked (three C calls per host call). Otherwise, ask."""
+    def lift_borrow(ctx, addr):
+        state = _STATES.get(ctx)
+        held = None if state is None else state.held.get(type_id)
+        if held is not None and len(held) == 1:
+            err = _c_any_drop(ctx, _pointer_at(addr + _VAL_PAYLOAD))     # ends the borrow
+            if err:
+                raise wasmtime.WasmtimeError._from_ptr(ctypes.cast(err, ctypes.POINTER(ffi.wasmtime_error_t)))
+            (rep,) = held
+            return rep
+        return _resource_rep(ctx, _pointer_at(addr + _VAL_PAYLOAD))
+    return lift_borrow
+
+
+def _make_lift_own(type_id):
+    """An owned handle passed back by the guest: its rep, and the guest no longer holds it."""
+    def lift_own(ctx, addr):
+        rep = _resource_rep(ctx, _pointer_at(addr + _VAL_PAYLOAD))
+        state = _STATES.get(ctx)
+        if state is not None:
+            state.take_back(type_id, rep)
+        return rep
+    return lift_own
 
 
 def _lift_string(ctx, addr):
@@ -1423,9 +1474,9 @@ def _abandon_sequence(data, done, n, stride, named):
         slot = data + j * stride
         if named:
             if j > done:
-                _MEMORY[slot:slot + 16] = _ZERO_VAL[:16]
+                _MEMORY[slot:slot + 16] = _ZERO_HEAD
             slot += 16
-        _MEMORY[slot:slot + 16] = _ZERO_VAL[:16]
+        _MEMORY[slot:slot + 16] = _ZERO_HEAD
 
 
 def _make_lower_option(inner):
@@ -1509,6 +1560,9 @@ def _make_lower_own(type_id):
         finally:
             _c_host_delete(host_ptr)
         _write_kind_pointer(_MEMORY, addr, code, any_ptr.value)
+        state = _STATES.get(ctx)
+        if state is not None:
+            state.hand_over(type_id, rep)
     return lower_own
 # ---------------------------------------------------------------------------
 # host glue: wasi:keyvalue for both versions
@@ -1538,6 +1592,7 @@ class _CallState:
         self.namespace = host.namespace
         self.buckets = {}       # rep -> bucket name
         self.cas = {}           # rep -> (bucket, key, value seen)
+        self.held = {}          # resource type id -> reps the guest holds (see _make_lift_borrow)
         self.next_rep = 1
         self.events = [] if record_events else None
 
@@ -1546,6 +1601,16 @@ class _CallState:
         self.next_rep += 1
         table[rep] = value
         return rep
+
+    def hand_over(self, type_id, rep):
+        """The guest now holds handle `rep` of resource type `type_id`."""
+        self.held.setdefault(type_id, set()).add(rep)
+
+    def take_back(self, type_id, rep):
+        """The guest no longer holds `rep` (it dropped it, or passed it back as an own)."""
+        held = self.held.get(type_id)
+        if held:
+            held.discard(rep)
 
     def bucket(self, rep):
         try:
@@ -1724,7 +1789,8 @@ WATCHER_FUNCS = {version: {
 # The C callbacks find their Python side through these tables (wasmtime gives back an integer).
 _HOST_FUNCS = {}     # function id -> (name, func, lifts, lower)
 _STATES = {}         # address of a store's wasmtime_context_t -> _CallState
-_RESOURCE_TABLES = {1: "buckets", 2: "cas"}
+_RESOURCE_TABLES = {type_id: table for resources, _ in KV_INTERFACES.values()   # type id -> _CallState table
+                    for type_id, table in resources.values()}
 _ids_lock = threading.Lock()
 _next_id = [1]
 
@@ -1772,9 +1838,11 @@ def _dispatch(data, ctx, _ty, args, nargs, results, nresults):
 
 @_DTOR_CALLBACK
 def _drop_resource(data, ctx, rep):
+    """The guest dropped an own handle; `data` is the resource's type id."""
     state = _STATES.get(ctx)
     if state is not None:
-        getattr(state, _RESOURCE_TABLES.get(data or 0, "buckets")).pop(rep, None)
+        state.take_back(data, rep)
+        getattr(state, _RESOURCE_TABLES.get(data, "buckets")).pop(rep, None)
     return 0
 
 
@@ -1804,13 +1872,13 @@ def _add_host_func(instance, name, params, result, func):
         raise wasmtime.WasmtimeError._from_ptr(ctypes.cast(err, ctypes.POINTER(ffi.wasmtime_error_t)))
 
 
-def _add_host_resource(instance, name, type_id, table):
+def _add_host_resource(instance, name, type_id):
     raw = name.encode("utf-8")
     ty = wc.ResourceType.host(type_id)
     add_resource = _proto("wasmtime_component_linker_instance_add_resource", _vp, _vp, ctypes.c_char_p, _sz, _vp,
                           _DTOR_CALLBACK, _vp, _FINALIZER)
     err = add_resource(ctypes.cast(instance.ptr(), _vp), raw, len(raw), ctypes.cast(ty.ptr(), _vp),
-                       _drop_resource, 2 if table == "cas" else 1, _forget_nothing)
+                       _drop_resource, type_id, _forget_nothing)
     if err:
         raise wasmtime.WasmtimeError._from_ptr(ctypes.cast(err, ctypes.POINTER(ffi.wasmtime_error_t)))
 
@@ -1820,8 +1888,8 @@ def add_keyvalue_to_linker(linker):
     with linker.root() as root:
         for import_name, (resources, functions) in KV_INTERFACES.items():
             with root.add_instance(import_name) as instance:
-                for res_name, (type_id, table) in resources.items():
-                    _add_host_resource(instance, res_name, type_id, table)
+                for res_name, (type_id, _table) in resources.items():
+                    _add_host_resource(instance, res_name, type_id)
                 for func_name, (params, result, func) in functions.items():
                     _add_host_func(instance, func_name, params, result, func)
 

@@ -3645,6 +3645,13 @@ class GuestGlueTest(unittest.TestCase):
         self.assertEqual(self.call("swap-if", "b", "c", [4]), {"ok": True})
         self.assertEqual(self.call("get", "b", "c"), {"ok": [4]})
 
+    def test_two_open_buckets_each_get_their_own_data(self):
+        # A guest holding one bucket has its borrows resolved without asking wasmtime; with two
+        # open, each call must still reach its own bucket, and again once one is dropped.
+        self.assertEqual(self.call("two-buckets", "left", "right", "k"), ord("A") * 256 + ord("B"))
+        self.assertEqual(self.host.backend.get("default", "left", "k"), b"A")
+        self.assertEqual(self.host.backend.get("default", "right", "k"), b"B")
+
     def test_get_many_with_missing_and_duplicate_keys(self):
         self.call("set", "b", "a", [1])
         self.assertEqual(self.call("get-many", "b", ["a", "zz", "a"]), {"ok": [["a", [1]], None, ["a", [1]]]})

@@ -14,6 +14,7 @@
 ;;   exists-loop(bucket, key, n) -> u32   n calls of bucket.exists; traps on an error
 ;;   set-get-loop(bucket, key, value, n) -> u32   n x (set, get); traps on an error
 ;;   incr-loop(bucket, key, n)   -> s64   n increments by 1; traps on an error; the last value
+;;   two-buckets(a, b, key)      -> u32   both open: "A" into a, "B" into b, read back (256 x 'A' + 'B')
 ;;   spin()                      -> u32   never returns (timeout and fuel tests)
 ;;   grow(pages)                 -> s32   memory.grow's answer (max-memory tests)
 ;; Canonical-ABI layouts (byte offsets): result<own|option<list<u8>>|_|bool, error>: disc +0,
@@ -274,6 +275,29 @@
       (call $swap-after (local.get $bp) (local.get $bl) (local.get $kp) (local.get $kl)
         (local.get $tp) (local.get $tl) (local.get $vp) (local.get $vl)))
 
+    ;; Two buckets open at once: set key to "A" in $a and "B" in $b, read $a back, drop $a, read $b
+    ;; back with only $b open. Answers 256 x the first byte read from $a + the first read from $b.
+    (func (export "two-buckets") (param $ap i32) (param $al i32) (param $bp i32) (param $bl i32)
+      (param $kp i32) (param $kl i32) (result i32)
+      (local $a i32) (local $b i32) (local $first i32)
+      (local.set $a (call $open-bucket (local.get $ap) (local.get $al)))
+      (local.set $b (call $open-bucket (local.get $bp) (local.get $bl)))
+      (if (i32.or (i32.eq (local.get $a) (i32.const -1)) (i32.eq (local.get $b) (i32.const -1))) (then unreachable))
+      (i32.store8 (i32.const 960) (i32.const 65))
+      (i32.store8 (i32.const 961) (i32.const 66))
+      (call $set (local.get $a) (local.get $kp) (local.get $kl) (i32.const 960) (i32.const 1) (i32.const 48))
+      (if (i32.load8_u (i32.const 48)) (then unreachable))
+      (call $set (local.get $b) (local.get $kp) (local.get $kl) (i32.const 961) (i32.const 1) (i32.const 48))
+      (if (i32.load8_u (i32.const 48)) (then unreachable))
+      (call $get (local.get $a) (local.get $kp) (local.get $kl) (i32.const 48))
+      (if (i32.or (i32.load8_u (i32.const 48)) (i32.eqz (i32.load8_u (i32.const 52)))) (then unreachable))
+      (local.set $first (i32.load8_u (i32.load (i32.const 56))))
+      (call $drop (local.get $a))
+      (call $get (local.get $b) (local.get $kp) (local.get $kl) (i32.const 48))
+      (if (i32.or (i32.load8_u (i32.const 48)) (i32.eqz (i32.load8_u (i32.const 52)))) (then unreachable))
+      (call $drop (local.get $b))
+      (i32.add (i32.mul (local.get $first) (i32.const 256)) (i32.load8_u (i32.load (i32.const 56)))))
+
     (func (export "spin") (result i32)
       (loop $forever (br $forever))
       (unreachable))
@@ -316,6 +340,8 @@
   (func (export "cas-race") (param "bucket" string) (param "key" string) (param "theirs" $bytes) (param "ours" $bytes)
     (result (result bool (error $error)))
     (canon lift (core func $main "cas-race") (memory $mem) (realloc $realloc)))
+  (func (export "two-buckets") (param "a" string) (param "b" string) (param "key" string) (result u32)
+    (canon lift (core func $main "two-buckets") (memory $mem) (realloc $realloc)))
   (func (export "spin") (result u32) (canon lift (core func $main "spin")))
   (func (export "grow") (param "pages" u32) (result s32) (canon lift (core func $main "grow")))
 )
