@@ -53,6 +53,7 @@ import ctypes
 import hashlib
 import json
 import math
+import mmap
 import os
 import re
 import socket
@@ -83,7 +84,7 @@ S64 = (-(1 << 63), (1 << 63) - 1)
 U64 = (0, (1 << 64) - 1)
 CURSOR_PREFIX = "k1."                                # draft2 cursors: "k1." + base64url(last key)
 EPOCH_TICK = 0.05                                    # seconds per epoch tick of the timeout thread
-CACHE_MAGIC = b"KVHCACHE1\n"                         # header of a compile-cache entry
+CACHE_MAGIC = b"KVHCACHE2\n"                         # header of a compile-cache entry's .sum file
 KV_VERSIONS = ("0.2.0-draft", "0.2.0-draft2")
 
 
@@ -2136,8 +2137,11 @@ class Host:
         return ("component" if _COMPONENT_TEXT_RE.match(text) else "module"), text
 
     def _cache_path(self, kind, digest):
-        key = hashlib.sha256("|".join((kind, digest, _wasmtime_version(), ENGINE_SETTINGS,
-                                       sys.platform, os.uname().machine)).encode()).hexdigest()
+        """A cache entry is two files: KEY.KIND, exactly what wasmtime serialized (so that wasmtime
+        can map it instead of reading it), and KEY.KIND.sum, CACHE_MAGIC + the SHA-256 of it."""
+        parts = (CACHE_MAGIC.decode().strip(), kind, digest, _wasmtime_version(), ENGINE_SETTINGS,
+                 sys.platform, os.uname().machine)
+        key = hashlib.sha256("|".join(parts).encode()).hexdigest()
         return os.path.join(self.cache_dir, f"{key}.{kind}")
 
     def _compile_cached(self, kind, source, digest, name):
@@ -2153,28 +2157,33 @@ class Host:
             raise GuestError(f"cannot compile {name}: {_trap_reason(e)}") from None
         if path is not None:
             payload = bytes(artifact.serialize())
-            entry = CACHE_MAGIC + hashlib.sha256(payload).digest() + payload
             try:
                 os.makedirs(self.cache_dir, exist_ok=True)
-                _write_atomically(path, entry)
-            except OSError:
+                _write_atomically(path, payload)        # the artifact first: a reader that sees
+                _write_atomically(path + ".sum", CACHE_MAGIC + hashlib.sha256(payload).digest())
+            except OSError:                             # a new one with an old .sum recompiles
                 pass   # a cache that cannot be written only costs time
         return artifact
 
     def _read_cache(self, cls, path):
-        """A deserialized entry, or None if it is missing or fails its checksum (never trusted)."""
+        """A deserialized entry, or None if it is missing or fails its checksum (never trusted).
+
+        The artifact is checked through a map of the open file, then handed to wasmtime through
+        that same file (/proc/self/fd/N), which wasmtime maps: nothing is read into Python or
+        copied, and nobody can swap the file between the check and the load."""
         try:
-            with open(path, "rb") as f:
-                entry = f.read()
-        except OSError:
-            return None
-        header = len(CACHE_MAGIC) + 32
-        payload = entry[header:]
-        if entry[:len(CACHE_MAGIC)] != CACHE_MAGIC or hashlib.sha256(payload).digest() != entry[len(CACHE_MAGIC):header]:
-            return None
-        try:
-            return cls.deserialize(self.engine, payload)
-        except wasmtime.WasmtimeError:
+            with open(path + ".sum", "rb") as f:
+                expected = f.read(len(CACHE_MAGIC) + 33)
+            if len(expected) != len(CACHE_MAGIC) + 32 or not expected.startswith(CACHE_MAGIC):
+                return None
+            with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as view:
+                if hashlib.sha256(view).digest() != expected[len(CACHE_MAGIC):]:
+                    return None
+                same_file = f"/proc/self/fd/{f.fileno()}"
+                if os.path.exists(same_file):
+                    return cls.deserialize_file(self.engine, same_file)
+                return cls.deserialize(self.engine, view[:])
+        except (OSError, ValueError, wasmtime.WasmtimeError):   # ValueError: mmap of an empty file
             return None
 
     # -- stores -----------------------------------------------------------------------------------

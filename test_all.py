@@ -4026,11 +4026,24 @@ class CompileCacheTest(unittest.TestCase):
     def entries(self):
         return sorted(os.listdir(self.cache))
 
+    def artifact(self):
+        """The one entry's artifact file (its checksum is the same name + .sum)."""
+        [artifact] = [name for name in self.entries() if not name.endswith(".sum")]
+        return os.path.join(self.cache, artifact)
+
+    def assert_valid_entry(self, path):
+        with open(path, "rb") as f:
+            digest = kvhost.hashlib.sha256(f.read()).digest()
+        with open(path + ".sum", "rb") as f:
+            self.assertEqual(f.read(), kvhost.CACHE_MAGIC + digest)
+
     def test_compiled_guest_is_cached_and_reused(self):
         kvhost.Host(cache_dir=self.cache, kv="memory:").load(PROBE)
         files = self.entries()
-        self.assertEqual(len(files), 1)
+        self.assertEqual(len(files), 2)
         self.assertTrue(files[0].endswith(".component"))
+        self.assertEqual(files[1], files[0] + ".sum")
+        self.assert_valid_entry(os.path.join(self.cache, files[0]))
         compiled = []
         original = kvhost.wc.Component
 
@@ -4049,26 +4062,36 @@ class CompileCacheTest(unittest.TestCase):
 
     def test_corrupt_entry_is_recompiled_never_trusted(self):
         kvhost.Host(cache_dir=self.cache, kv="memory:").load(PROBE)
-        path = os.path.join(self.cache, self.entries()[0])
+        path = self.artifact()
         with open(path, "r+b") as f:
             f.seek(-100, os.SEEK_END)
             f.write(b"\xff" * 50)          # bit rot inside the compiled code
+        deserialized = []
+        original = kvhost.wc.Component.__dict__["deserialize_file"]
+        kvhost.wc.Component.deserialize_file = classmethod(
+            lambda cls, *a: deserialized.append(a) or original.__func__(cls, *a))
+        self.addCleanup(setattr, kvhost.wc.Component, "deserialize_file", original)
         host = kvhost.Host(cache_dir=self.cache, kv="memory:")
         guest = host.load(PROBE)
+        self.assertEqual(deserialized, [])      # the bad entry never reached wasmtime
         self.assertEqual(host.call(guest, "set", ["b", "k", [1]]), {"ok": None})
-        with open(path, "rb") as f:
-            data = f.read()
-        self.assertEqual(kvhost.hashlib.sha256(data[len(kvhost.CACHE_MAGIC) + 32:]).digest(),
-                         data[len(kvhost.CACHE_MAGIC):len(kvhost.CACHE_MAGIC) + 32])   # rewritten, valid again
+        self.assert_valid_entry(path)           # rewritten, valid again
+        kvhost.Host(cache_dir=self.cache, kv="memory:").load(PROBE)
+        self.assertEqual(len(deserialized), 1)  # and used
 
     def test_truncated_or_foreign_entries_are_recompiled(self):
         kvhost.Host(cache_dir=self.cache, kv="memory:").load(PROBE)
-        path = os.path.join(self.cache, self.entries()[0])
-        for junk in (b"", b"KVHCACHE1\n", b"not a cache entry at all" * 10):
-            with open(path, "wb") as f:
-                f.write(junk)
-            guest = kvhost.Host(cache_dir=self.cache, kv="memory:").load(PROBE)
-            self.assertEqual(guest.kind, "component")
+        path = self.artifact()
+        for victim in (path, path + ".sum"):
+            for junk in (b"", kvhost.CACHE_MAGIC, b"not a cache entry at all" * 10):
+                with open(victim, "wb") as f:
+                    f.write(junk)
+                guest = kvhost.Host(cache_dir=self.cache, kv="memory:").load(PROBE)
+                self.assertEqual(guest.kind, "component")
+                self.assert_valid_entry(path)
+        os.unlink(path + ".sum")                # an artifact without its checksum is not trusted
+        kvhost.Host(cache_dir=self.cache, kv="memory:").load(PROBE)
+        self.assert_valid_entry(path)
 
     def test_cache_key_covers_engine_settings(self):
         host = kvhost.Host(cache_dir=self.cache, kv="memory:")
@@ -4092,8 +4115,9 @@ class CompileCacheTest(unittest.TestCase):
         for t in threads:
             t.join()
         self.assertEqual(errors, [])
-        self.assertEqual(len(self.entries()), 1)
+        self.assertEqual(len(self.entries()), 2)
         self.assertFalse([f for f in self.entries() if f.startswith(".tmp-")])
+        self.assert_valid_entry(self.artifact())
 
     def test_warm_start_of_a_large_component_in_a_new_process(self):
         path = os.path.join(temp_dir(self), "big.wat")
