@@ -3166,42 +3166,55 @@ def redis_command(port, *args, password=None):
 
 
 class RedisServer:
-    """A real redis-server on a free loopback port, without persistence, in a temp dir."""
+    """A real redis-server on a free loopback port, in memory only (no RDB, no AOF), working in
+    `directory` or in a temporary one that cleanup() removes. start() after stop() comes back on
+    the same port (empty)."""
 
-    def __init__(self, directory, port=None):
-        self.directory = directory
-        self.port = port or free_port()
+    def __init__(self, directory=None):
+        self.own_directory = directory is None
+        self.directory = directory or tempfile.mkdtemp(prefix="test-redis-")
+        self.port = None
         self.process = None
-
-    def start(self):
-        if REDIS_SERVER is None:
-            raise RuntimeError(NO_REDIS)
-        self.process = subprocess.Popen(
-            [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", self.directory, "--protected-mode", "no"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            deadline = time.time() + 10
-            while time.time() < deadline:
-                try:
-                    if redis_command(self.port, "PING").startswith(b"+PONG"):
-                        return self
-                except OSError:
-                    time.sleep(0.05)
-            raise RuntimeError("redis-server did not start")
-        except BaseException:
-            self.stop()     # never leave a server behind
-            raise
-
-    def stop(self):
-        if self.process is not None:
-            self.process.kill()
-            self.process.wait()
-            self.process = None
 
     @property
     def url(self):
         return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self):
+        binary = require_tool("redis-server", "apt-get install -y redis-server")
+        self.port = self.port or free_port()
+        self.process = subprocess.Popen(
+            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--dir", self.directory],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                status = self.process.returncode
+                self.process = None
+                raise RuntimeError(f"redis-server exited with status {status} on port {self.port}")
+            try:
+                if redis_command(self.port, "PING").startswith(b"+PONG"):
+                    return self
+            except OSError:
+                time.sleep(0.05)
+        self.stop()     # never leave a server behind
+        raise RuntimeError(f"redis-server did not answer PING on port {self.port} within 10 s")
+
+    def stop(self):
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+
+    def cleanup(self):
+        self.stop()
+        if self.own_directory:
+            shutil.rmtree(self.directory, ignore_errors=True)
 
 
 class BackendContract:
@@ -3442,17 +3455,9 @@ class SqliteBackendTest(BackendContract, unittest.TestCase):
 class RedisBackendTest(BackendContract, unittest.TestCase):
     @classmethod
     def setUpClass(cls):
-        cls.redis_dir = tempfile.mkdtemp(prefix="kvhost-redis-")
-        try:
-            cls.server = RedisServer(cls.redis_dir).start()
-        except BaseException:
-            shutil.rmtree(cls.redis_dir, True)
-            raise
-
-    @classmethod
-    def tearDownClass(cls):
-        cls.server.stop()
-        shutil.rmtree(cls.redis_dir, True)
+        cls.server = RedisServer()
+        cls.addClassCleanup(cls.server.cleanup)
+        cls.server.start()
 
     def setUp(self):
         redis_command(self.server.port, "FLUSHALL")
@@ -4352,54 +4357,6 @@ def require_tool(name, install_hint):
     raise unittest.SkipTest(message)
 
 
-class GuestsRedisServer:
-    """A real redis-server on a free loopback port, in-memory only, in a temporary directory."""
-
-    def __init__(self):
-        self.binary = require_tool("redis-server", "apt-get install -y redis-server")
-        self.dir = tempfile.mkdtemp(prefix="test-guests-redis-")
-        self.port = None
-        self.process = None
-
-    @property
-    def url(self):
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self, port=None):
-        self.port = port or free_port()
-        self.process = subprocess.Popen(
-            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", self.dir, "--protected-mode", "yes"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"redis-server exited with status {self.process.returncode} on port {self.port}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as sock:
-                    sock.sendall(b"PING\r\n")
-                    if sock.recv(16).startswith(b"+PONG"):
-                        return
-            except OSError:
-                time.sleep(0.05)
-        self.stop()
-        raise RuntimeError(f"redis-server did not answer PING on port {self.port} within 10 s")
-
-    def stop(self):
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self.process = None
-
-    def cleanup(self):
-        self.stop()
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-
 def run_kvhost(*args, env=None, timeout=120):
     """Run the kvhost CLI; returns the CompletedProcess (text mode)."""
     return subprocess.run([sys.executable, KVHOST, *args], capture_output=True, text=True, cwd=ROOT,
@@ -4940,21 +4897,20 @@ class RedisGuestTest(GuestContractMixin, unittest.TestCase):
     @classmethod
     def setUpClass(cls):
         super().setUpClass()
-        cls.redis = GuestsRedisServer()
+        cls.redis = RedisServer()
         cls.addClassCleanup(cls.redis.cleanup)
         cls.redis.start()
         cls.kv = cls.redis.url
 
     def test_get_returns_other_while_redis_is_down_and_works_once_it_is_back(self):
         self.assertEqual(self.call(KV_DRAFT2, "set", "b", "k", [1]), {"ok": None})
-        port = self.redis.port
         self.redis.stop()
         try:
             for guest in (KV_DRAFT, KV_DRAFT2):
                 self.assertRegex(self.call(guest, "get", "b", "k").get("err", ""), r"^other:.+")
                 self.assertRegex(self.call(guest, "increment", "b", "n", 1).get("err", ""), r"^other:.+")
         finally:
-            self.redis.start(port)
+            self.redis.start()      # same port, empty
         # the data was in memory only, so the restarted server is empty; the host recovers
         self.assertEqual(self.call(KV_DRAFT2, "get", "b", "k"), {"ok": None})
         self.assertEqual(self.call(KV_DRAFT2, "set", "b", "k", [2]), {"ok": None})
