@@ -98,6 +98,7 @@ MAX_REQUEST_LINE = 8 * 1024                # longer request line: 414
 MAX_HEADER_BYTES = 32 * 1024               # larger header block: 431
 MAX_HEADER_COUNT = 100                     # more header lines: 431
 MAX_DISCARDED_BODY = 64 * 1024             # routes without a body accept (and drop) at most this
+MIN_BODY_RATE = 1024                       # bytes/s: each KiB of a request body adds 1 s to its time limit
 MAX_ERROR_MESSAGE = 500                    # error bodies are one short line
 API_PREFIX = ("api", "v1")
 KNOWN_METHODS = frozenset(["GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH"])
@@ -1149,6 +1150,7 @@ class _DeadlineSocketReader(io.RawIOBase):
         self.sock = sock
         self.timeout = timeout
         self.deadline = None
+        self.min_rate = None
         self.kernel_timeouts = not isinstance(sock, ssl.SSLSocket)
         if self.kernel_timeouts:
             sock.settimeout(None)
@@ -1159,8 +1161,12 @@ class _DeadlineSocketReader(io.RawIOBase):
     def readable(self):
         return True
 
-    def set_deadline(self, seconds):
+    def set_deadline(self, seconds, min_rate=None):
+        """A deadline `seconds` from now for the phase that starts (None: no deadline). With
+        min_rate, every min_rate bytes received push it 1 s further (as Apache's mod_reqtimeout
+        MinRate): a steady upload of any size finishes, a client trickling bytes does not."""
         self.deadline = None if seconds is None else time.monotonic() + seconds
+        self.min_rate = min_rate
 
     def arm(self, wait):
         """Arming costs a syscall: skip it unless the timeout changes by > 0.1 s (so a
@@ -1184,9 +1190,12 @@ class _DeadlineSocketReader(io.RawIOBase):
                 raise TimeoutError("request deadline passed")
         self.arm(wait)
         try:
-            return self.sock.recv_into(buffer)
+            count = self.sock.recv_into(buffer)
         except BlockingIOError:                     # SO_RCVTIMEO expired
             raise TimeoutError("timed out") from None
+        if self.min_rate is not None and self.deadline is not None:
+            self.deadline += count / self.min_rate
+        return count
 
 
 class Headers:
@@ -1342,7 +1351,7 @@ class WasmstoreHandler(http.server.BaseHTTPRequestHandler):
         except HttpError as exc:
             self._reply_if_possible(exc)
             return
-        self._reader.set_deadline(None)            # body: per-read timeout only
+        self._reader.set_deadline(self.timeout, MIN_BODY_RATE)     # the body, if any
         self._serve()
         self.wfile.flush()
 
@@ -1706,6 +1715,7 @@ class WasmstoreHandler(http.server.BaseHTTPRequestHandler):
         flush queued events and poll the socket briefly for client frames."""
         parser = FrameParser()
         reader = self._reader
+        reader.set_deadline(None)                   # a session lasts as long as the client answers pings
         last_heard = last_ping = time.monotonic()
         buffer = bytearray(16384)
         try:
@@ -1987,7 +1997,8 @@ examples:
     parser.add_argument("--max-body", type=_byte_size, default=DEFAULT_MAX_BODY, metavar="N",
                         help="largest accepted upload in bytes, suffix K/M/G allowed (default: 128M)")
     parser.add_argument("--timeout", type=_positive_seconds, default=DEFAULT_TIMEOUT, metavar="S",
-                        help=f"close idle or stalled connections after S seconds (default: {DEFAULT_TIMEOUT:g})")
+                        help=f"close idle or stalled connections after S seconds (default: {DEFAULT_TIMEOUT:g}); "
+                             f"a request body gets S seconds plus 1 per {MIN_BODY_RATE // 1024} KiB received")
     parser.add_argument("--quiet", action="store_true", help="no access log on stderr")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return parser

@@ -27,6 +27,7 @@ import os
 import queue
 import random
 import re
+import select
 import shutil
 import signal
 import socket
@@ -2005,6 +2006,42 @@ class TimeoutTests(unittest.TestCase):
         self.assertTrue(closed or statuses(answer) in ([408], []))
         self.assertNotIn(200, statuses(answer))
         self.assertLess(time.monotonic() - started, 5)
+
+    def test_trickling_upload_body_is_cut_off(self):
+        # Each byte arrives well within the per-read timeout, but the body falls far behind
+        # MIN_BODY_RATE: the server gives up on it after about the timeout and stores nothing.
+        before = self.live.store.list()
+        sock = socket.create_connection(("127.0.0.1", self.live.port), timeout=5)
+        self.addCleanup(sock.close)
+        sock.sendall(b"POST /api/v1/module/slow.wasm HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n")
+        started = time.monotonic()
+        closed = False
+        while time.monotonic() - started < 6:
+            try:
+                sock.sendall(b"\0")
+            except OSError:
+                closed = True
+                break
+            if select.select([sock], [], [], 0.3)[0]:    # an answer or a close: the server gave up
+                break
+        answer = read_until_close(sock, 3)
+        self.assertTrue(closed or statuses(answer) in ([408], [400], []), answer[:200])
+        self.assertLess(time.monotonic() - started, 4)
+        self.assertEqual(self.live.store.list(), before)
+
+    def test_steady_upload_slower_than_the_timeout_completes(self):
+        module = wasm_module("steady", padding=6000)
+        sock = socket.create_connection(("127.0.0.1", self.live.port), timeout=5)
+        self.addCleanup(sock.close)
+        sock.sendall(b"POST /api/v1/module/steady.wasm HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                     b"Content-Length: %d\r\n\r\n" % len(module))
+        started = time.monotonic()
+        for offset in range(0, len(module), 1500):     # ~6 KB over ~1.6 s: longer than the 1 s timeout
+            sock.sendall(module[offset:offset + 1500])
+            time.sleep(0.4)
+        self.assertGreater(time.monotonic() - started, 1.0)
+        self.assertEqual(statuses(read_until_close(sock, 5))[:1], [200])
+        self.assertEqual(self.live.store.find("steady.wasm"), module)
 
     def test_client_that_stops_reading_a_download_is_dropped(self):
         big = wasm_module("big", padding=16 * 1024 * 1024)      # far more than socket buffers
