@@ -301,6 +301,33 @@ class LibraryTest(StoreTestCase):
         self.assertEqual(Store(self.root).versions("m.wasm"),
                          [(sha256(make_module("after")), self.store.snapshot())])
 
+    def test_audit_reads_the_history_cache_and_agrees_with_the_object_walk(self):
+        self.store.add("lib/a.wasm", make_module("a1"))
+        self.store.add("lib/deep/b.wasm", make_module("b1"))
+        self.store.add("top.wasm", make_module("t1"))
+        self.store.add("lib/a.wasm", make_module("a2"))
+        self.store.remove("lib/deep/b.wasm")
+        self.store.remove("lib/a.wasm")                            # lib/ is gone...
+        self.store.add("lib", make_module("lib as a module"))     # ...and comes back as a module
+        self.store.remove("lib")
+        self.store.add("lib/c.wasm", make_module("c1"))
+        self.store.create_branch("dev")
+        self.store.add("top.wasm", make_module("t2"), branch="dev")
+        self.store.merge("dev")
+        head = self.store.snapshot()
+
+        def walked(path):       # the reference: compare the entry at path commit by commit
+            return [self.store.commit_info(c) for c, _, _ in
+                    self.store._path_changes(head, wasmstore.validate_path(path))]
+        paths = ["lib/a.wasm", "lib/deep/b.wasm", "lib/deep", "lib", "top.wasm", "", "missing.wasm"]
+        expected = {path: walked(path) for path in paths}
+        self.assertEqual([len(expected[p]) for p in paths], [3, 2, 2, 8, 2, 10, 0])
+        for path in paths:
+            self.assertEqual(self.store.audit(path), expected[path], path)
+        os.unlink(os.path.join(self.root, "cache", "history"))
+        for path in paths:                      # without the cache: diffs objects instead
+            self.assertEqual(Store(self.root).audit(path), expected[path], path)
+
     def test_rollback_path_and_whole_branch(self):
         v1, v2 = make_module("v1"), make_module("v2")
         self.store.add("m.wasm", v1)

@@ -1127,12 +1127,16 @@ class Store:
         return result
 
     def _module_history(self, head, printed):
-        """[(commit, module hash or None)] where the module path changed, newest first.
+        """[(commit, module hash or None)] where the module path changed, newest first."""
+        return [(digest, changes[printed]) for digest, changes in self._changed_modules(head)
+                if printed in changes]
 
-        Walks first parents through the history cache (one file read, no object reads);
-        a commit the cache does not know is diffed against its parent instead."""
+    def _changed_modules(self, head):
+        """(commit, {printed module path: new hash or None}) along first parents, newest first.
+
+        Walks through the history cache (one file read, no object reads); a commit the
+        cache does not know is diffed against its parent instead."""
         known = self._history.load()
-        found = []
         digest = head
         while digest:
             entry = known.get(digest)
@@ -1140,14 +1144,12 @@ class Store:
                 try:
                     parents = self._commit(digest)["parents"]
                 except NotFound:
-                    break                       # history squashed away by a concurrent gc
+                    return                      # history squashed away by a concurrent gc
                 parent = parents[0] if parents else None
                 entry = (parent, _module_changes(self.changes(parent, digest)))
             parent, changes = entry
-            if printed in changes:
-                found.append((digest, changes[printed]))
+            yield digest, changes
             digest = parent
-        return found
 
     def version(self, index, path, *, branch=None):
         """The index-th entry of versions(path) (0 = oldest)."""
@@ -1163,11 +1165,13 @@ class Store:
         return found[index]
 
     def audit(self, path, *, branch=None):
-        """Commit infos of every commit that changed path, newest first."""
-        segments = validate_path(path)
+        """Commit infos of every commit that changed path (a module, or anything below a
+        directory), newest first. Reads the history cache, like versions()."""
+        printed = format_path(validate_path(path))
+        below = printed if printed.endswith("/") else printed + "/"
         head = self._read_ref(self._branch(branch))
-        return [self.commit_info(commit) for commit, _, _ in
-                self._path_changes(head, segments)]
+        return [self.commit_info(digest) for digest, changes in self._changed_modules(head)
+                if printed in changes or any(changed.startswith(below) for changed in changes)]
 
     def log(self, limit=None, *, branch=None):
         """Commit infos along first parents from the head, newest first."""
