@@ -216,8 +216,8 @@ class Backend:
             if len(self._checked) > 10_000:
                 self._checked.clear()
             self._checked.add((namespace, bucket))
-        if key is not None:
-            _check_key(key)
+        if key is not None and not (type(key) is str and len(key) <= MAX_KEY_BYTES // 4 and key.isascii()):
+            _check_key(key)     # the common case above is decided without a call or an encode
 
     def _check_value(self, value):
         if not isinstance(value, (bytes, bytearray, memoryview)):
@@ -1208,7 +1208,7 @@ def _make_lift_borrow(type_id):
         state = _STATES.get(ctx)
         held = None if state is None else state.held.get(type_id)
         if held is not None and len(held) == 1:
-            err = _c_any_drop(ctx, _pointer_at(addr + _VAL_PAYLOAD))     # ends the borrow
+            err = _c_any_drop(ctx, _read_pointer(_MEMORY, addr + _VAL_PAYLOAD)[0])     # ends the borrow
             if err:
                 raise wasmtime.WasmtimeError._from_ptr(ctypes.cast(err, ctypes.POINTER(ffi.wasmtime_error_t)))
             (rep,) = held
@@ -1506,7 +1506,28 @@ def _make_lower_result(desc, json_mode):
         if lower is None and payload is not None:
             raise _bad(desc, v)
         _write_result(_MEMORY, addr, code, is_ok, 0 if lower is None else _boxed(lower, ctx, payload))
+    if not json_mode and desc[1] == ("option", ("list", ("u8",))):
+        return _make_lower_ok_some_bytes(lower_result)
     return lower_result
+
+
+def _make_lower_ok_some_bytes(generic):
+    """result<option<list<u8>>, E>, what `get` returns, with ok(bytes) written in one frame: the
+    same two boxes and list the generic lowering makes. Anything else goes to `generic`."""
+    new_list, list_code, option_code, result_code = _SEQ_NEW["list"], _K["list"], _K["option"], _K["result"]
+
+    def lower_ok_some_bytes(ctx, v, addr):
+        if type(v) is not bytes:
+            return generic(ctx, v, addr)
+        some = _c_val_new(_BOOL_FALSE_ADDRESS)
+        new_list(some + _VAL_PAYLOAD, len(v))
+        if v:
+            _store_u8_vals(_read_vec(_MEMORY, some + _VAL_PAYLOAD)[1], v)
+        _MEMORY[some] = list_code
+        ok = _c_val_new(_BOOL_FALSE_ADDRESS)
+        _write_kind_pointer(_MEMORY, ok, option_code, some)
+        _write_result(_MEMORY, addr, result_code, True, ok)
+    return lower_ok_some_bytes
 
 
 def _make_lower_variant(desc, json_mode):
@@ -1718,21 +1739,41 @@ def _kv_delete_many(state, rep, keys):
         state.record("delete", bucket, key)
 
 
-def _guarded(func, wrap_error=lambda err: err):
-    """Host functions never raise: wasmtime-py routes exceptions through a process-global slot."""
-    def guarded(state, *args):
-        try:
-            return func(state, *args)
-        except AccessDeniedError:
-            return wrap_error(Err(wc.Variant("access-denied")))
-        except NoSuchStoreError:
-            return wrap_error(Err(wc.Variant("no-such-store")))
-        except KvError as e:
-            return wrap_error(_other(e))
-        except Exception as e:   # a bug or an unexpected backend error: the guest still gets an answer
-            return wrap_error(_other(f"internal error: {type(e).__name__}: {e}"))
+def _guarded(func, arity, wrap_error=lambda err: err):
+    """Host functions never raise: wasmtime-py routes exceptions through a process-global slot.
+    The common arities get their own wrapper (no *args tuple per call)."""
+    if arity == 2:
+        def guarded(state, a, b):
+            try:
+                return func(state, a, b)
+            except Exception as e:
+                return wrap_error(_error_result(e))
+    elif arity == 3:
+        def guarded(state, a, b, c):
+            try:
+                return func(state, a, b, c)
+            except Exception as e:
+                return wrap_error(_error_result(e))
+    else:
+        def guarded(state, *args):
+            try:
+                return func(state, *args)
+            except Exception as e:
+                return wrap_error(_error_result(e))
     guarded.__name__ = func.__name__
     return guarded
+
+
+def _error_result(error):
+    """The wasi:keyvalue error a guest gets for an exception of a host function."""
+    if isinstance(error, AccessDeniedError):
+        return Err(wc.Variant("access-denied"))
+    if isinstance(error, NoSuchStoreError):
+        return Err(wc.Variant("no-such-store"))
+    if isinstance(error, KvError):
+        return _other(error)
+    # a bug or an unexpected backend error: the guest still gets an answer
+    return _other(f"internal error: {type(error).__name__}: {error}")
 
 
 def _kv_interfaces():
@@ -1788,7 +1829,7 @@ WATCHER_FUNCS = {version: {
 } for version in KV_VERSIONS}
 
 # The C callbacks find their Python side through these tables (wasmtime gives back an integer).
-_HOST_FUNCS = {}     # function id -> (name, func, lifts, lower)
+_HOST_FUNCS = {}     # function id -> (name, func, lifts, lower, number of parameters)
 _STATES = {}         # address of a store's wasmtime_context_t -> _CallState
 _RESOURCE_TABLES = {type_id: table for resources, _ in KV_INTERFACES.values()   # type id -> _CallState table
                     for type_id, table in resources.values()}
@@ -1816,9 +1857,9 @@ def _dispatch(data, ctx, _ty, args, nargs, results, nresults):
     entry = _HOST_FUNCS.get(data or 0)
     if entry is None:
         return _trap_pointer("kvhost: unknown host function")
-    name, func, lifts, lower = entry
+    name, func, lifts, lower, arity = entry
     try:
-        if nargs != len(lifts) or nresults != (0 if lower is None else 1):
+        if nargs != arity or nresults != (lower is not None):
             return _trap_pointer(f"kvhost: {name} called with a signature that does not match the WIT")
         state = _STATES.get(ctx)
         if state is None:
@@ -1863,8 +1904,8 @@ def _add_host_func(instance, name, params, result, func):
     with _ids_lock:
         func_id = _next_id[0]
         _next_id[0] += 1
-    _HOST_FUNCS[func_id] = (name, _guarded(func, wrap), [make_lift(p) for p in params],
-                            None if result is None else make_lower(result))
+    _HOST_FUNCS[func_id] = (name, _guarded(func, len(params), wrap), [make_lift(p) for p in params],
+                            None if result is None else make_lower(result), len(params))
     raw = name.encode("utf-8")
     add_func = _proto("wasmtime_component_linker_instance_add_func", _vp, _vp, ctypes.c_char_p, _sz,
                       _FUNC_CALLBACK, _vp, _FINALIZER)
