@@ -435,17 +435,20 @@ class SqliteBackend(Backend):
                 self._all.append(db)
         return db
 
-    @contextlib.contextmanager
-    def _writer(self, write):
+    def _queue_writer(self):
         """Writers of this process queue on a lock before asking SQLite for its write lock:
         SQLite's busy handler polls with growing sleeps, and under load a thread could starve
         past the busy timeout while others keep winning. Other processes still meet the
-        busy timeout."""
+        busy timeout. The caller releases self._write_lock."""
+        if not self._write_lock.acquire(timeout=self.busy_timeout):
+            raise BackendError("sqlite: database is locked (by this process)")
+
+    @contextlib.contextmanager
+    def _writer(self, write):
         if not write:
             yield
             return
-        if not self._write_lock.acquire(timeout=self.busy_timeout):
-            raise BackendError("sqlite: database is locked (by this process)")
+        self._queue_writer()
         try:
             yield
         finally:
@@ -470,10 +473,10 @@ class SqliteBackend(Backend):
 
     def _one(self, sql, params, write=False):
         """One statement in autocommit mode: SQLite runs it as its own transaction. The hot path
-        of every get and set, so _writer's queueing is spelled out here (no generator per call)."""
+        of every get and set, so it queues writers itself (no _writer generator per call)."""
         db = getattr(self._local, "db", None) or self.connection()
-        if write and not self._write_lock.acquire(timeout=self.busy_timeout):
-            raise BackendError("sqlite: database is locked (by this process)")
+        if write:
+            self._queue_writer()
         try:
             return db.execute(sql, params).fetchone()
         except sqlite3.Error as e:
@@ -1202,8 +1205,8 @@ def _make_lift_borrow(type_id):
     """A borrowed handle's rep. The guest's handles of a host resource type are exactly those this
     store handed over (_make_lower_own) and has not got back (dropped, or passed back as own): the
     canonical ABI refuses a dropped or mistyped handle before the host sees it. So when the guest
-    holds one handle of the type, as a guest using one bucket does, the argument is that handle,
-    and wasmtime need not be asked (three C calls per host call). Otherwise, ask."""
+    holds one handle of the type, as a guest using one bucket does, the argument is that handle:
+    one C call ends the borrow instead of three asking wasmtime for the rep. Otherwise, ask."""
     def lift_borrow(ctx, addr):
         state = _STATES.get(ctx)
         held = None if state is None else state.held.get(type_id)
