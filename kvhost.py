@@ -62,6 +62,7 @@ import sqlite3
 import sys
 import tempfile
 import threading
+import time
 import urllib.parse
 
 import wasmtime
@@ -86,6 +87,9 @@ CURSOR_PREFIX = "k1."                                # draft2 cursors: "k1." + b
 EPOCH_TICK = 0.05                                    # seconds per epoch tick of the timeout thread
 CACHE_MAGIC = b"KVHCACHE2\n"                         # header of a compile-cache entry's .sum file
 KV_VERSIONS = ("0.2.0-draft", "0.2.0-draft2")
+CACHE_ORPHAN_SECONDS = 3600                          # an artifact without its .sum this old is debris
+# What kvhost writes into a cache directory (anything else there is left alone).
+CACHE_FILE_RE = re.compile(r"([0-9a-f]{64}\.(?:component|module))(\.sum)?\Z|\.tmp-[a-z0-9_]{8}\Z")
 
 
 # ---------------------------------------------------------------------------
@@ -2046,6 +2050,28 @@ def _write_atomically(path, data):
         pass
 
 
+def _prune_cache(directory, now=None):
+    """Remove the cache files no reader can use, once CACHE_ORPHAN_SECONDS old (a writer may be
+    between its two renames): an artifact without its .sum (the previous cache format, or a
+    writer that died), a .sum without its artifact, a temp file left by a crash."""
+    now = time.time() if now is None else now
+    try:
+        names = set(os.listdir(directory))
+    except OSError:
+        return
+    for name in names:
+        match = CACHE_FILE_RE.match(name)
+        if match is None:
+            continue
+        artifact, is_sum = match.groups()
+        if artifact is not None and (artifact if is_sum else artifact + ".sum") in names:
+            continue                                    # half of a complete entry
+        path = os.path.join(directory, name)
+        with contextlib.suppress(OSError):
+            if now - os.stat(path).st_mtime > CACHE_ORPHAN_SECONDS:
+                os.unlink(path)
+
+
 class Guest:
     """A compiled component or core module, ready to run in fresh Stores."""
 
@@ -2207,6 +2233,7 @@ class Host:
                 _write_atomically(path + ".sum", CACHE_MAGIC + hashlib.sha256(payload).digest())
             except OSError:                             # a new one with an old .sum recompiles
                 pass   # a cache that cannot be written only costs time
+            _prune_cache(self.cache_dir)
         return artifact
 
     def _read_cache(self, cls, path):

@@ -4162,6 +4162,26 @@ class CompileCacheTest(unittest.TestCase):
         kvhost.Host(cache_dir=self.cache, kv="memory:").load(PROBE)
         self.assert_valid_entry(path)
 
+    def test_debris_is_pruned_when_a_new_entry_is_written(self):
+        old = time.time() - kvhost.CACHE_ORPHAN_SECONDS - 60
+        debris = ["a" * 64 + ".component", "b" * 64 + ".module.sum", ".tmp-abc_1234"]
+        recent = "c" * 64 + ".component"                 # a writer may be between its renames
+        foreign = ["notes.txt", "d" * 64 + ".component.bak"]
+        for name in debris + [recent] + foreign:
+            with open(os.path.join(self.cache, name), "wb") as f:
+                f.write(b"x")
+            if name != recent:
+                os.utime(os.path.join(self.cache, name), (old, old))
+        kvhost.Host(cache_dir=self.cache, kv="memory:").load(PROBE)     # compiles: writes and prunes
+        left = set(self.entries())
+        self.assertFalse(left & set(debris))
+        self.assertTrue({recent, *foreign} <= left)
+        self.assert_valid_entry(self.artifact_named(left))
+
+    def artifact_named(self, names):
+        [artifact] = [n for n in names if n + ".sum" in names]
+        return os.path.join(self.cache, artifact)
+
     def test_cache_key_covers_engine_settings(self):
         host = kvhost.Host(cache_dir=self.cache, kv="memory:")
         first = host._cache_path("component", "ab" * 32)
