@@ -23,9 +23,11 @@ Command line::
 Map of this file, top-down:
   constants and exceptions
   backends        Backend (validation, cursors) -> MemoryBackend, SqliteBackend, RedisBackend; open_backend()
-  value codecs    type descriptors of component values and fast ctypes converters (host + JSON dialects)
+  value codecs    type descriptors of component values and converters that read and write
+                  wasmtime's value records in place (host + JSON dialects)
   host glue       the wasi:keyvalue functions of both versions, dispatched without per-call type walks
-  engine          compile cache on disk, Guest, Host (load / call / run / attach_watcher)
+  engine          compile cache on disk (checksummed, mapped by wasmtime), Guest, Host
+                  (load / call / run / attach_watcher)
   CLI             main()
 
 Why the value codecs exist: wasmtime-py's component host functions re-read and re-walk the
