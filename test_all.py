@@ -17,6 +17,7 @@ it) a missing peer is a failure.
 """
 
 import base64
+import collections
 import contextlib
 import fcntl
 import hashlib
@@ -628,6 +629,56 @@ for index in range(count):
     store.add(f"{{prefix}}/{{index}}.wasm", make_module(f"{{prefix}}-{{index}}"))
     print(index, flush=True)
 """
+
+
+class BranchRaceTest(StoreTestCase):
+    def test_switching_to_a_branch_while_deleting_it_never_leaves_head_dangling(self):
+        # Pins the hostile probe's race: delete_branch checked for the default branch before
+        # taking the ref lock, so a concurrent switch to that branch left HEAD naming a
+        # deleted branch (84 of 300 trials over HTTP), after which main could be deleted too.
+        other = Store(self.root)
+        self.addCleanup(other.close)
+        outcomes = collections.Counter()
+        for trial in range(150):
+            self.store.set_default_branch("main")
+            self.store.create_branch("x")
+            barrier = threading.Barrier(2)
+
+            def switch():
+                barrier.wait()
+                try:
+                    other.set_default_branch("x")
+                    outcomes["switched"] += 1
+                except wasmstore.NotFound:
+                    outcomes["switch refused"] += 1
+
+            def delete():
+                barrier.wait()
+                try:
+                    self.store.delete_branch("x")
+                    outcomes["deleted"] += 1
+                except wasmstore.Conflict:
+                    outcomes["delete refused"] += 1
+
+            threads = [threading.Thread(target=switch), threading.Thread(target=delete)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            default = Store(self.root).default_branch
+            self.assertIn(default, self.store.branches(), f"trial {trial}: {outcomes}")
+            if default == "x":
+                self.store.set_default_branch("main")
+                self.store.delete_branch("x")
+        self.assertEqual(self.store.branches(), ["main"])
+        # Each trial ended in exactly one of the two orders.
+        self.assertEqual(outcomes["switched"] + outcomes["switch refused"], 150)
+        self.assertEqual(outcomes["switched"], outcomes["delete refused"])
+
+    def test_the_default_branch_cannot_be_deleted(self):
+        with self.assertRaisesRegex(wasmstore.Conflict, "refusing to delete the default branch 'main'"):
+            self.store.delete_branch("main")
+        self.assertEqual(self.store.branches(), ["main"])
 
 
 class DurabilityTest(StoreTestCase):

@@ -1287,9 +1287,11 @@ class Store:
     def delete_branch(self, name):
         """Delete a branch (not the default one)."""
         validate_branch(name)
-        if name == self.default_branch:
-            raise Conflict(f"refusing to delete the default branch {name!r}")
         with self._ref_lock():
+            # Checked under the lock that guards HEAD too: a concurrent switch of the default
+            # branch to `name` must not leave HEAD naming a deleted branch.
+            if name == self.default_branch:
+                raise Conflict(f"refusing to delete the default branch {name!r}")
             try:
                 os.unlink(self._ref_path(name))
             except FileNotFoundError:
