@@ -80,9 +80,9 @@ from wasmtime import component as wc
 # constants
 # ---------------------------------------------------------------------------
 
-DEFAULT_KV_URL = "sqlite:~/.wasmstore/kv.sqlite3"   # durable embedded default (KVHOST.md)
-MAX_KEY_BYTES = 4096                                 # KVHOST.md: key at most 4 KiB
-DEFAULT_MAX_VALUE_BYTES = 16 * 1024 * 1024           # KVHOST.md: value at most 16 MiB (configurable)
+DEFAULT_KV_URL = "sqlite:~/.wasmstore/kv.sqlite3"   # durable, embedded, nothing to install
+MAX_KEY_BYTES = 4096                                 # keys at most 4 KiB (every backend agrees)
+DEFAULT_MAX_VALUE_BYTES = 16 * 1024 * 1024           # values at most 16 MiB (configurable)
 PAGE_SIZE = 1000                                     # list-keys pages hold at most 1,000 keys
 DEFAULT_TIMEOUT = 10.0                               # seconds; --timeout default
 BUCKET_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,128}\Z")
@@ -1120,7 +1120,9 @@ def format_desc(desc):
     kind = desc[0]
     if kind in ("list", "option"):
         return f"{kind}<{format_desc(desc[1])}>"
-    if kind == "result":
+    if kind == "result":                   # WIT: result, result<T>, result<_, E>, result<T, E>
+        if desc[2] is None:
+            return "result" if desc[1] is None else f"result<{format_desc(desc[1])}>"
         return f"result<{format_desc(desc[1])}, {format_desc(desc[2])}>"
     if kind == "tuple":
         return "tuple<" + ", ".join(format_desc(d) for d in desc[1]) + ">"
@@ -2954,7 +2956,12 @@ class Host:
         request.record_events = bool(self._watchers)
         isolated = self.isolation == "process" or (self.isolation == "auto" and (
             guest.may_block or any(dependency.may_block for _, dependency in request.links)))
-        outcome = self._pool.execute(guest, request) if isolated else self._execute_here(guest, request)
+        try:
+            outcome = self._pool.execute(guest, request) if isolated else self._execute_here(guest, request)
+        except KvError as e:
+            if stats is not None:
+                stats["fuel"] = getattr(e, "fuel", 0)
+            raise
         if stats is not None:
             stats["fuel"] = outcome.fuel
         return outcome
@@ -2962,10 +2969,11 @@ class Host:
     def _execute_here(self, guest, request):
         """Run one request in a fresh Store of this process."""
         with _Session(self, guest, request) as session:
-            if request.op == "call":
-                value = session.call(request.function, request.args)
-            else:
-                value = session.run()
+            try:
+                value = session.call(request.function, request.args) if request.op == "call" else session.run()
+            except KvError as e:
+                e.fuel = session.fuel_used()          # a trap used fuel too (metrics count it)
+                raise
             return session.outcome(value)
 
     def attach_watcher(self, guest, buckets):
@@ -3048,14 +3056,16 @@ class _Session:
         if events:
             (self.host._event_sink or self.host._deliver)(events)
 
-    def outcome(self, value):
+    def fuel_used(self):
         start = self.host.fuel if self.host.fuel is not None else FUEL_UNLIMITED
         try:
-            fuel = start - self.store.get_fuel()
+            return start - self.store.get_fuel()
         except wasmtime.WasmtimeError:
-            fuel = 0
+            return 0
+
+    def outcome(self, value):
         stdout, stderr = self.capture or (None, None)
-        return _Outcome(value, stdout, stderr, fuel)
+        return _Outcome(value, stdout, stderr, self.fuel_used())
 
     def _trap(self, error):
         raise _trap_error(error, self.host) from None
@@ -3341,7 +3351,7 @@ _REMOTE_METHODS = ("get", "set", "delete", "exists", "list_page", "list_page_at"
 
 
 def _error_to_wire(error):
-    wire = {"class": type(error).__name__, "message": str(error)}
+    wire = {"class": type(error).__name__, "message": str(error), "fuel": getattr(error, "fuel", 0)}
     if isinstance(error, TrapError):
         wire["kind"] = error.kind
         wire["status"] = getattr(error, "status", None)
@@ -3353,12 +3363,15 @@ def _error_to_wire(error):
 def _error_from_wire(wire):
     name, message = wire.get("class"), str(wire.get("message"))
     if name == "GuestExit":
-        return GuestExit(wire.get("status"))
-    if name == "TrapError":
-        return TrapError(message, str(wire.get("kind") or "trap"))
-    if name == "NoSuchFunction":
-        return NoSuchFunction(message, wire.get("available") or ())
-    return _WIRE_ERRORS.get(name, KvError)(message)
+        error = GuestExit(wire.get("status"))
+    elif name == "TrapError":
+        error = TrapError(message, str(wire.get("kind") or "trap"))
+    elif name == "NoSuchFunction":
+        error = NoSuchFunction(message, wire.get("available") or ())
+    else:
+        error = _WIRE_ERRORS.get(name, KvError)(message)
+    error.fuel = wire.get("fuel") if isinstance(wire.get("fuel"), int) else 0
+    return error
 
 
 class _RemoteBackend(Backend):

@@ -5263,3 +5263,763 @@ class PyCounterTest(unittest.TestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+# =================================================================================================
+# Running stored modules: wasmstore.Runner, `wasmstore.py call/run/exports`, the HTTP run routes,
+# and the sandbox limits they rely on (kvhost worker processes, store limits)
+# =================================================================================================
+
+RUN_GUESTS = os.path.join(GUEST_DIR, "run")
+JS_HELLO = os.path.join(ROOT, "build", "js-hello.wasm")
+KV_PROBE = os.path.join(GUEST_DIR, "host", "kv-probe.wat")
+
+
+def wait_until(predicate, timeout=10.0, message="condition"):
+    """Poll predicate() until it is true (returns its value) or fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {message}")
+        time.sleep(0.01)
+
+
+_guest_binaries = {}
+
+
+def guest_binary(name):
+    """The binary of a committed WAT guest (guests/run/NAME.wat, or a path), as a store holds it."""
+    if name not in _guest_binaries:
+        path = name if os.path.sep in name else os.path.join(RUN_GUESTS, name + ".wat")
+        with open(path, encoding="utf-8") as f:
+            _guest_binaries[name] = bytes(wasmtime.wat2wasm(f.read()))
+    return _guest_binaries[name]
+
+
+def with_custom_section(data, tag):
+    """The same module or component with one more custom section: new bytes, same behaviour."""
+    name = b"wasmstore-version"
+    payload = _leb(len(name)) + name + tag.encode()
+    return data + b"\x00" + _leb(len(payload)) + payload
+
+
+def require_file(path, how):
+    if os.path.exists(path):
+        return path
+    message = f"{os.path.relpath(path, ROOT)} is missing: {how}"
+    if IN_CI:
+        raise AssertionError(message + " (.ci/run must build it before the tests)")
+    raise unittest.SkipTest(message)
+
+
+# Where each committed guest is stored by the run tests (the linking guests import these paths).
+RUN_LAYOUT = {
+    "/num/numbers.wasm": "numbers", "/num/simd.wasm": "simd",
+    "/lib/math.wasm": "lib-math", "/lib/deep.wasm": "lib-deep",
+    "/apps/linked.wasm": "app-linked", "/apps/deep.wasm": "app-deep", "/apps/badtype.wasm": "app-badtype",
+    "/apps/missing.wasm": "app-missing", "/apps/env.wasm": "app-env",
+    "/cycle/a.wasm": "cycle-a", "/cycle/b.wasm": "cycle-b",
+    "/wasi/hello.wasm": "wasi-hello", "/wasi/sleep.wasm": "wasi-sleep", "/p2/sleep.wasm": "p2-sleep",
+    "/bombs/memory64.wasm": "memory64-bomb", "/bombs/table.wasm": "table-bomb",
+    "/bombs/component.wasm": "component-limits", "/http/import.wasm": "http-import",
+    "/kv/probe.wasm": KV_PROBE,
+}
+
+
+def fill_run_store(store, paths=None):
+    """Store the run guests under RUN_LAYOUT's paths in one commit."""
+    source = tempfile.mkdtemp(prefix="run-guests-")
+    try:
+        for path, name in RUN_LAYOUT.items():
+            if paths is not None and path not in paths:
+                continue
+            target = os.path.join(source, *path.strip("/").split("/"))
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            with open(target, "wb") as f:
+                f.write(guest_binary(name))
+        store.import_tree(source)
+    finally:
+        shutil.rmtree(source, ignore_errors=True)
+
+
+# A second implementation of /lib/math.wasm (add multiplies): linking must pick the right commit.
+LIB_MATH_V2 = """(module (memory (export "memory") 1)
+  (func (export "add") (param i32 i32) (result i32) (i32.mul (local.get 0) (local.get 1)))
+  (func (export "square") (param i32) (result i32) (i32.const 0)))"""
+
+
+class RunnerTest(StoreTestCase):
+    """wasmstore.Runner: resolution, namespaces, linking, JSON mapping, in-process."""
+
+    def setUp(self):
+        super().setUp()
+        fill_run_store(self.store)
+        self.runner = wasmstore.Runner(self.store, kv="memory:", timeout=5)
+        self.addCleanup(self.runner.close)
+
+    def call(self, path, function, *args, **options):
+        return self.runner.call(path, function, list(args), **options)
+
+    def test_core_module_takes_and_returns_i32_i64_f32_f64(self):
+        n = "/num/numbers.wasm"
+        self.assertEqual(self.call(n, "add", 2, 3), 5)
+        self.assertEqual(self.call(n, "add", 2147483647, 1), -2147483648)        # wraps like the guest
+        self.assertEqual(self.call(n, "add", 4294967295, 1), 0)                  # unsigned spelling of -1
+        self.assertEqual(self.call(n, "add64", 9007199254740993, 1), 9007199254740994)   # exact past 2^53
+        self.assertEqual(self.call(n, "neg64", -(1 << 63)), -(1 << 63))
+        self.assertEqual(self.call(n, "mulf32", 0.1, 3), 0.30000001192092896)   # f32 precision
+        self.assertEqual(self.call(n, "divf64", 7, 2), 3.5)
+        self.assertEqual(self.call(n, "pair", 7), [7, 30064771072])              # multi-value
+        self.assertIsNone(self.call(n, "nothing"))
+        self.assertEqual(self.call(n, "get"), 0)                                 # a fresh instance per call
+
+    def test_floats_json_cannot_hold_travel_as_strings_both_ways(self):
+        n = "/num/numbers.wasm"
+        self.assertEqual([self.call(n, "divf64", a, b) for a, b in ((1, 0), (-1, 0), (0, 0))],
+                         ["Infinity", "-Infinity", "NaN"])
+        self.assertEqual(self.call(n, "divf64", "Infinity", 2), "Infinity")
+        self.assertEqual(self.call(n, "divf64", "NaN", 1), "NaN")
+        self.assertEqual(self.call(n, "mulf32", "-Infinity", 2), "-Infinity")
+        with self.assertRaisesRegex(kvhost.ArgumentError, r'argument 1 \(f64\): expected f64 .*"NaN".*got "inf"'):
+            self.call(n, "divf64", "inf", 1)
+
+    def test_argument_errors_name_the_parameter_and_its_type(self):
+        cases = [(("/num/numbers.wasm", "add", 1), r"add takes 2 argument\(s\) \(i32, i32\), got 1"),
+                 (("/num/numbers.wasm", "add", 1, "x"), r'argument 2 \(i32\): expected i32, got "x"'),
+                 (("/num/numbers.wasm", "add", 1 << 40, 1), r"argument 1 \(i32\): expected i32, got 1099511627776"),
+                 (("/num/numbers.wasm", "add64", True, 1), r"argument 1 \(i64\): expected i64, got true"),
+                 (("/kv/probe.wasm", "incr", "b", "k", "one"), r'argument 3 \(delta: s64\): expected s64, got "one"'),
+                 (("/kv/probe.wasm", "incr", "b", "k"),
+                  r"incr takes 3 argument\(s\) \(bucket: string, key: string, delta: s64\), got 2")]
+        for args, pattern in cases:
+            with self.subTest(args=args), self.assertRaisesRegex(kvhost.ArgumentError, pattern):
+                self.call(*args)
+
+    def test_unknown_function_lists_the_callable_exports(self):
+        with self.assertRaises(kvhost.NoSuchFunction) as caught:
+            self.call("/lib/math.wasm", "mul", 1, 2)
+        self.assertEqual(caught.exception.available, ["add", "square"])
+        self.assertIn("exports no function 'mul' (it exports: add, square)", str(caught.exception))
+        with self.assertRaisesRegex(wasmstore.NotFound, "no module at /lib/nope.wasm on branch 'main'"):
+            self.call("/lib/nope.wasm", "add", 1, 2)
+
+    def test_types_json_cannot_carry_are_refused_without_touching_them(self):
+        # Pins a crash: wasmtime-py 50 aborts the whole process when it reads a v128 type.
+        with self.assertRaisesRegex(kvhost.ArgumentError, "takes_v128 takes or returns v128, which JSON cannot carry"):
+            self.call("/num/simd.wasm", "takes_v128", 1)
+        with self.assertRaisesRegex(kvhost.ArgumentError, "takes or returns externref"):
+            self.call("/num/numbers.wasm", "takes_ref", None)
+        self.assertEqual(self.call("/num/simd.wasm", "add", 2, 3), 5)           # the rest still runs
+        self.assertEqual([e["name"] for e in self.runner.exports("/num/simd.wasm")], ["add"])
+
+    def test_exports_list_every_callable_function_with_its_types(self):
+        lines = [kvhost.format_export(e) for e in self.runner.exports("/num/numbers.wasm")]
+        self.assertEqual(lines, ["add(i32, i32) -> i32", "add64(i64, i64) -> i64", "mulf32(f32, f32) -> f32",
+                                 "divf64(f64, f64) -> f64", "neg64(i64) -> i64", "pair(i32) -> (i32, i64)",
+                                 "nothing()", "get() -> i32", "trap()", "spin()", "grow(i32) -> i32",
+                                 "touch(i32)"])                       # no memory, global or externref
+        probe = {e["name"]: kvhost.format_export(e) for e in self.runner.exports("/kv/probe.wasm")}
+        error = "variant{no-such-store, access-denied, other(string)}"
+        self.assertEqual(probe["incr"], f"incr(bucket: string, key: string, delta: s64) -> result<s64, {error}>")
+        self.assertEqual(probe["get"], f"get(bucket: string, key: string) -> result<option<list<u8>>, {error}>")
+        self.assertEqual(self.runner.exports("/p2/sleep.wasm"),
+                         [{"name": "wasi:cli/run@0.2.0#run", "params": [], "results": ["result"]},
+                          {"name": "sleep", "params": [{"name": "ms", "type": "u64"}], "results": []}])
+
+    def test_a_core_module_links_to_stored_modules_by_path(self):
+        self.assertEqual(self.call("/apps/linked.wasm", "sum_of_squares", 3, 4), 25)
+        self.assertEqual(self.call("/apps/deep.wasm", "sum_of_cubes", 2, 3), 35)     # two levels
+
+    def test_link_errors_name_the_import(self):
+        cases = {
+            "/apps/badtype.wasm": "imports '/lib/math.wasm' 'add' as func(i64, i64) -> i64, "
+                                  "but it exports func(i32, i32) -> i32",
+            "/apps/missing.wasm": "imports 'nope' from '/lib/math.wasm', which does not export it "
+                                  "(it exports: add, memory, square)",
+            "/apps/env.wasm": "imports 'env' 'abort', which this host does not provide",
+            "/cycle/a.wasm": "import cycle: /cycle/a.wasm -> /cycle/b.wasm -> /cycle/a.wasm",
+        }
+        for path, message in cases.items():
+            with self.subTest(path=path), self.assertRaises(kvhost.LinkError) as caught:
+                self.call(path, "run" if "cycle" not in path else "g")
+            self.assertIn(message, str(caught.exception))
+        self.store.remove("/lib/deep.wasm")
+        with self.assertRaisesRegex(kvhost.LinkError, "imports '/lib/deep.wasm' 'cube'.*no such module to link"):
+            self.call("/apps/deep.wasm", "sum_of_cubes", 1, 1)
+
+    def test_imports_resolve_in_the_same_commit_as_the_module(self):
+        before = self.store.snapshot()
+        self.store.add("/lib/math.wasm", bytes(wasmtime.wat2wasm(LIB_MATH_V2)))
+        self.assertEqual(self.call("/apps/linked.wasm", "sum_of_squares", 3, 4), 0)      # today's library
+        self.assertEqual(self.call("/apps/linked.wasm", "sum_of_squares", 3, 4, commit=before), 25)
+        self.store.create_branch("old")
+        self.store.restore(before, branch="old")
+        self.assertEqual(self.call("/apps/linked.wasm", "sum_of_squares", 3, 4, branch="old"), 25)
+
+    def test_version_and_commit_pick_an_older_module(self):
+        self.store.add("/lib/math.wasm", bytes(wasmtime.wat2wasm(LIB_MATH_V2)))   # add now multiplies
+        self.assertEqual(self.call("/lib/math.wasm", "add", 3, 4), 12)
+        self.assertEqual(self.call("/lib/math.wasm", "add", 3, 4, version=0), 7)
+        self.assertEqual(self.call("/lib/math.wasm", "add", 3, 4, version=1), 12)
+        first_commit = self.store.versions("/lib/math.wasm")[0][1]
+        self.assertEqual(self.call("/lib/math.wasm", "add", 3, 4, commit=first_commit), 7)
+        with self.assertRaisesRegex(wasmstore.NotFound, "no version 2 of /lib/math.wasm"):
+            self.call("/lib/math.wasm", "add", 1, 1, version=2)
+        with self.assertRaisesRegex(wasmstore.InvalidInput, "a version or a commit, not both"):
+            self.call("/lib/math.wasm", "add", 1, 1, version=0, commit=first_commit)
+        with self.assertRaisesRegex(wasmstore.NotFound, "no such object"):
+            self.call("/lib/math.wasm", "add", 1, 1, commit="0" * 64)
+
+    def test_each_path_keeps_its_own_kv_state_across_versions(self):
+        probe = guest_binary(KV_PROBE)
+        self.store.add("/apps/a.wasm", probe)
+        self.store.add("/apps/b.wasm", probe)               # same bytes, another path
+        for expected in (1, 2):
+            self.assertEqual(self.call("/apps/a.wasm", "incr", "c", "n", 1), {"ok": expected})
+        self.assertEqual(self.call("/apps/b.wasm", "incr", "c", "n", 1), {"ok": 1})   # its own namespace
+        self.store.add("/apps/a.wasm", with_custom_section(probe, "v2"))              # a new version
+        self.assertEqual(self.call("/apps/a.wasm", "incr", "c", "n", 1), {"ok": 3})
+        backend = self.runner.host.backend
+        self.assertEqual((backend.get("/apps/a.wasm", "c", "n"), backend.get("/apps/b.wasm", "c", "n")), (b"3", b"1"))
+
+    def test_a_call_by_hash_uses_the_hash_namespace_and_a_map_shares_one(self):
+        probe = guest_binary(KV_PROBE)
+        digest = self.store.add("/team/x.wasm", probe)
+        self.store.add("/team/y.wasm", with_custom_section(probe, "y"))
+        self.assertEqual(self.call(digest, "incr", "c", "n", 5), {"ok": 5})
+        self.assertEqual(self.runner.host.backend.get(f"sha256:{digest}", "c", "n"), b"5")
+        shared = wasmstore.Runner(self.store, self.runner.host,
+                                  namespaces=wasmstore.parse_namespace_map(["/team=team-kv"]))
+        self.assertEqual(shared.call("/team/x.wasm", "incr", ["c", "n", 1]), {"ok": 1})
+        self.assertEqual(shared.call("/team/y.wasm", "incr", ["c", "n", 1]), {"ok": 2})   # one namespace
+        self.assertEqual(self.call("/team/x.wasm", "incr", "c", "n", 1), {"ok": 1})       # unmapped: its path
+        for bad in (["/team"], ["/team="], ["../x=ns"], ["/a\0b=ns"]):
+            with self.subTest(bad=bad), self.assertRaises(wasmstore.InvalidInput):
+                wasmstore.parse_namespace_map(bad)
+
+    def test_wasi_preview1_command_gets_stdin_args_and_nothing_else(self):
+        done = self.runner.run_captured("/wasi/hello.wasm", ["x", "y z", "env", "file"], stdin=b"abc\n")
+        self.assertEqual(done.status, 0)
+        self.assertEqual(done.stdout, b"hello x y z env file\nabc\nGREETING unset\nno file\n")
+        self.assertEqual(done.stderr, b"wasi-hello: this line goes to stderr\n")
+        self.assertEqual(self.runner.run_captured("/wasi/hello.wasm", ["fail"]).status, 3)
+        folder = tempfile.mkdtemp(prefix="run-dir-")
+        self.addCleanup(shutil.rmtree, folder, True)
+        with open(os.path.join(folder, "data.txt"), "w") as f:
+            f.write("granted\n")
+        granted = wasmstore.Runner(self.store, kv="memory:", env={"GREETING": "hi"}, dirs=[(folder, ".")])
+        self.addCleanup(granted.close)
+        done = granted.run_captured("/wasi/hello.wasm", ["env", "file"])
+        self.assertEqual(done.stdout, b"hello env file\nhi\ngranted\n")
+
+    def test_output_is_kept_up_to_the_limit_and_counted_beyond(self):
+        done = self.runner.run_captured("/wasi/hello.wasm", [], stdin=b"x" * 10_000, limit=100)
+        self.assertEqual((len(done.stdout), done.stdout_total), (100, len("hello\n") + 10_000))
+
+
+class SandboxLimitsTest(unittest.TestCase):
+    """Limits hold whatever a guest does: blocked in a host call, growing memory or tables."""
+
+    def host(self, **options):
+        options.setdefault("kv", "memory:")
+        host = kvhost.Host(**options)
+        self.addCleanup(host.close)
+        return host
+
+    def load(self, host, name):
+        return host.load(os.path.join(RUN_GUESTS, name + ".wat"))
+
+    def assertTimesOut(self, work, timeout, pattern="timeout"):
+        started = time.monotonic()
+        with self.assertRaisesRegex(kvhost.TrapError, pattern) as caught:
+            work()
+        elapsed = time.monotonic() - started
+        self.assertEqual(caught.exception.kind, "timeout")
+        self.assertGreaterEqual(elapsed, timeout)
+        self.assertLess(elapsed, timeout + 3)
+
+    def test_a_component_blocked_in_a_wasi_sleep_is_stopped_at_its_timeout(self):
+        host = self.host(timeout=1)
+        guest = self.load(host, "p2-sleep")
+        self.assertTrue(guest.may_block)
+        self.assertTimesOut(lambda: host.call(guest, "sleep", [3_600_000]), 1,
+                            "blocked in a host call; its worker process was stopped")
+        self.assertTimesOut(lambda: host.run(guest), 1)                      # wasi:cli/run sleeps an hour
+        started = time.monotonic()
+        self.assertIsNone(host.call(guest, "sleep", [50]))                  # a new worker serves the next call
+        self.assertLess(time.monotonic() - started, 2)
+
+    def test_a_preview1_module_blocked_in_poll_oneoff_is_stopped_at_its_timeout(self):
+        host = self.host(timeout=1)
+        guest = self.load(host, "wasi-sleep")
+        self.assertTimesOut(lambda: host.call(guest, "sleep", [3_600_000]), 1)
+        self.assertEqual(host.run_captured(guest, ["10"]).stdout, b"woke\n")
+
+    def test_a_worker_that_dies_is_reported_and_replaced(self):
+        host = self.host(timeout=30)
+        guest = self.load(host, "p2-sleep")
+        host.call(guest, "sleep", [0])
+        worker = host._pool._idle[0]
+        outcome = {}
+
+        def sleep():
+            try:
+                host.call(guest, "sleep", [60_000])
+            except kvhost.TrapError as e:
+                outcome["error"] = e
+        thread = threading.Thread(target=sleep)
+        thread.start()
+        wait_until(lambda: not host._pool._idle, message="the sleep to take the worker")
+        os.kill(worker.process.pid, signal.SIGKILL)
+        thread.join(10)
+        self.assertEqual(outcome["error"].kind, "crash")
+        self.assertIn("worker process died (killed by signal 9)", str(outcome["error"]))
+        self.assertIsNone(host.call(guest, "sleep", [0]))
+
+    def test_memory_is_bounded_by_default_also_for_memory64(self):
+        host = self.host()
+        pages = host.call(self.load(host, "memory64-bomb"), "bomb", [])
+        self.assertEqual(pages, kvhost.DEFAULT_MAX_MEMORY // 65536)         # was 6 GiB of host memory
+        small = self.host(max_memory=4 << 20)
+        self.assertEqual(small.call(self.load(small, "memory64-bomb"), "bomb", []), 64)
+
+    def test_tables_are_bounded_by_default(self):
+        host = self.host()
+        self.assertEqual(host.call(self.load(host, "table-bomb"), "bomb", []), kvhost.DEFAULT_MAX_TABLE_ELEMENTS)
+        small = self.host(max_table_elements=1000)
+        self.assertEqual(small.call(self.load(small, "table-bomb"), "bomb", []), 1000)
+
+    def test_component_limits_and_trap_kinds(self):
+        host = self.host(timeout=1, max_memory=1 << 20, max_table_elements=5000)
+        guest = self.load(host, "component-limits")
+        self.assertEqual(host.call(guest, "grow", [10]), 1)
+        self.assertEqual(host.call(guest, "grow", [100]), -1)              # past 1 MiB: refused
+        self.assertEqual(host.call(guest, "table-bomb", []), 5000)
+        with self.assertRaises(kvhost.TrapError) as caught:
+            host.call(guest, "trap", [])
+        self.assertEqual(caught.exception.kind, "trap")
+        self.assertTimesOut(lambda: host.call(guest, "spin", []), 1)
+        fuel = self.host(fuel=100_000)
+        with self.assertRaisesRegex(kvhost.TrapError, "out of fuel: the guest used all 100000 units") as caught:
+            fuel.call(self.load(fuel, "component-limits"), "spin", [])
+        self.assertEqual(caught.exception.kind, "fuel")
+
+    def test_a_module_whose_memory_exceeds_the_limit_is_a_memory_trap(self):
+        host = self.host(max_memory=64 << 10)
+        guest = host.load('(module (memory 2) (func (export "f")))')
+        with self.assertRaisesRegex(kvhost.TrapError, "memory limit: memory minimum size of 2 pages") as caught:
+            host.call(guest, "f", [])
+        self.assertEqual(caught.exception.kind, "memory")
+
+    def test_values_a_host_call_cannot_carry_are_errors_or_a_clear_trap(self):
+        host = self.host()
+        guest = host.load(KV_DRAFT2)
+        over_guest_limit = kvhost.GUEST_VALUE_LIMIT + 1000                   # still fits one host call
+        self.assertEqual(host.call(guest, "set", ["b", "k", b64_text(b"x" * over_guest_limit)]),
+                         {"err": f"other:value too large for a guest ({over_guest_limit} bytes; "
+                                 f"one host call carries at most {kvhost.GUEST_VALUE_LIMIT})"})
+        with self.assertRaises(kvhost.TrapError) as caught:                  # 2.8 MB: wasmtime refuses the call
+            host.call(guest, "set", ["b", "k", b64_text(b"x" * 2_800_000)])
+        self.assertEqual(caught.exception.kind, "data")
+        self.assertIn("value too large", str(caught.exception))
+        self.assertNotIn("None", str(caught.exception))                     # was "used all None units"
+        host.backend.set("default", "b", "big", b"y" * 5_000_000)            # written by another client
+        self.assertEqual(host.call(guest, "get", ["b", "big"]),
+                         {"err": f"other:value too large for a guest (5000000 bytes; one host call "
+                                 f"carries at most {kvhost.GUEST_VALUE_LIMIT})"})
+        self.assertEqual(host.call(guest, "set", ["b", "k", b64_text(b"fine")]), {"ok": None})
+
+    def test_unsatisfied_component_imports_are_a_link_error_naming_the_import(self):
+        done = run_kvhost("call", "--kv", "memory:", os.path.join(RUN_GUESTS, "http-import.wat"), "hello")
+        self.assertEqual(done.returncode, 2, done.stderr)
+        self.assertRegex(done.stderr, r"^kvhost: error: cannot link .*http-import.wat: component imports instance "
+                                      r"`wasi:http/types@0\.2\.0`, but a matching implementation was not found")
+        self.assertIn("--stub-imports", done.stderr)
+        self.assertNotIn("kvhost: trap", done.stderr)
+
+    def test_stubbed_imports_let_the_rest_run_and_trap_when_called(self):
+        host = self.host(stub_imports=True)
+        guest = self.load(host, "http-import")
+        self.assertEqual(host.call(guest, "hello", []), "hello from http-import")
+        with self.assertRaisesRegex(kvhost.TrapError, r"unknown import: `wasi:http/types@0\.2\.0#\[constructor\]fields`"):
+            host.call(guest, "fetch", [])
+
+    def test_a_componentize_js_build_runs_with_stubbed_wasi_http(self):
+        require_file(JS_HELLO, "build it with `(cd guests/js-hello && npm ci) && bash guests/build.sh`")
+        with self.assertRaisesRegex(kvhost.LinkError, r"wasi:http/types@0\.2\.\d+"):
+            plain = self.host()
+            plain.call(plain.load(JS_HELLO), "hello", [])
+        host = self.host(stub_imports=True)
+        guest = host.load(JS_HELLO)
+        self.assertEqual(host.call(guest, "hello", []), "hello from js")
+        with self.assertRaisesRegex(kvhost.TrapError, r"unknown import: `wasi:http/types@0\.2\.\d+#\[constructor\]fields`"):
+            host.call(guest, "fetch", [])
+
+    def test_concurrent_first_loads_of_a_module_compile_it_once(self):
+        cache = tempfile.mkdtemp(prefix="kvhost-cache-")
+        self.addCleanup(shutil.rmtree, cache, True)
+        host = self.host(cache_dir=cache)
+        # ~4,000 functions: a compile long enough for eight threads to overlap
+        text = "(module " + " ".join(f'(func (export "f{i}") (result i32) (i32.const {i}))' for i in range(4000)) + ")"
+        data = bytes(wasmtime.wat2wasm(text))
+        barrier = threading.Barrier(8)
+        guests = []
+
+        def load():
+            barrier.wait()
+            guests.append(host.load(data, digest=sha256(data)))
+        threads = [threading.Thread(target=load) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        self.assertEqual(len({id(g) for g in guests}), 1)
+        self.assertEqual(host.cache_stats(), {"memory_hits": 7, "disk_hits": 0, "compiles": 1})
+        again = self.host(cache_dir=cache)                                   # a restart finds it on disk
+        self.assertEqual(again.call(again.load(data, digest=sha256(data)), "f7", []), 7)
+        self.assertEqual(again.cache_stats()["compiles"], 0)
+
+
+class RunCliTest(StoreTestCase):
+    """`python wasmstore.py call/run/exports` as users run it (one process per command)."""
+
+    def setUp(self):
+        super().setUp()
+        fill_run_store(self.store)
+
+    def wasmstore(self, *args, timeout=120):
+        return subprocess.run([sys.executable, WASMSTORE_PY, "--root", self.root, *args],
+                              capture_output=True, text=True, timeout=timeout, cwd=HERE)
+
+    def test_call_prints_one_line_of_json(self):
+        done = self.wasmstore("call", "/num/numbers.wasm", "divf64", "1", "0")
+        self.assertEqual((done.returncode, done.stdout, done.stderr), (0, '"Infinity"\n', ""))
+        done = self.wasmstore("call", "/apps/linked.wasm", "sum_of_squares", "3", "4")
+        self.assertEqual((done.returncode, done.stdout), (0, "25\n"))
+
+    def test_exit_statuses_follow_kvhost(self):
+        cases = [(("call", "/num/numbers.wasm", "add", "1"), 2, "wasmstore: error: add takes 2 argument(s)"),
+                 (("call", "/num/numbers.wasm", "add", "1", "[oops"), 2, "invalid JSON argument '[oops'"),
+                 (("call", "/num/numbers.wasm", "mul"), 2, "exports no function 'mul'"),
+                 (("call", "/apps/missing.wasm", "run"), 2, "wasmstore: error: /apps/missing.wasm imports 'nope'"),
+                 (("call", "/num/numbers.wasm", "trap"), 1, "wasmstore: trap: wasm trap: wasm `unreachable`"),
+                 (("call", "/nothing/here.wasm", "f"), 1, "wasmstore: error: no module at /nothing/here.wasm"),
+                 (("call", "--version", "5", "/num/numbers.wasm", "add", "1", "2"), 1, "no version 5 of")]
+        for args, status, message in cases:
+            with self.subTest(args=args):
+                done = self.wasmstore(*args)
+                self.assertEqual(done.returncode, status, done.stderr)
+                self.assertIn(message, done.stderr)
+                self.assertEqual(len(done.stderr.splitlines()), 1, done.stderr)
+                self.assertNotIn("Traceback", done.stderr)
+
+    def test_run_passes_arguments_and_the_guest_exit_status(self):
+        done = self.wasmstore("run", "/wasi/hello.wasm", "a", "b c")
+        self.assertEqual((done.returncode, done.stdout), (0, "hello a b c\n"))
+        self.assertEqual(done.stderr, "wasi-hello: this line goes to stderr\n")
+        self.assertEqual(self.wasmstore("run", "/wasi/hello.wasm", "fail").returncode, 3)
+        done = self.wasmstore("run", "--env", "GREETING=hey", "/wasi/hello.wasm", "env")
+        self.assertEqual(done.stdout, "hello env\nhey\n")
+
+    def test_exports_one_per_line_and_as_json(self):
+        done = self.wasmstore("exports", "/lib/math.wasm")
+        self.assertEqual((done.returncode, done.stdout), (0, "add(i32, i32) -> i32\nsquare(i32) -> i32\n"))
+        done = self.wasmstore("exports", "--json", "/p2/sleep.wasm")
+        self.assertEqual(json.loads(done.stdout), [{"name": "wasi:cli/run@0.2.0#run", "params": [], "results": ["result"]},
+                                                   {"name": "sleep", "params": [{"name": "ms", "type": "u64"}],
+                                                    "results": []}])
+
+    def test_version_and_commit_options(self):
+        first = self.store.snapshot()
+        self.store.add("/lib/math.wasm", bytes(wasmtime.wat2wasm(LIB_MATH_V2)))
+        outputs = [self.wasmstore("call", *extra, "/lib/math.wasm", "add", "3", "4").stdout
+                   for extra in ((), ("--version", "0"), ("--commit", first))]
+        self.assertEqual(outputs, ["12\n", "7\n", "7\n"])
+
+    def test_state_lives_with_the_store_and_is_per_path(self):
+        probe = guest_binary(KV_PROBE)
+        self.store.add("/apps/a.wasm", probe)
+        self.store.add("/apps/b.wasm", probe)
+        results = [self.wasmstore("call", path, "incr", '"c"', '"n"', "1").stdout
+                   for path in ("/apps/a.wasm", "/apps/a.wasm", "/apps/b.wasm")]
+        self.assertEqual(results, ['{"ok":1}\n', '{"ok":2}\n', '{"ok":1}\n'])
+        self.assertTrue(os.path.exists(os.path.join(self.root, "kv.sqlite3")))
+        done = self.wasmstore("call", "--namespace", "/apps/a.wasm", "/apps/b.wasm", "incr", '"c"', '"n"', "1")
+        self.assertEqual(done.stdout, '{"ok":3}\n')                          # an operator shares on purpose
+
+    def test_timeout_ends_a_guest_blocked_in_a_host_call(self):
+        started = time.monotonic()
+        done = self.wasmstore("call", "--timeout", "1", "/p2/sleep.wasm", "sleep", "3600000")
+        self.assertLess(time.monotonic() - started, 8)
+        self.assertEqual(done.returncode, 1)
+        self.assertEqual(done.stderr, "wasmstore: trap: timeout: the guest ran longer than 1.0 s "
+                                      "(blocked in a host call)\n")
+        done = self.wasmstore("run", "--timeout", "1", "/wasi/sleep.wasm")
+        self.assertEqual(done.returncode, 1)
+
+    def test_stub_imports_option(self):
+        self.assertEqual(self.wasmstore("call", "/http/import.wasm", "hello").returncode, 2)
+        done = self.wasmstore("call", "--stub-imports", "/http/import.wasm", "hello")
+        self.assertEqual((done.returncode, done.stdout), (0, '"hello from http-import"\n'))
+
+    def test_wasmstore_alone_says_running_needs_kvhost(self):
+        folder = tempfile.mkdtemp(prefix="vendored-")
+        self.addCleanup(shutil.rmtree, folder, True)
+        shutil.copy(WASMSTORE_PY, folder)
+        done = subprocess.run([sys.executable, os.path.join(folder, "wasmstore.py"), "--root", self.root,
+                               "call", "/num/numbers.wasm", "add", "1", "2"],
+                              capture_output=True, text=True, timeout=60, cwd=folder)
+        self.assertEqual(done.returncode, 2)
+        self.assertEqual(done.stderr, "wasmstore: error: running modules needs kvhost.py next to wasmstore.py "
+                                      "and the wasmtime package (pip install wasmtime)\n")
+        listed = subprocess.run([sys.executable, os.path.join(folder, "wasmstore.py"), "--root", self.root, "list"],
+                                capture_output=True, text=True, timeout=60, cwd=folder)
+        self.assertEqual(listed.returncode, 0)                                # the store works alone
+
+
+class RunHttpTest(unittest.TestCase):
+    """The run routes on a live server: results, every error case, limits, queueing, metrics."""
+
+    def server(self, **run):
+        run.setdefault("kv", "memory:")
+        run.setdefault("timeout", 2)
+        live = LiveServer(self, run=run)
+        fill_run_store(live.store)
+        return live
+
+    def call(self, live, function, path, args, headers=None, query=""):
+        body = args if isinstance(args, bytes) else json.dumps(args).encode()
+        return live.request("POST", f"/api/v1/call/{function}{path}{query}", body, headers)
+
+    def assertReply(self, reply, status, text=None):
+        self.assertEqual(reply[0], status, reply[2])
+        if text is not None:
+            self.assertIn(text, reply[2].decode())
+
+    def test_call_answers_the_json_result(self):
+        live = self.server()
+        status, headers, body = self.call(live, "add", "/num/numbers.wasm", [2, 3])
+        self.assertEqual((status, headers["content-type"], body), (200, "application/json", b"5"))
+        self.assertEqual(self.call(live, "divf64", "/num/numbers.wasm", [0, 0])[2], b'"NaN"')
+        self.assertEqual(self.call(live, "sum_of_squares", "/apps/linked.wasm", [3, 4])[2], b"25")
+        digest = live.store.hash("/num/numbers.wasm")
+        self.assertEqual(self.call(live, "pair", f"/{digest}", [7])[2], b"[7,30064771072]")
+        self.assertEqual(self.call(live, "incr", "/kv/probe.wasm", ["b", "k", 2])[2], b'{"ok":2}')
+
+    def test_every_error_has_its_status_and_the_server_keeps_serving(self):
+        live = self.server(timeout=1)
+        cases = [
+            (("add", "/num/numbers.wasm", b"[2"), 400, "malformed JSON body"),
+            (("add", "/num/numbers.wasm", b"[1, NaN]"), 400, 'write "NaN", "Infinity" or "-Infinity" as strings'),
+            (("add", "/num/numbers.wasm", b'{"a": 1}'), 400, "expected a JSON array of arguments"),
+            (("add", "/num/numbers.wasm", b"\xff"), 400, "malformed JSON body"),
+            (("add", "/num/numbers.wasm", [1]), 400, "add takes 2 argument(s) (i32, i32), got 1"),
+            (("add", "/num/numbers.wasm", [1, "2"]), 400, 'argument 2 (i32): expected i32, got "2"'),
+            (("incr", "/kv/probe.wasm", ["b", "k", 1.5]), 400, "argument 3 (delta: s64): expected s64, got 1.5"),
+            (("mul", "/lib/math.wasm", []), 404, "exports no function 'mul' (it exports: add, square)"),
+            (("add", "/lib/none.wasm", []), 404, "no module at /lib/none.wasm"),
+            (("run", "/apps/missing.wasm", []), 424, "imports 'nope' from '/lib/math.wasm'"),
+            (("hello", "/http/import.wasm", []), 424, "`wasi:http/types@0.2.0`"),
+            (("trap", "/num/numbers.wasm", []), 422, "wasm trap: wasm `unreachable` instruction executed"),
+            (("spin", "/num/numbers.wasm", []), 422, "timeout: the guest ran longer than 1"),
+            (("sleep", "/p2/sleep.wasm", [3_600_000]), 422, "timeout: the guest ran longer than 1"),
+            (("takes_v128", "/num/simd.wasm", [1]), 400, "JSON cannot carry"),
+        ]
+        for (function, path, args), status, text in cases:
+            with self.subTest(function=function, path=path):
+                reply = self.call(live, function, path, args)
+                self.assertReply(reply, status, text)
+                self.assertEqual(reply[1]["content-type"], "text/plain; charset=utf-8")
+                self.assertEqual(reply[2].count(b"\n"), 1)
+                self.assertEqual(self.call(live, "add", "/num/numbers.wasm", [1, 1])[2], b"2")
+        kinds = {f: self.call(live, f, p, a)[1].get("wasmstore-error") for f, p, a in
+                 (("trap", "/num/numbers.wasm", []), ("spin", "/num/numbers.wasm", []))}
+        self.assertEqual(kinds, {"trap": "trap", "spin": "timeout"})
+        self.assertNotIn(" 500 ", live.log.getvalue())
+
+    def test_fuel_and_memory_limits_are_422_with_their_kind(self):
+        live = self.server(fuel=100_000, max_memory=1 << 20)
+        reply = self.call(live, "spin", "/num/numbers.wasm", [])
+        self.assertReply(reply, 422, "out of fuel: the guest used all 100000 units")
+        self.assertEqual(reply[1]["wasmstore-error"], "fuel")
+        reply = self.call(live, "touch", "/num/numbers.wasm", [100])          # 6.25 MiB > 1 MiB: refused
+        self.assertReply(reply, 422, "unreachable")
+        self.assertEqual(self.call(live, "grow", "/num/numbers.wasm", [100])[2], b"-1")
+
+    def test_run_route_pipes_stdin_args_stdout_and_the_exit_status(self):
+        live = self.server()
+        status, headers, body = live.request("POST", "/api/v1/run/wasi/hello.wasm?arg=a&arg=b%20c", b"in put")
+        self.assertEqual((status, body), (200, b"hello a b c\nin put"))
+        self.assertEqual(headers["wasmstore-exit-status"], "0")
+        self.assertEqual(json.loads(headers["wasmstore-stderr"]), "wasi-hello: this line goes to stderr\n")
+        status, headers, _ = live.request("POST", "/api/v1/run/wasi/hello.wasm?arg=fail")
+        self.assertEqual((status, headers["wasmstore-exit-status"]), (200, "3"))
+        self.assertReply(live.request("POST", "/api/v1/run/num/numbers.wasm"), 404, "has no _start export")
+
+    def test_run_output_is_bounded(self):
+        live = self.server(max_output=100)
+        status, headers, body = live.request("POST", "/api/v1/run/wasi/hello.wasm", b"x" * 5000)
+        self.assertEqual((status, len(body), headers["wasmstore-stdout-truncated"]), (200, 100, str(6 + 5000)))
+
+    def test_exports_route_describes_the_callable_functions(self):
+        live = self.server()
+        status, _, body = live.request("GET", "/api/v1/exports/lib/math.wasm")
+        self.assertEqual(status, 200)
+        self.assertEqual(json.loads(body), {
+            "hash": live.store.hash("/lib/math.wasm"), "kind": "module",
+            "exports": [{"name": "add", "params": [{"name": None, "type": "i32"}] * 2, "results": ["i32"]},
+                        {"name": "square", "params": [{"name": None, "type": "i32"}], "results": ["i32"]}]})
+        self.assertEqual(json.loads(live.request("GET", "/api/v1/exports/kv/probe.wasm")[2])["kind"], "component")
+
+    def test_branch_header_and_version_query(self):
+        live = self.server()
+        live.store.create_branch("dev")
+        live.store.add("/lib/math.wasm", bytes(wasmtime.wat2wasm(LIB_MATH_V2)), branch="dev")
+        self.assertEqual(self.call(live, "add", "/lib/math.wasm", [3, 4])[2], b"7")
+        self.assertEqual(self.call(live, "add", "/lib/math.wasm", [3, 4], {"Wasmstore-Branch": "dev"})[2], b"12")
+        self.assertEqual(self.call(live, "add", "/lib/math.wasm", [3, 4], {"Wasmstore-Branch": "dev"},
+                                   "?version=0")[2], b"7")
+        self.assertReply(self.call(live, "add", "/lib/math.wasm", [3, 4], query="?version=x"), 400)
+        self.assertReply(self.call(live, "add", "/lib/math.wasm", [1, 1], {"Wasmstore-Branch": "nope"}), 404)
+        live.store.add("/lib/math.wasm", bytes(wasmtime.wat2wasm(LIB_MATH_V2)))      # a new version ...
+        self.assertEqual(self.call(live, "add", "/lib/math.wasm", [3, 4])[2], b"12")  # ... is the next call's
+
+    def test_running_needs_a_key_allowed_post(self):
+        live = LiveServer(self, auth="admin:*;reader:GET", run={"kv": "memory:"})
+        fill_run_store(live.store, ["/lib/math.wasm"])
+        self.assertEqual(self.call(live, "add", "/lib/math.wasm", [1, 2])[0], 401)
+        self.assertEqual(self.call(live, "add", "/lib/math.wasm", [1, 2], {"Wasmstore-Auth": "reader"})[0], 403)
+        self.assertEqual(self.call(live, "add", "/lib/math.wasm", [1, 2], {"Wasmstore-Auth": "admin"})[2], b"3")
+        self.assertEqual(live.request("GET", "/api/v1/exports/lib/math.wasm", headers={"Wasmstore-Auth": "reader"})[0], 200)
+
+    def test_excess_callers_wait_in_a_bounded_queue_then_get_503(self):
+        live = self.server(timeout=30, max_guests=1, run_queue=1, queue_wait=30)
+        gate = live.server.runtime.gate
+        results = {}
+
+        def slow(name, ms):
+            results[name] = self.call(live, "sleep", "/p2/sleep.wasm", [ms])
+        first = threading.Thread(target=slow, args=("first", 1500))
+        first.start()
+        wait_until(lambda: gate.running == 1, message="the first guest to run")
+        second = threading.Thread(target=slow, args=("second", 0))
+        second.start()
+        wait_until(lambda: gate.waiting == 1, message="the second caller to queue")
+        status, headers, body = self.call(live, "add", "/num/numbers.wasm", [1, 1])
+        self.assertEqual((status, headers["retry-after"]), (503, "30"))
+        self.assertIn(b"too many guests are running", body)
+        first.join(30)
+        second.join(30)
+        self.assertEqual((results["first"][0], results["second"][0]), (200, 200))
+
+    def test_a_spinning_guest_and_a_memory_bomb_do_not_hold_the_server(self):
+        live = self.server(timeout=2)
+        outcomes = {}
+
+        def bad(name, function, args):
+            outcomes[name] = self.call(live, function, "/num/numbers.wasm", args)[0]
+        threads = [threading.Thread(target=bad, args=("spin", "spin", [])),
+                   threading.Thread(target=bad, args=("bomb", "touch", [1 << 15]))]   # 2 GiB asked
+        for thread in threads:
+            thread.start()
+        wait_until(lambda: live.server.runtime.gate.running >= 1, message="a bad guest to run")
+        started = time.monotonic()
+        self.assertEqual(live.request("GET", "/api/v1/modules/lib")[0], 200)
+        self.assertLess(time.monotonic() - started, 1.0)
+        for thread in threads:
+            thread.join(10)
+        self.assertEqual(outcomes, {"spin": 422, "bomb": 422})
+        self.assertEqual(self.call(live, "add", "/num/numbers.wasm", [2, 2])[2], b"4")
+
+    def test_metrics_and_access_log_show_each_call(self):
+        live = self.server(timeout=1)
+        for _ in range(3):
+            self.call(live, "add", "/num/numbers.wasm", [1, 2])
+        self.call(live, "spin", "/num/numbers.wasm", [])
+        self.call(live, "nope", "/num/numbers.wasm", [])
+        metrics = live.request("GET", "/metrics")[2].decode()
+        lbl = 'module="/num/numbers.wasm",function="add"'
+        self.assertIn(f'wasmstore_guest_calls_total{{{lbl},outcome="ok"}} 3', metrics)
+        self.assertIn('wasmstore_guest_calls_total{module="/num/numbers.wasm",function="spin",outcome="timeout"} 1',
+                      metrics)
+        self.assertIn(f"wasmstore_guest_call_duration_seconds_count{{{lbl}}} 3", metrics)
+        self.assertIn(f"wasmstore_guest_fuel_total{{{lbl}}} 12", metrics)              # 4 units per add
+        self.assertIn("wasmstore_guests_running 0", metrics)
+        self.assertIn("wasmstore_guests_waiting 0", metrics)
+        self.assertRegex(metrics, r'wasmstore_compile_cache_total\{result="memory_hits"\} [1-9]')
+        self.assertNotIn('function="nope"', metrics)                          # unknown functions add no series
+        log = live.log.getvalue()
+        self.assertRegex(log, r'"POST /api/v1/call/add/num/numbers.wasm" 200 1 [\d.]+ms '
+                              r"module=/num/numbers.wasm function=add outcome=ok fuel=\d+")
+        self.assertIn("function=spin outcome=timeout", log)
+
+    def test_run_routes_without_kvhost_answer_501(self):
+        call = http_server.Call(("add",), "lib/math.wasm", runtime=None)
+        with self.assertRaises(http_server.HttpError) as caught:
+            http_server.call_function(None, call, None)
+        self.assertEqual(caught.exception.status, 501)
+
+
+class PyCounterServerTest(unittest.TestCase):
+    """The componentize-py counter, stored and called over HTTP: state per path, across
+    versions and restarts; many clients at once."""
+
+    @classmethod
+    def setUpClass(cls):
+        require_file(PY_COUNTER, "build it with `pip install componentize-py==0.25.1 && bash guests/build.sh`")
+        with open(PY_COUNTER, "rb") as f:
+            cls.counter = f.read()
+        cls.cache = tempfile.mkdtemp(prefix="pycounter-cache-")
+        cls.addClassCleanup(shutil.rmtree, cls.cache, True)
+        cls.counter_v2 = with_custom_section(cls.counter, "v2")
+        with kvhost.Host(cache_dir=cls.cache) as host:      # compile both once (10 s each), outside requests
+            host.load(cls.counter)
+            host.load(cls.counter_v2)
+
+    def server(self, root=None, **run):
+        return LiveServer(self, root=root, run=dict(run, timeout=60, cache_dir=self.cache))
+
+    def bump(self, live, path="/apps/counter.wasm"):
+        status, _, body = live.request("POST", f"/api/v1/call/bump{path}", b"[]")
+        self.assertEqual(status, 200, body)
+        return json.loads(body)["ok"]
+
+    def test_count_persists_across_calls_versions_and_a_restart(self):
+        live = self.server()
+        live.store.add("/apps/counter.wasm", self.counter)
+        self.assertEqual([self.bump(live) for _ in range(3)], [1, 2, 3])
+        live.store.add("/apps/counter.wasm", self.counter_v2)                           # a new version
+        self.assertEqual(len(live.store.versions("/apps/counter.wasm")), 2)
+        self.assertEqual(self.bump(live), 4)
+        live.stop()
+        again = self.server(root=live.root)                                                # a restart
+        self.assertEqual(self.bump(again), 5)
+        again.store.add("/apps/other.wasm", self.counter)
+        self.assertEqual(self.bump(again, "/apps/other.wasm"), 1)                          # a second path
+        status, headers, body = again.request("POST", "/api/v1/run/apps/counter.wasm")
+        self.assertEqual((status, body, headers["wasmstore-exit-status"]), (200, b"hits=6\n", "0"))
+        metrics = again.request("GET", "/metrics")[2].decode()
+        self.assertIn('wasmstore_compile_cache_total{result="compiles"} 0', metrics)     # compiled before
+
+    def test_sixteen_clients_bump_one_counter_exactly(self):
+        live = self.server(max_guests=4)
+        live.store.add("/apps/counter.wasm", self.counter)
+        self.bump(live)
+        errors = []
+
+        def client():
+            try:
+                for _ in range(5):
+                    self.bump(live)
+            except BaseException as e:       # collected and asserted below
+                errors.append(e)
+        threads = [threading.Thread(target=client) for _ in range(16)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(120)
+        self.assertEqual(errors, [])
+        self.assertEqual(self.bump(live), 1 + 16 * 5 + 1)
