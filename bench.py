@@ -4,6 +4,7 @@
     python bench.py store [--rounds N] [--quick] ...   store figures (issue 2): W1-W4, 50 MB module, import
     python bench.py http  [--rounds N] ...              REST API figures
     python bench.py kv    [--rounds N] ...              wasi:keyvalue host figures
+    python bench.py run   [--rounds N] [--quick] ...    running stored modules (issue 8)
     python bench.py AREA --help                         the area's own options
 
 Each area lives in benchmarks/bench_<area>.py, loaded by file path (benchmarks/ is not a
@@ -24,6 +25,7 @@ AREAS = {
              "50 MB module, bulk import",
     "http": "http_server.py: the REST API under load",
     "kv": "kvhost.py: wasi:keyvalue calls from guest modules",
+    "run": "running stored modules: HTTP calls vs GET, Runner vs kvhost.Host, restart and cold compiles",
 }
 DEFAULT_ROUNDS = 3
 REPO_DIR = os.path.dirname(os.path.abspath(__file__))
