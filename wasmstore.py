@@ -1990,7 +1990,7 @@ def parse_namespace_map(entries):
         prefix, sep, namespace = str(entry).partition("=")
         if not sep or not namespace or "\0" in namespace or len(namespace) > 1024:
             raise InvalidInput(f"invalid namespace mapping {_short(entry)}: expected PREFIX=NAMESPACE")
-        parsed.append((validate_path(prefix), namespace))
+        parsed.append((tuple(validate_path(prefix)), namespace))
     return sorted(parsed, key=lambda item: -len(item[0]))
 
 
@@ -2057,18 +2057,19 @@ class Runner:
             digest, commit = self.store.version(version, path_or_hash, branch=branch)
         else:
             digest, commit = self.store.module_at(path_or_hash, branch=branch, commit=commit)
-        path = format_path(value) if kind == "path" else None
-        return Target(digest, commit, path, self.namespace_for(path, digest))
+        if kind == "hash":
+            return Target(digest, commit, None, f"sha256:{digest}")
+        return Target(digest, commit, format_path(value), self._namespace_of(value))
 
     def namespace_for(self, path, digest):
         """The kv namespace of a module: its path, a mapped prefix's namespace, or sha256:<hash>."""
-        if path is None:
-            return f"sha256:{digest}"
-        segments = validate_path(path)
+        return f"sha256:{digest}" if path is None else self._namespace_of(validate_path(path))
+
+    def _namespace_of(self, segments):
         for prefix, namespace in self.namespaces:
-            if tuple(segments[:len(prefix)]) == tuple(prefix):
+            if segments[:len(prefix)] == prefix:
                 return namespace
-        return path
+        return format_path(segments)
 
     def load(self, target):
         """The kvhost Guest for a target (compiled once per module hash)."""
@@ -2078,8 +2079,12 @@ class Runner:
                                    name=target.path or target.digest)
         return guest
 
-    def _linker_for(self, target):
-        """resolve(import module name) for kvhost: store paths and hashes in the target's commit."""
+    def _linker_for(self, target, guest):
+        """resolve(import module name) for kvhost: store paths and hashes in the target's commit
+        (None for a guest with no imports to link)."""
+        if guest.kind != "module" or all(module == "wasi_snapshot_preview1" for module, _, _, _ in guest.signatures[0]):
+            return None
+
         def resolve(module_name):
             if not module_name.startswith("/") and not _is_hash(module_name):
                 return None
@@ -2101,14 +2106,14 @@ class Runner:
         """Call an exported function with JSON-style arguments (kvhost.Host.call's mapping)."""
         target, guest = self._prepare(path_or_hash, branch, version, commit)
         return self.host.call(guest, function, args, namespace=namespace or target.namespace,
-                              resolve=self._linker_for(target), stats=stats)
+                              resolve=self._linker_for(target, guest), stats=stats)
 
     def run(self, path_or_hash, argv=(), *, branch=None, version=None, commit=None, namespace=None,
             stdin=None, stats=None):
         """Run a wasi:cli/run component or a WASI command module; returns its exit status."""
         target, guest = self._prepare(path_or_hash, branch, version, commit)
         return self.host.run(guest, argv, namespace=namespace or target.namespace,
-                             resolve=self._linker_for(target), stdin=stdin, stats=stats)
+                             resolve=self._linker_for(target, guest), stdin=stdin, stats=stats)
 
     def run_captured(self, path_or_hash, argv=(), *, branch=None, version=None, commit=None,
                      namespace=None, stdin=b"", limit=None, stats=None):
@@ -2116,7 +2121,7 @@ class Runner:
         target, guest = self._prepare(path_or_hash, branch, version, commit)
         options = {} if limit is None else {"limit": limit}
         return self.host.run_captured(guest, argv, namespace=namespace or target.namespace,
-                                      resolve=self._linker_for(target), stdin=stdin, stats=stats, **options)
+                                      resolve=self._linker_for(target, guest), stdin=stdin, stats=stats, **options)
 
     def exports(self, path_or_hash, *, branch=None, version=None, commit=None):
         """The callable exports of a stored module (kvhost.describe_exports)."""
