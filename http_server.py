@@ -1483,6 +1483,7 @@ class WasmstoreHandler(http.server.BaseHTTPRequestHandler):
         self.rfile.close()                # replaced: see _DeadlineSocketReader
         self._reader = _DeadlineSocketReader(self.connection, self.timeout)
         self.rfile = io.BufferedReader(self._reader, 65536)
+        self._allowed_host = ("", None)              # the last allowed Host text and its authority
         server.metrics.add_gauge("connections", 1)
 
     def finish(self):
@@ -1665,11 +1666,7 @@ class WasmstoreHandler(http.server.BaseHTTPRequestHandler):
         requests and watches, see OriginAllowList). Requests without Origin (curl, the CLI,
         the Python and Node clients) are not affected by the second check."""
         server = self.server
-        authority = self._request_authority()
-        if authority is not None and not server.allowed_hosts.allows(authority[0]):
-            self._route_label = "refused"
-            raise HttpError(421, f"this server does not answer to the host {authority[0]!r} "
-                                 "(see --allowed-host)", close=True)
+        authority = self._addressed_authority()
         origins = self.headers.get_all("Origin")
         if origins is None or (method in SAFE_METHODS and not self._is_websocket_upgrade()):
             return
@@ -1680,9 +1677,11 @@ class WasmstoreHandler(http.server.BaseHTTPRequestHandler):
             raise HttpError(403, f"request from the origin {', '.join(origins)!r} refused: "
                                  "not this server's origin nor one --cors allows")
 
-    def _request_authority(self):
+    def _addressed_authority(self):
         """(host, port or None) the client addressed: the absolute-form target's authority,
-        else the Host header; None without either. HttpError 400 when malformed."""
+        else the Host header; None without either. HttpError 400 when malformed or repeated,
+        421 when the server does not answer to that host. The connection's last allowed Host
+        is remembered: keep-alive clients repeat theirs."""
         if self.path.startswith(("http://", "https://")):
             text = urllib.parse.urlsplit(self.path).netloc
         else:
@@ -1692,10 +1691,18 @@ class WasmstoreHandler(http.server.BaseHTTPRequestHandler):
             text = hosts[0]
         if not text:
             return None
+        if text == self._allowed_host[0]:
+            return self._allowed_host[1]
         try:
-            return parse_authority(text)
+            authority = parse_authority(text)
         except ValueError:
             raise HttpError(400, f"bad Host {text!r}", close=True) from None
+        if not self.server.allowed_hosts.allows(authority[0]):
+            self._route_label = "refused"
+            raise HttpError(421, f"this server does not answer to the host {authority[0]!r} "
+                                 "(see --allowed-host)", close=True)
+        self._allowed_host = (text, authority)
+        return authority
 
     def _is_websocket_upgrade(self):
         return "websocket" in (self.headers.get("Upgrade") or "").lower()

@@ -4,14 +4,16 @@
 Sections, in order (each a set of unittest.TestCase classes; run one with
 ``python -m unittest test_all.ClassName``):
   - The store library and CLI (wasmstore.py): acceptance walk, semantics, bad input, durability
-  - The HTTP API (http_server.py): routes, auth, TLS, CORS, watch, fuzz, stress, shutdown, metrics
+  - The HTTP API (http_server.py): routes, auth, TLS, CORS, watch, fuzz, stress, shutdown, metrics,
+    watch limits, request framing, Host and Origin checks (also in headless Chromium)
   - The original published clients (PyPI and npm wasmstore 0.3.0) against a live server
   - The wasi:keyvalue host (kvhost.py): backend contract, guest glue, failures, sandbox, cache, CLI
   - The test guests (guests/, wit/) through kvhost, and the componentize-py guest
 
 Tests start the real peers they talk to: ``redis-server`` on free loopback ports, the
 original PyPI client in its own virtual environment and the npm client under Node, the
-``openssl`` command for certificates, and the componentize-py-built guest. Outside CI a
+``openssl`` command for certificates, headless ``chromium`` (driven over the DevTools
+protocol) for the browser-safety tests, and the componentize-py-built guest. Outside CI a
 missing peer makes its tests skip with the exact reason; with ``CI`` set (``.ci/run`` sets
 it) a missing peer is a failure.
 """
@@ -881,7 +883,8 @@ class StoreCliTest(StoreTestCase):
 
 
 # =================================================================================================
-# The HTTP API (http_server.py): routes, auth, TLS, CORS, watch, fuzz, stress, shutdown, metrics
+# The HTTP API (http_server.py): routes, auth, TLS, CORS, watch, fuzz, stress, shutdown, metrics,
+# watch limits, request framing, Host and Origin checks (also in headless Chromium)
 # =================================================================================================
 
 STRESS_SECONDS = float(os.environ.get("WASMSTORE_HTTP_STRESS_SECONDS", "20"))
@@ -2653,6 +2656,13 @@ class HostCheckTests(unittest.TestCase):
         self.assertEqual(self.get(live, "127.0.0.1", f"http://rebound.example:{live.port}/api/v1/modules")[0], 421)
         self.assertEqual(self.get(live, "rebound.example", f"http://127.0.0.1:{live.port}/api/v1/modules")[0], 200)
 
+    def test_every_request_of_a_keep_alive_connection_is_checked(self):
+        live = LiveServer(self, quiet=True)
+        answer = live.raw(b"GET /api/v1/branches HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+                          b"GET /api/v1/branches HTTP/1.1\r\nHost: rebound.example\r\n\r\n"
+                          b"GET /api/v1/branches HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        self.assertEqual(re.findall(rb"HTTP/1\.1 (\d{3}) ", answer), [b"200", b"421"])   # 421 closes
+
     def test_request_without_host_is_not_checked(self):
         live = LiveServer(self, quiet=True)
         answer = live.raw(b"GET /api/v1/branches HTTP/1.0\r\n\r\n")
@@ -2835,6 +2845,334 @@ class OriginCheckTests(unittest.TestCase):
                 with self.assertRaises(http_server.ServerError) as caught:
                     http_server.OriginAllowList(spec)
                 self.assertIn(named, str(caught.exception))
+
+
+CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync")
+
+
+def ensure_chromium():
+    executable = shutil.which("chromium")
+    if executable is None:
+        raise PrerequisiteMissing("the `chromium` command is not installed (apt-get install -y chromium; "
+                                  ".ci/run installs it)")
+    return executable
+
+
+class Chromium:
+    """Headless Chromium driven over the DevTools protocol (JSON over a WebSocket), stdlib only.
+
+    Started with a fresh profile and stopped (its whole process group) in the test's cleanup."""
+
+    def __init__(self, testcase, *flags, timeout=60):
+        executable = prepare(ensure_chromium)
+        self.testcase = testcase
+        self.profile = tempfile.mkdtemp(prefix="wasmstore-chromium-")
+        testcase.addCleanup(shutil.rmtree, self.profile, True)
+        self.log = tempfile.TemporaryFile()
+        testcase.addCleanup(self.log.close)
+        self.process = subprocess.Popen([executable, *CHROMIUM_FLAGS, f"--user-data-dir={self.profile}",
+                                         "--remote-debugging-port=0", *flags, "about:blank"],
+                                        stdin=subprocess.DEVNULL, stdout=self.log, stderr=self.log,
+                                        start_new_session=True)
+        self.ws = None
+        testcase.addCleanup(self.stop)
+        self.next_id = 0
+        self.events = []
+        port, path = self._devtools_address(time.monotonic() + timeout)
+        self.ws = WsClient(port, path, timeout=timeout)
+        if self.ws.status != 101:
+            raise AssertionError(f"DevTools refused the WebSocket: {self.ws.head}")
+
+    def _devtools_address(self, deadline):
+        """Chromium writes its DevTools port and browser path to DevToolsActivePort once it listens."""
+        marker = os.path.join(self.profile, "DevToolsActivePort")
+        while True:
+            with contextlib.suppress(OSError):
+                with open(marker) as handle:
+                    lines = handle.read().split("\n")
+                if len(lines) >= 2 and lines[0].isdigit() and lines[1].startswith("/devtools/browser/"):
+                    return int(lines[0]), lines[1]
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"chromium did not start (exit status {self.process.poll()}); "
+                                     f"its output:\n{self._output()}")
+            time.sleep(0.05)
+
+    def _output(self):
+        self.log.seek(0)
+        return self.log.read()[-3000:].decode("utf-8", "replace")
+
+    def _receive(self, deadline):
+        """The next DevTools message (a JSON object); TimeoutError past the deadline."""
+        parts = []
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("no DevTools message before the deadline")
+            final, opcode, payload = self.ws.recv_frame(timeout=left)
+            if opcode in (0x0, 0x1):
+                parts.append(payload)
+                if final:
+                    return json.loads(b"".join(parts))
+            elif opcode == 0x8:
+                raise ConnectionError("chromium closed the DevTools connection")
+            elif opcode == 0x9:
+                self.ws.send(0xA, payload)
+
+    def send(self, method, params=None, session=None, timeout=30):
+        """Run one DevTools command and return its result; events seen meanwhile are kept."""
+        self.next_id += 1
+        message = {"id": self.next_id, "method": method, "params": params or {}}
+        if session is not None:
+            message["sessionId"] = session
+        self.ws.send(0x1, json.dumps(message).encode("utf-8"))
+        deadline = time.monotonic() + timeout
+        while True:
+            answer = self._receive(deadline)
+            if answer.get("id") != self.next_id:
+                self.events.append(answer)
+                continue
+            if "error" in answer:
+                raise AssertionError(f"DevTools {method} failed: {answer['error']}")
+            return answer["result"]
+
+    def wait_for_event(self, method, session, timeout=30):
+        deadline = time.monotonic() + timeout
+        while True:
+            for event in self.events:
+                if event.get("method") == method and event.get("sessionId") == session:
+                    self.events.remove(event)
+                    return event.get("params", {})
+            self.events.append(self._receive(deadline))
+
+    def open(self, url, timeout=30):
+        """A new tab showing `url` once its load event fired; returns the tab's session id."""
+        target = self.send("Target.createTarget", {"url": "about:blank"})["targetId"]
+        session = self.send("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
+        self.send("Page.enable", session=session)
+        navigated = self.send("Page.navigate", {"url": url}, session=session)
+        if navigated.get("errorText"):
+            raise AssertionError(f"chromium could not open {url}: {navigated['errorText']}")
+        self.wait_for_event("Page.loadEventFired", session, timeout)
+        return session
+
+    def evaluate(self, session, expression, timeout=30):
+        """The value of a JavaScript expression in the tab (a promise is awaited)."""
+        result = self.send("Runtime.evaluate", {"expression": expression, "awaitPromise": True,
+                                                "returnByValue": True}, session=session, timeout=timeout)
+        if "exceptionDetails" in result:
+            details = result["exceptionDetails"]
+            raise AssertionError(f"page script failed: {details.get('exception', {}).get('description') or details}")
+        return result["result"].get("value")
+
+    def stop(self):
+        if self.ws is not None:
+            with contextlib.suppress(OSError, AssertionError, ConnectionError, TimeoutError, ValueError):
+                self.send("Browser.close", timeout=5)
+            self.ws.close()
+        if self.process.returncode is None:
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:          # exited, but not reaped yet
+                if os.waitid(os.P_PID, self.process.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT):
+                    break
+                time.sleep(0.05)
+            # The unreaped leader keeps its process group id Chromium's own: end what is left.
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait(10)
+
+
+class PageServer:
+    """A second origin: a plain http.server on its own loopback port serving fixed pages."""
+
+    def __init__(self, testcase, pages):
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                content_type, body = pages.get(self.path.split("?")[0], ("text/plain", None))
+                self.send_response(200 if body is not None else 404)
+                body = b"not found" if body is None else body
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(body)))
+                self.send_header("Cache-Control", "no-store")
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.origin = f"http://127.0.0.1:{self.server.server_address[1]}"
+        thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        thread.start()
+        testcase.addCleanup(thread.join, 10)
+        testcase.addCleanup(self.server.server_close)
+        testcase.addCleanup(self.server.shutdown)
+
+
+# What a drive-by page tries against the wasmstore server named by its ?api= parameter, with
+# no custom header, so that no preflight stops it: a simple no-cors fetch POST adding a module
+# (text/plain body), a WebSocket watch, and a form POST creating a branch (into a hidden frame).
+DRIVE_BY_PAGE = rb"""<!doctype html>
+<meta charset="utf-8"><title>drive-by</title>
+<iframe name="sink"></iframe>
+<form id="form" method="POST" target="sink" enctype="text/plain"><input name="x" value="y"></form>
+<script>
+const API = new URLSearchParams(location.search).get("api");
+async function attack() {
+  const outcome = {};
+  try {
+    await fetch(API + "/api/v1/module/drive-by.wasm", {method: "POST", mode: "no-cors",
+      headers: {"Content-Type": "text/plain"}, body: "\0asm\x01\0\0\0"});
+    outcome.fetch = "sent";
+  } catch (error) {
+    outcome.fetch = "failed: " + error;
+  }
+  outcome.watch = await new Promise((resolve) => {
+    const socket = new WebSocket(API.replace("http", "ws") + "/api/v1/watch");
+    socket.onopen = () => { socket.close(); resolve("open"); };
+    socket.onerror = () => resolve("refused");
+  });
+  const form = document.getElementById("form");
+  form.action = API + "/api/v1/branch/drive-by";
+  form.submit();
+  return outcome;
+}
+</script>
+"""
+
+
+# A page using the published npm client, loaded from the page's own origin as /wasmstore.js,
+# against the wasmstore server named by its ?api= parameter.
+NPM_CLIENT_PAGE = rb"""<!doctype html>
+<meta charset="utf-8"><title>npm client</title>
+<script type="module">
+import { Client } from "/wasmstore.js";
+const API = new URLSearchParams(location.search).get("api");
+const MODULE = new Uint8Array([0, 97, 115, 109, 1, 0, 0, 0, 0, 5, 4, 112, 97, 103, 101]);
+
+window.add = (key) => new Client(API, null, key).add("from-page.wasm", MODULE);
+
+window.addAndList = async (key) => {
+  const hash = await window.add(key);
+  return {hash, listing: await new Client(API, null, key).list()};
+};
+
+window.watchAnAdd = () => new Promise((resolve, reject) => {
+  const client = new Client(API);
+  const socket = client.watch((event) => { socket.close(); resolve(event); });
+  socket.onerror = () => reject(new Error("the watch was refused"));
+  socket.onopen = () => { client.add("watched.wasm", MODULE).catch(reject); };
+});
+window.ready = true;
+</script>
+"""
+
+
+PAGE_MODULE = bytes([0, 97, 115, 109, 1, 0, 0, 0, 0, 5, 4, 112, 97, 103, 101])   # NPM_CLIENT_PAGE's MODULE
+
+
+def npm_client_source():
+    prepare(ensure_node_client)                     # the pinned @dylibso/wasmstore is installed
+    with open(os.path.join(CLIENTS_DIR, "node_modules", "@dylibso", "wasmstore", "wasmstore.js"), "rb") as f:
+        return f.read()
+
+
+class BrowserTests(unittest.TestCase):
+    """Drive-by pages cannot drive the server, in a real headless Chromium (Debian's chromium),
+    next to what must keep working: same-origin pages, and the npm client in a page of an origin
+    --cors allows, with and without --auth (issue 8 item 7)."""
+
+    def drive_by(self, **options):
+        """Serve the drive-by page from a second origin and run its attack against a new server;
+        wait until the server saw its three requests: (server, the page's outcome, log lines)."""
+        page = PageServer(self, {"/": ("text/html", DRIVE_BY_PAGE)})
+        live = LiveServer(self, **options)
+        browser = Chromium(self)
+        tab = browser.open(f"{page.origin}/?api=http://127.0.0.1:{live.port}")
+        outcome = browser.evaluate(tab, "attack()")
+        lines = [wait_for_log_line(live, pattern) for pattern in
+                 [r'"POST /api/v1/module/drive-by\.wasm" ', r'"GET /api/v1/watch" ', r'"POST /api/v1/branch/drive-by" ']]
+        return live, outcome, lines
+
+    def assert_nothing_changed(self, live, lines):
+        for line in lines:
+            self.assertRegex(line, r'" 403 \d+ ')
+        self.assertEqual(live.store.list(), {})
+        self.assertEqual(live.store.branches(), ["main"])
+        self.assertEqual(live.server.metrics.websocket_clients, 0)
+
+    def test_drive_by_page_cannot_add_modules_create_branches_or_watch(self):
+        live, outcome, lines = self.drive_by()
+        self.assertEqual(outcome, {"fetch": "sent", "watch": "refused"})
+        self.assert_nothing_changed(live, lines)
+
+    def test_drive_by_page_is_refused_by_a_server_that_allows_other_origins(self):
+        live, outcome, lines = self.drive_by(cors="http://app.example,http://localhost:3000")
+        self.assertEqual(outcome, {"fetch": "sent", "watch": "refused"})
+        self.assert_nothing_changed(live, lines)
+
+    def npm_client_page(self, cors_for=lambda origin: origin, **options):
+        """A page of a second origin using the npm client, and a server whose --cors is
+        cors_for(that origin): (browser, tab, server)."""
+        page = PageServer(self, {"/": ("text/html", NPM_CLIENT_PAGE), "/wasmstore.js": ("text/javascript",
+                                                                                          npm_client_source())})
+        live = LiveServer(self, cors=cors_for(page.origin), **options)
+        browser = Chromium(self)
+        tab = browser.open(f"{page.origin}/?api=http://127.0.0.1:{live.port}")
+        self.assertIs(browser.evaluate(tab, "window.ready"), True)
+        return browser, tab, live
+
+    def assert_added_and_listed(self, browser, tab, live, key=None):
+        result = browser.evaluate(tab, f"addAndList({json.dumps(key)})")
+        digest = sha(PAGE_MODULE)
+        self.assertEqual(result, {"hash": digest, "listing": {"/from-page.wasm": digest}})
+        self.assertEqual(live.store.list(), {"/from-page.wasm": digest})
+
+    def test_npm_client_in_a_page_of_an_origin_cors_lists_adds_lists_and_watches(self):
+        browser, tab, live = self.npm_client_page(lambda origin: f"http://app.example,{origin}")
+        self.assert_added_and_listed(browser, tab, live)
+        event = browser.evaluate(tab, "watchAnAdd()")
+        self.assertEqual(event, {"/watched.wasm": {"action": "added", "hash": sha(PAGE_MODULE)}})
+
+    def test_npm_client_in_a_page_of_an_origin_cors_lists_with_auth(self):
+        browser, tab, live = self.npm_client_page(auth="page-key:*")
+        self.assertEqual(browser.evaluate(tab, "add('wrong-key')"), "unknown key\n")
+        self.assertEqual(live.store.list(), {})
+        self.assert_added_and_listed(browser, tab, live, key="page-key")
+
+    def test_npm_client_in_a_page_with_cors_allowing_any_origin(self):
+        browser, tab, live = self.npm_client_page(lambda origin: True)
+        self.assert_added_and_listed(browser, tab, live)
+
+    def test_same_origin_page_may_write_and_watch(self):
+        live = LiveServer(self)
+        browser = Chromium(self)
+        tab = browser.open(f"http://127.0.0.1:{live.port}/api/v1/branches")   # a document of the server's origin
+        status = browser.evaluate(tab, """fetch("/api/v1/module/same.wasm", {method: "POST",
+            body: new Uint8Array([0, 97, 115, 109, 1, 0, 0, 0])}).then(response => response.status)""")
+        self.assertEqual(status, 200)
+        self.assertEqual(live.store.list(), {"/same.wasm": sha(b"\0asm\x01\0\0\0")})
+        opened = browser.evaluate(tab, """new Promise((resolve) => {
+            const socket = new WebSocket("ws://" + location.host + "/api/v1/watch");
+            socket.onopen = () => { socket.close(); resolve("open"); };
+            socket.onerror = () => resolve("refused"); })""")
+        self.assertEqual(opened, "open")
+
+    def test_a_name_rebound_to_loopback_is_refused_unless_allowed(self):
+        live = LiveServer(self)
+        live.store.add("secret.wasm", wasm_module("secret"))
+        allowed = LiveServer(self, allowed_hosts=["rebound.test"])
+        allowed.store.add("shared.wasm", wasm_module("shared"))
+        # The resolver rule plays the attacker's DNS: rebound.test now means 127.0.0.1.
+        browser = Chromium(self, "--host-resolver-rules=MAP rebound.test 127.0.0.1")
+        tab = browser.open(f"http://rebound.test:{live.port}/api/v1/modules")
+        text = browser.evaluate(tab, "document.body.innerText")
+        self.assertIn("does not answer to the host 'rebound.test'", text)
+        self.assertNotIn("secret", text)
+        wait_for_log_line(live, r'"GET /api/v1/modules" 421 ')
+        tab = browser.open(f"http://rebound.test:{allowed.port}/api/v1/modules")
+        self.assertEqual(json.loads(browser.evaluate(tab, "document.body.innerText")),
+                         {"/shared.wasm": sha(wasm_module("shared"))})
 
 
 class HardeningCommandLineTests(unittest.TestCase):
