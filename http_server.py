@@ -66,6 +66,9 @@ __all__ = [
     "parse_authority",
     "parse_origin",
     "body_framing",
+    "Query",
+    "RunGate",
+    "GuestRuntime",
     "error_reply",
     "main",
 ]
@@ -99,6 +102,11 @@ import urllib.parse
 
 import wasmstore
 
+try:
+    import kvhost              # the runtime behind the call/run/exports routes (501 without it)
+except ImportError:
+    kvhost = None
+
 # ---------------------------------------------------------------------------------------------
 # Constants
 # ---------------------------------------------------------------------------------------------
@@ -125,12 +133,20 @@ WS_QUEUE_SIZE = 256                        # events buffered per client before i
 WS_POLL_SECONDS = 0.05                     # how often a session checks its queue and its socket
 WS_PING_SECONDS = 20.0                     # keep-alive ping period on an otherwise silent watch
 WATCH_POLL_SECONDS = 0.05                  # how often a branch watcher checks the branch head
+DEFAULT_MAX_GUESTS = max(2, os.cpu_count() or 2)   # guests running at once
+DEFAULT_RUN_QUEUE = 64                     # callers waiting for a guest slot; beyond: 503
+DEFAULT_QUEUE_WAIT = 10.0                  # seconds a caller waits for a slot before 503
+DEFAULT_MAX_OUTPUT = 16 * 1024 * 1024      # stdout (and stderr) kept per run
+MAX_STDERR_HEADER = 4096                   # stderr bytes sent in the Wasmstore-Stderr header
+MAX_RUN_SERIES = 1000                      # (module, function) metric series; more go to "other"
+CHUNK = 1 << 16
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 JSON_TYPE = "application/json"
 TEXT_TYPE = "text/plain; charset=utf-8"
 WASM_TYPE = "application/wasm"             # exactly this: WebAssembly.instantiateStreaming checks it
 CORS_ALLOW_HEADERS = "Wasmstore-Auth, Wasmstore-Branch, Wasmstore-Author, Authorization, Content-Type, If-None-Match"
-CORS_EXPOSE_HEADERS = "Wasmstore-Hash, ETag"
+CORS_EXPOSE_HEADERS = ("Wasmstore-Hash, ETag, Wasmstore-Exit-Status, Wasmstore-Stderr, Wasmstore-Stderr-Truncated, "
+                       "Wasmstore-Stdout-Truncated, Wasmstore-Error")
 
 _SEGMENT_RE = re.compile(r"(?:[^%]|%[0-9A-Fa-f]{2})*\Z", re.S)
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
@@ -185,6 +201,17 @@ def decode_segment(raw):
     return text
 
 
+class Query(dict):
+    """name -> [values] of a query string; get() gives the last value, get_all() every one."""
+
+    def get(self, name, default=None):
+        values = dict.get(self, name)
+        return values[-1] if values else default
+
+    def get_all(self, name):
+        return list(dict.get(self, name, ()))
+
+
 def parse_target(target):
     """Split a request target into (decoded path segments, query dict); empty segments dropped."""
     if target.startswith(("http://", "https://")):       # absolute-form (RFC 9112 3.2.2)
@@ -198,12 +225,12 @@ def parse_target(target):
         raise HttpError(400, "URL path contains a control character")
     segments = tuple([decode_segment(s) for s in path.split("/") if s])
     if not query:
-        return segments, {}
+        return segments, Query()
     try:
         params = urllib.parse.parse_qs(query, keep_blank_values=True, errors="strict")
     except (UnicodeDecodeError, ValueError):
         raise HttpError(400, "bad query string") from None
-    return segments, {k: v[-1] for k, v in params.items()}
+    return segments, Query(params)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -301,6 +328,17 @@ ERROR_STATUS = {
 }
 
 
+if kvhost is not None:
+    ERROR_STATUS.update({
+        kvhost.NoSuchFunction: 404,   # the module has no such function (the message lists them)
+        kvhost.ArgumentError: 400,    # wrong number or type of arguments (the message names it)
+        kvhost.LinkError: 424,        # an import cannot be satisfied (the message names it)
+        kvhost.GuestError: 422,       # stored, but cannot be run (does not compile, bad kv imports)
+        kvhost.TrapError: 422,        # trapped or hit a limit: Wasmstore-Error says which
+        kvhost.KvError: 422,
+    })
+
+
 def error_status(exc):
     """The HTTP status for an exception (None: not an expected error, i.e. a bug)."""
     for cls in type(exc).__mro__:
@@ -326,6 +364,8 @@ def error_reply(exc):
     reply = text_reply(one_line(exc) + "\n", status)
     if isinstance(exc, HttpError):
         reply.headers.extend(exc.headers)
+    elif kvhost is not None and isinstance(exc, kvhost.TrapError):
+        reply.headers.append(("Wasmstore-Error", exc.kind))
     return reply
 
 
@@ -336,10 +376,10 @@ def error_reply(exc):
 class Call:
     """The parts of a request a handler needs."""
 
-    __slots__ = ("params", "path", "branch", "author", "headers", "max_body", "locator")
+    __slots__ = ("params", "path", "branch", "author", "headers", "max_body", "locator", "query", "runtime", "log")
 
     def __init__(self, params=(), path="", branch=None, author=None, headers=None,
-                 max_body=DEFAULT_MAX_BODY, locator=None):
+                 max_body=DEFAULT_MAX_BODY, locator=None, query=None, runtime=None):
         self.params = tuple(params)   # the route's named segments (hash, index, branch...)
         self.path = path              # the "*" rest joined with "/" ("" when absent)
         self.branch = branch          # Wasmstore-Branch or None (default branch)
@@ -347,6 +387,9 @@ class Call:
         self.headers = headers or {}
         self.max_body = max_body
         self.locator = locator        # a LocateCache, or None: store.locate
+        self.query = query or Query()  # the query string
+        self.runtime = runtime        # a GuestRuntime, or None: the run routes answer 501
+        self.log = {}                 # name -> value pairs the access-log line ends with
 
 
 def _path_or_none(call):
@@ -605,18 +648,220 @@ def auth_ok(store, call, body):
     return Reply(200)            # reaching a handler means the key passed for this method
 
 
+# ---------------------------------------------------------------------------------------------
+# Running stored modules: the run gate, per-module metrics, the call/run/exports handlers
+# ---------------------------------------------------------------------------------------------
+
+class RunGate:
+    """At most `running` guests at once; up to `waiting` more callers queue for at most `wait`
+    seconds; everyone else gets 503 with Retry-After at once (the queue is bounded)."""
+
+    def __init__(self, running=DEFAULT_MAX_GUESTS, waiting=DEFAULT_RUN_QUEUE, wait=DEFAULT_QUEUE_WAIT):
+        if int(running) < 1 or int(waiting) < 0 or not float(wait) > 0:
+            raise ServerError(f"bad run gate: {running} running, {waiting} waiting, {wait} s")
+        self.running_limit, self.waiting_limit, self.wait = int(running), int(waiting), float(wait)
+        self.running = 0
+        self.waiting = 0
+        self._cond = threading.Condition()
+
+    def _busy(self):
+        return HttpError(503, "too many guests are running; try again later",
+                         headers=[("Retry-After", str(max(1, round(self.wait))))])
+
+    @contextlib.contextmanager
+    def slot(self):
+        with self._cond:
+            if self.running >= self.running_limit:
+                if self.waiting >= self.waiting_limit:
+                    raise self._busy()
+                self.waiting += 1
+                deadline = time.monotonic() + self.wait
+                try:
+                    while self.running >= self.running_limit:
+                        left = deadline - time.monotonic()
+                        if left <= 0:
+                            raise self._busy()
+                        self._cond.wait(left)
+                finally:
+                    self.waiting -= 1
+            self.running += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self.running -= 1
+                self._cond.notify()
+
+
+def outcome_of(exc):
+    """The metric/log label of how a run ended: ok, a trap kind (timeout, fuel, memory, data,
+    crash, exit, trap), link, arguments, not-found, busy or error."""
+    if exc is None:
+        return "ok"
+    if kvhost is not None:
+        if isinstance(exc, kvhost.TrapError):
+            return exc.kind
+        if isinstance(exc, kvhost.LinkError):
+            return "link"
+        if isinstance(exc, kvhost.NoSuchFunction):
+            return "not-found"
+        if isinstance(exc, kvhost.ArgumentError):
+            return "arguments"
+    if isinstance(exc, wasmstore.NotFound):
+        return "not-found"
+    if isinstance(exc, HttpError):
+        return "busy" if exc.status == 503 else "arguments"
+    if isinstance(exc, wasmstore.InvalidInput):
+        return "arguments"
+    return "error"
+
+
+class GuestRuntime:
+    """What the call/run/exports routes share: a wasmstore.Runner (kvhost), the RunGate, the
+    largest output kept, and the metrics each run records (per module and function)."""
+
+    def __init__(self, runner, gate, metrics, max_output=DEFAULT_MAX_OUTPUT):
+        self.runner = runner
+        self.gate = gate
+        self.metrics = metrics
+        self.max_output = int(max_output)
+
+    def execute(self, call, function, work):
+        """work(stats) inside a gate slot; records the outcome in the metrics and the access log."""
+        started = time.monotonic()
+        stats = {}
+        error = None
+        try:
+            with self.gate.slot():
+                return work(stats)
+        except Exception as exc:
+            error = exc
+            raise
+        finally:
+            outcome = outcome_of(error)
+            seconds = time.monotonic() - started
+            module = call.path if call.path.startswith("/") else "/" + call.path
+            call.log.update(module=module, function=function, outcome=outcome, fuel=stats.get("fuel", 0))
+            if outcome not in ("not-found", "busy"):        # bounded label sets: real modules only
+                self.metrics.observe_run(module, function, outcome, seconds, stats.get("fuel", 0))
+
+    def close(self):
+        """Stop the guests' worker processes and close the kv backend (idempotent)."""
+        runner, self.runner = self.runner, None
+        if runner is not None:
+            runner.close()
+
+
+def _runtime(call):
+    if call.runtime is None:
+        raise HttpError(501, "running modules needs kvhost.py next to http_server.py and the wasmtime package")
+    return call.runtime
+
+
+def _version_query(call):
+    raw = call.query.get("version")
+    if raw is None:
+        return None
+    if not raw.isdigit() or len(raw) > 9:
+        raise HttpError(400, f"version must be a non-negative integer, got {raw!r}")
+    return int(raw)
+
+
+def _reject_constant(name):
+    raise ValueError(f"{name} is not JSON (write \"NaN\", \"Infinity\" or \"-Infinity\" as strings)")
+
+
+def read_body(reader, limit):
+    """The whole request body (b"" without one), or HttpError 413 past `limit` bytes."""
+    chunks, size = [], 0
+    while reader is not None:
+        chunk = reader.read(min(CHUNK, limit + 1 - size))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > limit:
+            raise HttpError(413, f"request body is over the limit of {limit} bytes", close=True)
+    return b"".join(chunks)
+
+
+def _json_arguments(body, limit):
+    data = read_body(body, limit)
+    try:
+        args = json.loads(data.decode("utf-8"), parse_constant=_reject_constant) if data.strip() else None
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise HttpError(400, f"malformed JSON body: {exc}") from None
+    if not isinstance(args, list):
+        raise HttpError(400, "expected a JSON array of arguments as the body, e.g. [1, 2]")
+    return args
+
+
+def call_function(store, call, body):
+    """POST /api/v1/call/:function/*: body a JSON array of arguments; 200 with the JSON result."""
+    runtime = _runtime(call)
+    function = call.params[0]
+    args = _json_arguments(body, call.max_body)
+    version = _version_query(call)
+
+    def work(stats):
+        return runtime.runner.call(call.path, function, args, branch=call.branch, version=version, stats=stats)
+    result = runtime.execute(call, function, work)
+    data = json.dumps(result, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode("utf-8")
+    return Reply(200, [("Content-Type", JSON_TYPE)], data)
+
+
+def _stderr_headers(result):
+    """The run's stderr in a header: a JSON string (ASCII only), cut at MAX_STDERR_HEADER bytes."""
+    text = result.stderr[:MAX_STDERR_HEADER].decode("utf-8", "replace")
+    headers = [("Wasmstore-Stderr", json.dumps(text))]
+    if result.stderr_total > MAX_STDERR_HEADER:
+        headers.append(("Wasmstore-Stderr-Truncated", str(result.stderr_total)))
+    return headers
+
+
+def run_module(store, call, body):
+    """POST /api/v1/run/*: body = stdin, ?arg= = argv; 200 with stdout, Wasmstore-Exit-Status."""
+    runtime = _runtime(call)
+    stdin = read_body(body, call.max_body)
+    argv = call.query.get_all("arg")
+    version = _version_query(call)
+
+    def work(stats):
+        return runtime.runner.run_captured(call.path, argv, branch=call.branch, version=version, stdin=stdin,
+                                           limit=runtime.max_output, stats=stats)
+    result = runtime.execute(call, "run", work)
+    headers = [("Content-Type", "application/octet-stream"), ("Wasmstore-Exit-Status", str(result.status))]
+    headers += _stderr_headers(result)
+    if result.stdout_total > len(result.stdout):
+        headers.append(("Wasmstore-Stdout-Truncated", str(result.stdout_total)))
+    return Reply(200, headers, result.stdout)
+
+
+def get_exports(store, call, body):
+    """GET /api/v1/exports/*: {"hash", "kind", "exports": [{"name", "params", "results"}]}."""
+    runtime = _runtime(call)
+    version = _version_query(call)
+
+    def work(stats):
+        target = runtime.runner.resolve(call.path, branch=call.branch, version=version)
+        guest = runtime.runner.load(target)
+        return {"hash": target.digest, "kind": guest.kind, "exports": runtime.runner.host.exports(guest)}
+    return json_reply(runtime.execute(call, "exports", work))
+
+
 class Route:
     """One row of the routing table: /api/v1/<name>/<params...>/<rest...>."""
 
-    __slots__ = ("method", "name", "nparams", "rest", "handler", "label", "upload", "websocket")
+    __slots__ = ("method", "name", "nparams", "rest", "handler", "label", "upload", "websocket", "body")
 
-    def __init__(self, method, name, nparams, rest, handler, *, upload=False, websocket=False):
+    def __init__(self, method, name, nparams, rest, handler, *, upload=False, websocket=False, body=False):
         self.method = method          # "*" = any method
         self.name = name
         self.nparams = nparams
         self.rest = rest              # "none" | "optional"
         self.handler = handler
         self.upload = upload          # body streamed into the store
+        self.body = body              # the handler reads a body of up to --max-body (may be absent)
         self.websocket = websocket
         parts = ["/api/v1", name] + [":p"] * nparams + (["*"] if rest == "optional" else [])
         self.label = "/".join(parts)  # bounded metric label
@@ -644,6 +889,9 @@ ROUTES = [
     Route("POST", "merge", 1, "none", merge),
     Route("POST", "gc", 0, "none", gc),
     Route("GET", "watch", 0, "none", None, websocket=True),
+    Route("POST", "call", 1, "optional", call_function, body=True),
+    Route("POST", "run", 0, "optional", run_module, body=True),
+    Route("GET", "exports", 0, "optional", get_exports),
     Route("*", "auth", 0, "none", auth_ok),
 ]
 
@@ -1046,6 +1294,10 @@ class Metrics:
         self.bytes_out = 0
         self.websocket_clients = 0
         self.connections = 0
+        self.runs = collections.Counter()              # (module, function, outcome) -> count
+        self.run_latency = {}                          # (module, function) -> [bucket counts..., sum, count]
+        self.run_fuel = collections.Counter()          # (module, function) -> fuel used
+        self.runtime = None                            # a GuestRuntime: its gate and cache gauges
 
     def observe(self, route, method, status, seconds, bytes_in, bytes_out):
         if method not in KNOWN_METHODS:
@@ -1062,6 +1314,56 @@ class Metrics:
             row[-1] += 1
             self.bytes_in += bytes_in
             self.bytes_out += bytes_out
+
+    def observe_run(self, module, function, outcome, seconds, fuel):
+        """One call, run or exports of a stored module, by module and function."""
+        with self.lock:
+            key = (module, function)
+            if key not in self.run_latency and len(self.run_latency) >= MAX_RUN_SERIES:
+                key = ("other", "other")                # bounded series, whatever modules exist
+            self.runs[key + (outcome,)] += 1
+            self.run_fuel[key] += fuel
+            row = self.run_latency.get(key)
+            if row is None:
+                row = self.run_latency[key] = [0] * (len(LATENCY_BUCKETS) + 2)
+            index = bisect.bisect_left(LATENCY_BUCKETS, seconds)
+            if index < len(LATENCY_BUCKETS):
+                row[index] += 1
+            row[-2] += seconds
+            row[-1] += 1
+
+    def _render_runs(self, out):
+        out.append("# HELP wasmstore_guest_calls_total Calls and runs of stored modules by module, function and outcome.")
+        out.append("# TYPE wasmstore_guest_calls_total counter")
+        for (module, function, outcome), count in sorted(self.runs.items()):
+            out.append(f'wasmstore_guest_calls_total{{module="{_label(module)}",function="{_label(function)}",'
+                       f'outcome="{outcome}"}} {count}')
+        out.append("# HELP wasmstore_guest_call_duration_seconds Time a call or run took, queueing included.")
+        out.append("# TYPE wasmstore_guest_call_duration_seconds histogram")
+        for (module, function), row in sorted(self.run_latency.items()):
+            lbl = f'module="{_label(module)}",function="{_label(function)}"'
+            for bound, count in zip(LATENCY_BUCKETS, itertools.accumulate(row[:len(LATENCY_BUCKETS)])):
+                out.append(f'wasmstore_guest_call_duration_seconds_bucket{{{lbl},le="{bound}"}} {count}')
+            out.append(f'wasmstore_guest_call_duration_seconds_bucket{{{lbl},le="+Inf"}} {row[-1]}')
+            out.append(f'wasmstore_guest_call_duration_seconds_sum{{{lbl}}} {row[-2]:.6f}')
+            out.append(f'wasmstore_guest_call_duration_seconds_count{{{lbl}}} {row[-1]}')
+        out.append("# HELP wasmstore_guest_fuel_total Fuel (roughly wasm instructions) used by calls and runs.")
+        out.append("# TYPE wasmstore_guest_fuel_total counter")
+        for (module, function), fuel in sorted(self.run_fuel.items()):
+            out.append(f'wasmstore_guest_fuel_total{{module="{_label(module)}",function="{_label(function)}"}} {fuel}')
+        runtime = self.runtime
+        if runtime is None:
+            return
+        out.append("# HELP wasmstore_guests_running Guests running now.")
+        out.append("# TYPE wasmstore_guests_running gauge")
+        out.append(f"wasmstore_guests_running {runtime.gate.running}")
+        out.append("# HELP wasmstore_guests_waiting Callers waiting for a guest slot.")
+        out.append("# TYPE wasmstore_guests_waiting gauge")
+        out.append(f"wasmstore_guests_waiting {runtime.gate.waiting}")
+        out.append("# HELP wasmstore_compile_cache_total Guests found compiled in memory or on disk, or compiled.")
+        out.append("# TYPE wasmstore_compile_cache_total counter")
+        for result, count in runtime.runner.host.cache_stats().items():
+            out.append(f'wasmstore_compile_cache_total{{result="{result}"}} {count}')
 
     def add_gauge(self, name, delta):
         with self.lock:
@@ -1097,6 +1399,7 @@ class Metrics:
             out.append("# HELP wasmstore_websocket_clients Connected watch clients.")
             out.append("# TYPE wasmstore_websocket_clients gauge")
             out.append(f"wasmstore_websocket_clients {self.websocket_clients}")
+            self._render_runs(out)
         if in_flight is not None:
             out.append("# HELP wasmstore_http_requests_in_flight Requests being served (this one included).")
             out.append("# TYPE wasmstore_http_requests_in_flight gauge")
@@ -1453,6 +1756,11 @@ def read_headers(rfile, max_bytes=MAX_HEADER_BYTES, max_count=MAX_HEADER_COUNT):
         headers.add(name.decode("ascii"), value.decode("latin-1"))
 
 
+def _log_value(value):
+    """A value for the access log: no spaces, quotes or control characters (paths come from users)."""
+    return str(value).encode("unicode_escape").decode("ascii").replace(" ", "\\x20").replace('"', '\\"')[:300]
+
+
 class WasmstoreHandler(http.server.BaseHTTPRequestHandler):
     """One connection: parses requests, authorizes, routes, and writes replies."""
 
@@ -1529,6 +1837,7 @@ class WasmstoreHandler(http.server.BaseHTTPRequestHandler):
         self._bytes_out = 0
         self._bytes_in = 0
         self._route_label = "invalid"
+        self._call = None
         self._body_done = False
         self._reply_started = False
         self._expect_continue = False
@@ -1646,15 +1955,18 @@ class WasmstoreHandler(http.server.BaseHTTPRequestHandler):
             server.auth.check(key, method)
         call = Call(params, rest, branch=self._header("Wasmstore-Branch"),
                     author=self._header("Wasmstore-Author"), headers=self.headers,
-                    max_body=server.max_body, locator=server.locate_cache)
+                    max_body=server.max_body, locator=server.locate_cache, query=query,
+                    runtime=server.runtime)
+        self._call = call
         if route.websocket:
             call.branch = call.branch or query.get("branch") or None
             return self._serve_watch(call)
-        body = self._consume_body(upload=route.upload)
+        reads_body = route.upload or route.body
+        body = self._consume_body(upload=reads_body, required=route.upload)
         try:
             return route.handler(server.store, call, body)
         finally:
-            if route.upload:
+            if reads_body and body is not None:
                 self._bytes_in += body.consumed
                 self._body_done = body.exhausted
 
@@ -1717,8 +2029,9 @@ class WasmstoreHandler(http.server.BaseHTTPRequestHandler):
         except UnicodeError:
             return value.strip()
 
-    def _consume_body(self, upload):
-        """Return a bounded body reader for uploads; read and drop any body elsewhere."""
+    def _consume_body(self, upload, required=True):
+        """Return a bounded body reader for uploads (None: no body, when not `required`); read
+        and drop any body elsewhere."""
         length = self._framing                      # checked with the headers: body_framing()
         reader = None
         limit = self.server.max_body if upload else MAX_DISCARDED_BODY
@@ -1730,8 +2043,11 @@ class WasmstoreHandler(http.server.BaseHTTPRequestHandler):
                            if upload else "this route takes no request body")
                 raise HttpError(413, message, close=True)
             reader = LimitedReader(self.rfile, length)
-        elif upload:
+        elif upload and required:
             raise HttpError(411, "Content-Length required", close=True)
+        elif upload:
+            self._body_done = True
+            return None
         if reader is not None and self._expect_continue:
             self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
             self.wfile.flush()
@@ -1887,8 +2203,10 @@ class WasmstoreHandler(http.server.BaseHTTPRequestHandler):
                                     self._bytes_in, self._bytes_out)
         if not self.server.quiet:
             method_text = method if _METHOD_RE.match(method) else "-"
+            extra = "" if self._call is None else "".join(
+                f" {name}={_log_value(value)}" for name, value in self._call.log.items())
             self.server.log_text(f'{self.client_address[0]} "{method_text} {self._safe_path()}" '
-                                 f"{status} {self._bytes_out} {elapsed * 1000:.1f}ms")
+                                 f"{status} {self._bytes_out} {elapsed * 1000:.1f}ms{extra}")
 
     # -- WebSocket watch -------------------------------------------------------------------
 
@@ -2061,7 +2379,7 @@ class WasmstoreServer(http.server.ThreadingHTTPServer):
     def __init__(self, store, host=DEFAULT_HOST, port=DEFAULT_PORT, *, auth=None, tls=None,
                  cors=False, max_body=DEFAULT_MAX_BODY, quiet=False, timeout=DEFAULT_TIMEOUT,
                  max_connections=DEFAULT_MAX_CONNECTIONS, max_watches=DEFAULT_MAX_WATCHES,
-                 allowed_hosts=(), log=None):
+                 allowed_hosts=(), log=None, run=None):
         if isinstance(store, (str, os.PathLike)):
             store = wasmstore.Store(store)
         if int(max_body) < 0:
@@ -2081,6 +2399,7 @@ class WasmstoreServer(http.server.ThreadingHTTPServer):
         self._log_lock = threading.Lock()
         self.hub = WatchHub(store, log=self.log_text)
         self.locate_cache = LocateCache(store)
+        self.runtime = make_runtime(store, self.metrics, **(run or {}))
         self.draining = False
         self._inflight = 0
         self._inflight_cond = threading.Condition()
@@ -2203,7 +2522,35 @@ class WasmstoreServer(http.server.ThreadingHTTPServer):
                     return False
                 self._inflight_cond.wait(left)
         self.locate_cache.close()
+        if self.runtime is not None:
+            self.runtime.close()
         return True
+
+    def server_close(self):
+        super().server_close()
+        if self.runtime is not None and not self.draining:
+            self.runtime.close()          # stops the guests' worker processes
+
+
+def make_runtime(store, metrics, *, kv=None, timeout=None, fuel=None, max_memory=None, max_guests=DEFAULT_MAX_GUESTS,
+                 run_queue=DEFAULT_RUN_QUEUE, queue_wait=DEFAULT_QUEUE_WAIT, namespace_map=(), stub_imports=False,
+                 max_output=DEFAULT_MAX_OUTPUT, cache_dir=None):
+    """The GuestRuntime of a server (None when kvhost.py or wasmtime is missing: 501 then).
+
+    kv: backend URL (default sqlite under the store root); timeout (seconds), fuel, max_memory
+    (bytes): each guest's limits (kvhost's defaults when None); max_guests running at once,
+    run_queue callers waiting up to queue_wait seconds; namespace_map: ["PREFIX=NS", ...]."""
+    if kvhost is None:
+        return None
+    limits = {name: value for name, value in (("timeout", timeout), ("fuel", fuel), ("max_memory", max_memory))
+              if value is not None}
+    runner = wasmstore.Runner(store, namespaces=wasmstore.parse_namespace_map(namespace_map),
+                              kv=kv or wasmstore.default_kv_url(store.root), workers=max_guests,
+                              stub_imports=stub_imports, cache_dir=cache_dir, **limits)
+    runner.host.start_workers(1)      # the first guest that needs a worker process finds one ready
+    runtime = GuestRuntime(runner, RunGate(max_guests, run_queue, queue_wait), metrics, max_output)
+    metrics.runtime = runtime
+    return runtime
 
 
 def make_server(store, host=DEFAULT_HOST, port=DEFAULT_PORT, **options):
@@ -2212,7 +2559,8 @@ def make_server(store, host=DEFAULT_HOST, port=DEFAULT_PORT, **options):
     options: auth (spec string or AuthTable), tls ((keyfile, certfile) or SSLContext), cors
     (True: any origin; origins as a list or comma-separated string; see OriginAllowList),
     allowed_hosts (extra Host names, see HostAllowList), max_body (bytes), quiet, timeout
-    (seconds), max_connections, max_watches, log (a text stream).
+    (seconds), max_connections, max_watches, log (a text stream), run (a dict of
+    make_runtime() options: kv, timeout, fuel, max_memory, max_guests, run_queue, ...).
     """
     return WasmstoreServer(store, host, port, **options)
 
@@ -2242,12 +2590,6 @@ def _tls_pair(text):
     return keyfile.strip(), certfile.strip()
 
 
-def _positive_count(text):
-    if not text.strip().isdigit() or not text.strip().isascii() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
-    return int(text)
-
-
 def _origins(text):
     try:
         OriginAllowList(text)
@@ -2261,6 +2603,10 @@ def _host_name(text):
         return host_name(text)
     except ServerError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _host_names(text):
+    return [_host_name(name) for name in text.split(",") if name.strip()]
 
 
 def _positive_seconds(text):
@@ -2280,7 +2626,8 @@ def build_parser():
         description="Serve a wasmstore over HTTP (REST API, WebSocket watch, /metrics).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="""environment: WASMSTORE_ROOT, WASMSTORE_HOST, WASMSTORE_PORT, WASMSTORE_AUTH, WASMSTORE_TLS,
-  WASMSTORE_ALLOWED_HOSTS (comma-separated), WASMSTORE_MAX_WATCHES
+  WASMSTORE_KV, WASMSTORE_RUN_TIMEOUT, WASMSTORE_FUEL, WASMSTORE_MAX_MEMORY, WASMSTORE_MAX_GUESTS,
+  WASMSTORE_RUN_QUEUE, WASMSTORE_ALLOWED_HOSTS (comma-separated), WASMSTORE_MAX_WATCHES
   (used when the matching option is absent)
 
 browser safety:
@@ -2299,7 +2646,8 @@ examples:
   python http_server.py --tls key.pem,cert.pem --cors     # HTTPS, pages of any origin
   python http_server.py --cors http://localhost:3000      # pages of that origin only
   python http_server.py --host 0.0.0.0 --allowed-host store.lan   # on the LAN, as store.lan
-  curl --data-binary @a.wasm http://127.0.0.1:6384/api/v1/module/a.wasm""")
+  curl --data-binary @a.wasm http://127.0.0.1:6384/api/v1/module/a.wasm
+  curl -d '[2, 3]' http://127.0.0.1:6384/api/v1/call/add/a.wasm      # call add(2, 3) of a stored module""")
     parser.add_argument("--root", default=env.get("WASMSTORE_ROOT") or os.path.join("~", ".wasmstore"),
                         help="store directory (default: $WASMSTORE_ROOT or ~/.wasmstore)")
     parser.add_argument("--host", default=env.get("WASMSTORE_HOST") or DEFAULT_HOST,
@@ -2321,12 +2669,70 @@ examples:
     parser.add_argument("--timeout", type=_positive_seconds, default=DEFAULT_TIMEOUT, metavar="S",
                         help=f"close idle or stalled connections after S seconds (default: {DEFAULT_TIMEOUT:g}); "
                              f"a request body gets S seconds plus 1 per {MIN_BODY_RATE // 1024} KiB received")
-    parser.add_argument("--max-watches", type=_positive_count, default=None, metavar="N",
+    parser.add_argument("--max-watches", type=_positive_int, default=None, metavar="N",
                         help=f"WebSocket watch sessions at once, apart from the {DEFAULT_MAX_CONNECTIONS} "
                              f"ordinary connections; more get 503 (default: {DEFAULT_MAX_WATCHES})")
     parser.add_argument("--quiet", action="store_true", help="no access log on stderr")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    run = parser.add_argument_group("running stored modules (POST /api/v1/call, /api/v1/run)")
+    run.add_argument("--kv", default=env.get("WASMSTORE_KV") or None, metavar="URL",
+                     help="key-value backend of the guests: sqlite:PATH, memory: or redis://HOST:PORT/DB "
+                          "(env WASMSTORE_KV; default: sqlite:<root>/kv.sqlite3)")
+    run.add_argument("--run-timeout", type=_positive_seconds, default=None, metavar="S",
+                     help="stop a guest after S seconds, also when it waits in a host call "
+                          "(env WASMSTORE_RUN_TIMEOUT; default 10)")
+    run.add_argument("--fuel", type=_positive_int, default=None, metavar="N",
+                     help="stop a guest after N units of fuel (env WASMSTORE_FUEL; default: no limit)")
+    run.add_argument("--max-memory", type=_byte_size, default=None, metavar="N",
+                     help="largest linear memory of a guest, suffix K/M/G allowed (env WASMSTORE_MAX_MEMORY; "
+                          "default 256M)")
+    run.add_argument("--max-guests", type=_positive_int, default=None, metavar="N",
+                     help=f"guests running at once (env WASMSTORE_MAX_GUESTS; default {DEFAULT_MAX_GUESTS})")
+    run.add_argument("--run-queue", type=_nonnegative_int, default=None, metavar="N",
+                     help="callers waiting for a guest slot; more get 503 with Retry-After "
+                          f"(env WASMSTORE_RUN_QUEUE; default {DEFAULT_RUN_QUEUE})")
+    run.add_argument("--queue-wait", type=_positive_seconds, default=DEFAULT_QUEUE_WAIT, metavar="S",
+                     help=f"longest wait for a guest slot before 503 (default {DEFAULT_QUEUE_WAIT:g})")
+    run.add_argument("--max-output", type=_byte_size, default=DEFAULT_MAX_OUTPUT, metavar="N",
+                     help="stdout (and stderr) kept per run; the rest is counted, not sent (default 16M)")
+    run.add_argument("--namespace-map", action="append", default=[], metavar="PREFIX=NS",
+                     help="modules under PREFIX share kv namespace NS (repeatable; default: each path "
+                          "is its own namespace, a hash is sha256:<hash>)")
+    run.add_argument("--stub-imports", action="store_true",
+                     help="imports the host does not provide (e.g. wasi:http) trap when called "
+                          "instead of refusing the guest")
     return parser
+
+
+def _positive_int(text):
+    if not text.isdigit() or not text.isascii() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return int(text)
+
+
+def _nonnegative_int(text):
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return int(text)
+
+
+# option -> (environment variable, parser) for the options that fall back to the environment
+ENV_OPTIONS = {"run_timeout": ("WASMSTORE_RUN_TIMEOUT", _positive_seconds),
+               "fuel": ("WASMSTORE_FUEL", _positive_int),
+               "max_memory": ("WASMSTORE_MAX_MEMORY", _byte_size),
+               "max_guests": ("WASMSTORE_MAX_GUESTS", _positive_int),
+               "max_watches": ("WASMSTORE_MAX_WATCHES", _positive_int),
+               "allowed_host": ("WASMSTORE_ALLOWED_HOSTS", _host_names),
+               "run_queue": ("WASMSTORE_RUN_QUEUE", _nonnegative_int)}
+
+
+def run_options(args):
+    """The make_runtime() options of parsed command-line arguments."""
+    return {"kv": args.kv, "timeout": args.run_timeout, "fuel": args.fuel, "max_memory": args.max_memory,
+            "max_guests": args.max_guests or DEFAULT_MAX_GUESTS,
+            "run_queue": DEFAULT_RUN_QUEUE if args.run_queue is None else args.run_queue,
+            "queue_wait": args.queue_wait, "namespace_map": args.namespace_map,
+            "stub_imports": args.stub_imports, "max_output": args.max_output}
 
 
 def _options_from(parser, args):
@@ -2342,18 +2748,12 @@ def _options_from(parser, args):
             args.tls = _tls_pair(env["WASMSTORE_TLS"])
         except argparse.ArgumentTypeError as exc:
             parser.error(f"WASMSTORE_TLS: {exc}")
-    if args.allowed_host is None:
-        try:
-            args.allowed_host = [_host_name(name) for name in
-                                 (env.get("WASMSTORE_ALLOWED_HOSTS") or "").split(",") if name.strip()]
-        except argparse.ArgumentTypeError as exc:
-            parser.error(f"WASMSTORE_ALLOWED_HOSTS: {exc}")
-    if args.max_watches is None:
-        try:
-            args.max_watches = (_positive_count(env["WASMSTORE_MAX_WATCHES"]) if env.get("WASMSTORE_MAX_WATCHES")
-                                else DEFAULT_MAX_WATCHES)
-        except argparse.ArgumentTypeError as exc:
-            parser.error(f"WASMSTORE_MAX_WATCHES: {exc}")
+    for option, (variable, convert) in ENV_OPTIONS.items():
+        if getattr(args, option) is None and env.get(variable):
+            try:
+                setattr(args, option, convert(env[variable]))
+            except argparse.ArgumentTypeError as exc:
+                parser.error(f"{variable}: {exc}")
     return args
 
 
@@ -2369,9 +2769,11 @@ def main(argv=None):
     try:
         store = wasmstore.Store(root)
         server = make_server(store, args.host, args.port, auth=auth, tls=args.tls, cors=args.cors,
-                             allowed_hosts=args.allowed_host, max_watches=args.max_watches,
-                             max_body=args.max_body, quiet=args.quiet, timeout=args.timeout)
-    except (wasmstore.StoreError, ServerError, OSError, ssl.SSLError) as exc:
+                             allowed_hosts=args.allowed_host or (),
+                             max_watches=args.max_watches or DEFAULT_MAX_WATCHES,
+                             max_body=args.max_body, quiet=args.quiet, timeout=args.timeout,
+                             run=run_options(args))
+    except (wasmstore.StoreError, ServerError, OSError, ssl.SSLError) + _RUNTIME_ERRORS as exc:
         print(f"http_server.py: error: {one_line(exc)}", file=sys.stderr)
         return 1
     stop = threading.Event()
@@ -2388,6 +2790,9 @@ def main(argv=None):
     if not finished:
         print("http_server.py: shutdown grace period over; some requests were cut", file=sys.stderr)
     return 0
+
+
+_RUNTIME_ERRORS = () if kvhost is None else (kvhost.KvError,)   # e.g. a --kv URL that cannot be opened
 
 
 def _install_signal_handlers(stop):

@@ -41,15 +41,18 @@ __version__ = "0.1.0"
 
 __all__ = [
     "KvError", "ArgumentError", "BackendError", "AccessDeniedError", "NoSuchStoreError", "OperationError",
-    "GuestError", "TrapError", "GuestExit", "Err",
+    "NoSuchFunction", "GuestError", "LinkError", "TrapError", "GuestExit", "Err",
     "Backend", "MemoryBackend", "SqliteBackend", "RedisBackend", "open_backend",
-    "Guest", "Host", "main",
+    "Guest", "Host", "RunResult", "core_signatures", "describe_exports", "format_export", "json_float", "float_from_json",
+    "add_store_options", "add_sandbox_options", "host_from_args", "parse_json_args", "print_json", "print_exports",
+    "run_with_deadline", "end_process", "report", "DeadlineExceeded", "main",
     "DEFAULT_KV_URL", "MAX_KEY_BYTES", "DEFAULT_MAX_VALUE_BYTES", "PAGE_SIZE",
 ]
 
 import argparse
 import base64
 import binascii
+import collections
 import contextlib
 import ctypes
 import hashlib
@@ -58,9 +61,11 @@ import math
 import mmap
 import os
 import re
+import select
 import socket
 import struct
 import sqlite3
+import subprocess
 import sys
 import tempfile
 import threading
@@ -122,19 +127,37 @@ class NoSuchStoreError(BackendError):
     """The backend has no such store: the guest gets error::no-such-store."""
 
 
+class NoSuchFunction(ArgumentError):
+    """The guest exports no callable function of that name; .available lists the ones it has."""
+
+    def __init__(self, message, available=()):
+        super().__init__(message)
+        self.available = list(available)
+
+
 class GuestError(KvError):
-    """A guest could not be loaded or linked (bad module, mismatched imports)."""
+    """A guest could not be loaded (not WebAssembly, does not compile, kv imports off the WIT)."""
+
+
+class LinkError(GuestError):
+    """A guest's imports cannot be satisfied; the message names the import."""
 
 
 class TrapError(KvError):
-    """A guest trapped, ran out of fuel or time (CLI exit status 1)."""
+    """A guest stopped before it answered (CLI exit status 1). .kind says why: "trap" (it
+    trapped), "timeout", "fuel", "memory" (a store limit), "data" (a host call carried more
+    data than wasmtime allows), "crash" (its worker process died), "exit" (GuestExit)."""
+
+    def __init__(self, message, kind="trap"):
+        super().__init__(message)
+        self.kind = kind
 
 
 class GuestExit(TrapError):
     """A guest called exit (wasi:cli/exit or proc_exit) during a call; .status is its status."""
 
     def __init__(self, status):
-        super().__init__(f"guest exited with status {status}")
+        super().__init__(f"guest exited with status {status}", "exit")
         self.status = status
 
 
@@ -1177,6 +1200,8 @@ def make_lift(desc, json_mode=False):
         return lambda ctx, addr: _MEMORY[addr + _VAL_PAYLOAD] != 0
     if kind in _SCALAR_FORMAT:
         read = struct.Struct("<" + _SCALAR_FORMAT[kind]).unpack_from
+        if json_mode and kind in ("f32", "f64"):
+            return lambda ctx, addr: json_float(read(_MEMORY, addr + _VAL_PAYLOAD)[0])
         if kind == "char":
             return lambda ctx, addr: chr(read(_MEMORY, addr + _VAL_PAYLOAD)[0])
         return lambda ctx, addr: read(_MEMORY, addr + _VAL_PAYLOAD)[0]
@@ -1334,7 +1359,7 @@ def make_lower(desc, json_mode=False):
     if kind in _INT_BOUNDS:
         return _make_lower_int(desc)
     if kind in ("f32", "f64"):
-        return _make_lower_float(desc)
+        return _make_lower_float(desc, json_mode)
     if kind == "char":
         return _make_lower_char(desc)
     if kind in ("string", "enum"):
@@ -1377,13 +1402,16 @@ def _make_lower_int(desc):
     return lower_int
 
 
-def _make_lower_float(desc):
+def _make_lower_float(desc, json_mode=False):
+    """Floats; in JSON mode also the strings "NaN", "Infinity" and "-Infinity" (see json_float)."""
     write, code = struct.Struct("<B7x" + _SCALAR_FORMAT[desc[0]]).pack_into, _K[desc[0]]
 
     def lower_float(ctx, v, addr):
-        if not isinstance(v, (int, float)) or isinstance(v, bool):
+        value = float_from_json(v) if json_mode else (
+            float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None)
+        if value is None:
             raise _bad(desc, v)
-        write(_MEMORY, addr, code, float(v))
+        write(_MEMORY, addr, code, value)
     return lower_float
 
 
@@ -1617,10 +1645,10 @@ def _other(message):
 class _CallState:
     """Everything a host function needs for one Store: tenant, handle tables, pending watch events."""
 
-    def __init__(self, host, record_events=True):
+    def __init__(self, host, record_events=False, namespace=None):
         self.host = host
         self.backend = host.backend
-        self.namespace = host.namespace
+        self.namespace = host.namespace if namespace is None else namespace
         self.buckets = {}       # rep -> bucket name
         self.cas = {}           # rep -> (bucket, key, value seen)
         self.held = {}          # resource type id -> reps the guest holds (see _make_lift_borrow)
@@ -1650,7 +1678,7 @@ class _CallState:
             raise OperationError("unknown bucket handle") from None
 
     def record(self, op, bucket, key, value=None):
-        if self.events is not None and self.host._watchers:
+        if self.events is not None:
             self.events.append((op, bucket, key, value))
 
 
@@ -1666,12 +1694,25 @@ def _kv_open(state, identifier):
     return state.new_handle(state.buckets, name)
 
 
+def _guest_sized(values):
+    """Refuse data one host call could not carry (wasmtime caps it: GUEST_VALUE_LIMIT), so the
+    guest gets error::other instead of a trap; `values` is one value or several."""
+    total = sum(len(v) for v in values if v is not None)
+    if total > GUEST_VALUE_LIMIT:
+        raise OperationError(f"value too large for a guest ({total} bytes; one host call carries at most "
+                             f"{GUEST_VALUE_LIMIT})")
+
+
 def _kv_get(state, rep, key):
-    return state.backend.get(state.namespace, state.bucket(rep), key)
+    value = state.backend.get(state.namespace, state.bucket(rep), key)
+    if value is not None and len(value) > GUEST_VALUE_LIMIT:
+        _guest_sized((value,))
+    return value
 
 
 def _kv_set(state, rep, key, value):
     bucket = state.bucket(rep)
+    _guest_sized((value,))
     state.backend.set(state.namespace, bucket, key, value)
     state.record("set", bucket, key, value)
 
@@ -1707,6 +1748,7 @@ def _kv_increment_u64(state, rep, key, delta):
 def _kv_cas_new(state, rep, key):
     bucket = state.bucket(rep)
     seen = state.backend.get(state.namespace, bucket, key)
+    _guest_sized((seen,))
     return state.new_handle(state.cas, (bucket, key, seen))
 
 
@@ -1722,6 +1764,7 @@ def _kv_swap(state, rep, value):
         bucket, key, seen = state.cas.pop(rep)
     except KeyError:
         raise OperationError("unknown cas handle") from None
+    _guest_sized((value,))
     if state.backend.compare_and_swap(state.namespace, bucket, key, seen, value):
         state.record("set", bucket, key, value)
         return None
@@ -1731,11 +1774,13 @@ def _kv_swap(state, rep, value):
 
 def _kv_get_many(state, rep, keys):
     values = state.backend.get_many(state.namespace, state.bucket(rep), keys)
+    _guest_sized(values)
     return [None if v is None else (k, v) for k, v in zip(keys, values)]
 
 
 def _kv_set_many(state, rep, items):
     bucket = state.bucket(rep)
+    _guest_sized([value for _, value in items])
     state.backend.set_many(state.namespace, bucket, items)
     for key, value in items:
         state.record("set", bucket, key, value)
@@ -1981,11 +2026,161 @@ def check_kv_imports(component_type, engine):
 
 
 # ---------------------------------------------------------------------------
+# core module signatures, read from the binary
+# ---------------------------------------------------------------------------
+# wasmtime-py aborts the whole process (a Rust panic) when asked the kind of a v128 or of a
+# typed (GC) reference type, which any stored module may use in an exported signature. So the
+# types of a core module's imports and exports are read from its bytes, and wasmtime is only
+# asked to call functions whose types are i32/i64/f32/f64.
+
+_VALTYPE_NAMES = {0x7F: "i32", 0x7E: "i64", 0x7D: "f32", 0x7C: "f64", 0x7B: "v128", 0x70: "funcref",
+                  0x6F: "externref"}
+_REF_SHORTHANDS = frozenset(range(0x69, 0x75)) - {0x70, 0x6F}       # anyref, eqref, i31ref, exnref, ...
+_EXTERN_KINDS = {0: "func", 1: "table", 2: "memory", 3: "global", 4: "tag"}
+
+
+class _Reader:
+    """Sequential reads of a WebAssembly binary; ValueError on anything malformed."""
+
+    def __init__(self, data, pos=0, end=None):
+        self.data, self.pos = data, pos
+        self.end = len(data) if end is None else end
+
+    def byte(self):
+        if self.pos >= self.end:
+            raise ValueError("unexpected end")
+        self.pos += 1
+        return self.data[self.pos - 1]
+
+    def leb(self, signed=False):
+        result = shift = 0
+        while True:
+            b = self.byte()
+            result |= (b & 0x7F) << shift
+            shift += 7
+            if not b & 0x80:
+                break
+            if shift > 70:
+                raise ValueError("LEB128 too long")
+        if signed and b & 0x40:
+            result -= 1 << shift
+        return result
+
+    def name(self):
+        size = self.leb()
+        if self.pos + size > self.end:
+            raise ValueError("unexpected end")
+        self.pos += size
+        return bytes(self.data[self.pos - size:self.pos]).decode("utf-8")
+
+    def valtype(self):
+        b = self.byte()
+        if b in _VALTYPE_NAMES:
+            return _VALTYPE_NAMES[b]
+        if b in _REF_SHORTHANDS:
+            return "ref"
+        if b in (0x63, 0x64):               # (ref null? heaptype)
+            self.leb(signed=True)
+            return "ref"
+        raise ValueError(f"unknown value type 0x{b:02x}")
+
+    def limits(self):
+        flags = self.byte()
+        self.leb()
+        if flags & 1:
+            self.leb()
+
+
+def _read_type(reader, types):
+    """One entry of the type section (a rec group adds several); function types as (params, results)."""
+    form = reader.byte()
+    if form == 0x4E:                                        # rec group
+        for _ in range(reader.leb()):
+            _read_type(reader, types)
+        return
+    if form in (0x50, 0x4F):                                # sub / sub final
+        for _ in range(reader.leb()):
+            reader.leb()
+        form = reader.byte()
+    if form == 0x60:
+        params = tuple(reader.valtype() for _ in range(reader.leb()))
+        results = tuple(reader.valtype() for _ in range(reader.leb()))
+        types.append((params, results))
+    elif form in (0x5F, 0x5E):                              # struct / array
+        for _ in range(reader.leb() if form == 0x5F else 1):
+            if reader.data[reader.pos] in (0x78, 0x77):     # packed i8 / i16
+                reader.byte()
+            else:
+                reader.valtype()
+            reader.byte()                                   # mutability
+        types.append(None)
+    else:
+        raise ValueError(f"unknown type form 0x{form:02x}")
+
+
+def core_signatures(data):
+    """(imports, exports) of a core module binary: imports [(module, name, kind, signature)],
+    exports {name: (kind, signature)}, where a function's signature is (params, results) as type
+    names ("i32", "v128", "ref", ...) and other kinds have None. ValueError if unreadable."""
+    reader = _Reader(memoryview(data), 8)
+    types, imports, exports, functions = [], [], {}, []
+    while reader.pos < reader.end:
+        section = reader.byte()
+        size = reader.leb()
+        body = _Reader(reader.data, reader.pos, reader.pos + size)
+        reader.pos += size
+        if section == 1:
+            for _ in range(body.leb()):
+                _read_type(body, types)
+        elif section == 2:
+            for _ in range(body.leb()):
+                module, name, kind = body.name(), body.name(), body.byte()
+                signature = None
+                if kind == 0:
+                    signature = types[body.leb()]
+                    functions.append(signature)
+                elif kind == 1:
+                    body.valtype()
+                    body.limits()
+                elif kind == 2:
+                    body.limits()
+                elif kind == 3:
+                    body.valtype()
+                    body.byte()
+                elif kind == 4:
+                    body.byte()
+                    body.leb()
+                else:
+                    raise ValueError(f"unknown import kind {kind}")
+                imports.append((module, name, _EXTERN_KINDS[kind], signature))
+        elif section == 3:
+            functions += [types[body.leb()] for _ in range(body.leb())]
+        elif section == 7:
+            for _ in range(body.leb()):
+                name, kind, index = body.name(), body.byte(), body.leb()
+                exports[name] = (_EXTERN_KINDS.get(kind, "other"), functions[index] if kind == 0 else None)
+    return imports, exports
+
+
+# ---------------------------------------------------------------------------
 # engine: compile cache, guests, the Host
 # ---------------------------------------------------------------------------
 
 ENGINE_SETTINGS = "consume_fuel=1;epoch_interruption=1;cranelift_opt_level=speed"
 FUEL_UNLIMITED = (1 << 63) - 1
+DEFAULT_MAX_MEMORY = 256 << 20                  # bytes per linear memory: a shared host's default
+DEFAULT_MAX_TABLE_ELEMENTS = 1_000_000          # per table: table.grow is not bounded by memory limits
+STORE_LIMITS = {"instances": 100, "tables": 20, "memories": 8}   # per Store (one call); py-counter needs 11/2/1
+HOSTCALL_VALUE_BYTES = (128 << 20) // 48        # wasmtime's limit of data per host call: 128 MiB of 48-byte values
+GUEST_VALUE_LIMIT = 5 << 19                     # values a guest gets or sets (2.5 MiB, under that limit)
+GUEST_CACHE_SIZE = 64                           # compiled guests a Host keeps in memory
+DEFAULT_CAPTURE_BYTES = 16 << 20                # run_captured keeps this much stdout and stderr
+WORKER_GRACE = 0.5                              # seconds past the timeout before a blocked guest is killed
+ISOLATIONS = ("auto", "thread", "process")
+BLOCKING_PREVIEW1 = frozenset({"poll_oneoff", "sock_accept", "sock_recv", "sock_send", "sock_shutdown"})
+CORE_JSON_TYPES = frozenset({"i32", "i64", "f32", "f64"})
+NON_FINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
+_DIGEST_RE = re.compile(r"[0-9a-f]{64}\Z")
 _COMPONENT_TEXT_RE = re.compile(r"\A(?:\s+|;;[^\n]*\n|\(;.*?;\))*\(\s*component\b", re.S)
 
 
@@ -2014,16 +2209,55 @@ def _wasmtime_version():
     return _WASMTIME_VERSION[0]
 
 
+def _error_lines(error):
+    """The non-empty lines of a wasmtime error's text, split at "Caused by:" into (context, causes)."""
+    text = str(error).strip()
+    head, _, tail = text.partition("Caused by:")
+    lines = lambda part: [line.strip() for line in part.splitlines() if line.strip()]
+    return lines(head), lines(tail)
+
+
 def _trap_reason(error):
     """The line of a wasmtime error that says why (its message also carries a backtrace)."""
-    text = str(error).strip()
-    if "Caused by:" in text:
-        text = text.split("Caused by:", 1)[1].strip()
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    head, causes = _error_lines(error)
+    lines = causes or head
     for line in lines:
         if line.startswith("wasm trap:") or "fuel" in line or "interrupt" in line:
             return line
     return lines[0] if lines else type(error).__name__
+
+
+def _link_reason(error):
+    """What an instantiation error says, keeping the line that names the import (wasmtime puts
+    it before "Caused by:", and the cause alone, e.g. "instance export 'fields' has the wrong
+    type", does not say which import)."""
+    head, causes = _error_lines(error)
+    context = [line for line in head if not line.startswith(("error while executing", "0:"))
+               and "wasm backtrace" not in line]
+    causes = [re.sub(r"^\d+: ", "", line) for line in causes[:2]]
+    return "; ".join((context[:1] + causes) or [type(error).__name__])
+
+
+def _is_link_failure(reason):
+    return "import" in reason or "matching implementation" in reason or "unknown import" in reason
+
+
+def _trap_error(error, host):
+    """The TrapError (or GuestExit) for a wasmtime error raised while a guest ran."""
+    if isinstance(error, wasmtime.ExitTrap):
+        return GuestExit(error.code)
+    reason = _trap_reason(error)
+    if "wasm trap: interrupt" in reason:
+        return TrapError(f"timeout: the guest ran longer than {host.timeout} s ({reason})", "timeout")
+    if "all fuel consumed" in reason:
+        return TrapError(f"out of fuel: the guest used all {host.fuel} units ({reason})", "fuel")
+    if "hostcalls has been exhausted" in reason:
+        return TrapError(f"value too large: the guest passed more data in one host call than wasmtime "
+                         f"allows (about {HOSTCALL_VALUE_BYTES} bytes of a list<u8>); a guest may get "
+                         f"and set values of at most {GUEST_VALUE_LIMIT} bytes", "data")
+    if "limit" in reason and ("memory" in reason or "resource" in reason or "table" in reason):
+        return TrapError(f"memory limit: {reason}", "memory")
+    return TrapError(reason, "trap")
 
 
 def _write_atomically(path, data):
@@ -2074,6 +2308,8 @@ def _prune_cache(directory, now=None):
                 os.unlink(path)
 
 
+# -- guests and what they export -----------------------------------------------------------------
+
 class Guest:
     """A compiled component or core module, ready to run in fresh Stores."""
 
@@ -2083,34 +2319,237 @@ class Guest:
         self.digest = digest        # sha256 of the source
         self.name = name
         self.engine = None          # the Host engine it was compiled for
+        self.may_block = False      # imports a host call that can wait (see _may_block)
+        self.source = None          # kept only when there is no disk cache (worker processes need it)
+        self.signatures = None      # core modules: core_signatures() of the binary
         self._calls = {}            # function name -> (path, param lowers, result lift)
 
     def __repr__(self):
         return f"<Guest {self.kind} {self.name} {self.digest[:12]}>"
 
 
+def _may_block(kind, artifact, engine, signatures):
+    """True if a guest imports a host call that can wait for as long as it asks (a WASI sleep or
+    poll), which epoch interruption cannot stop: every blocking WASIp2 call waits on a pollable of
+    wasi:io/poll, and preview 1 has poll_oneoff and the socket calls."""
+    if kind == "component":
+        return any(name.startswith("wasi:io/poll@") for name in artifact.type.imports(engine))
+    return any(module == "wasi_snapshot_preview1" and name in BLOCKING_PREVIEW1
+               for module, name, _, _ in signatures[0])
+
+
+def _json_callable(desc):
+    """True if values of this component type can be written as JSON (no resource handles)."""
+    if desc is None:
+        return True
+    kind = desc[0]
+    if kind in ("own", "borrow", "unsupported"):
+        return False
+    if kind in ("list", "option"):
+        return _json_callable(desc[1])
+    if kind == "result":
+        return _json_callable(desc[1]) and _json_callable(desc[2])
+    if kind == "tuple":
+        return all(map(_json_callable, desc[1]))
+    if kind in ("record", "variant"):
+        return all(_json_callable(d) for _, d in desc[1])
+    return True
+
+
+def _component_functions(guest, engine):
+    """[(callable name, FuncType)] of a component: world-level functions and "iface#name" members."""
+    found = []
+    for name, item in guest.artifact.type.exports(engine).items():
+        if isinstance(item.ty, wc.FuncType):
+            found.append((name, item.ty))
+        elif isinstance(item.ty, wc.ComponentInstanceType):
+            found += [(f"{name}#{member}", f.ty) for member, f in item.ty.exports(engine).items()
+                      if isinstance(f.ty, wc.FuncType)]
+    return found
+
+
+def describe_exports(guest, engine):
+    """Every function a JSON caller can call: [{"name", "params": [{"name", "type"}], "results": [type]}].
+
+    Types are WIT-style text for components and i32/i64/f32/f64 for core modules (whose
+    parameters have no names: "name" is null). Functions taking or returning resource handles,
+    references or vectors are left out: JSON cannot carry them."""
+    described = []
+    if guest.kind == "component":
+        for name, fty in _component_functions(guest, engine):
+            params, result = describe_functype(fty)
+            if not all(map(_json_callable, params)) or not _json_callable(result):
+                continue
+            described.append({"name": name,
+                              "params": [{"name": pname, "type": format_desc(desc)}
+                                         for (pname, _), desc in zip(fty.params, params)],
+                              "results": [] if result is None else [format_desc(result)]})
+        return described
+    for name, (kind, signature) in guest.signatures[1].items():
+        if kind != "func":
+            continue
+        params, results = list(signature[0]), list(signature[1])
+        if set(params + results) <= CORE_JSON_TYPES:
+            described.append({"name": name, "params": [{"name": None, "type": t} for t in params],
+                              "results": results})
+    return described
+
+
+def format_export(entry):
+    """One line for an export: "get(bucket: string, key: string) -> result<...>", "add(i32, i32) -> i32"."""
+    params = ", ".join(p["type"] if p["name"] is None else f"{p['name']}: {p['type']}" for p in entry["params"])
+    results = entry["results"]
+    arrow = "" if not results else " -> " + (results[0] if len(results) == 1 else f"({', '.join(results)})")
+    return f"{entry['name']}({params}){arrow}"
+
+
+# -- JSON scalars that JSON itself cannot hold -----------------------------------------------------
+
+def json_float(value):
+    """A float as JSON can carry it: NaN and the infinities become the strings "NaN", "Infinity"
+    and "-Infinity" (JSON has no literal for them); every other float is itself."""
+    if value != value:
+        return "NaN"
+    if value in (math.inf, -math.inf):
+        return "Infinity" if value > 0 else "-Infinity"
+    return value
+
+
+def float_from_json(value):
+    """The float a JSON argument stands for (a number, or one of json_float's strings); None if neither."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    return NON_FINITE.get(value) if isinstance(value, str) else None
+
+
+# -- what one call or run asks for, and what it gave -------------------------------------------------
+
+class _Request:
+    """One call or run: everything a Store needs, so it can be carried to a worker process."""
+
+    def __init__(self, op, *, function=None, args=(), argv=("guest",), namespace=None, stdin=None,
+                 capture=None, links=(), record_events=False):
+        self.op = op                        # "call" or "run"
+        self.function = function
+        self.args = list(args)
+        self.argv = [str(a) for a in argv]
+        self.namespace = namespace          # None: the Host's
+        self.stdin = stdin                  # bytes, or None for an empty stdin
+        self.capture = capture              # None: output goes where the Host says; N: keep N bytes of each
+        self.links = list(links)            # [(import module name, Guest)], dependencies first
+        self.record_events = record_events
+
+
+class _Capture:
+    """A guest's stdout or stderr kept in memory up to `limit` bytes; the rest is counted, not kept."""
+
+    def __init__(self, limit):
+        self.limit = limit
+        self.chunks = []
+        self.kept = 0
+        self.total = 0
+
+    def write(self, data):
+        self.total += len(data)
+        room = self.limit - self.kept
+        if room > 0:
+            piece = data[:room]
+            self.chunks.append(piece)
+            self.kept += len(piece)
+
+    def value(self):
+        return b"".join(self.chunks)
+
+
+class RunResult:
+    """What Host.run_captured gives back: the exit status and the guest's (bounded) output."""
+
+    def __init__(self, status, stdout, stderr, stdout_total, stderr_total):
+        self.status = status
+        self.stdout = stdout
+        self.stderr = stderr
+        self.stdout_total = stdout_total      # bytes the guest wrote; more than len(stdout) if cut
+        self.stderr_total = stderr_total
+
+    def __repr__(self):
+        return f"<RunResult status={self.status} stdout={len(self.stdout)}B stderr={len(self.stderr)}B>"
+
+
+class _Outcome:
+    """The result of one execution in this process or a worker: value (a call's result or a run's
+    status), captured output, fuel used, and the kv events for watchers."""
+
+    def __init__(self, value=None, stdout=None, stderr=None, fuel=0, events=None):
+        self.value = value
+        self.stdout = stdout          # _Capture or None
+        self.stderr = stderr
+        self.fuel = fuel
+        self.events = events or []
+
+
+class _SingleFlight:
+    """Per-key locks, so N threads that want the same missing guest compile it once."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._keys = {}               # key -> [lock, users]
+
+    @contextlib.contextmanager
+    def hold(self, key):
+        with self._lock:
+            entry = self._keys.setdefault(key, [threading.Lock(), 0])
+            entry[1] += 1
+        try:
+            with entry[0]:
+                yield
+        finally:
+            with self._lock:
+                entry[1] -= 1
+                if entry[1] == 0:
+                    del self._keys[key]
+
+
+# -- the Host ---------------------------------------------------------------------------------------
+
+def _check_limit(label, value, allow_none=True):
+    if value is None and allow_none:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ArgumentError(f"invalid {label} {value!r}: expected a positive integer")
+
+
 class Host:
     """Runs guests against wasi:keyvalue (both drafts) and WASIp2, each call in a fresh, limited Store.
 
-    kv: a backend URL or a Backend; namespace: the tenant whose data guests see; allow_buckets /
-    deny_buckets: bucket ids a guest may (not) open; timeout (seconds, None for no limit), fuel,
-    max_memory (bytes): sandbox limits; env ({name: value}), dirs ([(host, guest)]): what WASI may
-    see (nothing unless given; sockets are never granted); cache_dir: compile cache (None:
-    default_cache_dir(), False: off);
-    stdout / stderr: file paths for the guest's output (default: inherited);
-    max_value_size: value limit of a backend opened from a URL (a Backend carries its own).
+    kv: a backend URL or a Backend; namespace: the tenant whose data guests see (each call may
+    name another); allow_buckets / deny_buckets: bucket ids a guest may (not) open.
+    Sandbox: timeout (seconds, None for no limit), fuel, max_memory (bytes per linear memory),
+    max_table_elements (per table), env ({name: value}) and dirs ([(host, guest)]): what WASI may
+    see (nothing unless given; sockets are never granted). Limits hold whatever a guest does:
+    isolation="auto" runs guests that import a call which can block (a WASI sleep or poll) in
+    worker processes that are killed at the deadline ("process": every guest; "thread": none,
+    for one-shot programs that enforce the deadline themselves); `workers` bounds them.
+    stub_imports: define every import the host does not provide as a function that traps when
+    called (componentize-js builds import wasi:http, for instance); off by default.
+    cache_dir: compile cache (None: default_cache_dir(), False: off); stdout / stderr: file paths
+    for the guest's output (default: inherited); max_value_size: value limit of a backend opened
+    from a URL (a Backend carries its own).
     """
 
     def __init__(self, kv="memory:", namespace="default", allow_buckets=None, deny_buckets=None, timeout=DEFAULT_TIMEOUT,
-                 fuel=None, max_memory=None, env=None, dirs=None, cache_dir=None, stdout=None, stderr=None,
-                 max_value_size=None):
+                 fuel=None, max_memory=DEFAULT_MAX_MEMORY, env=None, dirs=None, cache_dir=None, stdout=None,
+                 stderr=None, max_value_size=None, max_table_elements=DEFAULT_MAX_TABLE_ELEMENTS,
+                 isolation="auto", workers=None, stub_imports=False):
         _check_namespace(namespace)
         if timeout is not None and (not isinstance(timeout, (int, float)) or isinstance(timeout, bool)
                                     or not 0 < timeout < 1e9 or math.isnan(timeout)):
             raise ArgumentError(f"invalid timeout {timeout!r}: expected a positive number of seconds")
-        for label, value in (("fuel", fuel), ("max_memory", max_memory)):
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
-                raise ArgumentError(f"invalid {label} {value!r}: expected a positive integer")
+        _check_limit("fuel", fuel)
+        _check_limit("max_memory", max_memory, allow_none=False)
+        _check_limit("max_table_elements", max_table_elements, allow_none=False)
+        _check_limit("workers", workers)
+        if isolation not in ISOLATIONS:
+            raise ArgumentError(f"invalid isolation {isolation!r}: expected one of {', '.join(ISOLATIONS)}")
         self.allow_buckets = None if allow_buckets is None else frozenset(allow_buckets)
         self.deny_buckets = frozenset(deny_buckets or ())
         for bucket in (self.allow_buckets or frozenset()) | self.deny_buckets:
@@ -2133,11 +2572,15 @@ class Host:
         self.timeout = timeout
         self.fuel = fuel
         self.max_memory = max_memory
+        self.max_table_elements = max_table_elements
+        self.isolation = isolation
+        self.stub_imports = bool(stub_imports)
         self.cache_dir = default_cache_dir() if cache_dir is None else cache_dir
         self.stdout = stdout
         self.stderr = stderr
         self.watch_errors = []          # failures of watcher guests (they never reach the writer)
         self._watchers = []             # (guest, version, buckets)
+        self._event_sink = None         # a worker process hands kv events to its parent instead
         config = wasmtime.Config()
         config.consume_fuel = True
         config.epoch_interruption = True
@@ -2146,15 +2589,19 @@ class Host:
         self._component_linker = None
         self._module_linker = None
         self._lock = threading.Lock()
-        self._guests = {}               # digest -> Guest
+        self._guests = collections.OrderedDict()   # digest -> Guest, least recently used first
+        self._compiling = _SingleFlight()
+        self._cache_counts = collections.Counter()  # memory hits, disk hits, compiles
         self._ticker = None
         self._ticker_stop = threading.Event()
+        self._pool = _WorkerPool(self, workers or max(2, os.cpu_count() or 2))
 
     # -- lifecycle ------------------------------------------------------------------------------
 
     def close(self):
-        """Stop the timeout thread and close the backend if this Host opened it."""
+        """Stop the timeout thread and the worker processes; close the backend if this Host opened it."""
         self._ticker_stop.set()
+        self._pool.close()
         if self._owns_backend:
             self.backend.close()
 
@@ -2164,36 +2611,110 @@ class Host:
     def __exit__(self, *exc):
         self.close()
 
+    def start_workers(self, count=1):
+        """Start `count` worker processes now (in the background), so that the first guest that
+        needs one does not wait for a Python interpreter to start."""
+        if self.isolation != "thread":
+            self._pool.prestart(count)
+
+    def cache_stats(self):
+        """{"memory_hits", "disk_hits", "compiles"}: how guests were found by load()."""
+        with self._lock:
+            return {key: self._cache_counts[key] for key in ("memory_hits", "disk_hits", "compiles")}
+
     # -- loading ----------------------------------------------------------------------------------
 
-    def load(self, source):
-        """A Guest from a path (.wasm or .wat) or bytes/str; compiled once, cached on disk."""
+    def load(self, source, *, digest=None, name=None):
+        """A Guest from a path (.wasm or .wat) or bytes/str; compiled once, cached on disk.
+
+        digest: the SHA-256 of the source when the caller knows it (a store does): a guest this
+        Host already holds is then returned without reading or hashing the source again.
+        Concurrent loads of one guest compile it once."""
+        if digest is not None:
+            if not isinstance(digest, str) or not _DIGEST_RE.match(digest):
+                raise ArgumentError(f"invalid digest {digest!r}: expected 64 lowercase hex digits")
+            guest = self._cached_guest(digest)
+            if guest is not None:
+                return guest
+        data, default_name = self._read_source(source)
+        name = default_name if name is None else name
+        kind, text = self._classify(data, name)
+        digest = hashlib.sha256(data).hexdigest() if digest is None else digest
+        with self._compiling.hold(digest):
+            guest = self._cached_guest(digest)
+            if guest is None:
+                guest = self._register(self._build_guest(kind, data if text is None else text, digest, name))
+        return guest
+
+    def loaded(self, digest):
+        """The Guest whose source has this SHA-256 if this Host holds it compiled, else None."""
+        return self._cached_guest(digest) if isinstance(digest, str) else None
+
+    def _cached_guest(self, digest):
+        with self._lock:
+            guest = self._guests.get(digest)
+            if guest is not None:
+                self._guests.move_to_end(digest)
+                self._cache_counts["memory_hits"] += 1
+            return guest
+
+    @staticmethod
+    def _read_source(source):
         if isinstance(source, (bytes, bytearray)):
-            data, name = bytes(source), "<bytes>"
-        elif isinstance(source, str) and ("\n" in source or source.lstrip().startswith(("(", ";;"))):
-            data, name = source.encode("utf-8"), "<text>"
-        elif isinstance(source, (str, os.PathLike)):
+            return bytes(source), "<bytes>"
+        if isinstance(source, str) and ("\n" in source or source.lstrip().startswith(("(", ";;"))):
+            return source.encode("utf-8"), "<text>"
+        if isinstance(source, (str, os.PathLike)):
             name = os.fspath(source)
             try:
                 with open(name, "rb") as f:
-                    data = f.read()
+                    return f.read(), name
             except OSError as e:
                 raise ArgumentError(f"cannot read guest {name!r}: {e.strerror or e}") from None
-        else:
-            raise ArgumentError(f"invalid guest {source!r}: expected a path or bytes")
-        kind, text = self._classify(data, name)
-        digest = hashlib.sha256(data).hexdigest()
-        with self._lock:
-            guest = self._guests.get(digest)
-        if guest is not None:
-            return guest
-        artifact = self._compile_cached(kind, data if text is None else text, digest, name)
+        raise ArgumentError(f"invalid guest {source!r}: expected a path or bytes")
+
+    def _build_guest(self, kind, source, digest, name):
+        artifact, in_cache = self._compile_cached(kind, source, digest, name)
+        signatures = None
+        if kind == "module":
+            try:
+                signatures = core_signatures(wasmtime.wat2wasm(source) if isinstance(source, str) else source)
+            except (ValueError, IndexError, TypeError, wasmtime.WasmtimeError) as e:
+                raise GuestError(f"cannot read the types of {name}: {e}") from None
+        # Worker processes load guests from the cache; one that is not there travels as bytes.
+        keep = None if in_cache else (source.encode("utf-8") if isinstance(source, str) else source)
+        return self._new_guest(kind, artifact, digest, name, keep, signatures)
+
+    def _new_guest(self, kind, artifact, digest, name, source=None, signatures=None):
         if kind == "component":
             check_kv_imports(artifact.type, self.engine)
+            if self.stub_imports:
+                with self._lock:
+                    self._component_linker_locked().define_unknown_imports_as_traps(artifact)
         guest = Guest(kind, artifact, digest, name)
         guest.engine = self.engine
+        guest.signatures = signatures
+        guest.may_block = _may_block(kind, artifact, self.engine, signatures)
+        guest.source = source
+        return guest
+
+    def _register(self, guest):
         with self._lock:
-            self._guests[digest] = guest
+            self._guests[guest.digest] = guest
+            while len(self._guests) > GUEST_CACHE_SIZE:
+                self._guests.popitem(last=False)
+        return guest
+
+    def _load_from_cache(self, kind, digest, name, signatures=None):
+        """A guest that another process (a worker's parent) compiled into the shared cache."""
+        with self._compiling.hold(digest):
+            guest = self._cached_guest(digest)
+            if guest is None:
+                cls = wc.Component if kind == "component" else wasmtime.Module
+                artifact = self._read_cache(cls, self._cache_path(kind, digest)) if self.cache_dir else None
+                if artifact is None:
+                    raise GuestError(f"{name}: its compiled form is not in the compile cache")
+                guest = self._register(self._new_guest(kind, artifact, digest, name, signatures=signatures))
         return guest
 
     @staticmethod
@@ -2217,26 +2738,32 @@ class Host:
         return os.path.join(self.cache_dir, f"{key}.{kind}")
 
     def _compile_cached(self, kind, source, digest, name):
+        """(artifact, True if the compile cache holds it)."""
         cls = wc.Component if kind == "component" else wasmtime.Module
         path = self._cache_path(kind, digest) if self.cache_dir else None
         if path is not None:
             artifact = self._read_cache(cls, path)
             if artifact is not None:
-                return artifact
+                with self._lock:
+                    self._cache_counts["disk_hits"] += 1
+                return artifact, True
         try:
             artifact = cls(self.engine, source)
         except wasmtime.WasmtimeError as e:
             raise GuestError(f"cannot compile {name}: {_trap_reason(e)}") from None
-        if path is not None:
-            payload = bytes(artifact.serialize())
-            try:
-                os.makedirs(self.cache_dir, exist_ok=True)
-                _write_atomically(path, payload)        # the artifact first: a reader that sees
-                _write_atomically(path + ".sum", CACHE_MAGIC + hashlib.sha256(payload).digest())
-            except OSError:                             # a new one with an old .sum recompiles
-                pass   # a cache that cannot be written only costs time
-            _prune_cache(self.cache_dir)
-        return artifact
+        with self._lock:
+            self._cache_counts["compiles"] += 1
+        if path is None:
+            return artifact, False
+        payload = bytes(artifact.serialize())
+        try:
+            os.makedirs(self.cache_dir, exist_ok=True)
+            _write_atomically(path, payload)        # the artifact first: a reader that sees
+            _write_atomically(path + ".sum", CACHE_MAGIC + hashlib.sha256(payload).digest())
+        except OSError:                             # a new one with an old .sum recompiles
+            return artifact, False                  # a cache that cannot be written only costs time
+        _prune_cache(self.cache_dir)
+        return artifact, True
 
     def _read_cache(self, cls, path):
         """A deserialized entry, or None if it is missing or fails its checksum (never trusted).
@@ -2259,6 +2786,49 @@ class Host:
         except (OSError, ValueError, wasmtime.WasmtimeError):   # ValueError: mmap of an empty file
             return None
 
+    # -- what a guest exports ---------------------------------------------------------------------
+
+    def exports(self, guest):
+        """The functions of a guest a JSON caller can call (see describe_exports)."""
+        self._check_guest(guest)
+        return describe_exports(guest, self.engine)
+
+    # -- linking core modules to other guests -------------------------------------------------------
+
+    def link_plan(self, guest, resolve):
+        """[(import module name, Guest)] that a core module's imports need, dependencies first.
+
+        resolve(module name) -> a Guest of this Host, or None: it decides which import module
+        names stand for other guests (a store resolves its paths). Missing guests or exports,
+        type mismatches and cycles raise LinkError naming the import."""
+        self._check_guest(guest)
+        if guest.kind != "module":
+            return []
+        order, done = [], set()
+
+        def visit(importer, chain):
+            for module_name, items in _imports_by_module(importer).items():
+                if module_name == "wasi_snapshot_preview1":
+                    continue
+                if module_name in chain:
+                    raise LinkError("import cycle: " + " -> ".join(chain[chain.index(module_name):] + [module_name]))
+                dependency = resolve(module_name) if resolve is not None else None
+                if dependency is None:
+                    raise LinkError(f"{importer.name} imports {module_name!r} {items[0][0]!r}, which "
+                                    f"this host does not provide" + ("" if resolve is None else
+                                                                     " (no such module to link)"))
+                if dependency.kind != "module" or dependency.engine is not self.engine:
+                    raise LinkError(f"{importer.name} imports {module_name!r}, which is not a core module "
+                                    "(only core modules can be linked to core modules)")
+                _check_link_types(importer, module_name, items, dependency)
+                if module_name not in done:
+                    visit(dependency, chain + [module_name])
+                    done.add(module_name)
+                    order.append((module_name, dependency))
+
+        visit(guest, [guest.name])
+        return order
+
     # -- stores -----------------------------------------------------------------------------------
 
     def _start_ticker(self):
@@ -2273,13 +2843,19 @@ class Host:
             self._ticker = threading.Thread(target=tick, name="kvhost-epoch", daemon=True)
             self._ticker.start()
 
-    def _wasi_config(self, argv):
+    def _wasi_config(self, argv, stdin_path, capture):
         config = wasmtime.WasiConfig()
         config.argv = list(argv)
         if self.env:
             config.env = sorted(self.env.items())
         for host_dir, guest_dir in self.dirs:
             config.preopen_dir(host_dir, guest_dir)
+        if stdin_path is not None:
+            config.stdin_file = stdin_path
+        if capture is not None:
+            config.stdout_custom = capture[0].write
+            config.stderr_custom = capture[1].write
+            return config
         if self.stdout:
             config.stdout_file = self.stdout
         else:
@@ -2290,7 +2866,7 @@ class Host:
             config.inherit_stderr()
         return config
 
-    def _new_store(self, argv=("guest",)):
+    def _new_store(self, argv=("guest",), stdin=None, capture=None):
         """A fresh Store with the sandbox limits; WASI is always set (a WASI call without it aborts)."""
         self._start_ticker()
         store = wasmtime.Store(self.engine)
@@ -2299,52 +2875,98 @@ class Host:
             store.set_epoch_deadline(1 << 62)
         else:
             store.set_epoch_deadline(math.ceil(self.timeout / EPOCH_TICK) + 1)
-        if self.max_memory is not None:
-            store.set_limits(memory_size=self.max_memory)
-        store.set_wasi(self._wasi_config(argv))
+        store.set_limits(memory_size=self.max_memory, table_elements=self.max_table_elements, **STORE_LIMITS)
+        if stdin is None:
+            store.set_wasi(self._wasi_config(argv, None, capture))
+            return store
+        fd, stdin_path = tempfile.mkstemp(prefix="kvhost-stdin-")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(stdin)
+            store.set_wasi(self._wasi_config(argv, stdin_path, capture))   # wasmtime opens it here
+        finally:
+            os.unlink(stdin_path)
         return store
+
+    def _component_linker_locked(self):
+        if self._component_linker is None:
+            linker = wc.Linker(self.engine)
+            linker.add_wasip2()
+            add_keyvalue_to_linker(linker)
+            self._component_linker = linker
+        return self._component_linker
 
     def _linker_for(self, kind):
         with self._lock:
             if kind == "component":
-                if self._component_linker is None:
-                    linker = wc.Linker(self.engine)
-                    linker.add_wasip2()
-                    add_keyvalue_to_linker(linker)
-                    self._component_linker = linker
-                return self._component_linker
+                return self._component_linker_locked()
             if self._module_linker is None:
                 linker = wasmtime.Linker(self.engine)
                 linker.define_wasi()
                 self._module_linker = linker
             return self._module_linker
 
-    def _session(self, guest, argv, record_events=True):
+    def _check_guest(self, guest):
         if not isinstance(guest, Guest):
             raise ArgumentError(f"invalid guest {guest!r}: expected a Guest from Host.load()")
         if guest.engine is not self.engine:
             raise ArgumentError(f"{guest.name} was loaded by another Host: load it with this one")
-        return _Session(self, guest, argv, record_events)
 
     # -- calling ----------------------------------------------------------------------------------
 
-    def call(self, guest, function, args=()):
+    def call(self, guest, function, args=(), *, namespace=None, resolve=None, stats=None):
         """Call an exported function with JSON-style arguments; returns its JSON-style result.
 
         Components: `function` is a world-level name or "pkg:ns/iface@v#name". Core modules:
-        an export taking and returning i32/i64/f32/f64. Traps raise TrapError.
-        """
-        args = list(args)
-        with self._session(guest, ("guest",)) as session:
-            if guest.kind == "module":
-                return session.call_module(function, args)
-            return session.call_component(function, args)
+        an export taking and returning i32/i64/f32/f64 (floats JSON cannot hold travel as the
+        strings "NaN", "Infinity", "-Infinity"). namespace: the kv tenant of this call (default:
+        the Host's); resolve: see link_plan; stats: a dict that receives {"fuel": units used}.
+        Traps and limits raise TrapError."""
+        self._check_guest(guest)
+        if not isinstance(function, str) or not function:
+            raise ArgumentError(f"invalid function name {function!r}")
+        request = _Request("call", function=function, args=args, namespace=namespace)
+        return self._execute(guest, request, resolve, stats).value
 
-    def run(self, guest, argv=()):
-        """Run a wasi:cli/run component (or a core module's _start); returns the exit status."""
-        argv = [guest.name if isinstance(guest, Guest) else "guest"] + [str(a) for a in argv]
-        with self._session(guest, argv) as session:
-            return session.run()
+    def run(self, guest, argv=(), *, namespace=None, resolve=None, stdin=None, stats=None):
+        """Run a wasi:cli/run component (or a core module's _start); returns the exit status.
+        Output goes where the Host says (inherited by default); stdin: bytes (default: empty)."""
+        self._check_guest(guest)
+        request = _Request("run", argv=[guest.name] + [str(a) for a in argv], namespace=namespace, stdin=stdin)
+        return self._execute(guest, request, resolve, stats).value
+
+    def run_captured(self, guest, argv=(), *, namespace=None, resolve=None, stdin=b"", limit=DEFAULT_CAPTURE_BYTES,
+                     stats=None):
+        """Like run(), but stdout and stderr are kept (up to `limit` bytes each) and returned in a
+        RunResult with the exit status. A guest that exits non-zero is a result, not an error."""
+        self._check_guest(guest)
+        _check_limit("limit", limit, allow_none=False)
+        request = _Request("run", argv=[guest.name] + [str(a) for a in argv], namespace=namespace,
+                           stdin=stdin, capture=limit)
+        outcome = self._execute(guest, request, resolve, stats)
+        return RunResult(outcome.value, outcome.stdout.value(), outcome.stderr.value(),
+                         outcome.stdout.total, outcome.stderr.total)
+
+    def _execute(self, guest, request, resolve, stats):
+        if request.namespace is not None:
+            _check_namespace(request.namespace)
+        request.links = self.link_plan(guest, resolve)
+        request.record_events = bool(self._watchers)
+        isolated = self.isolation == "process" or (self.isolation == "auto" and (
+            guest.may_block or any(dependency.may_block for _, dependency in request.links)))
+        outcome = self._pool.execute(guest, request) if isolated else self._execute_here(guest, request)
+        if stats is not None:
+            stats["fuel"] = outcome.fuel
+        return outcome
+
+    def _execute_here(self, guest, request):
+        """Run one request in a fresh Store of this process."""
+        with _Session(self, guest, request) as session:
+            if request.op == "call":
+                value = session.call(request.function, request.args)
+            else:
+                value = session.run()
+            return session.outcome(value)
 
     def attach_watcher(self, guest, buckets):
         """After a guest of this host sets or deletes a key in one of `buckets`, call `guest`'s
@@ -2368,21 +2990,50 @@ class Host:
                 if bucket not in buckets:
                     continue
                 try:
-                    with self._session(guest, ("watcher",), record_events=False) as session:
+                    request = _Request("notify", argv=("watcher",))
+                    with _Session(self, guest, request) as session:
                         session.notify(version, op, bucket, key, value)
                 except KvError as e:
                     self.watch_errors.append(f"{guest.name}: {op} {bucket}/{key}: {e}")
                     del self.watch_errors[:-100]
 
 
-class _Session:
-    """One fresh Store + instance for one call or run; delivers watch events when it ends."""
+def _imports_by_module(guest):
+    """{module name: [(name, kind, signature), ...]} of a core module's imports, in order."""
+    grouped = {}
+    for module, name, kind, signature in guest.signatures[0]:
+        grouped.setdefault(module, []).append((name, kind, signature))
+    return grouped
 
-    def __init__(self, host, guest, argv, record_events):
+
+def _extern_text(kind, signature):
+    if kind != "func":
+        return kind
+    params, results = signature
+    return f"func({', '.join(params)})" + (f" -> {', '.join(results)}" if results else "")
+
+
+def _check_link_types(importer, module_name, items, dependency):
+    exports = dependency.signatures[1]
+    for name, kind, signature in items:
+        found = exports.get(name)
+        if found is None:
+            raise LinkError(f"{importer.name} imports {name!r} from {module_name!r}, which does not "
+                            f"export it (it exports: {', '.join(sorted(exports)) or 'nothing'})")
+        if found != (kind, signature):
+            raise LinkError(f"{importer.name} imports {module_name!r} {name!r} as {_extern_text(kind, signature)}, "
+                            f"but it exports {_extern_text(*found)}")
+
+class _Session:
+    """One fresh Store + instance for one request; hands its kv events to the watchers when it ends."""
+
+    def __init__(self, host, guest, request):
         self.host = host
         self.guest = guest
-        self.state = _CallState(host, record_events)
-        self.store = host._new_store(argv)
+        self.request = request
+        self.state = _CallState(host, request.record_events, request.namespace)
+        self.capture = None if request.capture is None else (_Capture(request.capture), _Capture(request.capture))
+        self.store = host._new_store(request.argv, request.stdin, self.capture)
         self.ctx = self.store._context()
         self.address = _context_address(self.ctx)
         self.instance = None
@@ -2395,77 +3046,94 @@ class _Session:
         _STATES.pop(self.address, None)
         events = self.state.events
         if events:
-            self.host._deliver(events)
+            (self.host._event_sink or self.host._deliver)(events)
+
+    def outcome(self, value):
+        start = self.host.fuel if self.host.fuel is not None else FUEL_UNLIMITED
+        try:
+            fuel = start - self.store.get_fuel()
+        except wasmtime.WasmtimeError:
+            fuel = 0
+        stdout, stderr = self.capture or (None, None)
+        return _Outcome(value, stdout, stderr, fuel)
 
     def _trap(self, error):
-        if isinstance(error, wasmtime.ExitTrap):
-            raise GuestExit(error.code) from None
-        reason = _trap_reason(error)
-        if "interrupt" in reason:
-            reason = f"timeout: the guest ran longer than {self.host.timeout} s ({reason})"
-        elif "fuel" in reason:
-            reason = f"out of fuel: the guest used all {self.host.fuel} units ({reason})"
-        raise TrapError(reason) from None
+        raise _trap_error(error, self.host) from None
+
+    def _instantiate(self, linker, guest):
+        try:
+            return linker.instantiate(self.store, guest.artifact)
+        except wasmtime.WasmtimeError as e:
+            reason = _link_reason(e)
+            if _is_link_failure(reason):
+                hint = "" if self.host.stub_imports or guest.kind != "component" else (
+                    " (stub_imports / --stub-imports runs the rest of the guest, with such imports trapping when called)")
+                raise LinkError(f"cannot link {guest.name}: {reason}{hint}") from None
+            self._trap(e)
+        except wasmtime.Trap as e:     # a start function trapped
+            self._trap(e)
+
+    def _linker(self):
+        """The Host's shared linker, or, for a core module linked to other guests, a linker of this
+        Store's own that holds their instances (dependencies first)."""
+        if not self.request.links:
+            return self.host._linker_for(self.guest.kind)
+        linker = wasmtime.Linker(self.host.engine)
+        linker.define_wasi()
+        for module_name, dependency in self.request.links:
+            linker.define_instance(self.store, module_name, self._instantiate(linker, dependency))
+        return linker
 
     def instantiate(self):
-        linker = self.host._linker_for(self.guest.kind)
-        try:
-            self.instance = linker.instantiate(self.store, self.guest.artifact)
-        except wasmtime.WasmtimeError as e:
-            reason = _trap_reason(e)
-            if "import" in reason or "matching implementation" in reason:
-                raise GuestError(f"cannot link {self.guest.name}: {reason}") from None
-            self._trap(e)
+        self.instance = self._instantiate(self._linker(), self.guest)
         return self.instance
 
     def _component_func(self, function):
-        """(Func, param lowers, result lift) for an export; converters cached on the Guest."""
+        """(Func, labels, param lowers, result lift) for an export; converters cached on the Guest."""
         guest = self.guest
         cached = guest._calls.get(function)
         if cached is None:
-            path = function.split("#", 1) if "#" in function else [function]
-            ctype = guest.artifact.type
-            exports = ctype.exports(self.host.engine)
-            item = exports.get(path[0])
-            if item is not None and len(path) == 2:
-                members = item.ty.exports(self.host.engine) if isinstance(item.ty, wc.ComponentInstanceType) else {}
-                item = members.get(path[1])
-            if item is None or not isinstance(item.ty, wc.FuncType):
-                available = [n for n, e in exports.items() if isinstance(e.ty, wc.FuncType)]
-                for n, e in exports.items():
-                    if isinstance(e.ty, wc.ComponentInstanceType):
-                        available += [f"{n}#{m}" for m, f in e.ty.exports(self.host.engine).items()
-                                      if isinstance(f.ty, wc.FuncType)]
-                raise ArgumentError(f"{guest.name} exports no function {function!r}"
-                                    f" (it exports: {', '.join(available) or 'none'})")
-            params, result = describe_functype(item.ty)
-            cached = (path, params, [make_lower(p, json_mode=True) for p in params],
+            engine = self.host.engine
+            fty = dict(_component_functions(guest, engine)).get(function)
+            if fty is None:
+                available = [entry["name"] for entry in describe_exports(guest, engine)]
+                raise NoSuchFunction(f"{guest.name} exports no function {function!r}"
+                                     f" (it exports: {', '.join(available) or 'none'})", available)
+            params, result = describe_functype(fty)
+            for desc in list(params) + [result]:
+                if not _json_callable(desc):
+                    raise ArgumentError(f"{function} takes or returns {format_desc(desc)}, which JSON cannot carry")
+            labels = [f"{pname}: {format_desc(desc)}" for (pname, _), desc in zip(fty.params, params)]
+            cached = (function.split("#", 1), labels, [make_lower(p, json_mode=True) for p in params],
                       None if result is None else make_lift(result, json_mode=True))
             guest._calls[function] = cached
-        path, params, lowers, lift = cached
+        path, labels, lowers, lift = cached
         instance = self.instance
         index = None
         for part in path:
             index = instance.get_export_index(self.store, part, index)
-        func = instance.get_func(self.store, index)
-        return func, params, lowers, lift
+        return instance.get_func(self.store, index), labels, lowers, lift
 
     def call_component(self, function, args):
         self.instantiate()
-        func, params, lowers, lift = self._component_func(function)
+        func, labels, lowers, lift = self._component_func(function)
         if len(args) != len(lowers):
-            raise ArgumentError(f"{function} takes {len(lowers)} argument(s) "
-                                f"({', '.join(map(format_desc, params))}), got {len(args)}")
-        return self.invoke(func, lowers, lift, args)
+            raise ArgumentError(f"{function} takes {len(lowers)} argument(s) ({', '.join(labels)}), got {len(args)}")
+        return self.invoke(func, lowers, lift, args, labels)
 
-    def invoke(self, func, lowers, lift, args):
+    def invoke(self, func, lowers, lift, args, labels=None):
         values = (_VAL * max(len(args), 1))()
         base = ctypes.addressof(values)
         ctx = self.address
         done = 0
         try:
             for i, (lower, arg) in enumerate(zip(lowers, args)):
-                lower(ctx, arg, base + i * _VAL_SIZE)
+                try:
+                    lower(ctx, arg, base + i * _VAL_SIZE)
+                except ArgumentError as e:
+                    if labels is None:
+                        raise
+                    raise ArgumentError(f"argument {i + 1} ({labels[i]}): {e}") from None
                 done += 1
             result = _VAL()
             err = ffi.wasmtime_component_func_call(ctypes.byref(func._func), self.ctx, values, len(args),
@@ -2491,8 +3159,8 @@ class _Session:
         if self.guest.kind == "module":
             instance = self.instantiate()
             start = instance.exports(self.store).get("_start")
-            if start is None:
-                raise ArgumentError(f"{self.guest.name} has no _start export")
+            if not isinstance(start, wasmtime.Func):
+                raise NoSuchFunction(f"{self.guest.name} has no _start export (it is not a WASI command)")
             try:
                 start(self.store)
             except wasmtime.ExitTrap as e:
@@ -2503,7 +3171,7 @@ class _Session:
         exports = self.guest.artifact.type.exports(self.host.engine)
         run_iface = next((n for n in exports if n.startswith("wasi:cli/run@")), None)
         if run_iface is None:
-            raise ArgumentError(f"{self.guest.name} does not export wasi:cli/run")
+            raise NoSuchFunction(f"{self.guest.name} does not export wasi:cli/run (it is not a command)")
         try:
             outcome = self.call_component(f"{run_iface}#run", [])
         except GuestExit as e:
@@ -2514,32 +3182,30 @@ class _Session:
         instance = self.instantiate()
         func = instance.exports(self.store).get(function)
         if not isinstance(func, wasmtime.Func):
-            names = [n for n, e in instance.exports(self.store).items() if isinstance(e, wasmtime.Func)]
-            raise ArgumentError(f"{self.guest.name} exports no function {function!r} (it exports: {', '.join(names)})")
-        ftype = func.type(self.store)
-        if len(args) != len(ftype.params):
-            raise ArgumentError(f"{function} takes {len(ftype.params)} argument(s), got {len(args)}")
-        converted = []
-        for ty, arg in zip(ftype.params, args):
-            kind = str(ty)
-            if kind in ("i32", "i64"):
-                bits = 32 if kind == "i32" else 64
-                if not isinstance(arg, int) or isinstance(arg, bool) or not -(1 << (bits - 1)) <= arg < (1 << bits):
-                    raise ArgumentError(f"expected {kind}, got {json.dumps(arg)}")
-                if arg >= 1 << (bits - 1):
-                    arg -= 1 << bits            # accept unsigned spellings of the same bits
-                converted.append(arg)
-            elif kind in ("f32", "f64"):
-                if not isinstance(arg, (int, float)) or isinstance(arg, bool):
-                    raise ArgumentError(f"expected {kind}, got {json.dumps(arg)}")
-                converted.append(float(arg))
-            else:
-                raise ArgumentError(f"{function} takes a {kind} parameter, which the CLI cannot pass")
+            available = [entry["name"] for entry in describe_exports(self.guest, self.host.engine)]
+            raise NoSuchFunction(f"{self.guest.name} exports no function {function!r}"
+                                 f" (it exports: {', '.join(available) or 'none'})", available)
+        params, results = self.guest.signatures[1][function][1]   # never func.type(): see core_signatures
+        for kind in params + results:
+            if kind not in CORE_JSON_TYPES:
+                raise ArgumentError(f"{function} takes or returns {kind}, which JSON cannot carry")
+        if len(args) != len(params):
+            raise ArgumentError(f"{function} takes {len(params)} argument(s) ({', '.join(params)}), got {len(args)}")
+        converted = [_core_argument(i, kind, arg) for i, (kind, arg) in enumerate(zip(params, args))]
         try:
             result = func(self.store, *converted)
         except (wasmtime.Trap, wasmtime.WasmtimeError) as e:
             self._trap(e)
+        if isinstance(result, float):
+            return json_float(result)
+        if isinstance(result, (list, tuple)):
+            return [json_float(v) if isinstance(v, float) else v for v in result]
         return result
+
+    def call(self, function, args):
+        if self.guest.kind == "module":
+            return self.call_module(function, args)
+        return self.call_component(function, args)
 
     def notify(self, version, op, bucket, key, value):
         self.instantiate()
@@ -2552,6 +3218,424 @@ class _Session:
         func = instance.get_func(self.store, index)
         args = [rep, key, value] if op == "set" else [rep, key]
         self.invoke(func, [make_lower(p) for p in params], None, args)
+
+
+def _core_argument(index, kind, arg):
+    """A JSON argument as the i32/i64/f32/f64 wasmtime takes; ArgumentError names the parameter."""
+    if kind in ("i32", "i64"):
+        bits = 32 if kind == "i32" else 64
+        if isinstance(arg, int) and not isinstance(arg, bool) and -(1 << (bits - 1)) <= arg < (1 << bits):
+            return arg - (1 << bits) if arg >= 1 << (bits - 1) else arg   # unsigned spellings of the same bits
+    else:
+        value = float_from_json(arg)
+        if value is not None:
+            return value
+    try:
+        shown = json.dumps(arg)
+    except (TypeError, ValueError):
+        shown = repr(arg)
+    expected = kind if kind in ("i32", "i64") else f'{kind} (a number, "NaN", "Infinity" or "-Infinity")'
+    raise ArgumentError(f"argument {index + 1} ({kind}): expected {expected}, got {shown[:80]}")
+
+
+# ---------------------------------------------------------------------------
+# sandbox processes: guests that can block in a host call
+# ---------------------------------------------------------------------------
+
+class _ChannelError(Exception):
+    """The other end of a worker channel closed, stalled past its deadline or broke the protocol."""
+
+
+class _Channel:
+    """Frames over a pair of pipes: a JSON header plus binary blobs (bytes inside the header are
+    {"$b": index}: JSON cannot hold them). Reads are bounded, so a broken peer cannot make the
+    reader allocate without limit."""
+
+    FRAME = struct.Struct("<II")          # header length, number of blobs
+    BLOB = struct.Struct("<Q")
+    MAX_HEADER = 64 << 20
+    MAX_BLOB = 1 << 30
+
+    def __init__(self, read_fd, write_fd):
+        self.read_fd = read_fd
+        self.write_fd = write_fd
+
+    def send(self, header, blobs=()):
+        data = json.dumps(header, separators=(",", ":")).encode("utf-8")
+        parts = [self.FRAME.pack(len(data), len(blobs)), data]
+        for blob in blobs:
+            parts += [self.BLOB.pack(len(blob)), blob]
+        for part in parts:
+            view = memoryview(part)
+            while view:
+                view = view[os.write(self.write_fd, view):]
+
+    def recv(self, deadline=None):
+        size, count = self.FRAME.unpack(self._read(self.FRAME.size, deadline))
+        if size > self.MAX_HEADER or count > 1 << 20:
+            raise _ChannelError("oversized frame")
+        try:
+            header = json.loads(self._read(size, deadline))
+        except ValueError:
+            raise _ChannelError("malformed frame") from None
+        blobs = []
+        for _ in range(count):
+            (length,) = self.BLOB.unpack(self._read(self.BLOB.size, deadline))
+            if length > self.MAX_BLOB:
+                raise _ChannelError("oversized blob")
+            blobs.append(self._read(length, deadline))
+        return header, blobs
+
+    def _read(self, size, deadline):
+        chunks, left = [], size
+        while left:
+            if deadline is not None:
+                wait = deadline - time.monotonic()
+                if wait <= 0 or not select.select([self.read_fd], [], [], wait)[0]:
+                    raise TimeoutError("deadline passed")
+            chunk = os.read(self.read_fd, min(left, 1 << 20))
+            if not chunk:
+                raise _ChannelError("the other end closed")
+            chunks.append(chunk)
+            left -= len(chunk)
+        return b"".join(chunks)
+
+    def close(self):
+        for fd in (self.read_fd, self.write_fd):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+def _pack(value, blobs):
+    """value for a JSON header: bytes become {"$b": index into blobs}; a dict that could be
+    mistaken for a marker is wrapped as {"$d": dict}."""
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        blobs.append(bytes(value))
+        return {"$b": len(blobs) - 1}
+    if isinstance(value, (list, tuple)):
+        return [_pack(item, blobs) for item in value]
+    if isinstance(value, dict):
+        packed = {key: _pack(item, blobs) for key, item in value.items()}
+        return {"$d": packed} if set(value) in ({"$b"}, {"$d"}) else packed
+    return value
+
+
+def _unpack(value, blobs):
+    if isinstance(value, list):
+        return [_unpack(item, blobs) for item in value]
+    if isinstance(value, dict):
+        if set(value) == {"$b"}:
+            return blobs[value["$b"]]
+        if set(value) == {"$d"}:
+            value = value["$d"]
+        return {key: _unpack(item, blobs) for key, item in value.items()}
+    return value
+
+
+# Exceptions that cross the channel, by name; anything else arrives as a plain KvError.
+_WIRE_ERRORS = {cls.__name__: cls for cls in (KvError, ArgumentError, OperationError, BackendError,
+                                              AccessDeniedError, NoSuchStoreError, GuestError, LinkError)}
+# The Backend methods a worker may ask its parent to run.
+_REMOTE_METHODS = ("get", "set", "delete", "exists", "list_page", "list_page_at", "increment",
+                   "compare_and_swap", "get_many", "set_many", "delete_many")
+
+
+def _error_to_wire(error):
+    wire = {"class": type(error).__name__, "message": str(error)}
+    if isinstance(error, TrapError):
+        wire["kind"] = error.kind
+        wire["status"] = getattr(error, "status", None)
+    if isinstance(error, NoSuchFunction):
+        wire["available"] = error.available
+    return wire
+
+
+def _error_from_wire(wire):
+    name, message = wire.get("class"), str(wire.get("message"))
+    if name == "GuestExit":
+        return GuestExit(wire.get("status"))
+    if name == "TrapError":
+        return TrapError(message, str(wire.get("kind") or "trap"))
+    if name == "NoSuchFunction":
+        return NoSuchFunction(message, wire.get("available") or ())
+    return _WIRE_ERRORS.get(name, KvError)(message)
+
+
+class _RemoteBackend(Backend):
+    """A worker's backend: every operation runs in the parent, on the Host's real backend, so a
+    memory: backend is shared by every worker and nothing changes for the guest."""
+
+    url = "remote:"
+
+    def __init__(self, channel):
+        super().__init__()
+        self.channel = channel
+
+    def _remote(self, method, args, kwargs):
+        blobs = []
+        self.channel.send({"op": "kv", "method": method, "args": _pack(list(args), blobs),
+                           "kwargs": _pack(kwargs, blobs)}, blobs)
+        reply, blobs = self.channel.recv()
+        if "error" in reply:
+            raise _error_from_wire(reply["error"])
+        return _unpack(reply["value"], blobs)
+
+
+def _remote_method(method):
+    return lambda self, *args, **kwargs: self._remote(method, args, kwargs)
+
+
+for _method in _REMOTE_METHODS:
+    setattr(_RemoteBackend, _method, _remote_method(_method))
+del _method
+
+
+def _guest_to_wire(guest, blobs):
+    wire = {"digest": guest.digest, "kind": guest.kind, "name": guest.name, "source": None,
+            "signatures": guest.signatures}
+    if guest.source is not None:
+        wire["source"] = _pack(guest.source, blobs)
+    return wire
+
+
+class _Worker:
+    """One worker process and its channel. Runs one request at a time; usable is False once it
+    was killed, died or broke the protocol (the pool then replaces it)."""
+
+    CODE = ("import importlib.util, sys\n"
+            "spec = importlib.util.spec_from_file_location('kvhost', sys.argv[1])\n"
+            "module = importlib.util.module_from_spec(spec)\n"
+            "sys.modules['kvhost'] = module\n"
+            "spec.loader.exec_module(module)\n"
+            "sys.exit(module._worker_main(sys.argv[2:]))\n")
+
+    def __init__(self, settings):
+        to_child_read, to_child_write = os.pipe()
+        from_child_read, from_child_write = os.pipe()
+        try:
+            self.process = subprocess.Popen(
+                [sys.executable, "-c", self.CODE, os.path.abspath(__file__), str(to_child_read), str(from_child_write)],
+                stdin=subprocess.DEVNULL, pass_fds=(to_child_read, from_child_write), start_new_session=True)
+        finally:
+            os.close(to_child_read)
+            os.close(from_child_write)
+        self.channel = _Channel(from_child_read, to_child_write)
+        self.usable = True
+        self.channel.send({"op": "init", "settings": settings})
+
+    def execute(self, host, guest, request):
+        blobs = []
+        header = {"op": request.op, "guest": _guest_to_wire(guest, blobs),
+                  "links": [[name, _guest_to_wire(dependency, blobs)] for name, dependency in request.links],
+                  "function": request.function, "args": _pack(request.args, blobs), "argv": request.argv,
+                  "namespace": request.namespace, "stdin": _pack(request.stdin, blobs), "capture": request.capture,
+                  "record_events": request.record_events}
+        deadline = None if host.timeout is None else time.monotonic() + host.timeout + WORKER_GRACE
+        try:
+            self.channel.send(header, blobs)
+            while True:
+                reply, blobs = self.channel.recv(deadline)
+                if reply.get("op") != "kv":
+                    break
+                self._serve_kv(host.backend, reply, blobs)
+        except TimeoutError:
+            self.kill()
+            raise TrapError(f"timeout: the guest ran longer than {host.timeout} s (it was blocked in a host "
+                            "call; its worker process was stopped)", "timeout") from None
+        except (_ChannelError, OSError, ValueError, KeyError, TypeError):
+            self.kill()
+            raise TrapError(f"crash: the guest's worker process died ({self.exit_reason()})", "crash") from None
+        events = [tuple(event) for event in _unpack(reply.get("events") or [], blobs)]
+        if events:
+            host._deliver(events)
+        if reply.get("op") == "failed":
+            raise _error_from_wire(reply.get("error") or {})
+        stdout = stderr = None
+        if request.capture is not None:
+            stdout, stderr = _Capture(request.capture), _Capture(request.capture)
+            for capture, key in ((stdout, "stdout"), (stderr, "stderr")):
+                capture.chunks = [_unpack(reply[key], blobs)]
+                capture.kept, capture.total = len(capture.chunks[0]), reply[key + "_total"]
+        return _Outcome(_unpack(reply.get("value"), blobs), stdout, stderr, reply.get("fuel", 0))
+
+    def _serve_kv(self, backend, request, blobs):
+        method = request.get("method")
+        try:
+            if method not in _REMOTE_METHODS:
+                raise ArgumentError(f"unknown backend method {method!r}")
+            value = getattr(backend, method)(*_unpack(request.get("args") or [], blobs),
+                                             **_unpack(request.get("kwargs") or {}, blobs))
+            blobs = []
+            self.channel.send({"op": "kv-reply", "value": _pack(value, blobs)}, blobs)
+        except KvError as e:
+            self.channel.send({"op": "kv-reply", "error": _error_to_wire(e)})
+        except Exception as e:      # a bug or an unexpected backend failure: the guest gets `other`
+            self.channel.send({"op": "kv-reply", "error": {"class": "BackendError",
+                                                           "message": f"internal error: {type(e).__name__}: {e}"}})
+
+    def exit_reason(self):
+        try:
+            code = self.process.wait(timeout=1)
+        except subprocess.TimeoutExpired:
+            return "no answer"
+        return f"killed by signal {-code}" if code < 0 else f"exit status {code}"
+
+    def kill(self):
+        self.usable = False
+        with contextlib.suppress(OSError):
+            self.process.kill()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(timeout=5)
+        self.channel.close()
+
+    def close(self):
+        """Ask the worker to end (closing its request pipe ends its loop), then make sure it did."""
+        self.usable = False
+        self.channel.close()
+        try:
+            self.process.wait(timeout=2)
+        except subprocess.TimeoutExpired:
+            self.kill()
+
+
+class _WorkerPool:
+    """Worker processes for guests whose host calls can block (a WASI sleep, a poll): epoch
+    interruption only stops running wasm code, so such a guest runs in a process of its own that
+    is killed when its deadline passes. At most `size` run at once; callers beyond that wait.
+    Each worker keeps its compiled guests (mapped from the compile cache) between requests."""
+
+    def __init__(self, host, size):
+        self.host = host
+        self.size = size
+        self._idle = []
+        self._started = 0
+        self._cond = threading.Condition()
+        self._closed = False
+
+    def _settings(self):
+        host = self.host
+        return {"namespace": host.namespace, "timeout": host.timeout, "fuel": host.fuel,
+                "max_memory": host.max_memory, "max_table_elements": host.max_table_elements,
+                "env": host.env, "dirs": host.dirs, "cache_dir": host.cache_dir, "stdout": host.stdout,
+                "stderr": host.stderr, "stub_imports": host.stub_imports,
+                "allow_buckets": None if host.allow_buckets is None else sorted(host.allow_buckets),
+                "deny_buckets": sorted(host.deny_buckets)}
+
+    def prestart(self, count):
+        with self._cond:
+            count = min(count, self.size - self._started)
+            self._started += max(count, 0)
+
+        def start():
+            for _ in range(count):
+                try:
+                    worker = _Worker(self._settings())
+                except OSError:
+                    with self._cond:
+                        self._started -= 1
+                    continue
+                self._release(worker)
+        if count > 0:
+            threading.Thread(target=start, name="kvhost-workers", daemon=True).start()
+
+    def _acquire(self):
+        with self._cond:
+            while True:
+                if self._closed:
+                    raise KvError("the host is closed")
+                if self._idle:
+                    return self._idle.pop()
+                if self._started < self.size:
+                    self._started += 1
+                    break
+                self._cond.wait()
+        try:
+            return _Worker(self._settings())
+        except OSError as e:
+            with self._cond:
+                self._started -= 1
+                self._cond.notify()
+            raise KvError(f"cannot start a worker process: {e}") from None
+
+    def _release(self, worker):
+        with self._cond:
+            if worker.usable and not self._closed:
+                self._idle.append(worker)
+            else:
+                self._started -= 1
+                worker = worker if worker.usable else None
+            self._cond.notify()
+        if worker is not None and self._closed:
+            worker.close()
+
+    def execute(self, guest, request):
+        worker = self._acquire()
+        try:
+            return worker.execute(self.host, guest, request)
+        finally:
+            self._release(worker)
+
+    def close(self):
+        with self._cond:
+            self._closed = True
+            idle, self._idle = self._idle, []
+            self._cond.notify_all()
+        for worker in idle:
+            worker.close()
+
+
+def _worker_guest(host, wire, blobs):
+    digest, kind, name = wire["digest"], wire["kind"], wire["name"]
+    if wire.get("source") is not None:
+        return host.load(_unpack(wire["source"], blobs), digest=digest, name=name)
+    signatures = wire.get("signatures")
+    if signatures is not None:       # JSON lists back to the tuples core_signatures() gives
+        imports, exports = signatures
+        signatures = ([(m, n, k, None if sig is None else (tuple(sig[0]), tuple(sig[1]))) for m, n, k, sig in imports],
+                      {name: (k, None if sig is None else (tuple(sig[0]), tuple(sig[1])))
+                       for name, (k, sig) in exports.items()})
+    return host._load_from_cache(kind, digest, name, signatures)
+
+
+def _worker_main(argv):
+    """The loop of a worker process (see _WorkerPool): requests from the parent, one at a time,
+    until the parent closes the pipe. Guest stdout/stderr are the parent's unless captured."""
+    channel = _Channel(int(argv[0]), int(argv[1]))
+    try:
+        header, _ = channel.recv()
+    except _ChannelError:
+        return 0
+    events = []
+    host = Host(kv=_RemoteBackend(channel), isolation="thread", **header["settings"])
+    host._event_sink = events.extend
+    while True:
+        try:
+            header, blobs = channel.recv()
+        except _ChannelError:
+            return 0
+        del events[:]
+        reply = {"op": "done"}
+        try:
+            guest = _worker_guest(host, header["guest"], blobs)
+            links = [(name, _worker_guest(host, wire, blobs)) for name, wire in header["links"]]
+            request = _Request(header["op"], function=header["function"], args=_unpack(header["args"], blobs),
+                               argv=header["argv"], namespace=header["namespace"],
+                               stdin=_unpack(header["stdin"], blobs), capture=header["capture"],
+                               links=links, record_events=header["record_events"])
+            outcome = host._execute_here(guest, request)
+            out = []
+            reply["value"] = _pack(outcome.value, out)
+            reply["fuel"] = outcome.fuel
+            for key, capture in (("stdout", outcome.stdout), ("stderr", outcome.stderr)):
+                if capture is not None:
+                    reply[key], reply[key + "_total"] = _pack(capture.value(), out), capture.total
+        except KvError as e:
+            reply, out = {"op": "failed", "error": _error_to_wire(e)}, []
+        except Exception as e:       # a bug: report it as a trap of this guest, keep serving
+            reply, out = {"op": "failed", "error": {"class": "TrapError", "kind": "trap",
+                                                    "message": f"internal error: {type(e).__name__}: {e}"}}, []
+        reply["events"] = _pack(events, out)
+        channel.send(reply, out)
 
 
 # ---------------------------------------------------------------------------
@@ -2599,35 +3683,140 @@ def _dir_pair(text):
     return host_dir, guest_dir
 
 
+def _nonnegative_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid integer {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
+def add_store_options(parser, kv_default=DEFAULT_KV_URL, kv_default_text=None):
+    """--kv and --namespace (kvhost's and wasmstore.py's commands share them)."""
+    parser.add_argument("--kv", default=kv_default, metavar="URL",
+                        help="key-value backend: sqlite:PATH, memory: or redis://HOST:PORT/DB "
+                             f"(default {kv_default_text or kv_default})")
+    parser.add_argument("--namespace", help="tenant whose data the guest sees (default: default)")
+
+
+def add_sandbox_options(parser):
+    """The options of a guest's sandbox; host_from_args() turns them into Host arguments."""
+    parser.add_argument("--allow-bucket", action="append", dest="allow_buckets", metavar="B",
+                        help="bucket the guest may open (repeatable; default: any)")
+    parser.add_argument("--timeout", type=_positive_float, default=DEFAULT_TIMEOUT, metavar="S",
+                        help=f"stop the guest after S seconds, even when it waits in a host call (default {DEFAULT_TIMEOUT:g})")
+    parser.add_argument("--fuel", type=_positive_int, metavar="N", help="stop the guest after N units of fuel")
+    parser.add_argument("--max-memory", type=_positive_int, default=DEFAULT_MAX_MEMORY, metavar="BYTES",
+                        help=f"largest linear memory (default {DEFAULT_MAX_MEMORY >> 20} MiB)")
+    parser.add_argument("--max-table-elements", type=_positive_int, default=DEFAULT_MAX_TABLE_ELEMENTS, metavar="N",
+                        help=f"largest table (default {DEFAULT_MAX_TABLE_ELEMENTS:,})")
+    parser.add_argument("--env", type=_env_pair, action="append", default=[], metavar="K=V",
+                        help="environment variable the guest sees (repeatable; default: none)")
+    parser.add_argument("--dir", type=_dir_pair, action="append", default=[], dest="dirs", metavar="HOST::GUEST",
+                        help="directory the guest may use (repeatable; default: none)")
+    parser.add_argument("--stub-imports", action="store_true",
+                        help="define imports this host does not provide (e.g. wasi:http) as functions that "
+                             "trap when called, so the rest of the guest runs")
+    parser.add_argument("--cache-dir", help="compile cache directory (default ~/.cache/wasmstore/kvhost)")
+
+
+def host_from_args(args, **overrides):
+    """A Host for one-shot commands (isolation="thread": run_with_deadline ends a blocked guest)."""
+    options = dict(kv=args.kv, allow_buckets=args.allow_buckets, timeout=args.timeout, fuel=args.fuel,
+                   max_memory=args.max_memory, max_table_elements=args.max_table_elements, env=dict(args.env),
+                   dirs=args.dirs, cache_dir=args.cache_dir, stub_imports=args.stub_imports, isolation="thread")
+    if args.namespace is not None:
+        options["namespace"] = args.namespace
+    options.update(overrides)
+    return Host(**options)
+
+
+def parse_json_args(texts):
+    """JSON arguments of a call, one per command-line word."""
+    values = []
+    for text in texts:
+        try:
+            values.append(json.loads(text))
+        except ValueError:
+            raise ArgumentError(f"invalid JSON argument {text!r}") from None
+    return values
+
+
+
+class DeadlineExceeded(TrapError):
+    """A one-shot program's guest is still blocked after its deadline; the process must end now."""
+
+    def __init__(self, timeout):
+        super().__init__(f"timeout: the guest ran longer than {timeout} s (blocked in a host call)", "timeout")
+
+
+def run_with_deadline(function, timeout):
+    """function() in a daemon thread, for one-shot programs (isolation="thread"): if it has not
+    returned WORKER_GRACE seconds after `timeout` (a guest blocked in a WASI sleep, which epoch
+    interruption cannot stop), raise DeadlineExceeded; the caller must then end the process
+    (os._exit), since the thread cannot be stopped."""
+    if timeout is None:
+        return function()
+    result = {}
+
+    def target():
+        try:
+            result["value"] = function()
+        except BaseException as e:     # re-raised in the caller's thread
+            result["error"] = e
+    thread = threading.Thread(target=target, name="kvhost-guest", daemon=True)
+    thread.start()
+    thread.join(timeout + WORKER_GRACE)
+    if thread.is_alive():
+        _ABANDONED.append(thread)
+        raise DeadlineExceeded(timeout)
+    if "error" in result:
+        raise result["error"]
+    return result["value"]
+
+
+def print_json(value, out):
+    """One line of JSON for a call's result (non-finite floats were already made strings)."""
+    out.write(json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False) + "\n")
+
+
+
+
+_ABANDONED = []   # guest threads run_with_deadline gave up on: the process must end without waiting
+
+
+def end_process(status):
+    """The exit status for sys.exit(), or, if a guest thread is still blocked (DeadlineExceeded),
+    flush and end the process at once: the blocked thread cannot be stopped or joined."""
+    if _ABANDONED:
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os._exit(status)
+    return status
+
+
 def _build_parser():
     parser = _Parser(prog="kvhost", description="Run WebAssembly components against wasi:keyvalue.")
     parser.add_argument("--version", action="version", version=f"kvhost {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-
-    def add_store_options(sub):
-        sub.add_argument("--kv", default=DEFAULT_KV_URL, help=f"backend URL (default {DEFAULT_KV_URL})")
-        sub.add_argument("--namespace", default="default", help="tenant whose data the guest sees")
-
-    def add_sandbox_options(sub):
-        add_store_options(sub)
-        sub.add_argument("--allow-bucket", action="append", dest="allow_buckets", metavar="B",
-                         help="bucket the guest may open (repeatable; default: any)")
-        sub.add_argument("--timeout", type=_positive_float, default=DEFAULT_TIMEOUT, metavar="S")
-        sub.add_argument("--fuel", type=_positive_int, metavar="N")
-        sub.add_argument("--max-memory", type=_positive_int, metavar="BYTES")
-        sub.add_argument("--env", type=_env_pair, action="append", default=[], metavar="K=V")
-        sub.add_argument("--dir", type=_dir_pair, action="append", default=[], dest="dirs", metavar="HOST::GUEST")
-        sub.add_argument("--cache-dir", help="compile cache directory (default ~/.cache/wasmstore/kvhost)")
-
-    run = commands.add_parser("run", help="run a wasi:cli/run component")
+    run = commands.add_parser("run", help="run a wasi:cli/run component or a WASI command module")
+    add_store_options(run)
     add_sandbox_options(run)
     run.add_argument("guest")
     run.add_argument("args", nargs=argparse.REMAINDER)
     call = commands.add_parser("call", help="call an exported function, print its result as JSON")
+    add_store_options(call)
     add_sandbox_options(call)
     call.add_argument("guest")
     call.add_argument("function")
     call.add_argument("json_args", nargs="*", metavar="JSON_ARG")
+    exports = commands.add_parser("exports", help="list the functions a guest exports, with their types")
+    exports.add_argument("--json", action="store_true", help="one JSON document instead of one line per function")
+    exports.add_argument("--cache-dir", help="compile cache directory (default ~/.cache/wasmstore/kvhost)")
+    exports.add_argument("guest")
     kv = commands.add_parser("kv", help="inspect and edit stored data")
     add_store_options(kv)
     kv.add_argument("action", choices=["get", "set", "delete", "list", "incr"])
@@ -2637,10 +3826,13 @@ def _build_parser():
     return parser
 
 
-def _host_from_args(args):
-    return Host(kv=args.kv, namespace=args.namespace, allow_buckets=args.allow_buckets, timeout=args.timeout,
-                fuel=args.fuel, max_memory=args.max_memory, env=dict(args.env), dirs=args.dirs,
-                cache_dir=args.cache_dir)
+def print_exports(described, out, as_json=False):
+    """exports for people (one line per function) or programs (--json)."""
+    if as_json:
+        out.write(json.dumps(described, separators=(",", ":")) + "\n")
+        return
+    for entry in described:
+        out.write(format_export(entry) + "\n")
 
 
 def _kv_command(args, out):
@@ -2652,7 +3844,7 @@ def _kv_command(args, out):
     backend = open_backend(args.kv)
     try:
         _check_bucket(args.bucket)
-        ns, bucket = args.namespace, args.bucket
+        ns, bucket = args.namespace or "default", args.bucket
         if args.action == "get":
             value = backend.get(ns, bucket, args.key)
             if value is None:
@@ -2686,45 +3878,47 @@ def _kv_command(args, out):
     return 0
 
 
+def report(error, err, prog):
+    """Print a kvhost error as one line; returns the CLI exit status: 2 for bad arguments or a
+    guest refused before it runs, 1 for a trap, a limit or a failed operation."""
+    if isinstance(error, (ArgumentError, GuestError)):
+        err.write(f"{prog}: error: {error}\n")
+        return 2
+    if isinstance(error, TrapError):
+        err.write(f"{prog}: trap: {error}\n")
+        return 1
+    err.write(f"{prog}: error: {error}\n")
+    return 1
+
+
 def main(argv=None):
     """The kvhost command line; returns the exit status: 2 for bad arguments or a guest refused
-    before it runs (not WebAssembly, imports that do not match the WIT), 1 for a trap or a
-    failed operation, else the guest's own status (run) or 0."""
+    before it runs (not WebAssembly, imports that cannot be satisfied), 1 for a trap or a failed
+    operation, else the guest's own status (run) or 0."""
     out, err = sys.stdout, sys.stderr
     try:
         args = _build_parser().parse_args(argv)
         if args.command == "kv":
             return _kv_command(args, out)
-        json_args = []
-        for text in getattr(args, "json_args", []):
-            try:
-                json_args.append(json.loads(text))
-            except ValueError:
-                raise ArgumentError(f"invalid JSON argument {text!r}") from None
-        host = _host_from_args(args)
-        try:
+        if args.command == "exports":
+            with Host(cache_dir=args.cache_dir, isolation="thread") as host:
+                print_exports(host.exports(host.load(args.guest)), out, args.json)
+            return 0
+        json_args = parse_json_args(getattr(args, "json_args", []))
+        with host_from_args(args) as host:
             guest = host.load(args.guest)
             if args.command == "run":
                 out.flush()
-                return host.run(guest, args.args)
-            result = host.call(guest, args.function, json_args)
-            out.write(json.dumps(result, separators=(",", ":"), ensure_ascii=False) + "\n")
+                return run_with_deadline(lambda: host.run(guest, args.args), host.timeout)
+            result = run_with_deadline(lambda: host.call(guest, args.function, json_args), host.timeout)
+            print_json(result, out)
             return 0
-        finally:
-            host.close()
-    except (ArgumentError, GuestError) as e:   # bad input: arguments, or a guest refused before it runs
-        err.write(f"kvhost: error: {e}\n")
-        return 2
-    except TrapError as e:
-        err.write(f"kvhost: trap: {e}\n")
-        return 1
     except KvError as e:
-        err.write(f"kvhost: error: {e}\n")
-        return 1
+        return report(e, err, "kvhost")
     except KeyboardInterrupt:
         err.write("kvhost: interrupted\n")
         return 130
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(end_process(main()))

@@ -41,7 +41,8 @@ __version__ = "0.1.0"
 __all__ = [
     "Store", "StoreError", "InvalidInput", "InvalidModule", "TooLarge", "NotFound",
     "Conflict", "MergeConflict", "CorruptObject", "validate_path", "format_path",
-    "validate_branch", "validate_hash", "validate_module", "load_backup", "main",
+    "validate_branch", "validate_hash", "validate_module", "load_backup", "Runner", "Target",
+    "default_kv_url", "parse_namespace_map", "main",
 ]
 
 import argparse
@@ -984,16 +985,30 @@ class Store:
         return True
 
     def _module_hash(self, path_or_hash, branch):
-        kind, value = _target(path_or_hash)
         _, tree = self._head_tree(branch)
+        return self._module_in_tree(tree, path_or_hash, f"on branch {branch!r}")
+
+    def _module_in_tree(self, tree, path_or_hash, where):
+        kind, value = _target(path_or_hash)
         if kind == "hash":
             if value in self._index(tree):
                 return value
-            raise NotFound(f"no module with hash {value} on branch {branch!r}")
+            raise NotFound(f"no module with hash {value} {where}")
         entry = self._entry_at(tree, value)
         if entry is None or entry[0] != "module":
-            raise NotFound(f"no module at {format_path(value)} on branch {branch!r}")
+            raise NotFound(f"no module at {format_path(value)} {where}")
         return entry[1]
+
+    def module_at(self, path_or_hash, *, branch=None, commit=None):
+        """(module hash, commit) of a module at the head of a branch, or in an older `commit`
+        (the hash-or-path rule then applies to that commit's tree)."""
+        if commit is None:
+            branch = self._branch(branch)
+            head, tree = self._head_tree(branch)
+            return self._module_in_tree(tree, path_or_hash, f"on branch {branch!r}"), head
+        commit = validate_hash(commit, "commit")
+        tree = self._commit(commit)["tree"]
+        return self._module_in_tree(tree, path_or_hash, f"in commit {commit}"), commit
 
     def read_module(self, digest):
         """The bytes of any stored module object, hash-checked."""
@@ -1946,6 +1961,169 @@ def _extract_members(archive, root):
         raise InvalidInput("the archive has no HEAD: it is not a wasmstore backup")
 
 
+# --------------------------------------------------------------------------- running stored modules
+
+KV_FILE = "kv.sqlite3"                 # the default kv backend lives with the store
+
+
+def default_kv_url(root):
+    """sqlite:<root>/kv.sqlite3: stored modules keep their state next to the store."""
+    return "sqlite:" + os.path.join(os.path.abspath(os.path.expanduser(os.fspath(root))), KV_FILE)
+
+
+def _kvhost():
+    """kvhost.py, the runtime: a sibling file, needed only to run modules."""
+    try:
+        import kvhost
+    except ModuleNotFoundError as exc:
+        if exc.name not in ("kvhost", "wasmtime"):
+            raise
+        raise StoreError("running modules needs kvhost.py next to wasmstore.py and the wasmtime "
+                         "package (pip install wasmtime)") from None
+    return kvhost
+
+
+def parse_namespace_map(entries):
+    """[(prefix segments, namespace)] from "PREFIX=NAMESPACE" texts, longest prefix first."""
+    parsed = []
+    for entry in entries or ():
+        prefix, sep, namespace = str(entry).partition("=")
+        if not sep or not namespace or "\0" in namespace or len(namespace) > 1024:
+            raise InvalidInput(f"invalid namespace mapping {_short(entry)}: expected PREFIX=NAMESPACE")
+        parsed.append((validate_path(prefix), namespace))
+    return sorted(parsed, key=lambda item: -len(item[0]))
+
+
+class Target:
+    """A stored module picked for running: the hash of its bytes, the commit whose tree it was
+    found in (its imports of other stored modules resolve in that tree too), the printed path
+    (None when it was named by hash) and its kv namespace."""
+
+    __slots__ = ("digest", "commit", "path", "namespace")
+
+    def __init__(self, digest, commit, path, namespace):
+        self.digest = digest
+        self.commit = commit
+        self.path = path
+        self.namespace = namespace
+
+    def __repr__(self):
+        return f"Target({self.path or self.digest!r}, commit={self.commit!r})"
+
+
+class Runner:
+    """Runs modules and components stored in a Store, on kvhost (imported when first needed).
+
+    A path, a hash, an older version (index into versions()) or a commit picks the module;
+    the bytes go to kvhost with their hash, so a module is compiled once (kvhost's compile cache
+    survives restarts) and never re-hashed per call. State: a module's wasi:keyvalue namespace
+    is its path ("/apps/counter.wasm"), kept across runs and new versions; a module called by
+    hash uses "sha256:<hash>"; `namespaces` ([(prefix segments, namespace)], see
+    parse_namespace_map) lets an operator give every module under a prefix one shared
+    namespace. Core modules whose imports name a store path (or a hash) are linked to those
+    modules in the same commit. `host` is a kvhost.Host (default: one made from host_options,
+    with kv=sqlite under the store root)."""
+
+    def __init__(self, store, host=None, *, namespaces=(), **host_options):
+        kvhost = _kvhost()
+        self.store = store
+        self.namespaces = list(namespaces)
+        self._owns_host = host is None
+        if host is None:
+            host_options.setdefault("kv", default_kv_url(store.root))
+            host = kvhost.Host(**host_options)
+        self.host = host
+
+    def close(self):
+        if self._owns_host:
+            self.host.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+
+    # -- resolution ------------------------------------------------------------------------------
+
+    def resolve(self, path_or_hash, *, branch=None, version=None, commit=None):
+        """The Target for a path or hash on a branch, at an older version index, or in a commit."""
+        if version is not None and commit is not None:
+            raise InvalidInput("give a version or a commit, not both")
+        kind, value = _target(path_or_hash)
+        if version is not None:
+            if kind == "hash":
+                raise InvalidInput("versions belong to a path; a hash names one module already")
+            digest, commit = self.store.version(version, path_or_hash, branch=branch)
+        else:
+            digest, commit = self.store.module_at(path_or_hash, branch=branch, commit=commit)
+        path = format_path(value) if kind == "path" else None
+        return Target(digest, commit, path, self.namespace_for(path, digest))
+
+    def namespace_for(self, path, digest):
+        """The kv namespace of a module: its path, a mapped prefix's namespace, or sha256:<hash>."""
+        if path is None:
+            return f"sha256:{digest}"
+        segments = validate_path(path)
+        for prefix, namespace in self.namespaces:
+            if tuple(segments[:len(prefix)]) == tuple(prefix):
+                return namespace
+        return path
+
+    def load(self, target):
+        """The kvhost Guest for a target (compiled once per module hash)."""
+        guest = self.host.loaded(target.digest)
+        if guest is None:
+            guest = self.host.load(self.store.module_filename(target.digest), digest=target.digest,
+                                   name=target.path or target.digest)
+        return guest
+
+    def _linker_for(self, target):
+        """resolve(import module name) for kvhost: store paths and hashes in the target's commit."""
+        def resolve(module_name):
+            if not module_name.startswith("/") and not _is_hash(module_name):
+                return None
+            try:
+                digest, _ = self.store.module_at(module_name, commit=target.commit)
+            except (InvalidInput, NotFound):
+                return None
+            return self.load(Target(digest, target.commit, module_name, None))
+        return resolve
+
+    def _prepare(self, path_or_hash, branch, version, commit):
+        target = self.resolve(path_or_hash, branch=branch, version=version, commit=commit)
+        return target, self.load(target)
+
+    # -- running ---------------------------------------------------------------------------------
+
+    def call(self, path_or_hash, function, args=(), *, branch=None, version=None, commit=None,
+             namespace=None, stats=None):
+        """Call an exported function with JSON-style arguments (kvhost.Host.call's mapping)."""
+        target, guest = self._prepare(path_or_hash, branch, version, commit)
+        return self.host.call(guest, function, args, namespace=namespace or target.namespace,
+                              resolve=self._linker_for(target), stats=stats)
+
+    def run(self, path_or_hash, argv=(), *, branch=None, version=None, commit=None, namespace=None,
+            stdin=None, stats=None):
+        """Run a wasi:cli/run component or a WASI command module; returns its exit status."""
+        target, guest = self._prepare(path_or_hash, branch, version, commit)
+        return self.host.run(guest, argv, namespace=namespace or target.namespace,
+                             resolve=self._linker_for(target), stdin=stdin, stats=stats)
+
+    def run_captured(self, path_or_hash, argv=(), *, branch=None, version=None, commit=None,
+                     namespace=None, stdin=b"", limit=None, stats=None):
+        """Like run(), with stdout and stderr kept (kvhost.RunResult)."""
+        target, guest = self._prepare(path_or_hash, branch, version, commit)
+        options = {} if limit is None else {"limit": limit}
+        return self.host.run_captured(guest, argv, namespace=namespace or target.namespace,
+                                      resolve=self._linker_for(target), stdin=stdin, stats=stats, **options)
+
+    def exports(self, path_or_hash, *, branch=None, version=None, commit=None):
+        """The callable exports of a stored module (kvhost.describe_exports)."""
+        _, guest = self._prepare(path_or_hash, branch, version, commit)
+        return self.host.exports(guest)
+
+
 # --------------------------------------------------------------------------- CLI
 
 def _print_line(text):
@@ -2091,6 +2269,82 @@ def _cmd_watch(store, args):
         return 0
 
 
+RUN_COMMANDS = ("call", "run", "exports")     # their options come from kvhost (imported only for them)
+
+
+def _runner(store, args):
+    kvhost = _kvhost()
+    host = kvhost.host_from_args(args, kv=args.kv or default_kv_url(store.root))
+    return Runner(store, host, namespaces=parse_namespace_map(args.namespace_map))
+
+
+def _run_guest(store, args, work):
+    """Run work(runner) within the sandbox's deadline; kvhost errors become kvhost's CLI statuses."""
+    kvhost = _kvhost()
+    try:
+        runner = _runner(store, args)
+        try:
+            return kvhost.run_with_deadline(lambda: work(runner), runner.host.timeout)
+        finally:
+            runner.host.close()
+    except kvhost.KvError as exc:
+        return kvhost.report(exc, sys.stderr, "wasmstore")
+
+
+def _selector(args):
+    return {"branch": args.branch, "version": args.version_index, "commit": args.commit}
+
+
+def _cmd_call(store, args):
+    kvhost = _kvhost()
+
+    def call(runner):
+        json_args = kvhost.parse_json_args(args.json_args)
+        result = runner.call(args.target, args.function, json_args, namespace=args.namespace, **_selector(args))
+        kvhost.print_json(result, sys.stdout)
+        return 0
+    return _run_guest(store, args, call)
+
+
+def _cmd_run(store, args):
+    def run(runner):
+        sys.stdout.flush()
+        return runner.run(args.target, args.args, namespace=args.namespace, **_selector(args))
+    return _run_guest(store, args, run)
+
+
+def _cmd_exports(store, args):
+    kvhost = _kvhost()
+    try:
+        with kvhost.Host(cache_dir=args.cache_dir, isolation="thread") as host:
+            described = Runner(store, host).exports(args.target, **_selector(args))
+    except kvhost.KvError as exc:
+        return kvhost.report(exc, sys.stderr, "wasmstore")
+    kvhost.print_exports(described, sys.stdout, args.json)
+    return 0
+
+
+def _add_selector_options(sub):
+    sub.add_argument("--version", dest="version_index", type=int, metavar="INDEX",
+                     help="run version INDEX of the path (0 = oldest; see 'versions')")
+    sub.add_argument("--commit", metavar="COMMIT", help="run the module as it was in COMMIT")
+
+
+def _add_run_options(sub, name):
+    """The options of call/run/exports; the sandbox and kv ones are kvhost's own."""
+    _add_selector_options(sub)
+    kvhost = _kvhost()
+    if name == "exports":
+        sub.add_argument("--json", action="store_true", help="one JSON document instead of one line each")
+        sub.add_argument("--cache-dir", help="compile cache directory (default ~/.cache/wasmstore/kvhost)")
+        return
+    kvhost.add_store_options(sub, kv_default=None, kv_default_text="sqlite under the store root")
+    sub.add_argument("--namespace-map", action="append", default=[], metavar="PREFIX=NS",
+                     help="modules under PREFIX share kv namespace NS (repeatable; default: each path "
+                          "is its own namespace, a hash is sha256:<hash>)")
+    kvhost.add_sandbox_options(sub)
+
+
 COMMANDS = {
     # name: (handler, help, [(argument, options)])
     "add": (_cmd_add, "validate and store a module (FILE '-' reads stdin); prints its hash",
@@ -2147,6 +2401,13 @@ COMMANDS = {
                     [("file", {"metavar": "FILE"})]),
     "fsck": (_cmd_fsck, "check every object and reference; exit 1 on any problem", []),
     "watch": (_cmd_watch, "print one JSON line per commit on the branch (Ctrl-C stops)", []),
+    "call": (_cmd_call, "call FUNCTION of a stored module with JSON arguments; print its JSON result",
+             [("target", {"metavar": "PATH|HASH"}), ("function", {"metavar": "FUNCTION"}),
+              ("json_args", {"metavar": "JSON_ARG", "nargs": "*"})]),
+    "run": (_cmd_run, "run a stored wasi:cli/run component or WASI command module",
+            [("target", {"metavar": "PATH|HASH"}), ("args", {"metavar": "ARG", "nargs": argparse.REMAINDER})]),
+    "exports": (_cmd_exports, "print each callable export of a stored module with its types",
+                [("target", {"metavar": "PATH|HASH"})]),
     "server": (None, "run the HTTP API (options: python http_server.py --help)", []),
 }
 
@@ -2175,7 +2436,9 @@ def _add_global_options(parser, suppress):
                         help=f"commit author (env WASMSTORE_AUTHOR; default {DEFAULT_AUTHOR})")
 
 
-def _build_parser():
+def _build_parser(command=None):
+    """The parser; the options of call/run/exports are added only when `command` is one of
+    them, so that other commands never import kvhost (and wasmtime)."""
     parser = argparse.ArgumentParser(
         prog="wasmstore",
         description="A versioned, content-addressed store for WebAssembly modules.",
@@ -2190,6 +2453,8 @@ def _build_parser():
             _add_global_options(sub, suppress=True)
         for argument, options in arguments:
             sub.add_argument(argument, **options)
+        if name == command and name in RUN_COMMANDS:
+            _add_run_options(sub, name)
     return parser
 
 
@@ -2197,7 +2462,11 @@ def main(argv=None):
     """Run the command line; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
     server_args = _split_server_args(argv)
-    parser = _build_parser()
+    try:
+        parser = _build_parser(_command_word(argv))
+    except StoreError as exc:
+        sys.stderr.write(f"wasmstore: error: {exc}\n")
+        return 2
     args = parser.parse_args(argv if server_args is None else argv[:argv.index("server") + 1])
     root = args.root or os.environ.get("WASMSTORE_ROOT") or DEFAULT_ROOT
     args.branch = args.branch or os.environ.get("WASMSTORE_BRANCH") or None
@@ -2224,23 +2493,38 @@ def main(argv=None):
         return 130
 
 
-def _split_server_args(argv):
-    """Arguments after 'server' go to http_server unparsed (None: not a server command)."""
+def _command_index(argv):
+    """Where the command word is in argv (global options and their values come first), or None."""
     skip_value = False
     for index, word in enumerate(argv):
         if skip_value:
             skip_value = False
         elif word in ("--root", "--branch", "--author"):
             skip_value = True
-        elif word == "server":
-            return argv[index + 1:]
         elif not word.startswith("-"):
-            return None
+            return index
     return None
+
+
+def _command_word(argv):
+    index = _command_index(argv)
+    return None if index is None else argv[index]
+
+
+def _split_server_args(argv):
+    """Arguments after 'server' go to http_server unparsed (None: not a server command)."""
+    index = _command_index(argv)
+    return argv[index + 1:] if index is not None and argv[index] == "server" else None
+
+
+def _end_process(status):
+    """sys.exit's status; ends at once if a guest is still blocked past its deadline (kvhost)."""
+    kvhost = sys.modules.get("kvhost")
+    return kvhost.end_process(status) if kvhost is not None else status
 
 
 if __name__ == "__main__":
     try:
-        sys.exit(main())
+        sys.exit(_end_process(main()))
     except BrokenPipeError:
         sys.exit(1)

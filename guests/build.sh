@@ -1,42 +1,84 @@
 #!/usr/bin/env bash
 # SPDX-License-Identifier: Apache-2.0
 # Build the real-toolchain test guests into build/ (gitignored; never committed):
-#   build/py-counter.wasm  from guests/py-counter/app.py with componentize-py 0.25.1.
-# Idempotent: does nothing when the output is newer than all of its sources.
-# Run from anywhere: bash guests/build.sh   (.ci/run calls it after installing componentize-py).
+#   build/py-counter.wasm  from guests/py-counter/app.py with componentize-py 0.25.1;
+#   build/js-hello.wasm    from guests/js-hello/app.js with jco 1.35.0 (componentize-js 0.22.0),
+#                          default options, so it imports wasi:http.
+# Idempotent: skips each output that is newer than all of its sources.
+# Run from anywhere: bash guests/build.sh   (.ci/run calls it after installing componentize-py
+# and running npm ci in guests/js-hello).
 set -euo pipefail
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"
 
-want_version=0.25.1
-out=build/py-counter.wasm
-sources=(guests/build.sh guests/py-counter/app.py guests/py-counter/wit wit/keyvalue-0.2.0-draft2)
+# up_to_date OUT SOURCE...: true when OUT exists and no source is newer.
+up_to_date() {
+    local out=$1; shift
+    if [[ -f $out ]] && [[ -z $(find "$@" -newer "$out" -print -quit) ]]; then
+        echo "build.sh: $out is up to date"
+        return 0
+    fi
+    return 1
+}
 
-if [[ -f $out ]] && [[ -z $(find "${sources[@]}" -newer "$out" -print -quit) ]]; then
-    echo "build.sh: $out is up to date"
-    exit 0
-fi
+# Each build writes to a temporary name that publish renames into place, so an interrupted
+# build never leaves a truncated output that looks up to date.
+pending=""
+trap 'rm -f "$pending"' EXIT
 
-if ! version=$(componentize-py --version 2>/dev/null); then
-    echo "build.sh: componentize-py is not installed (pip install componentize-py==$want_version)" >&2
-    exit 1
-fi
-if [[ $version != "componentize-py $want_version" ]]; then
-    echo "build.sh: need componentize-py $want_version, found '$version'" >&2
-    exit 1
-fi
+# start_output NAME: a fresh temporary file in build/ for output NAME, removed on failure.
+start_output() {
+    pending=$(mktemp "build/.$1.XXXXXX")
+}
+
+# publish OUT: move the finished temporary file into place as OUT.
+publish() {
+    chmod 644 "$pending"         # mktemp creates 0600
+    mv "$pending" "$1"
+    pending=""
+    echo "build.sh: built $1 ($(stat -c %s "$1") bytes)"
+}
+
+build_py_counter() {
+    local want_version=0.25.1 out=build/py-counter.wasm version
+    up_to_date "$out" guests/build.sh guests/py-counter/app.py guests/py-counter/wit \
+        wit/keyvalue-0.2.0-draft2 && return 0
+    if ! version=$(componentize-py --version 2>/dev/null); then
+        echo "build.sh: componentize-py is not installed (pip install componentize-py==$want_version)" >&2
+        return 1
+    fi
+    if [[ $version != "componentize-py $want_version" ]]; then
+        echo "build.sh: need componentize-py $want_version, found '$version'" >&2
+        return 1
+    fi
+    start_output py-counter
+    # Never --stub-wasi: it would stub out wasi:keyvalue too.
+    componentize-py --quiet \
+        -d wit/keyvalue-0.2.0-draft2 -d guests/py-counter/wit -w wasmstore:py-counter/py-counter \
+        componentize -p guests/py-counter app -o "$pending"
+    publish "$out"
+}
+
+build_js_hello() {
+    local want_version=1.35.0 out=build/js-hello.wasm dir=guests/js-hello version
+    local jco=$dir/node_modules/.bin/jco
+    up_to_date "$out" guests/build.sh "$dir/app.js" "$dir/wit" "$dir/package.json" \
+        "$dir/package-lock.json" && return 0
+    if ! version=$("$jco" --version 2>/dev/null); then
+        echo "build.sh: jco is not installed (cd $dir && npm ci)" >&2
+        return 1
+    fi
+    if [[ $version != "$want_version" ]]; then
+        echo "build.sh: need jco $want_version, found '$version' (cd $dir && npm ci)" >&2
+        return 1
+    fi
+    start_output js-hello
+    # Default options (no --disable): the build imports wasi:http like most users' builds.
+    "$jco" componentize "$dir/app.js" --wit "$dir/wit" --world-name js-hello -o "$pending" >/dev/null
+    publish "$out"
+}
 
 mkdir -p build
-# Write to a temporary name and rename, so an interrupted build never leaves a
-# truncated build/py-counter.wasm that looks up to date. Never --stub-wasi: it
-# would stub out wasi:keyvalue too.
-tmp=$(mktemp build/.py-counter.XXXXXX)
-trap 'rm -f "$tmp"' EXIT
-componentize-py --quiet \
-    -d wit/keyvalue-0.2.0-draft2 -d guests/py-counter/wit -w wasmstore:py-counter/py-counter \
-    componentize -p guests/py-counter app -o "$tmp"
-chmod 644 "$tmp"                 # mktemp creates 0600
-mv "$tmp" "$out"
-trap - EXIT
-echo "build.sh: built $out ($(stat -c %s "$out") bytes)"
+build_py_counter
+build_js_hello
