@@ -4,13 +4,15 @@
 Standard library only (plus `wasmstore.py`): `http.server.ThreadingHTTPServer` with keep-alive,
 Content-Length on every response, zero-copy downloads (`os.sendfile` of the object file; plain
 reads through TLS), uploads streamed into the store, key/method auth, TLS, CORS, a WebSocket
-watch (RFC 6455), Prometheus metrics, bounded request heads and bodies, connection timeouts and
-a connection cap, and graceful shutdown on SIGTERM / Ctrl-C.
+watch (RFC 6455), Prometheus metrics, bounded request heads and bodies, strict body framing,
+connection timeouts, a connection cap with a separate cap for watch sessions, Host and Origin
+checks against DNS rebinding and cross-site requests, and graceful shutdown on SIGTERM / Ctrl-C.
 
 As a command::
 
     python http_server.py [--root DIR] [--host H] [--port P] [--auth SPEC] [--tls KEY,CERT]
-                          [--cors] [--max-body N] [--timeout S] [--quiet]
+                          [--cors [ORIGINS]] [--allowed-host NAME] [--max-body N] [--timeout S]
+                          [--max-watches N] [--quiet]
 
 As a library::
 
@@ -26,13 +28,17 @@ Map of this file (top-down):
     replies            Reply, FileBody, error_reply() and the one ERROR_STATUS table
     route handlers     pure functions (store, call, body) -> Reply, the ROUTES table, LocateCache
     auth               AuthTable (constant-time key comparison)
-    body readers       LimitedReader, ChunkedReader (bounded, never read past the request)
+    browser safety     parse_authority(), parse_origin(), HostAllowList (DNS rebinding),
+                       OriginAllowList (the --cors option; cross-site requests and watches)
+    body readers       body_framing() (400 for ambiguous framing), LimitedReader, ChunkedReader
+                       (bounded, never read past the request)
     metrics            Metrics (Prometheus text format)
     watch              WatchHub (one Store.watch thread per branch -> bounded per-client queues)
     WebSocket framing  encode_frame(), FrameParser
     connection         request head parsing (Headers, read_headers), WasmstoreHandler
                        (one thread per connection)
-    server             WasmstoreServer, make_server()
+    server             ConnectionLimits (connections and watch sessions, two pools),
+                       WasmstoreServer, make_server()
     command line       main()
 """
 
@@ -46,6 +52,9 @@ __all__ = [
     "ROUTES",
     "ERROR_STATUS",
     "AuthTable",
+    "HostAllowList",
+    "OriginAllowList",
+    "ConnectionLimits",
     "Metrics",
     "WatchHub",
     "LocateCache",
@@ -54,6 +63,9 @@ __all__ = [
     "WasmstoreServer",
     "make_server",
     "parse_target",
+    "parse_authority",
+    "parse_origin",
+    "body_framing",
     "Query",
     "RunGate",
     "GuestRuntime",
@@ -71,6 +83,7 @@ import hmac
 import http
 import http.server
 import io
+import ipaddress
 import itertools
 import json
 import os
@@ -103,6 +116,7 @@ DEFAULT_PORT = 6384
 DEFAULT_MAX_BODY = 128 * 1024 * 1024       # largest accepted module upload (413 above)
 DEFAULT_TIMEOUT = 30.0                     # seconds an idle or stalled connection may hold a thread
 DEFAULT_MAX_CONNECTIONS = 512              # beyond this, new connections get 503 (bounds threads)
+DEFAULT_MAX_WATCHES = 128                  # watch sessions, a pool apart: idle watchers never starve requests
 MAX_REQUEST_LINE = 8 * 1024                # longer request line: 414
 MAX_HEADER_BYTES = 32 * 1024               # larger header block: 431
 MAX_HEADER_COUNT = 100                     # more header lines: 431
@@ -111,6 +125,8 @@ MIN_BODY_RATE = 1024                       # bytes/s: each KiB of a request body
 MAX_ERROR_MESSAGE = 500                    # error bodies are one short line
 API_PREFIX = ("api", "v1")
 KNOWN_METHODS = frozenset(["GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH"])
+SAFE_METHODS = frozenset(["GET", "HEAD", "OPTIONS"])   # change nothing: no Origin check (but upgrades)
+DEFAULT_PORTS = {"http": 80, "https": 443}
 WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"   # RFC 6455 section 1.3
 WS_MAX_CLIENT_PAYLOAD = 64 * 1024          # the watch protocol needs nothing large from clients
 WS_QUEUE_SIZE = 256                        # events buffered per client before it is dropped as slow
@@ -986,8 +1002,182 @@ def presented_key(headers):
 
 
 # ---------------------------------------------------------------------------------------------
+# Browser safety: which Host names and which Origins the server answers to
+# ---------------------------------------------------------------------------------------------
+
+def parse_authority(text):
+    """(host, port or None) of a Host header or a URL authority; ValueError if malformed.
+
+    The host comes back lower-case, an IPv6 literal without its brackets."""
+    if not text or _CONTROL_RE.search(text) or any(c in text for c in " @/?#\\"):
+        raise ValueError(f"expected HOST or HOST:PORT, got {text!r}")
+    parts = urllib.parse.urlsplit("//" + text)
+    host, port = parts.hostname, parts.port     # .port raises ValueError unless 0-65535
+    if not host:
+        raise ValueError(f"expected HOST or HOST:PORT, got {text!r}")
+    return host, port
+
+
+def parse_origin(text):
+    """(scheme, host, port) of an Origin header value or a --cors entry; None for "null" or
+    anything that is not exactly scheme://host[:port] with scheme http or https."""
+    if not text or _CONTROL_RE.search(text) or " " in text:
+        return None
+    scheme, sep, authority = text.partition("://")
+    scheme = scheme.lower()
+    if not sep or scheme not in DEFAULT_PORTS:
+        return None
+    try:
+        host, port = parse_authority(authority)
+    except ValueError:
+        return None
+    return scheme, host, DEFAULT_PORTS[scheme] if port is None else port
+
+
+def _ip_literal(host):
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        return None
+
+
+def host_name(text):
+    """A --allowed-host entry, normalized (lower-case, IPv6 without brackets); ServerError if bad."""
+    name = text.strip().lower()
+    if name.startswith("[") and name.endswith("]"):
+        name = name[1:-1]
+    if _ip_literal(name) is None and not re.fullmatch(r"[a-z0-9_]([a-z0-9_.-]{0,251}[a-z0-9_])?", name):
+        raise ServerError(f"expected a host name like wasmstore.example or an IP address "
+                          f"(no scheme, no port), got {text!r}")
+    return name
+
+
+class HostAllowList:
+    """The names the server answers to (the Host header): the guard against DNS rebinding.
+
+    A page on an attacker's domain can have that name resolve to 127.0.0.1 once it is loaded;
+    its script then reaches a loopback server as its own origin, but every request still names
+    the attacker's domain in Host. So a server bound to a loopback address answers only to
+    loopback names: `localhost`, IPv4 127.0.0.0/8 and ::1, with any port, plus the names given
+    with --allowed-host (other Hosts: 421). A server bound elsewhere (a LAN address, 0.0.0.0, ::)
+    is reached by names it cannot know: it answers to any Host unless --allowed-host names are
+    given, and then to those, `localhost` and IP literals (a rebinding page always presents a
+    DNS name, never an address). A request without Host is not checked: browsers always send one.
+    """
+
+    def __init__(self, bound_host, names=()):
+        self.names = frozenset(host_name(name) for name in names)
+        address = _ip_literal(bound_host)
+        self.loopback = address is not None and address.is_loopback
+        self.any_host = not self.loopback and not self.names
+
+    def allows(self, host):
+        """`host`: the Host header's host part as parse_authority returns it."""
+        if self.any_host or host == "localhost" or host in self.names:
+            return True
+        address = _ip_literal(host)
+        return address is not None and (address.is_loopback or not self.loopback)
+
+
+class OriginAllowList:
+    """The --cors option: the other origins whose pages may drive the server and read its answers.
+
+    Without it, only same-origin pages may (no CORS headers are sent). `True` or "*" allows
+    every origin (answers carry `Access-Control-Allow-Origin: *`). A list, or a comma-separated
+    string, of origins like "https://app.example,http://localhost:3000" allows those only, and
+    an answer to an allowed origin echoes it in Access-Control-Allow-Origin, with
+    `Vary: Origin`. The origin "null" (sandboxed frames, file: pages, some redirects) is
+    allowed only when listed, never by "*".
+    """
+
+    def __init__(self, spec=None):
+        self.any_origin = False
+        self.origins = set()              # (scheme, host, port) triples, and "null" if listed
+        if spec is True:
+            self.any_origin = True
+        elif spec:
+            entries = spec.split(",") if isinstance(spec, str) else list(spec)
+            for entry in (e.strip() for e in entries):
+                if entry == "*":
+                    self.any_origin = True
+                elif entry.lower() == "null":
+                    self.origins.add("null")
+                elif entry:
+                    key = parse_origin(entry.rstrip("/"))
+                    if key is None:
+                        raise ServerError(f"expected origins like https://app.example or "
+                                          f"http://localhost:3000 (or '*'), got {entry!r}")
+                    self.origins.add(key)
+            if not self.any_origin and not self.origins:
+                raise ServerError(f"no origin in {spec!r}")
+
+    @property
+    def enabled(self):
+        return self.any_origin or bool(self.origins)
+
+    def __bool__(self):
+        return self.enabled
+
+    def allows(self, origin, own_origin=None):
+        """May a page of `origin` (an Origin header value) change things or open a watch?
+        `own_origin` is the server's (scheme, host, port) as this request reached it."""
+        if origin == "null":
+            return "null" in self.origins
+        key = parse_origin(origin)
+        if key is None:
+            return False
+        return key == own_origin or self.any_origin or key in self.origins
+
+    def reply_headers(self, origin):
+        """The CORS response headers for a request with this Origin header (None: none sent)."""
+        if self.any_origin:
+            return [("Access-Control-Allow-Origin", "*"),
+                    ("Access-Control-Expose-Headers", CORS_EXPOSE_HEADERS)]
+        if not self.origins:
+            return []
+        if origin is not None and self.allows(origin):
+            return [("Access-Control-Allow-Origin", origin), ("Vary", "Origin"),
+                    ("Access-Control-Expose-Headers", CORS_EXPOSE_HEADERS)]
+        return [("Vary", "Origin")]
+
+
+# ---------------------------------------------------------------------------------------------
 # Body readers: bounded views of the connection's input
 # ---------------------------------------------------------------------------------------------
+
+CHUNKED = -1                                # body_framing(): a chunked body of unknown length
+
+
+def body_framing(headers, version):
+    """The request body's length (0 when there is none) or CHUNKED; HttpError 400 otherwise.
+
+    Framing that two parties could read differently is refused, and the connection closed,
+    because a proxy in front may have read it the other way (request smuggling, RFC 9112
+    sections 6.1 and 6.3): more than one Transfer-Encoding field, a coding list other than
+    exactly "chunked", Transfer-Encoding with Content-Length or in an HTTP/1.0 request, and
+    Content-Length fields that disagree or are not a plain decimal number.
+    """
+    codings = headers.get_all("Transfer-Encoding")
+    lengths = headers.get_all("Content-Length")
+    if codings is not None:
+        if len(codings) > 1:
+            raise HttpError(400, "more than one Transfer-Encoding header", close=True)
+        if lengths is not None:
+            raise HttpError(400, "both Content-Length and Transfer-Encoding", close=True)
+        if version == "HTTP/1.0":
+            raise HttpError(400, "Transfer-Encoding in an HTTP/1.0 request", close=True)
+        if codings[0].strip().lower() != "chunked":
+            raise HttpError(400, f"Transfer-Encoding must be exactly 'chunked', got {codings[0]!r}",
+                            close=True)
+        return CHUNKED
+    if lengths is None:
+        return 0
+    values = {value.strip() for value in lengths}
+    value = values.pop()
+    if values or not value.isdigit() or not value.isascii() or len(value) > 19:
+        raise HttpError(400, "bad Content-Length: " + ", ".join(repr(v) for v in lengths[:4]), close=True)
+    return int(value)
+
 
 class LimitedReader(io.RawIOBase):
     """Yields exactly `length` bytes of `source`; a short body is an error, not a silent EOF."""
@@ -1601,6 +1791,7 @@ class WasmstoreHandler(http.server.BaseHTTPRequestHandler):
         self.rfile.close()                # replaced: see _DeadlineSocketReader
         self._reader = _DeadlineSocketReader(self.connection, self.timeout)
         self.rfile = io.BufferedReader(self._reader, 65536)
+        self._allowed_host = ("", None)              # the last allowed Host text and its authority
         server.metrics.add_gauge("connections", 1)
 
     def finish(self):
@@ -1650,6 +1841,7 @@ class WasmstoreHandler(http.server.BaseHTTPRequestHandler):
         self._body_done = False
         self._reply_started = False
         self._expect_continue = False
+        self._framing = 0
 
     def _handle_request_line(self, line):
         if len(line) > MAX_REQUEST_LINE:
@@ -1688,6 +1880,7 @@ class WasmstoreHandler(http.server.BaseHTTPRequestHandler):
             raise HttpError(400, "bad HTTP version")
         self.request_version = version
         self.headers = read_headers(self.rfile)
+        self._framing = body_framing(self.headers, version)
         tokens = {t.strip().lower() for t in (self.headers.get("Connection") or "").split(",")}
         if "close" in tokens:
             keep_alive = False
@@ -1735,7 +1928,8 @@ class WasmstoreHandler(http.server.BaseHTTPRequestHandler):
         if not _METHOD_RE.match(method or "") or method not in KNOWN_METHODS:
             raise HttpError(501, "unsupported method", close=True)
         segments, query = parse_target(self.path)
-        if method == "OPTIONS" and server.cors:
+        self._check_request_source(method)
+        if method == "OPTIONS" and server.cors.enabled:
             self._route_label = "preflight"
             return self._preflight()
         if segments == ("metrics",):
@@ -1776,6 +1970,55 @@ class WasmstoreHandler(http.server.BaseHTTPRequestHandler):
                 self._bytes_in += body.consumed
                 self._body_done = body.exhausted
 
+    def _check_request_source(self, method):
+        """Refuse what a web page could make its visitor's browser send against their will:
+        a Host this server does not answer to (421: DNS rebinding, see HostAllowList), and a
+        state-changing request (any method but GET, HEAD, OPTIONS) or a WebSocket upgrade whose
+        Origin is neither this server's own origin nor one --cors allows (403: cross-site
+        requests and watches, see OriginAllowList). Requests without Origin (curl, the CLI,
+        the Python and Node clients) are not affected by the second check."""
+        server = self.server
+        authority = self._addressed_authority()
+        origins = self.headers.get_all("Origin")
+        if origins is None or (method in SAFE_METHODS and not self._is_websocket_upgrade()):
+            return
+        scheme = "https" if server.ssl_context is not None else "http"
+        own = None if authority is None else (scheme, authority[0], authority[1] or DEFAULT_PORTS[scheme])
+        if len(origins) != 1 or not server.cors.allows(origins[0], own):
+            self._route_label = "refused"
+            raise HttpError(403, f"request from the origin {', '.join(origins)!r} refused: "
+                                 "not this server's origin nor one --cors allows")
+
+    def _addressed_authority(self):
+        """(host, port or None) the client addressed: the absolute-form target's authority,
+        else the Host header; None without either. HttpError 400 when malformed or repeated,
+        421 when the server does not answer to that host. The connection's last allowed Host
+        is remembered: keep-alive clients repeat theirs."""
+        if self.path.startswith(("http://", "https://")):
+            text = urllib.parse.urlsplit(self.path).netloc
+        else:
+            hosts = self.headers.get_all("Host") or [""]
+            if len(hosts) > 1:
+                raise HttpError(400, "more than one Host header", close=True)
+            text = hosts[0]
+        if not text:
+            return None
+        if text == self._allowed_host[0]:
+            return self._allowed_host[1]
+        try:
+            authority = parse_authority(text)
+        except ValueError:
+            raise HttpError(400, f"bad Host {text!r}", close=True) from None
+        if not self.server.allowed_hosts.allows(authority[0]):
+            self._route_label = "refused"
+            raise HttpError(421, f"this server does not answer to the host {authority[0]!r} "
+                                 "(see --allowed-host)", close=True)
+        self._allowed_host = (text, authority)
+        return authority
+
+    def _is_websocket_upgrade(self):
+        return "websocket" in (self.headers.get("Upgrade") or "").lower()
+
     def _header(self, name):
         """A Wasmstore-* header as text: clients send UTF-8 bytes, which arrive latin-1-decoded."""
         value = self.headers.get(name)
@@ -1789,23 +2032,12 @@ class WasmstoreHandler(http.server.BaseHTTPRequestHandler):
     def _consume_body(self, upload, required=True):
         """Return a bounded body reader for uploads (None: no body, when not `required`); read
         and drop any body elsewhere."""
-        transfer = self.headers.get("Transfer-Encoding")
-        lengths = self.headers.get_all("Content-Length") or []
+        length = self._framing                      # checked with the headers: body_framing()
         reader = None
-        if transfer is not None:
-            if transfer.strip().lower() != "chunked":
-                raise HttpError(501, "unsupported Transfer-Encoding", close=True)
-            if lengths:
-                raise HttpError(400, "both Content-Length and Transfer-Encoding", close=True)
-            limit = self.server.max_body if upload else MAX_DISCARDED_BODY
+        limit = self.server.max_body if upload else MAX_DISCARDED_BODY
+        if length == CHUNKED:
             reader = ChunkedReader(self.rfile, limit)
-        elif lengths:
-            values = {v.strip() for v in lengths}
-            value = values.pop()
-            if values or not value.isdigit() or len(value) > 19:
-                raise HttpError(400, "bad Content-Length", close=True)
-            length = int(value)
-            limit = self.server.max_body if upload else MAX_DISCARDED_BODY
+        elif "Content-Length" in self.headers:
             if length > limit:
                 message = (f"request body of {length} bytes is over the limit of {limit} bytes"
                            if upload else "this route takes no request body")
@@ -1828,12 +2060,7 @@ class WasmstoreHandler(http.server.BaseHTTPRequestHandler):
 
     def _unread_body(self):
         """True if the request announced a body that was not read to its end."""
-        if self._body_done:
-            return False
-        if self.headers.get("Transfer-Encoding") is not None:
-            return True
-        length = (self.headers.get("Content-Length") or "0").strip()
-        return length != "0"
+        return not self._body_done and self._framing != 0
 
     def _preflight(self):
         self._consume_body(upload=False)
@@ -1869,9 +2096,9 @@ class WasmstoreHandler(http.server.BaseHTTPRequestHandler):
                 lines.append(f"{name}: {value}")
             if not has_length:
                 lines.append(f"Content-Length: {reply.body_size}")
-            if self.server.cors:
-                lines.append("Access-Control-Allow-Origin: *")
-                lines.append(f"Access-Control-Expose-Headers: {CORS_EXPOSE_HEADERS}")
+            if self.server.cors.enabled:
+                for name, value in self.server.cors.reply_headers(self.headers.get("Origin")):
+                    lines.append(f"{name}: {value}")
             if self.close_connection:
                 lines.append("Connection: close")
             elif self.request_version == "HTTP/1.0":
@@ -1985,8 +2212,7 @@ class WasmstoreHandler(http.server.BaseHTTPRequestHandler):
 
     def _serve_watch(self, call):
         headers = self.headers
-        if "websocket" not in (headers.get("Upgrade") or "").lower() or \
-                "upgrade" not in (headers.get("Connection") or "").lower():
+        if not self._is_websocket_upgrade() or "upgrade" not in (headers.get("Connection") or "").lower():
             raise HttpError(426, "this route needs a WebSocket upgrade",
                             headers=[("Upgrade", "websocket")])
         if (headers.get("Sec-WebSocket-Version") or "").strip() != "13":
@@ -1999,6 +2225,11 @@ class WasmstoreHandler(http.server.BaseHTTPRequestHandler):
         except ValueError:
             raise HttpError(400, "bad Sec-WebSocket-Key") from None
         self._consume_body(upload=False)
+        limits = self.server.limits
+        if not limits.become_watch():
+            raise HttpError(503, f"too many watch sessions (the limit is {limits.max_watches}); retry later",
+                            headers=[("Retry-After", "1")])
+        self.close_connection = True                # it holds a watch slot now: it ends with the watch
         subscription = self.server.hub.subscribe(call.branch)      # 404 before the upgrade
         try:
             self._status = 101
@@ -2089,8 +2320,57 @@ class WasmstoreHandler(http.server.BaseHTTPRequestHandler):
 # Server
 # ---------------------------------------------------------------------------------------------
 
+class ConnectionLimits:
+    """The threads clients may hold, in two pools: ordinary connections and watch sessions.
+
+    An accepted connection takes an ordinary slot (none left: 503 at once, before any thread
+    starts). A connection that upgrades to a WebSocket watch moves to the watch pool for the
+    rest of its life (full: the upgrade is refused with 503 and Retry-After, the connection
+    keeps its ordinary slot), so watchers, which may idle for hours, never hold a slot an
+    ordinary request needs. The pool each connection holds is kept per thread: one thread
+    serves a connection from accept to close.
+    """
+
+    def __init__(self, max_connections=DEFAULT_MAX_CONNECTIONS, max_watches=DEFAULT_MAX_WATCHES):
+        for name, value in (("max_connections", max_connections), ("max_watches", max_watches)):
+            if not isinstance(value, int) or value < 1:
+                raise ServerError(f"{name} must be an integer >= 1, got {value!r}")
+        self.max_connections = max_connections
+        self.max_watches = max_watches
+        self._connections = threading.BoundedSemaphore(max_connections)
+        self._watches = threading.BoundedSemaphore(max_watches)
+        self._held = threading.local()
+
+    def admit(self):
+        """Take an ordinary slot for a new connection (accept loop); False when none is left."""
+        return self._connections.acquire(blocking=False)
+
+    def unadmit(self):
+        """Give back a slot taken by admit() for a connection that never got its thread."""
+        self._connections.release()
+
+    @contextlib.contextmanager
+    def serving(self):
+        """Wraps a connection's thread; releases whichever slot the connection holds at its end."""
+        self._held.pool = self._connections
+        try:
+            yield
+        finally:
+            pool, self._held.pool = self._held.pool, None
+            pool.release()
+
+    def become_watch(self):
+        """Move the calling connection to the watch pool; False (nothing changes) when it is full."""
+        if not self._watches.acquire(blocking=False):
+            return False
+        self._held.pool.release()
+        self._held.pool = self._watches
+        return True
+
+
 class WasmstoreServer(http.server.ThreadingHTTPServer):
-    """ThreadingHTTPServer serving one Store, with graceful shutdown and a connection cap."""
+    """ThreadingHTTPServer serving one Store, with graceful shutdown, a connection cap and a
+    separate cap for watch sessions (see ConnectionLimits), and Host/Origin checks."""
 
     daemon_threads = True
     allow_reuse_address = True
@@ -2098,7 +2378,8 @@ class WasmstoreServer(http.server.ThreadingHTTPServer):
 
     def __init__(self, store, host=DEFAULT_HOST, port=DEFAULT_PORT, *, auth=None, tls=None,
                  cors=False, max_body=DEFAULT_MAX_BODY, quiet=False, timeout=DEFAULT_TIMEOUT,
-                 max_connections=DEFAULT_MAX_CONNECTIONS, log=None, run=None):
+                 max_connections=DEFAULT_MAX_CONNECTIONS, max_watches=DEFAULT_MAX_WATCHES,
+                 allowed_hosts=(), log=None, run=None):
         if isinstance(store, (str, os.PathLike)):
             store = wasmstore.Store(store)
         if int(max_body) < 0:
@@ -2108,7 +2389,8 @@ class WasmstoreServer(http.server.ThreadingHTTPServer):
         self.store = store
         self.auth = auth if isinstance(auth, AuthTable) else AuthTable(auth)
         self.ssl_context = self._ssl_context(tls)
-        self.cors = bool(cors)
+        self.cors = cors if isinstance(cors, OriginAllowList) else OriginAllowList(cors)
+        allowed_names = [host_name(name) for name in allowed_hosts]    # checked before binding
         self.max_body = int(max_body)
         self.quiet = bool(quiet)
         self.request_timeout = float(timeout)
@@ -2121,10 +2403,11 @@ class WasmstoreServer(http.server.ThreadingHTTPServer):
         self.draining = False
         self._inflight = 0
         self._inflight_cond = threading.Condition()
-        self._slots = threading.BoundedSemaphore(int(max_connections))
+        self.limits = ConnectionLimits(max_connections, max_watches)
         if ":" in host:
             self.address_family = socket.AF_INET6
         super().__init__((host, int(port)), WasmstoreHandler)
+        self.allowed_hosts = HostAllowList(self.server_address[0], allowed_names)
 
     @staticmethod
     def _ssl_context(tls):
@@ -2167,20 +2450,18 @@ class WasmstoreServer(http.server.ThreadingHTTPServer):
     # -- connection cap ---------------------------------------------------------------------
 
     def process_request(self, request, client_address):
-        if self.draining or not self._slots.acquire(blocking=False):
+        if self.draining or not self.limits.admit():
             self._refuse(request)
             return
         try:
             super().process_request(request, client_address)
         except BaseException:
-            self._slots.release()
+            self.limits.unadmit()
             raise
 
     def process_request_thread(self, request, client_address):
-        try:
+        with self.limits.serving():
             super().process_request_thread(request, client_address)
-        finally:
-            self._slots.release()
 
     def _refuse(self, request):
         try:
@@ -2275,9 +2556,11 @@ def make_runtime(store, metrics, *, kv=None, timeout=None, fuel=None, max_memory
 def make_server(store, host=DEFAULT_HOST, port=DEFAULT_PORT, **options):
     """A WasmstoreServer bound to (host, port); run it with serve_forever().
 
-    options: auth (spec string or AuthTable), tls ((keyfile, certfile) or SSLContext), cors,
-    max_body (bytes), quiet, timeout (seconds), max_connections, log (a text stream), run (a
-    dict of make_runtime() options: kv, timeout, fuel, max_memory, max_guests, run_queue, ...).
+    options: auth (spec string or AuthTable), tls ((keyfile, certfile) or SSLContext), cors
+    (True: any origin; origins as a list or comma-separated string; see OriginAllowList),
+    allowed_hosts (extra Host names, see HostAllowList), max_body (bytes), quiet, timeout
+    (seconds), max_connections, max_watches, log (a text stream), run (a dict of
+    make_runtime() options: kv, timeout, fuel, max_memory, max_guests, run_queue, ...).
     """
     return WasmstoreServer(store, host, port, **options)
 
@@ -2307,6 +2590,25 @@ def _tls_pair(text):
     return keyfile.strip(), certfile.strip()
 
 
+def _origins(text):
+    try:
+        OriginAllowList(text)
+    except ServerError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def _host_name(text):
+    try:
+        return host_name(text)
+    except ServerError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _host_names(text):
+    return [_host_name(name) for name in text.split(",") if name.strip()]
+
+
 def _positive_seconds(text):
     try:
         value = float(text)
@@ -2325,12 +2627,25 @@ def build_parser():
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="""environment: WASMSTORE_ROOT, WASMSTORE_HOST, WASMSTORE_PORT, WASMSTORE_AUTH, WASMSTORE_TLS,
   WASMSTORE_KV, WASMSTORE_RUN_TIMEOUT, WASMSTORE_FUEL, WASMSTORE_MAX_MEMORY, WASMSTORE_MAX_GUESTS,
-  WASMSTORE_RUN_QUEUE (used when the matching option is absent)
+  WASMSTORE_RUN_QUEUE, WASMSTORE_ALLOWED_HOSTS (comma-separated), WASMSTORE_MAX_WATCHES
+  (used when the matching option is absent)
+
+browser safety:
+  A request whose Origin header names another origin than the server's own (as reached
+  through the Host header) is refused with 403 when it changes anything (any method but
+  GET, HEAD, OPTIONS) or opens a watch, unless --cors allows that origin; requests without
+  Origin (curl, scripts, the clients) are not affected. Bound to a loopback address, the
+  server answers only to loopback Host names (localhost, 127.x.x.x, ::1) and the
+  --allowed-host names: other Hosts get 421 (DNS rebinding). Bound to another address, it
+  answers to any Host unless --allowed-host is given (then: those names, localhost and IP
+  addresses).
 
 examples:
   python http_server.py                                   # ~/.wasmstore on http://127.0.0.1:6384
   python http_server.py --auth 'SECRET:*;READER:GET'      # keys in the Wasmstore-Auth header
-  python http_server.py --tls key.pem,cert.pem --cors     # HTTPS, browser access
+  python http_server.py --tls key.pem,cert.pem --cors     # HTTPS, pages of any origin
+  python http_server.py --cors http://localhost:3000      # pages of that origin only
+  python http_server.py --host 0.0.0.0 --allowed-host store.lan   # on the LAN, as store.lan
   curl --data-binary @a.wasm http://127.0.0.1:6384/api/v1/module/a.wasm
   curl -d '[2, 3]' http://127.0.0.1:6384/api/v1/call/add/a.wasm      # call add(2, 3) of a stored module""")
     parser.add_argument("--root", default=env.get("WASMSTORE_ROOT") or os.path.join("~", ".wasmstore"),
@@ -2343,13 +2658,20 @@ examples:
                         help="require keys: 'KEY1:GET,POST;KEY2:GET' ('*' = every method)")
     parser.add_argument("--tls", type=_tls_pair, default=None, metavar="KEY,CERT",
                         help="serve HTTPS with this PEM key file and certificate file")
-    parser.add_argument("--cors", action="store_true",
-                        help="send Access-Control-Allow-Origin: * and answer preflight requests")
+    parser.add_argument("--cors", nargs="?", const="*", default=None, type=_origins, metavar="ORIGINS",
+                        help="let web pages of other origins use the API (CORS headers, preflight "
+                             "answers): alone, any origin; with a comma-separated list such as "
+                             "https://app.example,http://localhost:3000, only those")
+    parser.add_argument("--allowed-host", action="append", type=_host_name, default=None, metavar="NAME",
+                        help="also answer to this Host name (repeatable); see 'browser safety' below")
     parser.add_argument("--max-body", type=_byte_size, default=DEFAULT_MAX_BODY, metavar="N",
                         help="largest accepted upload in bytes, suffix K/M/G allowed (default: 128M)")
     parser.add_argument("--timeout", type=_positive_seconds, default=DEFAULT_TIMEOUT, metavar="S",
                         help=f"close idle or stalled connections after S seconds (default: {DEFAULT_TIMEOUT:g}); "
                              f"a request body gets S seconds plus 1 per {MIN_BODY_RATE // 1024} KiB received")
+    parser.add_argument("--max-watches", type=_positive_int, default=None, metavar="N",
+                        help=f"WebSocket watch sessions at once, apart from the {DEFAULT_MAX_CONNECTIONS} "
+                             f"ordinary connections; more get 503 (default: {DEFAULT_MAX_WATCHES})")
     parser.add_argument("--quiet", action="store_true", help="no access log on stderr")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     run = parser.add_argument_group("running stored modules (POST /api/v1/call, /api/v1/run)")
@@ -2383,7 +2705,7 @@ examples:
 
 
 def _positive_int(text):
-    if not text.isdigit() or int(text) < 1:
+    if not text.isdigit() or not text.isascii() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
     return int(text)
 
@@ -2399,6 +2721,8 @@ ENV_OPTIONS = {"run_timeout": ("WASMSTORE_RUN_TIMEOUT", _positive_seconds),
                "fuel": ("WASMSTORE_FUEL", _positive_int),
                "max_memory": ("WASMSTORE_MAX_MEMORY", _byte_size),
                "max_guests": ("WASMSTORE_MAX_GUESTS", _positive_int),
+               "max_watches": ("WASMSTORE_MAX_WATCHES", _positive_int),
+               "allowed_host": ("WASMSTORE_ALLOWED_HOSTS", _host_names),
                "run_queue": ("WASMSTORE_RUN_QUEUE", _nonnegative_int)}
 
 
@@ -2445,6 +2769,8 @@ def main(argv=None):
     try:
         store = wasmstore.Store(root)
         server = make_server(store, args.host, args.port, auth=auth, tls=args.tls, cors=args.cors,
+                             allowed_hosts=args.allowed_host or (),
+                             max_watches=args.max_watches or DEFAULT_MAX_WATCHES,
                              max_body=args.max_body, quiet=args.quiet, timeout=args.timeout,
                              run=run_options(args))
     except (wasmstore.StoreError, ServerError, OSError, ssl.SSLError) + _RUNTIME_ERRORS as exc:

@@ -4,14 +4,16 @@
 Sections, in order (each a set of unittest.TestCase classes; run one with
 ``python -m unittest test_all.ClassName``):
   - The store library and CLI (wasmstore.py): acceptance walk, semantics, bad input, durability
-  - The HTTP API (http_server.py): routes, auth, TLS, CORS, watch, fuzz, stress, shutdown, metrics
+  - The HTTP API (http_server.py): routes, auth, TLS, CORS, watch, fuzz, stress, shutdown, metrics,
+    watch limits, request framing, Host and Origin checks (also in headless Chromium)
   - The original published clients (PyPI and npm wasmstore 0.3.0) against a live server
   - The wasi:keyvalue host (kvhost.py): backend contract, guest glue, failures, sandbox, cache, CLI
   - The test guests (guests/, wit/) through kvhost, and the componentize-py guest
 
 Tests start the real peers they talk to: ``redis-server`` on free loopback ports, the
 original PyPI client in its own virtual environment and the npm client under Node, the
-``openssl`` command for certificates, and the componentize-py-built guest. Outside CI a
+``openssl`` command for certificates, headless ``chromium`` (driven over the DevTools
+protocol) for the browser-safety tests, and the componentize-py-built guest. Outside CI a
 missing peer makes its tests skip with the exact reason; with ``CI`` set (``.ci/run`` sets
 it) a missing peer is a failure.
 """
@@ -22,6 +24,7 @@ import contextlib
 import fcntl
 import hashlib
 import http.client
+import http.server
 import io
 import json
 import os
@@ -880,7 +883,8 @@ class StoreCliTest(StoreTestCase):
 
 
 # =================================================================================================
-# The HTTP API (http_server.py): routes, auth, TLS, CORS, watch, fuzz, stress, shutdown, metrics
+# The HTTP API (http_server.py): routes, auth, TLS, CORS, watch, fuzz, stress, shutdown, metrics,
+# watch limits, request framing, Host and Origin checks (also in headless Chromium)
 # =================================================================================================
 
 STRESS_SECONDS = float(os.environ.get("WASMSTORE_HTTP_STRESS_SECONDS", "20"))
@@ -914,7 +918,7 @@ def sha(data):
 class LiveServer:
     """A make_server() instance on a free loopback port, served from a thread."""
 
-    def __init__(self, testcase, root=None, **options):
+    def __init__(self, testcase, root=None, host="127.0.0.1", **options):
         if root is None:
             parent = tempfile.mkdtemp(prefix="wasmstore-http-")
             testcase.addCleanup(shutil.rmtree, parent, True)
@@ -923,7 +927,7 @@ class LiveServer:
         self.store = wasmstore.Store(root)
         self.log = io.StringIO()
         options.setdefault("log", self.log)
-        self.server = http_server.make_server(self.store, "127.0.0.1", 0, **options)
+        self.server = http_server.make_server(self.store, host, 0, **options)
         self.port = self.server.port
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
@@ -1002,7 +1006,7 @@ class WsClient:
         self.buffer = b""
         key = base64.b64encode(os.urandom(16)).decode()
         extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
-        sock.sendall((f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+        sock.sendall((f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
                       f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
                       f"Sec-WebSocket-Version: 13\r\n{extra}\r\n").encode())
         head = self._read_until(b"\r\n\r\n")
@@ -1035,9 +1039,12 @@ class WsClient:
         mask_bit = 0x80 if masked else 0
         if length < 126:
             head.append(mask_bit | length)
-        else:
+        elif length < 65536:
             head.append(mask_bit | 126)
             head += length.to_bytes(2, "big")
+        else:
+            head.append(mask_bit | 127)
+            head += length.to_bytes(8, "big")
         if masked:
             mask = os.urandom(4)
             head += mask
@@ -1046,6 +1053,11 @@ class WsClient:
 
     def recv(self, timeout=5.0):
         """(opcode, payload) of the next frame; the server's frames must be unmasked."""
+        _fin, opcode, payload = self.recv_frame(timeout)
+        return opcode, payload
+
+    def recv_frame(self, timeout=5.0):
+        """(final?, opcode, payload) of the next frame."""
         self.sock.settimeout(timeout)
         first, second = self._read_exact(2)
         assert not second & 0x80, "server frames must not be masked"
@@ -1054,7 +1066,7 @@ class WsClient:
             length = int.from_bytes(self._read_exact(2), "big")
         elif length == 127:
             length = int.from_bytes(self._read_exact(8), "big")
-        return first & 0x0F, self._read_exact(length)
+        return bool(first & 0x80), first & 0x0F, self._read_exact(length)
 
     def recv_data(self, timeout=5.0):
         """Next text frame as JSON, answering nothing and skipping pings."""
@@ -1525,18 +1537,18 @@ class RouteTests(unittest.TestCase):
                      encode_chunked=True, headers={"Transfer-Encoding": "chunked"})
         response = conn.getresponse()
         self.assertEqual((response.status, response.read()), (200, sha(self.a).encode()))
-        raw = self.live.raw(b"POST /api/v1/module/e.wasm HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+        raw = self.live.raw(b"POST /api/v1/module/e.wasm HTTP/1.1\r\nHost: 127.0.0.1\r\nExpect: 100-continue\r\n"
                             b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(self.b) + self.b)
         self.assertEqual(statuses(raw), [100, 200])
         self.assertEqual(self.live.store.find("e.wasm"), self.b)
 
     def test_upload_without_length_411(self):
-        raw = self.live.raw(b"POST /api/v1/module/a.wasm HTTP/1.1\r\nHost: x\r\n\r\n")
+        raw = self.live.raw(b"POST /api/v1/module/a.wasm HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         self.assertEqual(statuses(raw), [411])
 
     def test_bodyless_delete_without_content_length(self):
         self.add("a.wasm", self.a)
-        raw = self.live.raw(b"DELETE /api/v1/module/a.wasm HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        raw = self.live.raw(b"DELETE /api/v1/module/a.wasm HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
         self.assertEqual(statuses(raw), [200])
         self.assertFalse(self.live.store.contains("a.wasm"))
 
@@ -1554,7 +1566,7 @@ class BodyLimitTests(unittest.TestCase):
 
     def test_413_before_the_body_is_read(self):
         with socket.create_connection(("127.0.0.1", self.live.port), timeout=5) as sock:
-            sock.sendall(b"POST /api/v1/module/big.wasm HTTP/1.1\r\nHost: x\r\n"
+            sock.sendall(b"POST /api/v1/module/big.wasm HTTP/1.1\r\nHost: 127.0.0.1\r\n"
                          b"Content-Length: 1000000000\r\nExpect: 100-continue\r\n\r\n")
             started = time.monotonic()
             raw = read_until_close(sock, 5)          # no body sent: the answer must not wait for it
@@ -1586,7 +1598,7 @@ class BodyLimitTests(unittest.TestCase):
         self.assertEqual((response.status, response.read()), (200, b"{}"))
         conn.request("GET", "/api/v1/branches")            # same connection still in sync
         self.assertEqual(conn.getresponse().read(), b'["main"]')
-        raw = self.live.raw(b"POST /api/v1/gc HTTP/1.1\r\nHost: x\r\nContent-Length: 10000000\r\n\r\n")
+        raw = self.live.raw(b"POST /api/v1/gc HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 10000000\r\n\r\n")
         self.assertEqual(statuses(raw), [413])
 
 
@@ -1696,7 +1708,7 @@ class TlsTests(unittest.TestCase):
         self.assertEqual((response.status, sha(response.read())), (200, sha(big)))
 
     def test_plain_http_to_the_tls_port_does_not_hurt_the_server(self):
-        self.live.raw(b"GET /api/v1/modules HTTP/1.1\r\nHost: x\r\n\r\n", timeout=3)
+        self.live.raw(b"GET /api/v1/modules HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", timeout=3)
         conn = self.connect()
         conn.request("GET", "/api/v1/modules")
         self.assertEqual(conn.getresponse().status, 200)
@@ -1930,7 +1942,7 @@ class FuzzTests(unittest.TestCase):
                       "/api/v1/module/%ff%fe.wasm", "/api/v1/module/./x.wasm", "/api/v1/module/x%2fy.wasm",
                       "/api/v1/modules/%2e%2e", "/api/v1/hash/%2e%2e/%2e%2e", "/api/v1/version/-1/x",
                       "/api/v1/restore/%2e%2e", "/api/v1/branch/%2e%2e", "/api/v1/merge/..",
-                      "//api/v1/module/../escape.wasm", "http://x/api/v1/module/%2e%2e/escape.wasm",
+                      "//api/v1/module/../escape.wasm", "http://127.0.0.1/api/v1/module/%2e%2e/escape.wasm",
                       "/api/v1/module/" + "a/" * 100 + "deep.wasm", "/api/v1/module/" + "x" * 300 + ".wasm",
                       "/api/v1/module/\x01\x02.wasm", "/api/v1/module/C:\\backslash.wasm", "*", "escape.wasm"]
         body_methods = ["POST", "PUT", "DELETE", "GET"]
@@ -1939,10 +1951,10 @@ class FuzzTests(unittest.TestCase):
             kind = i % 14
             path = rng.choice(evil_paths)
             if kind == 0:
-                data = f"{rng.choice(methods)} /api/v1/modules HTTP/1.1\r\nHost: x\r\n\r\n".encode("latin-1")
+                data = f"{rng.choice(methods)} /api/v1/modules HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode("latin-1")
             elif kind in (1, 2):
                 method = rng.choice(body_methods)
-                data = (f"{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(module)}\r\n\r\n"
+                data = (f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {len(module)}\r\n\r\n"
                         .encode("latin-1") + module)
             elif kind == 3:
                 data = b"GET /api/v1/module/" + b"x" * rng.randint(9000, 70000) + b" HTTP/1.1\r\n\r\n"
@@ -1952,10 +1964,10 @@ class FuzzTests(unittest.TestCase):
                 data = b"GET /api/v1/modules HTTP/1.1\r\n" + b"".join(
                     b"X-H%d: v\r\n" % n for n in range(rng.randint(101, 300))) + b"\r\n"
             elif kind == 6:                  # body shorter than Content-Length, then the client quits
-                data = (b"POST /api/v1/module/short.wasm HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n"
+                data = (b"POST /api/v1/module/short.wasm HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: %d\r\n\r\n"
                         % (len(module) + rng.randint(1, 500)) + module)
             elif kind == 7:                  # body longer than Content-Length: the rest is garbage
-                data = (b"POST /api/v1/module/long%d.wasm HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n"
+                data = (b"POST /api/v1/module/long%d.wasm HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: %d\r\n\r\n"
                         % (i, len(module)) + module + os.urandom(rng.randint(1, 300)))
             elif kind == 8:
                 data = os.urandom(rng.randint(1, 2000))
@@ -1970,13 +1982,13 @@ class FuzzTests(unittest.TestCase):
                                    b"GET /api/v1/watch HTTP/1.1\r\nUpgrade: websocket\r\nConnection: upgrade\r\n"
                                    b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: !!\r\n\r\n"])
             elif kind == 10:
-                data = f"GET {path} HTTP/1.1\r\nHost: x\r\nWasmstore-Branch: ../../x\r\n\r\n".encode("latin-1")
+                data = f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nWasmstore-Branch: ../../x\r\n\r\n".encode("latin-1")
             elif kind == 11:
-                data = (f"POST {path} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+                data = (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n"
                         f"{len(module):x}\r\n").encode("latin-1") + module + b"\r\n0\r\n\r\n"
             elif kind == 12:                 # bad percent-encoding / NUL in the branch of a route
                 data = (f"POST /api/v1/branch/{rng.choice(['%00', '%zz', '..', 'a%2fb', '%c3'])} HTTP/1.1\r\n"
-                        f"Host: x\r\nContent-Length: 0\r\n\r\n").encode("latin-1")
+                        f"Host: 127.0.0.1\r\nContent-Length: 0\r\n\r\n").encode("latin-1")
             else:
                 data = rng.choice([b"\x00" * 100, b"GET /api/v1/modules HTTP/1.1\r\nHost: \x00\r\n\r\n",
                                    b"GET /api/v1/module/a\x00b HTTP/1.1\r\n\r\n",
@@ -2053,7 +2065,7 @@ class TimeoutTests(unittest.TestCase):
         self.live = LiveServer(self, timeout=1.0, max_connections=4)
 
     def test_idle_and_stalled_connections_are_closed_after_the_timeout(self):
-        partials = [b"", b"GET /api/v1/modules HTTP/1.1\r\nHost: x\r\n",
+        partials = [b"", b"GET /api/v1/modules HTTP/1.1\r\nHost: 127.0.0.1\r\n",
                     b"POST /api/v1/module/a.wasm HTTP/1.1\r\nContent-Length: 100\r\n\r\n\0asm"]
         socks = []
         started = time.monotonic()
@@ -2091,7 +2103,7 @@ class TimeoutTests(unittest.TestCase):
         before = self.live.store.list()
         sock = socket.create_connection(("127.0.0.1", self.live.port), timeout=5)
         self.addCleanup(sock.close)
-        sock.sendall(b"POST /api/v1/module/slow.wasm HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n")
+        sock.sendall(b"POST /api/v1/module/slow.wasm HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 1000\r\n\r\n")
         started = time.monotonic()
         closed = False
         while time.monotonic() - started < 6:
@@ -2111,7 +2123,7 @@ class TimeoutTests(unittest.TestCase):
         module = wasm_module("steady", padding=6000)
         sock = socket.create_connection(("127.0.0.1", self.live.port), timeout=5)
         self.addCleanup(sock.close)
-        sock.sendall(b"POST /api/v1/module/steady.wasm HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+        sock.sendall(b"POST /api/v1/module/steady.wasm HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
                      b"Content-Length: %d\r\n\r\n" % len(module))
         started = time.monotonic()
         for offset in range(0, len(module), 1500):     # ~6 KB over ~1.6 s: longer than the 1 s timeout
@@ -2128,7 +2140,7 @@ class TimeoutTests(unittest.TestCase):
         self.addCleanup(sock.close)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         sock.connect(("127.0.0.1", self.live.port))
-        sock.sendall(b"GET /api/v1/module/big.wasm HTTP/1.1\r\nHost: x\r\n\r\n")
+        sock.sendall(b"GET /api/v1/module/big.wasm HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         deadline = time.monotonic() + 8
         while self.live.server.metrics.connections != 1 and time.monotonic() < deadline:
             time.sleep(0.02)
@@ -2146,7 +2158,7 @@ class TimeoutTests(unittest.TestCase):
             sock.sendall(b"GET /api/v1/modules HTTP/1.1\r\n")
             socks.append(sock)
         time.sleep(0.2)
-        raw = self.live.raw(b"GET /api/v1/branches HTTP/1.1\r\nHost: x\r\n\r\n")
+        raw = self.live.raw(b"GET /api/v1/branches HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         self.assertEqual(statuses(raw), [503])     # refused at once, not queued forever
         time.sleep(1.5)                            # the stalled ones time out and free their slots
         self.assertEqual(self.live.request("GET", "/api/v1/branches")[0], 200)
@@ -2240,7 +2252,7 @@ class ShutdownTests(unittest.TestCase):
         module = wasm_module("inflight", padding=5000)
         sock = socket.create_connection(("127.0.0.1", port), timeout=10)
         self.addCleanup(sock.close)
-        sock.sendall(b"POST /api/v1/module/inflight.wasm HTTP/1.1\r\nHost: x\r\n"
+        sock.sendall(b"POST /api/v1/module/inflight.wasm HTTP/1.1\r\nHost: 127.0.0.1\r\n"
                      b"Content-Length: %d\r\n\r\n" % len(module) + module[:100])
         self.wait_until_in_flight(port, 2)          # the upload and the metrics request itself
         proc.send_signal(signum)
@@ -2290,7 +2302,8 @@ class CommandLineTests(unittest.TestCase):
         result = self.run_server("--help")
         self.assertEqual(result.returncode, 0)
         for option in ["--root", "--host", "--port", "--auth", "--tls", "--cors", "--max-body",
-                       "--quiet", "--timeout", "WASMSTORE_ROOT", "WASMSTORE_AUTH"]:
+                       "--quiet", "--timeout", "WASMSTORE_ROOT", "WASMSTORE_AUTH", "--allowed-host",
+                       "--max-watches", "WASMSTORE_ALLOWED_HOSTS", "WASMSTORE_MAX_WATCHES"]:
             self.assertIn(option, result.stdout)
 
     def test_bad_options_exit_2_with_one_line_and_no_key_echo(self):
@@ -2418,6 +2431,814 @@ class ObservabilityTests(unittest.TestCase):
         self.assertIn("Traceback", live.log.getvalue())
         self.assertIn("boom: internal detail", live.log.getvalue())
         self.assertEqual(live.request("GET", "/api/v1/modules")[0], 200)
+
+
+def wait_for_log_line(live, pattern, timeout=15):
+    """The first access-log line matching `pattern` (a regex), polled until `timeout` s pass."""
+    deadline = time.monotonic() + timeout
+    while True:
+        for line in live.log.getvalue().splitlines():
+            if re.search(pattern, line):
+                return line
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no log line matching {pattern!r} within {timeout} s; "
+                                 f"the log:\n{live.log.getvalue()[-3000:]}")
+        time.sleep(0.02)
+
+
+class WatchLimitTests(unittest.TestCase):
+    """Watch sessions have a pool of their own (issue 8 item 7: 512 idle watch sessions kept
+    every new client at 503, because they counted against the one connection cap)."""
+
+    def setUp(self):
+        self.live = LiveServer(self, max_connections=3, max_watches=4, quiet=True)
+
+    def open_watch(self):
+        ws = WsClient(self.live.port)
+        self.addCleanup(ws.close)
+        self.assertEqual(ws.status, 101, ws.head)
+        return ws
+
+    def fill_watch_pool(self):
+        sessions = [self.open_watch() for _ in range(4)]
+        self.ping(sessions)
+        return sessions
+
+    def ping(self, sessions):
+        """Every session answers a ping: they are live, not timed out."""
+        for number, ws in enumerate(sessions):
+            payload = b"still here %d" % number
+            ws.send(0x9, payload)
+            self.assertEqual(ws.recv(), (0xA, payload))
+
+    def test_full_watch_pool_leaves_every_connection_slot_to_ordinary_requests(self):
+        sessions = self.fill_watch_pool()                # more watches than connection slots
+        connections = [self.live.connect() for _ in range(3)]   # every ordinary slot, at once
+        for conn in connections:
+            self.addCleanup(conn.close)
+        for round_number in range(3):
+            for conn in connections:
+                self.assertEqual(self.live.request("GET", "/api/v1/branches", conn=conn)[0], 200)
+            self.ping(sessions)
+        self.assertEqual(self.live.server.metrics.websocket_clients, 4)
+
+    def test_watch_beyond_the_bound_is_refused_with_503_and_retry_after(self):
+        sessions = self.fill_watch_pool()
+        extra = WsClient(self.live.port)
+        self.addCleanup(extra.close)
+        self.assertEqual(extra.status, 503, extra.head)
+        self.assertIn("Retry-After: 1", extra.head)
+        self.assertEqual(self.live.request("POST", "/api/v1/module/a.wasm", wasm_module("a"))[0], 200)
+        self.ping(sessions)
+        self.assertEqual(self.live.server.metrics.websocket_clients, 4)
+
+    def test_closing_a_watch_frees_its_slot(self):
+        sessions = self.fill_watch_pool()
+        sessions[0].send(0x8, (1000).to_bytes(2, "big"))
+        self.assertEqual(sessions[0].recv()[0], 0x8)
+        deadline = time.monotonic() + 10
+        while True:                                     # retry as Retry-After says, until admitted
+            ws = WsClient(self.live.port)
+            self.addCleanup(ws.close)
+            if ws.status == 101:
+                break
+            self.assertEqual(ws.status, 503, ws.head)
+            self.assertLess(time.monotonic(), deadline, "the closed watch never gave its slot back")
+            ws.close()
+            time.sleep(0.05)
+        self.ping(sessions[1:])
+        digest = self.live.store.add("n.wasm", wasm_module("n"))
+        self.assertEqual(ws.recv_data(), {"/n.wasm": {"action": "added", "hash": digest}})
+
+    def test_refused_upgrade_keeps_its_connection_usable(self):
+        self.fill_watch_pool()
+        sock = socket.create_connection(("127.0.0.1", self.live.port), timeout=5)
+        self.addCleanup(sock.close)
+        key = base64.b64encode(os.urandom(16)).decode()
+        sock.sendall(f"GET /api/v1/watch HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+                     f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+                     "GET /api/v1/branches HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode())
+        answer = read_until_close(sock, 5)
+        self.assertEqual(statuses(answer), [503, 200])
+        self.assertTrue(answer.endswith(b'["main"]'))
+
+
+class FramingTests(unittest.TestCase):
+    """Ambiguous request framing is 400 and closes the connection: a proxy in front may have read
+    the body the other way, and the rest would be a smuggled request (issue 8 item 7: two
+    Transfer-Encoding headers were read as chunked from the first one only)."""
+
+    SMUGGLED = (b"POST /api/v1/branch/smuggled HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\n"
+                b"Connection: close\r\n\r\n")
+
+    def setUp(self):
+        self.live = LiveServer(self, quiet=True)
+        self.module = wasm_module("framing")
+        self.chunked = b"%x\r\n%s\r\n0\r\n\r\n" % (len(self.module), self.module)
+
+    def send(self, request_line, fields, body):
+        """Send one request followed by a smuggled one; (statuses, answer, seconds until closed)."""
+        with socket.create_connection(("127.0.0.1", self.live.port), timeout=5) as sock:
+            started = time.monotonic()
+            sock.sendall(request_line + b"\r\nHost: 127.0.0.1\r\n" + b"".join(f + b"\r\n" for f in fields)
+                         + b"\r\n" + body + self.SMUGGLED)
+            answer = read_until_close(sock, 5)
+            seconds = time.monotonic() - started
+        # not statuses(): a pipelined answer follows the previous body on the same line
+        return [int(code) for code in re.findall(rb"HTTP/1\.1 (\d{3}) ", answer)], answer, seconds
+
+    def assert_refused_and_closed(self, fields, body, request_line=b"POST /api/v1/module/f.wasm HTTP/1.1"):
+        found, answer, seconds = self.send(request_line, fields, body)
+        self.assertEqual(found, [400], answer)          # no second answer: the smuggled one was never read
+        self.assertIn(b"Connection: close", answer)
+        self.assertLess(seconds, 4, "the server kept the connection open")
+        self.assertEqual(self.live.store.list(), {})
+        self.assertEqual(self.live.store.branches(), ["main"])
+        return answer
+
+    def test_two_transfer_encoding_headers(self):
+        for fields in [[b"Transfer-Encoding: chunked", b"Transfer-Encoding: identity"],
+                       [b"Transfer-Encoding: chunked", b"Transfer-Encoding: chunked"],
+                       [b"Transfer-Encoding: identity", b"Transfer-Encoding: chunked"]]:
+            with self.subTest(fields=fields):
+                answer = self.assert_refused_and_closed(fields, self.chunked)
+                self.assertIn(b"more than one Transfer-Encoding", answer)
+
+    def test_transfer_encoding_list_other_than_exactly_chunked(self):
+        for value in [b"gzip, chunked", b"chunked, chunked", b"identity, chunked", b"chunked, identity",
+                      b"chunked,", b"chunked;q=1", b"xchunked", b"", b"gzip"]:
+            with self.subTest(value=value):
+                answer = self.assert_refused_and_closed([b"Transfer-Encoding: " + value], self.chunked)
+                self.assertIn(b"must be exactly 'chunked'", answer)
+
+    def test_transfer_encoding_with_content_length(self):
+        for fields in [[b"Transfer-Encoding: chunked", b"Content-Length: %d" % len(self.chunked)],
+                       [b"Content-Length: 5", b"Transfer-Encoding: chunked"]]:
+            with self.subTest(fields=fields):
+                self.assert_refused_and_closed(fields, self.chunked)
+
+    def test_content_length_fields_that_disagree(self):
+        for fields in [[b"Content-Length: %d" % len(self.module), b"Content-Length: %d" % (len(self.module) + 1)],
+                       [b"Content-Length: %d, %d" % (len(self.module), len(self.module))],
+                       [b"Content-Length: +%d" % len(self.module)],
+                       [b"Content-Length: \xb2"]]:
+            with self.subTest(fields=fields):
+                answer = self.assert_refused_and_closed(fields, self.module)
+                self.assertIn(b"bad Content-Length", answer)
+
+    def test_transfer_encoding_in_an_http_1_0_request(self):
+        self.assert_refused_and_closed([b"Transfer-Encoding: chunked"], self.chunked,
+                                       request_line=b"POST /api/v1/module/f.wasm HTTP/1.0")
+
+    def test_refused_on_routes_that_take_no_body_and_on_unknown_routes(self):
+        for request_line in [b"GET /api/v1/modules HTTP/1.1", b"GET /api/v1/nope HTTP/1.1",
+                             b"DELETE /api/v1/module/f.wasm HTTP/1.1"]:
+            with self.subTest(request_line=request_line):
+                self.assert_refused_and_closed([b"Transfer-Encoding: chunked", b"Transfer-Encoding: chunked"],
+                                               b"0\r\n\r\n", request_line=request_line)
+
+    def test_repeated_equal_content_length_and_single_chunked_are_served(self):
+        found, _, _ = self.send(b"POST /api/v1/module/f.wasm HTTP/1.1",
+                                [b"Content-Length: %d" % len(self.module)] * 2, self.module)
+        self.assertEqual(found, [200, 200])             # the module, then the (pipelined) branch
+        found, _, _ = self.send(b"POST /api/v1/module/g.wasm HTTP/1.1",
+                                [b"Transfer-Encoding: Chunked"], self.chunked)
+        self.assertEqual(found, [200, 409])             # the branch exists already
+        self.assertEqual(set(self.live.store.list()), {"/f.wasm", "/g.wasm"})
+
+
+class HostCheckTests(unittest.TestCase):
+    """The Host header must name the server, so that DNS rebinding cannot reach a loopback
+    server: an attacker's page whose domain now resolves to 127.0.0.1 still sends its domain."""
+
+    def get(self, live, host, target="/api/v1/modules", method="GET"):
+        with socket.create_connection(("127.0.0.1", live.port), timeout=5) as sock:
+            sock.sendall(f"{method} {target} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n"
+                         f"Content-Length: 0\r\n\r\n".encode())
+            answer = read_until_close(sock, 5)
+        found = statuses(answer)
+        self.assertEqual(len(found), 1, answer)
+        return found[0], answer.partition(b"\r\n\r\n")[2]
+
+    def test_loopback_server_refuses_a_foreign_host_with_421_naming_it(self):
+        live = LiveServer(self, quiet=True)
+        live.store.add("secret.wasm", wasm_module("secret"))
+        for host in [f"rebound.example:{live.port}", "rebound.example", f"localhost.:{live.port}",
+                     f"10.0.0.1:{live.port}", f"[2001:db8::1]:{live.port}", f"2130706433:{live.port}"]:
+            with self.subTest(host=host):
+                status, body = self.get(live, host)
+                self.assertEqual(status, 421)
+                self.assertIn(b"does not answer to the host", body)
+                self.assertNotIn(b"secret", body)
+        self.assertIn(b"'rebound.example'", self.get(live, "rebound.example")[1])
+
+    def test_loopback_server_refuses_writes_to_a_foreign_host(self):
+        live = LiveServer(self, quiet=True)
+        self.assertEqual(self.get(live, "rebound.example", "/api/v1/branch/rebound", "POST")[0], 421)
+        self.assertEqual(live.store.branches(), ["main"])
+
+    def test_loopback_names_with_any_port_are_served(self):
+        live = LiveServer(self, quiet=True)
+        for host in [f"127.0.0.1:{live.port}", "127.0.0.1", f"localhost:{live.port}", "LocalHost",
+                     "127.8.9.10:1", f"[::1]:{live.port}", "[::1]"]:
+            with self.subTest(host=host):
+                self.assertEqual(self.get(live, host)[0], 200)
+
+    def test_allowed_host_names_are_served_too(self):
+        live = LiveServer(self, quiet=True, allowed_hosts=["Store.Test", "[fd00::5]"])
+        for host, expected in [(f"store.test:{live.port}", 200), ("STORE.TEST", 200), ("[fd00::5]:1", 200),
+                               ("other.test", 421), ("sub.store.test", 421), (f"localhost:{live.port}", 200)]:
+            with self.subTest(host=host):
+                self.assertEqual(self.get(live, host)[0], expected)
+
+    def test_absolute_form_target_is_checked_by_its_authority(self):
+        live = LiveServer(self, quiet=True)
+        self.assertEqual(self.get(live, "127.0.0.1", f"http://rebound.example:{live.port}/api/v1/modules")[0], 421)
+        self.assertEqual(self.get(live, "rebound.example", f"http://127.0.0.1:{live.port}/api/v1/modules")[0], 200)
+
+    def test_every_request_of_a_keep_alive_connection_is_checked(self):
+        live = LiveServer(self, quiet=True)
+        answer = live.raw(b"GET /api/v1/branches HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+                          b"GET /api/v1/branches HTTP/1.1\r\nHost: rebound.example\r\n\r\n"
+                          b"GET /api/v1/branches HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        self.assertEqual(re.findall(rb"HTTP/1\.1 (\d{3}) ", answer), [b"200", b"421"])   # 421 closes
+
+    def test_request_without_host_is_not_checked(self):
+        live = LiveServer(self, quiet=True)
+        answer = live.raw(b"GET /api/v1/branches HTTP/1.0\r\n\r\n")
+        self.assertEqual(statuses(answer), [200])
+
+    def test_malformed_or_repeated_host_is_400(self):
+        live = LiveServer(self, quiet=True)
+        for host in ["a b", "user@127.0.0.1", "127.0.0.1:99999", "127.0.0.1:x", "[::1", "127.0.0.1/x"]:
+            with self.subTest(host=host):
+                self.assertEqual(self.get(live, host)[0], 400)
+        answer = live.raw(b"GET /api/v1/branches HTTP/1.1\r\nHost: 127.0.0.1\r\nHost: rebound.example\r\n\r\n")
+        self.assertEqual(statuses(answer), [400])
+
+    def test_wildcard_server_answers_any_host_unless_allowed_hosts_are_given(self):
+        live = LiveServer(self, host="0.0.0.0", quiet=True)
+        for host in ["store.lan", "rebound.example:80", "192.0.2.7", "localhost"]:
+            with self.subTest(host=host):
+                self.assertEqual(self.get(live, host)[0], 200)
+        live = LiveServer(self, host="0.0.0.0", quiet=True, allowed_hosts=["store.lan"])
+        for host, expected in [("store.lan:6384", 200), ("192.0.2.7", 200), ("[2001:db8::7]:1", 200),
+                               ("localhost", 200), ("rebound.example", 421)]:
+            with self.subTest(host=host, allowed="store.lan"):
+                self.assertEqual(self.get(live, host)[0], expected)
+
+    def test_host_allow_list_by_bound_address(self):
+        policy = http_server.HostAllowList
+        self.assertFalse(policy("127.0.0.1").allows("rebound.example"))
+        self.assertTrue(policy("127.0.0.1").allows("127.1.2.3"))
+        self.assertFalse(policy("127.0.0.1").allows("192.0.2.1"))
+        self.assertFalse(policy("::1").allows("rebound.example"))
+        self.assertTrue(policy("::1").allows("::1"))
+        for bound in ["0.0.0.0", "::", "192.0.2.1"]:
+            self.assertTrue(policy(bound).allows("anything.example"), bound)
+            self.assertFalse(policy(bound, ["store.lan"]).allows("anything.example"), bound)
+            self.assertTrue(policy(bound, ["store.lan"]).allows("192.0.2.99"), bound)
+
+    def test_bad_allowed_host_is_refused_naming_it(self):
+        for name in ["http://store.lan", "store.lan:80", "a b", "", "*", "-x"]:
+            with self.subTest(name=name):
+                with self.assertRaisesRegex(http_server.ServerError, "expected a host name .*" + re.escape(repr(name))):
+                    http_server.host_name(name)
+
+
+class OriginCheckTests(unittest.TestCase):
+    """State-changing requests and watches from a web page of another origin are refused unless
+    --cors allows that origin (issue 8 item 7: a drive-by page added modules and created a
+    branch on a server without --cors; once a POST runs code, that is code execution)."""
+
+    WRITES = [("POST", "/api/v1/module/x.wasm"), ("POST", "/api/v1/branch/x"), ("PUT", "/api/v1/branch/main"),
+              ("DELETE", "/api/v1/module/a.wasm"), ("POST", "/api/v1/gc"), ("POST", "/api/v1/rollback"),
+              ("PATCH", "/api/v1/module/a.wasm"), ("POST", "/api/v1/nope"), ("DELETE", "/api/v1/auth"),
+              ("POST", "/api/v1/call/answer/a.wasm"), ("POST", "/api/v1/run/a.wasm")]   # running code
+
+    def request(self, live, method, path, origin, host=None, body=None):
+        headers = {"Origin": origin} if origin is not None else {}
+        if host is not None:
+            headers["Host"] = host
+        if body is None and method == "POST" and path.startswith("/api/v1/module/"):
+            body = wasm_module("origin")
+        return live.request(method, path, body, headers)
+
+    def state(self, live):
+        return live.store.list(), live.store.branches(), live.store.default_branch, live.store.head()
+
+    def test_cross_origin_writes_are_refused_with_403_naming_the_origin(self):
+        live = LiveServer(self, quiet=True)
+        live.store.add("a.wasm", wasm_module("a"))
+        before = self.state(live)
+        for method, path in self.WRITES:
+            with self.subTest(method=method, path=path):
+                status, headers, body = self.request(live, method, path, "http://drive-by.example")
+                self.assertEqual(status, 403)
+                self.assertEqual(body, b"request from the origin 'http://drive-by.example' refused: "
+                                       b"not this server's origin nor one --cors allows\n")
+                self.assertNotIn("access-control-allow-origin", headers)
+        self.assertEqual(self.state(live), before)
+
+    def test_cross_origin_reads_are_answered_without_cors_headers(self):
+        live = LiveServer(self, quiet=True)
+        for method in ["GET", "HEAD"]:
+            status, headers, _ = self.request(live, method, "/api/v1/modules", "http://drive-by.example")
+            self.assertEqual(status, 200)
+            self.assertNotIn("access-control-allow-origin", headers)   # the browser hides the answer
+
+    def test_same_origin_writes_are_served(self):
+        live = LiveServer(self, quiet=True)
+        port = live.port
+        for origin, host in [(f"http://127.0.0.1:{port}", None), (f"http://localhost:{port}", f"localhost:{port}"),
+                             ("http://localhost", "localhost:80"), (f"HTTP://LOCALHOST:{port}", f"localhost:{port}")]:
+            with self.subTest(origin=origin, host=host):
+                self.assertEqual(self.request(live, "POST", "/api/v1/module/same.wasm", origin, host)[0], 200)
+        self.assertIn("/same.wasm", live.store.list())
+
+    def test_origin_must_match_scheme_host_and_port(self):
+        live = LiveServer(self, quiet=True)
+        port = live.port
+        for origin, host in [(f"https://127.0.0.1:{port}", None), (f"http://127.0.0.1:{port + 1}", None),
+                             (f"http://localhost:{port}", None), (f"http://127.0.0.1:{port}", f"localhost:{port}"),
+                             (f"http://127.0.0.1:{port}/", None), (f"http://127.0.0.1:{port}/x", None),
+                             (f"ws://127.0.0.1:{port}", None), ("drive-by.example", None)]:
+            with self.subTest(origin=origin, host=host):
+                self.assertEqual(self.request(live, "POST", "/api/v1/branch/x", origin, host)[0], 403)
+        self.assertEqual(live.store.branches(), ["main"])
+
+    def test_null_origin_is_refused_unless_listed(self):
+        for cors, expected in [(None, 403), (True, 403), ("http://a.test", 403), ("http://a.test,null", 200)]:
+            with self.subTest(cors=cors):
+                live = LiveServer(self, quiet=True, cors=cors)
+                self.assertEqual(self.request(live, "POST", "/api/v1/module/n.wasm", "null")[0], expected)
+                self.assertEqual("/n.wasm" in live.store.list(), expected == 200)
+
+    def test_repeated_origin_headers_are_refused(self):
+        live = LiveServer(self, quiet=True, cors="http://a.test")
+        answer = live.raw(b"POST /api/v1/branch/x HTTP/1.1\r\nHost: 127.0.0.1\r\nOrigin: http://a.test\r\n"
+                          b"Origin: http://drive-by.example\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+        self.assertEqual(statuses(answer), [403])
+        self.assertEqual(live.store.branches(), ["main"])
+
+    def test_cors_list_allows_its_origins_and_echoes_them(self):
+        live = LiveServer(self, quiet=True, cors="http://app.test:8000, https://b.test")
+        for origin in ["http://app.test:8000", "https://b.test", "https://b.test:443"]:
+            with self.subTest(origin=origin):
+                status, headers, _ = self.request(live, "POST", "/api/v1/module/c.wasm", origin)
+                self.assertEqual(status, 200)
+                self.assertEqual(headers["access-control-allow-origin"], origin)
+                self.assertEqual(headers["vary"], "Origin")
+                self.assertIn("Wasmstore-Hash", headers["access-control-expose-headers"])
+        status, headers, _ = self.request(live, "POST", "/api/v1/branch/x", "http://app.test:8001")
+        self.assertEqual(status, 403)
+        self.assertNotIn("access-control-allow-origin", headers)
+        self.assertEqual(headers["vary"], "Origin")
+        status, headers, _ = self.request(live, "GET", "/api/v1/modules", "http://other.test")
+        self.assertEqual((status, headers.get("access-control-allow-origin")), (200, None))
+        self.assertEqual(live.store.branches(), ["main"])
+
+    def test_preflight_answers_only_listed_origins(self):
+        live = LiveServer(self, quiet=True, cors="http://app.test")
+        preflight = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "wasmstore-auth"}
+        status, headers, _ = live.request("OPTIONS", "/api/v1/module/a.wasm",
+                                          headers=dict(preflight, Origin="http://app.test"))
+        self.assertEqual((status, headers["access-control-allow-origin"]), (204, "http://app.test"))
+        self.assertIn("wasmstore-auth", headers["access-control-allow-headers"].lower())
+        status, headers, _ = live.request("OPTIONS", "/api/v1/module/a.wasm",
+                                          headers=dict(preflight, Origin="http://drive-by.example"))
+        self.assertEqual(status, 204)
+        self.assertNotIn("access-control-allow-origin", headers)   # the browser stops here
+
+    def test_bare_cors_allows_every_origin_but_null(self):
+        live = LiveServer(self, quiet=True, cors=True)
+        status, headers, _ = self.request(live, "POST", "/api/v1/module/any.wasm", "http://any.example")
+        self.assertEqual((status, headers["access-control-allow-origin"]), (200, "*"))
+        self.assertEqual(self.request(live, "POST", "/api/v1/branch/x", "null")[0], 403)
+
+    def test_cross_origin_watch_is_refused_before_the_upgrade(self):
+        live = LiveServer(self, quiet=True, cors="http://app.test")
+        refused = WsClient(live.port, headers={"Origin": "http://drive-by.example"})
+        self.addCleanup(refused.close)
+        self.assertEqual(refused.status, 403, refused.head)
+        self.assertNotIn("Sec-WebSocket-Accept", refused.head)
+        for origin in [None, f"http://127.0.0.1:{live.port}", "http://app.test"]:
+            with self.subTest(origin=origin):
+                ws = WsClient(live.port, headers={"Origin": origin} if origin else {})
+                self.addCleanup(ws.close)
+                self.assertEqual(ws.status, 101, ws.head)
+        digest = live.store.add("w.wasm", wasm_module("w"))
+        self.assertEqual(ws.recv_data(), {"/w.wasm": {"action": "added", "hash": digest}})
+        self.assertEqual(live.server.metrics.websocket_clients, 3)
+
+    def test_cross_origin_write_is_refused_even_with_a_valid_key(self):
+        live = LiveServer(self, quiet=True, auth="k:*")
+        status, _, _ = live.request("POST", "/api/v1/branch/x", headers={"Origin": "http://drive-by.example",
+                                                                        "Wasmstore-Auth": "k"})
+        self.assertEqual(status, 403)
+        self.assertEqual(live.store.branches(), ["main"])
+
+    def test_bad_cors_origins_are_refused_naming_them(self):
+        for spec, named in [("ftp://a.test", "'ftp://a.test'"), ("http://a.test/path", "'http://a.test/path'"),
+                            ("http://ok.test,a.test", "'a.test'"), ("http://a.test:99999", "'http://a.test:99999'"),
+                            ("http://", "'http://'"), (",", "','")]:
+            with self.subTest(spec=spec):
+                with self.assertRaises(http_server.ServerError) as caught:
+                    http_server.OriginAllowList(spec)
+                self.assertIn(named, str(caught.exception))
+
+
+CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync")
+
+
+def ensure_chromium():
+    executable = shutil.which("chromium")
+    if executable is None:
+        raise PrerequisiteMissing("the `chromium` command is not installed (apt-get install -y chromium; "
+                                  ".ci/run installs it)")
+    return executable
+
+
+class Chromium:
+    """Headless Chromium driven over the DevTools protocol (JSON over a WebSocket), stdlib only.
+
+    Started with a fresh profile and stopped (its whole process group) in the test's cleanup."""
+
+    def __init__(self, testcase, *flags, timeout=60):
+        executable = prepare(ensure_chromium)
+        self.testcase = testcase
+        self.profile = tempfile.mkdtemp(prefix="wasmstore-chromium-")
+        testcase.addCleanup(shutil.rmtree, self.profile, True)
+        self.log = tempfile.TemporaryFile()
+        testcase.addCleanup(self.log.close)
+        self.process = subprocess.Popen([executable, *CHROMIUM_FLAGS, f"--user-data-dir={self.profile}",
+                                         "--remote-debugging-port=0", *flags, "about:blank"],
+                                        stdin=subprocess.DEVNULL, stdout=self.log, stderr=self.log,
+                                        start_new_session=True)
+        self.ws = None
+        testcase.addCleanup(self.stop)
+        self.next_id = 0
+        self.events = []
+        port, path = self._devtools_address(time.monotonic() + timeout)
+        self.ws = WsClient(port, path, timeout=timeout)
+        if self.ws.status != 101:
+            raise AssertionError(f"DevTools refused the WebSocket: {self.ws.head}")
+
+    def _devtools_address(self, deadline):
+        """Chromium writes its DevTools port and browser path to DevToolsActivePort once it listens."""
+        marker = os.path.join(self.profile, "DevToolsActivePort")
+        while True:
+            with contextlib.suppress(OSError):
+                with open(marker) as handle:
+                    lines = handle.read().split("\n")
+                if len(lines) >= 2 and lines[0].isdigit() and lines[1].startswith("/devtools/browser/"):
+                    return int(lines[0]), lines[1]
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"chromium did not start (exit status {self.process.poll()}); "
+                                     f"its output:\n{self._output()}")
+            time.sleep(0.05)
+
+    def _output(self):
+        self.log.seek(0)
+        return self.log.read()[-3000:].decode("utf-8", "replace")
+
+    def _receive(self, deadline):
+        """The next DevTools message (a JSON object); TimeoutError past the deadline."""
+        parts = []
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("no DevTools message before the deadline")
+            final, opcode, payload = self.ws.recv_frame(timeout=left)
+            if opcode in (0x0, 0x1):
+                parts.append(payload)
+                if final:
+                    return json.loads(b"".join(parts))
+            elif opcode == 0x8:
+                raise ConnectionError("chromium closed the DevTools connection")
+            elif opcode == 0x9:
+                self.ws.send(0xA, payload)
+
+    def send(self, method, params=None, session=None, timeout=30):
+        """Run one DevTools command and return its result; events seen meanwhile are kept."""
+        self.next_id += 1
+        message = {"id": self.next_id, "method": method, "params": params or {}}
+        if session is not None:
+            message["sessionId"] = session
+        self.ws.send(0x1, json.dumps(message).encode("utf-8"))
+        deadline = time.monotonic() + timeout
+        while True:
+            answer = self._receive(deadline)
+            if answer.get("id") != self.next_id:
+                self.events.append(answer)
+                continue
+            if "error" in answer:
+                raise AssertionError(f"DevTools {method} failed: {answer['error']}")
+            return answer["result"]
+
+    def wait_for_event(self, method, session, timeout=30):
+        deadline = time.monotonic() + timeout
+        while True:
+            for event in self.events:
+                if event.get("method") == method and event.get("sessionId") == session:
+                    self.events.remove(event)
+                    return event.get("params", {})
+            self.events.append(self._receive(deadline))
+
+    def open(self, url, timeout=30):
+        """A new tab showing `url` once its load event fired; returns the tab's session id."""
+        target = self.send("Target.createTarget", {"url": "about:blank"})["targetId"]
+        session = self.send("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
+        self.send("Page.enable", session=session)
+        navigated = self.send("Page.navigate", {"url": url}, session=session)
+        if navigated.get("errorText"):
+            raise AssertionError(f"chromium could not open {url}: {navigated['errorText']}")
+        self.wait_for_event("Page.loadEventFired", session, timeout)
+        return session
+
+    def evaluate(self, session, expression, timeout=30):
+        """The value of a JavaScript expression in the tab (a promise is awaited)."""
+        result = self.send("Runtime.evaluate", {"expression": expression, "awaitPromise": True,
+                                                "returnByValue": True}, session=session, timeout=timeout)
+        if "exceptionDetails" in result:
+            details = result["exceptionDetails"]
+            raise AssertionError(f"page script failed: {details.get('exception', {}).get('description') or details}")
+        return result["result"].get("value")
+
+    def stop(self):
+        if self.ws is not None:
+            with contextlib.suppress(OSError, AssertionError, ConnectionError, TimeoutError, ValueError):
+                self.send("Browser.close", timeout=5)
+            self.ws.close()
+        if self.process.returncode is None:
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:          # exited, but not reaped yet
+                if os.waitid(os.P_PID, self.process.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT):
+                    break
+                time.sleep(0.05)
+            # The unreaped leader keeps its process group id Chromium's own: end what is left.
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait(10)
+
+
+class PageServer:
+    """A second origin: a plain http.server on its own loopback port serving fixed pages."""
+
+    def __init__(self, testcase, pages):
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                content_type, body = pages.get(self.path.split("?")[0], ("text/plain", None))
+                self.send_response(200 if body is not None else 404)
+                body = b"not found" if body is None else body
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(body)))
+                self.send_header("Cache-Control", "no-store")
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.origin = f"http://127.0.0.1:{self.server.server_address[1]}"
+        thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        thread.start()
+        testcase.addCleanup(thread.join, 10)
+        testcase.addCleanup(self.server.server_close)
+        testcase.addCleanup(self.server.shutdown)
+
+
+# What a drive-by page tries against the wasmstore server named by its ?api= parameter, with
+# no custom header, so that no preflight stops it: a simple no-cors fetch POST adding a module
+# (text/plain body), a WebSocket watch, and a form POST creating a branch (into a hidden frame).
+DRIVE_BY_PAGE = rb"""<!doctype html>
+<meta charset="utf-8"><title>drive-by</title>
+<iframe name="sink"></iframe>
+<form id="form" method="POST" target="sink" enctype="text/plain"><input name="x" value="y"></form>
+<script>
+const API = new URLSearchParams(location.search).get("api");
+async function attack() {
+  const outcome = {};
+  try {
+    await fetch(API + "/api/v1/module/drive-by.wasm", {method: "POST", mode: "no-cors",
+      headers: {"Content-Type": "text/plain"}, body: "\0asm\x01\0\0\0"});
+    outcome.fetch = "sent";
+  } catch (error) {
+    outcome.fetch = "failed: " + error;
+  }
+  outcome.watch = await new Promise((resolve) => {
+    const socket = new WebSocket(API.replace("http", "ws") + "/api/v1/watch");
+    socket.onopen = () => { socket.close(); resolve("open"); };
+    socket.onerror = () => resolve("refused");
+  });
+  const form = document.getElementById("form");
+  form.action = API + "/api/v1/branch/drive-by";
+  form.submit();
+  return outcome;
+}
+</script>
+"""
+
+
+# A page using the published npm client, loaded from the page's own origin as /wasmstore.js,
+# against the wasmstore server named by its ?api= parameter.
+NPM_CLIENT_PAGE = rb"""<!doctype html>
+<meta charset="utf-8"><title>npm client</title>
+<script type="module">
+import { Client } from "/wasmstore.js";
+const API = new URLSearchParams(location.search).get("api");
+const MODULE = new Uint8Array([0, 97, 115, 109, 1, 0, 0, 0, 0, 5, 4, 112, 97, 103, 101]);
+
+window.add = (key) => new Client(API, null, key).add("from-page.wasm", MODULE);
+
+window.addAndList = async (key) => {
+  const hash = await window.add(key);
+  return {hash, listing: await new Client(API, null, key).list()};
+};
+
+window.watchAnAdd = () => new Promise((resolve, reject) => {
+  const client = new Client(API);
+  const socket = client.watch((event) => { socket.close(); resolve(event); });
+  socket.onerror = () => reject(new Error("the watch was refused"));
+  socket.onopen = () => { client.add("watched.wasm", MODULE).catch(reject); };
+});
+window.ready = true;
+</script>
+"""
+
+
+PAGE_MODULE = bytes([0, 97, 115, 109, 1, 0, 0, 0, 0, 5, 4, 112, 97, 103, 101])   # NPM_CLIENT_PAGE's MODULE
+
+
+def npm_client_source():
+    prepare(ensure_node_client)                     # the pinned @dylibso/wasmstore is installed
+    with open(os.path.join(CLIENTS_DIR, "node_modules", "@dylibso", "wasmstore", "wasmstore.js"), "rb") as f:
+        return f.read()
+
+
+class BrowserTests(unittest.TestCase):
+    """Drive-by pages cannot drive the server, in a real headless Chromium (Debian's chromium),
+    next to what must keep working: same-origin pages, and the npm client in a page of an origin
+    --cors allows, with and without --auth (issue 8 item 7)."""
+
+    def drive_by(self, **options):
+        """Serve the drive-by page from a second origin and run its attack against a new server;
+        wait until the server saw its three requests: (server, the page's outcome, log lines)."""
+        page = PageServer(self, {"/": ("text/html", DRIVE_BY_PAGE)})
+        live = LiveServer(self, **options)
+        browser = Chromium(self)
+        tab = browser.open(f"{page.origin}/?api=http://127.0.0.1:{live.port}")
+        outcome = browser.evaluate(tab, "attack()")
+        lines = [wait_for_log_line(live, pattern) for pattern in
+                 [r'"POST /api/v1/module/drive-by\.wasm" ', r'"GET /api/v1/watch" ', r'"POST /api/v1/branch/drive-by" ']]
+        return live, outcome, lines
+
+    def assert_nothing_changed(self, live, lines):
+        for line in lines:
+            self.assertRegex(line, r'" 403 \d+ ')
+        self.assertEqual(live.store.list(), {})
+        self.assertEqual(live.store.branches(), ["main"])
+        self.assertEqual(live.server.metrics.websocket_clients, 0)
+
+    def test_drive_by_page_cannot_add_modules_create_branches_or_watch(self):
+        live, outcome, lines = self.drive_by()
+        self.assertEqual(outcome, {"fetch": "sent", "watch": "refused"})
+        self.assert_nothing_changed(live, lines)
+
+    def test_drive_by_page_is_refused_by_a_server_that_allows_other_origins(self):
+        live, outcome, lines = self.drive_by(cors="http://app.example,http://localhost:3000")
+        self.assertEqual(outcome, {"fetch": "sent", "watch": "refused"})
+        self.assert_nothing_changed(live, lines)
+
+    def npm_client_page(self, cors_for=lambda origin: origin, **options):
+        """A page of a second origin using the npm client, and a server whose --cors is
+        cors_for(that origin): (browser, tab, server)."""
+        page = PageServer(self, {"/": ("text/html", NPM_CLIENT_PAGE), "/wasmstore.js": ("text/javascript",
+                                                                                          npm_client_source())})
+        live = LiveServer(self, cors=cors_for(page.origin), **options)
+        browser = Chromium(self)
+        tab = browser.open(f"{page.origin}/?api=http://127.0.0.1:{live.port}")
+        self.assertIs(browser.evaluate(tab, "window.ready"), True)
+        return browser, tab, live
+
+    def assert_added_and_listed(self, browser, tab, live, key=None):
+        result = browser.evaluate(tab, f"addAndList({json.dumps(key)})")
+        digest = sha(PAGE_MODULE)
+        self.assertEqual(result, {"hash": digest, "listing": {"/from-page.wasm": digest}})
+        self.assertEqual(live.store.list(), {"/from-page.wasm": digest})
+
+    def test_npm_client_in_a_page_of_an_origin_cors_lists_adds_lists_and_watches(self):
+        browser, tab, live = self.npm_client_page(lambda origin: f"http://app.example,{origin}")
+        self.assert_added_and_listed(browser, tab, live)
+        event = browser.evaluate(tab, "watchAnAdd()")
+        self.assertEqual(event, {"/watched.wasm": {"action": "added", "hash": sha(PAGE_MODULE)}})
+
+    def test_npm_client_in_a_page_of_an_origin_cors_lists_with_auth(self):
+        browser, tab, live = self.npm_client_page(auth="page-key:*")
+        self.assertEqual(browser.evaluate(tab, "add('wrong-key')"), "unknown key\n")
+        self.assertEqual(live.store.list(), {})
+        self.assert_added_and_listed(browser, tab, live, key="page-key")
+
+    def test_npm_client_in_a_page_with_cors_allowing_any_origin(self):
+        browser, tab, live = self.npm_client_page(lambda origin: True)
+        self.assert_added_and_listed(browser, tab, live)
+
+    def test_same_origin_page_may_write_and_watch(self):
+        live = LiveServer(self)
+        browser = Chromium(self)
+        tab = browser.open(f"http://127.0.0.1:{live.port}/api/v1/branches")   # a document of the server's origin
+        status = browser.evaluate(tab, """fetch("/api/v1/module/same.wasm", {method: "POST",
+            body: new Uint8Array([0, 97, 115, 109, 1, 0, 0, 0])}).then(response => response.status)""")
+        self.assertEqual(status, 200)
+        self.assertEqual(live.store.list(), {"/same.wasm": sha(b"\0asm\x01\0\0\0")})
+        opened = browser.evaluate(tab, """new Promise((resolve) => {
+            const socket = new WebSocket("ws://" + location.host + "/api/v1/watch");
+            socket.onopen = () => { socket.close(); resolve("open"); };
+            socket.onerror = () => resolve("refused"); })""")
+        self.assertEqual(opened, "open")
+
+    def test_a_name_rebound_to_loopback_is_refused_unless_allowed(self):
+        live = LiveServer(self)
+        live.store.add("secret.wasm", wasm_module("secret"))
+        allowed = LiveServer(self, allowed_hosts=["rebound.test"])
+        allowed.store.add("shared.wasm", wasm_module("shared"))
+        # The resolver rule plays the attacker's DNS: rebound.test now means 127.0.0.1.
+        browser = Chromium(self, "--host-resolver-rules=MAP rebound.test 127.0.0.1")
+        tab = browser.open(f"http://rebound.test:{live.port}/api/v1/modules")
+        text = browser.evaluate(tab, "document.body.innerText")
+        self.assertIn("does not answer to the host 'rebound.test'", text)
+        self.assertNotIn("secret", text)
+        wait_for_log_line(live, r'"GET /api/v1/modules" 421 ')
+        tab = browser.open(f"http://rebound.test:{allowed.port}/api/v1/modules")
+        self.assertEqual(json.loads(browser.evaluate(tab, "document.body.innerText")),
+                         {"/shared.wasm": sha(wasm_module("shared"))})
+
+
+class HardeningCommandLineTests(unittest.TestCase):
+    """--max-watches, --allowed-host, --cors ORIGINS and their environment variables."""
+
+    def start(self, *args, env=None):
+        parent = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, parent, True)
+        environment = dict(os.environ, **(env or {}))
+        return start_server_process(self, os.path.join(parent, "root"), "--quiet", *args, env=environment)[1]
+
+    def status(self, port, method, path, headers):
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        try:
+            conn.request(method, path, headers=headers)
+            return conn.getresponse().status
+        finally:
+            conn.close()
+
+    def check_one_watch_allowed(self, port):
+        first = WsClient(port)
+        self.addCleanup(first.close)
+        second = WsClient(port)
+        self.addCleanup(second.close)
+        self.assertEqual((first.status, second.status), (101, 503))
+
+    def test_max_watches_option(self):
+        self.check_one_watch_allowed(self.start("--max-watches", "1"))
+
+    def test_max_watches_environment(self):
+        self.check_one_watch_allowed(self.start(env={"WASMSTORE_MAX_WATCHES": "1"}))
+
+    def check_allowed_hosts(self, port):
+        self.assertEqual(self.status(port, "GET", "/api/v1/branches", {"Host": "store.test"}), 200)
+        self.assertEqual(self.status(port, "GET", "/api/v1/branches", {"Host": "store2.test:1"}), 200)
+        self.assertEqual(self.status(port, "GET", "/api/v1/branches", {"Host": "other.test"}), 421)
+
+    def test_allowed_host_option_repeated(self):
+        self.check_allowed_hosts(self.start("--allowed-host", "store.test", "--allowed-host", "store2.test"))
+
+    def test_allowed_hosts_environment(self):
+        self.check_allowed_hosts(self.start(env={"WASMSTORE_ALLOWED_HOSTS": "store.test, store2.test"}))
+
+    def test_cors_option_with_and_without_origins(self):
+        port = self.start("--cors", "http://app.test")
+        self.assertEqual(self.status(port, "POST", "/api/v1/branch/a", {"Origin": "http://app.test"}), 200)
+        self.assertEqual(self.status(port, "POST", "/api/v1/branch/b", {"Origin": "http://other.test"}), 403)
+        port = self.start("--cors")
+        self.assertEqual(self.status(port, "POST", "/api/v1/branch/b", {"Origin": "http://other.test"}), 200)
+
+    def test_bad_values_exit_2_naming_them(self):
+        for args, env, named in [(["--max-watches", "0"], {}, "'0'"), (["--cors", "ftp://x"], {}, "'ftp://x'"),
+                                 (["--allowed-host", "http://x"], {}, "'http://x'"),
+                                 ([], {"WASMSTORE_MAX_WATCHES": "many"}, "WASMSTORE_MAX_WATCHES"),
+                                 ([], {"WASMSTORE_ALLOWED_HOSTS": "a b"}, "WASMSTORE_ALLOWED_HOSTS")]:
+            with self.subTest(args=args, env=env):
+                root = os.path.join(tempfile.mkdtemp(), "root")
+                self.addCleanup(shutil.rmtree, os.path.dirname(root), True)
+                result = subprocess.run([sys.executable, os.path.join(HERE, "http_server.py"), "--port", "0",
+                                         "--root", root, *args],
+                                        capture_output=True, text=True, timeout=30, cwd=HERE,
+                                        env=dict(os.environ, **env))
+                self.assertEqual(result.returncode, 2)
+                self.assertIn(named, result.stderr)
+                self.assertNotIn("Traceback", result.stderr)
 
 
 # =================================================================================================

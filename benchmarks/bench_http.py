@@ -99,9 +99,9 @@ def run_load(port, method, path, connections, seconds, body_prefix=None):
         nonlocal counter
         counter += 1
         if body_prefix is None:
-            return (f"{method} {path} HTTP/1.1\r\nHost: bench\r\n\r\n").encode()
+            return (f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n").encode()
         body = wasm_module(f"{body_prefix}-{counter}")
-        return (f"{method} {path}/{counter}.wasm HTTP/1.1\r\nHost: bench\r\n"
+        return (f"{method} {path}/{counter}.wasm HTTP/1.1\r\nHost: 127.0.0.1\r\n"
                 f"Content-Length: {len(body)}\r\n\r\n").encode() + body
 
     def send(conn):
@@ -201,7 +201,7 @@ def post_worker(port, path, body_prefix):
             counter += 1
             body = wasm_module(f"{body_prefix}-{counter}")
             started = time.perf_counter()
-            sock.sendall((f"POST {path}/{counter}.wasm HTTP/1.1\r\nHost: bench\r\n"
+            sock.sendall((f"POST {path}/{counter}.wasm HTTP/1.1\r\nHost: 127.0.0.1\r\n"
                           f"Content-Length: {len(body)}\r\n\r\n").encode() + body)
             status, pending = _read_response(sock, pending)
             latencies.append(time.perf_counter() - started)
