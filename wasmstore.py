@@ -2624,7 +2624,8 @@ class RegistryClient:
         return self.http.HTTPConnection(host, port, timeout=self.timeout, blocksize=CHUNK_SIZE)
 
     def _connect(self):
-        connection = self._connection(self.scheme, self.host, self.port)
+        scheme = self.scheme
+        connection = self._connection(scheme, self.host, self.port)
         try:
             connection.connect()
         except self.ssl.SSLCertVerificationError as exc:
@@ -2634,7 +2635,7 @@ class RegistryClient:
                                 "trusts a private CA") from None
         except (self.ssl.SSLError, ConnectionResetError) as exc:
             connection.close()
-            if self.scheme == "https" and self._http_fallback:
+            if scheme == "https" and self._http_fallback:
                 self.scheme = "http"      # a loopback registry without TLS
                 return self._connect()
             raise RegistryError(f"TLS with {self.registry} failed: {_clean_text(exc)}"
