@@ -2992,6 +2992,19 @@ class _Pusher:
         with self.lock:
             self.placed[digest] = repository
 
+    def sync(self, repository, plan):
+        """Make each tag of plan ({tag: artifact}) name its artifact; a tag that already does
+        costs one HEAD. Returns the number of tags written."""
+        pending = {}                      # manifest digest -> (artifact, [tag, ...])
+        for tag, artifact in plan.items():
+            if self.client.manifest_digest(repository, tag) == artifact.manifest_digest:
+                self.report.add(tags_current=1)
+            else:
+                pending.setdefault(artifact.manifest_digest, (artifact, []))[1].append(tag)
+        for artifact, tags in pending.values():
+            self.push(repository, artifact, tags)
+        return sum(len(tags) for _, tags in pending.values())
+
     def push(self, repository, artifact, tags):
         self.ensure_blob(repository, artifact.module_digest, artifact.module_size,
                          artifact.filename)
@@ -3002,13 +3015,17 @@ class _Pusher:
             self.report.add(tags_pushed=[f"{repository}:{tag}"])
 
 
+@contextlib.contextmanager
 def _client_for(reference, client):
+    """The caller's client (for the reference's registry), or one of our own, closed after."""
     if client is None:
-        return RegistryClient.for_reference(reference)
+        with RegistryClient.for_reference(reference) as own:
+            yield own
+        return
     if client.registry != reference.registry:
         raise InvalidInput(f"the client is for registry {client.registry!r}, the reference "
                            f"names {reference.registry!r}")
-    return client
+    yield client
 
 
 def push(store, path, reference, *, branch=None, client=None, progress=None):
@@ -3021,10 +3038,10 @@ def push(store, path, reference, *, branch=None, client=None, progress=None):
         raise InvalidInput(f"{reference} names digest {reference.digest}, but the artifact "
                            f"of {format_path(validate_path(path))} is "
                            f"{artifact.manifest_digest}")
-    client = _client_for(reference, client)
     report = TransferReport(str(reference))
-    _Pusher(client, report, progress).push(reference.repository, artifact,
-                                           [reference.tag or reference.digest or "latest"])
+    with _client_for(reference, client) as client:
+        _Pusher(client, report, progress).push(reference.repository, artifact,
+                                               [reference.tag or reference.digest or "latest"])
     report.manifest_digest = artifact.manifest_digest
     return report
 
@@ -3032,10 +3049,11 @@ def push(store, path, reference, *, branch=None, client=None, progress=None):
 def push_all(store, prefix, *, branch=None, client=None, progress=None,
              workers=OCI_MIRROR_WORKERS):
     """Mirror every module of a branch under prefix ("oci://HOST[/PREFIX]"): one repository
-    per store path, tagged with the branch name ("latest" too on the default branch) and
-    v0, v1, ... per version. Tags that already name the right manifest are left alone and
-    missing blobs only are sent, so a second run transfers nothing. Store paths that are
-    not valid repository names are skipped and reported. Returns a TransferReport."""
+    per store path, tagged with the branch name; on the default branch also "latest" and
+    v0, v1, ... per version (the tags the server's /v2/ gives). Tags that already name the
+    right manifest are left alone and missing blobs only are sent, so a second run transfers
+    nothing. Store paths that are not valid repository names are skipped and reported.
+    Returns a TransferReport."""
     base = OciReference.parse(prefix, prefix=True)
     default = store.default_branch
     name = validate_branch(branch) if branch is not None else default
@@ -3053,36 +3071,36 @@ def push_all(store, prefix, *, branch=None, client=None, progress=None,
             jobs.append((printed, digest, base.child(validate_path(printed))))
         except InvalidInput as exc:
             report.add(skipped=[(printed, str(exc))])
-    client = _client_for(base, client)
-    pusher = _Pusher(client, report, progress)
+    versions = name == default
 
     def mirror(job):
         printed, head, target = job
-        history = store.versions(printed, branch=name)
-        plan = {}                         # tag -> artifact
-        for index, (digest, _) in enumerate(history):
-            plan[f"v{index}"] = module_artifact(store, printed, branch=name, digest=digest,
-                                                history=history)
-        current = next((artifact for artifact in plan.values()
-                        if artifact.module_digest == "sha256:" + head), None) or \
-            module_artifact(store, printed, branch=name, history=history)
-        plan.update((tag, current) for tag in head_tags)
-        pending = {}
-        for tag, artifact in plan.items():
-            if client.manifest_digest(target.repository, tag) == artifact.manifest_digest:
-                report.add(tags_current=1)
-            else:
-                pending.setdefault(artifact.manifest_digest, (artifact, []))[1].append(tag)
-        for artifact, tags in pending.values():
-            pusher.push(target.repository, artifact, tags)
-        if pending:
-            count = sum(len(tags) for _, tags in pending.values())
-            pusher.progress(f"{target.repository}: pushed {count} of {len(plan)} tags")
+        plan = _mirror_plan(store, printed, head, name, head_tags, versions)
+        pushed = pusher.sync(target.repository, plan)
+        if pushed:
+            pusher.progress(f"{target.repository}: pushed {pushed} of {len(plan)} tags")
 
-    with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:
-        for _ in pool.map(mirror, jobs):
-            pass
+    with _client_for(base, client) as client:
+        pusher = _Pusher(client, report, progress)
+        with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:
+            for _ in pool.map(mirror, jobs):
+                pass
     return report
+
+
+def _mirror_plan(store, printed, head, branch, head_tags, versions):
+    """{tag: WasmArtifact} of one path for push_all: head_tags name the head; with versions,
+    v0, v1, ... name each version."""
+    history = store.versions(printed, branch=branch)
+    plan = {}
+    for index, (digest, _) in enumerate(history if versions else ()):
+        plan[f"v{index}"] = module_artifact(store, printed, branch=branch, digest=digest,
+                                            history=history)
+    current = next((artifact for artifact in plan.values()
+                    if artifact.module_digest == "sha256:" + head), None) or \
+        module_artifact(store, printed, branch=branch, history=history)
+    plan.update((tag, current) for tag in head_tags)
+    return plan
 
 
 def pull(store, reference, path, *, branch=None, author=None, client=None, progress=None):
@@ -3094,18 +3112,18 @@ def pull(store, reference, path, *, branch=None, author=None, client=None, progr
     if not segments:
         raise InvalidInput("a module needs a path, not the root")
     store.head(branch=branch)             # a missing branch fails before any network traffic
-    client = _client_for(reference, client)
-    data, manifest_digest, content_type = client.get_manifest(reference.repository,
-                                                              reference.target)
-    digest, size = _wasm_layer(data, content_type)
-    if progress and size >= OCI_PROGRESS_BYTES:
-        progress(f"downloading {digest[:19]} ({_size_text(size)}) from {reference}")
-    source = OciReference(reference.registry, reference.repository,
-                          reference.tag or (None if reference.digest else "latest"))
-    message = f"Pull {format_path(segments)} from {source}@{manifest_digest}"
-    with client.open_blob(reference.repository, digest, size) as blob:
-        return store.add_file(format_path(segments), blob, branch=branch, author=author,
-                              size_limit=size, message=message)
+    with _client_for(reference, client) as client:
+        data, manifest_digest, content_type = client.get_manifest(reference.repository,
+                                                                  reference.target)
+        digest, size = _wasm_layer(data, content_type)
+        if progress and size >= OCI_PROGRESS_BYTES:
+            progress(f"downloading {digest[:19]} ({_size_text(size)}) from {reference}")
+        source = OciReference(reference.registry, reference.repository,
+                              reference.tag or (None if reference.digest else "latest"))
+        message = f"Pull {format_path(segments)} from {source}@{manifest_digest}"
+        with client.open_blob(reference.repository, digest, size) as blob:
+            return store.add_file(format_path(segments), blob, branch=branch, author=author,
+                                  size_limit=size, message=message)
 
 
 # --------------------------------------------------------------------------- CLI
