@@ -4,6 +4,7 @@
     python bench.py store [--rounds N] [--quick] ...   store figures (issue 2): W1-W4, 50 MB module, import
     python bench.py http  [--rounds N] ...              REST API figures
     python bench.py kv    [--rounds N] ...              wasi:keyvalue host figures
+    python bench.py oci   [--rounds N] ...              push/pull to a local registry vs oras
     python bench.py AREA --help                         the area's own options
 
 Each area lives in benchmarks/bench_<area>.py, loaded by file path (benchmarks/ is not a
@@ -24,6 +25,7 @@ AREAS = {
              "50 MB module, bulk import",
     "http": "http_server.py: the REST API under load",
     "kv": "kvhost.py: wasi:keyvalue calls from guest modules",
+    "oci": "push and pull of Wasm OCI artifacts to a local registry vs the oras client",
 }
 DEFAULT_ROUNDS = 3
 REPO_DIR = os.path.dirname(os.path.abspath(__file__))

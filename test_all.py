@@ -5850,6 +5850,36 @@ class OciRegistryTest(OciTestCase):
         pulled = run_cli(self.root, "pull", ref, "/back/cli.wasm")
         self.assertEqual((pulled.returncode, pulled.stdout), (0, sha(self.store.find("/apps/cli.wasm")) + "\n"))
 
+    def test_pull_of_several_references_makes_one_commit_each(self):
+        first, second = self.module("first"), self.module("second")
+        self.store.add("/one.wasm", first)
+        self.store.add("/two.wasm", second)
+        refs = [self.registry.ref(self.repo(name)) for name in ("one", "two")]
+        digests = [wasmstore.push(self.store, name, ref).manifest_digest
+                   for name, ref in zip(("/one.wasm", "/two.wasm"), refs)]
+        target = os.path.join(self.tmp, "target")
+        done = run_cli(target, "pull", refs[0], "/a/one.wasm", refs[1], "/a/two.wasm")
+        self.assertEqual((done.returncode, done.stdout), (0, f"{sha(first)}\n{sha(second)}\n"), done.stderr)
+        pulled = Store(target)
+        self.addCleanup(pulled.close)
+        self.assertEqual(pulled.list("/a"), {"/a/one.wasm": sha(first), "/a/two.wasm": sha(second)})
+        self.assertEqual([info["message"] for info in pulled.log()],
+                         [f"Pull /a/two.wasm from {refs[1]}:latest@{digests[1]}",
+                          f"Pull /a/one.wasm from {refs[0]}:latest@{digests[0]}"])
+
+    def test_pull_of_several_stops_at_the_first_failure(self):
+        self.store.add("/ok.wasm", self.module("ok"))
+        good = self.registry.ref(self.repo("ok"))
+        wasmstore.push(self.store, "/ok.wasm", good)
+        target = Store(os.path.join(self.tmp, "target"))
+        self.addCleanup(target.close)
+        with self.assertRaises(wasmstore.NotFound):
+            wasmstore.pull_many(target, [(good, "/1.wasm"), (self.registry.ref(self.repo("missing")), "/2.wasm"),
+                                         (good, "/3.wasm")])
+        self.assertEqual(list(target.list()), ["/1.wasm"])
+        done = run_cli(target.root, "pull", good, "/4.wasm", good)
+        self.assertOneLineError(done, "REFERENCE PATH pairs")
+
     def test_mirror_pushes_every_path_branch_and_version_then_nothing(self):
         self.store.add("/apps/a.wasm", self.module("a0"))
         self.store.add("/apps/a.wasm", self.module("a1"))

@@ -44,7 +44,7 @@ __all__ = [
     "validate_branch", "validate_hash", "validate_module", "load_backup", "main",
     "RegistryError", "OciReference", "WasmArtifact", "Credentials", "RegistryClient",
     "TransferReport", "wasm_interface", "module_artifact", "registry_credentials",
-    "docker_config_file", "push", "push_all", "pull",
+    "docker_config_file", "validate_module_file", "push", "push_all", "pull", "pull_many",
 ]
 
 import argparse
@@ -63,6 +63,7 @@ import re
 import shutil
 import sys
 import tarfile
+import tempfile
 import threading
 import time
 import zlib
@@ -281,6 +282,15 @@ def validate_module(data):
             _validate_component(data, view, 0, len(view))
         else:
             _validate_core(data, 0, len(view))
+
+
+def validate_module_file(filename):
+    """validate_module for a file, through a private map of it (any size, no copy)."""
+    with open(filename, "rb") as handle:
+        if not os.fstat(handle.fileno()).st_size:
+            validate_module(b"")
+        with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY) as mapped:
+            validate_module(mapped)
 
 
 def _validate_core(data, start, end):
@@ -893,12 +903,7 @@ class Store:
         return tmp, digest.hexdigest(), size
 
     def _validate_file(self, path, size):
-        if size == 0:
-            validate_module(b"")
-            return
-        with open(path, "rb") as handle:
-            with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY) as mapped:
-                validate_module(mapped)
+        validate_module_file(path)
 
     def _set_module(self, segments, digest, branch, author, message, source=None):
         """Point segments at module digest; source = bytes or a temp file to store."""
@@ -2968,7 +2973,9 @@ class TransferReport:
 
 class _Pusher:
     """Puts artifacts into one registry: each blob is checked with HEAD and uploaded only
-    when missing (mounted from another repository of the same push when possible)."""
+    when missing (mounted from another repository of the same push when possible). A
+    manifest's two blobs travel at once on two connections: a registry's per-request
+    latency, not the bytes, is most of the time."""
 
     def __init__(self, client, report, progress):
         self.client = client
@@ -2976,6 +2983,14 @@ class _Pusher:
         self.progress = progress or (lambda text: None)
         self.placed = {}                  # blob digest -> a repository known to hold it
         self.lock = threading.Lock()
+        self.helpers = concurrent.futures.ThreadPoolExecutor(
+            OCI_MIRROR_WORKERS, thread_name_prefix="wasmstore-push")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.helpers.shutdown(wait=True)
 
     def ensure_blob(self, repository, digest, size, source):
         if self.client.blob_exists(repository, digest):
@@ -3006,10 +3021,16 @@ class _Pusher:
         return sum(len(tags) for _, tags in pending.values())
 
     def push(self, repository, artifact, tags):
-        self.ensure_blob(repository, artifact.module_digest, artifact.module_size,
-                         artifact.filename)
-        self.ensure_blob(repository, artifact.config_digest, len(artifact.config),
-                         artifact.config)
+        """The artifact's blobs (config in a helper thread), then its manifest under tags."""
+        config = self.helpers.submit(self.ensure_blob, repository, artifact.config_digest,
+                                     len(artifact.config), artifact.config)
+        try:
+            self.ensure_blob(repository, artifact.module_digest, artifact.module_size,
+                             artifact.filename)
+        except BaseException:
+            concurrent.futures.wait([config])
+            raise
+        config.result()
         for tag in tags:
             self.client.put_manifest(repository, tag, artifact.manifest)
             self.report.add(tags_pushed=[f"{repository}:{tag}"])
@@ -3039,9 +3060,8 @@ def push(store, path, reference, *, branch=None, client=None, progress=None):
                            f"of {format_path(validate_path(path))} is "
                            f"{artifact.manifest_digest}")
     report = TransferReport(str(reference))
-    with _client_for(reference, client) as client:
-        _Pusher(client, report, progress).push(reference.repository, artifact,
-                                               [reference.tag or reference.digest or "latest"])
+    with _client_for(reference, client) as client, _Pusher(client, report, progress) as pusher:
+        pusher.push(reference.repository, artifact, [reference.tag or reference.digest or "latest"])
     report.manifest_digest = artifact.manifest_digest
     return report
 
@@ -3080,8 +3100,7 @@ def push_all(store, prefix, *, branch=None, client=None, progress=None,
         if pushed:
             pusher.progress(f"{target.repository}: pushed {pushed} of {len(plan)} tags")
 
-    with _client_for(base, client) as client:
-        pusher = _Pusher(client, report, progress)
+    with _client_for(base, client) as client, _Pusher(client, report, progress) as pusher:
         with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:
             for _ in pool.map(mirror, jobs):
                 pass
@@ -3108,22 +3127,71 @@ def pull(store, reference, path, *, branch=None, author=None, client=None, progr
     one commit whose message names the source. The layer's bytes are checked against
     their digest and validated before anything is stored. Returns the module hash."""
     reference = OciReference.parse(reference)
+    segments = _module_segments(path)
+    store.head(branch=branch)             # a missing branch fails before any network traffic
+    with _client_for(reference, client) as client:
+        blob, message = _open_layer(client, reference, segments, progress)
+        with blob:
+            return store.add_file(format_path(segments), blob, branch=branch, author=author,
+                                  size_limit=blob.size, message=message)
+
+
+def pull_many(store, pairs, *, branch=None, author=None, client=None, progress=None,
+              workers=OCI_MIRROR_WORKERS):
+    """Pull several artifacts of one registry, [(reference, path), ...], faster than one
+    pull() after another: downloads run at once (a connection each, into temporary files,
+    digest-checked) while the modules already fetched are stored, in the order given, each
+    as its own commit named after its source (what pull() makes). The first failure stops
+    it: the pulls before it stay stored, that one and the later ones store nothing.
+    Returns the module hashes, in order."""
+    jobs = [(OciReference.parse(reference), _module_segments(path)) for reference, path in pairs]
+    if len({segments for _, segments in jobs}) != len(jobs):
+        raise InvalidInput("two references pull into the same path")
+    if len({reference.registry for reference, _ in jobs}) > 1:
+        raise InvalidInput("one pull takes references of one registry")
+    if not jobs:
+        return []
+    store.head(branch=branch)
+    with _client_for(jobs[0][0], client) as client, \
+            tempfile.TemporaryDirectory(prefix="wasmstore-pull-") as scratch, \
+            concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:
+
+        def fetch(number, reference, segments):
+            filename = os.path.join(scratch, str(number))
+            blob, message = _open_layer(client, reference, segments, progress)
+            with blob, open(filename, "wb") as out:
+                for chunk in iter(blob.read, b""):
+                    out.write(chunk)
+            return filename, message
+
+        downloads = [pool.submit(fetch, number, *job) for number, job in enumerate(jobs)]
+        try:
+            return [store.add_file(format_path(segments), download.result()[0], branch=branch,
+                                   author=author, message=download.result()[1])
+                    for download, (_, segments) in zip(downloads, jobs)]
+        finally:
+            for download in downloads:
+                download.cancel()
+
+
+def _module_segments(path):
     segments = validate_path(path)
     if not segments:
         raise InvalidInput("a module needs a path, not the root")
-    store.head(branch=branch)             # a missing branch fails before any network traffic
-    with _client_for(reference, client) as client:
-        data, manifest_digest, content_type = client.get_manifest(reference.repository,
-                                                                  reference.target)
-        digest, size = _wasm_layer(data, content_type)
-        if progress and size >= OCI_PROGRESS_BYTES:
-            progress(f"downloading {digest[:19]} ({_size_text(size)}) from {reference}")
-        source = OciReference(reference.registry, reference.repository,
-                              reference.tag or (None if reference.digest else "latest"))
-        message = f"Pull {format_path(segments)} from {source}@{manifest_digest}"
-        with client.open_blob(reference.repository, digest, size) as blob:
-            return store.add_file(format_path(segments), blob, branch=branch, author=author,
-                                  size_limit=size, message=message)
+    return segments
+
+
+def _open_layer(client, reference, segments, progress):
+    """(_VerifiedBlob of the artifact's module, commit message naming the source)."""
+    data, manifest_digest, content_type = client.get_manifest(reference.repository,
+                                                              reference.target)
+    digest, size = _wasm_layer(data, content_type)
+    if progress and size >= OCI_PROGRESS_BYTES:
+        progress(f"downloading {digest[:19]} ({_size_text(size)}) from {reference}")
+    source = OciReference(reference.registry, reference.repository,
+                          reference.tag or (None if reference.digest else "latest"))
+    message = f"Pull {format_path(segments)} from {source}@{manifest_digest}"
+    return client.open_blob(reference.repository, digest, size), message
 
 
 # --------------------------------------------------------------------------- CLI
@@ -3327,11 +3395,17 @@ def _cmd_push(store, args):
 
 
 def _cmd_pull(store, args):
-    reference = OciReference.parse(args.reference)
-    with _registry_client(args, reference) as client:
-        digest = pull(store, args.reference, args.path, branch=args.branch, author=args.author,
-                      client=client, progress=_progress_writer(args))
-    _print_line(digest)
+    if len(args.pairs) % 2:
+        raise InvalidInput("pull takes REFERENCE PATH pairs (a PATH is missing)")
+    pairs = list(zip(args.pairs[::2], args.pairs[1::2]))
+    options = {"branch": args.branch, "author": args.author, "progress": _progress_writer(args)}
+    with _registry_client(args, OciReference.parse(pairs[0][0])) as client:
+        if len(pairs) == 1:
+            digests = [pull(store, *pairs[0], client=client, **options)]
+        else:
+            digests = pull_many(store, pairs, client=client, **options)
+    for digest in digests:
+        _print_line(digest)
 
 
 REGISTRY_OPTIONS = [
@@ -3417,10 +3491,11 @@ COMMANDS = {
                                  "branch and v0, v1, ... per version; sends only what the "
                                  "registry lacks"})] + REGISTRY_OPTIONS),
     "pull": (_cmd_pull, "store the module of a Wasm OCI artifact at PATH (one commit); "
-                        "prints its hash",
-             [("reference", {"metavar": "REFERENCE",
-                             "help": "oci://HOST[:PORT]/REPO[:TAG|@DIGEST]"}),
-              ("path", {"metavar": "PATH", "help": "where to store the module"})]
+                        "prints its hash. Several pairs download at once",
+             [("pairs", {"metavar": "REFERENCE PATH", "nargs": "+",
+                         "help": "oci://HOST[:PORT]/REPO[:TAG|@DIGEST] and where to store its "
+                                 "module; more pairs (one registry) are fetched concurrently "
+                                 "and each stored as its own commit once all are checked"})]
              + REGISTRY_OPTIONS),
     "server": (None, "run the HTTP API (options: python http_server.py --help)", []),
 }
