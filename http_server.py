@@ -25,6 +25,8 @@ Map of this file (top-down):
     URL parsing        parse_target(), decode_segment()
     replies            Reply, FileBody, error_reply() and the one ERROR_STATUS table
     route handlers     pure functions (store, call, body) -> Reply, the ROUTES table, LocateCache
+    OCI /v2/           the distribution API's read side: OciRepository (a store path's tags,
+                       manifests, blobs), oci_v2 (its one route), oci_error_reply (JSON codes)
     auth               AuthTable (constant-time key comparison)
     body readers       LimitedReader, ChunkedReader (bounded, never read past the request)
     metrics            Metrics (Prometheus text format)
@@ -55,6 +57,9 @@ __all__ = [
     "make_server",
     "parse_target",
     "error_reply",
+    "OciError",
+    "OciRepository",
+    "oci_error_reply",
     "main",
 ]
 

@@ -27,7 +27,16 @@ being written (a killed writer's leftovers there are removed by gc).
 Map of this file: constants and exceptions; names (paths, branches, hashes); module
 validation (wasmtime, imported lazily); filesystem primitives (durable batches, locks, a
 small LRU); the Store (objects, refs, tree edits, operations, history, watch, gc, backup,
-fsck); the command line (``main``).
+fsck); backup loading; OCI registries (``OciReference``; the CNCF Wasm OCI artifact layout:
+``wasm_interface``, ``WasmArtifact``, ``module_artifact``; ``Credentials``; the
+``RegistryClient`` on http.client, imported lazily; ``push``, ``push_all``, ``pull``,
+``pull_many``); the command line (``main``).
+
+OCI::
+
+    wasmstore.push(store, "/apps/hello.wasm", "oci://localhost:5000/hello:v1")
+    wasmstore.pull(store, "oci://localhost:5000/hello:v1", "/copy/hello.wasm")
+    python wasmstore.py push --all oci://localhost:5000/mirror
 
 Durability: objects and refs are written to a temporary file, fsynced, renamed into place,
 and their directory fsynced, before a write is acknowledged. Independent files are fsynced
