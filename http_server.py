@@ -5,7 +5,8 @@ Standard library only (plus `wasmstore.py`): `http.server.ThreadingHTTPServer` w
 Content-Length on every response, zero-copy downloads (`os.sendfile` of the object file; plain
 reads through TLS), uploads streamed into the store, key/method auth, TLS, CORS, a WebSocket
 watch (RFC 6455), Prometheus metrics, bounded request heads and bodies, connection timeouts and
-a connection cap, and graceful shutdown on SIGTERM / Ctrl-C.
+a connection cap, graceful shutdown on SIGTERM / Ctrl-C, and the read side of the OCI
+distribution API under /v2/ (each store path a repository: `oras pull` fetches from it).
 
 As a command::
 
@@ -650,7 +651,9 @@ class OciRepository:
         self.name = name
         self.path = "/" + name
         self.branch = branch
-        self.tags = self._tags()
+        latest = self._head(branch)
+        self.history = store.versions(self.path, branch=branch) if latest else []
+        self.tags = self._tags(latest)           # {tag: (branch, module hash)}
         if not self.tags:
             raise OciError(404, "NAME_UNKNOWN", f"no module at {self.path}")
 
@@ -660,19 +663,14 @@ class OciRepository:
         except wasmstore.NotFound:
             return None
 
-    def _tags(self):
-        """{tag: (branch, module hash)}."""
-        tags = {}
-        latest = self._head(self.branch)
-        if latest:
-            tags["latest"] = (self.branch, latest)
+    def _tags(self, latest):
+        tags = {"latest": (self.branch, latest)} if latest else {}
         for branch in self.store.branches():
             if wasmstore.OCI_TAG.match(branch) and branch != "latest" and \
                     not wasmstore.OCI_VERSION_TAG.match(branch):
                 head = self._head(branch)
                 if head:
                     tags[branch] = (branch, head)
-        self.history = self.store.versions(self.path, branch=self.branch) if latest else []
         for index, (digest, _) in enumerate(self.history):
             tags[f"v{index}"] = (self.branch, digest)
         return tags

@@ -2467,10 +2467,11 @@ class _Response:
     """A registry response on a pooled connection: bounded reads; once the body is read
     to its end the connection goes back to the pool, otherwise it is closed."""
 
-    def __init__(self, client, connection, response):
+    def __init__(self, client, connection, response, pooled=True):
         self.client = client
         self.connection = connection
         self.response = response
+        self.pooled = pooled              # False: a connection to another host (a CDN)
         self.status = response.status
         self.reason = _clean_text(response.reason, 60)
 
@@ -2519,7 +2520,7 @@ class _Response:
 
     def finish(self):
         if self.connection is not None:
-            if self.response.isclosed() and not self.response.will_close:
+            if self.pooled and self.response.isclosed() and not self.response.will_close:
                 self.client._checkin(self.connection)
             else:
                 self.connection.close()
@@ -2688,6 +2689,7 @@ class RegistryClient:
             except (self.http.RemoteDisconnected, ConnectionResetError, BrokenPipeError) as exc:
                 connection.close()
                 if reused and attempt == 0:
+                    self.close()          # the registry closed its idle connections: all stale
                     continue
                 error = exc
             except (OSError, self.http.HTTPException) as exc:
@@ -2719,7 +2721,7 @@ class RegistryClient:
                     headers["Authorization"] = authorization
                 response = self._exchange(method, target, headers, body)
                 if response.status != 401 or attempt == 2 or \
-                        not self._answer(response, repository):
+                        not self._answer(response, repository, authorization):
                     break
                 response.discard()
             if response.status in (301, 302, 303, 307, 308) and method in ("GET", "HEAD"):
@@ -2763,7 +2765,7 @@ class RegistryClient:
         target = (url.path or "/") + (f"?{url.query}" if url.query else "")
         try:
             connection.request("GET", target, headers={"User-Agent": f"wasmstore/{__version__}"})
-            response = _Response(self, connection, connection.getresponse())
+            response = _Response(self, connection, connection.getresponse(), pooled=False)
         except self.ssl.SSLCertVerificationError as exc:
             connection.close()
             raise RegistryError(f"the TLS certificate of {_clean_text(url.hostname)} cannot "
@@ -2797,8 +2799,11 @@ class RegistryClient:
 
     # -- auth ----------------------------------------------------------------------------
 
-    def _answer(self, response, repository):
-        """Act on a 401's challenge; True if the request is worth sending again."""
+    def _answer(self, response, repository, sent):
+        """Act on a 401's challenge to a request sent with Authorization `sent`; True if the
+        request is worth sending again (another thread may have answered it meanwhile)."""
+        if self._authorization(repository) != sent:
+            return True
         scheme, params = _parse_challenge(response.header("WWW-Authenticate"))
         if scheme == "basic":
             if self.credentials is None or self._basic:
@@ -2815,6 +2820,11 @@ class RegistryClient:
         import urllib.parse
         realm = urllib.parse.urlsplit(params["realm"])
         service = _clean_text(realm.hostname or "?")
+        try:
+            port = realm.port
+        except ValueError:
+            port = None
+            realm = realm._replace(scheme="")
         if realm.scheme not in ("http", "https") or not realm.hostname:
             raise RegistryError(f"{self.registry} announced an unusable token service")
         if realm.scheme == "http" and not (self.plain_http or _is_loopback(realm.hostname)):
@@ -2828,7 +2838,7 @@ class RegistryClient:
         headers = {"User-Agent": f"wasmstore/{__version__}", "Accept": "application/json"}
         if self.credentials is not None:
             headers["Authorization"] = self.credentials.basic()
-        connection = self._connection(realm.scheme, realm.hostname, realm.port)
+        connection = self._connection(realm.scheme, realm.hostname, port)
         try:
             connection.request("GET", target, headers=headers)
             response = connection.getresponse()
@@ -2943,8 +2953,8 @@ class RegistryClient:
 # ------------------------------------------------------------- push, push --all, pull
 
 class TransferReport:
-    """What a push, push_all or pull did: tags written, what was uploaded, what was
-    already there, what was skipped and why. Thread-safe counters."""
+    """What a push or push_all did: tags written, what was uploaded, what was already
+    there, what was skipped and why. Thread-safe counters."""
 
     def __init__(self, target):
         self.target = target
