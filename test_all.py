@@ -5880,6 +5880,18 @@ class OciRegistryTest(OciTestCase):
         done = run_cli(target.root, "pull", good, "/4.wasm", good)
         self.assertOneLineError(done, "REFERENCE PATH pairs")
 
+    def test_large_transfers_report_progress_on_stderr(self):
+        data = self.module("large", 5_000_000)
+        self.store.add("/big.wasm", data)
+        ref = self.registry.ref(self.repo("big"))
+        done = run_cli(self.root, "push", "/big.wasm", ref)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        self.assertIn(f"wasmstore: uploading sha256:{sha(data)[:12]} (5.0 MB) to {self.repo('big')}\n",
+                      done.stderr)
+        pulled = run_cli(os.path.join(self.tmp, "other"), "pull", ref, "/big.wasm")
+        self.assertEqual(pulled.stdout, sha(data) + "\n")
+        self.assertIn(f"wasmstore: downloading sha256:{sha(data)[:12]} (5.0 MB) from {ref}\n", pulled.stderr)
+
     def test_mirror_pushes_every_path_branch_and_version_then_nothing(self):
         self.store.add("/apps/a.wasm", self.module("a0"))
         self.store.add("/apps/a.wasm", self.module("a1"))
@@ -6288,6 +6300,13 @@ class OciServerTest(OciTestCase):
              env={"ORAS_USER": "anyone", "ORAS_PASS": "reader-key-4471"})
         with open(os.path.join(out, "a.wasm"), "rb") as f:
             self.assertEqual(f.read(), self.v0)
+
+    def test_wasmstore_branch_header_selects_latest_and_versions(self):
+        dev = self.module("dev")
+        status, _, body = self.get("/v2/apps/hello.wasm/manifests/latest", headers={"Wasmstore-Branch": "dev"})
+        self.assertEqual(json.loads(body)["layers"][0]["digest"], "sha256:" + sha(dev))
+        status, _, body = self.get("/v2/apps/hello.wasm/tags/list", headers={"Wasmstore-Branch": "dev"})
+        self.assertEqual(json.loads(body)["tags"], ["dev", "latest", "main", "v0", "v1", "v2"])
 
     def test_wasmstore_pulls_from_another_wasmstore(self):
         other = Store(os.path.join(self.tmp, "other"))
