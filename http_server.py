@@ -650,9 +650,9 @@ class OciRepository:
         self.store = store
         self.name = name
         self.path = "/" + name
-        self.branch = branch
-        latest = self._head(branch)
-        self.history = store.versions(self.path, branch=branch) if latest else []
+        self.branch = branch or store.default_branch
+        latest = self._head(self.branch)
+        self.history = store.versions(self.path, branch=self.branch) if latest else []
         self.tags = self._tags(latest)           # {tag: (branch, module hash)}
         if not self.tags:
             raise OciError(404, "NAME_UNKNOWN", f"no module at {self.path}")
@@ -666,8 +666,7 @@ class OciRepository:
     def _tags(self, latest):
         tags = {"latest": (self.branch, latest)} if latest else {}
         for branch in self.store.branches():
-            if wasmstore.OCI_TAG.match(branch) and branch != "latest" and \
-                    not wasmstore.OCI_VERSION_TAG.match(branch):
+            if wasmstore.is_branch_tag(branch):
                 head = self._head(branch)
                 if head:
                     tags[branch] = (branch, head)

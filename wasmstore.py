@@ -53,7 +53,8 @@ __all__ = [
     "validate_branch", "validate_hash", "validate_module", "load_backup", "main",
     "RegistryError", "OciReference", "WasmArtifact", "Credentials", "RegistryClient",
     "TransferReport", "wasm_interface", "module_artifact", "registry_credentials",
-    "docker_config_file", "validate_module_file", "push", "push_all", "pull", "pull_many",
+    "docker_config_file", "validate_module_file", "is_branch_tag", "push", "push_all", "pull",
+    "pull_many",
 ]
 
 import argparse
@@ -2102,6 +2103,13 @@ class OciReference:
         return f"OciReference({str(self)!r})"
 
 
+def is_branch_tag(branch):
+    """True if a branch is offered as an OCI tag of its own name: valid tag syntax, and not
+    "latest" or vN (those name the default branch's head and versions)."""
+    return bool(OCI_TAG.match(branch)) and branch != "latest" and \
+        not OCI_VERSION_TAG.match(branch)
+
+
 def _check_repository(name, registry):
     if not OCI_REPOSITORY.match(name):
         raise InvalidInput(f"invalid repository name {_short(name)}: expected lowercase "
@@ -3099,7 +3107,7 @@ def push_all(store, prefix, *, branch=None, client=None, progress=None,
     modules = store.list("", branch=name)
     report = TransferReport(str(base))
     head_tags = ["latest"] if name == default else []
-    if OCI_TAG.match(name) and name != "latest" and not OCI_VERSION_TAG.match(name):
+    if is_branch_tag(name):
         head_tags.append(name)
     else:
         report.add(skipped=[(f"branch {name}", "not usable as a tag (tags 'latest' and "
