@@ -5,6 +5,7 @@
     python bench.py http  [--rounds N] ...              REST API figures
     python bench.py kv    [--rounds N] ...              wasi:keyvalue host figures
     python bench.py run   [--rounds N] [--quick] ...    running stored modules (issue 8)
+    python bench.py oci   [--rounds N] ...              push/pull to a local registry vs oras
     python bench.py AREA --help                         the area's own options
 
 Each area lives in benchmarks/bench_<area>.py, loaded by file path (benchmarks/ is not a
@@ -26,6 +27,7 @@ AREAS = {
     "http": "http_server.py: the REST API under load",
     "kv": "kvhost.py: wasi:keyvalue calls from guest modules",
     "run": "running stored modules: HTTP calls vs GET, Runner vs kvhost.Host, restart and cold compiles",
+    "oci": "push and pull of Wasm OCI artifacts to a local registry vs the oras client",
 }
 DEFAULT_ROUNDS = 3
 REPO_DIR = os.path.dirname(os.path.abspath(__file__))

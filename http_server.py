@@ -6,7 +6,9 @@ Content-Length on every response, zero-copy downloads (`os.sendfile` of the obje
 reads through TLS), uploads streamed into the store, key/method auth, TLS, CORS, a WebSocket
 watch (RFC 6455), Prometheus metrics, bounded request heads and bodies, strict body framing,
 connection timeouts, a connection cap with a separate cap for watch sessions, Host and Origin
-checks against DNS rebinding and cross-site requests, and graceful shutdown on SIGTERM / Ctrl-C.
+checks against DNS rebinding and cross-site requests, graceful shutdown on SIGTERM / Ctrl-C,
+running stored modules (call, run, exports) on kvhost, and the read side of the OCI
+distribution API under /v2/ (each store path a repository: `oras pull` fetches from it).
 
 As a command::
 
@@ -27,6 +29,8 @@ Map of this file (top-down):
     URL parsing        parse_target(), decode_segment()
     replies            Reply, FileBody, error_reply() and the one ERROR_STATUS table
     route handlers     pure functions (store, call, body) -> Reply, the ROUTES table, LocateCache
+    OCI /v2/           the distribution API's read side: OciRepository (a store path's tags,
+                       manifests, blobs), oci_v2 (its one route), oci_error_reply (JSON codes)
     auth               AuthTable (constant-time key comparison)
     browser safety     parse_authority(), parse_origin(), HostAllowList (DNS rebinding),
                        OriginAllowList (the --cors option; cross-site requests and watches)
@@ -70,6 +74,9 @@ __all__ = [
     "RunGate",
     "GuestRuntime",
     "error_reply",
+    "OciError",
+    "OciRepository",
+    "oci_error_reply",
     "main",
 ]
 
@@ -849,12 +856,179 @@ def get_exports(store, call, body):
     return json_reply(runtime.execute(call, "exports", work))
 
 
+# OCI distribution API, read side (/v2/): each store path is a repository
+# ---------------------------------------------------------------------------------------------
+
+OCI_PREFIX = ("v2",)
+OCI_API_VERSION = ("Docker-Distribution-API-Version", "registry/2.0")
+OCI_BLOB_TYPE = "application/octet-stream"
+OCI_MAX_PAGE = 10_000                      # largest n a tag listing accepts
+OCI_ERROR_CODES = {401: "UNAUTHORIZED", 403: "DENIED", 404: "NAME_UNKNOWN", 405: "UNSUPPORTED",
+                   413: "SIZE_INVALID", 429: "TOOMANYREQUESTS"}
+
+
+class OciError(HttpError):
+    """An error of the /v2/ API, with its distribution-spec error code."""
+
+    def __init__(self, status, code, message):
+        super().__init__(status, message)
+        self.code = code
+
+
+def oci_error_reply(exc):
+    """The distribution spec's JSON error body ({"errors": [{"code", "message"}]}); a 401
+    carries the Basic challenge OCI clients answer with the key as password."""
+    status = error_status(exc)
+    if status is None or status >= 500:
+        return error_reply(exc)
+    code = getattr(exc, "code", None) or OCI_ERROR_CODES.get(status, "UNSUPPORTED")
+    reply = json_reply({"errors": [{"code": code, "message": one_line(exc)}]}, status)
+    reply.headers.append(OCI_API_VERSION)
+    if isinstance(exc, HttpError):
+        reply.headers.extend(exc.headers)
+    if status == 401:
+        reply.headers.append(("WWW-Authenticate", 'Basic realm="wasmstore", charset="UTF-8"'))
+    return reply
+
+
+class OciRepository:
+    """A store path as an OCI repository. Tags: "latest" (the head of the request's branch,
+    by default the store's default branch), every branch whose name is a valid tag other
+    than "latest" and vN, and "v0", "v1", ... (the path's versions on the request's branch).
+    Manifests and configs are wasmstore.module_artifact's, so their digests are stable.
+
+    A store path whose name does not fit the distribution spec's repository grammar
+    (lowercase [a-z0-9] components joined by '.', '_', '__' or '-') is not reachable here:
+    NAME_INVALID. /api/v1/ serves every path."""
+
+    def __init__(self, store, segments, branch):
+        name = "/".join(segments)
+        if not wasmstore.OCI_REPOSITORY.match(name):
+            raise OciError(400, "NAME_INVALID", f"invalid repository name {name[:200]!r}: "
+                           "expected lowercase [a-z0-9] components joined by '.', '_', '__' "
+                           "or '-', separated by '/'")
+        self.store = store
+        self.name = name
+        self.path = "/" + name
+        self.branch = branch or store.default_branch
+        latest = self._head(self.branch)
+        self.history = store.versions(self.path, branch=self.branch) if latest else []
+        self.tags = self._tags(latest)           # {tag: (branch, module hash)}
+        if not self.tags:
+            raise OciError(404, "NAME_UNKNOWN", f"no module at {self.path}")
+
+    def _head(self, branch):
+        try:
+            return self.store.locate(self.path, branch=branch)[0]
+        except wasmstore.NotFound:
+            return None
+
+    def _tags(self, latest):
+        tags = {"latest": (self.branch, latest)} if latest else {}
+        for branch in self.store.branches():
+            if wasmstore.is_branch_tag(branch):
+                head = self._head(branch)
+                if head:
+                    tags[branch] = (branch, head)
+        for index, (digest, _) in enumerate(self.history):
+            tags[f"v{index}"] = (self.branch, digest)
+        return tags
+
+    def artifact(self, tag):
+        branch, digest = self.tags[tag]
+        history = self.history if branch == self.branch else None
+        return wasmstore.module_artifact(self.store, self.path, branch=branch, digest=digest,
+                                         history=history)
+
+    def artifacts(self):
+        """One artifact per distinct (branch, module) the tags name."""
+        seen = {}
+        for tag, key in self.tags.items():
+            if key not in seen:
+                seen[key] = self.artifact(tag)
+        return seen.values()
+
+    def manifest(self, reference):
+        if reference in self.tags:
+            return self.artifact(reference)
+        if wasmstore.OCI_DIGEST.match(reference):
+            for artifact in self.artifacts():
+                if artifact.manifest_digest == reference:
+                    return artifact
+        raise OciError(404, "MANIFEST_UNKNOWN",
+                       f"no manifest {reference[:80]!r} in repository {self.name!r}")
+
+
+def _oci_headers(content_type, digest):
+    return [("Content-Type", content_type), ("Docker-Content-Digest", digest),
+            ("ETag", f'"{digest}"'), OCI_API_VERSION]
+
+
+def oci_manifest(store, call, segments, reference):
+    artifact = OciRepository(store, segments, call.branch).manifest(reference)
+    return Reply(200, _oci_headers(wasmstore.OCI_MANIFEST_TYPE, artifact.manifest_digest),
+                 artifact.manifest)
+
+
+def oci_blob(store, call, segments, digest):
+    if not wasmstore.OCI_DIGEST.match(digest):
+        raise OciError(400, "DIGEST_INVALID", f"invalid digest {digest[:80]!r}: expected "
+                       "sha256: and 64 lowercase hex digits")
+    repository = OciRepository(store, segments, call.branch)
+    headers = _oci_headers(OCI_BLOB_TYPE, digest)
+    if any("sha256:" + module == digest for _, module in repository.tags.values()):
+        return Reply(200, headers, open_body(store.module_filename(digest[7:])))   # sendfile
+    for artifact in repository.artifacts():
+        if artifact.config_digest == digest:
+            return Reply(200, headers, artifact.config)
+    raise OciError(404, "BLOB_UNKNOWN", f"no blob {digest} in repository {repository.name!r}")
+
+
+def oci_tags(store, call, segments):
+    repository = OciRepository(store, segments, call.branch)
+    tags = sorted(repository.tags)
+    last = call.query.get("last")
+    if last is not None:
+        tags = [tag for tag in tags if tag > last]
+    raw_n = call.query.get("n")
+    headers = [OCI_API_VERSION]
+    if raw_n is not None:
+        if not raw_n.isdigit() or int(raw_n) > OCI_MAX_PAGE:
+            raise OciError(400, "UNSUPPORTED", f"n must be an integer from 0 to {OCI_MAX_PAGE}")
+        n = int(raw_n)
+        if 0 < n < len(tags):
+            after = urllib.parse.urlencode({"n": n, "last": tags[n - 1]})
+            headers.append(("Link", f'</v2/{repository.name}/tags/list?{after}>; rel="next"'))
+        tags = tags[:n]
+    reply = json_reply({"name": repository.name, "tags": tags})
+    reply.headers.extend(headers)
+    return reply
+
+
+def oci_v2(store, call, body):
+    """GET/HEAD /v2/...: the API version check, manifests, blobs and tag lists."""
+    parts = call.path.split("/") if call.path else []
+    if not parts:
+        return Reply(200, [("Content-Type", JSON_TYPE), OCI_API_VERSION], b"{}")
+    if len(parts) >= 3 and parts[-2] == "manifests":
+        return oci_manifest(store, call, parts[:-2], parts[-1])
+    if len(parts) >= 3 and parts[-2] == "blobs":
+        return oci_blob(store, call, parts[:-2], parts[-1])
+    if len(parts) >= 3 and parts[-2:] == ["tags", "list"]:
+        return oci_tags(store, call, parts[:-2])
+    raise OciError(404, "UNSUPPORTED", "no such /v2/ endpoint (this registry serves pulls: "
+                   "manifests, blobs, tags/list)")
+
+
 class Route:
-    """One row of the routing table: /api/v1/<name>/<params...>/<rest...>."""
+    """One row of the routing table: /api/v1/<name>/<params...>/<rest...> (or, with
+    prefix=(), /<name>/...: the OCI API's /v2/)."""
 
-    __slots__ = ("method", "name", "nparams", "rest", "handler", "label", "upload", "websocket", "body")
+    __slots__ = ("method", "name", "nparams", "rest", "handler", "label", "upload", "websocket", "body",
+                 "prefix")
 
-    def __init__(self, method, name, nparams, rest, handler, *, upload=False, websocket=False, body=False):
+    def __init__(self, method, name, nparams, rest, handler, *, upload=False, websocket=False, body=False,
+                 prefix=API_PREFIX):
         self.method = method          # "*" = any method
         self.name = name
         self.nparams = nparams
@@ -863,7 +1037,9 @@ class Route:
         self.upload = upload          # body streamed into the store
         self.body = body              # the handler reads a body of up to --max-body (may be absent)
         self.websocket = websocket
-        parts = ["/api/v1", name] + [":p"] * nparams + (["*"] if rest == "optional" else [])
+        self.prefix = prefix
+        parts = ["/".join(("",) + prefix), name] + [":p"] * nparams + \
+            (["*"] if rest == "optional" else [])
         self.label = "/".join(parts)  # bounded metric label
 
 
@@ -893,6 +1069,7 @@ ROUTES = [
     Route("POST", "run", 0, "optional", run_module, body=True),
     Route("GET", "exports", 0, "optional", get_exports),
     Route("*", "auth", 0, "none", auth_ok),
+    Route("GET", "v2", 0, "optional", oci_v2, prefix=()),
 ]
 
 
@@ -901,13 +1078,16 @@ def match_route(method, segments, routes=ROUTES):
 
     HEAD is served by the GET route (same headers, no body).
     """
-    if tuple(segments[:2]) != API_PREFIX or len(segments) < 3:
+    if segments[:1] == OCI_PREFIX:
+        prefix, name, tail = (), segments[0], segments[1:]
+    elif tuple(segments[:2]) == API_PREFIX and len(segments) >= 3:
+        prefix, name, tail = API_PREFIX, segments[2], segments[3:]
+    else:
         raise HttpError(404, "no such route")
-    name, tail = segments[2], segments[3:]
     lookup = "GET" if method == "HEAD" else method
     allowed = []
     for route in routes:
-        if route.name != name:
+        if route.name != name or route.prefix != prefix:
             continue
         if route.nparams > len(tail) or (route.rest == "none" and len(tail) != route.nparams):
             continue
@@ -998,7 +1178,18 @@ def presented_key(headers):
         scheme, _, value = (headers.get("Authorization") or "").partition(" ")
         if scheme.lower() == "bearer":
             key = value.strip()
+        elif scheme.lower() == "basic":          # OCI clients: the key is the password
+            key = _basic_password(value.strip())
     return key
+
+
+def _basic_password(value):
+    """The password of a Basic credential ("" when malformed; the user name is ignored)."""
+    try:
+        pair = base64.b64decode(value, validate=True).decode("utf-8")
+    except (ValueError, UnicodeDecodeError):
+        return ""
+    return pair.partition(":")[2]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1842,6 +2033,7 @@ class WasmstoreHandler(http.server.BaseHTTPRequestHandler):
         self._reply_started = False
         self._expect_continue = False
         self._framing = 0
+        self._error_reply = error_reply
 
     def _handle_request_line(self, line):
         if len(line) > MAX_REQUEST_LINE:
@@ -1921,7 +2113,7 @@ class WasmstoreHandler(http.server.BaseHTTPRequestHandler):
             self.server.log_text(f"error in {self.command} {self._safe_path()}:\n" + traceback.format_exc())
         elif status >= 500:                         # known failure (corrupt object): one line
             self.server.log_text(f"error in {self.command} {self._safe_path()}: {one_line(exc)}")
-        return error_reply(exc)
+        return self._error_reply(exc)
 
     def _dispatch(self, method):
         server = self.server
@@ -1929,6 +2121,8 @@ class WasmstoreHandler(http.server.BaseHTTPRequestHandler):
             raise HttpError(501, "unsupported method", close=True)
         segments, query = parse_target(self.path)
         self._check_request_source(method)
+        if segments[:1] == OCI_PREFIX:
+            self._error_reply = oci_error_reply     # OCI clients read JSON error codes
         if method == "OPTIONS" and server.cors.enabled:
             self._route_label = "preflight"
             return self._preflight()

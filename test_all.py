@@ -9,6 +9,7 @@ Sections, in order (each a set of unittest.TestCase classes; run one with
   - The original published clients (PyPI and npm wasmstore 0.3.0) against a live server
   - The wasi:keyvalue host (kvhost.py): backend contract, guest glue, failures, sandbox, cache, CLI
   - The test guests (guests/, wit/) through kvhost, and the componentize-py guest
+  - OCI: push, pull, mirror, /v2/ (against the distribution registry and the oras client)
 
 Tests start the real peers they talk to: ``redis-server`` on free loopback ports, the
 original PyPI client in its own virtual environment and the npm client under Node, the
@@ -44,6 +45,7 @@ import tempfile
 import threading
 import time
 import unittest
+import urllib.parse
 import uuid
 from unittest import mock
 
@@ -6080,6 +6082,1062 @@ class PyCounterTest(unittest.TestCase):
         guest = host.load(PY_COUNTER)
         self.assertEqual(host.call(guest, "bump", []), {"err": "access-denied"})
         self.assertEqual(host.call(guest, "peek", ["elsewhere", "k"]), {"err": "no-such-store"})
+
+
+# =================================================================================================
+# OCI: push, pull, mirror, /v2/ (wasmstore.py's registry client, http_server.py's /v2/)
+# =================================================================================================
+
+# Real peers: the CNCF distribution registry (Debian `docker-registry`) started per test class on
+# a free loopback port with a temporary storage directory, Basic auth through an htpasswd file
+# (Debian `apache2-utils`), and the PyPI `oras` client (oras-py, a library: clients/oras_driver.py
+# is its command line) in its own virtual environment. Two test-side servers stand in where no
+# packaged peer exists: TokenService (distribution ships no token service; the registry itself
+# runs in token mode and checks the JWTs) and MisbehavingRegistry (for answers no real registry
+# gives: a body that does not match its digest, an oversized manifest, 403, a cross-host
+# redirect).
+
+ORAS_VENV = os.environ.get("WASMSTORE_ORAS_VENV", os.path.join(HERE, ".venv-oras"))
+
+
+ORAS_NAME, ORAS_VERSION = "oras", "0.2.43"   # .ci/run installs the same pin
+
+
+ORAS_DRIVER = os.path.join(CLIENTS_DIR, "oras_driver.py")
+
+
+OCI_CALL_TIMEOUT = 120   # seconds for one CLI or oras run on the shared 2-core machine
+
+
+def oras_python():
+    return os.path.join(ORAS_VENV, "bin", "python")
+
+
+def installed_oras_version():
+    if not os.path.exists(oras_python()):
+        return None
+    probe = subprocess.run([oras_python(), "-c", f"import importlib.metadata as m; print(m.version({ORAS_NAME!r}))"],
+                           capture_output=True, text=True)
+    return probe.stdout.strip() if probe.returncode == 0 else None
+
+
+def ensure_oras_client():
+    """Return the interpreter of the virtual environment holding the pinned PyPI oras client."""
+    with install_lock("venv-oras"):
+        if installed_oras_version() != ORAS_VERSION:
+            run_quietly([sys.executable, "-m", "venv", ORAS_VENV])
+            run_quietly([oras_python(), "-m", "pip", "install", "--quiet", f"{ORAS_NAME}=={ORAS_VERSION}"])
+        found = installed_oras_version()
+        if found != ORAS_VERSION:
+            raise PrerequisiteMissing(f"{ORAS_VENV} has {ORAS_NAME} {found}, not {ORAS_VERSION}")
+    return oras_python()
+
+
+def oras(*args, env=None, expect_ok=True):
+    """Run clients/oras_driver.py under the oras venv; return its JSON answer."""
+    python = prepare(ensure_oras_client)
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("ORAS_")}
+    environment.update(env or {})
+    done = subprocess.run([python, ORAS_DRIVER, *args], capture_output=True, text=True, env=environment,
+                          timeout=OCI_CALL_TIMEOUT)
+    lines = done.stdout.strip().splitlines()
+    if not lines:
+        raise AssertionError(f"oras driver said nothing (exit {done.returncode}): {done.stderr[-2000:]}")
+    answer = json.loads(lines[-1])
+    if expect_ok and "error" in answer:
+        raise AssertionError(f"oras {args[0]} failed: {answer['error']}")
+    return answer
+
+
+def run_cli(root, *args, env=None, stdin=None, timeout=OCI_CALL_TIMEOUT):
+    """`python wasmstore.py --root ROOT ...` as a user runs it; returns the CompletedProcess (text)."""
+    environment = {k: v for k, v in os.environ.items() if not k.startswith(("WASMSTORE_", "DOCKER_"))}
+    environment.update(env or {})
+    return subprocess.run([sys.executable, WASMSTORE_PY, "--root", root, *args], input=stdin, capture_output=True,
+                          text=True, env=environment, timeout=timeout, cwd=HERE)
+
+
+def component_bytes(wat_file):
+    """The binary of one of the repository's WAT test components."""
+    return bytes(wasmtime.wat2wasm(read_text(wat_file)))
+
+
+def openssl_key_and_cert(directory, name, common_name):
+    """An RSA key and a self-signed certificate for 127.0.0.1 and localhost: (key, cert) files."""
+    openssl = require_tool("openssl", "apt-get install -y openssl")
+    key, cert = os.path.join(directory, f"{name}.key"), os.path.join(directory, f"{name}.crt")
+    subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-keyout", key,
+                    "-out", cert, "-subj", f"/CN={common_name}",
+                    "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"],
+                   check=True, capture_output=True, timeout=60)
+    return key, cert
+
+
+def http_get(url, headers=None, context=None, method="GET"):
+    """(status, headers dict with lower-case names, body) of one request to an absolute URL."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme == "https":
+        connection = http.client.HTTPSConnection(parts.hostname, parts.port, timeout=30, context=context)
+    else:
+        connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+    try:
+        target = parts.path + (f"?{parts.query}" if parts.query else "")
+        connection.request(method, target, headers=headers or {})
+        response = connection.getresponse()
+        return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
+    finally:
+        connection.close()
+
+
+class DistributionRegistry:
+    """The CNCF distribution registry (Debian's `docker-registry`) on a free loopback port, storing in
+    a temporary directory. auth: None (anonymous), {"htpasswd": {...}} or {"token": {...}} (the
+    registry's own config sections); tls: (key file, cert file) or None. cleanup() stops it and
+    removes its directory."""
+
+    def __init__(self, auth=None, tls=None):
+        self.auth = auth
+        self.tls = tls
+        self.directory = tempfile.mkdtemp(prefix="test-registry-")
+        self.port = None
+        self.process = None
+
+    @property
+    def registry(self):
+        return f"127.0.0.1:{self.port}"
+
+    def ref(self, name):
+        return f"oci://{self.registry}/{name}"
+
+    def start(self):
+        binary = require_tool("docker-registry", "apt-get install -y docker-registry")
+        self.port = free_port()
+        http_section = {"addr": self.registry, "secret": "test-only-secret"}
+        if self.tls:
+            http_section["tls"] = {"key": self.tls[0], "certificate": self.tls[1]}
+        config = {"version": 0.1, "log": {"level": "error", "accesslog": {"disabled": True}},
+                  "storage": {"filesystem": {"rootdirectory": os.path.join(self.directory, "data")},
+                              "delete": {"enabled": True}},
+                  "http": http_section}
+        if self.auth:
+            config["auth"] = self.auth
+        config_file = os.path.join(self.directory, "config.yml")
+        with open(config_file, "w") as f:
+            json.dump(config, f)                 # JSON is YAML: the registry reads it as its config
+        self.log_file = os.path.join(self.directory, "registry.log")
+        with open(self.log_file, "wb") as log:
+            self.process = subprocess.Popen([binary, "serve", config_file], stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 30
+        scheme = "https" if self.tls else "http"
+        insecure = ssl._create_unverified_context()
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"docker-registry exited with status {self.process.returncode}: "
+                                   f"{read_text(self.log_file)[-1000:]}")
+            try:
+                status, _, _ = http_get(f"{scheme}://{self.registry}/v2/", context=insecure)
+                if status in (200, 401):
+                    return self
+            except OSError:
+                time.sleep(0.05)
+        self.cleanup()
+        raise RuntimeError(f"docker-registry did not answer on {self.registry} within 30 s")
+
+    def cleanup(self):
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+    def tags(self, repository, headers=None):
+        status, _, body = http_get(f"http://{self.registry}/v2/{repository}/tags/list", headers)
+        return sorted(json.loads(body)["tags"]) if status == 200 else None
+
+
+def start_registry(testcase_class, **options):
+    """A DistributionRegistry for a whole test class (stopped by a class cleanup)."""
+    registry = DistributionRegistry(**options)
+    testcase_class.addClassCleanup(registry.cleanup)
+    return registry.start()
+
+
+def htpasswd_file(directory, user, password):
+    """An htpasswd file (bcrypt, what the registry accepts) made by Debian's `htpasswd`."""
+    tool = require_tool("htpasswd", "apt-get install -y apache2-utils")
+    path = os.path.join(directory, "htpasswd")
+    line = subprocess.run([tool, "-Bbn", user, password], check=True, capture_output=True, text=True).stdout
+    with open(path, "w") as f:
+        f.write(line.strip() + "\n")
+    return path
+
+
+def b64url(data):
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+class TokenService:
+    """A token service for the Docker registry token auth flow, on a free loopback port.
+
+    The registry (in `auth: token` mode) answers clients with a Bearer challenge naming this
+    service's realm; a client fetches a JWT here with Basic credentials and presents it to the
+    registry, which verifies it against the certificate in its rootcertbundle. Distribution ships
+    no token service, so the test is the issuer: it checks the password, grants the requested
+    actions (only `grant` of them), and signs RS256 with the `openssl` command."""
+
+    SERVICE, ISSUER = "wasmstore-test-registry", "wasmstore-test-issuer"
+
+    def __init__(self, directory, users, grant=("pull", "push")):
+        self.key, self.cert = openssl_key_and_cert(directory, "token-issuer", "wasmstore test token issuer")
+        der = subprocess.run(["openssl", "x509", "-in", self.cert, "-outform", "DER"], check=True,
+                             capture_output=True).stdout
+        self.x5c = base64.b64encode(der).decode("ascii")
+        self.users = users
+        self.grant = set(grant)
+        self.requests = []                        # (user or None, scope) per token request
+        service = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                service.answer(self)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def realm(self):
+        return f"http://127.0.0.1:{self.server.server_address[1]}/token"
+
+    def registry_auth(self):
+        """The registry's `auth:` config section pointing at this service."""
+        return {"token": {"realm": self.realm, "service": self.SERVICE, "issuer": self.ISSUER,
+                          "rootcertbundle": self.cert}}
+
+    def answer(self, handler):
+        query = urllib.parse.parse_qs(urllib.parse.urlsplit(handler.path).query)
+        scopes = query.get("scope", [])
+        user = None
+        scheme, _, value = (handler.headers.get("Authorization") or "").partition(" ")
+        if scheme == "Basic":
+            name, _, password = base64.b64decode(value).decode().partition(":")
+            if self.users.get(name) != password:
+                return self.reply(handler, 401, {"errors": [{"code": "UNAUTHORIZED", "message": "bad password"}]})
+            user = name
+        self.requests.append((user, " ".join(scopes)))
+        if user is None:
+            return self.reply(handler, 401, {"errors": [{"code": "UNAUTHORIZED", "message": "log in first"}]})
+        access = []
+        for scope in " ".join(scopes).split():
+            kind, name, actions = scope.split(":", 2)
+            allowed = [action for action in actions.split(",") if action in self.grant]
+            access.append({"type": kind, "name": name, "actions": allowed})
+        token = self.sign(user, access)
+        self.reply(handler, 200, {"token": token, "access_token": token, "expires_in": 300})
+
+    def sign(self, user, access):
+        now = int(time.time())
+        header = {"typ": "JWT", "alg": "RS256", "x5c": [self.x5c]}
+        claims = {"iss": self.ISSUER, "sub": user, "aud": self.SERVICE, "exp": now + 300, "nbf": now - 5,
+                  "iat": now, "jti": uuid.uuid4().hex, "access": access}
+        signing_input = f"{b64url(json.dumps(header).encode())}.{b64url(json.dumps(claims).encode())}"
+        signature = subprocess.run(["openssl", "dgst", "-sha256", "-sign", self.key], input=signing_input.encode(),
+                                   check=True, capture_output=True).stdout
+        return f"{signing_input}.{b64url(signature)}"
+
+    @staticmethod
+    def reply(handler, status, document):
+        body = json.dumps(document).encode()
+        handler.send_response(status)
+        handler.send_header("Content-Type", "application/json")
+        handler.send_header("Content-Length", str(len(body)))
+        handler.end_headers()
+        handler.wfile.write(body)
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(10)
+
+
+class MisbehavingRegistry:
+    """A loopback HTTP server answering from a table {path: (status, headers, body)}: the answers
+    no real registry gives (a body that does not match its digest, an oversized manifest, 403, a
+    redirect to another host). Everything else in this section talks to the real registry."""
+
+    def __init__(self):
+        self.routes = {}
+        self.requests = []
+        routes, requests = self.routes, self.requests
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def answer(self, with_body):
+                path = self.path.split("?", 1)[0]
+                requests.append((self.command, path))
+                status, headers, body = routes.get(path, (404, {}, b'{"errors":[{"code":"NAME_UNKNOWN"}]}'))
+                self.send_response(status)
+                for name, value in headers.items():
+                    self.send_header(name, value)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if with_body:
+                    self.wfile.write(body)
+
+            def do_GET(self):
+                self.answer(True)
+
+            def do_HEAD(self):
+                self.answer(False)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.handle_error = lambda request, address: None   # clients that stop reading are expected
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def registry(self):
+        return f"127.0.0.1:{self.server.server_address[1]}"
+
+    def serve_manifest(self, repository, reference, manifest, content_type=wasmstore.OCI_MANIFEST_TYPE,
+                       headers=None):
+        body = manifest if isinstance(manifest, bytes) else json.dumps(manifest).encode()
+        self.routes[f"/v2/{repository}/manifests/{reference}"] = (
+            200, {"Content-Type": content_type, **(headers or {})}, body)
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(10)
+
+
+def wasm_manifest(layer_bytes, layer_type=wasmstore.WASM_LAYER_TYPE, layer_digest=None):
+    """A Wasm OCI manifest (as a dict) for layer_bytes."""
+    return {"schemaVersion": 2, "mediaType": wasmstore.OCI_MANIFEST_TYPE,
+            "config": {"mediaType": wasmstore.WASM_CONFIG_TYPE, "digest": "sha256:" + sha(b"{}"), "size": 2},
+            "layers": [{"mediaType": layer_type, "digest": layer_digest or "sha256:" + sha(layer_bytes),
+                        "size": len(layer_bytes), "annotations": {wasmstore.OCI_TITLE: "m.wasm"}}]}
+
+
+class OciTestCase(unittest.TestCase):
+    """A fresh store per test; helpers to make modules and compare stores before and after."""
+
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp(prefix="wasmstore-oci-")
+        self.addCleanup(shutil.rmtree, self.tmp, True)
+        self.root = os.path.join(self.tmp, "store")
+        self.store = Store(self.root)
+        self.addCleanup(self.store.close)
+
+    def module(self, tag, size=2000):
+        return wasm_module_of_size(size, tag=f"{self.id()}-{tag}")
+
+    def write(self, name, data):
+        path = os.path.join(self.tmp, name)
+        with open(path, "wb") as f:
+            f.write(data)
+        return path
+
+    def assertOneLineError(self, done, *fragments):
+        """A CLI run that failed as the spec says: exit 1, one `wasmstore: error:` line, no traceback."""
+        self.assertEqual(done.returncode, 1, done.stdout + done.stderr)
+        lines = done.stderr.splitlines()
+        self.assertEqual(len(lines), 1, done.stderr)
+        self.assertTrue(lines[0].startswith("wasmstore: error: "), lines[0])
+        for fragment in fragments:
+            self.assertIn(fragment, lines[0])
+        self.assertEqual(done.stdout, "")
+
+    def assertNothingStored(self, before):
+        self.assertEqual(store_files(self.root), before)
+        self.assertEqual(os.listdir(os.path.join(self.root, "tmp")), [])
+
+
+class OciReferenceTest(unittest.TestCase):
+    """oci:// references: the distribution spec's grammar, checked before any network traffic."""
+
+    def test_parses_registry_repository_tag_and_digest(self):
+        digest = "sha256:" + "ab" * 32
+        ref = wasmstore.OciReference.parse(f"oci://127.0.0.1:5000/apps/hello.wasm:v1@{digest}")
+        self.assertEqual((ref.registry, ref.host, ref.port, ref.repository, ref.tag, ref.digest),
+                         ("127.0.0.1:5000", "127.0.0.1", 5000, "apps/hello.wasm", "v1", digest))
+        self.assertEqual(ref.target, digest)
+        self.assertEqual(str(ref), f"oci://127.0.0.1:5000/apps/hello.wasm:v1@{digest}")
+
+    def test_tag_defaults_to_latest(self):
+        ref = wasmstore.OciReference.parse("oci://ghcr.io/me/add")
+        self.assertEqual((ref.registry, ref.port, ref.repository, ref.tag, ref.target),
+                         ("ghcr.io", None, "me/add", None, "latest"))
+
+    def test_ipv6_loopback_registry(self):
+        ref = wasmstore.OciReference.parse("oci://[::1]:5000/a:b")
+        self.assertEqual((ref.host, ref.port, ref.repository, ref.tag), ("::1", 5000, "a", "b"))
+
+    def test_rejects_what_the_grammar_does_not_allow(self):
+        for text in ["https://h/a", "oci://h", "oci://h/", "oci://h/Apps/x", "oci://h/a//b", "oci://h/-a",
+                     "oci://h/a:", "oci://h/a:-x", "oci://h/a:" + "t" * 129, "oci://h/a@sha256:abc",
+                     "oci://h/a@md5:" + "0" * 32, "oci://h:0/a", "oci://h:65536/a", "oci://h h/a",
+                     "oci://h/a b", "oci://h/" + "a" * 300, 42]:
+            with self.subTest(text=text):
+                with self.assertRaises(wasmstore.InvalidInput) as caught:
+                    wasmstore.OciReference.parse(text)
+                self.assertNotIn("\n", str(caught.exception))
+
+    def test_push_all_prefix_may_be_empty_but_takes_no_tag(self):
+        self.assertEqual(wasmstore.OciReference.parse("oci://h:1", prefix=True).child(("a.wasm",)).repository,
+                         "a.wasm")
+        self.assertEqual(wasmstore.OciReference.parse("oci://h/m", prefix=True).child(("x", "a.wasm")).repository,
+                         "m/x/a.wasm")
+        with self.assertRaises(wasmstore.InvalidInput):
+            wasmstore.OciReference.parse("oci://h/m:v1", prefix=True)
+
+    def test_tls_is_the_default_and_plain_http_an_explicit_choice(self):
+        self.assertEqual(wasmstore.RegistryClient("registry.example:5000").scheme, "https")
+        self.assertEqual(wasmstore.RegistryClient("registry.example:5000", plain_http=True).scheme, "http")
+
+    def test_credentials_never_show_their_password(self):
+        credentials = wasmstore.Credentials("alice", "s3cret-pw", "a test")
+        self.assertNotIn("s3cret-pw", repr(credentials) + str(credentials))
+        client = wasmstore.RegistryClient("h:1", credentials=credentials)
+        self.assertNotIn("s3cret-pw", repr(client))
+
+
+class OciArtifactTest(OciTestCase):
+    """The CNCF Wasm OCI artifact layout built from a stored module."""
+
+    def test_core_module_is_wasip1_without_component_section(self):
+        data = self.module("core")
+        self.store.add("/apps/core.wasm", data, author="alice")
+        artifact = wasmstore.module_artifact(self.store, "/apps/core.wasm")
+        config = json.loads(artifact.config)
+        commit = self.store.commit_info(self.store.snapshot())
+        self.assertEqual(config, {"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(commit["date"])),
+                                  "author": "alice", "architecture": "wasm", "os": "wasip1",
+                                  "layerDigests": ["sha256:" + sha(data)]})
+
+    def test_manifest_has_one_titled_wasm_layer_and_the_wasm_config(self):
+        data = self.module("m")
+        self.store.add("/apps/hello.wasm", data)
+        artifact = wasmstore.module_artifact(self.store, "/apps/hello.wasm")
+        manifest = json.loads(artifact.manifest)
+        self.assertEqual(manifest, {
+            "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {"mediaType": "application/vnd.wasm.config.v0+json",
+                       "digest": "sha256:" + sha(artifact.config), "size": len(artifact.config)},
+            "layers": [{"mediaType": "application/wasm", "digest": "sha256:" + sha(data), "size": len(data),
+                        "annotations": {"org.opencontainers.image.title": "hello.wasm"}}]})
+        self.assertEqual(artifact.manifest_digest, "sha256:" + sha(artifact.manifest))
+
+    def test_component_is_wasip2_with_the_imports_and_exports_wasmtime_sees(self):
+        engine = wasmtime.Engine()
+        for wat in (PROBE, TYPES_PROBE, WASI_PROBE, WATCHER):
+            with self.subTest(guest=os.path.basename(wat)):
+                data = component_bytes(wat)
+                self.store.add("/c.wasm", data)
+                config = json.loads(wasmstore.module_artifact(self.store, "/c.wasm").config)
+                component_type = wc.Component(engine, data).type
+                self.assertEqual(config["os"], "wasip2")
+                self.assertEqual(config["component"],
+                                 {"exports": list(component_type.exports(engine)),
+                                  "imports": list(component_type.imports(engine))})
+
+    def test_the_same_version_always_gives_the_same_digests(self):
+        self.store.add("/a.wasm", self.module("v0"))
+        first = wasmstore.module_artifact(self.store, "/a.wasm")
+        self.store.add("/a.wasm", self.module("v1"))      # a later commit does not change version 0
+        again = wasmstore.module_artifact(self.store, "/a.wasm", digest=first.module_digest[7:])
+        self.assertEqual((again.config, again.manifest), (first.config, first.manifest))
+        self.assertNotEqual(wasmstore.module_artifact(self.store, "/a.wasm").manifest_digest,
+                            first.manifest_digest)
+
+    def test_interface_reader_reads_only_the_top_level_sections(self):
+        self.assertEqual(wasmstore.wasm_interface(self.module("plain")), ("module", [], []))
+        path = self.write("probe.wasm", component_bytes(PROBE))
+        kind, imports, exports = wasmstore.wasm_interface(path)
+        self.assertEqual(kind, "component")
+        self.assertIn("wasi:keyvalue/store@0.2.0-draft2", imports)
+        self.assertIn("get", exports)
+
+
+class OciRegistryTest(OciTestCase):
+    """Push, pull and mirror against the real distribution registry, checked with the oras client."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.registry = start_registry(cls)
+
+    def repo(self, name):
+        """A repository name of this test (tests share the class's registry)."""
+        return f"{self._testMethodName[5:60].replace('_', '-').strip('-')}/{name}"
+
+    def test_wasmstore_push_then_oras_pull_gives_the_same_bytes_and_media_types(self):
+        data = self.module("hello", 50_000)
+        self.store.add("/apps/hello.wasm", data)
+        ref = self.registry.ref(self.repo("hello") + ":v1")
+        report = wasmstore.push(self.store, "/apps/hello.wasm", ref)
+        target = ref[len("oci://"):]
+        out = os.path.join(self.tmp, "pulled")
+        self.assertEqual(oras("pull", target, out)["files"], [os.path.join(out, "hello.wasm")])
+        with open(os.path.join(out, "hello.wasm"), "rb") as f:
+            self.assertEqual(f.read(), data)
+        fetched = oras("manifest", target)
+        self.assertEqual((fetched["content_type"], fetched["digest"]),
+                         (wasmstore.OCI_MANIFEST_TYPE, report.manifest_digest))
+        manifest = fetched["manifest"]
+        self.assertEqual(manifest["config"]["mediaType"], "application/vnd.wasm.config.v0+json")
+        self.assertEqual([(layer["mediaType"], layer["digest"], layer["annotations"]) for layer in manifest["layers"]],
+                         [("application/wasm", "sha256:" + sha(data),
+                           {"org.opencontainers.image.title": "hello.wasm"})])
+        config = json.loads(base64.b64decode(oras("blob", target, manifest["config"]["digest"])["b64"]))
+        self.assertEqual((config["architecture"], config["os"], config["layerDigests"]),
+                         ("wasm", "wasip1", ["sha256:" + sha(data)]))
+
+    def test_oras_push_then_wasmstore_pull_stores_the_module_in_one_commit_naming_the_source(self):
+        data = self.module("from-oras", 30_000)
+        module_file = self.write("m.wasm", data)
+        config_file = self.write("config.json", b"{}")
+        target = f"{self.registry.registry}/{self.repo('m')}:1.0"
+        oras("push", target, f"{module_file}:application/wasm", "--config",
+             f"{config_file}:application/vnd.wasm.config.v0+json")
+        head = self.store.head()
+        digest = wasmstore.pull(self.store, "oci://" + target, "/pulled/m.wasm")
+        self.assertEqual(digest, sha(data))
+        self.assertEqual(self.store.find("/pulled/m.wasm"), data)
+        info = self.store.commit_info(self.store.snapshot())
+        self.assertEqual(info.get("parents", []), [head] if head else [])
+        manifest_digest = oras("manifest", target)["digest"]
+        self.assertEqual(info["message"], f"Pull /pulled/m.wasm from oci://{target}@{manifest_digest}")
+
+    def test_pull_by_digest(self):
+        data = self.module("by-digest")
+        self.store.add("/a.wasm", data)
+        report = wasmstore.push(self.store, "/a.wasm", self.registry.ref(self.repo("a")))
+        other = Store(os.path.join(self.tmp, "other"))
+        self.addCleanup(other.close)
+        ref = self.registry.ref(f"{self.repo('a')}@{report.manifest_digest}")
+        self.assertEqual(wasmstore.pull(other, ref, "/copy.wasm"), sha(data))
+        self.assertEqual(other.find("/copy.wasm"), data)
+
+    def test_a_second_push_uploads_no_blob(self):
+        self.store.add("/a.wasm", self.module("twice", 20_000))
+        ref = self.registry.ref(self.repo("a"))
+        first = wasmstore.push(self.store, "/a.wasm", ref)
+        self.assertEqual((first.blobs_uploaded, first.blobs_present), (2, 0))
+        second = wasmstore.push(self.store, "/a.wasm", ref)
+        self.assertEqual((second.blobs_uploaded, second.blobs_mounted, second.blobs_present, second.bytes_uploaded),
+                         (0, 0, 2, 0))
+        self.assertEqual(second.manifest_digest, first.manifest_digest)
+
+    def test_push_to_a_digest_that_is_not_the_artifact_is_refused_before_any_upload(self):
+        self.store.add("/a.wasm", self.module("digest"))
+        ref = self.registry.ref(f"{self.repo('a')}@sha256:{'0' * 64}")
+        with self.assertRaises(wasmstore.InvalidInput):
+            wasmstore.push(self.store, "/a.wasm", ref)
+        self.assertIsNone(self.registry.tags(self.repo("a")))
+
+    def test_component_config_reaches_the_registry(self):
+        data = component_bytes(PROBE)
+        self.store.add("/probe.wasm", data)
+        ref = self.registry.ref(self.repo("probe"))
+        report = wasmstore.push(self.store, "/probe.wasm", ref)
+        target = ref[len("oci://"):]
+        manifest = oras("manifest", target)["manifest"]
+        config = json.loads(base64.b64decode(oras("blob", target, manifest["config"]["digest"])["b64"]))
+        self.assertEqual(config["os"], "wasip2")
+        self.assertIn("wasi:keyvalue/store@0.2.0-draft2", config["component"]["imports"])
+        self.assertEqual(report.manifest_digest, wasmstore.module_artifact(self.store, "/probe.wasm").manifest_digest)
+
+    def test_cli_push_prints_the_digest_and_reports_progress_on_stderr(self):
+        self.store.add("/apps/cli.wasm", self.module("cli"))
+        ref = self.registry.ref(self.repo("cli") + ":stable")
+        done = run_cli(self.root, "push", "/apps/cli.wasm", ref)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        digest = wasmstore.module_artifact(self.store, "/apps/cli.wasm").manifest_digest
+        self.assertEqual(done.stdout, digest + "\n")
+        self.assertIn("pushed 1 tag, uploaded 2 blobs", done.stderr)
+        quiet = run_cli(self.root, "push", "--quiet", "/apps/cli.wasm", ref)
+        self.assertEqual((quiet.returncode, quiet.stdout, quiet.stderr), (0, digest + "\n", ""))
+        pulled = run_cli(self.root, "pull", ref, "/back/cli.wasm")
+        self.assertEqual((pulled.returncode, pulled.stdout), (0, sha(self.store.find("/apps/cli.wasm")) + "\n"))
+
+    def test_pull_of_several_references_makes_one_commit_each(self):
+        first, second = self.module("first"), self.module("second")
+        self.store.add("/one.wasm", first)
+        self.store.add("/two.wasm", second)
+        refs = [self.registry.ref(self.repo(name)) for name in ("one", "two")]
+        digests = [wasmstore.push(self.store, name, ref).manifest_digest
+                   for name, ref in zip(("/one.wasm", "/two.wasm"), refs)]
+        target = os.path.join(self.tmp, "target")
+        done = run_cli(target, "pull", refs[0], "/a/one.wasm", refs[1], "/a/two.wasm")
+        self.assertEqual((done.returncode, done.stdout), (0, f"{sha(first)}\n{sha(second)}\n"), done.stderr)
+        pulled = Store(target)
+        self.addCleanup(pulled.close)
+        self.assertEqual(pulled.list("/a"), {"/a/one.wasm": sha(first), "/a/two.wasm": sha(second)})
+        self.assertEqual([info["message"] for info in pulled.log()],
+                         [f"Pull /a/two.wasm from {refs[1]}:latest@{digests[1]}",
+                          f"Pull /a/one.wasm from {refs[0]}:latest@{digests[0]}"])
+
+    def test_pull_of_several_stops_at_the_first_failure(self):
+        self.store.add("/ok.wasm", self.module("ok"))
+        good = self.registry.ref(self.repo("ok"))
+        wasmstore.push(self.store, "/ok.wasm", good)
+        target = Store(os.path.join(self.tmp, "target"))
+        self.addCleanup(target.close)
+        with self.assertRaises(wasmstore.NotFound):
+            wasmstore.pull_many(target, [(good, "/1.wasm"), (self.registry.ref(self.repo("missing")), "/2.wasm"),
+                                         (good, "/3.wasm")])
+        self.assertEqual(list(target.list()), ["/1.wasm"])
+        done = run_cli(target.root, "pull", good, "/4.wasm", good)
+        self.assertOneLineError(done, "REFERENCE PATH pairs")
+
+    def test_large_transfers_report_progress_on_stderr(self):
+        data = self.module("large", 5_000_000)
+        self.store.add("/big.wasm", data)
+        ref = self.registry.ref(self.repo("big"))
+        done = run_cli(self.root, "push", "/big.wasm", ref)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        self.assertIn(f"wasmstore: uploading sha256:{sha(data)[:12]} (5.0 MB) to {self.repo('big')}\n",
+                      done.stderr)
+        pulled = run_cli(os.path.join(self.tmp, "other"), "pull", ref, "/big.wasm")
+        self.assertEqual(pulled.stdout, sha(data) + "\n")
+        self.assertIn(f"wasmstore: downloading sha256:{sha(data)[:12]} (5.0 MB) from {ref}\n", pulled.stderr)
+
+    def test_mirror_pushes_every_path_branch_and_version_then_nothing(self):
+        self.store.add("/apps/a.wasm", self.module("a0"))
+        self.store.add("/apps/a.wasm", self.module("a1"))
+        self.store.add("/lib/b.wasm", self.module("b0"))
+        self.store.create_branch("dev")
+        self.store.add("/apps/a.wasm", self.module("a-dev"), branch="dev")
+        prefix = self.registry.ref(self.repo("mirror"))
+        report = wasmstore.push_all(self.store, prefix)
+        base = self.repo("mirror")
+        self.assertEqual(self.registry.tags(f"{base}/apps/a.wasm"), ["latest", "main", "v0", "v1"])
+        self.assertEqual(self.registry.tags(f"{base}/lib/b.wasm"), ["latest", "main", "v0"])
+        self.assertEqual(len(report.tags_pushed), 7)
+        self.assertEqual(report.blobs_uploaded, 6)            # 3 modules, 3 configs
+        dev = wasmstore.push_all(self.store, prefix, branch="dev")      # version tags: the default branch's
+        self.assertEqual(self.registry.tags(f"{base}/apps/a.wasm"), ["dev", "latest", "main", "v0", "v1"])
+        self.assertEqual(sorted(dev.tags_pushed), [f"{base}/apps/a.wasm:dev", f"{base}/lib/b.wasm:dev"])
+        self.assertEqual((dev.blobs_uploaded, dev.blobs_present), (2, 2))   # a-dev's two; b's are there
+        again = wasmstore.push_all(self.store, prefix)
+        self.assertFalse(again.transferred())
+        self.assertEqual((again.tags_current, again.blobs_uploaded, again.bytes_uploaded), (7, 0, 0))
+        pulled = Store(os.path.join(self.tmp, "pulled"))
+        self.addCleanup(pulled.close)
+        wasmstore.pull(pulled, self.registry.ref(f"{base}/apps/a.wasm:v0"), "/a.wasm")
+        self.assertEqual(pulled.find("/a.wasm"), self.module("a0"))
+
+    def test_mirror_cli_reports_what_it_did_and_what_it_skipped(self):
+        self.store.add("/ok.wasm", self.module("ok"))
+        self.store.add("/Upper.wasm", self.module("upper"))
+        prefix = self.registry.ref(self.repo("cli"))
+        done = run_cli(self.root, "push", "--all", prefix)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        lines = done.stdout.splitlines()
+        self.assertEqual(lines[0], f"{prefix}: pushed 3 tags, uploaded 2 blobs (2.2 KB), mounted 0, "
+                                   "0 already there; 0 tags up to date")
+        self.assertTrue(lines[1].startswith("skipped /Upper.wasm: invalid repository name"), lines[1])
+        again = run_cli(self.root, "push", "--all", prefix)
+        self.assertIn("pushed 0 tags, uploaded 0 blobs (0 bytes), mounted 0, 0 already there; 3 tags up to date",
+                      again.stdout)
+
+    def test_mirror_mounts_a_blob_it_already_pushed_to_another_repository(self):
+        data = self.module("shared", 10_000)
+        directory = os.path.join(self.tmp, "import")
+        os.makedirs(directory)
+        for name in ("one.wasm", "two.wasm"):
+            with open(os.path.join(directory, name), "wb") as f:
+                f.write(data)
+        self.store.import_tree(directory)          # one commit: the two configs are the same blob too
+        report = wasmstore.push_all(self.store, self.registry.ref(self.repo("m")), workers=1)
+        self.assertEqual((report.blobs_uploaded, report.blobs_mounted, report.blobs_present), (2, 2, 0))
+        config = wasmstore.module_artifact(self.store, "/one.wasm").config
+        self.assertEqual(report.bytes_uploaded, len(data) + len(config))
+
+
+class OciBasicAuthTest(OciTestCase):
+    """A registry behind Basic auth (htpasswd): credentials from options, env and Docker's config.json."""
+
+    USER, PASSWORD = "alice", "pw-Zq8v-unique-7741"
+
+    @classmethod
+    def setUpClass(cls):
+        directory = tempfile.mkdtemp(prefix="test-htpasswd-")
+        cls.addClassCleanup(shutil.rmtree, directory, True)
+        path = htpasswd_file(directory, cls.USER, cls.PASSWORD)
+        cls.registry = start_registry(cls, auth={"htpasswd": {"realm": "test-realm", "path": path}})
+
+    def setUp(self):
+        super().setUp()
+        self.data = self.module("secret", 5000)
+        self.store.add("/s.wasm", self.data)
+
+    def assertNoSecret(self, *texts):
+        encoded = base64.b64encode(f"{self.USER}:{self.PASSWORD}".encode()).decode()
+        for text in texts:
+            self.assertNotIn(self.PASSWORD, text)
+            self.assertNotIn(encoded, text)
+
+    def test_credentials_from_the_command_line(self):
+        ref = self.registry.ref("cli/s:1")
+        done = run_cli(self.root, "push", "--username", self.USER, "--password-stdin", "/s.wasm", ref,
+                       stdin=self.PASSWORD + "\n")
+        self.assertEqual(done.returncode, 0, done.stderr)
+        pulled = run_cli(self.root, "pull", "--username", self.USER, "--password-stdin", ref, "/p.wasm",
+                         stdin=self.PASSWORD + "\n")
+        self.assertEqual(pulled.stdout, sha(self.data) + "\n")
+        self.assertNoSecret(done.stdout, done.stderr, pulled.stdout, pulled.stderr)
+
+    def test_credentials_from_the_environment(self):
+        env = {"WASMSTORE_OCI_USERNAME": self.USER, "WASMSTORE_OCI_PASSWORD": self.PASSWORD}
+        done = run_cli(self.root, "push", "/s.wasm", self.registry.ref("env/s"), env=env)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        self.assertNoSecret(done.stdout, done.stderr)
+
+    def test_credentials_from_docker_config(self):
+        docker = os.path.join(self.tmp, "docker")
+        os.makedirs(docker)
+        auth = base64.b64encode(f"{self.USER}:{self.PASSWORD}".encode()).decode()
+        with open(os.path.join(docker, "config.json"), "w") as f:
+            json.dump({"auths": {"other.example": {"auth": "eDp5"}, self.registry.registry: {"auth": auth}}}, f)
+        done = run_cli(self.root, "push", "/s.wasm", self.registry.ref("docker/s"), env={"DOCKER_CONFIG": docker})
+        self.assertEqual(done.returncode, 0, done.stderr)
+        self.assertEqual(self.registry.tags("docker/s", {"Authorization": f"Basic {auth}"}), ["latest"])
+
+    def test_anonymous_push_is_a_one_line_401(self):
+        done = run_cli(self.root, "push", "/s.wasm", self.registry.ref("anon/s"))
+        self.assertOneLineError(done, "refused anonymous access", "401")
+
+    def test_wrong_password_is_a_one_line_401_that_names_its_source_not_the_password(self):
+        before = store_files(self.root)
+        done = run_cli(self.root, "pull", "--username", self.USER, "--password-stdin", self.registry.ref("x/s"),
+                       "/p.wasm", stdin="not-the-" + self.PASSWORD + "\n")
+        self.assertOneLineError(done, "refused the credentials from the command line", "401")
+        self.assertNotIn("not-the-", done.stderr)
+        self.assertNothingStored(before)
+
+    def test_oras_with_basic_auth_pulls_what_wasmstore_pushed(self):
+        client = wasmstore.RegistryClient(self.registry.registry, credentials=wasmstore.Credentials(
+            self.USER, self.PASSWORD, "test"))
+        self.addCleanup(client.close)
+        wasmstore.push(self.store, "/s.wasm", self.registry.ref("oras/s"), client=client)
+        out = os.path.join(self.tmp, "out")
+        oras("pull", f"{self.registry.registry}/oras/s:latest", out,
+             env={"ORAS_USER": self.USER, "ORAS_PASS": self.PASSWORD})
+        with open(os.path.join(out, "s.wasm"), "rb") as f:
+            self.assertEqual(f.read(), self.data)
+
+
+class OciTokenAuthTest(OciTestCase):
+    """The Bearer token flow: the registry in `auth: token` mode sends clients to a token service."""
+
+    USERS = {"bob": "token-pw-5512", "reader": "reader-pw-0917"}
+
+    @classmethod
+    def setUpClass(cls):
+        directory = tempfile.mkdtemp(prefix="test-token-")
+        cls.addClassCleanup(shutil.rmtree, directory, True)
+        cls.tokens = TokenService(directory, cls.USERS)
+        cls.addClassCleanup(cls.tokens.close)
+        cls.registry = start_registry(cls, auth=cls.tokens.registry_auth())
+
+    def client(self, user):
+        client = wasmstore.RegistryClient(self.registry.registry,
+                                          credentials=wasmstore.Credentials(user, self.USERS[user], "test"))
+        self.addCleanup(client.close)
+        return client
+
+    def test_push_and_pull_through_the_token_flow(self):
+        data = self.module("token", 8000)
+        self.store.add("/t.wasm", data)
+        wasmstore.push(self.store, "/t.wasm", self.registry.ref("tok/t:v1"), client=self.client("bob"))
+        self.assertTrue(any(user == "bob" and scope.startswith("repository:tok/t:") and "push" in scope
+                            for user, scope in self.tokens.requests), self.tokens.requests)
+        other = Store(os.path.join(self.tmp, "other"))
+        self.addCleanup(other.close)
+        self.assertEqual(wasmstore.pull(other, self.registry.ref("tok/t:v1"), "/t.wasm", client=self.client("bob")),
+                         sha(data))
+
+    def test_token_service_refusal_is_a_one_line_error_without_the_password(self):
+        self.store.add("/t.wasm", self.module("refused"))
+        done = run_cli(self.root, "push", "/t.wasm", self.registry.ref("tok/refused"),
+                       env={"WASMSTORE_OCI_USERNAME": "bob", "WASMSTORE_OCI_PASSWORD": "wrong-pw-3319"})
+        self.assertOneLineError(done, "token service", "refused the credentials from WASMSTORE_OCI_USERNAME")
+        self.assertNotIn("wrong-pw-3319", done.stderr)
+
+    def test_a_token_without_push_access_is_refused(self):
+        directory = tempfile.mkdtemp(prefix="test-token-ro-")
+        self.addCleanup(shutil.rmtree, directory, True)
+        tokens = TokenService(directory, self.USERS, grant=("pull",))
+        self.addCleanup(tokens.close)
+        registry = DistributionRegistry(auth=tokens.registry_auth())
+        self.addCleanup(registry.cleanup)
+        registry.start()
+        self.store.add("/t.wasm", self.module("read-only"))
+        client = wasmstore.RegistryClient(registry.registry,
+                                          credentials=wasmstore.Credentials("reader", self.USERS["reader"], "test"))
+        self.addCleanup(client.close)
+        with self.assertRaises(wasmstore.RegistryError) as caught:
+            wasmstore.push(self.store, "/t.wasm", registry.ref("ro/t"), client=client)
+        self.assertIn("401", str(caught.exception))
+
+
+class OciTlsTest(OciTestCase):
+    """TLS is verified: a registry with an unknown CA is refused until --ca-file trusts it."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.directory = tempfile.mkdtemp(prefix="test-registry-tls-")
+        cls.addClassCleanup(shutil.rmtree, cls.directory, True)
+        cls.key, cls.cert = openssl_key_and_cert(cls.directory, "registry", "127.0.0.1")
+        cls.registry = start_registry(cls, tls=(cls.key, cls.cert))
+
+    def test_unknown_certificate_authority_is_a_one_line_error(self):
+        self.store.add("/a.wasm", self.module("tls"))
+        done = run_cli(self.root, "push", "/a.wasm", self.registry.ref("tls/a"))
+        self.assertOneLineError(done, "TLS certificate", "cannot be verified", "--ca-file")
+
+    def test_ca_file_trusts_the_registry(self):
+        data = self.module("tls-ok")
+        self.store.add("/a.wasm", data)
+        done = run_cli(self.root, "push", "--ca-file", self.cert, "/a.wasm", self.registry.ref("tls/ok"))
+        self.assertEqual(done.returncode, 0, done.stderr)
+        pulled = run_cli(self.root, "pull", "--ca-file", self.cert, self.registry.ref("tls/ok"), "/b.wasm")
+        self.assertEqual(pulled.stdout, sha(data) + "\n")
+
+    def test_plain_http_flag_does_not_speak_tls(self):
+        self.store.add("/a.wasm", self.module("plain"))
+        done = run_cli(self.root, "push", "--plain-http", "/a.wasm", self.registry.ref("tls/plain"))
+        self.assertEqual(done.returncode, 1)
+        self.assertEqual(len(done.stderr.splitlines()), 1, done.stderr)
+
+
+class OciBadInputTest(OciTestCase):
+    """Each bad answer or bad request is a one-line error (CLI exit 1) and nothing is stored."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.registry = start_registry(cls)
+        cls.fake = MisbehavingRegistry()
+        cls.addClassCleanup(cls.fake.close)
+
+    def setUp(self):
+        super().setUp()
+        self.store.add("/kept.wasm", self.module("kept"))
+        self.before = store_files(self.root)
+
+    def pull_fails(self, reference, *fragments):
+        done = run_cli(self.root, "pull", reference, "/new.wasm")
+        self.assertOneLineError(done, *fragments)
+        self.assertNothingStored(self.before)
+        return done
+
+    def test_unreachable_registry(self):
+        self.pull_fails(f"oci://127.0.0.1:{free_port()}/a/b", "cannot reach registry", "refused")
+        done = run_cli(self.root, "push", "/kept.wasm", f"oci://127.0.0.1:{free_port()}/a/b")
+        self.assertOneLineError(done, "cannot reach registry")
+
+    def test_unknown_tag(self):
+        self.store.add("/x.wasm", self.module("x"))
+        wasmstore.push(self.store, "/x.wasm", self.registry.ref("known/x:v1"))
+        self.before = store_files(self.root)
+        self.pull_fails(self.registry.ref("known/x:v2"), "manifest 'v2' of known/x not found", "MANIFEST_UNKNOWN")
+
+    def test_manifest_of_another_media_type(self):
+        self.fake.serve_manifest("index/x", "latest", {"schemaVersion": 2, "manifests": []},
+                                 content_type="application/vnd.oci.image.index.v1+json")
+        self.pull_fails(f"oci://{self.fake.registry}/index/x", "media type",
+                        "application/vnd.oci.image.index.v1+json")
+
+    def test_config_of_another_media_type(self):
+        module_file = self.write("m.wasm", self.module("cfg"))
+        oras("push", f"{self.registry.registry}/plain/m:latest", f"{module_file}:application/wasm")
+        self.pull_fails(self.registry.ref("plain/m"), "config has media type",
+                        "application/vnd.unknown.config.v1+json", "not a Wasm OCI artifact")
+
+    def test_layer_that_is_not_valid_wasm(self):
+        text_file = self.write("notes.wasm", b"this is not WebAssembly\n")
+        config_file = self.write("config.json", b"{}")
+        oras("push", f"{self.registry.registry}/bad/layer:latest", f"{text_file}:application/wasm",
+             "--config", f"{config_file}:application/vnd.wasm.config.v0+json")
+        self.pull_fails(self.registry.ref("bad/layer"), "invalid module")
+
+    def test_layer_whose_bytes_do_not_match_their_digest(self):
+        real, served = self.module("real"), self.module("tampered")
+        self.fake.serve_manifest("tampered/x", "latest", wasm_manifest(real))
+        self.fake.routes[f"/v2/tampered/x/blobs/sha256:{sha(real)}"] = (200, {}, served)
+        self.pull_fails(f"oci://{self.fake.registry}/tampered/x", "digest mismatch", f"sha256:{sha(served)}")
+
+    def test_manifest_whose_bytes_do_not_match_the_digest_asked_for(self):
+        manifest = json.dumps(wasm_manifest(self.module("m"))).encode()
+        wrong = "sha256:" + "1" * 64
+        self.fake.serve_manifest("pinned/x", wrong, manifest)
+        self.pull_fails(f"oci://{self.fake.registry}/pinned/x@{wrong}", "digest mismatch", wrong)
+
+    def test_oversized_manifest_is_not_read_to_its_end(self):
+        self.fake.serve_manifest("huge/x", "latest", b"{" + b" " * (5 << 20) + b"}")
+        self.pull_fails(f"oci://{self.fake.registry}/huge/x", "over the limit of 4194304 bytes")
+
+    def test_forbidden(self):
+        self.fake.routes["/v2/secret/x/manifests/latest"] = (
+            403, {"Content-Type": "application/json"}, b'{"errors":[{"code":"DENIED","message":"no"}]}')
+        self.pull_fails(f"oci://{self.fake.registry}/secret/x", "denied access", "403", "DENIED")
+
+    def test_unauthorized(self):
+        self.fake.routes["/v2/locked/x/manifests/latest"] = (
+            401, {"WWW-Authenticate": 'Basic realm="x"'}, b'{"errors":[{"code":"UNAUTHORIZED","message":"no"}]}')
+        self.pull_fails(f"oci://{self.fake.registry}/locked/x", "refused anonymous access", "401")
+
+    def test_redirect_to_another_host(self):
+        other = f"http://localhost:{self.fake.server.server_address[1]}/v2/moved/x/manifests/latest"
+        self.fake.routes["/v2/moved/x/manifests/latest"] = (307, {"Location": other}, b"")
+        self.pull_fails(f"oci://{self.fake.registry}/moved/x", "redirected", "another host", "refusing")
+        self.assertEqual(self.fake.requests.count(("GET", "/v2/moved/x/manifests/latest")), 1)
+
+    def test_blob_redirect_to_plain_http_elsewhere(self):
+        data = self.module("cdn")
+        self.fake.serve_manifest("cdn/x", "latest", wasm_manifest(data))
+        self.fake.routes[f"/v2/cdn/x/blobs/sha256:{sha(data)}"] = (
+            302, {"Location": f"http://localhost:{self.fake.server.server_address[1]}/blob"}, b"")
+        self.pull_fails(f"oci://{self.fake.registry}/cdn/x", "plain HTTP on another host")
+
+    def test_missing_branch_fails_before_any_request(self):
+        requests = len(self.fake.requests)
+        done = run_cli(self.root, "--branch", "nope", "pull", f"oci://{self.fake.registry}/a/b", "/x.wasm")
+        self.assertOneLineError(done, "no such branch 'nope'")
+        self.assertEqual(len(self.fake.requests), requests)
+
+    def test_bad_reference_and_bad_credentials_options(self):
+        self.assertOneLineError(run_cli(self.root, "pull", "oci://h/Bad", "/x.wasm"), "invalid repository name")
+        self.assertOneLineError(run_cli(self.root, "push", "/kept.wasm", "docker.io/x"), "invalid OCI reference")
+        self.assertOneLineError(run_cli(self.root, "push", "--username", "u", "/kept.wasm", "oci://h/x"),
+                                "never taken from the command line")
+        self.assertOneLineError(run_cli(self.root, "push", "oci://h/x"), "push needs PATH and REFERENCE")
+        self.assertNothingStored(self.before)
+
+
+class OciServerTest(OciTestCase):
+    """The store as a registry: http_server.py's /v2/ read side, read by oras and by wasmstore pull."""
+
+    def setUp(self):
+        super().setUp()
+        self.server = LiveServer(self, root=self.root, quiet=True)
+        self.registry = f"127.0.0.1:{self.server.port}"
+        self.v0, self.v1 = self.module("v0"), self.module("v1")
+        self.server.store.add("/apps/hello.wasm", self.v0)
+        self.server.store.add("/apps/hello.wasm", self.v1)
+        self.server.store.create_branch("dev")
+        self.server.store.add("/apps/hello.wasm", self.module("dev"), branch="dev")
+
+    def get(self, path, method="GET", headers=None):
+        return self.server.request(method, path, headers=headers)
+
+    def test_oras_pulls_each_tag_from_the_store(self):
+        for tag, data in (("latest", self.v1), ("main", self.v1), ("v0", self.v0), ("dev", self.module("dev"))):
+            with self.subTest(tag=tag):
+                out = os.path.join(self.tmp, tag)
+                oras("pull", f"{self.registry}/apps/hello.wasm:{tag}", out)
+                with open(os.path.join(out, "hello.wasm"), "rb") as f:
+                    self.assertEqual(f.read(), data)
+
+    def test_tags_are_latest_branches_and_versions(self):
+        self.assertEqual(oras("tags", f"{self.registry}/apps/hello.wasm")["tags"],
+                         ["dev", "latest", "main", "v0", "v1"])
+
+    def test_tag_list_pages_follow_the_link_header(self):
+        status, headers, body = self.get("/v2/apps/hello.wasm/tags/list?n=2")
+        self.assertEqual((status, json.loads(body)), (200, {"name": "apps/hello.wasm", "tags": ["dev", "latest"]}))
+        self.assertEqual(headers["link"], '</v2/apps/hello.wasm/tags/list?n=2&last=latest>; rel="next"')
+        status, headers, body = self.get("/v2/apps/hello.wasm/tags/list?n=2&last=latest")
+        self.assertEqual(json.loads(body)["tags"], ["main", "v0"])
+        status, headers, body = self.get("/v2/apps/hello.wasm/tags/list?n=2&last=v0")
+        self.assertEqual((json.loads(body)["tags"], "link" in headers), (["v1"], False))
+        self.assertEqual(json.loads(self.get("/v2/apps/hello.wasm/tags/list?n=0")[2])["tags"], [])
+        self.assertEqual(self.get("/v2/apps/hello.wasm/tags/list?n=x")[0], 400)
+
+    def test_manifests_resolve_by_tag_and_by_digest_with_stable_digests(self):
+        status, headers, body = self.get("/v2/apps/hello.wasm/manifests/v1")
+        self.assertEqual(status, 200)
+        digest = headers["docker-content-digest"]
+        self.assertEqual((headers["content-type"], digest), (wasmstore.OCI_MANIFEST_TYPE, "sha256:" + sha(body)))
+        self.assertEqual(self.get(f"/v2/apps/hello.wasm/manifests/{digest}")[2], body)
+        self.assertEqual(self.get("/v2/apps/hello.wasm/manifests/latest")[2], body)
+        self.assertEqual(body, wasmstore.module_artifact(self.store, "/apps/hello.wasm").manifest)
+        status, headers, empty = self.get("/v2/apps/hello.wasm/manifests/v1", method="HEAD")
+        self.assertEqual((status, empty, headers["content-length"], headers["docker-content-digest"]),
+                         (200, b"", str(len(body)), digest))
+
+    def test_blobs_are_the_module_and_its_config(self):
+        manifest = json.loads(self.get("/v2/apps/hello.wasm/manifests/v0")[2])
+        module = self.get(f"/v2/apps/hello.wasm/blobs/{manifest['layers'][0]['digest']}")
+        self.assertEqual((module[0], module[2], module[1]["docker-content-digest"]),
+                         (200, self.v0, "sha256:" + sha(self.v0)))
+        config = self.get(f"/v2/apps/hello.wasm/blobs/{manifest['config']['digest']}")
+        self.assertEqual("sha256:" + sha(config[2]), manifest["config"]["digest"])
+        self.assertEqual(json.loads(config[2])["layerDigests"], ["sha256:" + sha(self.v0)])
+        head = self.get(f"/v2/apps/hello.wasm/blobs/{manifest['layers'][0]['digest']}", method="HEAD")
+        self.assertEqual((head[0], head[1]["content-length"], head[2]), (200, str(len(self.v0)), b""))
+
+    def test_errors_are_oci_json_with_the_spec_codes(self):
+        self.server.store.add("/Apps/Upper.wasm", self.module("upper"))
+        for path, method, status, code in [
+                ("/v2/Apps/Upper.wasm/manifests/latest", "GET", 400, "NAME_INVALID"),
+                ("/v2/apps/none.wasm/manifests/latest", "GET", 404, "NAME_UNKNOWN"),
+                ("/v2/apps/hello.wasm/manifests/v9", "GET", 404, "MANIFEST_UNKNOWN"),
+                ("/v2/apps/hello.wasm/manifests/sha256:" + "0" * 64, "GET", 404, "MANIFEST_UNKNOWN"),
+                ("/v2/apps/hello.wasm/blobs/sha256:" + "0" * 64, "GET", 404, "BLOB_UNKNOWN"),
+                ("/v2/apps/hello.wasm/blobs/md5:00", "GET", 400, "DIGEST_INVALID"),
+                ("/v2/apps/hello.wasm/blobs/uploads/", "POST", 405, "UNSUPPORTED"),
+                ("/v2/apps/hello.wasm/manifests/latest", "PUT", 405, "UNSUPPORTED")]:
+            with self.subTest(path=path, method=method):
+                got, headers, body = self.get(path, method=method)
+                self.assertEqual((got, json.loads(body)["errors"][0]["code"]), (status, code))
+                self.assertEqual(headers["docker-distribution-api-version"], "registry/2.0")
+        status, _, body = self.get("/api/v1/module/Apps/Upper.wasm")
+        self.assertEqual((status, body), (200, self.module("upper")))
+
+    def test_the_same_auth_keys_apply(self):
+        server = LiveServer(self, quiet=True, auth="reader-key-4471:GET;writer:POST")
+        server.store.add("/a.wasm", self.v0)
+        status, headers, body = server.request("GET", "/v2/a.wasm/manifests/latest")
+        self.assertEqual((status, json.loads(body)["errors"][0]["code"]), (401, "UNAUTHORIZED"))
+        self.assertTrue(headers["www-authenticate"].startswith('Basic realm="wasmstore"'))
+        basic = base64.b64encode(b"anyone:writer").decode()
+        status, _, body = server.request("GET", "/v2/", headers={"Authorization": f"Basic {basic}"})
+        self.assertEqual((status, json.loads(body)["errors"][0]["code"]), (403, "DENIED"))
+        out = os.path.join(self.tmp, "auth")
+        oras("pull", f"127.0.0.1:{server.port}/a.wasm:latest", out,
+             env={"ORAS_USER": "anyone", "ORAS_PASS": "reader-key-4471"})
+        with open(os.path.join(out, "a.wasm"), "rb") as f:
+            self.assertEqual(f.read(), self.v0)
+
+    def test_wasmstore_branch_header_selects_latest_and_versions(self):
+        dev = self.module("dev")
+        status, _, body = self.get("/v2/apps/hello.wasm/manifests/latest", headers={"Wasmstore-Branch": "dev"})
+        self.assertEqual(json.loads(body)["layers"][0]["digest"], "sha256:" + sha(dev))
+        status, _, body = self.get("/v2/apps/hello.wasm/tags/list", headers={"Wasmstore-Branch": "dev"})
+        self.assertEqual(json.loads(body)["tags"], ["dev", "latest", "main", "v0", "v1", "v2"])
+
+    def test_wasmstore_pulls_from_another_wasmstore(self):
+        other = Store(os.path.join(self.tmp, "other"))
+        self.addCleanup(other.close)
+        digest = wasmstore.pull(other, f"oci://{self.registry}/apps/hello.wasm:v0", "/copy.wasm")
+        self.assertEqual((digest, other.find("/copy.wasm")), (sha(self.v0), self.v0))
+
+    def test_version_check_answers_200(self):
+        status, headers, body = self.get("/v2/")
+        self.assertEqual((status, body, headers["docker-distribution-api-version"]), (200, b"{}", "registry/2.0"))
 
 
 if __name__ == "__main__":

@@ -27,7 +27,16 @@ being written (a killed writer's leftovers there are removed by gc).
 Map of this file: constants and exceptions; names (paths, branches, hashes); module
 validation (wasmtime, imported lazily); filesystem primitives (durable batches, locks, a
 small LRU); the Store (objects, refs, tree edits, operations, history, watch, gc, backup,
-fsck); the command line (``main``).
+fsck); backup loading; OCI registries (``OciReference``; the CNCF Wasm OCI artifact layout:
+``wasm_interface``, ``WasmArtifact``, ``module_artifact``; ``Credentials``; the
+``RegistryClient`` on http.client, imported lazily; ``push``, ``push_all``, ``pull``,
+``pull_many``); the command line (``main``).
+
+OCI::
+
+    wasmstore.push(store, "/apps/hello.wasm", "oci://localhost:5000/hello:v1")
+    wasmstore.pull(store, "oci://localhost:5000/hello:v1", "/copy/hello.wasm")
+    python wasmstore.py push --all oci://localhost:5000/mirror
 
 Durability: objects and refs are written to a temporary file, fsynced, renamed into place,
 and their directory fsynced, before a write is acknowledged. Independent files are fsynced
@@ -43,6 +52,10 @@ __all__ = [
     "Conflict", "MergeConflict", "CorruptObject", "validate_path", "format_path",
     "validate_branch", "validate_hash", "validate_module", "load_backup", "Runner", "Target",
     "default_kv_url", "parse_namespace_map", "main",
+    "RegistryError", "OciReference", "WasmArtifact", "Credentials", "RegistryClient",
+    "TransferReport", "wasm_interface", "module_artifact", "registry_credentials",
+    "docker_config_file", "validate_module_file", "is_branch_tag", "push", "push_all", "pull",
+    "pull_many",
 ]
 
 import argparse
@@ -61,6 +74,7 @@ import re
 import shutil
 import sys
 import tarfile
+import tempfile
 import threading
 import time
 import zlib
@@ -87,6 +101,24 @@ INDEX_CACHE_TREES = 4                 # hash -> paths indexes kept (latest root 
 FSYNC_WORKERS = 8                     # concurrent fsyncs let ext4 commit them together
 STALE_TMP_SECONDS = 24 * 3600         # a temp file this old is debris even if its pid lives
 WATCH_WALK_LIMIT = 10_000             # commits walked to split a ref jump into events
+OCI_MANIFEST_TYPE = "application/vnd.oci.image.manifest.v1+json"
+WASM_CONFIG_TYPE = "application/vnd.wasm.config.v0+json"   # the CNCF Wasm OCI artifact layout
+WASM_LAYER_TYPE = "application/wasm"
+OCI_TITLE = "org.opencontainers.image.title"   # `oras pull` names the file after it
+OCI_MAX_MANIFEST_BYTES = 4 << 20      # the distribution spec asks registries to take 4 MB
+OCI_MAX_SMALL_BODY = 64 << 10         # error bodies, token answers, Docker config.json
+OCI_MAX_MODULE_BYTES = 1 << 30        # a pulled layer over this is refused before download
+OCI_TIMEOUT = 60.0                    # seconds per registry socket operation
+OCI_REDIRECTS = 5                     # redirects followed per request
+OCI_MIRROR_WORKERS = 4                # repositories push --all sends at once (a connection each)
+OCI_PROGRESS_BYTES = 4 << 20          # transfers this big are announced on the progress line
+OCI_REGISTRY = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?)"
+                          r"(?::([0-9]{1,5}))?\Z")
+OCI_REPOSITORY = re.compile(r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*"
+                            r"(?:/[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*)*\Z")   # the spec's grammar
+OCI_TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}\Z")
+OCI_DIGEST = re.compile(r"sha256:[0-9a-f]{64}\Z")
+OCI_VERSION_TAG = re.compile(r"v(0|[1-9][0-9]{0,8})\Z")   # v0, v1, ...: a path's versions
 
 
 # --------------------------------------------------------------------------- exceptions
@@ -261,6 +293,15 @@ def validate_module(data):
             _validate_component(data, view, 0, len(view))
         else:
             _validate_core(data, 0, len(view))
+
+
+def validate_module_file(filename):
+    """validate_module for a file, through a private map of it (any size, no copy)."""
+    with open(filename, "rb") as handle:
+        if not os.fstat(handle.fileno()).st_size:
+            validate_module(b"")
+        with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY) as mapped:
+            validate_module(mapped)
 
 
 def _validate_core(data, start, end):
@@ -873,12 +914,7 @@ class Store:
         return tmp, digest.hexdigest(), size
 
     def _validate_file(self, path, size):
-        if size == 0:
-            validate_module(b"")
-            return
-        with open(path, "rb") as handle:
-            with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY) as mapped:
-                validate_module(mapped)
+        validate_module_file(path)
 
     def _set_module(self, segments, digest, branch, author, message, source=None):
         """Point segments at module digest; source = bytes or a temp file to store."""
@@ -912,8 +948,10 @@ class Store:
         return self._set_module(segments, digest, branch, author,
                                 f"Import {format_path(segments)}", bytes(data))
 
-    def add_file(self, path, source, *, branch=None, author=None, size_limit=None):
-        """Like add, reading a file name or binary file object in chunks (any size)."""
+    def add_file(self, path, source, *, branch=None, author=None, size_limit=None,
+                 message=None):
+        """Like add, reading a file name or binary file object in chunks (any size).
+        message replaces the commit message "Import <path>" (a pull names its source)."""
         segments = validate_path(path)
         if not segments:
             raise InvalidInput("a module needs a path, not the root")
@@ -922,7 +960,7 @@ class Store:
         try:
             self._validate_file(tmp, size)
             return self._set_module(segments, digest, branch, author,
-                                    f"Import {format_path(segments)}", tmp)
+                                    message or f"Import {format_path(segments)}", tmp)
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
@@ -2129,6 +2167,1243 @@ class Runner:
         return self.host.exports(guest)
 
 
+# --------------------------------------------------------------------------- OCI registries
+
+class RegistryError(StoreError):
+    """A registry could not be reached, refused a request, or sent something unusable.
+    str() is one line and never contains a credential or a token."""
+    http_status = 502
+
+
+def _http_modules():
+    """http.client and ssl, imported on first use: they add ~20 ms to the start-up of every
+    other command."""
+    import http.client
+    import ssl
+    return http.client, ssl
+
+
+def _is_loopback(host):
+    """True for localhost names and loopback addresses: plain HTTP is allowed there."""
+    host = host.strip("[]").lower()
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    import ipaddress
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _clean_text(text, limit=200):
+    """Text from a peer made safe for a one-line message: no control characters, bounded."""
+    line = " ".join(CONTROL_CHARS.sub(" ", str(text)).split())
+    return line if len(line) <= limit else line[:limit - 3] + "..."
+
+
+def _count(number, noun):
+    return f"{number} {noun}" + ("" if number == 1 else "s")
+
+
+def _size_text(size):
+    for unit in ("bytes", "KB", "MB", "GB"):
+        if size < 1000 or unit == "GB":
+            return f"{size} {unit}" if unit == "bytes" else f"{size:.1f} {unit}"
+        size /= 1000
+
+
+class OciReference:
+    """``oci://HOST[:PORT]/REPOSITORY[:TAG][@DIGEST]``, parsed and checked against the
+    distribution spec's grammar (repository: lowercase components joined by "/"; tag:
+    ``[A-Za-z0-9_][A-Za-z0-9._-]{0,127}``; digest: ``sha256:<64 hex>``)."""
+
+    __slots__ = ("registry", "repository", "tag", "digest")
+
+    def __init__(self, registry, repository, tag=None, digest=None):
+        self.registry = registry          # "host[:port]" as written ("[::1]:5000" for IPv6)
+        self.repository = repository      # "" only for a push --all prefix naming the root
+        self.tag = tag
+        self.digest = digest
+
+    @classmethod
+    def parse(cls, text, *, prefix=False):
+        """Parse and validate; prefix=True allows an empty repository (push --all)."""
+        usage = "expected oci://HOST[:PORT]/REPOSITORY[:TAG|@DIGEST]"
+        if not isinstance(text, str) or not text.startswith("oci://"):
+            raise InvalidInput(f"invalid OCI reference {_short(text)}: {usage}")
+        registry, _, remainder = text[len("oci://"):].partition("/")
+        match = OCI_REGISTRY.match(registry)
+        if not match or (match.group(2) and not 0 < int(match.group(2)) < 65536):
+            raise InvalidInput(f"invalid registry {_short(registry)} in OCI reference "
+                               f"{_short(text)}: expected HOST or HOST:PORT")
+        name, _, digest = remainder.partition("@")
+        repository, tag = name, None
+        if ":" in name:
+            repository, _, tag = name.rpartition(":")
+        if digest and not OCI_DIGEST.match(digest):
+            raise InvalidInput(f"invalid digest {_short(digest)} in OCI reference: "
+                               "expected sha256: and 64 lowercase hex digits")
+        if tag is not None and not OCI_TAG.match(tag):
+            raise InvalidInput(f"invalid tag {_short(tag)} in OCI reference: expected 1-128 "
+                               "of [A-Za-z0-9._-], not starting with '.' or '-'")
+        if repository or not prefix:
+            _check_repository(repository, registry)
+        if prefix and (tag is not None or digest):
+            raise InvalidInput(f"{_short(text)}: push --all takes a repository prefix, "
+                               "without :TAG or @DIGEST")
+        return cls(registry, repository, tag, digest or None)
+
+    @property
+    def host(self):
+        return OCI_REGISTRY.match(self.registry).group(1).strip("[]")
+
+    @property
+    def port(self):
+        port = OCI_REGISTRY.match(self.registry).group(2)
+        return int(port) if port else None
+
+    @property
+    def target(self):
+        """What goes after /manifests/: the digest if given, else the tag ("latest")."""
+        return self.digest or self.tag or "latest"
+
+    def child(self, segments):
+        """The reference of a store path under this prefix (push --all)."""
+        name = "/".join(segments)
+        repository = f"{self.repository}/{name}" if self.repository else name
+        _check_repository(repository, self.registry)
+        return OciReference(self.registry, repository)
+
+    def __str__(self):
+        text = f"oci://{self.registry}/{self.repository}"
+        if self.tag:
+            text += f":{self.tag}"
+        if self.digest:
+            text += f"@{self.digest}"
+        return text
+
+    def __repr__(self):
+        return f"OciReference({str(self)!r})"
+
+
+def is_branch_tag(branch):
+    """True if a branch is offered as an OCI tag of its own name: valid tag syntax, and not
+    "latest" or vN (those name the default branch's head and versions)."""
+    return bool(OCI_TAG.match(branch)) and branch != "latest" and \
+        not OCI_VERSION_TAG.match(branch)
+
+
+def _check_repository(name, registry):
+    if not OCI_REPOSITORY.match(name):
+        raise InvalidInput(f"invalid repository name {_short(name)}: expected lowercase "
+                           "[a-z0-9] components joined by '.', '_', '__' or '-', "
+                           "separated by '/'")
+    if len(registry) + 1 + len(name) > 255:
+        raise InvalidInput(f"repository name {_short(name)} is too long: registry, '/' and "
+                           "name must fit in 255 characters")
+
+
+# ------------------------------------------------------------- the Wasm OCI artifact layout
+
+def wasm_interface(source):
+    """(kind, imports, exports) of a module file name or bytes: kind is "component" or
+    "module"; for a component, the names of its top-level imports and exports (interface
+    names such as "wasi:cli/run@0.2.0", or plain names), in order. Only section headers are
+    read, plus the import and export sections of a component."""
+    handle = open(source, "rb") if isinstance(source, (str, os.PathLike)) \
+        else io.BytesIO(bytes(source))
+    with handle:
+        header = handle.read(8)
+        if header != COMPONENT_HEADER:
+            return "module", [], []
+        reader = _SectionReader(handle)
+        imports, exports = [], []
+        for section_id, size in reader.sections():
+            if section_id == 10:
+                imports += _component_names(handle.read(size), exports=False)
+            elif section_id == 11:
+                exports += _component_names(handle.read(size), exports=True)
+            else:
+                handle.seek(size, os.SEEK_CUR)
+    return "component", list(dict.fromkeys(imports)), list(dict.fromkeys(exports))
+
+
+class _SectionReader:
+    """Walks the top-level sections of a module file: (id, size) with the file positioned at
+    the payload; the caller reads or skips it."""
+
+    def __init__(self, handle):
+        self.handle = handle
+
+    def sections(self):
+        while True:
+            section_id = self.handle.read(1)
+            if not section_id:
+                return
+            yield section_id[0], self._u32()
+
+    def _u32(self):
+        result = shift = 0
+        while True:
+            byte = self.handle.read(1)
+            if not byte or shift > 28:
+                raise InvalidModule("invalid module: bad section size")
+            result |= (byte[0] & 0x7F) << shift
+            if not byte[0] & 0x80:
+                return result
+            shift += 7
+
+
+class _Cursor:
+    """Reads the component binary encoding of import and export entries from one section."""
+
+    def __init__(self, data):
+        self.data = memoryview(data)
+        self.pos = 0
+
+    def byte(self):
+        if self.pos >= len(self.data):
+            raise InvalidModule("invalid module: unexpected end of an import or export section")
+        self.pos += 1
+        return self.data[self.pos - 1]
+
+    def u32(self):
+        value, self.pos = _read_leb_u32(self.data, self.pos, len(self.data))
+        return value
+
+    def skip_s33(self):
+        while self.byte() & 0x80:
+            pass
+
+    def name(self):
+        size = self.u32()
+        if self.pos + size > len(self.data):
+            raise InvalidModule("invalid module: a name runs past its section")
+        text = bytes(self.data[self.pos:self.pos + size]).decode("utf-8", "replace")
+        self.pos += size
+        return text
+
+    def name_attributes(self):
+        kind = self.byte()
+        name = self.name()
+        if kind == 0x02:                          # name followed by attributes
+            for _ in range(self.u32()):
+                if self.byte() not in (0x00, 0x01, 0x02):
+                    raise InvalidModule("invalid module: unknown import/export attribute")
+                self.name()
+        elif kind not in (0x00, 0x01):
+            raise InvalidModule(f"invalid module: unknown import/export name kind {kind:#x}")
+        return name
+
+    def skip_extern_type(self):
+        kind = self.byte()
+        if kind == 0x00:                          # core module: 0x11 and a type index
+            self.byte()
+            self.u32()
+        elif kind in (0x01, 0x04, 0x05):          # func, component, instance: type index
+            self.u32()
+        elif kind == 0x02:                        # value: eq index or a value type
+            if self.byte() == 0x00:
+                self.u32()
+            else:
+                self.skip_s33()
+        elif kind == 0x03:                        # type: eq index or sub resource
+            if self.byte() == 0x00:
+                self.u32()
+        else:
+            raise InvalidModule(f"invalid module: unknown extern type {kind:#x}")
+
+    def skip_sort_index(self):
+        if self.byte() == 0x00:                   # a core sort has a second byte
+            self.byte()
+        self.u32()
+
+
+def _component_names(payload, exports):
+    cursor = _Cursor(payload)
+    names = []
+    for _ in range(cursor.u32()):
+        names.append(cursor.name_attributes())
+        if exports:
+            cursor.skip_sort_index()
+            if cursor.byte() == 0x01:             # an optional explicit type
+                cursor.skip_extern_type()
+        else:
+            cursor.skip_extern_type()
+    return names
+
+
+def _rfc3339(seconds):
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
+
+
+def _compact_json(document):
+    """JSON with the keys in the order written: manifests and configs are hashed, so the
+    same module always gives the same bytes."""
+    return json.dumps(document, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+class WasmArtifact:
+    """One stored module as a CNCF Wasm OCI artifact: its config and manifest bytes and
+    their digests. Built only from the module and the commit that introduced it, so a
+    store pushes and serves the same digests every time."""
+
+    __slots__ = ("module_digest", "module_size", "filename", "config", "config_digest",
+                 "manifest", "manifest_digest")
+
+    def __init__(self, filename, module_hash, title, created, author):
+        kind, imports, exports = wasm_interface(filename)
+        self.filename = filename
+        self.module_digest = "sha256:" + module_hash
+        self.module_size = os.path.getsize(filename)
+        config = {"created": created, "author": author, "architecture": "wasm",
+                  "os": "wasip2" if kind == "component" else "wasip1",
+                  "layerDigests": [self.module_digest]}
+        if kind == "component":
+            config["component"] = {"exports": exports, "imports": imports}
+        self.config = _compact_json(config)
+        self.config_digest = "sha256:" + hashlib.sha256(self.config).hexdigest()
+        self.manifest = _compact_json({
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST_TYPE,
+            "config": {"mediaType": WASM_CONFIG_TYPE, "digest": self.config_digest,
+                       "size": len(self.config)},
+            "layers": [{"mediaType": WASM_LAYER_TYPE, "digest": self.module_digest,
+                        "size": self.module_size, "annotations": {OCI_TITLE: title}}],
+        })
+        self.manifest_digest = "sha256:" + hashlib.sha256(self.manifest).hexdigest()
+
+    def __repr__(self):
+        return f"WasmArtifact({self.manifest_digest!r}, module={self.module_digest!r})"
+
+
+def module_artifact(store, path, *, branch=None, digest=None, history=None):
+    """The WasmArtifact of the module at path on branch (digest: of that version of it).
+
+    created and author come from the commit that introduced that version; history, the
+    path's store.versions() when the caller has it, saves reading it again."""
+    segments = validate_path(path)
+    if not segments:
+        raise InvalidInput("a module needs a path, not the root")
+    printed = format_path(segments)
+    if digest is None:
+        digest, filename = store.locate(printed, branch=branch)
+    else:
+        digest = validate_hash(digest)
+        filename = store.module_filename(digest)
+    if history is None:
+        history = store.versions(printed, branch=branch)
+    commit = next((commit for module, commit in history if module == digest), None)
+    info = store.commit_info(commit) if commit else {"date": 0, "author": DEFAULT_AUTHOR}
+    return WasmArtifact(filename, digest, segments[-1], _rfc3339(info["date"]), info["author"])
+
+
+def _wasm_layer(data, content_type):
+    """(digest, size) of the one application/wasm layer of a manifest, after checking the
+    manifest's and its config's media types."""
+    if content_type and content_type != OCI_MANIFEST_TYPE:
+        raise RegistryError(f"the manifest has media type {_clean_text(content_type)!r}, "
+                            f"expected {OCI_MANIFEST_TYPE}")
+    try:
+        manifest = json.loads(data)
+    except (ValueError, UnicodeDecodeError):
+        raise RegistryError("the manifest is not valid JSON") from None
+    if not isinstance(manifest, dict) or manifest.get("schemaVersion") != 2:
+        raise RegistryError("the manifest is not an OCI image manifest (schemaVersion 2)")
+    media_type = manifest.get("mediaType", OCI_MANIFEST_TYPE)
+    if media_type != OCI_MANIFEST_TYPE:
+        raise RegistryError(f"the manifest has media type {_clean_text(media_type)!r}, "
+                            f"expected {OCI_MANIFEST_TYPE}")
+    config = manifest.get("config")
+    config_type = config.get("mediaType") if isinstance(config, dict) else None
+    if config_type != WASM_CONFIG_TYPE:
+        raise RegistryError(f"the manifest's config has media type "
+                            f"{_clean_text(config_type)!r}, expected {WASM_CONFIG_TYPE}: "
+                            "it is not a Wasm OCI artifact")
+    layers = manifest.get("layers")
+    if not isinstance(layers, list) or len(layers) != 1 or not isinstance(layers[0], dict):
+        raise RegistryError("a Wasm OCI artifact has exactly one layer; this manifest has "
+                            f"{len(layers) if isinstance(layers, list) else 'no'} layers")
+    layer = layers[0]
+    if layer.get("mediaType") != WASM_LAYER_TYPE:
+        raise RegistryError(f"the layer has media type {_clean_text(layer.get('mediaType'))!r}"
+                            f", expected {WASM_LAYER_TYPE}")
+    digest, size = layer.get("digest"), layer.get("size")
+    if not isinstance(digest, str) or not OCI_DIGEST.match(digest):
+        raise RegistryError(f"the layer's digest {_clean_text(digest)!r} is not a sha256 "
+                            "digest")
+    if not isinstance(size, int) or isinstance(size, bool) or not 0 <= size:
+        raise RegistryError(f"the layer's size {_clean_text(size)!r} is not a byte count")
+    if size > OCI_MAX_MODULE_BYTES:
+        raise RegistryError(f"the layer is {size} bytes, over the limit of "
+                            f"{OCI_MAX_MODULE_BYTES} bytes")
+    return digest, size
+
+
+# ------------------------------------------------------------- credentials
+
+class Credentials:
+    """A user name and password (or token) for one registry, and where they came from.
+    repr() and str() never show the password."""
+
+    __slots__ = ("username", "password", "source")
+
+    def __init__(self, username, password, source):
+        for value, what in ((username, "user name"), (password, "password")):
+            if not isinstance(value, str) or not value or CONTROL_CHARS.search(value):
+                raise InvalidInput(f"the registry {what} from {source} is empty or has a "
+                                   "control character")
+        if ":" in username:
+            raise InvalidInput(f"the registry user name from {source} contains ':'")
+        self.username = username
+        self.password = password
+        self.source = source
+
+    def basic(self):
+        """The value of an Authorization header for Basic auth."""
+        import base64
+        token = base64.b64encode(f"{self.username}:{self.password}".encode("utf-8"))
+        return "Basic " + token.decode("ascii")
+
+    def __repr__(self):
+        return f"Credentials(username={self.username!r}, source={self.source!r})"
+
+    __str__ = __repr__
+
+
+def docker_config_file(environ=None):
+    """The Docker client's config.json ($DOCKER_CONFIG/config.json or ~/.docker/config.json)."""
+    environ = os.environ if environ is None else environ
+    directory = environ.get("DOCKER_CONFIG") or os.path.join(
+        environ.get("HOME") or os.path.expanduser("~"), ".docker")
+    return os.path.join(directory, "config.json")
+
+
+def registry_credentials(registry, *, username=None, password=None, environ=None):
+    """Credentials for registry ("host[:port]"), from the first source that has them:
+    username/password, env WASMSTORE_OCI_USERNAME/WASMSTORE_OCI_PASSWORD, the "auths" of
+    Docker's config.json (what `docker login` and `oras login` write). None: anonymous."""
+    environ = os.environ if environ is None else environ
+    if username is not None or password is not None:
+        if not username or not password:
+            raise InvalidInput("registry credentials need both a user name and a password")
+        return Credentials(username, password, "the command line")
+    username = environ.get("WASMSTORE_OCI_USERNAME")
+    password = environ.get("WASMSTORE_OCI_PASSWORD")
+    if username or password:
+        if not username or not password:
+            raise InvalidInput("set both WASMSTORE_OCI_USERNAME and WASMSTORE_OCI_PASSWORD")
+        return Credentials(username, password, "WASMSTORE_OCI_USERNAME/PASSWORD")
+    return _docker_credentials(registry, docker_config_file(environ))
+
+
+def _docker_credentials(registry, filename):
+    try:
+        with open(filename, "rb") as handle:
+            document = json.loads(handle.read(OCI_MAX_SMALL_BODY + 1))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise InvalidInput(f"cannot read Docker config {filename!r}: "
+                           f"{getattr(exc, 'strerror', None) or 'not JSON'}") from None
+    auths = document.get("auths") if isinstance(document, dict) else None
+    for key, entry in (auths or {}).items():
+        host = key.split("://", 1)[-1].split("/", 1)[0]
+        if host != registry or not isinstance(entry, dict):
+            continue
+        source = f"{filename} (auths {key!r})"
+        if entry.get("auth"):
+            import base64
+            import binascii
+            try:
+                pair = base64.b64decode(entry["auth"], validate=True).decode("utf-8")
+            except (binascii.Error, UnicodeDecodeError, TypeError):
+                raise InvalidInput(f"the auth entry of {source} is not base64 of "
+                                   "user:password") from None
+            user, sep, secret = pair.partition(":")
+            if not sep:
+                raise InvalidInput(f"the auth entry of {source} is not base64 of user:password")
+            return Credentials(user, secret, source)
+        if entry.get("username") and entry.get("password"):
+            return Credentials(entry["username"], entry["password"], source)
+    return None
+
+
+# ------------------------------------------------------------- the registry client
+
+_CHALLENGE_PARAM = re.compile(r'([A-Za-z][A-Za-z0-9_-]*)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s,"]+))')
+
+
+def _parse_challenge(header):
+    """(scheme, {param: value}) of a WWW-Authenticate header (one challenge)."""
+    scheme, _, rest = (header or "").strip().partition(" ")
+    params = {}
+    for match in _CHALLENGE_PARAM.finditer(rest):
+        value = match.group(2) if match.group(2) is not None else match.group(3)
+        params[match.group(1).lower()] = re.sub(r"\\(.)", r"\1", value)
+    return scheme.lower(), params
+
+
+def _registry_detail(body):
+    """": CODE: message" from an OCI error body, or "" (peer text, cleaned and bounded)."""
+    try:
+        errors = json.loads(body).get("errors")
+        first = errors[0]
+        return ": " + _clean_text(f"{first.get('code', '')}: {first.get('message', '')}")
+    except Exception:            # any other body: the status line says enough
+        return ""
+
+
+class _Response:
+    """A registry response on a pooled connection: bounded reads; once the body is read
+    to its end the connection goes back to the pool, otherwise it is closed."""
+
+    def __init__(self, client, connection, response, pooled=True):
+        self.client = client
+        self.connection = connection
+        self.response = response
+        self.pooled = pooled              # False: a connection to another host (a CDN)
+        self.status = response.status
+        self.reason = _clean_text(response.reason, 60)
+
+    def header(self, name):
+        return self.response.getheader(name)
+
+    def read(self, limit, what):
+        """The whole body, or RegistryError when it is longer than limit."""
+        length = self.header("Content-Length")
+        if length is not None and length.isdigit() and int(length) > limit:
+            self.close()
+            raise RegistryError(f"{what} from {self.client.registry} is {int(length)} bytes, "
+                                f"over the limit of {limit} bytes")
+        try:
+            data = self.response.read(limit + 1)
+        except (OSError, self.client.http.HTTPException) as exc:
+            self.close()
+            raise RegistryError(f"reading {what} from {self.client.registry} failed: "
+                                f"{_clean_text(exc)}") from None
+        if len(data) > limit:
+            self.close()
+            raise RegistryError(f"{what} from {self.client.registry} is over the limit of "
+                                f"{limit} bytes")
+        self.finish()
+        return data
+
+    def chunk(self, size):
+        try:
+            return self.response.read(size)
+        except (OSError, self.client.http.HTTPException) as exc:
+            self.close()
+            raise RegistryError(f"download from {self.client.registry} failed: "
+                                f"{_clean_text(exc)}") from None
+
+    def discard(self):
+        """Read and drop a small body so the connection can be reused."""
+        try:
+            data = self.response.read(OCI_MAX_SMALL_BODY + 1)
+        except (OSError, self.client.http.HTTPException):
+            data = None
+        if data is None or len(data) > OCI_MAX_SMALL_BODY:
+            self.close()
+        else:
+            self.finish()
+        return data or b""
+
+    def finish(self):
+        if self.connection is not None:
+            if self.pooled and self.response.isclosed() and not self.response.will_close:
+                self.client._checkin(self.connection)
+            else:
+                self.connection.close()
+            self.connection = None
+
+    def close(self):
+        if self.connection is not None:
+            self.connection.close()
+            self.connection = None
+
+
+class _VerifiedBlob:
+    """A blob download read in chunks. At its end its size and SHA-256 must match the
+    descriptor, or read() raises: a store reading it (add_file) then stores nothing."""
+
+    def __init__(self, response, digest, size, what):
+        self.response = response
+        self.digest = digest
+        self.size = size
+        self.what = what
+        self.received = 0
+        self.hasher = hashlib.sha256()
+
+    def read(self, size=CHUNK_SIZE):
+        data = self.response.chunk(min(size, self.size - self.received + 1) or 1)
+        if not data:
+            if self.received != self.size:
+                raise RegistryError(f"{self.what} ended after {self.received} of "
+                                    f"{self.size} bytes; nothing was stored")
+            actual = "sha256:" + self.hasher.hexdigest()
+            if actual != self.digest:
+                raise RegistryError(f"digest mismatch: {self.what} hashes to {actual}, "
+                                    f"not {self.digest}; nothing was stored")
+            self.response.finish()
+            return b""
+        self.received += len(data)
+        if self.received > self.size:
+            raise RegistryError(f"{self.what} is longer than its {self.size} bytes; "
+                                "nothing was stored")
+        self.hasher.update(data)
+        return data
+
+    def close(self):
+        self.response.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+
+
+class RegistryClient:
+    """An HTTP(S) client for one registry: pooled keep-alive connections (thread-safe),
+    anonymous, Basic and Bearer-token auth answering the registry's WWW-Authenticate
+    challenges, bounded reads, and redirects kept on the registry's own host.
+
+    TLS is verified (ca_file adds trusted CAs). Plain HTTP is used with plain_http=True,
+    and for a loopback registry whose port does not speak TLS (Docker's rule).
+    """
+
+    def __init__(self, registry, *, credentials=None, plain_http=False, ca_file=None,
+                 timeout=OCI_TIMEOUT):
+        self.http, self.ssl = _http_modules()
+        match = OCI_REGISTRY.match(registry) if isinstance(registry, str) else None
+        if not match:
+            raise InvalidInput(f"invalid registry {_short(registry)}: expected HOST[:PORT]")
+        self.registry = registry
+        self.host = match.group(1).strip("[]")
+        self.port = int(match.group(2)) if match.group(2) else None
+        self.credentials = credentials
+        self.plain_http = bool(plain_http)
+        self.timeout = timeout
+        self.scheme = "http" if plain_http else "https"
+        self._http_fallback = not plain_http and _is_loopback(self.host)
+        try:
+            self._context = self.ssl.create_default_context(cafile=ca_file)
+        except (OSError, self.ssl.SSLError) as exc:
+            raise InvalidInput(f"cannot load CA file {ca_file!r}: "
+                               f"{getattr(exc, 'strerror', None) or exc}") from None
+        self._idle = []
+        self._lock = threading.Lock()
+        self._tokens = {}                 # repository -> bearer token
+        self._basic = False               # the registry asked for Basic auth
+
+    @classmethod
+    def for_reference(cls, reference, *, username=None, password=None, plain_http=False,
+                      ca_file=None, environ=None):
+        """A client for the reference's registry, with credentials from the usual sources."""
+        credentials = registry_credentials(reference.registry, username=username,
+                                           password=password, environ=environ)
+        return cls(reference.registry, credentials=credentials, plain_http=plain_http,
+                   ca_file=ca_file)
+
+    def __repr__(self):
+        return f"RegistryClient({self.registry!r})"
+
+    def close(self):
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for connection in idle:
+            connection.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+
+    # -- connections -----------------------------------------------------------------
+
+    def _connection(self, scheme, host, port):
+        if scheme == "https":
+            return self.http.HTTPSConnection(host, port, timeout=self.timeout,
+                                             context=self._context, blocksize=CHUNK_SIZE)
+        return self.http.HTTPConnection(host, port, timeout=self.timeout, blocksize=CHUNK_SIZE)
+
+    def _connect(self):
+        scheme = self.scheme
+        connection = self._connection(scheme, self.host, self.port)
+        try:
+            connection.connect()
+        except self.ssl.SSLCertVerificationError as exc:
+            connection.close()
+            raise RegistryError(f"the TLS certificate of {self.registry} cannot be verified "
+                                f"({_clean_text(exc.verify_message)}); --ca-file FILE "
+                                "trusts a private CA") from None
+        except (self.ssl.SSLError, ConnectionResetError) as exc:
+            connection.close()
+            if scheme == "https" and self._http_fallback:
+                self.scheme = "http"      # a loopback registry without TLS
+                return self._connect()
+            raise RegistryError(f"TLS with {self.registry} failed: {_clean_text(exc)}"
+                                ) from None
+        except OSError as exc:
+            connection.close()
+            raise RegistryError(f"cannot reach registry {self.registry}: "
+                                f"{_clean_text(exc.strerror or exc)}") from None
+        import socket
+        connection.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return connection
+
+    def _checkout(self):
+        with self._lock:
+            if self._idle:
+                return self._idle.pop(), True
+        return self._connect(), False
+
+    def _checkin(self, connection):
+        with self._lock:
+            if len(self._idle) < 2 * OCI_MIRROR_WORKERS:
+                self._idle.append(connection)
+                return
+        connection.close()
+
+    def _exchange(self, method, target, headers, body):
+        """Send one request on a pooled connection; a keep-alive connection the registry
+        closed meanwhile is replaced once."""
+        for attempt in (0, 1):
+            connection, reused = self._checkout()
+            try:
+                if hasattr(body, "seek"):
+                    body.seek(0)
+                connection.request(method, target, body=body, headers=headers)
+                return _Response(self, connection, connection.getresponse())
+            except (self.http.RemoteDisconnected, ConnectionResetError, BrokenPipeError) as exc:
+                connection.close()
+                if reused and attempt == 0:
+                    self.close()          # the registry closed its idle connections: all stale
+                    continue
+                error = exc
+            except (OSError, self.http.HTTPException) as exc:
+                connection.close()
+                error = exc
+            message = getattr(error, "strerror", None) or error
+            raise RegistryError(f"request to {self.registry} failed: {_clean_text(message)}")
+
+    # -- requests ----------------------------------------------------------------------
+
+    def _authorization(self, repository):
+        token = self._tokens.get(repository)
+        if token:
+            return "Bearer " + token
+        if self._basic and self.credentials is not None:
+            return self.credentials.basic()
+        return None
+
+    def call(self, method, target, *, repository, what, ok=(200,), headers=None, body=None,
+             foreign_redirects=False):
+        """One request to the registry, answering its auth challenges and following its
+        redirects (GET/HEAD); returns a _Response with a status in ok, else raises."""
+        headers = dict(headers or {})
+        headers["User-Agent"] = f"wasmstore/{__version__}"
+        for _ in range(OCI_REDIRECTS + 1):
+            for attempt in range(3):
+                authorization = self._authorization(repository)
+                if authorization:
+                    headers["Authorization"] = authorization
+                response = self._exchange(method, target, headers, body)
+                if response.status != 401 or attempt == 2 or \
+                        not self._answer(response, repository, authorization):
+                    break
+                response.discard()
+            if response.status in (301, 302, 303, 307, 308) and method in ("GET", "HEAD"):
+                location = response.header("Location") or ""
+                response.discard()
+                same, target = self._redirect_target(location, what)
+                if not same:
+                    if not foreign_redirects:
+                        raise RegistryError(f"{self.registry} redirected {what} to another "
+                                            f"host ({_clean_text(target.netloc)}); refusing")
+                    return self._foreign_get(target, what)
+                continue
+            break
+        else:
+            response.discard()
+            raise RegistryError(f"{self.registry} redirected {what} too many times")
+        if response.status in ok:
+            return response
+        raise self._failure(response, what)
+
+    def _redirect_target(self, location, what):
+        """(True, path) for a redirect on this registry, (False, split URL) elsewhere."""
+        import urllib.parse
+        base = f"{self.scheme}://{self.registry}/"
+        url = urllib.parse.urlsplit(urllib.parse.urljoin(base, location))
+        if url.scheme not in ("http", "https") or not url.hostname:
+            raise RegistryError(f"{self.registry} redirected {what} to an unusable location")
+        own_port = self.port or (443 if self.scheme == "https" else 80)
+        port = url.port or (443 if url.scheme == "https" else 80)
+        if url.scheme == self.scheme and url.hostname == self.host.lower() and port == own_port:
+            return True, (url.path or "/") + (f"?{url.query}" if url.query else "")
+        return False, url
+
+    def _foreign_get(self, url, what):
+        """A blob download redirected to another host (registries hand blobs to CDNs): over
+        verified TLS only, without our credentials; the caller checks the digest."""
+        if url.scheme != "https":
+            raise RegistryError(f"{self.registry} redirected {what} to plain HTTP on another "
+                                f"host ({_clean_text(url.netloc)}); refusing")
+        connection = self._connection("https", url.hostname, url.port)
+        target = (url.path or "/") + (f"?{url.query}" if url.query else "")
+        try:
+            connection.request("GET", target, headers={"User-Agent": f"wasmstore/{__version__}"})
+            response = _Response(self, connection, connection.getresponse(), pooled=False)
+        except self.ssl.SSLCertVerificationError as exc:
+            connection.close()
+            raise RegistryError(f"the TLS certificate of {_clean_text(url.hostname)} cannot "
+                                f"be verified ({_clean_text(exc.verify_message)})") from None
+        except (OSError, self.http.HTTPException) as exc:
+            connection.close()
+            raise RegistryError(f"downloading {what} from {_clean_text(url.hostname)} failed: "
+                                f"{_clean_text(getattr(exc, 'strerror', None) or exc)}"
+                                ) from None
+        if response.status != 200:
+            response.close()
+            raise RegistryError(f"{_clean_text(url.hostname)} answered {response.status} "
+                                f"{response.reason} to the redirected download of {what}")
+        return response
+
+    def _failure(self, response, what):
+        detail = _registry_detail(response.discard())
+        status = response.status
+        if status == 401:
+            who = (f"the credentials from {self.credentials.source}" if self.credentials
+                   else "anonymous access")
+            return RegistryError(f"{self.registry} refused {who} for {what} "
+                                 f"(401 unauthorized{detail})")
+        if status == 403:
+            return RegistryError(f"{self.registry} denied access to {what} (403 forbidden"
+                                 f"{detail})")
+        if status == 404:
+            return NotFound(f"{what} not found in {self.registry} (404{detail})")
+        return RegistryError(f"{self.registry} answered {status} {response.reason} to "
+                             f"{what}{detail}")
+
+    # -- auth ----------------------------------------------------------------------------
+
+    def _answer(self, response, repository, sent):
+        """Act on a 401's challenge to a request sent with Authorization `sent`; True if the
+        request is worth sending again (another thread may have answered it meanwhile)."""
+        if self._authorization(repository) != sent:
+            return True
+        scheme, params = _parse_challenge(response.header("WWW-Authenticate"))
+        if scheme == "basic":
+            if self.credentials is None or self._basic:
+                return False
+            self._basic = True
+            return True
+        if scheme == "bearer" and params.get("realm"):
+            self._tokens[repository] = self._fetch_token(params)
+            return True
+        return False
+
+    def _fetch_token(self, params):
+        """A bearer token from the challenge's realm (the registry token auth flow)."""
+        import urllib.parse
+        realm = urllib.parse.urlsplit(params["realm"])
+        service = _clean_text(realm.hostname or "?")
+        try:
+            port = realm.port
+        except ValueError:
+            port = None
+            realm = realm._replace(scheme="")
+        if realm.scheme not in ("http", "https") or not realm.hostname:
+            raise RegistryError(f"{self.registry} announced an unusable token service")
+        if realm.scheme == "http" and not (self.plain_http or _is_loopback(realm.hostname)):
+            raise RegistryError(f"the token service of {self.registry} ({service}) is plain "
+                                "HTTP; refusing to send credentials there (--plain-http "
+                                "allows it)")
+        query = urllib.parse.urlencode({key: params[key] for key in ("service", "scope")
+                                        if params.get(key)})
+        target = (realm.path or "/") + "?" + "&".join(
+            part for part in (realm.query, query) if part)
+        headers = {"User-Agent": f"wasmstore/{__version__}", "Accept": "application/json"}
+        if self.credentials is not None:
+            headers["Authorization"] = self.credentials.basic()
+        connection = self._connection(realm.scheme, realm.hostname, port)
+        try:
+            connection.request("GET", target, headers=headers)
+            response = connection.getresponse()
+            status = response.status
+            body = response.read(OCI_MAX_SMALL_BODY + 1)
+        except (OSError, self.http.HTTPException) as exc:
+            raise RegistryError(f"cannot get a token from {service} for {self.registry}: "
+                                f"{_clean_text(getattr(exc, 'strerror', None) or exc)}"
+                                ) from None
+        finally:
+            connection.close()
+        if status in (401, 403):
+            who = (f"the credentials from {self.credentials.source}" if self.credentials
+                   else "anonymous access")
+            raise RegistryError(f"the token service {service} of {self.registry} refused "
+                                f"{who} ({status}{_registry_detail(body)})")
+        if status != 200 or len(body) > OCI_MAX_SMALL_BODY:
+            raise RegistryError(f"the token service {service} of {self.registry} answered "
+                                f"{status} with no usable token")
+        try:
+            document = json.loads(body)
+            token = document.get("token") or document.get("access_token")
+        except (ValueError, AttributeError):
+            token = None
+        if not isinstance(token, str) or not token or not token.isprintable() or " " in token:
+            raise RegistryError(f"the token service {service} of {self.registry} sent no "
+                                "usable token")
+        return token
+
+    # -- the distribution API -------------------------------------------------------------
+
+    def blob_exists(self, repository, digest):
+        response = self.call("HEAD", f"/v2/{repository}/blobs/{digest}", repository=repository,
+                             what=f"blob {digest} of {repository}", ok=(200, 404))
+        response.discard()
+        return response.status == 200
+
+    def upload_blob(self, repository, digest, size, source, *, mount_from=None):
+        """Upload a blob (bytes, or a file name streamed) to repository; with mount_from,
+        first ask the registry to mount that repository's copy. True if it was mounted."""
+        import urllib.parse
+        what = f"the upload of blob {digest} to {repository}"
+        query = ""
+        if mount_from:
+            query = "?" + urllib.parse.urlencode({"mount": digest, "from": mount_from})
+        response = self.call("POST", f"/v2/{repository}/blobs/uploads/{query}",
+                             repository=repository, what=what, ok=(201, 202))
+        location = response.header("Location") or ""
+        response.discard()
+        if response.status == 201:
+            return True
+        same, target = self._redirect_target(location, what)
+        if not same:
+            raise RegistryError(f"{self.registry} sent {what} to another host "
+                                f"({_clean_text(target.netloc)}); refusing")
+        target += ("&" if "?" in target else "?") + urllib.parse.urlencode({"digest": digest})
+        headers = {"Content-Type": "application/octet-stream", "Content-Length": str(size)}
+        with contextlib.ExitStack() as stack:
+            body = source if isinstance(source, (bytes, bytearray)) else \
+                stack.enter_context(open(source, "rb"))
+            self.call("PUT", target, repository=repository, what=what, ok=(201,),
+                      headers=headers, body=body).discard()
+        return False
+
+    def manifest_digest(self, repository, reference):
+        """The digest a tag (or digest) names, or None when the registry has no such
+        manifest. Reads no body."""
+        response = self.call("HEAD", f"/v2/{repository}/manifests/{reference}",
+                             repository=repository, ok=(200, 404),
+                             what=f"manifest {reference} of {repository}",
+                             headers={"Accept": OCI_MANIFEST_TYPE})
+        response.discard()
+        return response.header("Docker-Content-Digest") if response.status == 200 else None
+
+    def get_manifest(self, repository, reference):
+        """(bytes, digest, content type) of a manifest, checked against the digest asked
+        for and the one the registry announced."""
+        what = f"manifest {reference!r} of {repository}"
+        response = self.call("GET", f"/v2/{repository}/manifests/{reference}",
+                             repository=repository, what=what,
+                             headers={"Accept": OCI_MANIFEST_TYPE})
+        content_type = (response.header("Content-Type") or "").split(";")[0].strip()
+        announced = response.header("Docker-Content-Digest")
+        data = response.read(OCI_MAX_MANIFEST_BYTES, what)
+        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        for expected in (reference if OCI_DIGEST.match(reference) else None, announced):
+            if expected and expected.startswith("sha256:") and expected != digest:
+                raise RegistryError(f"digest mismatch: {what} hashes to {digest}, not "
+                                    f"{_clean_text(expected)}; nothing was stored")
+        return data, digest, content_type
+
+    def put_manifest(self, repository, reference, data):
+        response = self.call("PUT", f"/v2/{repository}/manifests/{reference}",
+                             repository=repository, ok=(200, 201),
+                             what=f"the manifest {reference} of {repository}",
+                             headers={"Content-Type": OCI_MANIFEST_TYPE}, body=bytes(data))
+        response.discard()
+
+    def open_blob(self, repository, digest, size):
+        """A _VerifiedBlob streaming a blob; redirects to a CDN are followed over TLS."""
+        what = f"blob {digest} of {repository}"
+        response = self.call("GET", f"/v2/{repository}/blobs/{digest}", repository=repository,
+                             what=what, foreign_redirects=True)
+        length = response.header("Content-Length")
+        if length is not None and length.isdigit() and int(length) != size:
+            response.close()
+            raise RegistryError(f"{what} is {length} bytes, but the manifest says {size}; "
+                                "nothing was stored")
+        return _VerifiedBlob(response, digest, size, what)
+
+
+# ------------------------------------------------------------- push, push --all, pull
+
+class TransferReport:
+    """What a push or push_all did: tags written, what was uploaded, what was already
+    there, what was skipped and why. Thread-safe counters."""
+
+    def __init__(self, target):
+        self.target = target
+        self.manifest_digest = None
+        self.tags_pushed = []             # "repository:tag" written
+        self.tags_current = 0             # tags that already named the right manifest
+        self.blobs_uploaded = 0
+        self.blobs_mounted = 0
+        self.blobs_present = 0
+        self.bytes_uploaded = 0
+        self.skipped = []                 # (printed store path, reason)
+        self._lock = threading.Lock()
+
+    def add(self, **deltas):
+        with self._lock:
+            for name, delta in deltas.items():
+                if isinstance(delta, list):
+                    getattr(self, name).extend(delta)
+                else:
+                    setattr(self, name, getattr(self, name) + delta)
+
+    def transferred(self):
+        """True if anything was written to the registry."""
+        return bool(self.tags_pushed or self.blobs_uploaded or self.blobs_mounted)
+
+    def summary(self):
+        """Lines for a person: what was pushed, what was up to date, what was skipped."""
+        lines = [f"{self.target}: pushed {_count(len(self.tags_pushed), 'tag')}, uploaded "
+                 f"{_count(self.blobs_uploaded, 'blob')} ({_size_text(self.bytes_uploaded)}), "
+                 f"mounted {self.blobs_mounted}, {self.blobs_present} already there; "
+                 f"{_count(self.tags_current, 'tag')} up to date"]
+        lines += [f"skipped {path}: {reason}" for path, reason in self.skipped]
+        return lines
+
+
+class _Pusher:
+    """Puts artifacts into one registry: each blob is checked with HEAD and uploaded only
+    when missing (mounted from another repository of the same push when possible). A
+    manifest's two blobs travel at once on two connections: a registry's per-request
+    latency, not the bytes, is most of the time."""
+
+    def __init__(self, client, report, progress):
+        self.client = client
+        self.report = report
+        self.progress = progress or (lambda text: None)
+        self.placed = {}                  # blob digest -> a repository known to hold it
+        self.lock = threading.Lock()
+        self.helpers = concurrent.futures.ThreadPoolExecutor(
+            OCI_MIRROR_WORKERS, thread_name_prefix="wasmstore-push")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.helpers.shutdown(wait=True)
+
+    def ensure_blob(self, repository, digest, size, source):
+        if self.client.blob_exists(repository, digest):
+            self.report.add(blobs_present=1)
+        else:
+            with self.lock:
+                mount_from = self.placed.get(digest)
+            if size >= OCI_PROGRESS_BYTES:
+                self.progress(f"uploading {digest[:19]} ({_size_text(size)}) to {repository}")
+            if self.client.upload_blob(repository, digest, size, source, mount_from=mount_from):
+                self.report.add(blobs_mounted=1)
+            else:
+                self.report.add(blobs_uploaded=1, bytes_uploaded=size)
+        with self.lock:
+            self.placed[digest] = repository
+
+    def sync(self, repository, plan):
+        """Make each tag of plan ({tag: artifact}) name its artifact; a tag that already does
+        costs one HEAD. Returns the number of tags written."""
+        pending = {}                      # manifest digest -> (artifact, [tag, ...])
+        for tag, artifact in plan.items():
+            if self.client.manifest_digest(repository, tag) == artifact.manifest_digest:
+                self.report.add(tags_current=1)
+            else:
+                pending.setdefault(artifact.manifest_digest, (artifact, []))[1].append(tag)
+        for artifact, tags in pending.values():
+            self.push(repository, artifact, tags)
+        return sum(len(tags) for _, tags in pending.values())
+
+    def push(self, repository, artifact, tags):
+        """The artifact's blobs (config in a helper thread), then its manifest under tags."""
+        config = self.helpers.submit(self.ensure_blob, repository, artifact.config_digest,
+                                     len(artifact.config), artifact.config)
+        try:
+            self.ensure_blob(repository, artifact.module_digest, artifact.module_size,
+                             artifact.filename)
+        except BaseException:
+            concurrent.futures.wait([config])
+            raise
+        config.result()
+        for tag in tags:
+            self.client.put_manifest(repository, tag, artifact.manifest)
+            self.report.add(tags_pushed=[f"{repository}:{tag}"])
+
+
+@contextlib.contextmanager
+def _client_for(reference, client):
+    """The caller's client (for the reference's registry), or one of our own, closed after."""
+    if client is None:
+        with RegistryClient.for_reference(reference) as own:
+            yield own
+        return
+    if client.registry != reference.registry:
+        raise InvalidInput(f"the client is for registry {client.registry!r}, the reference "
+                           f"names {reference.registry!r}")
+    yield client
+
+
+def push(store, path, reference, *, branch=None, client=None, progress=None):
+    """Push the module at path (on branch) to reference ("oci://HOST/REPO[:TAG|@DIGEST]";
+    default tag "latest") as a Wasm OCI artifact. Blobs the registry has are not sent
+    again. Returns a TransferReport (manifest_digest: what the tag now names)."""
+    reference = OciReference.parse(reference)
+    artifact = module_artifact(store, path, branch=branch)
+    if reference.digest and reference.digest != artifact.manifest_digest:
+        raise InvalidInput(f"{reference} names digest {reference.digest}, but the artifact "
+                           f"of {format_path(validate_path(path))} is "
+                           f"{artifact.manifest_digest}")
+    report = TransferReport(str(reference))
+    with _client_for(reference, client) as client, _Pusher(client, report, progress) as pusher:
+        pusher.push(reference.repository, artifact, [reference.tag or reference.digest or "latest"])
+    report.manifest_digest = artifact.manifest_digest
+    return report
+
+
+def push_all(store, prefix, *, branch=None, client=None, progress=None,
+             workers=OCI_MIRROR_WORKERS):
+    """Mirror every module of a branch under prefix ("oci://HOST[/PREFIX]"): one repository
+    per store path, tagged with the branch name; on the default branch also "latest" and
+    v0, v1, ... per version (the tags the server's /v2/ gives). Tags that already name the
+    right manifest are left alone and missing blobs only are sent, so a second run transfers
+    nothing. Store paths that are not valid repository names are skipped and reported.
+    Returns a TransferReport."""
+    base = OciReference.parse(prefix, prefix=True)
+    default = store.default_branch
+    name = validate_branch(branch) if branch is not None else default
+    modules = store.list("", branch=name)
+    report = TransferReport(str(base))
+    head_tags = ["latest"] if name == default else []
+    if is_branch_tag(name):
+        head_tags.append(name)
+    else:
+        report.add(skipped=[(f"branch {name}", "not usable as a tag (tags 'latest' and "
+                                               "'vN' name the default branch's versions)")])
+    jobs = []
+    for printed, digest in modules.items():
+        try:
+            jobs.append((printed, digest, base.child(validate_path(printed))))
+        except InvalidInput as exc:
+            report.add(skipped=[(printed, str(exc))])
+    versions = name == default
+
+    def mirror(job):
+        printed, head, target = job
+        plan = _mirror_plan(store, printed, head, name, head_tags, versions)
+        pushed = pusher.sync(target.repository, plan)
+        if pushed:
+            pusher.progress(f"{target.repository}: pushed {pushed} of {len(plan)} tags")
+
+    with _client_for(base, client) as client, _Pusher(client, report, progress) as pusher:
+        with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:
+            for _ in pool.map(mirror, jobs):
+                pass
+    return report
+
+
+def _mirror_plan(store, printed, head, branch, head_tags, versions):
+    """{tag: WasmArtifact} of one path for push_all: head_tags name the head; with versions,
+    v0, v1, ... name each version."""
+    history = store.versions(printed, branch=branch)
+    plan = {}
+    for index, (digest, _) in enumerate(history if versions else ()):
+        plan[f"v{index}"] = module_artifact(store, printed, branch=branch, digest=digest,
+                                            history=history)
+    current = next((artifact for artifact in plan.values()
+                    if artifact.module_digest == "sha256:" + head), None) or \
+        module_artifact(store, printed, branch=branch, history=history)
+    plan.update((tag, current) for tag in head_tags)
+    return plan
+
+
+def pull(store, reference, path, *, branch=None, author=None, client=None, progress=None):
+    """Fetch the Wasm OCI artifact at reference and store its module at path on branch, as
+    one commit whose message names the source. The layer's bytes are checked against
+    their digest and validated before anything is stored. Returns the module hash."""
+    reference = OciReference.parse(reference)
+    segments = _module_segments(path)
+    store.head(branch=branch)             # a missing branch fails before any network traffic
+    with _client_for(reference, client) as client:
+        blob, message = _open_layer(client, reference, segments, progress)
+        with blob:
+            return store.add_file(format_path(segments), blob, branch=branch, author=author,
+                                  size_limit=blob.size, message=message)
+
+
+def pull_many(store, pairs, *, branch=None, author=None, client=None, progress=None,
+              workers=OCI_MIRROR_WORKERS):
+    """Pull several artifacts of one registry, [(reference, path), ...], faster than one
+    pull() after another: downloads run at once (a connection each, into temporary files,
+    digest-checked) while the modules already fetched are stored, in the order given, each
+    as its own commit named after its source (what pull() makes). The first failure stops
+    it: the pulls before it stay stored, that one and the later ones store nothing.
+    Returns the module hashes, in order."""
+    jobs = [(OciReference.parse(reference), _module_segments(path)) for reference, path in pairs]
+    if len({segments for _, segments in jobs}) != len(jobs):
+        raise InvalidInput("two references pull into the same path")
+    if len({reference.registry for reference, _ in jobs}) > 1:
+        raise InvalidInput("one pull takes references of one registry")
+    if not jobs:
+        return []
+    store.head(branch=branch)
+    with _client_for(jobs[0][0], client) as client, \
+            tempfile.TemporaryDirectory(prefix="wasmstore-pull-") as scratch, \
+            concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:
+
+        def fetch(number, reference, segments):
+            filename = os.path.join(scratch, str(number))
+            blob, message = _open_layer(client, reference, segments, progress)
+            with blob, open(filename, "wb") as out:
+                for chunk in iter(blob.read, b""):
+                    out.write(chunk)
+            return filename, message
+
+        downloads = [pool.submit(fetch, number, *job) for number, job in enumerate(jobs)]
+        try:
+            return [store.add_file(format_path(segments), download.result()[0], branch=branch,
+                                   author=author, message=download.result()[1])
+                    for download, (_, segments) in zip(downloads, jobs)]
+        finally:
+            for download in downloads:
+                download.cancel()
+
+
+def _module_segments(path):
+    segments = validate_path(path)
+    if not segments:
+        raise InvalidInput("a module needs a path, not the root")
+    return segments
+
+
+def _open_layer(client, reference, segments, progress):
+    """(_VerifiedBlob of the artifact's module, commit message naming the source)."""
+    data, manifest_digest, content_type = client.get_manifest(reference.repository,
+                                                              reference.target)
+    digest, size = _wasm_layer(data, content_type)
+    if progress and size >= OCI_PROGRESS_BYTES:
+        progress(f"downloading {digest[:19]} ({_size_text(size)}) from {reference}")
+    source = OciReference(reference.registry, reference.repository,
+                          reference.tag or (None if reference.digest else "latest"))
+    message = f"Pull {format_path(segments)} from {source}@{manifest_digest}"
+    return client.open_blob(reference.repository, digest, size), message
+
+
 # --------------------------------------------------------------------------- CLI
 
 def _print_line(text):
@@ -2350,6 +3625,90 @@ def _add_run_options(sub, name):
     kvhost.add_sandbox_options(sub)
 
 
+def _progress_writer(args):
+    """Progress lines for long operations go to stderr (never a credential); --quiet: none."""
+    if args.quiet:
+        return None
+
+    def progress(text):
+        sys.stderr.write(f"wasmstore: {text}\n")
+        sys.stderr.flush()
+    return progress
+
+
+def _registry_client(args, reference):
+    """A RegistryClient from --username/--password-stdin, env or Docker's config.json."""
+    username, password = args.username, None
+    if args.password_stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+        if not password:
+            raise InvalidInput("--password-stdin read an empty password")
+        username = username or os.environ.get("WASMSTORE_OCI_USERNAME")
+        if not username:
+            raise InvalidInput("--password-stdin needs --username (or WASMSTORE_OCI_USERNAME)")
+    elif username:
+        password = os.environ.get("WASMSTORE_OCI_PASSWORD")
+        if not password:
+            raise InvalidInput("--username needs --password-stdin or WASMSTORE_OCI_PASSWORD "
+                               "(a password is never taken from the command line)")
+    credentials = registry_credentials(reference.registry, username=username,
+                                       password=password)
+    return RegistryClient(reference.registry, credentials=credentials,
+                          plain_http=args.plain_http, ca_file=args.ca_file)
+
+
+def _cmd_push(store, args):
+    progress = _progress_writer(args)
+    if args.all:
+        if args.path is not None:
+            raise InvalidInput("push --all takes only a REFERENCE prefix, not a PATH")
+        reference = OciReference.parse(args.reference, prefix=True)
+        with _registry_client(args, reference) as client:
+            report = push_all(store, args.reference, branch=args.branch, client=client,
+                              progress=progress)
+        for line in report.summary():
+            _print_line(line)
+        return 0
+    if args.path is None:
+        raise InvalidInput("push needs PATH and REFERENCE (or --all REFERENCE)")
+    reference = OciReference.parse(args.reference)
+    with _registry_client(args, reference) as client:
+        report = push(store, args.path, args.reference, branch=args.branch, client=client,
+                      progress=progress)
+    if progress:
+        progress(report.summary()[0])
+    _print_line(report.manifest_digest)
+
+
+def _cmd_pull(store, args):
+    if len(args.pairs) % 2:
+        raise InvalidInput("pull takes REFERENCE PATH pairs (a PATH is missing)")
+    pairs = list(zip(args.pairs[::2], args.pairs[1::2]))
+    options = {"branch": args.branch, "author": args.author, "progress": _progress_writer(args)}
+    with _registry_client(args, OciReference.parse(pairs[0][0])) as client:
+        if len(pairs) == 1:
+            digests = [pull(store, *pairs[0], client=client, **options)]
+        else:
+            digests = pull_many(store, pairs, client=client, **options)
+    for digest in digests:
+        _print_line(digest)
+
+
+REGISTRY_OPTIONS = [
+    ("--username", {"metavar": "USER",
+                    "help": "registry user name (env WASMSTORE_OCI_USERNAME)"}),
+    ("--password-stdin", {"action": "store_true",
+                          "help": "read the password or token from the first line of stdin "
+                                  "(env WASMSTORE_OCI_PASSWORD; default: Docker's "
+                                  "config.json, else anonymous)"}),
+    ("--plain-http", {"action": "store_true",
+                      "help": "plain HTTP instead of TLS (a loopback registry without TLS "
+                              "needs no flag)"}),
+    ("--ca-file", {"metavar": "FILE", "help": "also trust the CA certificates in FILE"}),
+    ("--quiet", {"action": "store_true", "help": "no progress lines on stderr"}),
+]
+
+
 COMMANDS = {
     # name: (handler, help, [(argument, options)])
     "add": (_cmd_add, "validate and store a module (FILE '-' reads stdin); prints its hash",
@@ -2413,6 +3772,24 @@ COMMANDS = {
             [("target", {"metavar": "PATH|HASH"}), ("args", {"metavar": "ARG", "nargs": argparse.REMAINDER})]),
     "exports": (_cmd_exports, "print each callable export of a stored module with its types",
                 [("target", {"metavar": "PATH|HASH"})]),
+    "push": (_cmd_push, "push PATH to an OCI registry as a Wasm OCI artifact (prints its "
+                        "digest); --all mirrors every module of the branch",
+             [("path", {"metavar": "PATH", "nargs": "?",
+                        "help": "module to push (omitted with --all)"}),
+              ("reference", {"metavar": "REFERENCE",
+                             "help": "oci://HOST[:PORT]/REPO[:TAG|@DIGEST] (default tag "
+                                     "latest); with --all, oci://HOST[:PORT][/PREFIX]"}),
+              ("--all", {"action": "store_true",
+                         "help": "push every module: a repository per path, tags for the "
+                                 "branch and v0, v1, ... per version; sends only what the "
+                                 "registry lacks"})] + REGISTRY_OPTIONS),
+    "pull": (_cmd_pull, "store the module of a Wasm OCI artifact at PATH (one commit); "
+                        "prints its hash. Several pairs download at once",
+             [("pairs", {"metavar": "REFERENCE PATH", "nargs": "+",
+                         "help": "oci://HOST[:PORT]/REPO[:TAG|@DIGEST] and where to store its "
+                                 "module; more pairs (one registry) are fetched concurrently "
+                                 "and each stored as its own commit once all are checked"})]
+             + REGISTRY_OPTIONS),
     "server": (None, "run the HTTP API (options: python http_server.py --help)", []),
 }
 
@@ -2424,6 +3801,8 @@ CLI_EXAMPLES = """examples:
   python wasmstore.py versions /math/add.wasm         every version, oldest first
   python wasmstore.py rollback /math/add.wasm         undo its latest change
   python wasmstore.py --branch dev add x.wasm         work on branch dev
+  python wasmstore.py push /math/add.wasm oci://ghcr.io/me/add:v1   to a registry
+  python wasmstore.py pull oci://localhost:5000/add add.wasm        from a registry
   python wasmstore.py server --port 6384              serve the HTTP API
 
 Global options may also follow the command. Errors print one line on stderr
