@@ -76,6 +76,11 @@ def sha256(data):
     return hashlib.sha256(data).hexdigest()
 
 
+def _file_sizes(root):
+    """{relative file name: size} of every file under root."""
+    return {name: os.path.getsize(os.path.join(root, name)) for name in store_files(root)}
+
+
 def store_files(root):
     """Every file under root, relative, for 'nothing changed' checks."""
     found = set()
@@ -227,12 +232,20 @@ class LibraryTest(StoreTestCase):
         self.assertEqual(self.store.find("dir/one.wasm"), data)
         self.assertEqual(self.store.find(digest), data)
         self.assertEqual(self.store.hash("/dir/one.wasm"), digest)
+        pack_dir = os.path.join(self.root, "objects", "pack")
+        packs = [name for name in os.listdir(pack_dir) if name.endswith(".pack")]
+        self.assertEqual(len(packs), 1)                 # new objects are appended to a pack
+        with open(os.path.join(pack_dir, packs[0]), "rb") as handle:
+            self.assertIn(data, handle.read())          # module objects are raw bytes
         object_file = os.path.join(self.root, "objects", digest[:2], digest[2:])
-        with open(object_file, "rb") as handle:
-            self.assertEqual(handle.read(), data)        # module objects are raw bytes
+        self.assertFalse(os.path.exists(object_file))
         self.assertEqual(self.store.locate("dir/one.wasm"), (digest, object_file))
-        with open(os.path.join(self.root, "refs", "heads", "main")) as handle:
-            self.assertEqual(handle.read(), self.store.snapshot() + "\n")
+        with open(object_file, "rb") as handle:         # written from the pack on demand
+            self.assertEqual(handle.read(), data)
+        with open(os.path.join(self.root, "refs", "heads", "main"), "rb") as handle:
+            ref = handle.read()
+        self.assertEqual(len(ref), 256)                 # two checksummed slots
+        self.assertIn(self.store.snapshot().encode(), ref)
         self.assertEqual(len(self.store.hash("dir")), 64)      # a directory: its tree hash
         self.assertRaises(wasmstore.NotFound, self.store.find, "dir")
 
@@ -739,28 +752,32 @@ class DurabilityTest(StoreTestCase):
         self.assertEqual(os.listdir(os.path.join(self.root, "tmp")), [])
 
     def test_failure_mid_write_leaves_no_debris(self):
+        # A failing sync (disk full, I/O error) of the pack append (call 1) or of the ref
+        # slot (call 2): the add fails, the branch is unchanged, no byte or file is left.
         self.store.add("a.wasm", make_module("a"))
-        before = (self.store.snapshot(), store_files(self.root))
-        real_rename = os.rename
-        calls = []
+        for failing_call in (1, 2):
+            with self.subTest(failing_call=failing_call):
+                before = (self.store.snapshot(), store_files(self.root), _file_sizes(self.root))
+                real_fdatasync = os.fdatasync
+                calls = []
 
-        def failing_rename(source, target):
-            calls.append(target)
-            if len(calls) == 2:
-                raise OSError(28, "No space left on device")
-            return real_rename(source, target)
+                def failing_fdatasync(fd):
+                    calls.append(fd)
+                    if len(calls) == failing_call:
+                        raise OSError(28, "No space left on device")
+                    return real_fdatasync(fd)
 
-        with mock.patch.object(wasmstore.os, "rename", failing_rename):
-            with self.assertRaises(OSError):
-                self.store.add("dir/b.wasm", make_module("b"))
-        self.assertEqual(self.store.snapshot(), before[0])
-        self.assertEqual(os.listdir(os.path.join(self.root, "tmp")), [])
-        leftovers = store_files(self.root) - before[1]
-        # at most the object that landed before the failure: complete, never referenced.
-        self.assertLessEqual(len(leftovers), 1)
-        self.assertFalse([f for f in store_files(self.root) if f.endswith((".lock", ".tmp"))])
-        self.assertClean()
+                with mock.patch.object(wasmstore.os, "fdatasync", failing_fdatasync):
+                    with self.assertRaises(OSError):
+                        self.store.add("dir/b.wasm", make_module("b"))
+                self.assertEqual(Store(self.root).snapshot(), before[0])
+                self.assertEqual(os.listdir(os.path.join(self.root, "tmp")), [])
+                self.assertEqual(store_files(self.root), before[1])
+                if failing_call == 1:                   # the pack is cut back to its old end
+                    self.assertEqual(_file_sizes(self.root), before[2])
+                self.assertClean()
         self.store.add("dir/b.wasm", make_module("b"))   # and the store still works
+        self.assertEqual(self.store.find("dir/b.wasm"), make_module("b"))
         self.assertClean()
 
     def test_gc_during_adds_loses_nothing(self):
@@ -788,14 +805,21 @@ class DurabilityTest(StoreTestCase):
             self.assertEqual(sha256(self.store.find(path)), digest)
         self.assertClean()
 
+    def corrupt_last_byte(self, path, data):
+        """Flip the last byte of data where it sits in the file at path."""
+        with open(path, "rb") as handle:
+            offset = handle.read().index(data) + len(data) - 1
+        os.chmod(path, 0o644)
+        with open(path, "r+b") as handle:
+            handle.seek(offset)
+            handle.write(b"X")
+
     def test_corrupt_object_is_reported_and_never_returned(self):
         data = make_module("precious")
         digest = self.store.add("a.wasm", data)
-        path = os.path.join(self.root, "objects", digest[:2], digest[2:])
-        os.chmod(path, 0o644)
-        with open(path, "r+b") as handle:
-            handle.seek(len(data) - 1)
-            handle.write(b"X")
+        pack_dir = os.path.join(self.root, "objects", "pack")
+        (pack,) = [name for name in os.listdir(pack_dir) if name.endswith(".pack")]
+        self.corrupt_last_byte(os.path.join(pack_dir, pack), data)
         fresh = Store(self.root)
         problems = fresh.fsck()
         self.assertEqual(len(problems), 1)
@@ -805,10 +829,25 @@ class DurabilityTest(StoreTestCase):
             fresh.find("a.wasm")
         with self.assertRaises(wasmstore.CorruptObject):
             fresh.locate("a.wasm")
+        self.assertFalse(os.path.exists(os.path.join(self.root, "objects", digest[:2])))
         proc = subprocess.run([sys.executable, WASMSTORE_PY, "--root", self.root, "fsck"],
                               capture_output=True, text=True)
         self.assertEqual(proc.returncode, 1)
         self.assertIn("corrupt", proc.stdout)
+
+    def test_corrupt_loose_copy_is_reported_and_never_served(self):
+        data = make_module("precious")
+        digest = self.store.add("a.wasm", data)
+        _, path = self.store.locate("a.wasm")              # the loose copy for serving
+        self.corrupt_last_byte(path, data)
+        fresh = Store(self.root)
+        problems = fresh.fsck()
+        self.assertEqual(len(problems), 1)
+        self.assertIn(digest, problems[0])
+        self.assertIn("corrupt", problems[0])
+        with self.assertRaises(wasmstore.CorruptObject):
+            fresh.locate("a.wasm")
+        self.assertEqual(fresh.find("a.wasm"), data)       # the packed copy is whole
 
 
 class StoreCliTest(StoreTestCase):
