@@ -850,6 +850,228 @@ class DurabilityTest(StoreTestCase):
         self.assertEqual(fresh.find("a.wasm"), data)       # the packed copy is whole
 
 
+def build_legacy_store(root, files, garbage=()):
+    """A store in the layout before packs (every object a loose file, refs "<hex>\n",
+    an empty ref file for a branch without commits), holding files {path: bytes} in one
+    commit on main, an empty branch "dev", and the loose objects garbage (unreachable).
+    Returns the commit hash."""
+    def put(data):
+        digest = sha256(data)
+        path = os.path.join(root, "objects", digest[:2], digest[2:])
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb") as handle:
+            handle.write(data)
+        os.chmod(path, 0o444)
+        return digest
+
+    def canonical(document):
+        return json.dumps(document, sort_keys=True, separators=(",", ":"),
+                          ensure_ascii=False).encode("utf-8")
+
+    def tree(entries):
+        return put(canonical({"type": "tree", "entries": {
+            name: ["tree", tree(value)] if isinstance(value, dict) else ["module", put(value)]
+            for name, value in entries.items()}}))
+
+    nested = {}
+    for path, data in files.items():
+        *directories, name = path.strip("/").split("/")
+        node = nested
+        for directory in directories:
+            node = node.setdefault(directory, {})
+        node[name] = data
+    commit = put(canonical({"author": "old", "date": 1, "message": "Import", "parents": [],
+                            "tree": tree(nested), "type": "commit"}))
+    for data in garbage:
+        put(data)
+    os.makedirs(os.path.join(root, "refs", "heads"))
+    os.makedirs(os.path.join(root, "tmp"))
+    for name, text in (("HEAD", "main\n"), ("refs/heads/main", commit + "\n"),
+                       ("refs/heads/dev", "")):
+        with open(os.path.join(root, name), "w") as handle:
+            handle.write(text)
+    return commit
+
+
+LEGACY_FILES = {"/lib/a.wasm": make_module("legacy a"), "/lib/deep/b.wasm": make_module("legacy b"),
+                "/top.wasm": make_module("legacy top")}
+
+
+class LegacyLayoutTest(unittest.TestCase):
+    """A store written by the code before packs (loose objects, "<hex>\n" refs) keeps
+    working: read as it is, refs rewritten as slot files when opened, new objects packed."""
+
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp(prefix="wasmstore-legacy-")
+        self.addCleanup(shutil.rmtree, self.tmp, True)
+        self.root = os.path.join(self.tmp, "store")
+        self.garbage = make_module("unreachable")
+        self.commit = build_legacy_store(self.root, LEGACY_FILES, [self.garbage])
+
+    def open(self):
+        store = Store(self.root)
+        self.addCleanup(store.close)
+        return store
+
+    def test_reads_every_module_version_and_file_of_the_old_layout(self):
+        store = self.open()
+        self.assertEqual(store.list(), {path: sha256(data) for path, data in LEGACY_FILES.items()})
+        for path, data in LEGACY_FILES.items():
+            self.assertEqual(store.find(path), data)
+            digest, filename = store.locate(path)
+            self.assertEqual(filename, os.path.join(self.root, "objects", digest[:2], digest[2:]))
+        self.assertEqual(store.versions("lib/a.wasm"), [(sha256(LEGACY_FILES["/lib/a.wasm"]), self.commit)])
+        self.assertEqual(store.branches(), ["dev", "main"])
+        self.assertIsNone(store.head(branch="dev"))
+        self.assertEqual(store.fsck(), [])
+
+    def test_refs_become_slot_files_when_opened(self):
+        self.open()
+        for name, head in (("main", self.commit), ("dev", None)):
+            with open(os.path.join(self.root, "refs", "heads", name), "rb") as handle:
+                ref = handle.read()
+            self.assertEqual(len(ref), 256)
+            if head:
+                self.assertIn(head.encode(), ref)
+        self.assertEqual(Store(self.root).head(), self.commit)
+
+    def test_adds_are_packed_and_gc_deletes_only_unreachable_loose_objects(self):
+        store = self.open()
+        new = make_module("new")
+        store.add("lib/new.wasm", new)
+        store.add("dev.wasm", new, branch="dev")
+        self.assertEqual(store.find("lib/new.wasm"), new)
+        self.assertEqual(store.find("top.wasm"), LEGACY_FILES["/top.wasm"])
+        self.assertEqual(store.fsck(), [])
+        # The garbage module, main's two squashed commits, its old root and lib trees.
+        self.assertEqual(store.gc(), 5)
+        self.assertFalse(os.path.exists(os.path.join(
+            self.root, "objects", sha256(self.garbage)[:2], sha256(self.garbage)[2:])))
+        for path, data in list(LEGACY_FILES.items()) + [("/lib/new.wasm", new)]:
+            self.assertEqual(Store(self.root).find(path), data)
+        self.assertEqual(store.fsck(), [])
+
+    def test_backup_of_an_old_store_loads_into_a_working_store(self):
+        store = self.open()
+        archive = os.path.join(self.tmp, "old.tar.gz")
+        self.assertEqual(store.backup(archive), 7)      # 3 modules, 3 trees, 1 commit
+        loaded = wasmstore.load_backup(archive, os.path.join(self.tmp, "loaded"))
+        self.addCleanup(loaded.close)
+        self.assertEqual(loaded.list(), store.list())
+        self.assertEqual(loaded.branches(), ["dev", "main"])
+
+
+KILLER = r"""
+import builtins, os, signal, sys
+limit = int(sys.argv[1])        # SIGKILL right before file mutation number `limit` (0: never)
+count = [0]
+WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+
+
+def counted(function, is_mutation=lambda *args, **kwargs: True):
+    def wrapper(*args, **kwargs):
+        if is_mutation(*args, **kwargs):
+            count[0] += 1
+            if count[0] == limit:
+                os.kill(os.getpid(), signal.SIGKILL)
+        return function(*args, **kwargs)
+    return wrapper
+
+
+for name in ("write", "pwrite", "writev", "rename", "replace", "link", "symlink", "unlink",
+             "remove", "mkdir", "rmdir", "ftruncate", "truncate", "fsync", "fdatasync",
+             "copy_file_range", "sendfile", "chmod"):
+    setattr(os, name, counted(getattr(os, name)))
+os.open = counted(os.open, lambda path, flags, *args, **kwargs: bool(flags & WRITE_FLAGS))
+builtins.open = counted(builtins.open, lambda file, mode="r", *args, **kwargs:
+                        any(letter in mode for letter in "wax+"))
+import wasmstore
+status = wasmstore.main(sys.argv[2:])
+sys.stderr.write(f"mutations: {count[0]}\n")
+sys.exit(status)
+"""
+
+
+class KillAtEveryMutationTest(unittest.TestCase):
+    """SIGKILL right before each file mutation of a command, counted by a patched os module
+    in the child: fsck passes after each kill, nothing acknowledged is lost, re-running the
+    command succeeds, and a later write leaves no temp file behind. Pins the hostile probe's
+    finding that a kill during an add left a tree naming a missing module, and a kill during
+    gc's sweep thousands of fsck problems."""
+
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp(prefix="wasmstore-kill-")
+        self.addCleanup(shutil.rmtree, self.tmp, True)
+        self.module = os.path.join(self.tmp, "new.wasm")
+        with open(self.module, "wb") as handle:
+            handle.write(make_module("added under fire"))
+
+    def run_counted(self, root, limit, *argv):
+        return subprocess.run([sys.executable, "-c", KILLER, str(limit), "--root", root, *argv],
+                              capture_output=True, text=True, cwd=HERE, timeout=120)
+
+    def check_every_kill(self, base, argv, expected, added=None):
+        """expected: {path: hash} on main that must survive; added: (path, hash) the
+        command makes, present once a run finishes."""
+        scratch = os.path.join(self.tmp, "count")
+        shutil.copytree(base, scratch)
+        counted = self.run_counted(scratch, 0, *argv)
+        self.assertEqual(counted.returncode, 0, counted.stderr)
+        total = int(re.search(r"mutations: (\d+)", counted.stderr).group(1))
+        self.assertGreaterEqual(total, 3)
+        for limit in range(1, total + 1):
+            root = os.path.join(self.tmp, f"kill-{limit}")
+            shutil.copytree(base, root)
+            killed = self.run_counted(root, limit, *argv)
+            where = f"killed before mutation {limit} of {total}"
+            self.assertEqual(killed.returncode, -signal.SIGKILL, where + killed.stderr)
+            with Store(root) as store:
+                self.assertEqual(store.fsck(), [], where)
+                listing = store.list()
+            self.assertEqual({p: listing.get(p) for p in expected}, expected, where)
+            again = self.run_counted(root, 0, *argv)
+            self.assertEqual(again.returncode, 0, where + again.stderr)
+            with Store(root) as store:
+                self.assertEqual(store.fsck(), [], where)
+                listing = store.list()
+            if added:
+                self.assertEqual(listing.get(added[0]), added[1], where)
+            self.assertEqual({p: listing.get(p) for p in expected}, expected, where)
+            self.assertEqual(os.listdir(os.path.join(root, "tmp")), [], where)
+            shutil.rmtree(root)
+
+    def packed_store(self):
+        base = os.path.join(self.tmp, "base")
+        with Store(base) as store:
+            for index in range(3):
+                store.add(f"d{index}/m.wasm", make_module(f"kept {index}"))
+            store.add("gone/x.wasm", make_module("garbage"))
+            store.remove("gone")
+            return base, store.list()
+
+    def test_add_into_a_packed_store(self):
+        base, expected = self.packed_store()
+        self.check_every_kill(base, ["add", self.module, "/d1/new.wasm"], expected,
+                              ("/d1/new.wasm", sha256(make_module("added under fire"))))
+
+    def test_add_into_a_store_of_the_previous_layout(self):
+        base = os.path.join(self.tmp, "base")
+        build_legacy_store(base, LEGACY_FILES)
+        expected = {path: sha256(data) for path, data in LEGACY_FILES.items()}
+        self.check_every_kill(base, ["add", self.module, "/lib/deep/new.wasm"], expected,
+                              ("/lib/deep/new.wasm", sha256(make_module("added under fire"))))
+
+    def test_gc_of_packs_and_loose_objects(self):
+        base = os.path.join(self.tmp, "base")
+        build_legacy_store(base, LEGACY_FILES, [make_module("loose garbage")])
+        with Store(base) as store:
+            store.add("lib/a.wasm", make_module("a, second version"))
+            store.add("junk/x.wasm", make_module("packed garbage"))
+            store.remove("junk")
+            expected = store.list()
+        self.check_every_kill(base, ["gc"], expected)
+
+
 class StoreCliTest(StoreTestCase):
     def run_main(self, *argv, stdin=b""):
         out, err = io.StringIO(), io.StringIO()

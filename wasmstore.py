@@ -909,7 +909,7 @@ class _ObjectStore:
 
     # ---------------------------------------------------------------- writing
 
-    def _has_whole(self, digest):
+    def _has_whole(self, digest, kind):
         """True if an intact copy is stored. A packed copy this process has not written or
         read back is read and checked first: a killed writer's torn record must never stand
         in for the object a new change needs."""
@@ -923,12 +923,14 @@ class _ObjectStore:
                 return True
             except (CorruptObject, OSError):
                 return False
-        return os.path.exists(self.loose_path(digest))    # loose files land whole (rename)
+        # Loose files land whole (renamed into place). Only modules are looked for: a tree
+        # or commit stored twice costs a few bytes, a stat per object costs every add.
+        return kind == "module" and os.path.exists(self.loose_path(digest))
 
     def write(self, batch):
         """Make a batch's new objects durable (callers hold the ref lock)."""
         records = [(digest, batch.kinds[digest], data) for digest, data in batch.blobs.items()
-                   if not self._has_whole(digest)]
+                   if not self._has_whole(digest, batch.kinds[digest])]
         if not records:
             return
         writer, segment = self._writable()
@@ -1474,7 +1476,8 @@ class Store:
         self._init_layout()
         self._objects = _ObjectStore(self.root, self._tmp_dir)
         self._refs = _Refs(self.root, self._tmp_dir)
-        self._history = _HistoryCache(os.path.join(self.root, "cache", "history"))
+        self._history = _HistoryCache(os.path.join(self.root, "cache", "history"),
+                                      self._tmp_dir)
         self._parsed = _BoundedCache(OBJECT_CACHE_WEIGHT)   # hash -> parsed tree/commit
         self._modules = _BoundedCache(MODULE_CACHE_BYTES)   # hash -> small module bytes
         self._indexes = _BoundedCache(INDEX_CACHE_TREES)    # root tree -> {module: paths}
@@ -1561,9 +1564,6 @@ class Store:
         """Make a batch of objects durable (one pack append, one fdatasync), then swap a
         ref (one slot write, one fdatasync). The caller holds the ref lock. A crash at any
         point leaves a ref that points at durable objects."""
-        if not self._debris_checked:
-            _remove_debris(self._tmp_dir)        # temp files of killed writers
-            self._debris_checked = True
         self._objects.write(batch)
         for digest, parsed in batch.parsed.items():
             self._parsed.put(digest, parsed, _weight(parsed))
@@ -1681,6 +1681,9 @@ class Store:
         branch = self._branch(branch)
         author = _author(author)
         with self._refs.lock():
+            if not self._debris_checked:
+                _remove_debris(self._tmp_dir)        # temp files of killed writers
+                self._debris_checked = True
             head = self._read_ref(branch)
             tree = self._commit(head)["tree"] if head else None
             batch = _Batch()
@@ -2484,8 +2487,9 @@ class _HistoryCache:
     diffs that commit's objects instead). It is not fsynced, not backed up, and gc
     rewrites it keeping the lines of reachable commits."""
 
-    def __init__(self, path):
+    def __init__(self, path, tmp_dir):
         self.path = path
+        self.tmp_dir = tmp_dir
         self._lock = threading.Lock()
         self._key = None               # (inode, bytes parsed)
         self._known = {}               # commit -> (first parent or None, {path: hash|None})
@@ -2497,9 +2501,12 @@ class _HistoryCache:
             fields += [path, digest or "-"]
         line = _history_line(fields)
         with contextlib.suppress(OSError):      # a cache: losing a line costs speed only
-            os.makedirs(os.path.dirname(self.path), exist_ok=True)
-            fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
-                         0o644)
+            flags = os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+            try:
+                fd = os.open(self.path, flags, 0o644)
+            except FileNotFoundError:
+                os.makedirs(os.path.dirname(self.path), exist_ok=True)
+                fd = os.open(self.path, flags, 0o644)
             try:
                 size = os.fstat(fd).st_size
                 if size and os.pread(fd, 1, size - 1) != b"\n":
@@ -2551,11 +2558,16 @@ class _HistoryCache:
                 for path, digest in changes.items():
                     fields += [path, digest or "-"]
                 lines.append(_history_line(fields))
-        tmp = f"{self.path}.{os.getpid()}.tmp"
-        with contextlib.suppress(OSError):
-            with open(tmp, "wb") as handle:
-                handle.write(b"".join(lines))
-            os.replace(tmp, self.path)
+        with contextlib.suppress(OSError):     # a cache: not fsynced
+            tmp, fd = _new_temp(self.tmp_dir, 0o644)
+            try:
+                try:
+                    _write_all(fd, b"".join(lines))
+                finally:
+                    os.close(fd)
+                os.replace(tmp, self.path)
+            finally:
+                _unlink_quietly(tmp)
 
 
 def _history_line(fields):
