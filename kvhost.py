@@ -75,9 +75,9 @@ from wasmtime import component as wc
 # constants
 # ---------------------------------------------------------------------------
 
-DEFAULT_KV_URL = "sqlite:~/.wasmstore/kv.sqlite3"   # durable embedded default (KVHOST.md)
-MAX_KEY_BYTES = 4096                                 # KVHOST.md: key at most 4 KiB
-DEFAULT_MAX_VALUE_BYTES = 16 * 1024 * 1024           # KVHOST.md: value at most 16 MiB (configurable)
+DEFAULT_KV_URL = "sqlite:~/.wasmstore/kv.sqlite3"   # durable embedded default (README: kvhost)
+MAX_KEY_BYTES = 4096                                 # README: keys at most 4 KiB
+DEFAULT_MAX_VALUE_BYTES = 16 * 1024 * 1024           # README: values at most 16 MiB (configurable)
 PAGE_SIZE = 1000                                     # list-keys pages hold at most 1,000 keys
 DEFAULT_TIMEOUT = 10.0                               # seconds; --timeout default
 BUCKET_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,128}\Z")

@@ -1121,6 +1121,73 @@ class StoreCliTest(StoreTestCase):
         self.assertEqual((info["author"], info["message"]), ("eve", "Import /m.wasm"))
         self.assertFalse(self.store.contains("m.wasm"))
 
+    def start_cli_server(self, *argv, env=None):
+        """`python wasmstore.py ARGV` (a server command): (process, first stderr line)."""
+        proc = subprocess.Popen([sys.executable, WASMSTORE_PY, *argv], stderr=subprocess.PIPE,
+                                stdout=subprocess.DEVNULL, text=True, cwd=self.tmp, env=env)
+
+        def stop():
+            if proc.poll() is None:
+                proc.terminate()
+            proc.wait(10)
+            proc.stderr.close()
+        self.addCleanup(stop)
+        return proc, proc.stderr.readline()
+
+    def test_server_serves_the_root_given_after_the_command(self):
+        # Pins a bug: the root after `server` was forwarded and then overridden by the
+        # default (argv ended "--root X ... --root ~/.wasmstore"): writes went elsewhere.
+        home = os.path.join(self.tmp, "home")
+        os.mkdir(home)
+        env = dict(os.environ, HOME=home)
+        env.pop("WASMSTORE_ROOT", None)
+        for argv in (["server", "--root", self.root, "--port", "0"],
+                     ["--root", os.path.join(self.tmp, "ignored"), "server", "--root", self.root,
+                      "--port", "0"],
+                     ["--root", self.root, "server", "--port", "0"]):
+            with self.subTest(argv=argv):
+                proc, line = self.start_cli_server(*argv, env=env)
+                self.assertIn(f"serving {self.root} on http://127.0.0.1:", line)
+                port = int(re.search(r":(\d+)\s*$", line).group(1))
+                data = make_module(" ".join(argv))
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+                conn.request("POST", "/api/v1/module/served.wasm", body=data)
+                self.assertEqual(conn.getresponse().read().decode(), sha256(data))
+                conn.close()
+                self.assertEqual(Store(self.root).find("served.wasm"), data)
+                proc.terminate()
+                self.assertEqual(proc.wait(10), 0)
+        self.assertEqual(os.listdir(home), [])          # nothing went to ~/.wasmstore
+        self.assertFalse(os.path.exists(os.path.join(self.tmp, "ignored")))
+
+    def test_server_without_http_server_py_says_so_in_one_line(self):
+        alone = os.path.join(self.tmp, "vendored")
+        os.mkdir(alone)
+        shutil.copy(WASMSTORE_PY, alone)
+        proc = subprocess.run([sys.executable, os.path.join(alone, "wasmstore.py"), "--root",
+                               self.root, "server", "--port", "0"], capture_output=True,
+                              text=True, cwd=alone, timeout=60)
+        self.assertEqual(proc.returncode, 1)
+        self.assertEqual(proc.stderr.count("\n"), 1, proc.stderr)
+        self.assertIn("wasmstore: error: the server command needs http_server.py next to",
+                      proc.stderr)
+
+    def test_a_closed_stdout_ends_list_quietly(self):
+        # Pins a bug: `wasmstore.py list | head` printed "wasmstore: error: Broken pipe".
+        source = os.path.join(self.tmp, "many")
+        for index in range(3000):                      # far more than a pipe buffer holds
+            os.makedirs(os.path.join(source, f"d{index % 10}"), exist_ok=True)
+            with open(os.path.join(source, f"d{index % 10}", f"m{index}.wasm"), "wb") as handle:
+                handle.write(make_module(f"many {index}"))
+        self.store.import_tree(source)
+        proc = subprocess.Popen([sys.executable, WASMSTORE_PY, "--root", self.root, "list"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=self.tmp)
+        self.assertTrue(proc.stdout.readline().endswith(b".wasm\n"))
+        proc.stdout.close()                            # what `| head -1` does
+        stderr = proc.stderr.read()
+        proc.stderr.close()
+        self.assertEqual((proc.wait(60), stderr), (0, b""))
+
     def test_output_formats(self):
         data = make_module("f")
         self.store.add("dir/f.wasm", data)

@@ -42,6 +42,7 @@ __all__ = [
     "Store", "StoreError", "InvalidInput", "InvalidModule", "TooLarge", "NotFound",
     "Conflict", "MergeConflict", "CorruptObject", "validate_path", "format_path",
     "validate_branch", "validate_hash", "validate_module", "load_backup", "main",
+    "ERROR_STATUS", "error_status",
 ]
 
 import argparse
@@ -95,12 +96,10 @@ MAX_BACKUP_EXPANSION = 200            # wasm and JSON compress far less; a gzip 
 
 class StoreError(Exception):
     """Root of every error this module raises; str() is a one-line message for users."""
-    http_status = 500
 
 
 class InvalidInput(StoreError):
     """Bad path, branch name, hash, index or argument."""
-    http_status = 400
 
 
 class InvalidModule(InvalidInput):
@@ -109,17 +108,14 @@ class InvalidModule(InvalidInput):
 
 class TooLarge(InvalidInput):
     """A module is over the size limit the caller set."""
-    http_status = 413
 
 
 class NotFound(StoreError):
     """No such module, path, branch, commit or object."""
-    http_status = 404
 
 
 class Conflict(StoreError):
     """The operation conflicts with the store's state (branch exists, nothing to roll back...)."""
-    http_status = 409
 
 
 class MergeConflict(Conflict):
@@ -133,7 +129,27 @@ class MergeConflict(Conflict):
 
 class CorruptObject(StoreError):
     """An object or ref failed its integrity check: it is never returned as data."""
-    http_status = 500
+
+
+# What each error means to a caller, in one table read by main() (exit status) and by
+# http_server.py (HTTP status): {exception class: (HTTP status, exit status)}. A subclass
+# without its own row uses its nearest parent's (see error_status).
+ERROR_STATUS = {
+    TooLarge: (413, 1),          # over the size limit the caller set (an upload's --max-body)
+    InvalidInput: (400, 1),      # bad path, branch, hash, index; InvalidModule (the validator's words)
+    NotFound: (404, 1),
+    Conflict: (409, 1),          # MergeConflict, branch exists, nothing to roll back
+    CorruptObject: (500, 1),     # never served; fsck says more
+    StoreError: (500, 1),
+}
+
+
+def error_status(exc):
+    """(HTTP status, exit status) for an exception of this module, None for anything else."""
+    for cls in type(exc).__mro__:
+        if cls in ERROR_STATUS:
+            return ERROR_STATUS[cls]
+    return None
 
 
 class _RefMoved(Conflict):
@@ -202,9 +218,15 @@ def format_path(segments):
     return "/" + "/".join(segments)
 
 
+def _is_branch_name(name):
+    """The branch-name rule: 1-128 of [A-Za-z0-9._-], not starting with "."."""
+    return isinstance(name, str) and BRANCH_NAME.match(name) is not None and \
+        not name.startswith(".")
+
+
 def validate_branch(name):
     """Return name if it is a valid branch name, else raise InvalidInput."""
-    if not isinstance(name, str) or not BRANCH_NAME.match(name) or name.startswith("."):
+    if not _is_branch_name(name):
         raise InvalidInput(
             f"invalid branch name {_short(name)}: expected 1-128 of [A-Za-z0-9._-], "
             "not starting with '.'")
@@ -1419,8 +1441,7 @@ class _Refs:
 
     def names(self):
         """Sorted names of every branch."""
-        return sorted(name for name in os.listdir(self.heads_dir)
-                      if BRANCH_NAME.match(name) and not name.startswith("."))
+        return sorted(filter(_is_branch_name, os.listdir(self.heads_dir)))
 
     def migrate(self):
         """Rewrite refs of the previous layout ("<hex>\\n" files) as slot files, once."""
@@ -1890,8 +1911,6 @@ class Store:
         kind, value = _target(path_or_hash)
         if kind == "path" and not value:
             raise InvalidInput("refusing to remove the empty path (it would empty the store)")
-        removed = []
-
         def edit(head, tree, batch):
             if kind == "hash":
                 paths = self._index(tree).get(value)
@@ -1901,7 +1920,6 @@ class Store:
                 if self._entry_at(tree, value) is None:
                     raise NotFound(f"nothing at {format_path(value)} on the branch")
                 paths = [value]
-            removed[:] = [format_path(p) for p in paths]
             return self._edit_root(tree, {p: None for p in paths}, batch)
 
         branch = self._branch(branch)
@@ -2671,7 +2689,7 @@ def _remove_backup_debris(filename):
 # --------------------------------------------------------------------------- backup loading
 
 _BACKUP_MEMBER = re.compile(
-    r"(HEAD|refs|refs/heads|refs/heads/[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}|objects"
+    r"(HEAD|refs|refs/heads|refs/heads/(?P<branch>[^/]+)|objects"
     r"|objects/[0-9a-f]{2}|objects/[0-9a-f]{2}/[0-9a-f]{62}"
     r"|objects/pack|objects/pack/[0-9a-f]{16}\.pack)\Z")
 _DERIVED_MEMBER = re.compile(          # temp files, caches and pack indexes: skipped
@@ -2747,6 +2765,12 @@ def _member_name(member):
     return name.rstrip("/")
 
 
+def _is_store_member(name, member):
+    match = _BACKUP_MEMBER.match(name)
+    return match is not None and (member.isfile() or member.isdir()) and \
+        (match.group("branch") is None or _is_branch_name(match.group("branch")))
+
+
 def _check_members(archive, archive_bytes, root):
     """The first pass: names, kinds, count and sizes of every member, nothing written."""
     budget = MAX_BACKUP_EXPANSION * archive_bytes + (1 << 20)
@@ -2761,7 +2785,7 @@ def _check_members(archive, archive_bytes, root):
         name = _member_name(member)
         if name in ("", ".") or _DERIVED_MEMBER.match(name):
             continue
-        if not _BACKUP_MEMBER.match(name) or not (member.isfile() or member.isdir()):
+        if not _is_store_member(name, member):
             raise InvalidInput(f"backup member {member.name!r} is not part of a store; "
                                "refusing to extract it")
         if member.isfile() and not name.startswith("objects/") and \
@@ -2798,7 +2822,7 @@ def _extract_members(archive, root, filename):
         name = _member_name(member)
         if name in ("", ".") or _DERIVED_MEMBER.match(name):
             continue
-        if not _BACKUP_MEMBER.match(name) or not (member.isfile() or member.isdir()):
+        if not _is_store_member(name, member):
             raise InvalidInput(f"backup member {member.name!r} changed between reads")
         target = os.path.join(root, *name.split("/"))
         if member.isdir():
@@ -3073,8 +3097,7 @@ def main(argv=None):
     args.author = args.author or os.environ.get("WASMSTORE_AUTHOR") or None
     try:
         if args.command == "server":
-            import http_server
-            return http_server.main(server_args + ["--root", root])
+            return _run_server(["--root", root] + server_args)    # a later --root wins
         if args.command == "load-backup":
             load_backup(args.file, root)
             _print_line(f"backup loaded into {os.path.abspath(os.path.expanduser(root))}")
@@ -3084,13 +3107,30 @@ def main(argv=None):
             return handler(store, args) or 0
     except StoreError as exc:
         sys.stderr.write(f"wasmstore: error: {exc}\n")
-        return 1
+        return error_status(exc)[1]
+    except BrokenPipeError:         # stdout closed early (| head): a normal end
+        _discard_stdout()
+        return 0
     except OSError as exc:
         sys.stderr.write(f"wasmstore: error: {exc.strerror or exc}"
                          f"{': ' + repr(exc.filename) if exc.filename else ''}\n")
         return 1
     except KeyboardInterrupt:
         return 130
+
+
+def _run_server(argv):
+    """Become the HTTP server: run http_server.py, the file next to this one, as a program
+    in this process (os.execv). It is not imported: the HTTP layer is built on the store,
+    and the store never depends on it, so wasmstore.py copied alone still works (the server
+    command then says what is missing)."""
+    program = os.path.join(os.path.dirname(os.path.abspath(__file__)), "http_server.py")
+    if not os.path.isfile(program):
+        raise StoreError(f"the server command needs http_server.py next to {__file__} "
+                         "(copy it there, or run python http_server.py)")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, [sys.executable, program] + argv)
 
 
 def _split_server_args(argv):
@@ -3108,8 +3148,19 @@ def _split_server_args(argv):
     return None
 
 
+def _discard_stdout():
+    """Point stdout at /dev/null so that the interpreter's last flush cannot fail again."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+
+
 if __name__ == "__main__":
     try:
-        sys.exit(main())
+        status = main()
+        sys.stdout.flush()
     except BrokenPipeError:
-        sys.exit(1)
+        _discard_stdout()
+        status = 0
+    sys.exit(status)
