@@ -18,23 +18,56 @@ Use as a command (``python wasmstore.py --help`` lists every command)::
     python wasmstore.py add add.wasm /math/add.wasm
     python wasmstore.py list
 
-Layout under the root: ``HEAD`` names the default branch; ``refs/heads/<branch>`` holds a
-branch's head commit (hex + newline; empty while the branch has no commits);
-``objects/<2 hex>/<62 hex>`` holds every object, named by the SHA-256 of its bytes: module
-objects are the raw module bytes, trees and commits are canonical JSON; ``tmp/`` holds files
-being written (a killed writer's leftovers there are removed by gc).
+Layout under the root (an object is named by the SHA-256 of its bytes; module objects are
+the raw module bytes, trees and commits canonical JSON):
 
-Map of this file: constants and exceptions; names (paths, branches, hashes); module
-validation (wasmtime, imported lazily); filesystem primitives (durable batches, locks, a
-small LRU); the Store (objects, refs, tree edits, operations, history, watch, gc, backup,
-fsck); the command line (``main``).
+- ``objects/pack/<16 hex>.pack``: where new objects go. A pack is a sequence of records,
+  each a 52-byte header (magic ``WSO1``, kind ``m``/``t``/``c``, 3 zero bytes, payload
+  length u64, SHA-256 32 bytes, CRC-32 of those 48 bytes; big-endian) and the payload.
+  The highest-numbered pack is appended to; at 8 MiB it is sealed by
+  ``<16 hex>.idx`` (magic ``WSI1``, 4 zero bytes, bytes of the pack covered u64, count u64,
+  then per record SHA-256, payload offset u64, kind code << 56 | length u64, sorted by
+  hash, then a CRC-32 of it all) and the next pack begun. Readers bisect an index and scan
+  what follows it; a damaged or missing index just means a scan. Records after the first
+  header that is not whole and intact (a killed writer's torn tail) are ignored, and the
+  next writer truncates them.
+- ``objects/<2 hex>/<62 hex>``: loose objects: the layout before packs (still read), and
+  modules written out from a pack the first time they are served as a file
+  (``module_filename``: zero-copy downloads, the CLI's ``filename``). A loose and a packed
+  copy are the same object.
+- ``refs/heads/<branch>``: 256 bytes, two 128-byte slots ``ref <sequence 16 hex> <head
+  | none> <crc32 8 hex>`` padded with spaces and a newline. A change overwrites the slot
+  with the lower sequence; readers take the intact slot with the higher one. (A file of the
+  previous layout, ``<hex>\\n`` or empty, is read too and rewritten as slots on open.)
+- ``HEAD``: the default branch's name and a newline.
+- ``cache/history``: derived per-commit change lines for versions()/audit() (not synced).
+- ``tmp/``: files being written, named ``<pid>-...``; a dead writer's are removed by the
+  next change (and by gc).
 
-Durability: objects and refs are written to a temporary file, fsynced, renamed into place,
-and their directory fsynced, before a write is acknowledged. Independent files are fsynced
-concurrently so the filesystem can commit them together. A ref changes only under an
-exclusive ``flock`` of the refs directory, by compare-and-swap against the head the change
-was computed from, so writers in many threads and processes never lose an update. Readers
-take no lock.
+Durability: a commit costs two syncs, three at most. Its new objects (modules first, then
+trees bottom-up, then the commit) are appended to the active pack in one write and made
+durable by one fdatasync (starting a new pack adds an fsync of ``objects/pack``); then the
+ref's older slot is overwritten in place and fdatasynced. No file is created per commit. A
+crash at any point leaves the ref at a commit whose objects are all durable. A ref changes
+only under an exclusive ``flock`` of ``refs/heads``, by compare-and-swap against the head
+the change was computed from, so writers in many threads and processes never lose an
+update; packs are appended only under that lock. Readers take no lock: they re-read a ref's
+slots (one pread of an open file; an in-place write is invisible to stat) and rescan the
+packs when an object is not where they looked. gc rewrites packs that hold garbage into a
+new sealed pack, durable before the old ones are deleted; readers holding an old pack open
+keep reading it. Why this design: creating a file costs more than the syncs it needs (a
+new file's open, fsync, rename and directory fsync against one append and one
+fdatasync), so a commit creates none.
+
+Map of this file: constants; exceptions and the ERROR_STATUS table (HTTP and exit status of
+each error, shared with http_server.py); names (paths, branches, hashes); validation
+(wasmtime, imported lazily); primitives (the durable write, temp files and their debris, the
+hash check, caches); the object store (_Segment: one pack as a reader sees it;
+_ObjectStore: packs and loose files, batches, module files, fsck and gc passes); refs
+(_Refs: slot files, compare-and-swap, HEAD); the Store facade (layout, trees, changes,
+operations, history, branches, merge, watch, gc, export, backup, fsck); the history cache
+(_HistoryCache); object helpers; backup loading (load_backup, bounded); the command line
+(``main``).
 """
 
 __version__ = "0.1.0"

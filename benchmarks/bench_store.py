@@ -20,6 +20,9 @@ Figures, each the median of --rounds rounds, ratios taken against a baseline in 
 - A 50 MB module: ``add_file``, ``add`` (bytes) and ``find``, each in a fresh subprocess: RSS
   growth over the subprocess's baseline, divided by the module size (goal < 3).
 - Bulk import: ``python wasmstore.py import DIR`` of 1,000 modules in one commit: modules/s.
+- Component add: ``add_file`` of build/py-counter.wasm (18 MB, componentize-py) into a fresh
+  store, which checks it in full, against a full compile of it by wasmtime (the baseline:
+  what checking by plain compiling would cost) in the same run.
 
 Map: sizes and module bytes; setup helpers (stores built without fsync: setup needs no
 durability); the measured sections (one function per figure); the subprocess worker
@@ -73,7 +76,7 @@ QUICK = types.SimpleNamespace(
     gc_modules=1000, gc_small_bytes=2048, gc_factor=10, gc_commits=2,
     big_module_bytes=5 << 20, import_modules=100, import_module_bytes=1024)
 ADD_BLOCK = 50          # W1/W2 runs alternate every ADD_BLOCK adds to share the noise
-SECTIONS = ("w1", "w1b", "w2", "w3", "w4", "big", "import")
+SECTIONS = ("w1", "w1b", "w2", "w3", "w4", "big", "import", "component")
 
 
 class BenchFailure(Exception):
@@ -252,7 +255,7 @@ class DulwichAdder:
         self.head = self.zero = ZERO_SHA
 
     def add_block(self, start, stop):
-        from dulwich.objects import Blob, Commit, Tree
+        from dulwich.objects import Blob, Commit
         objects = self.repo.object_store
         began = time.perf_counter()
         for index in range(start, stop):
@@ -638,6 +641,31 @@ def bench_import(ws, work, cfg, rounds):
     return cli_rates, library_rates
 
 
+def bench_component_add(ws, work, rounds):
+    """add_file of build/py-counter.wasm into fresh stores and full wasmtime compiles of it:
+    ([seconds per add], [seconds per compile]), or None when the guest is not built."""
+    source = os.path.join(REPO_DIR, "build", "py-counter.wasm")
+    if not os.path.exists(source):
+        return None
+    import wasmtime
+    import wasmtime.component
+    with open(source, "rb") as handle:
+        data = handle.read()
+    adds, compiles = [], []
+    for round_number in range(rounds):
+        root = os.path.join(work, f"component-{round_number}")
+        with ws.Store(root) as store:
+            start = time.perf_counter()
+            store.add_file("py-counter.wasm", source)
+            adds.append(time.perf_counter() - start)
+        shutil.rmtree(root)
+        start = time.perf_counter()
+        wasmtime.component.Component(wasmtime.Engine(), data)
+        compiles.append(time.perf_counter() - start)
+        _progress(f"component: add {adds[-1]:.2f} s, full compile {compiles[-1]:.2f} s")
+    return adds, compiles
+
+
 # --------------------------------------------------------------------------- report
 
 class Table:
@@ -815,6 +843,18 @@ def run(args, cfg, sections):
                       _median(cli_rates) >= 500)
             table.add("bulk import Store.import_tree in-process",
                       f"{_median(library_rates):,.0f} modules/s")
+        if "component" in sections:
+            measured = bench_component_add(ws, work, rounds)
+            if measured is None:
+                table.add("component add (build/py-counter.wasm)", "not built: bash guests/build.sh")
+            else:
+                adds, compiles = measured
+                table.add("component add_file of py-counter.wasm (18 MB), checked in full",
+                          f"{_median(adds):.2f} s")
+                table.add("  full wasmtime compile of it (baseline, same run)",
+                          f"{_median(compiles):.2f} s")
+                table.add("  add / full compile", f"{_median(adds) / _median(compiles):.2f}",
+                          "< 0.25", _median(adds) / _median(compiles) < 0.25)
     return table
 
 
