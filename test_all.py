@@ -807,6 +807,48 @@ class DurabilityTest(StoreTestCase):
             self.assertEqual(sha256(self.store.find(path)), digest)
         self.assertClean()
 
+    def test_readers_never_fail_while_gc_rewrites_packs(self):
+        # gc deletes packs holding garbage once their live objects are in a new pack:
+        # readers that hold a deleted pack keep reading it, others rescan and find the new.
+        modules = {f"r/{index}.wasm": make_module(f"read {index}") for index in range(30)}
+        for path, data in modules.items():
+            self.store.add(path, data)
+        stop = threading.Event()
+        errors, reads = [], collections.Counter()
+
+        def read(fresh):
+            store = self.store
+            while not stop.is_set():
+                try:
+                    if fresh:
+                        store = Store(self.root)
+                    for path, data in modules.items():
+                        found = store.find(path) if fresh else \
+                            store._objects.read(sha256(data))   # past the module cache
+                        if found != data:
+                            errors.append(f"wrong bytes for {path}")
+                        reads[fresh] += 1
+                except Exception as exc:     # reported below: a reader must never fail
+                    errors.append(repr(exc))
+                    return
+
+        readers = [threading.Thread(target=read, args=(fresh,)) for fresh in (False, True)]
+        for reader in readers:
+            reader.start()
+        try:
+            for round_number in range(15):
+                with Store(self.root) as writer:
+                    writer.add(f"junk/{round_number}.wasm", make_module(f"junk {round_number}"))
+                    writer.remove("junk")
+                    self.assertGreater(writer.gc(), 0)
+        finally:
+            stop.set()
+            for reader in readers:
+                reader.join()
+        self.assertEqual(errors, [])
+        self.assertGreater(min(reads.values()), 30)
+        self.assertClean()
+
     def corrupt_last_byte(self, path, data):
         """Flip the last byte of data where it sits in the file at path."""
         with open(path, "rb") as handle:
