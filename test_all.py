@@ -734,10 +734,11 @@ class DurabilityTest(StoreTestCase):
         acknowledged = set()
         for run in range(20):
             writer = self.start_writer(f"k{run}", 10_000)
-            deadline = time.monotonic() + rng.uniform(0.3, 0.9)
-            lines = []
+            lines = [writer.stdout.readline()]     # the writer is adding (its start-up
+            delay = rng.uniform(0.05, 0.6)         # time varies with the machine's load)
             reader = threading.Thread(target=lambda: lines.extend(writer.stdout))
             reader.start()
+            deadline = time.monotonic() + delay
             while time.monotonic() < deadline:
                 time.sleep(0.01)
             writer.send_signal(signal.SIGKILL)
@@ -873,7 +874,9 @@ class DurabilityTest(StoreTestCase):
             fresh.find("a.wasm")
         with self.assertRaises(wasmstore.CorruptObject):
             fresh.locate("a.wasm")
-        self.assertFalse(os.path.exists(os.path.join(self.root, "objects", digest[:2])))
+        self.assertFalse(os.path.exists(os.path.join(self.root, "objects", digest[:2],
+                                                     digest[2:])))   # never written out
+        self.assertEqual(os.listdir(os.path.join(self.root, "tmp")), [])
         proc = subprocess.run([sys.executable, WASMSTORE_PY, "--root", self.root, "fsck"],
                               capture_output=True, text=True)
         self.assertEqual(proc.returncode, 1)

@@ -79,6 +79,7 @@ __all__ = [
 ]
 
 import argparse
+import atexit
 import collections
 import contextlib
 import fcntl
@@ -308,6 +309,8 @@ def _wasmtime_engine(purpose="validate"):
             config = wasmtime.Config()
             if purpose == "check-compile":
                 config.cranelift_opt_level = "none"
+            if not _engines:     # dropped before interpreter teardown, while wasmtime works
+                atexit.register(_engines.clear)
             engine = _engines[purpose] = wasmtime.Engine(config)
         return engine
 
@@ -564,14 +567,18 @@ def _new_temp(tmp_dir, mode=0o600):
     return path, os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
 
 
-def _durable_write(path, data, tmp_dir, *, exclusive=False, mode=0o644):
-    """The one durable replace: write a temp file, fsync it, rename it over path (exclusive:
-    link it, False if path exists), fsync path's directory. True when path was written."""
+def _write_whole(path, data, tmp_dir, *, exclusive=False, mode=0o644, durable=True):
+    """The one way a file is put in place whole: write a temp file (data: bytes, or an
+    iterable of chunks), fsync it, rename it over path (exclusive: link it, False if path
+    exists), fsync path's directory. durable=False skips both syncs (derived files, which
+    are checked when read). True when path was written."""
     tmp, fd = _new_temp(tmp_dir, mode)
     try:
         try:
-            _write_all(fd, data)
-            os.fsync(fd)
+            for chunk in ([data] if isinstance(data, (bytes, bytearray)) else data):
+                _write_all(fd, chunk)
+            if durable:
+                os.fsync(fd)
         finally:
             os.close(fd)
         if exclusive:
@@ -581,7 +588,8 @@ def _durable_write(path, data, tmp_dir, *, exclusive=False, mode=0o644):
                 return False
         else:
             os.rename(tmp, path)
-        _fsync_path(os.path.dirname(path))
+        if durable:
+            _fsync_path(os.path.dirname(path))
         return True
     finally:
         _unlink_quietly(tmp)
@@ -978,8 +986,8 @@ class _ObjectStore:
         return False
 
     def chunks(self, digest):
-        """Yield a module's or object's bytes in chunks; CorruptObject after the last chunk
-        when they do not match the hash (callers discard what they wrote)."""
+        """Yield an object's bytes in chunks; CorruptObject after the last chunk when they
+        do not match the hash (callers discard what they wrote)."""
         for location in self._locations(digest):
             try:
                 if location is None:
@@ -989,17 +997,7 @@ class _ObjectStore:
                     source, offset, length = location[0].file, location[1], location[2]
             except FileNotFoundError:
                 continue
-            hasher = hashlib.sha256()
-            end = offset + length
-            while offset < end:
-                chunk = os.pread(source.fd, min(CHUNK_SIZE, end - offset), offset)
-                if not chunk:
-                    break
-                hasher.update(chunk)
-                offset += len(chunk)
-                yield chunk
-            if hasher.hexdigest() != digest:
-                raise _corrupt(digest)
+            yield from _checked_chunks(source, offset, length, digest)
             return
         raise NotFound(f"no such object {digest}")
 
@@ -1030,27 +1028,11 @@ class _ObjectStore:
 
     def _materialise(self, location, digest, path):
         segment, offset, length, _ = location
-        tmp, fd = _new_temp(self.tmp_dir, 0o444)
-        try:
-            try:
-                hasher = hashlib.sha256()
-                for start in range(offset, offset + length, CHUNK_SIZE):
-                    chunk = segment.read(start, min(CHUNK_SIZE, offset + length - start))
-                    hasher.update(chunk)
-                    _write_all(fd, chunk)
-                if hasher.hexdigest() != digest:
-                    raise _corrupt(digest)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            created = self._ensure_dir(os.path.dirname(path))
-            with contextlib.suppress(FileExistsError):
-                os.link(tmp, path)
-            _fsync_path(os.path.dirname(path))
-            if created:
-                _fsync_path(self.directory)
-        finally:
-            _unlink_quietly(tmp)
+        created = self._ensure_dir(os.path.dirname(path))
+        _write_whole(path, _checked_chunks(segment.file, offset, length, digest),
+                     self.tmp_dir, exclusive=True, mode=0o444)
+        if created:
+            _fsync_path(self.directory)
 
     def _ensure_dir(self, directory):
         """Create a fan-out directory if needed; True if this call created it."""
@@ -1177,16 +1159,8 @@ class _ObjectStore:
                 return
         except FileNotFoundError:
             pass
-        data = _index_bytes(segment.items(), segment.covered)
-        tmp, fd = _new_temp(self.tmp_dir, 0o444)
-        try:
-            try:
-                _write_all(fd, data)
-            finally:
-                os.close(fd)
-            os.rename(tmp, path)
-        finally:
-            _unlink_quietly(tmp)
+        _write_whole(path, _index_bytes(segment.items(), segment.covered), self.tmp_dir,
+                     mode=0o444, durable=False)
 
     # ---------------------------------------------------------------- whole-store passes
 
@@ -1341,6 +1315,17 @@ class _ObjectStore:
 
     def _json_kind(self, digest):
         return _parse_object(self.read(digest), digest)[0]
+
+
+def _checked_chunks(source, offset, length, digest):
+    """Yield length bytes of source (an _Fd) from offset in chunks, hashing them;
+    CorruptObject after the last one when they do not make digest."""
+    hasher = hashlib.sha256()
+    for chunk in _pread_chunks(source.fd, offset, length):
+        hasher.update(chunk)
+        yield chunk
+    if hasher.hexdigest() != digest:
+        raise _corrupt(digest)
 
 
 def _pread_chunks(fd, offset, length):
@@ -1539,7 +1524,7 @@ class _Refs:
             if (None if value == _NO_COMMITS else value) != old:
                 raise _RefMoved(branch)
             if slot is None:                  # the previous layout: becomes a slot file
-                _durable_write(path, _ref_file(new or _NO_COMMITS), self.tmp_dir)
+                _write_whole(path, _ref_file(new or _NO_COMMITS), self.tmp_dir)
                 return
             previous = os.pread(fd, REF_SLOT_BYTES, slot * REF_SLOT_BYTES)
             try:
@@ -1555,7 +1540,7 @@ class _Refs:
 
     def add_if_new(self, branch, head):
         """Create branch at head (None: no commits); False if it exists. Under lock()."""
-        return _durable_write(self.path(branch), _ref_file(head or _NO_COMMITS),
+        return _write_whole(self.path(branch), _ref_file(head or _NO_COMMITS),
                               self.tmp_dir, exclusive=True)
 
     def remove(self, branch):
@@ -1589,7 +1574,7 @@ class _Refs:
                 path = self.path(name)
                 with contextlib.suppress(FileNotFoundError):
                     if os.path.getsize(path) in (0, HASH_LENGTH + 1):
-                        _durable_write(path, _ref_file(self.read(name) or _NO_COMMITS),
+                        _write_whole(path, _ref_file(self.read(name) or _NO_COMMITS),
                                        self.tmp_dir)
 
     def default_branch(self, fresh=False):
@@ -1613,7 +1598,7 @@ class _Refs:
     def set_default_branch(self, name):
         """Make an existing branch the default (under lock())."""
         self.read(name)
-        _durable_write(self.head_file, (name + "\n").encode("ascii"), self.tmp_dir)
+        _write_whole(self.head_file, (name + "\n").encode("ascii"), self.tmp_dir)
 
     def close(self):
         self._handles.clear()
@@ -1669,9 +1654,9 @@ class Store:
         for directory in (pack, heads, self._tmp_dir):
             os.makedirs(directory, exist_ok=True)
         head = os.path.join(self.root, "HEAD")
-        if _durable_write(head, (DEFAULT_BRANCH + "\n").encode(), self._tmp_dir,
+        if _write_whole(head, (DEFAULT_BRANCH + "\n").encode(), self._tmp_dir,
                           exclusive=True):
-            _durable_write(os.path.join(heads, DEFAULT_BRANCH), _ref_file(_NO_COMMITS),
+            _write_whole(os.path.join(heads, DEFAULT_BRANCH), _ref_file(_NO_COMMITS),
                            self._tmp_dir, exclusive=True)
         for directory in (os.path.dirname(pack), os.path.dirname(heads), self.root):
             _fsync_path(directory)
@@ -2720,15 +2705,7 @@ class _HistoryCache:
                     fields += [path, digest or "-"]
                 lines.append(_history_line(fields))
         with contextlib.suppress(OSError):     # a cache: not fsynced
-            tmp, fd = _new_temp(self.tmp_dir, 0o644)
-            try:
-                try:
-                    _write_all(fd, b"".join(lines))
-                finally:
-                    os.close(fd)
-                os.replace(tmp, self.path)
-            finally:
-                _unlink_quietly(tmp)
+            _write_whole(self.path, b"".join(lines), self.tmp_dir, durable=False)
 
 
 def _history_line(fields):
