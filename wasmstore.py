@@ -328,31 +328,39 @@ def validate_module(data):
     offsets in messages stay the original's (18 MB componentize-py guest: about 0.6 s,
     against 7-12 s for a full compile).
     """
+    _validate_module(data, owned=False)
+
+
+def _validate_module(data, owned):
+    """validate_module; owned: data is a private, writable buffer (a copy-on-write map of
+    a temp file) that may be stubbed in place instead of copied."""
     if not len(data):
         raise InvalidModule("invalid module: empty input: unexpected end-of-file (at offset 0x0)")
     if len(data) <= SMALL_MODULE_BYTES:
         _check_compile(bytes(data))
         return
-    stub = bytearray(data)
-    try:
-        modules = _stub(stub)
-    except _Unparsable:
-        _check_compile(bytes(data))         # wasmtime's parser says what is wrong
+    modules = _core_modules(data)
+    if modules is None:
+        _check_compile(data)                # wasmtime's parser says what is wrong
         return
-    for start, end in modules:
+    for start, end in modules:              # function bodies, before they are stubbed
         _validate_core(data, start, end)
-    _check_compile(bytes(stub))
+    stub = data if owned else bytearray(data)
+    for start, end in modules:
+        _stub_bodies(stub, start, end)
+    _check_compile(stub)
 
 
 def _check_compile(data):
-    """Compile data (bytes) with the check-compile engine: binary only (wasmtime.Module
-    would take text too), through the C API, dropped at once."""
+    """Compile data (bytes, bytearray or a writable map) in place with the check-compile
+    engine: binary only (wasmtime.Module would take text too), through the C API, and
+    dropped at once."""
     import ctypes
     import wasmtime
     from wasmtime import _ffi as ffi
     engine = _wasmtime_engine("check-compile")
     pointer = ctypes.cast(_buffer_address(data), ctypes.POINTER(ctypes.c_uint8))
-    if data[4:8] == COMPONENT_HEADER[4:]:
+    if bytes(data[4:8]) == COMPONENT_HEADER[4:]:
         new, delete, kind = (ffi.wasmtime_component_new, ffi.wasmtime_component_delete,
                              ffi.wasmtime_component_t)
     else:
@@ -417,18 +425,20 @@ class _Unparsable(Exception):
     """The component's framing is not what the stubbing walk expects."""
 
 
-def _stub(buffer):
-    """Stub every function body in place (see validate_module); returns the (start, end)
-    of each core module."""
-    if bytes(buffer[:8]) == CORE_HEADER:
-        _stub_bodies(buffer, 0, len(buffer))
-        return [(0, len(buffer))]
-    return _stub_component(buffer, 0, len(buffer), 0)
+def _core_modules(data):
+    """(start, end) of every core module of a module or component (nested components
+    included), None when the framing is not what stubbing expects."""
+    try:
+        if bytes(data[:8]) == CORE_HEADER:
+            for _ in _sections(data, 8, len(data)):
+                pass
+            return [(0, len(data))]
+        return _component_modules(data, 0, len(data), 0)
+    except _Unparsable:
+        return None
 
 
-def _stub_component(buffer, start, end, depth):
-    """Replace every function body of every core module in the component at start..end
-    by a same-size stub, in place; returns the (start, end) of each core module."""
+def _component_modules(buffer, start, end, depth):
     if depth > 64 or bytes(buffer[start:start + 8]) != COMPONENT_HEADER:
         raise _Unparsable()
     modules = []
@@ -437,13 +447,14 @@ def _stub_component(buffer, start, end, depth):
             if bytes(buffer[payload:payload + 8]) != CORE_HEADER:
                 raise _Unparsable()
             modules.append((payload, payload_end))
-            _stub_bodies(buffer, payload, payload_end)
         elif section_id == 4:                        # a nested component
-            modules += _stub_component(buffer, payload, payload_end, depth + 1)
+            modules += _component_modules(buffer, payload, payload_end, depth + 1)
     return modules
 
 
 def _stub_bodies(buffer, start, end):
+    """Replace every function body of the (validated) core module at start..end by
+    ``unreachable``, ``nop``... ``end`` of the same size, in place."""
     for section_id, payload, payload_end in _sections(buffer, start + 8, end):
         if section_id != 10:                         # the code section
             continue
@@ -1876,7 +1887,7 @@ class Store:
             return
         with open(path, "rb") as handle:
             with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY) as mapped:
-                validate_module(mapped)
+                _validate_module(mapped, owned=True)
 
     def _set_module(self, segments, digest, branch, author, message, source=None):
         """Point segments at module digest; source = bytes or a temp file to store."""
