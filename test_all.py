@@ -944,6 +944,73 @@ LEGACY_FILES = {"/lib/a.wasm": make_module("legacy a"), "/lib/deep/b.wasm": make
                 "/top.wasm": make_module("legacy top")}
 
 
+class PackTest(StoreTestCase):
+    """The pack files under objects/pack: sealing, indexes, torn tails, damage."""
+
+    def pack_files(self, suffix):
+        directory = os.path.join(self.root, "objects", "pack")
+        return sorted(os.path.join(directory, name) for name in os.listdir(directory)
+                      if name.endswith(suffix))
+
+    def fill(self, count=40):
+        modules = {f"d{index % 3}/m{index}.wasm": make_module(f"packed {index}")
+                   for index in range(count)}
+        with mock.patch.object(wasmstore, "SEGMENT_BYTES", 4096):    # seal every ~4 KiB
+            for path, data in modules.items():
+                self.store.add(path, data)
+        return modules
+
+    def assertReadable(self, modules):
+        with Store(self.root) as fresh:
+            for path, data in modules.items():
+                self.assertEqual(fresh.find(path), data)
+            self.assertEqual(fresh.fsck(), [])
+
+    def test_full_packs_are_sealed_and_read_through_their_index(self):
+        modules = self.fill()
+        packs, indexes = self.pack_files(".pack"), self.pack_files(".idx")
+        self.assertGreater(len(packs), 3)
+        self.assertEqual(len(indexes), len(packs) - 1)   # all but the one being appended to
+        for index in indexes:
+            with open(index, "rb") as handle:
+                self.assertEqual(handle.read(4), b"WSI1")
+        self.assertReadable(modules)
+
+    def test_a_lost_or_damaged_index_only_means_a_scan(self):
+        modules = self.fill()
+        first, second = self.pack_files(".idx")[:2]
+        os.unlink(first)
+        os.chmod(second, 0o644)
+        with open(second, "r+b") as handle:
+            handle.seek(40)
+            handle.write(b"\xff")
+        self.assertReadable(modules)
+
+    def test_a_torn_tail_is_ignored_and_cut_by_the_next_writer(self):
+        modules = self.fill(5)
+        active = self.pack_files(".pack")[-1]
+        size = os.path.getsize(active)
+        with open(active, "ab") as handle:               # a killed writer's half record
+            handle.write(b"WSO1m\0\0\0" + b"\x07" * 20)
+        self.assertReadable(modules)
+        self.store.add("after.wasm", make_module("after the tear"))
+        with open(active, "rb") as handle:
+            self.assertEqual(handle.read()[size:size + 4], b"WSO1")   # cut, then appended
+        modules["after.wasm"] = make_module("after the tear")
+        self.assertReadable(modules)
+
+    def test_fsck_reports_a_damaged_record_header_under_an_index(self):
+        self.fill()
+        sealed = self.pack_files(".pack")[0]
+        os.chmod(sealed, 0o644)
+        with open(sealed, "r+b") as handle:
+            handle.seek(10)                              # inside the first record's length
+            handle.write(b"\xee")
+        problems = Store(self.root).fsck()
+        self.assertTrue(any("record header" in problem and "is damaged" in problem
+                            for problem in problems), problems)
+
+
 class LegacyLayoutTest(unittest.TestCase):
     """A store written by the code before packs (loose objects, "<hex>\n" refs) keeps
     working: read as it is, refs rewritten as slot files when opened, new objects packed."""

@@ -1025,13 +1025,9 @@ class _ObjectStore:
             key = _stat_key(path)
         if self._checked_files.get(digest) != key:
             head = b""
-            hasher = hashlib.sha256()
-            with open(path, "rb") as handle:
-                for chunk in iter(lambda: handle.read(CHUNK_SIZE), b""):
-                    head = head or chunk[:4]
-                    hasher.update(chunk)
-            if hasher.hexdigest() != digest:
-                raise _corrupt(digest)
+            for chunk in _checked_chunks(_Fd(os.open(path, os.O_RDONLY | os.O_CLOEXEC)), 0,
+                                         key[2], digest):
+                head = head or chunk[:4]
             if head != WASM_MAGIC:
                 raise NotFound(f"no such module {digest}")
             self._checked_files.put(digest, key)
@@ -1218,8 +1214,14 @@ class _ObjectStore:
         for segment in reversed(self._segments):
             for digest, (offset, length, kind) in sorted(segment.items().items(),
                                                          key=lambda item: item[1][0]):
-                found = _check_stream(_pread_chunks(segment.file.fd, offset, length),
-                                      digest, problems)
+                header = _parse_record_header(
+                    segment.read(offset - RECORD_HEADER_BYTES, RECORD_HEADER_BYTES))
+                if header != (kind, length, digest):
+                    problems.append(f"pack {_pack_name(segment.number)}: the record header "
+                                    f"of object {digest} at offset {offset} is damaged")
+                    kinds.setdefault(digest, None)
+                    continue
+                found = _check_object(segment.file, offset, length, digest, problems)
                 if found is not None and found != kind:
                     problems.append(f"object {digest} is a {found} stored as a {kind}")
                     found = None
@@ -1227,9 +1229,9 @@ class _ObjectStore:
                     kinds[digest] = found
         for digest, path in self.loose_digests(problems):
             try:
-                with open(path, "rb") as handle:
-                    found = _check_stream(iter(lambda: handle.read(CHUNK_SIZE), b""),
-                                          digest, problems)
+                source = _Fd(os.open(path, os.O_RDONLY | os.O_CLOEXEC))
+                found = _check_object(source, 0, os.fstat(source.fd).st_size, digest,
+                                      problems)
             except OSError as exc:
                 problems.append(f"object {digest} cannot be read: {exc.strerror}")
                 found = None
@@ -1349,26 +1351,18 @@ def _pread_chunks(fd, offset, length):
         yield chunk
 
 
-def _check_stream(chunks, digest, problems):
-    """Hash-check an object streamed in chunks; its kind, or None (problem reported)."""
-    hasher = hashlib.sha256()
-    head = None
-    small = []
-    size = 0
-    for chunk in chunks:
-        if head is None:
-            head = chunk[:4]
-        hasher.update(chunk)
-        size += len(chunk)
-        if head[:1] == b"{" and size <= MAX_PARSED_OBJECT_BYTES:
-            small.append(chunk)
-    if hasher.hexdigest() != digest:
-        problems.append(str(_corrupt(digest)))
-        return None
-    if head == WASM_MAGIC:
-        return "module"
+def _check_object(source, offset, length, digest, problems):
+    """fsck of one object streamed from source (an _Fd): its kind, or None with the
+    problem reported (a failed hash check, or bytes that are no module, tree or commit)."""
+    head, small = None, []
     try:
-        if head and head[:1] == b"{" and size <= MAX_PARSED_OBJECT_BYTES:
+        for chunk in _checked_chunks(source, offset, length, digest):
+            head = chunk[:4] if head is None else head
+            if head[:1] == b"{" and length <= MAX_PARSED_OBJECT_BYTES:
+                small.append(chunk)
+        if head == WASM_MAGIC:
+            return "module"
+        if head and head[:1] == b"{" and length <= MAX_PARSED_OBJECT_BYTES:
             return _parse_object(b"".join(small), digest)[0]
         raise _not_an_object(digest)
     except CorruptObject as exc:
