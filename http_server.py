@@ -357,7 +357,7 @@ class LocateCache:
     """Serves module downloads without re-resolving the path or reopening the file.
 
     Paths: Store.locate is memoized per (branch, path) while the branch head is unchanged
-    (one stat of the ref file tells; any commit, also by another process, or gc makes the
+    (one pread of the open ref file tells; any commit, also by another process, or gc makes the
     branch's entries stale). Files: a hash-checked object file stays open and is shared by
     requests (objects are immutable; sendfile reads at an explicit offset), leased so its
     descriptor is closed only when no reply uses it. Each request fstats the descriptor: a

@@ -1471,6 +1471,7 @@ class _Refs:
         self.head_file = os.path.join(root, "HEAD")
         self.tmp_dir = tmp_dir
         self._handles = {}                   # branch -> _Fd of its slot file (bounded)
+        self._last_read = {}                 # branch -> (bytes read, parsed) (bounded)
         self._paths = {}                     # branch -> file name (validated names only)
         self._thread_lock = threading.Lock()
         self._default_cache = (None, None)   # (stat key of HEAD, default branch)
@@ -1504,7 +1505,14 @@ class _Refs:
                     handle = _Fd(os.open(self.path(branch), os.O_RDONLY | os.O_CLOEXEC))
                 except FileNotFoundError:
                     raise NotFound(f"no such branch {branch!r}") from None
-            sequence, value, _ = _ref_state(os.pread(handle.fd, REF_FILE_BYTES + 1, 0), branch)
+            data = os.pread(handle.fd, REF_FILE_BYTES + 1, 0)
+            last = self._last_read.get(branch)
+            if last is not None and last[0] == data:
+                sequence, value = last[1]          # unchanged: no parse, no checksums
+            else:
+                sequence, value, _ = _ref_state(data, branch)
+                if len(self._last_read) < 1024:
+                    self._last_read[branch] = (data, (sequence, value))
             if value == _DELETED:
                 if cached and self._handles.get(branch) is handle:
                     self._handles.pop(branch, None)
