@@ -999,6 +999,27 @@ class PackTest(StoreTestCase):
         modules["after.wasm"] = make_module("after the tear")
         self.assertReadable(modules)
 
+    def test_gc_keeps_one_copy_of_a_module_written_out_as_a_file(self):
+        served, damaged = make_module("served"), make_module("served, then damaged")
+        self.store.add("served.wasm", served)
+        self.store.add("damaged.wasm", damaged)
+        self.store.add("junk.wasm", make_module("junk"))
+        self.store.remove("junk.wasm")                   # garbage: gc rewrites the pack
+        _, served_file = self.store.locate("served.wasm")
+        _, damaged_file = self.store.locate("damaged.wasm")
+        os.chmod(damaged_file, 0o644)
+        with open(damaged_file, "r+b") as handle:
+            handle.seek(len(damaged) - 1)
+            handle.write(b"X")
+        self.store.gc()
+        packs = b"".join(open(name, "rb").read() for name in self.pack_files(".pack"))
+        self.assertNotIn(served, packs)                  # the whole file is its one copy
+        self.assertIn(damaged, packs)                    # a damaged file is no copy
+        with Store(self.root) as fresh:
+            self.assertEqual(fresh.find("served.wasm"), served)
+            self.assertEqual(fresh.find("damaged.wasm"), damaged)
+            self.assertEqual(len(fresh.fsck()), 1)       # the damaged file, reported
+
     def test_fsck_reports_a_damaged_record_header_under_an_index(self):
         self.fill()
         sealed = self.pack_files(".pack")[0]

@@ -1189,23 +1189,6 @@ class _ObjectStore:
                     continue
                 yield digest, os.path.join(directory, name)
 
-    def inventory(self):
-        """{hash: kind} of every packed record and loose object (loose kinds from the
-        file's first byte: "module" or "json")."""
-        self.refresh()
-        found = {}
-        for segment in reversed(self._segments):
-            for digest, (_, _, kind) in segment.items().items():
-                found[digest] = kind
-        for digest, path in self.loose_digests():
-            if digest not in found:
-                try:
-                    with open(path, "rb") as handle:
-                        found[digest] = "module" if handle.read(4) == WASM_MAGIC else "json"
-                except FileNotFoundError:
-                    continue
-        return found
-
     def check(self, problems):
         """fsck of the objects: every loose file and packed record hash-checked and parsed
         (streamed: memory stays flat). Returns {hash: kind or None when damaged}."""
@@ -1250,20 +1233,23 @@ class _ObjectStore:
         loose = {digest: path for digest, path in self.loose_digests()}
         keep, dirty, dropped = {}, [], set()
         for segment in self._segments:
-            garbage = segment.scan() > segment.covered
+            garbage = segment.scan() > segment.covered           # a torn tail
             for digest, (offset, length, kind) in segment.items().items():
                 if digest not in reachable:
                     dropped.add(digest)
                     garbage = True
-                elif digest in keep or (kind == "module" and digest in loose):
+                elif digest in keep:                             # a second copy
                     garbage = True
                 else:
                     keep[digest] = (segment, offset, length, kind)
             if garbage:
                 dirty.append(segment)
         if dirty:
+            # A module written out as a file needs no packed copy, if the file is whole.
             moving = {digest: location for digest, location in keep.items()
-                      if location[0] in dirty}
+                      if location[0] in dirty and not (
+                          location[3] == "module" and digest in loose and
+                          self._loose_is_whole(digest, loose[digest]))}
             if moving:
                 self._write_pack(moving)
             for segment in dirty:
@@ -1279,6 +1265,21 @@ class _ObjectStore:
         for digest in dropped:
             self._whole.discard(digest)
         return len(dropped)
+
+    def _loose_is_whole(self, digest, path):
+        key = _stat_key(path)
+        if key is None:
+            return False
+        if self._checked_files.get(digest) == key:
+            return True
+        try:
+            for _ in _checked_chunks(_Fd(os.open(path, os.O_RDONLY | os.O_CLOEXEC)), 0,
+                                     key[2], digest):
+                pass
+        except (CorruptObject, OSError):
+            return False
+        self._checked_files.put(digest, key)
+        return True
 
     def _write_pack(self, moving):
         """A new, sealed pack holding the given records, copied in the kernel; durable
@@ -1313,13 +1314,16 @@ class _ObjectStore:
         locations = []
         size = 0
         for digest in digests:
-            location = next((loc for loc in self._locations(digest) if loc is not None), None)
-            if location is None:
-                length = _stat_key(self.loose_path(digest))
-                if length is None:
+            location = self._packed(digest)
+            loose = None if location else _stat_key(self.loose_path(digest))
+            if location is None and loose is None:
+                self.refresh()
+                location = self._packed(digest)
+                if location is None:
                     raise NotFound(f"no such object {digest}")
+            if location is None:
                 kind = "module" if self.is_module(digest) else self._json_kind(digest)
-                length = length[2]
+                length = loose[2]
             else:
                 kind, length = location[3], location[2]
             locations.append((digest, kind, length))
