@@ -115,6 +115,7 @@ WASM_MAGIC = b"\0asm"
 COMPONENT_HEADER = WASM_MAGIC + b"\x0d\x00\x01\x00"   # component-model binary, layer 1
 CORE_HEADER = WASM_MAGIC + b"\x01\x00\x00\x00"        # core module, version 1
 SMALL_MODULE_BYTES = 64 << 10         # compiled as is when validated (tens of microseconds)
+IN_MEMORY_INGEST_BYTES = 1 << 20      # add_file reads a module up to this size into memory
 CHUNK_SIZE = 1 << 20                  # streaming reads: bounded memory for any module size
 OBJECT_CACHE_WEIGHT = 400_000         # parsed trees/commits kept, counted in tree entries
 MODULE_CACHE_BYTES = 64 << 20         # small module bytes kept for warm finds
@@ -1855,24 +1856,32 @@ class Store:
             self._history.record(commit, head, self.changes(head, commit))
             return commit
 
-    def _ingest(self, source, size_limit=None):
-        """Stream a file name or binary file object into a temp file: (temp, hash, size)."""
+    def _ingest(self, source, size_limit=None, in_memory=0):
+        """Read a file name or binary file object: (bytes, hash, size) when it holds at most
+        in_memory bytes (no temp file to create), else streamed in chunks into a temp file:
+        (temp file name, hash, size)."""
+        handle = open(source, "rb") if isinstance(source, (str, bytes, os.PathLike)) \
+            else contextlib.nullcontext(source)
+        with handle as reader:
+            head = _read_up_to(reader, in_memory + 1, size_limit) if in_memory else b""
+            if in_memory and len(head) <= in_memory:
+                return head, hashlib.sha256(head).hexdigest(), len(head)
+            return self._stream_to_temp(reader, head, size_limit)
+
+    def _stream_to_temp(self, reader, head, size_limit):
         tmp, fd = _new_temp(self._tmp_dir)
-        digest = hashlib.sha256()
-        size = 0
+        digest = hashlib.sha256(head)
+        size = len(head)
         try:
-            handle = open(source, "rb") if isinstance(source, (str, bytes, os.PathLike)) \
-                else contextlib.nullcontext(source)
-            with handle as reader:
-                while True:
-                    chunk = reader.read(CHUNK_SIZE)
-                    if not chunk:
-                        break
-                    size += len(chunk)
-                    if size_limit is not None and size > size_limit:
-                        raise TooLarge(f"module is larger than the limit of {size_limit} bytes")
-                    digest.update(chunk)
-                    _write_all(fd, chunk)
+            _write_all(fd, head)
+            while True:
+                chunk = reader.read(CHUNK_SIZE)
+                if not chunk:
+                    break
+                size += len(chunk)
+                _check_size(size, size_limit)
+                digest.update(chunk)
+                _write_all(fd, chunk)
         except BaseException:
             os.close(fd)
             os.unlink(tmp)
@@ -1932,14 +1941,18 @@ class Store:
         if not segments:
             raise InvalidInput("a module needs a path, not the root")
         self._read_ref(self._branch(branch))
-        tmp, digest, size = self._ingest(source, size_limit)
+        content, digest, size = self._ingest(source, size_limit, IN_MEMORY_INGEST_BYTES)
         try:
-            self._validate_file(tmp, size, digest)
+            if isinstance(content, bytes):
+                if not self._already_validated(digest, size):
+                    validate_module(content)
+            else:
+                self._validate_file(content, size, digest)
             return self._set_module(segments, digest, branch, author,
-                                    f"Import {format_path(segments)}", tmp)
+                                    f"Import {format_path(segments)}", content)
         finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
+            if not isinstance(content, bytes):
+                _unlink_quietly(content)
 
     def import_tree(self, directory, prefix="", *, branch=None, author=None):
         """Store every *.wasm file under directory (validated) in one commit.
@@ -2782,6 +2795,24 @@ def _commit_info(digest, commit):
         info["parents"] = list(commit["parents"])
     info.update(author=commit["author"], date=commit["date"], message=commit["message"])
     return info
+
+
+def _read_up_to(reader, limit, size_limit):
+    """Up to limit bytes from a binary reader (fewer only at its end)."""
+    chunks, size = [], 0
+    while size < limit:
+        chunk = reader.read(min(CHUNK_SIZE, limit - size))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+        _check_size(size, size_limit)
+    return b"".join(chunks)
+
+
+def _check_size(size, size_limit):
+    if size_limit is not None and size > size_limit:
+        raise TooLarge(f"module is larger than the limit of {size_limit} bytes")
 
 
 def _wasm_files(directory):
