@@ -1020,6 +1020,14 @@ class PackTest(StoreTestCase):
             self.assertEqual(fresh.find("damaged.wasm"), damaged)
             self.assertEqual(len(fresh.fsck()), 1)       # the damaged file, reported
 
+    def test_gc_merges_many_packs_into_one(self):
+        modules = self.fill(120)
+        self.assertGreater(len(self.pack_files(".pack")), wasmstore.MAX_PACKS)
+        self.store.gc()
+        self.assertEqual(len(self.pack_files(".pack")), 1)
+        self.assertEqual(len(self.pack_files(".idx")), 1)
+        self.assertReadable(modules)
+
     def test_fsck_reports_a_damaged_record_header_under_an_index(self):
         self.fill()
         sealed = self.pack_files(".pack")[0]

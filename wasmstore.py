@@ -124,6 +124,7 @@ INDEX_CACHE_TREES = 4                 # hash -> paths indexes kept (latest root 
 STALE_TMP_SECONDS = 24 * 3600         # a temp file this old is debris even if its pid lives
 WATCH_WALK_LIMIT = 10_000             # commits walked to split a ref jump into events
 SEGMENT_BYTES = 8 << 20               # a pack this big is sealed (indexed) and a new one begun
+MAX_PACKS = 16                        # gc merges more packs than this (each is a lookup)
 MAX_PARSED_OBJECT_BYTES = 1 << 30     # fsck parses trees and commits up to this size
 MAX_BACKUP_MEMBERS = 100_000          # a backup of this layout has HEAD, refs and one pack
 MAX_BACKUP_EXPANSION = 200            # wasm and JSON compress far less; a gzip bomb far more
@@ -848,8 +849,8 @@ class _Segment:
         """{hex digest: (payload offset, length, kind)} of every record indexed."""
         found = {}
         for position in range(self._index_count):
-            raw = self._index[_INDEX_HEAD.size + position * _INDEX_ENTRY.size:][:32]
-            found[raw.hex()] = self._entry(position)
+            start = _INDEX_HEAD.size + position * _INDEX_ENTRY.size
+            found[self._index[start:start + 32].hex()] = self._entry(position)
         found.update(self.entries)
         return found
 
@@ -1243,8 +1244,8 @@ class _ObjectStore:
                     garbage = True
                 else:
                     keep[digest] = (segment, offset, length, kind)
-            if garbage:
-                dirty.append(segment)
+            if garbage or len(self._segments) > MAX_PACKS:
+                dirty.append(segment)             # many packs: merged into one
         if dirty:
             # A module written out as a file needs no packed copy, if the file is whole.
             moving = {digest: location for digest, location in keep.items()
