@@ -1104,6 +1104,17 @@ class LegacyLayoutTest(unittest.TestCase):
         self.assertEqual(loaded.branches(), ["dev", "main"])
 
 
+    def test_a_backup_in_the_old_format_loads(self):
+        archive = os.path.join(self.tmp, "old-format.tar.gz")
+        with tarfile.open(archive, "w:gz") as tar:         # one member per object
+            for name in ("HEAD", "refs", "objects"):
+                tar.add(os.path.join(self.root, name), name)
+        loaded = wasmstore.load_backup(archive, os.path.join(self.tmp, "loaded"))
+        self.addCleanup(loaded.close)
+        self.assertEqual(loaded.list(), {p: sha256(d) for p, d in LEGACY_FILES.items()})
+        self.assertEqual(loaded.branches(), ["dev", "main"])
+
+
 KILLER = r"""
 import builtins, os, signal, sys
 limit = int(sys.argv[1])        # SIGKILL right before file mutation number `limit` (0: never)
