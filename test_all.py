@@ -1040,6 +1040,71 @@ class PackTest(StoreTestCase):
                             for problem in problems), problems)
 
 
+class RefSlotTest(StoreTestCase):
+    """refs/heads/<branch>: two checksummed slots, changed by compare-and-swap."""
+
+    def ref_file(self, branch="main"):
+        return os.path.join(self.root, "refs", "heads", branch)
+
+    def newest_slot(self):
+        with open(self.ref_file(), "rb") as handle:
+            slots = [handle.read(128), handle.read(128)]
+        sequences = [int(slot.split()[1], 16) for slot in slots]
+        return sequences.index(max(sequences))
+
+    def damage_slot(self, index):
+        with open(self.ref_file(), "r+b") as handle:
+            handle.seek(index * 128 + 30)
+            handle.write(b"#")
+
+    def test_a_torn_newest_slot_leaves_the_previous_head(self):
+        self.store.add("a.wasm", make_module("first"))
+        first = self.store.snapshot()
+        self.store.add("a.wasm", make_module("second"))
+        self.damage_slot(self.newest_slot())             # a write cut by a power loss
+        with Store(self.root) as fresh:
+            self.assertEqual(fresh.snapshot(), first)
+            self.assertEqual(fresh.fsck(), [])
+            fresh.add("b.wasm", make_module("after"))    # overwrites the damaged slot
+            self.assertEqual(Store(self.root).find("b.wasm"), make_module("after"))
+
+    def test_two_damaged_slots_are_a_one_line_error(self):
+        self.store.add("a.wasm", make_module("a"))
+        self.damage_slot(0)
+        self.damage_slot(1)
+        with Store(self.root) as fresh:
+            with self.assertRaisesRegex(wasmstore.CorruptObject,
+                                        r"\Aref of branch 'main' is corrupt: [^\n]*\Z"):
+                fresh.snapshot()
+            self.assertTrue(any("ref of branch 'main' is corrupt" in problem
+                                for problem in fresh.fsck()))
+
+    def test_refs_change_only_by_compare_and_swap(self):
+        refs = self.store._refs
+        self.store.add("a.wasm", make_module("a"))
+        head = self.store.snapshot()
+        with refs.lock():
+            with self.assertRaises(wasmstore.Conflict):
+                refs.set_if_equals("main", None, "ab" * 32)     # not at None any more
+            self.assertFalse(refs.add_if_new("main", None))       # exists
+            self.assertTrue(refs.add_if_new("dev", head))
+            refs.set_if_equals("dev", head, None)
+        self.assertEqual(self.store.snapshot(), head)
+        self.assertIsNone(self.store.head(branch="dev"))
+
+    def test_a_reader_holding_a_deleted_ref_sees_it_deleted(self):
+        self.store.create_branch("x")
+        reader = Store(self.root)
+        self.addCleanup(reader.close)
+        self.assertIsNone(reader.head(branch="x"))          # reader keeps the file open
+        self.store.delete_branch("x")
+        with self.assertRaises(wasmstore.NotFound):
+            reader.head(branch="x")
+        self.store.add("m.wasm", make_module("main"))
+        self.store.create_branch("x")                       # a new file, same name
+        self.assertEqual(reader.head(branch="x"), self.store.snapshot())
+
+
 class LegacyLayoutTest(unittest.TestCase):
     """A store written by the code before packs (loose objects, "<hex>\n" refs) keeps
     working: read as it is, refs rewritten as slot files when opened, new objects packed."""
