@@ -36,8 +36,9 @@ the raw module bytes, trees and commits canonical JSON):
   (``module_filename``: zero-copy downloads, the CLI's ``filename``). A loose and a packed
   copy are the same object.
 - ``refs/heads/<branch>``: 256 bytes, two 128-byte slots ``ref <sequence 16 hex> <head
-  | none> <crc32 8 hex>`` padded with spaces and a newline. A change overwrites the slot
-  with the lower sequence; readers take the intact slot with the higher one. (A file of the
+  | none> <crc32 8 hex>`` (the CRC-32 of the text before it) padded with spaces and a
+  newline. A change overwrites the slot with the lower sequence; readers take the intact
+  slot with the higher one. (A file of the
   previous layout, ``<hex>\\n`` or empty, is read too and rewritten as slots on open.)
 - ``HEAD``: the default branch's name and a newline.
 - ``cache/history``: derived per-commit change lines for versions()/audit() (not synced).
@@ -55,9 +56,10 @@ update; packs are appended only under that lock. Readers take no lock: they re-r
 slots (one pread of an open file; an in-place write is invisible to stat) and rescan the
 packs when an object is not where they looked. gc rewrites packs that hold garbage into a
 new sealed pack, durable before the old ones are deleted; readers holding an old pack open
-keep reading it. Why this design: creating a file costs more than the syncs it needs (a
-new file's open, fsync, rename and directory fsync against one append and one
-fdatasync), so a commit creates none.
+keep reading it. Why this design: on ext4 creating a file is what a commit cost (each new
+file needs an open, an fsync, a rename and a directory fsync; an append needs one
+fdatasync), and a ref that moves by rename cannot be read fresh without a syscall anyway,
+so a commit creates no file and a ref is rewritten in place.
 
 Map of this file: constants; exceptions and the ERROR_STATUS table (HTTP and exit status of
 each error, shared with http_server.py); names (paths, branches, hashes); validation
@@ -67,7 +69,7 @@ _ObjectStore: packs and loose files, batches, module files, fsck and gc passes);
 (_Refs: slot files, compare-and-swap, HEAD); the Store facade (layout, trees, changes,
 operations, history, branches, merge, watch, gc, export, backup, fsck); the history cache
 (_HistoryCache); object helpers; backup loading (load_backup, bounded); the command line
-(``main``).
+(``main``; ``server`` runs http_server.py, the file next to this one, as a program).
 """
 
 __version__ = "0.1.0"
