@@ -704,9 +704,11 @@ class _Fd:
     def __init__(self, fd):
         self.fd = fd
 
-    def __del__(self):
-        with contextlib.suppress(OSError):
-            os.close(self.fd)
+    def __del__(self, _close=os.close):       # bound now: module globals may be gone at exit
+        try:
+            _close(self.fd)
+        except OSError:
+            pass
 
 
 class _Batch:
