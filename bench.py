@@ -1,7 +1,8 @@
 # SPDX-License-Identifier: Apache-2.0
 """bench.py: the wasmstore benchmark entry point.
 
-    python bench.py store [--rounds N] [--quick] ...   store figures (issue 2): W1-W4, 50 MB module, import
+    python bench.py store [--rounds N] [--quick] ...   store figures: W1, W1b, W2-W4, 50 MB module, import,
+                                                        component add
     python bench.py http  [--rounds N] ...              REST API figures
     python bench.py kv    [--rounds N] ...              wasi:keyvalue host figures
     python bench.py run   [--rounds N] [--quick] ...    running stored modules (issue 8)
@@ -22,8 +23,8 @@ import os
 import sys
 
 AREAS = {
-    "store": "wasmstore.Store and the CLI: adds/s vs dulwich, find, versions, gc/fsck, "
-             "50 MB module, bulk import",
+    "store": "wasmstore.Store and the CLI: adds/s vs dulwich (W1, W1b), find, versions, "
+             "gc/fsck, 50 MB module, bulk import, component add",
     "http": "http_server.py: the REST API under load",
     "kv": "kvhost.py: wasi:keyvalue calls from guest modules",
     "run": "running stored modules: HTTP calls vs GET, Runner vs kvhost.Host, restart and cold compiles",

@@ -158,7 +158,6 @@ CORS_EXPOSE_HEADERS = ("Wasmstore-Hash, ETag, Wasmstore-Exit-Status, Wasmstore-S
 _SEGMENT_RE = re.compile(r"(?:[^%]|%[0-9A-Fa-f]{2})*\Z", re.S)
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
 _METHOD_RE = re.compile(r"[A-Z]{1,16}\Z")
-_HASH_RE = re.compile(r"[0-9a-f]{64}\Z")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -321,17 +320,12 @@ def json_reply(value, status=200):
     return Reply(status, [("Content-Type", JSON_TYPE)], data)
 
 
-# Most specific class first is not needed: error_status() walks the exception's MRO, so a
-# subclass (InvalidModule, MergeConflict) finds its own entry or its parent's.
+# The store's errors take their status from the one table in wasmstore.py (shared with its
+# CLI); error_status() walks the exception's MRO, so a subclass (InvalidModule, MergeConflict)
+# finds its own entry or its parent's.
 ERROR_STATUS = {
     HttpError: None,                  # carries its own status
-    wasmstore.TooLarge: 413,          # upload over --max-body (size_limit of add_file)
-    wasmstore.InvalidInput: 400,      # bad path, branch, hash, index; InvalidModule (validator message)
-    wasmstore.NotFound: 404,
-    wasmstore.MergeConflict: 409,
-    wasmstore.Conflict: 409,
-    wasmstore.CorruptObject: 500,     # a stored object failed its hash check: never served
-    wasmstore.StoreError: 500,
+    **{cls: http_status for cls, (http_status, _) in wasmstore.ERROR_STATUS.items()},
 }
 
 
@@ -430,7 +424,7 @@ class LocateCache:
     """Serves module downloads without re-resolving the path or reopening the file.
 
     Paths: Store.locate is memoized per (branch, path) while the branch head is unchanged
-    (one stat of the ref file tells; any commit, also by another process, or gc makes the
+    (one pread of the open ref file tells; any commit, also by another process, or gc makes the
     branch's entries stale). Files: a hash-checked object file stays open and is shared by
     requests (objects are immutable; sendfile reads at an explicit offset), leased so its
     descriptor is closed only when no reply uses it. Each request fstats the descriptor: a
@@ -2363,9 +2357,6 @@ class WasmstoreHandler(http.server.BaseHTTPRequestHandler):
             self._send_reply(error_reply(error), head_only=(self.command == "HEAD"))
         except OSError:
             pass
-
-    def version_string(self):
-        return self.server_version
 
     _date_cache = (0, "")
 

@@ -18,40 +18,82 @@ Use as a command (``python wasmstore.py --help`` lists every command)::
     python wasmstore.py add add.wasm /math/add.wasm
     python wasmstore.py list
 
-Layout under the root: ``HEAD`` names the default branch; ``refs/heads/<branch>`` holds a
-branch's head commit (hex + newline; empty while the branch has no commits);
-``objects/<2 hex>/<62 hex>`` holds every object, named by the SHA-256 of its bytes: module
-objects are the raw module bytes, trees and commits are canonical JSON; ``tmp/`` holds files
-being written (a killed writer's leftovers there are removed by gc).
+Layout under the root (an object is named by the SHA-256 of its bytes; module objects are
+the raw module bytes, trees and commits canonical JSON):
 
-Map of this file: constants and exceptions; names (paths, branches, hashes); module
-validation (wasmtime, imported lazily); filesystem primitives (durable batches, locks, a
-small LRU); the Store (objects, refs, tree edits, operations, history, watch, gc, backup,
-fsck); backup loading; OCI registries (``OciReference``; the CNCF Wasm OCI artifact layout:
+- ``objects/pack/<16 hex>.pack``: where new objects go. A pack is a sequence of records,
+  each a 52-byte header (magic ``WSO1``, kind ``m``/``t``/``c``, 3 zero bytes, payload
+  length u64, SHA-256 32 bytes, CRC-32 of those 48 bytes; big-endian) and the payload.
+  The highest-numbered pack is appended to; at 8 MiB it is sealed by
+  ``<16 hex>.idx`` (magic ``WSI1``, 4 zero bytes, bytes of the pack covered u64, count u64,
+  then per record SHA-256, payload offset u64, kind code << 56 | length u64, sorted by
+  hash, then a CRC-32 of it all) and the next pack begun. Readers bisect an index and scan
+  what follows it; a damaged or missing index just means a scan. Records after the first
+  header that is not whole and intact (a killed writer's torn tail) are ignored, and the
+  next writer truncates them.
+- ``objects/<2 hex>/<62 hex>``: loose objects: the layout before packs (still read), and
+  modules written out from a pack the first time they are served as a file
+  (``module_filename``: zero-copy downloads, the CLI's ``filename``). A loose and a packed
+  copy are the same object.
+- ``refs/heads/<branch>``: 256 bytes, two 128-byte slots ``ref <sequence 16 hex> <head
+  | none> <crc32 8 hex>`` (the CRC-32 of the text before it) padded with spaces and a
+  newline. A change overwrites the slot with the lower sequence; readers take the intact
+  slot with the higher one. (A file of the
+  previous layout, ``<hex>\\n`` or empty, is read too and rewritten as slots on open.)
+- ``HEAD``: the default branch's name and a newline.
+- ``cache/history``: derived per-commit change lines for versions()/audit() (not synced).
+- ``tmp/``: files being written, named ``<pid>-...``; a dead writer's are removed by the
+  next change (and by gc).
+
+Durability: a commit costs two syncs, three at most. Its new objects (modules first, then
+trees bottom-up, then the commit) are appended to the active pack in one write and made
+durable by one fdatasync (starting a new pack adds an fsync of ``objects/pack``); then the
+ref's older slot is overwritten in place and fdatasynced. No file is created per commit. A
+crash at any point leaves the ref at a commit whose objects are all durable. A ref changes
+only under an exclusive ``flock`` of ``refs/heads``, by compare-and-swap against the head
+the change was computed from, so writers in many threads and processes never lose an
+update; packs are appended only under that lock. Readers take no lock: they re-read a ref's
+slots (one pread of an open file; an in-place write is invisible to stat) and rescan the
+packs when an object is not where they looked. gc rewrites packs that hold garbage into a
+new sealed pack, durable before the old ones are deleted; readers holding an old pack open
+keep reading it. Why this design: on ext4 creating a file is what a commit cost (each new
+file needs an open, an fsync, a rename and a directory fsync; an append needs one
+fdatasync), and a ref that moves by rename cannot be read fresh without a syscall anyway,
+so a commit creates no file and a ref is rewritten in place.
+
+Map of this file: constants; exceptions and the ERROR_STATUS table (HTTP and exit status of
+each error, shared with http_server.py); names (paths, branches, hashes); validation
+(wasmtime, imported lazily); primitives (the durable write, temp files and their debris, the
+hash check, caches); the object store (_Segment: one pack as a reader sees it;
+_ObjectStore: packs and loose files, batches, module files, fsck and gc passes); refs
+(_Refs: slot files, compare-and-swap, HEAD); the Store facade (layout, trees, changes,
+operations, history, branches, merge, watch, gc, export, backup, fsck); the history cache
+(_HistoryCache); object helpers; backup loading (load_backup, bounded); running stored
+modules (``Runner``, ``Target``: resolution, kv namespaces, linking; kvhost.py is imported
+only here); OCI registries (``OciReference``; the CNCF Wasm OCI artifact layout:
 ``wasm_interface``, ``WasmArtifact``, ``module_artifact``; ``Credentials``; the
 ``RegistryClient`` on http.client, imported lazily; ``push``, ``push_all``, ``pull``,
-``pull_many``); the command line (``main``).
+``pull_many``); the command line (``main``; ``server`` runs http_server.py, the file next to
+this one, as a program; ``call``/``run``/``exports`` take kvhost's options).
+
+Running (needs kvhost.py next to this file)::
+
+    from wasmstore import Store, Runner
+    Runner(Store("~/.wasmstore")).call("/math/add.wasm", "add", [2, 3])
 
 OCI::
 
     wasmstore.push(store, "/apps/hello.wasm", "oci://localhost:5000/hello:v1")
     wasmstore.pull(store, "oci://localhost:5000/hello:v1", "/copy/hello.wasm")
     python wasmstore.py push --all oci://localhost:5000/mirror
-
-Durability: objects and refs are written to a temporary file, fsynced, renamed into place,
-and their directory fsynced, before a write is acknowledged. Independent files are fsynced
-concurrently so the filesystem can commit them together. A ref changes only under an
-exclusive ``flock`` of the refs directory, by compare-and-swap against the head the change
-was computed from, so writers in many threads and processes never lose an update. Readers
-take no lock.
 """
 
 __version__ = "0.1.0"
 __all__ = [
     "Store", "StoreError", "InvalidInput", "InvalidModule", "TooLarge", "NotFound",
     "Conflict", "MergeConflict", "CorruptObject", "validate_path", "format_path",
-    "validate_branch", "validate_hash", "validate_module", "load_backup", "Runner", "Target",
-    "default_kv_url", "parse_namespace_map", "main",
+    "validate_branch", "validate_hash", "validate_module", "load_backup", "main",
+    "ERROR_STATUS", "error_status", "Runner", "Target", "default_kv_url", "parse_namespace_map",
     "RegistryError", "OciReference", "WasmArtifact", "Credentials", "RegistryClient",
     "TransferReport", "wasm_interface", "module_artifact", "registry_credentials",
     "docker_config_file", "validate_module_file", "is_branch_tag", "push", "push_all", "pull",
@@ -59,8 +101,8 @@ __all__ = [
 ]
 
 import argparse
+import atexit
 import collections
-import concurrent.futures
 import contextlib
 import fcntl
 import functools
@@ -72,6 +114,7 @@ import mmap
 import os
 import re
 import shutil
+import struct
 import sys
 import tarfile
 import tempfile
@@ -93,14 +136,21 @@ CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
 HASH_TEXT = re.compile(r"[0-9a-fA-F]{64}\Z")
 WASM_MAGIC = b"\0asm"
 COMPONENT_HEADER = WASM_MAGIC + b"\x0d\x00\x01\x00"   # component-model binary, layer 1
+CORE_HEADER = WASM_MAGIC + b"\x01\x00\x00\x00"        # core module, version 1
+SMALL_MODULE_BYTES = 64 << 10         # compiled as is when validated (tens of microseconds)
+IN_MEMORY_INGEST_BYTES = 1 << 20      # add_file reads a module up to this size into memory
 CHUNK_SIZE = 1 << 20                  # streaming reads: bounded memory for any module size
 OBJECT_CACHE_WEIGHT = 400_000         # parsed trees/commits kept, counted in tree entries
 MODULE_CACHE_BYTES = 64 << 20         # small module bytes kept for warm finds
 MODULE_CACHE_ITEM_BYTES = 1 << 20     # bigger modules are always read from disk
 INDEX_CACHE_TREES = 4                 # hash -> paths indexes kept (latest root trees)
-FSYNC_WORKERS = 8                     # concurrent fsyncs let ext4 commit them together
 STALE_TMP_SECONDS = 24 * 3600         # a temp file this old is debris even if its pid lives
 WATCH_WALK_LIMIT = 10_000             # commits walked to split a ref jump into events
+SEGMENT_BYTES = 8 << 20               # a pack this big is sealed (indexed) and a new one begun
+MAX_PACKS = 16                        # gc merges more packs than this (each is a lookup)
+MAX_PARSED_OBJECT_BYTES = 1 << 30     # fsck parses trees and commits up to this size
+MAX_BACKUP_MEMBERS = 100_000          # a backup of this layout has HEAD, refs and one pack
+MAX_BACKUP_EXPANSION = 200            # wasm and JSON compress far less; a gzip bomb far more
 OCI_MANIFEST_TYPE = "application/vnd.oci.image.manifest.v1+json"
 WASM_CONFIG_TYPE = "application/vnd.wasm.config.v0+json"   # the CNCF Wasm OCI artifact layout
 WASM_LAYER_TYPE = "application/wasm"
@@ -125,12 +175,10 @@ OCI_VERSION_TAG = re.compile(r"v(0|[1-9][0-9]{0,8})\Z")   # v0, v1, ...: a path'
 
 class StoreError(Exception):
     """Root of every error this module raises; str() is a one-line message for users."""
-    http_status = 500
 
 
 class InvalidInput(StoreError):
     """Bad path, branch name, hash, index or argument."""
-    http_status = 400
 
 
 class InvalidModule(InvalidInput):
@@ -139,17 +187,14 @@ class InvalidModule(InvalidInput):
 
 class TooLarge(InvalidInput):
     """A module is over the size limit the caller set."""
-    http_status = 413
 
 
 class NotFound(StoreError):
     """No such module, path, branch, commit or object."""
-    http_status = 404
 
 
 class Conflict(StoreError):
     """The operation conflicts with the store's state (branch exists, nothing to roll back...)."""
-    http_status = 409
 
 
 class MergeConflict(Conflict):
@@ -163,7 +208,27 @@ class MergeConflict(Conflict):
 
 class CorruptObject(StoreError):
     """An object or ref failed its integrity check: it is never returned as data."""
-    http_status = 500
+
+
+# What each error means to a caller, in one table read by main() (exit status) and by
+# http_server.py (HTTP status): {exception class: (HTTP status, exit status)}. A subclass
+# without its own row uses its nearest parent's (see error_status).
+ERROR_STATUS = {
+    TooLarge: (413, 1),          # over the size limit the caller set (an upload's --max-body)
+    InvalidInput: (400, 1),      # bad path, branch, hash, index; InvalidModule (the validator's words)
+    NotFound: (404, 1),
+    Conflict: (409, 1),          # MergeConflict, branch exists, nothing to roll back
+    CorruptObject: (500, 1),     # never served; fsck says more
+    StoreError: (500, 1),
+}
+
+
+def error_status(exc):
+    """(HTTP status, exit status) for an exception of this module, None for anything else."""
+    for cls in type(exc).__mro__:
+        if cls in ERROR_STATUS:
+            return ERROR_STATUS[cls]
+    return None
 
 
 class _RefMoved(Conflict):
@@ -232,9 +297,15 @@ def format_path(segments):
     return "/" + "/".join(segments)
 
 
+def _is_branch_name(name):
+    """The branch-name rule: 1-128 of [A-Za-z0-9._-], not starting with "."."""
+    return isinstance(name, str) and BRANCH_NAME.match(name) is not None and \
+        not name.startswith(".")
+
+
 def validate_branch(name):
     """Return name if it is a valid branch name, else raise InvalidInput."""
-    if not isinstance(name, str) or not BRANCH_NAME.match(name) or name.startswith("."):
+    if not _is_branch_name(name):
         raise InvalidInput(
             f"invalid branch name {_short(name)}: expected 1-128 of [A-Za-z0-9._-], "
             "not starting with '.'")
@@ -263,36 +334,105 @@ def _target(path_or_hash):
 # --------------------------------------------------------------------------- validation
 
 _engine_lock = threading.Lock()
-_engine_holder = []   # one lazily created wasmtime.Engine shared by every Store
+_engines = {}   # purpose -> a lazily created wasmtime.Engine shared by every Store
 
 
-def _wasmtime_engine():
+def _wasmtime_engine(purpose="validate"):
+    """The engine for the core validator ("validate": wasmtime's defaults, as kvhost runs
+    them), or for checks by compiling ("check-compile": the same features, no
+    optimisation)."""
     with _engine_lock:
-        if not _engine_holder:
+        engine = _engines.get(purpose)
+        if engine is None:
             try:
                 import wasmtime
             except ImportError:
                 raise StoreError("validating modules needs the wasmtime package "
                                  "(pip install -r requirements.txt)") from None
-            _engine_holder.append(wasmtime.Engine())
-        return _engine_holder[0]
+            config = wasmtime.Config()
+            if purpose == "check-compile":
+                config.cranelift_opt_level = "none"
+            if not _engines:     # dropped before interpreter teardown, while wasmtime works
+                atexit.register(_engines.clear)
+            engine = _engines[purpose] = wasmtime.Engine(config)
+        return engine
 
 
 def validate_module(data):
-    """Raise InvalidModule unless data (bytes, bytearray or mmap) is valid WebAssembly.
+    """Raise InvalidModule unless wasmtime would compile data (bytes, bytearray or mmap): a
+    core module or component that kvhost.py can run. The message is wasmtime's.
 
-    Core modules are checked by wasmtime's validator. Components are checked section by
-    section: framing, section ids, and every embedded core module (and nested component)
-    by the same validator. Nothing is compiled.
+    wasmtime has no validate-only call for components, and its core validator
+    (Module.validate) accepts modules that its compiler refuses (a compact-imports encoding,
+    for one), so the verdict comes from wasmtime's compiler, made cheap: a module up to
+    64 KiB is compiled as it is, without optimisation; a bigger one has every embedded core
+    module checked by the validator (function bodies included), then is compiled with each
+    function body replaced by ``unreachable`` padded with ``nop`` to its original size, so
+    offsets in messages stay the original's (18 MB componentize-py guest: about 0.6 s,
+    against 7-12 s for a full compile).
     """
-    view = memoryview(data)
-    if not len(view):
+    _validate_module(data, owned=False)
+
+
+def _validate_module(data, owned):
+    """validate_module; owned: data is a private, writable buffer (a copy-on-write map of
+    a temp file) that may be stubbed in place instead of copied."""
+    if not len(data):
         raise InvalidModule("invalid module: empty input: unexpected end-of-file (at offset 0x0)")
-    with view:
-        if bytes(view[:8]) == COMPONENT_HEADER:
-            _validate_component(data, view, 0, len(view))
-        else:
-            _validate_core(data, 0, len(view))
+    if len(data) <= SMALL_MODULE_BYTES:
+        _check_compile(bytes(data))
+        return
+    modules = _core_modules(data)
+    if modules is None:
+        _check_compile(data)                # wasmtime's parser says what is wrong
+        return
+    for start, end in modules:              # function bodies, before they are stubbed
+        _validate_core(data, start, end)
+    stub = data if owned else bytearray(data)
+    for start, end in modules:
+        _stub_bodies(stub, start, end)
+    _check_compile(stub)
+
+
+def _check_compile(data):
+    """Compile data (bytes, bytearray or a writable map) in place with the check-compile
+    engine: binary only (wasmtime.Module would take text too), through the C API, and
+    dropped at once."""
+    import ctypes
+    import wasmtime
+    from wasmtime import _ffi as ffi
+    engine = _wasmtime_engine("check-compile")
+    pointer = ctypes.cast(_buffer_address(data), ctypes.POINTER(ctypes.c_uint8))
+    if bytes(data[4:8]) == COMPONENT_HEADER[4:]:
+        new, delete, kind = (ffi.wasmtime_component_new, ffi.wasmtime_component_delete,
+                             ffi.wasmtime_component_t)
+    else:
+        new, delete, kind = ffi.wasmtime_module_new, ffi.wasmtime_module_delete, \
+            ffi.wasmtime_module_t
+    compiled = ctypes.POINTER(kind)()
+    error = new(engine.ptr(), pointer, len(data), ctypes.byref(compiled))
+    if not error:
+        delete(compiled)
+        return
+    exc = _invalid(wasmtime.WasmtimeError._from_ptr(error))
+    if _runs_past_end(data):        # the spec's words for a truncated module, then wasmtime's
+        exc = InvalidModule(str(exc).replace("invalid module: ",
+                                             "invalid module: unexpected end-of-file: ", 1))
+    raise exc from None
+
+
+def _runs_past_end(data):
+    """True if a top-level section of a module or component is cut off by the end."""
+    try:
+        for _ in _sections(data, 8, len(data)):
+            pass
+    except _Unparsable:
+        return True
+    return False
+
+
+def _invalid(exc):
+    return InvalidModule("invalid module: " + " ".join(str(exc).split()))
 
 
 def validate_module_file(filename):
@@ -301,7 +441,7 @@ def validate_module_file(filename):
         if not os.fstat(handle.fileno()).st_size:
             validate_module(b"")
         with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY) as mapped:
-            validate_module(mapped)
+            _validate_module(mapped, owned=True)
 
 
 def _validate_core(data, start, end):
@@ -316,13 +456,13 @@ def _validate_core(data, start, end):
         if error:
             raise wasmtime.WasmtimeError._from_ptr(error)
     except wasmtime.WasmtimeError as exc:
-        raise InvalidModule("invalid module: " + " ".join(str(exc).split())) from None
+        raise _invalid(exc) from None
     except (ImportError, AttributeError, TypeError):
         # A wasmtime without the private FFI names: the public API (one copy of the bytes).
         try:
             wasmtime.Module.validate(engine, bytes(memoryview(data)[start:end]))
         except wasmtime.WasmtimeError as exc:
-            raise InvalidModule("invalid module: " + " ".join(str(exc).split())) from None
+            raise _invalid(exc) from None
 
 
 def _buffer_address(data):
@@ -333,25 +473,69 @@ def _buffer_address(data):
     return ctypes.addressof(ctypes.c_char.from_buffer(data))
 
 
-def _validate_component(data, view, start, end, depth=0):
-    if depth > 16:
-        raise InvalidModule("invalid module: components nested too deeply")
-    if end - start < 8 or bytes(view[start:start + 8]) != COMPONENT_HEADER:
-        raise InvalidModule(f"invalid module: bad component header (at offset {start:#x})")
-    pos = start + 8
-    while pos < end:
-        section_id = view[pos]
-        size, pos = _read_leb_u32(view, pos + 1, end)
-        if pos + size > end:
-            raise InvalidModule(f"invalid module: unexpected end-of-file (at offset {end:#x})")
-        if section_id == 1:
-            _validate_core(data, pos, pos + size)
-        elif section_id == 4:
-            _validate_component(data, view, pos, pos + size, depth + 1)
-        elif section_id > 12:
-            raise InvalidModule(f"invalid module: invalid section id {section_id} "
-                                f"(at offset {pos:#x})")
-        pos += size
+class _Unparsable(Exception):
+    """The component's framing is not what the stubbing walk expects."""
+
+
+def _core_modules(data):
+    """(start, end) of every core module of a module or component (nested components
+    included), None when the framing is not what stubbing expects."""
+    try:
+        if bytes(data[:8]) == CORE_HEADER:
+            for _ in _sections(data, 8, len(data)):
+                pass
+            return [(0, len(data))]
+        return _component_modules(data, 0, len(data), 0)
+    except _Unparsable:
+        return None
+
+
+def _component_modules(buffer, start, end, depth):
+    if depth > 64 or bytes(buffer[start:start + 8]) != COMPONENT_HEADER:
+        raise _Unparsable()
+    modules = []
+    for section_id, payload, payload_end in _sections(buffer, start + 8, end):
+        if section_id == 1:                          # a core module
+            if bytes(buffer[payload:payload + 8]) != CORE_HEADER:
+                raise _Unparsable()
+            modules.append((payload, payload_end))
+        elif section_id == 4:                        # a nested component
+            modules += _component_modules(buffer, payload, payload_end, depth + 1)
+    return modules
+
+
+def _stub_bodies(buffer, start, end):
+    """Replace every function body of the (validated) core module at start..end by
+    ``unreachable``, ``nop``... ``end`` of the same size, in place."""
+    for section_id, payload, payload_end in _sections(buffer, start + 8, end):
+        if section_id != 10:                         # the code section
+            continue
+        count, position = _leb_or_unparsable(buffer, payload, payload_end)
+        for _ in range(count):
+            size, body = _leb_or_unparsable(buffer, position, payload_end)
+            position = body + size
+            if position > payload_end:
+                raise _Unparsable()
+            if size >= 3:                 # no locals, unreachable, nop..., end
+                buffer[body:position] = b"\x00\x00" + b"\x01" * (size - 3) + b"\x0b"
+
+
+def _sections(buffer, position, end):
+    """Yield (section id, payload start, payload end) of the sections at position..end."""
+    while position < end:
+        section_id = buffer[position]
+        size, payload = _leb_or_unparsable(buffer, position + 1, end)
+        if payload + size > end:
+            raise _Unparsable()
+        yield section_id, payload, payload + size
+        position = payload + size
+
+
+def _leb_or_unparsable(buffer, position, end):
+    try:
+        return _read_leb_u32(buffer, position, end)
+    except InvalidModule:
+        raise _Unparsable() from None
 
 
 def _read_leb_u32(view, pos, end):
@@ -388,23 +572,109 @@ def _stat_key(path):
     return (info.st_ino, info.st_mtime_ns, info.st_size)
 
 
-def _read_exactly(fd, size):
-    """Read size bytes (fewer at end of file): one read() for the usual small object."""
+def _read_exactly(fd, size, offset=None):
+    """Read size bytes (fewer at end of file), at offset if given: one call for small reads."""
     chunks, remaining = [], size
     while remaining > 0:
-        chunk = os.read(fd, remaining)
+        chunk = os.read(fd, remaining) if offset is None else os.pread(fd, remaining, offset)
         if not chunk:
             break
         chunks.append(chunk)
         remaining -= len(chunk)
+        if offset is not None:
+            offset += len(chunk)
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
-def _write_all(fd, data):
+def _write_all(fd, data, offset=None):
     view = memoryview(data)
     while view:
-        written = os.write(fd, view)
+        written = os.write(fd, view) if offset is None else os.pwrite(fd, view, offset)
         view = view[written:]
+        if offset is not None:
+            offset += written
+
+
+def _copy_range(source_fd, source_offset, target_fd, target_offset, count):
+    """Copy count bytes between files in the kernel (copy_file_range), else by chunks."""
+    while count > 0:
+        try:
+            copied = os.copy_file_range(source_fd, target_fd, min(count, 1 << 30),
+                                        source_offset, target_offset)
+        except (AttributeError, OSError):
+            copied = None
+        if not copied:
+            chunk = os.pread(source_fd, min(count, CHUNK_SIZE), source_offset)
+            if not chunk:
+                raise StoreError("a file shrank while it was being copied")
+            _write_all(target_fd, chunk, target_offset)
+            copied = len(chunk)
+        source_offset += copied
+        target_offset += copied
+        count -= copied
+
+
+def _unlink_quietly(path):
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
+_temp_names = itertools.count()
+
+
+def _new_temp(tmp_dir, mode=0o600):
+    """(path, fd) of a new file in tmp_dir; the name starts with our pid so that a later
+    writer can tell a killed writer's debris (see _remove_debris)."""
+    name = f"{os.getpid()}-{next(_temp_names)}-{os.urandom(4).hex()}.tmp"
+    path = os.path.join(tmp_dir, name)
+    return path, os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+
+
+def _write_whole(path, data, tmp_dir, *, exclusive=False, mode=0o644, durable=True):
+    """The one way a file is put in place whole: write a temp file (data: bytes, or an
+    iterable of chunks), fsync it, rename it over path (exclusive: link it, False if path
+    exists), fsync path's directory. durable=False skips both syncs (derived files, which
+    are checked when read). True when path was written."""
+    tmp, fd = _new_temp(tmp_dir, mode)
+    try:
+        try:
+            for chunk in ([data] if isinstance(data, (bytes, bytearray)) else data):
+                _write_all(fd, chunk)
+            if durable:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        if exclusive:
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                return False
+        else:
+            os.rename(tmp, path)
+        if durable:
+            _fsync_path(os.path.dirname(path))
+        return True
+    finally:
+        _unlink_quietly(tmp)
+
+
+def _remove_debris(tmp_dir):
+    """Delete temp files of dead writers (their pid is gone) or older than a day."""
+    now = time.time()
+    try:
+        names = os.listdir(tmp_dir)
+    except FileNotFoundError:
+        return
+    for name in names:
+        path = os.path.join(tmp_dir, name)
+        pid = name.split("-", 1)[0]
+        try:
+            age = now - os.lstat(path).st_mtime
+        except FileNotFoundError:
+            continue
+        dead = pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid))
+        if dead or age > STALE_TMP_SECONDS:
+            _unlink_quietly(path)
 
 
 _json_string = json.encoder.encode_basestring      # JSON string literal, non-ASCII kept
@@ -425,12 +695,23 @@ def _pid_alive(pid):
     return True
 
 
-class _LRU:
-    """A thread-safe cache bounded by the sum of its entries' weights.
+def _corrupt(digest):
+    """The one wording of a failed hash check (reads and fsck alike)."""
+    return CorruptObject(f"object {digest} is corrupt (its content does not match its hash); "
+                         "run fsck")
 
-    Hits are lock-free dict reads (the hot path of every find); eviction is oldest-first,
-    which suits immutable, content-addressed objects.
-    """
+
+def _verified(data, digest):
+    """data, after checking that its SHA-256 is digest (else CorruptObject)."""
+    if hashlib.sha256(data).hexdigest() != digest:
+        raise _corrupt(digest)
+    return data
+
+
+class _BoundedCache:
+    """A thread-safe cache bounded by the sum of its entries' weights, evicting the oldest
+    insertions first (not an LRU: hits are lock-free dict reads, the hot path of every find;
+    the entries are immutable, content-addressed objects)."""
 
     def __init__(self, max_weight):
         self._items = {}
@@ -455,58 +736,974 @@ class _LRU:
                 oldest = next(iter(self._items))
                 self._weight -= self._items.pop(oldest)[1]
 
+    def discard(self, key):
+        with self._lock:
+            old = self._items.pop(key, None)
+            if old is not None:
+                self._weight -= old[1]
+
+
+class _Fd:
+    """An open descriptor closed when the last user drops it: threads that read through a
+    shared descriptor keep it alive, so replacing it never closes one in use."""
+
+    __slots__ = ("fd",)
+
+    def __init__(self, fd):
+        self.fd = fd
+
+    def __del__(self, _close=os.close):       # bound now: module globals may be gone at exit
+        try:
+            _close(self.fd)
+        except OSError:
+            pass
+
 
 class _Batch:
-    """Objects one change writes: new (hash, bytes) and already-written temp files."""
+    """Objects one change writes, in write order (modules, then trees bottom-up, then the
+    commit): new (hash -> bytes or temp file name) and the parsed trees/commits."""
 
     def __init__(self):
-        self.blobs = {}        # hash -> bytes
-        self.files = {}        # hash -> temp file path (data written, not yet fsynced)
+        self.blobs = {}        # hash -> bytes, or a temp file name holding the bytes
+        self.kinds = {}        # hash -> "module" | "tree" | "commit"
         self.parsed = {}       # hash -> parsed tree/commit, cached once the batch lands
 
-    def add(self, digest, data, parsed=None):
+    def add(self, digest, kind, data, parsed=None):
         self.blobs[digest] = data
+        self.kinds[digest] = kind
         if parsed is not None:
             self.parsed[digest] = parsed
+
+
+# --------------------------------------------------------------------------- object store
+
+PACK_MAGIC = b"WSO1"                         # a pack record: wasmstore object, format 1
+_RECORD_FIELDS = struct.Struct(">4sc3xQ32s")  # magic, kind code, payload length, SHA-256
+RECORD_HEADER_BYTES = _RECORD_FIELDS.size + 4   # the fields and their CRC-32
+INDEX_MAGIC = b"WSI1"                        # a pack index, format 1
+_INDEX_HEAD = struct.Struct(">4s4xQQ")       # magic, pack bytes covered, entry count
+_INDEX_ENTRY = struct.Struct(">32sQQ")       # SHA-256, payload offset, kind code << 56 | length
+_LENGTH_MASK = (1 << 56) - 1
+_KIND_CODES = {"module": b"m", "tree": b"t", "commit": b"c"}
+_CODE_KINDS = {code: kind for kind, code in _KIND_CODES.items()}
+_PACK_NAME = re.compile(r"[0-9a-f]{16}\.pack\Z")
+
+
+def _pack_name(number):
+    return f"{number:016x}.pack"
+
+
+def _index_name(number):
+    return f"{number:016x}.idx"
+
+
+def _record_header(kind, digest, length):
+    fields = _RECORD_FIELDS.pack(PACK_MAGIC, _KIND_CODES[kind], length, bytes.fromhex(digest))
+    return fields + zlib.crc32(fields).to_bytes(4, "big")
+
+
+def _parse_record_header(buffer, position=0):
+    """(kind, payload length, hex digest) of the record header at position; None if the
+    bytes there are not a whole, intact header (a torn tail, damage, or too few bytes)."""
+    end = position + RECORD_HEADER_BYTES
+    if len(buffer) < end:
+        return None
+    fields = bytes(buffer[position:end - 4])
+    if int.from_bytes(buffer[end - 4:end], "big") != zlib.crc32(fields):
+        return None
+    magic, code, length, raw = _RECORD_FIELDS.unpack(fields)
+    kind = _CODE_KINDS.get(code)
+    if magic != PACK_MAGIC or kind is None:
+        return None
+    return kind, length, raw.hex()
+
+
+def _index_bytes(entries, covered):
+    """A pack index: the records sorted by hash (one per hash), then a CRC-32 of it all."""
+    rows = sorted((bytes.fromhex(digest), offset, _KIND_CODES[kind][0] << 56 | length)
+                  for digest, (offset, length, kind) in entries.items())
+    body = b"".join([_INDEX_HEAD.pack(INDEX_MAGIC, covered, len(rows))] +
+                    [_INDEX_ENTRY.pack(*row) for row in rows])
+    return body + zlib.crc32(body).to_bytes(4, "big")
+
+
+def _index_count(data):
+    """The entry count of an intact index (mmap or bytes), None if it is damaged."""
+    if len(data) < _INDEX_HEAD.size + 4:
+        return None
+    magic, _, count = _INDEX_HEAD.unpack_from(data)
+    if magic != INDEX_MAGIC or len(data) != _INDEX_HEAD.size + count * _INDEX_ENTRY.size + 4:
+        return None
+    with memoryview(data) as view:
+        if zlib.crc32(view[:-4]) != int.from_bytes(view[-4:], "big"):
+            return None
+    return count
+
+
+class _Segment:
+    """One pack file as a reader sees it: the prefix its index covers (objects/pack/<n>.idx,
+    bisected in a map) and the records after it, found by scanning. Scanning stops at the
+    first header that is not whole and intact: a killed writer's torn tail is never
+    indexed (the next writer truncates it)."""
+
+    def __init__(self, directory, number):
+        self.number = number
+        self.path = os.path.join(directory, _pack_name(number))
+        self.file = _Fd(os.open(self.path, os.O_RDONLY | os.O_CLOEXEC))
+        self.covered = 0             # bytes of the file indexed (index + scanned records)
+        self.entries = {}            # hex digest -> (payload offset, length, kind) past the index
+        self._index = None
+        self._index_count = 0
+        self._lock = threading.Lock()
+        self._load_index(os.path.join(directory, _index_name(number)))
+
+    def _load_index(self, path):
+        try:
+            with open(path, "rb") as handle:
+                mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+        except (FileNotFoundError, ValueError):        # ValueError: an empty (lost) index
+            return
+        count = _index_count(mapped)
+        if count is None:                              # damaged: scan the whole pack instead
+            mapped.close()
+            return
+        self._index, self._index_count = mapped, count
+        self.covered = _INDEX_HEAD.unpack_from(mapped)[1]
+
+    def find(self, digest):
+        """(payload offset, length, kind) of a record, None if this pack has none."""
+        entry = self.entries.get(digest)
+        if entry is None and self._index_count:
+            entry = self._bisect(bytes.fromhex(digest))
+        return entry
+
+    def _bisect(self, raw):
+        index, low, high = self._index, 0, self._index_count
+        while low < high:
+            middle = (low + high) // 2
+            start = _INDEX_HEAD.size + middle * _INDEX_ENTRY.size
+            if index[start:start + 32] < raw:
+                low = middle + 1
+            else:
+                high = middle
+        if low == self._index_count:
+            return None
+        return self._entry(low, raw)
+
+    def _entry(self, position, raw=None):
+        key, offset, packed = _INDEX_ENTRY.unpack_from(
+            self._index, _INDEX_HEAD.size + position * _INDEX_ENTRY.size)
+        if raw is not None and key != raw:
+            return None
+        return offset, packed & _LENGTH_MASK, _CODE_KINDS[bytes([packed >> 56])]
+
+    def items(self):
+        """{hex digest: (payload offset, length, kind)} of every record indexed."""
+        found = {}
+        for position in range(self._index_count):
+            start = _INDEX_HEAD.size + position * _INDEX_ENTRY.size
+            found[self._index[start:start + 32].hex()] = self._entry(position)
+        found.update(self.entries)
+        return found
+
+    def scan(self):
+        """Index the records appended since the last scan; returns the file's size."""
+        with self._lock:
+            size = os.fstat(self.file.fd).st_size
+            position, buffer, buffer_start = self.covered, b"", self.covered
+            while position + RECORD_HEADER_BYTES <= size:
+                relative = position - buffer_start
+                if relative + RECORD_HEADER_BYTES > len(buffer):
+                    buffer_start, relative = position, 0
+                    buffer = os.pread(self.file.fd, min(CHUNK_SIZE, size - position), position)
+                header = _parse_record_header(buffer, relative)
+                if header is None:
+                    break                       # a torn or damaged tail: ignored
+                kind, length, digest = header
+                end = position + RECORD_HEADER_BYTES + length
+                if end > size:
+                    break                       # still being written, or cut by a kill
+                self.entries[digest] = (position + RECORD_HEADER_BYTES, length, kind)
+                position = end
+            self.covered = position
+            return size
+
+    def note(self, start, end, entries):
+        """Records this process appended at start..end (already durable)."""
+        with self._lock:
+            if self.covered == start:
+                self.entries.update(entries)
+                self.covered = end
+
+    def read(self, offset, length):
+        return _read_exactly(self.file.fd, length, offset)
+
+
+class _ObjectStore:
+    """Every object, by SHA-256: packed records (objects/pack/) and loose files
+    (objects/<2 hex>/<62 hex>, the previous layout and materialised modules).
+
+    Reads are hash-checked. A change's new objects are appended to the active pack in one
+    write (temp files copied in the kernel) and made durable by one fdatasync; starting a new
+    pack adds one fsync of its directory. Callers append only under the ref lock, so there is
+    one appender at a time across threads and processes. A module served as a file gets a
+    loose copy written durably on first use (module_file); loose and packed copies of an
+    object are the same object.
+    """
+
+    def __init__(self, root, tmp_dir):
+        self.directory = os.path.join(root, "objects")
+        self.pack_dir = os.path.join(self.directory, "pack")
+        self.tmp_dir = tmp_dir
+        self._segments = ()                  # newest first; replaced whole, read lock-free
+        self._refresh_lock = threading.Lock()
+        self._writer = None                  # (_Fd open for writing, segment number)
+        self._unsynced_pack_dir = False      # a new pack's name not yet fsynced
+        self._whole = _BoundedCache(200_000)          # hashes read back or written here
+        self._checked_files = _BoundedCache(200_000)  # module hash -> stat key of checked file
+        self._known_dirs = set()
+
+    def loose_path(self, digest):
+        return os.path.join(self.directory, digest[:2], digest[2:])
+
+    # ---------------------------------------------------------------- finding
+
+    def refresh(self):
+        """Re-read the pack directory: new packs opened, vanished ones dropped (descriptors
+        stay open while a reader uses them), every pack's new records indexed."""
+        with self._refresh_lock:
+            try:
+                names = os.listdir(self.pack_dir)
+            except FileNotFoundError:
+                names = []
+            numbers = sorted((int(name[:16], 16) for name in names if _PACK_NAME.match(name)),
+                             reverse=True)
+            current = {segment.number: segment for segment in self._segments}
+            segments = []
+            for number in numbers:
+                segment = current.get(number)
+                if segment is None:
+                    try:
+                        segment = _Segment(self.pack_dir, number)
+                    except FileNotFoundError:
+                        continue                # deleted by gc meanwhile
+                segment.scan()
+                segments.append(segment)
+            self._segments = tuple(segments)
+
+    def _packed(self, digest):
+        for segment in self._segments:
+            entry = segment.find(digest)
+            if entry is not None:
+                return (segment,) + entry
+        return None
+
+    def _locations(self, digest):
+        """Where an object may be, most likely first: a packed record (segment, offset,
+        length, kind), the loose file (None); a miss rescans the packs once."""
+        packed = self._packed(digest)
+        if packed is not None:
+            yield packed
+        yield None
+        if packed is None:
+            self.refresh()
+            packed = self._packed(digest)
+            if packed is not None:
+                yield packed
+
+    def _read_at(self, location, digest):
+        if location is None:
+            fd = os.open(self.loose_path(digest), os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                data = _read_exactly(fd, os.fstat(fd).st_size)
+            finally:
+                os.close(fd)
+        else:
+            segment, offset, length, _ = location
+            data = segment.read(offset, length)
+        return _verified(data, digest)
+
+    def read(self, digest):
+        """The bytes of an object, hash-checked; NotFound or CorruptObject."""
+        problem = None
+        for location in self._locations(digest):
+            try:
+                data = self._read_at(location, digest)
+            except FileNotFoundError:
+                continue
+            except CorruptObject as exc:
+                problem = exc                    # another copy may be whole
+                continue
+            self._whole.put(digest, True)
+            return data
+        raise problem or NotFound(f"no such object {digest}")
+
+    def is_module(self, digest):
+        """True if a module object with this hash is stored (packed or loose)."""
+        for location in self._locations(digest):
+            if location is not None:
+                return location[3] == "module"
+            try:
+                with open(self.loose_path(digest), "rb") as handle:
+                    return handle.read(4) == WASM_MAGIC
+            except FileNotFoundError:
+                continue
+        return False
+
+    def chunks(self, digest):
+        """Yield an object's bytes in chunks; CorruptObject after the last chunk when they
+        do not match the hash (callers discard what they wrote)."""
+        for location in self._locations(digest):
+            try:
+                if location is None:
+                    source = _Fd(os.open(self.loose_path(digest), os.O_RDONLY | os.O_CLOEXEC))
+                    offset, length = 0, os.fstat(source.fd).st_size
+                else:
+                    source, offset, length = location[0].file, location[1], location[2]
+            except FileNotFoundError:
+                continue
+            yield from _checked_chunks(source, offset, length, digest)
+            return
+        raise NotFound(f"no such object {digest}")
+
+    def module_file(self, digest):
+        """A loose file holding exactly a module's bytes (written durably from its pack the
+        first time), hash-checked once per file version. NotFound for other objects."""
+        path = self.loose_path(digest)
+        key = _stat_key(path)
+        if key is None:
+            location = next((loc for loc in self._locations(digest) if loc is not None), None)
+            if location is None or location[3] != "module":
+                raise NotFound(f"no such module {digest}")
+            self._materialise(location, digest, path)
+            key = _stat_key(path)
+        if self._checked_files.get(digest) != key:
+            head = b""
+            for chunk in _checked_chunks(_Fd(os.open(path, os.O_RDONLY | os.O_CLOEXEC)), 0,
+                                         key[2], digest):
+                head = head or chunk[:4]
+            if head != WASM_MAGIC:
+                raise NotFound(f"no such module {digest}")
+            self._checked_files.put(digest, key)
+        return path
+
+    def _materialise(self, location, digest, path):
+        segment, offset, length, _ = location
+        created = self._ensure_dir(os.path.dirname(path))
+        _write_whole(path, _checked_chunks(segment.file, offset, length, digest),
+                     self.tmp_dir, exclusive=True, mode=0o444)
+        if created:
+            _fsync_path(self.directory)
+
+    def _ensure_dir(self, directory):
+        """Create a fan-out directory if needed; True if this call created it."""
+        if directory in self._known_dirs:
+            return False
+        try:
+            os.mkdir(directory)
+            created = True
+        except FileExistsError:
+            created = False
+        self._known_dirs.add(directory)
+        return created
+
+    # ---------------------------------------------------------------- writing
+
+    def _has_whole(self, digest, kind):
+        """True if an intact copy is stored. A packed copy this process has not written or
+        read back is read and checked first: a killed writer's torn record must never stand
+        in for the object a new change needs."""
+        if self._whole.get(digest):
+            return True
+        packed = self._packed(digest)
+        if packed is not None:
+            try:
+                self._read_at(packed, digest)
+                self._whole.put(digest, True)
+                return True
+            except (CorruptObject, OSError):
+                return False
+        # Loose files land whole (renamed into place). Only modules are looked for: a tree
+        # or commit stored twice costs a few bytes, a stat per object costs every add.
+        return kind == "module" and os.path.exists(self.loose_path(digest))
+
+    def write(self, batch):
+        """Make a batch's new objects durable (callers hold the ref lock)."""
+        records = [(digest, batch.kinds[digest], data) for digest, data in batch.blobs.items()
+                   if not self._has_whole(digest, batch.kinds[digest])]
+        if not records:
+            return
+        writer, segment = self._writable()
+        start = position = segment.covered
+        entries = {}
+        try:
+            pending = bytearray()
+            for digest, kind, data in records:
+                if isinstance(data, (bytes, bytearray)):
+                    pending += _record_header(kind, digest, len(data))
+                    entries[digest] = (position + len(pending), len(data), kind)
+                    pending += data
+                    continue
+                source = os.open(data, os.O_RDONLY | os.O_CLOEXEC)   # an ingested temp file
+                try:
+                    size = os.fstat(source).st_size
+                    pending += _record_header(kind, digest, size)
+                    _write_all(writer.fd, pending, position)
+                    position += len(pending)
+                    pending = bytearray()
+                    entries[digest] = (position, size, kind)
+                    _copy_range(source, 0, writer.fd, position, size)
+                    position += size
+                finally:
+                    os.close(source)
+            _write_all(writer.fd, pending, position)
+            position += len(pending)
+            os.fdatasync(writer.fd)
+            if self._unsynced_pack_dir:
+                _fsync_path(self.pack_dir)
+                self._unsynced_pack_dir = False
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.ftruncate(writer.fd, start)          # nothing half-written stays behind
+            raise
+        segment.note(start, position, entries)
+        for digest in entries:
+            self._whole.put(digest, True)
+
+    def _writable(self):
+        """(_Fd open for writing, its _Segment) of the pack to append to; a full pack is
+        sealed with its index and a new one started."""
+        while True:
+            if self._writer is None:
+                self.refresh()
+                if not self._segments:
+                    self._create_pack(1)
+                    continue
+                number = self._segments[0].number
+                path = os.path.join(self.pack_dir, _pack_name(number))
+                try:
+                    self._writer = (_Fd(os.open(path, os.O_RDWR | os.O_CLOEXEC)), number)
+                except FileNotFoundError:
+                    continue
+            writer, number = self._writer
+            segment = next((s for s in self._segments if s.number == number), None)
+            if segment is None or os.fstat(writer.fd).st_nlink == 0:   # gc replaced it
+                self._writer = None
+                continue
+            if segment.scan() > segment.covered:
+                os.ftruncate(writer.fd, segment.covered)     # a killed writer's torn tail
+            if segment.covered < SEGMENT_BYTES:
+                return writer, segment
+            self._seal(segment)
+            self._writer = None
+            self._create_pack(number + 1)
+
+    def _create_pack(self, number):
+        try:
+            fd = os.open(os.path.join(self.pack_dir, _pack_name(number)),
+                         os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        except FileExistsError:
+            return                               # another writer started it
+        os.close(fd)
+        self._unsynced_pack_dir = True
+        self.refresh()
+
+    def _seal(self, segment):
+        """Write a pack's index. Not fsynced: it is derived data, checked when loaded and
+        replaced by a scan of the pack when lost or damaged."""
+        path = os.path.join(self.pack_dir, _index_name(segment.number))
+        try:
+            with open(path, "rb") as handle:
+                existing = handle.read(_INDEX_HEAD.size)
+            if len(existing) == _INDEX_HEAD.size and \
+                    _INDEX_HEAD.unpack(existing)[1] >= segment.covered:
+                return
+        except FileNotFoundError:
+            pass
+        _write_whole(path, _index_bytes(segment.items(), segment.covered), self.tmp_dir,
+                     mode=0o444, durable=False)
+
+    # ---------------------------------------------------------------- whole-store passes
+
+    def loose_digests(self, problems=None):
+        """Yield (hash, file name) of every loose object; other files are reported."""
+        for fanout in sorted(os.listdir(self.directory)):
+            directory = os.path.join(self.directory, fanout)
+            if fanout == "pack":
+                continue
+            if len(fanout) != 2 or not os.path.isdir(directory):
+                if problems is not None:
+                    problems.append(f"unexpected file objects/{fanout}")
+                continue
+            for name in sorted(os.listdir(directory)):
+                digest = fanout + name
+                if not _is_hash(digest) or digest != digest.lower():
+                    if problems is not None:
+                        problems.append(f"unexpected file objects/{fanout}/{name}")
+                    continue
+                yield digest, os.path.join(directory, name)
+
+    def check(self, problems):
+        """fsck of the objects: every loose file and packed record hash-checked and parsed
+        (streamed: memory stays flat). Returns {hash: kind or None when damaged}."""
+        kinds = {}
+        self.refresh()
+        for segment in reversed(self._segments):
+            for digest, (offset, length, kind) in sorted(segment.items().items(),
+                                                         key=lambda item: item[1][0]):
+                header = _parse_record_header(
+                    segment.read(offset - RECORD_HEADER_BYTES, RECORD_HEADER_BYTES))
+                if header != (kind, length, digest):
+                    problems.append(f"pack {_pack_name(segment.number)}: the record header "
+                                    f"of object {digest} at offset {offset} is damaged")
+                    kinds.setdefault(digest, None)
+                    continue
+                found = _check_object(segment.file, offset, length, digest, problems)
+                if found is not None and found != kind:
+                    problems.append(f"object {digest} is a {found} stored as a {kind}")
+                    found = None
+                if kinds.get(digest) is None:
+                    kinds[digest] = found
+        for digest, path in self.loose_digests(problems):
+            try:
+                source = _Fd(os.open(path, os.O_RDONLY | os.O_CLOEXEC))
+                found = _check_object(source, 0, os.fstat(source.fd).st_size, digest,
+                                      problems)
+            except OSError as exc:
+                problems.append(f"object {digest} cannot be read: {exc.strerror}")
+                found = None
+            if kinds.get(digest) is None:
+                kinds[digest] = found
+        return kinds
+
+    def compact(self, reachable):
+        """gc's sweep: drop every object not in reachable. Unreachable loose files are
+        deleted; packs holding anything to drop (unreachable records, duplicates, packed
+        copies of loose modules) are rewritten into one new pack, made durable and sealed
+        before they are deleted, so a kill at any point loses nothing reachable. Readers that
+        hold a deleted pack open keep reading it; others find the objects in the new one.
+        Returns the number of objects dropped."""
+        self.refresh()
+        loose = {digest: path for digest, path in self.loose_digests()}
+        keep, dirty, dropped = {}, [], set()
+        for segment in self._segments:
+            garbage = segment.scan() > segment.covered           # a torn tail
+            for digest, (offset, length, kind) in segment.items().items():
+                if digest not in reachable:
+                    dropped.add(digest)
+                    garbage = True
+                elif digest in keep:                             # a second copy
+                    garbage = True
+                else:
+                    keep[digest] = (segment, offset, length, kind)
+            if garbage or len(self._segments) > MAX_PACKS:
+                dirty.append(segment)             # many packs: merged into one
+        if dirty:
+            # A module written out as a file needs no packed copy, if the file is whole.
+            moving = {digest: location for digest, location in keep.items()
+                      if location[0] in dirty and not (
+                          location[3] == "module" and digest in loose and
+                          self._loose_is_whole(digest, loose[digest]))}
+            if moving:
+                self._write_pack(moving)
+            for segment in dirty:
+                _unlink_quietly(os.path.join(self.pack_dir, _index_name(segment.number)))
+                _unlink_quietly(segment.path)
+            self._writer = None
+            self.refresh()
+        for digest, path in loose.items():
+            if digest not in reachable:
+                _unlink_quietly(path)
+                self._checked_files.discard(digest)
+                dropped.add(digest)
+        for digest in dropped:
+            self._whole.discard(digest)
+        return len(dropped)
+
+    def _loose_is_whole(self, digest, path):
+        key = _stat_key(path)
+        if key is None:
+            return False
+        if self._checked_files.get(digest) == key:
+            return True
+        try:
+            for _ in _checked_chunks(_Fd(os.open(path, os.O_RDONLY | os.O_CLOEXEC)), 0,
+                                     key[2], digest):
+                pass
+        except (CorruptObject, OSError):
+            return False
+        self._checked_files.put(digest, key)
+        return True
+
+    def _write_pack(self, moving):
+        """A new, sealed pack holding the given records, copied in the kernel; durable
+        (data and name) before this returns."""
+        self.refresh()
+        number = (self._segments[0].number if self._segments else 0) + 1
+        path = os.path.join(self.pack_dir, _pack_name(number))
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        entries = {}
+        try:
+            position = 0
+            for digest, (segment, offset, length, kind) in moving.items():
+                _write_all(fd, _record_header(kind, digest, length), position)
+                position += RECORD_HEADER_BYTES
+                _copy_range(segment.file.fd, offset, fd, position, length)
+                entries[digest] = (position, length, kind)
+                position += length
+            os.fdatasync(fd)
+        except BaseException:
+            os.close(fd)
+            _unlink_quietly(path)
+            raise
+        os.close(fd)
+        _fsync_path(self.pack_dir)
+        self.refresh()
+        segment = next(s for s in self._segments if s.number == number)
+        self._seal(segment)
+
+    def pack_stream(self, digests):
+        """(size, file object) of a pack holding the given objects (for backups), each
+        hash-checked as it streams."""
+        locations = []
+        size = 0
+        for digest in digests:
+            location = self._packed(digest)
+            loose = None if location else _stat_key(self.loose_path(digest))
+            if location is None and loose is None:
+                self.refresh()
+                location = self._packed(digest)
+                if location is None:
+                    raise NotFound(f"no such object {digest}")
+            if location is None:
+                kind = "module" if self.is_module(digest) else self._json_kind(digest)
+                length = loose[2]
+            else:
+                kind, length = location[3], location[2]
+            locations.append((digest, kind, length))
+            size += RECORD_HEADER_BYTES + length
+        return size, io.BufferedReader(_PackReader(self, locations), CHUNK_SIZE)
+
+    def _json_kind(self, digest):
+        return _parse_object(self.read(digest), digest)[0]
+
+
+def _checked_chunks(source, offset, length, digest):
+    """Yield length bytes of source (an _Fd) from offset in chunks, hashing them;
+    CorruptObject after the last one when they do not make digest."""
+    hasher = hashlib.sha256()
+    for chunk in _pread_chunks(source.fd, offset, length):
+        hasher.update(chunk)
+        yield chunk
+    if hasher.hexdigest() != digest:
+        raise _corrupt(digest)
+
+
+def _pread_chunks(fd, offset, length):
+    end = offset + length
+    while offset < end:
+        chunk = os.pread(fd, min(CHUNK_SIZE, end - offset), offset)
+        if not chunk:
+            return
+        offset += len(chunk)
+        yield chunk
+
+
+def _check_object(source, offset, length, digest, problems):
+    """fsck of one object streamed from source (an _Fd): its kind, or None with the
+    problem reported (a failed hash check, or bytes that are no module, tree or commit)."""
+    head, small = None, []
+    try:
+        for chunk in _checked_chunks(source, offset, length, digest):
+            head = chunk[:4] if head is None else head
+            if head[:1] == b"{" and length <= MAX_PARSED_OBJECT_BYTES:
+                small.append(chunk)
+        if head == WASM_MAGIC:
+            return "module"
+        if head and head[:1] == b"{" and length <= MAX_PARSED_OBJECT_BYTES:
+            return _parse_object(b"".join(small), digest)[0]
+        raise _not_an_object(digest)
+    except CorruptObject as exc:
+        problems.append(str(exc))
+        return None
+
+
+class _PackReader(io.RawIOBase):
+    """A pack's bytes produced record by record from stored objects (a backup member)."""
+
+    def __init__(self, objects, locations):
+        super().__init__()
+        self._parts = self._generate(objects, locations)
+        self._buffer = b""
+
+    @staticmethod
+    def _generate(objects, locations):
+        for digest, kind, length in locations:
+            yield _record_header(kind, digest, length)
+            produced = 0
+            for chunk in objects.chunks(digest):
+                produced += len(chunk)
+                yield chunk
+            if produced != length:
+                raise _corrupt(digest)
+
+    def readable(self):
+        return True
+
+    def readinto(self, target):
+        while not self._buffer:
+            self._buffer = next(self._parts, b"")
+            if not self._buffer:
+                return 0
+        count = min(len(target), len(self._buffer))
+        target[:count] = self._buffer[:count]
+        self._buffer = self._buffer[count:]
+        return count
+
+
+# --------------------------------------------------------------------------- refs
+
+REF_SLOT_BYTES = 128                  # one slot: "ref <sequence> <head> <crc32>", padded
+REF_FILE_BYTES = 2 * REF_SLOT_BYTES   # two slots: a torn write spoils at most the older one
+_NO_COMMITS = "none"
+_DELETED = "deleted"                  # written into a deleted ref's (nameless) file for readers
+
+
+def _ref_slot(sequence, value):
+    body = f"ref {sequence:016x} {value}"
+    line = f"{body} {zlib.crc32(body.encode('ascii')):08x}"
+    return line.ljust(REF_SLOT_BYTES - 1).encode("ascii") + b"\n"
+
+
+def _ref_file(value):
+    return _ref_slot(1, value) + _ref_slot(0, value)
+
+
+def _parse_ref_slot(data):
+    """(sequence, value) of an intact slot, None for a torn or damaged one."""
+    body, _, crc = data.decode("ascii", "replace").rstrip().rpartition(" ")
+    parts = body.split(" ")
+    if len(parts) != 3 or parts[0] != "ref" or \
+            crc != f"{zlib.crc32(body.encode('ascii', 'replace')):08x}":
+        return None
+    value = parts[2]
+    if value not in (_NO_COMMITS, _DELETED) and not _is_hash(value):
+        return None
+    try:
+        return int(parts[1], 16), value.lower()
+    except ValueError:
+        return None
+
+
+def _ref_state(data, branch):
+    """(sequence, value, slot to overwrite next) of a ref file's bytes. A file of the
+    previous layout ("<hex>\\n", or empty for no commits) has sequence -1 and no slot."""
+    if not data:
+        return -1, _NO_COMMITS, None
+    text = data.decode("ascii", "replace")
+    if len(data) == HASH_LENGTH + 1 and text.endswith("\n") and _is_hash(text[:-1]):
+        return -1, text[:-1].lower(), None
+    if len(data) == REF_FILE_BYTES:
+        slots = [_parse_ref_slot(data[start:start + REF_SLOT_BYTES])
+                 for start in (0, REF_SLOT_BYTES)]
+        valid = [(slot[0], index, slot[1]) for index, slot in enumerate(slots) if slot]
+        if valid:
+            sequence, index, value = max(valid)
+            return sequence, value, 1 - index
+    raise CorruptObject(f"ref of branch {branch!r} is corrupt: {text[:70]!r}; run fsck")
+
+
+class _Refs:
+    """Branch heads and the default branch (HEAD).
+
+    A head lives in refs/heads/<branch>: two checksummed 128-byte slots, each a sequence
+    number and a head. A change overwrites the older slot in place and fdatasyncs (no file is
+    created); readers take the intact slot with the higher sequence, so a torn write leaves
+    the previous head. Readers keep the file open and re-read it (one pread) on every read:
+    an in-place write does not change what a stat shows. Refs change only under lock(), by
+    compare-and-swap (set_if_equals, add_if_new, remove), in the manner of dulwich's refs.
+    """
+
+    def __init__(self, root, tmp_dir):
+        self.heads_dir = os.path.join(root, "refs", "heads")
+        self.head_file = os.path.join(root, "HEAD")
+        self.tmp_dir = tmp_dir
+        self._handles = {}                   # branch -> _Fd of its slot file (bounded)
+        self._last_read = {}                 # branch -> (bytes read, parsed) (bounded)
+        self._paths = {}                     # branch -> file name (validated names only)
+        self._thread_lock = threading.Lock()
+        self._default_cache = (None, None)   # (stat key of HEAD, default branch)
+
+    def path(self, branch):
+        path = self._paths.get(branch)
+        if path is None:
+            path = os.path.join(self.heads_dir, validate_branch(branch))
+            if len(self._paths) < 1024:         # bounded: names may come from requests
+                self._paths[branch] = path
+        return path
+
+    @contextlib.contextmanager
+    def lock(self):
+        """Exclusive across threads (a mutex) and processes (flock on refs/heads)."""
+        with self._thread_lock:
+            fd = os.open(self.heads_dir, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                yield
+            finally:
+                os.close(fd)   # closing releases the flock, also when a process dies
+
+    def read(self, branch):
+        """Head commit of a branch (None while it has no commits); NotFound if missing."""
+        for _ in range(3):
+            handle = self._handles.get(branch)
+            cached = handle is not None
+            if not cached:
+                try:
+                    handle = _Fd(os.open(self.path(branch), os.O_RDONLY | os.O_CLOEXEC))
+                except FileNotFoundError:
+                    raise NotFound(f"no such branch {branch!r}") from None
+            data = os.pread(handle.fd, REF_FILE_BYTES + 1, 0)
+            last = self._last_read.get(branch)
+            if last is not None and last[0] == data:
+                sequence, value = last[1]          # unchanged: no parse, no checksums
+            else:
+                sequence, value, _ = _ref_state(data, branch)
+                if len(self._last_read) < 1024:
+                    self._last_read[branch] = (data, (sequence, value))
+            if value == _DELETED:
+                if cached and self._handles.get(branch) is handle:
+                    self._handles.pop(branch, None)
+                continue                      # deleted: look the name up again
+            if not cached and sequence >= 0 and len(self._handles) < 1024:
+                self._handles[branch] = handle
+            return None if value == _NO_COMMITS else value
+        raise NotFound(f"no such branch {branch!r}")
+
+    def set_if_equals(self, branch, old, new):
+        """Move branch from old to new (None: no commits) with one in-place slot write and
+        one fdatasync; _RefMoved if it is not at old. The caller holds lock()."""
+        path = self.path(branch)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise NotFound(f"no such branch {branch!r}") from None
+        try:
+            sequence, value, slot = _ref_state(os.pread(fd, REF_FILE_BYTES + 1, 0), branch)
+            if value == _DELETED:
+                raise NotFound(f"no such branch {branch!r}")
+            if (None if value == _NO_COMMITS else value) != old:
+                raise _RefMoved(branch)
+            if slot is None:                  # the previous layout: becomes a slot file
+                _write_whole(path, _ref_file(new or _NO_COMMITS), self.tmp_dir)
+                return
+            previous = os.pread(fd, REF_SLOT_BYTES, slot * REF_SLOT_BYTES)
+            try:
+                _write_all(fd, _ref_slot(sequence + 1, new or _NO_COMMITS),
+                           slot * REF_SLOT_BYTES)
+                os.fdatasync(fd)
+            except BaseException:
+                with contextlib.suppress(OSError):     # not acknowledged: put it back
+                    _write_all(fd, previous, slot * REF_SLOT_BYTES)
+                raise
+        finally:
+            os.close(fd)
+
+    def add_if_new(self, branch, head):
+        """Create branch at head (None: no commits); False if it exists. Under lock()."""
+        return _write_whole(self.path(branch), _ref_file(head or _NO_COMMITS),
+                              self.tmp_dir, exclusive=True)
+
+    def remove(self, branch):
+        """Delete a branch durably; readers holding its file open see it deleted. Under
+        lock(), after the caller checked that it may be deleted."""
+        path = self.path(branch)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise NotFound(f"no such branch {branch!r}") from None
+        try:
+            os.unlink(path)
+            _fsync_path(self.heads_dir)
+            _write_all(fd, _ref_slot(1 << 60, _DELETED) * 2, 0)
+        finally:
+            os.close(fd)
+        self._handles.pop(branch, None)
+
+    def names(self):
+        """Sorted names of every branch."""
+        return sorted(filter(_is_branch_name, os.listdir(self.heads_dir)))
+
+    def migrate(self):
+        """Rewrite refs of the previous layout ("<hex>\\n" files) as slot files, once."""
+        legacy = [name for name in self.names()
+                  if os.path.getsize(self.path(name)) in (0, HASH_LENGTH + 1)]
+        if not legacy:
+            return
+        with self.lock():
+            for name in legacy:
+                path = self.path(name)
+                with contextlib.suppress(FileNotFoundError):
+                    if os.path.getsize(path) in (0, HASH_LENGTH + 1):
+                        _write_whole(path, _ref_file(self.read(name) or _NO_COMMITS),
+                                       self.tmp_dir)
+
+    def default_branch(self, fresh=False):
+        """The branch used when none is named (HEAD). fresh: not from the stat-keyed cache
+        (callers deciding under lock())."""
+        try:
+            key = _stat_key(self.head_file)
+            if not fresh and key is not None and self._default_cache[0] == key:
+                return self._default_cache[1]
+            with open(self.head_file, encoding="utf-8", errors="replace") as handle:
+                name = handle.read(256).strip()
+        except FileNotFoundError:
+            raise CorruptObject(f"{self.head_file} is missing; run fsck") from None
+        try:
+            validate_branch(name)
+        except InvalidInput:
+            raise CorruptObject(f"HEAD is corrupt: {name[:70]!r}") from None
+        self._default_cache = (key, name)
+        return name
+
+    def set_default_branch(self, name):
+        """Make an existing branch the default (under lock())."""
+        self.read(name)
+        _write_whole(self.head_file, (name + "\n").encode("ascii"), self.tmp_dir)
+
+    def close(self):
+        self._handles.clear()
 
 
 # --------------------------------------------------------------------------- store
 
 class Store:
-    """A wasmstore root directory. Thread-safe; many processes may share one root."""
+    """A wasmstore root directory: the facade over the object store (_ObjectStore), the
+    refs (_Refs) and the history cache (_HistoryCache). Thread-safe; many processes may
+    share one root."""
 
     def __init__(self, root=DEFAULT_ROOT):
         self.root = os.path.abspath(os.path.expanduser(os.fspath(root)))
-        self._objects_dir = os.path.join(self.root, "objects")
-        self._heads_dir = os.path.join(self.root, "refs", "heads")
         self._tmp_dir = os.path.join(self.root, "tmp")
-        self._head_file = os.path.join(self.root, "HEAD")
-        self._history = _HistoryCache(os.path.join(self.root, "cache", "history"))
-        self._objects = _LRU(OBJECT_CACHE_WEIGHT)
-        self._modules = _LRU(MODULE_CACHE_BYTES)
-        self._indexes = _LRU(INDEX_CACHE_TREES)
-        self._verified = _LRU(200_000)       # hash -> stat key of a hash-checked object file
-        self._ref_cache = {}                 # branch -> (stat key, head)
-        self._ref_paths = {}                 # branch -> ref file name (validated names only)
-        self._default_cache = (None, None)   # (stat key of HEAD, default branch)
-        self._commit_counts = _LRU(200_000)  # commit -> first-parent chain length
-        self._thread_lock = threading.Lock()
-        self._pool = None
-        self._pool_lock = threading.Lock()
-        self._tmp_names = itertools.count()
-        self._known_dirs = set()
-        self._empty_tree = self._encode_tree({})
         self._init_layout()
+        self._objects = _ObjectStore(self.root, self._tmp_dir)
+        self._refs = _Refs(self.root, self._tmp_dir)
+        self._history = _HistoryCache(os.path.join(self.root, "cache", "history"),
+                                      self._tmp_dir)
+        self._parsed = _BoundedCache(OBJECT_CACHE_WEIGHT)   # hash -> parsed tree/commit
+        self._modules = _BoundedCache(MODULE_CACHE_BYTES)   # hash -> small module bytes
+        self._indexes = _BoundedCache(INDEX_CACHE_TREES)    # root tree -> {module: paths}
+        self._commit_counts = _BoundedCache(200_000)        # commit -> first-parent length
+        self._debris_checked = False
+        self._empty_tree = self._encode_tree({})
+        self._refs.migrate()
 
     def __repr__(self):
         return f"Store({self.root!r})"
 
     def close(self):
-        """Stop the fsync worker threads (they are restarted on the next write)."""
-        with self._pool_lock:
-            pool, self._pool = self._pool, None
-        if pool:
-            pool.shutdown(wait=True)
+        """Release cached descriptors (reopened on demand)."""
+        self._refs.close()
 
     def __enter__(self):
         return self
@@ -517,101 +1714,33 @@ class Store:
     # ------------------------------------------------------------------- layout
 
     def _init_layout(self):
+        """Create a new store's directories, HEAD and empty main branch, durably."""
         if os.path.exists(self.root) and not os.path.isdir(self.root):
             raise StoreError(f"store root {self.root!r} exists and is not a directory")
-        for directory in (self._objects_dir, self._heads_dir, self._tmp_dir):
+        heads = os.path.join(self.root, "refs", "heads")
+        pack = os.path.join(self.root, "objects", "pack")
+        if all(map(os.path.isdir, (heads, pack, self._tmp_dir))) and \
+                os.path.exists(os.path.join(self.root, "HEAD")):
+            return
+        for directory in (pack, heads, self._tmp_dir):
             os.makedirs(directory, exist_ok=True)
-        created = self._create_if_missing(self._head_file, DEFAULT_BRANCH + "\n")
-        if created:
-            self._create_if_missing(os.path.join(self._heads_dir, DEFAULT_BRANCH), "")
-            for directory in (self._heads_dir, os.path.dirname(self._heads_dir), self.root):
-                _fsync_path(directory)
-
-    def _create_if_missing(self, path, text):
-        """Durably create path with text unless it exists (atomic across processes)."""
-        if os.path.exists(path):
-            return False
-        tmp, fd = self._new_tmp()
-        try:
-            _write_all(fd, text.encode("utf-8"))
-            os.fsync(fd)
-            os.close(fd)
-            fd = None
-            try:
-                os.link(tmp, path)
-            except FileExistsError:
-                return False
-            _fsync_path(os.path.dirname(path))
-            return True
-        finally:
-            if fd is not None:
-                os.close(fd)
-            os.unlink(tmp)
-
-    def _new_tmp(self, mode=0o600):
-        name = f"{os.getpid()}-{next(self._tmp_names)}-{os.urandom(4).hex()}.tmp"
-        path = os.path.join(self._tmp_dir, name)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
-        return path, fd
-
-    def _object_path(self, digest):
-        return os.path.join(self._objects_dir, digest[:2], digest[2:])
-
-    def _ref_path(self, branch):
-        path = self._ref_paths.get(branch)
-        if path is None:
-            path = os.path.join(self._heads_dir, branch)
-            if len(self._ref_paths) < 1024:        # bounded: names may come from requests
-                self._ref_paths[branch] = path
-        return path
-
-    # ------------------------------------------------------------------- locks
-
-    @contextlib.contextmanager
-    def _ref_lock(self):
-        """Exclusive across threads (a mutex) and processes (flock on refs/heads)."""
-        with self._thread_lock:
-            fd = os.open(self._heads_dir, os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX)
-                yield
-            finally:
-                os.close(fd)   # closing releases the flock, also when a process dies
-
-    @contextlib.contextmanager
-    def _objects_lock(self, shared):
-        """gc deletes objects under LOCK_EX; backup copies them under LOCK_SH."""
-        fd = os.open(self._objects_dir, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
-            yield
-        finally:
-            os.close(fd)
+        head = os.path.join(self.root, "HEAD")
+        if _write_whole(head, (DEFAULT_BRANCH + "\n").encode(), self._tmp_dir,
+                          exclusive=True):
+            _write_whole(os.path.join(heads, DEFAULT_BRANCH), _ref_file(_NO_COMMITS),
+                           self._tmp_dir, exclusive=True)
+        for directory in (os.path.dirname(pack), os.path.dirname(heads), self.root):
+            _fsync_path(directory)
 
     # ------------------------------------------------------------------- objects
 
-    def _read_verified(self, digest):
-        """The bytes of an object, checked against its name."""
-        try:
-            fd = os.open(self._object_path(digest), os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            raise NotFound(f"no such object {digest}") from None
-        try:
-            data = _read_exactly(fd, os.fstat(fd).st_size)
-        finally:
-            os.close(fd)
-        if hashlib.sha256(data).hexdigest() != digest:
-            raise CorruptObject(f"object {digest} is corrupt (its content does not match "
-                                "its hash); run fsck")
-        return data
-
     def _load(self, digest, kind):
         """A parsed tree (dict name -> (kind, hash)) or commit (dict), cached."""
-        cached = self._objects.get(digest)
+        cached = self._parsed.get(digest)
         if cached is None:
-            data = self._read_verified(digest)
+            data = self._objects.read(digest)
             cached = _parse_object(data, digest)
-            self._objects.put(digest, cached, _weight(cached))
+            self._parsed.put(digest, cached, _weight(cached))
         if cached[0] != kind:
             raise NotFound(f"no such {kind} {digest}")
         return cached[1]
@@ -632,7 +1761,7 @@ class Store:
 
     def _put_tree(self, entries, batch):
         digest, data = self._encode_tree(entries)
-        batch.add(digest, data, ("tree", entries))
+        batch.add(digest, "tree", data, ("tree", entries))
         return digest
 
     def _put_commit(self, tree, parents, author, message, batch):
@@ -640,133 +1769,27 @@ class Store:
                     "parents": list(parents), "tree": tree, "type": "commit"}
         data = _canonical_json(document)
         digest = hashlib.sha256(data).hexdigest()
-        batch.add(digest, data, ("commit", document))
+        batch.add(digest, "commit", data, ("commit", document))
         return digest
 
-    def _object_exists(self, digest):
-        return os.path.exists(self._object_path(digest))
-
-    def _is_module_object(self, digest):
-        try:
-            with open(self._object_path(digest), "rb") as handle:
-                return handle.read(4) == WASM_MAGIC
-        except FileNotFoundError:
-            return False
-
-    def _pool_map(self, function, items):
-        items = list(items)
-        if len(items) <= 1:
-            return [function(item) for item in items]
-        with self._pool_lock:
-            if self._pool is None:
-                self._pool = concurrent.futures.ThreadPoolExecutor(
-                    FSYNC_WORKERS, thread_name_prefix="wasmstore-fsync")
-            pool = self._pool
-        return list(pool.map(function, items))
-
-    def _ensure_fanout_dir(self, directory):
-        if directory in self._known_dirs:
-            return False
-        try:
-            os.mkdir(directory)
-            created = True
-        except FileExistsError:
-            created = False
-        self._known_dirs.add(directory)
-        return created
-
     def _land(self, batch, ref_update=None):
-        """Make a batch of objects durable, then (optionally) swap a ref.
-
-        Order: write temp files; fsync them all concurrently (with the new ref's temp);
-        rename them into place; fsync their directories concurrently; then rename the ref
-        and fsync its directory. A crash at any point leaves only complete objects and a
-        ref that points at durable objects.
-        """
-        pending = []                     # (temp path, final path)
-        open_fds = []
-        ref_tmp = None
-        try:
-            for digest, data in batch.blobs.items():
-                final = self._object_path(digest)
-                if os.path.exists(final):
-                    continue
-                tmp, fd = self._new_tmp(0o444)
-                open_fds.append(fd)
-                pending.append((tmp, final))
-                _write_all(fd, data)
-            for digest, tmp in batch.files.items():
-                final = self._object_path(digest)
-                if os.path.exists(final):
-                    continue
-                open_fds.append(os.open(tmp, os.O_RDONLY | os.O_CLOEXEC))
-                pending.append((tmp, final))
-            if ref_update:
-                ref_tmp, fd = self._new_tmp(0o644)
-                open_fds.append(fd)
-                _write_all(fd, (ref_update[2] + "\n").encode("ascii"))
-            self._pool_map(os.fsync, open_fds)
-            for fd in open_fds:
-                os.close(fd)
-            open_fds = []
-            dirs_to_sync = set()
-            for tmp, final in pending:
-                directory = os.path.dirname(final)
-                if self._ensure_fanout_dir(directory):
-                    dirs_to_sync.add(self._objects_dir)
-                os.rename(tmp, final)
-                dirs_to_sync.add(directory)
-            pending = []
-            self._pool_map(_fsync_path, dirs_to_sync)
-            if ref_update:
-                branch, old, new = ref_update
-                self._swap_ref(branch, old, new, ref_tmp)
-                ref_tmp = None
-        finally:
-            for fd in open_fds:
-                os.close(fd)
-            for tmp in [tmp for tmp, _ in pending] + ([ref_tmp] if ref_tmp else []):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(tmp)
+        """Make a batch of objects durable (one pack append, one fdatasync), then swap a
+        ref (one slot write, one fdatasync). The caller holds the ref lock. A crash at any
+        point leaves a ref that points at durable objects."""
+        self._objects.write(batch)
         for digest, parsed in batch.parsed.items():
-            self._objects.put(digest, parsed, _weight(parsed))
+            self._parsed.put(digest, parsed, _weight(parsed))
+        if ref_update:
+            self._refs.set_if_equals(*ref_update)
 
     # ------------------------------------------------------------------- refs
 
     def _branch(self, branch):
         return validate_branch(branch) if branch is not None else self.default_branch
 
-    def _read_ref(self, branch, fresh=False):
+    def _read_ref(self, branch):
         """Head commit of a branch (None while it has no commits); NotFound if missing."""
-        path = self._ref_path(branch)
-        key = _stat_key(path)
-        if key is None:
-            raise NotFound(f"no such branch {branch!r}")
-        cached = self._ref_cache.get(branch)
-        if cached is not None and cached[0] == key and not fresh:
-            return cached[1]
-        try:
-            with open(path, "rb") as handle:
-                text = handle.read(HASH_LENGTH + 2).decode("ascii", "replace").strip()
-        except FileNotFoundError:
-            raise NotFound(f"no such branch {branch!r}") from None
-        if text and not _is_hash(text):
-            raise CorruptObject(f"ref of branch {branch!r} is corrupt: {text[:70]!r}")
-        head = text or None
-        self._ref_cache[branch] = (key, head)
-        return head
-
-    def _swap_ref(self, branch, old, new, tmp):
-        """Compare-and-swap a ref (the caller holds the ref lock and wrote tmp durably)."""
-        if self._read_ref(branch, fresh=True) != old:
-            raise _RefMoved(branch)
-        os.rename(tmp, self._ref_path(branch))
-        _fsync_path(self._heads_dir)
-        self._ref_cache.pop(branch, None)
-
-    def _write_ref(self, branch, old, new):
-        """Set a ref to an existing commit (no new objects), under the ref lock."""
-        self._land(_Batch(), (branch, old, new or ""))
+        return self._refs.read(branch)
 
     def head(self, *, branch=None):
         """Head commit of a branch, or None while it has no commits."""
@@ -774,8 +1797,8 @@ class Store:
 
     def _head_tree(self, branch):
         """(head, root tree hash or None) of a branch, robust against a concurrent gc."""
-        for attempt in range(3):
-            head = self._read_ref(branch, fresh=attempt > 0)
+        for _ in range(3):
+            head = self._read_ref(branch)
             if head is None:
                 return None, None
             try:
@@ -869,43 +1892,49 @@ class Store:
         """
         branch = self._branch(branch)
         author = _author(author)
-        with self._ref_lock():
-            head = self._read_ref(branch, fresh=True)
+        with self._refs.lock():
+            if not self._debris_checked:
+                _remove_debris(self._tmp_dir)        # temp files of killed writers
+                self._debris_checked = True
+            head = self._read_ref(branch)
             tree = self._commit(head)["tree"] if head else None
             batch = _Batch()
-            try:
-                new_tree = edit(head, tree, batch)
-                if new_tree == tree or (tree is None and new_tree == self._empty_tree[0]
-                                        and head is None):
-                    return head
-                parents = [head] if head else []
-                commit = self._put_commit(new_tree, parents, author, message, batch)
-                self._land(batch, (branch, head, commit))
-                self._history.record(commit, head, self.changes(head, commit))
-                return commit
-            finally:
-                for tmp in batch.files.values():
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(tmp)
+            new_tree = edit(head, tree, batch)
+            if new_tree == tree or (tree is None and new_tree == self._empty_tree[0]
+                                    and head is None):
+                return head
+            parents = [head] if head else []
+            commit = self._put_commit(new_tree, parents, author, message, batch)
+            self._land(batch, (branch, head, commit))
+            self._history.record(commit, head, self.changes(head, commit))
+            return commit
 
-    def _ingest(self, source, size_limit=None):
-        """Stream a file name or binary file object into a temp file: (temp, hash, size)."""
-        tmp, fd = self._new_tmp(0o444)
-        digest = hashlib.sha256()
-        size = 0
+    def _ingest(self, source, size_limit=None, in_memory=0):
+        """Read a file name or binary file object: (bytes, hash, size) when it holds at most
+        in_memory bytes (no temp file to create), else streamed in chunks into a temp file:
+        (temp file name, hash, size)."""
+        handle = open(source, "rb") if isinstance(source, (str, bytes, os.PathLike)) \
+            else contextlib.nullcontext(source)
+        with handle as reader:
+            head = _read_up_to(reader, in_memory + 1, size_limit) if in_memory else b""
+            if in_memory and len(head) <= in_memory:
+                return head, hashlib.sha256(head).hexdigest(), len(head)
+            return self._stream_to_temp(reader, head, size_limit)
+
+    def _stream_to_temp(self, reader, head, size_limit):
+        tmp, fd = _new_temp(self._tmp_dir)
+        digest = hashlib.sha256(head)
+        size = len(head)
         try:
-            handle = open(source, "rb") if isinstance(source, (str, bytes, os.PathLike)) \
-                else contextlib.nullcontext(source)
-            with handle as reader:
-                while True:
-                    chunk = reader.read(CHUNK_SIZE)
-                    if not chunk:
-                        break
-                    size += len(chunk)
-                    if size_limit is not None and size > size_limit:
-                        raise TooLarge(f"module is larger than the limit of {size_limit} bytes")
-                    digest.update(chunk)
-                    _write_all(fd, chunk)
+            _write_all(fd, head)
+            while True:
+                chunk = reader.read(CHUNK_SIZE)
+                if not chunk:
+                    break
+                size += len(chunk)
+                _check_size(size, size_limit)
+                digest.update(chunk)
+                _write_all(fd, chunk)
         except BaseException:
             os.close(fd)
             os.unlink(tmp)
@@ -913,8 +1942,14 @@ class Store:
         os.close(fd)
         return tmp, digest.hexdigest(), size
 
-    def _validate_file(self, path, size):
-        validate_module_file(path)
+    def _already_validated(self, digest, size):
+        """True for a big module already stored (it was validated then): adding it again
+        skips a check that costs a stub compile."""
+        return size > SMALL_MODULE_BYTES and self._objects.is_module(digest)
+
+    def _validate_file(self, path, size, digest):
+        if not self._already_validated(digest, size):
+            validate_module_file(path)
 
     def _set_module(self, segments, digest, branch, author, message, source=None):
         """Point segments at module digest; source = bytes or a temp file to store."""
@@ -922,11 +1957,9 @@ class Store:
             raise InvalidInput("a module needs a path, not the root")
 
         def edit(head, tree, batch):
-            if isinstance(source, (bytes, bytearray)):
-                batch.add(digest, bytes(source))
-            elif source is not None:
-                batch.files[digest] = source
-            elif not self._is_module_object(digest):
+            if source is not None:
+                batch.add(digest, "module", source)
+            elif not self._objects.is_module(digest):
                 raise NotFound(f"no such module {digest}")
             return self._edit_root(tree, {segments: ("module", digest)}, batch, strict=True)
 
@@ -943,8 +1976,9 @@ class Store:
         if not isinstance(data, (bytes, bytearray)):
             raise InvalidInput("module data must be bytes")
         self._read_ref(self._branch(branch))
-        validate_module(data)
         digest = hashlib.sha256(data).hexdigest()
+        if not self._already_validated(digest, len(data)):
+            validate_module(data)
         return self._set_module(segments, digest, branch, author,
                                 f"Import {format_path(segments)}", bytes(data))
 
@@ -956,14 +1990,18 @@ class Store:
         if not segments:
             raise InvalidInput("a module needs a path, not the root")
         self._read_ref(self._branch(branch))
-        tmp, digest, size = self._ingest(source, size_limit)
+        content, digest, size = self._ingest(source, size_limit, IN_MEMORY_INGEST_BYTES)
         try:
-            self._validate_file(tmp, size)
+            if isinstance(content, bytes):
+                if not self._already_validated(digest, size):
+                    validate_module(content)
+            else:
+                self._validate_file(content, size, digest)
             return self._set_module(segments, digest, branch, author,
-                                    message or f"Import {format_path(segments)}", tmp)
+                                    message or f"Import {format_path(segments)}", content)
         finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
+            if not isinstance(content, bytes):
+                _unlink_quietly(content)
 
     def import_tree(self, directory, prefix="", *, branch=None, author=None):
         """Store every *.wasm file under directory (validated) in one commit.
@@ -985,14 +2023,15 @@ class Store:
                 else:
                     temps[digest] = tmp
                 try:
-                    self._validate_file(temps[digest], size)
+                    self._validate_file(temps[digest], size, digest)
                 except InvalidModule as exc:
                     raise InvalidModule(f"{filename}: {exc}") from None
                 edits[segments] = ("module", digest)
                 stored[format_path(segments)] = digest
 
             def edit(head, tree, batch):
-                batch.files.update(temps)
+                for digest, tmp in temps.items():
+                    batch.add(digest, "module", tmp)
                 return self._edit_root(tree, edits, batch, strict=True)
 
             message = f"Import {format_path(base)} ({len(edits)} modules)"
@@ -1056,7 +2095,7 @@ class Store:
         data = self._modules.get(digest)
         if data is not None:
             return data
-        data = self._read_verified(digest)
+        data = self._objects.read(digest)
         if data[:4] != WASM_MAGIC:
             raise NotFound(f"no such module {digest}")
         if len(data) <= MODULE_CACHE_ITEM_BYTES:
@@ -1064,26 +2103,9 @@ class Store:
         return data
 
     def module_filename(self, digest):
-        """The object file of a module, after checking its content (result cached)."""
-        digest = validate_hash(digest)
-        path = self._object_path(digest)
-        key = _stat_key(path)
-        if key is None:
-            raise NotFound(f"no such module {digest}")
-        if self._verified.get(digest) != key:
-            hasher = hashlib.sha256()
-            with open(path, "rb") as handle:
-                head = handle.read(4)
-                hasher.update(head)
-                for chunk in iter(lambda: handle.read(CHUNK_SIZE), b""):
-                    hasher.update(chunk)
-            if hasher.hexdigest() != digest:
-                raise CorruptObject(f"object {digest} is corrupt (its content does not "
-                                    "match its hash); run fsck")
-            if head != WASM_MAGIC:
-                raise NotFound(f"no such module {digest}")
-            self._verified.put(digest, key)
-        return path
+        """A file holding exactly a module's bytes (for zero-copy serving; written from its
+        pack on first use), after checking its content (result cached)."""
+        return self._objects.module_file(validate_hash(digest))
 
     def hash(self, path, *, branch=None):
         """The module hash at a path (a directory: its tree hash)."""
@@ -1110,8 +2132,6 @@ class Store:
         kind, value = _target(path_or_hash)
         if kind == "path" and not value:
             raise InvalidInput("refusing to remove the empty path (it would empty the store)")
-        removed = []
-
         def edit(head, tree, batch):
             if kind == "hash":
                 paths = self._index(tree).get(value)
@@ -1121,7 +2141,6 @@ class Store:
                 if self._entry_at(tree, value) is None:
                     raise NotFound(f"nothing at {format_path(value)} on the branch")
                 paths = [value]
-            removed[:] = [format_path(p) for p in paths]
             return self._edit_root(tree, {p: None for p in paths}, batch)
 
         branch = self._branch(branch)
@@ -1291,79 +2310,48 @@ class Store:
     @property
     def default_branch(self):
         """The branch used when none is named (persisted in HEAD)."""
-        try:
-            key = _stat_key(self._head_file)
-            if key is not None and self._default_cache[0] == key:
-                return self._default_cache[1]
-            with open(self._head_file, encoding="utf-8", errors="replace") as handle:
-                name = handle.read(256).strip()
-        except FileNotFoundError:
-            raise CorruptObject(f"{self._head_file} is missing; run fsck") from None
-        try:
-            validate_branch(name)
-        except InvalidInput:
-            raise CorruptObject(f"HEAD is corrupt: {name[:70]!r}") from None
-        self._default_cache = (key, name)
-        return name
+        return self._refs.default_branch()
 
     def set_default_branch(self, name):
         """Make an existing branch the default."""
         validate_branch(name)
-        with self._ref_lock():
-            self._read_ref(name, fresh=True)
-            tmp, fd = self._new_tmp(0o644)
-            try:
-                _write_all(fd, (name + "\n").encode("ascii"))
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.rename(tmp, self._head_file)
-            _fsync_path(self.root)
+        with self._refs.lock():
+            self._refs.set_default_branch(name)
 
     def branches(self):
         """Sorted names of every branch."""
-        return sorted(name for name in os.listdir(self._heads_dir)
-                      if BRANCH_NAME.match(name) and not name.startswith("."))
+        return self._refs.names()
 
     def create_branch(self, name, *, branch=None):
         """Create branch name at the head of branch (default: the default branch)."""
         validate_branch(name)
         source = self._branch(branch)
-        with self._ref_lock():
-            head = self._read_ref(source, fresh=True)
-            if os.path.exists(self._ref_path(name)):
-                raise Conflict(f"branch {name!r} already exists")
-            if not self._create_if_missing(self._ref_path(name),
-                                           (head + "\n") if head else ""):
+        with self._refs.lock():
+            if not self._refs.add_if_new(name, self._read_ref(source)):
                 raise Conflict(f"branch {name!r} already exists")
 
     def delete_branch(self, name):
         """Delete a branch (not the default one)."""
         validate_branch(name)
-        with self._ref_lock():
+        with self._refs.lock():
             # Checked under the lock that guards HEAD too: a concurrent switch of the default
             # branch to `name` must not leave HEAD naming a deleted branch.
-            if name == self.default_branch:
+            if name == self._refs.default_branch(fresh=True):
                 raise Conflict(f"refusing to delete the default branch {name!r}")
-            try:
-                os.unlink(self._ref_path(name))
-            except FileNotFoundError:
-                raise NotFound(f"no such branch {name!r}") from None
-            _fsync_path(self._heads_dir)
-            self._ref_cache.pop(name, None)
+            self._refs.remove(name)
 
     def merge(self, source, *, branch=None, author=None):
         """Merge branch source into branch: fast-forward, or a three-way merge per path."""
         validate_branch(source)
         target = self._branch(branch)
         author = _author(author)
-        with self._ref_lock():
-            theirs = self._read_ref(source, fresh=True)
-            ours = self._read_ref(target, fresh=True)
+        with self._refs.lock():
+            theirs = self._read_ref(source)
+            ours = self._read_ref(target)
             if theirs is None or theirs == ours or self._is_ancestor(theirs, ours):
                 return
             if ours is None or self._is_ancestor(ours, theirs):
-                self._write_ref(target, ours, theirs)
+                self._refs.set_if_equals(target, ours, theirs)
                 return
             base = self._merge_base(ours, theirs)
             base_tree = self._commit(base)["tree"] if base else None
@@ -1527,24 +2515,34 @@ class Store:
 
     # ------------------------------------------------------------------- gc
 
+    @contextlib.contextmanager
+    def _objects_lock(self, shared):
+        """gc deletes objects under LOCK_EX; backup copies them under LOCK_SH."""
+        fd = os.open(self._objects.directory, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
     def gc(self, *, branch=None, author=None):
         """Squash the branch's history into one "GC" commit, then delete every object
-        not reachable from any branch. Returns the number of object files deleted."""
+        not reachable from any branch. Returns the number of objects deleted."""
         branch = self._branch(branch)
         author = _author(author)
-        with self._ref_lock(), self._objects_lock(shared=False):
-            head = self._read_ref(branch, fresh=True)
+        with self._refs.lock(), self._objects_lock(shared=False):
+            head = self._read_ref(branch)
             if head and self._commit(head)["parents"]:
                 batch = _Batch()
                 tree = self._commit(head)["tree"]
                 squashed = self._put_commit(tree, [], author, "GC", batch)
                 self._land(batch, (branch, head, squashed))
                 self._history.record(squashed, None, self.changes(None, squashed))
-            heads = [self._read_ref(name, fresh=True) for name in self.branches()]
+            heads = [self._read_ref(name) for name in self.branches()]
             reachable = self._reachable(heads)
-            deleted = self._sweep(reachable)
+            deleted = self._objects.compact(reachable)
             self._history.compact(reachable)
-            self._remove_stale_temps()
+            _remove_debris(self._tmp_dir)
         return deleted
 
     def _reachable(self, heads):
@@ -1574,35 +2572,6 @@ class Store:
                 else:
                     reachable.add(child)
 
-    def _sweep(self, reachable):
-        deleted = 0
-        for fanout in sorted(os.listdir(self._objects_dir)):
-            directory = os.path.join(self._objects_dir, fanout)
-            if len(fanout) != 2 or not os.path.isdir(directory):
-                continue
-            for name in os.listdir(directory):
-                digest = fanout + name
-                if _is_hash(digest) and digest == digest.lower() and digest not in reachable:
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(os.path.join(directory, name))
-                        deleted += 1
-                        self._verified.put(digest, None)
-        return deleted
-
-    def _remove_stale_temps(self):
-        now = time.time()
-        for name in os.listdir(self._tmp_dir):
-            path = os.path.join(self._tmp_dir, name)
-            pid = name.split("-", 1)[0]
-            try:
-                age = now - os.lstat(path).st_mtime
-            except FileNotFoundError:
-                continue
-            dead = pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid))
-            if dead or age > STALE_TMP_SECONDS:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(path)
-
     # ------------------------------------------------------------------- export, backup
 
     def export(self, directory, commit=None, *, branch=None):
@@ -1626,34 +2595,35 @@ class Store:
 
     def _copy_module_to(self, digest, target):
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
-        hasher = hashlib.sha256()
         try:
             fd = os.open(target, flags, 0o644)
         except OSError as exc:
             raise StoreError(f"cannot write {target!r}: {exc.strerror}") from None
         try:
-            with open(self._object_path(digest), "rb") as source:
-                for chunk in iter(lambda: source.read(CHUNK_SIZE), b""):
-                    hasher.update(chunk)
-                    _write_all(fd, chunk)
-        finally:
+            for chunk in self._objects.chunks(digest):
+                _write_all(fd, chunk)
+        except BaseException:
             os.close(fd)
-        if hasher.hexdigest() != digest:
-            os.unlink(target)
-            raise CorruptObject(f"object {digest} is corrupt; run fsck")
+            _unlink_quietly(target)
+            raise
+        os.close(fd)
 
     def backup(self, filename):
-        """Write a consistent .tar.gz of the store (HEAD, refs, reachable objects).
-        Returns the number of objects in it."""
+        """Write a consistent .tar.gz of the store: HEAD, refs/heads/* (as "<hex>\\n"
+        text) and one pack holding every reachable object, each hash-checked as it is
+        written. Returns the number of objects in it. Temp files of killed backups next to
+        filename are removed first."""
         filename = os.path.abspath(filename)
         if filename == self.root or filename.startswith(self.root + os.sep):
             raise InvalidInput("the backup file must be outside the store root")
+        _remove_backup_debris(filename)
         with contextlib.ExitStack() as locks:
-            with self._ref_lock():
+            with self._refs.lock():
                 locks.enter_context(self._objects_lock(shared=True))
-                refs = {name: self._read_ref(name, fresh=True) for name in self.branches()}
-                default = self.default_branch
+                refs = {name: self._read_ref(name) for name in self.branches()}
+                default = self._refs.default_branch(fresh=True)
             objects = sorted(self._reachable(refs.values()))
+            size, stream = self._objects.pack_stream(objects)
             tmp = f"{filename}.{os.getpid()}.tmp"
             try:
                 with tarfile.open(tmp, "w:gz") as archive:
@@ -1661,14 +2631,12 @@ class Store:
                     for name, head in sorted(refs.items()):
                         _add_bytes(archive, f"refs/heads/{name}",
                                    (head + "\n").encode() if head else b"")
-                    for digest in objects:
-                        archive.add(self._object_path(digest),
-                                    f"objects/{digest[:2]}/{digest[2:]}", recursive=False)
+                    _add_stream(archive, f"objects/pack/{_pack_name(1)}", size, stream)
                 _fsync_path(tmp)
                 os.replace(tmp, filename)
+                _fsync_path(os.path.dirname(filename))
             except BaseException:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(tmp)
+                _unlink_quietly(tmp)
                 raise
         return len(objects)
 
@@ -1680,61 +2648,66 @@ class Store:
     # ------------------------------------------------------------------- fsck
 
     def fsck(self):
-        """Problems found (empty list = clean): object hashes, references, refs, HEAD."""
+        """Problems found (empty list = clean): every object's hash (loose files and pack
+        records), every reference reachable from a branch, the refs and HEAD. Objects no
+        branch reaches (a killed writer's, say) are dangling, not problems."""
         return self._fsck()[0]
 
     def _fsck(self):
+        """(problems, objects checked, dangling objects)."""
         problems = []
-        kinds = {}           # hash -> "module" | "tree" | "commit" | None (bad, reported)
-        for digest, path in self._object_files(problems):
-            kinds[digest] = _check_object_file(path, digest, problems)
-        for digest, kind in kinds.items():
-            if kind in ("tree", "commit"):
-                self._check_references(digest, kind, kinds, problems)
+        kinds = self._objects.check(problems)      # hash -> kind, None if damaged
         try:
-            default = self.default_branch
+            default = self._refs.default_branch(fresh=True)
             if default not in self.branches():
                 problems.append(f"HEAD names a missing branch {default!r}")
         except StoreError as exc:
             problems.append(str(exc))
+        heads = []
         for name in self.branches():
             try:
-                head = self._read_ref(name, fresh=True)
+                head = self._read_ref(name)
             except StoreError as exc:
                 problems.append(str(exc))
                 continue
             if head and kinds.get(head) != "commit":
-                problems.append(f"branch {name!r} points at a missing commit {head}")
-        return problems, len(kinds)
+                if kinds.get(head, "commit") is not None:
+                    problems.append(f"branch {name!r} points at a missing commit {head}")
+            elif head:
+                heads.append(head)
+        reached = self._check_references(heads, kinds, problems)
+        return problems, len(kinds), len(set(kinds) - reached)
 
-    def _object_files(self, problems):
-        for fanout in sorted(os.listdir(self._objects_dir)):
-            directory = os.path.join(self._objects_dir, fanout)
-            if not os.path.isdir(directory):
-                problems.append(f"unexpected file objects/{fanout}")
+    def _check_references(self, heads, kinds, problems):
+        """Walk everything reachable from heads; report missing or mistyped objects.
+        Returns the hashes reached."""
+        reached = set()
+        stack = [(head, "commit") for head in heads]
+        while stack:
+            digest, kind = stack.pop()
+            if digest in reached:
                 continue
-            for name in sorted(os.listdir(directory)):
-                digest = fanout + name
-                if not _is_hash(digest) or digest != digest.lower():
-                    problems.append(f"unexpected file objects/{fanout}/{name}")
-                    continue
-                yield digest, os.path.join(directory, name)
-
-    def _check_references(self, digest, kind, kinds, problems):
-        try:
-            parsed = _parse_object(self._read_verified(digest), digest)[1]
-        except StoreError as exc:
-            problems.append(str(exc))
-            return
-        if kind == "tree":
-            wanted = [(child, child_kind) for child_kind, child in parsed.values()]
-        else:
-            wanted = [(parsed["tree"], "tree")] + [(p, "commit") for p in parsed["parents"]]
-        for child, child_kind in wanted:
-            if kinds.get(child, child_kind) is None:
-                continue             # a bad object: reported once, where it was read
-            if kinds.get(child) != child_kind:
-                problems.append(f"{kind} {digest} refers to a missing {child_kind} {child}")
+            reached.add(digest)
+            if kind == "module" or kinds.get(digest) is None:
+                continue                       # a module, or damage reported already
+            try:
+                parsed = self._load(digest, kind)
+            except StoreError as exc:
+                problems.append(str(exc))
+                continue
+            if kind == "tree":
+                wanted = [(child, child_kind) for child_kind, child in parsed.values()]
+            else:
+                wanted = [(parsed["tree"], "tree")] + [(p, "commit") for p in parsed["parents"]]
+            for child, child_kind in wanted:
+                found = kinds.get(child, "missing")
+                if found is None:
+                    reached.add(child)         # a bad object: reported once, where it was read
+                elif found != child_kind:
+                    problems.append(f"{kind} {digest} refers to a missing {child_kind} {child}")
+                else:
+                    stack.append((child, child_kind))
+        return reached
 
 
 # --------------------------------------------------------------------------- history cache
@@ -1753,8 +2726,9 @@ class _HistoryCache:
     diffs that commit's objects instead). It is not fsynced, not backed up, and gc
     rewrites it keeping the lines of reachable commits."""
 
-    def __init__(self, path):
+    def __init__(self, path, tmp_dir):
         self.path = path
+        self.tmp_dir = tmp_dir
         self._lock = threading.Lock()
         self._key = None               # (inode, bytes parsed)
         self._known = {}               # commit -> (first parent or None, {path: hash|None})
@@ -1766,9 +2740,12 @@ class _HistoryCache:
             fields += [path, digest or "-"]
         line = _history_line(fields)
         with contextlib.suppress(OSError):      # a cache: losing a line costs speed only
-            os.makedirs(os.path.dirname(self.path), exist_ok=True)
-            fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
-                         0o644)
+            flags = os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+            try:
+                fd = os.open(self.path, flags, 0o644)
+            except FileNotFoundError:
+                os.makedirs(os.path.dirname(self.path), exist_ok=True)
+                fd = os.open(self.path, flags, 0o644)
             try:
                 size = os.fstat(fd).st_size
                 if size and os.pread(fd, 1, size - 1) != b"\n":
@@ -1820,11 +2797,8 @@ class _HistoryCache:
                 for path, digest in changes.items():
                     fields += [path, digest or "-"]
                 lines.append(_history_line(fields))
-        tmp = f"{self.path}.{os.getpid()}.tmp"
-        with contextlib.suppress(OSError):
-            with open(tmp, "wb") as handle:
-                handle.write(b"".join(lines))
-            os.replace(tmp, self.path)
+        with contextlib.suppress(OSError):     # a cache: not fsynced
+            _write_whole(self.path, b"".join(lines), self.tmp_dir, durable=False)
 
 
 def _history_line(fields):
@@ -1871,7 +2845,11 @@ def _parse_object(data, digest):
             return ("commit", document)
     except (ValueError, KeyError, TypeError, AttributeError):
         pass
-    raise CorruptObject(f"object {digest} is not a module, tree or commit")
+    raise _not_an_object(digest)
+
+
+def _not_an_object(digest):
+    return CorruptObject(f"object {digest} is not a module, tree or commit")
 
 
 def _commit_info(digest, commit):
@@ -1882,32 +2860,22 @@ def _commit_info(digest, commit):
     return info
 
 
-def _check_object_file(path, digest, problems):
-    """Hash-check one object file by streaming it; returns its kind or None."""
-    hasher = hashlib.sha256()
-    try:
-        with open(path, "rb") as handle:
-            head = handle.read(CHUNK_SIZE)
-            hasher.update(head)
-            for chunk in iter(lambda: handle.read(CHUNK_SIZE), b""):
-                hasher.update(chunk)
-    except OSError as exc:
-        problems.append(f"object {digest} cannot be read: {exc.strerror}")
-        return None
-    if hasher.hexdigest() != digest:
-        problems.append(f"object {digest} is corrupt (content does not match its hash)")
-        return None
-    if head[:4] == WASM_MAGIC:
-        return "module"
-    if head[:1] == b"{":
-        try:
-            with open(path, "rb") as handle:
-                return _parse_object(handle.read(), digest)[0]
-        except CorruptObject as exc:
-            problems.append(str(exc))
-            return None
-    problems.append(f"object {digest} is not a module, tree or commit")
-    return None
+def _read_up_to(reader, limit, size_limit):
+    """Up to limit bytes from a binary reader (fewer only at its end)."""
+    chunks, size = [], 0
+    while size < limit:
+        chunk = reader.read(min(CHUNK_SIZE, limit - size))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+        _check_size(size, size_limit)
+    return b"".join(chunks)
+
+
+def _check_size(size, size_limit):
+    if size_limit is not None and size > size_limit:
+        raise TooLarge(f"module is larger than the limit of {size_limit} bytes")
 
 
 def _wasm_files(directory):
@@ -1926,38 +2894,66 @@ def _wasm_files(directory):
 
 
 def _add_bytes(archive, name, data):
+    _add_stream(archive, name, len(data), io.BytesIO(data))
+
+
+def _add_stream(archive, name, size, stream):
     info = tarfile.TarInfo(name)
-    info.size = len(data)
+    info.size = size
     info.mode = 0o644
     info.mtime = int(time.time())
-    archive.addfile(info, io.BytesIO(data))
+    archive.addfile(info, stream)
+
+
+def _remove_backup_debris(filename):
+    """Delete "<filename>.<pid>.tmp" files of backups whose process is gone."""
+    directory, base = os.path.split(filename)
+    pattern = re.compile(re.escape(base) + r"\.(\d+)\.tmp\Z")
+    with contextlib.suppress(OSError):
+        for name in os.listdir(directory):
+            match = pattern.match(name)
+            if match and int(match.group(1)) != os.getpid() and \
+                    not _pid_alive(int(match.group(1))):
+                _unlink_quietly(os.path.join(directory, name))
 
 
 # --------------------------------------------------------------------------- backup loading
 
 _BACKUP_MEMBER = re.compile(
-    r"(HEAD|refs|refs/heads|refs/heads/[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}|objects"
-    r"|objects/[0-9a-f]{2}|objects/[0-9a-f]{2}/[0-9a-f]{62})\Z")
-_DERIVED_MEMBER = re.compile(r"(tmp|cache)(/[^/]+)?\Z")   # temp files and caches: skipped
+    r"(HEAD|refs|refs/heads|refs/heads/(?P<branch>[^/]+)|objects"
+    r"|objects/[0-9a-f]{2}|objects/[0-9a-f]{2}/[0-9a-f]{62}"
+    r"|objects/pack|objects/pack/[0-9a-f]{16}\.pack)\Z")
+_DERIVED_MEMBER = re.compile(          # temp files, caches and pack indexes: skipped
+    r"((tmp|cache)(/[^/]+)?|objects/pack/[0-9a-f]{16}\.idx)\Z")
+_SMALL_MEMBER_BYTES = 4096             # HEAD and a ref are a line each
+_BACKUP_READ_ERRORS = (tarfile.TarError, EOFError, zlib.error, OSError, ValueError,
+                       UnicodeError, struct.error)
 
 
 def load_backup(filename, root):
     """Extract a backup made by Store.backup into root (missing or empty), check it with
-    fsck, and return the Store. Members that could escape root are refused; on any
-    problem the partly extracted root is removed again."""
+    fsck, and return the Store.
+
+    A first pass reads only the member headers and refuses, before anything is written:
+    members that are not part of a store or could escape root, more than
+    MAX_BACKUP_MEMBERS members, a HEAD or ref over 4 KiB, and more bytes in all than
+    MAX_BACKUP_EXPANSION times the archive's size or than the free space under root. Any
+    damage (truncation, flipped bits) is a one-line InvalidInput; on any problem the partly
+    extracted root is removed again."""
     root = os.path.abspath(os.path.expanduser(root))
     if os.path.exists(root) and (not os.path.isdir(root) or os.listdir(root)):
         raise InvalidInput(f"cannot load a backup into {root!r}: it is not an empty directory")
     try:
-        archive = tarfile.open(filename, "r:*")
+        archive_bytes = os.path.getsize(filename)
     except FileNotFoundError:
         raise NotFound(f"no such backup file {filename!r}") from None
-    except (tarfile.TarError, OSError, EOFError) as exc:
-        raise InvalidInput(f"{filename!r} is not a readable backup: {exc}") from None
     created = not os.path.exists(root)
     try:
-        with archive:
-            _extract_members(archive, root)
+        with _open_backup(filename) as archive:
+            _check_members(archive, archive_bytes, root)
+        with _open_backup(filename) as archive:
+            os.makedirs(root, exist_ok=True)
+            _extract_members(archive, root, filename)
         store = Store(root)
         problems = store.fsck()
         if problems:
@@ -1967,23 +2963,98 @@ def load_backup(filename, root):
     except BaseException:
         if created:
             shutil.rmtree(root, ignore_errors=True)
-        else:
+        elif os.path.isdir(root):
             for name in os.listdir(root):
                 path = os.path.join(root, name)
                 shutil.rmtree(path) if os.path.isdir(path) else os.unlink(path)
         raise
 
 
-def _extract_members(archive, root):
+@contextlib.contextmanager
+def _open_backup(filename):
+    try:
+        archive = tarfile.open(filename, "r:*")
+    except _BACKUP_READ_ERRORS as exc:
+        raise _unreadable(filename, exc) from None
+    with archive:
+        try:
+            yield archive
+        except _BACKUP_READ_ERRORS as exc:
+            if isinstance(exc, OSError) and exc.filename:
+                raise                          # writing root failed: not the archive's fault
+            raise _unreadable(filename, exc) from None
+
+
+def _unreadable(filename, exc):
+    reason = " ".join(str(exc).split()) or type(exc).__name__
+    return InvalidInput(f"{filename!r} is not a readable backup (damaged or truncated?): "
+                        f"{reason}")
+
+
+def _member_name(member):
+    name = member.name[2:] if member.name.startswith("./") else member.name
+    return name.rstrip("/")
+
+
+def _is_store_member(name, member):
+    match = _BACKUP_MEMBER.match(name)
+    return match is not None and (member.isfile() or member.isdir()) and \
+        (match.group("branch") is None or _is_branch_name(match.group("branch")))
+
+
+def _check_members(archive, archive_bytes, root):
+    """The first pass: names, kinds, count and sizes of every member, nothing written."""
+    budget = MAX_BACKUP_EXPANSION * archive_bytes + (1 << 20)
+    free = _free_bytes(root)
+    total = count = 0
     seen_head = False
     for member in archive:
-        name = member.name[2:] if member.name.startswith("./") else member.name
-        name = name.rstrip("/")
+        count += 1
+        if count > MAX_BACKUP_MEMBERS:
+            raise InvalidInput(f"the backup has more than {MAX_BACKUP_MEMBERS:,} members; "
+                               "refusing to extract it")
+        name = _member_name(member)
         if name in ("", ".") or _DERIVED_MEMBER.match(name):
             continue
-        if not _BACKUP_MEMBER.match(name) or not (member.isfile() or member.isdir()):
+        if not _is_store_member(name, member):
             raise InvalidInput(f"backup member {member.name!r} is not part of a store; "
                                "refusing to extract it")
+        if member.isfile() and not name.startswith("objects/") and \
+                member.size > _SMALL_MEMBER_BYTES:
+            raise InvalidInput(f"backup member {name!r} holds {member.size:,} bytes; "
+                               f"expected at most {_SMALL_MEMBER_BYTES:,}")
+        total += member.size if member.isfile() else 0
+        if total > budget:
+            raise InvalidInput(f"the backup expands to more than {budget:,} bytes "
+                               f"({MAX_BACKUP_EXPANSION} times its size); refusing to "
+                               "extract it")
+        if free is not None and total > free:
+            raise InvalidInput(f"the backup needs more than the {free:,} bytes free "
+                               f"under {root!r}")
+        seen_head = seen_head or name == "HEAD"
+    if not seen_head:
+        raise InvalidInput("the archive has no HEAD: it is not a wasmstore backup")
+
+
+def _free_bytes(root):
+    """Bytes free to an unprivileged writer on root's file system (root may not exist)."""
+    directory = root
+    while not os.path.isdir(directory):
+        directory = os.path.dirname(directory)
+    try:
+        info = os.statvfs(directory)
+    except OSError:
+        return None
+    return info.f_bavail * info.f_frsize
+
+
+def _extract_members(archive, root, filename):
+    for member in archive:
+        name = _member_name(member)
+        if name in ("", ".") or _DERIVED_MEMBER.match(name):
+            continue
+        if not _is_store_member(name, member):
+            raise InvalidInput(f"backup member {member.name!r} changed between reads")
         target = os.path.join(root, *name.split("/"))
         if member.isdir():
             os.makedirs(target, exist_ok=True)
@@ -1992,11 +3063,10 @@ def _extract_members(archive, root):
         source = archive.extractfile(member)
         with open(target, "xb") as out:
             shutil.copyfileobj(source, out, CHUNK_SIZE)
-        if name.startswith("objects/"):
+            if out.tell() != member.size:
+                raise _unreadable(filename, f"member {name!r} is truncated")
+        if name.startswith("objects/") and not name.startswith("objects/pack/"):
             os.chmod(target, 0o444)
-        seen_head = seen_head or name == "HEAD"
-    if not seen_head:
-        raise InvalidInput("the archive has no HEAD: it is not a wasmstore backup")
 
 
 # --------------------------------------------------------------------------- running stored modules
@@ -3533,10 +4603,11 @@ def _cmd_backup(store, args):
 
 
 def _cmd_fsck(store, args):
-    problems, checked = store._fsck()
+    problems, checked, dangling = store._fsck()
     for problem in problems:
         _print_line(problem)
-    _print_line(f"fsck: {checked} objects checked, {len(problems)} problems")
+    _print_line(f"fsck: {checked} objects checked, {len(problems)} problems, "
+                f"{dangling} dangling (unreachable from every branch; gc deletes them)")
     return 1 if problems else 0
 
 
@@ -3857,8 +4928,7 @@ def main(argv=None):
     args.author = args.author or os.environ.get("WASMSTORE_AUTHOR") or None
     try:
         if args.command == "server":
-            import http_server
-            return http_server.main(server_args + ["--root", root])
+            return _run_server(["--root", root] + server_args)    # a later --root wins
         if args.command == "load-backup":
             load_backup(args.file, root)
             _print_line(f"backup loaded into {os.path.abspath(os.path.expanduser(root))}")
@@ -3868,13 +4938,30 @@ def main(argv=None):
             return handler(store, args) or 0
     except StoreError as exc:
         sys.stderr.write(f"wasmstore: error: {exc}\n")
-        return 1
+        return error_status(exc)[1]
+    except BrokenPipeError:         # stdout closed early (| head): a normal end
+        _discard_stdout()
+        return 0
     except OSError as exc:
         sys.stderr.write(f"wasmstore: error: {exc.strerror or exc}"
                          f"{': ' + repr(exc.filename) if exc.filename else ''}\n")
         return 1
     except KeyboardInterrupt:
         return 130
+
+
+def _run_server(argv):
+    """Become the HTTP server: run http_server.py, the file next to this one, as a program
+    in this process (os.execv). It is not imported: the HTTP layer is built on the store,
+    and the store never depends on it, so wasmstore.py copied alone still works (the server
+    command then says what is missing)."""
+    program = os.path.join(os.path.dirname(os.path.abspath(__file__)), "http_server.py")
+    if not os.path.isfile(program):
+        raise StoreError(f"the server command needs http_server.py next to {__file__} "
+                         "(copy it there, or run python http_server.py)")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, [sys.executable, program] + argv)
 
 
 def _command_index(argv):
@@ -3907,8 +4994,19 @@ def _end_process(status):
     return kvhost.end_process(status) if kvhost is not None else status
 
 
+def _discard_stdout():
+    """Point stdout at /dev/null so that the interpreter's last flush cannot fail again."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+
+
 if __name__ == "__main__":
     try:
-        sys.exit(_end_process(main()))
+        status = _end_process(main())
+        sys.stdout.flush()
     except BrokenPipeError:
-        sys.exit(1)
+        _discard_stdout()
+        status = 0
+    sys.exit(status)
