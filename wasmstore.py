@@ -103,6 +103,7 @@ __all__ = [
 import argparse
 import atexit
 import collections
+import concurrent.futures
 import contextlib
 import fcntl
 import functools
