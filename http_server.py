@@ -669,8 +669,8 @@ class RunGate:
         return HttpError(503, "too many guests are running; try again later",
                          headers=[("Retry-After", str(max(1, round(self.wait))))])
 
-    @contextlib.contextmanager
-    def slot(self):
+    def enter(self):
+        """Take a slot, waiting in the bounded queue if none is free (HttpError 503 otherwise)."""
         with self._cond:
             if self.running >= self.running_limit:
                 if self.waiting >= self.waiting_limit:
@@ -686,12 +686,19 @@ class RunGate:
                 finally:
                     self.waiting -= 1
             self.running += 1
+
+    def leave(self):
+        with self._cond:
+            self.running -= 1
+            self._cond.notify()
+
+    @contextlib.contextmanager
+    def slot(self):
+        self.enter()
         try:
             yield
         finally:
-            with self._cond:
-                self.running -= 1
-                self._cond.notify()
+            self.leave()
 
 
 def outcome_of(exc):
@@ -726,15 +733,28 @@ class GuestRuntime:
         self.gate = gate
         self.metrics = metrics
         self.max_output = int(max_output)
+        self.compiling = threading.BoundedSemaphore(gate.running_limit)   # first calls compile
 
-    def execute(self, call, function, work):
-        """work(stats) inside a gate slot; records the outcome in the metrics and the access log."""
+    def execute(self, call, function, version, work, gated=True):
+        """Resolve and load the module, then work(target, stats) in a gate slot (gated); records
+        the outcome in the metrics and the access log. A module's first call compiles it
+        (seconds for a big component) before taking a slot, at most running_limit at once, so
+        warm modules keep running meanwhile."""
         started = time.monotonic()
         stats = {}
         error = None
         try:
-            with self.gate.slot():
-                return work(stats)
+            target = self.runner.resolve(call.path, branch=call.branch, version=version)
+            if self.runner.host.loaded(target.digest) is None:
+                with self.compiling:
+                    self.runner.load(target)
+            if not gated:
+                return work(target, stats)
+            self.gate.enter()
+            try:
+                return work(target, stats)
+            finally:
+                self.gate.leave()
         except Exception as exc:
             error = exc
             raise
@@ -804,9 +824,9 @@ def call_function(store, call, body):
     args = _json_arguments(body, call.max_body)
     version = _version_query(call)
 
-    def work(stats):
-        return runtime.runner.call(call.path, function, args, branch=call.branch, version=version, stats=stats)
-    result = runtime.execute(call, function, work)
+    def work(target, stats):
+        return runtime.runner.call(target, function, args, stats=stats)
+    result = runtime.execute(call, function, version, work)
     data = json.dumps(result, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode("utf-8")
     return Reply(200, [("Content-Type", JSON_TYPE)], data)
 
@@ -827,10 +847,9 @@ def run_module(store, call, body):
     argv = call.query.get_all("arg")
     version = _version_query(call)
 
-    def work(stats):
-        return runtime.runner.run_captured(call.path, argv, branch=call.branch, version=version, stdin=stdin,
-                                           limit=runtime.max_output, stats=stats)
-    result = runtime.execute(call, "run", work)
+    def work(target, stats):
+        return runtime.runner.run_captured(target, argv, stdin=stdin, limit=runtime.max_output, stats=stats)
+    result = runtime.execute(call, "run", version, work)
     headers = [("Content-Type", "application/octet-stream"), ("Wasmstore-Exit-Status", str(result.status))]
     headers += _stderr_headers(result)
     if result.stdout_total > len(result.stdout):
@@ -843,13 +862,13 @@ def get_exports(store, call, body):
     runtime = _runtime(call)
     version = _version_query(call)
 
-    def work(stats):
-        target = runtime.runner.resolve(call.path, branch=call.branch, version=version)
+    def work(target, stats):
         guest = runtime.runner.load(target)
         return {"hash": target.digest, "kind": guest.kind, "exports": runtime.runner.host.exports(guest)}
-    return json_reply(runtime.execute(call, "exports", work))
+    return json_reply(runtime.execute(call, "exports", version, work, gated=False))
 
 
+# ---------------------------------------------------------------------------------------------
 # OCI distribution API, read side (/v2/): each store path is a repository
 # ---------------------------------------------------------------------------------------------
 

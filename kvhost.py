@@ -1048,39 +1048,7 @@ _STORE_PTR = ctypes.POINTER(ffi.wasmtime_store_t)
 _CONTEXT_PTR = ctypes.POINTER(ffi.wasmtime_context_t)
 
 
-def _new_limited_store(engine, fuel, epoch_deadline, limits):
-    """A wasmtime.Store with its fuel, epoch deadline and limits set, made without releasing the GIL."""
-    raw = _c_store_new(ctypes.cast(engine.ptr(), _vp), None, None)
-    context = _c_store_context(raw)
-    error = _c_set_fuel(context, fuel)
-    if error:
-        _c_store_delete(raw)
-        raise wasmtime.WasmtimeError._from_ptr(ctypes.cast(error, ctypes.POINTER(ffi.wasmtime_error_t)))
-    _c_set_epoch_deadline(context, epoch_deadline)
-    _c_store_limiter(raw, *limits)
-    store = wasmtime.Store.__new__(wasmtime.Store)
-    store._set_ptr(ctypes.cast(raw, _STORE_PTR))
-    store._Store__context = ctypes.cast(context, _CONTEXT_PTR)
-    store.engine = engine
-    return store
 
-
-def _delete_store(store):
-    """Free a Store now, keeping the GIL (wasmtime-py would free it when collected, releasing it)."""
-    raw = store._Managed__ptr
-    if raw is not None:
-        store._Managed__ptr = None
-        store._Store__context = None
-        _c_store_delete(ctypes.cast(raw, _vp))
-
-
-def _fuel_left(store):
-    left = ctypes.c_uint64(0)
-    error = _c_get_fuel(ctypes.cast(store._context(), _vp), ctypes.byref(left))
-    if error:
-        wasmtime.WasmtimeError._from_ptr(ctypes.cast(error, ctypes.POINTER(ffi.wasmtime_error_t)))   # freed
-        return None
-    return left.value
 _SEQ_NEW = {"list": _proto("wasmtime_component_vallist_new_uninit", None, _vp, _sz),
             "tuple": _proto("wasmtime_component_valtuple_new_uninit", None, _vp, _sz),
             "record": _proto("wasmtime_component_valrecord_new_uninit", None, _vp, _sz),
@@ -1089,6 +1057,87 @@ _SEQ_DELETE = {"list": _proto("wasmtime_component_vallist_delete", None, _vp),
                "tuple": _proto("wasmtime_component_valtuple_delete", None, _vp),
                "record": _proto("wasmtime_component_valrecord_delete", None, _vp),
                "flags": _proto("wasmtime_component_valflags_delete", None, _vp)}
+
+
+_WASMTIME_RELEASE_GIL = ctypes.CDLL(ffi.dll._name, handle=ffi.dll._handle)   # for calls that run guest code
+_c_instance_new = _WASMTIME_RELEASE_GIL["wasmtime_instance_new"]
+_c_instance_new.restype = _vp
+_c_instance_new.argtypes = (_vp, _vp, _vp, _sz, _vp, _vp)
+_c_func_call = _WASMTIME_RELEASE_GIL["wasmtime_func_call"]
+_c_func_call.restype = _vp
+_c_func_call.argtypes = (_vp, _vp, _vp, _sz, _vp, _sz, _vp)
+
+
+def _raise_wasmtime(error, trap):
+    """Raise what a wasmtime call reported through its error and trap out-pointers (addresses)."""
+    if error:
+        raise wasmtime.WasmtimeError._from_ptr(ctypes.cast(error, ctypes.POINTER(ffi.wasmtime_error_t)))
+    if trap:
+        raise wasmtime.Trap._from_ptr(ctypes.cast(trap, ctypes.POINTER(ffi.wasm_trap_t)))
+
+
+class _GuestStore:
+    """A wasmtime Store with its fuel, epoch deadline and limits, made and freed without
+    releasing the GIL and used by address on the core-module call path; the wasmtime-py Store
+    object (for linkers, WASI and components) is made only when something asks for it."""
+
+    __slots__ = ("engine", "raw", "address", "_wrapper")
+
+    def __init__(self, engine, fuel, epoch_deadline, limits):
+        self.engine = engine
+        self.raw = _c_store_new(ctypes.cast(engine.ptr(), _vp), None, None)
+        self.address = _c_store_context(self.raw)
+        self._wrapper = None
+        error = _c_set_fuel(self.address, fuel)
+        if error:
+            self.close()
+            _raise_wasmtime(error, None)
+        _c_set_epoch_deadline(self.address, epoch_deadline)
+        _c_store_limiter(self.raw, *limits)
+
+    @property
+    def wrapper(self):
+        """The same Store as a wasmtime.Store (which this object frees, not wasmtime-py)."""
+        if self._wrapper is None:
+            store = wasmtime.Store.__new__(wasmtime.Store)
+            store._set_ptr(ctypes.cast(self.raw, _STORE_PTR))
+            store._Store__context = ctypes.cast(self.address, _CONTEXT_PTR)
+            store.engine = self.engine
+            self._wrapper = store
+        return self._wrapper
+
+    def fuel_left(self):
+        left = ctypes.c_uint64(0)
+        error = _c_get_fuel(self.address, ctypes.byref(left))
+        if error:
+            wasmtime.WasmtimeError._from_ptr(ctypes.cast(error, ctypes.POINTER(ffi.wasmtime_error_t)))  # freed
+            return None
+        return left.value
+
+    def instantiate_module(self, module):
+        """An instance of a core module without imports, straight through the C API."""
+        instance = ffi.wasmtime_instance_t()
+        trap = ctypes.c_void_p()
+        error = _c_instance_new(self.address, _module_address(module), None, 0, ctypes.addressof(instance),
+                                ctypes.addressof(trap))
+        _raise_wasmtime(error, trap.value)
+        return wasmtime.Instance._from_raw(instance)
+
+    def close(self):
+        raw, self.raw = self.raw, None
+        if raw is None:
+            return
+        if self._wrapper is not None:
+            self._wrapper._Managed__ptr = None          # wasmtime-py must not free it again
+            self._wrapper._Store__context = None
+        _c_store_delete(raw)
+
+
+def _module_address(module):
+    address = getattr(module, "_kvhost_address", None)
+    if address is None:
+        address = module._kvhost_address = ctypes.cast(module.ptr(), _vp).value
+    return address
 
 
 class Err:
@@ -1941,10 +1990,6 @@ _ids_lock = threading.Lock()
 _next_id = [1]
 
 
-def _context_address(ctx):
-    return ctypes.cast(ctx, ctypes.c_void_p).value
-
-
 def _trap_pointer(message):
     return _c_error_new(message.encode("utf-8", "replace"))
 
@@ -2373,6 +2418,7 @@ class Guest:
         self.source = None          # kept only when there is no disk cache (worker processes need it)
         self.signatures = None      # core modules: core_signatures() of the binary
         self.needs_wasi = True      # imports WASI (a Store without WASI config saves ~10 us per call)
+        self.links_needed = False   # a core module importing from other modules than WASI
         self._calls = {}            # function name -> (path, param lowers, result lift)
 
     def __repr__(self):
@@ -2713,12 +2759,13 @@ class Host:
         return self._cached_guest(digest) if isinstance(digest, str) else None
 
     def _cached_guest(self, digest):
-        with self._lock:
-            guest = self._guests.get(digest)
-            if guest is not None:
-                self._guests.move_to_end(digest)
+        guest = self._guests.get(digest)
+        if guest is not None:
+            with self._lock:
                 self._cache_counts["memory_hits"] += 1
-            return guest
+                if digest in self._guests:
+                    self._guests.move_to_end(digest)
+        return guest
 
     @staticmethod
     def _read_source(source):
@@ -2758,6 +2805,8 @@ class Host:
         guest.signatures = signatures
         guest.may_block = _may_block(kind, artifact, self.engine, signatures)
         guest.needs_wasi = _needs_wasi(kind, artifact, self.engine, signatures)
+        guest.links_needed = kind == "module" and any(module != "wasi_snapshot_preview1"
+                                                      for module, _, _, _ in signatures[0])
         guest.source = source
         return guest
 
@@ -2865,7 +2914,7 @@ class Host:
         names stand for other guests (a store resolves its paths). Missing guests or exports,
         type mismatches and cycles raise LinkError naming the import."""
         self._check_guest(guest)
-        if guest.kind != "module":
+        if guest.kind != "module" or not guest.links_needed:
             return []
         order, done = [], set()
 
@@ -2934,18 +2983,18 @@ class Host:
         (a WASI call in a Store without WASI aborts the process: `wasi` must say so truly)."""
         self._start_ticker()
         deadline = 1 << 62 if self.timeout is None else math.ceil(self.timeout / EPOCH_TICK) + 1
-        store = _new_limited_store(self.engine, self.fuel if self.fuel is not None else FUEL_UNLIMITED, deadline,
-                                   self._limits)
+        store = _GuestStore(self.engine, self.fuel if self.fuel is not None else FUEL_UNLIMITED, deadline,
+                            self._limits)
         if not wasi:
             return store
         if stdin is None:
-            store.set_wasi(self._wasi_config(argv, None, capture))
+            store.wrapper.set_wasi(self._wasi_config(argv, None, capture))
             return store
         fd, stdin_path = tempfile.mkstemp(prefix="kvhost-stdin-")
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(stdin)
-            store.set_wasi(self._wasi_config(argv, stdin_path, capture))   # wasmtime opens it here
+            store.wrapper.set_wasi(self._wasi_config(argv, stdin_path, capture))   # wasmtime opens it here
         finally:
             os.unlink(stdin_path)
         return store
@@ -3099,27 +3148,38 @@ class _Session:
         self.host = host
         self.guest = guest
         self.request = request
-        self.state = _CallState(host, request.record_events, request.namespace)
+        # kv state only for components: a core module cannot import wasi:keyvalue
+        self.state = _CallState(host, request.record_events, request.namespace) if guest.kind == "component" else None
         self.capture = None if request.capture is None else (_Capture(request.capture), _Capture(request.capture))
         wasi = request.op == "run" or guest.needs_wasi or any(d.needs_wasi for _, d in request.links)
-        self.store = host._new_store(request.argv, request.stdin, self.capture, wasi)
-        self.ctx = self.store._context()
-        self.address = _context_address(self.ctx)
+        self.guest_store = host._new_store(request.argv, request.stdin, self.capture, wasi)
+        self.address = self.guest_store.address
         self.instance = None
 
+    @property
+    def store(self):
+        """The wasmtime.Store (linkers, components, WASI); core calls use the address alone."""
+        return self.guest_store.wrapper
+
+    @property
+    def ctx(self):
+        return self.store._context()
+
     def __enter__(self):
-        _STATES[self.address] = self.state
+        if self.state is not None:
+            _STATES[self.address] = self.state
         return self
 
     def __exit__(self, *exc):
-        _STATES.pop(self.address, None)
-        _delete_store(self.store)
-        events = self.state.events
+        if self.state is not None:
+            _STATES.pop(self.address, None)
+        self.guest_store.close()
+        events = None if self.state is None else self.state.events
         if events:
             (self.host._event_sink or self.host._deliver)(events)
 
     def fuel_used(self):
-        left = _fuel_left(self.store)
+        left = self.guest_store.fuel_left()
         return 0 if left is None else (self.host.fuel if self.host.fuel is not None else FUEL_UNLIMITED) - left
 
     def outcome(self, value):
@@ -3132,7 +3192,7 @@ class _Session:
     def _instantiate(self, linker, guest):
         try:
             if linker is None:                        # a core module without imports
-                return wasmtime.Instance(self.store, guest.artifact, ())
+                return self.guest_store.instantiate_module(guest.artifact)
             return linker.instantiate(self.store, guest.artifact)
         except wasmtime.WasmtimeError as e:
             reason = _link_reason(e)
@@ -3266,7 +3326,7 @@ class _Session:
             raise ArgumentError(f"{function} takes {len(params)} argument(s) ({', '.join(params)}), got {len(args)}")
         converted = [_core_argument(i, kind, arg) for i, (kind, arg) in enumerate(zip(params, args))]
         try:
-            values = _call_core_export(self.store, instance, function, params, results, converted)
+            values = _call_core_export(self.address, instance, function, params, results, converted)
         except (wasmtime.Trap, wasmtime.WasmtimeError) as e:
             self._trap(e)
         values = [json_float(v) if isinstance(v, float) else v for v in values]
@@ -3294,14 +3354,13 @@ _CORE_VALUES = {"i32": (ffi.WASMTIME_I32.value, "i32"), "i64": (ffi.WASMTIME_I64
                 "f32": (ffi.WASMTIME_F32.value, "f32"), "f64": (ffi.WASMTIME_F64.value, "f64")}
 
 
-def _call_core_export(store, instance, name, params, results, args):
-    """Call a core export of known i32/i64/f32/f64 types straight through wasmtime's C API: one
-    export lookup and no type reads (wasmtime-py's exports() wraps every export, and its Func
-    re-reads the type on each call: ~80 us of a ~120 us call). The call releases the GIL."""
-    ctx = store._context()
+def _call_core_export(context, instance, name, params, results, args):
+    """Call a core export of known i32/i64/f32/f64 types straight through wasmtime's C API (context:
+    the store context's address): one export lookup and no type reads (wasmtime-py's exports()
+    wraps every export, and its Func re-reads the type on each call). The call releases the GIL."""
     item = ffi.wasmtime_extern_t()
     raw = name.encode("utf-8")
-    if not _c_export_get(ctypes.cast(ctx, _vp), ctypes.addressof(instance._instance), raw, len(raw),
+    if not _c_export_get(context, ctypes.addressof(instance._instance), raw, len(raw),
                          ctypes.addressof(item)) or item.kind != ffi.WASMTIME_EXTERN_FUNC.value:
         raise NoSuchFunction(f"no function {name!r}")
     inputs = (ffi.wasmtime_val_t * max(len(params), 1))()
@@ -3310,13 +3369,10 @@ def _call_core_export(store, instance, name, params, results, args):
         slot.kind = code
         setattr(slot.of, field, value)
     outputs = (ffi.wasmtime_val_t * max(len(results), 1))()
-    trap = ctypes.POINTER(ffi.wasm_trap_t)()
-    error = ffi.wasmtime_func_call(ctx, ctypes.byref(item.of.func), inputs, len(params), outputs, len(results),
-                                   ctypes.byref(trap))
-    if error:
-        raise wasmtime.WasmtimeError._from_ptr(error)
-    if trap:
-        raise wasmtime.Trap._from_ptr(trap)
+    trap = ctypes.c_void_p()
+    error = _c_func_call(context, ctypes.addressof(item.of.func), ctypes.addressof(inputs), len(params),
+                         ctypes.addressof(outputs), len(results), ctypes.addressof(trap))
+    _raise_wasmtime(error, trap.value)
     return [getattr(slot.of, _CORE_VALUES[kind][1]) for slot, kind in zip(outputs, results)]
 
 

@@ -701,6 +701,45 @@ class BranchRaceTest(StoreTestCase):
         self.assertEqual(self.store.branches(), ["main"])
 
 
+class GenerationTest(StoreTestCase):
+    """Store.generation(): the token caches of resolved paths are kept under."""
+
+    def test_every_ref_change_moves_the_generation_and_reads_do_not(self):
+        seen = [self.store.generation()]
+
+        def assert_moved(action):
+            current = self.store.generation()
+            self.assertNotIn(current, seen, action)
+            seen.append(current)
+        self.store.add("/a.wasm", make_module("a"))
+        assert_moved("add")
+        self.store.create_branch("dev")
+        assert_moved("create branch")
+        self.store.set_default_branch("dev")
+        assert_moved("switch default branch")
+        self.store.set_default_branch("main")
+        assert_moved("switch back")
+        self.store.delete_branch("dev")
+        assert_moved("delete branch")
+        self.store.add("/b.wasm", make_module("b"))
+        self.store.gc()
+        seen.append(self.store.generation())
+        self.store.find("/a.wasm")
+        self.store.versions("/a.wasm")
+        self.store.add("/a.wasm", make_module("a"))              # changes nothing: no commit
+        self.assertEqual(self.store.generation(), seen[-1])
+
+    def test_a_commit_of_another_process_moves_it_without_a_system_call(self):
+        before = self.store.generation()
+        module = os.path.join(self.tmp, "x.wasm")
+        with open(module, "wb") as f:
+            f.write(make_module("x"))
+        done = subprocess.run([sys.executable, WASMSTORE_PY, "--root", self.root, "add", module, "/x.wasm"],
+                              capture_output=True, text=True, timeout=60)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        self.assertNotEqual(self.store.generation(), before)      # read from a shared map of the file
+
+
 class DurabilityTest(StoreTestCase):
     def start_writer(self, prefix, count):
         return subprocess.Popen([sys.executable, "-c", WRITER, self.root, prefix, str(count)],
@@ -8135,6 +8174,16 @@ class RunnerTest(StoreTestCase):
         self.store.create_branch("old")
         self.store.restore(before, branch="old")
         self.assertEqual(self.call("/apps/linked.wasm", "sum_of_squares", 3, 4, branch="old"), 25)
+
+    def test_a_version_committed_by_another_process_is_what_the_next_call_runs(self):
+        self.assertEqual(self.call("/lib/math.wasm", "add", 3, 4), 7)           # resolution now cached
+        newer = os.path.join(self.tmp, "math-v2.wasm")
+        with open(newer, "wb") as f:
+            f.write(wasmtime.wat2wasm(LIB_MATH_V2))
+        done = subprocess.run([sys.executable, WASMSTORE_PY, "--root", self.root, "add", newer, "/lib/math.wasm"],
+                              capture_output=True, text=True, timeout=60)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        self.assertEqual(self.call("/lib/math.wasm", "add", 3, 4), 12)
 
     def test_version_and_commit_pick_an_older_module(self):
         self.store.add("/lib/math.wasm", bytes(wasmtime.wat2wasm(LIB_MATH_V2)))   # add now multiplies

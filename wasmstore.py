@@ -1466,6 +1466,7 @@ class _PackReader(io.RawIOBase):
 
 REF_SLOT_BYTES = 128                  # one slot: "ref <sequence> <head> <crc32>", padded
 REF_FILE_BYTES = 2 * REF_SLOT_BYTES   # two slots: a torn write spoils at most the older one
+GENERATION_BYTES = 8                  # refs/generation: a counter every ref or HEAD change bumps
 _NO_COMMITS = "none"
 _DELETED = "deleted"                  # written into a deleted ref's (nameless) file for readers
 
@@ -1534,6 +1535,8 @@ class _Refs:
         self._paths = {}                     # branch -> file name (validated names only)
         self._thread_lock = threading.Lock()
         self._default_cache = (None, None)   # (stat key of HEAD, default branch)
+        self.generation_file = os.path.join(root, "refs", "generation")
+        self._generation_map = None          # the counter's bytes, mapped (see generation())
 
     def path(self, branch):
         path = self._paths.get(branch)
@@ -1597,6 +1600,7 @@ class _Refs:
                 raise _RefMoved(branch)
             if slot is None:                  # the previous layout: becomes a slot file
                 _write_whole(path, _ref_file(new or _NO_COMMITS), self.tmp_dir)
+                self.bump()
                 return
             previous = os.pread(fd, REF_SLOT_BYTES, slot * REF_SLOT_BYTES)
             try:
@@ -1607,13 +1611,57 @@ class _Refs:
                 with contextlib.suppress(OSError):     # not acknowledged: put it back
                     _write_all(fd, previous, slot * REF_SLOT_BYTES)
                 raise
+            self.bump()
         finally:
             os.close(fd)
 
     def add_if_new(self, branch, head):
         """Create branch at head (None: no commits); False if it exists. Under lock()."""
-        return _write_whole(self.path(branch), _ref_file(head or _NO_COMMITS),
-                              self.tmp_dir, exclusive=True)
+        created = _write_whole(self.path(branch), _ref_file(head or _NO_COMMITS),
+                               self.tmp_dir, exclusive=True)
+        if created:
+            self.bump()
+        return created
+
+    def generation(self):
+        """Bytes that change whenever a ref or HEAD changes, in any process sharing the root
+        (None if the counter file cannot be opened). They are read from a shared map of
+        refs/generation, so asking costs no system call: a reader may keep what it derived
+        from the refs (a resolved path, say) for as long as the generation stays the same."""
+        mapping = self._generation_map
+        if mapping is None:
+            mapping = self._map_generation()
+            if mapping is None:
+                return None
+        return mapping[:GENERATION_BYTES]
+
+    def _map_generation(self):
+        try:
+            fd = os.open(self.generation_file, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError:
+            return None                       # e.g. a read-only store: readers just re-read refs
+        try:
+            if os.fstat(fd).st_size < GENERATION_BYTES:
+                os.ftruncate(fd, GENERATION_BYTES)   # concurrent openers all make it 8 bytes
+            self._generation_map = mmap.mmap(fd, GENERATION_BYTES, access=mmap.ACCESS_READ)
+        except OSError:
+            return None
+        finally:
+            os.close(fd)
+        return self._generation_map
+
+    def bump(self):
+        """Tell readers that a ref or HEAD changed (under lock(), after the change is durable;
+        the counter is a hint for caches, not data: it needs no sync)."""
+        current = self.generation()
+        if current is None:
+            return
+        with contextlib.suppress(OSError):
+            fd = os.open(self.generation_file, os.O_WRONLY | os.O_CLOEXEC)
+            try:
+                os.pwrite(fd, struct.pack("<Q", (struct.unpack("<Q", current)[0] + 1) % (1 << 64)), 0)
+            finally:
+                os.close(fd)
 
     def remove(self, branch):
         """Delete a branch durably; readers holding its file open see it deleted. Under
@@ -1630,6 +1678,7 @@ class _Refs:
         finally:
             os.close(fd)
         self._handles.pop(branch, None)
+        self.bump()
 
     def names(self):
         """Sorted names of every branch."""
@@ -1648,6 +1697,7 @@ class _Refs:
                     if os.path.getsize(path) in (0, HASH_LENGTH + 1):
                         _write_whole(path, _ref_file(self.read(name) or _NO_COMMITS),
                                        self.tmp_dir)
+            self.bump()
 
     def default_branch(self, fresh=False):
         """The branch used when none is named (HEAD). fresh: not from the stat-keyed cache
@@ -1671,9 +1721,13 @@ class _Refs:
         """Make an existing branch the default (under lock())."""
         self.read(name)
         _write_whole(self.head_file, (name + "\n").encode("ascii"), self.tmp_dir)
+        self.bump()
 
     def close(self):
         self._handles.clear()
+        mapping, self._generation_map = self._generation_map, None
+        if mapping is not None:
+            mapping.close()
 
 
 # --------------------------------------------------------------------------- store
@@ -1791,6 +1845,11 @@ class Store:
     def _read_ref(self, branch):
         """Head commit of a branch (None while it has no commits); NotFound if missing."""
         return self._refs.read(branch)
+
+    def generation(self):
+        """A token that changes whenever any branch head or the default branch changes, in any
+        process sharing this root; None if unavailable. Costs no system call (see _Refs)."""
+        return self._refs.generation()
 
     def head(self, *, branch=None):
         """Head commit of a branch, or None while it has no commits."""
@@ -3073,6 +3132,7 @@ def _extract_members(archive, root, filename):
 # --------------------------------------------------------------------------- running stored modules
 
 KV_FILE = "kv.sqlite3"                 # the default kv backend lives with the store
+RESOLVED_CACHE_SIZE = 4096             # resolved (branch, path) pairs a Runner keeps
 
 
 def default_kv_url(root):
@@ -3137,6 +3197,7 @@ class Runner:
         kvhost = _kvhost()
         self.store = store
         self.namespaces = list(namespaces)
+        self._resolved = {}            # (branch, path_or_hash, version, commit) -> (head, Target)
         self._owns_host = host is None
         if host is None:
             host_options.setdefault("kv", default_kv_url(store.root))
@@ -3156,7 +3217,22 @@ class Runner:
     # -- resolution ------------------------------------------------------------------------------
 
     def resolve(self, path_or_hash, *, branch=None, version=None, commit=None):
-        """The Target for a path or hash on a branch, at an older version index, or in a commit."""
+        """The Target for a path or hash on a branch, at an older version index, or in a commit.
+
+        Answers are kept while the store's generation stays the same (any ref change, in any
+        process, changes it: a new version is what the next call runs)."""
+        generation = self.store.generation()           # read first: a change meanwhile shows next time
+        key = (branch, path_or_hash, version, commit)
+        cached = self._resolved.get(key)
+        if cached is not None and generation is not None and cached[0] == generation:
+            return cached[1]
+        target = self._resolve(path_or_hash, branch, version, commit)
+        if len(self._resolved) >= RESOLVED_CACHE_SIZE:
+            self._resolved.clear()
+        self._resolved[key] = (generation, target)
+        return target
+
+    def _resolve(self, path_or_hash, branch, version, commit):
         if version is not None and commit is not None:
             raise InvalidInput("give a version or a commit, not both")
         kind, value = _target(path_or_hash)
@@ -3191,7 +3267,7 @@ class Runner:
     def _linker_for(self, target, guest):
         """resolve(import module name) for kvhost: store paths and hashes in the target's commit
         (None for a guest with no imports to link)."""
-        if guest.kind != "module" or all(module == "wasi_snapshot_preview1" for module, _, _, _ in guest.signatures[0]):
+        if not guest.links_needed:
             return None
 
         def resolve(module_name):
@@ -3205,17 +3281,26 @@ class Runner:
         return resolve
 
     def _prepare(self, path_or_hash, branch, version, commit):
-        target = self.resolve(path_or_hash, branch=branch, version=version, commit=commit)
+        """(Target, Guest): path_or_hash may be a Target resolve() gave already."""
+        if isinstance(path_or_hash, Target):
+            target = path_or_hash
+        else:
+            target = self.resolve(path_or_hash, branch=branch, version=version, commit=commit)
         return target, self.load(target)
 
     # -- running ---------------------------------------------------------------------------------
 
     def call(self, path_or_hash, function, args=(), *, branch=None, version=None, commit=None,
              namespace=None, stats=None):
-        """Call an exported function with JSON-style arguments (kvhost.Host.call's mapping)."""
-        target, guest = self._prepare(path_or_hash, branch, version, commit)
+        """Call an exported function with JSON-style arguments (kvhost.Host.call's mapping).
+        path_or_hash may also be a Target from resolve() (then branch/version/commit are unused)."""
+        # the hot path of every call: _prepare inlined
+        target = path_or_hash if type(path_or_hash) is Target else \
+            self.resolve(path_or_hash, branch=branch, version=version, commit=commit)
+        guest = self.host.loaded(target.digest) or self.load(target)
         return self.host.call(guest, function, args, namespace=namespace or target.namespace,
-                              resolve=self._linker_for(target, guest), stats=stats)
+                              resolve=self._linker_for(target, guest) if guest.links_needed else None,
+                              stats=stats)
 
     def run(self, path_or_hash, argv=(), *, branch=None, version=None, commit=None, namespace=None,
             stdin=None, stats=None):
