@@ -91,6 +91,7 @@ DECIMAL_RE = re.compile(rb"(0|-?[1-9][0-9]{0,19})\Z")
 S64 = (-(1 << 63), (1 << 63) - 1)
 U64 = (0, (1 << 64) - 1)
 CURSOR_PREFIX = "k1."                                # draft2 cursors: "k1." + base64url(last key)
+CORE_SCRATCH_VALUES = 16                             # core parameters/results a thread's scratch holds
 EPOCH_TICK = 0.05                                    # seconds per epoch tick of the timeout thread
 CACHE_MAGIC = b"KVHCACHE2\n"                         # header of a compile-cache entry's .sum file
 KV_VERSIONS = ("0.2.0-draft", "0.2.0-draft2")
@@ -1115,13 +1116,14 @@ class _GuestStore:
         return left.value
 
     def instantiate_module(self, module):
-        """An instance of a core module without imports, straight through the C API."""
-        instance = ffi.wasmtime_instance_t()
-        trap = ctypes.c_void_p()
-        error = _c_instance_new(self.address, _module_address(module), None, 0, ctypes.addressof(instance),
-                                ctypes.addressof(trap))
-        _raise_wasmtime(error, trap.value)
-        return wasmtime.Instance._from_raw(instance)
+        """The address of an instance of a core module without imports, made straight through
+        the C API into this thread's scratch (valid until the thread's next instantiation)."""
+        scratch = _SCRATCH
+        scratch.trap.value = None
+        error = _c_instance_new(self.address, _module_address(module), None, 0, scratch.instance_address,
+                                scratch.trap_address)
+        _raise_wasmtime(error, scratch.trap.value)
+        return scratch.instance_address
 
     def close(self):
         raw, self.raw = self.raw, None
@@ -1131,6 +1133,27 @@ class _GuestStore:
             self._wrapper._Managed__ptr = None          # wasmtime-py must not free it again
             self._wrapper._Store__context = None
         _c_store_delete(raw)
+
+
+class _CoreScratch(threading.local):
+    """Per-thread C structures for core calls (making ctypes objects costs ~1 us each). A core
+    call never makes another on the same thread before it returns: its imports are WASI or
+    other core modules, never Python host functions."""
+
+    def __init__(self):
+        self.instance = ffi.wasmtime_instance_t()
+        self.instance_address = ctypes.addressof(self.instance)
+        self.item = ffi.wasmtime_extern_t()
+        self.item_address = ctypes.addressof(self.item)
+        self.func_address = self.item_address + type(self.item).of.offset
+        self.trap = ctypes.c_void_p()
+        self.trap_address = ctypes.addressof(self.trap)
+        self.values = (ffi.wasmtime_val_t * (2 * CORE_SCRATCH_VALUES))()
+        self.inputs_address = ctypes.addressof(self.values)
+        self.outputs_address = self.inputs_address + CORE_SCRATCH_VALUES * ctypes.sizeof(ffi.wasmtime_val_t)
+
+
+_SCRATCH = _CoreScratch()
 
 
 def _module_address(module):
@@ -3325,8 +3348,9 @@ class _Session:
         if len(args) != len(params):
             raise ArgumentError(f"{function} takes {len(params)} argument(s) ({', '.join(params)}), got {len(args)}")
         converted = [_core_argument(i, kind, arg) for i, (kind, arg) in enumerate(zip(params, args))]
+        address = instance if isinstance(instance, int) else ctypes.addressof(instance._instance)
         try:
-            values = _call_core_export(self.address, instance, function, params, results, converted)
+            values = _call_core_export(self.address, address, function, params, results, converted)
         except (wasmtime.Trap, wasmtime.WasmtimeError) as e:
             self._trap(e)
         values = [json_float(v) if isinstance(v, float) else v for v in values]
@@ -3355,25 +3379,33 @@ _CORE_VALUES = {"i32": (ffi.WASMTIME_I32.value, "i32"), "i64": (ffi.WASMTIME_I64
 
 
 def _call_core_export(context, instance, name, params, results, args):
-    """Call a core export of known i32/i64/f32/f64 types straight through wasmtime's C API (context:
-    the store context's address): one export lookup and no type reads (wasmtime-py's exports()
-    wraps every export, and its Func re-reads the type on each call). The call releases the GIL."""
-    item = ffi.wasmtime_extern_t()
+    """Call a core export of known i32/i64/f32/f64 types straight through wasmtime's C API
+    (context: the store context's address; instance: an instance's address): one export lookup
+    and no type reads (wasmtime-py's exports() wraps every export, and its Func re-reads the
+    type on each call). The call releases the GIL."""
+    scratch = _SCRATCH
     raw = name.encode("utf-8")
-    if not _c_export_get(context, ctypes.addressof(instance._instance), raw, len(raw),
-                         ctypes.addressof(item)) or item.kind != ffi.WASMTIME_EXTERN_FUNC.value:
+    if not _c_export_get(context, instance, raw, len(raw), scratch.item_address) \
+            or scratch.item.kind != ffi.WASMTIME_EXTERN_FUNC.value:
         raise NoSuchFunction(f"no function {name!r}")
-    inputs = (ffi.wasmtime_val_t * max(len(params), 1))()
-    for slot, kind, value in zip(inputs, params, args):
+    if max(len(params), len(results)) <= CORE_SCRATCH_VALUES:
+        values, inputs, outputs = scratch.values, scratch.inputs_address, scratch.outputs_address
+        first_output = CORE_SCRATCH_VALUES
+    else:
+        values = (ffi.wasmtime_val_t * (len(params) + len(results)))()
+        inputs = ctypes.addressof(values)
+        outputs = inputs + len(params) * ctypes.sizeof(ffi.wasmtime_val_t)
+        first_output = len(params)
+    for index, (kind, value) in enumerate(zip(params, args)):
         code, field = _CORE_VALUES[kind]
+        slot = values[index]
         slot.kind = code
         setattr(slot.of, field, value)
-    outputs = (ffi.wasmtime_val_t * max(len(results), 1))()
-    trap = ctypes.c_void_p()
-    error = _c_func_call(context, ctypes.addressof(item.of.func), ctypes.addressof(inputs), len(params),
-                         ctypes.addressof(outputs), len(results), ctypes.addressof(trap))
-    _raise_wasmtime(error, trap.value)
-    return [getattr(slot.of, _CORE_VALUES[kind][1]) for slot, kind in zip(outputs, results)]
+    scratch.trap.value = None
+    error = _c_func_call(context, scratch.func_address, inputs, len(params), outputs, len(results),
+                         scratch.trap_address)
+    _raise_wasmtime(error, scratch.trap.value)
+    return [getattr(values[first_output + index].of, _CORE_VALUES[kind][1]) for index, kind in enumerate(results)]
 
 
 def _core_argument(index, kind, arg):

@@ -8652,9 +8652,8 @@ class RunHttpTest(unittest.TestCase):
         for thread in threads:
             thread.start()
         wait_until(lambda: live.server.runtime.gate.running >= 1, message="a bad guest to run")
-        started = time.monotonic()
         self.assertEqual(live.request("GET", "/api/v1/modules/lib")[0], 200)
-        self.assertLess(time.monotonic() - started, 1.0)
+        self.assertGreaterEqual(live.server.runtime.gate.running, 1)      # answered while they still run
         for thread in threads:
             thread.join(10)
         self.assertEqual(outcomes, {"spin": 422, "bomb": 422})
