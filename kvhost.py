@@ -3314,11 +3314,10 @@ class _Session:
     def run(self):
         if self.guest.kind == "module":
             instance = self.instantiate()
-            start = instance.exports(self.store).get("_start")
-            if not isinstance(start, wasmtime.Func):
+            if self.guest.signatures[1].get("_start") != ("func", ((), ())):
                 raise NoSuchFunction(f"{self.guest.name} has no _start export (it is not a WASI command)")
             try:
-                start(self.store)
+                _call_core_export(self.address, _instance_address(instance), "_start", (), (), ())
             except wasmtime.ExitTrap as e:
                 return e.code
             except (wasmtime.Trap, wasmtime.WasmtimeError) as e:
@@ -3348,9 +3347,9 @@ class _Session:
         if len(args) != len(params):
             raise ArgumentError(f"{function} takes {len(params)} argument(s) ({', '.join(params)}), got {len(args)}")
         converted = [_core_argument(i, kind, arg) for i, (kind, arg) in enumerate(zip(params, args))]
-        address = instance if isinstance(instance, int) else ctypes.addressof(instance._instance)
         try:
-            values = _call_core_export(self.address, address, function, params, results, converted)
+            values = _call_core_export(self.address, _instance_address(instance), function, params, results,
+                                       converted)
         except (wasmtime.Trap, wasmtime.WasmtimeError) as e:
             self._trap(e)
         values = [json_float(v) if isinstance(v, float) else v for v in values]
@@ -3406,6 +3405,11 @@ def _call_core_export(context, instance, name, params, results, args):
                          scratch.trap_address)
     _raise_wasmtime(error, scratch.trap.value)
     return [getattr(values[first_output + index].of, _CORE_VALUES[kind][1]) for index, kind in enumerate(results)]
+
+
+def _instance_address(instance):
+    """A core instance's address: instantiate_module() gives one, a linker a wasmtime.Instance."""
+    return instance if isinstance(instance, int) else ctypes.addressof(instance._instance)
 
 
 def _core_argument(index, kind, arg):
