@@ -4010,7 +4010,7 @@ class _Worker:
             "spec.loader.exec_module(module)\n"
             "sys.exit(module._worker_main(sys.argv[2:]))\n")
 
-    def __init__(self, settings):
+    def __init__(self, settings, blobs=()):
         to_child_read, to_child_write = os.pipe()
         from_child_read, from_child_write = os.pipe()
         try:
@@ -4022,7 +4022,7 @@ class _Worker:
             os.close(from_child_write)
         self.channel = _Channel(from_child_read, to_child_write)
         self.usable = True
-        self.channel.send({"op": "init", "settings": settings})
+        self.channel.send({"op": "init", "settings": settings}, blobs)
 
     def execute(self, host, guest, request):
         blobs = []
@@ -4114,13 +4114,18 @@ class _WorkerPool:
         self._closed = False
 
     def _settings(self):
+        """(settings, blobs) of a new worker: the Host's options, and its provider if it has one."""
         host = self.host
-        return {"namespace": host.namespace, "timeout": host.timeout, "fuel": host.fuel,
-                "max_memory": host.max_memory, "max_table_elements": host.max_table_elements,
-                "env": host.env, "dirs": host.dirs, "cache_dir": host.cache_dir, "stdout": host.stdout,
-                "stderr": host.stderr, "stub_imports": host.stub_imports,
-                "allow_buckets": None if host.allow_buckets is None else sorted(host.allow_buckets),
-                "deny_buckets": sorted(host.deny_buckets)}
+        settings = {"namespace": host.namespace, "timeout": host.timeout, "fuel": host.fuel,
+                    "max_memory": host.max_memory, "max_table_elements": host.max_table_elements,
+                    "env": host.env, "dirs": host.dirs, "cache_dir": host.cache_dir, "stdout": host.stdout,
+                    "stderr": host.stderr, "stub_imports": host.stub_imports,
+                    "allow_buckets": None if host.allow_buckets is None else sorted(host.allow_buckets),
+                    "deny_buckets": sorted(host.deny_buckets)}
+        blobs = []
+        if host.provider is not None:
+            settings["provider"] = _guest_to_wire(host.provider, blobs)
+        return settings, blobs
 
     def prestart(self, count):
         with self._cond:
@@ -4130,7 +4135,7 @@ class _WorkerPool:
         def start():
             for _ in range(count):
                 try:
-                    worker = _Worker(self._settings())
+                    worker = _Worker(*self._settings())
                 except OSError:
                     with self._cond:
                         self._started -= 1
@@ -4151,7 +4156,7 @@ class _WorkerPool:
                     break
                 self._cond.wait()
         try:
-            return _Worker(self._settings())
+            return _Worker(*self._settings())
         except OSError as e:
             with self._cond:
                 self._started -= 1
@@ -4203,11 +4208,18 @@ def _worker_main(argv):
     until the parent closes the pipe. Guest stdout/stderr are the parent's unless captured."""
     channel = _Channel(int(argv[0]), int(argv[1]))
     try:
-        header, _ = channel.recv()
+        header, blobs = channel.recv()
     except _ChannelError:
         return 0
     events = []
-    host = Host(kv=_RemoteBackend(channel), isolation="thread", **header["settings"])
+    settings = header["settings"]
+    provider = settings.pop("provider", None)
+    backend = _RemoteBackend(channel)       # the provider's own wasi:keyvalue goes to the parent too
+    kv = {"kv": backend} if provider is None else {"kv": _WiredProvider(provider, blobs), "provider_kv": backend}
+    try:
+        host = Host(isolation="thread", **kv, **settings)
+    except KvError:     # the parent loaded the same provider: only a broken cache gets here
+        return 1
     host._event_sink = events.extend
     while True:
         try:
