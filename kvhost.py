@@ -3737,7 +3737,7 @@ class _ProviderLink:
             _delete_store(self.store)
         self.store = self.context = self.instance = None
         if why is not None:
-            self.lost = why
+            self.lost = f"this handle was lost when the provider instance that held it stopped: {why}"
 
     def _func(self, forward):
         """The address of the provider's function for `forward` (looked up once per instance)."""
