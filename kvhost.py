@@ -2625,8 +2625,8 @@ class Host:
         if provider is not None:
             kv = "memory:" if provider_kv is None else provider_kv
         elif provider_kv is not None:
-            raise ArgumentError("provider_kv is the backend beneath a provider: it needs kv=\"component:FILE\" "
-                                "(or a Provider)")
+            raise ArgumentError(f"a provider's backend (provider_kv, --provider-kv: {provider_kv!r}) needs a "
+                                "provider: kv=\"component:FILE\" (or a Provider)")
         if timeout is not None and (not isinstance(timeout, (int, float)) or isinstance(timeout, bool)
                                     or not 0 < timeout < 1e9 or math.isnan(timeout)):
             raise ArgumentError(f"invalid timeout {timeout!r}: expected a positive number of seconds")
@@ -3465,7 +3465,10 @@ class Provider:
 
     def load(self, host):
         """The compiled provider, a Guest of `host`."""
-        return host.load(self.source, digest=self.digest, name=self.name)
+        try:
+            return host.load(self.source, digest=self.digest, name=self.name)
+        except ArgumentError as e:
+            raise ArgumentError(f"provider: {e}") from None
 
     def __repr__(self):
         return f"<Provider {self.name or (self.source if isinstance(self.source, str) else '<bytes>')}>"
@@ -4306,11 +4309,18 @@ def _nonnegative_int(text):
     return value
 
 
-def add_store_options(parser, kv_default=DEFAULT_KV_URL, kv_default_text=None):
-    """--kv and --namespace (kvhost's and wasmstore.py's commands share them)."""
+def add_store_options(parser, kv_default=DEFAULT_KV_URL, kv_default_text=None, provider="FILE"):
+    """--kv, --provider-kv and --namespace (kvhost's and wasmstore.py's commands share them).
+    provider: what follows "component:" in --kv (None: no provider option, e.g. `kvhost kv`)."""
+    default = kv_default_text or kv_default
     parser.add_argument("--kv", default=kv_default, metavar="URL",
-                        help="key-value backend: sqlite:PATH, memory: or redis://HOST:PORT/DB "
-                             f"(default {kv_default_text or kv_default})")
+                        help="key-value backend: sqlite:PATH, memory: or redis://HOST:PORT/DB"
+                             + ("" if provider is None else f", or component:{provider}, a provider component "
+                                "whose wasi:keyvalue exports serve the guest's imports") + f" (default {default})")
+    if provider is not None:
+        parser.add_argument("--provider-kv", metavar="URL",
+                            help=f"the backend beneath a --kv component:{provider} provider: what its own "
+                                 f"wasi:keyvalue imports use (default {default})")
     parser.add_argument("--namespace", help="tenant whose data the guest sees (default: default)")
 
 
@@ -4342,7 +4352,11 @@ def host_from_args(args, **overrides):
                    dirs=args.dirs, cache_dir=args.cache_dir, stub_imports=args.stub_imports, isolation="thread")
     if args.namespace is not None:
         options["namespace"] = args.namespace
+    if getattr(args, "provider_kv", None) is not None:
+        options["provider_kv"] = args.provider_kv
     options.update(overrides)
+    if provider_of(options["kv"]) is not None:
+        options.setdefault("provider_kv", DEFAULT_KV_URL)
     return Host(**options)
 
 
@@ -4431,7 +4445,7 @@ def _build_parser():
     exports.add_argument("--cache-dir", help="compile cache directory (default ~/.cache/wasmstore/kvhost)")
     exports.add_argument("guest")
     kv = commands.add_parser("kv", help="inspect and edit stored data")
-    add_store_options(kv)
+    add_store_options(kv, provider=None)
     kv.add_argument("action", choices=["get", "set", "delete", "list", "incr"])
     kv.add_argument("bucket")
     kv.add_argument("key", nargs="?")
