@@ -3429,8 +3429,7 @@ def _released(name, restype, *argtypes):
     return func
 
 
-_c_func_call = _released("wasmtime_component_func_call", _vp, _vp, _vp, _vp, _sz, _vp, _sz)
-_c_post_return = _released("wasmtime_component_func_post_return", _vp, _vp, _vp)
+_c_func_call = _released("wasmtime_component_func_call", _vp, _vp, _vp, _vp, _sz, _vp, _sz)   # runs post-return too
 _c_provider_drop = _released("wasmtime_component_resource_any_drop", _vp, _vp, _vp)   # runs a destructor
 _c_any_delete = _proto("wasmtime_component_resource_any_delete", None, _vp)           # frees the handle record
 _RESOURCE_KIND = _K["resource"]
@@ -3537,8 +3536,8 @@ class _Forward:
         self.name = name
         self.label = f"{interface}#{name}"
         self.arity = len(params)
-        # (argument index, consumed (own) or lent (borrow), resource type id, lift giving the consumer's rep)
-        self.handles = tuple((i, p[0] == "own", p[1], make_lift(p)) for i, p in enumerate(params)
+        # (argument index, consumed (own) or lent (borrow), lift giving the consumer's rep)
+        self.handles = tuple((i, p[0] == "own", make_lift(p)) for i, p in enumerate(params)
                              if p[0] in ("own", "borrow"))
         self.adopts = _handle_in_result(result)
         self.lower = make_lower(result)
@@ -3556,20 +3555,38 @@ _LOWER_HANDLE = {type_id: _make_lower_own(type_id) for type_id in list(BUCKET_TY
 
 @_FUNC_CALLBACK
 def _forward(data, ctx, _ty, args, nargs, results, nresults):
-    """Every wasi:keyvalue call of a consumer lands here when a provider serves it."""
-    forward = _FORWARDS.get(data or 0)
-    if forward is None:
-        return _trap_pointer("kvhost: unknown forwarded function")
+    """Every wasi:keyvalue call of a consumer lands here when a provider serves it: the
+    arguments go to the provider as they are, with each handle replaced by the provider's
+    (see the section comment); the provider writes the result in place."""
     try:
+        forward = _FORWARDS[data]
+        link = _STATES[ctx].provider
         if nargs != forward.arity or nresults != 1:
             return _trap_pointer(f"kvhost: {forward.label} called with a signature that does not match the WIT")
-        state = _STATES.get(ctx)
-        link = None if state is None else state.provider
-        if link is None:
-            return _trap_pointer(f"kvhost: {forward.label} called from a store without a provider")
-        return link.forward(forward, ctx, args, results)
-    except BaseException as e:   # a bug: trap this consumer only
-        return _trap_pointer(f"kvhost: {forward.label}: {type(e).__name__}: {e}")
+        base = link.args_address
+        _MEMORY[base:base + nargs * _VAL_SIZE] = _MEMORY[args:args + nargs * _VAL_SIZE]   # borrowed as they are
+        taken = None
+        for index, own, lift in forward.handles:
+            rep = lift(ctx, args + index * _VAL_SIZE)            # ends the borrow / takes back the own
+            handle = link.handles.pop(rep, None) if own else link.handles.get(rep)
+            if handle is None:
+                return forward.fail(ctx, link.lost or "unknown handle", results)
+            _write_kind_pointer(_MEMORY, base + index * _VAL_SIZE, _RESOURCE_KIND, handle)
+            if own:
+                taken = handle
+        func = link.funcs.get(forward) or link.func(forward, ctx, results, taken)
+        if func is None:                                          # the provider could not start; answered
+            return 0
+        error = _c_func_call(func, link.context, base, nargs, results, 1)
+        if taken is not None:
+            _c_any_delete(taken)                                  # the provider consumed it (or trapped)
+        if error:
+            return link.trapped(forward, ctx, results, _trap_reason(_error_from(error)))
+        if forward.adopts is not None:
+            link.adopt(forward.adopts, ctx, results)
+        return 0
+    except BaseException as e:   # a bug, or a store without a provider: trap this consumer only
+        return _trap_pointer(f"kvhost: forwarding a wasi:keyvalue call: {type(e).__name__}: {e}")
 
 
 @_DTOR_CALLBACK
@@ -3699,7 +3716,8 @@ class _ProviderLink:
         self.store = None                   # made at the first forwarded call
         self.context = None                 # its wasmtime_context_t address
         self.instance = None
-        self.funcs = {}                     # _Forward -> (Func, address of its wasmtime_component_func_t)
+        self.funcs = {}                     # _Forward -> address of its wasmtime_component_func_t
+        self.keep = []                      # the Func objects those addresses belong to
         self.handles = {}                   # consumer rep -> provider resource_any address
         self.next_rep = 1
         self.lost = None                    # why earlier handles are gone (the provider trapped)
@@ -3735,6 +3753,7 @@ class _ProviderLink:
             _c_any_delete(handle)
         self.handles.clear()
         self.funcs.clear()
+        del self.keep[:]
         if self.store is not None:
             _STATES.pop(self.context, None)
             _delete_store(self.store)
@@ -3742,10 +3761,11 @@ class _ProviderLink:
         if why is not None:
             self.lost = f"this handle was lost when the provider instance that held it stopped: {why}"
 
-    def _func(self, forward):
-        """The address of the provider's function for `forward` (looked up once per instance)."""
-        found = self.funcs.get(forward)
-        if found is None:
+    def func(self, forward, ctx, results, taken):
+        """The address of the provider's function for `forward`, looked up once per instance (which
+        starts here, at the first call). None if the provider could not start or lacks it: the
+        consumer is then answered error::other."""
+        try:
             if self.instance is None:
                 self.start()
             index = self.instance.get_export_index(self.store, forward.interface)
@@ -3753,45 +3773,16 @@ class _ProviderLink:
             func = None if index is None else self.instance.get_func(self.store, index)
             if func is None:
                 raise LinkError(f"{forward.label} is not exported")
-            found = self.funcs[forward] = (func, ctypes.addressof(func._func))
-        return found[1]
-
-    # -- forwarding -------------------------------------------------------------------------------
-
-    def forward(self, forward, ctx, args, results):
-        """One consumer call of `forward`, served by the provider; returns what _forward returns."""
-        size = forward.arity * _VAL_SIZE
-        base = self.args_address
-        _MEMORY[base:base + size] = _MEMORY[args:args + size]    # the consumer's arguments, borrowed
-        taken = None
-        for index, own, _type_id, lift in forward.handles:
-            rep = lift(ctx, args + index * _VAL_SIZE)           # ends the borrow / takes back the own
-            handle = self.handles.pop(rep, None) if own else self.handles.get(rep)
-            if handle is None:
-                return forward.fail(ctx, self.lost or "unknown handle", results)
-            _write_kind_pointer(_MEMORY, base + index * _VAL_SIZE, _RESOURCE_KIND, handle)
-            if own:
-                taken = handle
-        name = self.composition.guest.name
-        try:
-            func = self._func(forward)
         except KvError as e:
             if taken is not None:
                 _c_any_delete(taken)
-            return forward.fail(ctx, f"provider {name}: {e}", results)
-        error = _c_func_call(func, self.context, base, forward.arity, results, 1)
-        if taken is not None:
-            _c_any_delete(taken)                # the provider consumed it (or trapped)
-        if error:
-            return self._trapped(forward, ctx, results, _trap_reason(_error_from(error)))
-        error = _c_post_return(func, self.context)
-        if error:                               # the result stands; the instance does not
-            self.close(f"provider {name} trapped after {forward.label}: {_trap_reason(_error_from(error))}")
-        if forward.adopts is not None:
-            self._adopt(forward.adopts, ctx, results)
-        return 0
+            forward.fail(ctx, f"provider {self.composition.guest.name}: {e}", results)
+            return None
+        self.keep.append(func)
+        address = self.funcs[forward] = ctypes.addressof(func._func)
+        return address
 
-    def _adopt(self, adopts, ctx, results):
+    def adopt(self, adopts, ctx, results):
         """Give the consumer its own handle for a provider handle in the result (open, cas.new, swap)."""
         where, type_id, case = adopts
         if (_MEMORY[results + _VAL_PAYLOAD] != 0) != (where == "ok"):
@@ -3806,11 +3797,13 @@ class _ProviderLink:
         self.handles[rep] = _pointer_at(box + _VAL_PAYLOAD)     # now this link's to free
         _LOWER_HANDLE[type_id](ctx, rep, box)
 
-    def _trapped(self, forward, ctx, results, reason):
+    def trapped(self, forward, ctx, results, reason):
+        """The provider trapped in `forward`: drop the instance; answer error::other, or stop the
+        consumer too if the call's deadline or fuel ran out."""
         message = f"provider {self.composition.guest.name} trapped in {forward.label}: {reason}"
         self.close(message)
         if "wasm trap: interrupt" in reason or "all fuel consumed" in reason:
-            return _trap_pointer(message)       # the call's limits hold for all of it: the consumer stops too
+            return _trap_pointer(message)
         return forward.fail(ctx, message, results)
 
     def drop(self, rep):
