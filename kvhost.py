@@ -3644,6 +3644,7 @@ class _Composition:
         self.guest = guest
         self.provided = provider_exports(guest.artifact.type, host.engine, guest.name)
         self._linker = None
+        self._indexes = {}          # _Forward -> the component's export index of its function (any instance)
         if trial:
             self._trial()
 
@@ -3657,6 +3658,14 @@ class _Composition:
                     linker.define_unknown_imports_as_traps(self.guest.artifact)
                 self._linker = linker
             return self._linker
+
+    def export_index(self, forward):
+        """The provider's export index of `forward`'s function (None if it lacks it), found once."""
+        if forward not in self._indexes:
+            artifact = self.guest.artifact
+            index = artifact.get_export_index(forward.interface)
+            self._indexes[forward] = None if index is None else artifact.get_export_index(forward.name, index)
+        return self._indexes[forward]
 
     def instantiate(self, store):
         """A provider instance in `store`; LinkError if its imports cannot be met, TrapError if it traps."""
@@ -3768,8 +3777,7 @@ class _ProviderLink:
         try:
             if self.instance is None:
                 self.start()
-            index = self.instance.get_export_index(self.store, forward.interface)
-            index = None if index is None else self.instance.get_export_index(self.store, forward.name, index)
+            index = self.composition.export_index(forward)
             func = None if index is None else self.instance.get_func(self.store, index)
             if func is None:
                 raise LinkError(f"{forward.label} is not exported")
