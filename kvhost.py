@@ -20,6 +20,11 @@ Command line::
     python kvhost.py call [options] GUEST.wasm FUNCTION [JSON ...]  # one line of JSON
     python kvhost.py kv   [--kv URL] [--namespace NS] get|set|delete|list|incr BUCKET [KEY [VALUE]]
 
+Composition: ``Host(kv="component:provider.wasm", provider_kv="sqlite:/tmp/kv.sqlite3")`` (CLI
+``--kv component:FILE --provider-kv URL``) runs guests whose wasi:keyvalue imports are served
+by a provider component's exports, the provider's own imports by the host (WASIp2 and
+wasi:keyvalue on provider_kv).
+
 Map of this file, top-down:
   constants and exceptions
   backends        Backend (validation, cursors) -> MemoryBackend, SqliteBackend, RedisBackend; open_backend()
@@ -28,6 +33,9 @@ Map of this file, top-down:
   host glue       the wasi:keyvalue functions of both versions, dispatched without per-call type walks
   engine          compile cache on disk (checksummed, mapped by wasmtime), Guest, Host
                   (load / call / run / attach_watcher)
+  composition     Provider; a consumer's wasi:keyvalue forwarded to a provider component's
+                  exports (_forward), one provider instance per consumer call (_ProviderLink)
+  sandbox         worker processes for guests that can block (_WorkerPool, _RemoteBackend)
   CLI             main()
 
 Why the value codecs exist: wasmtime-py's component host functions re-read and re-walk the
@@ -43,7 +51,7 @@ __all__ = [
     "KvError", "ArgumentError", "BackendError", "AccessDeniedError", "NoSuchStoreError", "OperationError",
     "NoSuchFunction", "GuestError", "LinkError", "TrapError", "GuestExit", "Err",
     "Backend", "MemoryBackend", "SqliteBackend", "RedisBackend", "open_backend",
-    "Guest", "Host", "RunResult", "core_signatures", "describe_exports", "format_export", "json_float", "float_from_json",
+    "Guest", "Host", "RunResult", "Provider", "provider_of", "provider_exports", "PROVIDER_PREFIX", "core_signatures", "describe_exports", "format_export", "json_float", "float_from_json",
     "add_store_options", "add_sandbox_options", "host_from_args", "parse_json_args", "print_json", "print_exports",
     "run_with_deadline", "end_process", "report", "DeadlineExceeded", "main",
     "DEFAULT_KV_URL", "MAX_KEY_BYTES", "DEFAULT_MAX_VALUE_BYTES", "PAGE_SIZE",
@@ -2603,6 +2611,10 @@ class Host:
 
     kv: a backend URL or a Backend; namespace: the tenant whose data guests see (each call may
     name another); allow_buckets / deny_buckets: bucket ids a guest may (not) open.
+    Composition: kv="component:FILE" or a Provider makes a provider component serve the guests'
+    wasi:keyvalue; provider_kv (URL or Backend, default "memory:") is then the backend beneath
+    it, and allow/deny lists name the buckets the provider opens there. One provider instance
+    per call, in the call's namespace (see the composition section).
     Sandbox: timeout (seconds, None for no limit), fuel, max_memory (bytes per linear memory),
     max_table_elements (per table), env ({name: value}) and dirs ([(host, guest)]): what WASI may
     see (nothing unless given; sockets are never granted). Limits hold whatever a guest does:

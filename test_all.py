@@ -6432,6 +6432,17 @@ class StoredProviderTest(StoreTestCase):
             self.assertEqual((status, body), (200, expected))
         self.assertEqual(self.stored("wat.c", "n"), b"2")
 
+    def test_the_http_server_answers_424_for_a_consumer_the_stored_provider_cannot_serve(self):
+        self.store.add("/providers/faulty.wasm", guest_binary(FAULTY_PROVIDER))
+        self.store.add("/apps/kv.wasm", guest_binary(KV_DRAFT2))
+        self.store.close()
+        live = LiveServer(self, root=self.root, run={"kv": "component:/providers/faulty.wasm", "timeout": 10})
+        status, _, body = live.request("POST", "/api/v1/call/get/apps/kv.wasm", b'["b", "k"]')
+        self.assertEqual(status, 424, body)
+        self.assertIn(b"wasi:keyvalue/batch@0.2.0-draft2#delete-many", body)
+        status, _, body = live.request("POST", "/api/v1/call/incr/apps/probe.wasm", b'["c", "n", 1]')
+        self.assertEqual((status, body), (200, b'{"ok":1}'))        # its increment answers the delta
+
 
 def compose(consumer, provider_wat, directory):
     """Fuse `consumer` (a .wasm or .wat) with the provider `provider_wat` using `wasm-tools compose`.
