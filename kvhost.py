@@ -3582,7 +3582,7 @@ def _forward(data, ctx, _ty, args, nargs, results, nresults):
             rep = lift(ctx, args + index * _VAL_SIZE)            # ends the borrow / takes back the own
             handle = link.handles.pop(rep, None) if own else link.handles.get(rep)
             if handle is None:
-                return forward.fail(ctx, link.lost or "unknown handle", results)
+                return forward.fail(ctx, link.missing(rep), results)
             _write_kind_pointer(_MEMORY, base + index * _VAL_SIZE, _RESOURCE_KIND, handle)
             if own:
                 taken = handle
@@ -3740,7 +3740,6 @@ class _ProviderLink:
         self.funcs = {}                     # _Forward -> address of its wasmtime_component_func_t
         self.keep = []                      # the Func objects those addresses belong to
         self.handles = {}                   # consumer rep -> provider resource_any address
-        self.next_rep = 1
         self.lost = None                    # why earlier handles are gone (the provider trapped)
         self.args = (_VAL * 3)()            # a wasi:keyvalue function takes at most three arguments
         self.args_address = ctypes.addressof(self.args)
@@ -3802,6 +3801,13 @@ class _ProviderLink:
         address = self.funcs[forward] = ctypes.addressof(func._func)
         return address
 
+    def missing(self, rep):
+        """Why the consumer's handle `rep` stands for no provider handle."""
+        if rep in self.consumer.buckets:       # made by the host for a watcher (Session.notify)
+            return ("a bucket handed to a watcher names the backend's bucket, which the provider does not "
+                    "serve: open the bucket to use it")
+        return self.lost or "unknown handle"
+
     def adopt(self, adopts, ctx, results):
         """Give the consumer its own handle for a provider handle in the result (open, cas.new, swap)."""
         where, type_id, case = adopts
@@ -3812,8 +3818,9 @@ class _ProviderLink:
             if _lift_string(ctx, box) != case:
                 return
             box = _pointer_at(box + _VAL_PAYLOAD + 16)
-        rep = self.next_rep
-        self.next_rep += 1
+        consumer = self.consumer                # its counter: reps the host made too (watchers) never clash
+        rep = consumer.next_rep
+        consumer.next_rep += 1
         self.handles[rep] = _pointer_at(box + _VAL_PAYLOAD)     # now this link's to free
         _LOWER_HANDLE[type_id](ctx, rep, box)
 
