@@ -6229,6 +6229,24 @@ class ProviderHandlesTest(unittest.TestCase):
                          {"err": {"tag": "other", "value": "too many open handles"}})     # the provider's own error
         self.assertEqual(self.host.call(self.handles, "hold", ["b", 64]), {"ok": 64})    # a new instance per call
 
+    def test_concurrent_calls_each_get_their_own_instance_and_a_shared_counter_stays_exact(self):
+        probe = self.host.load(PROBE)
+        answers, errors = [], []
+
+        def work():
+            try:
+                answers.append(self.host.call(probe, "incr-loop", ["b", "n", 200]))
+            except kvhost.KvError as e:
+                errors.append(e)
+        threads = [threading.Thread(target=work) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        self.assertEqual(errors, [])
+        self.assertEqual(max(answers), 1600)                          # the last increment saw every other
+        self.assertEqual(self.host.backend.get("default", "wat.b", "n"), b"1600")
+
     def test_two_open_buckets_are_two_provider_buckets(self):
         probe = self.host.load(PROBE)
         # "A" x 256 into bucket a, "B" into bucket b, both read back: 256 * ord("A") + ord("B")
