@@ -2749,10 +2749,12 @@ class WasmstoreServer(http.server.ThreadingHTTPServer):
 
 def make_runtime(store, metrics, *, kv=None, timeout=None, fuel=None, max_memory=None, max_guests=DEFAULT_MAX_GUESTS,
                  run_queue=DEFAULT_RUN_QUEUE, queue_wait=DEFAULT_QUEUE_WAIT, namespace_map=(), stub_imports=False,
-                 max_output=DEFAULT_MAX_OUTPUT, cache_dir=None):
+                 max_output=DEFAULT_MAX_OUTPUT, cache_dir=None, provider_kv=None):
     """The GuestRuntime of a server (None when kvhost.py or wasmtime is missing: 501 then).
 
-    kv: backend URL (default sqlite under the store root); timeout (seconds), fuel, max_memory
+    kv: backend URL (default sqlite under the store root), or "component:PATH", a wasi:keyvalue
+    provider stored at PATH (as the default branch holds it when the server starts) over the
+    backend provider_kv (see wasmstore.kv_options); timeout (seconds), fuel, max_memory
     (bytes): each guest's limits (kvhost's defaults when None); max_guests running at once,
     run_queue callers waiting up to queue_wait seconds; namespace_map: ["PREFIX=NS", ...]."""
     if kvhost is None:
@@ -2760,7 +2762,7 @@ def make_runtime(store, metrics, *, kv=None, timeout=None, fuel=None, max_memory
     limits = {name: value for name, value in (("timeout", timeout), ("fuel", fuel), ("max_memory", max_memory))
               if value is not None}
     runner = wasmstore.Runner(store, namespaces=wasmstore.parse_namespace_map(namespace_map),
-                              kv=kv or wasmstore.default_kv_url(store.root), workers=max_guests,
+                              kv=kv, provider_kv=provider_kv, workers=max_guests,
                               stub_imports=stub_imports, cache_dir=cache_dir, **limits)
     runner.host.start_workers(1)      # the first guest that needs a worker process finds one ready
     runtime = GuestRuntime(runner, RunGate(max_guests, run_queue, queue_wait), metrics, max_output)
@@ -2841,7 +2843,7 @@ def build_parser():
         description="Serve a wasmstore over HTTP (REST API, WebSocket watch, /metrics).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="""environment: WASMSTORE_ROOT, WASMSTORE_HOST, WASMSTORE_PORT, WASMSTORE_AUTH, WASMSTORE_TLS,
-  WASMSTORE_KV, WASMSTORE_RUN_TIMEOUT, WASMSTORE_FUEL, WASMSTORE_MAX_MEMORY, WASMSTORE_MAX_GUESTS,
+  WASMSTORE_KV, WASMSTORE_PROVIDER_KV, WASMSTORE_RUN_TIMEOUT, WASMSTORE_FUEL, WASMSTORE_MAX_MEMORY, WASMSTORE_MAX_GUESTS,
   WASMSTORE_RUN_QUEUE, WASMSTORE_ALLOWED_HOSTS (comma-separated), WASMSTORE_MAX_WATCHES
   (used when the matching option is absent)
 
@@ -2891,8 +2893,12 @@ examples:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     run = parser.add_argument_group("running stored modules (POST /api/v1/call, /api/v1/run)")
     run.add_argument("--kv", default=env.get("WASMSTORE_KV") or None, metavar="URL",
-                     help="key-value backend of the guests: sqlite:PATH, memory: or redis://HOST:PORT/DB "
-                          "(env WASMSTORE_KV; default: sqlite:<root>/kv.sqlite3)")
+                     help="key-value backend of the guests: sqlite:PATH, memory: or redis://HOST:PORT/DB, or "
+                          "component:PATH, a wasi:keyvalue provider component stored at PATH that serves the "
+                          "guests' wasi:keyvalue (env WASMSTORE_KV; default: sqlite:<root>/kv.sqlite3)")
+    run.add_argument("--provider-kv", default=env.get("WASMSTORE_PROVIDER_KV") or None, metavar="URL",
+                     help="the backend beneath a --kv component:PATH provider (env WASMSTORE_PROVIDER_KV; "
+                          "default: sqlite:<root>/kv.sqlite3)")
     run.add_argument("--run-timeout", type=_positive_seconds, default=None, metavar="S",
                      help="stop a guest after S seconds, also when it waits in a host call "
                           "(env WASMSTORE_RUN_TIMEOUT; default 10)")
@@ -2943,7 +2949,7 @@ ENV_OPTIONS = {"run_timeout": ("WASMSTORE_RUN_TIMEOUT", _positive_seconds),
 
 def run_options(args):
     """The make_runtime() options of parsed command-line arguments."""
-    return {"kv": args.kv, "timeout": args.run_timeout, "fuel": args.fuel, "max_memory": args.max_memory,
+    return {"kv": args.kv, "provider_kv": args.provider_kv, "timeout": args.run_timeout, "fuel": args.fuel, "max_memory": args.max_memory,
             "max_guests": args.max_guests or DEFAULT_MAX_GUESTS,
             "run_queue": DEFAULT_RUN_QUEUE if args.run_queue is None else args.run_queue,
             "queue_wait": args.queue_wait, "namespace_map": args.namespace_map,

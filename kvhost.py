@@ -20,6 +20,11 @@ Command line::
     python kvhost.py call [options] GUEST.wasm FUNCTION [JSON ...]  # one line of JSON
     python kvhost.py kv   [--kv URL] [--namespace NS] get|set|delete|list|incr BUCKET [KEY [VALUE]]
 
+Composition: ``Host(kv="component:provider.wasm", provider_kv="sqlite:/tmp/kv.sqlite3")`` (CLI
+``--kv component:FILE --provider-kv URL``) runs guests whose wasi:keyvalue imports are served
+by a provider component's exports, the provider's own imports by the host (WASIp2 and
+wasi:keyvalue on provider_kv).
+
 Map of this file, top-down:
   constants and exceptions
   backends        Backend (validation, cursors) -> MemoryBackend, SqliteBackend, RedisBackend; open_backend()
@@ -28,6 +33,9 @@ Map of this file, top-down:
   host glue       the wasi:keyvalue functions of both versions, dispatched without per-call type walks
   engine          compile cache on disk (checksummed, mapped by wasmtime), Guest, Host
                   (load / call / run / attach_watcher)
+  composition     Provider; a consumer's wasi:keyvalue forwarded to a provider component's
+                  exports (_forward), one provider instance per consumer call (_ProviderLink)
+  sandbox         worker processes for guests that can block (_WorkerPool, _RemoteBackend)
   CLI             main()
 
 Why the value codecs exist: wasmtime-py's component host functions re-read and re-walk the
@@ -43,7 +51,7 @@ __all__ = [
     "KvError", "ArgumentError", "BackendError", "AccessDeniedError", "NoSuchStoreError", "OperationError",
     "NoSuchFunction", "GuestError", "LinkError", "TrapError", "GuestExit", "Err",
     "Backend", "MemoryBackend", "SqliteBackend", "RedisBackend", "open_backend",
-    "Guest", "Host", "RunResult", "core_signatures", "describe_exports", "format_export", "json_float", "float_from_json",
+    "Guest", "Host", "RunResult", "Provider", "provider_of", "provider_exports", "PROVIDER_PREFIX", "core_signatures", "describe_exports", "format_export", "json_float", "float_from_json",
     "add_store_options", "add_sandbox_options", "host_from_args", "parse_json_args", "print_json", "print_exports",
     "run_with_deadline", "end_process", "report", "DeadlineExceeded", "main",
     "DEFAULT_KV_URL", "MAX_KEY_BYTES", "DEFAULT_MAX_VALUE_BYTES", "PAGE_SIZE",
@@ -1061,12 +1069,19 @@ _SEQ_DELETE = {"list": _proto("wasmtime_component_vallist_delete", None, _vp),
 
 
 _WASMTIME_RELEASE_GIL = ctypes.CDLL(ffi.dll._name, handle=ffi.dll._handle)   # for calls that run guest code
-_c_instance_new = _WASMTIME_RELEASE_GIL["wasmtime_instance_new"]
-_c_instance_new.restype = _vp
-_c_instance_new.argtypes = (_vp, _vp, _vp, _sz, _vp, _vp)
-_c_func_call = _WASMTIME_RELEASE_GIL["wasmtime_func_call"]
-_c_func_call.restype = _vp
-_c_func_call.argtypes = (_vp, _vp, _vp, _sz, _vp, _sz, _vp)
+
+
+def _released(name, restype, *argtypes):
+    """Like _proto, for a function that runs guest code: it releases the GIL (the epoch ticker
+    and other requests run meanwhile)."""
+    func = _WASMTIME_RELEASE_GIL[name]
+    func.restype = restype
+    func.argtypes = argtypes
+    return func
+
+
+_c_instance_new = _released("wasmtime_instance_new", _vp, _vp, _vp, _vp, _sz, _vp, _vp)
+_c_core_call = _released("wasmtime_func_call", _vp, _vp, _vp, _vp, _sz, _vp, _sz, _vp)
 
 
 def _raise_wasmtime(error, trap):
@@ -1776,6 +1791,7 @@ class _CallState:
         self.held = {}          # resource type id -> reps the guest holds (see _make_lift_borrow)
         self.next_rep = 1
         self.events = [] if record_events else None
+        self.provider = None    # the _ProviderLink serving this store's wasi:keyvalue (composition), if any
 
     def new_handle(self, table, value):
         rep = self.next_rep
@@ -2070,29 +2086,40 @@ def _forget_nothing(data):
     return None
 
 
-def _add_host_func(instance, name, params, result, func):
-    """Register `func` under `name` with converters built now, once, from the WIT descriptors."""
-    wrap = (lambda err: Err(wc.Variant("store-error", err.value))) if name == "swap" else (lambda err: err)
+def _new_func_id():
     with _ids_lock:
         func_id = _next_id[0]
         _next_id[0] += 1
-    _HOST_FUNCS[func_id] = (name, _guarded(func, len(params), wrap), [make_lift(p) for p in params],
-                            None if result is None else make_lower(result), len(params))
+    return func_id
+
+
+def _add_callback(instance, name, callback, func_id, finalizer):
+    """Define function `name` of a linker instance as the C callback `callback`, which gets `func_id`."""
     raw = name.encode("utf-8")
     add_func = _proto("wasmtime_component_linker_instance_add_func", _vp, _vp, ctypes.c_char_p, _sz,
                       _FUNC_CALLBACK, _vp, _FINALIZER)
-    err = add_func(ctypes.cast(instance.ptr(), _vp), raw, len(raw), _dispatch, func_id, _forget_function)
+    err = add_func(ctypes.cast(instance.ptr(), _vp), raw, len(raw), callback, func_id, finalizer)
     if err:
         raise wasmtime.WasmtimeError._from_ptr(ctypes.cast(err, ctypes.POINTER(ffi.wasmtime_error_t)))
 
 
-def _add_host_resource(instance, name, type_id):
+def _add_host_func(instance, name, params, result, func):
+    """Register `func` under `name` with converters built now, once, from the WIT descriptors."""
+    wrap = (lambda err: Err(wc.Variant("store-error", err.value))) if name == "swap" else (lambda err: err)
+    func_id = _new_func_id()
+    _HOST_FUNCS[func_id] = (name, _guarded(func, len(params), wrap), [make_lift(p) for p in params],
+                            None if result is None else make_lower(result), len(params))
+    _add_callback(instance, name, _dispatch, func_id, _forget_function)
+
+
+def _add_host_resource(instance, name, type_id, dtor=_drop_resource):
+    """Define resource type `name` as host type `type_id`; dtor(type id, ctx, rep) hears the guest's drops."""
     raw = name.encode("utf-8")
     ty = wc.ResourceType.host(type_id)
     add_resource = _proto("wasmtime_component_linker_instance_add_resource", _vp, _vp, ctypes.c_char_p, _sz, _vp,
                           _DTOR_CALLBACK, _vp, _FINALIZER)
     err = add_resource(ctypes.cast(instance.ptr(), _vp), raw, len(raw), ctypes.cast(ty.ptr(), _vp),
-                       _drop_resource, type_id, _forget_nothing)
+                       dtor, type_id, _forget_nothing)
     if err:
         raise wasmtime.WasmtimeError._from_ptr(ctypes.cast(err, ctypes.POINTER(ffi.wasmtime_error_t)))
 
@@ -2116,31 +2143,39 @@ def check_kv_imports(component_type, engine):
         if import_name not in KV_INTERFACES:
             raise GuestError(f"guest imports {import_name}, which this host does not provide "
                              f"(it provides {', '.join(sorted(KV_INTERFACES))})")
-        resources, functions = KV_INTERFACES[import_name]
-        ty = item.ty
-        if not isinstance(ty, wc.ComponentInstanceType):
-            raise GuestError(f"guest import {import_name} is not an instance")
-        for name, export in ty.exports(engine).items():
-            member = export.ty
-            if isinstance(member, wc.ResourceType):
-                continue   # wasmtime checks resource identity when it links
-            if isinstance(member, wc.ValType):
-                version = import_name.rsplit("@", 1)[1]
-                want = _kv_named_types(version).get(name)
-                if want is None or not same_shape(want, describe_valtype(member)):
-                    raise GuestError(f"guest import {import_name} expects type {name!r} = "
-                                     f"{format_desc(describe_valtype(member))}, which is not in the WIT")
-                continue
-            if name not in functions:
-                raise GuestError(f"guest import {import_name} expects function {name!r}, not in the WIT")
-            params, result = describe_functype(member)
-            want_params, want_result, _ = functions[name]
-            if len(params) != len(want_params) or not all(map(same_shape, want_params, params)) \
-                    or not same_shape(want_result, result):
-                raise GuestError(
-                    f"guest import {import_name}#{name} has type func({', '.join(map(format_desc, params))})"
-                    f" -> {format_desc(result)}; the WIT says func({', '.join(map(format_desc, want_params))})"
-                    f" -> {format_desc(want_result)}")
+        check_kv_instance("guest import", import_name, item.ty, engine)
+
+
+def check_kv_instance(label, interface, ty, engine):
+    """The functions of a wasi:keyvalue instance (a guest's import or a provider's export); GuestError
+    names the first member whose type is not the WIT's. `label` says whose ("guest import")."""
+    if not isinstance(ty, wc.ComponentInstanceType):
+        raise GuestError(f"{label} {interface} is not an instance")
+    functions = KV_INTERFACES[interface][1]
+    found = []
+    for name, export in ty.exports(engine).items():
+        member = export.ty
+        if isinstance(member, wc.ResourceType):
+            continue   # wasmtime checks resource identity when it links
+        if isinstance(member, wc.ValType):
+            version = interface.rsplit("@", 1)[1]
+            want = _kv_named_types(version).get(name)
+            if want is None or not same_shape(want, describe_valtype(member)):
+                raise GuestError(f"{label} {interface} expects type {name!r} = "
+                                 f"{format_desc(describe_valtype(member))}, which is not in the WIT")
+            continue
+        if name not in functions:
+            raise GuestError(f"{label} {interface} expects function {name!r}, not in the WIT")
+        params, result = describe_functype(member)
+        want_params, want_result, _ = functions[name]
+        if len(params) != len(want_params) or not all(map(same_shape, want_params, params)) \
+                or not same_shape(want_result, result):
+            raise GuestError(
+                f"{label} {interface}#{name} has type func({', '.join(map(format_desc, params))})"
+                f" -> {format_desc(result)}; the WIT says func({', '.join(map(format_desc, want_params))})"
+                f" -> {format_desc(want_result)}")
+        found.append(name)
+    return found
 
 
 # ---------------------------------------------------------------------------
@@ -2652,6 +2687,10 @@ class Host:
 
     kv: a backend URL or a Backend; namespace: the tenant whose data guests see (each call may
     name another); allow_buckets / deny_buckets: bucket ids a guest may (not) open.
+    Composition: kv="component:FILE" or a Provider makes a provider component serve the guests'
+    wasi:keyvalue; provider_kv (URL or Backend, default "memory:") is then the backend beneath
+    it, and allow/deny lists name the buckets the provider opens there. One provider instance
+    per call, in the call's namespace (see the composition section).
     Sandbox: timeout (seconds, None for no limit), fuel, max_memory (bytes per linear memory),
     max_table_elements (per table), env ({name: value}) and dirs ([(host, guest)]): what WASI may
     see (nothing unless given; sockets are never granted). Limits hold whatever a guest does:
@@ -2668,8 +2707,14 @@ class Host:
     def __init__(self, kv="memory:", namespace="default", allow_buckets=None, deny_buckets=None, timeout=DEFAULT_TIMEOUT,
                  fuel=None, max_memory=DEFAULT_MAX_MEMORY, env=None, dirs=None, cache_dir=None, stdout=None,
                  stderr=None, max_value_size=None, max_table_elements=DEFAULT_MAX_TABLE_ELEMENTS,
-                 isolation="auto", workers=None, stub_imports=False):
+                 isolation="auto", workers=None, stub_imports=False, provider_kv=None):
         _check_namespace(namespace)
+        provider = provider_of(kv)
+        if provider is not None:
+            kv = "memory:" if provider_kv is None else provider_kv
+        elif provider_kv is not None:
+            raise ArgumentError(f"a provider's backend (provider_kv, --provider-kv: {provider_kv!r}) needs a "
+                                "provider: kv=\"component:FILE\" (or a Provider)")
         if timeout is not None and (not isinstance(timeout, (int, float)) or isinstance(timeout, bool)
                                     or not 0 < timeout < 1e9 or math.isnan(timeout)):
             raise ArgumentError(f"invalid timeout {timeout!r}: expected a positive number of seconds")
@@ -2726,6 +2771,19 @@ class Host:
         self._pool = _WorkerPool(self, workers or max(2, os.cpu_count() or 2))
         self._limits = (max_memory, max_table_elements, STORE_LIMITS["instances"], STORE_LIMITS["tables"],
                         STORE_LIMITS["memories"])
+        self._provider = provider       # set before any linker is made: consumers' kv imports forward to it
+        self._composition = None
+        if provider is not None:
+            try:
+                self._composition = _Composition(self, provider.load(self), trial=provider.trial)
+            except BaseException:
+                self.close()
+                raise
+
+    @property
+    def provider(self):
+        """The provider component (a Guest) serving guests' wasi:keyvalue, or None (see Provider)."""
+        return None if self._composition is None else self._composition.guest
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -2831,6 +2889,8 @@ class Host:
         guest.links_needed = kind == "module" and any(module != "wasi_snapshot_preview1"
                                                       for module, _, _, _ in signatures[0])
         guest.source = source
+        if self._composition is not None and kind == "component":
+            self._composition.check_consumer(guest)
         return guest
 
     def _register(self, guest):
@@ -3026,7 +3086,10 @@ class Host:
         if self._component_linker is None:
             linker = wc.Linker(self.engine)
             linker.add_wasip2()
-            add_keyvalue_to_linker(linker)
+            if self._provider is None:
+                add_keyvalue_to_linker(linker)
+            else:
+                add_forwarding_to_linker(linker)
             self._component_linker = linker
         return self._component_linker
 
@@ -3177,6 +3240,8 @@ class _Session:
         wasi = request.op == "run" or guest.needs_wasi or any(d.needs_wasi for _, d in request.links)
         self.guest_store = host._new_store(request.argv, request.stdin, self.capture, wasi)
         self.address = self.guest_store.address
+        if host._composition is not None and self.state is not None:
+            self.state.provider = host._composition.link(self.state, self.capture)
         self.instance = None
 
     @property
@@ -3196,6 +3261,8 @@ class _Session:
     def __exit__(self, *exc):
         if self.state is not None:
             _STATES.pop(self.address, None)
+            if self.state.provider is not None:
+                self.state.provider.close()
         self.guest_store.close()
         events = None if self.state is None else self.state.events
         if events:
@@ -3401,7 +3468,7 @@ def _call_core_export(context, instance, name, params, results, args):
         slot.kind = code
         setattr(slot.of, field, value)
     scratch.trap.value = None
-    error = _c_func_call(context, scratch.func_address, inputs, len(params), outputs, len(results),
+    error = _c_core_call(context, scratch.func_address, inputs, len(params), outputs, len(results),
                          scratch.trap_address)
     _raise_wasmtime(error, scratch.trap.value)
     return [getattr(values[first_output + index].of, _CORE_VALUES[kind][1]) for index, kind in enumerate(results)]
@@ -3428,6 +3495,457 @@ def _core_argument(index, kind, arg):
         shown = repr(arg)
     expected = kind if kind in ("i32", "i64") else f'{kind} (a number, "NaN", "Infinity" or "-Infinity")'
     raise ArgumentError(f"argument {index + 1} ({kind}): expected {expected}, got {shown[:80]}")
+
+
+# ---------------------------------------------------------------------------
+# composition: a provider component serves the consumer's wasi:keyvalue
+# ---------------------------------------------------------------------------
+#
+# Host(kv="component:FILE") (or kv=Provider(...)): a guest's wasi:keyvalue imports are not the
+# host's functions but forwards to the exports of a *provider* component, run at the same time
+# in a Store of its own. The provider's own imports are the host's: WASIp2 (the same sandbox as
+# any guest) and wasi:keyvalue on the Host's backend (provider_kv), so a provider can be a layer
+# (prefixing, encrypting, caching) over real storage. wasmtime cannot link one component's
+# exports into another's imports at run time; kvhost does it one call at a time.
+#
+# Lifetime and tenants: one provider instance per consumer call. It is made at the consumer's
+# first wasi:keyvalue call (a call that uses none never starts one), serves only that call, in
+# that call's namespace, and is dropped when the call ends. So state lives in the backend
+# beneath the provider (it survives the call, the process and a restart) and no tenant's data is
+# ever in an instance that serves another; a provider that keeps data in its linear memory loses
+# it at the end of the call. The provider shares the call's deadline; its fuel and memory limits
+# are its own (the Host's limits, per instance).
+#
+# Forwarding works on wasmtime's value records, never converting values to Python: the
+# consumer's arguments are copied (32 bytes each) into the provider call, each resource handle
+# replaced by the provider handle it stands for; the provider writes its result straight into
+# the consumer's result slot, where a provider handle it carries is replaced by a new consumer
+# handle. Each consumer handle (bucket, cas) stands for exactly one provider handle; the
+# consumer's drop drops it in the provider (its destructor runs); errors pass through unchanged.
+# A provider that traps gives the consumer error::other naming the provider and the reason, and
+# a fresh instance serves the next open (older handles are gone); one that runs past the
+# deadline or out of fuel stops the consumer's call too (TrapError "timeout" / "fuel").
+
+PROVIDER_PREFIX = "component:"          # --kv component:FILE names a provider, not a backend
+
+# Calls into a provider run wasm code: they release the GIL, as wasmtime-py's calls do (the
+# epoch ticker, a Python thread, must keep running to interrupt a provider that never returns).
+_c_component_call = _released("wasmtime_component_func_call", _vp, _vp, _vp, _vp, _sz, _vp, _sz)   # runs post-return too
+_c_provider_drop = _released("wasmtime_component_resource_any_drop", _vp, _vp, _vp)   # runs a destructor
+_c_any_delete = _proto("wasmtime_component_resource_any_delete", None, _vp)           # frees the handle record
+_RESOURCE_KIND = _K["resource"]
+
+
+def _error_from(pointer):
+    return wasmtime.WasmtimeError._from_ptr(ctypes.cast(pointer, ctypes.POINTER(ffi.wasmtime_error_t)))
+
+
+class Provider:
+    """A wasi:keyvalue provider component for Host(kv=Provider(...)): `source` is a path (.wasm
+    or .wat) or bytes; `name` is how messages call it (default: the path); `digest` is the
+    SHA-256 of the source when the caller knows it (a store does). Host(kv="component:FILE")
+    means Provider("FILE"). The backend beneath it is Host(provider_kv=...)."""
+
+    trial = True        # instantiate it once when the Host is made (a worker process trusts its parent)
+
+    def __init__(self, source, *, name=None, digest=None):
+        if not isinstance(source, (str, bytes, bytearray, os.PathLike)) or not len(source):
+            raise ArgumentError(f"invalid provider {source!r}: expected a path or bytes")
+        self.source = source
+        self.name = name
+        self.digest = digest
+
+    @classmethod
+    def from_url(cls, url):
+        """The Provider of "component:FILE"."""
+        path = url[len(PROVIDER_PREFIX):]
+        if not path:
+            raise ArgumentError(f"invalid backend URL {url!r}: expected component:FILE (a provider component)")
+        return cls(path)
+
+    def load(self, host):
+        """The compiled provider, a Guest of `host`."""
+        try:
+            return host.load(self.source, digest=self.digest, name=self.name)
+        except ArgumentError as e:
+            raise ArgumentError(f"provider: {e}") from None
+
+    def __repr__(self):
+        return f"<Provider {self.name or (self.source if isinstance(self.source, str) else '<bytes>')}>"
+
+
+def provider_of(kv):
+    """The Provider a Host's `kv` argument names (a Provider, or "component:FILE"), else None."""
+    if isinstance(kv, Provider):
+        return kv
+    if isinstance(kv, str) and kv.startswith(PROVIDER_PREFIX):
+        return Provider.from_url(kv)
+    return None
+
+
+def provider_exports(component_type, engine, name):
+    """{interface: frozenset of function names}: the wasi:keyvalue interfaces a provider exports,
+    each checked against the WIT (GuestError names a member that is off, or says there is none)."""
+    provided = {}
+    for export_name, item in component_type.exports(engine).items():
+        if export_name in KV_INTERFACES:
+            provided[export_name] = frozenset(check_kv_instance(f"provider {name}: export", export_name, item.ty,
+                                                                engine))
+    if not provided:
+        raise GuestError(f"{name} exports no wasi:keyvalue interface, so it cannot be a provider (it must "
+                         f"export one of {', '.join(sorted(KV_INTERFACES))})")
+    return provided
+
+
+def check_consumer(component_type, engine, provided, consumer, provider):
+    """Refuse a consumer importing a wasi:keyvalue function that the provider does not export
+    (LinkError names it), before anything runs."""
+    for import_name, item in component_type.imports(engine).items():
+        if not import_name.startswith("wasi:keyvalue/"):
+            continue
+        exported = provided.get(import_name, frozenset())
+        for member, export in item.ty.exports(engine).items():
+            if isinstance(export.ty, wc.FuncType) and member not in exported:
+                have = ", ".join(f"{iface} ({', '.join(sorted(funcs))})" for iface, funcs in sorted(provided.items()))
+                raise LinkError(f"cannot run {consumer} on provider {provider}: {consumer} imports "
+                                f"{import_name}#{member}, which the provider does not export (it exports {have})")
+
+
+# -- forwarding a consumer's calls -----------------------------------------------------------------
+
+def _handle_in_result(result):
+    """Where a result carries a new handle: ("ok", type id, None) for result<own<T>, E> (open,
+    cas.new), ("err", type id, case) for result<_, variant{case(own<T>), ...}> (swap), or None."""
+    _, ok, err = result
+    if ok is not None and ok[0] == "own":
+        return ("ok", ok[1], None)
+    if err is not None and err[0] == "variant":
+        for case, payload in err[1]:
+            if payload is not None and payload[0] == "own":
+                return ("err", payload[1], case)
+    return None
+
+
+class _Forward:
+    """One wasi:keyvalue function as a consumer imports it when a provider serves it: where its
+    handles are, and how to answer an error."""
+
+    __slots__ = ("interface", "name", "label", "arity", "handles", "adopts", "lower", "wrap_error")
+
+    def __init__(self, interface, name, params, result):
+        self.interface = interface
+        self.name = name
+        self.label = f"{interface}#{name}"
+        self.arity = len(params)
+        # (argument index, consumed (own) or lent (borrow), lift giving the consumer's rep)
+        self.handles = tuple((i, p[0] == "own", make_lift(p)) for i, p in enumerate(params)
+                             if p[0] in ("own", "borrow"))
+        self.adopts = _handle_in_result(result)
+        self.lower = make_lower(result)
+        self.wrap_error = (lambda e: wc.Variant("store-error", e)) if name == "swap" else (lambda e: e)
+
+    def fail(self, ctx, message, results):
+        """Answer the consumer with error::other(message) (swap: cas-error::store-error(other(...)))."""
+        self.lower(ctx, Err(self.wrap_error(wc.Variant("other", message))), results)
+        return 0
+
+
+_FORWARDS = {}       # function id -> _Forward
+_LOWER_HANDLE = {type_id: _make_lower_own(type_id) for type_id in list(BUCKET_TYPE.values()) + [CAS_TYPE]}
+
+
+@_FUNC_CALLBACK
+def _forward(data, ctx, _ty, args, nargs, results, nresults):
+    """Every wasi:keyvalue call of a consumer lands here when a provider serves it: the
+    arguments go to the provider as they are, with each handle replaced by the provider's
+    (see the section comment); the provider writes the result in place."""
+    try:
+        forward = _FORWARDS[data]
+        link = _STATES[ctx].provider
+        if nargs != forward.arity or nresults != 1:
+            return _trap_pointer(f"kvhost: {forward.label} called with a signature that does not match the WIT")
+        base = link.args_address
+        _MEMORY[base:base + nargs * _VAL_SIZE] = _MEMORY[args:args + nargs * _VAL_SIZE]   # borrowed as they are
+        taken = None
+        for index, own, lift in forward.handles:
+            rep = lift(ctx, args + index * _VAL_SIZE)            # ends the borrow / takes back the own
+            handle = link.handles.pop(rep, None) if own else link.handles.get(rep)
+            if handle is None:
+                return forward.fail(ctx, link.missing(rep), results)
+            _write_kind_pointer(_MEMORY, base + index * _VAL_SIZE, _RESOURCE_KIND, handle)
+            if own:
+                taken = handle
+        func = link.funcs.get(forward) or link.func(forward, ctx, results, taken)
+        if func is None:                                          # the provider could not start; answered
+            return 0
+        error = _c_component_call(func, link.context, base, nargs, results, 1)
+        if taken is not None:
+            _c_any_delete(taken)                                  # the provider consumed it (or trapped)
+        if error:
+            return link.trapped(forward, ctx, results, _trap_reason(_error_from(error)))
+        if forward.adopts is not None:
+            link.adopt(forward.adopts, ctx, results)
+        return 0
+    except BaseException as e:   # a bug, or a store without a provider: trap this consumer only
+        return _trap_pointer(f"kvhost: forwarding a wasi:keyvalue call: {type(e).__name__}: {e}")
+
+
+@_DTOR_CALLBACK
+def _drop_forwarded(data, ctx, rep):
+    """The consumer dropped a handle: drop the provider's (its destructor runs)."""
+    try:
+        state = _STATES.get(ctx)
+        if state is not None:
+            state.take_back(data, rep)
+            if state.provider is not None:
+                state.provider.drop(rep)
+    except BaseException:       # never raise into wasmtime; a broken provider is reset by drop()
+        pass
+    return 0
+
+
+@_FINALIZER
+def _forget_forward(data):
+    _FORWARDS.pop(data or 0, None)
+
+
+def add_forwarding_to_linker(linker):
+    """Define both wasi:keyvalue versions in a consumer's linker as forwards to its Store's provider."""
+    with linker.root() as root:
+        for import_name, (resources, functions) in KV_INTERFACES.items():
+            with root.add_instance(import_name) as instance:
+                for res_name, (type_id, _table) in resources.items():
+                    _add_host_resource(instance, res_name, type_id, _drop_forwarded)
+                for func_name, (params, result, _func) in functions.items():
+                    func_id = _new_func_id()
+                    _FORWARDS[func_id] = _Forward(import_name, func_name, params, result)
+                    _add_callback(instance, func_name, _forward, func_id, _forget_forward)
+
+
+def _to_stderr(data):
+    """Where a provider's output goes when the consumer's is not captured: never the consumer's stdout."""
+    with contextlib.suppress(Exception):
+        stream = sys.stderr
+        if hasattr(stream, "buffer"):
+            stream.buffer.write(data)
+        else:
+            stream.write(bytes(data).decode("utf-8", "replace"))
+        stream.flush()
+
+
+class _Composition:
+    """A Host's provider: the compiled component, the wasi:keyvalue functions it exports, and the
+    linker its instances are made with (WASIp2 and the host's wasi:keyvalue on the Host's backend)."""
+
+    def __init__(self, host, guest, trial=True):
+        if guest.kind != "component":
+            raise GuestError(f"{guest.name} is a core module; a provider must be a component that exports "
+                             "wasi:keyvalue")
+        self.host = host
+        self.guest = guest
+        self.provided = provider_exports(guest.artifact.type, host.engine, guest.name)
+        self._linker = None
+        self._indexes = {}          # _Forward -> the component's export index of its function (any instance)
+        if trial:
+            self._trial()
+
+    def _provider_linker(self):
+        with self.host._lock:
+            if self._linker is None:
+                linker = wc.Linker(self.host.engine)
+                linker.add_wasip2()
+                add_keyvalue_to_linker(linker)
+                if self.host.stub_imports:
+                    linker.define_unknown_imports_as_traps(self.guest.artifact)
+                self._linker = linker
+            return self._linker
+
+    def export_index(self, forward):
+        """The provider's export index of `forward`'s function (None if it lacks it), found once."""
+        if forward not in self._indexes:
+            artifact = self.guest.artifact
+            index = artifact.get_export_index(forward.interface)
+            self._indexes[forward] = None if index is None else artifact.get_export_index(forward.name, index)
+        return self._indexes[forward]
+
+    def instantiate(self, store):
+        """A provider instance in `store`; LinkError if its imports cannot be met, TrapError if it traps."""
+        try:
+            return self._provider_linker().instantiate(store, self.guest.artifact)
+        except wasmtime.WasmtimeError as e:
+            reason = _link_reason(e)
+            if _is_link_failure(reason):
+                raise LinkError(f"cannot link provider {self.guest.name}: {reason}") from None
+            raise _trap_error(e, self.host) from None
+        except wasmtime.Trap as e:
+            raise _trap_error(e, self.host) from None
+
+    def _trial(self):
+        """Make one instance, so that a provider that cannot link or start is refused before any guest runs."""
+        link = _ProviderLink(self, _CallState(self.host), None)
+        try:
+            link.start()
+        except TrapError as e:
+            raise GuestError(f"provider {self.guest.name} cannot start: {e}") from None
+        finally:
+            link.close()
+
+    def wasi_config(self, capture):
+        """The provider's WASI: the Host's env and dirs; its output goes to the consumer's stderr."""
+        host = self.host
+        config = wasmtime.WasiConfig()
+        config.argv = [self.guest.name]
+        if host.env:
+            config.env = sorted(host.env.items())
+        for host_dir, guest_dir in host.dirs:
+            config.preopen_dir(host_dir, guest_dir)
+        sink = _to_stderr if capture is None else capture.write
+        config.stdout_custom = sink
+        config.stderr_custom = sink
+        return config
+
+    def check_consumer(self, guest):
+        """Refuse a consumer needing a function the provider lacks; a consumer of a provider that may
+        block (a WASI poll) may block too (so isolation="auto" runs it in a worker process)."""
+        check_consumer(guest.artifact.type, self.host.engine, self.provided, guest.name, self.guest.name)
+        guest.may_block = guest.may_block or self.guest.may_block
+
+    def link(self, consumer, capture):
+        """The _ProviderLink of one consumer call (its _CallState; its (stdout, stderr) captures or None)."""
+        return _ProviderLink(self, consumer, None if capture is None else capture[1])
+
+
+class _ProviderLink:
+    """The provider instance serving one consumer call, and the consumer's handles into it."""
+
+    def __init__(self, composition, consumer, capture):
+        self.composition = composition
+        self.consumer = consumer            # the consumer Store's _CallState
+        self.capture = capture              # where the provider's output goes (None: stderr)
+        self.started = time.monotonic()     # the provider keeps to the call's deadline
+        self.store = None                   # made at the first forwarded call
+        self.context = None                 # its wasmtime_context_t address
+        self.instance = None
+        self.funcs = {}                     # _Forward -> address of its wasmtime_component_func_t
+        self.keep = []                      # the Func objects those addresses belong to
+        self.handles = {}                   # consumer rep -> provider resource_any address
+        self.lost = None                    # why earlier handles are gone (the provider trapped)
+        self.args = (_VAL * 3)()            # a wasi:keyvalue function takes at most three arguments
+        self.args_address = ctypes.addressof(self.args)
+
+    # -- the provider instance --------------------------------------------------------------------
+
+    def start(self):
+        """Make the provider instance: a fresh Store with the Host's limits and the call's deadline."""
+        composition = self.composition
+        host, guest = composition.host, composition.guest
+        store = host._new_store(wasi=False)
+        context = store.address
+        if host.timeout is not None:
+            left = max(0.0, host.timeout - (time.monotonic() - self.started))
+            _c_set_epoch_deadline(context, math.ceil(left / EPOCH_TICK) + 1)
+        if guest.needs_wasi:
+            store.wrapper.set_wasi(composition.wasi_config(self.capture))
+        state = _CallState(host, False, self.consumer.namespace)
+        state.events = self.consumer.events         # the provider's writes reach the watchers
+        _STATES[context] = state
+        self.store, self.context = store, context
+        try:
+            self.instance = composition.instantiate(store.wrapper)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self, why=None):
+        """Drop the provider instance and every handle into it (at the end of the call, or after a trap)."""
+        for handle in self.handles.values():
+            _c_any_delete(handle)
+        self.handles.clear()
+        self.funcs.clear()
+        del self.keep[:]
+        if self.store is not None:
+            _STATES.pop(self.context, None)
+            self.store.close()
+        self.store = self.context = self.instance = None
+        if why is not None:
+            self.lost = f"this handle was lost when the provider instance that held it stopped: {why}"
+
+    def func(self, forward, ctx, results, taken):
+        """The address of the provider's function for `forward`, looked up once per instance (which
+        starts here, at the first call). None if the provider could not start or lacks it: the
+        consumer is then answered error::other."""
+        try:
+            if self.instance is None:
+                self.start()
+            index = self.composition.export_index(forward)
+            func = None if index is None else self.instance.get_func(self.store.wrapper, index)
+            if func is None:
+                raise LinkError(f"{forward.label} is not exported")
+        except KvError as e:
+            if taken is not None:
+                _c_any_delete(taken)
+            forward.fail(ctx, f"provider {self.composition.guest.name}: {e}", results)
+            return None
+        self.keep.append(func)
+        address = self.funcs[forward] = ctypes.addressof(func._func)
+        return address
+
+    def missing(self, rep):
+        """Why the consumer's handle `rep` stands for no provider handle."""
+        if rep in self.consumer.buckets:       # made by the host for a watcher (Session.notify)
+            return ("a bucket handed to a watcher names the backend's bucket, which the provider does not "
+                    "serve: open the bucket to use it")
+        return self.lost or "unknown handle"
+
+    def adopt(self, adopts, ctx, results):
+        """Give the consumer its own handle for a provider handle in the result (open, cas.new, swap)."""
+        where, type_id, case = adopts
+        if (_MEMORY[results + _VAL_PAYLOAD] != 0) != (where == "ok"):
+            return
+        box = _pointer_at(results + _VAL_PAYLOAD + 8)
+        if where == "err":
+            if _lift_string(ctx, box) != case:
+                return
+            box = _pointer_at(box + _VAL_PAYLOAD + 16)
+        consumer = self.consumer                # its counter: reps the host made too (watchers) never clash
+        rep = consumer.next_rep
+        consumer.next_rep += 1
+        self.handles[rep] = _pointer_at(box + _VAL_PAYLOAD)     # now this link's to free
+        _LOWER_HANDLE[type_id](ctx, rep, box)
+
+    def trapped(self, forward, ctx, results, reason):
+        """The provider trapped in `forward`: drop the instance; answer error::other, or stop the
+        consumer too if the call's deadline or fuel ran out."""
+        message = f"provider {self.composition.guest.name} trapped in {forward.label}: {reason}"
+        self.close(message)
+        if "wasm trap: interrupt" in reason or "all fuel consumed" in reason:
+            return _trap_pointer(message)
+        return forward.fail(ctx, message, results)
+
+    def drop(self, rep):
+        """The consumer dropped `rep`: drop the provider's handle, running its destructor."""
+        handle = self.handles.pop(rep, None)
+        if handle is None:
+            return
+        error = _c_provider_drop(self.context, handle)
+        _c_any_delete(handle)
+        if error:
+            self.close(f"provider {self.composition.guest.name} trapped dropping a handle: "
+                       f"{_trap_reason(_error_from(error))}")
+
+
+class _WiredProvider(Provider):
+    """A worker process's provider, as its parent sent it (from the compile cache, or its bytes)."""
+
+    trial = False
+
+    def __init__(self, wire, blobs):
+        super().__init__(wire.get("name") or "provider", name=wire.get("name"), digest=wire.get("digest"))
+        self.wire = wire
+        self.blobs = blobs
+
+    def load(self, host):
+        return _worker_guest(host, self.wire, self.blobs)
 
 
 # ---------------------------------------------------------------------------
@@ -3604,7 +4122,7 @@ class _Worker:
             "spec.loader.exec_module(module)\n"
             "sys.exit(module._worker_main(sys.argv[2:]))\n")
 
-    def __init__(self, settings):
+    def __init__(self, settings, blobs=()):
         to_child_read, to_child_write = os.pipe()
         from_child_read, from_child_write = os.pipe()
         try:
@@ -3616,7 +4134,7 @@ class _Worker:
             os.close(from_child_write)
         self.channel = _Channel(from_child_read, to_child_write)
         self.usable = True
-        self.channel.send({"op": "init", "settings": settings})
+        self.channel.send({"op": "init", "settings": settings}, blobs)
 
     def execute(self, host, guest, request):
         blobs = []
@@ -3708,13 +4226,18 @@ class _WorkerPool:
         self._closed = False
 
     def _settings(self):
+        """(settings, blobs) of a new worker: the Host's options, and its provider if it has one."""
         host = self.host
-        return {"namespace": host.namespace, "timeout": host.timeout, "fuel": host.fuel,
-                "max_memory": host.max_memory, "max_table_elements": host.max_table_elements,
-                "env": host.env, "dirs": host.dirs, "cache_dir": host.cache_dir, "stdout": host.stdout,
-                "stderr": host.stderr, "stub_imports": host.stub_imports,
-                "allow_buckets": None if host.allow_buckets is None else sorted(host.allow_buckets),
-                "deny_buckets": sorted(host.deny_buckets)}
+        settings = {"namespace": host.namespace, "timeout": host.timeout, "fuel": host.fuel,
+                    "max_memory": host.max_memory, "max_table_elements": host.max_table_elements,
+                    "env": host.env, "dirs": host.dirs, "cache_dir": host.cache_dir, "stdout": host.stdout,
+                    "stderr": host.stderr, "stub_imports": host.stub_imports,
+                    "allow_buckets": None if host.allow_buckets is None else sorted(host.allow_buckets),
+                    "deny_buckets": sorted(host.deny_buckets)}
+        blobs = []
+        if host.provider is not None:
+            settings["provider"] = _guest_to_wire(host.provider, blobs)
+        return settings, blobs
 
     def prestart(self, count):
         with self._cond:
@@ -3724,7 +4247,7 @@ class _WorkerPool:
         def start():
             for _ in range(count):
                 try:
-                    worker = _Worker(self._settings())
+                    worker = _Worker(*self._settings())
                 except OSError:
                     with self._cond:
                         self._started -= 1
@@ -3745,7 +4268,7 @@ class _WorkerPool:
                     break
                 self._cond.wait()
         try:
-            return _Worker(self._settings())
+            return _Worker(*self._settings())
         except OSError as e:
             with self._cond:
                 self._started -= 1
@@ -3797,11 +4320,18 @@ def _worker_main(argv):
     until the parent closes the pipe. Guest stdout/stderr are the parent's unless captured."""
     channel = _Channel(int(argv[0]), int(argv[1]))
     try:
-        header, _ = channel.recv()
+        header, blobs = channel.recv()
     except _ChannelError:
         return 0
     events = []
-    host = Host(kv=_RemoteBackend(channel), isolation="thread", **header["settings"])
+    settings = header["settings"]
+    provider = settings.pop("provider", None)
+    backend = _RemoteBackend(channel)       # the provider's own wasi:keyvalue goes to the parent too
+    kv = {"kv": backend} if provider is None else {"kv": _WiredProvider(provider, blobs), "provider_kv": backend}
+    try:
+        host = Host(isolation="thread", **kv, **settings)
+    except KvError:     # the parent loaded the same provider: only a broken cache gets here
+        return 1
     host._event_sink = events.extend
     while True:
         try:
@@ -3888,11 +4418,18 @@ def _nonnegative_int(text):
     return value
 
 
-def add_store_options(parser, kv_default=DEFAULT_KV_URL, kv_default_text=None):
-    """--kv and --namespace (kvhost's and wasmstore.py's commands share them)."""
+def add_store_options(parser, kv_default=DEFAULT_KV_URL, kv_default_text=None, provider="FILE"):
+    """--kv, --provider-kv and --namespace (kvhost's and wasmstore.py's commands share them).
+    provider: what follows "component:" in --kv (None: no provider option, e.g. `kvhost kv`)."""
+    default = kv_default_text or kv_default
     parser.add_argument("--kv", default=kv_default, metavar="URL",
-                        help="key-value backend: sqlite:PATH, memory: or redis://HOST:PORT/DB "
-                             f"(default {kv_default_text or kv_default})")
+                        help="key-value backend: sqlite:PATH, memory: or redis://HOST:PORT/DB"
+                             + ("" if provider is None else f", or component:{provider}, a provider component "
+                                "whose wasi:keyvalue exports serve the guest's imports") + f" (default {default})")
+    if provider is not None:
+        parser.add_argument("--provider-kv", metavar="URL",
+                            help=f"the backend beneath a --kv component:{provider} provider: what its own "
+                                 f"wasi:keyvalue imports use (default {default})")
     parser.add_argument("--namespace", help="tenant whose data the guest sees (default: default)")
 
 
@@ -3924,7 +4461,11 @@ def host_from_args(args, **overrides):
                    dirs=args.dirs, cache_dir=args.cache_dir, stub_imports=args.stub_imports, isolation="thread")
     if args.namespace is not None:
         options["namespace"] = args.namespace
+    if getattr(args, "provider_kv", None) is not None:
+        options["provider_kv"] = args.provider_kv
     options.update(overrides)
+    if provider_of(options["kv"]) is not None:
+        options.setdefault("provider_kv", DEFAULT_KV_URL)
     return Host(**options)
 
 
@@ -4013,7 +4554,7 @@ def _build_parser():
     exports.add_argument("--cache-dir", help="compile cache directory (default ~/.cache/wasmstore/kvhost)")
     exports.add_argument("guest")
     kv = commands.add_parser("kv", help="inspect and edit stored data")
-    add_store_options(kv)
+    add_store_options(kv, provider=None)
     kv.add_argument("action", choices=["get", "set", "delete", "list", "incr"])
     kv.add_argument("bucket")
     kv.add_argument("key", nargs="?")

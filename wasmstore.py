@@ -93,7 +93,7 @@ __all__ = [
     "Store", "StoreError", "InvalidInput", "InvalidModule", "TooLarge", "NotFound",
     "Conflict", "MergeConflict", "CorruptObject", "validate_path", "format_path",
     "validate_branch", "validate_hash", "validate_module", "load_backup", "main",
-    "ERROR_STATUS", "error_status", "Runner", "Target", "default_kv_url", "parse_namespace_map",
+    "ERROR_STATUS", "error_status", "Runner", "Target", "default_kv_url", "kv_options", "parse_namespace_map",
     "RegistryError", "OciReference", "WasmArtifact", "Credentials", "RegistryClient",
     "TransferReport", "wasm_interface", "module_artifact", "registry_credentials",
     "docker_config_file", "validate_module_file", "is_branch_tag", "push", "push_all", "pull",
@@ -3152,6 +3152,28 @@ def _kvhost():
     return kvhost
 
 
+PROVIDER_PREFIX = "component:"         # --kv component:PATH: a provider component stored at PATH
+
+
+def kv_options(store, kv=None, provider_kv=None):
+    """kvhost.Host's kv options for modules of `store`. kv: a backend URL (default: sqlite under
+    the store root) or "component:PATH", a wasi:keyvalue provider component stored at PATH (as
+    the default branch holds it now), which then serves the guests' wasi:keyvalue over
+    provider_kv (default: sqlite under the store root)."""
+    kv = kv or default_kv_url(store.root)
+    if not (isinstance(kv, str) and kv.startswith(PROVIDER_PREFIX)):
+        if provider_kv is not None:
+            raise InvalidInput(f"--provider-kv {_short(provider_kv)} is the backend beneath a provider: it "
+                               "needs --kv component:PATH")
+        return {"kv": kv}
+    path = kv[len(PROVIDER_PREFIX):]
+    if not path:
+        raise InvalidInput(f"invalid --kv {_short(kv)}: expected component:PATH, a provider stored at PATH")
+    digest, _ = store.module_at(path)
+    provider = _kvhost().Provider(store.module_filename(digest), digest=digest, name=format_path(validate_path(path)))
+    return {"kv": provider, "provider_kv": provider_kv or default_kv_url(store.root)}
+
+
 def parse_namespace_map(entries):
     """[(prefix segments, namespace)] from "PREFIX=NAMESPACE" texts, longest prefix first."""
     parsed = []
@@ -3191,7 +3213,8 @@ class Runner:
     parse_namespace_map) lets an operator give every module under a prefix one shared
     namespace. Core modules whose imports name a store path (or a hash) are linked to those
     modules in the same commit. `host` is a kvhost.Host (default: one made from host_options,
-    with kv=sqlite under the store root)."""
+    whose kv and provider_kv go through kv_options: sqlite under the store root, or
+    "component:PATH", a provider stored at PATH)."""
 
     def __init__(self, store, host=None, *, namespaces=(), **host_options):
         kvhost = _kvhost()
@@ -3200,7 +3223,7 @@ class Runner:
         self._resolved = {}            # (branch, path_or_hash, version, commit) -> (head, Target)
         self._owns_host = host is None
         if host is None:
-            host_options.setdefault("kv", default_kv_url(store.root))
+            host_options.update(kv_options(store, host_options.pop("kv", None), host_options.pop("provider_kv", None)))
             host = kvhost.Host(**host_options)
         self.host = host
 
@@ -4711,7 +4734,7 @@ RUN_COMMANDS = ("call", "run", "exports")     # their options come from kvhost (
 
 def _runner(store, args):
     kvhost = _kvhost()
-    host = kvhost.host_from_args(args, kv=args.kv or default_kv_url(store.root))
+    host = kvhost.host_from_args(args, **kv_options(store, args.kv, args.provider_kv))
     return Runner(store, host, namespaces=parse_namespace_map(args.namespace_map))
 
 
@@ -4775,7 +4798,8 @@ def _add_run_options(sub, name):
         sub.add_argument("--json", action="store_true", help="one JSON document instead of one line each")
         sub.add_argument("--cache-dir", help="compile cache directory (default ~/.cache/wasmstore/kvhost)")
         return
-    kvhost.add_store_options(sub, kv_default=None, kv_default_text="sqlite under the store root")
+    kvhost.add_store_options(sub, kv_default=None, kv_default_text="sqlite under the store root",
+                             provider="PATH")
     sub.add_argument("--namespace-map", action="append", default=[], metavar="PREFIX=NS",
                      help="modules under PREFIX share kv namespace NS (repeatable; default: each path "
                           "is its own namespace, a hash is sha256:<hash>)")

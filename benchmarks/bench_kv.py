@@ -19,6 +19,13 @@ Figures, each the median of --rounds rounds, ratios taken against a baseline in 
   machine (on a loaded or virtualised host a round trip can be 4x slower, which hides the fixed
   cost of a guest call), so the added cost per pair in microseconds is printed too: that is
   the figure to compare between runs.
+- provider: the same ``set-get-loop`` (100-byte values) with the guest's wasi:keyvalue served by
+  the WAT provider guests/kv-provider.wat over the memory backend (issue 10), against the same
+  guest on the memory backend directly, in alternating blocks: pairs/s and ratio (goal >= 0.5);
+  also the componentize-py provider build/py-provider.wasm (``bash guests/build.sh``; skipped
+  with a message if it is missing). In-process (isolation="thread"), so the figure is the cost
+  of forwarding, not of a worker's IPC; the provider's instance is made once per guest call
+  (one block of 100 pairs).
 - counter: 8 threads, each running a guest that increments one SQLite counter N times;
   the final value must be exactly 8 x N (exit status 1 otherwise).
 - warm start: ``python kvhost.py call --kv memory: build/py-counter.wasm bump`` as a new
@@ -52,6 +59,8 @@ import wasmtime  # noqa: E402
 
 PROBE = os.path.join(REPO_DIR, "guests", "host", "kv-probe.wat")
 PY_COUNTER = os.path.join(REPO_DIR, "build", "py-counter.wasm")
+KV_PROVIDER = os.path.join(REPO_DIR, "guests", "kv-provider.wat")
+PY_PROVIDER = os.path.join(REPO_DIR, "build", "py-provider.wasm")
 # A core module calling one imported host function in a loop: the core-module baseline.
 CORE_LOOP = """(module
   (import "kv" "exists" (func $exists (param i32 i32) (result i32)))
@@ -242,6 +251,26 @@ def bench_redis(rounds, pairs, url):
             "added us/pair": 1e6 / g - 1e6 / r}
 
 
+# -- provider: set+get through a provider component vs the backend directly ----------------------
+
+def bench_provider(rounds, pairs, provider, cache_dir):
+    """kv-probe's set-get-loop served by `provider` over memory: vs the same guest on memory: directly."""
+    direct = kvhost.Host(kv="memory:", cache_dir=False, timeout=None)
+    layered = kvhost.Host(kv=kvhost.Provider(provider), provider_kv="memory:", cache_dir=cache_dir, timeout=None,
+                          isolation="thread")
+    try:
+        direct_guest, layered_guest = direct.load(PROBE), layered.load(PROBE)
+        value = list(VALUE)
+        g, d = interleaved(rounds, pairs, lambda n: layered.call(layered_guest, "set-get-loop", ["b", "key", value, n]),
+                           lambda n: direct.call(direct_guest, "set-get-loop", ["b", "key", value, n]))
+        if layered.backend.get("default", "wat.b" if provider == KV_PROVIDER else "py.b", "key") != VALUE:
+            raise RuntimeError(f"{provider} did not write through to its backend")
+    finally:
+        direct.close()
+        layered.close()
+    return {"provider pairs/s": g, "direct pairs/s": d, "ratio": g / d, "added us/pair": 1e6 / g - 1e6 / d}
+
+
 # -- counter: 8 threads, one SQLite counter ------------------------------------------------------
 
 def bench_counter(threads, increments, directory):
@@ -330,6 +359,17 @@ def main(argv=None):
             print(f"         (guest adds {redis['added us/pair']:,.0f} us per set+get to the raw round trips; "
                   f"same RedisBackend called from Python: {redis['direct pairs/s']:,.0f} pairs/s; "
                   f"guest/direct {redis['direct ratio']:.0%})")
+        layer = bench_provider(args.rounds, pairs, KV_PROVIDER, False)
+        print(f"provider WAT provider set+get pairs/s {layer['provider pairs/s']:>10,.0f}   same guest on memory: "
+              f"{layer['direct pairs/s']:,.0f}   ratio {layer['ratio']:.2f} (goal >= 0.5: "
+              f"{'met' if layer['ratio'] >= 0.5 else 'MISSED'}); adds {layer['added us/pair']:,.1f} us per pair")
+        if not os.path.exists(PY_PROVIDER):
+            print("         componentize-py provider skipped: build/py-provider.wasm is missing "
+                  "(pip install componentize-py==0.25.1 && bash guests/build.sh)")
+        else:
+            py = bench_provider(args.rounds, pairs, PY_PROVIDER, os.path.join(directory, "compile-cache"))
+            print(f"         componentize-py provider     {py['provider pairs/s']:>10,.0f}   same guest on memory: "
+                  f"{py['direct pairs/s']:,.0f}   ratio {py['ratio']:.2f}; adds {py['added us/pair']:,.1f} us per pair")
         counter = bench_counter(8, increments, directory)
         exact = counter["final"] == counter["expected"] and not counter["errors"]
         print(f"counter  8 threads x {increments} increments on one SQLite counter: final {counter['final']}"

@@ -2,6 +2,8 @@
 # SPDX-License-Identifier: Apache-2.0
 # Build the real-toolchain test guests into build/ (gitignored; never committed):
 #   build/py-counter.wasm  from guests/py-counter/app.py with componentize-py 0.25.1;
+#   build/py-provider.wasm from guests/py-provider/*.py with componentize-py 0.25.1 (a
+#                          wasi:keyvalue provider: a layer over the host's wasi:keyvalue);
 #   build/js-hello.wasm    from guests/js-hello/app.js with jco 1.35.0 (componentize-js 0.22.0),
 #                          default options, so it imports wasi:http.
 # Idempotent: skips each output that is newer than all of its sources.
@@ -40,10 +42,9 @@ publish() {
     echo "build.sh: built $1 ($(stat -c %s "$1") bytes)"
 }
 
-build_py_counter() {
-    local want_version=0.25.1 out=build/py-counter.wasm version
-    up_to_date "$out" guests/build.sh guests/py-counter/app.py guests/py-counter/wit \
-        wit/keyvalue-0.2.0-draft2 && return 0
+# check_componentize_py: componentize-py must be installed, at the pinned version.
+check_componentize_py() {
+    local want_version=0.25.1 version
     if ! version=$(componentize-py --version 2>/dev/null); then
         echo "build.sh: componentize-py is not installed (pip install componentize-py==$want_version)" >&2
         return 1
@@ -52,11 +53,31 @@ build_py_counter() {
         echo "build.sh: need componentize-py $want_version, found '$version'" >&2
         return 1
     fi
+}
+
+build_py_counter() {
+    local out=build/py-counter.wasm
+    up_to_date "$out" guests/build.sh guests/py-counter/app.py guests/py-counter/wit \
+        wit/keyvalue-0.2.0-draft2 && return 0
+    check_componentize_py
     start_output py-counter
     # Never --stub-wasi: it would stub out wasi:keyvalue too.
     componentize-py --quiet \
         -d wit/keyvalue-0.2.0-draft2 -d guests/py-counter/wit -w wasmstore:py-counter/py-counter \
         componentize -p guests/py-counter app -o "$pending"
+    publish "$out"
+}
+
+build_py_provider() {
+    local out=build/py-provider.wasm dir=guests/py-provider
+    up_to_date "$out" guests/build.sh "$dir"/*.py "$dir/wit" wit/keyvalue-0.2.0-draft2 && return 0
+    check_componentize_py
+    start_output py-provider
+    # Never --stub-wasi (see above). The app's directory holds store.py and atomics.py, the
+    # modules componentize-py takes the exported resources' classes from.
+    componentize-py --quiet \
+        -d wit/keyvalue-0.2.0-draft2 -d "$dir/wit" -w wasmstore:py-provider/py-provider \
+        componentize -p "$dir" app -o "$pending"
     publish "$out"
 }
 
@@ -81,4 +102,5 @@ build_js_hello() {
 
 mkdir -p build
 build_py_counter
+build_py_provider
 build_js_hello
