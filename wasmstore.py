@@ -3351,7 +3351,9 @@ class Runner:
 class RegistryError(StoreError):
     """A registry could not be reached, refused a request, or sent something unusable.
     str() is one line and never contains a credential or a token."""
-    http_status = 502
+
+
+ERROR_STATUS[RegistryError] = (502, 1)   # a peer failed us (the table above, for this section)
 
 
 def _http_modules():
