@@ -3370,10 +3370,7 @@ class _Session:
                     _c_val_delete(ctypes.addressof(result))     # lifting only reads
             else:
                 value = None
-            err = ffi.wasmtime_component_func_post_return(ctypes.byref(func._func), self.ctx)
-            if err:
-                self._trap(wasmtime.WasmtimeError._from_ptr(err))
-            return value
+            return value          # wasmtime (43 and later) runs the post-return inside the call
         finally:
             for i in range(done):
                 _c_val_delete(base + i * _VAL_SIZE)
