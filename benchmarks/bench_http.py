@@ -63,6 +63,8 @@ def wasm_module(tag, padding=0):
 
 # ------------------------------------------------------------------------ load generator
 
+DRAIN_TIMEOUT = 30.0    # seconds the answers still in flight at a block's end may take
+
 class _Conn:
     __slots__ = ("sock", "started", "header", "body_left", "requests_sent")
 
@@ -86,6 +88,67 @@ def _parse_head(head):
     return status, length
 
 
+def drive(conns, selector, request_for, seconds, drain=False):
+    """Keep the keep-alive connections `conns` (registered in `selector`, non-blocking) busy for
+    `seconds`: each sends request_for() and, after each full answer, the next one. Returns
+    (latencies, statuses, errors, elapsed). drain: answers still in flight at the end are read
+    (not counted), so the connections are idle and in step afterwards; else they are left."""
+    buffer = bytearray(256 * 1024)
+    view = memoryview(buffer)
+    latencies, statuses, errors = [], {}, 0
+
+    def send(conn):
+        conn.sock.setblocking(True)
+        conn.sock.sendall(request_for())         # small: fits the socket buffer at once
+        conn.sock.setblocking(False)
+        conn.started = time.perf_counter()
+        conn.header.clear()
+        conn.body_left = None
+
+    for conn in conns:
+        send(conn)
+    in_flight = len(conns)
+    begin = time.perf_counter()
+    end = begin + seconds
+    while in_flight:
+        now = time.perf_counter()
+        if now >= end and not drain:
+            break
+        events = selector.select(timeout=end - now if now < end else DRAIN_TIMEOUT)
+        if not events and now >= end:
+            raise RuntimeError(f"{in_flight} requests got no answer within {DRAIN_TIMEOUT:g} s")
+        for key, _ in events:
+            conn = key.data
+            try:
+                count = conn.sock.recv_into(buffer)
+            except BlockingIOError:
+                continue
+            if not count:
+                errors += 1
+                in_flight -= 1
+                selector.unregister(conn.sock)
+                continue
+            if conn.body_left is None:
+                conn.header += view[:count]
+                mark = conn.header.find(b"\r\n\r\n")
+                if mark < 0:
+                    continue
+                status, length = _parse_head(conn.header[:mark])
+                statuses[status] = statuses.get(status, 0) + 1
+                conn.body_left = length - (len(conn.header) - mark - 4)
+            else:
+                conn.body_left -= count
+            if conn.body_left > 0:
+                continue
+            done = time.perf_counter()
+            if done <= end:
+                latencies.append(done - conn.started)
+                send(conn)
+            else:
+                in_flight -= 1
+    return latencies, statuses, errors, time.perf_counter() - begin
+
+
 def run_load(port, method, path, connections, seconds, body_prefix=None):
     """Drive `connections` keep-alive sockets for `seconds`; returns counts and latencies.
 
@@ -104,58 +167,15 @@ def run_load(port, method, path, connections, seconds, body_prefix=None):
         return (f"{method} {path}/{counter}.wasm HTTP/1.1\r\nHost: 127.0.0.1\r\n"
                 f"Content-Length: {len(body)}\r\n\r\n").encode() + body
 
-    def send(conn):
-        conn.sock.sendall(request_bytes())       # small: fits the socket buffer at once
-        conn.started = time.perf_counter()
-        conn.header.clear()
-        conn.body_left = None
-
     conns = []
     for _ in range(connections):
         sock = socket.create_connection(("127.0.0.1", port))
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setblocking(False)
         conn = _Conn(sock)
+        selector.register(sock, selectors.EVENT_READ, conn)
         conns.append(conn)
-    latencies, statuses, errors = [], {}, 0
-    buffer = bytearray(256 * 1024)
-    view = memoryview(buffer)
-    for conn in conns:
-        send(conn)
-        conn.sock.setblocking(False)
-        selector.register(conn.sock, selectors.EVENT_READ, conn)
-    begin = time.perf_counter()
-    end = begin + seconds
-    while True:
-        now = time.perf_counter()
-        if now >= end:
-            break
-        for key, _ in selector.select(timeout=end - now):
-            conn = key.data
-            try:
-                count = conn.sock.recv_into(buffer)
-            except BlockingIOError:
-                continue
-            if not count:
-                errors += 1
-                selector.unregister(conn.sock)
-                continue
-            data = view[:count]
-            if conn.body_left is None:
-                conn.header += data
-                mark = conn.header.find(b"\r\n\r\n")
-                if mark < 0:
-                    continue
-                status, length = _parse_head(conn.header[:mark])
-                statuses[status] = statuses.get(status, 0) + 1
-                conn.body_left = length - (len(conn.header) - mark - 4)
-            else:
-                conn.body_left -= count
-            if conn.body_left <= 0:
-                latencies.append(time.perf_counter() - conn.started)
-                conn.sock.setblocking(True)
-                send(conn)
-                conn.sock.setblocking(False)
-    elapsed = time.perf_counter() - begin
+    latencies, statuses, errors, elapsed = drive(conns, selector, request_bytes, seconds)
     for conn in conns:
         conn.sock.close()
     latencies.sort()

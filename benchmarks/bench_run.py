@@ -70,7 +70,6 @@ INPROCESS_GOAL = 0.9
 RESTART_GOAL = 0.5                     # seconds
 START_TIMEOUT = 120.0                  # seconds for a server process to listen (a loaded machine)
 CALL_TIMEOUT = 600.0                   # seconds for one call (a cold 18 MB compile on a loaded machine)
-DRAIN_TIMEOUT = 30.0                   # seconds for the calls in flight at the end of a block
 COMPILES_RE = re.compile(r'^wasmstore_compile_cache_total\{result="compiles"\} (\d+)\s*$', re.M)
 SERVING_RE = re.compile(r"^wasmstore: serving .* on (http://\S+)$")
 
@@ -147,55 +146,7 @@ def drive_block(conns, selector, request, seconds):
     """One block: every connection sends `request`, and again after each full answer, for `seconds`.
     Answers completed in time are counted; the ones in flight at the end are read (not counted), so
     the connections are idle and in sync when the next block starts."""
-    parse_head = bench_http._parse_head
-    buffer = bytearray(256 * 1024)
-    view = memoryview(buffer)
-    latencies, statuses = [], {}
-
-    def send(conn):
-        conn.sock.setblocking(True)
-        conn.sock.sendall(request)              # small: fits the socket buffer at once
-        conn.sock.setblocking(False)
-        conn.started = time.perf_counter()
-        conn.header.clear()
-        conn.body_left = None
-
-    for conn in conns:
-        send(conn)
-    in_flight = len(conns)
-    begin = time.perf_counter()
-    end = begin + seconds
-    while in_flight:
-        now = time.perf_counter()
-        events = selector.select(timeout=end - now if now < end else DRAIN_TIMEOUT)
-        if not events and now >= end:
-            raise RuntimeError(f"{in_flight} requests got no answer within {DRAIN_TIMEOUT:g} s")
-        for key, _ in events:
-            conn = key.data
-            try:
-                count = conn.sock.recv_into(buffer)
-            except BlockingIOError:
-                continue
-            if not count:
-                raise RuntimeError("the server closed a keep-alive connection")
-            if conn.body_left is None:
-                conn.header += view[:count]
-                mark = conn.header.find(b"\r\n\r\n")
-                if mark < 0:
-                    continue
-                status, length = parse_head(conn.header[:mark])
-                statuses[status] = statuses.get(status, 0) + 1
-                conn.body_left = length - (len(conn.header) - mark - 4)
-            else:
-                conn.body_left -= count
-            if conn.body_left > 0:
-                continue
-            done = time.perf_counter()
-            if done <= end:
-                latencies.append(done - conn.started)
-                send(conn)
-            else:
-                in_flight -= 1
+    latencies, statuses, _, _ = bench_http.drive(conns, selector, lambda: request, seconds, drain=True)
     return {"requests": len(latencies), "seconds": seconds, "latencies": latencies,
             "statuses": {str(k): v for k, v in statuses.items()}}
 
