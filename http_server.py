@@ -745,7 +745,7 @@ class GuestRuntime:
         error = None
         try:
             target = self.runner.resolve(call.path, branch=call.branch, version=version)
-            if self.runner.host.loaded(target.digest) is None:
+            if not self.runner.host.is_loaded(target.digest):
                 with self.compiling:
                     self.runner.load(target)
             if not gated:

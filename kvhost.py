@@ -2755,6 +2755,7 @@ class Host:
         self.watch_errors = []          # failures of watcher guests (they never reach the writer)
         self._watchers = []             # (guest, version, buckets)
         self._event_sink = None         # a worker process hands kv events to its parent instead
+        self._valid_namespaces = set()  # namespaces of calls, already checked
         config = wasmtime.Config()
         config.consume_fuel = True
         config.epoch_interruption = True
@@ -2836,8 +2837,13 @@ class Host:
         return guest
 
     def loaded(self, digest):
-        """The Guest whose source has this SHA-256 if this Host holds it compiled, else None."""
+        """The Guest whose source has this SHA-256 if this Host holds it compiled, else None
+        (a found one counts as a memory hit in cache_stats())."""
         return self._cached_guest(digest) if isinstance(digest, str) else None
+
+    def is_loaded(self, digest):
+        """True if this Host holds the guest compiled (load() would not compile); counts nothing."""
+        return digest in self._guests
 
     def _cached_guest(self, digest):
         guest = self._guests.get(digest)
@@ -3145,8 +3151,10 @@ class Host:
                          outcome.stdout.total, outcome.stderr.total)
 
     def _execute(self, guest, request, resolve, stats):
-        if request.namespace is not None:
+        if request.namespace is not None and request.namespace not in self._valid_namespaces:
             _check_namespace(request.namespace)
+            if len(self._valid_namespaces) < 10_000:      # a tenant is checked once, not per call
+                self._valid_namespaces.add(request.namespace)
         request.links = self.link_plan(guest, resolve)
         request.record_events = bool(self._watchers)
         isolated = self.isolation == "process" or (self.isolation == "auto" and (

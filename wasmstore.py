@@ -3244,6 +3244,9 @@ class Runner:
 
         Answers are kept while the store's generation stays the same (any ref change, in any
         process, changes it: a new version is what the next call runs)."""
+        return self._target(path_or_hash, branch, version, commit)
+
+    def _target(self, path_or_hash, branch, version, commit):
         generation = self.store.generation()           # read first: a change meanwhile shows next time
         key = (branch, path_or_hash, version, commit)
         cached = self._resolved.get(key)
@@ -3305,10 +3308,8 @@ class Runner:
 
     def _prepare(self, path_or_hash, branch, version, commit):
         """(Target, Guest): path_or_hash may be a Target resolve() gave already."""
-        if isinstance(path_or_hash, Target):
-            target = path_or_hash
-        else:
-            target = self.resolve(path_or_hash, branch=branch, version=version, commit=commit)
+        target = path_or_hash if type(path_or_hash) is Target else \
+            self._target(path_or_hash, branch, version, commit)
         return target, self.load(target)
 
     # -- running ---------------------------------------------------------------------------------
@@ -3319,7 +3320,7 @@ class Runner:
         path_or_hash may also be a Target from resolve() (then branch/version/commit are unused)."""
         # the hot path of every call: _prepare inlined
         target = path_or_hash if type(path_or_hash) is Target else \
-            self.resolve(path_or_hash, branch=branch, version=version, commit=commit)
+            self._target(path_or_hash, branch, version, commit)
         guest = self.host.loaded(target.digest) or self.load(target)
         return self.host.call(guest, function, args, namespace=namespace or target.namespace,
                               resolve=self._linker_for(target, guest) if guest.links_needed else None,
