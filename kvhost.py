@@ -2463,6 +2463,18 @@ def _prune_cache(directory, now=None):
 
 # -- guests and what they export -----------------------------------------------------------------
 
+def _is_component_file(source):
+    """True if `source` names a file that starts like a component binary (8 bytes are read)."""
+    if not isinstance(source, (str, os.PathLike)) or (isinstance(source, str) and "\n" in source):
+        return False
+    try:
+        with open(source, "rb") as f:
+            head = f.read(8)
+    except OSError:
+        return False
+    return head.startswith(b"\0asm") and head[6:8] != b"\0\0" and len(head) == 8
+
+
 class Guest:
     """A compiled component or core module, ready to run in fresh Stores."""
 
@@ -2476,6 +2488,7 @@ class Guest:
         self.source = None          # kept only when there is no disk cache (worker processes need it)
         self.signatures = None      # core modules: core_signatures() of the binary
         self.needs_wasi = True      # imports WASI (a Store without WASI config saves ~10 us per call)
+        self.cache_key = None       # stat key of its checked compile-cache entry (workers trust it)
         self.links_needed = False   # a core module importing from other modules than WASI
         self._calls = {}            # function name -> (path, param lowers, result lift)
 
@@ -2824,6 +2837,8 @@ class Host:
             if not isinstance(digest, str) or not _DIGEST_RE.match(digest):
                 raise ArgumentError(f"invalid digest {digest!r}: expected 64 lowercase hex digits")
             guest = self._cached_guest(digest)
+            if guest is None and _is_component_file(source):
+                guest = self._from_cache("component", digest, os.fspath(source) if name is None else name)
             if guest is not None:
                 return guest
         data, default_name = self._read_source(source)
@@ -2870,7 +2885,7 @@ class Host:
         raise ArgumentError(f"invalid guest {source!r}: expected a path or bytes")
 
     def _build_guest(self, kind, source, digest, name):
-        artifact, in_cache = self._compile_cached(kind, source, digest, name)
+        artifact, cache_key = self._compile_cached(kind, source, digest, name)
         signatures = None
         if kind == "module":
             try:
@@ -2878,8 +2893,10 @@ class Host:
             except (ValueError, IndexError, TypeError, wasmtime.WasmtimeError) as e:
                 raise GuestError(f"cannot read the types of {name}: {e}") from None
         # Worker processes load guests from the cache; one that is not there travels as bytes.
-        keep = None if in_cache else (source.encode("utf-8") if isinstance(source, str) else source)
-        return self._new_guest(kind, artifact, digest, name, keep, signatures)
+        keep = None if cache_key else (source.encode("utf-8") if isinstance(source, str) else source)
+        guest = self._new_guest(kind, artifact, digest, name, keep, signatures)
+        guest.cache_key = cache_key
+        return guest
 
     def _new_guest(self, kind, artifact, digest, name, source=None, signatures=None):
         if kind == "component":
@@ -2906,16 +2923,21 @@ class Host:
                 self._guests.popitem(last=False)
         return guest
 
-    def _load_from_cache(self, kind, digest, name, signatures=None):
-        """A guest that another process (a worker's parent) compiled into the shared cache."""
+    def _from_cache(self, kind, digest, name, signatures=None, trusted=None):
+        """The guest with this digest from memory or the compile cache alone (None if neither has
+        it): a worker's parent compiled it, or a component is known by its hash (no need to read
+        18 MB of source to find it compiled). trusted: see _read_cache."""
         with self._compiling.hold(digest):
             guest = self._cached_guest(digest)
-            if guest is None:
+            if guest is None and self.cache_dir:
                 cls = wc.Component if kind == "component" else wasmtime.Module
-                artifact = self._read_cache(cls, self._cache_path(kind, digest)) if self.cache_dir else None
-                if artifact is None:
-                    raise GuestError(f"{name}: its compiled form is not in the compile cache")
-                guest = self._register(self._new_guest(kind, artifact, digest, name, signatures=signatures))
+                artifact, key = self._read_cache(cls, self._cache_path(kind, digest), trusted)
+                if artifact is not None:
+                    with self._lock:
+                        self._cache_counts["disk_hits"] += 1
+                    guest = self._new_guest(kind, artifact, digest, name, signatures=signatures)
+                    guest.cache_key = key
+                    guest = self._register(guest)
         return guest
 
     @staticmethod
@@ -2939,15 +2961,15 @@ class Host:
         return os.path.join(self.cache_dir, f"{key}.{kind}")
 
     def _compile_cached(self, kind, source, digest, name):
-        """(artifact, True if the compile cache holds it)."""
+        """(artifact, the stat key of its checked cache entry, or None when the cache lacks it)."""
         cls = wc.Component if kind == "component" else wasmtime.Module
         path = self._cache_path(kind, digest) if self.cache_dir else None
         if path is not None:
-            artifact = self._read_cache(cls, path)
+            artifact, key = self._read_cache(cls, path)
             if artifact is not None:
                 with self._lock:
                     self._cache_counts["disk_hits"] += 1
-                return artifact, True
+                return artifact, key
         try:
             artifact = cls(self.engine, source)
         except wasmtime.WasmtimeError as e:
@@ -2955,19 +2977,23 @@ class Host:
         with self._lock:
             self._cache_counts["compiles"] += 1
         if path is None:
-            return artifact, False
+            return artifact, None
         payload = bytes(artifact.serialize())
         try:
             os.makedirs(self.cache_dir, exist_ok=True)
             _write_atomically(path, payload)        # the artifact first: a reader that sees
             _write_atomically(path + ".sum", CACHE_MAGIC + hashlib.sha256(payload).digest())
+            info = os.stat(path)
         except OSError:                             # a new one with an old .sum recompiles
-            return artifact, False                  # a cache that cannot be written only costs time
+            return artifact, None                   # a cache that cannot be written only costs time
         _prune_cache(self.cache_dir)
-        return artifact, True
+        return artifact, [info.st_ino, info.st_size, info.st_mtime_ns]
 
-    def _read_cache(self, cls, path):
-        """A deserialized entry, or None if it is missing or fails its checksum (never trusted).
+    def _read_cache(self, cls, path, trusted=None):
+        """(deserialized entry, stat key of its file), or (None, None) if it is missing or fails
+        its checksum (never trusted). trusted: the stat key under which another process of this
+        Host (a worker's parent) checked the entry just now: the same file, unchanged, is not
+        hashed again (40 MB for a componentize-py guest).
 
         The artifact is checked through a map of the open file, then handed to wasmtime through
         that same file (/proc/self/fd/N), which wasmtime maps: nothing is read into Python or
@@ -2976,16 +3002,18 @@ class Host:
             with open(path + ".sum", "rb") as f:
                 expected = f.read(len(CACHE_MAGIC) + 33)
             if len(expected) != len(CACHE_MAGIC) + 32 or not expected.startswith(CACHE_MAGIC):
-                return None
+                return None, None
             with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as view:
-                if hashlib.sha256(view).digest() != expected[len(CACHE_MAGIC):]:
-                    return None
+                info = os.fstat(f.fileno())
+                key = [info.st_ino, info.st_size, info.st_mtime_ns]
+                if key != trusted and hashlib.sha256(view).digest() != expected[len(CACHE_MAGIC):]:
+                    return None, None
                 same_file = f"/proc/self/fd/{f.fileno()}"
                 if os.path.exists(same_file):
-                    return cls.deserialize_file(self.engine, same_file)
-                return cls.deserialize(self.engine, view[:])
+                    return cls.deserialize_file(self.engine, same_file), key
+                return cls.deserialize(self.engine, view[:]), key
         except (OSError, ValueError, wasmtime.WasmtimeError):   # ValueError: mmap of an empty file
-            return None
+            return None, None
 
     # -- what a guest exports ---------------------------------------------------------------------
 
@@ -4110,7 +4138,7 @@ del _method
 
 def _guest_to_wire(guest, blobs):
     wire = {"digest": guest.digest, "kind": guest.kind, "name": guest.name, "source": None,
-            "signatures": guest.signatures}
+            "signatures": guest.signatures, "cache_key": guest.cache_key}
     if guest.source is not None:
         wire["source"] = _pack(guest.source, blobs)
     return wire
@@ -4317,7 +4345,10 @@ def _worker_guest(host, wire, blobs):
         signatures = ([(m, n, k, None if sig is None else (tuple(sig[0]), tuple(sig[1]))) for m, n, k, sig in imports],
                       {name: (k, None if sig is None else (tuple(sig[0]), tuple(sig[1])))
                        for name, (k, sig) in exports.items()})
-    return host._load_from_cache(kind, digest, name, signatures)
+    guest = host._from_cache(kind, digest, name, signatures, wire.get("cache_key"))
+    if guest is None:
+        raise GuestError(f"{name}: its compiled form is not in the compile cache")
+    return guest
 
 
 def _worker_main(argv):
