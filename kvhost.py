@@ -1,10 +1,11 @@
 # SPDX-License-Identifier: Apache-2.0
-"""kvhost: run WebAssembly components against wasi:keyvalue, with memory, SQLite and Redis backends.
+"""kvhost: run WebAssembly components and modules against wasi:keyvalue, with memory, SQLite and Redis backends.
 
 A host on the `wasmtime` package that links both ``wasi:keyvalue@0.2.0-draft`` and
 ``@0.2.0-draft2`` (store, atomics, batch; the watcher export) beside WASIp2 into one
-component linker, runs guests sandboxed (timeout, fuel, memory limit, no ambient
-authority) and keeps their data in a real backend.
+component linker, runs components and core modules (WASI preview 1, linked to other modules
+through a resolver) sandboxed (timeout even while a guest waits in a host call, fuel,
+memory and table limits, no ambient authority) and keeps their data in a real backend.
 
 Library use::
 
@@ -18,6 +19,7 @@ Command line::
 
     python kvhost.py run  [options] GUEST.wasm [ARGS ...]        # wasi:cli/run
     python kvhost.py call [options] GUEST.wasm FUNCTION [JSON ...]  # one line of JSON
+    python kvhost.py exports [--json] GUEST.wasm                    # callable functions and types
     python kvhost.py kv   [--kv URL] [--namespace NS] get|set|delete|list|incr BUCKET [KEY [VALUE]]
 
 Composition: ``Host(kv="component:provider.wasm", provider_kv="sqlite:/tmp/kv.sqlite3")`` (CLI
@@ -31,12 +33,17 @@ Map of this file, top-down:
   value codecs    type descriptors of component values and converters that read and write
                   wasmtime's value records in place (host + JSON dialects)
   host glue       the wasi:keyvalue functions of both versions, dispatched without per-call type walks
-  engine          compile cache on disk (checksummed, mapped by wasmtime), Guest, Host
-                  (load / call / run / attach_watcher)
+  core signatures core_signatures(): a core module's import/export types read from its bytes
+  engine          compile cache on disk (checksummed, mapped by wasmtime), Guest and what it
+                  exports (describe_exports), Host (load / call / run / run_captured / exports /
+                  link_plan / attach_watcher), _Session (one Store per call; core calls through
+                  the C API by address)
   composition     Provider; a consumer's wasi:keyvalue forwarded to a provider component's
                   exports (_forward), one provider instance per consumer call (_ProviderLink)
-  sandbox         worker processes for guests that can block (_WorkerPool, _RemoteBackend)
-  CLI             main()
+  sandbox         worker processes for guests that can block (_WorkerPool, _Worker, _Channel,
+                  _RemoteBackend; _worker_main), killed at the deadline
+  CLI             shared with wasmstore.py (add_sandbox_options, host_from_args,
+                  run_with_deadline, report), main()
 
 Why the value codecs exist: wasmtime-py's component host functions re-read and re-walk the
 function type on every call (~100 us) and cannot return an err for result<option<T>, E> (its
