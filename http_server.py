@@ -14,7 +14,8 @@ As a command::
 
     python http_server.py [--root DIR] [--host H] [--port P] [--auth SPEC] [--tls KEY,CERT]
                           [--cors [ORIGINS]] [--allowed-host NAME] [--max-body N] [--timeout S]
-                          [--max-watches N] [--quiet]
+                          [--max-watches N] [--quiet] [--kv URL] [--run-timeout S] [--fuel N]
+                          [--max-memory N] [--max-guests N] [--run-queue N] [--namespace-map P=NS]
 
 As a library::
 
@@ -29,6 +30,9 @@ Map of this file (top-down):
     URL parsing        parse_target(), decode_segment()
     replies            Reply, FileBody, error_reply() and the one ERROR_STATUS table
     route handlers     pure functions (store, call, body) -> Reply, the ROUTES table, LocateCache
+    running modules    RunGate (guests at once + a bounded queue -> 503), GuestRuntime (a
+                       wasmstore.Runner, compiles outside the gate, per-module metrics), the
+                       call/run/exports handlers, make_runtime()
     OCI /v2/           the distribution API's read side: OciRepository (a store path's tags,
                        manifests, blobs), oci_v2 (its one route), oci_error_reply (JSON codes)
     auth               AuthTable (constant-time key comparison)
