@@ -1643,7 +1643,7 @@ class _Refs:
         try:
             if os.fstat(fd).st_size < GENERATION_BYTES:
                 os.ftruncate(fd, GENERATION_BYTES)   # concurrent openers all make it 8 bytes
-            self._generation_map = mmap.mmap(fd, GENERATION_BYTES, access=mmap.ACCESS_READ)
+            self._generation_map = mmap.mmap(fd, GENERATION_BYTES, access=mmap.ACCESS_WRITE)
         except OSError:
             return None
         finally:
@@ -1652,16 +1652,12 @@ class _Refs:
 
     def bump(self):
         """Tell readers that a ref or HEAD changed (under lock(), after the change is durable;
-        the counter is a hint for caches, not data: it needs no sync)."""
+        the counter is a hint for caches, not data: it needs no sync). It is written through
+        the same shared map readers read: no system call either."""
         current = self.generation()
-        if current is None:
-            return
-        with contextlib.suppress(OSError):
-            fd = os.open(self.generation_file, os.O_WRONLY | os.O_CLOEXEC)
-            try:
-                os.pwrite(fd, struct.pack("<Q", (struct.unpack("<Q", current)[0] + 1) % (1 << 64)), 0)
-            finally:
-                os.close(fd)
+        if current is not None:
+            value = (struct.unpack("<Q", current)[0] + 1) % (1 << 64)
+            self._generation_map[:GENERATION_BYTES] = struct.pack("<Q", value)
 
     def remove(self, branch):
         """Delete a branch durably; readers holding its file open see it deleted. Under
