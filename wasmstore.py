@@ -161,6 +161,7 @@ OCI_MAX_SMALL_BODY = 64 << 10         # error bodies, token answers, Docker conf
 OCI_MAX_MODULE_BYTES = 1 << 30        # a pulled layer over this is refused before download
 OCI_TIMEOUT = 60.0                    # seconds per registry socket operation
 OCI_REDIRECTS = 5                     # redirects followed per request
+PULL_MESSAGE_SOURCES = 20            # sources a pull of several modules names in its one commit
 OCI_MIRROR_WORKERS = 4                # repositories push --all sends at once (a connection each)
 OCI_PROGRESS_BYTES = 4 << 20          # transfers this big are announced on the progress line
 OCI_REGISTRY = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?)"
@@ -2068,12 +2069,21 @@ class Store:
         files = _wasm_files(directory)
         if not files:
             raise InvalidInput(f"no *.wasm files under {directory!r}")
+        items = [(format_path(base + validate_path(relative)), filename) for relative, filename in files]
+        return self.add_files(items, branch=branch, author=author,
+                              message=f"Import {format_path(base)} ({len(items)} modules)")
+
+    def add_files(self, items, *, branch=None, author=None, message=None):
+        """Store several modules in one commit: items [(path, file name or binary file)], each
+        validated (any invalid one: nothing is stored). Returns {printed path: hash}."""
         self._read_ref(self._branch(branch))
         edits, temps, stored = {}, {}, {}
         try:
-            for relative, filename in files:
-                segments = base + validate_path(relative)
-                tmp, digest, size = self._ingest(filename)
+            for path, source in items:
+                segments = validate_path(path)
+                if not segments:
+                    raise InvalidInput("a module needs a path, not the root")
+                tmp, digest, size = self._ingest(source)
                 if digest in temps:
                     os.unlink(tmp)          # the same module twice: one object
                 else:
@@ -2081,7 +2091,7 @@ class Store:
                 try:
                     self._validate_file(temps[digest], size, digest)
                 except InvalidModule as exc:
-                    raise InvalidModule(f"{filename}: {exc}") from None
+                    raise InvalidModule(f"{source if isinstance(source, str) else path}: {exc}") from None
                 edits[segments] = ("module", digest)
                 stored[format_path(segments)] = digest
 
@@ -2090,8 +2100,7 @@ class Store:
                     batch.add(digest, "module", tmp)
                 return self._edit_root(tree, edits, batch, strict=True)
 
-            message = f"Import {format_path(base)} ({len(edits)} modules)"
-            self._change(branch, author, message, edit)
+            self._change(branch, author, message or f"Import {len(edits)} modules", edit)
             return dict(sorted(stored.items()))
         finally:
             for tmp in temps.values():
@@ -4526,12 +4535,10 @@ def pull(store, reference, path, *, branch=None, author=None, client=None, progr
 
 def pull_many(store, pairs, *, branch=None, author=None, client=None, progress=None,
               workers=OCI_MIRROR_WORKERS):
-    """Pull several artifacts of one registry, [(reference, path), ...], faster than one
-    pull() after another: downloads run at once (a connection each, into temporary files,
-    digest-checked) while the modules already fetched are stored, in the order given, each
-    as its own commit named after its source (what pull() makes). The first failure stops
-    it: the pulls before it stay stored, that one and the later ones store nothing.
-    Returns the module hashes, in order."""
+    """Pull several artifacts of one registry, [(reference, path), ...], in ONE commit that
+    names every source: downloads run at once (a connection each, into temporary files,
+    digest-checked), then every module is validated and stored together. Any failure stores
+    nothing. Returns the module hashes, in order."""
     jobs = [(OciReference.parse(reference), _module_segments(path)) for reference, path in pairs]
     if len({segments for _, segments in jobs}) != len(jobs):
         raise InvalidInput("two references pull into the same path")
@@ -4554,12 +4561,19 @@ def pull_many(store, pairs, *, branch=None, author=None, client=None, progress=N
 
         downloads = [pool.submit(fetch, number, *job) for number, job in enumerate(jobs)]
         try:
-            return [store.add_file(format_path(segments), download.result()[0], branch=branch,
-                                   author=author, message=download.result()[1])
-                    for download, (_, segments) in zip(downloads, jobs)]
+            fetched = [download.result() for download in downloads]
         finally:
             for download in downloads:
                 download.cancel()
+        paths = [format_path(segments) for _, segments in jobs]
+        messages = [message for _, message in fetched]
+        if len(messages) > 1:
+            shown = "; ".join(message[len("Pull "):] for message in messages[:PULL_MESSAGE_SOURCES])
+            more = len(messages) - PULL_MESSAGE_SOURCES
+            messages = [f"Pull {len(messages)} modules: {shown}" + (f"; and {more} more" if more > 0 else "")]
+        stored = store.add_files(list(zip(paths, (filename for filename, _ in fetched))), branch=branch,
+                                 author=author, message=messages[0])
+        return [stored[path] for path in paths]
 
 
 def _module_segments(path):
@@ -4963,12 +4977,13 @@ COMMANDS = {
                          "help": "push every module: a repository per path, tags for the "
                                  "branch and v0, v1, ... per version; sends only what the "
                                  "registry lacks"})] + REGISTRY_OPTIONS),
-    "pull": (_cmd_pull, "store the module of a Wasm OCI artifact at PATH (one commit); "
-                        "prints its hash. Several pairs download at once",
+    "pull": (_cmd_pull, "store the module of a Wasm OCI artifact at PATH (one commit naming "
+                        "the source); prints its hash. Several pairs: one commit for all",
              [("pairs", {"metavar": "REFERENCE PATH", "nargs": "+",
                          "help": "oci://HOST[:PORT]/REPO[:TAG|@DIGEST] and where to store its "
                                  "module; more pairs (one registry) are fetched concurrently "
-                                 "and each stored as its own commit once all are checked"})]
+                                 "and stored together in one commit once all are checked "
+                                 "(any failure stores nothing)"})]
              + REGISTRY_OPTIONS),
     "server": (None, "run the HTTP API (options: python http_server.py --help)", []),
 }
