@@ -1,23 +1,52 @@
 # SPDX-License-Identifier: Apache-2.0
 """The wasmstore test suite: ``python -m unittest`` (or ``python -m unittest -v test_all``).
 
-Sections, in order (each a set of unittest.TestCase classes; run one with
-``python -m unittest test_all.ClassName``):
-  - The store library and CLI (wasmstore.py): acceptance walk, semantics, bad input, durability
-  - The HTTP API (http_server.py): routes, auth, TLS, CORS, watch, fuzz, stress, shutdown, metrics,
-    watch limits, request framing, Host and Origin checks (also in headless Chromium)
-  - The original published clients (PyPI and npm wasmstore 0.3.0) against a live server
-  - The wasi:keyvalue host (kvhost.py): backend contract, guest glue, failures, sandbox, cache, CLI
-  - The test guests (guests/, wit/) through kvhost, and the componentize-py guest
-  - OCI: push, pull, mirror, /v2/ (against the distribution registry and the oras client)
+Run one class with ``python -m unittest test_all.ClassName``, one test with
+``python -m unittest test_all.ClassName.test_name``.
+
+The file has one banner-separated section per feature, in this order (feature: test classes):
+
+  Shared fixtures (no tests): the paths of the code, guests and tools; the peer policy;
+      wait_until; wasm builders and sha256; certificates; servers and processes (LiveServer,
+      WsClient, RedisServer, start_server_process, run_cli, run_kvhost)
+  The store library: LibraryTest, BadInputTest, BranchRaceTest, GenerationTest
+  The store command line: AcceptanceWalkTest, StoreCliTest
+  Store durability and layout: DurabilityTest, PackTest, RefSlotTest, LegacyLayoutTest,
+      KillAtEveryMutationTest
+  Backups: HostileBackupTest
+  Component validation on add: ComponentValidationTest
+  The HTTP API: PureFunctionTests, RouteTests, BodyLimitTests, ObservabilityTests, ShutdownTests,
+      CommandLineTests
+  HTTP access (keys, TLS, CORS): AuthTests, TlsTests, CorsTests
+  HTTP watch: WatchTests, WatchLimitTests
+  HTTP hardening: FuzzTests, TimeoutTests, ConcurrencyTests, FramingTests, HostCheckTests,
+      OriginCheckTests, HardeningCommandLineTests
+  Browser safety (headless Chromium): BrowserTests
+  The published clients (PyPI and npm wasmstore 0.3.0): PythonClientTest, PythonClientAuthTest,
+      PythonClientTlsTest, NodeClientTest, NodeClientTlsTest, NodeClientAuthTest,
+      CommandLineServerTest
+  kvhost backends: MemoryBackendTest, SqliteBackendTest, RedisBackendTest (all three run
+      BackendContract), OpenBackendTest, SqliteFailureTest, RedisFailureTest
+  The kvhost runtime: GuestGlueTest, BoxedValueTest, JsonMappingTest, SandboxTest,
+      CompileCacheTest, CoreModuleTest, KvhostCliTest, ModuleShapeTest
+  The test guests and the WIT: WitFilesTest, MemoryGuestTest, SqliteGuestTest, RedisGuestTest
+      (all three run GuestContractMixin), GetErrorCasesTest, GuestCliTest, PyCounterTest
+  Composition (provider components): ProviderGuestTest, ProviderLayerTest, ProviderHandlesTest,
+      ProviderFaultsTest, ProviderIsolationTest, StoredProviderTest, StaticCompositionTest
+  OCI: OciReferenceTest, OciArtifactTest, OciRegistryTest, OciBasicAuthTest, OciTokenAuthTest,
+      OciTlsTest, OciBadInputTest, OciServerTest
+  Running stored modules: RunnerTest, SandboxLimitsTest, RunCliTest, RunHttpTest,
+      PyCounterServerTest
 
 Tests start the real peers they talk to: ``redis-server`` on free loopback ports, the
 original PyPI client in its own virtual environment and the npm client under Node, the
 ``openssl`` command for certificates, headless ``chromium`` (driven over the DevTools
-protocol) for the browser-safety tests, and the componentize-py-built guest. Outside CI a
+protocol) for the browser-safety tests, the CNCF distribution registry and the ``oras``
+client for OCI, ``wasm-tools``, and the componentize-py and jco-built guests. Outside CI a
 missing peer makes its tests skip with the exact reason; with ``CI`` set (``.ci/run`` sets
 it) a missing peer is a failure.
 """
+
 
 import base64
 import collections
@@ -50,7 +79,6 @@ import unittest
 import urllib.parse
 import uuid
 from unittest import mock
-
 import http_server
 import kvhost
 import wasmstore
@@ -60,9 +88,11 @@ from wasmtime import component as wc
 
 
 # =================================================================================================
-# The store library and CLI (wasmstore.py): acceptance walk, semantics, bad input, durability
+# Shared fixtures: paths, the peer policy, polling, wasm builders, certificates, servers,
+# processes. Every section below uses these; nothing here is a test.
 # =================================================================================================
 
+# ---- Paths of the code under test, the test guests and the tools ----------------------------------
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -72,6 +102,235 @@ THIS_MODULE = os.path.splitext(os.path.basename(__file__))[0]   # for helper sub
 WASMSTORE_PY = os.path.join(HERE, "wasmstore.py")
 
 
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+WIT = os.path.join(ROOT, "wit")
+
+
+GUEST_DIR = os.path.join(ROOT, "guests")
+
+
+KVHOST = os.path.join(ROOT, "kvhost.py")
+
+
+GUESTS = os.path.join(HERE, "guests", "host")
+
+
+PROBE = os.path.join(GUESTS, "kv-probe.wat")              # wasi:keyvalue@0.2.0-draft2
+
+
+PROBE_DRAFT = os.path.join(GUESTS, "kv-probe-draft.wat")  # wasi:keyvalue@0.2.0-draft
+
+
+WATCHER = os.path.join(GUESTS, "watcher-probe.wat")
+
+
+WASI_PROBE = os.path.join(GUESTS, "wasi-probe.wat")
+
+
+TYPES_PROBE = os.path.join(GUESTS, "types-probe.wat")   # one export per component value shape
+
+
+KV_DRAFT = os.path.join(GUEST_DIR, "kv-draft.wat")
+
+
+KV_DRAFT2 = os.path.join(GUEST_DIR, "kv-draft2.wat")
+
+
+WATCHER_DRAFT = os.path.join(GUEST_DIR, "watcher-draft.wat")
+
+
+WATCHER_DRAFT2 = os.path.join(GUEST_DIR, "watcher-draft2.wat")
+
+
+BAD_IMPORT = os.path.join(GUEST_DIR, "bad-import.wat")
+
+
+CLI_RUN = os.path.join(GUEST_DIR, "cli-run.wat")
+
+
+KV_PROVIDER = os.path.join(GUEST_DIR, "kv-provider.wat")                 # keeps bucket B as wat.B
+
+
+PY_PROVIDER = os.path.join(ROOT, "build", "py-provider.wasm")            # componentize-py; keeps B as py.B
+
+
+FAULTY_PROVIDER = os.path.join(GUEST_DIR, "host", "faulty-provider.wat")
+
+
+MISTYPED_PROVIDER = os.path.join(GUEST_DIR, "host", "mistyped-provider.wat")
+
+
+KV_HANDLES = os.path.join(GUEST_DIR, "host", "kv-handles.wat")
+
+
+RUN_GUESTS = os.path.join(GUEST_DIR, "run")
+
+
+KV_PROBE = os.path.join(GUEST_DIR, "host", "kv-probe.wat")
+
+
+PY_COUNTER = os.path.join(ROOT, "build", "py-counter.wasm")
+
+
+JS_HELLO = os.path.join(ROOT, "build", "js-hello.wasm")
+
+
+BUILD_HINT = "pip install componentize-py==0.25.1 && bash guests/build.sh"
+
+
+CLIENTS_DIR = os.path.join(HERE, "clients")
+
+
+VENV_DIR = os.environ.get("WASMSTORE_CLIENTS_VENV", os.path.join(HERE, ".venv-clients"))
+
+
+ORAS_VENV = os.environ.get("WASMSTORE_ORAS_VENV", os.path.join(HERE, ".venv-oras"))
+
+
+ORAS_DRIVER = os.path.join(CLIENTS_DIR, "oras_driver.py")
+
+
+# ---- Peers a test needs: skipped with the exact reason outside CI, a failure with CI set ----------
+IN_CI = bool(os.environ.get("CI"))
+
+
+class PrerequisiteMissing(Exception):
+    """A client runtime cannot be prepared; the message says exactly what is missing."""
+
+
+@contextlib.contextmanager
+def install_lock(name):
+    """Serialize installs, so that two test processes never build the same environment at once."""
+    key = hashlib.sha256(HERE.encode()).hexdigest()[:12]  # one lock per checkout, kept out of the work tree
+    with open(os.path.join(tempfile.gettempdir(), f"wasmstore-{name}-{key}.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def run_quietly(argv, cwd=None, timeout=600):
+    """Run an install command; on failure raise PrerequisiteMissing with the command and its last output line."""
+    try:
+        done = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise PrerequisiteMissing(f"{' '.join(argv)}: {exc}") from None
+    if done.returncode != 0:
+        lines = (done.stderr or done.stdout).strip().splitlines() or ["no output"]
+        raise PrerequisiteMissing(f"{' '.join(argv)} failed (exit {done.returncode}): {lines[-1]}")
+    return done.stdout
+
+
+_prepared = {}
+
+
+def prepare(ensure):
+    """Run ensure() once per process; missing prerequisites fail under CI and skip (with the reason) elsewhere."""
+    if ensure not in _prepared:
+        try:
+            _prepared[ensure] = (True, ensure())
+        except PrerequisiteMissing as exc:
+            _prepared[ensure] = (False, str(exc))
+    ok, value = _prepared[ensure]
+    if ok:
+        return value
+    if IN_CI:
+        raise AssertionError(f"client prerequisite missing in CI: {value}")
+    raise unittest.SkipTest(f"client prerequisite missing (CI unset, so skipping): {value}")
+
+
+def require_tool(name, install_hint):
+    """Skip outside CI with the exact reason; in CI a missing tool is a failure (CI installs it)."""
+    path = shutil.which(name)
+    if path:
+        return path
+    message = f"{name} is not installed ({install_hint}); .ci/run installs it"
+    if IN_CI:
+        raise AssertionError(message)
+    raise unittest.SkipTest(message)
+
+
+def require_file(path, how):
+    if os.path.exists(path):
+        return path
+    message = f"{os.path.relpath(path, ROOT)} is missing: {how}"
+    if IN_CI:
+        raise AssertionError(message + " (.ci/run must build it before the tests)")
+    raise unittest.SkipTest(message)
+
+
+NPM_PACKAGES = ("@dylibso/wasmstore", "ws")  # pinned in clients/package.json
+
+
+def pinned_npm_versions():
+    with open(os.path.join(CLIENTS_DIR, "package.json")) as f:
+        dependencies = json.load(f)["dependencies"]
+    return {name: dependencies[name] for name in NPM_PACKAGES}
+
+
+def installed_npm_version(name):
+    try:
+        with open(os.path.join(CLIENTS_DIR, "node_modules", name, "package.json")) as f:
+            return json.load(f)["version"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def ensure_node_client():
+    """Return the node executable, with clients/node_modules holding the pinned npm packages."""
+    node = shutil.which("node")
+    if node is None:
+        raise PrerequisiteMissing("the `node` command is not installed (Node 20 is needed for the npm client)")
+    pinned = pinned_npm_versions()
+    with install_lock("node-clients"):
+        if any(installed_npm_version(name) != version for name, version in pinned.items()):
+            npm = shutil.which("npm")
+            if npm is None:
+                raise PrerequisiteMissing("the `npm` command is not installed; needed to install clients/package.json")
+            run_quietly([npm, "ci", "--no-audit", "--no-fund", "--loglevel=error"], cwd=CLIENTS_DIR)
+        for name, version in pinned.items():
+            if installed_npm_version(name) != version:
+                raise PrerequisiteMissing(f"clients/node_modules has {name} {installed_npm_version(name)}, "
+                                          f"not {version}")
+    return node
+
+
+# ---- Waiting for an event (never a sleep) ---------------------------------------------------------
+def wait_until(predicate, timeout=10.0, message="condition"):
+    """Poll predicate() until it is true (returns its value) or fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {message}")
+        time.sleep(0.01)
+
+
+# ---- Wasm builders, hashes and encodings ----------------------------------------------------------
+def _leb(value):
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def section(section_id, payload):
+    return bytes([section_id]) + _leb(len(payload)) + payload
+
+
+def sha256(data):
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha(data):
+    return hashlib.sha256(data).hexdigest()
+
+
 def make_module(tag):
     """A small valid core module whose bytes (and so hash) depend on tag."""
     name = str(tag).encode()[:100]
@@ -79,13 +338,72 @@ def make_module(tag):
     return b"\0asm\x01\0\0\0" + b"\x00" + bytes([len(payload)]) + payload
 
 
-def sha256(data):
-    return hashlib.sha256(data).hexdigest()
+def wasm_module(tag, padding=0):
+    """A valid core module: the header plus a custom section named `tag` (distinct bytes)."""
+    name = tag.encode() if isinstance(tag, str) else tag
+    payload = _leb(len(name)) + name + b"\x00" * padding
+    return b"\0asm\x01\0\0\0" + b"\x00" + _leb(len(payload)) + payload
 
 
-def _file_sizes(root):
-    """{relative file name: size} of every file under root."""
-    return {name: os.path.getsize(os.path.join(root, name)) for name in store_files(root)}
+def wasm_module_of_size(size, tag="sized"):
+    """A valid module of exactly `size` bytes (the custom section's length field grows with it)."""
+    padding = size - len(wasm_module(tag))
+    while len(wasm_module(tag, padding)) > size:
+        padding -= 1
+    module = wasm_module(tag, padding)
+    if len(module) != size:
+        raise ValueError(f"cannot build a module of exactly {size} bytes")
+    return module
+
+
+def answer_module(value):
+    """A module exporting `answer: () -> i32` returning `value` (0..63, a one-byte signed LEB128)."""
+    types = section(1, b"\x01\x60\x00\x01\x7f")
+    functions = section(3, b"\x01\x00")
+    exports = section(7, b"\x01" + _leb(6) + b"answer" + b"\x00\x00")
+    body = b"\x00\x41" + bytes([value]) + b"\x0b"
+    code = section(10, b"\x01" + _leb(len(body)) + body)
+    return b"\0asm\x01\0\0\0" + types + functions + exports + code
+
+
+def component_of(core):
+    """A component holding one core module (what `(component (core module ...))` encodes)."""
+    return b"\0asm\x0d\x00\x01\x00" + b"\x01" + _leb(len(core)) + core
+
+
+_guest_binaries = {}
+
+
+def guest_binary(name):
+    """The binary of a committed WAT guest (guests/run/NAME.wat, or a path), as a store holds it."""
+    if name not in _guest_binaries:
+        path = name if os.path.sep in name else os.path.join(RUN_GUESTS, name + ".wat")
+        with open(path, encoding="utf-8") as f:
+            _guest_binaries[name] = bytes(wasmtime.wat2wasm(f.read()))
+    return _guest_binaries[name]
+
+
+def with_custom_section(data, tag):
+    """The same module or component with one more custom section: new bytes, same behaviour."""
+    name = b"wasmstore-version"
+    payload = _leb(len(name)) + name + tag.encode()
+    return data + b"\x00" + _leb(len(payload)) + payload
+
+
+def read_text(path):
+    with open(path) as f:
+        return f.read()
+
+
+def b64_text(data):
+    return base64.b64encode(data).decode("ascii")
+
+
+# ---- Temporary directories, stores and namespaces -------------------------------------------------
+def temp_dir(test):
+    path = tempfile.mkdtemp(prefix="kvhost-test-")
+    test.addCleanup(shutil.rmtree, path, True)
+    return path
 
 
 def store_files(root):
@@ -111,125 +429,309 @@ class StoreTestCase(unittest.TestCase):
         self.assertEqual(os.listdir(os.path.join(store.root, "tmp")), [])
 
 
-class AcceptanceWalkTest(StoreTestCase):
-    """The original wasmstore's CLI acceptance walk, ported to this spec's semantics."""
+def unique_namespace():
+    """A fresh tenant per test, so tests sharing a SQLite file or a Redis db never see each other."""
+    return "t-" + uuid.uuid4().hex[:12]
 
-    def cli(self, *args, stdin=None, expect=0, root=None):
-        env = dict(os.environ, WASMSTORE_ROOT=root or self.root)
-        env.pop("WASMSTORE_BRANCH", None)
-        proc = subprocess.run([sys.executable, WASMSTORE_PY, *args], input=stdin,
-                              capture_output=True, env=env, cwd=self.tmp, timeout=60)
-        self.assertEqual(proc.returncode, expect,
-                         f"{args}: stdout={proc.stdout!r} stderr={proc.stderr!r}")
-        return proc.stdout.decode(errors="replace").strip(), proc.stderr.decode().strip()
 
-    def test_walk(self):
-        a, b, c = make_module("a"), make_module("b"), make_module("c")
-        for name, data in (("a.wasm", a), ("b.wasm", b), ("c.wasm", c)):
-            with open(os.path.join(self.tmp, name), "wb") as handle:
-                handle.write(data)
-        with open(os.path.join(self.tmp, "trunc.wasm"), "wb") as handle:
-            handle.write(a[:-3])
+# ---- Certificates ---------------------------------------------------------------------------------
+def openssl_key_and_cert(directory, name, common_name):
+    """An RSA key and a self-signed certificate for 127.0.0.1 and localhost: (key, cert) files."""
+    openssl = require_tool("openssl", "apt-get install -y openssl")
+    key, cert = os.path.join(directory, f"{name}.key"), os.path.join(directory, f"{name}.crt")
+    subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-keyout", key,
+                    "-out", cert, "-subj", f"/CN={common_name}",
+                    "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"],
+                   check=True, capture_output=True, timeout=60)
+    return key, cert
 
-        # A truncated module is refused with the validator's message; nothing is stored.
-        _, err = self.cli("add", "trunc.wasm", expect=1)
-        self.assertIn("unexpected end-of-file", err)
-        self.assertTrue(err.startswith("wasmstore: error: "))
-        self.assertEqual(self.cli("list")[0], "")
-        self.assertEqual(self.cli("snapshot", expect=1)[1],
-                         "wasmstore: error: branch 'main' has no commits")
 
-        # add from stdin, then rollback of a single-version path removes it.
-        self.assertEqual(self.cli("add", "-", "a.wasm", stdin=a)[0], sha256(a))
-        self.cli("rollback", "a.wasm")
-        self.assertEqual(self.cli("contains", "a.wasm")[0], "false")
+# ---- Servers and processes: the HTTP server, a WebSocket client, Redis, the command lines ---------
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
-        # add with the default path (the file's base name); by hash and by path.
-        self.assertEqual(self.cli("add", "a.wasm")[0], sha256(a))
-        self.assertEqual(self.cli("add", "b.wasm")[0], sha256(b))
-        self.assertEqual(self.cli("contains", sha256(b))[0], "true")
-        self.assertEqual(self.cli("contains", "a.wasm")[0], "true")
-        snapshot1 = self.cli("snapshot")[0]
 
-        # branch, remove, restore to a snapshot and back.
-        self.cli("branch", "test")
-        self.cli("remove", "a.wasm")
-        snapshot2 = self.cli("snapshot")[0]
-        self.cli("restore", snapshot1)
-        self.assertEqual(self.cli("contains", "a.wasm")[0], "true")
-        self.cli("restore", snapshot2)
-        self.assertEqual(self.cli("contains", "a.wasm")[0], "false")
-        self.assertEqual(self.cli("list")[0], f"{sha256(b)}\t/b.wasm")
-        # restore never discards history: both snapshots are still commits of the branch.
-        log = self.cli("log")[0]
-        self.assertIn(snapshot1, log)
-        self.assertIn(snapshot2, log)
+class LiveServer:
+    """A make_server() instance on a free loopback port, served from a thread."""
 
-        # versions before and after overwriting a path.
-        versions = self.cli("versions", "b.wasm")[0].splitlines()
-        self.assertEqual(len(versions), 1)
-        self.assertTrue(versions[0].startswith(sha256(b) + "\tcommit: "))
-        self.cli("add", "c.wasm", "b.wasm")
-        versions = self.cli("versions", "b.wasm")[0].splitlines()
-        self.assertEqual([line.split("\t")[0] for line in versions], [sha256(b), sha256(c)])
-        self.assertEqual(self.cli("version", "1", "b.wasm")[0], versions[1])
+    def __init__(self, testcase, root=None, host="127.0.0.1", **options):
+        if root is None:
+            parent = tempfile.mkdtemp(prefix="wasmstore-http-")
+            testcase.addCleanup(shutil.rmtree, parent, True)
+            root = os.path.join(parent, "root")
+        self.root = root
+        self.store = wasmstore.Store(root)
+        self.log = io.StringIO()
+        options.setdefault("log", self.log)
+        self.server = http_server.make_server(self.store, host, 0, **options)
+        self.port = self.server.port
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+        testcase.addCleanup(self.stop)
 
-        # gc: the branch "test" still holds a.wasm, so it survives; deleting the branch
-        # then gc deletes it.
-        self.assertGreater(int(self.cli("gc")[0]), 0)
-        self.assertEqual(self.cli("find", sha256(a), expect=1)[1],
-                         f"wasmstore: error: no module with hash {sha256(a)} on branch 'main'")
-        self.assertEqual(self.cli("--branch", "test", "find", "a.wasm")[0].encode(),
-                         a.decode(errors="replace").encode())
-        self.cli("branch", "test", "--delete")
-        self.assertGreater(int(self.cli("gc")[0]), 0)
-        self.assertNotIn(sha256(a), "".join(store_files(self.root)).replace("/", ""))
-        self.assertEqual(self.cli("fsck")[0].splitlines()[-1].split(",")[1].strip(), "0 problems")
+    def stop(self):
+        if not self.server.draining:
+            self.server.graceful_shutdown(grace=5)
+        self.thread.join(5)
 
-        # set of a collected module is refused; set + hash of a stored one works.
-        self.assertIn(f"no such module {sha256(b)}",
-                      self.cli("set", sha256(b), "d.wasm", expect=1)[1])
-        self.cli("set", sha256(c), "e.wasm")
-        self.assertEqual(self.cli("hash", "e.wasm")[0], sha256(c))
-        # versions are de-duplicated after setting an old hash again.
-        self.cli("add", "b.wasm", "d.wasm")
-        self.cli("set", sha256(c), "d.wasm")
-        self.cli("set", sha256(b), "d.wasm")
-        versions = [line.split("\t")[0] for line in
-                    self.cli("versions", "d.wasm")[0].splitlines()]
-        self.assertEqual(versions, [sha256(b), sha256(c)])
+    def connect(self, timeout=10):
+        return http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
 
-        # export writes plain files.
-        self.cli("export", "-o", "out")
-        with open(os.path.join(self.tmp, "out", "b.wasm"), "rb") as handle:
-            self.assertEqual(handle.read(), c)
-        with open(os.path.join(self.tmp, "out", "d.wasm"), "rb") as handle:
-            self.assertEqual(handle.read(), b)
+    def request(self, method, path, body=None, headers=None, conn=None):
+        """(status, headers dict with lower-case names, body bytes)."""
+        own = conn is None
+        conn = conn or self.connect()
+        try:
+            conn.request(method, path, body=body, headers=headers or {})
+            response = conn.getresponse()
+            data = response.read()
+            return response.status, {k.lower(): v for k, v in response.getheaders()}, data
+        finally:
+            if own:
+                conn.close()
 
-        # backup, and the extracted backup used as a store.
-        self.cli("backup", "backup.tar.gz")
-        extracted = os.path.join(self.tmp, "extracted")
-        os.mkdir(extracted)
-        subprocess.run(["tar", "xzf", os.path.join(self.tmp, "backup.tar.gz"), "-C", extracted],
-                       check=True)
-        self.assertEqual(self.cli("list", root=extracted)[0], self.cli("list")[0])
-        self.assertIn("0 problems", self.cli("fsck", root=extracted)[0])
-        self.cli("load-backup", "backup.tar.gz", root=os.path.join(self.tmp, "loaded"))
-        self.assertEqual(self.cli("list", root=os.path.join(self.tmp, "loaded"))[0],
-                         self.cli("list")[0])
+    def raw(self, data, timeout=3.0):
+        """Send raw bytes, return everything the server sends until it closes (or timeout)."""
+        with socket.create_connection(("127.0.0.1", self.port), timeout=timeout) as sock:
+            try:
+                sock.sendall(data)
+            except OSError:
+                pass
+            return read_until_close(sock, timeout)
 
-        # a nested path.
-        self.cli("add", "a.wasm", "x/y/z.wasm")
-        self.assertIn(f"{sha256(a)}\t/x/y/z.wasm", self.cli("list", "x")[0])
 
-        # remove by hash: every path holding it goes; find by that hash then exits 1.
-        self.cli("set", sha256(a), "x/other.wasm")
-        self.cli("remove", sha256(a))
-        listing = self.cli("list")[0]
-        self.assertNotIn("/x/", listing)
-        self.assertEqual(self.cli("find", sha256(a), expect=1)[0], "")
-        self.assertEqual(self.cli("fsck")[0].splitlines()[-1].split(", ")[1], "0 problems")
+def read_until_close(sock, timeout):
+    chunks = []
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            sock.settimeout(max(0.01, deadline - time.monotonic()))
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    except (TimeoutError, ConnectionResetError):
+        pass
+    return b"".join(chunks)
 
+
+def statuses(raw_response):
+    return [int(code) for code in re.findall(rb"^HTTP/1\.[01] (\d{3}) ", raw_response, re.M)]
+
+
+def metric(text, name, **labels):
+    """Value of one sample in Prometheus text, or None."""
+    for line in text.splitlines():
+        if not line.startswith(name + "{") and not line.startswith(name + " "):
+            continue
+        sample, _, value = line.rpartition(" ")
+        found = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', sample))
+        if sample.split("{")[0] == name and all(found.get(k) == v for k, v in labels.items()):
+            return float(value)
+    return None
+
+
+WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+
+
+class WsClient:
+    """A tiny RFC 6455 client: masked frames out, unmasked frames in."""
+
+    def __init__(self, port, path="/api/v1/watch", headers=None, timeout=5.0, tls_context=None):
+        sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        if tls_context is not None:
+            sock = tls_context.wrap_socket(sock, server_hostname="127.0.0.1")
+        self.sock = sock
+        self.buffer = b""
+        key = base64.b64encode(os.urandom(16)).decode()
+        extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
+        sock.sendall((f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
+                      f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+                      f"Sec-WebSocket-Version: 13\r\n{extra}\r\n").encode())
+        head = self._read_until(b"\r\n\r\n")
+        self.status = int(head.split(b" ", 2)[1])
+        self.head = head.decode("latin-1")
+        expected = base64.b64encode(hashlib.sha1((key + WS_GUID).encode()).digest()).decode()
+        self.accept_ok = f"Sec-WebSocket-Accept: {expected}" in self.head
+
+    def _read_until(self, marker):
+        while marker not in self.buffer:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise ConnectionError("closed")
+            self.buffer += chunk
+        head, _, self.buffer = self.buffer.partition(marker)
+        return head
+
+    def _read_exact(self, n):
+        while len(self.buffer) < n:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise ConnectionError("closed")
+            self.buffer += chunk
+        data, self.buffer = self.buffer[:n], self.buffer[n:]
+        return data
+
+    def send(self, opcode, payload=b"", masked=True):
+        head = bytearray([0x80 | opcode])
+        length = len(payload)
+        mask_bit = 0x80 if masked else 0
+        if length < 126:
+            head.append(mask_bit | length)
+        elif length < 65536:
+            head.append(mask_bit | 126)
+            head += length.to_bytes(2, "big")
+        else:
+            head.append(mask_bit | 127)
+            head += length.to_bytes(8, "big")
+        if masked:
+            mask = os.urandom(4)
+            head += mask
+            payload = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+        self.sock.sendall(bytes(head) + payload)
+
+    def recv(self, timeout=5.0):
+        """(opcode, payload) of the next frame; the server's frames must be unmasked."""
+        _fin, opcode, payload = self.recv_frame(timeout)
+        return opcode, payload
+
+    def recv_frame(self, timeout=5.0):
+        """(final?, opcode, payload) of the next frame."""
+        self.sock.settimeout(timeout)
+        first, second = self._read_exact(2)
+        assert not second & 0x80, "server frames must not be masked"
+        length = second & 0x7F
+        if length == 126:
+            length = int.from_bytes(self._read_exact(2), "big")
+        elif length == 127:
+            length = int.from_bytes(self._read_exact(8), "big")
+        return bool(first & 0x80), first & 0x0F, self._read_exact(length)
+
+    def recv_data(self, timeout=5.0):
+        """Next text frame as JSON, answering nothing and skipping pings."""
+        while True:
+            opcode, payload = self.recv(timeout)
+            if opcode == 0x1:
+                return json.loads(payload)
+            if opcode == 0x8:
+                raise ConnectionError("server closed the watch")
+
+    def close(self):
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+def start_server_process(testcase, root, *args, env=None):
+    """`python http_server.py --root ROOT --port 0 ...`: (process, port) once it listens."""
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "http_server.py"), "--root", root,
+                             "--port", "0", *args], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                            env=env, text=True, cwd=HERE)
+
+    def cleanup():
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(10)
+        proc.stderr.close()
+    testcase.addCleanup(cleanup)
+    line = proc.stderr.readline()
+    match = re.search(r"https?://127\.0\.0\.1:(\d+)", line)
+    testcase.assertIsNotNone(match, f"no listening line from the server: {line!r}")
+    return proc, int(match.group(1))
+
+
+def redis_command(port, *args, password=None):
+    """One command over a fresh socket (test-side helper, independent of kvhost's client)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s, s.makefile("rb") as reader:
+        parts = ([("AUTH", password)] if password else []) + [args]
+        payload = b""
+        for cmd in parts:
+            payload += b"*%d\r\n" % len(cmd)
+            for a in cmd:
+                a = a if isinstance(a, bytes) else str(a).encode()
+                payload += b"$%d\r\n%s\r\n" % (len(a), a)
+        s.sendall(payload)
+        reply = None
+        for _ in parts:
+            reply = reader.readline()
+        return reply
+
+
+class RedisServer:
+    """A real redis-server on a free loopback port, in memory only (no RDB, no AOF), working in
+    `directory` or in a temporary one that cleanup() removes. start() after stop() comes back on
+    the same port (empty)."""
+
+    def __init__(self, directory=None):
+        self.own_directory = directory is None
+        self.directory = directory or tempfile.mkdtemp(prefix="test-redis-")
+        self.port = None
+        self.process = None
+
+    @property
+    def url(self):
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self):
+        binary = require_tool("redis-server", "apt-get install -y redis-server")
+        self.port = self.port or free_port()
+        self.process = subprocess.Popen(
+            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--dir", self.directory],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                status = self.process.returncode
+                self.process = None
+                raise RuntimeError(f"redis-server exited with status {status} on port {self.port}")
+            try:
+                if redis_command(self.port, "PING").startswith(b"+PONG"):
+                    return self
+            except OSError:
+                time.sleep(0.05)
+        self.stop()     # never leave a server behind
+        raise RuntimeError(f"redis-server did not answer PING on port {self.port} within 10 s")
+
+    def stop(self):
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+
+    def cleanup(self):
+        self.stop()
+        if self.own_directory:
+            shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def run_kvhost(*args, env=None, timeout=120):
+    """Run the kvhost CLI; returns the CompletedProcess (text mode)."""
+    return subprocess.run([sys.executable, KVHOST, *args], capture_output=True, text=True, cwd=ROOT,
+                          env=env, timeout=timeout)
+
+
+OCI_CALL_TIMEOUT = 120   # seconds for one CLI or oras run on the shared 2-core machine
+
+
+def run_cli(root, *args, env=None, stdin=None, timeout=OCI_CALL_TIMEOUT):
+    """`python wasmstore.py --root ROOT ...` as a user runs it; returns the CompletedProcess (text)."""
+    environment = {k: v for k, v in os.environ.items() if not k.startswith(("WASMSTORE_", "DOCKER_"))}
+    environment.update(env or {})
+    return subprocess.run([sys.executable, WASMSTORE_PY, "--root", root, *args], input=stdin, capture_output=True,
+                          text=True, env=environment, timeout=timeout, cwd=HERE)
+
+
+# =================================================================================================
+# The store library (wasmstore.py): adds, finds, versions, branches, merges, gc, history, bad input
+# =================================================================================================
 
 class LibraryTest(StoreTestCase):
     def test_add_find_hash_and_layout(self):
@@ -506,16 +1008,6 @@ class LibraryTest(StoreTestCase):
         self.assertIn("unexpected end-of-file", str(caught.exception))
 
 
-def _leb(value):
-    out = bytearray()
-    while True:
-        byte = value & 0x7F
-        value >>= 7
-        out.append(byte | (0x80 if value else 0))
-        if not value:
-            return bytes(out)
-
-
 class BadInputTest(StoreTestCase):
     """Every bad input gets a clear one-line error and changes nothing."""
 
@@ -640,17 +1132,6 @@ class BadInputTest(StoreTestCase):
         self.assertUnchanged()
 
 
-WRITER = f"""
-import sys, wasmstore
-from {THIS_MODULE} import make_module
-store = wasmstore.Store(sys.argv[1])
-prefix, count = sys.argv[2], int(sys.argv[3])
-for index in range(count):
-    store.add(f"{{prefix}}/{{index}}.wasm", make_module(f"{{prefix}}-{{index}}"))
-    print(index, flush=True)
-"""
-
-
 class BranchRaceTest(StoreTestCase):
     def test_switching_to_a_branch_while_deleting_it_never_leaves_head_dangling(self):
         # Pins the hostile probe's race: delete_branch checked for the default branch before
@@ -738,6 +1219,286 @@ class GenerationTest(StoreTestCase):
                               capture_output=True, text=True, timeout=60)
         self.assertEqual(done.returncode, 0, done.stderr)
         self.assertNotEqual(self.store.generation(), before)      # read from a shared map of the file
+
+
+# =================================================================================================
+# The store command line (wasmstore.py): the original's acceptance walk, errors, help, `server`
+# =================================================================================================
+
+class AcceptanceWalkTest(StoreTestCase):
+    """The original wasmstore's CLI acceptance walk, ported to this spec's semantics."""
+
+    def cli(self, *args, stdin=None, expect=0, root=None):
+        env = dict(os.environ, WASMSTORE_ROOT=root or self.root)
+        env.pop("WASMSTORE_BRANCH", None)
+        proc = subprocess.run([sys.executable, WASMSTORE_PY, *args], input=stdin,
+                              capture_output=True, env=env, cwd=self.tmp, timeout=60)
+        self.assertEqual(proc.returncode, expect,
+                         f"{args}: stdout={proc.stdout!r} stderr={proc.stderr!r}")
+        return proc.stdout.decode(errors="replace").strip(), proc.stderr.decode().strip()
+
+    def test_walk(self):
+        a, b, c = make_module("a"), make_module("b"), make_module("c")
+        for name, data in (("a.wasm", a), ("b.wasm", b), ("c.wasm", c)):
+            with open(os.path.join(self.tmp, name), "wb") as handle:
+                handle.write(data)
+        with open(os.path.join(self.tmp, "trunc.wasm"), "wb") as handle:
+            handle.write(a[:-3])
+
+        # A truncated module is refused with the validator's message; nothing is stored.
+        _, err = self.cli("add", "trunc.wasm", expect=1)
+        self.assertIn("unexpected end-of-file", err)
+        self.assertTrue(err.startswith("wasmstore: error: "))
+        self.assertEqual(self.cli("list")[0], "")
+        self.assertEqual(self.cli("snapshot", expect=1)[1],
+                         "wasmstore: error: branch 'main' has no commits")
+
+        # add from stdin, then rollback of a single-version path removes it.
+        self.assertEqual(self.cli("add", "-", "a.wasm", stdin=a)[0], sha256(a))
+        self.cli("rollback", "a.wasm")
+        self.assertEqual(self.cli("contains", "a.wasm")[0], "false")
+
+        # add with the default path (the file's base name); by hash and by path.
+        self.assertEqual(self.cli("add", "a.wasm")[0], sha256(a))
+        self.assertEqual(self.cli("add", "b.wasm")[0], sha256(b))
+        self.assertEqual(self.cli("contains", sha256(b))[0], "true")
+        self.assertEqual(self.cli("contains", "a.wasm")[0], "true")
+        snapshot1 = self.cli("snapshot")[0]
+
+        # branch, remove, restore to a snapshot and back.
+        self.cli("branch", "test")
+        self.cli("remove", "a.wasm")
+        snapshot2 = self.cli("snapshot")[0]
+        self.cli("restore", snapshot1)
+        self.assertEqual(self.cli("contains", "a.wasm")[0], "true")
+        self.cli("restore", snapshot2)
+        self.assertEqual(self.cli("contains", "a.wasm")[0], "false")
+        self.assertEqual(self.cli("list")[0], f"{sha256(b)}\t/b.wasm")
+        # restore never discards history: both snapshots are still commits of the branch.
+        log = self.cli("log")[0]
+        self.assertIn(snapshot1, log)
+        self.assertIn(snapshot2, log)
+
+        # versions before and after overwriting a path.
+        versions = self.cli("versions", "b.wasm")[0].splitlines()
+        self.assertEqual(len(versions), 1)
+        self.assertTrue(versions[0].startswith(sha256(b) + "\tcommit: "))
+        self.cli("add", "c.wasm", "b.wasm")
+        versions = self.cli("versions", "b.wasm")[0].splitlines()
+        self.assertEqual([line.split("\t")[0] for line in versions], [sha256(b), sha256(c)])
+        self.assertEqual(self.cli("version", "1", "b.wasm")[0], versions[1])
+
+        # gc: the branch "test" still holds a.wasm, so it survives; deleting the branch
+        # then gc deletes it.
+        self.assertGreater(int(self.cli("gc")[0]), 0)
+        self.assertEqual(self.cli("find", sha256(a), expect=1)[1],
+                         f"wasmstore: error: no module with hash {sha256(a)} on branch 'main'")
+        self.assertEqual(self.cli("--branch", "test", "find", "a.wasm")[0].encode(),
+                         a.decode(errors="replace").encode())
+        self.cli("branch", "test", "--delete")
+        self.assertGreater(int(self.cli("gc")[0]), 0)
+        self.assertNotIn(sha256(a), "".join(store_files(self.root)).replace("/", ""))
+        self.assertEqual(self.cli("fsck")[0].splitlines()[-1].split(",")[1].strip(), "0 problems")
+
+        # set of a collected module is refused; set + hash of a stored one works.
+        self.assertIn(f"no such module {sha256(b)}",
+                      self.cli("set", sha256(b), "d.wasm", expect=1)[1])
+        self.cli("set", sha256(c), "e.wasm")
+        self.assertEqual(self.cli("hash", "e.wasm")[0], sha256(c))
+        # versions are de-duplicated after setting an old hash again.
+        self.cli("add", "b.wasm", "d.wasm")
+        self.cli("set", sha256(c), "d.wasm")
+        self.cli("set", sha256(b), "d.wasm")
+        versions = [line.split("\t")[0] for line in
+                    self.cli("versions", "d.wasm")[0].splitlines()]
+        self.assertEqual(versions, [sha256(b), sha256(c)])
+
+        # export writes plain files.
+        self.cli("export", "-o", "out")
+        with open(os.path.join(self.tmp, "out", "b.wasm"), "rb") as handle:
+            self.assertEqual(handle.read(), c)
+        with open(os.path.join(self.tmp, "out", "d.wasm"), "rb") as handle:
+            self.assertEqual(handle.read(), b)
+
+        # backup, and the extracted backup used as a store.
+        self.cli("backup", "backup.tar.gz")
+        extracted = os.path.join(self.tmp, "extracted")
+        os.mkdir(extracted)
+        subprocess.run(["tar", "xzf", os.path.join(self.tmp, "backup.tar.gz"), "-C", extracted],
+                       check=True)
+        self.assertEqual(self.cli("list", root=extracted)[0], self.cli("list")[0])
+        self.assertIn("0 problems", self.cli("fsck", root=extracted)[0])
+        self.cli("load-backup", "backup.tar.gz", root=os.path.join(self.tmp, "loaded"))
+        self.assertEqual(self.cli("list", root=os.path.join(self.tmp, "loaded"))[0],
+                         self.cli("list")[0])
+
+        # a nested path.
+        self.cli("add", "a.wasm", "x/y/z.wasm")
+        self.assertIn(f"{sha256(a)}\t/x/y/z.wasm", self.cli("list", "x")[0])
+
+        # remove by hash: every path holding it goes; find by that hash then exits 1.
+        self.cli("set", sha256(a), "x/other.wasm")
+        self.cli("remove", sha256(a))
+        listing = self.cli("list")[0]
+        self.assertNotIn("/x/", listing)
+        self.assertEqual(self.cli("find", sha256(a), expect=1)[0], "")
+        self.assertEqual(self.cli("fsck")[0].splitlines()[-1].split(", ")[1], "0 problems")
+
+
+class StoreCliTest(StoreTestCase):
+    def run_main(self, *argv, stdin=b""):
+        out, err = io.StringIO(), io.StringIO()
+        out.buffer = io.BytesIO()
+        fake_stdin = io.TextIOWrapper(io.BytesIO(stdin))
+        with mock.patch.object(sys, "stdout", out), mock.patch.object(sys, "stderr", err), \
+                mock.patch.object(sys, "stdin", fake_stdin):
+            try:
+                status = wasmstore.main(["--root", self.root, *argv])
+            except SystemExit as exit_:
+                status = exit_.code
+        return status, out.getvalue(), err.getvalue()
+
+    def test_errors_are_one_line_with_status_1(self):
+        status, out, err = self.run_main("find", "missing.wasm")
+        self.assertEqual((status, out), (1, ""))
+        self.assertEqual(err, "wasmstore: error: no module at /missing.wasm on branch 'main'\n")
+        status, _, err = self.run_main("add", os.path.join(self.tmp, "nope.wasm"))
+        self.assertEqual(status, 1)
+        self.assertIn("no such file", err)
+        self.assertNotIn("Traceback", err)
+
+    def test_usage_errors_exit_2(self):
+        self.assertEqual(self.run_main("frobnicate")[0], 2)
+        self.assertEqual(self.run_main("add")[0], 2)
+
+    def test_every_command_has_help(self):
+        for command in wasmstore.COMMANDS:
+            if command == "server":
+                continue
+            with self.subTest(command=command):
+                status, out, _ = self.run_main(command, "--help")
+                self.assertEqual(status, 0)
+                self.assertIn("usage: wasmstore " + command, out)
+                self.assertIn(wasmstore.COMMANDS[command][1][:30], " ".join(out.split()))
+
+    def test_environment_selects_root_branch_and_author(self):
+        source = os.path.join(self.tmp, "m.wasm")
+        with open(source, "wb") as handle:
+            handle.write(make_module("env"))
+        self.store.create_branch("dev")
+        env = dict(os.environ, WASMSTORE_ROOT=self.root, WASMSTORE_BRANCH="dev",
+                   WASMSTORE_AUTHOR="eve")
+        subprocess.run([sys.executable, WASMSTORE_PY, "add", source], env=env, check=True,
+                       capture_output=True)
+        info = self.store.commit_info(self.store.snapshot(branch="dev"))
+        self.assertEqual((info["author"], info["message"]), ("eve", "Import /m.wasm"))
+        self.assertFalse(self.store.contains("m.wasm"))
+
+    def start_cli_server(self, *argv, env=None):
+        """`python wasmstore.py ARGV` (a server command): (process, first stderr line)."""
+        proc = subprocess.Popen([sys.executable, WASMSTORE_PY, *argv], stderr=subprocess.PIPE,
+                                stdout=subprocess.DEVNULL, text=True, cwd=self.tmp, env=env)
+
+        def stop():
+            if proc.poll() is None:
+                proc.terminate()
+            proc.wait(10)
+            proc.stderr.close()
+        self.addCleanup(stop)
+        return proc, proc.stderr.readline()
+
+    def test_server_serves_the_root_given_after_the_command(self):
+        # Pins a bug: the root after `server` was forwarded and then overridden by the
+        # default (argv ended "--root X ... --root ~/.wasmstore"): writes went elsewhere.
+        home = os.path.join(self.tmp, "home")
+        os.mkdir(home)
+        env = dict(os.environ, HOME=home)
+        env.pop("WASMSTORE_ROOT", None)
+        for argv in (["server", "--root", self.root, "--port", "0"],
+                     ["--root", os.path.join(self.tmp, "ignored"), "server", "--root", self.root,
+                      "--port", "0"],
+                     ["--root", self.root, "server", "--port", "0"]):
+            with self.subTest(argv=argv):
+                proc, line = self.start_cli_server(*argv, env=env)
+                self.assertIn(f"serving {self.root} on http://127.0.0.1:", line)
+                port = int(re.search(r":(\d+)\s*$", line).group(1))
+                data = make_module(" ".join(argv))
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+                conn.request("POST", "/api/v1/module/served.wasm", body=data)
+                self.assertEqual(conn.getresponse().read().decode(), sha256(data))
+                conn.close()
+                self.assertEqual(Store(self.root).find("served.wasm"), data)
+                proc.terminate()
+                self.assertEqual(proc.wait(10), 0)
+        self.assertEqual(os.listdir(home), [])          # nothing went to ~/.wasmstore
+        self.assertFalse(os.path.exists(os.path.join(self.tmp, "ignored")))
+
+    def test_server_without_http_server_py_says_so_in_one_line(self):
+        alone = os.path.join(self.tmp, "vendored")
+        os.mkdir(alone)
+        shutil.copy(WASMSTORE_PY, alone)
+        proc = subprocess.run([sys.executable, os.path.join(alone, "wasmstore.py"), "--root",
+                               self.root, "server", "--port", "0"], capture_output=True,
+                              text=True, cwd=alone, timeout=60)
+        self.assertEqual(proc.returncode, 1)
+        self.assertEqual(proc.stderr.count("\n"), 1, proc.stderr)
+        self.assertIn("wasmstore: error: the server command needs http_server.py next to",
+                      proc.stderr)
+
+    def test_a_closed_stdout_ends_list_quietly(self):
+        # Pins a bug: `wasmstore.py list | head` printed "wasmstore: error: Broken pipe".
+        source = os.path.join(self.tmp, "many")
+        for index in range(3000):                      # far more than a pipe buffer holds
+            os.makedirs(os.path.join(source, f"d{index % 10}"), exist_ok=True)
+            with open(os.path.join(source, f"d{index % 10}", f"m{index}.wasm"), "wb") as handle:
+                handle.write(make_module(f"many {index}"))
+        self.store.import_tree(source)
+        proc = subprocess.Popen([sys.executable, WASMSTORE_PY, "--root", self.root, "list"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=self.tmp)
+        self.assertTrue(proc.stdout.readline().endswith(b".wasm\n"))
+        proc.stdout.close()                            # what `| head -1` does
+        stderr = proc.stderr.read()
+        proc.stderr.close()
+        self.assertEqual((proc.wait(60), stderr), (0, b""))
+
+    def test_output_formats(self):
+        data = make_module("f")
+        self.store.add("dir/f.wasm", data)
+        self.assertEqual(self.run_main("list")[1], f"{sha256(data)}\t/dir/f.wasm\n")
+        commit = self.store.snapshot()
+        self.assertEqual(self.run_main("versions", "dir/f.wasm")[1],
+                         f"{sha256(data)}\tcommit: {commit}\n")
+        self.assertEqual(json.loads(self.run_main("commit", commit)[1]),
+                         self.store.commit_info(commit))
+        audit = self.run_main("audit", "dir/f.wasm")[1].split("\t")
+        self.assertEqual(audit[1:], ["wasmstore", commit + "\n"])
+        self.assertTrue(self.run_main("log")[1].startswith(f"commit {commit}\nAuthor: wasmstore"))
+        self.assertEqual(self.run_main("contains", "dir/f.wasm")[1], "true\n")
+        self.assertEqual(self.run_main("branch", "--list")[1], "main\n")
+        status, out, _ = self.run_main("fsck")
+        self.assertEqual(status, 0)
+        self.assertIn("0 problems", out)
+
+
+# =================================================================================================
+# Store durability and layout: concurrent writers, SIGKILL at any point, packs, ref slots, the
+# previous layout
+# =================================================================================================
+
+def _file_sizes(root):
+    """{relative file name: size} of every file under root."""
+    return {name: os.path.getsize(os.path.join(root, name)) for name in store_files(root)}
+
+
+WRITER = f"""
+import sys, wasmstore
+from {THIS_MODULE} import make_module
+store = wasmstore.Store(sys.argv[1])
+prefix, count = sys.argv[2], int(sys.argv[3])
+for index in range(count):
+    store.add(f"{{prefix}}/{{index}}.wasm", make_module(f"{{prefix}}-{{index}}"))
+    print(index, flush=True)
+"""
 
 
 class DurabilityTest(StoreTestCase):
@@ -1335,31 +2096,9 @@ class KillAtEveryMutationTest(unittest.TestCase):
         self.check_every_kill(base, ["gc"], expected)
 
 
-def component_of(core):
-    """A component holding one core module (what `(component (core module ...))` encodes)."""
-    return b"\0asm\x0d\x00\x01\x00" + b"\x01" + _leb(len(core)) + core
-
-
-_ORACLE_ENGINES = {}
-
-
-def wasmtime_refusal(data, optimise=True):
-    """None if wasmtime compiles data (a component or a core module), else its one-line
-    message: the reference for what add must refuse (kvhost compiles with the defaults;
-    optimise=False gives the same verdicts faster)."""
-    engine = _ORACLE_ENGINES.get(optimise)
-    if engine is None:
-        config = wasmtime.Config()
-        if not optimise:
-            config.cranelift_opt_level = "none"
-        engine = _ORACLE_ENGINES[optimise] = wasmtime.Engine(config)
-    kind = wc.Component if bytes(data[4:8]) == b"\x0d\x00\x01\x00" else wasmtime.Module
-    try:
-        kind(engine, bytes(data))
-    except wasmtime.WasmtimeError as exc:
-        return " ".join(str(exc).split())
-    return None
-
+# =================================================================================================
+# Backups: damaged and hostile archives, debris of killed writers
+# =================================================================================================
 
 def dead_pid():
     """The pid of a process that has ended (for debris left by killed writers)."""
@@ -1487,6 +2226,31 @@ class HostileBackupTest(StoreTestCase):
         self.assertFalse(os.path.exists(debris))
 
 
+# =================================================================================================
+# Component validation on add: exactly what wasmtime refuses to compile
+# =================================================================================================
+
+_ORACLE_ENGINES = {}
+
+
+def wasmtime_refusal(data, optimise=True):
+    """None if wasmtime compiles data (a component or a core module), else its one-line
+    message: the reference for what add must refuse (kvhost compiles with the defaults;
+    optimise=False gives the same verdicts faster)."""
+    engine = _ORACLE_ENGINES.get(optimise)
+    if engine is None:
+        config = wasmtime.Config()
+        if not optimise:
+            config.cranelift_opt_level = "none"
+        engine = _ORACLE_ENGINES[optimise] = wasmtime.Engine(config)
+    kind = wc.Component if bytes(data[4:8]) == b"\x0d\x00\x01\x00" else wasmtime.Module
+    try:
+        kind(engine, bytes(data))
+    except wasmtime.WasmtimeError as exc:
+        return " ".join(str(exc).split())
+    return None
+
+
 class ComponentValidationTest(StoreTestCase):
     """add refuses exactly what wasmtime refuses to compile, with wasmtime's message. Pins
     the hostile probe's finding that components were checked only section by section: three
@@ -1586,369 +2350,9 @@ class ComponentValidationTest(StoreTestCase):
             self.verdict(flipped, f"py-counter with byte {position} flipped", optimise=False)
 
 
-class StoreCliTest(StoreTestCase):
-    def run_main(self, *argv, stdin=b""):
-        out, err = io.StringIO(), io.StringIO()
-        out.buffer = io.BytesIO()
-        fake_stdin = io.TextIOWrapper(io.BytesIO(stdin))
-        with mock.patch.object(sys, "stdout", out), mock.patch.object(sys, "stderr", err), \
-                mock.patch.object(sys, "stdin", fake_stdin):
-            try:
-                status = wasmstore.main(["--root", self.root, *argv])
-            except SystemExit as exit_:
-                status = exit_.code
-        return status, out.getvalue(), err.getvalue()
-
-    def test_errors_are_one_line_with_status_1(self):
-        status, out, err = self.run_main("find", "missing.wasm")
-        self.assertEqual((status, out), (1, ""))
-        self.assertEqual(err, "wasmstore: error: no module at /missing.wasm on branch 'main'\n")
-        status, _, err = self.run_main("add", os.path.join(self.tmp, "nope.wasm"))
-        self.assertEqual(status, 1)
-        self.assertIn("no such file", err)
-        self.assertNotIn("Traceback", err)
-
-    def test_usage_errors_exit_2(self):
-        self.assertEqual(self.run_main("frobnicate")[0], 2)
-        self.assertEqual(self.run_main("add")[0], 2)
-
-    def test_every_command_has_help(self):
-        for command in wasmstore.COMMANDS:
-            if command == "server":
-                continue
-            with self.subTest(command=command):
-                status, out, _ = self.run_main(command, "--help")
-                self.assertEqual(status, 0)
-                self.assertIn("usage: wasmstore " + command, out)
-                self.assertIn(wasmstore.COMMANDS[command][1][:30], " ".join(out.split()))
-
-    def test_environment_selects_root_branch_and_author(self):
-        source = os.path.join(self.tmp, "m.wasm")
-        with open(source, "wb") as handle:
-            handle.write(make_module("env"))
-        self.store.create_branch("dev")
-        env = dict(os.environ, WASMSTORE_ROOT=self.root, WASMSTORE_BRANCH="dev",
-                   WASMSTORE_AUTHOR="eve")
-        subprocess.run([sys.executable, WASMSTORE_PY, "add", source], env=env, check=True,
-                       capture_output=True)
-        info = self.store.commit_info(self.store.snapshot(branch="dev"))
-        self.assertEqual((info["author"], info["message"]), ("eve", "Import /m.wasm"))
-        self.assertFalse(self.store.contains("m.wasm"))
-
-    def start_cli_server(self, *argv, env=None):
-        """`python wasmstore.py ARGV` (a server command): (process, first stderr line)."""
-        proc = subprocess.Popen([sys.executable, WASMSTORE_PY, *argv], stderr=subprocess.PIPE,
-                                stdout=subprocess.DEVNULL, text=True, cwd=self.tmp, env=env)
-
-        def stop():
-            if proc.poll() is None:
-                proc.terminate()
-            proc.wait(10)
-            proc.stderr.close()
-        self.addCleanup(stop)
-        return proc, proc.stderr.readline()
-
-    def test_server_serves_the_root_given_after_the_command(self):
-        # Pins a bug: the root after `server` was forwarded and then overridden by the
-        # default (argv ended "--root X ... --root ~/.wasmstore"): writes went elsewhere.
-        home = os.path.join(self.tmp, "home")
-        os.mkdir(home)
-        env = dict(os.environ, HOME=home)
-        env.pop("WASMSTORE_ROOT", None)
-        for argv in (["server", "--root", self.root, "--port", "0"],
-                     ["--root", os.path.join(self.tmp, "ignored"), "server", "--root", self.root,
-                      "--port", "0"],
-                     ["--root", self.root, "server", "--port", "0"]):
-            with self.subTest(argv=argv):
-                proc, line = self.start_cli_server(*argv, env=env)
-                self.assertIn(f"serving {self.root} on http://127.0.0.1:", line)
-                port = int(re.search(r":(\d+)\s*$", line).group(1))
-                data = make_module(" ".join(argv))
-                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-                conn.request("POST", "/api/v1/module/served.wasm", body=data)
-                self.assertEqual(conn.getresponse().read().decode(), sha256(data))
-                conn.close()
-                self.assertEqual(Store(self.root).find("served.wasm"), data)
-                proc.terminate()
-                self.assertEqual(proc.wait(10), 0)
-        self.assertEqual(os.listdir(home), [])          # nothing went to ~/.wasmstore
-        self.assertFalse(os.path.exists(os.path.join(self.tmp, "ignored")))
-
-    def test_server_without_http_server_py_says_so_in_one_line(self):
-        alone = os.path.join(self.tmp, "vendored")
-        os.mkdir(alone)
-        shutil.copy(WASMSTORE_PY, alone)
-        proc = subprocess.run([sys.executable, os.path.join(alone, "wasmstore.py"), "--root",
-                               self.root, "server", "--port", "0"], capture_output=True,
-                              text=True, cwd=alone, timeout=60)
-        self.assertEqual(proc.returncode, 1)
-        self.assertEqual(proc.stderr.count("\n"), 1, proc.stderr)
-        self.assertIn("wasmstore: error: the server command needs http_server.py next to",
-                      proc.stderr)
-
-    def test_a_closed_stdout_ends_list_quietly(self):
-        # Pins a bug: `wasmstore.py list | head` printed "wasmstore: error: Broken pipe".
-        source = os.path.join(self.tmp, "many")
-        for index in range(3000):                      # far more than a pipe buffer holds
-            os.makedirs(os.path.join(source, f"d{index % 10}"), exist_ok=True)
-            with open(os.path.join(source, f"d{index % 10}", f"m{index}.wasm"), "wb") as handle:
-                handle.write(make_module(f"many {index}"))
-        self.store.import_tree(source)
-        proc = subprocess.Popen([sys.executable, WASMSTORE_PY, "--root", self.root, "list"],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=self.tmp)
-        self.assertTrue(proc.stdout.readline().endswith(b".wasm\n"))
-        proc.stdout.close()                            # what `| head -1` does
-        stderr = proc.stderr.read()
-        proc.stderr.close()
-        self.assertEqual((proc.wait(60), stderr), (0, b""))
-
-    def test_output_formats(self):
-        data = make_module("f")
-        self.store.add("dir/f.wasm", data)
-        self.assertEqual(self.run_main("list")[1], f"{sha256(data)}\t/dir/f.wasm\n")
-        commit = self.store.snapshot()
-        self.assertEqual(self.run_main("versions", "dir/f.wasm")[1],
-                         f"{sha256(data)}\tcommit: {commit}\n")
-        self.assertEqual(json.loads(self.run_main("commit", commit)[1]),
-                         self.store.commit_info(commit))
-        audit = self.run_main("audit", "dir/f.wasm")[1].split("\t")
-        self.assertEqual(audit[1:], ["wasmstore", commit + "\n"])
-        self.assertTrue(self.run_main("log")[1].startswith(f"commit {commit}\nAuthor: wasmstore"))
-        self.assertEqual(self.run_main("contains", "dir/f.wasm")[1], "true\n")
-        self.assertEqual(self.run_main("branch", "--list")[1], "main\n")
-        status, out, _ = self.run_main("fsck")
-        self.assertEqual(status, 0)
-        self.assertIn("0 problems", out)
-
-
 # =================================================================================================
-# The HTTP API (http_server.py): routes, auth, TLS, CORS, watch, fuzz, stress, shutdown, metrics,
-# watch limits, request framing, Host and Origin checks (also in headless Chromium)
+# The HTTP API (http_server.py): routes, bodies, errors, metrics and logs, shutdown, the command line
 # =================================================================================================
-
-STRESS_SECONDS = float(os.environ.get("WASMSTORE_HTTP_STRESS_SECONDS", "20"))
-
-
-WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
-
-
-def wasm_module(tag, padding=0):
-    """A valid core module: the header plus a custom section named `tag` (distinct bytes)."""
-    name = tag.encode() if isinstance(tag, str) else tag
-    payload = _leb(len(name)) + name + b"\x00" * padding
-    return b"\0asm\x01\0\0\0" + b"\x00" + _leb(len(payload)) + payload
-
-
-def wasm_module_of_size(size, tag="sized"):
-    """A valid module of exactly `size` bytes (the custom section's length field grows with it)."""
-    padding = size - len(wasm_module(tag))
-    while len(wasm_module(tag, padding)) > size:
-        padding -= 1
-    module = wasm_module(tag, padding)
-    if len(module) != size:
-        raise ValueError(f"cannot build a module of exactly {size} bytes")
-    return module
-
-
-def sha(data):
-    return hashlib.sha256(data).hexdigest()
-
-
-class LiveServer:
-    """A make_server() instance on a free loopback port, served from a thread."""
-
-    def __init__(self, testcase, root=None, host="127.0.0.1", **options):
-        if root is None:
-            parent = tempfile.mkdtemp(prefix="wasmstore-http-")
-            testcase.addCleanup(shutil.rmtree, parent, True)
-            root = os.path.join(parent, "root")
-        self.root = root
-        self.store = wasmstore.Store(root)
-        self.log = io.StringIO()
-        options.setdefault("log", self.log)
-        self.server = http_server.make_server(self.store, host, 0, **options)
-        self.port = self.server.port
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-        testcase.addCleanup(self.stop)
-
-    def stop(self):
-        if not self.server.draining:
-            self.server.graceful_shutdown(grace=5)
-        self.thread.join(5)
-
-    def connect(self, timeout=10):
-        return http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
-
-    def request(self, method, path, body=None, headers=None, conn=None):
-        """(status, headers dict with lower-case names, body bytes)."""
-        own = conn is None
-        conn = conn or self.connect()
-        try:
-            conn.request(method, path, body=body, headers=headers or {})
-            response = conn.getresponse()
-            data = response.read()
-            return response.status, {k.lower(): v for k, v in response.getheaders()}, data
-        finally:
-            if own:
-                conn.close()
-
-    def raw(self, data, timeout=3.0):
-        """Send raw bytes, return everything the server sends until it closes (or timeout)."""
-        with socket.create_connection(("127.0.0.1", self.port), timeout=timeout) as sock:
-            try:
-                sock.sendall(data)
-            except OSError:
-                pass
-            return read_until_close(sock, timeout)
-
-
-def read_until_close(sock, timeout):
-    chunks = []
-    deadline = time.monotonic() + timeout
-    try:
-        while time.monotonic() < deadline:
-            sock.settimeout(max(0.01, deadline - time.monotonic()))
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            chunks.append(chunk)
-    except (TimeoutError, ConnectionResetError):
-        pass
-    return b"".join(chunks)
-
-
-def statuses(raw_response):
-    return [int(code) for code in re.findall(rb"^HTTP/1\.[01] (\d{3}) ", raw_response, re.M)]
-
-
-def metric(text, name, **labels):
-    """Value of one sample in Prometheus text, or None."""
-    for line in text.splitlines():
-        if not line.startswith(name + "{") and not line.startswith(name + " "):
-            continue
-        sample, _, value = line.rpartition(" ")
-        found = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', sample))
-        if sample.split("{")[0] == name and all(found.get(k) == v for k, v in labels.items()):
-            return float(value)
-    return None
-
-
-class WsClient:
-    """A tiny RFC 6455 client: masked frames out, unmasked frames in."""
-
-    def __init__(self, port, path="/api/v1/watch", headers=None, timeout=5.0, tls_context=None):
-        sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
-        if tls_context is not None:
-            sock = tls_context.wrap_socket(sock, server_hostname="127.0.0.1")
-        self.sock = sock
-        self.buffer = b""
-        key = base64.b64encode(os.urandom(16)).decode()
-        extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
-        sock.sendall((f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
-                      f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
-                      f"Sec-WebSocket-Version: 13\r\n{extra}\r\n").encode())
-        head = self._read_until(b"\r\n\r\n")
-        self.status = int(head.split(b" ", 2)[1])
-        self.head = head.decode("latin-1")
-        expected = base64.b64encode(hashlib.sha1((key + WS_GUID).encode()).digest()).decode()
-        self.accept_ok = f"Sec-WebSocket-Accept: {expected}" in self.head
-
-    def _read_until(self, marker):
-        while marker not in self.buffer:
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                raise ConnectionError("closed")
-            self.buffer += chunk
-        head, _, self.buffer = self.buffer.partition(marker)
-        return head
-
-    def _read_exact(self, n):
-        while len(self.buffer) < n:
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                raise ConnectionError("closed")
-            self.buffer += chunk
-        data, self.buffer = self.buffer[:n], self.buffer[n:]
-        return data
-
-    def send(self, opcode, payload=b"", masked=True):
-        head = bytearray([0x80 | opcode])
-        length = len(payload)
-        mask_bit = 0x80 if masked else 0
-        if length < 126:
-            head.append(mask_bit | length)
-        elif length < 65536:
-            head.append(mask_bit | 126)
-            head += length.to_bytes(2, "big")
-        else:
-            head.append(mask_bit | 127)
-            head += length.to_bytes(8, "big")
-        if masked:
-            mask = os.urandom(4)
-            head += mask
-            payload = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-        self.sock.sendall(bytes(head) + payload)
-
-    def recv(self, timeout=5.0):
-        """(opcode, payload) of the next frame; the server's frames must be unmasked."""
-        _fin, opcode, payload = self.recv_frame(timeout)
-        return opcode, payload
-
-    def recv_frame(self, timeout=5.0):
-        """(final?, opcode, payload) of the next frame."""
-        self.sock.settimeout(timeout)
-        first, second = self._read_exact(2)
-        assert not second & 0x80, "server frames must not be masked"
-        length = second & 0x7F
-        if length == 126:
-            length = int.from_bytes(self._read_exact(2), "big")
-        elif length == 127:
-            length = int.from_bytes(self._read_exact(8), "big")
-        return bool(first & 0x80), first & 0x0F, self._read_exact(length)
-
-    def recv_data(self, timeout=5.0):
-        """Next text frame as JSON, answering nothing and skipping pings."""
-        while True:
-            opcode, payload = self.recv(timeout)
-            if opcode == 0x1:
-                return json.loads(payload)
-            if opcode == 0x8:
-                raise ConnectionError("server closed the watch")
-
-    def close(self):
-        try:
-            self.sock.close()
-        except OSError:
-            pass
-
-
-def make_self_signed_cert(directory):
-    key, cert = os.path.join(directory, "key.pem"), os.path.join(directory, "cert.pem")
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key,
-                    "-out", cert, "-days", "1", "-subj", "/CN=127.0.0.1",
-                    "-addext", "subjectAltName=IP:127.0.0.1"],
-                   check=True, capture_output=True)
-    return key, cert
-
-
-def start_server_process(testcase, root, *args, env=None):
-    """`python http_server.py --root ROOT --port 0 ...`: (process, port) once it listens."""
-    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "http_server.py"), "--root", root,
-                             "--port", "0", *args], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                            env=env, text=True, cwd=HERE)
-
-    def cleanup():
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(10)
-        proc.stderr.close()
-    testcase.addCleanup(cleanup)
-    line = proc.stderr.readline()
-    match = re.search(r"https?://127\.0\.0\.1:(\d+)", line)
-    testcase.assertIsNotNone(match, f"no listening line from the server: {line!r}")
-    return proc, int(match.group(1))
-
 
 class PureFunctionTests(unittest.TestCase):
     """Parsing, routing, auth and the error table, without a socket."""
@@ -2441,6 +2845,226 @@ class BodyLimitTests(unittest.TestCase):
         self.assertEqual(statuses(raw), [413])
 
 
+class ObservabilityTests(unittest.TestCase):
+
+    def test_metrics_counts_routes_statuses_latency_bytes_and_store(self):
+        live = LiveServer(self)
+        module = wasm_module("metrics")
+        live.request("POST", "/api/v1/module/a.wasm", module)
+        live.request("GET", "/api/v1/module/a.wasm")
+        live.request("GET", "/api/v1/module/a.wasm")
+        live.request("GET", "/api/v1/module/nope.wasm")
+        status, headers, body = live.request("GET", "/metrics")
+        self.assertEqual(status, 200)
+        self.assertTrue(headers["content-type"].startswith("text/plain; version=0.0.4"))
+        text = body.decode()
+        route = "/api/v1/module/*"
+        self.assertEqual(metric(text, "wasmstore_http_requests_total", route=route, method="GET", status="200"), 2)
+        self.assertEqual(metric(text, "wasmstore_http_requests_total", route=route, method="GET", status="404"), 1)
+        self.assertEqual(metric(text, "wasmstore_http_requests_total", route=route, method="POST", status="200"), 1)
+        self.assertEqual(metric(text, "wasmstore_http_request_duration_seconds_count", route=route), 4)
+        self.assertEqual(metric(text, "wasmstore_http_request_duration_seconds_bucket", route=route, le="+Inf"), 4)
+        self.assertGreater(metric(text, "wasmstore_http_request_duration_seconds_sum", route=route), 0)
+        self.assertEqual(metric(text, "wasmstore_http_request_body_bytes_total"), len(module))
+        self.assertGreaterEqual(metric(text, "wasmstore_http_response_body_bytes_total"), 2 * len(module) + 64)
+        self.assertEqual(metric(text, "wasmstore_modules", branch="main"), 1)
+        self.assertEqual(metric(text, "wasmstore_commits", branch="main"), 1)
+        self.assertIn("# TYPE wasmstore_http_request_duration_seconds histogram", text)
+        self.assertEqual(metric(text, "wasmstore_http_requests_in_flight"), 1)   # the scrape itself
+
+    def test_access_log_one_line_per_request(self):
+        live = LiveServer(self, auth="logkey-42:*")
+        key = {"Wasmstore-Auth": "logkey-42"}
+        live.request("POST", "/api/v1/module/a.wasm", wasm_module("log"), key)
+        live.request("GET", "/api/v1/module/a.wasm", headers=key)
+        live.request("GET", "/api/v1/module/a%22x%01.wasm?auth=logkey-42", headers=key)
+        live.request("GET", "/api/v1/modules")
+        deadline = time.monotonic() + 5           # the line is written just after the reply
+        while len(live.log.getvalue().splitlines()) < 4 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        lines = live.log.getvalue().splitlines()
+        self.assertEqual(len(lines), 4, lines)
+        self.assertRegex(lines[0], r'^127\.0\.0\.1 "POST /api/v1/module/a\.wasm" 200 64 \d+\.\dms$')
+        self.assertRegex(lines[1], r'"GET /api/v1/module/a\.wasm" 200 \d+ ')
+        self.assertRegex(lines[2], r'"GET /api/v1/module/a%22x%01\.wasm" 400 ')
+        self.assertRegex(lines[3], r'"GET /api/v1/modules" 401 ')
+        self.assertNotIn("logkey-42", live.log.getvalue())
+
+    def test_corrupt_object_is_500_with_its_message_and_never_served(self):
+        live = LiveServer(self, quiet=True)
+        module = wasm_module("corrupt")
+        digest = live.store.add("c.wasm", module)
+        self.assertEqual(live.request("GET", "/api/v1/module/c.wasm")[2], module)   # now cached
+        filename = live.store.module_filename(digest)
+        os.chmod(filename, 0o644)
+        with open(filename, "r+b") as handle:          # same size, new mtime: re-checked
+            handle.seek(len(module) - 1)
+            handle.write(b"X")
+        os.utime(filename, ns=(time.time_ns(), time.time_ns() + 10**9))
+        status, _, body = live.request("GET", "/api/v1/module/c.wasm")
+        self.assertEqual(status, 500)
+        self.assertIn(b"corrupt", body)
+        self.assertNotIn(b"X", body[-2:])
+        self.assertNotIn("Traceback", live.log.getvalue())
+        self.assertIn("corrupt", live.log.getvalue())
+
+    def test_quiet_silences_the_access_log(self):
+        live = LiveServer(self, quiet=True)
+        live.request("GET", "/api/v1/modules")
+        live.request("GET", "/api/v1/nope")
+        self.assertEqual(live.log.getvalue(), "")
+
+    def test_internal_errors_500_with_traceback_in_log_only(self):
+        live = LiveServer(self, quiet=True)
+
+        def broken(*args, **kwargs):
+            raise RuntimeError("boom: internal detail")
+        live.store.branches = broken
+        status, _, body = live.request("GET", "/api/v1/branches")
+        self.assertEqual((status, body), (500, b"internal server error\n"))
+        self.assertIn("Traceback", live.log.getvalue())
+        self.assertIn("boom: internal detail", live.log.getvalue())
+        self.assertEqual(live.request("GET", "/api/v1/modules")[0], 200)
+
+
+class ShutdownTests(unittest.TestCase):
+
+    def setUp(self):
+        parent = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, parent, True)
+        self.root = os.path.join(parent, "root")
+
+    def wait_until_in_flight(self, port, count, seconds=10):
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            try:
+                conn.request("GET", "/metrics")
+                text = conn.getresponse().read().decode()
+            finally:
+                conn.close()
+            if metric(text, "wasmstore_http_requests_in_flight") >= count:
+                return
+            time.sleep(0.05)
+        self.fail("the server never started serving the request")
+
+    def check_in_flight_request_finishes(self, signum):
+        proc, port = start_server_process(self, self.root)
+        module = wasm_module("inflight", padding=5000)
+        sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        self.addCleanup(sock.close)
+        sock.sendall(b"POST /api/v1/module/inflight.wasm HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                     b"Content-Length: %d\r\n\r\n" % len(module) + module[:100])
+        self.wait_until_in_flight(port, 2)          # the upload and the metrics request itself
+        proc.send_signal(signum)
+        time.sleep(0.7)
+        self.assertIsNone(proc.poll(), "the server quit with a request in flight")
+        with self.assertRaises(OSError):             # no longer accepting
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        sock.sendall(module[100:])
+        answer = read_until_close(sock, 10)
+        self.assertEqual(statuses(answer), [200])
+        self.assertTrue(answer.endswith(sha(module).encode()))
+        self.assertIn(b"Connection: close", answer)
+        self.assertEqual(proc.wait(10), 0)
+        stderr = proc.stderr.read()
+        self.assertNotIn("Traceback", stderr)
+        self.assertIn('"POST /api/v1/module/inflight.wasm" 200', stderr)
+        store = wasmstore.Store(self.root)
+        self.assertEqual(store.find("inflight.wasm"), module)
+        self.assertEqual(store.fsck(), [])
+
+    def test_sigterm_lets_the_in_flight_request_finish_and_exits_0(self):
+        self.check_in_flight_request_finishes(signal.SIGTERM)
+
+    def test_ctrl_c_lets_the_in_flight_request_finish_and_exits_0(self):
+        self.check_in_flight_request_finishes(signal.SIGINT)
+
+    def test_idle_server_exits_promptly_on_sigterm(self):
+        proc, port = start_server_process(self, self.root, "--quiet")
+        keepalive = http.client.HTTPConnection("127.0.0.1", port, timeout=5)   # an idle keep-alive client
+        self.addCleanup(keepalive.close)
+        keepalive.request("GET", "/api/v1/branches")
+        keepalive.getresponse().read()
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        self.assertEqual(proc.wait(10), 0)
+        self.assertLess(time.monotonic() - started, 3)
+        self.assertEqual(proc.stderr.read(), "")         # --quiet: no access log either
+
+
+class CommandLineTests(unittest.TestCase):
+
+    def run_server(self, *args, env=None):
+        return subprocess.run([sys.executable, os.path.join(HERE, "http_server.py"), *args],
+                              capture_output=True, text=True, timeout=30, env=env, cwd=HERE)
+
+    def test_help_mentions_every_option(self):
+        result = self.run_server("--help")
+        self.assertEqual(result.returncode, 0)
+        for option in ["--root", "--host", "--port", "--auth", "--tls", "--cors", "--max-body",
+                       "--quiet", "--timeout", "WASMSTORE_ROOT", "WASMSTORE_AUTH", "--allowed-host",
+                       "--max-watches", "WASMSTORE_ALLOWED_HOSTS", "WASMSTORE_MAX_WATCHES"]:
+            self.assertIn(option, result.stdout)
+
+    def test_bad_options_exit_2_with_one_line_and_no_key_echo(self):
+        for args in [["--auth", "topsecret"], ["--port", "99999"], ["--tls", "onlyone"],
+                     ["--max-body", "lots"], ["--timeout", "0"]]:
+            with self.subTest(args=args):
+                result = self.run_server(*args)
+                self.assertEqual(result.returncode, 2)
+                self.assertNotIn("Traceback", result.stderr)
+                self.assertNotIn("topsecret", result.stderr)
+
+    def test_missing_tls_files_exit_1_without_traceback(self):
+        parent = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, parent, True)
+        result = self.run_server("--root", os.path.join(parent, "root"), "--port", "0",
+                                 "--tls", "/nonexistent/key.pem,/nonexistent/cert.pem")
+        self.assertEqual(result.returncode, 1)
+        self.assertRegex(result.stderr, r"^http_server.py: error: .+\n$")
+
+    def test_environment_configures_root_and_auth(self):
+        parent = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, parent, True)
+        env = dict(os.environ, WASMSTORE_ROOT=os.path.join(parent, "envroot"), WASMSTORE_AUTH="envkey:GET")
+        proc = subprocess.Popen([sys.executable, os.path.join(HERE, "http_server.py"), "--port", "0"],
+                                stderr=subprocess.PIPE, text=True, env=env, cwd=HERE)
+        self.addCleanup(lambda: (proc.poll() is None and proc.kill(), proc.wait(10), proc.stderr.close()))
+        line = proc.stderr.readline()
+        self.assertIn(os.path.join(parent, "envroot"), line)
+        port = int(re.search(r":(\d+)\s*$", line).group(1))
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        self.addCleanup(conn.close)
+        conn.request("GET", "/api/v1/branches")
+        self.assertEqual(conn.getresponse().status, 401)
+        self.assertTrue(os.path.isdir(os.path.join(parent, "envroot")))
+
+    def test_port_in_use_exits_1(self):
+        with socket.socket() as busy:
+            busy.bind(("127.0.0.1", 0))
+            busy.listen()
+            parent = tempfile.mkdtemp()
+            self.addCleanup(shutil.rmtree, parent, True)
+            result = self.run_server("--root", os.path.join(parent, "r"), "--port", str(busy.getsockname()[1]))
+        self.assertEqual(result.returncode, 1)
+        self.assertIn("error:", result.stderr)
+        self.assertNotIn("Traceback", result.stderr)
+
+
+# =================================================================================================
+# HTTP access: keys, TLS, CORS
+# =================================================================================================
+
+def make_self_signed_cert(directory):
+    key, cert = os.path.join(directory, "key.pem"), os.path.join(directory, "cert.pem")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key,
+                    "-out", cert, "-days", "1", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, capture_output=True)
+    return key, cert
+
+
 class AuthTests(unittest.TestCase):
     KEYS = "admin-key-123:*;reader-key-456:GET;poster-key-789:GET,POST"
 
@@ -2595,6 +3219,10 @@ class CorsTests(unittest.TestCase):
         self.assertNotIn("access-control-allow-origin", headers)
         self.assertEqual(live.request("OPTIONS", "/api/v1/modules")[0], 405)
 
+
+# =================================================================================================
+# HTTP watch: the WebSocket event stream and its own pool of sessions
+# =================================================================================================
 
 class WatchTests(unittest.TestCase):
 
@@ -2758,6 +3386,88 @@ class WatchTests(unittest.TestCase):
         opcode, payload = ws.recv()
         self.assertEqual((opcode, int.from_bytes(payload[:2], "big")), (0x8, 1001))
 
+
+class WatchLimitTests(unittest.TestCase):
+    """Watch sessions have a pool of their own (issue 8 item 7: 512 idle watch sessions kept
+    every new client at 503, because they counted against the one connection cap)."""
+
+    def setUp(self):
+        self.live = LiveServer(self, max_connections=3, max_watches=4, quiet=True)
+
+    def open_watch(self):
+        ws = WsClient(self.live.port)
+        self.addCleanup(ws.close)
+        self.assertEqual(ws.status, 101, ws.head)
+        return ws
+
+    def fill_watch_pool(self):
+        sessions = [self.open_watch() for _ in range(4)]
+        self.ping(sessions)
+        return sessions
+
+    def ping(self, sessions):
+        """Every session answers a ping: they are live, not timed out."""
+        for number, ws in enumerate(sessions):
+            payload = b"still here %d" % number
+            ws.send(0x9, payload)
+            self.assertEqual(ws.recv(), (0xA, payload))
+
+    def test_full_watch_pool_leaves_every_connection_slot_to_ordinary_requests(self):
+        sessions = self.fill_watch_pool()                # more watches than connection slots
+        connections = [self.live.connect() for _ in range(3)]   # every ordinary slot, at once
+        for conn in connections:
+            self.addCleanup(conn.close)
+        for round_number in range(3):
+            for conn in connections:
+                self.assertEqual(self.live.request("GET", "/api/v1/branches", conn=conn)[0], 200)
+            self.ping(sessions)
+        self.assertEqual(self.live.server.metrics.websocket_clients, 4)
+
+    def test_watch_beyond_the_bound_is_refused_with_503_and_retry_after(self):
+        sessions = self.fill_watch_pool()
+        extra = WsClient(self.live.port)
+        self.addCleanup(extra.close)
+        self.assertEqual(extra.status, 503, extra.head)
+        self.assertIn("Retry-After: 1", extra.head)
+        self.assertEqual(self.live.request("POST", "/api/v1/module/a.wasm", wasm_module("a"))[0], 200)
+        self.ping(sessions)
+        self.assertEqual(self.live.server.metrics.websocket_clients, 4)
+
+    def test_closing_a_watch_frees_its_slot(self):
+        sessions = self.fill_watch_pool()
+        sessions[0].send(0x8, (1000).to_bytes(2, "big"))
+        self.assertEqual(sessions[0].recv()[0], 0x8)
+        deadline = time.monotonic() + 10
+        while True:                                     # retry as Retry-After says, until admitted
+            ws = WsClient(self.live.port)
+            self.addCleanup(ws.close)
+            if ws.status == 101:
+                break
+            self.assertEqual(ws.status, 503, ws.head)
+            self.assertLess(time.monotonic(), deadline, "the closed watch never gave its slot back")
+            ws.close()
+            time.sleep(0.05)
+        self.ping(sessions[1:])
+        digest = self.live.store.add("n.wasm", wasm_module("n"))
+        self.assertEqual(ws.recv_data(), {"/n.wasm": {"action": "added", "hash": digest}})
+
+    def test_refused_upgrade_keeps_its_connection_usable(self):
+        self.fill_watch_pool()
+        sock = socket.create_connection(("127.0.0.1", self.live.port), timeout=5)
+        self.addCleanup(sock.close)
+        key = base64.b64encode(os.urandom(16)).decode()
+        sock.sendall(f"GET /api/v1/watch HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+                     f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+                     "GET /api/v1/branches HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode())
+        answer = read_until_close(sock, 5)
+        self.assertEqual(statuses(answer), [503, 200])
+        self.assertTrue(answer.endswith(b'["main"]'))
+
+
+# =================================================================================================
+# HTTP hardening: malformed requests, slow and stalled clients, load, request framing, Host and
+# Origin checks
+# =================================================================================================
 
 def _tree_snapshot(directory, skip):
     out = set()
@@ -3003,6 +3713,9 @@ class TimeoutTests(unittest.TestCase):
         self.assertEqual(self.live.request("GET", "/api/v1/branches")[0], 200)
 
 
+STRESS_SECONDS = float(os.environ.get("WASMSTORE_HTTP_STRESS_SECONDS", "20"))
+
+
 class ConcurrencyTests(unittest.TestCase):
 
     def test_sixteen_clients_mixed_operations_no_5xx_no_lost_update(self):
@@ -3063,303 +3776,6 @@ class ConcurrencyTests(unittest.TestCase):
         self.assertEqual(live.store.fsck(), [])
         text = live.server.metrics.render().decode()
         self.assertNotRegex(text, r'status="5\d\d"')
-
-
-class ShutdownTests(unittest.TestCase):
-
-    def setUp(self):
-        parent = tempfile.mkdtemp()
-        self.addCleanup(shutil.rmtree, parent, True)
-        self.root = os.path.join(parent, "root")
-
-    def wait_until_in_flight(self, port, count, seconds=10):
-        deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline:
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-            try:
-                conn.request("GET", "/metrics")
-                text = conn.getresponse().read().decode()
-            finally:
-                conn.close()
-            if metric(text, "wasmstore_http_requests_in_flight") >= count:
-                return
-            time.sleep(0.05)
-        self.fail("the server never started serving the request")
-
-    def check_in_flight_request_finishes(self, signum):
-        proc, port = start_server_process(self, self.root)
-        module = wasm_module("inflight", padding=5000)
-        sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-        self.addCleanup(sock.close)
-        sock.sendall(b"POST /api/v1/module/inflight.wasm HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-                     b"Content-Length: %d\r\n\r\n" % len(module) + module[:100])
-        self.wait_until_in_flight(port, 2)          # the upload and the metrics request itself
-        proc.send_signal(signum)
-        time.sleep(0.7)
-        self.assertIsNone(proc.poll(), "the server quit with a request in flight")
-        with self.assertRaises(OSError):             # no longer accepting
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-        sock.sendall(module[100:])
-        answer = read_until_close(sock, 10)
-        self.assertEqual(statuses(answer), [200])
-        self.assertTrue(answer.endswith(sha(module).encode()))
-        self.assertIn(b"Connection: close", answer)
-        self.assertEqual(proc.wait(10), 0)
-        stderr = proc.stderr.read()
-        self.assertNotIn("Traceback", stderr)
-        self.assertIn('"POST /api/v1/module/inflight.wasm" 200', stderr)
-        store = wasmstore.Store(self.root)
-        self.assertEqual(store.find("inflight.wasm"), module)
-        self.assertEqual(store.fsck(), [])
-
-    def test_sigterm_lets_the_in_flight_request_finish_and_exits_0(self):
-        self.check_in_flight_request_finishes(signal.SIGTERM)
-
-    def test_ctrl_c_lets_the_in_flight_request_finish_and_exits_0(self):
-        self.check_in_flight_request_finishes(signal.SIGINT)
-
-    def test_idle_server_exits_promptly_on_sigterm(self):
-        proc, port = start_server_process(self, self.root, "--quiet")
-        keepalive = http.client.HTTPConnection("127.0.0.1", port, timeout=5)   # an idle keep-alive client
-        self.addCleanup(keepalive.close)
-        keepalive.request("GET", "/api/v1/branches")
-        keepalive.getresponse().read()
-        started = time.monotonic()
-        proc.send_signal(signal.SIGTERM)
-        self.assertEqual(proc.wait(10), 0)
-        self.assertLess(time.monotonic() - started, 3)
-        self.assertEqual(proc.stderr.read(), "")         # --quiet: no access log either
-
-
-class CommandLineTests(unittest.TestCase):
-
-    def run_server(self, *args, env=None):
-        return subprocess.run([sys.executable, os.path.join(HERE, "http_server.py"), *args],
-                              capture_output=True, text=True, timeout=30, env=env, cwd=HERE)
-
-    def test_help_mentions_every_option(self):
-        result = self.run_server("--help")
-        self.assertEqual(result.returncode, 0)
-        for option in ["--root", "--host", "--port", "--auth", "--tls", "--cors", "--max-body",
-                       "--quiet", "--timeout", "WASMSTORE_ROOT", "WASMSTORE_AUTH", "--allowed-host",
-                       "--max-watches", "WASMSTORE_ALLOWED_HOSTS", "WASMSTORE_MAX_WATCHES"]:
-            self.assertIn(option, result.stdout)
-
-    def test_bad_options_exit_2_with_one_line_and_no_key_echo(self):
-        for args in [["--auth", "topsecret"], ["--port", "99999"], ["--tls", "onlyone"],
-                     ["--max-body", "lots"], ["--timeout", "0"]]:
-            with self.subTest(args=args):
-                result = self.run_server(*args)
-                self.assertEqual(result.returncode, 2)
-                self.assertNotIn("Traceback", result.stderr)
-                self.assertNotIn("topsecret", result.stderr)
-
-    def test_missing_tls_files_exit_1_without_traceback(self):
-        parent = tempfile.mkdtemp()
-        self.addCleanup(shutil.rmtree, parent, True)
-        result = self.run_server("--root", os.path.join(parent, "root"), "--port", "0",
-                                 "--tls", "/nonexistent/key.pem,/nonexistent/cert.pem")
-        self.assertEqual(result.returncode, 1)
-        self.assertRegex(result.stderr, r"^http_server.py: error: .+\n$")
-
-    def test_environment_configures_root_and_auth(self):
-        parent = tempfile.mkdtemp()
-        self.addCleanup(shutil.rmtree, parent, True)
-        env = dict(os.environ, WASMSTORE_ROOT=os.path.join(parent, "envroot"), WASMSTORE_AUTH="envkey:GET")
-        proc = subprocess.Popen([sys.executable, os.path.join(HERE, "http_server.py"), "--port", "0"],
-                                stderr=subprocess.PIPE, text=True, env=env, cwd=HERE)
-        self.addCleanup(lambda: (proc.poll() is None and proc.kill(), proc.wait(10), proc.stderr.close()))
-        line = proc.stderr.readline()
-        self.assertIn(os.path.join(parent, "envroot"), line)
-        port = int(re.search(r":(\d+)\s*$", line).group(1))
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-        self.addCleanup(conn.close)
-        conn.request("GET", "/api/v1/branches")
-        self.assertEqual(conn.getresponse().status, 401)
-        self.assertTrue(os.path.isdir(os.path.join(parent, "envroot")))
-
-    def test_port_in_use_exits_1(self):
-        with socket.socket() as busy:
-            busy.bind(("127.0.0.1", 0))
-            busy.listen()
-            parent = tempfile.mkdtemp()
-            self.addCleanup(shutil.rmtree, parent, True)
-            result = self.run_server("--root", os.path.join(parent, "r"), "--port", str(busy.getsockname()[1]))
-        self.assertEqual(result.returncode, 1)
-        self.assertIn("error:", result.stderr)
-        self.assertNotIn("Traceback", result.stderr)
-
-
-class ObservabilityTests(unittest.TestCase):
-
-    def test_metrics_counts_routes_statuses_latency_bytes_and_store(self):
-        live = LiveServer(self)
-        module = wasm_module("metrics")
-        live.request("POST", "/api/v1/module/a.wasm", module)
-        live.request("GET", "/api/v1/module/a.wasm")
-        live.request("GET", "/api/v1/module/a.wasm")
-        live.request("GET", "/api/v1/module/nope.wasm")
-        status, headers, body = live.request("GET", "/metrics")
-        self.assertEqual(status, 200)
-        self.assertTrue(headers["content-type"].startswith("text/plain; version=0.0.4"))
-        text = body.decode()
-        route = "/api/v1/module/*"
-        self.assertEqual(metric(text, "wasmstore_http_requests_total", route=route, method="GET", status="200"), 2)
-        self.assertEqual(metric(text, "wasmstore_http_requests_total", route=route, method="GET", status="404"), 1)
-        self.assertEqual(metric(text, "wasmstore_http_requests_total", route=route, method="POST", status="200"), 1)
-        self.assertEqual(metric(text, "wasmstore_http_request_duration_seconds_count", route=route), 4)
-        self.assertEqual(metric(text, "wasmstore_http_request_duration_seconds_bucket", route=route, le="+Inf"), 4)
-        self.assertGreater(metric(text, "wasmstore_http_request_duration_seconds_sum", route=route), 0)
-        self.assertEqual(metric(text, "wasmstore_http_request_body_bytes_total"), len(module))
-        self.assertGreaterEqual(metric(text, "wasmstore_http_response_body_bytes_total"), 2 * len(module) + 64)
-        self.assertEqual(metric(text, "wasmstore_modules", branch="main"), 1)
-        self.assertEqual(metric(text, "wasmstore_commits", branch="main"), 1)
-        self.assertIn("# TYPE wasmstore_http_request_duration_seconds histogram", text)
-        self.assertEqual(metric(text, "wasmstore_http_requests_in_flight"), 1)   # the scrape itself
-
-    def test_access_log_one_line_per_request(self):
-        live = LiveServer(self, auth="logkey-42:*")
-        key = {"Wasmstore-Auth": "logkey-42"}
-        live.request("POST", "/api/v1/module/a.wasm", wasm_module("log"), key)
-        live.request("GET", "/api/v1/module/a.wasm", headers=key)
-        live.request("GET", "/api/v1/module/a%22x%01.wasm?auth=logkey-42", headers=key)
-        live.request("GET", "/api/v1/modules")
-        deadline = time.monotonic() + 5           # the line is written just after the reply
-        while len(live.log.getvalue().splitlines()) < 4 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        lines = live.log.getvalue().splitlines()
-        self.assertEqual(len(lines), 4, lines)
-        self.assertRegex(lines[0], r'^127\.0\.0\.1 "POST /api/v1/module/a\.wasm" 200 64 \d+\.\dms$')
-        self.assertRegex(lines[1], r'"GET /api/v1/module/a\.wasm" 200 \d+ ')
-        self.assertRegex(lines[2], r'"GET /api/v1/module/a%22x%01\.wasm" 400 ')
-        self.assertRegex(lines[3], r'"GET /api/v1/modules" 401 ')
-        self.assertNotIn("logkey-42", live.log.getvalue())
-
-    def test_corrupt_object_is_500_with_its_message_and_never_served(self):
-        live = LiveServer(self, quiet=True)
-        module = wasm_module("corrupt")
-        digest = live.store.add("c.wasm", module)
-        self.assertEqual(live.request("GET", "/api/v1/module/c.wasm")[2], module)   # now cached
-        filename = live.store.module_filename(digest)
-        os.chmod(filename, 0o644)
-        with open(filename, "r+b") as handle:          # same size, new mtime: re-checked
-            handle.seek(len(module) - 1)
-            handle.write(b"X")
-        os.utime(filename, ns=(time.time_ns(), time.time_ns() + 10**9))
-        status, _, body = live.request("GET", "/api/v1/module/c.wasm")
-        self.assertEqual(status, 500)
-        self.assertIn(b"corrupt", body)
-        self.assertNotIn(b"X", body[-2:])
-        self.assertNotIn("Traceback", live.log.getvalue())
-        self.assertIn("corrupt", live.log.getvalue())
-
-    def test_quiet_silences_the_access_log(self):
-        live = LiveServer(self, quiet=True)
-        live.request("GET", "/api/v1/modules")
-        live.request("GET", "/api/v1/nope")
-        self.assertEqual(live.log.getvalue(), "")
-
-    def test_internal_errors_500_with_traceback_in_log_only(self):
-        live = LiveServer(self, quiet=True)
-
-        def broken(*args, **kwargs):
-            raise RuntimeError("boom: internal detail")
-        live.store.branches = broken
-        status, _, body = live.request("GET", "/api/v1/branches")
-        self.assertEqual((status, body), (500, b"internal server error\n"))
-        self.assertIn("Traceback", live.log.getvalue())
-        self.assertIn("boom: internal detail", live.log.getvalue())
-        self.assertEqual(live.request("GET", "/api/v1/modules")[0], 200)
-
-
-def wait_for_log_line(live, pattern, timeout=15):
-    """The first access-log line matching `pattern` (a regex), polled until `timeout` s pass."""
-    deadline = time.monotonic() + timeout
-    while True:
-        for line in live.log.getvalue().splitlines():
-            if re.search(pattern, line):
-                return line
-        if time.monotonic() > deadline:
-            raise AssertionError(f"no log line matching {pattern!r} within {timeout} s; "
-                                 f"the log:\n{live.log.getvalue()[-3000:]}")
-        time.sleep(0.02)
-
-
-class WatchLimitTests(unittest.TestCase):
-    """Watch sessions have a pool of their own (issue 8 item 7: 512 idle watch sessions kept
-    every new client at 503, because they counted against the one connection cap)."""
-
-    def setUp(self):
-        self.live = LiveServer(self, max_connections=3, max_watches=4, quiet=True)
-
-    def open_watch(self):
-        ws = WsClient(self.live.port)
-        self.addCleanup(ws.close)
-        self.assertEqual(ws.status, 101, ws.head)
-        return ws
-
-    def fill_watch_pool(self):
-        sessions = [self.open_watch() for _ in range(4)]
-        self.ping(sessions)
-        return sessions
-
-    def ping(self, sessions):
-        """Every session answers a ping: they are live, not timed out."""
-        for number, ws in enumerate(sessions):
-            payload = b"still here %d" % number
-            ws.send(0x9, payload)
-            self.assertEqual(ws.recv(), (0xA, payload))
-
-    def test_full_watch_pool_leaves_every_connection_slot_to_ordinary_requests(self):
-        sessions = self.fill_watch_pool()                # more watches than connection slots
-        connections = [self.live.connect() for _ in range(3)]   # every ordinary slot, at once
-        for conn in connections:
-            self.addCleanup(conn.close)
-        for round_number in range(3):
-            for conn in connections:
-                self.assertEqual(self.live.request("GET", "/api/v1/branches", conn=conn)[0], 200)
-            self.ping(sessions)
-        self.assertEqual(self.live.server.metrics.websocket_clients, 4)
-
-    def test_watch_beyond_the_bound_is_refused_with_503_and_retry_after(self):
-        sessions = self.fill_watch_pool()
-        extra = WsClient(self.live.port)
-        self.addCleanup(extra.close)
-        self.assertEqual(extra.status, 503, extra.head)
-        self.assertIn("Retry-After: 1", extra.head)
-        self.assertEqual(self.live.request("POST", "/api/v1/module/a.wasm", wasm_module("a"))[0], 200)
-        self.ping(sessions)
-        self.assertEqual(self.live.server.metrics.websocket_clients, 4)
-
-    def test_closing_a_watch_frees_its_slot(self):
-        sessions = self.fill_watch_pool()
-        sessions[0].send(0x8, (1000).to_bytes(2, "big"))
-        self.assertEqual(sessions[0].recv()[0], 0x8)
-        deadline = time.monotonic() + 10
-        while True:                                     # retry as Retry-After says, until admitted
-            ws = WsClient(self.live.port)
-            self.addCleanup(ws.close)
-            if ws.status == 101:
-                break
-            self.assertEqual(ws.status, 503, ws.head)
-            self.assertLess(time.monotonic(), deadline, "the closed watch never gave its slot back")
-            ws.close()
-            time.sleep(0.05)
-        self.ping(sessions[1:])
-        digest = self.live.store.add("n.wasm", wasm_module("n"))
-        self.assertEqual(ws.recv_data(), {"/n.wasm": {"action": "added", "hash": digest}})
-
-    def test_refused_upgrade_keeps_its_connection_usable(self):
-        self.fill_watch_pool()
-        sock = socket.create_connection(("127.0.0.1", self.live.port), timeout=5)
-        self.addCleanup(sock.close)
-        key = base64.b64encode(os.urandom(16)).decode()
-        sock.sendall(f"GET /api/v1/watch HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
-                     f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
-                     "GET /api/v1/branches HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode())
-        answer = read_until_close(sock, 5)
-        self.assertEqual(statuses(answer), [503, 200])
-        self.assertTrue(answer.endswith(b'["main"]'))
 
 
 class FramingTests(unittest.TestCase):
@@ -3685,6 +4101,88 @@ class OriginCheckTests(unittest.TestCase):
                 with self.assertRaises(http_server.ServerError) as caught:
                     http_server.OriginAllowList(spec)
                 self.assertIn(named, str(caught.exception))
+
+
+class HardeningCommandLineTests(unittest.TestCase):
+    """--max-watches, --allowed-host, --cors ORIGINS and their environment variables."""
+
+    def start(self, *args, env=None):
+        parent = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, parent, True)
+        environment = dict(os.environ, **(env or {}))
+        return start_server_process(self, os.path.join(parent, "root"), "--quiet", *args, env=environment)[1]
+
+    def status(self, port, method, path, headers):
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        try:
+            conn.request(method, path, headers=headers)
+            return conn.getresponse().status
+        finally:
+            conn.close()
+
+    def check_one_watch_allowed(self, port):
+        first = WsClient(port)
+        self.addCleanup(first.close)
+        second = WsClient(port)
+        self.addCleanup(second.close)
+        self.assertEqual((first.status, second.status), (101, 503))
+
+    def test_max_watches_option(self):
+        self.check_one_watch_allowed(self.start("--max-watches", "1"))
+
+    def test_max_watches_environment(self):
+        self.check_one_watch_allowed(self.start(env={"WASMSTORE_MAX_WATCHES": "1"}))
+
+    def check_allowed_hosts(self, port):
+        self.assertEqual(self.status(port, "GET", "/api/v1/branches", {"Host": "store.test"}), 200)
+        self.assertEqual(self.status(port, "GET", "/api/v1/branches", {"Host": "store2.test:1"}), 200)
+        self.assertEqual(self.status(port, "GET", "/api/v1/branches", {"Host": "other.test"}), 421)
+
+    def test_allowed_host_option_repeated(self):
+        self.check_allowed_hosts(self.start("--allowed-host", "store.test", "--allowed-host", "store2.test"))
+
+    def test_allowed_hosts_environment(self):
+        self.check_allowed_hosts(self.start(env={"WASMSTORE_ALLOWED_HOSTS": "store.test, store2.test"}))
+
+    def test_cors_option_with_and_without_origins(self):
+        port = self.start("--cors", "http://app.test")
+        self.assertEqual(self.status(port, "POST", "/api/v1/branch/a", {"Origin": "http://app.test"}), 200)
+        self.assertEqual(self.status(port, "POST", "/api/v1/branch/b", {"Origin": "http://other.test"}), 403)
+        port = self.start("--cors")
+        self.assertEqual(self.status(port, "POST", "/api/v1/branch/b", {"Origin": "http://other.test"}), 200)
+
+    def test_bad_values_exit_2_naming_them(self):
+        for args, env, named in [(["--max-watches", "0"], {}, "'0'"), (["--cors", "ftp://x"], {}, "'ftp://x'"),
+                                 (["--allowed-host", "http://x"], {}, "'http://x'"),
+                                 ([], {"WASMSTORE_MAX_WATCHES": "many"}, "WASMSTORE_MAX_WATCHES"),
+                                 ([], {"WASMSTORE_ALLOWED_HOSTS": "a b"}, "WASMSTORE_ALLOWED_HOSTS")]:
+            with self.subTest(args=args, env=env):
+                root = os.path.join(tempfile.mkdtemp(), "root")
+                self.addCleanup(shutil.rmtree, os.path.dirname(root), True)
+                result = subprocess.run([sys.executable, os.path.join(HERE, "http_server.py"), "--port", "0",
+                                         "--root", root, *args],
+                                        capture_output=True, text=True, timeout=30, cwd=HERE,
+                                        env=dict(os.environ, **env))
+                self.assertEqual(result.returncode, 2)
+                self.assertIn(named, result.stderr)
+                self.assertNotIn("Traceback", result.stderr)
+
+
+# =================================================================================================
+# Browser safety in a real headless Chromium: drive-by pages, DNS rebinding, the npm client in a page
+# =================================================================================================
+
+def wait_for_log_line(live, pattern, timeout=15):
+    """The first access-log line matching `pattern` (a regex), polled until `timeout` s pass."""
+    deadline = time.monotonic() + timeout
+    while True:
+        for line in live.log.getvalue().splitlines():
+            if re.search(pattern, line):
+                return line
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no log line matching {pattern!r} within {timeout} s; "
+                                 f"the log:\n{live.log.getvalue()[-3000:]}")
+        time.sleep(0.02)
 
 
 CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -4015,119 +4513,17 @@ class BrowserTests(unittest.TestCase):
                          {"/shared.wasm": sha(wasm_module("shared"))})
 
 
-class HardeningCommandLineTests(unittest.TestCase):
-    """--max-watches, --allowed-host, --cors ORIGINS and their environment variables."""
-
-    def start(self, *args, env=None):
-        parent = tempfile.mkdtemp()
-        self.addCleanup(shutil.rmtree, parent, True)
-        environment = dict(os.environ, **(env or {}))
-        return start_server_process(self, os.path.join(parent, "root"), "--quiet", *args, env=environment)[1]
-
-    def status(self, port, method, path, headers):
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-        try:
-            conn.request(method, path, headers=headers)
-            return conn.getresponse().status
-        finally:
-            conn.close()
-
-    def check_one_watch_allowed(self, port):
-        first = WsClient(port)
-        self.addCleanup(first.close)
-        second = WsClient(port)
-        self.addCleanup(second.close)
-        self.assertEqual((first.status, second.status), (101, 503))
-
-    def test_max_watches_option(self):
-        self.check_one_watch_allowed(self.start("--max-watches", "1"))
-
-    def test_max_watches_environment(self):
-        self.check_one_watch_allowed(self.start(env={"WASMSTORE_MAX_WATCHES": "1"}))
-
-    def check_allowed_hosts(self, port):
-        self.assertEqual(self.status(port, "GET", "/api/v1/branches", {"Host": "store.test"}), 200)
-        self.assertEqual(self.status(port, "GET", "/api/v1/branches", {"Host": "store2.test:1"}), 200)
-        self.assertEqual(self.status(port, "GET", "/api/v1/branches", {"Host": "other.test"}), 421)
-
-    def test_allowed_host_option_repeated(self):
-        self.check_allowed_hosts(self.start("--allowed-host", "store.test", "--allowed-host", "store2.test"))
-
-    def test_allowed_hosts_environment(self):
-        self.check_allowed_hosts(self.start(env={"WASMSTORE_ALLOWED_HOSTS": "store.test, store2.test"}))
-
-    def test_cors_option_with_and_without_origins(self):
-        port = self.start("--cors", "http://app.test")
-        self.assertEqual(self.status(port, "POST", "/api/v1/branch/a", {"Origin": "http://app.test"}), 200)
-        self.assertEqual(self.status(port, "POST", "/api/v1/branch/b", {"Origin": "http://other.test"}), 403)
-        port = self.start("--cors")
-        self.assertEqual(self.status(port, "POST", "/api/v1/branch/b", {"Origin": "http://other.test"}), 200)
-
-    def test_bad_values_exit_2_naming_them(self):
-        for args, env, named in [(["--max-watches", "0"], {}, "'0'"), (["--cors", "ftp://x"], {}, "'ftp://x'"),
-                                 (["--allowed-host", "http://x"], {}, "'http://x'"),
-                                 ([], {"WASMSTORE_MAX_WATCHES": "many"}, "WASMSTORE_MAX_WATCHES"),
-                                 ([], {"WASMSTORE_ALLOWED_HOSTS": "a b"}, "WASMSTORE_ALLOWED_HOSTS")]:
-            with self.subTest(args=args, env=env):
-                root = os.path.join(tempfile.mkdtemp(), "root")
-                self.addCleanup(shutil.rmtree, os.path.dirname(root), True)
-                result = subprocess.run([sys.executable, os.path.join(HERE, "http_server.py"), "--port", "0",
-                                         "--root", root, *args],
-                                        capture_output=True, text=True, timeout=30, cwd=HERE,
-                                        env=dict(os.environ, **env))
-                self.assertEqual(result.returncode, 2)
-                self.assertIn(named, result.stderr)
-                self.assertNotIn("Traceback", result.stderr)
-
-
 # =================================================================================================
 # The original published clients (PyPI and npm wasmstore 0.3.0) against a live server
 # =================================================================================================
 
-CLIENTS_DIR = os.path.join(HERE, "clients")
-
-
-VENV_DIR = os.environ.get("WASMSTORE_CLIENTS_VENV", os.path.join(HERE, ".venv-clients"))
-
-
 PY_CLIENT_NAME, PY_CLIENT_VERSION = "wasmstore", "0.3.0"
-
-
-NPM_PACKAGES = ("@dylibso/wasmstore", "ws")  # pinned in clients/package.json
-
-
-IN_CI = bool(os.environ.get("CI"))
 
 
 CALL_TIMEOUT = 30  # seconds for one client call; generous because the 2-core CI machine is shared
 
 
 WATCH_TIMEOUT_MS = 5000
-
-
-class PrerequisiteMissing(Exception):
-    """A client runtime cannot be prepared; the message says exactly what is missing."""
-
-
-@contextlib.contextmanager
-def install_lock(name):
-    """Serialize installs, so that two test processes never build the same environment at once."""
-    key = hashlib.sha256(HERE.encode()).hexdigest()[:12]  # one lock per checkout, kept out of the work tree
-    with open(os.path.join(tempfile.gettempdir(), f"wasmstore-{name}-{key}.lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        yield
-
-
-def run_quietly(argv, cwd=None, timeout=600):
-    """Run an install command; on failure raise PrerequisiteMissing with the command and its last output line."""
-    try:
-        done = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=timeout)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise PrerequisiteMissing(f"{' '.join(argv)}: {exc}") from None
-    if done.returncode != 0:
-        lines = (done.stderr or done.stdout).strip().splitlines() or ["no output"]
-        raise PrerequisiteMissing(f"{' '.join(argv)} failed (exit {done.returncode}): {lines[-1]}")
-    return done.stdout
 
 
 def venv_python():
@@ -4156,75 +4552,10 @@ def ensure_python_client():
     return venv_python()
 
 
-def pinned_npm_versions():
-    with open(os.path.join(CLIENTS_DIR, "package.json")) as f:
-        dependencies = json.load(f)["dependencies"]
-    return {name: dependencies[name] for name in NPM_PACKAGES}
-
-
-def installed_npm_version(name):
-    try:
-        with open(os.path.join(CLIENTS_DIR, "node_modules", name, "package.json")) as f:
-            return json.load(f)["version"]
-    except (OSError, ValueError, KeyError):
-        return None
-
-
-def ensure_node_client():
-    """Return the node executable, with clients/node_modules holding the pinned npm packages."""
-    node = shutil.which("node")
-    if node is None:
-        raise PrerequisiteMissing("the `node` command is not installed (Node 20 is needed for the npm client)")
-    pinned = pinned_npm_versions()
-    with install_lock("node-clients"):
-        if any(installed_npm_version(name) != version for name, version in pinned.items()):
-            npm = shutil.which("npm")
-            if npm is None:
-                raise PrerequisiteMissing("the `npm` command is not installed; needed to install clients/package.json")
-            run_quietly([npm, "ci", "--no-audit", "--no-fund", "--loglevel=error"], cwd=CLIENTS_DIR)
-        for name, version in pinned.items():
-            if installed_npm_version(name) != version:
-                raise PrerequisiteMissing(f"clients/node_modules has {name} {installed_npm_version(name)}, "
-                                          f"not {version}")
-    return node
-
-
-_prepared = {}
-
-
-def prepare(ensure):
-    """Run ensure() once per process; missing prerequisites fail under CI and skip (with the reason) elsewhere."""
-    if ensure not in _prepared:
-        try:
-            _prepared[ensure] = (True, ensure())
-        except PrerequisiteMissing as exc:
-            _prepared[ensure] = (False, str(exc))
-    ok, value = _prepared[ensure]
-    if ok:
-        return value
-    if IN_CI:
-        raise AssertionError(f"client prerequisite missing in CI: {value}")
-    raise unittest.SkipTest(f"client prerequisite missing (CI unset, so skipping): {value}")
-
-
-def section(section_id, payload):
-    return bytes([section_id]) + _leb(len(payload)) + payload
-
-
 def clients_wasm_module(tag):
     """A minimal valid module, made distinct by a custom section holding `tag`."""
     name = b"wasmstore-test"
     return b"\0asm\x01\0\0\0" + section(0, _leb(len(name)) + name + tag.encode())
-
-
-def answer_module(value):
-    """A module exporting `answer: () -> i32` returning `value` (0..63, a one-byte signed LEB128)."""
-    types = section(1, b"\x01\x60\x00\x01\x7f")
-    functions = section(3, b"\x01\x00")
-    exports = section(7, b"\x01" + _leb(6) + b"answer" + b"\x00\x00")
-    body = b"\x00\x41" + bytes([value]) + b"\x0b"
-    code = section(10, b"\x01" + _leb(len(body)) + body)
-    return b"\0asm\x01\0\0\0" + types + functions + exports + code
 
 
 def b64(data):
@@ -4875,26 +5206,8 @@ class NodeClientAuthTest(unittest.TestCase):
 
 
 # =================================================================================================
-# The wasi:keyvalue host (kvhost.py): backend contract, guest glue, failures, sandbox, cache, CLI
+# kvhost backends (kvhost.py): the contract every backend keeps, and how each fails
 # =================================================================================================
-
-GUESTS = os.path.join(HERE, "guests", "host")
-
-
-PROBE = os.path.join(GUESTS, "kv-probe.wat")              # wasi:keyvalue@0.2.0-draft2
-
-
-PROBE_DRAFT = os.path.join(GUESTS, "kv-probe-draft.wat")  # wasi:keyvalue@0.2.0-draft
-
-
-WATCHER = os.path.join(GUESTS, "watcher-probe.wat")
-
-
-WASI_PROBE = os.path.join(GUESTS, "wasi-probe.wat")
-
-
-TYPES_PROBE = os.path.join(GUESTS, "types-probe.wat")   # one export per component value shape
-
 
 REDIS_SERVER = shutil.which("redis-server")
 
@@ -4904,92 +5217,6 @@ NO_REDIS = "redis-server is not installed (apt-get install -y redis-server; .ci/
 
 # Under CI a missing redis-server fails the Redis tests instead of skipping them.
 SKIP_REDIS = REDIS_SERVER is None and not os.environ.get("CI")
-
-
-def read_text(path):
-    with open(path) as f:
-        return f.read()
-
-
-def temp_dir(test):
-    path = tempfile.mkdtemp(prefix="kvhost-test-")
-    test.addCleanup(shutil.rmtree, path, True)
-    return path
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def redis_command(port, *args, password=None):
-    """One command over a fresh socket (test-side helper, independent of kvhost's client)."""
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as s, s.makefile("rb") as reader:
-        parts = ([("AUTH", password)] if password else []) + [args]
-        payload = b""
-        for cmd in parts:
-            payload += b"*%d\r\n" % len(cmd)
-            for a in cmd:
-                a = a if isinstance(a, bytes) else str(a).encode()
-                payload += b"$%d\r\n%s\r\n" % (len(a), a)
-        s.sendall(payload)
-        reply = None
-        for _ in parts:
-            reply = reader.readline()
-        return reply
-
-
-class RedisServer:
-    """A real redis-server on a free loopback port, in memory only (no RDB, no AOF), working in
-    `directory` or in a temporary one that cleanup() removes. start() after stop() comes back on
-    the same port (empty)."""
-
-    def __init__(self, directory=None):
-        self.own_directory = directory is None
-        self.directory = directory or tempfile.mkdtemp(prefix="test-redis-")
-        self.port = None
-        self.process = None
-
-    @property
-    def url(self):
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self):
-        binary = require_tool("redis-server", "apt-get install -y redis-server")
-        self.port = self.port or free_port()
-        self.process = subprocess.Popen(
-            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", self.directory],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                status = self.process.returncode
-                self.process = None
-                raise RuntimeError(f"redis-server exited with status {status} on port {self.port}")
-            try:
-                if redis_command(self.port, "PING").startswith(b"+PONG"):
-                    return self
-            except OSError:
-                time.sleep(0.05)
-        self.stop()     # never leave a server behind
-        raise RuntimeError(f"redis-server did not answer PING on port {self.port} within 10 s")
-
-    def stop(self):
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self.process = None
-
-    def cleanup(self):
-        self.stop()
-        if self.own_directory:
-            shutil.rmtree(self.directory, ignore_errors=True)
 
 
 class BackendContract:
@@ -5285,6 +5512,98 @@ class OpenBackendTest(unittest.TestCase):
         self.assertIsInstance(backend, kvhost.SqliteBackend)
         self.assertEqual(backend.path, os.path.join(home, ".wasmstore", "kv.sqlite3"))
 
+
+class SqliteFailureTest(unittest.TestCase):
+    def setUp(self):
+        self.path = os.path.join(temp_dir(self), "kv.sqlite3")
+        self.backend = kvhost.SqliteBackend(self.path, busy_timeout=0.2)
+        self.addCleanup(self.backend.close)
+        self.host = kvhost.Host(kv=self.backend, cache_dir=False)
+        self.addCleanup(self.host.close)
+        self.guest = self.host.load(PROBE)
+
+    def call(self, *args):
+        return self.host.call(self.guest, args[0], list(args[1:]))
+
+    def test_disk_full_is_other_and_the_host_recovers(self):
+        self.call("set", "b", "k", [1])
+        db = self.backend.connection()    # this thread's connection: the one the guest uses
+        pages = db.execute("PRAGMA page_count").fetchone()[0]
+        db.execute(f"PRAGMA max_page_count = {pages}")
+        result = self.call("set", "b", "big", "A" * 200_000)
+        self.assertEqual(result["err"]["tag"], "other")
+        self.assertIn("full", result["err"]["value"])
+        self.assertEqual(self.call("get", "b", "k"), {"ok": [1]})
+        db.execute("PRAGMA max_page_count = 1073741823")
+        self.assertEqual(self.call("set", "b", "big", "QUJD"), {"ok": None})
+
+    def test_locked_database_is_other_and_the_host_recovers(self):
+        other = sqlite3.connect(self.path, isolation_level=None)
+        self.addCleanup(other.close)
+        other.execute("BEGIN EXCLUSIVE")
+        result = self.call("set", "b", "k", [1])
+        self.assertEqual(result, {"err": {"tag": "other", "value": "sqlite: database is locked"}})
+        other.execute("COMMIT")
+        self.assertEqual(self.call("set", "b", "k", [1]), {"ok": None})
+        self.assertEqual(self.call("incr", "b", "n", 2), {"ok": 2})
+
+
+@unittest.skipIf(SKIP_REDIS, NO_REDIS)
+class RedisFailureTest(unittest.TestCase):
+    def setUp(self):
+        self.server = RedisServer(temp_dir(self)).start()
+        self.addCleanup(self.server.stop)
+
+    def test_redis_killed_mid_run_is_other_and_the_host_recovers(self):
+        backend = kvhost.RedisBackend(self.server.url, timeout=1.0)
+        self.addCleanup(backend.close)
+        host = kvhost.Host(kv=backend, cache_dir=False)
+        self.addCleanup(host.close)
+        guest = host.load(PROBE)
+        self.assertEqual(host.call(guest, "set", ["b", "k", [1]]), {"ok": None})
+        self.server.stop()
+        result = host.call(guest, "get", ["b", "k"])
+        self.assertEqual(result["err"]["tag"], "other")
+        self.assertIn("redis", result["err"]["value"])
+        self.assertEqual(host.call(guest, "incr", ["b", "n", 1])["err"]["tag"], "other")
+        self.server.start()   # same port, empty (no persistence)
+        self.assertEqual(host.call(guest, "get", ["b", "k"]), {"ok": None})
+        self.assertEqual(host.call(guest, "set", ["b", "k", [2]]), {"ok": None})
+        self.assertEqual(host.call(guest, "get", ["b", "k"]), {"ok": [2]})
+
+    def test_hung_redis_times_out_as_other_and_the_host_recovers(self):
+        backend = kvhost.RedisBackend(self.server.url, timeout=0.5)
+        self.addCleanup(backend.close)
+        host = kvhost.Host(kv=backend, cache_dir=False)
+        self.addCleanup(host.close)
+        guest = host.load(PROBE)
+        self.assertEqual(host.call(guest, "set", ["b", "k", [1]]), {"ok": None})
+        os.kill(self.server.process.pid, signal.SIGSTOP)
+        try:
+            start = time.monotonic()
+            result = host.call(guest, "get", ["b", "k"])
+            self.assertLess(time.monotonic() - start, 3)
+        finally:
+            os.kill(self.server.process.pid, signal.SIGCONT)
+        self.assertEqual(result, {"err": {"tag": "other", "value": "redis: timed out after 0.5 s"}})
+        self.assertEqual(host.call(guest, "get", ["b", "k"]), {"ok": [1]})
+
+    def test_redis_acl_denial_is_access_denied(self):
+        redis_command(self.server.port, "ACL", "SETUSER", "limited", "on", ">pw", "~elsewhere:*", "+@all")
+        backend = kvhost.RedisBackend(f"redis://limited:pw@127.0.0.1:{self.server.port}/0")
+        self.addCleanup(backend.close)
+        host = kvhost.Host(kv=backend, cache_dir=False)
+        self.addCleanup(host.close)
+        guest = host.load(PROBE)
+        self.assertEqual(host.call(guest, "get", ["b", "k"]), {"err": {"tag": "access-denied"}})
+        wrong = kvhost.Host(kv=f"redis://limited:wrong@127.0.0.1:{self.server.port}/0", cache_dir=False)
+        self.addCleanup(wrong.close)
+        self.assertEqual(wrong.call(wrong.load(PROBE), "get", ["b", "k"]), {"err": {"tag": "access-denied"}})
+
+
+# =================================================================================================
+# The kvhost runtime (kvhost.py): guest glue, value mapping, sandbox, compile cache, core modules, CLI
+# =================================================================================================
 
 class FaultyBackend(kvhost.MemoryBackend):
     """Raises the error a key names: tests every error case a guest can receive from get."""
@@ -5612,94 +5931,6 @@ class JsonMappingTest(unittest.TestCase):
                               ("var", {"tag": "d"}), ("var", {"tag": "a", "value": 1}), ("echo-string", None)):
             with self.assertRaises(kvhost.ArgumentError, msg=(function, arg)):
                 self.call(function, arg)
-
-
-class SqliteFailureTest(unittest.TestCase):
-    def setUp(self):
-        self.path = os.path.join(temp_dir(self), "kv.sqlite3")
-        self.backend = kvhost.SqliteBackend(self.path, busy_timeout=0.2)
-        self.addCleanup(self.backend.close)
-        self.host = kvhost.Host(kv=self.backend, cache_dir=False)
-        self.addCleanup(self.host.close)
-        self.guest = self.host.load(PROBE)
-
-    def call(self, *args):
-        return self.host.call(self.guest, args[0], list(args[1:]))
-
-    def test_disk_full_is_other_and_the_host_recovers(self):
-        self.call("set", "b", "k", [1])
-        db = self.backend.connection()    # this thread's connection: the one the guest uses
-        pages = db.execute("PRAGMA page_count").fetchone()[0]
-        db.execute(f"PRAGMA max_page_count = {pages}")
-        result = self.call("set", "b", "big", "A" * 200_000)
-        self.assertEqual(result["err"]["tag"], "other")
-        self.assertIn("full", result["err"]["value"])
-        self.assertEqual(self.call("get", "b", "k"), {"ok": [1]})
-        db.execute("PRAGMA max_page_count = 1073741823")
-        self.assertEqual(self.call("set", "b", "big", "QUJD"), {"ok": None})
-
-    def test_locked_database_is_other_and_the_host_recovers(self):
-        other = sqlite3.connect(self.path, isolation_level=None)
-        self.addCleanup(other.close)
-        other.execute("BEGIN EXCLUSIVE")
-        result = self.call("set", "b", "k", [1])
-        self.assertEqual(result, {"err": {"tag": "other", "value": "sqlite: database is locked"}})
-        other.execute("COMMIT")
-        self.assertEqual(self.call("set", "b", "k", [1]), {"ok": None})
-        self.assertEqual(self.call("incr", "b", "n", 2), {"ok": 2})
-
-
-@unittest.skipIf(SKIP_REDIS, NO_REDIS)
-class RedisFailureTest(unittest.TestCase):
-    def setUp(self):
-        self.server = RedisServer(temp_dir(self)).start()
-        self.addCleanup(self.server.stop)
-
-    def test_redis_killed_mid_run_is_other_and_the_host_recovers(self):
-        backend = kvhost.RedisBackend(self.server.url, timeout=1.0)
-        self.addCleanup(backend.close)
-        host = kvhost.Host(kv=backend, cache_dir=False)
-        self.addCleanup(host.close)
-        guest = host.load(PROBE)
-        self.assertEqual(host.call(guest, "set", ["b", "k", [1]]), {"ok": None})
-        self.server.stop()
-        result = host.call(guest, "get", ["b", "k"])
-        self.assertEqual(result["err"]["tag"], "other")
-        self.assertIn("redis", result["err"]["value"])
-        self.assertEqual(host.call(guest, "incr", ["b", "n", 1])["err"]["tag"], "other")
-        self.server.start()   # same port, empty (no persistence)
-        self.assertEqual(host.call(guest, "get", ["b", "k"]), {"ok": None})
-        self.assertEqual(host.call(guest, "set", ["b", "k", [2]]), {"ok": None})
-        self.assertEqual(host.call(guest, "get", ["b", "k"]), {"ok": [2]})
-
-    def test_hung_redis_times_out_as_other_and_the_host_recovers(self):
-        backend = kvhost.RedisBackend(self.server.url, timeout=0.5)
-        self.addCleanup(backend.close)
-        host = kvhost.Host(kv=backend, cache_dir=False)
-        self.addCleanup(host.close)
-        guest = host.load(PROBE)
-        self.assertEqual(host.call(guest, "set", ["b", "k", [1]]), {"ok": None})
-        os.kill(self.server.process.pid, signal.SIGSTOP)
-        try:
-            start = time.monotonic()
-            result = host.call(guest, "get", ["b", "k"])
-            self.assertLess(time.monotonic() - start, 3)
-        finally:
-            os.kill(self.server.process.pid, signal.SIGCONT)
-        self.assertEqual(result, {"err": {"tag": "other", "value": "redis: timed out after 0.5 s"}})
-        self.assertEqual(host.call(guest, "get", ["b", "k"]), {"ok": [1]})
-
-    def test_redis_acl_denial_is_access_denied(self):
-        redis_command(self.server.port, "ACL", "SETUSER", "limited", "on", ">pw", "~elsewhere:*", "+@all")
-        backend = kvhost.RedisBackend(f"redis://limited:pw@127.0.0.1:{self.server.port}/0")
-        self.addCleanup(backend.close)
-        host = kvhost.Host(kv=backend, cache_dir=False)
-        self.addCleanup(host.close)
-        guest = host.load(PROBE)
-        self.assertEqual(host.call(guest, "get", ["b", "k"]), {"err": {"tag": "access-denied"}})
-        wrong = kvhost.Host(kv=f"redis://limited:wrong@127.0.0.1:{self.server.port}/0", cache_dir=False)
-        self.addCleanup(wrong.close)
-        self.assertEqual(wrong.call(wrong.load(PROBE), "get", ["b", "k"]), {"err": {"tag": "access-denied"}})
 
 
 class SandboxTest(unittest.TestCase):
@@ -6106,39 +6337,6 @@ class ModuleShapeTest(unittest.TestCase):
 # The test guests (guests/, wit/) through kvhost, and the componentize-py guest
 # =================================================================================================
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
-
-
-WIT = os.path.join(ROOT, "wit")
-
-
-GUEST_DIR = os.path.join(ROOT, "guests")
-
-
-KVHOST = os.path.join(ROOT, "kvhost.py")
-
-
-PY_COUNTER = os.path.join(ROOT, "build", "py-counter.wasm")
-
-
-KV_DRAFT = os.path.join(GUEST_DIR, "kv-draft.wat")
-
-
-KV_DRAFT2 = os.path.join(GUEST_DIR, "kv-draft2.wat")
-
-
-WATCHER_DRAFT = os.path.join(GUEST_DIR, "watcher-draft.wat")
-
-
-WATCHER_DRAFT2 = os.path.join(GUEST_DIR, "watcher-draft2.wat")
-
-
-BAD_IMPORT = os.path.join(GUEST_DIR, "bad-import.wat")
-
-
-CLI_RUN = os.path.join(GUEST_DIR, "cli-run.wat")
-
-
 VERSIONS = ("0.2.0-draft", "0.2.0-draft2")
 
 
@@ -6146,32 +6344,6 @@ U64_MAX = (1 << 64) - 1
 
 
 S64_MAX = (1 << 63) - 1
-
-
-def b64_text(data):
-    return base64.b64encode(data).decode("ascii")
-
-
-def unique_namespace():
-    """A fresh tenant per test, so tests sharing a SQLite file or a Redis db never see each other."""
-    return "t-" + uuid.uuid4().hex[:12]
-
-
-def require_tool(name, install_hint):
-    """Skip outside CI with the exact reason; in CI a missing tool is a failure (CI installs it)."""
-    path = shutil.which(name)
-    if path:
-        return path
-    message = f"{name} is not installed ({install_hint}); .ci/run installs it"
-    if IN_CI:
-        raise AssertionError(message)
-    raise unittest.SkipTest(message)
-
-
-def run_kvhost(*args, env=None, timeout=120):
-    """Run the kvhost CLI; returns the CompletedProcess (text mode)."""
-    return subprocess.run([sys.executable, KVHOST, *args], capture_output=True, text=True, cwd=ROOT,
-                          env=env, timeout=timeout)
 
 
 def wit_functions(folder):
@@ -6934,24 +7106,6 @@ class PyCounterTest(unittest.TestCase):
 # Composition: a provider component serves a consumer's wasi:keyvalue (kvhost --kv component:FILE)
 # =================================================================================================
 
-KV_PROVIDER = os.path.join(GUEST_DIR, "kv-provider.wat")                 # keeps bucket B as wat.B
-
-
-PY_PROVIDER = os.path.join(ROOT, "build", "py-provider.wasm")            # componentize-py; keeps B as py.B
-
-
-FAULTY_PROVIDER = os.path.join(GUEST_DIR, "host", "faulty-provider.wat")
-
-
-MISTYPED_PROVIDER = os.path.join(GUEST_DIR, "host", "mistyped-provider.wat")
-
-
-KV_HANDLES = os.path.join(GUEST_DIR, "host", "kv-handles.wat")
-
-
-BUILD_HINT = "pip install componentize-py==0.25.1 && bash guests/build.sh"
-
-
 def provider_host(test, provider=KV_PROVIDER, kv="memory:", **options):
     """A Host whose guests' wasi:keyvalue is served by `provider` over the backend `kv`."""
     options.setdefault("cache_dir", False)
@@ -7393,16 +7547,7 @@ class StaticCompositionTest(unittest.TestCase):
 # gives: a body that does not match its digest, an oversized manifest, 403, a cross-host
 # redirect).
 
-ORAS_VENV = os.environ.get("WASMSTORE_ORAS_VENV", os.path.join(HERE, ".venv-oras"))
-
-
 ORAS_NAME, ORAS_VERSION = "oras", "0.2.43"   # .ci/run installs the same pin
-
-
-ORAS_DRIVER = os.path.join(CLIENTS_DIR, "oras_driver.py")
-
-
-OCI_CALL_TIMEOUT = 120   # seconds for one CLI or oras run on the shared 2-core machine
 
 
 def oras_python():
@@ -7445,28 +7590,9 @@ def oras(*args, env=None, expect_ok=True):
     return answer
 
 
-def run_cli(root, *args, env=None, stdin=None, timeout=OCI_CALL_TIMEOUT):
-    """`python wasmstore.py --root ROOT ...` as a user runs it; returns the CompletedProcess (text)."""
-    environment = {k: v for k, v in os.environ.items() if not k.startswith(("WASMSTORE_", "DOCKER_"))}
-    environment.update(env or {})
-    return subprocess.run([sys.executable, WASMSTORE_PY, "--root", root, *args], input=stdin, capture_output=True,
-                          text=True, env=environment, timeout=timeout, cwd=HERE)
-
-
 def component_bytes(wat_file):
     """The binary of one of the repository's WAT test components."""
     return bytes(wasmtime.wat2wasm(read_text(wat_file)))
-
-
-def openssl_key_and_cert(directory, name, common_name):
-    """An RSA key and a self-signed certificate for 127.0.0.1 and localhost: (key, cert) files."""
-    openssl = require_tool("openssl", "apt-get install -y openssl")
-    key, cert = os.path.join(directory, f"{name}.key"), os.path.join(directory, f"{name}.crt")
-    subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-keyout", key,
-                    "-out", cert, "-subj", f"/CN={common_name}",
-                    "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"],
-                   check=True, capture_output=True, timeout=60)
-    return key, cert
 
 
 def http_get(url, headers=None, context=None, method="GET"):
@@ -8436,59 +8562,10 @@ class OciServerTest(OciTestCase):
         self.assertEqual((status, body, headers["docker-distribution-api-version"]), (200, b"{}", "registry/2.0"))
 
 
-if __name__ == "__main__":
-    unittest.main()
-
-
 # =================================================================================================
 # Running stored modules: wasmstore.Runner, `wasmstore.py call/run/exports`, the HTTP run routes,
 # and the sandbox limits they rely on (kvhost worker processes, store limits)
 # =================================================================================================
-
-RUN_GUESTS = os.path.join(GUEST_DIR, "run")
-JS_HELLO = os.path.join(ROOT, "build", "js-hello.wasm")
-KV_PROBE = os.path.join(GUEST_DIR, "host", "kv-probe.wat")
-
-
-def wait_until(predicate, timeout=10.0, message="condition"):
-    """Poll predicate() until it is true (returns its value) or fail after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {message}")
-        time.sleep(0.01)
-
-
-_guest_binaries = {}
-
-
-def guest_binary(name):
-    """The binary of a committed WAT guest (guests/run/NAME.wat, or a path), as a store holds it."""
-    if name not in _guest_binaries:
-        path = name if os.path.sep in name else os.path.join(RUN_GUESTS, name + ".wat")
-        with open(path, encoding="utf-8") as f:
-            _guest_binaries[name] = bytes(wasmtime.wat2wasm(f.read()))
-    return _guest_binaries[name]
-
-
-def with_custom_section(data, tag):
-    """The same module or component with one more custom section: new bytes, same behaviour."""
-    name = b"wasmstore-version"
-    payload = _leb(len(name)) + name + tag.encode()
-    return data + b"\x00" + _leb(len(payload)) + payload
-
-
-def require_file(path, how):
-    if os.path.exists(path):
-        return path
-    message = f"{os.path.relpath(path, ROOT)} is missing: {how}"
-    if IN_CI:
-        raise AssertionError(message + " (.ci/run must build it before the tests)")
-    raise unittest.SkipTest(message)
-
 
 # Where each committed guest is stored by the run tests (the linking guests import these paths).
 RUN_LAYOUT = {
@@ -9207,3 +9284,7 @@ class PyCounterServerTest(unittest.TestCase):
             thread.join(120)
         self.assertEqual(errors, [])
         self.assertEqual(self.bump(live), 1 + 16 * 5 + 1)
+
+
+if __name__ == "__main__":
+    unittest.main()
