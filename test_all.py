@@ -93,102 +93,45 @@ from wasmtime import component as wc
 # =================================================================================================
 
 # ---- Paths of the code under test, the test guests and the tools ----------------------------------
-HERE = os.path.dirname(os.path.abspath(__file__))
+HERE = os.path.dirname(os.path.abspath(__file__))           # the repository
+THIS_MODULE = os.path.splitext(os.path.basename(__file__))[0]   # importable by helper subprocesses
 
-
-THIS_MODULE = os.path.splitext(os.path.basename(__file__))[0]   # for helper subprocesses
-
-
+# The code under test, run as users run it.
 WASMSTORE_PY = os.path.join(HERE, "wasmstore.py")
+HTTP_SERVER_PY = os.path.join(HERE, "http_server.py")
+KVHOST_PY = os.path.join(HERE, "kvhost.py")
 
-
-ROOT = os.path.dirname(os.path.abspath(__file__))
-
-
-WIT = os.path.join(ROOT, "wit")
-
-
-GUEST_DIR = os.path.join(ROOT, "guests")
-
-
-KVHOST = os.path.join(ROOT, "kvhost.py")
-
-
-GUESTS = os.path.join(HERE, "guests", "host")
-
-
-PROBE = os.path.join(GUESTS, "kv-probe.wat")              # wasi:keyvalue@0.2.0-draft2
-
-
-PROBE_DRAFT = os.path.join(GUESTS, "kv-probe-draft.wat")  # wasi:keyvalue@0.2.0-draft
-
-
-WATCHER = os.path.join(GUESTS, "watcher-probe.wat")
-
-
-WASI_PROBE = os.path.join(GUESTS, "wasi-probe.wat")
-
-
-TYPES_PROBE = os.path.join(GUESTS, "types-probe.wat")   # one export per component value shape
-
-
+# The WIT of both wasi:keyvalue drafts, and the test guests (guests/README.md describes each).
+WIT = os.path.join(HERE, "wit")
+GUEST_DIR = os.path.join(HERE, "guests")                          # guests of the WIT contract
 KV_DRAFT = os.path.join(GUEST_DIR, "kv-draft.wat")
-
-
 KV_DRAFT2 = os.path.join(GUEST_DIR, "kv-draft2.wat")
-
-
 WATCHER_DRAFT = os.path.join(GUEST_DIR, "watcher-draft.wat")
-
-
 WATCHER_DRAFT2 = os.path.join(GUEST_DIR, "watcher-draft2.wat")
-
-
 BAD_IMPORT = os.path.join(GUEST_DIR, "bad-import.wat")
-
-
 CLI_RUN = os.path.join(GUEST_DIR, "cli-run.wat")
+KV_PROVIDER = os.path.join(GUEST_DIR, "kv-provider.wat")          # keeps bucket B as wat.B
+HOST_GUESTS = os.path.join(GUEST_DIR, "host")                     # probes of kvhost itself
+PROBE = os.path.join(HOST_GUESTS, "kv-probe.wat")                 # wasi:keyvalue@0.2.0-draft2
+PROBE_DRAFT = os.path.join(HOST_GUESTS, "kv-probe-draft.wat")     # wasi:keyvalue@0.2.0-draft
+WATCHER = os.path.join(HOST_GUESTS, "watcher-probe.wat")
+WASI_PROBE = os.path.join(HOST_GUESTS, "wasi-probe.wat")
+TYPES_PROBE = os.path.join(HOST_GUESTS, "types-probe.wat")        # one export per component value shape
+FAULTY_PROVIDER = os.path.join(HOST_GUESTS, "faulty-provider.wat")
+MISTYPED_PROVIDER = os.path.join(HOST_GUESTS, "mistyped-provider.wat")
+KV_HANDLES = os.path.join(HOST_GUESTS, "kv-handles.wat")
+RUN_GUESTS = os.path.join(GUEST_DIR, "run")                       # guests of the run tests
 
-
-KV_PROVIDER = os.path.join(GUEST_DIR, "kv-provider.wat")                 # keeps bucket B as wat.B
-
-
-PY_PROVIDER = os.path.join(ROOT, "build", "py-provider.wasm")            # componentize-py; keeps B as py.B
-
-
-FAULTY_PROVIDER = os.path.join(GUEST_DIR, "host", "faulty-provider.wat")
-
-
-MISTYPED_PROVIDER = os.path.join(GUEST_DIR, "host", "mistyped-provider.wat")
-
-
-KV_HANDLES = os.path.join(GUEST_DIR, "host", "kv-handles.wat")
-
-
-RUN_GUESTS = os.path.join(GUEST_DIR, "run")
-
-
-KV_PROBE = os.path.join(GUEST_DIR, "host", "kv-probe.wat")
-
-
-PY_COUNTER = os.path.join(ROOT, "build", "py-counter.wasm")
-
-
-JS_HELLO = os.path.join(ROOT, "build", "js-hello.wasm")
-
-
+# Guests built by real toolchains (guests/build.sh; .ci/run builds them).
+PY_COUNTER = os.path.join(HERE, "build", "py-counter.wasm")       # componentize-py
+PY_PROVIDER = os.path.join(HERE, "build", "py-provider.wasm")     # componentize-py; keeps B as py.B
+JS_HELLO = os.path.join(HERE, "build", "js-hello.wasm")           # jco (componentize-js)
 BUILD_HINT = "pip install componentize-py==0.25.1 && bash guests/build.sh"
 
-
+# The published clients and the oras client, each in its own environment (.ci/run installs them).
 CLIENTS_DIR = os.path.join(HERE, "clients")
-
-
 VENV_DIR = os.environ.get("WASMSTORE_CLIENTS_VENV", os.path.join(HERE, ".venv-clients"))
-
-
 ORAS_VENV = os.environ.get("WASMSTORE_ORAS_VENV", os.path.join(HERE, ".venv-oras"))
-
-
 ORAS_DRIVER = os.path.join(CLIENTS_DIR, "oras_driver.py")
 
 
@@ -253,7 +196,7 @@ def require_tool(name, install_hint):
 def require_file(path, how):
     if os.path.exists(path):
         return path
-    message = f"{os.path.relpath(path, ROOT)} is missing: {how}"
+    message = f"{os.path.relpath(path, HERE)} is missing: {how}"
     if IN_CI:
         raise AssertionError(message + " (.ci/run must build it before the tests)")
     raise unittest.SkipTest(message)
@@ -400,9 +343,12 @@ def b64_text(data):
 
 
 # ---- Temporary directories, stores and namespaces -------------------------------------------------
-def temp_dir(test):
-    path = tempfile.mkdtemp(prefix="kvhost-test-")
-    test.addCleanup(shutil.rmtree, path, True)
+def temp_dir(owner, prefix="wasmstore-test-"):
+    """A new temporary directory, removed by owner's cleanup (a test, or a test class for a
+    directory the whole class shares)."""
+    path = tempfile.mkdtemp(prefix=prefix)
+    cleanup = owner.addClassCleanup if isinstance(owner, type) else owner.addCleanup
+    cleanup(shutil.rmtree, path, True)
     return path
 
 
@@ -417,8 +363,7 @@ def store_files(root):
 
 class StoreTestCase(unittest.TestCase):
     def setUp(self):
-        self.tmp = tempfile.mkdtemp(prefix="wasmstore-test-")
-        self.addCleanup(shutil.rmtree, self.tmp, True)
+        self.tmp = temp_dir(self, "wasmstore-test-")
         self.root = os.path.join(self.tmp, "store")
         self.store = Store(self.root)
         self.addCleanup(self.store.close)
@@ -458,8 +403,7 @@ class LiveServer:
 
     def __init__(self, testcase, root=None, host="127.0.0.1", **options):
         if root is None:
-            parent = tempfile.mkdtemp(prefix="wasmstore-http-")
-            testcase.addCleanup(shutil.rmtree, parent, True)
+            parent = temp_dir(testcase, "wasmstore-http-")
             root = os.path.join(parent, "root")
         self.root = root
         self.store = wasmstore.Store(root)
@@ -627,7 +571,7 @@ class WsClient:
 
 def start_server_process(testcase, root, *args, env=None):
     """`python http_server.py --root ROOT --port 0 ...`: (process, port) once it listens."""
-    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "http_server.py"), "--root", root,
+    proc = subprocess.Popen([sys.executable, HTTP_SERVER_PY, "--root", root,
                              "--port", "0", *args], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
                             env=env, text=True, cwd=HERE)
 
@@ -714,7 +658,7 @@ class RedisServer:
 
 def run_kvhost(*args, env=None, timeout=120):
     """Run the kvhost CLI; returns the CompletedProcess (text mode)."""
-    return subprocess.run([sys.executable, KVHOST, *args], capture_output=True, text=True, cwd=ROOT,
+    return subprocess.run([sys.executable, KVHOST_PY, *args], capture_output=True, text=True, cwd=HERE,
                           env=env, timeout=timeout)
 
 
@@ -1915,8 +1859,7 @@ class LegacyLayoutTest(unittest.TestCase):
     working: read as it is, refs rewritten as slot files when opened, new objects packed."""
 
     def setUp(self):
-        self.tmp = tempfile.mkdtemp(prefix="wasmstore-legacy-")
-        self.addCleanup(shutil.rmtree, self.tmp, True)
+        self.tmp = temp_dir(self, "wasmstore-legacy-")
         self.root = os.path.join(self.tmp, "store")
         self.garbage = make_module("unreachable")
         self.commit = build_legacy_store(self.root, LEGACY_FILES, [self.garbage])
@@ -2024,8 +1967,7 @@ class KillAtEveryMutationTest(unittest.TestCase):
     gc's sweep thousands of fsck problems."""
 
     def setUp(self):
-        self.tmp = tempfile.mkdtemp(prefix="wasmstore-kill-")
-        self.addCleanup(shutil.rmtree, self.tmp, True)
+        self.tmp = temp_dir(self, "wasmstore-kill-")
         self.module = os.path.join(self.tmp, "new.wasm")
         with open(self.module, "wb") as handle:
             handle.write(make_module("added under fire"))
@@ -2309,8 +2251,8 @@ class ComponentValidationTest(StoreTestCase):
         self.assertGreater(accepted, 0)
 
     def guest_components(self):
-        names = sorted(glob.glob(os.path.join(HERE, "guests", "*.wat")) +
-                       glob.glob(os.path.join(HERE, "guests", "host", "*.wat")))
+        names = sorted(glob.glob(os.path.join(GUEST_DIR, "*.wat")) +
+                       glob.glob(os.path.join(HOST_GUESTS, "*.wat")))
         components = []
         for name in names:
             with open(name) as handle:
@@ -2442,8 +2384,7 @@ class PureFunctionTests(unittest.TestCase):
         http_server.AuthTable(None).check(None, "DELETE")
 
     def test_handlers_run_without_a_socket(self):
-        parent = tempfile.mkdtemp()
-        self.addCleanup(shutil.rmtree, parent, True)
+        parent = temp_dir(self)
         store = wasmstore.Store(os.path.join(parent, "root"))
         module = wasm_module("pure")
         call = http_server.Call(path="dir/a.wasm", max_body=1000)
@@ -2930,8 +2871,7 @@ class ObservabilityTests(unittest.TestCase):
 class ShutdownTests(unittest.TestCase):
 
     def setUp(self):
-        parent = tempfile.mkdtemp()
-        self.addCleanup(shutil.rmtree, parent, True)
+        parent = temp_dir(self)
         self.root = os.path.join(parent, "root")
 
     def wait_until_in_flight(self, port, count, seconds=10):
@@ -2996,7 +2936,7 @@ class ShutdownTests(unittest.TestCase):
 class CommandLineTests(unittest.TestCase):
 
     def run_server(self, *args, env=None):
-        return subprocess.run([sys.executable, os.path.join(HERE, "http_server.py"), *args],
+        return subprocess.run([sys.executable, HTTP_SERVER_PY, *args],
                               capture_output=True, text=True, timeout=30, env=env, cwd=HERE)
 
     def test_help_mentions_every_option(self):
@@ -3017,18 +2957,16 @@ class CommandLineTests(unittest.TestCase):
                 self.assertNotIn("topsecret", result.stderr)
 
     def test_missing_tls_files_exit_1_without_traceback(self):
-        parent = tempfile.mkdtemp()
-        self.addCleanup(shutil.rmtree, parent, True)
+        parent = temp_dir(self)
         result = self.run_server("--root", os.path.join(parent, "root"), "--port", "0",
                                  "--tls", "/nonexistent/key.pem,/nonexistent/cert.pem")
         self.assertEqual(result.returncode, 1)
         self.assertRegex(result.stderr, r"^http_server.py: error: .+\n$")
 
     def test_environment_configures_root_and_auth(self):
-        parent = tempfile.mkdtemp()
-        self.addCleanup(shutil.rmtree, parent, True)
+        parent = temp_dir(self)
         env = dict(os.environ, WASMSTORE_ROOT=os.path.join(parent, "envroot"), WASMSTORE_AUTH="envkey:GET")
-        proc = subprocess.Popen([sys.executable, os.path.join(HERE, "http_server.py"), "--port", "0"],
+        proc = subprocess.Popen([sys.executable, HTTP_SERVER_PY, "--port", "0"],
                                 stderr=subprocess.PIPE, text=True, env=env, cwd=HERE)
         self.addCleanup(lambda: (proc.poll() is None and proc.kill(), proc.wait(10), proc.stderr.close()))
         line = proc.stderr.readline()
@@ -3044,8 +2982,7 @@ class CommandLineTests(unittest.TestCase):
         with socket.socket() as busy:
             busy.bind(("127.0.0.1", 0))
             busy.listen()
-            parent = tempfile.mkdtemp()
-            self.addCleanup(shutil.rmtree, parent, True)
+            parent = temp_dir(self)
             result = self.run_server("--root", os.path.join(parent, "r"), "--port", str(busy.getsockname()[1]))
         self.assertEqual(result.returncode, 1)
         self.assertIn("error:", result.stderr)
@@ -3144,12 +3081,7 @@ class TlsTests(unittest.TestCase):
             if os.environ.get("CI"):
                 raise RuntimeError(reason)            # in CI a missing prerequisite is a failure
             raise unittest.SkipTest(reason)
-        cls.certdir = tempfile.mkdtemp()
-        cls.keyfile, cls.certfile = make_self_signed_cert(cls.certdir)
-
-    @classmethod
-    def tearDownClass(cls):
-        shutil.rmtree(cls.certdir, True)
+        cls.keyfile, cls.certfile = make_self_signed_cert(temp_dir(cls))
 
     def setUp(self):
         self.live = LiveServer(self, tls=(self.keyfile, self.certfile), timeout=2)
@@ -3184,8 +3116,7 @@ class TlsTests(unittest.TestCase):
         self.assertEqual(ws.recv_data(), {"/w.wasm": {"action": "added", "hash": digest}})
 
     def test_server_process_with_tls_option(self):
-        parent = tempfile.mkdtemp()
-        self.addCleanup(shutil.rmtree, parent, True)
+        parent = temp_dir(self)
         proc, port = start_server_process(self, os.path.join(parent, "root"), "--quiet",
                                           "--tls", f"{self.keyfile},{self.certfile}")
         conn = http.client.HTTPSConnection("127.0.0.1", port, context=self.context, timeout=10)
@@ -3285,7 +3216,7 @@ class WatchTests(unittest.TestCase):
         path = os.path.join(self.live.root, "..", "cli.wasm")
         with open(path, "wb") as handle:
             handle.write(module)
-        result = subprocess.run([sys.executable, os.path.join(HERE, "wasmstore.py"), "--root",
+        result = subprocess.run([sys.executable, WASMSTORE_PY, "--root",
                                  self.live.root, "add", path, "cli/x.wasm"],
                                 capture_output=True, text=True, timeout=60)
         committed = time.monotonic()
@@ -3546,8 +3477,7 @@ class FuzzTests(unittest.TestCase):
         return out
 
     def test_two_thousand_malformed_requests(self):
-        parent = tempfile.mkdtemp(prefix="wasmstore-fuzz-")
-        self.addCleanup(shutil.rmtree, parent, True)
+        parent = temp_dir(self, "wasmstore-fuzz-")
         root = os.path.join(parent, "root")
         live = LiveServer(self, root=root, timeout=1.0, quiet=True)
         module = wasm_module("fuzz")
@@ -4107,8 +4037,7 @@ class HardeningCommandLineTests(unittest.TestCase):
     """--max-watches, --allowed-host, --cors ORIGINS and their environment variables."""
 
     def start(self, *args, env=None):
-        parent = tempfile.mkdtemp()
-        self.addCleanup(shutil.rmtree, parent, True)
+        parent = temp_dir(self)
         environment = dict(os.environ, **(env or {}))
         return start_server_process(self, os.path.join(parent, "root"), "--quiet", *args, env=environment)[1]
 
@@ -4157,9 +4086,8 @@ class HardeningCommandLineTests(unittest.TestCase):
                                  ([], {"WASMSTORE_MAX_WATCHES": "many"}, "WASMSTORE_MAX_WATCHES"),
                                  ([], {"WASMSTORE_ALLOWED_HOSTS": "a b"}, "WASMSTORE_ALLOWED_HOSTS")]:
             with self.subTest(args=args, env=env):
-                root = os.path.join(tempfile.mkdtemp(), "root")
-                self.addCleanup(shutil.rmtree, os.path.dirname(root), True)
-                result = subprocess.run([sys.executable, os.path.join(HERE, "http_server.py"), "--port", "0",
+                root = os.path.join(temp_dir(self), "root")
+                result = subprocess.run([sys.executable, HTTP_SERVER_PY, "--port", "0",
                                          "--root", root, *args],
                                         capture_output=True, text=True, timeout=30, cwd=HERE,
                                         env=dict(os.environ, **env))
@@ -4205,8 +4133,7 @@ class Chromium:
     def __init__(self, testcase, *flags, timeout=60):
         executable = prepare(ensure_chromium)
         self.testcase = testcase
-        self.profile = tempfile.mkdtemp(prefix="wasmstore-chromium-")
-        testcase.addCleanup(shutil.rmtree, self.profile, True)
+        self.profile = temp_dir(testcase, "wasmstore-chromium-")
         self.log = tempfile.TemporaryFile()
         testcase.addCleanup(self.log.close)
         self.process = subprocess.Popen([executable, *CHROMIUM_FLAGS, f"--user-data-dir={self.profile}",
@@ -4568,8 +4495,7 @@ def unb64(value):
 
 def start_server(test, **options):
     """Serve a fresh store on a free loopback port for the duration of `test`; return (store, base_url)."""
-    root = tempfile.mkdtemp(prefix="wasmstore-clients-")
-    test.addCleanup(shutil.rmtree, root, ignore_errors=True)
+    root = temp_dir(test, "wasmstore-clients-")
     store = wasmstore.Store(root)
     server = http_server.make_server(store, "127.0.0.1", 0, quiet=True, **options)
     thread = threading.Thread(target=server.serve_forever, name="clients-test-server", daemon=True)
@@ -4583,9 +4509,8 @@ def start_server(test, **options):
 
 def clients_start_server_process(test, *options):
     """Run `python http_server.py --port 0 ...` on a fresh root, as a user would; return (root, base_url)."""
-    root = tempfile.mkdtemp(prefix="wasmstore-clients-cli-")
-    test.addCleanup(shutil.rmtree, root, ignore_errors=True)
-    process = subprocess.Popen([sys.executable, os.path.join(HERE, "http_server.py"), "--root", root, "--port", "0",
+    root = temp_dir(test, "wasmstore-clients-cli-")
+    process = subprocess.Popen([sys.executable, HTTP_SERVER_PY, "--root", root, "--port", "0",
                                 "--quiet", *options], cwd=HERE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                text=True)
     lines = queue.Queue()
@@ -4735,8 +4660,7 @@ def ensure_openssl():
 def self_signed_certificate(test):
     """Create a key and a self-signed certificate for 127.0.0.1; return (keyfile, certfile)."""
     openssl = prepare(ensure_openssl)
-    directory = tempfile.mkdtemp(prefix="wasmstore-clients-tls-")
-    test.addCleanup(shutil.rmtree, directory, ignore_errors=True)
+    directory = temp_dir(test, "wasmstore-clients-tls-")
     keyfile, certfile = os.path.join(directory, "key.pem"), os.path.join(directory, "cert.pem")
     run_quietly([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-keyout", keyfile,
                  "-out", certfile, "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"], timeout=60)
@@ -5171,7 +5095,7 @@ class CommandLineServerTest(unittest.TestCase):
         with tempfile.NamedTemporaryFile(suffix=".wasm") as file:
             file.write(module)
             file.flush()
-            added = subprocess.run([sys.executable, os.path.join(HERE, "wasmstore.py"), "add", "--root", root,
+            added = subprocess.run([sys.executable, WASMSTORE_PY, "add", "--root", root,
                                     file.name, "cli/added.wasm"], capture_output=True, text=True, timeout=60)
         self.assertEqual(added.returncode, 0, added.stderr)
         self.assertEqual(client.watch_next(WATCH_TIMEOUT_MS),
@@ -6629,8 +6553,7 @@ class GuestContractMixin:
     @classmethod
     def setUpClass(cls):
         super().setUpClass()
-        cls.cache_dir = tempfile.mkdtemp(prefix="test-guests-cache-")
-        cls.addClassCleanup(shutil.rmtree, cls.cache_dir, ignore_errors=True)
+        cls.cache_dir = temp_dir(cls, "test-guests-cache-")
 
     def setUp(self):
         self.namespace = unique_namespace()
@@ -6834,8 +6757,7 @@ class GuestContractMixin:
         self.assertEqual(self.host.watch_errors, [])
 
     def test_cli_run_guest_counts_runs_prints_and_sets_the_exit_status(self):
-        out = os.path.join(tempfile.mkdtemp(prefix="test-guests-out-"), "stdout")
-        self.addCleanup(shutil.rmtree, os.path.dirname(out), ignore_errors=True)
+        out = os.path.join(temp_dir(self, "test-guests-out-"), "stdout")
         host = self.make_host(stdout=out)
         guest = host.load(CLI_RUN)
         self.assertEqual(host.run(guest, ["hello world"]), 0)
@@ -6879,8 +6801,7 @@ class SqliteGuestTest(GuestContractMixin, unittest.TestCase):
     @classmethod
     def setUpClass(cls):
         super().setUpClass()
-        folder = tempfile.mkdtemp(prefix="test-guests-sqlite-")
-        cls.addClassCleanup(shutil.rmtree, folder, ignore_errors=True)
+        folder = temp_dir(cls, "test-guests-sqlite-")
         cls.kv = "sqlite:" + os.path.join(folder, "kv.sqlite3")
 
 
@@ -6930,8 +6851,7 @@ class GetErrorCasesTest(unittest.TestCase):
     case first); kvhost works around it. Each case travels host -> guest -> test here."""
 
     def setUp(self):
-        self.cache_dir = tempfile.mkdtemp(prefix="test-guests-cache-")
-        self.addCleanup(shutil.rmtree, self.cache_dir, ignore_errors=True)
+        self.cache_dir = temp_dir(self, "test-guests-cache-")
         self.backend = RefusingBackend()
         self.host = kvhost.Host(kv=self.backend, namespace="errors", cache_dir=self.cache_dir)
         self.addCleanup(self.host.close)
@@ -6962,8 +6882,7 @@ class GuestCliTest(unittest.TestCase):
 
     @classmethod
     def setUpClass(cls):
-        cls.folder = tempfile.mkdtemp(prefix="test-guests-cli-")
-        cls.addClassCleanup(shutil.rmtree, cls.folder, ignore_errors=True)
+        cls.folder = temp_dir(cls, "test-guests-cli-")
         cls.env = dict(os.environ, XDG_CACHE_HOME=os.path.join(cls.folder, "cache"))
 
     def setUp(self):
@@ -7038,8 +6957,7 @@ class PyCounterTest(unittest.TestCase):
             if IN_CI:
                 raise AssertionError(message + " (.ci/run must do this before the tests)")
             raise unittest.SkipTest(message)
-        cls.folder = tempfile.mkdtemp(prefix="test-guests-py-")
-        cls.addClassCleanup(shutil.rmtree, cls.folder, ignore_errors=True)
+        cls.folder = temp_dir(cls, "test-guests-py-")
         cache = os.path.join(cls.folder, "cache")
         cls.env = dict(os.environ, XDG_CACHE_HOME=cache)
         cls.cache_dir = os.path.join(cache, "wasmstore", "kvhost")   # where the CLI caches under that env
@@ -7284,7 +7202,7 @@ class ProviderFaultsTest(unittest.TestCase):
             self.host(KV_DRAFT2)
         self.assertIn("exports no wasi:keyvalue interface", str(caught.exception))
         with self.assertRaises(kvhost.GuestError) as caught:
-            self.host(os.path.join(GUEST_DIR, "run", "lib-math.wat"))
+            self.host(os.path.join(RUN_GUESTS, "lib-math.wat"))
         self.assertIn("is a core module", str(caught.exception))
         with self.assertRaises(kvhost.ArgumentError) as caught:
             self.host(os.path.join(self.id(), "missing.wasm"))
@@ -7349,8 +7267,7 @@ class ProviderIsolationTest(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
         require_file(PY_COUNTER, BUILD_HINT)
-        cls.folder = tempfile.mkdtemp(prefix="test-providers-")
-        cls.addClassCleanup(shutil.rmtree, cls.folder, ignore_errors=True)
+        cls.folder = temp_dir(cls, "test-providers-")
         cls.cache = os.path.join(cls.folder, "cache")         # each 18 MB guest compiles once for the class
 
     def check_py_counter(self, provider, isolation, bucket_prefix):
@@ -7856,8 +7773,7 @@ class OciTestCase(unittest.TestCase):
     """A fresh store per test; helpers to make modules and compare stores before and after."""
 
     def setUp(self):
-        self.tmp = tempfile.mkdtemp(prefix="wasmstore-oci-")
-        self.addCleanup(shutil.rmtree, self.tmp, True)
+        self.tmp = temp_dir(self, "wasmstore-oci-")
         self.root = os.path.join(self.tmp, "store")
         self.store = Store(self.root)
         self.addCleanup(self.store.close)
@@ -8195,8 +8111,7 @@ class OciBasicAuthTest(OciTestCase):
 
     @classmethod
     def setUpClass(cls):
-        directory = tempfile.mkdtemp(prefix="test-htpasswd-")
-        cls.addClassCleanup(shutil.rmtree, directory, True)
+        directory = temp_dir(cls, "test-htpasswd-")
         path = htpasswd_file(directory, cls.USER, cls.PASSWORD)
         cls.registry = start_registry(cls, auth={"htpasswd": {"realm": "test-realm", "path": path}})
 
@@ -8268,8 +8183,7 @@ class OciTokenAuthTest(OciTestCase):
 
     @classmethod
     def setUpClass(cls):
-        directory = tempfile.mkdtemp(prefix="test-token-")
-        cls.addClassCleanup(shutil.rmtree, directory, True)
+        directory = temp_dir(cls, "test-token-")
         cls.tokens = TokenService(directory, cls.USERS)
         cls.addClassCleanup(cls.tokens.close)
         cls.registry = start_registry(cls, auth=cls.tokens.registry_auth())
@@ -8299,8 +8213,7 @@ class OciTokenAuthTest(OciTestCase):
         self.assertNotIn("wrong-pw-3319", done.stderr)
 
     def test_a_token_without_push_access_is_refused(self):
-        directory = tempfile.mkdtemp(prefix="test-token-ro-")
-        self.addCleanup(shutil.rmtree, directory, True)
+        directory = temp_dir(self, "test-token-ro-")
         tokens = TokenService(directory, self.USERS, grant=("pull",))
         self.addCleanup(tokens.close)
         registry = DistributionRegistry(auth=tokens.registry_auth())
@@ -8320,8 +8233,7 @@ class OciTlsTest(OciTestCase):
 
     @classmethod
     def setUpClass(cls):
-        cls.directory = tempfile.mkdtemp(prefix="test-registry-tls-")
-        cls.addClassCleanup(shutil.rmtree, cls.directory, True)
+        cls.directory = temp_dir(cls, "test-registry-tls-")
         cls.key, cls.cert = openssl_key_and_cert(cls.directory, "registry", "127.0.0.1")
         cls.registry = start_registry(cls, tls=(cls.key, cls.cert))
 
@@ -8577,7 +8489,7 @@ RUN_LAYOUT = {
     "/wasi/hello.wasm": "wasi-hello", "/wasi/sleep.wasm": "wasi-sleep", "/p2/sleep.wasm": "p2-sleep",
     "/bombs/memory64.wasm": "memory64-bomb", "/bombs/table.wasm": "table-bomb",
     "/bombs/component.wasm": "component-limits", "/http/import.wasm": "http-import",
-    "/kv/probe.wasm": KV_PROBE,
+    "/kv/probe.wasm": PROBE,
 }
 
 
@@ -8736,7 +8648,7 @@ class RunnerTest(StoreTestCase):
             self.call("/lib/math.wasm", "add", 1, 1, commit="0" * 64)
 
     def test_each_path_keeps_its_own_kv_state_across_versions(self):
-        probe = guest_binary(KV_PROBE)
+        probe = guest_binary(PROBE)
         self.store.add("/apps/a.wasm", probe)
         self.store.add("/apps/b.wasm", probe)               # same bytes, another path
         for expected in (1, 2):
@@ -8748,7 +8660,7 @@ class RunnerTest(StoreTestCase):
         self.assertEqual((backend.get("/apps/a.wasm", "c", "n"), backend.get("/apps/b.wasm", "c", "n")), (b"3", b"1"))
 
     def test_a_call_by_hash_uses_the_hash_namespace_and_a_map_shares_one(self):
-        probe = guest_binary(KV_PROBE)
+        probe = guest_binary(PROBE)
         digest = self.store.add("/team/x.wasm", probe)
         self.store.add("/team/y.wasm", with_custom_section(probe, "y"))
         self.assertEqual(self.call(digest, "incr", "c", "n", 5), {"ok": 5})
@@ -8768,8 +8680,7 @@ class RunnerTest(StoreTestCase):
         self.assertEqual(done.stdout, b"hello x y z env file\nabc\nGREETING unset\nno file\n")
         self.assertEqual(done.stderr, b"wasi-hello: this line goes to stderr\n")
         self.assertEqual(self.runner.run_captured("/wasi/hello.wasm", ["fail"]).status, 3)
-        folder = tempfile.mkdtemp(prefix="run-dir-")
-        self.addCleanup(shutil.rmtree, folder, True)
+        folder = temp_dir(self, "run-dir-")
         with open(os.path.join(folder, "data.txt"), "w") as f:
             f.write("granted\n")
         granted = wasmstore.Runner(self.store, kv="memory:", env={"GREETING": "hi"}, dirs=[(folder, ".")])
@@ -8921,8 +8832,7 @@ class SandboxLimitsTest(unittest.TestCase):
             host.call(guest, "fetch", [])
 
     def test_concurrent_first_loads_of_a_module_compile_it_once(self):
-        cache = tempfile.mkdtemp(prefix="kvhost-cache-")
-        self.addCleanup(shutil.rmtree, cache, True)
+        cache = temp_dir(self, "kvhost-cache-")
         host = self.host(cache_dir=cache)
         # ~4,000 functions: a compile long enough for eight threads to overlap
         text = "(module " + " ".join(f'(func (export "f{i}") (result i32) (i32.const {i}))' for i in range(4000)) + ")"
@@ -9002,7 +8912,7 @@ class RunCliTest(StoreTestCase):
         self.assertEqual(outputs, ["12\n", "7\n", "7\n"])
 
     def test_state_lives_with_the_store_and_is_per_path(self):
-        probe = guest_binary(KV_PROBE)
+        probe = guest_binary(PROBE)
         self.store.add("/apps/a.wasm", probe)
         self.store.add("/apps/b.wasm", probe)
         results = [self.wasmstore("call", path, "incr", '"c"', '"n"', "1").stdout
@@ -9028,8 +8938,7 @@ class RunCliTest(StoreTestCase):
         self.assertEqual((done.returncode, done.stdout), (0, '"hello from http-import"\n'))
 
     def test_wasmstore_alone_says_running_needs_kvhost(self):
-        folder = tempfile.mkdtemp(prefix="vendored-")
-        self.addCleanup(shutil.rmtree, folder, True)
+        folder = temp_dir(self, "vendored-")
         shutil.copy(WASMSTORE_PY, folder)
         done = subprocess.run([sys.executable, os.path.join(folder, "wasmstore.py"), "--root", self.root,
                                "call", "/num/numbers.wasm", "add", "1", "2"],
@@ -9233,8 +9142,7 @@ class PyCounterServerTest(unittest.TestCase):
         require_file(PY_COUNTER, "build it with `pip install componentize-py==0.25.1 && bash guests/build.sh`")
         with open(PY_COUNTER, "rb") as f:
             cls.counter = f.read()
-        cls.cache = tempfile.mkdtemp(prefix="pycounter-cache-")
-        cls.addClassCleanup(shutil.rmtree, cls.cache, True)
+        cls.cache = temp_dir(cls, "pycounter-cache-")
         cls.counter_v2 = with_custom_section(cls.counter, "v2")
         with kvhost.Host(cache_dir=cls.cache) as host:      # compile both once (10 s each), outside requests
             host.load(cls.counter)
