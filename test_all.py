@@ -146,7 +146,7 @@ class PrerequisiteMissing(Exception):
 @contextlib.contextmanager
 def install_lock(name):
     """Serialize installs, so that two test processes never build the same environment at once."""
-    key = hashlib.sha256(HERE.encode()).hexdigest()[:12]  # one lock per checkout, kept out of the work tree
+    key = sha256(HERE.encode())[:12]  # one lock per checkout, kept out of the work tree
     with open(os.path.join(tempfile.gettempdir(), f"wasmstore-{name}-{key}.lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         yield
@@ -252,7 +252,13 @@ def wait_until(predicate, timeout=10.0, message="condition"):
 
 
 # ---- Wasm builders, hashes and encodings ----------------------------------------------------------
-def _leb(value):
+def sha256(data):
+    """The hex SHA-256 of data: a module's hash in the store, an OCI digest without its prefix."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def leb128(value):
+    """The unsigned LEB128 encoding of value (wasm's integer encoding)."""
     out = bytearray()
     while True:
         byte = value & 0x7F
@@ -263,29 +269,24 @@ def _leb(value):
 
 
 def section(section_id, payload):
-    return bytes([section_id]) + _leb(len(payload)) + payload
+    """One section of a module or component: its id, its size, its payload."""
+    return bytes([section_id]) + leb128(len(payload)) + payload
 
 
-def sha256(data):
-    return hashlib.sha256(data).hexdigest()
+def custom_section(name, content=b""):
+    """A custom section called name (str, int or bytes): new bytes, no behaviour."""
+    name = name if isinstance(name, bytes) else str(name).encode()
+    return section(0, leb128(len(name)) + name + content)
 
 
-def sha(data):
-    return hashlib.sha256(data).hexdigest()
-
-
-def make_module(tag):
-    """A small valid core module whose bytes (and so hash) depend on tag."""
-    name = str(tag).encode()[:100]
-    payload = bytes([len(name)]) + name
-    return b"\0asm\x01\0\0\0" + b"\x00" + bytes([len(payload)]) + payload
+MODULE_HEADER = b"\0asm\x01\0\0\0"
+COMPONENT_HEADER = b"\0asm\x0d\x00\x01\x00"
 
 
 def wasm_module(tag, padding=0):
-    """A valid core module: the header plus a custom section named `tag` (distinct bytes)."""
-    name = tag.encode() if isinstance(tag, str) else tag
-    payload = _leb(len(name)) + name + b"\x00" * padding
-    return b"\0asm\x01\0\0\0" + b"\x00" + _leb(len(payload)) + payload
+    """A valid core module holding nothing but a custom section named tag, then `padding` zero
+    bytes: distinct bytes (and so a distinct hash) for each tag."""
+    return MODULE_HEADER + custom_section(tag, bytes(padding))
 
 
 def wasm_module_of_size(size, tag="sized"):
@@ -299,19 +300,24 @@ def wasm_module_of_size(size, tag="sized"):
     return module
 
 
-def answer_module(value):
-    """A module exporting `answer: () -> i32` returning `value` (0..63, a one-byte signed LEB128)."""
-    types = section(1, b"\x01\x60\x00\x01\x7f")
-    functions = section(3, b"\x01\x00")
-    exports = section(7, b"\x01" + _leb(6) + b"answer" + b"\x00\x00")
-    body = b"\x00\x41" + bytes([value]) + b"\x0b"
-    code = section(10, b"\x01" + _leb(len(body)) + body)
-    return b"\0asm\x01\0\0\0" + types + functions + exports + code
+def with_custom_section(data, tag):
+    """The same module or component with one more custom section: new bytes, same behaviour."""
+    return data + custom_section("wasmstore-version", tag.encode())
 
 
 def component_of(core):
     """A component holding one core module (what `(component (core module ...))` encodes)."""
-    return b"\0asm\x0d\x00\x01\x00" + b"\x01" + _leb(len(core)) + core
+    return COMPONENT_HEADER + section(1, core)
+
+
+def wat_binary(text):
+    """The binary of a module or component in the WebAssembly text format."""
+    return bytes(wasmtime.wat2wasm(text))
+
+
+def read_text(path):
+    with open(path) as f:
+        return f.read()
 
 
 _guest_binaries = {}
@@ -321,21 +327,13 @@ def guest_binary(name):
     """The binary of a committed WAT guest (guests/run/NAME.wat, or a path), as a store holds it."""
     if name not in _guest_binaries:
         path = name if os.path.sep in name else os.path.join(RUN_GUESTS, name + ".wat")
-        with open(path, encoding="utf-8") as f:
-            _guest_binaries[name] = bytes(wasmtime.wat2wasm(f.read()))
+        _guest_binaries[name] = wat_binary(read_text(path))
     return _guest_binaries[name]
 
 
-def with_custom_section(data, tag):
-    """The same module or component with one more custom section: new bytes, same behaviour."""
-    name = b"wasmstore-version"
-    payload = _leb(len(name)) + name + tag.encode()
-    return data + b"\x00" + _leb(len(payload)) + payload
-
-
-def read_text(path):
-    with open(path) as f:
-        return f.read()
+def answer_module(value):
+    """A module exporting `answer: () -> i32` that returns value."""
+    return wat_binary(f'(module (func (export "answer") (result i32) (i32.const {value})))')
 
 
 def b64_text(data):
@@ -679,7 +677,7 @@ def run_cli(root, *args, env=None, stdin=None, timeout=OCI_CALL_TIMEOUT):
 
 class LibraryTest(StoreTestCase):
     def test_add_find_hash_and_layout(self):
-        data = make_module("one")
+        data = wasm_module("one")
         digest = self.store.add("/dir/one.wasm", data)
         self.assertEqual(digest, sha256(data))
         self.assertEqual(self.store.find("dir/one.wasm"), data)
@@ -703,7 +701,7 @@ class LibraryTest(StoreTestCase):
         self.assertRaises(wasmstore.NotFound, self.store.find, "dir")
 
     def test_one_commit_per_change_and_none_for_no_change(self):
-        data = make_module("x")
+        data = wasm_module("x")
         self.store.add("x.wasm", data)
         head = self.store.snapshot()
         self.store.add("x.wasm", data)          # same content: nothing changes
@@ -715,7 +713,7 @@ class LibraryTest(StoreTestCase):
                          "Import /y.wasm")
 
     def test_commit_info_shape(self):
-        self.store.add("a.wasm", make_module(1), author="alice")
+        self.store.add("a.wasm", wasm_module(1), author="alice")
         first = self.store.snapshot()
         info = self.store.commit_info(first)
         self.assertEqual(list(info), ["hash", "author", "date", "message"])
@@ -727,7 +725,7 @@ class LibraryTest(StoreTestCase):
         self.assertEqual((info["parents"], info["message"]), ([first], "Remove /a.wasm"))
 
     def test_versions_dedupe_and_deletions_not_listed(self):
-        v1, v2 = make_module("v1"), make_module("v2")
+        v1, v2 = wasm_module("v1"), wasm_module("v2")
         self.store.add("m.wasm", v1)
         c1 = self.store.snapshot()
         self.store.add("m.wasm", v2)
@@ -741,14 +739,14 @@ class LibraryTest(StoreTestCase):
 
     def test_versions_are_the_same_without_or_with_a_damaged_history_cache(self):
         for index in range(6):
-            self.store.add("m.wasm", make_module(index % 4))
-            self.store.add(f"other/{index}.wasm", make_module(f"o{index}"))
+            self.store.add("m.wasm", wasm_module(index % 4))
+            self.store.add(f"other/{index}.wasm", wasm_module(f"o{index}"))
         self.store.create_branch("dev")
-        self.store.add("m.wasm", make_module("dev"), branch="dev")
+        self.store.add("m.wasm", wasm_module("dev"), branch="dev")
         self.store.merge("dev")
         expected = self.store.versions("m.wasm")
         self.assertEqual([digest for digest, _ in expected],
-                         [sha256(make_module(i)) for i in range(4)] + [sha256(make_module("dev"))])
+                         [sha256(wasm_module(i)) for i in range(4)] + [sha256(wasm_module("dev"))])
         cache = os.path.join(self.root, "cache", "history")
         with open(cache, "rb") as handle:
             lines = handle.read().splitlines(keepends=True)
@@ -758,7 +756,7 @@ class LibraryTest(StoreTestCase):
         with open(cache, "wb") as handle:
             handle.writelines(damaged)
         self.assertEqual(Store(self.root).versions("m.wasm"), expected)
-        self.store.add("m.wasm", make_module("after"))    # appends after the cut line
+        self.store.add("m.wasm", wasm_module("after"))    # appends after the cut line
         self.assertEqual(Store(self.root).versions("m.wasm")[:-1], expected)
         os.unlink(cache)
         self.assertEqual(Store(self.root).versions("m.wasm")[:-1], expected)
@@ -766,20 +764,20 @@ class LibraryTest(StoreTestCase):
         with open(cache, "rb") as handle:
             self.assertEqual(len(handle.read().splitlines()), 1)
         self.assertEqual(Store(self.root).versions("m.wasm"),
-                         [(sha256(make_module("after")), self.store.snapshot())])
+                         [(sha256(wasm_module("after")), self.store.snapshot())])
 
     def test_audit_reads_the_history_cache_and_agrees_with_the_object_walk(self):
-        self.store.add("lib/a.wasm", make_module("a1"))
-        self.store.add("lib/deep/b.wasm", make_module("b1"))
-        self.store.add("top.wasm", make_module("t1"))
-        self.store.add("lib/a.wasm", make_module("a2"))
+        self.store.add("lib/a.wasm", wasm_module("a1"))
+        self.store.add("lib/deep/b.wasm", wasm_module("b1"))
+        self.store.add("top.wasm", wasm_module("t1"))
+        self.store.add("lib/a.wasm", wasm_module("a2"))
         self.store.remove("lib/deep/b.wasm")
         self.store.remove("lib/a.wasm")                            # lib/ is gone...
-        self.store.add("lib", make_module("lib as a module"))     # ...and comes back as a module
+        self.store.add("lib", wasm_module("lib as a module"))     # ...and comes back as a module
         self.store.remove("lib")
-        self.store.add("lib/c.wasm", make_module("c1"))
+        self.store.add("lib/c.wasm", wasm_module("c1"))
         self.store.create_branch("dev")
-        self.store.add("top.wasm", make_module("t2"), branch="dev")
+        self.store.add("top.wasm", wasm_module("t2"), branch="dev")
         self.store.merge("dev")
         head = self.store.snapshot()
 
@@ -796,9 +794,9 @@ class LibraryTest(StoreTestCase):
             self.assertEqual(Store(self.root).audit(path), expected[path], path)
 
     def test_rollback_path_and_whole_branch(self):
-        v1, v2 = make_module("v1"), make_module("v2")
+        v1, v2 = wasm_module("v1"), wasm_module("v2")
         self.store.add("m.wasm", v1)
-        self.store.add("other.wasm", make_module("o"))
+        self.store.add("other.wasm", wasm_module("o"))
         self.store.add("m.wasm", v2)
         self.store.rollback("m.wasm")
         self.assertEqual(self.store.find("m.wasm"), v1)
@@ -806,7 +804,7 @@ class LibraryTest(StoreTestCase):
         self.assertEqual(self.store.commit_info(self.store.snapshot())["message"],
                          "Rollback /m.wasm")
         before = self.store.list()
-        self.store.add("n.wasm", make_module("n"))
+        self.store.add("n.wasm", wasm_module("n"))
         self.store.rollback()
         self.assertEqual(self.store.list(), before)
         self.assertEqual(self.store.commit_count(), 6)      # history is kept
@@ -814,7 +812,7 @@ class LibraryTest(StoreTestCase):
             self.store.rollback("never.wasm")
 
     def test_restore_one_path_keeps_the_rest(self):
-        v1, v2 = make_module("v1"), make_module("v2")
+        v1, v2 = wasm_module("v1"), wasm_module("v2")
         self.store.add("a.wasm", v1)
         old = self.store.snapshot()
         self.store.add("a.wasm", v2)
@@ -826,19 +824,19 @@ class LibraryTest(StoreTestCase):
         self.assertFalse(self.store.contains("b.wasm"))
 
     def test_branches_are_isolated_and_merge_fast_forwards(self):
-        self.store.add("a.wasm", make_module("a"))
+        self.store.add("a.wasm", wasm_module("a"))
         self.store.create_branch("dev")
-        self.store.add("b.wasm", make_module("b"), branch="dev")
+        self.store.add("b.wasm", wasm_module("b"), branch="dev")
         self.assertFalse(self.store.contains("b.wasm"))
         self.store.merge("dev")
         self.assertEqual(self.store.snapshot(), self.store.snapshot(branch="dev"))
         self.assertEqual(self.store.branches(), ["dev", "main"])
 
     def test_three_way_merge_and_merge_commit_parents(self):
-        self.store.add("shared/a.wasm", make_module("a"))
+        self.store.add("shared/a.wasm", wasm_module("a"))
         self.store.create_branch("dev")
-        self.store.add("shared/b.wasm", make_module("b"), branch="dev")
-        self.store.add("shared/c.wasm", make_module("c"))
+        self.store.add("shared/b.wasm", wasm_module("b"), branch="dev")
+        self.store.add("shared/c.wasm", wasm_module("c"))
         ours, theirs = self.store.snapshot(), self.store.snapshot(branch="dev")
         self.store.merge("dev", author="merger")
         info = self.store.commit_info(self.store.snapshot())
@@ -850,7 +848,7 @@ class LibraryTest(StoreTestCase):
     def test_default_branch_switch_is_persisted(self):
         self.store.create_branch("dev")
         self.store.set_default_branch("dev")
-        self.store.add("a.wasm", make_module("a"))
+        self.store.add("a.wasm", wasm_module("a"))
         self.assertEqual(Store(self.root).default_branch, "dev")
         self.assertFalse(self.store.contains("a.wasm", branch="main"))
 
@@ -859,7 +857,7 @@ class LibraryTest(StoreTestCase):
         os.makedirs(os.path.join(source, "sub"))
         for index, name in enumerate(["a.wasm", "sub/b.wasm", "sub/c.wasm", "notes.txt"]):
             with open(os.path.join(source, name), "wb") as handle:
-                handle.write(make_module(index))
+                handle.write(wasm_module(index))
         stored = self.store.import_tree(source, "lib")
         self.assertEqual(sorted(stored), ["/lib/a.wasm", "/lib/sub/b.wasm", "/lib/sub/c.wasm"])
         self.assertEqual(self.store.list(), stored)
@@ -867,7 +865,7 @@ class LibraryTest(StoreTestCase):
 
     def test_gc_squashes_and_deletes_unreachable(self):
         for index in range(3):
-            self.store.add("m.wasm", make_module(index))
+            self.store.add("m.wasm", wasm_module(index))
         tree = self.store.hash("/")
         deleted = self.store.gc()
         # 2 old module versions + 2 old root trees + 3 old commits (the new root commit
@@ -881,8 +879,8 @@ class LibraryTest(StoreTestCase):
         self.assertClean()
 
     def test_changes_and_watch_see_other_processes(self):
-        self.store.add("a.wasm", make_module("a"))
-        self.store.add("b.wasm", make_module("b"))
+        self.store.add("a.wasm", wasm_module("a"))
+        self.store.add("b.wasm", wasm_module("b"))
         events = []
         stop = threading.Event()
 
@@ -894,10 +892,10 @@ class LibraryTest(StoreTestCase):
         watcher.start()
         self.addCleanup(stop.set)
         time.sleep(0.1)
-        self.store.add("a.wasm", make_module("a2"))
+        self.store.add("a.wasm", wasm_module("a2"))
         self.store.remove("b.wasm")
-        code = (f"import sys, wasmstore; from {THIS_MODULE} import make_module; "
-                "wasmstore.Store(sys.argv[1]).add('c.wasm', make_module('c'))")
+        code = (f"import sys, wasmstore; from {THIS_MODULE} import wasm_module; "
+                "wasmstore.Store(sys.argv[1]).add('c.wasm', wasm_module('c'))")
         subprocess.run([sys.executable, "-c", code, self.root], check=True, cwd=HERE)
         deadline = time.time() + 5
         while len(events) < 3 and time.time() < deadline:
@@ -905,22 +903,22 @@ class LibraryTest(StoreTestCase):
         stop.set()
         watcher.join(5)
         self.assertEqual([changes for _, changes in events], [
-            {"/a.wasm": {"action": "updated", "hash": {"old": sha256(make_module("a")),
-                                                       "new": sha256(make_module("a2"))}}},
-            {"/b.wasm": {"action": "removed", "hash": sha256(make_module("b"))}},
-            {"/c.wasm": {"action": "added", "hash": sha256(make_module("c"))}},
+            {"/a.wasm": {"action": "updated", "hash": {"old": sha256(wasm_module("a")),
+                                                       "new": sha256(wasm_module("a2"))}}},
+            {"/b.wasm": {"action": "removed", "hash": sha256(wasm_module("b"))}},
+            {"/c.wasm": {"action": "added", "hash": sha256(wasm_module("c"))}},
         ])
 
     def test_audit_and_log(self):
-        self.store.add("a.wasm", make_module(1), author="ann")
-        self.store.add("b.wasm", make_module(2), author="bob")
-        self.store.add("a.wasm", make_module(3), author="cid")
+        self.store.add("a.wasm", wasm_module(1), author="ann")
+        self.store.add("b.wasm", wasm_module(2), author="bob")
+        self.store.add("a.wasm", wasm_module(3), author="cid")
         self.assertEqual([i["author"] for i in self.store.audit("a.wasm")], ["cid", "ann"])
         self.assertEqual([i["message"] for i in self.store.log(2)],
                          ["Import /a.wasm", "Import /b.wasm"])
 
     def test_export_refuses_symlinks_out_of_the_target(self):
-        self.store.add("evil/a.wasm", make_module("a"))
+        self.store.add("evil/a.wasm", wasm_module("a"))
         target = os.path.join(self.tmp, "export")
         outside = os.path.join(self.tmp, "outside")
         os.makedirs(target)
@@ -931,8 +929,7 @@ class LibraryTest(StoreTestCase):
         self.assertEqual(os.listdir(outside), [])
 
     def test_large_module_streams_through_add_file(self):
-        big = b"\0asm\x01\0\0\0" + b"\x00" + _leb(3 * 1024 * 1024 + 2) + b"\x01x" + \
-            bytes(3 * 1024 * 1024)
+        big = wasm_module("x", padding=3 * 1024 * 1024)
         source = os.path.join(self.tmp, "big.wasm")
         with open(source, "wb") as handle:
             handle.write(big)
@@ -945,7 +942,7 @@ class LibraryTest(StoreTestCase):
         self.assertClean()
 
     def test_component_is_validated(self):
-        component = b"\0asm\x0d\x00\x01\x00"
+        component = COMPONENT_HEADER                              # an empty component
         self.store.add("c.wasm", component)
         with self.assertRaises(wasmstore.InvalidModule) as caught:
             self.store.add("d.wasm", component + b"\x01\x05\0asm")   # truncated core module
@@ -957,7 +954,7 @@ class BadInputTest(StoreTestCase):
 
     def setUp(self):
         super().setUp()
-        self.store.add("keep/a.wasm", make_module("a"))
+        self.store.add("keep/a.wasm", wasm_module("a"))
         self.before = (self.store.snapshot(), store_files(self.root))
 
     def assertUnchanged(self):
@@ -978,7 +975,7 @@ class BadInputTest(StoreTestCase):
         self.assertRefused(wasmstore.InvalidModule, self.store.add, "x.wasm", b"not wasm",
                            contains="magic header")
         self.assertRefused(wasmstore.InvalidModule, self.store.add, "x.wasm",
-                           make_module("t")[:-2], contains="unexpected end-of-file")
+                           wasm_module("t")[:-2], contains="unexpected end-of-file")
         self.assertRefused(wasmstore.InvalidModule, self.store.add, "x.wasm", b"",
                            contains="empty")
         source = os.path.join(self.tmp, "bad.wasm")
@@ -988,7 +985,7 @@ class BadInputTest(StoreTestCase):
                            contains="unexpected end-of-file")
 
     def test_bad_paths(self):
-        data = make_module("p")
+        data = wasm_module("p")
         for path, problem in [("../x.wasm", "'..'"), ("a/../../x.wasm", "'..'"),
                               ("./x.wasm", "'.'"), ("a//b.wasm", "empty segment"),
                               ("a/", "empty segment"), ("a\0b", "NUL"), ("a\nb", "control"),
@@ -1012,7 +1009,7 @@ class BadInputTest(StoreTestCase):
         self.assertRefused(wasmstore.NotFound, self.store.commit_info, unknown)
         module_hash = self.store.hash("keep/a.wasm")
         self.assertRefused(wasmstore.NotFound, self.store.restore, module_hash)  # not a commit
-        self.assertRefused(wasmstore.NotFound, self.store.add, "x.wasm", make_module("b"),
+        self.assertRefused(wasmstore.NotFound, self.store.add, "x.wasm", wasm_module("b"),
                            branch="nope", contains="no such branch 'nope'")
         self.assertRefused(wasmstore.NotFound, self.store.find, "keep/a.wasm", branch="nope")
         self.assertRefused(wasmstore.NotFound, self.store.merge, "nope")
@@ -1041,9 +1038,9 @@ class BadInputTest(StoreTestCase):
     def test_merge_conflict_names_every_path(self):
         self.store.create_branch("dev")
         for branch, tag in (("main", "m"), ("dev", "d")):
-            self.store.add("keep/a.wasm", make_module("a" + tag), branch=branch)
-            self.store.add("b.wasm", make_module("b" + tag), branch=branch)
-            self.store.add(f"only-{branch}.wasm", make_module(tag), branch=branch)
+            self.store.add("keep/a.wasm", wasm_module("a" + tag), branch=branch)
+            self.store.add("b.wasm", wasm_module("b" + tag), branch=branch)
+            self.store.add(f"only-{branch}.wasm", wasm_module(tag), branch=branch)
         self.before = (self.store.snapshot(), store_files(self.root))
         message = self.assertRefused(wasmstore.MergeConflict, self.store.merge, "dev")
         self.assertIn("/keep/a.wasm", message)
@@ -1056,8 +1053,8 @@ class BadInputTest(StoreTestCase):
 
     def test_module_in_the_way_of_a_directory(self):
         self.assertRefused(wasmstore.InvalidInput, self.store.add, "keep/a.wasm/x.wasm",
-                           make_module("x"), contains="is a module")
-        self.assertRefused(wasmstore.InvalidInput, self.store.add, "keep", make_module("x"),
+                           wasm_module("x"), contains="is a module")
+        self.assertRefused(wasmstore.InvalidInput, self.store.add, "keep", wasm_module("x"),
                            contains="is a directory")
 
     def test_bad_backups_are_refused_and_leave_nothing(self):
@@ -1136,7 +1133,7 @@ class GenerationTest(StoreTestCase):
             current = self.store.generation()
             self.assertNotIn(current, seen, action)
             seen.append(current)
-        self.store.add("/a.wasm", make_module("a"))
+        self.store.add("/a.wasm", wasm_module("a"))
         assert_moved("add")
         self.store.create_branch("dev")
         assert_moved("create branch")
@@ -1146,19 +1143,19 @@ class GenerationTest(StoreTestCase):
         assert_moved("switch back")
         self.store.delete_branch("dev")
         assert_moved("delete branch")
-        self.store.add("/b.wasm", make_module("b"))
+        self.store.add("/b.wasm", wasm_module("b"))
         self.store.gc()
         seen.append(self.store.generation())
         self.store.find("/a.wasm")
         self.store.versions("/a.wasm")
-        self.store.add("/a.wasm", make_module("a"))              # changes nothing: no commit
+        self.store.add("/a.wasm", wasm_module("a"))              # changes nothing: no commit
         self.assertEqual(self.store.generation(), seen[-1])
 
     def test_a_commit_of_another_process_moves_it_without_a_system_call(self):
         before = self.store.generation()
         module = os.path.join(self.tmp, "x.wasm")
         with open(module, "wb") as f:
-            f.write(make_module("x"))
+            f.write(wasm_module("x"))
         done = subprocess.run([sys.executable, WASMSTORE_PY, "--root", self.root, "add", module, "/x.wasm"],
                               capture_output=True, text=True, timeout=60)
         self.assertEqual(done.returncode, 0, done.stderr)
@@ -1182,7 +1179,7 @@ class AcceptanceWalkTest(StoreTestCase):
         return proc.stdout.decode(errors="replace").strip(), proc.stderr.decode().strip()
 
     def test_walk(self):
-        a, b, c = make_module("a"), make_module("b"), make_module("c")
+        a, b, c = wasm_module("a"), wasm_module("b"), wasm_module("c")
         for name, data in (("a.wasm", a), ("b.wasm", b), ("c.wasm", c)):
             with open(os.path.join(self.tmp, name), "wb") as handle:
                 handle.write(data)
@@ -1328,7 +1325,7 @@ class StoreCliTest(StoreTestCase):
     def test_environment_selects_root_branch_and_author(self):
         source = os.path.join(self.tmp, "m.wasm")
         with open(source, "wb") as handle:
-            handle.write(make_module("env"))
+            handle.write(wasm_module("env"))
         self.store.create_branch("dev")
         env = dict(os.environ, WASMSTORE_ROOT=self.root, WASMSTORE_BRANCH="dev",
                    WASMSTORE_AUTHOR="eve")
@@ -1366,7 +1363,7 @@ class StoreCliTest(StoreTestCase):
                 proc, line = self.start_cli_server(*argv, env=env)
                 self.assertIn(f"serving {self.root} on http://127.0.0.1:", line)
                 port = int(re.search(r":(\d+)\s*$", line).group(1))
-                data = make_module(" ".join(argv))
+                data = wasm_module(" ".join(argv))
                 conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
                 conn.request("POST", "/api/v1/module/served.wasm", body=data)
                 self.assertEqual(conn.getresponse().read().decode(), sha256(data))
@@ -1395,7 +1392,7 @@ class StoreCliTest(StoreTestCase):
         for index in range(3000):                      # far more than a pipe buffer holds
             os.makedirs(os.path.join(source, f"d{index % 10}"), exist_ok=True)
             with open(os.path.join(source, f"d{index % 10}", f"m{index}.wasm"), "wb") as handle:
-                handle.write(make_module(f"many {index}"))
+                handle.write(wasm_module(f"many {index}"))
         self.store.import_tree(source)
         proc = subprocess.Popen([sys.executable, WASMSTORE_PY, "--root", self.root, "list"],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=self.tmp)
@@ -1406,7 +1403,7 @@ class StoreCliTest(StoreTestCase):
         self.assertEqual((proc.wait(60), stderr), (0, b""))
 
     def test_output_formats(self):
-        data = make_module("f")
+        data = wasm_module("f")
         self.store.add("dir/f.wasm", data)
         self.assertEqual(self.run_main("list")[1], f"{sha256(data)}\t/dir/f.wasm\n")
         commit = self.store.snapshot()
@@ -1436,11 +1433,11 @@ def _file_sizes(root):
 
 WRITER = f"""
 import sys, wasmstore
-from {THIS_MODULE} import make_module
+from {THIS_MODULE} import wasm_module
 store = wasmstore.Store(sys.argv[1])
 prefix, count = sys.argv[2], int(sys.argv[3])
 for index in range(count):
-    store.add(f"{{prefix}}/{{index}}.wasm", make_module(f"{{prefix}}-{{index}}"))
+    store.add(f"{{prefix}}/{{index}}.wasm", wasm_module(f"{{prefix}}-{{index}}"))
     print(index, flush=True)
 """
 
@@ -1458,7 +1455,7 @@ class DurabilityTest(StoreTestCase):
         def add_many(thread):
             try:
                 for index in range(per_writer):
-                    self.store.add(f"t{thread}/{index}.wasm", make_module(f"t{thread}-{index}"))
+                    self.store.add(f"t{thread}/{index}.wasm", wasm_module(f"t{thread}-{index}"))
             except Exception as exc:    # reported below: a thread must not die silently
                 errors.append(exc)
 
@@ -1506,7 +1503,7 @@ class DurabilityTest(StoreTestCase):
     def test_failure_mid_write_leaves_no_debris(self):
         # A failing sync (disk full, I/O error) of the pack append (call 1) or of the ref
         # slot (call 2): the add fails, the branch is unchanged, no byte or file is left.
-        self.store.add("a.wasm", make_module("a"))
+        self.store.add("a.wasm", wasm_module("a"))
         for failing_call in (1, 2):
             with self.subTest(failing_call=failing_call):
                 before = (self.store.snapshot(), store_files(self.root), _file_sizes(self.root))
@@ -1521,15 +1518,15 @@ class DurabilityTest(StoreTestCase):
 
                 with mock.patch.object(wasmstore.os, "fdatasync", failing_fdatasync):
                     with self.assertRaises(OSError):
-                        self.store.add("dir/b.wasm", make_module("b"))
+                        self.store.add("dir/b.wasm", wasm_module("b"))
                 self.assertEqual(Store(self.root).snapshot(), before[0])
                 self.assertEqual(os.listdir(os.path.join(self.root, "tmp")), [])
                 self.assertEqual(store_files(self.root), before[1])
                 if failing_call == 1:                   # the pack is cut back to its old end
                     self.assertEqual(_file_sizes(self.root), before[2])
                 self.assertClean()
-        self.store.add("dir/b.wasm", make_module("b"))   # and the store still works
-        self.assertEqual(self.store.find("dir/b.wasm"), make_module("b"))
+        self.store.add("dir/b.wasm", wasm_module("b"))   # and the store still works
+        self.assertEqual(self.store.find("dir/b.wasm"), wasm_module("b"))
         self.assertClean()
 
     def test_gc_during_adds_loses_nothing(self):
@@ -1545,7 +1542,7 @@ class DurabilityTest(StoreTestCase):
         writer = self.start_writer("w", 40)
         try:
             for index in range(40):
-                self.store.add(f"t/{index}.wasm", make_module(f"t{index}"))
+                self.store.add(f"t/{index}.wasm", wasm_module(f"t{index}"))
             writer.communicate(timeout=120)
         finally:
             stop.set()
@@ -1560,7 +1557,7 @@ class DurabilityTest(StoreTestCase):
     def test_readers_never_fail_while_gc_rewrites_packs(self):
         # gc deletes packs holding garbage once their live objects are in a new pack:
         # readers that hold a deleted pack keep reading it, others rescan and find the new.
-        modules = {f"r/{index}.wasm": make_module(f"read {index}") for index in range(30)}
+        modules = {f"r/{index}.wasm": wasm_module(f"read {index}") for index in range(30)}
         for path, data in modules.items():
             self.store.add(path, data)
         stop = threading.Event()
@@ -1588,7 +1585,7 @@ class DurabilityTest(StoreTestCase):
         try:
             for round_number in range(15):
                 with Store(self.root) as writer:
-                    writer.add(f"junk/{round_number}.wasm", make_module(f"junk {round_number}"))
+                    writer.add(f"junk/{round_number}.wasm", wasm_module(f"junk {round_number}"))
                     writer.remove("junk")
                     self.assertGreater(writer.gc(), 0)
         finally:
@@ -1609,7 +1606,7 @@ class DurabilityTest(StoreTestCase):
             handle.write(b"X")
 
     def test_corrupt_object_is_reported_and_never_returned(self):
-        data = make_module("precious")
+        data = wasm_module("precious")
         digest = self.store.add("a.wasm", data)
         pack_dir = os.path.join(self.root, "objects", "pack")
         (pack,) = [name for name in os.listdir(pack_dir) if name.endswith(".pack")]
@@ -1632,7 +1629,7 @@ class DurabilityTest(StoreTestCase):
         self.assertIn("corrupt", proc.stdout)
 
     def test_corrupt_loose_copy_is_reported_and_never_served(self):
-        data = make_module("precious")
+        data = wasm_module("precious")
         digest = self.store.add("a.wasm", data)
         _, path = self.store.locate("a.wasm")              # the loose copy for serving
         self.corrupt_last_byte(path, data)
@@ -1689,8 +1686,8 @@ def build_legacy_store(root, files, garbage=()):
     return commit
 
 
-LEGACY_FILES = {"/lib/a.wasm": make_module("legacy a"), "/lib/deep/b.wasm": make_module("legacy b"),
-                "/top.wasm": make_module("legacy top")}
+LEGACY_FILES = {"/lib/a.wasm": wasm_module("legacy a"), "/lib/deep/b.wasm": wasm_module("legacy b"),
+                "/top.wasm": wasm_module("legacy top")}
 
 
 class PackTest(StoreTestCase):
@@ -1702,7 +1699,7 @@ class PackTest(StoreTestCase):
                       if name.endswith(suffix))
 
     def fill(self, count=40):
-        modules = {f"d{index % 3}/m{index}.wasm": make_module(f"packed {index}")
+        modules = {f"d{index % 3}/m{index}.wasm": wasm_module(f"packed {index}")
                    for index in range(count)}
         with mock.patch.object(wasmstore, "SEGMENT_BYTES", 4096):    # seal every ~4 KiB
             for path, data in modules.items():
@@ -1742,17 +1739,17 @@ class PackTest(StoreTestCase):
         with open(active, "ab") as handle:               # a killed writer's half record
             handle.write(b"WSO1m\0\0\0" + b"\x07" * 20)
         self.assertReadable(modules)
-        self.store.add("after.wasm", make_module("after the tear"))
+        self.store.add("after.wasm", wasm_module("after the tear"))
         with open(active, "rb") as handle:
             self.assertEqual(handle.read()[size:size + 4], b"WSO1")   # cut, then appended
-        modules["after.wasm"] = make_module("after the tear")
+        modules["after.wasm"] = wasm_module("after the tear")
         self.assertReadable(modules)
 
     def test_gc_keeps_one_copy_of_a_module_written_out_as_a_file(self):
-        served, damaged = make_module("served"), make_module("served, then damaged")
+        served, damaged = wasm_module("served"), wasm_module("served, then damaged")
         self.store.add("served.wasm", served)
         self.store.add("damaged.wasm", damaged)
-        self.store.add("junk.wasm", make_module("junk"))
+        self.store.add("junk.wasm", wasm_module("junk"))
         self.store.remove("junk.wasm")                   # garbage: gc rewrites the pack
         _, served_file = self.store.locate("served.wasm")
         _, damaged_file = self.store.locate("damaged.wasm")
@@ -1807,18 +1804,18 @@ class RefSlotTest(StoreTestCase):
             handle.write(b"#")
 
     def test_a_torn_newest_slot_leaves_the_previous_head(self):
-        self.store.add("a.wasm", make_module("first"))
+        self.store.add("a.wasm", wasm_module("first"))
         first = self.store.snapshot()
-        self.store.add("a.wasm", make_module("second"))
+        self.store.add("a.wasm", wasm_module("second"))
         self.damage_slot(self.newest_slot())             # a write cut by a power loss
         with Store(self.root) as fresh:
             self.assertEqual(fresh.snapshot(), first)
             self.assertEqual(fresh.fsck(), [])
-            fresh.add("b.wasm", make_module("after"))    # overwrites the damaged slot
-            self.assertEqual(Store(self.root).find("b.wasm"), make_module("after"))
+            fresh.add("b.wasm", wasm_module("after"))    # overwrites the damaged slot
+            self.assertEqual(Store(self.root).find("b.wasm"), wasm_module("after"))
 
     def test_two_damaged_slots_are_a_one_line_error(self):
-        self.store.add("a.wasm", make_module("a"))
+        self.store.add("a.wasm", wasm_module("a"))
         self.damage_slot(0)
         self.damage_slot(1)
         with Store(self.root) as fresh:
@@ -1830,7 +1827,7 @@ class RefSlotTest(StoreTestCase):
 
     def test_refs_change_only_by_compare_and_swap(self):
         refs = self.store._refs
-        self.store.add("a.wasm", make_module("a"))
+        self.store.add("a.wasm", wasm_module("a"))
         head = self.store.snapshot()
         with refs.lock():
             with self.assertRaises(wasmstore.Conflict):
@@ -1849,7 +1846,7 @@ class RefSlotTest(StoreTestCase):
         self.store.delete_branch("x")
         with self.assertRaises(wasmstore.NotFound):
             reader.head(branch="x")
-        self.store.add("m.wasm", make_module("main"))
+        self.store.add("m.wasm", wasm_module("main"))
         self.store.create_branch("x")                       # a new file, same name
         self.assertEqual(reader.head(branch="x"), self.store.snapshot())
 
@@ -1861,7 +1858,7 @@ class LegacyLayoutTest(unittest.TestCase):
     def setUp(self):
         self.tmp = temp_dir(self, "wasmstore-legacy-")
         self.root = os.path.join(self.tmp, "store")
-        self.garbage = make_module("unreachable")
+        self.garbage = wasm_module("unreachable")
         self.commit = build_legacy_store(self.root, LEGACY_FILES, [self.garbage])
 
     def open(self):
@@ -1893,7 +1890,7 @@ class LegacyLayoutTest(unittest.TestCase):
 
     def test_adds_are_packed_and_gc_deletes_only_unreachable_loose_objects(self):
         store = self.open()
-        new = make_module("new")
+        new = wasm_module("new")
         store.add("lib/new.wasm", new)
         store.add("dev.wasm", new, branch="dev")
         self.assertEqual(store.find("lib/new.wasm"), new)
@@ -1970,7 +1967,7 @@ class KillAtEveryMutationTest(unittest.TestCase):
         self.tmp = temp_dir(self, "wasmstore-kill-")
         self.module = os.path.join(self.tmp, "new.wasm")
         with open(self.module, "wb") as handle:
-            handle.write(make_module("added under fire"))
+            handle.write(wasm_module("added under fire"))
 
     def run_counted(self, root, limit, *argv):
         return subprocess.run([sys.executable, "-c", KILLER, str(limit), "--root", root, *argv],
@@ -2010,29 +2007,29 @@ class KillAtEveryMutationTest(unittest.TestCase):
         base = os.path.join(self.tmp, "base")
         with Store(base) as store:
             for index in range(3):
-                store.add(f"d{index}/m.wasm", make_module(f"kept {index}"))
-            store.add("gone/x.wasm", make_module("garbage"))
+                store.add(f"d{index}/m.wasm", wasm_module(f"kept {index}"))
+            store.add("gone/x.wasm", wasm_module("garbage"))
             store.remove("gone")
             return base, store.list()
 
     def test_add_into_a_packed_store(self):
         base, expected = self.packed_store()
         self.check_every_kill(base, ["add", self.module, "/d1/new.wasm"], expected,
-                              ("/d1/new.wasm", sha256(make_module("added under fire"))))
+                              ("/d1/new.wasm", sha256(wasm_module("added under fire"))))
 
     def test_add_into_a_store_of_the_previous_layout(self):
         base = os.path.join(self.tmp, "base")
         build_legacy_store(base, LEGACY_FILES)
         expected = {path: sha256(data) for path, data in LEGACY_FILES.items()}
         self.check_every_kill(base, ["add", self.module, "/lib/deep/new.wasm"], expected,
-                              ("/lib/deep/new.wasm", sha256(make_module("added under fire"))))
+                              ("/lib/deep/new.wasm", sha256(wasm_module("added under fire"))))
 
     def test_gc_of_packs_and_loose_objects(self):
         base = os.path.join(self.tmp, "base")
-        build_legacy_store(base, LEGACY_FILES, [make_module("loose garbage")])
+        build_legacy_store(base, LEGACY_FILES, [wasm_module("loose garbage")])
         with Store(base) as store:
-            store.add("lib/a.wasm", make_module("a, second version"))
-            store.add("junk/x.wasm", make_module("packed garbage"))
+            store.add("lib/a.wasm", wasm_module("a, second version"))
+            store.add("junk/x.wasm", wasm_module("packed garbage"))
             store.remove("junk")
             expected = store.list()
         self.check_every_kill(base, ["gc"], expected)
@@ -2058,7 +2055,7 @@ class HostileBackupTest(StoreTestCase):
     def setUp(self):
         super().setUp()
         for index in range(20):
-            self.store.add(f"d{index % 4}/m{index}.wasm", make_module(f"backed up {index}"))
+            self.store.add(f"d{index % 4}/m{index}.wasm", wasm_module(f"backed up {index}"))
         self.archive = os.path.join(self.tmp, "good.tar.gz")
         self.store.backup(self.archive)
         with open(self.archive, "rb") as handle:
@@ -2164,7 +2161,7 @@ class HostileBackupTest(StoreTestCase):
         with open(debris, "wb") as handle:
             handle.write(b"\0" * 100_000)
         with Store(self.root) as store:
-            store.add("after.wasm", make_module("after the crash"))
+            store.add("after.wasm", wasm_module("after the crash"))
         self.assertFalse(os.path.exists(debris))
 
 
@@ -2389,16 +2386,16 @@ class PureFunctionTests(unittest.TestCase):
         module = wasm_module("pure")
         call = http_server.Call(path="dir/a.wasm", max_body=1000)
         reply = http_server.add_module(store, call, io.BytesIO(module))
-        self.assertEqual((reply.status, reply.body), (200, sha(module).encode()))
+        self.assertEqual((reply.status, reply.body), (200, sha256(module).encode()))
         reply = http_server.get_module(store, call, b"")
         try:
             self.assertEqual(reply.status, 200)
             self.assertEqual(reply.body.read(), module)
-            self.assertIn(("ETag", f'"{sha(module)}"'), reply.headers)
+            self.assertIn(("ETag", f'"{sha256(module)}"'), reply.headers)
         finally:
             reply.close()
         reply = http_server.list_modules(store, http_server.Call(path="dir"), b"")
-        self.assertEqual(json.loads(reply.body), {"/dir/a.wasm": sha(module)})
+        self.assertEqual(json.loads(reply.body), {"/dir/a.wasm": sha256(module)})
         with self.assertRaises(wasmstore.TooLarge):
             http_server.add_module(store, http_server.Call(path="b.wasm", max_body=10), io.BytesIO(module))
 
@@ -2466,7 +2463,7 @@ class RouteTests(unittest.TestCase):
         return body.decode()
 
     def test_add_returns_the_sha256_as_plain_text(self):
-        self.assertEqual(self.add("dir/a.wasm", self.a), sha(self.a))
+        self.assertEqual(self.add("dir/a.wasm", self.a), sha256(self.a))
 
     def test_add_invalid_module_400_with_validator_message(self):
         status, _, body = self.live.request("POST", "/api/v1/module/bad.wasm", self.a[:6])
@@ -2516,7 +2513,7 @@ class RouteTests(unittest.TestCase):
         self.assertEqual(self.live.request("GET", "/api/v1/module/a.wasm")[2], self.a)
         wasmstore.Store(self.live.root).add("a.wasm", self.b)   # as another process would
         status, headers, body = self.live.request("GET", "/api/v1/module/a.wasm")
-        self.assertEqual((status, body, headers["wasmstore-hash"]), (200, self.b, sha(self.b)))
+        self.assertEqual((status, body, headers["wasmstore-hash"]), (200, self.b, sha256(self.b)))
         wasmstore.Store(self.live.root).remove("a.wasm")
         self.assertEqual(self.live.request("GET", "/api/v1/module/a.wasm")[0], 404)
 
@@ -2720,7 +2717,7 @@ class RouteTests(unittest.TestCase):
         conn.request("POST", "/api/v1/module/chunked.wasm", body=iter([self.a[:5], self.a[5:]]),
                      encode_chunked=True, headers={"Transfer-Encoding": "chunked"})
         response = conn.getresponse()
-        self.assertEqual((response.status, response.read()), (200, sha(self.a).encode()))
+        self.assertEqual((response.status, response.read()), (200, sha256(self.a).encode()))
         raw = self.live.raw(b"POST /api/v1/module/e.wasm HTTP/1.1\r\nHost: 127.0.0.1\r\nExpect: 100-continue\r\n"
                             b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(self.b) + self.b)
         self.assertEqual(statuses(raw), [100, 200])
@@ -2740,7 +2737,7 @@ class RouteTests(unittest.TestCase):
         big = wasm_module("big", padding=3 * 1024 * 1024)
         digest = self.add("big.wasm", big)
         status, headers, body = self.live.request("GET", "/api/v1/module/big.wasm")
-        self.assertEqual((status, sha(body)), (200, digest))
+        self.assertEqual((status, sha256(body)), (200, digest))
 
 
 class BodyLimitTests(unittest.TestCase):
@@ -2904,7 +2901,7 @@ class ShutdownTests(unittest.TestCase):
         sock.sendall(module[100:])
         answer = read_until_close(sock, 10)
         self.assertEqual(statuses(answer), [200])
-        self.assertTrue(answer.endswith(sha(module).encode()))
+        self.assertTrue(answer.endswith(sha256(module).encode()))
         self.assertIn(b"Connection: close", answer)
         self.assertEqual(proc.wait(10), 0)
         stderr = proc.stderr.read()
@@ -3097,10 +3094,10 @@ class TlsTests(unittest.TestCase):
         big = wasm_module("tls", padding=700 * 1024)
         conn.request("POST", "/api/v1/module/t.wasm", body=big)
         response = conn.getresponse()
-        self.assertEqual((response.status, response.read()), (200, sha(big).encode()))
+        self.assertEqual((response.status, response.read()), (200, sha256(big).encode()))
         conn.request("GET", "/api/v1/module/t.wasm")          # same keep-alive TLS connection
         response = conn.getresponse()
-        self.assertEqual((response.status, sha(response.read())), (200, sha(big)))
+        self.assertEqual((response.status, sha256(response.read())), (200, sha256(big)))
 
     def test_plain_http_to_the_tls_port_does_not_hurt_the_server(self):
         self.live.raw(b"GET /api/v1/modules HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", timeout=3)
@@ -3181,10 +3178,10 @@ class WatchTests(unittest.TestCase):
         self.live.request("POST", "/api/v1/module/x.wasm", a)
         self.live.request("POST", "/api/v1/module/x.wasm", b)
         self.live.request("DELETE", "/api/v1/module/x.wasm")
-        self.assertEqual(ws.recv_data(), {"/x.wasm": {"action": "added", "hash": sha(a)}})
+        self.assertEqual(ws.recv_data(), {"/x.wasm": {"action": "added", "hash": sha256(a)}})
         self.assertEqual(ws.recv_data(), {"/x.wasm": {"action": "updated",
-                                                      "hash": {"old": sha(a), "new": sha(b)}}})
-        self.assertEqual(ws.recv_data(), {"/x.wasm": {"action": "removed", "hash": sha(b)}})
+                                                      "hash": {"old": sha256(a), "new": sha256(b)}}})
+        self.assertEqual(ws.recv_data(), {"/x.wasm": {"action": "removed", "hash": sha256(b)}})
 
     def test_quick_successive_commits_are_separate_events(self):
         ws = self.watch()
@@ -3192,7 +3189,7 @@ class WatchTests(unittest.TestCase):
         for i, module in enumerate(modules):
             self.live.store.add(f"q{i}.wasm", module)
         events = [ws.recv_data() for _ in modules]
-        self.assertEqual(events, [{f"/q{i}.wasm": {"action": "added", "hash": sha(m)}}
+        self.assertEqual(events, [{f"/q{i}.wasm": {"action": "added", "hash": sha256(m)}}
                                   for i, m in enumerate(modules)])
 
     def test_branch_header_and_query_select_the_watched_branch(self):
@@ -3221,10 +3218,10 @@ class WatchTests(unittest.TestCase):
                                 capture_output=True, text=True, timeout=60)
         committed = time.monotonic()
         self.assertEqual(result.returncode, 0, result.stderr)
-        self.assertEqual(result.stdout.strip(), sha(module))
+        self.assertEqual(result.stdout.strip(), sha256(module))
         event = ws.recv_data(timeout=1.0)
         self.assertLess(time.monotonic() - committed, 1.0)
-        self.assertEqual(event, {"/cli/x.wasm": {"action": "added", "hash": sha(module)}})
+        self.assertEqual(event, {"/cli/x.wasm": {"action": "added", "hash": sha256(module)}})
 
     def test_ping_pong_and_close_handshake(self):
         ws = self.watch()
@@ -3668,14 +3665,14 @@ class ConcurrencyTests(unittest.TestCase):
                         sequence += 1
                         module = wasm_module(f"{number}-{sequence}")
                         status, _, body = live.request("POST", "/api/v1/module/" + path, module, conn=conn)
-                        if status == 200 and body.decode() == sha(module):
-                            expected["/" + path] = sha(module)
+                        if status == 200 and body.decode() == sha256(module):
+                            expected["/" + path] = sha256(module)
                         else:
                             problems.append(("add", path, status, body[:100]))
                     elif operation == "find":
                         status, headers, body = live.request("GET", "/api/v1/module/" + path, conn=conn)
                         want = expected.get("/" + path)
-                        if (status, want and sha(body)) != ((200, want) if want else (404, None)):
+                        if (status, want and sha256(body)) != ((200, want) if want else (404, None)):
                             problems.append(("find", path, status, want))
                     elif operation == "remove":
                         status, _, body = live.request("DELETE", "/api/v1/module/" + path, conn=conn)
@@ -4333,7 +4330,7 @@ window.ready = true;
 """
 
 
-PAGE_MODULE = bytes([0, 97, 115, 109, 1, 0, 0, 0, 0, 5, 4, 112, 97, 103, 101])   # NPM_CLIENT_PAGE's MODULE
+PAGE_MODULE = wasm_module("page")   # the bytes of NPM_CLIENT_PAGE's MODULE
 
 
 def npm_client_source():
@@ -4389,7 +4386,7 @@ class BrowserTests(unittest.TestCase):
 
     def assert_added_and_listed(self, browser, tab, live, key=None):
         result = browser.evaluate(tab, f"addAndList({json.dumps(key)})")
-        digest = sha(PAGE_MODULE)
+        digest = sha256(PAGE_MODULE)
         self.assertEqual(result, {"hash": digest, "listing": {"/from-page.wasm": digest}})
         self.assertEqual(live.store.list(), {"/from-page.wasm": digest})
 
@@ -4397,7 +4394,7 @@ class BrowserTests(unittest.TestCase):
         browser, tab, live = self.npm_client_page(lambda origin: f"http://app.example,{origin}")
         self.assert_added_and_listed(browser, tab, live)
         event = browser.evaluate(tab, "watchAnAdd()")
-        self.assertEqual(event, {"/watched.wasm": {"action": "added", "hash": sha(PAGE_MODULE)}})
+        self.assertEqual(event, {"/watched.wasm": {"action": "added", "hash": sha256(PAGE_MODULE)}})
 
     def test_npm_client_in_a_page_of_an_origin_cors_lists_with_auth(self):
         browser, tab, live = self.npm_client_page(auth="page-key:*")
@@ -4416,7 +4413,7 @@ class BrowserTests(unittest.TestCase):
         status = browser.evaluate(tab, """fetch("/api/v1/module/same.wasm", {method: "POST",
             body: new Uint8Array([0, 97, 115, 109, 1, 0, 0, 0])}).then(response => response.status)""")
         self.assertEqual(status, 200)
-        self.assertEqual(live.store.list(), {"/same.wasm": sha(b"\0asm\x01\0\0\0")})
+        self.assertEqual(live.store.list(), {"/same.wasm": sha256(b"\0asm\x01\0\0\0")})
         opened = browser.evaluate(tab, """new Promise((resolve) => {
             const socket = new WebSocket("ws://" + location.host + "/api/v1/watch");
             socket.onopen = () => { socket.close(); resolve("open"); };
@@ -4437,7 +4434,7 @@ class BrowserTests(unittest.TestCase):
         wait_for_log_line(live, r'"GET /api/v1/modules" 421 ')
         tab = browser.open(f"http://rebound.test:{allowed.port}/api/v1/modules")
         self.assertEqual(json.loads(browser.evaluate(tab, "document.body.innerText")),
-                         {"/shared.wasm": sha(wasm_module("shared"))})
+                         {"/shared.wasm": sha256(wasm_module("shared"))})
 
 
 # =================================================================================================
@@ -4479,14 +4476,8 @@ def ensure_python_client():
     return venv_python()
 
 
-def clients_wasm_module(tag):
-    """A minimal valid module, made distinct by a custom section holding `tag`."""
-    name = b"wasmstore-test"
-    return b"\0asm\x01\0\0\0" + section(0, _leb(len(name)) + name + tag.encode())
-
-
 def b64(data):
-    return {"b64": base64.b64encode(data).decode("ascii")}
+    return {"b64": b64_text(data)}
 
 
 def unb64(value):
@@ -4687,7 +4678,7 @@ class PythonClientTest(unittest.TestCase):
         self.client = PythonClient(self.driver, self.url)
 
     def test_add_returns_sha256_and_find_by_path_and_hash(self):
-        module = clients_wasm_module("one")
+        module = wasm_module("one")
         digest = self.client.add("dir/one.wasm", module)
         self.assertEqual(digest, sha256(module))
         self.assertEqual(self.client.find("dir/one.wasm"), module)
@@ -4697,7 +4688,7 @@ class PythonClientTest(unittest.TestCase):
         self.assertEqual(self.store.find("dir/one.wasm"), module)
 
     def test_paths_the_client_percent_encodes(self):
-        module = clients_wasm_module("spaced")
+        module = wasm_module("spaced")
         # sent as %20 and %C3%BC; the clients do not encode "#" or "?", so those cannot appear in their paths
         digest = self.client.add("dir with space/modül.wasm", module)
         self.assertEqual(digest, sha256(module))
@@ -4705,7 +4696,7 @@ class PythonClientTest(unittest.TestCase):
         self.assertEqual(self.client.find("dir with space/modül.wasm"), module)
 
     def test_large_module_round_trip(self):
-        module = clients_wasm_module("big-" + "x" * (3 << 20))  # 3 MiB: a multi-read upload and a sendfile download
+        module = wasm_module("big", padding=3 << 20)  # 3 MiB: a multi-read upload and a sendfile download
         self.assertEqual(self.client.add("big.wasm", module), sha256(module))
         self.assertEqual(self.client.find("big.wasm"), module)
 
@@ -4715,7 +4706,7 @@ class PythonClientTest(unittest.TestCase):
         self.assertIsNone(self.client.hash("missing.wasm"))
 
     def test_hash_of_path_and_of_directory(self):
-        module = clients_wasm_module("hashed")
+        module = wasm_module("hashed")
         self.client.add("lib/h.wasm", module)
         self.assertEqual(self.client.hash("lib/h.wasm"), sha256(module))
         self.assertEqual(self.client.hash("/lib/h.wasm"), sha256(module))
@@ -4732,13 +4723,13 @@ class PythonClientTest(unittest.TestCase):
         self.assertEqual(self.store.list(), {})
 
     def test_contains(self):
-        self.client.add("c.wasm", clients_wasm_module("c"))
+        self.client.add("c.wasm", wasm_module("c"))
         self.assertIs(self.client.contains("c.wasm"), True)
-        self.assertIs(self.client.contains(sha256(clients_wasm_module("c"))), True)
+        self.assertIs(self.client.contains(sha256(wasm_module("c"))), True)
         self.assertIs(self.client.contains("other.wasm"), False)
 
     def test_remove(self):
-        kept, removed = clients_wasm_module("kept"), clients_wasm_module("removed")
+        kept, removed = wasm_module("kept"), wasm_module("removed")
         self.client.add("kept.wasm", kept)
         self.client.add("removed.wasm", removed)
         self.assertIs(self.client.remove("removed.wasm"), True)
@@ -4747,7 +4738,7 @@ class PythonClientTest(unittest.TestCase):
         self.assertIs(self.client.remove("removed.wasm"), False)  # 404 now
 
     def test_list_all_and_prefix(self):
-        modules = {"/a/x.wasm": clients_wasm_module("x"), "/a/y.wasm": clients_wasm_module("y"), "/b/z.wasm": clients_wasm_module("z")}
+        modules = {"/a/x.wasm": wasm_module("x"), "/a/y.wasm": wasm_module("y"), "/b/z.wasm": wasm_module("z")}
         for path, module in modules.items():
             self.client.add(path, module)
         everything = {path: sha256(module) for path, module in modules.items()}
@@ -4759,49 +4750,49 @@ class PythonClientTest(unittest.TestCase):
         self.assertEqual(self.client.list(["b"]), {"/b/z.wasm": sha256(modules["/b/z.wasm"])})
 
     def test_versions_and_rollback_of_one_path(self):
-        first, second = clients_wasm_module("v1"), clients_wasm_module("v2")
+        first, second = wasm_module("v1"), wasm_module("v2")
         self.client.add("p.wasm", first)
-        self.client.add("other.wasm", clients_wasm_module("other"))
+        self.client.add("other.wasm", wasm_module("other"))
         self.client.add("p.wasm", second)
         versions = self.client.versions("p.wasm")
         self.assertEqual([digest for digest, _commit in versions], [sha256(first), sha256(second)])
         self.assertEqual(versions, [list(version) for version in self.store.versions("p.wasm")])
         self.assertIs(self.client.rollback("p.wasm"), True)
         self.assertEqual(self.client.find("p.wasm"), first)
-        self.assertEqual(self.client.find("other.wasm"), clients_wasm_module("other"))  # other paths untouched
+        self.assertEqual(self.client.find("other.wasm"), wasm_module("other"))  # other paths untouched
 
     def test_rollback_of_whole_branch_and_nothing_to_roll_back(self):
         self.assertIs(self.client.rollback(), False)  # empty branch: 409
-        self.client.add("r.wasm", clients_wasm_module("r1"))
-        self.client.add("r.wasm", clients_wasm_module("r2"))
+        self.client.add("r.wasm", wasm_module("r1"))
+        self.client.add("r.wasm", wasm_module("r2"))
         self.assertIs(self.client.rollback(), True)
-        self.assertEqual(self.client.find("r.wasm"), clients_wasm_module("r1"))
+        self.assertEqual(self.client.find("r.wasm"), wasm_module("r1"))
 
     def test_snapshot_and_restore_one_path_then_everything(self):
-        self.client.add("a.wasm", clients_wasm_module("a1"))
-        self.client.add("b.wasm", clients_wasm_module("b1"))
+        self.client.add("a.wasm", wasm_module("a1"))
+        self.client.add("b.wasm", wasm_module("b1"))
         snapshot = self.client.snapshot()
         self.assertEqual(snapshot, self.store.head())
-        self.client.add("a.wasm", clients_wasm_module("a2"))
-        self.client.add("b.wasm", clients_wasm_module("b2"))
-        self.client.add("c.wasm", clients_wasm_module("c2"))
+        self.client.add("a.wasm", wasm_module("a2"))
+        self.client.add("b.wasm", wasm_module("b2"))
+        self.client.add("c.wasm", wasm_module("c2"))
 
         self.assertIs(self.client.restore(snapshot, "a.wasm"), True)
-        self.assertEqual(self.client.find("a.wasm"), clients_wasm_module("a1"))
-        self.assertEqual(self.client.find("b.wasm"), clients_wasm_module("b2"))
+        self.assertEqual(self.client.find("a.wasm"), wasm_module("a1"))
+        self.assertEqual(self.client.find("b.wasm"), wasm_module("b2"))
 
         self.assertIs(self.client.restore(snapshot), True)
-        self.assertEqual(self.client.list(), {"/a.wasm": sha256(clients_wasm_module("a1")),
-                                              "/b.wasm": sha256(clients_wasm_module("b1"))})
+        self.assertEqual(self.client.list(), {"/a.wasm": sha256(wasm_module("a1")),
+                                              "/b.wasm": sha256(wasm_module("b1"))})
 
     def test_snapshot_of_empty_branch_and_restore_of_unknown_commit(self):
         self.assertIsNone(self.client.snapshot())  # no commits yet: an error status
-        self.client.add("a.wasm", clients_wasm_module("a"))
+        self.client.add("a.wasm", wasm_module("a"))
         self.assertIs(self.client.restore("0" * 64), False)
-        self.assertEqual(self.client.find("a.wasm"), clients_wasm_module("a"))
+        self.assertEqual(self.client.find("a.wasm"), wasm_module("a"))
 
     def test_commit_info(self):
-        self.client.add("info.wasm", clients_wasm_module("info"))
+        self.client.add("info.wasm", wasm_module("info"))
         commit = self.client.snapshot()
         info = self.client.commit_info(commit)
         self.assertEqual(info, self.store.commit_info(commit))
@@ -4811,21 +4802,21 @@ class PythonClientTest(unittest.TestCase):
     def test_branches_create_merge_delete(self):
         default = self.store.default_branch
         self.assertEqual(self.client.branches(), [default])
-        self.client.add("base.wasm", clients_wasm_module("base"))
+        self.client.add("base.wasm", wasm_module("base"))
         self.assertIs(self.client.create_branch("dev"), True)
         self.assertIs(self.client.create_branch("dev"), False)  # exists: 409
         self.assertEqual(self.client.branches(), sorted([default, "dev"]))
 
         dev = PythonClient(self.driver, self.url, branch="dev")
-        self.assertEqual(dev.add("dev-only.wasm", clients_wasm_module("dev")), sha256(clients_wasm_module("dev")))
-        self.assertEqual(dev.find("dev-only.wasm"), clients_wasm_module("dev"))
+        self.assertEqual(dev.add("dev-only.wasm", wasm_module("dev")), sha256(wasm_module("dev")))
+        self.assertEqual(dev.find("dev-only.wasm"), wasm_module("dev"))
         self.assertIsNone(self.client.find("dev-only.wasm"))
-        self.assertEqual(dev.hash("dev-only.wasm"), sha256(clients_wasm_module("dev")))
+        self.assertEqual(dev.hash("dev-only.wasm"), sha256(wasm_module("dev")))
         self.assertIs(dev.contains("dev-only.wasm"), True)
         self.assertEqual(self.store.list(branch="dev"), dev.list())
 
         self.assertIs(self.client.merge("dev"), True)
-        self.assertEqual(self.client.find("dev-only.wasm"), clients_wasm_module("dev"))
+        self.assertEqual(self.client.find("dev-only.wasm"), wasm_module("dev"))
 
         self.assertIs(self.client.delete_branch("dev"), True)
         self.assertIs(self.client.delete_branch("dev"), False)  # gone: 404
@@ -4833,21 +4824,21 @@ class PythonClientTest(unittest.TestCase):
         self.assertEqual(self.client.branches(), [default])
 
     def test_merge_conflict_is_refused(self):
-        self.client.add("m.wasm", clients_wasm_module("m0"))
+        self.client.add("m.wasm", wasm_module("m0"))
         self.client.create_branch("side")
-        PythonClient(self.driver, self.url, branch="side").add("m.wasm", clients_wasm_module("side"))
-        self.client.add("m.wasm", clients_wasm_module("main"))
+        PythonClient(self.driver, self.url, branch="side").add("m.wasm", wasm_module("side"))
+        self.client.add("m.wasm", wasm_module("main"))
         self.assertIs(self.client.merge("side"), False)
-        self.assertEqual(self.client.find("m.wasm"), clients_wasm_module("main"))
+        self.assertEqual(self.client.find("m.wasm"), wasm_module("main"))
 
     def test_gc_keeps_live_modules_and_deletes_orphans(self):
-        self.client.add("live.wasm", clients_wasm_module("live"))
+        self.client.add("live.wasm", wasm_module("live"))
         self.client.create_branch("tmp")
-        orphan = clients_wasm_module("orphan")
+        orphan = wasm_module("orphan")
         PythonClient(self.driver, self.url, branch="tmp").add("orphan.wasm", orphan)
         self.client.delete_branch("tmp")
         self.assertIs(self.client.gc(), True)
-        self.assertEqual(self.client.find("live.wasm"), clients_wasm_module("live"))
+        self.assertEqual(self.client.find("live.wasm"), wasm_module("live"))
         with self.assertRaises(wasmstore.NotFound):
             self.store.read_module(sha256(orphan))
         self.assertEqual(self.store.fsck(), [])
@@ -4856,7 +4847,7 @@ class PythonClientTest(unittest.TestCase):
         answer = self.client.raw("set", "copy.wasm", "0" * 64)
         self.assertEqual(answer, {"error": "NameError: name 'normalize_pathr' is not defined"})
 
-        module = clients_wasm_module("set")
+        module = wasm_module("set")
         digest = self.client.add("src.wasm", module)
         # Exactly what the client would send without its typo: POST /hash/<hash>/<path>, Content-Length: 0.
         status, body = raw_request(self.url, "POST", f"/api/v1/hash/{digest}/copy/x.wasm", body=b"")
@@ -4869,7 +4860,7 @@ class PythonClientTest(unittest.TestCase):
         self.assertIsNone(self.client.find("copy/y.wasm"))
 
     def test_set_route_honours_branch_header(self):
-        digest = self.client.add("src.wasm", clients_wasm_module("src"))
+        digest = self.client.add("src.wasm", wasm_module("src"))
         self.client.create_branch("dev")
         status, body = raw_request(self.url, "POST", f"/api/v1/hash/{digest}/on-dev.wasm", body=b"",
                                    headers={"Wasmstore-Branch": "dev"})
@@ -4902,7 +4893,7 @@ class PythonClientAuthTest(unittest.TestCase):
         self.assertIs(wrong.raw("Client.auth", "GET")["ok"], False)
 
     def test_read_only_key_reads_but_cannot_write(self):
-        module = clients_wasm_module("guarded")
+        module = wasm_module("guarded")
         digest = self.admin.add("g.wasm", module)
         self.assertEqual(digest, sha256(module))
 
@@ -4913,10 +4904,10 @@ class PythonClientAuthTest(unittest.TestCase):
         self.assertEqual([version[0] for version in self.reader.versions("g.wasm")], [digest])
         self.assertEqual(self.reader.branches(), [self.store.default_branch])
 
-        refused = self.reader.add("new.wasm", clients_wasm_module("new"))  # the client returns the body, whatever the status
-        self.assertNotEqual(refused, sha256(clients_wasm_module("new")))
+        refused = self.reader.add("new.wasm", wasm_module("new"))  # the client returns the body, whatever the status
+        self.assertNotEqual(refused, sha256(wasm_module("new")))
         self.assertNotIn(self.READER, refused)  # the key is never echoed
-        status, _ = raw_request(self.url, "POST", "/api/v1/module/new.wasm", body=clients_wasm_module("new"),
+        status, _ = raw_request(self.url, "POST", "/api/v1/module/new.wasm", body=wasm_module("new"),
                                 headers={"Wasmstore-Auth": self.READER})  # what the client sent, status visible
         self.assertEqual(status, 403)
         self.assertIs(self.reader.remove("g.wasm"), False)
@@ -4927,7 +4918,7 @@ class PythonClientAuthTest(unittest.TestCase):
         self.assertEqual(self.store.branches(), [self.store.default_branch])
 
     def test_no_key_reads_nothing(self):
-        self.admin.add("g.wasm", clients_wasm_module("g"))
+        self.admin.add("g.wasm", wasm_module("g"))
         anonymous = PythonClient(self.driver, self.url)
         self.assertIsNone(anonymous.hash("g.wasm"))
         self.assertIs(anonymous.contains("g.wasm"), False)
@@ -4941,7 +4932,7 @@ class PythonClientTlsTest(unittest.TestCase):
         store, url = start_server(self, tls=(keyfile, certfile))
         driver = python_driver(self, {"REQUESTS_CA_BUNDLE": certfile})  # trust exactly this certificate
         client = PythonClient(driver, url)
-        module = clients_wasm_module("tls")
+        module = wasm_module("tls")
         self.assertEqual(client.add("secure/t.wasm", module), sha256(module))
         self.assertEqual(client.find("secure/t.wasm"), module)
         self.assertEqual(client.list(), {"/secure/t.wasm": sha256(module)})
@@ -4959,7 +4950,7 @@ class NodeClientTest(unittest.TestCase):
     def test_watch_receives_one_event_per_commit(self):
         port = self.url.rsplit(":", 1)[1]
         self.assertEqual(self.client.watch_open(), f"ws://127.0.0.1:{port}/api/v1/watch")
-        first, second = clients_wasm_module("w1"), clients_wasm_module("w2")
+        first, second = wasm_module("w1"), wasm_module("w2")
 
         self.client.add("w.wasm", first)
         self.assertEqual(self.client.watch_next(WATCH_TIMEOUT_MS),
@@ -4983,7 +4974,7 @@ class NodeClientTest(unittest.TestCase):
         self.assertEqual(self.client.instantiate(sha256(module)), {"answer": 42})
 
     def test_find_returns_the_module_response(self):
-        module = clients_wasm_module("found")
+        module = wasm_module("found")
         digest = self.client.add(["dir", "found.wasm"], module)
         response = self.client.find("dir/found.wasm")
         self.assertEqual(response, {"status": 200, "contentType": "application/wasm", "hashHeader": digest,
@@ -4991,7 +4982,7 @@ class NodeClientTest(unittest.TestCase):
         self.assertIsNone(self.client.find("dir/missing.wasm"))
 
     def test_module_methods(self):
-        first, second = clients_wasm_module("n1"), clients_wasm_module("n2")
+        first, second = wasm_module("n1"), wasm_module("n2")
         digest = self.client.add("/n/mod.wasm", first)  # the npm client keeps the leading "/": //mod URL
         self.assertEqual(digest, sha256(first))
         self.assertEqual(self.client.hash("n/mod.wasm"), digest)
@@ -5016,34 +5007,34 @@ class NodeClientTest(unittest.TestCase):
         self.assertIs(self.client.gc(), True)
 
     def test_paths_fetch_percent_encodes(self):
-        module = clients_wasm_module("npm-spaced")
+        module = wasm_module("npm-spaced")
         digest = self.client.add("dir with space/modül.wasm", module)
         self.assertEqual(digest, sha256(module))
         self.assertEqual(self.client.list("dir with space"), {"/dir with space/modül.wasm": digest})
         self.assertEqual(self.client.instantiate("dir with space/modül.wasm"), {})  # no exports, still loads
 
     def test_snapshot_restore_rollback_and_commit_info(self):
-        self.client.add("s.wasm", clients_wasm_module("s1"))
+        self.client.add("s.wasm", wasm_module("s1"))
         snapshot = self.client.snapshot()
         self.assertEqual(snapshot, self.store.head())
         self.assertEqual(self.client.commitInfo(snapshot), self.store.commit_info(snapshot))
-        self.client.add("s.wasm", clients_wasm_module("s2"))
-        self.client.add("t.wasm", clients_wasm_module("t2"))
+        self.client.add("s.wasm", wasm_module("s2"))
+        self.client.add("t.wasm", wasm_module("t2"))
         self.assertIs(self.client.rollback(), True)  # POST /rollback/ (trailing slash): undoes t.wasm
-        self.assertEqual(self.store.list(), {"/s.wasm": sha256(clients_wasm_module("s2"))})
+        self.assertEqual(self.store.list(), {"/s.wasm": sha256(wasm_module("s2"))})
         self.assertIs(self.client.restore(snapshot), True)
-        self.assertEqual(self.store.find("s.wasm"), clients_wasm_module("s1"))
-        self.client.add("s.wasm", clients_wasm_module("s3"))
+        self.assertEqual(self.store.find("s.wasm"), wasm_module("s1"))
+        self.client.add("s.wasm", wasm_module("s3"))
         self.assertIs(self.client.restore(snapshot, "s.wasm"), True)
-        self.assertEqual(self.store.find("s.wasm"), clients_wasm_module("s1"))
+        self.assertEqual(self.store.find("s.wasm"), wasm_module("s1"))
 
     def test_branches_and_branch_header(self):
         default = self.store.default_branch
-        self.client.add("base.wasm", clients_wasm_module("base"))
+        self.client.add("base.wasm", wasm_module("base"))
         self.assertIs(self.client.createBranch("feature"), True)
         self.assertEqual(self.client.branches(), sorted([default, "feature"]))
         feature = NodeClient(self.driver, self.url, branch="feature")
-        feature.add("f.wasm", clients_wasm_module("f"))
+        feature.add("f.wasm", wasm_module("f"))
         self.assertEqual(feature.list(), self.store.list(branch="feature"))
         self.assertNotIn("/f.wasm", self.client.list())
         self.assertIs(self.client.deleteBranch("feature"), True)
@@ -5080,18 +5071,18 @@ class CommandLineServerTest(unittest.TestCase):
         driver = python_driver(self)
         admin = PythonClient(driver, url, auth="cli-admin")
         reader = PythonClient(driver, url, auth="cli-reader")
-        module = clients_wasm_module("cli")
+        module = wasm_module("cli")
         self.assertEqual(admin.add("cli.wasm", module), sha256(module))
         self.assertEqual(reader.find("cli.wasm"), module)
         self.assertIs(reader.raw("Client.auth", "POST")["ok"], False)
-        self.assertNotEqual(reader.add("other.wasm", clients_wasm_module("other")), sha256(clients_wasm_module("other")))
+        self.assertNotEqual(reader.add("other.wasm", wasm_module("other")), sha256(wasm_module("other")))
         self.assertEqual(reader.list(), {"/cli.wasm": sha256(module)})
 
     def test_npm_watch_sees_a_commit_made_by_a_separate_wasmstore_process(self):
         root, url = clients_start_server_process(self)
         client = NodeClient(node_driver(self), url)
         client.watch_open()
-        module = clients_wasm_module("from-cli")
+        module = wasm_module("from-cli")
         with tempfile.NamedTemporaryFile(suffix=".wasm") as file:
             file.write(module)
             file.flush()
@@ -5123,7 +5114,7 @@ class NodeClientAuthTest(unittest.TestCase):
         self.assertIs(allowed(writer, "DELETE"), False)
         self.assertIs(allowed(NodeClient(self.driver, self.url), "GET"), False)
         self.assertIs(allowed(NodeClient(self.driver, self.url, auth="writer-7"), "GET"), False)
-        digest = writer.add("w.wasm", clients_wasm_module("w"))
+        digest = writer.add("w.wasm", wasm_module("w"))
         self.assertEqual(reader.hash("w.wasm"), digest)
         self.assertIs(reader.delete("w.wasm"), False)
         self.assertEqual(self.store.list(), {"/w.wasm": digest})
@@ -7507,11 +7498,6 @@ def oras(*args, env=None, expect_ok=True):
     return answer
 
 
-def component_bytes(wat_file):
-    """The binary of one of the repository's WAT test components."""
-    return bytes(wasmtime.wat2wasm(read_text(wat_file)))
-
-
 def http_get(url, headers=None, context=None, method="GET"):
     """(status, headers dict with lower-case names, body) of one request to an absolute URL."""
     parts = urllib.parse.urlsplit(url)
@@ -7764,8 +7750,8 @@ class MisbehavingRegistry:
 def wasm_manifest(layer_bytes, layer_type=wasmstore.WASM_LAYER_TYPE, layer_digest=None):
     """A Wasm OCI manifest (as a dict) for layer_bytes."""
     return {"schemaVersion": 2, "mediaType": wasmstore.OCI_MANIFEST_TYPE,
-            "config": {"mediaType": wasmstore.WASM_CONFIG_TYPE, "digest": "sha256:" + sha(b"{}"), "size": 2},
-            "layers": [{"mediaType": layer_type, "digest": layer_digest or "sha256:" + sha(layer_bytes),
+            "config": {"mediaType": wasmstore.WASM_CONFIG_TYPE, "digest": "sha256:" + sha256(b"{}"), "size": 2},
+            "layers": [{"mediaType": layer_type, "digest": layer_digest or "sha256:" + sha256(layer_bytes),
                         "size": len(layer_bytes), "annotations": {wasmstore.OCI_TITLE: "m.wasm"}}]}
 
 
@@ -7862,7 +7848,7 @@ class OciArtifactTest(OciTestCase):
         commit = self.store.commit_info(self.store.snapshot())
         self.assertEqual(config, {"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(commit["date"])),
                                   "author": "alice", "architecture": "wasm", "os": "wasip1",
-                                  "layerDigests": ["sha256:" + sha(data)]})
+                                  "layerDigests": ["sha256:" + sha256(data)]})
 
     def test_manifest_has_one_titled_wasm_layer_and_the_wasm_config(self):
         data = self.module("m")
@@ -7872,16 +7858,16 @@ class OciArtifactTest(OciTestCase):
         self.assertEqual(manifest, {
             "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
             "config": {"mediaType": "application/vnd.wasm.config.v0+json",
-                       "digest": "sha256:" + sha(artifact.config), "size": len(artifact.config)},
-            "layers": [{"mediaType": "application/wasm", "digest": "sha256:" + sha(data), "size": len(data),
+                       "digest": "sha256:" + sha256(artifact.config), "size": len(artifact.config)},
+            "layers": [{"mediaType": "application/wasm", "digest": "sha256:" + sha256(data), "size": len(data),
                         "annotations": {"org.opencontainers.image.title": "hello.wasm"}}]})
-        self.assertEqual(artifact.manifest_digest, "sha256:" + sha(artifact.manifest))
+        self.assertEqual(artifact.manifest_digest, "sha256:" + sha256(artifact.manifest))
 
     def test_component_is_wasip2_with_the_imports_and_exports_wasmtime_sees(self):
         engine = wasmtime.Engine()
         for wat in (PROBE, TYPES_PROBE, WASI_PROBE, WATCHER):
             with self.subTest(guest=os.path.basename(wat)):
-                data = component_bytes(wat)
+                data = guest_binary(wat)
                 self.store.add("/c.wasm", data)
                 config = json.loads(wasmstore.module_artifact(self.store, "/c.wasm").config)
                 component_type = wc.Component(engine, data).type
@@ -7901,7 +7887,7 @@ class OciArtifactTest(OciTestCase):
 
     def test_interface_reader_reads_only_the_top_level_sections(self):
         self.assertEqual(wasmstore.wasm_interface(self.module("plain")), ("module", [], []))
-        path = self.write("probe.wasm", component_bytes(PROBE))
+        path = self.write("probe.wasm", guest_binary(PROBE))
         kind, imports, exports = wasmstore.wasm_interface(path)
         self.assertEqual(kind, "component")
         self.assertIn("wasi:keyvalue/store@0.2.0-draft2", imports)
@@ -7935,11 +7921,11 @@ class OciRegistryTest(OciTestCase):
         manifest = fetched["manifest"]
         self.assertEqual(manifest["config"]["mediaType"], "application/vnd.wasm.config.v0+json")
         self.assertEqual([(layer["mediaType"], layer["digest"], layer["annotations"]) for layer in manifest["layers"]],
-                         [("application/wasm", "sha256:" + sha(data),
+                         [("application/wasm", "sha256:" + sha256(data),
                            {"org.opencontainers.image.title": "hello.wasm"})])
         config = json.loads(base64.b64decode(oras("blob", target, manifest["config"]["digest"])["b64"]))
         self.assertEqual((config["architecture"], config["os"], config["layerDigests"]),
-                         ("wasm", "wasip1", ["sha256:" + sha(data)]))
+                         ("wasm", "wasip1", ["sha256:" + sha256(data)]))
 
     def test_oras_push_then_wasmstore_pull_stores_the_module_in_one_commit_naming_the_source(self):
         data = self.module("from-oras", 30_000)
@@ -7950,7 +7936,7 @@ class OciRegistryTest(OciTestCase):
              f"{config_file}:application/vnd.wasm.config.v0+json")
         head = self.store.head()
         digest = wasmstore.pull(self.store, "oci://" + target, "/pulled/m.wasm")
-        self.assertEqual(digest, sha(data))
+        self.assertEqual(digest, sha256(data))
         self.assertEqual(self.store.find("/pulled/m.wasm"), data)
         info = self.store.commit_info(self.store.snapshot())
         self.assertEqual(info.get("parents", []), [head] if head else [])
@@ -7964,7 +7950,7 @@ class OciRegistryTest(OciTestCase):
         other = Store(os.path.join(self.tmp, "other"))
         self.addCleanup(other.close)
         ref = self.registry.ref(f"{self.repo('a')}@{report.manifest_digest}")
-        self.assertEqual(wasmstore.pull(other, ref, "/copy.wasm"), sha(data))
+        self.assertEqual(wasmstore.pull(other, ref, "/copy.wasm"), sha256(data))
         self.assertEqual(other.find("/copy.wasm"), data)
 
     def test_a_second_push_uploads_no_blob(self):
@@ -7985,7 +7971,7 @@ class OciRegistryTest(OciTestCase):
         self.assertIsNone(self.registry.tags(self.repo("a")))
 
     def test_component_config_reaches_the_registry(self):
-        data = component_bytes(PROBE)
+        data = guest_binary(PROBE)
         self.store.add("/probe.wasm", data)
         ref = self.registry.ref(self.repo("probe"))
         report = wasmstore.push(self.store, "/probe.wasm", ref)
@@ -8007,7 +7993,7 @@ class OciRegistryTest(OciTestCase):
         quiet = run_cli(self.root, "push", "--quiet", "/apps/cli.wasm", ref)
         self.assertEqual((quiet.returncode, quiet.stdout, quiet.stderr), (0, digest + "\n", ""))
         pulled = run_cli(self.root, "pull", ref, "/back/cli.wasm")
-        self.assertEqual((pulled.returncode, pulled.stdout), (0, sha(self.store.find("/apps/cli.wasm")) + "\n"))
+        self.assertEqual((pulled.returncode, pulled.stdout), (0, sha256(self.store.find("/apps/cli.wasm")) + "\n"))
 
     def test_pull_of_several_references_makes_one_commit_each(self):
         first, second = self.module("first"), self.module("second")
@@ -8018,10 +8004,10 @@ class OciRegistryTest(OciTestCase):
                    for name, ref in zip(("/one.wasm", "/two.wasm"), refs)]
         target = os.path.join(self.tmp, "target")
         done = run_cli(target, "pull", refs[0], "/a/one.wasm", refs[1], "/a/two.wasm")
-        self.assertEqual((done.returncode, done.stdout), (0, f"{sha(first)}\n{sha(second)}\n"), done.stderr)
+        self.assertEqual((done.returncode, done.stdout), (0, f"{sha256(first)}\n{sha256(second)}\n"), done.stderr)
         pulled = Store(target)
         self.addCleanup(pulled.close)
-        self.assertEqual(pulled.list("/a"), {"/a/one.wasm": sha(first), "/a/two.wasm": sha(second)})
+        self.assertEqual(pulled.list("/a"), {"/a/one.wasm": sha256(first), "/a/two.wasm": sha256(second)})
         self.assertEqual([info["message"] for info in pulled.log()],
                          [f"Pull /a/two.wasm from {refs[1]}:latest@{digests[1]}",
                           f"Pull /a/one.wasm from {refs[0]}:latest@{digests[0]}"])
@@ -8045,11 +8031,11 @@ class OciRegistryTest(OciTestCase):
         ref = self.registry.ref(self.repo("big"))
         done = run_cli(self.root, "push", "/big.wasm", ref)
         self.assertEqual(done.returncode, 0, done.stderr)
-        self.assertIn(f"wasmstore: uploading sha256:{sha(data)[:12]} (5.0 MB) to {self.repo('big')}\n",
+        self.assertIn(f"wasmstore: uploading sha256:{sha256(data)[:12]} (5.0 MB) to {self.repo('big')}\n",
                       done.stderr)
         pulled = run_cli(os.path.join(self.tmp, "other"), "pull", ref, "/big.wasm")
-        self.assertEqual(pulled.stdout, sha(data) + "\n")
-        self.assertIn(f"wasmstore: downloading sha256:{sha(data)[:12]} (5.0 MB) from {ref}\n", pulled.stderr)
+        self.assertEqual(pulled.stdout, sha256(data) + "\n")
+        self.assertIn(f"wasmstore: downloading sha256:{sha256(data)[:12]} (5.0 MB) from {ref}\n", pulled.stderr)
 
     def test_mirror_pushes_every_path_branch_and_version_then_nothing(self):
         self.store.add("/apps/a.wasm", self.module("a0"))
@@ -8133,7 +8119,7 @@ class OciBasicAuthTest(OciTestCase):
         self.assertEqual(done.returncode, 0, done.stderr)
         pulled = run_cli(self.root, "pull", "--username", self.USER, "--password-stdin", ref, "/p.wasm",
                          stdin=self.PASSWORD + "\n")
-        self.assertEqual(pulled.stdout, sha(self.data) + "\n")
+        self.assertEqual(pulled.stdout, sha256(self.data) + "\n")
         self.assertNoSecret(done.stdout, done.stderr, pulled.stdout, pulled.stderr)
 
     def test_credentials_from_the_environment(self):
@@ -8203,7 +8189,7 @@ class OciTokenAuthTest(OciTestCase):
         other = Store(os.path.join(self.tmp, "other"))
         self.addCleanup(other.close)
         self.assertEqual(wasmstore.pull(other, self.registry.ref("tok/t:v1"), "/t.wasm", client=self.client("bob")),
-                         sha(data))
+                         sha256(data))
 
     def test_token_service_refusal_is_a_one_line_error_without_the_password(self):
         self.store.add("/t.wasm", self.module("refused"))
@@ -8248,7 +8234,7 @@ class OciTlsTest(OciTestCase):
         done = run_cli(self.root, "push", "--ca-file", self.cert, "/a.wasm", self.registry.ref("tls/ok"))
         self.assertEqual(done.returncode, 0, done.stderr)
         pulled = run_cli(self.root, "pull", "--ca-file", self.cert, self.registry.ref("tls/ok"), "/b.wasm")
-        self.assertEqual(pulled.stdout, sha(data) + "\n")
+        self.assertEqual(pulled.stdout, sha256(data) + "\n")
 
     def test_plain_http_flag_does_not_speak_tls(self):
         self.store.add("/a.wasm", self.module("plain"))
@@ -8310,8 +8296,8 @@ class OciBadInputTest(OciTestCase):
     def test_layer_whose_bytes_do_not_match_their_digest(self):
         real, served = self.module("real"), self.module("tampered")
         self.fake.serve_manifest("tampered/x", "latest", wasm_manifest(real))
-        self.fake.routes[f"/v2/tampered/x/blobs/sha256:{sha(real)}"] = (200, {}, served)
-        self.pull_fails(f"oci://{self.fake.registry}/tampered/x", "digest mismatch", f"sha256:{sha(served)}")
+        self.fake.routes[f"/v2/tampered/x/blobs/sha256:{sha256(real)}"] = (200, {}, served)
+        self.pull_fails(f"oci://{self.fake.registry}/tampered/x", "digest mismatch", f"sha256:{sha256(served)}")
 
     def test_manifest_whose_bytes_do_not_match_the_digest_asked_for(self):
         manifest = json.dumps(wasm_manifest(self.module("m"))).encode()
@@ -8342,7 +8328,7 @@ class OciBadInputTest(OciTestCase):
     def test_blob_redirect_to_plain_http_elsewhere(self):
         data = self.module("cdn")
         self.fake.serve_manifest("cdn/x", "latest", wasm_manifest(data))
-        self.fake.routes[f"/v2/cdn/x/blobs/sha256:{sha(data)}"] = (
+        self.fake.routes[f"/v2/cdn/x/blobs/sha256:{sha256(data)}"] = (
             302, {"Location": f"http://localhost:{self.fake.server.server_address[1]}/blob"}, b"")
         self.pull_fails(f"oci://{self.fake.registry}/cdn/x", "plain HTTP on another host")
 
@@ -8404,7 +8390,7 @@ class OciServerTest(OciTestCase):
         status, headers, body = self.get("/v2/apps/hello.wasm/manifests/v1")
         self.assertEqual(status, 200)
         digest = headers["docker-content-digest"]
-        self.assertEqual((headers["content-type"], digest), (wasmstore.OCI_MANIFEST_TYPE, "sha256:" + sha(body)))
+        self.assertEqual((headers["content-type"], digest), (wasmstore.OCI_MANIFEST_TYPE, "sha256:" + sha256(body)))
         self.assertEqual(self.get(f"/v2/apps/hello.wasm/manifests/{digest}")[2], body)
         self.assertEqual(self.get("/v2/apps/hello.wasm/manifests/latest")[2], body)
         self.assertEqual(body, wasmstore.module_artifact(self.store, "/apps/hello.wasm").manifest)
@@ -8416,10 +8402,10 @@ class OciServerTest(OciTestCase):
         manifest = json.loads(self.get("/v2/apps/hello.wasm/manifests/v0")[2])
         module = self.get(f"/v2/apps/hello.wasm/blobs/{manifest['layers'][0]['digest']}")
         self.assertEqual((module[0], module[2], module[1]["docker-content-digest"]),
-                         (200, self.v0, "sha256:" + sha(self.v0)))
+                         (200, self.v0, "sha256:" + sha256(self.v0)))
         config = self.get(f"/v2/apps/hello.wasm/blobs/{manifest['config']['digest']}")
-        self.assertEqual("sha256:" + sha(config[2]), manifest["config"]["digest"])
-        self.assertEqual(json.loads(config[2])["layerDigests"], ["sha256:" + sha(self.v0)])
+        self.assertEqual("sha256:" + sha256(config[2]), manifest["config"]["digest"])
+        self.assertEqual(json.loads(config[2])["layerDigests"], ["sha256:" + sha256(self.v0)])
         head = self.get(f"/v2/apps/hello.wasm/blobs/{manifest['layers'][0]['digest']}", method="HEAD")
         self.assertEqual((head[0], head[1]["content-length"], head[2]), (200, str(len(self.v0)), b""))
 
@@ -8459,7 +8445,7 @@ class OciServerTest(OciTestCase):
     def test_wasmstore_branch_header_selects_latest_and_versions(self):
         dev = self.module("dev")
         status, _, body = self.get("/v2/apps/hello.wasm/manifests/latest", headers={"Wasmstore-Branch": "dev"})
-        self.assertEqual(json.loads(body)["layers"][0]["digest"], "sha256:" + sha(dev))
+        self.assertEqual(json.loads(body)["layers"][0]["digest"], "sha256:" + sha256(dev))
         status, _, body = self.get("/v2/apps/hello.wasm/tags/list", headers={"Wasmstore-Branch": "dev"})
         self.assertEqual(json.loads(body)["tags"], ["dev", "latest", "main", "v0", "v1", "v2"])
 
@@ -8467,7 +8453,7 @@ class OciServerTest(OciTestCase):
         other = Store(os.path.join(self.tmp, "other"))
         self.addCleanup(other.close)
         digest = wasmstore.pull(other, f"oci://{self.registry}/apps/hello.wasm:v0", "/copy.wasm")
-        self.assertEqual((digest, other.find("/copy.wasm")), (sha(self.v0), self.v0))
+        self.assertEqual((digest, other.find("/copy.wasm")), (sha256(self.v0), self.v0))
 
     def test_version_check_answers_200(self):
         status, headers, body = self.get("/v2/")
@@ -8616,7 +8602,7 @@ class RunnerTest(StoreTestCase):
 
     def test_imports_resolve_in_the_same_commit_as_the_module(self):
         before = self.store.snapshot()
-        self.store.add("/lib/math.wasm", bytes(wasmtime.wat2wasm(LIB_MATH_V2)))
+        self.store.add("/lib/math.wasm", wat_binary(LIB_MATH_V2))
         self.assertEqual(self.call("/apps/linked.wasm", "sum_of_squares", 3, 4), 0)      # today's library
         self.assertEqual(self.call("/apps/linked.wasm", "sum_of_squares", 3, 4, commit=before), 25)
         self.store.create_branch("old")
@@ -8627,14 +8613,14 @@ class RunnerTest(StoreTestCase):
         self.assertEqual(self.call("/lib/math.wasm", "add", 3, 4), 7)           # resolution now cached
         newer = os.path.join(self.tmp, "math-v2.wasm")
         with open(newer, "wb") as f:
-            f.write(wasmtime.wat2wasm(LIB_MATH_V2))
+            f.write(wat_binary(LIB_MATH_V2))
         done = subprocess.run([sys.executable, WASMSTORE_PY, "--root", self.root, "add", newer, "/lib/math.wasm"],
                               capture_output=True, text=True, timeout=60)
         self.assertEqual(done.returncode, 0, done.stderr)
         self.assertEqual(self.call("/lib/math.wasm", "add", 3, 4), 12)
 
     def test_version_and_commit_pick_an_older_module(self):
-        self.store.add("/lib/math.wasm", bytes(wasmtime.wat2wasm(LIB_MATH_V2)))   # add now multiplies
+        self.store.add("/lib/math.wasm", wat_binary(LIB_MATH_V2))   # add now multiplies
         self.assertEqual(self.call("/lib/math.wasm", "add", 3, 4), 12)
         self.assertEqual(self.call("/lib/math.wasm", "add", 3, 4, version=0), 7)
         self.assertEqual(self.call("/lib/math.wasm", "add", 3, 4, version=1), 12)
@@ -8836,7 +8822,7 @@ class SandboxLimitsTest(unittest.TestCase):
         host = self.host(cache_dir=cache)
         # ~4,000 functions: a compile long enough for eight threads to overlap
         text = "(module " + " ".join(f'(func (export "f{i}") (result i32) (i32.const {i}))' for i in range(4000)) + ")"
-        data = bytes(wasmtime.wat2wasm(text))
+        data = wat_binary(text)
         barrier = threading.Barrier(8)
         guests = []
 
@@ -8906,7 +8892,7 @@ class RunCliTest(StoreTestCase):
 
     def test_version_and_commit_options(self):
         first = self.store.snapshot()
-        self.store.add("/lib/math.wasm", bytes(wasmtime.wat2wasm(LIB_MATH_V2)))
+        self.store.add("/lib/math.wasm", wat_binary(LIB_MATH_V2))
         outputs = [self.wasmstore("call", *extra, "/lib/math.wasm", "add", "3", "4").stdout
                    for extra in ((), ("--version", "0"), ("--commit", first))]
         self.assertEqual(outputs, ["12\n", "7\n", "7\n"])
@@ -9048,14 +9034,14 @@ class RunHttpTest(unittest.TestCase):
     def test_branch_header_and_version_query(self):
         live = self.server()
         live.store.create_branch("dev")
-        live.store.add("/lib/math.wasm", bytes(wasmtime.wat2wasm(LIB_MATH_V2)), branch="dev")
+        live.store.add("/lib/math.wasm", wat_binary(LIB_MATH_V2), branch="dev")
         self.assertEqual(self.call(live, "add", "/lib/math.wasm", [3, 4])[2], b"7")
         self.assertEqual(self.call(live, "add", "/lib/math.wasm", [3, 4], {"Wasmstore-Branch": "dev"})[2], b"12")
         self.assertEqual(self.call(live, "add", "/lib/math.wasm", [3, 4], {"Wasmstore-Branch": "dev"},
                                    "?version=0")[2], b"7")
         self.assertReply(self.call(live, "add", "/lib/math.wasm", [3, 4], query="?version=x"), 400)
         self.assertReply(self.call(live, "add", "/lib/math.wasm", [1, 1], {"Wasmstore-Branch": "nope"}), 404)
-        live.store.add("/lib/math.wasm", bytes(wasmtime.wat2wasm(LIB_MATH_V2)))      # a new version ...
+        live.store.add("/lib/math.wasm", wat_binary(LIB_MATH_V2))      # a new version ...
         self.assertEqual(self.call(live, "add", "/lib/math.wasm", [3, 4])[2], b"12")  # ... is the next call's
 
     def test_running_needs_a_key_allowed_post(self):
