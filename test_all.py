@@ -8,7 +8,7 @@ The file has one banner-separated section per feature, in this order (feature: t
 
   Shared fixtures (no tests): the paths of the code, guests and tools; the peer policy;
       wait_until; wasm builders and sha256; certificates; servers and processes (LiveServer,
-      WsClient, RedisServer, start_server_process, run_cli, run_kvhost)
+      http_request, WsClient, RedisServer, ServerProcess, run_cli, run_http_server, run_kvhost)
   The store library: LibraryTest, BadInputTest, BranchRaceTest, GenerationTest
   The store command line: AcceptanceWalkTest, StoreCliTest
   Store durability and layout: DurabilityTest, PackTest, RefSlotTest, LegacyLayoutTest,
@@ -378,8 +378,9 @@ def unique_namespace():
 
 
 # ---- Certificates ---------------------------------------------------------------------------------
-def openssl_key_and_cert(directory, name, common_name):
-    """An RSA key and a self-signed certificate for 127.0.0.1 and localhost: (key, cert) files."""
+def self_signed_certificate(directory, name="server", common_name="127.0.0.1"):
+    """An RSA key and a self-signed certificate for 127.0.0.1 and localhost, made by the openssl
+    command in directory: (key file, certificate file)."""
     openssl = require_tool("openssl", "apt-get install -y openssl")
     key, cert = os.path.join(directory, f"{name}.key"), os.path.join(directory, f"{name}.crt")
     subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-keyout", key,
@@ -396,8 +397,29 @@ def free_port():
         return s.getsockname()[1]
 
 
+def exchange(conn, method, target, body=None, headers=None):
+    """One request on an http.client connection: (status, headers dict with lower-case names, body)."""
+    conn.request(method, target, body=body, headers=headers or {})
+    response = conn.getresponse()
+    data = response.read()
+    return response.status, {k.lower(): v for k, v in response.getheaders()}, data
+
+
+def http_request(url, method="GET", body=None, headers=None, context=None, timeout=30):
+    """One request to an absolute URL on a connection of its own (see exchange)."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme == "https":
+        conn = http.client.HTTPSConnection(parts.hostname, parts.port, timeout=timeout, context=context)
+    else:
+        conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
+    try:
+        return exchange(conn, method, parts.path + (f"?{parts.query}" if parts.query else ""), body, headers)
+    finally:
+        conn.close()
+
+
 class LiveServer:
-    """A make_server() instance on a free loopback port, served from a thread."""
+    """A make_server() instance on a free loopback port, served from a thread; url is its base URL."""
 
     def __init__(self, testcase, root=None, host="127.0.0.1", **options):
         if root is None:
@@ -409,6 +431,7 @@ class LiveServer:
         options.setdefault("log", self.log)
         self.server = http_server.make_server(self.store, host, 0, **options)
         self.port = self.server.port
+        self.url = f"{'https' if options.get('tls') else 'http'}://127.0.0.1:{self.port}"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
         testcase.addCleanup(self.stop)
@@ -422,17 +445,12 @@ class LiveServer:
         return http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
 
     def request(self, method, path, body=None, headers=None, conn=None):
-        """(status, headers dict with lower-case names, body bytes)."""
-        own = conn is None
-        conn = conn or self.connect()
-        try:
-            conn.request(method, path, body=body, headers=headers or {})
-            response = conn.getresponse()
-            data = response.read()
-            return response.status, {k.lower(): v for k, v in response.getheaders()}, data
-        finally:
-            if own:
-                conn.close()
+        """(status, headers dict with lower-case names, body bytes) of one request on conn, or on a
+        connection of its own; path is sent as it is."""
+        if conn is not None:
+            return exchange(conn, method, path, body, headers)
+        with contextlib.closing(self.connect()) as own:
+            return exchange(own, method, path, body, headers)
 
     def raw(self, data, timeout=3.0):
         """Send raw bytes, return everything the server sends until it closes (or timeout)."""
@@ -567,22 +585,25 @@ class WsClient:
             pass
 
 
-def start_server_process(testcase, root, *args, env=None):
-    """`python http_server.py --root ROOT --port 0 ...`: (process, port) once it listens."""
-    proc = subprocess.Popen([sys.executable, HTTP_SERVER_PY, "--root", root,
-                             "--port", "0", *args], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                            env=env, text=True, cwd=HERE)
+class ServerProcess:
+    """`python SCRIPT ARGS` as users run it, for a server told to listen on port 0 (http_server.py,
+    `wasmstore.py server`); killed in the test's cleanup if still running. banner is its first
+    stderr line ("...: serving ROOT on URL"); url and port are what the banner names."""
 
-    def cleanup():
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(10)
-        proc.stderr.close()
-    testcase.addCleanup(cleanup)
-    line = proc.stderr.readline()
-    match = re.search(r"https?://127\.0\.0\.1:(\d+)", line)
-    testcase.assertIsNotNone(match, f"no listening line from the server: {line!r}")
-    return proc, int(match.group(1))
+    def __init__(self, testcase, script, *args, env=None, cwd=HERE):
+        self.process = subprocess.Popen([sys.executable, script, *args], stderr=subprocess.PIPE,
+                                        stdout=subprocess.DEVNULL, env=env, text=True, cwd=cwd)
+        testcase.addCleanup(self.stop)
+        self.banner = self.process.stderr.readline()
+        match = re.search(r"https?://127\.0\.0\.1:(\d+)", self.banner)
+        testcase.assertIsNotNone(match, f"no listening line from {os.path.basename(script)}: {self.banner!r}")
+        self.url, self.port = match.group(0), int(match.group(1))
+
+    def stop(self):
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait(10)
+        self.process.stderr.close()
 
 
 def redis_command(port, *args, password=None):
@@ -654,21 +675,37 @@ class RedisServer:
             shutil.rmtree(self.directory, ignore_errors=True)
 
 
+def run_http_server(*args, env=None, timeout=30):
+    """`python http_server.py ARGS` run to its end (bad options, --help); the CompletedProcess (text)."""
+    return subprocess.run([sys.executable, HTTP_SERVER_PY, *args], capture_output=True, text=True, env=env,
+                          timeout=timeout, cwd=HERE)
+
+
 def run_kvhost(*args, env=None, timeout=120):
     """Run the kvhost CLI; returns the CompletedProcess (text mode)."""
     return subprocess.run([sys.executable, KVHOST_PY, *args], capture_output=True, text=True, cwd=HERE,
                           env=env, timeout=timeout)
 
 
-OCI_CALL_TIMEOUT = 120   # seconds for one CLI or oras run on the shared 2-core machine
+CLI_TIMEOUT = 120   # seconds for one command on the shared 2-core machine
 
 
-def run_cli(root, *args, env=None, stdin=None, timeout=OCI_CALL_TIMEOUT):
-    """`python wasmstore.py --root ROOT ...` as a user runs it; returns the CompletedProcess (text)."""
+def wasmstore_alone(test):
+    """A copy of wasmstore.py alone in a directory of its own, as a project vendoring it has it."""
+    folder = temp_dir(test, "vendored-")
+    shutil.copy(WASMSTORE_PY, folder)
+    return os.path.join(folder, "wasmstore.py")
+
+
+def run_cli(root, *args, env=None, stdin=None, timeout=CLI_TIMEOUT, script=WASMSTORE_PY, cwd=HERE):
+    """`python wasmstore.py --root ROOT ARGS` as a user runs it (no --root if root is None), in an
+    environment without WASMSTORE_* and DOCKER_* variables but those of env; returns the
+    CompletedProcess (text). script: another copy of wasmstore.py."""
     environment = {k: v for k, v in os.environ.items() if not k.startswith(("WASMSTORE_", "DOCKER_"))}
     environment.update(env or {})
-    return subprocess.run([sys.executable, WASMSTORE_PY, "--root", root, *args], input=stdin, capture_output=True,
-                          text=True, env=environment, timeout=timeout, cwd=HERE)
+    root_option = [] if root is None else ["--root", root]
+    return subprocess.run([sys.executable, script, *root_option, *args], input=stdin, capture_output=True,
+                          text=True, env=environment, timeout=timeout, cwd=cwd)
 
 
 # =================================================================================================
@@ -1156,8 +1193,7 @@ class GenerationTest(StoreTestCase):
         module = os.path.join(self.tmp, "x.wasm")
         with open(module, "wb") as f:
             f.write(wasm_module("x"))
-        done = subprocess.run([sys.executable, WASMSTORE_PY, "--root", self.root, "add", module, "/x.wasm"],
-                              capture_output=True, text=True, timeout=60)
+        done = run_cli(self.root, "add", module, "/x.wasm")
         self.assertEqual(done.returncode, 0, done.stderr)
         self.assertNotEqual(self.store.generation(), before)      # read from a shared map of the file
 
@@ -1327,26 +1363,12 @@ class StoreCliTest(StoreTestCase):
         with open(source, "wb") as handle:
             handle.write(wasm_module("env"))
         self.store.create_branch("dev")
-        env = dict(os.environ, WASMSTORE_ROOT=self.root, WASMSTORE_BRANCH="dev",
-                   WASMSTORE_AUTHOR="eve")
-        subprocess.run([sys.executable, WASMSTORE_PY, "add", source], env=env, check=True,
-                       capture_output=True)
+        done = run_cli(None, "add", source, env={"WASMSTORE_ROOT": self.root, "WASMSTORE_BRANCH": "dev",
+                                                 "WASMSTORE_AUTHOR": "eve"})
+        self.assertEqual(done.returncode, 0, done.stderr)
         info = self.store.commit_info(self.store.snapshot(branch="dev"))
         self.assertEqual((info["author"], info["message"]), ("eve", "Import /m.wasm"))
         self.assertFalse(self.store.contains("m.wasm"))
-
-    def start_cli_server(self, *argv, env=None):
-        """`python wasmstore.py ARGV` (a server command): (process, first stderr line)."""
-        proc = subprocess.Popen([sys.executable, WASMSTORE_PY, *argv], stderr=subprocess.PIPE,
-                                stdout=subprocess.DEVNULL, text=True, cwd=self.tmp, env=env)
-
-        def stop():
-            if proc.poll() is None:
-                proc.terminate()
-            proc.wait(10)
-            proc.stderr.close()
-        self.addCleanup(stop)
-        return proc, proc.stderr.readline()
 
     def test_server_serves_the_root_given_after_the_command(self):
         # Pins a bug: the root after `server` was forwarded and then overridden by the
@@ -1360,27 +1382,20 @@ class StoreCliTest(StoreTestCase):
                       "--port", "0"],
                      ["--root", self.root, "server", "--port", "0"]):
             with self.subTest(argv=argv):
-                proc, line = self.start_cli_server(*argv, env=env)
-                self.assertIn(f"serving {self.root} on http://127.0.0.1:", line)
-                port = int(re.search(r":(\d+)\s*$", line).group(1))
+                server = ServerProcess(self, WASMSTORE_PY, *argv, env=env, cwd=self.tmp)
+                self.assertIn(f"serving {self.root} on http://127.0.0.1:", server.banner)
                 data = wasm_module(" ".join(argv))
-                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-                conn.request("POST", "/api/v1/module/served.wasm", body=data)
-                self.assertEqual(conn.getresponse().read().decode(), sha256(data))
-                conn.close()
+                status, _, body = http_request(server.url + "/api/v1/module/served.wasm", "POST", data)
+                self.assertEqual(body.decode(), sha256(data))
                 self.assertEqual(Store(self.root).find("served.wasm"), data)
-                proc.terminate()
-                self.assertEqual(proc.wait(10), 0)
+                server.process.terminate()
+                self.assertEqual(server.process.wait(10), 0)
         self.assertEqual(os.listdir(home), [])          # nothing went to ~/.wasmstore
         self.assertFalse(os.path.exists(os.path.join(self.tmp, "ignored")))
 
     def test_server_without_http_server_py_says_so_in_one_line(self):
-        alone = os.path.join(self.tmp, "vendored")
-        os.mkdir(alone)
-        shutil.copy(WASMSTORE_PY, alone)
-        proc = subprocess.run([sys.executable, os.path.join(alone, "wasmstore.py"), "--root",
-                               self.root, "server", "--port", "0"], capture_output=True,
-                              text=True, cwd=alone, timeout=60)
+        alone = wasmstore_alone(self)
+        proc = run_cli(self.root, "server", "--port", "0", script=alone, cwd=os.path.dirname(alone))
         self.assertEqual(proc.returncode, 1)
         self.assertEqual(proc.stderr.count("\n"), 1, proc.stderr)
         self.assertIn("wasmstore: error: the server command needs http_server.py next to",
@@ -1623,8 +1638,7 @@ class DurabilityTest(StoreTestCase):
         self.assertFalse(os.path.exists(os.path.join(self.root, "objects", digest[:2],
                                                      digest[2:])))   # never written out
         self.assertEqual(os.listdir(os.path.join(self.root, "tmp")), [])
-        proc = subprocess.run([sys.executable, WASMSTORE_PY, "--root", self.root, "fsck"],
-                              capture_output=True, text=True)
+        proc = run_cli(self.root, "fsck")
         self.assertEqual(proc.returncode, 1)
         self.assertIn("corrupt", proc.stdout)
 
@@ -2104,9 +2118,7 @@ class HostileBackupTest(StoreTestCase):
         damaged = os.path.join(self.tmp, "cut.tar.gz")
         with open(damaged, "wb") as handle:
             handle.write(self.good[:len(self.good) // 2])
-        proc = subprocess.run([sys.executable, WASMSTORE_PY, "--root", self.target,
-                               "load-backup", damaged], capture_output=True, text=True,
-                              timeout=60)
+        proc = run_cli(self.target, "load-backup", damaged)
         self.assertEqual(proc.returncode, 1)
         self.assertRegex(proc.stderr, r"\Awasmstore: error: [^\n]*not a readable backup[^\n]*\n\Z")
         self.assertFalse(os.path.exists(self.target))
@@ -2874,19 +2886,15 @@ class ShutdownTests(unittest.TestCase):
     def wait_until_in_flight(self, port, count, seconds=10):
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-            try:
-                conn.request("GET", "/metrics")
-                text = conn.getresponse().read().decode()
-            finally:
-                conn.close()
+            text = http_request(f"http://127.0.0.1:{port}/metrics", timeout=5)[2].decode()
             if metric(text, "wasmstore_http_requests_in_flight") >= count:
                 return
             time.sleep(0.05)
         self.fail("the server never started serving the request")
 
     def check_in_flight_request_finishes(self, signum):
-        proc, port = start_server_process(self, self.root)
+        server = ServerProcess(self, HTTP_SERVER_PY, "--root", self.root, "--port", "0")
+        proc, port = server.process, server.port
         module = wasm_module("inflight", padding=5000)
         sock = socket.create_connection(("127.0.0.1", port), timeout=10)
         self.addCleanup(sock.close)
@@ -2918,7 +2926,8 @@ class ShutdownTests(unittest.TestCase):
         self.check_in_flight_request_finishes(signal.SIGINT)
 
     def test_idle_server_exits_promptly_on_sigterm(self):
-        proc, port = start_server_process(self, self.root, "--quiet")
+        server = ServerProcess(self, HTTP_SERVER_PY, "--root", self.root, "--port", "0", "--quiet")
+        proc, port = server.process, server.port
         keepalive = http.client.HTTPConnection("127.0.0.1", port, timeout=5)   # an idle keep-alive client
         self.addCleanup(keepalive.close)
         keepalive.request("GET", "/api/v1/branches")
@@ -2932,12 +2941,8 @@ class ShutdownTests(unittest.TestCase):
 
 class CommandLineTests(unittest.TestCase):
 
-    def run_server(self, *args, env=None):
-        return subprocess.run([sys.executable, HTTP_SERVER_PY, *args],
-                              capture_output=True, text=True, timeout=30, env=env, cwd=HERE)
-
     def test_help_mentions_every_option(self):
-        result = self.run_server("--help")
+        result = run_http_server("--help")
         self.assertEqual(result.returncode, 0)
         for option in ["--root", "--host", "--port", "--auth", "--tls", "--cors", "--max-body",
                        "--quiet", "--timeout", "WASMSTORE_ROOT", "WASMSTORE_AUTH", "--allowed-host",
@@ -2948,14 +2953,14 @@ class CommandLineTests(unittest.TestCase):
         for args in [["--auth", "topsecret"], ["--port", "99999"], ["--tls", "onlyone"],
                      ["--max-body", "lots"], ["--timeout", "0"]]:
             with self.subTest(args=args):
-                result = self.run_server(*args)
+                result = run_http_server(*args)
                 self.assertEqual(result.returncode, 2)
                 self.assertNotIn("Traceback", result.stderr)
                 self.assertNotIn("topsecret", result.stderr)
 
     def test_missing_tls_files_exit_1_without_traceback(self):
         parent = temp_dir(self)
-        result = self.run_server("--root", os.path.join(parent, "root"), "--port", "0",
+        result = run_http_server("--root", os.path.join(parent, "root"), "--port", "0",
                                  "--tls", "/nonexistent/key.pem,/nonexistent/cert.pem")
         self.assertEqual(result.returncode, 1)
         self.assertRegex(result.stderr, r"^http_server.py: error: .+\n$")
@@ -2963,16 +2968,9 @@ class CommandLineTests(unittest.TestCase):
     def test_environment_configures_root_and_auth(self):
         parent = temp_dir(self)
         env = dict(os.environ, WASMSTORE_ROOT=os.path.join(parent, "envroot"), WASMSTORE_AUTH="envkey:GET")
-        proc = subprocess.Popen([sys.executable, HTTP_SERVER_PY, "--port", "0"],
-                                stderr=subprocess.PIPE, text=True, env=env, cwd=HERE)
-        self.addCleanup(lambda: (proc.poll() is None and proc.kill(), proc.wait(10), proc.stderr.close()))
-        line = proc.stderr.readline()
-        self.assertIn(os.path.join(parent, "envroot"), line)
-        port = int(re.search(r":(\d+)\s*$", line).group(1))
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-        self.addCleanup(conn.close)
-        conn.request("GET", "/api/v1/branches")
-        self.assertEqual(conn.getresponse().status, 401)
+        server = ServerProcess(self, HTTP_SERVER_PY, "--port", "0", env=env)
+        self.assertIn(os.path.join(parent, "envroot"), server.banner)
+        self.assertEqual(http_request(server.url + "/api/v1/branches")[0], 401)
         self.assertTrue(os.path.isdir(os.path.join(parent, "envroot")))
 
     def test_port_in_use_exits_1(self):
@@ -2980,7 +2978,7 @@ class CommandLineTests(unittest.TestCase):
             busy.bind(("127.0.0.1", 0))
             busy.listen()
             parent = temp_dir(self)
-            result = self.run_server("--root", os.path.join(parent, "r"), "--port", str(busy.getsockname()[1]))
+            result = run_http_server("--root", os.path.join(parent, "r"), "--port", str(busy.getsockname()[1]))
         self.assertEqual(result.returncode, 1)
         self.assertIn("error:", result.stderr)
         self.assertNotIn("Traceback", result.stderr)
@@ -2989,15 +2987,6 @@ class CommandLineTests(unittest.TestCase):
 # =================================================================================================
 # HTTP access: keys, TLS, CORS
 # =================================================================================================
-
-def make_self_signed_cert(directory):
-    key, cert = os.path.join(directory, "key.pem"), os.path.join(directory, "cert.pem")
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key,
-                    "-out", cert, "-days", "1", "-subj", "/CN=127.0.0.1",
-                    "-addext", "subjectAltName=IP:127.0.0.1"],
-                   check=True, capture_output=True)
-    return key, cert
-
 
 class AuthTests(unittest.TestCase):
     KEYS = "admin-key-123:*;reader-key-456:GET;poster-key-789:GET,POST"
@@ -3078,7 +3067,7 @@ class TlsTests(unittest.TestCase):
             if os.environ.get("CI"):
                 raise RuntimeError(reason)            # in CI a missing prerequisite is a failure
             raise unittest.SkipTest(reason)
-        cls.keyfile, cls.certfile = make_self_signed_cert(temp_dir(cls))
+        cls.keyfile, cls.certfile = self_signed_certificate(temp_dir(cls))
 
     def setUp(self):
         self.live = LiveServer(self, tls=(self.keyfile, self.certfile), timeout=2)
@@ -3113,13 +3102,10 @@ class TlsTests(unittest.TestCase):
         self.assertEqual(ws.recv_data(), {"/w.wasm": {"action": "added", "hash": digest}})
 
     def test_server_process_with_tls_option(self):
-        parent = temp_dir(self)
-        proc, port = start_server_process(self, os.path.join(parent, "root"), "--quiet",
-                                          "--tls", f"{self.keyfile},{self.certfile}")
-        conn = http.client.HTTPSConnection("127.0.0.1", port, context=self.context, timeout=10)
-        self.addCleanup(conn.close)
-        conn.request("GET", "/api/v1/branches")
-        self.assertEqual(conn.getresponse().read(), b'["main"]')
+        server = ServerProcess(self, HTTP_SERVER_PY, "--root", os.path.join(temp_dir(self), "root"), "--port", "0",
+                               "--quiet", "--tls", f"{self.keyfile},{self.certfile}")
+        self.assertTrue(server.url.startswith("https://"), server.banner)
+        self.assertEqual(http_request(server.url + "/api/v1/branches", context=self.context)[2], b'["main"]')
 
 
 class CorsTests(unittest.TestCase):
@@ -3213,9 +3199,7 @@ class WatchTests(unittest.TestCase):
         path = os.path.join(self.live.root, "..", "cli.wasm")
         with open(path, "wb") as handle:
             handle.write(module)
-        result = subprocess.run([sys.executable, WASMSTORE_PY, "--root",
-                                 self.live.root, "add", path, "cli/x.wasm"],
-                                capture_output=True, text=True, timeout=60)
+        result = run_cli(self.live.root, "add", path, "cli/x.wasm")
         committed = time.monotonic()
         self.assertEqual(result.returncode, 0, result.stderr)
         self.assertEqual(result.stdout.strip(), sha256(module))
@@ -4034,17 +4018,12 @@ class HardeningCommandLineTests(unittest.TestCase):
     """--max-watches, --allowed-host, --cors ORIGINS and their environment variables."""
 
     def start(self, *args, env=None):
-        parent = temp_dir(self)
-        environment = dict(os.environ, **(env or {}))
-        return start_server_process(self, os.path.join(parent, "root"), "--quiet", *args, env=environment)[1]
+        """The port of a new `http_server.py --quiet ARGS` process with env added to its environment."""
+        return ServerProcess(self, HTTP_SERVER_PY, "--root", os.path.join(temp_dir(self), "root"), "--port", "0",
+                             "--quiet", *args, env=dict(os.environ, **(env or {}))).port
 
     def status(self, port, method, path, headers):
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-        try:
-            conn.request(method, path, headers=headers)
-            return conn.getresponse().status
-        finally:
-            conn.close()
+        return http_request(f"http://127.0.0.1:{port}{path}", method, headers=headers)[0]
 
     def check_one_watch_allowed(self, port):
         first = WsClient(port)
@@ -4084,10 +4063,7 @@ class HardeningCommandLineTests(unittest.TestCase):
                                  ([], {"WASMSTORE_ALLOWED_HOSTS": "a b"}, "WASMSTORE_ALLOWED_HOSTS")]:
             with self.subTest(args=args, env=env):
                 root = os.path.join(temp_dir(self), "root")
-                result = subprocess.run([sys.executable, HTTP_SERVER_PY, "--port", "0",
-                                         "--root", root, *args],
-                                        capture_output=True, text=True, timeout=30, cwd=HERE,
-                                        env=dict(os.environ, **env))
+                result = run_http_server("--port", "0", "--root", root, *args, env=dict(os.environ, **env))
                 self.assertEqual(result.returncode, 2)
                 self.assertIn(named, result.stderr)
                 self.assertNotIn("Traceback", result.stderr)
@@ -4484,49 +4460,6 @@ def unb64(value):
     return None if value is None else base64.b64decode(value["b64"])
 
 
-def start_server(test, **options):
-    """Serve a fresh store on a free loopback port for the duration of `test`; return (store, base_url)."""
-    root = temp_dir(test, "wasmstore-clients-")
-    store = wasmstore.Store(root)
-    server = http_server.make_server(store, "127.0.0.1", 0, quiet=True, **options)
-    thread = threading.Thread(target=server.serve_forever, name="clients-test-server", daemon=True)
-    thread.start()
-    test.addCleanup(thread.join, 10)
-    test.addCleanup(server.server_close)
-    test.addCleanup(server.shutdown)
-    host, port = server.server_address[:2]
-    return store, f"{'https' if options.get('tls') else 'http'}://{host}:{port}"
-
-
-def clients_start_server_process(test, *options):
-    """Run `python http_server.py --port 0 ...` on a fresh root, as a user would; return (root, base_url)."""
-    root = temp_dir(test, "wasmstore-clients-cli-")
-    process = subprocess.Popen([sys.executable, HTTP_SERVER_PY, "--root", root, "--port", "0",
-                                "--quiet", *options], cwd=HERE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                               text=True)
-    lines = queue.Queue()
-    reader = threading.Thread(target=lambda: [lines.put(line) for line in process.stderr], daemon=True)
-    reader.start()
-    test.addCleanup(stop_process, process, reader)
-    try:
-        banner = lines.get(timeout=CALL_TIMEOUT)  # "wasmstore: serving ROOT on URL"
-    except queue.Empty:
-        test.fail(f"http_server.py printed nothing within {CALL_TIMEOUT} s")
-    test.assertIn(" on http", banner)
-    return root, banner.rsplit(" on ", 1)[1].strip()
-
-
-def stop_process(process, stderr_reader):
-    process.terminate()
-    try:
-        process.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-    stderr_reader.join(10)  # it ends at EOF, now that the process is gone
-    process.stderr.close()
-
-
 class ClientCallFailed(AssertionError):
     """A client call raised, or its driver died or went silent; the message carries the client's own error."""
 
@@ -4641,39 +4574,12 @@ def node_driver(test, extra_env=None):
     return driver
 
 
-def ensure_openssl():
-    openssl = shutil.which("openssl")
-    if openssl is None:
-        raise PrerequisiteMissing("the `openssl` command is not installed (apt-get install openssl)")
-    return openssl
-
-
-def self_signed_certificate(test):
-    """Create a key and a self-signed certificate for 127.0.0.1; return (keyfile, certfile)."""
-    openssl = prepare(ensure_openssl)
-    directory = temp_dir(test, "wasmstore-clients-tls-")
-    keyfile, certfile = os.path.join(directory, "key.pem"), os.path.join(directory, "cert.pem")
-    run_quietly([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-keyout", keyfile,
-                 "-out", certfile, "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"], timeout=60)
-    return keyfile, certfile
-
-
-def raw_request(url, method, path, body=None, headers=None):
-    """One request with http.client (for routes a client cannot reach); returns (status, body bytes)."""
-    connection = http.client.HTTPConnection(url.split("//", 1)[1], timeout=CALL_TIMEOUT)
-    try:
-        connection.request(method, path, body=body, headers=headers or {})
-        response = connection.getresponse()
-        return response.status, response.read()
-    finally:
-        connection.close()
-
-
 class PythonClientTest(unittest.TestCase):
     """Every method of PyPI wasmstore 0.3.0 against the live server, checked against the server's Store."""
 
     def setUp(self):
-        self.store, self.url = start_server(self)
+        live = LiveServer(self, quiet=True)
+        self.store, self.url = live.store, live.url
         self.driver = python_driver(self)
         self.client = PythonClient(self.driver, self.url)
 
@@ -4850,20 +4756,20 @@ class PythonClientTest(unittest.TestCase):
         module = wasm_module("set")
         digest = self.client.add("src.wasm", module)
         # Exactly what the client would send without its typo: POST /hash/<hash>/<path>, Content-Length: 0.
-        status, body = raw_request(self.url, "POST", f"/api/v1/hash/{digest}/copy/x.wasm", body=b"")
+        status, _, body = http_request(f"{self.url}/api/v1/hash/{digest}/copy/x.wasm", "POST", b"")
         self.assertEqual(status, 200, body)
         self.assertEqual(self.client.find("copy/x.wasm"), module)
         self.assertEqual(self.client.hash("copy/x.wasm"), digest)
 
-        status, _ = raw_request(self.url, "POST", f"/api/v1/hash/{'0' * 64}/copy/y.wasm", body=b"")
+        status = http_request(f"{self.url}/api/v1/hash/{'0' * 64}/copy/y.wasm", "POST", b"")[0]
         self.assertEqual(status, 404)
         self.assertIsNone(self.client.find("copy/y.wasm"))
 
     def test_set_route_honours_branch_header(self):
         digest = self.client.add("src.wasm", wasm_module("src"))
         self.client.create_branch("dev")
-        status, body = raw_request(self.url, "POST", f"/api/v1/hash/{digest}/on-dev.wasm", body=b"",
-                                   headers={"Wasmstore-Branch": "dev"})
+        status, _, body = http_request(f"{self.url}/api/v1/hash/{digest}/on-dev.wasm", "POST", b"",
+                                       {"Wasmstore-Branch": "dev"})
         self.assertEqual(status, 200, body)
         self.assertEqual(self.store.list(branch="dev")["/on-dev.wasm"], digest)
         self.assertNotIn("/on-dev.wasm", self.store.list())
@@ -4875,7 +4781,8 @@ class PythonClientAuthTest(unittest.TestCase):
     ADMIN, READER = "admin-key-1f3a", "read-key-9b2c"
 
     def setUp(self):
-        self.store, self.url = start_server(self, auth=f"{self.ADMIN}:*;{self.READER}:GET")
+        live = LiveServer(self, quiet=True, auth=f"{self.ADMIN}:*;{self.READER}:GET")
+        self.store, self.url = live.store, live.url
         self.driver = python_driver(self)
         self.admin = PythonClient(self.driver, self.url, auth=self.ADMIN)
         self.reader = PythonClient(self.driver, self.url, auth=self.READER)
@@ -4907,8 +4814,8 @@ class PythonClientAuthTest(unittest.TestCase):
         refused = self.reader.add("new.wasm", wasm_module("new"))  # the client returns the body, whatever the status
         self.assertNotEqual(refused, sha256(wasm_module("new")))
         self.assertNotIn(self.READER, refused)  # the key is never echoed
-        status, _ = raw_request(self.url, "POST", "/api/v1/module/new.wasm", body=wasm_module("new"),
-                                headers={"Wasmstore-Auth": self.READER})  # what the client sent, status visible
+        status = http_request(self.url + "/api/v1/module/new.wasm", "POST", wasm_module("new"),
+                              {"Wasmstore-Auth": self.READER})[0]  # what the client sent, status visible
         self.assertEqual(status, 403)
         self.assertIs(self.reader.remove("g.wasm"), False)
         self.assertIs(self.reader.create_branch("nope"), False)
@@ -4928,8 +4835,9 @@ class PythonClientTlsTest(unittest.TestCase):
     """The PyPI client over HTTPS (--tls KEY,CERT), verifying the server's certificate."""
 
     def test_add_find_list_over_https(self):
-        keyfile, certfile = self_signed_certificate(self)
-        store, url = start_server(self, tls=(keyfile, certfile))
+        keyfile, certfile = self_signed_certificate(temp_dir(self))
+        live = LiveServer(self, quiet=True, tls=(keyfile, certfile))
+        store, url = live.store, live.url
         driver = python_driver(self, {"REQUESTS_CA_BUNDLE": certfile})  # trust exactly this certificate
         client = PythonClient(driver, url)
         module = wasm_module("tls")
@@ -4943,7 +4851,8 @@ class NodeClientTest(unittest.TestCase):
     """@dylibso/wasmstore 0.3.0 under Node: watch over the WebSocket, instantiate, and the other methods."""
 
     def setUp(self):
-        self.store, self.url = start_server(self)
+        live = LiveServer(self, quiet=True)
+        self.store, self.url = live.store, live.url
         self.driver = node_driver(self)
         self.client = NodeClient(self.driver, self.url)
 
@@ -5050,8 +4959,8 @@ class NodeClientTlsTest(unittest.TestCase):
     """The npm client over HTTPS: its watch() switches to wss:// and instantiate() streams over TLS."""
 
     def test_watch_over_wss_and_instantiate_over_https(self):
-        keyfile, certfile = self_signed_certificate(self)
-        store, url = start_server(self, tls=(keyfile, certfile))
+        keyfile, certfile = self_signed_certificate(temp_dir(self))
+        url = LiveServer(self, quiet=True, tls=(keyfile, certfile)).url
         driver = node_driver(self, {"NODE_EXTRA_CA_CERTS": certfile})  # trust exactly this certificate
         client = NodeClient(driver, url)
         self.assertEqual(client.watch_open(), url.replace("https", "wss") + "/api/v1/watch")
@@ -5067,7 +4976,8 @@ class CommandLineServerTest(unittest.TestCase):
     """Both clients against `python http_server.py` run as a separate process, as users run it."""
 
     def test_python_client_with_keys_given_on_the_command_line(self):
-        root, url = clients_start_server_process(self, "--auth", "cli-admin:*;cli-reader:GET")
+        url = ServerProcess(self, HTTP_SERVER_PY, "--root", temp_dir(self), "--port", "0", "--quiet",
+                            "--auth", "cli-admin:*;cli-reader:GET").url
         driver = python_driver(self)
         admin = PythonClient(driver, url, auth="cli-admin")
         reader = PythonClient(driver, url, auth="cli-reader")
@@ -5079,15 +4989,15 @@ class CommandLineServerTest(unittest.TestCase):
         self.assertEqual(reader.list(), {"/cli.wasm": sha256(module)})
 
     def test_npm_watch_sees_a_commit_made_by_a_separate_wasmstore_process(self):
-        root, url = clients_start_server_process(self)
+        root = temp_dir(self)
+        url = ServerProcess(self, HTTP_SERVER_PY, "--root", root, "--port", "0", "--quiet").url
         client = NodeClient(node_driver(self), url)
         client.watch_open()
         module = wasm_module("from-cli")
         with tempfile.NamedTemporaryFile(suffix=".wasm") as file:
             file.write(module)
             file.flush()
-            added = subprocess.run([sys.executable, WASMSTORE_PY, "add", "--root", root,
-                                    file.name, "cli/added.wasm"], capture_output=True, text=True, timeout=60)
+            added = run_cli(None, "add", "--root", root, file.name, "cli/added.wasm")   # the root after the command
         self.assertEqual(added.returncode, 0, added.stderr)
         self.assertEqual(client.watch_next(WATCH_TIMEOUT_MS),
                          {"/cli/added.wasm": {"action": "added", "hash": sha256(module)}})
@@ -5098,7 +5008,8 @@ class NodeClientAuthTest(unittest.TestCase):
     """The npm client's auth() with keys configured."""
 
     def setUp(self):
-        self.store, self.url = start_server(self, auth="writer-77:GET,POST;reader-42:GET")
+        live = LiveServer(self, quiet=True, auth="writer-77:GET,POST;reader-42:GET")
+        self.store, self.url = live.store, live.url
         self.driver = node_driver(self)
 
     def test_auth_reports_allowed_methods(self):
@@ -6135,13 +6046,13 @@ class KvhostCliTest(unittest.TestCase):
         self.cache = temp_dir(self)
 
     def cli(self, *args, kv=True):
-        argv = [sys.executable, os.path.join(HERE, "kvhost.py")] + list(args[:1])
+        """`kvhost.py COMMAND [--kv this test's SQLite file] [--cache-dir ...] ARGS`."""
+        argv = list(args[:1])
         if kv:
             argv += ["--kv", "sqlite:" + self.db]
         if args[:1] in (("run",), ("call",)):
             argv += ["--cache-dir", self.cache]
-        argv += list(args[1:])
-        return subprocess.run(argv, capture_output=True, text=True, cwd=HERE, timeout=60)
+        return run_kvhost(*argv, *args[1:], timeout=60)
 
     def test_call_prints_one_line_of_json(self):
         done = self.cli("call", PROBE, "set", '"b"', '"k"', '"aGk="')
@@ -7314,10 +7225,6 @@ class StoredProviderTest(StoreTestCase):
         self.store.add("/providers/wat.wasm", guest_binary(KV_PROVIDER))
         self.store.add("/apps/probe.wasm", guest_binary(PROBE))
 
-    def wasmstore(self, *args):
-        return subprocess.run([sys.executable, WASMSTORE_PY, "--root", self.root, *args],
-                              capture_output=True, text=True, timeout=120, cwd=HERE)
-
     def stored(self, bucket, key):
         backend = kvhost.open_backend(wasmstore.default_kv_url(self.root))
         try:
@@ -7327,19 +7234,19 @@ class StoredProviderTest(StoreTestCase):
 
     def test_call_and_run_use_the_stored_provider_over_sqlite_under_the_root(self):
         for expected in ('{"ok":1}\n', '{"ok":2}\n'):
-            done = self.wasmstore("call", "--kv", "component:/providers/wat.wasm", "/apps/probe.wasm",
+            done = run_cli(self.root, "call", "--kv", "component:/providers/wat.wasm", "/apps/probe.wasm",
                                   "incr", '"c"', '"n"', "1")
             self.assertEqual((done.returncode, done.stdout), (0, expected), done.stderr)
         self.assertEqual(self.stored("wat.c", "n"), b"2")
-        done = self.wasmstore("call", "/apps/probe.wasm", "incr", '"c"', '"n"', "1")     # no provider: the bucket c
+        done = run_cli(self.root, "call", "/apps/probe.wasm", "incr", '"c"', '"n"', "1")     # no provider: the bucket c
         self.assertEqual(done.stdout, '{"ok":1}\n')
 
     def test_a_missing_stored_provider_or_a_stray_provider_backend_is_one_line(self):
-        done = self.wasmstore("call", "--kv", "component:/providers/nope.wasm", "/apps/probe.wasm", "incr",
+        done = run_cli(self.root, "call", "--kv", "component:/providers/nope.wasm", "/apps/probe.wasm", "incr",
                               '"c"', '"n"', "1")
         self.assertEqual((done.returncode, done.stderr), (1, "wasmstore: error: no module at /providers/nope.wasm "
                                                              "on branch 'main'\n"))
-        done = self.wasmstore("call", "--provider-kv", "memory:", "/apps/probe.wasm", "incr", '"c"', '"n"', "1")
+        done = run_cli(self.root, "call", "--provider-kv", "memory:", "/apps/probe.wasm", "incr", '"c"', '"n"', "1")
         self.assertEqual(done.returncode, 1)
         self.assertIn("needs --kv component:PATH", done.stderr)
 
@@ -7488,7 +7395,7 @@ def oras(*args, env=None, expect_ok=True):
     environment = {k: v for k, v in os.environ.items() if not k.startswith("ORAS_")}
     environment.update(env or {})
     done = subprocess.run([python, ORAS_DRIVER, *args], capture_output=True, text=True, env=environment,
-                          timeout=OCI_CALL_TIMEOUT)
+                          timeout=CLI_TIMEOUT)
     lines = done.stdout.strip().splitlines()
     if not lines:
         raise AssertionError(f"oras driver said nothing (exit {done.returncode}): {done.stderr[-2000:]}")
@@ -7496,22 +7403,6 @@ def oras(*args, env=None, expect_ok=True):
     if expect_ok and "error" in answer:
         raise AssertionError(f"oras {args[0]} failed: {answer['error']}")
     return answer
-
-
-def http_get(url, headers=None, context=None, method="GET"):
-    """(status, headers dict with lower-case names, body) of one request to an absolute URL."""
-    parts = urllib.parse.urlsplit(url)
-    if parts.scheme == "https":
-        connection = http.client.HTTPSConnection(parts.hostname, parts.port, timeout=30, context=context)
-    else:
-        connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
-    try:
-        target = parts.path + (f"?{parts.query}" if parts.query else "")
-        connection.request(method, target, headers=headers or {})
-        response = connection.getresponse()
-        return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
-    finally:
-        connection.close()
 
 
 class DistributionRegistry:
@@ -7560,7 +7451,7 @@ class DistributionRegistry:
                 raise RuntimeError(f"docker-registry exited with status {self.process.returncode}: "
                                    f"{read_text(self.log_file)[-1000:]}")
             try:
-                status, _, _ = http_get(f"{scheme}://{self.registry}/v2/", context=insecure)
+                status, _, _ = http_request(f"{scheme}://{self.registry}/v2/", context=insecure)
                 if status in (200, 401):
                     return self
             except OSError:
@@ -7580,7 +7471,7 @@ class DistributionRegistry:
         shutil.rmtree(self.directory, ignore_errors=True)
 
     def tags(self, repository, headers=None):
-        status, _, body = http_get(f"http://{self.registry}/v2/{repository}/tags/list", headers)
+        status, _, body = http_request(f"http://{self.registry}/v2/{repository}/tags/list", headers=headers)
         return sorted(json.loads(body)["tags"]) if status == 200 else None
 
 
@@ -7617,7 +7508,7 @@ class TokenService:
     SERVICE, ISSUER = "wasmstore-test-registry", "wasmstore-test-issuer"
 
     def __init__(self, directory, users, grant=("pull", "push")):
-        self.key, self.cert = openssl_key_and_cert(directory, "token-issuer", "wasmstore test token issuer")
+        self.key, self.cert = self_signed_certificate(directory, "token-issuer", "wasmstore test token issuer")
         der = subprocess.run(["openssl", "x509", "-in", self.cert, "-outform", "DER"], check=True,
                              capture_output=True).stdout
         self.x5c = base64.b64encode(der).decode("ascii")
@@ -8220,7 +8111,7 @@ class OciTlsTest(OciTestCase):
     @classmethod
     def setUpClass(cls):
         cls.directory = temp_dir(cls, "test-registry-tls-")
-        cls.key, cls.cert = openssl_key_and_cert(cls.directory, "registry", "127.0.0.1")
+        cls.key, cls.cert = self_signed_certificate(cls.directory, "registry", "127.0.0.1")
         cls.registry = start_registry(cls, tls=(cls.key, cls.cert))
 
     def test_unknown_certificate_authority_is_a_one_line_error(self):
@@ -8614,8 +8505,7 @@ class RunnerTest(StoreTestCase):
         newer = os.path.join(self.tmp, "math-v2.wasm")
         with open(newer, "wb") as f:
             f.write(wat_binary(LIB_MATH_V2))
-        done = subprocess.run([sys.executable, WASMSTORE_PY, "--root", self.root, "add", newer, "/lib/math.wasm"],
-                              capture_output=True, text=True, timeout=60)
+        done = run_cli(self.root, "add", newer, "/lib/math.wasm")
         self.assertEqual(done.returncode, 0, done.stderr)
         self.assertEqual(self.call("/lib/math.wasm", "add", 3, 4), 12)
 
@@ -8848,14 +8738,10 @@ class RunCliTest(StoreTestCase):
         super().setUp()
         fill_run_store(self.store)
 
-    def wasmstore(self, *args, timeout=120):
-        return subprocess.run([sys.executable, WASMSTORE_PY, "--root", self.root, *args],
-                              capture_output=True, text=True, timeout=timeout, cwd=HERE)
-
     def test_call_prints_one_line_of_json(self):
-        done = self.wasmstore("call", "/num/numbers.wasm", "divf64", "1", "0")
+        done = run_cli(self.root, "call", "/num/numbers.wasm", "divf64", "1", "0")
         self.assertEqual((done.returncode, done.stdout, done.stderr), (0, '"Infinity"\n', ""))
-        done = self.wasmstore("call", "/apps/linked.wasm", "sum_of_squares", "3", "4")
+        done = run_cli(self.root, "call", "/apps/linked.wasm", "sum_of_squares", "3", "4")
         self.assertEqual((done.returncode, done.stdout), (0, "25\n"))
 
     def test_exit_statuses_follow_kvhost(self):
@@ -8868,24 +8754,24 @@ class RunCliTest(StoreTestCase):
                  (("call", "--version", "5", "/num/numbers.wasm", "add", "1", "2"), 1, "no version 5 of")]
         for args, status, message in cases:
             with self.subTest(args=args):
-                done = self.wasmstore(*args)
+                done = run_cli(self.root, *args)
                 self.assertEqual(done.returncode, status, done.stderr)
                 self.assertIn(message, done.stderr)
                 self.assertEqual(len(done.stderr.splitlines()), 1, done.stderr)
                 self.assertNotIn("Traceback", done.stderr)
 
     def test_run_passes_arguments_and_the_guest_exit_status(self):
-        done = self.wasmstore("run", "/wasi/hello.wasm", "a", "b c")
+        done = run_cli(self.root, "run", "/wasi/hello.wasm", "a", "b c")
         self.assertEqual((done.returncode, done.stdout), (0, "hello a b c\n"))
         self.assertEqual(done.stderr, "wasi-hello: this line goes to stderr\n")
-        self.assertEqual(self.wasmstore("run", "/wasi/hello.wasm", "fail").returncode, 3)
-        done = self.wasmstore("run", "--env", "GREETING=hey", "/wasi/hello.wasm", "env")
+        self.assertEqual(run_cli(self.root, "run", "/wasi/hello.wasm", "fail").returncode, 3)
+        done = run_cli(self.root, "run", "--env", "GREETING=hey", "/wasi/hello.wasm", "env")
         self.assertEqual(done.stdout, "hello env\nhey\n")
 
     def test_exports_one_per_line_and_as_json(self):
-        done = self.wasmstore("exports", "/lib/math.wasm")
+        done = run_cli(self.root, "exports", "/lib/math.wasm")
         self.assertEqual((done.returncode, done.stdout), (0, "add(i32, i32) -> i32\nsquare(i32) -> i32\n"))
-        done = self.wasmstore("exports", "--json", "/p2/sleep.wasm")
+        done = run_cli(self.root, "exports", "--json", "/p2/sleep.wasm")
         self.assertEqual(json.loads(done.stdout), [{"name": "wasi:cli/run@0.2.0#run", "params": [], "results": ["result"]},
                                                    {"name": "sleep", "params": [{"name": "ms", "type": "u64"}],
                                                     "results": []}])
@@ -8893,7 +8779,7 @@ class RunCliTest(StoreTestCase):
     def test_version_and_commit_options(self):
         first = self.store.snapshot()
         self.store.add("/lib/math.wasm", wat_binary(LIB_MATH_V2))
-        outputs = [self.wasmstore("call", *extra, "/lib/math.wasm", "add", "3", "4").stdout
+        outputs = [run_cli(self.root, "call", *extra, "/lib/math.wasm", "add", "3", "4").stdout
                    for extra in ((), ("--version", "0"), ("--commit", first))]
         self.assertEqual(outputs, ["12\n", "7\n", "7\n"])
 
@@ -8901,39 +8787,36 @@ class RunCliTest(StoreTestCase):
         probe = guest_binary(PROBE)
         self.store.add("/apps/a.wasm", probe)
         self.store.add("/apps/b.wasm", probe)
-        results = [self.wasmstore("call", path, "incr", '"c"', '"n"', "1").stdout
+        results = [run_cli(self.root, "call", path, "incr", '"c"', '"n"', "1").stdout
                    for path in ("/apps/a.wasm", "/apps/a.wasm", "/apps/b.wasm")]
         self.assertEqual(results, ['{"ok":1}\n', '{"ok":2}\n', '{"ok":1}\n'])
         self.assertTrue(os.path.exists(os.path.join(self.root, "kv.sqlite3")))
-        done = self.wasmstore("call", "--namespace", "/apps/a.wasm", "/apps/b.wasm", "incr", '"c"', '"n"', "1")
+        done = run_cli(self.root, "call", "--namespace", "/apps/a.wasm", "/apps/b.wasm", "incr", '"c"', '"n"', "1")
         self.assertEqual(done.stdout, '{"ok":3}\n')                          # an operator shares on purpose
 
     def test_timeout_ends_a_guest_blocked_in_a_host_call(self):
         started = time.monotonic()
-        done = self.wasmstore("call", "--timeout", "1", "/p2/sleep.wasm", "sleep", "3600000")
+        done = run_cli(self.root, "call", "--timeout", "1", "/p2/sleep.wasm", "sleep", "3600000")
         self.assertLess(time.monotonic() - started, 8)
         self.assertEqual(done.returncode, 1)
         self.assertEqual(done.stderr, "wasmstore: trap: timeout: the guest ran longer than 1.0 s "
                                       "(blocked in a host call)\n")
-        done = self.wasmstore("run", "--timeout", "1", "/wasi/sleep.wasm")
+        done = run_cli(self.root, "run", "--timeout", "1", "/wasi/sleep.wasm")
         self.assertEqual(done.returncode, 1)
 
     def test_stub_imports_option(self):
-        self.assertEqual(self.wasmstore("call", "/http/import.wasm", "hello").returncode, 2)
-        done = self.wasmstore("call", "--stub-imports", "/http/import.wasm", "hello")
+        self.assertEqual(run_cli(self.root, "call", "/http/import.wasm", "hello").returncode, 2)
+        done = run_cli(self.root, "call", "--stub-imports", "/http/import.wasm", "hello")
         self.assertEqual((done.returncode, done.stdout), (0, '"hello from http-import"\n'))
 
     def test_wasmstore_alone_says_running_needs_kvhost(self):
-        folder = temp_dir(self, "vendored-")
-        shutil.copy(WASMSTORE_PY, folder)
-        done = subprocess.run([sys.executable, os.path.join(folder, "wasmstore.py"), "--root", self.root,
-                               "call", "/num/numbers.wasm", "add", "1", "2"],
-                              capture_output=True, text=True, timeout=60, cwd=folder)
+        alone = wasmstore_alone(self)
+        done = run_cli(self.root, "call", "/num/numbers.wasm", "add", "1", "2", script=alone,
+                       cwd=os.path.dirname(alone))
         self.assertEqual(done.returncode, 2)
         self.assertEqual(done.stderr, "wasmstore: error: running modules needs kvhost.py next to wasmstore.py "
                                       "and the wasmtime package (pip install wasmtime)\n")
-        listed = subprocess.run([sys.executable, os.path.join(folder, "wasmstore.py"), "--root", self.root, "list"],
-                                capture_output=True, text=True, timeout=60, cwd=folder)
+        listed = run_cli(self.root, "list", script=alone, cwd=os.path.dirname(alone))
         self.assertEqual(listed.returncode, 0)                                # the store works alone
 
 
