@@ -126,7 +126,7 @@ RUN_GUESTS = os.path.join(GUEST_DIR, "run")                       # guests of th
 PY_COUNTER = os.path.join(HERE, "build", "py-counter.wasm")       # componentize-py
 PY_PROVIDER = os.path.join(HERE, "build", "py-provider.wasm")     # componentize-py; keeps B as py.B
 JS_HELLO = os.path.join(HERE, "build", "js-hello.wasm")           # jco (componentize-js)
-BUILD_HINT = "pip install componentize-py==0.25.1 && bash guests/build.sh"
+BUILD_HINT = "build it with `pip install componentize-py==0.25.1 && bash guests/build.sh`; .ci/run does"
 
 # The published clients and the oras client, each in its own environment (.ci/run installs them).
 CLIENTS_DIR = os.path.join(HERE, "clients")
@@ -136,11 +136,54 @@ ORAS_DRIVER = os.path.join(CLIENTS_DIR, "oras_driver.py")
 
 
 # ---- Peers a test needs: skipped with the exact reason outside CI, a failure with CI set ----------
-IN_CI = bool(os.environ.get("CI"))
+# Every test that needs something outside the standard library and wasmtime (a command, a built
+# guest, an installed client) asks require_peer, directly or through require_tool, require_file or
+# require_installed: there is no other skip in this file.
+
+IN_CI = bool(os.environ.get("CI"))      # .ci/run sets it, after installing every peer
 
 
-class PrerequisiteMissing(Exception):
-    """A client runtime cannot be prepared; the message says exactly what is missing."""
+class PeerMissing(Exception):
+    """A peer cannot be found or installed; the message says exactly what is missing."""
+
+
+def require_peer(found, reason):
+    """The one policy for a missing peer. found (a path, a program...) when it is there; else the
+    test skips with the exact reason outside CI, and fails with CI set, where .ci/run installed
+    every peer: a missing one there is a broken machine, never a reason to test less."""
+    if found:
+        return found
+    if IN_CI:
+        raise AssertionError(f"peer missing with CI set: {reason}")
+    raise unittest.SkipTest(f"peer missing (CI unset, so skipping): {reason}")
+
+
+def require_tool(name, install_hint):
+    """The path of the command `name` (see require_peer)."""
+    return require_peer(shutil.which(name), f"the `{name}` command is not installed ({install_hint}; "
+                                            ".ci/run installs it)")
+
+
+def require_file(path, how):
+    """path, if it exists: a guest a toolchain builds, a file of the system (see require_peer)."""
+    shown = os.path.relpath(path, HERE) if path.startswith(HERE + os.sep) else path
+    return require_peer(path if os.path.exists(path) else None, f"{shown} is missing ({how})")
+
+
+_installed = {}
+
+
+def require_installed(install, *args):
+    """What install(*args) returns (an interpreter, a program), installing once per process: it may
+    take minutes the first time. The PeerMissing it raises goes to require_peer."""
+    key = (install, args)
+    if key not in _installed:
+        try:
+            _installed[key] = (install(*args), None)
+        except PeerMissing as exc:
+            _installed[key] = (None, str(exc))
+    found, reason = _installed[key]
+    return require_peer(found, reason)
 
 
 @contextlib.contextmanager
@@ -153,53 +196,37 @@ def install_lock(name):
 
 
 def run_quietly(argv, cwd=None, timeout=600):
-    """Run an install command; on failure raise PrerequisiteMissing with the command and its last output line."""
+    """Run an install command; on failure raise PeerMissing with the command and its last output line."""
     try:
         done = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=timeout)
     except (OSError, subprocess.TimeoutExpired) as exc:
-        raise PrerequisiteMissing(f"{' '.join(argv)}: {exc}") from None
+        raise PeerMissing(f"{' '.join(argv)}: {exc}") from None
     if done.returncode != 0:
         lines = (done.stderr or done.stdout).strip().splitlines() or ["no output"]
-        raise PrerequisiteMissing(f"{' '.join(argv)} failed (exit {done.returncode}): {lines[-1]}")
+        raise PeerMissing(f"{' '.join(argv)} failed (exit {done.returncode}): {lines[-1]}")
     return done.stdout
 
 
-_prepared = {}
+def pinned_venv(directory, name, version):
+    """The interpreter of the virtual environment `directory` holding the PyPI package name==version,
+    made first if needed (an install for require_installed)."""
+    python = os.path.join(directory, "bin", "python")
 
+    def installed_version():
+        if not os.path.exists(python):
+            return None
+        probe = subprocess.run([python, "-c", f"import importlib.metadata as m; print(m.version({name!r}))"],
+                               capture_output=True, text=True)
+        return probe.stdout.strip() if probe.returncode == 0 else None
 
-def prepare(ensure):
-    """Run ensure() once per process; missing prerequisites fail under CI and skip (with the reason) elsewhere."""
-    if ensure not in _prepared:
-        try:
-            _prepared[ensure] = (True, ensure())
-        except PrerequisiteMissing as exc:
-            _prepared[ensure] = (False, str(exc))
-    ok, value = _prepared[ensure]
-    if ok:
-        return value
-    if IN_CI:
-        raise AssertionError(f"client prerequisite missing in CI: {value}")
-    raise unittest.SkipTest(f"client prerequisite missing (CI unset, so skipping): {value}")
-
-
-def require_tool(name, install_hint):
-    """Skip outside CI with the exact reason; in CI a missing tool is a failure (CI installs it)."""
-    path = shutil.which(name)
-    if path:
-        return path
-    message = f"{name} is not installed ({install_hint}); .ci/run installs it"
-    if IN_CI:
-        raise AssertionError(message)
-    raise unittest.SkipTest(message)
-
-
-def require_file(path, how):
-    if os.path.exists(path):
-        return path
-    message = f"{os.path.relpath(path, HERE)} is missing: {how}"
-    if IN_CI:
-        raise AssertionError(message + " (.ci/run must build it before the tests)")
-    raise unittest.SkipTest(message)
+    with install_lock(os.path.basename(directory).lstrip(".")):
+        if installed_version() != version:
+            run_quietly([sys.executable, "-m", "venv", directory])
+            run_quietly([python, "-m", "pip", "install", "--quiet", f"{name}=={version}"])
+        found = installed_version()
+        if found != version:
+            raise PeerMissing(f"{directory} has {name} {found}, not {version}")
+    return python
 
 
 NPM_PACKAGES = ("@dylibso/wasmstore", "ws")  # pinned in clients/package.json
@@ -219,22 +246,23 @@ def installed_npm_version(name):
         return None
 
 
-def ensure_node_client():
-    """Return the node executable, with clients/node_modules holding the pinned npm packages."""
+def node_with_pinned_clients():
+    """The node executable, with clients/node_modules holding the pinned npm packages, installed
+    first if needed (an install for require_installed)."""
     node = shutil.which("node")
     if node is None:
-        raise PrerequisiteMissing("the `node` command is not installed (Node 20 is needed for the npm client)")
+        raise PeerMissing("the `node` command is not installed (Node 20 is needed for the npm client)")
     pinned = pinned_npm_versions()
     with install_lock("node-clients"):
         if any(installed_npm_version(name) != version for name, version in pinned.items()):
             npm = shutil.which("npm")
             if npm is None:
-                raise PrerequisiteMissing("the `npm` command is not installed; needed to install clients/package.json")
+                raise PeerMissing("the `npm` command is not installed; needed to install clients/package.json")
             run_quietly([npm, "ci", "--no-audit", "--no-fund", "--loglevel=error"], cwd=CLIENTS_DIR)
         for name, version in pinned.items():
             if installed_npm_version(name) != version:
-                raise PrerequisiteMissing(f"clients/node_modules has {name} {installed_npm_version(name)}, "
-                                          f"not {version}")
+                raise PeerMissing(f"clients/node_modules has {name} {installed_npm_version(name)}, "
+                                  f"not {version}")
     return node
 
 
@@ -1301,7 +1329,8 @@ class AcceptanceWalkTest(StoreTestCase):
         self.cli("backup", "backup.tar.gz")
         extracted = os.path.join(self.tmp, "extracted")
         os.mkdir(extracted)
-        subprocess.run(["tar", "xzf", os.path.join(self.tmp, "backup.tar.gz"), "-C", extracted],
+        tar = require_tool("tar", "apt-get install -y tar")
+        subprocess.run([tar, "xzf", os.path.join(self.tmp, "backup.tar.gz"), "-C", extracted],
                        check=True)
         self.assertEqual(self.cli("list", root=extracted)[0], self.cli("list")[0])
         self.assertIn("0 problems", self.cli("fsck", root=extracted)[0])
@@ -2285,12 +2314,7 @@ class ComponentValidationTest(StoreTestCase):
         self.assertGreater(outcomes[True], 0)            # some land in names or custom data
 
     def test_byte_flipped_py_counter(self):
-        if not os.path.exists(PY_COUNTER):
-            message = "build/py-counter.wasm is missing (bash guests/build.sh)"
-            if IN_CI:
-                raise AssertionError(message)
-            self.skipTest(message)
-        with open(PY_COUNTER, "rb") as handle:
+        with open(require_file(PY_COUNTER, BUILD_HINT), "rb") as handle:
             data = handle.read()
         self.assertTrue(self.verdict(data, "py-counter"))
         rng = random.Random(18)
@@ -3062,12 +3086,7 @@ class TlsTests(unittest.TestCase):
 
     @classmethod
     def setUpClass(cls):
-        if shutil.which("openssl") is None:
-            reason = "the openssl command is needed to create a test certificate (.ci/run installs it)"
-            if os.environ.get("CI"):
-                raise RuntimeError(reason)            # in CI a missing prerequisite is a failure
-            raise unittest.SkipTest(reason)
-        cls.keyfile, cls.certfile = self_signed_certificate(temp_dir(cls))
+        cls.keyfile, cls.certfile = self_signed_certificate(temp_dir(cls))      # needs openssl
 
     def setUp(self):
         self.live = LiveServer(self, tls=(self.keyfile, self.certfile), timeout=2)
@@ -4090,21 +4109,13 @@ CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic
                   "--disable-background-networking", "--disable-component-update", "--disable-sync")
 
 
-def ensure_chromium():
-    executable = shutil.which("chromium")
-    if executable is None:
-        raise PrerequisiteMissing("the `chromium` command is not installed (apt-get install -y chromium; "
-                                  ".ci/run installs it)")
-    return executable
-
-
 class Chromium:
     """Headless Chromium driven over the DevTools protocol (JSON over a WebSocket), stdlib only.
 
     Started with a fresh profile and stopped (its whole process group) in the test's cleanup."""
 
     def __init__(self, testcase, *flags, timeout=60):
-        executable = prepare(ensure_chromium)
+        executable = require_tool("chromium", "apt-get install -y chromium")
         self.testcase = testcase
         self.profile = temp_dir(testcase, "wasmstore-chromium-")
         self.log = tempfile.TemporaryFile()
@@ -4310,7 +4321,7 @@ PAGE_MODULE = wasm_module("page")   # the bytes of NPM_CLIENT_PAGE's MODULE
 
 
 def npm_client_source():
-    prepare(ensure_node_client)                     # the pinned @dylibso/wasmstore is installed
+    require_installed(node_with_pinned_clients)      # the pinned @dylibso/wasmstore is installed
     with open(os.path.join(CLIENTS_DIR, "node_modules", "@dylibso", "wasmstore", "wasmstore.js"), "rb") as f:
         return f.read()
 
@@ -4426,32 +4437,6 @@ CALL_TIMEOUT = 30  # seconds for one client call; generous because the 2-core CI
 WATCH_TIMEOUT_MS = 5000
 
 
-def venv_python():
-    return os.path.join(VENV_DIR, "bin", "python")
-
-
-def installed_python_client_version():
-    if not os.path.exists(venv_python()):
-        return None
-    probe = subprocess.run(
-        [venv_python(), "-c", f"import importlib.metadata as m; print(m.version({PY_CLIENT_NAME!r}))"],
-        capture_output=True, text=True)
-    return probe.stdout.strip() if probe.returncode == 0 else None
-
-
-def ensure_python_client():
-    """Return the interpreter of a virtual environment holding the pinned PyPI client."""
-    with install_lock("venv-clients"):
-        if installed_python_client_version() != PY_CLIENT_VERSION:
-            run_quietly([sys.executable, "-m", "venv", VENV_DIR])
-            run_quietly([venv_python(), "-m", "pip", "install", "--quiet",
-                         f"{PY_CLIENT_NAME}=={PY_CLIENT_VERSION}"])
-        found = installed_python_client_version()
-        if found != PY_CLIENT_VERSION:
-            raise PrerequisiteMissing(f"{VENV_DIR} has {PY_CLIENT_NAME} {found}, not {PY_CLIENT_VERSION}")
-    return venv_python()
-
-
 def b64(data):
     return {"b64": b64_text(data)}
 
@@ -4564,11 +4549,13 @@ class NodeClient(_ClientProxy):
 
 
 def python_driver(test, extra_env=None):
-    return Driver(test, [prepare(ensure_python_client), os.path.join(CLIENTS_DIR, "py_driver.py")], extra_env)
+    python = require_installed(pinned_venv, VENV_DIR, PY_CLIENT_NAME, PY_CLIENT_VERSION)
+    return Driver(test, [python, os.path.join(CLIENTS_DIR, "py_driver.py")], extra_env)
 
 
 def node_driver(test, extra_env=None):
-    driver = Driver(test, [prepare(ensure_node_client), os.path.join(CLIENTS_DIR, "driver.mjs")], extra_env)
+    node = require_installed(node_with_pinned_clients)
+    driver = Driver(test, [node, os.path.join(CLIENTS_DIR, "driver.mjs")], extra_env)
     ready = driver.read_answer("node driver start-up")
     test.assertEqual(ready, {"ready": True})
     return driver
@@ -5035,16 +5022,6 @@ class NodeClientAuthTest(unittest.TestCase):
 # kvhost backends (kvhost.py): the contract every backend keeps, and how each fails
 # =================================================================================================
 
-REDIS_SERVER = shutil.which("redis-server")
-
-
-NO_REDIS = "redis-server is not installed (apt-get install -y redis-server; .ci/run installs it)"
-
-
-# Under CI a missing redis-server fails the Redis tests instead of skipping them.
-SKIP_REDIS = REDIS_SERVER is None and not os.environ.get("CI")
-
-
 class BackendContract:
     """Mixin: subclasses provide make_backend(max_value_size)."""
 
@@ -5279,7 +5256,6 @@ class SqliteBackendTest(BackendContract, unittest.TestCase):
         self.assertEqual(self.backend.get("ns", "b", "n"), b"450")
 
 
-@unittest.skipIf(SKIP_REDIS, NO_REDIS)
 class RedisBackendTest(BackendContract, unittest.TestCase):
     @classmethod
     def setUpClass(cls):
@@ -5374,7 +5350,6 @@ class SqliteFailureTest(unittest.TestCase):
         self.assertEqual(self.call("incr", "b", "n", 2), {"ok": 2})
 
 
-@unittest.skipIf(SKIP_REDIS, NO_REDIS)
 class RedisFailureTest(unittest.TestCase):
     def setUp(self):
         self.server = RedisServer(temp_dir(self)).start()
@@ -5648,15 +5623,20 @@ class GuestGlueTest(unittest.TestCase):
             self.call("set", "b", "k", [256])
 
 
+STATM = "/proc/self/statm"
+
+
 def resident_kib():
-    with open("/proc/self/statm") as f:
+    with open(STATM) as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
 
 
 class BoxedValueTest(unittest.TestCase):
     """option / result / variant payloads live in heap vals (val_new); deleting the outer val frees them."""
 
-    @unittest.skipUnless(os.path.exists("/proc/self/statm"), "needs /proc/self/statm to read the process size")
+    def setUp(self):
+        require_file(STATM, "the process size is read from it: Linux only")
+
     def test_lifting_boxed_payloads_frees_the_boxes(self):
         import ctypes
         desc = ("result", ("option", ("list", ("u8",))), ("variant", (("other", ("string",)),)))
@@ -5682,7 +5662,6 @@ class BoxedValueTest(unittest.TestCase):
         self.assertLess(resident_kib() - before, 1024)
 
 
-    @unittest.skipUnless(os.path.exists("/proc/self/statm"), "needs /proc/self/statm to read the process size")
     def test_host_calls_leak_nothing(self):
         # Host-call arguments are freed by wasmtime after the callback and results by their
         # owner: 4,000 set+get pairs of 4 KiB values pass 1 GiB of 32-byte u8 records.
@@ -6853,12 +6832,7 @@ class PyCounterTest(unittest.TestCase):
 
     @classmethod
     def setUpClass(cls):
-        if not os.path.exists(PY_COUNTER):
-            message = ("build/py-counter.wasm is missing: build it with "
-                       "`pip install componentize-py==0.25.1 && bash guests/build.sh`")
-            if IN_CI:
-                raise AssertionError(message + " (.ci/run must do this before the tests)")
-            raise unittest.SkipTest(message)
+        require_file(PY_COUNTER, BUILD_HINT)
         cls.folder = temp_dir(cls, "test-guests-py-")
         cache = os.path.join(cls.folder, "cache")
         cls.env = dict(os.environ, XDG_CACHE_HOME=cache)
@@ -7365,33 +7339,9 @@ class StaticCompositionTest(unittest.TestCase):
 ORAS_NAME, ORAS_VERSION = "oras", "0.2.43"   # .ci/run installs the same pin
 
 
-def oras_python():
-    return os.path.join(ORAS_VENV, "bin", "python")
-
-
-def installed_oras_version():
-    if not os.path.exists(oras_python()):
-        return None
-    probe = subprocess.run([oras_python(), "-c", f"import importlib.metadata as m; print(m.version({ORAS_NAME!r}))"],
-                           capture_output=True, text=True)
-    return probe.stdout.strip() if probe.returncode == 0 else None
-
-
-def ensure_oras_client():
-    """Return the interpreter of the virtual environment holding the pinned PyPI oras client."""
-    with install_lock("venv-oras"):
-        if installed_oras_version() != ORAS_VERSION:
-            run_quietly([sys.executable, "-m", "venv", ORAS_VENV])
-            run_quietly([oras_python(), "-m", "pip", "install", "--quiet", f"{ORAS_NAME}=={ORAS_VERSION}"])
-        found = installed_oras_version()
-        if found != ORAS_VERSION:
-            raise PrerequisiteMissing(f"{ORAS_VENV} has {ORAS_NAME} {found}, not {ORAS_VERSION}")
-    return oras_python()
-
-
 def oras(*args, env=None, expect_ok=True):
     """Run clients/oras_driver.py under the oras venv; return its JSON answer."""
-    python = prepare(ensure_oras_client)
+    python = require_installed(pinned_venv, ORAS_VENV, ORAS_NAME, ORAS_VERSION)
     environment = {k: v for k, v in os.environ.items() if not k.startswith("ORAS_")}
     environment.update(env or {})
     done = subprocess.run([python, ORAS_DRIVER, *args], capture_output=True, text=True, env=environment,
@@ -8697,7 +8647,7 @@ class SandboxLimitsTest(unittest.TestCase):
             host.call(guest, "fetch", [])
 
     def test_a_componentize_js_build_runs_with_stubbed_wasi_http(self):
-        require_file(JS_HELLO, "build it with `(cd guests/js-hello && npm ci) && bash guests/build.sh`")
+        require_file(JS_HELLO, "build it with `(cd guests/js-hello && npm ci) && bash guests/build.sh`; .ci/run does")
         with self.assertRaisesRegex(kvhost.LinkError, r"wasi:http/types@0\.2\.\d+"):
             plain = self.host()
             plain.call(plain.load(JS_HELLO), "hello", [])
@@ -9008,7 +8958,7 @@ class PyCounterServerTest(unittest.TestCase):
 
     @classmethod
     def setUpClass(cls):
-        require_file(PY_COUNTER, "build it with `pip install componentize-py==0.25.1 && bash guests/build.sh`")
+        require_file(PY_COUNTER, BUILD_HINT)
         with open(PY_COUNTER, "rb") as f:
             cls.counter = f.read()
         cls.cache = temp_dir(cls, "pycounter-cache-")
