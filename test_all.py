@@ -267,16 +267,19 @@ def node_with_pinned_clients():
 
 
 # ---- Waiting for an event (never a sleep) ---------------------------------------------------------
-def wait_until(predicate, timeout=10.0, message="condition"):
-    """Poll predicate() until it is true (returns its value) or fail after `timeout` seconds."""
+def wait_until(predicate, timeout=10.0, message="condition", interval=0.01):
+    """Poll predicate() every `interval` seconds until it returns something true, and return that;
+    fail after `timeout` seconds, waiting for `message` (a text, or a function giving one then).
+    Tests synchronise on events this way, never on a sleep of a guessed length."""
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {message}")
-        time.sleep(0.01)
+            what = message() if callable(message) else message
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
 
 
 # ---- Wasm builders, hashes and encodings ----------------------------------------------------------
@@ -673,19 +676,17 @@ class RedisServer:
             [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
              "--dir", self.directory],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
+        def answers_ping():
             if self.process.poll() is not None:
-                status = self.process.returncode
-                self.process = None
-                raise RuntimeError(f"redis-server exited with status {status} on port {self.port}")
-            try:
-                if redis_command(self.port, "PING").startswith(b"+PONG"):
-                    return self
-            except OSError:
-                time.sleep(0.05)
-        self.stop()     # never leave a server behind
-        raise RuntimeError(f"redis-server did not answer PING on port {self.port} within 10 s")
+                raise RuntimeError(f"redis-server exited with status {self.process.returncode} on port {self.port}")
+            with contextlib.suppress(OSError):
+                return redis_command(self.port, "PING").startswith(b"+PONG")
+        try:
+            wait_until(answers_ping, 10, f"redis-server to answer PING on port {self.port}", interval=0.05)
+        except BaseException:
+            self.stop()     # never leave a server behind
+            raise
+        return self
 
     def stop(self):
         if self.process is not None and self.process.poll() is None:
@@ -949,22 +950,21 @@ class LibraryTest(StoreTestCase):
         events = []
         stop = threading.Event()
 
+        stream = self.store.watch(poll_interval=0.02, stop_event=stop)   # the start head is read here
+
         def watch():
-            for commit, changes in self.store.watch(poll_interval=0.02, stop_event=stop):
+            for commit, changes in stream:
                 events.append((commit, changes))
 
         watcher = threading.Thread(target=watch)
         watcher.start()
         self.addCleanup(stop.set)
-        time.sleep(0.1)
         self.store.add("a.wasm", wasm_module("a2"))
         self.store.remove("b.wasm")
         code = (f"import sys, wasmstore; from {THIS_MODULE} import wasm_module; "
                 "wasmstore.Store(sys.argv[1]).add('c.wasm', wasm_module('c'))")
         subprocess.run([sys.executable, "-c", code, self.root], check=True, cwd=HERE)
-        deadline = time.time() + 5
-        while len(events) < 3 and time.time() < deadline:
-            time.sleep(0.02)
+        wait_until(lambda: len(events) >= 3, 5, lambda: f"three watch events (got {events})")
         stop.set()
         watcher.join(5)
         self.assertEqual([changes for _, changes in events], [
@@ -1528,9 +1528,7 @@ class DurabilityTest(StoreTestCase):
             delay = rng.uniform(0.05, 0.6)         # time varies with the machine's load)
             reader = threading.Thread(target=lambda: lines.extend(writer.stdout))
             reader.start()
-            deadline = time.monotonic() + delay
-            while time.monotonic() < deadline:
-                time.sleep(0.01)
+            time.sleep(delay)     # not a wait for an event: the random moment of the kill is the test
             writer.send_signal(signal.SIGKILL)
             writer.wait()
             reader.join()
@@ -2853,9 +2851,8 @@ class ObservabilityTests(unittest.TestCase):
         live.request("GET", "/api/v1/module/a.wasm", headers=key)
         live.request("GET", "/api/v1/module/a%22x%01.wasm?auth=logkey-42", headers=key)
         live.request("GET", "/api/v1/modules")
-        deadline = time.monotonic() + 5           # the line is written just after the reply
-        while len(live.log.getvalue().splitlines()) < 4 and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_until(lambda: len(live.log.getvalue().splitlines()) >= 4, 5,    # written just after each reply
+                   lambda: f"four access-log lines; the log:\n{live.log.getvalue()}")
         lines = live.log.getvalue().splitlines()
         self.assertEqual(len(lines), 4, lines)
         self.assertRegex(lines[0], r'^127\.0\.0\.1 "POST /api/v1/module/a\.wasm" 200 64 \d+\.\dms$')
@@ -2907,14 +2904,18 @@ class ShutdownTests(unittest.TestCase):
         parent = temp_dir(self)
         self.root = os.path.join(parent, "root")
 
-    def wait_until_in_flight(self, port, count, seconds=10):
-        deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline:
-            text = http_request(f"http://127.0.0.1:{port}/metrics", timeout=5)[2].decode()
-            if metric(text, "wasmstore_http_requests_in_flight") >= count:
-                return
-            time.sleep(0.05)
-        self.fail("the server never started serving the request")
+    @staticmethod
+    def in_flight(port):
+        text = http_request(f"http://127.0.0.1:{port}/metrics", timeout=5)[2].decode()
+        return metric(text, "wasmstore_http_requests_in_flight")
+
+    @staticmethod
+    def refuses_connections(port):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        except OSError:
+            return True
+        return False
 
     def check_in_flight_request_finishes(self, signum):
         server = ServerProcess(self, HTTP_SERVER_PY, "--root", self.root, "--port", "0")
@@ -2924,12 +2925,11 @@ class ShutdownTests(unittest.TestCase):
         self.addCleanup(sock.close)
         sock.sendall(b"POST /api/v1/module/inflight.wasm HTTP/1.1\r\nHost: 127.0.0.1\r\n"
                      b"Content-Length: %d\r\n\r\n" % len(module) + module[:100])
-        self.wait_until_in_flight(port, 2)          # the upload and the metrics request itself
+        wait_until(lambda: self.in_flight(port) >= 2, 10,        # the upload and the metrics request itself
+                   "the server to start serving the upload", interval=0.05)
         proc.send_signal(signum)
-        time.sleep(0.7)
+        wait_until(lambda: self.refuses_connections(port), 10, "the server to stop accepting connections")
         self.assertIsNone(proc.poll(), "the server quit with a request in flight")
-        with self.assertRaises(OSError):             # no longer accepting
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
         sock.sendall(module[100:])
         answer = read_until_close(sock, 10)
         self.assertEqual(statuses(answer), [200])
@@ -3170,12 +3170,8 @@ class WatchTests(unittest.TestCase):
         return ws
 
     def wait_for_gauge(self, value, seconds=5):
-        deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline:
-            if self.live.server.metrics.websocket_clients == value:
-                return True
-            time.sleep(0.02)
-        return False
+        wait_until(lambda: self.live.server.metrics.websocket_clients == value, seconds,
+                   lambda: f"{value} watch clients (the gauge says {self.live.server.metrics.websocket_clients})")
 
     def test_one_event_per_commit_added_updated_removed(self):
         ws = self.watch()
@@ -3234,7 +3230,7 @@ class WatchTests(unittest.TestCase):
         opcode, payload = ws.recv()
         self.assertEqual((opcode, payload[:2]), (0x8, (1000).to_bytes(2, "big")))
         self.assertEqual(read_until_close(ws.sock, 2), b"")    # then the server closes the TCP side
-        self.assertTrue(self.wait_for_gauge(0))
+        self.wait_for_gauge(0)
 
     def test_unmasked_client_frame_is_a_protocol_error(self):
         ws = self.watch()
@@ -3250,10 +3246,10 @@ class WatchTests(unittest.TestCase):
 
     def test_dead_client_is_dropped(self):
         ws = self.watch()
-        self.assertTrue(self.wait_for_gauge(1))
+        self.wait_for_gauge(1)
         ws.sock.close()
         self.live.store.add("x.wasm", wasm_module("x"))
-        self.assertTrue(self.wait_for_gauge(0))
+        self.wait_for_gauge(0)
         self.assertEqual(self.live.server.hub.watchers, {})     # the branch watcher stopped too
 
     def test_slow_client_is_dropped_without_blocking_others(self):
@@ -3272,9 +3268,7 @@ class WatchTests(unittest.TestCase):
                 pass
         reader = threading.Thread(target=read_fast, daemon=True)
         reader.start()
-        deadline = time.monotonic() + 5
-        while live.server.metrics.websocket_clients != 2 and time.monotonic() < deadline:
-            time.sleep(0.02)
+        wait_until(lambda: live.server.metrics.websocket_clients == 2, 5, "both watch clients to be served")
         # Big events through the hub's broadcast (what the branch watcher calls), far more
         # than the slow client's socket buffers plus its queue can hold.
         watcher = live.server.hub.watchers["main"]
@@ -3285,19 +3279,14 @@ class WatchTests(unittest.TestCase):
             started = time.monotonic()
             live.server.hub.broadcast(watcher, message)
             in_broadcast += time.monotonic() - started
-            wait_until = time.monotonic() + 5             # let the fast reader keep up
-            while i - len(received) > 100 and time.monotonic() < wait_until:
-                time.sleep(0.005)
+            wait_until(lambda: i - len(received) <= 100, 20,   # let the fast reader keep up (not timed)
+                       lambda: f"the fast client to keep up (event {i}, {len(received)} received)")
         self.assertLess(in_broadcast, 1.0)                # the hub never blocked on the slow one
-        deadline = time.monotonic() + 20
-        while len(received) < count and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_until(lambda: len(received) >= count, 20, lambda: f"{count} events ({len(received)} received)")
         self.assertEqual(len(received), count)       # the fast client got every event, in order
         self.assertEqual([list(e)[0] for e in received], [f"/p{i}.wasm" for i in range(count)])
-        deadline = time.monotonic() + 5
-        while live.server.metrics.websocket_clients != 1 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        self.assertEqual(live.server.metrics.websocket_clients, 1)   # the slow one was dropped
+        wait_until(lambda: live.server.metrics.websocket_clients == 1, 5,    # the slow one was dropped
+                   lambda: f"one watch client left (the gauge says {live.server.metrics.websocket_clients})")
         self.assertEqual(live.request("GET", "/api/v1/branches")[0], 200)
 
     def test_deleting_the_watched_branch_closes_with_1001(self):
@@ -3306,7 +3295,7 @@ class WatchTests(unittest.TestCase):
         self.assertEqual(self.live.request("DELETE", "/api/v1/branch/gone")[0], 200)
         opcode, payload = ws.recv()
         self.assertEqual((opcode, int.from_bytes(payload[:2], "big")), (0x8, 1001))
-        self.assertTrue(self.wait_for_gauge(0))
+        self.wait_for_gauge(0)
 
     def test_plain_get_on_watch_is_426(self):
         self.assertEqual(self.live.request("GET", "/api/v1/watch")[0], 426)
@@ -3368,16 +3357,15 @@ class WatchLimitTests(unittest.TestCase):
         sessions = self.fill_watch_pool()
         sessions[0].send(0x8, (1000).to_bytes(2, "big"))
         self.assertEqual(sessions[0].recv()[0], 0x8)
-        deadline = time.monotonic() + 10
-        while True:                                     # retry as Retry-After says, until admitted
+        def admitted():                                 # retried as Retry-After says, until admitted
             ws = WsClient(self.live.port)
             self.addCleanup(ws.close)
             if ws.status == 101:
-                break
+                return ws
             self.assertEqual(ws.status, 503, ws.head)
-            self.assertLess(time.monotonic(), deadline, "the closed watch never gave its slot back")
             ws.close()
-            time.sleep(0.05)
+            return None
+        ws = wait_until(admitted, 10, "the closed watch to give its slot back", interval=0.05)
         self.ping(sessions[1:])
         digest = self.live.store.add("n.wasm", wasm_module("n"))
         self.assertEqual(ws.recv_data(), {"/n.wasm": {"action": "added", "hash": digest}})
@@ -3568,7 +3556,7 @@ class TimeoutTests(unittest.TestCase):
             except OSError:
                 closed = True
                 break
-            time.sleep(0.2)                       # always active, never finishing in time
+            time.sleep(0.2)     # not a wait for an event: a client that trickles its bytes is the test
             if time.monotonic() - started > 4:
                 break
         answer = read_until_close(sock, 3)
@@ -3607,7 +3595,7 @@ class TimeoutTests(unittest.TestCase):
         started = time.monotonic()
         for offset in range(0, len(module), 1500):     # ~6 KB over ~1.6 s: longer than the 1 s timeout
             sock.sendall(module[offset:offset + 1500])
-            time.sleep(0.4)
+            time.sleep(0.4)     # not a wait for an event: an upload slower than the timeout is the test
         self.assertGreater(time.monotonic() - started, 1.0)
         self.assertEqual(statuses(read_until_close(sock, 5))[:1], [200])
         self.assertEqual(self.live.store.find("steady.wasm"), module)
@@ -3620,12 +3608,9 @@ class TimeoutTests(unittest.TestCase):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         sock.connect(("127.0.0.1", self.live.port))
         sock.sendall(b"GET /api/v1/module/big.wasm HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
-        deadline = time.monotonic() + 8
-        while self.live.server.metrics.connections != 1 and time.monotonic() < deadline:
-            time.sleep(0.02)
-        while self.live.server.metrics.connections != 0 and time.monotonic() < deadline:
-            time.sleep(0.05)                            # never reading: dropped after the timeout
-        self.assertEqual(self.live.server.metrics.connections, 0)
+        wait_until(lambda: self.live.server.metrics.connections == 1, 8, "the download to be served")
+        wait_until(lambda: self.live.server.metrics.connections == 0, 8,     # never reading: dropped
+                   "the server to drop the client that stopped reading")
         self.assertLess(len(read_until_close(sock, 3)), len(big))
         self.assertEqual(self.live.request("GET", "/api/v1/branches")[0], 200)
 
@@ -3636,11 +3621,11 @@ class TimeoutTests(unittest.TestCase):
             self.addCleanup(sock.close)
             sock.sendall(b"GET /api/v1/modules HTTP/1.1\r\n")
             socks.append(sock)
-        time.sleep(0.2)
+        wait_until(lambda: self.live.server.metrics.connections == 4, 5, "the stalled connections to hold every slot")
         raw = self.live.raw(b"GET /api/v1/branches HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         self.assertEqual(statuses(raw), [503])     # refused at once, not queued forever
-        time.sleep(1.5)                            # the stalled ones time out and free their slots
-        self.assertEqual(self.live.request("GET", "/api/v1/branches")[0], 200)
+        wait_until(lambda: self.live.request("GET", "/api/v1/branches")[0] == 200, 5,   # the stalled ones time
+                   "a slot freed by the stalled connections' timeout", interval=0.05)   # out and free their slots
 
 
 STRESS_SECONDS = float(os.environ.get("WASMSTORE_HTTP_STRESS_SECONDS", "20"))
@@ -4093,16 +4078,11 @@ class HardeningCommandLineTests(unittest.TestCase):
 # =================================================================================================
 
 def wait_for_log_line(live, pattern, timeout=15):
-    """The first access-log line matching `pattern` (a regex), polled until `timeout` s pass."""
-    deadline = time.monotonic() + timeout
-    while True:
-        for line in live.log.getvalue().splitlines():
-            if re.search(pattern, line):
-                return line
-        if time.monotonic() > deadline:
-            raise AssertionError(f"no log line matching {pattern!r} within {timeout} s; "
-                                 f"the log:\n{live.log.getvalue()[-3000:]}")
-        time.sleep(0.02)
+    """The first access-log line matching `pattern` (a regex), once there is one."""
+    def matching_line():
+        return next((line for line in live.log.getvalue().splitlines() if re.search(pattern, line)), None)
+    return wait_until(matching_line, timeout,
+                      lambda: f"a log line matching {pattern!r}; the log:\n{live.log.getvalue()[-3000:]}")
 
 
 CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -4128,24 +4108,27 @@ class Chromium:
         testcase.addCleanup(self.stop)
         self.next_id = 0
         self.events = []
-        port, path = self._devtools_address(time.monotonic() + timeout)
+        port, path = self._devtools_address(timeout)
         self.ws = WsClient(port, path, timeout=timeout)
         if self.ws.status != 101:
             raise AssertionError(f"DevTools refused the WebSocket: {self.ws.head}")
 
-    def _devtools_address(self, deadline):
+    def _devtools_address(self, timeout):
         """Chromium writes its DevTools port and browser path to DevToolsActivePort once it listens."""
         marker = os.path.join(self.profile, "DevToolsActivePort")
-        while True:
+
+        def address():
             with contextlib.suppress(OSError):
                 with open(marker) as handle:
                     lines = handle.read().split("\n")
                 if len(lines) >= 2 and lines[0].isdigit() and lines[1].startswith("/devtools/browser/"):
                     return int(lines[0]), lines[1]
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"chromium did not start (exit status {self.process.poll()}); "
+            if self.process.poll() is not None:
+                raise AssertionError(f"chromium exited with status {self.process.poll()}; "
                                      f"its output:\n{self._output()}")
-            time.sleep(0.05)
+            return None
+        return wait_until(address, timeout, lambda: f"chromium to listen; its output:\n{self._output()}",
+                          interval=0.05)
 
     def _output(self):
         self.log.seek(0)
@@ -4220,11 +4203,9 @@ class Chromium:
                 self.send("Browser.close", timeout=5)
             self.ws.close()
         if self.process.returncode is None:
-            deadline = time.monotonic() + 10
-            while time.monotonic() < deadline:          # exited, but not reaped yet
-                if os.waitid(os.P_PID, self.process.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT):
-                    break
-                time.sleep(0.05)
+            with contextlib.suppress(AssertionError):    # exited, but not reaped yet (or not in 10 s)
+                wait_until(lambda: os.waitid(os.P_PID, self.process.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT),
+                           10, "chromium to exit", interval=0.05)
             # The unreaped leader keeps its process group id Chromium's own: end what is left.
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.process.pid, signal.SIGKILL)
@@ -7393,21 +7374,21 @@ class DistributionRegistry:
         self.log_file = os.path.join(self.directory, "registry.log")
         with open(self.log_file, "wb") as log:
             self.process = subprocess.Popen([binary, "serve", config_file], stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 30
         scheme = "https" if self.tls else "http"
         insecure = ssl._create_unverified_context()
-        while time.monotonic() < deadline:
+
+        def answers():
             if self.process.poll() is not None:
                 raise RuntimeError(f"docker-registry exited with status {self.process.returncode}: "
                                    f"{read_text(self.log_file)[-1000:]}")
-            try:
-                status, _, _ = http_request(f"{scheme}://{self.registry}/v2/", context=insecure)
-                if status in (200, 401):
-                    return self
-            except OSError:
-                time.sleep(0.05)
-        self.cleanup()
-        raise RuntimeError(f"docker-registry did not answer on {self.registry} within 30 s")
+            with contextlib.suppress(OSError):
+                return http_request(f"{scheme}://{self.registry}/v2/", context=insecure)[0] in (200, 401)
+        try:
+            wait_until(answers, 30, f"docker-registry to answer on {self.registry}", interval=0.05)
+        except BaseException:
+            self.cleanup()      # never leave a registry behind
+            raise
+        return self
 
     def cleanup(self):
         if self.process is not None and self.process.poll() is None:
