@@ -1231,7 +1231,17 @@ class GenerationTest(StoreTestCase):
 # =================================================================================================
 
 class AcceptanceWalkTest(StoreTestCase):
-    """The original wasmstore's CLI acceptance walk, ported to this spec's semantics."""
+    """The original wasmstore's CLI acceptance walk, ported to this spec's semantics: one test per
+    step of the walk, each running `wasmstore.py` as the walk did (the root from WASMSTORE_ROOT,
+    files named relative to the test's directory), on a store of its own."""
+
+    def setUp(self):
+        super().setUp()
+        self.a, self.b, self.c = wasm_module("a"), wasm_module("b"), wasm_module("c")
+        for name, data in (("a.wasm", self.a), ("b.wasm", self.b), ("c.wasm", self.c),
+                           ("trunc.wasm", self.a[:-3])):
+            with open(os.path.join(self.tmp, name), "wb") as handle:
+                handle.write(data)
 
     def cli(self, *args, stdin=None, expect=0, root=None):
         env = dict(os.environ, WASMSTORE_ROOT=root or self.root)
@@ -1242,15 +1252,10 @@ class AcceptanceWalkTest(StoreTestCase):
                          f"{args}: stdout={proc.stdout!r} stderr={proc.stderr!r}")
         return proc.stdout.decode(errors="replace").strip(), proc.stderr.decode().strip()
 
-    def test_walk(self):
-        a, b, c = wasm_module("a"), wasm_module("b"), wasm_module("c")
-        for name, data in (("a.wasm", a), ("b.wasm", b), ("c.wasm", c)):
-            with open(os.path.join(self.tmp, name), "wb") as handle:
-                handle.write(data)
-        with open(os.path.join(self.tmp, "trunc.wasm"), "wb") as handle:
-            handle.write(a[:-3])
+    def assertFsckClean(self, root=None):
+        self.assertEqual(self.cli("fsck", root=root)[0].splitlines()[-1].split(", ")[1], "0 problems")
 
-        # A truncated module is refused with the validator's message; nothing is stored.
+    def test_a_truncated_module_is_refused_with_the_validator_message_and_nothing_is_stored(self):
         _, err = self.cli("add", "trunc.wasm", expect=1)
         self.assertIn("unexpected end-of-file", err)
         self.assertTrue(err.startswith("wasmstore: error: "))
@@ -1258,74 +1263,86 @@ class AcceptanceWalkTest(StoreTestCase):
         self.assertEqual(self.cli("snapshot", expect=1)[1],
                          "wasmstore: error: branch 'main' has no commits")
 
-        # add from stdin, then rollback of a single-version path removes it.
-        self.assertEqual(self.cli("add", "-", "a.wasm", stdin=a)[0], sha256(a))
+    def test_add_from_stdin_then_rollback_of_the_only_version_removes_the_path(self):
+        self.assertEqual(self.cli("add", "-", "a.wasm", stdin=self.a)[0], sha256(self.a))
         self.cli("rollback", "a.wasm")
         self.assertEqual(self.cli("contains", "a.wasm")[0], "false")
 
-        # add with the default path (the file's base name); by hash and by path.
-        self.assertEqual(self.cli("add", "a.wasm")[0], sha256(a))
-        self.assertEqual(self.cli("add", "b.wasm")[0], sha256(b))
-        self.assertEqual(self.cli("contains", sha256(b))[0], "true")
+    def test_add_uses_the_file_name_and_contains_finds_by_hash_and_by_path(self):
+        self.assertEqual(self.cli("add", "a.wasm")[0], sha256(self.a))
+        self.assertEqual(self.cli("add", "b.wasm")[0], sha256(self.b))
+        self.assertEqual(self.cli("contains", sha256(self.b))[0], "true")
         self.assertEqual(self.cli("contains", "a.wasm")[0], "true")
-        snapshot1 = self.cli("snapshot")[0]
 
-        # branch, remove, restore to a snapshot and back.
-        self.cli("branch", "test")
+    def test_restore_moves_between_snapshots_and_never_discards_history(self):
+        self.cli("add", "a.wasm")
+        self.cli("add", "b.wasm")
+        snapshot1 = self.cli("snapshot")[0]
         self.cli("remove", "a.wasm")
         snapshot2 = self.cli("snapshot")[0]
         self.cli("restore", snapshot1)
         self.assertEqual(self.cli("contains", "a.wasm")[0], "true")
         self.cli("restore", snapshot2)
         self.assertEqual(self.cli("contains", "a.wasm")[0], "false")
-        self.assertEqual(self.cli("list")[0], f"{sha256(b)}\t/b.wasm")
-        # restore never discards history: both snapshots are still commits of the branch.
-        log = self.cli("log")[0]
+        self.assertEqual(self.cli("list")[0], f"{sha256(self.b)}\t/b.wasm")
+        log = self.cli("log")[0]                # both snapshots are still commits of the branch
         self.assertIn(snapshot1, log)
         self.assertIn(snapshot2, log)
 
-        # versions before and after overwriting a path.
+    def test_versions_before_and_after_overwriting_a_path(self):
+        self.cli("add", "b.wasm")
         versions = self.cli("versions", "b.wasm")[0].splitlines()
         self.assertEqual(len(versions), 1)
-        self.assertTrue(versions[0].startswith(sha256(b) + "\tcommit: "))
+        self.assertTrue(versions[0].startswith(sha256(self.b) + "\tcommit: "))
         self.cli("add", "c.wasm", "b.wasm")
         versions = self.cli("versions", "b.wasm")[0].splitlines()
-        self.assertEqual([line.split("\t")[0] for line in versions], [sha256(b), sha256(c)])
+        self.assertEqual([line.split("\t")[0] for line in versions], [sha256(self.b), sha256(self.c)])
         self.assertEqual(self.cli("version", "1", "b.wasm")[0], versions[1])
 
-        # gc: the branch "test" still holds a.wasm, so it survives; deleting the branch
-        # then gc deletes it.
+    def test_gc_keeps_what_another_branch_holds_until_that_branch_is_deleted(self):
+        self.cli("add", "a.wasm")
+        self.cli("add", "b.wasm")
+        self.cli("branch", "test")
+        self.cli("remove", "a.wasm")
         self.assertGreater(int(self.cli("gc")[0]), 0)
-        self.assertEqual(self.cli("find", sha256(a), expect=1)[1],
-                         f"wasmstore: error: no module with hash {sha256(a)} on branch 'main'")
+        self.assertEqual(self.cli("find", sha256(self.a), expect=1)[1],
+                         f"wasmstore: error: no module with hash {sha256(self.a)} on branch 'main'")
         self.assertEqual(self.cli("--branch", "test", "find", "a.wasm")[0].encode(),
-                         a.decode(errors="replace").encode())
+                         self.a.decode(errors="replace").encode())
         self.cli("branch", "test", "--delete")
         self.assertGreater(int(self.cli("gc")[0]), 0)
-        self.assertNotIn(sha256(a), "".join(store_files(self.root)).replace("/", ""))
-        self.assertEqual(self.cli("fsck")[0].splitlines()[-1].split(",")[1].strip(), "0 problems")
+        self.assertNotIn(sha256(self.a), "".join(store_files(self.root)).replace("/", ""))
+        self.assertFsckClean()
 
-        # set of a collected module is refused; set + hash of a stored one works.
-        self.assertIn(f"no such module {sha256(b)}",
-                      self.cli("set", sha256(b), "d.wasm", expect=1)[1])
-        self.cli("set", sha256(c), "e.wasm")
-        self.assertEqual(self.cli("hash", "e.wasm")[0], sha256(c))
-        # versions are de-duplicated after setting an old hash again.
+    def test_set_refuses_a_collected_module_and_gives_a_path_a_stored_one(self):
+        self.cli("add", "b.wasm")
+        self.cli("add", "c.wasm", "b.wasm")          # b's bytes are now only in the history...
+        self.cli("gc")                               # ...which gc squashes
+        self.assertIn(f"no such module {sha256(self.b)}",
+                      self.cli("set", sha256(self.b), "d.wasm", expect=1)[1])
+        self.cli("set", sha256(self.c), "e.wasm")
+        self.assertEqual(self.cli("hash", "e.wasm")[0], sha256(self.c))
+
+    def test_versions_are_deduplicated_when_a_path_gets_an_old_hash_again(self):
+        self.cli("add", "c.wasm")
         self.cli("add", "b.wasm", "d.wasm")
-        self.cli("set", sha256(c), "d.wasm")
-        self.cli("set", sha256(b), "d.wasm")
-        versions = [line.split("\t")[0] for line in
-                    self.cli("versions", "d.wasm")[0].splitlines()]
-        self.assertEqual(versions, [sha256(b), sha256(c)])
+        self.cli("set", sha256(self.c), "d.wasm")
+        self.cli("set", sha256(self.b), "d.wasm")
+        versions = [line.split("\t")[0] for line in self.cli("versions", "d.wasm")[0].splitlines()]
+        self.assertEqual(versions, [sha256(self.b), sha256(self.c)])
 
-        # export writes plain files.
+    def test_export_writes_plain_files(self):
+        self.cli("add", "c.wasm", "b.wasm")
+        self.cli("add", "b.wasm", "d.wasm")
         self.cli("export", "-o", "out")
         with open(os.path.join(self.tmp, "out", "b.wasm"), "rb") as handle:
-            self.assertEqual(handle.read(), c)
+            self.assertEqual(handle.read(), self.c)
         with open(os.path.join(self.tmp, "out", "d.wasm"), "rb") as handle:
-            self.assertEqual(handle.read(), b)
+            self.assertEqual(handle.read(), self.b)
 
-        # backup, and the extracted backup used as a store.
+    def test_a_backup_extracted_is_a_store_and_load_backup_restores_it(self):
+        self.cli("add", "a.wasm")
+        self.cli("add", "c.wasm", "lib/b.wasm")
         self.cli("backup", "backup.tar.gz")
         extracted = os.path.join(self.tmp, "extracted")
         os.mkdir(extracted)
@@ -1338,17 +1355,18 @@ class AcceptanceWalkTest(StoreTestCase):
         self.assertEqual(self.cli("list", root=os.path.join(self.tmp, "loaded"))[0],
                          self.cli("list")[0])
 
-        # a nested path.
+    def test_list_of_a_directory_shows_a_nested_path(self):
         self.cli("add", "a.wasm", "x/y/z.wasm")
-        self.assertIn(f"{sha256(a)}\t/x/y/z.wasm", self.cli("list", "x")[0])
+        self.assertIn(f"{sha256(self.a)}\t/x/y/z.wasm", self.cli("list", "x")[0])
 
-        # remove by hash: every path holding it goes; find by that hash then exits 1.
-        self.cli("set", sha256(a), "x/other.wasm")
-        self.cli("remove", sha256(a))
+    def test_remove_by_hash_removes_every_path_holding_it(self):
+        self.cli("add", "a.wasm", "x/y/z.wasm")
+        self.cli("set", sha256(self.a), "x/other.wasm")
+        self.cli("remove", sha256(self.a))
         listing = self.cli("list")[0]
         self.assertNotIn("/x/", listing)
-        self.assertEqual(self.cli("find", sha256(a), expect=1)[0], "")
-        self.assertEqual(self.cli("fsck")[0].splitlines()[-1].split(", ")[1], "0 problems")
+        self.assertEqual(self.cli("find", sha256(self.a), expect=1)[0], "")
+        self.assertFsckClean()
 
 
 class StoreCliTest(StoreTestCase):
