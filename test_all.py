@@ -6,9 +6,13 @@ Run one class with ``python -m unittest test_all.ClassName``, one test with
 
 The file has one banner-separated section per feature, in this order (feature: test classes):
 
-  Shared fixtures (no tests): the paths of the code, guests and tools; the peer policy;
-      wait_until; wasm builders and sha256; certificates; servers and processes (LiveServer,
-      http_request, WsClient, RedisServer, ServerProcess, run_cli, run_http_server, run_kvhost)
+  Shared fixtures (no tests), in subsections: the paths of the code, guests and tools; peers
+      (require_peer, require_tool, require_file, require_installed); wait_until; wasm
+      builders (wasm_module, wasm_module_of_size, with_custom_section, component_of,
+      wat_binary, guest_binary, answer_module) and sha256; temp_dir, StoreTestCase;
+      self_signed_certificate; servers and processes (LiveServer, http_request,
+      wait_for_log_line, read_until_close(d), WsClient, ServerProcess, RedisServer, run_cli,
+      run_http_server, run_kvhost)
   The store library: LibraryTest, BadInputTest, BranchRaceTest, GenerationTest
   The store command line: AcceptanceWalkTest, StoreCliTest
   Store durability and layout: DurabilityTest, PackTest, RefSlotTest, LegacyLayoutTest,
@@ -37,6 +41,10 @@ The file has one banner-separated section per feature, in this order (feature: t
       OciTlsTest, OciBadInputTest, OciServerTest
   Running stored modules: RunnerTest, SandboxLimitsTest, RunCliTest, RunHttpTest,
       PyCounterServerTest
+
+A new test goes in its feature's section and uses the fixtures: one behaviour per test, a
+temp_dir (or StoreTestCase) for files, wait_until on the event it needs (never a sleep),
+require_peer (or one of its forms) for anything outside the standard library and wasmtime.
 
 Tests start the real peers they talk to: ``redis-server`` on free loopback ports, the
 original PyPI client in its own virtual environment and the npm client under Node, the
@@ -391,13 +399,16 @@ def store_files(root):
 
 
 class StoreTestCase(unittest.TestCase):
+    """A fresh store per test: self.store, at self.root inside the test's directory self.tmp."""
+
     def setUp(self):
-        self.tmp = temp_dir(self, "wasmstore-test-")
+        self.tmp = temp_dir(self)
         self.root = os.path.join(self.tmp, "store")
         self.store = Store(self.root)
         self.addCleanup(self.store.close)
 
     def assertClean(self, store=None):
+        """fsck finds nothing and no temporary file is left."""
         store = store or self.store
         self.assertEqual(store.fsck(), [])
         self.assertEqual(os.listdir(os.path.join(store.root, "tmp")), [])
@@ -3845,10 +3856,8 @@ class HostCheckTests(unittest.TestCase):
     server: an attacker's page whose domain now resolves to 127.0.0.1 still sends its domain."""
 
     def get(self, live, host, target="/api/v1/modules", method="GET"):
-        with socket.create_connection(("127.0.0.1", live.port), timeout=5) as sock:
-            sock.sendall(f"{method} {target} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n"
-                         f"Content-Length: 0\r\n\r\n".encode())
-            answer = read_until_close(sock, 5)
+        answer = live.raw(f"{method} {target} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n"
+                          f"Content-Length: 0\r\n\r\n".encode(), timeout=5)
         found = statuses(answer)
         self.assertEqual(len(found), 1, answer)
         return found[0], answer.partition(b"\r\n\r\n")[2]
@@ -7633,14 +7642,8 @@ def wasm_manifest(layer_bytes, layer_type=wasmstore.WASM_LAYER_TYPE, layer_diges
                         "size": len(layer_bytes), "annotations": {wasmstore.OCI_TITLE: "m.wasm"}}]}
 
 
-class OciTestCase(unittest.TestCase):
+class OciTestCase(StoreTestCase):
     """A fresh store per test; helpers to make modules and compare stores before and after."""
-
-    def setUp(self):
-        self.tmp = temp_dir(self, "wasmstore-oci-")
-        self.root = os.path.join(self.tmp, "store")
-        self.store = Store(self.root)
-        self.addCleanup(self.store.close)
 
     def module(self, tag, size=2000):
         return wasm_module_of_size(size, tag=f"{self.id()}-{tag}")
