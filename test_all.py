@@ -7877,7 +7877,7 @@ class OciRegistryTest(OciTestCase):
         pulled = run_cli(self.root, "pull", ref, "/back/cli.wasm")
         self.assertEqual((pulled.returncode, pulled.stdout), (0, sha256(self.store.find("/apps/cli.wasm")) + "\n"))
 
-    def test_pull_of_several_references_makes_one_commit_each(self):
+    def test_pull_of_several_references_is_one_commit_naming_every_source(self):
         first, second = self.module("first"), self.module("second")
         self.store.add("/one.wasm", first)
         self.store.add("/two.wasm", second)
@@ -7891,19 +7891,22 @@ class OciRegistryTest(OciTestCase):
         self.addCleanup(pulled.close)
         self.assertEqual(pulled.list("/a"), {"/a/one.wasm": sha256(first), "/a/two.wasm": sha256(second)})
         self.assertEqual([info["message"] for info in pulled.log()],
-                         [f"Pull /a/two.wasm from {refs[1]}:latest@{digests[1]}",
-                          f"Pull /a/one.wasm from {refs[0]}:latest@{digests[0]}"])
+                         [f"Pull 2 modules: /a/one.wasm from {refs[0]}:latest@{digests[0]}; "
+                          f"/a/two.wasm from {refs[1]}:latest@{digests[1]}"])
 
-    def test_pull_of_several_stops_at_the_first_failure(self):
+    def test_pull_of_several_stores_nothing_when_one_fails(self):
         self.store.add("/ok.wasm", self.module("ok"))
         good = self.registry.ref(self.repo("ok"))
         wasmstore.push(self.store, "/ok.wasm", good)
         target = Store(os.path.join(self.tmp, "target"))
         self.addCleanup(target.close)
+        before = store_files(target.root)
         with self.assertRaises(wasmstore.NotFound):
             wasmstore.pull_many(target, [(good, "/1.wasm"), (self.registry.ref(self.repo("missing")), "/2.wasm"),
                                          (good, "/3.wasm")])
-        self.assertEqual(list(target.list()), ["/1.wasm"])
+        self.assertEqual(list(target.list()), [])
+        self.assertIsNone(target.head())
+        self.assertEqual(store_files(target.root), before)
         done = run_cli(target.root, "pull", good, "/4.wasm", good)
         self.assertOneLineError(done, "REFERENCE PATH pairs")
 
@@ -8889,6 +8892,29 @@ class RunHttpTest(unittest.TestCase):
         status, headers, _ = live.request("POST", "/api/v1/run/wasi/hello.wasm?arg=fail")
         self.assertEqual((status, headers["wasmstore-exit-status"]), (200, "3"))
         self.assertReply(live.request("POST", "/api/v1/run/num/numbers.wasm"), 404, "has no _start export")
+
+    def test_component_values_over_http_records_lists_options_results_variants(self):
+        live = self.server()
+        live.store.add("/types.wasm", guest_binary(os.path.join(GUEST_DIR, "host", "types-probe.wat")))
+        cases = [("swap-point", [{"x": 1, "y": -2}], {"x": -2, "y": 1}),
+                 ("swap-pair", [[7, 3]], [3, 7]),
+                 ("count-strings", [["a", "b", "c"]], 3),
+                 ("echo-bytes", [[1, 2, 255]], [1, 2, 255]),
+                 ("opt-inc", [None], None),
+                 ("opt-inc", [41], 42),
+                 ("res", [{"ok": 1}], {"ok": 2}),
+                 ("res", [{"err": "four"}], {"err": 4}),
+                 ("var", [{"tag": "b", "value": 9}], 9),
+                 ("make-var", [2], {"tag": "b", "value": 2}),
+                 ("echo-enum", ["green"], "green"),
+                 ("echo-flags", [["read", "exec"]], ["read", "exec"]),
+                 ("add-f64", ["Infinity", 1], "Infinity")]
+        for function, args, expected in cases:
+            with self.subTest(function=function, args=args):
+                status, _, body = self.call(live, function, "/types.wasm", args)
+                self.assertEqual((status, json.loads(body)), (200, expected))
+        self.assertReply(self.call(live, "swap-point", "/types.wasm", [{"x": 1}]), 400,
+                         "argument 1 (p: record{x: s32, y: s32}): expected record{x: s32, y: s32}")
 
     def test_run_output_is_bounded(self):
         live = self.server(max_output=100)
