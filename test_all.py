@@ -11,7 +11,7 @@ The file has one banner-separated section per feature, in this order (feature: t
       builders (wasm_module, wasm_module_of_size, with_custom_section, component_of,
       wat_binary, guest_binary, answer_module) and sha256; temp_dir, StoreTestCase;
       self_signed_certificate; servers and processes (LiveServer, http_request,
-      wait_for_log_line, read_until_close(d), WsClient, ServerProcess, RedisServer, run_cli,
+      wait_for_log_line, read_until_close(d), WsClient, ServerProcess, stop_process, RedisServer, run_cli,
       run_http_server, run_kvhost)
   The store library: LibraryTest, BadInputTest, BranchRaceTest, GenerationTest
   The store command line: AcceptanceWalkTest, StoreCliTest
@@ -608,22 +608,8 @@ class WsClient:
         return data
 
     def send(self, opcode, payload=b"", masked=True):
-        head = bytearray([0x80 | opcode])
-        length = len(payload)
-        mask_bit = 0x80 if masked else 0
-        if length < 126:
-            head.append(mask_bit | length)
-        elif length < 65536:
-            head.append(mask_bit | 126)
-            head += length.to_bytes(2, "big")
-        else:
-            head.append(mask_bit | 127)
-            head += length.to_bytes(8, "big")
-        if masked:
-            mask = os.urandom(4)
-            head += mask
-            payload = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-        self.sock.sendall(bytes(head) + payload)
+        """A client frame, masked (as RFC 6455 requires) unless masked=False (a broken client)."""
+        self.sock.sendall(http_server.encode_frame(opcode, payload, os.urandom(4) if masked else None))
 
     def recv(self, timeout=5.0):
         """(opcode, payload) of the next frame; the server's frames must be unmasked."""
@@ -656,6 +642,17 @@ class WsClient:
             self.sock.close()
         except OSError:
             pass
+
+
+def stop_process(process, grace=10):
+    """Terminate a peer we started (kill it if it does not end within `grace` seconds) and reap it."""
+    if process is not None and process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 class ServerProcess:
@@ -731,13 +728,7 @@ class RedisServer:
         return self
 
     def stop(self):
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process)
         self.process = None
 
     def cleanup(self):
@@ -7456,13 +7447,7 @@ class DistributionRegistry:
         return self
 
     def cleanup(self):
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process)
         self.process = None
         shutil.rmtree(self.directory, ignore_errors=True)
 
