@@ -11,8 +11,8 @@ The file has one banner-separated section per feature, in this order (feature: t
       builders (wasm_module, wasm_module_of_size, with_custom_section, component_of,
       wat_binary, guest_binary, answer_module) and sha256; temp_dir, StoreTestCase;
       self_signed_certificate; servers and processes (LiveServer, http_request,
-      wait_for_log_line, read_until_close(d), WsClient, ServerProcess, stop_process, RedisServer, run_cli,
-      run_http_server, run_kvhost)
+      wait_for_log_line, read_until_close(d), WsClient, ServerProcess, wait_for_peer, stop_process,
+      RedisServer, run_cli, run_http_server, run_kvhost)
   The store library: LibraryTest, BadInputTest, BranchRaceTest, GenerationTest
   The store command line: AcceptanceWalkTest, StoreCliTest
   Store durability and layout: DurabilityTest, PackTest, RefSlotTest, LegacyLayoutTest,
@@ -644,6 +644,21 @@ class WsClient:
             pass
 
 
+def wait_for_peer(process, answers, timeout, what, on_failure):
+    """Wait until a peer we started answers (answers() true), failing early with what it said if
+    it exited; on any failure, on_failure() runs first (never leave a peer behind)."""
+    def ready():
+        if process.poll() is not None:
+            raise RuntimeError(f"{what} exited with status {process.returncode}")
+        with contextlib.suppress(OSError):
+            return answers()
+    try:
+        wait_until(ready, timeout, f"{what} to answer", interval=0.05)
+    except BaseException:
+        on_failure()
+        raise
+
+
 def stop_process(process, grace=10):
     """Terminate a peer we started (kill it if it does not end within `grace` seconds) and reap it."""
     if process is not None and process.poll() is None:
@@ -715,16 +730,8 @@ class RedisServer:
             [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
              "--dir", self.directory],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        def answers_ping():
-            if self.process.poll() is not None:
-                raise RuntimeError(f"redis-server exited with status {self.process.returncode} on port {self.port}")
-            with contextlib.suppress(OSError):
-                return redis_command(self.port, "PING").startswith(b"+PONG")
-        try:
-            wait_until(answers_ping, 10, f"redis-server to answer PING on port {self.port}", interval=0.05)
-        except BaseException:
-            self.stop()     # never leave a server behind
-            raise
+        wait_for_peer(self.process, lambda: redis_command(self.port, "PING").startswith(b"+PONG"), 10,
+                      f"redis-server on port {self.port}", self.stop)
         return self
 
     def stop(self):
@@ -7434,17 +7441,12 @@ class DistributionRegistry:
         scheme = "https" if self.tls else "http"
         insecure = ssl._create_unverified_context()
 
-        def answers():
-            if self.process.poll() is not None:
-                raise RuntimeError(f"docker-registry exited with status {self.process.returncode}: "
-                                   f"{read_text(self.log_file)[-1000:]}")
-            with contextlib.suppress(OSError):
-                return http_request(f"{scheme}://{self.registry}/v2/", context=insecure)[0] in (200, 401)
         try:
-            wait_until(answers, 30, f"docker-registry to answer on {self.registry}", interval=0.05)
-        except BaseException:
-            self.cleanup()      # never leave a registry behind
-            raise
+            wait_for_peer(self.process,
+                          lambda: http_request(f"{scheme}://{self.registry}/v2/", context=insecure)[0] in (200, 401),
+                          30, f"docker-registry on {self.registry}", self.cleanup)
+        except RuntimeError as exc:
+            raise RuntimeError(f"{exc}: {read_text(self.log_file)[-1000:]}") from None
         return self
 
     def cleanup(self):
