@@ -62,9 +62,9 @@ file needs an open, an fsync, a rename and a directory fsync; an append needs on
 fdatasync), and a ref that moves by rename cannot be read fresh without a syscall anyway,
 so a commit creates no file and a ref is rewritten in place.
 
-Map of this file: constants; exceptions and the ERROR_STATUS table (HTTP and exit status of
-each error, shared with http_server.py); names (paths, branches, hashes); validation
-(wasmtime, imported lazily); primitives (the durable write, temp files and their debris, the
+Map of this file: constants; exceptions and the ERROR_STATUS table (HTTP status, exit
+status and metric label of each error, shared with http_server.py); names (paths, branches,
+hashes); validation (wasmtime, imported lazily); primitives (the durable write, temp files and their debris, the
 hash check, caches); the object store (_Segment: one pack as a reader sees it;
 _ObjectStore: packs and loose files, batches, module files, fsck and gc passes); refs
 (_Refs: slot files, compare-and-swap, HEAD); the Store facade (layout, trees, changes,
@@ -94,7 +94,7 @@ __all__ = [
     "Store", "StoreError", "InvalidInput", "InvalidModule", "TooLarge", "NotFound",
     "Conflict", "MergeConflict", "CorruptObject", "validate_path", "format_path",
     "validate_branch", "validate_hash", "validate_module", "load_backup", "main",
-    "ERROR_STATUS", "error_status", "Runner", "Target", "default_kv_url", "kv_options", "parse_namespace_map",
+    "ERROR_STATUS", "ErrorMeaning", "error_status", "Runner", "Target", "default_kv_url", "kv_options", "parse_namespace_map",
     "RegistryError", "OciReference", "WasmArtifact", "Credentials", "RegistryClient",
     "TransferReport", "wasm_interface", "module_artifact", "registry_credentials",
     "docker_config_file", "validate_module_file", "is_branch_tag", "push", "push_all", "pull",
@@ -213,21 +213,35 @@ class CorruptObject(StoreError):
     """An object or ref failed its integrity check: it is never returned as data."""
 
 
-# What each error means to a caller, in one table read by main() (exit status) and by
-# http_server.py (HTTP status): {exception class: (HTTP status, exit status)}. A subclass
-# without its own row uses its nearest parent's (see error_status).
+class RegistryError(StoreError):
+    """A registry could not be reached, refused a request, or sent something unusable.
+    str() is one line and never contains a credential or a token."""
+
+
+class ErrorMeaning(collections.namedtuple("ErrorMeaning", "http_status exit_status label")):
+    """What an error means to a caller: the HTTP status a server answers with, the exit
+    status of the command line, and the label metrics and access logs count it under (one
+    of a small, fixed set)."""
+
+    __slots__ = ()
+
+# The one table of what each error of this module means, read by main() (exit status) and by
+# http_server.py (HTTP status, metric label). A subclass without its own row uses its nearest
+# parent's (see error_status): InvalidModule is an InvalidInput, MergeConflict a Conflict.
 ERROR_STATUS = {
-    TooLarge: (413, 1),          # over the size limit the caller set (an upload's --max-body)
-    InvalidInput: (400, 1),      # bad path, branch, hash, index; InvalidModule (the validator's words)
-    NotFound: (404, 1),
-    Conflict: (409, 1),          # MergeConflict, branch exists, nothing to roll back
-    CorruptObject: (500, 1),     # never served; fsck says more
-    StoreError: (500, 1),
+    TooLarge: ErrorMeaning(413, 1, "too-large"),      # over the caller's limit (--max-body)
+    InvalidInput: ErrorMeaning(400, 1, "arguments"),  # bad path, branch, hash; invalid module
+    NotFound: ErrorMeaning(404, 1, "not-found"),
+    Conflict: ErrorMeaning(409, 1, "conflict"),       # branch exists, nothing to roll back...
+    CorruptObject: ErrorMeaning(500, 1, "corrupt"),   # never served as data; fsck says more
+    RegistryError: ErrorMeaning(502, 1, "registry"),  # an OCI registry failed us
+    StoreError: ErrorMeaning(500, 1, "error"),
 }
 
 
 def error_status(exc):
-    """(HTTP status, exit status) for an exception of this module, None for anything else."""
+    """The ErrorMeaning of an exception of this module (its class's row, or its nearest
+    parent's), None for any other exception."""
     for cls in type(exc).__mro__:
         if cls in ERROR_STATUS:
             return ERROR_STATUS[cls]
@@ -3377,14 +3391,6 @@ class Runner:
 
 # --------------------------------------------------------------------------- OCI registries
 
-class RegistryError(StoreError):
-    """A registry could not be reached, refused a request, or sent something unusable.
-    str() is one line and never contains a credential or a token."""
-
-
-ERROR_STATUS[RegistryError] = (502, 1)   # a peer failed us (the table above, for this section)
-
-
 def _http_modules():
     """http.client and ssl, imported on first use: they add ~20 ms to the start-up of every
     other command."""
@@ -5085,7 +5091,7 @@ def main(argv=None):
             return handler(store, args) or 0
     except StoreError as exc:
         sys.stderr.write(f"wasmstore: error: {exc}\n")
-        return error_status(exc)[1]
+        return error_status(exc).exit_status
     except BrokenPipeError:         # stdout closed early (| head): a normal end
         _discard_stdout()
         return 0
