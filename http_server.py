@@ -342,7 +342,7 @@ def json_reply(value, status=200):
 # finds its own entry or its parent's.
 ERROR_STATUS = {
     HttpError: None,                  # carries its own status
-    **{cls: http_status for cls, (http_status, _) in wasmstore.ERROR_STATUS.items()},
+    **{cls: meaning.http_status for cls, meaning in wasmstore.ERROR_STATUS.items()},
 }
 
 

@@ -48,7 +48,8 @@ the raw module bytes, trees and commits canonical JSON):
 Durability: a commit costs two syncs, three at most. Its new objects (modules first, then
 trees bottom-up, then the commit) are appended to the active pack in one write and made
 durable by one fdatasync (starting a new pack adds an fsync of ``objects/pack``); then the
-ref's older slot is overwritten in place and fdatasynced. No file is created per commit. A
+ref's older slot is overwritten in place and fdatasynced (every sync goes through ``_sync``:
+F_FULLFSYNC on macOS, which has no fdatasync). No file is created per commit. A
 crash at any point leaves the ref at a commit whose objects are all durable. A ref changes
 only under an exclusive ``flock`` of ``refs/heads``, by compare-and-swap against the head
 the change was computed from, so writers in many threads and processes never lose an
@@ -61,9 +62,9 @@ file needs an open, an fsync, a rename and a directory fsync; an append needs on
 fdatasync), and a ref that moves by rename cannot be read fresh without a syscall anyway,
 so a commit creates no file and a ref is rewritten in place.
 
-Map of this file: constants; exceptions and the ERROR_STATUS table (HTTP and exit status of
-each error, shared with http_server.py); names (paths, branches, hashes); validation
-(wasmtime, imported lazily); primitives (the durable write, temp files and their debris, the
+Map of this file: constants; exceptions and the ERROR_STATUS table (HTTP status, exit
+status and metric label of each error, shared with http_server.py); names (paths, branches,
+hashes); validation (wasmtime, imported lazily); primitives (the durable write, temp files and their debris, the
 hash check, caches); the object store (_Segment: one pack as a reader sees it;
 _ObjectStore: packs and loose files, batches, module files, fsck and gc passes); refs
 (_Refs: slot files, compare-and-swap, HEAD); the Store facade (layout, trees, changes,
@@ -93,7 +94,7 @@ __all__ = [
     "Store", "StoreError", "InvalidInput", "InvalidModule", "TooLarge", "NotFound",
     "Conflict", "MergeConflict", "CorruptObject", "validate_path", "format_path",
     "validate_branch", "validate_hash", "validate_module", "load_backup", "main",
-    "ERROR_STATUS", "error_status", "Runner", "Target", "default_kv_url", "kv_options", "parse_namespace_map",
+    "ERROR_STATUS", "ErrorMeaning", "error_status", "Runner", "Target", "default_kv_url", "kv_options", "parse_namespace_map",
     "RegistryError", "OciReference", "WasmArtifact", "Credentials", "RegistryClient",
     "TransferReport", "wasm_interface", "module_artifact", "registry_credentials",
     "docker_config_file", "validate_module_file", "is_branch_tag", "push", "push_all", "pull",
@@ -212,21 +213,35 @@ class CorruptObject(StoreError):
     """An object or ref failed its integrity check: it is never returned as data."""
 
 
-# What each error means to a caller, in one table read by main() (exit status) and by
-# http_server.py (HTTP status): {exception class: (HTTP status, exit status)}. A subclass
-# without its own row uses its nearest parent's (see error_status).
+class RegistryError(StoreError):
+    """A registry could not be reached, refused a request, or sent something unusable.
+    str() is one line and never contains a credential or a token."""
+
+
+class ErrorMeaning(collections.namedtuple("ErrorMeaning", "http_status exit_status label")):
+    """What an error means to a caller: the HTTP status a server answers with, the exit
+    status of the command line, and the label metrics and access logs count it under (one
+    of a small, fixed set)."""
+
+    __slots__ = ()
+
+# The one table of what each error of this module means, read by main() (exit status) and by
+# http_server.py (HTTP status, metric label). A subclass without its own row uses its nearest
+# parent's (see error_status): InvalidModule is an InvalidInput, MergeConflict a Conflict.
 ERROR_STATUS = {
-    TooLarge: (413, 1),          # over the size limit the caller set (an upload's --max-body)
-    InvalidInput: (400, 1),      # bad path, branch, hash, index; InvalidModule (the validator's words)
-    NotFound: (404, 1),
-    Conflict: (409, 1),          # MergeConflict, branch exists, nothing to roll back
-    CorruptObject: (500, 1),     # never served; fsck says more
-    StoreError: (500, 1),
+    TooLarge: ErrorMeaning(413, 1, "too-large"),      # over the caller's limit (--max-body)
+    InvalidInput: ErrorMeaning(400, 1, "arguments"),  # bad path, branch, hash; invalid module
+    NotFound: ErrorMeaning(404, 1, "not-found"),
+    Conflict: ErrorMeaning(409, 1, "conflict"),       # branch exists, nothing to roll back...
+    CorruptObject: ErrorMeaning(500, 1, "corrupt"),   # never served as data; fsck says more
+    RegistryError: ErrorMeaning(502, 1, "registry"),  # an OCI registry failed us
+    StoreError: ErrorMeaning(500, 1, "error"),
 }
 
 
 def error_status(exc):
-    """(HTTP status, exit status) for an exception of this module, None for anything else."""
+    """The ErrorMeaning of an exception of this module (its class's row, or its nearest
+    parent's), None for any other exception."""
     for cls in type(exc).__mro__:
         if cls in ERROR_STATUS:
             return ERROR_STATUS[cls]
@@ -557,10 +572,32 @@ def _read_leb_u32(view, pos, end):
 
 # --------------------------------------------------------------------------- primitives
 
+def _sync(fd, data_only=False):
+    """Make what was written to fd durable: every sync of the store goes through here.
+
+    macOS: fcntl(F_FULLFSYNC), as SQLite does, since a plain fsync there stops at the drive's
+    volatile cache; where a file system refuses it, fsync. Elsewhere fdatasync when only the
+    data (and the size) must reach the disk, else fsync; Python has no os.fdatasync on macOS.
+    Both are looked up per call (a syscall costs far more), so tests can take them away."""
+    full_sync = getattr(fcntl, "F_FULLFSYNC", None)
+    if full_sync is not None:
+        try:
+            fcntl.fcntl(fd, full_sync)
+            return
+        except OSError:
+            pass
+    datasync = getattr(os, "fdatasync", None) if data_only else None
+    if datasync is not None:
+        datasync(fd)
+    else:
+        os.fsync(fd)
+
+
 def _fsync_path(path):
+    """Sync a file or a directory (a directory: the names created or renamed in it)."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        os.fsync(fd)
+        _sync(fd)
     finally:
         os.close(fd)
 
@@ -643,7 +680,7 @@ def _write_whole(path, data, tmp_dir, *, exclusive=False, mode=0o644, durable=Tr
             for chunk in ([data] if isinstance(data, (bytes, bytearray)) else data):
                 _write_all(fd, chunk)
             if durable:
-                os.fsync(fd)
+                _sync(fd)
         finally:
             os.close(fd)
         if exclusive:
@@ -1160,7 +1197,7 @@ class _ObjectStore:
                     os.close(source)
             _write_all(writer.fd, pending, position)
             position += len(pending)
-            os.fdatasync(writer.fd)
+            _sync(writer.fd, data_only=True)
             if self._unsynced_pack_dir:
                 _fsync_path(self.pack_dir)
                 self._unsynced_pack_dir = False
@@ -1353,7 +1390,7 @@ class _ObjectStore:
                 _copy_range(segment.file.fd, offset, fd, position, length)
                 entries[digest] = (position, length, kind)
                 position += length
-            os.fdatasync(fd)
+            _sync(fd, data_only=True)
         except BaseException:
             os.close(fd)
             _unlink_quietly(path)
@@ -1607,7 +1644,7 @@ class _Refs:
             try:
                 _write_all(fd, _ref_slot(sequence + 1, new or _NO_COMMITS),
                            slot * REF_SLOT_BYTES)
-                os.fdatasync(fd)
+                _sync(fd, data_only=True)
             except BaseException:
                 with contextlib.suppress(OSError):     # not acknowledged: put it back
                     _write_all(fd, previous, slot * REF_SLOT_BYTES)
@@ -3354,14 +3391,6 @@ class Runner:
 
 # --------------------------------------------------------------------------- OCI registries
 
-class RegistryError(StoreError):
-    """A registry could not be reached, refused a request, or sent something unusable.
-    str() is one line and never contains a credential or a token."""
-
-
-ERROR_STATUS[RegistryError] = (502, 1)   # a peer failed us (the table above, for this section)
-
-
 def _http_modules():
     """http.client and ssl, imported on first use: they add ~20 ms to the start-up of every
     other command."""
@@ -5062,7 +5091,7 @@ def main(argv=None):
             return handler(store, args) or 0
     except StoreError as exc:
         sys.stderr.write(f"wasmstore: error: {exc}\n")
-        return error_status(exc)[1]
+        return error_status(exc).exit_status
     except BrokenPipeError:         # stdout closed early (| head): a normal end
         _discard_stdout()
         return 0
