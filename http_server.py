@@ -148,6 +148,8 @@ DEFAULT_MAX_GUESTS = max(2, os.cpu_count() or 2)   # guests running at once
 DEFAULT_RUN_QUEUE = 64                     # callers waiting for a guest slot; beyond: 503
 DEFAULT_QUEUE_WAIT = 10.0                  # seconds a caller waits for a slot before 503
 DEFAULT_MAX_OUTPUT = 16 * 1024 * 1024      # stdout (and stderr) kept per run
+MAX_VERSION_INDEX = 999_999_999           # ?version=N and /version/N/: more versions than any path has
+MAX_CONTENT_LENGTH = (1 << 63) - 1         # what a signed 64-bit length holds
 MAX_STDERR_HEADER = 4096                   # stderr bytes sent in the Wasmstore-Stderr header
 MAX_RUN_SERIES = 1000                      # (module, function) metric series; more go to "other"
 CHUNK = 1 << 16
@@ -592,10 +594,8 @@ def get_versions(store, call, body):
 
 
 def get_version(store, call, body):
-    raw_index = call.params[0]
-    if not raw_index.isdigit() or len(raw_index) > 9:
-        raise HttpError(400, f"version index must be a non-negative integer, got {raw_index!r}")
-    digest, _commit = store.version(int(raw_index), call.path, branch=call.branch)
+    index = wasmstore.parse_number(call.params[0], "version index", maximum=MAX_VERSION_INDEX)
+    digest, _commit = store.version(index, call.path, branch=call.branch)
     return module_reply(digest, open_body(store.module_filename(digest)), call.headers)
 
 
@@ -785,18 +785,9 @@ def _runtime(call):
 
 def _version_query(call):
     raw = call.query.get("version")
-    if raw is None:
-        return None
-    if not raw.isdigit() or len(raw) > 9:
-        raise HttpError(400, f"version must be a non-negative integer, got {raw!r}")
-    return int(raw)
+    return None if raw is None else wasmstore.parse_number(raw, "version", maximum=MAX_VERSION_INDEX)
 
 
-def _reject_constant(name):
-    raise ValueError(f"{name} is not JSON (write \"NaN\", \"Infinity\" or \"-Infinity\" as strings)")
-
-
-_STRICT_JSON = json.JSONDecoder(parse_constant=_reject_constant)   # made once: one per call costs ~2 us
 _RESULT_JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
 
@@ -823,10 +814,7 @@ def read_body(reader, limit):
 
 def _json_arguments(body, limit):
     data = read_body(body, limit)
-    try:
-        args = _STRICT_JSON.decode(data.decode("utf-8")) if data.strip() else None
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise HttpError(400, f"malformed JSON body: {exc}") from None
+    args = wasmstore.parse_json(data, "JSON body") if data.strip() else None
     if not isinstance(args, list):
         raise HttpError(400, "expected a JSON array of arguments as the body, e.g. [1, 2]")
     return args
@@ -1021,9 +1009,10 @@ def oci_tags(store, call, segments):
     raw_n = call.query.get("n")
     headers = [OCI_API_VERSION]
     if raw_n is not None:
-        if not raw_n.isdigit() or int(raw_n) > OCI_MAX_PAGE:
-            raise OciError(400, "UNSUPPORTED", f"n must be an integer from 0 to {OCI_MAX_PAGE}")
-        n = int(raw_n)
+        try:
+            n = wasmstore.parse_number(raw_n, "n", maximum=OCI_MAX_PAGE)
+        except wasmstore.InvalidInput:
+            raise OciError(400, "UNSUPPORTED", f"n must be an integer from 0 to {OCI_MAX_PAGE}") from None
         if 0 < n < len(tags):
             after = urllib.parse.urlencode({"n": n, "last": tags[n - 1]})
             headers.append(("Link", f'</v2/{repository.name}/tags/list?{after}>; rel="next"'))
@@ -1230,11 +1219,11 @@ def parse_authority(text):
     The host comes back lower-case, an IPv6 literal without its brackets."""
     if not text or _CONTROL_RE.search(text) or any(c in text for c in " @/?#\\"):
         raise ValueError(f"expected HOST or HOST:PORT, got {text!r}")
-    parts = urllib.parse.urlsplit("//" + text)
-    host, port = parts.hostname, parts.port     # .port raises ValueError unless 0-65535
-    if not host:
-        raise ValueError(f"expected HOST or HOST:PORT, got {text!r}")
-    return host, port
+    try:
+        url = wasmstore.parse_url("http://" + text, "authority")
+    except wasmstore.InvalidInput:
+        raise ValueError(f"expected HOST or HOST:PORT, got {text!r}") from None
+    return url.host, url.port
 
 
 def parse_origin(text):
@@ -1393,9 +1382,12 @@ def body_framing(headers, version):
         return 0
     values = {value.strip() for value in lengths}
     value = values.pop()
-    if values or not value.isdigit() or not value.isascii() or len(value) > 19:
-        raise HttpError(400, "bad Content-Length: " + ", ".join(repr(v) for v in lengths[:4]), close=True)
-    return int(value)
+    try:
+        if values:
+            raise wasmstore.InvalidInput("two lengths")
+        return wasmstore.parse_number(value, "Content-Length", maximum=MAX_CONTENT_LENGTH)
+    except wasmstore.InvalidInput:
+        raise HttpError(400, "bad Content-Length: " + ", ".join(repr(v) for v in lengths[:4]), close=True) from None
 
 
 class LimitedReader(io.RawIOBase):
@@ -2790,18 +2782,24 @@ def make_server(store, host=DEFAULT_HOST, port=DEFAULT_PORT, **options):
 # Command line
 # ---------------------------------------------------------------------------------------------
 
+def _option_number(text, what, **bounds):
+    """An option's number through wasmstore.parse_number (ASCII digits only), for argparse."""
+    try:
+        return wasmstore.parse_number(text, what, **bounds)
+    except wasmstore.InvalidInput as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _byte_size(text):
-    match = re.fullmatch(r"\s*(\d+)\s*([kmg]i?b?|b)?\s*", text, re.I)
+    match = re.fullmatch(r"\s*([0-9]+)\s*([kmg]i?b?|b)?\s*", text, re.I)
     if not match:
         raise argparse.ArgumentTypeError(f"expected a size like 134217728 or 128M, got {text!r}")
     scale = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}[(match.group(2) or "")[:1].lower()]
-    return int(match.group(1)) * scale
+    return _option_number(match.group(1), "size") * scale
 
 
 def _port(text):
-    if not text.isdigit() or int(text) > 65535:
-        raise argparse.ArgumentTypeError(f"expected a port number 0-65535, got {text!r}")
-    return int(text)
+    return _option_number(text, "port number", maximum=65535)
 
 
 def _tls_pair(text):
@@ -2831,10 +2829,7 @@ def _host_names(text):
 
 
 def _positive_seconds(text):
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1
+    value = _option_number(text, "number of seconds", fraction=True)
     if not value > 0:
         raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {text!r}")
     return value
@@ -2930,15 +2925,11 @@ examples:
 
 
 def _positive_int(text):
-    if not text.isdigit() or not text.isascii() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return int(text)
+    return _option_number(text, "positive integer", minimum=1)
 
 
 def _nonnegative_int(text):
-    if not text.isdigit():
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return int(text)
+    return _option_number(text, "integer", minimum=0)
 
 
 # option -> (environment variable, parser) for the options that fall back to the environment

@@ -398,6 +398,18 @@ def store_files(root):
     return found
 
 
+def store_state(root):
+    """What a refused request must leave as it was: HEAD, the refs and the packs (names and
+    bytes). Derived files (caches, a packed module written out as a loose file, the kv file's
+    creation) may appear; kv data is checked where a test uses it."""
+    state = {}
+    for name in store_files(root):
+        if name == "HEAD" or name.startswith(("refs" + os.sep, os.path.join("objects", "pack") + os.sep)):
+            with open(os.path.join(root, name), "rb") as f:
+                state[name] = hashlib.sha256(f.read()).hexdigest()
+    return state
+
+
 class StoreTestCase(unittest.TestCase):
     """A fresh store per test: self.store, at self.root inside the test's directory self.tmp."""
 
@@ -8834,10 +8846,10 @@ class RunHttpTest(unittest.TestCase):
     def test_every_error_has_its_status_and_the_server_keeps_serving(self):
         live = self.server(timeout=1)
         cases = [
-            (("add", "/num/numbers.wasm", b"[2"), 400, "malformed JSON body"),
+            (("add", "/num/numbers.wasm", b"[2"), 400, "invalid JSON body"),
             (("add", "/num/numbers.wasm", b"[1, NaN]"), 400, 'write "NaN", "Infinity" or "-Infinity" as strings'),
             (("add", "/num/numbers.wasm", b'{"a": 1}'), 400, "expected a JSON array of arguments"),
-            (("add", "/num/numbers.wasm", b"\xff"), 400, "malformed JSON body"),
+            (("add", "/num/numbers.wasm", b"\xff"), 400, "invalid JSON body"),
             (("add", "/num/numbers.wasm", [1]), 400, "add takes 2 argument(s) (i32, i32), got 1"),
             (("add", "/num/numbers.wasm", [1, "2"]), 400, 'argument 2 (i32): expected i32, got "2"'),
             (("incr", "/kv/probe.wasm", ["b", "k", 1.5]), 400, "argument 3 (delta: s64): expected s64, got 1.5"),
@@ -9066,6 +9078,164 @@ class PyCounterServerTest(unittest.TestCase):
             thread.join(120)
         self.assertEqual(errors, [])
         self.assertEqual(self.bump(live), 1 + 16 * 5 + 1)
+
+
+
+# =================================================================================================
+# Hostile input: what an attacker, a broken peer or a careless script sends, as tables of cases
+# with the answer each must get; the server keeps serving and nothing changes
+# =================================================================================================
+
+# The spellings of numbers that str.isdigit() or int() take but that are not ASCII digits.
+NON_ASCII_NUMBERS = ("²", "①", "٣", "𝟎", "1_0", " 1", "+1", "0x1")
+
+
+class InputHelpersTest(unittest.TestCase):
+    """The one number, JSON and URL parser of each layer (kvhost's and wasmstore's copies agree)."""
+
+    LAYERS = ((kvhost, kvhost.ArgumentError), (wasmstore, wasmstore.InvalidInput))
+
+    def test_only_ascii_digits_are_numbers(self):
+        for module, error in self.LAYERS:
+            for text in NON_ASCII_NUMBERS + ("", "-", "9" * 41, "nan", "inf", "1e400"):
+                with self.subTest(module=module.__name__, text=text), self.assertRaises(error) as caught:
+                    module.parse_number(text, "count", fraction=text.startswith(("n", "i", "1e")))
+                self.assertIn("count", str(caught.exception))
+            self.assertEqual(module.parse_number("0042", "n"), 42)
+            self.assertEqual(module.parse_number(b"7", "n"), 7)
+            self.assertEqual(module.parse_number("-3", "n", minimum=-5), -3)
+            self.assertEqual(module.parse_number("2.5e1", "s", fraction=True), 25.0)
+            with self.assertRaisesRegex(error, "expected 0 to 9"):
+                module.parse_number("10", "digit", maximum=9)
+            with self.assertRaisesRegex(error, "expected at least 0"):
+                module.parse_number("-1", "count")
+
+    def test_json_nesting_is_bounded_before_decoding(self):
+        deep = "[" * 200_000 + "]" * 200_000
+        for module, error in self.LAYERS:
+            for text in (deep, "[" * 1000, b"{\"a\":" * 30_000 + b"1" + b"}" * 30_000):
+                with self.subTest(module=module.__name__, size=len(text)):
+                    with self.assertRaisesRegex(error, "nested deeper than 64 levels"):
+                        module.parse_json(text, "document")
+            nested = "[" * 64 + "]" * 64
+            self.assertEqual(module.json_depth(nested), 64)
+            self.assertIsInstance(module.parse_json(nested), list)
+            self.assertEqual(module.parse_json('{"a": "[[[[' + "[" * 100 + '"}'), {"a": "[" * 104})
+            for bad in ("NaN", "[1, Infinity]", b"\xff", "[1,", "1" * 5000):
+                with self.subTest(module=module.__name__, bad=bad[:10]), self.assertRaises(error):
+                    module.parse_json(bad)
+
+    def test_urls_need_a_host_and_a_port_in_range(self):
+        for module, error in self.LAYERS:
+            for url in ("http://[::1/x", "http://h:99999/", "http://h:abc/", "http://h:٣/", "ftp://h/",
+                        "http:///x", "http://h x/", "http://h/\n"):
+                with self.subTest(module=module.__name__, url=url), self.assertRaises(error):
+                    module.parse_url(url, "location", ("http", "https"))
+            url = module.parse_url("https://[::1]:5000/v2/?a=b", "location", ("http", "https"))
+            self.assertEqual((url.host, url.port, url.path, url.query, url.netloc),
+                             ("::1", 5000, "/v2/", "a=b", "[::1]:5000"))
+            with self.assertRaises(error) as caught:
+                module.parse_url("redis://user:secret@h:x/0", "URL", ("redis",))
+            self.assertNotIn("secret", str(caught.exception))
+
+
+class HostileHttpTest(unittest.TestCase):
+    """Requests an attacker sends to the API: each gets its 4xx in one line; the server logs no
+    500 or traceback, keeps serving, and the store does not change."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.live = LiveServer(cls, run={"kv": "memory:", "timeout": 2})
+        fill_run_store(cls.live.store, paths={"/num/numbers.wasm"})
+        cls.live.store.add("/types/probe.wasm", guest_binary(TYPES_PROBE))
+        for path, function, args in (("/num/numbers.wasm", "add", [1, 2]), ("/types/probe.wasm", "echo-f32", [1])):
+            status, _, body = cls.live.request("POST", f"/api/v1/call/{function}{path}", json.dumps(args).encode())
+            assert status == 200, body                 # warm: compiled, module files written out
+
+    @classmethod
+    def addCleanup(cls, function, *args, **kwargs):     # LiveServer's cleanup, at class level
+        cls.addClassCleanup(function, *args, **kwargs)
+
+    def state(self):
+        return store_state(self.live.root)
+
+    def check_cases(self, cases):
+        """cases: [(method, target, headers, body, status, text in the answer)]."""
+        for method, target, headers, body, status, text in cases:
+            with self.subTest(method=method, target=target[:80], body=(body or b"")[:40]):
+                before = self.state()
+                answer = self.live.request(method, target, body, headers)
+                self.assertEqual(answer[0], status, answer[2][:300])
+                self.assertIn(text, answer[2].decode("utf-8", "replace"))
+                if not target.startswith("/v2/"):           # /v2/ errors are the registry's JSON
+                    self.assertEqual(answer[2].count(b"\n"), 1, answer[2][:300])
+                self.assertEqual(self.live.request("POST", "/api/v1/call/add/num/numbers.wasm", b"[2, 3]")[2],
+                                 b"5")
+                self.assertEqual(self.state(), before)
+        log = self.live.log.getvalue()
+        self.assertNotIn(" 500 ", log)
+        self.assertNotIn("Traceback", log)
+
+    def test_call_bodies(self):
+        call, call_types = "/api/v1/call/add/num/numbers.wasm", "/api/v1/call/{}/types/probe.wasm"
+        self.check_cases([
+            ("POST", call, {}, b"[" * 1000 + b"]" * 1000, 400, "nested deeper than 64 levels"),
+            ("POST", call, {}, b"[" * 100_000, 400, "nested deeper than 64 levels"),
+            ("POST", call, {}, b'[{"a":' * 500 + b"1" + b"}]" * 500, 400, "nested deeper than 64 levels"),
+            ("POST", call, {}, b"[" + b"9" * 5000 + b", 1]", 400, "invalid JSON body"),
+            ("POST", call, {}, b"[1e400, 1]", 400, "expected i32"),
+            ("POST", call_types.format("echo-f32"), {}, b"[1e39]", 400, "expected f32"),
+            ("POST", call_types.format("echo-f32"), {}, b"[-3.5e38]", 400, "expected f32"),
+            ("POST", call_types.format("echo-f32"), {}, b"[" + b"9" * 400 + b"]", 400, "expected f32"),
+            ("POST", call_types.format("add-f64"), {}, b"[" + b"9" * 400 + b", 1]", 400, "expected f64"),
+            ("POST", call_types.format("echo-bytes"), {}, '["é"]'.encode(), 400, "expected list<u8>"),
+            ("POST", call_types.format("echo-bytes"), {}, b'["\\u0000"]', 400, "expected list<u8>"),
+            ("POST", "/api/v1/call/mulf32/num/numbers.wasm", {}, b"[1e39, 1]", 400, "expected f32"),
+        ])
+
+    def test_numbers_in_queries_and_paths(self):
+        cases = []
+        for text in NON_ASCII_NUMBERS:
+            quoted = urllib.parse.quote(text)
+            cases += [
+                ("POST", f"/api/v1/call/add/num/numbers.wasm?version={quoted}", {}, b"[1, 2]", 400, "ASCII digits"),
+                ("POST", f"/api/v1/run/num/numbers.wasm?version={quoted}", {}, b"", 400, "ASCII digits"),
+                ("GET", f"/api/v1/exports/num/numbers.wasm?version={quoted}", {}, None, 400, "ASCII digits"),
+                ("GET", f"/api/v1/version/{quoted}/num/numbers.wasm", {}, None, 400, "ASCII digits"),
+                ("GET", f"/v2/num/numbers.wasm/tags/list?n={quoted}", {}, None, 400, "UNSUPPORTED"),
+            ]
+        cases.append(("GET", "/api/v1/version/" + "9" * 30 + "/num/numbers.wasm", {}, None, 400, "version index"))
+        self.check_cases(cases)
+
+
+class HostileCommandLineTest(StoreTestCase):
+    """Arguments a careless script passes to the command lines: one error line, no traceback,
+    exit status 2 for a bad argument, and the store unchanged."""
+
+    def test_bad_arguments_are_one_line(self):
+        self.store.add("/types/probe.wasm", guest_binary(TYPES_PROBE))
+        before = store_state(self.root)
+        deep = "[" * 1000 + "]" * 1000
+        cases = [
+            (("call", "/types/probe.wasm", "echo-f32", deep), 2, "nested deeper than 64 levels"),
+            (("call", "/types/probe.wasm", "echo-f32", "1e39"), 2, "expected f32"),
+            (("call", "/types/probe.wasm", "echo-bytes", '"é"'), 2, "expected list<u8>"),
+            (("call", "--version", "²", "/types/probe.wasm", "echo-f32", "1"), 2, "ASCII digits"),
+            (("call", "--timeout", "٣", "/types/probe.wasm", "echo-f32", "1"), 2, "ASCII digits"),
+            (("log", "-n", "①"), 2, "ASCII digits"),
+            (("version", "٣", "/types/probe.wasm"), 1, "ASCII digits"),
+        ]
+        for args, status, text in cases:
+            with self.subTest(args=[a[:20] for a in args]):
+                done = run_cli(self.root, *args)
+                self.assertEqual(done.returncode, status, done.stderr)
+                self.assertIn(text, done.stderr)
+                self.assertNotIn("Traceback", done.stderr)
+                self.assertEqual(done.stderr.count("\n"), 1 if status == 1 else done.stderr.count("\n"))
+                self.assertEqual(store_state(self.root), before)
+        done = run_kvhost("call", TYPES_PROBE, "echo-f32", deep)
+        self.assertEqual((done.returncode, done.stderr.count("\n")), (2, 1), done.stderr)
+        self.assertIn("nested deeper than 64 levels", done.stderr)
 
 
 if __name__ == "__main__":
