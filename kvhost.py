@@ -60,7 +60,7 @@ __all__ = [
     "Backend", "MemoryBackend", "SqliteBackend", "RedisBackend", "open_backend",
     "Guest", "Host", "RunResult", "Provider", "provider_of", "provider_exports", "PROVIDER_PREFIX", "core_signatures", "describe_exports", "format_export", "json_float", "float_from_json",
     "add_store_options", "add_sandbox_options", "host_from_args", "parse_json_args", "print_json", "print_exports",
-    "run_with_deadline", "end_process", "report", "DeadlineExceeded", "main",
+    "run_with_deadline", "end_process", "report", "DeadlineExceeded", "main", "console_main",
     "DEFAULT_KV_URL", "MAX_KEY_BYTES", "DEFAULT_MAX_VALUE_BYTES", "PAGE_SIZE",
 ]
 
@@ -4714,5 +4714,10 @@ def main(argv=None):
         return 130
 
 
-if __name__ == "__main__":
+def console_main():
+    """The `kvhost` command (python kvhost.py, or the script pip installs)."""
     sys.exit(end_process(main()))
+
+
+if __name__ == "__main__":
+    console_main()
