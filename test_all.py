@@ -9068,5 +9068,58 @@ class PyCounterServerTest(unittest.TestCase):
         self.assertEqual(self.bump(live), 1 + 16 * 5 + 1)
 
 
+# =================================================================================================
+# HTTP apps in kvhost (Host.handle_http): the wasi:http proxy world served by kvhost's own imports
+# =================================================================================================
+
+HTTP_GUESTS = os.path.join(GUEST_DIR, "http")                     # wasi:http handlers in WAT
+HTTP_HELLO = os.path.join(HTTP_GUESTS, "hello.wat")
+
+
+class RecordingSink:
+    """A server's side of handle_http, in memory: what the guest's response made it do, in order."""
+
+    def __init__(self):
+        self.events = []
+
+    def start(self, status, headers):
+        self.events.append(("start", status, list(headers)))
+
+    def write(self, data):
+        self.events.append(("write", bytes(data)))
+
+    def finish(self, trailers):
+        self.events.append(("finish", trailers))
+
+    def body(self):
+        return b"".join(event[1] for event in self.events if event[0] == "write")
+
+
+def http_request(method="GET", path="/", headers=(), body=None, authority="localhost"):
+    """A kvhost.HttpRequest; body: bytes (read through an io.BytesIO) or None."""
+    reader = None if body is None else io.BytesIO(body)
+    return kvhost.HttpRequest(method, "http", authority, path, list(headers), reader)
+
+
+class HttpHandlerTest(unittest.TestCase):
+    """handle_http: one fresh instance per request, the response streamed to the sink."""
+
+    def setUp(self):
+        self.host = kvhost.Host(cache_dir=False)
+        self.addCleanup(self.host.close)
+
+    def test_hello_answers_through_the_sink_in_order(self):
+        guest = self.host.load(HTTP_HELLO)
+        sink = RecordingSink()
+        outcome = self.host.handle_http(guest, http_request(), sink)
+        self.assertEqual(sink.events, [("start", 200, []), ("write", b"hello from wasm\n"), ("finish", None)])
+        self.assertEqual((outcome.status, outcome.body_bytes), (200, 16))
+
+    def test_a_component_that_is_not_a_handler_is_one_clear_error(self):
+        guest = self.host.load(os.path.join(RUN_GUESTS, "http-import.wat"))
+        with self.assertRaisesRegex(kvhost.NotHttpHandler, "does not export wasi:http/incoming-handler"):
+            self.host.handle_http(guest, http_request(), RecordingSink())
+
+
 if __name__ == "__main__":
     unittest.main()
