@@ -3,11 +3,11 @@
 
 Standard library only (plus `wasmstore.py`): `http.server.ThreadingHTTPServer` with keep-alive,
 Content-Length on every response, zero-copy downloads (`os.sendfile` of the object file; plain
-reads through TLS), uploads streamed into the store, key/method auth, TLS, CORS, a WebSocket
-watch (RFC 6455), Prometheus metrics, bounded request heads and bodies, strict body framing,
-connection timeouts, a connection cap with a separate cap for watch sessions, Host and Origin
-checks against DNS rebinding and cross-site requests, graceful shutdown on SIGTERM / Ctrl-C,
-running stored modules (call, run, exports) on kvhost, and the read side of the OCI
+reads through TLS), uploads streamed into the store, keys with permissions and path scopes, TLS,
+CORS, a WebSocket watch (RFC 6455), Prometheus metrics, bounded request heads and bodies, strict
+body framing, connection timeouts, a connection cap with a separate cap for watch sessions, Host
+and Origin checks against DNS rebinding and cross-site requests, graceful shutdown on SIGTERM /
+Ctrl-C, running stored modules (call, run, exports) on kvhost, and the read side of the OCI
 distribution API under /v2/ (each store path a repository: `oras pull` fetches from it).
 
 As a command::
@@ -35,7 +35,8 @@ Map of this file (top-down):
                        call/run/exports handlers, make_runtime()
     OCI /v2/           the distribution API's read side: OciRepository (a store path's tags,
                        manifests, blobs), oci_v2 (its one route), oci_error_reply (JSON codes)
-    auth               AuthTable (constant-time key comparison)
+    auth               Access (what a key reaches), AuthTable (KEY:PERMS[@PREFIX] entries,
+                       constant-time key comparison; the routes declare their permission)
     browser safety     parse_authority(), parse_origin(), HostAllowList (DNS rebinding),
                        OriginAllowList (the --cors option; cross-site requests and watches)
     body readers       body_framing() (400 for ambiguous framing), LimitedReader, ChunkedReader
@@ -60,6 +61,9 @@ __all__ = [
     "ROUTES",
     "ERROR_STATUS",
     "AuthTable",
+    "Access",
+    "EVERYTHING",
+    "PERMISSIONS",
     "HostAllowList",
     "OriginAllowList",
     "ConnectionLimits",
@@ -162,6 +166,13 @@ CORS_EXPOSE_HEADERS = ("Wasmstore-Hash, ETag, Wasmstore-Exit-Status, Wasmstore-S
 _SEGMENT_RE = re.compile(r"(?:[^%]|%[0-9A-Fa-f]{2})*\Z", re.S)
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
 _METHOD_RE = re.compile(r"[A-Z]{1,16}\Z")
+_AUTH_ENTRY_RE = re.compile(r"(?P<key>.+?):(?P<perms>[A-Za-z*, ]+)(?:@(?P<prefix>/.*))?\Z", re.S)
+
+# The words an --auth entry may grant besides HTTP methods. Every route declares the one it
+# needs (Route(..., permission=WORD)); an app route, or any route added later, declares "run"
+# or whichever fits, and AuthTable.authorize is the one check.
+PERMISSIONS = ("read", "write", "run", "admin")
+ROUTE_SCOPES = ("path", "store", "filtered")     # what a route touches: see Route
 
 
 # ---------------------------------------------------------------------------------------------
@@ -381,10 +392,11 @@ def error_reply(exc):
 class Call:
     """The parts of a request a handler needs."""
 
-    __slots__ = ("params", "path", "branch", "author", "headers", "max_body", "locator", "query", "runtime", "log")
+    __slots__ = ("params", "path", "branch", "author", "headers", "max_body", "locator", "query",
+                 "runtime", "log", "access")
 
     def __init__(self, params=(), path="", branch=None, author=None, headers=None,
-                 max_body=DEFAULT_MAX_BODY, locator=None, query=None, runtime=None):
+                 max_body=DEFAULT_MAX_BODY, locator=None, query=None, runtime=None, access=None):
         self.params = tuple(params)   # the route's named segments (hash, index, branch...)
         self.path = path              # the "*" rest joined with "/" ("" when absent)
         self.branch = branch          # Wasmstore-Branch or None (default branch)
@@ -395,6 +407,7 @@ class Call:
         self.query = query or Query()  # the query string
         self.runtime = runtime        # a GuestRuntime, or None: the run routes answer 501
         self.log = {}                 # name -> value pairs the access-log line ends with
+        self.access = access or EVERYTHING   # what the request's key reaches (see Access)
 
 
 def _path_or_none(call):
@@ -574,7 +587,10 @@ def delete_module(store, call, body):
 
 
 def list_modules(store, call, body):
-    return json_reply(store.list(call.path, branch=call.branch))
+    listing = store.list(call.path, branch=call.branch)
+    if call.access.scoped:
+        listing = {path: digest for path, digest in listing.items() if call.access.reaches(path)}
+    return json_reply(listing)
 
 
 def get_hash(store, call, body):
@@ -832,6 +848,11 @@ def _json_arguments(body, limit):
     return args
 
 
+def _link_reach(call):
+    """What the stored modules a core module imports may be, for this request's key."""
+    return call.access.reaches if call.access.scoped else None
+
+
 def call_function(store, call, body):
     """POST /api/v1/call/:function/*: body a JSON array of arguments; 200 with the JSON result."""
     runtime = _runtime(call)
@@ -840,7 +861,7 @@ def call_function(store, call, body):
     version = _version_query(call)
 
     def work(target, stats):
-        return runtime.runner.call(target, function, args, stats=stats)
+        return runtime.runner.call(target, function, args, stats=stats, reach=_link_reach(call))
     result = runtime.execute(call, function, version, work)
     data = _RESULT_JSON.encode(result).encode("utf-8")
     return Reply(200, [("Content-Type", JSON_TYPE)], data)
@@ -863,7 +884,8 @@ def run_module(store, call, body):
     version = _version_query(call)
 
     def work(target, stats):
-        return runtime.runner.run_captured(target, argv, stdin=stdin, limit=runtime.max_output, stats=stats)
+        return runtime.runner.run_captured(target, argv, stdin=stdin, limit=runtime.max_output,
+                                           stats=stats, reach=_link_reach(call))
     result = runtime.execute(call, "run", version, work)
     headers = [("Content-Type", "application/octet-stream"), ("Wasmstore-Exit-Status", str(result.status))]
     headers += _stderr_headers(result)
@@ -1033,30 +1055,49 @@ def oci_tags(store, call, segments):
     return reply
 
 
+def _oci_reach(call, segments):
+    """The repository's segments, or OciError DENIED for a key that does not reach its path
+    (decided before the store is read, like every scope check)."""
+    if not call.access.reaches(tuple(segments)):
+        raise OciError(403, "DENIED", f"this key may not reach {_printed(segments)}")
+    return segments
+
+
 def oci_v2(store, call, body):
     """GET/HEAD /v2/...: the API version check, manifests, blobs and tag lists."""
     parts = call.path.split("/") if call.path else []
     if not parts:
         return Reply(200, [("Content-Type", JSON_TYPE), OCI_API_VERSION], b"{}")
     if len(parts) >= 3 and parts[-2] == "manifests":
-        return oci_manifest(store, call, parts[:-2], parts[-1])
+        return oci_manifest(store, call, _oci_reach(call, parts[:-2]), parts[-1])
     if len(parts) >= 3 and parts[-2] == "blobs":
-        return oci_blob(store, call, parts[:-2], parts[-1])
+        return oci_blob(store, call, _oci_reach(call, parts[:-2]), parts[-1])
     if len(parts) >= 3 and parts[-2:] == ["tags", "list"]:
-        return oci_tags(store, call, parts[:-2])
+        return oci_tags(store, call, _oci_reach(call, parts[:-2]))
     raise OciError(404, "UNSUPPORTED", "no such /v2/ endpoint (this registry serves pulls: "
                    "manifests, blobs, tags/list)")
 
 
 class Route:
     """One row of the routing table: /api/v1/<name>/<params...>/<rest...> (or, with
-    prefix=(), /<name>/...: the OCI API's /v2/)."""
+    prefix=(), /<name>/...: the OCI API's /v2/).
 
-    __slots__ = ("method", "name", "nparams", "rest", "handler", "label", "upload", "websocket", "body",
-                 "prefix")
+    Every route declares what a key needs to use it: `permission`, one of PERMISSIONS (or
+    None: only a key allowed the method, as /api/v1/auth), and `scope`, what the request
+    touches: "path" (the rest of the URL, a store path: a key limited to a prefix reaches only
+    paths under it; no rest means the whole store), "store" (the whole store: only keys
+    without a prefix), or "filtered" (the handler keeps only what call.access reaches, or
+    touches no path at all)."""
 
-    def __init__(self, method, name, nparams, rest, handler, *, upload=False, websocket=False, body=False,
-                 prefix=API_PREFIX):
+    __slots__ = ("method", "name", "nparams", "rest", "handler", "label", "upload", "websocket",
+                 "body", "prefix", "permission", "scope")
+
+    def __init__(self, method, name, nparams, rest, handler, *, permission, scope="path",
+                 upload=False, websocket=False, body=False, prefix=API_PREFIX):
+        if permission is not None and permission not in PERMISSIONS:
+            raise ValueError(f"route {name!r}: permission must be one of {PERMISSIONS} or None")
+        if scope not in ROUTE_SCOPES:
+            raise ValueError(f"route {name!r}: scope must be one of {ROUTE_SCOPES}")
         self.method = method          # "*" = any method
         self.name = name
         self.nparams = nparams
@@ -1066,39 +1107,60 @@ class Route:
         self.body = body              # the handler reads a body of up to --max-body (may be absent)
         self.websocket = websocket
         self.prefix = prefix
+        self.permission = permission
+        self.scope = scope
         parts = ["/".join(("",) + prefix), name] + [":p"] * nparams + \
             (["*"] if rest == "optional" else [])
         self.label = "/".join(parts)  # bounded metric label
 
+    def reach(self, rest):
+        """What authorize() checks for a request whose URL rest is `rest` (segments): see
+        `scope`."""
+        if self.scope == "path":
+            return rest
+        return () if self.scope == "store" else None
 
-# (method, name, number of named params, rest of path, handler)
+
+# (method, name, number of named params, rest of path, handler; what a key needs)
 ROUTES = [
-    Route("GET", "modules", 0, "optional", list_modules),
-    Route("GET", "module", 0, "optional", get_module),
-    Route("POST", "module", 0, "optional", add_module, upload=True),
-    Route("DELETE", "module", 0, "optional", delete_module),
-    Route("GET", "hash", 0, "optional", get_hash),
-    Route("POST", "hash", 1, "optional", set_hash),
-    Route("GET", "versions", 0, "optional", get_versions),
-    Route("GET", "version", 1, "optional", get_version),
-    Route("POST", "rollback", 0, "optional", rollback),
-    Route("POST", "restore", 1, "optional", restore),
-    Route("GET", "snapshot", 0, "none", snapshot),
-    Route("GET", "commit", 1, "none", commit_info),
-    Route("GET", "branches", 0, "none", list_branches),
-    Route("GET", "branch", 0, "none", default_branch),
-    Route("PUT", "branch", 1, "none", switch_branch),
-    Route("POST", "branch", 1, "none", create_branch),
-    Route("DELETE", "branch", 1, "none", delete_branch),
-    Route("POST", "merge", 1, "none", merge),
-    Route("POST", "gc", 0, "none", gc),
-    Route("GET", "watch", 0, "none", None, websocket=True),
-    Route("POST", "call", 1, "optional", call_function, body=True),
-    Route("POST", "run", 0, "optional", run_module, body=True),
-    Route("GET", "exports", 0, "optional", get_exports),
-    Route("*", "auth", 0, "none", auth_ok),
-    Route("GET", "v2", 0, "optional", oci_v2, prefix=()),
+    Route("GET", "modules", 0, "optional", list_modules, permission="read", scope="filtered"),
+    Route("GET", "module", 0, "optional", get_module, permission="read"),
+    Route("POST", "module", 0, "optional", add_module, permission="write", upload=True),
+    Route("DELETE", "module", 0, "optional", delete_module, permission="write"),
+    Route("GET", "hash", 0, "optional", get_hash, permission="read"),
+    Route("POST", "hash", 1, "optional", set_hash, permission="write"),
+    Route("GET", "versions", 0, "optional", get_versions, permission="read"),
+    Route("GET", "version", 1, "optional", get_version, permission="read"),
+    Route("POST", "rollback", 0, "optional", rollback, permission="write"),
+    Route("POST", "restore", 1, "optional", restore, permission="write"),
+    Route("GET", "snapshot", 0, "none", snapshot, permission="read", scope="store"),
+    Route("GET", "commit", 1, "none", commit_info, permission="read", scope="store"),
+    Route("GET", "branches", 0, "none", list_branches, permission="read", scope="filtered"),
+    Route("GET", "branch", 0, "none", default_branch, permission="read", scope="filtered"),
+    Route("PUT", "branch", 1, "none", switch_branch, permission="admin", scope="store"),
+    Route("POST", "branch", 1, "none", create_branch, permission="write", scope="store"),
+    Route("DELETE", "branch", 1, "none", delete_branch, permission="admin", scope="store"),
+    Route("POST", "merge", 1, "none", merge, permission="admin", scope="store"),
+    Route("POST", "gc", 0, "none", gc, permission="admin", scope="store"),
+    Route("GET", "watch", 0, "none", None, permission="read", scope="filtered", websocket=True),
+    Route("POST", "call", 1, "optional", call_function, permission="run", body=True),
+    Route("POST", "run", 0, "optional", run_module, permission="run", body=True),
+    Route("GET", "exports", 0, "optional", get_exports, permission="read"),
+    Route("*", "auth", 0, "none", auth_ok, permission=None, scope="filtered"),
+    Route("GET", "v2", 0, "optional", oci_v2, permission="read", scope="filtered", prefix=()),
 ]
+
+
+def word_methods(routes):
+    """{permission word: the methods of the routes that need it} (GET routes serve HEAD too)."""
+    methods = collections.defaultdict(set)
+    for route in routes:
+        if route.permission is not None and route.method != "*":
+            methods[route.permission].add(route.method)
+    return {word: frozenset(found) for word, found in methods.items()}
+
+
+WORD_METHODS = word_methods(ROUTES)     # what /api/v1/auth answers for a key with words only
 
 
 def match_route(method, segments, routes=ROUTES):
@@ -1136,8 +1198,80 @@ def match_route(method, segments, routes=ROUTES):
 # Auth
 # ---------------------------------------------------------------------------------------------
 
+class Access:
+    """What an authorized request may reach: every path (prefixes None), or only the paths
+    under one of `prefixes` (tuples of segments). Handlers whose answers span paths (listings,
+    watch events) keep only what reaches() allows."""
+
+    __slots__ = ("prefixes",)
+
+    def __init__(self, prefixes=None):
+        self.prefixes = prefixes
+
+    @property
+    def scoped(self):
+        return self.prefixes is not None
+
+    def reaches(self, segments):
+        """True if the path (a tuple of segments, or a printed path) is within reach."""
+        if self.prefixes is None:
+            return True
+        if isinstance(segments, str):
+            segments = tuple(s for s in segments.split("/") if s)
+        if len(segments) == 1 and wasmstore.HASH_TEXT.match(segments[0]):
+            return False              # a module named by hash may live at any path
+        return any(segments[:len(prefix)] == prefix for prefix in self.prefixes)
+
+    def require(self, segments):
+        """HttpError 403 unless the path is within reach; () stands for the whole store. The
+        answer depends only on the key and the path asked for, never on what the store holds,
+        so it tells nothing about paths out of reach."""
+        if self.prefixes is None:
+            return
+        if not segments:
+            raise HttpError(403, "this key is limited to " + ", ".join(
+                wasmstore.format_path(p) + "/" for p in self.prefixes) +
+                            ": this route needs a key for the whole store")
+        if not self.reaches(tuple(segments)):
+            raise HttpError(403, f"this key may not reach {_printed(segments)}")
+
+
+EVERYTHING = Access()
+
+
+def _printed(segments):
+    return ("/" + "/".join(segments))[:200]
+
+
+class _AuthEntry:
+    """One KEY:PERMS[@PREFIX] entry of an --auth spec."""
+
+    __slots__ = ("key", "methods", "words", "prefix")
+
+    def __init__(self, key, methods, words, prefix):
+        self.key = key                # bytes
+        self.methods = methods        # frozenset of method names, or AuthTable.ALL
+        self.words = words            # frozenset of PERMISSIONS
+        self.prefix = prefix          # tuple of path segments, or None: the whole store
+
+    def grants(self, method, permission):
+        if self.methods is AuthTable.ALL or method in self.methods:
+            return True
+        if permission is None:        # method-level routes (/api/v1/auth): any word using it
+            return any(method in WORD_METHODS.get(word, ()) for word in self.words)
+        return permission in self.words
+
+
 class AuthTable:
-    """Keys and the methods each may use, from a spec like "KEY1:GET,POST;KEY2:GET" ("*" = all).
+    """Keys and what each may do, from a spec of `;`-separated entries `KEY:PERMS[@PREFIX]`.
+
+    PERMS is a comma list of HTTP methods (`*` for all) and the words read (GET/HEAD of
+    data), write (add, remove, set hash, rollback, restore, create branch), run (call, run,
+    HTTP apps) and admin (gc, merge, delete or switch a branch, kv writes); the route table
+    says which word each route needs. `@/PREFIX` limits the entry to paths under PREFIX;
+    routes that span the whole store (log, commits, gc, merge...) need an entry without one.
+    A key may appear in several entries: a request is allowed when one of them grants it.
+    The original form "KEY1:GET,POST;KEY2:GET" means what it meant.
 
     Every presented key is compared with every configured key in constant time, so neither
     timing nor early exit tells how much of a key matched or which entry it was.
@@ -1152,52 +1286,84 @@ class AuthTable:
 
     @staticmethod
     def _parse(spec):
-        entries, seen = [], set()
+        entries = []
         for number, part in enumerate(spec.split(";"), 1):
             part = part.strip()
             if not part:
                 continue
-            key, sep, methods = part.rpartition(":")
-            key = key.strip()
-            if not sep or not key:
-                raise ServerError(f"auth entry {number}: expected KEY:METHODS")
-            if _CONTROL_RE.search(key) or key != key.strip() or "," in key:
+            match = _AUTH_ENTRY_RE.match(part)
+            if not match or not match.group("key").strip():
+                raise ServerError(f"auth entry {number}: expected KEY:PERMS or KEY:PERMS@/PREFIX")
+            key = match.group("key").strip()
+            if _CONTROL_RE.search(key) or "," in key:
                 raise ServerError(f"auth entry {number}: the key has a control character or ','")
-            if key in seen:
-                raise ServerError(f"auth entry {number}: duplicate key")
-            seen.add(key)
-            names = [m.strip().upper() for m in methods.split(",") if m.strip()]
-            if names == ["*"]:
-                allowed = AuthTable.ALL
-            else:
-                if not names or not all(_METHOD_RE.match(m) for m in names):
-                    raise ServerError(f"auth entry {number}: methods must be '*' or names like GET,POST")
-                allowed = frozenset(names)
-            entries.append((key.encode("utf-8"), allowed))
+            methods, words = AuthTable._permissions(number, match.group("perms"))
+            prefix = None
+            if match.group("prefix") is not None:
+                prefix = AuthTable._prefix(number, match.group("prefix"))
+            entries.append(_AuthEntry(key.encode("utf-8"), methods, words, prefix))
         if not entries:
-            raise ServerError("auth spec has no KEY:METHODS entry")
+            raise ServerError("auth spec has no KEY:PERMS entry")
         return entries
+
+    @staticmethod
+    def _prefix(number, text):
+        try:
+            prefix = tuple(wasmstore.validate_path(text[:-1] if text.endswith("/") else text))
+        except wasmstore.InvalidInput as exc:
+            raise ServerError(f"auth entry {number}: bad prefix: {exc}") from None
+        if not prefix:
+            raise ServerError(f"auth entry {number}: a prefix names a directory, as in @/apps/")
+        return prefix
+
+    @staticmethod
+    def _permissions(number, text):
+        names = [name.strip() for name in text.split(",") if name.strip()]
+        words = frozenset(name.lower() for name in names if name.lower() in PERMISSIONS)
+        methods = [name.upper() for name in names if name.lower() not in PERMISSIONS]
+        if "*" in methods:
+            if len(methods) > 1:
+                raise ServerError(f"auth entry {number}: '*' already allows every method")
+            return AuthTable.ALL, words
+        unknown = [m for m in methods if m not in KNOWN_METHODS]
+        if not names or unknown:
+            raise ServerError(f"auth entry {number}: {', '.join(unknown)[:100]!r} is neither '*', "
+                              f"an HTTP method nor one of the words {', '.join(PERMISSIONS)}")
+        return frozenset(methods), words
 
     @property
     def enabled(self):
         return bool(self.entries)
 
-    def check(self, presented, method):
-        """Raise HttpError 401 (no or unknown key) or 403 (method not allowed for the key)."""
+    def authorize(self, presented, method, permission=None, segments=None):
+        """The Access a request gets: HttpError 401 (no or unknown key) or 403 (no entry of
+        the key grants the method or `permission`, or the path is out of reach).
+
+        permission: the word the route needs (None: any word whose routes use the method);
+        segments: the path the request touches (() = the whole store; None = the handler
+        filters what it answers by the Access)."""
         if not self.entries:
-            return
+            return EVERYTHING
         if not presented:
             raise HttpError(401, "missing key (send it in Wasmstore-Auth)")
         candidate = presented.encode("latin-1", "replace")
-        found, allowed = False, None
-        for key, methods in self.entries:
-            if hmac.compare_digest(candidate, key) and not found:
-                found, allowed = True, methods
-        if not found:
+        mine = [entry for entry in self.entries if hmac.compare_digest(candidate, entry.key)]
+        if not mine:
             raise HttpError(401, "unknown key")
         wanted = "GET" if method == "HEAD" else method
-        if allowed is not AuthTable.ALL and wanted not in allowed:
-            raise HttpError(403, f"key not allowed to use {method}")
+        granting = [entry for entry in mine if entry.grants(wanted, permission)]
+        if not granting:
+            raise HttpError(403, f"key not allowed to use {method}" +
+                            (f" here (this route needs {permission})" if permission else ""))
+        prefixes = [entry.prefix for entry in granting]
+        access = EVERYTHING if None in prefixes else Access(tuple(prefixes))
+        if segments is not None:
+            access.require(segments)
+        return access
+
+    def check(self, presented, method):
+        """Raise HttpError 401 (no or unknown key) or 403 (method not allowed for the key)."""
+        self.authorize(presented, method)
 
 
 def presented_key(headers):
@@ -1649,20 +1815,35 @@ class Metrics:
 # ---------------------------------------------------------------------------------------------
 
 class Subscription:
-    """A watch client's mailbox. The hub never blocks on it: a full queue drops the client."""
+    """A watch client's mailbox. The hub never blocks on it: a full queue drops the client.
 
-    def __init__(self, branch, size=WS_QUEUE_SIZE):
+    A client whose key reaches only some paths (access) gets only their changes: an event
+    about nothing it reaches is not sent at all."""
+
+    def __init__(self, branch, size=WS_QUEUE_SIZE, access=None):
         self.branch = branch
         self.queue = queue.Queue(size)
         self.closed = None            # (code, reason) once the hub wants the client gone
+        self.access = access or EVERYTHING
 
-    def offer(self, message):
+    def offer(self, message, changes=None):
+        """Queue one event: its JSON text, and the changes it encodes (for a scoped client)."""
         if self.closed:
             return
+        if self.access.scoped and changes is not None:
+            reaches = self.access.reaches
+            changes = {path: change for path, change in changes.items() if reaches(path)}
+            if not changes:
+                return
+            message = _event_text(changes)
         try:
             self.queue.put_nowait(message)
         except queue.Full:
             self.closed = (1008, "too slow: event queue overflowed")
+
+
+def _event_text(changes):
+    return json.dumps(changes, separators=(",", ":"), ensure_ascii=False)
 
 
 class _BranchWatcher(threading.Thread):
@@ -1685,7 +1866,7 @@ class _BranchWatcher(threading.Thread):
     def run(self):
         try:
             for _commit, changes in self.events:
-                self.hub.broadcast(self, json.dumps(changes, separators=(",", ":"), ensure_ascii=False))
+                self.hub.broadcast(self, _event_text(changes), changes)
         except wasmstore.NotFound:
             self.hub.end_branch(self, (1001, "branch deleted"))
         except Exception:                                  # a bug: say why, end the watches
@@ -1703,8 +1884,9 @@ class WatchHub:
         self.watchers = {}
         self.log = log or (lambda text: None)
 
-    def subscribe(self, branch=None):
-        """Register a client on `branch` (None = default); NotFound if the branch does not exist."""
+    def subscribe(self, branch=None, access=None):
+        """Register a client on `branch` (None = default) that gets the changes `access`
+        reaches (default: all); NotFound if the branch does not exist."""
         branch = branch or self.store.default_branch
         with self.lock:
             watcher = self.watchers.get(branch)
@@ -1715,7 +1897,7 @@ class WatchHub:
                 watcher = _BranchWatcher(self, branch, events, stop_event)
                 self.watchers[branch] = watcher
                 watcher.start()
-            subscription = Subscription(branch)
+            subscription = Subscription(branch, access=access)
             watcher.subscribers.add(subscription)
             return subscription
 
@@ -1729,11 +1911,11 @@ class WatchHub:
                 watcher.stop_event.set()
                 del self.watchers[subscription.branch]
 
-    def broadcast(self, watcher, message):
+    def broadcast(self, watcher, message, changes=None):
         with self.lock:
             subscribers = list(watcher.subscribers)
         for subscription in subscribers:
-            subscription.offer(message)
+            subscription.offer(message, changes)
 
     def end_branch(self, watcher, reason):
         with self.lock:
@@ -2156,7 +2338,7 @@ class WasmstoreHandler(http.server.BaseHTTPRequestHandler):
             return self._preflight()
         if segments == ("metrics",):
             self._route_label = "/metrics"
-            server.auth.check(presented_key(self.headers), method)
+            server.auth.authorize(presented_key(self.headers), method, "read", ())   # names paths
             if method not in ("GET", "HEAD"):
                 raise HttpError(405, "method not allowed", headers=[("Allow", "GET, HEAD")])
             self._consume_body(upload=False)
@@ -2170,15 +2352,17 @@ class WasmstoreHandler(http.server.BaseHTTPRequestHandler):
             server.auth.check(presented_key(self.headers), method)   # no route probing without a key
             raise
         self._route_label = route.label
+        access = EVERYTHING
         if server.auth.enabled:
             key = presented_key(self.headers)
             if key is None and route.websocket:
                 key = query.get("auth")             # browsers cannot set headers on a WebSocket
-            server.auth.check(key, method)
+            access = server.auth.authorize(key, method, route.permission,
+                                           route.reach(tuple(rest.split("/")) if rest else ()))
         call = Call(params, rest, branch=self._header("Wasmstore-Branch"),
                     author=self._header("Wasmstore-Author"), headers=self.headers,
                     max_body=server.max_body, locator=server.locate_cache, query=query,
-                    runtime=server.runtime)
+                    runtime=server.runtime, access=access)
         self._call = call
         if route.websocket:
             call.branch = call.branch or query.get("branch") or None
@@ -2449,7 +2633,7 @@ class WasmstoreHandler(http.server.BaseHTTPRequestHandler):
             raise HttpError(503, f"too many watch sessions (the limit is {limits.max_watches}); retry later",
                             headers=[("Retry-After", "1")])
         self.close_connection = True                # it holds a watch slot now: it ends with the watch
-        subscription = self.server.hub.subscribe(call.branch)      # 404 before the upgrade
+        subscription = self.server.hub.subscribe(call.branch, call.access)  # 404 before upgrade
         try:
             self._status = 101
             self._reply_started = True
@@ -2876,7 +3060,10 @@ examples:
     parser.add_argument("--port", type=_port, default=None,
                         help=f"TCP port, 0 = any free port (default: {DEFAULT_PORT})")
     parser.add_argument("--auth", default=env.get("WASMSTORE_AUTH") or None, metavar="SPEC",
-                        help="require keys: 'KEY1:GET,POST;KEY2:GET' ('*' = every method)")
+                        help="require keys: 'KEY:PERMS[@/PREFIX];...', PERMS a comma list of "
+                             "HTTP methods ('*' = all) and the words read, write, run, admin; "
+                             "@/PREFIX limits the entry to paths under PREFIX "
+                             "(e.g. 'A:*;R:read;CI:run@/apps/')")
     parser.add_argument("--tls", type=_tls_pair, default=None, metavar="KEY,CERT",
                         help="serve HTTPS with this PEM key file and certificate file")
     parser.add_argument("--cors", nargs="?", const="*", default=None, type=_origins, metavar="ORIGINS",

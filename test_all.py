@@ -21,7 +21,7 @@ The file has one banner-separated section per feature, in this order (feature: t
   Component validation on add: ComponentValidationTest
   The HTTP API: PureFunctionTests, RouteTests, BodyLimitTests, ObservabilityTests, ShutdownTests,
       CommandLineTests
-  HTTP access (keys, TLS, CORS): AuthTests, TlsTests, CorsTests
+  HTTP access (keys, TLS, CORS): AuthTests, ScopedKeyTests, TlsTests, CorsTests
   HTTP watch: WatchTests, WatchLimitTests
   HTTP hardening: FuzzTests, TimeoutTests, ConcurrencyTests, FramingTests, HostCheckTests,
       OriginCheckTests, HardeningCommandLineTests
@@ -2464,7 +2464,8 @@ class PureFunctionTests(unittest.TestCase):
                     self.assertNotIn(key, str(ctx.exception))
 
     def test_auth_spec_errors_never_echo_the_key(self):
-        for spec in ["sekrit", "sekrit:", "sekrit:G3T", ":GET", "sekrit:GET;sekrit:POST", ";"]:
+        for spec in ["sekrit", "sekrit:", "sekrit:G3T", ":GET", "sekrit:GETS", "sekrit:read@/..",
+                     ";"]:
             with self.subTest(spec=spec):
                 with self.assertRaises(http_server.ServerError) as ctx:
                     http_server.AuthTable(spec)
@@ -3153,6 +3154,173 @@ class AuthTests(unittest.TestCase):
         ws2 = WsClient(self.live.port, "/api/v1/watch")
         self.addCleanup(ws2.close)
         self.assertEqual(ws2.status, 401)
+
+
+class ScopedKeyTests(unittest.TestCase):
+    """--auth entries KEY:PERMS[@PREFIX]: permission words, path prefixes, and a key limited to
+    a prefix learning nothing about the paths outside it."""
+
+    KEYS = ("root:*;reader:read;runner:run;writer:write;admin:admin;"
+            "apps:read,write,run@/apps/;both:read;both:run@/apps/")
+    LINKED = "/api/v1/call/sum_of_squares/apps/linked.wasm"     # imports /lib/math.wasm
+
+    def setUp(self):
+        self.live = LiveServer(self, auth=self.KEYS, run={"kv": "memory:", "timeout": 2})
+        fill_run_store(self.live.store)
+        self.live.store.add("/apps/numbers.wasm", guest_binary("numbers"))
+        self.before = self.live.store.list()
+
+    def request(self, key, method, path, body=None):
+        return self.live.request(method, path, body, {"Wasmstore-Auth": key})
+
+    def status(self, key, method, path, body=None):
+        return self.request(key, method, path, body)[0]
+
+    def test_the_original_form_keeps_its_meaning_and_words_mix_with_methods(self):
+        table = http_server.AuthTable("a:GET,POST;b:*;c:get,admin;d:read,DELETE@/x/")
+        everything = http_server.EVERYTHING
+        self.assertIs(table.authorize("a", "HEAD", "read", ("lib", "x.wasm")), everything)
+        with self.assertRaises(http_server.HttpError) as refused:
+            table.authorize("a", "DELETE", "write", ("x",))
+        self.assertEqual(refused.exception.status, 403)
+        self.assertIs(table.authorize("b", "PATCH", None), everything)
+        table.authorize("c", "POST", "admin", ())
+        table.authorize("c", "GET", "read", ())
+        self.assertEqual(table.authorize("d", "DELETE", "write", ("x", "y")).prefixes, (("x",),))
+
+    def test_bad_entries_are_refused_with_their_number(self):
+        for spec, message in [("k:read;k2:", "auth entry 2"), ("k:reed", "auth entry 1"),
+                              ("k:read@/a/../b", "bad prefix"), ("k:*,GET", "'*' already"),
+                              (":read", "expected KEY:PERMS"), ("k:read@/", "names a directory")]:
+            with self.subTest(spec=spec):
+                with self.assertRaises(http_server.ServerError) as refused:
+                    http_server.AuthTable(spec)
+                self.assertIn(message, str(refused.exception))
+
+    def test_a_prefix_is_whole_segments(self):
+        table = http_server.AuthTable("k:read@/apps")
+        table.authorize("k", "GET", "read", ("apps", "a.wasm"))
+        with self.assertRaises(http_server.HttpError):
+            table.authorize("k", "GET", "read", ("apps2", "a.wasm"))
+
+    def test_a_run_only_key_calls_and_runs_but_changes_and_reads_nothing(self):
+        added = self.request("runner", "POST", "/api/v1/call/add/num/numbers.wasm", b"[2,3]")
+        self.assertEqual(added[2], b"5")
+        status, headers, body = self.request("runner", "POST", "/api/v1/run/wasi/hello.wasm")
+        self.assertEqual((status, headers["wasmstore-exit-status"]), (200, "0"), body)
+        digest = sha256(wasm_module("n"))
+        refused = [("POST", "module/num/new.wasm", wasm_module("n")),
+                   ("DELETE", "module/num/numbers.wasm", None),
+                   ("POST", "rollback/num/numbers.wasm", None), ("POST", "branch/dev", None),
+                   ("POST", "gc", None), ("POST", "merge/main", None),
+                   ("GET", "module/num/numbers.wasm", None), ("GET", "modules", None),
+                   ("POST", f"hash/{digest}/num/x.wasm", None)]
+        for method, route, body in refused:
+            with self.subTest(method=method, route=route):
+                self.assertEqual(self.status("runner", method, "/api/v1/" + route, body), 403)
+        self.assertEqual(self.live.store.list(), self.before)
+        self.assertEqual(self.live.store.branches(), ["main"])
+
+    def test_words_cover_their_routes_and_only_those(self):
+        expected = [("reader", "GET", "module/num/numbers.wasm", None, 200),
+                    ("reader", "GET", "snapshot", None, 200),
+                    ("reader", "POST", "call/add/num/numbers.wasm", b"[1,1]", 403),
+                    ("writer", "POST", "module/w/a.wasm", wasm_module("w"), 200),
+                    ("writer", "POST", "branch/dev", None, 200),
+                    ("writer", "POST", "rollback/w/a.wasm", None, 200),
+                    ("writer", "POST", "merge/dev", None, 403),
+                    ("writer", "DELETE", "branch/dev", None, 403),
+                    ("writer", "POST", "gc", None, 403),
+                    ("admin", "POST", "merge/dev", None, 200),
+                    ("admin", "DELETE", "branch/dev", None, 200),
+                    ("admin", "POST", "module/w/b.wasm", wasm_module("b"), 403)]
+        for key, method, route, body, status in expected:
+            with self.subTest(key=key, method=method, route=route):
+                self.assertEqual(self.status(key, method, "/api/v1/" + route, body), status)
+        self.assertEqual(self.live.store.branches(), ["main"])
+
+    def test_the_auth_route_answers_for_the_methods_a_words_key_uses(self):
+        for key, method, status in [("runner", "POST", 200), ("runner", "DELETE", 403),
+                                    ("reader", "GET", 200), ("reader", "POST", 403),
+                                    ("admin", "PUT", 200)]:
+            with self.subTest(key=key, method=method):
+                self.assertEqual(self.status(key, method, "/api/v1/auth"), status)
+
+    def test_a_key_in_several_entries_gets_what_any_of_them_grants(self):
+        self.assertEqual(self.status("both", "GET", "/api/v1/module/lib/math.wasm"), 200)
+        called = self.request("both", "POST", "/api/v1/call/add/apps/numbers.wasm", b"[3,4]")
+        self.assertEqual(called[2], b"7")
+        self.assertEqual(self.status("both", "POST", "/api/v1/call/add/num/numbers.wasm", b"[1,1]"),
+                         403)
+
+    def assert_same_answer(self, method, stored, missing, body=None, names=("math", "nothing")):
+        """The key limited to /apps/ gets one answer for a path out of its reach that exists and
+        one that does not (but for the name asked for, which the message repeats)."""
+        there = self.request("apps", method, stored, body)
+        absent = self.request("apps", method, missing, body)
+        self.assertEqual(there[0], absent[0])
+        self.assertIn(there[0], (403, 404))
+        self.assertEqual(there[2].replace(names[0].encode(), b"NAME"),
+                         absent[2].replace(names[1].encode(), b"NAME"))
+        drop = {"date", "content-length"}
+        self.assertEqual({k: v for k, v in there[1].items() if k not in drop},
+                         {k: v for k, v in absent[1].items() if k not in drop})
+        return there
+
+    def test_a_key_limited_to_a_prefix_cannot_tell_whether_a_path_outside_it_exists(self):
+        for method, route in [("GET", "module"), ("HEAD", "module"), ("GET", "hash"),
+                              ("GET", "versions"), ("GET", "exports"), ("POST", "module"),
+                              ("DELETE", "module"), ("POST", "rollback"), ("POST", "call/add")]:
+            with self.subTest(method=method, route=route):
+                body = {("POST", "module"): wasm_module("x"), ("POST", "call/add"): b"[1,2]"}
+                body = body.get((method, route))
+                there = self.assert_same_answer(method, f"/api/v1/{route}/lib/math.wasm",
+                                                f"/api/v1/{route}/lib/nothing.wasm", body)
+                self.assertEqual(there[0], 403)
+        digest = self.live.store.hash("/lib/math.wasm")
+        self.assert_same_answer("GET", f"/api/v1/module/{digest}", f"/api/v1/module/{'0' * 64}",
+                                names=(digest, "0" * 64))
+        self.assertEqual(self.live.store.list(), self.before)
+
+    def test_a_key_limited_to_a_prefix_sees_only_its_paths_in_listings(self):
+        listing = json.loads(self.request("apps", "GET", "/api/v1/modules")[2])
+        self.assertEqual(listing, {p: h for p, h in self.before.items() if p.startswith("/apps/")})
+        self.assertEqual(self.request("apps", "GET", "/api/v1/modules/lib")[2], b"{}")
+        self.assertEqual(self.request("apps", "GET", "/api/v1/modules/nothing")[2], b"{}")
+        commit = self.live.store.snapshot()
+        for method, path in [("GET", "/api/v1/snapshot"), ("GET", f"/api/v1/commit/{commit}"),
+                             ("GET", "/metrics"), ("POST", "/api/v1/rollback")]:
+            with self.subTest(path=path):
+                self.assertEqual(self.status("apps", method, path), 403)
+
+    def test_a_key_limited_to_a_prefix_links_nothing_outside_it(self):
+        """A core module under the prefix importing /lib/math.wasm fails to link as if that
+        module were missing, so running cannot reach (or probe) a path out of reach."""
+        scoped = self.request("apps", "POST", self.LINKED, b"[3,4]")
+        self.assertEqual(self.request("root", "POST", self.LINKED, b"[3,4]")[2], b"25")
+        self.live.store.remove("/lib/math.wasm")
+        missing = self.request("root", "POST", self.LINKED, b"[3,4]")
+        self.assertEqual((scoped[0], scoped[2]), (missing[0], missing[2]))
+        self.assertEqual(scoped[0], 424)
+
+    def test_a_key_limited_to_a_prefix_watches_only_its_paths(self):
+        ws = WsClient(self.live.port, "/api/v1/watch?auth=apps")
+        self.addCleanup(ws.close)
+        self.assertEqual(ws.status, 101, ws.head)
+        self.live.store.add("/lib/new.wasm", wasm_module("hidden"))     # an event it never gets
+        seen = wasm_module("seen")
+        self.live.store.add_files([("/lib/more.wasm", io.BytesIO(wasm_module("more"))),
+                                   ("/apps/seen.wasm", io.BytesIO(seen))])
+        self.assertEqual(ws.recv_data(),
+                         {"/apps/seen.wasm": {"action": "added", "hash": sha256(seen)}})
+
+    def test_a_key_limited_to_a_prefix_pulls_only_its_paths_over_oci(self):
+        self.assertEqual(self.status("apps", "GET", "/v2/apps/linked.wasm/manifests/latest"), 200)
+        there = self.assert_same_answer("GET", "/v2/lib/math.wasm/manifests/latest",
+                                        "/v2/lib/nothing.wasm/manifests/latest")
+        self.assertEqual(json.loads(there[2])["errors"][0]["code"], "DENIED")
+        self.assert_same_answer("GET", "/v2/lib/math.wasm/tags/list",
+                                "/v2/lib/nothing.wasm/tags/list")
 
 
 class TlsTests(unittest.TestCase):

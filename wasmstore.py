@@ -3295,14 +3295,18 @@ class Runner:
                                    name=target.path or target.digest)
         return guest
 
-    def _linker_for(self, target, guest):
+    def _linker_for(self, target, guest, reach=None):
         """resolve(import module name) for kvhost: store paths and hashes in the target's commit
-        (None for a guest with no imports to link)."""
+        (None for a guest with no imports to link). reach(module name) -> bool, when given,
+        leaves the names it refuses unlinked, exactly as if nothing were stored there (a
+        server's key limited to some paths links only what it may reach)."""
         if not guest.links_needed:
             return None
 
         def resolve(module_name):
             if not module_name.startswith("/") and not _is_hash(module_name):
+                return None
+            if reach is not None and not reach(module_name):
                 return None
             try:
                 digest, _ = self.store.module_at(module_name, commit=target.commit)
@@ -3320,31 +3324,34 @@ class Runner:
     # -- running ---------------------------------------------------------------------------------
 
     def call(self, path_or_hash, function, args=(), *, branch=None, version=None, commit=None,
-             namespace=None, stats=None):
+             namespace=None, stats=None, reach=None):
         """Call an exported function with JSON-style arguments (kvhost.Host.call's mapping).
-        path_or_hash may also be a Target from resolve() (then branch/version/commit are unused)."""
+        path_or_hash may also be a Target from resolve() (then branch/version/commit are unused);
+        reach: which stored modules its imports may link to (see _linker_for)."""
         # the hot path of every call: _prepare inlined
         target = path_or_hash if type(path_or_hash) is Target else \
             self._target(path_or_hash, branch, version, commit)
         guest = self.host.loaded(target.digest) or self.load(target)
         return self.host.call(guest, function, args, namespace=namespace or target.namespace,
-                              resolve=self._linker_for(target, guest) if guest.links_needed else None,
-                              stats=stats)
+                              resolve=self._linker_for(target, guest, reach)
+                              if guest.links_needed else None, stats=stats)
 
     def run(self, path_or_hash, argv=(), *, branch=None, version=None, commit=None, namespace=None,
-            stdin=None, stats=None):
+            stdin=None, stats=None, reach=None):
         """Run a wasi:cli/run component or a WASI command module; returns its exit status."""
         target, guest = self._prepare(path_or_hash, branch, version, commit)
         return self.host.run(guest, argv, namespace=namespace or target.namespace,
-                             resolve=self._linker_for(target, guest), stdin=stdin, stats=stats)
+                             resolve=self._linker_for(target, guest, reach), stdin=stdin,
+                             stats=stats)
 
     def run_captured(self, path_or_hash, argv=(), *, branch=None, version=None, commit=None,
-                     namespace=None, stdin=b"", limit=None, stats=None):
+                     namespace=None, stdin=b"", limit=None, stats=None, reach=None):
         """Like run(), with stdout and stderr kept (kvhost.RunResult)."""
         target, guest = self._prepare(path_or_hash, branch, version, commit)
         options = {} if limit is None else {"limit": limit}
         return self.host.run_captured(guest, argv, namespace=namespace or target.namespace,
-                                      resolve=self._linker_for(target, guest), stdin=stdin, stats=stats, **options)
+                                      resolve=self._linker_for(target, guest, reach),
+                                      stdin=stdin, stats=stats, **options)
 
     def exports(self, path_or_hash, *, branch=None, version=None, commit=None):
         """The callable exports of a stored module (kvhost.describe_exports)."""
