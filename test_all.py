@@ -16,6 +16,7 @@ The file has one banner-separated section per feature, in this order (feature: t
   The store library: LibraryTest, BadInputTest, BranchRaceTest, GenerationTest
   The store command line: AcceptanceWalkTest, StoreCliTest
   Store durability and layout: DurabilityTest, PackTest, RefSlotTest, KillAtEveryMutationTest
+  Platforms (macOS without Linux-only calls, MACOS_LIKE): MacosFallbackTest
   Backups: HostileBackupTest
   Component validation on add: ComponentValidationTest
   The HTTP API: PureFunctionTests, RouteTests, BodyLimitTests, ObservabilityTests, ShutdownTests,
@@ -58,6 +59,7 @@ it) a missing peer is a failure.
 import base64
 import collections
 import contextlib
+import errno
 import fcntl
 import glob
 import gzip
@@ -1942,7 +1944,8 @@ def counted(function, is_mutation=lambda *args, **kwargs: True):
 for name in ("write", "pwrite", "writev", "rename", "replace", "link", "symlink", "unlink",
              "remove", "mkdir", "rmdir", "ftruncate", "truncate", "fsync", "fdatasync",
              "copy_file_range", "sendfile", "chmod"):
-    setattr(os, name, counted(getattr(os, name)))
+    if hasattr(os, name):                  # run after MACOS_LIKE, some are gone
+        setattr(os, name, counted(getattr(os, name)))
 os.open = counted(os.open, lambda path, flags, *args, **kwargs: bool(flags & WRITE_FLAGS))
 builtins.open = counted(builtins.open, lambda file, mode="r", *args, **kwargs:
                         any(letter in mode for letter in "wax+"))
@@ -2026,6 +2029,171 @@ class KillAtEveryMutationTest(unittest.TestCase):
             store.remove("junk")
             expected = store.list()
         self.check_every_kill(base, ["gc"], expected)
+
+
+# =================================================================================================
+# Platforms: the store, the server and the runner without the calls only Linux has
+# =================================================================================================
+
+# Makes this Python look like macOS's to the code under test, which looks each call up when it
+# makes it: no os.fdatasync, os.copy_file_range, os.posix_fallocate or socket.MSG_MORE, no
+# /proc, and fcntl.F_FULLFSYNC (macOS's number), emulated by an fsync and counted. Run as code
+# (exec'd, or prepended to a child's script) so that child processes can start with it too;
+# undo() puts everything back.
+MACOS_LIKE = r"""
+import fcntl as _fcntl, os as _os, socket as _socket
+_saved = []
+full_syncs = []                       # the fds F_FULLFSYNC was asked of
+MACOS_F_FULLFSYNC = 51
+
+
+def _swap(owner, name, value=None):
+    if hasattr(owner, name):
+        _saved.append((owner, name, getattr(owner, name)))
+    if value is None:
+        if hasattr(owner, name):
+            delattr(owner, name)
+    else:
+        setattr(owner, name, value)
+
+
+_real_fcntl, _real_isdir, _real_exists = _fcntl.fcntl, _os.path.isdir, _os.path.exists
+
+
+def _fcntl_like_macos(fd, cmd, arg=0):
+    if cmd == MACOS_F_FULLFSYNC:
+        full_syncs.append(fd)
+        _os.fsync(fd)
+        return 0
+    return _real_fcntl(fd, cmd, arg)
+
+
+def _not_proc(check):
+    return lambda path: False if str(path).startswith("/proc") else check(path)
+
+
+for _owner, _name in ((_os, "fdatasync"), (_os, "copy_file_range"), (_os, "posix_fallocate"),
+                      (_socket, "MSG_MORE")):
+    _swap(_owner, _name)
+_swap(_fcntl, "F_FULLFSYNC", MACOS_F_FULLFSYNC)
+_swap(_fcntl, "fcntl", _fcntl_like_macos)
+_swap(_os.path, "isdir", _not_proc(_real_isdir))
+_swap(_os.path, "exists", _not_proc(_real_exists))
+
+
+def undo():
+    while _saved:
+        owner, name, value = _saved.pop()
+        setattr(owner, name, value)
+    if getattr(_fcntl, "F_FULLFSYNC", None) == MACOS_F_FULLFSYNC:
+        delattr(_fcntl, "F_FULLFSYNC")      # Linux has none: it was added, not swapped
+"""
+
+
+def like_macos(test):
+    """Run the rest of `test` as if on macOS (MACOS_LIKE); returns its namespace (full_syncs)."""
+    namespace = {}
+    exec(MACOS_LIKE, namespace)
+    test.addCleanup(namespace["undo"])
+    return namespace
+
+
+class MacosFallbackTest(StoreTestCase):
+    """What macOS lacks is never called and what it needs is: a Mac-only break shows here."""
+
+    def test_every_store_write_is_made_durable_with_full_fsync(self):
+        macos = like_macos(self)
+        self.assertFalse(hasattr(os, "fdatasync"))
+        for index in range(3):
+            self.store.add(f"/m/{index}.wasm", wasm_module(f"m{index}"))
+        syncs_per_add = len(macos["full_syncs"])
+        self.assertGreaterEqual(syncs_per_add, 2 * 3)      # the pack append and the ref, each add
+        self.store.remove("/m/0.wasm")
+        self.store.gc()
+        backup = os.path.join(self.root, "..", "backup.tar.gz")
+        self.store.backup(backup)
+        self.assertGreater(len(macos["full_syncs"]), syncs_per_add + 2)
+        self.assertEqual(self.store.fsck(), [])
+        copy = os.path.join(temp_dir(self), "copy")
+        wasmstore.load_backup(backup, copy)
+        with Store(copy) as restored:
+            self.assertEqual(restored.find("/m/2.wasm"), wasm_module("m2"))
+        self.assertClean()
+
+    def test_a_file_system_that_refuses_full_fsync_gets_fsync(self):
+        like_macos(self)
+        macos_fcntl = fcntl.fcntl
+        fsyncs = []
+
+        def refusing(fd, cmd, arg=0):
+            if cmd == fcntl.F_FULLFSYNC:
+                raise OSError(errno.ENOTSUP, "Operation not supported")
+            return macos_fcntl(fd, cmd, arg)
+        real_fsync = os.fsync
+        with mock.patch.object(fcntl, "fcntl", refusing), \
+                mock.patch.object(os, "fsync", lambda fd: fsyncs.append(fd) or real_fsync(fd)):
+            self.store.add("/a.wasm", wasm_module("a"))
+        self.assertGreaterEqual(len(fsyncs), 2)
+        self.assertEqual(Store(self.root).find("/a.wasm"), wasm_module("a"))
+
+    def test_kill_at_every_mutation_of_an_add(self):
+        # The crash-safety walk of KillAtEveryMutationTest, with the syncs macOS makes.
+        walk = KillAtEveryMutationTest("test_add_into_a_packed_store")
+        walk.setUp()
+        self.addCleanup(walk.doCleanups)
+        with mock.patch(f"{THIS_MODULE}.KILLER", MACOS_LIKE + KILLER):
+            walk.test_add_into_a_packed_store()
+
+    def test_compile_cache_without_proc(self):
+        # macOS names an open file /dev/fd/N: wasmtime maps the checked entry through it. With
+        # no such name at all, the checked bytes are handed over as a copy. Each way, the second
+        # Host loads the guest from the cache and does not compile it.
+        for directories, expected in ((("/proc/self/fd", "/dev/fd"), "file"), (("/proc/self/fd",), "bytes")):
+            with self.subTest(directories=directories):
+                cache = temp_dir(self)
+                kvhost.Host(cache_dir=cache, kv="memory:").load(PROBE)
+                macos = like_macos(self)
+                loaded = []
+                component = kvhost.wc.Component
+                from_file, from_bytes = component.__dict__["deserialize_file"], component.__dict__["deserialize"]
+                with mock.patch.object(kvhost, "FD_DIRECTORIES", directories), \
+                        mock.patch.object(component, "deserialize_file", classmethod(
+                            lambda cls, engine, path: loaded.append(("file", path)) or
+                            from_file.__func__(cls, engine, path))), \
+                        mock.patch.object(component, "deserialize", classmethod(
+                            lambda cls, engine, data: loaded.append(("bytes", len(data))) or
+                            from_bytes.__func__(cls, engine, data))):
+                    host = kvhost.Host(cache_dir=cache, kv="memory:")
+                    guest = host.load(PROBE)
+                    self.assertEqual(host.call(guest, "incr", ["b", "k", 1]), {"ok": 1})
+                macos["undo"]()
+                self.assertEqual([kind for kind, _ in loaded], [expected])
+                if expected == "file":
+                    self.assertTrue(loaded[0][1].startswith("/dev/fd/"), loaded)
+
+    def test_a_worker_process_runs_and_is_stopped_like_on_linux(self):
+        # The worker starts as macOS's would (MACOS_LIKE first) and maps its guest from the
+        # compile cache without /proc; the deadline still stops a guest blocked in a host call.
+        like_macos(self)
+        with mock.patch.object(kvhost._Worker, "CODE", MACOS_LIKE + kvhost._Worker.CODE):
+            host = kvhost.Host(kv="memory:", timeout=1, cache_dir=temp_dir(self))
+            self.addCleanup(host.close)
+            guest = host.load(os.path.join(RUN_GUESTS, "wasi-sleep.wat"))
+            self.assertEqual(host.run_captured(guest, ["10"]).stdout, b"woke\n")
+            started = time.monotonic()
+            with self.assertRaises(kvhost.TrapError) as caught:
+                host.call(guest, "sleep", [3_600_000])
+            self.assertEqual(caught.exception.kind, "timeout")
+            self.assertLess(time.monotonic() - started, 4)
+
+    def test_the_server_serves_downloads_and_uploads(self):
+        like_macos(self)
+        data = wasm_module("served")
+        server = LiveServer(self, self.root)
+        status, _, body = server.request("POST", "/api/v1/module/s.wasm", data)
+        self.assertEqual(status, 200, body)
+        status, _, body = server.request("GET", "/api/v1/module/s.wasm")
+        self.assertEqual((status, body), (200, data))
 
 
 # =================================================================================================

@@ -46,7 +46,8 @@ the raw module bytes, trees and commits canonical JSON):
 Durability: a commit costs two syncs, three at most. Its new objects (modules first, then
 trees bottom-up, then the commit) are appended to the active pack in one write and made
 durable by one fdatasync (starting a new pack adds an fsync of ``objects/pack``); then the
-ref's older slot is overwritten in place and fdatasynced. No file is created per commit. A
+ref's older slot is overwritten in place and fdatasynced (every sync goes through ``_sync``:
+F_FULLFSYNC on macOS, which has no fdatasync). No file is created per commit. A
 crash at any point leaves the ref at a commit whose objects are all durable. A ref changes
 only under an exclusive ``flock`` of ``refs/heads``, by compare-and-swap against the head
 the change was computed from, so writers in many threads and processes never lose an
@@ -568,10 +569,32 @@ def _read_leb_u32(view, pos, end):
 
 # --------------------------------------------------------------------------- primitives
 
+def _sync(fd, data_only=False):
+    """Make what was written to fd durable: every sync of the store goes through here.
+
+    macOS: fcntl(F_FULLFSYNC), as SQLite does, since a plain fsync there stops at the drive's
+    volatile cache; where a file system refuses it, fsync. Elsewhere fdatasync when only the
+    data (and the size) must reach the disk, else fsync; Python has no os.fdatasync on macOS.
+    Both are looked up per call (a syscall costs far more), so tests can take them away."""
+    full_sync = getattr(fcntl, "F_FULLFSYNC", None)
+    if full_sync is not None:
+        try:
+            fcntl.fcntl(fd, full_sync)
+            return
+        except OSError:
+            pass
+    datasync = getattr(os, "fdatasync", None) if data_only else None
+    if datasync is not None:
+        datasync(fd)
+    else:
+        os.fsync(fd)
+
+
 def _fsync_path(path):
+    """Sync a file or a directory (a directory: the names created or renamed in it)."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        os.fsync(fd)
+        _sync(fd)
     finally:
         os.close(fd)
 
@@ -654,7 +677,7 @@ def _write_whole(path, data, tmp_dir, *, exclusive=False, mode=0o644, durable=Tr
             for chunk in ([data] if isinstance(data, (bytes, bytearray)) else data):
                 _write_all(fd, chunk)
             if durable:
-                os.fsync(fd)
+                _sync(fd)
         finally:
             os.close(fd)
         if exclusive:
@@ -1170,7 +1193,7 @@ class _ObjectStore:
                     os.close(source)
             _write_all(writer.fd, pending, position)
             position += len(pending)
-            os.fdatasync(writer.fd)
+            _sync(writer.fd, data_only=True)
             if self._unsynced_pack_dir:
                 _fsync_path(self.pack_dir)
                 self._unsynced_pack_dir = False
@@ -1363,7 +1386,7 @@ class _ObjectStore:
                 _copy_range(segment.file.fd, offset, fd, position, length)
                 entries[digest] = (position, length, kind)
                 position += length
-            os.fdatasync(fd)
+            _sync(fd, data_only=True)
         except BaseException:
             os.close(fd)
             _unlink_quietly(path)
@@ -1604,7 +1627,7 @@ class _Refs:
             try:
                 _write_all(fd, _ref_slot(sequence + 1, new or _NO_COMMITS),
                            slot * REF_SLOT_BYTES)
-                os.fdatasync(fd)
+                _sync(fd, data_only=True)
             except BaseException:
                 with contextlib.suppress(OSError):     # not acknowledged: put it back
                     _write_all(fd, previous, slot * REF_SLOT_BYTES)
