@@ -489,6 +489,7 @@ class SqliteBackend(Backend):
                                      check_same_thread=False)
                 db.execute("PRAGMA journal_mode=WAL")
                 db.execute("PRAGMA synchronous=FULL")
+                db.execute("PRAGMA fullfsync=ON")     # macOS: F_FULLFSYNC, past the drive's cache
             except (sqlite3.Error, OSError) as e:
                 raise BackendError(f"sqlite: cannot open {self.path}: {e}") from None
             self._local.db = db
@@ -2466,6 +2467,19 @@ def _write_atomically(path, data):
         pass
 
 
+# Directories where an open file descriptor N has a name, /DIR/N: Linux has /proc/self/fd (and
+# /dev/fd, a link to it), macOS and the BSDs only /dev/fd (opening /dev/fd/N there dups N).
+FD_DIRECTORIES = ("/proc/self/fd", "/dev/fd")
+
+
+def _open_file_path(fd):
+    """A path that opens the file open as fd, or None where the system has none."""
+    for directory in FD_DIRECTORIES:
+        if os.path.isdir(directory):
+            return f"{directory}/{fd}"
+    return None
+
+
 def _prune_cache(directory, now=None):
     """Remove the cache files no reader can use, once CACHE_ORPHAN_SECONDS old (a writer may be
     between its two renames): an artifact without its .sum (the previous cache format, or a
@@ -3026,8 +3040,9 @@ class Host:
         hashed again (40 MB for a componentize-py guest).
 
         The artifact is checked through a map of the open file, then handed to wasmtime through
-        that same file (/proc/self/fd/N), which wasmtime maps: nothing is read into Python or
-        copied, and nobody can swap the file between the check and the load."""
+        that same file (_open_file_path), which wasmtime maps: nothing is read into Python or
+        copied, and nobody can swap the file between the check and the load. Without such a
+        name the checked bytes are copied to wasmtime instead."""
         try:
             with open(path + ".sum", "rb") as f:
                 expected = f.read(len(CACHE_MAGIC) + 33)
@@ -3038,8 +3053,8 @@ class Host:
                 key = [info.st_ino, info.st_size, info.st_mtime_ns]
                 if key != trusted and hashlib.sha256(view).digest() != expected[len(CACHE_MAGIC):]:
                     return None, None
-                same_file = f"/proc/self/fd/{f.fileno()}"
-                if os.path.exists(same_file):
+                same_file = _open_file_path(f.fileno())
+                if same_file is not None:
                     return cls.deserialize_file(self.engine, same_file), key
                 return cls.deserialize(self.engine, view[:]), key
         except (OSError, ValueError, wasmtime.WasmtimeError):   # ValueError: mmap of an empty file
