@@ -31,15 +31,13 @@ the raw module bytes, trees and commits canonical JSON):
   what follows it; a damaged or missing index just means a scan. Records after the first
   header that is not whole and intact (a killed writer's torn tail) are ignored, and the
   next writer truncates them.
-- ``objects/<2 hex>/<62 hex>``: loose objects: the layout before packs (still read), and
-  modules written out from a pack the first time they are served as a file
-  (``module_filename``: zero-copy downloads, the CLI's ``filename``). A loose and a packed
-  copy are the same object.
+- ``objects/<2 hex>/<62 hex>``: a module written out from its pack the first time it is
+  served as a file (``module_filename``: zero-copy downloads, the CLI's ``filename``). A
+  loose and a packed copy are the same object; gc keeps only the loose one.
 - ``refs/heads/<branch>``: 256 bytes, two 128-byte slots ``ref <sequence 16 hex> <head
   | none> <crc32 8 hex>`` (the CRC-32 of the text before it) padded with spaces and a
   newline. A change overwrites the slot with the lower sequence; readers take the intact
-  slot with the higher one. (A file of the
-  previous layout, ``<hex>\\n`` or empty, is read too and rewritten as slots on open.)
+  slot with the higher one.
 - ``HEAD``: the default branch's name and a newline.
 - ``cache/history``: derived per-commit change lines for versions()/audit() (not synced).
 - ``tmp/``: files being written, named ``<pid>-...``; a dead writer's are removed by the
@@ -92,7 +90,7 @@ OCI::
 __version__ = "0.1.0"
 __all__ = [
     "Store", "StoreError", "InvalidInput", "InvalidModule", "TooLarge", "NotFound",
-    "Conflict", "MergeConflict", "CorruptObject", "validate_path", "format_path",
+    "Conflict", "MergeConflict", "CorruptObject", "FsckReport", "validate_path", "format_path",
     "validate_branch", "validate_hash", "validate_module", "load_backup", "main",
     "ERROR_STATUS", "ErrorMeaning", "error_status", "Runner", "Target", "default_kv_url", "kv_options", "parse_namespace_map",
     "RegistryError", "OciReference", "WasmArtifact", "Credentials", "RegistryClient",
@@ -129,7 +127,6 @@ import zlib
 DEFAULT_ROOT = "~/.wasmstore"
 DEFAULT_BRANCH = "main"
 DEFAULT_AUTHOR = "wasmstore"
-HASH_LENGTH = 64                      # SHA-256, lowercase hex
 MAX_SEGMENT_BYTES = 255               # the common filesystem name limit, so export works
 MAX_SEGMENTS = 64                     # keeps trees shallow and commits O(depth)
 MAX_AUTHOR_CHARS = 256                # authors come from HTTP headers: keep commits small
@@ -1000,7 +997,7 @@ class _Segment:
 
 class _ObjectStore:
     """Every object, by SHA-256: packed records (objects/pack/) and loose files
-    (objects/<2 hex>/<62 hex>, the previous layout and materialised modules).
+    (objects/<2 hex>/<62 hex>: modules written out to be served as files).
 
     Reads are hash-checked. A change's new objects are appended to the active pack in one
     write (temp files copied in the kernel) and made durable by one fdatasync; starting a new
@@ -1182,8 +1179,7 @@ class _ObjectStore:
                 return True
             except (CorruptObject, OSError):
                 return False
-        # Loose files land whole (renamed into place). Only modules are looked for: a tree
-        # or commit stored twice costs a few bytes, a stat per object costs every add.
+        # Loose files are modules, and land whole (linked into place).
         return kind == "module" and os.path.exists(self.loose_path(digest))
 
     def write(self, batch):
@@ -1435,16 +1431,12 @@ class _ObjectStore:
                 if location is None:
                     raise NotFound(f"no such object {digest}")
             if location is None:
-                kind = "module" if self.is_module(digest) else self._json_kind(digest)
-                length = loose[2]
+                kind, length = "module", loose[2]          # loose objects are modules
             else:
                 kind, length = location[3], location[2]
             locations.append((digest, kind, length))
             size += RECORD_HEADER_BYTES + length
         return size, io.BufferedReader(_PackReader(self, locations), CHUNK_SIZE)
-
-    def _json_kind(self, digest):
-        return _parse_object(self.read(digest), digest)[0]
 
 
 def _checked_chunks(source, offset, length, digest):
@@ -1556,13 +1548,7 @@ def _parse_ref_slot(data):
 
 
 def _ref_state(data, branch):
-    """(sequence, value, slot to overwrite next) of a ref file's bytes. A file of the
-    previous layout ("<hex>\\n", or empty for no commits) has sequence -1 and no slot."""
-    if not data:
-        return -1, _NO_COMMITS, None
-    text = data.decode("ascii", "replace")
-    if len(data) == HASH_LENGTH + 1 and text.endswith("\n") and _is_hash(text[:-1]):
-        return -1, text[:-1].lower(), None
+    """(sequence, value, slot to overwrite next) of a ref file's bytes."""
     if len(data) == REF_FILE_BYTES:
         slots = [_parse_ref_slot(data[start:start + REF_SLOT_BYTES])
                  for start in (0, REF_SLOT_BYTES)]
@@ -1570,7 +1556,8 @@ def _ref_state(data, branch):
         if valid:
             sequence, index, value = max(valid)
             return sequence, value, 1 - index
-    raise CorruptObject(f"ref of branch {branch!r} is corrupt: {text[:70]!r}; run fsck")
+    text = data[:70].decode("ascii", "replace")
+    raise CorruptObject(f"ref of branch {branch!r} is corrupt: {text!r}; run fsck")
 
 
 class _Refs:
@@ -1637,7 +1624,7 @@ class _Refs:
                 if cached and self._handles.get(branch) is handle:
                     self._handles.pop(branch, None)
                 continue                      # deleted: look the name up again
-            if not cached and sequence >= 0 and len(self._handles) < 1024:
+            if not cached and len(self._handles) < 1024:
                 self._handles[branch] = handle
             return None if value == _NO_COMMITS else value
         raise NotFound(f"no such branch {branch!r}")
@@ -1656,10 +1643,6 @@ class _Refs:
                 raise NotFound(f"no such branch {branch!r}")
             if (None if value == _NO_COMMITS else value) != old:
                 raise _RefMoved(branch)
-            if slot is None:                  # the previous layout: becomes a slot file
-                _write_whole(path, _ref_file(new or _NO_COMMITS), self.tmp_dir)
-                self.bump()
-                return
             previous = os.pread(fd, REF_SLOT_BYTES, slot * REF_SLOT_BYTES)
             try:
                 _write_all(fd, _ref_slot(sequence + 1, new or _NO_COMMITS),
@@ -1738,21 +1721,6 @@ class _Refs:
         """Sorted names of every branch."""
         return sorted(filter(_is_branch_name, os.listdir(self.heads_dir)))
 
-    def migrate(self):
-        """Rewrite refs of the previous layout ("<hex>\\n" files) as slot files, once."""
-        legacy = [name for name in self.names()
-                  if os.path.getsize(self.path(name)) in (0, HASH_LENGTH + 1)]
-        if not legacy:
-            return
-        with self.lock():
-            for name in legacy:
-                path = self.path(name)
-                with contextlib.suppress(FileNotFoundError):
-                    if os.path.getsize(path) in (0, HASH_LENGTH + 1):
-                        _write_whole(path, _ref_file(self.read(name) or _NO_COMMITS),
-                                       self.tmp_dir)
-            self.bump()
-
     def default_branch(self, fresh=False):
         """The branch used when none is named (HEAD). fresh: not from the stat-keyed cache
         (callers deciding under lock())."""
@@ -1805,7 +1773,6 @@ class Store:
         self._commit_counts = _BoundedCache(200_000)        # commit -> first-parent length
         self._debris_checked = False
         self._empty_tree = self._encode_tree({})
-        self._refs.migrate()
 
     def __repr__(self):
         return f"Store({self.root!r})"
@@ -2731,9 +2698,8 @@ class Store:
         os.close(fd)
 
     def backup(self, filename):
-        """Write a consistent .tar.gz of the store: HEAD, refs/heads/* (as "<hex>\\n"
-        text) and one pack holding every reachable object, each hash-checked as it is
-        written. Returns the number of objects in it. Temp files of killed backups next to
+        """Write a consistent .tar.gz of the store: HEAD, refs/heads/* and one pack holding
+        every reachable object, each hash-checked as it is written. Returns the number of objects in it. Temp files of killed backups next to
         filename are removed first."""
         filename = os.path.abspath(filename)
         if filename == self.root or filename.startswith(self.root + os.sep):
@@ -2751,8 +2717,7 @@ class Store:
                 with tarfile.open(tmp, "w:gz") as archive:
                     _add_bytes(archive, "HEAD", (default + "\n").encode())
                     for name, head in sorted(refs.items()):
-                        _add_bytes(archive, f"refs/heads/{name}",
-                                   (head + "\n").encode() if head else b"")
+                        _add_bytes(archive, f"refs/heads/{name}", _ref_file(head or _NO_COMMITS))
                     _add_stream(archive, f"objects/pack/{_pack_name(1)}", size, stream)
                 _fsync_path(tmp)
                 os.replace(tmp, filename)
@@ -2770,14 +2735,11 @@ class Store:
     # ------------------------------------------------------------------- fsck
 
     def fsck(self):
-        """Problems found (empty list = clean): every object's hash (loose files and pack
-        records), every reference reachable from a branch, the refs and HEAD. Objects no
-        branch reaches (a killed writer's, say) are dangling, not problems."""
-        return self._fsck()[0]
-
-    def _fsck(self):
-        """(problems, objects checked, dangling objects)."""
-        problems = []
+        """Check every object's hash (loose files and pack records), every reference
+        reachable from a branch, the refs and HEAD: an FsckReport, the list of problems
+        found (empty = clean). Objects no branch reaches (a killed writer's, say) are
+        dangling, not problems."""
+        problems = FsckReport()
         kinds = self._objects.check(problems)      # hash -> kind, None if damaged
         try:
             default = self._refs.default_branch(fresh=True)
@@ -2798,7 +2760,8 @@ class Store:
             elif head:
                 heads.append(head)
         reached = self._check_references(heads, kinds, problems)
-        return problems, len(kinds), len(set(kinds) - reached)
+        problems.checked, problems.dangling = len(kinds), len(set(kinds) - reached)
+        return problems
 
     def _check_references(self, heads, kinds, problems):
         """Walk everything reachable from heads; report missing or mistyped objects.
@@ -2830,6 +2793,13 @@ class Store:
                 else:
                     stack.append((child, child_kind))
         return reached
+
+
+class FsckReport(list):
+    """What Store.fsck found: a list of one-line problems (empty = clean), with the number
+    of objects checked and of dangling ones (no branch reaches them; gc deletes them)."""
+
+    checked = dangling = 0
 
 
 # --------------------------------------------------------------------------- history cache
@@ -3041,13 +3011,10 @@ def _remove_backup_debris(filename):
 
 # --------------------------------------------------------------------------- backup loading
 
-_BACKUP_MEMBER = re.compile(
-    r"(HEAD|refs|refs/heads|refs/heads/(?P<branch>[^/]+)|objects"
-    r"|objects/[0-9a-f]{2}|objects/[0-9a-f]{2}/[0-9a-f]{62}"
-    r"|objects/pack|objects/pack/[0-9a-f]{16}\.pack)\Z")
-_DERIVED_MEMBER = re.compile(          # temp files, caches and pack indexes: skipped
-    r"((tmp|cache)(/[^/]+)?|objects/pack/[0-9a-f]{16}\.idx)\Z")
-_SMALL_MEMBER_BYTES = 4096             # HEAD and a ref are a line each
+_BACKUP_MEMBER = re.compile(          # what Store.backup writes, and its directories
+    r"(HEAD|refs|refs/heads|refs/heads/(?P<branch>[^/]+)|objects|objects/pack"
+    r"|objects/pack/[0-9a-f]{16}\.pack)\Z")
+_SMALL_MEMBER_BYTES = 4096             # HEAD is a line, a ref 256 bytes
 _BACKUP_READ_ERRORS = (tarfile.TarError, EOFError, zlib.error, OSError, ValueError,
                        UnicodeError, struct.error)
 
@@ -3136,7 +3103,7 @@ def _check_members(archive, archive_bytes, root):
             raise InvalidInput(f"the backup has more than {MAX_BACKUP_MEMBERS:,} members; "
                                "refusing to extract it")
         name = _member_name(member)
-        if name in ("", ".") or _DERIVED_MEMBER.match(name):
+        if name in ("", "."):
             continue
         if not _is_store_member(name, member):
             raise InvalidInput(f"backup member {member.name!r} is not part of a store; "
@@ -3173,7 +3140,7 @@ def _free_bytes(root):
 def _extract_members(archive, root, filename):
     for member in archive:
         name = _member_name(member)
-        if name in ("", ".") or _DERIVED_MEMBER.match(name):
+        if name in ("", "."):
             continue
         if not _is_store_member(name, member):
             raise InvalidInput(f"backup member {member.name!r} changed between reads")
@@ -3187,8 +3154,6 @@ def _extract_members(archive, root, filename):
             shutil.copyfileobj(source, out, CHUNK_SIZE)
             if out.tell() != member.size:
                 raise _unreadable(filename, f"member {name!r} is truncated")
-        if name.startswith("objects/") and not name.startswith("objects/pack/"):
-            os.chmod(target, 0o444)
 
 
 # --------------------------------------------------------------------------- running stored modules
@@ -3334,10 +3299,6 @@ class Runner:
             return Target(digest, commit, None, f"sha256:{digest}")
         return Target(digest, commit, format_path(value), self._namespace_of(value))
 
-    def namespace_for(self, path, digest):
-        """The kv namespace of a module: its path, a mapped prefix's namespace, or sha256:<hash>."""
-        return f"sha256:{digest}" if path is None else self._namespace_of(validate_path(path))
-
     def _namespace_of(self, segments):
         for prefix, namespace in self.namespaces:
             if segments[:len(prefix)] == prefix:
@@ -3352,14 +3313,18 @@ class Runner:
                                    name=target.path or target.digest)
         return guest
 
-    def _linker_for(self, target, guest):
+    def _linker_for(self, target, guest, reach=None):
         """resolve(import module name) for kvhost: store paths and hashes in the target's commit
-        (None for a guest with no imports to link)."""
+        (None for a guest with no imports to link). reach(module name) -> bool, when given,
+        leaves the names it refuses unlinked, exactly as if nothing were stored there (a
+        server's key limited to some paths links only what it may reach)."""
         if not guest.links_needed:
             return None
 
         def resolve(module_name):
             if not module_name.startswith("/") and not _is_hash(module_name):
+                return None
+            if reach is not None and not reach(module_name):
                 return None
             try:
                 digest, _ = self.store.module_at(module_name, commit=target.commit)
@@ -3377,31 +3342,34 @@ class Runner:
     # -- running ---------------------------------------------------------------------------------
 
     def call(self, path_or_hash, function, args=(), *, branch=None, version=None, commit=None,
-             namespace=None, stats=None):
+             namespace=None, stats=None, reach=None):
         """Call an exported function with JSON-style arguments (kvhost.Host.call's mapping).
-        path_or_hash may also be a Target from resolve() (then branch/version/commit are unused)."""
+        path_or_hash may also be a Target from resolve() (then branch/version/commit are unused);
+        reach: which stored modules its imports may link to (see _linker_for)."""
         # the hot path of every call: _prepare inlined
         target = path_or_hash if type(path_or_hash) is Target else \
             self._target(path_or_hash, branch, version, commit)
         guest = self.host.loaded(target.digest) or self.load(target)
         return self.host.call(guest, function, args, namespace=namespace or target.namespace,
-                              resolve=self._linker_for(target, guest) if guest.links_needed else None,
-                              stats=stats)
+                              resolve=self._linker_for(target, guest, reach)
+                              if guest.links_needed else None, stats=stats)
 
     def run(self, path_or_hash, argv=(), *, branch=None, version=None, commit=None, namespace=None,
-            stdin=None, stats=None):
+            stdin=None, stats=None, reach=None):
         """Run a wasi:cli/run component or a WASI command module; returns its exit status."""
         target, guest = self._prepare(path_or_hash, branch, version, commit)
         return self.host.run(guest, argv, namespace=namespace or target.namespace,
-                             resolve=self._linker_for(target, guest), stdin=stdin, stats=stats)
+                             resolve=self._linker_for(target, guest, reach), stdin=stdin,
+                             stats=stats)
 
     def run_captured(self, path_or_hash, argv=(), *, branch=None, version=None, commit=None,
-                     namespace=None, stdin=b"", limit=None, stats=None):
+                     namespace=None, stdin=b"", limit=None, stats=None, reach=None):
         """Like run(), with stdout and stderr kept (kvhost.RunResult)."""
         target, guest = self._prepare(path_or_hash, branch, version, commit)
         options = {} if limit is None else {"limit": limit}
         return self.host.run_captured(guest, argv, namespace=namespace or target.namespace,
-                                      resolve=self._linker_for(target, guest), stdin=stdin, stats=stats, **options)
+                                      resolve=self._linker_for(target, guest, reach),
+                                      stdin=stdin, stats=stats, **options)
 
     def exports(self, path_or_hash, *, branch=None, version=None, commit=None):
         """The callable exports of a stored module (kvhost.describe_exports)."""
@@ -4797,11 +4765,13 @@ def _cmd_log(store, args):
 def _cmd_branch(store, args):
     if args.switch:
         store.set_default_branch(args.switch)
-    elif args.name and args.delete:
+    elif args.delete:
+        if not args.name:
+            raise InvalidInput("branch --delete needs the NAME of the branch to delete")
         store.delete_branch(args.name)
     elif args.name:
         store.create_branch(args.name, branch=args.branch)
-    else:
+    else:                                     # no NAME: list the branches
         default = store.default_branch
         for name in store.branches():
             _print_line(("* " if name == default else "  ") + name if args.verbose else name)
@@ -4826,11 +4796,12 @@ def _cmd_backup(store, args):
 
 
 def _cmd_fsck(store, args):
-    problems, checked, dangling = store._fsck()
+    problems = store.fsck()
     for problem in problems:
         _print_line(problem)
-    _print_line(f"fsck: {checked} objects checked, {len(problems)} problems, "
-                f"{dangling} dangling (unreachable from every branch; gc deletes them)")
+    _print_line(f"fsck: {problems.checked} objects checked, {len(problems)} problems, "
+                f"{problems.dangling} dangling (unreachable from every branch; gc deletes "
+                "them)")
     return 1 if problems else 0
 
 
@@ -5043,10 +5014,9 @@ COMMANDS = {
               [("path", {"metavar": "PATH"})]),
     "log": (_cmd_log, "print the branch's history, newest first",
             [("-n", {"type": int, "metavar": "N", "help": "at most N commits"})]),
-    "branch": (_cmd_branch, "create, delete, list or switch branches",
+    "branch": (_cmd_branch, "create, delete or switch branches; with no NAME, list them",
                [("name", {"metavar": "NAME", "nargs": "?", "help": "branch to create or delete"}),
                 ("--delete", {"action": "store_true", "help": "delete NAME"}),
-                ("--list", {"action": "store_true", "help": "list branches (the default)"}),
                 ("--verbose", {"action": "store_true", "help": "mark the default branch"}),
                 ("--switch", {"metavar": "NAME", "help": "make NAME the default branch"})]),
     "merge": (_cmd_merge, "merge BRANCH into the selected branch",
