@@ -3,11 +3,11 @@
 
 Standard library only (plus `wasmstore.py`): `http.server.ThreadingHTTPServer` with keep-alive,
 Content-Length on every response, zero-copy downloads (`os.sendfile` of the object file; plain
-reads through TLS), uploads streamed into the store, key/method auth, TLS, CORS, a WebSocket
-watch (RFC 6455), Prometheus metrics, bounded request heads and bodies, strict body framing,
-connection timeouts, a connection cap with a separate cap for watch sessions, Host and Origin
-checks against DNS rebinding and cross-site requests, graceful shutdown on SIGTERM / Ctrl-C,
-running stored modules (call, run, exports) on kvhost, and the read side of the OCI
+reads through TLS), uploads streamed into the store, keys with permissions and path scopes, TLS,
+CORS, a WebSocket watch (RFC 6455), Prometheus metrics, bounded request heads and bodies, strict
+body framing, connection timeouts, a connection cap with a separate cap for watch sessions, Host
+and Origin checks against DNS rebinding and cross-site requests, graceful shutdown on SIGTERM /
+Ctrl-C, running stored modules (call, run, exports) on kvhost, and the read side of the OCI
 distribution API under /v2/ (each store path a repository: `oras pull` fetches from it).
 
 As a command::
@@ -35,12 +35,14 @@ Map of this file (top-down):
                        call/run/exports handlers, make_runtime()
     OCI /v2/           the distribution API's read side: OciRepository (a store path's tags,
                        manifests, blobs), oci_v2 (its one route), oci_error_reply (JSON codes)
-    auth               AuthTable (constant-time key comparison)
+    auth               Access (what a key reaches), AuthTable (KEY:PERMS[@PREFIX] entries,
+                       constant-time key comparison; the routes declare their permission)
     browser safety     parse_authority(), parse_origin(), HostAllowList (DNS rebinding),
                        OriginAllowList (the --cors option; cross-site requests and watches)
     body readers       body_framing() (400 for ambiguous framing), LimitedReader, ChunkedReader
                        (bounded, never read past the request)
-    metrics            Metrics (Prometheus text format)
+    metrics            MetricValues (one process's numbers by key), Metrics (records requests
+                       and runs; renders the Prometheus text format)
     watch              WatchHub (one Store.watch thread per branch -> bounded per-client queues)
     WebSocket framing  encode_frame(), FrameParser
     connection         request head parsing (Headers, read_headers), WasmstoreHandler
@@ -60,6 +62,9 @@ __all__ = [
     "ROUTES",
     "ERROR_STATUS",
     "AuthTable",
+    "Access",
+    "EVERYTHING",
+    "PERMISSIONS",
     "HostAllowList",
     "OriginAllowList",
     "ConnectionLimits",
@@ -118,25 +123,27 @@ try:
 except ImportError:
     kvhost = None
 
-# ---------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------
 # Constants
-# ---------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 6384
 DEFAULT_MAX_BODY = 128 * 1024 * 1024       # largest accepted module upload (413 above)
 DEFAULT_TIMEOUT = 30.0                     # seconds an idle or stalled connection may hold a thread
 DEFAULT_MAX_CONNECTIONS = 512              # beyond this, new connections get 503 (bounds threads)
-DEFAULT_MAX_WATCHES = 128                  # watch sessions, a pool apart: idle watchers never starve requests
+DEFAULT_MAX_WATCHES = 128                  # watch sessions, a pool apart: idle watchers never
+                                           # starve requests
 MAX_REQUEST_LINE = 8 * 1024                # longer request line: 414
 MAX_HEADER_BYTES = 32 * 1024               # larger header block: 431
 MAX_HEADER_COUNT = 100                     # more header lines: 431
 MAX_DISCARDED_BODY = 64 * 1024             # routes without a body accept (and drop) at most this
-MIN_BODY_RATE = 1024                       # bytes/s: each KiB of a request body adds 1 s to its time limit
+MIN_BODY_RATE = 1024                       # bytes/s: each KiB of a body adds 1 s to its time limit
 MAX_ERROR_MESSAGE = 500                    # error bodies are one short line
 API_PREFIX = ("api", "v1")
 KNOWN_METHODS = frozenset(["GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH"])
-SAFE_METHODS = frozenset(["GET", "HEAD", "OPTIONS"])   # change nothing: no Origin check (but upgrades)
+SAFE_METHODS = frozenset(["GET", "HEAD", "OPTIONS"])   # change nothing: no Origin check (but
+                                                        # upgrades)
 DEFAULT_PORTS = {"http": 80, "https": 443}
 WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"   # RFC 6455 section 1.3
 WS_MAX_CLIENT_PAYLOAD = 64 * 1024          # the watch protocol needs nothing large from clients
@@ -153,22 +160,32 @@ MAX_CONTENT_LENGTH = (1 << 63) - 1         # what a signed 64-bit length holds
 MAX_STDERR_HEADER = 4096                   # stderr bytes sent in the Wasmstore-Stderr header
 MAX_RUN_SERIES = 1000                      # (module, function) metric series; more go to "other"
 CHUNK = 1 << 16
-LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                   10.0)
 JSON_TYPE = "application/json"
 TEXT_TYPE = "text/plain; charset=utf-8"
-WASM_TYPE = "application/wasm"             # exactly this: WebAssembly.instantiateStreaming checks it
-CORS_ALLOW_HEADERS = "Wasmstore-Auth, Wasmstore-Branch, Wasmstore-Author, Authorization, Content-Type, If-None-Match"
-CORS_EXPOSE_HEADERS = ("Wasmstore-Hash, ETag, Wasmstore-Exit-Status, Wasmstore-Stderr, Wasmstore-Stderr-Truncated, "
-                       "Wasmstore-Stdout-Truncated, Wasmstore-Error")
+WASM_TYPE = "application/wasm"             # exactly: WebAssembly.instantiateStreaming checks it
+CORS_ALLOW_HEADERS = ("Wasmstore-Auth, Wasmstore-Branch, Wasmstore-Author, Authorization, "
+                      "Content-Type, If-None-Match")
+CORS_EXPOSE_HEADERS = ("Wasmstore-Hash, ETag, Wasmstore-Exit-Status, Wasmstore-Stderr, "
+                       "Wasmstore-Stderr-Truncated, Wasmstore-Stdout-Truncated, Wasmstore-Error")
 
 _SEGMENT_RE = re.compile(r"(?:[^%]|%[0-9A-Fa-f]{2})*\Z", re.S)
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
 _METHOD_RE = re.compile(r"[A-Z]{1,16}\Z")
+_AUTH_ENTRY_RE = re.compile(r"(?P<key>.+?):(?P<perms>[A-Za-z*, ]+)(?:@(?P<prefix>/.*))?\Z", re.S)
+
+# The words an --auth entry may grant besides HTTP methods. Every route declares the one it
+# needs (Route(..., permission=WORD)); an app route, or any route added later, declares "run"
+# or whichever fits, and AuthTable.authorize is the one check.
+PERMISSIONS = ("read", "write", "run", "admin")
+ROUTE_SCOPES = ("path", "store", "filtered")     # what a route touches: see Route
+_HOST_NAME_RE = re.compile(r"[a-z0-9_]([a-z0-9_.-]{0,251}[a-z0-9_])?")
 
 
-# ---------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------
 # Exceptions
-# ---------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------
 
 class ServerError(Exception):
     """Root of every error raised by this module (bad configuration, bad request)."""
@@ -184,9 +201,9 @@ class HttpError(ServerError):
         self.headers = list(headers)
 
 
-# ---------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------
 # URL parsing
-# ---------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------
 
 def decode_segment(raw):
     """Strictly percent-decode one URL path segment to a str (UTF-8), or raise HttpError(400).
@@ -217,10 +234,12 @@ class Query(dict):
     """name -> [values] of a query string; get() gives the last value, get_all() every one."""
 
     def get(self, name, default=None):
+        """The last value of `name` (a query names a parameter once, as a rule)."""
         values = dict.get(self, name)
         return values[-1] if values else default
 
     def get_all(self, name):
+        """Every value of `name`, in order."""
         return list(dict.get(self, name, ()))
 
 
@@ -245,9 +264,9 @@ def parse_target(target):
     return segments, Query(params)
 
 
-# ---------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------
 # Replies and the single exception -> status table
-# ---------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------
 
 class FileBody:
     """A response body served from an open file descriptor (sent with os.sendfile).
@@ -267,6 +286,7 @@ class FileBody:
         return os.pread(self.fd, self.size, 0)
 
     def close(self):
+        """Give the descriptor back (idempotent)."""
         if self.fd >= 0:
             fd, self.fd = self.fd, -1
             if self._release is None:
@@ -303,9 +323,11 @@ class Reply:
 
     @property
     def body_size(self):
+        """The body's length in bytes (what Content-Length says)."""
         return self.body.size if isinstance(self.body, FileBody) else len(self.body)
 
     def close(self):
+        """Release the body's file descriptor, if it has one."""
         if isinstance(self.body, FileBody):
             self.body.close()
 
@@ -318,10 +340,12 @@ def _reason(status):
 
 
 def text_reply(text, status=200):
+    """A plain-text (UTF-8) Reply."""
     return Reply(status, [("Content-Type", TEXT_TYPE)], text.encode("utf-8"))
 
 
 def json_reply(value, status=200):
+    """A compact JSON Reply (UTF-8, non-ASCII kept)."""
     data = json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     return Reply(status, [("Content-Type", JSON_TYPE)], data)
 
@@ -331,7 +355,7 @@ def json_reply(value, status=200):
 # finds its own entry or its parent's.
 ERROR_STATUS = {
     HttpError: None,                  # carries its own status
-    **{cls: http_status for cls, (http_status, _) in wasmstore.ERROR_STATUS.items()},
+    **{cls: meaning.http_status for cls, meaning in wasmstore.ERROR_STATUS.items()},
 }
 
 
@@ -376,17 +400,18 @@ def error_reply(exc):
     return reply
 
 
-# ---------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------
 # Route handlers: pure functions (store, call, body) -> Reply, testable without a socket
-# ---------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------
 
 class Call:
     """The parts of a request a handler needs."""
 
-    __slots__ = ("params", "path", "branch", "author", "headers", "max_body", "locator", "query", "runtime", "log")
+    __slots__ = ("params", "path", "branch", "author", "headers", "max_body", "locator", "query",
+                 "runtime", "log", "access")
 
     def __init__(self, params=(), path="", branch=None, author=None, headers=None,
-                 max_body=DEFAULT_MAX_BODY, locator=None, query=None, runtime=None):
+                 max_body=DEFAULT_MAX_BODY, locator=None, query=None, runtime=None, access=None):
         self.params = tuple(params)   # the route's named segments (hash, index, branch...)
         self.path = path              # the "*" rest joined with "/" ("" when absent)
         self.branch = branch          # Wasmstore-Branch or None (default branch)
@@ -397,6 +422,7 @@ class Call:
         self.query = query or Query()  # the query string
         self.runtime = runtime        # a GuestRuntime, or None: the run routes answer 501
         self.log = {}                 # name -> value pairs the access-log line ends with
+        self.access = access or EVERYTHING   # what the request's key reaches (see Access)
 
 
 def _path_or_none(call):
@@ -448,6 +474,7 @@ class LocateCache:
         self.files = collections.OrderedDict()      # digest -> _OpenFile, oldest first
 
     def locate(self, path, branch=None):
+        """(digest, object filename) of the module at path on branch, memoized per branch head."""
         head = self.store.head(branch=branch)
         key = (branch, path)
         hit = self.entries.get(key)
@@ -462,6 +489,7 @@ class LocateCache:
         return digest, filename
 
     def forget(self, path, branch=None):
+        """Drop the memoized answer for (path, branch)."""
         self.entries.pop((branch, path), None)
 
     def open(self, path, branch=None):
@@ -559,6 +587,7 @@ def module_reply(digest, body, headers):
 
 
 def get_module(store, call, body):
+    """GET /api/v1/module/*: the module's bytes (see module_reply)."""
     digest, file_body = _open_object(store, call)
     return module_reply(digest, file_body, call.headers)
 
@@ -571,97 +600,119 @@ def add_module(store, call, body):
 
 
 def delete_module(store, call, body):
+    """DELETE /api/v1/module/*: remove a path (or every path of a hash)."""
     store.remove(call.path, branch=call.branch, author=call.author)
     return Reply(200)
 
 
 def list_modules(store, call, body):
-    return json_reply(store.list(call.path, branch=call.branch))
+    """GET /api/v1/modules[/*]: {"/path": hash} under the prefix (what the key reaches)."""
+    listing = store.list(call.path, branch=call.branch)
+    if call.access.scoped:
+        listing = {path: digest for path, digest in listing.items() if call.access.reaches(path)}
+    return json_reply(listing)
 
 
 def get_hash(store, call, body):
+    """GET /api/v1/hash/*: the module hash (a directory: its tree hash)."""
     return text_reply(store.hash(call.path, branch=call.branch))
 
 
 def set_hash(store, call, body):
+    """POST /api/v1/hash/:hash/*: point the path at a stored module."""
     store.set(call.path, call.params[0], branch=call.branch, author=call.author)
     return Reply(200)
 
 
 def get_versions(store, call, body):
+    """GET /api/v1/versions/*: [[hash, commit], ...], oldest first."""
     versions = store.versions(call.path, branch=call.branch)
     return json_reply([[digest, commit] for digest, commit in versions])
 
 
 def get_version(store, call, body):
+    """GET /api/v1/version/:index/*: the bytes of that version."""
     index = wasmstore.parse_number(call.params[0], "version index", maximum=MAX_VERSION_INDEX)
     digest, _commit = store.version(index, call.path, branch=call.branch)
     return module_reply(digest, open_body(store.module_filename(digest)), call.headers)
 
 
 def rollback(store, call, body):
+    """POST /api/v1/rollback[/*]: revert a path (or the branch) to before its last change."""
     store.rollback(_path_or_none(call), branch=call.branch, author=call.author)
     return Reply(200)
 
 
 def restore(store, call, body):
+    """POST /api/v1/restore/:commit[/*]: a new commit with that commit's tree (or path)."""
     store.restore(call.params[0], _path_or_none(call), branch=call.branch, author=call.author)
     return Reply(200)
 
 
 def snapshot(store, call, body):
+    """GET /api/v1/snapshot: the branch's head commit."""
     return text_reply(store.snapshot(branch=call.branch))
 
 
 def commit_info(store, call, body):
+    """GET /api/v1/commit/:hash: the commit as JSON."""
     return json_reply(store.commit_info(call.params[0]))
 
 
 def list_branches(store, call, body):
+    """GET /api/v1/branches: the branch names."""
     return json_reply(store.branches())
 
 
 def default_branch(store, call, body):
+    """GET /api/v1/branch: the default branch's name."""
     return text_reply(store.default_branch)
 
 
 def switch_branch(store, call, body):
+    """PUT /api/v1/branch/:b: make :b the default branch (persisted)."""
     store.set_default_branch(call.params[0])
     return Reply(200)
 
 
 def create_branch(store, call, body):
+    """POST /api/v1/branch/:b: create :b from the request's branch."""
     store.create_branch(call.params[0], branch=call.branch)
     return Reply(200)
 
 
 def delete_branch(store, call, body):
+    """DELETE /api/v1/branch/:b: delete :b (never the default branch)."""
     store.delete_branch(call.params[0])
     return Reply(200)
 
 
 def merge(store, call, body):
+    """POST /api/v1/merge/:b: merge :b into the request's branch."""
     store.merge(call.params[0], branch=call.branch, author=call.author)
     return Reply(200)
 
 
 def gc(store, call, body):
+    """POST /api/v1/gc: squash the branch's history, delete unreachable objects; the count."""
     return text_reply(str(store.gc(branch=call.branch)))
 
 
 def auth_ok(store, call, body):
+    """* /api/v1/auth: 200 when the key may use this method."""
     return Reply(200)            # reaching a handler means the key passed for this method
 
 
-# ---------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------
 # Running stored modules: the run gate, per-module metrics, the call/run/exports handlers
-# ---------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------
 
 class RunGate:
     """At most `running` guests at once; up to `waiting` more callers queue for at most `wait`
     seconds; everyone else gets 503 with Retry-After at once (the queue is bounded)."""
 
-    def __init__(self, running=DEFAULT_MAX_GUESTS, waiting=DEFAULT_RUN_QUEUE, wait=DEFAULT_QUEUE_WAIT):
+    def __init__(self, running=DEFAULT_MAX_GUESTS, waiting=DEFAULT_RUN_QUEUE,
+                 wait=DEFAULT_QUEUE_WAIT):
         if int(running) < 1 or int(waiting) < 0 or not float(wait) > 0:
             raise ServerError(f"bad run gate: {running} running, {waiting} waiting, {wait} s")
         self.running_limit, self.waiting_limit, self.wait = int(running), int(waiting), float(wait)
@@ -692,12 +743,14 @@ class RunGate:
             self.running += 1
 
     def leave(self):
+        """Give the slot back and wake one waiting caller."""
         with self._cond:
             self.running -= 1
             self._cond.notify()
 
     @contextlib.contextmanager
     def slot(self):
+        """A context manager holding a slot (enter() on entry, leave() on exit)."""
         self.enter()
         try:
             yield
@@ -766,7 +819,8 @@ class GuestRuntime:
             outcome = outcome_of(error)
             seconds = time.monotonic() - started
             module = call.path if call.path.startswith("/") else "/" + call.path
-            call.log.update(module=module, function=function, outcome=outcome, fuel=stats.get("fuel", 0))
+            call.log.update(module=module, function=function, outcome=outcome,
+                            fuel=stats.get("fuel", 0))
             if outcome not in ("not-found", "busy"):        # bounded label sets: real modules only
                 self.metrics.observe_run(module, function, outcome, seconds, stats.get("fuel", 0))
 
@@ -779,7 +833,8 @@ class GuestRuntime:
 
 def _runtime(call):
     if call.runtime is None:
-        raise HttpError(501, "running modules needs kvhost.py next to http_server.py and the wasmtime package")
+        raise HttpError(501, "running modules needs kvhost.py next to http_server.py and the "
+                             "wasmtime package")
     return call.runtime
 
 
@@ -820,6 +875,11 @@ def _json_arguments(body, limit):
     return args
 
 
+def _link_reach(call):
+    """What the stored modules a core module imports may be, for this request's key."""
+    return call.access.reaches if call.access.scoped else None
+
+
 def call_function(store, call, body):
     """POST /api/v1/call/:function/*: body a JSON array of arguments; 200 with the JSON result."""
     runtime = _runtime(call)
@@ -828,7 +888,7 @@ def call_function(store, call, body):
     version = _version_query(call)
 
     def work(target, stats):
-        return runtime.runner.call(target, function, args, stats=stats)
+        return runtime.runner.call(target, function, args, stats=stats, reach=_link_reach(call))
     result = runtime.execute(call, function, version, work)
     data = _RESULT_JSON.encode(result).encode("utf-8")
     return Reply(200, [("Content-Type", JSON_TYPE)], data)
@@ -851,9 +911,11 @@ def run_module(store, call, body):
     version = _version_query(call)
 
     def work(target, stats):
-        return runtime.runner.run_captured(target, argv, stdin=stdin, limit=runtime.max_output, stats=stats)
+        return runtime.runner.run_captured(target, argv, stdin=stdin, limit=runtime.max_output,
+                                           stats=stats, reach=_link_reach(call))
     result = runtime.execute(call, "run", version, work)
-    headers = [("Content-Type", "application/octet-stream"), ("Wasmstore-Exit-Status", str(result.status))]
+    headers = [("Content-Type", "application/octet-stream"),
+               ("Wasmstore-Exit-Status", str(result.status))]
     headers += _stderr_headers(result)
     if result.stdout_total > len(result.stdout):
         headers.append(("Wasmstore-Stdout-Truncated", str(result.stdout_total)))
@@ -867,13 +929,14 @@ def get_exports(store, call, body):
 
     def work(target, stats):
         guest = runtime.runner.load(target)
-        return {"hash": target.digest, "kind": guest.kind, "exports": runtime.runner.host.exports(guest)}
+        return {"hash": target.digest, "kind": guest.kind,
+                "exports": runtime.runner.host.exports(guest)}
     return json_reply(runtime.execute(call, "exports", version, work, gated=False))
 
 
-# ---------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------
 # OCI distribution API, read side (/v2/): each store path is a repository
-# ---------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------
 
 OCI_PREFIX = ("v2",)
 OCI_API_VERSION = ("Docker-Distribution-API-Version", "registry/2.0")
@@ -951,6 +1014,7 @@ class OciRepository:
         return tags
 
     def artifact(self, tag):
+        """The wasmstore.module_artifact a tag names."""
         branch, digest = self.tags[tag]
         history = self.history if branch == self.branch else None
         return wasmstore.module_artifact(self.store, self.path, branch=branch, digest=digest,
@@ -965,6 +1029,7 @@ class OciRepository:
         return seen.values()
 
     def manifest(self, reference):
+        """The artifact whose manifest a tag or a manifest digest names (OciError 404)."""
         if reference in self.tags:
             return self.artifact(reference)
         if wasmstore.OCI_DIGEST.match(reference):
@@ -981,12 +1046,14 @@ def _oci_headers(content_type, digest):
 
 
 def oci_manifest(store, call, segments, reference):
+    """GET /v2/<name>/manifests/<reference>: the OCI image manifest."""
     artifact = OciRepository(store, segments, call.branch).manifest(reference)
     return Reply(200, _oci_headers(wasmstore.OCI_MANIFEST_TYPE, artifact.manifest_digest),
                  artifact.manifest)
 
 
 def oci_blob(store, call, segments, digest):
+    """GET /v2/<name>/blobs/<digest>: the module (sendfile) or its config."""
     if not wasmstore.OCI_DIGEST.match(digest):
         raise OciError(400, "DIGEST_INVALID", f"invalid digest {digest[:80]!r}: expected "
                        "sha256: and 64 lowercase hex digits")
@@ -1001,6 +1068,7 @@ def oci_blob(store, call, segments, digest):
 
 
 def oci_tags(store, call, segments):
+    """GET /v2/<name>/tags/list[?n=&last=]: the repository's tags, paged."""
     repository = OciRepository(store, segments, call.branch)
     tags = sorted(repository.tags)
     last = call.query.get("last")
@@ -1022,30 +1090,49 @@ def oci_tags(store, call, segments):
     return reply
 
 
+def _oci_reach(call, segments):
+    """The repository's segments, or OciError DENIED for a key that does not reach its path
+    (decided before the store is read, like every scope check)."""
+    if not call.access.reaches(tuple(segments)):
+        raise OciError(403, "DENIED", f"this key may not reach {_printed(segments)}")
+    return segments
+
+
 def oci_v2(store, call, body):
     """GET/HEAD /v2/...: the API version check, manifests, blobs and tag lists."""
     parts = call.path.split("/") if call.path else []
     if not parts:
         return Reply(200, [("Content-Type", JSON_TYPE), OCI_API_VERSION], b"{}")
     if len(parts) >= 3 and parts[-2] == "manifests":
-        return oci_manifest(store, call, parts[:-2], parts[-1])
+        return oci_manifest(store, call, _oci_reach(call, parts[:-2]), parts[-1])
     if len(parts) >= 3 and parts[-2] == "blobs":
-        return oci_blob(store, call, parts[:-2], parts[-1])
+        return oci_blob(store, call, _oci_reach(call, parts[:-2]), parts[-1])
     if len(parts) >= 3 and parts[-2:] == ["tags", "list"]:
-        return oci_tags(store, call, parts[:-2])
+        return oci_tags(store, call, _oci_reach(call, parts[:-2]))
     raise OciError(404, "UNSUPPORTED", "no such /v2/ endpoint (this registry serves pulls: "
                    "manifests, blobs, tags/list)")
 
 
 class Route:
     """One row of the routing table: /api/v1/<name>/<params...>/<rest...> (or, with
-    prefix=(), /<name>/...: the OCI API's /v2/)."""
+    prefix=(), /<name>/...: the OCI API's /v2/).
 
-    __slots__ = ("method", "name", "nparams", "rest", "handler", "label", "upload", "websocket", "body",
-                 "prefix")
+    Every route declares what a key needs to use it: `permission`, one of PERMISSIONS (or
+    None: only a key allowed the method, as /api/v1/auth), and `scope`, what the request
+    touches: "path" (the rest of the URL, a store path: a key limited to a prefix reaches only
+    paths under it; no rest means the whole store), "store" (the whole store: only keys
+    without a prefix), or "filtered" (the handler keeps only what call.access reaches, or
+    touches no path at all)."""
 
-    def __init__(self, method, name, nparams, rest, handler, *, upload=False, websocket=False, body=False,
-                 prefix=API_PREFIX):
+    __slots__ = ("method", "name", "nparams", "rest", "handler", "label", "upload", "websocket",
+                 "body", "prefix", "permission", "scope")
+
+    def __init__(self, method, name, nparams, rest, handler, *, permission, scope="path",
+                 upload=False, websocket=False, body=False, prefix=API_PREFIX):
+        if permission is not None and permission not in PERMISSIONS:
+            raise ValueError(f"route {name!r}: permission must be one of {PERMISSIONS} or None")
+        if scope not in ROUTE_SCOPES:
+            raise ValueError(f"route {name!r}: scope must be one of {ROUTE_SCOPES}")
         self.method = method          # "*" = any method
         self.name = name
         self.nparams = nparams
@@ -1055,39 +1142,60 @@ class Route:
         self.body = body              # the handler reads a body of up to --max-body (may be absent)
         self.websocket = websocket
         self.prefix = prefix
+        self.permission = permission
+        self.scope = scope
         parts = ["/".join(("",) + prefix), name] + [":p"] * nparams + \
             (["*"] if rest == "optional" else [])
         self.label = "/".join(parts)  # bounded metric label
 
+    def reach(self, rest):
+        """What authorize() checks for a request whose URL rest is `rest` (segments): see
+        `scope`."""
+        if self.scope == "path":
+            return rest
+        return () if self.scope == "store" else None
 
-# (method, name, number of named params, rest of path, handler)
+
+# (method, name, number of named params, rest of path, handler; what a key needs)
 ROUTES = [
-    Route("GET", "modules", 0, "optional", list_modules),
-    Route("GET", "module", 0, "optional", get_module),
-    Route("POST", "module", 0, "optional", add_module, upload=True),
-    Route("DELETE", "module", 0, "optional", delete_module),
-    Route("GET", "hash", 0, "optional", get_hash),
-    Route("POST", "hash", 1, "optional", set_hash),
-    Route("GET", "versions", 0, "optional", get_versions),
-    Route("GET", "version", 1, "optional", get_version),
-    Route("POST", "rollback", 0, "optional", rollback),
-    Route("POST", "restore", 1, "optional", restore),
-    Route("GET", "snapshot", 0, "none", snapshot),
-    Route("GET", "commit", 1, "none", commit_info),
-    Route("GET", "branches", 0, "none", list_branches),
-    Route("GET", "branch", 0, "none", default_branch),
-    Route("PUT", "branch", 1, "none", switch_branch),
-    Route("POST", "branch", 1, "none", create_branch),
-    Route("DELETE", "branch", 1, "none", delete_branch),
-    Route("POST", "merge", 1, "none", merge),
-    Route("POST", "gc", 0, "none", gc),
-    Route("GET", "watch", 0, "none", None, websocket=True),
-    Route("POST", "call", 1, "optional", call_function, body=True),
-    Route("POST", "run", 0, "optional", run_module, body=True),
-    Route("GET", "exports", 0, "optional", get_exports),
-    Route("*", "auth", 0, "none", auth_ok),
-    Route("GET", "v2", 0, "optional", oci_v2, prefix=()),
+    Route("GET", "modules", 0, "optional", list_modules, permission="read", scope="filtered"),
+    Route("GET", "module", 0, "optional", get_module, permission="read"),
+    Route("POST", "module", 0, "optional", add_module, permission="write", upload=True),
+    Route("DELETE", "module", 0, "optional", delete_module, permission="write"),
+    Route("GET", "hash", 0, "optional", get_hash, permission="read"),
+    Route("POST", "hash", 1, "optional", set_hash, permission="write"),
+    Route("GET", "versions", 0, "optional", get_versions, permission="read"),
+    Route("GET", "version", 1, "optional", get_version, permission="read"),
+    Route("POST", "rollback", 0, "optional", rollback, permission="write"),
+    Route("POST", "restore", 1, "optional", restore, permission="write"),
+    Route("GET", "snapshot", 0, "none", snapshot, permission="read", scope="store"),
+    Route("GET", "commit", 1, "none", commit_info, permission="read", scope="store"),
+    Route("GET", "branches", 0, "none", list_branches, permission="read", scope="filtered"),
+    Route("GET", "branch", 0, "none", default_branch, permission="read", scope="filtered"),
+    Route("PUT", "branch", 1, "none", switch_branch, permission="admin", scope="store"),
+    Route("POST", "branch", 1, "none", create_branch, permission="write", scope="store"),
+    Route("DELETE", "branch", 1, "none", delete_branch, permission="admin", scope="store"),
+    Route("POST", "merge", 1, "none", merge, permission="admin", scope="store"),
+    Route("POST", "gc", 0, "none", gc, permission="admin", scope="store"),
+    Route("GET", "watch", 0, "none", None, permission="read", scope="filtered", websocket=True),
+    Route("POST", "call", 1, "optional", call_function, permission="run", body=True),
+    Route("POST", "run", 0, "optional", run_module, permission="run", body=True),
+    Route("GET", "exports", 0, "optional", get_exports, permission="read"),
+    Route("*", "auth", 0, "none", auth_ok, permission=None, scope="filtered"),
+    Route("GET", "v2", 0, "optional", oci_v2, permission="read", scope="filtered", prefix=()),
 ]
+
+
+def word_methods(routes):
+    """{permission word: the methods of the routes that need it} (GET routes serve HEAD too)."""
+    methods = collections.defaultdict(set)
+    for route in routes:
+        if route.permission is not None and route.method != "*":
+            methods[route.permission].add(route.method)
+    return {word: frozenset(found) for word, found in methods.items()}
+
+
+WORD_METHODS = word_methods(ROUTES)     # what /api/v1/auth answers for a key with words only
 
 
 def match_route(method, segments, routes=ROUTES):
@@ -1121,12 +1229,84 @@ def match_route(method, segments, routes=ROUTES):
     raise HttpError(404, "no such route")
 
 
-# ---------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------
 # Auth
-# ---------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------
+
+class Access:
+    """What an authorized request may reach: every path (prefixes None), or only the paths
+    under one of `prefixes` (tuples of segments). Handlers whose answers span paths (listings,
+    watch events) keep only what reaches() allows."""
+
+    __slots__ = ("prefixes",)
+
+    def __init__(self, prefixes=None):
+        self.prefixes = prefixes
+
+    @property
+    def scoped(self):
+        return self.prefixes is not None
+
+    def reaches(self, segments):
+        """True if the path (a tuple of segments, or a printed path) is within reach."""
+        if self.prefixes is None:
+            return True
+        if isinstance(segments, str):
+            segments = tuple(s for s in segments.split("/") if s)
+        if len(segments) == 1 and wasmstore.HASH_TEXT.match(segments[0]):
+            return False              # a module named by hash may live at any path
+        return any(segments[:len(prefix)] == prefix for prefix in self.prefixes)
+
+    def require(self, segments):
+        """HttpError 403 unless the path is within reach; () stands for the whole store. The
+        answer depends only on the key and the path asked for, never on what the store holds,
+        so it tells nothing about paths out of reach."""
+        if self.prefixes is None:
+            return
+        if not segments:
+            raise HttpError(403, "this key is limited to " + ", ".join(
+                wasmstore.format_path(p) + "/" for p in self.prefixes) +
+                            ": this route needs a key for the whole store")
+        if not self.reaches(tuple(segments)):
+            raise HttpError(403, f"this key may not reach {_printed(segments)}")
+
+
+EVERYTHING = Access()
+
+
+def _printed(segments):
+    return ("/" + "/".join(segments))[:200]
+
+
+class _AuthEntry:
+    """One KEY:PERMS[@PREFIX] entry of an --auth spec."""
+
+    __slots__ = ("key", "methods", "words", "prefix")
+
+    def __init__(self, key, methods, words, prefix):
+        self.key = key                # bytes
+        self.methods = methods        # frozenset of method names, or AuthTable.ALL
+        self.words = words            # frozenset of PERMISSIONS
+        self.prefix = prefix          # tuple of path segments, or None: the whole store
+
+    def grants(self, method, permission):
+        if self.methods is AuthTable.ALL or method in self.methods:
+            return True
+        if permission is None:        # method-level routes (/api/v1/auth): any word using it
+            return any(method in WORD_METHODS.get(word, ()) for word in self.words)
+        return permission in self.words
+
 
 class AuthTable:
-    """Keys and the methods each may use, from a spec like "KEY1:GET,POST;KEY2:GET" ("*" = all).
+    """Keys and what each may do, from a spec of `;`-separated entries `KEY:PERMS[@PREFIX]`.
+
+    PERMS is a comma list of HTTP methods (`*` for all) and the words read (GET/HEAD of
+    data), write (add, remove, set hash, rollback, restore, create branch), run (call, run,
+    HTTP apps) and admin (gc, merge, delete or switch a branch, kv writes); the route table
+    says which word each route needs. `@/PREFIX` limits the entry to paths under PREFIX;
+    routes that span the whole store (log, commits, gc, merge...) need an entry without one.
+    A key may appear in several entries: a request is allowed when one of them grants it.
+    The original form "KEY1:GET,POST;KEY2:GET" means what it meant.
 
     Every presented key is compared with every configured key in constant time, so neither
     timing nor early exit tells how much of a key matched or which entry it was.
@@ -1141,55 +1321,89 @@ class AuthTable:
 
     @staticmethod
     def _parse(spec):
-        entries, seen = [], set()
+        entries = []
         for number, part in enumerate(spec.split(";"), 1):
             part = part.strip()
             if not part:
                 continue
-            key, sep, methods = part.rpartition(":")
-            key = key.strip()
-            if not sep or not key:
-                raise ServerError(f"auth entry {number}: expected KEY:METHODS")
-            if _CONTROL_RE.search(key) or key != key.strip() or "," in key:
+            match = _AUTH_ENTRY_RE.match(part)
+            if not match or not match.group("key").strip():
+                raise ServerError(f"auth entry {number}: expected KEY:PERMS or KEY:PERMS@/PREFIX")
+            key = match.group("key").strip()
+            if _CONTROL_RE.search(key) or "," in key:
                 raise ServerError(f"auth entry {number}: the key has a control character or ','")
-            if key in seen:
-                raise ServerError(f"auth entry {number}: duplicate key")
-            seen.add(key)
-            names = [m.strip().upper() for m in methods.split(",") if m.strip()]
-            if names == ["*"]:
-                allowed = AuthTable.ALL
-            else:
-                if not names or not all(_METHOD_RE.match(m) for m in names):
-                    raise ServerError(f"auth entry {number}: methods must be '*' or names like GET,POST")
-                allowed = frozenset(names)
-            entries.append((key.encode("utf-8"), allowed))
+            methods, words = AuthTable._permissions(number, match.group("perms"))
+            prefix = None
+            if match.group("prefix") is not None:
+                prefix = AuthTable._prefix(number, match.group("prefix"))
+            entries.append(_AuthEntry(key.encode("utf-8"), methods, words, prefix))
         if not entries:
-            raise ServerError("auth spec has no KEY:METHODS entry")
+            raise ServerError("auth spec has no KEY:PERMS entry")
         return entries
+
+    @staticmethod
+    def _prefix(number, text):
+        try:
+            prefix = tuple(wasmstore.validate_path(text[:-1] if text.endswith("/") else text))
+        except wasmstore.InvalidInput as exc:
+            raise ServerError(f"auth entry {number}: bad prefix: {exc}") from None
+        if not prefix:
+            raise ServerError(f"auth entry {number}: a prefix names a directory, as in @/apps/")
+        return prefix
+
+    @staticmethod
+    def _permissions(number, text):
+        names = [name.strip() for name in text.split(",") if name.strip()]
+        words = frozenset(name.lower() for name in names if name.lower() in PERMISSIONS)
+        methods = [name.upper() for name in names if name.lower() not in PERMISSIONS]
+        if "*" in methods:
+            if len(methods) > 1:
+                raise ServerError(f"auth entry {number}: '*' already allows every method")
+            return AuthTable.ALL, words
+        unknown = [m for m in methods if m not in KNOWN_METHODS]
+        if not names or unknown:
+            raise ServerError(f"auth entry {number}: {', '.join(unknown)[:100]!r} is neither '*', "
+                              f"an HTTP method nor one of the words {', '.join(PERMISSIONS)}")
+        return frozenset(methods), words
 
     @property
     def enabled(self):
+        """True when keys are required."""
         return bool(self.entries)
 
-    def check(self, presented, method):
-        """Raise HttpError 401 (no or unknown key) or 403 (method not allowed for the key)."""
+    def authorize(self, presented, method, permission=None, segments=None):
+        """The Access a request gets: HttpError 401 (no or unknown key) or 403 (no entry of
+        the key grants the method or `permission`, or the path is out of reach).
+
+        permission: the word the route needs (None: any word whose routes use the method);
+        segments: the path the request touches (() = the whole store; None = the handler
+        filters what it answers by the Access)."""
         if not self.entries:
-            return
+            return EVERYTHING
         if not presented:
             raise HttpError(401, "missing key (send it in Wasmstore-Auth)")
         candidate = presented.encode("latin-1", "replace")
-        found, allowed = False, None
-        for key, methods in self.entries:
-            if hmac.compare_digest(candidate, key) and not found:
-                found, allowed = True, methods
-        if not found:
+        mine = [entry for entry in self.entries if hmac.compare_digest(candidate, entry.key)]
+        if not mine:
             raise HttpError(401, "unknown key")
         wanted = "GET" if method == "HEAD" else method
-        if allowed is not AuthTable.ALL and wanted not in allowed:
-            raise HttpError(403, f"key not allowed to use {method}")
+        granting = [entry for entry in mine if entry.grants(wanted, permission)]
+        if not granting:
+            raise HttpError(403, f"key not allowed to use {method}" +
+                            (f" here (this route needs {permission})" if permission else ""))
+        prefixes = [entry.prefix for entry in granting]
+        access = EVERYTHING if None in prefixes else Access(tuple(prefixes))
+        if segments is not None:
+            access.require(segments)
+        return access
+
+    def check(self, presented, method):
+        """Raise HttpError 401 (no or unknown key) or 403 (method not allowed for the key)."""
+        self.authorize(presented, method)
 
 
 def presented_key(headers):
+    """The key a request presents: Wasmstore-Auth, a Bearer token or a Basic password."""
     key = headers.get("Wasmstore-Auth")
     if key is None:
         scheme, _, value = (headers.get("Authorization") or "").partition(" ")
@@ -1209,9 +1423,9 @@ def _basic_password(value):
     return pair.partition(":")[2]
 
 
-# ---------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------
 # Browser safety: which Host names and which Origins the server answers to
-# ---------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------
 
 def parse_authority(text):
     """(host, port or None) of a Host header or a URL authority; ValueError if malformed.
@@ -1250,11 +1464,12 @@ def _ip_literal(host):
 
 
 def host_name(text):
-    """A --allowed-host entry, normalized (lower-case, IPv6 without brackets); ServerError if bad."""
+    """A --allowed-host entry, normalized (lower-case, IPv6 without brackets); ServerError if
+    bad."""
     name = text.strip().lower()
     if name.startswith("[") and name.endswith("]"):
         name = name[1:-1]
-    if _ip_literal(name) is None and not re.fullmatch(r"[a-z0-9_]([a-z0-9_.-]{0,251}[a-z0-9_])?", name):
+    if _ip_literal(name) is None and not _HOST_NAME_RE.fullmatch(name):
         raise ServerError(f"expected a host name like wasmstore.example or an IP address "
                           f"(no scheme, no port), got {text!r}")
     return name
@@ -1321,6 +1536,7 @@ class OriginAllowList:
 
     @property
     def enabled(self):
+        """True when some other origin is allowed (CORS headers are sent)."""
         return self.any_origin or bool(self.origins)
 
     def __bool__(self):
@@ -1349,11 +1565,12 @@ class OriginAllowList:
         return [("Vary", "Origin")]
 
 
-# ---------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------
 # Body readers: bounded views of the connection's input
-# ---------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------
 
 CHUNKED = -1                                # body_framing(): a chunked body of unknown length
+_HEX_RE = re.compile(rb"[0-9a-fA-F]+\Z")
 
 
 def body_framing(headers, version):
@@ -1387,7 +1604,8 @@ def body_framing(headers, version):
             raise wasmstore.InvalidInput("two lengths")
         return wasmstore.parse_number(value, "Content-Length", maximum=MAX_CONTENT_LENGTH)
     except wasmstore.InvalidInput:
-        raise HttpError(400, "bad Content-Length: " + ", ".join(repr(v) for v in lengths[:4]), close=True) from None
+        raise HttpError(400, "bad Content-Length: " + ", ".join(repr(v) for v in lengths[:4]),
+                        close=True) from None
 
 
 class LimitedReader(io.RawIOBase):
@@ -1399,9 +1617,11 @@ class LimitedReader(io.RawIOBase):
         self.consumed = 0
 
     def readable(self):
+        """Always True: a reader."""
         return True
 
     def readinto(self, buffer):
+        """Read up to len(buffer) bytes of what is left; HttpError 400 if the body ends early."""
         if self.remaining <= 0:
             return 0
         view = memoryview(buffer)[:min(len(buffer), self.remaining)]
@@ -1414,6 +1634,7 @@ class LimitedReader(io.RawIOBase):
 
     @property
     def exhausted(self):
+        """True once the whole body was read."""
         return self.remaining <= 0
 
 
@@ -1428,6 +1649,7 @@ class ChunkedReader(io.RawIOBase):
         self.done = False
 
     def readable(self):
+        """Always True: a reader."""
         return True
 
     def _line(self):
@@ -1438,7 +1660,7 @@ class ChunkedReader(io.RawIOBase):
 
     def _next_chunk(self):
         size_text = self._line().split(b";", 1)[0].strip()
-        if not size_text or len(size_text) > 16 or not all(c in b"0123456789abcdefABCDEF" for c in size_text):
+        if not size_text or len(size_text) > 16 or not _HEX_RE.match(size_text):
             raise HttpError(400, "bad chunk size", close=True)
         size = int(size_text, 16)
         if self.consumed + size > self.limit:
@@ -1452,6 +1674,7 @@ class ChunkedReader(io.RawIOBase):
         self.chunk_left = size
 
     def readinto(self, buffer):
+        """Read decoded body bytes (0 at the end of the body); HttpError on bad framing."""
         if self.done:
             return 0
         if self.chunk_left == 0:
@@ -1470,6 +1693,7 @@ class ChunkedReader(io.RawIOBase):
 
     @property
     def exhausted(self):
+        """True once the last chunk and the trailers were read."""
         return self.done
 
 
@@ -1486,141 +1710,253 @@ def drain(reader, limit):
             raise HttpError(413, "this route takes no request body", close=True)
 
 
-# ---------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------
 # Metrics
-# ---------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------
 
 def _label(value):
     return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
-class Metrics:
-    """Request counters, a latency histogram per route and byte counters (thread-safe)."""
+class MetricValues:
+    """The numbers one process records, by key: a tuple of a series name and its labels.
+
+    Metrics keeps its counters and gauges here and renders them from snapshot(); a server of
+    several worker processes gives each worker a SharedMetricValues instead, which its
+    siblings can read."""
 
     def __init__(self):
+        self.numbers = {}
+
+    def add(self, key, delta):
+        """Add delta to the number at key (0 when new); the caller holds Metrics.lock."""
+        self.numbers[key] = self.numbers.get(key, 0) + delta
+
+    def get(self, key, default=0):
+        """The number at key, or default."""
+        return self.numbers.get(key, default)
+
+    def snapshot(self):
+        """{key: number} of everything recorded."""
+        return dict(self.numbers)
+
+
+def _merge(snapshots):
+    """One {key: number} summing several snapshots."""
+    total = {}
+    for snapshot in snapshots:
+        for key, value in snapshot.items():
+            total[key] = total.get(key, 0) + value
+    return total
+
+
+def _series(name, labels):
+    """name{label="value",...} in the Prometheus text format (no braces without labels)."""
+    if not labels:
+        return name
+    inner = ",".join(f'{label}="{_label(value)}"' for label, value in labels)
+    return f"{name}{{{inner}}}"
+
+
+def _number(value):
+    return f"{value:.6f}" if isinstance(value, float) else str(value)
+
+
+class _Exposition:
+    """Builds the Prometheus text exposition: families of samples, HELP and TYPE first."""
+
+    def __init__(self):
+        self.lines = []
+
+    def family(self, name, kind, text, samples):
+        """samples: [(labels, value)], labels a list of (name, value) pairs."""
+        self.lines.append(f"# HELP {name} {text}")
+        self.lines.append(f"# TYPE {name} {kind}")
+        for labels, value in samples:
+            self.lines.append(f"{_series(name, labels)} {_number(value)}")
+
+    def histogram(self, name, text, rows):
+        """rows: [(labels, per-bucket counts (the last one past every bound), sum)]."""
+        self.lines.append(f"# HELP {name} {text}")
+        self.lines.append(f"# TYPE {name} histogram")
+        for labels, counts, total in rows:
+            cumulative = list(itertools.accumulate(counts))
+            for bound, count in zip(LATENCY_BUCKETS + ("+Inf",), cumulative):
+                self.lines.append(f"{_series(name + '_bucket', labels + [('le', bound)])} {count}")
+            self.lines.append(f"{_series(name + '_sum', labels)} {total:.6f}")
+            self.lines.append(f"{_series(name + '_count', labels)} {cumulative[-1]}")
+
+    def text(self):
+        return ("\n".join(self.lines) + "\n").encode("utf-8")
+
+
+def _histograms(numbers, name, label_names):
+    """[(labels, counts, sum)] of the histogram stored as (name, *labels, bucket) keys."""
+    width = len(LATENCY_BUCKETS) + 1
+    rows = {}
+    for key, value in numbers.items():
+        if key[0] == name:
+            counts = rows.setdefault(key[1:-1], [0] * width)
+            counts[key[-1]] += value
+    return [(list(zip(label_names, labels)), counts, numbers.get((name + "_sum",) + labels, 0.0))
+            for labels, counts in sorted(rows.items())]
+
+
+def _samples(numbers, name, label_names):
+    """[(labels, value)] of the series stored as (name, *labels) keys, sorted."""
+    found = [(key[1:], value) for key, value in numbers.items() if key[0] == name]
+    return [(list(zip(label_names, labels)), value) for labels, value in sorted(found)]
+
+
+class Metrics:
+    """Request counters, a latency histogram per route, byte counters, guest runs (by module,
+    function and outcome) and gauges, rendered in the Prometheus text format (thread-safe).
+
+    values: where this process records (MetricValues by default); peers: None, or a function
+    returning [(worker label, snapshot)] of every worker of the server, this one included:
+    render() then sums them and adds per-worker series."""
+
+    def __init__(self, values=None, peers=None):
         self.lock = threading.Lock()
-        self.requests = collections.Counter()          # (route, method, status) -> count
-        self.latency = {}                              # route -> [bucket counts..., sum, count]
-        self.bytes_in = 0
-        self.bytes_out = 0
-        self.websocket_clients = 0
-        self.connections = 0
-        self.runs = collections.Counter()              # (module, function, outcome) -> count
-        self.run_latency = {}                          # (module, function) -> [bucket counts..., sum, count]
-        self.run_fuel = collections.Counter()          # (module, function) -> fuel used
+        self.values = MetricValues() if values is None else values
+        self.peers = peers
         self.runtime = None                            # a GuestRuntime: its gate and cache gauges
+        self._run_series = set()                       # (module, function) pairs recorded
+
+    @property
+    def connections(self):
+        """Open client connections of this process."""
+        return self.values.get(("connections",))
+
+    @property
+    def websocket_clients(self):
+        """Connected watch clients of this process."""
+        return self.values.get(("websocket_clients",))
+
+    @property
+    def requests(self):
+        """{(route, method, status): count} of this process."""
+        return collections.Counter({key[1:]: value for key, value in self.values.snapshot().items()
+                                    if key[0] == "http_requests"})
 
     def observe(self, route, method, status, seconds, bytes_in, bytes_out):
+        """One HTTP request: its route label, method, status, duration and body sizes."""
         if method not in KNOWN_METHODS:
             method = "OTHER"                           # bounded label set, even under fuzzing
+        bucket = bisect.bisect_left(LATENCY_BUCKETS, seconds)
         with self.lock:
-            self.requests[(route, method, status)] += 1
-            row = self.latency.get(route)
-            if row is None:
-                row = self.latency[route] = [0] * (len(LATENCY_BUCKETS) + 2)
-            index = bisect.bisect_left(LATENCY_BUCKETS, seconds)
-            if index < len(LATENCY_BUCKETS):
-                row[index] += 1                        # per bucket; cumulated by render()
-            row[-2] += seconds
-            row[-1] += 1
-            self.bytes_in += bytes_in
-            self.bytes_out += bytes_out
+            add = self.values.add
+            add(("http_requests", route, method, status), 1)
+            add(("http_duration", route, bucket), 1)
+            add(("http_duration_sum", route), seconds)
+            add(("bytes_in",), bytes_in)
+            add(("bytes_out",), bytes_out)
 
     def observe_run(self, module, function, outcome, seconds, fuel):
         """One call, run or exports of a stored module, by module and function."""
+        bucket = bisect.bisect_left(LATENCY_BUCKETS, seconds)
         with self.lock:
             key = (module, function)
-            if key not in self.run_latency and len(self.run_latency) >= MAX_RUN_SERIES:
-                key = ("other", "other")                # bounded series, whatever modules exist
-            self.runs[key + (outcome,)] += 1
-            self.run_fuel[key] += fuel
-            row = self.run_latency.get(key)
-            if row is None:
-                row = self.run_latency[key] = [0] * (len(LATENCY_BUCKETS) + 2)
-            index = bisect.bisect_left(LATENCY_BUCKETS, seconds)
-            if index < len(LATENCY_BUCKETS):
-                row[index] += 1
-            row[-2] += seconds
-            row[-1] += 1
+            if key not in self._run_series:
+                if len(self._run_series) >= MAX_RUN_SERIES:
+                    key = ("other", "other")           # bounded series, whatever modules exist
+                self._run_series.add(key)
+            add = self.values.add
+            add(("guest_calls",) + key + (outcome,), 1)
+            add(("guest_duration",) + key + (bucket,), 1)
+            add(("guest_duration_sum",) + key, seconds)
+            add(("guest_fuel",) + key, fuel)
 
-    def _render_runs(self, out):
-        out.append("# HELP wasmstore_guest_calls_total Calls and runs of stored modules by module, function and outcome.")
-        out.append("# TYPE wasmstore_guest_calls_total counter")
-        for (module, function, outcome), count in sorted(self.runs.items()):
-            out.append(f'wasmstore_guest_calls_total{{module="{_label(module)}",function="{_label(function)}",'
-                       f'outcome="{outcome}"}} {count}')
-        out.append("# HELP wasmstore_guest_call_duration_seconds Time a call or run took, queueing included.")
-        out.append("# TYPE wasmstore_guest_call_duration_seconds histogram")
-        for (module, function), row in sorted(self.run_latency.items()):
-            lbl = f'module="{_label(module)}",function="{_label(function)}"'
-            for bound, count in zip(LATENCY_BUCKETS, itertools.accumulate(row[:len(LATENCY_BUCKETS)])):
-                out.append(f'wasmstore_guest_call_duration_seconds_bucket{{{lbl},le="{bound}"}} {count}')
-            out.append(f'wasmstore_guest_call_duration_seconds_bucket{{{lbl},le="+Inf"}} {row[-1]}')
-            out.append(f'wasmstore_guest_call_duration_seconds_sum{{{lbl}}} {row[-2]:.6f}')
-            out.append(f'wasmstore_guest_call_duration_seconds_count{{{lbl}}} {row[-1]}')
-        out.append("# HELP wasmstore_guest_fuel_total Fuel (roughly wasm instructions) used by calls and runs.")
-        out.append("# TYPE wasmstore_guest_fuel_total counter")
-        for (module, function), fuel in sorted(self.run_fuel.items()):
-            out.append(f'wasmstore_guest_fuel_total{{module="{_label(module)}",function="{_label(function)}"}} {fuel}')
+    def add_gauge(self, name, delta):
+        """Move the gauge `name` (connections, websocket_clients, in_flight) by delta."""
+        with self.lock:
+            self.values.add((name,), delta)
+
+    def record_cache_stats(self, stats):
+        """The compile cache's counts ({"memory_hits", "disk_hits", "compiles"}) of this
+        process, as kvhost.Host.cache_stats() gives them."""
+        with self.lock:
+            for result, count in stats.items():
+                key = ("compile_cache", result)
+                self.values.add(key, count - self.values.get(key))
+
+    def _snapshots(self):
+        if self.peers is None:
+            with self.lock:
+                return [(None, self.values.snapshot())]
+        return self.peers()
+
+    def render(self, store=None):
+        """The Prometheus text exposition format (version 0.0.4) of the whole server."""
+        if self.runtime is not None:
+            self.record_cache_stats(self.runtime.runner.host.cache_stats())
+        workers = self._snapshots()
+        numbers = _merge(snapshot for _, snapshot in workers)
+        out = _Exposition()
+        self._render_http(out, numbers)
+        self._render_runs(out, numbers)
+        if self.peers is not None:
+            self._render_workers(out, workers)
+        if store is not None:
+            try:
+                out.lines.extend(self._store_gauges(store))
+            except wasmstore.StoreError:
+                pass                                   # e.g. default branch deleted meanwhile
+        return out.text()
+
+    @staticmethod
+    def _render_http(out, numbers):
+        out.family("wasmstore_http_requests_total", "counter",
+                   "HTTP requests by route, method and status.",
+                   _samples(numbers, "http_requests", ("route", "method", "status")))
+        out.histogram("wasmstore_http_request_duration_seconds",
+                      "Time from request line to last byte sent.",
+                      _histograms(numbers, "http_duration", ("route",)))
+        for name, key, kind, text in (
+                ("http_request_body_bytes_total", "bytes_in", "counter",
+                 "Request body bytes received."),
+                ("http_response_body_bytes_total", "bytes_out", "counter",
+                 "Response body bytes sent."),
+                ("http_connections", "connections", "gauge", "Open client connections."),
+                ("websocket_clients", "websocket_clients", "gauge", "Connected watch clients."),
+                ("http_requests_in_flight", "in_flight", "gauge",
+                 "Requests being served (this one included).")):
+            out.family("wasmstore_" + name, kind, text, [([], numbers.get((key,), 0))])
+
+    def _render_runs(self, out, numbers):
+        names = ("module", "function")
+        out.family("wasmstore_guest_calls_total", "counter",
+                   "Calls and runs of stored modules by module, function and outcome.",
+                   _samples(numbers, "guest_calls", names + ("outcome",)))
+        out.histogram("wasmstore_guest_call_duration_seconds",
+                      "Time a call or run took, queueing included.",
+                      _histograms(numbers, "guest_duration", names))
+        out.family("wasmstore_guest_fuel_total", "counter",
+                   "Fuel (roughly wasm instructions) used by calls and runs.",
+                   _samples(numbers, "guest_fuel", names))
         runtime = self.runtime
         if runtime is None:
             return
-        out.append("# HELP wasmstore_guests_running Guests running now.")
-        out.append("# TYPE wasmstore_guests_running gauge")
-        out.append(f"wasmstore_guests_running {runtime.gate.running}")
-        out.append("# HELP wasmstore_guests_waiting Callers waiting for a guest slot.")
-        out.append("# TYPE wasmstore_guests_waiting gauge")
-        out.append(f"wasmstore_guests_waiting {runtime.gate.waiting}")
-        out.append("# HELP wasmstore_compile_cache_total Guests found compiled in memory or on disk, or compiled.")
-        out.append("# TYPE wasmstore_compile_cache_total counter")
-        for result, count in runtime.runner.host.cache_stats().items():
-            out.append(f'wasmstore_compile_cache_total{{result="{result}"}} {count}')
+        out.family("wasmstore_guests_running", "gauge", "Guests running now.",
+                   [([], runtime.gate.running)])
+        out.family("wasmstore_guests_waiting", "gauge", "Callers waiting for a guest slot.",
+                   [([], runtime.gate.waiting)])
+        out.family("wasmstore_compile_cache_total", "counter",
+                   "Guests found compiled in memory or on disk, or compiled.",
+                   [([("result", result)], numbers.get(("compile_cache", result), 0))
+                    for result in ("memory_hits", "disk_hits", "compiles")])
 
-    def add_gauge(self, name, delta):
-        with self.lock:
-            setattr(self, name, getattr(self, name) + delta)
-
-    def render(self, store=None, in_flight=None):
-        """The Prometheus text exposition format (version 0.0.4)."""
-        out = []
-        with self.lock:
-            out.append("# HELP wasmstore_http_requests_total HTTP requests by route, method and status.")
-            out.append("# TYPE wasmstore_http_requests_total counter")
-            for (route, method, status), count in sorted(self.requests.items()):
-                out.append(f'wasmstore_http_requests_total{{route="{_label(route)}",method="{method}",'
-                           f'status="{status}"}} {count}')
-            out.append("# HELP wasmstore_http_request_duration_seconds Time from request line to last byte sent.")
-            out.append("# TYPE wasmstore_http_request_duration_seconds histogram")
-            for route, row in sorted(self.latency.items()):
-                lbl = _label(route)
-                for bound, count in zip(LATENCY_BUCKETS, itertools.accumulate(row[:len(LATENCY_BUCKETS)])):
-                    out.append(f'wasmstore_http_request_duration_seconds_bucket{{route="{lbl}",le="{bound}"}} {count}')
-                out.append(f'wasmstore_http_request_duration_seconds_bucket{{route="{lbl}",le="+Inf"}} {row[-1]}')
-                out.append(f'wasmstore_http_request_duration_seconds_sum{{route="{lbl}"}} {row[-2]:.6f}')
-                out.append(f'wasmstore_http_request_duration_seconds_count{{route="{lbl}"}} {row[-1]}')
-            out.append("# HELP wasmstore_http_request_body_bytes_total Request body bytes received.")
-            out.append("# TYPE wasmstore_http_request_body_bytes_total counter")
-            out.append(f"wasmstore_http_request_body_bytes_total {self.bytes_in}")
-            out.append("# HELP wasmstore_http_response_body_bytes_total Response body bytes sent.")
-            out.append("# TYPE wasmstore_http_response_body_bytes_total counter")
-            out.append(f"wasmstore_http_response_body_bytes_total {self.bytes_out}")
-            out.append("# HELP wasmstore_http_connections Open client connections.")
-            out.append("# TYPE wasmstore_http_connections gauge")
-            out.append(f"wasmstore_http_connections {self.connections}")
-            out.append("# HELP wasmstore_websocket_clients Connected watch clients.")
-            out.append("# TYPE wasmstore_websocket_clients gauge")
-            out.append(f"wasmstore_websocket_clients {self.websocket_clients}")
-            self._render_runs(out)
-        if in_flight is not None:
-            out.append("# HELP wasmstore_http_requests_in_flight Requests being served (this one included).")
-            out.append("# TYPE wasmstore_http_requests_in_flight gauge")
-            out.append(f"wasmstore_http_requests_in_flight {in_flight}")
-        if store is not None:
-            try:
-                out.extend(self._store_gauges(store))
-            except wasmstore.StoreError:
-                pass                                   # e.g. default branch deleted meanwhile
-        return ("\n".join(out) + "\n").encode("utf-8")
+    @staticmethod
+    def _render_workers(out, workers):
+        out.family("wasmstore_worker_http_requests_total", "counter",
+                   "HTTP requests served by each worker process.",
+                   [([("worker", label)], sum(v for k, v in snapshot.items()
+                                              if k[0] == "http_requests"))
+                    for label, snapshot in workers])
+        out.family("wasmstore_worker_http_connections", "gauge",
+                   "Open client connections of each worker process.",
+                   [([("worker", label)], snapshot.get(("connections",), 0))
+                    for label, snapshot in workers])
 
     @staticmethod
     def _store_gauges(store):
@@ -1636,25 +1972,40 @@ class Metrics:
         ]
 
 
-# ---------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------
 # Watch: one poller thread per watched branch, broadcasting into bounded per-client queues
-# ---------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------
 
 class Subscription:
-    """A watch client's mailbox. The hub never blocks on it: a full queue drops the client."""
+    """A watch client's mailbox. The hub never blocks on it: a full queue drops the client.
 
-    def __init__(self, branch, size=WS_QUEUE_SIZE):
+    A client whose key reaches only some paths (access) gets only their changes: an event
+    about nothing it reaches is not sent at all."""
+
+    def __init__(self, branch, size=WS_QUEUE_SIZE, access=None):
         self.branch = branch
         self.queue = queue.Queue(size)
         self.closed = None            # (code, reason) once the hub wants the client gone
+        self.access = access or EVERYTHING
 
-    def offer(self, message):
+    def offer(self, message, changes=None):
+        """Queue one event: its JSON text, and the changes it encodes (for a scoped client)."""
         if self.closed:
             return
+        if self.access.scoped and changes is not None:
+            reaches = self.access.reaches
+            changes = {path: change for path, change in changes.items() if reaches(path)}
+            if not changes:
+                return
+            message = _event_text(changes)
         try:
             self.queue.put_nowait(message)
         except queue.Full:
             self.closed = (1008, "too slow: event queue overflowed")
+
+
+def _event_text(changes):
+    return json.dumps(changes, separators=(",", ":"), ensure_ascii=False)
 
 
 class _BranchWatcher(threading.Thread):
@@ -1677,7 +2028,7 @@ class _BranchWatcher(threading.Thread):
     def run(self):
         try:
             for _commit, changes in self.events:
-                self.hub.broadcast(self, json.dumps(changes, separators=(",", ":"), ensure_ascii=False))
+                self.hub.broadcast(self, _event_text(changes), changes)
         except wasmstore.NotFound:
             self.hub.end_branch(self, (1001, "branch deleted"))
         except Exception:                                  # a bug: say why, end the watches
@@ -1695,8 +2046,9 @@ class WatchHub:
         self.watchers = {}
         self.log = log or (lambda text: None)
 
-    def subscribe(self, branch=None):
-        """Register a client on `branch` (None = default); NotFound if the branch does not exist."""
+    def subscribe(self, branch=None, access=None):
+        """Register a client on `branch` (None = default) that gets the changes `access`
+        reaches (default: all); NotFound if the branch does not exist."""
         branch = branch or self.store.default_branch
         with self.lock:
             watcher = self.watchers.get(branch)
@@ -1707,11 +2059,12 @@ class WatchHub:
                 watcher = _BranchWatcher(self, branch, events, stop_event)
                 self.watchers[branch] = watcher
                 watcher.start()
-            subscription = Subscription(branch)
+            subscription = Subscription(branch, access=access)
             watcher.subscribers.add(subscription)
             return subscription
 
     def unsubscribe(self, subscription):
+        """Remove a client; the branch's watcher stops with its last client."""
         with self.lock:
             watcher = self.watchers.get(subscription.branch)
             if watcher is None:
@@ -1721,13 +2074,15 @@ class WatchHub:
                 watcher.stop_event.set()
                 del self.watchers[subscription.branch]
 
-    def broadcast(self, watcher, message):
+    def broadcast(self, watcher, message, changes=None):
+        """Offer a message (and the changes it encodes) to every client of the watcher's branch."""
         with self.lock:
             subscribers = list(watcher.subscribers)
         for subscription in subscribers:
-            subscription.offer(message)
+            subscription.offer(message, changes)
 
     def end_branch(self, watcher, reason):
+        """Close every client of a watcher that ended (e.g. its branch was deleted)."""
         with self.lock:
             if self.watchers.get(watcher.branch) is watcher:
                 del self.watchers[watcher.branch]
@@ -1736,6 +2091,7 @@ class WatchHub:
             subscription.closed = reason
 
     def close(self, reason=(1001, "server shutting down")):
+        """Stop every watcher and ask every client to close with `reason`."""
         with self.lock:
             watchers = list(self.watchers.values())
             self.watchers.clear()
@@ -1745,14 +2101,15 @@ class WatchHub:
                 subscription.closed = reason
 
 
-# ---------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------
 # WebSocket framing (RFC 6455): unmasked server frames, masked client frames
-# ---------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------
 
 OP_CONTINUATION, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
 
 
 def websocket_accept(key):
+    """The Sec-WebSocket-Accept value for a Sec-WebSocket-Key (RFC 6455 section 4.2.2)."""
     return base64.b64encode(hashlib.sha1((key + WS_GUID).encode("ascii")).digest()).decode("ascii")
 
 
@@ -1776,6 +2133,7 @@ def encode_frame(opcode, payload=b"", mask=None):
 
 
 class WebSocketProtocolError(ServerError):
+    """A client broke RFC 6455: the session closes with `code`."""
     def __init__(self, code, message):
         super().__init__(message)
         self.code = code
@@ -1789,9 +2147,11 @@ class FrameParser:
         self.max_payload = max_payload
 
     def feed(self, data):
+        """Add bytes received from the client."""
         self.buffer += data
 
     def frames(self):
+        """Yield each complete (opcode, unmasked payload) frame buffered so far."""
         while True:
             frame = self._take()
             if frame is None:
@@ -1830,13 +2190,14 @@ class FrameParser:
         del buf[:offset + 4 + length]
         if length:
             key = (mask * (length // 4 + 1))[:length]
-            data = (int.from_bytes(data, "big") ^ int.from_bytes(key, "big")).to_bytes(length, "big")
+            data = (int.from_bytes(data, "big") ^ int.from_bytes(key, "big")).to_bytes(length,
+                                                                                       "big")
         return opcode, data
 
 
-# ---------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------
 # Connection handling
-# ---------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------
 
 class _DeadlineSocketReader(io.RawIOBase):
     """Raw socket input with a per-phase deadline.
@@ -1919,18 +2280,22 @@ class Headers:
             self.add(name, value)
 
     def add(self, name, value):
+        """Append one field (repeats are kept, in order)."""
         self.items_.append((name, value))
         self.index.setdefault(name.lower(), []).append(value)
 
     def get(self, name, default=None):
+        """The first value of a field (case-insensitive name), or default."""
         values = self.index.get(name.lower())
         return values[0] if values else default
 
     def get_all(self, name, default=None):
+        """Every value of a field, in order, or default."""
         values = self.index.get(name.lower())
         return list(values) if values else default
 
     def items(self):
+        """Every (name, value) pair, in order."""
         return list(self.items_)
 
     def __contains__(self, name):
@@ -1968,8 +2333,10 @@ def read_headers(rfile, max_bytes=MAX_HEADER_BYTES, max_count=MAX_HEADER_COUNT):
 
 
 def _log_value(value):
-    """A value for the access log: no spaces, quotes or control characters (paths come from users)."""
-    return str(value).encode("unicode_escape").decode("ascii").replace(" ", "\\x20").replace('"', '\\"')[:300]
+    """A value for the access log: no spaces, quotes or control characters (paths come from
+    users)."""
+    text = str(value).encode("unicode_escape").decode("ascii")
+    return text.replace(" ", "\\x20").replace('"', '\\"')[:300]
 
 
 class WasmstoreHandler(http.server.BaseHTTPRequestHandler):
@@ -1979,11 +2346,12 @@ class WasmstoreHandler(http.server.BaseHTTPRequestHandler):
     default_request_version = "HTTP/1.0"   # so that early errors still get a status line
     server_version = "wasmstore/" + __version__
     sys_version = ""
-    disable_nagle_algorithm = True        # else keep-alive responses stall ~40 ms (Nagle + delayed ACK)
+    disable_nagle_algorithm = True        # else keep-alive replies stall ~40 ms (Nagle + ACKs)
 
-    # -- connection lifecycle --------------------------------------------------------------
+    # -- connection lifecycle ----------------------------------------------------------------------
 
     def setup(self):
+        """Wrap the socket: the TLS handshake (in this thread) and the deadline reader."""
         server = self.server
         self.timeout = server.request_timeout
         self.request.settimeout(self.timeout)
@@ -2006,6 +2374,7 @@ class WasmstoreHandler(http.server.BaseHTTPRequestHandler):
         server.metrics.add_gauge("connections", 1)
 
     def finish(self):
+        """Close the connection (and the TLS socket) and update the gauge."""
         self.server.metrics.add_gauge("connections", -1)
         try:
             super().finish()
@@ -2016,6 +2385,7 @@ class WasmstoreHandler(http.server.BaseHTTPRequestHandler):
             self._tls_socket.close()
 
     def handle_one_request(self):
+        """Read one request line and serve the request; errors become replies."""
         self._reset_request_state()
         self._reader.set_deadline(self.timeout)    # idle wait + request head share one budget
         try:
@@ -2108,10 +2478,11 @@ class WasmstoreHandler(http.server.BaseHTTPRequestHandler):
         return True
 
     def handle_expect_100(self):
+        """Remember Expect: 100-continue; it is answered once auth and size pass."""
         self._expect_continue = True               # answered only once auth and size are checked
         return True
 
-    # -- request processing ----------------------------------------------------------------
+    # -- request processing ------------------------------------------------------------------------
 
     def _serve(self):
         method = self.command
@@ -2130,7 +2501,8 @@ class WasmstoreHandler(http.server.BaseHTTPRequestHandler):
             raise exc
         status = error_status(exc)
         if status is None:                          # a bug: the traceback goes to the log only
-            self.server.log_text(f"error in {self.command} {self._safe_path()}:\n" + traceback.format_exc())
+            self.server.log_text(f"error in {self.command} {self._safe_path()}:\n"
+                                 + traceback.format_exc())
         elif status >= 500:                         # known failure (corrupt object): one line
             self.server.log_text(f"error in {self.command} {self._safe_path()}: {one_line(exc)}")
         return self._error_reply(exc)
@@ -2148,29 +2520,31 @@ class WasmstoreHandler(http.server.BaseHTTPRequestHandler):
             return self._preflight()
         if segments == ("metrics",):
             self._route_label = "/metrics"
-            server.auth.check(presented_key(self.headers), method)
+            server.auth.authorize(presented_key(self.headers), method, "read", ())   # names paths
             if method not in ("GET", "HEAD"):
                 raise HttpError(405, "method not allowed", headers=[("Allow", "GET, HEAD")])
             self._consume_body(upload=False)
             reply = Reply(200, [("Content-Type", "text/plain; version=0.0.4; charset=utf-8")],
-                          server.metrics.render(server.store, server.in_flight))
+                          server.metrics.render(server.store))
             return reply
         try:
             route, params, rest = match_route(method, segments)
         except HttpError:
             self._route_label = "unmatched"
-            server.auth.check(presented_key(self.headers), method)   # no route probing without a key
+            server.auth.check(presented_key(self.headers), method)   # no probing without a key
             raise
         self._route_label = route.label
+        access = EVERYTHING
         if server.auth.enabled:
             key = presented_key(self.headers)
             if key is None and route.websocket:
                 key = query.get("auth")             # browsers cannot set headers on a WebSocket
-            server.auth.check(key, method)
+            access = server.auth.authorize(key, method, route.permission,
+                                           route.reach(tuple(rest.split("/")) if rest else ()))
         call = Call(params, rest, branch=self._header("Wasmstore-Branch"),
                     author=self._header("Wasmstore-Author"), headers=self.headers,
                     max_body=server.max_body, locator=server.locate_cache, query=query,
-                    runtime=server.runtime)
+                    runtime=server.runtime, access=access)
         self._call = call
         if route.websocket:
             call.branch = call.branch or query.get("branch") or None
@@ -2197,7 +2571,8 @@ class WasmstoreHandler(http.server.BaseHTTPRequestHandler):
         if origins is None or (method in SAFE_METHODS and not self._is_websocket_upgrade()):
             return
         scheme = "https" if server.ssl_context is not None else "http"
-        own = None if authority is None else (scheme, authority[0], authority[1] or DEFAULT_PORTS[scheme])
+        own = None if authority is None else \
+            (scheme, authority[0], authority[1] or DEFAULT_PORTS[scheme])
         if len(origins) != 1 or not server.cors.allows(origins[0], own):
             self._route_label = "refused"
             raise HttpError(403, f"request from the origin {', '.join(origins)!r} refused: "
@@ -2292,10 +2667,11 @@ class WasmstoreHandler(http.server.BaseHTTPRequestHandler):
                 headers[1] = ("Access-Control-Allow-Headers", ", ".join(names))
         return Reply(204, headers)
 
-    # -- replies ---------------------------------------------------------------------------
+    # -- replies -----------------------------------------------------------------------------------
 
     def _send_reply(self, reply, head_only=False):
-        """Write status, headers (always Content-Length) and the body in as few sends as possible."""
+        """Write status, headers (always Content-Length) and the body in as few sends as
+        possible."""
         try:
             self._reader.arm(self.timeout)
             if self.server.draining or self._unread_body():
@@ -2387,6 +2763,7 @@ class WasmstoreHandler(http.server.BaseHTTPRequestHandler):
     _date_cache = (0, "")
 
     def date_time_string(self, timestamp=None):
+        """The Date header's value (formatted once per second)."""
         if timestamp is not None:
             return super().date_time_string(timestamp)
         now = int(time.time())
@@ -2396,9 +2773,11 @@ class WasmstoreHandler(http.server.BaseHTTPRequestHandler):
         return cached[1]
 
     def log_request(self, code="-", size="-"):
+        """Unused: _account() writes one access-log line per request."""
         pass                                       # one access-log line per request: _account()
 
     def log_message(self, format, *args):
+        """http.server's diagnostics go to the server's log."""
         self.server.log_text(format % args)
 
     def _safe_path(self):
@@ -2419,11 +2798,12 @@ class WasmstoreHandler(http.server.BaseHTTPRequestHandler):
             self.server.log_text(f'{self.client_address[0]} "{method_text} {self._safe_path()}" '
                                  f"{status} {self._bytes_out} {elapsed * 1000:.1f}ms{extra}")
 
-    # -- WebSocket watch -------------------------------------------------------------------
+    # -- WebSocket watch ---------------------------------------------------------------------------
 
     def _serve_watch(self, call):
         headers = self.headers
-        if not self._is_websocket_upgrade() or "upgrade" not in (headers.get("Connection") or "").lower():
+        upgrade = "upgrade" in (headers.get("Connection") or "").lower()
+        if not self._is_websocket_upgrade() or not upgrade:
             raise HttpError(426, "this route needs a WebSocket upgrade",
                             headers=[("Upgrade", "websocket")])
         if (headers.get("Sec-WebSocket-Version") or "").strip() != "13":
@@ -2438,17 +2818,19 @@ class WasmstoreHandler(http.server.BaseHTTPRequestHandler):
         self._consume_body(upload=False)
         limits = self.server.limits
         if not limits.become_watch():
-            raise HttpError(503, f"too many watch sessions (the limit is {limits.max_watches}); retry later",
+            raise HttpError(503, f"too many watch sessions (the limit is {limits.max_watches}); "
+                                 "retry later",
                             headers=[("Retry-After", "1")])
-        self.close_connection = True                # it holds a watch slot now: it ends with the watch
-        subscription = self.server.hub.subscribe(call.branch)      # 404 before the upgrade
+        self.close_connection = True                # it holds a watch slot: it ends with the watch
+        subscription = self.server.hub.subscribe(call.branch, call.access)  # 404 before upgrade
         try:
             self._status = 101
             self._reply_started = True
             self._reader.arm(self.timeout)
             self.wfile.write(("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
                               "Connection: Upgrade\r\n"
-                              f"Sec-WebSocket-Accept: {websocket_accept(key)}\r\n\r\n").encode("ascii"))
+                              f"Sec-WebSocket-Accept: {websocket_accept(key)}\r\n\r\n"
+                              ).encode("ascii"))
             self.close_connection = True
             self.server.metrics.add_gauge("websocket_clients", 1)
             try:
@@ -2476,7 +2858,7 @@ class WasmstoreHandler(http.server.BaseHTTPRequestHandler):
         flush queued events and poll the socket briefly for client frames."""
         parser = FrameParser()
         reader = self._reader
-        reader.set_deadline(None)                   # a session lasts as long as the client answers pings
+        reader.set_deadline(None)                   # a session lasts while the client answers pings
         last_heard = last_ping = time.monotonic()
         buffer = bytearray(16384)
         try:
@@ -2527,9 +2909,9 @@ class WasmstoreHandler(http.server.BaseHTTPRequestHandler):
             pass                                        # dead or too slow: drop it
 
 
-# ---------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------
 # Server
-# ---------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------
 
 class ConnectionLimits:
     """The threads clients may hold, in two pools: ordinary connections and watch sessions.
@@ -2571,7 +2953,8 @@ class ConnectionLimits:
             pool.release()
 
     def become_watch(self):
-        """Move the calling connection to the watch pool; False (nothing changes) when it is full."""
+        """Move the calling connection to the watch pool; False (nothing changes) when it is
+        full."""
         if not self._watches.acquire(blocking=False):
             return False
         self._held.pool.release()
@@ -2634,10 +3017,12 @@ class WasmstoreServer(http.server.ThreadingHTTPServer):
 
     @property
     def port(self):
+        """The port the server listens on (the real one when bound to port 0)."""
         return self.server_address[1]
 
     @property
     def url(self):
+        """http(s)://host:port of the server."""
         host = self.server_address[0]
         if ":" in host:
             host = f"[{host}]"
@@ -2645,12 +3030,14 @@ class WasmstoreServer(http.server.ThreadingHTTPServer):
 
     def server_bind(self):
         # HTTPServer.server_bind resolves the host's FQDN (a DNS lookup): not needed here.
+        """Bind without http.server's FQDN lookup (a DNS query at every start)."""
         socketserver_bind = http.server.socketserver.TCPServer.server_bind
         socketserver_bind(self)
         host, port = self.server_address[:2]
         self.server_name, self.server_port = host, port
 
     def log_text(self, text):
+        """Write one line (or a traceback) to the server's log."""
         with self._log_lock:
             try:
                 self._log.write(text.rstrip("\n") + "\n")
@@ -2658,9 +3045,10 @@ class WasmstoreServer(http.server.ThreadingHTTPServer):
             except (OSError, ValueError):
                 pass
 
-    # -- connection cap ---------------------------------------------------------------------
+    # -- connection cap ----------------------------------------------------------------------------
 
     def process_request(self, request, client_address):
+        """Admit the connection (503 when the cap is reached) and start its thread."""
         if self.draining or not self.limits.admit():
             self._refuse(request)
             return
@@ -2671,6 +3059,7 @@ class WasmstoreServer(http.server.ThreadingHTTPServer):
             raise
 
     def process_request_thread(self, request, client_address):
+        """Serve one connection in its thread, holding its slot."""
         with self.limits.serving():
             super().process_request_thread(request, client_address)
 
@@ -2680,35 +3069,42 @@ class WasmstoreServer(http.server.ThreadingHTTPServer):
                 request.settimeout(0.5)
                 body = b"server busy, retry later\n"
                 request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\n"
-                                b"Retry-After: 1\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s"
-                                % (len(body), body))
+                                b"Retry-After: 1\r\nConnection: close\r\n"
+                                b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
         except OSError:
             pass
         finally:
             self.shutdown_request(request)
 
     def handle_error(self, request, client_address):
+        """Log an unexpected error of a connection (not resets or failed handshakes)."""
         exc = sys.exc_info()[1]
         if isinstance(exc, (OSError, ssl.SSLError)):
             return                     # failed TLS handshakes, resets: the client's problem
         self.log_text("unexpected error on a connection:\n" + traceback.format_exc())
 
-    # -- graceful shutdown ------------------------------------------------------------------
+    # -- graceful shutdown -------------------------------------------------------------------------
 
     @property
     def in_flight(self):
+        """Requests this process is serving now."""
         return self._inflight
 
     def request_started(self):
+        """A request line was read: it counts as in flight until request_finished()."""
         with self._inflight_cond:
             self._inflight += 1
+        self.metrics.add_gauge("in_flight", 1)
 
     def request_finished(self):
+        """The request's last byte was sent (or it failed): graceful_shutdown may go on."""
+        self.metrics.add_gauge("in_flight", -1)
         with self._inflight_cond:
             self._inflight -= 1
             self._inflight_cond.notify_all()
 
     def serve_forever(self, poll_interval=0.5):
+        """Accept connections until shutdown(); graceful_shutdown() calls that."""
         self._serving = True
         try:
             super().serve_forever(poll_interval)
@@ -2738,13 +3134,15 @@ class WasmstoreServer(http.server.ThreadingHTTPServer):
         return True
 
     def server_close(self):
+        """Close the listening socket (and, unless draining, the guests' processes)."""
         super().server_close()
         if self.runtime is not None and not self.draining:
             self.runtime.close()          # stops the guests' worker processes
 
 
-def make_runtime(store, metrics, *, kv=None, timeout=None, fuel=None, max_memory=None, max_guests=DEFAULT_MAX_GUESTS,
-                 run_queue=DEFAULT_RUN_QUEUE, queue_wait=DEFAULT_QUEUE_WAIT, namespace_map=(), stub_imports=False,
+def make_runtime(store, metrics, *, kv=None, timeout=None, fuel=None, max_memory=None,
+                 max_guests=DEFAULT_MAX_GUESTS, run_queue=DEFAULT_RUN_QUEUE,
+                 queue_wait=DEFAULT_QUEUE_WAIT, namespace_map=(), stub_imports=False,
                  max_output=DEFAULT_MAX_OUTPUT, cache_dir=None, provider_kv=None):
     """The GuestRuntime of a server (None when kvhost.py or wasmtime is missing: 501 then).
 
@@ -2755,8 +3153,8 @@ def make_runtime(store, metrics, *, kv=None, timeout=None, fuel=None, max_memory
     run_queue callers waiting up to queue_wait seconds; namespace_map: ["PREFIX=NS", ...]."""
     if kvhost is None:
         return None
-    limits = {name: value for name, value in (("timeout", timeout), ("fuel", fuel), ("max_memory", max_memory))
-              if value is not None}
+    limits = {name: value for name, value in (("timeout", timeout), ("fuel", fuel),
+                                              ("max_memory", max_memory)) if value is not None}
     runner = wasmstore.Runner(store, namespaces=wasmstore.parse_namespace_map(namespace_map),
                               kv=kv, provider_kv=provider_kv, workers=max_guests,
                               stub_imports=stub_imports, cache_dir=cache_dir, **limits)
@@ -2778,9 +3176,9 @@ def make_server(store, host=DEFAULT_HOST, port=DEFAULT_PORT, **options):
     return WasmstoreServer(store, host, port, **options)
 
 
-# ---------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------
 # Command line
-# ---------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------
 
 def _option_number(text, what, **bounds):
     """An option's number through wasmstore.parse_number (ASCII digits only), for argparse."""
@@ -2794,7 +3192,8 @@ def _byte_size(text):
     match = re.fullmatch(r"\s*([0-9]+)\s*([kmg]i?b?|b)?\s*", text, re.I)
     if not match:
         raise argparse.ArgumentTypeError(f"expected a size like 134217728 or 128M, got {text!r}")
-    scale = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}[(match.group(2) or "")[:1].lower()]
+    unit = (match.group(2) or "")[:1].lower()
+    scale = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}[unit]
     return _option_number(match.group(1), "size") * scale
 
 
@@ -2835,16 +3234,11 @@ def _positive_seconds(text):
     return value
 
 
-def build_parser():
-    env = os.environ
-    parser = argparse.ArgumentParser(
-        prog="http_server.py",
-        description="Serve a wasmstore over HTTP (REST API, WebSocket watch, /metrics).",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="""environment: WASMSTORE_ROOT, WASMSTORE_HOST, WASMSTORE_PORT, WASMSTORE_AUTH, WASMSTORE_TLS,
-  WASMSTORE_KV, WASMSTORE_PROVIDER_KV, WASMSTORE_RUN_TIMEOUT, WASMSTORE_FUEL, WASMSTORE_MAX_MEMORY, WASMSTORE_MAX_GUESTS,
-  WASMSTORE_RUN_QUEUE, WASMSTORE_ALLOWED_HOSTS (comma-separated), WASMSTORE_MAX_WATCHES
-  (used when the matching option is absent)
+_EPILOG = """\
+environment: WASMSTORE_ROOT, WASMSTORE_HOST, WASMSTORE_PORT, WASMSTORE_AUTH, WASMSTORE_TLS,
+  WASMSTORE_KV, WASMSTORE_PROVIDER_KV, WASMSTORE_RUN_TIMEOUT, WASMSTORE_FUEL,
+  WASMSTORE_MAX_MEMORY, WASMSTORE_MAX_GUESTS, WASMSTORE_RUN_QUEUE, WASMSTORE_ALLOWED_HOSTS
+  (comma-separated), WASMSTORE_MAX_WATCHES (used when the matching option is absent)
 
 browser safety:
   A request whose Origin header names another origin than the server's own (as reached
@@ -2859,69 +3253,94 @@ browser safety:
 examples:
   python http_server.py                                   # ~/.wasmstore on http://127.0.0.1:6384
   python http_server.py --auth 'SECRET:*;READER:GET'      # keys in the Wasmstore-Auth header
+  python http_server.py --auth 'SECRET:*;CI:read,run@/apps/'   # CI reads and runs /apps/ only
   python http_server.py --tls key.pem,cert.pem --cors     # HTTPS, pages of any origin
   python http_server.py --cors http://localhost:3000      # pages of that origin only
   python http_server.py --host 0.0.0.0 --allowed-host store.lan   # on the LAN, as store.lan
   curl --data-binary @a.wasm http://127.0.0.1:6384/api/v1/module/a.wasm
-  curl -d '[2, 3]' http://127.0.0.1:6384/api/v1/call/add/a.wasm      # call add(2, 3) of a stored module""")
-    parser.add_argument("--root", default=env.get("WASMSTORE_ROOT") or os.path.join("~", ".wasmstore"),
-                        help="store directory (default: $WASMSTORE_ROOT or ~/.wasmstore)")
-    parser.add_argument("--host", default=env.get("WASMSTORE_HOST") or DEFAULT_HOST,
-                        help=f"address to listen on (default: {DEFAULT_HOST})")
-    parser.add_argument("--port", type=_port, default=None,
-                        help=f"TCP port, 0 = any free port (default: {DEFAULT_PORT})")
-    parser.add_argument("--auth", default=env.get("WASMSTORE_AUTH") or None, metavar="SPEC",
-                        help="require keys: 'KEY1:GET,POST;KEY2:GET' ('*' = every method)")
-    parser.add_argument("--tls", type=_tls_pair, default=None, metavar="KEY,CERT",
-                        help="serve HTTPS with this PEM key file and certificate file")
-    parser.add_argument("--cors", nargs="?", const="*", default=None, type=_origins, metavar="ORIGINS",
-                        help="let web pages of other origins use the API (CORS headers, preflight "
-                             "answers): alone, any origin; with a comma-separated list such as "
-                             "https://app.example,http://localhost:3000, only those")
-    parser.add_argument("--allowed-host", action="append", type=_host_name, default=None, metavar="NAME",
-                        help="also answer to this Host name (repeatable); see 'browser safety' below")
-    parser.add_argument("--max-body", type=_byte_size, default=DEFAULT_MAX_BODY, metavar="N",
-                        help="largest accepted upload in bytes, suffix K/M/G allowed (default: 128M)")
-    parser.add_argument("--timeout", type=_positive_seconds, default=DEFAULT_TIMEOUT, metavar="S",
-                        help=f"close idle or stalled connections after S seconds (default: {DEFAULT_TIMEOUT:g}); "
-                             f"a request body gets S seconds plus 1 per {MIN_BODY_RATE // 1024} KiB received")
-    parser.add_argument("--max-watches", type=_positive_int, default=None, metavar="N",
-                        help=f"WebSocket watch sessions at once, apart from the {DEFAULT_MAX_CONNECTIONS} "
-                             f"ordinary connections; more get 503 (default: {DEFAULT_MAX_WATCHES})")
-    parser.add_argument("--quiet", action="store_true", help="no access log on stderr")
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    run = parser.add_argument_group("running stored modules (POST /api/v1/call, /api/v1/run)")
-    run.add_argument("--kv", default=env.get("WASMSTORE_KV") or None, metavar="URL",
-                     help="key-value backend of the guests: sqlite:PATH, memory: or redis://HOST:PORT/DB, or "
-                          "component:PATH, a wasi:keyvalue provider component stored at PATH that serves the "
-                          "guests' wasi:keyvalue (env WASMSTORE_KV; default: sqlite:<root>/kv.sqlite3)")
-    run.add_argument("--provider-kv", default=env.get("WASMSTORE_PROVIDER_KV") or None, metavar="URL",
-                     help="the backend beneath a --kv component:PATH provider (env WASMSTORE_PROVIDER_KV; "
-                          "default: sqlite:<root>/kv.sqlite3)")
-    run.add_argument("--run-timeout", type=_positive_seconds, default=None, metavar="S",
-                     help="stop a guest after S seconds, also when it waits in a host call "
-                          "(env WASMSTORE_RUN_TIMEOUT; default 10)")
-    run.add_argument("--fuel", type=_positive_int, default=None, metavar="N",
-                     help="stop a guest after N units of fuel (env WASMSTORE_FUEL; default: no limit)")
-    run.add_argument("--max-memory", type=_byte_size, default=None, metavar="N",
-                     help="largest linear memory of a guest, suffix K/M/G allowed (env WASMSTORE_MAX_MEMORY; "
-                          "default 256M)")
-    run.add_argument("--max-guests", type=_positive_int, default=None, metavar="N",
-                     help=f"guests running at once (env WASMSTORE_MAX_GUESTS; default {DEFAULT_MAX_GUESTS})")
-    run.add_argument("--run-queue", type=_nonnegative_int, default=None, metavar="N",
-                     help="callers waiting for a guest slot; more get 503 with Retry-After "
-                          f"(env WASMSTORE_RUN_QUEUE; default {DEFAULT_RUN_QUEUE})")
-    run.add_argument("--queue-wait", type=_positive_seconds, default=DEFAULT_QUEUE_WAIT, metavar="S",
-                     help=f"longest wait for a guest slot before 503 (default {DEFAULT_QUEUE_WAIT:g})")
-    run.add_argument("--max-output", type=_byte_size, default=DEFAULT_MAX_OUTPUT, metavar="N",
-                     help="stdout (and stderr) kept per run; the rest is counted, not sent (default 16M)")
-    run.add_argument("--namespace-map", action="append", default=[], metavar="PREFIX=NS",
-                     help="modules under PREFIX share kv namespace NS (repeatable; default: each path "
-                          "is its own namespace, a hash is sha256:<hash>)")
-    run.add_argument("--stub-imports", action="store_true",
-                     help="imports the host does not provide (e.g. wasi:http) trap when called "
-                          "instead of refusing the guest")
+  curl -d '[2, 3]' http://127.0.0.1:6384/api/v1/call/add/a.wasm   # add(2, 3) of a stored module
+"""
+
+
+def build_parser():
+    """The command line's parser (main() fills absent options from the environment)."""
+    parser = argparse.ArgumentParser(
+        prog="http_server.py",
+        description="Serve a wasmstore over HTTP (REST API, WebSocket watch, /metrics).",
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_EPILOG)
+    _add_server_options(parser)
+    _add_run_options(parser.add_argument_group(
+        "running stored modules (POST /api/v1/call, /api/v1/run)"))
     return parser
+
+
+def _add_server_options(parser):
+    env = os.environ
+    add = parser.add_argument
+    add("--root", default=env.get("WASMSTORE_ROOT") or os.path.join("~", ".wasmstore"),
+        help="store directory (default: $WASMSTORE_ROOT or ~/.wasmstore)")
+    add("--host", default=env.get("WASMSTORE_HOST") or DEFAULT_HOST,
+        help=f"address to listen on (default: {DEFAULT_HOST})")
+    add("--port", type=_port, default=None,
+        help=f"TCP port, 0 = any free port (default: {DEFAULT_PORT})")
+    add("--auth", default=env.get("WASMSTORE_AUTH") or None, metavar="SPEC",
+        help="require keys: 'KEY:PERMS[@/PREFIX];...', PERMS a comma list of HTTP methods "
+             "('*' = all) and the words read, write, run, admin; @/PREFIX limits the entry "
+             "to paths under PREFIX (e.g. 'A:*;R:read;CI:run@/apps/')")
+    add("--tls", type=_tls_pair, default=None, metavar="KEY,CERT",
+        help="serve HTTPS with this PEM key file and certificate file")
+    add("--cors", nargs="?", const="*", default=None, type=_origins, metavar="ORIGINS",
+        help="let web pages of other origins use the API (CORS headers, preflight answers): "
+             "alone, any origin; with a comma-separated list such as "
+             "https://app.example,http://localhost:3000, only those")
+    add("--allowed-host", action="append", type=_host_name, default=None, metavar="NAME",
+        help="also answer to this Host name (repeatable); see 'browser safety' below")
+    add("--max-body", type=_byte_size, default=DEFAULT_MAX_BODY, metavar="N",
+        help="largest accepted upload in bytes, suffix K/M/G allowed (default: 128M)")
+    add("--timeout", type=_positive_seconds, default=DEFAULT_TIMEOUT, metavar="S",
+        help=f"close idle or stalled connections after S seconds (default: "
+             f"{DEFAULT_TIMEOUT:g}); a request body gets S seconds plus 1 per "
+             f"{MIN_BODY_RATE // 1024} KiB received")
+    add("--max-watches", type=_positive_int, default=None, metavar="N",
+        help=f"WebSocket watch sessions at once, apart from the {DEFAULT_MAX_CONNECTIONS} "
+             f"ordinary connections; more get 503 (default: {DEFAULT_MAX_WATCHES})")
+    add("--quiet", action="store_true", help="no access log on stderr")
+    add("--version", action="version", version=f"%(prog)s {__version__}")
+
+
+def _add_run_options(group):
+    env = os.environ
+    add = group.add_argument
+    add("--kv", default=env.get("WASMSTORE_KV") or None, metavar="URL",
+        help="key-value backend of the guests: sqlite:PATH, memory: or redis://HOST:PORT/DB, "
+             "or component:PATH, a wasi:keyvalue provider component stored at PATH that serves "
+             "the guests' wasi:keyvalue (env WASMSTORE_KV; default: sqlite:<root>/kv.sqlite3)")
+    add("--provider-kv", default=env.get("WASMSTORE_PROVIDER_KV") or None, metavar="URL",
+        help="the backend beneath a --kv component:PATH provider (env WASMSTORE_PROVIDER_KV; "
+             "default: sqlite:<root>/kv.sqlite3)")
+    add("--run-timeout", type=_positive_seconds, default=None, metavar="S",
+        help="stop a guest after S seconds, also when it waits in a host call "
+             "(env WASMSTORE_RUN_TIMEOUT; default 10)")
+    add("--fuel", type=_positive_int, default=None, metavar="N",
+        help="stop a guest after N units of fuel (env WASMSTORE_FUEL; default: no limit)")
+    add("--max-memory", type=_byte_size, default=None, metavar="N",
+        help="largest linear memory of a guest, suffix K/M/G allowed "
+             "(env WASMSTORE_MAX_MEMORY; default 256M)")
+    add("--max-guests", type=_positive_int, default=None, metavar="N",
+        help=f"guests running at once (env WASMSTORE_MAX_GUESTS; default {DEFAULT_MAX_GUESTS})")
+    add("--run-queue", type=_nonnegative_int, default=None, metavar="N",
+        help="callers waiting for a guest slot; more get 503 with Retry-After "
+             f"(env WASMSTORE_RUN_QUEUE; default {DEFAULT_RUN_QUEUE})")
+    add("--queue-wait", type=_positive_seconds, default=DEFAULT_QUEUE_WAIT, metavar="S",
+        help=f"longest wait for a guest slot before 503 (default {DEFAULT_QUEUE_WAIT:g})")
+    add("--max-output", type=_byte_size, default=DEFAULT_MAX_OUTPUT, metavar="N",
+        help="stdout (and stderr) kept per run; the rest is counted, not sent (default 16M)")
+    add("--namespace-map", action="append", default=[], metavar="PREFIX=NS",
+        help="modules under PREFIX share kv namespace NS (repeatable; default: each path is "
+             "its own namespace, a hash is sha256:<hash>)")
+    add("--stub-imports", action="store_true",
+        help="imports the host does not provide (e.g. wasi:http) trap when called instead of "
+             "refusing the guest")
 
 
 def _positive_int(text):
@@ -2944,7 +3363,8 @@ ENV_OPTIONS = {"run_timeout": ("WASMSTORE_RUN_TIMEOUT", _positive_seconds),
 
 def run_options(args):
     """The make_runtime() options of parsed command-line arguments."""
-    return {"kv": args.kv, "provider_kv": args.provider_kv, "timeout": args.run_timeout, "fuel": args.fuel, "max_memory": args.max_memory,
+    return {"kv": args.kv, "provider_kv": args.provider_kv, "timeout": args.run_timeout,
+            "fuel": args.fuel, "max_memory": args.max_memory,
             "max_guests": args.max_guests or DEFAULT_MAX_GUESTS,
             "run_queue": DEFAULT_RUN_QUEUE if args.run_queue is None else args.run_queue,
             "queue_wait": args.queue_wait, "namespace_map": args.namespace_map,
@@ -3008,7 +3428,7 @@ def main(argv=None):
     return 0
 
 
-_RUNTIME_ERRORS = () if kvhost is None else (kvhost.KvError,)   # e.g. a --kv URL that cannot be opened
+_RUNTIME_ERRORS = () if kvhost is None else (kvhost.KvError,)   # e.g. a --kv URL that fails
 
 
 def _install_signal_handlers(stop):

@@ -31,15 +31,13 @@ the raw module bytes, trees and commits canonical JSON):
   what follows it; a damaged or missing index just means a scan. Records after the first
   header that is not whole and intact (a killed writer's torn tail) are ignored, and the
   next writer truncates them.
-- ``objects/<2 hex>/<62 hex>``: loose objects: the layout before packs (still read), and
-  modules written out from a pack the first time they are served as a file
-  (``module_filename``: zero-copy downloads, the CLI's ``filename``). A loose and a packed
-  copy are the same object.
+- ``objects/<2 hex>/<62 hex>``: a module written out from its pack the first time it is
+  served as a file (``module_filename``: zero-copy downloads, the CLI's ``filename``). A
+  loose and a packed copy are the same object; gc keeps only the loose one.
 - ``refs/heads/<branch>``: 256 bytes, two 128-byte slots ``ref <sequence 16 hex> <head
   | none> <crc32 8 hex>`` (the CRC-32 of the text before it) padded with spaces and a
   newline. A change overwrites the slot with the lower sequence; readers take the intact
-  slot with the higher one. (A file of the
-  previous layout, ``<hex>\\n`` or empty, is read too and rewritten as slots on open.)
+  slot with the higher one.
 - ``HEAD``: the default branch's name and a newline.
 - ``cache/history``: derived per-commit change lines for versions()/audit() (not synced).
 - ``tmp/``: files being written, named ``<pid>-...``; a dead writer's are removed by the
@@ -48,7 +46,8 @@ the raw module bytes, trees and commits canonical JSON):
 Durability: a commit costs two syncs, three at most. Its new objects (modules first, then
 trees bottom-up, then the commit) are appended to the active pack in one write and made
 durable by one fdatasync (starting a new pack adds an fsync of ``objects/pack``); then the
-ref's older slot is overwritten in place and fdatasynced. No file is created per commit. A
+ref's older slot is overwritten in place and fdatasynced (every sync goes through ``_sync``:
+F_FULLFSYNC on macOS, which has no fdatasync). No file is created per commit. A
 crash at any point leaves the ref at a commit whose objects are all durable. A ref changes
 only under an exclusive ``flock`` of ``refs/heads``, by compare-and-swap against the head
 the change was computed from, so writers in many threads and processes never lose an
@@ -61,9 +60,9 @@ file needs an open, an fsync, a rename and a directory fsync; an append needs on
 fdatasync), and a ref that moves by rename cannot be read fresh without a syscall anyway,
 so a commit creates no file and a ref is rewritten in place.
 
-Map of this file: constants; exceptions and the ERROR_STATUS table (HTTP and exit status of
-each error, shared with http_server.py); names (paths, branches, hashes); validation
-(wasmtime, imported lazily); primitives (the durable write, temp files and their debris, the
+Map of this file: constants; exceptions and the ERROR_STATUS table (HTTP status, exit
+status and metric label of each error, shared with http_server.py); names (paths, branches,
+hashes); validation (wasmtime, imported lazily); primitives (the durable write, temp files and their debris, the
 hash check, caches); the object store (_Segment: one pack as a reader sees it;
 _ObjectStore: packs and loose files, batches, module files, fsck and gc passes); refs
 (_Refs: slot files, compare-and-swap, HEAD); the Store facade (layout, trees, changes,
@@ -91,13 +90,14 @@ OCI::
 __version__ = "0.1.0"
 __all__ = [
     "Store", "StoreError", "InvalidInput", "InvalidModule", "TooLarge", "NotFound",
-    "Conflict", "MergeConflict", "CorruptObject", "validate_path", "format_path",
+    "Conflict", "MergeConflict", "CorruptObject", "FsckReport", "validate_path", "format_path",
     "validate_branch", "validate_hash", "validate_module", "load_backup", "main",
-    "ERROR_STATUS", "error_status", "Runner", "Target", "default_kv_url", "kv_options", "parse_namespace_map",
+    "ERROR_STATUS", "ErrorMeaning", "error_status", "Runner", "Target", "default_kv_url", "kv_options", "parse_namespace_map",
     "RegistryError", "OciReference", "WasmArtifact", "Credentials", "RegistryClient",
     "TransferReport", "wasm_interface", "module_artifact", "registry_credentials",
     "docker_config_file", "validate_module_file", "is_branch_tag", "push", "push_all", "pull",
-    "pull_many", "parse_number", "parse_json", "json_depth", "parse_url", "Url", "MAX_JSON_DEPTH",
+    "pull_many", "console_main", "wasm_from_text", "parse_number", "parse_json", "json_depth",
+    "parse_url", "Url", "MAX_JSON_DEPTH",
 ]
 
 import argparse
@@ -129,7 +129,6 @@ import zlib
 DEFAULT_ROOT = "~/.wasmstore"
 DEFAULT_BRANCH = "main"
 DEFAULT_AUTHOR = "wasmstore"
-HASH_LENGTH = 64                      # SHA-256, lowercase hex
 MAX_SEGMENT_BYTES = 255               # the common filesystem name limit, so export works
 MAX_SEGMENTS = 64                     # keeps trees shallow and commits O(depth)
 MAX_AUTHOR_CHARS = 256                # authors come from HTTP headers: keep commits small
@@ -160,6 +159,8 @@ OCI_TITLE = "org.opencontainers.image.title"   # `oras pull` names the file afte
 OCI_MAX_MANIFEST_BYTES = 4 << 20      # the distribution spec asks registries to take 4 MB
 OCI_MAX_SMALL_BODY = 64 << 10         # error bodies, token answers, Docker config.json
 OCI_MAX_MODULE_BYTES = 1 << 30        # a pulled layer over this is refused before download
+TEXT_SUFFIXES = (".wat", ".wast")      # WebAssembly text: `add` stores its binary
+MAX_TEXT_BYTES = 64 << 20              # wat2wasm parses text whole, in memory
 OCI_TIMEOUT = 60.0                    # seconds per registry socket operation
 OCI_REDIRECTS = 5                     # redirects followed per request
 PULL_MESSAGE_SOURCES = 20            # sources a pull of several modules names in its one commit
@@ -215,21 +216,35 @@ class CorruptObject(StoreError):
     """An object or ref failed its integrity check: it is never returned as data."""
 
 
-# What each error means to a caller, in one table read by main() (exit status) and by
-# http_server.py (HTTP status): {exception class: (HTTP status, exit status)}. A subclass
-# without its own row uses its nearest parent's (see error_status).
+class RegistryError(StoreError):
+    """A registry could not be reached, refused a request, or sent something unusable.
+    str() is one line and never contains a credential or a token."""
+
+
+class ErrorMeaning(collections.namedtuple("ErrorMeaning", "http_status exit_status label")):
+    """What an error means to a caller: the HTTP status a server answers with, the exit
+    status of the command line, and the label metrics and access logs count it under (one
+    of a small, fixed set)."""
+
+    __slots__ = ()
+
+# The one table of what each error of this module means, read by main() (exit status) and by
+# http_server.py (HTTP status, metric label). A subclass without its own row uses its nearest
+# parent's (see error_status): InvalidModule is an InvalidInput, MergeConflict a Conflict.
 ERROR_STATUS = {
-    TooLarge: (413, 1),          # over the size limit the caller set (an upload's --max-body)
-    InvalidInput: (400, 1),      # bad path, branch, hash, index; InvalidModule (the validator's words)
-    NotFound: (404, 1),
-    Conflict: (409, 1),          # MergeConflict, branch exists, nothing to roll back
-    CorruptObject: (500, 1),     # never served; fsck says more
-    StoreError: (500, 1),
+    TooLarge: ErrorMeaning(413, 1, "too-large"),      # over the caller's limit (--max-body)
+    InvalidInput: ErrorMeaning(400, 1, "arguments"),  # bad path, branch, hash; invalid module
+    NotFound: ErrorMeaning(404, 1, "not-found"),
+    Conflict: ErrorMeaning(409, 1, "conflict"),       # branch exists, nothing to roll back...
+    CorruptObject: ErrorMeaning(500, 1, "corrupt"),   # never served as data; fsck says more
+    RegistryError: ErrorMeaning(502, 1, "registry"),  # an OCI registry failed us
+    StoreError: ErrorMeaning(500, 1, "error"),
 }
 
 
 def error_status(exc):
-    """(HTTP status, exit status) for an exception of this module, None for anything else."""
+    """The ErrorMeaning of an exception of this module (its class's row, or its nearest
+    parent's), None for any other exception."""
     for cls in type(exc).__mro__:
         if cls in ERROR_STATUS:
             return ERROR_STATUS[cls]
@@ -463,6 +478,24 @@ def _wasmtime_engine(purpose="validate"):
         return engine
 
 
+def wasm_from_text(text, name="<text>"):
+    """The binary of a module or component written in the WebAssembly text format (wasmtime's
+    wat2wasm); InvalidModule naming `name` and the parser's message if it does not parse."""
+    _wasmtime_engine()                              # the clear error when wasmtime is missing
+    import wasmtime
+    try:
+        return bytes(wasmtime.wat2wasm(text.decode("utf-8") if isinstance(text, bytes) else text))
+    except UnicodeDecodeError as exc:
+        raise InvalidModule(f"{name}: WebAssembly text must be UTF-8 ({exc.reason} at byte "
+                            f"{exc.start})") from None
+    except wasmtime.WasmtimeError as exc:
+        lines = str(exc).strip().splitlines() or ["cannot be parsed"]
+        where = re.search(r"--> .*:(\d+):(\d+)\s*$", str(exc), re.M)
+        place = f" (line {where.group(1)}, column {where.group(2)})" if where else ""
+        raise InvalidModule(f"{name}: invalid WebAssembly text: {lines[0].strip()[:300]}"
+                            f"{place}") from None
+
+
 def validate_module(data):
     """Raise InvalidModule unless wasmtime would compile data (bytes, bytearray or mmap): a
     core module or component that kvhost.py can run. The message is wasmtime's.
@@ -660,10 +693,32 @@ def _read_leb_u32(view, pos, end):
 
 # --------------------------------------------------------------------------- primitives
 
+def _sync(fd, data_only=False):
+    """Make what was written to fd durable: every sync of the store goes through here.
+
+    macOS: fcntl(F_FULLFSYNC), as SQLite does, since a plain fsync there stops at the drive's
+    volatile cache; where a file system refuses it, fsync. Elsewhere fdatasync when only the
+    data (and the size) must reach the disk, else fsync; Python has no os.fdatasync on macOS.
+    Both are looked up per call (a syscall costs far more), so tests can take them away."""
+    full_sync = getattr(fcntl, "F_FULLFSYNC", None)
+    if full_sync is not None:
+        try:
+            fcntl.fcntl(fd, full_sync)
+            return
+        except OSError:
+            pass
+    datasync = getattr(os, "fdatasync", None) if data_only else None
+    if datasync is not None:
+        datasync(fd)
+    else:
+        os.fsync(fd)
+
+
 def _fsync_path(path):
+    """Sync a file or a directory (a directory: the names created or renamed in it)."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        os.fsync(fd)
+        _sync(fd)
     finally:
         os.close(fd)
 
@@ -746,7 +801,7 @@ def _write_whole(path, data, tmp_dir, *, exclusive=False, mode=0o644, durable=Tr
             for chunk in ([data] if isinstance(data, (bytes, bytearray)) else data):
                 _write_all(fd, chunk)
             if durable:
-                os.fsync(fd)
+                _sync(fd)
         finally:
             os.close(fd)
         if exclusive:
@@ -1046,7 +1101,7 @@ class _Segment:
 
 class _ObjectStore:
     """Every object, by SHA-256: packed records (objects/pack/) and loose files
-    (objects/<2 hex>/<62 hex>, the previous layout and materialised modules).
+    (objects/<2 hex>/<62 hex>: modules written out to be served as files).
 
     Reads are hash-checked. A change's new objects are appended to the active pack in one
     write (temp files copied in the kernel) and made durable by one fdatasync; starting a new
@@ -1228,8 +1283,7 @@ class _ObjectStore:
                 return True
             except (CorruptObject, OSError):
                 return False
-        # Loose files land whole (renamed into place). Only modules are looked for: a tree
-        # or commit stored twice costs a few bytes, a stat per object costs every add.
+        # Loose files are modules, and land whole (linked into place).
         return kind == "module" and os.path.exists(self.loose_path(digest))
 
     def write(self, batch):
@@ -1263,7 +1317,7 @@ class _ObjectStore:
                     os.close(source)
             _write_all(writer.fd, pending, position)
             position += len(pending)
-            os.fdatasync(writer.fd)
+            _sync(writer.fd, data_only=True)
             if self._unsynced_pack_dir:
                 _fsync_path(self.pack_dir)
                 self._unsynced_pack_dir = False
@@ -1456,7 +1510,7 @@ class _ObjectStore:
                 _copy_range(segment.file.fd, offset, fd, position, length)
                 entries[digest] = (position, length, kind)
                 position += length
-            os.fdatasync(fd)
+            _sync(fd, data_only=True)
         except BaseException:
             os.close(fd)
             _unlink_quietly(path)
@@ -1481,16 +1535,12 @@ class _ObjectStore:
                 if location is None:
                     raise NotFound(f"no such object {digest}")
             if location is None:
-                kind = "module" if self.is_module(digest) else self._json_kind(digest)
-                length = loose[2]
+                kind, length = "module", loose[2]          # loose objects are modules
             else:
                 kind, length = location[3], location[2]
             locations.append((digest, kind, length))
             size += RECORD_HEADER_BYTES + length
         return size, io.BufferedReader(_PackReader(self, locations), CHUNK_SIZE)
-
-    def _json_kind(self, digest):
-        return _parse_object(self.read(digest), digest)[0]
 
 
 def _checked_chunks(source, offset, length, digest):
@@ -1602,13 +1652,7 @@ def _parse_ref_slot(data):
 
 
 def _ref_state(data, branch):
-    """(sequence, value, slot to overwrite next) of a ref file's bytes. A file of the
-    previous layout ("<hex>\\n", or empty for no commits) has sequence -1 and no slot."""
-    if not data:
-        return -1, _NO_COMMITS, None
-    text = data.decode("ascii", "replace")
-    if len(data) == HASH_LENGTH + 1 and text.endswith("\n") and _is_hash(text[:-1]):
-        return -1, text[:-1].lower(), None
+    """(sequence, value, slot to overwrite next) of a ref file's bytes."""
     if len(data) == REF_FILE_BYTES:
         slots = [_parse_ref_slot(data[start:start + REF_SLOT_BYTES])
                  for start in (0, REF_SLOT_BYTES)]
@@ -1616,7 +1660,8 @@ def _ref_state(data, branch):
         if valid:
             sequence, index, value = max(valid)
             return sequence, value, 1 - index
-    raise CorruptObject(f"ref of branch {branch!r} is corrupt: {text[:70]!r}; run fsck")
+    text = data[:70].decode("ascii", "replace")
+    raise CorruptObject(f"ref of branch {branch!r} is corrupt: {text!r}; run fsck")
 
 
 class _Refs:
@@ -1683,7 +1728,7 @@ class _Refs:
                 if cached and self._handles.get(branch) is handle:
                     self._handles.pop(branch, None)
                 continue                      # deleted: look the name up again
-            if not cached and sequence >= 0 and len(self._handles) < 1024:
+            if not cached and len(self._handles) < 1024:
                 self._handles[branch] = handle
             return None if value == _NO_COMMITS else value
         raise NotFound(f"no such branch {branch!r}")
@@ -1702,15 +1747,11 @@ class _Refs:
                 raise NotFound(f"no such branch {branch!r}")
             if (None if value == _NO_COMMITS else value) != old:
                 raise _RefMoved(branch)
-            if slot is None:                  # the previous layout: becomes a slot file
-                _write_whole(path, _ref_file(new or _NO_COMMITS), self.tmp_dir)
-                self.bump()
-                return
             previous = os.pread(fd, REF_SLOT_BYTES, slot * REF_SLOT_BYTES)
             try:
                 _write_all(fd, _ref_slot(sequence + 1, new or _NO_COMMITS),
                            slot * REF_SLOT_BYTES)
-                os.fdatasync(fd)
+                _sync(fd, data_only=True)
             except BaseException:
                 with contextlib.suppress(OSError):     # not acknowledged: put it back
                     _write_all(fd, previous, slot * REF_SLOT_BYTES)
@@ -1784,21 +1825,6 @@ class _Refs:
         """Sorted names of every branch."""
         return sorted(filter(_is_branch_name, os.listdir(self.heads_dir)))
 
-    def migrate(self):
-        """Rewrite refs of the previous layout ("<hex>\\n" files) as slot files, once."""
-        legacy = [name for name in self.names()
-                  if os.path.getsize(self.path(name)) in (0, HASH_LENGTH + 1)]
-        if not legacy:
-            return
-        with self.lock():
-            for name in legacy:
-                path = self.path(name)
-                with contextlib.suppress(FileNotFoundError):
-                    if os.path.getsize(path) in (0, HASH_LENGTH + 1):
-                        _write_whole(path, _ref_file(self.read(name) or _NO_COMMITS),
-                                       self.tmp_dir)
-            self.bump()
-
     def default_branch(self, fresh=False):
         """The branch used when none is named (HEAD). fresh: not from the stat-keyed cache
         (callers deciding under lock())."""
@@ -1851,7 +1877,6 @@ class Store:
         self._commit_counts = _BoundedCache(200_000)        # commit -> first-parent length
         self._debris_checked = False
         self._empty_tree = self._encode_tree({})
-        self._refs.migrate()
 
     def __repr__(self):
         return f"Store({self.root!r})"
@@ -2775,9 +2800,8 @@ class Store:
         os.close(fd)
 
     def backup(self, filename):
-        """Write a consistent .tar.gz of the store: HEAD, refs/heads/* (as "<hex>\\n"
-        text) and one pack holding every reachable object, each hash-checked as it is
-        written. Returns the number of objects in it. Temp files of killed backups next to
+        """Write a consistent .tar.gz of the store: HEAD, refs/heads/* and one pack holding
+        every reachable object, each hash-checked as it is written. Returns the number of objects in it. Temp files of killed backups next to
         filename are removed first."""
         filename = os.path.abspath(filename)
         if filename == self.root or filename.startswith(self.root + os.sep):
@@ -2795,8 +2819,7 @@ class Store:
                 with tarfile.open(tmp, "w:gz") as archive:
                     _add_bytes(archive, "HEAD", (default + "\n").encode())
                     for name, head in sorted(refs.items()):
-                        _add_bytes(archive, f"refs/heads/{name}",
-                                   (head + "\n").encode() if head else b"")
+                        _add_bytes(archive, f"refs/heads/{name}", _ref_file(head or _NO_COMMITS))
                     _add_stream(archive, f"objects/pack/{_pack_name(1)}", size, stream)
                 _fsync_path(tmp)
                 os.replace(tmp, filename)
@@ -2814,14 +2837,11 @@ class Store:
     # ------------------------------------------------------------------- fsck
 
     def fsck(self):
-        """Problems found (empty list = clean): every object's hash (loose files and pack
-        records), every reference reachable from a branch, the refs and HEAD. Objects no
-        branch reaches (a killed writer's, say) are dangling, not problems."""
-        return self._fsck()[0]
-
-    def _fsck(self):
-        """(problems, objects checked, dangling objects)."""
-        problems = []
+        """Check every object's hash (loose files and pack records), every reference
+        reachable from a branch, the refs and HEAD: an FsckReport, the list of problems
+        found (empty = clean). Objects no branch reaches (a killed writer's, say) are
+        dangling, not problems."""
+        problems = FsckReport()
         kinds = self._objects.check(problems)      # hash -> kind, None if damaged
         try:
             default = self._refs.default_branch(fresh=True)
@@ -2842,7 +2862,8 @@ class Store:
             elif head:
                 heads.append(head)
         reached = self._check_references(heads, kinds, problems)
-        return problems, len(kinds), len(set(kinds) - reached)
+        problems.checked, problems.dangling = len(kinds), len(set(kinds) - reached)
+        return problems
 
     def _check_references(self, heads, kinds, problems):
         """Walk everything reachable from heads; report missing or mistyped objects.
@@ -2874,6 +2895,13 @@ class Store:
                 else:
                     stack.append((child, child_kind))
         return reached
+
+
+class FsckReport(list):
+    """What Store.fsck found: a list of one-line problems (empty = clean), with the number
+    of objects checked and of dangling ones (no branch reaches them; gc deletes them)."""
+
+    checked = dangling = 0
 
 
 # --------------------------------------------------------------------------- history cache
@@ -3085,13 +3113,10 @@ def _remove_backup_debris(filename):
 
 # --------------------------------------------------------------------------- backup loading
 
-_BACKUP_MEMBER = re.compile(
-    r"(HEAD|refs|refs/heads|refs/heads/(?P<branch>[^/]+)|objects"
-    r"|objects/[0-9a-f]{2}|objects/[0-9a-f]{2}/[0-9a-f]{62}"
-    r"|objects/pack|objects/pack/[0-9a-f]{16}\.pack)\Z")
-_DERIVED_MEMBER = re.compile(          # temp files, caches and pack indexes: skipped
-    r"((tmp|cache)(/[^/]+)?|objects/pack/[0-9a-f]{16}\.idx)\Z")
-_SMALL_MEMBER_BYTES = 4096             # HEAD and a ref are a line each
+_BACKUP_MEMBER = re.compile(          # what Store.backup writes, and its directories
+    r"(HEAD|refs|refs/heads|refs/heads/(?P<branch>[^/]+)|objects|objects/pack"
+    r"|objects/pack/[0-9a-f]{16}\.pack)\Z")
+_SMALL_MEMBER_BYTES = 4096             # HEAD is a line, a ref 256 bytes
 _BACKUP_READ_ERRORS = (tarfile.TarError, EOFError, zlib.error, OSError, ValueError,
                        UnicodeError, struct.error)
 
@@ -3180,7 +3205,7 @@ def _check_members(archive, archive_bytes, root):
             raise InvalidInput(f"the backup has more than {MAX_BACKUP_MEMBERS:,} members; "
                                "refusing to extract it")
         name = _member_name(member)
-        if name in ("", ".") or _DERIVED_MEMBER.match(name):
+        if name in ("", "."):
             continue
         if not _is_store_member(name, member):
             raise InvalidInput(f"backup member {member.name!r} is not part of a store; "
@@ -3217,7 +3242,7 @@ def _free_bytes(root):
 def _extract_members(archive, root, filename):
     for member in archive:
         name = _member_name(member)
-        if name in ("", ".") or _DERIVED_MEMBER.match(name):
+        if name in ("", "."):
             continue
         if not _is_store_member(name, member):
             raise InvalidInput(f"backup member {member.name!r} changed between reads")
@@ -3231,8 +3256,6 @@ def _extract_members(archive, root, filename):
             shutil.copyfileobj(source, out, CHUNK_SIZE)
             if out.tell() != member.size:
                 raise _unreadable(filename, f"member {name!r} is truncated")
-        if name.startswith("objects/") and not name.startswith("objects/pack/"):
-            os.chmod(target, 0o444)
 
 
 # --------------------------------------------------------------------------- running stored modules
@@ -3378,10 +3401,6 @@ class Runner:
             return Target(digest, commit, None, f"sha256:{digest}")
         return Target(digest, commit, format_path(value), self._namespace_of(value))
 
-    def namespace_for(self, path, digest):
-        """The kv namespace of a module: its path, a mapped prefix's namespace, or sha256:<hash>."""
-        return f"sha256:{digest}" if path is None else self._namespace_of(validate_path(path))
-
     def _namespace_of(self, segments):
         for prefix, namespace in self.namespaces:
             if segments[:len(prefix)] == prefix:
@@ -3396,14 +3415,18 @@ class Runner:
                                    name=target.path or target.digest)
         return guest
 
-    def _linker_for(self, target, guest):
+    def _linker_for(self, target, guest, reach=None):
         """resolve(import module name) for kvhost: store paths and hashes in the target's commit
-        (None for a guest with no imports to link)."""
+        (None for a guest with no imports to link). reach(module name) -> bool, when given,
+        leaves the names it refuses unlinked, exactly as if nothing were stored there (a
+        server's key limited to some paths links only what it may reach)."""
         if not guest.links_needed:
             return None
 
         def resolve(module_name):
             if not module_name.startswith("/") and not _is_hash(module_name):
+                return None
+            if reach is not None and not reach(module_name):
                 return None
             try:
                 digest, _ = self.store.module_at(module_name, commit=target.commit)
@@ -3421,31 +3444,34 @@ class Runner:
     # -- running ---------------------------------------------------------------------------------
 
     def call(self, path_or_hash, function, args=(), *, branch=None, version=None, commit=None,
-             namespace=None, stats=None):
+             namespace=None, stats=None, reach=None):
         """Call an exported function with JSON-style arguments (kvhost.Host.call's mapping).
-        path_or_hash may also be a Target from resolve() (then branch/version/commit are unused)."""
+        path_or_hash may also be a Target from resolve() (then branch/version/commit are unused);
+        reach: which stored modules its imports may link to (see _linker_for)."""
         # the hot path of every call: _prepare inlined
         target = path_or_hash if type(path_or_hash) is Target else \
             self._target(path_or_hash, branch, version, commit)
         guest = self.host.loaded(target.digest) or self.load(target)
         return self.host.call(guest, function, args, namespace=namespace or target.namespace,
-                              resolve=self._linker_for(target, guest) if guest.links_needed else None,
-                              stats=stats)
+                              resolve=self._linker_for(target, guest, reach)
+                              if guest.links_needed else None, stats=stats)
 
     def run(self, path_or_hash, argv=(), *, branch=None, version=None, commit=None, namespace=None,
-            stdin=None, stats=None):
+            stdin=None, stats=None, reach=None):
         """Run a wasi:cli/run component or a WASI command module; returns its exit status."""
         target, guest = self._prepare(path_or_hash, branch, version, commit)
         return self.host.run(guest, argv, namespace=namespace or target.namespace,
-                             resolve=self._linker_for(target, guest), stdin=stdin, stats=stats)
+                             resolve=self._linker_for(target, guest, reach), stdin=stdin,
+                             stats=stats)
 
     def run_captured(self, path_or_hash, argv=(), *, branch=None, version=None, commit=None,
-                     namespace=None, stdin=b"", limit=None, stats=None):
+                     namespace=None, stdin=b"", limit=None, stats=None, reach=None):
         """Like run(), with stdout and stderr kept (kvhost.RunResult)."""
         target, guest = self._prepare(path_or_hash, branch, version, commit)
         options = {} if limit is None else {"limit": limit}
         return self.host.run_captured(guest, argv, namespace=namespace or target.namespace,
-                                      resolve=self._linker_for(target, guest), stdin=stdin, stats=stats, **options)
+                                      resolve=self._linker_for(target, guest, reach),
+                                      stdin=stdin, stats=stats, **options)
 
     def exports(self, path_or_hash, *, branch=None, version=None, commit=None):
         """The callable exports of a stored module (kvhost.describe_exports)."""
@@ -3454,14 +3480,6 @@ class Runner:
 
 
 # --------------------------------------------------------------------------- OCI registries
-
-class RegistryError(StoreError):
-    """A registry could not be reached, refused a request, or sent something unusable.
-    str() is one line and never contains a credential or a token."""
-
-
-ERROR_STATUS[RegistryError] = (502, 1)   # a peer failed us (the table above, for this section)
-
 
 def _http_modules():
     """http.client and ssl, imported on first use: they add ~20 ms to the start-up of every
@@ -4726,14 +4744,66 @@ def _cmd_add(store, args):
     if args.file == "-":
         if not args.path:
             raise InvalidInput("reading a module from stdin needs a PATH argument")
-        digest = store.add_file(args.path, sys.stdin.buffer, branch=args.branch,
-                                author=args.author)
+        source = _binary_or_text(sys.stdin.buffer, "stdin")
+        digest = store.add_file(args.path, source, branch=args.branch, author=args.author)
     else:
         if not os.path.isfile(args.file):
             raise NotFound(f"no such file {args.file!r}")
-        path = args.path if args.path is not None else os.path.basename(args.file)
-        digest = store.add_file(path, args.file, branch=args.branch, author=args.author)
+        path = args.path if args.path is not None else _stored_name(args.file)
+        source = args.file
+        if args.file.endswith(TEXT_SUFFIXES):
+            with open(args.file, "rb") as text:
+                source = io.BytesIO(wasm_from_text(_read_text(text, args.file), args.file))
+        digest = store.add_file(path, source, branch=args.branch, author=args.author)
     _print_line(digest)
+
+
+def _stored_name(filename):
+    """The default PATH of `add FILE`: its base name, .wasm for WebAssembly text."""
+    base = os.path.basename(filename)
+    stem, suffix = os.path.splitext(base)
+    return stem + ".wasm" if suffix in TEXT_SUFFIXES else base
+
+
+def _read_text(reader, name, head=b""):
+    """All of a WebAssembly text source, bounded (wat2wasm needs it whole)."""
+    data = head + reader.read(MAX_TEXT_BYTES + 1 - len(head))
+    if len(data) > MAX_TEXT_BYTES:
+        raise TooLarge(f"{name}: WebAssembly text over {MAX_TEXT_BYTES >> 20} MiB; store its "
+                       "binary instead")
+    return data
+
+
+def _binary_or_text(reader, name):
+    """stdin for `add -`: a binary module as a stream, or the binary of WebAssembly text (what
+    is not binary and begins like text: '(' or a ';;' comment)."""
+    head = b""
+    while len(head) < len(WASM_MAGIC):
+        chunk = reader.read(len(WASM_MAGIC) - len(head))
+        if not chunk:
+            break
+        head += chunk
+    if head == WASM_MAGIC or not head.lstrip()[:1] in (b"(", b";"):
+        return _Prefixed(head, reader)
+    return io.BytesIO(wasm_from_text(_read_text(reader, name, head), name))
+
+
+class _Prefixed:
+    """A binary reader that gives `head` first, then the rest of `reader`."""
+
+    def __init__(self, head, reader):
+        self.head, self.reader = head, reader
+
+    def read(self, size=-1):
+        """Up to size bytes (all that is left for a negative size)."""
+        if not self.head:
+            return self.reader.read(size)
+        if size is not None and 0 <= size <= len(self.head):
+            data, self.head = self.head[:size], self.head[size:]
+            return data
+        data, self.head = self.head, b""
+        rest = self.reader.read(-1 if size is None or size < 0 else size - len(data))
+        return data + (rest or b"")
 
 
 def _cmd_import(store, args):
@@ -4816,11 +4886,13 @@ def _cmd_log(store, args):
 def _cmd_branch(store, args):
     if args.switch:
         store.set_default_branch(args.switch)
-    elif args.name and args.delete:
+    elif args.delete:
+        if not args.name:
+            raise InvalidInput("branch --delete needs the NAME of the branch to delete")
         store.delete_branch(args.name)
     elif args.name:
         store.create_branch(args.name, branch=args.branch)
-    else:
+    else:                                     # no NAME: list the branches
         default = store.default_branch
         for name in store.branches():
             _print_line(("* " if name == default else "  ") + name if args.verbose else name)
@@ -4845,11 +4917,12 @@ def _cmd_backup(store, args):
 
 
 def _cmd_fsck(store, args):
-    problems, checked, dangling = store._fsck()
+    problems = store.fsck()
     for problem in problems:
         _print_line(problem)
-    _print_line(f"fsck: {checked} objects checked, {len(problems)} problems, "
-                f"{dangling} dangling (unreachable from every branch; gc deletes them)")
+    _print_line(f"fsck: {problems.checked} objects checked, {len(problems)} problems, "
+                f"{problems.dangling} dangling (unreachable from every branch; gc deletes "
+                "them)")
     return 1 if problems else 0
 
 
@@ -5028,10 +5101,12 @@ REGISTRY_OPTIONS = [
 
 COMMANDS = {
     # name: (handler, help, [(argument, options)])
-    "add": (_cmd_add, "validate and store a module (FILE '-' reads stdin); prints its hash",
+    "add": (_cmd_add, "validate and store a module (FILE '-' reads stdin; WebAssembly text, "
+                      ".wat or .wast, is stored as its binary); prints its hash",
             [("file", {"metavar": "FILE"}),
              ("path", {"metavar": "PATH", "nargs": "?",
-                       "help": "where to store it (default: the file's base name)"})]),
+                       "help": "where to store it (default: the file's base name, .wasm for "
+                               "text)"})]),
     "import": (_cmd_import, "store every *.wasm file under DIR in one commit",
                [("directory", {"metavar": "DIR"}),
                 ("prefix", {"metavar": "PREFIX", "nargs": "?", "help": "path to store them under"})]),
@@ -5063,10 +5138,9 @@ COMMANDS = {
               [("path", {"metavar": "PATH"})]),
     "log": (_cmd_log, "print the branch's history, newest first",
             [("-n", {"type": _cli_count, "metavar": "N", "help": "at most N commits"})]),
-    "branch": (_cmd_branch, "create, delete, list or switch branches",
+    "branch": (_cmd_branch, "create, delete or switch branches; with no NAME, list them",
                [("name", {"metavar": "NAME", "nargs": "?", "help": "branch to create or delete"}),
                 ("--delete", {"action": "store_true", "help": "delete NAME"}),
-                ("--list", {"action": "store_true", "help": "list branches (the default)"}),
                 ("--verbose", {"action": "store_true", "help": "mark the default branch"}),
                 ("--switch", {"metavar": "NAME", "help": "make NAME the default branch"})]),
     "merge": (_cmd_merge, "merge BRANCH into the selected branch",
@@ -5185,7 +5259,7 @@ def main(argv=None):
             return handler(store, args) or 0
     except StoreError as exc:
         sys.stderr.write(f"wasmstore: error: {exc}\n")
-        return error_status(exc)[1]
+        return error_status(exc).exit_status
     except BrokenPipeError:         # stdout closed early (| head): a normal end
         _discard_stdout()
         return 0
@@ -5198,17 +5272,32 @@ def main(argv=None):
 
 
 def _run_server(argv):
-    """Become the HTTP server: run http_server.py, the file next to this one, as a program
-    in this process (os.execv). It is not imported: the HTTP layer is built on the store,
-    and the store never depends on it, so wasmstore.py copied alone still works (the server
-    command then says what is missing)."""
-    program = os.path.join(os.path.dirname(os.path.abspath(__file__)), "http_server.py")
-    if not os.path.isfile(program):
+    """Become the HTTP server: run http_server.py as a program in this process (os.execv).
+    It is not imported: the HTTP layer is built on the store, and the store never depends on
+    it, so wasmstore.py copied alone still works (the server command then says what is
+    missing)."""
+    program = _server_program()
+    if program is None:
         raise StoreError(f"the server command needs http_server.py next to {__file__} "
                          "(copy it there, or run python http_server.py)")
     sys.stdout.flush()
     sys.stderr.flush()
     os.execv(sys.executable, [sys.executable, program] + argv)
+
+
+def _server_program():
+    """http_server.py's file: the one next to this file (a checkout, a copied pair, or
+    site-packages after `pip install`), else wherever the module would be imported from."""
+    program = os.path.join(os.path.dirname(os.path.abspath(__file__)), "http_server.py")
+    if os.path.isfile(program):
+        return program
+    import importlib.util                      # finds the module without importing it
+    try:
+        spec = importlib.util.find_spec("http_server")
+    except (ImportError, ValueError):
+        return None
+    origin = getattr(spec, "origin", None)
+    return origin if origin and origin.endswith(".py") and os.path.isfile(origin) else None
 
 
 def _command_index(argv):
@@ -5249,7 +5338,9 @@ def _discard_stdout():
         os.close(devnull)
 
 
-if __name__ == "__main__":
+def console_main():
+    """The `wasmstore` command (python wasmstore.py, or the script pip installs): main(), then
+    the exit, also when stdout was closed early or a guest is still blocked."""
     try:
         status = _end_process(main())
         sys.stdout.flush()
@@ -5257,3 +5348,7 @@ if __name__ == "__main__":
         _discard_stdout()
         status = 0
     sys.exit(status)
+
+
+if __name__ == "__main__":
+    console_main()
