@@ -14,7 +14,8 @@ The file has one banner-separated section per feature, in this order (feature: t
       wait_for_log_line, read_until_close(d), WsClient, ServerProcess, wait_for_peer, stop_process,
       RedisServer, run_cli, run_http_server, run_kvhost)
   The store library: LibraryTest, BadInputTest, BranchRaceTest, GenerationTest
-  The store command line: AcceptanceWalkTest, StoreCliTest
+  The store command line: AcceptanceWalkTest, StoreCliTest, FirstStepsTest
+  Installing (pip, pipx): InstallTest
   Store durability and layout: DurabilityTest, PackTest, RefSlotTest, KillAtEveryMutationTest
   Platforms (macOS without Linux-only calls, MACOS_LIKE): MacosFallbackTest
   Backups: HostileBackupTest
@@ -86,6 +87,7 @@ import threading
 import time
 import unittest
 import urllib.parse
+import urllib.request
 import uuid
 from unittest import mock
 import http_server
@@ -676,13 +678,16 @@ class ServerProcess:
     `wasmstore.py server`); killed in the test's cleanup if still running. banner is its first
     stderr line ("...: serving ROOT on URL"); url and port are what the banner names."""
 
-    def __init__(self, testcase, script, *args, env=None, cwd=HERE):
-        self.process = subprocess.Popen([sys.executable, script, *args], stderr=subprocess.PIPE,
-                                        stdout=subprocess.DEVNULL, env=env, text=True, cwd=cwd)
+    def __init__(self, testcase, script, *args, env=None, cwd=HERE, command=None):
+        """command: the program to start instead of `python SCRIPT` (an installed script)."""
+        self.process = subprocess.Popen([*(command or [sys.executable, script]), *args],
+                                        stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, env=env,
+                                        text=True, cwd=cwd)
         testcase.addCleanup(self.stop)
         self.banner = self.process.stderr.readline()
         match = re.search(r"https?://127\.0\.0\.1:(\d+)", self.banner)
-        testcase.assertIsNotNone(match, f"no listening line from {os.path.basename(script)}: {self.banner!r}")
+        name = os.path.basename(script or command[0])
+        testcase.assertIsNotNone(match, f"no listening line from {name}: {self.banner!r}")
         self.url, self.port = match.group(0), int(match.group(1))
 
     def stop(self):
@@ -1543,6 +1548,140 @@ class StoreCliTest(StoreTestCase):
         status, out, _ = self.run_main("fsck")
         self.assertEqual(status, 0)
         self.assertIn("0 problems", out)
+
+
+class FirstStepsTest(StoreTestCase):
+    """What a newcomer tries first works, or says what to do instead."""
+
+    def cli(self, *argv, stdin=None, expect=0):
+        proc = run_cli(self.root, *argv, stdin=stdin)
+        self.assertEqual(proc.returncode, expect, f"{argv}: {proc.stdout} {proc.stderr}")
+        return proc
+
+    def test_add_stores_the_binary_of_webassembly_text(self):
+        text = read_text(os.path.join(RUN_GUESTS, "numbers.wat"))
+        source = os.path.join(self.tmp, "numbers.wat")
+        with open(source, "w") as f:
+            f.write(text)
+        binary = wat_binary(text)
+        self.assertEqual(self.cli("add", source).stdout.strip(), sha256(binary))
+        self.assertEqual(Store(self.root).find("/numbers.wasm"), binary)     # named .wasm, stored binary
+        piped = '(module (func (export "seven") (result i32) i32.const 7))'
+        self.cli("add", "-", "/seven.wasm", stdin=";; a comment first\n" + piped)
+        self.assertEqual(Store(self.root).find("/seven.wasm"), wat_binary(piped))
+        self.assertEqual(self.cli("call", "/seven.wasm", "seven").stdout, "7\n")
+        wast = os.path.join(self.tmp, "same.wast")
+        with open(wast, "w") as f:
+            f.write(piped)
+        self.cli("add", wast, "/lib/same.wasm")
+        self.assertEqual(Store(self.root).hash("/lib/same.wasm"), sha256(wat_binary(piped)))
+
+    def test_bad_webassembly_text_is_one_line_naming_the_place(self):
+        source = os.path.join(self.tmp, "broken.wat")
+        with open(source, "w") as f:
+            f.write('(module\n  (func (export "f") (result i32) i32.const))')
+        before = Store(self.root).list()
+        proc = self.cli("add", source, expect=1)
+        self.assertEqual(proc.stderr, f"wasmstore: error: {source}: invalid WebAssembly text: expected a i32 "
+                                      "(line 2, column 44)\n")
+        proc = self.cli("add", "-", "/x.wasm", stdin="(module (func $f (call $nowhere)))", expect=1)
+        self.assertRegex(proc.stderr, r"^wasmstore: error: stdin: invalid WebAssembly text: .*\n$")
+        self.assertEqual(Store(self.root).list(), before)
+
+
+# =================================================================================================
+# Installing: `pip install .` and `pipx install .` give the `wasmstore` and `kvhost` commands
+# =================================================================================================
+
+PIPX_VENV = os.environ.get("WASMSTORE_PIPX_VENV", os.path.join(HERE, ".venv-pipx"))
+# What a failed install prints when the package index cannot be reached (not the project's fault).
+INDEX_UNREACHABLE = re.compile(r"NewConnectionError|Temporary failure in name resolution|"
+                               r"No matching distribution found for (setuptools|wasmtime)")
+
+
+def project_copy(test):
+    """The files pyproject.toml says make the project, copied to a directory of their own (an
+    install builds there, never in the checkout)."""
+    import tomllib
+    with open(os.path.join(HERE, "pyproject.toml"), "rb") as f:
+        project = tomllib.load(f)
+    folder = os.path.join(temp_dir(test, "wasmstore-project-"), "wasmstore")
+    os.makedirs(folder)
+    names = ["pyproject.toml", project["project"]["readme"]] + \
+        [module + ".py" for module in project["tool"]["setuptools"]["py-modules"]]
+    for name in names:
+        shutil.copy(os.path.join(HERE, name), folder)
+    return folder
+
+
+def installer_run(test, argv, env=None, timeout=600):
+    """Run an installer (pip, pipx); a package index out of reach is a missing peer."""
+    proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=timeout)
+    if proc.returncode != 0 and INDEX_UNREACHABLE.search(proc.stdout + proc.stderr):
+        require_peer(None, f"the Python package index is unreachable: {proc.stderr.strip()[-300:]}")
+    test.assertEqual(proc.returncode, 0, f"{argv[:3]}: {proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+    return proc
+
+
+def clean_environment(**extra):
+    """os.environ without WASMSTORE_*, PYTHONPATH and PYTHONHOME: an installed command must find
+    its modules where it was installed, never in the checkout."""
+    environment = {k: v for k, v in os.environ.items()
+                   if not k.startswith("WASMSTORE_") and k not in ("PYTHONPATH", "PYTHONHOME")}
+    environment.update(extra)
+    return environment
+
+
+class InstallTest(unittest.TestCase):
+    """The project installs into a fresh environment as an application (the scripts `wasmstore`
+    and `kvhost`, wasmtime its only dependency) and the commands work from anywhere."""
+
+    def check_commands(self, bin_dir):
+        elsewhere = temp_dir(self, "wasmstore-elsewhere-")    # neither the checkout nor the copy
+        env = clean_environment(HOME=elsewhere)
+        wasmstore_cmd, kvhost_cmd = os.path.join(bin_dir, "wasmstore"), os.path.join(bin_dir, "kvhost")
+        module = os.path.join(elsewhere, "numbers.wat")
+        shutil.copy(os.path.join(RUN_GUESTS, "numbers.wat"), module)
+
+        def run(*argv):
+            proc = subprocess.run(list(argv), capture_output=True, text=True, cwd=elsewhere, env=env,
+                                  timeout=CLI_TIMEOUT)
+            self.assertEqual(proc.returncode, 0, f"{argv}: {proc.stderr}")
+            return proc.stdout.strip()
+        self.assertEqual(run(kvhost_cmd, "call", "--kv", "memory:", module, "add", "2", "3"), "5")
+        self.assertEqual(run(kvhost_cmd, "--version"), f"kvhost {kvhost.__version__}")
+        root = os.path.join(elsewhere, "store")
+        digest = run(wasmstore_cmd, "--root", root, "add", module, "/math/numbers.wasm")
+        self.assertEqual(digest, sha256(wat_binary(read_text(module))))
+        self.assertEqual(run(wasmstore_cmd, "--root", root, "call", "/math/numbers.wasm", "add", "2", "3"), "5")
+        server = ServerProcess(self, None, "--root", root, "server", "--port", "0", env=env, cwd=elsewhere,
+                               command=[wasmstore_cmd])
+        with urllib.request.urlopen(server.url + "/api/v1/modules", timeout=10) as reply:
+            self.assertEqual(json.loads(reply.read()), {"/math/numbers.wasm": digest})
+        server.process.terminate()
+        self.assertEqual(server.process.wait(10), 0)
+
+    def test_pip_install_into_a_fresh_venv(self):
+        venv = os.path.join(temp_dir(self, "wasmstore-venv-"), "venv")
+        subprocess.run([sys.executable, "-m", "venv", venv], check=True, timeout=300)
+        python = os.path.join(venv, "bin", "python")
+        installer_run(self, [python, "-m", "pip", "install", "-q", "--disable-pip-version-check",
+                             project_copy(self)], env=clean_environment())
+        probe = subprocess.run([python, "-c", "import importlib.metadata as m, wasmstore, kvhost, http_server; "
+                                "print(m.requires('wasmstore')); print(wasmstore.__file__)"],
+                               capture_output=True, text=True, cwd=venv, env=clean_environment(), check=True)
+        requires, where = probe.stdout.splitlines()
+        self.assertEqual(requires, "['wasmtime==50.0.1']")
+        self.assertTrue(where.startswith(venv + os.sep), where)
+        self.check_commands(os.path.join(venv, "bin"))
+
+    def test_pipx_install(self):
+        pipx = require_file(os.path.join(PIPX_VENV, "bin", "pipx"), "PyPI pipx in .venv-pipx")
+        home = temp_dir(self, "wasmstore-pipx-")
+        env = clean_environment(PIPX_HOME=os.path.join(home, "pipx"), PIPX_BIN_DIR=os.path.join(home, "bin"),
+                                PIPX_MAN_DIR=os.path.join(home, "man"))
+        installer_run(self, [pipx, "install", project_copy(self)], env=env)
+        self.check_commands(os.path.join(home, "bin"))
 
 
 # =================================================================================================
@@ -9491,6 +9630,59 @@ class PyCounterServerTest(unittest.TestCase):
             thread.join(120)
         self.assertEqual(errors, [])
         self.assertEqual(self.bump(live), 1 + 16 * 5 + 1)
+
+
+# =================================================================================================
+# HTTP apps in kvhost (Host.handle_http): the wasi:http proxy world served by kvhost's own imports
+# =================================================================================================
+
+HTTP_GUESTS = os.path.join(GUEST_DIR, "http")                     # wasi:http handlers in WAT
+HTTP_HELLO = os.path.join(HTTP_GUESTS, "hello.wat")
+
+
+class RecordingSink:
+    """A server's side of handle_http, in memory: what the guest's response made it do, in order."""
+
+    def __init__(self):
+        self.events = []
+
+    def start(self, status, headers):
+        self.events.append(("start", status, list(headers)))
+
+    def write(self, data):
+        self.events.append(("write", bytes(data)))
+
+    def finish(self, trailers):
+        self.events.append(("finish", trailers))
+
+    def body(self):
+        return b"".join(event[1] for event in self.events if event[0] == "write")
+
+
+def http_request(method="GET", path="/", headers=(), body=None, authority="localhost"):
+    """A kvhost.HttpRequest; body: bytes (read through an io.BytesIO) or None."""
+    reader = None if body is None else io.BytesIO(body)
+    return kvhost.HttpRequest(method, "http", authority, path, list(headers), reader)
+
+
+class HttpHandlerTest(unittest.TestCase):
+    """handle_http: one fresh instance per request, the response streamed to the sink."""
+
+    def setUp(self):
+        self.host = kvhost.Host(cache_dir=False)
+        self.addCleanup(self.host.close)
+
+    def test_hello_answers_through_the_sink_in_order(self):
+        guest = self.host.load(HTTP_HELLO)
+        sink = RecordingSink()
+        outcome = self.host.handle_http(guest, http_request(), sink)
+        self.assertEqual(sink.events, [("start", 200, []), ("write", b"hello from wasm\n"), ("finish", None)])
+        self.assertEqual((outcome.status, outcome.body_bytes), (200, 16))
+
+    def test_a_component_that_is_not_a_handler_is_one_clear_error(self):
+        guest = self.host.load(os.path.join(RUN_GUESTS, "http-import.wat"))
+        with self.assertRaisesRegex(kvhost.NotHttpHandler, "does not export wasi:http/incoming-handler"):
+            self.host.handle_http(guest, http_request(), RecordingSink())
 
 
 if __name__ == "__main__":

@@ -96,7 +96,7 @@ __all__ = [
     "RegistryError", "OciReference", "WasmArtifact", "Credentials", "RegistryClient",
     "TransferReport", "wasm_interface", "module_artifact", "registry_credentials",
     "docker_config_file", "validate_module_file", "is_branch_tag", "push", "push_all", "pull",
-    "pull_many",
+    "pull_many", "console_main", "wasm_from_text",
 ]
 
 import argparse
@@ -157,6 +157,8 @@ OCI_TITLE = "org.opencontainers.image.title"   # `oras pull` names the file afte
 OCI_MAX_MANIFEST_BYTES = 4 << 20      # the distribution spec asks registries to take 4 MB
 OCI_MAX_SMALL_BODY = 64 << 10         # error bodies, token answers, Docker config.json
 OCI_MAX_MODULE_BYTES = 1 << 30        # a pulled layer over this is refused before download
+TEXT_SUFFIXES = (".wat", ".wast")      # WebAssembly text: `add` stores its binary
+MAX_TEXT_BYTES = 64 << 20              # wat2wasm parses text whole, in memory
 OCI_TIMEOUT = 60.0                    # seconds per registry socket operation
 OCI_REDIRECTS = 5                     # redirects followed per request
 PULL_MESSAGE_SOURCES = 20            # sources a pull of several modules names in its one commit
@@ -370,6 +372,24 @@ def _wasmtime_engine(purpose="validate"):
                 atexit.register(_engines.clear)
             engine = _engines[purpose] = wasmtime.Engine(config)
         return engine
+
+
+def wasm_from_text(text, name="<text>"):
+    """The binary of a module or component written in the WebAssembly text format (wasmtime's
+    wat2wasm); InvalidModule naming `name` and the parser's message if it does not parse."""
+    _wasmtime_engine()                              # the clear error when wasmtime is missing
+    import wasmtime
+    try:
+        return bytes(wasmtime.wat2wasm(text.decode("utf-8") if isinstance(text, bytes) else text))
+    except UnicodeDecodeError as exc:
+        raise InvalidModule(f"{name}: WebAssembly text must be UTF-8 ({exc.reason} at byte "
+                            f"{exc.start})") from None
+    except wasmtime.WasmtimeError as exc:
+        lines = str(exc).strip().splitlines() or ["cannot be parsed"]
+        where = re.search(r"--> .*:(\d+):(\d+)\s*$", str(exc), re.M)
+        place = f" (line {where.group(1)}, column {where.group(2)})" if where else ""
+        raise InvalidModule(f"{name}: invalid WebAssembly text: {lines[0].strip()[:300]}"
+                            f"{place}") from None
 
 
 def validate_module(data):
@@ -4606,14 +4626,66 @@ def _cmd_add(store, args):
     if args.file == "-":
         if not args.path:
             raise InvalidInput("reading a module from stdin needs a PATH argument")
-        digest = store.add_file(args.path, sys.stdin.buffer, branch=args.branch,
-                                author=args.author)
+        source = _binary_or_text(sys.stdin.buffer, "stdin")
+        digest = store.add_file(args.path, source, branch=args.branch, author=args.author)
     else:
         if not os.path.isfile(args.file):
             raise NotFound(f"no such file {args.file!r}")
-        path = args.path if args.path is not None else os.path.basename(args.file)
-        digest = store.add_file(path, args.file, branch=args.branch, author=args.author)
+        path = args.path if args.path is not None else _stored_name(args.file)
+        source = args.file
+        if args.file.endswith(TEXT_SUFFIXES):
+            with open(args.file, "rb") as text:
+                source = io.BytesIO(wasm_from_text(_read_text(text, args.file), args.file))
+        digest = store.add_file(path, source, branch=args.branch, author=args.author)
     _print_line(digest)
+
+
+def _stored_name(filename):
+    """The default PATH of `add FILE`: its base name, .wasm for WebAssembly text."""
+    base = os.path.basename(filename)
+    stem, suffix = os.path.splitext(base)
+    return stem + ".wasm" if suffix in TEXT_SUFFIXES else base
+
+
+def _read_text(reader, name, head=b""):
+    """All of a WebAssembly text source, bounded (wat2wasm needs it whole)."""
+    data = head + reader.read(MAX_TEXT_BYTES + 1 - len(head))
+    if len(data) > MAX_TEXT_BYTES:
+        raise TooLarge(f"{name}: WebAssembly text over {MAX_TEXT_BYTES >> 20} MiB; store its "
+                       "binary instead")
+    return data
+
+
+def _binary_or_text(reader, name):
+    """stdin for `add -`: a binary module as a stream, or the binary of WebAssembly text (what
+    is not binary and begins like text: '(' or a ';;' comment)."""
+    head = b""
+    while len(head) < len(WASM_MAGIC):
+        chunk = reader.read(len(WASM_MAGIC) - len(head))
+        if not chunk:
+            break
+        head += chunk
+    if head == WASM_MAGIC or not head.lstrip()[:1] in (b"(", b";"):
+        return _Prefixed(head, reader)
+    return io.BytesIO(wasm_from_text(_read_text(reader, name, head), name))
+
+
+class _Prefixed:
+    """A binary reader that gives `head` first, then the rest of `reader`."""
+
+    def __init__(self, head, reader):
+        self.head, self.reader = head, reader
+
+    def read(self, size=-1):
+        """Up to size bytes (all that is left for a negative size)."""
+        if not self.head:
+            return self.reader.read(size)
+        if size is not None and 0 <= size <= len(self.head):
+            data, self.head = self.head[:size], self.head[size:]
+            return data
+        data, self.head = self.head, b""
+        rest = self.reader.read(-1 if size is None or size < 0 else size - len(data))
+        return data + (rest or b"")
 
 
 def _cmd_import(store, args):
@@ -4908,10 +4980,12 @@ REGISTRY_OPTIONS = [
 
 COMMANDS = {
     # name: (handler, help, [(argument, options)])
-    "add": (_cmd_add, "validate and store a module (FILE '-' reads stdin); prints its hash",
+    "add": (_cmd_add, "validate and store a module (FILE '-' reads stdin; WebAssembly text, "
+                      ".wat or .wast, is stored as its binary); prints its hash",
             [("file", {"metavar": "FILE"}),
              ("path", {"metavar": "PATH", "nargs": "?",
-                       "help": "where to store it (default: the file's base name)"})]),
+                       "help": "where to store it (default: the file's base name, .wasm for "
+                               "text)"})]),
     "import": (_cmd_import, "store every *.wasm file under DIR in one commit",
                [("directory", {"metavar": "DIR"}),
                 ("prefix", {"metavar": "PREFIX", "nargs": "?", "help": "path to store them under"})]),
@@ -5077,17 +5151,32 @@ def main(argv=None):
 
 
 def _run_server(argv):
-    """Become the HTTP server: run http_server.py, the file next to this one, as a program
-    in this process (os.execv). It is not imported: the HTTP layer is built on the store,
-    and the store never depends on it, so wasmstore.py copied alone still works (the server
-    command then says what is missing)."""
-    program = os.path.join(os.path.dirname(os.path.abspath(__file__)), "http_server.py")
-    if not os.path.isfile(program):
+    """Become the HTTP server: run http_server.py as a program in this process (os.execv).
+    It is not imported: the HTTP layer is built on the store, and the store never depends on
+    it, so wasmstore.py copied alone still works (the server command then says what is
+    missing)."""
+    program = _server_program()
+    if program is None:
         raise StoreError(f"the server command needs http_server.py next to {__file__} "
                          "(copy it there, or run python http_server.py)")
     sys.stdout.flush()
     sys.stderr.flush()
     os.execv(sys.executable, [sys.executable, program] + argv)
+
+
+def _server_program():
+    """http_server.py's file: the one next to this file (a checkout, a copied pair, or
+    site-packages after `pip install`), else wherever the module would be imported from."""
+    program = os.path.join(os.path.dirname(os.path.abspath(__file__)), "http_server.py")
+    if os.path.isfile(program):
+        return program
+    import importlib.util                      # finds the module without importing it
+    try:
+        spec = importlib.util.find_spec("http_server")
+    except (ImportError, ValueError):
+        return None
+    origin = getattr(spec, "origin", None)
+    return origin if origin and origin.endswith(".py") and os.path.isfile(origin) else None
 
 
 def _command_index(argv):
@@ -5128,7 +5217,9 @@ def _discard_stdout():
         os.close(devnull)
 
 
-if __name__ == "__main__":
+def console_main():
+    """The `wasmstore` command (python wasmstore.py, or the script pip installs): main(), then
+    the exit, also when stdout was closed early or a guest is still blocked."""
     try:
         status = _end_process(main())
         sys.stdout.flush()
@@ -5136,3 +5227,7 @@ if __name__ == "__main__":
         _discard_stdout()
         status = 0
     sys.exit(status)
+
+
+if __name__ == "__main__":
+    console_main()
