@@ -29,12 +29,15 @@ Map of this file (top-down):
     constants, exceptions (ServerError root)
     URL parsing        parse_target(), decode_segment()
     replies            Reply, FileBody, error_reply() and the one ERROR_STATUS table
-    route handlers     pure functions (store, call, body) -> Reply, the ROUTES table, LocateCache
+    route handlers     pure functions (store, call, body) -> Reply, LocateCache; history: log
+                       and audit by pages, diff
     running modules    RunGate (guests at once + a bounded queue -> 503), GuestRuntime (a
                        wasmstore.Runner, compiles outside the gate, per-module metrics), the
-                       call/run/exports handlers, make_runtime()
+                       call/run/exports handlers, a module's kv data (buckets, keys, values),
+                       make_runtime()
     OCI /v2/           the distribution API's read side: OciRepository (a store path's tags,
                        manifests, blobs), oci_v2 (its one route), oci_error_reply (JSON codes)
+    routing            Route, the ROUTES table (each route's permission and scope), match_route()
     auth               Access (what a key reaches), AuthTable (KEY:PERMS[@PREFIX] entries,
                        constant-time key comparison; the routes declare their permission)
     browser safety     parse_authority(), parse_origin(), HostAllowList (DNS rebinding),
@@ -157,6 +160,9 @@ DEFAULT_QUEUE_WAIT = 10.0                  # seconds a caller waits for a slot b
 DEFAULT_MAX_OUTPUT = 16 * 1024 * 1024      # stdout (and stderr) kept per run
 MAX_VERSION_INDEX = 999_999_999           # ?version=N and /version/N/: more versions than any path has
 MAX_CONTENT_LENGTH = (1 << 63) - 1         # what a signed 64-bit length holds
+DEFAULT_PAGE = 100                         # commits (or kv keys) per page of log, audit, kv-keys
+MAX_PAGE = 1000                            # the largest page a client may ask for
+HIDDEN_MESSAGE = "(not shown: this commit also changed paths out of this key's reach)"
 MAX_STDERR_HEADER = 4096                   # stderr bytes sent in the Wasmstore-Stderr header
 MAX_RUN_SERIES = 1000                      # (module, function) metric series; more go to "other"
 CHUNK = 1 << 16
@@ -703,6 +709,73 @@ def auth_ok(store, call, body):
     return Reply(200)            # reaching a handler means the key passed for this method
 
 
+# -- history over HTTP: log, audit, diff (pages of commit infos) ----------------------------------
+
+def _query_count(call, name, default, maximum):
+    """A count from the query string (ASCII digits, 0 to maximum), default when absent; 400
+    otherwise."""
+    raw = call.query.get(name)
+    return default if raw is None else wasmstore.parse_number(raw, name, maximum=maximum)
+
+
+def _page(commits, limit):
+    """{"commits": the first `limit`, "next": the last one's hash when more follow, else null}:
+    the client asks for the next page with ?after=<next>."""
+    more = len(commits) > limit
+    commits = commits[:limit]
+    return {"commits": commits, "next": commits[-1]["hash"] if more and commits else None}
+
+
+def get_log(store, call, body):
+    """GET /api/v1/log?limit=N&after=COMMIT: the branch's commits, newest first, by pages."""
+    limit = _query_count(call, "limit", DEFAULT_PAGE, MAX_PAGE)
+    after = call.query.get("after")
+    start = None
+    if after is not None:
+        parents = store.commit_info(after).get("parents")
+        if not parents:
+            store.log(0, branch=call.branch)              # still 404 for an unknown branch
+            return json_reply(_page([], limit))
+        start = parents[0]
+    return json_reply(_page(store.log(limit + 1, branch=call.branch, start=start), limit))
+
+
+def get_audit(store, call, body):
+    """GET /api/v1/audit/*?limit=N&after=COMMIT: the commits that changed a path, newest first.
+
+    A key limited to some paths does not see the message of a commit that also changed paths
+    out of its reach (messages name paths)."""
+    limit = _query_count(call, "limit", DEFAULT_PAGE, MAX_PAGE)
+    commits = store.audit(call.path, branch=call.branch)
+    after = call.query.get("after")
+    if after is not None:
+        wasmstore.validate_hash(after, "commit")
+        after = after.lower()
+        position = next((i for i, info in enumerate(commits) if info["hash"] == after), None)
+        if position is None:
+            raise HttpError(404, f"commit {after} did not change {_printed(call.path.split('/'))}")
+        commits = commits[position + 1:]
+    page = _page(commits[:limit + 1], limit)
+    if call.access.scoped:
+        for info in page["commits"]:
+            parent = info.get("parents", [None])[0]
+            if not all(map(call.access.reaches, store.changes(parent, info["hash"]))):
+                info["message"] = HIDDEN_MESSAGE
+    return json_reply(page)
+
+
+def get_diff(store, call, body):
+    """GET /api/v1/diff/:old/:new[/*]: what changed from commit old to commit new (under the
+    path, when one is given), in the watch event format."""
+    old, new = (store.commit_info(commit)["hash"] for commit in call.params)
+    changes = store.changes(old, new)
+    if call.path:
+        prefix = tuple(wasmstore.validate_path(call.path))
+        changes = {path: change for path, change in changes.items()
+                   if tuple(path.split("/")[1:])[:len(prefix)] == prefix}
+    return json_reply(changes)
+
+
 # ---------------------------------------------------------------------------
 # Running stored modules: the run gate, per-module metrics, the call/run/exports handlers
 # ---------------------------------------------------------------------------
@@ -839,8 +912,7 @@ def _runtime(call):
 
 
 def _version_query(call):
-    raw = call.query.get("version")
-    return None if raw is None else wasmstore.parse_number(raw, "version", maximum=MAX_VERSION_INDEX)
+    return _query_count(call, "version", None, MAX_VERSION_INDEX)
 
 
 _RESULT_JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
@@ -932,6 +1004,83 @@ def get_exports(store, call, body):
         return {"hash": target.digest, "kind": guest.kind,
                 "exports": runtime.runner.host.exports(guest)}
     return json_reply(runtime.execute(call, "exports", version, work, gated=False))
+
+
+# -- the kv data of a stored module: its namespace's buckets, keys and values ---------------------
+
+def _kv_of(call):
+    """(backend, namespace) of the module a kv route names: the namespace the Runner gives the
+    module when it runs (its path, a --namespace-map prefix's, sha256:<hash>; per branch as the
+    Runner decides), so what is shown here is what the guest sees."""
+    runtime = _runtime(call)
+    target = runtime.runner.resolve(call.path, branch=call.branch)
+    return runtime.runner.host.backend, target.namespace
+
+
+def _kv_key(call):
+    key = call.query.get("key")
+    if key is None:
+        raise HttpError(400, "name the key: ?key=KEY (percent-encoded)")
+    return key
+
+
+def _kv_refusal(exc):
+    """A kv backend's refusal of what the client sent (a bad bucket id, key or cursor: values
+    were bounded as they were read) as a 400."""
+    return HttpError(400, one_line(exc))
+
+
+def kv_buckets(store, call, body):
+    """GET /api/v1/kv/*: {"namespace", "buckets": ids of the buckets holding keys}."""
+    backend, namespace = _kv_of(call)
+    return json_reply({"namespace": namespace, "buckets": backend.buckets(namespace)})
+
+
+def kv_keys(store, call, body):
+    """GET /api/v1/kv-keys/:bucket/*?limit=N&cursor=C: {"keys": sorted, "next": cursor or null}."""
+    backend, namespace = _kv_of(call)
+    limit = _query_count(call, "limit", DEFAULT_PAGE, MAX_PAGE)
+    try:
+        keys, cursor = backend.list_page(namespace, call.params[0], call.query.get("cursor"), limit)
+    except (kvhost.ArgumentError, kvhost.OperationError) as exc:
+        raise _kv_refusal(exc) from None
+    return json_reply({"keys": keys, "next": cursor})
+
+
+def kv_get(store, call, body):
+    """GET /api/v1/kv-value/:bucket/*?key=K: the value's bytes (404 when the key is missing)."""
+    backend, namespace = _kv_of(call)
+    bucket, key = call.params[0], _kv_key(call)
+    try:
+        value = backend.get(namespace, bucket, key)
+    except (kvhost.ArgumentError, kvhost.OperationError) as exc:
+        raise _kv_refusal(exc) from None
+    if value is None:
+        raise HttpError(404, f"no key {key[:100]!r} in bucket {bucket!r} of {namespace[:200]}")
+    return Reply(200, [("Content-Type", "application/octet-stream")], value)
+
+
+def kv_set(store, call, body):
+    """PUT /api/v1/kv-value/:bucket/*?key=K: body = the value (written to the backend directly:
+    watcher guests are not told)."""
+    backend, namespace = _kv_of(call)
+    key = _kv_key(call)
+    value = read_body(body, backend.max_value_size)
+    try:
+        backend.set(namespace, call.params[0], key, value)
+    except (kvhost.ArgumentError, kvhost.OperationError) as exc:
+        raise _kv_refusal(exc) from None
+    return Reply(200)
+
+
+def kv_delete(store, call, body):
+    """DELETE /api/v1/kv-value/:bucket/*?key=K (a missing key is fine)."""
+    backend, namespace = _kv_of(call)
+    try:
+        backend.delete(namespace, call.params[0], _kv_key(call))
+    except (kvhost.ArgumentError, kvhost.OperationError) as exc:
+        raise _kv_refusal(exc) from None
+    return Reply(200)
 
 
 # ---------------------------------------------------------------------------
@@ -1181,6 +1330,14 @@ ROUTES = [
     Route("POST", "call", 1, "optional", call_function, permission="run", body=True),
     Route("POST", "run", 0, "optional", run_module, permission="run", body=True),
     Route("GET", "exports", 0, "optional", get_exports, permission="read"),
+    Route("GET", "log", 0, "none", get_log, permission="read", scope="store"),
+    Route("GET", "audit", 0, "optional", get_audit, permission="read"),
+    Route("GET", "diff", 2, "optional", get_diff, permission="read"),
+    Route("GET", "kv", 0, "optional", kv_buckets, permission="read"),
+    Route("GET", "kv-keys", 1, "optional", kv_keys, permission="read"),
+    Route("GET", "kv-value", 1, "optional", kv_get, permission="read"),
+    Route("PUT", "kv-value", 1, "optional", kv_set, permission="admin", body=True),
+    Route("DELETE", "kv-value", 1, "optional", kv_delete, permission="admin"),
     Route("*", "auth", 0, "none", auth_ok, permission=None, scope="filtered"),
     Route("GET", "v2", 0, "optional", oci_v2, permission="read", scope="filtered", prefix=()),
 ]

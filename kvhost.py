@@ -420,6 +420,12 @@ class Backend:
             return keys, encode_cursor(keys[-1])
         return keys, None
 
+    def buckets(self, namespace):
+        """The sorted ids of the buckets of `namespace` that hold at least one key (what a
+        person inspecting a guest's data starts from; guests themselves open buckets by id)."""
+        _check_namespace(namespace)
+        return self._bucket_ids(namespace)
+
     def list_page_at(self, namespace, bucket, offset=None, limit=PAGE_SIZE):
         """(keys, next_offset): sorted keys from numeric `offset` (draft cursor); None when done."""
         self._check(namespace, bucket)
@@ -525,6 +531,11 @@ class MemoryBackend(Backend):
     def _exists(self, namespace, bucket, key):
         with self._lock:
             return key in self._table(namespace, bucket)
+
+    def _bucket_ids(self, namespace):
+        with self._lock:
+            return sorted(bucket for (ns, bucket), table in self._buckets.items()
+                          if ns == namespace and table)
 
     def _keys_after(self, namespace, bucket, after, limit):
         with self._lock:
@@ -665,6 +676,13 @@ class SqliteBackend(Backend):
 
     def _exists(self, namespace, bucket, key):
         return self._one("SELECT 1 FROM kv WHERE ns=? AND bucket=? AND key=?", (namespace, bucket, key)) is not None
+
+    def _bucket_ids(self, namespace):
+        def work(db):
+            rows = db.execute("SELECT DISTINCT bucket FROM kv WHERE ns=? ORDER BY bucket",
+                              (namespace,))
+            return [row[0] for row in rows]
+        return self._run(work)
 
     def _keys_after(self, namespace, bucket, after, limit):
         # TEXT compares as UTF-8 bytes, which is code-point order: the same order as Python's sorted().
@@ -1015,6 +1033,21 @@ class RedisBackend(Backend):
                 keys.update(batch)
                 if cursor == b"0":
                     return sorted(k[len(prefix):].decode("utf-8") for k in keys)
+        return self._with_connection(work)
+
+    def _bucket_ids(self, namespace):
+        # Keys are kv:<quoted namespace>:<bucket>:<key>; quoting leaves no glob character, and
+        # a bucket id has no ':'.
+        prefix = ("kv:%s:" % urllib.parse.quote(namespace, safe="")).encode("utf-8")
+
+        def work(conn):
+            buckets, cursor = set(), b"0"
+            while True:
+                cursor, batch = conn.call(b"SCAN", cursor, b"MATCH", prefix + b"*",
+                                          b"COUNT", b"1000")
+                buckets.update(name[len(prefix):].split(b":", 1)[0] for name in batch)
+                if cursor == b"0":
+                    return sorted(bucket.decode("ascii") for bucket in buckets)
         return self._with_connection(work)
 
     def _keys_after(self, namespace, bucket, after, limit):

@@ -20,8 +20,8 @@ The file has one banner-separated section per feature, in this order (feature: t
   Platforms (macOS without Linux-only calls, MACOS_LIKE): MacosFallbackTest
   Backups: HostileBackupTest
   Component validation on add: ComponentValidationTest
-  The HTTP API: PureFunctionTests, RouteTests, BodyLimitTests, ObservabilityTests, ShutdownTests,
-      CommandLineTests
+  The HTTP API: PureFunctionTests, RouteTests, HistoryRouteTests, KvRouteTests, BodyLimitTests,
+      ObservabilityTests, ShutdownTests, CommandLineTests
   HTTP access (keys, TLS, CORS): AuthTests, ScopedKeyTests, TlsTests, CorsTests
   HTTP watch: WatchTests, WatchLimitTests
   HTTP hardening: FuzzTests, TimeoutTests, ConcurrencyTests, FramingTests, HostCheckTests,
@@ -3050,6 +3050,189 @@ class RouteTests(unittest.TestCase):
         self.assertGreater(sendfile.call_count, 0)
 
 
+class HistoryRouteTests(unittest.TestCase):
+    """The log (paged), the audit of a path (paged) and the diff between two commits over HTTP."""
+
+    def setUp(self):
+        self.live = LiveServer(self, auth="root:*;apps:read@/apps/")
+        self.store = self.live.store
+
+    def get(self, path, key="root"):
+        status, _, body = self.live.request("GET", path, headers={"Wasmstore-Auth": key})
+        return status, (json.loads(body) if status == 200 else body.decode())
+
+    def pages(self, route, limit):
+        """Every commit info of a paged route, following "next"; and the number of pages."""
+        commits, after, count = [], None, 0
+        while True:
+            query = f"?limit={limit}" + (f"&after={after}" if after else "")
+            status, page = self.get(route + query)
+            self.assertEqual(status, 200, page)
+            commits += page["commits"]
+            count += 1
+            after = page["next"]
+            if after is None:
+                return commits, count
+
+    def test_log_pages_follow_the_branch_newest_first(self):
+        for i in range(5):
+            self.store.add(f"/m{i}.wasm", wasm_module(f"m{i}"))
+        commits, count = self.pages("/api/v1/log", 2)
+        self.assertEqual(commits, self.store.log())
+        self.assertEqual((len(commits), count), (5, 3))
+        self.assertEqual(self.get("/api/v1/log")[1], {"commits": self.store.log(), "next": None})
+        self.assertEqual(self.get("/api/v1/log?limit=0")[1]["commits"], [])
+
+    def test_log_of_another_branch_and_bad_queries(self):
+        self.store.add("/a.wasm", wasm_module("a"))
+        self.store.create_branch("dev")
+        self.store.add("/b.wasm", wasm_module("b"), branch="dev")
+        status, _, body = self.live.request("GET", "/api/v1/log", headers={
+            "Wasmstore-Auth": "root", "Wasmstore-Branch": "dev"})
+        self.assertEqual(json.loads(body)["commits"], self.store.log(branch="dev"))
+        for query, status in [("limit=x", 400), ("limit=-1", 400), ("limit=\uff11", 400),
+                              ("limit=1001", 400), ("after=nothex", 400),
+                              (f"after={'0' * 64}", 404)]:
+            with self.subTest(query=query):
+                self.assertEqual(self.get("/api/v1/log?" + urllib.parse.quote(query, safe="=&"))[0],
+                                 status)
+
+    def test_audit_pages_list_only_the_commits_that_changed_the_path(self):
+        for i in range(4):
+            self.store.add("/apps/a.wasm", wasm_module(f"a{i}"))
+            self.store.add("/lib/b.wasm", wasm_module(f"b{i}"))
+        commits, count = self.pages("/api/v1/audit/apps/a.wasm", 3)
+        self.assertEqual(commits, self.store.audit("/apps/a.wasm"))
+        self.assertEqual((len(commits), count), (4, 2))
+        self.assertEqual(self.get("/api/v1/audit/apps")[1]["commits"], commits)
+        self.assertEqual(self.get("/api/v1/audit/nothing.wasm")[1], {"commits": [], "next": None})
+        other = self.store.audit("/lib/b.wasm")[0]["hash"]
+        self.assertEqual(self.get(f"/api/v1/audit/apps/a.wasm?after={other}")[0], 404)
+
+    def test_audit_for_a_key_limited_to_a_prefix_hides_messages_naming_other_paths(self):
+        self.store.add("/apps/a.wasm", wasm_module("a"))
+        self.store.add_files([("/apps/a.wasm", io.BytesIO(wasm_module("a2"))),
+                              ("/lib/secret.wasm", io.BytesIO(wasm_module("s")))],
+                             message="Import /apps/a.wasm and /lib/secret.wasm")
+        status, page = self.get("/api/v1/audit/apps/a.wasm", key="apps")
+        self.assertEqual(status, 200)
+        self.assertEqual([info["message"] for info in page["commits"]],
+                         [http_server.HIDDEN_MESSAGE, "Import /apps/a.wasm"])
+        self.assertNotIn("secret", json.dumps(page))
+        self.assertEqual(self.get("/api/v1/audit/lib/secret.wasm", key="apps")[0], 403)
+        self.assertEqual(self.get("/api/v1/log", key="apps")[0], 403)
+
+    def test_diff_between_two_commits_in_the_watch_format(self):
+        a1, a2, b = wasm_module("a1"), wasm_module("a2"), wasm_module("b")
+        self.store.add("/apps/a.wasm", a1)
+        first = self.store.snapshot()
+        self.store.add("/apps/a.wasm", a2)
+        self.store.add("/lib/b.wasm", b)
+        self.store.remove("/apps/a.wasm")
+        self.store.add("/apps/c.wasm", a1)
+        last = self.store.snapshot()
+        expected = {"/apps/a.wasm": {"action": "removed", "hash": sha256(a1)},
+                    "/apps/c.wasm": {"action": "added", "hash": sha256(a1)},
+                    "/lib/b.wasm": {"action": "added", "hash": sha256(b)}}
+        self.assertEqual(self.get(f"/api/v1/diff/{first}/{last}")[1], expected)
+        apps_only = {k: v for k, v in expected.items() if k.startswith("/apps/")}
+        self.assertEqual(self.get(f"/api/v1/diff/{first}/{last}/apps")[1], apps_only)
+        self.assertEqual(self.get(f"/api/v1/diff/{first}/{last}/apps", key="apps")[1], apps_only)
+        self.assertEqual(self.get(f"/api/v1/diff/{first}/{last}", key="apps")[0], 403)
+        self.assertEqual(self.get(f"/api/v1/diff/{last}/{first}")[1]["/lib/b.wasm"],
+                         {"action": "removed", "hash": sha256(b)})
+        self.assertEqual(self.get(f"/api/v1/diff/{first}/{'0' * 64}")[0], 404)
+        self.assertEqual(self.get(f"/api/v1/diff/{first}/HEAD")[0], 400)
+
+
+class KvRouteTests(unittest.TestCase):
+    """A stored module's kv data over HTTP: buckets, keys a page at a time, values; writes for
+    keys allowed admin; the namespace is the one the module runs in."""
+
+    PROBE_PATH = "/kv/probe.wasm"
+
+    def setUp(self):
+        self.live = LiveServer(self, auth="root:*;reader:read;writer:write;ops:admin,read@/kv/",
+                               run={"kv": "memory:", "timeout": 5})
+        fill_run_store(self.live.store, paths={self.PROBE_PATH, "/num/numbers.wasm"})
+        self.backend = self.live.server.runtime.runner.host.backend
+
+    def request(self, method, route, body=None, key="root", **headers):
+        return self.live.request(method, "/api/v1/" + route, body,
+                                 dict(headers, **{"Wasmstore-Auth": key}))
+
+    def incr(self, bucket, key, delta):
+        route = f"call/incr{self.PROBE_PATH}"
+        return json.loads(self.request("POST", route, json.dumps([bucket, key, delta]).encode())[2])
+
+    def test_what_a_guest_wrote_is_listed_and_read(self):
+        self.assertEqual(self.incr("counter", "hits", 2), {"ok": 2})
+        status, _, body = self.request("GET", "kv" + self.PROBE_PATH)
+        self.assertEqual(json.loads(body), {"namespace": self.PROBE_PATH, "buckets": ["counter"]})
+        self.assertEqual(json.loads(self.request("GET", "kv-keys/counter" + self.PROBE_PATH)[2]),
+                         {"keys": ["hits"], "next": None})
+        status, headers, body = self.request("GET", "kv-value/counter/kv/probe.wasm?key=hits",
+                                             key="reader")
+        self.assertEqual((status, headers["content-type"], body), (200, "application/octet-stream",
+                                                                   b"2"))
+
+    def test_an_admin_write_is_what_the_guest_reads_next(self):
+        route = "kv-value/counter/kv/probe.wasm?key=hits"
+        self.assertEqual(self.request("PUT", route, b"41", key="ops")[0], 200)
+        self.assertEqual(self.incr("counter", "hits", 1), {"ok": 42})
+        self.assertEqual(self.request("DELETE", route, key="ops")[0], 200)
+        self.assertEqual(self.request("GET", route)[0], 404)
+        self.assertEqual(self.request("DELETE", route, key="ops")[0], 200)     # missing: fine
+        self.assertEqual(self.incr("counter", "hits", 1), {"ok": 1})
+
+    def test_kv_writes_need_admin_and_reach(self):
+        route = "kv-value/counter/kv/probe.wasm?key=hits"
+        for key in ["reader", "writer"]:
+            with self.subTest(key=key):
+                self.assertEqual(self.request("PUT", route, b"7", key=key)[0], 403)
+                self.assertEqual(self.request("DELETE", route, key=key)[0], 403)
+        outside = self.request("PUT", "kv-value/b/num/numbers.wasm?key=k", b"7", key="ops")
+        self.assertEqual(outside[0], 403)
+        self.assertEqual(self.backend.buckets(self.PROBE_PATH), [])
+
+    def test_keys_come_a_page_at_a_time(self):
+        names = [f"k{i:02d}" for i in range(7)] + ["clé/ключ"]
+        self.backend.set_many(self.PROBE_PATH, "big", [(name, b"v") for name in names])
+        seen, cursor, pages = [], None, 0
+        while True:
+            query = "?limit=3" + (f"&cursor={urllib.parse.quote(cursor)}" if cursor else "")
+            page = json.loads(self.request("GET", "kv-keys/big/kv/probe.wasm" + query)[2])
+            seen += page["keys"]
+            pages += 1
+            cursor = page["next"]
+            if cursor is None:
+                break
+        self.assertEqual((seen, pages), (sorted(names), 3))
+        key = urllib.parse.quote("clé/ключ")
+        value = self.request("GET", "kv-value/big/kv/probe.wasm?key=" + key)
+        self.assertEqual(value[2], b"v")
+
+    def test_a_module_named_by_hash_shows_the_hash_namespace(self):
+        digest = self.live.store.hash(self.PROBE_PATH)
+        called = self.request("POST", f"call/incr/{digest}", b'["b", "k", 5]')
+        self.assertEqual(called[2], b'{"ok":5}')
+        status, _, body = self.request("GET", f"kv/{digest}")
+        self.assertEqual(json.loads(body), {"namespace": f"sha256:{digest}", "buckets": ["b"]})
+
+    def test_bad_requests_are_400_and_unknown_modules_404(self):
+        for method, route, status in [("GET", "kv-keys/bad%20bucket/kv/probe.wasm", 400),
+                                      ("GET", "kv-keys/b/kv/probe.wasm?cursor=nope", 400),
+                                      ("GET", "kv-keys/b/kv/probe.wasm?limit=x", 400),
+                                      ("GET", "kv-value/b/kv/probe.wasm", 400),
+                                      ("PUT", "kv-value/b/kv/probe.wasm", 400),
+                                      ("GET", "kv/kv/nothing.wasm", 404),
+                                      ("GET", "kv-value/b/kv/nothing.wasm?key=k", 404)]:
+            with self.subTest(method=method, route=route):
+                reply = self.request(method, route, b"v" if method == "PUT" else None)
+                self.assertEqual(reply[0], status, reply[2])
+                self.assertEqual(reply[2].count(b"\n"), 1)
+
+
 class BodyLimitTests(unittest.TestCase):
 
     def setUp(self):
@@ -5478,6 +5661,19 @@ class BackendContract:
         self.backend.delete(self.NS, "b", "k")
         self.assertIsNone(self.backend.get(self.NS, "b", "k"))
         self.backend.delete(self.NS, "b", "k")   # missing: fine
+
+    def test_buckets_are_those_of_the_namespace_that_hold_keys(self):
+        self.backend.set(self.NS, "b-2", "k", b"v")
+        self.backend.set(self.NS, "a.1", "k", b"v")
+        self.backend.set(self.NS, "gone", "k", b"v")
+        self.backend.delete(self.NS, "gone", "k")
+        self.backend.get(self.NS, "read-only", "k")            # opened, never written
+        self.backend.set("tenant:other/*", "c", "k", b"v")    # a name with URL and glob characters
+        self.assertEqual(self.backend.buckets(self.NS), ["a.1", "b-2"])
+        self.assertEqual(self.backend.buckets("tenant:other/*"), ["c"])
+        self.assertEqual(self.backend.buckets("nobody"), [])
+        with self.assertRaises(kvhost.ArgumentError):
+            self.backend.buckets("")
 
     def _fill(self, count=2500):
         keys = [f"key-{i:05d}" for i in range(count)]

@@ -2435,9 +2435,12 @@ class Store:
         return [self.commit_info(digest) for digest, changes in self._changed_modules(head)
                 if printed in changes or any(changed.startswith(below) for changed in changes)]
 
-    def log(self, limit=None, *, branch=None):
-        """Commit infos along first parents from the head, newest first."""
+    def log(self, limit=None, *, branch=None, start=None):
+        """Commit infos along first parents from the head (or from commit `start`, for the
+        next page of a long log), newest first."""
         head = self._read_ref(self._branch(branch))
+        if start is not None:
+            head = self.commit_info(start)["hash"]        # NotFound for an unknown commit
         chain = self._first_parents(head)
         if limit is not None:
             chain = itertools.islice(chain, max(0, limit if isinstance(limit, int) else
