@@ -71,7 +71,7 @@ __all__ = [
     "Guest", "Host", "RunResult", "Provider", "provider_of", "provider_exports", "PROVIDER_PREFIX", "core_signatures", "describe_exports", "format_export", "json_float", "float_from_json",
     "add_store_options", "add_sandbox_options", "host_from_args", "parse_json_args", "print_json", "print_exports",
     "run_with_deadline", "end_process", "report", "DeadlineExceeded", "main", "console_main",
-    "DEFAULT_KV_URL", "MAX_KEY_BYTES", "DEFAULT_MAX_VALUE_BYTES", "PAGE_SIZE",
+    "DEFAULT_KV_URL", "MAX_KEY_BYTES", "DEFAULT_MAX_VALUE_BYTES", "PAGE_SIZE", "STDIN_INHERIT",
 ]
 
 import argparse
@@ -112,6 +112,7 @@ MAX_KEY_BYTES = 4096                                 # keys at most 4 KiB (every
 DEFAULT_MAX_VALUE_BYTES = 16 * 1024 * 1024           # values at most 16 MiB (configurable)
 PAGE_SIZE = 1000                                     # list-keys pages hold at most 1,000 keys
 DEFAULT_TIMEOUT = 10.0                               # seconds; --timeout default
+STDIN_INHERIT = "inherit"                            # run(stdin=...): the guest reads our stdin
 BUCKET_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,128}\Z")
 # What Redis INCRBY accepts (no sign on zero, no leading zeros, no '+'); every backend uses it.
 DECIMAL_RE = re.compile(rb"(0|-?[1-9][0-9]{0,19})\Z")
@@ -372,6 +373,11 @@ class Backend:
         if keys:
             self._delete_many(namespace, bucket, keys)
 
+    def namespaces(self, limit=10_000):
+        """The sorted namespaces that hold at least one key, at most `limit` of them (where a
+        person looks first when a guest's data is not under the namespace they tried)."""
+        return self._namespace_ids(limit)
+
     def close(self):
         """Release connections; the backend must not be used afterwards."""
 
@@ -452,6 +458,10 @@ class MemoryBackend(Backend):
             table = self._table(namespace, bucket)
             for key in keys:
                 table.pop(key, None)
+
+    def _namespace_ids(self, limit):
+        with self._lock:
+            return sorted({namespace for (namespace, _), table in self._buckets.items() if table})[:limit]
 
 
 class SqliteBackend(Backend):
@@ -577,6 +587,10 @@ class SqliteBackend(Backend):
         return self._run(lambda db: [row[0] for row in db.execute(
             "SELECT key FROM kv WHERE ns=? AND bucket=? ORDER BY key LIMIT ? OFFSET ?",
             (namespace, bucket, limit, offset))])
+
+    def _namespace_ids(self, limit):
+        return self._run(lambda db: [row[0] for row in db.execute(
+            "SELECT DISTINCT ns FROM kv ORDER BY ns LIMIT ?", (limit,))])
 
     def _increment(self, namespace, bucket, key, delta, bounds):
         def work(db):
@@ -963,6 +977,17 @@ class RedisBackend(Backend):
     def _delete_many(self, namespace, bucket, keys):
         names = [self._key(namespace, bucket, k) for k in keys]
         self._with_connection(lambda c: c.call(b"DEL", *names))
+
+    def _namespace_ids(self, limit):
+        def work(conn):
+            found, cursor = set(), b"0"
+            while True:
+                cursor, batch = conn.call(b"SCAN", cursor, b"MATCH", b"kv:*", b"COUNT", b"1000")
+                found.update(name.split(b":", 2)[1] for name in batch if name.count(b":") >= 3)
+                if cursor == b"0":
+                    break
+            return sorted(urllib.parse.unquote(name.decode("utf-8", "replace")) for name in found)[:limit]
+        return self._with_connection(work)
 
     def close(self):
         with self._pool_lock:
@@ -2587,15 +2612,34 @@ def _component_functions(guest, engine):
     return found
 
 
+# Exports that toolchains add for their own use, never an application's function: left out of
+# describe_exports (they can still be called by name). Components: {name: its parameter names}.
+TOOLCHAIN_COMPONENT_EXPORTS = {
+    "exports#init": ("app-name", "symbols", "stub-wasi"),   # componentize-py, run when it builds
+}
+TOOLCHAIN_CORE_EXPORTS = ("__wasm_call_ctors", "cabi_realloc")   # wasm-ld; the canonical ABI
+TOOLCHAIN_CORE_PREFIXES = ("cabi_post_",)                       # canonical ABI post-return
+
+
+def _toolchain_internal(name, param_names=None):
+    """True for an export a toolchain made for itself (see TOOLCHAIN_COMPONENT_EXPORTS)."""
+    if param_names is not None:
+        return TOOLCHAIN_COMPONENT_EXPORTS.get(name) == tuple(param_names)
+    return name in TOOLCHAIN_CORE_EXPORTS or name.startswith(TOOLCHAIN_CORE_PREFIXES)
+
+
 def describe_exports(guest, engine):
     """Every function a JSON caller can call: [{"name", "params": [{"name", "type"}], "results": [type]}].
 
     Types are WIT-style text for components and i32/i64/f32/f64 for core modules (whose
     parameters have no names: "name" is null). Functions taking or returning resource handles,
-    references or vectors are left out: JSON cannot carry them."""
+    references or vectors are left out: JSON cannot carry them; so are the exports toolchains
+    add for themselves (componentize-py's exports#init, wasm-ld's __wasm_call_ctors)."""
     described = []
     if guest.kind == "component":
         for name, fty in _component_functions(guest, engine):
+            if _toolchain_internal(name, [pname for pname, _ in fty.params]):
+                continue
             params, result = describe_functype(fty)
             if not all(map(_json_callable, params)) or not _json_callable(result):
                 continue
@@ -2605,7 +2649,7 @@ def describe_exports(guest, engine):
                               "results": [] if result is None else [format_desc(result)]})
         return described
     for name, (kind, signature) in guest.signatures[1].items():
-        if kind != "func":
+        if kind != "func" or _toolchain_internal(name):
             continue
         params, results = list(signature[0]), list(signature[1])
         if set(params + results) <= CORE_JSON_TYPES:
@@ -3124,7 +3168,9 @@ class Host:
             config.env = sorted(self.env.items())
         for host_dir, guest_dir in self.dirs:
             config.preopen_dir(host_dir, guest_dir)
-        if stdin_path is not None:
+        if stdin_path is STDIN_INHERIT:
+            config.inherit_stdin()
+        elif stdin_path is not None:
             config.stdin_file = stdin_path
         if capture is not None:
             config.stdout_custom = capture[0].write
@@ -3149,8 +3195,8 @@ class Host:
                             self._limits)
         if not wasi:
             return store
-        if stdin is None:
-            store.wrapper.set_wasi(self._wasi_config(argv, None, capture))
+        if stdin is None or stdin is STDIN_INHERIT:
+            store.wrapper.set_wasi(self._wasi_config(argv, stdin, capture))
             return store
         fd, stdin_path = tempfile.mkstemp(prefix="kvhost-stdin-")
         try:
@@ -3220,7 +3266,9 @@ class Host:
 
     def run(self, guest, argv=(), *, namespace=None, resolve=None, stdin=None, stats=None):
         """Run a wasi:cli/run component (or a core module's _start); returns the exit status.
-        Output goes where the Host says (inherited by default); stdin: bytes (default: empty)."""
+        Output goes where the Host says (inherited by default); stdin: bytes (default: empty),
+        or STDIN_INHERIT: this process's own stdin, read as the guest reads it (the command
+        lines; only for a guest that runs in this process, see isolation)."""
         self._check_guest(guest)
         request = _Request("run", argv=[guest.name] + [str(a) for a in argv], namespace=namespace, stdin=stdin)
         return self._execute(guest, request, resolve, stats).value
@@ -3275,6 +3323,9 @@ class Host:
         request.record_events = bool(self._watchers)
         isolated = self.isolation == "process" or (self.isolation == "auto" and (
             guest.may_block or any(dependency.may_block for _, dependency in request.links)))
+        if isolated and request.stdin is STDIN_INHERIT:
+            raise ArgumentError(f"{guest.name} runs in a worker process, which cannot read this "
+                                "process's stdin: pass the input as bytes")
         try:
             outcome = self._pool.execute(guest, request) if isolated else self._execute_here(guest, request)
         except KvError as e:
@@ -6191,8 +6242,17 @@ def parse_json_args(texts):
         try:
             values.append(json.loads(text))
         except ValueError:
-            raise ArgumentError(f"invalid JSON argument {text!r}") from None
+            raise ArgumentError(f"invalid JSON argument {text!r}{_quoting_hint(text)}") from None
     return values
+
+
+def _quoting_hint(text):
+    """For a word that JSON does not take: how to pass it as a JSON string through a shell."""
+    if not text or text[:1] in '"[{' or len(text) > 200:
+        return ""
+    quoted = json.dumps(text, ensure_ascii=False)
+    shell = "'" + quoted.replace("'", "'\\''") + "'"
+    return f" (arguments are JSON: a string is written {quoted}, in a shell {shell})"
 
 
 
@@ -6270,8 +6330,9 @@ def _build_parser():
     exports.add_argument("guest")
     kv = commands.add_parser("kv", help="inspect and edit stored data")
     add_store_options(kv, provider=None)
-    kv.add_argument("action", choices=["get", "set", "delete", "list", "incr"])
-    kv.add_argument("bucket")
+    kv.add_argument("action", choices=["get", "set", "delete", "list", "incr"],
+                    help="list without BUCKET (and without --namespace) prints the namespaces that hold data")
+    kv.add_argument("bucket", nargs="?")
     kv.add_argument("key", nargs="?")
     kv.add_argument("value", nargs="?")
     return parser
@@ -6286,14 +6347,20 @@ def print_exports(described, out, as_json=False):
         out.write(format_export(entry) + "\n")
 
 
-def _kv_command(args, out):
+def _kv_command(args, out, err):
     needs = {"get": 1, "set": 2, "delete": 1, "list": 0, "incr": 1}[args.action]
     given = sum(x is not None for x in (args.key, args.value))
-    if given < needs or (args.action != "incr" and given > needs) or given > 2:
+    listing_namespaces = args.action == "list" and args.bucket is None and args.namespace is None
+    if (args.bucket is None and not listing_namespaces) or given < needs or \
+            (args.action != "incr" and given > needs) or given > 2:
         raise ArgumentError(f"kv {args.action} expects BUCKET" + (" KEY" if needs >= 1 else "")
                             + (" VALUE" if needs == 2 else "") + (" [DELTA]" if args.action == "incr" else ""))
     backend = open_backend(args.kv)
     try:
+        if listing_namespaces:
+            for namespace in backend.namespaces():
+                out.write(namespace + "\n")
+            return 0
         _check_bucket(args.bucket)
         ns, bucket = args.namespace or "default", args.bucket
         if args.action == "get":
@@ -6311,13 +6378,16 @@ def _kv_command(args, out):
         elif args.action == "delete":
             backend.delete(ns, bucket, args.key)
         elif args.action == "list":
-            cursor = None
+            cursor, listed = None, 0
             while True:
                 keys, cursor = backend.list_page(ns, bucket, cursor)
+                listed += len(keys)
                 for key in keys:
                     out.write(key + "\n")
                 if cursor is None:
                     break
+            if not listed and args.namespace is None:
+                _say_where_data_is(backend, bucket, err)
         else:
             try:
                 delta = int(args.value) if args.value is not None else 1
@@ -6327,6 +6397,17 @@ def _kv_command(args, out):
     finally:
         backend.close()
     return 0
+
+
+def _say_where_data_is(backend, bucket, err):
+    """An empty listing of the default namespace: name the namespaces that do hold data (a
+    stored module's data is under its path, not under "default")."""
+    namespaces = [ns for ns in backend.namespaces(limit=21) if ns != "default"]
+    if not namespaces:
+        return
+    shown = ", ".join(namespaces[:20]) + (", ..." if len(namespaces) > 20 else "")
+    err.write(f"kvhost: bucket {bucket!r} of namespace 'default' is empty; namespaces with data: "
+              f"{shown} (choose one with --namespace; `kv list` lists them all)\n")
 
 
 def report(error, err, prog):
@@ -6350,7 +6431,7 @@ def main(argv=None):
     try:
         args = _build_parser().parse_args(argv)
         if args.command == "kv":
-            return _kv_command(args, out)
+            return _kv_command(args, out, err)
         if args.command == "exports":
             with Host(cache_dir=args.cache_dir, isolation="thread") as host:
                 print_exports(host.exports(host.load(args.guest)), out, args.json)
@@ -6360,7 +6441,8 @@ def main(argv=None):
             guest = host.load(args.guest)
             if args.command == "run":
                 out.flush()
-                return run_with_deadline(lambda: host.run(guest, args.args), host.timeout)
+                return run_with_deadline(lambda: host.run(guest, args.args, stdin=STDIN_INHERIT),
+                                         host.timeout)
             result = run_with_deadline(lambda: host.call(guest, args.function, json_args), host.timeout)
             print_json(result, out)
             return 0

@@ -14,7 +14,7 @@ The file has one banner-separated section per feature, in this order (feature: t
       wait_for_log_line, read_until_close(d), WsClient, ServerProcess, wait_for_peer, stop_process,
       RedisServer, run_cli, run_http_server, run_kvhost)
   The store library: LibraryTest, BadInputTest, BranchRaceTest, GenerationTest
-  The store command line: AcceptanceWalkTest, StoreCliTest, FirstStepsTest
+  The store command line: AcceptanceWalkTest, StoreCliTest, FirstStepsTest, QuickStartTest
   Installing (pip, pipx): InstallTest
   Store durability and layout: DurabilityTest, PackTest, RefSlotTest, KillAtEveryMutationTest
   Platforms (macOS without Linux-only calls, MACOS_LIKE): MacosFallbackTest
@@ -1370,13 +1370,13 @@ class AcceptanceWalkTest(StoreTestCase):
         self.cli("add", "b.wasm")
         self.cli("branch", "test")
         self.cli("remove", "a.wasm")
-        self.assertGreater(int(self.cli("gc")[0]), 0)
+        self.assertRegex(self.cli("gc")[0], r"^gc: removed [1-9]\d* objects? \(")
         self.assertEqual(self.cli("find", sha256(self.a), expect=1)[1],
                          f"wasmstore: error: no module with hash {sha256(self.a)} on branch 'main'")
         self.assertEqual(self.cli("--branch", "test", "find", "a.wasm")[0].encode(),
                          self.a.decode(errors="replace").encode())
         self.cli("branch", "test", "--delete")
-        self.assertGreater(int(self.cli("gc")[0]), 0)
+        self.assertRegex(self.cli("gc")[0], r"^gc: removed [1-9]\d* objects? \(")
         with Store(self.root) as store, self.assertRaises(wasmstore.NotFound):   # packed or loose:
             store.read_module(sha256(self.a))                                    # gone either way
         self.assertFsckClean()
@@ -1558,6 +1558,96 @@ class FirstStepsTest(StoreTestCase):
         self.assertEqual(proc.returncode, expect, f"{argv}: {proc.stdout} {proc.stderr}")
         return proc
 
+    def test_gc_says_what_it_removed_and_warns_that_history_is_squashed(self):
+        for tag in ("one", "two", "three"):
+            self.store.add("/a.wasm", wasm_module(tag, padding=1000))
+        before = self.store.commit_count()
+        gone = [wasm_module("one", padding=1000), wasm_module("two", padding=1000)]
+        proc = self.cli("gc")
+        match = re.fullmatch(r"gc: removed (\d+) objects \((\d+\.\d) KB\); squashed 3 commits of main "
+                             r"into one\n", proc.stdout)
+        self.assertIsNotNone(match, proc.stdout)
+        self.assertEqual(before, 3)
+        # the two old modules and the three commits and trees that held them
+        self.assertEqual(int(match.group(1)), len(gone) + 3 + 3 - 1)
+        self.assertGreaterEqual(float(match.group(2)) * 1000, sum(map(len, gone)))
+        self.assertEqual(proc.stderr, "wasmstore: warning: gc squashed the history of main: its earlier "
+                                      "versions, log and audit are gone (other branches keep theirs)\n")
+        again = self.cli("gc")
+        self.assertEqual((again.stdout, again.stderr),
+                         ("gc: removed 0 objects (0 bytes); main's history was one commit already\n", ""))
+
+    def test_a_call_argument_that_is_not_json_gets_a_quoting_hint(self):
+        self.store.add("/numbers.wasm", guest_binary("numbers"))
+        proc = self.cli("call", "/numbers.wasm", "add", "World", "2", expect=2)
+        self.assertEqual(proc.stderr, "wasmstore: error: invalid JSON argument 'World' (arguments are JSON: "
+                                      "a string is written \"World\", in a shell '\"World\"')\n")
+        proc = run_kvhost("call", PROBE, "get", "it's", '"k"')
+        self.assertIn("""a string is written "it's", in a shell '"it'\\''s"'""", proc.stderr)
+        self.assertEqual(proc.returncode, 2)
+
+    def test_author_is_refused_by_commands_that_make_no_commit(self):
+        self.store.add("/a.wasm", wasm_module("a"))
+        for argv in (["--author", "me", "list"], ["list", "--author", "me"], ["find", "/a.wasm", "--author", "x"]):
+            with self.subTest(argv=argv):
+                proc = self.cli(*argv, expect=2)
+                self.assertIn("wasmstore: error: --author is for the commands that make commits (add, "
+                              "import, set, remove, rollback, restore, merge, gc, pull); ", proc.stderr)
+        self.assertNotIn("--author", self.cli("list", "--help").stdout)
+        self.assertIn("--author", self.cli("add", "--help").stdout)
+        self.cli("remove", "/a.wasm", "--author", "me")
+        self.assertEqual(self.store.log(1)[0]["author"], "me")
+        proc = run_cli(self.root, "list", env={"WASMSTORE_AUTHOR": "me"})  # the environment is not a mistake
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+
+    def test_exports_leave_out_what_toolchains_add_for_themselves(self):
+        core = wat_binary('(module (func (export "__wasm_call_ctors")) (func (export "cabi_realloc") '
+                          '(param i32 i32 i32 i32) (result i32) i32.const 0) '
+                          '(func (export "cabi_post_f") (param i32)) (func (export "f") (result i32) i32.const 1))')
+        self.store.add("/core.wasm", core)
+        self.assertEqual(self.cli("exports", "/core.wasm").stdout, "f() -> i32\n")
+        # A function of the application's own that happens to share a name is still listed.
+        own = wat_binary('(component (core module $m (func (export "init") (param i32) (result i32) local.get 0)) '
+                         '(core instance $i (instantiate $m)) '
+                         '(func $init (param "n" u32) (result u32) (canon lift (core func $i "init"))) '
+                         '(instance $e (export "init" (func $init))) (export "exports" (instance $e)))')
+        self.store.add("/own.wasm", own)
+        self.assertEqual(self.cli("exports", "/own.wasm").stdout, "exports#init(n: u32) -> u32\n")
+
+    def test_componentize_py_s_init_is_not_listed(self):
+        counter = require_file(PY_COUNTER, BUILD_HINT)
+        with kvhost.Host(kv="memory:", isolation="thread") as host:
+            names = [entry["name"] for entry in host.exports(host.load(counter))]
+            self.assertIn("bump", names)
+            self.assertNotIn("exports#init", names)
+            self.assertIn("exports#init", [name for name, _ in kvhost._component_functions(
+                host.load(counter), host.engine)])                  # still there, and callable by name
+
+    def test_kv_list_without_a_namespace_names_the_namespaces_with_data(self):
+        kv = f"sqlite:{os.path.join(self.tmp, 'kv.sqlite3')}"
+        for namespace in ("/apps/counter.wasm", "/apps/other.wasm"):
+            with kvhost.open_backend(kv) as backend:
+                backend.set(namespace, "counter", "hits", b"1")
+        listing = run_kvhost("kv", "--kv", kv, "list")
+        self.assertEqual((listing.returncode, listing.stdout), (0, "/apps/counter.wasm\n/apps/other.wasm\n"))
+        empty = run_kvhost("kv", "--kv", kv, "list", "counter")
+        self.assertEqual((empty.returncode, empty.stdout), (0, ""))
+        self.assertEqual(empty.stderr, "kvhost: bucket 'counter' of namespace 'default' is empty; namespaces "
+                                       "with data: /apps/counter.wasm, /apps/other.wasm (choose one with "
+                                       "--namespace; `kv list` lists them all)\n")
+        found = run_kvhost("kv", "--kv", kv, "--namespace", "/apps/counter.wasm", "list", "counter")
+        self.assertEqual((found.stdout, found.stderr), ("hits\n", ""))
+        self.assertEqual(run_kvhost("kv", "--kv", kv, "get").returncode, 2)
+
+    def test_run_gives_the_guest_the_command_s_stdin(self):
+        self.store.add("/hello.wasm", guest_binary("wasi-hello"))
+        proc = self.cli("run", "/hello.wasm", "x", stdin="a\nb\n")
+        self.assertEqual(proc.stdout, "hello x\na\nb\n")
+        proc = subprocess.run([sys.executable, KVHOST_PY, "run", "--kv", "memory:",
+                               os.path.join(RUN_GUESTS, "wasi-hello.wat")], input="piped\n",
+                              capture_output=True, text=True, timeout=CLI_TIMEOUT)
+        self.assertEqual((proc.returncode, proc.stdout), (0, "hello\npiped\n"), proc.stderr)
+
     def test_add_stores_the_binary_of_webassembly_text(self):
         text = read_text(os.path.join(RUN_GUESTS, "numbers.wat"))
         source = os.path.join(self.tmp, "numbers.wat")
@@ -1587,6 +1677,68 @@ class FirstStepsTest(StoreTestCase):
         proc = self.cli("add", "-", "/x.wasm", stdin="(module (func $f (call $nowhere)))", expect=1)
         self.assertRegex(proc.stderr, r"^wasmstore: error: stdin: invalid WebAssembly text: .*\n$")
         self.assertEqual(Store(self.root).list(), before)
+
+
+def readme_block(heading):
+    """The lines of the first indented code block after the README heading `heading`."""
+    text = read_text(os.path.join(HERE, "README.md"))
+    after = text.split(f"\n{heading}\n", 1)[1]
+    lines = after.split("\n")
+    start = next(i for i, line in enumerate(lines) if line.startswith("    "))
+    block = []
+    for line in lines[start:]:
+        if not line.startswith("    ") and line.strip():
+            break
+        block.append(line[4:])
+    return [line for line in block if line.strip()]
+
+
+def repository_copy(test):
+    """The files a fresh clone has (tracked, or new and not ignored), copied from the work tree
+    so that uncommitted changes are walked too; no build/, no virtual environments."""
+    git = require_tool("git", "apt-get install git")
+    listed = subprocess.run([git, "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                            cwd=HERE, capture_output=True, check=True).stdout.decode().split("\0")
+    folder = os.path.join(temp_dir(test, "wasmstore-clone-"), "wasmstore")
+    for name in filter(None, listed):
+        source = os.path.join(HERE, name)
+        if os.path.isfile(source):
+            os.makedirs(os.path.dirname(os.path.join(folder, name)), exist_ok=True)
+            shutil.copy2(source, os.path.join(folder, name))
+    return folder
+
+
+class QuickStartTest(unittest.TestCase):
+    """The README's first steps, line by line, in a copy of the repository as a clone has it,
+    with a new home directory (so the store is a new ~/.wasmstore) and `python` the interpreter
+    running the tests. A line whose comment starts with → must print exactly that; every line
+    must succeed. The `pip install` line is not run: the requirements are installed already."""
+
+    def test_first_steps(self):
+        clone = repository_copy(self)
+        home = temp_dir(self, "wasmstore-home-")
+        bin_dir = os.path.join(home, "bin")
+        os.makedirs(bin_dir)
+        os.symlink(sys.executable, os.path.join(bin_dir, "python"))
+        env = clean_environment(HOME=home, PATH=bin_dir + os.pathsep + os.environ.get("PATH", ""))
+        lines = readme_block("## First steps")
+        self.assertGreaterEqual(len(lines), 8)
+        checked = 0
+        for line in lines:
+            command, _, comment = line.partition("  # ")
+            if command.startswith("pip install"):
+                continue
+            with self.subTest(command=command):
+                proc = subprocess.run(["bash", "-o", "pipefail", "-c", command], cwd=clone, env=env,
+                                      capture_output=True, text=True, timeout=CLI_TIMEOUT)
+                self.assertEqual(proc.returncode, 0, f"{command}: {proc.stdout} {proc.stderr}")
+                if comment.strip().startswith("→ "):
+                    self.assertEqual(proc.stdout.strip(), comment.strip()[2:])
+                    checked += 1
+        self.assertGreaterEqual(checked, 5)
+        with Store(os.path.join(home, ".wasmstore")) as store:
+            self.assertEqual(sorted(store.list()), ["/hello/greet.wasm", "/math/add.wasm", "/tools/shout.wasm"])
+        self.assertEqual(os.listdir(clone).count(".wasmstore"), 0)
 
 
 # =================================================================================================
@@ -5442,6 +5594,15 @@ class BackendContract:
     def setUp(self):
         self.backend = self.make_backend()
         self.addCleanup(self.backend.close)
+
+    def test_namespaces_are_those_holding_keys(self):
+        odd = "/apps/a b:c*.wasm"                            # a path, with the characters keys quote
+        self.backend.set(odd, "b1", "k", b"v")
+        self.backend.set("sha256:" + "0" * 64, "b2", "k", b"v")
+        self.backend.set("gone", "b", "k", b"v")
+        self.backend.delete("gone", "b", "k")
+        self.assertEqual(self.backend.namespaces(), ["/apps/a b:c*.wasm", "sha256:" + "0" * 64])
+        self.assertEqual(self.backend.namespaces(limit=1), [odd])
 
     def test_get_missing_key_is_none_and_exists_false(self):
         self.assertIsNone(self.backend.get(self.NS, "b", "nope"))
