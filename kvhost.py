@@ -71,6 +71,7 @@ __all__ = [
     "Guest", "Host", "RunResult", "Provider", "provider_of", "provider_exports", "PROVIDER_PREFIX", "core_signatures", "describe_exports", "format_export", "json_float", "float_from_json",
     "add_store_options", "add_sandbox_options", "host_from_args", "parse_json_args", "print_json", "print_exports",
     "run_with_deadline", "end_process", "report", "DeadlineExceeded", "main", "console_main",
+    "parse_number", "parse_json", "json_depth", "parse_url", "Url", "MAX_JSON_DEPTH",
     "DEFAULT_KV_URL", "MAX_KEY_BYTES", "DEFAULT_MAX_VALUE_BYTES", "PAGE_SIZE", "STDIN_INHERIT",
 ]
 
@@ -82,6 +83,7 @@ import contextlib
 import ctypes
 import hashlib
 import http.client
+import itertools
 import json
 import math
 import mmap
@@ -123,6 +125,9 @@ CORE_SCRATCH_VALUES = 16                             # core parameters/results a
 EPOCH_TICK = 0.05                                    # seconds per epoch tick of the timeout thread
 CACHE_MAGIC = b"KVHCACHE2\n"                         # header of a compile-cache entry's .sum file
 KV_VERSIONS = ("0.2.0-draft", "0.2.0-draft2")
+MAX_JSON_DEPTH = 64                                  # JSON from outside nests at most this deep
+MAX_NUMBER_CHARS = 40                                # a longer number from outside is refused unread
+_NOT_IN_URL = re.compile(r"[\x00-\x20\x7f]")          # spaces and control characters
 CACHE_ORPHAN_SECONDS = 3600                          # an artifact without its .sum this old is debris
 # What kvhost writes into a cache directory (anything else there is left alone).
 CACHE_FILE_RE = re.compile(r"([0-9a-f]{64}\.(?:component|module))(\.sum)?\Z|\.tmp-[a-z0-9_]{8}\Z")
@@ -192,6 +197,106 @@ class GuestExit(TrapError):
     def __init__(self, status):
         super().__init__(f"guest exited with status {status}", "exit")
         self.status = status
+
+
+# ---------------------------------------------------------------------------
+# input from outside: numbers, JSON, URLs
+# ---------------------------------------------------------------------------
+# Every number, JSON text and URL kvhost takes from a user, a file or a peer goes through one of
+# these three, so each rule holds everywhere: only ASCII digits are digits (str.isdigit() takes
+# "²", int() takes "٣" and "1_0"), JSON nests at most MAX_JSON_DEPTH levels (the decoder
+# recurses: 1,000 levels in 2 KB raise RecursionError), a URL's port is a number in range.
+# wasmstore.py has the same three for its own input, so that each file works copied alone;
+# http_server.py uses wasmstore.py's.
+
+_INTEGER_TEXT = re.compile(r"-?[0-9]+\Z")
+_FRACTION_TEXT = re.compile(r"-?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][-+]?[0-9]+)?\Z")
+_JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.S)
+_JSON_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
+_BRACKET_STEP = {"[": 1, "{": 1, "]": -1, "}": -1}
+_USERINFO = re.compile(r"//[^/@]*@")
+
+
+def parse_number(text, what, *, minimum=0, maximum=None, fraction=False):
+    """The number `text` (str or bytes) spells in ASCII digits: an int, or with fraction=True a
+    finite float (a decimal point and an exponent allowed). A leading "-" is the only sign; no
+    space, "_", "+", nan or inf. ArgumentError naming `what` when the text is not such a number
+    or the number is outside [minimum, maximum] (None: unbounded)."""
+    if isinstance(text, (bytes, bytearray)):
+        text = bytes(text).decode("latin-1")
+    pattern = _FRACTION_TEXT if fraction else _INTEGER_TEXT
+    if not isinstance(text, str) or len(text) > MAX_NUMBER_CHARS or not pattern.match(text):
+        shown = repr(text) if not isinstance(text, str) or len(text) <= 40 else repr(text[:37] + "...")
+        kind = "a number" if fraction else "an integer"
+        raise ArgumentError(f"invalid {what} {shown}: expected {kind} in ASCII digits")
+    value = float(text) if fraction else int(text)
+    if not math.isfinite(value) or (minimum is not None and value < minimum) \
+            or (maximum is not None and value > maximum):
+        bounds = f"at least {minimum}" if maximum is None else f"{minimum} to {maximum}"
+        raise ArgumentError(f"invalid {what} {text!r}: expected {bounds}")
+    return value
+
+
+def _reject_constant(name):
+    raise ValueError(f"{name} is not JSON (write \"NaN\", \"Infinity\" or \"-Infinity\" as strings)")
+
+
+_STRICT_JSON = json.JSONDecoder(parse_constant=_reject_constant)
+
+
+def json_depth(text):
+    """How deep the arrays and objects of JSON text nest (brackets inside strings do not count;
+    for text that is not JSON, how deep a decoder would get before it finds out)."""
+    brackets = _JSON_NOT_BRACKET.sub("", _JSON_STRING.sub("", text))
+    return max(itertools.accumulate(map(_BRACKET_STEP.__getitem__, brackets)), default=0)
+
+
+def parse_json(data, what="JSON", *, max_depth=MAX_JSON_DEPTH):
+    """The value of strict JSON (no NaN or Infinity) given as str or bytes (UTF-8, or the
+    UTF-16/32 that json detects), nested at most max_depth levels: deeper input is refused
+    before the decoder sees it. ArgumentError naming `what` otherwise."""
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        data = bytes(data)
+        try:
+            data = data.decode(json.detect_encoding(data))
+        except UnicodeDecodeError:
+            raise ArgumentError(f"invalid {what}: not UTF-8 text") from None
+    if not isinstance(data, str):
+        raise ArgumentError(f"invalid {what}: expected JSON text, not {type(data).__name__}")
+    if data.count("[") + data.count("{") > max_depth and json_depth(data) > max_depth:
+        raise ArgumentError(f"invalid {what}: nested deeper than {max_depth} levels")
+    try:
+        return _STRICT_JSON.decode(data)
+    except ValueError as exc:              # json.JSONDecodeError, and numbers over 4,300 digits
+        raise ArgumentError(f"invalid {what}: {exc}") from None
+
+
+class Url(collections.namedtuple("Url", "scheme username password host port path query")):
+    """A URL parse_url() checked; netloc is "host[:port]" (IPv6 hosts in brackets)."""
+
+    __slots__ = ()
+
+    @property
+    def netloc(self):
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return host if self.port is None else f"{host}:{self.port}"
+
+
+def parse_url(text, what, schemes):
+    """A URL from outside as a Url (host lowercased, IPv6 without brackets, port None when not
+    given); ArgumentError naming `what` unless its scheme is one of `schemes`, it names a host
+    (no space or control character) and its port, if any, is 0-65535 in ASCII digits."""
+    shown = repr(_USERINFO.sub("//", str(text))[:200])            # never a password in a message
+    if not isinstance(text, str) or _NOT_IN_URL.search(text):
+        raise ArgumentError(f"invalid {what} {shown}: not a URL")
+    try:
+        parts = urllib.parse.urlsplit(text)
+        port = parts.port
+    except ValueError as exc:              # "Invalid IPv6 URL", a port out of range or not a number
+        raise ArgumentError(f"invalid {what} {shown}: {exc}") from None
+    if parts.scheme not in schemes or not parts.hostname:
+        raise ArgumentError(f"invalid {what} {shown}: expected {' or '.join(schemes)}://HOST")
+    return Url(parts.scheme, parts.username, parts.password, parts.hostname, port, parts.path, parts.query)
 
 
 # ---------------------------------------------------------------------------
@@ -316,6 +421,12 @@ class Backend:
             return keys, encode_cursor(keys[-1])
         return keys, None
 
+    def buckets(self, namespace):
+        """The sorted ids of the buckets of `namespace` that hold at least one key (what a
+        person inspecting a guest's data starts from; guests themselves open buckets by id)."""
+        _check_namespace(namespace)
+        return self._bucket_ids(namespace)
+
     def list_page_at(self, namespace, bucket, offset=None, limit=PAGE_SIZE):
         """(keys, next_offset): sorted keys from numeric `offset` (draft cursor); None when done."""
         self._check(namespace, bucket)
@@ -426,6 +537,11 @@ class MemoryBackend(Backend):
     def _exists(self, namespace, bucket, key):
         with self._lock:
             return key in self._table(namespace, bucket)
+
+    def _bucket_ids(self, namespace):
+        with self._lock:
+            return sorted(bucket for (ns, bucket), table in self._buckets.items()
+                          if ns == namespace and table)
 
     def _keys_after(self, namespace, bucket, after, limit):
         with self._lock:
@@ -571,6 +687,13 @@ class SqliteBackend(Backend):
     def _exists(self, namespace, bucket, key):
         return self._one("SELECT 1 FROM kv WHERE ns=? AND bucket=? AND key=?", (namespace, bucket, key)) is not None
 
+    def _bucket_ids(self, namespace):
+        def work(db):
+            rows = db.execute("SELECT DISTINCT bucket FROM kv WHERE ns=? ORDER BY bucket",
+                              (namespace,))
+            return [row[0] for row in rows]
+        return self._run(work)
+
     def _keys_after(self, namespace, bucket, after, limit):
         # TEXT compares as UTF-8 bytes, which is code-point order: the same order as Python's sorted().
         def work(db):
@@ -648,6 +771,14 @@ class SqliteBackend(Backend):
 
 class _RedisReplyError(Exception):
     """An error reply (-ERR ...) from Redis: the connection itself is still fine."""
+
+
+def _reply_number(text, minimum):
+    """The number in a RESP header line; a peer that sends anything else broke the protocol."""
+    try:
+        return parse_number(text, "number in a redis reply", minimum=minimum)
+    except ArgumentError as exc:
+        raise ConnectionError(f"bad reply from redis: {exc}") from None
 
 
 class _RespConnection:
@@ -772,14 +903,14 @@ class _RespConnection:
         if kind == b"+":
             return rest
         if kind == b"$":
-            size = int(rest)
+            size = _reply_number(rest, -1)
             return None if size < 0 else self._bulk(size)
         if kind == b":":
-            return int(rest)
+            return _reply_number(rest, None)
         if kind == b"-":
             raise _RedisReplyError(rest.decode("utf-8", "replace"))
         if kind == b"*":
-            count = int(rest)
+            count = _reply_number(rest, -1)
             if count < 0:
                 return None
             return [self.read_reply() for _ in range(count)]
@@ -807,16 +938,11 @@ class RedisBackend(Backend):
 
     def __init__(self, url, max_value_size=DEFAULT_MAX_VALUE_BYTES, timeout=5.0, pool_size=8):
         super().__init__(max_value_size)
-        parts = urllib.parse.urlsplit(url)
-        if parts.scheme != "redis" or not parts.hostname:
-            raise ArgumentError(f"invalid redis URL {url!r}: expected redis://[:password@]host:port/db")
-        try:
-            self.port = parts.port or 6379
-            db_text = parts.path.lstrip("/")
-            self.db = int(db_text) if db_text else 0
-        except ValueError:
-            raise ArgumentError(f"invalid redis URL {url!r}: bad port or database number") from None
-        self.host = parts.hostname
+        parts = parse_url(url, "redis URL (expected redis://[:password@]host:port/db)", ("redis",))
+        self.port = parts.port or 6379
+        db_text = parts.path.lstrip("/")
+        self.db = parse_number(db_text, "redis database number") if db_text else 0
+        self.host = parts.host
         self.password = urllib.parse.unquote(parts.password) if parts.password is not None else None
         self.username = urllib.parse.unquote(parts.username) if parts.username else None
         self.url = f"redis://{self.host}:{self.port}/{self.db}"
@@ -921,6 +1047,21 @@ class RedisBackend(Backend):
                 keys.update(batch)
                 if cursor == b"0":
                     return sorted(k[len(prefix):].decode("utf-8") for k in keys)
+        return self._with_connection(work)
+
+    def _bucket_ids(self, namespace):
+        # Keys are kv:<quoted namespace>:<bucket>:<key>; quoting leaves no glob character, and
+        # a bucket id has no ':'.
+        prefix = ("kv:%s:" % urllib.parse.quote(namespace, safe="")).encode("utf-8")
+
+        def work(conn):
+            buckets, cursor = set(), b"0"
+            while True:
+                cursor, batch = conn.call(b"SCAN", cursor, b"MATCH", prefix + b"*",
+                                          b"COUNT", b"1000")
+                buckets.update(name[len(prefix):].split(b":", 1)[0] for name in batch)
+                if cursor == b"0":
+                    return sorted(bucket.decode("ascii") for bucket in buckets)
         return self._with_connection(work)
 
     def _keys_after(self, namespace, bucket, after, limit):
@@ -1590,11 +1731,11 @@ def _make_lower_int(desc):
 
 def _make_lower_float(desc, json_mode=False):
     """Floats; in JSON mode also the strings "NaN", "Infinity" and "-Infinity" (see json_float)."""
-    write, code = struct.Struct("<B7x" + _SCALAR_FORMAT[desc[0]]).pack_into, _K[desc[0]]
+    kind = desc[0]
+    write, code = struct.Struct("<B7x" + _SCALAR_FORMAT[kind]).pack_into, _K[kind]
 
     def lower_float(ctx, v, addr):
-        value = float_from_json(v) if json_mode else (
-            float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None)
+        value = float_from_json(v, kind) if json_mode or not isinstance(v, str) else None
         if value is None:
             raise _bad(desc, v)
         write(_MEMORY, addr, code, value)
@@ -1634,7 +1775,7 @@ def _make_lower_bytes(desc, json_mode):
         if json_mode and isinstance(v, str):
             try:
                 v = base64.b64decode(v, validate=True)
-            except binascii.Error:
+            except ValueError:             # binascii.Error, or a character that is not ASCII
                 raise _bad(desc, v) from None
         elif json_mode and isinstance(v, list):
             if not all(isinstance(b, int) and not isinstance(b, bool) and 0 <= b <= 255 for b in v):
@@ -2678,11 +2819,24 @@ def json_float(value):
     return value
 
 
-def float_from_json(value):
-    """The float a JSON argument stands for (a number, or one of json_float's strings); None if neither."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    return NON_FINITE.get(value) if isinstance(value, str) else None
+_F32 = struct.Struct("<f")
+
+
+def float_from_json(value, kind="f64"):
+    """The float a JSON argument stands for as `kind` ("f32" or "f64"): a number that type can
+    hold, or one of json_float's strings; None otherwise (an integer too big for a float, or for
+    f32 a finite number that would round to infinity, such as 1e39)."""
+    if isinstance(value, str):
+        return NON_FINITE.get(value)
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return None
+    try:
+        number = float(value)
+        if kind == "f32":
+            _F32.pack(number)
+    except OverflowError:
+        return None
+    return number
 
 
 # -- what one call or run asks for, and what it gave -------------------------------------------------
@@ -3658,7 +3812,7 @@ def _core_argument(index, kind, arg):
         if isinstance(arg, int) and not isinstance(arg, bool) and -(1 << (bits - 1)) <= arg < (1 << bits):
             return arg - (1 << bits) if arg >= 1 << (bits - 1) else arg   # unsigned spellings of the same bits
     else:
-        value = float_from_json(arg)
+        value = float_from_json(arg, kind)
         if value is not None:
             return value
     try:
@@ -5749,7 +5903,7 @@ class _Channel:
             raise _ChannelError("oversized frame")
         try:
             header = json.loads(self._read(size, deadline))
-        except ValueError:
+        except (ValueError, RecursionError):
             raise _ChannelError("malformed frame") from None
         blobs = []
         for _ in range(count):
@@ -6140,24 +6294,22 @@ class _Parser(argparse.ArgumentParser):
         raise ArgumentError(message)
 
 
-def _positive_float(text):
+def _option_number(text, what, **bounds):
     try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid number {text!r}") from None
+        return parse_number(text, what, **bounds)
+    except ArgumentError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _positive_float(text):
+    value = _option_number(text, "number of seconds", minimum=0, maximum=1e9, fraction=True)
     if not 0 < value < 1e9:
         raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
     return value
 
 
 def _positive_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid integer {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
+    return _option_number(text, "integer", minimum=1)
 
 
 def _env_pair(text):
@@ -6175,13 +6327,7 @@ def _dir_pair(text):
 
 
 def _nonnegative_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid integer {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return value
+    return _option_number(text, "integer", minimum=0)
 
 
 def add_store_options(parser, kv_default=DEFAULT_KV_URL, kv_default_text=None, provider="FILE"):
@@ -6237,12 +6383,14 @@ def host_from_args(args, **overrides):
 
 def parse_json_args(texts):
     """JSON arguments of a call, one per command-line word."""
+    shown = (lambda text: repr(text) if len(text) <= 60 else repr(text[:57] + "..."))
     values = []
     for text in texts:
         try:
-            values.append(json.loads(text))
-        except ValueError:
-            raise ArgumentError(f"invalid JSON argument {text!r}{_quoting_hint(text)}") from None
+            values.append(parse_json(text, f"JSON argument {shown(text)}"))
+        except ArgumentError as exc:
+            hint = _quoting_hint(text)
+            raise ArgumentError(f"invalid JSON argument {shown(text)} ({hint})" if hint else str(exc)) from None
     return values
 
 
@@ -6252,7 +6400,7 @@ def _quoting_hint(text):
         return ""
     quoted = json.dumps(text, ensure_ascii=False)
     shell = "'" + quoted.replace("'", "'\\''") + "'"
-    return f" (arguments are JSON: a string is written {quoted}, in a shell {shell})"
+    return f"arguments are JSON: a string is written {quoted}, in a shell {shell}"
 
 
 
@@ -6389,10 +6537,7 @@ def _kv_command(args, out, err):
             if not listed and args.namespace is None:
                 _say_where_data_is(backend, bucket, err)
         else:
-            try:
-                delta = int(args.value) if args.value is not None else 1
-            except ValueError:
-                raise ArgumentError(f"invalid delta {args.value!r}: expected an integer") from None
+            delta = 1 if args.value is None else parse_number(args.value, "delta", minimum=S64[0], maximum=U64[1])
             out.write(f"{backend.increment(ns, bucket, args.key, delta)}\n")
     finally:
         backend.close()

@@ -20,8 +20,8 @@ The file has one banner-separated section per feature, in this order (feature: t
   Platforms (macOS without Linux-only calls, MACOS_LIKE): MacosFallbackTest
   Backups: HostileBackupTest
   Component validation on add: ComponentValidationTest
-  The HTTP API: PureFunctionTests, RouteTests, BodyLimitTests, ObservabilityTests, ShutdownTests,
-      CommandLineTests
+  The HTTP API: PureFunctionTests, RouteTests, HistoryRouteTests, KvRouteTests, BodyLimitTests,
+      ObservabilityTests, ShutdownTests, CommandLineTests
   HTTP access (keys, TLS, CORS): AuthTests, ScopedKeyTests, TlsTests, CorsTests
   HTTP watch: WatchTests, WatchLimitTests
   HTTP hardening: FuzzTests, TimeoutTests, ConcurrencyTests, FramingTests, HostCheckTests,
@@ -399,6 +399,18 @@ def store_files(root):
         for name in files:
             found.add(os.path.relpath(os.path.join(parent, name), root))
     return found
+
+
+def store_state(root):
+    """What a refused request must leave as it was: HEAD, the refs and the packs (names and
+    bytes). Derived files (caches, a packed module written out as a loose file, the kv file's
+    creation) may appear; kv data is checked where a test uses it."""
+    state = {}
+    for name in store_files(root):
+        if name == "HEAD" or name.startswith(("refs" + os.sep, os.path.join("objects", "pack") + os.sep)):
+            with open(os.path.join(root, name), "rb") as f:
+                state[name] = hashlib.sha256(f.read()).hexdigest()
+    return state
 
 
 class StoreTestCase(unittest.TestCase):
@@ -3190,6 +3202,189 @@ class RouteTests(unittest.TestCase):
         self.assertGreater(sendfile.call_count, 0)
 
 
+class HistoryRouteTests(unittest.TestCase):
+    """The log (paged), the audit of a path (paged) and the diff between two commits over HTTP."""
+
+    def setUp(self):
+        self.live = LiveServer(self, auth="root:*;apps:read@/apps/")
+        self.store = self.live.store
+
+    def get(self, path, key="root"):
+        status, _, body = self.live.request("GET", path, headers={"Wasmstore-Auth": key})
+        return status, (json.loads(body) if status == 200 else body.decode())
+
+    def pages(self, route, limit):
+        """Every commit info of a paged route, following "next"; and the number of pages."""
+        commits, after, count = [], None, 0
+        while True:
+            query = f"?limit={limit}" + (f"&after={after}" if after else "")
+            status, page = self.get(route + query)
+            self.assertEqual(status, 200, page)
+            commits += page["commits"]
+            count += 1
+            after = page["next"]
+            if after is None:
+                return commits, count
+
+    def test_log_pages_follow_the_branch_newest_first(self):
+        for i in range(5):
+            self.store.add(f"/m{i}.wasm", wasm_module(f"m{i}"))
+        commits, count = self.pages("/api/v1/log", 2)
+        self.assertEqual(commits, self.store.log())
+        self.assertEqual((len(commits), count), (5, 3))
+        self.assertEqual(self.get("/api/v1/log")[1], {"commits": self.store.log(), "next": None})
+        self.assertEqual(self.get("/api/v1/log?limit=0")[1]["commits"], [])
+
+    def test_log_of_another_branch_and_bad_queries(self):
+        self.store.add("/a.wasm", wasm_module("a"))
+        self.store.create_branch("dev")
+        self.store.add("/b.wasm", wasm_module("b"), branch="dev")
+        status, _, body = self.live.request("GET", "/api/v1/log", headers={
+            "Wasmstore-Auth": "root", "Wasmstore-Branch": "dev"})
+        self.assertEqual(json.loads(body)["commits"], self.store.log(branch="dev"))
+        for query, status in [("limit=x", 400), ("limit=-1", 400), ("limit=\uff11", 400),
+                              ("limit=1001", 400), ("after=nothex", 400),
+                              (f"after={'0' * 64}", 404)]:
+            with self.subTest(query=query):
+                self.assertEqual(self.get("/api/v1/log?" + urllib.parse.quote(query, safe="=&"))[0],
+                                 status)
+
+    def test_audit_pages_list_only_the_commits_that_changed_the_path(self):
+        for i in range(4):
+            self.store.add("/apps/a.wasm", wasm_module(f"a{i}"))
+            self.store.add("/lib/b.wasm", wasm_module(f"b{i}"))
+        commits, count = self.pages("/api/v1/audit/apps/a.wasm", 3)
+        self.assertEqual(commits, self.store.audit("/apps/a.wasm"))
+        self.assertEqual((len(commits), count), (4, 2))
+        self.assertEqual(self.get("/api/v1/audit/apps")[1]["commits"], commits)
+        self.assertEqual(self.get("/api/v1/audit/nothing.wasm")[1], {"commits": [], "next": None})
+        other = self.store.audit("/lib/b.wasm")[0]["hash"]
+        self.assertEqual(self.get(f"/api/v1/audit/apps/a.wasm?after={other}")[0], 404)
+
+    def test_audit_for_a_key_limited_to_a_prefix_hides_messages_naming_other_paths(self):
+        self.store.add("/apps/a.wasm", wasm_module("a"))
+        self.store.add_files([("/apps/a.wasm", io.BytesIO(wasm_module("a2"))),
+                              ("/lib/secret.wasm", io.BytesIO(wasm_module("s")))],
+                             message="Import /apps/a.wasm and /lib/secret.wasm")
+        status, page = self.get("/api/v1/audit/apps/a.wasm", key="apps")
+        self.assertEqual(status, 200)
+        self.assertEqual([info["message"] for info in page["commits"]],
+                         [http_server.HIDDEN_MESSAGE, "Import /apps/a.wasm"])
+        self.assertNotIn("secret", json.dumps(page))
+        self.assertEqual(self.get("/api/v1/audit/lib/secret.wasm", key="apps")[0], 403)
+        self.assertEqual(self.get("/api/v1/log", key="apps")[0], 403)
+
+    def test_diff_between_two_commits_in_the_watch_format(self):
+        a1, a2, b = wasm_module("a1"), wasm_module("a2"), wasm_module("b")
+        self.store.add("/apps/a.wasm", a1)
+        first = self.store.snapshot()
+        self.store.add("/apps/a.wasm", a2)
+        self.store.add("/lib/b.wasm", b)
+        self.store.remove("/apps/a.wasm")
+        self.store.add("/apps/c.wasm", a1)
+        last = self.store.snapshot()
+        expected = {"/apps/a.wasm": {"action": "removed", "hash": sha256(a1)},
+                    "/apps/c.wasm": {"action": "added", "hash": sha256(a1)},
+                    "/lib/b.wasm": {"action": "added", "hash": sha256(b)}}
+        self.assertEqual(self.get(f"/api/v1/diff/{first}/{last}")[1], expected)
+        apps_only = {k: v for k, v in expected.items() if k.startswith("/apps/")}
+        self.assertEqual(self.get(f"/api/v1/diff/{first}/{last}/apps")[1], apps_only)
+        self.assertEqual(self.get(f"/api/v1/diff/{first}/{last}/apps", key="apps")[1], apps_only)
+        self.assertEqual(self.get(f"/api/v1/diff/{first}/{last}", key="apps")[0], 403)
+        self.assertEqual(self.get(f"/api/v1/diff/{last}/{first}")[1]["/lib/b.wasm"],
+                         {"action": "removed", "hash": sha256(b)})
+        self.assertEqual(self.get(f"/api/v1/diff/{first}/{'0' * 64}")[0], 404)
+        self.assertEqual(self.get(f"/api/v1/diff/{first}/HEAD")[0], 400)
+
+
+class KvRouteTests(unittest.TestCase):
+    """A stored module's kv data over HTTP: buckets, keys a page at a time, values; writes for
+    keys allowed admin; the namespace is the one the module runs in."""
+
+    PROBE_PATH = "/kv/probe.wasm"
+
+    def setUp(self):
+        self.live = LiveServer(self, auth="root:*;reader:read;writer:write;ops:admin,read@/kv/",
+                               run={"kv": "memory:", "timeout": 5})
+        fill_run_store(self.live.store, paths={self.PROBE_PATH, "/num/numbers.wasm"})
+        self.backend = self.live.server.runtime.runner.host.backend
+
+    def request(self, method, route, body=None, key="root", **headers):
+        return self.live.request(method, "/api/v1/" + route, body,
+                                 dict(headers, **{"Wasmstore-Auth": key}))
+
+    def incr(self, bucket, key, delta):
+        route = f"call/incr{self.PROBE_PATH}"
+        return json.loads(self.request("POST", route, json.dumps([bucket, key, delta]).encode())[2])
+
+    def test_what_a_guest_wrote_is_listed_and_read(self):
+        self.assertEqual(self.incr("counter", "hits", 2), {"ok": 2})
+        status, _, body = self.request("GET", "kv" + self.PROBE_PATH)
+        self.assertEqual(json.loads(body), {"namespace": self.PROBE_PATH, "buckets": ["counter"]})
+        self.assertEqual(json.loads(self.request("GET", "kv-keys/counter" + self.PROBE_PATH)[2]),
+                         {"keys": ["hits"], "next": None})
+        status, headers, body = self.request("GET", "kv-value/counter/kv/probe.wasm?key=hits",
+                                             key="reader")
+        self.assertEqual((status, headers["content-type"], body), (200, "application/octet-stream",
+                                                                   b"2"))
+
+    def test_an_admin_write_is_what_the_guest_reads_next(self):
+        route = "kv-value/counter/kv/probe.wasm?key=hits"
+        self.assertEqual(self.request("PUT", route, b"41", key="ops")[0], 200)
+        self.assertEqual(self.incr("counter", "hits", 1), {"ok": 42})
+        self.assertEqual(self.request("DELETE", route, key="ops")[0], 200)
+        self.assertEqual(self.request("GET", route)[0], 404)
+        self.assertEqual(self.request("DELETE", route, key="ops")[0], 200)     # missing: fine
+        self.assertEqual(self.incr("counter", "hits", 1), {"ok": 1})
+
+    def test_kv_writes_need_admin_and_reach(self):
+        route = "kv-value/counter/kv/probe.wasm?key=hits"
+        for key in ["reader", "writer"]:
+            with self.subTest(key=key):
+                self.assertEqual(self.request("PUT", route, b"7", key=key)[0], 403)
+                self.assertEqual(self.request("DELETE", route, key=key)[0], 403)
+        outside = self.request("PUT", "kv-value/b/num/numbers.wasm?key=k", b"7", key="ops")
+        self.assertEqual(outside[0], 403)
+        self.assertEqual(self.backend.buckets(self.PROBE_PATH), [])
+
+    def test_keys_come_a_page_at_a_time(self):
+        names = [f"k{i:02d}" for i in range(7)] + ["clé/ключ"]
+        self.backend.set_many(self.PROBE_PATH, "big", [(name, b"v") for name in names])
+        seen, cursor, pages = [], None, 0
+        while True:
+            query = "?limit=3" + (f"&cursor={urllib.parse.quote(cursor)}" if cursor else "")
+            page = json.loads(self.request("GET", "kv-keys/big/kv/probe.wasm" + query)[2])
+            seen += page["keys"]
+            pages += 1
+            cursor = page["next"]
+            if cursor is None:
+                break
+        self.assertEqual((seen, pages), (sorted(names), 3))
+        key = urllib.parse.quote("clé/ключ")
+        value = self.request("GET", "kv-value/big/kv/probe.wasm?key=" + key)
+        self.assertEqual(value[2], b"v")
+
+    def test_a_module_named_by_hash_shows_the_hash_namespace(self):
+        digest = self.live.store.hash(self.PROBE_PATH)
+        called = self.request("POST", f"call/incr/{digest}", b'["b", "k", 5]')
+        self.assertEqual(called[2], b'{"ok":5}')
+        status, _, body = self.request("GET", f"kv/{digest}")
+        self.assertEqual(json.loads(body), {"namespace": f"sha256:{digest}", "buckets": ["b"]})
+
+    def test_bad_requests_are_400_and_unknown_modules_404(self):
+        for method, route, status in [("GET", "kv-keys/bad%20bucket/kv/probe.wasm", 400),
+                                      ("GET", "kv-keys/b/kv/probe.wasm?cursor=nope", 400),
+                                      ("GET", "kv-keys/b/kv/probe.wasm?limit=x", 400),
+                                      ("GET", "kv-value/b/kv/probe.wasm", 400),
+                                      ("PUT", "kv-value/b/kv/probe.wasm", 400),
+                                      ("GET", "kv/kv/nothing.wasm", 404),
+                                      ("GET", "kv-value/b/kv/nothing.wasm?key=k", 404)]:
+            with self.subTest(method=method, route=route):
+                reply = self.request(method, route, b"v" if method == "PUT" else None)
+                self.assertEqual(reply[0], status, reply[2])
+                self.assertEqual(reply[2].count(b"\n"), 1)
+
+
 class BodyLimitTests(unittest.TestCase):
 
     def setUp(self):
@@ -5627,6 +5822,19 @@ class BackendContract:
         self.backend.delete(self.NS, "b", "k")
         self.assertIsNone(self.backend.get(self.NS, "b", "k"))
         self.backend.delete(self.NS, "b", "k")   # missing: fine
+
+    def test_buckets_are_those_of_the_namespace_that_hold_keys(self):
+        self.backend.set(self.NS, "b-2", "k", b"v")
+        self.backend.set(self.NS, "a.1", "k", b"v")
+        self.backend.set(self.NS, "gone", "k", b"v")
+        self.backend.delete(self.NS, "gone", "k")
+        self.backend.get(self.NS, "read-only", "k")            # opened, never written
+        self.backend.set("tenant:other/*", "c", "k", b"v")    # a name with URL and glob characters
+        self.assertEqual(self.backend.buckets(self.NS), ["a.1", "b-2"])
+        self.assertEqual(self.backend.buckets("tenant:other/*"), ["c"])
+        self.assertEqual(self.backend.buckets("nobody"), [])
+        with self.assertRaises(kvhost.ArgumentError):
+            self.backend.buckets("")
 
     def _fill(self, count=2500):
         keys = [f"key-{i:05d}" for i in range(count)]
@@ -9363,10 +9571,10 @@ class RunHttpTest(unittest.TestCase):
     def test_every_error_has_its_status_and_the_server_keeps_serving(self):
         live = self.server(timeout=1)
         cases = [
-            (("add", "/num/numbers.wasm", b"[2"), 400, "malformed JSON body"),
+            (("add", "/num/numbers.wasm", b"[2"), 400, "invalid JSON body"),
             (("add", "/num/numbers.wasm", b"[1, NaN]"), 400, 'write "NaN", "Infinity" or "-Infinity" as strings'),
             (("add", "/num/numbers.wasm", b'{"a": 1}'), 400, "expected a JSON array of arguments"),
-            (("add", "/num/numbers.wasm", b"\xff"), 400, "malformed JSON body"),
+            (("add", "/num/numbers.wasm", b"\xff"), 400, "invalid JSON body"),
             (("add", "/num/numbers.wasm", [1]), 400, "add takes 2 argument(s) (i32, i32), got 1"),
             (("add", "/num/numbers.wasm", [1, "2"]), 400, 'argument 2 (i32): expected i32, got "2"'),
             (("incr", "/kv/probe.wasm", ["b", "k", 1.5]), 400, "argument 3 (delta: s64): expected s64, got 1.5"),
@@ -9597,6 +9805,164 @@ class PyCounterServerTest(unittest.TestCase):
         self.assertEqual(self.bump(live), 1 + 16 * 5 + 1)
 
 
+
+# =================================================================================================
+# Hostile input: what an attacker, a broken peer or a careless script sends, as tables of cases
+# with the answer each must get; the server keeps serving and nothing changes
+# =================================================================================================
+
+# The spellings of numbers that str.isdigit() or int() take but that are not ASCII digits.
+NON_ASCII_NUMBERS = ("²", "①", "٣", "𝟎", "1_0", " 1", "+1", "0x1")
+
+
+class InputHelpersTest(unittest.TestCase):
+    """The one number, JSON and URL parser of each layer (kvhost's and wasmstore's copies agree)."""
+
+    LAYERS = ((kvhost, kvhost.ArgumentError), (wasmstore, wasmstore.InvalidInput))
+
+    def test_only_ascii_digits_are_numbers(self):
+        for module, error in self.LAYERS:
+            for text in NON_ASCII_NUMBERS + ("", "-", "9" * 41, "nan", "inf", "1e400"):
+                with self.subTest(module=module.__name__, text=text), self.assertRaises(error) as caught:
+                    module.parse_number(text, "count", fraction=text.startswith(("n", "i", "1e")))
+                self.assertIn("count", str(caught.exception))
+            self.assertEqual(module.parse_number("0042", "n"), 42)
+            self.assertEqual(module.parse_number(b"7", "n"), 7)
+            self.assertEqual(module.parse_number("-3", "n", minimum=-5), -3)
+            self.assertEqual(module.parse_number("2.5e1", "s", fraction=True), 25.0)
+            with self.assertRaisesRegex(error, "expected 0 to 9"):
+                module.parse_number("10", "digit", maximum=9)
+            with self.assertRaisesRegex(error, "expected at least 0"):
+                module.parse_number("-1", "count")
+
+    def test_json_nesting_is_bounded_before_decoding(self):
+        deep = "[" * 200_000 + "]" * 200_000
+        for module, error in self.LAYERS:
+            for text in (deep, "[" * 1000, b"{\"a\":" * 30_000 + b"1" + b"}" * 30_000):
+                with self.subTest(module=module.__name__, size=len(text)):
+                    with self.assertRaisesRegex(error, "nested deeper than 64 levels"):
+                        module.parse_json(text, "document")
+            nested = "[" * 64 + "]" * 64
+            self.assertEqual(module.json_depth(nested), 64)
+            self.assertIsInstance(module.parse_json(nested), list)
+            self.assertEqual(module.parse_json('{"a": "[[[[' + "[" * 100 + '"}'), {"a": "[" * 104})
+            for bad in ("NaN", "[1, Infinity]", b"\xff", "[1,", "1" * 5000):
+                with self.subTest(module=module.__name__, bad=bad[:10]), self.assertRaises(error):
+                    module.parse_json(bad)
+
+    def test_urls_need_a_host_and_a_port_in_range(self):
+        for module, error in self.LAYERS:
+            for url in ("http://[::1/x", "http://h:99999/", "http://h:abc/", "http://h:٣/", "ftp://h/",
+                        "http:///x", "http://h x/", "http://h/\n"):
+                with self.subTest(module=module.__name__, url=url), self.assertRaises(error):
+                    module.parse_url(url, "location", ("http", "https"))
+            url = module.parse_url("https://[::1]:5000/v2/?a=b", "location", ("http", "https"))
+            self.assertEqual((url.host, url.port, url.path, url.query, url.netloc),
+                             ("::1", 5000, "/v2/", "a=b", "[::1]:5000"))
+            with self.assertRaises(error) as caught:
+                module.parse_url("redis://user:secret@h:x/0", "URL", ("redis",))
+            self.assertNotIn("secret", str(caught.exception))
+
+
+class HostileHttpTest(unittest.TestCase):
+    """Requests an attacker sends to the API: each gets its 4xx in one line; the server logs no
+    500 or traceback, keeps serving, and the store does not change."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.live = LiveServer(cls, run={"kv": "memory:", "timeout": 2})
+        fill_run_store(cls.live.store, paths={"/num/numbers.wasm"})
+        cls.live.store.add("/types/probe.wasm", guest_binary(TYPES_PROBE))
+        for path, function, args in (("/num/numbers.wasm", "add", [1, 2]), ("/types/probe.wasm", "echo-f32", [1])):
+            status, _, body = cls.live.request("POST", f"/api/v1/call/{function}{path}", json.dumps(args).encode())
+            assert status == 200, body                 # warm: compiled, module files written out
+
+    @classmethod
+    def addCleanup(cls, function, *args, **kwargs):     # LiveServer's cleanup, at class level
+        cls.addClassCleanup(function, *args, **kwargs)
+
+    def state(self):
+        return store_state(self.live.root)
+
+    def check_cases(self, cases):
+        """cases: [(method, target, headers, body, status, text in the answer)]."""
+        for method, target, headers, body, status, text in cases:
+            with self.subTest(method=method, target=target[:80], body=(body or b"")[:40]):
+                before = self.state()
+                answer = self.live.request(method, target, body, headers)
+                self.assertEqual(answer[0], status, answer[2][:300])
+                self.assertIn(text, answer[2].decode("utf-8", "replace"))
+                if not target.startswith("/v2/"):           # /v2/ errors are the registry's JSON
+                    self.assertEqual(answer[2].count(b"\n"), 1, answer[2][:300])
+                self.assertEqual(self.live.request("POST", "/api/v1/call/add/num/numbers.wasm", b"[2, 3]")[2],
+                                 b"5")
+                self.assertEqual(self.state(), before)
+        log = self.live.log.getvalue()
+        self.assertNotIn(" 500 ", log)
+        self.assertNotIn("Traceback", log)
+
+    def test_call_bodies(self):
+        call, call_types = "/api/v1/call/add/num/numbers.wasm", "/api/v1/call/{}/types/probe.wasm"
+        self.check_cases([
+            ("POST", call, {}, b"[" * 1000 + b"]" * 1000, 400, "nested deeper than 64 levels"),
+            ("POST", call, {}, b"[" * 100_000, 400, "nested deeper than 64 levels"),
+            ("POST", call, {}, b'[{"a":' * 500 + b"1" + b"}]" * 500, 400, "nested deeper than 64 levels"),
+            ("POST", call, {}, b"[" + b"9" * 5000 + b", 1]", 400, "invalid JSON body"),
+            ("POST", call, {}, b"[1e400, 1]", 400, "expected i32"),
+            ("POST", call_types.format("echo-f32"), {}, b"[1e39]", 400, "expected f32"),
+            ("POST", call_types.format("echo-f32"), {}, b"[-3.5e38]", 400, "expected f32"),
+            ("POST", call_types.format("echo-f32"), {}, b"[" + b"9" * 400 + b"]", 400, "expected f32"),
+            ("POST", call_types.format("add-f64"), {}, b"[" + b"9" * 400 + b", 1]", 400, "expected f64"),
+            ("POST", call_types.format("echo-bytes"), {}, '["é"]'.encode(), 400, "expected list<u8>"),
+            ("POST", call_types.format("echo-bytes"), {}, b'["\\u0000"]', 400, "expected list<u8>"),
+            ("POST", "/api/v1/call/mulf32/num/numbers.wasm", {}, b"[1e39, 1]", 400, "expected f32"),
+        ])
+
+    def test_numbers_in_queries_and_paths(self):
+        cases = []
+        for text in NON_ASCII_NUMBERS:
+            quoted = urllib.parse.quote(text)
+            cases += [
+                ("POST", f"/api/v1/call/add/num/numbers.wasm?version={quoted}", {}, b"[1, 2]", 400, "ASCII digits"),
+                ("POST", f"/api/v1/run/num/numbers.wasm?version={quoted}", {}, b"", 400, "ASCII digits"),
+                ("GET", f"/api/v1/exports/num/numbers.wasm?version={quoted}", {}, None, 400, "ASCII digits"),
+                ("GET", f"/api/v1/version/{quoted}/num/numbers.wasm", {}, None, 400, "ASCII digits"),
+                ("GET", f"/v2/num/numbers.wasm/tags/list?n={quoted}", {}, None, 400, "UNSUPPORTED"),
+            ]
+        cases.append(("GET", "/api/v1/version/" + "9" * 30 + "/num/numbers.wasm", {}, None, 400, "version index"))
+        self.check_cases(cases)
+
+
+class HostileCommandLineTest(StoreTestCase):
+    """Arguments a careless script passes to the command lines: one error line, no traceback,
+    exit status 2 for a bad argument, and the store unchanged."""
+
+    def test_bad_arguments_are_one_line(self):
+        self.store.add("/types/probe.wasm", guest_binary(TYPES_PROBE))
+        before = store_state(self.root)
+        deep = "[" * 1000 + "]" * 1000
+        cases = [
+            (("call", "/types/probe.wasm", "echo-f32", deep), 2, "nested deeper than 64 levels"),
+            (("call", "/types/probe.wasm", "echo-f32", "1e39"), 2, "expected f32"),
+            (("call", "/types/probe.wasm", "echo-bytes", '"é"'), 2, "expected list<u8>"),
+            (("call", "--version", "²", "/types/probe.wasm", "echo-f32", "1"), 2, "ASCII digits"),
+            (("call", "--timeout", "٣", "/types/probe.wasm", "echo-f32", "1"), 2, "ASCII digits"),
+            (("log", "-n", "①"), 2, "ASCII digits"),
+            (("version", "٣", "/types/probe.wasm"), 1, "ASCII digits"),
+        ]
+        for args, status, text in cases:
+            with self.subTest(args=[a[:20] for a in args]):
+                done = run_cli(self.root, *args)
+                self.assertEqual(done.returncode, status, done.stderr)
+                self.assertIn(text, done.stderr)
+                self.assertNotIn("Traceback", done.stderr)
+                self.assertEqual(done.stderr.count("\n"), 1 if status == 1 else done.stderr.count("\n"))
+                self.assertEqual(store_state(self.root), before)
+        done = run_kvhost("call", TYPES_PROBE, "echo-f32", deep)
+        self.assertEqual((done.returncode, done.stderr.count("\n")), (2, 1), done.stderr)
+        self.assertIn("nested deeper than 64 levels", done.stderr)
+
+
 # =================================================================================================
 # HTTP apps in kvhost (Host.handle_http): the wasi:http proxy world served by kvhost's own imports
 # =================================================================================================
@@ -9624,7 +9990,7 @@ class RecordingSink:
         return b"".join(event[1] for event in self.events if event[0] == "write")
 
 
-def http_request(method="GET", path="/", headers=(), body=None, authority="localhost"):
+def incoming_request(method="GET", path="/", headers=(), body=None, authority="localhost"):
     """A kvhost.HttpRequest; body: bytes (read through an io.BytesIO) or None."""
     reader = None if body is None else io.BytesIO(body)
     return kvhost.HttpRequest(method, "http", authority, path, list(headers), reader)
@@ -9640,14 +10006,14 @@ class HttpHandlerTest(unittest.TestCase):
     def test_hello_answers_through_the_sink_in_order(self):
         guest = self.host.load(HTTP_HELLO)
         sink = RecordingSink()
-        outcome = self.host.handle_http(guest, http_request(), sink)
+        outcome = self.host.handle_http(guest, incoming_request(), sink)
         self.assertEqual(sink.events, [("start", 200, []), ("write", b"hello from wasm\n"), ("finish", None)])
         self.assertEqual((outcome.status, outcome.body_bytes), (200, 16))
 
     def test_a_component_that_is_not_a_handler_is_one_clear_error(self):
         guest = self.host.load(os.path.join(RUN_GUESTS, "http-import.wat"))
         with self.assertRaisesRegex(kvhost.NotHttpHandler, "does not export wasi:http/incoming-handler"):
-            self.host.handle_http(guest, http_request(), RecordingSink())
+            self.host.handle_http(guest, incoming_request(), RecordingSink())
 
 
 if __name__ == "__main__":

@@ -96,7 +96,8 @@ __all__ = [
     "RegistryError", "OciReference", "WasmArtifact", "Credentials", "RegistryClient",
     "TransferReport", "wasm_interface", "module_artifact", "registry_credentials",
     "docker_config_file", "validate_module_file", "is_branch_tag", "push", "push_all", "pull",
-    "pull_many", "console_main", "wasm_from_text",
+    "pull_many", "console_main", "wasm_from_text", "parse_number", "parse_json", "json_depth",
+    "parse_url", "Url", "MAX_JSON_DEPTH",
 ]
 
 import argparse
@@ -110,6 +111,7 @@ import hashlib
 import io
 import itertools
 import json
+import math
 import mmap
 import os
 import re
@@ -171,6 +173,8 @@ OCI_REPOSITORY = re.compile(r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*"
 OCI_TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}\Z")
 OCI_DIGEST = re.compile(r"sha256:[0-9a-f]{64}\Z")
 OCI_VERSION_TAG = re.compile(r"v(0|[1-9][0-9]{0,8})\Z")   # v0, v1, ...: a path's versions
+MAX_JSON_DEPTH = 64                   # JSON from outside nests at most this deep
+MAX_NUMBER_CHARS = 40                 # a longer number from outside is refused unread
 
 
 # --------------------------------------------------------------------------- exceptions
@@ -254,6 +258,106 @@ class _RefMoved(Conflict):
     def __init__(self, branch):
         super().__init__(f"branch {branch!r} changed while this change was being written "
                          "(a writer without the lock?); nothing was written, retry")
+
+
+# --------------------------------------------------------------------------- input from outside
+#
+# Every number, JSON text and URL this module takes from a user, a file or a peer (a registry,
+# a backup) goes through one of these three: only ASCII digits are digits (str.isdigit() takes
+# "²", int() takes "٣" and "1_0"), JSON nests at most MAX_JSON_DEPTH levels (the decoder
+# recurses: 1,000 levels in 2 KB raise RecursionError), a URL's port is a number in range.
+# http_server.py uses these; kvhost.py has the same three for its own input (each file works
+# copied alone).
+
+_INTEGER_TEXT = re.compile(r"-?[0-9]+\Z")
+_FRACTION_TEXT = re.compile(r"-?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][-+]?[0-9]+)?\Z")
+_JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.S)
+_JSON_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
+_BRACKET_STEP = {"[": 1, "{": 1, "]": -1, "}": -1}
+_USERINFO = re.compile(r"//[^/@]*@")
+_NOT_IN_URL = re.compile(r"[\x00-\x20\x7f]")          # spaces and control characters
+
+
+def parse_number(text, what, *, minimum=0, maximum=None, fraction=False):
+    """The number `text` (str or bytes) spells in ASCII digits: an int, or with fraction=True a
+    finite float (a decimal point and an exponent allowed). A leading "-" is the only sign; no
+    space, "_", "+", nan or inf. InvalidInput naming `what` when the text is not such a number
+    or the number is outside [minimum, maximum] (None: unbounded)."""
+    if isinstance(text, (bytes, bytearray)):
+        text = bytes(text).decode("latin-1")
+    pattern = _FRACTION_TEXT if fraction else _INTEGER_TEXT
+    if not isinstance(text, str) or len(text) > MAX_NUMBER_CHARS or not pattern.match(text):
+        kind = "a number" if fraction else "an integer"
+        raise InvalidInput(f"invalid {what} {_short(text, 40)}: expected {kind} in ASCII digits")
+    value = float(text) if fraction else int(text)
+    if not math.isfinite(value) or (minimum is not None and value < minimum) \
+            or (maximum is not None and value > maximum):
+        bounds = f"at least {minimum}" if maximum is None else f"{minimum} to {maximum}"
+        raise InvalidInput(f"invalid {what} {text!r}: expected {bounds}")
+    return value
+
+
+def _reject_constant(name):
+    raise ValueError(f"{name} is not JSON (write \"NaN\", \"Infinity\" or \"-Infinity\" as strings)")
+
+
+_STRICT_JSON = json.JSONDecoder(parse_constant=_reject_constant)
+
+
+def json_depth(text):
+    """How deep the arrays and objects of JSON text nest (brackets inside strings do not count;
+    for text that is not JSON, how deep a decoder would get before it finds out)."""
+    brackets = _JSON_NOT_BRACKET.sub("", _JSON_STRING.sub("", text))
+    return max(itertools.accumulate(map(_BRACKET_STEP.__getitem__, brackets)), default=0)
+
+
+def parse_json(data, what="JSON", *, max_depth=MAX_JSON_DEPTH):
+    """The value of strict JSON (no NaN or Infinity) given as str or bytes (UTF-8, or the
+    UTF-16/32 that json detects), nested at most max_depth levels: deeper input is refused
+    before the decoder sees it. InvalidInput naming `what` otherwise."""
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        data = bytes(data)
+        try:
+            data = data.decode(json.detect_encoding(data))
+        except UnicodeDecodeError:
+            raise InvalidInput(f"invalid {what}: not UTF-8 text") from None
+    if not isinstance(data, str):
+        raise InvalidInput(f"invalid {what}: expected JSON text, not {type(data).__name__}")
+    if data.count("[") + data.count("{") > max_depth and json_depth(data) > max_depth:
+        raise InvalidInput(f"invalid {what}: nested deeper than {max_depth} levels")
+    try:
+        return _STRICT_JSON.decode(data)
+    except ValueError as exc:              # json.JSONDecodeError, and numbers over 4,300 digits
+        raise InvalidInput(f"invalid {what}: {exc}") from None
+
+
+class Url(collections.namedtuple("Url", "scheme username password host port path query")):
+    """A URL parse_url() checked; netloc is "host[:port]" (IPv6 hosts in brackets)."""
+
+    __slots__ = ()
+
+    @property
+    def netloc(self):
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return host if self.port is None else f"{host}:{self.port}"
+
+
+def parse_url(text, what, schemes=("http", "https")):
+    """A URL from outside as a Url (host lowercased, IPv6 without brackets, port None when not
+    given); InvalidInput naming `what` unless its scheme is one of `schemes`, it names a host
+    (no space or control character) and its port, if any, is 0-65535 in ASCII digits."""
+    import urllib.parse
+    shown = _short(_USERINFO.sub("//", str(text)), 200)           # never a password in a message
+    if not isinstance(text, str) or _NOT_IN_URL.search(text):
+        raise InvalidInput(f"invalid {what} {shown}: not a URL")
+    try:
+        parts = urllib.parse.urlsplit(text)
+        port = parts.port
+    except ValueError as exc:              # "Invalid IPv6 URL", a port out of range or not a number
+        raise InvalidInput(f"invalid {what} {shown}: {exc}") from None
+    if parts.scheme not in schemes or not parts.hostname:
+        raise InvalidInput(f"invalid {what} {shown}: expected {' or '.join(schemes)}://HOST")
+    return Url(parts.scheme, parts.username, parts.password, parts.hostname, port, parts.path, parts.query)
 
 
 # --------------------------------------------------------------------------- names
@@ -2315,11 +2419,8 @@ class Store:
 
     def version(self, index, path, *, branch=None):
         """The index-th entry of versions(path) (0 = oldest)."""
-        try:
-            index = int(index)
-        except (TypeError, ValueError):
-            raise InvalidInput(f"invalid version index {_short(index)}: expected an "
-                               "integer") from None
+        if not isinstance(index, int) or isinstance(index, bool):
+            index = parse_number(index, "version index")
         found = self.versions(path, branch=branch)
         if not 0 <= index < len(found):
             raise NotFound(f"no version {index} of {format_path(validate_path(path))} "
@@ -2335,12 +2436,16 @@ class Store:
         return [self.commit_info(digest) for digest, changes in self._changed_modules(head)
                 if printed in changes or any(changed.startswith(below) for changed in changes)]
 
-    def log(self, limit=None, *, branch=None):
-        """Commit infos along first parents from the head, newest first."""
+    def log(self, limit=None, *, branch=None, start=None):
+        """Commit infos along first parents from the head (or from commit `start`, for the
+        next page of a long log), newest first."""
         head = self._read_ref(self._branch(branch))
+        if start is not None:
+            head = self.commit_info(start)["hash"]        # NotFound for an unknown commit
         chain = self._first_parents(head)
         if limit is not None:
-            chain = itertools.islice(chain, max(0, int(limit)))
+            chain = itertools.islice(chain, max(0, limit if isinstance(limit, int) else
+                                                parse_number(limit, "number of commits")))
         return [_commit_info(digest, commit) for digest, commit in chain]
 
     def snapshot(self, *, branch=None):
@@ -2951,8 +3056,8 @@ def _parse_object(data, digest):
             if not isinstance(document["date"], int) or not isinstance(document["message"], str):
                 raise ValueError("bad field")
             return ("commit", document)
-    except (ValueError, KeyError, TypeError, AttributeError):
-        pass
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
+        pass      # RecursionError: JSON nested beyond any tree or commit (a hostile backup's object)
     raise _not_an_object(digest)
 
 
@@ -3725,9 +3830,9 @@ def _wasm_layer(data, content_type):
         raise RegistryError(f"the manifest has media type {_clean_text(content_type)!r}, "
                             f"expected {OCI_MANIFEST_TYPE}")
     try:
-        manifest = json.loads(data)
-    except (ValueError, UnicodeDecodeError):
-        raise RegistryError("the manifest is not valid JSON") from None
+        manifest = parse_json(data, "manifest")
+    except InvalidInput as exc:
+        raise RegistryError(f"the registry sent an {exc}") from None
     if not isinstance(manifest, dict) or manifest.get("schemaVersion") != 2:
         raise RegistryError("the manifest is not an OCI image manifest (schemaVersion 2)")
     media_type = manifest.get("mediaType", OCI_MANIFEST_TYPE)
@@ -3820,12 +3925,12 @@ def registry_credentials(registry, *, username=None, password=None, environ=None
 def _docker_credentials(registry, filename):
     try:
         with open(filename, "rb") as handle:
-            document = json.loads(handle.read(OCI_MAX_SMALL_BODY + 1))
+            document = parse_json(handle.read(OCI_MAX_SMALL_BODY + 1), "JSON")
     except FileNotFoundError:
         return None
-    except (OSError, ValueError) as exc:
+    except (OSError, InvalidInput) as exc:
         raise InvalidInput(f"cannot read Docker config {filename!r}: "
-                           f"{getattr(exc, 'strerror', None) or 'not JSON'}") from None
+                           f"{getattr(exc, 'strerror', None) or exc}") from None
     auths = document.get("auths") if isinstance(document, dict) else None
     for key, entry in (auths or {}).items():
         host = key.split("://", 1)[-1].split("/", 1)[0]
@@ -3867,7 +3972,7 @@ def _parse_challenge(header):
 def _registry_detail(body):
     """": CODE: message" from an OCI error body, or "" (peer text, cleaned and bounded)."""
     try:
-        errors = json.loads(body).get("errors")
+        errors = parse_json(body, "error body").get("errors")
         first = errors[0]
         return ": " + _clean_text(f"{first.get('code', '')}: {first.get('message', '')}")
     except Exception:            # any other body: the status line says enough
@@ -3889,12 +3994,24 @@ class _Response:
     def header(self, name):
         return self.response.getheader(name)
 
+    def length(self, what):
+        """The Content-Length the registry announced (None without one); RegistryError when it
+        is not a byte count in ASCII digits."""
+        text = self.header("Content-Length")
+        if text is None:
+            return None
+        try:
+            return parse_number(text.strip(), "Content-Length")
+        except InvalidInput as exc:
+            self.close()
+            raise RegistryError(f"{self.client.registry} sent {what} with an {exc}") from None
+
     def read(self, limit, what):
         """The whole body, or RegistryError when it is longer than limit."""
-        length = self.header("Content-Length")
-        if length is not None and length.isdigit() and int(length) > limit:
+        length = self.length(what)
+        if length is not None and length > limit:
             self.close()
-            raise RegistryError(f"{what} from {self.client.registry} is {int(length)} bytes, "
+            raise RegistryError(f"{what} from {self.client.registry} is {length} bytes, "
                                 f"over the limit of {limit} bytes")
         try:
             data = self.response.read(limit + 1)
@@ -4157,12 +4274,14 @@ class RegistryClient:
         """(True, path) for a redirect on this registry, (False, split URL) elsewhere."""
         import urllib.parse
         base = f"{self.scheme}://{self.registry}/"
-        url = urllib.parse.urlsplit(urllib.parse.urljoin(base, location))
-        if url.scheme not in ("http", "https") or not url.hostname:
-            raise RegistryError(f"{self.registry} redirected {what} to an unusable location")
+        try:
+            url = parse_url(urllib.parse.urljoin(base, location), "location")
+        except (InvalidInput, ValueError) as exc:      # urljoin too refuses a broken IPv6 host
+            raise RegistryError(f"{self.registry} redirected {what} to an unusable location "
+                                f"({_clean_text(exc)})") from None
         own_port = self.port or (443 if self.scheme == "https" else 80)
         port = url.port or (443 if url.scheme == "https" else 80)
-        if url.scheme == self.scheme and url.hostname == self.host.lower() and port == own_port:
+        if url.scheme == self.scheme and url.host == self.host.lower() and port == own_port:
             return True, (url.path or "/") + (f"?{url.query}" if url.query else "")
         return False, url
 
@@ -4172,23 +4291,23 @@ class RegistryClient:
         if url.scheme != "https":
             raise RegistryError(f"{self.registry} redirected {what} to plain HTTP on another "
                                 f"host ({_clean_text(url.netloc)}); refusing")
-        connection = self._connection("https", url.hostname, url.port)
+        connection = self._connection("https", url.host, url.port)
         target = (url.path or "/") + (f"?{url.query}" if url.query else "")
         try:
             connection.request("GET", target, headers={"User-Agent": f"wasmstore/{__version__}"})
             response = _Response(self, connection, connection.getresponse(), pooled=False)
         except self.ssl.SSLCertVerificationError as exc:
             connection.close()
-            raise RegistryError(f"the TLS certificate of {_clean_text(url.hostname)} cannot "
+            raise RegistryError(f"the TLS certificate of {_clean_text(url.host)} cannot "
                                 f"be verified ({_clean_text(exc.verify_message)})") from None
         except (OSError, self.http.HTTPException) as exc:
             connection.close()
-            raise RegistryError(f"downloading {what} from {_clean_text(url.hostname)} failed: "
+            raise RegistryError(f"downloading {what} from {_clean_text(url.host)} failed: "
                                 f"{_clean_text(getattr(exc, 'strerror', None) or exc)}"
                                 ) from None
         if response.status != 200:
             response.close()
-            raise RegistryError(f"{_clean_text(url.hostname)} answered {response.status} "
+            raise RegistryError(f"{_clean_text(url.host)} answered {response.status} "
                                 f"{response.reason} to the redirected download of {what}")
         return response
 
@@ -4229,16 +4348,13 @@ class RegistryClient:
     def _fetch_token(self, params):
         """A bearer token from the challenge's realm (the registry token auth flow)."""
         import urllib.parse
-        realm = urllib.parse.urlsplit(params["realm"])
-        service = _clean_text(realm.hostname or "?")
         try:
-            port = realm.port
-        except ValueError:
-            port = None
-            realm = realm._replace(scheme="")
-        if realm.scheme not in ("http", "https") or not realm.hostname:
-            raise RegistryError(f"{self.registry} announced an unusable token service")
-        if realm.scheme == "http" and not (self.plain_http or _is_loopback(realm.hostname)):
+            realm = parse_url(params["realm"], "token service")
+        except InvalidInput as exc:
+            raise RegistryError(f"{self.registry} announced an unusable token service "
+                                f"({_clean_text(exc)})") from None
+        service, port = _clean_text(realm.host), realm.port
+        if realm.scheme == "http" and not (self.plain_http or _is_loopback(realm.host)):
             raise RegistryError(f"the token service of {self.registry} ({service}) is plain "
                                 "HTTP; refusing to send credentials there (--plain-http "
                                 "allows it)")
@@ -4249,7 +4365,7 @@ class RegistryClient:
         headers = {"User-Agent": f"wasmstore/{__version__}", "Accept": "application/json"}
         if self.credentials is not None:
             headers["Authorization"] = self.credentials.basic()
-        connection = self._connection(realm.scheme, realm.hostname, port)
+        connection = self._connection(realm.scheme, realm.host, port)
         try:
             connection.request("GET", target, headers=headers)
             response = connection.getresponse()
@@ -4270,9 +4386,9 @@ class RegistryClient:
             raise RegistryError(f"the token service {service} of {self.registry} answered "
                                 f"{status} with no usable token")
         try:
-            document = json.loads(body)
+            document = parse_json(body, "token answer")
             token = document.get("token") or document.get("access_token")
-        except (ValueError, AttributeError):
+        except (InvalidInput, AttributeError):
             token = None
         if not isinstance(token, str) or not token or not token.isprintable() or " " in token:
             raise RegistryError(f"the token service {service} of {self.registry} sent no "
@@ -4353,8 +4469,8 @@ class RegistryClient:
         what = f"blob {digest} of {repository}"
         response = self.call("GET", f"/v2/{repository}/blobs/{digest}", repository=repository,
                              what=what, foreign_redirects=True)
-        length = response.header("Content-Length")
-        if length is not None and length.isdigit() and int(length) != size:
+        length = response.length(what)
+        if length is not None and length != size:
             response.close()
             raise RegistryError(f"{what} is {length} bytes, but the manifest says {size}; "
                                 "nothing was stored")
@@ -4631,6 +4747,14 @@ def _open_layer(client, reference, segments, progress):
 
 # --------------------------------------------------------------------------- CLI
 
+def _cli_count(text):
+    """argparse type of a count or index option: ASCII digits only."""
+    try:
+        return parse_number(text, "number")
+    except InvalidInput as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _print_line(text):
     sys.stdout.write(text + "\n")
 
@@ -4867,9 +4991,12 @@ def _selector(args):
 
 def _cmd_call(store, args):
     kvhost = _kvhost()
+    try:
+        json_args = kvhost.parse_json_args(args.json_args)     # before anything is opened
+    except kvhost.KvError as exc:
+        return kvhost.report(exc, sys.stderr, "wasmstore")
 
     def call(runner):
-        json_args = kvhost.parse_json_args(args.json_args)
         result = runner.call(args.target, args.function, json_args, namespace=args.namespace, **_selector(args))
         kvhost.print_json(result, sys.stdout)
         return 0
@@ -4898,7 +5025,7 @@ def _cmd_exports(store, args):
 
 
 def _add_selector_options(sub):
-    sub.add_argument("--version", dest="version_index", type=int, metavar="INDEX",
+    sub.add_argument("--version", dest="version_index", type=_cli_count, metavar="INDEX",
                      help="run version INDEX of the path (0 = oldest; see 'versions')")
     sub.add_argument("--commit", metavar="COMMIT", help="run the module as it was in COMMIT")
 
@@ -5041,7 +5168,7 @@ COMMANDS = {
     "audit": (_cmd_audit, "print '<date>\\t<author>\\t<commit>' for each change of PATH",
               [("path", {"metavar": "PATH"})]),
     "log": (_cmd_log, "print the branch's history, newest first",
-            [("-n", {"type": int, "metavar": "N", "help": "at most N commits"})]),
+            [("-n", {"type": _cli_count, "metavar": "N", "help": "at most N commits"})]),
     "branch": (_cmd_branch, "create, delete or switch branches; with no NAME, list them",
                [("name", {"metavar": "NAME", "nargs": "?", "help": "branch to create or delete"}),
                 ("--delete", {"action": "store_true", "help": "delete NAME"}),
