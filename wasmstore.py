@@ -3459,6 +3459,18 @@ class Runner:
                               resolve=self._linker_for(target, guest, reach)
                               if guest.links_needed else None, stats=stats)
 
+    def call_captured(self, path_or_hash, function, args=(), *, branch=None, version=None, commit=None,
+                      namespace=None, limit=None, stats=None, reach=None):
+        """Like call(), with the guest's stdout and stderr kept, never written to this process's
+        streams (kvhost.CallResult: .value, .stdout, .stderr and their totals)."""
+        target = path_or_hash if type(path_or_hash) is Target else \
+            self._target(path_or_hash, branch, version, commit)
+        guest = self.host.loaded(target.digest) or self.load(target)
+        options = {} if limit is None else {"limit": limit}
+        return self.host.call_captured(guest, function, args, namespace=namespace or target.namespace,
+                                       resolve=self._linker_for(target, guest, reach)
+                                       if guest.links_needed else None, stats=stats, **options)
+
     def run(self, path_or_hash, argv=(), *, branch=None, version=None, commit=None, namespace=None,
             stdin=None, stats=None, reach=None):
         """Run a wasi:cli/run component or a WASI command module; returns its exit status."""
