@@ -34,14 +34,17 @@ wasi:keyvalue on provider_kv).
 
 Map of this file, top-down:
   constants and exceptions
+  input           parse_number, parse_json, parse_url: every number, JSON text and URL from
+                  outside (ASCII digits only, bounded nesting, ports in range)
   backends        Backend (validation, cursors) -> MemoryBackend, SqliteBackend, RedisBackend; open_backend()
   value codecs    type descriptors of component values and converters that read and write
                   wasmtime's value records in place (host + JSON dialects)
   host glue       the wasi:keyvalue functions of both versions, dispatched without per-call type walks
   core signatures core_signatures(): a core module's import/export types read from its bytes
   engine          compile cache on disk (checksummed, mapped by wasmtime), Guest and what it
-                  exports (describe_exports), Host (load / call / run / run_captured / exports /
-                  link_plan / attach_watcher), _Session (one Store per call; core calls through
+                  exports (describe_exports), Host (load / call / call_captured / run /
+                  run_captured / exports / link_plan / attach_watcher; _Capture, the bounded
+                  sink for guest output), _Session (one Store per call; core calls through
                   the C API by address)
   composition     Provider; a consumer's wasi:keyvalue forwarded to a provider component's
                   exports (_forward), one provider instance per consumer call (_ProviderLink)

@@ -61,7 +61,9 @@ fdatasync), and a ref that moves by rename cannot be read fresh without a syscal
 so a commit creates no file and a ref is rewritten in place.
 
 Map of this file: constants; exceptions and the ERROR_STATUS table (HTTP status, exit
-status and metric label of each error, shared with http_server.py); names (paths, branches,
+status and metric label of each error, shared with http_server.py); input from outside
+(parse_number, parse_json, parse_url: ASCII digits, bounded JSON nesting, ports in range; used
+by http_server.py too); names (paths, branches,
 hashes); validation (wasmtime, imported lazily); primitives (the durable write, temp files and their debris, the
 hash check, caches); the object store (_Segment: one pack as a reader sees it;
 _ObjectStore: packs and loose files, batches, module files, fsck and gc passes); refs
