@@ -34,14 +34,17 @@ wasi:keyvalue on provider_kv).
 
 Map of this file, top-down:
   constants and exceptions
+  input           parse_number, parse_json, parse_url: every number, JSON text and URL from
+                  outside (ASCII digits only, bounded nesting, ports in range)
   backends        Backend (validation, cursors) -> MemoryBackend, SqliteBackend, RedisBackend; open_backend()
   value codecs    type descriptors of component values and converters that read and write
                   wasmtime's value records in place (host + JSON dialects)
   host glue       the wasi:keyvalue functions of both versions, dispatched without per-call type walks
   core signatures core_signatures(): a core module's import/export types read from its bytes
   engine          compile cache on disk (checksummed, mapped by wasmtime), Guest and what it
-                  exports (describe_exports), Host (load / call / run / run_captured / exports /
-                  link_plan / attach_watcher), _Session (one Store per call; core calls through
+                  exports (describe_exports), Host (load / call / call_captured / run /
+                  run_captured / exports / link_plan / attach_watcher; _Capture, the bounded
+                  sink for guest output), _Session (one Store per call; core calls through
                   the C API by address)
   composition     Provider; a consumer's wasi:keyvalue forwarded to a provider component's
                   exports (_forward), one provider instance per consumer call (_ProviderLink)
@@ -68,7 +71,7 @@ __all__ = [
     "NoSuchFunction", "GuestError", "LinkError", "NotHttpHandler", "TrapError", "GuestExit", "Err",
     "HttpRequest", "HttpOutcome", "parse_outbound",
     "Backend", "MemoryBackend", "SqliteBackend", "RedisBackend", "open_backend",
-    "Guest", "Host", "RunResult", "Provider", "provider_of", "provider_exports", "PROVIDER_PREFIX", "core_signatures", "describe_exports", "format_export", "json_float", "float_from_json",
+    "Guest", "Host", "RunResult", "CallResult", "Provider", "provider_of", "provider_exports", "PROVIDER_PREFIX", "core_signatures", "describe_exports", "format_export", "json_float", "float_from_json",
     "add_store_options", "add_sandbox_options", "host_from_args", "parse_json_args", "print_json", "print_exports",
     "run_with_deadline", "end_process", "report", "DeadlineExceeded", "main", "console_main",
     "parse_number", "parse_json", "json_depth", "parse_url", "Url", "MAX_JSON_DEPTH",
@@ -2524,6 +2527,7 @@ GUEST_CACHE_SIZE = 64                           # compiled guests a Host keeps i
 DEFAULT_CAPTURE_BYTES = 16 << 20                # run_captured keeps this much stdout and stderr
 WORKER_GRACE = 0.5                              # seconds past the timeout before a blocked guest is killed
 ISOLATIONS = ("auto", "thread", "process")
+OUTPUTS = ("inherit", "discard")                   # where a guest's uncaptured output goes
 BLOCKING_PREVIEW1 = frozenset({"poll_oneoff", "sock_accept", "sock_recv", "sock_send", "sock_shutdown"})
 CORE_JSON_TYPES = frozenset({"i32", "i64", "f32", "f64"})
 NON_FINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
@@ -2858,7 +2862,12 @@ class _Request:
 
 
 class _Capture:
-    """A guest's stdout or stderr kept in memory up to `limit` bytes; the rest is counted, not kept."""
+    """A guest's stdout or stderr kept in memory up to `limit` bytes; the rest is counted, not kept.
+
+    The one sink for guest output that must not reach this process's own streams (a server's
+    calls and runs, HTTP handlers, a provider serving them): write() never blocks, so a guest
+    writing without end only spends its own time and fuel, and never more than `limit` bytes
+    are held."""
 
     def __init__(self, limit):
         self.limit = limit
@@ -2888,8 +2897,22 @@ class RunResult:
         self.stdout_total = stdout_total      # bytes the guest wrote; more than len(stdout) if cut
         self.stderr_total = stderr_total
 
+    @classmethod
+    def _of(cls, outcome):
+        return cls(outcome.value, outcome.stdout.value(), outcome.stderr.value(), outcome.stdout.total,
+                   outcome.stderr.total)
+
     def __repr__(self):
-        return f"<RunResult status={self.status} stdout={len(self.stdout)}B stderr={len(self.stderr)}B>"
+        return f"<{type(self).__name__} {self.status!r} stdout={len(self.stdout)}B stderr={len(self.stderr)}B>"
+
+
+class CallResult(RunResult):
+    """What Host.call_captured gives back: the call's result (.value) and the guest's bounded
+    output, as in RunResult."""
+
+    @property
+    def value(self):
+        return self.status
 
 
 class _Outcome:
@@ -2953,15 +2976,22 @@ class Host:
     stub_imports: define every import the host does not provide as a function that traps when
     called (componentize-js builds import wasi:http, for instance); off by default.
     cache_dir: compile cache (None: default_cache_dir(), False: off); stdout / stderr: file paths
-    for the guest's output (default: inherited); max_value_size: value limit of a backend opened
-    from a URL (a Backend carries its own).
+    for the guest's output; output: where output goes that is neither captured (call_captured,
+    run_captured) nor sent to those files: "inherit" (this process's stdout and stderr, the
+    default, for command lines) or "discard" (for servers: then nothing a guest writes, nor a
+    provider or watcher it triggers, reaches this process's streams or can block on them);
+    max_value_size: value limit of a backend opened from a URL (a Backend carries its own).
     """
 
     def __init__(self, kv="memory:", namespace="default", allow_buckets=None, deny_buckets=None, timeout=DEFAULT_TIMEOUT,
                  fuel=None, max_memory=DEFAULT_MAX_MEMORY, env=None, dirs=None, cache_dir=None, stdout=None,
                  stderr=None, max_value_size=None, max_table_elements=DEFAULT_MAX_TABLE_ELEMENTS,
-                 isolation="auto", workers=None, stub_imports=False, provider_kv=None, allow_outbound=None):
+                 isolation="auto", workers=None, stub_imports=False, provider_kv=None, allow_outbound=None,
+                 output="inherit"):
         _check_namespace(namespace)
+        if output not in OUTPUTS:
+            raise ArgumentError(f"invalid output {output!r}: expected one of {', '.join(OUTPUTS)}")
+        self.output = output
         self.allow_outbound = parse_outbound(allow_outbound)
         provider = provider_of(kv)
         if provider is not None:
@@ -3332,13 +3362,13 @@ class Host:
             return config
         if self.stdout:
             config.stdout_file = self.stdout
-        else:
+        elif self.output == "inherit":
             config.inherit_stdout()
         if self.stderr:
             config.stderr_file = self.stderr
-        else:
+        elif self.output == "inherit":
             config.inherit_stderr()
-        return config
+        return config                    # "discard": WASI's default streams drop what is written
 
     def _new_store(self, argv=("guest",), stdin=None, capture=None, wasi=True):
         """A fresh Store with the sandbox limits, and WASI set unless the guests it runs import none
@@ -3435,9 +3465,19 @@ class Host:
         _check_limit("limit", limit, allow_none=False)
         request = _Request("run", argv=[guest.name] + [str(a) for a in argv], namespace=namespace,
                            stdin=stdin, capture=limit)
-        outcome = self._execute(guest, request, resolve, stats)
-        return RunResult(outcome.value, outcome.stdout.value(), outcome.stderr.value(),
-                         outcome.stdout.total, outcome.stderr.total)
+        return RunResult._of(self._execute(guest, request, resolve, stats))
+
+    def call_captured(self, guest, function, args=(), *, namespace=None, resolve=None, limit=DEFAULT_CAPTURE_BYTES,
+                      stats=None):
+        """Like call(), but the guest's stdout and stderr are kept (up to `limit` bytes each; the
+        rest is counted) and returned with the result in a CallResult: nothing the guest writes
+        reaches this process's streams, and writing never blocks it."""
+        self._check_guest(guest)
+        if not isinstance(function, str) or not function:
+            raise ArgumentError(f"invalid function name {function!r}")
+        _check_limit("limit", limit, allow_none=False)
+        request = _Request("call", function=function, args=args, namespace=namespace, capture=limit)
+        return CallResult._of(self._execute(guest, request, resolve, stats))
 
     def handle_http(self, guest, request, sink, *, namespace=None):
         """Answer one HTTP request with a component exporting wasi:http/incoming-handler, in a
@@ -4117,7 +4157,8 @@ class _Composition:
             link.close()
 
     def wasi_config(self, capture):
-        """The provider's WASI: the Host's env and dirs; its output goes to the consumer's stderr."""
+        """The provider's WASI: the Host's env and dirs; its output goes where the consumer's does
+        (captured with it, else the Host's stderr unless the Host discards output)."""
         host = self.host
         config = wasmtime.WasiConfig()
         config.argv = [self.guest.name]
@@ -4125,10 +4166,13 @@ class _Composition:
             config.env = sorted(host.env.items())
         for host_dir, guest_dir in host.dirs:
             config.preopen_dir(host_dir, guest_dir)
-        sink = _to_stderr if capture is None else capture.write
-        config.stdout_custom = sink
-        config.stderr_custom = sink
-        return config
+        if capture is not None:
+            config.stdout_custom = capture.write
+            config.stderr_custom = capture.write
+        elif host.output == "inherit":
+            config.stdout_custom = _to_stderr
+            config.stderr_custom = _to_stderr
+        return config                    # "discard": WASI's default streams drop what is written
 
     def check_consumer(self, guest):
         """Refuse a consumer needing a function the provider lacks; a consumer of a provider that may
@@ -4432,9 +4476,12 @@ class _Fields:
     def content_length(self):
         """The content-length these fields declare, or None (also when it is not one number)."""
         values = self.map.get("content-length")
-        if not values or len(set(values)) != 1 or not values[0].isdigit():
+        if not values or len(set(values)) != 1:
             return None
-        return int(values[0])
+        try:
+            return parse_number(values[0], "content-length")
+        except ArgumentError:
+            return None
 
 
 def _header_error(name, values=()):
@@ -5478,7 +5525,7 @@ def _outbound_target(host, request):
         return Err(wc.Variant("HTTP-protocol-error"))
     if not request.authority:
         return Err(wc.Variant("HTTP-request-URI-invalid"))
-    match = re.match(r"(\[[^\]]*\]|[^:]*)(?::([0-9]+))?\Z", request.authority)
+    match = re.match(r"(\[[^\]]*\]|[^:]*)(?::([0-9]{1,5}))?\Z", request.authority)
     if match is None or not match.group(1) or (match.group(2) is not None and not 0 < int(match.group(2)) < 65536):
         return Err(wc.Variant("HTTP-request-URI-invalid"))
     name = match.group(1).strip("[]").lower()
@@ -6045,7 +6092,8 @@ class _Worker:
         try:
             self.process = subprocess.Popen(
                 [sys.executable, "-c", self.CODE, os.path.abspath(__file__), str(to_child_read), str(from_child_write)],
-                stdin=subprocess.DEVNULL, pass_fds=(to_child_read, from_child_write), start_new_session=True)
+                stdin=subprocess.DEVNULL, pass_fds=(to_child_read, from_child_write), start_new_session=True,
+                stdout=subprocess.DEVNULL if settings.get("output") == "discard" else None)
         finally:
             os.close(to_child_read)
             os.close(from_child_write)
@@ -6148,7 +6196,7 @@ class _WorkerPool:
         settings = {"namespace": host.namespace, "timeout": host.timeout, "fuel": host.fuel,
                     "max_memory": host.max_memory, "max_table_elements": host.max_table_elements,
                     "env": host.env, "dirs": host.dirs, "cache_dir": host.cache_dir, "stdout": host.stdout,
-                    "stderr": host.stderr, "stub_imports": host.stub_imports,
+                    "stderr": host.stderr, "stub_imports": host.stub_imports, "output": host.output,
                     "allow_buckets": None if host.allow_buckets is None else sorted(host.allow_buckets),
                     "deny_buckets": sorted(host.deny_buckets)}
         blobs = []
@@ -6237,7 +6285,8 @@ def _worker_guest(host, wire, blobs):
 
 def _worker_main(argv):
     """The loop of a worker process (see _WorkerPool): requests from the parent, one at a time,
-    until the parent closes the pipe. Guest stdout/stderr are the parent's unless captured."""
+    until the parent closes the pipe. Guest output goes where the parent's Host says (captured,
+    to files, inherited or dropped)."""
     channel = _Channel(int(argv[0]), int(argv[1]))
     try:
         header, blobs = channel.recv()

@@ -9963,6 +9963,73 @@ class HostileCommandLineTest(StoreTestCase):
         self.assertIn("nested deeper than 64 levels", done.stderr)
 
 
+class GuestOutputTest(unittest.TestCase):
+    """What a called guest writes to stdout and stderr is captured into its reply, bounded, and
+    never reaches the server's own streams, which a guest can therefore never block."""
+
+    def test_call_output_comes_back_in_headers_cut_at_4_kib(self):
+        live = LiveServer(self, run={"kv": "memory:"})
+        live.store.add("/out/shout.wasm", guest_binary("wasi-shout"))
+        status, headers, body = live.request("POST", "/api/v1/call/shout/out/shout.wasm", b"[1, 16]")
+        self.assertEqual((status, body), (200, b"16"))
+        self.assertTrue(json.loads(headers["wasmstore-stdout"]).startswith("shout-marker \n127.0.0.1"))
+        self.assertEqual(len(json.loads(headers["wasmstore-stdout"]).encode()), 4096)
+        self.assertEqual(headers["wasmstore-stdout-truncated"], str(16 << 16))
+        self.assertNotIn("wasmstore-stderr", headers)
+        status, headers, body = live.request("POST", "/api/v1/call/shout/out/shout.wasm", b"[2, 1]")
+        self.assertEqual((status, headers["wasmstore-stderr-truncated"]), (200, str(1 << 16)))
+        status, headers, _ = live.request("POST", "/api/v1/call/shout/out/shout.wasm", b"[1, 0]")
+        self.assertNotIn("wasmstore-stdout", headers)
+        self.assertNotIn("forged", live.log.getvalue())
+
+    def test_a_server_whose_streams_nobody_reads_keeps_answering(self):
+        root = os.path.join(temp_dir(self), "root")
+        Store(root).add("/out/shout.wasm", guest_binary("wasi-shout"))
+        server = subprocess.Popen([sys.executable, HTTP_SERVER_PY, "--root", root, "--port", "0", "--kv", "memory:",
+                                   "--run-timeout", "3", "--max-guests", "2"],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=HERE)
+        self.addCleanup(lambda: (server.poll() is None and server.kill(), server.wait(10)))
+        port = int(re.search(rb"127\.0\.0\.1:(\d+)", server.stderr.readline()).group(1))
+        results = []
+
+        def shout(fd):              # 4 MiB each; a pipe holds 64 KiB, and nobody reads these two
+            started = time.monotonic()
+            status, _, body = http_request(f"http://127.0.0.1:{port}/api/v1/call/shout/out/shout.wasm", "POST",
+                                           json.dumps([fd, 64]).encode())
+            results.append((status, body, time.monotonic() - started < 3))
+        threads = [threading.Thread(target=shout, args=(fd,)) for fd in (1, 2, 1, 2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        self.assertEqual(results, [(200, b"64", True)] * 4)
+        server.kill()
+        output = server.stdout.read() + server.stderr.read()
+        self.assertNotIn(b"shout-marker", output)
+        self.assertNotIn(b"forged", output)
+        self.assertLess(len(output), 64 << 10)
+
+    def test_kvhost_output_policies(self):
+        guest_file = os.path.join(temp_dir(self), "shout.wasm")
+        with open(guest_file, "wb") as f:
+            f.write(guest_binary("wasi-shout"))
+        script = ("import kvhost, sys\n"
+                  "host = kvhost.Host(output=sys.argv[1], cache_dir=False)\n"
+                  "guest = host.load(sys.argv[2])\n"
+                  "result = host.call_captured(guest, 'shout', [1, 2], limit=10)\n"
+                  "print(repr((result.value, result.stdout, result.stdout_total)), file=sys.stderr)\n"
+                  "host.call(guest, 'shout', [1, 1])\n")
+        for output in ("inherit", "discard"):
+            with self.subTest(output=output):
+                done = subprocess.run([sys.executable, "-c", script, output, guest_file], capture_output=True,
+                                      cwd=HERE, timeout=120)
+                # (wasmtime's runtime threads may print a panic as the interpreter exits: not ours)
+                self.assertEqual(done.stderr.splitlines()[0], b"(2, b'shout-mark', 131072)")
+                self.assertEqual(len(done.stdout), 0 if output == "discard" else 65536)
+        with self.assertRaisesRegex(kvhost.ArgumentError, "invalid output 'loud'"):
+            kvhost.Host(output="loud")
+
+
 # =================================================================================================
 # HTTP apps in kvhost (Host.handle_http): the wasi:http proxy world served by kvhost's own imports
 # =================================================================================================

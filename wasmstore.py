@@ -61,7 +61,9 @@ fdatasync), and a ref that moves by rename cannot be read fresh without a syscal
 so a commit creates no file and a ref is rewritten in place.
 
 Map of this file: constants; exceptions and the ERROR_STATUS table (HTTP status, exit
-status and metric label of each error, shared with http_server.py); names (paths, branches,
+status and metric label of each error, shared with http_server.py); input from outside
+(parse_number, parse_json, parse_url: ASCII digits, bounded JSON nesting, ports in range; used
+by http_server.py too); names (paths, branches,
 hashes); validation (wasmtime, imported lazily); primitives (the durable write, temp files and their debris, the
 hash check, caches); the object store (_Segment: one pack as a reader sees it;
 _ObjectStore: packs and loose files, batches, module files, fsck and gc passes); refs
@@ -3474,6 +3476,18 @@ class Runner:
         return self.host.call(guest, function, args, namespace=namespace or target.namespace,
                               resolve=self._linker_for(target, guest, reach)
                               if guest.links_needed else None, stats=stats)
+
+    def call_captured(self, path_or_hash, function, args=(), *, branch=None, version=None, commit=None,
+                      namespace=None, limit=None, stats=None, reach=None):
+        """Like call(), with the guest's stdout and stderr kept, never written to this process's
+        streams (kvhost.CallResult: .value, .stdout, .stderr and their totals)."""
+        target = path_or_hash if type(path_or_hash) is Target else \
+            self._target(path_or_hash, branch, version, commit)
+        guest = self.host.loaded(target.digest) or self.load(target)
+        options = {} if limit is None else {"limit": limit}
+        return self.host.call_captured(guest, function, args, namespace=namespace or target.namespace,
+                                       resolve=self._linker_for(target, guest, reach)
+                                       if guest.links_needed else None, stats=stats, **options)
 
     def run(self, path_or_hash, argv=(), *, branch=None, version=None, commit=None, namespace=None,
             stdin=None, stats=None, reach=None):
