@@ -211,7 +211,8 @@ WASM_TYPE = "application/wasm"             # exactly: WebAssembly.instantiateStr
 CORS_ALLOW_HEADERS = ("Wasmstore-Auth, Wasmstore-Branch, Wasmstore-Author, Authorization, "
                       "Content-Type, If-None-Match")
 CORS_EXPOSE_HEADERS = ("Wasmstore-Hash, ETag, Wasmstore-Exit-Status, Wasmstore-Stderr, "
-                       "Wasmstore-Stderr-Truncated, Wasmstore-Stdout-Truncated, Wasmstore-Error")
+                       "Wasmstore-Stderr-Truncated, Wasmstore-Stdout, Wasmstore-Stdout-Truncated, "
+                       "Wasmstore-Error")
 
 _SEGMENT_RE = re.compile(r"(?:[^%]|%[0-9A-Fa-f]{2})*\Z", re.S)
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
@@ -1184,18 +1185,25 @@ def call_function(store, call, body):
     version = _version_query(call)
 
     def work(target, stats):
-        return runtime.runner.call(target, function, args, stats=stats, reach=_link_reach(call))
+        return runtime.runner.call_captured(target, function, args, limit=MAX_STDERR_HEADER,
+                                            stats=stats, reach=_link_reach(call))
     result = runtime.execute(call, function, version, work)
-    data = _RESULT_JSON.encode(result).encode("utf-8")
-    return Reply(200, [("Content-Type", JSON_TYPE)], data)
+    data = _RESULT_JSON.encode(result.value).encode("utf-8")
+    headers = [("Content-Type", JSON_TYPE)]
+    for name, output, total in (("Stdout", result.stdout, result.stdout_total),
+                                ("Stderr", result.stderr, result.stderr_total)):
+        if total:
+            headers += _output_headers(name, output, total)
+    return Reply(200, headers, data)
 
 
-def _stderr_headers(result):
-    """The run's stderr in a header: a JSON string (ASCII only), cut at MAX_STDERR_HEADER bytes."""
-    text = result.stderr[:MAX_STDERR_HEADER].decode("utf-8", "replace")
-    headers = [("Wasmstore-Stderr", json.dumps(text))]
-    if result.stderr_total > MAX_STDERR_HEADER:
-        headers.append(("Wasmstore-Stderr-Truncated", str(result.stderr_total)))
+def _output_headers(name, output, total):
+    """A guest's stdout or stderr in Wasmstore-<name>: a JSON string (ASCII only) of its first
+    MAX_STDERR_HEADER bytes, and Wasmstore-<name>-Truncated with the bytes written when cut."""
+    text = output[:MAX_STDERR_HEADER].decode("utf-8", "replace")
+    headers = [(f"Wasmstore-{name}", json.dumps(text))]
+    if total > MAX_STDERR_HEADER:
+        headers.append((f"Wasmstore-{name}-Truncated", str(total)))
     return headers
 
 
@@ -1212,7 +1220,7 @@ def run_module(store, call, body):
     result = runtime.execute(call, "run", version, work)
     headers = [("Content-Type", "application/octet-stream"),
                ("Wasmstore-Exit-Status", str(result.status))]
-    headers += _stderr_headers(result)
+    headers += _output_headers("Stderr", result.stderr, result.stderr_total)
     if result.stdout_total > len(result.stdout):
         headers.append(("Wasmstore-Stdout-Truncated", str(result.stdout_total)))
     return Reply(200, headers, result.stdout)
@@ -3585,8 +3593,10 @@ def make_runtime(store, metrics, *, kv=None, timeout=None, fuel=None, max_memory
         return None
     limits = {name: value for name, value in (("timeout", timeout), ("fuel", fuel),
                                               ("max_memory", max_memory)) if value is not None}
+    # output="discard": nothing a guest writes reaches the server's own streams (a call's and a
+    # run's output is captured into its reply; watchers and providers they trigger are dropped)
     runner = wasmstore.Runner(store, namespaces=wasmstore.parse_namespace_map(namespace_map),
-                              kv=kv, provider_kv=provider_kv, workers=max_guests,
+                              output="discard", kv=kv, provider_kv=provider_kv, workers=max_guests,
                               stub_imports=stub_imports, cache_dir=cache_dir, **limits)
     runner.host.start_workers(1)      # the first guest that needs a worker process finds one ready
     if worker is None:

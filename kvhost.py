@@ -34,14 +34,17 @@ wasi:keyvalue on provider_kv).
 
 Map of this file, top-down:
   constants and exceptions
+  input           parse_number, parse_json, parse_url: every number, JSON text and URL from
+                  outside (ASCII digits only, bounded nesting, ports in range)
   backends        Backend (validation, cursors) -> MemoryBackend, SqliteBackend, RedisBackend; open_backend()
   value codecs    type descriptors of component values and converters that read and write
                   wasmtime's value records in place (host + JSON dialects)
   host glue       the wasi:keyvalue functions of both versions, dispatched without per-call type walks
   core signatures core_signatures(): a core module's import/export types read from its bytes
   engine          compile cache on disk (checksummed, mapped by wasmtime), Guest and what it
-                  exports (describe_exports), Host (load / call / run / run_captured / exports /
-                  link_plan / attach_watcher), _Session (one Store per call; core calls through
+                  exports (describe_exports), Host (load / call / call_captured / run /
+                  run_captured / exports / link_plan / attach_watcher; _Capture, the bounded
+                  sink for guest output), _Session (one Store per call; core calls through
                   the C API by address)
   composition     Provider; a consumer's wasi:keyvalue forwarded to a provider component's
                   exports (_forward), one provider instance per consumer call (_ProviderLink)
@@ -68,11 +71,11 @@ __all__ = [
     "NoSuchFunction", "GuestError", "LinkError", "NotHttpHandler", "TrapError", "GuestExit", "Err",
     "HttpRequest", "HttpOutcome", "parse_outbound",
     "Backend", "MemoryBackend", "SqliteBackend", "RedisBackend", "open_backend",
-    "Guest", "Host", "RunResult", "Provider", "provider_of", "provider_exports", "PROVIDER_PREFIX", "core_signatures", "describe_exports", "format_export", "json_float", "float_from_json",
+    "Guest", "Host", "RunResult", "CallResult", "Provider", "provider_of", "provider_exports", "PROVIDER_PREFIX", "core_signatures", "describe_exports", "format_export", "json_float", "float_from_json",
     "add_store_options", "add_sandbox_options", "host_from_args", "parse_json_args", "print_json", "print_exports",
     "run_with_deadline", "end_process", "report", "DeadlineExceeded", "main", "console_main",
     "parse_number", "parse_json", "json_depth", "parse_url", "Url", "MAX_JSON_DEPTH",
-    "DEFAULT_KV_URL", "MAX_KEY_BYTES", "DEFAULT_MAX_VALUE_BYTES", "PAGE_SIZE",
+    "DEFAULT_KV_URL", "MAX_KEY_BYTES", "DEFAULT_MAX_VALUE_BYTES", "PAGE_SIZE", "STDIN_INHERIT",
 ]
 
 import argparse
@@ -114,6 +117,7 @@ MAX_KEY_BYTES = 4096                                 # keys at most 4 KiB (every
 DEFAULT_MAX_VALUE_BYTES = 16 * 1024 * 1024           # values at most 16 MiB (configurable)
 PAGE_SIZE = 1000                                     # list-keys pages hold at most 1,000 keys
 DEFAULT_TIMEOUT = 10.0                               # seconds; --timeout default
+STDIN_INHERIT = "inherit"                            # run(stdin=...): the guest reads our stdin
 BUCKET_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,128}\Z")
 # What Redis INCRBY accepts (no sign on zero, no leading zeros, no '+'); every backend uses it.
 DECIMAL_RE = re.compile(rb"(0|-?[1-9][0-9]{0,19})\Z")
@@ -483,6 +487,11 @@ class Backend:
         if keys:
             self._delete_many(namespace, bucket, keys)
 
+    def namespaces(self, limit=10_000):
+        """The sorted namespaces that hold at least one key, at most `limit` of them (where a
+        person looks first when a guest's data is not under the namespace they tried)."""
+        return self._namespace_ids(limit)
+
     def close(self):
         """Release connections; the backend must not be used afterwards."""
 
@@ -568,6 +577,10 @@ class MemoryBackend(Backend):
             table = self._table(namespace, bucket)
             for key in keys:
                 table.pop(key, None)
+
+    def _namespace_ids(self, limit):
+        with self._lock:
+            return sorted({namespace for (namespace, _), table in self._buckets.items() if table})[:limit]
 
 
 class SqliteBackend(Backend):
@@ -700,6 +713,10 @@ class SqliteBackend(Backend):
         return self._run(lambda db: [row[0] for row in db.execute(
             "SELECT key FROM kv WHERE ns=? AND bucket=? ORDER BY key LIMIT ? OFFSET ?",
             (namespace, bucket, limit, offset))])
+
+    def _namespace_ids(self, limit):
+        return self._run(lambda db: [row[0] for row in db.execute(
+            "SELECT DISTINCT ns FROM kv ORDER BY ns LIMIT ?", (limit,))])
 
     def _increment(self, namespace, bucket, key, delta, bounds):
         def work(db):
@@ -1104,6 +1121,17 @@ class RedisBackend(Backend):
     def _delete_many(self, namespace, bucket, keys):
         names = [self._key(namespace, bucket, k) for k in keys]
         self._with_connection(lambda c: c.call(b"DEL", *names))
+
+    def _namespace_ids(self, limit):
+        def work(conn):
+            found, cursor = set(), b"0"
+            while True:
+                cursor, batch = conn.call(b"SCAN", cursor, b"MATCH", b"kv:*", b"COUNT", b"1000")
+                found.update(name.split(b":", 2)[1] for name in batch if name.count(b":") >= 3)
+                if cursor == b"0":
+                    break
+            return sorted(urllib.parse.unquote(name.decode("utf-8", "replace")) for name in found)[:limit]
+        return self._with_connection(work)
 
     def close(self):
         with self._pool_lock:
@@ -2499,6 +2527,7 @@ GUEST_CACHE_SIZE = 64                           # compiled guests a Host keeps i
 DEFAULT_CAPTURE_BYTES = 16 << 20                # run_captured keeps this much stdout and stderr
 WORKER_GRACE = 0.5                              # seconds past the timeout before a blocked guest is killed
 ISOLATIONS = ("auto", "thread", "process")
+OUTPUTS = ("inherit", "discard")                   # where a guest's uncaptured output goes
 BLOCKING_PREVIEW1 = frozenset({"poll_oneoff", "sock_accept", "sock_recv", "sock_send", "sock_shutdown"})
 CORE_JSON_TYPES = frozenset({"i32", "i64", "f32", "f64"})
 NON_FINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
@@ -2728,15 +2757,34 @@ def _component_functions(guest, engine):
     return found
 
 
+# Exports that toolchains add for their own use, never an application's function: left out of
+# describe_exports (they can still be called by name). Components: {name: its parameter names}.
+TOOLCHAIN_COMPONENT_EXPORTS = {
+    "exports#init": ("app-name", "symbols", "stub-wasi"),   # componentize-py, run when it builds
+}
+TOOLCHAIN_CORE_EXPORTS = ("__wasm_call_ctors", "cabi_realloc")   # wasm-ld; the canonical ABI
+TOOLCHAIN_CORE_PREFIXES = ("cabi_post_",)                       # canonical ABI post-return
+
+
+def _toolchain_internal(name, param_names=None):
+    """True for an export a toolchain made for itself (see TOOLCHAIN_COMPONENT_EXPORTS)."""
+    if param_names is not None:
+        return TOOLCHAIN_COMPONENT_EXPORTS.get(name) == tuple(param_names)
+    return name in TOOLCHAIN_CORE_EXPORTS or name.startswith(TOOLCHAIN_CORE_PREFIXES)
+
+
 def describe_exports(guest, engine):
     """Every function a JSON caller can call: [{"name", "params": [{"name", "type"}], "results": [type]}].
 
     Types are WIT-style text for components and i32/i64/f32/f64 for core modules (whose
     parameters have no names: "name" is null). Functions taking or returning resource handles,
-    references or vectors are left out: JSON cannot carry them."""
+    references or vectors are left out: JSON cannot carry them; so are the exports toolchains
+    add for themselves (componentize-py's exports#init, wasm-ld's __wasm_call_ctors)."""
     described = []
     if guest.kind == "component":
         for name, fty in _component_functions(guest, engine):
+            if _toolchain_internal(name, [pname for pname, _ in fty.params]):
+                continue
             params, result = describe_functype(fty)
             if not all(map(_json_callable, params)) or not _json_callable(result):
                 continue
@@ -2746,7 +2794,7 @@ def describe_exports(guest, engine):
                               "results": [] if result is None else [format_desc(result)]})
         return described
     for name, (kind, signature) in guest.signatures[1].items():
-        if kind != "func":
+        if kind != "func" or _toolchain_internal(name):
             continue
         params, results = list(signature[0]), list(signature[1])
         if set(params + results) <= CORE_JSON_TYPES:
@@ -2814,7 +2862,12 @@ class _Request:
 
 
 class _Capture:
-    """A guest's stdout or stderr kept in memory up to `limit` bytes; the rest is counted, not kept."""
+    """A guest's stdout or stderr kept in memory up to `limit` bytes; the rest is counted, not kept.
+
+    The one sink for guest output that must not reach this process's own streams (a server's
+    calls and runs, HTTP handlers, a provider serving them): write() never blocks, so a guest
+    writing without end only spends its own time and fuel, and never more than `limit` bytes
+    are held."""
 
     def __init__(self, limit):
         self.limit = limit
@@ -2844,8 +2897,22 @@ class RunResult:
         self.stdout_total = stdout_total      # bytes the guest wrote; more than len(stdout) if cut
         self.stderr_total = stderr_total
 
+    @classmethod
+    def _of(cls, outcome):
+        return cls(outcome.value, outcome.stdout.value(), outcome.stderr.value(), outcome.stdout.total,
+                   outcome.stderr.total)
+
     def __repr__(self):
-        return f"<RunResult status={self.status} stdout={len(self.stdout)}B stderr={len(self.stderr)}B>"
+        return f"<{type(self).__name__} {self.status!r} stdout={len(self.stdout)}B stderr={len(self.stderr)}B>"
+
+
+class CallResult(RunResult):
+    """What Host.call_captured gives back: the call's result (.value) and the guest's bounded
+    output, as in RunResult."""
+
+    @property
+    def value(self):
+        return self.status
 
 
 class _Outcome:
@@ -2909,15 +2976,22 @@ class Host:
     stub_imports: define every import the host does not provide as a function that traps when
     called (componentize-js builds import wasi:http, for instance); off by default.
     cache_dir: compile cache (None: default_cache_dir(), False: off); stdout / stderr: file paths
-    for the guest's output (default: inherited); max_value_size: value limit of a backend opened
-    from a URL (a Backend carries its own).
+    for the guest's output; output: where output goes that is neither captured (call_captured,
+    run_captured) nor sent to those files: "inherit" (this process's stdout and stderr, the
+    default, for command lines) or "discard" (for servers: then nothing a guest writes, nor a
+    provider or watcher it triggers, reaches this process's streams or can block on them);
+    max_value_size: value limit of a backend opened from a URL (a Backend carries its own).
     """
 
     def __init__(self, kv="memory:", namespace="default", allow_buckets=None, deny_buckets=None, timeout=DEFAULT_TIMEOUT,
                  fuel=None, max_memory=DEFAULT_MAX_MEMORY, env=None, dirs=None, cache_dir=None, stdout=None,
                  stderr=None, max_value_size=None, max_table_elements=DEFAULT_MAX_TABLE_ELEMENTS,
-                 isolation="auto", workers=None, stub_imports=False, provider_kv=None, allow_outbound=None):
+                 isolation="auto", workers=None, stub_imports=False, provider_kv=None, allow_outbound=None,
+                 output="inherit"):
         _check_namespace(namespace)
+        if output not in OUTPUTS:
+            raise ArgumentError(f"invalid output {output!r}: expected one of {', '.join(OUTPUTS)}")
+        self.output = output
         self.allow_outbound = parse_outbound(allow_outbound)
         provider = provider_of(kv)
         if provider is not None:
@@ -3278,7 +3352,9 @@ class Host:
             config.env = sorted(self.env.items())
         for host_dir, guest_dir in self.dirs:
             config.preopen_dir(host_dir, guest_dir)
-        if stdin_path is not None:
+        if stdin_path is STDIN_INHERIT:
+            config.inherit_stdin()
+        elif stdin_path is not None:
             config.stdin_file = stdin_path
         if capture is not None:
             config.stdout_custom = capture[0].write
@@ -3286,13 +3362,13 @@ class Host:
             return config
         if self.stdout:
             config.stdout_file = self.stdout
-        else:
+        elif self.output == "inherit":
             config.inherit_stdout()
         if self.stderr:
             config.stderr_file = self.stderr
-        else:
+        elif self.output == "inherit":
             config.inherit_stderr()
-        return config
+        return config                    # "discard": WASI's default streams drop what is written
 
     def _new_store(self, argv=("guest",), stdin=None, capture=None, wasi=True):
         """A fresh Store with the sandbox limits, and WASI set unless the guests it runs import none
@@ -3303,8 +3379,8 @@ class Host:
                             self._limits)
         if not wasi:
             return store
-        if stdin is None:
-            store.wrapper.set_wasi(self._wasi_config(argv, None, capture))
+        if stdin is None or stdin is STDIN_INHERIT:
+            store.wrapper.set_wasi(self._wasi_config(argv, stdin, capture))
             return store
         fd, stdin_path = tempfile.mkstemp(prefix="kvhost-stdin-")
         try:
@@ -3374,7 +3450,9 @@ class Host:
 
     def run(self, guest, argv=(), *, namespace=None, resolve=None, stdin=None, stats=None):
         """Run a wasi:cli/run component (or a core module's _start); returns the exit status.
-        Output goes where the Host says (inherited by default); stdin: bytes (default: empty)."""
+        Output goes where the Host says (inherited by default); stdin: bytes (default: empty),
+        or STDIN_INHERIT: this process's own stdin, read as the guest reads it (the command
+        lines; only for a guest that runs in this process, see isolation)."""
         self._check_guest(guest)
         request = _Request("run", argv=[guest.name] + [str(a) for a in argv], namespace=namespace, stdin=stdin)
         return self._execute(guest, request, resolve, stats).value
@@ -3387,9 +3465,19 @@ class Host:
         _check_limit("limit", limit, allow_none=False)
         request = _Request("run", argv=[guest.name] + [str(a) for a in argv], namespace=namespace,
                            stdin=stdin, capture=limit)
-        outcome = self._execute(guest, request, resolve, stats)
-        return RunResult(outcome.value, outcome.stdout.value(), outcome.stderr.value(),
-                         outcome.stdout.total, outcome.stderr.total)
+        return RunResult._of(self._execute(guest, request, resolve, stats))
+
+    def call_captured(self, guest, function, args=(), *, namespace=None, resolve=None, limit=DEFAULT_CAPTURE_BYTES,
+                      stats=None):
+        """Like call(), but the guest's stdout and stderr are kept (up to `limit` bytes each; the
+        rest is counted) and returned with the result in a CallResult: nothing the guest writes
+        reaches this process's streams, and writing never blocks it."""
+        self._check_guest(guest)
+        if not isinstance(function, str) or not function:
+            raise ArgumentError(f"invalid function name {function!r}")
+        _check_limit("limit", limit, allow_none=False)
+        request = _Request("call", function=function, args=args, namespace=namespace, capture=limit)
+        return CallResult._of(self._execute(guest, request, resolve, stats))
 
     def handle_http(self, guest, request, sink, *, namespace=None):
         """Answer one HTTP request with a component exporting wasi:http/incoming-handler, in a
@@ -3429,6 +3517,9 @@ class Host:
         request.record_events = bool(self._watchers)
         isolated = self.isolation == "process" or (self.isolation == "auto" and (
             guest.may_block or any(dependency.may_block for _, dependency in request.links)))
+        if isolated and request.stdin is STDIN_INHERIT:
+            raise ArgumentError(f"{guest.name} runs in a worker process, which cannot read this "
+                                "process's stdin: pass the input as bytes")
         try:
             outcome = self._pool.execute(guest, request) if isolated else self._execute_here(guest, request)
         except KvError as e:
@@ -4066,7 +4157,8 @@ class _Composition:
             link.close()
 
     def wasi_config(self, capture):
-        """The provider's WASI: the Host's env and dirs; its output goes to the consumer's stderr."""
+        """The provider's WASI: the Host's env and dirs; its output goes where the consumer's does
+        (captured with it, else the Host's stderr unless the Host discards output)."""
         host = self.host
         config = wasmtime.WasiConfig()
         config.argv = [self.guest.name]
@@ -4074,10 +4166,13 @@ class _Composition:
             config.env = sorted(host.env.items())
         for host_dir, guest_dir in host.dirs:
             config.preopen_dir(host_dir, guest_dir)
-        sink = _to_stderr if capture is None else capture.write
-        config.stdout_custom = sink
-        config.stderr_custom = sink
-        return config
+        if capture is not None:
+            config.stdout_custom = capture.write
+            config.stderr_custom = capture.write
+        elif host.output == "inherit":
+            config.stdout_custom = _to_stderr
+            config.stderr_custom = _to_stderr
+        return config                    # "discard": WASI's default streams drop what is written
 
     def check_consumer(self, guest):
         """Refuse a consumer needing a function the provider lacks; a consumer of a provider that may
@@ -4381,9 +4476,12 @@ class _Fields:
     def content_length(self):
         """The content-length these fields declare, or None (also when it is not one number)."""
         values = self.map.get("content-length")
-        if not values or len(set(values)) != 1 or not values[0].isdigit():
+        if not values or len(set(values)) != 1:
             return None
-        return int(values[0])
+        try:
+            return parse_number(values[0], "content-length")
+        except ArgumentError:
+            return None
 
 
 def _header_error(name, values=()):
@@ -5427,7 +5525,7 @@ def _outbound_target(host, request):
         return Err(wc.Variant("HTTP-protocol-error"))
     if not request.authority:
         return Err(wc.Variant("HTTP-request-URI-invalid"))
-    match = re.match(r"(\[[^\]]*\]|[^:]*)(?::([0-9]+))?\Z", request.authority)
+    match = re.match(r"(\[[^\]]*\]|[^:]*)(?::([0-9]{1,5}))?\Z", request.authority)
     if match is None or not match.group(1) or (match.group(2) is not None and not 0 < int(match.group(2)) < 65536):
         return Err(wc.Variant("HTTP-request-URI-invalid"))
     name = match.group(1).strip("[]").lower()
@@ -5994,7 +6092,8 @@ class _Worker:
         try:
             self.process = subprocess.Popen(
                 [sys.executable, "-c", self.CODE, os.path.abspath(__file__), str(to_child_read), str(from_child_write)],
-                stdin=subprocess.DEVNULL, pass_fds=(to_child_read, from_child_write), start_new_session=True)
+                stdin=subprocess.DEVNULL, pass_fds=(to_child_read, from_child_write), start_new_session=True,
+                stdout=subprocess.DEVNULL if settings.get("output") == "discard" else None)
         finally:
             os.close(to_child_read)
             os.close(from_child_write)
@@ -6097,7 +6196,7 @@ class _WorkerPool:
         settings = {"namespace": host.namespace, "timeout": host.timeout, "fuel": host.fuel,
                     "max_memory": host.max_memory, "max_table_elements": host.max_table_elements,
                     "env": host.env, "dirs": host.dirs, "cache_dir": host.cache_dir, "stdout": host.stdout,
-                    "stderr": host.stderr, "stub_imports": host.stub_imports,
+                    "stderr": host.stderr, "stub_imports": host.stub_imports, "output": host.output,
                     "allow_buckets": None if host.allow_buckets is None else sorted(host.allow_buckets),
                     "deny_buckets": sorted(host.deny_buckets)}
         blobs = []
@@ -6186,7 +6285,8 @@ def _worker_guest(host, wire, blobs):
 
 def _worker_main(argv):
     """The loop of a worker process (see _WorkerPool): requests from the parent, one at a time,
-    until the parent closes the pipe. Guest stdout/stderr are the parent's unless captured."""
+    until the parent closes the pipe. Guest output goes where the parent's Host says (captured,
+    to files, inherited or dropped)."""
     channel = _Channel(int(argv[0]), int(argv[1]))
     try:
         header, blobs = channel.recv()
@@ -6333,7 +6433,23 @@ def host_from_args(args, **overrides):
 def parse_json_args(texts):
     """JSON arguments of a call, one per command-line word."""
     shown = (lambda text: repr(text) if len(text) <= 60 else repr(text[:57] + "..."))
-    return [parse_json(text, f"JSON argument {shown(text)}") for text in texts]
+    values = []
+    for text in texts:
+        try:
+            values.append(parse_json(text, f"JSON argument {shown(text)}"))
+        except ArgumentError as exc:
+            hint = _quoting_hint(text)
+            raise ArgumentError(f"invalid JSON argument {shown(text)} ({hint})" if hint else str(exc)) from None
+    return values
+
+
+def _quoting_hint(text):
+    """For a word that JSON does not take: how to pass it as a JSON string through a shell."""
+    if not text or text[:1] in '"[{' or len(text) > 200:
+        return ""
+    quoted = json.dumps(text, ensure_ascii=False)
+    shell = "'" + quoted.replace("'", "'\\''") + "'"
+    return f"arguments are JSON: a string is written {quoted}, in a shell {shell}"
 
 
 
@@ -6411,8 +6527,9 @@ def _build_parser():
     exports.add_argument("guest")
     kv = commands.add_parser("kv", help="inspect and edit stored data")
     add_store_options(kv, provider=None)
-    kv.add_argument("action", choices=["get", "set", "delete", "list", "incr"])
-    kv.add_argument("bucket")
+    kv.add_argument("action", choices=["get", "set", "delete", "list", "incr"],
+                    help="list without BUCKET (and without --namespace) prints the namespaces that hold data")
+    kv.add_argument("bucket", nargs="?")
     kv.add_argument("key", nargs="?")
     kv.add_argument("value", nargs="?")
     return parser
@@ -6427,14 +6544,20 @@ def print_exports(described, out, as_json=False):
         out.write(format_export(entry) + "\n")
 
 
-def _kv_command(args, out):
+def _kv_command(args, out, err):
     needs = {"get": 1, "set": 2, "delete": 1, "list": 0, "incr": 1}[args.action]
     given = sum(x is not None for x in (args.key, args.value))
-    if given < needs or (args.action != "incr" and given > needs) or given > 2:
+    listing_namespaces = args.action == "list" and args.bucket is None and args.namespace is None
+    if (args.bucket is None and not listing_namespaces) or given < needs or \
+            (args.action != "incr" and given > needs) or given > 2:
         raise ArgumentError(f"kv {args.action} expects BUCKET" + (" KEY" if needs >= 1 else "")
                             + (" VALUE" if needs == 2 else "") + (" [DELTA]" if args.action == "incr" else ""))
     backend = open_backend(args.kv)
     try:
+        if listing_namespaces:
+            for namespace in backend.namespaces():
+                out.write(namespace + "\n")
+            return 0
         _check_bucket(args.bucket)
         ns, bucket = args.namespace or "default", args.bucket
         if args.action == "get":
@@ -6452,19 +6575,33 @@ def _kv_command(args, out):
         elif args.action == "delete":
             backend.delete(ns, bucket, args.key)
         elif args.action == "list":
-            cursor = None
+            cursor, listed = None, 0
             while True:
                 keys, cursor = backend.list_page(ns, bucket, cursor)
+                listed += len(keys)
                 for key in keys:
                     out.write(key + "\n")
                 if cursor is None:
                     break
+            if not listed and args.namespace is None:
+                _say_where_data_is(backend, bucket, err)
         else:
             delta = 1 if args.value is None else parse_number(args.value, "delta", minimum=S64[0], maximum=U64[1])
             out.write(f"{backend.increment(ns, bucket, args.key, delta)}\n")
     finally:
         backend.close()
     return 0
+
+
+def _say_where_data_is(backend, bucket, err):
+    """An empty listing of the default namespace: name the namespaces that do hold data (a
+    stored module's data is under its path, not under "default")."""
+    namespaces = [ns for ns in backend.namespaces(limit=21) if ns != "default"]
+    if not namespaces:
+        return
+    shown = ", ".join(namespaces[:20]) + (", ..." if len(namespaces) > 20 else "")
+    err.write(f"kvhost: bucket {bucket!r} of namespace 'default' is empty; namespaces with data: "
+              f"{shown} (choose one with --namespace; `kv list` lists them all)\n")
 
 
 def report(error, err, prog):
@@ -6488,7 +6625,7 @@ def main(argv=None):
     try:
         args = _build_parser().parse_args(argv)
         if args.command == "kv":
-            return _kv_command(args, out)
+            return _kv_command(args, out, err)
         if args.command == "exports":
             with Host(cache_dir=args.cache_dir, isolation="thread") as host:
                 print_exports(host.exports(host.load(args.guest)), out, args.json)
@@ -6498,7 +6635,8 @@ def main(argv=None):
             guest = host.load(args.guest)
             if args.command == "run":
                 out.flush()
-                return run_with_deadline(lambda: host.run(guest, args.args), host.timeout)
+                return run_with_deadline(lambda: host.run(guest, args.args, stdin=STDIN_INHERIT),
+                                         host.timeout)
             result = run_with_deadline(lambda: host.call(guest, args.function, json_args), host.timeout)
             print_json(result, out)
             return 0

@@ -14,7 +14,7 @@ The file has one banner-separated section per feature, in this order (feature: t
       wait_for_log_line, read_until_close(d), WsClient, ServerProcess, wait_for_peer, stop_process,
       RedisServer, run_cli, run_http_server, run_kvhost)
   The store library: LibraryTest, BadInputTest, BranchRaceTest, GenerationTest
-  The store command line: AcceptanceWalkTest, StoreCliTest, FirstStepsTest
+  The store command line: AcceptanceWalkTest, StoreCliTest, FirstStepsTest, QuickStartTest
   Installing (pip, pipx): InstallTest
   Store durability and layout: DurabilityTest, PackTest, RefSlotTest, KillAtEveryMutationTest
   Platforms (macOS without Linux-only calls, MACOS_LIKE): MacosFallbackTest
@@ -1382,13 +1382,13 @@ class AcceptanceWalkTest(StoreTestCase):
         self.cli("add", "b.wasm")
         self.cli("branch", "test")
         self.cli("remove", "a.wasm")
-        self.assertGreater(int(self.cli("gc")[0]), 0)
+        self.assertRegex(self.cli("gc")[0], r"^gc: removed [1-9]\d* objects? \(")
         self.assertEqual(self.cli("find", sha256(self.a), expect=1)[1],
                          f"wasmstore: error: no module with hash {sha256(self.a)} on branch 'main'")
         self.assertEqual(self.cli("--branch", "test", "find", "a.wasm")[0].encode(),
                          self.a.decode(errors="replace").encode())
         self.cli("branch", "test", "--delete")
-        self.assertGreater(int(self.cli("gc")[0]), 0)
+        self.assertRegex(self.cli("gc")[0], r"^gc: removed [1-9]\d* objects? \(")
         with Store(self.root) as store, self.assertRaises(wasmstore.NotFound):   # packed or loose:
             store.read_module(sha256(self.a))                                    # gone either way
         self.assertFsckClean()
@@ -1570,6 +1570,96 @@ class FirstStepsTest(StoreTestCase):
         self.assertEqual(proc.returncode, expect, f"{argv}: {proc.stdout} {proc.stderr}")
         return proc
 
+    def test_gc_says_what_it_removed_and_warns_that_history_is_squashed(self):
+        for tag in ("one", "two", "three"):
+            self.store.add("/a.wasm", wasm_module(tag, padding=1000))
+        before = self.store.commit_count()
+        gone = [wasm_module("one", padding=1000), wasm_module("two", padding=1000)]
+        proc = self.cli("gc")
+        match = re.fullmatch(r"gc: removed (\d+) objects \((\d+\.\d) KB\); squashed 3 commits of main "
+                             r"into one\n", proc.stdout)
+        self.assertIsNotNone(match, proc.stdout)
+        self.assertEqual(before, 3)
+        # the two old modules and the three commits and trees that held them
+        self.assertEqual(int(match.group(1)), len(gone) + 3 + 3 - 1)
+        self.assertGreaterEqual(float(match.group(2)) * 1000, sum(map(len, gone)))
+        self.assertEqual(proc.stderr, "wasmstore: warning: gc squashed the history of main: its earlier "
+                                      "versions, log and audit are gone (other branches keep theirs)\n")
+        again = self.cli("gc")
+        self.assertEqual((again.stdout, again.stderr),
+                         ("gc: removed 0 objects (0 bytes); main's history was one commit already\n", ""))
+
+    def test_a_call_argument_that_is_not_json_gets_a_quoting_hint(self):
+        self.store.add("/numbers.wasm", guest_binary("numbers"))
+        proc = self.cli("call", "/numbers.wasm", "add", "World", "2", expect=2)
+        self.assertEqual(proc.stderr, "wasmstore: error: invalid JSON argument 'World' (arguments are JSON: "
+                                      "a string is written \"World\", in a shell '\"World\"')\n")
+        proc = run_kvhost("call", PROBE, "get", "it's", '"k"')
+        self.assertIn("""a string is written "it's", in a shell '"it'\\''s"'""", proc.stderr)
+        self.assertEqual(proc.returncode, 2)
+
+    def test_author_is_refused_by_commands_that_make_no_commit(self):
+        self.store.add("/a.wasm", wasm_module("a"))
+        for argv in (["--author", "me", "list"], ["list", "--author", "me"], ["find", "/a.wasm", "--author", "x"]):
+            with self.subTest(argv=argv):
+                proc = self.cli(*argv, expect=2)
+                self.assertIn("wasmstore: error: --author is for the commands that make commits (add, "
+                              "import, set, remove, rollback, restore, merge, gc, pull); ", proc.stderr)
+        self.assertNotIn("--author", self.cli("list", "--help").stdout)
+        self.assertIn("--author", self.cli("add", "--help").stdout)
+        self.cli("remove", "/a.wasm", "--author", "me")
+        self.assertEqual(self.store.log(1)[0]["author"], "me")
+        proc = run_cli(self.root, "list", env={"WASMSTORE_AUTHOR": "me"})  # the environment is not a mistake
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+
+    def test_exports_leave_out_what_toolchains_add_for_themselves(self):
+        core = wat_binary('(module (func (export "__wasm_call_ctors")) (func (export "cabi_realloc") '
+                          '(param i32 i32 i32 i32) (result i32) i32.const 0) '
+                          '(func (export "cabi_post_f") (param i32)) (func (export "f") (result i32) i32.const 1))')
+        self.store.add("/core.wasm", core)
+        self.assertEqual(self.cli("exports", "/core.wasm").stdout, "f() -> i32\n")
+        # A function of the application's own that happens to share a name is still listed.
+        own = wat_binary('(component (core module $m (func (export "init") (param i32) (result i32) local.get 0)) '
+                         '(core instance $i (instantiate $m)) '
+                         '(func $init (param "n" u32) (result u32) (canon lift (core func $i "init"))) '
+                         '(instance $e (export "init" (func $init))) (export "exports" (instance $e)))')
+        self.store.add("/own.wasm", own)
+        self.assertEqual(self.cli("exports", "/own.wasm").stdout, "exports#init(n: u32) -> u32\n")
+
+    def test_componentize_py_s_init_is_not_listed(self):
+        counter = require_file(PY_COUNTER, BUILD_HINT)
+        with kvhost.Host(kv="memory:", isolation="thread") as host:
+            names = [entry["name"] for entry in host.exports(host.load(counter))]
+            self.assertIn("bump", names)
+            self.assertNotIn("exports#init", names)
+            self.assertIn("exports#init", [name for name, _ in kvhost._component_functions(
+                host.load(counter), host.engine)])                  # still there, and callable by name
+
+    def test_kv_list_without_a_namespace_names_the_namespaces_with_data(self):
+        kv = f"sqlite:{os.path.join(self.tmp, 'kv.sqlite3')}"
+        for namespace in ("/apps/counter.wasm", "/apps/other.wasm"):
+            with kvhost.open_backend(kv) as backend:
+                backend.set(namespace, "counter", "hits", b"1")
+        listing = run_kvhost("kv", "--kv", kv, "list")
+        self.assertEqual((listing.returncode, listing.stdout), (0, "/apps/counter.wasm\n/apps/other.wasm\n"))
+        empty = run_kvhost("kv", "--kv", kv, "list", "counter")
+        self.assertEqual((empty.returncode, empty.stdout), (0, ""))
+        self.assertEqual(empty.stderr, "kvhost: bucket 'counter' of namespace 'default' is empty; namespaces "
+                                       "with data: /apps/counter.wasm, /apps/other.wasm (choose one with "
+                                       "--namespace; `kv list` lists them all)\n")
+        found = run_kvhost("kv", "--kv", kv, "--namespace", "/apps/counter.wasm", "list", "counter")
+        self.assertEqual((found.stdout, found.stderr), ("hits\n", ""))
+        self.assertEqual(run_kvhost("kv", "--kv", kv, "get").returncode, 2)
+
+    def test_run_gives_the_guest_the_command_s_stdin(self):
+        self.store.add("/hello.wasm", guest_binary("wasi-hello"))
+        proc = self.cli("run", "/hello.wasm", "x", stdin="a\nb\n")
+        self.assertEqual(proc.stdout, "hello x\na\nb\n")
+        proc = subprocess.run([sys.executable, KVHOST_PY, "run", "--kv", "memory:",
+                               os.path.join(RUN_GUESTS, "wasi-hello.wat")], input="piped\n",
+                              capture_output=True, text=True, timeout=CLI_TIMEOUT)
+        self.assertEqual((proc.returncode, proc.stdout), (0, "hello\npiped\n"), proc.stderr)
+
     def test_add_stores_the_binary_of_webassembly_text(self):
         text = read_text(os.path.join(RUN_GUESTS, "numbers.wat"))
         source = os.path.join(self.tmp, "numbers.wat")
@@ -1599,6 +1689,68 @@ class FirstStepsTest(StoreTestCase):
         proc = self.cli("add", "-", "/x.wasm", stdin="(module (func $f (call $nowhere)))", expect=1)
         self.assertRegex(proc.stderr, r"^wasmstore: error: stdin: invalid WebAssembly text: .*\n$")
         self.assertEqual(Store(self.root).list(), before)
+
+
+def readme_block(heading):
+    """The lines of the first indented code block after the README heading `heading`."""
+    text = read_text(os.path.join(HERE, "README.md"))
+    after = text.split(f"\n{heading}\n", 1)[1]
+    lines = after.split("\n")
+    start = next(i for i, line in enumerate(lines) if line.startswith("    "))
+    block = []
+    for line in lines[start:]:
+        if not line.startswith("    ") and line.strip():
+            break
+        block.append(line[4:])
+    return [line for line in block if line.strip()]
+
+
+def repository_copy(test):
+    """The files a fresh clone has (tracked, or new and not ignored), copied from the work tree
+    so that uncommitted changes are walked too; no build/, no virtual environments."""
+    git = require_tool("git", "apt-get install git")
+    listed = subprocess.run([git, "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                            cwd=HERE, capture_output=True, check=True).stdout.decode().split("\0")
+    folder = os.path.join(temp_dir(test, "wasmstore-clone-"), "wasmstore")
+    for name in filter(None, listed):
+        source = os.path.join(HERE, name)
+        if os.path.isfile(source):
+            os.makedirs(os.path.dirname(os.path.join(folder, name)), exist_ok=True)
+            shutil.copy2(source, os.path.join(folder, name))
+    return folder
+
+
+class QuickStartTest(unittest.TestCase):
+    """The README's first steps, line by line, in a copy of the repository as a clone has it,
+    with a new home directory (so the store is a new ~/.wasmstore) and `python` the interpreter
+    running the tests. A line whose comment starts with → must print exactly that; every line
+    must succeed. The `pip install` line is not run: the requirements are installed already."""
+
+    def test_first_steps(self):
+        clone = repository_copy(self)
+        home = temp_dir(self, "wasmstore-home-")
+        bin_dir = os.path.join(home, "bin")
+        os.makedirs(bin_dir)
+        os.symlink(sys.executable, os.path.join(bin_dir, "python"))
+        env = clean_environment(HOME=home, PATH=bin_dir + os.pathsep + os.environ.get("PATH", ""))
+        lines = readme_block("## First steps")
+        self.assertGreaterEqual(len(lines), 8)
+        checked = 0
+        for line in lines:
+            command, _, comment = line.partition("  # ")
+            if command.startswith("pip install"):
+                continue
+            with self.subTest(command=command):
+                proc = subprocess.run(["bash", "-o", "pipefail", "-c", command], cwd=clone, env=env,
+                                      capture_output=True, text=True, timeout=CLI_TIMEOUT)
+                self.assertEqual(proc.returncode, 0, f"{command}: {proc.stdout} {proc.stderr}")
+                if comment.strip().startswith("→ "):
+                    self.assertEqual(proc.stdout.strip(), comment.strip()[2:])
+                    checked += 1
+        self.assertGreaterEqual(checked, 5)
+        with Store(os.path.join(home, ".wasmstore")) as store:
+            self.assertEqual(sorted(store.list()), ["/hello/greet.wasm", "/math/add.wasm", "/tools/shout.wasm"])
+        self.assertEqual(os.listdir(clone).count(".wasmstore"), 0)
 
 
 # =================================================================================================
@@ -5889,6 +6041,15 @@ class BackendContract:
         self.backend = self.make_backend()
         self.addCleanup(self.backend.close)
 
+    def test_namespaces_are_those_holding_keys(self):
+        odd = "/apps/a b:c*.wasm"                            # a path, with the characters keys quote
+        self.backend.set(odd, "b1", "k", b"v")
+        self.backend.set("sha256:" + "0" * 64, "b2", "k", b"v")
+        self.backend.set("gone", "b", "k", b"v")
+        self.backend.delete("gone", "b", "k")
+        self.assertEqual(self.backend.namespaces(), ["/apps/a b:c*.wasm", "sha256:" + "0" * 64])
+        self.assertEqual(self.backend.namespaces(limit=1), [odd])
+
     def test_get_missing_key_is_none_and_exists_false(self):
         self.assertIsNone(self.backend.get(self.NS, "b", "nope"))
         self.assertFalse(self.backend.exists(self.NS, "b", "nope"))
@@ -10051,6 +10212,73 @@ class HostileCommandLineTest(StoreTestCase):
         done = run_kvhost("call", TYPES_PROBE, "echo-f32", deep)
         self.assertEqual((done.returncode, done.stderr.count("\n")), (2, 1), done.stderr)
         self.assertIn("nested deeper than 64 levels", done.stderr)
+
+
+class GuestOutputTest(unittest.TestCase):
+    """What a called guest writes to stdout and stderr is captured into its reply, bounded, and
+    never reaches the server's own streams, which a guest can therefore never block."""
+
+    def test_call_output_comes_back_in_headers_cut_at_4_kib(self):
+        live = LiveServer(self, run={"kv": "memory:"})
+        live.store.add("/out/shout.wasm", guest_binary("wasi-shout"))
+        status, headers, body = live.request("POST", "/api/v1/call/shout/out/shout.wasm", b"[1, 16]")
+        self.assertEqual((status, body), (200, b"16"))
+        self.assertTrue(json.loads(headers["wasmstore-stdout"]).startswith("shout-marker \n127.0.0.1"))
+        self.assertEqual(len(json.loads(headers["wasmstore-stdout"]).encode()), 4096)
+        self.assertEqual(headers["wasmstore-stdout-truncated"], str(16 << 16))
+        self.assertNotIn("wasmstore-stderr", headers)
+        status, headers, body = live.request("POST", "/api/v1/call/shout/out/shout.wasm", b"[2, 1]")
+        self.assertEqual((status, headers["wasmstore-stderr-truncated"]), (200, str(1 << 16)))
+        status, headers, _ = live.request("POST", "/api/v1/call/shout/out/shout.wasm", b"[1, 0]")
+        self.assertNotIn("wasmstore-stdout", headers)
+        self.assertNotIn("forged", live.log.getvalue())
+
+    def test_a_server_whose_streams_nobody_reads_keeps_answering(self):
+        root = os.path.join(temp_dir(self), "root")
+        Store(root).add("/out/shout.wasm", guest_binary("wasi-shout"))
+        server = subprocess.Popen([sys.executable, HTTP_SERVER_PY, "--root", root, "--port", "0", "--kv", "memory:",
+                                   "--run-timeout", "3", "--max-guests", "2"],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=HERE)
+        self.addCleanup(lambda: (server.poll() is None and server.kill(), server.wait(10)))
+        port = int(re.search(rb"127\.0\.0\.1:(\d+)", server.stderr.readline()).group(1))
+        results = []
+
+        def shout(fd):              # 4 MiB each; a pipe holds 64 KiB, and nobody reads these two
+            started = time.monotonic()
+            status, _, body = http_request(f"http://127.0.0.1:{port}/api/v1/call/shout/out/shout.wasm", "POST",
+                                           json.dumps([fd, 64]).encode())
+            results.append((status, body, time.monotonic() - started < 3))
+        threads = [threading.Thread(target=shout, args=(fd,)) for fd in (1, 2, 1, 2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        self.assertEqual(results, [(200, b"64", True)] * 4)
+        server.kill()
+        output = server.stdout.read() + server.stderr.read()
+        self.assertNotIn(b"shout-marker", output)
+        self.assertNotIn(b"forged", output)
+        self.assertLess(len(output), 64 << 10)
+
+    def test_kvhost_output_policies(self):
+        guest_file = os.path.join(temp_dir(self), "shout.wasm")
+        with open(guest_file, "wb") as f:
+            f.write(guest_binary("wasi-shout"))
+        script = ("import kvhost, sys\n"
+                  "host = kvhost.Host(output=sys.argv[1], cache_dir=False)\n"
+                  "guest = host.load(sys.argv[2])\n"
+                  "result = host.call_captured(guest, 'shout', [1, 2], limit=10)\n"
+                  "print(repr((result.value, result.stdout, result.stdout_total)), file=sys.stderr)\n"
+                  "host.call(guest, 'shout', [1, 1])\n")
+        for output in ("inherit", "discard"):
+            with self.subTest(output=output):
+                done = subprocess.run([sys.executable, "-c", script, output, guest_file], capture_output=True,
+                                      cwd=HERE, timeout=120)
+                # (wasmtime's runtime threads may print a panic as the interpreter exits: not ours)
+                self.assertEqual(done.stderr.splitlines()[0], b"(2, b'shout-mark', 131072)")
+                self.assertEqual(len(done.stdout), 0 if output == "discard" else 65536)
+        with self.assertRaisesRegex(kvhost.ArgumentError, "invalid output 'loud'"):
+            kvhost.Host(output="loud")
 
 
 # =================================================================================================

@@ -61,7 +61,9 @@ fdatasync), and a ref that moves by rename cannot be read fresh without a syscal
 so a commit creates no file and a ref is rewritten in place.
 
 Map of this file: constants; exceptions and the ERROR_STATUS table (HTTP status, exit
-status and metric label of each error, shared with http_server.py); names (paths, branches,
+status and metric label of each error, shared with http_server.py); input from outside
+(parse_number, parse_json, parse_url: ASCII digits, bounded JSON nesting, ports in range; used
+by http_server.py too); names (paths, branches,
 hashes); validation (wasmtime, imported lazily); primitives (the durable write, temp files and their debris, the
 hash check, caches); the object store (_Segment: one pack as a reader sees it;
 _ObjectStore: packs and loose files, batches, module files, fsck and gc passes); refs
@@ -1441,15 +1443,15 @@ class _ObjectStore:
         copies of loose modules) are rewritten into one new pack, made durable and sealed
         before they are deleted, so a kill at any point loses nothing reachable. Readers that
         hold a deleted pack open keep reading it; others find the objects in the new one.
-        Returns the number of objects dropped."""
+        Returns (objects dropped, their bytes)."""
         self.refresh()
         loose = {digest: path for digest, path in self.loose_digests()}
-        keep, dirty, dropped = {}, [], set()
+        keep, dirty, dropped = {}, [], {}
         for segment in self._segments:
             garbage = segment.scan() > segment.covered           # a torn tail
             for digest, (offset, length, kind) in segment.items().items():
                 if digest not in reachable:
-                    dropped.add(digest)
+                    dropped[digest] = length
                     garbage = True
                 elif digest in keep:                             # a second copy
                     garbage = True
@@ -1472,12 +1474,13 @@ class _ObjectStore:
             self.refresh()
         for digest, path in loose.items():
             if digest not in reachable:
+                key = _stat_key(path)
                 _unlink_quietly(path)
                 self._checked_files.discard(digest)
-                dropped.add(digest)
+                dropped.setdefault(digest, key[2] if key else 0)
         for digest in dropped:
             self._whole.discard(digest)
-        return len(dropped)
+        return len(dropped), sum(dropped.values())
 
     def _loose_is_whole(self, digest, path):
         key = _stat_key(path)
@@ -2719,14 +2722,17 @@ class Store:
         finally:
             os.close(fd)
 
-    def gc(self, *, branch=None, author=None):
+    def gc(self, *, branch=None, author=None, stats=None):
         """Squash the branch's history into one "GC" commit, then delete every object
-        not reachable from any branch. Returns the number of objects deleted."""
+        not reachable from any branch. Returns the number of objects deleted; stats (a dict)
+        also receives {"objects": that number, "bytes": their size, "commits_squashed":
+        commits of the branch's history replaced by the GC commit}."""
         branch = self._branch(branch)
         author = _author(author)
         with self._refs.lock(), self._objects_lock(shared=False):
-            head = self._read_ref(branch)
+            head, squashed_count = self._read_ref(branch), 0
             if head and self._commit(head)["parents"]:
+                squashed_count = self._count_commits(head) if stats is not None else 0
                 batch = _Batch()
                 tree = self._commit(head)["tree"]
                 squashed = self._put_commit(tree, [], author, "GC", batch)
@@ -2734,10 +2740,22 @@ class Store:
                 self._history.record(squashed, None, self.changes(None, squashed))
             heads = [self._read_ref(name) for name in self.branches()]
             reachable = self._reachable(heads)
-            deleted = self._objects.compact(reachable)
+            deleted, deleted_bytes = self._objects.compact(reachable)
             self._history.compact(reachable)
             _remove_debris(self._tmp_dir)
+            if stats is not None:
+                stats.update(objects=deleted, bytes=deleted_bytes, commits_squashed=squashed_count)
         return deleted
+
+    def _count_commits(self, head):
+        """How many commits head's history holds (every ancestor, merges' second parents too)."""
+        seen, stack = set(), [head]
+        while stack:
+            digest = stack.pop()
+            if digest not in seen:
+                seen.add(digest)
+                stack.extend(self._commit(digest)["parents"])
+        return len(seen)
 
     def _reachable(self, heads):
         """Hashes of every commit, tree and module reachable from heads."""
@@ -3458,6 +3476,18 @@ class Runner:
         return self.host.call(guest, function, args, namespace=namespace or target.namespace,
                               resolve=self._linker_for(target, guest, reach)
                               if guest.links_needed else None, stats=stats)
+
+    def call_captured(self, path_or_hash, function, args=(), *, branch=None, version=None, commit=None,
+                      namespace=None, limit=None, stats=None, reach=None):
+        """Like call(), with the guest's stdout and stderr kept, never written to this process's
+        streams (kvhost.CallResult: .value, .stdout, .stderr and their totals)."""
+        target = path_or_hash if type(path_or_hash) is Target else \
+            self._target(path_or_hash, branch, version, commit)
+        guest = self.host.loaded(target.digest) or self.load(target)
+        options = {} if limit is None else {"limit": limit}
+        return self.host.call_captured(guest, function, args, namespace=namespace or target.namespace,
+                                       resolve=self._linker_for(target, guest, reach)
+                                       if guest.links_needed else None, stats=stats, **options)
 
     def run(self, path_or_hash, argv=(), *, branch=None, version=None, commit=None, namespace=None,
             stdin=None, stats=None, reach=None):
@@ -4906,7 +4936,16 @@ def _cmd_merge(store, args):
 
 
 def _cmd_gc(store, args):
-    _print_line(str(store.gc(branch=args.branch, author=args.author)))
+    stats = {}
+    store.gc(branch=args.branch, author=args.author, stats=stats)
+    branch = args.branch or store.default_branch
+    squashed = stats["commits_squashed"]
+    _print_line(f"gc: removed {_count(stats['objects'], 'object')} ({_size_text(stats['bytes'])}); "
+                + (f"squashed {_count(squashed, 'commit')} of {branch} into one" if squashed else
+                   f"{branch}'s history was one commit already"))
+    if squashed:
+        sys.stderr.write(f"wasmstore: warning: gc squashed the history of {branch}: its earlier "
+                         "versions, log and audit are gone (other branches keep theirs)\n")
 
 
 def _cmd_export(store, args):
@@ -4979,9 +5018,12 @@ def _cmd_call(store, args):
 
 
 def _cmd_run(store, args):
+    kvhost = _kvhost()
+
     def run(runner):
         sys.stdout.flush()
-        return runner.run(args.target, args.args, namespace=args.namespace, **_selector(args))
+        return runner.run(args.target, args.args, namespace=args.namespace,
+                          stdin=kvhost.STDIN_INHERIT, **_selector(args))
     return _run_guest(store, args, run)
 
 
@@ -5148,7 +5190,8 @@ COMMANDS = {
                 ("--switch", {"metavar": "NAME", "help": "make NAME the default branch"})]),
     "merge": (_cmd_merge, "merge BRANCH into the selected branch",
               [("source", {"metavar": "BRANCH"})]),
-    "gc": (_cmd_gc, "squash the branch's history and delete unreachable objects", []),
+    "gc": (_cmd_gc, "squash the branch's history into one commit (its earlier versions, log and "
+                    "audit are gone) and delete unreachable objects; prints what it removed", []),
     "export": (_cmd_export, "write every module as plain files under a directory",
                [("-o", {"dest": "output", "metavar": "DIR", "default": ".",
                         "help": "target directory (default: current directory)"}),
@@ -5205,14 +5248,21 @@ and exit 1 (also "not found"); bad usage exits 2. 'COMMAND --help' explains one
 command."""
 
 
-def _add_global_options(parser, suppress):
+# The commands that make commits: the only ones --author means something to.
+COMMITTING_COMMANDS = ("add", "import", "set", "remove", "rollback", "restore", "merge", "gc", "pull")
+
+
+def _add_global_options(parser, suppress, author=True):
     default = (lambda value: argparse.SUPPRESS) if suppress else (lambda value: value)
     parser.add_argument("--root", default=default(None),
                         help=f"store root (env WASMSTORE_ROOT; default {DEFAULT_ROOT})")
     parser.add_argument("--branch", default=default(None),
                         help="branch to use (env WASMSTORE_BRANCH; default: the store's default)")
+    # Commands that make no commit accept --author only to refuse it with a clear message.
     parser.add_argument("--author", default=default(None),
-                        help=f"commit author (env WASMSTORE_AUTHOR; default {DEFAULT_AUTHOR})")
+                        help=f"commit author, for commands that make commits (env "
+                             f"WASMSTORE_AUTHOR; default {DEFAULT_AUTHOR})" if author else
+                        argparse.SUPPRESS)
 
 
 def _build_parser(command=None):
@@ -5229,7 +5279,7 @@ def _build_parser(command=None):
     for name, (_, help_text, arguments) in COMMANDS.items():
         sub = commands.add_parser(name, help=help_text, description=help_text)
         if name != "server":
-            _add_global_options(sub, suppress=True)
+            _add_global_options(sub, suppress=True, author=name in COMMITTING_COMMANDS)
         for argument, options in arguments:
             sub.add_argument(argument, **options)
         if name == command and name in RUN_COMMANDS:
@@ -5247,6 +5297,10 @@ def main(argv=None):
         sys.stderr.write(f"wasmstore: error: {exc}\n")
         return 2
     args = parser.parse_args(argv if server_args is None else argv[:argv.index("server") + 1])
+    if args.author is not None and args.command not in COMMITTING_COMMANDS:
+        parser.error(f"--author is for the commands that make commits ({', '.join(COMMITTING_COMMANDS)}); "
+                     f"{args.command} makes none" + (" (the server takes Wasmstore-Author per request)"
+                                                     if args.command == "server" else ""))
     root = args.root or os.environ.get("WASMSTORE_ROOT") or DEFAULT_ROOT
     args.branch = args.branch or os.environ.get("WASMSTORE_BRANCH") or None
     args.author = args.author or os.environ.get("WASMSTORE_AUTHOR") or None
