@@ -323,43 +323,34 @@ def parse_target(target):
 # ---------------------------------------------------------------------------
 
 class FileBody:
-    """A response body served from an open file descriptor (sent with os.sendfile).
+    """A response body served from an open file (sent with os.sendfile).
 
-    close() hands the descriptor back: to the shared open-file lease it came from
-    (see LocateCache), or to os.close when it was opened for this reply alone."""
+    It holds the file's wasmstore.SharedFd: the descriptor is closed once the body is closed
+    and nothing else (LocateCache, other replies of the same file) holds it."""
 
-    __slots__ = ("fd", "size", "_release")
+    __slots__ = ("file", "fd", "size")
 
-    def __init__(self, fd, size, release=None):
-        self.fd = fd                  # a raw fd: io.open's buffered object costs ~40 us here
+    def __init__(self, file, size):
+        self.file = file              # the SharedFd
+        self.fd = file.fd             # a raw fd: io.open's buffered object costs ~40 us here
         self.size = size
-        self._release = release
 
     def read(self):
         """The whole body (for tests and non-socket callers)."""
         return os.pread(self.fd, self.size, 0)
 
     def close(self):
-        """Give the descriptor back (idempotent)."""
-        if self.fd >= 0:
-            fd, self.fd = self.fd, -1
-            if self._release is None:
-                os.close(fd)
-            else:
-                self._release()
+        """Let the descriptor go (idempotent)."""
+        self.file, self.fd = None, -1
 
 
 def open_body(filename):
-    """A FileBody of its own for an object file; NotFound if gc removed it."""
+    """A FileBody for an object file; NotFound if gc removed it."""
     try:
-        fd = os.open(filename, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        file = wasmstore.SharedFd(os.open(filename, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)))
     except FileNotFoundError:
         raise wasmstore.NotFound("the module was removed meanwhile") from None
-    try:
-        return FileBody(fd, os.fstat(fd).st_size)
-    except BaseException:
-        os.close(fd)
-        raise
+    return FileBody(file, os.fstat(file.fd).st_size)
 
 
 class Reply:
@@ -516,130 +507,50 @@ def _etag_matches(header, digest):
     return False
 
 
-class _OpenFile:
-    """An object file kept open for downloads, shared by the requests that lease it."""
-
-    __slots__ = ("fd", "size", "key", "leases", "evicted")
-
-    def __init__(self, fd, info):
-        self.fd = fd
-        self.size = info.st_size
-        self.key = (info.st_ino, info.st_mtime_ns, info.st_size)
-        self.leases = 1
-        self.evicted = False
-
-
 class LocateCache:
     """Serves module downloads without re-resolving the path or reopening the file.
 
-    Paths: Store.locate is memoized per (branch, path) while the branch head is unchanged
-    (one pread of the open ref file tells; any commit, also by another process, or gc makes the
-    branch's entries stale). Files: a hash-checked object file stays open and is shared by
-    requests (objects are immutable; sendfile reads at an explicit offset), leased so its
-    descriptor is closed only when no reply uses it. Each request fstats the descriptor: a
-    file changed in place since it was checked goes back through Store.locate's hash check.
-    Every syscall releases the GIL, and with many connections each release costs a thread
-    switch: this is what keeps a download to five syscalls.
+    Paths: Store.locate's answers are kept per (branch, path) under Store.generation(), which
+    any ref change (also by another process, or gc) moves. Files: an object file stays open,
+    shared by the replies that send it (objects are immutable; sendfile reads at an explicit
+    offset) through its wasmstore.SharedFd, closed once neither this cache nor a reply holds
+    it. Each request asks Store.module_filename, which hash-checks again a file that changed
+    since it was checked (one stat tells). Every syscall releases the GIL, and with many
+    connections each release costs a thread switch: this is what keeps a download to five
+    syscalls.
     """
 
     def __init__(self, store, size=4096, open_files=64):
         self.store = store
-        self.size = size
-        self.entries = {}
-        self.lock = threading.Lock()
-        self.open_files = open_files
-        self.files = collections.OrderedDict()      # digest -> _OpenFile, oldest first
+        self.paths = wasmstore.Cache(size)          # (generation, branch, path) -> (hash, file)
+        self.files = wasmstore.Cache(open_files)    # hash -> (SharedFd, size)
 
     def locate(self, path, branch=None):
-        """(digest, object filename) of the module at path on branch, memoized per branch head."""
-        head = self.store.head(branch=branch)
-        key = (branch, path)
-        hit = self.entries.get(key)
-        if hit is not None and hit[0] == head and head is not None:
-            return hit[1], hit[2]
-        digest, filename = self.store.locate(path, branch=branch)
-        if self.store.head(branch=branch) == head:   # no commit raced the lookup
-            with self.lock:
-                if len(self.entries) >= self.size:
-                    self.entries.clear()             # simple bound; refilled on demand
-                self.entries[key] = (head, digest, filename)
-        return digest, filename
-
-    def forget(self, path, branch=None):
-        """Drop the memoized answer for (path, branch)."""
-        self.entries.pop((branch, path), None)
+        """(hash, object file name) of the module at path on branch, as Store.locate."""
+        generation = self.store.generation()    # read first: a change meanwhile shows next time
+        key = (generation, branch, path)
+        found = self.paths.get(key)
+        if found is None:
+            found = self.store.locate(path, branch=branch)
+            if generation is not None:
+                self.paths.put(key, found)
+        return found
 
     def open(self, path, branch=None):
-        """(digest, FileBody) of the module at path on branch; the caller closes the body."""
+        """(hash, FileBody) of the module at path on branch; the caller closes the body."""
         digest, filename = self.locate(path, branch)
-        try:
-            body = self._lease(digest, filename)
-        except FileNotFoundError:                    # gc removed it after the lookup
-            body = None
-        if body is None:
-            self.forget(path, branch)
-            digest, filename = self.store.locate(path, branch=branch)   # checks the hash again
+        self.store.module_filename(digest)          # CorruptObject if it changed and is bad
+        opened = self.files.get(digest)
+        if opened is None:
             body = open_body(filename)
-        return digest, body
-
-    def _lease(self, digest, filename):
-        with self.lock:
-            entry = self.files.get(digest)
-            if entry is not None:
-                entry.leases += 1
-                self.files.move_to_end(digest)
-        if entry is None:
-            entry = self._open(digest, filename)
-        else:
-            info = os.fstat(entry.fd)
-            if (info.st_ino, info.st_mtime_ns, info.st_size) != entry.key:
-                self._evict(digest, entry)           # changed in place: never trusted again
-                self._release(entry)
-                return None
-        return FileBody(entry.fd, entry.size, lambda: self._release(entry))
-
-    def _open(self, digest, filename):
-        fd = os.open(filename, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-        try:
-            entry = _OpenFile(fd, os.fstat(fd))
-        except BaseException:
-            os.close(fd)
-            raise
-        with self.lock:
-            existing = self.files.get(digest)
-            if existing is not None:                  # another request opened it meanwhile
-                existing.leases += 1
-                os.close(fd)
-                return existing
-            self.files[digest] = entry
-            while len(self.files) > self.open_files:
-                oldest_digest, oldest = next(iter(self.files.items()))
-                self._evict_locked(oldest_digest, oldest)
-        return entry
-
-    def _evict(self, digest, entry):
-        with self.lock:
-            self._evict_locked(digest, entry)
-
-    def _evict_locked(self, digest, entry):
-        if self.files.get(digest) is entry:
-            del self.files[digest]
-        if not entry.evicted:
-            entry.evicted = True
-            if entry.leases == 0:
-                os.close(entry.fd)
-
-    def _release(self, entry):
-        with self.lock:
-            entry.leases -= 1
-            if entry.evicted and entry.leases == 0:
-                os.close(entry.fd)
+            self.files.put(digest, (body.file, body.size))
+            return digest, body
+        return digest, FileBody(*opened)
 
     def close(self):
-        """Close every open file no reply is using (the rest close when released)."""
-        with self.lock:
-            for digest, entry in list(self.files.items()):
-                self._evict_locked(digest, entry)
+        """Let go of every open file (each is closed when the last reply sending it ends)."""
+        self.files.clear()
+        self.paths.clear()
 
 
 def _open_object(store, call):
