@@ -29,12 +29,15 @@ Map of this file (top-down):
     constants, exceptions (ServerError root)
     URL parsing        parse_target(), decode_segment()
     replies            Reply, FileBody, error_reply() and the one ERROR_STATUS table
-    route handlers     pure functions (store, call, body) -> Reply, the ROUTES table, LocateCache
+    route handlers     pure functions (store, call, body) -> Reply, LocateCache; history: log
+                       and audit by pages, diff
     running modules    RunGate (guests at once + a bounded queue -> 503), GuestRuntime (a
                        wasmstore.Runner, compiles outside the gate, per-module metrics), the
-                       call/run/exports handlers, make_runtime()
+                       call/run/exports handlers, a module's kv data (buckets, keys, values),
+                       make_runtime()
     OCI /v2/           the distribution API's read side: OciRepository (a store path's tags,
                        manifests, blobs), oci_v2 (its one route), oci_error_reply (JSON codes)
+    routing            Route, the ROUTES table (each route's permission and scope), match_route()
     auth               Access (what a key reaches), AuthTable (KEY:PERMS[@PREFIX] entries,
                        constant-time key comparison; the routes declare their permission)
     browser safety     parse_authority(), parse_origin(), HostAllowList (DNS rebinding),
@@ -155,6 +158,11 @@ DEFAULT_MAX_GUESTS = max(2, os.cpu_count() or 2)   # guests running at once
 DEFAULT_RUN_QUEUE = 64                     # callers waiting for a guest slot; beyond: 503
 DEFAULT_QUEUE_WAIT = 10.0                  # seconds a caller waits for a slot before 503
 DEFAULT_MAX_OUTPUT = 16 * 1024 * 1024      # stdout (and stderr) kept per run
+MAX_VERSION_INDEX = 999_999_999           # ?version=N and /version/N/: more versions than any path has
+MAX_CONTENT_LENGTH = (1 << 63) - 1         # what a signed 64-bit length holds
+DEFAULT_PAGE = 100                         # commits (or kv keys) per page of log, audit, kv-keys
+MAX_PAGE = 1000                            # the largest page a client may ask for
+HIDDEN_MESSAGE = "(not shown: this commit also changed paths out of this key's reach)"
 MAX_STDERR_HEADER = 4096                   # stderr bytes sent in the Wasmstore-Stderr header
 MAX_RUN_SERIES = 1000                      # (module, function) metric series; more go to "other"
 CHUNK = 1 << 16
@@ -166,7 +174,8 @@ WASM_TYPE = "application/wasm"             # exactly: WebAssembly.instantiateStr
 CORS_ALLOW_HEADERS = ("Wasmstore-Auth, Wasmstore-Branch, Wasmstore-Author, Authorization, "
                       "Content-Type, If-None-Match")
 CORS_EXPOSE_HEADERS = ("Wasmstore-Hash, ETag, Wasmstore-Exit-Status, Wasmstore-Stderr, "
-                       "Wasmstore-Stderr-Truncated, Wasmstore-Stdout-Truncated, Wasmstore-Error")
+                       "Wasmstore-Stderr-Truncated, Wasmstore-Stdout, Wasmstore-Stdout-Truncated, "
+                       "Wasmstore-Error")
 
 _SEGMENT_RE = re.compile(r"(?:[^%]|%[0-9A-Fa-f]{2})*\Z", re.S)
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
@@ -630,10 +639,8 @@ def get_versions(store, call, body):
 
 def get_version(store, call, body):
     """GET /api/v1/version/:index/*: the bytes of that version."""
-    raw_index = call.params[0]
-    if not raw_index.isdigit() or len(raw_index) > 9:
-        raise HttpError(400, f"version index must be a non-negative integer, got {raw_index!r}")
-    digest, _commit = store.version(int(raw_index), call.path, branch=call.branch)
+    index = wasmstore.parse_number(call.params[0], "version index", maximum=MAX_VERSION_INDEX)
+    digest, _commit = store.version(index, call.path, branch=call.branch)
     return module_reply(digest, open_body(store.module_filename(digest)), call.headers)
 
 
@@ -701,6 +708,73 @@ def gc(store, call, body):
 def auth_ok(store, call, body):
     """* /api/v1/auth: 200 when the key may use this method."""
     return Reply(200)            # reaching a handler means the key passed for this method
+
+
+# -- history over HTTP: log, audit, diff (pages of commit infos) ----------------------------------
+
+def _query_count(call, name, default, maximum):
+    """A count from the query string (ASCII digits, 0 to maximum), default when absent; 400
+    otherwise."""
+    raw = call.query.get(name)
+    return default if raw is None else wasmstore.parse_number(raw, name, maximum=maximum)
+
+
+def _page(commits, limit):
+    """{"commits": the first `limit`, "next": the last one's hash when more follow, else null}:
+    the client asks for the next page with ?after=<next>."""
+    more = len(commits) > limit
+    commits = commits[:limit]
+    return {"commits": commits, "next": commits[-1]["hash"] if more and commits else None}
+
+
+def get_log(store, call, body):
+    """GET /api/v1/log?limit=N&after=COMMIT: the branch's commits, newest first, by pages."""
+    limit = _query_count(call, "limit", DEFAULT_PAGE, MAX_PAGE)
+    after = call.query.get("after")
+    start = None
+    if after is not None:
+        parents = store.commit_info(after).get("parents")
+        if not parents:
+            store.log(0, branch=call.branch)              # still 404 for an unknown branch
+            return json_reply(_page([], limit))
+        start = parents[0]
+    return json_reply(_page(store.log(limit + 1, branch=call.branch, start=start), limit))
+
+
+def get_audit(store, call, body):
+    """GET /api/v1/audit/*?limit=N&after=COMMIT: the commits that changed a path, newest first.
+
+    A key limited to some paths does not see the message of a commit that also changed paths
+    out of its reach (messages name paths)."""
+    limit = _query_count(call, "limit", DEFAULT_PAGE, MAX_PAGE)
+    commits = store.audit(call.path, branch=call.branch)
+    after = call.query.get("after")
+    if after is not None:
+        wasmstore.validate_hash(after, "commit")
+        after = after.lower()
+        position = next((i for i, info in enumerate(commits) if info["hash"] == after), None)
+        if position is None:
+            raise HttpError(404, f"commit {after} did not change {_printed(call.path.split('/'))}")
+        commits = commits[position + 1:]
+    page = _page(commits[:limit + 1], limit)
+    if call.access.scoped:
+        for info in page["commits"]:
+            parent = info.get("parents", [None])[0]
+            if not all(map(call.access.reaches, store.changes(parent, info["hash"]))):
+                info["message"] = HIDDEN_MESSAGE
+    return json_reply(page)
+
+
+def get_diff(store, call, body):
+    """GET /api/v1/diff/:old/:new[/*]: what changed from commit old to commit new (under the
+    path, when one is given), in the watch event format."""
+    old, new = (store.commit_info(commit)["hash"] for commit in call.params)
+    changes = store.changes(old, new)
+    if call.path:
+        prefix = tuple(wasmstore.validate_path(call.path))
+        changes = {path: change for path, change in changes.items()
+                   if tuple(path.split("/")[1:])[:len(prefix)] == prefix}
+    return json_reply(changes)
 
 
 # ---------------------------------------------------------------------------
@@ -839,20 +913,9 @@ def _runtime(call):
 
 
 def _version_query(call):
-    raw = call.query.get("version")
-    if raw is None:
-        return None
-    if not raw.isdigit() or len(raw) > 9:
-        raise HttpError(400, f"version must be a non-negative integer, got {raw!r}")
-    return int(raw)
+    return _query_count(call, "version", None, MAX_VERSION_INDEX)
 
 
-def _reject_constant(name):
-    raise ValueError(f"{name} is not JSON (write \"NaN\", \"Infinity\" or \"-Infinity\" as "
-                     "strings)")
-
-
-_STRICT_JSON = json.JSONDecoder(parse_constant=_reject_constant)   # once: one per call costs ~2 us
 _RESULT_JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
 
@@ -879,10 +942,7 @@ def read_body(reader, limit):
 
 def _json_arguments(body, limit):
     data = read_body(body, limit)
-    try:
-        args = _STRICT_JSON.decode(data.decode("utf-8")) if data.strip() else None
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise HttpError(400, f"malformed JSON body: {exc}") from None
+    args = wasmstore.parse_json(data, "JSON body") if data.strip() else None
     if not isinstance(args, list):
         raise HttpError(400, "expected a JSON array of arguments as the body, e.g. [1, 2]")
     return args
@@ -901,18 +961,25 @@ def call_function(store, call, body):
     version = _version_query(call)
 
     def work(target, stats):
-        return runtime.runner.call(target, function, args, stats=stats, reach=_link_reach(call))
+        return runtime.runner.call_captured(target, function, args, limit=MAX_STDERR_HEADER,
+                                            stats=stats, reach=_link_reach(call))
     result = runtime.execute(call, function, version, work)
-    data = _RESULT_JSON.encode(result).encode("utf-8")
-    return Reply(200, [("Content-Type", JSON_TYPE)], data)
+    data = _RESULT_JSON.encode(result.value).encode("utf-8")
+    headers = [("Content-Type", JSON_TYPE)]
+    for name, output, total in (("Stdout", result.stdout, result.stdout_total),
+                                ("Stderr", result.stderr, result.stderr_total)):
+        if total:
+            headers += _output_headers(name, output, total)
+    return Reply(200, headers, data)
 
 
-def _stderr_headers(result):
-    """The run's stderr in a header: a JSON string (ASCII only), cut at MAX_STDERR_HEADER bytes."""
-    text = result.stderr[:MAX_STDERR_HEADER].decode("utf-8", "replace")
-    headers = [("Wasmstore-Stderr", json.dumps(text))]
-    if result.stderr_total > MAX_STDERR_HEADER:
-        headers.append(("Wasmstore-Stderr-Truncated", str(result.stderr_total)))
+def _output_headers(name, output, total):
+    """A guest's stdout or stderr in Wasmstore-<name>: a JSON string (ASCII only) of its first
+    MAX_STDERR_HEADER bytes, and Wasmstore-<name>-Truncated with the bytes written when cut."""
+    text = output[:MAX_STDERR_HEADER].decode("utf-8", "replace")
+    headers = [(f"Wasmstore-{name}", json.dumps(text))]
+    if total > MAX_STDERR_HEADER:
+        headers.append((f"Wasmstore-{name}-Truncated", str(total)))
     return headers
 
 
@@ -929,7 +996,7 @@ def run_module(store, call, body):
     result = runtime.execute(call, "run", version, work)
     headers = [("Content-Type", "application/octet-stream"),
                ("Wasmstore-Exit-Status", str(result.status))]
-    headers += _stderr_headers(result)
+    headers += _output_headers("Stderr", result.stderr, result.stderr_total)
     if result.stdout_total > len(result.stdout):
         headers.append(("Wasmstore-Stdout-Truncated", str(result.stdout_total)))
     return Reply(200, headers, result.stdout)
@@ -945,6 +1012,83 @@ def get_exports(store, call, body):
         return {"hash": target.digest, "kind": guest.kind,
                 "exports": runtime.runner.host.exports(guest)}
     return json_reply(runtime.execute(call, "exports", version, work, gated=False))
+
+
+# -- the kv data of a stored module: its namespace's buckets, keys and values ---------------------
+
+def _kv_of(call):
+    """(backend, namespace) of the module a kv route names: the namespace the Runner gives the
+    module when it runs (its path, a --namespace-map prefix's, sha256:<hash>; per branch as the
+    Runner decides), so what is shown here is what the guest sees."""
+    runtime = _runtime(call)
+    target = runtime.runner.resolve(call.path, branch=call.branch)
+    return runtime.runner.host.backend, target.namespace
+
+
+def _kv_key(call):
+    key = call.query.get("key")
+    if key is None:
+        raise HttpError(400, "name the key: ?key=KEY (percent-encoded)")
+    return key
+
+
+def _kv_refusal(exc):
+    """A kv backend's refusal of what the client sent (a bad bucket id, key or cursor: values
+    were bounded as they were read) as a 400."""
+    return HttpError(400, one_line(exc))
+
+
+def kv_buckets(store, call, body):
+    """GET /api/v1/kv/*: {"namespace", "buckets": ids of the buckets holding keys}."""
+    backend, namespace = _kv_of(call)
+    return json_reply({"namespace": namespace, "buckets": backend.buckets(namespace)})
+
+
+def kv_keys(store, call, body):
+    """GET /api/v1/kv-keys/:bucket/*?limit=N&cursor=C: {"keys": sorted, "next": cursor or null}."""
+    backend, namespace = _kv_of(call)
+    limit = _query_count(call, "limit", DEFAULT_PAGE, MAX_PAGE)
+    try:
+        keys, cursor = backend.list_page(namespace, call.params[0], call.query.get("cursor"), limit)
+    except (kvhost.ArgumentError, kvhost.OperationError) as exc:
+        raise _kv_refusal(exc) from None
+    return json_reply({"keys": keys, "next": cursor})
+
+
+def kv_get(store, call, body):
+    """GET /api/v1/kv-value/:bucket/*?key=K: the value's bytes (404 when the key is missing)."""
+    backend, namespace = _kv_of(call)
+    bucket, key = call.params[0], _kv_key(call)
+    try:
+        value = backend.get(namespace, bucket, key)
+    except (kvhost.ArgumentError, kvhost.OperationError) as exc:
+        raise _kv_refusal(exc) from None
+    if value is None:
+        raise HttpError(404, f"no key {key[:100]!r} in bucket {bucket!r} of {namespace[:200]}")
+    return Reply(200, [("Content-Type", "application/octet-stream")], value)
+
+
+def kv_set(store, call, body):
+    """PUT /api/v1/kv-value/:bucket/*?key=K: body = the value (written to the backend directly:
+    watcher guests are not told)."""
+    backend, namespace = _kv_of(call)
+    key = _kv_key(call)
+    value = read_body(body, backend.max_value_size)
+    try:
+        backend.set(namespace, call.params[0], key, value)
+    except (kvhost.ArgumentError, kvhost.OperationError) as exc:
+        raise _kv_refusal(exc) from None
+    return Reply(200)
+
+
+def kv_delete(store, call, body):
+    """DELETE /api/v1/kv-value/:bucket/*?key=K (a missing key is fine)."""
+    backend, namespace = _kv_of(call)
+    try:
+        backend.delete(namespace, call.params[0], _kv_key(call))
+    except (kvhost.ArgumentError, kvhost.OperationError) as exc:
+        raise _kv_refusal(exc) from None
+    return Reply(200)
 
 
 # ---------------------------------------------------------------------------
@@ -1090,9 +1234,10 @@ def oci_tags(store, call, segments):
     raw_n = call.query.get("n")
     headers = [OCI_API_VERSION]
     if raw_n is not None:
-        if not raw_n.isdigit() or int(raw_n) > OCI_MAX_PAGE:
-            raise OciError(400, "UNSUPPORTED", f"n must be an integer from 0 to {OCI_MAX_PAGE}")
-        n = int(raw_n)
+        try:
+            n = wasmstore.parse_number(raw_n, "n", maximum=OCI_MAX_PAGE)
+        except wasmstore.InvalidInput:
+            raise OciError(400, "UNSUPPORTED", f"n must be an integer from 0 to {OCI_MAX_PAGE}") from None
         if 0 < n < len(tags):
             after = urllib.parse.urlencode({"n": n, "last": tags[n - 1]})
             headers.append(("Link", f'</v2/{repository.name}/tags/list?{after}>; rel="next"'))
@@ -1193,6 +1338,14 @@ ROUTES = [
     Route("POST", "call", 1, "optional", call_function, permission="run", body=True),
     Route("POST", "run", 0, "optional", run_module, permission="run", body=True),
     Route("GET", "exports", 0, "optional", get_exports, permission="read"),
+    Route("GET", "log", 0, "none", get_log, permission="read", scope="store"),
+    Route("GET", "audit", 0, "optional", get_audit, permission="read"),
+    Route("GET", "diff", 2, "optional", get_diff, permission="read"),
+    Route("GET", "kv", 0, "optional", kv_buckets, permission="read"),
+    Route("GET", "kv-keys", 1, "optional", kv_keys, permission="read"),
+    Route("GET", "kv-value", 1, "optional", kv_get, permission="read"),
+    Route("PUT", "kv-value", 1, "optional", kv_set, permission="admin", body=True),
+    Route("DELETE", "kv-value", 1, "optional", kv_delete, permission="admin"),
     Route("*", "auth", 0, "none", auth_ok, permission=None, scope="filtered"),
     Route("GET", "v2", 0, "optional", oci_v2, permission="read", scope="filtered", prefix=()),
 ]
@@ -1445,11 +1598,11 @@ def parse_authority(text):
     The host comes back lower-case, an IPv6 literal without its brackets."""
     if not text or _CONTROL_RE.search(text) or any(c in text for c in " @/?#\\"):
         raise ValueError(f"expected HOST or HOST:PORT, got {text!r}")
-    parts = urllib.parse.urlsplit("//" + text)
-    host, port = parts.hostname, parts.port     # .port raises ValueError unless 0-65535
-    if not host:
-        raise ValueError(f"expected HOST or HOST:PORT, got {text!r}")
-    return host, port
+    try:
+        url = wasmstore.parse_url("http://" + text, "authority")
+    except wasmstore.InvalidInput:
+        raise ValueError(f"expected HOST or HOST:PORT, got {text!r}") from None
+    return url.host, url.port
 
 
 def parse_origin(text):
@@ -1611,10 +1764,13 @@ def body_framing(headers, version):
         return 0
     values = {value.strip() for value in lengths}
     value = values.pop()
-    if values or not value.isdigit() or not value.isascii() or len(value) > 19:
+    try:
+        if values:
+            raise wasmstore.InvalidInput("two lengths")
+        return wasmstore.parse_number(value, "Content-Length", maximum=MAX_CONTENT_LENGTH)
+    except wasmstore.InvalidInput:
         raise HttpError(400, "bad Content-Length: " + ", ".join(repr(v) for v in lengths[:4]),
-                        close=True)
-    return int(value)
+                        close=True) from None
 
 
 class LimitedReader(io.RawIOBase):
@@ -3164,8 +3320,10 @@ def make_runtime(store, metrics, *, kv=None, timeout=None, fuel=None, max_memory
         return None
     limits = {name: value for name, value in (("timeout", timeout), ("fuel", fuel),
                                               ("max_memory", max_memory)) if value is not None}
+    # output="discard": nothing a guest writes reaches the server's own streams (a call's and a
+    # run's output is captured into its reply; watchers and providers they trigger are dropped)
     runner = wasmstore.Runner(store, namespaces=wasmstore.parse_namespace_map(namespace_map),
-                              kv=kv, provider_kv=provider_kv, workers=max_guests,
+                              output="discard", kv=kv, provider_kv=provider_kv, workers=max_guests,
                               stub_imports=stub_imports, cache_dir=cache_dir, **limits)
     runner.host.start_workers(1)      # the first guest that needs a worker process finds one ready
     runtime = GuestRuntime(runner, RunGate(max_guests, run_queue, queue_wait), metrics, max_output)
@@ -3189,19 +3347,25 @@ def make_server(store, host=DEFAULT_HOST, port=DEFAULT_PORT, **options):
 # Command line
 # ---------------------------------------------------------------------------
 
+def _option_number(text, what, **bounds):
+    """An option's number through wasmstore.parse_number (ASCII digits only), for argparse."""
+    try:
+        return wasmstore.parse_number(text, what, **bounds)
+    except wasmstore.InvalidInput as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _byte_size(text):
-    match = re.fullmatch(r"\s*(\d+)\s*([kmg]i?b?|b)?\s*", text, re.I)
+    match = re.fullmatch(r"\s*([0-9]+)\s*([kmg]i?b?|b)?\s*", text, re.I)
     if not match:
         raise argparse.ArgumentTypeError(f"expected a size like 134217728 or 128M, got {text!r}")
     unit = (match.group(2) or "")[:1].lower()
     scale = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}[unit]
-    return int(match.group(1)) * scale
+    return _option_number(match.group(1), "size") * scale
 
 
 def _port(text):
-    if not text.isdigit() or int(text) > 65535:
-        raise argparse.ArgumentTypeError(f"expected a port number 0-65535, got {text!r}")
-    return int(text)
+    return _option_number(text, "port number", maximum=65535)
 
 
 def _tls_pair(text):
@@ -3231,10 +3395,7 @@ def _host_names(text):
 
 
 def _positive_seconds(text):
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1
+    value = _option_number(text, "number of seconds", fraction=True)
     if not value > 0:
         raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {text!r}")
     return value
@@ -3350,15 +3511,11 @@ def _add_run_options(group):
 
 
 def _positive_int(text):
-    if not text.isdigit() or not text.isascii() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return int(text)
+    return _option_number(text, "positive integer", minimum=1)
 
 
 def _nonnegative_int(text):
-    if not text.isdigit():
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return int(text)
+    return _option_number(text, "integer", minimum=0)
 
 
 # option -> (environment variable, parser) for the options that fall back to the environment
