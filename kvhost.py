@@ -4348,6 +4348,9 @@ class _WiredProvider(Provider):
 # as the guest reads it, bounded too.
 
 HTTP_WASI_VERSION = "0.2.12"                     # each interface is defined at this version
+# What wasmtime 50 traps with when a guest passes two or more borrowed handles to one host
+# function (poll(list<borrow<pollable>>) of two, splice): its C API fails before the call.
+WASMTIME_TWO_BORROWS_BUG = "deferred host scope has no call context"
 HTTP_HANDLER_PREFIX = "wasi:http/incoming-handler@0.2"
 HTTP_READ_CHUNK = 1 << 16                        # bytes one stream read gives at most
 HTTP_WRITE_PERMIT = 1 << 20                      # bytes check-write allows at once
@@ -4562,7 +4565,7 @@ class _InputStream:
             return b""
         want = min(size, HTTP_READ_CHUNK)
         if self.limit is not None:
-            want = min(want, self.limit - self.total + 1)
+            want = min(want, self.limit - self.total) or 1     # at the limit: is there more?
         try:
             data = self.reader.read(want)
         except Exception as e:          # the client went away, a socket timed out
@@ -4573,10 +4576,10 @@ class _InputStream:
             if self.owner is not None:
                 self.owner.ended = True
             return Err(wc.Variant("closed"))
-        self.total += len(data)
-        if self.limit is not None and self.total > self.limit:
+        if self.limit is not None and self.total + len(data) > self.limit:
             self.done = True
             return state.stream_failed(f"the body is larger than {self.limit} bytes", self.error_code)
+        self.total += len(data)
         state.check_deadline()
         return bytes(data)
 
@@ -5949,11 +5952,21 @@ class _HttpSession:
         return error
 
     def _error(self, wasmtime_error):
-        failure = self.state.failure
+        """The TrapError for a guest that trapped: the reason a host function gave first (a
+        deadline, an exit, a client gone), else what the trap says."""
+        state, text = self.state, str(wasmtime_error)
+        failure = state.failure
+        if failure is None and state.sink_error is not None:
+            failure = TrapError(f"the response could not be sent ({state.sink_error}); then the guest trapped",
+                                "sink")
         if failure is None:
             failure = _trap_error(wasmtime_error, self.host)
-            if self.state.outparam_used and "unknown handle index" in str(wasmtime_error):
+            if state.outparam_used and "unknown handle index" in text:
                 failure = TrapError("the guest set its response twice", "response-twice")
+            elif WASMTIME_TWO_BORROWS_BUG in text:
+                failure = TrapError("the guest passed two borrowed handles to one host call (poll over "
+                                    "several pollables, splice), which wasmtime 50's C API cannot carry to "
+                                    f"the host ({WASMTIME_TWO_BORROWS_BUG})", "trap")
         return self._mark(failure)
 
     def _answer(self):
@@ -6490,6 +6503,10 @@ def add_sandbox_options(parser):
     parser.add_argument("--stub-imports", action="store_true",
                         help="define imports this host does not provide (e.g. wasi:http) as functions that "
                              "trap when called, so the rest of the guest runs")
+    parser.add_argument("--allow-outbound", action="append", dest="allow_outbound", default=[],
+                        metavar="HOST[:PORT]",
+                        help="destination an HTTP handler may send requests to (repeatable; HOST alone "
+                             "allows its default port, 80 or 443; default: none, requests are refused)")
     parser.add_argument("--cache-dir", help="compile cache directory (default ~/.cache/wasmstore/kvhost)")
 
 
@@ -6497,7 +6514,8 @@ def host_from_args(args, **overrides):
     """A Host for one-shot commands (isolation="thread": run_with_deadline ends a blocked guest)."""
     options = dict(kv=args.kv, allow_buckets=args.allow_buckets, timeout=args.timeout, fuel=args.fuel,
                    max_memory=args.max_memory, max_table_elements=args.max_table_elements, env=dict(args.env),
-                   dirs=args.dirs, cache_dir=args.cache_dir, stub_imports=args.stub_imports, isolation="thread")
+                   dirs=args.dirs, cache_dir=args.cache_dir, stub_imports=args.stub_imports, isolation="thread",
+                   allow_outbound=getattr(args, "allow_outbound", None))
     if args.namespace is not None:
         options["namespace"] = args.namespace
     if getattr(args, "provider_kv", None) is not None:

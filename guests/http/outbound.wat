@@ -1,7 +1,7 @@
 ;; SPDX-License-Identifier: Apache-2.0
 ;; outbound.wat: a wasi:http handler (@0.2.0 interfaces) that makes one outgoing request: GET
 ;; http://<x-upstream><path-with-query>, where x-upstream is a request header (host:port) and
-;; the path is the request's own; it answers with the upstream's status and its body, copied
+;; the path is the request's own (https when the request has an x-tls header); it answers with the upstream's status and its body, copied
 ;; chunk by chunk as it arrives (blocking-read, blocking-write-and-flush), no headers.
 ;; When outgoing-handler.handle or the response fails: 502 with the body "error-code <N>\n",
 ;; N the wasi:http error-code case (15 HTTP-request-denied, 6 connection-refused, ...).
@@ -202,6 +202,7 @@
     (import "host" "drop-output" (func $drop-output (param i32)))
     (data (i32.const 512) "x-upstream")                  ;; 10
     (data (i32.const 528) "error-code ")                 ;; 11
+    (data (i32.const 544) "x-tls")                       ;; 5
     (global $out (mut i32) (i32.const 0))
 
     ;; set a response with `status` and no headers; the body's output stream (the body at 20)
@@ -243,7 +244,10 @@
       (local.set $upstream (i32.load (i32.const 32)))
       (call $path (local.get $request) (i32.const 40))
       (local.set $outgoing (call $new-request (call $new-fields)))
-      (drop (call $set-scheme (local.get $outgoing) (i32.const 1) (i32.const 0) (i32.const 0) (i32.const 0)))
+      ;; some(HTTP), or some(HTTPS) when x-tls is there
+      (call $fields-get (call $headers (local.get $request)) (i32.const 544) (i32.const 5) (i32.const 24))
+      (drop (call $set-scheme (local.get $outgoing) (i32.const 1) (i32.ne (i32.load (i32.const 28)) (i32.const 0))
+                              (i32.const 0) (i32.const 0)))
       (drop (call $set-authority (local.get $outgoing) (i32.const 1)
                                  (i32.load (local.get $upstream)) (i32.load offset=4 (local.get $upstream))))
       (drop (call $set-path (local.get $outgoing) (i32.load8_u (i32.const 40)) (i32.load (i32.const 44))
