@@ -41,7 +41,7 @@ The file has one banner-separated section per feature, in this order (feature: t
   OCI: OciReferenceTest, OciArtifactTest, OciRegistryTest, OciBasicAuthTest, OciTokenAuthTest,
       OciTlsTest, OciBadInputTest, OciServerTest
   Running stored modules: RunnerTest, SandboxLimitsTest, RunCliTest, RunHttpTest,
-      PyCounterServerTest
+      OptionalRuntimeTest, PyCounterServerTest
 
 A new test goes in its feature's section and uses the fixtures: one behaviour per test, a
 temp_dir (or StoreTestCase) for files, wait_until on the event it needs (never a sleep),
@@ -2800,6 +2800,27 @@ class ComponentValidationTest(StoreTestCase):
 
 class PureFunctionTests(unittest.TestCase):
     """Parsing, routing, auth and the error table, without a socket."""
+
+    def test_one_error_table_gives_each_error_its_status_exit_status_and_label(self):
+        cases = [(http_server.HttpError(503, "busy"), (503, 1, "busy")),
+                 (http_server.HttpError(413, "too big"), (413, 1, "arguments")),
+                 (wasmstore.InvalidModule("bad"), (400, 1, "arguments")),
+                 (wasmstore.NotFound("gone"), (404, 1, "not-found")),
+                 (wasmstore.MergeConflict("both", ["/a.wasm"]), (409, 1, "conflict")),
+                 (kvhost.NoSuchFunction("no f"), (404, 2, "not-found")),
+                 (kvhost.ArgumentError("two needed"), (400, 2, "arguments")),
+                 (kvhost.LinkError("no import"), (424, 2, "link")),
+                 (kvhost.GuestError("no compile"), (422, 2, "guest")),
+                 (kvhost.TrapError("spun", "timeout"), (422, 1, "timeout"))]
+        for exc, meaning in cases:
+            with self.subTest(exc=exc):
+                self.assertEqual(tuple(http_server.error_meaning(exc)), meaning)
+                self.assertEqual(http_server.error_status(exc), meaning[0])
+                self.assertEqual(http_server.outcome_of(exc), meaning[2])
+        self.assertIsNone(http_server.error_meaning(ValueError("a bug")))
+        self.assertEqual(http_server.outcome_of(ValueError("a bug")), "error")
+        self.assertEqual(http_server.error_reply(ValueError("a bug")).status, 500)
+        self.assertEqual(http_server.outcome_of(None), "ok")
 
     def test_parse_target_decodes_segments_and_drops_empty_ones(self):
         segments, query = http_server.parse_target("/api/v1//module/a%20b/%C3%A9.wasm?branch=dev")
@@ -10042,6 +10063,50 @@ class RunHttpTest(unittest.TestCase):
         with self.assertRaises(http_server.HttpError) as caught:
             http_server.call_function(None, call, None)
         self.assertEqual(caught.exception.status, 501)
+
+
+class OptionalRuntimeTest(unittest.TestCase):
+    """http_server.py serves without kvhost.py or wasmtime (running modules is then 501), but
+    a kvhost.py that fails on its own import is a bug that says so."""
+
+    def vendored(self, kvhost_source=None):
+        """A folder with copies of http_server.py and wasmstore.py (and a kvhost.py if given)."""
+        folder = temp_dir(self, "vendored-")
+        shutil.copy(HTTP_SERVER_PY, folder)
+        shutil.copy(WASMSTORE_PY, folder)
+        if kvhost_source is not None:
+            with open(os.path.join(folder, "kvhost.py"), "w") as f:
+                f.write(kvhost_source)
+        return folder
+
+    def python(self, folder, code):
+        return subprocess.run([sys.executable, "-c", code], cwd=folder, capture_output=True,
+                              text=True, timeout=60)
+
+    def test_without_kvhost_the_server_runs_and_running_modules_is_501(self):
+        folder = self.vendored()
+        server = ServerProcess(self, os.path.join(folder, "http_server.py"), "--root",
+                               os.path.join(folder, "root"), "--port", "0", "--quiet", cwd=folder)
+        status, _, body = http_request(server.url + "/api/v1/call/add/a.wasm", "POST", b"[1, 2]")
+        self.assertEqual(status, 501)
+        self.assertIn(b"needs kvhost.py next to http_server.py", body)
+        self.assertIn(b"kvhost is missing", body)
+        self.assertEqual(http_request(server.url + "/api/v1/branches")[0], 200)
+
+    def test_without_wasmtime_running_modules_is_501(self):
+        done = self.python(HERE, "import sys; sys.modules['wasmtime'] = None\n"
+                                 "import http_server; print(http_server.KVHOST_MISSING)")
+        self.assertEqual((done.returncode, done.stdout), (0, "wasmtime is missing\n"), done.stderr)
+
+    def test_a_kvhost_that_fails_to_import_is_reported_not_turned_into_501(self):
+        for source, error in [("import a_dependency_kvhost_lacks\n",
+                               "ModuleNotFoundError: No module named 'a_dependency_kvhost_lacks'"),
+                              ("from os import no_such_name\n", "ImportError: cannot import name"),
+                              ("raise ImportError('kvhost is broken')\n", "kvhost is broken")]:
+            with self.subTest(source=source):
+                done = self.python(self.vendored(source), "import http_server")
+                self.assertNotEqual(done.returncode, 0)
+                self.assertIn(error, done.stderr)
 
 
 class PyCounterServerTest(unittest.TestCase):
