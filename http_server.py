@@ -799,6 +799,11 @@ class SlotPool:
         """Slots taken now, by every process of the server."""
         return sum(self._counts)
 
+    def busier_than_another(self):
+        """True if another worker of the server holds fewer slots than this one."""
+        mine = self._counts[self._index]
+        return any(count < mine for count in self._counts)
+
     def release_for(self, index):
         """Give back every slot worker `index` held (it died); only the supervisor calls this."""
         count, self._counts[index] = self._counts[index], 0
@@ -3273,6 +3278,10 @@ class ConnectionLimits:
         self._connections, self._watches = pools
         self._held = threading.local()
 
+    def busier_than_another(self):
+        """True if another worker of the server holds fewer ordinary connections than this."""
+        return self._connections.busier_than_another()
+
     def admit(self):
         """Take an ordinary slot for a new connection (accept loop); False when none is left."""
         return self._connections.acquire()
@@ -3363,7 +3372,12 @@ class WasmstoreServer(http.server.ThreadingHTTPServer):
 
     def get_request(self):
         """Accept a connection; it is blocking whatever the listening socket is (on BSD and
-        macOS an accepted socket inherits the listener's O_NONBLOCK)."""
+        macOS an accepted socket inherits the listener's O_NONBLOCK). Every worker is woken
+        by a new connection and the first to accept gets it, so a worker serving more
+        connections than a sibling lets that sibling try first: keep-alive clients connect
+        once, and without this a burst of them could all land on one worker."""
+        if self.worker is not None and self.limits.busier_than_another():
+            time.sleep(ACCEPT_DEFER_SECONDS)
         request, address = self.socket.accept()
         request.setblocking(True)
         return request, address
@@ -3559,6 +3573,7 @@ def make_server(store, host=DEFAULT_HOST, port=DEFAULT_PORT, **options):
 # Worker processes: one listening socket, N processes, bounds shared by all
 # ---------------------------------------------------------------------------
 
+ACCEPT_DEFER_SECONDS = 0.002       # a worker busier than a sibling waits this long to accept
 WORKER_REGION_BYTES = 4 << 20       # metric numbers a worker publishes (only touched pages cost)
 WORKER_START_SECONDS = 60.0         # a first worker not serving by then failed to start
 WORKER_GRACE_SECONDS = 35.0         # a draining worker still alive after this is killed
@@ -3584,17 +3599,19 @@ class SharedMetricValues:
 
     def __init__(self, region, writer=False):
         self.region = region
-        self.offsets = {}                 # key -> (offset of the value, struct format)
+        self._ints = memoryview(region).cast("q")      # values are 8-byte aligned: an index
+        self._floats = memoryview(region).cast("d")    # into either view is offset // 8
+        self.offsets = {}                 # key -> (the view of its kind, index of the value)
         self.dropped = 0                  # new keys that did not fit
         if writer:
-            for key, offset, fmt, _ in self._entries():
-                self.offsets[key] = (offset, fmt)
+            for key, view, index, _ in self._entries():
+                self.offsets[key] = (view, index)
                 if key[0] in GAUGE_NAMES:
-                    struct.pack_into(fmt, region, offset, 0)
+                    view[index] = 0
 
     def _entries(self):
         region = self.region
-        end = max(_REGION_HEADER, struct.unpack_from("Q", region, 0)[0])
+        end = max(_REGION_HEADER, self._ints[0])
         position = _REGION_HEADER
         while position < end:
             length, kind = struct.unpack_from("II", region, position)
@@ -3603,41 +3620,38 @@ class SharedMetricValues:
                 key = tuple(json.loads(bytes(region[start:start + length])))
             except ValueError:                # torn by a writer on a weakly ordered CPU
                 return
-            offset = start + _pad8(length)
-            fmt = "d" if kind else "q"
-            yield key, offset, fmt, struct.unpack_from(fmt, region, offset)[0]
-            position = offset + 8
+            index = (start + _pad8(length)) // 8
+            view = self._floats if kind else self._ints
+            yield key, view, index, view[index]
+            position = (index + 1) * 8
 
     def _append(self, key, kind):
         data = json.dumps(list(key), separators=(",", ":")).encode("utf-8")
-        end = max(_REGION_HEADER, struct.unpack_from("Q", self.region, 0)[0])
-        offset = end + 8 + _pad8(len(data))
-        if offset + 8 > len(self.region):
+        end = max(_REGION_HEADER, self._ints[0])
+        value_at = end + 8 + _pad8(len(data))
+        if value_at + 8 > len(self.region):
             self.dropped += 1
             return None
         struct.pack_into("II", self.region, end, len(data), kind)
         self.region[end + 8:end + 8 + len(data)] = data
-        fmt = "d" if kind else "q"
-        struct.pack_into(fmt, self.region, offset, 0)
-        struct.pack_into("Q", self.region, 0, offset + 8)
-        self.offsets[key] = (offset, fmt)
-        return offset, fmt
+        view = self._floats if kind else self._ints
+        view[value_at // 8] = 0
+        self._ints[0] = value_at + 8                  # published last: whole entries only
+        self.offsets[key] = (view, value_at // 8)
+        return self.offsets[key]
 
     def add(self, key, delta):
-        """Add delta to the number at key (0 when new); the caller holds Metrics.lock."""
+        """Add delta to the number at key (0 when new); the caller holds Metrics.lock. A key
+        keeps the kind of its first delta (int or float)."""
         entry = self.offsets.get(key) or self._append(key, isinstance(delta, float))
         if entry is not None:
-            offset, fmt = entry
-            value = struct.unpack_from(fmt, self.region, offset)[0]
-            value += delta if fmt == "d" else int(delta)
-            struct.pack_into(fmt, self.region, offset, value)
+            view, index = entry
+            view[index] += delta
 
     def get(self, key, default=0):
         """The number at key, or default."""
         entry = self.offsets.get(key)
-        if entry is None:
-            return default
-        return struct.unpack_from(entry[1], self.region, entry[0])[0]
+        return default if entry is None else entry[0][entry[1]]
 
     def snapshot(self):
         """{key: number} of everything in the region (from any process)."""
