@@ -3308,14 +3308,15 @@ class WasmstoreServer(http.server.ThreadingHTTPServer):
 def make_runtime(store, metrics, *, kv=None, timeout=None, fuel=None, max_memory=None,
                  max_guests=DEFAULT_MAX_GUESTS, run_queue=DEFAULT_RUN_QUEUE,
                  queue_wait=DEFAULT_QUEUE_WAIT, namespace_map=(), stub_imports=False,
-                 max_output=DEFAULT_MAX_OUTPUT, cache_dir=None, provider_kv=None):
+                 max_output=DEFAULT_MAX_OUTPUT, cache_dir=None, provider_kv=None, links=None):
     """The GuestRuntime of a server (None when kvhost.py or wasmtime is missing: 501 then).
 
     kv: backend URL (default sqlite under the store root), or "component:PATH", a wasi:keyvalue
     provider stored at PATH (as the default branch holds it when the server starts) over the
     backend provider_kv (see wasmstore.kv_options); timeout (seconds), fuel, max_memory
     (bytes): each guest's limits (kvhost's defaults when None); max_guests running at once,
-    run_queue callers waiting up to queue_wait seconds; namespace_map: ["PREFIX=NS", ...]."""
+    run_queue callers waiting up to queue_wait seconds; namespace_map: ["PREFIX=NS", ...];
+    links: {import module name: store path} (see wasmstore.Runner, wasmstore.parse_links)."""
     if kvhost is None:
         return None
     limits = {name: value for name, value in (("timeout", timeout), ("fuel", fuel),
@@ -3323,6 +3324,7 @@ def make_runtime(store, metrics, *, kv=None, timeout=None, fuel=None, max_memory
     # output="discard": nothing a guest writes reaches the server's own streams (a call's and a
     # run's output is captured into its reply; watchers and providers they trigger are dropped)
     runner = wasmstore.Runner(store, namespaces=wasmstore.parse_namespace_map(namespace_map),
+                              links=links,
                               output="discard", kv=kv, provider_kv=provider_kv, workers=max_guests,
                               stub_imports=stub_imports, cache_dir=cache_dir, **limits)
     runner.host.start_workers(1)      # the first guest that needs a worker process finds one ready
@@ -3506,8 +3508,11 @@ def _add_run_options(group):
         help="modules under PREFIX share kv namespace NS (repeatable; default: each path is "
              "its own namespace, a hash is sha256:<hash>)")
     add("--stub-imports", action="store_true",
-        help="imports the host does not provide (e.g. wasi:http) trap when called instead of "
-             "refusing the guest")
+        help="imports the host does not provide (e.g. wasi:http, or a core module's env "
+             "functions) trap when called instead of refusing the guest")
+    add("--link", action="append", default=[], dest="links", metavar="NAME=PATH",
+        help="link core modules' imports from module NAME to the module stored at PATH (in the "
+             "same commit as the module run; repeatable), e.g. --link env=/lib/random.wasm")
 
 
 def _positive_int(text):
@@ -3535,7 +3540,8 @@ def run_options(args):
             "max_guests": args.max_guests or DEFAULT_MAX_GUESTS,
             "run_queue": DEFAULT_RUN_QUEUE if args.run_queue is None else args.run_queue,
             "queue_wait": args.queue_wait, "namespace_map": args.namespace_map,
-            "stub_imports": args.stub_imports, "max_output": args.max_output}
+            "stub_imports": args.stub_imports, "max_output": args.max_output,
+            "links": wasmstore.parse_links(args.links)}
 
 
 def _options_from(parser, args):

@@ -72,7 +72,8 @@ __all__ = [
     "HttpRequest", "HttpOutcome", "parse_outbound",
     "Backend", "MemoryBackend", "SqliteBackend", "RedisBackend", "open_backend",
     "Guest", "Host", "RunResult", "CallResult", "Provider", "provider_of", "provider_exports", "PROVIDER_PREFIX", "core_signatures", "describe_exports", "format_export", "json_float", "float_from_json",
-    "add_store_options", "add_sandbox_options", "host_from_args", "parse_json_args", "print_json", "print_exports",
+    "add_store_options", "add_sandbox_options", "link_table", "host_from_args", "parse_json_args",
+    "print_json", "print_exports",
     "run_with_deadline", "end_process", "report", "DeadlineExceeded", "main", "console_main",
     "parse_number", "parse_json", "json_depth", "parse_url", "Url", "MAX_JSON_DEPTH",
     "DEFAULT_KV_URL", "MAX_KEY_BYTES", "DEFAULT_MAX_VALUE_BYTES", "PAGE_SIZE", "STDIN_INHERIT",
@@ -3302,7 +3303,8 @@ class Host:
 
         resolve(module name) -> a Guest of this Host, or None: it decides which import module
         names stand for other guests (a store resolves its paths). Missing guests or exports,
-        type mismatches and cycles raise LinkError naming the import."""
+        type mismatches and cycles raise LinkError naming the import; with stub_imports, a
+        module name nothing resolves is left to trap when one of its functions is called."""
         self._check_guest(guest)
         if guest.kind != "module" or not guest.links_needed:
             return []
@@ -3316,9 +3318,14 @@ class Host:
                     raise LinkError("import cycle: " + " -> ".join(chain[chain.index(module_name):] + [module_name]))
                 dependency = resolve(module_name) if resolve is not None else None
                 if dependency is None:
+                    if self.stub_imports:
+                        continue                  # _Session._linker defines them as traps
                     raise LinkError(f"{importer.name} imports {module_name!r} {items[0][0]!r}, which "
                                     f"this host does not provide" + ("" if resolve is None else
-                                                                     " (no such module to link)"))
+                                                                     " (no such module to link)")
+                                    + "; link a module that exports it (--link "
+                                    + f"{module_name}=PATH), or let it trap when called "
+                                      "(--stub-imports)")
                 if dependency.kind != "module" or dependency.engine is not self.engine:
                     raise LinkError(f"{importer.name} imports {module_name!r}, which is not a core module "
                                     "(only core modules can be linked to core modules)")
@@ -3664,16 +3671,22 @@ class _Session:
             self._trap(e)
 
     def _linker(self):
-        """The Host's shared linker, or, for a core module linked to other guests, a linker of this
-        Store's own that holds their instances (dependencies first)."""
-        if not self.request.links:
+        """The Host's shared linker, or, for a core module linked to other guests (or with imports
+        left to trap, stub_imports), a linker of this Store's own that holds their instances
+        (dependencies first) and the traps."""
+        stubbed = self.host.stub_imports and self.guest.kind == "module" and self.guest.links_needed
+        if not self.request.links and not stubbed:
             if self.guest.kind == "module" and not self.guest.signatures[0]:
                 return None
             return self.host._linker_for(self.guest.kind)
         linker = wasmtime.Linker(self.host.engine)
         linker.define_wasi()
         for module_name, dependency in self.request.links:
+            if stubbed:
+                linker.define_unknown_imports_as_traps(dependency.artifact)
             linker.define_instance(self.store, module_name, self._instantiate(linker, dependency))
+        if stubbed:
+            linker.define_unknown_imports_as_traps(self.guest.artifact)
         return linker
 
     def instantiate(self):
@@ -6394,8 +6407,26 @@ def add_store_options(parser, kv_default=DEFAULT_KV_URL, kv_default_text=None, p
     parser.add_argument("--namespace", help="tenant whose data the guest sees (default: default)")
 
 
-def add_sandbox_options(parser):
-    """The options of a guest's sandbox; host_from_args() turns them into Host arguments."""
+def link_table(entries):
+    """{import module name: file} from --link NAME=FILE texts (kvhost's own command line)."""
+    table = {}
+    for entry in entries or ():
+        name, sep, target = entry.partition("=")
+        if not sep or not name or not target:
+            raise ArgumentError(f"invalid --link {entry!r}: expected NAME=FILE")
+        if table.setdefault(name, target) != target:
+            raise ArgumentError(f"--link {name}= is given twice ({table[name]!r} and {target!r})")
+    return table
+
+
+def add_sandbox_options(parser, link_target="FILE"):
+    """The options of a guest's sandbox; host_from_args() turns them into Host arguments.
+    link_target: what --link NAME=PATH names (a file for kvhost, a stored path for wasmstore)."""
+    parser.add_argument("--link", action="append", default=[], dest="links",
+                        metavar="NAME=PATH",
+                        help=f"link a core module's imports from module NAME to the exports of "
+                             f"the core module at PATH ({link_target}; repeatable), e.g. "
+                             "--link env=random.wasm")
     parser.add_argument("--allow-bucket", action="append", dest="allow_buckets", metavar="B",
                         help="bucket the guest may open (repeatable; default: any)")
     parser.add_argument("--timeout", type=_positive_float, default=DEFAULT_TIMEOUT, metavar="S",
@@ -6631,13 +6662,17 @@ def main(argv=None):
                 print_exports(host.exports(host.load(args.guest)), out, args.json)
             return 0
         json_args = parse_json_args(getattr(args, "json_args", []))
+        links = link_table(args.links)
         with host_from_args(args) as host:
             guest = host.load(args.guest)
+            linked = {name: host.load(target) for name, target in links.items()}
+            resolve = linked.get if linked else None
             if args.command == "run":
                 out.flush()
-                return run_with_deadline(lambda: host.run(guest, args.args, stdin=STDIN_INHERIT),
-                                         host.timeout)
-            result = run_with_deadline(lambda: host.call(guest, args.function, json_args), host.timeout)
+                return run_with_deadline(lambda: host.run(guest, args.args, stdin=STDIN_INHERIT,
+                                                          resolve=resolve), host.timeout)
+            result = run_with_deadline(
+                lambda: host.call(guest, args.function, json_args, resolve=resolve), host.timeout)
             print_json(result, out)
             return 0
     except KvError as e:

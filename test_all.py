@@ -40,8 +40,8 @@ The file has one banner-separated section per feature, in this order (feature: t
       ProviderFaultsTest, ProviderIsolationTest, StoredProviderTest, StaticCompositionTest
   OCI: OciReferenceTest, OciArtifactTest, OciRegistryTest, OciBasicAuthTest, OciTokenAuthTest,
       OciTlsTest, OciBadInputTest, OciServerTest
-  Running stored modules: RunnerTest, SandboxLimitsTest, RunCliTest, RunHttpTest,
-      PyCounterServerTest
+  Running stored modules: RunnerTest, SandboxLimitsTest, RunCliTest, HostModuleLinkTest,
+      RunHttpTest, PyCounterServerTest
 
 A new test goes in its feature's section and uses the fixtures: one behaviour per test, a
 temp_dir (or StoreTestCase) for files, wait_until on the event it needs (never a sleep),
@@ -9537,6 +9537,104 @@ class RunCliTest(StoreTestCase):
                                       "and the wasmtime package (pip install wasmtime)\n")
         listed = run_cli(self.root, "list", script=alone, cwd=os.path.dirname(alone))
         self.assertEqual(listed.returncode, 0)                                # the store works alone
+
+
+FIRST_RANDOM = 723471715        # randomi32.wat's first value (xorshift32 from its seed)
+
+
+class HostModuleLinkTest(StoreTestCase):
+    """--link NAME=PATH: a core module's imports from module NAME (Wess's env.randomi32) come from
+    a stored module; --stub-imports: imports nothing provides trap only when called."""
+
+    def setUp(self):
+        super().setUp()
+        self.store.add("/lib/random.wasm", guest_binary("randomi32"))
+        self.store.add("/wess/syscall.wasm", guest_binary("wess-syscall"))
+
+    def runner(self, **options):
+        runner = wasmstore.Runner(self.store, kv="memory:", timeout=5, **options)
+        self.addCleanup(runner.close)
+        return runner
+
+    def test_imports_of_a_module_name_link_to_the_stored_module(self):
+        runner = self.runner(links={"env": "/lib/random.wasm"})
+        self.assertEqual(runner.call("/wess/syscall.wasm", "random", []), FIRST_RANDOM)
+        self.assertEqual(runner.call("/wess/syscall.wasm", "random_numbers", [3]), 1024)  # where
+        self.assertEqual(runner.call("/wess/syscall.wasm", "answer", []), 42)
+
+    def test_a_link_resolves_in_the_commit_of_the_module_run(self):
+        runner = self.runner(links={"env": "lib/random.wasm"})
+        self.store.add("/lib/random.wasm", wat_binary(
+            '(module (func (export "randomi32") (result i32) (i32.const 7)))'))
+        syscall = "/wess/syscall.wasm"
+        self.assertEqual(runner.call(syscall, "random", []), 7)                  # the head's
+        self.assertEqual(runner.call(syscall, "random", [], version=0), FIRST_RANDOM)
+        self.store.remove("/lib/random.wasm")
+        with self.assertRaisesRegex(kvhost.LinkError,
+                                    r"^/wess/syscall\.wasm imports 'env', linked to "
+                                    r"/lib/random\.wasm, but there is no module at /lib/random\.wasm "
+                                    r"in commit [0-9a-f]{12}$"):
+            runner.call(syscall, "random", [])
+
+    def test_a_link_to_a_module_without_the_export_names_it(self):
+        runner = self.runner(links={"env": "/wess/syscall.wasm"})
+        self.store.add("/other.wasm", guest_binary("wess-syscall"))
+        with self.assertRaisesRegex(kvhost.LinkError,
+                                    "imports 'randomi32' from 'env', which does not export it"):
+            runner.call("/other.wasm", "random", [])
+
+    def test_without_link_or_stubs_the_import_is_named_with_both_ways_out(self):
+        with self.assertRaisesRegex(kvhost.LinkError,
+                                    r"imports 'env' 'randomi32', which this host does not provide "
+                                    r".*\(--link env=PATH\), or let it trap when called "
+                                    r"\(--stub-imports\)"):
+            self.runner().call("/wess/syscall.wasm", "answer", [])
+
+    def test_stub_imports_trap_only_when_called(self):
+        for isolation in ("thread", "process"):
+            with self.subTest(isolation=isolation):
+                runner = self.runner(stub_imports=True, isolation=isolation)
+                self.assertEqual(runner.call("/wess/syscall.wasm", "answer", []), 42)
+                with self.assertRaises(kvhost.TrapError) as caught:
+                    runner.call("/wess/syscall.wasm", "random", [])
+                self.assertEqual(caught.exception.kind, "trap")
+                self.assertIn("unknown import: `env::randomi32` has not been defined",
+                              str(caught.exception))
+        # a link still wins over the stub
+        runner = self.runner(stub_imports=True, links={"env": "/lib/random.wasm"})
+        self.assertEqual(runner.call("/wess/syscall.wasm", "random", []), FIRST_RANDOM)
+
+    def test_the_command_lines_link(self):
+        syscall = "/wess/syscall.wasm"
+        proc = run_cli(self.root, "call", "--link", "env=/lib/random.wasm", syscall, "random")
+        self.assertEqual((proc.returncode, proc.stdout), (0, f"{FIRST_RANDOM}\n"), proc.stderr)
+        proc = run_cli(self.root, "call", "--stub-imports", syscall, "answer")
+        self.assertEqual((proc.returncode, proc.stdout), (0, "42\n"), proc.stderr)
+        proc = run_cli(self.root, "call", "--link", "env=/a.wasm", "--link", "env=/b.wasm", syscall,
+                       "random")
+        self.assertEqual((proc.returncode, proc.stderr),
+                         (1, "wasmstore: error: --link 'env'= is given twice (/a.wasm and "
+                             "/b.wasm)\n"))
+        files = [os.path.join(RUN_GUESTS, name + ".wat") for name in ("randomi32", "wess-syscall")]
+        proc = run_kvhost("call", "--kv", "memory:", "--link", f"env={files[0]}", files[1],
+                          "random")
+        self.assertEqual((proc.returncode, proc.stdout), (0, f"{FIRST_RANDOM}\n"), proc.stderr)
+        proc = run_kvhost("call", "--kv", "memory:", "--link", "env", files[1], "random")
+        self.assertEqual((proc.returncode, proc.stderr),
+                         (2, "kvhost: error: invalid --link 'env': expected NAME=FILE\n"))
+
+    def test_the_server_links(self):
+        args = http_server.build_parser().parse_args(["--link", "env=lib/random.wasm",
+                                                      "--stub-imports"])
+        options = http_server.run_options(args)
+        self.assertEqual((options["links"], options["stub_imports"]),
+                         ({"env": "/lib/random.wasm"}, True))
+        live = LiveServer(self, self.root, run={"kv": "memory:", "links": options["links"]})
+        status, _, body = live.request("POST", "/api/v1/call/random/wess/syscall.wasm", b"[]")
+        self.assertEqual((status, body), (200, str(FIRST_RANDOM).encode()))
+        proc = run_http_server("--root", self.root, "--port", "0", "--link", "env=../x")
+        self.assertEqual(proc.returncode, 1)
+        self.assertIn("http_server.py: error: invalid path '../x'", proc.stderr)
 
 
 class RunHttpTest(unittest.TestCase):
