@@ -13,7 +13,7 @@ The file has one banner-separated section per feature, in this order (feature: t
       self_signed_certificate; servers and processes (LiveServer, http_request,
       wait_for_log_line, read_until_close(d), WsClient, ServerProcess, wait_for_peer, stop_process,
       RedisServer, run_cli, run_http_server, run_kvhost)
-  The store library: LibraryTest, BadInputTest, BranchRaceTest, GenerationTest
+  The store library: LibraryTest, BadInputTest, BranchRaceTest, GenerationTest, CacheTest
   The store command line: AcceptanceWalkTest, StoreCliTest, FirstStepsTest, QuickStartTest
   Installing (pip, pipx): InstallTest
   Store durability and layout: DurabilityTest, PackTest, RefSlotTest, KillAtEveryMutationTest
@@ -21,7 +21,7 @@ The file has one banner-separated section per feature, in this order (feature: t
   Backups: HostileBackupTest
   Component validation on add: ComponentValidationTest
   The HTTP API: PureFunctionTests, RouteTests, HistoryRouteTests, KvRouteTests, BodyLimitTests,
-      ObservabilityTests, ShutdownTests, CommandLineTests
+      ObservabilityTests, ShutdownTests, WorkerProcessTests, SharedBoundsTest, CommandLineTests
   HTTP access (keys, TLS, CORS): AuthTests, ScopedKeyTests, TlsTests, CorsTests
   HTTP watch: WatchTests, WatchLimitTests
   HTTP hardening: FuzzTests, TimeoutTests, ConcurrencyTests, FramingTests, HostCheckTests,
@@ -1302,6 +1302,53 @@ class GenerationTest(StoreTestCase):
         done = run_cli(self.root, "add", module, "/x.wasm")
         self.assertEqual(done.returncode, 0, done.stderr)
         self.assertNotEqual(self.store.generation(), before)      # read from a shared map of the file
+
+    def test_a_default_branch_switched_by_another_process_is_seen(self):
+        self.store.create_branch("dev")
+        self.assertEqual(self.store.default_branch, "main")       # read, and kept
+        done = run_cli(self.root, "branch", "--switch", "dev")
+        self.assertEqual(done.returncode, 0, done.stderr)
+        self.assertEqual(self.store.default_branch, "dev")
+        self.store.add("/on-dev.wasm", wasm_module("dev"))
+        self.assertEqual(list(self.store.list(branch="dev")), ["/on-dev.wasm"])
+
+
+class CacheTest(unittest.TestCase):
+    """wasmstore.Cache, the one cache type: bounded by weight, oldest insertions out first."""
+
+    def test_the_oldest_insertions_leave_first_when_the_weight_is_over(self):
+        cache = wasmstore.Cache(10)
+        for key in "abcd":
+            cache.put(key, key.upper(), weight=3)
+        self.assertEqual([cache.get(key) for key in "abcd"], [None, "B", "C", "D"])
+        cache.put("b", "B2", weight=3)                          # replaced: now the newest
+        cache.put("e", "E", weight=4)
+        self.assertEqual([cache.get(key) for key in "bcde"], ["B2", None, "D", "E"])
+        self.assertEqual(len(cache), 3)
+
+    def test_a_value_heavier_than_the_cache_is_not_kept_and_drops_the_old_one(self):
+        cache = wasmstore.Cache(5)
+        cache.put("a", 1)
+        cache.put("a", 2, weight=6)
+        cache.put("b", 3)
+        self.assertIsNone(cache.get("a"))
+        self.assertEqual(cache.get("b"), 3)
+        for _ in range(4):
+            cache.put(object(), 0)                              # the weight freed counts again
+        self.assertEqual(cache.get("b"), 3)
+
+    def test_discard_and_clear(self):
+        cache = wasmstore.Cache(3)
+        cache.put("a", 1)
+        cache.put("b", 2)
+        cache.discard("a")
+        cache.discard("missing")
+        self.assertEqual((cache.get("a"), cache.get("b", "default")), (None, 2))
+        cache.clear()
+        self.assertEqual(len(cache), 0)
+        for key in "xyz":
+            cache.put(key, key)
+        self.assertEqual([cache.get(key) for key in "xyz"], ["x", "y", "z"])
 
 
 # =================================================================================================
@@ -3486,10 +3533,11 @@ class ObservabilityTests(unittest.TestCase):
             handle.seek(len(module) - 1)
             handle.write(b"X")
         os.utime(filename, ns=(time.time_ns(), time.time_ns() + 10**9))
-        status, _, body = live.request("GET", "/api/v1/module/c.wasm")
-        self.assertEqual(status, 500)
-        self.assertIn(b"corrupt", body)
-        self.assertNotIn(b"X", body[-2:])
+        for attempt in range(2):                       # and never trusted again
+            status, _, body = live.request("GET", "/api/v1/module/c.wasm")
+            self.assertEqual(status, 500, attempt)
+            self.assertIn(b"corrupt", body)
+            self.assertNotIn(b"X", body[-2:])
         self.assertNotIn("Traceback", live.log.getvalue())
         self.assertIn("corrupt", live.log.getvalue())
 
@@ -3580,6 +3628,257 @@ class ShutdownTests(unittest.TestCase):
         self.assertEqual(proc.wait(10), 0)
         self.assertLess(time.monotonic() - started, 3)
         self.assertEqual(proc.stderr.read(), "")         # --quiet: no access log either
+
+
+def child_pids(pid):
+    """The process ids of a process's children (Linux /proc)."""
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(child) for child in f.read().split()]
+
+
+def process_gone(pid):
+    """True once a process has exited (a zombie waiting to be reaped counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def numbered_module(number):
+    """A core module with code whose bytes depend on `number` (never in any compile cache):
+    add(i32, i32) -> i32 returns the sum plus `number`."""
+    return wat_binary(f"(module (func (export \"add\") (param i32 i32) (result i32) "
+                      f"local.get 0 local.get 1 i32.add i32.const {number} i32.add))")
+
+
+class WorkerProcessTests(unittest.TestCase):
+    """--workers N: one listening socket served by N forked processes under a supervisor."""
+
+    def setUp(self):
+        parent = temp_dir(self)
+        self.root = os.path.join(parent, "root")
+        self.env = dict(os.environ, XDG_CACHE_HOME=os.path.join(parent, "cache"))
+
+    def start(self, *args):
+        server = ServerProcess(self, HTTP_SERVER_PY, "--root", self.root, "--port", "0",
+                               "--quiet", *args, env=self.env)
+        self.addCleanup(self.stop, server, child_pids(server.process.pid))
+        return server
+
+    def stop(self, server, workers):
+        """Kill the supervisor as ServerProcess does; its workers drain and exit by themselves."""
+        server.stop()
+        for pid in workers:
+            wait_until(lambda: process_gone(pid), 20, f"worker {pid} to exit")
+
+    def metrics(self, server):
+        return http_request(server.url + "/metrics")[2].decode()
+
+    def workers_of(self, server):
+        """The worker processes (the supervisor's children that run http_server.py)."""
+        return child_pids(server.process.pid)
+
+    def test_metrics_sum_the_requests_of_every_worker(self):
+        server = self.start("--workers", "2")
+        for _ in range(30):
+            self.assertEqual(http_request(server.url + "/api/v1/branches")[0], 200)
+        text = self.metrics(server)
+        route = {"route": "/api/v1/branches", "method": "GET", "status": "200"}
+        self.assertEqual(metric(text, "wasmstore_http_requests_total", **route), 30)
+        self.assertEqual(metric(text, "wasmstore_workers"), 2)
+        per_worker = [metric(text, "wasmstore_worker_http_requests_total", worker=str(index))
+                      for index in range(2)]
+        self.assertEqual(sum(per_worker), 30)
+        self.assertEqual(len(self.workers_of(server)), 2)
+        self.assertIn("(2 worker processes)", server.banner)
+
+    def test_a_killed_worker_is_replaced_and_the_counters_go_on(self):
+        server = self.start("--workers", "2")
+        for _ in range(10):
+            http_request(server.url + "/api/v1/branches")
+        wait_until(lambda: metric(self.metrics(server), "wasmstore_http_requests_total",
+                                  route="/api/v1/branches") == 10, 10,
+                   "the requests to be counted (after their answers are sent)")
+        before = self.workers_of(server)
+        os.kill(before[0], signal.SIGKILL)
+        wait_until(lambda: len(set(self.workers_of(server)) - set(before)) == 1, 20,
+                   "a new worker to replace the killed one")
+        wait_until(lambda: metric(self.metrics(server), "wasmstore_worker_restarts_total") == 1,
+                   20, "the restart to be counted")
+        for _ in range(10):
+            self.assertEqual(http_request(server.url + "/api/v1/branches")[0], 200)
+        text = self.metrics(server)
+        self.assertEqual(metric(text, "wasmstore_http_requests_total", route="/api/v1/branches"), 20)
+        self.assertEqual(metric(text, "wasmstore_http_connections"), 1)   # this one, not the dead's
+        server.process.send_signal(signal.SIGTERM)
+        self.assertEqual(server.process.wait(30), 0)
+        self.assertIn(f"worker 0 (pid {before[0]}) was killed by signal 9", server.process.stderr.read())
+
+    def test_sigterm_stops_every_worker_and_exits_0(self):
+        server = self.start("--workers", "3")
+        workers = self.workers_of(server)
+        self.assertEqual(len(workers), 3)
+        server.process.send_signal(signal.SIGTERM)
+        self.assertEqual(server.process.wait(30), 0)
+        for pid in workers:
+            self.assertTrue(process_gone(pid), f"worker {pid} outlived the server")
+
+    def test_workers_of_a_killed_supervisor_drain_and_exit(self):
+        server = self.start("--workers", "2")
+        workers = self.workers_of(server)
+        server.process.kill()
+        server.process.wait(10)
+        for pid in workers:
+            wait_until(lambda: process_gone(pid), 20, f"orphaned worker {pid} to exit")
+        with self.assertRaises(OSError):
+            socket.create_connection(("127.0.0.1", server.port), timeout=2).close()
+
+    def test_run_slots_bound_the_whole_server(self):
+        store = wasmstore.Store(self.root)
+        fill_run_store(store, ["/p2/sleep.wasm"])
+        server = self.start("--workers", "2", "--max-guests", "1", "--run-queue", "0",
+                            "--kv", "memory:")
+        self.assertEqual(http_request(server.url + "/api/v1/call/sleep/p2/sleep.wasm",
+                                      "POST", b"[0]")[0], 200)        # compiled by now
+        results = []
+
+        def call():
+            reply = http_request(server.url + "/api/v1/call/sleep/p2/sleep.wasm", "POST", b"[1500]")
+            results.append(reply[0])
+        threads = [threading.Thread(target=call) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+        self.assertEqual(sorted(results), [200] + [503] * 7)
+
+    def test_a_module_added_by_the_command_line_is_compiled_once_for_every_worker(self):
+        server = self.start("--workers", "2", "--kv", "memory:")
+        module = numbered_module(random.randrange(1 << 30))
+        source = os.path.join(temp_dir(self), "fresh.wasm")
+        with open(source, "wb") as f:
+            f.write(module)
+        self.assertEqual(run_cli(self.root, "add", source, "/fresh.wasm").returncode, 0)
+        wait_until(lambda: metric(self.metrics(server), "wasmstore_background_compiles_total",
+                                  result="compiled") == 1, 60, "the background compile")
+        calls = [http_request(server.url + "/api/v1/call/add/fresh.wasm", "POST", b"[0, 0]")
+                 for _ in range(12)]
+        self.assertEqual({reply[:1] + reply[2:] for reply in calls}, {(200, calls[0][2])})
+        text = self.metrics(server)
+        self.assertEqual(metric(text, "wasmstore_compile_cache_total", result="compiles"), 1)
+
+    def test_workers_option_and_environment(self):
+        self.assertIn("WASMSTORE_WORKERS", run_http_server("--help").stdout)
+        self.env["WASMSTORE_WORKERS"] = "3"
+        server = self.start()
+        self.assertIn("(3 worker processes)", server.banner)
+        self.assertEqual(len(self.workers_of(server)), 3)
+
+    def test_one_worker_serves_from_the_process_itself(self):
+        server = self.start("--workers", "1")
+        self.assertNotIn("worker processes", server.banner)
+        text = self.metrics(server)
+        self.assertIsNone(metric(text, "wasmstore_workers"))
+        self.assertEqual(metric(text, "wasmstore_http_connections"), 1)
+
+    def test_a_worker_that_cannot_start_is_one_error_line_and_exit_1(self):
+        result = run_http_server("--root", self.root, "--port", "0", "--workers", "2",
+                                 "--kv", "component:/no/provider.wasm")
+        self.assertEqual(result.returncode, 1, result.stderr)
+        self.assertRegex(result.stderr, r"^http_server.py: error: no module at /no/provider.wasm.*\n$")
+
+
+class SharedBoundsTest(unittest.TestCase):
+    """What the workers of one server share, across real forked processes."""
+
+    def fork(self, body):
+        """Run body(to_parent, from_parent) in a child process; returns (pid, reader, writer)."""
+        up_read, up_write = os.pipe()
+        down_read, down_write = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            status = 1
+            try:
+                os.close(up_read)
+                os.close(down_write)
+                body(up_write, down_read)
+                status = 0
+            finally:
+                os._exit(status)
+        os.close(up_write)
+        os.close(down_read)
+        self.addCleanup(lambda: os.waitpid(pid, 0) if os.path.exists(f"/proc/{pid}") else None)
+        return pid, up_read, down_write
+
+    def test_a_slot_taken_in_one_process_is_missing_in_another_until_given_back(self):
+        shared = http_server.WorkerShared(2, {"run_slots": 1})
+        self.addCleanup(shared.close)
+
+        def child(up, down):
+            self.assertTrue(shared.pool("run_slots", 1).acquire())
+            os.write(up, b"taken")
+            os.read(down, 1)                        # hold it until the parent has looked
+        pid, up, down = self.fork(child)
+        self.assertEqual(os.read(up, 5), b"taken")
+        pool = shared.pool("run_slots", 0)
+        self.assertEqual(pool.held, 1)
+        self.assertFalse(pool.acquire())
+        os.write(down, b"x")
+        self.assertEqual(os.waitpid(pid, 0)[1], 0)  # exited holding it, as a killed worker does
+        self.assertFalse(pool.acquire())
+        shared.worker_died(1)
+        self.assertEqual(pool.held, 0)
+        self.assertTrue(pool.acquire())
+
+    def test_a_compile_lock_held_by_another_process_waits_for_it(self):
+        shared = http_server.WorkerShared(2, {})
+        self.addCleanup(shared.close)
+        digest = sha256(b"some module")
+
+        def child(up, down):
+            with http_server.CompileLocks(shared.compile_file).hold(digest):
+                os.write(up, b"held")
+                os.read(down, 1)
+        pid, up, down = self.fork(child)
+        self.assertEqual(os.read(up, 4), b"held")
+        locks = http_server.CompileLocks(shared.compile_file)
+        got = threading.Event()
+
+        def take():
+            with locks.hold(digest):
+                got.set()
+        thread = threading.Thread(target=take)
+        thread.start()
+        with locks.hold(sha256(b"another module")):
+            pass                                    # other modules are not held up
+        self.assertFalse(got.wait(0.3))
+        os.write(down, b"x")
+        self.assertTrue(got.wait(10))
+        thread.join(10)
+
+    def test_metric_values_are_read_across_processes_and_a_successor_keeps_the_counters(self):
+        shared = http_server.WorkerShared(1, {})
+        self.addCleanup(shared.close)
+
+        def child(up, down):
+            values = http_server.SharedMetricValues(shared.regions[0], writer=True)
+            values.add(("http_requests", "/api/v1/modules/*", "GET", 200), 3)
+            values.add(("http_duration_sum", "/api/v1/modules/*"), 0.25)
+            values.add(("connections",), 2)
+            os.write(up, b"done")
+        pid, up, _ = self.fork(child)
+        self.assertEqual(os.read(up, 4), b"done")
+        os.waitpid(pid, 0)
+        (label, snapshot), (supervisor, _) = shared.snapshots()
+        self.assertEqual((label, supervisor), ("0", "supervisor"))
+        self.assertEqual(snapshot, {("http_requests", "/api/v1/modules/*", "GET", 200): 3,
+                                    ("http_duration_sum", "/api/v1/modules/*"): 0.25,
+                                    ("connections",): 2})
+        successor = http_server.SharedMetricValues(shared.regions[0], writer=True)
+        self.assertEqual(successor.get(("connections",)), 0)       # gauges start again
+        successor.add(("http_requests", "/api/v1/modules/*", "GET", 200), 1)
+        self.assertEqual(successor.get(("http_requests", "/api/v1/modules/*", "GET", 200)), 4)
 
 
 class CommandLineTests(unittest.TestCase):
