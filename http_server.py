@@ -4162,6 +4162,10 @@ def _options_from(parser, args):
                 setattr(args, option, convert(env[variable]))
             except argparse.ArgumentTypeError as exc:
                 parser.error(f"{variable}: {exc}")
+    try:
+        wasmstore.parse_links(args.links)
+    except wasmstore.StoreError as exc:
+        parser.error(str(exc))
     return args
 
 

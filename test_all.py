@@ -9932,7 +9932,7 @@ class HostModuleLinkTest(StoreTestCase):
         status, _, body = live.request("POST", "/api/v1/call/random/wess/syscall.wasm", b"[]")
         self.assertEqual((status, body), (200, str(FIRST_RANDOM).encode()))
         proc = run_http_server("--root", self.root, "--port", "0", "--link", "env=../x")
-        self.assertEqual(proc.returncode, 1)
+        self.assertEqual(proc.returncode, 2)
         self.assertIn("http_server.py: error: invalid path '../x'", proc.stderr)
 
 
