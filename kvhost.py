@@ -2524,7 +2524,7 @@ DEFAULT_MAX_TABLE_ELEMENTS = 1_000_000          # per table: table.grow is not b
 STORE_LIMITS = {"instances": 100, "tables": 20, "memories": 8}   # per Store (one call); py-counter needs 11/2/1
 HOSTCALL_VALUE_BYTES = (128 << 20) // 48        # wasmtime's limit of data per host call: 128 MiB of 48-byte values
 GUEST_VALUE_LIMIT = 5 << 19                     # values a guest gets or sets (2.5 MiB, under that limit)
-GUEST_CACHE_SIZE = 64                           # compiled guests a Host keeps in memory
+GUEST_CACHE_BYTES = 256 << 20                   # compiled code a Host keeps in memory (see _register)
 DEFAULT_CAPTURE_BYTES = 16 << 20                # run_captured keeps this much stdout and stderr
 WORKER_GRACE = 0.5                              # seconds past the timeout before a blocked guest is killed
 ISOLATIONS = ("auto", "thread", "process")
@@ -2701,6 +2701,7 @@ class Guest:
         self.signatures = None      # core modules: core_signatures() of the binary
         self.needs_wasi = True      # imports WASI (a Store without WASI config saves ~10 us per call)
         self.cache_key = None       # stat key of its checked compile-cache entry (workers trust it)
+        self.compiled_bytes = None  # size of its compiled code (what the memory cache counts)
         self.links_needed = False   # a core module importing from other modules than WASI
         self._calls = {}            # function name -> (path, param lowers, result lift)
         self.http_handler = None    # export index of wasi:http/incoming-handler#handle, once found
@@ -2981,15 +2982,18 @@ class Host:
     run_captured) nor sent to those files: "inherit" (this process's stdout and stderr, the
     default, for command lines) or "discard" (for servers: then nothing a guest writes, nor a
     provider or watcher it triggers, reaches this process's streams or can block on them);
-    max_value_size: value limit of a backend opened from a URL (a Backend carries its own).
+    max_value_size: value limit of a backend opened from a URL (a Backend carries its own);
+    guest_cache_bytes: compiled code kept in memory for load() (bytes; least recently used
+    guests go first).
     """
 
     def __init__(self, kv="memory:", namespace="default", allow_buckets=None, deny_buckets=None, timeout=DEFAULT_TIMEOUT,
                  fuel=None, max_memory=DEFAULT_MAX_MEMORY, env=None, dirs=None, cache_dir=None, stdout=None,
                  stderr=None, max_value_size=None, max_table_elements=DEFAULT_MAX_TABLE_ELEMENTS,
                  isolation="auto", workers=None, stub_imports=False, provider_kv=None, allow_outbound=None,
-                 output="inherit"):
+                 output="inherit", guest_cache_bytes=GUEST_CACHE_BYTES):
         _check_namespace(namespace)
+        _check_limit("guest_cache_bytes", guest_cache_bytes, allow_none=False)
         if output not in OUTPUTS:
             raise ArgumentError(f"invalid output {output!r}: expected one of {', '.join(OUTPUTS)}")
         self.output = output
@@ -3035,6 +3039,7 @@ class Host:
         self.isolation = isolation
         self.stub_imports = bool(stub_imports)
         self.cache_dir = default_cache_dir() if cache_dir is None else cache_dir
+        self.guest_cache_bytes = guest_cache_bytes
         self.stdout = stdout
         self.stderr = stderr
         self.watch_errors = []          # failures of watcher guests (they never reach the writer)
@@ -3055,6 +3060,7 @@ class Host:
         self._http_component_linker = None
         self._lock = threading.Lock()
         self._guests = collections.OrderedDict()   # digest -> Guest, least recently used first
+        self._guest_bytes = 0                      # their compiled_bytes summed
         self._compiling = _SingleFlight()
         self._cache_counts = collections.Counter()  # memory hits, disk hits, compiles
         self._ticker = None
@@ -3194,10 +3200,20 @@ class Host:
         return guest
 
     def _register(self, guest):
+        """Keep a compiled guest in memory, least recently used ones going first once they
+        hold more than guest_cache_bytes of compiled code (its size in the compile cache, or
+        serialized); the newest always stays, however big."""
+        if guest.compiled_bytes is None:
+            guest.compiled_bytes = guest.cache_key[1] if guest.cache_key else \
+                len(guest.artifact.serialize())
         with self._lock:
+            old = self._guests.pop(guest.digest, None)
+            if old is not None:
+                self._guest_bytes -= old.compiled_bytes
             self._guests[guest.digest] = guest
-            while len(self._guests) > GUEST_CACHE_SIZE:
-                self._guests.popitem(last=False)
+            self._guest_bytes += guest.compiled_bytes
+            while self._guest_bytes > self.guest_cache_bytes and len(self._guests) > 1:
+                self._guest_bytes -= self._guests.popitem(last=False)[1].compiled_bytes
         return guest
 
     def _from_cache(self, kind, digest, name, signatures=None, trusted=None):

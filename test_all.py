@@ -6971,6 +6971,28 @@ class CompileCacheTest(unittest.TestCase):
         with open(path + ".sum", "rb") as f:
             self.assertEqual(f.read(), kvhost.CACHE_MAGIC + digest)
 
+    def test_guests_in_memory_are_bounded_by_their_compiled_bytes(self):
+        sources = [wat_binary(f"(module (func (export \"f\") (result i32) i32.const {n}))")
+                   for n in range(4)]
+        probe = kvhost.Host(cache_dir=self.cache, kv="memory:")
+        self.addCleanup(probe.close)
+        size = probe.load(sources[0]).compiled_bytes
+        self.assertEqual(size, os.path.getsize(self.artifact()))      # what the disk cache holds
+        host = kvhost.Host(cache_dir=self.cache, kv="memory:", guest_cache_bytes=2 * size + size // 2)
+        self.addCleanup(host.close)
+        guests = [host.load(source) for source in sources]
+        self.assertEqual([host.is_loaded(g.digest) for g in guests], [False, False, True, True])
+        host.load(sources[2])                                        # used: now the newest
+        host.load(sources[0])
+        self.assertEqual([host.is_loaded(g.digest) for g in guests], [True, False, True, False])
+        tiny = kvhost.Host(cache_dir=False, kv="memory:", guest_cache_bytes=1)
+        self.addCleanup(tiny.close)
+        kept = tiny.load(sources[1])
+        self.assertTrue(tiny.is_loaded(kept.digest))                 # the newest stays, however big
+        self.assertGreater(kept.compiled_bytes, 1)
+        with self.assertRaises(kvhost.ArgumentError):
+            kvhost.Host(kv="memory:", guest_cache_bytes=0)
+
     def test_compiled_guest_is_cached_and_reused(self):
         kvhost.Host(cache_dir=self.cache, kv="memory:").load(PROBE)
         files = self.entries()
