@@ -3509,7 +3509,7 @@ def make_runtime(store, metrics, *, kv=None, timeout=None, fuel=None, max_memory
                  max_guests=DEFAULT_MAX_GUESTS, run_queue=DEFAULT_RUN_QUEUE,
                  queue_wait=DEFAULT_QUEUE_WAIT, namespace_map=(), stub_imports=False,
                  max_output=DEFAULT_MAX_OUTPUT, cache_dir=None, provider_kv=None,
-                 precompile=True, worker=None, log=None):
+                 precompile=True, worker=None, log=None, links=None):
     """The GuestRuntime of a server (None when kvhost.py or wasmtime is missing: 501 then).
 
     kv: backend URL (default sqlite under the store root), or "component:PATH", a wasi:keyvalue
@@ -3518,7 +3518,8 @@ def make_runtime(store, metrics, *, kv=None, timeout=None, fuel=None, max_memory
     (bytes): each guest's limits (kvhost's defaults when None); max_guests running at once,
     run_queue callers waiting up to queue_wait seconds; namespace_map: ["PREFIX=NS", ...];
     precompile: compile added modules in the background (see Precompiler); worker: the
-    WorkerContext whose shared run slots, queue and compile locks bound the whole server."""
+    WorkerContext whose shared run slots, queue and compile locks bound the whole server;
+    links: {import module name: store path} (see wasmstore.Runner, wasmstore.parse_links)."""
     if kvhost is None:
         return None
     limits = {name: value for name, value in (("timeout", timeout), ("fuel", fuel),
@@ -3526,6 +3527,7 @@ def make_runtime(store, metrics, *, kv=None, timeout=None, fuel=None, max_memory
     # output="discard": nothing a guest writes reaches the server's own streams (a call's and a
     # run's output is captured into its reply; watchers and providers they trigger are dropped)
     runner = wasmstore.Runner(store, namespaces=wasmstore.parse_namespace_map(namespace_map),
+                              links=links,
                               output="discard", kv=kv, provider_kv=provider_kv, workers=max_guests,
                               stub_imports=stub_imports, cache_dir=cache_dir, **limits)
     runner.host.start_workers(1)      # the first guest that needs a worker process finds one ready
@@ -4123,8 +4125,11 @@ def _add_run_options(group):
         help="modules under PREFIX share kv namespace NS (repeatable; default: each path is "
              "its own namespace, a hash is sha256:<hash>)")
     add("--stub-imports", action="store_true",
-        help="imports the host does not provide (e.g. wasi:http) trap when called instead of "
-             "refusing the guest")
+        help="imports the host does not provide (e.g. wasi:http, or a core module's env "
+             "functions) trap when called instead of refusing the guest")
+    add("--link", action="append", default=[], dest="links", metavar="NAME=PATH",
+        help="link core modules' imports from module NAME to the module stored at PATH (in the "
+             "same commit as the module run; repeatable), e.g. --link env=/lib/random.wasm")
 
 
 def _positive_int(text):
@@ -4153,7 +4158,8 @@ def run_options(args):
             "max_guests": args.max_guests or DEFAULT_MAX_GUESTS,
             "run_queue": DEFAULT_RUN_QUEUE if args.run_queue is None else args.run_queue,
             "queue_wait": args.queue_wait, "namespace_map": args.namespace_map,
-            "stub_imports": args.stub_imports, "max_output": args.max_output}
+            "stub_imports": args.stub_imports, "max_output": args.max_output,
+            "links": wasmstore.parse_links(args.links)}
 
 
 def _options_from(parser, args):
@@ -4175,6 +4181,10 @@ def _options_from(parser, args):
                 setattr(args, option, convert(env[variable]))
             except argparse.ArgumentTypeError as exc:
                 parser.error(f"{variable}: {exc}")
+    try:
+        wasmstore.parse_links(args.links)
+    except wasmstore.StoreError as exc:
+        parser.error(str(exc))
     return args
 
 

@@ -72,7 +72,8 @@ __all__ = [
     "HttpRequest", "HttpOutcome", "parse_outbound",
     "Backend", "MemoryBackend", "SqliteBackend", "RedisBackend", "open_backend",
     "Guest", "Host", "RunResult", "CallResult", "Provider", "provider_of", "provider_exports", "PROVIDER_PREFIX", "core_signatures", "describe_exports", "format_export", "json_float", "float_from_json",
-    "add_store_options", "add_sandbox_options", "host_from_args", "parse_json_args", "print_json", "print_exports",
+    "add_store_options", "add_sandbox_options", "link_table", "host_from_args", "parse_json_args",
+    "print_json", "print_exports",
     "run_with_deadline", "end_process", "report", "DeadlineExceeded", "main", "console_main",
     "parse_number", "parse_json", "json_depth", "parse_url", "Url", "MAX_JSON_DEPTH",
     "DEFAULT_KV_URL", "MAX_KEY_BYTES", "DEFAULT_MAX_VALUE_BYTES", "PAGE_SIZE", "STDIN_INHERIT",
@@ -2527,7 +2528,7 @@ DEFAULT_MAX_TABLE_ELEMENTS = 1_000_000          # per table: table.grow is not b
 STORE_LIMITS = {"instances": 100, "tables": 20, "memories": 8}   # per Store (one call); py-counter needs 11/2/1
 HOSTCALL_VALUE_BYTES = (128 << 20) // 48        # wasmtime's limit of data per host call: 128 MiB of 48-byte values
 GUEST_VALUE_LIMIT = 5 << 19                     # values a guest gets or sets (2.5 MiB, under that limit)
-GUEST_CACHE_SIZE = 64                           # compiled guests a Host keeps in memory
+GUEST_CACHE_BYTES = 256 << 20                   # compiled code a Host keeps in memory (see _register)
 DEFAULT_CAPTURE_BYTES = 16 << 20                # run_captured keeps this much stdout and stderr
 WORKER_GRACE = 0.5                              # seconds past the timeout before a blocked guest is killed
 ISOLATIONS = ("auto", "thread", "process")
@@ -2704,6 +2705,7 @@ class Guest:
         self.signatures = None      # core modules: core_signatures() of the binary
         self.needs_wasi = True      # imports WASI (a Store without WASI config saves ~10 us per call)
         self.cache_key = None       # stat key of its checked compile-cache entry (workers trust it)
+        self.compiled_bytes = None  # size of its compiled code (what the memory cache counts)
         self.links_needed = False   # a core module importing from other modules than WASI
         self._calls = {}            # function name -> (path, param lowers, result lift)
         self.http_handler = None    # export index of wasi:http/incoming-handler#handle, once found
@@ -2984,7 +2986,9 @@ class Host:
     run_captured) nor sent to those files: "inherit" (this process's stdout and stderr, the
     default, for command lines) or "discard" (for servers: then nothing a guest writes, nor a
     provider or watcher it triggers, reaches this process's streams or can block on them);
-    max_value_size: value limit of a backend opened from a URL (a Backend carries its own).
+    max_value_size: value limit of a backend opened from a URL (a Backend carries its own);
+    guest_cache_bytes: compiled code kept in memory for load() (bytes; least recently used
+    guests go first).
     HTTP handlers (handle_http): allow_outbound lists the destinations ("HOST" or "HOST:PORT",
     see parse_outbound) their outgoing requests may reach; any other is refused.
     """
@@ -2993,8 +2997,9 @@ class Host:
                  fuel=None, max_memory=DEFAULT_MAX_MEMORY, env=None, dirs=None, cache_dir=None, stdout=None,
                  stderr=None, max_value_size=None, max_table_elements=DEFAULT_MAX_TABLE_ELEMENTS,
                  isolation="auto", workers=None, stub_imports=False, provider_kv=None,
-                 allow_outbound=None, output="inherit"):
+                 allow_outbound=None, output="inherit", guest_cache_bytes=GUEST_CACHE_BYTES):
         _check_namespace(namespace)
+        _check_limit("guest_cache_bytes", guest_cache_bytes, allow_none=False)
         if output not in OUTPUTS:
             raise ArgumentError(f"invalid output {output!r}: expected one of {', '.join(OUTPUTS)}")
         self.output = output
@@ -3040,6 +3045,7 @@ class Host:
         self.isolation = isolation
         self.stub_imports = bool(stub_imports)
         self.cache_dir = default_cache_dir() if cache_dir is None else cache_dir
+        self.guest_cache_bytes = guest_cache_bytes
         self.stdout = stdout
         self.stderr = stderr
         self.watch_errors = []          # failures of watcher guests (they never reach the writer)
@@ -3060,6 +3066,7 @@ class Host:
         self._http_component_linker = None
         self._lock = threading.Lock()
         self._guests = collections.OrderedDict()   # digest -> Guest, least recently used first
+        self._guest_bytes = 0                      # their compiled_bytes summed
         self._compiling = _SingleFlight()
         self._cache_counts = collections.Counter()  # memory hits, disk hits, compiles
         self._ticker = None
@@ -3199,10 +3206,20 @@ class Host:
         return guest
 
     def _register(self, guest):
+        """Keep a compiled guest in memory, least recently used ones going first once they
+        hold more than guest_cache_bytes of compiled code (its size in the compile cache, or
+        serialized); the newest always stays, however big."""
+        if guest.compiled_bytes is None:
+            guest.compiled_bytes = guest.cache_key[1] if guest.cache_key else \
+                len(guest.artifact.serialize())
         with self._lock:
+            old = self._guests.pop(guest.digest, None)
+            if old is not None:
+                self._guest_bytes -= old.compiled_bytes
             self._guests[guest.digest] = guest
-            while len(self._guests) > GUEST_CACHE_SIZE:
-                self._guests.popitem(last=False)
+            self._guest_bytes += guest.compiled_bytes
+            while self._guest_bytes > self.guest_cache_bytes and len(self._guests) > 1:
+                self._guest_bytes -= self._guests.popitem(last=False)[1].compiled_bytes
         return guest
 
     def _from_cache(self, kind, digest, name, signatures=None, trusted=None):
@@ -3312,7 +3329,8 @@ class Host:
 
         resolve(module name) -> a Guest of this Host, or None: it decides which import module
         names stand for other guests (a store resolves its paths). Missing guests or exports,
-        type mismatches and cycles raise LinkError naming the import."""
+        type mismatches and cycles raise LinkError naming the import; with stub_imports, a
+        module name nothing resolves is left to trap when one of its functions is called."""
         self._check_guest(guest)
         if guest.kind != "module" or not guest.links_needed:
             return []
@@ -3326,9 +3344,14 @@ class Host:
                     raise LinkError("import cycle: " + " -> ".join(chain[chain.index(module_name):] + [module_name]))
                 dependency = resolve(module_name) if resolve is not None else None
                 if dependency is None:
+                    if self.stub_imports:
+                        continue                  # _Session._linker defines them as traps
                     raise LinkError(f"{importer.name} imports {module_name!r} {items[0][0]!r}, which "
                                     f"this host does not provide" + ("" if resolve is None else
-                                                                     " (no such module to link)"))
+                                                                     " (no such module to link)")
+                                    + "; link a module that exports it (--link "
+                                    + f"{module_name}=PATH), or let it trap when called "
+                                      "(--stub-imports)")
                 if dependency.kind != "module" or dependency.engine is not self.engine:
                     raise LinkError(f"{importer.name} imports {module_name!r}, which is not a core module "
                                     "(only core modules can be linked to core modules)")
@@ -3675,16 +3698,22 @@ class _Session:
             self._trap(e)
 
     def _linker(self):
-        """The Host's shared linker, or, for a core module linked to other guests, a linker of this
-        Store's own that holds their instances (dependencies first)."""
-        if not self.request.links:
+        """The Host's shared linker, or, for a core module linked to other guests (or with imports
+        left to trap, stub_imports), a linker of this Store's own that holds their instances
+        (dependencies first) and the traps."""
+        stubbed = self.host.stub_imports and self.guest.kind == "module" and self.guest.links_needed
+        if not self.request.links and not stubbed:
             if self.guest.kind == "module" and not self.guest.signatures[0]:
                 return None
             return self.host._linker_for(self.guest.kind)
         linker = wasmtime.Linker(self.host.engine)
         linker.define_wasi()
         for module_name, dependency in self.request.links:
+            if stubbed:
+                linker.define_unknown_imports_as_traps(dependency.artifact)
             linker.define_instance(self.store, module_name, self._instantiate(linker, dependency))
+        if stubbed:
+            linker.define_unknown_imports_as_traps(self.guest.artifact)
         return linker
 
     def instantiate(self):
@@ -6320,6 +6349,14 @@ class _Worker:
             self.channel.send({"op": "kv-reply", "error": {"class": "BackendError",
                                                            "message": f"internal error: {type(e).__name__}: {e}"}})
 
+    def alive(self):
+        """True while the process runs and its pipe is quiet: an idle worker that died (or wrote
+        when nobody asked) must not be handed a request."""
+        try:
+            return self.process.poll() is None and not select.select([self.channel.read_fd], [], [], 0)[0]
+        except (OSError, ValueError):   # the channel is closed
+            return False
+
     def exit_reason(self):
         try:
             code = self.process.wait(timeout=1)
@@ -6391,16 +6428,25 @@ class _WorkerPool:
             threading.Thread(target=start, name="kvhost-workers", daemon=True).start()
 
     def _acquire(self):
-        with self._cond:
-            while True:
-                if self._closed:
-                    raise KvError("the host is closed")
-                if self._idle:
-                    return self._idle.pop()
-                if self._started < self.size:
-                    self._started += 1
-                    break
-                self._cond.wait()
+        dead = []
+        try:
+            with self._cond:
+                while True:
+                    if self._closed:
+                        raise KvError("the host is closed")
+                    while self._idle:
+                        worker = self._idle.pop()
+                        if worker.alive():
+                            return worker
+                        dead.append(worker)       # died while idle (killed, out of memory): replaced
+                        self._started -= 1
+                    if self._started < self.size:
+                        self._started += 1
+                        break
+                    self._cond.wait()
+        finally:
+            for worker in dead:
+                worker.kill()
         try:
             return _Worker(*self._settings())
         except OSError as e:
@@ -6563,8 +6609,26 @@ def add_store_options(parser, kv_default=DEFAULT_KV_URL, kv_default_text=None, p
     parser.add_argument("--namespace", help="tenant whose data the guest sees (default: default)")
 
 
-def add_sandbox_options(parser):
-    """The options of a guest's sandbox; host_from_args() turns them into Host arguments."""
+def link_table(entries):
+    """{import module name: file} from --link NAME=FILE texts (kvhost's own command line)."""
+    table = {}
+    for entry in entries or ():
+        name, sep, target = entry.partition("=")
+        if not sep or not name or not target:
+            raise ArgumentError(f"invalid --link {entry!r}: expected NAME=FILE")
+        if table.setdefault(name, target) != target:
+            raise ArgumentError(f"--link {name}= is given twice ({table[name]!r} and {target!r})")
+    return table
+
+
+def add_sandbox_options(parser, link_target="FILE"):
+    """The options of a guest's sandbox; host_from_args() turns them into Host arguments.
+    link_target: what --link NAME=PATH names (a file for kvhost, a stored path for wasmstore)."""
+    parser.add_argument("--link", action="append", default=[], dest="links",
+                        metavar="NAME=PATH",
+                        help=f"link a core module's imports from module NAME to the exports of "
+                             f"the core module at PATH ({link_target}; repeatable), e.g. "
+                             "--link env=random.wasm")
     parser.add_argument("--allow-bucket", action="append", dest="allow_buckets", metavar="B",
                         help="bucket the guest may open (repeatable; default: any)")
     parser.add_argument("--timeout", type=_positive_float, default=DEFAULT_TIMEOUT, metavar="S",
@@ -6805,13 +6869,17 @@ def main(argv=None):
                 print_exports(host.exports(host.load(args.guest)), out, args.json)
             return 0
         json_args = parse_json_args(getattr(args, "json_args", []))
+        links = link_table(args.links)
         with host_from_args(args) as host:
             guest = host.load(args.guest)
+            linked = {name: host.load(target) for name, target in links.items()}
+            resolve = linked.get if linked else None
             if args.command == "run":
                 out.flush()
-                return run_with_deadline(lambda: host.run(guest, args.args, stdin=STDIN_INHERIT),
-                                         host.timeout)
-            result = run_with_deadline(lambda: host.call(guest, args.function, json_args), host.timeout)
+                return run_with_deadline(lambda: host.run(guest, args.args, stdin=STDIN_INHERIT,
+                                                          resolve=resolve), host.timeout)
+            result = run_with_deadline(
+                lambda: host.call(guest, args.function, json_args, resolve=resolve), host.timeout)
             print_json(result, out)
             return 0
     except KvError as e:

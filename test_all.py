@@ -40,8 +40,8 @@ The file has one banner-separated section per feature, in this order (feature: t
       ProviderFaultsTest, ProviderIsolationTest, StoredProviderTest, StaticCompositionTest
   OCI: OciReferenceTest, OciArtifactTest, OciRegistryTest, OciBasicAuthTest, OciTokenAuthTest,
       OciTlsTest, OciBadInputTest, OciServerTest
-  Running stored modules: RunnerTest, SandboxLimitsTest, RunCliTest, RunHttpTest,
-      OptionalRuntimeTest, PyCounterServerTest
+  Running stored modules: RunnerTest, SandboxLimitsTest, RunCliTest, HostModuleLinkTest,
+      RunHttpTest, OptionalRuntimeTest, PyCounterServerTest
 
 A new test goes in its feature's section and uses the fixtures: one behaviour per test, a
 temp_dir (or StoreTestCase) for files, wait_until on the event it needs (never a sleep),
@@ -6971,6 +6971,28 @@ class CompileCacheTest(unittest.TestCase):
         with open(path + ".sum", "rb") as f:
             self.assertEqual(f.read(), kvhost.CACHE_MAGIC + digest)
 
+    def test_guests_in_memory_are_bounded_by_their_compiled_bytes(self):
+        sources = [wat_binary(f"(module (func (export \"f\") (result i32) i32.const {n}))")
+                   for n in range(4)]
+        probe = kvhost.Host(cache_dir=self.cache, kv="memory:")
+        self.addCleanup(probe.close)
+        size = probe.load(sources[0]).compiled_bytes
+        self.assertEqual(size, os.path.getsize(self.artifact()))      # what the disk cache holds
+        host = kvhost.Host(cache_dir=self.cache, kv="memory:", guest_cache_bytes=2 * size + size // 2)
+        self.addCleanup(host.close)
+        guests = [host.load(source) for source in sources]
+        self.assertEqual([host.is_loaded(g.digest) for g in guests], [False, False, True, True])
+        host.load(sources[2])                                        # used: now the newest
+        host.load(sources[0])
+        self.assertEqual([host.is_loaded(g.digest) for g in guests], [True, False, True, False])
+        tiny = kvhost.Host(cache_dir=False, kv="memory:", guest_cache_bytes=1)
+        self.addCleanup(tiny.close)
+        kept = tiny.load(sources[1])
+        self.assertTrue(tiny.is_loaded(kept.digest))                 # the newest stays, however big
+        self.assertGreater(kept.compiled_bytes, 1)
+        with self.assertRaises(kvhost.ArgumentError):
+            kvhost.Host(kv="memory:", guest_cache_bytes=0)
+
     def test_compiled_guest_is_cached_and_reused(self):
         kvhost.Host(cache_dir=self.cache, kv="memory:").load(PROBE)
         files = self.entries()
@@ -9860,6 +9882,104 @@ class RunCliTest(StoreTestCase):
         self.assertEqual(listed.returncode, 0)                                # the store works alone
 
 
+FIRST_RANDOM = 723471715        # randomi32.wat's first value (xorshift32 from its seed)
+
+
+class HostModuleLinkTest(StoreTestCase):
+    """--link NAME=PATH: a core module's imports from module NAME (Wess's env.randomi32) come from
+    a stored module; --stub-imports: imports nothing provides trap only when called."""
+
+    def setUp(self):
+        super().setUp()
+        self.store.add("/lib/random.wasm", guest_binary("randomi32"))
+        self.store.add("/wess/syscall.wasm", guest_binary("wess-syscall"))
+
+    def runner(self, **options):
+        runner = wasmstore.Runner(self.store, kv="memory:", timeout=5, **options)
+        self.addCleanup(runner.close)
+        return runner
+
+    def test_imports_of_a_module_name_link_to_the_stored_module(self):
+        runner = self.runner(links={"env": "/lib/random.wasm"})
+        self.assertEqual(runner.call("/wess/syscall.wasm", "random", []), FIRST_RANDOM)
+        self.assertEqual(runner.call("/wess/syscall.wasm", "random_numbers", [3]), 1024)  # where
+        self.assertEqual(runner.call("/wess/syscall.wasm", "answer", []), 42)
+
+    def test_a_link_resolves_in_the_commit_of_the_module_run(self):
+        runner = self.runner(links={"env": "lib/random.wasm"})
+        self.store.add("/lib/random.wasm", wat_binary(
+            '(module (func (export "randomi32") (result i32) (i32.const 7)))'))
+        syscall = "/wess/syscall.wasm"
+        self.assertEqual(runner.call(syscall, "random", []), 7)                  # the head's
+        self.assertEqual(runner.call(syscall, "random", [], version=0), FIRST_RANDOM)
+        self.store.remove("/lib/random.wasm")
+        with self.assertRaisesRegex(kvhost.LinkError,
+                                    r"^/wess/syscall\.wasm imports 'env', linked to "
+                                    r"/lib/random\.wasm, but there is no module at /lib/random\.wasm "
+                                    r"in commit [0-9a-f]{12}$"):
+            runner.call(syscall, "random", [])
+
+    def test_a_link_to_a_module_without_the_export_names_it(self):
+        runner = self.runner(links={"env": "/wess/syscall.wasm"})
+        self.store.add("/other.wasm", guest_binary("wess-syscall"))
+        with self.assertRaisesRegex(kvhost.LinkError,
+                                    "imports 'randomi32' from 'env', which does not export it"):
+            runner.call("/other.wasm", "random", [])
+
+    def test_without_link_or_stubs_the_import_is_named_with_both_ways_out(self):
+        with self.assertRaisesRegex(kvhost.LinkError,
+                                    r"imports 'env' 'randomi32', which this host does not provide "
+                                    r".*\(--link env=PATH\), or let it trap when called "
+                                    r"\(--stub-imports\)"):
+            self.runner().call("/wess/syscall.wasm", "answer", [])
+
+    def test_stub_imports_trap_only_when_called(self):
+        for isolation in ("thread", "process"):
+            with self.subTest(isolation=isolation):
+                runner = self.runner(stub_imports=True, isolation=isolation)
+                self.assertEqual(runner.call("/wess/syscall.wasm", "answer", []), 42)
+                with self.assertRaises(kvhost.TrapError) as caught:
+                    runner.call("/wess/syscall.wasm", "random", [])
+                self.assertEqual(caught.exception.kind, "trap")
+                self.assertIn("unknown import: `env::randomi32` has not been defined",
+                              str(caught.exception))
+        # a link still wins over the stub
+        runner = self.runner(stub_imports=True, links={"env": "/lib/random.wasm"})
+        self.assertEqual(runner.call("/wess/syscall.wasm", "random", []), FIRST_RANDOM)
+
+    def test_the_command_lines_link(self):
+        syscall = "/wess/syscall.wasm"
+        proc = run_cli(self.root, "call", "--link", "env=/lib/random.wasm", syscall, "random")
+        self.assertEqual((proc.returncode, proc.stdout), (0, f"{FIRST_RANDOM}\n"), proc.stderr)
+        proc = run_cli(self.root, "call", "--stub-imports", syscall, "answer")
+        self.assertEqual((proc.returncode, proc.stdout), (0, "42\n"), proc.stderr)
+        proc = run_cli(self.root, "call", "--link", "env=/a.wasm", "--link", "env=/b.wasm", syscall,
+                       "random")
+        self.assertEqual((proc.returncode, proc.stderr),
+                         (1, "wasmstore: error: --link 'env'= is given twice (/a.wasm and "
+                             "/b.wasm)\n"))
+        files = [os.path.join(RUN_GUESTS, name + ".wat") for name in ("randomi32", "wess-syscall")]
+        proc = run_kvhost("call", "--kv", "memory:", "--link", f"env={files[0]}", files[1],
+                          "random")
+        self.assertEqual((proc.returncode, proc.stdout), (0, f"{FIRST_RANDOM}\n"), proc.stderr)
+        proc = run_kvhost("call", "--kv", "memory:", "--link", "env", files[1], "random")
+        self.assertEqual((proc.returncode, proc.stderr),
+                         (2, "kvhost: error: invalid --link 'env': expected NAME=FILE\n"))
+
+    def test_the_server_links(self):
+        args = http_server.build_parser().parse_args(["--link", "env=lib/random.wasm",
+                                                      "--stub-imports"])
+        options = http_server.run_options(args)
+        self.assertEqual((options["links"], options["stub_imports"]),
+                         ({"env": "/lib/random.wasm"}, True))
+        live = LiveServer(self, self.root, run={"kv": "memory:", "links": options["links"]})
+        status, _, body = live.request("POST", "/api/v1/call/random/wess/syscall.wasm", b"[]")
+        self.assertEqual((status, body), (200, str(FIRST_RANDOM).encode()))
+        proc = run_http_server("--root", self.root, "--port", "0", "--link", "env=../x")
+        self.assertEqual(proc.returncode, 2)
+        self.assertIn("http_server.py: error: invalid path '../x'", proc.stderr)
+
+
 class RunHttpTest(unittest.TestCase):
     """The run routes on a live server: results, every error case, limits, queueing, metrics."""
 
@@ -10359,9 +10479,12 @@ class GuestOutputTest(unittest.TestCase):
 
         def shout(fd):              # 4 MiB each; a pipe holds 64 KiB, and nobody reads these two
             started = time.monotonic()
-            status, _, body = http_request(f"http://127.0.0.1:{port}/api/v1/call/shout/out/shout.wasm", "POST",
-                                           json.dumps([fd, 64]).encode())
-            results.append((status, body, time.monotonic() - started < 3))
+            try:
+                status, _, body = http_request(f"http://127.0.0.1:{port}/api/v1/call/shout/out/shout.wasm",
+                                               "POST", json.dumps([fd, 64]).encode())
+                results.append((status, body, time.monotonic() - started < 3))
+            except OSError as e:    # what the assertion below shows
+                results.append(e)
         threads = [threading.Thread(target=shout, args=(fd,)) for fd in (1, 2, 1, 2)]
         for thread in threads:
             thread.start()
@@ -10393,6 +10516,66 @@ class GuestOutputTest(unittest.TestCase):
                 self.assertEqual(len(done.stdout), 0 if output == "discard" else 65536)
         with self.assertRaisesRegex(kvhost.ArgumentError, "invalid output 'loud'"):
             kvhost.Host(output="loud")
+
+
+def worker_processes():
+    """Pids of this process's live kvhost worker processes (children running kvhost._worker_main)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and not process_ended(int(entry)):
+            with contextlib.suppress(OSError):
+                with open(f"/proc/{entry}/stat", "rb") as f:
+                    parent = int(f.read().rsplit(b")", 1)[1].split()[1])
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    if parent == os.getpid() and b"_worker_main" in f.read():
+                        found.append(int(entry))
+    return found
+
+
+def process_ended(pid):
+    """True once every thread of process pid has exited (its files, pipes included, are closed):
+    a killed process's leader is a zombie before wasmtime's runtime threads have ended."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().rsplit(b")", 1)[1].split()[0]
+        return state in (b"Z", b"X") and len(os.listdir(f"/proc/{pid}/task")) <= 1
+    except OSError:
+        return True
+
+
+def kill_idle_workers():
+    """SIGKILL every worker process of this process, and wait until each has wholly ended."""
+    pids = wait_until(worker_processes, 30, "a worker process")
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    wait_until(lambda: all(map(process_ended, pids)), 30, "the killed workers to end")
+    return pids
+
+
+class WorkerDeathTest(unittest.TestCase):
+    """A worker process that dies while idle (killed, out of memory) is replaced before use: the
+    next call runs, it does not fail as a crash."""
+
+    def test_the_next_call_after_an_idle_worker_died_runs(self):
+        host = kvhost.Host(isolation="process", workers=2, cache_dir=False, timeout=10)
+        self.addCleanup(host.close)
+        guest = host.load(os.path.join(RUN_GUESTS, "numbers.wat"))
+        self.assertEqual(host.call(guest, "add", [1, 2]), 3)
+        for attempt in range(3):
+            with self.subTest(attempt=attempt):
+                kill_idle_workers()
+                self.assertEqual(host.call(guest, "add", [attempt, 1]), attempt + 1)
+
+    def test_the_server_keeps_answering_after_its_workers_died_while_idle(self):
+        live = LiveServer(self, run={"kv": "memory:", "timeout": 5})
+        fill_run_store(live.store, paths={"/p2/sleep.wasm"})
+        call = ("POST", "/api/v1/call/sleep/p2/sleep.wasm", b"[1]")
+        self.assertEqual(live.request(*call)[0], 200)
+        for attempt in range(3):
+            with self.subTest(attempt=attempt):
+                kill_idle_workers()
+                status, headers, body = live.request(*call)
+                self.assertEqual((status, headers.get("wasmstore-error")), (200, None), body)
 
 
 # =================================================================================================
@@ -10477,7 +10660,7 @@ class ChunkReader:
         return data
 
 
-def http_request(method="GET", path="/", headers=(), body=None, authority="localhost"):
+def incoming_request(method="GET", path="/", headers=(), body=None, authority="localhost"):
     """A kvhost.HttpRequest; body: bytes (read through an io.BytesIO), a reader, or None."""
     reader = io.BytesIO(body) if isinstance(body, bytes) else body
     return kvhost.HttpRequest(method, "http", authority, path, list(headers), reader)
@@ -10494,14 +10677,14 @@ class HttpTestCase(unittest.TestCase):
 
     def serve(self, guest, request=None, **options):
         sink = RecordingSink()
-        outcome = self.host.handle_http(self.host.load(guest), request or http_request(), sink, **options)
+        outcome = self.host.handle_http(self.host.load(guest), request or incoming_request(), sink, **options)
         return outcome, sink
 
     def failure(self, guest, path, kind):
         """The TrapError handle_http raises for `path` of `guest`, and the sink; its kind is checked."""
         sink = RecordingSink()
         with self.assertRaises(kvhost.TrapError) as caught:
-            self.host.handle_http(self.host.load(guest), http_request(path=path), sink)
+            self.host.handle_http(self.host.load(guest), incoming_request(path=path), sink)
         self.assertEqual(caught.exception.kind, kind, str(caught.exception))
         return caught.exception, sink
 
@@ -10519,42 +10702,42 @@ class HttpHandlerTest(HttpTestCase):
         guest = self.host.load(HTTP_COUNTER)      # counts in kv, so a kept instance would not show;
         for _ in range(3):                        # the echo's bump allocator would overflow if reused
             sink = RecordingSink()
-            self.host.handle_http(self.host.load(HTTP_ECHO), http_request(body=b"x" * 40_000), sink)
+            self.host.handle_http(self.host.load(HTTP_ECHO), incoming_request(body=b"x" * 40_000), sink)
             self.assertEqual(sink.body()[-40_000:], b"x" * 40_000)
         self.assertIsNotNone(guest)
 
     def test_a_component_that_is_not_a_handler_is_one_clear_error(self):
         guest = self.host.load(os.path.join(RUN_GUESTS, "http-import.wat"))
         with self.assertRaisesRegex(kvhost.NotHttpHandler, "does not export wasi:http/incoming-handler"):
-            self.host.handle_http(guest, http_request(), RecordingSink())
+            self.host.handle_http(guest, incoming_request(), RecordingSink())
 
     def test_a_core_module_is_not_a_handler(self):
         guest = self.host.load(os.path.join(RUN_GUESTS, "numbers.wat"))
         with self.assertRaisesRegex(kvhost.NotHttpHandler, "core module"):
-            self.host.handle_http(guest, http_request(), RecordingSink())
+            self.host.handle_http(guest, incoming_request(), RecordingSink())
 
     def test_the_echo_sees_method_path_and_headers_in_wasmtime_serves_order(self):
         # What curl sends; wasmtime serve 49 answers this very body: host and connection are
         # removed (hop-by-hop), and removing a name moves the last one into its place.
         headers = [("Host", b"127.0.0.1:8080"), ("User-Agent", b"curl/7.88.1"), ("Accept", b"*/*"),
                    ("X-A", b"1"), ("Connection", b"keep-alive"), ("x-a", b"2"), ("TE", b"trailers")]
-        outcome, sink = self.serve(HTTP_ECHO, http_request("GET", "/x?y=1", headers))
+        outcome, sink = self.serve(HTTP_ECHO, incoming_request("GET", "/x?y=1", headers))
         self.assertEqual(sink.body(), b"GET /x?y=1\nte: trailers\nuser-agent: curl/7.88.1\naccept: */*\n"
                                       b"x-a: 1\nx-a: 2\n\n")
         self.assertEqual(outcome.status, 200)
 
     def test_an_extension_method_reaches_the_guest_by_name(self):
-        _, sink = self.serve(HTTP_ECHO, http_request("PROPFIND", "/dav"))
+        _, sink = self.serve(HTTP_ECHO, incoming_request("PROPFIND", "/dav"))
         self.assertTrue(sink.body().startswith(b"PROPFIND /dav\n"), sink.body())
 
     def test_the_apps_own_404_and_500(self):
         for path, status in (("/404/x", 404), ("/500", 500)):
-            _, sink = self.serve(HTTP_ECHO, http_request(path=path))
+            _, sink = self.serve(HTTP_ECHO, incoming_request(path=path))
             self.assertEqual(sink.status(), status)
 
     def test_the_request_body_is_read_as_the_guest_reads_it(self):
         reader = ChunkReader(300_000, chunk=10_000)
-        outcome, sink = self.serve(HTTP_ECHO, http_request("POST", "/up", body=reader))
+        outcome, sink = self.serve(HTTP_ECHO, incoming_request("POST", "/up", body=reader))
         self.assertEqual(sink.body(), b"POST /up\n\n" + bytes(reader_body(300_000, 10_000)))
         self.assertGreaterEqual(reader.reads, 30)                 # 30 pieces, each its own read
         self.assertGreater(sum(1 for event in sink.events if event[0] == "write"), 30)
@@ -10566,14 +10749,14 @@ class HttpHandlerTest(HttpTestCase):
         reader, sink = ChunkReader(size), CountingSink()
         tracemalloc.start()
         self.addCleanup(tracemalloc.stop)
-        self.host.handle_http(self.host.load(HTTP_ECHO), http_request("PUT", "/", body=reader), sink)
+        self.host.handle_http(self.host.load(HTTP_ECHO), incoming_request("PUT", "/", body=reader), sink)
         peak = tracemalloc.get_traced_memory()[1]
         self.assertEqual(sink.size, size + len(b"PUT /\n\n"))
         self.assertLess(peak, size // 2)                          # a few chunks at a time, never the body
         self.assertEqual(sink.digest.digest(), hashlib.sha256(b"PUT /\n\n" + reader_body(size, 1 << 16)).digest())
 
     def test_the_stream_path_writes_sixteen_chunks(self):
-        _, sink = self.serve(HTTP_ECHO, http_request(path="/stream"))
+        _, sink = self.serve(HTTP_ECHO, incoming_request(path="/stream"))
         writes = [event[1] for event in sink.events if event[0] == "write"]
         self.assertEqual(writes[-16:], [b"chunk %02d\n" % i for i in range(16)])
         self.assertEqual(sink.events[-1], ("finish", None))
@@ -10591,7 +10774,7 @@ class HttpHandlerTest(HttpTestCase):
             def write(self, data):
                 raise BrokenPipeError("client went away")
         with self.assertRaises(kvhost.TrapError) as caught:
-            self.host.handle_http(self.host.load(HTTP_HELLO), http_request(), GoneSink())
+            self.host.handle_http(self.host.load(HTTP_HELLO), incoming_request(), GoneSink())
         self.assertEqual((caught.exception.kind, caught.exception.response_started), ("sink", True))
 
 
@@ -10613,7 +10796,7 @@ class HttpSemanticsTest(HttpTestCase):
     host_options = {"timeout": 1.0}
 
     def test_fields_refuse_forbidden_invalid_and_immutable_changes(self):
-        _, sink = self.serve(HTTP_PROBE, http_request(path="/f", headers=[("a", b"b")]))
+        _, sink = self.serve(HTTP_PROBE, incoming_request(path="/f", headers=[("a", b"b")]))
         # request headers: immutable; connection, te: forbidden; "bad name", a value with "\n":
         # invalid-syntax; from-list with transfer-encoding: forbidden; the headers of a response
         # that owns them: immutable
@@ -10670,7 +10853,7 @@ class HttpSemanticsTest(HttpTestCase):
         self.assertNotIn(("finish", None), sink.events)
 
     def test_a_body_still_held_when_the_guest_returns_ends_there(self):
-        outcome, sink = self.serve(HTTP_PROBE, http_request(path="/u"))     # as wasmtime serve does
+        outcome, sink = self.serve(HTTP_PROBE, incoming_request(path="/u"))     # as wasmtime serve does
         self.assertEqual(sink.events, [("start", 200, []), ("write", b"partial"), ("finish", None)])
 
     def test_exit_is_an_error_of_kind_exit(self):
@@ -10683,7 +10866,7 @@ class HttpSemanticsTest(HttpTestCase):
             os.dup2(out.fileno(), 1)
             os.dup2(err.fileno(), 2)
             try:
-                outcome, sink = self.serve(HTTP_PROBE, http_request(path="/o"))
+                outcome, sink = self.serve(HTTP_PROBE, incoming_request(path="/o"))
             finally:
                 os.dup2(saved[0], 1)
                 os.dup2(saved[1], 2)
@@ -10695,7 +10878,7 @@ class HttpSemanticsTest(HttpTestCase):
         self.assertEqual((outcome.stdout, outcome.stderr, sink.body()), (b"to stdout\n", b"to stderr\n", b"ok\n"))
 
     def test_the_memory_limit_holds(self):
-        _, sink = self.serve(HTTP_PROBE, http_request(path="/m"))            # 1 GiB > 256 MiB
+        _, sink = self.serve(HTTP_PROBE, incoming_request(path="/m"))            # 1 GiB > 256 MiB
         self.assertEqual(sink.body(), b"denied\n")
 
 
@@ -10709,7 +10892,7 @@ class HttpKeyvalueTest(unittest.TestCase):
 
     def visit(self, host, namespace):
         sink = RecordingSink()
-        host.handle_http(host.load(HTTP_COUNTER), http_request(), sink, namespace=namespace)
+        host.handle_http(host.load(HTTP_COUNTER), incoming_request(), sink, namespace=namespace)
         return sink.body()
 
     def test_visits_count_per_namespace_and_survive_a_restart(self):
@@ -10767,7 +10950,7 @@ class HttpOutboundTest(unittest.TestCase):
         host = kvhost.Host(cache_dir=False, timeout=10, allow_outbound=list(allow))
         self.addCleanup(host.close)
         sink = RecordingSink()
-        host.handle_http(host.load(HTTP_OUTBOUND), http_request(path=path, headers=[("x-upstream", upstream.encode())]),
+        host.handle_http(host.load(HTTP_OUTBOUND), incoming_request(path=path, headers=[("x-upstream", upstream.encode())]),
                          sink)
         return sink.status(), sink.body()
 
@@ -10798,11 +10981,11 @@ class HttpOutboundTest(unittest.TestCase):
         self.addCleanup(host.close)
         headers = [("x-upstream", f"127.0.0.1:{server.port}".encode()), ("x-tls", b"1")]
         sink = RecordingSink()
-        host.handle_http(host.load(HTTP_OUTBOUND), http_request(headers=headers), sink)
+        host.handle_http(host.load(HTTP_OUTBOUND), incoming_request(headers=headers), sink)
         self.assertEqual(sink.body(), b"error-code %02d\n" % ERROR_CODE_CASES["TLS-certificate-error"])
         with mock.patch.dict(os.environ, {"SSL_CERT_FILE": cert}):         # trusted: it answers
             sink = RecordingSink()
-            host.handle_http(host.load(HTTP_OUTBOUND), http_request(path="/tls", headers=headers), sink)
+            host.handle_http(host.load(HTTP_OUTBOUND), incoming_request(path="/tls", headers=headers), sink)
         self.assertEqual((sink.status(), sink.body()), (200, b"upstream saw /tls"))
 
     def test_a_response_larger_than_the_bound_fails_as_the_guest_reads_it(self):
@@ -10812,7 +10995,7 @@ class HttpOutboundTest(unittest.TestCase):
             self.addCleanup(host.close)
             sink = RecordingSink()
             host.handle_http(host.load(HTTP_OUTBOUND),
-                             http_request(headers=[("x-upstream", f"127.0.0.1:{server.port}".encode())]), sink)
+                             incoming_request(headers=[("x-upstream", f"127.0.0.1:{server.port}".encode())]), sink)
         self.assertEqual((sink.status(), sink.body()), (200, b"upstream"))     # the first 8 bytes, then the error
 
     def test_the_allow_list_is_checked(self):
@@ -10847,19 +11030,19 @@ class RealToolchainHttpTest(unittest.TestCase):
         return outcome, sink
 
     def test_javascript_hello(self):
-        _, sink = self.serve(JS_HTTP, http_request())
+        _, sink = self.serve(JS_HTTP, incoming_request())
         self.assertEqual((sink.status(), sink.body()), (200, b"hello from js\n"))
         self.assertIn(("content-type", b"text/plain"), sink.headers())
 
     def test_javascript_echo_of_method_path_headers_and_body(self):
-        request = http_request("POST", "/echo?q=1", [("X-B", b"2"), ("x-a", b"1")], b"hello body")
+        request = incoming_request("POST", "/echo?q=1", [("X-B", b"2"), ("x-a", b"1")], b"hello body")
         _, sink = self.serve(JS_HTTP, request)
         self.assertEqual(sink.body(), b"POST /echo?q=1\nx-a: 1\nx-b: 2\n\nhello body")
 
     def test_javascript_404_and_a_thrown_error(self):
-        _, sink = self.serve(JS_HTTP, http_request(path="/nope"))
+        _, sink = self.serve(JS_HTTP, incoming_request(path="/nope"))
         self.assertEqual((sink.status(), sink.body()), (404, b"not found\n"))
-        outcome, sink = self.serve(JS_HTTP, http_request(path="/throw"))
+        outcome, sink = self.serve(JS_HTTP, incoming_request(path="/throw"))
         self.assertEqual((sink.status(), sink.body()), (500, b""))                # as wasmtime serve answers
         self.assertIn(b"thrown on purpose", outcome.stderr)
 
@@ -10867,19 +11050,19 @@ class RealToolchainHttpTest(unittest.TestCase):
         server = OutboundServer(self)
         self.host.allow_outbound = kvhost.parse_outbound([f"127.0.0.1:{server.port}"])
         self.addCleanup(setattr, self.host, "allow_outbound", frozenset())
-        _, sink = self.serve(JS_HTTP, http_request(path=f"/fetch?url=http://127.0.0.1:{server.port}/up"))
+        _, sink = self.serve(JS_HTTP, incoming_request(path=f"/fetch?url=http://127.0.0.1:{server.port}/up"))
         self.assertEqual((sink.status(), sink.body()), (200, b"200\nupstream saw /up"))
 
     def test_javascript_fetch_of_a_refused_destination(self):
-        _, sink = self.serve(JS_HTTP, http_request(path="/fetch?url=http://127.0.0.1:9/"))
+        _, sink = self.serve(JS_HTTP, incoming_request(path="/fetch?url=http://127.0.0.1:9/"))
         self.assertEqual(sink.status(), 502)
 
     def test_python_hello_echo_and_404(self):
-        _, sink = self.serve(PY_HTTP, http_request())
+        _, sink = self.serve(PY_HTTP, incoming_request())
         self.assertEqual((sink.status(), sink.body()), (200, b"hello from python\n"))
-        _, sink = self.serve(PY_HTTP, http_request("PUT", "/echo/a", [("x-k", b"v")], b"data"))
+        _, sink = self.serve(PY_HTTP, incoming_request("PUT", "/echo/a", [("x-k", b"v")], b"data"))
         self.assertEqual(sink.body(), b"PUT /echo/a\nx-k: v\n\ndata")
-        _, sink = self.serve(PY_HTTP, http_request(path="/missing"))
+        _, sink = self.serve(PY_HTTP, incoming_request(path="/missing"))
         self.assertEqual(sink.status(), 404)
 
 if __name__ == "__main__":
