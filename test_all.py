@@ -10807,7 +10807,7 @@ class HttpSemanticsTest(HttpTestCase):
         # poll([a timer of an hour, a timer of 0]) is [1], and the hour's ready() false: what
         # wasmtime serve answers too. (wasmtime 50 passes a host function two borrowed handles
         # only with the engine's concurrency support off, as kvhost's engine has it.)
-        _, sink = self.serve(HTTP_PROBE, http_request(path="/p"))
+        _, sink = self.serve(HTTP_PROBE, incoming_request(path="/p"))
         self.assertEqual(sink.body(), b"poll 1 ready 0\n")
 
     def test_a_guest_blocked_in_a_poll_is_stopped_at_the_deadline(self):
