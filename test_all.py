@@ -2538,6 +2538,25 @@ class MacosFallbackTest(StoreTestCase):
             self.assertEqual(caught.exception.kind, "timeout")
             self.assertLess(time.monotonic() - started, 4)
 
+    def test_a_server_of_worker_processes_serves_runs_and_drains(self):
+        # The command as a Mac runs it: a supervisor forking workers that share semaphores,
+        # metrics and compile locks, each running guests, then SIGTERM drains them all.
+        code = (MACOS_LIKE + "\nimport runpy, sys\nsys.argv = ['http_server.py'] + sys.argv[1:]\n"
+                f"runpy.run_path({HTTP_SERVER_PY!r}, run_name='__main__')\n")
+        root = os.path.join(self.tmp, "served")
+        server = ServerProcess(self, None, "--root", root, "--port", "0", "--workers", "2",
+                               "--kv", "memory:", command=[sys.executable, "-c", code])
+        numbers = guest_binary("numbers")
+        status, _, body = http_request(server.url + "/api/v1/module/num.wasm", "POST", numbers)
+        self.assertEqual(status, 200, body)
+        for _ in range(4):                           # over fresh connections: both workers serve
+            status, _, body = http_request(server.url + "/api/v1/call/add/num.wasm", "POST", b"[2, 3]")
+            self.assertEqual((status, body), (200, b"5"))
+        status, _, body = http_request(server.url + "/api/v1/module/num.wasm")
+        self.assertEqual((status, body), (200, numbers))
+        server.process.terminate()
+        self.assertEqual(server.process.wait(30), 0)
+
     def test_the_server_serves_downloads_and_uploads(self):
         like_macos(self)
         data = wasm_module("served")
