@@ -5296,7 +5296,8 @@ command."""
 
 
 # The commands that make commits: the only ones --author means something to.
-COMMITTING_COMMANDS = ("add", "import", "set", "remove", "rollback", "restore", "merge", "gc", "pull")
+COMMITTING_COMMANDS = ("add", "import", "set", "remove", "rollback", "restore", "merge", "gc",
+                       "pull")
 
 
 def _add_global_options(parser, suppress, author=True):
@@ -5345,9 +5346,10 @@ def main(argv=None):
         return 2
     args = parser.parse_args(argv if server_args is None else argv[:argv.index("server") + 1])
     if args.author is not None and args.command not in COMMITTING_COMMANDS:
-        parser.error(f"--author is for the commands that make commits ({', '.join(COMMITTING_COMMANDS)}); "
-                     f"{args.command} makes none" + (" (the server takes Wasmstore-Author per request)"
-                                                     if args.command == "server" else ""))
+        parser.error("--author is for the commands that make commits "
+                     f"({', '.join(COMMITTING_COMMANDS)}); {args.command} makes none"
+                     + (" (the server takes Wasmstore-Author per request)"
+                        if args.command == "server" else ""))
     root = args.root or os.environ.get("WASMSTORE_ROOT") or DEFAULT_ROOT
     args.branch = args.branch or os.environ.get("WASMSTORE_BRANCH") or None
     args.author = args.author or os.environ.get("WASMSTORE_AUTHOR") or None
