@@ -2659,7 +2659,7 @@ class HostileBackupTest(StoreTestCase):
         self.assertIn("expected at most 4,096", str(error))
 
     def test_a_killed_backup_s_temp_file_is_removed_by_the_next_backup(self):
-        debris = f"{self.archive}.{dead_pid()}.tmp"
+        debris = f"{self.archive}.{dead_pid()}-0-deadbeef.tmp"
         with open(debris, "wb") as handle:
             handle.write(b"\0" * 100_000)
         self.store.backup(self.archive)
