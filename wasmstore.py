@@ -94,7 +94,8 @@ __all__ = [
     "Store", "Cache", "SharedFd", "StoreError", "InvalidInput", "InvalidModule", "TooLarge", "NotFound",
     "Conflict", "MergeConflict", "CorruptObject", "FsckReport", "validate_path", "format_path",
     "validate_branch", "validate_hash", "validate_module", "load_backup", "main",
-    "ERROR_STATUS", "ErrorMeaning", "error_status", "Runner", "Target", "default_kv_url", "kv_options", "parse_namespace_map",
+    "ERROR_STATUS", "ErrorMeaning", "error_status", "Runner", "Target", "default_kv_url",
+    "kv_options", "parse_namespace_map", "parse_links",
     "RegistryError", "OciReference", "WasmArtifact", "Credentials", "RegistryClient",
     "TransferReport", "wasm_interface", "module_artifact", "registry_credentials",
     "docker_config_file", "validate_module_file", "is_branch_tag", "push", "push_all", "pull",
@@ -3348,6 +3349,24 @@ def parse_namespace_map(entries):
     return sorted(parsed, key=lambda item: -len(item[0]))
 
 
+def parse_links(entries):
+    """{import module name: printed store path} from "NAME=PATH" texts (--link) or (name, path)
+    pairs, for Runner."""
+    links = {}
+    for entry in entries or ():
+        if isinstance(entry, tuple):
+            name, sep, path = entry[0], "=", entry[1]
+        else:
+            name, sep, path = str(entry).partition("=")
+        if not sep or not name or not path or "\0" in name or len(name) > 1024:
+            raise InvalidInput(f"invalid --link {_short(entry)}: expected NAME=PATH, a stored path")
+        printed = format_path(validate_path(path))
+        if links.setdefault(name, printed) != printed:
+            raise InvalidInput(f"--link {_short(name)}= is given twice ({links[name]} and "
+                               f"{printed})")
+    return links
+
+
 class Target:
     """A stored module picked for running: the hash of its bytes, the commit whose tree it was
     found in (its imports of other stored modules resolve in that tree too), the printed path
@@ -3375,14 +3394,18 @@ class Runner:
     hash uses "sha256:<hash>"; `namespaces` ([(prefix segments, namespace)], see
     parse_namespace_map) lets an operator give every module under a prefix one shared
     namespace. Core modules whose imports name a store path (or a hash) are linked to those
-    modules in the same commit. `host` is a kvhost.Host (default: one made from host_options,
+    modules in the same commit; `links` ({import module name: store path}, the CLI's and the
+    server's --link NAME=PATH) links imports from any other module name ("env") to the module
+    at that path, in the same commit too. `host` is a kvhost.Host (default: one made from
+    host_options,
     whose kv and provider_kv go through kv_options: sqlite under the store root, or
     "component:PATH", a provider stored at PATH)."""
 
-    def __init__(self, store, host=None, *, namespaces=(), **host_options):
+    def __init__(self, store, host=None, *, namespaces=(), links=None, **host_options):
         kvhost = _kvhost()
         self.store = store
         self.namespaces = list(namespaces)
+        self.links = parse_links((links or {}).items())
         self._resolved = Cache(RESOLVED_CACHE_SIZE)   # (generation, how it was named) -> Target
         self._owns_host = host is None
         if host is None:
@@ -3451,11 +3474,22 @@ class Runner:
         """resolve(import module name) for kvhost: store paths and hashes in the target's commit
         (None for a guest with no imports to link). reach(module name) -> bool, when given,
         leaves the names it refuses unlinked, exactly as if nothing were stored there (a
-        server's key limited to some paths links only what it may reach)."""
+        server's key limited to some paths links only what it may reach; the links an operator
+        gave, self.links, are followed whatever the key)."""
         if not guest.links_needed:
             return None
 
         def resolve(module_name):
+            linked = self.links.get(module_name)
+            if linked is not None:
+                try:
+                    digest, _ = self.store.module_at(linked, commit=target.commit)
+                except NotFound:
+                    raise _kvhost().LinkError(
+                        f"{target.path or target.digest} imports {module_name!r}, linked to "
+                        f"{linked}, but there is no module at {linked} in commit "
+                        f"{target.commit[:12]}") from None
+                return self.load(Target(digest, target.commit, linked, None))
             if not module_name.startswith("/") and not _is_hash(module_name):
                 return None
             if reach is not None and not reach(module_name):
@@ -4986,7 +5020,8 @@ RUN_COMMANDS = ("call", "run", "exports")     # their options come from kvhost (
 def _runner(store, args):
     kvhost = _kvhost()
     host = kvhost.host_from_args(args, **kv_options(store, args.kv, args.provider_kv))
-    return Runner(store, host, namespaces=parse_namespace_map(args.namespace_map))
+    return Runner(store, host, namespaces=parse_namespace_map(args.namespace_map),
+                  links=parse_links(args.links))
 
 
 def _run_guest(store, args, work):
@@ -5060,7 +5095,8 @@ def _add_run_options(sub, name):
     sub.add_argument("--namespace-map", action="append", default=[], metavar="PREFIX=NS",
                      help="modules under PREFIX share kv namespace NS (repeatable; default: each path "
                           "is its own namespace, a hash is sha256:<hash>)")
-    kvhost.add_sandbox_options(sub)
+    kvhost.add_sandbox_options(sub, link_target="a path in the store, in the same commit as the "
+                                                "module run")
 
 
 def _progress_writer(args):
