@@ -6268,6 +6268,14 @@ class _Worker:
             self.channel.send({"op": "kv-reply", "error": {"class": "BackendError",
                                                            "message": f"internal error: {type(e).__name__}: {e}"}})
 
+    def alive(self):
+        """True while the process runs and its pipe is quiet: an idle worker that died (or wrote
+        when nobody asked) must not be handed a request."""
+        try:
+            return self.process.poll() is None and not select.select([self.channel.read_fd], [], [], 0)[0]
+        except (OSError, ValueError):   # the channel is closed
+            return False
+
     def exit_reason(self):
         try:
             code = self.process.wait(timeout=1)
@@ -6339,16 +6347,25 @@ class _WorkerPool:
             threading.Thread(target=start, name="kvhost-workers", daemon=True).start()
 
     def _acquire(self):
-        with self._cond:
-            while True:
-                if self._closed:
-                    raise KvError("the host is closed")
-                if self._idle:
-                    return self._idle.pop()
-                if self._started < self.size:
-                    self._started += 1
-                    break
-                self._cond.wait()
+        dead = []
+        try:
+            with self._cond:
+                while True:
+                    if self._closed:
+                        raise KvError("the host is closed")
+                    while self._idle:
+                        worker = self._idle.pop()
+                        if worker.alive():
+                            return worker
+                        dead.append(worker)       # died while idle (killed, out of memory): replaced
+                        self._started -= 1
+                    if self._started < self.size:
+                        self._started += 1
+                        break
+                    self._cond.wait()
+        finally:
+            for worker in dead:
+                worker.kill()
         try:
             return _Worker(*self._settings())
         except OSError as e:
