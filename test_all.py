@@ -42,6 +42,7 @@ The file has one banner-separated section per feature, in this order (feature: t
       OciTlsTest, OciBadInputTest, OciServerTest
   Running stored modules: RunnerTest, SandboxLimitsTest, RunCliTest, HostModuleLinkTest,
       RunHttpTest, OptionalRuntimeTest, PyCounterServerTest
+  The Wess API (/wess): WessApiTest
 
 A new test goes in its feature's section and uses the fixtures: one behaviour per test, a
 temp_dir (or StoreTestCase) for files, wait_until on the event it needs (never a sleep),
@@ -10292,6 +10293,188 @@ class PyCounterServerTest(unittest.TestCase):
 
 
 # =================================================================================================
+# The Wess API (/wess): the requests of Wess's Behave scenarios, k6 script and README, unchanged
+# =================================================================================================
+
+# Modules of the shapes Wess's examples have (Rust cdylibs: a memory and the functions).
+WESS_THE_ANSWER = """(module (memory (export "memory") 16)
+  (func (export "the_answer") (result i32) (i32.const 42)))"""
+WESS_FIBONACCI = """(module (memory (export "memory") 16)
+  (func (export "fibonacci") (param $n i32) (result i32)
+    (local $a i32) (local $b i32) (local $t i32)
+    (local.set $b (i32.const 1))
+    (block $done (loop $next
+      (br_if $done (i32.eqz (local.get $n)))
+      (local.set $t (i32.add (local.get $a) (local.get $b)))
+      (local.set $a (local.get $b)) (local.set $b (local.get $t))
+      (local.set $n (i32.sub (local.get $n) (i32.const 1))) (br $next)))
+    (local.get $a)))"""
+WESS_SUM_F32 = """(module (memory (export "memory") 16)
+  (func (export "sum") (param f32 f32) (result f32) (f32.add (local.get 0) (local.get 1))))"""
+WESS_SUM_I64 = """(module (memory (export "memory") 16)
+  (func (export "sum") (param i64 i64) (result i64) (i64.add (local.get 0) (local.get 1))))"""
+
+
+def wess_payload(wat, function, returns, args):
+    """A Wess upload as its clients build it: the module as an array of byte values."""
+    return {"wasm": list(wat_binary(wat)),
+            "metadata": {"functionName": function, "returnType": returns, "args": args}}
+
+
+class WessApiTest(unittest.TestCase):
+    """Wess's API under /wess, driven as Wess's own clients drive it: bodies without a
+    Content-Type (its Behave steps send data=json.dumps(...) with requests), statuses and
+    {"message": ...} bodies as its steps and k6 checks read them."""
+
+    def setUp(self):
+        self.live = LiveServer(self, run={"kv": "memory:", "timeout": 5,
+                                          "links": {"env": "/lib/random.wasm"}})
+        self.base = "/wess"                 # the only change a Wess client needs: its base URL
+
+    def send(self, method, path="", document=None, raw=None, headers=None):
+        body = raw
+        if body is None and document is not None:
+            body = json.dumps(document).encode()
+        status, reply_headers, data = self.live.request(method, self.base + path, body, headers)
+        self.assertEqual(reply_headers["content-type"], "application/json", data)
+        return status, json.loads(data)
+
+    def create(self, payload):
+        status, body = self.send("POST", "", payload)
+        self.assertEqual(status, 202, body)
+        return body["message"]["id"]
+
+    def test_the_crud_scenarios(self):
+        # Wess's crud.feature: create the_answer (202, a uuid4 id), update it with fibonacci,
+        # delete it.
+        module_id = self.create(wess_payload(WESS_THE_ANSWER, "the_answer", ["I32"], []))
+        self.assertEqual(uuid.UUID(module_id, version=4).hex, module_id.replace("-", ""))
+        self.assertEqual(uuid.UUID(module_id).version, 4)
+        fibonacci = wess_payload(WESS_FIBONACCI, "fibonacci", ["I64"], ["I32"])   # as in Wess's
+        answer = (202, {"message": {"id": module_id}})
+        self.assertEqual(self.send("PUT", f"/{module_id}", fibonacci), answer)
+        self.assertEqual(self.send("POST", f"/{module_id}", [10]), (200, {"message": [55]}))
+        self.assertEqual(self.send("GET", f"/{module_id}"), (202, {"message": fibonacci}))
+        self.assertEqual(self.send("DELETE", f"/{module_id}"), answer)
+        self.assertEqual(self.send("GET", f"/{module_id}"),
+                         (404, {"message": "Invalid Id: Not found"}))
+
+    def test_the_load_test_counts_what_its_users_created(self):
+        # k6.js: many virtual users POST sum_f32_f32 at once; its teardown GETs the base URL and
+        # compares the message with the number created.
+        payload = wess_payload(WESS_SUM_F32, "sum", ["F32"], ["F32", "F32"])
+        ids, errors = [], []
+
+        def user():
+            try:
+                for _ in range(4):
+                    ids.append(self.create(payload))
+            except Exception as exc:            # reported below
+                errors.append(exc)
+        users = [threading.Thread(target=user) for _ in range(6)]
+        for thread in users:
+            thread.start()
+        for thread in users:
+            thread.join()
+        self.assertEqual(errors, [])
+        self.assertEqual(len(set(ids)), 24)
+        self.assertEqual(self.send("GET"), (202, {"message": 24}))
+        self.assertEqual(self.send("POST", f"/{ids[0]}", [1.5, 2.25]), (200, {"message": [3.75]}))
+
+    def test_a_call_answers_the_results_as_a_list(self):
+        sum64 = self.create(wess_payload(WESS_SUM_I64, "sum", ["I64"], ["I64", "I64"]))
+        x, y = 2 ** 40, 12345
+        self.assertEqual(self.send("POST", f"/{sum64}", [x, y]), (200, {"message": [x + y]}))
+        status, body = self.send("POST", f"/{sum64}", [1])
+        self.assertEqual(status, 400)
+        self.assertIn("sum takes 2 argument(s)", body["message"])
+
+    def test_the_syscall_example_runs_with_its_host_module_linked(self):
+        self.live.store.add("/lib/random.wasm", guest_binary("randomi32"))
+        syscall = wess_payload(read_text(os.path.join(RUN_GUESTS, "wess-syscall.wat")), "random",
+                               ["I32"], ["I32"])
+        module_id = self.create(syscall)
+        self.assertEqual(self.send("POST", f"/{module_id}", []), (200, {"message": [FIRST_RANDOM]}))
+        syscall["metadata"]["functionName"] = "free_memory"
+        self.send("PUT", f"/{module_id}", syscall)
+        self.assertEqual(self.send("POST", f"/{module_id}", [0]), (200, {"message": []}))
+
+    def test_errors_are_json_messages_with_wess_statuses(self):
+        module_id = self.create(wess_payload(WESS_THE_ANSWER, "the_answer", ["I32"], []))
+        missing = str(uuid.uuid4())
+        cases = [
+            (("POST", "", None, b"{not json"), 400, "Invalid Json: "),
+            (("POST", "", {"wasm": [0, 97, 115, 109], "metadata": {}}, None), 400,
+             "Invalid Json: metadata."),
+            (("POST", "", {"wasm": [256], "metadata": {}}, None), 400,
+             "Invalid Json: wasm must be"),
+            (("POST", "", wess_payload("(module)", "f", ["I8"], []), None), 400,
+             "Invalid Json: metadata.returnType must"),
+            (("POST", "", {"wasm": [99, 99, 99, 99], "metadata": {
+                "functionName": "f", "returnType": ["I32"], "args": []}}, None), 400,
+             "Invalid Wasm: "),
+            (("GET", "/not-a-uuid", None, None), 400, "Invalid ID: "),
+            (("PUT", f"/{missing}", wess_payload(WESS_THE_ANSWER, "f", [], []), None), 404,
+             "Invalid Id: Not found"),
+            (("DELETE", f"/{missing}", None, None), 404, "Invalid Id: Not found"),
+            (("POST", f"/{missing}", [], None), 404, "Invalid Id: Not found"),
+            (("POST", "/not-a-uuid", [], None), 404, "Invalid Id: Not found"),
+            (("POST", f"/{module_id}", None, b"[1"), 400, "Invalid Json: "),
+            (("POST", f"/{module_id}", {"a": 1}, None), 400, "Invalid Json: expected a JSON array"),
+        ]
+        for (method, path, document, raw), status, message in cases:
+            with self.subTest(method=method, path=path, raw=raw):
+                answer = self.send(method, path, document, raw)
+                self.assertEqual(answer[0], status, answer)
+                self.assertTrue(answer[1]["message"].startswith(message), answer)
+        self.assertEqual(self.send("GET"), (202, {"message": 1}))       # nothing else was stored
+
+    def test_a_trap_is_422_not_wess_s_500(self):
+        trap = self.create(wess_payload('(module (func (export "boom") unreachable))', "boom",
+                                        [], []))
+        status, headers, data = self.live.request("POST", f"/wess/{trap}", b"[]")
+        self.assertEqual((status, headers["wasmstore-error"]), (422, "trap"))
+        self.assertIn("unreachable", json.loads(data)["message"])
+
+    def test_modules_live_in_the_store_versioned_like_any_other_path(self):
+        first = wess_payload(WESS_THE_ANSWER, "the_answer", ["I32"], [])
+        module_id = self.create(first)
+        path = f"/wess/{module_id}"
+        second = wess_payload(WESS_FIBONACCI, "fibonacci", ["I32"], ["I32"])
+        self.send("PUT", f"/{module_id}", second)
+        store = self.live.store
+        self.assertEqual(len(store.versions(path)), 2)
+        self.assertTrue(store.find(path).startswith(wat_binary(WESS_FIBONACCI)))  # then metadata
+        status, _, body = self.live.request("POST", f"/api/v1/call/fibonacci{path}", b"[7]")
+        self.assertEqual((status, body), (200, b"13"))
+        self.live.request("POST", f"/api/v1/rollback{path}")
+        self.assertEqual(self.send("GET", f"/{module_id}"), (202, {"message": first}))  # metadata
+        self.assertEqual(self.send("POST", f"/{module_id}", []), (200, {"message": [42]}))
+        self.assertEqual(store.log(1)[0]["message"], f"Rollback {path}")
+        other = str(uuid.uuid4())                           # stored without /wess: no metadata
+        store.add(f"/wess/{other}", wat_binary(WESS_THE_ANSWER))
+        status, body = self.send("GET", f"/{other}")
+        self.assertEqual(status, 422)
+        self.assertIn("was not stored through /wess", body["message"])
+
+    def test_keys_apply_with_json_messages(self):
+        live = LiveServer(self, auth="W:read,write,run@/wess/;A:*@/apps/", run={"kv": "memory:"})
+        payload = json.dumps(wess_payload(WESS_THE_ANSWER, "the_answer", ["I32"], [])).encode()
+        status, _, body = live.request("POST", "/wess", payload)
+        self.assertEqual((status, json.loads(body)["message"]),
+                         (401, "missing key (send it in Wasmstore-Auth)"))
+        status, _, body = live.request("POST", "/wess", payload, {"Wasmstore-Auth": "A"})
+        self.assertEqual(status, 403)
+        status, _, body = live.request("POST", "/wess", payload, {"Wasmstore-Auth": "W"})
+        self.assertEqual(status, 202, body)
+        module_id = json.loads(body)["message"]["id"]
+        status, _, body = live.request("POST", f"/wess/{module_id}", b"[]", {"Wasmstore-Auth": "W"})
+        self.assertEqual((status, body), (200, b'{"message":[42]}'))
+        self.assertEqual(live.request("GET", "/wess", None, {"Wasmstore-Auth": "A"})[2],
+                         b'{"message":0}')
+
+
+# =================================================================================================
 # Hostile input: what an attacker, a broken peer or a careless script sends, as tables of cases
 # with the answer each must get; the server keeps serving and nothing changes
 # =================================================================================================
@@ -10807,7 +10990,7 @@ class HttpSemanticsTest(HttpTestCase):
         # poll([a timer of an hour, a timer of 0]) is [1], and the hour's ready() false: what
         # wasmtime serve answers too. (wasmtime 50 passes a host function two borrowed handles
         # only with the engine's concurrency support off, as kvhost's engine has it.)
-        _, sink = self.serve(HTTP_PROBE, http_request(path="/p"))
+        _, sink = self.serve(HTTP_PROBE, incoming_request(path="/p"))
         self.assertEqual(sink.body(), b"poll 1 ready 0\n")
 
     def test_a_guest_blocked_in_a_poll_is_stopped_at_the_deadline(self):
