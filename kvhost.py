@@ -581,7 +581,8 @@ class MemoryBackend(Backend):
 
     def _namespace_ids(self, limit):
         with self._lock:
-            return sorted({namespace for (namespace, _), table in self._buckets.items() if table})[:limit]
+            found = {namespace for (namespace, _), table in self._buckets.items() if table}
+        return sorted(found)[:limit]
 
 
 class SqliteBackend(Backend):
@@ -1131,7 +1132,8 @@ class RedisBackend(Backend):
                 found.update(name.split(b":", 2)[1] for name in batch if name.count(b":") >= 3)
                 if cursor == b"0":
                     break
-            return sorted(urllib.parse.unquote(name.decode("utf-8", "replace")) for name in found)[:limit]
+            names = (urllib.parse.unquote(name.decode("utf-8", "replace")) for name in found)
+            return sorted(names)[:limit]
         return self._with_connection(work)
 
     def close(self):
@@ -6789,7 +6791,8 @@ def _build_parser():
     kv = commands.add_parser("kv", help="inspect and edit stored data")
     add_store_options(kv, provider=None)
     kv.add_argument("action", choices=["get", "set", "delete", "list", "incr"],
-                    help="list without BUCKET (and without --namespace) prints the namespaces that hold data")
+                    help="list without BUCKET (and without --namespace) prints the namespaces "
+                         "that hold data")
     kv.add_argument("bucket", nargs="?")
     kv.add_argument("key", nargs="?")
     kv.add_argument("value", nargs="?")

@@ -1565,7 +1565,7 @@ class StoreCliTest(StoreTestCase):
                 self.assertEqual(Store(self.root).find("served.wasm"), data)
                 server.process.terminate()
                 self.assertEqual(server.process.wait(10), 0)
-        self.assertEqual(os.listdir(home), [])          # nothing went to ~/.wasmstore
+        self.assertNotIn(".wasmstore", os.listdir(home))    # (~/.cache holds compiled guests)
         self.assertFalse(os.path.exists(os.path.join(self.tmp, "ignored")))
 
     def test_server_without_http_server_py_says_so_in_one_line(self):
@@ -1625,53 +1625,61 @@ class FirstStepsTest(StoreTestCase):
         before = self.store.commit_count()
         gone = [wasm_module("one", padding=1000), wasm_module("two", padding=1000)]
         proc = self.cli("gc")
-        match = re.fullmatch(r"gc: removed (\d+) objects \((\d+\.\d) KB\); squashed 3 commits of main "
-                             r"into one\n", proc.stdout)
+        match = re.fullmatch(r"gc: removed (\d+) objects \((\d+\.\d) KB\); squashed 3 commits of "
+                             r"main into one\n", proc.stdout)
         self.assertIsNotNone(match, proc.stdout)
         self.assertEqual(before, 3)
         # the two old modules and the three commits and trees that held them
         self.assertEqual(int(match.group(1)), len(gone) + 3 + 3 - 1)
         self.assertGreaterEqual(float(match.group(2)) * 1000, sum(map(len, gone)))
-        self.assertEqual(proc.stderr, "wasmstore: warning: gc squashed the history of main: its earlier "
-                                      "versions, log and audit are gone (other branches keep theirs)\n")
+        self.assertEqual(proc.stderr, "wasmstore: warning: gc squashed the history of main: its "
+                                      "earlier versions, log and audit are gone (other branches "
+                                      "keep theirs)\n")
         again = self.cli("gc")
         self.assertEqual((again.stdout, again.stderr),
-                         ("gc: removed 0 objects (0 bytes); main's history was one commit already\n", ""))
+                         ("gc: removed 0 objects (0 bytes); main's history was one commit "
+                          "already\n", ""))
 
     def test_a_call_argument_that_is_not_json_gets_a_quoting_hint(self):
         self.store.add("/numbers.wasm", guest_binary("numbers"))
         proc = self.cli("call", "/numbers.wasm", "add", "World", "2", expect=2)
-        self.assertEqual(proc.stderr, "wasmstore: error: invalid JSON argument 'World' (arguments are JSON: "
-                                      "a string is written \"World\", in a shell '\"World\"')\n")
+        self.assertEqual(proc.stderr, "wasmstore: error: invalid JSON argument 'World' (arguments "
+                                      "are JSON: a string is written \"World\", in a shell "
+                                      "'\"World\"')\n")
         proc = run_kvhost("call", PROBE, "get", "it's", '"k"')
         self.assertIn("""a string is written "it's", in a shell '"it'\\''s"'""", proc.stderr)
         self.assertEqual(proc.returncode, 2)
 
     def test_author_is_refused_by_commands_that_make_no_commit(self):
         self.store.add("/a.wasm", wasm_module("a"))
-        for argv in (["--author", "me", "list"], ["list", "--author", "me"], ["find", "/a.wasm", "--author", "x"]):
+        for argv in (["--author", "me", "list"], ["list", "--author", "me"],
+                     ["find", "/a.wasm", "--author", "x"]):
             with self.subTest(argv=argv):
                 proc = self.cli(*argv, expect=2)
-                self.assertIn("wasmstore: error: --author is for the commands that make commits (add, "
-                              "import, set, remove, rollback, restore, merge, gc, pull); ", proc.stderr)
+                self.assertIn("wasmstore: error: --author is for the commands that make commits "
+                              "(add, import, set, remove, rollback, restore, merge, gc, pull); ",
+                              proc.stderr)
         self.assertNotIn("--author", self.cli("list", "--help").stdout)
         self.assertIn("--author", self.cli("add", "--help").stdout)
         self.cli("remove", "/a.wasm", "--author", "me")
         self.assertEqual(self.store.log(1)[0]["author"], "me")
-        proc = run_cli(self.root, "list", env={"WASMSTORE_AUTHOR": "me"})  # the environment is not a mistake
+        proc = run_cli(self.root, "list", env={"WASMSTORE_AUTHOR": "me"})  # not a mistake there
         self.assertEqual(proc.returncode, 0, proc.stderr)
 
     def test_exports_leave_out_what_toolchains_add_for_themselves(self):
-        core = wat_binary('(module (func (export "__wasm_call_ctors")) (func (export "cabi_realloc") '
-                          '(param i32 i32 i32 i32) (result i32) i32.const 0) '
-                          '(func (export "cabi_post_f") (param i32)) (func (export "f") (result i32) i32.const 1))')
+        core = wat_binary('(module (func (export "__wasm_call_ctors")) '
+                          '(func (export "cabi_realloc") (param i32 i32 i32 i32) (result i32) '
+                          'i32.const 0) (func (export "cabi_post_f") (param i32)) '
+                          '(func (export "f") (result i32) i32.const 1))')
         self.store.add("/core.wasm", core)
         self.assertEqual(self.cli("exports", "/core.wasm").stdout, "f() -> i32\n")
         # A function of the application's own that happens to share a name is still listed.
-        own = wat_binary('(component (core module $m (func (export "init") (param i32) (result i32) local.get 0)) '
-                         '(core instance $i (instantiate $m)) '
-                         '(func $init (param "n" u32) (result u32) (canon lift (core func $i "init"))) '
-                         '(instance $e (export "init" (func $init))) (export "exports" (instance $e)))')
+        own = wat_binary('(component (core module $m (func (export "init") (param i32) '
+                         '(result i32) local.get 0)) (core instance $i (instantiate $m)) '
+                         '(func $init (param "n" u32) (result u32) '
+                         '(canon lift (core func $i "init"))) '
+                         '(instance $e (export "init" (func $init))) '
+                         '(export "exports" (instance $e)))')
         self.store.add("/own.wasm", own)
         self.assertEqual(self.cli("exports", "/own.wasm").stdout, "exports#init(n: u32) -> u32\n")
 
@@ -1681,8 +1689,8 @@ class FirstStepsTest(StoreTestCase):
             names = [entry["name"] for entry in host.exports(host.load(counter))]
             self.assertIn("bump", names)
             self.assertNotIn("exports#init", names)
-            self.assertIn("exports#init", [name for name, _ in kvhost._component_functions(
-                host.load(counter), host.engine)])                  # still there, and callable by name
+            every = kvhost._component_functions(host.load(counter), host.engine)
+            self.assertIn("exports#init", [name for name, _ in every])   # callable by name
 
     def test_kv_list_without_a_namespace_names_the_namespaces_with_data(self):
         kv = f"sqlite:{os.path.join(self.tmp, 'kv.sqlite3')}"
@@ -1690,12 +1698,13 @@ class FirstStepsTest(StoreTestCase):
             with kvhost.open_backend(kv) as backend:
                 backend.set(namespace, "counter", "hits", b"1")
         listing = run_kvhost("kv", "--kv", kv, "list")
-        self.assertEqual((listing.returncode, listing.stdout), (0, "/apps/counter.wasm\n/apps/other.wasm\n"))
+        self.assertEqual((listing.returncode, listing.stdout),
+                         (0, "/apps/counter.wasm\n/apps/other.wasm\n"))
         empty = run_kvhost("kv", "--kv", kv, "list", "counter")
         self.assertEqual((empty.returncode, empty.stdout), (0, ""))
-        self.assertEqual(empty.stderr, "kvhost: bucket 'counter' of namespace 'default' is empty; namespaces "
-                                       "with data: /apps/counter.wasm, /apps/other.wasm (choose one with "
-                                       "--namespace; `kv list` lists them all)\n")
+        self.assertEqual(empty.stderr, "kvhost: bucket 'counter' of namespace 'default' is empty; "
+                                       "namespaces with data: /apps/counter.wasm, /apps/other.wasm "
+                                       "(choose one with --namespace; `kv list` lists them all)\n")
         found = run_kvhost("kv", "--kv", kv, "--namespace", "/apps/counter.wasm", "list", "counter")
         self.assertEqual((found.stdout, found.stderr), ("hits\n", ""))
         self.assertEqual(run_kvhost("kv", "--kv", kv, "get").returncode, 2)
@@ -1716,7 +1725,7 @@ class FirstStepsTest(StoreTestCase):
             f.write(text)
         binary = wat_binary(text)
         self.assertEqual(self.cli("add", source).stdout.strip(), sha256(binary))
-        self.assertEqual(Store(self.root).find("/numbers.wasm"), binary)     # named .wasm, stored binary
+        self.assertEqual(Store(self.root).find("/numbers.wasm"), binary)     # .wasm, the binary
         piped = '(module (func (export "seven") (result i32) i32.const 7))'
         self.cli("add", "-", "/seven.wasm", stdin=";; a comment first\n" + piped)
         self.assertEqual(Store(self.root).find("/seven.wasm"), wat_binary(piped))
@@ -1733,8 +1742,8 @@ class FirstStepsTest(StoreTestCase):
             f.write('(module\n  (func (export "f") (result i32) i32.const))')
         before = Store(self.root).list()
         proc = self.cli("add", source, expect=1)
-        self.assertEqual(proc.stderr, f"wasmstore: error: {source}: invalid WebAssembly text: expected a i32 "
-                                      "(line 2, column 44)\n")
+        self.assertEqual(proc.stderr, f"wasmstore: error: {source}: invalid WebAssembly text: "
+                                      "expected a i32 (line 2, column 44)\n")
         proc = self.cli("add", "-", "/x.wasm", stdin="(module (func $f (call $nowhere)))", expect=1)
         self.assertRegex(proc.stderr, r"^wasmstore: error: stdin: invalid WebAssembly text: .*\n$")
         self.assertEqual(Store(self.root).list(), before)
@@ -1798,7 +1807,8 @@ class QuickStartTest(unittest.TestCase):
                     checked += 1
         self.assertGreaterEqual(checked, 5)
         with Store(os.path.join(home, ".wasmstore")) as store:
-            self.assertEqual(sorted(store.list()), ["/hello/greet.wasm", "/math/add.wasm", "/tools/shout.wasm"])
+            self.assertEqual(sorted(store.list()),
+                             ["/hello/greet.wasm", "/math/add.wasm", "/tools/shout.wasm"])
         self.assertEqual(os.listdir(clone).count(".wasmstore"), 0)
 
 
@@ -1832,7 +1842,8 @@ def installer_run(test, argv, env=None, timeout=600):
     proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=timeout)
     if proc.returncode != 0 and INDEX_UNREACHABLE.search(proc.stdout + proc.stderr):
         require_peer(None, f"the Python package index is unreachable: {proc.stderr.strip()[-300:]}")
-    test.assertEqual(proc.returncode, 0, f"{argv[:3]}: {proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+    test.assertEqual(proc.returncode, 0,
+                     f"{argv[:3]}: {proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
     return proc
 
 
@@ -1852,13 +1863,14 @@ class InstallTest(unittest.TestCase):
     def check_commands(self, bin_dir):
         elsewhere = temp_dir(self, "wasmstore-elsewhere-")    # neither the checkout nor the copy
         env = clean_environment(HOME=elsewhere)
-        wasmstore_cmd, kvhost_cmd = os.path.join(bin_dir, "wasmstore"), os.path.join(bin_dir, "kvhost")
+        wasmstore_cmd = os.path.join(bin_dir, "wasmstore")
+        kvhost_cmd = os.path.join(bin_dir, "kvhost")
         module = os.path.join(elsewhere, "numbers.wat")
         shutil.copy(os.path.join(RUN_GUESTS, "numbers.wat"), module)
 
         def run(*argv):
-            proc = subprocess.run(list(argv), capture_output=True, text=True, cwd=elsewhere, env=env,
-                                  timeout=CLI_TIMEOUT)
+            proc = subprocess.run(list(argv), capture_output=True, text=True, cwd=elsewhere,
+                                  env=env, timeout=CLI_TIMEOUT)
             self.assertEqual(proc.returncode, 0, f"{argv}: {proc.stderr}")
             return proc.stdout.strip()
         self.assertEqual(run(kvhost_cmd, "call", "--kv", "memory:", module, "add", "2", "3"), "5")
@@ -1866,9 +1878,10 @@ class InstallTest(unittest.TestCase):
         root = os.path.join(elsewhere, "store")
         digest = run(wasmstore_cmd, "--root", root, "add", module, "/math/numbers.wasm")
         self.assertEqual(digest, sha256(wat_binary(read_text(module))))
-        self.assertEqual(run(wasmstore_cmd, "--root", root, "call", "/math/numbers.wasm", "add", "2", "3"), "5")
-        server = ServerProcess(self, None, "--root", root, "server", "--port", "0", env=env, cwd=elsewhere,
-                               command=[wasmstore_cmd])
+        self.assertEqual(run(wasmstore_cmd, "--root", root, "call", "/math/numbers.wasm", "add",
+                             "2", "3"), "5")
+        server = ServerProcess(self, None, "--root", root, "server", "--port", "0", env=env,
+                               cwd=elsewhere, command=[wasmstore_cmd])
         with urllib.request.urlopen(server.url + "/api/v1/modules", timeout=10) as reply:
             self.assertEqual(json.loads(reply.read()), {"/math/numbers.wasm": digest})
         server.process.terminate()
@@ -1880,9 +1893,10 @@ class InstallTest(unittest.TestCase):
         python = os.path.join(venv, "bin", "python")
         installer_run(self, [python, "-m", "pip", "install", "-q", "--disable-pip-version-check",
                              project_copy(self)], env=clean_environment())
-        probe = subprocess.run([python, "-c", "import importlib.metadata as m, wasmstore, kvhost, http_server; "
-                                "print(m.requires('wasmstore')); print(wasmstore.__file__)"],
-                               capture_output=True, text=True, cwd=venv, env=clean_environment(), check=True)
+        probe = subprocess.run([python, "-c", "import importlib.metadata as m, wasmstore, kvhost, "
+                                "http_server; print(m.requires('wasmstore')); "
+                                "print(wasmstore.__file__)"], capture_output=True, text=True,
+                               cwd=venv, env=clean_environment(), check=True)
         requires, where = probe.stdout.splitlines()
         self.assertEqual(requires, "['wasmtime==50.0.1']")
         self.assertTrue(where.startswith(venv + os.sep), where)
@@ -1891,7 +1905,8 @@ class InstallTest(unittest.TestCase):
     def test_pipx_install(self):
         pipx = require_file(os.path.join(PIPX_VENV, "bin", "pipx"), "PyPI pipx in .venv-pipx")
         home = temp_dir(self, "wasmstore-pipx-")
-        env = clean_environment(PIPX_HOME=os.path.join(home, "pipx"), PIPX_BIN_DIR=os.path.join(home, "bin"),
+        env = clean_environment(PIPX_HOME=os.path.join(home, "pipx"),
+                                PIPX_BIN_DIR=os.path.join(home, "bin"),
                                 PIPX_MAN_DIR=os.path.join(home, "man"))
         installer_run(self, [pipx, "install", project_copy(self)], env=env)
         self.check_commands(os.path.join(home, "bin"))
@@ -2500,14 +2515,16 @@ class MacosFallbackTest(StoreTestCase):
         # macOS names an open file /dev/fd/N: wasmtime maps the checked entry through it. With
         # no such name at all, the checked bytes are handed over as a copy. Each way, the second
         # Host loads the guest from the cache and does not compile it.
-        for directories, expected in ((("/proc/self/fd", "/dev/fd"), "file"), (("/proc/self/fd",), "bytes")):
+        for directories, expected in ((("/proc/self/fd", "/dev/fd"), "file"),
+                                      (("/proc/self/fd",), "bytes")):
             with self.subTest(directories=directories):
                 cache = temp_dir(self)
                 kvhost.Host(cache_dir=cache, kv="memory:").load(PROBE)
                 macos = like_macos(self)
                 loaded = []
                 component = kvhost.wc.Component
-                from_file, from_bytes = component.__dict__["deserialize_file"], component.__dict__["deserialize"]
+                from_file = component.__dict__["deserialize_file"]
+                from_bytes = component.__dict__["deserialize"]
                 with mock.patch.object(kvhost, "FD_DIRECTORIES", directories), \
                         mock.patch.object(component, "deserialize_file", classmethod(
                             lambda cls, engine, path: loaded.append(("file", path)) or
@@ -2537,6 +2554,26 @@ class MacosFallbackTest(StoreTestCase):
                 host.call(guest, "sleep", [3_600_000])
             self.assertEqual(caught.exception.kind, "timeout")
             self.assertLess(time.monotonic() - started, 4)
+
+    def test_a_server_of_worker_processes_serves_runs_and_drains(self):
+        # The command as a Mac runs it: a supervisor forking workers that share semaphores,
+        # metrics and compile locks, each running guests, then SIGTERM drains them all.
+        code = (MACOS_LIKE + "\nimport runpy, sys\nsys.argv = ['http_server.py'] + sys.argv[1:]\n"
+                f"runpy.run_path({HTTP_SERVER_PY!r}, run_name='__main__')\n")
+        root = os.path.join(self.tmp, "served")
+        server = ServerProcess(self, None, "--root", root, "--port", "0", "--workers", "2",
+                               "--kv", "memory:", command=[sys.executable, "-c", code])
+        numbers = guest_binary("numbers")
+        status, _, body = http_request(server.url + "/api/v1/module/num.wasm", "POST", numbers)
+        self.assertEqual(status, 200, body)
+        for _ in range(4):                           # over fresh connections: both workers serve
+            status, _, body = http_request(server.url + "/api/v1/call/add/num.wasm", "POST",
+                                           b"[2, 3]")
+            self.assertEqual((status, body), (200, b"5"))
+        status, _, body = http_request(server.url + "/api/v1/module/num.wasm")
+        self.assertEqual((status, body), (200, numbers))
+        server.process.terminate()
+        self.assertEqual(server.process.wait(30), 0)
 
     def test_the_server_serves_downloads_and_uploads(self):
         like_macos(self)
@@ -2661,7 +2698,7 @@ class HostileBackupTest(StoreTestCase):
         self.assertIn("expected at most 4,096", str(error))
 
     def test_a_killed_backup_s_temp_file_is_removed_by_the_next_backup(self):
-        debris = f"{self.archive}.{dead_pid()}.tmp"
+        debris = f"{self.archive}.{dead_pid()}-0-deadbeef.tmp"
         with open(debris, "wb") as handle:
             handle.write(b"\0" * 100_000)
         self.store.backup(self.archive)
@@ -6113,7 +6150,7 @@ class BackendContract:
         self.addCleanup(self.backend.close)
 
     def test_namespaces_are_those_holding_keys(self):
-        odd = "/apps/a b:c*.wasm"                            # a path, with the characters keys quote
+        odd = "/apps/a b:c*.wasm"                    # a path, with characters the keys quote
         self.backend.set(odd, "b1", "k", b"v")
         self.backend.set("sha256:" + "0" * 64, "b2", "k", b"v")
         self.backend.set("gone", "b", "k", b"v")
@@ -9916,8 +9953,8 @@ class HostModuleLinkTest(StoreTestCase):
         self.store.remove("/lib/random.wasm")
         with self.assertRaisesRegex(kvhost.LinkError,
                                     r"^/wess/syscall\.wasm imports 'env', linked to "
-                                    r"/lib/random\.wasm, but there is no module at /lib/random\.wasm "
-                                    r"in commit [0-9a-f]{12}$"):
+                                    r"/lib/random\.wasm, but there is no module at "
+                                    r"/lib/random\.wasm in commit [0-9a-f]{12}$"):
             runner.call(syscall, "random", [])
 
     def test_a_link_to_a_module_without_the_export_names_it(self):
