@@ -12,10 +12,27 @@ distribution API under /v2/ (each store path a repository: `oras pull` fetches f
 
 As a command::
 
-    python http_server.py [--root DIR] [--host H] [--port P] [--auth SPEC] [--tls KEY,CERT]
-                          [--cors [ORIGINS]] [--allowed-host NAME] [--max-body N] [--timeout S]
-                          [--max-watches N] [--quiet] [--kv URL] [--run-timeout S] [--fuel N]
-                          [--max-memory N] [--max-guests N] [--run-queue N] [--namespace-map P=NS]
+    python http_server.py [--root DIR] [--host H] [--port P] [--workers N] [--auth SPEC]
+                          [--tls KEY,CERT] [--cors [ORIGINS]] [--allowed-host NAME]
+                          [--max-body N] [--timeout S] [--max-watches N] [--quiet] [--kv URL]
+                          [--run-timeout S] [--fuel N] [--max-memory N] [--max-guests N]
+                          [--run-queue N] [--namespace-map P=NS]
+
+Processes: `--workers N` (default: one per CPU) serves from N worker processes. The command's
+process is their Supervisor: it binds and listens, makes what they share (WorkerShared), forks
+them and then only waits. Each worker is a whole WasmstoreServer (its own Store, caches, watch
+threads, kvhost Host and connection threads) around the inherited listening socket; the kernel
+gives each new connection to one of them, and a connection stays with its worker. Bounds hold
+for the whole server, not per worker: the run slots and the run queue (--max-guests,
+--run-queue), the connection cap and the watch cap are POSIX semaphores shared by all, and a
+module compiles at most once at a time (CompileLocks: a byte-range lock per module hash). Each
+worker records its metrics in a shared memory region, and /metrics, from whichever worker
+answers, sums them all (with per-worker series). A worker that exits unexpectedly is replaced;
+SIGTERM or Ctrl-C drains every worker (as one process drains) and the command exits 0; a worker
+whose supervisor is killed drains and exits too. Watch sessions see every commit whichever
+worker (or process) made it, and the compile cache on disk is shared. Worker 0 also runs the
+background compiler (Precompiler). `--workers 1`, and make_server() in a library, serve from
+the calling process alone, with the same classes over process-local counts.
 
 As a library::
 
@@ -31,10 +48,11 @@ Map of this file (top-down):
     replies            Reply, FileBody, error_reply() and the one ERROR_STATUS table
     route handlers     pure functions (store, call, body) -> Reply, LocateCache; history: log
                        and audit by pages, diff
-    running modules    RunGate (guests at once + a bounded queue -> 503), GuestRuntime (a
-                       wasmstore.Runner, compiles outside the gate, per-module metrics), the
-                       call/run/exports handlers, a module's kv data (buckets, keys, values),
-                       make_runtime()
+    running modules    SlotPool (a semaphore and its per-worker counts), RunGate (guests at
+                       once + a bounded queue -> 503; a first call compiles in its slot),
+                       CompileLocks, GuestRuntime (a wasmstore.Runner, per-module metrics),
+                       Precompiler (compiles what is added, in the background), the
+                       call/run/exports handlers, a module's kv data (buckets, keys, values)
     OCI /v2/           the distribution API's read side: OciRepository (a store path's tags,
                        manifests, blobs), oci_v2 (its one route), oci_error_reply (JSON codes)
     routing            Route, the ROUTES table (each route's permission and scope), match_route()
@@ -51,8 +69,11 @@ Map of this file (top-down):
     connection         request head parsing (Headers, read_headers), WasmstoreHandler
                        (one thread per connection)
     server             ConnectionLimits (connections and watch sessions, two pools),
-                       WasmstoreServer, make_server()
-    command line       main()
+                       WasmstoreServer, make_runtime(), make_server()
+    worker processes   SharedMetricValues (a worker's numbers in shared memory), WorkerShared
+                       (made before forking), WorkerContext (one worker's view), listen(),
+                       Supervisor (forks, replaces, drains), _serve_worker (a worker's life)
+    command line       build_parser(), main()
 """
 
 __version__ = "0.1.0"
@@ -84,7 +105,16 @@ __all__ = [
     "body_framing",
     "Query",
     "RunGate",
+    "SlotPool",
+    "CompileLocks",
     "GuestRuntime",
+    "Precompiler",
+    "MetricValues",
+    "SharedMetricValues",
+    "WorkerShared",
+    "WorkerContext",
+    "Supervisor",
+    "listen",
     "error_reply",
     "OciError",
     "OciRepository",
@@ -97,6 +127,7 @@ import base64
 import bisect
 import collections
 import contextlib
+import fcntl
 import hashlib
 import hmac
 import http
@@ -105,6 +136,8 @@ import io
 import ipaddress
 import itertools
 import json
+import mmap
+import multiprocessing
 import os
 import queue
 import re
@@ -114,6 +147,7 @@ import socket
 import ssl
 import struct
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -155,9 +189,14 @@ WS_POLL_SECONDS = 0.05                     # how often a session checks its queu
 WS_PING_SECONDS = 20.0                     # keep-alive ping period on an otherwise silent watch
 WATCH_POLL_SECONDS = 0.05                  # how often a branch watcher checks the branch head
 DEFAULT_MAX_GUESTS = max(2, os.cpu_count() or 2)   # guests running at once
+DEFAULT_WORKERS = os.cpu_count() or 1      # server processes (--workers)
 DEFAULT_RUN_QUEUE = 64                     # callers waiting for a guest slot; beyond: 503
 DEFAULT_QUEUE_WAIT = 10.0                  # seconds a caller waits for a slot before 503
 DEFAULT_MAX_OUTPUT = 16 * 1024 * 1024      # stdout (and stderr) kept per run
+PRECOMPILE_POLL_SECONDS = 0.2              # how often the background compiler looks for adds
+MAX_PRECOMPILE_SEEN = 100_000              # module hashes it remembers having queued
+MAX_VERSION_INDEX = 999_999_999           # ?version=N and /version/N/: more versions than any path has
+MAX_CONTENT_LENGTH = (1 << 63) - 1         # what a signed 64-bit length holds
 DEFAULT_PAGE = 100                         # commits (or kv keys) per page of log, audit, kv-keys
 MAX_PAGE = 1000                            # the largest page a client may ask for
 HIDDEN_MESSAGE = "(not shown: this commit also changed paths out of this key's reach)"
@@ -172,7 +211,8 @@ WASM_TYPE = "application/wasm"             # exactly: WebAssembly.instantiateStr
 CORS_ALLOW_HEADERS = ("Wasmstore-Auth, Wasmstore-Branch, Wasmstore-Author, Authorization, "
                       "Content-Type, If-None-Match")
 CORS_EXPOSE_HEADERS = ("Wasmstore-Hash, ETag, Wasmstore-Exit-Status, Wasmstore-Stderr, "
-                       "Wasmstore-Stderr-Truncated, Wasmstore-Stdout-Truncated, Wasmstore-Error")
+                       "Wasmstore-Stderr-Truncated, Wasmstore-Stdout, Wasmstore-Stdout-Truncated, "
+                       "Wasmstore-Error")
 
 _SEGMENT_RE = re.compile(r"(?:[^%]|%[0-9A-Fa-f]{2})*\Z", re.S)
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
@@ -636,10 +676,8 @@ def get_versions(store, call, body):
 
 def get_version(store, call, body):
     """GET /api/v1/version/:index/*: the bytes of that version."""
-    raw_index = call.params[0]
-    if not raw_index.isdigit() or len(raw_index) > 9:
-        raise HttpError(400, f"version index must be a non-negative integer, got {raw_index!r}")
-    digest, _commit = store.version(int(raw_index), call.path, branch=call.branch)
+    index = wasmstore.parse_number(call.params[0], "version index", maximum=MAX_VERSION_INDEX)
+    digest, _commit = store.version(index, call.path, branch=call.branch)
     return module_reply(digest, open_body(store.module_filename(digest)), call.headers)
 
 
@@ -715,12 +753,7 @@ def _query_count(call, name, default, maximum):
     """A count from the query string (ASCII digits, 0 to maximum), default when absent; 400
     otherwise."""
     raw = call.query.get(name)
-    if raw is None:
-        return default
-    if not (raw.isascii() and raw.isdigit()) or len(raw) > 9 or int(raw) > maximum:
-        raise HttpError(400, f"{name} must be a whole number from 0 to {maximum}, "
-                             f"got {raw[:40]!r}")
-    return int(raw)
+    return default if raw is None else wasmstore.parse_number(raw, name, maximum=maximum)
 
 
 def _page(commits, limit):
@@ -807,18 +840,74 @@ def get_diff(store, call, body):
 # Running stored modules: the run gate, per-module metrics, the call/run/exports handlers
 # ---------------------------------------------------------------------------
 
+class SlotPool:
+    """At most `limit` holders at once, across every process of the server (thread-safe).
+
+    Alone, it is a threading.Semaphore and a count. In a server of several worker processes
+    the semaphore is a POSIX one the supervisor made before forking them (shared by all), and
+    `counts` a shared array of the slots each worker holds: `held` sums it, and the supervisor
+    gives back the slots of a worker that died holding some (release_for)."""
+
+    def __init__(self, limit, semaphore=None, counts=None, index=0):
+        self.limit = int(limit)
+        self._semaphore = threading.Semaphore(self.limit) if semaphore is None else semaphore
+        self._counts = [0] if counts is None else counts
+        self._index = index
+        self._lock = threading.Lock()
+
+    def acquire(self, timeout=0):
+        """Take a slot, waiting up to `timeout` seconds for one (0: not at all); True if taken."""
+        if timeout > 0:
+            taken = self._semaphore.acquire(True, timeout)
+        else:
+            taken = self._semaphore.acquire(False)
+        if taken:
+            with self._lock:
+                self._counts[self._index] += 1
+        return taken
+
+    def release(self):
+        """Give a slot back."""
+        with self._lock:
+            self._counts[self._index] -= 1
+        self._semaphore.release()
+
+    @property
+    def held(self):
+        """Slots taken now, by every process of the server."""
+        return sum(self._counts)
+
+    def release_for(self, index):
+        """Give back every slot worker `index` held (it died); only the supervisor calls this."""
+        count, self._counts[index] = self._counts[index], 0
+        for _ in range(max(0, count)):
+            self._semaphore.release()
+
+
 class RunGate:
-    """At most `running` guests at once; up to `waiting` more callers queue for at most `wait`
-    seconds; everyone else gets 503 with Retry-After at once (the queue is bounded)."""
+    """At most `running` guests at once in the whole server; up to `waiting` more callers
+    queue for at most `wait` seconds; everyone else gets 503 with Retry-After at once (the
+    queue is bounded). A module's first call compiles it inside its slot, so compiles count
+    against both bounds. slots, places: the SlotPools of a server of several workers."""
 
     def __init__(self, running=DEFAULT_MAX_GUESTS, waiting=DEFAULT_RUN_QUEUE,
-                 wait=DEFAULT_QUEUE_WAIT):
+                 wait=DEFAULT_QUEUE_WAIT, slots=None, places=None):
         if int(running) < 1 or int(waiting) < 0 or not float(wait) > 0:
             raise ServerError(f"bad run gate: {running} running, {waiting} waiting, {wait} s")
-        self.running_limit, self.waiting_limit, self.wait = int(running), int(waiting), float(wait)
-        self.running = 0
-        self.waiting = 0
-        self._cond = threading.Condition()
+        self.running_limit, self.waiting_limit = int(running), int(waiting)
+        self.wait = float(wait)
+        self.slots = SlotPool(self.running_limit) if slots is None else slots
+        self.places = SlotPool(self.waiting_limit) if places is None else places
+
+    @property
+    def running(self):
+        """Guests running (or compiling for their first call) now, in the whole server."""
+        return self.slots.held
+
+    @property
+    def waiting(self):
+        """Callers waiting for a slot now, in the whole server."""
+        return self.places.held
 
     def _busy(self):
         return HttpError(503, "too many guests are running; try again later",
@@ -826,27 +915,19 @@ class RunGate:
 
     def enter(self):
         """Take a slot, waiting in the bounded queue if none is free (HttpError 503 otherwise)."""
-        with self._cond:
-            if self.running >= self.running_limit:
-                if self.waiting >= self.waiting_limit:
-                    raise self._busy()
-                self.waiting += 1
-                deadline = time.monotonic() + self.wait
-                try:
-                    while self.running >= self.running_limit:
-                        left = deadline - time.monotonic()
-                        if left <= 0:
-                            raise self._busy()
-                        self._cond.wait(left)
-                finally:
-                    self.waiting -= 1
-            self.running += 1
+        if self.slots.acquire():
+            return
+        if not self.places.acquire():
+            raise self._busy()
+        try:
+            if not self.slots.acquire(self.wait):
+                raise self._busy()
+        finally:
+            self.places.release()
 
     def leave(self):
-        """Give the slot back and wake one waiting caller."""
-        with self._cond:
-            self.running -= 1
-            self._cond.notify()
+        """Give the slot back (a waiting caller takes it)."""
+        self.slots.release()
 
     @contextlib.contextmanager
     def slot(self):
@@ -856,6 +937,45 @@ class RunGate:
             yield
         finally:
             self.leave()
+
+
+class CompileLocks:
+    """One compile of a module at a time in the whole server: a lock per module hash among the
+    threads of this process and, in a server of several workers, a byte-range lock (fcntl) of
+    one file every worker shares, which the system releases if its holder dies. A caller that
+    waited finds the module compiled, in kvhost's compile cache."""
+
+    def __init__(self, shared_file=None):
+        self._file = shared_file
+        self._lock = threading.Lock()
+        self._held = {}                   # digest -> [threading.Lock, users]
+
+    @contextlib.contextmanager
+    def hold(self, digest):
+        """Hold the lock of one module hash (64 hex digits)."""
+        with self._lock:
+            entry = self._held.setdefault(digest, [threading.Lock(), 0])
+            entry[1] += 1
+        try:
+            with entry[0], self._file_lock(digest):
+                yield
+        finally:
+            with self._lock:
+                entry[1] -= 1
+                if not entry[1]:
+                    del self._held[digest]
+
+    @contextlib.contextmanager
+    def _file_lock(self, digest):
+        if self._file is None:
+            yield
+            return
+        offset = int(digest[:15], 16)     # a byte per module (its hash's first 60 bits)
+        fcntl.lockf(self._file, fcntl.LOCK_EX, 1, offset)
+        try:
+            yield
+        finally:
+            fcntl.lockf(self._file, fcntl.LOCK_UN, 1, offset)
 
 
 def outcome_of(exc):
@@ -883,52 +1003,152 @@ def outcome_of(exc):
 
 class GuestRuntime:
     """What the call/run/exports routes share: a wasmstore.Runner (kvhost), the RunGate, the
-    largest output kept, and the metrics each run records (per module and function)."""
+    CompileLocks, the largest output kept, and the metrics each run records (per module and
+    function)."""
 
-    def __init__(self, runner, gate, metrics, max_output=DEFAULT_MAX_OUTPUT):
+    def __init__(self, runner, gate, metrics, max_output=DEFAULT_MAX_OUTPUT, compile_locks=None):
         self.runner = runner
         self.gate = gate
         self.metrics = metrics
         self.max_output = int(max_output)
-        self.compiling = threading.BoundedSemaphore(gate.running_limit)   # first calls compile
+        self.compile_locks = CompileLocks() if compile_locks is None else compile_locks
+        self.precompiler = None           # a Precompiler, when make_runtime starts one
+
+    def load(self, target):
+        """The kvhost Guest of a target, compiled at most once at a time in the whole server
+        (a caller that waited for another's compile finds it in the compile cache)."""
+        guest = self.runner.host.loaded(target.digest)
+        if guest is None:
+            with self.compile_locks.hold(target.digest):
+                guest = self.runner.load(target)
+        return guest
 
     def execute(self, call, function, version, work, gated=True):
-        """Resolve and load the module, then work(target, stats) in a gate slot (gated); records
-        the outcome in the metrics and the access log. A module's first call compiles it
-        (seconds for a big component) before taking a slot, at most running_limit at once, so
-        warm modules keep running meanwhile."""
+        """Resolve the module, then load it and work(target, stats) in a gate slot; records the
+        outcome in the metrics and the access log. gated=False (exports): a module compiled
+        already needs no slot."""
         started = time.monotonic()
         stats = {}
         error = None
         try:
             target = self.runner.resolve(call.path, branch=call.branch, version=version)
-            if not self.runner.host.is_loaded(target.digest):
-                with self.compiling:
-                    self.runner.load(target)
-            if not gated:
+            if not gated and self.runner.host.is_loaded(target.digest):
                 return work(target, stats)
-            self.gate.enter()
-            try:
+            with self.gate.slot():
+                self.load(target)                   # a first call's compile holds its slot
                 return work(target, stats)
-            finally:
-                self.gate.leave()
         except Exception as exc:
             error = exc
             raise
         finally:
-            outcome = outcome_of(error)
-            seconds = time.monotonic() - started
-            module = call.path if call.path.startswith("/") else "/" + call.path
-            call.log.update(module=module, function=function, outcome=outcome,
-                            fuel=stats.get("fuel", 0))
-            if outcome not in ("not-found", "busy"):        # bounded label sets: real modules only
-                self.metrics.observe_run(module, function, outcome, seconds, stats.get("fuel", 0))
+            self._record(call, function, error, time.monotonic() - started, stats.get("fuel", 0))
+
+    def _record(self, call, function, error, seconds, fuel):
+        outcome = outcome_of(error)
+        module = call.path if call.path.startswith("/") else "/" + call.path
+        call.log.update(module=module, function=function, outcome=outcome, fuel=fuel)
+        if outcome not in ("not-found", "busy"):        # bounded label sets: real modules only
+            self.metrics.observe_run(module, function, outcome, seconds, fuel)
+        if self.runner is not None:
+            self.metrics.record_cache_stats(self.runner.host.cache_stats())
 
     def close(self):
-        """Stop the guests' worker processes and close the kv backend (idempotent)."""
+        """Stop the background compiler, the guests' worker processes and the kv backend
+        (idempotent)."""
+        if self.precompiler is not None:
+            self.precompiler.stop()
         runner, self.runner = self.runner, None
         if runner is not None:
             runner.close()
+
+
+class Precompiler:
+    """Compiles what is added to the store in the background, before anyone calls it.
+
+    One thread notices new commits on every branch through Store.generation() (so adds by
+    any process count: this server's routes, the command line, imports, pulls), queues the
+    modules they add or update, and compiles them one at a time into kvhost's compile cache
+    (memory and disk; a compile never runs twice at once, see CompileLocks). A module queued
+    once is not queued again. In a server of several workers, one worker runs it; the others
+    find its work in the disk cache. A command-line add while no server runs is compiled by
+    its first call (and cached on disk for every later one)."""
+
+    def __init__(self, runtime, poll_interval=PRECOMPILE_POLL_SECONDS, log=None):
+        self.runtime = runtime
+        self.log = log or (lambda text: None)
+        self.store = runtime.runner.store
+        self.poll_interval = poll_interval
+        self.queue = collections.deque()
+        self.seen = set()                   # hashes queued once (bounded: cleared when full)
+        self.stop_event = threading.Event()
+        self.heads = self._heads()
+        self.thread = threading.Thread(target=self._run, name="wasmstore-precompile",
+                                       daemon=True)
+
+    def start(self):
+        """Start the thread (changes from now on are compiled)."""
+        self.thread.start()
+
+    def stop(self):
+        """Stop after the compile in progress, if any."""
+        self.stop_event.set()
+
+    def _heads(self):
+        heads = {}
+        for branch in self.store.branches():
+            try:
+                heads[branch] = self.store.head(branch=branch)
+            except wasmstore.NotFound:              # deleted meanwhile
+                pass
+        return heads
+
+    def _run(self):
+        generation = self.store.generation()
+        while not self.stop_event.wait(self.poll_interval):
+            current = self.store.generation()
+            if current is None or current != generation:
+                generation = current
+                self._scan()
+            while self.queue and not self.stop_event.is_set():
+                self._compile(*self.queue.popleft())
+
+    def _scan(self):
+        """Queue the modules that new commits on any branch added or changed."""
+        heads = self._heads()
+        for branch, head in heads.items():
+            old = self.heads.get(branch)
+            if head is None or head == old:
+                continue
+            try:
+                changes = self.store.changes(old, head)
+            except wasmstore.StoreError:             # e.g. the old head squashed away by gc
+                continue
+            for path, change in changes.items():
+                if change["action"] in ("added", "updated"):
+                    digest = change["hash"]
+                    self._enqueue(digest["new"] if isinstance(digest, dict) else digest, path)
+        self.heads = heads
+
+    def _enqueue(self, digest, path):
+        if digest in self.seen or self.runtime.runner.host.is_loaded(digest):
+            return
+        if len(self.seen) >= MAX_PRECOMPILE_SEEN:
+            self.seen.clear()
+        self.seen.add(digest)
+        self.queue.append((digest, path))
+
+    def _compile(self, digest, path):
+        try:
+            self.runtime.load(wasmstore.Target(digest, None, path, None))
+            result = "compiled"
+        except _RUNTIME_ERRORS + (wasmstore.StoreError,):
+            result = "failed"                        # not runnable here: its first call says why
+        except Exception:
+            if self.stop_event.is_set():             # the server closed the runtime meanwhile
+                return
+            self.log(f"background compile of {path}: " + traceback.format_exc())
+            result = "failed"
+        self.runtime.metrics.add(("precompiles", result), 1)
 
 
 def _runtime(call):
@@ -939,20 +1159,9 @@ def _runtime(call):
 
 
 def _version_query(call):
-    raw = call.query.get("version")
-    if raw is None:
-        return None
-    if not raw.isdigit() or len(raw) > 9:
-        raise HttpError(400, f"version must be a non-negative integer, got {raw!r}")
-    return int(raw)
+    return _query_count(call, "version", None, MAX_VERSION_INDEX)
 
 
-def _reject_constant(name):
-    raise ValueError(f"{name} is not JSON (write \"NaN\", \"Infinity\" or \"-Infinity\" as "
-                     "strings)")
-
-
-_STRICT_JSON = json.JSONDecoder(parse_constant=_reject_constant)   # once: one per call costs ~2 us
 _RESULT_JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
 
@@ -979,10 +1188,7 @@ def read_body(reader, limit):
 
 def _json_arguments(body, limit):
     data = read_body(body, limit)
-    try:
-        args = _STRICT_JSON.decode(data.decode("utf-8")) if data.strip() else None
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise HttpError(400, f"malformed JSON body: {exc}") from None
+    args = wasmstore.parse_json(data, "JSON body") if data.strip() else None
     if not isinstance(args, list):
         raise HttpError(400, "expected a JSON array of arguments as the body, e.g. [1, 2]")
     return args
@@ -1001,18 +1207,25 @@ def call_function(store, call, body):
     version = _version_query(call)
 
     def work(target, stats):
-        return runtime.runner.call(target, function, args, stats=stats, reach=_link_reach(call))
+        return runtime.runner.call_captured(target, function, args, limit=MAX_STDERR_HEADER,
+                                            stats=stats, reach=_link_reach(call))
     result = runtime.execute(call, function, version, work)
-    data = _RESULT_JSON.encode(result).encode("utf-8")
-    return Reply(200, [("Content-Type", JSON_TYPE)], data)
+    data = _RESULT_JSON.encode(result.value).encode("utf-8")
+    headers = [("Content-Type", JSON_TYPE)]
+    for name, output, total in (("Stdout", result.stdout, result.stdout_total),
+                                ("Stderr", result.stderr, result.stderr_total)):
+        if total:
+            headers += _output_headers(name, output, total)
+    return Reply(200, headers, data)
 
 
-def _stderr_headers(result):
-    """The run's stderr in a header: a JSON string (ASCII only), cut at MAX_STDERR_HEADER bytes."""
-    text = result.stderr[:MAX_STDERR_HEADER].decode("utf-8", "replace")
-    headers = [("Wasmstore-Stderr", json.dumps(text))]
-    if result.stderr_total > MAX_STDERR_HEADER:
-        headers.append(("Wasmstore-Stderr-Truncated", str(result.stderr_total)))
+def _output_headers(name, output, total):
+    """A guest's stdout or stderr in Wasmstore-<name>: a JSON string (ASCII only) of its first
+    MAX_STDERR_HEADER bytes, and Wasmstore-<name>-Truncated with the bytes written when cut."""
+    text = output[:MAX_STDERR_HEADER].decode("utf-8", "replace")
+    headers = [(f"Wasmstore-{name}", json.dumps(text))]
+    if total > MAX_STDERR_HEADER:
+        headers.append((f"Wasmstore-{name}-Truncated", str(total)))
     return headers
 
 
@@ -1029,7 +1242,7 @@ def run_module(store, call, body):
     result = runtime.execute(call, "run", version, work)
     headers = [("Content-Type", "application/octet-stream"),
                ("Wasmstore-Exit-Status", str(result.status))]
-    headers += _stderr_headers(result)
+    headers += _output_headers("Stderr", result.stderr, result.stderr_total)
     if result.stdout_total > len(result.stdout):
         headers.append(("Wasmstore-Stdout-Truncated", str(result.stdout_total)))
     return Reply(200, headers, result.stdout)
@@ -1269,9 +1482,10 @@ def oci_tags(store, call, segments):
     raw_n = call.query.get("n")
     headers = [OCI_API_VERSION]
     if raw_n is not None:
-        if not raw_n.isdigit() or int(raw_n) > OCI_MAX_PAGE:
-            raise OciError(400, "UNSUPPORTED", f"n must be an integer from 0 to {OCI_MAX_PAGE}")
-        n = int(raw_n)
+        try:
+            n = wasmstore.parse_number(raw_n, "n", maximum=OCI_MAX_PAGE)
+        except wasmstore.InvalidInput:
+            raise OciError(400, "UNSUPPORTED", f"n must be an integer from 0 to {OCI_MAX_PAGE}") from None
         if 0 < n < len(tags):
             after = urllib.parse.urlencode({"n": n, "last": tags[n - 1]})
             headers.append(("Link", f'</v2/{repository.name}/tags/list?{after}>; rel="next"'))
@@ -1633,11 +1847,11 @@ def parse_authority(text):
     The host comes back lower-case, an IPv6 literal without its brackets."""
     if not text or _CONTROL_RE.search(text) or any(c in text for c in " @/?#\\"):
         raise ValueError(f"expected HOST or HOST:PORT, got {text!r}")
-    parts = urllib.parse.urlsplit("//" + text)
-    host, port = parts.hostname, parts.port     # .port raises ValueError unless 0-65535
-    if not host:
-        raise ValueError(f"expected HOST or HOST:PORT, got {text!r}")
-    return host, port
+    try:
+        url = wasmstore.parse_url("http://" + text, "authority")
+    except wasmstore.InvalidInput:
+        raise ValueError(f"expected HOST or HOST:PORT, got {text!r}") from None
+    return url.host, url.port
 
 
 def parse_origin(text):
@@ -1799,10 +2013,13 @@ def body_framing(headers, version):
         return 0
     values = {value.strip() for value in lengths}
     value = values.pop()
-    if values or not value.isdigit() or not value.isascii() or len(value) > 19:
+    try:
+        if values:
+            raise wasmstore.InvalidInput("two lengths")
+        return wasmstore.parse_number(value, "Content-Length", maximum=MAX_CONTENT_LENGTH)
+    except wasmstore.InvalidInput:
         raise HttpError(400, "bad Content-Length: " + ", ".join(repr(v) for v in lengths[:4]),
-                        close=True)
-    return int(value)
+                        close=True) from None
 
 
 class LimitedReader(io.RawIOBase):
@@ -2019,6 +2236,7 @@ class Metrics:
         self.peers = peers
         self.runtime = None                            # a GuestRuntime: its gate and cache gauges
         self._run_series = set()                       # (module, function) pairs recorded
+        self._cache_seen = {}                          # compile-cache counts recorded so far
 
     @property
     def connections(self):
@@ -2066,16 +2284,21 @@ class Metrics:
 
     def add_gauge(self, name, delta):
         """Move the gauge `name` (connections, websocket_clients, in_flight) by delta."""
+        self.add((name,), delta)
+
+    def add(self, key, delta):
+        """Add delta to the number at key (a tuple: a series name and its labels)."""
         with self.lock:
-            self.values.add((name,), delta)
+            self.values.add(key, delta)
 
     def record_cache_stats(self, stats):
         """The compile cache's counts ({"memory_hits", "disk_hits", "compiles"}) of this
-        process, as kvhost.Host.cache_stats() gives them."""
+        process's kvhost.Host, as cache_stats() gives them (added since the last record, so a
+        worker that replaces a dead one continues its counters)."""
         with self.lock:
             for result, count in stats.items():
-                key = ("compile_cache", result)
-                self.values.add(key, count - self.values.get(key))
+                self.values.add(("compile_cache", result), count - self._cache_seen.get(result, 0))
+                self._cache_seen[result] = count
 
     def _snapshots(self):
         if self.peers is None:
@@ -2142,18 +2365,29 @@ class Metrics:
                    "Guests found compiled in memory or on disk, or compiled.",
                    [([("result", result)], numbers.get(("compile_cache", result), 0))
                     for result in ("memory_hits", "disk_hits", "compiles")])
+        out.family("wasmstore_background_compiles_total", "counter",
+                   "Modules compiled after an add, before their first call (or that failed to).",
+                   [([("result", result)], numbers.get(("precompiles", result), 0))
+                    for result in ("compiled", "failed")])
 
     @staticmethod
     def _render_workers(out, workers):
+        serving = [(label, snapshot) for label, snapshot in workers if label != "supervisor"]
+        starts = sum(snapshot.get(("worker_starts",), 0) for _, snapshot in workers)
+        out.family("wasmstore_workers", "gauge", "Worker processes of the server.",
+                   [([], len(serving))])
+        out.family("wasmstore_worker_restarts_total", "counter",
+                   "Worker processes started to replace one that exited.",
+                   [([], max(0, starts - len(serving)))])
         out.family("wasmstore_worker_http_requests_total", "counter",
                    "HTTP requests served by each worker process.",
-                   [([("worker", label)], sum(v for k, v in snapshot.items()
-                                              if k[0] == "http_requests"))
-                    for label, snapshot in workers])
+                   [([("worker", label)], sum(value for key, value in snapshot.items()
+                                              if key[0] == "http_requests"))
+                    for label, snapshot in serving])
         out.family("wasmstore_worker_http_connections", "gauge",
                    "Open client connections of each worker process.",
                    [([("worker", label)], snapshot.get(("connections",), 0))
-                    for label, snapshot in workers])
+                    for label, snapshot in serving])
 
     @staticmethod
     def _store_gauges(store):
@@ -3850,22 +4084,25 @@ class ConnectionLimits:
     rest of its life (full: the upgrade is refused with 503 and Retry-After, the connection
     keeps its ordinary slot), so watchers, which may idle for hours, never hold a slot an
     ordinary request needs. The pool each connection holds is kept per thread: one thread
-    serves a connection from accept to close.
+    serves a connection from accept to close. Both bound the whole server: in a server of
+    several workers, `pools` gives the two shared SlotPools.
     """
 
-    def __init__(self, max_connections=DEFAULT_MAX_CONNECTIONS, max_watches=DEFAULT_MAX_WATCHES):
+    def __init__(self, max_connections=DEFAULT_MAX_CONNECTIONS, max_watches=DEFAULT_MAX_WATCHES,
+                 pools=None):
         for name, value in (("max_connections", max_connections), ("max_watches", max_watches)):
             if not isinstance(value, int) or value < 1:
                 raise ServerError(f"{name} must be an integer >= 1, got {value!r}")
         self.max_connections = max_connections
         self.max_watches = max_watches
-        self._connections = threading.BoundedSemaphore(max_connections)
-        self._watches = threading.BoundedSemaphore(max_watches)
+        if pools is None:
+            pools = (SlotPool(max_connections), SlotPool(max_watches))
+        self._connections, self._watches = pools
         self._held = threading.local()
 
     def admit(self):
         """Take an ordinary slot for a new connection (accept loop); False when none is left."""
-        return self._connections.acquire(blocking=False)
+        return self._connections.acquire()
 
     def unadmit(self):
         """Give back a slot taken by admit() for a connection that never got its thread."""
@@ -3884,7 +4121,7 @@ class ConnectionLimits:
     def become_watch(self):
         """Move the calling connection to the watch pool; False (nothing changes) when it is
         full."""
-        if not self._watches.acquire(blocking=False):
+        if not self._watches.acquire():
             return False
         self._held.pool.release()
         self._held.pool = self._watches
@@ -3893,7 +4130,11 @@ class ConnectionLimits:
 
 class WasmstoreServer(http.server.ThreadingHTTPServer):
     """ThreadingHTTPServer serving one Store, with graceful shutdown, a connection cap and a
-    separate cap for watch sessions (see ConnectionLimits), and Host/Origin checks."""
+    separate cap for watch sessions (see ConnectionLimits), and Host/Origin checks.
+
+    listener: a bound, listening socket to serve instead of binding (host and port are then
+    unused); worker: the WorkerContext of one process of a server of several (see the worker
+    processes section), which shares the bounds and metrics with its siblings."""
 
     daemon_threads = True
     allow_reuse_address = True
@@ -3902,7 +4143,7 @@ class WasmstoreServer(http.server.ThreadingHTTPServer):
     def __init__(self, store, host=DEFAULT_HOST, port=DEFAULT_PORT, *, auth=None, tls=None,
                  cors=False, max_body=DEFAULT_MAX_BODY, quiet=False, timeout=DEFAULT_TIMEOUT,
                  max_connections=DEFAULT_MAX_CONNECTIONS, max_watches=DEFAULT_MAX_WATCHES,
-                 allowed_hosts=(), log=None, run=None):
+                 allowed_hosts=(), log=None, run=None, listener=None, worker=None):
         if isinstance(store, (str, os.PathLike)):
             store = wasmstore.Store(store)
         if int(max_body) < 0:
@@ -3917,20 +4158,42 @@ class WasmstoreServer(http.server.ThreadingHTTPServer):
         self.max_body = int(max_body)
         self.quiet = bool(quiet)
         self.request_timeout = float(timeout)
-        self.metrics = Metrics()
+        self.worker = worker
+        self.metrics = Metrics() if worker is None else worker.metrics()
         self._log = log or sys.stderr
         self._log_lock = threading.Lock()
         self.hub = WatchHub(store, log=self.log_text)
         self.locate_cache = LocateCache(store)
-        self.runtime = make_runtime(store, self.metrics, **(run or {}))
         self.draining = False
         self._inflight = 0
         self._inflight_cond = threading.Condition()
-        self.limits = ConnectionLimits(max_connections, max_watches)
+        pools = None if worker is None else (worker.pool("connections"), worker.pool("watches"))
+        self.limits = ConnectionLimits(max_connections, max_watches, pools)
+        self.runtime = make_runtime(store, self.metrics, worker=worker, log=self.log_text,
+                                    **(run or {}))
         if ":" in host:
             self.address_family = socket.AF_INET6
-        super().__init__((host, int(port)), WasmstoreHandler)
+        super().__init__((host, int(port)), WasmstoreHandler, bind_and_activate=listener is None)
+        if listener is not None:
+            self._adopt(listener)
         self.allowed_hosts = HostAllowList(self.server_address[0], allowed_names)
+
+    def _adopt(self, listener):
+        """Serve a socket bound and listening already (shared by sibling workers: accepting
+        never blocks, a connection a sibling took first is no error)."""
+        self.socket.close()
+        self.socket = listener
+        self.address_family = listener.family
+        self.server_address = listener.getsockname()
+        self.server_name, self.server_port = self.server_address[:2]
+        listener.setblocking(False)
+
+    def get_request(self):
+        """Accept a connection; it is blocking whatever the listening socket is (on BSD and
+        macOS an accepted socket inherits the listener's O_NONBLOCK)."""
+        request, address = self.socket.accept()
+        request.setblocking(True)
+        return request, address
 
     @staticmethod
     def _ssl_context(tls):
@@ -4072,24 +4335,38 @@ class WasmstoreServer(http.server.ThreadingHTTPServer):
 def make_runtime(store, metrics, *, kv=None, timeout=None, fuel=None, max_memory=None,
                  max_guests=DEFAULT_MAX_GUESTS, run_queue=DEFAULT_RUN_QUEUE,
                  queue_wait=DEFAULT_QUEUE_WAIT, namespace_map=(), stub_imports=False,
-                 max_output=DEFAULT_MAX_OUTPUT, cache_dir=None, provider_kv=None):
+                 max_output=DEFAULT_MAX_OUTPUT, cache_dir=None, provider_kv=None,
+                 precompile=True, worker=None, log=None):
     """The GuestRuntime of a server (None when kvhost.py or wasmtime is missing: 501 then).
 
     kv: backend URL (default sqlite under the store root), or "component:PATH", a wasi:keyvalue
     provider stored at PATH (as the default branch holds it when the server starts) over the
     backend provider_kv (see wasmstore.kv_options); timeout (seconds), fuel, max_memory
     (bytes): each guest's limits (kvhost's defaults when None); max_guests running at once,
-    run_queue callers waiting up to queue_wait seconds; namespace_map: ["PREFIX=NS", ...]."""
+    run_queue callers waiting up to queue_wait seconds; namespace_map: ["PREFIX=NS", ...];
+    precompile: compile added modules in the background (see Precompiler); worker: the
+    WorkerContext whose shared run slots, queue and compile locks bound the whole server."""
     if kvhost is None:
         return None
     limits = {name: value for name, value in (("timeout", timeout), ("fuel", fuel),
                                               ("max_memory", max_memory)) if value is not None}
+    # output="discard": nothing a guest writes reaches the server's own streams (a call's and a
+    # run's output is captured into its reply; watchers and providers they trigger are dropped)
     runner = wasmstore.Runner(store, namespaces=wasmstore.parse_namespace_map(namespace_map),
-                              kv=kv, provider_kv=provider_kv, workers=max_guests,
+                              output="discard", kv=kv, provider_kv=provider_kv, workers=max_guests,
                               stub_imports=stub_imports, cache_dir=cache_dir, **limits)
     runner.host.start_workers(1)      # the first guest that needs a worker process finds one ready
-    runtime = GuestRuntime(runner, RunGate(max_guests, run_queue, queue_wait), metrics, max_output)
+    if worker is None:
+        gate, locks = RunGate(max_guests, run_queue, queue_wait), CompileLocks()
+    else:
+        gate = RunGate(max_guests, run_queue, queue_wait, worker.pool("run_slots"),
+                       worker.pool("run_queue"))
+        locks = CompileLocks(worker.compile_file)
+    runtime = GuestRuntime(runner, gate, metrics, max_output, locks)
     metrics.runtime = runtime
+    if precompile and (worker is None or worker.index == 0):
+        runtime.precompiler = Precompiler(runtime, log=log)
+        runtime.precompiler.start()
     return runtime
 
 
@@ -4106,22 +4383,428 @@ def make_server(store, host=DEFAULT_HOST, port=DEFAULT_PORT, **options):
 
 
 # ---------------------------------------------------------------------------
+# Worker processes: one listening socket, N processes, bounds shared by all
+# ---------------------------------------------------------------------------
+
+WORKER_REGION_BYTES = 4 << 20       # metric numbers a worker publishes (only touched pages cost)
+WORKER_START_SECONDS = 60.0         # a first worker not serving by then failed to start
+WORKER_GRACE_SECONDS = 35.0         # a draining worker still alive after this is killed
+WORKER_RESTART_DELAY = (0.1, 30.0)  # first and longest pause before replacing a worker
+GAUGE_NAMES = frozenset({"connections", "websocket_clients", "in_flight"})
+_REGION_HEADER = 16                 # the end of the entries (u64), then the entries
+
+
+def _pad8(length):
+    return (length + 7) & ~7
+
+
+class SharedMetricValues:
+    """MetricValues in a memory region shared by the workers of a server, so that the worker
+    answering /metrics can read its siblings' numbers.
+
+    One process writes a region (writer=True; the lock of its Metrics serializes its
+    threads), any process reads it. Entries are appended: [u32 key length][u32 kind (0
+    integer, 1 float)][the key as JSON, padded to 8 bytes][the value, 8 bytes], and the
+    region's end is published after the entry is complete, so a reader never sees half of
+    one. A writer that takes over a dead worker's region continues its counters and starts
+    its gauges at 0."""
+
+    def __init__(self, region, writer=False):
+        self.region = region
+        self.offsets = {}                 # key -> (offset of the value, struct format)
+        self.dropped = 0                  # new keys that did not fit
+        if writer:
+            for key, offset, fmt, _ in self._entries():
+                self.offsets[key] = (offset, fmt)
+                if key[0] in GAUGE_NAMES:
+                    struct.pack_into(fmt, region, offset, 0)
+
+    def _entries(self):
+        region = self.region
+        end = max(_REGION_HEADER, struct.unpack_from("Q", region, 0)[0])
+        position = _REGION_HEADER
+        while position < end:
+            length, kind = struct.unpack_from("II", region, position)
+            start = position + 8
+            try:
+                key = tuple(json.loads(bytes(region[start:start + length])))
+            except ValueError:                # torn by a writer on a weakly ordered CPU
+                return
+            offset = start + _pad8(length)
+            fmt = "d" if kind else "q"
+            yield key, offset, fmt, struct.unpack_from(fmt, region, offset)[0]
+            position = offset + 8
+
+    def _append(self, key, kind):
+        data = json.dumps(list(key), separators=(",", ":")).encode("utf-8")
+        end = max(_REGION_HEADER, struct.unpack_from("Q", self.region, 0)[0])
+        offset = end + 8 + _pad8(len(data))
+        if offset + 8 > len(self.region):
+            self.dropped += 1
+            return None
+        struct.pack_into("II", self.region, end, len(data), kind)
+        self.region[end + 8:end + 8 + len(data)] = data
+        fmt = "d" if kind else "q"
+        struct.pack_into(fmt, self.region, offset, 0)
+        struct.pack_into("Q", self.region, 0, offset + 8)
+        self.offsets[key] = (offset, fmt)
+        return offset, fmt
+
+    def add(self, key, delta):
+        """Add delta to the number at key (0 when new); the caller holds Metrics.lock."""
+        entry = self.offsets.get(key) or self._append(key, isinstance(delta, float))
+        if entry is not None:
+            offset, fmt = entry
+            value = struct.unpack_from(fmt, self.region, offset)[0]
+            value += delta if fmt == "d" else int(delta)
+            struct.pack_into(fmt, self.region, offset, value)
+
+    def get(self, key, default=0):
+        """The number at key, or default."""
+        entry = self.offsets.get(key)
+        if entry is None:
+            return default
+        return struct.unpack_from(entry[1], self.region, entry[0])[0]
+
+    def snapshot(self):
+        """{key: number} of everything in the region (from any process)."""
+        return {key: value for key, _, _, value in self._entries()}
+
+
+class WorkerShared:
+    """What the workers of one server share, made by the supervisor before it forks them: a
+    metric region per worker (and one for the supervisor's own counters), the SlotPools'
+    POSIX semaphores and their per-worker counts (run slots, run queue, connections, watch
+    sessions), and the file whose byte-range locks are the CompileLocks. Anonymous shared
+    maps and unnamed semaphores: nothing to clean up after the server, whatever ends it."""
+
+    def __init__(self, workers, limits):
+        self.workers = int(workers)
+        self.limits = dict(limits)                  # pool name -> limit
+        context = multiprocessing.get_context("fork")
+        self.semaphores = {name: context.Semaphore(limit) for name, limit in self.limits.items()}
+        self.regions = []
+        for _ in range(self.workers + 1):
+            region = mmap.mmap(-1, WORKER_REGION_BYTES)
+            struct.pack_into("Q", region, 0, _REGION_HEADER)
+            self.regions.append(region)
+        self._counts = mmap.mmap(-1, max(8, 8 * self.workers * len(self.limits)))
+        view = memoryview(self._counts).cast("q")
+        self.counts = {name: view[i * self.workers:(i + 1) * self.workers]
+                       for i, name in enumerate(self.limits)}
+        self.compile_file = tempfile.TemporaryFile(prefix="wasmstore-compile-")
+
+    def close(self):
+        """Release the maps and the lock file (after every worker has exited)."""
+        self.compile_file.close()
+
+    def pool(self, name, index):
+        """Worker `index`'s view of the shared pool `name`."""
+        return SlotPool(self.limits[name], self.semaphores[name], self.counts[name], index)
+
+    def worker_died(self, index):
+        """Give back what a dead worker held: its slots in every pool, its gauges."""
+        for name in self.limits:
+            self.pool(name, index).release_for(index)
+        SharedMetricValues(self.regions[index], writer=True)
+
+    def supervisor_metrics(self):
+        """The supervisor's own numbers (worker starts), in the last region."""
+        return SharedMetricValues(self.regions[-1], writer=True)
+
+    def snapshots(self):
+        """[(worker label, snapshot)] of every worker, then the supervisor's ("supervisor")."""
+        labels = [str(index) for index in range(self.workers)] + ["supervisor"]
+        return [(label, SharedMetricValues(region).snapshot())
+                for label, region in zip(labels, self.regions)]
+
+
+class WorkerContext:
+    """One worker's part of a WorkerShared: what make_server needs to be that worker."""
+
+    def __init__(self, shared, index):
+        self.shared = shared
+        self.index = index                # 0 also runs the background compiler
+        self.compile_file = shared.compile_file
+
+    def pool(self, name):
+        """This worker's view of a shared SlotPool."""
+        return self.shared.pool(name, self.index)
+
+    def metrics(self):
+        """A Metrics that writes this worker's region and renders every worker's."""
+        values = SharedMetricValues(self.shared.regions[self.index], writer=True)
+        return Metrics(values, peers=self.shared.snapshots)
+
+
+def listen(host, port, backlog=WasmstoreServer.request_queue_size):
+    """A TCP socket bound to (host, port) and listening, as WasmstoreServer binds its own."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(backlog)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+class Supervisor:
+    """Runs a server as `workers` processes serving one listening socket.
+
+    The supervisor binds the socket and makes the WorkerShared, then forks the workers (it
+    has no thread of its own, so forking is safe); each builds its own WasmstoreServer around
+    the inherited socket with build(listener, WorkerContext) and serves with its own threads,
+    and the kernel hands each new connection to one of them. The supervisor only waits: a
+    worker that exits unexpectedly is replaced (its slots and gauges given back first; a
+    worker that keeps dying is replaced after a growing pause), and SIGTERM or SIGINT is
+    passed to every worker, which drains as a single-process server does, before serve()
+    returns 0. A worker whose supervisor is gone (killed) drains and exits too: it watches a
+    pipe the supervisor holds open."""
+
+    def __init__(self, workers, listener, shared, build, log=None):
+        self.workers = workers
+        self.listener = listener
+        self.shared = shared
+        self.build = build
+        self.log = log or sys.stderr
+        self.children = {}                # pid -> (worker index, started at, ready pipe)
+        self.stopping = False
+        self._alive_read, self._alive_write = os.pipe()
+        self._wakeup_read, self._wakeup_write = os.pipe()
+        self._numbers = shared.supervisor_metrics()
+
+    def _say(self, text):
+        try:
+            self.log.write(f"wasmstore: {text}\n")
+            self.log.flush()
+        except (OSError, ValueError):
+            pass
+
+    def serve(self, on_ready=None):
+        """Start the workers, call on_ready() once all of them serve, supervise until SIGTERM
+        or SIGINT, drain. Returns None, or the error that kept the first workers from starting
+        (they are stopped)."""
+        previous = self._install_signals()
+        try:
+            for index in range(self.workers):
+                self._start(index)
+            error = self._await_ready()
+            if error is not None:
+                self._stop_all(kill=True)
+                return error
+            if on_ready is not None:
+                on_ready()
+            self._supervise()
+            self._stop_all()
+            return None
+        finally:
+            self._restore_signals(previous)
+
+    # -- starting and replacing workers ----------------------------------------------------
+
+    def _start(self, index):
+        ready_read, ready_write = os.pipe()
+        pid = os.fork()
+        if pid == 0:                                      # the worker: never returns
+            os.close(ready_read)
+            self._become_worker(index, ready_write)
+        os.close(ready_write)
+        self.children[pid] = (index, time.monotonic(), ready_read)
+        self._numbers.add(("worker_starts",), 1)
+
+    def _become_worker(self, index, ready_write):
+        status = 1
+        try:
+            inherited = [self._alive_write, self._wakeup_read, self._wakeup_write]
+            inherited += [ready for _, _, ready in self.children.values() if ready is not None]
+            for fd in inherited:
+                os.close(fd)
+            signal.set_wakeup_fd(-1)
+            for signum in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT):
+                signal.signal(signum, signal.SIG_DFL)
+            status = _serve_worker(self.build, self.listener, WorkerContext(self.shared, index),
+                                   ready_write, self._alive_read)
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            try:
+                sys.stderr.flush()
+            finally:
+                os._exit(status)
+
+    def _await_ready(self):
+        """None once every first worker serves, else the first one's error message."""
+        deadline = time.monotonic() + WORKER_START_SECONDS
+        waiting = {ready: pid for pid, (_, _, ready) in self.children.items()}
+        while waiting:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return f"the workers did not start within {WORKER_START_SECONDS:g} s"
+            readable, _, _ = select.select(list(waiting), [], [], left)
+            for ready in readable:
+                message = os.read(ready, 4096).decode("utf-8", "replace")
+                pid = waiting.pop(ready)
+                self._forget_ready(pid)
+                if message != "ready":
+                    return message or "a worker exited while starting"
+        return None
+
+    def _forget_ready(self, pid):
+        index, started, ready = self.children[pid]
+        if ready is not None:
+            os.close(ready)
+            self.children[pid] = (index, started, None)
+
+    def _supervise(self):
+        failures = {}                                     # index -> quick deaths in a row
+        restarts = []                                     # (when, index)
+        while not self.stopping:
+            timeout = 1.0
+            if restarts:
+                timeout = max(0.0, min(when for when, _ in restarts) - time.monotonic())
+            readable, _, _ = select.select([self._wakeup_read], [], [], timeout)
+            if readable:                                  # a signal came (SIGCHLD, SIGTERM)
+                os.read(self._wakeup_read, 4096)
+            for pid, index, started, status in self._reap():
+                quick = time.monotonic() - started < 5.0
+                failures[index] = failures.get(index, 0) + 1 if quick else 0
+                delay = min(WORKER_RESTART_DELAY[1],
+                            WORKER_RESTART_DELAY[0] * (2 ** failures[index]))
+                self.shared.worker_died(index)
+                self._say(f"worker {index} (pid {pid}) {_exit_text(status)}; starting another "
+                          f"in {delay:.1f} s")
+                restarts.append((time.monotonic() + delay, index))
+            now = time.monotonic()
+            for entry in [r for r in restarts if r[0] <= now and not self.stopping]:
+                restarts.remove(entry)
+                self._start(entry[1])
+
+    def _reap(self):
+        """[(pid, index, started, wait status)] of the workers that exited."""
+        ended = []
+        while self.children:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid == 0:
+                break
+            if pid in self.children:
+                self._forget_ready(pid)
+                index, started, _ = self.children.pop(pid)
+                ended.append((pid, index, started, status))
+        return ended
+
+    # -- stopping ---------------------------------------------------------------------------
+
+    def _stop_all(self, kill=False):
+        """SIGTERM (or SIGKILL) to every worker, then wait for them (SIGKILL after the grace)."""
+        self.stopping = True
+        if self._alive_write is not None:
+            os.close(self._alive_write)                   # workers see their supervisor go
+            self._alive_write = None
+        self._signal_all(signal.SIGKILL if kill else signal.SIGTERM)
+        deadline = time.monotonic() + WORKER_GRACE_SECONDS
+        while self.children:
+            self._reap()
+            if not self.children:
+                break
+            if time.monotonic() > deadline:
+                self._signal_all(signal.SIGKILL)
+                deadline = float("inf")
+            time.sleep(0.05)
+        for pid in list(self.children):
+            self._forget_ready(pid)
+
+    def _signal_all(self, signum):
+        for pid in list(self.children):
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:
+                pass
+
+    def _install_signals(self):
+        def stop(_signum, _frame):
+            self.stopping = True
+        previous = {signum: signal.signal(signum, stop)
+                    for signum in (signal.SIGTERM, signal.SIGINT)}
+        previous[signal.SIGCHLD] = signal.signal(signal.SIGCHLD, lambda _signum, _frame: None)
+        os.set_blocking(self._wakeup_write, False)
+        previous["wakeup"] = signal.set_wakeup_fd(self._wakeup_write)
+        return previous
+
+    @staticmethod
+    def _restore_signals(previous):
+        signal.set_wakeup_fd(previous.pop("wakeup"))
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _exit_text(status):
+    if os.WIFSIGNALED(status):
+        return f"was killed by signal {os.WTERMSIG(status)}"
+    return f"exited with status {os.WEXITSTATUS(status)}"
+
+
+def _serve_worker(build, listener, context, ready_write, alive_read):
+    """The life of one worker process: build its server, say "ready" (or the error) through
+    ready_write, serve until SIGTERM / SIGINT or until its supervisor is gone, drain; returns
+    the exit status."""
+    stop = threading.Event()
+    _install_signal_handlers(stop)
+    try:
+        server = build(listener, context)
+    except _STARTUP_ERRORS as exc:
+        os.write(ready_write, one_line(exc).encode("utf-8"))
+        return 3
+    os.write(ready_write, b"ready")
+    os.close(ready_write)
+    watcher = threading.Thread(target=_await_eof, args=(alive_read, stop), daemon=True,
+                               name="wasmstore-supervisor-watch")
+    watcher.start()
+    threading.Thread(target=server.serve_forever, name="wasmstore-accept", daemon=True).start()
+    while not stop.wait(0.5):
+        pass
+    server.graceful_shutdown()
+    return 0
+
+
+def _await_eof(fd, event):
+    """Set event when the pipe's other end is closed (its process ended)."""
+    try:
+        while os.read(fd, 1):
+            pass
+    except OSError:
+        pass
+    event.set()
+
+
+# ---------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------
 
+def _option_number(text, what, **bounds):
+    """An option's number through wasmstore.parse_number (ASCII digits only), for argparse."""
+    try:
+        return wasmstore.parse_number(text, what, **bounds)
+    except wasmstore.InvalidInput as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _byte_size(text):
-    match = re.fullmatch(r"\s*(\d+)\s*([kmg]i?b?|b)?\s*", text, re.I)
+    match = re.fullmatch(r"\s*([0-9]+)\s*([kmg]i?b?|b)?\s*", text, re.I)
     if not match:
         raise argparse.ArgumentTypeError(f"expected a size like 134217728 or 128M, got {text!r}")
     unit = (match.group(2) or "")[:1].lower()
     scale = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}[unit]
-    return int(match.group(1)) * scale
+    return _option_number(match.group(1), "size") * scale
 
 
 def _port(text):
-    if not text.isdigit() or int(text) > 65535:
-        raise argparse.ArgumentTypeError(f"expected a port number 0-65535, got {text!r}")
-    return int(text)
+    return _option_number(text, "port number", maximum=65535)
 
 
 def _tls_pair(text):
@@ -4151,10 +4834,7 @@ def _host_names(text):
 
 
 def _positive_seconds(text):
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1
+    value = _option_number(text, "number of seconds", fraction=True)
     if not value > 0:
         raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {text!r}")
     return value
@@ -4164,7 +4844,8 @@ _EPILOG = """\
 environment: WASMSTORE_ROOT, WASMSTORE_HOST, WASMSTORE_PORT, WASMSTORE_AUTH, WASMSTORE_TLS,
   WASMSTORE_KV, WASMSTORE_PROVIDER_KV, WASMSTORE_RUN_TIMEOUT, WASMSTORE_FUEL,
   WASMSTORE_MAX_MEMORY, WASMSTORE_MAX_GUESTS, WASMSTORE_RUN_QUEUE, WASMSTORE_ALLOWED_HOSTS
-  (comma-separated), WASMSTORE_MAX_WATCHES (used when the matching option is absent)
+  (comma-separated), WASMSTORE_MAX_WATCHES, WASMSTORE_WORKERS (used when the matching option
+  is absent)
 
 browser safety:
   A request whose Origin header names another origin than the server's own (as reached
@@ -4230,6 +4911,10 @@ def _add_server_options(parser):
     add("--max-watches", type=_positive_int, default=None, metavar="N",
         help=f"WebSocket watch sessions at once, apart from the {DEFAULT_MAX_CONNECTIONS} "
              f"ordinary connections; more get 503 (default: {DEFAULT_MAX_WATCHES})")
+    add("--workers", type=_positive_int, default=None, metavar="N",
+        help="serve from N processes sharing the listening socket, each with its own threads; "
+             "run slots, the run queue and connection caps bound all of them together "
+             f"(env WASMSTORE_WORKERS; default: the number of CPUs, {DEFAULT_WORKERS})")
     add("--quiet", action="store_true", help="no access log on stderr")
     add("--version", action="version", version=f"%(prog)s {__version__}")
 
@@ -4270,15 +4955,11 @@ def _add_run_options(group):
 
 
 def _positive_int(text):
-    if not text.isdigit() or not text.isascii() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return int(text)
+    return _option_number(text, "positive integer", minimum=1)
 
 
 def _nonnegative_int(text):
-    if not text.isdigit():
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return int(text)
+    return _option_number(text, "integer", minimum=0)
 
 
 # option -> (environment variable, parser) for the options that fall back to the environment
@@ -4287,6 +4968,7 @@ ENV_OPTIONS = {"run_timeout": ("WASMSTORE_RUN_TIMEOUT", _positive_seconds),
                "max_memory": ("WASMSTORE_MAX_MEMORY", _byte_size),
                "max_guests": ("WASMSTORE_MAX_GUESTS", _positive_int),
                "max_watches": ("WASMSTORE_MAX_WATCHES", _positive_int),
+               "workers": ("WASMSTORE_WORKERS", _positive_int),
                "allowed_host": ("WASMSTORE_ALLOWED_HOSTS", _host_names),
                "run_queue": ("WASMSTORE_RUN_QUEUE", _nonnegative_int)}
 
@@ -4324,7 +5006,9 @@ def _options_from(parser, args):
 
 
 def main(argv=None):
-    """Run the server until SIGTERM or Ctrl-C; then finish in-flight requests and return 0."""
+    """Run the server until SIGTERM or Ctrl-C; then finish in-flight requests and return 0.
+
+    --workers 1 serves from this process; more fork that many workers under a Supervisor."""
     parser = build_parser()
     args = _options_from(parser, parser.parse_args(argv))
     try:
@@ -4332,33 +5016,73 @@ def main(argv=None):
     except ServerError as exc:
         parser.error(f"--auth: {exc}")              # the message never contains a key
     root = os.path.expanduser(args.root)
+    options = dict(auth=auth, tls=args.tls, cors=args.cors,
+                   allowed_hosts=args.allowed_host or (),
+                   max_watches=args.max_watches or DEFAULT_MAX_WATCHES,
+                   max_body=args.max_body, quiet=args.quiet, timeout=args.timeout,
+                   run=run_options(args))
+    workers = args.workers or DEFAULT_WORKERS
     try:
         store = wasmstore.Store(root)
-        server = make_server(store, args.host, args.port, auth=auth, tls=args.tls, cors=args.cors,
-                             allowed_hosts=args.allowed_host or (),
-                             max_watches=args.max_watches or DEFAULT_MAX_WATCHES,
-                             max_body=args.max_body, quiet=args.quiet, timeout=args.timeout,
-                             run=run_options(args))
-    except (wasmstore.StoreError, ServerError, OSError, ssl.SSLError) + _RUNTIME_ERRORS as exc:
+        if workers == 1:
+            return _serve_alone(make_server(store, args.host, args.port, **options))
+        if args.tls:
+            WasmstoreServer._ssl_context(args.tls)  # a bad key or certificate: said once, here
+        listener = listen(args.host, args.port)
+    except _STARTUP_ERRORS as exc:
         print(f"http_server.py: error: {one_line(exc)}", file=sys.stderr)
         return 1
+    return _serve_workers(store, listener, workers, options)
+
+
+def _serve_alone(server):
     stop = threading.Event()
     _install_signal_handlers(stop)
     thread = threading.Thread(target=server.serve_forever, name="wasmstore-accept", daemon=True)
     thread.start()
-    print(f"wasmstore: serving {store.root} on {server.url}", file=sys.stderr, flush=True)
+    print(f"wasmstore: serving {server.store.root} on {server.url}", file=sys.stderr, flush=True)
     try:
         while not stop.wait(0.5):
             pass
     except KeyboardInterrupt:
         pass
-    finished = server.graceful_shutdown()
-    if not finished:
-        print("http_server.py: shutdown grace period over; some requests were cut", file=sys.stderr)
+    if not server.graceful_shutdown():
+        print("http_server.py: shutdown grace period over; some requests were cut",
+              file=sys.stderr)
+    return 0
+
+
+def _serve_workers(store, listener, workers, options):
+    run = options["run"]
+    shared = WorkerShared(workers, {"run_slots": run["max_guests"], "run_queue": run["run_queue"],
+                                    "connections": DEFAULT_MAX_CONNECTIONS,
+                                    "watches": options["max_watches"]})
+
+    def build(listener, context):
+        return make_server(wasmstore.Store(store.root), listener=listener, worker=context,
+                           **options)
+
+    host, port = listener.getsockname()[:2]
+    scheme = "https" if options["tls"] else "http"
+    url = f"{scheme}://{f'[{host}]' if ':' in host else host}:{port}"
+
+    def ready():
+        print(f"wasmstore: serving {store.root} on {url} ({workers} worker processes)",
+              file=sys.stderr, flush=True)
+
+    try:
+        error = Supervisor(workers, listener, shared, build).serve(on_ready=ready)
+    finally:
+        listener.close()
+        shared.close()
+    if error is not None:
+        print(f"http_server.py: error: {error}", file=sys.stderr)
+        return 1
     return 0
 
 
 _RUNTIME_ERRORS = () if kvhost is None else (kvhost.KvError,)   # e.g. a --kv URL that fails
+_STARTUP_ERRORS = (wasmstore.StoreError, ServerError, OSError, ssl.SSLError) + _RUNTIME_ERRORS
 
 
 def _install_signal_handlers(stop):

@@ -34,6 +34,8 @@ wasi:keyvalue on provider_kv).
 
 Map of this file, top-down:
   constants and exceptions
+  input           parse_number, parse_json, parse_url: every number, JSON text and URL from
+                  outside (ASCII digits only, bounded nesting, ports in range)
   backends        Backend (validation, cursors) -> MemoryBackend, SqliteBackend, RedisBackend; open_backend()
   value codecs    type descriptors of component values and converters that read and write
                   wasmtime's value records in place (host + JSON dialects)
@@ -41,8 +43,9 @@ Map of this file, top-down:
   core signatures core_signatures(): a core module's import/export types read from its bytes
   engine          compile cache on disk (checksummed, mapped by wasmtime), Guest and what it
                   exports and imports (describe_exports, describe_imports), Host (load / call /
-                  run / run_captured / exports / imports / link_plan / attach_watcher), _Session
-                  (one Store per call; core calls through the C API by address)
+                  call_captured / run / run_captured / exports / imports / link_plan /
+                  attach_watcher; _Capture, the bounded sink for guest output), _Session (one
+                  Store per call; core calls through the C API by address)
   composition     Provider; a consumer's wasi:keyvalue forwarded to a provider component's
                   exports (_forward), one provider instance per consumer call (_ProviderLink)
   HTTP apps       the wasi:http proxy world defined here (wasi:http types and outgoing-handler,
@@ -68,12 +71,13 @@ __all__ = [
     "NoSuchFunction", "GuestError", "LinkError", "NotHttpHandler", "TrapError", "GuestExit", "Err",
     "HttpRequest", "HttpOutcome", "parse_outbound",
     "Backend", "MemoryBackend", "SqliteBackend", "RedisBackend", "open_backend",
-    "Guest", "Host", "RunResult", "Provider", "provider_of", "provider_exports", "PROVIDER_PREFIX",
-    "core_signatures", "describe_exports", "describe_imports", "format_export", "json_float",
-    "float_from_json",
+    "Guest", "Host", "RunResult", "CallResult", "Provider", "provider_of", "provider_exports",
+    "PROVIDER_PREFIX", "core_signatures", "describe_exports", "describe_imports", "format_export",
+    "json_float", "float_from_json",
     "add_store_options", "add_sandbox_options", "host_from_args", "parse_json_args", "print_json", "print_exports",
     "run_with_deadline", "end_process", "report", "DeadlineExceeded", "main", "console_main",
-    "DEFAULT_KV_URL", "MAX_KEY_BYTES", "DEFAULT_MAX_VALUE_BYTES", "PAGE_SIZE",
+    "parse_number", "parse_json", "json_depth", "parse_url", "Url", "MAX_JSON_DEPTH",
+    "DEFAULT_KV_URL", "MAX_KEY_BYTES", "DEFAULT_MAX_VALUE_BYTES", "PAGE_SIZE", "STDIN_INHERIT",
 ]
 
 import argparse
@@ -84,6 +88,7 @@ import contextlib
 import ctypes
 import hashlib
 import http.client
+import itertools
 import json
 import math
 import mmap
@@ -114,6 +119,7 @@ MAX_KEY_BYTES = 4096                                 # keys at most 4 KiB (every
 DEFAULT_MAX_VALUE_BYTES = 16 * 1024 * 1024           # values at most 16 MiB (configurable)
 PAGE_SIZE = 1000                                     # list-keys pages hold at most 1,000 keys
 DEFAULT_TIMEOUT = 10.0                               # seconds; --timeout default
+STDIN_INHERIT = "inherit"                            # run(stdin=...): the guest reads our stdin
 BUCKET_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,128}\Z")
 # What Redis INCRBY accepts (no sign on zero, no leading zeros, no '+'); every backend uses it.
 DECIMAL_RE = re.compile(rb"(0|-?[1-9][0-9]{0,19})\Z")
@@ -124,6 +130,9 @@ CORE_SCRATCH_VALUES = 16                             # core parameters/results a
 EPOCH_TICK = 0.05                                    # seconds per epoch tick of the timeout thread
 CACHE_MAGIC = b"KVHCACHE2\n"                         # header of a compile-cache entry's .sum file
 KV_VERSIONS = ("0.2.0-draft", "0.2.0-draft2")
+MAX_JSON_DEPTH = 64                                  # JSON from outside nests at most this deep
+MAX_NUMBER_CHARS = 40                                # a longer number from outside is refused unread
+_NOT_IN_URL = re.compile(r"[\x00-\x20\x7f]")          # spaces and control characters
 CACHE_ORPHAN_SECONDS = 3600                          # an artifact without its .sum this old is debris
 # What kvhost writes into a cache directory (anything else there is left alone).
 CACHE_FILE_RE = re.compile(r"([0-9a-f]{64}\.(?:component|module))(\.sum)?\Z|\.tmp-[a-z0-9_]{8}\Z")
@@ -193,6 +202,106 @@ class GuestExit(TrapError):
     def __init__(self, status):
         super().__init__(f"guest exited with status {status}", "exit")
         self.status = status
+
+
+# ---------------------------------------------------------------------------
+# input from outside: numbers, JSON, URLs
+# ---------------------------------------------------------------------------
+# Every number, JSON text and URL kvhost takes from a user, a file or a peer goes through one of
+# these three, so each rule holds everywhere: only ASCII digits are digits (str.isdigit() takes
+# "²", int() takes "٣" and "1_0"), JSON nests at most MAX_JSON_DEPTH levels (the decoder
+# recurses: 1,000 levels in 2 KB raise RecursionError), a URL's port is a number in range.
+# wasmstore.py has the same three for its own input, so that each file works copied alone;
+# http_server.py uses wasmstore.py's.
+
+_INTEGER_TEXT = re.compile(r"-?[0-9]+\Z")
+_FRACTION_TEXT = re.compile(r"-?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][-+]?[0-9]+)?\Z")
+_JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.S)
+_JSON_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
+_BRACKET_STEP = {"[": 1, "{": 1, "]": -1, "}": -1}
+_USERINFO = re.compile(r"//[^/@]*@")
+
+
+def parse_number(text, what, *, minimum=0, maximum=None, fraction=False):
+    """The number `text` (str or bytes) spells in ASCII digits: an int, or with fraction=True a
+    finite float (a decimal point and an exponent allowed). A leading "-" is the only sign; no
+    space, "_", "+", nan or inf. ArgumentError naming `what` when the text is not such a number
+    or the number is outside [minimum, maximum] (None: unbounded)."""
+    if isinstance(text, (bytes, bytearray)):
+        text = bytes(text).decode("latin-1")
+    pattern = _FRACTION_TEXT if fraction else _INTEGER_TEXT
+    if not isinstance(text, str) or len(text) > MAX_NUMBER_CHARS or not pattern.match(text):
+        shown = repr(text) if not isinstance(text, str) or len(text) <= 40 else repr(text[:37] + "...")
+        kind = "a number" if fraction else "an integer"
+        raise ArgumentError(f"invalid {what} {shown}: expected {kind} in ASCII digits")
+    value = float(text) if fraction else int(text)
+    if not math.isfinite(value) or (minimum is not None and value < minimum) \
+            or (maximum is not None and value > maximum):
+        bounds = f"at least {minimum}" if maximum is None else f"{minimum} to {maximum}"
+        raise ArgumentError(f"invalid {what} {text!r}: expected {bounds}")
+    return value
+
+
+def _reject_constant(name):
+    raise ValueError(f"{name} is not JSON (write \"NaN\", \"Infinity\" or \"-Infinity\" as strings)")
+
+
+_STRICT_JSON = json.JSONDecoder(parse_constant=_reject_constant)
+
+
+def json_depth(text):
+    """How deep the arrays and objects of JSON text nest (brackets inside strings do not count;
+    for text that is not JSON, how deep a decoder would get before it finds out)."""
+    brackets = _JSON_NOT_BRACKET.sub("", _JSON_STRING.sub("", text))
+    return max(itertools.accumulate(map(_BRACKET_STEP.__getitem__, brackets)), default=0)
+
+
+def parse_json(data, what="JSON", *, max_depth=MAX_JSON_DEPTH):
+    """The value of strict JSON (no NaN or Infinity) given as str or bytes (UTF-8, or the
+    UTF-16/32 that json detects), nested at most max_depth levels: deeper input is refused
+    before the decoder sees it. ArgumentError naming `what` otherwise."""
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        data = bytes(data)
+        try:
+            data = data.decode(json.detect_encoding(data))
+        except UnicodeDecodeError:
+            raise ArgumentError(f"invalid {what}: not UTF-8 text") from None
+    if not isinstance(data, str):
+        raise ArgumentError(f"invalid {what}: expected JSON text, not {type(data).__name__}")
+    if data.count("[") + data.count("{") > max_depth and json_depth(data) > max_depth:
+        raise ArgumentError(f"invalid {what}: nested deeper than {max_depth} levels")
+    try:
+        return _STRICT_JSON.decode(data)
+    except ValueError as exc:              # json.JSONDecodeError, and numbers over 4,300 digits
+        raise ArgumentError(f"invalid {what}: {exc}") from None
+
+
+class Url(collections.namedtuple("Url", "scheme username password host port path query")):
+    """A URL parse_url() checked; netloc is "host[:port]" (IPv6 hosts in brackets)."""
+
+    __slots__ = ()
+
+    @property
+    def netloc(self):
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return host if self.port is None else f"{host}:{self.port}"
+
+
+def parse_url(text, what, schemes):
+    """A URL from outside as a Url (host lowercased, IPv6 without brackets, port None when not
+    given); ArgumentError naming `what` unless its scheme is one of `schemes`, it names a host
+    (no space or control character) and its port, if any, is 0-65535 in ASCII digits."""
+    shown = repr(_USERINFO.sub("//", str(text))[:200])            # never a password in a message
+    if not isinstance(text, str) or _NOT_IN_URL.search(text):
+        raise ArgumentError(f"invalid {what} {shown}: not a URL")
+    try:
+        parts = urllib.parse.urlsplit(text)
+        port = parts.port
+    except ValueError as exc:              # "Invalid IPv6 URL", a port out of range or not a number
+        raise ArgumentError(f"invalid {what} {shown}: {exc}") from None
+    if parts.scheme not in schemes or not parts.hostname:
+        raise ArgumentError(f"invalid {what} {shown}: expected {' or '.join(schemes)}://HOST")
+    return Url(parts.scheme, parts.username, parts.password, parts.hostname, port, parts.path, parts.query)
 
 
 # ---------------------------------------------------------------------------
@@ -380,6 +489,11 @@ class Backend:
         if keys:
             self._delete_many(namespace, bucket, keys)
 
+    def namespaces(self, limit=10_000):
+        """The sorted namespaces that hold at least one key, at most `limit` of them (where a
+        person looks first when a guest's data is not under the namespace they tried)."""
+        return self._namespace_ids(limit)
+
     def close(self):
         """Release connections; the backend must not be used afterwards."""
 
@@ -465,6 +579,10 @@ class MemoryBackend(Backend):
             table = self._table(namespace, bucket)
             for key in keys:
                 table.pop(key, None)
+
+    def _namespace_ids(self, limit):
+        with self._lock:
+            return sorted({namespace for (namespace, _), table in self._buckets.items() if table})[:limit]
 
 
 class SqliteBackend(Backend):
@@ -598,6 +716,10 @@ class SqliteBackend(Backend):
             "SELECT key FROM kv WHERE ns=? AND bucket=? ORDER BY key LIMIT ? OFFSET ?",
             (namespace, bucket, limit, offset))])
 
+    def _namespace_ids(self, limit):
+        return self._run(lambda db: [row[0] for row in db.execute(
+            "SELECT DISTINCT ns FROM kv ORDER BY ns LIMIT ?", (limit,))])
+
     def _increment(self, namespace, bucket, key, delta, bounds):
         def work(db):
             row = db.execute("SELECT value FROM kv WHERE ns=? AND bucket=? AND key=?",
@@ -654,6 +776,14 @@ class SqliteBackend(Backend):
 
 class _RedisReplyError(Exception):
     """An error reply (-ERR ...) from Redis: the connection itself is still fine."""
+
+
+def _reply_number(text, minimum):
+    """The number in a RESP header line; a peer that sends anything else broke the protocol."""
+    try:
+        return parse_number(text, "number in a redis reply", minimum=minimum)
+    except ArgumentError as exc:
+        raise ConnectionError(f"bad reply from redis: {exc}") from None
 
 
 class _RespConnection:
@@ -778,14 +908,14 @@ class _RespConnection:
         if kind == b"+":
             return rest
         if kind == b"$":
-            size = int(rest)
+            size = _reply_number(rest, -1)
             return None if size < 0 else self._bulk(size)
         if kind == b":":
-            return int(rest)
+            return _reply_number(rest, None)
         if kind == b"-":
             raise _RedisReplyError(rest.decode("utf-8", "replace"))
         if kind == b"*":
-            count = int(rest)
+            count = _reply_number(rest, -1)
             if count < 0:
                 return None
             return [self.read_reply() for _ in range(count)]
@@ -813,16 +943,11 @@ class RedisBackend(Backend):
 
     def __init__(self, url, max_value_size=DEFAULT_MAX_VALUE_BYTES, timeout=5.0, pool_size=8):
         super().__init__(max_value_size)
-        parts = urllib.parse.urlsplit(url)
-        if parts.scheme != "redis" or not parts.hostname:
-            raise ArgumentError(f"invalid redis URL {url!r}: expected redis://[:password@]host:port/db")
-        try:
-            self.port = parts.port or 6379
-            db_text = parts.path.lstrip("/")
-            self.db = int(db_text) if db_text else 0
-        except ValueError:
-            raise ArgumentError(f"invalid redis URL {url!r}: bad port or database number") from None
-        self.host = parts.hostname
+        parts = parse_url(url, "redis URL (expected redis://[:password@]host:port/db)", ("redis",))
+        self.port = parts.port or 6379
+        db_text = parts.path.lstrip("/")
+        self.db = parse_number(db_text, "redis database number") if db_text else 0
+        self.host = parts.host
         self.password = urllib.parse.unquote(parts.password) if parts.password is not None else None
         self.username = urllib.parse.unquote(parts.username) if parts.username else None
         self.url = f"redis://{self.host}:{self.port}/{self.db}"
@@ -998,6 +1123,17 @@ class RedisBackend(Backend):
     def _delete_many(self, namespace, bucket, keys):
         names = [self._key(namespace, bucket, k) for k in keys]
         self._with_connection(lambda c: c.call(b"DEL", *names))
+
+    def _namespace_ids(self, limit):
+        def work(conn):
+            found, cursor = set(), b"0"
+            while True:
+                cursor, batch = conn.call(b"SCAN", cursor, b"MATCH", b"kv:*", b"COUNT", b"1000")
+                found.update(name.split(b":", 2)[1] for name in batch if name.count(b":") >= 3)
+                if cursor == b"0":
+                    break
+            return sorted(urllib.parse.unquote(name.decode("utf-8", "replace")) for name in found)[:limit]
+        return self._with_connection(work)
 
     def close(self):
         with self._pool_lock:
@@ -1600,11 +1736,11 @@ def _make_lower_int(desc):
 
 def _make_lower_float(desc, json_mode=False):
     """Floats; in JSON mode also the strings "NaN", "Infinity" and "-Infinity" (see json_float)."""
-    write, code = struct.Struct("<B7x" + _SCALAR_FORMAT[desc[0]]).pack_into, _K[desc[0]]
+    kind = desc[0]
+    write, code = struct.Struct("<B7x" + _SCALAR_FORMAT[kind]).pack_into, _K[kind]
 
     def lower_float(ctx, v, addr):
-        value = float_from_json(v) if json_mode else (
-            float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None)
+        value = float_from_json(v, kind) if json_mode or not isinstance(v, str) else None
         if value is None:
             raise _bad(desc, v)
         write(_MEMORY, addr, code, value)
@@ -1644,7 +1780,7 @@ def _make_lower_bytes(desc, json_mode):
         if json_mode and isinstance(v, str):
             try:
                 v = base64.b64decode(v, validate=True)
-            except binascii.Error:
+            except ValueError:             # binascii.Error, or a character that is not ASCII
                 raise _bad(desc, v) from None
         elif json_mode and isinstance(v, list):
             if not all(isinstance(b, int) and not isinstance(b, bool) and 0 <= b <= 255 for b in v):
@@ -2393,6 +2529,7 @@ GUEST_CACHE_SIZE = 64                           # compiled guests a Host keeps i
 DEFAULT_CAPTURE_BYTES = 16 << 20                # run_captured keeps this much stdout and stderr
 WORKER_GRACE = 0.5                              # seconds past the timeout before a blocked guest is killed
 ISOLATIONS = ("auto", "thread", "process")
+OUTPUTS = ("inherit", "discard")                   # where a guest's uncaptured output goes
 BLOCKING_PREVIEW1 = frozenset({"poll_oneoff", "sock_accept", "sock_recv", "sock_send", "sock_shutdown"})
 CORE_JSON_TYPES = frozenset({"i32", "i64", "f32", "f64"})
 NON_FINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
@@ -2622,15 +2759,34 @@ def _component_functions(guest, engine):
     return found
 
 
+# Exports that toolchains add for their own use, never an application's function: left out of
+# describe_exports (they can still be called by name). Components: {name: its parameter names}.
+TOOLCHAIN_COMPONENT_EXPORTS = {
+    "exports#init": ("app-name", "symbols", "stub-wasi"),   # componentize-py, run when it builds
+}
+TOOLCHAIN_CORE_EXPORTS = ("__wasm_call_ctors", "cabi_realloc")   # wasm-ld; the canonical ABI
+TOOLCHAIN_CORE_PREFIXES = ("cabi_post_",)                       # canonical ABI post-return
+
+
+def _toolchain_internal(name, param_names=None):
+    """True for an export a toolchain made for itself (see TOOLCHAIN_COMPONENT_EXPORTS)."""
+    if param_names is not None:
+        return TOOLCHAIN_COMPONENT_EXPORTS.get(name) == tuple(param_names)
+    return name in TOOLCHAIN_CORE_EXPORTS or name.startswith(TOOLCHAIN_CORE_PREFIXES)
+
+
 def describe_exports(guest, engine):
     """Every function a JSON caller can call: [{"name", "params": [{"name", "type"}], "results": [type]}].
 
     Types are WIT-style text for components and i32/i64/f32/f64 for core modules (whose
     parameters have no names: "name" is null). Functions taking or returning resource handles,
-    references or vectors are left out: JSON cannot carry them."""
+    references or vectors are left out: JSON cannot carry them; so are the exports toolchains
+    add for themselves (componentize-py's exports#init, wasm-ld's __wasm_call_ctors)."""
     described = []
     if guest.kind == "component":
         for name, fty in _component_functions(guest, engine):
+            if _toolchain_internal(name, [pname for pname, _ in fty.params]):
+                continue
             params, result = describe_functype(fty)
             if not all(map(_json_callable, params)) or not _json_callable(result):
                 continue
@@ -2640,7 +2796,7 @@ def describe_exports(guest, engine):
                               "results": [] if result is None else [format_desc(result)]})
         return described
     for name, (kind, signature) in guest.signatures[1].items():
-        if kind != "func":
+        if kind != "func" or _toolchain_internal(name):
             continue
         params, results = list(signature[0]), list(signature[1])
         if set(params + results) <= CORE_JSON_TYPES:
@@ -2680,11 +2836,24 @@ def json_float(value):
     return value
 
 
-def float_from_json(value):
-    """The float a JSON argument stands for (a number, or one of json_float's strings); None if neither."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    return NON_FINITE.get(value) if isinstance(value, str) else None
+_F32 = struct.Struct("<f")
+
+
+def float_from_json(value, kind="f64"):
+    """The float a JSON argument stands for as `kind` ("f32" or "f64"): a number that type can
+    hold, or one of json_float's strings; None otherwise (an integer too big for a float, or for
+    f32 a finite number that would round to infinity, such as 1e39)."""
+    if isinstance(value, str):
+        return NON_FINITE.get(value)
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return None
+    try:
+        number = float(value)
+        if kind == "f32":
+            _F32.pack(number)
+    except OverflowError:
+        return None
+    return number
 
 
 # -- what one call or run asks for, and what it gave -------------------------------------------------
@@ -2706,7 +2875,12 @@ class _Request:
 
 
 class _Capture:
-    """A guest's stdout or stderr kept in memory up to `limit` bytes; the rest is counted, not kept."""
+    """A guest's stdout or stderr kept in memory up to `limit` bytes; the rest is counted, not kept.
+
+    The one sink for guest output that must not reach this process's own streams (a server's
+    calls and runs, HTTP handlers, a provider serving them): write() never blocks, so a guest
+    writing without end only spends its own time and fuel, and never more than `limit` bytes
+    are held."""
 
     def __init__(self, limit):
         self.limit = limit
@@ -2736,8 +2910,22 @@ class RunResult:
         self.stdout_total = stdout_total      # bytes the guest wrote; more than len(stdout) if cut
         self.stderr_total = stderr_total
 
+    @classmethod
+    def _of(cls, outcome):
+        return cls(outcome.value, outcome.stdout.value(), outcome.stderr.value(), outcome.stdout.total,
+                   outcome.stderr.total)
+
     def __repr__(self):
-        return f"<RunResult status={self.status} stdout={len(self.stdout)}B stderr={len(self.stderr)}B>"
+        return f"<{type(self).__name__} {self.status!r} stdout={len(self.stdout)}B stderr={len(self.stderr)}B>"
+
+
+class CallResult(RunResult):
+    """What Host.call_captured gives back: the call's result (.value) and the guest's bounded
+    output, as in RunResult."""
+
+    @property
+    def value(self):
+        return self.status
 
 
 class _Outcome:
@@ -2801,15 +2989,22 @@ class Host:
     stub_imports: define every import the host does not provide as a function that traps when
     called (componentize-js builds import wasi:http, for instance); off by default.
     cache_dir: compile cache (None: default_cache_dir(), False: off); stdout / stderr: file paths
-    for the guest's output (default: inherited); max_value_size: value limit of a backend opened
-    from a URL (a Backend carries its own).
+    for the guest's output; output: where output goes that is neither captured (call_captured,
+    run_captured) nor sent to those files: "inherit" (this process's stdout and stderr, the
+    default, for command lines) or "discard" (for servers: then nothing a guest writes, nor a
+    provider or watcher it triggers, reaches this process's streams or can block on them);
+    max_value_size: value limit of a backend opened from a URL (a Backend carries its own).
     """
 
     def __init__(self, kv="memory:", namespace="default", allow_buckets=None, deny_buckets=None, timeout=DEFAULT_TIMEOUT,
                  fuel=None, max_memory=DEFAULT_MAX_MEMORY, env=None, dirs=None, cache_dir=None, stdout=None,
                  stderr=None, max_value_size=None, max_table_elements=DEFAULT_MAX_TABLE_ELEMENTS,
-                 isolation="auto", workers=None, stub_imports=False, provider_kv=None, allow_outbound=None):
+                 isolation="auto", workers=None, stub_imports=False, provider_kv=None, allow_outbound=None,
+                 output="inherit"):
         _check_namespace(namespace)
+        if output not in OUTPUTS:
+            raise ArgumentError(f"invalid output {output!r}: expected one of {', '.join(OUTPUTS)}")
+        self.output = output
         self.allow_outbound = parse_outbound(allow_outbound)
         provider = provider_of(kv)
         if provider is not None:
@@ -3175,7 +3370,9 @@ class Host:
             config.env = sorted(self.env.items())
         for host_dir, guest_dir in self.dirs:
             config.preopen_dir(host_dir, guest_dir)
-        if stdin_path is not None:
+        if stdin_path is STDIN_INHERIT:
+            config.inherit_stdin()
+        elif stdin_path is not None:
             config.stdin_file = stdin_path
         if capture is not None:
             config.stdout_custom = capture[0].write
@@ -3183,13 +3380,13 @@ class Host:
             return config
         if self.stdout:
             config.stdout_file = self.stdout
-        else:
+        elif self.output == "inherit":
             config.inherit_stdout()
         if self.stderr:
             config.stderr_file = self.stderr
-        else:
+        elif self.output == "inherit":
             config.inherit_stderr()
-        return config
+        return config                    # "discard": WASI's default streams drop what is written
 
     def _new_store(self, argv=("guest",), stdin=None, capture=None, wasi=True):
         """A fresh Store with the sandbox limits, and WASI set unless the guests it runs import none
@@ -3200,8 +3397,8 @@ class Host:
                             self._limits)
         if not wasi:
             return store
-        if stdin is None:
-            store.wrapper.set_wasi(self._wasi_config(argv, None, capture))
+        if stdin is None or stdin is STDIN_INHERIT:
+            store.wrapper.set_wasi(self._wasi_config(argv, stdin, capture))
             return store
         fd, stdin_path = tempfile.mkstemp(prefix="kvhost-stdin-")
         try:
@@ -3271,7 +3468,9 @@ class Host:
 
     def run(self, guest, argv=(), *, namespace=None, resolve=None, stdin=None, stats=None):
         """Run a wasi:cli/run component (or a core module's _start); returns the exit status.
-        Output goes where the Host says (inherited by default); stdin: bytes (default: empty)."""
+        Output goes where the Host says (inherited by default); stdin: bytes (default: empty),
+        or STDIN_INHERIT: this process's own stdin, read as the guest reads it (the command
+        lines; only for a guest that runs in this process, see isolation)."""
         self._check_guest(guest)
         request = _Request("run", argv=[guest.name] + [str(a) for a in argv], namespace=namespace, stdin=stdin)
         return self._execute(guest, request, resolve, stats).value
@@ -3284,9 +3483,19 @@ class Host:
         _check_limit("limit", limit, allow_none=False)
         request = _Request("run", argv=[guest.name] + [str(a) for a in argv], namespace=namespace,
                            stdin=stdin, capture=limit)
-        outcome = self._execute(guest, request, resolve, stats)
-        return RunResult(outcome.value, outcome.stdout.value(), outcome.stderr.value(),
-                         outcome.stdout.total, outcome.stderr.total)
+        return RunResult._of(self._execute(guest, request, resolve, stats))
+
+    def call_captured(self, guest, function, args=(), *, namespace=None, resolve=None, limit=DEFAULT_CAPTURE_BYTES,
+                      stats=None):
+        """Like call(), but the guest's stdout and stderr are kept (up to `limit` bytes each; the
+        rest is counted) and returned with the result in a CallResult: nothing the guest writes
+        reaches this process's streams, and writing never blocks it."""
+        self._check_guest(guest)
+        if not isinstance(function, str) or not function:
+            raise ArgumentError(f"invalid function name {function!r}")
+        _check_limit("limit", limit, allow_none=False)
+        request = _Request("call", function=function, args=args, namespace=namespace, capture=limit)
+        return CallResult._of(self._execute(guest, request, resolve, stats))
 
     def handle_http(self, guest, request, sink, *, namespace=None):
         """Answer one HTTP request with a component exporting wasi:http/incoming-handler, in a
@@ -3326,6 +3535,9 @@ class Host:
         request.record_events = bool(self._watchers)
         isolated = self.isolation == "process" or (self.isolation == "auto" and (
             guest.may_block or any(dependency.may_block for _, dependency in request.links)))
+        if isolated and request.stdin is STDIN_INHERIT:
+            raise ArgumentError(f"{guest.name} runs in a worker process, which cannot read this "
+                                "process's stdin: pass the input as bytes")
         try:
             outcome = self._pool.execute(guest, request) if isolated else self._execute_here(guest, request)
         except KvError as e:
@@ -3658,7 +3870,7 @@ def _core_argument(index, kind, arg):
         if isinstance(arg, int) and not isinstance(arg, bool) and -(1 << (bits - 1)) <= arg < (1 << bits):
             return arg - (1 << bits) if arg >= 1 << (bits - 1) else arg   # unsigned spellings of the same bits
     else:
-        value = float_from_json(arg)
+        value = float_from_json(arg, kind)
         if value is not None:
             return value
     try:
@@ -3963,7 +4175,8 @@ class _Composition:
             link.close()
 
     def wasi_config(self, capture):
-        """The provider's WASI: the Host's env and dirs; its output goes to the consumer's stderr."""
+        """The provider's WASI: the Host's env and dirs; its output goes where the consumer's does
+        (captured with it, else the Host's stderr unless the Host discards output)."""
         host = self.host
         config = wasmtime.WasiConfig()
         config.argv = [self.guest.name]
@@ -3971,10 +4184,13 @@ class _Composition:
             config.env = sorted(host.env.items())
         for host_dir, guest_dir in host.dirs:
             config.preopen_dir(host_dir, guest_dir)
-        sink = _to_stderr if capture is None else capture.write
-        config.stdout_custom = sink
-        config.stderr_custom = sink
-        return config
+        if capture is not None:
+            config.stdout_custom = capture.write
+            config.stderr_custom = capture.write
+        elif host.output == "inherit":
+            config.stdout_custom = _to_stderr
+            config.stderr_custom = _to_stderr
+        return config                    # "discard": WASI's default streams drop what is written
 
     def check_consumer(self, guest):
         """Refuse a consumer needing a function the provider lacks; a consumer of a provider that may
@@ -4278,9 +4494,12 @@ class _Fields:
     def content_length(self):
         """The content-length these fields declare, or None (also when it is not one number)."""
         values = self.map.get("content-length")
-        if not values or len(set(values)) != 1 or not values[0].isdigit():
+        if not values or len(set(values)) != 1:
             return None
-        return int(values[0])
+        try:
+            return parse_number(values[0], "content-length")
+        except ArgumentError:
+            return None
 
 
 def _header_error(name, values=()):
@@ -5324,7 +5543,7 @@ def _outbound_target(host, request):
         return Err(wc.Variant("HTTP-protocol-error"))
     if not request.authority:
         return Err(wc.Variant("HTTP-request-URI-invalid"))
-    match = re.match(r"(\[[^\]]*\]|[^:]*)(?::([0-9]+))?\Z", request.authority)
+    match = re.match(r"(\[[^\]]*\]|[^:]*)(?::([0-9]{1,5}))?\Z", request.authority)
     if match is None or not match.group(1) or (match.group(2) is not None and not 0 < int(match.group(2)) < 65536):
         return Err(wc.Variant("HTTP-request-URI-invalid"))
     name = match.group(1).strip("[]").lower()
@@ -5749,7 +5968,7 @@ class _Channel:
             raise _ChannelError("oversized frame")
         try:
             header = json.loads(self._read(size, deadline))
-        except ValueError:
+        except (ValueError, RecursionError):
             raise _ChannelError("malformed frame") from None
         blobs = []
         for _ in range(count):
@@ -5891,7 +6110,8 @@ class _Worker:
         try:
             self.process = subprocess.Popen(
                 [sys.executable, "-c", self.CODE, os.path.abspath(__file__), str(to_child_read), str(from_child_write)],
-                stdin=subprocess.DEVNULL, pass_fds=(to_child_read, from_child_write), start_new_session=True)
+                stdin=subprocess.DEVNULL, pass_fds=(to_child_read, from_child_write), start_new_session=True,
+                stdout=subprocess.DEVNULL if settings.get("output") == "discard" else None)
         finally:
             os.close(to_child_read)
             os.close(from_child_write)
@@ -5994,7 +6214,7 @@ class _WorkerPool:
         settings = {"namespace": host.namespace, "timeout": host.timeout, "fuel": host.fuel,
                     "max_memory": host.max_memory, "max_table_elements": host.max_table_elements,
                     "env": host.env, "dirs": host.dirs, "cache_dir": host.cache_dir, "stdout": host.stdout,
-                    "stderr": host.stderr, "stub_imports": host.stub_imports,
+                    "stderr": host.stderr, "stub_imports": host.stub_imports, "output": host.output,
                     "allow_buckets": None if host.allow_buckets is None else sorted(host.allow_buckets),
                     "deny_buckets": sorted(host.deny_buckets)}
         blobs = []
@@ -6083,7 +6303,8 @@ def _worker_guest(host, wire, blobs):
 
 def _worker_main(argv):
     """The loop of a worker process (see _WorkerPool): requests from the parent, one at a time,
-    until the parent closes the pipe. Guest stdout/stderr are the parent's unless captured."""
+    until the parent closes the pipe. Guest output goes where the parent's Host says (captured,
+    to files, inherited or dropped)."""
     channel = _Channel(int(argv[0]), int(argv[1]))
     try:
         header, blobs = channel.recv()
@@ -6140,24 +6361,22 @@ class _Parser(argparse.ArgumentParser):
         raise ArgumentError(message)
 
 
-def _positive_float(text):
+def _option_number(text, what, **bounds):
     try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid number {text!r}") from None
+        return parse_number(text, what, **bounds)
+    except ArgumentError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _positive_float(text):
+    value = _option_number(text, "number of seconds", minimum=0, maximum=1e9, fraction=True)
     if not 0 < value < 1e9:
         raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
     return value
 
 
 def _positive_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid integer {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
+    return _option_number(text, "integer", minimum=1)
 
 
 def _env_pair(text):
@@ -6175,13 +6394,7 @@ def _dir_pair(text):
 
 
 def _nonnegative_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid integer {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return value
+    return _option_number(text, "integer", minimum=0)
 
 
 def add_store_options(parser, kv_default=DEFAULT_KV_URL, kv_default_text=None, provider="FILE"):
@@ -6237,13 +6450,24 @@ def host_from_args(args, **overrides):
 
 def parse_json_args(texts):
     """JSON arguments of a call, one per command-line word."""
+    shown = (lambda text: repr(text) if len(text) <= 60 else repr(text[:57] + "..."))
     values = []
     for text in texts:
         try:
-            values.append(json.loads(text))
-        except ValueError:
-            raise ArgumentError(f"invalid JSON argument {text!r}") from None
+            values.append(parse_json(text, f"JSON argument {shown(text)}"))
+        except ArgumentError as exc:
+            hint = _quoting_hint(text)
+            raise ArgumentError(f"invalid JSON argument {shown(text)} ({hint})" if hint else str(exc)) from None
     return values
+
+
+def _quoting_hint(text):
+    """For a word that JSON does not take: how to pass it as a JSON string through a shell."""
+    if not text or text[:1] in '"[{' or len(text) > 200:
+        return ""
+    quoted = json.dumps(text, ensure_ascii=False)
+    shell = "'" + quoted.replace("'", "'\\''") + "'"
+    return f"arguments are JSON: a string is written {quoted}, in a shell {shell}"
 
 
 
@@ -6321,8 +6545,9 @@ def _build_parser():
     exports.add_argument("guest")
     kv = commands.add_parser("kv", help="inspect and edit stored data")
     add_store_options(kv, provider=None)
-    kv.add_argument("action", choices=["get", "set", "delete", "list", "incr"])
-    kv.add_argument("bucket")
+    kv.add_argument("action", choices=["get", "set", "delete", "list", "incr"],
+                    help="list without BUCKET (and without --namespace) prints the namespaces that hold data")
+    kv.add_argument("bucket", nargs="?")
     kv.add_argument("key", nargs="?")
     kv.add_argument("value", nargs="?")
     return parser
@@ -6337,14 +6562,20 @@ def print_exports(described, out, as_json=False):
         out.write(format_export(entry) + "\n")
 
 
-def _kv_command(args, out):
+def _kv_command(args, out, err):
     needs = {"get": 1, "set": 2, "delete": 1, "list": 0, "incr": 1}[args.action]
     given = sum(x is not None for x in (args.key, args.value))
-    if given < needs or (args.action != "incr" and given > needs) or given > 2:
+    listing_namespaces = args.action == "list" and args.bucket is None and args.namespace is None
+    if (args.bucket is None and not listing_namespaces) or given < needs or \
+            (args.action != "incr" and given > needs) or given > 2:
         raise ArgumentError(f"kv {args.action} expects BUCKET" + (" KEY" if needs >= 1 else "")
                             + (" VALUE" if needs == 2 else "") + (" [DELTA]" if args.action == "incr" else ""))
     backend = open_backend(args.kv)
     try:
+        if listing_namespaces:
+            for namespace in backend.namespaces():
+                out.write(namespace + "\n")
+            return 0
         _check_bucket(args.bucket)
         ns, bucket = args.namespace or "default", args.bucket
         if args.action == "get":
@@ -6362,22 +6593,33 @@ def _kv_command(args, out):
         elif args.action == "delete":
             backend.delete(ns, bucket, args.key)
         elif args.action == "list":
-            cursor = None
+            cursor, listed = None, 0
             while True:
                 keys, cursor = backend.list_page(ns, bucket, cursor)
+                listed += len(keys)
                 for key in keys:
                     out.write(key + "\n")
                 if cursor is None:
                     break
+            if not listed and args.namespace is None:
+                _say_where_data_is(backend, bucket, err)
         else:
-            try:
-                delta = int(args.value) if args.value is not None else 1
-            except ValueError:
-                raise ArgumentError(f"invalid delta {args.value!r}: expected an integer") from None
+            delta = 1 if args.value is None else parse_number(args.value, "delta", minimum=S64[0], maximum=U64[1])
             out.write(f"{backend.increment(ns, bucket, args.key, delta)}\n")
     finally:
         backend.close()
     return 0
+
+
+def _say_where_data_is(backend, bucket, err):
+    """An empty listing of the default namespace: name the namespaces that do hold data (a
+    stored module's data is under its path, not under "default")."""
+    namespaces = [ns for ns in backend.namespaces(limit=21) if ns != "default"]
+    if not namespaces:
+        return
+    shown = ", ".join(namespaces[:20]) + (", ..." if len(namespaces) > 20 else "")
+    err.write(f"kvhost: bucket {bucket!r} of namespace 'default' is empty; namespaces with data: "
+              f"{shown} (choose one with --namespace; `kv list` lists them all)\n")
 
 
 def report(error, err, prog):
@@ -6401,7 +6643,7 @@ def main(argv=None):
     try:
         args = _build_parser().parse_args(argv)
         if args.command == "kv":
-            return _kv_command(args, out)
+            return _kv_command(args, out, err)
         if args.command == "exports":
             with Host(cache_dir=args.cache_dir, isolation="thread") as host:
                 print_exports(host.exports(host.load(args.guest)), out, args.json)
@@ -6411,7 +6653,8 @@ def main(argv=None):
             guest = host.load(args.guest)
             if args.command == "run":
                 out.flush()
-                return run_with_deadline(lambda: host.run(guest, args.args), host.timeout)
+                return run_with_deadline(lambda: host.run(guest, args.args, stdin=STDIN_INHERIT),
+                                         host.timeout)
             result = run_with_deadline(lambda: host.call(guest, args.function, json_args), host.timeout)
             print_json(result, out)
             return 0

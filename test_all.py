@@ -14,14 +14,14 @@ The file has one banner-separated section per feature, in this order (feature: t
       wait_for_log_line, read_until_close(d), WsClient, ServerProcess, wait_for_peer, stop_process,
       RedisServer, run_cli, run_http_server, run_kvhost)
   The store library: LibraryTest, BadInputTest, BranchRaceTest, GenerationTest
-  The store command line: AcceptanceWalkTest, StoreCliTest, FirstStepsTest
+  The store command line: AcceptanceWalkTest, StoreCliTest, FirstStepsTest, QuickStartTest
   Installing (pip, pipx): InstallTest
   Store durability and layout: DurabilityTest, PackTest, RefSlotTest, KillAtEveryMutationTest
   Platforms (macOS without Linux-only calls, MACOS_LIKE): MacosFallbackTest
   Backups: HostileBackupTest
   Component validation on add: ComponentValidationTest
   The HTTP API: PureFunctionTests, RouteTests, HistoryRouteTests, KvRouteTests, BodyLimitTests,
-      ObservabilityTests, ShutdownTests, CommandLineTests
+      ObservabilityTests, ShutdownTests, WorkerProcessTests, SharedBoundsTest, CommandLineTests
   HTTP access (keys, TLS, CORS): AuthTests, ScopedKeyTests, TlsTests, CorsTests
   HTTP watch: WatchTests, WatchLimitTests
   HTTP hardening: FuzzTests, TimeoutTests, ConcurrencyTests, FramingTests, HostCheckTests,
@@ -399,6 +399,18 @@ def store_files(root):
         for name in files:
             found.add(os.path.relpath(os.path.join(parent, name), root))
     return found
+
+
+def store_state(root):
+    """What a refused request must leave as it was: HEAD, the refs and the packs (names and
+    bytes). Derived files (caches, a packed module written out as a loose file, the kv file's
+    creation) may appear; kv data is checked where a test uses it."""
+    state = {}
+    for name in store_files(root):
+        if name == "HEAD" or name.startswith(("refs" + os.sep, os.path.join("objects", "pack") + os.sep)):
+            with open(os.path.join(root, name), "rb") as f:
+                state[name] = hashlib.sha256(f.read()).hexdigest()
+    return state
 
 
 class StoreTestCase(unittest.TestCase):
@@ -1370,13 +1382,13 @@ class AcceptanceWalkTest(StoreTestCase):
         self.cli("add", "b.wasm")
         self.cli("branch", "test")
         self.cli("remove", "a.wasm")
-        self.assertGreater(int(self.cli("gc")[0]), 0)
+        self.assertRegex(self.cli("gc")[0], r"^gc: removed [1-9]\d* objects? \(")
         self.assertEqual(self.cli("find", sha256(self.a), expect=1)[1],
                          f"wasmstore: error: no module with hash {sha256(self.a)} on branch 'main'")
         self.assertEqual(self.cli("--branch", "test", "find", "a.wasm")[0].encode(),
                          self.a.decode(errors="replace").encode())
         self.cli("branch", "test", "--delete")
-        self.assertGreater(int(self.cli("gc")[0]), 0)
+        self.assertRegex(self.cli("gc")[0], r"^gc: removed [1-9]\d* objects? \(")
         with Store(self.root) as store, self.assertRaises(wasmstore.NotFound):   # packed or loose:
             store.read_module(sha256(self.a))                                    # gone either way
         self.assertFsckClean()
@@ -1558,6 +1570,96 @@ class FirstStepsTest(StoreTestCase):
         self.assertEqual(proc.returncode, expect, f"{argv}: {proc.stdout} {proc.stderr}")
         return proc
 
+    def test_gc_says_what_it_removed_and_warns_that_history_is_squashed(self):
+        for tag in ("one", "two", "three"):
+            self.store.add("/a.wasm", wasm_module(tag, padding=1000))
+        before = self.store.commit_count()
+        gone = [wasm_module("one", padding=1000), wasm_module("two", padding=1000)]
+        proc = self.cli("gc")
+        match = re.fullmatch(r"gc: removed (\d+) objects \((\d+\.\d) KB\); squashed 3 commits of main "
+                             r"into one\n", proc.stdout)
+        self.assertIsNotNone(match, proc.stdout)
+        self.assertEqual(before, 3)
+        # the two old modules and the three commits and trees that held them
+        self.assertEqual(int(match.group(1)), len(gone) + 3 + 3 - 1)
+        self.assertGreaterEqual(float(match.group(2)) * 1000, sum(map(len, gone)))
+        self.assertEqual(proc.stderr, "wasmstore: warning: gc squashed the history of main: its earlier "
+                                      "versions, log and audit are gone (other branches keep theirs)\n")
+        again = self.cli("gc")
+        self.assertEqual((again.stdout, again.stderr),
+                         ("gc: removed 0 objects (0 bytes); main's history was one commit already\n", ""))
+
+    def test_a_call_argument_that_is_not_json_gets_a_quoting_hint(self):
+        self.store.add("/numbers.wasm", guest_binary("numbers"))
+        proc = self.cli("call", "/numbers.wasm", "add", "World", "2", expect=2)
+        self.assertEqual(proc.stderr, "wasmstore: error: invalid JSON argument 'World' (arguments are JSON: "
+                                      "a string is written \"World\", in a shell '\"World\"')\n")
+        proc = run_kvhost("call", PROBE, "get", "it's", '"k"')
+        self.assertIn("""a string is written "it's", in a shell '"it'\\''s"'""", proc.stderr)
+        self.assertEqual(proc.returncode, 2)
+
+    def test_author_is_refused_by_commands_that_make_no_commit(self):
+        self.store.add("/a.wasm", wasm_module("a"))
+        for argv in (["--author", "me", "list"], ["list", "--author", "me"], ["find", "/a.wasm", "--author", "x"]):
+            with self.subTest(argv=argv):
+                proc = self.cli(*argv, expect=2)
+                self.assertIn("wasmstore: error: --author is for the commands that make commits (add, "
+                              "import, set, remove, rollback, restore, merge, gc, pull); ", proc.stderr)
+        self.assertNotIn("--author", self.cli("list", "--help").stdout)
+        self.assertIn("--author", self.cli("add", "--help").stdout)
+        self.cli("remove", "/a.wasm", "--author", "me")
+        self.assertEqual(self.store.log(1)[0]["author"], "me")
+        proc = run_cli(self.root, "list", env={"WASMSTORE_AUTHOR": "me"})  # the environment is not a mistake
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+
+    def test_exports_leave_out_what_toolchains_add_for_themselves(self):
+        core = wat_binary('(module (func (export "__wasm_call_ctors")) (func (export "cabi_realloc") '
+                          '(param i32 i32 i32 i32) (result i32) i32.const 0) '
+                          '(func (export "cabi_post_f") (param i32)) (func (export "f") (result i32) i32.const 1))')
+        self.store.add("/core.wasm", core)
+        self.assertEqual(self.cli("exports", "/core.wasm").stdout, "f() -> i32\n")
+        # A function of the application's own that happens to share a name is still listed.
+        own = wat_binary('(component (core module $m (func (export "init") (param i32) (result i32) local.get 0)) '
+                         '(core instance $i (instantiate $m)) '
+                         '(func $init (param "n" u32) (result u32) (canon lift (core func $i "init"))) '
+                         '(instance $e (export "init" (func $init))) (export "exports" (instance $e)))')
+        self.store.add("/own.wasm", own)
+        self.assertEqual(self.cli("exports", "/own.wasm").stdout, "exports#init(n: u32) -> u32\n")
+
+    def test_componentize_py_s_init_is_not_listed(self):
+        counter = require_file(PY_COUNTER, BUILD_HINT)
+        with kvhost.Host(kv="memory:", isolation="thread") as host:
+            names = [entry["name"] for entry in host.exports(host.load(counter))]
+            self.assertIn("bump", names)
+            self.assertNotIn("exports#init", names)
+            self.assertIn("exports#init", [name for name, _ in kvhost._component_functions(
+                host.load(counter), host.engine)])                  # still there, and callable by name
+
+    def test_kv_list_without_a_namespace_names_the_namespaces_with_data(self):
+        kv = f"sqlite:{os.path.join(self.tmp, 'kv.sqlite3')}"
+        for namespace in ("/apps/counter.wasm", "/apps/other.wasm"):
+            with kvhost.open_backend(kv) as backend:
+                backend.set(namespace, "counter", "hits", b"1")
+        listing = run_kvhost("kv", "--kv", kv, "list")
+        self.assertEqual((listing.returncode, listing.stdout), (0, "/apps/counter.wasm\n/apps/other.wasm\n"))
+        empty = run_kvhost("kv", "--kv", kv, "list", "counter")
+        self.assertEqual((empty.returncode, empty.stdout), (0, ""))
+        self.assertEqual(empty.stderr, "kvhost: bucket 'counter' of namespace 'default' is empty; namespaces "
+                                       "with data: /apps/counter.wasm, /apps/other.wasm (choose one with "
+                                       "--namespace; `kv list` lists them all)\n")
+        found = run_kvhost("kv", "--kv", kv, "--namespace", "/apps/counter.wasm", "list", "counter")
+        self.assertEqual((found.stdout, found.stderr), ("hits\n", ""))
+        self.assertEqual(run_kvhost("kv", "--kv", kv, "get").returncode, 2)
+
+    def test_run_gives_the_guest_the_command_s_stdin(self):
+        self.store.add("/hello.wasm", guest_binary("wasi-hello"))
+        proc = self.cli("run", "/hello.wasm", "x", stdin="a\nb\n")
+        self.assertEqual(proc.stdout, "hello x\na\nb\n")
+        proc = subprocess.run([sys.executable, KVHOST_PY, "run", "--kv", "memory:",
+                               os.path.join(RUN_GUESTS, "wasi-hello.wat")], input="piped\n",
+                              capture_output=True, text=True, timeout=CLI_TIMEOUT)
+        self.assertEqual((proc.returncode, proc.stdout), (0, "hello\npiped\n"), proc.stderr)
+
     def test_add_stores_the_binary_of_webassembly_text(self):
         text = read_text(os.path.join(RUN_GUESTS, "numbers.wat"))
         source = os.path.join(self.tmp, "numbers.wat")
@@ -1587,6 +1689,68 @@ class FirstStepsTest(StoreTestCase):
         proc = self.cli("add", "-", "/x.wasm", stdin="(module (func $f (call $nowhere)))", expect=1)
         self.assertRegex(proc.stderr, r"^wasmstore: error: stdin: invalid WebAssembly text: .*\n$")
         self.assertEqual(Store(self.root).list(), before)
+
+
+def readme_block(heading):
+    """The lines of the first indented code block after the README heading `heading`."""
+    text = read_text(os.path.join(HERE, "README.md"))
+    after = text.split(f"\n{heading}\n", 1)[1]
+    lines = after.split("\n")
+    start = next(i for i, line in enumerate(lines) if line.startswith("    "))
+    block = []
+    for line in lines[start:]:
+        if not line.startswith("    ") and line.strip():
+            break
+        block.append(line[4:])
+    return [line for line in block if line.strip()]
+
+
+def repository_copy(test):
+    """The files a fresh clone has (tracked, or new and not ignored), copied from the work tree
+    so that uncommitted changes are walked too; no build/, no virtual environments."""
+    git = require_tool("git", "apt-get install git")
+    listed = subprocess.run([git, "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                            cwd=HERE, capture_output=True, check=True).stdout.decode().split("\0")
+    folder = os.path.join(temp_dir(test, "wasmstore-clone-"), "wasmstore")
+    for name in filter(None, listed):
+        source = os.path.join(HERE, name)
+        if os.path.isfile(source):
+            os.makedirs(os.path.dirname(os.path.join(folder, name)), exist_ok=True)
+            shutil.copy2(source, os.path.join(folder, name))
+    return folder
+
+
+class QuickStartTest(unittest.TestCase):
+    """The README's first steps, line by line, in a copy of the repository as a clone has it,
+    with a new home directory (so the store is a new ~/.wasmstore) and `python` the interpreter
+    running the tests. A line whose comment starts with → must print exactly that; every line
+    must succeed. The `pip install` line is not run: the requirements are installed already."""
+
+    def test_first_steps(self):
+        clone = repository_copy(self)
+        home = temp_dir(self, "wasmstore-home-")
+        bin_dir = os.path.join(home, "bin")
+        os.makedirs(bin_dir)
+        os.symlink(sys.executable, os.path.join(bin_dir, "python"))
+        env = clean_environment(HOME=home, PATH=bin_dir + os.pathsep + os.environ.get("PATH", ""))
+        lines = readme_block("## First steps")
+        self.assertGreaterEqual(len(lines), 8)
+        checked = 0
+        for line in lines:
+            command, _, comment = line.partition("  # ")
+            if command.startswith("pip install"):
+                continue
+            with self.subTest(command=command):
+                proc = subprocess.run(["bash", "-o", "pipefail", "-c", command], cwd=clone, env=env,
+                                      capture_output=True, text=True, timeout=CLI_TIMEOUT)
+                self.assertEqual(proc.returncode, 0, f"{command}: {proc.stdout} {proc.stderr}")
+                if comment.strip().startswith("→ "):
+                    self.assertEqual(proc.stdout.strip(), comment.strip()[2:])
+                    checked += 1
+        self.assertGreaterEqual(checked, 5)
+        with Store(os.path.join(home, ".wasmstore")) as store:
+            self.assertEqual(sorted(store.list()), ["/hello/greet.wasm", "/math/add.wasm", "/tools/shout.wasm"])
+        self.assertEqual(os.listdir(clone).count(".wasmstore"), 0)
 
 
 # =================================================================================================
@@ -3432,6 +3596,257 @@ class ShutdownTests(unittest.TestCase):
         self.assertEqual(proc.wait(10), 0)
         self.assertLess(time.monotonic() - started, 3)
         self.assertEqual(proc.stderr.read(), "")         # --quiet: no access log either
+
+
+def child_pids(pid):
+    """The process ids of a process's children (Linux /proc)."""
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(child) for child in f.read().split()]
+
+
+def process_gone(pid):
+    """True once a process has exited (a zombie waiting to be reaped counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def numbered_module(number):
+    """A core module with code whose bytes depend on `number` (never in any compile cache):
+    add(i32, i32) -> i32 returns the sum plus `number`."""
+    return wat_binary(f"(module (func (export \"add\") (param i32 i32) (result i32) "
+                      f"local.get 0 local.get 1 i32.add i32.const {number} i32.add))")
+
+
+class WorkerProcessTests(unittest.TestCase):
+    """--workers N: one listening socket served by N forked processes under a supervisor."""
+
+    def setUp(self):
+        parent = temp_dir(self)
+        self.root = os.path.join(parent, "root")
+        self.env = dict(os.environ, XDG_CACHE_HOME=os.path.join(parent, "cache"))
+
+    def start(self, *args):
+        server = ServerProcess(self, HTTP_SERVER_PY, "--root", self.root, "--port", "0",
+                               "--quiet", *args, env=self.env)
+        self.addCleanup(self.stop, server, child_pids(server.process.pid))
+        return server
+
+    def stop(self, server, workers):
+        """Kill the supervisor as ServerProcess does; its workers drain and exit by themselves."""
+        server.stop()
+        for pid in workers:
+            wait_until(lambda: process_gone(pid), 20, f"worker {pid} to exit")
+
+    def metrics(self, server):
+        return http_request(server.url + "/metrics")[2].decode()
+
+    def workers_of(self, server):
+        """The worker processes (the supervisor's children that run http_server.py)."""
+        return child_pids(server.process.pid)
+
+    def test_metrics_sum_the_requests_of_every_worker(self):
+        server = self.start("--workers", "2")
+        for _ in range(30):
+            self.assertEqual(http_request(server.url + "/api/v1/branches")[0], 200)
+        text = self.metrics(server)
+        route = {"route": "/api/v1/branches", "method": "GET", "status": "200"}
+        self.assertEqual(metric(text, "wasmstore_http_requests_total", **route), 30)
+        self.assertEqual(metric(text, "wasmstore_workers"), 2)
+        per_worker = [metric(text, "wasmstore_worker_http_requests_total", worker=str(index))
+                      for index in range(2)]
+        self.assertEqual(sum(per_worker), 30)
+        self.assertEqual(len(self.workers_of(server)), 2)
+        self.assertIn("(2 worker processes)", server.banner)
+
+    def test_a_killed_worker_is_replaced_and_the_counters_go_on(self):
+        server = self.start("--workers", "2")
+        for _ in range(10):
+            http_request(server.url + "/api/v1/branches")
+        wait_until(lambda: metric(self.metrics(server), "wasmstore_http_requests_total",
+                                  route="/api/v1/branches") == 10, 10,
+                   "the requests to be counted (after their answers are sent)")
+        before = self.workers_of(server)
+        os.kill(before[0], signal.SIGKILL)
+        wait_until(lambda: len(set(self.workers_of(server)) - set(before)) == 1, 20,
+                   "a new worker to replace the killed one")
+        wait_until(lambda: metric(self.metrics(server), "wasmstore_worker_restarts_total") == 1,
+                   20, "the restart to be counted")
+        for _ in range(10):
+            self.assertEqual(http_request(server.url + "/api/v1/branches")[0], 200)
+        text = self.metrics(server)
+        self.assertEqual(metric(text, "wasmstore_http_requests_total", route="/api/v1/branches"), 20)
+        self.assertEqual(metric(text, "wasmstore_http_connections"), 1)   # this one, not the dead's
+        server.process.send_signal(signal.SIGTERM)
+        self.assertEqual(server.process.wait(30), 0)
+        self.assertIn(f"worker 0 (pid {before[0]}) was killed by signal 9", server.process.stderr.read())
+
+    def test_sigterm_stops_every_worker_and_exits_0(self):
+        server = self.start("--workers", "3")
+        workers = self.workers_of(server)
+        self.assertEqual(len(workers), 3)
+        server.process.send_signal(signal.SIGTERM)
+        self.assertEqual(server.process.wait(30), 0)
+        for pid in workers:
+            self.assertTrue(process_gone(pid), f"worker {pid} outlived the server")
+
+    def test_workers_of_a_killed_supervisor_drain_and_exit(self):
+        server = self.start("--workers", "2")
+        workers = self.workers_of(server)
+        server.process.kill()
+        server.process.wait(10)
+        for pid in workers:
+            wait_until(lambda: process_gone(pid), 20, f"orphaned worker {pid} to exit")
+        with self.assertRaises(OSError):
+            socket.create_connection(("127.0.0.1", server.port), timeout=2).close()
+
+    def test_run_slots_bound_the_whole_server(self):
+        store = wasmstore.Store(self.root)
+        fill_run_store(store, ["/p2/sleep.wasm"])
+        server = self.start("--workers", "2", "--max-guests", "1", "--run-queue", "0",
+                            "--kv", "memory:")
+        self.assertEqual(http_request(server.url + "/api/v1/call/sleep/p2/sleep.wasm",
+                                      "POST", b"[0]")[0], 200)        # compiled by now
+        results = []
+
+        def call():
+            reply = http_request(server.url + "/api/v1/call/sleep/p2/sleep.wasm", "POST", b"[1500]")
+            results.append(reply[0])
+        threads = [threading.Thread(target=call) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+        self.assertEqual(sorted(results), [200] + [503] * 7)
+
+    def test_a_module_added_by_the_command_line_is_compiled_once_for_every_worker(self):
+        server = self.start("--workers", "2", "--kv", "memory:")
+        module = numbered_module(random.randrange(1 << 30))
+        source = os.path.join(temp_dir(self), "fresh.wasm")
+        with open(source, "wb") as f:
+            f.write(module)
+        self.assertEqual(run_cli(self.root, "add", source, "/fresh.wasm").returncode, 0)
+        wait_until(lambda: metric(self.metrics(server), "wasmstore_background_compiles_total",
+                                  result="compiled") == 1, 60, "the background compile")
+        calls = [http_request(server.url + "/api/v1/call/add/fresh.wasm", "POST", b"[0, 0]")
+                 for _ in range(12)]
+        self.assertEqual({reply[:1] + reply[2:] for reply in calls}, {(200, calls[0][2])})
+        text = self.metrics(server)
+        self.assertEqual(metric(text, "wasmstore_compile_cache_total", result="compiles"), 1)
+
+    def test_workers_option_and_environment(self):
+        self.assertIn("WASMSTORE_WORKERS", run_http_server("--help").stdout)
+        self.env["WASMSTORE_WORKERS"] = "3"
+        server = self.start()
+        self.assertIn("(3 worker processes)", server.banner)
+        self.assertEqual(len(self.workers_of(server)), 3)
+
+    def test_one_worker_serves_from_the_process_itself(self):
+        server = self.start("--workers", "1")
+        self.assertNotIn("worker processes", server.banner)
+        text = self.metrics(server)
+        self.assertIsNone(metric(text, "wasmstore_workers"))
+        self.assertEqual(metric(text, "wasmstore_http_connections"), 1)
+
+    def test_a_worker_that_cannot_start_is_one_error_line_and_exit_1(self):
+        result = run_http_server("--root", self.root, "--port", "0", "--workers", "2",
+                                 "--kv", "component:/no/provider.wasm")
+        self.assertEqual(result.returncode, 1, result.stderr)
+        self.assertRegex(result.stderr, r"^http_server.py: error: no module at /no/provider.wasm.*\n$")
+
+
+class SharedBoundsTest(unittest.TestCase):
+    """What the workers of one server share, across real forked processes."""
+
+    def fork(self, body):
+        """Run body(to_parent, from_parent) in a child process; returns (pid, reader, writer)."""
+        up_read, up_write = os.pipe()
+        down_read, down_write = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            status = 1
+            try:
+                os.close(up_read)
+                os.close(down_write)
+                body(up_write, down_read)
+                status = 0
+            finally:
+                os._exit(status)
+        os.close(up_write)
+        os.close(down_read)
+        self.addCleanup(lambda: os.waitpid(pid, 0) if os.path.exists(f"/proc/{pid}") else None)
+        return pid, up_read, down_write
+
+    def test_a_slot_taken_in_one_process_is_missing_in_another_until_given_back(self):
+        shared = http_server.WorkerShared(2, {"run_slots": 1})
+        self.addCleanup(shared.close)
+
+        def child(up, down):
+            self.assertTrue(shared.pool("run_slots", 1).acquire())
+            os.write(up, b"taken")
+            os.read(down, 1)                        # hold it until the parent has looked
+        pid, up, down = self.fork(child)
+        self.assertEqual(os.read(up, 5), b"taken")
+        pool = shared.pool("run_slots", 0)
+        self.assertEqual(pool.held, 1)
+        self.assertFalse(pool.acquire())
+        os.write(down, b"x")
+        self.assertEqual(os.waitpid(pid, 0)[1], 0)  # exited holding it, as a killed worker does
+        self.assertFalse(pool.acquire())
+        shared.worker_died(1)
+        self.assertEqual(pool.held, 0)
+        self.assertTrue(pool.acquire())
+
+    def test_a_compile_lock_held_by_another_process_waits_for_it(self):
+        shared = http_server.WorkerShared(2, {})
+        self.addCleanup(shared.close)
+        digest = sha256(b"some module")
+
+        def child(up, down):
+            with http_server.CompileLocks(shared.compile_file).hold(digest):
+                os.write(up, b"held")
+                os.read(down, 1)
+        pid, up, down = self.fork(child)
+        self.assertEqual(os.read(up, 4), b"held")
+        locks = http_server.CompileLocks(shared.compile_file)
+        got = threading.Event()
+
+        def take():
+            with locks.hold(digest):
+                got.set()
+        thread = threading.Thread(target=take)
+        thread.start()
+        with locks.hold(sha256(b"another module")):
+            pass                                    # other modules are not held up
+        self.assertFalse(got.wait(0.3))
+        os.write(down, b"x")
+        self.assertTrue(got.wait(10))
+        thread.join(10)
+
+    def test_metric_values_are_read_across_processes_and_a_successor_keeps_the_counters(self):
+        shared = http_server.WorkerShared(1, {})
+        self.addCleanup(shared.close)
+
+        def child(up, down):
+            values = http_server.SharedMetricValues(shared.regions[0], writer=True)
+            values.add(("http_requests", "/api/v1/modules/*", "GET", 200), 3)
+            values.add(("http_duration_sum", "/api/v1/modules/*"), 0.25)
+            values.add(("connections",), 2)
+            os.write(up, b"done")
+        pid, up, _ = self.fork(child)
+        self.assertEqual(os.read(up, 4), b"done")
+        os.waitpid(pid, 0)
+        (label, snapshot), (supervisor, _) = shared.snapshots()
+        self.assertEqual((label, supervisor), ("0", "supervisor"))
+        self.assertEqual(snapshot, {("http_requests", "/api/v1/modules/*", "GET", 200): 3,
+                                    ("http_duration_sum", "/api/v1/modules/*"): 0.25,
+                                    ("connections",): 2})
+        successor = http_server.SharedMetricValues(shared.regions[0], writer=True)
+        self.assertEqual(successor.get(("connections",)), 0)       # gauges start again
+        successor.add(("http_requests", "/api/v1/modules/*", "GET", 200), 1)
+        self.assertEqual(successor.get(("http_requests", "/api/v1/modules/*", "GET", 200)), 4)
 
 
 class CommandLineTests(unittest.TestCase):
@@ -5852,6 +6267,15 @@ class BackendContract:
     def setUp(self):
         self.backend = self.make_backend()
         self.addCleanup(self.backend.close)
+
+    def test_namespaces_are_those_holding_keys(self):
+        odd = "/apps/a b:c*.wasm"                            # a path, with the characters keys quote
+        self.backend.set(odd, "b1", "k", b"v")
+        self.backend.set("sha256:" + "0" * 64, "b2", "k", b"v")
+        self.backend.set("gone", "b", "k", b"v")
+        self.backend.delete("gone", "b", "k")
+        self.assertEqual(self.backend.namespaces(), ["/apps/a b:c*.wasm", "sha256:" + "0" * 64])
+        self.assertEqual(self.backend.namespaces(limit=1), [odd])
 
     def test_get_missing_key_is_none_and_exists_false(self):
         self.assertIsNone(self.backend.get(self.NS, "b", "nope"))
@@ -9625,10 +10049,10 @@ class RunHttpTest(unittest.TestCase):
     def test_every_error_has_its_status_and_the_server_keeps_serving(self):
         live = self.server(timeout=1)
         cases = [
-            (("add", "/num/numbers.wasm", b"[2"), 400, "malformed JSON body"),
+            (("add", "/num/numbers.wasm", b"[2"), 400, "invalid JSON body"),
             (("add", "/num/numbers.wasm", b"[1, NaN]"), 400, 'write "NaN", "Infinity" or "-Infinity" as strings'),
             (("add", "/num/numbers.wasm", b'{"a": 1}'), 400, "expected a JSON array of arguments"),
-            (("add", "/num/numbers.wasm", b"\xff"), 400, "malformed JSON body"),
+            (("add", "/num/numbers.wasm", b"\xff"), 400, "invalid JSON body"),
             (("add", "/num/numbers.wasm", [1]), 400, "add takes 2 argument(s) (i32, i32), got 1"),
             (("add", "/num/numbers.wasm", [1, "2"]), 400, 'argument 2 (i32): expected i32, got "2"'),
             (("incr", "/kv/probe.wasm", ["b", "k", 1.5]), 400, "argument 3 (delta: s64): expected s64, got 1.5"),
@@ -9871,6 +10295,231 @@ class PyCounterServerTest(unittest.TestCase):
         self.assertEqual(self.bump(live), 1 + 16 * 5 + 1)
 
 
+
+# =================================================================================================
+# Hostile input: what an attacker, a broken peer or a careless script sends, as tables of cases
+# with the answer each must get; the server keeps serving and nothing changes
+# =================================================================================================
+
+# The spellings of numbers that str.isdigit() or int() take but that are not ASCII digits.
+NON_ASCII_NUMBERS = ("²", "①", "٣", "𝟎", "1_0", " 1", "+1", "0x1")
+
+
+class InputHelpersTest(unittest.TestCase):
+    """The one number, JSON and URL parser of each layer (kvhost's and wasmstore's copies agree)."""
+
+    LAYERS = ((kvhost, kvhost.ArgumentError), (wasmstore, wasmstore.InvalidInput))
+
+    def test_only_ascii_digits_are_numbers(self):
+        for module, error in self.LAYERS:
+            for text in NON_ASCII_NUMBERS + ("", "-", "9" * 41, "nan", "inf", "1e400"):
+                with self.subTest(module=module.__name__, text=text), self.assertRaises(error) as caught:
+                    module.parse_number(text, "count", fraction=text.startswith(("n", "i", "1e")))
+                self.assertIn("count", str(caught.exception))
+            self.assertEqual(module.parse_number("0042", "n"), 42)
+            self.assertEqual(module.parse_number(b"7", "n"), 7)
+            self.assertEqual(module.parse_number("-3", "n", minimum=-5), -3)
+            self.assertEqual(module.parse_number("2.5e1", "s", fraction=True), 25.0)
+            with self.assertRaisesRegex(error, "expected 0 to 9"):
+                module.parse_number("10", "digit", maximum=9)
+            with self.assertRaisesRegex(error, "expected at least 0"):
+                module.parse_number("-1", "count")
+
+    def test_json_nesting_is_bounded_before_decoding(self):
+        deep = "[" * 200_000 + "]" * 200_000
+        for module, error in self.LAYERS:
+            for text in (deep, "[" * 1000, b"{\"a\":" * 30_000 + b"1" + b"}" * 30_000):
+                with self.subTest(module=module.__name__, size=len(text)):
+                    with self.assertRaisesRegex(error, "nested deeper than 64 levels"):
+                        module.parse_json(text, "document")
+            nested = "[" * 64 + "]" * 64
+            self.assertEqual(module.json_depth(nested), 64)
+            self.assertIsInstance(module.parse_json(nested), list)
+            self.assertEqual(module.parse_json('{"a": "[[[[' + "[" * 100 + '"}'), {"a": "[" * 104})
+            for bad in ("NaN", "[1, Infinity]", b"\xff", "[1,", "1" * 5000):
+                with self.subTest(module=module.__name__, bad=bad[:10]), self.assertRaises(error):
+                    module.parse_json(bad)
+
+    def test_urls_need_a_host_and_a_port_in_range(self):
+        for module, error in self.LAYERS:
+            for url in ("http://[::1/x", "http://h:99999/", "http://h:abc/", "http://h:٣/", "ftp://h/",
+                        "http:///x", "http://h x/", "http://h/\n"):
+                with self.subTest(module=module.__name__, url=url), self.assertRaises(error):
+                    module.parse_url(url, "location", ("http", "https"))
+            url = module.parse_url("https://[::1]:5000/v2/?a=b", "location", ("http", "https"))
+            self.assertEqual((url.host, url.port, url.path, url.query, url.netloc),
+                             ("::1", 5000, "/v2/", "a=b", "[::1]:5000"))
+            with self.assertRaises(error) as caught:
+                module.parse_url("redis://user:secret@h:x/0", "URL", ("redis",))
+            self.assertNotIn("secret", str(caught.exception))
+
+
+class HostileHttpTest(unittest.TestCase):
+    """Requests an attacker sends to the API: each gets its 4xx in one line; the server logs no
+    500 or traceback, keeps serving, and the store does not change."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.live = LiveServer(cls, run={"kv": "memory:", "timeout": 2})
+        fill_run_store(cls.live.store, paths={"/num/numbers.wasm"})
+        cls.live.store.add("/types/probe.wasm", guest_binary(TYPES_PROBE))
+        for path, function, args in (("/num/numbers.wasm", "add", [1, 2]), ("/types/probe.wasm", "echo-f32", [1])):
+            status, _, body = cls.live.request("POST", f"/api/v1/call/{function}{path}", json.dumps(args).encode())
+            assert status == 200, body                 # warm: compiled, module files written out
+
+    @classmethod
+    def addCleanup(cls, function, *args, **kwargs):     # LiveServer's cleanup, at class level
+        cls.addClassCleanup(function, *args, **kwargs)
+
+    def state(self):
+        return store_state(self.live.root)
+
+    def check_cases(self, cases):
+        """cases: [(method, target, headers, body, status, text in the answer)]."""
+        for method, target, headers, body, status, text in cases:
+            with self.subTest(method=method, target=target[:80], body=(body or b"")[:40]):
+                before = self.state()
+                answer = self.live.request(method, target, body, headers)
+                self.assertEqual(answer[0], status, answer[2][:300])
+                self.assertIn(text, answer[2].decode("utf-8", "replace"))
+                if not target.startswith("/v2/"):           # /v2/ errors are the registry's JSON
+                    self.assertEqual(answer[2].count(b"\n"), 1, answer[2][:300])
+                self.assertEqual(self.live.request("POST", "/api/v1/call/add/num/numbers.wasm", b"[2, 3]")[2],
+                                 b"5")
+                self.assertEqual(self.state(), before)
+        log = self.live.log.getvalue()
+        self.assertNotIn(" 500 ", log)
+        self.assertNotIn("Traceback", log)
+
+    def test_call_bodies(self):
+        call, call_types = "/api/v1/call/add/num/numbers.wasm", "/api/v1/call/{}/types/probe.wasm"
+        self.check_cases([
+            ("POST", call, {}, b"[" * 1000 + b"]" * 1000, 400, "nested deeper than 64 levels"),
+            ("POST", call, {}, b"[" * 100_000, 400, "nested deeper than 64 levels"),
+            ("POST", call, {}, b'[{"a":' * 500 + b"1" + b"}]" * 500, 400, "nested deeper than 64 levels"),
+            ("POST", call, {}, b"[" + b"9" * 5000 + b", 1]", 400, "invalid JSON body"),
+            ("POST", call, {}, b"[1e400, 1]", 400, "expected i32"),
+            ("POST", call_types.format("echo-f32"), {}, b"[1e39]", 400, "expected f32"),
+            ("POST", call_types.format("echo-f32"), {}, b"[-3.5e38]", 400, "expected f32"),
+            ("POST", call_types.format("echo-f32"), {}, b"[" + b"9" * 400 + b"]", 400, "expected f32"),
+            ("POST", call_types.format("add-f64"), {}, b"[" + b"9" * 400 + b", 1]", 400, "expected f64"),
+            ("POST", call_types.format("echo-bytes"), {}, '["é"]'.encode(), 400, "expected list<u8>"),
+            ("POST", call_types.format("echo-bytes"), {}, b'["\\u0000"]', 400, "expected list<u8>"),
+            ("POST", "/api/v1/call/mulf32/num/numbers.wasm", {}, b"[1e39, 1]", 400, "expected f32"),
+        ])
+
+    def test_numbers_in_queries_and_paths(self):
+        cases = []
+        for text in NON_ASCII_NUMBERS:
+            quoted = urllib.parse.quote(text)
+            cases += [
+                ("POST", f"/api/v1/call/add/num/numbers.wasm?version={quoted}", {}, b"[1, 2]", 400, "ASCII digits"),
+                ("POST", f"/api/v1/run/num/numbers.wasm?version={quoted}", {}, b"", 400, "ASCII digits"),
+                ("GET", f"/api/v1/exports/num/numbers.wasm?version={quoted}", {}, None, 400, "ASCII digits"),
+                ("GET", f"/api/v1/version/{quoted}/num/numbers.wasm", {}, None, 400, "ASCII digits"),
+                ("GET", f"/v2/num/numbers.wasm/tags/list?n={quoted}", {}, None, 400, "UNSUPPORTED"),
+            ]
+        cases.append(("GET", "/api/v1/version/" + "9" * 30 + "/num/numbers.wasm", {}, None, 400, "version index"))
+        self.check_cases(cases)
+
+
+class HostileCommandLineTest(StoreTestCase):
+    """Arguments a careless script passes to the command lines: one error line, no traceback,
+    exit status 2 for a bad argument, and the store unchanged."""
+
+    def test_bad_arguments_are_one_line(self):
+        self.store.add("/types/probe.wasm", guest_binary(TYPES_PROBE))
+        before = store_state(self.root)
+        deep = "[" * 1000 + "]" * 1000
+        cases = [
+            (("call", "/types/probe.wasm", "echo-f32", deep), 2, "nested deeper than 64 levels"),
+            (("call", "/types/probe.wasm", "echo-f32", "1e39"), 2, "expected f32"),
+            (("call", "/types/probe.wasm", "echo-bytes", '"é"'), 2, "expected list<u8>"),
+            (("call", "--version", "²", "/types/probe.wasm", "echo-f32", "1"), 2, "ASCII digits"),
+            (("call", "--timeout", "٣", "/types/probe.wasm", "echo-f32", "1"), 2, "ASCII digits"),
+            (("log", "-n", "①"), 2, "ASCII digits"),
+            (("version", "٣", "/types/probe.wasm"), 1, "ASCII digits"),
+        ]
+        for args, status, text in cases:
+            with self.subTest(args=[a[:20] for a in args]):
+                done = run_cli(self.root, *args)
+                self.assertEqual(done.returncode, status, done.stderr)
+                self.assertIn(text, done.stderr)
+                self.assertNotIn("Traceback", done.stderr)
+                self.assertEqual(done.stderr.count("\n"), 1 if status == 1 else done.stderr.count("\n"))
+                self.assertEqual(store_state(self.root), before)
+        done = run_kvhost("call", TYPES_PROBE, "echo-f32", deep)
+        self.assertEqual((done.returncode, done.stderr.count("\n")), (2, 1), done.stderr)
+        self.assertIn("nested deeper than 64 levels", done.stderr)
+
+
+class GuestOutputTest(unittest.TestCase):
+    """What a called guest writes to stdout and stderr is captured into its reply, bounded, and
+    never reaches the server's own streams, which a guest can therefore never block."""
+
+    def test_call_output_comes_back_in_headers_cut_at_4_kib(self):
+        live = LiveServer(self, run={"kv": "memory:"})
+        live.store.add("/out/shout.wasm", guest_binary("wasi-shout"))
+        status, headers, body = live.request("POST", "/api/v1/call/shout/out/shout.wasm", b"[1, 16]")
+        self.assertEqual((status, body), (200, b"16"))
+        self.assertTrue(json.loads(headers["wasmstore-stdout"]).startswith("shout-marker \n127.0.0.1"))
+        self.assertEqual(len(json.loads(headers["wasmstore-stdout"]).encode()), 4096)
+        self.assertEqual(headers["wasmstore-stdout-truncated"], str(16 << 16))
+        self.assertNotIn("wasmstore-stderr", headers)
+        status, headers, body = live.request("POST", "/api/v1/call/shout/out/shout.wasm", b"[2, 1]")
+        self.assertEqual((status, headers["wasmstore-stderr-truncated"]), (200, str(1 << 16)))
+        status, headers, _ = live.request("POST", "/api/v1/call/shout/out/shout.wasm", b"[1, 0]")
+        self.assertNotIn("wasmstore-stdout", headers)
+        self.assertNotIn("forged", live.log.getvalue())
+
+    def test_a_server_whose_streams_nobody_reads_keeps_answering(self):
+        root = os.path.join(temp_dir(self), "root")
+        Store(root).add("/out/shout.wasm", guest_binary("wasi-shout"))
+        server = subprocess.Popen([sys.executable, HTTP_SERVER_PY, "--root", root, "--port", "0", "--kv", "memory:",
+                                   "--run-timeout", "3", "--max-guests", "2"],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=HERE)
+        self.addCleanup(lambda: (server.poll() is None and server.kill(), server.wait(10)))
+        port = int(re.search(rb"127\.0\.0\.1:(\d+)", server.stderr.readline()).group(1))
+        results = []
+
+        def shout(fd):              # 4 MiB each; a pipe holds 64 KiB, and nobody reads these two
+            started = time.monotonic()
+            status, _, body = http_request(f"http://127.0.0.1:{port}/api/v1/call/shout/out/shout.wasm", "POST",
+                                           json.dumps([fd, 64]).encode())
+            results.append((status, body, time.monotonic() - started < 3))
+        threads = [threading.Thread(target=shout, args=(fd,)) for fd in (1, 2, 1, 2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        self.assertEqual(results, [(200, b"64", True)] * 4)
+        server.kill()
+        output = server.stdout.read() + server.stderr.read()
+        self.assertNotIn(b"shout-marker", output)
+        self.assertNotIn(b"forged", output)
+        self.assertLess(len(output), 64 << 10)
+
+    def test_kvhost_output_policies(self):
+        guest_file = os.path.join(temp_dir(self), "shout.wasm")
+        with open(guest_file, "wb") as f:
+            f.write(guest_binary("wasi-shout"))
+        script = ("import kvhost, sys\n"
+                  "host = kvhost.Host(output=sys.argv[1], cache_dir=False)\n"
+                  "guest = host.load(sys.argv[2])\n"
+                  "result = host.call_captured(guest, 'shout', [1, 2], limit=10)\n"
+                  "print(repr((result.value, result.stdout, result.stdout_total)), file=sys.stderr)\n"
+                  "host.call(guest, 'shout', [1, 1])\n")
+        for output in ("inherit", "discard"):
+            with self.subTest(output=output):
+                done = subprocess.run([sys.executable, "-c", script, output, guest_file], capture_output=True,
+                                      cwd=HERE, timeout=120)
+                # (wasmtime's runtime threads may print a panic as the interpreter exits: not ours)
+                self.assertEqual(done.stderr.splitlines()[0], b"(2, b'shout-mark', 131072)")
+                self.assertEqual(len(done.stdout), 0 if output == "discard" else 65536)
+        with self.assertRaisesRegex(kvhost.ArgumentError, "invalid output 'loud'"):
+            kvhost.Host(output="loud")
+
+
 # =================================================================================================
 # HTTP apps in kvhost (Host.handle_http): the wasi:http proxy world served by kvhost's own imports
 # =================================================================================================
@@ -9898,7 +10547,7 @@ class RecordingSink:
         return b"".join(event[1] for event in self.events if event[0] == "write")
 
 
-def http_request(method="GET", path="/", headers=(), body=None, authority="localhost"):
+def incoming_request(method="GET", path="/", headers=(), body=None, authority="localhost"):
     """A kvhost.HttpRequest; body: bytes (read through an io.BytesIO) or None."""
     reader = None if body is None else io.BytesIO(body)
     return kvhost.HttpRequest(method, "http", authority, path, list(headers), reader)
@@ -9914,14 +10563,14 @@ class HttpHandlerTest(unittest.TestCase):
     def test_hello_answers_through_the_sink_in_order(self):
         guest = self.host.load(HTTP_HELLO)
         sink = RecordingSink()
-        outcome = self.host.handle_http(guest, http_request(), sink)
+        outcome = self.host.handle_http(guest, incoming_request(), sink)
         self.assertEqual(sink.events, [("start", 200, []), ("write", b"hello from wasm\n"), ("finish", None)])
         self.assertEqual((outcome.status, outcome.body_bytes), (200, 16))
 
     def test_a_component_that_is_not_a_handler_is_one_clear_error(self):
         guest = self.host.load(os.path.join(RUN_GUESTS, "http-import.wat"))
         with self.assertRaisesRegex(kvhost.NotHttpHandler, "does not export wasi:http/incoming-handler"):
-            self.host.handle_http(guest, http_request(), RecordingSink())
+            self.host.handle_http(guest, incoming_request(), RecordingSink())
 
 
 if __name__ == "__main__":

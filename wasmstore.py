@@ -61,7 +61,9 @@ fdatasync), and a ref that moves by rename cannot be read fresh without a syscal
 so a commit creates no file and a ref is rewritten in place.
 
 Map of this file: constants; exceptions and the ERROR_STATUS table (HTTP status, exit
-status and metric label of each error, shared with http_server.py); names (paths, branches,
+status and metric label of each error, shared with http_server.py); input from outside
+(parse_number, parse_json, parse_url: ASCII digits, bounded JSON nesting, ports in range; used
+by http_server.py too); names (paths, branches,
 hashes); validation (wasmtime, imported lazily); primitives (the durable write, temp files and their debris, the
 hash check, caches); the object store (_Segment: one pack as a reader sees it;
 _ObjectStore: packs and loose files, batches, module files, fsck and gc passes); refs
@@ -96,7 +98,8 @@ __all__ = [
     "RegistryError", "OciReference", "WasmArtifact", "Credentials", "RegistryClient",
     "TransferReport", "wasm_interface", "module_artifact", "registry_credentials",
     "docker_config_file", "validate_module_file", "is_branch_tag", "push", "push_all", "pull",
-    "pull_many", "console_main", "wasm_from_text",
+    "pull_many", "console_main", "wasm_from_text", "parse_number", "parse_json", "json_depth",
+    "parse_url", "Url", "MAX_JSON_DEPTH",
 ]
 
 import argparse
@@ -110,6 +113,7 @@ import hashlib
 import io
 import itertools
 import json
+import math
 import mmap
 import os
 import re
@@ -171,6 +175,8 @@ OCI_REPOSITORY = re.compile(r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*"
 OCI_TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}\Z")
 OCI_DIGEST = re.compile(r"sha256:[0-9a-f]{64}\Z")
 OCI_VERSION_TAG = re.compile(r"v(0|[1-9][0-9]{0,8})\Z")   # v0, v1, ...: a path's versions
+MAX_JSON_DEPTH = 64                   # JSON from outside nests at most this deep
+MAX_NUMBER_CHARS = 40                 # a longer number from outside is refused unread
 
 
 # --------------------------------------------------------------------------- exceptions
@@ -254,6 +260,106 @@ class _RefMoved(Conflict):
     def __init__(self, branch):
         super().__init__(f"branch {branch!r} changed while this change was being written "
                          "(a writer without the lock?); nothing was written, retry")
+
+
+# --------------------------------------------------------------------------- input from outside
+#
+# Every number, JSON text and URL this module takes from a user, a file or a peer (a registry,
+# a backup) goes through one of these three: only ASCII digits are digits (str.isdigit() takes
+# "²", int() takes "٣" and "1_0"), JSON nests at most MAX_JSON_DEPTH levels (the decoder
+# recurses: 1,000 levels in 2 KB raise RecursionError), a URL's port is a number in range.
+# http_server.py uses these; kvhost.py has the same three for its own input (each file works
+# copied alone).
+
+_INTEGER_TEXT = re.compile(r"-?[0-9]+\Z")
+_FRACTION_TEXT = re.compile(r"-?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][-+]?[0-9]+)?\Z")
+_JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.S)
+_JSON_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
+_BRACKET_STEP = {"[": 1, "{": 1, "]": -1, "}": -1}
+_USERINFO = re.compile(r"//[^/@]*@")
+_NOT_IN_URL = re.compile(r"[\x00-\x20\x7f]")          # spaces and control characters
+
+
+def parse_number(text, what, *, minimum=0, maximum=None, fraction=False):
+    """The number `text` (str or bytes) spells in ASCII digits: an int, or with fraction=True a
+    finite float (a decimal point and an exponent allowed). A leading "-" is the only sign; no
+    space, "_", "+", nan or inf. InvalidInput naming `what` when the text is not such a number
+    or the number is outside [minimum, maximum] (None: unbounded)."""
+    if isinstance(text, (bytes, bytearray)):
+        text = bytes(text).decode("latin-1")
+    pattern = _FRACTION_TEXT if fraction else _INTEGER_TEXT
+    if not isinstance(text, str) or len(text) > MAX_NUMBER_CHARS or not pattern.match(text):
+        kind = "a number" if fraction else "an integer"
+        raise InvalidInput(f"invalid {what} {_short(text, 40)}: expected {kind} in ASCII digits")
+    value = float(text) if fraction else int(text)
+    if not math.isfinite(value) or (minimum is not None and value < minimum) \
+            or (maximum is not None and value > maximum):
+        bounds = f"at least {minimum}" if maximum is None else f"{minimum} to {maximum}"
+        raise InvalidInput(f"invalid {what} {text!r}: expected {bounds}")
+    return value
+
+
+def _reject_constant(name):
+    raise ValueError(f"{name} is not JSON (write \"NaN\", \"Infinity\" or \"-Infinity\" as strings)")
+
+
+_STRICT_JSON = json.JSONDecoder(parse_constant=_reject_constant)
+
+
+def json_depth(text):
+    """How deep the arrays and objects of JSON text nest (brackets inside strings do not count;
+    for text that is not JSON, how deep a decoder would get before it finds out)."""
+    brackets = _JSON_NOT_BRACKET.sub("", _JSON_STRING.sub("", text))
+    return max(itertools.accumulate(map(_BRACKET_STEP.__getitem__, brackets)), default=0)
+
+
+def parse_json(data, what="JSON", *, max_depth=MAX_JSON_DEPTH):
+    """The value of strict JSON (no NaN or Infinity) given as str or bytes (UTF-8, or the
+    UTF-16/32 that json detects), nested at most max_depth levels: deeper input is refused
+    before the decoder sees it. InvalidInput naming `what` otherwise."""
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        data = bytes(data)
+        try:
+            data = data.decode(json.detect_encoding(data))
+        except UnicodeDecodeError:
+            raise InvalidInput(f"invalid {what}: not UTF-8 text") from None
+    if not isinstance(data, str):
+        raise InvalidInput(f"invalid {what}: expected JSON text, not {type(data).__name__}")
+    if data.count("[") + data.count("{") > max_depth and json_depth(data) > max_depth:
+        raise InvalidInput(f"invalid {what}: nested deeper than {max_depth} levels")
+    try:
+        return _STRICT_JSON.decode(data)
+    except ValueError as exc:              # json.JSONDecodeError, and numbers over 4,300 digits
+        raise InvalidInput(f"invalid {what}: {exc}") from None
+
+
+class Url(collections.namedtuple("Url", "scheme username password host port path query")):
+    """A URL parse_url() checked; netloc is "host[:port]" (IPv6 hosts in brackets)."""
+
+    __slots__ = ()
+
+    @property
+    def netloc(self):
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return host if self.port is None else f"{host}:{self.port}"
+
+
+def parse_url(text, what, schemes=("http", "https")):
+    """A URL from outside as a Url (host lowercased, IPv6 without brackets, port None when not
+    given); InvalidInput naming `what` unless its scheme is one of `schemes`, it names a host
+    (no space or control character) and its port, if any, is 0-65535 in ASCII digits."""
+    import urllib.parse
+    shown = _short(_USERINFO.sub("//", str(text)), 200)           # never a password in a message
+    if not isinstance(text, str) or _NOT_IN_URL.search(text):
+        raise InvalidInput(f"invalid {what} {shown}: not a URL")
+    try:
+        parts = urllib.parse.urlsplit(text)
+        port = parts.port
+    except ValueError as exc:              # "Invalid IPv6 URL", a port out of range or not a number
+        raise InvalidInput(f"invalid {what} {shown}: {exc}") from None
+    if parts.scheme not in schemes or not parts.hostname:
+        raise InvalidInput(f"invalid {what} {shown}: expected {' or '.join(schemes)}://HOST")
+    return Url(parts.scheme, parts.username, parts.password, parts.hostname, port, parts.path, parts.query)
 
 
 # --------------------------------------------------------------------------- names
@@ -1354,15 +1460,15 @@ class _ObjectStore:
         copies of loose modules) are rewritten into one new pack, made durable and sealed
         before they are deleted, so a kill at any point loses nothing reachable. Readers that
         hold a deleted pack open keep reading it; others find the objects in the new one.
-        Returns the number of objects dropped."""
+        Returns (objects dropped, their bytes)."""
         self.refresh()
         loose = {digest: path for digest, path in self.loose_digests()}
-        keep, dirty, dropped = {}, [], set()
+        keep, dirty, dropped = {}, [], {}
         for segment in self._segments:
             garbage = segment.scan() > segment.covered           # a torn tail
             for digest, (offset, length, kind) in segment.items().items():
                 if digest not in reachable:
-                    dropped.add(digest)
+                    dropped[digest] = length
                     garbage = True
                 elif digest in keep:                             # a second copy
                     garbage = True
@@ -1385,12 +1491,13 @@ class _ObjectStore:
             self.refresh()
         for digest, path in loose.items():
             if digest not in reachable:
+                key = _stat_key(path)
                 _unlink_quietly(path)
                 self._checked_files.discard(digest)
-                dropped.add(digest)
+                dropped.setdefault(digest, key[2] if key else 0)
         for digest in dropped:
             self._whole.discard(digest)
-        return len(dropped)
+        return len(dropped), sum(dropped.values())
 
     def _loose_is_whole(self, digest, path):
         key = _stat_key(path)
@@ -2351,11 +2458,8 @@ class Store:
 
     def version(self, index, path, *, branch=None):
         """The index-th entry of versions(path) (0 = oldest)."""
-        try:
-            index = int(index)
-        except (TypeError, ValueError):
-            raise InvalidInput(f"invalid version index {_short(index)}: expected an "
-                               "integer") from None
+        if not isinstance(index, int) or isinstance(index, bool):
+            index = parse_number(index, "version index")
         found = self.versions(path, branch=branch)
         if not 0 <= index < len(found):
             raise NotFound(f"no version {index} of {format_path(validate_path(path))} "
@@ -2379,7 +2483,8 @@ class Store:
             head = self.commit_info(start)["hash"]        # NotFound for an unknown commit
         chain = self._first_parents(head)
         if limit is not None:
-            chain = itertools.islice(chain, max(0, int(limit)))
+            chain = itertools.islice(chain, max(0, limit if isinstance(limit, int) else
+                                                parse_number(limit, "number of commits")))
         return [_commit_info(digest, commit) for digest, commit in chain]
 
     def snapshot(self, *, branch=None):
@@ -2654,14 +2759,17 @@ class Store:
         finally:
             os.close(fd)
 
-    def gc(self, *, branch=None, author=None):
+    def gc(self, *, branch=None, author=None, stats=None):
         """Squash the branch's history into one "GC" commit, then delete every object
-        not reachable from any branch. Returns the number of objects deleted."""
+        not reachable from any branch. Returns the number of objects deleted; stats (a dict)
+        also receives {"objects": that number, "bytes": their size, "commits_squashed":
+        commits of the branch's history replaced by the GC commit}."""
         branch = self._branch(branch)
         author = _author(author)
         with self._refs.lock(), self._objects_lock(shared=False):
-            head = self._read_ref(branch)
+            head, squashed_count = self._read_ref(branch), 0
             if head and self._commit(head)["parents"]:
+                squashed_count = self._count_commits(head) if stats is not None else 0
                 batch = _Batch()
                 tree = self._commit(head)["tree"]
                 squashed = self._put_commit(tree, [], author, "GC", batch)
@@ -2669,10 +2777,22 @@ class Store:
                 self._history.record(squashed, None, self.changes(None, squashed))
             heads = [self._read_ref(name) for name in self.branches()]
             reachable = self._reachable(heads)
-            deleted = self._objects.compact(reachable)
+            deleted, deleted_bytes = self._objects.compact(reachable)
             self._history.compact(reachable)
             _remove_debris(self._tmp_dir)
+            if stats is not None:
+                stats.update(objects=deleted, bytes=deleted_bytes, commits_squashed=squashed_count)
         return deleted
+
+    def _count_commits(self, head):
+        """How many commits head's history holds (every ancestor, merges' second parents too)."""
+        seen, stack = set(), [head]
+        while stack:
+            digest = stack.pop()
+            if digest not in seen:
+                seen.add(digest)
+                stack.extend(self._commit(digest)["parents"])
+        return len(seen)
 
     def _reachable(self, heads):
         """Hashes of every commit, tree and module reachable from heads."""
@@ -2975,8 +3095,8 @@ def _parse_object(data, digest):
             if not isinstance(document["date"], int) or not isinstance(document["message"], str):
                 raise ValueError("bad field")
             return ("commit", document)
-    except (ValueError, KeyError, TypeError, AttributeError):
-        pass
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
+        pass      # RecursionError: JSON nested beyond any tree or commit (a hostile backup's object)
     raise _not_an_object(digest)
 
 
@@ -3394,6 +3514,18 @@ class Runner:
                               resolve=self._linker_for(target, guest, reach)
                               if guest.links_needed else None, stats=stats)
 
+    def call_captured(self, path_or_hash, function, args=(), *, branch=None, version=None, commit=None,
+                      namespace=None, limit=None, stats=None, reach=None):
+        """Like call(), with the guest's stdout and stderr kept, never written to this process's
+        streams (kvhost.CallResult: .value, .stdout, .stderr and their totals)."""
+        target = path_or_hash if type(path_or_hash) is Target else \
+            self._target(path_or_hash, branch, version, commit)
+        guest = self.host.loaded(target.digest) or self.load(target)
+        options = {} if limit is None else {"limit": limit}
+        return self.host.call_captured(guest, function, args, namespace=namespace or target.namespace,
+                                       resolve=self._linker_for(target, guest, reach)
+                                       if guest.links_needed else None, stats=stats, **options)
+
     def run(self, path_or_hash, argv=(), *, branch=None, version=None, commit=None, namespace=None,
             stdin=None, stats=None, reach=None):
         """Run a wasi:cli/run component or a WASI command module; returns its exit status."""
@@ -3749,9 +3881,9 @@ def _wasm_layer(data, content_type):
         raise RegistryError(f"the manifest has media type {_clean_text(content_type)!r}, "
                             f"expected {OCI_MANIFEST_TYPE}")
     try:
-        manifest = json.loads(data)
-    except (ValueError, UnicodeDecodeError):
-        raise RegistryError("the manifest is not valid JSON") from None
+        manifest = parse_json(data, "manifest")
+    except InvalidInput as exc:
+        raise RegistryError(f"the registry sent an {exc}") from None
     if not isinstance(manifest, dict) or manifest.get("schemaVersion") != 2:
         raise RegistryError("the manifest is not an OCI image manifest (schemaVersion 2)")
     media_type = manifest.get("mediaType", OCI_MANIFEST_TYPE)
@@ -3844,12 +3976,12 @@ def registry_credentials(registry, *, username=None, password=None, environ=None
 def _docker_credentials(registry, filename):
     try:
         with open(filename, "rb") as handle:
-            document = json.loads(handle.read(OCI_MAX_SMALL_BODY + 1))
+            document = parse_json(handle.read(OCI_MAX_SMALL_BODY + 1), "JSON")
     except FileNotFoundError:
         return None
-    except (OSError, ValueError) as exc:
+    except (OSError, InvalidInput) as exc:
         raise InvalidInput(f"cannot read Docker config {filename!r}: "
-                           f"{getattr(exc, 'strerror', None) or 'not JSON'}") from None
+                           f"{getattr(exc, 'strerror', None) or exc}") from None
     auths = document.get("auths") if isinstance(document, dict) else None
     for key, entry in (auths or {}).items():
         host = key.split("://", 1)[-1].split("/", 1)[0]
@@ -3891,7 +4023,7 @@ def _parse_challenge(header):
 def _registry_detail(body):
     """": CODE: message" from an OCI error body, or "" (peer text, cleaned and bounded)."""
     try:
-        errors = json.loads(body).get("errors")
+        errors = parse_json(body, "error body").get("errors")
         first = errors[0]
         return ": " + _clean_text(f"{first.get('code', '')}: {first.get('message', '')}")
     except Exception:            # any other body: the status line says enough
@@ -3913,12 +4045,24 @@ class _Response:
     def header(self, name):
         return self.response.getheader(name)
 
+    def length(self, what):
+        """The Content-Length the registry announced (None without one); RegistryError when it
+        is not a byte count in ASCII digits."""
+        text = self.header("Content-Length")
+        if text is None:
+            return None
+        try:
+            return parse_number(text.strip(), "Content-Length")
+        except InvalidInput as exc:
+            self.close()
+            raise RegistryError(f"{self.client.registry} sent {what} with an {exc}") from None
+
     def read(self, limit, what):
         """The whole body, or RegistryError when it is longer than limit."""
-        length = self.header("Content-Length")
-        if length is not None and length.isdigit() and int(length) > limit:
+        length = self.length(what)
+        if length is not None and length > limit:
             self.close()
-            raise RegistryError(f"{what} from {self.client.registry} is {int(length)} bytes, "
+            raise RegistryError(f"{what} from {self.client.registry} is {length} bytes, "
                                 f"over the limit of {limit} bytes")
         try:
             data = self.response.read(limit + 1)
@@ -4181,12 +4325,14 @@ class RegistryClient:
         """(True, path) for a redirect on this registry, (False, split URL) elsewhere."""
         import urllib.parse
         base = f"{self.scheme}://{self.registry}/"
-        url = urllib.parse.urlsplit(urllib.parse.urljoin(base, location))
-        if url.scheme not in ("http", "https") or not url.hostname:
-            raise RegistryError(f"{self.registry} redirected {what} to an unusable location")
+        try:
+            url = parse_url(urllib.parse.urljoin(base, location), "location")
+        except (InvalidInput, ValueError) as exc:      # urljoin too refuses a broken IPv6 host
+            raise RegistryError(f"{self.registry} redirected {what} to an unusable location "
+                                f"({_clean_text(exc)})") from None
         own_port = self.port or (443 if self.scheme == "https" else 80)
         port = url.port or (443 if url.scheme == "https" else 80)
-        if url.scheme == self.scheme and url.hostname == self.host.lower() and port == own_port:
+        if url.scheme == self.scheme and url.host == self.host.lower() and port == own_port:
             return True, (url.path or "/") + (f"?{url.query}" if url.query else "")
         return False, url
 
@@ -4196,23 +4342,23 @@ class RegistryClient:
         if url.scheme != "https":
             raise RegistryError(f"{self.registry} redirected {what} to plain HTTP on another "
                                 f"host ({_clean_text(url.netloc)}); refusing")
-        connection = self._connection("https", url.hostname, url.port)
+        connection = self._connection("https", url.host, url.port)
         target = (url.path or "/") + (f"?{url.query}" if url.query else "")
         try:
             connection.request("GET", target, headers={"User-Agent": f"wasmstore/{__version__}"})
             response = _Response(self, connection, connection.getresponse(), pooled=False)
         except self.ssl.SSLCertVerificationError as exc:
             connection.close()
-            raise RegistryError(f"the TLS certificate of {_clean_text(url.hostname)} cannot "
+            raise RegistryError(f"the TLS certificate of {_clean_text(url.host)} cannot "
                                 f"be verified ({_clean_text(exc.verify_message)})") from None
         except (OSError, self.http.HTTPException) as exc:
             connection.close()
-            raise RegistryError(f"downloading {what} from {_clean_text(url.hostname)} failed: "
+            raise RegistryError(f"downloading {what} from {_clean_text(url.host)} failed: "
                                 f"{_clean_text(getattr(exc, 'strerror', None) or exc)}"
                                 ) from None
         if response.status != 200:
             response.close()
-            raise RegistryError(f"{_clean_text(url.hostname)} answered {response.status} "
+            raise RegistryError(f"{_clean_text(url.host)} answered {response.status} "
                                 f"{response.reason} to the redirected download of {what}")
         return response
 
@@ -4253,16 +4399,13 @@ class RegistryClient:
     def _fetch_token(self, params):
         """A bearer token from the challenge's realm (the registry token auth flow)."""
         import urllib.parse
-        realm = urllib.parse.urlsplit(params["realm"])
-        service = _clean_text(realm.hostname or "?")
         try:
-            port = realm.port
-        except ValueError:
-            port = None
-            realm = realm._replace(scheme="")
-        if realm.scheme not in ("http", "https") or not realm.hostname:
-            raise RegistryError(f"{self.registry} announced an unusable token service")
-        if realm.scheme == "http" and not (self.plain_http or _is_loopback(realm.hostname)):
+            realm = parse_url(params["realm"], "token service")
+        except InvalidInput as exc:
+            raise RegistryError(f"{self.registry} announced an unusable token service "
+                                f"({_clean_text(exc)})") from None
+        service, port = _clean_text(realm.host), realm.port
+        if realm.scheme == "http" and not (self.plain_http or _is_loopback(realm.host)):
             raise RegistryError(f"the token service of {self.registry} ({service}) is plain "
                                 "HTTP; refusing to send credentials there (--plain-http "
                                 "allows it)")
@@ -4273,7 +4416,7 @@ class RegistryClient:
         headers = {"User-Agent": f"wasmstore/{__version__}", "Accept": "application/json"}
         if self.credentials is not None:
             headers["Authorization"] = self.credentials.basic()
-        connection = self._connection(realm.scheme, realm.hostname, port)
+        connection = self._connection(realm.scheme, realm.host, port)
         try:
             connection.request("GET", target, headers=headers)
             response = connection.getresponse()
@@ -4294,9 +4437,9 @@ class RegistryClient:
             raise RegistryError(f"the token service {service} of {self.registry} answered "
                                 f"{status} with no usable token")
         try:
-            document = json.loads(body)
+            document = parse_json(body, "token answer")
             token = document.get("token") or document.get("access_token")
-        except (ValueError, AttributeError):
+        except (InvalidInput, AttributeError):
             token = None
         if not isinstance(token, str) or not token or not token.isprintable() or " " in token:
             raise RegistryError(f"the token service {service} of {self.registry} sent no "
@@ -4377,8 +4520,8 @@ class RegistryClient:
         what = f"blob {digest} of {repository}"
         response = self.call("GET", f"/v2/{repository}/blobs/{digest}", repository=repository,
                              what=what, foreign_redirects=True)
-        length = response.header("Content-Length")
-        if length is not None and length.isdigit() and int(length) != size:
+        length = response.length(what)
+        if length is not None and length != size:
             response.close()
             raise RegistryError(f"{what} is {length} bytes, but the manifest says {size}; "
                                 "nothing was stored")
@@ -4655,6 +4798,14 @@ def _open_layer(client, reference, segments, progress):
 
 # --------------------------------------------------------------------------- CLI
 
+def _cli_count(text):
+    """argparse type of a count or index option: ASCII digits only."""
+    try:
+        return parse_number(text, "number")
+    except InvalidInput as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _print_line(text):
     sys.stdout.write(text + "\n")
 
@@ -4822,7 +4973,16 @@ def _cmd_merge(store, args):
 
 
 def _cmd_gc(store, args):
-    _print_line(str(store.gc(branch=args.branch, author=args.author)))
+    stats = {}
+    store.gc(branch=args.branch, author=args.author, stats=stats)
+    branch = args.branch or store.default_branch
+    squashed = stats["commits_squashed"]
+    _print_line(f"gc: removed {_count(stats['objects'], 'object')} ({_size_text(stats['bytes'])}); "
+                + (f"squashed {_count(squashed, 'commit')} of {branch} into one" if squashed else
+                   f"{branch}'s history was one commit already"))
+    if squashed:
+        sys.stderr.write(f"wasmstore: warning: gc squashed the history of {branch}: its earlier "
+                         "versions, log and audit are gone (other branches keep theirs)\n")
 
 
 def _cmd_export(store, args):
@@ -4882,9 +5042,12 @@ def _selector(args):
 
 def _cmd_call(store, args):
     kvhost = _kvhost()
+    try:
+        json_args = kvhost.parse_json_args(args.json_args)     # before anything is opened
+    except kvhost.KvError as exc:
+        return kvhost.report(exc, sys.stderr, "wasmstore")
 
     def call(runner):
-        json_args = kvhost.parse_json_args(args.json_args)
         result = runner.call(args.target, args.function, json_args, namespace=args.namespace, **_selector(args))
         kvhost.print_json(result, sys.stdout)
         return 0
@@ -4892,9 +5055,12 @@ def _cmd_call(store, args):
 
 
 def _cmd_run(store, args):
+    kvhost = _kvhost()
+
     def run(runner):
         sys.stdout.flush()
-        return runner.run(args.target, args.args, namespace=args.namespace, **_selector(args))
+        return runner.run(args.target, args.args, namespace=args.namespace,
+                          stdin=kvhost.STDIN_INHERIT, **_selector(args))
     return _run_guest(store, args, run)
 
 
@@ -4910,7 +5076,7 @@ def _cmd_exports(store, args):
 
 
 def _add_selector_options(sub):
-    sub.add_argument("--version", dest="version_index", type=int, metavar="INDEX",
+    sub.add_argument("--version", dest="version_index", type=_cli_count, metavar="INDEX",
                      help="run version INDEX of the path (0 = oldest; see 'versions')")
     sub.add_argument("--commit", metavar="COMMIT", help="run the module as it was in COMMIT")
 
@@ -5053,7 +5219,7 @@ COMMANDS = {
     "audit": (_cmd_audit, "print '<date>\\t<author>\\t<commit>' for each change of PATH",
               [("path", {"metavar": "PATH"})]),
     "log": (_cmd_log, "print the branch's history, newest first",
-            [("-n", {"type": int, "metavar": "N", "help": "at most N commits"})]),
+            [("-n", {"type": _cli_count, "metavar": "N", "help": "at most N commits"})]),
     "branch": (_cmd_branch, "create, delete or switch branches; with no NAME, list them",
                [("name", {"metavar": "NAME", "nargs": "?", "help": "branch to create or delete"}),
                 ("--delete", {"action": "store_true", "help": "delete NAME"}),
@@ -5061,7 +5227,8 @@ COMMANDS = {
                 ("--switch", {"metavar": "NAME", "help": "make NAME the default branch"})]),
     "merge": (_cmd_merge, "merge BRANCH into the selected branch",
               [("source", {"metavar": "BRANCH"})]),
-    "gc": (_cmd_gc, "squash the branch's history and delete unreachable objects", []),
+    "gc": (_cmd_gc, "squash the branch's history into one commit (its earlier versions, log and "
+                    "audit are gone) and delete unreachable objects; prints what it removed", []),
     "export": (_cmd_export, "write every module as plain files under a directory",
                [("-o", {"dest": "output", "metavar": "DIR", "default": ".",
                         "help": "target directory (default: current directory)"}),
@@ -5118,14 +5285,21 @@ and exit 1 (also "not found"); bad usage exits 2. 'COMMAND --help' explains one
 command."""
 
 
-def _add_global_options(parser, suppress):
+# The commands that make commits: the only ones --author means something to.
+COMMITTING_COMMANDS = ("add", "import", "set", "remove", "rollback", "restore", "merge", "gc", "pull")
+
+
+def _add_global_options(parser, suppress, author=True):
     default = (lambda value: argparse.SUPPRESS) if suppress else (lambda value: value)
     parser.add_argument("--root", default=default(None),
                         help=f"store root (env WASMSTORE_ROOT; default {DEFAULT_ROOT})")
     parser.add_argument("--branch", default=default(None),
                         help="branch to use (env WASMSTORE_BRANCH; default: the store's default)")
+    # Commands that make no commit accept --author only to refuse it with a clear message.
     parser.add_argument("--author", default=default(None),
-                        help=f"commit author (env WASMSTORE_AUTHOR; default {DEFAULT_AUTHOR})")
+                        help=f"commit author, for commands that make commits (env "
+                             f"WASMSTORE_AUTHOR; default {DEFAULT_AUTHOR})" if author else
+                        argparse.SUPPRESS)
 
 
 def _build_parser(command=None):
@@ -5142,7 +5316,7 @@ def _build_parser(command=None):
     for name, (_, help_text, arguments) in COMMANDS.items():
         sub = commands.add_parser(name, help=help_text, description=help_text)
         if name != "server":
-            _add_global_options(sub, suppress=True)
+            _add_global_options(sub, suppress=True, author=name in COMMITTING_COMMANDS)
         for argument, options in arguments:
             sub.add_argument(argument, **options)
         if name == command and name in RUN_COMMANDS:
@@ -5160,6 +5334,10 @@ def main(argv=None):
         sys.stderr.write(f"wasmstore: error: {exc}\n")
         return 2
     args = parser.parse_args(argv if server_args is None else argv[:argv.index("server") + 1])
+    if args.author is not None and args.command not in COMMITTING_COMMANDS:
+        parser.error(f"--author is for the commands that make commits ({', '.join(COMMITTING_COMMANDS)}); "
+                     f"{args.command} makes none" + (" (the server takes Wasmstore-Author per request)"
+                                                     if args.command == "server" else ""))
     root = args.root or os.environ.get("WASMSTORE_ROOT") or DEFAULT_ROOT
     args.branch = args.branch or os.environ.get("WASMSTORE_BRANCH") or None
     args.author = args.author or os.environ.get("WASMSTORE_AUTHOR") or None
