@@ -85,6 +85,9 @@ __all__ = [
     "Call",
     "ROUTES",
     "ERROR_STATUS",
+    "ErrorMeaning",
+    "error_meaning",
+    "error_status",
     "AuthTable",
     "Access",
     "EVERYTHING",
@@ -157,8 +160,15 @@ import wasmstore
 
 try:
     import kvhost              # the runtime behind the call/run/exports routes (501 without it)
-except ImportError:
+except ModuleNotFoundError as _missing:
+    # Only "kvhost.py or wasmtime is not installed" means serving without running modules: an
+    # import that fails inside them is a bug, and must say so rather than become a 501.
+    if _missing.name != "kvhost" and (_missing.name or "").partition(".")[0] != "wasmtime":
+        raise
     kvhost = None
+    KVHOST_MISSING = f"{_missing.name} is missing"
+else:
+    KVHOST_MISSING = None
 
 # ---------------------------------------------------------------------------
 # Constants
@@ -313,43 +323,34 @@ def parse_target(target):
 # ---------------------------------------------------------------------------
 
 class FileBody:
-    """A response body served from an open file descriptor (sent with os.sendfile).
+    """A response body served from an open file (sent with os.sendfile).
 
-    close() hands the descriptor back: to the shared open-file lease it came from
-    (see LocateCache), or to os.close when it was opened for this reply alone."""
+    It holds the file's wasmstore.SharedFd: the descriptor is closed once the body is closed
+    and nothing else (LocateCache, other replies of the same file) holds it."""
 
-    __slots__ = ("fd", "size", "_release")
+    __slots__ = ("file", "fd", "size")
 
-    def __init__(self, fd, size, release=None):
-        self.fd = fd                  # a raw fd: io.open's buffered object costs ~40 us here
+    def __init__(self, file, size):
+        self.file = file              # the SharedFd
+        self.fd = file.fd             # a raw fd: io.open's buffered object costs ~40 us here
         self.size = size
-        self._release = release
 
     def read(self):
         """The whole body (for tests and non-socket callers)."""
         return os.pread(self.fd, self.size, 0)
 
     def close(self):
-        """Give the descriptor back (idempotent)."""
-        if self.fd >= 0:
-            fd, self.fd = self.fd, -1
-            if self._release is None:
-                os.close(fd)
-            else:
-                self._release()
+        """Let the descriptor go (idempotent)."""
+        self.file, self.fd = None, -1
 
 
 def open_body(filename):
-    """A FileBody of its own for an object file; NotFound if gc removed it."""
+    """A FileBody for an object file; NotFound if gc removed it."""
     try:
-        fd = os.open(filename, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        file = wasmstore.SharedFd(os.open(filename, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)))
     except FileNotFoundError:
         raise wasmstore.NotFound("the module was removed meanwhile") from None
-    try:
-        return FileBody(fd, os.fstat(fd).st_size)
-    except BaseException:
-        os.close(fd)
-        raise
+    return FileBody(file, os.fstat(file.fd).st_size)
 
 
 class Reply:
@@ -394,33 +395,56 @@ def json_reply(value, status=200):
     return Reply(status, [("Content-Type", JSON_TYPE)], data)
 
 
-# The store's errors take their status from the one table in wasmstore.py (shared with its
-# CLI); error_status() walks the exception's MRO, so a subclass (InvalidModule, MergeConflict)
-# finds its own entry or its parent's.
+ErrorMeaning = wasmstore.ErrorMeaning
+
+# The one table of what each expected exception means: the HTTP status of its reply, the exit
+# status of main() when it ends the start-up, and the label of metrics and access logs (the
+# `outcome` of a run). The store's rows are wasmstore.py's (shared with its command line).
+# error_meaning() walks the exception's MRO, so a subclass (InvalidModule, MergeConflict)
+# finds its own row or its nearest parent's. None in a row: the exception carries it (an
+# HttpError its status, a TrapError its kind). Anything not in the table is a bug: 500.
 ERROR_STATUS = {
-    HttpError: None,                  # carries its own status
-    **{cls: meaning.http_status for cls, meaning in wasmstore.ERROR_STATUS.items()},
+    HttpError: ErrorMeaning(None, 1, None),
+    **wasmstore.ERROR_STATUS,
 }
 
 
 if kvhost is not None:
     ERROR_STATUS.update({
-        kvhost.NoSuchFunction: 404,   # the module has no such function (the message lists them)
-        kvhost.ArgumentError: 400,    # wrong number or type of arguments (the message names it)
-        kvhost.LinkError: 424,        # an import cannot be satisfied (the message names it)
-        kvhost.GuestError: 422,       # stored, but cannot be run (does not compile, bad kv imports)
-        kvhost.TrapError: 422,        # trapped or hit a limit: Wasmstore-Error says which
-        kvhost.KvError: 422,
+        kvhost.NoSuchFunction: ErrorMeaning(404, 2, "not-found"),   # the message lists them
+        kvhost.ArgumentError: ErrorMeaning(400, 2, "arguments"),    # the message names which
+        kvhost.LinkError: ErrorMeaning(424, 2, "link"),             # it names the import
+        kvhost.GuestError: ErrorMeaning(422, 2, "guest"),           # stored, but cannot run
+        kvhost.TrapError: ErrorMeaning(422, 1, None),               # Wasmstore-Error: its kind
+        kvhost.KvError: ErrorMeaning(422, 1, "error"),
     })
+
+
+def _http_label(status):
+    if status == 503:
+        return "busy"
+    return "arguments" if 400 <= status < 500 else "error"
+
+
+def error_meaning(exc):
+    """The ErrorMeaning of an exception, with what the exception carries filled in; None for
+    an unexpected exception (a bug)."""
+    for cls in type(exc).__mro__:
+        meaning = ERROR_STATUS.get(cls)
+        if meaning is None:
+            continue
+        if isinstance(exc, HttpError):
+            return meaning._replace(http_status=exc.status, label=_http_label(exc.status))
+        if meaning.label is None:
+            return meaning._replace(label=exc.kind)
+        return meaning
+    return None
 
 
 def error_status(exc):
     """The HTTP status for an exception (None: not an expected error, i.e. a bug)."""
-    for cls in type(exc).__mro__:
-        if cls in ERROR_STATUS:
-            status = ERROR_STATUS[cls]
-            return exc.status if status is None else status
-    return None
+    meaning = error_meaning(exc)
+    return None if meaning is None else meaning.http_status
 
 
 def one_line(message):
@@ -483,130 +507,50 @@ def _etag_matches(header, digest):
     return False
 
 
-class _OpenFile:
-    """An object file kept open for downloads, shared by the requests that lease it."""
-
-    __slots__ = ("fd", "size", "key", "leases", "evicted")
-
-    def __init__(self, fd, info):
-        self.fd = fd
-        self.size = info.st_size
-        self.key = (info.st_ino, info.st_mtime_ns, info.st_size)
-        self.leases = 1
-        self.evicted = False
-
-
 class LocateCache:
     """Serves module downloads without re-resolving the path or reopening the file.
 
-    Paths: Store.locate is memoized per (branch, path) while the branch head is unchanged
-    (one pread of the open ref file tells; any commit, also by another process, or gc makes the
-    branch's entries stale). Files: a hash-checked object file stays open and is shared by
-    requests (objects are immutable; sendfile reads at an explicit offset), leased so its
-    descriptor is closed only when no reply uses it. Each request fstats the descriptor: a
-    file changed in place since it was checked goes back through Store.locate's hash check.
-    Every syscall releases the GIL, and with many connections each release costs a thread
-    switch: this is what keeps a download to five syscalls.
+    Paths: Store.locate's answers are kept per (branch, path) under Store.generation(), which
+    any ref change (also by another process, or gc) moves. Files: an object file stays open,
+    shared by the replies that send it (objects are immutable; sendfile reads at an explicit
+    offset) through its wasmstore.SharedFd, closed once neither this cache nor a reply holds
+    it. Each request asks Store.module_filename, which hash-checks again a file that changed
+    since it was checked (one stat tells). Every syscall releases the GIL, and with many
+    connections each release costs a thread switch: this is what keeps a download to five
+    syscalls.
     """
 
     def __init__(self, store, size=4096, open_files=64):
         self.store = store
-        self.size = size
-        self.entries = {}
-        self.lock = threading.Lock()
-        self.open_files = open_files
-        self.files = collections.OrderedDict()      # digest -> _OpenFile, oldest first
+        self.paths = wasmstore.Cache(size)          # (generation, branch, path) -> (hash, file)
+        self.files = wasmstore.Cache(open_files)    # hash -> (SharedFd, size)
 
     def locate(self, path, branch=None):
-        """(digest, object filename) of the module at path on branch, memoized per branch head."""
-        head = self.store.head(branch=branch)
-        key = (branch, path)
-        hit = self.entries.get(key)
-        if hit is not None and hit[0] == head and head is not None:
-            return hit[1], hit[2]
-        digest, filename = self.store.locate(path, branch=branch)
-        if self.store.head(branch=branch) == head:   # no commit raced the lookup
-            with self.lock:
-                if len(self.entries) >= self.size:
-                    self.entries.clear()             # simple bound; refilled on demand
-                self.entries[key] = (head, digest, filename)
-        return digest, filename
-
-    def forget(self, path, branch=None):
-        """Drop the memoized answer for (path, branch)."""
-        self.entries.pop((branch, path), None)
+        """(hash, object file name) of the module at path on branch, as Store.locate."""
+        generation = self.store.generation()    # read first: a change meanwhile shows next time
+        key = (generation, branch, path)
+        found = self.paths.get(key)
+        if found is None:
+            found = self.store.locate(path, branch=branch)
+            if generation is not None:
+                self.paths.put(key, found)
+        return found
 
     def open(self, path, branch=None):
-        """(digest, FileBody) of the module at path on branch; the caller closes the body."""
+        """(hash, FileBody) of the module at path on branch; the caller closes the body."""
         digest, filename = self.locate(path, branch)
-        try:
-            body = self._lease(digest, filename)
-        except FileNotFoundError:                    # gc removed it after the lookup
-            body = None
-        if body is None:
-            self.forget(path, branch)
-            digest, filename = self.store.locate(path, branch=branch)   # checks the hash again
+        self.store.module_filename(digest)          # CorruptObject if it changed and is bad
+        opened = self.files.get(digest)
+        if opened is None:
             body = open_body(filename)
-        return digest, body
-
-    def _lease(self, digest, filename):
-        with self.lock:
-            entry = self.files.get(digest)
-            if entry is not None:
-                entry.leases += 1
-                self.files.move_to_end(digest)
-        if entry is None:
-            entry = self._open(digest, filename)
-        else:
-            info = os.fstat(entry.fd)
-            if (info.st_ino, info.st_mtime_ns, info.st_size) != entry.key:
-                self._evict(digest, entry)           # changed in place: never trusted again
-                self._release(entry)
-                return None
-        return FileBody(entry.fd, entry.size, lambda: self._release(entry))
-
-    def _open(self, digest, filename):
-        fd = os.open(filename, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-        try:
-            entry = _OpenFile(fd, os.fstat(fd))
-        except BaseException:
-            os.close(fd)
-            raise
-        with self.lock:
-            existing = self.files.get(digest)
-            if existing is not None:                  # another request opened it meanwhile
-                existing.leases += 1
-                os.close(fd)
-                return existing
-            self.files[digest] = entry
-            while len(self.files) > self.open_files:
-                oldest_digest, oldest = next(iter(self.files.items()))
-                self._evict_locked(oldest_digest, oldest)
-        return entry
-
-    def _evict(self, digest, entry):
-        with self.lock:
-            self._evict_locked(digest, entry)
-
-    def _evict_locked(self, digest, entry):
-        if self.files.get(digest) is entry:
-            del self.files[digest]
-        if not entry.evicted:
-            entry.evicted = True
-            if entry.leases == 0:
-                os.close(entry.fd)
-
-    def _release(self, entry):
-        with self.lock:
-            entry.leases -= 1
-            if entry.evicted and entry.leases == 0:
-                os.close(entry.fd)
+            self.files.put(digest, (body.file, body.size))
+            return digest, body
+        return digest, FileBody(*opened)
 
     def close(self):
-        """Close every open file no reply is using (the rest close when released)."""
-        with self.lock:
-            for digest, entry in list(self.files.items()):
-                self._evict_locked(digest, entry)
+        """Let go of every open file (each is closed when the last reply sending it ends)."""
+        self.files.clear()
+        self.paths.clear()
 
 
 def _open_object(store, call):
@@ -979,26 +923,12 @@ class CompileLocks:
 
 
 def outcome_of(exc):
-    """The metric/log label of how a run ended: ok, a trap kind (timeout, fuel, memory, data,
-    crash, exit, trap), link, arguments, not-found, busy or error."""
+    """The metric/log label of how a run ended: "ok", the label ERROR_STATUS gives the error
+    (a trap's kind: timeout, fuel, memory, data, crash, exit, trap), or "error" for a bug."""
     if exc is None:
         return "ok"
-    if kvhost is not None:
-        if isinstance(exc, kvhost.TrapError):
-            return exc.kind
-        if isinstance(exc, kvhost.LinkError):
-            return "link"
-        if isinstance(exc, kvhost.NoSuchFunction):
-            return "not-found"
-        if isinstance(exc, kvhost.ArgumentError):
-            return "arguments"
-    if isinstance(exc, wasmstore.NotFound):
-        return "not-found"
-    if isinstance(exc, HttpError):
-        return "busy" if exc.status == 503 else "arguments"
-    if isinstance(exc, wasmstore.InvalidInput):
-        return "arguments"
-    return "error"
+    meaning = error_meaning(exc)
+    return "error" if meaning is None else meaning.label
 
 
 class GuestRuntime:
@@ -1154,7 +1084,7 @@ class Precompiler:
 def _runtime(call):
     if call.runtime is None:
         raise HttpError(501, "running modules needs kvhost.py next to http_server.py and the "
-                             "wasmtime package")
+                             f"wasmtime package ({KVHOST_MISSING or 'not configured'})")
     return call.runtime
 
 
@@ -5031,7 +4961,8 @@ def main(argv=None):
         listener = listen(args.host, args.port)
     except _STARTUP_ERRORS as exc:
         print(f"http_server.py: error: {one_line(exc)}", file=sys.stderr)
-        return 1
+        meaning = error_meaning(exc)
+        return 1 if meaning is None else meaning.exit_status
     return _serve_workers(store, listener, workers, options)
 
 
