@@ -2899,7 +2899,7 @@ function moduleView(path) {
     return audit.node;
   });
   state.refresh = (changes) => {
-    if (path in changes) showVersions();
+    if (changes === null || path in changes) showVersions();
   };
   return el("div", {id: "module", "data-path": path},
     el("p", {}, el("a", {href: href("/"), text: "← all modules"})),
@@ -3207,7 +3207,11 @@ function openWatch(force) {
   const socket = new WebSocket(url);
   state.socket = socket;
   state.socketBranch = state.branch;
-  socket.onopen = () => { state.retry = 0; setLive(true); };
+  socket.onopen = () => {
+    state.retry = 0;
+    setLive(true);
+    if (state.refresh) state.refresh(null);     // what changed before the watch began
+  };
   socket.onmessage = (event) => onChanges(JSON.parse(event.data));
   socket.onclose = () => {
     setLive(false);

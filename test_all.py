@@ -5715,8 +5715,9 @@ class WebPageTests(unittest.TestCase):
         self.assertEqual(browser.wait_for(tab, f"{ROWS}.length && {ROWS}"), ["/apps/linked.wasm"])
         browser.wait_for(tab, "!!document.querySelector('#live.on')")
         browser.evaluate(tab, "location.reload()")
-        browser.wait_for(tab, f"document.readyState == 'complete' && {ROWS}.length")
-        self.assertIs(browser.evaluate(tab, "!!document.querySelector('#auth').hidden"), True)
+        browser.wait_for(tab, f"document.readyState == 'complete' && {ROWS}.length && "
+                              "!!document.querySelector('#live.on')")
+        self.assertIs(browser.evaluate(tab, "document.querySelector('#auth').hidden"), True)
         live.store.add("/lib/hidden.wasm", wasm_module("hidden"))
         live.store.add("/apps/seen.wasm", wasm_module("seen"))
         browser.wait_for(tab, f"{ROWS}.includes('/apps/seen.wasm')")
