@@ -40,8 +40,9 @@ The file has one banner-separated section per feature, in this order (feature: t
       ProviderFaultsTest, ProviderIsolationTest, StoredProviderTest, StaticCompositionTest
   OCI: OciReferenceTest, OciArtifactTest, OciRegistryTest, OciBasicAuthTest, OciTokenAuthTest,
       OciTlsTest, OciBadInputTest, OciServerTest
-  Running stored modules: RunnerTest, SandboxLimitsTest, RunCliTest, RunHttpTest,
-      OptionalRuntimeTest, PyCounterServerTest
+  Running stored modules: RunnerTest, SandboxLimitsTest, RunCliTest, HostModuleLinkTest,
+      RunHttpTest, OptionalRuntimeTest, PyCounterServerTest
+  The Wess API (/wess): WessApiTest
 
 A new test goes in its feature's section and uses the fixtures: one behaviour per test, a
 temp_dir (or StoreTestCase) for files, wait_until on the event it needs (never a sleep),
@@ -1564,7 +1565,7 @@ class StoreCliTest(StoreTestCase):
                 self.assertEqual(Store(self.root).find("served.wasm"), data)
                 server.process.terminate()
                 self.assertEqual(server.process.wait(10), 0)
-        self.assertEqual(os.listdir(home), [])          # nothing went to ~/.wasmstore
+        self.assertNotIn(".wasmstore", os.listdir(home))    # (~/.cache holds compiled guests)
         self.assertFalse(os.path.exists(os.path.join(self.tmp, "ignored")))
 
     def test_server_without_http_server_py_says_so_in_one_line(self):
@@ -1624,53 +1625,61 @@ class FirstStepsTest(StoreTestCase):
         before = self.store.commit_count()
         gone = [wasm_module("one", padding=1000), wasm_module("two", padding=1000)]
         proc = self.cli("gc")
-        match = re.fullmatch(r"gc: removed (\d+) objects \((\d+\.\d) KB\); squashed 3 commits of main "
-                             r"into one\n", proc.stdout)
+        match = re.fullmatch(r"gc: removed (\d+) objects \((\d+\.\d) KB\); squashed 3 commits of "
+                             r"main into one\n", proc.stdout)
         self.assertIsNotNone(match, proc.stdout)
         self.assertEqual(before, 3)
         # the two old modules and the three commits and trees that held them
         self.assertEqual(int(match.group(1)), len(gone) + 3 + 3 - 1)
         self.assertGreaterEqual(float(match.group(2)) * 1000, sum(map(len, gone)))
-        self.assertEqual(proc.stderr, "wasmstore: warning: gc squashed the history of main: its earlier "
-                                      "versions, log and audit are gone (other branches keep theirs)\n")
+        self.assertEqual(proc.stderr, "wasmstore: warning: gc squashed the history of main: its "
+                                      "earlier versions, log and audit are gone (other branches "
+                                      "keep theirs)\n")
         again = self.cli("gc")
         self.assertEqual((again.stdout, again.stderr),
-                         ("gc: removed 0 objects (0 bytes); main's history was one commit already\n", ""))
+                         ("gc: removed 0 objects (0 bytes); main's history was one commit "
+                          "already\n", ""))
 
     def test_a_call_argument_that_is_not_json_gets_a_quoting_hint(self):
         self.store.add("/numbers.wasm", guest_binary("numbers"))
         proc = self.cli("call", "/numbers.wasm", "add", "World", "2", expect=2)
-        self.assertEqual(proc.stderr, "wasmstore: error: invalid JSON argument 'World' (arguments are JSON: "
-                                      "a string is written \"World\", in a shell '\"World\"')\n")
+        self.assertEqual(proc.stderr, "wasmstore: error: invalid JSON argument 'World' (arguments "
+                                      "are JSON: a string is written \"World\", in a shell "
+                                      "'\"World\"')\n")
         proc = run_kvhost("call", PROBE, "get", "it's", '"k"')
         self.assertIn("""a string is written "it's", in a shell '"it'\\''s"'""", proc.stderr)
         self.assertEqual(proc.returncode, 2)
 
     def test_author_is_refused_by_commands_that_make_no_commit(self):
         self.store.add("/a.wasm", wasm_module("a"))
-        for argv in (["--author", "me", "list"], ["list", "--author", "me"], ["find", "/a.wasm", "--author", "x"]):
+        for argv in (["--author", "me", "list"], ["list", "--author", "me"],
+                     ["find", "/a.wasm", "--author", "x"]):
             with self.subTest(argv=argv):
                 proc = self.cli(*argv, expect=2)
-                self.assertIn("wasmstore: error: --author is for the commands that make commits (add, "
-                              "import, set, remove, rollback, restore, merge, gc, pull); ", proc.stderr)
+                self.assertIn("wasmstore: error: --author is for the commands that make commits "
+                              "(add, import, set, remove, rollback, restore, merge, gc, pull); ",
+                              proc.stderr)
         self.assertNotIn("--author", self.cli("list", "--help").stdout)
         self.assertIn("--author", self.cli("add", "--help").stdout)
         self.cli("remove", "/a.wasm", "--author", "me")
         self.assertEqual(self.store.log(1)[0]["author"], "me")
-        proc = run_cli(self.root, "list", env={"WASMSTORE_AUTHOR": "me"})  # the environment is not a mistake
+        proc = run_cli(self.root, "list", env={"WASMSTORE_AUTHOR": "me"})  # not a mistake there
         self.assertEqual(proc.returncode, 0, proc.stderr)
 
     def test_exports_leave_out_what_toolchains_add_for_themselves(self):
-        core = wat_binary('(module (func (export "__wasm_call_ctors")) (func (export "cabi_realloc") '
-                          '(param i32 i32 i32 i32) (result i32) i32.const 0) '
-                          '(func (export "cabi_post_f") (param i32)) (func (export "f") (result i32) i32.const 1))')
+        core = wat_binary('(module (func (export "__wasm_call_ctors")) '
+                          '(func (export "cabi_realloc") (param i32 i32 i32 i32) (result i32) '
+                          'i32.const 0) (func (export "cabi_post_f") (param i32)) '
+                          '(func (export "f") (result i32) i32.const 1))')
         self.store.add("/core.wasm", core)
         self.assertEqual(self.cli("exports", "/core.wasm").stdout, "f() -> i32\n")
         # A function of the application's own that happens to share a name is still listed.
-        own = wat_binary('(component (core module $m (func (export "init") (param i32) (result i32) local.get 0)) '
-                         '(core instance $i (instantiate $m)) '
-                         '(func $init (param "n" u32) (result u32) (canon lift (core func $i "init"))) '
-                         '(instance $e (export "init" (func $init))) (export "exports" (instance $e)))')
+        own = wat_binary('(component (core module $m (func (export "init") (param i32) '
+                         '(result i32) local.get 0)) (core instance $i (instantiate $m)) '
+                         '(func $init (param "n" u32) (result u32) '
+                         '(canon lift (core func $i "init"))) '
+                         '(instance $e (export "init" (func $init))) '
+                         '(export "exports" (instance $e)))')
         self.store.add("/own.wasm", own)
         self.assertEqual(self.cli("exports", "/own.wasm").stdout, "exports#init(n: u32) -> u32\n")
 
@@ -1680,8 +1689,8 @@ class FirstStepsTest(StoreTestCase):
             names = [entry["name"] for entry in host.exports(host.load(counter))]
             self.assertIn("bump", names)
             self.assertNotIn("exports#init", names)
-            self.assertIn("exports#init", [name for name, _ in kvhost._component_functions(
-                host.load(counter), host.engine)])                  # still there, and callable by name
+            every = kvhost._component_functions(host.load(counter), host.engine)
+            self.assertIn("exports#init", [name for name, _ in every])   # callable by name
 
     def test_kv_list_without_a_namespace_names_the_namespaces_with_data(self):
         kv = f"sqlite:{os.path.join(self.tmp, 'kv.sqlite3')}"
@@ -1689,12 +1698,13 @@ class FirstStepsTest(StoreTestCase):
             with kvhost.open_backend(kv) as backend:
                 backend.set(namespace, "counter", "hits", b"1")
         listing = run_kvhost("kv", "--kv", kv, "list")
-        self.assertEqual((listing.returncode, listing.stdout), (0, "/apps/counter.wasm\n/apps/other.wasm\n"))
+        self.assertEqual((listing.returncode, listing.stdout),
+                         (0, "/apps/counter.wasm\n/apps/other.wasm\n"))
         empty = run_kvhost("kv", "--kv", kv, "list", "counter")
         self.assertEqual((empty.returncode, empty.stdout), (0, ""))
-        self.assertEqual(empty.stderr, "kvhost: bucket 'counter' of namespace 'default' is empty; namespaces "
-                                       "with data: /apps/counter.wasm, /apps/other.wasm (choose one with "
-                                       "--namespace; `kv list` lists them all)\n")
+        self.assertEqual(empty.stderr, "kvhost: bucket 'counter' of namespace 'default' is empty; "
+                                       "namespaces with data: /apps/counter.wasm, /apps/other.wasm "
+                                       "(choose one with --namespace; `kv list` lists them all)\n")
         found = run_kvhost("kv", "--kv", kv, "--namespace", "/apps/counter.wasm", "list", "counter")
         self.assertEqual((found.stdout, found.stderr), ("hits\n", ""))
         self.assertEqual(run_kvhost("kv", "--kv", kv, "get").returncode, 2)
@@ -1715,7 +1725,7 @@ class FirstStepsTest(StoreTestCase):
             f.write(text)
         binary = wat_binary(text)
         self.assertEqual(self.cli("add", source).stdout.strip(), sha256(binary))
-        self.assertEqual(Store(self.root).find("/numbers.wasm"), binary)     # named .wasm, stored binary
+        self.assertEqual(Store(self.root).find("/numbers.wasm"), binary)     # .wasm, the binary
         piped = '(module (func (export "seven") (result i32) i32.const 7))'
         self.cli("add", "-", "/seven.wasm", stdin=";; a comment first\n" + piped)
         self.assertEqual(Store(self.root).find("/seven.wasm"), wat_binary(piped))
@@ -1732,8 +1742,8 @@ class FirstStepsTest(StoreTestCase):
             f.write('(module\n  (func (export "f") (result i32) i32.const))')
         before = Store(self.root).list()
         proc = self.cli("add", source, expect=1)
-        self.assertEqual(proc.stderr, f"wasmstore: error: {source}: invalid WebAssembly text: expected a i32 "
-                                      "(line 2, column 44)\n")
+        self.assertEqual(proc.stderr, f"wasmstore: error: {source}: invalid WebAssembly text: "
+                                      "expected a i32 (line 2, column 44)\n")
         proc = self.cli("add", "-", "/x.wasm", stdin="(module (func $f (call $nowhere)))", expect=1)
         self.assertRegex(proc.stderr, r"^wasmstore: error: stdin: invalid WebAssembly text: .*\n$")
         self.assertEqual(Store(self.root).list(), before)
@@ -1797,7 +1807,8 @@ class QuickStartTest(unittest.TestCase):
                     checked += 1
         self.assertGreaterEqual(checked, 5)
         with Store(os.path.join(home, ".wasmstore")) as store:
-            self.assertEqual(sorted(store.list()), ["/hello/greet.wasm", "/math/add.wasm", "/tools/shout.wasm"])
+            self.assertEqual(sorted(store.list()),
+                             ["/hello/greet.wasm", "/math/add.wasm", "/tools/shout.wasm"])
         self.assertEqual(os.listdir(clone).count(".wasmstore"), 0)
 
 
@@ -1831,7 +1842,8 @@ def installer_run(test, argv, env=None, timeout=600):
     proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=timeout)
     if proc.returncode != 0 and INDEX_UNREACHABLE.search(proc.stdout + proc.stderr):
         require_peer(None, f"the Python package index is unreachable: {proc.stderr.strip()[-300:]}")
-    test.assertEqual(proc.returncode, 0, f"{argv[:3]}: {proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+    test.assertEqual(proc.returncode, 0,
+                     f"{argv[:3]}: {proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
     return proc
 
 
@@ -1851,13 +1863,14 @@ class InstallTest(unittest.TestCase):
     def check_commands(self, bin_dir):
         elsewhere = temp_dir(self, "wasmstore-elsewhere-")    # neither the checkout nor the copy
         env = clean_environment(HOME=elsewhere)
-        wasmstore_cmd, kvhost_cmd = os.path.join(bin_dir, "wasmstore"), os.path.join(bin_dir, "kvhost")
+        wasmstore_cmd = os.path.join(bin_dir, "wasmstore")
+        kvhost_cmd = os.path.join(bin_dir, "kvhost")
         module = os.path.join(elsewhere, "numbers.wat")
         shutil.copy(os.path.join(RUN_GUESTS, "numbers.wat"), module)
 
         def run(*argv):
-            proc = subprocess.run(list(argv), capture_output=True, text=True, cwd=elsewhere, env=env,
-                                  timeout=CLI_TIMEOUT)
+            proc = subprocess.run(list(argv), capture_output=True, text=True, cwd=elsewhere,
+                                  env=env, timeout=CLI_TIMEOUT)
             self.assertEqual(proc.returncode, 0, f"{argv}: {proc.stderr}")
             return proc.stdout.strip()
         self.assertEqual(run(kvhost_cmd, "call", "--kv", "memory:", module, "add", "2", "3"), "5")
@@ -1865,9 +1878,10 @@ class InstallTest(unittest.TestCase):
         root = os.path.join(elsewhere, "store")
         digest = run(wasmstore_cmd, "--root", root, "add", module, "/math/numbers.wasm")
         self.assertEqual(digest, sha256(wat_binary(read_text(module))))
-        self.assertEqual(run(wasmstore_cmd, "--root", root, "call", "/math/numbers.wasm", "add", "2", "3"), "5")
-        server = ServerProcess(self, None, "--root", root, "server", "--port", "0", env=env, cwd=elsewhere,
-                               command=[wasmstore_cmd])
+        self.assertEqual(run(wasmstore_cmd, "--root", root, "call", "/math/numbers.wasm", "add",
+                             "2", "3"), "5")
+        server = ServerProcess(self, None, "--root", root, "server", "--port", "0", env=env,
+                               cwd=elsewhere, command=[wasmstore_cmd])
         with urllib.request.urlopen(server.url + "/api/v1/modules", timeout=10) as reply:
             self.assertEqual(json.loads(reply.read()), {"/math/numbers.wasm": digest})
         server.process.terminate()
@@ -1879,9 +1893,10 @@ class InstallTest(unittest.TestCase):
         python = os.path.join(venv, "bin", "python")
         installer_run(self, [python, "-m", "pip", "install", "-q", "--disable-pip-version-check",
                              project_copy(self)], env=clean_environment())
-        probe = subprocess.run([python, "-c", "import importlib.metadata as m, wasmstore, kvhost, http_server; "
-                                "print(m.requires('wasmstore')); print(wasmstore.__file__)"],
-                               capture_output=True, text=True, cwd=venv, env=clean_environment(), check=True)
+        probe = subprocess.run([python, "-c", "import importlib.metadata as m, wasmstore, kvhost, "
+                                "http_server; print(m.requires('wasmstore')); "
+                                "print(wasmstore.__file__)"], capture_output=True, text=True,
+                               cwd=venv, env=clean_environment(), check=True)
         requires, where = probe.stdout.splitlines()
         self.assertEqual(requires, "['wasmtime==50.0.1']")
         self.assertTrue(where.startswith(venv + os.sep), where)
@@ -1890,7 +1905,8 @@ class InstallTest(unittest.TestCase):
     def test_pipx_install(self):
         pipx = require_file(os.path.join(PIPX_VENV, "bin", "pipx"), "PyPI pipx in .venv-pipx")
         home = temp_dir(self, "wasmstore-pipx-")
-        env = clean_environment(PIPX_HOME=os.path.join(home, "pipx"), PIPX_BIN_DIR=os.path.join(home, "bin"),
+        env = clean_environment(PIPX_HOME=os.path.join(home, "pipx"),
+                                PIPX_BIN_DIR=os.path.join(home, "bin"),
                                 PIPX_MAN_DIR=os.path.join(home, "man"))
         installer_run(self, [pipx, "install", project_copy(self)], env=env)
         self.check_commands(os.path.join(home, "bin"))
@@ -2499,14 +2515,16 @@ class MacosFallbackTest(StoreTestCase):
         # macOS names an open file /dev/fd/N: wasmtime maps the checked entry through it. With
         # no such name at all, the checked bytes are handed over as a copy. Each way, the second
         # Host loads the guest from the cache and does not compile it.
-        for directories, expected in ((("/proc/self/fd", "/dev/fd"), "file"), (("/proc/self/fd",), "bytes")):
+        for directories, expected in ((("/proc/self/fd", "/dev/fd"), "file"),
+                                      (("/proc/self/fd",), "bytes")):
             with self.subTest(directories=directories):
                 cache = temp_dir(self)
                 kvhost.Host(cache_dir=cache, kv="memory:").load(PROBE)
                 macos = like_macos(self)
                 loaded = []
                 component = kvhost.wc.Component
-                from_file, from_bytes = component.__dict__["deserialize_file"], component.__dict__["deserialize"]
+                from_file = component.__dict__["deserialize_file"]
+                from_bytes = component.__dict__["deserialize"]
                 with mock.patch.object(kvhost, "FD_DIRECTORIES", directories), \
                         mock.patch.object(component, "deserialize_file", classmethod(
                             lambda cls, engine, path: loaded.append(("file", path)) or
@@ -2536,6 +2554,26 @@ class MacosFallbackTest(StoreTestCase):
                 host.call(guest, "sleep", [3_600_000])
             self.assertEqual(caught.exception.kind, "timeout")
             self.assertLess(time.monotonic() - started, 4)
+
+    def test_a_server_of_worker_processes_serves_runs_and_drains(self):
+        # The command as a Mac runs it: a supervisor forking workers that share semaphores,
+        # metrics and compile locks, each running guests, then SIGTERM drains them all.
+        code = (MACOS_LIKE + "\nimport runpy, sys\nsys.argv = ['http_server.py'] + sys.argv[1:]\n"
+                f"runpy.run_path({HTTP_SERVER_PY!r}, run_name='__main__')\n")
+        root = os.path.join(self.tmp, "served")
+        server = ServerProcess(self, None, "--root", root, "--port", "0", "--workers", "2",
+                               "--kv", "memory:", command=[sys.executable, "-c", code])
+        numbers = guest_binary("numbers")
+        status, _, body = http_request(server.url + "/api/v1/module/num.wasm", "POST", numbers)
+        self.assertEqual(status, 200, body)
+        for _ in range(4):                           # over fresh connections: both workers serve
+            status, _, body = http_request(server.url + "/api/v1/call/add/num.wasm", "POST",
+                                           b"[2, 3]")
+            self.assertEqual((status, body), (200, b"5"))
+        status, _, body = http_request(server.url + "/api/v1/module/num.wasm")
+        self.assertEqual((status, body), (200, numbers))
+        server.process.terminate()
+        self.assertEqual(server.process.wait(30), 0)
 
     def test_the_server_serves_downloads_and_uploads(self):
         like_macos(self)
@@ -2660,7 +2698,7 @@ class HostileBackupTest(StoreTestCase):
         self.assertIn("expected at most 4,096", str(error))
 
     def test_a_killed_backup_s_temp_file_is_removed_by_the_next_backup(self):
-        debris = f"{self.archive}.{dead_pid()}.tmp"
+        debris = f"{self.archive}.{dead_pid()}-0-deadbeef.tmp"
         with open(debris, "wb") as handle:
             handle.write(b"\0" * 100_000)
         self.store.backup(self.archive)
@@ -6340,7 +6378,7 @@ class BackendContract:
         self.addCleanup(self.backend.close)
 
     def test_namespaces_are_those_holding_keys(self):
-        odd = "/apps/a b:c*.wasm"                            # a path, with the characters keys quote
+        odd = "/apps/a b:c*.wasm"                    # a path, with characters the keys quote
         self.backend.set(odd, "b1", "k", b"v")
         self.backend.set("sha256:" + "0" * 64, "b2", "k", b"v")
         self.backend.set("gone", "b", "k", b"v")
@@ -7198,6 +7236,28 @@ class CompileCacheTest(unittest.TestCase):
             digest = kvhost.hashlib.sha256(f.read()).digest()
         with open(path + ".sum", "rb") as f:
             self.assertEqual(f.read(), kvhost.CACHE_MAGIC + digest)
+
+    def test_guests_in_memory_are_bounded_by_their_compiled_bytes(self):
+        sources = [wat_binary(f"(module (func (export \"f\") (result i32) i32.const {n}))")
+                   for n in range(4)]
+        probe = kvhost.Host(cache_dir=self.cache, kv="memory:")
+        self.addCleanup(probe.close)
+        size = probe.load(sources[0]).compiled_bytes
+        self.assertEqual(size, os.path.getsize(self.artifact()))      # what the disk cache holds
+        host = kvhost.Host(cache_dir=self.cache, kv="memory:", guest_cache_bytes=2 * size + size // 2)
+        self.addCleanup(host.close)
+        guests = [host.load(source) for source in sources]
+        self.assertEqual([host.is_loaded(g.digest) for g in guests], [False, False, True, True])
+        host.load(sources[2])                                        # used: now the newest
+        host.load(sources[0])
+        self.assertEqual([host.is_loaded(g.digest) for g in guests], [True, False, True, False])
+        tiny = kvhost.Host(cache_dir=False, kv="memory:", guest_cache_bytes=1)
+        self.addCleanup(tiny.close)
+        kept = tiny.load(sources[1])
+        self.assertTrue(tiny.is_loaded(kept.digest))                 # the newest stays, however big
+        self.assertGreater(kept.compiled_bytes, 1)
+        with self.assertRaises(kvhost.ArgumentError):
+            kvhost.Host(kv="memory:", guest_cache_bytes=0)
 
     def test_compiled_guest_is_cached_and_reused(self):
         kvhost.Host(cache_dir=self.cache, kv="memory:").load(PROBE)
@@ -10088,6 +10148,104 @@ class RunCliTest(StoreTestCase):
         self.assertEqual(listed.returncode, 0)                                # the store works alone
 
 
+FIRST_RANDOM = 723471715        # randomi32.wat's first value (xorshift32 from its seed)
+
+
+class HostModuleLinkTest(StoreTestCase):
+    """--link NAME=PATH: a core module's imports from module NAME (Wess's env.randomi32) come from
+    a stored module; --stub-imports: imports nothing provides trap only when called."""
+
+    def setUp(self):
+        super().setUp()
+        self.store.add("/lib/random.wasm", guest_binary("randomi32"))
+        self.store.add("/wess/syscall.wasm", guest_binary("wess-syscall"))
+
+    def runner(self, **options):
+        runner = wasmstore.Runner(self.store, kv="memory:", timeout=5, **options)
+        self.addCleanup(runner.close)
+        return runner
+
+    def test_imports_of_a_module_name_link_to_the_stored_module(self):
+        runner = self.runner(links={"env": "/lib/random.wasm"})
+        self.assertEqual(runner.call("/wess/syscall.wasm", "random", []), FIRST_RANDOM)
+        self.assertEqual(runner.call("/wess/syscall.wasm", "random_numbers", [3]), 1024)  # where
+        self.assertEqual(runner.call("/wess/syscall.wasm", "answer", []), 42)
+
+    def test_a_link_resolves_in_the_commit_of_the_module_run(self):
+        runner = self.runner(links={"env": "lib/random.wasm"})
+        self.store.add("/lib/random.wasm", wat_binary(
+            '(module (func (export "randomi32") (result i32) (i32.const 7)))'))
+        syscall = "/wess/syscall.wasm"
+        self.assertEqual(runner.call(syscall, "random", []), 7)                  # the head's
+        self.assertEqual(runner.call(syscall, "random", [], version=0), FIRST_RANDOM)
+        self.store.remove("/lib/random.wasm")
+        with self.assertRaisesRegex(kvhost.LinkError,
+                                    r"^/wess/syscall\.wasm imports 'env', linked to "
+                                    r"/lib/random\.wasm, but there is no module at "
+                                    r"/lib/random\.wasm in commit [0-9a-f]{12}$"):
+            runner.call(syscall, "random", [])
+
+    def test_a_link_to_a_module_without_the_export_names_it(self):
+        runner = self.runner(links={"env": "/wess/syscall.wasm"})
+        self.store.add("/other.wasm", guest_binary("wess-syscall"))
+        with self.assertRaisesRegex(kvhost.LinkError,
+                                    "imports 'randomi32' from 'env', which does not export it"):
+            runner.call("/other.wasm", "random", [])
+
+    def test_without_link_or_stubs_the_import_is_named_with_both_ways_out(self):
+        with self.assertRaisesRegex(kvhost.LinkError,
+                                    r"imports 'env' 'randomi32', which this host does not provide "
+                                    r".*\(--link env=PATH\), or let it trap when called "
+                                    r"\(--stub-imports\)"):
+            self.runner().call("/wess/syscall.wasm", "answer", [])
+
+    def test_stub_imports_trap_only_when_called(self):
+        for isolation in ("thread", "process"):
+            with self.subTest(isolation=isolation):
+                runner = self.runner(stub_imports=True, isolation=isolation)
+                self.assertEqual(runner.call("/wess/syscall.wasm", "answer", []), 42)
+                with self.assertRaises(kvhost.TrapError) as caught:
+                    runner.call("/wess/syscall.wasm", "random", [])
+                self.assertEqual(caught.exception.kind, "trap")
+                self.assertIn("unknown import: `env::randomi32` has not been defined",
+                              str(caught.exception))
+        # a link still wins over the stub
+        runner = self.runner(stub_imports=True, links={"env": "/lib/random.wasm"})
+        self.assertEqual(runner.call("/wess/syscall.wasm", "random", []), FIRST_RANDOM)
+
+    def test_the_command_lines_link(self):
+        syscall = "/wess/syscall.wasm"
+        proc = run_cli(self.root, "call", "--link", "env=/lib/random.wasm", syscall, "random")
+        self.assertEqual((proc.returncode, proc.stdout), (0, f"{FIRST_RANDOM}\n"), proc.stderr)
+        proc = run_cli(self.root, "call", "--stub-imports", syscall, "answer")
+        self.assertEqual((proc.returncode, proc.stdout), (0, "42\n"), proc.stderr)
+        proc = run_cli(self.root, "call", "--link", "env=/a.wasm", "--link", "env=/b.wasm", syscall,
+                       "random")
+        self.assertEqual((proc.returncode, proc.stderr),
+                         (1, "wasmstore: error: --link 'env'= is given twice (/a.wasm and "
+                             "/b.wasm)\n"))
+        files = [os.path.join(RUN_GUESTS, name + ".wat") for name in ("randomi32", "wess-syscall")]
+        proc = run_kvhost("call", "--kv", "memory:", "--link", f"env={files[0]}", files[1],
+                          "random")
+        self.assertEqual((proc.returncode, proc.stdout), (0, f"{FIRST_RANDOM}\n"), proc.stderr)
+        proc = run_kvhost("call", "--kv", "memory:", "--link", "env", files[1], "random")
+        self.assertEqual((proc.returncode, proc.stderr),
+                         (2, "kvhost: error: invalid --link 'env': expected NAME=FILE\n"))
+
+    def test_the_server_links(self):
+        args = http_server.build_parser().parse_args(["--link", "env=lib/random.wasm",
+                                                      "--stub-imports"])
+        options = http_server.run_options(args)
+        self.assertEqual((options["links"], options["stub_imports"]),
+                         ({"env": "/lib/random.wasm"}, True))
+        live = LiveServer(self, self.root, run={"kv": "memory:", "links": options["links"]})
+        status, _, body = live.request("POST", "/api/v1/call/random/wess/syscall.wasm", b"[]")
+        self.assertEqual((status, body), (200, str(FIRST_RANDOM).encode()))
+        proc = run_http_server("--root", self.root, "--port", "0", "--link", "env=../x")
+        self.assertEqual(proc.returncode, 2)
+        self.assertIn("http_server.py: error: invalid path '../x'", proc.stderr)
+
+
 class RunHttpTest(unittest.TestCase):
     """The run routes on a live server: results, every error case, limits, queueing, metrics."""
 
@@ -10412,6 +10570,188 @@ class PyCounterServerTest(unittest.TestCase):
 
 
 # =================================================================================================
+# The Wess API (/wess): the requests of Wess's Behave scenarios, k6 script and README, unchanged
+# =================================================================================================
+
+# Modules of the shapes Wess's examples have (Rust cdylibs: a memory and the functions).
+WESS_THE_ANSWER = """(module (memory (export "memory") 16)
+  (func (export "the_answer") (result i32) (i32.const 42)))"""
+WESS_FIBONACCI = """(module (memory (export "memory") 16)
+  (func (export "fibonacci") (param $n i32) (result i32)
+    (local $a i32) (local $b i32) (local $t i32)
+    (local.set $b (i32.const 1))
+    (block $done (loop $next
+      (br_if $done (i32.eqz (local.get $n)))
+      (local.set $t (i32.add (local.get $a) (local.get $b)))
+      (local.set $a (local.get $b)) (local.set $b (local.get $t))
+      (local.set $n (i32.sub (local.get $n) (i32.const 1))) (br $next)))
+    (local.get $a)))"""
+WESS_SUM_F32 = """(module (memory (export "memory") 16)
+  (func (export "sum") (param f32 f32) (result f32) (f32.add (local.get 0) (local.get 1))))"""
+WESS_SUM_I64 = """(module (memory (export "memory") 16)
+  (func (export "sum") (param i64 i64) (result i64) (i64.add (local.get 0) (local.get 1))))"""
+
+
+def wess_payload(wat, function, returns, args):
+    """A Wess upload as its clients build it: the module as an array of byte values."""
+    return {"wasm": list(wat_binary(wat)),
+            "metadata": {"functionName": function, "returnType": returns, "args": args}}
+
+
+class WessApiTest(unittest.TestCase):
+    """Wess's API under /wess, driven as Wess's own clients drive it: bodies without a
+    Content-Type (its Behave steps send data=json.dumps(...) with requests), statuses and
+    {"message": ...} bodies as its steps and k6 checks read them."""
+
+    def setUp(self):
+        self.live = LiveServer(self, run={"kv": "memory:", "timeout": 5,
+                                          "links": {"env": "/lib/random.wasm"}})
+        self.base = "/wess"                 # the only change a Wess client needs: its base URL
+
+    def send(self, method, path="", document=None, raw=None, headers=None):
+        body = raw
+        if body is None and document is not None:
+            body = json.dumps(document).encode()
+        status, reply_headers, data = self.live.request(method, self.base + path, body, headers)
+        self.assertEqual(reply_headers["content-type"], "application/json", data)
+        return status, json.loads(data)
+
+    def create(self, payload):
+        status, body = self.send("POST", "", payload)
+        self.assertEqual(status, 202, body)
+        return body["message"]["id"]
+
+    def test_the_crud_scenarios(self):
+        # Wess's crud.feature: create the_answer (202, a uuid4 id), update it with fibonacci,
+        # delete it.
+        module_id = self.create(wess_payload(WESS_THE_ANSWER, "the_answer", ["I32"], []))
+        self.assertEqual(uuid.UUID(module_id, version=4).hex, module_id.replace("-", ""))
+        self.assertEqual(uuid.UUID(module_id).version, 4)
+        fibonacci = wess_payload(WESS_FIBONACCI, "fibonacci", ["I64"], ["I32"])   # as in Wess's
+        answer = (202, {"message": {"id": module_id}})
+        self.assertEqual(self.send("PUT", f"/{module_id}", fibonacci), answer)
+        self.assertEqual(self.send("POST", f"/{module_id}", [10]), (200, {"message": [55]}))
+        self.assertEqual(self.send("GET", f"/{module_id}"), (202, {"message": fibonacci}))
+        self.assertEqual(self.send("DELETE", f"/{module_id}"), answer)
+        self.assertEqual(self.send("GET", f"/{module_id}"),
+                         (404, {"message": "Invalid Id: Not found"}))
+
+    def test_the_load_test_counts_what_its_users_created(self):
+        # k6.js: many virtual users POST sum_f32_f32 at once; its teardown GETs the base URL and
+        # compares the message with the number created.
+        payload = wess_payload(WESS_SUM_F32, "sum", ["F32"], ["F32", "F32"])
+        ids, errors = [], []
+
+        def user():
+            try:
+                for _ in range(4):
+                    ids.append(self.create(payload))
+            except Exception as exc:            # reported below
+                errors.append(exc)
+        users = [threading.Thread(target=user) for _ in range(6)]
+        for thread in users:
+            thread.start()
+        for thread in users:
+            thread.join()
+        self.assertEqual(errors, [])
+        self.assertEqual(len(set(ids)), 24)
+        self.assertEqual(self.send("GET"), (202, {"message": 24}))
+        self.assertEqual(self.send("POST", f"/{ids[0]}", [1.5, 2.25]), (200, {"message": [3.75]}))
+
+    def test_a_call_answers_the_results_as_a_list(self):
+        sum64 = self.create(wess_payload(WESS_SUM_I64, "sum", ["I64"], ["I64", "I64"]))
+        x, y = 2 ** 40, 12345
+        self.assertEqual(self.send("POST", f"/{sum64}", [x, y]), (200, {"message": [x + y]}))
+        status, body = self.send("POST", f"/{sum64}", [1])
+        self.assertEqual(status, 400)
+        self.assertIn("sum takes 2 argument(s)", body["message"])
+
+    def test_the_syscall_example_runs_with_its_host_module_linked(self):
+        self.live.store.add("/lib/random.wasm", guest_binary("randomi32"))
+        syscall = wess_payload(read_text(os.path.join(RUN_GUESTS, "wess-syscall.wat")), "random",
+                               ["I32"], ["I32"])
+        module_id = self.create(syscall)
+        self.assertEqual(self.send("POST", f"/{module_id}", []), (200, {"message": [FIRST_RANDOM]}))
+        syscall["metadata"]["functionName"] = "free_memory"
+        self.send("PUT", f"/{module_id}", syscall)
+        self.assertEqual(self.send("POST", f"/{module_id}", [0]), (200, {"message": []}))
+
+    def test_errors_are_json_messages_with_wess_statuses(self):
+        module_id = self.create(wess_payload(WESS_THE_ANSWER, "the_answer", ["I32"], []))
+        missing = str(uuid.uuid4())
+        cases = [
+            (("POST", "", None, b"{not json"), 400, "Invalid Json: "),
+            (("POST", "", {"wasm": [0, 97, 115, 109], "metadata": {}}, None), 400,
+             "Invalid Json: metadata."),
+            (("POST", "", {"wasm": [256], "metadata": {}}, None), 400,
+             "Invalid Json: wasm must be"),
+            (("POST", "", wess_payload("(module)", "f", ["I8"], []), None), 400,
+             "Invalid Json: metadata.returnType must"),
+            (("POST", "", {"wasm": [99, 99, 99, 99], "metadata": {
+                "functionName": "f", "returnType": ["I32"], "args": []}}, None), 400,
+             "Invalid Wasm: "),
+            (("GET", "/not-a-uuid", None, None), 400, "Invalid ID: "),
+            (("PUT", f"/{missing}", wess_payload(WESS_THE_ANSWER, "f", [], []), None), 404,
+             "Invalid Id: Not found"),
+            (("DELETE", f"/{missing}", None, None), 404, "Invalid Id: Not found"),
+            (("POST", f"/{missing}", [], None), 404, "Invalid Id: Not found"),
+            (("POST", "/not-a-uuid", [], None), 404, "Invalid Id: Not found"),
+            (("POST", f"/{module_id}", None, b"[1"), 400, "Invalid Json: "),
+            (("POST", f"/{module_id}", {"a": 1}, None), 400, "Invalid Json: expected a JSON array"),
+        ]
+        for (method, path, document, raw), status, message in cases:
+            with self.subTest(method=method, path=path, raw=raw):
+                answer = self.send(method, path, document, raw)
+                self.assertEqual(answer[0], status, answer)
+                self.assertTrue(answer[1]["message"].startswith(message), answer)
+        self.assertEqual(self.send("GET"), (202, {"message": 1}))       # nothing else was stored
+
+    def test_a_trap_is_422_not_wess_s_500(self):
+        trap = self.create(wess_payload('(module (func (export "boom") unreachable))', "boom",
+                                        [], []))
+        status, headers, data = self.live.request("POST", f"/wess/{trap}", b"[]")
+        self.assertEqual((status, headers["wasmstore-error"]), (422, "trap"))
+        self.assertIn("unreachable", json.loads(data)["message"])
+
+    def test_modules_live_in_the_store_versioned_like_any_other_path(self):
+        first = wess_payload(WESS_THE_ANSWER, "the_answer", ["I32"], [])
+        module_id = self.create(first)
+        path = f"/wess/{module_id}"
+        second = wess_payload(WESS_FIBONACCI, "fibonacci", ["I32"], ["I32"])
+        self.send("PUT", f"/{module_id}", second)
+        store = self.live.store
+        self.assertEqual(len(store.versions(path)), 2)
+        self.assertTrue(store.find(path).startswith(wat_binary(WESS_FIBONACCI)))  # then metadata
+        status, _, body = self.live.request("POST", f"/api/v1/call/fibonacci{path}", b"[7]")
+        self.assertEqual((status, body), (200, b"13"))
+        self.live.request("POST", f"/api/v1/rollback{path}")
+        self.assertEqual(self.send("GET", f"/{module_id}"), (202, {"message": first}))  # metadata
+        self.assertEqual(self.send("POST", f"/{module_id}", []), (200, {"message": [42]}))
+        self.assertEqual(store.log(1)[0]["message"], f"Rollback {path}")
+        other = str(uuid.uuid4())                           # stored without /wess: no metadata
+        store.add(f"/wess/{other}", wat_binary(WESS_THE_ANSWER))
+        status, body = self.send("GET", f"/{other}")
+        self.assertEqual(status, 422)
+        self.assertIn("was not stored through /wess", body["message"])
+
+    def test_keys_apply_with_json_messages(self):
+        live = LiveServer(self, auth="W:read,write,run@/wess/;A:*@/apps/", run={"kv": "memory:"})
+        payload = json.dumps(wess_payload(WESS_THE_ANSWER, "the_answer", ["I32"], [])).encode()
+        status, _, body = live.request("POST", "/wess", payload)
+        self.assertEqual((status, json.loads(body)["message"]),
+                         (401, "missing key (send it in Wasmstore-Auth)"))
+        status, _, body = live.request("POST", "/wess", payload, {"Wasmstore-Auth": "A"})
+        self.assertEqual(status, 403)
+        status, _, body = live.request("POST", "/wess", payload, {"Wasmstore-Auth": "W"})
+        self.assertEqual(status, 202, body)
+        module_id = json.loads(body)["message"]["id"]
+        status, _, body = live.request("POST", f"/wess/{module_id}", b"[]", {"Wasmstore-Auth": "W"})
+        self.assertEqual((status, body), (200, b'{"message":[42]}'))
+        self.assertEqual(live.request("GET", "/wess", None, {"Wasmstore-Auth": "A"})[2],
+                         b'{"message":0}')
+
+
+# =================================================================================================
 # Hostile input: what an attacker, a broken peer or a careless script sends, as tables of cases
 # with the answer each must get; the server keeps serving and nothing changes
 # =================================================================================================
@@ -10599,9 +10939,12 @@ class GuestOutputTest(unittest.TestCase):
 
         def shout(fd):              # 4 MiB each; a pipe holds 64 KiB, and nobody reads these two
             started = time.monotonic()
-            status, _, body = http_request(f"http://127.0.0.1:{port}/api/v1/call/shout/out/shout.wasm", "POST",
-                                           json.dumps([fd, 64]).encode())
-            results.append((status, body, time.monotonic() - started < 3))
+            try:
+                status, _, body = http_request(f"http://127.0.0.1:{port}/api/v1/call/shout/out/shout.wasm",
+                                               "POST", json.dumps([fd, 64]).encode())
+                results.append((status, body, time.monotonic() - started < 3))
+            except OSError as e:    # what the assertion below shows
+                results.append(e)
         threads = [threading.Thread(target=shout, args=(fd,)) for fd in (1, 2, 1, 2)]
         for thread in threads:
             thread.start()
@@ -10633,6 +10976,66 @@ class GuestOutputTest(unittest.TestCase):
                 self.assertEqual(len(done.stdout), 0 if output == "discard" else 65536)
         with self.assertRaisesRegex(kvhost.ArgumentError, "invalid output 'loud'"):
             kvhost.Host(output="loud")
+
+
+def worker_processes():
+    """Pids of this process's live kvhost worker processes (children running kvhost._worker_main)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and not process_ended(int(entry)):
+            with contextlib.suppress(OSError):
+                with open(f"/proc/{entry}/stat", "rb") as f:
+                    parent = int(f.read().rsplit(b")", 1)[1].split()[1])
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    if parent == os.getpid() and b"_worker_main" in f.read():
+                        found.append(int(entry))
+    return found
+
+
+def process_ended(pid):
+    """True once every thread of process pid has exited (its files, pipes included, are closed):
+    a killed process's leader is a zombie before wasmtime's runtime threads have ended."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().rsplit(b")", 1)[1].split()[0]
+        return state in (b"Z", b"X") and len(os.listdir(f"/proc/{pid}/task")) <= 1
+    except OSError:
+        return True
+
+
+def kill_idle_workers():
+    """SIGKILL every worker process of this process, and wait until each has wholly ended."""
+    pids = wait_until(worker_processes, 30, "a worker process")
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    wait_until(lambda: all(map(process_ended, pids)), 30, "the killed workers to end")
+    return pids
+
+
+class WorkerDeathTest(unittest.TestCase):
+    """A worker process that dies while idle (killed, out of memory) is replaced before use: the
+    next call runs, it does not fail as a crash."""
+
+    def test_the_next_call_after_an_idle_worker_died_runs(self):
+        host = kvhost.Host(isolation="process", workers=2, cache_dir=False, timeout=10)
+        self.addCleanup(host.close)
+        guest = host.load(os.path.join(RUN_GUESTS, "numbers.wat"))
+        self.assertEqual(host.call(guest, "add", [1, 2]), 3)
+        for attempt in range(3):
+            with self.subTest(attempt=attempt):
+                kill_idle_workers()
+                self.assertEqual(host.call(guest, "add", [attempt, 1]), attempt + 1)
+
+    def test_the_server_keeps_answering_after_its_workers_died_while_idle(self):
+        live = LiveServer(self, run={"kv": "memory:", "timeout": 5})
+        fill_run_store(live.store, paths={"/p2/sleep.wasm"})
+        call = ("POST", "/api/v1/call/sleep/p2/sleep.wasm", b"[1]")
+        self.assertEqual(live.request(*call)[0], 200)
+        for attempt in range(3):
+            with self.subTest(attempt=attempt):
+                kill_idle_workers()
+                status, headers, body = live.request(*call)
+                self.assertEqual((status, headers.get("wasmstore-error")), (200, None), body)
 
 
 # =================================================================================================
@@ -10717,7 +11120,7 @@ class ChunkReader:
         return data
 
 
-def http_request(method="GET", path="/", headers=(), body=None, authority="localhost"):
+def incoming_request(method="GET", path="/", headers=(), body=None, authority="localhost"):
     """A kvhost.HttpRequest; body: bytes (read through an io.BytesIO), a reader, or None."""
     reader = io.BytesIO(body) if isinstance(body, bytes) else body
     return kvhost.HttpRequest(method, "http", authority, path, list(headers), reader)
@@ -10734,14 +11137,14 @@ class HttpTestCase(unittest.TestCase):
 
     def serve(self, guest, request=None, **options):
         sink = RecordingSink()
-        outcome = self.host.handle_http(self.host.load(guest), request or http_request(), sink, **options)
+        outcome = self.host.handle_http(self.host.load(guest), request or incoming_request(), sink, **options)
         return outcome, sink
 
     def failure(self, guest, path, kind):
         """The TrapError handle_http raises for `path` of `guest`, and the sink; its kind is checked."""
         sink = RecordingSink()
         with self.assertRaises(kvhost.TrapError) as caught:
-            self.host.handle_http(self.host.load(guest), http_request(path=path), sink)
+            self.host.handle_http(self.host.load(guest), incoming_request(path=path), sink)
         self.assertEqual(caught.exception.kind, kind, str(caught.exception))
         return caught.exception, sink
 
@@ -10759,42 +11162,42 @@ class HttpHandlerTest(HttpTestCase):
         guest = self.host.load(HTTP_COUNTER)      # counts in kv, so a kept instance would not show;
         for _ in range(3):                        # the echo's bump allocator would overflow if reused
             sink = RecordingSink()
-            self.host.handle_http(self.host.load(HTTP_ECHO), http_request(body=b"x" * 40_000), sink)
+            self.host.handle_http(self.host.load(HTTP_ECHO), incoming_request(body=b"x" * 40_000), sink)
             self.assertEqual(sink.body()[-40_000:], b"x" * 40_000)
         self.assertIsNotNone(guest)
 
     def test_a_component_that_is_not_a_handler_is_one_clear_error(self):
         guest = self.host.load(os.path.join(RUN_GUESTS, "http-import.wat"))
         with self.assertRaisesRegex(kvhost.NotHttpHandler, "does not export wasi:http/incoming-handler"):
-            self.host.handle_http(guest, http_request(), RecordingSink())
+            self.host.handle_http(guest, incoming_request(), RecordingSink())
 
     def test_a_core_module_is_not_a_handler(self):
         guest = self.host.load(os.path.join(RUN_GUESTS, "numbers.wat"))
         with self.assertRaisesRegex(kvhost.NotHttpHandler, "core module"):
-            self.host.handle_http(guest, http_request(), RecordingSink())
+            self.host.handle_http(guest, incoming_request(), RecordingSink())
 
     def test_the_echo_sees_method_path_and_headers_in_wasmtime_serves_order(self):
         # What curl sends; wasmtime serve 49 answers this very body: host and connection are
         # removed (hop-by-hop), and removing a name moves the last one into its place.
         headers = [("Host", b"127.0.0.1:8080"), ("User-Agent", b"curl/7.88.1"), ("Accept", b"*/*"),
                    ("X-A", b"1"), ("Connection", b"keep-alive"), ("x-a", b"2"), ("TE", b"trailers")]
-        outcome, sink = self.serve(HTTP_ECHO, http_request("GET", "/x?y=1", headers))
+        outcome, sink = self.serve(HTTP_ECHO, incoming_request("GET", "/x?y=1", headers))
         self.assertEqual(sink.body(), b"GET /x?y=1\nte: trailers\nuser-agent: curl/7.88.1\naccept: */*\n"
                                       b"x-a: 1\nx-a: 2\n\n")
         self.assertEqual(outcome.status, 200)
 
     def test_an_extension_method_reaches_the_guest_by_name(self):
-        _, sink = self.serve(HTTP_ECHO, http_request("PROPFIND", "/dav"))
+        _, sink = self.serve(HTTP_ECHO, incoming_request("PROPFIND", "/dav"))
         self.assertTrue(sink.body().startswith(b"PROPFIND /dav\n"), sink.body())
 
     def test_the_apps_own_404_and_500(self):
         for path, status in (("/404/x", 404), ("/500", 500)):
-            _, sink = self.serve(HTTP_ECHO, http_request(path=path))
+            _, sink = self.serve(HTTP_ECHO, incoming_request(path=path))
             self.assertEqual(sink.status(), status)
 
     def test_the_request_body_is_read_as_the_guest_reads_it(self):
         reader = ChunkReader(300_000, chunk=10_000)
-        outcome, sink = self.serve(HTTP_ECHO, http_request("POST", "/up", body=reader))
+        outcome, sink = self.serve(HTTP_ECHO, incoming_request("POST", "/up", body=reader))
         self.assertEqual(sink.body(), b"POST /up\n\n" + bytes(reader_body(300_000, 10_000)))
         self.assertGreaterEqual(reader.reads, 30)                 # 30 pieces, each its own read
         self.assertGreater(sum(1 for event in sink.events if event[0] == "write"), 30)
@@ -10806,14 +11209,14 @@ class HttpHandlerTest(HttpTestCase):
         reader, sink = ChunkReader(size), CountingSink()
         tracemalloc.start()
         self.addCleanup(tracemalloc.stop)
-        self.host.handle_http(self.host.load(HTTP_ECHO), http_request("PUT", "/", body=reader), sink)
+        self.host.handle_http(self.host.load(HTTP_ECHO), incoming_request("PUT", "/", body=reader), sink)
         peak = tracemalloc.get_traced_memory()[1]
         self.assertEqual(sink.size, size + len(b"PUT /\n\n"))
         self.assertLess(peak, size // 2)                          # a few chunks at a time, never the body
         self.assertEqual(sink.digest.digest(), hashlib.sha256(b"PUT /\n\n" + reader_body(size, 1 << 16)).digest())
 
     def test_the_stream_path_writes_sixteen_chunks(self):
-        _, sink = self.serve(HTTP_ECHO, http_request(path="/stream"))
+        _, sink = self.serve(HTTP_ECHO, incoming_request(path="/stream"))
         writes = [event[1] for event in sink.events if event[0] == "write"]
         self.assertEqual(writes[-16:], [b"chunk %02d\n" % i for i in range(16)])
         self.assertEqual(sink.events[-1], ("finish", None))
@@ -10831,7 +11234,7 @@ class HttpHandlerTest(HttpTestCase):
             def write(self, data):
                 raise BrokenPipeError("client went away")
         with self.assertRaises(kvhost.TrapError) as caught:
-            self.host.handle_http(self.host.load(HTTP_HELLO), http_request(), GoneSink())
+            self.host.handle_http(self.host.load(HTTP_HELLO), incoming_request(), GoneSink())
         self.assertEqual((caught.exception.kind, caught.exception.response_started), ("sink", True))
 
 
@@ -10853,7 +11256,7 @@ class HttpSemanticsTest(HttpTestCase):
     host_options = {"timeout": 1.0}
 
     def test_fields_refuse_forbidden_invalid_and_immutable_changes(self):
-        _, sink = self.serve(HTTP_PROBE, http_request(path="/f", headers=[("a", b"b")]))
+        _, sink = self.serve(HTTP_PROBE, incoming_request(path="/f", headers=[("a", b"b")]))
         # request headers: immutable; connection, te: forbidden; "bad name", a value with "\n":
         # invalid-syntax; from-list with transfer-encoding: forbidden; the headers of a response
         # that owns them: immutable
@@ -10864,7 +11267,7 @@ class HttpSemanticsTest(HttpTestCase):
         # poll([a timer of an hour, a timer of 0]) is [1], and the hour's ready() false: what
         # wasmtime serve answers too. (wasmtime 50 passes a host function two borrowed handles
         # only with the engine's concurrency support off, as kvhost's engine has it.)
-        _, sink = self.serve(HTTP_PROBE, http_request(path="/p"))
+        _, sink = self.serve(HTTP_PROBE, incoming_request(path="/p"))
         self.assertEqual(sink.body(), b"poll 1 ready 0\n")
 
     def test_a_guest_blocked_in_a_poll_is_stopped_at_the_deadline(self):
@@ -10910,7 +11313,7 @@ class HttpSemanticsTest(HttpTestCase):
         self.assertNotIn(("finish", None), sink.events)
 
     def test_a_body_still_held_when_the_guest_returns_ends_there(self):
-        outcome, sink = self.serve(HTTP_PROBE, http_request(path="/u"))     # as wasmtime serve does
+        outcome, sink = self.serve(HTTP_PROBE, incoming_request(path="/u"))     # as wasmtime serve does
         self.assertEqual(sink.events, [("start", 200, []), ("write", b"partial"), ("finish", None)])
 
     def test_exit_is_an_error_of_kind_exit(self):
@@ -10923,7 +11326,7 @@ class HttpSemanticsTest(HttpTestCase):
             os.dup2(out.fileno(), 1)
             os.dup2(err.fileno(), 2)
             try:
-                outcome, sink = self.serve(HTTP_PROBE, http_request(path="/o"))
+                outcome, sink = self.serve(HTTP_PROBE, incoming_request(path="/o"))
             finally:
                 os.dup2(saved[0], 1)
                 os.dup2(saved[1], 2)
@@ -10935,7 +11338,7 @@ class HttpSemanticsTest(HttpTestCase):
         self.assertEqual((outcome.stdout, outcome.stderr, sink.body()), (b"to stdout\n", b"to stderr\n", b"ok\n"))
 
     def test_the_memory_limit_holds(self):
-        _, sink = self.serve(HTTP_PROBE, http_request(path="/m"))            # 1 GiB > 256 MiB
+        _, sink = self.serve(HTTP_PROBE, incoming_request(path="/m"))            # 1 GiB > 256 MiB
         self.assertEqual(sink.body(), b"denied\n")
 
 
@@ -10949,7 +11352,7 @@ class HttpKeyvalueTest(unittest.TestCase):
 
     def visit(self, host, namespace):
         sink = RecordingSink()
-        host.handle_http(host.load(HTTP_COUNTER), http_request(), sink, namespace=namespace)
+        host.handle_http(host.load(HTTP_COUNTER), incoming_request(), sink, namespace=namespace)
         return sink.body()
 
     def test_visits_count_per_namespace_and_survive_a_restart(self):
@@ -11007,7 +11410,7 @@ class HttpOutboundTest(unittest.TestCase):
         host = kvhost.Host(cache_dir=False, timeout=10, allow_outbound=list(allow))
         self.addCleanup(host.close)
         sink = RecordingSink()
-        host.handle_http(host.load(HTTP_OUTBOUND), http_request(path=path, headers=[("x-upstream", upstream.encode())]),
+        host.handle_http(host.load(HTTP_OUTBOUND), incoming_request(path=path, headers=[("x-upstream", upstream.encode())]),
                          sink)
         return sink.status(), sink.body()
 
@@ -11038,11 +11441,11 @@ class HttpOutboundTest(unittest.TestCase):
         self.addCleanup(host.close)
         headers = [("x-upstream", f"127.0.0.1:{server.port}".encode()), ("x-tls", b"1")]
         sink = RecordingSink()
-        host.handle_http(host.load(HTTP_OUTBOUND), http_request(headers=headers), sink)
+        host.handle_http(host.load(HTTP_OUTBOUND), incoming_request(headers=headers), sink)
         self.assertEqual(sink.body(), b"error-code %02d\n" % ERROR_CODE_CASES["TLS-certificate-error"])
         with mock.patch.dict(os.environ, {"SSL_CERT_FILE": cert}):         # trusted: it answers
             sink = RecordingSink()
-            host.handle_http(host.load(HTTP_OUTBOUND), http_request(path="/tls", headers=headers), sink)
+            host.handle_http(host.load(HTTP_OUTBOUND), incoming_request(path="/tls", headers=headers), sink)
         self.assertEqual((sink.status(), sink.body()), (200, b"upstream saw /tls"))
 
     def test_a_response_larger_than_the_bound_fails_as_the_guest_reads_it(self):
@@ -11052,7 +11455,7 @@ class HttpOutboundTest(unittest.TestCase):
             self.addCleanup(host.close)
             sink = RecordingSink()
             host.handle_http(host.load(HTTP_OUTBOUND),
-                             http_request(headers=[("x-upstream", f"127.0.0.1:{server.port}".encode())]), sink)
+                             incoming_request(headers=[("x-upstream", f"127.0.0.1:{server.port}".encode())]), sink)
         self.assertEqual((sink.status(), sink.body()), (200, b"upstream"))     # the first 8 bytes, then the error
 
     def test_the_allow_list_is_checked(self):
@@ -11087,19 +11490,19 @@ class RealToolchainHttpTest(unittest.TestCase):
         return outcome, sink
 
     def test_javascript_hello(self):
-        _, sink = self.serve(JS_HTTP, http_request())
+        _, sink = self.serve(JS_HTTP, incoming_request())
         self.assertEqual((sink.status(), sink.body()), (200, b"hello from js\n"))
         self.assertIn(("content-type", b"text/plain"), sink.headers())
 
     def test_javascript_echo_of_method_path_headers_and_body(self):
-        request = http_request("POST", "/echo?q=1", [("X-B", b"2"), ("x-a", b"1")], b"hello body")
+        request = incoming_request("POST", "/echo?q=1", [("X-B", b"2"), ("x-a", b"1")], b"hello body")
         _, sink = self.serve(JS_HTTP, request)
         self.assertEqual(sink.body(), b"POST /echo?q=1\nx-a: 1\nx-b: 2\n\nhello body")
 
     def test_javascript_404_and_a_thrown_error(self):
-        _, sink = self.serve(JS_HTTP, http_request(path="/nope"))
+        _, sink = self.serve(JS_HTTP, incoming_request(path="/nope"))
         self.assertEqual((sink.status(), sink.body()), (404, b"not found\n"))
-        outcome, sink = self.serve(JS_HTTP, http_request(path="/throw"))
+        outcome, sink = self.serve(JS_HTTP, incoming_request(path="/throw"))
         self.assertEqual((sink.status(), sink.body()), (500, b""))                # as wasmtime serve answers
         self.assertIn(b"thrown on purpose", outcome.stderr)
 
@@ -11107,19 +11510,19 @@ class RealToolchainHttpTest(unittest.TestCase):
         server = OutboundServer(self)
         self.host.allow_outbound = kvhost.parse_outbound([f"127.0.0.1:{server.port}"])
         self.addCleanup(setattr, self.host, "allow_outbound", frozenset())
-        _, sink = self.serve(JS_HTTP, http_request(path=f"/fetch?url=http://127.0.0.1:{server.port}/up"))
+        _, sink = self.serve(JS_HTTP, incoming_request(path=f"/fetch?url=http://127.0.0.1:{server.port}/up"))
         self.assertEqual((sink.status(), sink.body()), (200, b"200\nupstream saw /up"))
 
     def test_javascript_fetch_of_a_refused_destination(self):
-        _, sink = self.serve(JS_HTTP, http_request(path="/fetch?url=http://127.0.0.1:9/"))
+        _, sink = self.serve(JS_HTTP, incoming_request(path="/fetch?url=http://127.0.0.1:9/"))
         self.assertEqual(sink.status(), 502)
 
     def test_python_hello_echo_and_404(self):
-        _, sink = self.serve(PY_HTTP, http_request())
+        _, sink = self.serve(PY_HTTP, incoming_request())
         self.assertEqual((sink.status(), sink.body()), (200, b"hello from python\n"))
-        _, sink = self.serve(PY_HTTP, http_request("PUT", "/echo/a", [("x-k", b"v")], b"data"))
+        _, sink = self.serve(PY_HTTP, incoming_request("PUT", "/echo/a", [("x-k", b"v")], b"data"))
         self.assertEqual(sink.body(), b"PUT /echo/a\nx-k: v\n\ndata")
-        _, sink = self.serve(PY_HTTP, http_request(path="/missing"))
+        _, sink = self.serve(PY_HTTP, incoming_request(path="/missing"))
         self.assertEqual(sink.status(), 404)
 
 if __name__ == "__main__":
