@@ -71,6 +71,8 @@ Map of this file (top-down):
                        and runs; renders the Prometheus text format)
     watch              WatchHub (one Store.watch thread per branch -> bounded per-client queues)
     WebSocket framing  encode_frame(), FrameParser
+    web page           PAGE_HTML (inline HTML, CSS and JavaScript reading the API routes) and
+                       PAGE_CSP, wants_page() (a browser's GET /), page_reply()
     connection         request head parsing (Headers, read_headers), WasmstoreHandler
                        (one thread per connection)
     server             ConnectionLimits (connections and watch sessions, two pools),
@@ -3112,9 +3114,10 @@ function moduleView(path) {
   fill(parts.versions, async () => versionsTable(await history, head));
   fill(parts.iface, async () => interfaceOf(await exportsOf));
   fill(parts.diff, async () => diffForm(path, await history));
-  fill(parts.call, async () => callForm(path, await exportsOf));
-  fill(parts.run, async () => runForm(path));
-  fill(parts.kv, async () => kvBrowser(path));
+  const showKv = () => fill(parts.kv, async () => kvBrowser(path));
+  fill(parts.call, async () => callForm(path, await exportsOf, showKv));
+  fill(parts.run, async () => runForm(path, showKv));
+  showKv();
   fill(parts.audit, async () => {
     const audit = commitTable("audit-table", "/audit" + enc(path));
     await audit.load();
@@ -3265,7 +3268,8 @@ function argumentInput(param, index) {
                           el("code", {text: param.type}), " ", input)};
 }
 
-function callForm(path, described) {
+// A call or a run may change the module's kv data: `ran` shows it again afterwards.
+function callForm(path, described, ran) {
   if (!described.exports.length) {
     return el("p", {class: "empty", text: "No function JSON can call."});
   }
@@ -3299,13 +3303,14 @@ function callForm(path, described) {
       result.textContent = error instanceof ApiError ? `${error.status}: ${error.message}`
                                                      : String(error);
     }
+    ran();
   });
   return form;
 }
 
 // -- running a command: stdin and arguments ---------------------------------------------------
 
-function runForm(path) {
+function runForm(path, ran) {
   const args = el("textarea", {id: "run-args", rows: 2, placeholder: "one argument per line"});
   const stdin = el("textarea", {id: "run-stdin", rows: 3, placeholder: "stdin"});
   const out = el("div", {id: "run-result"});
@@ -3329,6 +3334,7 @@ function runForm(path) {
     } catch (error) {
       out.replaceChildren(errorBox(error));
     }
+    ran();
   });
   return form;
 }

@@ -5637,7 +5637,8 @@ class WebPageTests(unittest.TestCase):
         row = "#tree tr[data-path='/lib/math.wasm'] td"
         cells = browser.evaluate(tab, f"[...document.querySelectorAll({json.dumps(row)})]"
                                       ".map(c => c.textContent)")
-        self.assertEqual(cells[1:3], ["module", f"{len(wat_binary(LIB_MATH_V2))} B"])
+        self.assertEqual(cells[1:4], ["module", f"{len(wat_binary(LIB_MATH_V2))} B",
+                                      live.store.hash("/lib/math.wasm")[:12]])
         self.assertIn("ada · Import /lib/math.wasm", cells[4])
         options = browser.evaluate(tab, "[...document.querySelectorAll('#branch option')]"
                                         ".map(o => o.textContent)")
@@ -5676,13 +5677,19 @@ class WebPageTests(unittest.TestCase):
         self.assert_only_own_origin(browser, tab, live)
 
     def assert_only_own_origin(self, browser, tab, live):
-        urls = browser.requested_urls(tab)
+        """Every request the tab made went to the server's origin, and each API request to a
+        route the README documents (the page uses nothing a user could not)."""
+        urls = [url for url in browser.requested_urls(tab) if not url.startswith("data:")]
         origins = {urllib.parse.urlsplit(url)._replace(path="", query="", fragment="").geturl()
-                   for url in urls if not url.startswith("data:")}
+                   for url in urls}
         self.assertEqual(origins, {live.url, live.url.replace("http", "ws", 1)}, urls)
-        api = {urllib.parse.urlsplit(url).path.split("/")[3] for url in urls
-               if urllib.parse.urlsplit(url).path.startswith("/api/v1/")}
-        self.assertLessEqual(api, {route.name for route in http_server.ROUTES})
+        paths = [urllib.parse.urlsplit(url).path for url in urls]
+        self.assertEqual({path for path in paths if not path.startswith("/api/v1/")}, {"/"})
+        names = {path.split("/")[3] for path in paths if path.startswith("/api/v1/")}
+        self.assertLessEqual(names, {route.name for route in http_server.ROUTES})
+        readme = read_text(os.path.join(HERE, "README.md"))
+        self.assertEqual({name for name in names if not re.search(
+            rf"(\$S|/api/v1)/{re.escape(name)}\b", readme)}, set())
 
     def test_a_call_through_the_form_and_a_run(self):
         live = self.serve()
@@ -5702,18 +5709,66 @@ class WebPageTests(unittest.TestCase):
         self.assertEqual(error, '400: argument 2 (i64): expected i64, got "one"')
         browser.evaluate(tab, "location.hash = '#/module/wasi/hello.wasm'")
         browser.wait_for(tab, "!!document.querySelector('#run-form')")
-        browser.evaluate(tab, set_field("#run-args", "a\nb"))
+        browser.evaluate(tab, set_field("#run-args", "a b\nc"))
+        browser.evaluate(tab, set_field("#run-stdin", "from the form\n"))
         browser.evaluate(tab, submit("#run-form"))
         status = browser.wait_for(tab, TEXT.format("#run-status"))
         self.assertEqual(status, "exit status 0")
-        expected = live.request("POST", "/api/v1/run/wasi/hello.wasm?arg=a&arg=b")[2].decode()
-        self.assertEqual(self.text(browser, tab, "#run-stdout"), expected)
+        self.assertEqual(self.text(browser, tab, "#run-stdout"), "hello a b c\nfrom the form\n")
+        self.assertEqual(self.text(browser, tab, "#run-stderr"),
+                         "wasi-hello: this line goes to stderr\n")
+        browser.evaluate(tab, set_field("#run-args", "fail"))
+        browser.evaluate(tab, submit("#run-form"))
+        browser.wait_for(tab, TEXT.format("#run-status") + " == 'exit status 3'")
         self.assert_only_own_origin(browser, tab, live)
 
-    def test_kv_data_as_text_and_hex(self):
+    def test_a_diff_between_two_versions_names_what_changed(self):
         live = self.serve()
-        live.request("POST", "/api/v1/call/incr/kv/probe.wasm", b'["counter", "hits", 42]')
+        live.store.add("/diff/m.wasm", wat_binary(
+            '(module (func (export "add") (param i32 i32) (result i32) (local.get 0))'
+            ' (func (export "square") (param i32) (result i32) (local.get 0)))'))
+        live.store.add("/diff/m.wasm", wat_binary(
+            '(module (import "env" "log" (func (param i32)))'
+            ' (func (export "add") (param i64 i64) (result i64) (local.get 0))'
+            ' (func (export "cube") (param i32) (result i32) (local.get 0)))'))
+        sizes = [len(live.request("GET", f"/api/v1/version/{n}/diff/m.wasm")[2]) for n in (0, 1)]
+        browser, tab = self.page(live, "#/module/diff/m.wasm")
+        browser.wait_for(tab, "!!document.querySelector('#diff-form')")
+        browser.evaluate(tab, submit("#diff-form"))
+        size = browser.wait_for(tab, TEXT.format("#diff-size"))
+        self.assertEqual(size, f"size {sizes[0]} → {sizes[1]} bytes ({sizes[1] - sizes[0]:+d})")
+        blocks = browser.evaluate(tab, "Object.fromEntries([...document.querySelectorAll("
+                                       "'#diff-result .diff')].map(d => [d.firstChild.textContent"
+                                       ", [...d.querySelectorAll('[data-kind]')].map(k => "
+                                       "k.textContent)]))")
+        self.assertEqual(blocks, {
+            "Exports": ["added: cube: cube(i32) -> i32", "removed: square: square(i32) -> i32",
+                        "changed: add: add(i32, i32) -> i32 → add(i64, i64) -> i64"],
+            "Imports": ["added: env log: func(i32)", "removed: none", "changed: none"]})
+        self.assert_only_own_origin(browser, tab, live)
+
+    def call_through_the_form(self, browser, tab, function, *values):
+        """Call `function` with the form's fields set to `values`; the result box's text."""
+        browser.evaluate(tab, set_field("#call-function", function))
+        for index, value in enumerate(values):
+            browser.evaluate(tab, set_field(f"#arg-{index}", value))
+        browser.evaluate(tab, "document.querySelector('#call-result').className = ''")
+        browser.evaluate(tab, submit("#call-form"))
+        return browser.wait_for(tab, "!!document.querySelector('#call-result.ok, #call-result"
+                                     ".error') && " + TEXT.format("#call-result"))
+
+    def test_a_component_called_through_the_form_and_its_kv_data_as_text_and_hex(self):
+        live = self.serve()
         browser, tab = self.page(live, "#/module/kv/probe.wasm")
+        browser.wait_for(tab, "!!document.querySelector('#kv-buckets.empty')")
+        labels = browser.evaluate(tab, set_field("#call-function", "set") + " && [...document."
+                                       "querySelectorAll('#call-args label')].map(l => "
+                                       "l.textContent)")
+        self.assertEqual(labels, ["bucket: string ", "key: string ", "value: list<u8> "])
+        self.assertEqual(self.call_through_the_form(browser, tab, "incr", "counter", "hits", "42"),
+                         '{"ok":42}')
+        self.assertEqual(self.call_through_the_form(browser, tab, "set", "counter", "raw",
+                                                    "[0, 255, 10]"), '{"ok":null}')
         browser.wait_for(tab, "!!document.querySelector('[data-bucket=counter]')")
         browser.evaluate(tab, click("[data-bucket=counter]"))
         browser.wait_for(tab, "!!document.querySelector('[data-key=hits]')")
@@ -5721,7 +5776,14 @@ class WebPageTests(unittest.TestCase):
         self.assertEqual(browser.wait_for(tab, TEXT.format("#kv-value")), "42")
         browser.evaluate(tab, click("#kv-toggle"))
         self.assertEqual(self.text(browser, tab, "#kv-value"), "34 32")
+        browser.evaluate(tab, click("[data-key=raw]"))
+        browser.wait_for(tab, TEXT.format("#kv-value-box h3") + " == 'raw'")
+        self.assertEqual(browser.evaluate(tab, "document.querySelector('#kv-value').dataset"
+                                               ".format"), "hex")
+        self.assertEqual(self.text(browser, tab, "#kv-value"), "00 ff 0a")
+        self.assertIs(browser.evaluate(tab, "document.querySelector('#kv-toggle').hidden"), True)
         self.assertIn("/kv/probe.wasm", self.text(browser, tab, "#kv"))
+        self.assert_only_own_origin(browser, tab, live)
 
     def test_a_commit_made_elsewhere_appears_without_a_reload(self):
         live = self.serve()
