@@ -3539,6 +3539,8 @@ class Host:
         request: an HttpRequest. sink: where the response goes, as the guest produces it:
         sink.start(status, [(name, value: bytes)]) once, when the guest sets its response;
         sink.write(data) for each piece of the body (it may block: the guest waits);
+        sink.flush(), if the sink has it, before the guest waits (a poll, a read of a body that
+        may block) after writing, so a sink that gathers writes sends them meanwhile;
         sink.finish(trailers) at the end (trailers: such a list, or None). namespace: the
         wasi:keyvalue tenant (default: the Host's).
 
@@ -4626,6 +4628,8 @@ class _InputStream:
         want = min(size, HTTP_READ_CHUNK)
         if self.limit is not None:
             want = min(want, self.limit - self.total) or 1     # at the limit: is there more?
+        if state.unflushed:               # the read may wait for the peer
+            state.flush_response()
         try:
             data = self.reader.read(want)
         except Exception as e:          # the client went away, a socket timed out
@@ -4819,6 +4823,8 @@ class _HttpState(_CallState):
         super().__init__(host, bool(host._watchers), namespace)
         self.objects = {}                 # rep -> the Python object of any resource type
         self.sink = sink
+        self.sink_flush = getattr(sink, "flush", None)     # optional: called before a wait
+        self.unflushed = False            # body bytes went to the sink since its last flush
         self.deadline = deadline          # time.monotonic() by which the request must be answered
         self.captures = captures          # (stdout, stderr) _Capture
         self.failure = None               # the KvError that ends the request (set before a trap)
@@ -4868,6 +4874,8 @@ class _HttpState(_CallState):
             if ready:
                 return ready
             self.check_deadline()
+            if self.unflushed:
+                self.flush_response()
             times = [p.at for p in pollables if p.at is not None]
             if self.deadline is not None:
                 times.append(self.deadline)
@@ -4891,8 +4899,20 @@ class _HttpState(_CallState):
         except Exception as e:
             self.sink_error = e
             return Err(wc.Variant("closed"))
+        self.unflushed = True
         self.check_deadline()
         return None
+
+    def flush_response(self):
+        """Before the guest waits (a poll, a read that may block): the sink's flush, so that what
+        it wrote reaches the client meanwhile (between waits, the sink may gather bytes)."""
+        self.unflushed = False
+        if self.sink_flush is None or self.sink_error is not None:
+            return
+        try:
+            self.sink_flush()
+        except Exception as e:
+            self.sink_error = e
 
     def start_response(self, response):
         self.response = response
@@ -5829,12 +5849,15 @@ class _OutboundCall:
 
 
 class _IncomingResponse:
-    __slots__ = ("status", "fields", "reader", "body_taken")
+    """incoming-response of an outgoing call: status, fields, and its body read as it arrives
+    (http.client's read1: the bytes there are, where read(n) would wait for n of them)."""
 
-    def __init__(self, status, headers, reader):
+    __slots__ = ("status", "fields", "read", "body_taken")
+
+    def __init__(self, status, headers, response):
         self.status = status
         self.fields = _Fields.from_server(headers)
-        self.reader = reader
+        self.read = response.read1
         self.body_taken = False
 
 
@@ -5881,7 +5904,7 @@ def _incoming_response_consume(state, rep):
     if response.body_taken:
         return Err(None)
     response.body_taken = True
-    stream = _InputStream(response.reader, OUTBOUND_RESPONSE_LIMIT,
+    stream = _InputStream(response, OUTBOUND_RESPONSE_LIMIT,
                           wc.Variant("HTTP-response-body-size", None))
     return state.add(_IncomingBody(stream))
 

@@ -11113,7 +11113,8 @@ HTTP_COUNTER = os.path.join(HTTP_GUESTS, "counter.wat")
 JS_HTTP = os.path.join(HERE, "build", "js-http.wasm")             # jco fetch handler
 PY_HTTP = os.path.join(HERE, "build", "py-http.wasm")             # componentize-py handler
 # The case numbers of wasi:http's error-code that the outbound guest reports.
-ERROR_CODE_CASES = {"connection-refused": 6, "TLS-certificate-error": 13, "HTTP-request-denied": 15}
+ERROR_CODE_CASES = {"connection-refused": 6, "connection-timeout": 8, "connection-read-timeout": 9,
+                    "TLS-certificate-error": 13, "HTTP-request-denied": 15}
 
 
 class RecordingSink:
@@ -11233,6 +11234,18 @@ class HttpHandlerTest(HttpTestCase):
         with self.assertRaisesRegex(kvhost.NotHttpHandler, "does not export wasi:http/incoming-handler"):
             self.host.handle_http(guest, incoming_request(), RecordingSink())
 
+    def test_guests_of_any_0_2_version_link(self):
+        # Toolchains emit 0.2.0 (wasi-libc, componentize-py), 0.2.3, 0.2.6, 0.2.10 (jco), ...;
+        # each interface is defined once and matched semver-compatibly, newer patch levels too.
+        with open(HTTP_HELLO) as f:
+            text = f.read()
+        for version in ("0.2.3", "0.2.6", "0.2.12", "0.2.40"):
+            with self.subTest(version=version):
+                outcome, sink = self.serve(text.replace("@0.2.0", "@" + version).encode())
+                self.assertEqual(sink.body(), b"hello from wasm\n")
+        with self.assertRaisesRegex(kvhost.LinkError, "cannot link .* as an HTTP handler.*wasi:io/error@0.3"):
+            self.serve(text.replace("wasi:io/error@0.2.0", "wasi:io/error@0.3.0").encode())
+
     def test_a_core_module_is_not_a_handler(self):
         guest = self.host.load(os.path.join(RUN_GUESTS, "numbers.wat"))
         with self.assertRaisesRegex(kvhost.NotHttpHandler, "core module"):
@@ -11282,6 +11295,22 @@ class HttpHandlerTest(HttpTestCase):
         writes = [event[1] for event in sink.events if event[0] == "write"]
         self.assertEqual(writes[-16:], [b"chunk %02d\n" % i for i in range(16)])
         self.assertEqual(sink.events[-1], ("finish", None))
+
+    def test_the_sink_is_flushed_before_the_guest_waits_for_the_body(self):
+        # A sink that gathers writes learns when the guest is about to wait (here, for the
+        # request body), so what it wrote reaches the client meanwhile; never twice in a row.
+        class FlushingSink(RecordingSink):
+            def flush(self):
+                self.events.append(("flush",))
+        sink = FlushingSink()
+        reader = ChunkReader(30_000, chunk=10_000)
+        self.host.handle_http(self.host.load(HTTP_ECHO), incoming_request("POST", "/f", body=reader), sink)
+        self.assertEqual(sink.events[:3], [("start", 200, []), ("write", b"POST /f\n\n"), ("flush",)])
+        self.assertEqual(sink.body(), b"POST /f\n\n" + reader_body(30_000, 10_000))
+        kinds = [event[0] for event in sink.events]
+        self.assertGreaterEqual(kinds.count("flush"), 3)
+        self.assertNotIn(("flush", "flush"), list(zip(kinds, kinds[1:])))
+        self.assertEqual(kinds[-1], "finish")
 
     def test_a_request_is_checked_at_the_boundary(self):
         with self.assertRaisesRegex(kvhost.ArgumentError, "invalid HTTP method"):
@@ -11433,12 +11462,17 @@ class HttpKeyvalueTest(unittest.TestCase):
 
 
 class OutboundServer:
-    """A local HTTP (or HTTPS) server on a free loopback port, answering every GET with 200 and
-    "upstream saw <path>", served from a thread."""
+    """A local HTTP (or HTTPS) server on a free loopback port, served from a thread, answering
+    every GET with 200 and "upstream saw <path>", or as answer(handler) does."""
 
-    def __init__(self, testcase, tls=None):
+    def __init__(self, testcase, tls=None, answer=None):
         class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
             def do_GET(self):
+                if answer is not None:
+                    answer(self)
+                    return
                 body = f"upstream saw {self.path}".encode()
                 self.send_response(200)
                 self.send_header("Content-Length", str(len(body)))
@@ -11468,12 +11502,12 @@ class HttpOutboundTest(unittest.TestCase):
     """wasi:http/outgoing-handler: refused unless the destination is allowed, then sent by
     http.client; the guest (guests/http/outbound.wat) forwards to its x-upstream header."""
 
-    def forward(self, upstream, allow=(), path="/hello?x=1"):
+    def forward(self, upstream, allow=(), path="/hello?x=1", headers=(), sink=None):
         host = kvhost.Host(cache_dir=False, timeout=10, allow_outbound=list(allow))
         self.addCleanup(host.close)
-        sink = RecordingSink()
-        host.handle_http(host.load(HTTP_OUTBOUND), incoming_request(path=path, headers=[("x-upstream", upstream.encode())]),
-                         sink)
+        sink = sink or RecordingSink()
+        headers = [("x-upstream", upstream.encode()), *headers]
+        host.handle_http(host.load(HTTP_OUTBOUND), incoming_request(path=path, headers=headers), sink)
         return sink.status(), sink.body()
 
     def test_refused_by_default(self):
@@ -11519,6 +11553,55 @@ class HttpOutboundTest(unittest.TestCase):
             host.handle_http(host.load(HTTP_OUTBOUND),
                              incoming_request(headers=[("x-upstream", f"127.0.0.1:{server.port}".encode())]), sink)
         self.assertEqual((sink.status(), sink.body()), (200, b"upstream"))     # the first 8 bytes, then the error
+
+    def test_the_response_body_reaches_the_guest_as_it_arrives(self):
+        # The upstream sends its second chunk only once the first reached the guest's client:
+        # a host that waited for a full read would stall here until the deadline.
+        first_seen = threading.Event()
+
+        def answer(handler):
+            handler.send_response(200)
+            handler.send_header("Transfer-Encoding", "chunked")
+            handler.end_headers()
+            handler.wfile.write(b"6\r\npart1\n\r\n")
+            handler.wfile.flush()
+            first_seen.wait(10)
+            handler.wfile.write(b"6\r\npart2\n\r\n0\r\n\r\n")
+
+        class WatchingSink(RecordingSink):
+            def write(self, data):
+                super().write(data)
+                if b"part1" in self.body():
+                    first_seen.set()
+        server = OutboundServer(self, answer=answer)
+        started = time.monotonic()
+        upstream = f"127.0.0.1:{server.port}"
+        self.assertEqual(self.forward(upstream, [upstream], sink=WatchingSink()), (200, b"part1\npart2\n"))
+        self.assertLess(time.monotonic() - started, 5)
+
+    def test_the_first_byte_timeout_of_request_options(self):
+        answered = threading.Event()
+        self.addCleanup(answered.set)
+        server = OutboundServer(self, answer=lambda handler: answered.wait(10))     # never answers
+        upstream = f"127.0.0.1:{server.port}"
+        started = time.monotonic()
+        self.assertEqual(self.forward(upstream, [upstream], headers=[("x-timeout", b"1")]),
+                         (502, b"error-code %02d\n" % ERROR_CODE_CASES["connection-read-timeout"]))
+        self.assertLess(time.monotonic() - started, 5)               # 300 ms, not the 30 s default
+
+    def test_the_connect_timeout_of_request_options(self):
+        # A listening socket whose backlog of one is taken: the next connect is never accepted.
+        listener = socket.socket()
+        self.addCleanup(listener.close)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        port = listener.getsockname()[1]
+        waiting = socket.create_connection(("127.0.0.1", port))
+        self.addCleanup(waiting.close)
+        started = time.monotonic()
+        self.assertEqual(self.forward(f"127.0.0.1:{port}", [f"127.0.0.1:{port}"], headers=[("x-timeout", b"1")]),
+                         (502, b"error-code %02d\n" % ERROR_CODE_CASES["connection-timeout"]))
+        self.assertLess(time.monotonic() - started, 5)
 
     def test_the_allow_list_is_checked(self):
         self.assertEqual(kvhost.parse_outbound(["Example.com", "127.0.0.1:8080", "[::1]:443"]),
