@@ -4639,7 +4639,7 @@ class SharedMetricValues:
         entry = self.offsets.get(key) or self._append(key, isinstance(delta, float))
         if entry is not None:
             view, index = entry
-            view[index] += delta
+            view[index] += delta if view is self._floats else int(delta)
 
     def get(self, key, default=0):
         """The number at key, or default."""
