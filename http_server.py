@@ -3,11 +3,11 @@
 
 Standard library only (plus `wasmstore.py`): `http.server.ThreadingHTTPServer` with keep-alive,
 Content-Length on every response, zero-copy downloads (`os.sendfile` of the object file; plain
-reads through TLS), uploads streamed into the store, key/method auth, TLS, CORS, a WebSocket
-watch (RFC 6455), Prometheus metrics, bounded request heads and bodies, strict body framing,
-connection timeouts, a connection cap with a separate cap for watch sessions, Host and Origin
-checks against DNS rebinding and cross-site requests, graceful shutdown on SIGTERM / Ctrl-C,
-running stored modules (call, run, exports) on kvhost, and the read side of the OCI
+reads through TLS), uploads streamed into the store, keys with permissions and path scopes, TLS,
+CORS, a WebSocket watch (RFC 6455), Prometheus metrics, bounded request heads and bodies, strict
+body framing, connection timeouts, a connection cap with a separate cap for watch sessions, Host
+and Origin checks against DNS rebinding and cross-site requests, graceful shutdown on SIGTERM /
+Ctrl-C, running stored modules (call, run, exports) on kvhost, and the read side of the OCI
 distribution API under /v2/ (each store path a repository: `oras pull` fetches from it).
 
 As a command::
@@ -29,13 +29,17 @@ Map of this file (top-down):
     constants, exceptions (ServerError root)
     URL parsing        parse_target(), decode_segment()
     replies            Reply, FileBody, error_reply() and the one ERROR_STATUS table
-    route handlers     pure functions (store, call, body) -> Reply, the ROUTES table, LocateCache
+    route handlers     pure functions (store, call, body) -> Reply, LocateCache; history: log
+                       and audit by pages, diff
     running modules    RunGate (guests at once + a bounded queue -> 503), GuestRuntime (a
                        wasmstore.Runner, compiles outside the gate, per-module metrics), the
-                       call/run/exports handlers, make_runtime()
+                       call/run/exports handlers, a module's kv data (buckets, keys, values),
+                       make_runtime()
     OCI /v2/           the distribution API's read side: OciRepository (a store path's tags,
                        manifests, blobs), oci_v2 (its one route), oci_error_reply (JSON codes)
-    auth               AuthTable (constant-time key comparison)
+    routing            Route, the ROUTES table (each route's permission and scope), match_route()
+    auth               Access (what a key reaches), AuthTable (KEY:PERMS[@PREFIX] entries,
+                       constant-time key comparison; the routes declare their permission)
     browser safety     parse_authority(), parse_origin(), HostAllowList (DNS rebinding),
                        OriginAllowList (the --cors option; cross-site requests and watches)
     body readers       body_framing() (400 for ambiguous framing), LimitedReader, ChunkedReader
@@ -61,6 +65,9 @@ __all__ = [
     "ROUTES",
     "ERROR_STATUS",
     "AuthTable",
+    "Access",
+    "EVERYTHING",
+    "PERMISSIONS",
     "HostAllowList",
     "OriginAllowList",
     "ConnectionLimits",
@@ -152,6 +159,11 @@ DEFAULT_MAX_GUESTS = max(2, os.cpu_count() or 2)   # guests running at once
 DEFAULT_RUN_QUEUE = 64                     # callers waiting for a guest slot; beyond: 503
 DEFAULT_QUEUE_WAIT = 10.0                  # seconds a caller waits for a slot before 503
 DEFAULT_MAX_OUTPUT = 16 * 1024 * 1024      # stdout (and stderr) kept per run
+MAX_VERSION_INDEX = 999_999_999           # ?version=N and /version/N/: more versions than any path has
+MAX_CONTENT_LENGTH = (1 << 63) - 1         # what a signed 64-bit length holds
+DEFAULT_PAGE = 100                         # commits (or kv keys) per page of log, audit, kv-keys
+MAX_PAGE = 1000                            # the largest page a client may ask for
+HIDDEN_MESSAGE = "(not shown: this commit also changed paths out of this key's reach)"
 MAX_STDERR_HEADER = 4096                   # stderr bytes sent in the Wasmstore-Stderr header
 MAX_RUN_SERIES = 1000                      # (module, function) metric series; more go to "other"
 CHUNK = 1 << 16
@@ -163,11 +175,19 @@ WASM_TYPE = "application/wasm"             # exactly: WebAssembly.instantiateStr
 CORS_ALLOW_HEADERS = ("Wasmstore-Auth, Wasmstore-Branch, Wasmstore-Author, Authorization, "
                       "Content-Type, If-None-Match")
 CORS_EXPOSE_HEADERS = ("Wasmstore-Hash, ETag, Wasmstore-Exit-Status, Wasmstore-Stderr, "
-                       "Wasmstore-Stderr-Truncated, Wasmstore-Stdout-Truncated, Wasmstore-Error")
+                       "Wasmstore-Stderr-Truncated, Wasmstore-Stdout, Wasmstore-Stdout-Truncated, "
+                       "Wasmstore-Error")
 
 _SEGMENT_RE = re.compile(r"(?:[^%]|%[0-9A-Fa-f]{2})*\Z", re.S)
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
 _METHOD_RE = re.compile(r"[A-Z]{1,16}\Z")
+_AUTH_ENTRY_RE = re.compile(r"(?P<key>.+?):(?P<perms>[A-Za-z*, ]+)(?:@(?P<prefix>/.*))?\Z", re.S)
+
+# The words an --auth entry may grant besides HTTP methods. Every route declares the one it
+# needs (Route(..., permission=WORD)); an app route, or any route added later, declares "run"
+# or whichever fits, and AuthTable.authorize is the one check.
+PERMISSIONS = ("read", "write", "run", "admin")
+ROUTE_SCOPES = ("path", "store", "filtered")     # what a route touches: see Route
 _HOST_NAME_RE = re.compile(r"[a-z0-9_]([a-z0-9_.-]{0,251}[a-z0-9_])?")
 
 
@@ -396,10 +416,10 @@ class Call:
     """The parts of a request a handler needs."""
 
     __slots__ = ("params", "path", "branch", "author", "headers", "max_body", "locator", "query",
-                 "runtime", "log")
+                 "runtime", "log", "access")
 
     def __init__(self, params=(), path="", branch=None, author=None, headers=None,
-                 max_body=DEFAULT_MAX_BODY, locator=None, query=None, runtime=None):
+                 max_body=DEFAULT_MAX_BODY, locator=None, query=None, runtime=None, access=None):
         self.params = tuple(params)   # the route's named segments (hash, index, branch...)
         self.path = path              # the "*" rest joined with "/" ("" when absent)
         self.branch = branch          # Wasmstore-Branch or None (default branch)
@@ -410,6 +430,7 @@ class Call:
         self.query = query or Query()  # the query string
         self.runtime = runtime        # a GuestRuntime, or None: the run routes answer 501
         self.log = {}                 # name -> value pairs the access-log line ends with
+        self.access = access or EVERYTHING   # what the request's key reaches (see Access)
 
 
 def _path_or_none(call):
@@ -593,8 +614,11 @@ def delete_module(store, call, body):
 
 
 def list_modules(store, call, body):
-    """GET /api/v1/modules[/*]: {"/path": hash} under the prefix."""
-    return json_reply(store.list(call.path, branch=call.branch))
+    """GET /api/v1/modules[/*]: {"/path": hash} under the prefix (what the key reaches)."""
+    listing = store.list(call.path, branch=call.branch)
+    if call.access.scoped:
+        listing = {path: digest for path, digest in listing.items() if call.access.reaches(path)}
+    return json_reply(listing)
 
 
 def get_hash(store, call, body):
@@ -616,10 +640,8 @@ def get_versions(store, call, body):
 
 def get_version(store, call, body):
     """GET /api/v1/version/:index/*: the bytes of that version."""
-    raw_index = call.params[0]
-    if not raw_index.isdigit() or len(raw_index) > 9:
-        raise HttpError(400, f"version index must be a non-negative integer, got {raw_index!r}")
-    digest, _commit = store.version(int(raw_index), call.path, branch=call.branch)
+    index = wasmstore.parse_number(call.params[0], "version index", maximum=MAX_VERSION_INDEX)
+    digest, _commit = store.version(index, call.path, branch=call.branch)
     return module_reply(digest, open_body(store.module_filename(digest)), call.headers)
 
 
@@ -687,6 +709,73 @@ def gc(store, call, body):
 def auth_ok(store, call, body):
     """* /api/v1/auth: 200 when the key may use this method."""
     return Reply(200)            # reaching a handler means the key passed for this method
+
+
+# -- history over HTTP: log, audit, diff (pages of commit infos) ----------------------------------
+
+def _query_count(call, name, default, maximum):
+    """A count from the query string (ASCII digits, 0 to maximum), default when absent; 400
+    otherwise."""
+    raw = call.query.get(name)
+    return default if raw is None else wasmstore.parse_number(raw, name, maximum=maximum)
+
+
+def _page(commits, limit):
+    """{"commits": the first `limit`, "next": the last one's hash when more follow, else null}:
+    the client asks for the next page with ?after=<next>."""
+    more = len(commits) > limit
+    commits = commits[:limit]
+    return {"commits": commits, "next": commits[-1]["hash"] if more and commits else None}
+
+
+def get_log(store, call, body):
+    """GET /api/v1/log?limit=N&after=COMMIT: the branch's commits, newest first, by pages."""
+    limit = _query_count(call, "limit", DEFAULT_PAGE, MAX_PAGE)
+    after = call.query.get("after")
+    start = None
+    if after is not None:
+        parents = store.commit_info(after).get("parents")
+        if not parents:
+            store.log(0, branch=call.branch)              # still 404 for an unknown branch
+            return json_reply(_page([], limit))
+        start = parents[0]
+    return json_reply(_page(store.log(limit + 1, branch=call.branch, start=start), limit))
+
+
+def get_audit(store, call, body):
+    """GET /api/v1/audit/*?limit=N&after=COMMIT: the commits that changed a path, newest first.
+
+    A key limited to some paths does not see the message of a commit that also changed paths
+    out of its reach (messages name paths)."""
+    limit = _query_count(call, "limit", DEFAULT_PAGE, MAX_PAGE)
+    commits = store.audit(call.path, branch=call.branch)
+    after = call.query.get("after")
+    if after is not None:
+        wasmstore.validate_hash(after, "commit")
+        after = after.lower()
+        position = next((i for i, info in enumerate(commits) if info["hash"] == after), None)
+        if position is None:
+            raise HttpError(404, f"commit {after} did not change {_printed(call.path.split('/'))}")
+        commits = commits[position + 1:]
+    page = _page(commits[:limit + 1], limit)
+    if call.access.scoped:
+        for info in page["commits"]:
+            parent = info.get("parents", [None])[0]
+            if not all(map(call.access.reaches, store.changes(parent, info["hash"]))):
+                info["message"] = HIDDEN_MESSAGE
+    return json_reply(page)
+
+
+def get_diff(store, call, body):
+    """GET /api/v1/diff/:old/:new[/*]: what changed from commit old to commit new (under the
+    path, when one is given), in the watch event format."""
+    old, new = (store.commit_info(commit)["hash"] for commit in call.params)
+    changes = store.changes(old, new)
+    if call.path:
+        prefix = tuple(wasmstore.validate_path(call.path))
+        changes = {path: change for path, change in changes.items()
+                   if tuple(path.split("/")[1:])[:len(prefix)] == prefix}
+    return json_reply(changes)
 
 
 # ---------------------------------------------------------------------------
@@ -829,20 +918,9 @@ def _runtime(call):
 
 
 def _version_query(call):
-    raw = call.query.get("version")
-    if raw is None:
-        return None
-    if not raw.isdigit() or len(raw) > 9:
-        raise HttpError(400, f"version must be a non-negative integer, got {raw!r}")
-    return int(raw)
+    return _query_count(call, "version", None, MAX_VERSION_INDEX)
 
 
-def _reject_constant(name):
-    raise ValueError(f"{name} is not JSON (write \"NaN\", \"Infinity\" or \"-Infinity\" as "
-                     "strings)")
-
-
-_STRICT_JSON = json.JSONDecoder(parse_constant=_reject_constant)   # once: one per call costs ~2 us
 _RESULT_JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
 
@@ -869,13 +947,15 @@ def read_body(reader, limit):
 
 def _json_arguments(body, limit):
     data = read_body(body, limit)
-    try:
-        args = _STRICT_JSON.decode(data.decode("utf-8")) if data.strip() else None
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise HttpError(400, f"malformed JSON body: {exc}") from None
+    args = wasmstore.parse_json(data, "JSON body") if data.strip() else None
     if not isinstance(args, list):
         raise HttpError(400, "expected a JSON array of arguments as the body, e.g. [1, 2]")
     return args
+
+
+def _link_reach(call):
+    """What the stored modules a core module imports may be, for this request's key."""
+    return call.access.reaches if call.access.scoped else None
 
 
 def call_function(store, call, body):
@@ -886,18 +966,25 @@ def call_function(store, call, body):
     version = _version_query(call)
 
     def work(target, stats):
-        return runtime.runner.call(target, function, args, stats=stats)
+        return runtime.runner.call_captured(target, function, args, limit=MAX_STDERR_HEADER,
+                                            stats=stats, reach=_link_reach(call))
     result = runtime.execute(call, function, version, work)
-    data = _RESULT_JSON.encode(result).encode("utf-8")
-    return Reply(200, [("Content-Type", JSON_TYPE)], data)
+    data = _RESULT_JSON.encode(result.value).encode("utf-8")
+    headers = [("Content-Type", JSON_TYPE)]
+    for name, output, total in (("Stdout", result.stdout, result.stdout_total),
+                                ("Stderr", result.stderr, result.stderr_total)):
+        if total:
+            headers += _output_headers(name, output, total)
+    return Reply(200, headers, data)
 
 
-def _stderr_headers(result):
-    """The run's stderr in a header: a JSON string (ASCII only), cut at MAX_STDERR_HEADER bytes."""
-    text = result.stderr[:MAX_STDERR_HEADER].decode("utf-8", "replace")
-    headers = [("Wasmstore-Stderr", json.dumps(text))]
-    if result.stderr_total > MAX_STDERR_HEADER:
-        headers.append(("Wasmstore-Stderr-Truncated", str(result.stderr_total)))
+def _output_headers(name, output, total):
+    """A guest's stdout or stderr in Wasmstore-<name>: a JSON string (ASCII only) of its first
+    MAX_STDERR_HEADER bytes, and Wasmstore-<name>-Truncated with the bytes written when cut."""
+    text = output[:MAX_STDERR_HEADER].decode("utf-8", "replace")
+    headers = [(f"Wasmstore-{name}", json.dumps(text))]
+    if total > MAX_STDERR_HEADER:
+        headers.append((f"Wasmstore-{name}-Truncated", str(total)))
     return headers
 
 
@@ -910,11 +997,11 @@ def run_module(store, call, body):
 
     def work(target, stats):
         return runtime.runner.run_captured(target, argv, stdin=stdin, limit=runtime.max_output,
-                                           stats=stats)
+                                           stats=stats, reach=_link_reach(call))
     result = runtime.execute(call, "run", version, work)
     headers = [("Content-Type", "application/octet-stream"),
                ("Wasmstore-Exit-Status", str(result.status))]
-    headers += _stderr_headers(result)
+    headers += _output_headers("Stderr", result.stderr, result.stderr_total)
     if result.stdout_total > len(result.stdout):
         headers.append(("Wasmstore-Stdout-Truncated", str(result.stdout_total)))
     return Reply(200, headers, result.stdout)
@@ -930,6 +1017,83 @@ def get_exports(store, call, body):
         return {"hash": target.digest, "kind": guest.kind,
                 "exports": runtime.runner.host.exports(guest)}
     return json_reply(runtime.execute(call, "exports", version, work, gated=False))
+
+
+# -- the kv data of a stored module: its namespace's buckets, keys and values ---------------------
+
+def _kv_of(call):
+    """(backend, namespace) of the module a kv route names: the namespace the Runner gives the
+    module when it runs (its path, a --namespace-map prefix's, sha256:<hash>; per branch as the
+    Runner decides), so what is shown here is what the guest sees."""
+    runtime = _runtime(call)
+    target = runtime.runner.resolve(call.path, branch=call.branch)
+    return runtime.runner.host.backend, target.namespace
+
+
+def _kv_key(call):
+    key = call.query.get("key")
+    if key is None:
+        raise HttpError(400, "name the key: ?key=KEY (percent-encoded)")
+    return key
+
+
+def _kv_refusal(exc):
+    """A kv backend's refusal of what the client sent (a bad bucket id, key or cursor: values
+    were bounded as they were read) as a 400."""
+    return HttpError(400, one_line(exc))
+
+
+def kv_buckets(store, call, body):
+    """GET /api/v1/kv/*: {"namespace", "buckets": ids of the buckets holding keys}."""
+    backend, namespace = _kv_of(call)
+    return json_reply({"namespace": namespace, "buckets": backend.buckets(namespace)})
+
+
+def kv_keys(store, call, body):
+    """GET /api/v1/kv-keys/:bucket/*?limit=N&cursor=C: {"keys": sorted, "next": cursor or null}."""
+    backend, namespace = _kv_of(call)
+    limit = _query_count(call, "limit", DEFAULT_PAGE, MAX_PAGE)
+    try:
+        keys, cursor = backend.list_page(namespace, call.params[0], call.query.get("cursor"), limit)
+    except (kvhost.ArgumentError, kvhost.OperationError) as exc:
+        raise _kv_refusal(exc) from None
+    return json_reply({"keys": keys, "next": cursor})
+
+
+def kv_get(store, call, body):
+    """GET /api/v1/kv-value/:bucket/*?key=K: the value's bytes (404 when the key is missing)."""
+    backend, namespace = _kv_of(call)
+    bucket, key = call.params[0], _kv_key(call)
+    try:
+        value = backend.get(namespace, bucket, key)
+    except (kvhost.ArgumentError, kvhost.OperationError) as exc:
+        raise _kv_refusal(exc) from None
+    if value is None:
+        raise HttpError(404, f"no key {key[:100]!r} in bucket {bucket!r} of {namespace[:200]}")
+    return Reply(200, [("Content-Type", "application/octet-stream")], value)
+
+
+def kv_set(store, call, body):
+    """PUT /api/v1/kv-value/:bucket/*?key=K: body = the value (written to the backend directly:
+    watcher guests are not told)."""
+    backend, namespace = _kv_of(call)
+    key = _kv_key(call)
+    value = read_body(body, backend.max_value_size)
+    try:
+        backend.set(namespace, call.params[0], key, value)
+    except (kvhost.ArgumentError, kvhost.OperationError) as exc:
+        raise _kv_refusal(exc) from None
+    return Reply(200)
+
+
+def kv_delete(store, call, body):
+    """DELETE /api/v1/kv-value/:bucket/*?key=K (a missing key is fine)."""
+    backend, namespace = _kv_of(call)
+    try:
+        backend.delete(namespace, call.params[0], _kv_key(call))
+    except (kvhost.ArgumentError, kvhost.OperationError) as exc:
+        raise _kv_refusal(exc) from None
+    return Reply(200)
 
 
 # ---------------------------------------------------------------------------
@@ -1335,6 +1499,17 @@ def _decoded_or_none(raw):
         return None
 
 
+def _store_segments(raw):
+    """The decoded URL path segments an app route's store path is looked for in: up to the
+    first empty one, at most a store path's length (HttpError 400 for a malformed one)."""
+    segments = []
+    for part in raw[:wasmstore.MAX_SEGMENTS]:
+        if not part:
+            break
+        segments.append(decode_segment(part))
+    return tuple(segments)
+
+
 def _unfinished(sink):
     """The error of a guest that returned without a whole response (None when it gave one)."""
     if not sink.started:
@@ -1354,7 +1529,7 @@ def app_error_status(exc):
     if isinstance(exc, HttpError):
         return exc.status, ("busy" if exc.status == 503 else "request")
     if kvhost is not None:
-        if isinstance(exc, getattr(kvhost, "NotHttpHandler", ())):
+        if isinstance(exc, kvhost.NotHttpHandler):
             return 502, "not-http-handler"
         if isinstance(exc, kvhost.TrapError):
             return (504 if exc.kind == "timeout" else 502), exc.kind
@@ -1529,9 +1704,10 @@ def oci_tags(store, call, segments):
     raw_n = call.query.get("n")
     headers = [OCI_API_VERSION]
     if raw_n is not None:
-        if not raw_n.isdigit() or int(raw_n) > OCI_MAX_PAGE:
-            raise OciError(400, "UNSUPPORTED", f"n must be an integer from 0 to {OCI_MAX_PAGE}")
-        n = int(raw_n)
+        try:
+            n = wasmstore.parse_number(raw_n, "n", maximum=OCI_MAX_PAGE)
+        except wasmstore.InvalidInput:
+            raise OciError(400, "UNSUPPORTED", f"n must be an integer from 0 to {OCI_MAX_PAGE}") from None
         if 0 < n < len(tags):
             after = urllib.parse.urlencode({"n": n, "last": tags[n - 1]})
             headers.append(("Link", f'</v2/{repository.name}/tags/list?{after}>; rel="next"'))
@@ -1541,30 +1717,49 @@ def oci_tags(store, call, segments):
     return reply
 
 
+def _oci_reach(call, segments):
+    """The repository's segments, or OciError DENIED for a key that does not reach its path
+    (decided before the store is read, like every scope check)."""
+    if not call.access.reaches(tuple(segments)):
+        raise OciError(403, "DENIED", f"this key may not reach {_printed(segments)}")
+    return segments
+
+
 def oci_v2(store, call, body):
     """GET/HEAD /v2/...: the API version check, manifests, blobs and tag lists."""
     parts = call.path.split("/") if call.path else []
     if not parts:
         return Reply(200, [("Content-Type", JSON_TYPE), OCI_API_VERSION], b"{}")
     if len(parts) >= 3 and parts[-2] == "manifests":
-        return oci_manifest(store, call, parts[:-2], parts[-1])
+        return oci_manifest(store, call, _oci_reach(call, parts[:-2]), parts[-1])
     if len(parts) >= 3 and parts[-2] == "blobs":
-        return oci_blob(store, call, parts[:-2], parts[-1])
+        return oci_blob(store, call, _oci_reach(call, parts[:-2]), parts[-1])
     if len(parts) >= 3 and parts[-2:] == ["tags", "list"]:
-        return oci_tags(store, call, parts[:-2])
+        return oci_tags(store, call, _oci_reach(call, parts[:-2]))
     raise OciError(404, "UNSUPPORTED", "no such /v2/ endpoint (this registry serves pulls: "
                    "manifests, blobs, tags/list)")
 
 
 class Route:
     """One row of the routing table: /api/v1/<name>/<params...>/<rest...> (or, with
-    prefix=(), /<name>/...: the OCI API's /v2/)."""
+    prefix=(), /<name>/...: the OCI API's /v2/).
+
+    Every route declares what a key needs to use it: `permission`, one of PERMISSIONS (or
+    None: only a key allowed the method, as /api/v1/auth), and `scope`, what the request
+    touches: "path" (the rest of the URL, a store path: a key limited to a prefix reaches only
+    paths under it; no rest means the whole store), "store" (the whole store: only keys
+    without a prefix), or "filtered" (the handler keeps only what call.access reaches, or
+    touches no path at all)."""
 
     __slots__ = ("method", "name", "nparams", "rest", "handler", "label", "upload", "websocket",
-                 "body", "prefix")
+                 "body", "prefix", "permission", "scope")
 
-    def __init__(self, method, name, nparams, rest, handler, *, upload=False, websocket=False,
-                 body=False, prefix=API_PREFIX):
+    def __init__(self, method, name, nparams, rest, handler, *, permission, scope="path",
+                 upload=False, websocket=False, body=False, prefix=API_PREFIX):
+        if permission is not None and permission not in PERMISSIONS:
+            raise ValueError(f"route {name!r}: permission must be one of {PERMISSIONS} or None")
+        if scope not in ROUTE_SCOPES:
+            raise ValueError(f"route {name!r}: scope must be one of {ROUTE_SCOPES}")
         self.method = method          # "*" = any method
         self.name = name
         self.nparams = nparams
@@ -1574,39 +1769,68 @@ class Route:
         self.body = body              # the handler reads a body of up to --max-body (may be absent)
         self.websocket = websocket
         self.prefix = prefix
+        self.permission = permission
+        self.scope = scope
         parts = ["/".join(("",) + prefix), name] + [":p"] * nparams + \
             (["*"] if rest == "optional" else [])
         self.label = "/".join(parts)  # bounded metric label
 
+    def reach(self, rest):
+        """What authorize() checks for a request whose URL rest is `rest` (segments): see
+        `scope`."""
+        if self.scope == "path":
+            return rest
+        return () if self.scope == "store" else None
 
-# (method, name, number of named params, rest of path, handler)
+
+# (method, name, number of named params, rest of path, handler; what a key needs)
 ROUTES = [
-    Route("GET", "modules", 0, "optional", list_modules),
-    Route("GET", "module", 0, "optional", get_module),
-    Route("POST", "module", 0, "optional", add_module, upload=True),
-    Route("DELETE", "module", 0, "optional", delete_module),
-    Route("GET", "hash", 0, "optional", get_hash),
-    Route("POST", "hash", 1, "optional", set_hash),
-    Route("GET", "versions", 0, "optional", get_versions),
-    Route("GET", "version", 1, "optional", get_version),
-    Route("POST", "rollback", 0, "optional", rollback),
-    Route("POST", "restore", 1, "optional", restore),
-    Route("GET", "snapshot", 0, "none", snapshot),
-    Route("GET", "commit", 1, "none", commit_info),
-    Route("GET", "branches", 0, "none", list_branches),
-    Route("GET", "branch", 0, "none", default_branch),
-    Route("PUT", "branch", 1, "none", switch_branch),
-    Route("POST", "branch", 1, "none", create_branch),
-    Route("DELETE", "branch", 1, "none", delete_branch),
-    Route("POST", "merge", 1, "none", merge),
-    Route("POST", "gc", 0, "none", gc),
-    Route("GET", "watch", 0, "none", None, websocket=True),
-    Route("POST", "call", 1, "optional", call_function, body=True),
-    Route("POST", "run", 0, "optional", run_module, body=True),
-    Route("GET", "exports", 0, "optional", get_exports),
-    Route("*", "auth", 0, "none", auth_ok),
-    Route("GET", "v2", 0, "optional", oci_v2, prefix=()),
+    Route("GET", "modules", 0, "optional", list_modules, permission="read", scope="filtered"),
+    Route("GET", "module", 0, "optional", get_module, permission="read"),
+    Route("POST", "module", 0, "optional", add_module, permission="write", upload=True),
+    Route("DELETE", "module", 0, "optional", delete_module, permission="write"),
+    Route("GET", "hash", 0, "optional", get_hash, permission="read"),
+    Route("POST", "hash", 1, "optional", set_hash, permission="write"),
+    Route("GET", "versions", 0, "optional", get_versions, permission="read"),
+    Route("GET", "version", 1, "optional", get_version, permission="read"),
+    Route("POST", "rollback", 0, "optional", rollback, permission="write"),
+    Route("POST", "restore", 1, "optional", restore, permission="write"),
+    Route("GET", "snapshot", 0, "none", snapshot, permission="read", scope="store"),
+    Route("GET", "commit", 1, "none", commit_info, permission="read", scope="store"),
+    Route("GET", "branches", 0, "none", list_branches, permission="read", scope="filtered"),
+    Route("GET", "branch", 0, "none", default_branch, permission="read", scope="filtered"),
+    Route("PUT", "branch", 1, "none", switch_branch, permission="admin", scope="store"),
+    Route("POST", "branch", 1, "none", create_branch, permission="write", scope="store"),
+    Route("DELETE", "branch", 1, "none", delete_branch, permission="admin", scope="store"),
+    Route("POST", "merge", 1, "none", merge, permission="admin", scope="store"),
+    Route("POST", "gc", 0, "none", gc, permission="admin", scope="store"),
+    Route("GET", "watch", 0, "none", None, permission="read", scope="filtered", websocket=True),
+    Route("POST", "call", 1, "optional", call_function, permission="run", body=True),
+    Route("POST", "run", 0, "optional", run_module, permission="run", body=True),
+    Route("GET", "exports", 0, "optional", get_exports, permission="read"),
+    Route("GET", "log", 0, "none", get_log, permission="read", scope="store"),
+    Route("GET", "audit", 0, "optional", get_audit, permission="read"),
+    Route("GET", "diff", 2, "optional", get_diff, permission="read"),
+    Route("GET", "kv", 0, "optional", kv_buckets, permission="read"),
+    Route("GET", "kv-keys", 1, "optional", kv_keys, permission="read"),
+    Route("GET", "kv-value", 1, "optional", kv_get, permission="read"),
+    Route("PUT", "kv-value", 1, "optional", kv_set, permission="admin", body=True),
+    Route("DELETE", "kv-value", 1, "optional", kv_delete, permission="admin"),
+    Route("*", "auth", 0, "none", auth_ok, permission=None, scope="filtered"),
+    Route("GET", "v2", 0, "optional", oci_v2, permission="read", scope="filtered", prefix=()),
 ]
+
+
+def word_methods(routes):
+    """{permission word: the methods of the routes that need it} (GET routes serve HEAD too)."""
+    methods = collections.defaultdict(set)
+    for route in routes:
+        if route.permission is not None and route.method != "*":
+            methods[route.permission].add(route.method)
+    return {word: frozenset(found) for word, found in methods.items()}
+
+
+WORD_METHODS = word_methods(ROUTES)     # what /api/v1/auth answers for a key with words only
 
 
 def match_route(method, segments, routes=ROUTES):
@@ -1644,8 +1868,80 @@ def match_route(method, segments, routes=ROUTES):
 # Auth
 # ---------------------------------------------------------------------------
 
+class Access:
+    """What an authorized request may reach: every path (prefixes None), or only the paths
+    under one of `prefixes` (tuples of segments). Handlers whose answers span paths (listings,
+    watch events) keep only what reaches() allows."""
+
+    __slots__ = ("prefixes",)
+
+    def __init__(self, prefixes=None):
+        self.prefixes = prefixes
+
+    @property
+    def scoped(self):
+        return self.prefixes is not None
+
+    def reaches(self, segments):
+        """True if the path (a tuple of segments, or a printed path) is within reach."""
+        if self.prefixes is None:
+            return True
+        if isinstance(segments, str):
+            segments = tuple(s for s in segments.split("/") if s)
+        if len(segments) == 1 and wasmstore.HASH_TEXT.match(segments[0]):
+            return False              # a module named by hash may live at any path
+        return any(segments[:len(prefix)] == prefix for prefix in self.prefixes)
+
+    def require(self, segments):
+        """HttpError 403 unless the path is within reach; () stands for the whole store. The
+        answer depends only on the key and the path asked for, never on what the store holds,
+        so it tells nothing about paths out of reach."""
+        if self.prefixes is None:
+            return
+        if not segments:
+            raise HttpError(403, "this key is limited to " + ", ".join(
+                wasmstore.format_path(p) + "/" for p in self.prefixes) +
+                            ": this route needs a key for the whole store")
+        if not self.reaches(tuple(segments)):
+            raise HttpError(403, f"this key may not reach {_printed(segments)}")
+
+
+EVERYTHING = Access()
+
+
+def _printed(segments):
+    return ("/" + "/".join(segments))[:200]
+
+
+class _AuthEntry:
+    """One KEY:PERMS[@PREFIX] entry of an --auth spec."""
+
+    __slots__ = ("key", "methods", "words", "prefix")
+
+    def __init__(self, key, methods, words, prefix):
+        self.key = key                # bytes
+        self.methods = methods        # frozenset of method names, or AuthTable.ALL
+        self.words = words            # frozenset of PERMISSIONS
+        self.prefix = prefix          # tuple of path segments, or None: the whole store
+
+    def grants(self, method, permission):
+        if self.methods is AuthTable.ALL or method in self.methods:
+            return True
+        if permission is None:        # method-level routes (/api/v1/auth): any word using it
+            return any(method in WORD_METHODS.get(word, ()) for word in self.words)
+        return permission in self.words
+
+
 class AuthTable:
-    """Keys and the methods each may use, from a spec like "KEY1:GET,POST;KEY2:GET" ("*" = all).
+    """Keys and what each may do, from a spec of `;`-separated entries `KEY:PERMS[@PREFIX]`.
+
+    PERMS is a comma list of HTTP methods (`*` for all) and the words read (GET/HEAD of
+    data), write (add, remove, set hash, rollback, restore, create branch), run (call, run,
+    HTTP apps) and admin (gc, merge, delete or switch a branch, kv writes); the route table
+    says which word each route needs. `@/PREFIX` limits the entry to paths under PREFIX;
+    routes that span the whole store (log, commits, gc, merge...) need an entry without one.
+    A key may appear in several entries: a request is allowed when one of them grants it.
+    The original form "KEY1:GET,POST;KEY2:GET" means what it meant.
 
     Every presented key is compared with every configured key in constant time, so neither
     timing nor early exit tells how much of a key matched or which entry it was.
@@ -1660,54 +1956,85 @@ class AuthTable:
 
     @staticmethod
     def _parse(spec):
-        entries, seen = [], set()
+        entries = []
         for number, part in enumerate(spec.split(";"), 1):
             part = part.strip()
             if not part:
                 continue
-            key, sep, methods = part.rpartition(":")
-            key = key.strip()
-            if not sep or not key:
-                raise ServerError(f"auth entry {number}: expected KEY:METHODS")
-            if _CONTROL_RE.search(key) or key != key.strip() or "," in key:
+            match = _AUTH_ENTRY_RE.match(part)
+            if not match or not match.group("key").strip():
+                raise ServerError(f"auth entry {number}: expected KEY:PERMS or KEY:PERMS@/PREFIX")
+            key = match.group("key").strip()
+            if _CONTROL_RE.search(key) or "," in key:
                 raise ServerError(f"auth entry {number}: the key has a control character or ','")
-            if key in seen:
-                raise ServerError(f"auth entry {number}: duplicate key")
-            seen.add(key)
-            names = [m.strip().upper() for m in methods.split(",") if m.strip()]
-            if names == ["*"]:
-                allowed = AuthTable.ALL
-            else:
-                if not names or not all(_METHOD_RE.match(m) for m in names):
-                    raise ServerError(f"auth entry {number}: methods must be '*' or names like "
-                                      "GET,POST")
-                allowed = frozenset(names)
-            entries.append((key.encode("utf-8"), allowed))
+            methods, words = AuthTable._permissions(number, match.group("perms"))
+            prefix = None
+            if match.group("prefix") is not None:
+                prefix = AuthTable._prefix(number, match.group("prefix"))
+            entries.append(_AuthEntry(key.encode("utf-8"), methods, words, prefix))
         if not entries:
-            raise ServerError("auth spec has no KEY:METHODS entry")
+            raise ServerError("auth spec has no KEY:PERMS entry")
         return entries
+
+    @staticmethod
+    def _prefix(number, text):
+        try:
+            prefix = tuple(wasmstore.validate_path(text[:-1] if text.endswith("/") else text))
+        except wasmstore.InvalidInput as exc:
+            raise ServerError(f"auth entry {number}: bad prefix: {exc}") from None
+        if not prefix:
+            raise ServerError(f"auth entry {number}: a prefix names a directory, as in @/apps/")
+        return prefix
+
+    @staticmethod
+    def _permissions(number, text):
+        names = [name.strip() for name in text.split(",") if name.strip()]
+        words = frozenset(name.lower() for name in names if name.lower() in PERMISSIONS)
+        methods = [name.upper() for name in names if name.lower() not in PERMISSIONS]
+        if "*" in methods:
+            if len(methods) > 1:
+                raise ServerError(f"auth entry {number}: '*' already allows every method")
+            return AuthTable.ALL, words
+        unknown = [m for m in methods if m not in KNOWN_METHODS]
+        if not names or unknown:
+            raise ServerError(f"auth entry {number}: {', '.join(unknown)[:100]!r} is neither '*', "
+                              f"an HTTP method nor one of the words {', '.join(PERMISSIONS)}")
+        return frozenset(methods), words
 
     @property
     def enabled(self):
         """True when keys are required."""
         return bool(self.entries)
 
-    def check(self, presented, method):
-        """Raise HttpError 401 (no or unknown key) or 403 (method not allowed for the key)."""
+    def authorize(self, presented, method, permission=None, segments=None):
+        """The Access a request gets: HttpError 401 (no or unknown key) or 403 (no entry of
+        the key grants the method or `permission`, or the path is out of reach).
+
+        permission: the word the route needs (None: any word whose routes use the method);
+        segments: the path the request touches (() = the whole store; None = the handler
+        filters what it answers by the Access)."""
         if not self.entries:
-            return
+            return EVERYTHING
         if not presented:
             raise HttpError(401, "missing key (send it in Wasmstore-Auth)")
         candidate = presented.encode("latin-1", "replace")
-        found, allowed = False, None
-        for key, methods in self.entries:
-            if hmac.compare_digest(candidate, key) and not found:
-                found, allowed = True, methods
-        if not found:
+        mine = [entry for entry in self.entries if hmac.compare_digest(candidate, entry.key)]
+        if not mine:
             raise HttpError(401, "unknown key")
         wanted = "GET" if method == "HEAD" else method
-        if allowed is not AuthTable.ALL and wanted not in allowed:
-            raise HttpError(403, f"key not allowed to use {method}")
+        granting = [entry for entry in mine if entry.grants(wanted, permission)]
+        if not granting:
+            raise HttpError(403, f"key not allowed to use {method}" +
+                            (f" here (this route needs {permission})" if permission else ""))
+        prefixes = [entry.prefix for entry in granting]
+        access = EVERYTHING if None in prefixes else Access(tuple(prefixes))
+        if segments is not None:
+            access.require(segments)
+        return access
+
+    def check(self, presented, method):
+        """Raise HttpError 401 (no or unknown key) or 403 (method not allowed for the key)."""
+        self.authorize(presented, method)
 
 
 def presented_key(headers):
@@ -1741,11 +2068,11 @@ def parse_authority(text):
     The host comes back lower-case, an IPv6 literal without its brackets."""
     if not text or _CONTROL_RE.search(text) or any(c in text for c in " @/?#\\"):
         raise ValueError(f"expected HOST or HOST:PORT, got {text!r}")
-    parts = urllib.parse.urlsplit("//" + text)
-    host, port = parts.hostname, parts.port     # .port raises ValueError unless 0-65535
-    if not host:
-        raise ValueError(f"expected HOST or HOST:PORT, got {text!r}")
-    return host, port
+    try:
+        url = wasmstore.parse_url("http://" + text, "authority")
+    except wasmstore.InvalidInput:
+        raise ValueError(f"expected HOST or HOST:PORT, got {text!r}") from None
+    return url.host, url.port
 
 
 def parse_origin(text):
@@ -1907,10 +2234,13 @@ def body_framing(headers, version):
         return 0
     values = {value.strip() for value in lengths}
     value = values.pop()
-    if values or not value.isdigit() or not value.isascii() or len(value) > 19:
+    try:
+        if values:
+            raise wasmstore.InvalidInput("two lengths")
+        return wasmstore.parse_number(value, "Content-Length", maximum=MAX_CONTENT_LENGTH)
+    except wasmstore.InvalidInput:
         raise HttpError(400, "bad Content-Length: " + ", ".join(repr(v) for v in lengths[:4]),
-                        close=True)
-    return int(value)
+                        close=True) from None
 
 
 class LimitedReader(io.RawIOBase):
@@ -2313,21 +2643,35 @@ class Metrics:
 # ---------------------------------------------------------------------------
 
 class Subscription:
-    """A watch client's mailbox. The hub never blocks on it: a full queue drops the client."""
+    """A watch client's mailbox. The hub never blocks on it: a full queue drops the client.
 
-    def __init__(self, branch, size=WS_QUEUE_SIZE):
+    A client whose key reaches only some paths (access) gets only their changes: an event
+    about nothing it reaches is not sent at all."""
+
+    def __init__(self, branch, size=WS_QUEUE_SIZE, access=None):
         self.branch = branch
         self.queue = queue.Queue(size)
         self.closed = None            # (code, reason) once the hub wants the client gone
+        self.access = access or EVERYTHING
 
-    def offer(self, message):
-        """Queue a message for the client, or mark it closed when its queue is full."""
+    def offer(self, message, changes=None):
+        """Queue one event: its JSON text, and the changes it encodes (for a scoped client)."""
         if self.closed:
             return
+        if self.access.scoped and changes is not None:
+            reaches = self.access.reaches
+            changes = {path: change for path, change in changes.items() if reaches(path)}
+            if not changes:
+                return
+            message = _event_text(changes)
         try:
             self.queue.put_nowait(message)
         except queue.Full:
             self.closed = (1008, "too slow: event queue overflowed")
+
+
+def _event_text(changes):
+    return json.dumps(changes, separators=(",", ":"), ensure_ascii=False)
 
 
 class _BranchWatcher(threading.Thread):
@@ -2350,8 +2694,7 @@ class _BranchWatcher(threading.Thread):
     def run(self):
         try:
             for _commit, changes in self.events:
-                text = json.dumps(changes, separators=(",", ":"), ensure_ascii=False)
-                self.hub.broadcast(self, text)
+                self.hub.broadcast(self, _event_text(changes), changes)
         except wasmstore.NotFound:
             self.hub.end_branch(self, (1001, "branch deleted"))
         except Exception:                                  # a bug: say why, end the watches
@@ -2369,8 +2712,9 @@ class WatchHub:
         self.watchers = {}
         self.log = log or (lambda text: None)
 
-    def subscribe(self, branch=None):
-        """Register a client on `branch` (None = default); NotFound if the branch does not exist."""
+    def subscribe(self, branch=None, access=None):
+        """Register a client on `branch` (None = default) that gets the changes `access`
+        reaches (default: all); NotFound if the branch does not exist."""
         branch = branch or self.store.default_branch
         with self.lock:
             watcher = self.watchers.get(branch)
@@ -2381,7 +2725,7 @@ class WatchHub:
                 watcher = _BranchWatcher(self, branch, events, stop_event)
                 self.watchers[branch] = watcher
                 watcher.start()
-            subscription = Subscription(branch)
+            subscription = Subscription(branch, access=access)
             watcher.subscribers.add(subscription)
             return subscription
 
@@ -2396,12 +2740,12 @@ class WatchHub:
                 watcher.stop_event.set()
                 del self.watchers[subscription.branch]
 
-    def broadcast(self, watcher, message):
-        """Offer a message to every client of the watcher's branch."""
+    def broadcast(self, watcher, message, changes=None):
+        """Offer a message (and the changes it encodes) to every client of the watcher's branch."""
         with self.lock:
             subscribers = list(watcher.subscribers)
         for subscription in subscribers:
-            subscription.offer(message)
+            subscription.offer(message, changes)
 
     def end_branch(self, watcher, reason):
         """Close every client of a watcher that ended (e.g. its branch was deleted)."""
@@ -2846,7 +3190,7 @@ class WasmstoreHandler(http.server.BaseHTTPRequestHandler):
             return self._preflight()
         if segments == ("metrics",):
             self._route_label = "/metrics"
-            server.auth.check(presented_key(self.headers), method)
+            server.auth.authorize(presented_key(self.headers), method, "read", ())   # names paths
             if method not in ("GET", "HEAD"):
                 raise HttpError(405, "method not allowed", headers=[("Allow", "GET, HEAD")])
             self._consume_body(upload=False)
@@ -2860,15 +3204,17 @@ class WasmstoreHandler(http.server.BaseHTTPRequestHandler):
             server.auth.check(presented_key(self.headers), method)   # no probing without a key
             raise
         self._route_label = route.label
+        access = EVERYTHING
         if server.auth.enabled:
             key = presented_key(self.headers)
             if key is None and route.websocket:
                 key = query.get("auth")             # browsers cannot set headers on a WebSocket
-            server.auth.check(key, method)
+            access = server.auth.authorize(key, method, route.permission,
+                                           route.reach(tuple(rest.split("/")) if rest else ()))
         call = Call(params, rest, branch=self._header("Wasmstore-Branch"),
                     author=self._header("Wasmstore-Author"), headers=self.headers,
                     max_body=server.max_body, locator=server.locate_cache, query=query,
-                    runtime=server.runtime)
+                    runtime=server.runtime, access=access)
         self._call = call
         if route.websocket:
             call.branch = call.branch or query.get("branch") or None
@@ -3036,12 +3382,17 @@ class WasmstoreHandler(http.server.BaseHTTPRequestHandler):
             if method == "OPTIONS" and server.cors.enabled:
                 self._route_label = "preflight"
                 return self._preflight()
-            server.auth.check(presented_key(self.headers), "POST")   # running code: as /run
         else:
             self._addressed_authority()             # the Host check (DNS rebinding) applies
-        runtime = _runtime(self._call_for_app(selector))
+        wanted = _store_segments(raw) if selector.path is None else \
+            tuple(wasmstore.validate_path(selector.path))
+        # running an app is running code: the run permission (or POST), for the path it is at
+        # (for the app routes: the URL's path, checked before the store is read)
+        access = server.auth.authorize(presented_key(self.headers), "POST", "run", wanted)
+        runtime = _runtime(self._call_for_app(selector, access))
         body = self._app_body()
-        target, below = self._app_target(runtime, selector, raw)
+        target, below = self._app_target(runtime, selector, raw, wanted)
+        access.require(tuple(wasmstore.validate_path(self._call.path)))
         request = kvhost.HttpRequest(method, "https" if server.ssl_context else "http",
                                      self._app_authority(), app_path_with_query(below, query),
                                      self._app_headers(), body)
@@ -3074,25 +3425,21 @@ class WasmstoreHandler(http.server.BaseHTTPRequestHandler):
             return None
         raise error
 
-    def _call_for_app(self, selector):
+    def _call_for_app(self, selector, access):
         self._call = Call((), selector.path or "", branch=selector.branch, headers=self.headers,
-                          max_body=self.server.max_body, runtime=self.server.runtime)
+                          max_body=self.server.max_body, runtime=self.server.runtime,
+                          access=access)
         return self._call
 
-    def _app_target(self, runtime, selector, raw):
+    def _app_target(self, runtime, selector, raw, segments):
         """(kvhost Target, raw segments below the app): the selector's path, or for the app
-        routes the shortest prefix of the URL path that names a stored module."""
+        routes the shortest prefix of the URL path (`segments`, decoded) naming a module."""
         runner = runtime.runner
         if selector.path is not None:
             target = runner.resolve(selector.path, branch=selector.branch,
                                     version=selector.version, commit=selector.commit)
             below = raw
         else:
-            segments = []
-            for part in raw[:wasmstore.MAX_SEGMENTS]:
-                if not part:
-                    break
-                segments.append(decode_segment(part))
             target, used = runner.resolve_prefix(segments, branch=selector.branch,
                                                  version=selector.version, commit=selector.commit)
             below = raw[used:]
@@ -3342,7 +3689,7 @@ class WasmstoreHandler(http.server.BaseHTTPRequestHandler):
                                  "retry later",
                             headers=[("Retry-After", "1")])
         self.close_connection = True                # it holds a watch slot: it ends with the watch
-        subscription = self.server.hub.subscribe(call.branch)      # 404 before the upgrade
+        subscription = self.server.hub.subscribe(call.branch, call.access)  # 404 before upgrade
         try:
             self._status = 101
             self._reply_started = True
@@ -3755,8 +4102,10 @@ def make_runtime(store, metrics, *, kv=None, timeout=None, fuel=None, max_memory
         ("timeout", timeout), ("fuel", fuel), ("max_memory", max_memory),
         ("max_table_elements", max_table_elements), ("allow_buckets", allow_buckets),
         ("env", env), ("dirs", dirs)) if value is not None}
+    # output="discard": nothing a guest writes reaches the server's own streams (a call's and a
+    # run's output is captured into its reply; watchers and providers they trigger are dropped)
     runner = wasmstore.Runner(store, namespaces=wasmstore.parse_namespace_map(namespace_map),
-                              kv=kv, provider_kv=provider_kv, workers=max_guests,
+                              output="discard", kv=kv, provider_kv=provider_kv, workers=max_guests,
                               stub_imports=stub_imports, cache_dir=cache_dir, **limits)
     runner.host.start_workers(1)      # the first guest that needs a worker process finds one ready
     runtime = GuestRuntime(runner, RunGate(max_guests, run_queue, queue_wait), metrics, max_output)
@@ -3782,19 +4131,25 @@ def make_server(store, host=DEFAULT_HOST, port=DEFAULT_PORT, **options):
 # Command line
 # ---------------------------------------------------------------------------
 
+def _option_number(text, what, **bounds):
+    """An option's number through wasmstore.parse_number (ASCII digits only), for argparse."""
+    try:
+        return wasmstore.parse_number(text, what, **bounds)
+    except wasmstore.InvalidInput as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _byte_size(text):
-    match = re.fullmatch(r"\s*(\d+)\s*([kmg]i?b?|b)?\s*", text, re.I)
+    match = re.fullmatch(r"\s*([0-9]+)\s*([kmg]i?b?|b)?\s*", text, re.I)
     if not match:
         raise argparse.ArgumentTypeError(f"expected a size like 134217728 or 128M, got {text!r}")
     unit = (match.group(2) or "")[:1].lower()
     scale = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}[unit]
-    return int(match.group(1)) * scale
+    return _option_number(match.group(1), "size") * scale
 
 
 def _port(text):
-    if not text.isdigit() or int(text) > 65535:
-        raise argparse.ArgumentTypeError(f"expected a port number 0-65535, got {text!r}")
-    return int(text)
+    return _option_number(text, "port number", maximum=65535)
 
 
 def _tls_pair(text):
@@ -3824,10 +4179,7 @@ def _host_names(text):
 
 
 def _positive_seconds(text):
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1
+    value = _option_number(text, "number of seconds", fraction=True)
     if not value > 0:
         raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {text!r}")
     return value
@@ -3846,8 +4198,9 @@ HTTP apps (stored components exporting wasi:http/incoming-handler):
   /api/v1/app/<store path>/<its own path> (the request's branch) and at
   /api/v1/app-at/<ref>/<store path>/<its own path>, ref a branch, vN (version N), BRANCH:vN
   or a commit. The guest sees the path below the app ("/" at least) with the query as sent,
-  the connection's scheme and the Host the client sent. App requests need a key allowed
-  POST (running code), pass the Host and Origin checks, and never see the key's header.
+  the connection's scheme and the Host the client sent. App requests need a key with the
+  run permission (or POST) for the app's path, pass the Host and Origin checks, and the
+  guest never sees the key's header.
   --serve PATH makes the whole port that one app (no API; what `wasmstore.py serve` runs);
   --metrics-port P serves /metrics on a port of its own.
 
@@ -3864,6 +4217,7 @@ browser safety:
 examples:
   python http_server.py                                   # ~/.wasmstore on http://127.0.0.1:6384
   python http_server.py --auth 'SECRET:*;READER:GET'      # keys in the Wasmstore-Auth header
+  python http_server.py --auth 'SECRET:*;CI:read,run@/apps/'   # CI reads and runs /apps/ only
   python http_server.py --tls key.pem,cert.pem --cors     # HTTPS, pages of any origin
   python http_server.py --cors http://localhost:3000      # pages of that origin only
   python http_server.py --host 0.0.0.0 --allowed-host store.lan   # on the LAN, as store.lan
@@ -3938,7 +4292,9 @@ def _add_server_options(parser):
     add("--port", type=_port, default=None,
         help=f"TCP port, 0 = any free port (default: {DEFAULT_PORT})")
     add("--auth", default=env.get("WASMSTORE_AUTH") or None, metavar="SPEC",
-        help="require keys: 'KEY1:GET,POST;KEY2:GET' ('*' = every method)")
+        help="require keys: 'KEY:PERMS[@/PREFIX];...', PERMS a comma list of HTTP methods "
+             "('*' = all) and the words read, write, run, admin; @/PREFIX limits the entry "
+             "to paths under PREFIX (e.g. 'A:*;R:read;CI:run@/apps/')")
     add("--tls", type=_tls_pair, default=None, metavar="KEY,CERT",
         help="serve HTTPS with this PEM key file and certificate file")
     add("--cors", nargs="?", const="*", default=None, type=_origins, metavar="ORIGINS",
@@ -4020,15 +4376,11 @@ def _dir_pair(text):
 
 
 def _positive_int(text):
-    if not text.isdigit() or not text.isascii() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return int(text)
+    return _option_number(text, "positive integer", minimum=1)
 
 
 def _nonnegative_int(text):
-    if not text.isdigit():
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return int(text)
+    return _option_number(text, "integer", minimum=0)
 
 
 # option -> (environment variable, parser) for the options that fall back to the environment

@@ -14,15 +14,15 @@ The file has one banner-separated section per feature, in this order (feature: t
       wait_for_log_line, read_until_close(d), WsClient, ServerProcess, wait_for_peer, stop_process,
       RedisServer, run_cli, run_http_server, run_kvhost)
   The store library: LibraryTest, BadInputTest, BranchRaceTest, GenerationTest
-  The store command line: AcceptanceWalkTest, StoreCliTest
-  Store durability and layout: DurabilityTest, PackTest, RefSlotTest, LegacyLayoutTest,
-      KillAtEveryMutationTest
+  The store command line: AcceptanceWalkTest, StoreCliTest, FirstStepsTest, QuickStartTest
+  Installing (pip, pipx): InstallTest
+  Store durability and layout: DurabilityTest, PackTest, RefSlotTest, KillAtEveryMutationTest
   Platforms (macOS without Linux-only calls, MACOS_LIKE): MacosFallbackTest
   Backups: HostileBackupTest
   Component validation on add: ComponentValidationTest
-  The HTTP API: PureFunctionTests, RouteTests, BodyLimitTests, ObservabilityTests, ShutdownTests,
-      CommandLineTests
-  HTTP access (keys, TLS, CORS): AuthTests, TlsTests, CorsTests
+  The HTTP API: PureFunctionTests, RouteTests, HistoryRouteTests, KvRouteTests, BodyLimitTests,
+      ObservabilityTests, ShutdownTests, CommandLineTests
+  HTTP access (keys, TLS, CORS): AuthTests, ScopedKeyTests, TlsTests, CorsTests
   HTTP watch: WatchTests, WatchLimitTests
   HTTP hardening: FuzzTests, TimeoutTests, ConcurrencyTests, FramingTests, HostCheckTests,
       OriginCheckTests, HardeningCommandLineTests
@@ -87,6 +87,7 @@ import threading
 import time
 import unittest
 import urllib.parse
+import urllib.request
 import uuid
 from unittest import mock
 import http_server
@@ -400,6 +401,18 @@ def store_files(root):
     return found
 
 
+def store_state(root):
+    """What a refused request must leave as it was: HEAD, the refs and the packs (names and
+    bytes). Derived files (caches, a packed module written out as a loose file, the kv file's
+    creation) may appear; kv data is checked where a test uses it."""
+    state = {}
+    for name in store_files(root):
+        if name == "HEAD" or name.startswith(("refs" + os.sep, os.path.join("objects", "pack") + os.sep)):
+            with open(os.path.join(root, name), "rb") as f:
+                state[name] = hashlib.sha256(f.read()).hexdigest()
+    return state
+
+
 class StoreTestCase(unittest.TestCase):
     """A fresh store per test: self.store, at self.root inside the test's directory self.tmp."""
 
@@ -677,13 +690,16 @@ class ServerProcess:
     `wasmstore.py server`); killed in the test's cleanup if still running. banner is its first
     stderr line ("...: serving ROOT on URL"); url and port are what the banner names."""
 
-    def __init__(self, testcase, script, *args, env=None, cwd=HERE):
-        self.process = subprocess.Popen([sys.executable, script, *args], stderr=subprocess.PIPE,
-                                        stdout=subprocess.DEVNULL, env=env, text=True, cwd=cwd)
+    def __init__(self, testcase, script, *args, env=None, cwd=HERE, command=None):
+        """command: the program to start instead of `python SCRIPT` (an installed script)."""
+        self.process = subprocess.Popen([*(command or [sys.executable, script]), *args],
+                                        stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, env=env,
+                                        text=True, cwd=cwd)
         testcase.addCleanup(self.stop)
         self.banner = self.process.stderr.readline()
         match = re.search(r"https?://127\.0\.0\.1:(\d+)", self.banner)
-        testcase.assertIsNotNone(match, f"no listening line from {os.path.basename(script)}: {self.banner!r}")
+        name = os.path.basename(script or command[0])
+        testcase.assertIsNotNone(match, f"no listening line from {name}: {self.banner!r}")
         self.url, self.port = match.group(0), int(match.group(1))
 
     def stop(self):
@@ -985,6 +1001,26 @@ class LibraryTest(StoreTestCase):
         self.assertEqual(self.store.hash("/"), tree)
         self.assertEqual(self.store.gc(), 0)
         self.assertClean()
+
+    def test_a_backup_keeps_every_branch_and_modules_kept_only_as_files(self):
+        self.store.create_branch("empty")               # created while main has no commits
+        served = wasm_module("served")
+        self.store.add("lib/served.wasm", served)
+        self.store.add("lib/junk.wasm", wasm_module("junk"))
+        self.store.remove("lib/junk.wasm")
+        self.store.locate("lib/served.wasm")            # written out as a file...
+        self.store.gc()                                 # ...which is now its only copy
+        self.store.create_branch("dev")
+        self.store.set_default_branch("dev")
+        archive = os.path.join(self.tmp, "backup.tar.gz")
+        self.assertEqual(self.store.backup(archive), 4)  # module, 2 trees, commit
+        loaded = wasmstore.load_backup(archive, os.path.join(self.tmp, "loaded"))
+        self.addCleanup(loaded.close)
+        self.assertEqual(loaded.branches(), ["dev", "empty", "main"])
+        self.assertEqual(loaded.default_branch, "dev")
+        self.assertIsNone(loaded.head(branch="empty"))
+        self.assertEqual(loaded.find("lib/served.wasm"), served)
+        self.assertEqual(loaded.snapshot(branch="main"), self.store.snapshot())
 
     def test_changes_and_watch_see_other_processes(self):
         self.store.add("a.wasm", wasm_module("a"))
@@ -1346,13 +1382,13 @@ class AcceptanceWalkTest(StoreTestCase):
         self.cli("add", "b.wasm")
         self.cli("branch", "test")
         self.cli("remove", "a.wasm")
-        self.assertGreater(int(self.cli("gc")[0]), 0)
+        self.assertRegex(self.cli("gc")[0], r"^gc: removed [1-9]\d* objects? \(")
         self.assertEqual(self.cli("find", sha256(self.a), expect=1)[1],
                          f"wasmstore: error: no module with hash {sha256(self.a)} on branch 'main'")
         self.assertEqual(self.cli("--branch", "test", "find", "a.wasm")[0].encode(),
                          self.a.decode(errors="replace").encode())
         self.cli("branch", "test", "--delete")
-        self.assertGreater(int(self.cli("gc")[0]), 0)
+        self.assertRegex(self.cli("gc")[0], r"^gc: removed [1-9]\d* objects? \(")
         with Store(self.root) as store, self.assertRaises(wasmstore.NotFound):   # packed or loose:
             store.read_module(sha256(self.a))                                    # gone either way
         self.assertFsckClean()
@@ -1520,15 +1556,300 @@ class StoreCliTest(StoreTestCase):
         self.assertEqual(audit[1:], ["wasmstore", commit + "\n"])
         self.assertTrue(self.run_main("log")[1].startswith(f"commit {commit}\nAuthor: wasmstore"))
         self.assertEqual(self.run_main("contains", "dir/f.wasm")[1], "true\n")
-        self.assertEqual(self.run_main("branch", "--list")[1], "main\n")
+        self.assertEqual(self.run_main("branch")[1], "main\n")
         status, out, _ = self.run_main("fsck")
         self.assertEqual(status, 0)
         self.assertIn("0 problems", out)
 
 
+class FirstStepsTest(StoreTestCase):
+    """What a newcomer tries first works, or says what to do instead."""
+
+    def cli(self, *argv, stdin=None, expect=0):
+        proc = run_cli(self.root, *argv, stdin=stdin)
+        self.assertEqual(proc.returncode, expect, f"{argv}: {proc.stdout} {proc.stderr}")
+        return proc
+
+    def test_gc_says_what_it_removed_and_warns_that_history_is_squashed(self):
+        for tag in ("one", "two", "three"):
+            self.store.add("/a.wasm", wasm_module(tag, padding=1000))
+        before = self.store.commit_count()
+        gone = [wasm_module("one", padding=1000), wasm_module("two", padding=1000)]
+        proc = self.cli("gc")
+        match = re.fullmatch(r"gc: removed (\d+) objects \((\d+\.\d) KB\); squashed 3 commits of main "
+                             r"into one\n", proc.stdout)
+        self.assertIsNotNone(match, proc.stdout)
+        self.assertEqual(before, 3)
+        # the two old modules and the three commits and trees that held them
+        self.assertEqual(int(match.group(1)), len(gone) + 3 + 3 - 1)
+        self.assertGreaterEqual(float(match.group(2)) * 1000, sum(map(len, gone)))
+        self.assertEqual(proc.stderr, "wasmstore: warning: gc squashed the history of main: its earlier "
+                                      "versions, log and audit are gone (other branches keep theirs)\n")
+        again = self.cli("gc")
+        self.assertEqual((again.stdout, again.stderr),
+                         ("gc: removed 0 objects (0 bytes); main's history was one commit already\n", ""))
+
+    def test_a_call_argument_that_is_not_json_gets_a_quoting_hint(self):
+        self.store.add("/numbers.wasm", guest_binary("numbers"))
+        proc = self.cli("call", "/numbers.wasm", "add", "World", "2", expect=2)
+        self.assertEqual(proc.stderr, "wasmstore: error: invalid JSON argument 'World' (arguments are JSON: "
+                                      "a string is written \"World\", in a shell '\"World\"')\n")
+        proc = run_kvhost("call", PROBE, "get", "it's", '"k"')
+        self.assertIn("""a string is written "it's", in a shell '"it'\\''s"'""", proc.stderr)
+        self.assertEqual(proc.returncode, 2)
+
+    def test_author_is_refused_by_commands_that_make_no_commit(self):
+        self.store.add("/a.wasm", wasm_module("a"))
+        for argv in (["--author", "me", "list"], ["list", "--author", "me"], ["find", "/a.wasm", "--author", "x"]):
+            with self.subTest(argv=argv):
+                proc = self.cli(*argv, expect=2)
+                self.assertIn("wasmstore: error: --author is for the commands that make commits (add, "
+                              "import, set, remove, rollback, restore, merge, gc, pull); ", proc.stderr)
+        self.assertNotIn("--author", self.cli("list", "--help").stdout)
+        self.assertIn("--author", self.cli("add", "--help").stdout)
+        self.cli("remove", "/a.wasm", "--author", "me")
+        self.assertEqual(self.store.log(1)[0]["author"], "me")
+        proc = run_cli(self.root, "list", env={"WASMSTORE_AUTHOR": "me"})  # the environment is not a mistake
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+
+    def test_exports_leave_out_what_toolchains_add_for_themselves(self):
+        core = wat_binary('(module (func (export "__wasm_call_ctors")) (func (export "cabi_realloc") '
+                          '(param i32 i32 i32 i32) (result i32) i32.const 0) '
+                          '(func (export "cabi_post_f") (param i32)) (func (export "f") (result i32) i32.const 1))')
+        self.store.add("/core.wasm", core)
+        self.assertEqual(self.cli("exports", "/core.wasm").stdout, "f() -> i32\n")
+        # A function of the application's own that happens to share a name is still listed.
+        own = wat_binary('(component (core module $m (func (export "init") (param i32) (result i32) local.get 0)) '
+                         '(core instance $i (instantiate $m)) '
+                         '(func $init (param "n" u32) (result u32) (canon lift (core func $i "init"))) '
+                         '(instance $e (export "init" (func $init))) (export "exports" (instance $e)))')
+        self.store.add("/own.wasm", own)
+        self.assertEqual(self.cli("exports", "/own.wasm").stdout, "exports#init(n: u32) -> u32\n")
+
+    def test_componentize_py_s_init_is_not_listed(self):
+        counter = require_file(PY_COUNTER, BUILD_HINT)
+        with kvhost.Host(kv="memory:", isolation="thread") as host:
+            names = [entry["name"] for entry in host.exports(host.load(counter))]
+            self.assertIn("bump", names)
+            self.assertNotIn("exports#init", names)
+            self.assertIn("exports#init", [name for name, _ in kvhost._component_functions(
+                host.load(counter), host.engine)])                  # still there, and callable by name
+
+    def test_kv_list_without_a_namespace_names_the_namespaces_with_data(self):
+        kv = f"sqlite:{os.path.join(self.tmp, 'kv.sqlite3')}"
+        for namespace in ("/apps/counter.wasm", "/apps/other.wasm"):
+            with kvhost.open_backend(kv) as backend:
+                backend.set(namespace, "counter", "hits", b"1")
+        listing = run_kvhost("kv", "--kv", kv, "list")
+        self.assertEqual((listing.returncode, listing.stdout), (0, "/apps/counter.wasm\n/apps/other.wasm\n"))
+        empty = run_kvhost("kv", "--kv", kv, "list", "counter")
+        self.assertEqual((empty.returncode, empty.stdout), (0, ""))
+        self.assertEqual(empty.stderr, "kvhost: bucket 'counter' of namespace 'default' is empty; namespaces "
+                                       "with data: /apps/counter.wasm, /apps/other.wasm (choose one with "
+                                       "--namespace; `kv list` lists them all)\n")
+        found = run_kvhost("kv", "--kv", kv, "--namespace", "/apps/counter.wasm", "list", "counter")
+        self.assertEqual((found.stdout, found.stderr), ("hits\n", ""))
+        self.assertEqual(run_kvhost("kv", "--kv", kv, "get").returncode, 2)
+
+    def test_run_gives_the_guest_the_command_s_stdin(self):
+        self.store.add("/hello.wasm", guest_binary("wasi-hello"))
+        proc = self.cli("run", "/hello.wasm", "x", stdin="a\nb\n")
+        self.assertEqual(proc.stdout, "hello x\na\nb\n")
+        proc = subprocess.run([sys.executable, KVHOST_PY, "run", "--kv", "memory:",
+                               os.path.join(RUN_GUESTS, "wasi-hello.wat")], input="piped\n",
+                              capture_output=True, text=True, timeout=CLI_TIMEOUT)
+        self.assertEqual((proc.returncode, proc.stdout), (0, "hello\npiped\n"), proc.stderr)
+
+    def test_add_stores_the_binary_of_webassembly_text(self):
+        text = read_text(os.path.join(RUN_GUESTS, "numbers.wat"))
+        source = os.path.join(self.tmp, "numbers.wat")
+        with open(source, "w") as f:
+            f.write(text)
+        binary = wat_binary(text)
+        self.assertEqual(self.cli("add", source).stdout.strip(), sha256(binary))
+        self.assertEqual(Store(self.root).find("/numbers.wasm"), binary)     # named .wasm, stored binary
+        piped = '(module (func (export "seven") (result i32) i32.const 7))'
+        self.cli("add", "-", "/seven.wasm", stdin=";; a comment first\n" + piped)
+        self.assertEqual(Store(self.root).find("/seven.wasm"), wat_binary(piped))
+        self.assertEqual(self.cli("call", "/seven.wasm", "seven").stdout, "7\n")
+        wast = os.path.join(self.tmp, "same.wast")
+        with open(wast, "w") as f:
+            f.write(piped)
+        self.cli("add", wast, "/lib/same.wasm")
+        self.assertEqual(Store(self.root).hash("/lib/same.wasm"), sha256(wat_binary(piped)))
+
+    def test_bad_webassembly_text_is_one_line_naming_the_place(self):
+        source = os.path.join(self.tmp, "broken.wat")
+        with open(source, "w") as f:
+            f.write('(module\n  (func (export "f") (result i32) i32.const))')
+        before = Store(self.root).list()
+        proc = self.cli("add", source, expect=1)
+        self.assertEqual(proc.stderr, f"wasmstore: error: {source}: invalid WebAssembly text: expected a i32 "
+                                      "(line 2, column 44)\n")
+        proc = self.cli("add", "-", "/x.wasm", stdin="(module (func $f (call $nowhere)))", expect=1)
+        self.assertRegex(proc.stderr, r"^wasmstore: error: stdin: invalid WebAssembly text: .*\n$")
+        self.assertEqual(Store(self.root).list(), before)
+
+
+def readme_block(heading):
+    """The lines of the first indented code block after the README heading `heading`."""
+    text = read_text(os.path.join(HERE, "README.md"))
+    after = text.split(f"\n{heading}\n", 1)[1]
+    lines = after.split("\n")
+    start = next(i for i, line in enumerate(lines) if line.startswith("    "))
+    block = []
+    for line in lines[start:]:
+        if not line.startswith("    ") and line.strip():
+            break
+        block.append(line[4:])
+    return [line for line in block if line.strip()]
+
+
+def repository_copy(test):
+    """The files a fresh clone has (tracked, or new and not ignored), copied from the work tree
+    so that uncommitted changes are walked too; no build/, no virtual environments."""
+    git = require_tool("git", "apt-get install git")
+    listed = subprocess.run([git, "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                            cwd=HERE, capture_output=True, check=True).stdout.decode().split("\0")
+    folder = os.path.join(temp_dir(test, "wasmstore-clone-"), "wasmstore")
+    for name in filter(None, listed):
+        source = os.path.join(HERE, name)
+        if os.path.isfile(source):
+            os.makedirs(os.path.dirname(os.path.join(folder, name)), exist_ok=True)
+            shutil.copy2(source, os.path.join(folder, name))
+    return folder
+
+
+class QuickStartTest(unittest.TestCase):
+    """The README's first steps, line by line, in a copy of the repository as a clone has it,
+    with a new home directory (so the store is a new ~/.wasmstore) and `python` the interpreter
+    running the tests. A line whose comment starts with → must print exactly that; every line
+    must succeed. The `pip install` line is not run: the requirements are installed already."""
+
+    def test_first_steps(self):
+        clone = repository_copy(self)
+        home = temp_dir(self, "wasmstore-home-")
+        bin_dir = os.path.join(home, "bin")
+        os.makedirs(bin_dir)
+        os.symlink(sys.executable, os.path.join(bin_dir, "python"))
+        env = clean_environment(HOME=home, PATH=bin_dir + os.pathsep + os.environ.get("PATH", ""))
+        lines = readme_block("## First steps")
+        self.assertGreaterEqual(len(lines), 8)
+        checked = 0
+        for line in lines:
+            command, _, comment = line.partition("  # ")
+            if command.startswith("pip install"):
+                continue
+            with self.subTest(command=command):
+                proc = subprocess.run(["bash", "-o", "pipefail", "-c", command], cwd=clone, env=env,
+                                      capture_output=True, text=True, timeout=CLI_TIMEOUT)
+                self.assertEqual(proc.returncode, 0, f"{command}: {proc.stdout} {proc.stderr}")
+                if comment.strip().startswith("→ "):
+                    self.assertEqual(proc.stdout.strip(), comment.strip()[2:])
+                    checked += 1
+        self.assertGreaterEqual(checked, 5)
+        with Store(os.path.join(home, ".wasmstore")) as store:
+            self.assertEqual(sorted(store.list()), ["/hello/greet.wasm", "/math/add.wasm", "/tools/shout.wasm"])
+        self.assertEqual(os.listdir(clone).count(".wasmstore"), 0)
+
+
 # =================================================================================================
-# Store durability and layout: concurrent writers, SIGKILL at any point, packs, ref slots, the
-# previous layout
+# Installing: `pip install .` and `pipx install .` give the `wasmstore` and `kvhost` commands
+# =================================================================================================
+
+PIPX_VENV = os.environ.get("WASMSTORE_PIPX_VENV", os.path.join(HERE, ".venv-pipx"))
+# What a failed install prints when the package index cannot be reached (not the project's fault).
+INDEX_UNREACHABLE = re.compile(r"NewConnectionError|Temporary failure in name resolution|"
+                               r"No matching distribution found for (setuptools|wasmtime)")
+
+
+def project_copy(test):
+    """The files pyproject.toml says make the project, copied to a directory of their own (an
+    install builds there, never in the checkout)."""
+    import tomllib
+    with open(os.path.join(HERE, "pyproject.toml"), "rb") as f:
+        project = tomllib.load(f)
+    folder = os.path.join(temp_dir(test, "wasmstore-project-"), "wasmstore")
+    os.makedirs(folder)
+    names = ["pyproject.toml", project["project"]["readme"]] + \
+        [module + ".py" for module in project["tool"]["setuptools"]["py-modules"]]
+    for name in names:
+        shutil.copy(os.path.join(HERE, name), folder)
+    return folder
+
+
+def installer_run(test, argv, env=None, timeout=600):
+    """Run an installer (pip, pipx); a package index out of reach is a missing peer."""
+    proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=timeout)
+    if proc.returncode != 0 and INDEX_UNREACHABLE.search(proc.stdout + proc.stderr):
+        require_peer(None, f"the Python package index is unreachable: {proc.stderr.strip()[-300:]}")
+    test.assertEqual(proc.returncode, 0, f"{argv[:3]}: {proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+    return proc
+
+
+def clean_environment(**extra):
+    """os.environ without WASMSTORE_*, PYTHONPATH and PYTHONHOME: an installed command must find
+    its modules where it was installed, never in the checkout."""
+    environment = {k: v for k, v in os.environ.items()
+                   if not k.startswith("WASMSTORE_") and k not in ("PYTHONPATH", "PYTHONHOME")}
+    environment.update(extra)
+    return environment
+
+
+class InstallTest(unittest.TestCase):
+    """The project installs into a fresh environment as an application (the scripts `wasmstore`
+    and `kvhost`, wasmtime its only dependency) and the commands work from anywhere."""
+
+    def check_commands(self, bin_dir):
+        elsewhere = temp_dir(self, "wasmstore-elsewhere-")    # neither the checkout nor the copy
+        env = clean_environment(HOME=elsewhere)
+        wasmstore_cmd, kvhost_cmd = os.path.join(bin_dir, "wasmstore"), os.path.join(bin_dir, "kvhost")
+        module = os.path.join(elsewhere, "numbers.wat")
+        shutil.copy(os.path.join(RUN_GUESTS, "numbers.wat"), module)
+
+        def run(*argv):
+            proc = subprocess.run(list(argv), capture_output=True, text=True, cwd=elsewhere, env=env,
+                                  timeout=CLI_TIMEOUT)
+            self.assertEqual(proc.returncode, 0, f"{argv}: {proc.stderr}")
+            return proc.stdout.strip()
+        self.assertEqual(run(kvhost_cmd, "call", "--kv", "memory:", module, "add", "2", "3"), "5")
+        self.assertEqual(run(kvhost_cmd, "--version"), f"kvhost {kvhost.__version__}")
+        root = os.path.join(elsewhere, "store")
+        digest = run(wasmstore_cmd, "--root", root, "add", module, "/math/numbers.wasm")
+        self.assertEqual(digest, sha256(wat_binary(read_text(module))))
+        self.assertEqual(run(wasmstore_cmd, "--root", root, "call", "/math/numbers.wasm", "add", "2", "3"), "5")
+        server = ServerProcess(self, None, "--root", root, "server", "--port", "0", env=env, cwd=elsewhere,
+                               command=[wasmstore_cmd])
+        with urllib.request.urlopen(server.url + "/api/v1/modules", timeout=10) as reply:
+            self.assertEqual(json.loads(reply.read()), {"/math/numbers.wasm": digest})
+        server.process.terminate()
+        self.assertEqual(server.process.wait(10), 0)
+
+    def test_pip_install_into_a_fresh_venv(self):
+        venv = os.path.join(temp_dir(self, "wasmstore-venv-"), "venv")
+        subprocess.run([sys.executable, "-m", "venv", venv], check=True, timeout=300)
+        python = os.path.join(venv, "bin", "python")
+        installer_run(self, [python, "-m", "pip", "install", "-q", "--disable-pip-version-check",
+                             project_copy(self)], env=clean_environment())
+        probe = subprocess.run([python, "-c", "import importlib.metadata as m, wasmstore, kvhost, http_server; "
+                                "print(m.requires('wasmstore')); print(wasmstore.__file__)"],
+                               capture_output=True, text=True, cwd=venv, env=clean_environment(), check=True)
+        requires, where = probe.stdout.splitlines()
+        self.assertEqual(requires, "['wasmtime==50.0.1']")
+        self.assertTrue(where.startswith(venv + os.sep), where)
+        self.check_commands(os.path.join(venv, "bin"))
+
+    def test_pipx_install(self):
+        pipx = require_file(os.path.join(PIPX_VENV, "bin", "pipx"), "PyPI pipx in .venv-pipx")
+        home = temp_dir(self, "wasmstore-pipx-")
+        env = clean_environment(PIPX_HOME=os.path.join(home, "pipx"), PIPX_BIN_DIR=os.path.join(home, "bin"),
+                                PIPX_MAN_DIR=os.path.join(home, "man"))
+        installer_run(self, [pipx, "install", project_copy(self)], env=env)
+        self.check_commands(os.path.join(home, "bin"))
+
+
+# =================================================================================================
+# Store durability and layout: concurrent writers, SIGKILL at any point, packs, ref slots
 # =================================================================================================
 
 def _file_sizes(root):
@@ -1745,53 +2066,6 @@ class DurabilityTest(StoreTestCase):
         self.assertEqual(fresh.find("a.wasm"), data)       # the packed copy is whole
 
 
-def build_legacy_store(root, files, garbage=()):
-    """A store in the layout before packs (every object a loose file, refs "<hex>\n",
-    an empty ref file for a branch without commits), holding files {path: bytes} in one
-    commit on main, an empty branch "dev", and the loose objects garbage (unreachable).
-    Returns the commit hash."""
-    def put(data):
-        digest = sha256(data)
-        path = os.path.join(root, "objects", digest[:2], digest[2:])
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "wb") as handle:
-            handle.write(data)
-        os.chmod(path, 0o444)
-        return digest
-
-    def canonical(document):
-        return json.dumps(document, sort_keys=True, separators=(",", ":"),
-                          ensure_ascii=False).encode("utf-8")
-
-    def tree(entries):
-        return put(canonical({"type": "tree", "entries": {
-            name: ["tree", tree(value)] if isinstance(value, dict) else ["module", put(value)]
-            for name, value in entries.items()}}))
-
-    nested = {}
-    for path, data in files.items():
-        *directories, name = path.strip("/").split("/")
-        node = nested
-        for directory in directories:
-            node = node.setdefault(directory, {})
-        node[name] = data
-    commit = put(canonical({"author": "old", "date": 1, "message": "Import", "parents": [],
-                            "tree": tree(nested), "type": "commit"}))
-    for data in garbage:
-        put(data)
-    os.makedirs(os.path.join(root, "refs", "heads"))
-    os.makedirs(os.path.join(root, "tmp"))
-    for name, text in (("HEAD", "main\n"), ("refs/heads/main", commit + "\n"),
-                       ("refs/heads/dev", "")):
-        with open(os.path.join(root, name), "w") as handle:
-            handle.write(text)
-    return commit
-
-
-LEGACY_FILES = {"/lib/a.wasm": wasm_module("legacy a"), "/lib/deep/b.wasm": wasm_module("legacy b"),
-                "/top.wasm": wasm_module("legacy top")}
-
-
 class PackTest(StoreTestCase):
     """The pack files under objects/pack: sealing, indexes, torn tails, damage."""
 
@@ -1953,80 +2227,6 @@ class RefSlotTest(StoreTestCase):
         self.assertEqual(reader.head(branch="x"), self.store.snapshot())
 
 
-class LegacyLayoutTest(unittest.TestCase):
-    """A store written by the code before packs (loose objects, "<hex>\n" refs) keeps
-    working: read as it is, refs rewritten as slot files when opened, new objects packed."""
-
-    def setUp(self):
-        self.tmp = temp_dir(self, "wasmstore-legacy-")
-        self.root = os.path.join(self.tmp, "store")
-        self.garbage = wasm_module("unreachable")
-        self.commit = build_legacy_store(self.root, LEGACY_FILES, [self.garbage])
-
-    def open(self):
-        store = Store(self.root)
-        self.addCleanup(store.close)
-        return store
-
-    def test_reads_every_module_version_and_file_of_the_old_layout(self):
-        store = self.open()
-        self.assertEqual(store.list(), {path: sha256(data) for path, data in LEGACY_FILES.items()})
-        for path, data in LEGACY_FILES.items():
-            self.assertEqual(store.find(path), data)
-            digest, filename = store.locate(path)
-            self.assertEqual(filename, os.path.join(self.root, "objects", digest[:2], digest[2:]))
-        self.assertEqual(store.versions("lib/a.wasm"), [(sha256(LEGACY_FILES["/lib/a.wasm"]), self.commit)])
-        self.assertEqual(store.branches(), ["dev", "main"])
-        self.assertIsNone(store.head(branch="dev"))
-        self.assertEqual(store.fsck(), [])
-
-    def test_refs_become_slot_files_when_opened(self):
-        self.open()
-        for name, head in (("main", self.commit), ("dev", None)):
-            with open(os.path.join(self.root, "refs", "heads", name), "rb") as handle:
-                ref = handle.read()
-            self.assertEqual(len(ref), 256)
-            if head:
-                self.assertIn(head.encode(), ref)
-        self.assertEqual(Store(self.root).head(), self.commit)
-
-    def test_adds_are_packed_and_gc_deletes_only_unreachable_loose_objects(self):
-        store = self.open()
-        new = wasm_module("new")
-        store.add("lib/new.wasm", new)
-        store.add("dev.wasm", new, branch="dev")
-        self.assertEqual(store.find("lib/new.wasm"), new)
-        self.assertEqual(store.find("top.wasm"), LEGACY_FILES["/top.wasm"])
-        self.assertEqual(store.fsck(), [])
-        # The garbage module, main's two squashed commits, its old root and lib trees.
-        self.assertEqual(store.gc(), 5)
-        self.assertFalse(os.path.exists(os.path.join(
-            self.root, "objects", sha256(self.garbage)[:2], sha256(self.garbage)[2:])))
-        for path, data in list(LEGACY_FILES.items()) + [("/lib/new.wasm", new)]:
-            self.assertEqual(Store(self.root).find(path), data)
-        self.assertEqual(store.fsck(), [])
-
-    def test_backup_of_an_old_store_loads_into_a_working_store(self):
-        store = self.open()
-        archive = os.path.join(self.tmp, "old.tar.gz")
-        self.assertEqual(store.backup(archive), 7)      # 3 modules, 3 trees, 1 commit
-        loaded = wasmstore.load_backup(archive, os.path.join(self.tmp, "loaded"))
-        self.addCleanup(loaded.close)
-        self.assertEqual(loaded.list(), store.list())
-        self.assertEqual(loaded.branches(), ["dev", "main"])
-
-
-    def test_a_backup_in_the_old_format_loads(self):
-        archive = os.path.join(self.tmp, "old-format.tar.gz")
-        with tarfile.open(archive, "w:gz") as tar:         # one member per object
-            for name in ("HEAD", "refs", "objects"):
-                tar.add(os.path.join(self.root, name), name)
-        loaded = wasmstore.load_backup(archive, os.path.join(self.tmp, "loaded"))
-        self.addCleanup(loaded.close)
-        self.assertEqual(loaded.list(), {p: sha256(d) for p, d in LEGACY_FILES.items()})
-        self.assertEqual(loaded.branches(), ["dev", "main"])
-
-
 KILLER = r"""
 import builtins, os, signal, sys
 limit = int(sys.argv[1])        # SIGKILL right before file mutation number `limit` (0: never)
@@ -2120,19 +2320,15 @@ class KillAtEveryMutationTest(unittest.TestCase):
         self.check_every_kill(base, ["add", self.module, "/d1/new.wasm"], expected,
                               ("/d1/new.wasm", sha256(wasm_module("added under fire"))))
 
-    def test_add_into_a_store_of_the_previous_layout(self):
+    def test_gc_of_packs_and_loose_module_files(self):
         base = os.path.join(self.tmp, "base")
-        build_legacy_store(base, LEGACY_FILES)
-        expected = {path: sha256(data) for path, data in LEGACY_FILES.items()}
-        self.check_every_kill(base, ["add", self.module, "/lib/deep/new.wasm"], expected,
-                              ("/lib/deep/new.wasm", sha256(wasm_module("added under fire"))))
-
-    def test_gc_of_packs_and_loose_objects(self):
-        base = os.path.join(self.tmp, "base")
-        build_legacy_store(base, LEGACY_FILES, [wasm_module("loose garbage")])
         with Store(base) as store:
-            store.add("lib/a.wasm", wasm_module("a, second version"))
-            store.add("junk/x.wasm", wasm_module("packed garbage"))
+            for index in range(3):
+                store.add(f"lib/m{index}.wasm", wasm_module(f"kept {index}"))
+            store.locate("lib/m0.wasm")                # served as a file: gc keeps only that copy
+            store.add("lib/m1.wasm", wasm_module("m1, second version"))
+            store.add("junk/x.wasm", wasm_module("garbage"))
+            store.locate("junk/x.wasm")                # an unreachable file gc deletes
             store.remove("junk")
             expected = store.list()
         self.check_every_kill(base, ["gc"], expected)
@@ -2399,7 +2595,7 @@ class HostileBackupTest(StoreTestCase):
         self.assertFalse(os.path.exists(self.target))
 
     def test_300000_members_are_refused_before_any_is_written(self):
-        member = tarfile.TarInfo("objects/00/" + "0" * 62).tobuf()   # an empty file
+        member = tarfile.TarInfo("objects/pack/0000000000000001.pack").tobuf()   # empty
         bomb = self.gzip_of([member * 1000] * 300)
         with self.assertRaisesRegex(wasmstore.InvalidInput, "more than 100,000 members"):
             wasmstore.load_backup(bomb, self.target)
@@ -2632,7 +2828,8 @@ class PureFunctionTests(unittest.TestCase):
                     self.assertNotIn(key, str(ctx.exception))
 
     def test_auth_spec_errors_never_echo_the_key(self):
-        for spec in ["sekrit", "sekrit:", "sekrit:G3T", ":GET", "sekrit:GET;sekrit:POST", ";"]:
+        for spec in ["sekrit", "sekrit:", "sekrit:G3T", ":GET", "sekrit:GETS", "sekrit:read@/..",
+                     ";"]:
             with self.subTest(spec=spec):
                 with self.assertRaises(http_server.ServerError) as ctx:
                     http_server.AuthTable(spec)
@@ -3005,6 +3202,189 @@ class RouteTests(unittest.TestCase):
         self.assertGreater(sendfile.call_count, 0)
 
 
+class HistoryRouteTests(unittest.TestCase):
+    """The log (paged), the audit of a path (paged) and the diff between two commits over HTTP."""
+
+    def setUp(self):
+        self.live = LiveServer(self, auth="root:*;apps:read@/apps/")
+        self.store = self.live.store
+
+    def get(self, path, key="root"):
+        status, _, body = self.live.request("GET", path, headers={"Wasmstore-Auth": key})
+        return status, (json.loads(body) if status == 200 else body.decode())
+
+    def pages(self, route, limit):
+        """Every commit info of a paged route, following "next"; and the number of pages."""
+        commits, after, count = [], None, 0
+        while True:
+            query = f"?limit={limit}" + (f"&after={after}" if after else "")
+            status, page = self.get(route + query)
+            self.assertEqual(status, 200, page)
+            commits += page["commits"]
+            count += 1
+            after = page["next"]
+            if after is None:
+                return commits, count
+
+    def test_log_pages_follow_the_branch_newest_first(self):
+        for i in range(5):
+            self.store.add(f"/m{i}.wasm", wasm_module(f"m{i}"))
+        commits, count = self.pages("/api/v1/log", 2)
+        self.assertEqual(commits, self.store.log())
+        self.assertEqual((len(commits), count), (5, 3))
+        self.assertEqual(self.get("/api/v1/log")[1], {"commits": self.store.log(), "next": None})
+        self.assertEqual(self.get("/api/v1/log?limit=0")[1]["commits"], [])
+
+    def test_log_of_another_branch_and_bad_queries(self):
+        self.store.add("/a.wasm", wasm_module("a"))
+        self.store.create_branch("dev")
+        self.store.add("/b.wasm", wasm_module("b"), branch="dev")
+        status, _, body = self.live.request("GET", "/api/v1/log", headers={
+            "Wasmstore-Auth": "root", "Wasmstore-Branch": "dev"})
+        self.assertEqual(json.loads(body)["commits"], self.store.log(branch="dev"))
+        for query, status in [("limit=x", 400), ("limit=-1", 400), ("limit=\uff11", 400),
+                              ("limit=1001", 400), ("after=nothex", 400),
+                              (f"after={'0' * 64}", 404)]:
+            with self.subTest(query=query):
+                self.assertEqual(self.get("/api/v1/log?" + urllib.parse.quote(query, safe="=&"))[0],
+                                 status)
+
+    def test_audit_pages_list_only_the_commits_that_changed_the_path(self):
+        for i in range(4):
+            self.store.add("/apps/a.wasm", wasm_module(f"a{i}"))
+            self.store.add("/lib/b.wasm", wasm_module(f"b{i}"))
+        commits, count = self.pages("/api/v1/audit/apps/a.wasm", 3)
+        self.assertEqual(commits, self.store.audit("/apps/a.wasm"))
+        self.assertEqual((len(commits), count), (4, 2))
+        self.assertEqual(self.get("/api/v1/audit/apps")[1]["commits"], commits)
+        self.assertEqual(self.get("/api/v1/audit/nothing.wasm")[1], {"commits": [], "next": None})
+        other = self.store.audit("/lib/b.wasm")[0]["hash"]
+        self.assertEqual(self.get(f"/api/v1/audit/apps/a.wasm?after={other}")[0], 404)
+
+    def test_audit_for_a_key_limited_to_a_prefix_hides_messages_naming_other_paths(self):
+        self.store.add("/apps/a.wasm", wasm_module("a"))
+        self.store.add_files([("/apps/a.wasm", io.BytesIO(wasm_module("a2"))),
+                              ("/lib/secret.wasm", io.BytesIO(wasm_module("s")))],
+                             message="Import /apps/a.wasm and /lib/secret.wasm")
+        status, page = self.get("/api/v1/audit/apps/a.wasm", key="apps")
+        self.assertEqual(status, 200)
+        self.assertEqual([info["message"] for info in page["commits"]],
+                         [http_server.HIDDEN_MESSAGE, "Import /apps/a.wasm"])
+        self.assertNotIn("secret", json.dumps(page))
+        self.assertEqual(self.get("/api/v1/audit/lib/secret.wasm", key="apps")[0], 403)
+        self.assertEqual(self.get("/api/v1/log", key="apps")[0], 403)
+
+    def test_diff_between_two_commits_in_the_watch_format(self):
+        a1, a2, b = wasm_module("a1"), wasm_module("a2"), wasm_module("b")
+        self.store.add("/apps/a.wasm", a1)
+        first = self.store.snapshot()
+        self.store.add("/apps/a.wasm", a2)
+        self.store.add("/lib/b.wasm", b)
+        self.store.remove("/apps/a.wasm")
+        self.store.add("/apps/c.wasm", a1)
+        last = self.store.snapshot()
+        expected = {"/apps/a.wasm": {"action": "removed", "hash": sha256(a1)},
+                    "/apps/c.wasm": {"action": "added", "hash": sha256(a1)},
+                    "/lib/b.wasm": {"action": "added", "hash": sha256(b)}}
+        self.assertEqual(self.get(f"/api/v1/diff/{first}/{last}")[1], expected)
+        apps_only = {k: v for k, v in expected.items() if k.startswith("/apps/")}
+        self.assertEqual(self.get(f"/api/v1/diff/{first}/{last}/apps")[1], apps_only)
+        self.assertEqual(self.get(f"/api/v1/diff/{first}/{last}/apps", key="apps")[1], apps_only)
+        self.assertEqual(self.get(f"/api/v1/diff/{first}/{last}", key="apps")[0], 403)
+        self.assertEqual(self.get(f"/api/v1/diff/{last}/{first}")[1]["/lib/b.wasm"],
+                         {"action": "removed", "hash": sha256(b)})
+        self.assertEqual(self.get(f"/api/v1/diff/{first}/{'0' * 64}")[0], 404)
+        self.assertEqual(self.get(f"/api/v1/diff/{first}/HEAD")[0], 400)
+
+
+class KvRouteTests(unittest.TestCase):
+    """A stored module's kv data over HTTP: buckets, keys a page at a time, values; writes for
+    keys allowed admin; the namespace is the one the module runs in."""
+
+    PROBE_PATH = "/kv/probe.wasm"
+
+    def setUp(self):
+        self.live = LiveServer(self, auth="root:*;reader:read;writer:write;ops:admin,read@/kv/",
+                               run={"kv": "memory:", "timeout": 5})
+        fill_run_store(self.live.store, paths={self.PROBE_PATH, "/num/numbers.wasm"})
+        self.backend = self.live.server.runtime.runner.host.backend
+
+    def request(self, method, route, body=None, key="root", **headers):
+        return self.live.request(method, "/api/v1/" + route, body,
+                                 dict(headers, **{"Wasmstore-Auth": key}))
+
+    def incr(self, bucket, key, delta):
+        route = f"call/incr{self.PROBE_PATH}"
+        return json.loads(self.request("POST", route, json.dumps([bucket, key, delta]).encode())[2])
+
+    def test_what_a_guest_wrote_is_listed_and_read(self):
+        self.assertEqual(self.incr("counter", "hits", 2), {"ok": 2})
+        status, _, body = self.request("GET", "kv" + self.PROBE_PATH)
+        self.assertEqual(json.loads(body), {"namespace": self.PROBE_PATH, "buckets": ["counter"]})
+        self.assertEqual(json.loads(self.request("GET", "kv-keys/counter" + self.PROBE_PATH)[2]),
+                         {"keys": ["hits"], "next": None})
+        status, headers, body = self.request("GET", "kv-value/counter/kv/probe.wasm?key=hits",
+                                             key="reader")
+        self.assertEqual((status, headers["content-type"], body), (200, "application/octet-stream",
+                                                                   b"2"))
+
+    def test_an_admin_write_is_what_the_guest_reads_next(self):
+        route = "kv-value/counter/kv/probe.wasm?key=hits"
+        self.assertEqual(self.request("PUT", route, b"41", key="ops")[0], 200)
+        self.assertEqual(self.incr("counter", "hits", 1), {"ok": 42})
+        self.assertEqual(self.request("DELETE", route, key="ops")[0], 200)
+        self.assertEqual(self.request("GET", route)[0], 404)
+        self.assertEqual(self.request("DELETE", route, key="ops")[0], 200)     # missing: fine
+        self.assertEqual(self.incr("counter", "hits", 1), {"ok": 1})
+
+    def test_kv_writes_need_admin_and_reach(self):
+        route = "kv-value/counter/kv/probe.wasm?key=hits"
+        for key in ["reader", "writer"]:
+            with self.subTest(key=key):
+                self.assertEqual(self.request("PUT", route, b"7", key=key)[0], 403)
+                self.assertEqual(self.request("DELETE", route, key=key)[0], 403)
+        outside = self.request("PUT", "kv-value/b/num/numbers.wasm?key=k", b"7", key="ops")
+        self.assertEqual(outside[0], 403)
+        self.assertEqual(self.backend.buckets(self.PROBE_PATH), [])
+
+    def test_keys_come_a_page_at_a_time(self):
+        names = [f"k{i:02d}" for i in range(7)] + ["clé/ключ"]
+        self.backend.set_many(self.PROBE_PATH, "big", [(name, b"v") for name in names])
+        seen, cursor, pages = [], None, 0
+        while True:
+            query = "?limit=3" + (f"&cursor={urllib.parse.quote(cursor)}" if cursor else "")
+            page = json.loads(self.request("GET", "kv-keys/big/kv/probe.wasm" + query)[2])
+            seen += page["keys"]
+            pages += 1
+            cursor = page["next"]
+            if cursor is None:
+                break
+        self.assertEqual((seen, pages), (sorted(names), 3))
+        key = urllib.parse.quote("clé/ключ")
+        value = self.request("GET", "kv-value/big/kv/probe.wasm?key=" + key)
+        self.assertEqual(value[2], b"v")
+
+    def test_a_module_named_by_hash_shows_the_hash_namespace(self):
+        digest = self.live.store.hash(self.PROBE_PATH)
+        called = self.request("POST", f"call/incr/{digest}", b'["b", "k", 5]')
+        self.assertEqual(called[2], b'{"ok":5}')
+        status, _, body = self.request("GET", f"kv/{digest}")
+        self.assertEqual(json.loads(body), {"namespace": f"sha256:{digest}", "buckets": ["b"]})
+
+    def test_bad_requests_are_400_and_unknown_modules_404(self):
+        for method, route, status in [("GET", "kv-keys/bad%20bucket/kv/probe.wasm", 400),
+                                      ("GET", "kv-keys/b/kv/probe.wasm?cursor=nope", 400),
+                                      ("GET", "kv-keys/b/kv/probe.wasm?limit=x", 400),
+                                      ("GET", "kv-value/b/kv/probe.wasm", 400),
+                                      ("PUT", "kv-value/b/kv/probe.wasm", 400),
+                                      ("GET", "kv/kv/nothing.wasm", 404),
+                                      ("GET", "kv-value/b/kv/nothing.wasm?key=k", 404)]:
+            with self.subTest(method=method, route=route):
+                reply = self.request(method, route, b"v" if method == "PUT" else None)
+                self.assertEqual(reply[0], status, reply[2])
+                self.assertEqual(reply[2].count(b"\n"), 1)
+
+
 class BodyLimitTests(unittest.TestCase):
 
     def setUp(self):
@@ -3321,6 +3701,173 @@ class AuthTests(unittest.TestCase):
         ws2 = WsClient(self.live.port, "/api/v1/watch")
         self.addCleanup(ws2.close)
         self.assertEqual(ws2.status, 401)
+
+
+class ScopedKeyTests(unittest.TestCase):
+    """--auth entries KEY:PERMS[@PREFIX]: permission words, path prefixes, and a key limited to
+    a prefix learning nothing about the paths outside it."""
+
+    KEYS = ("root:*;reader:read;runner:run;writer:write;admin:admin;"
+            "apps:read,write,run@/apps/;both:read;both:run@/apps/")
+    LINKED = "/api/v1/call/sum_of_squares/apps/linked.wasm"     # imports /lib/math.wasm
+
+    def setUp(self):
+        self.live = LiveServer(self, auth=self.KEYS, run={"kv": "memory:", "timeout": 2})
+        fill_run_store(self.live.store)
+        self.live.store.add("/apps/numbers.wasm", guest_binary("numbers"))
+        self.before = self.live.store.list()
+
+    def request(self, key, method, path, body=None):
+        return self.live.request(method, path, body, {"Wasmstore-Auth": key})
+
+    def status(self, key, method, path, body=None):
+        return self.request(key, method, path, body)[0]
+
+    def test_the_original_form_keeps_its_meaning_and_words_mix_with_methods(self):
+        table = http_server.AuthTable("a:GET,POST;b:*;c:get,admin;d:read,DELETE@/x/")
+        everything = http_server.EVERYTHING
+        self.assertIs(table.authorize("a", "HEAD", "read", ("lib", "x.wasm")), everything)
+        with self.assertRaises(http_server.HttpError) as refused:
+            table.authorize("a", "DELETE", "write", ("x",))
+        self.assertEqual(refused.exception.status, 403)
+        self.assertIs(table.authorize("b", "PATCH", None), everything)
+        table.authorize("c", "POST", "admin", ())
+        table.authorize("c", "GET", "read", ())
+        self.assertEqual(table.authorize("d", "DELETE", "write", ("x", "y")).prefixes, (("x",),))
+
+    def test_bad_entries_are_refused_with_their_number(self):
+        for spec, message in [("k:read;k2:", "auth entry 2"), ("k:reed", "auth entry 1"),
+                              ("k:read@/a/../b", "bad prefix"), ("k:*,GET", "'*' already"),
+                              (":read", "expected KEY:PERMS"), ("k:read@/", "names a directory")]:
+            with self.subTest(spec=spec):
+                with self.assertRaises(http_server.ServerError) as refused:
+                    http_server.AuthTable(spec)
+                self.assertIn(message, str(refused.exception))
+
+    def test_a_prefix_is_whole_segments(self):
+        table = http_server.AuthTable("k:read@/apps")
+        table.authorize("k", "GET", "read", ("apps", "a.wasm"))
+        with self.assertRaises(http_server.HttpError):
+            table.authorize("k", "GET", "read", ("apps2", "a.wasm"))
+
+    def test_a_run_only_key_calls_and_runs_but_changes_and_reads_nothing(self):
+        added = self.request("runner", "POST", "/api/v1/call/add/num/numbers.wasm", b"[2,3]")
+        self.assertEqual(added[2], b"5")
+        status, headers, body = self.request("runner", "POST", "/api/v1/run/wasi/hello.wasm")
+        self.assertEqual((status, headers["wasmstore-exit-status"]), (200, "0"), body)
+        digest = sha256(wasm_module("n"))
+        refused = [("POST", "module/num/new.wasm", wasm_module("n")),
+                   ("DELETE", "module/num/numbers.wasm", None),
+                   ("POST", "rollback/num/numbers.wasm", None), ("POST", "branch/dev", None),
+                   ("POST", "gc", None), ("POST", "merge/main", None),
+                   ("GET", "module/num/numbers.wasm", None), ("GET", "modules", None),
+                   ("POST", f"hash/{digest}/num/x.wasm", None)]
+        for method, route, body in refused:
+            with self.subTest(method=method, route=route):
+                self.assertEqual(self.status("runner", method, "/api/v1/" + route, body), 403)
+        self.assertEqual(self.live.store.list(), self.before)
+        self.assertEqual(self.live.store.branches(), ["main"])
+
+    def test_words_cover_their_routes_and_only_those(self):
+        expected = [("reader", "GET", "module/num/numbers.wasm", None, 200),
+                    ("reader", "GET", "snapshot", None, 200),
+                    ("reader", "POST", "call/add/num/numbers.wasm", b"[1,1]", 403),
+                    ("writer", "POST", "module/w/a.wasm", wasm_module("w"), 200),
+                    ("writer", "POST", "branch/dev", None, 200),
+                    ("writer", "POST", "rollback/w/a.wasm", None, 200),
+                    ("writer", "POST", "merge/dev", None, 403),
+                    ("writer", "DELETE", "branch/dev", None, 403),
+                    ("writer", "POST", "gc", None, 403),
+                    ("admin", "POST", "merge/dev", None, 200),
+                    ("admin", "DELETE", "branch/dev", None, 200),
+                    ("admin", "POST", "module/w/b.wasm", wasm_module("b"), 403)]
+        for key, method, route, body, status in expected:
+            with self.subTest(key=key, method=method, route=route):
+                self.assertEqual(self.status(key, method, "/api/v1/" + route, body), status)
+        self.assertEqual(self.live.store.branches(), ["main"])
+
+    def test_the_auth_route_answers_for_the_methods_a_words_key_uses(self):
+        for key, method, status in [("runner", "POST", 200), ("runner", "DELETE", 403),
+                                    ("reader", "GET", 200), ("reader", "POST", 403),
+                                    ("admin", "PUT", 200)]:
+            with self.subTest(key=key, method=method):
+                self.assertEqual(self.status(key, method, "/api/v1/auth"), status)
+
+    def test_a_key_in_several_entries_gets_what_any_of_them_grants(self):
+        self.assertEqual(self.status("both", "GET", "/api/v1/module/lib/math.wasm"), 200)
+        called = self.request("both", "POST", "/api/v1/call/add/apps/numbers.wasm", b"[3,4]")
+        self.assertEqual(called[2], b"7")
+        self.assertEqual(self.status("both", "POST", "/api/v1/call/add/num/numbers.wasm", b"[1,1]"),
+                         403)
+
+    def assert_same_answer(self, method, stored, missing, body=None, names=("math", "nothing")):
+        """The key limited to /apps/ gets one answer for a path out of its reach that exists and
+        one that does not (but for the name asked for, which the message repeats)."""
+        there = self.request("apps", method, stored, body)
+        absent = self.request("apps", method, missing, body)
+        self.assertEqual(there[0], absent[0])
+        self.assertIn(there[0], (403, 404))
+        self.assertEqual(there[2].replace(names[0].encode(), b"NAME"),
+                         absent[2].replace(names[1].encode(), b"NAME"))
+        drop = {"date", "content-length"}
+        self.assertEqual({k: v for k, v in there[1].items() if k not in drop},
+                         {k: v for k, v in absent[1].items() if k not in drop})
+        return there
+
+    def test_a_key_limited_to_a_prefix_cannot_tell_whether_a_path_outside_it_exists(self):
+        for method, route in [("GET", "module"), ("HEAD", "module"), ("GET", "hash"),
+                              ("GET", "versions"), ("GET", "exports"), ("POST", "module"),
+                              ("DELETE", "module"), ("POST", "rollback"), ("POST", "call/add")]:
+            with self.subTest(method=method, route=route):
+                body = {("POST", "module"): wasm_module("x"), ("POST", "call/add"): b"[1,2]"}
+                body = body.get((method, route))
+                there = self.assert_same_answer(method, f"/api/v1/{route}/lib/math.wasm",
+                                                f"/api/v1/{route}/lib/nothing.wasm", body)
+                self.assertEqual(there[0], 403)
+        digest = self.live.store.hash("/lib/math.wasm")
+        self.assert_same_answer("GET", f"/api/v1/module/{digest}", f"/api/v1/module/{'0' * 64}",
+                                names=(digest, "0" * 64))
+        self.assertEqual(self.live.store.list(), self.before)
+
+    def test_a_key_limited_to_a_prefix_sees_only_its_paths_in_listings(self):
+        listing = json.loads(self.request("apps", "GET", "/api/v1/modules")[2])
+        self.assertEqual(listing, {p: h for p, h in self.before.items() if p.startswith("/apps/")})
+        self.assertEqual(self.request("apps", "GET", "/api/v1/modules/lib")[2], b"{}")
+        self.assertEqual(self.request("apps", "GET", "/api/v1/modules/nothing")[2], b"{}")
+        commit = self.live.store.snapshot()
+        for method, path in [("GET", "/api/v1/snapshot"), ("GET", f"/api/v1/commit/{commit}"),
+                             ("GET", "/metrics"), ("POST", "/api/v1/rollback")]:
+            with self.subTest(path=path):
+                self.assertEqual(self.status("apps", method, path), 403)
+
+    def test_a_key_limited_to_a_prefix_links_nothing_outside_it(self):
+        """A core module under the prefix importing /lib/math.wasm fails to link as if that
+        module were missing, so running cannot reach (or probe) a path out of reach."""
+        scoped = self.request("apps", "POST", self.LINKED, b"[3,4]")
+        self.assertEqual(self.request("root", "POST", self.LINKED, b"[3,4]")[2], b"25")
+        self.live.store.remove("/lib/math.wasm")
+        missing = self.request("root", "POST", self.LINKED, b"[3,4]")
+        self.assertEqual((scoped[0], scoped[2]), (missing[0], missing[2]))
+        self.assertEqual(scoped[0], 424)
+
+    def test_a_key_limited_to_a_prefix_watches_only_its_paths(self):
+        ws = WsClient(self.live.port, "/api/v1/watch?auth=apps")
+        self.addCleanup(ws.close)
+        self.assertEqual(ws.status, 101, ws.head)
+        self.live.store.add("/lib/new.wasm", wasm_module("hidden"))     # an event it never gets
+        seen = wasm_module("seen")
+        self.live.store.add_files([("/lib/more.wasm", io.BytesIO(wasm_module("more"))),
+                                   ("/apps/seen.wasm", io.BytesIO(seen))])
+        self.assertEqual(ws.recv_data(),
+                         {"/apps/seen.wasm": {"action": "added", "hash": sha256(seen)}})
+
+    def test_a_key_limited_to_a_prefix_pulls_only_its_paths_over_oci(self):
+        self.assertEqual(self.status("apps", "GET", "/v2/apps/linked.wasm/manifests/latest"), 200)
+        there = self.assert_same_answer("GET", "/v2/lib/math.wasm/manifests/latest",
+                                        "/v2/lib/nothing.wasm/manifests/latest")
+        self.assertEqual(json.loads(there[2])["errors"][0]["code"], "DENIED")
+        self.assert_same_answer("GET", "/v2/lib/math.wasm/tags/list",
+                                "/v2/lib/nothing.wasm/tags/list")
 
 
 class TlsTests(unittest.TestCase):
@@ -5243,6 +5790,15 @@ class BackendContract:
         self.backend = self.make_backend()
         self.addCleanup(self.backend.close)
 
+    def test_namespaces_are_those_holding_keys(self):
+        odd = "/apps/a b:c*.wasm"                            # a path, with the characters keys quote
+        self.backend.set(odd, "b1", "k", b"v")
+        self.backend.set("sha256:" + "0" * 64, "b2", "k", b"v")
+        self.backend.set("gone", "b", "k", b"v")
+        self.backend.delete("gone", "b", "k")
+        self.assertEqual(self.backend.namespaces(), ["/apps/a b:c*.wasm", "sha256:" + "0" * 64])
+        self.assertEqual(self.backend.namespaces(limit=1), [odd])
+
     def test_get_missing_key_is_none_and_exists_false(self):
         self.assertIsNone(self.backend.get(self.NS, "b", "nope"))
         self.assertFalse(self.backend.exists(self.NS, "b", "nope"))
@@ -5266,6 +5822,19 @@ class BackendContract:
         self.backend.delete(self.NS, "b", "k")
         self.assertIsNone(self.backend.get(self.NS, "b", "k"))
         self.backend.delete(self.NS, "b", "k")   # missing: fine
+
+    def test_buckets_are_those_of_the_namespace_that_hold_keys(self):
+        self.backend.set(self.NS, "b-2", "k", b"v")
+        self.backend.set(self.NS, "a.1", "k", b"v")
+        self.backend.set(self.NS, "gone", "k", b"v")
+        self.backend.delete(self.NS, "gone", "k")
+        self.backend.get(self.NS, "read-only", "k")            # opened, never written
+        self.backend.set("tenant:other/*", "c", "k", b"v")    # a name with URL and glob characters
+        self.assertEqual(self.backend.buckets(self.NS), ["a.1", "b-2"])
+        self.assertEqual(self.backend.buckets("tenant:other/*"), ["c"])
+        self.assertEqual(self.backend.buckets("nobody"), [])
+        with self.assertRaises(kvhost.ArgumentError):
+            self.backend.buckets("")
 
     def _fill(self, count=2500):
         keys = [f"key-{i:05d}" for i in range(count)]
@@ -9002,10 +9571,10 @@ class RunHttpTest(unittest.TestCase):
     def test_every_error_has_its_status_and_the_server_keeps_serving(self):
         live = self.server(timeout=1)
         cases = [
-            (("add", "/num/numbers.wasm", b"[2"), 400, "malformed JSON body"),
+            (("add", "/num/numbers.wasm", b"[2"), 400, "invalid JSON body"),
             (("add", "/num/numbers.wasm", b"[1, NaN]"), 400, 'write "NaN", "Infinity" or "-Infinity" as strings'),
             (("add", "/num/numbers.wasm", b'{"a": 1}'), 400, "expected a JSON array of arguments"),
-            (("add", "/num/numbers.wasm", b"\xff"), 400, "malformed JSON body"),
+            (("add", "/num/numbers.wasm", b"\xff"), 400, "invalid JSON body"),
             (("add", "/num/numbers.wasm", [1]), 400, "add takes 2 argument(s) (i32, i32), got 1"),
             (("add", "/num/numbers.wasm", [1, "2"]), 400, 'argument 2 (i32): expected i32, got "2"'),
             (("incr", "/kv/probe.wasm", ["b", "k", 1.5]), 400, "argument 3 (delta: s64): expected s64, got 1.5"),
@@ -9234,6 +9803,284 @@ class PyCounterServerTest(unittest.TestCase):
             thread.join(120)
         self.assertEqual(errors, [])
         self.assertEqual(self.bump(live), 1 + 16 * 5 + 1)
+
+
+
+# =================================================================================================
+# Hostile input: what an attacker, a broken peer or a careless script sends, as tables of cases
+# with the answer each must get; the server keeps serving and nothing changes
+# =================================================================================================
+
+# The spellings of numbers that str.isdigit() or int() take but that are not ASCII digits.
+NON_ASCII_NUMBERS = ("²", "①", "٣", "𝟎", "1_0", " 1", "+1", "0x1")
+
+
+class InputHelpersTest(unittest.TestCase):
+    """The one number, JSON and URL parser of each layer (kvhost's and wasmstore's copies agree)."""
+
+    LAYERS = ((kvhost, kvhost.ArgumentError), (wasmstore, wasmstore.InvalidInput))
+
+    def test_only_ascii_digits_are_numbers(self):
+        for module, error in self.LAYERS:
+            for text in NON_ASCII_NUMBERS + ("", "-", "9" * 41, "nan", "inf", "1e400"):
+                with self.subTest(module=module.__name__, text=text), self.assertRaises(error) as caught:
+                    module.parse_number(text, "count", fraction=text.startswith(("n", "i", "1e")))
+                self.assertIn("count", str(caught.exception))
+            self.assertEqual(module.parse_number("0042", "n"), 42)
+            self.assertEqual(module.parse_number(b"7", "n"), 7)
+            self.assertEqual(module.parse_number("-3", "n", minimum=-5), -3)
+            self.assertEqual(module.parse_number("2.5e1", "s", fraction=True), 25.0)
+            with self.assertRaisesRegex(error, "expected 0 to 9"):
+                module.parse_number("10", "digit", maximum=9)
+            with self.assertRaisesRegex(error, "expected at least 0"):
+                module.parse_number("-1", "count")
+
+    def test_json_nesting_is_bounded_before_decoding(self):
+        deep = "[" * 200_000 + "]" * 200_000
+        for module, error in self.LAYERS:
+            for text in (deep, "[" * 1000, b"{\"a\":" * 30_000 + b"1" + b"}" * 30_000):
+                with self.subTest(module=module.__name__, size=len(text)):
+                    with self.assertRaisesRegex(error, "nested deeper than 64 levels"):
+                        module.parse_json(text, "document")
+            nested = "[" * 64 + "]" * 64
+            self.assertEqual(module.json_depth(nested), 64)
+            self.assertIsInstance(module.parse_json(nested), list)
+            self.assertEqual(module.parse_json('{"a": "[[[[' + "[" * 100 + '"}'), {"a": "[" * 104})
+            for bad in ("NaN", "[1, Infinity]", b"\xff", "[1,", "1" * 5000):
+                with self.subTest(module=module.__name__, bad=bad[:10]), self.assertRaises(error):
+                    module.parse_json(bad)
+
+    def test_urls_need_a_host_and_a_port_in_range(self):
+        for module, error in self.LAYERS:
+            for url in ("http://[::1/x", "http://h:99999/", "http://h:abc/", "http://h:٣/", "ftp://h/",
+                        "http:///x", "http://h x/", "http://h/\n"):
+                with self.subTest(module=module.__name__, url=url), self.assertRaises(error):
+                    module.parse_url(url, "location", ("http", "https"))
+            url = module.parse_url("https://[::1]:5000/v2/?a=b", "location", ("http", "https"))
+            self.assertEqual((url.host, url.port, url.path, url.query, url.netloc),
+                             ("::1", 5000, "/v2/", "a=b", "[::1]:5000"))
+            with self.assertRaises(error) as caught:
+                module.parse_url("redis://user:secret@h:x/0", "URL", ("redis",))
+            self.assertNotIn("secret", str(caught.exception))
+
+
+class HostileHttpTest(unittest.TestCase):
+    """Requests an attacker sends to the API: each gets its 4xx in one line; the server logs no
+    500 or traceback, keeps serving, and the store does not change."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.live = LiveServer(cls, run={"kv": "memory:", "timeout": 2})
+        fill_run_store(cls.live.store, paths={"/num/numbers.wasm"})
+        cls.live.store.add("/types/probe.wasm", guest_binary(TYPES_PROBE))
+        for path, function, args in (("/num/numbers.wasm", "add", [1, 2]), ("/types/probe.wasm", "echo-f32", [1])):
+            status, _, body = cls.live.request("POST", f"/api/v1/call/{function}{path}", json.dumps(args).encode())
+            assert status == 200, body                 # warm: compiled, module files written out
+
+    @classmethod
+    def addCleanup(cls, function, *args, **kwargs):     # LiveServer's cleanup, at class level
+        cls.addClassCleanup(function, *args, **kwargs)
+
+    def state(self):
+        return store_state(self.live.root)
+
+    def check_cases(self, cases):
+        """cases: [(method, target, headers, body, status, text in the answer)]."""
+        for method, target, headers, body, status, text in cases:
+            with self.subTest(method=method, target=target[:80], body=(body or b"")[:40]):
+                before = self.state()
+                answer = self.live.request(method, target, body, headers)
+                self.assertEqual(answer[0], status, answer[2][:300])
+                self.assertIn(text, answer[2].decode("utf-8", "replace"))
+                if not target.startswith("/v2/"):           # /v2/ errors are the registry's JSON
+                    self.assertEqual(answer[2].count(b"\n"), 1, answer[2][:300])
+                self.assertEqual(self.live.request("POST", "/api/v1/call/add/num/numbers.wasm", b"[2, 3]")[2],
+                                 b"5")
+                self.assertEqual(self.state(), before)
+        log = self.live.log.getvalue()
+        self.assertNotIn(" 500 ", log)
+        self.assertNotIn("Traceback", log)
+
+    def test_call_bodies(self):
+        call, call_types = "/api/v1/call/add/num/numbers.wasm", "/api/v1/call/{}/types/probe.wasm"
+        self.check_cases([
+            ("POST", call, {}, b"[" * 1000 + b"]" * 1000, 400, "nested deeper than 64 levels"),
+            ("POST", call, {}, b"[" * 100_000, 400, "nested deeper than 64 levels"),
+            ("POST", call, {}, b'[{"a":' * 500 + b"1" + b"}]" * 500, 400, "nested deeper than 64 levels"),
+            ("POST", call, {}, b"[" + b"9" * 5000 + b", 1]", 400, "invalid JSON body"),
+            ("POST", call, {}, b"[1e400, 1]", 400, "expected i32"),
+            ("POST", call_types.format("echo-f32"), {}, b"[1e39]", 400, "expected f32"),
+            ("POST", call_types.format("echo-f32"), {}, b"[-3.5e38]", 400, "expected f32"),
+            ("POST", call_types.format("echo-f32"), {}, b"[" + b"9" * 400 + b"]", 400, "expected f32"),
+            ("POST", call_types.format("add-f64"), {}, b"[" + b"9" * 400 + b", 1]", 400, "expected f64"),
+            ("POST", call_types.format("echo-bytes"), {}, '["é"]'.encode(), 400, "expected list<u8>"),
+            ("POST", call_types.format("echo-bytes"), {}, b'["\\u0000"]', 400, "expected list<u8>"),
+            ("POST", "/api/v1/call/mulf32/num/numbers.wasm", {}, b"[1e39, 1]", 400, "expected f32"),
+        ])
+
+    def test_numbers_in_queries_and_paths(self):
+        cases = []
+        for text in NON_ASCII_NUMBERS:
+            quoted = urllib.parse.quote(text)
+            cases += [
+                ("POST", f"/api/v1/call/add/num/numbers.wasm?version={quoted}", {}, b"[1, 2]", 400, "ASCII digits"),
+                ("POST", f"/api/v1/run/num/numbers.wasm?version={quoted}", {}, b"", 400, "ASCII digits"),
+                ("GET", f"/api/v1/exports/num/numbers.wasm?version={quoted}", {}, None, 400, "ASCII digits"),
+                ("GET", f"/api/v1/version/{quoted}/num/numbers.wasm", {}, None, 400, "ASCII digits"),
+                ("GET", f"/v2/num/numbers.wasm/tags/list?n={quoted}", {}, None, 400, "UNSUPPORTED"),
+            ]
+        cases.append(("GET", "/api/v1/version/" + "9" * 30 + "/num/numbers.wasm", {}, None, 400, "version index"))
+        self.check_cases(cases)
+
+
+class HostileCommandLineTest(StoreTestCase):
+    """Arguments a careless script passes to the command lines: one error line, no traceback,
+    exit status 2 for a bad argument, and the store unchanged."""
+
+    def test_bad_arguments_are_one_line(self):
+        self.store.add("/types/probe.wasm", guest_binary(TYPES_PROBE))
+        before = store_state(self.root)
+        deep = "[" * 1000 + "]" * 1000
+        cases = [
+            (("call", "/types/probe.wasm", "echo-f32", deep), 2, "nested deeper than 64 levels"),
+            (("call", "/types/probe.wasm", "echo-f32", "1e39"), 2, "expected f32"),
+            (("call", "/types/probe.wasm", "echo-bytes", '"é"'), 2, "expected list<u8>"),
+            (("call", "--version", "²", "/types/probe.wasm", "echo-f32", "1"), 2, "ASCII digits"),
+            (("call", "--timeout", "٣", "/types/probe.wasm", "echo-f32", "1"), 2, "ASCII digits"),
+            (("log", "-n", "①"), 2, "ASCII digits"),
+            (("version", "٣", "/types/probe.wasm"), 1, "ASCII digits"),
+        ]
+        for args, status, text in cases:
+            with self.subTest(args=[a[:20] for a in args]):
+                done = run_cli(self.root, *args)
+                self.assertEqual(done.returncode, status, done.stderr)
+                self.assertIn(text, done.stderr)
+                self.assertNotIn("Traceback", done.stderr)
+                self.assertEqual(done.stderr.count("\n"), 1 if status == 1 else done.stderr.count("\n"))
+                self.assertEqual(store_state(self.root), before)
+        done = run_kvhost("call", TYPES_PROBE, "echo-f32", deep)
+        self.assertEqual((done.returncode, done.stderr.count("\n")), (2, 1), done.stderr)
+        self.assertIn("nested deeper than 64 levels", done.stderr)
+
+
+class GuestOutputTest(unittest.TestCase):
+    """What a called guest writes to stdout and stderr is captured into its reply, bounded, and
+    never reaches the server's own streams, which a guest can therefore never block."""
+
+    def test_call_output_comes_back_in_headers_cut_at_4_kib(self):
+        live = LiveServer(self, run={"kv": "memory:"})
+        live.store.add("/out/shout.wasm", guest_binary("wasi-shout"))
+        status, headers, body = live.request("POST", "/api/v1/call/shout/out/shout.wasm", b"[1, 16]")
+        self.assertEqual((status, body), (200, b"16"))
+        self.assertTrue(json.loads(headers["wasmstore-stdout"]).startswith("shout-marker \n127.0.0.1"))
+        self.assertEqual(len(json.loads(headers["wasmstore-stdout"]).encode()), 4096)
+        self.assertEqual(headers["wasmstore-stdout-truncated"], str(16 << 16))
+        self.assertNotIn("wasmstore-stderr", headers)
+        status, headers, body = live.request("POST", "/api/v1/call/shout/out/shout.wasm", b"[2, 1]")
+        self.assertEqual((status, headers["wasmstore-stderr-truncated"]), (200, str(1 << 16)))
+        status, headers, _ = live.request("POST", "/api/v1/call/shout/out/shout.wasm", b"[1, 0]")
+        self.assertNotIn("wasmstore-stdout", headers)
+        self.assertNotIn("forged", live.log.getvalue())
+
+    def test_a_server_whose_streams_nobody_reads_keeps_answering(self):
+        root = os.path.join(temp_dir(self), "root")
+        Store(root).add("/out/shout.wasm", guest_binary("wasi-shout"))
+        server = subprocess.Popen([sys.executable, HTTP_SERVER_PY, "--root", root, "--port", "0", "--kv", "memory:",
+                                   "--run-timeout", "3", "--max-guests", "2"],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=HERE)
+        self.addCleanup(lambda: (server.poll() is None and server.kill(), server.wait(10)))
+        port = int(re.search(rb"127\.0\.0\.1:(\d+)", server.stderr.readline()).group(1))
+        results = []
+
+        def shout(fd):              # 4 MiB each; a pipe holds 64 KiB, and nobody reads these two
+            started = time.monotonic()
+            status, _, body = http_request(f"http://127.0.0.1:{port}/api/v1/call/shout/out/shout.wasm", "POST",
+                                           json.dumps([fd, 64]).encode())
+            results.append((status, body, time.monotonic() - started < 3))
+        threads = [threading.Thread(target=shout, args=(fd,)) for fd in (1, 2, 1, 2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        self.assertEqual(results, [(200, b"64", True)] * 4)
+        server.kill()
+        output = server.stdout.read() + server.stderr.read()
+        self.assertNotIn(b"shout-marker", output)
+        self.assertNotIn(b"forged", output)
+        self.assertLess(len(output), 64 << 10)
+
+    def test_kvhost_output_policies(self):
+        guest_file = os.path.join(temp_dir(self), "shout.wasm")
+        with open(guest_file, "wb") as f:
+            f.write(guest_binary("wasi-shout"))
+        script = ("import kvhost, sys\n"
+                  "host = kvhost.Host(output=sys.argv[1], cache_dir=False)\n"
+                  "guest = host.load(sys.argv[2])\n"
+                  "result = host.call_captured(guest, 'shout', [1, 2], limit=10)\n"
+                  "print(repr((result.value, result.stdout, result.stdout_total)), file=sys.stderr)\n"
+                  "host.call(guest, 'shout', [1, 1])\n")
+        for output in ("inherit", "discard"):
+            with self.subTest(output=output):
+                done = subprocess.run([sys.executable, "-c", script, output, guest_file], capture_output=True,
+                                      cwd=HERE, timeout=120)
+                # (wasmtime's runtime threads may print a panic as the interpreter exits: not ours)
+                self.assertEqual(done.stderr.splitlines()[0], b"(2, b'shout-mark', 131072)")
+                self.assertEqual(len(done.stdout), 0 if output == "discard" else 65536)
+        with self.assertRaisesRegex(kvhost.ArgumentError, "invalid output 'loud'"):
+            kvhost.Host(output="loud")
+
+
+# =================================================================================================
+# HTTP apps in kvhost (Host.handle_http): the wasi:http proxy world served by kvhost's own imports
+# =================================================================================================
+
+HTTP_GUESTS = os.path.join(GUEST_DIR, "http")                     # wasi:http handlers in WAT
+HTTP_HELLO = os.path.join(HTTP_GUESTS, "hello.wat")
+
+
+class RecordingSink:
+    """A server's side of handle_http, in memory: what the guest's response made it do, in order."""
+
+    def __init__(self):
+        self.events = []
+
+    def start(self, status, headers):
+        self.events.append(("start", status, list(headers)))
+
+    def write(self, data):
+        self.events.append(("write", bytes(data)))
+
+    def finish(self, trailers):
+        self.events.append(("finish", trailers))
+
+    def body(self):
+        return b"".join(event[1] for event in self.events if event[0] == "write")
+
+
+def incoming_request(method="GET", path="/", headers=(), body=None, authority="localhost"):
+    """A kvhost.HttpRequest; body: bytes (read through an io.BytesIO) or None."""
+    reader = None if body is None else io.BytesIO(body)
+    return kvhost.HttpRequest(method, "http", authority, path, list(headers), reader)
+
+
+class HttpHandlerTest(unittest.TestCase):
+    """handle_http: one fresh instance per request, the response streamed to the sink."""
+
+    def setUp(self):
+        self.host = kvhost.Host(cache_dir=False)
+        self.addCleanup(self.host.close)
+
+    def test_hello_answers_through_the_sink_in_order(self):
+        guest = self.host.load(HTTP_HELLO)
+        sink = RecordingSink()
+        outcome = self.host.handle_http(guest, incoming_request(), sink)
+        self.assertEqual(sink.events, [("start", 200, []), ("write", b"hello from wasm\n"), ("finish", None)])
+        self.assertEqual((outcome.status, outcome.body_bytes), (200, 16))
+
+    def test_a_component_that_is_not_a_handler_is_one_clear_error(self):
+        guest = self.host.load(os.path.join(RUN_GUESTS, "http-import.wat"))
+        with self.assertRaisesRegex(kvhost.NotHttpHandler, "does not export wasi:http/incoming-handler"):
+            self.host.handle_http(guest, incoming_request(), RecordingSink())
 
 
 if __name__ == "__main__":

@@ -31,15 +31,13 @@ the raw module bytes, trees and commits canonical JSON):
   what follows it; a damaged or missing index just means a scan. Records after the first
   header that is not whole and intact (a killed writer's torn tail) are ignored, and the
   next writer truncates them.
-- ``objects/<2 hex>/<62 hex>``: loose objects: the layout before packs (still read), and
-  modules written out from a pack the first time they are served as a file
-  (``module_filename``: zero-copy downloads, the CLI's ``filename``). A loose and a packed
-  copy are the same object.
+- ``objects/<2 hex>/<62 hex>``: a module written out from its pack the first time it is
+  served as a file (``module_filename``: zero-copy downloads, the CLI's ``filename``). A
+  loose and a packed copy are the same object; gc keeps only the loose one.
 - ``refs/heads/<branch>``: 256 bytes, two 128-byte slots ``ref <sequence 16 hex> <head
   | none> <crc32 8 hex>`` (the CRC-32 of the text before it) padded with spaces and a
   newline. A change overwrites the slot with the lower sequence; readers take the intact
-  slot with the higher one. (A file of the
-  previous layout, ``<hex>\\n`` or empty, is read too and rewritten as slots on open.)
+  slot with the higher one.
 - ``HEAD``: the default branch's name and a newline.
 - ``cache/history``: derived per-commit change lines for versions()/audit() (not synced).
 - ``tmp/``: files being written, named ``<pid>-...``; a dead writer's are removed by the
@@ -63,7 +61,9 @@ fdatasync), and a ref that moves by rename cannot be read fresh without a syscal
 so a commit creates no file and a ref is rewritten in place.
 
 Map of this file: constants; exceptions and the ERROR_STATUS table (HTTP status, exit
-status and metric label of each error, shared with http_server.py); names (paths, branches,
+status and metric label of each error, shared with http_server.py); input from outside
+(parse_number, parse_json, parse_url: ASCII digits, bounded JSON nesting, ports in range; used
+by http_server.py too); names (paths, branches,
 hashes); validation (wasmtime, imported lazily); primitives (the durable write, temp files and their debris, the
 hash check, caches); the object store (_Segment: one pack as a reader sees it;
 _ObjectStore: packs and loose files, batches, module files, fsck and gc passes); refs
@@ -92,13 +92,14 @@ OCI::
 __version__ = "0.1.0"
 __all__ = [
     "Store", "StoreError", "InvalidInput", "InvalidModule", "TooLarge", "NotFound",
-    "Conflict", "MergeConflict", "CorruptObject", "validate_path", "format_path",
+    "Conflict", "MergeConflict", "CorruptObject", "FsckReport", "validate_path", "format_path",
     "validate_branch", "validate_hash", "validate_module", "load_backup", "main",
     "ERROR_STATUS", "ErrorMeaning", "error_status", "Runner", "Target", "default_kv_url", "kv_options", "parse_namespace_map",
     "RegistryError", "OciReference", "WasmArtifact", "Credentials", "RegistryClient",
     "TransferReport", "wasm_interface", "module_artifact", "registry_credentials",
     "docker_config_file", "validate_module_file", "is_branch_tag", "push", "push_all", "pull",
-    "pull_many",
+    "pull_many", "console_main", "wasm_from_text", "parse_number", "parse_json", "json_depth",
+    "parse_url", "Url", "MAX_JSON_DEPTH",
 ]
 
 import argparse
@@ -112,6 +113,7 @@ import hashlib
 import io
 import itertools
 import json
+import math
 import mmap
 import os
 import re
@@ -129,7 +131,6 @@ import zlib
 DEFAULT_ROOT = "~/.wasmstore"
 DEFAULT_BRANCH = "main"
 DEFAULT_AUTHOR = "wasmstore"
-HASH_LENGTH = 64                      # SHA-256, lowercase hex
 MAX_SEGMENT_BYTES = 255               # the common filesystem name limit, so export works
 MAX_SEGMENTS = 64                     # keeps trees shallow and commits O(depth)
 MAX_AUTHOR_CHARS = 256                # authors come from HTTP headers: keep commits small
@@ -160,6 +161,8 @@ OCI_TITLE = "org.opencontainers.image.title"   # `oras pull` names the file afte
 OCI_MAX_MANIFEST_BYTES = 4 << 20      # the distribution spec asks registries to take 4 MB
 OCI_MAX_SMALL_BODY = 64 << 10         # error bodies, token answers, Docker config.json
 OCI_MAX_MODULE_BYTES = 1 << 30        # a pulled layer over this is refused before download
+TEXT_SUFFIXES = (".wat", ".wast")      # WebAssembly text: `add` stores its binary
+MAX_TEXT_BYTES = 64 << 20              # wat2wasm parses text whole, in memory
 OCI_TIMEOUT = 60.0                    # seconds per registry socket operation
 OCI_REDIRECTS = 5                     # redirects followed per request
 PULL_MESSAGE_SOURCES = 20            # sources a pull of several modules names in its one commit
@@ -172,6 +175,8 @@ OCI_REPOSITORY = re.compile(r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*"
 OCI_TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}\Z")
 OCI_DIGEST = re.compile(r"sha256:[0-9a-f]{64}\Z")
 OCI_VERSION_TAG = re.compile(r"v(0|[1-9][0-9]{0,8})\Z")   # v0, v1, ...: a path's versions
+MAX_JSON_DEPTH = 64                   # JSON from outside nests at most this deep
+MAX_NUMBER_CHARS = 40                 # a longer number from outside is refused unread
 
 
 # --------------------------------------------------------------------------- exceptions
@@ -255,6 +260,106 @@ class _RefMoved(Conflict):
     def __init__(self, branch):
         super().__init__(f"branch {branch!r} changed while this change was being written "
                          "(a writer without the lock?); nothing was written, retry")
+
+
+# --------------------------------------------------------------------------- input from outside
+#
+# Every number, JSON text and URL this module takes from a user, a file or a peer (a registry,
+# a backup) goes through one of these three: only ASCII digits are digits (str.isdigit() takes
+# "²", int() takes "٣" and "1_0"), JSON nests at most MAX_JSON_DEPTH levels (the decoder
+# recurses: 1,000 levels in 2 KB raise RecursionError), a URL's port is a number in range.
+# http_server.py uses these; kvhost.py has the same three for its own input (each file works
+# copied alone).
+
+_INTEGER_TEXT = re.compile(r"-?[0-9]+\Z")
+_FRACTION_TEXT = re.compile(r"-?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][-+]?[0-9]+)?\Z")
+_JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.S)
+_JSON_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
+_BRACKET_STEP = {"[": 1, "{": 1, "]": -1, "}": -1}
+_USERINFO = re.compile(r"//[^/@]*@")
+_NOT_IN_URL = re.compile(r"[\x00-\x20\x7f]")          # spaces and control characters
+
+
+def parse_number(text, what, *, minimum=0, maximum=None, fraction=False):
+    """The number `text` (str or bytes) spells in ASCII digits: an int, or with fraction=True a
+    finite float (a decimal point and an exponent allowed). A leading "-" is the only sign; no
+    space, "_", "+", nan or inf. InvalidInput naming `what` when the text is not such a number
+    or the number is outside [minimum, maximum] (None: unbounded)."""
+    if isinstance(text, (bytes, bytearray)):
+        text = bytes(text).decode("latin-1")
+    pattern = _FRACTION_TEXT if fraction else _INTEGER_TEXT
+    if not isinstance(text, str) or len(text) > MAX_NUMBER_CHARS or not pattern.match(text):
+        kind = "a number" if fraction else "an integer"
+        raise InvalidInput(f"invalid {what} {_short(text, 40)}: expected {kind} in ASCII digits")
+    value = float(text) if fraction else int(text)
+    if not math.isfinite(value) or (minimum is not None and value < minimum) \
+            or (maximum is not None and value > maximum):
+        bounds = f"at least {minimum}" if maximum is None else f"{minimum} to {maximum}"
+        raise InvalidInput(f"invalid {what} {text!r}: expected {bounds}")
+    return value
+
+
+def _reject_constant(name):
+    raise ValueError(f"{name} is not JSON (write \"NaN\", \"Infinity\" or \"-Infinity\" as strings)")
+
+
+_STRICT_JSON = json.JSONDecoder(parse_constant=_reject_constant)
+
+
+def json_depth(text):
+    """How deep the arrays and objects of JSON text nest (brackets inside strings do not count;
+    for text that is not JSON, how deep a decoder would get before it finds out)."""
+    brackets = _JSON_NOT_BRACKET.sub("", _JSON_STRING.sub("", text))
+    return max(itertools.accumulate(map(_BRACKET_STEP.__getitem__, brackets)), default=0)
+
+
+def parse_json(data, what="JSON", *, max_depth=MAX_JSON_DEPTH):
+    """The value of strict JSON (no NaN or Infinity) given as str or bytes (UTF-8, or the
+    UTF-16/32 that json detects), nested at most max_depth levels: deeper input is refused
+    before the decoder sees it. InvalidInput naming `what` otherwise."""
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        data = bytes(data)
+        try:
+            data = data.decode(json.detect_encoding(data))
+        except UnicodeDecodeError:
+            raise InvalidInput(f"invalid {what}: not UTF-8 text") from None
+    if not isinstance(data, str):
+        raise InvalidInput(f"invalid {what}: expected JSON text, not {type(data).__name__}")
+    if data.count("[") + data.count("{") > max_depth and json_depth(data) > max_depth:
+        raise InvalidInput(f"invalid {what}: nested deeper than {max_depth} levels")
+    try:
+        return _STRICT_JSON.decode(data)
+    except ValueError as exc:              # json.JSONDecodeError, and numbers over 4,300 digits
+        raise InvalidInput(f"invalid {what}: {exc}") from None
+
+
+class Url(collections.namedtuple("Url", "scheme username password host port path query")):
+    """A URL parse_url() checked; netloc is "host[:port]" (IPv6 hosts in brackets)."""
+
+    __slots__ = ()
+
+    @property
+    def netloc(self):
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return host if self.port is None else f"{host}:{self.port}"
+
+
+def parse_url(text, what, schemes=("http", "https")):
+    """A URL from outside as a Url (host lowercased, IPv6 without brackets, port None when not
+    given); InvalidInput naming `what` unless its scheme is one of `schemes`, it names a host
+    (no space or control character) and its port, if any, is 0-65535 in ASCII digits."""
+    import urllib.parse
+    shown = _short(_USERINFO.sub("//", str(text)), 200)           # never a password in a message
+    if not isinstance(text, str) or _NOT_IN_URL.search(text):
+        raise InvalidInput(f"invalid {what} {shown}: not a URL")
+    try:
+        parts = urllib.parse.urlsplit(text)
+        port = parts.port
+    except ValueError as exc:              # "Invalid IPv6 URL", a port out of range or not a number
+        raise InvalidInput(f"invalid {what} {shown}: {exc}") from None
+    if parts.scheme not in schemes or not parts.hostname:
+        raise InvalidInput(f"invalid {what} {shown}: expected {' or '.join(schemes)}://HOST")
+    return Url(parts.scheme, parts.username, parts.password, parts.hostname, port, parts.path, parts.query)
 
 
 # --------------------------------------------------------------------------- names
@@ -373,6 +478,24 @@ def _wasmtime_engine(purpose="validate"):
                 atexit.register(_engines.clear)
             engine = _engines[purpose] = wasmtime.Engine(config)
         return engine
+
+
+def wasm_from_text(text, name="<text>"):
+    """The binary of a module or component written in the WebAssembly text format (wasmtime's
+    wat2wasm); InvalidModule naming `name` and the parser's message if it does not parse."""
+    _wasmtime_engine()                              # the clear error when wasmtime is missing
+    import wasmtime
+    try:
+        return bytes(wasmtime.wat2wasm(text.decode("utf-8") if isinstance(text, bytes) else text))
+    except UnicodeDecodeError as exc:
+        raise InvalidModule(f"{name}: WebAssembly text must be UTF-8 ({exc.reason} at byte "
+                            f"{exc.start})") from None
+    except wasmtime.WasmtimeError as exc:
+        lines = str(exc).strip().splitlines() or ["cannot be parsed"]
+        where = re.search(r"--> .*:(\d+):(\d+)\s*$", str(exc), re.M)
+        place = f" (line {where.group(1)}, column {where.group(2)})" if where else ""
+        raise InvalidModule(f"{name}: invalid WebAssembly text: {lines[0].strip()[:300]}"
+                            f"{place}") from None
 
 
 def validate_module(data):
@@ -980,7 +1103,7 @@ class _Segment:
 
 class _ObjectStore:
     """Every object, by SHA-256: packed records (objects/pack/) and loose files
-    (objects/<2 hex>/<62 hex>, the previous layout and materialised modules).
+    (objects/<2 hex>/<62 hex>: modules written out to be served as files).
 
     Reads are hash-checked. A change's new objects are appended to the active pack in one
     write (temp files copied in the kernel) and made durable by one fdatasync; starting a new
@@ -1162,8 +1285,7 @@ class _ObjectStore:
                 return True
             except (CorruptObject, OSError):
                 return False
-        # Loose files land whole (renamed into place). Only modules are looked for: a tree
-        # or commit stored twice costs a few bytes, a stat per object costs every add.
+        # Loose files are modules, and land whole (linked into place).
         return kind == "module" and os.path.exists(self.loose_path(digest))
 
     def write(self, batch):
@@ -1321,15 +1443,15 @@ class _ObjectStore:
         copies of loose modules) are rewritten into one new pack, made durable and sealed
         before they are deleted, so a kill at any point loses nothing reachable. Readers that
         hold a deleted pack open keep reading it; others find the objects in the new one.
-        Returns the number of objects dropped."""
+        Returns (objects dropped, their bytes)."""
         self.refresh()
         loose = {digest: path for digest, path in self.loose_digests()}
-        keep, dirty, dropped = {}, [], set()
+        keep, dirty, dropped = {}, [], {}
         for segment in self._segments:
             garbage = segment.scan() > segment.covered           # a torn tail
             for digest, (offset, length, kind) in segment.items().items():
                 if digest not in reachable:
-                    dropped.add(digest)
+                    dropped[digest] = length
                     garbage = True
                 elif digest in keep:                             # a second copy
                     garbage = True
@@ -1352,12 +1474,13 @@ class _ObjectStore:
             self.refresh()
         for digest, path in loose.items():
             if digest not in reachable:
+                key = _stat_key(path)
                 _unlink_quietly(path)
                 self._checked_files.discard(digest)
-                dropped.add(digest)
+                dropped.setdefault(digest, key[2] if key else 0)
         for digest in dropped:
             self._whole.discard(digest)
-        return len(dropped)
+        return len(dropped), sum(dropped.values())
 
     def _loose_is_whole(self, digest, path):
         key = _stat_key(path)
@@ -1415,16 +1538,12 @@ class _ObjectStore:
                 if location is None:
                     raise NotFound(f"no such object {digest}")
             if location is None:
-                kind = "module" if self.is_module(digest) else self._json_kind(digest)
-                length = loose[2]
+                kind, length = "module", loose[2]          # loose objects are modules
             else:
                 kind, length = location[3], location[2]
             locations.append((digest, kind, length))
             size += RECORD_HEADER_BYTES + length
         return size, io.BufferedReader(_PackReader(self, locations), CHUNK_SIZE)
-
-    def _json_kind(self, digest):
-        return _parse_object(self.read(digest), digest)[0]
 
 
 def _checked_chunks(source, offset, length, digest):
@@ -1536,13 +1655,7 @@ def _parse_ref_slot(data):
 
 
 def _ref_state(data, branch):
-    """(sequence, value, slot to overwrite next) of a ref file's bytes. A file of the
-    previous layout ("<hex>\\n", or empty for no commits) has sequence -1 and no slot."""
-    if not data:
-        return -1, _NO_COMMITS, None
-    text = data.decode("ascii", "replace")
-    if len(data) == HASH_LENGTH + 1 and text.endswith("\n") and _is_hash(text[:-1]):
-        return -1, text[:-1].lower(), None
+    """(sequence, value, slot to overwrite next) of a ref file's bytes."""
     if len(data) == REF_FILE_BYTES:
         slots = [_parse_ref_slot(data[start:start + REF_SLOT_BYTES])
                  for start in (0, REF_SLOT_BYTES)]
@@ -1550,7 +1663,8 @@ def _ref_state(data, branch):
         if valid:
             sequence, index, value = max(valid)
             return sequence, value, 1 - index
-    raise CorruptObject(f"ref of branch {branch!r} is corrupt: {text[:70]!r}; run fsck")
+    text = data[:70].decode("ascii", "replace")
+    raise CorruptObject(f"ref of branch {branch!r} is corrupt: {text!r}; run fsck")
 
 
 class _Refs:
@@ -1617,7 +1731,7 @@ class _Refs:
                 if cached and self._handles.get(branch) is handle:
                     self._handles.pop(branch, None)
                 continue                      # deleted: look the name up again
-            if not cached and sequence >= 0 and len(self._handles) < 1024:
+            if not cached and len(self._handles) < 1024:
                 self._handles[branch] = handle
             return None if value == _NO_COMMITS else value
         raise NotFound(f"no such branch {branch!r}")
@@ -1636,10 +1750,6 @@ class _Refs:
                 raise NotFound(f"no such branch {branch!r}")
             if (None if value == _NO_COMMITS else value) != old:
                 raise _RefMoved(branch)
-            if slot is None:                  # the previous layout: becomes a slot file
-                _write_whole(path, _ref_file(new or _NO_COMMITS), self.tmp_dir)
-                self.bump()
-                return
             previous = os.pread(fd, REF_SLOT_BYTES, slot * REF_SLOT_BYTES)
             try:
                 _write_all(fd, _ref_slot(sequence + 1, new or _NO_COMMITS),
@@ -1718,21 +1828,6 @@ class _Refs:
         """Sorted names of every branch."""
         return sorted(filter(_is_branch_name, os.listdir(self.heads_dir)))
 
-    def migrate(self):
-        """Rewrite refs of the previous layout ("<hex>\\n" files) as slot files, once."""
-        legacy = [name for name in self.names()
-                  if os.path.getsize(self.path(name)) in (0, HASH_LENGTH + 1)]
-        if not legacy:
-            return
-        with self.lock():
-            for name in legacy:
-                path = self.path(name)
-                with contextlib.suppress(FileNotFoundError):
-                    if os.path.getsize(path) in (0, HASH_LENGTH + 1):
-                        _write_whole(path, _ref_file(self.read(name) or _NO_COMMITS),
-                                       self.tmp_dir)
-            self.bump()
-
     def default_branch(self, fresh=False):
         """The branch used when none is named (HEAD). fresh: not from the stat-keyed cache
         (callers deciding under lock())."""
@@ -1785,7 +1880,6 @@ class Store:
         self._commit_counts = _BoundedCache(200_000)        # commit -> first-parent length
         self._debris_checked = False
         self._empty_tree = self._encode_tree({})
-        self._refs.migrate()
 
     def __repr__(self):
         return f"Store({self.root!r})"
@@ -2327,11 +2421,8 @@ class Store:
 
     def version(self, index, path, *, branch=None):
         """The index-th entry of versions(path) (0 = oldest)."""
-        try:
-            index = int(index)
-        except (TypeError, ValueError):
-            raise InvalidInput(f"invalid version index {_short(index)}: expected an "
-                               "integer") from None
+        if not isinstance(index, int) or isinstance(index, bool):
+            index = parse_number(index, "version index")
         found = self.versions(path, branch=branch)
         if not 0 <= index < len(found):
             raise NotFound(f"no version {index} of {format_path(validate_path(path))} "
@@ -2347,12 +2438,16 @@ class Store:
         return [self.commit_info(digest) for digest, changes in self._changed_modules(head)
                 if printed in changes or any(changed.startswith(below) for changed in changes)]
 
-    def log(self, limit=None, *, branch=None):
-        """Commit infos along first parents from the head, newest first."""
+    def log(self, limit=None, *, branch=None, start=None):
+        """Commit infos along first parents from the head (or from commit `start`, for the
+        next page of a long log), newest first."""
         head = self._read_ref(self._branch(branch))
+        if start is not None:
+            head = self.commit_info(start)["hash"]        # NotFound for an unknown commit
         chain = self._first_parents(head)
         if limit is not None:
-            chain = itertools.islice(chain, max(0, int(limit)))
+            chain = itertools.islice(chain, max(0, limit if isinstance(limit, int) else
+                                                parse_number(limit, "number of commits")))
         return [_commit_info(digest, commit) for digest, commit in chain]
 
     def snapshot(self, *, branch=None):
@@ -2627,14 +2722,17 @@ class Store:
         finally:
             os.close(fd)
 
-    def gc(self, *, branch=None, author=None):
+    def gc(self, *, branch=None, author=None, stats=None):
         """Squash the branch's history into one "GC" commit, then delete every object
-        not reachable from any branch. Returns the number of objects deleted."""
+        not reachable from any branch. Returns the number of objects deleted; stats (a dict)
+        also receives {"objects": that number, "bytes": their size, "commits_squashed":
+        commits of the branch's history replaced by the GC commit}."""
         branch = self._branch(branch)
         author = _author(author)
         with self._refs.lock(), self._objects_lock(shared=False):
-            head = self._read_ref(branch)
+            head, squashed_count = self._read_ref(branch), 0
             if head and self._commit(head)["parents"]:
+                squashed_count = self._count_commits(head) if stats is not None else 0
                 batch = _Batch()
                 tree = self._commit(head)["tree"]
                 squashed = self._put_commit(tree, [], author, "GC", batch)
@@ -2642,10 +2740,22 @@ class Store:
                 self._history.record(squashed, None, self.changes(None, squashed))
             heads = [self._read_ref(name) for name in self.branches()]
             reachable = self._reachable(heads)
-            deleted = self._objects.compact(reachable)
+            deleted, deleted_bytes = self._objects.compact(reachable)
             self._history.compact(reachable)
             _remove_debris(self._tmp_dir)
+            if stats is not None:
+                stats.update(objects=deleted, bytes=deleted_bytes, commits_squashed=squashed_count)
         return deleted
+
+    def _count_commits(self, head):
+        """How many commits head's history holds (every ancestor, merges' second parents too)."""
+        seen, stack = set(), [head]
+        while stack:
+            digest = stack.pop()
+            if digest not in seen:
+                seen.add(digest)
+                stack.extend(self._commit(digest)["parents"])
+        return len(seen)
 
     def _reachable(self, heads):
         """Hashes of every commit, tree and module reachable from heads."""
@@ -2711,9 +2821,8 @@ class Store:
         os.close(fd)
 
     def backup(self, filename):
-        """Write a consistent .tar.gz of the store: HEAD, refs/heads/* (as "<hex>\\n"
-        text) and one pack holding every reachable object, each hash-checked as it is
-        written. Returns the number of objects in it. Temp files of killed backups next to
+        """Write a consistent .tar.gz of the store: HEAD, refs/heads/* and one pack holding
+        every reachable object, each hash-checked as it is written. Returns the number of objects in it. Temp files of killed backups next to
         filename are removed first."""
         filename = os.path.abspath(filename)
         if filename == self.root or filename.startswith(self.root + os.sep):
@@ -2731,8 +2840,7 @@ class Store:
                 with tarfile.open(tmp, "w:gz") as archive:
                     _add_bytes(archive, "HEAD", (default + "\n").encode())
                     for name, head in sorted(refs.items()):
-                        _add_bytes(archive, f"refs/heads/{name}",
-                                   (head + "\n").encode() if head else b"")
+                        _add_bytes(archive, f"refs/heads/{name}", _ref_file(head or _NO_COMMITS))
                     _add_stream(archive, f"objects/pack/{_pack_name(1)}", size, stream)
                 _fsync_path(tmp)
                 os.replace(tmp, filename)
@@ -2750,14 +2858,11 @@ class Store:
     # ------------------------------------------------------------------- fsck
 
     def fsck(self):
-        """Problems found (empty list = clean): every object's hash (loose files and pack
-        records), every reference reachable from a branch, the refs and HEAD. Objects no
-        branch reaches (a killed writer's, say) are dangling, not problems."""
-        return self._fsck()[0]
-
-    def _fsck(self):
-        """(problems, objects checked, dangling objects)."""
-        problems = []
+        """Check every object's hash (loose files and pack records), every reference
+        reachable from a branch, the refs and HEAD: an FsckReport, the list of problems
+        found (empty = clean). Objects no branch reaches (a killed writer's, say) are
+        dangling, not problems."""
+        problems = FsckReport()
         kinds = self._objects.check(problems)      # hash -> kind, None if damaged
         try:
             default = self._refs.default_branch(fresh=True)
@@ -2778,7 +2883,8 @@ class Store:
             elif head:
                 heads.append(head)
         reached = self._check_references(heads, kinds, problems)
-        return problems, len(kinds), len(set(kinds) - reached)
+        problems.checked, problems.dangling = len(kinds), len(set(kinds) - reached)
+        return problems
 
     def _check_references(self, heads, kinds, problems):
         """Walk everything reachable from heads; report missing or mistyped objects.
@@ -2810,6 +2916,13 @@ class Store:
                 else:
                     stack.append((child, child_kind))
         return reached
+
+
+class FsckReport(list):
+    """What Store.fsck found: a list of one-line problems (empty = clean), with the number
+    of objects checked and of dangling ones (no branch reaches them; gc deletes them)."""
+
+    checked = dangling = 0
 
 
 # --------------------------------------------------------------------------- history cache
@@ -2945,8 +3058,8 @@ def _parse_object(data, digest):
             if not isinstance(document["date"], int) or not isinstance(document["message"], str):
                 raise ValueError("bad field")
             return ("commit", document)
-    except (ValueError, KeyError, TypeError, AttributeError):
-        pass
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
+        pass      # RecursionError: JSON nested beyond any tree or commit (a hostile backup's object)
     raise _not_an_object(digest)
 
 
@@ -3021,13 +3134,10 @@ def _remove_backup_debris(filename):
 
 # --------------------------------------------------------------------------- backup loading
 
-_BACKUP_MEMBER = re.compile(
-    r"(HEAD|refs|refs/heads|refs/heads/(?P<branch>[^/]+)|objects"
-    r"|objects/[0-9a-f]{2}|objects/[0-9a-f]{2}/[0-9a-f]{62}"
-    r"|objects/pack|objects/pack/[0-9a-f]{16}\.pack)\Z")
-_DERIVED_MEMBER = re.compile(          # temp files, caches and pack indexes: skipped
-    r"((tmp|cache)(/[^/]+)?|objects/pack/[0-9a-f]{16}\.idx)\Z")
-_SMALL_MEMBER_BYTES = 4096             # HEAD and a ref are a line each
+_BACKUP_MEMBER = re.compile(          # what Store.backup writes, and its directories
+    r"(HEAD|refs|refs/heads|refs/heads/(?P<branch>[^/]+)|objects|objects/pack"
+    r"|objects/pack/[0-9a-f]{16}\.pack)\Z")
+_SMALL_MEMBER_BYTES = 4096             # HEAD is a line, a ref 256 bytes
 _BACKUP_READ_ERRORS = (tarfile.TarError, EOFError, zlib.error, OSError, ValueError,
                        UnicodeError, struct.error)
 
@@ -3116,7 +3226,7 @@ def _check_members(archive, archive_bytes, root):
             raise InvalidInput(f"the backup has more than {MAX_BACKUP_MEMBERS:,} members; "
                                "refusing to extract it")
         name = _member_name(member)
-        if name in ("", ".") or _DERIVED_MEMBER.match(name):
+        if name in ("", "."):
             continue
         if not _is_store_member(name, member):
             raise InvalidInput(f"backup member {member.name!r} is not part of a store; "
@@ -3153,7 +3263,7 @@ def _free_bytes(root):
 def _extract_members(archive, root, filename):
     for member in archive:
         name = _member_name(member)
-        if name in ("", ".") or _DERIVED_MEMBER.match(name):
+        if name in ("", "."):
             continue
         if not _is_store_member(name, member):
             raise InvalidInput(f"backup member {member.name!r} changed between reads")
@@ -3167,8 +3277,6 @@ def _extract_members(archive, root, filename):
             shutil.copyfileobj(source, out, CHUNK_SIZE)
             if out.tell() != member.size:
                 raise _unreadable(filename, f"member {name!r} is truncated")
-        if name.startswith("objects/") and not name.startswith("objects/pack/"):
-            os.chmod(target, 0o444)
 
 
 # --------------------------------------------------------------------------- running stored modules
@@ -3330,10 +3438,6 @@ class Runner:
                     raise
         raise NotFound(f"no module at {format_path(segments)} or at a path above it")
 
-    def namespace_for(self, path, digest):
-        """The kv namespace of a module: its path, a mapped prefix's namespace, or sha256:<hash>."""
-        return f"sha256:{digest}" if path is None else self._namespace_of(validate_path(path))
-
     def _namespace_of(self, segments):
         for prefix, namespace in self.namespaces:
             if segments[:len(prefix)] == prefix:
@@ -3348,14 +3452,18 @@ class Runner:
                                    name=target.path or target.digest)
         return guest
 
-    def _linker_for(self, target, guest):
+    def _linker_for(self, target, guest, reach=None):
         """resolve(import module name) for kvhost: store paths and hashes in the target's commit
-        (None for a guest with no imports to link)."""
+        (None for a guest with no imports to link). reach(module name) -> bool, when given,
+        leaves the names it refuses unlinked, exactly as if nothing were stored there (a
+        server's key limited to some paths links only what it may reach)."""
         if not guest.links_needed:
             return None
 
         def resolve(module_name):
             if not module_name.startswith("/") and not _is_hash(module_name):
+                return None
+            if reach is not None and not reach(module_name):
                 return None
             try:
                 digest, _ = self.store.module_at(module_name, commit=target.commit)
@@ -3373,31 +3481,46 @@ class Runner:
     # -- running ---------------------------------------------------------------------------------
 
     def call(self, path_or_hash, function, args=(), *, branch=None, version=None, commit=None,
-             namespace=None, stats=None):
+             namespace=None, stats=None, reach=None):
         """Call an exported function with JSON-style arguments (kvhost.Host.call's mapping).
-        path_or_hash may also be a Target from resolve() (then branch/version/commit are unused)."""
+        path_or_hash may also be a Target from resolve() (then branch/version/commit are unused);
+        reach: which stored modules its imports may link to (see _linker_for)."""
         # the hot path of every call: _prepare inlined
         target = path_or_hash if type(path_or_hash) is Target else \
             self._target(path_or_hash, branch, version, commit)
         guest = self.host.loaded(target.digest) or self.load(target)
         return self.host.call(guest, function, args, namespace=namespace or target.namespace,
-                              resolve=self._linker_for(target, guest) if guest.links_needed else None,
-                              stats=stats)
+                              resolve=self._linker_for(target, guest, reach)
+                              if guest.links_needed else None, stats=stats)
+
+    def call_captured(self, path_or_hash, function, args=(), *, branch=None, version=None, commit=None,
+                      namespace=None, limit=None, stats=None, reach=None):
+        """Like call(), with the guest's stdout and stderr kept, never written to this process's
+        streams (kvhost.CallResult: .value, .stdout, .stderr and their totals)."""
+        target = path_or_hash if type(path_or_hash) is Target else \
+            self._target(path_or_hash, branch, version, commit)
+        guest = self.host.loaded(target.digest) or self.load(target)
+        options = {} if limit is None else {"limit": limit}
+        return self.host.call_captured(guest, function, args, namespace=namespace or target.namespace,
+                                       resolve=self._linker_for(target, guest, reach)
+                                       if guest.links_needed else None, stats=stats, **options)
 
     def run(self, path_or_hash, argv=(), *, branch=None, version=None, commit=None, namespace=None,
-            stdin=None, stats=None):
+            stdin=None, stats=None, reach=None):
         """Run a wasi:cli/run component or a WASI command module; returns its exit status."""
         target, guest = self._prepare(path_or_hash, branch, version, commit)
         return self.host.run(guest, argv, namespace=namespace or target.namespace,
-                             resolve=self._linker_for(target, guest), stdin=stdin, stats=stats)
+                             resolve=self._linker_for(target, guest, reach), stdin=stdin,
+                             stats=stats)
 
     def run_captured(self, path_or_hash, argv=(), *, branch=None, version=None, commit=None,
-                     namespace=None, stdin=b"", limit=None, stats=None):
+                     namespace=None, stdin=b"", limit=None, stats=None, reach=None):
         """Like run(), with stdout and stderr kept (kvhost.RunResult)."""
         target, guest = self._prepare(path_or_hash, branch, version, commit)
         options = {} if limit is None else {"limit": limit}
         return self.host.run_captured(guest, argv, namespace=namespace or target.namespace,
-                                      resolve=self._linker_for(target, guest), stdin=stdin, stats=stats, **options)
+                                      resolve=self._linker_for(target, guest, reach),
+                                      stdin=stdin, stats=stats, **options)
 
     def handle_http(self, path_or_hash, request, sink, *, branch=None, version=None,
                     commit=None, namespace=None, stats=None):
@@ -3746,9 +3869,9 @@ def _wasm_layer(data, content_type):
         raise RegistryError(f"the manifest has media type {_clean_text(content_type)!r}, "
                             f"expected {OCI_MANIFEST_TYPE}")
     try:
-        manifest = json.loads(data)
-    except (ValueError, UnicodeDecodeError):
-        raise RegistryError("the manifest is not valid JSON") from None
+        manifest = parse_json(data, "manifest")
+    except InvalidInput as exc:
+        raise RegistryError(f"the registry sent an {exc}") from None
     if not isinstance(manifest, dict) or manifest.get("schemaVersion") != 2:
         raise RegistryError("the manifest is not an OCI image manifest (schemaVersion 2)")
     media_type = manifest.get("mediaType", OCI_MANIFEST_TYPE)
@@ -3841,12 +3964,12 @@ def registry_credentials(registry, *, username=None, password=None, environ=None
 def _docker_credentials(registry, filename):
     try:
         with open(filename, "rb") as handle:
-            document = json.loads(handle.read(OCI_MAX_SMALL_BODY + 1))
+            document = parse_json(handle.read(OCI_MAX_SMALL_BODY + 1), "JSON")
     except FileNotFoundError:
         return None
-    except (OSError, ValueError) as exc:
+    except (OSError, InvalidInput) as exc:
         raise InvalidInput(f"cannot read Docker config {filename!r}: "
-                           f"{getattr(exc, 'strerror', None) or 'not JSON'}") from None
+                           f"{getattr(exc, 'strerror', None) or exc}") from None
     auths = document.get("auths") if isinstance(document, dict) else None
     for key, entry in (auths or {}).items():
         host = key.split("://", 1)[-1].split("/", 1)[0]
@@ -3888,7 +4011,7 @@ def _parse_challenge(header):
 def _registry_detail(body):
     """": CODE: message" from an OCI error body, or "" (peer text, cleaned and bounded)."""
     try:
-        errors = json.loads(body).get("errors")
+        errors = parse_json(body, "error body").get("errors")
         first = errors[0]
         return ": " + _clean_text(f"{first.get('code', '')}: {first.get('message', '')}")
     except Exception:            # any other body: the status line says enough
@@ -3910,12 +4033,24 @@ class _Response:
     def header(self, name):
         return self.response.getheader(name)
 
+    def length(self, what):
+        """The Content-Length the registry announced (None without one); RegistryError when it
+        is not a byte count in ASCII digits."""
+        text = self.header("Content-Length")
+        if text is None:
+            return None
+        try:
+            return parse_number(text.strip(), "Content-Length")
+        except InvalidInput as exc:
+            self.close()
+            raise RegistryError(f"{self.client.registry} sent {what} with an {exc}") from None
+
     def read(self, limit, what):
         """The whole body, or RegistryError when it is longer than limit."""
-        length = self.header("Content-Length")
-        if length is not None and length.isdigit() and int(length) > limit:
+        length = self.length(what)
+        if length is not None and length > limit:
             self.close()
-            raise RegistryError(f"{what} from {self.client.registry} is {int(length)} bytes, "
+            raise RegistryError(f"{what} from {self.client.registry} is {length} bytes, "
                                 f"over the limit of {limit} bytes")
         try:
             data = self.response.read(limit + 1)
@@ -4178,12 +4313,14 @@ class RegistryClient:
         """(True, path) for a redirect on this registry, (False, split URL) elsewhere."""
         import urllib.parse
         base = f"{self.scheme}://{self.registry}/"
-        url = urllib.parse.urlsplit(urllib.parse.urljoin(base, location))
-        if url.scheme not in ("http", "https") or not url.hostname:
-            raise RegistryError(f"{self.registry} redirected {what} to an unusable location")
+        try:
+            url = parse_url(urllib.parse.urljoin(base, location), "location")
+        except (InvalidInput, ValueError) as exc:      # urljoin too refuses a broken IPv6 host
+            raise RegistryError(f"{self.registry} redirected {what} to an unusable location "
+                                f"({_clean_text(exc)})") from None
         own_port = self.port or (443 if self.scheme == "https" else 80)
         port = url.port or (443 if url.scheme == "https" else 80)
-        if url.scheme == self.scheme and url.hostname == self.host.lower() and port == own_port:
+        if url.scheme == self.scheme and url.host == self.host.lower() and port == own_port:
             return True, (url.path or "/") + (f"?{url.query}" if url.query else "")
         return False, url
 
@@ -4193,23 +4330,23 @@ class RegistryClient:
         if url.scheme != "https":
             raise RegistryError(f"{self.registry} redirected {what} to plain HTTP on another "
                                 f"host ({_clean_text(url.netloc)}); refusing")
-        connection = self._connection("https", url.hostname, url.port)
+        connection = self._connection("https", url.host, url.port)
         target = (url.path or "/") + (f"?{url.query}" if url.query else "")
         try:
             connection.request("GET", target, headers={"User-Agent": f"wasmstore/{__version__}"})
             response = _Response(self, connection, connection.getresponse(), pooled=False)
         except self.ssl.SSLCertVerificationError as exc:
             connection.close()
-            raise RegistryError(f"the TLS certificate of {_clean_text(url.hostname)} cannot "
+            raise RegistryError(f"the TLS certificate of {_clean_text(url.host)} cannot "
                                 f"be verified ({_clean_text(exc.verify_message)})") from None
         except (OSError, self.http.HTTPException) as exc:
             connection.close()
-            raise RegistryError(f"downloading {what} from {_clean_text(url.hostname)} failed: "
+            raise RegistryError(f"downloading {what} from {_clean_text(url.host)} failed: "
                                 f"{_clean_text(getattr(exc, 'strerror', None) or exc)}"
                                 ) from None
         if response.status != 200:
             response.close()
-            raise RegistryError(f"{_clean_text(url.hostname)} answered {response.status} "
+            raise RegistryError(f"{_clean_text(url.host)} answered {response.status} "
                                 f"{response.reason} to the redirected download of {what}")
         return response
 
@@ -4250,16 +4387,13 @@ class RegistryClient:
     def _fetch_token(self, params):
         """A bearer token from the challenge's realm (the registry token auth flow)."""
         import urllib.parse
-        realm = urllib.parse.urlsplit(params["realm"])
-        service = _clean_text(realm.hostname or "?")
         try:
-            port = realm.port
-        except ValueError:
-            port = None
-            realm = realm._replace(scheme="")
-        if realm.scheme not in ("http", "https") or not realm.hostname:
-            raise RegistryError(f"{self.registry} announced an unusable token service")
-        if realm.scheme == "http" and not (self.plain_http or _is_loopback(realm.hostname)):
+            realm = parse_url(params["realm"], "token service")
+        except InvalidInput as exc:
+            raise RegistryError(f"{self.registry} announced an unusable token service "
+                                f"({_clean_text(exc)})") from None
+        service, port = _clean_text(realm.host), realm.port
+        if realm.scheme == "http" and not (self.plain_http or _is_loopback(realm.host)):
             raise RegistryError(f"the token service of {self.registry} ({service}) is plain "
                                 "HTTP; refusing to send credentials there (--plain-http "
                                 "allows it)")
@@ -4270,7 +4404,7 @@ class RegistryClient:
         headers = {"User-Agent": f"wasmstore/{__version__}", "Accept": "application/json"}
         if self.credentials is not None:
             headers["Authorization"] = self.credentials.basic()
-        connection = self._connection(realm.scheme, realm.hostname, port)
+        connection = self._connection(realm.scheme, realm.host, port)
         try:
             connection.request("GET", target, headers=headers)
             response = connection.getresponse()
@@ -4291,9 +4425,9 @@ class RegistryClient:
             raise RegistryError(f"the token service {service} of {self.registry} answered "
                                 f"{status} with no usable token")
         try:
-            document = json.loads(body)
+            document = parse_json(body, "token answer")
             token = document.get("token") or document.get("access_token")
-        except (ValueError, AttributeError):
+        except (InvalidInput, AttributeError):
             token = None
         if not isinstance(token, str) or not token or not token.isprintable() or " " in token:
             raise RegistryError(f"the token service {service} of {self.registry} sent no "
@@ -4374,8 +4508,8 @@ class RegistryClient:
         what = f"blob {digest} of {repository}"
         response = self.call("GET", f"/v2/{repository}/blobs/{digest}", repository=repository,
                              what=what, foreign_redirects=True)
-        length = response.header("Content-Length")
-        if length is not None and length.isdigit() and int(length) != size:
+        length = response.length(what)
+        if length is not None and length != size:
             response.close()
             raise RegistryError(f"{what} is {length} bytes, but the manifest says {size}; "
                                 "nothing was stored")
@@ -4652,6 +4786,14 @@ def _open_layer(client, reference, segments, progress):
 
 # --------------------------------------------------------------------------- CLI
 
+def _cli_count(text):
+    """argparse type of a count or index option: ASCII digits only."""
+    try:
+        return parse_number(text, "number")
+    except InvalidInput as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _print_line(text):
     sys.stdout.write(text + "\n")
 
@@ -4660,14 +4802,66 @@ def _cmd_add(store, args):
     if args.file == "-":
         if not args.path:
             raise InvalidInput("reading a module from stdin needs a PATH argument")
-        digest = store.add_file(args.path, sys.stdin.buffer, branch=args.branch,
-                                author=args.author)
+        source = _binary_or_text(sys.stdin.buffer, "stdin")
+        digest = store.add_file(args.path, source, branch=args.branch, author=args.author)
     else:
         if not os.path.isfile(args.file):
             raise NotFound(f"no such file {args.file!r}")
-        path = args.path if args.path is not None else os.path.basename(args.file)
-        digest = store.add_file(path, args.file, branch=args.branch, author=args.author)
+        path = args.path if args.path is not None else _stored_name(args.file)
+        source = args.file
+        if args.file.endswith(TEXT_SUFFIXES):
+            with open(args.file, "rb") as text:
+                source = io.BytesIO(wasm_from_text(_read_text(text, args.file), args.file))
+        digest = store.add_file(path, source, branch=args.branch, author=args.author)
     _print_line(digest)
+
+
+def _stored_name(filename):
+    """The default PATH of `add FILE`: its base name, .wasm for WebAssembly text."""
+    base = os.path.basename(filename)
+    stem, suffix = os.path.splitext(base)
+    return stem + ".wasm" if suffix in TEXT_SUFFIXES else base
+
+
+def _read_text(reader, name, head=b""):
+    """All of a WebAssembly text source, bounded (wat2wasm needs it whole)."""
+    data = head + reader.read(MAX_TEXT_BYTES + 1 - len(head))
+    if len(data) > MAX_TEXT_BYTES:
+        raise TooLarge(f"{name}: WebAssembly text over {MAX_TEXT_BYTES >> 20} MiB; store its "
+                       "binary instead")
+    return data
+
+
+def _binary_or_text(reader, name):
+    """stdin for `add -`: a binary module as a stream, or the binary of WebAssembly text (what
+    is not binary and begins like text: '(' or a ';;' comment)."""
+    head = b""
+    while len(head) < len(WASM_MAGIC):
+        chunk = reader.read(len(WASM_MAGIC) - len(head))
+        if not chunk:
+            break
+        head += chunk
+    if head == WASM_MAGIC or not head.lstrip()[:1] in (b"(", b";"):
+        return _Prefixed(head, reader)
+    return io.BytesIO(wasm_from_text(_read_text(reader, name, head), name))
+
+
+class _Prefixed:
+    """A binary reader that gives `head` first, then the rest of `reader`."""
+
+    def __init__(self, head, reader):
+        self.head, self.reader = head, reader
+
+    def read(self, size=-1):
+        """Up to size bytes (all that is left for a negative size)."""
+        if not self.head:
+            return self.reader.read(size)
+        if size is not None and 0 <= size <= len(self.head):
+            data, self.head = self.head[:size], self.head[size:]
+            return data
+        data, self.head = self.head, b""
+        rest = self.reader.read(-1 if size is None or size < 0 else size - len(data))
+        return data + (rest or b"")
 
 
 def _cmd_import(store, args):
@@ -4750,11 +4944,13 @@ def _cmd_log(store, args):
 def _cmd_branch(store, args):
     if args.switch:
         store.set_default_branch(args.switch)
-    elif args.name and args.delete:
+    elif args.delete:
+        if not args.name:
+            raise InvalidInput("branch --delete needs the NAME of the branch to delete")
         store.delete_branch(args.name)
     elif args.name:
         store.create_branch(args.name, branch=args.branch)
-    else:
+    else:                                     # no NAME: list the branches
         default = store.default_branch
         for name in store.branches():
             _print_line(("* " if name == default else "  ") + name if args.verbose else name)
@@ -4765,7 +4961,16 @@ def _cmd_merge(store, args):
 
 
 def _cmd_gc(store, args):
-    _print_line(str(store.gc(branch=args.branch, author=args.author)))
+    stats = {}
+    store.gc(branch=args.branch, author=args.author, stats=stats)
+    branch = args.branch or store.default_branch
+    squashed = stats["commits_squashed"]
+    _print_line(f"gc: removed {_count(stats['objects'], 'object')} ({_size_text(stats['bytes'])}); "
+                + (f"squashed {_count(squashed, 'commit')} of {branch} into one" if squashed else
+                   f"{branch}'s history was one commit already"))
+    if squashed:
+        sys.stderr.write(f"wasmstore: warning: gc squashed the history of {branch}: its earlier "
+                         "versions, log and audit are gone (other branches keep theirs)\n")
 
 
 def _cmd_export(store, args):
@@ -4779,11 +4984,12 @@ def _cmd_backup(store, args):
 
 
 def _cmd_fsck(store, args):
-    problems, checked, dangling = store._fsck()
+    problems = store.fsck()
     for problem in problems:
         _print_line(problem)
-    _print_line(f"fsck: {checked} objects checked, {len(problems)} problems, "
-                f"{dangling} dangling (unreachable from every branch; gc deletes them)")
+    _print_line(f"fsck: {problems.checked} objects checked, {len(problems)} problems, "
+                f"{problems.dangling} dangling (unreachable from every branch; gc deletes "
+                "them)")
     return 1 if problems else 0
 
 
@@ -4824,9 +5030,12 @@ def _selector(args):
 
 def _cmd_call(store, args):
     kvhost = _kvhost()
+    try:
+        json_args = kvhost.parse_json_args(args.json_args)     # before anything is opened
+    except kvhost.KvError as exc:
+        return kvhost.report(exc, sys.stderr, "wasmstore")
 
     def call(runner):
-        json_args = kvhost.parse_json_args(args.json_args)
         result = runner.call(args.target, args.function, json_args, namespace=args.namespace, **_selector(args))
         kvhost.print_json(result, sys.stdout)
         return 0
@@ -4834,9 +5043,12 @@ def _cmd_call(store, args):
 
 
 def _cmd_run(store, args):
+    kvhost = _kvhost()
+
     def run(runner):
         sys.stdout.flush()
-        return runner.run(args.target, args.args, namespace=args.namespace, **_selector(args))
+        return runner.run(args.target, args.args, namespace=args.namespace,
+                          stdin=kvhost.STDIN_INHERIT, **_selector(args))
     return _run_guest(store, args, run)
 
 
@@ -4852,7 +5064,7 @@ def _cmd_exports(store, args):
 
 
 def _add_selector_options(sub):
-    sub.add_argument("--version", dest="version_index", type=int, metavar="INDEX",
+    sub.add_argument("--version", dest="version_index", type=_cli_count, metavar="INDEX",
                      help="run version INDEX of the path (0 = oldest; see 'versions')")
     sub.add_argument("--commit", metavar="COMMIT", help="run the module as it was in COMMIT")
 
@@ -5045,10 +5257,12 @@ REGISTRY_OPTIONS = [
 
 COMMANDS = {
     # name: (handler, help, [(argument, options)])
-    "add": (_cmd_add, "validate and store a module (FILE '-' reads stdin); prints its hash",
+    "add": (_cmd_add, "validate and store a module (FILE '-' reads stdin; WebAssembly text, "
+                      ".wat or .wast, is stored as its binary); prints its hash",
             [("file", {"metavar": "FILE"}),
              ("path", {"metavar": "PATH", "nargs": "?",
-                       "help": "where to store it (default: the file's base name)"})]),
+                       "help": "where to store it (default: the file's base name, .wasm for "
+                               "text)"})]),
     "import": (_cmd_import, "store every *.wasm file under DIR in one commit",
                [("directory", {"metavar": "DIR"}),
                 ("prefix", {"metavar": "PREFIX", "nargs": "?", "help": "path to store them under"})]),
@@ -5079,16 +5293,16 @@ COMMANDS = {
     "audit": (_cmd_audit, "print '<date>\\t<author>\\t<commit>' for each change of PATH",
               [("path", {"metavar": "PATH"})]),
     "log": (_cmd_log, "print the branch's history, newest first",
-            [("-n", {"type": int, "metavar": "N", "help": "at most N commits"})]),
-    "branch": (_cmd_branch, "create, delete, list or switch branches",
+            [("-n", {"type": _cli_count, "metavar": "N", "help": "at most N commits"})]),
+    "branch": (_cmd_branch, "create, delete or switch branches; with no NAME, list them",
                [("name", {"metavar": "NAME", "nargs": "?", "help": "branch to create or delete"}),
                 ("--delete", {"action": "store_true", "help": "delete NAME"}),
-                ("--list", {"action": "store_true", "help": "list branches (the default)"}),
                 ("--verbose", {"action": "store_true", "help": "mark the default branch"}),
                 ("--switch", {"metavar": "NAME", "help": "make NAME the default branch"})]),
     "merge": (_cmd_merge, "merge BRANCH into the selected branch",
               [("source", {"metavar": "BRANCH"})]),
-    "gc": (_cmd_gc, "squash the branch's history and delete unreachable objects", []),
+    "gc": (_cmd_gc, "squash the branch's history into one commit (its earlier versions, log and "
+                    "audit are gone) and delete unreachable objects; prints what it removed", []),
     "export": (_cmd_export, "write every module as plain files under a directory",
                [("-o", {"dest": "output", "metavar": "DIR", "default": ".",
                         "help": "target directory (default: current directory)"}),
@@ -5149,14 +5363,21 @@ and exit 1 (also "not found"); bad usage exits 2. 'COMMAND --help' explains one
 command."""
 
 
-def _add_global_options(parser, suppress):
+# The commands that make commits: the only ones --author means something to.
+COMMITTING_COMMANDS = ("add", "import", "set", "remove", "rollback", "restore", "merge", "gc", "pull")
+
+
+def _add_global_options(parser, suppress, author=True):
     default = (lambda value: argparse.SUPPRESS) if suppress else (lambda value: value)
     parser.add_argument("--root", default=default(None),
                         help=f"store root (env WASMSTORE_ROOT; default {DEFAULT_ROOT})")
     parser.add_argument("--branch", default=default(None),
                         help="branch to use (env WASMSTORE_BRANCH; default: the store's default)")
+    # Commands that make no commit accept --author only to refuse it with a clear message.
     parser.add_argument("--author", default=default(None),
-                        help=f"commit author (env WASMSTORE_AUTHOR; default {DEFAULT_AUTHOR})")
+                        help=f"commit author, for commands that make commits (env "
+                             f"WASMSTORE_AUTHOR; default {DEFAULT_AUTHOR})" if author else
+                        argparse.SUPPRESS)
 
 
 def _build_parser(command=None):
@@ -5173,7 +5394,7 @@ def _build_parser(command=None):
     for name, (_, help_text, arguments) in COMMANDS.items():
         sub = commands.add_parser(name, help=help_text, description=help_text)
         if name != "server":
-            _add_global_options(sub, suppress=True)
+            _add_global_options(sub, suppress=True, author=name in COMMITTING_COMMANDS)
         for argument, options in arguments:
             sub.add_argument(argument, **options)
         if name == command and name in RUN_COMMANDS:
@@ -5191,6 +5412,10 @@ def main(argv=None):
         sys.stderr.write(f"wasmstore: error: {exc}\n")
         return 2
     args = parser.parse_args(argv if server_args is None else argv[:argv.index("server") + 1])
+    if args.author is not None and args.command not in COMMITTING_COMMANDS:
+        parser.error(f"--author is for the commands that make commits ({', '.join(COMMITTING_COMMANDS)}); "
+                     f"{args.command} makes none" + (" (the server takes Wasmstore-Author per request)"
+                                                     if args.command == "server" else ""))
     root = args.root or os.environ.get("WASMSTORE_ROOT") or DEFAULT_ROOT
     args.branch = args.branch or os.environ.get("WASMSTORE_BRANCH") or None
     args.author = args.author or os.environ.get("WASMSTORE_AUTHOR") or None
@@ -5221,17 +5446,32 @@ def main(argv=None):
 
 
 def _run_server(argv):
-    """Become the HTTP server: run http_server.py, the file next to this one, as a program
-    in this process (os.execv). It is not imported: the HTTP layer is built on the store,
-    and the store never depends on it, so wasmstore.py copied alone still works (the server
-    command then says what is missing)."""
-    program = os.path.join(os.path.dirname(os.path.abspath(__file__)), "http_server.py")
-    if not os.path.isfile(program):
+    """Become the HTTP server: run http_server.py as a program in this process (os.execv).
+    It is not imported: the HTTP layer is built on the store, and the store never depends on
+    it, so wasmstore.py copied alone still works (the server and serve commands then say what
+    is missing)."""
+    program = _server_program()
+    if program is None:
         raise StoreError(f"the server and serve commands need http_server.py next to "
                          f"{__file__} (copy it there, or run python http_server.py)")
     sys.stdout.flush()
     sys.stderr.flush()
     os.execv(sys.executable, [sys.executable, program] + argv)
+
+
+def _server_program():
+    """http_server.py's file: the one next to this file (a checkout, a copied pair, or
+    site-packages after `pip install`), else wherever the module would be imported from."""
+    program = os.path.join(os.path.dirname(os.path.abspath(__file__)), "http_server.py")
+    if os.path.isfile(program):
+        return program
+    import importlib.util                      # finds the module without importing it
+    try:
+        spec = importlib.util.find_spec("http_server")
+    except (ImportError, ValueError):
+        return None
+    origin = getattr(spec, "origin", None)
+    return origin if origin and origin.endswith(".py") and os.path.isfile(origin) else None
 
 
 def _command_index(argv):
@@ -5272,7 +5512,9 @@ def _discard_stdout():
         os.close(devnull)
 
 
-if __name__ == "__main__":
+def console_main():
+    """The `wasmstore` command (python wasmstore.py, or the script pip installs): main(), then
+    the exit, also when stdout was closed early or a guest is still blocked."""
     try:
         status = _end_process(main())
         sys.stdout.flush()
@@ -5280,3 +5522,7 @@ if __name__ == "__main__":
         _discard_stdout()
         status = 0
     sys.exit(status)
+
+
+if __name__ == "__main__":
+    console_main()
