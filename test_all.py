@@ -10512,6 +10512,7 @@ class AppObservabilityTests(unittest.TestCase):
         live.request("POST", "/api/v1/app/apps/echo.wasm/404", b"12345")
         live.request("GET", "/api/v1/app/apps/echo.wasm/")
         live.request("GET", "/api/v1/app/apps/hello.wasm/")
+        wait_for_log_line(live, r'"GET /api/v1/app/apps/hello\.wasm/" 200')   # accounted after its reply
         text = live.request("GET", "/metrics")[2].decode()
         self.assertEqual(metric(text, "wasmstore_app_requests_total", app="/apps/echo.wasm", status="404"), 1)
         self.assertEqual(metric(text, "wasmstore_app_requests_total", app="/apps/echo.wasm", status="200"), 1)
@@ -10528,6 +10529,7 @@ class AppObservabilityTests(unittest.TestCase):
         threading.Thread(target=metrics.serve_forever, daemon=True).start()
         self.addCleanup(metrics.shutdown)
         self.assertEqual(live.request("GET", "/metrics")[2], b"hello from wasm\n")     # the app's path
+        wait_for_log_line(live, r'"GET /metrics" 200')                       # accounted after its reply
         status, _, text = http_request(metrics.url + "/metrics")
         self.assertEqual(status, 200)
         self.assertEqual(metric(text.decode(), "wasmstore_app_requests_total", app="/apps/hello.wasm",
