@@ -10098,6 +10098,8 @@ ECHO_APP = os.path.join(HTTP_GUESTS, "echo.wat")                  # method, path
 PROBE_APP = os.path.join(HTTP_GUESTS, "probe.wat")                # misbehaves by path letter
 FRAMING_APP = os.path.join(GUEST_DIR, "serve", "framing.wat")     # a response shape per path letter
 WASMTIME_VENV = os.path.join(HERE, ".venv-wasmtime")
+JS_HTTP = os.path.join(HERE, "build", "js-http.wasm")             # jco fetch handler (guests/build.sh)
+PY_HTTP = os.path.join(HERE, "build", "py-http.wasm")             # componentize-py handler
 
 
 def hello_app(body):
@@ -10696,8 +10698,13 @@ class WasmtimeServePeerTest(unittest.TestCase):
         wait_for_peer(process, lambda: not refused(port), 120, "wasmtime serve", lambda: stop_process(process))
         return port
 
+    TOOLCHAIN_REQUESTS = [("GET", "/", None, {}), ("HEAD", "/", None, {}),
+                          ("GET", "/echo/a?b=1&c=%20", None, [("X-One", "1"), ("X-Two", "2")]),
+                          ("POST", "/echo", b"0123456789" * (1024 * 1024), {"X-Big": "yes"}),
+                          ("PUT", "/echo?q", "näive ✓".encode(), {}), ("GET", "/nowhere", None, {})]
+
     def compare(self, source, requests):
-        data = guest_binary(source)
+        data = guest_binary(source) if source.endswith(".wat") else self.built(source)
         wasm_file = os.path.join(temp_dir(self), "app.wasm")
         with open(wasm_file, "wb") as f:
             f.write(data)
@@ -10713,6 +10720,17 @@ class WasmtimeServePeerTest(unittest.TestCase):
 
     def test_the_echo_app_answers_alike(self):
         self.compare(ECHO_APP, self.REQUESTS)
+
+    @staticmethod
+    def built(path):
+        with open(require_file(path, BUILD_HINT), "rb") as f:
+            return f.read()
+
+    def test_a_javascript_fetch_handler_built_by_jco_answers_alike(self):
+        self.compare(JS_HTTP, self.TOOLCHAIN_REQUESTS + [("GET", "/throw", None, {})])
+
+    def test_a_python_handler_built_by_componentize_py_answers_alike(self):
+        self.compare(PY_HTTP, self.TOOLCHAIN_REQUESTS)
 
     def test_the_hello_and_framing_apps_answer_alike(self):
         self.compare(HELLO_APP, self.REQUESTS[:3])
