@@ -12,10 +12,27 @@ distribution API under /v2/ (each store path a repository: `oras pull` fetches f
 
 As a command::
 
-    python http_server.py [--root DIR] [--host H] [--port P] [--auth SPEC] [--tls KEY,CERT]
-                          [--cors [ORIGINS]] [--allowed-host NAME] [--max-body N] [--timeout S]
-                          [--max-watches N] [--quiet] [--kv URL] [--run-timeout S] [--fuel N]
-                          [--max-memory N] [--max-guests N] [--run-queue N] [--namespace-map P=NS]
+    python http_server.py [--root DIR] [--host H] [--port P] [--workers N] [--auth SPEC]
+                          [--tls KEY,CERT] [--cors [ORIGINS]] [--allowed-host NAME]
+                          [--max-body N] [--timeout S] [--max-watches N] [--quiet] [--kv URL]
+                          [--run-timeout S] [--fuel N] [--max-memory N] [--max-guests N]
+                          [--run-queue N] [--namespace-map P=NS]
+
+Processes: `--workers N` (default: one per CPU) serves from N worker processes. The command's
+process is their Supervisor: it binds and listens, makes what they share (WorkerShared), forks
+them and then only waits. Each worker is a whole WasmstoreServer (its own Store, caches, watch
+threads, kvhost Host and connection threads) around the inherited listening socket; the kernel
+gives each new connection to one of them, and a connection stays with its worker. Bounds hold
+for the whole server, not per worker: the run slots and the run queue (--max-guests,
+--run-queue), the connection cap and the watch cap are POSIX semaphores shared by all, and a
+module compiles at most once at a time (CompileLocks: a byte-range lock per module hash). Each
+worker records its metrics in a shared memory region, and /metrics, from whichever worker
+answers, sums them all (with per-worker series). A worker that exits unexpectedly is replaced;
+SIGTERM or Ctrl-C drains every worker (as one process drains) and the command exits 0; a worker
+whose supervisor is killed drains and exits too. Watch sessions see every commit whichever
+worker (or process) made it, and the compile cache on disk is shared. Worker 0 also runs the
+background compiler (Precompiler). `--workers 1`, and make_server() in a library, serve from
+the calling process alone, with the same classes over process-local counts.
 
 As a library::
 
@@ -31,10 +48,11 @@ Map of this file (top-down):
     replies            Reply, FileBody, error_reply() and the one ERROR_STATUS table
     route handlers     pure functions (store, call, body) -> Reply, LocateCache; history: log
                        and audit by pages, diff
-    running modules    RunGate (guests at once + a bounded queue -> 503), GuestRuntime (a
-                       wasmstore.Runner, compiles outside the gate, per-module metrics), the
-                       call/run/exports handlers, a module's kv data (buckets, keys, values),
-                       make_runtime()
+    running modules    SlotPool (a semaphore and its per-worker counts), RunGate (guests at
+                       once + a bounded queue -> 503; a first call compiles in its slot),
+                       CompileLocks, GuestRuntime (a wasmstore.Runner, per-module metrics),
+                       Precompiler (compiles what is added, in the background), the
+                       call/run/exports handlers, a module's kv data (buckets, keys, values)
     OCI /v2/           the distribution API's read side: OciRepository (a store path's tags,
                        manifests, blobs), oci_v2 (its one route), oci_error_reply (JSON codes)
     routing            Route, the ROUTES table (each route's permission and scope), match_route()
@@ -51,8 +69,11 @@ Map of this file (top-down):
     connection         request head parsing (Headers, read_headers), WasmstoreHandler
                        (one thread per connection)
     server             ConnectionLimits (connections and watch sessions, two pools),
-                       WasmstoreServer, make_server()
-    command line       main()
+                       WasmstoreServer, make_runtime(), make_server()
+    worker processes   SharedMetricValues (a worker's numbers in shared memory), WorkerShared
+                       (made before forking), WorkerContext (one worker's view), listen(),
+                       Supervisor (forks, replaces, drains), _serve_worker (a worker's life)
+    command line       build_parser(), main()
 """
 
 __version__ = "0.1.0"
@@ -84,7 +105,16 @@ __all__ = [
     "body_framing",
     "Query",
     "RunGate",
+    "SlotPool",
+    "CompileLocks",
     "GuestRuntime",
+    "Precompiler",
+    "MetricValues",
+    "SharedMetricValues",
+    "WorkerShared",
+    "WorkerContext",
+    "Supervisor",
+    "listen",
     "error_reply",
     "OciError",
     "OciRepository",
@@ -97,6 +127,7 @@ import base64
 import bisect
 import collections
 import contextlib
+import fcntl
 import hashlib
 import hmac
 import http
@@ -105,6 +136,8 @@ import io
 import ipaddress
 import itertools
 import json
+import mmap
+import multiprocessing
 import os
 import queue
 import re
@@ -114,6 +147,7 @@ import socket
 import ssl
 import struct
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -156,9 +190,12 @@ WS_POLL_SECONDS = 0.05                     # how often a session checks its queu
 WS_PING_SECONDS = 20.0                     # keep-alive ping period on an otherwise silent watch
 WATCH_POLL_SECONDS = 0.05                  # how often a branch watcher checks the branch head
 DEFAULT_MAX_GUESTS = max(2, os.cpu_count() or 2)   # guests running at once
+DEFAULT_WORKERS = os.cpu_count() or 1      # server processes (--workers)
 DEFAULT_RUN_QUEUE = 64                     # callers waiting for a guest slot; beyond: 503
 DEFAULT_QUEUE_WAIT = 10.0                  # seconds a caller waits for a slot before 503
 DEFAULT_MAX_OUTPUT = 16 * 1024 * 1024      # stdout (and stderr) kept per run
+PRECOMPILE_POLL_SECONDS = 0.2              # how often the background compiler looks for adds
+MAX_PRECOMPILE_SEEN = 100_000              # module hashes it remembers having queued
 MAX_VERSION_INDEX = 999_999_999           # ?version=N and /version/N/: more versions than any path has
 MAX_CONTENT_LENGTH = (1 << 63) - 1         # what a signed 64-bit length holds
 DEFAULT_PAGE = 100                         # commits (or kv keys) per page of log, audit, kv-keys
@@ -277,43 +314,34 @@ def parse_target(target):
 # ---------------------------------------------------------------------------
 
 class FileBody:
-    """A response body served from an open file descriptor (sent with os.sendfile).
+    """A response body served from an open file (sent with os.sendfile).
 
-    close() hands the descriptor back: to the shared open-file lease it came from
-    (see LocateCache), or to os.close when it was opened for this reply alone."""
+    It holds the file's wasmstore.SharedFd: the descriptor is closed once the body is closed
+    and nothing else (LocateCache, other replies of the same file) holds it."""
 
-    __slots__ = ("fd", "size", "_release")
+    __slots__ = ("file", "fd", "size")
 
-    def __init__(self, fd, size, release=None):
-        self.fd = fd                  # a raw fd: io.open's buffered object costs ~40 us here
+    def __init__(self, file, size):
+        self.file = file              # the SharedFd
+        self.fd = file.fd             # a raw fd: io.open's buffered object costs ~40 us here
         self.size = size
-        self._release = release
 
     def read(self):
         """The whole body (for tests and non-socket callers)."""
         return os.pread(self.fd, self.size, 0)
 
     def close(self):
-        """Give the descriptor back (idempotent)."""
-        if self.fd >= 0:
-            fd, self.fd = self.fd, -1
-            if self._release is None:
-                os.close(fd)
-            else:
-                self._release()
+        """Let the descriptor go (idempotent)."""
+        self.file, self.fd = None, -1
 
 
 def open_body(filename):
-    """A FileBody of its own for an object file; NotFound if gc removed it."""
+    """A FileBody for an object file; NotFound if gc removed it."""
     try:
-        fd = os.open(filename, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        file = wasmstore.SharedFd(os.open(filename, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)))
     except FileNotFoundError:
         raise wasmstore.NotFound("the module was removed meanwhile") from None
-    try:
-        return FileBody(fd, os.fstat(fd).st_size)
-    except BaseException:
-        os.close(fd)
-        raise
+    return FileBody(file, os.fstat(file.fd).st_size)
 
 
 class Reply:
@@ -447,130 +475,50 @@ def _etag_matches(header, digest):
     return False
 
 
-class _OpenFile:
-    """An object file kept open for downloads, shared by the requests that lease it."""
-
-    __slots__ = ("fd", "size", "key", "leases", "evicted")
-
-    def __init__(self, fd, info):
-        self.fd = fd
-        self.size = info.st_size
-        self.key = (info.st_ino, info.st_mtime_ns, info.st_size)
-        self.leases = 1
-        self.evicted = False
-
-
 class LocateCache:
     """Serves module downloads without re-resolving the path or reopening the file.
 
-    Paths: Store.locate is memoized per (branch, path) while the branch head is unchanged
-    (one pread of the open ref file tells; any commit, also by another process, or gc makes the
-    branch's entries stale). Files: a hash-checked object file stays open and is shared by
-    requests (objects are immutable; sendfile reads at an explicit offset), leased so its
-    descriptor is closed only when no reply uses it. Each request fstats the descriptor: a
-    file changed in place since it was checked goes back through Store.locate's hash check.
-    Every syscall releases the GIL, and with many connections each release costs a thread
-    switch: this is what keeps a download to five syscalls.
+    Paths: Store.locate's answers are kept per (branch, path) under Store.generation(), which
+    any ref change (also by another process, or gc) moves. Files: an object file stays open,
+    shared by the replies that send it (objects are immutable; sendfile reads at an explicit
+    offset) through its wasmstore.SharedFd, closed once neither this cache nor a reply holds
+    it. Each request asks Store.module_filename, which hash-checks again a file that changed
+    since it was checked (one stat tells). Every syscall releases the GIL, and with many
+    connections each release costs a thread switch: this is what keeps a download to five
+    syscalls.
     """
 
     def __init__(self, store, size=4096, open_files=64):
         self.store = store
-        self.size = size
-        self.entries = {}
-        self.lock = threading.Lock()
-        self.open_files = open_files
-        self.files = collections.OrderedDict()      # digest -> _OpenFile, oldest first
+        self.paths = wasmstore.Cache(size)          # (generation, branch, path) -> (hash, file)
+        self.files = wasmstore.Cache(open_files)    # hash -> (SharedFd, size)
 
     def locate(self, path, branch=None):
-        """(digest, object filename) of the module at path on branch, memoized per branch head."""
-        head = self.store.head(branch=branch)
-        key = (branch, path)
-        hit = self.entries.get(key)
-        if hit is not None and hit[0] == head and head is not None:
-            return hit[1], hit[2]
-        digest, filename = self.store.locate(path, branch=branch)
-        if self.store.head(branch=branch) == head:   # no commit raced the lookup
-            with self.lock:
-                if len(self.entries) >= self.size:
-                    self.entries.clear()             # simple bound; refilled on demand
-                self.entries[key] = (head, digest, filename)
-        return digest, filename
-
-    def forget(self, path, branch=None):
-        """Drop the memoized answer for (path, branch)."""
-        self.entries.pop((branch, path), None)
+        """(hash, object file name) of the module at path on branch, as Store.locate."""
+        generation = self.store.generation()    # read first: a change meanwhile shows next time
+        key = (generation, branch, path)
+        found = self.paths.get(key)
+        if found is None:
+            found = self.store.locate(path, branch=branch)
+            if generation is not None:
+                self.paths.put(key, found)
+        return found
 
     def open(self, path, branch=None):
-        """(digest, FileBody) of the module at path on branch; the caller closes the body."""
+        """(hash, FileBody) of the module at path on branch; the caller closes the body."""
         digest, filename = self.locate(path, branch)
-        try:
-            body = self._lease(digest, filename)
-        except FileNotFoundError:                    # gc removed it after the lookup
-            body = None
-        if body is None:
-            self.forget(path, branch)
-            digest, filename = self.store.locate(path, branch=branch)   # checks the hash again
+        self.store.module_filename(digest)          # CorruptObject if it changed and is bad
+        opened = self.files.get(digest)
+        if opened is None:
             body = open_body(filename)
-        return digest, body
-
-    def _lease(self, digest, filename):
-        with self.lock:
-            entry = self.files.get(digest)
-            if entry is not None:
-                entry.leases += 1
-                self.files.move_to_end(digest)
-        if entry is None:
-            entry = self._open(digest, filename)
-        else:
-            info = os.fstat(entry.fd)
-            if (info.st_ino, info.st_mtime_ns, info.st_size) != entry.key:
-                self._evict(digest, entry)           # changed in place: never trusted again
-                self._release(entry)
-                return None
-        return FileBody(entry.fd, entry.size, lambda: self._release(entry))
-
-    def _open(self, digest, filename):
-        fd = os.open(filename, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-        try:
-            entry = _OpenFile(fd, os.fstat(fd))
-        except BaseException:
-            os.close(fd)
-            raise
-        with self.lock:
-            existing = self.files.get(digest)
-            if existing is not None:                  # another request opened it meanwhile
-                existing.leases += 1
-                os.close(fd)
-                return existing
-            self.files[digest] = entry
-            while len(self.files) > self.open_files:
-                oldest_digest, oldest = next(iter(self.files.items()))
-                self._evict_locked(oldest_digest, oldest)
-        return entry
-
-    def _evict(self, digest, entry):
-        with self.lock:
-            self._evict_locked(digest, entry)
-
-    def _evict_locked(self, digest, entry):
-        if self.files.get(digest) is entry:
-            del self.files[digest]
-        if not entry.evicted:
-            entry.evicted = True
-            if entry.leases == 0:
-                os.close(entry.fd)
-
-    def _release(self, entry):
-        with self.lock:
-            entry.leases -= 1
-            if entry.evicted and entry.leases == 0:
-                os.close(entry.fd)
+            self.files.put(digest, (body.file, body.size))
+            return digest, body
+        return digest, FileBody(*opened)
 
     def close(self):
-        """Close every open file no reply is using (the rest close when released)."""
-        with self.lock:
-            for digest, entry in list(self.files.items()):
-                self._evict_locked(digest, entry)
+        """Let go of every open file (each is closed when the last reply sending it ends)."""
+        self.files.clear()
+        self.paths.clear()
 
 
 def _open_object(store, call):
@@ -782,18 +730,74 @@ def get_diff(store, call, body):
 # Running stored modules: the run gate, per-module metrics, the call/run/exports handlers
 # ---------------------------------------------------------------------------
 
+class SlotPool:
+    """At most `limit` holders at once, across every process of the server (thread-safe).
+
+    Alone, it is a threading.Semaphore and a count. In a server of several worker processes
+    the semaphore is a POSIX one the supervisor made before forking them (shared by all), and
+    `counts` a shared array of the slots each worker holds: `held` sums it, and the supervisor
+    gives back the slots of a worker that died holding some (release_for)."""
+
+    def __init__(self, limit, semaphore=None, counts=None, index=0):
+        self.limit = int(limit)
+        self._semaphore = threading.Semaphore(self.limit) if semaphore is None else semaphore
+        self._counts = [0] if counts is None else counts
+        self._index = index
+        self._lock = threading.Lock()
+
+    def acquire(self, timeout=0):
+        """Take a slot, waiting up to `timeout` seconds for one (0: not at all); True if taken."""
+        if timeout > 0:
+            taken = self._semaphore.acquire(True, timeout)
+        else:
+            taken = self._semaphore.acquire(False)
+        if taken:
+            with self._lock:
+                self._counts[self._index] += 1
+        return taken
+
+    def release(self):
+        """Give a slot back."""
+        with self._lock:
+            self._counts[self._index] -= 1
+        self._semaphore.release()
+
+    @property
+    def held(self):
+        """Slots taken now, by every process of the server."""
+        return sum(self._counts)
+
+    def release_for(self, index):
+        """Give back every slot worker `index` held (it died); only the supervisor calls this."""
+        count, self._counts[index] = self._counts[index], 0
+        for _ in range(max(0, count)):
+            self._semaphore.release()
+
+
 class RunGate:
-    """At most `running` guests at once; up to `waiting` more callers queue for at most `wait`
-    seconds; everyone else gets 503 with Retry-After at once (the queue is bounded)."""
+    """At most `running` guests at once in the whole server; up to `waiting` more callers
+    queue for at most `wait` seconds; everyone else gets 503 with Retry-After at once (the
+    queue is bounded). A module's first call compiles it inside its slot, so compiles count
+    against both bounds. slots, places: the SlotPools of a server of several workers."""
 
     def __init__(self, running=DEFAULT_MAX_GUESTS, waiting=DEFAULT_RUN_QUEUE,
-                 wait=DEFAULT_QUEUE_WAIT):
+                 wait=DEFAULT_QUEUE_WAIT, slots=None, places=None):
         if int(running) < 1 or int(waiting) < 0 or not float(wait) > 0:
             raise ServerError(f"bad run gate: {running} running, {waiting} waiting, {wait} s")
-        self.running_limit, self.waiting_limit, self.wait = int(running), int(waiting), float(wait)
-        self.running = 0
-        self.waiting = 0
-        self._cond = threading.Condition()
+        self.running_limit, self.waiting_limit = int(running), int(waiting)
+        self.wait = float(wait)
+        self.slots = SlotPool(self.running_limit) if slots is None else slots
+        self.places = SlotPool(self.waiting_limit) if places is None else places
+
+    @property
+    def running(self):
+        """Guests running (or compiling for their first call) now, in the whole server."""
+        return self.slots.held
+
+    @property
+    def waiting(self):
+        """Callers waiting for a slot now, in the whole server."""
+        return self.places.held
 
     def _busy(self):
         return HttpError(503, "too many guests are running; try again later",
@@ -801,27 +805,19 @@ class RunGate:
 
     def enter(self):
         """Take a slot, waiting in the bounded queue if none is free (HttpError 503 otherwise)."""
-        with self._cond:
-            if self.running >= self.running_limit:
-                if self.waiting >= self.waiting_limit:
-                    raise self._busy()
-                self.waiting += 1
-                deadline = time.monotonic() + self.wait
-                try:
-                    while self.running >= self.running_limit:
-                        left = deadline - time.monotonic()
-                        if left <= 0:
-                            raise self._busy()
-                        self._cond.wait(left)
-                finally:
-                    self.waiting -= 1
-            self.running += 1
+        if self.slots.acquire():
+            return
+        if not self.places.acquire():
+            raise self._busy()
+        try:
+            if not self.slots.acquire(self.wait):
+                raise self._busy()
+        finally:
+            self.places.release()
 
     def leave(self):
-        """Give the slot back and wake one waiting caller."""
-        with self._cond:
-            self.running -= 1
-            self._cond.notify()
+        """Give the slot back (a waiting caller takes it)."""
+        self.slots.release()
 
     @contextlib.contextmanager
     def slot(self):
@@ -831,6 +827,45 @@ class RunGate:
             yield
         finally:
             self.leave()
+
+
+class CompileLocks:
+    """One compile of a module at a time in the whole server: a lock per module hash among the
+    threads of this process and, in a server of several workers, a byte-range lock (fcntl) of
+    one file every worker shares, which the system releases if its holder dies. A caller that
+    waited finds the module compiled, in kvhost's compile cache."""
+
+    def __init__(self, shared_file=None):
+        self._file = shared_file
+        self._lock = threading.Lock()
+        self._held = {}                   # digest -> [threading.Lock, users]
+
+    @contextlib.contextmanager
+    def hold(self, digest):
+        """Hold the lock of one module hash (64 hex digits)."""
+        with self._lock:
+            entry = self._held.setdefault(digest, [threading.Lock(), 0])
+            entry[1] += 1
+        try:
+            with entry[0], self._file_lock(digest):
+                yield
+        finally:
+            with self._lock:
+                entry[1] -= 1
+                if not entry[1]:
+                    del self._held[digest]
+
+    @contextlib.contextmanager
+    def _file_lock(self, digest):
+        if self._file is None:
+            yield
+            return
+        offset = int(digest[:15], 16)     # a byte per module (its hash's first 60 bits)
+        fcntl.lockf(self._file, fcntl.LOCK_EX, 1, offset)
+        try:
+            yield
+        finally:
+            fcntl.lockf(self._file, fcntl.LOCK_UN, 1, offset)
 
 
 def outcome_of(exc):
@@ -858,21 +893,31 @@ def outcome_of(exc):
 
 class GuestRuntime:
     """What the call/run/exports routes share: a wasmstore.Runner (kvhost), the RunGate, the
-    largest output kept, and the metrics each run records (per module and function)."""
+    CompileLocks, the largest output kept, and the metrics each run records (per module and
+    function)."""
 
-    def __init__(self, runner, gate, metrics, max_output=DEFAULT_MAX_OUTPUT):
+    def __init__(self, runner, gate, metrics, max_output=DEFAULT_MAX_OUTPUT, compile_locks=None):
         self.runner = runner
         self.gate = gate
         self.metrics = metrics
         self.max_output = int(max_output)
-        self.compiling = threading.BoundedSemaphore(gate.running_limit)   # first calls compile
+        self.compile_locks = CompileLocks() if compile_locks is None else compile_locks
+        self.precompiler = None           # a Precompiler, when make_runtime starts one
+
+    def load(self, target):
+        """The kvhost Guest of a target, compiled at most once at a time in the whole server
+        (a caller that waited for another's compile finds it in the compile cache)."""
+        guest = self.runner.host.loaded(target.digest)
+        if guest is None:
+            with self.compile_locks.hold(target.digest):
+                guest = self.runner.load(target)
+        return guest
 
     def execute(self, call, function, version, work, gated=True, resolve=None):
-        """Resolve and load the module, then work(target, stats) in a gate slot (gated); records
-        the outcome in the metrics and the access log. A module's first call compiles it
-        (seconds for a big component) before taking a slot, at most running_limit at once, so
-        warm modules keep running meanwhile. resolve: a function giving the Target, when the
-        caller picks it otherwise than by call.path, call.branch and version (an app)."""
+        """Resolve the module, then load it and work(target, stats) in a gate slot; records the
+        outcome in the metrics and the access log. gated=False (exports): a module compiled
+        already needs no slot. resolve: a function giving the Target, when the caller picks it
+        otherwise than by call.path, call.branch and version (an app)."""
         started = time.monotonic()
         stats = {}
         error = None
@@ -881,33 +926,123 @@ class GuestRuntime:
                 target = self.runner.resolve(call.path, branch=call.branch, version=version)
             else:
                 target = resolve()
-            if not self.runner.host.is_loaded(target.digest):
-                with self.compiling:
-                    self.runner.load(target)
-            if not gated:
+            if not gated and self.runner.host.is_loaded(target.digest):
                 return work(target, stats)
-            self.gate.enter()
-            try:
+            with self.gate.slot():
+                self.load(target)                   # a first call's compile holds its slot
                 return work(target, stats)
-            finally:
-                self.gate.leave()
         except Exception as exc:
             error = exc
             raise
         finally:
-            outcome = outcome_of(error)
-            seconds = time.monotonic() - started
-            module = call.path if call.path.startswith("/") else "/" + call.path
-            call.log.update(module=module, function=function, outcome=outcome,
-                            fuel=stats.get("fuel", 0))
-            if outcome not in ("not-found", "busy"):        # bounded label sets: real modules only
-                self.metrics.observe_run(module, function, outcome, seconds, stats.get("fuel", 0))
+            self._record(call, function, error, time.monotonic() - started, stats.get("fuel", 0))
+
+    def _record(self, call, function, error, seconds, fuel):
+        outcome = outcome_of(error)
+        module = call.path if call.path.startswith("/") else "/" + call.path
+        call.log.update(module=module, function=function, outcome=outcome, fuel=fuel)
+        if outcome not in ("not-found", "busy"):        # bounded label sets: real modules only
+            self.metrics.observe_run(module, function, outcome, seconds, fuel)
+        if self.runner is not None:
+            self.metrics.record_cache_stats(self.runner.host.cache_stats())
 
     def close(self):
-        """Stop the guests' worker processes and close the kv backend (idempotent)."""
+        """Stop the background compiler, the guests' worker processes and the kv backend
+        (idempotent)."""
+        if self.precompiler is not None:
+            self.precompiler.stop()
         runner, self.runner = self.runner, None
         if runner is not None:
             runner.close()
+
+
+class Precompiler:
+    """Compiles what is added to the store in the background, before anyone calls it.
+
+    One thread notices new commits on every branch through Store.generation() (so adds by
+    any process count: this server's routes, the command line, imports, pulls), queues the
+    modules they add or update, and compiles them one at a time into kvhost's compile cache
+    (memory and disk; a compile never runs twice at once, see CompileLocks). A module queued
+    once is not queued again. In a server of several workers, one worker runs it; the others
+    find its work in the disk cache. A command-line add while no server runs is compiled by
+    its first call (and cached on disk for every later one)."""
+
+    def __init__(self, runtime, poll_interval=PRECOMPILE_POLL_SECONDS, log=None):
+        self.runtime = runtime
+        self.log = log or (lambda text: None)
+        self.store = runtime.runner.store
+        self.poll_interval = poll_interval
+        self.queue = collections.deque()
+        self.seen = set()                   # hashes queued once (bounded: cleared when full)
+        self.stop_event = threading.Event()
+        self.heads = self._heads()
+        self.thread = threading.Thread(target=self._run, name="wasmstore-precompile",
+                                       daemon=True)
+
+    def start(self):
+        """Start the thread (changes from now on are compiled)."""
+        self.thread.start()
+
+    def stop(self):
+        """Stop after the compile in progress, if any."""
+        self.stop_event.set()
+
+    def _heads(self):
+        heads = {}
+        for branch in self.store.branches():
+            try:
+                heads[branch] = self.store.head(branch=branch)
+            except wasmstore.NotFound:              # deleted meanwhile
+                pass
+        return heads
+
+    def _run(self):
+        generation = self.store.generation()
+        while not self.stop_event.wait(self.poll_interval):
+            current = self.store.generation()
+            if current is None or current != generation:
+                generation = current
+                self._scan()
+            while self.queue and not self.stop_event.is_set():
+                self._compile(*self.queue.popleft())
+
+    def _scan(self):
+        """Queue the modules that new commits on any branch added or changed."""
+        heads = self._heads()
+        for branch, head in heads.items():
+            old = self.heads.get(branch)
+            if head is None or head == old:
+                continue
+            try:
+                changes = self.store.changes(old, head)
+            except wasmstore.StoreError:             # e.g. the old head squashed away by gc
+                continue
+            for path, change in changes.items():
+                if change["action"] in ("added", "updated"):
+                    digest = change["hash"]
+                    self._enqueue(digest["new"] if isinstance(digest, dict) else digest, path)
+        self.heads = heads
+
+    def _enqueue(self, digest, path):
+        if digest in self.seen or self.runtime.runner.host.is_loaded(digest):
+            return
+        if len(self.seen) >= MAX_PRECOMPILE_SEEN:
+            self.seen.clear()
+        self.seen.add(digest)
+        self.queue.append((digest, path))
+
+    def _compile(self, digest, path):
+        try:
+            self.runtime.load(wasmstore.Target(digest, None, path, None))
+            result = "compiled"
+        except _RUNTIME_ERRORS + (wasmstore.StoreError,):
+            result = "failed"                        # not runnable here: its first call says why
+        except Exception:
+            if self.stop_event.is_set():             # the server closed the runtime meanwhile
+                return
+            self.log(f"background compile of {path}: " + traceback.format_exc())
+            result = "failed"
+        self.runtime.metrics.add(("precompiles", result), 1)
 
 
 def _runtime(call):
@@ -2458,6 +2593,7 @@ class Metrics:
         self.runtime = None                            # a GuestRuntime: its gate and cache gauges
         self._run_series = set()                       # (module, function) pairs recorded
         self._app_series = set()                       # apps recorded
+        self._cache_seen = {}                          # compile-cache counts recorded so far
 
     @property
     def connections(self):
@@ -2521,16 +2657,21 @@ class Metrics:
 
     def add_gauge(self, name, delta):
         """Move the gauge `name` (connections, websocket_clients, in_flight) by delta."""
+        self.add((name,), delta)
+
+    def add(self, key, delta):
+        """Add delta to the number at key (a tuple: a series name and its labels)."""
         with self.lock:
-            self.values.add((name,), delta)
+            self.values.add(key, delta)
 
     def record_cache_stats(self, stats):
         """The compile cache's counts ({"memory_hits", "disk_hits", "compiles"}) of this
-        process, as kvhost.Host.cache_stats() gives them."""
+        process's kvhost.Host, as cache_stats() gives them (added since the last record, so a
+        worker that replaces a dead one continues its counters)."""
         with self.lock:
             for result, count in stats.items():
-                key = ("compile_cache", result)
-                self.values.add(key, count - self.values.get(key))
+                self.values.add(("compile_cache", result), count - self._cache_seen.get(result, 0))
+                self._cache_seen[result] = count
 
     def _snapshots(self):
         if self.peers is None:
@@ -2598,6 +2739,10 @@ class Metrics:
                    "Guests found compiled in memory or on disk, or compiled.",
                    [([("result", result)], numbers.get(("compile_cache", result), 0))
                     for result in ("memory_hits", "disk_hits", "compiles")])
+        out.family("wasmstore_background_compiles_total", "counter",
+                   "Modules compiled after an add, before their first call (or that failed to).",
+                   [([("result", result)], numbers.get(("precompiles", result), 0))
+                    for result in ("compiled", "failed")])
 
     @staticmethod
     def _render_apps(out, numbers):
@@ -2614,15 +2759,22 @@ class Metrics:
 
     @staticmethod
     def _render_workers(out, workers):
+        serving = [(label, snapshot) for label, snapshot in workers if label != "supervisor"]
+        starts = sum(snapshot.get(("worker_starts",), 0) for _, snapshot in workers)
+        out.family("wasmstore_workers", "gauge", "Worker processes of the server.",
+                   [([], len(serving))])
+        out.family("wasmstore_worker_restarts_total", "counter",
+                   "Worker processes started to replace one that exited.",
+                   [([], max(0, starts - len(serving)))])
         out.family("wasmstore_worker_http_requests_total", "counter",
                    "HTTP requests served by each worker process.",
-                   [([("worker", label)], sum(v for k, v in snapshot.items()
-                                              if k[0] == "http_requests"))
-                    for label, snapshot in workers])
+                   [([("worker", label)], sum(value for key, value in snapshot.items()
+                                              if key[0] == "http_requests"))
+                    for label, snapshot in serving])
         out.family("wasmstore_worker_http_connections", "gauge",
                    "Open client connections of each worker process.",
                    [([("worker", label)], snapshot.get(("connections",), 0))
-                    for label, snapshot in workers])
+                    for label, snapshot in serving])
 
     @staticmethod
     def _store_gauges(store):
@@ -3788,22 +3940,25 @@ class ConnectionLimits:
     rest of its life (full: the upgrade is refused with 503 and Retry-After, the connection
     keeps its ordinary slot), so watchers, which may idle for hours, never hold a slot an
     ordinary request needs. The pool each connection holds is kept per thread: one thread
-    serves a connection from accept to close.
+    serves a connection from accept to close. Both bound the whole server: in a server of
+    several workers, `pools` gives the two shared SlotPools.
     """
 
-    def __init__(self, max_connections=DEFAULT_MAX_CONNECTIONS, max_watches=DEFAULT_MAX_WATCHES):
+    def __init__(self, max_connections=DEFAULT_MAX_CONNECTIONS, max_watches=DEFAULT_MAX_WATCHES,
+                 pools=None):
         for name, value in (("max_connections", max_connections), ("max_watches", max_watches)):
             if not isinstance(value, int) or value < 1:
                 raise ServerError(f"{name} must be an integer >= 1, got {value!r}")
         self.max_connections = max_connections
         self.max_watches = max_watches
-        self._connections = threading.BoundedSemaphore(max_connections)
-        self._watches = threading.BoundedSemaphore(max_watches)
+        if pools is None:
+            pools = (SlotPool(max_connections), SlotPool(max_watches))
+        self._connections, self._watches = pools
         self._held = threading.local()
 
     def admit(self):
         """Take an ordinary slot for a new connection (accept loop); False when none is left."""
-        return self._connections.acquire(blocking=False)
+        return self._connections.acquire()
 
     def unadmit(self):
         """Give back a slot taken by admit() for a connection that never got its thread."""
@@ -3822,7 +3977,7 @@ class ConnectionLimits:
     def become_watch(self):
         """Move the calling connection to the watch pool; False (nothing changes) when it is
         full."""
-        if not self._watches.acquire(blocking=False):
+        if not self._watches.acquire():
             return False
         self._held.pool.release()
         self._held.pool = self._watches
@@ -3831,7 +3986,11 @@ class ConnectionLimits:
 
 class WasmstoreServer(http.server.ThreadingHTTPServer):
     """ThreadingHTTPServer serving one Store, with graceful shutdown, a connection cap and a
-    separate cap for watch sessions (see ConnectionLimits), and Host/Origin checks."""
+    separate cap for watch sessions (see ConnectionLimits), and Host/Origin checks.
+
+    listener: a bound, listening socket to serve instead of binding (host and port are then
+    unused); worker: the WorkerContext of one process of a server of several (see the worker
+    processes section), which shares the bounds and metrics with its siblings."""
 
     daemon_threads = True
     allow_reuse_address = True
@@ -3840,7 +3999,8 @@ class WasmstoreServer(http.server.ThreadingHTTPServer):
     def __init__(self, store, host=DEFAULT_HOST, port=DEFAULT_PORT, *, auth=None, tls=None,
                  cors=False, max_body=DEFAULT_MAX_BODY, quiet=False, timeout=DEFAULT_TIMEOUT,
                  max_connections=DEFAULT_MAX_CONNECTIONS, max_watches=DEFAULT_MAX_WATCHES,
-                 allowed_hosts=(), log=None, run=None, apps=(), serve=None):
+                 allowed_hosts=(), log=None, run=None, listener=None, worker=None, apps=(),
+                 serve=None):
         if isinstance(store, (str, os.PathLike)):
             store = wasmstore.Store(store)
         if int(max_body) < 0:
@@ -3858,20 +4018,43 @@ class WasmstoreServer(http.server.ThreadingHTTPServer):
         self.max_body = int(max_body)
         self.quiet = bool(quiet)
         self.request_timeout = float(timeout)
-        self.metrics = Metrics()
+        self.worker = worker
+        self.metrics = Metrics() if worker is None else worker.metrics()
         self._log = log or sys.stderr
         self._log_lock = threading.Lock()
         self.hub = WatchHub(store, log=self.log_text)
         self.locate_cache = LocateCache(store)
-        self.runtime = make_runtime(store, self.metrics, **(run or {}))
         self.draining = False
+        self.metrics_server = None                 # a MetricsServer, once serve_metrics()
         self._inflight = 0
         self._inflight_cond = threading.Condition()
-        self.limits = ConnectionLimits(max_connections, max_watches)
+        pools = None if worker is None else (worker.pool("connections"), worker.pool("watches"))
+        self.limits = ConnectionLimits(max_connections, max_watches, pools)
+        self.runtime = make_runtime(store, self.metrics, worker=worker, log=self.log_text,
+                                    **(run or {}))
         if ":" in host:
             self.address_family = socket.AF_INET6
-        super().__init__((host, int(port)), WasmstoreHandler)
+        super().__init__((host, int(port)), WasmstoreHandler, bind_and_activate=listener is None)
+        if listener is not None:
+            self._adopt(listener)
         self.allowed_hosts = HostAllowList(self.server_address[0], allowed_names)
+
+    def _adopt(self, listener):
+        """Serve a socket bound and listening already (shared by sibling workers: accepting
+        never blocks, a connection a sibling took first is no error)."""
+        self.socket.close()
+        self.socket = listener
+        self.address_family = listener.family
+        self.server_address = listener.getsockname()
+        self.server_name, self.server_port = self.server_address[:2]
+        listener.setblocking(False)
+
+    def get_request(self):
+        """Accept a connection; it is blocking whatever the listening socket is (on BSD and
+        macOS an accepted socket inherits the listener's O_NONBLOCK)."""
+        request, address = self.socket.accept()
+        request.setblocking(True)
+        return request, address
 
     @staticmethod
     def _ssl_context(tls):
@@ -4001,7 +4184,17 @@ class WasmstoreServer(http.server.ThreadingHTTPServer):
         self.locate_cache.close()
         if self.runtime is not None:
             self.runtime.close()
+        if self.metrics_server is not None:
+            self.metrics_server.shutdown()        # scraped until the last request is done
+            self.metrics_server.server_close()
         return True
+
+    def serve_metrics(self, listener):
+        """Serve GET /metrics on the listening socket `listener` too, from a thread of its own
+        (see MetricsServer), until graceful_shutdown()."""
+        self.metrics_server = MetricsServer(self, listener=listener)
+        threading.Thread(target=self.metrics_server.serve_forever, name="wasmstore-metrics",
+                         daemon=True).start()
 
     def preload_app(self):
         """Find and compile the one app of a --serve server before it takes requests: a path
@@ -4011,8 +4204,8 @@ class WasmstoreServer(http.server.ThreadingHTTPServer):
                               "wasmtime package")
         app = self.apps.serve
         runner = self.runtime.runner
-        guest = runner.load(runner.resolve(app.path, branch=app.branch, version=app.version,
-                                           commit=app.commit))
+        guest = self.runtime.load(runner.resolve(app.path, branch=app.branch,
+                                                 version=app.version, commit=app.commit))
         runner.host.check_http_handler(guest)
 
     def server_close(self):
@@ -4060,23 +4253,35 @@ class _MetricsHandler(http.server.BaseHTTPRequestHandler):
 
 class MetricsServer(http.server.ThreadingHTTPServer):
     """--metrics-port: GET /metrics of a WasmstoreServer on a port of its own, so that a
-    one-app server's apps keep every path of theirs and scrapes stay apart from app traffic."""
+    one-app server's apps keep every path of theirs and scrapes stay apart from app traffic.
+    listener: a bound, listening socket to serve (a server of several workers binds it once,
+    and one worker reports: the numbers are the whole server's); else (host, port) is bound."""
 
     daemon_threads = True
     allow_reuse_address = True
 
-    def __init__(self, source, host, port):
+    def __init__(self, source, host=DEFAULT_HOST, port=0, listener=None):
         self.source = source
         if ":" in host:
             self.address_family = socket.AF_INET6
-        super().__init__((host, int(port)), _MetricsHandler)
+        super().__init__((host, int(port)), _MetricsHandler, bind_and_activate=listener is None)
+        if listener is not None:
+            self.socket.close()
+            self.socket = listener
+            self.address_family = listener.family
+            self.server_address = listener.getsockname()
         self.allowed_hosts = HostAllowList(self.server_address[0], source.allowed_hosts.names)
+
+    @staticmethod
+    def url_of(sock):
+        """http://HOST:PORT of a listening socket."""
+        host, port = sock.getsockname()[:2]
+        return f"http://{f'[{host}]' if ':' in host else host}:{port}"
 
     @property
     def url(self):
         """http://HOST:PORT of the metrics port."""
-        host = self.server_address[0]
-        return f"http://{f'[{host}]' if ':' in host else host}:{self.server_address[1]}"
+        return self.url_of(self.socket)
 
     def server_bind(self):
         http.server.socketserver.TCPServer.server_bind(self)    # no reverse DNS lookup
@@ -4086,7 +4291,8 @@ def make_runtime(store, metrics, *, kv=None, timeout=None, fuel=None, max_memory
                  max_guests=DEFAULT_MAX_GUESTS, run_queue=DEFAULT_RUN_QUEUE,
                  queue_wait=DEFAULT_QUEUE_WAIT, namespace_map=(), stub_imports=False,
                  max_output=DEFAULT_MAX_OUTPUT, cache_dir=None, provider_kv=None,
-                 max_table_elements=None, allow_buckets=None, env=None, dirs=None):
+                 max_table_elements=None, allow_buckets=None, env=None, dirs=None,
+                 precompile=True, worker=None, log=None):
     """The GuestRuntime of a server (None when kvhost.py or wasmtime is missing: 501 then).
 
     kv: backend URL (default sqlite under the store root), or "component:PATH", a wasi:keyvalue
@@ -4095,7 +4301,9 @@ def make_runtime(store, metrics, *, kv=None, timeout=None, fuel=None, max_memory
     (bytes), max_table_elements: each guest's limits (kvhost's defaults when None);
     allow_buckets, env ({name: value}), dirs ([(host, guest)]): what a guest may open and see
     (kvhost.Host); max_guests running at once, run_queue callers waiting up to queue_wait
-    seconds; namespace_map: ["PREFIX=NS", ...]."""
+    seconds; namespace_map: ["PREFIX=NS", ...]; precompile: compile added modules in the
+    background (see Precompiler); worker: the WorkerContext whose shared run slots, queue and
+    compile locks bound the whole server."""
     if kvhost is None:
         return None
     limits = {name: value for name, value in (
@@ -4108,8 +4316,17 @@ def make_runtime(store, metrics, *, kv=None, timeout=None, fuel=None, max_memory
                               output="discard", kv=kv, provider_kv=provider_kv, workers=max_guests,
                               stub_imports=stub_imports, cache_dir=cache_dir, **limits)
     runner.host.start_workers(1)      # the first guest that needs a worker process finds one ready
-    runtime = GuestRuntime(runner, RunGate(max_guests, run_queue, queue_wait), metrics, max_output)
+    if worker is None:
+        gate, locks = RunGate(max_guests, run_queue, queue_wait), CompileLocks()
+    else:
+        gate = RunGate(max_guests, run_queue, queue_wait, worker.pool("run_slots"),
+                       worker.pool("run_queue"))
+        locks = CompileLocks(worker.compile_file)
+    runtime = GuestRuntime(runner, gate, metrics, max_output, locks)
     metrics.runtime = runtime
+    if precompile and (worker is None or worker.index == 0):
+        runtime.precompiler = Precompiler(runtime, log=log)
+        runtime.precompiler.start()
     return runtime
 
 
@@ -4125,6 +4342,406 @@ def make_server(store, host=DEFAULT_HOST, port=DEFAULT_PORT, **options):
     make_runtime() options: kv, timeout, fuel, max_memory, max_guests, run_queue, ...).
     """
     return WasmstoreServer(store, host, port, **options)
+
+
+# ---------------------------------------------------------------------------
+# Worker processes: one listening socket, N processes, bounds shared by all
+# ---------------------------------------------------------------------------
+
+WORKER_REGION_BYTES = 4 << 20       # metric numbers a worker publishes (only touched pages cost)
+WORKER_START_SECONDS = 60.0         # a first worker not serving by then failed to start
+WORKER_GRACE_SECONDS = 35.0         # a draining worker still alive after this is killed
+WORKER_RESTART_DELAY = (0.1, 30.0)  # first and longest pause before replacing a worker
+GAUGE_NAMES = frozenset({"connections", "websocket_clients", "in_flight"})
+_REGION_HEADER = 16                 # the end of the entries (u64), then the entries
+
+
+def _pad8(length):
+    return (length + 7) & ~7
+
+
+class SharedMetricValues:
+    """MetricValues in a memory region shared by the workers of a server, so that the worker
+    answering /metrics can read its siblings' numbers.
+
+    One process writes a region (writer=True; the lock of its Metrics serializes its
+    threads), any process reads it. Entries are appended: [u32 key length][u32 kind (0
+    integer, 1 float)][the key as JSON, padded to 8 bytes][the value, 8 bytes], and the
+    region's end is published after the entry is complete, so a reader never sees half of
+    one. A writer that takes over a dead worker's region continues its counters and starts
+    its gauges at 0."""
+
+    def __init__(self, region, writer=False):
+        self.region = region
+        self.offsets = {}                 # key -> (offset of the value, struct format)
+        self.dropped = 0                  # new keys that did not fit
+        if writer:
+            for key, offset, fmt, _ in self._entries():
+                self.offsets[key] = (offset, fmt)
+                if key[0] in GAUGE_NAMES:
+                    struct.pack_into(fmt, region, offset, 0)
+
+    def _entries(self):
+        region = self.region
+        end = max(_REGION_HEADER, struct.unpack_from("Q", region, 0)[0])
+        position = _REGION_HEADER
+        while position < end:
+            length, kind = struct.unpack_from("II", region, position)
+            start = position + 8
+            try:
+                key = tuple(json.loads(bytes(region[start:start + length])))
+            except ValueError:                # torn by a writer on a weakly ordered CPU
+                return
+            offset = start + _pad8(length)
+            fmt = "d" if kind else "q"
+            yield key, offset, fmt, struct.unpack_from(fmt, region, offset)[0]
+            position = offset + 8
+
+    def _append(self, key, kind):
+        data = json.dumps(list(key), separators=(",", ":")).encode("utf-8")
+        end = max(_REGION_HEADER, struct.unpack_from("Q", self.region, 0)[0])
+        offset = end + 8 + _pad8(len(data))
+        if offset + 8 > len(self.region):
+            self.dropped += 1
+            return None
+        struct.pack_into("II", self.region, end, len(data), kind)
+        self.region[end + 8:end + 8 + len(data)] = data
+        fmt = "d" if kind else "q"
+        struct.pack_into(fmt, self.region, offset, 0)
+        struct.pack_into("Q", self.region, 0, offset + 8)
+        self.offsets[key] = (offset, fmt)
+        return offset, fmt
+
+    def add(self, key, delta):
+        """Add delta to the number at key (0 when new); the caller holds Metrics.lock."""
+        entry = self.offsets.get(key) or self._append(key, isinstance(delta, float))
+        if entry is not None:
+            offset, fmt = entry
+            value = struct.unpack_from(fmt, self.region, offset)[0]
+            value += delta if fmt == "d" else int(delta)
+            struct.pack_into(fmt, self.region, offset, value)
+
+    def get(self, key, default=0):
+        """The number at key, or default."""
+        entry = self.offsets.get(key)
+        if entry is None:
+            return default
+        return struct.unpack_from(entry[1], self.region, entry[0])[0]
+
+    def snapshot(self):
+        """{key: number} of everything in the region (from any process)."""
+        return {key: value for key, _, _, value in self._entries()}
+
+
+class WorkerShared:
+    """What the workers of one server share, made by the supervisor before it forks them: a
+    metric region per worker (and one for the supervisor's own counters), the SlotPools'
+    POSIX semaphores and their per-worker counts (run slots, run queue, connections, watch
+    sessions), and the file whose byte-range locks are the CompileLocks. Anonymous shared
+    maps and unnamed semaphores: nothing to clean up after the server, whatever ends it."""
+
+    def __init__(self, workers, limits):
+        self.workers = int(workers)
+        self.limits = dict(limits)                  # pool name -> limit
+        context = multiprocessing.get_context("fork")
+        self.semaphores = {name: context.Semaphore(limit) for name, limit in self.limits.items()}
+        self.regions = []
+        for _ in range(self.workers + 1):
+            region = mmap.mmap(-1, WORKER_REGION_BYTES)
+            struct.pack_into("Q", region, 0, _REGION_HEADER)
+            self.regions.append(region)
+        self._counts = mmap.mmap(-1, max(8, 8 * self.workers * len(self.limits)))
+        view = memoryview(self._counts).cast("q")
+        self.counts = {name: view[i * self.workers:(i + 1) * self.workers]
+                       for i, name in enumerate(self.limits)}
+        self.compile_file = tempfile.TemporaryFile(prefix="wasmstore-compile-")
+
+    def close(self):
+        """Release the maps and the lock file (after every worker has exited)."""
+        self.compile_file.close()
+
+    def pool(self, name, index):
+        """Worker `index`'s view of the shared pool `name`."""
+        return SlotPool(self.limits[name], self.semaphores[name], self.counts[name], index)
+
+    def worker_died(self, index):
+        """Give back what a dead worker held: its slots in every pool, its gauges."""
+        for name in self.limits:
+            self.pool(name, index).release_for(index)
+        SharedMetricValues(self.regions[index], writer=True)
+
+    def supervisor_metrics(self):
+        """The supervisor's own numbers (worker starts), in the last region."""
+        return SharedMetricValues(self.regions[-1], writer=True)
+
+    def snapshots(self):
+        """[(worker label, snapshot)] of every worker, then the supervisor's ("supervisor")."""
+        labels = [str(index) for index in range(self.workers)] + ["supervisor"]
+        return [(label, SharedMetricValues(region).snapshot())
+                for label, region in zip(labels, self.regions)]
+
+
+class WorkerContext:
+    """One worker's part of a WorkerShared: what make_server needs to be that worker."""
+
+    def __init__(self, shared, index):
+        self.shared = shared
+        self.index = index                # 0 also runs the background compiler
+        self.compile_file = shared.compile_file
+
+    def pool(self, name):
+        """This worker's view of a shared SlotPool."""
+        return self.shared.pool(name, self.index)
+
+    def metrics(self):
+        """A Metrics that writes this worker's region and renders every worker's."""
+        values = SharedMetricValues(self.shared.regions[self.index], writer=True)
+        return Metrics(values, peers=self.shared.snapshots)
+
+
+def listen(host, port, backlog=WasmstoreServer.request_queue_size):
+    """A TCP socket bound to (host, port) and listening, as WasmstoreServer binds its own."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(backlog)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+class Supervisor:
+    """Runs a server as `workers` processes serving one listening socket.
+
+    The supervisor binds the socket and makes the WorkerShared, then forks the workers (it
+    has no thread of its own, so forking is safe); each builds its own WasmstoreServer around
+    the inherited socket with build(listener, WorkerContext) and serves with its own threads,
+    and the kernel hands each new connection to one of them. The supervisor only waits: a
+    worker that exits unexpectedly is replaced (its slots and gauges given back first; a
+    worker that keeps dying is replaced after a growing pause), and SIGTERM or SIGINT is
+    passed to every worker, which drains as a single-process server does, before serve()
+    returns 0. A worker whose supervisor is gone (killed) drains and exits too: it watches a
+    pipe the supervisor holds open."""
+
+    def __init__(self, workers, listener, shared, build, log=None):
+        self.workers = workers
+        self.listener = listener
+        self.shared = shared
+        self.build = build
+        self.log = log or sys.stderr
+        self.children = {}                # pid -> (worker index, started at, ready pipe)
+        self.stopping = False
+        self._alive_read, self._alive_write = os.pipe()
+        self._wakeup_read, self._wakeup_write = os.pipe()
+        self._numbers = shared.supervisor_metrics()
+
+    def _say(self, text):
+        try:
+            self.log.write(f"wasmstore: {text}\n")
+            self.log.flush()
+        except (OSError, ValueError):
+            pass
+
+    def serve(self, on_ready=None):
+        """Start the workers, call on_ready() once all of them serve, supervise until SIGTERM
+        or SIGINT, drain. Returns None, or the error that kept the first workers from starting
+        (they are stopped)."""
+        previous = self._install_signals()
+        try:
+            for index in range(self.workers):
+                self._start(index)
+            error = self._await_ready()
+            if error is not None:
+                self._stop_all(kill=True)
+                return error
+            if on_ready is not None:
+                on_ready()
+            self._supervise()
+            self._stop_all()
+            return None
+        finally:
+            self._restore_signals(previous)
+
+    # -- starting and replacing workers ----------------------------------------------------
+
+    def _start(self, index):
+        ready_read, ready_write = os.pipe()
+        pid = os.fork()
+        if pid == 0:                                      # the worker: never returns
+            os.close(ready_read)
+            self._become_worker(index, ready_write)
+        os.close(ready_write)
+        self.children[pid] = (index, time.monotonic(), ready_read)
+        self._numbers.add(("worker_starts",), 1)
+
+    def _become_worker(self, index, ready_write):
+        status = 1
+        try:
+            inherited = [self._alive_write, self._wakeup_read, self._wakeup_write]
+            inherited += [ready for _, _, ready in self.children.values() if ready is not None]
+            for fd in inherited:
+                os.close(fd)
+            signal.set_wakeup_fd(-1)
+            for signum in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT):
+                signal.signal(signum, signal.SIG_DFL)
+            status = _serve_worker(self.build, self.listener, WorkerContext(self.shared, index),
+                                   ready_write, self._alive_read)
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            try:
+                sys.stderr.flush()
+            finally:
+                os._exit(status)
+
+    def _await_ready(self):
+        """None once every first worker serves, else the first one's error message."""
+        deadline = time.monotonic() + WORKER_START_SECONDS
+        waiting = {ready: pid for pid, (_, _, ready) in self.children.items()}
+        while waiting:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return f"the workers did not start within {WORKER_START_SECONDS:g} s"
+            readable, _, _ = select.select(list(waiting), [], [], left)
+            for ready in readable:
+                message = os.read(ready, 4096).decode("utf-8", "replace")
+                pid = waiting.pop(ready)
+                self._forget_ready(pid)
+                if message != "ready":
+                    return message or "a worker exited while starting"
+        return None
+
+    def _forget_ready(self, pid):
+        index, started, ready = self.children[pid]
+        if ready is not None:
+            os.close(ready)
+            self.children[pid] = (index, started, None)
+
+    def _supervise(self):
+        failures = {}                                     # index -> quick deaths in a row
+        restarts = []                                     # (when, index)
+        while not self.stopping:
+            timeout = 1.0
+            if restarts:
+                timeout = max(0.0, min(when for when, _ in restarts) - time.monotonic())
+            readable, _, _ = select.select([self._wakeup_read], [], [], timeout)
+            if readable:                                  # a signal came (SIGCHLD, SIGTERM)
+                os.read(self._wakeup_read, 4096)
+            for pid, index, started, status in self._reap():
+                quick = time.monotonic() - started < 5.0
+                failures[index] = failures.get(index, 0) + 1 if quick else 0
+                delay = min(WORKER_RESTART_DELAY[1],
+                            WORKER_RESTART_DELAY[0] * (2 ** failures[index]))
+                self.shared.worker_died(index)
+                self._say(f"worker {index} (pid {pid}) {_exit_text(status)}; starting another "
+                          f"in {delay:.1f} s")
+                restarts.append((time.monotonic() + delay, index))
+            now = time.monotonic()
+            for entry in [r for r in restarts if r[0] <= now and not self.stopping]:
+                restarts.remove(entry)
+                self._start(entry[1])
+
+    def _reap(self):
+        """[(pid, index, started, wait status)] of the workers that exited."""
+        ended = []
+        while self.children:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid == 0:
+                break
+            if pid in self.children:
+                self._forget_ready(pid)
+                index, started, _ = self.children.pop(pid)
+                ended.append((pid, index, started, status))
+        return ended
+
+    # -- stopping ---------------------------------------------------------------------------
+
+    def _stop_all(self, kill=False):
+        """SIGTERM (or SIGKILL) to every worker, then wait for them (SIGKILL after the grace)."""
+        self.stopping = True
+        if self._alive_write is not None:
+            os.close(self._alive_write)                   # workers see their supervisor go
+            self._alive_write = None
+        self._signal_all(signal.SIGKILL if kill else signal.SIGTERM)
+        deadline = time.monotonic() + WORKER_GRACE_SECONDS
+        while self.children:
+            self._reap()
+            if not self.children:
+                break
+            if time.monotonic() > deadline:
+                self._signal_all(signal.SIGKILL)
+                deadline = float("inf")
+            time.sleep(0.05)
+        for pid in list(self.children):
+            self._forget_ready(pid)
+
+    def _signal_all(self, signum):
+        for pid in list(self.children):
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:
+                pass
+
+    def _install_signals(self):
+        def stop(_signum, _frame):
+            self.stopping = True
+        previous = {signum: signal.signal(signum, stop)
+                    for signum in (signal.SIGTERM, signal.SIGINT)}
+        previous[signal.SIGCHLD] = signal.signal(signal.SIGCHLD, lambda _signum, _frame: None)
+        os.set_blocking(self._wakeup_write, False)
+        previous["wakeup"] = signal.set_wakeup_fd(self._wakeup_write)
+        return previous
+
+    @staticmethod
+    def _restore_signals(previous):
+        signal.set_wakeup_fd(previous.pop("wakeup"))
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _exit_text(status):
+    if os.WIFSIGNALED(status):
+        return f"was killed by signal {os.WTERMSIG(status)}"
+    return f"exited with status {os.WEXITSTATUS(status)}"
+
+
+def _serve_worker(build, listener, context, ready_write, alive_read):
+    """The life of one worker process: build its server, say "ready" (or the error) through
+    ready_write, serve until SIGTERM / SIGINT or until its supervisor is gone, drain; returns
+    the exit status."""
+    stop = threading.Event()
+    _install_signal_handlers(stop)
+    try:
+        server = build(listener, context)
+    except _STARTUP_ERRORS as exc:
+        os.write(ready_write, one_line(exc).encode("utf-8"))
+        return 3
+    os.write(ready_write, b"ready")
+    os.close(ready_write)
+    watcher = threading.Thread(target=_await_eof, args=(alive_read, stop), daemon=True,
+                               name="wasmstore-supervisor-watch")
+    watcher.start()
+    threading.Thread(target=server.serve_forever, name="wasmstore-accept", daemon=True).start()
+    while not stop.wait(0.5):
+        pass
+    server.graceful_shutdown()
+    return 0
+
+
+def _await_eof(fd, event):
+    """Set event when the pipe's other end is closed (its process ended)."""
+    try:
+        while os.read(fd, 1):
+            pass
+    except OSError:
+        pass
+    event.set()
 
 
 # ---------------------------------------------------------------------------
@@ -4189,8 +4806,8 @@ _EPILOG = """\
 environment: WASMSTORE_ROOT, WASMSTORE_HOST, WASMSTORE_PORT, WASMSTORE_AUTH, WASMSTORE_TLS,
   WASMSTORE_KV, WASMSTORE_PROVIDER_KV, WASMSTORE_RUN_TIMEOUT, WASMSTORE_FUEL,
   WASMSTORE_MAX_MEMORY, WASMSTORE_MAX_GUESTS, WASMSTORE_RUN_QUEUE, WASMSTORE_ALLOWED_HOSTS
-  (comma-separated), WASMSTORE_MAX_WATCHES, WASMSTORE_APPS (comma-separated PREFIX=PATH)
-  (used when the matching option is absent)
+  (comma-separated), WASMSTORE_MAX_WATCHES, WASMSTORE_WORKERS, WASMSTORE_APPS
+  (comma-separated PREFIX=PATH) (used when the matching option is absent)
 
 HTTP apps (stored components exporting wasi:http/incoming-handler):
   --app /hello=/apps/hello.wasm serves the app stored at /apps/hello.wasm under /hello/ (the
@@ -4312,6 +4929,10 @@ def _add_server_options(parser):
     add("--max-watches", type=_positive_int, default=None, metavar="N",
         help=f"WebSocket watch sessions at once, apart from the {DEFAULT_MAX_CONNECTIONS} "
              f"ordinary connections; more get 503 (default: {DEFAULT_MAX_WATCHES})")
+    add("--workers", type=_positive_int, default=None, metavar="N",
+        help="serve from N processes sharing the listening socket, each with its own threads; "
+             "run slots, the run queue and connection caps bound all of them together "
+             f"(env WASMSTORE_WORKERS; default: the number of CPUs, {DEFAULT_WORKERS})")
     add("--quiet", action="store_true", help="no access log on stderr")
     add("--version", action="version", version=f"%(prog)s {__version__}")
 
@@ -4389,6 +5010,7 @@ ENV_OPTIONS = {"run_timeout": ("WASMSTORE_RUN_TIMEOUT", _positive_seconds),
                "max_memory": ("WASMSTORE_MAX_MEMORY", _byte_size),
                "max_guests": ("WASMSTORE_MAX_GUESTS", _positive_int),
                "max_watches": ("WASMSTORE_MAX_WATCHES", _positive_int),
+               "workers": ("WASMSTORE_WORKERS", _positive_int),
                "allowed_host": ("WASMSTORE_ALLOWED_HOSTS", _host_names),
                "apps": ("WASMSTORE_APPS", _app_mounts),
                "run_queue": ("WASMSTORE_RUN_QUEUE", _nonnegative_int)}
@@ -4434,7 +5056,9 @@ def _options_from(parser, args):
 
 
 def main(argv=None):
-    """Run the server until SIGTERM or Ctrl-C; then finish in-flight requests and return 0."""
+    """Run the server until SIGTERM or Ctrl-C; then finish in-flight requests and return 0.
+
+    --workers 1 serves from this process; more fork that many workers under a Supervisor."""
     parser = build_parser()
     args = _options_from(parser, parser.parse_args(argv))
     try:
@@ -4442,47 +5066,100 @@ def main(argv=None):
     except ServerError as exc:
         parser.error(f"--auth: {exc}")              # the message never contains a key
     root = os.path.expanduser(args.root)
+    options = dict(auth=auth, tls=args.tls, cors=args.cors,
+                   allowed_hosts=args.allowed_host or (),
+                   max_watches=args.max_watches or DEFAULT_MAX_WATCHES,
+                   max_body=args.max_body, quiet=args.quiet, timeout=args.timeout,
+                   run=run_options(args), apps=args.apps or (), serve=_served_app(args))
+    workers = args.workers or DEFAULT_WORKERS
     try:
         store = wasmstore.Store(root)
-        server = make_server(store, args.host, args.port, auth=auth, tls=args.tls, cors=args.cors,
-                             allowed_hosts=args.allowed_host or (),
-                             max_watches=args.max_watches or DEFAULT_MAX_WATCHES,
-                             max_body=args.max_body, quiet=args.quiet, timeout=args.timeout,
-                             run=run_options(args), apps=args.apps or (),
-                             serve=_served_app(args))
-        metrics_server = None
-        if args.metrics_port is not None:
-            metrics_server = MetricsServer(server, args.host, args.metrics_port)
-        if server.apps.serve is not None:
-            server.preload_app()
-    except (wasmstore.StoreError, ServerError, OSError, ssl.SSLError) + _RUNTIME_ERRORS as exc:
+        metrics = None if args.metrics_port is None else listen(args.host, args.metrics_port)
+        if workers == 1:
+            server = make_server(store, args.host, args.port, **options)
+            _prepare(server, metrics)
+            return _serve_alone(server)
+        if args.tls:
+            WasmstoreServer._ssl_context(args.tls)  # a bad key or certificate: said once, here
+        listener = listen(args.host, args.port)
+    except _STARTUP_ERRORS as exc:
         print(f"http_server.py: error: {one_line(exc)}", file=sys.stderr)
         return 1
+    return _serve_workers(store, listener, workers, options, metrics)
+
+
+def _serve_alone(server):
     stop = threading.Event()
     _install_signal_handlers(stop)
     thread = threading.Thread(target=server.serve_forever, name="wasmstore-accept", daemon=True)
     thread.start()
-    what = store.root if server.apps.serve is None else f"{server.apps.serve.path} of {store.root}"
-    print(f"wasmstore: serving {what} on {server.url}", file=sys.stderr, flush=True)
-    if metrics_server is not None:
-        threading.Thread(target=metrics_server.serve_forever, name="wasmstore-metrics",
-                         daemon=True).start()
-        print(f"wasmstore: metrics on {metrics_server.url}/metrics", file=sys.stderr, flush=True)
+    print(f"wasmstore: serving {_what_is_served(server.store, server.apps)} on {server.url}",
+          file=sys.stderr, flush=True)
+    if server.metrics_server is not None:
+        print(f"wasmstore: metrics on {server.metrics_server.url}/metrics", file=sys.stderr,
+              flush=True)
     try:
         while not stop.wait(0.5):
             pass
     except KeyboardInterrupt:
         pass
-    if metrics_server is not None:
-        metrics_server.shutdown()
-        metrics_server.server_close()
-    finished = server.graceful_shutdown()
-    if not finished:
-        print("http_server.py: shutdown grace period over; some requests were cut", file=sys.stderr)
+    if not server.graceful_shutdown():
+        print("http_server.py: shutdown grace period over; some requests were cut",
+              file=sys.stderr)
+    return 0
+
+
+def _serve_workers(store, listener, workers, options, metrics=None):
+    run = options["run"]
+    shared = WorkerShared(workers, {"run_slots": run["max_guests"], "run_queue": run["run_queue"],
+                                    "connections": DEFAULT_MAX_CONNECTIONS,
+                                    "watches": options["max_watches"]})
+
+    def build(listener, context):
+        server = make_server(wasmstore.Store(store.root), listener=listener, worker=context,
+                             **options)
+        _prepare(server, metrics if context.index == 0 else None)   # one worker reports
+        return server
+
+    host, port = listener.getsockname()[:2]
+    scheme = "https" if options["tls"] else "http"
+    url = f"{scheme}://{f'[{host}]' if ':' in host else host}:{port}"
+
+    def ready():
+        what = _what_is_served(store, AppTable(serve=options["serve"]))
+        print(f"wasmstore: serving {what} on {url} ({workers} worker processes)",
+              file=sys.stderr, flush=True)
+        if metrics is not None:
+            print(f"wasmstore: metrics on {MetricsServer.url_of(metrics)}/metrics",
+                  file=sys.stderr, flush=True)
+
+    try:
+        error = Supervisor(workers, listener, shared, build).serve(on_ready=ready)
+    finally:
+        listener.close()
+        shared.close()
+    if error is not None:
+        print(f"http_server.py: error: {error}", file=sys.stderr)
+        return 1
     return 0
 
 
 _RUNTIME_ERRORS = () if kvhost is None else (kvhost.KvError,)   # e.g. a --kv URL that fails
+_STARTUP_ERRORS = (wasmstore.StoreError, ServerError, OSError, ssl.SSLError) + _RUNTIME_ERRORS
+
+
+def _prepare(server, metrics):
+    """What a server does before its first request: a one-app server finds and compiles its
+    app (a missing path or a component that is no HTTP handler is a startup error), and the
+    process that reports metrics on --metrics-port starts doing so."""
+    if server.apps.serve is not None:
+        server.preload_app()
+    if metrics is not None:
+        server.serve_metrics(metrics)
+
+
+def _what_is_served(store, apps):
+    return store.root if apps.serve is None else f"{apps.serve.path} of {store.root}"
 
 
 def _served_app(args):

@@ -3492,8 +3492,9 @@ class Host:
         A guest that does not answer cleanly raises TrapError; .kind says why: "trap", "timeout",
         "fuel", "memory", "exit" (as for call), "no-response" (it returned without setting a
         response), "response-error" (it set an error-code instead), "response-twice",
-        "body-size" (its body and its content-length disagree), "incomplete" (it did not finish
-        its body), "sink" (sink raised: the client is gone). .response_started says whether
+        "body-size" (its body and its content-length disagree), "incomplete" (it dropped its
+        body unfinished; a body it still holds when it returns ends there, as in wasmtime
+        serve), "sink" (sink raised: the client is gone). .response_started says whether
         sink.start was called (then the server can only close the connection); .stderr holds
         what the guest wrote to stderr. NotHttpHandler: the component exports no handler;
         LinkError: it imports what this host does not provide."""
@@ -4353,6 +4354,9 @@ class _WiredProvider(Provider):
 # as the guest reads it, bounded too.
 
 HTTP_WASI_VERSION = "0.2.12"                     # each interface is defined at this version
+# What wasmtime 50 traps with when a guest passes two or more borrowed handles to one host
+# function (poll(list<borrow<pollable>>) of two, splice): its C API fails before the call.
+WASMTIME_TWO_BORROWS_BUG = "deferred host scope has no call context"
 HTTP_HANDLER_PREFIX = "wasi:http/incoming-handler@0.2"
 HTTP_READ_CHUNK = 1 << 16                        # bytes one stream read gives at most
 HTTP_WRITE_PERMIT = 1 << 20                      # bytes check-write allows at once
@@ -4365,11 +4369,12 @@ OUTBOUND_CALLS_LIMIT = 16                        # outgoing calls one request ma
 OUTBOUND_CONNECT_TIMEOUT = 10.0                  # seconds, when request-options sets none
 OUTBOUND_FIRST_BYTE_TIMEOUT = 30.0
 OUTBOUND_BETWEEN_BYTES_TIMEOUT = 30.0
-# Hop-by-hop and connection-level fields: a guest may not set them (header-error.forbidden),
-# and they are taken out of the request a guest sees (as wasmtime serve does).
-FORBIDDEN_HEADERS = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization",
-                               "proxy-connection", "te", "transfer-encoding", "upgrade", "host",
-                               "http2-settings"})
+# Hop-by-hop and connection-level fields, taken out of what a guest receives (the list of
+# wasmtime serve 49, so a guest sees the same request from both), and refused, with te too, when
+# a guest sets them (header-error.forbidden).
+HOP_BY_HOP_HEADERS = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization",
+                                "proxy-connection", "transfer-encoding", "upgrade", "host", "http2-settings"})
+FORBIDDEN_HEADERS = HOP_BY_HOP_HEADERS | {"te"}
 _TOKEN_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")          # RFC 9110 token (field names, methods)
 _FIELD_VALUE_RE = re.compile(rb"[\t\x20-\x7e\x80-\xff]*\Z")        # no CR, LF, NUL or other controls
 _PATH_RE = re.compile(r"[\x21-\x7e]*\Z")
@@ -4387,6 +4392,8 @@ INCOMING_BODY, FUTURE_TRAILERS, OUTGOING_RESPONSE = 0x6874000B, 0x6874000C, 0x68
 OUTGOING_BODY, FUTURE_INCOMING_RESPONSE = 0x6874000E, 0x6874000F
 TERMINAL_INPUT, TERMINAL_OUTPUT, DESCRIPTOR, DIRECTORY_ENTRY_STREAM = (0x68740010, 0x68740011, 0x68740012,
                                                                         0x68740013)
+NETWORK, UDP_SOCKET, DATAGRAM_IN, DATAGRAM_OUT = 0x68740014, 0x68740015, 0x68740016, 0x68740017
+TCP_SOCKET, RESOLVE_STREAM = 0x68740018, 0x68740019
 
 
 class HttpRequest:
@@ -4449,35 +4456,58 @@ class _IoError:
 
 
 class _Fields:
-    """wasi:http fields: names lowercased, values grouped by name in the order names first
-    appeared (what wasmtime's header map keeps); immutable once a request or response owns them."""
+    """wasi:http fields as wasmtime keeps them (an http::HeaderMap): names lowercased, each
+    name's values together in order, names in the order of the map's entries, where removing a
+    name moves the last entry into its place (so a guest sees the order `wasmtime serve` gives
+    it); immutable once a request or response owns them."""
 
-    __slots__ = ("map", "immutable")
+    __slots__ = ("names", "map", "immutable")
 
-    def __init__(self, mapping=None, immutable=False):
-        self.map = {} if mapping is None else mapping
+    def __init__(self, immutable=False):
+        self.names = []                   # entry order
+        self.map = {}                     # name -> [value, ...]
         self.immutable = immutable
 
     @classmethod
     def from_server(cls, headers):
-        """The immutable fields of a request a server received (forbidden fields left out)."""
-        mapping = {}
+        """The immutable fields of a message received from a peer, hop-by-hop fields removed."""
+        fields = cls(immutable=True)
         for name, value in headers:
-            key = name.lower()
-            if key in FORBIDDEN_HEADERS:
-                continue
-            values = mapping.get(key)
-            if values is None:
-                mapping[key] = [bytes(value)]
-            else:
-                values.append(bytes(value))
-        return cls(mapping, immutable=True)
+            fields.append(name.lower(), bytes(value))
+        for name in [name for name in fields.names if name in HOP_BY_HOP_HEADERS]:
+            fields.remove(name)
+        return fields
+
+    def append(self, name, value):
+        values = self.map.get(name)
+        if values is None:
+            self.names.append(name)
+            self.map[name] = [value]
+        else:
+            values.append(value)
+
+    def replace(self, name, values):
+        """What fields.set does in wasmtime: remove the name, then append each value."""
+        self.remove(name)
+        for value in values:
+            self.append(name, value)
+
+    def remove(self, name):
+        if self.map.pop(name, None) is None:
+            return
+        index = self.names.index(name)
+        last = self.names.pop()
+        if index < len(self.names):
+            self.names[index] = last
 
     def items(self):
-        return [(name, value) for name, values in self.map.items() for value in values]
+        return [(name, value) for name in self.names for value in self.map[name]]
 
     def copy(self):
-        return _Fields({name: list(values) for name, values in self.map.items()})
+        fields = _Fields()
+        fields.names = list(self.names)
+        fields.map = {name: list(values) for name, values in self.map.items()}
+        return fields
 
     def content_length(self):
         """The content-length these fields declare, or None (also when it is not one number)."""
@@ -4541,7 +4571,7 @@ class _InputStream:
             return b""
         want = min(size, HTTP_READ_CHUNK)
         if self.limit is not None:
-            want = min(want, self.limit - self.total + 1)
+            want = min(want, self.limit - self.total) or 1     # at the limit: is there more?
         try:
             data = self.reader.read(want)
         except Exception as e:          # the client went away, a socket timed out
@@ -4552,10 +4582,10 @@ class _InputStream:
             if self.owner is not None:
                 self.owner.ended = True
             return Err(wc.Variant("closed"))
-        self.total += len(data)
-        if self.limit is not None and self.total > self.limit:
+        if self.limit is not None and self.total + len(data) > self.limit:
             self.done = True
             return state.stream_failed(f"the body is larger than {self.limit} bytes", self.error_code)
+        self.total += len(data)
         state.check_deadline()
         return bytes(data)
 
@@ -4954,6 +4984,8 @@ def _io_interfaces():
 # -- wasi:clocks, wasi:random, wasi:cli, wasi:filesystem ------------------------------------------
 
 _DATETIME = ("record", (("seconds", _U64), ("nanoseconds", ("u32",))))
+_ADDRESS_FAMILY = ("enum", ("ipv4", "ipv6"))
+_SOCKET_ERROR = ("enum", ("access-denied",))      # only this case is ever returned
 
 
 def _monotonic_now(state):
@@ -5040,14 +5072,46 @@ def _no_filesystem_error(state, rep):
     return None
 
 
-# A guest never holds a descriptor (there are no preopens), so these can never be called; they
-# are defined (as traps) because toolchains import the whole interface.
-FILESYSTEM_METHODS = tuple(f"[method]descriptor.{name}" for name in (
-    "read-via-stream", "write-via-stream", "append-via-stream", "advise", "sync-data", "get-flags",
-    "get-type", "set-size", "set-times", "read", "write", "read-directory", "sync", "create-directory-at",
-    "stat", "stat-at", "set-times-at", "link-at", "open-at", "readlink-at", "remove-directory-at",
-    "rename-at", "symlink-at", "unlink-file-at", "is-same-object", "metadata-hash", "metadata-hash-at")) + (
-    "[method]directory-entry-stream.read-directory-entry",)
+def _instance_network(state):
+    return state.add(_Placeholder())
+
+
+def _no_socket(state, family):
+    return Err("access-denied")
+
+
+def _no_name_lookup(state, network_rep, name):
+    return Err("access-denied")
+
+
+def _methods(resource, names):
+    return tuple(f"[method]{resource}.{name}" for name in names.split())
+
+
+# Functions a guest can never reach: they need a handle of a resource it can never get (there
+# are no preopens, and no socket can be made), so they are defined as traps, because
+# toolchains import whole interfaces. {interface: (why, names)}.
+UNREACHABLE_FUNCTIONS = {
+    "wasi:filesystem/types": ("no file system is available to HTTP handlers", _methods("descriptor", """
+        read-via-stream write-via-stream append-via-stream advise sync-data get-flags get-type set-size
+        set-times read write read-directory sync create-directory-at stat stat-at set-times-at link-at
+        open-at readlink-at remove-directory-at rename-at symlink-at unlink-file-at is-same-object
+        metadata-hash metadata-hash-at""") + _methods("directory-entry-stream", "read-directory-entry")),
+    "wasi:sockets/udp": ("HTTP handlers cannot make sockets", _methods("udp-socket", """
+        start-bind finish-bind stream local-address remote-address address-family unicast-hop-limit
+        set-unicast-hop-limit receive-buffer-size set-receive-buffer-size send-buffer-size
+        set-send-buffer-size subscribe""") + _methods("incoming-datagram-stream", "receive subscribe")
+        + _methods("outgoing-datagram-stream", "check-send send subscribe")),
+    "wasi:sockets/tcp": ("HTTP handlers cannot make sockets", _methods("tcp-socket", """
+        start-bind finish-bind start-connect finish-connect start-listen finish-listen accept
+        local-address remote-address is-listening address-family set-listen-backlog-size
+        keep-alive-enabled set-keep-alive-enabled keep-alive-idle-time set-keep-alive-idle-time
+        keep-alive-interval set-keep-alive-interval keep-alive-count set-keep-alive-count hop-limit
+        set-hop-limit receive-buffer-size set-receive-buffer-size send-buffer-size set-send-buffer-size
+        subscribe shutdown""")),
+    "wasi:sockets/ip-name-lookup": ("HTTP handlers cannot make sockets",
+                                    _methods("resolve-address-stream", "resolve-next-address subscribe")),
+}
 
 
 def _wasi_interfaces():
@@ -5102,6 +5166,19 @@ def _wasi_interfaces():
         "wasi:filesystem/preopens": ({}, {
             "get-directories": ((), ("list", ("tuple", (("own", DESCRIPTOR), _STRING))), _no_preopens),
         }),
+        # wasi:sockets (componentize-py's runtime imports it): every socket is refused
+        "wasi:sockets/network": ({"network": NETWORK}, {}),
+        "wasi:sockets/instance-network": ({}, {"instance-network": ((), ("own", NETWORK), _instance_network)}),
+        "wasi:sockets/udp": ({"udp-socket": UDP_SOCKET, "incoming-datagram-stream": DATAGRAM_IN,
+                              "outgoing-datagram-stream": DATAGRAM_OUT}, {}),
+        "wasi:sockets/udp-create-socket": ({}, {
+            "create-udp-socket": ((_ADDRESS_FAMILY,), ("result", ("own", UDP_SOCKET), _SOCKET_ERROR), _no_socket)}),
+        "wasi:sockets/tcp": ({"tcp-socket": TCP_SOCKET}, {}),
+        "wasi:sockets/tcp-create-socket": ({}, {
+            "create-tcp-socket": ((_ADDRESS_FAMILY,), ("result", ("own", TCP_SOCKET), _SOCKET_ERROR), _no_socket)}),
+        "wasi:sockets/ip-name-lookup": ({"resolve-address-stream": RESOLVE_STREAM}, {
+            "resolve-addresses": ((("borrow", NETWORK), _STRING), ("result", ("own", RESOLVE_STREAM), _SOCKET_ERROR),
+                                  _no_name_lookup)}),
     }
 
 
@@ -5153,7 +5230,7 @@ def _fields_from_list(state, entries):
         error = _header_error(name, (value,))
         if error is not None:
             return Err(wc.Variant(error))
-        fields.map.setdefault(name.lower(), []).append(value)
+        fields.append(name.lower(), value)
     return state.add(fields)
 
 
@@ -5174,11 +5251,9 @@ def _fields_change(state, rep, name, values, append):
         return Err(wc.Variant(error))
     key = name.lower()
     if append:
-        fields.map.setdefault(key, []).extend(values)
-    elif values:
-        fields.map[key] = list(values)
+        fields.append(key, values[0])
     else:
-        fields.map.pop(key, None)
+        fields.replace(key, values)
     return None
 
 
@@ -5625,10 +5700,11 @@ class _OutboundCall:
             connection.putheader(name, value)
         if body is not None and request.fields.content_length() is None:
             connection.putheader("Content-Length", str(len(data)))
-        connection.sock.settimeout(self._timeout(self.first_byte_timeout))
+        sock = connection.sock          # getresponse() drops it when the server will close
+        sock.settimeout(self._timeout(self.first_byte_timeout))
         connection.endheaders(data or None)
         response = connection.getresponse()
-        connection.sock.settimeout(self._timeout(self.between_bytes_timeout))
+        sock.settimeout(self._timeout(self.between_bytes_timeout))
         headers = [(name, value.encode("latin-1", "replace")) for name, value in response.getheaders()]
         return response.status, headers, response
 
@@ -5778,11 +5854,11 @@ def add_http_to_linker(linker):
                 for name, (params, result, func) in functions.items():
                     lower = _make_lower_future(result[1]) if result is not None and result[0] == "future" else None
                     _add_host_func(instance, name, params, result, func, guarded=False, lower=lower)
-                if interface == "wasi:filesystem/types":
-                    for name in FILESYSTEM_METHODS:
-                        func_id = _new_func_id()
-                        _UNREACHABLE[func_id] = f"kvhost: {name}: no file system is available to HTTP handlers"
-                        _add_callback(instance, name, _unreachable, func_id, _forget_nothing)
+                why, names = UNREACHABLE_FUNCTIONS.get(interface, (None, ()))
+                for name in names:
+                    func_id = _new_func_id()
+                    _UNREACHABLE[func_id] = f"kvhost: {name}: {why}"
+                    _add_callback(instance, name, _unreachable, func_id, _forget_nothing)
 
 
 def _http_handler_index(guest, engine):
@@ -5882,11 +5958,21 @@ class _HttpSession:
         return error
 
     def _error(self, wasmtime_error):
-        failure = self.state.failure
+        """The TrapError for a guest that trapped: the reason a host function gave first (a
+        deadline, an exit, a client gone), else what the trap says."""
+        state, text = self.state, str(wasmtime_error)
+        failure = state.failure
+        if failure is None and state.sink_error is not None:
+            failure = TrapError(f"the response could not be sent ({state.sink_error}); then the guest trapped",
+                                "sink")
         if failure is None:
             failure = _trap_error(wasmtime_error, self.host)
-            if self.state.outparam_used and "unknown handle index" in str(wasmtime_error):
+            if state.outparam_used and "unknown handle index" in text:
                 failure = TrapError("the guest set its response twice", "response-twice")
+            elif WASMTIME_TWO_BORROWS_BUG in text:
+                failure = TrapError("the guest passed two borrowed handles to one host call (poll over "
+                                    "several pollables, splice), which wasmtime 50's C API cannot carry to "
+                                    f"the host ({WASMTIME_TWO_BORROWS_BUG})", "trap")
         return self._mark(failure)
 
     def _answer(self):
@@ -5910,7 +5996,12 @@ class _HttpSession:
             kind = "incomplete" if body.dropped else "body-size"
             raise self._mark(TrapError(body.failed, kind))
         elif not body.finished:
-            raise self._mark(TrapError("the guest returned without finishing the response body", "incomplete"))
+            # It still holds the body: the body ends here, as in wasmtime serve (a body it
+            # dropped unfinished is broken, above).
+            mismatch = body.length_error()
+            if mismatch:
+                raise self._mark(TrapError(mismatch, "body-size"))
+            state.finish_body(body)
         if state.sink_error is not None:
             raise self._mark(TrapError(f"the response could not be sent: {state.sink_error}", "sink"))
         stdout, stderr = self.captures
@@ -6418,6 +6509,10 @@ def add_sandbox_options(parser):
     parser.add_argument("--stub-imports", action="store_true",
                         help="define imports this host does not provide (e.g. wasi:http) as functions that "
                              "trap when called, so the rest of the guest runs")
+    parser.add_argument("--allow-outbound", action="append", dest="allow_outbound", default=[],
+                        metavar="HOST[:PORT]",
+                        help="destination an HTTP handler may send requests to (repeatable; HOST alone "
+                             "allows its default port, 80 or 443; default: none, requests are refused)")
     parser.add_argument("--cache-dir", help="compile cache directory (default ~/.cache/wasmstore/kvhost)")
 
 
@@ -6425,7 +6520,8 @@ def host_from_args(args, **overrides):
     """A Host for one-shot commands (isolation="thread": run_with_deadline ends a blocked guest)."""
     options = dict(kv=args.kv, allow_buckets=args.allow_buckets, timeout=args.timeout, fuel=args.fuel,
                    max_memory=args.max_memory, max_table_elements=args.max_table_elements, env=dict(args.env),
-                   dirs=args.dirs, cache_dir=args.cache_dir, stub_imports=args.stub_imports, isolation="thread")
+                   dirs=args.dirs, cache_dir=args.cache_dir, stub_imports=args.stub_imports, isolation="thread",
+                   allow_outbound=getattr(args, "allow_outbound", None))
     if args.namespace is not None:
         options["namespace"] = args.namespace
     if getattr(args, "provider_kv", None) is not None:

@@ -91,7 +91,7 @@ OCI::
 
 __version__ = "0.1.0"
 __all__ = [
-    "Store", "StoreError", "InvalidInput", "InvalidModule", "TooLarge", "NotFound",
+    "Store", "Cache", "SharedFd", "StoreError", "InvalidInput", "InvalidModule", "TooLarge", "NotFound",
     "Conflict", "MergeConflict", "CorruptObject", "FsckReport", "validate_path", "format_path",
     "validate_branch", "validate_hash", "validate_module", "load_backup", "main",
     "ERROR_STATUS", "ErrorMeaning", "error_status", "Runner", "Target", "default_kv_url", "kv_options", "parse_namespace_map",
@@ -108,7 +108,6 @@ import collections
 import concurrent.futures
 import contextlib
 import fcntl
-import functools
 import hashlib
 import io
 import itertools
@@ -374,16 +373,20 @@ def validate_path(path):
 
     One leading "/" is allowed (the printed form). "" and "/" are the root (no segments).
     """
+    segments = _valid_paths.get(path) if isinstance(path, str) else None
+    if segments is None:
+        segments = _parse_path(path)
+        _valid_paths.put(path, segments)
+    return segments
+
+
+def _parse_path(path):
+    """validate_path's work (its answers are cached: valid paths repeat, every find parses
+    one)."""
     if not isinstance(path, str):
         raise InvalidInput(f"invalid path {_short(path)}: expected a string")
     if len(path) > MAX_SEGMENTS * (MAX_SEGMENT_BYTES + 1) + 1:
         raise InvalidInput(f"invalid path {_short(path)}: longer than any valid path")
-    return _parse_path(path)
-
-
-@functools.lru_cache(maxsize=8192)
-def _parse_path(path):
-    """validate_path's work, cached: valid paths repeat (every find parses one)."""
     body = path[1:] if path.startswith("/") else path
     if not body:
         return ()
@@ -870,44 +873,63 @@ def _verified(data, digest):
     return data
 
 
-class _BoundedCache:
-    """A thread-safe cache bounded by the sum of its entries' weights, evicting the oldest
-    insertions first (not an LRU: hits are lock-free dict reads, the hot path of every find;
-    the entries are immutable, content-addressed objects)."""
+class Cache:
+    """A thread-safe map bounded by the total weight of what it holds (each value weighs 1
+    unless put() says otherwise); when it is full, the oldest insertions leave first. get()
+    is a plain dict read, without a lock: it is on the path of every find. The one cache
+    type of the store and of http_server.py. A cache of answers derived from the refs keys
+    them by Store.generation(), so that an answer given before any ref changed is never
+    returned after: stale keys are simply never asked for again and age out."""
 
     def __init__(self, max_weight):
-        self._items = {}
-        self._weight = 0
-        self._max_weight = max_weight
+        self.max_weight = max_weight
+        self._values = collections.OrderedDict()   # oldest first; popped from the front
+        self._weights = {}
+        self._total = 0
         self._lock = threading.Lock()
+        self.get = self._values.get                # get(key, default=None)
 
-    def get(self, key):
-        item = self._items.get(key)
-        return None if item is None else item[0]
+    def __len__(self):
+        return len(self._values)
 
     def put(self, key, value, weight=1):
-        if weight > self._max_weight:
-            return
+        """Keep value under key (replacing any older one); too heavy a value is not kept."""
         with self._lock:
-            old = self._items.pop(key, None)
-            if old is not None:
-                self._weight -= old[1]
-            self._items[key] = (value, weight)
-            self._weight += weight
-            while self._weight > self._max_weight:
-                oldest = next(iter(self._items))
-                self._weight -= self._items.pop(oldest)[1]
+            self._drop(key)
+            if weight > self.max_weight:
+                return
+            self._values[key] = value
+            self._weights[key] = weight
+            self._total += weight
+            while self._total > self.max_weight:
+                self._drop(next(iter(self._values)))
 
     def discard(self, key):
+        """Forget key, if it is held."""
         with self._lock:
-            old = self._items.pop(key, None)
-            if old is not None:
-                self._weight -= old[1]
+            self._drop(key)
+
+    def clear(self):
+        """Forget everything."""
+        with self._lock:
+            self._values.clear()
+            self._weights.clear()
+            self._total = 0
+
+    def _drop(self, key):
+        weight = self._weights.pop(key, None)
+        if weight is not None:
+            self._total -= weight
+            del self._values[key]
 
 
-class _Fd:
+_valid_paths = Cache(8192)            # validate_path's answers: valid paths repeat
+
+
+class SharedFd:
     """An open descriptor closed when the last user drops it: threads that read through a
-    shared descriptor keep it alive, so replacing it never closes one in use."""
+    shared descriptor keep it alive, so replacing it (or evicting it from a Cache) never
+    closes one in use. http_server.py shares open module files between replies with it."""
 
     __slots__ = ("fd",)
 
@@ -1011,7 +1033,7 @@ class _Segment:
     def __init__(self, directory, number):
         self.number = number
         self.path = os.path.join(directory, _pack_name(number))
-        self.file = _Fd(os.open(self.path, os.O_RDONLY | os.O_CLOEXEC))
+        self.file = SharedFd(os.open(self.path, os.O_RDONLY | os.O_CLOEXEC))
         self.covered = 0             # bytes of the file indexed (index + scanned records)
         self.entries = {}            # hex digest -> (payload offset, length, kind) past the index
         self._index = None
@@ -1119,10 +1141,10 @@ class _ObjectStore:
         self.tmp_dir = tmp_dir
         self._segments = ()                  # newest first; replaced whole, read lock-free
         self._refresh_lock = threading.Lock()
-        self._writer = None                  # (_Fd open for writing, segment number)
+        self._writer = None                  # (SharedFd open for writing, segment number)
         self._unsynced_pack_dir = False      # a new pack's name not yet fsynced
-        self._whole = _BoundedCache(200_000)          # hashes read back or written here
-        self._checked_files = _BoundedCache(200_000)  # module hash -> stat key of checked file
+        self._whole = Cache(200_000)           # hashes read back or written here
+        self._checked_files = Cache(200_000)   # module hash -> stat key of its checked file
         self._known_dirs = set()
 
     def loose_path(self, digest):
@@ -1218,7 +1240,7 @@ class _ObjectStore:
         for location in self._locations(digest):
             try:
                 if location is None:
-                    source = _Fd(os.open(self.loose_path(digest), os.O_RDONLY | os.O_CLOEXEC))
+                    source = SharedFd(os.open(self.loose_path(digest), os.O_RDONLY | os.O_CLOEXEC))
                     offset, length = 0, os.fstat(source.fd).st_size
                 else:
                     source, offset, length = location[0].file, location[1], location[2]
@@ -1241,7 +1263,7 @@ class _ObjectStore:
             key = _stat_key(path)
         if self._checked_files.get(digest) != key:
             head = b""
-            for chunk in _checked_chunks(_Fd(os.open(path, os.O_RDONLY | os.O_CLOEXEC)), 0,
+            for chunk in _checked_chunks(SharedFd(os.open(path, os.O_RDONLY | os.O_CLOEXEC)), 0,
                                          key[2], digest):
                 head = head or chunk[:4]
             if head != WASM_MAGIC:
@@ -1332,7 +1354,7 @@ class _ObjectStore:
             self._whole.put(digest, True)
 
     def _writable(self):
-        """(_Fd open for writing, its _Segment) of the pack to append to; a full pack is
+        """(SharedFd open for writing, its _Segment) of the pack to append to; a full pack is
         sealed with its index and a new one started."""
         while True:
             if self._writer is None:
@@ -1343,7 +1365,7 @@ class _ObjectStore:
                 number = self._segments[0].number
                 path = os.path.join(self.pack_dir, _pack_name(number))
                 try:
-                    self._writer = (_Fd(os.open(path, os.O_RDWR | os.O_CLOEXEC)), number)
+                    self._writer = (SharedFd(os.open(path, os.O_RDWR | os.O_CLOEXEC)), number)
                 except FileNotFoundError:
                     continue
             writer, number = self._writer
@@ -1427,7 +1449,7 @@ class _ObjectStore:
                     kinds[digest] = found
         for digest, path in self.loose_digests(problems):
             try:
-                source = _Fd(os.open(path, os.O_RDONLY | os.O_CLOEXEC))
+                source = SharedFd(os.open(path, os.O_RDONLY | os.O_CLOEXEC))
                 found = _check_object(source, 0, os.fstat(source.fd).st_size, digest,
                                       problems)
             except OSError as exc:
@@ -1489,7 +1511,7 @@ class _ObjectStore:
         if self._checked_files.get(digest) == key:
             return True
         try:
-            for _ in _checked_chunks(_Fd(os.open(path, os.O_RDONLY | os.O_CLOEXEC)), 0,
+            for _ in _checked_chunks(SharedFd(os.open(path, os.O_RDONLY | os.O_CLOEXEC)), 0,
                                      key[2], digest):
                 pass
         except (CorruptObject, OSError):
@@ -1547,7 +1569,7 @@ class _ObjectStore:
 
 
 def _checked_chunks(source, offset, length, digest):
-    """Yield length bytes of source (an _Fd) from offset in chunks, hashing them;
+    """Yield length bytes of source (an SharedFd) from offset in chunks, hashing them;
     CorruptObject after the last one when they do not make digest."""
     hasher = hashlib.sha256()
     for chunk in _pread_chunks(source.fd, offset, length):
@@ -1568,7 +1590,7 @@ def _pread_chunks(fd, offset, length):
 
 
 def _check_object(source, offset, length, digest, problems):
-    """fsck of one object streamed from source (an _Fd): its kind, or None with the
+    """fsck of one object streamed from source (an SharedFd): its kind, or None with the
     problem reported (a failed hash check, or bytes that are no module, tree or commit)."""
     head, small = None, []
     try:
@@ -1682,21 +1704,15 @@ class _Refs:
         self.heads_dir = os.path.join(root, "refs", "heads")
         self.head_file = os.path.join(root, "HEAD")
         self.tmp_dir = tmp_dir
-        self._handles = {}                   # branch -> _Fd of its slot file (bounded)
-        self._last_read = {}                 # branch -> (bytes read, parsed) (bounded)
-        self._paths = {}                     # branch -> file name (validated names only)
+        self._open_refs = Cache(1024)        # branch -> (SharedFd, bytes last read, their value)
         self._thread_lock = threading.Lock()
-        self._default_cache = (None, None)   # (stat key of HEAD, default branch)
+        self._default = (None, None)         # (generation, default branch) when last read
         self.generation_file = os.path.join(root, "refs", "generation")
         self._generation_map = None          # the counter's bytes, mapped (see generation())
 
     def path(self, branch):
-        path = self._paths.get(branch)
-        if path is None:
-            path = os.path.join(self.heads_dir, validate_branch(branch))
-            if len(self._paths) < 1024:         # bounded: names may come from requests
-                self._paths[branch] = path
-        return path
+        """The slot file of a branch (InvalidInput for an invalid name)."""
+        return os.path.join(self.heads_dir, validate_branch(branch))
 
     @contextlib.contextmanager
     def lock(self):
@@ -1712,27 +1728,23 @@ class _Refs:
     def read(self, branch):
         """Head commit of a branch (None while it has no commits); NotFound if missing."""
         for _ in range(3):
-            handle = self._handles.get(branch)
-            cached = handle is not None
-            if not cached:
+            known = self._open_refs.get(branch)
+            if known is None:
                 try:
-                    handle = _Fd(os.open(self.path(branch), os.O_RDONLY | os.O_CLOEXEC))
+                    handle = SharedFd(os.open(self.path(branch), os.O_RDONLY | os.O_CLOEXEC))
                 except FileNotFoundError:
                     raise NotFound(f"no such branch {branch!r}") from None
-            data = os.pread(handle.fd, REF_FILE_BYTES + 1, 0)
-            last = self._last_read.get(branch)
-            if last is not None and last[0] == data:
-                sequence, value = last[1]          # unchanged: no parse, no checksums
             else:
-                sequence, value, _ = _ref_state(data, branch)
-                if len(self._last_read) < 1024:
-                    self._last_read[branch] = (data, (sequence, value))
+                handle = known[0]
+            data = os.pread(handle.fd, REF_FILE_BYTES + 1, 0)
+            if known is not None and known[1] == data:
+                value = known[2]                   # unchanged: no parse, no checksums
+            else:
+                value = _ref_state(data, branch)[1]
+                self._open_refs.put(branch, (handle, data, value))
             if value == _DELETED:
-                if cached and self._handles.get(branch) is handle:
-                    self._handles.pop(branch, None)
-                continue                      # deleted: look the name up again
-            if not cached and len(self._handles) < 1024:
-                self._handles[branch] = handle
+                self._open_refs.discard(branch)
+                continue                           # deleted: look the name up again
             return None if value == _NO_COMMITS else value
         raise NotFound(f"no such branch {branch!r}")
 
@@ -1821,7 +1833,7 @@ class _Refs:
             _write_all(fd, _ref_slot(1 << 60, _DELETED) * 2, 0)
         finally:
             os.close(fd)
-        self._handles.pop(branch, None)
+        self._open_refs.discard(branch)
         self.bump()
 
     def names(self):
@@ -1829,12 +1841,12 @@ class _Refs:
         return sorted(filter(_is_branch_name, os.listdir(self.heads_dir)))
 
     def default_branch(self, fresh=False):
-        """The branch used when none is named (HEAD). fresh: not from the stat-keyed cache
-        (callers deciding under lock())."""
+        """The branch used when none is named (HEAD), read again only when the generation
+        moved. fresh: read it anyway (callers deciding under lock())."""
+        generation = self.generation()
+        if not fresh and generation is not None and self._default[0] == generation:
+            return self._default[1]
         try:
-            key = _stat_key(self.head_file)
-            if not fresh and key is not None and self._default_cache[0] == key:
-                return self._default_cache[1]
             with open(self.head_file, encoding="utf-8", errors="replace") as handle:
                 name = handle.read(256).strip()
         except FileNotFoundError:
@@ -1843,7 +1855,7 @@ class _Refs:
             validate_branch(name)
         except InvalidInput:
             raise CorruptObject(f"HEAD is corrupt: {name[:70]!r}") from None
-        self._default_cache = (key, name)
+        self._default = (generation, name)
         return name
 
     def set_default_branch(self, name):
@@ -1853,7 +1865,8 @@ class _Refs:
         self.bump()
 
     def close(self):
-        self._handles.clear()
+        """Drop the open ref files and the generation map (reopened on demand)."""
+        self._open_refs.clear()
         mapping, self._generation_map = self._generation_map, None
         if mapping is not None:
             mapping.close()
@@ -1874,10 +1887,10 @@ class Store:
         self._refs = _Refs(self.root, self._tmp_dir)
         self._history = _HistoryCache(os.path.join(self.root, "cache", "history"),
                                       self._tmp_dir)
-        self._parsed = _BoundedCache(OBJECT_CACHE_WEIGHT)   # hash -> parsed tree/commit
-        self._modules = _BoundedCache(MODULE_CACHE_BYTES)   # hash -> small module bytes
-        self._indexes = _BoundedCache(INDEX_CACHE_TREES)    # root tree -> {module: paths}
-        self._commit_counts = _BoundedCache(200_000)        # commit -> first-parent length
+        self._parsed = Cache(OBJECT_CACHE_WEIGHT)   # hash -> parsed tree/commit
+        self._modules = Cache(MODULE_CACHE_BYTES)   # hash -> small module bytes
+        self._indexes = Cache(INDEX_CACHE_TREES)    # root tree -> {module: paths}
+        self._commit_counts = Cache(200_000)        # commit -> first-parent length
         self._debris_checked = False
         self._empty_tree = self._encode_tree({})
 
@@ -3370,7 +3383,7 @@ class Runner:
         kvhost = _kvhost()
         self.store = store
         self.namespaces = list(namespaces)
-        self._resolved = {}            # (branch, path_or_hash, version, commit) -> (head, Target)
+        self._resolved = Cache(RESOLVED_CACHE_SIZE)   # (generation, how it was named) -> Target
         self._owns_host = host is None
         if host is None:
             host_options.update(kv_options(store, host_options.pop("kv", None), host_options.pop("provider_kv", None)))
@@ -3397,15 +3410,13 @@ class Runner:
         return self._target(path_or_hash, branch, version, commit)
 
     def _target(self, path_or_hash, branch, version, commit):
-        generation = self.store.generation()           # read first: a change meanwhile shows next time
-        key = (branch, path_or_hash, version, commit)
-        cached = self._resolved.get(key)
-        if cached is not None and generation is not None and cached[0] == generation:
-            return cached[1]
-        target = self._resolve(path_or_hash, branch, version, commit)
-        if len(self._resolved) >= RESOLVED_CACHE_SIZE:
-            self._resolved.clear()
-        self._resolved[key] = (generation, target)
+        generation = self.store.generation()    # read first: a change meanwhile shows next time
+        key = (generation, branch, path_or_hash, version, commit)
+        target = self._resolved.get(key)
+        if target is None:
+            target = self._resolve(path_or_hash, branch, version, commit)
+            if generation is not None:
+                self._resolved.put(key, target)
         return target
 
     def _resolve(self, path_or_hash, branch, version, commit):
