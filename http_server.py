@@ -85,6 +85,9 @@ __all__ = [
     "Call",
     "ROUTES",
     "ERROR_STATUS",
+    "ErrorMeaning",
+    "error_meaning",
+    "error_status",
     "AuthTable",
     "Access",
     "EVERYTHING",
@@ -157,8 +160,15 @@ import wasmstore
 
 try:
     import kvhost              # the runtime behind the call/run/exports routes (501 without it)
-except ImportError:
+except ModuleNotFoundError as _missing:
+    # Only "kvhost.py or wasmtime is not installed" means serving without running modules: an
+    # import that fails inside them is a bug, and must say so rather than become a 501.
+    if _missing.name != "kvhost" and (_missing.name or "").partition(".")[0] != "wasmtime":
+        raise
     kvhost = None
+    KVHOST_MISSING = f"{_missing.name} is missing"
+else:
+    KVHOST_MISSING = None
 
 # ---------------------------------------------------------------------------
 # Constants
@@ -386,33 +396,56 @@ def json_reply(value, status=200):
     return Reply(status, [("Content-Type", JSON_TYPE)], data)
 
 
-# The store's errors take their status from the one table in wasmstore.py (shared with its
-# CLI); error_status() walks the exception's MRO, so a subclass (InvalidModule, MergeConflict)
-# finds its own entry or its parent's.
+ErrorMeaning = wasmstore.ErrorMeaning
+
+# The one table of what each expected exception means: the HTTP status of its reply, the exit
+# status of main() when it ends the start-up, and the label of metrics and access logs (the
+# `outcome` of a run). The store's rows are wasmstore.py's (shared with its command line).
+# error_meaning() walks the exception's MRO, so a subclass (InvalidModule, MergeConflict)
+# finds its own row or its nearest parent's. None in a row: the exception carries it (an
+# HttpError its status, a TrapError its kind). Anything not in the table is a bug: 500.
 ERROR_STATUS = {
-    HttpError: None,                  # carries its own status
-    **{cls: meaning.http_status for cls, meaning in wasmstore.ERROR_STATUS.items()},
+    HttpError: ErrorMeaning(None, 1, None),
+    **wasmstore.ERROR_STATUS,
 }
 
 
 if kvhost is not None:
     ERROR_STATUS.update({
-        kvhost.NoSuchFunction: 404,   # the module has no such function (the message lists them)
-        kvhost.ArgumentError: 400,    # wrong number or type of arguments (the message names it)
-        kvhost.LinkError: 424,        # an import cannot be satisfied (the message names it)
-        kvhost.GuestError: 422,       # stored, but cannot be run (does not compile, bad kv imports)
-        kvhost.TrapError: 422,        # trapped or hit a limit: Wasmstore-Error says which
-        kvhost.KvError: 422,
+        kvhost.NoSuchFunction: ErrorMeaning(404, 2, "not-found"),   # the message lists them
+        kvhost.ArgumentError: ErrorMeaning(400, 2, "arguments"),    # the message names which
+        kvhost.LinkError: ErrorMeaning(424, 2, "link"),             # it names the import
+        kvhost.GuestError: ErrorMeaning(422, 2, "guest"),           # stored, but cannot run
+        kvhost.TrapError: ErrorMeaning(422, 1, None),               # Wasmstore-Error: its kind
+        kvhost.KvError: ErrorMeaning(422, 1, "error"),
     })
+
+
+def _http_label(status):
+    if status == 503:
+        return "busy"
+    return "arguments" if 400 <= status < 500 else "error"
+
+
+def error_meaning(exc):
+    """The ErrorMeaning of an exception, with what the exception carries filled in; None for
+    an unexpected exception (a bug)."""
+    for cls in type(exc).__mro__:
+        meaning = ERROR_STATUS.get(cls)
+        if meaning is None:
+            continue
+        if isinstance(exc, HttpError):
+            return meaning._replace(http_status=exc.status, label=_http_label(exc.status))
+        if meaning.label is None:
+            return meaning._replace(label=exc.kind)
+        return meaning
+    return None
 
 
 def error_status(exc):
     """The HTTP status for an exception (None: not an expected error, i.e. a bug)."""
-    for cls in type(exc).__mro__:
-        if cls in ERROR_STATUS:
-            status = ERROR_STATUS[cls]
-            return exc.status if status is None else status
-    return None
+    meaning = error_meaning(exc)
+    return None if meaning is None else meaning.http_status
 
 
 def one_line(message):
@@ -869,26 +902,12 @@ class CompileLocks:
 
 
 def outcome_of(exc):
-    """The metric/log label of how a run ended: ok, a trap kind (timeout, fuel, memory, data,
-    crash, exit, trap), link, arguments, not-found, busy or error."""
+    """The metric/log label of how a run ended: "ok", the label ERROR_STATUS gives the error
+    (a trap's kind: timeout, fuel, memory, data, crash, exit, trap), or "error" for a bug."""
     if exc is None:
         return "ok"
-    if kvhost is not None:
-        if isinstance(exc, kvhost.TrapError):
-            return exc.kind
-        if isinstance(exc, kvhost.LinkError):
-            return "link"
-        if isinstance(exc, kvhost.NoSuchFunction):
-            return "not-found"
-        if isinstance(exc, kvhost.ArgumentError):
-            return "arguments"
-    if isinstance(exc, wasmstore.NotFound):
-        return "not-found"
-    if isinstance(exc, HttpError):
-        return "busy" if exc.status == 503 else "arguments"
-    if isinstance(exc, wasmstore.InvalidInput):
-        return "arguments"
-    return "error"
+    meaning = error_meaning(exc)
+    return "error" if meaning is None else meaning.label
 
 
 class GuestRuntime:
@@ -1048,7 +1067,7 @@ class Precompiler:
 def _runtime(call):
     if call.runtime is None:
         raise HttpError(501, "running modules needs kvhost.py next to http_server.py and the "
-                             "wasmtime package")
+                             f"wasmtime package ({KVHOST_MISSING or 'not configured'})")
     return call.runtime
 
 
@@ -5084,7 +5103,8 @@ def main(argv=None):
         listener = listen(args.host, args.port)
     except _STARTUP_ERRORS as exc:
         print(f"http_server.py: error: {one_line(exc)}", file=sys.stderr)
-        return 1
+        meaning = error_meaning(exc)
+        return 1 if meaning is None else meaning.exit_status
     return _serve_workers(store, listener, workers, options, metrics)
 
 
