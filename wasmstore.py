@@ -5121,6 +5121,9 @@ def _add_serve_options(sub):
     sub.add_argument("--run-queue", type=_count(0), metavar="N",
                      help="requests waiting for a slot; more get 503 with Retry-After "
                           "(default 64)")
+    sub.add_argument("--workers", type=_count(1), metavar="N",
+                     help="server processes sharing the port (env WASMSTORE_WORKERS; default: "
+                          "the number of CPUs)")
     sub.add_argument("--quiet", action="store_true", help="no access log on stderr")
 
 
@@ -5161,7 +5164,8 @@ def _serve_argv(args, root):
     ref = _serve_ref(args)
     options = [("--serve-ref", ref), ("--metrics-port", args.metrics_port),
                ("--max-body", args.max_body), ("--max-guests", args.max_guests),
-               ("--run-queue", args.run_queue), ("--run-timeout", args.timeout),
+               ("--run-queue", args.run_queue), ("--workers", args.workers),
+               ("--run-timeout", args.timeout),
                ("--fuel", args.fuel), ("--max-memory", args.max_memory),
                ("--max-table-elements", args.max_table_elements), ("--kv", args.kv),
                ("--provider-kv", args.provider_kv), ("--cache-dir", args.cache_dir)]
