@@ -8,7 +8,8 @@ CORS, a WebSocket watch (RFC 6455), Prometheus metrics, bounded request heads an
 body framing, connection timeouts, a connection cap with a separate cap for watch sessions, Host
 and Origin checks against DNS rebinding and cross-site requests, graceful shutdown on SIGTERM /
 Ctrl-C, running stored modules (call, run, exports) on kvhost, and the read side of the OCI
-distribution API under /v2/ (each store path a repository: `oras pull` fetches from it).
+distribution API under /v2/ (each store path a repository: `oras pull` fetches from it), and
+Wess's API under /wess (its clients work with only the base URL changed).
 
 As a command::
 
@@ -53,6 +54,10 @@ Map of this file (top-down):
                        CompileLocks, GuestRuntime (a wasmstore.Runner, per-module metrics),
                        Precompiler (compiles what is added, in the background), the
                        call/run/exports handlers, a module's kv data (buckets, keys, values)
+    Wess /wess         Wess's API (wess_create, wess_read, wess_replace, wess_delete,
+                       wess_call, wess_count): each module the store path /wess/<id>, its
+                       metadata in an appended custom section (wess_module, wess_split),
+                       errors as {"message"} (wess_error_reply)
     OCI /v2/           the distribution API's read side: OciRepository (a store path's tags,
                        manifests, blobs), oci_v2 (its one route), oci_error_reply (JSON codes)
     routing            Route, the ROUTES table (each route's permission and scope), match_route()
@@ -155,6 +160,7 @@ import threading
 import time
 import traceback
 import urllib.parse
+import uuid
 
 import wasmstore
 
@@ -1490,7 +1496,9 @@ class AppResponse:
     Content-Length, a longer one chunked (trailers go in the last chunk), and an HTTP/1.0
     client reads to the end of the connection. HEAD, 204 and 304 send no body (HEAD keeps the
     Content-Length a GET would get). Connection fields (CONNECTION_FIELDS) a guest sets are
-    dropped; Date is added unless it set one.
+    dropped; Date is added unless it set one. A request body that failed (over --max-body,
+    malformed, stalled) fails the response too, even one the guest finished: its error reply
+    when nothing was sent yet, else the connection closed before the response's end.
 
     kvhost calls flush() before the guest waits (a poll, a sleep), so that what it wrote
     reaches the client while it waits; between waits, bytes gather for fewer, larger sends."""
@@ -1597,10 +1605,12 @@ class AppResponse:
 
     def _send(self, final, trailers=()):
         pieces = []
+        failed = None if self._request_body is None else self._request_body.error
+        if failed is not None and (final or not self.sent):
+            # a broken request (over --max-body, malformed, stalled) gets its own error reply,
+            # or once the head is out a response cut short: never one that looks whole
+            self._fail(failed)
         if not self.sent:
-            failed = None if self._request_body is None else self._request_body.error
-            if failed is not None:
-                self._fail(failed)                # a broken request gets its own error reply
             pieces.append(self._head(final))
         body, self._pending, self._pending_size = self._pending, [], 0
         if self._chunked:
@@ -1713,6 +1723,210 @@ def app_error_reply(exc):
         reply.headers.extend(exc.headers)
     reply.headers.append(("Wasmstore-Error", kind))
     return reply
+
+
+# ---------------------------------------------------------------------------
+# The Wess API (/wess): Wess's clients work with only the base URL changed
+# ---------------------------------------------------------------------------
+# Wess (a WebAssembly function-execution service) keeps each module under a UUID with metadata
+# naming the function to call: POST /wess {"wasm": [bytes], "metadata": {"functionName",
+# "returnType", "args"}} -> 202 {"message": {"id"}}; PUT and DELETE /wess/<id> -> 202;
+# GET /wess/<id> -> 202 {"message": {"wasm", "metadata"}} (Wess answers reads with 202 too);
+# GET /wess -> 202 {"message": <number of modules>}; POST /wess/<id> [args] -> 200
+# {"message": [results]}; errors {"message": "..."}. Here each module is the store path
+# /wess/<id>, versioned like any other, with its metadata in a custom section appended to it
+# (WESS_SECTION), so a version, a rollback or a restore keeps module and metadata together;
+# GET gives back exactly the bytes that were sent.
+
+WESS_PREFIX = ("wess",)
+WESS_SECTION = b"wess.metadata"             # the custom section holding a module's metadata
+WESS_TYPES = ("I32", "I64", "F32", "F64", "V128", "ExternRef", "FuncRef")   # Wess's type names
+WESS_TRAILER = struct.Struct(">QI")         # ends the section: module length, metadata length
+
+
+def _leb_u32(value):
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def _wess_section(metadata_json, module_length):
+    """The custom section appended to a module: WESS_SECTION, the metadata's JSON, then
+    WESS_TRAILER (so it is found from the end, and checked by writing it again)."""
+    payload = (_leb_u32(len(WESS_SECTION)) + WESS_SECTION + metadata_json
+               + WESS_TRAILER.pack(module_length, len(metadata_json)))
+    return b"\x00" + _leb_u32(len(payload)) + payload
+
+
+def wess_module(wasm, metadata):
+    """The bytes stored for a Wess module: the module and its metadata section."""
+    metadata_json = json.dumps(metadata, separators=(",", ":"), sort_keys=True).encode("utf-8")
+    return wasm + _wess_section(metadata_json, len(wasm))
+
+
+def wess_split(data):
+    """(module bytes as sent, metadata) of stored bytes; WessError 422 if they end otherwise."""
+    if len(data) >= WESS_TRAILER.size:
+        length, metadata_length = WESS_TRAILER.unpack_from(data, len(data) - WESS_TRAILER.size)
+        start = len(data) - WESS_TRAILER.size - metadata_length
+        if length < start and data[length:] == _wess_section(data[start:-WESS_TRAILER.size],
+                                                             length):
+            return data[:length], json.loads(data[start:-WESS_TRAILER.size])
+    raise WessError(422, "this module was not stored through /wess: it has no Wess metadata")
+
+
+class WessError(HttpError):
+    """An error of the /wess API: Wess's message prefix ("Invalid Id", "Invalid Json", ...)."""
+
+
+def wess_error_reply(exc):
+    """Wess's error body, {"message": "..."}, with the status of the one ERROR_STATUS table."""
+    status = error_status(exc)
+    if status is None:
+        return json_reply({"message": "internal server error"}, 500)
+    reply = json_reply({"message": one_line(exc)}, status)
+    if isinstance(exc, HttpError):
+        reply.headers.extend(exc.headers)
+    elif kvhost is not None and isinstance(exc, kvhost.TrapError):
+        reply.headers.append(("Wasmstore-Error", exc.kind))
+    return reply
+
+
+def _wess_message(value, status=202):
+    return json_reply({"message": value}, status)
+
+
+def _wess_id(call, strict):
+    """The canonical id (and its store path) of /wess/<id>. Wess answers a malformed id with
+    400 on reads (strict) and 404 on writes and calls (it looks the id up first)."""
+    text = call.path
+    try:
+        if "/" in text or len(text) > 64:
+            raise ValueError
+        canonical = str(uuid.UUID(text))
+    except ValueError:
+        if strict:
+            raise WessError(400, f"Invalid ID: {text[:80]!r} is not a UUID") from None
+        raise WessError(404, "Invalid Id: Not found") from None
+    return canonical, f"/wess/{canonical}"
+
+
+def _wess_stored(store, call, strict=False):
+    """(id, path, stored bytes) of an existing module; WessError 404 if there is none."""
+    module_id, path = _wess_id(call, strict)
+    try:
+        return module_id, path, store.find(path, branch=call.branch)
+    except wasmstore.NotFound:
+        raise WessError(404, "Invalid Id: Not found") from None
+
+
+def _wess_upload(body, limit):
+    """(module bytes, metadata) of a Wess upload, checked as Wess's JSON schema has it."""
+    data = read_body(body, limit)
+    try:
+        document = wasmstore.parse_json(data, "Json")
+    except wasmstore.InvalidInput as exc:
+        raise WessError(400, f"Invalid Json: {one_line(exc)}") from None
+    metadata = document.get("metadata") if isinstance(document, dict) else None
+    wasm = document.get("wasm") if isinstance(document, dict) else None
+    if not isinstance(wasm, list) or not isinstance(metadata, dict):
+        raise WessError(400, 'Invalid Json: expected {"wasm": [bytes...], "metadata": '
+                             '{"functionName", "returnType", "args"}}')
+    if set(map(type, wasm)) - {int}:
+        raise WessError(400, "Invalid Json: wasm must be an array of numbers 0 to 255")
+    try:
+        module = bytes(wasm)
+    except ValueError:
+        raise WessError(400, "Invalid Json: wasm must be an array of numbers 0 to 255") from None
+    name = metadata.get("functionName")
+    if not isinstance(name, str) or not name:
+        raise WessError(400, "Invalid Json: metadata.functionName must be a function name")
+    for field in ("returnType", "args"):
+        types = metadata.get(field)
+        if not isinstance(types, list) or any(t is not None and t not in WESS_TYPES for t in types):
+            raise WessError(400, f"Invalid Json: metadata.{field} must be a list of "
+                                 f"{', '.join(WESS_TYPES)} (or null)")
+    return module, {"functionName": name, "returnType": metadata["returnType"],
+                    "args": metadata["args"]}
+
+
+def _wess_add(store, call, path, body):
+    module, metadata = _wess_upload(body, call.max_body)
+    try:
+        wasmstore.validate_module(module)
+    except wasmstore.InvalidModule as exc:
+        raise WessError(400, f"Invalid Wasm: {one_line(exc)}") from None
+    store.add(path, wess_module(module, metadata), branch=call.branch, author=call.author)
+
+
+def wess_count(store, call, body):
+    """GET /wess: how many modules there are (what Wess's load test reads at its end)."""
+    try:
+        modules = store.list("/wess", branch=call.branch)
+    except wasmstore.NotFound:
+        modules = {}
+    return _wess_message(sum(1 for path in modules if call.access.reaches(path)))
+
+
+def wess_create(store, call, body):
+    """POST /wess: store the module under a new id (a uuid4)."""
+    module_id = str(uuid.uuid4())
+    _wess_add(store, call, f"/wess/{module_id}", body)
+    return _wess_message({"id": module_id})
+
+
+def wess_read(store, call, body):
+    """GET /wess/<id>: the module as it was sent and its metadata."""
+    _, _, data = _wess_stored(store, call, strict=True)
+    module, metadata = wess_split(data)
+    return _wess_message({"wasm": list(module), "metadata": metadata})
+
+
+def wess_replace(store, call, body):
+    """PUT /wess/<id>: a new version of the module and its metadata."""
+    module_id, path, _ = _wess_stored(store, call)
+    _wess_add(store, call, path, body)
+    return _wess_message({"id": module_id})
+
+
+def wess_delete(store, call, body):
+    """DELETE /wess/<id> (its versions stay in the history)."""
+    module_id, path, _ = _wess_stored(store, call)
+    store.remove(path, branch=call.branch, author=call.author)
+    return _wess_message({"id": module_id})
+
+
+def wess_call(store, call, body):
+    """POST /wess/<id> with a JSON array of arguments: calls the metadata's functionName;
+    200 {"message": [results]} (no result: [], several: each)."""
+    runtime = _runtime(call)
+    _, path, data = _wess_stored(store, call)
+    _, metadata = wess_split(data)
+    try:
+        args = _json_arguments(body, call.max_body)
+    except (HttpError, wasmstore.InvalidInput) as exc:
+        if isinstance(exc, HttpError) and exc.status != 400:
+            raise
+        raise WessError(400, f"Invalid Json: {one_line(exc)}") from None
+    function = metadata["functionName"]
+    call.path = path.lstrip("/")
+    kinds = {}
+
+    def work(target, stats):
+        kinds["kind"] = runtime.load(target).kind
+        return runtime.runner.call(target, function, args, stats=stats, reach=_link_reach(call))
+    result = runtime.execute(call, function, None, work)
+    if result is None:
+        results = []
+    elif kinds.get("kind") == "module" and isinstance(result, list):
+        results = result                          # a core function's several results
+    else:
+        results = [result]
+    return Reply(200, [("Content-Type", JSON_TYPE)],
+                 _RESULT_JSON.encode({"message": results}).encode("utf-8"))
 
 
 # ---------------------------------------------------------------------------
@@ -1906,10 +2120,10 @@ class Route:
     touches no path at all)."""
 
     __slots__ = ("method", "name", "nparams", "rest", "handler", "label", "upload", "websocket",
-                 "body", "prefix", "permission", "scope")
+                 "body", "prefix", "permission", "scope", "store_prefix")
 
     def __init__(self, method, name, nparams, rest, handler, *, permission, scope="path",
-                 upload=False, websocket=False, body=False, prefix=API_PREFIX):
+                 upload=False, websocket=False, body=False, prefix=API_PREFIX, store_prefix=()):
         if permission is not None and permission not in PERMISSIONS:
             raise ValueError(f"route {name!r}: permission must be one of {PERMISSIONS} or None")
         if scope not in ROUTE_SCOPES:
@@ -1925,6 +2139,7 @@ class Route:
         self.prefix = prefix
         self.permission = permission
         self.scope = scope
+        self.store_prefix = store_prefix   # the store path of the URL's rest is under it (/wess)
         parts = ["/".join(("",) + prefix), name] + [":p"] * nparams + \
             (["*"] if rest == "optional" else [])
         self.label = "/".join(parts)  # bounded metric label
@@ -1933,7 +2148,7 @@ class Route:
         """What authorize() checks for a request whose URL rest is `rest` (segments): see
         `scope`."""
         if self.scope == "path":
-            return rest
+            return self.store_prefix + rest
         return () if self.scope == "store" else None
 
 
@@ -1972,6 +2187,17 @@ ROUTES = [
     Route("DELETE", "kv-value", 1, "optional", kv_delete, permission="admin"),
     Route("*", "auth", 0, "none", auth_ok, permission=None, scope="filtered"),
     Route("GET", "v2", 0, "optional", oci_v2, permission="read", scope="filtered", prefix=()),
+    Route("GET", "wess", 0, "none", wess_count, permission="read", scope="filtered", prefix=()),
+    Route("POST", "wess", 0, "none", wess_create, permission="write", prefix=(), body=True,
+          store_prefix=WESS_PREFIX),
+    Route("GET", "wess", 0, "optional", wess_read, permission="read", prefix=(),
+          store_prefix=WESS_PREFIX),
+    Route("PUT", "wess", 0, "optional", wess_replace, permission="write", prefix=(), body=True,
+          store_prefix=WESS_PREFIX),
+    Route("DELETE", "wess", 0, "optional", wess_delete, permission="write", prefix=(),
+          store_prefix=WESS_PREFIX),
+    Route("POST", "wess", 0, "optional", wess_call, permission="run", prefix=(), body=True,
+          store_prefix=WESS_PREFIX),
 ]
 
 
@@ -1992,7 +2218,7 @@ def match_route(method, segments, routes=ROUTES):
 
     HEAD is served by the GET route (same headers, no body).
     """
-    if segments[:1] == OCI_PREFIX:
+    if segments[:1] in (OCI_PREFIX, WESS_PREFIX):
         prefix, name, tail = (), segments[0], segments[1:]
     elif tuple(segments[:2]) == API_PREFIX and len(segments) >= 3:
         prefix, name, tail = API_PREFIX, segments[2], segments[3:]
@@ -3356,6 +3582,8 @@ class WasmstoreHandler(http.server.BaseHTTPRequestHandler):
         self._check_request_source(method)
         if segments[:1] == OCI_PREFIX:
             self._error_reply = oci_error_reply     # OCI clients read JSON error codes
+        elif segments[:1] == WESS_PREFIX:
+            self._error_reply = wess_error_reply    # Wess clients read {"message": ...}
         if method == "OPTIONS" and server.cors.enabled:
             self._route_label = "preflight"
             return self._preflight()
@@ -3660,6 +3888,8 @@ class WasmstoreHandler(http.server.BaseHTTPRequestHandler):
 
     def _send_continue(self):
         self._expect_continue = False
+        if self._reply_started:
+            return              # the final head is out (the guest answered before reading)
         self._reader.arm(self.timeout)
         self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
@@ -4311,27 +4541,29 @@ def make_runtime(store, metrics, *, kv=None, timeout=None, fuel=None, max_memory
                  queue_wait=DEFAULT_QUEUE_WAIT, namespace_map=(), stub_imports=False,
                  max_output=DEFAULT_MAX_OUTPUT, cache_dir=None, provider_kv=None,
                  max_table_elements=None, allow_buckets=None, env=None, dirs=None,
-                 precompile=True, worker=None, log=None):
+                 allow_outbound=None, precompile=True, worker=None, log=None, links=None):
     """The GuestRuntime of a server (None when kvhost.py or wasmtime is missing: 501 then).
 
     kv: backend URL (default sqlite under the store root), or "component:PATH", a wasi:keyvalue
     provider stored at PATH (as the default branch holds it when the server starts) over the
     backend provider_kv (see wasmstore.kv_options); timeout (seconds), fuel, max_memory
     (bytes), max_table_elements: each guest's limits (kvhost's defaults when None);
-    allow_buckets, env ({name: value}), dirs ([(host, guest)]): what a guest may open and see
-    (kvhost.Host); max_guests running at once, run_queue callers waiting up to queue_wait
-    seconds; namespace_map: ["PREFIX=NS", ...]; precompile: compile added modules in the
-    background (see Precompiler); worker: the WorkerContext whose shared run slots, queue and
-    compile locks bound the whole server."""
+    allow_buckets, env ({name: value}), dirs ([(host, guest)]), allow_outbound (HTTP apps'
+    destinations): what a guest may open and see (kvhost.Host); max_guests running at once,
+    run_queue callers waiting up to queue_wait seconds; namespace_map: ["PREFIX=NS", ...];
+    precompile: compile added modules in the background (see Precompiler); worker: the
+    WorkerContext whose shared run slots, queue and compile locks bound the whole server;
+    links: {import module name: store path} (see wasmstore.Runner, wasmstore.parse_links)."""
     if kvhost is None:
         return None
     limits = {name: value for name, value in (
         ("timeout", timeout), ("fuel", fuel), ("max_memory", max_memory),
         ("max_table_elements", max_table_elements), ("allow_buckets", allow_buckets),
-        ("env", env), ("dirs", dirs)) if value is not None}
+        ("env", env), ("dirs", dirs), ("allow_outbound", allow_outbound)) if value is not None}
     # output="discard": nothing a guest writes reaches the server's own streams (a call's and a
     # run's output is captured into its reply; watchers and providers they trigger are dropped)
     runner = wasmstore.Runner(store, namespaces=wasmstore.parse_namespace_map(namespace_map),
+                              links=links,
                               output="discard", kv=kv, provider_kv=provider_kv, workers=max_guests,
                               stub_imports=stub_imports, cache_dir=cache_dir, **limits)
     runner.host.start_workers(1)      # the first guest that needs a worker process finds one ready
@@ -4987,8 +5219,11 @@ def _add_run_options(group):
         help="modules under PREFIX share kv namespace NS (repeatable; default: each path is "
              "its own namespace, a hash is sha256:<hash>)")
     add("--stub-imports", action="store_true",
-        help="imports the host does not provide (e.g. wasi:http) trap when called instead of "
-             "refusing the guest")
+        help="imports the host does not provide (e.g. wasi:http, or a core module's env "
+             "functions) trap when called instead of refusing the guest")
+    add("--link", action="append", default=[], dest="links", metavar="NAME=PATH",
+        help="link core modules' imports from module NAME to the module stored at PATH (in the "
+             "same commit as the module run; repeatable), e.g. --link env=/lib/random.wasm")
     add("--max-table-elements", type=_positive_int, default=None, metavar="N",
         help="largest table of a guest (default 1,000,000)")
     add("--allow-bucket", action="append", default=None, dest="allow_buckets", metavar="B",
@@ -4997,6 +5232,10 @@ def _add_run_options(group):
         help="environment variable guests see (repeatable; default: none)")
     add("--dir", action="append", type=_dir_pair, default=None, dest="dirs",
         metavar="HOST::GUEST", help="directory guests may use (repeatable; default: none)")
+    add("--allow-outbound", action="append", default=None, dest="allow_outbound",
+        metavar="HOST[:PORT]",
+        help="destination HTTP apps may send requests to (repeatable; HOST alone allows its "
+             "default port, 80 or 443; default: none, their requests are refused)")
     add("--cache-dir", default=None, metavar="DIR",
         help="compile cache directory (default ~/.cache/wasmstore/kvhost)")
 
@@ -5045,7 +5284,8 @@ def run_options(args):
             "stub_imports": args.stub_imports, "max_output": args.max_output,
             "max_table_elements": args.max_table_elements, "allow_buckets": args.allow_buckets,
             "env": None if args.env is None else dict(args.env), "dirs": args.dirs,
-            "cache_dir": args.cache_dir}
+            "allow_outbound": args.allow_outbound, "cache_dir": args.cache_dir,
+            "links": wasmstore.parse_links(args.links)}
 
 
 def _options_from(parser, args):
@@ -5071,6 +5311,10 @@ def _options_from(parser, args):
                 setattr(args, option, convert(env[variable]))
             except argparse.ArgumentTypeError as exc:
                 parser.error(f"{variable}: {exc}")
+    try:
+        wasmstore.parse_links(args.links)
+    except wasmstore.StoreError as exc:
+        parser.error(str(exc))
     return args
 
 

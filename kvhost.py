@@ -72,7 +72,8 @@ __all__ = [
     "HttpRequest", "HttpOutcome", "parse_outbound",
     "Backend", "MemoryBackend", "SqliteBackend", "RedisBackend", "open_backend",
     "Guest", "Host", "RunResult", "CallResult", "Provider", "provider_of", "provider_exports", "PROVIDER_PREFIX", "core_signatures", "describe_exports", "format_export", "json_float", "float_from_json",
-    "add_store_options", "add_sandbox_options", "host_from_args", "parse_json_args", "print_json", "print_exports",
+    "add_store_options", "add_sandbox_options", "link_table", "host_from_args", "parse_json_args",
+    "print_json", "print_exports",
     "run_with_deadline", "end_process", "report", "DeadlineExceeded", "main", "console_main",
     "parse_number", "parse_json", "json_depth", "parse_url", "Url", "MAX_JSON_DEPTH",
     "DEFAULT_KV_URL", "MAX_KEY_BYTES", "DEFAULT_MAX_VALUE_BYTES", "PAGE_SIZE", "STDIN_INHERIT",
@@ -580,7 +581,8 @@ class MemoryBackend(Backend):
 
     def _namespace_ids(self, limit):
         with self._lock:
-            return sorted({namespace for (namespace, _), table in self._buckets.items() if table})[:limit]
+            found = {namespace for (namespace, _), table in self._buckets.items() if table}
+        return sorted(found)[:limit]
 
 
 class SqliteBackend(Backend):
@@ -1130,7 +1132,8 @@ class RedisBackend(Backend):
                 found.update(name.split(b":", 2)[1] for name in batch if name.count(b":") >= 3)
                 if cursor == b"0":
                     break
-            return sorted(urllib.parse.unquote(name.decode("utf-8", "replace")) for name in found)[:limit]
+            names = (urllib.parse.unquote(name.decode("utf-8", "replace")) for name in found)
+            return sorted(names)[:limit]
         return self._with_connection(work)
 
     def close(self):
@@ -2245,11 +2248,15 @@ def _dispatch(data, ctx, _ty, args, nargs, results, nresults):
         state = _STATES.get(ctx)
         if state is None:
             return _trap_pointer(f"kvhost: {name} called from a store this host did not create")
-        if nargs == 2:      # most kv functions: (bucket, key); no list or enumerate per call
+        if nargs == 1:      # most HTTP functions: (self)
+            result = func(state, lifts[0](ctx, args))
+        elif nargs == 2:    # most kv functions: (bucket, key); no list or enumerate per call
             result = func(state, lifts[0](ctx, args), lifts[1](ctx, args + _VAL_SIZE))
         elif nargs == 3:
             result = func(state, lifts[0](ctx, args), lifts[1](ctx, args + _VAL_SIZE),
                           lifts[2](ctx, args + 2 * _VAL_SIZE))
+        elif nargs == 0:
+            result = func(state)
         else:
             result = func(state, *[lift(ctx, args + i * _VAL_SIZE) for i, lift in enumerate(lifts)])
         if lower is not None:
@@ -2523,7 +2530,7 @@ DEFAULT_MAX_TABLE_ELEMENTS = 1_000_000          # per table: table.grow is not b
 STORE_LIMITS = {"instances": 100, "tables": 20, "memories": 8}   # per Store (one call); py-counter needs 11/2/1
 HOSTCALL_VALUE_BYTES = (128 << 20) // 48        # wasmtime's limit of data per host call: 128 MiB of 48-byte values
 GUEST_VALUE_LIMIT = 5 << 19                     # values a guest gets or sets (2.5 MiB, under that limit)
-GUEST_CACHE_SIZE = 64                           # compiled guests a Host keeps in memory
+GUEST_CACHE_BYTES = 256 << 20                   # compiled code a Host keeps in memory (see _register)
 DEFAULT_CAPTURE_BYTES = 16 << 20                # run_captured keeps this much stdout and stderr
 WORKER_GRACE = 0.5                              # seconds past the timeout before a blocked guest is killed
 ISOLATIONS = ("auto", "thread", "process")
@@ -2700,6 +2707,7 @@ class Guest:
         self.signatures = None      # core modules: core_signatures() of the binary
         self.needs_wasi = True      # imports WASI (a Store without WASI config saves ~10 us per call)
         self.cache_key = None       # stat key of its checked compile-cache entry (workers trust it)
+        self.compiled_bytes = None  # size of its compiled code (what the memory cache counts)
         self.links_needed = False   # a core module importing from other modules than WASI
         self._calls = {}            # function name -> (path, param lowers, result lift)
         self.http_handler = None    # export index of wasi:http/incoming-handler#handle, once found
@@ -2980,15 +2988,20 @@ class Host:
     run_captured) nor sent to those files: "inherit" (this process's stdout and stderr, the
     default, for command lines) or "discard" (for servers: then nothing a guest writes, nor a
     provider or watcher it triggers, reaches this process's streams or can block on them);
-    max_value_size: value limit of a backend opened from a URL (a Backend carries its own).
+    max_value_size: value limit of a backend opened from a URL (a Backend carries its own);
+    guest_cache_bytes: compiled code kept in memory for load() (bytes; least recently used
+    guests go first).
+    HTTP handlers (handle_http): allow_outbound lists the destinations ("HOST" or "HOST:PORT",
+    see parse_outbound) their outgoing requests may reach; any other is refused.
     """
 
     def __init__(self, kv="memory:", namespace="default", allow_buckets=None, deny_buckets=None, timeout=DEFAULT_TIMEOUT,
                  fuel=None, max_memory=DEFAULT_MAX_MEMORY, env=None, dirs=None, cache_dir=None, stdout=None,
                  stderr=None, max_value_size=None, max_table_elements=DEFAULT_MAX_TABLE_ELEMENTS,
-                 isolation="auto", workers=None, stub_imports=False, provider_kv=None, allow_outbound=None,
-                 output="inherit"):
+                 isolation="auto", workers=None, stub_imports=False, provider_kv=None,
+                 allow_outbound=None, output="inherit", guest_cache_bytes=GUEST_CACHE_BYTES):
         _check_namespace(namespace)
+        _check_limit("guest_cache_bytes", guest_cache_bytes, allow_none=False)
         if output not in OUTPUTS:
             raise ArgumentError(f"invalid output {output!r}: expected one of {', '.join(OUTPUTS)}")
         self.output = output
@@ -3034,6 +3047,7 @@ class Host:
         self.isolation = isolation
         self.stub_imports = bool(stub_imports)
         self.cache_dir = default_cache_dir() if cache_dir is None else cache_dir
+        self.guest_cache_bytes = guest_cache_bytes
         self.stdout = stdout
         self.stderr = stderr
         self.watch_errors = []          # failures of watcher guests (they never reach the writer)
@@ -3054,6 +3068,7 @@ class Host:
         self._http_component_linker = None
         self._lock = threading.Lock()
         self._guests = collections.OrderedDict()   # digest -> Guest, least recently used first
+        self._guest_bytes = 0                      # their compiled_bytes summed
         self._compiling = _SingleFlight()
         self._cache_counts = collections.Counter()  # memory hits, disk hits, compiles
         self._ticker = None
@@ -3193,10 +3208,20 @@ class Host:
         return guest
 
     def _register(self, guest):
+        """Keep a compiled guest in memory, least recently used ones going first once they
+        hold more than guest_cache_bytes of compiled code (its size in the compile cache, or
+        serialized); the newest always stays, however big."""
+        if guest.compiled_bytes is None:
+            guest.compiled_bytes = guest.cache_key[1] if guest.cache_key else \
+                len(guest.artifact.serialize())
         with self._lock:
+            old = self._guests.pop(guest.digest, None)
+            if old is not None:
+                self._guest_bytes -= old.compiled_bytes
             self._guests[guest.digest] = guest
-            while len(self._guests) > GUEST_CACHE_SIZE:
-                self._guests.popitem(last=False)
+            self._guest_bytes += guest.compiled_bytes
+            while self._guest_bytes > self.guest_cache_bytes and len(self._guests) > 1:
+                self._guest_bytes -= self._guests.popitem(last=False)[1].compiled_bytes
         return guest
 
     def _from_cache(self, kind, digest, name, signatures=None, trusted=None):
@@ -3306,7 +3331,8 @@ class Host:
 
         resolve(module name) -> a Guest of this Host, or None: it decides which import module
         names stand for other guests (a store resolves its paths). Missing guests or exports,
-        type mismatches and cycles raise LinkError naming the import."""
+        type mismatches and cycles raise LinkError naming the import; with stub_imports, a
+        module name nothing resolves is left to trap when one of its functions is called."""
         self._check_guest(guest)
         if guest.kind != "module" or not guest.links_needed:
             return []
@@ -3320,9 +3346,14 @@ class Host:
                     raise LinkError("import cycle: " + " -> ".join(chain[chain.index(module_name):] + [module_name]))
                 dependency = resolve(module_name) if resolve is not None else None
                 if dependency is None:
+                    if self.stub_imports:
+                        continue                  # _Session._linker defines them as traps
                     raise LinkError(f"{importer.name} imports {module_name!r} {items[0][0]!r}, which "
                                     f"this host does not provide" + ("" if resolve is None else
-                                                                     " (no such module to link)"))
+                                                                     " (no such module to link)")
+                                    + "; link a module that exports it (--link "
+                                    + f"{module_name}=PATH), or let it trap when called "
+                                      "(--stub-imports)")
                 if dependency.kind != "module" or dependency.engine is not self.engine:
                     raise LinkError(f"{importer.name} imports {module_name!r}, which is not a core module "
                                     "(only core modules can be linked to core modules)")
@@ -3490,6 +3521,8 @@ class Host:
         request: an HttpRequest. sink: where the response goes, as the guest produces it:
         sink.start(status, [(name, value: bytes)]) once, when the guest sets its response;
         sink.write(data) for each piece of the body (it may block: the guest waits);
+        sink.flush(), if the sink has it, before the guest waits (a poll, a read of a body that
+        may block) after writing, so a sink that gathers writes sends them meanwhile;
         sink.finish(trailers) at the end (trailers: such a list, or None). namespace: the
         wasi:keyvalue tenant (default: the Host's).
 
@@ -3675,16 +3708,22 @@ class _Session:
             self._trap(e)
 
     def _linker(self):
-        """The Host's shared linker, or, for a core module linked to other guests, a linker of this
-        Store's own that holds their instances (dependencies first)."""
-        if not self.request.links:
+        """The Host's shared linker, or, for a core module linked to other guests (or with imports
+        left to trap, stub_imports), a linker of this Store's own that holds their instances
+        (dependencies first) and the traps."""
+        stubbed = self.host.stub_imports and self.guest.kind == "module" and self.guest.links_needed
+        if not self.request.links and not stubbed:
             if self.guest.kind == "module" and not self.guest.signatures[0]:
                 return None
             return self.host._linker_for(self.guest.kind)
         linker = wasmtime.Linker(self.host.engine)
         linker.define_wasi()
         for module_name, dependency in self.request.links:
+            if stubbed:
+                linker.define_unknown_imports_as_traps(dependency.artifact)
             linker.define_instance(self.store, module_name, self._instantiate(linker, dependency))
+        if stubbed:
+            linker.define_unknown_imports_as_traps(self.guest.artifact)
         return linker
 
     def instantiate(self):
@@ -4361,8 +4400,8 @@ HTTP_WASI_VERSION = "0.2.12"                     # each interface is defined at 
 HTTP_HANDLER_PREFIX = "wasi:http/incoming-handler@0.2"
 HTTP_READ_CHUNK = 1 << 16                        # bytes one stream read gives at most
 HTTP_WRITE_PERMIT = 1 << 20                      # bytes check-write allows at once
-HTTP_EARLY_BODY_LIMIT = 1 << 20                  # bytes a guest may write before setting its response
-BLOCKING_WRITE_LIMIT = 4096                      # what blocking-write-and-flush accepts (the WIT's limit)
+HTTP_EARLY_BODY_LIMIT = 1 << 20                  # bytes written before the response is set
+BLOCKING_WRITE_LIMIT = 4096                      # blocking-write-and-flush's limit (the WIT's)
 HTTP_CAPTURE_BYTES = 64 << 10                    # guest stdout / stderr kept per request
 OUTBOUND_BODY_LIMIT = 16 << 20                   # request body an outgoing call may carry
 OUTBOUND_RESPONSE_LIMIT = 64 << 20               # response body an outgoing call may read
@@ -4373,12 +4412,15 @@ OUTBOUND_BETWEEN_BYTES_TIMEOUT = 30.0
 # Hop-by-hop and connection-level fields, taken out of what a guest receives (the list of
 # wasmtime serve 49, so a guest sees the same request from both), and refused, with te too, when
 # a guest sets them (header-error.forbidden).
-HOP_BY_HOP_HEADERS = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization",
-                                "proxy-connection", "transfer-encoding", "upgrade", "host", "http2-settings"})
+HOP_BY_HOP_HEADERS = frozenset({"connection", "keep-alive", "proxy-authenticate",
+                                "proxy-authorization", "proxy-connection", "transfer-encoding",
+                                "upgrade", "host", "http2-settings"})
 FORBIDDEN_HEADERS = HOP_BY_HOP_HEADERS | {"te"}
-_TOKEN_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")          # RFC 9110 token (field names, methods)
-_FIELD_VALUE_RE = re.compile(rb"[\t\x20-\x7e\x80-\xff]*\Z")        # no CR, LF, NUL or other controls
+_TOKEN_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")     # RFC 9110 token: names, methods
+_FIELD_VALUE_RE = re.compile(rb"[\t\x20-\x7e\x80-\xff]*\Z")   # no CR, LF, NUL or other controls
 _PATH_RE = re.compile(r"[\x21-\x7e]*\Z")
+_SCHEME_RE = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*\Z")
+_TARGET_RE = re.compile(r"(\[[^\]]*\]|[^:]*)(?::([0-9]{1,5}))?\Z")   # an authority: host, port
 _AUTHORITY_RE = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.\-_~%!$&'()*+,;=]*)(:[0-9]{0,5})?\Z")
 _OUTBOUND_RE = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.\-_]+)(?::([0-9]{1,5}))?\Z")
 _METHODS = {"GET": "get", "HEAD": "head", "POST": "post", "PUT": "put", "DELETE": "delete",
@@ -4391,8 +4433,8 @@ FIELDS, INCOMING_REQUEST, OUTGOING_REQUEST = 0x68740005, 0x68740006, 0x68740007
 REQUEST_OPTIONS, RESPONSE_OUTPARAM, INCOMING_RESPONSE = 0x68740008, 0x68740009, 0x6874000A
 INCOMING_BODY, FUTURE_TRAILERS, OUTGOING_RESPONSE = 0x6874000B, 0x6874000C, 0x6874000D
 OUTGOING_BODY, FUTURE_INCOMING_RESPONSE = 0x6874000E, 0x6874000F
-TERMINAL_INPUT, TERMINAL_OUTPUT, DESCRIPTOR, DIRECTORY_ENTRY_STREAM = (0x68740010, 0x68740011, 0x68740012,
-                                                                        0x68740013)
+TERMINAL_INPUT, TERMINAL_OUTPUT = 0x68740010, 0x68740011
+DESCRIPTOR, DIRECTORY_ENTRY_STREAM = 0x68740012, 0x68740013
 NETWORK, UDP_SOCKET, DATAGRAM_IN, DATAGRAM_OUT = 0x68740014, 0x68740015, 0x68740016, 0x68740017
 TCP_SOCKET, RESOLVE_STREAM = 0x68740018, 0x68740019
 
@@ -4411,7 +4453,8 @@ class HttpRequest:
     def __init__(self, method, scheme, authority, path_with_query, headers=(), body=None):
         if not isinstance(method, str) or not _TOKEN_RE.match(method):
             raise ArgumentError(f"invalid HTTP method {method!r}: expected a token")
-        for label, value in (("scheme", scheme), ("authority", authority), ("path", path_with_query)):
+        for label, value in (("scheme", scheme), ("authority", authority),
+                             ("path", path_with_query)):
             if value is not None and not isinstance(value, str):
                 raise ArgumentError(f"invalid {label} {value!r}: expected a string or None")
         if body is not None and not callable(getattr(body, "read", None)):
@@ -4444,7 +4487,7 @@ class HttpOutcome:
         return f"<HttpOutcome status={self.status} body={self.body_bytes}B>"
 
 
-# -- resources ------------------------------------------------------------------------------------
+# -- resources -------------------------------------------------------------------------------------
 
 class _IoError:
     """wasi:io/error: what failed, and the error-code http-error-code gives for it (or None)."""
@@ -4573,11 +4616,14 @@ class _InputStream:
         want = min(size, HTTP_READ_CHUNK)
         if self.limit is not None:
             want = min(want, self.limit - self.total) or 1     # at the limit: is there more?
+        if state.unflushed:               # the read may wait for the peer
+            state.flush_response()
         try:
             data = self.reader.read(want)
         except Exception as e:          # the client went away, a socket timed out
             self.done = True
-            return state.stream_failed(f"reading the body failed: {e}", wc.Variant("HTTP-protocol-error"))
+            return state.stream_failed(f"reading the body failed: {e}",
+                                       wc.Variant("HTTP-protocol-error"))
         if not data:
             self.done = True
             if self.owner is not None:
@@ -4585,7 +4631,8 @@ class _InputStream:
             return Err(wc.Variant("closed"))
         if self.limit is not None and self.total + len(data) > self.limit:
             self.done = True
-            return state.stream_failed(f"the body is larger than {self.limit} bytes", self.error_code)
+            return state.stream_failed(f"the body is larger than {self.limit} bytes",
+                                       self.error_code)
         self.total += len(data)
         state.check_deadline()
         return bytes(data)
@@ -4608,7 +4655,8 @@ class _OutputStream:
         if self.closed:
             return Err(wc.Variant("closed"))
         if len(data) > self.target.permit():
-            return state.stream_failed(f"write of {len(data)} bytes exceeds what check-write permitted")
+            return state.stream_failed(f"write of {len(data)} bytes exceeds what check-write "
+                                       "permitted")
         failed = self.target.write(state, data)
         if failed is not None:
             self.closed = True
@@ -4636,8 +4684,8 @@ class _OutgoingBody:
     the response is set, buffered up to HTTP_EARLY_BODY_LIMIT before) or of an outgoing request
     (buffered up to OUTBOUND_BODY_LIMIT until the call sends it)."""
 
-    __slots__ = ("response", "declared", "written", "stream_taken", "finished", "trailers", "chunks",
-                 "buffered", "failed", "dropped", "finished_event")
+    __slots__ = ("response", "declared", "written", "stream_taken", "finished", "trailers",
+                 "chunks", "buffered", "failed", "dropped", "finished_event")
 
     def __init__(self, response, declared):
         self.response = response          # the _OutgoingResponse, or None for an outgoing request
@@ -4665,9 +4713,10 @@ class _OutgoingBody:
     def write(self, state, data):
         size = len(data)
         if self.declared is not None and self.written + size > self.declared:
-            self.failed = f"the guest wrote more than the {self.declared} bytes its content-length says"
-            code = wc.Variant("HTTP-response-body-size" if self.response is not None else "HTTP-request-body-size",
-                              self.written + size)
+            self.failed = (f"the guest wrote more than the {self.declared} bytes its "
+                           "content-length says")
+            code = wc.Variant("HTTP-response-body-size" if self.response is not None
+                              else "HTTP-request-body-size", self.written + size)
             return state.stream_failed(self.failed, code)
         self.written += size
         if self.response is not None and self.response.started:
@@ -4709,12 +4758,20 @@ class _IncomingBody:
 
 
 class _IncomingRequest:
-    __slots__ = ("request", "fields", "body_taken")
+    """incoming-request: the server's HttpRequest; its fields are made when the guest asks."""
+
+    __slots__ = ("request", "_fields", "body_taken")
 
     def __init__(self, request):
         self.request = request
-        self.fields = _Fields.from_server(request.headers)
+        self._fields = None
         self.body_taken = False
+
+    @property
+    def fields(self):
+        if self._fields is None:
+            self._fields = _Fields.from_server(self.request.headers)
+        return self._fields
 
 
 class _OutgoingRequest:
@@ -4745,7 +4802,7 @@ class _Placeholder:
     __slots__ = ()
 
 
-# -- the state of one request -----------------------------------------------------------------------
+# -- the state of one request ----------------------------------------------------------------------
 
 class _HttpState(_CallState):
     """One request's Store: its resources, its response so far, its deadline and sink."""
@@ -4754,6 +4811,8 @@ class _HttpState(_CallState):
         super().__init__(host, bool(host._watchers), namespace)
         self.objects = {}                 # rep -> the Python object of any resource type
         self.sink = sink
+        self.sink_flush = getattr(sink, "flush", None)     # optional: called before a wait
+        self.unflushed = False            # body bytes went to the sink since its last flush
         self.deadline = deadline          # time.monotonic() by which the request must be answered
         self.captures = captures          # (stdout, stderr) _Capture
         self.failure = None               # the KvError that ends the request (set before a trap)
@@ -4762,7 +4821,7 @@ class _HttpState(_CallState):
         self.outparam_used = False
         self.sink_error = None            # what the sink raised (the client is gone)
         self.calls = []                   # _OutboundCall started by this request
-        self.wakeup = threading.Event()   # set when an outgoing call completes
+        self.wakeup = None                # an Event an outgoing call sets when it completes
 
     # -- handles --
     def add(self, obj):
@@ -4803,12 +4862,20 @@ class _HttpState(_CallState):
             if ready:
                 return ready
             self.check_deadline()
-            now = time.monotonic()
+            if self.unflushed:
+                self.flush_response()
             times = [p.at for p in pollables if p.at is not None]
             if self.deadline is not None:
                 times.append(self.deadline)
-            self.wakeup.wait(None if not times else max(0.0, min(times) - now))
-            self.wakeup.clear()
+            pause = None if not times else max(0.0, min(times) - time.monotonic())
+            if self.wakeup is not None:
+                self.wakeup.wait(pause)
+                self.wakeup.clear()
+            elif pause is not None:
+                time.sleep(pause)
+            else:
+                raise self.fail(TrapError("the guest waits for something that can never happen "
+                                          "(no timer, no outgoing request, no deadline)", "trap"))
 
     # -- the response --
     def send_body(self, data):
@@ -4820,8 +4887,20 @@ class _HttpState(_CallState):
         except Exception as e:
             self.sink_error = e
             return Err(wc.Variant("closed"))
+        self.unflushed = True
         self.check_deadline()
         return None
+
+    def flush_response(self):
+        """Before the guest waits (a poll, a read that may block): the sink's flush, so that what
+        it wrote reaches the client meanwhile (between waits, the sink may gather bytes)."""
+        self.unflushed = False
+        if self.sink_flush is None or self.sink_error is not None:
+            return
+        try:
+            self.sink_flush()
+        except Exception as e:
+            self.sink_error = e
 
     def start_response(self, response):
         self.response = response
@@ -4858,7 +4937,7 @@ class _GuestStopped(Exception):
     """Raised by a host function to trap the guest; the request's failure says why."""
 
 
-# -- wasi:io --------------------------------------------------------------------------------------
+# -- wasi:io ---------------------------------------------------------------------------------------
 
 _STREAM_ERROR = ("variant", (("last-operation-failed", ("own", IO_ERROR)), ("closed", None)))
 _POLLABLE_OWN, _POLLABLE_BORROW = ("own", POLLABLE), ("borrow", POLLABLE)
@@ -4962,31 +5041,40 @@ def _io_interfaces():
         }),
         "wasi:io/streams": ({"input-stream": INPUT_STREAM, "output-stream": OUTPUT_STREAM}, {
             "[method]input-stream.read": ((inp, _U64), _stream_result(_BYTES), _input_read),
-            "[method]input-stream.blocking-read": ((inp, _U64), _stream_result(_BYTES), _input_read),
+            "[method]input-stream.blocking-read": ((inp, _U64), _stream_result(_BYTES),
+                                                   _input_read),
             "[method]input-stream.skip": ((inp, _U64), _stream_result(_U64), _input_skip),
             "[method]input-stream.blocking-skip": ((inp, _U64), _stream_result(_U64), _input_skip),
             "[method]input-stream.subscribe": ((inp,), _POLLABLE_OWN, _ready_pollable),
-            "[method]output-stream.check-write": ((out,), _stream_result(_U64), _output_check_write),
+            "[method]output-stream.check-write": ((out,), _stream_result(_U64),
+                                                  _output_check_write),
             "[method]output-stream.write": ((out, _BYTES), _stream_result(None), _output_write),
             "[method]output-stream.blocking-write-and-flush": ((out, _BYTES), _stream_result(None),
                                                                _output_blocking_write),
             "[method]output-stream.flush": ((out,), _stream_result(None), _output_flush),
             "[method]output-stream.blocking-flush": ((out,), _stream_result(None), _output_flush),
             "[method]output-stream.subscribe": ((out,), _POLLABLE_OWN, _output_subscribe),
-            "[method]output-stream.write-zeroes": ((out, _U64), _stream_result(None), _output_write_zeroes),
-            "[method]output-stream.blocking-write-zeroes-and-flush": ((out, _U64), _stream_result(None),
-                                                                      _output_blocking_write_zeroes),
-            "[method]output-stream.splice": ((out, inp, _U64), _stream_result(_U64), _output_splice),
-            "[method]output-stream.blocking-splice": ((out, inp, _U64), _stream_result(_U64), _output_splice),
+            "[method]output-stream.write-zeroes": ((out, _U64), _stream_result(None),
+                                                   _output_write_zeroes),
+            "[method]output-stream.blocking-write-zeroes-and-flush": (
+                (out, _U64), _stream_result(None), _output_blocking_write_zeroes),
+            "[method]output-stream.splice": ((out, inp, _U64), _stream_result(_U64),
+                                             _output_splice),
+            "[method]output-stream.blocking-splice": ((out, inp, _U64), _stream_result(_U64),
+                                                      _output_splice),
         }),
     }
 
 
-# -- wasi:clocks, wasi:random, wasi:cli, wasi:filesystem ------------------------------------------
+# -- wasi:clocks, wasi:random, wasi:cli, wasi:filesystem -------------------------------------------
 
 _DATETIME = ("record", (("seconds", _U64), ("nanoseconds", ("u32",))))
 _ADDRESS_FAMILY = ("enum", ("ipv4", "ipv6"))
 _SOCKET_ERROR = ("enum", ("access-denied",))      # only this case is ever returned
+
+
+def _socket_result(type_id):
+    return ("result", ("own", type_id), _SOCKET_ERROR)
 
 
 def _monotonic_now(state):
@@ -5017,7 +5105,8 @@ def _wall_resolution(state):
 
 def _random_bytes(state, size):
     if size > GUEST_VALUE_LIMIT:
-        raise state.fail(TrapError(f"get-random-bytes({size}): at most {GUEST_VALUE_LIMIT} bytes at once", "trap"))
+        raise state.fail(TrapError(f"get-random-bytes({size}): at most {GUEST_VALUE_LIMIT} "
+                                   "bytes at once", "trap"))
     return os.urandom(size)
 
 
@@ -5092,26 +5181,30 @@ def _methods(resource, names):
 # Functions a guest can never reach: they need a handle of a resource it can never get (there
 # are no preopens, and no socket can be made), so they are defined as traps, because
 # toolchains import whole interfaces. {interface: (why, names)}.
+_NO_FILES = "no file system is available to HTTP handlers"
+_NO_SOCKETS = "HTTP handlers cannot make sockets"
 UNREACHABLE_FUNCTIONS = {
-    "wasi:filesystem/types": ("no file system is available to HTTP handlers", _methods("descriptor", """
-        read-via-stream write-via-stream append-via-stream advise sync-data get-flags get-type set-size
-        set-times read write read-directory sync create-directory-at stat stat-at set-times-at link-at
-        open-at readlink-at remove-directory-at rename-at symlink-at unlink-file-at is-same-object
-        metadata-hash metadata-hash-at""") + _methods("directory-entry-stream", "read-directory-entry")),
-    "wasi:sockets/udp": ("HTTP handlers cannot make sockets", _methods("udp-socket", """
-        start-bind finish-bind stream local-address remote-address address-family unicast-hop-limit
-        set-unicast-hop-limit receive-buffer-size set-receive-buffer-size send-buffer-size
-        set-send-buffer-size subscribe""") + _methods("incoming-datagram-stream", "receive subscribe")
+    "wasi:filesystem/types": (_NO_FILES, _methods("descriptor", """
+        read-via-stream write-via-stream append-via-stream advise sync-data get-flags get-type
+        set-size set-times read write read-directory sync create-directory-at stat stat-at
+        set-times-at link-at open-at readlink-at remove-directory-at rename-at symlink-at
+        unlink-file-at is-same-object metadata-hash metadata-hash-at""")
+        + _methods("directory-entry-stream", "read-directory-entry")),
+    "wasi:sockets/udp": (_NO_SOCKETS, _methods("udp-socket", """
+        start-bind finish-bind stream local-address remote-address address-family
+        unicast-hop-limit set-unicast-hop-limit receive-buffer-size set-receive-buffer-size
+        send-buffer-size set-send-buffer-size subscribe""")
+        + _methods("incoming-datagram-stream", "receive subscribe")
         + _methods("outgoing-datagram-stream", "check-send send subscribe")),
-    "wasi:sockets/tcp": ("HTTP handlers cannot make sockets", _methods("tcp-socket", """
+    "wasi:sockets/tcp": (_NO_SOCKETS, _methods("tcp-socket", """
         start-bind finish-bind start-connect finish-connect start-listen finish-listen accept
         local-address remote-address is-listening address-family set-listen-backlog-size
         keep-alive-enabled set-keep-alive-enabled keep-alive-idle-time set-keep-alive-idle-time
-        keep-alive-interval set-keep-alive-interval keep-alive-count set-keep-alive-count hop-limit
-        set-hop-limit receive-buffer-size set-receive-buffer-size send-buffer-size set-send-buffer-size
-        subscribe shutdown""")),
-    "wasi:sockets/ip-name-lookup": ("HTTP handlers cannot make sockets",
-                                    _methods("resolve-address-stream", "resolve-next-address subscribe")),
+        keep-alive-interval set-keep-alive-interval keep-alive-count set-keep-alive-count
+        hop-limit set-hop-limit receive-buffer-size set-receive-buffer-size send-buffer-size
+        set-send-buffer-size subscribe shutdown""")),
+    "wasi:sockets/ip-name-lookup": (_NO_SOCKETS, _methods("resolve-address-stream",
+                                                          "resolve-next-address subscribe")),
 }
 
 
@@ -5159,41 +5252,49 @@ def _wasi_interfaces():
             "get-terminal-stdout": ((), ("option", ("own", TERMINAL_OUTPUT)), _no_terminal)}),
         "wasi:cli/terminal-stderr": ({}, {
             "get-terminal-stderr": ((), ("option", ("own", TERMINAL_OUTPUT)), _no_terminal)}),
-        "wasi:filesystem/types": ({"descriptor": DESCRIPTOR, "directory-entry-stream": DIRECTORY_ENTRY_STREAM}, {
-            # option<error-code>: only none is ever returned, so the enum's cases do not matter here
+        "wasi:filesystem/types": ({"descriptor": DESCRIPTOR,
+                                   "directory-entry-stream": DIRECTORY_ENTRY_STREAM}, {
+            # option<error-code>: only none is ever returned, so the enum's cases do not matter
             "filesystem-error-code": ((("borrow", IO_ERROR),), ("option", ("enum", ("access",))),
                                       _no_filesystem_error),
         }),
         "wasi:filesystem/preopens": ({}, {
-            "get-directories": ((), ("list", ("tuple", (("own", DESCRIPTOR), _STRING))), _no_preopens),
+            "get-directories": ((), ("list", ("tuple", (("own", DESCRIPTOR), _STRING))),
+                                _no_preopens),
         }),
         # wasi:sockets (componentize-py's runtime imports it): every socket is refused
         "wasi:sockets/network": ({"network": NETWORK}, {}),
-        "wasi:sockets/instance-network": ({}, {"instance-network": ((), ("own", NETWORK), _instance_network)}),
+        "wasi:sockets/instance-network": ({}, {
+            "instance-network": ((), ("own", NETWORK), _instance_network)}),
         "wasi:sockets/udp": ({"udp-socket": UDP_SOCKET, "incoming-datagram-stream": DATAGRAM_IN,
                               "outgoing-datagram-stream": DATAGRAM_OUT}, {}),
         "wasi:sockets/udp-create-socket": ({}, {
-            "create-udp-socket": ((_ADDRESS_FAMILY,), ("result", ("own", UDP_SOCKET), _SOCKET_ERROR), _no_socket)}),
+            "create-udp-socket": ((_ADDRESS_FAMILY,), _socket_result(UDP_SOCKET), _no_socket)}),
         "wasi:sockets/tcp": ({"tcp-socket": TCP_SOCKET}, {}),
         "wasi:sockets/tcp-create-socket": ({}, {
-            "create-tcp-socket": ((_ADDRESS_FAMILY,), ("result", ("own", TCP_SOCKET), _SOCKET_ERROR), _no_socket)}),
+            "create-tcp-socket": ((_ADDRESS_FAMILY,), _socket_result(TCP_SOCKET), _no_socket)}),
         "wasi:sockets/ip-name-lookup": ({"resolve-address-stream": RESOLVE_STREAM}, {
-            "resolve-addresses": ((("borrow", NETWORK), _STRING), ("result", ("own", RESOLVE_STREAM), _SOCKET_ERROR),
+            "resolve-addresses": ((("borrow", NETWORK), _STRING), _socket_result(RESOLVE_STREAM),
                                   _no_name_lookup)}),
     }
 
 
 # -- wasi:http/types -------------------------------------------------------------------------------
 
-_FIELD_SIZE = ("record", (("field-name", ("option", _STRING)), ("field-size", ("option", ("u32",)))))
+_FIELD_SIZE = ("record", (("field-name", ("option", _STRING)),
+                          ("field-size", ("option", ("u32",)))))
 _ERROR_CODE = ("variant", (
     ("DNS-timeout", None),
-    ("DNS-error", ("record", (("rcode", ("option", _STRING)), ("info-code", ("option", ("u16",)))))),
-    ("destination-not-found", None), ("destination-unavailable", None), ("destination-IP-prohibited", None),
-    ("destination-IP-unroutable", None), ("connection-refused", None), ("connection-terminated", None),
-    ("connection-timeout", None), ("connection-read-timeout", None), ("connection-write-timeout", None),
-    ("connection-limit-reached", None), ("TLS-protocol-error", None), ("TLS-certificate-error", None),
-    ("TLS-alert-received", ("record", (("alert-id", ("option", ("u8",))), ("alert-message", ("option", _STRING))))),
+    ("DNS-error", ("record", (("rcode", ("option", _STRING)),
+                              ("info-code", ("option", ("u16",)))))),
+    ("destination-not-found", None), ("destination-unavailable", None),
+    ("destination-IP-prohibited", None), ("destination-IP-unroutable", None),
+    ("connection-refused", None), ("connection-terminated", None),
+    ("connection-timeout", None), ("connection-read-timeout", None),
+    ("connection-write-timeout", None), ("connection-limit-reached", None),
+    ("TLS-protocol-error", None), ("TLS-certificate-error", None),
+    ("TLS-alert-received", ("record", (("alert-id", ("option", ("u8",))),
+                                       ("alert-message", ("option", _STRING))))),
     ("HTTP-request-denied", None), ("HTTP-request-length-required", None),
     ("HTTP-request-body-size", ("option", _U64)), ("HTTP-request-method-invalid", None),
     ("HTTP-request-URI-invalid", None), ("HTTP-request-URI-too-long", None),
@@ -5208,7 +5309,8 @@ _ERROR_CODE = ("variant", (
     ("HTTP-response-transfer-coding", ("option", _STRING)),
     ("HTTP-response-content-coding", ("option", _STRING)),
     ("HTTP-response-timeout", None), ("HTTP-upgrade-failed", None), ("HTTP-protocol-error", None),
-    ("loop-detected", None), ("configuration-error", None), ("internal-error", ("option", _STRING))))
+    ("loop-detected", None), ("configuration-error", None),
+    ("internal-error", ("option", _STRING))))
 _HEADER_ERROR = ("variant", (("invalid-syntax", None), ("forbidden", None), ("immutable", None)))
 _METHOD = ("variant", tuple((name, None) for name in _METHODS.values()) + (("other", _STRING),))
 _SCHEME = ("variant", (("HTTP", None), ("HTTPS", None), ("other", _STRING)))
@@ -5429,88 +5531,98 @@ def _drop_http_object(state, type_id, obj):
 
 
 def _http_types_interface():
-    borrow = lambda type_id: ("borrow", type_id)
-    req, resp = borrow(INCOMING_REQUEST), borrow(OUTGOING_RESPONSE)
-    out_req, opts = borrow(OUTGOING_REQUEST), borrow(REQUEST_OPTIONS)
-    duration = ("option", _U64)
+    """wasi:http/types: (resources {name: type id}, functions {name: (params, result, func)})."""
+    def borrow(type_id):
+        return ("borrow", type_id)
+
+    def maybe(type_id):                       # result<T>: the handle, or an error without payload
+        return ("result", ("own", type_id), None)
+    fields, req, out_req = _FIELDS_BORROW, borrow(INCOMING_REQUEST), borrow(OUTGOING_REQUEST)
+    opts, resp = borrow(REQUEST_OPTIONS), borrow(OUTGOING_RESPONSE)
+    in_resp, in_body = borrow(INCOMING_RESPONSE), borrow(INCOMING_BODY)
+    duration, text, unit = ("option", _U64), ("option", _STRING), ("result", None, None)
     header_result = ("result", None, _HEADER_ERROR)
-    result_unit = ("result", None, None)
-    resources = {"fields": FIELDS, "incoming-request": INCOMING_REQUEST, "outgoing-request": OUTGOING_REQUEST,
-                 "request-options": REQUEST_OPTIONS, "response-outparam": RESPONSE_OUTPARAM,
-                 "incoming-response": INCOMING_RESPONSE, "incoming-body": INCOMING_BODY,
-                 "future-trailers": FUTURE_TRAILERS, "outgoing-response": OUTGOING_RESPONSE,
-                 "outgoing-body": OUTGOING_BODY, "future-incoming-response": FUTURE_INCOMING_RESPONSE}
+    resources = {"fields": FIELDS, "incoming-request": INCOMING_REQUEST,
+                 "outgoing-request": OUTGOING_REQUEST, "request-options": REQUEST_OPTIONS,
+                 "response-outparam": RESPONSE_OUTPARAM, "incoming-response": INCOMING_RESPONSE,
+                 "incoming-body": INCOMING_BODY, "future-trailers": FUTURE_TRAILERS,
+                 "outgoing-response": OUTGOING_RESPONSE, "outgoing-body": OUTGOING_BODY,
+                 "future-incoming-response": FUTURE_INCOMING_RESPONSE}
     functions = {
         "http-error-code": ((borrow(IO_ERROR),), ("option", _ERROR_CODE), _http_error_code),
         "[constructor]fields": ((), _FIELDS_OWN, _fields_new),
-        "[static]fields.from-list": ((("list", _ENTRY),), ("result", _FIELDS_OWN, _HEADER_ERROR), _fields_from_list),
-        "[method]fields.get": ((_FIELDS_BORROW, _STRING), ("list", _BYTES), _fields_get),
-        "[method]fields.has": ((_FIELDS_BORROW, _STRING), _BOOL, _fields_has),
-        "[method]fields.set": ((_FIELDS_BORROW, _STRING, ("list", _BYTES)), header_result, _fields_set),
-        "[method]fields.delete": ((_FIELDS_BORROW, _STRING), header_result, _fields_delete),
-        "[method]fields.append": ((_FIELDS_BORROW, _STRING, _BYTES), header_result, _fields_append),
-        "[method]fields.entries": ((_FIELDS_BORROW,), ("list", _ENTRY), _fields_entries),
-        "[method]fields.clone": ((_FIELDS_BORROW,), _FIELDS_OWN, _fields_clone),
+        "[static]fields.from-list": ((("list", _ENTRY),), ("result", _FIELDS_OWN, _HEADER_ERROR),
+                                     _fields_from_list),
+        "[method]fields.get": ((fields, _STRING), ("list", _BYTES), _fields_get),
+        "[method]fields.has": ((fields, _STRING), _BOOL, _fields_has),
+        "[method]fields.set": ((fields, _STRING, ("list", _BYTES)), header_result, _fields_set),
+        "[method]fields.delete": ((fields, _STRING), header_result, _fields_delete),
+        "[method]fields.append": ((fields, _STRING, _BYTES), header_result, _fields_append),
+        "[method]fields.entries": ((fields,), ("list", _ENTRY), _fields_entries),
+        "[method]fields.clone": ((fields,), _FIELDS_OWN, _fields_clone),
         "[method]incoming-request.method": ((req,), _METHOD, _request_method),
-        "[method]incoming-request.path-with-query": ((req,), ("option", _STRING), _request_path),
+        "[method]incoming-request.path-with-query": ((req,), text, _request_path),
         "[method]incoming-request.scheme": ((req,), ("option", _SCHEME), _request_scheme),
-        "[method]incoming-request.authority": ((req,), ("option", _STRING), _request_authority),
+        "[method]incoming-request.authority": ((req,), text, _request_authority),
         "[method]incoming-request.headers": ((req,), _FIELDS_OWN, _headers_of),
-        "[method]incoming-request.consume": ((req,), ("result", ("own", INCOMING_BODY), None), _request_consume),
-        "[constructor]outgoing-request": ((_FIELDS_OWN,), ("own", OUTGOING_REQUEST), _outgoing_request_new),
-        "[method]outgoing-request.body": ((out_req,), ("result", ("own", OUTGOING_BODY), None),
-                                          _outgoing_request_body),
+        "[method]incoming-request.consume": ((req,), maybe(INCOMING_BODY), _request_consume),
+        "[constructor]outgoing-request": ((_FIELDS_OWN,), ("own", OUTGOING_REQUEST),
+                                          _outgoing_request_new),
+        "[method]outgoing-request.body": ((out_req,), maybe(OUTGOING_BODY), _outgoing_request_body),
         "[method]outgoing-request.method": ((out_req,), _METHOD, _outgoing_request_method),
-        "[method]outgoing-request.set-method": ((out_req, _METHOD), result_unit, _outgoing_request_set_method),
-        "[method]outgoing-request.path-with-query": ((out_req,), ("option", _STRING), _outgoing_request_path),
-        "[method]outgoing-request.set-path-with-query": ((out_req, ("option", _STRING)), result_unit,
+        "[method]outgoing-request.set-method": ((out_req, _METHOD), unit,
+                                                _outgoing_request_set_method),
+        "[method]outgoing-request.path-with-query": ((out_req,), text, _outgoing_request_path),
+        "[method]outgoing-request.set-path-with-query": ((out_req, text), unit,
                                                          _outgoing_request_set_path),
-        "[method]outgoing-request.scheme": ((out_req,), ("option", _SCHEME), _outgoing_request_scheme),
-        "[method]outgoing-request.set-scheme": ((out_req, ("option", _SCHEME)), result_unit,
+        "[method]outgoing-request.scheme": ((out_req,), ("option", _SCHEME),
+                                            _outgoing_request_scheme),
+        "[method]outgoing-request.set-scheme": ((out_req, ("option", _SCHEME)), unit,
                                                 _outgoing_request_set_scheme),
-        "[method]outgoing-request.authority": ((out_req,), ("option", _STRING), _outgoing_request_authority),
-        "[method]outgoing-request.set-authority": ((out_req, ("option", _STRING)), result_unit,
+        "[method]outgoing-request.authority": ((out_req,), text, _outgoing_request_authority),
+        "[method]outgoing-request.set-authority": ((out_req, text), unit,
                                                    _outgoing_request_set_authority),
         "[method]outgoing-request.headers": ((out_req,), _FIELDS_OWN, _headers_of),
         "[constructor]request-options": ((), ("own", REQUEST_OPTIONS), _options_new),
-        "[method]request-options.connect-timeout": ((opts,), duration, _options_getter("connect")),
-        "[method]request-options.set-connect-timeout": ((opts, duration), result_unit,
-                                                        _options_setter("connect")),
-        "[method]request-options.first-byte-timeout": ((opts,), duration, _options_getter("first_byte")),
-        "[method]request-options.set-first-byte-timeout": ((opts, duration), result_unit,
-                                                           _options_setter("first_byte")),
-        "[method]request-options.between-bytes-timeout": ((opts,), duration, _options_getter("between_bytes")),
-        "[method]request-options.set-between-bytes-timeout": ((opts, duration), result_unit,
-                                                              _options_setter("between_bytes")),
         "[static]response-outparam.set": ((("own", RESPONSE_OUTPARAM),
-                                           ("result", ("own", OUTGOING_RESPONSE), _ERROR_CODE)), None, _outparam_set),
-        "[method]incoming-response.status": ((borrow(INCOMING_RESPONSE),), ("u16",), _incoming_response_status),
-        "[method]incoming-response.headers": ((borrow(INCOMING_RESPONSE),), _FIELDS_OWN, _headers_of),
-        "[method]incoming-response.consume": ((borrow(INCOMING_RESPONSE),), ("result", ("own", INCOMING_BODY), None),
+                                           ("result", ("own", OUTGOING_RESPONSE), _ERROR_CODE)),
+                                          None, _outparam_set),
+        "[method]incoming-response.status": ((in_resp,), ("u16",), _incoming_response_status),
+        "[method]incoming-response.headers": ((in_resp,), _FIELDS_OWN, _headers_of),
+        "[method]incoming-response.consume": ((in_resp,), maybe(INCOMING_BODY),
                                               _incoming_response_consume),
-        "[method]incoming-body.stream": ((borrow(INCOMING_BODY),), ("result", ("own", INPUT_STREAM), None),
-                                         _body_stream),
-        "[static]incoming-body.finish": ((("own", INCOMING_BODY),), ("own", FUTURE_TRAILERS), _body_finish),
-        "[method]future-trailers.subscribe": ((borrow(FUTURE_TRAILERS),), _POLLABLE_OWN, _future_trailers_subscribe),
-        "[method]future-trailers.get": ((borrow(FUTURE_TRAILERS),), _FUTURE_TRAILERS_GET, _future_trailers_get),
-        "[constructor]outgoing-response": ((_FIELDS_OWN,), ("own", OUTGOING_RESPONSE), _response_new),
+        "[method]incoming-body.stream": ((in_body,), maybe(INPUT_STREAM), _body_stream),
+        "[static]incoming-body.finish": ((("own", INCOMING_BODY),), ("own", FUTURE_TRAILERS),
+                                         _body_finish),
+        "[method]future-trailers.subscribe": ((borrow(FUTURE_TRAILERS),), _POLLABLE_OWN,
+                                              _future_trailers_subscribe),
+        "[method]future-trailers.get": ((borrow(FUTURE_TRAILERS),), _FUTURE_TRAILERS_GET,
+                                        _future_trailers_get),
+        "[constructor]outgoing-response": ((_FIELDS_OWN,), ("own", OUTGOING_RESPONSE),
+                                           _response_new),
         "[method]outgoing-response.status-code": ((resp,), ("u16",), _response_status),
-        "[method]outgoing-response.set-status-code": ((resp, ("u16",)), result_unit, _response_set_status),
+        "[method]outgoing-response.set-status-code": ((resp, ("u16",)), unit, _response_set_status),
         "[method]outgoing-response.headers": ((resp,), _FIELDS_OWN, _headers_of),
-        "[method]outgoing-response.body": ((resp,), ("result", ("own", OUTGOING_BODY), None), _response_body),
-        "[method]outgoing-body.write": ((borrow(OUTGOING_BODY),), ("result", ("own", OUTPUT_STREAM), None),
+        "[method]outgoing-response.body": ((resp,), maybe(OUTGOING_BODY), _response_body),
+        "[method]outgoing-body.write": ((borrow(OUTGOING_BODY),), maybe(OUTPUT_STREAM),
                                         _outgoing_body_write),
         "[static]outgoing-body.finish": ((("own", OUTGOING_BODY), ("option", _FIELDS_OWN)),
                                          ("result", None, _ERROR_CODE), _outgoing_body_finish),
-        "[method]future-incoming-response.subscribe": ((borrow(FUTURE_INCOMING_RESPONSE),), _POLLABLE_OWN,
-                                                       _future_response_subscribe),
-        "[method]future-incoming-response.get": ((borrow(FUTURE_INCOMING_RESPONSE),), _FUTURE_RESPONSE_GET,
-                                                 _future_response_get),
+        "[method]future-incoming-response.subscribe": ((borrow(FUTURE_INCOMING_RESPONSE),),
+                                                       _POLLABLE_OWN, _future_response_subscribe),
+        "[method]future-incoming-response.get": ((borrow(FUTURE_INCOMING_RESPONSE),),
+                                                 _FUTURE_RESPONSE_GET, _future_response_get),
     }
+    for name, attribute in (("connect-timeout", "connect"), ("first-byte-timeout", "first_byte"),
+                            ("between-bytes-timeout", "between_bytes")):
+        functions[f"[method]request-options.{name}"] = ((opts,), duration,
+                                                        _options_getter(attribute))
+        functions[f"[method]request-options.set-{name}"] = ((opts, duration), unit,
+                                                            _options_setter(attribute))
     return resources, functions
 
 
-# -- wasi:http outgoing requests ---------------------------------------------------------------------
+# -- wasi:http outgoing requests -------------------------------------------------------------------
 
 def _outgoing_request_new(state, fields_rep):
     return state.add(_OutgoingRequest(state.take(fields_rep)))
@@ -5551,7 +5663,7 @@ def _outgoing_request_scheme(state, rep):
 
 
 def _outgoing_request_set_scheme(state, rep, scheme):
-    if scheme is not None and scheme.tag == "other" and not re.match(r"[A-Za-z][A-Za-z0-9+.\-]*\Z", scheme.payload):
+    if scheme is not None and scheme.tag == "other" and not _SCHEME_RE.match(scheme.payload):
         return Err(None)
     state.get(rep).scheme = scheme
     return None
@@ -5595,7 +5707,8 @@ def parse_outbound(entries):
         match = _OUTBOUND_RE.match(entry) if isinstance(entry, str) else None
         port = None if match is None or match.group(2) is None else int(match.group(2))
         if match is None or (port is not None and not 0 < port < 65536):
-            raise ArgumentError(f"invalid outbound destination {entry!r}: expected HOST or HOST:PORT")
+            raise ArgumentError(f"invalid outbound destination {entry!r}: expected HOST or "
+                                "HOST:PORT")
         allowed.add((match.group(1).strip("[]").lower(), port))
     return frozenset(allowed)
 
@@ -5607,12 +5720,12 @@ def _outbound_target(host, request):
         return Err(wc.Variant("HTTP-protocol-error"))
     if not request.authority:
         return Err(wc.Variant("HTTP-request-URI-invalid"))
-    match = re.match(r"(\[[^\]]*\]|[^:]*)(?::([0-9]{1,5}))?\Z", request.authority)
-    if match is None or not match.group(1) or (match.group(2) is not None and not 0 < int(match.group(2)) < 65536):
+    match = _TARGET_RE.match(request.authority)
+    default = 443 if scheme == "HTTPS" else 80
+    port = None if match is None else default if match.group(2) is None else int(match.group(2))
+    if match is None or not match.group(1) or not 0 < port < 65536:
         return Err(wc.Variant("HTTP-request-URI-invalid"))
     name = match.group(1).strip("[]").lower()
-    default = 443 if scheme == "HTTPS" else 80
-    port = default if match.group(2) is None else int(match.group(2))
     allowed = host.allow_outbound
     if (name, port) not in allowed and not (port == default and (name, None) in allowed):
         return Err(wc.Variant("HTTP-request-denied"))
@@ -5667,9 +5780,10 @@ class _OutboundCall:
     def _run(self):
         try:
             self.outcome = self._send()
-        except (socket.timeout, TimeoutError) as e:
-            self.outcome = Err(wc.Variant("connection-timeout" if self.connection is None or
-                                          self.connection.sock is None else "connection-read-timeout"))
+        except (socket.timeout, TimeoutError):
+            connected = self.connection is not None
+            self.outcome = Err(wc.Variant("connection-read-timeout" if connected else
+                                          "connection-timeout"))
         except Exception as e:
             self.outcome = Err(_outbound_error(e))
         self.complete = True
@@ -5683,19 +5797,20 @@ class _OutboundCall:
             if body.failed or not body.finished:
                 return Err(wc.Variant("HTTP-request-body-size", body.written))
         data = b"" if body is None else b"".join(body.chunks)
+        timeout = self._timeout(self.connect_timeout)
         if self.use_tls:
-            connection = http.client.HTTPSConnection(self.host, self.port, context=ssl.create_default_context(),
-                                                     timeout=self._timeout(self.connect_timeout))
+            connection = http.client.HTTPSConnection(self.host, self.port, timeout=timeout,
+                                                     context=ssl.create_default_context())
         else:
-            connection = http.client.HTTPConnection(self.host, self.port,
-                                                    timeout=self._timeout(self.connect_timeout))
+            connection = http.client.HTTPConnection(self.host, self.port, timeout=timeout)
         connection.connect()
         self.connection = connection
         if self.cancelled:
             connection.close()
             return Err(wc.Variant("connection-terminated"))
-        method = request.method.payload if request.method.tag == "other" else _METHOD_NAMES[request.method.tag]
-        connection.putrequest(method, request.path or "/", skip_host=True, skip_accept_encoding=True)
+        method = request.method
+        name = method.payload if method.tag == "other" else _METHOD_NAMES[method.tag]
+        connection.putrequest(name, request.path or "/", skip_host=True, skip_accept_encoding=True)
         connection.putheader("Host", request.authority)
         for name, value in request.fields.items():
             connection.putheader(name, value)
@@ -5706,7 +5821,8 @@ class _OutboundCall:
         connection.endheaders(data or None)
         response = connection.getresponse()
         sock.settimeout(self._timeout(self.between_bytes_timeout))
-        headers = [(name, value.encode("latin-1", "replace")) for name, value in response.getheaders()]
+        headers = [(name, value.encode("latin-1", "replace"))
+                   for name, value in response.getheaders()]
         return response.status, headers, response
 
     def cancel(self):
@@ -5721,12 +5837,15 @@ class _OutboundCall:
 
 
 class _IncomingResponse:
-    __slots__ = ("status", "fields", "reader", "body_taken")
+    """incoming-response of an outgoing call: status, fields, and its body read as it arrives
+    (http.client's read1: the bytes there are, where read(n) would wait for n of them)."""
 
-    def __init__(self, status, headers, reader):
+    __slots__ = ("status", "fields", "read", "body_taken")
+
+    def __init__(self, status, headers, response):
         self.status = status
         self.fields = _Fields.from_server(headers)
-        self.reader = reader
+        self.read = response.read1
         self.body_taken = False
 
 
@@ -5739,6 +5858,8 @@ def _outgoing_handle(state, request_rep, options_rep):
     if len(state.calls) >= OUTBOUND_CALLS_LIMIT:
         return Err(wc.Variant("connection-limit-reached"))
     call = _OutboundCall(state, request, options, *target)
+    if state.wakeup is None:
+        state.wakeup = threading.Event()
     state.calls.append(call)
     call.start()
     return state.add(call)
@@ -5771,7 +5892,7 @@ def _incoming_response_consume(state, rep):
     if response.body_taken:
         return Err(None)
     response.body_taken = True
-    stream = _InputStream(response.reader, OUTBOUND_RESPONSE_LIMIT,
+    stream = _InputStream(response, OUTBOUND_RESPONSE_LIMIT,
                           wc.Variant("HTTP-response-body-size", None))
     return state.add(_IncomingBody(stream))
 
@@ -5800,14 +5921,16 @@ def _make_lower_future(ok_desc):
             _write_result(_MEMORY, addr, result_code, True, _boxed(inner, ctx, value[0]))
 
     def lower_future(ctx, value, addr):
-        _write_kind_pointer(_MEMORY, addr, option_code, 0 if value is None else _boxed(lower_ready, ctx, value))
+        box = 0 if value is None else _boxed(lower_ready, ctx, value)
+        _write_kind_pointer(_MEMORY, addr, option_code, box)
     return lower_future
 
 
-# -- the interfaces, registered on a linker of their own ----------------------------------------------
+# -- the interfaces, registered on a linker of their own -------------------------------------------
 
 def _http_interfaces():
-    """{interface name without version: (resources {name: type id}, functions {name: (params, result, func)})}."""
+    """{interface without version: (resources {name: type id},
+    functions {name: (params, result, func)})}."""
     interfaces = _io_interfaces()
     interfaces.update(_wasi_interfaces())
     interfaces["wasi:http/types"] = _http_types_interface()
@@ -5853,7 +5976,8 @@ def add_http_to_linker(linker):
                 for name, type_id in resources.items():
                     _add_host_resource(instance, name, type_id, _drop_http_resource)
                 for name, (params, result, func) in functions.items():
-                    lower = _make_lower_future(result[1]) if result is not None and result[0] == "future" else None
+                    future = result is not None and result[0] == "future"
+                    lower = _make_lower_future(result[1]) if future else None
                     _add_host_func(instance, name, params, result, func, guarded=False, lower=lower)
                 why, names = UNREACHABLE_FUNCTIONS.get(interface, (None, ()))
                 for name in names:
@@ -5869,16 +5993,17 @@ def _http_handler_index(guest, engine):
         if guest.kind != "component":
             raise NotHttpHandler(f"{guest.name} is a core module, not a component exporting "
                                  "wasi:http/incoming-handler")
-        names = [name for name in guest.artifact.type.exports(engine) if name.startswith(HTTP_HANDLER_PREFIX)]
+        names = [name for name in guest.artifact.type.exports(engine)
+                 if name.startswith(HTTP_HANDLER_PREFIX)]
         if not names:
-            raise NotHttpHandler(f"{guest.name} does not export wasi:http/incoming-handler (it is not an HTTP "
-                                 "handler: build it for the wasi:http/proxy world)")
+            raise NotHttpHandler(f"{guest.name} does not export wasi:http/incoming-handler (it is "
+                                 "not an HTTP handler: build it for the wasi:http/proxy world)")
         interface = guest.artifact.get_export_index(names[0])
         guest.http_handler = guest.artifact.get_export_index("handle", interface)
     return guest.http_handler
 
 
-# -- one request ----------------------------------------------------------------------------------------
+# -- one request -----------------------------------------------------------------------------------
 
 _LOWER_REQUEST = make_lower(("own", INCOMING_REQUEST))
 _LOWER_OUTPARAM = make_lower(("own", RESPONSE_OUTPARAM))
@@ -5916,25 +6041,32 @@ class _HttpSession:
 
     def fuel_used(self):
         left = self.guest_store.fuel_left()
-        return 0 if left is None else (self.host.fuel if self.host.fuel is not None else FUEL_UNLIMITED) - left
+        budget = FUEL_UNLIMITED if self.host.fuel is None else self.host.fuel
+        return 0 if left is None else budget - left
 
-    def run(self):
-        index = _http_handler_index(self.guest, self.host.engine)
-        store = self.guest_store.wrapper
+    def _instantiate(self, store):
         try:
-            instance = self.host._http_linker().instantiate(store, self.guest.artifact)
+            return self.host._http_linker().instantiate(store, self.guest.artifact)
         except wasmtime.WasmtimeError as e:
             reason = _link_reason(e)
             if _is_link_failure(reason):
-                raise LinkError(f"cannot link {self.guest.name} as an HTTP handler: {reason}") from None
+                raise LinkError(f"cannot link {self.guest.name} as an HTTP handler: "
+                                f"{reason}") from None
             raise self._error(e) from None
-        except wasmtime.Trap as e:
+        except wasmtime.Trap as e:          # a start function trapped
             raise self._error(e) from None
+
+    def run(self):
+        """Call handle(request, response-outparam); the HttpOutcome, or the TrapError."""
+        index = _http_handler_index(self.guest, self.host.engine)
+        store = self.guest_store.wrapper
+        instance = self._instantiate(store)
         func = ffi.wasmtime_component_func_t()
         context = store._context()
-        if not ffi.wasmtime_component_instance_get_func(ctypes.byref(instance._instance), context, index.ptr(),
-                                                        ctypes.byref(func)):
-            raise NotHttpHandler(f"{self.guest.name}: wasi:http/incoming-handler#handle is not a function")
+        if not ffi.wasmtime_component_instance_get_func(ctypes.byref(instance._instance), context,
+                                                        index.ptr(), ctypes.byref(func)):
+            raise NotHttpHandler(f"{self.guest.name}: wasi:http/incoming-handler#handle is not a "
+                                 "function")
         state = self.state
         args = (_VAL * 2)()
         base = ctypes.addressof(args)
@@ -5952,7 +6084,7 @@ class _HttpSession:
         return self._answer()
 
     def _mark(self, error):
-        """`error` with what the caller needs: whether the response had started, the guest's stderr."""
+        """`error` with what the caller needs: whether the response started, the guest's stderr."""
         error.response_started = self.state.response is not None
         error.stderr = self.captures[1].value()
         error.fuel = self.fuel_used()
@@ -5961,49 +6093,52 @@ class _HttpSession:
     def _error(self, wasmtime_error):
         """The TrapError for a guest that trapped: the reason a host function gave first (a
         deadline, an exit, a client gone), else what the trap says."""
-        state, text = self.state, str(wasmtime_error)
+        state = self.state
         failure = state.failure
         if failure is None and state.sink_error is not None:
-            failure = TrapError(f"the response could not be sent ({state.sink_error}); then the guest trapped",
-                                "sink")
+            failure = TrapError(f"the response could not be sent ({state.sink_error}); then the "
+                                "guest trapped", "sink")
         if failure is None:
             failure = _trap_error(wasmtime_error, self.host)
-            if state.outparam_used and "unknown handle index" in text:
+            if state.outparam_used and "unknown handle index" in str(wasmtime_error):
                 failure = TrapError("the guest set its response twice", "response-twice")
         return self._mark(failure)
 
+    def _fail(self, message, kind):
+        return self._mark(TrapError(message, kind))
+
     def _answer(self):
-        """The HttpOutcome of a guest that returned, or the TrapError saying what is wrong with it."""
+        """The HttpOutcome of a guest that returned, or the TrapError saying what is wrong."""
         state = self.state
         response = state.response
         if response is None:
-            if state.response_error is not None:
-                raise self._mark(TrapError(f"the guest answered with error {state.response_error.tag}"
-                                           + ("" if state.response_error.payload is None else
-                                              f" ({state.response_error.payload})"), "response-error"))
-            raise self._mark(TrapError("the guest returned without setting a response", "no-response"))
+            code = state.response_error
+            if code is not None:
+                detail = "" if code.payload is None else f" ({code.payload})"
+                raise self._fail(f"the guest answered with error {code.tag}{detail}",
+                                 "response-error")
+            raise self._fail("the guest returned without setting a response", "no-response")
         body = response.body
         if body is None:
             declared = response.fields.content_length()
             if declared:
-                raise self._mark(TrapError(f"the guest wrote no body, its content-length says {declared}",
-                                           "body-size"))
+                raise self._fail(f"the guest wrote no body, its content-length says {declared}",
+                                 "body-size")
             state.finish_body(_OutgoingBody(response, None))
         elif body.failed:
-            kind = "incomplete" if body.dropped else "body-size"
-            raise self._mark(TrapError(body.failed, kind))
+            raise self._fail(body.failed, "incomplete" if body.dropped else "body-size")
         elif not body.finished:
             # It still holds the body: the body ends here, as in wasmtime serve (a body it
             # dropped unfinished is broken, above).
             mismatch = body.length_error()
             if mismatch:
-                raise self._mark(TrapError(mismatch, "body-size"))
+                raise self._fail(mismatch, "body-size")
             state.finish_body(body)
         if state.sink_error is not None:
-            raise self._mark(TrapError(f"the response could not be sent: {state.sink_error}", "sink"))
+            raise self._fail(f"the response could not be sent: {state.sink_error}", "sink")
         stdout, stderr = self.captures
-        return HttpOutcome(response.status, 0 if body is None else body.written, stdout.value(), stderr.value(),
-                           self.fuel_used())
+        return HttpOutcome(response.status, 0 if body is None else body.written, stdout.value(),
+                           stderr.value(), self.fuel_used())
 
 
 # ---------------------------------------------------------------------------
@@ -6245,6 +6380,14 @@ class _Worker:
             self.channel.send({"op": "kv-reply", "error": {"class": "BackendError",
                                                            "message": f"internal error: {type(e).__name__}: {e}"}})
 
+    def alive(self):
+        """True while the process runs and its pipe is quiet: an idle worker that died (or wrote
+        when nobody asked) must not be handed a request."""
+        try:
+            return self.process.poll() is None and not select.select([self.channel.read_fd], [], [], 0)[0]
+        except (OSError, ValueError):   # the channel is closed
+            return False
+
     def exit_reason(self):
         try:
             code = self.process.wait(timeout=1)
@@ -6316,16 +6459,25 @@ class _WorkerPool:
             threading.Thread(target=start, name="kvhost-workers", daemon=True).start()
 
     def _acquire(self):
-        with self._cond:
-            while True:
-                if self._closed:
-                    raise KvError("the host is closed")
-                if self._idle:
-                    return self._idle.pop()
-                if self._started < self.size:
-                    self._started += 1
-                    break
-                self._cond.wait()
+        dead = []
+        try:
+            with self._cond:
+                while True:
+                    if self._closed:
+                        raise KvError("the host is closed")
+                    while self._idle:
+                        worker = self._idle.pop()
+                        if worker.alive():
+                            return worker
+                        dead.append(worker)       # died while idle (killed, out of memory): replaced
+                        self._started -= 1
+                    if self._started < self.size:
+                        self._started += 1
+                        break
+                    self._cond.wait()
+        finally:
+            for worker in dead:
+                worker.kill()
         try:
             return _Worker(*self._settings())
         except OSError as e:
@@ -6488,8 +6640,26 @@ def add_store_options(parser, kv_default=DEFAULT_KV_URL, kv_default_text=None, p
     parser.add_argument("--namespace", help="tenant whose data the guest sees (default: default)")
 
 
-def add_sandbox_options(parser):
-    """The options of a guest's sandbox; host_from_args() turns them into Host arguments."""
+def link_table(entries):
+    """{import module name: file} from --link NAME=FILE texts (kvhost's own command line)."""
+    table = {}
+    for entry in entries or ():
+        name, sep, target = entry.partition("=")
+        if not sep or not name or not target:
+            raise ArgumentError(f"invalid --link {entry!r}: expected NAME=FILE")
+        if table.setdefault(name, target) != target:
+            raise ArgumentError(f"--link {name}= is given twice ({table[name]!r} and {target!r})")
+    return table
+
+
+def add_sandbox_options(parser, link_target="FILE"):
+    """The options of a guest's sandbox; host_from_args() turns them into Host arguments.
+    link_target: what --link NAME=PATH names (a file for kvhost, a stored path for wasmstore)."""
+    parser.add_argument("--link", action="append", default=[], dest="links",
+                        metavar="NAME=PATH",
+                        help=f"link a core module's imports from module NAME to the exports of "
+                             f"the core module at PATH ({link_target}; repeatable), e.g. "
+                             "--link env=random.wasm")
     parser.add_argument("--allow-bucket", action="append", dest="allow_buckets", metavar="B",
                         help="bucket the guest may open (repeatable; default: any)")
     parser.add_argument("--timeout", type=_positive_float, default=DEFAULT_TIMEOUT, metavar="S",
@@ -6627,7 +6797,8 @@ def _build_parser():
     kv = commands.add_parser("kv", help="inspect and edit stored data")
     add_store_options(kv, provider=None)
     kv.add_argument("action", choices=["get", "set", "delete", "list", "incr"],
-                    help="list without BUCKET (and without --namespace) prints the namespaces that hold data")
+                    help="list without BUCKET (and without --namespace) prints the namespaces "
+                         "that hold data")
     kv.add_argument("bucket", nargs="?")
     kv.add_argument("key", nargs="?")
     kv.add_argument("value", nargs="?")
@@ -6730,13 +6901,17 @@ def main(argv=None):
                 print_exports(host.exports(host.load(args.guest)), out, args.json)
             return 0
         json_args = parse_json_args(getattr(args, "json_args", []))
+        links = link_table(args.links)
         with host_from_args(args) as host:
             guest = host.load(args.guest)
+            linked = {name: host.load(target) for name, target in links.items()}
+            resolve = linked.get if linked else None
             if args.command == "run":
                 out.flush()
-                return run_with_deadline(lambda: host.run(guest, args.args, stdin=STDIN_INHERIT),
-                                         host.timeout)
-            result = run_with_deadline(lambda: host.call(guest, args.function, json_args), host.timeout)
+                return run_with_deadline(lambda: host.run(guest, args.args, stdin=STDIN_INHERIT,
+                                                          resolve=resolve), host.timeout)
+            result = run_with_deadline(
+                lambda: host.call(guest, args.function, json_args, resolve=resolve), host.timeout)
             print_json(result, out)
             return 0
     except KvError as e:

@@ -40,8 +40,9 @@ The file has one banner-separated section per feature, in this order (feature: t
       ProviderFaultsTest, ProviderIsolationTest, StoredProviderTest, StaticCompositionTest
   OCI: OciReferenceTest, OciArtifactTest, OciRegistryTest, OciBasicAuthTest, OciTokenAuthTest,
       OciTlsTest, OciBadInputTest, OciServerTest
-  Running stored modules: RunnerTest, SandboxLimitsTest, RunCliTest, RunHttpTest,
-      OptionalRuntimeTest, PyCounterServerTest
+  Running stored modules: RunnerTest, SandboxLimitsTest, RunCliTest, HostModuleLinkTest,
+      RunHttpTest, OptionalRuntimeTest, PyCounterServerTest
+  The Wess API (/wess): WessApiTest
 
 A new test goes in its feature's section and uses the fixtures: one behaviour per test, a
 temp_dir (or StoreTestCase) for files, wait_until on the event it needs (never a sleep),
@@ -1564,7 +1565,7 @@ class StoreCliTest(StoreTestCase):
                 self.assertEqual(Store(self.root).find("served.wasm"), data)
                 server.process.terminate()
                 self.assertEqual(server.process.wait(10), 0)
-        self.assertEqual(os.listdir(home), [])          # nothing went to ~/.wasmstore
+        self.assertNotIn(".wasmstore", os.listdir(home))    # (~/.cache holds compiled guests)
         self.assertFalse(os.path.exists(os.path.join(self.tmp, "ignored")))
 
     def test_server_without_http_server_py_says_so_in_one_line(self):
@@ -1624,53 +1625,61 @@ class FirstStepsTest(StoreTestCase):
         before = self.store.commit_count()
         gone = [wasm_module("one", padding=1000), wasm_module("two", padding=1000)]
         proc = self.cli("gc")
-        match = re.fullmatch(r"gc: removed (\d+) objects \((\d+\.\d) KB\); squashed 3 commits of main "
-                             r"into one\n", proc.stdout)
+        match = re.fullmatch(r"gc: removed (\d+) objects \((\d+\.\d) KB\); squashed 3 commits of "
+                             r"main into one\n", proc.stdout)
         self.assertIsNotNone(match, proc.stdout)
         self.assertEqual(before, 3)
         # the two old modules and the three commits and trees that held them
         self.assertEqual(int(match.group(1)), len(gone) + 3 + 3 - 1)
         self.assertGreaterEqual(float(match.group(2)) * 1000, sum(map(len, gone)))
-        self.assertEqual(proc.stderr, "wasmstore: warning: gc squashed the history of main: its earlier "
-                                      "versions, log and audit are gone (other branches keep theirs)\n")
+        self.assertEqual(proc.stderr, "wasmstore: warning: gc squashed the history of main: its "
+                                      "earlier versions, log and audit are gone (other branches "
+                                      "keep theirs)\n")
         again = self.cli("gc")
         self.assertEqual((again.stdout, again.stderr),
-                         ("gc: removed 0 objects (0 bytes); main's history was one commit already\n", ""))
+                         ("gc: removed 0 objects (0 bytes); main's history was one commit "
+                          "already\n", ""))
 
     def test_a_call_argument_that_is_not_json_gets_a_quoting_hint(self):
         self.store.add("/numbers.wasm", guest_binary("numbers"))
         proc = self.cli("call", "/numbers.wasm", "add", "World", "2", expect=2)
-        self.assertEqual(proc.stderr, "wasmstore: error: invalid JSON argument 'World' (arguments are JSON: "
-                                      "a string is written \"World\", in a shell '\"World\"')\n")
+        self.assertEqual(proc.stderr, "wasmstore: error: invalid JSON argument 'World' (arguments "
+                                      "are JSON: a string is written \"World\", in a shell "
+                                      "'\"World\"')\n")
         proc = run_kvhost("call", PROBE, "get", "it's", '"k"')
         self.assertIn("""a string is written "it's", in a shell '"it'\\''s"'""", proc.stderr)
         self.assertEqual(proc.returncode, 2)
 
     def test_author_is_refused_by_commands_that_make_no_commit(self):
         self.store.add("/a.wasm", wasm_module("a"))
-        for argv in (["--author", "me", "list"], ["list", "--author", "me"], ["find", "/a.wasm", "--author", "x"]):
+        for argv in (["--author", "me", "list"], ["list", "--author", "me"],
+                     ["find", "/a.wasm", "--author", "x"]):
             with self.subTest(argv=argv):
                 proc = self.cli(*argv, expect=2)
-                self.assertIn("wasmstore: error: --author is for the commands that make commits (add, "
-                              "import, set, remove, rollback, restore, merge, gc, pull); ", proc.stderr)
+                self.assertIn("wasmstore: error: --author is for the commands that make commits "
+                              "(add, import, set, remove, rollback, restore, merge, gc, pull); ",
+                              proc.stderr)
         self.assertNotIn("--author", self.cli("list", "--help").stdout)
         self.assertIn("--author", self.cli("add", "--help").stdout)
         self.cli("remove", "/a.wasm", "--author", "me")
         self.assertEqual(self.store.log(1)[0]["author"], "me")
-        proc = run_cli(self.root, "list", env={"WASMSTORE_AUTHOR": "me"})  # the environment is not a mistake
+        proc = run_cli(self.root, "list", env={"WASMSTORE_AUTHOR": "me"})  # not a mistake there
         self.assertEqual(proc.returncode, 0, proc.stderr)
 
     def test_exports_leave_out_what_toolchains_add_for_themselves(self):
-        core = wat_binary('(module (func (export "__wasm_call_ctors")) (func (export "cabi_realloc") '
-                          '(param i32 i32 i32 i32) (result i32) i32.const 0) '
-                          '(func (export "cabi_post_f") (param i32)) (func (export "f") (result i32) i32.const 1))')
+        core = wat_binary('(module (func (export "__wasm_call_ctors")) '
+                          '(func (export "cabi_realloc") (param i32 i32 i32 i32) (result i32) '
+                          'i32.const 0) (func (export "cabi_post_f") (param i32)) '
+                          '(func (export "f") (result i32) i32.const 1))')
         self.store.add("/core.wasm", core)
         self.assertEqual(self.cli("exports", "/core.wasm").stdout, "f() -> i32\n")
         # A function of the application's own that happens to share a name is still listed.
-        own = wat_binary('(component (core module $m (func (export "init") (param i32) (result i32) local.get 0)) '
-                         '(core instance $i (instantiate $m)) '
-                         '(func $init (param "n" u32) (result u32) (canon lift (core func $i "init"))) '
-                         '(instance $e (export "init" (func $init))) (export "exports" (instance $e)))')
+        own = wat_binary('(component (core module $m (func (export "init") (param i32) '
+                         '(result i32) local.get 0)) (core instance $i (instantiate $m)) '
+                         '(func $init (param "n" u32) (result u32) '
+                         '(canon lift (core func $i "init"))) '
+                         '(instance $e (export "init" (func $init))) '
+                         '(export "exports" (instance $e)))')
         self.store.add("/own.wasm", own)
         self.assertEqual(self.cli("exports", "/own.wasm").stdout, "exports#init(n: u32) -> u32\n")
 
@@ -1680,8 +1689,8 @@ class FirstStepsTest(StoreTestCase):
             names = [entry["name"] for entry in host.exports(host.load(counter))]
             self.assertIn("bump", names)
             self.assertNotIn("exports#init", names)
-            self.assertIn("exports#init", [name for name, _ in kvhost._component_functions(
-                host.load(counter), host.engine)])                  # still there, and callable by name
+            every = kvhost._component_functions(host.load(counter), host.engine)
+            self.assertIn("exports#init", [name for name, _ in every])   # callable by name
 
     def test_kv_list_without_a_namespace_names_the_namespaces_with_data(self):
         kv = f"sqlite:{os.path.join(self.tmp, 'kv.sqlite3')}"
@@ -1689,12 +1698,13 @@ class FirstStepsTest(StoreTestCase):
             with kvhost.open_backend(kv) as backend:
                 backend.set(namespace, "counter", "hits", b"1")
         listing = run_kvhost("kv", "--kv", kv, "list")
-        self.assertEqual((listing.returncode, listing.stdout), (0, "/apps/counter.wasm\n/apps/other.wasm\n"))
+        self.assertEqual((listing.returncode, listing.stdout),
+                         (0, "/apps/counter.wasm\n/apps/other.wasm\n"))
         empty = run_kvhost("kv", "--kv", kv, "list", "counter")
         self.assertEqual((empty.returncode, empty.stdout), (0, ""))
-        self.assertEqual(empty.stderr, "kvhost: bucket 'counter' of namespace 'default' is empty; namespaces "
-                                       "with data: /apps/counter.wasm, /apps/other.wasm (choose one with "
-                                       "--namespace; `kv list` lists them all)\n")
+        self.assertEqual(empty.stderr, "kvhost: bucket 'counter' of namespace 'default' is empty; "
+                                       "namespaces with data: /apps/counter.wasm, /apps/other.wasm "
+                                       "(choose one with --namespace; `kv list` lists them all)\n")
         found = run_kvhost("kv", "--kv", kv, "--namespace", "/apps/counter.wasm", "list", "counter")
         self.assertEqual((found.stdout, found.stderr), ("hits\n", ""))
         self.assertEqual(run_kvhost("kv", "--kv", kv, "get").returncode, 2)
@@ -1715,7 +1725,7 @@ class FirstStepsTest(StoreTestCase):
             f.write(text)
         binary = wat_binary(text)
         self.assertEqual(self.cli("add", source).stdout.strip(), sha256(binary))
-        self.assertEqual(Store(self.root).find("/numbers.wasm"), binary)     # named .wasm, stored binary
+        self.assertEqual(Store(self.root).find("/numbers.wasm"), binary)     # .wasm, the binary
         piped = '(module (func (export "seven") (result i32) i32.const 7))'
         self.cli("add", "-", "/seven.wasm", stdin=";; a comment first\n" + piped)
         self.assertEqual(Store(self.root).find("/seven.wasm"), wat_binary(piped))
@@ -1732,8 +1742,8 @@ class FirstStepsTest(StoreTestCase):
             f.write('(module\n  (func (export "f") (result i32) i32.const))')
         before = Store(self.root).list()
         proc = self.cli("add", source, expect=1)
-        self.assertEqual(proc.stderr, f"wasmstore: error: {source}: invalid WebAssembly text: expected a i32 "
-                                      "(line 2, column 44)\n")
+        self.assertEqual(proc.stderr, f"wasmstore: error: {source}: invalid WebAssembly text: "
+                                      "expected a i32 (line 2, column 44)\n")
         proc = self.cli("add", "-", "/x.wasm", stdin="(module (func $f (call $nowhere)))", expect=1)
         self.assertRegex(proc.stderr, r"^wasmstore: error: stdin: invalid WebAssembly text: .*\n$")
         self.assertEqual(Store(self.root).list(), before)
@@ -1797,7 +1807,8 @@ class QuickStartTest(unittest.TestCase):
                     checked += 1
         self.assertGreaterEqual(checked, 5)
         with Store(os.path.join(home, ".wasmstore")) as store:
-            self.assertEqual(sorted(store.list()), ["/hello/greet.wasm", "/math/add.wasm", "/tools/shout.wasm"])
+            self.assertEqual(sorted(store.list()),
+                             ["/hello/greet.wasm", "/math/add.wasm", "/tools/shout.wasm"])
         self.assertEqual(os.listdir(clone).count(".wasmstore"), 0)
 
 
@@ -1831,7 +1842,8 @@ def installer_run(test, argv, env=None, timeout=600):
     proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=timeout)
     if proc.returncode != 0 and INDEX_UNREACHABLE.search(proc.stdout + proc.stderr):
         require_peer(None, f"the Python package index is unreachable: {proc.stderr.strip()[-300:]}")
-    test.assertEqual(proc.returncode, 0, f"{argv[:3]}: {proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+    test.assertEqual(proc.returncode, 0,
+                     f"{argv[:3]}: {proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
     return proc
 
 
@@ -1851,13 +1863,14 @@ class InstallTest(unittest.TestCase):
     def check_commands(self, bin_dir):
         elsewhere = temp_dir(self, "wasmstore-elsewhere-")    # neither the checkout nor the copy
         env = clean_environment(HOME=elsewhere)
-        wasmstore_cmd, kvhost_cmd = os.path.join(bin_dir, "wasmstore"), os.path.join(bin_dir, "kvhost")
+        wasmstore_cmd = os.path.join(bin_dir, "wasmstore")
+        kvhost_cmd = os.path.join(bin_dir, "kvhost")
         module = os.path.join(elsewhere, "numbers.wat")
         shutil.copy(os.path.join(RUN_GUESTS, "numbers.wat"), module)
 
         def run(*argv):
-            proc = subprocess.run(list(argv), capture_output=True, text=True, cwd=elsewhere, env=env,
-                                  timeout=CLI_TIMEOUT)
+            proc = subprocess.run(list(argv), capture_output=True, text=True, cwd=elsewhere,
+                                  env=env, timeout=CLI_TIMEOUT)
             self.assertEqual(proc.returncode, 0, f"{argv}: {proc.stderr}")
             return proc.stdout.strip()
         self.assertEqual(run(kvhost_cmd, "call", "--kv", "memory:", module, "add", "2", "3"), "5")
@@ -1865,9 +1878,10 @@ class InstallTest(unittest.TestCase):
         root = os.path.join(elsewhere, "store")
         digest = run(wasmstore_cmd, "--root", root, "add", module, "/math/numbers.wasm")
         self.assertEqual(digest, sha256(wat_binary(read_text(module))))
-        self.assertEqual(run(wasmstore_cmd, "--root", root, "call", "/math/numbers.wasm", "add", "2", "3"), "5")
-        server = ServerProcess(self, None, "--root", root, "server", "--port", "0", env=env, cwd=elsewhere,
-                               command=[wasmstore_cmd])
+        self.assertEqual(run(wasmstore_cmd, "--root", root, "call", "/math/numbers.wasm", "add",
+                             "2", "3"), "5")
+        server = ServerProcess(self, None, "--root", root, "server", "--port", "0", env=env,
+                               cwd=elsewhere, command=[wasmstore_cmd])
         with urllib.request.urlopen(server.url + "/api/v1/modules", timeout=10) as reply:
             self.assertEqual(json.loads(reply.read()), {"/math/numbers.wasm": digest})
         server.process.terminate()
@@ -1879,9 +1893,10 @@ class InstallTest(unittest.TestCase):
         python = os.path.join(venv, "bin", "python")
         installer_run(self, [python, "-m", "pip", "install", "-q", "--disable-pip-version-check",
                              project_copy(self)], env=clean_environment())
-        probe = subprocess.run([python, "-c", "import importlib.metadata as m, wasmstore, kvhost, http_server; "
-                                "print(m.requires('wasmstore')); print(wasmstore.__file__)"],
-                               capture_output=True, text=True, cwd=venv, env=clean_environment(), check=True)
+        probe = subprocess.run([python, "-c", "import importlib.metadata as m, wasmstore, kvhost, "
+                                "http_server; print(m.requires('wasmstore')); "
+                                "print(wasmstore.__file__)"], capture_output=True, text=True,
+                               cwd=venv, env=clean_environment(), check=True)
         requires, where = probe.stdout.splitlines()
         self.assertEqual(requires, "['wasmtime==50.0.1']")
         self.assertTrue(where.startswith(venv + os.sep), where)
@@ -1890,7 +1905,8 @@ class InstallTest(unittest.TestCase):
     def test_pipx_install(self):
         pipx = require_file(os.path.join(PIPX_VENV, "bin", "pipx"), "PyPI pipx in .venv-pipx")
         home = temp_dir(self, "wasmstore-pipx-")
-        env = clean_environment(PIPX_HOME=os.path.join(home, "pipx"), PIPX_BIN_DIR=os.path.join(home, "bin"),
+        env = clean_environment(PIPX_HOME=os.path.join(home, "pipx"),
+                                PIPX_BIN_DIR=os.path.join(home, "bin"),
                                 PIPX_MAN_DIR=os.path.join(home, "man"))
         installer_run(self, [pipx, "install", project_copy(self)], env=env)
         self.check_commands(os.path.join(home, "bin"))
@@ -2499,14 +2515,16 @@ class MacosFallbackTest(StoreTestCase):
         # macOS names an open file /dev/fd/N: wasmtime maps the checked entry through it. With
         # no such name at all, the checked bytes are handed over as a copy. Each way, the second
         # Host loads the guest from the cache and does not compile it.
-        for directories, expected in ((("/proc/self/fd", "/dev/fd"), "file"), (("/proc/self/fd",), "bytes")):
+        for directories, expected in ((("/proc/self/fd", "/dev/fd"), "file"),
+                                      (("/proc/self/fd",), "bytes")):
             with self.subTest(directories=directories):
                 cache = temp_dir(self)
                 kvhost.Host(cache_dir=cache, kv="memory:").load(PROBE)
                 macos = like_macos(self)
                 loaded = []
                 component = kvhost.wc.Component
-                from_file, from_bytes = component.__dict__["deserialize_file"], component.__dict__["deserialize"]
+                from_file = component.__dict__["deserialize_file"]
+                from_bytes = component.__dict__["deserialize"]
                 with mock.patch.object(kvhost, "FD_DIRECTORIES", directories), \
                         mock.patch.object(component, "deserialize_file", classmethod(
                             lambda cls, engine, path: loaded.append(("file", path)) or
@@ -2536,6 +2554,26 @@ class MacosFallbackTest(StoreTestCase):
                 host.call(guest, "sleep", [3_600_000])
             self.assertEqual(caught.exception.kind, "timeout")
             self.assertLess(time.monotonic() - started, 4)
+
+    def test_a_server_of_worker_processes_serves_runs_and_drains(self):
+        # The command as a Mac runs it: a supervisor forking workers that share semaphores,
+        # metrics and compile locks, each running guests, then SIGTERM drains them all.
+        code = (MACOS_LIKE + "\nimport runpy, sys\nsys.argv = ['http_server.py'] + sys.argv[1:]\n"
+                f"runpy.run_path({HTTP_SERVER_PY!r}, run_name='__main__')\n")
+        root = os.path.join(self.tmp, "served")
+        server = ServerProcess(self, None, "--root", root, "--port", "0", "--workers", "2",
+                               "--kv", "memory:", command=[sys.executable, "-c", code])
+        numbers = guest_binary("numbers")
+        status, _, body = http_request(server.url + "/api/v1/module/num.wasm", "POST", numbers)
+        self.assertEqual(status, 200, body)
+        for _ in range(4):                           # over fresh connections: both workers serve
+            status, _, body = http_request(server.url + "/api/v1/call/add/num.wasm", "POST",
+                                           b"[2, 3]")
+            self.assertEqual((status, body), (200, b"5"))
+        status, _, body = http_request(server.url + "/api/v1/module/num.wasm")
+        self.assertEqual((status, body), (200, numbers))
+        server.process.terminate()
+        self.assertEqual(server.process.wait(30), 0)
 
     def test_the_server_serves_downloads_and_uploads(self):
         like_macos(self)
@@ -2660,7 +2698,7 @@ class HostileBackupTest(StoreTestCase):
         self.assertIn("expected at most 4,096", str(error))
 
     def test_a_killed_backup_s_temp_file_is_removed_by_the_next_backup(self):
-        debris = f"{self.archive}.{dead_pid()}.tmp"
+        debris = f"{self.archive}.{dead_pid()}-0-deadbeef.tmp"
         with open(debris, "wb") as handle:
             handle.write(b"\0" * 100_000)
         self.store.backup(self.archive)
@@ -6112,7 +6150,7 @@ class BackendContract:
         self.addCleanup(self.backend.close)
 
     def test_namespaces_are_those_holding_keys(self):
-        odd = "/apps/a b:c*.wasm"                            # a path, with the characters keys quote
+        odd = "/apps/a b:c*.wasm"                    # a path, with characters the keys quote
         self.backend.set(odd, "b1", "k", b"v")
         self.backend.set("sha256:" + "0" * 64, "b2", "k", b"v")
         self.backend.set("gone", "b", "k", b"v")
@@ -6970,6 +7008,28 @@ class CompileCacheTest(unittest.TestCase):
             digest = kvhost.hashlib.sha256(f.read()).digest()
         with open(path + ".sum", "rb") as f:
             self.assertEqual(f.read(), kvhost.CACHE_MAGIC + digest)
+
+    def test_guests_in_memory_are_bounded_by_their_compiled_bytes(self):
+        sources = [wat_binary(f"(module (func (export \"f\") (result i32) i32.const {n}))")
+                   for n in range(4)]
+        probe = kvhost.Host(cache_dir=self.cache, kv="memory:")
+        self.addCleanup(probe.close)
+        size = probe.load(sources[0]).compiled_bytes
+        self.assertEqual(size, os.path.getsize(self.artifact()))      # what the disk cache holds
+        host = kvhost.Host(cache_dir=self.cache, kv="memory:", guest_cache_bytes=2 * size + size // 2)
+        self.addCleanup(host.close)
+        guests = [host.load(source) for source in sources]
+        self.assertEqual([host.is_loaded(g.digest) for g in guests], [False, False, True, True])
+        host.load(sources[2])                                        # used: now the newest
+        host.load(sources[0])
+        self.assertEqual([host.is_loaded(g.digest) for g in guests], [True, False, True, False])
+        tiny = kvhost.Host(cache_dir=False, kv="memory:", guest_cache_bytes=1)
+        self.addCleanup(tiny.close)
+        kept = tiny.load(sources[1])
+        self.assertTrue(tiny.is_loaded(kept.digest))                 # the newest stays, however big
+        self.assertGreater(kept.compiled_bytes, 1)
+        with self.assertRaises(kvhost.ArgumentError):
+            kvhost.Host(kv="memory:", guest_cache_bytes=0)
 
     def test_compiled_guest_is_cached_and_reused(self):
         kvhost.Host(cache_dir=self.cache, kv="memory:").load(PROBE)
@@ -9860,6 +9920,104 @@ class RunCliTest(StoreTestCase):
         self.assertEqual(listed.returncode, 0)                                # the store works alone
 
 
+FIRST_RANDOM = 723471715        # randomi32.wat's first value (xorshift32 from its seed)
+
+
+class HostModuleLinkTest(StoreTestCase):
+    """--link NAME=PATH: a core module's imports from module NAME (Wess's env.randomi32) come from
+    a stored module; --stub-imports: imports nothing provides trap only when called."""
+
+    def setUp(self):
+        super().setUp()
+        self.store.add("/lib/random.wasm", guest_binary("randomi32"))
+        self.store.add("/wess/syscall.wasm", guest_binary("wess-syscall"))
+
+    def runner(self, **options):
+        runner = wasmstore.Runner(self.store, kv="memory:", timeout=5, **options)
+        self.addCleanup(runner.close)
+        return runner
+
+    def test_imports_of_a_module_name_link_to_the_stored_module(self):
+        runner = self.runner(links={"env": "/lib/random.wasm"})
+        self.assertEqual(runner.call("/wess/syscall.wasm", "random", []), FIRST_RANDOM)
+        self.assertEqual(runner.call("/wess/syscall.wasm", "random_numbers", [3]), 1024)  # where
+        self.assertEqual(runner.call("/wess/syscall.wasm", "answer", []), 42)
+
+    def test_a_link_resolves_in_the_commit_of_the_module_run(self):
+        runner = self.runner(links={"env": "lib/random.wasm"})
+        self.store.add("/lib/random.wasm", wat_binary(
+            '(module (func (export "randomi32") (result i32) (i32.const 7)))'))
+        syscall = "/wess/syscall.wasm"
+        self.assertEqual(runner.call(syscall, "random", []), 7)                  # the head's
+        self.assertEqual(runner.call(syscall, "random", [], version=0), FIRST_RANDOM)
+        self.store.remove("/lib/random.wasm")
+        with self.assertRaisesRegex(kvhost.LinkError,
+                                    r"^/wess/syscall\.wasm imports 'env', linked to "
+                                    r"/lib/random\.wasm, but there is no module at "
+                                    r"/lib/random\.wasm in commit [0-9a-f]{12}$"):
+            runner.call(syscall, "random", [])
+
+    def test_a_link_to_a_module_without_the_export_names_it(self):
+        runner = self.runner(links={"env": "/wess/syscall.wasm"})
+        self.store.add("/other.wasm", guest_binary("wess-syscall"))
+        with self.assertRaisesRegex(kvhost.LinkError,
+                                    "imports 'randomi32' from 'env', which does not export it"):
+            runner.call("/other.wasm", "random", [])
+
+    def test_without_link_or_stubs_the_import_is_named_with_both_ways_out(self):
+        with self.assertRaisesRegex(kvhost.LinkError,
+                                    r"imports 'env' 'randomi32', which this host does not provide "
+                                    r".*\(--link env=PATH\), or let it trap when called "
+                                    r"\(--stub-imports\)"):
+            self.runner().call("/wess/syscall.wasm", "answer", [])
+
+    def test_stub_imports_trap_only_when_called(self):
+        for isolation in ("thread", "process"):
+            with self.subTest(isolation=isolation):
+                runner = self.runner(stub_imports=True, isolation=isolation)
+                self.assertEqual(runner.call("/wess/syscall.wasm", "answer", []), 42)
+                with self.assertRaises(kvhost.TrapError) as caught:
+                    runner.call("/wess/syscall.wasm", "random", [])
+                self.assertEqual(caught.exception.kind, "trap")
+                self.assertIn("unknown import: `env::randomi32` has not been defined",
+                              str(caught.exception))
+        # a link still wins over the stub
+        runner = self.runner(stub_imports=True, links={"env": "/lib/random.wasm"})
+        self.assertEqual(runner.call("/wess/syscall.wasm", "random", []), FIRST_RANDOM)
+
+    def test_the_command_lines_link(self):
+        syscall = "/wess/syscall.wasm"
+        proc = run_cli(self.root, "call", "--link", "env=/lib/random.wasm", syscall, "random")
+        self.assertEqual((proc.returncode, proc.stdout), (0, f"{FIRST_RANDOM}\n"), proc.stderr)
+        proc = run_cli(self.root, "call", "--stub-imports", syscall, "answer")
+        self.assertEqual((proc.returncode, proc.stdout), (0, "42\n"), proc.stderr)
+        proc = run_cli(self.root, "call", "--link", "env=/a.wasm", "--link", "env=/b.wasm", syscall,
+                       "random")
+        self.assertEqual((proc.returncode, proc.stderr),
+                         (1, "wasmstore: error: --link 'env'= is given twice (/a.wasm and "
+                             "/b.wasm)\n"))
+        files = [os.path.join(RUN_GUESTS, name + ".wat") for name in ("randomi32", "wess-syscall")]
+        proc = run_kvhost("call", "--kv", "memory:", "--link", f"env={files[0]}", files[1],
+                          "random")
+        self.assertEqual((proc.returncode, proc.stdout), (0, f"{FIRST_RANDOM}\n"), proc.stderr)
+        proc = run_kvhost("call", "--kv", "memory:", "--link", "env", files[1], "random")
+        self.assertEqual((proc.returncode, proc.stderr),
+                         (2, "kvhost: error: invalid --link 'env': expected NAME=FILE\n"))
+
+    def test_the_server_links(self):
+        args = http_server.build_parser().parse_args(["--link", "env=lib/random.wasm",
+                                                      "--stub-imports"])
+        options = http_server.run_options(args)
+        self.assertEqual((options["links"], options["stub_imports"]),
+                         ({"env": "/lib/random.wasm"}, True))
+        live = LiveServer(self, self.root, run={"kv": "memory:", "links": options["links"]})
+        status, _, body = live.request("POST", "/api/v1/call/random/wess/syscall.wasm", b"[]")
+        self.assertEqual((status, body), (200, str(FIRST_RANDOM).encode()))
+        proc = run_http_server("--root", self.root, "--port", "0", "--link", "env=../x")
+        self.assertEqual(proc.returncode, 2)
+        self.assertIn("http_server.py: error: invalid path '../x'", proc.stderr)
+
+
 class RunHttpTest(unittest.TestCase):
     """The run routes on a live server: results, every error case, limits, queueing, metrics."""
 
@@ -10172,6 +10330,188 @@ class PyCounterServerTest(unittest.TestCase):
 
 
 # =================================================================================================
+# The Wess API (/wess): the requests of Wess's Behave scenarios, k6 script and README, unchanged
+# =================================================================================================
+
+# Modules of the shapes Wess's examples have (Rust cdylibs: a memory and the functions).
+WESS_THE_ANSWER = """(module (memory (export "memory") 16)
+  (func (export "the_answer") (result i32) (i32.const 42)))"""
+WESS_FIBONACCI = """(module (memory (export "memory") 16)
+  (func (export "fibonacci") (param $n i32) (result i32)
+    (local $a i32) (local $b i32) (local $t i32)
+    (local.set $b (i32.const 1))
+    (block $done (loop $next
+      (br_if $done (i32.eqz (local.get $n)))
+      (local.set $t (i32.add (local.get $a) (local.get $b)))
+      (local.set $a (local.get $b)) (local.set $b (local.get $t))
+      (local.set $n (i32.sub (local.get $n) (i32.const 1))) (br $next)))
+    (local.get $a)))"""
+WESS_SUM_F32 = """(module (memory (export "memory") 16)
+  (func (export "sum") (param f32 f32) (result f32) (f32.add (local.get 0) (local.get 1))))"""
+WESS_SUM_I64 = """(module (memory (export "memory") 16)
+  (func (export "sum") (param i64 i64) (result i64) (i64.add (local.get 0) (local.get 1))))"""
+
+
+def wess_payload(wat, function, returns, args):
+    """A Wess upload as its clients build it: the module as an array of byte values."""
+    return {"wasm": list(wat_binary(wat)),
+            "metadata": {"functionName": function, "returnType": returns, "args": args}}
+
+
+class WessApiTest(unittest.TestCase):
+    """Wess's API under /wess, driven as Wess's own clients drive it: bodies without a
+    Content-Type (its Behave steps send data=json.dumps(...) with requests), statuses and
+    {"message": ...} bodies as its steps and k6 checks read them."""
+
+    def setUp(self):
+        self.live = LiveServer(self, run={"kv": "memory:", "timeout": 5,
+                                          "links": {"env": "/lib/random.wasm"}})
+        self.base = "/wess"                 # the only change a Wess client needs: its base URL
+
+    def send(self, method, path="", document=None, raw=None, headers=None):
+        body = raw
+        if body is None and document is not None:
+            body = json.dumps(document).encode()
+        status, reply_headers, data = self.live.request(method, self.base + path, body, headers)
+        self.assertEqual(reply_headers["content-type"], "application/json", data)
+        return status, json.loads(data)
+
+    def create(self, payload):
+        status, body = self.send("POST", "", payload)
+        self.assertEqual(status, 202, body)
+        return body["message"]["id"]
+
+    def test_the_crud_scenarios(self):
+        # Wess's crud.feature: create the_answer (202, a uuid4 id), update it with fibonacci,
+        # delete it.
+        module_id = self.create(wess_payload(WESS_THE_ANSWER, "the_answer", ["I32"], []))
+        self.assertEqual(uuid.UUID(module_id, version=4).hex, module_id.replace("-", ""))
+        self.assertEqual(uuid.UUID(module_id).version, 4)
+        fibonacci = wess_payload(WESS_FIBONACCI, "fibonacci", ["I64"], ["I32"])   # as in Wess's
+        answer = (202, {"message": {"id": module_id}})
+        self.assertEqual(self.send("PUT", f"/{module_id}", fibonacci), answer)
+        self.assertEqual(self.send("POST", f"/{module_id}", [10]), (200, {"message": [55]}))
+        self.assertEqual(self.send("GET", f"/{module_id}"), (202, {"message": fibonacci}))
+        self.assertEqual(self.send("DELETE", f"/{module_id}"), answer)
+        self.assertEqual(self.send("GET", f"/{module_id}"),
+                         (404, {"message": "Invalid Id: Not found"}))
+
+    def test_the_load_test_counts_what_its_users_created(self):
+        # k6.js: many virtual users POST sum_f32_f32 at once; its teardown GETs the base URL and
+        # compares the message with the number created.
+        payload = wess_payload(WESS_SUM_F32, "sum", ["F32"], ["F32", "F32"])
+        ids, errors = [], []
+
+        def user():
+            try:
+                for _ in range(4):
+                    ids.append(self.create(payload))
+            except Exception as exc:            # reported below
+                errors.append(exc)
+        users = [threading.Thread(target=user) for _ in range(6)]
+        for thread in users:
+            thread.start()
+        for thread in users:
+            thread.join()
+        self.assertEqual(errors, [])
+        self.assertEqual(len(set(ids)), 24)
+        self.assertEqual(self.send("GET"), (202, {"message": 24}))
+        self.assertEqual(self.send("POST", f"/{ids[0]}", [1.5, 2.25]), (200, {"message": [3.75]}))
+
+    def test_a_call_answers_the_results_as_a_list(self):
+        sum64 = self.create(wess_payload(WESS_SUM_I64, "sum", ["I64"], ["I64", "I64"]))
+        x, y = 2 ** 40, 12345
+        self.assertEqual(self.send("POST", f"/{sum64}", [x, y]), (200, {"message": [x + y]}))
+        status, body = self.send("POST", f"/{sum64}", [1])
+        self.assertEqual(status, 400)
+        self.assertIn("sum takes 2 argument(s)", body["message"])
+
+    def test_the_syscall_example_runs_with_its_host_module_linked(self):
+        self.live.store.add("/lib/random.wasm", guest_binary("randomi32"))
+        syscall = wess_payload(read_text(os.path.join(RUN_GUESTS, "wess-syscall.wat")), "random",
+                               ["I32"], ["I32"])
+        module_id = self.create(syscall)
+        self.assertEqual(self.send("POST", f"/{module_id}", []), (200, {"message": [FIRST_RANDOM]}))
+        syscall["metadata"]["functionName"] = "free_memory"
+        self.send("PUT", f"/{module_id}", syscall)
+        self.assertEqual(self.send("POST", f"/{module_id}", [0]), (200, {"message": []}))
+
+    def test_errors_are_json_messages_with_wess_statuses(self):
+        module_id = self.create(wess_payload(WESS_THE_ANSWER, "the_answer", ["I32"], []))
+        missing = str(uuid.uuid4())
+        cases = [
+            (("POST", "", None, b"{not json"), 400, "Invalid Json: "),
+            (("POST", "", {"wasm": [0, 97, 115, 109], "metadata": {}}, None), 400,
+             "Invalid Json: metadata."),
+            (("POST", "", {"wasm": [256], "metadata": {}}, None), 400,
+             "Invalid Json: wasm must be"),
+            (("POST", "", wess_payload("(module)", "f", ["I8"], []), None), 400,
+             "Invalid Json: metadata.returnType must"),
+            (("POST", "", {"wasm": [99, 99, 99, 99], "metadata": {
+                "functionName": "f", "returnType": ["I32"], "args": []}}, None), 400,
+             "Invalid Wasm: "),
+            (("GET", "/not-a-uuid", None, None), 400, "Invalid ID: "),
+            (("PUT", f"/{missing}", wess_payload(WESS_THE_ANSWER, "f", [], []), None), 404,
+             "Invalid Id: Not found"),
+            (("DELETE", f"/{missing}", None, None), 404, "Invalid Id: Not found"),
+            (("POST", f"/{missing}", [], None), 404, "Invalid Id: Not found"),
+            (("POST", "/not-a-uuid", [], None), 404, "Invalid Id: Not found"),
+            (("POST", f"/{module_id}", None, b"[1"), 400, "Invalid Json: "),
+            (("POST", f"/{module_id}", {"a": 1}, None), 400, "Invalid Json: expected a JSON array"),
+        ]
+        for (method, path, document, raw), status, message in cases:
+            with self.subTest(method=method, path=path, raw=raw):
+                answer = self.send(method, path, document, raw)
+                self.assertEqual(answer[0], status, answer)
+                self.assertTrue(answer[1]["message"].startswith(message), answer)
+        self.assertEqual(self.send("GET"), (202, {"message": 1}))       # nothing else was stored
+
+    def test_a_trap_is_422_not_wess_s_500(self):
+        trap = self.create(wess_payload('(module (func (export "boom") unreachable))', "boom",
+                                        [], []))
+        status, headers, data = self.live.request("POST", f"/wess/{trap}", b"[]")
+        self.assertEqual((status, headers["wasmstore-error"]), (422, "trap"))
+        self.assertIn("unreachable", json.loads(data)["message"])
+
+    def test_modules_live_in_the_store_versioned_like_any_other_path(self):
+        first = wess_payload(WESS_THE_ANSWER, "the_answer", ["I32"], [])
+        module_id = self.create(first)
+        path = f"/wess/{module_id}"
+        second = wess_payload(WESS_FIBONACCI, "fibonacci", ["I32"], ["I32"])
+        self.send("PUT", f"/{module_id}", second)
+        store = self.live.store
+        self.assertEqual(len(store.versions(path)), 2)
+        self.assertTrue(store.find(path).startswith(wat_binary(WESS_FIBONACCI)))  # then metadata
+        status, _, body = self.live.request("POST", f"/api/v1/call/fibonacci{path}", b"[7]")
+        self.assertEqual((status, body), (200, b"13"))
+        self.live.request("POST", f"/api/v1/rollback{path}")
+        self.assertEqual(self.send("GET", f"/{module_id}"), (202, {"message": first}))  # metadata
+        self.assertEqual(self.send("POST", f"/{module_id}", []), (200, {"message": [42]}))
+        self.assertEqual(store.log(1)[0]["message"], f"Rollback {path}")
+        other = str(uuid.uuid4())                           # stored without /wess: no metadata
+        store.add(f"/wess/{other}", wat_binary(WESS_THE_ANSWER))
+        status, body = self.send("GET", f"/{other}")
+        self.assertEqual(status, 422)
+        self.assertIn("was not stored through /wess", body["message"])
+
+    def test_keys_apply_with_json_messages(self):
+        live = LiveServer(self, auth="W:read,write,run@/wess/;A:*@/apps/", run={"kv": "memory:"})
+        payload = json.dumps(wess_payload(WESS_THE_ANSWER, "the_answer", ["I32"], [])).encode()
+        status, _, body = live.request("POST", "/wess", payload)
+        self.assertEqual((status, json.loads(body)["message"]),
+                         (401, "missing key (send it in Wasmstore-Auth)"))
+        status, _, body = live.request("POST", "/wess", payload, {"Wasmstore-Auth": "A"})
+        self.assertEqual(status, 403)
+        status, _, body = live.request("POST", "/wess", payload, {"Wasmstore-Auth": "W"})
+        self.assertEqual(status, 202, body)
+        module_id = json.loads(body)["message"]["id"]
+        status, _, body = live.request("POST", f"/wess/{module_id}", b"[]", {"Wasmstore-Auth": "W"})
+        self.assertEqual((status, body), (200, b'{"message":[42]}'))
+        self.assertEqual(live.request("GET", "/wess", None, {"Wasmstore-Auth": "A"})[2],
+                         b'{"message":0}')
+
+
+# =================================================================================================
 # Hostile input: what an attacker, a broken peer or a careless script sends, as tables of cases
 # with the answer each must get; the server keeps serving and nothing changes
 # =================================================================================================
@@ -10359,9 +10699,12 @@ class GuestOutputTest(unittest.TestCase):
 
         def shout(fd):              # 4 MiB each; a pipe holds 64 KiB, and nobody reads these two
             started = time.monotonic()
-            status, _, body = http_request(f"http://127.0.0.1:{port}/api/v1/call/shout/out/shout.wasm", "POST",
-                                           json.dumps([fd, 64]).encode())
-            results.append((status, body, time.monotonic() - started < 3))
+            try:
+                status, _, body = http_request(f"http://127.0.0.1:{port}/api/v1/call/shout/out/shout.wasm",
+                                               "POST", json.dumps([fd, 64]).encode())
+                results.append((status, body, time.monotonic() - started < 3))
+            except OSError as e:    # what the assertion below shows
+                results.append(e)
         threads = [threading.Thread(target=shout, args=(fd,)) for fd in (1, 2, 1, 2)]
         for thread in threads:
             thread.start()
@@ -10395,6 +10738,66 @@ class GuestOutputTest(unittest.TestCase):
             kvhost.Host(output="loud")
 
 
+def worker_processes():
+    """Pids of this process's live kvhost worker processes (children running kvhost._worker_main)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and not process_ended(int(entry)):
+            with contextlib.suppress(OSError):
+                with open(f"/proc/{entry}/stat", "rb") as f:
+                    parent = int(f.read().rsplit(b")", 1)[1].split()[1])
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    if parent == os.getpid() and b"_worker_main" in f.read():
+                        found.append(int(entry))
+    return found
+
+
+def process_ended(pid):
+    """True once every thread of process pid has exited (its files, pipes included, are closed):
+    a killed process's leader is a zombie before wasmtime's runtime threads have ended."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().rsplit(b")", 1)[1].split()[0]
+        return state in (b"Z", b"X") and len(os.listdir(f"/proc/{pid}/task")) <= 1
+    except OSError:
+        return True
+
+
+def kill_idle_workers():
+    """SIGKILL every worker process of this process, and wait until each has wholly ended."""
+    pids = wait_until(worker_processes, 30, "a worker process")
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    wait_until(lambda: all(map(process_ended, pids)), 30, "the killed workers to end")
+    return pids
+
+
+class WorkerDeathTest(unittest.TestCase):
+    """A worker process that dies while idle (killed, out of memory) is replaced before use: the
+    next call runs, it does not fail as a crash."""
+
+    def test_the_next_call_after_an_idle_worker_died_runs(self):
+        host = kvhost.Host(isolation="process", workers=2, cache_dir=False, timeout=10)
+        self.addCleanup(host.close)
+        guest = host.load(os.path.join(RUN_GUESTS, "numbers.wat"))
+        self.assertEqual(host.call(guest, "add", [1, 2]), 3)
+        for attempt in range(3):
+            with self.subTest(attempt=attempt):
+                kill_idle_workers()
+                self.assertEqual(host.call(guest, "add", [attempt, 1]), attempt + 1)
+
+    def test_the_server_keeps_answering_after_its_workers_died_while_idle(self):
+        live = LiveServer(self, run={"kv": "memory:", "timeout": 5})
+        fill_run_store(live.store, paths={"/p2/sleep.wasm"})
+        call = ("POST", "/api/v1/call/sleep/p2/sleep.wasm", b"[1]")
+        self.assertEqual(live.request(*call)[0], 200)
+        for attempt in range(3):
+            with self.subTest(attempt=attempt):
+                kill_idle_workers()
+                status, headers, body = live.request(*call)
+                self.assertEqual((status, headers.get("wasmstore-error")), (200, None), body)
+
+
 # =================================================================================================
 # HTTP apps in kvhost (Host.handle_http): the wasi:http proxy world served by kvhost's own imports
 # =================================================================================================
@@ -10408,7 +10811,8 @@ HTTP_COUNTER = os.path.join(HTTP_GUESTS, "counter.wat")
 JS_HTTP = os.path.join(HERE, "build", "js-http.wasm")             # jco fetch handler
 PY_HTTP = os.path.join(HERE, "build", "py-http.wasm")             # componentize-py handler
 # The case numbers of wasi:http's error-code that the outbound guest reports.
-ERROR_CODE_CASES = {"connection-refused": 6, "TLS-certificate-error": 13, "HTTP-request-denied": 15}
+ERROR_CODE_CASES = {"connection-refused": 6, "connection-timeout": 8, "connection-read-timeout": 9,
+                    "TLS-certificate-error": 13, "HTTP-request-denied": 15}
 
 
 class RecordingSink:
@@ -10528,6 +10932,18 @@ class HttpHandlerTest(HttpTestCase):
         with self.assertRaisesRegex(kvhost.NotHttpHandler, "does not export wasi:http/incoming-handler"):
             self.host.handle_http(guest, incoming_request(), RecordingSink())
 
+    def test_guests_of_any_0_2_version_link(self):
+        # Toolchains emit 0.2.0 (wasi-libc, componentize-py), 0.2.3, 0.2.6, 0.2.10 (jco), ...;
+        # each interface is defined once and matched semver-compatibly, newer patch levels too.
+        with open(HTTP_HELLO) as f:
+            text = f.read()
+        for version in ("0.2.3", "0.2.6", "0.2.12", "0.2.40"):
+            with self.subTest(version=version):
+                outcome, sink = self.serve(text.replace("@0.2.0", "@" + version).encode())
+                self.assertEqual(sink.body(), b"hello from wasm\n")
+        with self.assertRaisesRegex(kvhost.LinkError, "cannot link .* as an HTTP handler.*wasi:io/error@0.3"):
+            self.serve(text.replace("wasi:io/error@0.2.0", "wasi:io/error@0.3.0").encode())
+
     def test_a_core_module_is_not_a_handler(self):
         guest = self.host.load(os.path.join(RUN_GUESTS, "numbers.wat"))
         with self.assertRaisesRegex(kvhost.NotHttpHandler, "core module"):
@@ -10578,6 +10994,22 @@ class HttpHandlerTest(HttpTestCase):
         self.assertEqual(writes[-16:], [b"chunk %02d\n" % i for i in range(16)])
         self.assertEqual(sink.events[-1], ("finish", None))
 
+    def test_the_sink_is_flushed_before_the_guest_waits_for_the_body(self):
+        # A sink that gathers writes learns when the guest is about to wait (here, for the
+        # request body), so what it wrote reaches the client meanwhile; never twice in a row.
+        class FlushingSink(RecordingSink):
+            def flush(self):
+                self.events.append(("flush",))
+        sink = FlushingSink()
+        reader = ChunkReader(30_000, chunk=10_000)
+        self.host.handle_http(self.host.load(HTTP_ECHO), incoming_request("POST", "/f", body=reader), sink)
+        self.assertEqual(sink.events[:3], [("start", 200, []), ("write", b"POST /f\n\n"), ("flush",)])
+        self.assertEqual(sink.body(), b"POST /f\n\n" + reader_body(30_000, 10_000))
+        kinds = [event[0] for event in sink.events]
+        self.assertGreaterEqual(kinds.count("flush"), 3)
+        self.assertNotIn(("flush", "flush"), list(zip(kinds, kinds[1:])))
+        self.assertEqual(kinds[-1], "finish")
+
     def test_a_request_is_checked_at_the_boundary(self):
         with self.assertRaisesRegex(kvhost.ArgumentError, "invalid HTTP method"):
             kvhost.HttpRequest("GET /", "http", "h", "/", [], None)
@@ -10624,7 +11056,7 @@ class HttpSemanticsTest(HttpTestCase):
         # poll([a timer of an hour, a timer of 0]) is [1], and the hour's ready() false: what
         # wasmtime serve answers too. (wasmtime 50 passes a host function two borrowed handles
         # only with the engine's concurrency support off, as kvhost's engine has it.)
-        _, sink = self.serve(HTTP_PROBE, http_request(path="/p"))
+        _, sink = self.serve(HTTP_PROBE, incoming_request(path="/p"))
         self.assertEqual(sink.body(), b"poll 1 ready 0\n")
 
     def test_a_guest_blocked_in_a_poll_is_stopped_at_the_deadline(self):
@@ -10728,12 +11160,17 @@ class HttpKeyvalueTest(unittest.TestCase):
 
 
 class OutboundServer:
-    """A local HTTP (or HTTPS) server on a free loopback port, answering every GET with 200 and
-    "upstream saw <path>", served from a thread."""
+    """A local HTTP (or HTTPS) server on a free loopback port, served from a thread, answering
+    every GET with 200 and "upstream saw <path>", or as answer(handler) does."""
 
-    def __init__(self, testcase, tls=None):
+    def __init__(self, testcase, tls=None, answer=None):
         class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
             def do_GET(self):
+                if answer is not None:
+                    answer(self)
+                    return
                 body = f"upstream saw {self.path}".encode()
                 self.send_response(200)
                 self.send_header("Content-Length", str(len(body)))
@@ -10763,12 +11200,12 @@ class HttpOutboundTest(unittest.TestCase):
     """wasi:http/outgoing-handler: refused unless the destination is allowed, then sent by
     http.client; the guest (guests/http/outbound.wat) forwards to its x-upstream header."""
 
-    def forward(self, upstream, allow=(), path="/hello?x=1"):
+    def forward(self, upstream, allow=(), path="/hello?x=1", headers=(), sink=None):
         host = kvhost.Host(cache_dir=False, timeout=10, allow_outbound=list(allow))
         self.addCleanup(host.close)
-        sink = RecordingSink()
-        host.handle_http(host.load(HTTP_OUTBOUND), incoming_request(path=path, headers=[("x-upstream", upstream.encode())]),
-                         sink)
+        sink = sink or RecordingSink()
+        headers = [("x-upstream", upstream.encode()), *headers]
+        host.handle_http(host.load(HTTP_OUTBOUND), incoming_request(path=path, headers=headers), sink)
         return sink.status(), sink.body()
 
     def test_refused_by_default(self):
@@ -10814,6 +11251,55 @@ class HttpOutboundTest(unittest.TestCase):
             host.handle_http(host.load(HTTP_OUTBOUND),
                              incoming_request(headers=[("x-upstream", f"127.0.0.1:{server.port}".encode())]), sink)
         self.assertEqual((sink.status(), sink.body()), (200, b"upstream"))     # the first 8 bytes, then the error
+
+    def test_the_response_body_reaches_the_guest_as_it_arrives(self):
+        # The upstream sends its second chunk only once the first reached the guest's client:
+        # a host that waited for a full read would stall here until the deadline.
+        first_seen = threading.Event()
+
+        def answer(handler):
+            handler.send_response(200)
+            handler.send_header("Transfer-Encoding", "chunked")
+            handler.end_headers()
+            handler.wfile.write(b"6\r\npart1\n\r\n")
+            handler.wfile.flush()
+            first_seen.wait(10)
+            handler.wfile.write(b"6\r\npart2\n\r\n0\r\n\r\n")
+
+        class WatchingSink(RecordingSink):
+            def write(self, data):
+                super().write(data)
+                if b"part1" in self.body():
+                    first_seen.set()
+        server = OutboundServer(self, answer=answer)
+        started = time.monotonic()
+        upstream = f"127.0.0.1:{server.port}"
+        self.assertEqual(self.forward(upstream, [upstream], sink=WatchingSink()), (200, b"part1\npart2\n"))
+        self.assertLess(time.monotonic() - started, 5)
+
+    def test_the_first_byte_timeout_of_request_options(self):
+        answered = threading.Event()
+        self.addCleanup(answered.set)
+        server = OutboundServer(self, answer=lambda handler: answered.wait(10))     # never answers
+        upstream = f"127.0.0.1:{server.port}"
+        started = time.monotonic()
+        self.assertEqual(self.forward(upstream, [upstream], headers=[("x-timeout", b"1")]),
+                         (502, b"error-code %02d\n" % ERROR_CODE_CASES["connection-read-timeout"]))
+        self.assertLess(time.monotonic() - started, 5)               # 300 ms, not the 30 s default
+
+    def test_the_connect_timeout_of_request_options(self):
+        # A listening socket whose backlog of one is taken: the next connect is never accepted.
+        listener = socket.socket()
+        self.addCleanup(listener.close)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        port = listener.getsockname()[1]
+        waiting = socket.create_connection(("127.0.0.1", port))
+        self.addCleanup(waiting.close)
+        started = time.monotonic()
+        self.assertEqual(self.forward(f"127.0.0.1:{port}", [f"127.0.0.1:{port}"], headers=[("x-timeout", b"1")]),
+                         (502, b"error-code %02d\n" % ERROR_CODE_CASES["connection-timeout"]))
+        self.assertLess(time.monotonic() - started, 5)
 
     def test_the_allow_list_is_checked(self):
         self.assertEqual(kvhost.parse_outbound(["Example.com", "127.0.0.1:8080", "[::1]:443"]),
@@ -10948,6 +11434,29 @@ def raw_exchange(port, data, timeout=10):
         return read_until_closed(sock, timeout)
 
 
+def parsed_response(raw):
+    """(status, {lower-case name: value}, payload, whole) of one raw HTTP/1.1 response, interim
+    1xx responses skipped: the payload dechunked when chunked; whole says whether it ended as
+    its framing says (the last chunk, all of its Content-Length, or the end of the connection)."""
+    head, _, rest = raw.partition(b"\r\n\r\n")
+    while head.split(b" ", 2)[1:2] and head.split(b" ", 2)[1].startswith(b"1"):
+        head, _, rest = rest.partition(b"\r\n\r\n")
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    headers = {}
+    for line in lines:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    if headers.get("transfer-encoding", "").lower() == "chunked":
+        try:
+            return int(status_line.split()[1]), headers, dechunk(rest), True
+        except ValueError:                     # no last chunk: cut short
+            return int(status_line.split()[1]), headers, rest, False
+    if "content-length" in headers:
+        return (int(status_line.split()[1]), headers, rest,
+                len(rest) == int(headers["content-length"]))
+    return int(status_line.split()[1]), headers, rest, True
+
+
 def refused(port):
     """True once nothing accepts connections on the loopback port."""
     try:
@@ -11023,7 +11532,7 @@ class ServeAppTests(unittest.TestCase):
         live = app_server(self, serve="/apps/echo.wasm")
         request = (b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nX-B: 1\r\nX-A: 2\r\nx-b: 3\r\n"
                    b"Connection: close, X-Hop\r\nX-Hop: gone\r\nTE: trailers\r\nKeep-Alive: 5\r\n\r\n")
-        line, headers, _ = echoed(raw_exchange(live.port, request).partition(b"\r\n\r\n")[2])
+        line, headers, _ = echoed(parsed_response(raw_exchange(live.port, request))[2])
         self.assertEqual(line, "GET /")
         self.assertEqual({name for name, _ in headers}, {"x-a", "x-b"})    # host: the authority
         self.assertEqual([value for name, value in headers if name == "x-b"], ["1", "3"])
@@ -11053,9 +11562,10 @@ class ServeAppTests(unittest.TestCase):
             live.store.add("/apps/site.wasm", hello_app(b"version two  :)\n"))
             self.assertEqual(live.request("GET", "/")[2], b"version two  :)\n")
             sock.sendall(b"-half")
-            reply = read_until_close(sock, 5)
-        self.assertIn(b"POST /old\n", reply)
-        self.assertTrue(reply.endswith(b"first-half"), reply[-40:])
+            status, _, body, whole = parsed_response(read_until_close(sock, 5))
+        self.assertEqual((status, whole), (200, True))
+        self.assertEqual(echoed(body)[0], "POST /old")
+        self.assertEqual(echoed(body)[2], b"first-half")
 
     def test_a_branch_a_version_or_a_commit_pins_the_app(self):
         live = app_server(self, {"/a.wasm": hello_app(b"version zero   \n")}, serve="/a.wasm")
@@ -11133,26 +11643,46 @@ class AppFramingTests(unittest.TestCase):
         self.assertEqual(len(body), 262144)
 
     def test_request_bodies_and_heads_are_bounded(self):
-        live = app_server(self, serve="/apps/echo.wasm", max_body=1000)
-        status, headers, _ = live.request("POST", "/", b"x" * 1001)
+        live = app_server(self, serve="/apps/framing.wasm", max_body=1000)
+        status, headers, _ = live.request("POST", "/b", b"x" * 1001)
         self.assertEqual((status, headers["wasmstore-error"]), (413, "request"))
-        response = raw_exchange(live.port, b"POST / HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-                                b"Transfer-Encoding: chunked\r\n\r\n400\r\n" + b"x" * 1024 + b"\r\n0\r\n\r\n")
+        self.assertEqual(live.request("POST", "/b", b"x" * 1000)[2], b"read 1000\n")
+        over = b"Transfer-Encoding: chunked\r\n\r\n400\r\n" + b"x" * 1024 + b"\r\n0\r\n\r\n"
+        response = raw_exchange(live.port, b"POST /b HTTP/1.1\r\nHost: 127.0.0.1\r\n" + over)
         self.assertEqual(statuses(response), [413])
         many = b"".join(b"X-%d: v\r\n" % i for i in range(200))
         self.assertEqual(statuses(raw_exchange(live.port, b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n" + many
                                                + b"\r\n")), [431])
 
-    def test_expect_continue_is_answered_when_the_guest_reads(self):
-        live = app_server(self, serve="/apps/echo.wasm")
-        with socket.create_connection(("127.0.0.1", live.port), timeout=10) as sock:
-            sock.sendall(b"POST /x HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 4\r\n"
+    def test_a_body_over_the_bound_after_the_head_went_out_closes_the_connection(self):
+        live = app_server(self, serve="/apps/echo.wasm", max_body=1000)
+        over = b"Transfer-Encoding: chunked\r\n\r\n400\r\n" + b"x" * 1024 + b"\r\n0\r\n\r\n"
+        status, _, _, whole = parsed_response(raw_exchange(live.port, b"POST / HTTP/1.1\r\n"
+                                                           b"Host: 127.0.0.1\r\n" + over))
+        self.assertEqual((status, whole), (200, False))    # echo.wat answers before it reads
+        self.assertEqual(live.request("GET", "/")[0], 200)
+
+    def test_expect_continue_is_answered_when_the_guest_reads_before_it_answers(self):
+        with socket.create_connection(("127.0.0.1", self.live.port), timeout=10) as sock:
+            sock.sendall(b"POST /b HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 4\r\n"
                          b"Expect: 100-continue\r\nConnection: close\r\n\r\n")
             self.assertEqual(sock.recv(100), b"HTTP/1.1 100 Continue\r\n\r\n")
             sock.sendall(b"body")
-            response = read_until_closed(sock, 5)
-        self.assertIn(b"POST /x\n", response)
-        self.assertTrue(response.endswith(b"\n\nbody"))
+            status, _, body, whole = parsed_response(read_until_closed(sock, 5))
+        self.assertEqual((status, body, whole), (200, b"read 4\n", True))
+
+    def test_a_guest_that_answers_before_reading_gets_no_100_continue_after_its_head(self):
+        live = app_server(self, serve="/apps/echo.wasm")      # echo.wat streams: head first
+        with socket.create_connection(("127.0.0.1", live.port), timeout=10) as sock:
+            sock.sendall(b"POST /x HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 4\r\n"
+                         b"Expect: 100-continue\r\nConnection: close\r\n\r\n")
+            first = sock.recv(100)
+            self.assertTrue(first.startswith(b"HTTP/1.1 200 OK\r\n"), first)
+            sock.sendall(b"body")                            # as curl does after a 2xx
+            raw = first + read_until_closed(sock, 5)
+        self.assertNotIn(b"100 Continue", raw)
+        status, _, body, whole = parsed_response(raw)
+        self.assertEqual((status, echoed(body)[0], echoed(body)[2], whole), (200, "POST /x", b"body", True))
 
     def test_an_unread_body_is_dropped_when_small_and_closes_the_connection_when_large(self):
         live = app_server(self, serve="/apps/hello.wasm")
@@ -11266,6 +11796,7 @@ class AppRouteTests(unittest.TestCase):
         self.assertEqual(live.request("POST", "/api/v1/app/apps/echo.wasm/", headers={"Origin": own})[0], 200)
         self.assertEqual(live.request("GET", "/api/v1/app/apps/echo.wasm/", headers={"Host": "evil.example"})[0],
                          421)
+        wait_for_log_line(live, r'"POST /api/v1/app/apps/echo\.wasm/" 200')   # accounted after its reply
         calls = metric(live.server.metrics.render().decode(), "wasmstore_guest_calls_total",
                        module="/apps/echo.wasm", function="http", outcome="ok")
         self.assertEqual(calls, 1)
@@ -11289,7 +11820,8 @@ class AppLimitsTests(unittest.TestCase):
         self.assertEqual((status, headers["wasmstore-error"]), (503, "busy"))
         self.assertIn("retry-after", headers)
         sock.sendall(b"b")
-        self.assertTrue(read_until_closed(sock, 5).endswith(b"\n\nab"))
+        status, _, body, whole = parsed_response(read_until_closed(sock, 5))
+        self.assertEqual((status, echoed(body)[2], whole), (200, b"ab", True))
         self.assertEqual(live.request("GET", "/")[0], 200)
 
     def test_a_queued_request_runs_when_the_slot_frees(self):
@@ -11360,9 +11892,8 @@ class ServeCommandTest(StoreTestCase):
             server.process.send_signal(signal.SIGTERM)
             wait_until(lambda: refused(server.port), message="the server to stop accepting")
             sock.sendall(b"cd")
-            reply = read_until_closed(sock, 10)
-        self.assertTrue(reply.endswith(b"\n\nabcd"), reply[-60:])
-        self.assertIn(b"Connection: close", reply)
+            status, _, body, whole = parsed_response(read_until_closed(sock, 10))   # then closed
+        self.assertEqual((status, echoed(body)[2], whole), (200, b"abcd", True))
         self.assertEqual(server.process.wait(15), 0)
 
     def test_a_100_mb_upload_streams_through_and_is_never_whole_in_memory(self):
@@ -11455,15 +11986,10 @@ def request_concurrently(port, method, target, body=b"", headers=None):
         lines.append(f"Content-Length: {len(body or b'')}")
     received = bytearray()
     exchange_concurrently(port, ("\r\n".join(lines) + "\r\n\r\n").encode(), body or b"", received.extend)
-    head, _, payload = bytes(received).partition(b"\r\n\r\n")
-    status_line, *fields = head.decode("latin-1").split("\r\n")
-    found = {}
-    for field in fields:
-        name, _, value = field.partition(":")
-        found[name.strip().lower()] = value.strip()
-    if found.get("transfer-encoding", "").lower() == "chunked":
-        payload = dechunk(payload)
-    return int(status_line.split()[1]), found, payload
+    status, found, payload, whole = parsed_response(bytes(received))
+    if not whole:
+        raise AssertionError(f"{method} {target}: the response was cut short")
+    return status, found, payload
 
 
 def stream_through(port, size):

@@ -94,7 +94,8 @@ __all__ = [
     "Store", "Cache", "SharedFd", "StoreError", "InvalidInput", "InvalidModule", "TooLarge", "NotFound",
     "Conflict", "MergeConflict", "CorruptObject", "FsckReport", "validate_path", "format_path",
     "validate_branch", "validate_hash", "validate_module", "load_backup", "main",
-    "ERROR_STATUS", "ErrorMeaning", "error_status", "Runner", "Target", "default_kv_url", "kv_options", "parse_namespace_map",
+    "ERROR_STATUS", "ErrorMeaning", "error_status", "Runner", "Target", "default_kv_url",
+    "kv_options", "parse_namespace_map", "parse_links",
     "RegistryError", "OciReference", "WasmArtifact", "Credentials", "RegistryClient",
     "TransferReport", "wasm_interface", "module_artifact", "registry_credentials",
     "docker_config_file", "validate_module_file", "is_branch_tag", "push", "push_all", "pull",
@@ -787,24 +788,31 @@ def _unlink_quietly(path):
 _temp_names = itertools.count()
 
 
-def _new_temp(tmp_dir, mode=0o600):
-    """(path, fd) of a new file in tmp_dir; the name starts with our pid so that a later
-    writer can tell a killed writer's debris (see _remove_debris)."""
-    name = f"{os.getpid()}-{next(_temp_names)}-{os.urandom(4).hex()}.tmp"
-    path = os.path.join(tmp_dir, name)
+def _new_temp(directory, mode=0o600, prefix=""):
+    """(path, fd) of a new file "<prefix><pid>-<n>-<random>.tmp" in directory: the pid lets a
+    later writer tell a killed writer's debris (see _remove_debris)."""
+    name = f"{prefix}{os.getpid()}-{next(_temp_names)}-{os.urandom(4).hex()}.tmp"
+    path = os.path.join(directory, name)
     return path, os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
 
 
-def _write_whole(path, data, tmp_dir, *, exclusive=False, mode=0o644, durable=True):
-    """The one way a file is put in place whole: write a temp file (data: bytes, or an
-    iterable of chunks), fsync it, rename it over path (exclusive: link it, False if path
-    exists), fsync path's directory. durable=False skips both syncs (derived files, which
-    are checked when read). True when path was written."""
-    tmp, fd = _new_temp(tmp_dir, mode)
+def _write_whole(path, data, tmp_dir, *, exclusive=False, mode=0o644, durable=True,
+                 prefix=""):
+    """The one way a file is put in place whole: write a temp file in tmp_dir (data: bytes,
+    an iterable of chunks, or a function that writes into the binary file it is given),
+    fsync it, rename it over path (exclusive: link it, False if path exists), fsync path's
+    directory. durable=False skips both syncs (derived files, which are checked when read).
+    tmp_dir must be on path's file system; prefix starts the temp file's name. True when
+    path was written."""
+    tmp, fd = _new_temp(tmp_dir, mode, prefix)
     try:
         try:
-            for chunk in ([data] if isinstance(data, (bytes, bytearray)) else data):
-                _write_all(fd, chunk)
+            if callable(data):
+                with open(fd, "wb", closefd=False) as handle:
+                    data(handle)
+            else:
+                for chunk in ([data] if isinstance(data, (bytes, bytearray)) else data):
+                    _write_all(fd, chunk)
             if durable:
                 _sync(fd)
         finally:
@@ -823,16 +831,19 @@ def _write_whole(path, data, tmp_dir, *, exclusive=False, mode=0o644, durable=Tr
         _unlink_quietly(tmp)
 
 
-def _remove_debris(tmp_dir):
-    """Delete temp files of dead writers (their pid is gone) or older than a day."""
+def _remove_debris(directory, prefix=""):
+    """Delete the temp files _new_temp made in directory (with prefix) whose writer is dead
+    (its pid is gone) or that are older than a day: what a killed writer leaves."""
     now = time.time()
     try:
-        names = os.listdir(tmp_dir)
+        names = os.listdir(directory)
     except FileNotFoundError:
         return
     for name in names:
-        path = os.path.join(tmp_dir, name)
-        pid = name.split("-", 1)[0]
+        if not (name.startswith(prefix) and name.endswith(".tmp")):
+            continue
+        path = os.path.join(directory, name)
+        pid = name[len(prefix):].split("-", 1)[0]
         try:
             age = now - os.lstat(path).st_mtime
         except FileNotFoundError:
@@ -840,6 +851,12 @@ def _remove_debris(tmp_dir):
         dead = pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid))
         if dead or age > STALE_TMP_SECONDS:
             _unlink_quietly(path)
+
+
+def _format_date(seconds):
+    """A commit date (Unix seconds) as RFC 3339 UTC text, "2026-12-07T03:00:00Z": the one
+    form the CLI (log, audit) and OCI annotations print."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
 
 
 _json_string = json.encoder.encode_basestring      # JSON string literal, non-ASCII kept
@@ -2835,12 +2852,13 @@ class Store:
 
     def backup(self, filename):
         """Write a consistent .tar.gz of the store: HEAD, refs/heads/* and one pack holding
-        every reachable object, each hash-checked as it is written. Returns the number of objects in it. Temp files of killed backups next to
-        filename are removed first."""
+        every reachable object, each hash-checked as it is written. Returns the number of
+        objects in it. Temp files of killed backups next to filename are removed first."""
         filename = os.path.abspath(filename)
         if filename == self.root or filename.startswith(self.root + os.sep):
             raise InvalidInput("the backup file must be outside the store root")
-        _remove_backup_debris(filename)
+        directory, temp_prefix = os.path.dirname(filename), os.path.basename(filename) + "."
+        _remove_debris(directory, temp_prefix)
         with contextlib.ExitStack() as locks:
             with self._refs.lock():
                 locks.enter_context(self._objects_lock(shared=True))
@@ -2848,19 +2866,14 @@ class Store:
                 default = self._refs.default_branch(fresh=True)
             objects = sorted(self._reachable(refs.values()))
             size, stream = self._objects.pack_stream(objects)
-            tmp = f"{filename}.{os.getpid()}.tmp"
-            try:
-                with tarfile.open(tmp, "w:gz") as archive:
+
+            def write(handle):
+                with tarfile.open(fileobj=handle, mode="w:gz") as archive:
                     _add_bytes(archive, "HEAD", (default + "\n").encode())
                     for name, head in sorted(refs.items()):
                         _add_bytes(archive, f"refs/heads/{name}", _ref_file(head or _NO_COMMITS))
                     _add_stream(archive, f"objects/pack/{_pack_name(1)}", size, stream)
-                _fsync_path(tmp)
-                os.replace(tmp, filename)
-                _fsync_path(os.path.dirname(filename))
-            except BaseException:
-                _unlink_quietly(tmp)
-                raise
+            _write_whole(filename, write, directory, prefix=temp_prefix)
         return len(objects)
 
     @classmethod
@@ -3133,18 +3146,6 @@ def _add_stream(archive, name, size, stream):
     archive.addfile(info, stream)
 
 
-def _remove_backup_debris(filename):
-    """Delete "<filename>.<pid>.tmp" files of backups whose process is gone."""
-    directory, base = os.path.split(filename)
-    pattern = re.compile(re.escape(base) + r"\.(\d+)\.tmp\Z")
-    with contextlib.suppress(OSError):
-        for name in os.listdir(directory):
-            match = pattern.match(name)
-            if match and int(match.group(1)) != os.getpid() and \
-                    not _pid_alive(int(match.group(1))):
-                _unlink_quietly(os.path.join(directory, name))
-
-
 # --------------------------------------------------------------------------- backup loading
 
 _BACKUP_MEMBER = re.compile(          # what Store.backup writes, and its directories
@@ -3348,6 +3349,24 @@ def parse_namespace_map(entries):
     return sorted(parsed, key=lambda item: -len(item[0]))
 
 
+def parse_links(entries):
+    """{import module name: printed store path} from "NAME=PATH" texts (--link) or (name, path)
+    pairs, for Runner."""
+    links = {}
+    for entry in entries or ():
+        if isinstance(entry, tuple):
+            name, sep, path = entry[0], "=", entry[1]
+        else:
+            name, sep, path = str(entry).partition("=")
+        if not sep or not name or not path or "\0" in name or len(name) > 1024:
+            raise InvalidInput(f"invalid --link {_short(entry)}: expected NAME=PATH, a stored path")
+        printed = format_path(validate_path(path))
+        if links.setdefault(name, printed) != printed:
+            raise InvalidInput(f"--link {_short(name)}= is given twice ({links[name]} and "
+                               f"{printed})")
+    return links
+
+
 class Target:
     """A stored module picked for running: the hash of its bytes, the commit whose tree it was
     found in (its imports of other stored modules resolve in that tree too), the printed path
@@ -3375,14 +3394,18 @@ class Runner:
     hash uses "sha256:<hash>"; `namespaces` ([(prefix segments, namespace)], see
     parse_namespace_map) lets an operator give every module under a prefix one shared
     namespace. Core modules whose imports name a store path (or a hash) are linked to those
-    modules in the same commit. `host` is a kvhost.Host (default: one made from host_options,
+    modules in the same commit; `links` ({import module name: store path}, the CLI's and the
+    server's --link NAME=PATH) links imports from any other module name ("env") to the module
+    at that path, in the same commit too. `host` is a kvhost.Host (default: one made from
+    host_options,
     whose kv and provider_kv go through kv_options: sqlite under the store root, or
     "component:PATH", a provider stored at PATH)."""
 
-    def __init__(self, store, host=None, *, namespaces=(), **host_options):
+    def __init__(self, store, host=None, *, namespaces=(), links=None, **host_options):
         kvhost = _kvhost()
         self.store = store
         self.namespaces = list(namespaces)
+        self.links = parse_links((links or {}).items())
         self._resolved = Cache(RESOLVED_CACHE_SIZE)   # (generation, how it was named) -> Target
         self._owns_host = host is None
         if host is None:
@@ -3467,11 +3490,22 @@ class Runner:
         """resolve(import module name) for kvhost: store paths and hashes in the target's commit
         (None for a guest with no imports to link). reach(module name) -> bool, when given,
         leaves the names it refuses unlinked, exactly as if nothing were stored there (a
-        server's key limited to some paths links only what it may reach)."""
+        server's key limited to some paths links only what it may reach; the links an operator
+        gave, self.links, are followed whatever the key)."""
         if not guest.links_needed:
             return None
 
         def resolve(module_name):
+            linked = self.links.get(module_name)
+            if linked is not None:
+                try:
+                    digest, _ = self.store.module_at(linked, commit=target.commit)
+                except NotFound:
+                    raise _kvhost().LinkError(
+                        f"{target.path or target.digest} imports {module_name!r}, linked to "
+                        f"{linked}, but there is no module at {linked} in commit "
+                        f"{target.commit[:12]}") from None
+                return self.load(Target(digest, target.commit, linked, None))
             if not module_name.startswith("/") and not _is_hash(module_name):
                 return None
             if reach is not None and not reach(module_name):
@@ -3808,10 +3842,6 @@ def _component_names(payload, exports):
     return names
 
 
-def _rfc3339(seconds):
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
-
-
 def _compact_json(document):
     """JSON with the keys in the order written: manifests and configs are hashed, so the
     same module always gives the same bytes."""
@@ -3870,7 +3900,7 @@ def module_artifact(store, path, *, branch=None, digest=None, history=None):
         history = store.versions(printed, branch=branch)
     commit = next((commit for module, commit in history if module == digest), None)
     info = store.commit_info(commit) if commit else {"date": 0, "author": DEFAULT_AUTHOR}
-    return WasmArtifact(filename, digest, segments[-1], _rfc3339(info["date"]), info["author"])
+    return WasmArtifact(filename, digest, segments[-1], _format_date(info["date"]), info["author"])
 
 
 def _wasm_layer(data, content_type):
@@ -4937,10 +4967,6 @@ def _cmd_commit(store, args):
     _print_line(json.dumps(store.commit_info(args.hash), indent=2))
 
 
-def _format_date(seconds):
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
-
-
 def _cmd_audit(store, args):
     for info in store.audit(args.path, branch=args.branch):
         _print_line(f"{_format_date(info['date'])}\t{info['author']}\t{info['hash']}")
@@ -5019,7 +5045,8 @@ RUN_COMMANDS = ("call", "run", "exports", "serve")   # their options come from k
 def _runner(store, args):
     kvhost = _kvhost()
     host = kvhost.host_from_args(args, **kv_options(store, args.kv, args.provider_kv))
-    return Runner(store, host, namespaces=parse_namespace_map(args.namespace_map))
+    return Runner(store, host, namespaces=parse_namespace_map(args.namespace_map),
+                  links=parse_links(args.links))
 
 
 def _run_guest(store, args, work):
@@ -5095,7 +5122,8 @@ def _add_run_options(sub, name):
     sub.add_argument("--namespace-map", action="append", default=[], metavar="PREFIX=NS",
                      help="modules under PREFIX share kv namespace NS (repeatable; default: each path "
                           "is its own namespace, a hash is sha256:<hash>)")
-    kvhost.add_sandbox_options(sub)
+    kvhost.add_sandbox_options(sub, link_target="a path in the store, in the same commit as the "
+                                                "module run")
 
 
 DEFAULT_SERVE_HOST = "127.0.0.1"
@@ -5172,6 +5200,7 @@ def _serve_argv(args, root):
     repeated = [("--allowed-host", args.allowed_host), ("--allow-bucket", args.allow_buckets),
                 ("--env", [f"{name}={value}" for name, value in args.env]),
                 ("--dir", [f"{host}::{guest}" for host, guest in args.dirs]),
+                ("--link", args.links), ("--allow-outbound", args.allow_outbound),
                 ("--namespace-map", args.namespace_map
                  + ([f"/={args.namespace}"] if args.namespace is not None else []))]
     for flag, value in options:
@@ -5379,7 +5408,8 @@ command."""
 
 
 # The commands that make commits: the only ones --author means something to.
-COMMITTING_COMMANDS = ("add", "import", "set", "remove", "rollback", "restore", "merge", "gc", "pull")
+COMMITTING_COMMANDS = ("add", "import", "set", "remove", "rollback", "restore", "merge", "gc",
+                       "pull")
 
 
 def _add_global_options(parser, suppress, author=True):
@@ -5428,9 +5458,10 @@ def main(argv=None):
         return 2
     args = parser.parse_args(argv if server_args is None else argv[:argv.index("server") + 1])
     if args.author is not None and args.command not in COMMITTING_COMMANDS:
-        parser.error(f"--author is for the commands that make commits ({', '.join(COMMITTING_COMMANDS)}); "
-                     f"{args.command} makes none" + (" (the server takes Wasmstore-Author per request)"
-                                                     if args.command == "server" else ""))
+        parser.error("--author is for the commands that make commits "
+                     f"({', '.join(COMMITTING_COMMANDS)}); {args.command} makes none"
+                     + (" (the server takes Wasmstore-Author per request)"
+                        if args.command == "server" else ""))
     root = args.root or os.environ.get("WASMSTORE_ROOT") or DEFAULT_ROOT
     args.branch = args.branch or os.environ.get("WASMSTORE_BRANCH") or None
     args.author = args.author or os.environ.get("WASMSTORE_AUTHOR") or None

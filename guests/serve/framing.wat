@@ -9,8 +9,12 @@
 ;;   /n  a trap before any response
 ;;   /w  a loop that never ends (the server's timeout stops it)
 ;;   /a  body "<scheme> <authority>\n": scheme 0 HTTP, 1 HTTPS, 2 other, - none; authority as given
+;;   /b  reads the whole request body first (blocking-reads of up to 4096 bytes), then answers
+;;       "read <n>\n", n the number of body bytes it read
 ;;   else 200, header x-app: framing, body "framing\n"
 ;; Each write is a blocking-write-and-flush (at most 4096 bytes, as wasi:io allows).
+;; result<list<u8>, stream-error> (blocking-read): disc +0, list ptr +4 and len +8, or the
+;; stream-error's disc at +4 (1: closed, the end of the body).
 ;;
 ;; Canonical ABI (return areas at 64 and 128): option<string> disc +0, ptr +4, len +8;
 ;; option<scheme> disc +0, scheme's disc +4, other's string +8;
@@ -25,11 +29,17 @@
     (export "error" (type $e (eq $e0)))
     (type $se (variant (case "last-operation-failed" (own $e)) (case "closed")))
     (export "stream-error" (type $stream-error (eq $se)))
+    (export "input-stream" (type $is (sub resource)))
     (export "output-stream" (type $os (sub resource)))
+    (export "[method]input-stream.blocking-read"
+      (func (param "self" (borrow $is)) (param "len" u64) (result (result (list u8) (error $stream-error)))))
     (export "[method]output-stream.blocking-write-and-flush"
       (func (param "self" (borrow $os)) (param "contents" (list u8)) (result (result (error $stream-error)))))))
+  (alias export $streams "input-stream" (type $input-stream))
   (alias export $streams "output-stream" (type $output-stream))
   (import "wasi:http/types@0.2.0" (instance $types
+    (alias outer $C $input-stream (type $is0))
+    (export "input-stream" (type $is (eq $is0)))
     (alias outer $C $output-stream (type $os0))
     (export "output-stream" (type $os (eq $os0)))
     (type $DNS-error-payload (record (field "rcode" (option string)) (field "info-code" (option u16))))
@@ -61,6 +71,7 @@
     (export "header-error" (type $he (eq $header-error)))
     (export "fields" (type $fields (sub resource)))
     (export "incoming-request" (type $incoming-request (sub resource)))
+    (export "incoming-body" (type $incoming-body (sub resource)))
     (export "outgoing-response" (type $outgoing-response (sub resource)))
     (export "outgoing-body" (type $outgoing-body (sub resource)))
     (export "response-outparam" (type $response-outparam (sub resource)))
@@ -70,6 +81,9 @@
             (result (result (error $he)))))
     (export "[method]incoming-request.path-with-query"
       (func (param "self" (borrow $incoming-request)) (result (option string))))
+    (export "[method]incoming-request.consume"
+      (func (param "self" (borrow $incoming-request)) (result (result (own $incoming-body)))))
+    (export "[method]incoming-body.stream" (func (param "self" (borrow $incoming-body)) (result (result (own $is)))))
     (export "[method]incoming-request.authority"
       (func (param "self" (borrow $incoming-request)) (result (option string))))
     (type $scheme (variant (case "HTTP") (case "HTTPS") (case "other" string)))
@@ -85,6 +99,7 @@
     (export "[static]outgoing-body.finish"
       (func (param "this" (own $outgoing-body)) (param "trailers" (option (own $fields))) (result (result (error $ec)))))))
   (alias export $types "incoming-request" (type $incoming-request))
+  (alias export $types "incoming-body" (type $incoming-body))
   (alias export $types "response-outparam" (type $response-outparam))
 
   (core module $Libc
@@ -98,10 +113,12 @@
       (global.set $heap (i32.add (local.get $p) (local.get $size)))
       (if (i32.gt_u (global.get $heap) (i32.shl (memory.size) (i32.const 16)))
         (then unreachable))
-      (local.get $p)))
+      (local.get $p))
+    (func (export "reset") (global.set $heap (i32.const 16384))))
   (core instance $libc (instantiate $Libc))
   (alias core export $libc "memory" (core memory $mem))
   (alias core export $libc "realloc" (core func $realloc))
+  (alias core export $libc "reset" (core func $reset))
 
   (core func $new-fields (canon lower (func $types "[constructor]fields")))
   (core func $append (canon lower (func $types "[method]fields.append") (memory $mem) (realloc $realloc)))
@@ -118,6 +135,11 @@
   (core func $body-finish (canon lower (func $types "[static]outgoing-body.finish") (memory $mem) (realloc $realloc)))
   (core func $write-flush (canon lower (func $streams "[method]output-stream.blocking-write-and-flush") (memory $mem)))
   (core func $drop-stream (canon resource.drop $output-stream))
+  (core func $consume (canon lower (func $types "[method]incoming-request.consume") (memory $mem)))
+  (core func $body-stream (canon lower (func $types "[method]incoming-body.stream") (memory $mem)))
+  (core func $read (canon lower (func $streams "[method]input-stream.blocking-read") (memory $mem) (realloc $realloc)))
+  (core func $drop-input (canon resource.drop $input-stream))
+  (core func $drop-incoming-body (canon resource.drop $incoming-body))
 
   (core module $Main
     (import "libc" "memory" (memory 1))
@@ -133,6 +155,12 @@
     (import "host" "body-finish" (func $body-finish (param i32 i32 i32 i32)))
     (import "host" "write-flush" (func $write-flush (param i32 i32 i32 i32)))
     (import "host" "drop-stream" (func $drop-stream (param i32)))
+    (import "host" "consume" (func $consume (param i32 i32)))
+    (import "host" "body-stream" (func $body-stream (param i32 i32)))
+    (import "host" "read" (func $read (param i32 i64 i32)))
+    (import "host" "drop-input" (func $drop-input (param i32)))
+    (import "host" "drop-incoming-body" (func $drop-incoming-body (param i32)))
+    (import "host" "reset" (func $reset))
     (data (i32.const 256) "content-length")                  ;; 14 bytes
     (data (i32.const 272) "262144")                          ;; 6 bytes
     (data (i32.const 280) "5")
@@ -140,6 +168,7 @@
     (data (i32.const 288) "hello world\n")                   ;; 12 bytes
     (data (i32.const 304) "x-app")                           ;; 5 bytes
     (data (i32.const 312) "framing\n")                       ;; 8 bytes; "framing" is the header value
+    (data (i32.const 320) "read ")                           ;; 5 bytes
     ;; 4096 bytes of "x" at 4096 are written by $fill.
 
     (func $fill
@@ -186,6 +215,48 @@
       (call $body-finish (i32.load (i32.const 200)) (i32.const 0) (i32.const 0) (i32.const 128))
       (if (i32.load8_u (i32.const 128)) (then unreachable)))
 
+    ;; read the request body to its end; the number of bytes read
+    (func $read-all (param $request i32) (result i32)
+      (local $incoming i32) (local $in i32) (local $total i32)
+      (call $consume (local.get $request) (i32.const 64))
+      (if (i32.load8_u (i32.const 64)) (then unreachable))
+      (local.set $incoming (i32.load (i32.const 68)))
+      (call $body-stream (local.get $incoming) (i32.const 64))
+      (if (i32.load8_u (i32.const 64)) (then unreachable))
+      (local.set $in (i32.load (i32.const 68)))
+      (block $end
+        (loop $each
+          (call $reset)
+          (call $read (local.get $in) (i64.const 4096) (i32.const 64))
+          (if (i32.load8_u (i32.const 64)) (then
+            (br_if $end (i32.eq (i32.load8_u (i32.const 68)) (i32.const 1)))      ;; closed
+            unreachable))
+          (local.set $total (i32.add (local.get $total) (i32.load (i32.const 72))))
+          (br $each)))
+      (call $drop-input (local.get $in))
+      (call $drop-incoming-body (local.get $incoming))
+      (local.get $total))
+
+    ;; "read <n>\n" at 1024; its length
+    (func $read-line (param $n i32) (result i32)
+      (local $digits i32) (local $i i32) (local $v i32)
+      (memory.copy (i32.const 1024) (i32.const 320) (i32.const 5))
+      (local.set $v (local.get $n))
+      (loop $count                                      ;; how many digits (at least one)
+        (local.set $digits (i32.add (local.get $digits) (i32.const 1)))
+        (local.set $v (i32.div_u (local.get $v) (i32.const 10)))
+        (br_if $count (local.get $v)))
+      (local.set $v (local.get $n))
+      (local.set $i (local.get $digits))
+      (loop $each                                       ;; written from the last digit back
+        (local.set $i (i32.sub (local.get $i) (i32.const 1)))
+        (i32.store8 (i32.add (i32.const 1029) (local.get $i))
+                    (i32.add (i32.const 48) (i32.rem_u (local.get $v) (i32.const 10))))
+        (local.set $v (i32.div_u (local.get $v) (i32.const 10)))
+        (br_if $each (local.get $i)))
+      (i32.store8 (i32.add (i32.const 1029) (local.get $digits)) (i32.const 10))
+      (i32.add (i32.const 6) (local.get $digits)))
+
     (func (export "handle") (param $request i32) (param $out i32)
       (local $letter i32) (local $fields i32) (local $stream i32) (local $length i32)
       (call $path (local.get $request) (i32.const 64))
@@ -208,6 +279,12 @@
         (i32.store8 (i32.add (i32.const 1026) (local.get $length)) (i32.const 10))
         (local.set $stream (call $respond (local.get $out) (local.get $fields)))
         (call $write (local.get $stream) (i32.const 1024) (i32.add (local.get $length) (i32.const 3)))
+        (call $finish (local.get $stream))
+        (return)))
+      (if (i32.eq (local.get $letter) (i32.const 98)) (then                           ;; b
+        (local.set $length (call $read-line (call $read-all (local.get $request))))
+        (local.set $stream (call $respond (local.get $out) (local.get $fields)))
+        (call $write (local.get $stream) (i32.const 1024) (local.get $length))
         (call $finish (local.get $stream))
         (return)))
       (if (i32.eq (local.get $letter) (i32.const 99)) (then                           ;; c
@@ -255,7 +332,13 @@
       (export "body-write" (func $body-write))
       (export "body-finish" (func $body-finish))
       (export "write-flush" (func $write-flush))
-      (export "drop-stream" (func $drop-stream))))))
+      (export "drop-stream" (func $drop-stream))
+      (export "consume" (func $consume))
+      (export "body-stream" (func $body-stream))
+      (export "read" (func $read))
+      (export "drop-input" (func $drop-input))
+      (export "drop-incoming-body" (func $drop-incoming-body))
+      (export "reset" (func $reset))))))
 
   (func $handle (param "request" (own $incoming-request)) (param "response-out" (own $response-outparam))
     (canon lift (core func $main "handle")))
