@@ -42,10 +42,10 @@ Map of this file, top-down:
   host glue       the wasi:keyvalue functions of both versions, dispatched without per-call type walks
   core signatures core_signatures(): a core module's import/export types read from its bytes
   engine          compile cache on disk (checksummed, mapped by wasmtime), Guest and what it
-                  exports (describe_exports), Host (load / call / call_captured / run /
-                  run_captured / exports / link_plan / attach_watcher; _Capture, the bounded
-                  sink for guest output), _Session (one Store per call; core calls through
-                  the C API by address)
+                  exports and imports (describe_exports, describe_imports), Host (load / call /
+                  call_captured / run / run_captured / exports / imports / link_plan /
+                  attach_watcher; _Capture, the bounded sink for guest output), _Session (one
+                  Store per call; core calls through the C API by address)
   composition     Provider; a consumer's wasi:keyvalue forwarded to a provider component's
                   exports (_forward), one provider instance per consumer call (_ProviderLink)
   HTTP apps       the wasi:http proxy world defined here (wasi:http types and outgoing-handler,
@@ -71,7 +71,9 @@ __all__ = [
     "NoSuchFunction", "GuestError", "LinkError", "NotHttpHandler", "TrapError", "GuestExit", "Err",
     "HttpRequest", "HttpOutcome", "parse_outbound",
     "Backend", "MemoryBackend", "SqliteBackend", "RedisBackend", "open_backend",
-    "Guest", "Host", "RunResult", "CallResult", "Provider", "provider_of", "provider_exports", "PROVIDER_PREFIX", "core_signatures", "describe_exports", "format_export", "json_float", "float_from_json",
+    "Guest", "Host", "RunResult", "CallResult", "Provider", "provider_of", "provider_exports",
+    "PROVIDER_PREFIX", "core_signatures", "describe_exports", "describe_imports", "format_export",
+    "json_float", "float_from_json",
     "add_store_options", "add_sandbox_options", "link_table", "host_from_args", "parse_json_args",
     "print_json", "print_exports",
     "run_with_deadline", "end_process", "report", "DeadlineExceeded", "main", "console_main",
@@ -2811,6 +2813,17 @@ def describe_exports(guest, engine):
     return described
 
 
+def describe_imports(guest, engine):
+    """What a guest imports, in order: for a core module [{"module", "name", "kind", "type"}]
+    ("type" like "func(i32, i32) -> i32", or the kind: "memory", "table", "global"); for a
+    component [{"name"}] (interface names such as "wasi:keyvalue/store@0.2.0-draft2", or plain
+    names)."""
+    if guest.kind == "component":
+        return [{"name": name} for name in guest.artifact.type.imports(engine)]
+    return [{"module": module, "name": name, "kind": kind, "type": _extern_text(kind, signature)}
+            for module, name, kind, signature in guest.signatures[0]]
+
+
 def format_export(entry):
     """One line for an export: "get(bucket: string, key: string) -> result<...>", "add(i32, i32) -> i32"."""
     params = ", ".join(p["type"] if p["name"] is None else f"{p['name']}: {p['type']}" for p in entry["params"])
@@ -3323,6 +3336,11 @@ class Host:
         """The functions of a guest a JSON caller can call (see describe_exports)."""
         self._check_guest(guest)
         return describe_exports(guest, self.engine)
+
+    def imports(self, guest):
+        """What a guest imports (see describe_imports)."""
+        self._check_guest(guest)
+        return describe_imports(guest, self.engine)
 
     # -- linking core modules to other guests -------------------------------------------------------
 
@@ -4390,6 +4408,10 @@ class _WiredProvider(Provider):
 # reads, and the response goes to the server's sink as the guest writes it: neither is ever
 # whole in memory. Blocking calls wait in Python against the request's deadline, so a guest
 # blocked in poll is stopped at the deadline, in this process, like one that computes forever.
+# Reading a body is the one wait that is not ours: its bytes come from the server's reader (or
+# an outgoing call's socket), which has no way to say "nothing yet"; so an input stream's
+# pollable is always ready and read waits for the reader as blocking-read does (the reader's
+# own timeout bounds it; the deadline is checked after each read).
 #
 # Outgoing requests (wasi:http/outgoing-handler) are refused (HTTP-request-denied) unless the
 # destination is in Host(allow_outbound=[...]); an allowed one runs on a thread of its own with
