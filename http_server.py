@@ -1340,6 +1340,16 @@ class AppSelector:
         """The same branch, version and commit for another store path."""
         return AppSelector(path, self.branch, self.version, self.commit)
 
+    def pinned(self, store):
+        """This selector, or for a module hash with no version or commit the same pinned to the
+        commit of its branch that holds it now: a hash keeps serving its module whatever the
+        branch does next, as a path follows its branch (NotFound when the branch lacks it)."""
+        if self.version is not None or self.commit is not None or \
+                not wasmstore.HASH_TEXT.match(self.path or ""):
+            return self
+        _, commit = store.module_at(self.path, branch=self.branch)
+        return AppSelector(self.path, self.branch, commit=commit)
+
     def __repr__(self):
         return (f"AppSelector({self.path!r}, branch={self.branch!r}, version={self.version!r}, "
                 f"commit={self.commit!r})")
@@ -1355,7 +1365,7 @@ def parse_app_ref(text, branch=None):
         if not match or not name:
             raise HttpError(400, f"bad app ref {text[:80]!r}: expected BRANCH:vN, e.g. dev:v2")
         return AppSelector(None, _checked_branch(name), int(match.group(1)))
-    if re.fullmatch(r"[0-9a-fA-F]{64}", text):
+    if wasmstore.HASH_TEXT.match(text):
         return AppSelector(None, branch, commit=text.lower())
     match = _VERSION_REF_RE.match(text)
     if match:
@@ -5887,10 +5897,14 @@ def _app_mounts(text):
 
 
 def _app_path(text):
+    """--serve's store path (printed as paths are), or a module hash as it is."""
     try:
-        return wasmstore.format_path(wasmstore.validate_path(text))
+        segments = wasmstore.validate_path(text)
     except wasmstore.InvalidInput as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+    if len(segments) == 1 and wasmstore.HASH_TEXT.match(segments[0]):
+        return segments[0].lower()
+    return wasmstore.format_path(segments)
 
 
 def _app_ref(text):
@@ -5907,8 +5921,9 @@ def _add_app_options(group):
         help="serve the app stored at PATH under the URL path PREFIX (repeatable; env "
              "WASMSTORE_APPS, comma-separated)")
     add("--serve", type=_app_path, default=None, metavar="PATH",
-        help=f"serve only the app stored at PATH (or HASH), on every path of the port (default "
-             f"port {DEFAULT_APP_PORT}); no API")
+        help=f"serve only the app stored at PATH, on every path of the port (default port "
+             f"{DEFAULT_APP_PORT}); no API. A module HASH serves that module for good (as the "
+             "branch held it at the start)")
     add("--serve-ref", type=_app_ref, default=None, metavar="REF",
         help="with --serve: the app as a branch, vN (version N), BRANCH:vN or a commit holds it "
              "(default: the head of the default branch, at each request)")
@@ -6104,6 +6119,8 @@ def main(argv=None):
     workers = args.workers or DEFAULT_WORKERS
     try:
         store = wasmstore.Store(root)
+        if options["serve"] is not None:
+            options["serve"] = options["serve"].pinned(store)
         metrics = None if args.metrics_port is None else listen(args.host, args.metrics_port)
         if workers == 1:
             server = make_server(store, args.host, args.port, **options)

@@ -12208,11 +12208,70 @@ class AppObservabilityTests(unittest.TestCase):
 
 
 class ServeCommandTest(StoreTestCase):
-    """`python wasmstore.py serve` as users run it: a process of its own, streaming, SIGTERM."""
+    """`python wasmstore.py serve` (and `server --app`) as users run them: processes of their own,
+    new versions from other processes, kv state, outbound allow-lists, streaming, SIGTERM."""
 
-    def serve(self, *args):
+    def serve(self, *args, kv=("--kv", "memory:")):
         return ServerProcess(self, WASMSTORE_PY, "--root", self.root, "serve", *args, "--port", "0",
-                             "--kv", "memory:")
+                             *kv)
+
+    def add_file(self, path, binary):
+        """Add a version of `path` as another process does: `wasmstore.py add`."""
+        source = os.path.join(self.tmp, "upload.wasm")
+        with open(source, "wb") as f:
+            f.write(binary)
+        done = run_cli(self.root, "add", source, path)
+        self.assertEqual(done.returncode, 0, done.stderr)
+
+    def test_a_version_another_process_adds_is_what_the_next_request_runs(self):
+        self.add_file("/site.wasm", hello_app(b"version one    \n"))
+        first = self.store.hash("/site.wasm")
+        server = self.serve("/site.wasm")
+        pinned = self.serve(first.upper())                    # a hash names one module for good
+        self.assertIn(f"serving {first} of", pinned.banner)
+        self.assertEqual(http_request(server.url + "/")[2], b"version one    \n")
+        self.add_file("/site.wasm", hello_app(b"version two    \n"))
+        self.assertEqual(http_request(server.url + "/")[2], b"version two    \n")
+        self.assertEqual(http_request(pinned.url + "/")[2], b"version one    \n")
+
+    def test_a_counter_counts_across_requests_versions_and_a_restart(self):
+        self.add_file("/apps/counter.wasm", guest_binary(HTTP_COUNTER))
+        server = self.serve("/apps/counter.wasm", kv=())            # kv: SQLite under the root
+        visits = [http_request(server.url + "/")[2] for _ in range(2)]
+        self.add_file("/apps/counter.wasm", guest_binary(HTTP_COUNTER) + b"\0\x02\x01x")  # v2
+        self.assertEqual(len(self.store.versions("/apps/counter.wasm")), 2)
+        visits.append(http_request(server.url + "/")[2])
+        server.process.send_signal(signal.SIGTERM)
+        self.assertEqual(server.process.wait(15), 0)
+        again = self.serve("/apps/counter.wasm", kv=())
+        visits.append(http_request(again.url + "/")[2])
+        self.assertEqual(visits, [b"visits=1\n", b"visits=2\n", b"visits=3\n", b"visits=4\n"])
+
+    def test_outgoing_requests_go_only_to_the_destinations_allowed(self):
+        upstream = OutboundServer(self)
+        self.add_file("/apps/outbound.wasm", guest_binary(HTTP_OUTBOUND))
+        headers = {"X-Upstream": f"127.0.0.1:{upstream.port}"}
+        allowed = self.serve("/apps/outbound.wasm", "--allow-outbound", f"127.0.0.1:{upstream.port}")
+        self.assertEqual(http_request(allowed.url + "/a?b", headers=headers)[::2],
+                         (200, b"upstream saw /a?b"))
+        denied = self.serve("/apps/outbound.wasm")
+        self.assertEqual(http_request(denied.url + "/a", headers=headers)[::2],
+                         (502, b"error-code 15\n"))                    # HTTP-request-denied
+
+    def test_the_api_server_mounts_apps_given_as_options_or_in_the_environment(self):
+        self.add_file("/apps/hello.wasm", guest_binary(HELLO_APP))
+        self.add_file("/apps/echo.wasm", guest_binary(ECHO_APP))
+        server = ServerProcess(self, WASMSTORE_PY, "--root", self.root, "server", "--port", "0",
+                               "--kv", "memory:", "--app", "/hello=/apps/hello.wasm",
+                               "--app", "/=/apps/echo.wasm")
+        self.assertEqual(http_request(server.url + "/hello/x")[2], b"hello from wasm\n")
+        self.assertEqual(echoed(http_request(server.url + "/a?b")[2])[0], "GET /a?b")
+        self.assertEqual(http_request(server.url + "/api/v1/modules")[0], 200)   # the API stays
+        env = dict(os.environ, WASMSTORE_APPS="/h=/apps/hello.wasm, /e=/apps/echo.wasm")
+        server = ServerProcess(self, HTTP_SERVER_PY, "--root", self.root, "--port", "0", "--kv", "memory:",
+                               env=env)
+        self.assertEqual(http_request(server.url + "/h/")[2], b"hello from wasm\n")
+        self.assertEqual(echoed(http_request(server.url + "/e/z")[2])[0], "GET /z")
 
     def test_sigterm_lets_a_request_in_flight_finish_and_exits_0(self):
         self.store.add("/apps/echo.wasm", guest_binary(ECHO_APP))
