@@ -2,12 +2,14 @@
 """The wasmstore REST API: an HTTP/1.1 server over a `wasmstore.Store`.
 
 Standard library only (plus `wasmstore.py`): `http.server.ThreadingHTTPServer` with keep-alive,
-Content-Length on every response, zero-copy downloads (`os.sendfile` of the object file; plain
+Content-Length on every API response, zero-copy downloads (`os.sendfile` of the object file; plain
 reads through TLS), uploads streamed into the store, keys with permissions and path scopes, TLS,
 CORS, a WebSocket watch (RFC 6455), Prometheus metrics, bounded request heads and bodies, strict
 body framing, connection timeouts, a connection cap with a separate cap for watch sessions, Host
 and Origin checks against DNS rebinding and cross-site requests, graceful shutdown on SIGTERM /
-Ctrl-C, running stored modules (call, run, exports) on kvhost, and the read side of the OCI
+Ctrl-C, running stored modules (call, run, exports) on kvhost, stored wasi:http components
+answering HTTP requests (mounted with --app, reached by store path under /api/v1/app, or the
+one app of a port with --serve: what `wasmstore.py serve` runs), and the read side of the OCI
 distribution API under /v2/ (each store path a repository: `oras pull` fetches from it), and
 Wess's API under /wess (its clients work with only the base URL changed).
 
@@ -17,7 +19,8 @@ As a command::
                           [--tls KEY,CERT] [--cors [ORIGINS]] [--allowed-host NAME]
                           [--max-body N] [--timeout S] [--max-watches N] [--quiet] [--kv URL]
                           [--run-timeout S] [--fuel N] [--max-memory N] [--max-guests N]
-                          [--run-queue N] [--namespace-map P=NS]
+                          [--run-queue N] [--namespace-map P=NS] [--app PREFIX=PATH]
+                          [--serve PATH [--serve-ref REF]] [--metrics-port P]
 
 Processes: `--workers N` (default: one per CPU) serves from N worker processes. The command's
 process is their Supervisor: it binds and listens, makes what they share (WorkerShared), forks
@@ -54,6 +57,11 @@ Map of this file (top-down):
                        CompileLocks, GuestRuntime (a wasmstore.Runner, per-module metrics),
                        Precompiler (compiles what is added, in the background), the
                        call/run/exports handlers, a module's kv data (buckets, keys, values)
+    HTTP apps          AppSelector, parse_app_ref (which version a request runs), AppMount,
+                       AppTable (--app mounts, the app routes, --serve's one app), the target
+                       as the guest sees it, AppRequestBody (the body streamed into the
+                       guest), AppResponse (the sink kvhost.Host.handle_http writes to: framing,
+                       lengths enforced, chunked), app_error_reply (status, Wasmstore-Error)
     Wess /wess         Wess's API (wess_create, wess_read, wess_replace, wess_delete,
                        wess_call, wess_count): each module the store path /wess/<id>, its
                        metadata in an appended custom section (wess_module, wess_split),
@@ -76,7 +84,8 @@ Map of this file (top-down):
     connection         request head parsing (Headers, read_headers), WasmstoreHandler
                        (one thread per connection)
     server             ConnectionLimits (connections and watch sessions, two pools),
-                       WasmstoreServer, make_runtime(), make_server()
+                       WasmstoreServer, MetricsServer (--metrics-port), make_runtime(),
+                       make_server()
     worker processes   SharedMetricValues (a worker's numbers in shared memory), WorkerShared
                        (made before forking), WorkerContext (one worker's view), listen(),
                        Supervisor (forks, replaces, drains), _serve_worker (a worker's life)
@@ -4630,7 +4639,8 @@ class WasmstoreHandler(http.server.BaseHTTPRequestHandler):
         if host:
             return host
         address = self.server.server_address[0]
-        return f"[{address}]:{self.server.port}" if ":" in address else f"{address}:{self.server.port}"
+        host = f"[{address}]" if ":" in address else address
+        return f"{host}:{self.server.port}"
 
     def _app_headers(self):
         """The request's fields as the guest gets them: names in lower case, values as bytes,
@@ -4686,7 +4696,8 @@ class WasmstoreHandler(http.server.BaseHTTPRequestHandler):
 
     def _keeps_unread_body(self, body):
         remaining = body.remaining
-        return not self._expect_continue and remaining is not None and remaining <= MAX_DISCARDED_BODY
+        return (not self._expect_continue and remaining is not None
+                and remaining <= MAX_DISCARDED_BODY)
 
     def app_connection_field(self):
         """The Connection field of an app's response head (b"" when none is needed)."""
@@ -5378,6 +5389,9 @@ def make_server(store, host=DEFAULT_HOST, port=DEFAULT_PORT, **options):
 
 WORKER_REGION_BYTES = 4 << 20       # metric numbers a worker publishes (only touched pages cost)
 WORKER_START_SECONDS = 60.0         # a first worker not serving by then failed to start
+# ... unless it serves one app (--serve), which it compiles first: an 18 MB component takes
+# tens of seconds on a loaded machine (then it is in the compile cache for every next start)
+APP_WORKER_START_SECONDS = 900.0
 WORKER_GRACE_SECONDS = 35.0         # a draining worker still alive after this is killed
 WORKER_RESTART_DELAY = (0.1, 30.0)  # first and longest pause before replacing a worker
 GAUGE_NAMES = frozenset({"connections", "websocket_clients", "in_flight"})
@@ -5554,8 +5568,10 @@ class Supervisor:
     returns 0. A worker whose supervisor is gone (killed) drains and exits too: it watches a
     pipe the supervisor holds open."""
 
-    def __init__(self, workers, listener, shared, build, log=None):
+    def __init__(self, workers, listener, shared, build, log=None,
+                 start_seconds=WORKER_START_SECONDS):
         self.workers = workers
+        self.start_seconds = start_seconds  # the first workers not serving by then: an error
         self.listener = listener
         self.shared = shared
         self.build = build
@@ -5627,12 +5643,12 @@ class Supervisor:
 
     def _await_ready(self):
         """None once every first worker serves, else the first one's error message."""
-        deadline = time.monotonic() + WORKER_START_SECONDS
+        deadline = time.monotonic() + self.start_seconds
         waiting = {ready: pid for pid, (_, _, ready) in self.children.items()}
         while waiting:
             left = deadline - time.monotonic()
             if left <= 0:
-                return f"the workers did not start within {WORKER_START_SECONDS:g} s"
+                return f"the workers did not start within {self.start_seconds:g} s"
             readable, _, _ = select.select(list(waiting), [], [], left)
             for ready in readable:
                 message = os.read(ready, 4096).decode("utf-8", "replace")
@@ -6182,7 +6198,10 @@ def _serve_workers(store, listener, workers, options, metrics=None):
                   file=sys.stderr, flush=True)
 
     try:
-        error = Supervisor(workers, listener, shared, build).serve(on_ready=ready)
+        start_seconds = WORKER_START_SECONDS if options["serve"] is None else \
+            APP_WORKER_START_SECONDS
+        error = Supervisor(workers, listener, shared, build,
+                           start_seconds=start_seconds).serve(on_ready=ready)
     finally:
         listener.close()
         shared.close()
