@@ -11770,10 +11770,11 @@ def raw_exchange(port, data, timeout=10):
         return read_until_closed(sock, timeout)
 
 
-def parsed_response(raw):
+def parsed_response(raw, head_only=False):
     """(status, {lower-case name: value}, payload, whole) of one raw HTTP/1.1 response, interim
     1xx responses skipped: the payload dechunked when chunked; whole says whether it ended as
-    its framing says (the last chunk, all of its Content-Length, or the end of the connection)."""
+    its framing says (the last chunk, all of its Content-Length, or the end of the connection).
+    head_only: the answer to a HEAD request (no payload, whatever its framing fields say)."""
     head, _, rest = raw.partition(b"\r\n\r\n")
     while head.split(b" ", 2)[1:2] and head.split(b" ", 2)[1].startswith(b"1"):
         head, _, rest = rest.partition(b"\r\n\r\n")
@@ -11782,6 +11783,8 @@ def parsed_response(raw):
     for line in lines:
         name, _, value = line.partition(":")
         headers[name.strip().lower()] = value.strip()
+    if head_only:
+        return int(status_line.split()[1]), headers, rest, rest == b""
     if headers.get("transfer-encoding", "").lower() == "chunked":
         try:
             return int(status_line.split()[1]), headers, dechunk(rest), True
@@ -12381,7 +12384,7 @@ def request_concurrently(port, method, target, body=b"", headers=None):
         lines.append(f"Content-Length: {len(body or b'')}")
     received = bytearray()
     exchange_concurrently(port, ("\r\n".join(lines) + "\r\n\r\n").encode(), body or b"", received.extend)
-    status, found, payload, whole = parsed_response(bytes(received))
+    status, found, payload, whole = parsed_response(bytes(received), head_only=method == "HEAD")
     if not whole:
         raise AssertionError(f"{method} {target}: the response was cut short")
     return status, found, payload
