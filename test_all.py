@@ -11617,6 +11617,17 @@ class HttpOutboundTest(unittest.TestCase):
         self.assertEqual(self.forward(upstream, [upstream], sink=WatchingSink()), (200, b"part1\npart2\n"))
         self.assertLess(time.monotonic() - started, 5)
 
+    def test_a_redirect_is_the_guests_to_follow(self):
+        def answer(handler):
+            handler.send_response(302)
+            handler.send_header("Location", "/elsewhere")
+            handler.send_header("Content-Length", "6")
+            handler.end_headers()
+            handler.wfile.write(b"moved\n")
+        server = OutboundServer(self, answer=answer)
+        upstream = f"127.0.0.1:{server.port}"
+        self.assertEqual(self.forward(upstream, [upstream]), (302, b"moved\n"))
+
     def test_the_first_byte_timeout_of_request_options(self):
         answered = threading.Event()
         self.addCleanup(answered.set)
