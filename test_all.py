@@ -8337,7 +8337,9 @@ class PyCounterTest(unittest.TestCase):
         again = subprocess.run(["bash", build], capture_output=True, text=True, timeout=60)
         self.assertEqual((again.returncode, again.stdout), (0, "build.sh: build/py-counter.wasm is up to date\n"
                                                                   "build.sh: build/py-provider.wasm is up to date\n"
-                                                                  "build.sh: build/js-hello.wasm is up to date\n"))
+                                                                  "build.sh: build/js-hello.wasm is up to date\n"
+                                                                  "build.sh: build/js-http.wasm is up to date\n"
+                                                                  "build.sh: build/py-http.wasm is up to date\n"))
         self.assertEqual(os.stat(PY_COUNTER).st_mtime_ns, before)
 
     def test_errors_reach_the_python_guest_as_wasi_error_cases(self):
