@@ -3,19 +3,37 @@
 
 Standard library only (plus `wasmstore.py`): `http.server.ThreadingHTTPServer` with keep-alive,
 Content-Length on every response, zero-copy downloads (`os.sendfile` of the object file; plain
-reads through TLS), uploads streamed into the store, key/method auth, TLS, CORS, a WebSocket
-watch (RFC 6455), Prometheus metrics, bounded request heads and bodies, strict body framing,
-connection timeouts, a connection cap with a separate cap for watch sessions, Host and Origin
-checks against DNS rebinding and cross-site requests, graceful shutdown on SIGTERM / Ctrl-C,
-running stored modules (call, run, exports) on kvhost, and the read side of the OCI
-distribution API under /v2/ (each store path a repository: `oras pull` fetches from it).
+reads through TLS), uploads streamed into the store, keys with permissions and path scopes, TLS,
+CORS, a WebSocket watch (RFC 6455), Prometheus metrics, bounded request heads and bodies, strict
+body framing, connection timeouts, a connection cap with a separate cap for watch sessions, Host
+and Origin checks against DNS rebinding and cross-site requests, graceful shutdown on SIGTERM /
+Ctrl-C, running stored modules (call, run, exports) on kvhost, and the read side of the OCI
+distribution API under /v2/ (each store path a repository: `oras pull` fetches from it), and
+Wess's API under /wess (its clients work with only the base URL changed).
 
 As a command::
 
-    python http_server.py [--root DIR] [--host H] [--port P] [--auth SPEC] [--tls KEY,CERT]
-                          [--cors [ORIGINS]] [--allowed-host NAME] [--max-body N] [--timeout S]
-                          [--max-watches N] [--quiet] [--kv URL] [--run-timeout S] [--fuel N]
-                          [--max-memory N] [--max-guests N] [--run-queue N] [--namespace-map P=NS]
+    python http_server.py [--root DIR] [--host H] [--port P] [--workers N] [--auth SPEC]
+                          [--tls KEY,CERT] [--cors [ORIGINS]] [--allowed-host NAME]
+                          [--max-body N] [--timeout S] [--max-watches N] [--quiet] [--kv URL]
+                          [--run-timeout S] [--fuel N] [--max-memory N] [--max-guests N]
+                          [--run-queue N] [--namespace-map P=NS]
+
+Processes: `--workers N` (default: one per CPU) serves from N worker processes. The command's
+process is their Supervisor: it binds and listens, makes what they share (WorkerShared), forks
+them and then only waits. Each worker is a whole WasmstoreServer (its own Store, caches, watch
+threads, kvhost Host and connection threads) around the inherited listening socket; the kernel
+gives each new connection to one of them, and a connection stays with its worker. Bounds hold
+for the whole server, not per worker: the run slots and the run queue (--max-guests,
+--run-queue), the connection cap and the watch cap are POSIX semaphores shared by all, and a
+module compiles at most once at a time (CompileLocks: a byte-range lock per module hash). Each
+worker records its metrics in a shared memory region, and /metrics, from whichever worker
+answers, sums them all (with per-worker series). A worker that exits unexpectedly is replaced;
+SIGTERM or Ctrl-C drains every worker (as one process drains) and the command exits 0; a worker
+whose supervisor is killed drains and exits too. Watch sessions see every commit whichever
+worker (or process) made it, and the compile cache on disk is shared. Worker 0 also runs the
+background compiler (Precompiler). `--workers 1`, and make_server() in a library, serve from
+the calling process alone, with the same classes over process-local counts.
 
 As a library::
 
@@ -29,25 +47,38 @@ Map of this file (top-down):
     constants, exceptions (ServerError root)
     URL parsing        parse_target(), decode_segment()
     replies            Reply, FileBody, error_reply() and the one ERROR_STATUS table
-    route handlers     pure functions (store, call, body) -> Reply, the ROUTES table, LocateCache
-    running modules    RunGate (guests at once + a bounded queue -> 503), GuestRuntime (a
-                       wasmstore.Runner, compiles outside the gate, per-module metrics), the
-                       call/run/exports handlers, make_runtime()
+    route handlers     pure functions (store, call, body) -> Reply, LocateCache; history: log
+                       and audit by pages, diff
+    running modules    SlotPool (a semaphore and its per-worker counts), RunGate (guests at
+                       once + a bounded queue -> 503; a first call compiles in its slot),
+                       CompileLocks, GuestRuntime (a wasmstore.Runner, per-module metrics),
+                       Precompiler (compiles what is added, in the background), the
+                       call/run/exports handlers, a module's kv data (buckets, keys, values)
+    Wess /wess         Wess's API (wess_create, wess_read, wess_replace, wess_delete,
+                       wess_call, wess_count): each module the store path /wess/<id>, its
+                       metadata in an appended custom section (wess_module, wess_split),
+                       errors as {"message"} (wess_error_reply)
     OCI /v2/           the distribution API's read side: OciRepository (a store path's tags,
                        manifests, blobs), oci_v2 (its one route), oci_error_reply (JSON codes)
-    auth               AuthTable (constant-time key comparison)
+    routing            Route, the ROUTES table (each route's permission and scope), match_route()
+    auth               Access (what a key reaches), AuthTable (KEY:PERMS[@PREFIX] entries,
+                       constant-time key comparison; the routes declare their permission)
     browser safety     parse_authority(), parse_origin(), HostAllowList (DNS rebinding),
                        OriginAllowList (the --cors option; cross-site requests and watches)
     body readers       body_framing() (400 for ambiguous framing), LimitedReader, ChunkedReader
                        (bounded, never read past the request)
-    metrics            Metrics (Prometheus text format)
+    metrics            MetricValues (one process's numbers by key), Metrics (records requests
+                       and runs; renders the Prometheus text format)
     watch              WatchHub (one Store.watch thread per branch -> bounded per-client queues)
     WebSocket framing  encode_frame(), FrameParser
     connection         request head parsing (Headers, read_headers), WasmstoreHandler
                        (one thread per connection)
     server             ConnectionLimits (connections and watch sessions, two pools),
-                       WasmstoreServer, make_server()
-    command line       main()
+                       WasmstoreServer, make_runtime(), make_server()
+    worker processes   SharedMetricValues (a worker's numbers in shared memory), WorkerShared
+                       (made before forking), WorkerContext (one worker's view), listen(),
+                       Supervisor (forks, replaces, drains), _serve_worker (a worker's life)
+    command line       build_parser(), main()
 """
 
 __version__ = "0.1.0"
@@ -59,7 +90,13 @@ __all__ = [
     "Call",
     "ROUTES",
     "ERROR_STATUS",
+    "ErrorMeaning",
+    "error_meaning",
+    "error_status",
     "AuthTable",
+    "Access",
+    "EVERYTHING",
+    "PERMISSIONS",
     "HostAllowList",
     "OriginAllowList",
     "ConnectionLimits",
@@ -76,7 +113,16 @@ __all__ = [
     "body_framing",
     "Query",
     "RunGate",
+    "SlotPool",
+    "CompileLocks",
     "GuestRuntime",
+    "Precompiler",
+    "MetricValues",
+    "SharedMetricValues",
+    "WorkerShared",
+    "WorkerContext",
+    "Supervisor",
+    "listen",
     "error_reply",
     "OciError",
     "OciRepository",
@@ -89,6 +135,7 @@ import base64
 import bisect
 import collections
 import contextlib
+import fcntl
 import hashlib
 import hmac
 import http
@@ -97,6 +144,8 @@ import io
 import ipaddress
 import itertools
 import json
+import mmap
+import multiprocessing
 import os
 import queue
 import re
@@ -106,37 +155,48 @@ import socket
 import ssl
 import struct
 import sys
+import tempfile
 import threading
 import time
 import traceback
 import urllib.parse
+import uuid
 
 import wasmstore
 
 try:
     import kvhost              # the runtime behind the call/run/exports routes (501 without it)
-except ImportError:
+except ModuleNotFoundError as _missing:
+    # Only "kvhost.py or wasmtime is not installed" means serving without running modules: an
+    # import that fails inside them is a bug, and must say so rather than become a 501.
+    if _missing.name != "kvhost" and (_missing.name or "").partition(".")[0] != "wasmtime":
+        raise
     kvhost = None
+    KVHOST_MISSING = f"{_missing.name} is missing"
+else:
+    KVHOST_MISSING = None
 
-# ---------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------
 # Constants
-# ---------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 6384
 DEFAULT_MAX_BODY = 128 * 1024 * 1024       # largest accepted module upload (413 above)
 DEFAULT_TIMEOUT = 30.0                     # seconds an idle or stalled connection may hold a thread
 DEFAULT_MAX_CONNECTIONS = 512              # beyond this, new connections get 503 (bounds threads)
-DEFAULT_MAX_WATCHES = 128                  # watch sessions, a pool apart: idle watchers never starve requests
+DEFAULT_MAX_WATCHES = 128                  # watch sessions, a pool apart: idle watchers never
+                                           # starve requests
 MAX_REQUEST_LINE = 8 * 1024                # longer request line: 414
 MAX_HEADER_BYTES = 32 * 1024               # larger header block: 431
 MAX_HEADER_COUNT = 100                     # more header lines: 431
 MAX_DISCARDED_BODY = 64 * 1024             # routes without a body accept (and drop) at most this
-MIN_BODY_RATE = 1024                       # bytes/s: each KiB of a request body adds 1 s to its time limit
+MIN_BODY_RATE = 1024                       # bytes/s: each KiB of a body adds 1 s to its time limit
 MAX_ERROR_MESSAGE = 500                    # error bodies are one short line
 API_PREFIX = ("api", "v1")
 KNOWN_METHODS = frozenset(["GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH"])
-SAFE_METHODS = frozenset(["GET", "HEAD", "OPTIONS"])   # change nothing: no Origin check (but upgrades)
+SAFE_METHODS = frozenset(["GET", "HEAD", "OPTIONS"])   # change nothing: no Origin check (but
+                                                        # upgrades)
 DEFAULT_PORTS = {"http": 80, "https": 443}
 WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"   # RFC 6455 section 1.3
 WS_MAX_CLIENT_PAYLOAD = 64 * 1024          # the watch protocol needs nothing large from clients
@@ -145,28 +205,47 @@ WS_POLL_SECONDS = 0.05                     # how often a session checks its queu
 WS_PING_SECONDS = 20.0                     # keep-alive ping period on an otherwise silent watch
 WATCH_POLL_SECONDS = 0.05                  # how often a branch watcher checks the branch head
 DEFAULT_MAX_GUESTS = max(2, os.cpu_count() or 2)   # guests running at once
+DEFAULT_WORKERS = os.cpu_count() or 1      # server processes (--workers)
 DEFAULT_RUN_QUEUE = 64                     # callers waiting for a guest slot; beyond: 503
 DEFAULT_QUEUE_WAIT = 10.0                  # seconds a caller waits for a slot before 503
 DEFAULT_MAX_OUTPUT = 16 * 1024 * 1024      # stdout (and stderr) kept per run
+PRECOMPILE_POLL_SECONDS = 0.2              # how often the background compiler looks for adds
+MAX_PRECOMPILE_SEEN = 100_000              # module hashes it remembers having queued
+MAX_VERSION_INDEX = 999_999_999           # ?version=N and /version/N/: more versions than any path has
+MAX_CONTENT_LENGTH = (1 << 63) - 1         # what a signed 64-bit length holds
+DEFAULT_PAGE = 100                         # commits (or kv keys) per page of log, audit, kv-keys
+MAX_PAGE = 1000                            # the largest page a client may ask for
+HIDDEN_MESSAGE = "(not shown: this commit also changed paths out of this key's reach)"
 MAX_STDERR_HEADER = 4096                   # stderr bytes sent in the Wasmstore-Stderr header
 MAX_RUN_SERIES = 1000                      # (module, function) metric series; more go to "other"
 CHUNK = 1 << 16
-LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                   10.0)
 JSON_TYPE = "application/json"
 TEXT_TYPE = "text/plain; charset=utf-8"
-WASM_TYPE = "application/wasm"             # exactly this: WebAssembly.instantiateStreaming checks it
-CORS_ALLOW_HEADERS = "Wasmstore-Auth, Wasmstore-Branch, Wasmstore-Author, Authorization, Content-Type, If-None-Match"
-CORS_EXPOSE_HEADERS = ("Wasmstore-Hash, ETag, Wasmstore-Exit-Status, Wasmstore-Stderr, Wasmstore-Stderr-Truncated, "
-                       "Wasmstore-Stdout-Truncated, Wasmstore-Error")
+WASM_TYPE = "application/wasm"             # exactly: WebAssembly.instantiateStreaming checks it
+CORS_ALLOW_HEADERS = ("Wasmstore-Auth, Wasmstore-Branch, Wasmstore-Author, Authorization, "
+                      "Content-Type, If-None-Match")
+CORS_EXPOSE_HEADERS = ("Wasmstore-Hash, ETag, Wasmstore-Exit-Status, Wasmstore-Stderr, "
+                       "Wasmstore-Stderr-Truncated, Wasmstore-Stdout, Wasmstore-Stdout-Truncated, "
+                       "Wasmstore-Error")
 
 _SEGMENT_RE = re.compile(r"(?:[^%]|%[0-9A-Fa-f]{2})*\Z", re.S)
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
 _METHOD_RE = re.compile(r"[A-Z]{1,16}\Z")
+_AUTH_ENTRY_RE = re.compile(r"(?P<key>.+?):(?P<perms>[A-Za-z*, ]+)(?:@(?P<prefix>/.*))?\Z", re.S)
+
+# The words an --auth entry may grant besides HTTP methods. Every route declares the one it
+# needs (Route(..., permission=WORD)); an app route, or any route added later, declares "run"
+# or whichever fits, and AuthTable.authorize is the one check.
+PERMISSIONS = ("read", "write", "run", "admin")
+ROUTE_SCOPES = ("path", "store", "filtered")     # what a route touches: see Route
+_HOST_NAME_RE = re.compile(r"[a-z0-9_]([a-z0-9_.-]{0,251}[a-z0-9_])?")
 
 
-# ---------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------
 # Exceptions
-# ---------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------
 
 class ServerError(Exception):
     """Root of every error raised by this module (bad configuration, bad request)."""
@@ -182,9 +261,9 @@ class HttpError(ServerError):
         self.headers = list(headers)
 
 
-# ---------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------
 # URL parsing
-# ---------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------
 
 def decode_segment(raw):
     """Strictly percent-decode one URL path segment to a str (UTF-8), or raise HttpError(400).
@@ -215,10 +294,12 @@ class Query(dict):
     """name -> [values] of a query string; get() gives the last value, get_all() every one."""
 
     def get(self, name, default=None):
+        """The last value of `name` (a query names a parameter once, as a rule)."""
         values = dict.get(self, name)
         return values[-1] if values else default
 
     def get_all(self, name):
+        """Every value of `name`, in order."""
         return list(dict.get(self, name, ()))
 
 
@@ -243,47 +324,39 @@ def parse_target(target):
     return segments, Query(params)
 
 
-# ---------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------
 # Replies and the single exception -> status table
-# ---------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------
 
 class FileBody:
-    """A response body served from an open file descriptor (sent with os.sendfile).
+    """A response body served from an open file (sent with os.sendfile).
 
-    close() hands the descriptor back: to the shared open-file lease it came from
-    (see LocateCache), or to os.close when it was opened for this reply alone."""
+    It holds the file's wasmstore.SharedFd: the descriptor is closed once the body is closed
+    and nothing else (LocateCache, other replies of the same file) holds it."""
 
-    __slots__ = ("fd", "size", "_release")
+    __slots__ = ("file", "fd", "size")
 
-    def __init__(self, fd, size, release=None):
-        self.fd = fd                  # a raw fd: io.open's buffered object costs ~40 us here
+    def __init__(self, file, size):
+        self.file = file              # the SharedFd
+        self.fd = file.fd             # a raw fd: io.open's buffered object costs ~40 us here
         self.size = size
-        self._release = release
 
     def read(self):
         """The whole body (for tests and non-socket callers)."""
         return os.pread(self.fd, self.size, 0)
 
     def close(self):
-        if self.fd >= 0:
-            fd, self.fd = self.fd, -1
-            if self._release is None:
-                os.close(fd)
-            else:
-                self._release()
+        """Let the descriptor go (idempotent)."""
+        self.file, self.fd = None, -1
 
 
 def open_body(filename):
-    """A FileBody of its own for an object file; NotFound if gc removed it."""
+    """A FileBody for an object file; NotFound if gc removed it."""
     try:
-        fd = os.open(filename, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        file = wasmstore.SharedFd(os.open(filename, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)))
     except FileNotFoundError:
         raise wasmstore.NotFound("the module was removed meanwhile") from None
-    try:
-        return FileBody(fd, os.fstat(fd).st_size)
-    except BaseException:
-        os.close(fd)
-        raise
+    return FileBody(file, os.fstat(file.fd).st_size)
 
 
 class Reply:
@@ -301,9 +374,11 @@ class Reply:
 
     @property
     def body_size(self):
+        """The body's length in bytes (what Content-Length says)."""
         return self.body.size if isinstance(self.body, FileBody) else len(self.body)
 
     def close(self):
+        """Release the body's file descriptor, if it has one."""
         if isinstance(self.body, FileBody):
             self.body.close()
 
@@ -316,41 +391,66 @@ def _reason(status):
 
 
 def text_reply(text, status=200):
+    """A plain-text (UTF-8) Reply."""
     return Reply(status, [("Content-Type", TEXT_TYPE)], text.encode("utf-8"))
 
 
 def json_reply(value, status=200):
+    """A compact JSON Reply (UTF-8, non-ASCII kept)."""
     data = json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     return Reply(status, [("Content-Type", JSON_TYPE)], data)
 
 
-# The store's errors take their status from the one table in wasmstore.py (shared with its
-# CLI); error_status() walks the exception's MRO, so a subclass (InvalidModule, MergeConflict)
-# finds its own entry or its parent's.
+ErrorMeaning = wasmstore.ErrorMeaning
+
+# The one table of what each expected exception means: the HTTP status of its reply, the exit
+# status of main() when it ends the start-up, and the label of metrics and access logs (the
+# `outcome` of a run). The store's rows are wasmstore.py's (shared with its command line).
+# error_meaning() walks the exception's MRO, so a subclass (InvalidModule, MergeConflict)
+# finds its own row or its nearest parent's. None in a row: the exception carries it (an
+# HttpError its status, a TrapError its kind). Anything not in the table is a bug: 500.
 ERROR_STATUS = {
-    HttpError: None,                  # carries its own status
-    **{cls: http_status for cls, (http_status, _) in wasmstore.ERROR_STATUS.items()},
+    HttpError: ErrorMeaning(None, 1, None),
+    **wasmstore.ERROR_STATUS,
 }
 
 
 if kvhost is not None:
     ERROR_STATUS.update({
-        kvhost.NoSuchFunction: 404,   # the module has no such function (the message lists them)
-        kvhost.ArgumentError: 400,    # wrong number or type of arguments (the message names it)
-        kvhost.LinkError: 424,        # an import cannot be satisfied (the message names it)
-        kvhost.GuestError: 422,       # stored, but cannot be run (does not compile, bad kv imports)
-        kvhost.TrapError: 422,        # trapped or hit a limit: Wasmstore-Error says which
-        kvhost.KvError: 422,
+        kvhost.NoSuchFunction: ErrorMeaning(404, 2, "not-found"),   # the message lists them
+        kvhost.ArgumentError: ErrorMeaning(400, 2, "arguments"),    # the message names which
+        kvhost.LinkError: ErrorMeaning(424, 2, "link"),             # it names the import
+        kvhost.GuestError: ErrorMeaning(422, 2, "guest"),           # stored, but cannot run
+        kvhost.TrapError: ErrorMeaning(422, 1, None),               # Wasmstore-Error: its kind
+        kvhost.KvError: ErrorMeaning(422, 1, "error"),
     })
+
+
+def _http_label(status):
+    if status == 503:
+        return "busy"
+    return "arguments" if 400 <= status < 500 else "error"
+
+
+def error_meaning(exc):
+    """The ErrorMeaning of an exception, with what the exception carries filled in; None for
+    an unexpected exception (a bug)."""
+    for cls in type(exc).__mro__:
+        meaning = ERROR_STATUS.get(cls)
+        if meaning is None:
+            continue
+        if isinstance(exc, HttpError):
+            return meaning._replace(http_status=exc.status, label=_http_label(exc.status))
+        if meaning.label is None:
+            return meaning._replace(label=exc.kind)
+        return meaning
+    return None
 
 
 def error_status(exc):
     """The HTTP status for an exception (None: not an expected error, i.e. a bug)."""
-    for cls in type(exc).__mro__:
-        if cls in ERROR_STATUS:
-            status = ERROR_STATUS[cls]
-            return exc.status if status is None else status
-    return None
+    meaning = error_meaning(exc)
+    return None if meaning is None else meaning.http_status
 
 
 def one_line(message):
@@ -374,17 +474,18 @@ def error_reply(exc):
     return reply
 
 
-# ---------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------
 # Route handlers: pure functions (store, call, body) -> Reply, testable without a socket
-# ---------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------
 
 class Call:
     """The parts of a request a handler needs."""
 
-    __slots__ = ("params", "path", "branch", "author", "headers", "max_body", "locator", "query", "runtime", "log")
+    __slots__ = ("params", "path", "branch", "author", "headers", "max_body", "locator", "query",
+                 "runtime", "log", "access")
 
     def __init__(self, params=(), path="", branch=None, author=None, headers=None,
-                 max_body=DEFAULT_MAX_BODY, locator=None, query=None, runtime=None):
+                 max_body=DEFAULT_MAX_BODY, locator=None, query=None, runtime=None, access=None):
         self.params = tuple(params)   # the route's named segments (hash, index, branch...)
         self.path = path              # the "*" rest joined with "/" ("" when absent)
         self.branch = branch          # Wasmstore-Branch or None (default branch)
@@ -395,6 +496,7 @@ class Call:
         self.query = query or Query()  # the query string
         self.runtime = runtime        # a GuestRuntime, or None: the run routes answer 501
         self.log = {}                 # name -> value pairs the access-log line ends with
+        self.access = access or EVERYTHING   # what the request's key reaches (see Access)
 
 
 def _path_or_none(call):
@@ -411,128 +513,50 @@ def _etag_matches(header, digest):
     return False
 
 
-class _OpenFile:
-    """An object file kept open for downloads, shared by the requests that lease it."""
-
-    __slots__ = ("fd", "size", "key", "leases", "evicted")
-
-    def __init__(self, fd, info):
-        self.fd = fd
-        self.size = info.st_size
-        self.key = (info.st_ino, info.st_mtime_ns, info.st_size)
-        self.leases = 1
-        self.evicted = False
-
-
 class LocateCache:
     """Serves module downloads without re-resolving the path or reopening the file.
 
-    Paths: Store.locate is memoized per (branch, path) while the branch head is unchanged
-    (one pread of the open ref file tells; any commit, also by another process, or gc makes the
-    branch's entries stale). Files: a hash-checked object file stays open and is shared by
-    requests (objects are immutable; sendfile reads at an explicit offset), leased so its
-    descriptor is closed only when no reply uses it. Each request fstats the descriptor: a
-    file changed in place since it was checked goes back through Store.locate's hash check.
-    Every syscall releases the GIL, and with many connections each release costs a thread
-    switch: this is what keeps a download to five syscalls.
+    Paths: Store.locate's answers are kept per (branch, path) under Store.generation(), which
+    any ref change (also by another process, or gc) moves. Files: an object file stays open,
+    shared by the replies that send it (objects are immutable; sendfile reads at an explicit
+    offset) through its wasmstore.SharedFd, closed once neither this cache nor a reply holds
+    it. Each request asks Store.module_filename, which hash-checks again a file that changed
+    since it was checked (one stat tells). Every syscall releases the GIL, and with many
+    connections each release costs a thread switch: this is what keeps a download to five
+    syscalls.
     """
 
     def __init__(self, store, size=4096, open_files=64):
         self.store = store
-        self.size = size
-        self.entries = {}
-        self.lock = threading.Lock()
-        self.open_files = open_files
-        self.files = collections.OrderedDict()      # digest -> _OpenFile, oldest first
+        self.paths = wasmstore.Cache(size)          # (generation, branch, path) -> (hash, file)
+        self.files = wasmstore.Cache(open_files)    # hash -> (SharedFd, size)
 
     def locate(self, path, branch=None):
-        head = self.store.head(branch=branch)
-        key = (branch, path)
-        hit = self.entries.get(key)
-        if hit is not None and hit[0] == head and head is not None:
-            return hit[1], hit[2]
-        digest, filename = self.store.locate(path, branch=branch)
-        if self.store.head(branch=branch) == head:   # no commit raced the lookup
-            with self.lock:
-                if len(self.entries) >= self.size:
-                    self.entries.clear()             # simple bound; refilled on demand
-                self.entries[key] = (head, digest, filename)
-        return digest, filename
-
-    def forget(self, path, branch=None):
-        self.entries.pop((branch, path), None)
+        """(hash, object file name) of the module at path on branch, as Store.locate."""
+        generation = self.store.generation()    # read first: a change meanwhile shows next time
+        key = (generation, branch, path)
+        found = self.paths.get(key)
+        if found is None:
+            found = self.store.locate(path, branch=branch)
+            if generation is not None:
+                self.paths.put(key, found)
+        return found
 
     def open(self, path, branch=None):
-        """(digest, FileBody) of the module at path on branch; the caller closes the body."""
+        """(hash, FileBody) of the module at path on branch; the caller closes the body."""
         digest, filename = self.locate(path, branch)
-        try:
-            body = self._lease(digest, filename)
-        except FileNotFoundError:                    # gc removed it after the lookup
-            body = None
-        if body is None:
-            self.forget(path, branch)
-            digest, filename = self.store.locate(path, branch=branch)   # checks the hash again
+        self.store.module_filename(digest)          # CorruptObject if it changed and is bad
+        opened = self.files.get(digest)
+        if opened is None:
             body = open_body(filename)
-        return digest, body
-
-    def _lease(self, digest, filename):
-        with self.lock:
-            entry = self.files.get(digest)
-            if entry is not None:
-                entry.leases += 1
-                self.files.move_to_end(digest)
-        if entry is None:
-            entry = self._open(digest, filename)
-        else:
-            info = os.fstat(entry.fd)
-            if (info.st_ino, info.st_mtime_ns, info.st_size) != entry.key:
-                self._evict(digest, entry)           # changed in place: never trusted again
-                self._release(entry)
-                return None
-        return FileBody(entry.fd, entry.size, lambda: self._release(entry))
-
-    def _open(self, digest, filename):
-        fd = os.open(filename, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-        try:
-            entry = _OpenFile(fd, os.fstat(fd))
-        except BaseException:
-            os.close(fd)
-            raise
-        with self.lock:
-            existing = self.files.get(digest)
-            if existing is not None:                  # another request opened it meanwhile
-                existing.leases += 1
-                os.close(fd)
-                return existing
-            self.files[digest] = entry
-            while len(self.files) > self.open_files:
-                oldest_digest, oldest = next(iter(self.files.items()))
-                self._evict_locked(oldest_digest, oldest)
-        return entry
-
-    def _evict(self, digest, entry):
-        with self.lock:
-            self._evict_locked(digest, entry)
-
-    def _evict_locked(self, digest, entry):
-        if self.files.get(digest) is entry:
-            del self.files[digest]
-        if not entry.evicted:
-            entry.evicted = True
-            if entry.leases == 0:
-                os.close(entry.fd)
-
-    def _release(self, entry):
-        with self.lock:
-            entry.leases -= 1
-            if entry.evicted and entry.leases == 0:
-                os.close(entry.fd)
+            self.files.put(digest, (body.file, body.size))
+            return digest, body
+        return digest, FileBody(*opened)
 
     def close(self):
-        """Close every open file no reply is using (the rest close when released)."""
-        with self.lock:
-            for digest, entry in list(self.files.items()):
-                self._evict_locked(digest, entry)
+        """Let go of every open file (each is closed when the last reply sending it ends)."""
+        self.files.clear()
+        self.paths.clear()
 
 
 def _open_object(store, call):
@@ -557,6 +581,7 @@ def module_reply(digest, body, headers):
 
 
 def get_module(store, call, body):
+    """GET /api/v1/module/*: the module's bytes (see module_reply)."""
     digest, file_body = _open_object(store, call)
     return module_reply(digest, file_body, call.headers)
 
@@ -569,105 +594,248 @@ def add_module(store, call, body):
 
 
 def delete_module(store, call, body):
+    """DELETE /api/v1/module/*: remove a path (or every path of a hash)."""
     store.remove(call.path, branch=call.branch, author=call.author)
     return Reply(200)
 
 
 def list_modules(store, call, body):
-    return json_reply(store.list(call.path, branch=call.branch))
+    """GET /api/v1/modules[/*]: {"/path": hash} under the prefix (what the key reaches)."""
+    listing = store.list(call.path, branch=call.branch)
+    if call.access.scoped:
+        listing = {path: digest for path, digest in listing.items() if call.access.reaches(path)}
+    return json_reply(listing)
 
 
 def get_hash(store, call, body):
+    """GET /api/v1/hash/*: the module hash (a directory: its tree hash)."""
     return text_reply(store.hash(call.path, branch=call.branch))
 
 
 def set_hash(store, call, body):
+    """POST /api/v1/hash/:hash/*: point the path at a stored module."""
     store.set(call.path, call.params[0], branch=call.branch, author=call.author)
     return Reply(200)
 
 
 def get_versions(store, call, body):
+    """GET /api/v1/versions/*: [[hash, commit], ...], oldest first."""
     versions = store.versions(call.path, branch=call.branch)
     return json_reply([[digest, commit] for digest, commit in versions])
 
 
 def get_version(store, call, body):
-    raw_index = call.params[0]
-    if not raw_index.isdigit() or len(raw_index) > 9:
-        raise HttpError(400, f"version index must be a non-negative integer, got {raw_index!r}")
-    digest, _commit = store.version(int(raw_index), call.path, branch=call.branch)
+    """GET /api/v1/version/:index/*: the bytes of that version."""
+    index = wasmstore.parse_number(call.params[0], "version index", maximum=MAX_VERSION_INDEX)
+    digest, _commit = store.version(index, call.path, branch=call.branch)
     return module_reply(digest, open_body(store.module_filename(digest)), call.headers)
 
 
 def rollback(store, call, body):
+    """POST /api/v1/rollback[/*]: revert a path (or the branch) to before its last change."""
     store.rollback(_path_or_none(call), branch=call.branch, author=call.author)
     return Reply(200)
 
 
 def restore(store, call, body):
+    """POST /api/v1/restore/:commit[/*]: a new commit with that commit's tree (or path)."""
     store.restore(call.params[0], _path_or_none(call), branch=call.branch, author=call.author)
     return Reply(200)
 
 
 def snapshot(store, call, body):
+    """GET /api/v1/snapshot: the branch's head commit."""
     return text_reply(store.snapshot(branch=call.branch))
 
 
 def commit_info(store, call, body):
+    """GET /api/v1/commit/:hash: the commit as JSON."""
     return json_reply(store.commit_info(call.params[0]))
 
 
 def list_branches(store, call, body):
+    """GET /api/v1/branches: the branch names."""
     return json_reply(store.branches())
 
 
 def default_branch(store, call, body):
+    """GET /api/v1/branch: the default branch's name."""
     return text_reply(store.default_branch)
 
 
 def switch_branch(store, call, body):
+    """PUT /api/v1/branch/:b: make :b the default branch (persisted)."""
     store.set_default_branch(call.params[0])
     return Reply(200)
 
 
 def create_branch(store, call, body):
+    """POST /api/v1/branch/:b: create :b from the request's branch."""
     store.create_branch(call.params[0], branch=call.branch)
     return Reply(200)
 
 
 def delete_branch(store, call, body):
+    """DELETE /api/v1/branch/:b: delete :b (never the default branch)."""
     store.delete_branch(call.params[0])
     return Reply(200)
 
 
 def merge(store, call, body):
+    """POST /api/v1/merge/:b: merge :b into the request's branch."""
     store.merge(call.params[0], branch=call.branch, author=call.author)
     return Reply(200)
 
 
 def gc(store, call, body):
+    """POST /api/v1/gc: squash the branch's history, delete unreachable objects; the count."""
     return text_reply(str(store.gc(branch=call.branch)))
 
 
 def auth_ok(store, call, body):
+    """* /api/v1/auth: 200 when the key may use this method."""
     return Reply(200)            # reaching a handler means the key passed for this method
 
 
-# ---------------------------------------------------------------------------------------------
+# -- history over HTTP: log, audit, diff (pages of commit infos) ----------------------------------
+
+def _query_count(call, name, default, maximum):
+    """A count from the query string (ASCII digits, 0 to maximum), default when absent; 400
+    otherwise."""
+    raw = call.query.get(name)
+    return default if raw is None else wasmstore.parse_number(raw, name, maximum=maximum)
+
+
+def _page(commits, limit):
+    """{"commits": the first `limit`, "next": the last one's hash when more follow, else null}:
+    the client asks for the next page with ?after=<next>."""
+    more = len(commits) > limit
+    commits = commits[:limit]
+    return {"commits": commits, "next": commits[-1]["hash"] if more and commits else None}
+
+
+def get_log(store, call, body):
+    """GET /api/v1/log?limit=N&after=COMMIT: the branch's commits, newest first, by pages."""
+    limit = _query_count(call, "limit", DEFAULT_PAGE, MAX_PAGE)
+    after = call.query.get("after")
+    start = None
+    if after is not None:
+        parents = store.commit_info(after).get("parents")
+        if not parents:
+            store.log(0, branch=call.branch)              # still 404 for an unknown branch
+            return json_reply(_page([], limit))
+        start = parents[0]
+    return json_reply(_page(store.log(limit + 1, branch=call.branch, start=start), limit))
+
+
+def get_audit(store, call, body):
+    """GET /api/v1/audit/*?limit=N&after=COMMIT: the commits that changed a path, newest first.
+
+    A key limited to some paths does not see the message of a commit that also changed paths
+    out of its reach (messages name paths)."""
+    limit = _query_count(call, "limit", DEFAULT_PAGE, MAX_PAGE)
+    commits = store.audit(call.path, branch=call.branch)
+    after = call.query.get("after")
+    if after is not None:
+        wasmstore.validate_hash(after, "commit")
+        after = after.lower()
+        position = next((i for i, info in enumerate(commits) if info["hash"] == after), None)
+        if position is None:
+            raise HttpError(404, f"commit {after} did not change {_printed(call.path.split('/'))}")
+        commits = commits[position + 1:]
+    page = _page(commits[:limit + 1], limit)
+    if call.access.scoped:
+        for info in page["commits"]:
+            parent = info.get("parents", [None])[0]
+            if not all(map(call.access.reaches, store.changes(parent, info["hash"]))):
+                info["message"] = HIDDEN_MESSAGE
+    return json_reply(page)
+
+
+def get_diff(store, call, body):
+    """GET /api/v1/diff/:old/:new[/*]: what changed from commit old to commit new (under the
+    path, when one is given), in the watch event format."""
+    old, new = (store.commit_info(commit)["hash"] for commit in call.params)
+    changes = store.changes(old, new)
+    if call.path:
+        prefix = tuple(wasmstore.validate_path(call.path))
+        changes = {path: change for path, change in changes.items()
+                   if tuple(path.split("/")[1:])[:len(prefix)] == prefix}
+    return json_reply(changes)
+
+
+# ---------------------------------------------------------------------------
 # Running stored modules: the run gate, per-module metrics, the call/run/exports handlers
-# ---------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------
+
+class SlotPool:
+    """At most `limit` holders at once, across every process of the server (thread-safe).
+
+    Alone, it is a threading.Semaphore and a count. In a server of several worker processes
+    the semaphore is a POSIX one the supervisor made before forking them (shared by all), and
+    `counts` a shared array of the slots each worker holds: `held` sums it, and the supervisor
+    gives back the slots of a worker that died holding some (release_for)."""
+
+    def __init__(self, limit, semaphore=None, counts=None, index=0):
+        self.limit = int(limit)
+        self._semaphore = threading.Semaphore(self.limit) if semaphore is None else semaphore
+        self._counts = [0] if counts is None else counts
+        self._index = index
+        self._lock = threading.Lock()
+
+    def acquire(self, timeout=0):
+        """Take a slot, waiting up to `timeout` seconds for one (0: not at all); True if taken."""
+        if timeout > 0:
+            taken = self._semaphore.acquire(True, timeout)
+        else:
+            taken = self._semaphore.acquire(False)
+        if taken:
+            with self._lock:
+                self._counts[self._index] += 1
+        return taken
+
+    def release(self):
+        """Give a slot back."""
+        with self._lock:
+            self._counts[self._index] -= 1
+        self._semaphore.release()
+
+    @property
+    def held(self):
+        """Slots taken now, by every process of the server."""
+        return sum(self._counts)
+
+    def release_for(self, index):
+        """Give back every slot worker `index` held (it died); only the supervisor calls this."""
+        count, self._counts[index] = self._counts[index], 0
+        for _ in range(max(0, count)):
+            self._semaphore.release()
+
 
 class RunGate:
-    """At most `running` guests at once; up to `waiting` more callers queue for at most `wait`
-    seconds; everyone else gets 503 with Retry-After at once (the queue is bounded)."""
+    """At most `running` guests at once in the whole server; up to `waiting` more callers
+    queue for at most `wait` seconds; everyone else gets 503 with Retry-After at once (the
+    queue is bounded). A module's first call compiles it inside its slot, so compiles count
+    against both bounds. slots, places: the SlotPools of a server of several workers."""
 
-    def __init__(self, running=DEFAULT_MAX_GUESTS, waiting=DEFAULT_RUN_QUEUE, wait=DEFAULT_QUEUE_WAIT):
+    def __init__(self, running=DEFAULT_MAX_GUESTS, waiting=DEFAULT_RUN_QUEUE,
+                 wait=DEFAULT_QUEUE_WAIT, slots=None, places=None):
         if int(running) < 1 or int(waiting) < 0 or not float(wait) > 0:
             raise ServerError(f"bad run gate: {running} running, {waiting} waiting, {wait} s")
-        self.running_limit, self.waiting_limit, self.wait = int(running), int(waiting), float(wait)
-        self.running = 0
-        self.waiting = 0
-        self._cond = threading.Condition()
+        self.running_limit, self.waiting_limit = int(running), int(waiting)
+        self.wait = float(wait)
+        self.slots = SlotPool(self.running_limit) if slots is None else slots
+        self.places = SlotPool(self.waiting_limit) if places is None else places
+
+    @property
+    def running(self):
+        """Guests running (or compiling for their first call) now, in the whole server."""
+        return self.slots.held
+
+    @property
+    def waiting(self):
+        """Callers waiting for a slot now, in the whole server."""
+        return self.places.held
 
     def _busy(self):
         return HttpError(503, "too many guests are running; try again later",
@@ -675,29 +843,23 @@ class RunGate:
 
     def enter(self):
         """Take a slot, waiting in the bounded queue if none is free (HttpError 503 otherwise)."""
-        with self._cond:
-            if self.running >= self.running_limit:
-                if self.waiting >= self.waiting_limit:
-                    raise self._busy()
-                self.waiting += 1
-                deadline = time.monotonic() + self.wait
-                try:
-                    while self.running >= self.running_limit:
-                        left = deadline - time.monotonic()
-                        if left <= 0:
-                            raise self._busy()
-                        self._cond.wait(left)
-                finally:
-                    self.waiting -= 1
-            self.running += 1
+        if self.slots.acquire():
+            return
+        if not self.places.acquire():
+            raise self._busy()
+        try:
+            if not self.slots.acquire(self.wait):
+                raise self._busy()
+        finally:
+            self.places.release()
 
     def leave(self):
-        with self._cond:
-            self.running -= 1
-            self._cond.notify()
+        """Give the slot back (a waiting caller takes it)."""
+        self.slots.release()
 
     @contextlib.contextmanager
     def slot(self):
+        """A context manager holding a slot (enter() on entry, leave() on exit)."""
         self.enter()
         try:
             yield
@@ -705,98 +867,215 @@ class RunGate:
             self.leave()
 
 
+class CompileLocks:
+    """One compile of a module at a time in the whole server: a lock per module hash among the
+    threads of this process and, in a server of several workers, a byte-range lock (fcntl) of
+    one file every worker shares, which the system releases if its holder dies. A caller that
+    waited finds the module compiled, in kvhost's compile cache."""
+
+    def __init__(self, shared_file=None):
+        self._file = shared_file
+        self._lock = threading.Lock()
+        self._held = {}                   # digest -> [threading.Lock, users]
+
+    @contextlib.contextmanager
+    def hold(self, digest):
+        """Hold the lock of one module hash (64 hex digits)."""
+        with self._lock:
+            entry = self._held.setdefault(digest, [threading.Lock(), 0])
+            entry[1] += 1
+        try:
+            with entry[0], self._file_lock(digest):
+                yield
+        finally:
+            with self._lock:
+                entry[1] -= 1
+                if not entry[1]:
+                    del self._held[digest]
+
+    @contextlib.contextmanager
+    def _file_lock(self, digest):
+        if self._file is None:
+            yield
+            return
+        offset = int(digest[:15], 16)     # a byte per module (its hash's first 60 bits)
+        fcntl.lockf(self._file, fcntl.LOCK_EX, 1, offset)
+        try:
+            yield
+        finally:
+            fcntl.lockf(self._file, fcntl.LOCK_UN, 1, offset)
+
+
 def outcome_of(exc):
-    """The metric/log label of how a run ended: ok, a trap kind (timeout, fuel, memory, data,
-    crash, exit, trap), link, arguments, not-found, busy or error."""
+    """The metric/log label of how a run ended: "ok", the label ERROR_STATUS gives the error
+    (a trap's kind: timeout, fuel, memory, data, crash, exit, trap), or "error" for a bug."""
     if exc is None:
         return "ok"
-    if kvhost is not None:
-        if isinstance(exc, kvhost.TrapError):
-            return exc.kind
-        if isinstance(exc, kvhost.LinkError):
-            return "link"
-        if isinstance(exc, kvhost.NoSuchFunction):
-            return "not-found"
-        if isinstance(exc, kvhost.ArgumentError):
-            return "arguments"
-    if isinstance(exc, wasmstore.NotFound):
-        return "not-found"
-    if isinstance(exc, HttpError):
-        return "busy" if exc.status == 503 else "arguments"
-    if isinstance(exc, wasmstore.InvalidInput):
-        return "arguments"
-    return "error"
+    meaning = error_meaning(exc)
+    return "error" if meaning is None else meaning.label
 
 
 class GuestRuntime:
     """What the call/run/exports routes share: a wasmstore.Runner (kvhost), the RunGate, the
-    largest output kept, and the metrics each run records (per module and function)."""
+    CompileLocks, the largest output kept, and the metrics each run records (per module and
+    function)."""
 
-    def __init__(self, runner, gate, metrics, max_output=DEFAULT_MAX_OUTPUT):
+    def __init__(self, runner, gate, metrics, max_output=DEFAULT_MAX_OUTPUT, compile_locks=None):
         self.runner = runner
         self.gate = gate
         self.metrics = metrics
         self.max_output = int(max_output)
-        self.compiling = threading.BoundedSemaphore(gate.running_limit)   # first calls compile
+        self.compile_locks = CompileLocks() if compile_locks is None else compile_locks
+        self.precompiler = None           # a Precompiler, when make_runtime starts one
+
+    def load(self, target):
+        """The kvhost Guest of a target, compiled at most once at a time in the whole server
+        (a caller that waited for another's compile finds it in the compile cache)."""
+        guest = self.runner.host.loaded(target.digest)
+        if guest is None:
+            with self.compile_locks.hold(target.digest):
+                guest = self.runner.load(target)
+        return guest
 
     def execute(self, call, function, version, work, gated=True):
-        """Resolve and load the module, then work(target, stats) in a gate slot (gated); records
-        the outcome in the metrics and the access log. A module's first call compiles it
-        (seconds for a big component) before taking a slot, at most running_limit at once, so
-        warm modules keep running meanwhile."""
+        """Resolve the module, then load it and work(target, stats) in a gate slot; records the
+        outcome in the metrics and the access log. gated=False (exports): a module compiled
+        already needs no slot."""
         started = time.monotonic()
         stats = {}
         error = None
         try:
             target = self.runner.resolve(call.path, branch=call.branch, version=version)
-            if not self.runner.host.is_loaded(target.digest):
-                with self.compiling:
-                    self.runner.load(target)
-            if not gated:
+            if not gated and self.runner.host.is_loaded(target.digest):
                 return work(target, stats)
-            self.gate.enter()
-            try:
+            with self.gate.slot():
+                self.load(target)                   # a first call's compile holds its slot
                 return work(target, stats)
-            finally:
-                self.gate.leave()
         except Exception as exc:
             error = exc
             raise
         finally:
-            outcome = outcome_of(error)
-            seconds = time.monotonic() - started
-            module = call.path if call.path.startswith("/") else "/" + call.path
-            call.log.update(module=module, function=function, outcome=outcome, fuel=stats.get("fuel", 0))
-            if outcome not in ("not-found", "busy"):        # bounded label sets: real modules only
-                self.metrics.observe_run(module, function, outcome, seconds, stats.get("fuel", 0))
+            self._record(call, function, error, time.monotonic() - started, stats.get("fuel", 0))
+
+    def _record(self, call, function, error, seconds, fuel):
+        outcome = outcome_of(error)
+        module = call.path if call.path.startswith("/") else "/" + call.path
+        call.log.update(module=module, function=function, outcome=outcome, fuel=fuel)
+        if outcome not in ("not-found", "busy"):        # bounded label sets: real modules only
+            self.metrics.observe_run(module, function, outcome, seconds, fuel)
+        if self.runner is not None:
+            self.metrics.record_cache_stats(self.runner.host.cache_stats())
 
     def close(self):
-        """Stop the guests' worker processes and close the kv backend (idempotent)."""
+        """Stop the background compiler, the guests' worker processes and the kv backend
+        (idempotent)."""
+        if self.precompiler is not None:
+            self.precompiler.stop()
         runner, self.runner = self.runner, None
         if runner is not None:
             runner.close()
 
 
+class Precompiler:
+    """Compiles what is added to the store in the background, before anyone calls it.
+
+    One thread notices new commits on every branch through Store.generation() (so adds by
+    any process count: this server's routes, the command line, imports, pulls), queues the
+    modules they add or update, and compiles them one at a time into kvhost's compile cache
+    (memory and disk; a compile never runs twice at once, see CompileLocks). A module queued
+    once is not queued again. In a server of several workers, one worker runs it; the others
+    find its work in the disk cache. A command-line add while no server runs is compiled by
+    its first call (and cached on disk for every later one)."""
+
+    def __init__(self, runtime, poll_interval=PRECOMPILE_POLL_SECONDS, log=None):
+        self.runtime = runtime
+        self.log = log or (lambda text: None)
+        self.store = runtime.runner.store
+        self.poll_interval = poll_interval
+        self.queue = collections.deque()
+        self.seen = set()                   # hashes queued once (bounded: cleared when full)
+        self.stop_event = threading.Event()
+        self.heads = self._heads()
+        self.thread = threading.Thread(target=self._run, name="wasmstore-precompile",
+                                       daemon=True)
+
+    def start(self):
+        """Start the thread (changes from now on are compiled)."""
+        self.thread.start()
+
+    def stop(self):
+        """Stop after the compile in progress, if any."""
+        self.stop_event.set()
+
+    def _heads(self):
+        heads = {}
+        for branch in self.store.branches():
+            try:
+                heads[branch] = self.store.head(branch=branch)
+            except wasmstore.NotFound:              # deleted meanwhile
+                pass
+        return heads
+
+    def _run(self):
+        generation = self.store.generation()
+        while not self.stop_event.wait(self.poll_interval):
+            current = self.store.generation()
+            if current is None or current != generation:
+                generation = current
+                self._scan()
+            while self.queue and not self.stop_event.is_set():
+                self._compile(*self.queue.popleft())
+
+    def _scan(self):
+        """Queue the modules that new commits on any branch added or changed."""
+        heads = self._heads()
+        for branch, head in heads.items():
+            old = self.heads.get(branch)
+            if head is None or head == old:
+                continue
+            try:
+                changes = self.store.changes(old, head)
+            except wasmstore.StoreError:             # e.g. the old head squashed away by gc
+                continue
+            for path, change in changes.items():
+                if change["action"] in ("added", "updated"):
+                    digest = change["hash"]
+                    self._enqueue(digest["new"] if isinstance(digest, dict) else digest, path)
+        self.heads = heads
+
+    def _enqueue(self, digest, path):
+        if digest in self.seen or self.runtime.runner.host.is_loaded(digest):
+            return
+        if len(self.seen) >= MAX_PRECOMPILE_SEEN:
+            self.seen.clear()
+        self.seen.add(digest)
+        self.queue.append((digest, path))
+
+    def _compile(self, digest, path):
+        try:
+            self.runtime.load(wasmstore.Target(digest, None, path, None))
+            result = "compiled"
+        except _RUNTIME_ERRORS + (wasmstore.StoreError,):
+            result = "failed"                        # not runnable here: its first call says why
+        except Exception:
+            if self.stop_event.is_set():             # the server closed the runtime meanwhile
+                return
+            self.log(f"background compile of {path}: " + traceback.format_exc())
+            result = "failed"
+        self.runtime.metrics.add(("precompiles", result), 1)
+
+
 def _runtime(call):
     if call.runtime is None:
-        raise HttpError(501, "running modules needs kvhost.py next to http_server.py and the wasmtime package")
+        raise HttpError(501, "running modules needs kvhost.py next to http_server.py and the "
+                             f"wasmtime package ({KVHOST_MISSING or 'not configured'})")
     return call.runtime
 
 
 def _version_query(call):
-    raw = call.query.get("version")
-    if raw is None:
-        return None
-    if not raw.isdigit() or len(raw) > 9:
-        raise HttpError(400, f"version must be a non-negative integer, got {raw!r}")
-    return int(raw)
+    return _query_count(call, "version", None, MAX_VERSION_INDEX)
 
 
-def _reject_constant(name):
-    raise ValueError(f"{name} is not JSON (write \"NaN\", \"Infinity\" or \"-Infinity\" as strings)")
-
-
-_STRICT_JSON = json.JSONDecoder(parse_constant=_reject_constant)   # made once: one per call costs ~2 us
 _RESULT_JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
 
@@ -823,13 +1102,15 @@ def read_body(reader, limit):
 
 def _json_arguments(body, limit):
     data = read_body(body, limit)
-    try:
-        args = _STRICT_JSON.decode(data.decode("utf-8")) if data.strip() else None
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise HttpError(400, f"malformed JSON body: {exc}") from None
+    args = wasmstore.parse_json(data, "JSON body") if data.strip() else None
     if not isinstance(args, list):
         raise HttpError(400, "expected a JSON array of arguments as the body, e.g. [1, 2]")
     return args
+
+
+def _link_reach(call):
+    """What the stored modules a core module imports may be, for this request's key."""
+    return call.access.reaches if call.access.scoped else None
 
 
 def call_function(store, call, body):
@@ -840,18 +1121,25 @@ def call_function(store, call, body):
     version = _version_query(call)
 
     def work(target, stats):
-        return runtime.runner.call(target, function, args, stats=stats)
+        return runtime.runner.call_captured(target, function, args, limit=MAX_STDERR_HEADER,
+                                            stats=stats, reach=_link_reach(call))
     result = runtime.execute(call, function, version, work)
-    data = _RESULT_JSON.encode(result).encode("utf-8")
-    return Reply(200, [("Content-Type", JSON_TYPE)], data)
+    data = _RESULT_JSON.encode(result.value).encode("utf-8")
+    headers = [("Content-Type", JSON_TYPE)]
+    for name, output, total in (("Stdout", result.stdout, result.stdout_total),
+                                ("Stderr", result.stderr, result.stderr_total)):
+        if total:
+            headers += _output_headers(name, output, total)
+    return Reply(200, headers, data)
 
 
-def _stderr_headers(result):
-    """The run's stderr in a header: a JSON string (ASCII only), cut at MAX_STDERR_HEADER bytes."""
-    text = result.stderr[:MAX_STDERR_HEADER].decode("utf-8", "replace")
-    headers = [("Wasmstore-Stderr", json.dumps(text))]
-    if result.stderr_total > MAX_STDERR_HEADER:
-        headers.append(("Wasmstore-Stderr-Truncated", str(result.stderr_total)))
+def _output_headers(name, output, total):
+    """A guest's stdout or stderr in Wasmstore-<name>: a JSON string (ASCII only) of its first
+    MAX_STDERR_HEADER bytes, and Wasmstore-<name>-Truncated with the bytes written when cut."""
+    text = output[:MAX_STDERR_HEADER].decode("utf-8", "replace")
+    headers = [(f"Wasmstore-{name}", json.dumps(text))]
+    if total > MAX_STDERR_HEADER:
+        headers.append((f"Wasmstore-{name}-Truncated", str(total)))
     return headers
 
 
@@ -863,10 +1151,12 @@ def run_module(store, call, body):
     version = _version_query(call)
 
     def work(target, stats):
-        return runtime.runner.run_captured(target, argv, stdin=stdin, limit=runtime.max_output, stats=stats)
+        return runtime.runner.run_captured(target, argv, stdin=stdin, limit=runtime.max_output,
+                                           stats=stats, reach=_link_reach(call))
     result = runtime.execute(call, "run", version, work)
-    headers = [("Content-Type", "application/octet-stream"), ("Wasmstore-Exit-Status", str(result.status))]
-    headers += _stderr_headers(result)
+    headers = [("Content-Type", "application/octet-stream"),
+               ("Wasmstore-Exit-Status", str(result.status))]
+    headers += _output_headers("Stderr", result.stderr, result.stderr_total)
     if result.stdout_total > len(result.stdout):
         headers.append(("Wasmstore-Stdout-Truncated", str(result.stdout_total)))
     return Reply(200, headers, result.stdout)
@@ -879,13 +1169,295 @@ def get_exports(store, call, body):
 
     def work(target, stats):
         guest = runtime.runner.load(target)
-        return {"hash": target.digest, "kind": guest.kind, "exports": runtime.runner.host.exports(guest)}
+        return {"hash": target.digest, "kind": guest.kind,
+                "exports": runtime.runner.host.exports(guest)}
     return json_reply(runtime.execute(call, "exports", version, work, gated=False))
 
 
-# ---------------------------------------------------------------------------------------------
+# -- the kv data of a stored module: its namespace's buckets, keys and values ---------------------
+
+def _kv_of(call):
+    """(backend, namespace) of the module a kv route names: the namespace the Runner gives the
+    module when it runs (its path, a --namespace-map prefix's, sha256:<hash>; per branch as the
+    Runner decides), so what is shown here is what the guest sees."""
+    runtime = _runtime(call)
+    target = runtime.runner.resolve(call.path, branch=call.branch)
+    return runtime.runner.host.backend, target.namespace
+
+
+def _kv_key(call):
+    key = call.query.get("key")
+    if key is None:
+        raise HttpError(400, "name the key: ?key=KEY (percent-encoded)")
+    return key
+
+
+def _kv_refusal(exc):
+    """A kv backend's refusal of what the client sent (a bad bucket id, key or cursor: values
+    were bounded as they were read) as a 400."""
+    return HttpError(400, one_line(exc))
+
+
+def kv_buckets(store, call, body):
+    """GET /api/v1/kv/*: {"namespace", "buckets": ids of the buckets holding keys}."""
+    backend, namespace = _kv_of(call)
+    return json_reply({"namespace": namespace, "buckets": backend.buckets(namespace)})
+
+
+def kv_keys(store, call, body):
+    """GET /api/v1/kv-keys/:bucket/*?limit=N&cursor=C: {"keys": sorted, "next": cursor or null}."""
+    backend, namespace = _kv_of(call)
+    limit = _query_count(call, "limit", DEFAULT_PAGE, MAX_PAGE)
+    try:
+        keys, cursor = backend.list_page(namespace, call.params[0], call.query.get("cursor"), limit)
+    except (kvhost.ArgumentError, kvhost.OperationError) as exc:
+        raise _kv_refusal(exc) from None
+    return json_reply({"keys": keys, "next": cursor})
+
+
+def kv_get(store, call, body):
+    """GET /api/v1/kv-value/:bucket/*?key=K: the value's bytes (404 when the key is missing)."""
+    backend, namespace = _kv_of(call)
+    bucket, key = call.params[0], _kv_key(call)
+    try:
+        value = backend.get(namespace, bucket, key)
+    except (kvhost.ArgumentError, kvhost.OperationError) as exc:
+        raise _kv_refusal(exc) from None
+    if value is None:
+        raise HttpError(404, f"no key {key[:100]!r} in bucket {bucket!r} of {namespace[:200]}")
+    return Reply(200, [("Content-Type", "application/octet-stream")], value)
+
+
+def kv_set(store, call, body):
+    """PUT /api/v1/kv-value/:bucket/*?key=K: body = the value (written to the backend directly:
+    watcher guests are not told)."""
+    backend, namespace = _kv_of(call)
+    key = _kv_key(call)
+    value = read_body(body, backend.max_value_size)
+    try:
+        backend.set(namespace, call.params[0], key, value)
+    except (kvhost.ArgumentError, kvhost.OperationError) as exc:
+        raise _kv_refusal(exc) from None
+    return Reply(200)
+
+
+def kv_delete(store, call, body):
+    """DELETE /api/v1/kv-value/:bucket/*?key=K (a missing key is fine)."""
+    backend, namespace = _kv_of(call)
+    try:
+        backend.delete(namespace, call.params[0], _kv_key(call))
+    except (kvhost.ArgumentError, kvhost.OperationError) as exc:
+        raise _kv_refusal(exc) from None
+    return Reply(200)
+
+
+# ---------------------------------------------------------------------------
+# The Wess API (/wess): Wess's clients work with only the base URL changed
+# ---------------------------------------------------------------------------
+# Wess (a WebAssembly function-execution service) keeps each module under a UUID with metadata
+# naming the function to call: POST /wess {"wasm": [bytes], "metadata": {"functionName",
+# "returnType", "args"}} -> 202 {"message": {"id"}}; PUT and DELETE /wess/<id> -> 202;
+# GET /wess/<id> -> 202 {"message": {"wasm", "metadata"}} (Wess answers reads with 202 too);
+# GET /wess -> 202 {"message": <number of modules>}; POST /wess/<id> [args] -> 200
+# {"message": [results]}; errors {"message": "..."}. Here each module is the store path
+# /wess/<id>, versioned like any other, with its metadata in a custom section appended to it
+# (WESS_SECTION), so a version, a rollback or a restore keeps module and metadata together;
+# GET gives back exactly the bytes that were sent.
+
+WESS_PREFIX = ("wess",)
+WESS_SECTION = b"wess.metadata"             # the custom section holding a module's metadata
+WESS_TYPES = ("I32", "I64", "F32", "F64", "V128", "ExternRef", "FuncRef")   # Wess's type names
+WESS_TRAILER = struct.Struct(">QI")         # ends the section: module length, metadata length
+
+
+def _leb_u32(value):
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def _wess_section(metadata_json, module_length):
+    """The custom section appended to a module: WESS_SECTION, the metadata's JSON, then
+    WESS_TRAILER (so it is found from the end, and checked by writing it again)."""
+    payload = (_leb_u32(len(WESS_SECTION)) + WESS_SECTION + metadata_json
+               + WESS_TRAILER.pack(module_length, len(metadata_json)))
+    return b"\x00" + _leb_u32(len(payload)) + payload
+
+
+def wess_module(wasm, metadata):
+    """The bytes stored for a Wess module: the module and its metadata section."""
+    metadata_json = json.dumps(metadata, separators=(",", ":"), sort_keys=True).encode("utf-8")
+    return wasm + _wess_section(metadata_json, len(wasm))
+
+
+def wess_split(data):
+    """(module bytes as sent, metadata) of stored bytes; WessError 422 if they end otherwise."""
+    if len(data) >= WESS_TRAILER.size:
+        length, metadata_length = WESS_TRAILER.unpack_from(data, len(data) - WESS_TRAILER.size)
+        start = len(data) - WESS_TRAILER.size - metadata_length
+        if length < start and data[length:] == _wess_section(data[start:-WESS_TRAILER.size],
+                                                             length):
+            return data[:length], json.loads(data[start:-WESS_TRAILER.size])
+    raise WessError(422, "this module was not stored through /wess: it has no Wess metadata")
+
+
+class WessError(HttpError):
+    """An error of the /wess API: Wess's message prefix ("Invalid Id", "Invalid Json", ...)."""
+
+
+def wess_error_reply(exc):
+    """Wess's error body, {"message": "..."}, with the status of the one ERROR_STATUS table."""
+    status = error_status(exc)
+    if status is None:
+        return json_reply({"message": "internal server error"}, 500)
+    reply = json_reply({"message": one_line(exc)}, status)
+    if isinstance(exc, HttpError):
+        reply.headers.extend(exc.headers)
+    elif kvhost is not None and isinstance(exc, kvhost.TrapError):
+        reply.headers.append(("Wasmstore-Error", exc.kind))
+    return reply
+
+
+def _wess_message(value, status=202):
+    return json_reply({"message": value}, status)
+
+
+def _wess_id(call, strict):
+    """The canonical id (and its store path) of /wess/<id>. Wess answers a malformed id with
+    400 on reads (strict) and 404 on writes and calls (it looks the id up first)."""
+    text = call.path
+    try:
+        if "/" in text or len(text) > 64:
+            raise ValueError
+        canonical = str(uuid.UUID(text))
+    except ValueError:
+        if strict:
+            raise WessError(400, f"Invalid ID: {text[:80]!r} is not a UUID") from None
+        raise WessError(404, "Invalid Id: Not found") from None
+    return canonical, f"/wess/{canonical}"
+
+
+def _wess_stored(store, call, strict=False):
+    """(id, path, stored bytes) of an existing module; WessError 404 if there is none."""
+    module_id, path = _wess_id(call, strict)
+    try:
+        return module_id, path, store.find(path, branch=call.branch)
+    except wasmstore.NotFound:
+        raise WessError(404, "Invalid Id: Not found") from None
+
+
+def _wess_upload(body, limit):
+    """(module bytes, metadata) of a Wess upload, checked as Wess's JSON schema has it."""
+    data = read_body(body, limit)
+    try:
+        document = wasmstore.parse_json(data, "Json")
+    except wasmstore.InvalidInput as exc:
+        raise WessError(400, f"Invalid Json: {one_line(exc)}") from None
+    metadata = document.get("metadata") if isinstance(document, dict) else None
+    wasm = document.get("wasm") if isinstance(document, dict) else None
+    if not isinstance(wasm, list) or not isinstance(metadata, dict):
+        raise WessError(400, 'Invalid Json: expected {"wasm": [bytes...], "metadata": '
+                             '{"functionName", "returnType", "args"}}')
+    if set(map(type, wasm)) - {int}:
+        raise WessError(400, "Invalid Json: wasm must be an array of numbers 0 to 255")
+    try:
+        module = bytes(wasm)
+    except ValueError:
+        raise WessError(400, "Invalid Json: wasm must be an array of numbers 0 to 255") from None
+    name = metadata.get("functionName")
+    if not isinstance(name, str) or not name:
+        raise WessError(400, "Invalid Json: metadata.functionName must be a function name")
+    for field in ("returnType", "args"):
+        types = metadata.get(field)
+        if not isinstance(types, list) or any(t is not None and t not in WESS_TYPES for t in types):
+            raise WessError(400, f"Invalid Json: metadata.{field} must be a list of "
+                                 f"{', '.join(WESS_TYPES)} (or null)")
+    return module, {"functionName": name, "returnType": metadata["returnType"],
+                    "args": metadata["args"]}
+
+
+def _wess_add(store, call, path, body):
+    module, metadata = _wess_upload(body, call.max_body)
+    try:
+        wasmstore.validate_module(module)
+    except wasmstore.InvalidModule as exc:
+        raise WessError(400, f"Invalid Wasm: {one_line(exc)}") from None
+    store.add(path, wess_module(module, metadata), branch=call.branch, author=call.author)
+
+
+def wess_count(store, call, body):
+    """GET /wess: how many modules there are (what Wess's load test reads at its end)."""
+    try:
+        modules = store.list("/wess", branch=call.branch)
+    except wasmstore.NotFound:
+        modules = {}
+    return _wess_message(sum(1 for path in modules if call.access.reaches(path)))
+
+
+def wess_create(store, call, body):
+    """POST /wess: store the module under a new id (a uuid4)."""
+    module_id = str(uuid.uuid4())
+    _wess_add(store, call, f"/wess/{module_id}", body)
+    return _wess_message({"id": module_id})
+
+
+def wess_read(store, call, body):
+    """GET /wess/<id>: the module as it was sent and its metadata."""
+    _, _, data = _wess_stored(store, call, strict=True)
+    module, metadata = wess_split(data)
+    return _wess_message({"wasm": list(module), "metadata": metadata})
+
+
+def wess_replace(store, call, body):
+    """PUT /wess/<id>: a new version of the module and its metadata."""
+    module_id, path, _ = _wess_stored(store, call)
+    _wess_add(store, call, path, body)
+    return _wess_message({"id": module_id})
+
+
+def wess_delete(store, call, body):
+    """DELETE /wess/<id> (its versions stay in the history)."""
+    module_id, path, _ = _wess_stored(store, call)
+    store.remove(path, branch=call.branch, author=call.author)
+    return _wess_message({"id": module_id})
+
+
+def wess_call(store, call, body):
+    """POST /wess/<id> with a JSON array of arguments: calls the metadata's functionName;
+    200 {"message": [results]} (no result: [], several: each)."""
+    runtime = _runtime(call)
+    _, path, data = _wess_stored(store, call)
+    _, metadata = wess_split(data)
+    try:
+        args = _json_arguments(body, call.max_body)
+    except (HttpError, wasmstore.InvalidInput) as exc:
+        if isinstance(exc, HttpError) and exc.status != 400:
+            raise
+        raise WessError(400, f"Invalid Json: {one_line(exc)}") from None
+    function = metadata["functionName"]
+    call.path = path.lstrip("/")
+    kinds = {}
+
+    def work(target, stats):
+        kinds["kind"] = runtime.load(target).kind
+        return runtime.runner.call(target, function, args, stats=stats, reach=_link_reach(call))
+    result = runtime.execute(call, function, None, work)
+    if result is None:
+        results = []
+    elif kinds.get("kind") == "module" and isinstance(result, list):
+        results = result                          # a core function's several results
+    else:
+        results = [result]
+    return Reply(200, [("Content-Type", JSON_TYPE)],
+                 _RESULT_JSON.encode({"message": results}).encode("utf-8"))
+
+
+# ---------------------------------------------------------------------------
 # OCI distribution API, read side (/v2/): each store path is a repository
-# ---------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------
 
 OCI_PREFIX = ("v2",)
 OCI_API_VERSION = ("Docker-Distribution-API-Version", "registry/2.0")
@@ -963,6 +1535,7 @@ class OciRepository:
         return tags
 
     def artifact(self, tag):
+        """The wasmstore.module_artifact a tag names."""
         branch, digest = self.tags[tag]
         history = self.history if branch == self.branch else None
         return wasmstore.module_artifact(self.store, self.path, branch=branch, digest=digest,
@@ -977,6 +1550,7 @@ class OciRepository:
         return seen.values()
 
     def manifest(self, reference):
+        """The artifact whose manifest a tag or a manifest digest names (OciError 404)."""
         if reference in self.tags:
             return self.artifact(reference)
         if wasmstore.OCI_DIGEST.match(reference):
@@ -993,12 +1567,14 @@ def _oci_headers(content_type, digest):
 
 
 def oci_manifest(store, call, segments, reference):
+    """GET /v2/<name>/manifests/<reference>: the OCI image manifest."""
     artifact = OciRepository(store, segments, call.branch).manifest(reference)
     return Reply(200, _oci_headers(wasmstore.OCI_MANIFEST_TYPE, artifact.manifest_digest),
                  artifact.manifest)
 
 
 def oci_blob(store, call, segments, digest):
+    """GET /v2/<name>/blobs/<digest>: the module (sendfile) or its config."""
     if not wasmstore.OCI_DIGEST.match(digest):
         raise OciError(400, "DIGEST_INVALID", f"invalid digest {digest[:80]!r}: expected "
                        "sha256: and 64 lowercase hex digits")
@@ -1013,6 +1589,7 @@ def oci_blob(store, call, segments, digest):
 
 
 def oci_tags(store, call, segments):
+    """GET /v2/<name>/tags/list[?n=&last=]: the repository's tags, paged."""
     repository = OciRepository(store, segments, call.branch)
     tags = sorted(repository.tags)
     last = call.query.get("last")
@@ -1021,9 +1598,10 @@ def oci_tags(store, call, segments):
     raw_n = call.query.get("n")
     headers = [OCI_API_VERSION]
     if raw_n is not None:
-        if not raw_n.isdigit() or int(raw_n) > OCI_MAX_PAGE:
-            raise OciError(400, "UNSUPPORTED", f"n must be an integer from 0 to {OCI_MAX_PAGE}")
-        n = int(raw_n)
+        try:
+            n = wasmstore.parse_number(raw_n, "n", maximum=OCI_MAX_PAGE)
+        except wasmstore.InvalidInput:
+            raise OciError(400, "UNSUPPORTED", f"n must be an integer from 0 to {OCI_MAX_PAGE}") from None
         if 0 < n < len(tags):
             after = urllib.parse.urlencode({"n": n, "last": tags[n - 1]})
             headers.append(("Link", f'</v2/{repository.name}/tags/list?{after}>; rel="next"'))
@@ -1033,30 +1611,49 @@ def oci_tags(store, call, segments):
     return reply
 
 
+def _oci_reach(call, segments):
+    """The repository's segments, or OciError DENIED for a key that does not reach its path
+    (decided before the store is read, like every scope check)."""
+    if not call.access.reaches(tuple(segments)):
+        raise OciError(403, "DENIED", f"this key may not reach {_printed(segments)}")
+    return segments
+
+
 def oci_v2(store, call, body):
     """GET/HEAD /v2/...: the API version check, manifests, blobs and tag lists."""
     parts = call.path.split("/") if call.path else []
     if not parts:
         return Reply(200, [("Content-Type", JSON_TYPE), OCI_API_VERSION], b"{}")
     if len(parts) >= 3 and parts[-2] == "manifests":
-        return oci_manifest(store, call, parts[:-2], parts[-1])
+        return oci_manifest(store, call, _oci_reach(call, parts[:-2]), parts[-1])
     if len(parts) >= 3 and parts[-2] == "blobs":
-        return oci_blob(store, call, parts[:-2], parts[-1])
+        return oci_blob(store, call, _oci_reach(call, parts[:-2]), parts[-1])
     if len(parts) >= 3 and parts[-2:] == ["tags", "list"]:
-        return oci_tags(store, call, parts[:-2])
+        return oci_tags(store, call, _oci_reach(call, parts[:-2]))
     raise OciError(404, "UNSUPPORTED", "no such /v2/ endpoint (this registry serves pulls: "
                    "manifests, blobs, tags/list)")
 
 
 class Route:
     """One row of the routing table: /api/v1/<name>/<params...>/<rest...> (or, with
-    prefix=(), /<name>/...: the OCI API's /v2/)."""
+    prefix=(), /<name>/...: the OCI API's /v2/).
 
-    __slots__ = ("method", "name", "nparams", "rest", "handler", "label", "upload", "websocket", "body",
-                 "prefix")
+    Every route declares what a key needs to use it: `permission`, one of PERMISSIONS (or
+    None: only a key allowed the method, as /api/v1/auth), and `scope`, what the request
+    touches: "path" (the rest of the URL, a store path: a key limited to a prefix reaches only
+    paths under it; no rest means the whole store), "store" (the whole store: only keys
+    without a prefix), or "filtered" (the handler keeps only what call.access reaches, or
+    touches no path at all)."""
 
-    def __init__(self, method, name, nparams, rest, handler, *, upload=False, websocket=False, body=False,
-                 prefix=API_PREFIX):
+    __slots__ = ("method", "name", "nparams", "rest", "handler", "label", "upload", "websocket",
+                 "body", "prefix", "permission", "scope", "store_prefix")
+
+    def __init__(self, method, name, nparams, rest, handler, *, permission, scope="path",
+                 upload=False, websocket=False, body=False, prefix=API_PREFIX, store_prefix=()):
+        if permission is not None and permission not in PERMISSIONS:
+            raise ValueError(f"route {name!r}: permission must be one of {PERMISSIONS} or None")
+        if scope not in ROUTE_SCOPES:
+            raise ValueError(f"route {name!r}: scope must be one of {ROUTE_SCOPES}")
         self.method = method          # "*" = any method
         self.name = name
         self.nparams = nparams
@@ -1066,39 +1663,80 @@ class Route:
         self.body = body              # the handler reads a body of up to --max-body (may be absent)
         self.websocket = websocket
         self.prefix = prefix
+        self.permission = permission
+        self.scope = scope
+        self.store_prefix = store_prefix   # the store path of the URL's rest is under it (/wess)
         parts = ["/".join(("",) + prefix), name] + [":p"] * nparams + \
             (["*"] if rest == "optional" else [])
         self.label = "/".join(parts)  # bounded metric label
 
+    def reach(self, rest):
+        """What authorize() checks for a request whose URL rest is `rest` (segments): see
+        `scope`."""
+        if self.scope == "path":
+            return self.store_prefix + rest
+        return () if self.scope == "store" else None
 
-# (method, name, number of named params, rest of path, handler)
+
+# (method, name, number of named params, rest of path, handler; what a key needs)
 ROUTES = [
-    Route("GET", "modules", 0, "optional", list_modules),
-    Route("GET", "module", 0, "optional", get_module),
-    Route("POST", "module", 0, "optional", add_module, upload=True),
-    Route("DELETE", "module", 0, "optional", delete_module),
-    Route("GET", "hash", 0, "optional", get_hash),
-    Route("POST", "hash", 1, "optional", set_hash),
-    Route("GET", "versions", 0, "optional", get_versions),
-    Route("GET", "version", 1, "optional", get_version),
-    Route("POST", "rollback", 0, "optional", rollback),
-    Route("POST", "restore", 1, "optional", restore),
-    Route("GET", "snapshot", 0, "none", snapshot),
-    Route("GET", "commit", 1, "none", commit_info),
-    Route("GET", "branches", 0, "none", list_branches),
-    Route("GET", "branch", 0, "none", default_branch),
-    Route("PUT", "branch", 1, "none", switch_branch),
-    Route("POST", "branch", 1, "none", create_branch),
-    Route("DELETE", "branch", 1, "none", delete_branch),
-    Route("POST", "merge", 1, "none", merge),
-    Route("POST", "gc", 0, "none", gc),
-    Route("GET", "watch", 0, "none", None, websocket=True),
-    Route("POST", "call", 1, "optional", call_function, body=True),
-    Route("POST", "run", 0, "optional", run_module, body=True),
-    Route("GET", "exports", 0, "optional", get_exports),
-    Route("*", "auth", 0, "none", auth_ok),
-    Route("GET", "v2", 0, "optional", oci_v2, prefix=()),
+    Route("GET", "modules", 0, "optional", list_modules, permission="read", scope="filtered"),
+    Route("GET", "module", 0, "optional", get_module, permission="read"),
+    Route("POST", "module", 0, "optional", add_module, permission="write", upload=True),
+    Route("DELETE", "module", 0, "optional", delete_module, permission="write"),
+    Route("GET", "hash", 0, "optional", get_hash, permission="read"),
+    Route("POST", "hash", 1, "optional", set_hash, permission="write"),
+    Route("GET", "versions", 0, "optional", get_versions, permission="read"),
+    Route("GET", "version", 1, "optional", get_version, permission="read"),
+    Route("POST", "rollback", 0, "optional", rollback, permission="write"),
+    Route("POST", "restore", 1, "optional", restore, permission="write"),
+    Route("GET", "snapshot", 0, "none", snapshot, permission="read", scope="store"),
+    Route("GET", "commit", 1, "none", commit_info, permission="read", scope="store"),
+    Route("GET", "branches", 0, "none", list_branches, permission="read", scope="filtered"),
+    Route("GET", "branch", 0, "none", default_branch, permission="read", scope="filtered"),
+    Route("PUT", "branch", 1, "none", switch_branch, permission="admin", scope="store"),
+    Route("POST", "branch", 1, "none", create_branch, permission="write", scope="store"),
+    Route("DELETE", "branch", 1, "none", delete_branch, permission="admin", scope="store"),
+    Route("POST", "merge", 1, "none", merge, permission="admin", scope="store"),
+    Route("POST", "gc", 0, "none", gc, permission="admin", scope="store"),
+    Route("GET", "watch", 0, "none", None, permission="read", scope="filtered", websocket=True),
+    Route("POST", "call", 1, "optional", call_function, permission="run", body=True),
+    Route("POST", "run", 0, "optional", run_module, permission="run", body=True),
+    Route("GET", "exports", 0, "optional", get_exports, permission="read"),
+    Route("GET", "log", 0, "none", get_log, permission="read", scope="store"),
+    Route("GET", "audit", 0, "optional", get_audit, permission="read"),
+    Route("GET", "diff", 2, "optional", get_diff, permission="read"),
+    Route("GET", "kv", 0, "optional", kv_buckets, permission="read"),
+    Route("GET", "kv-keys", 1, "optional", kv_keys, permission="read"),
+    Route("GET", "kv-value", 1, "optional", kv_get, permission="read"),
+    Route("PUT", "kv-value", 1, "optional", kv_set, permission="admin", body=True),
+    Route("DELETE", "kv-value", 1, "optional", kv_delete, permission="admin"),
+    Route("*", "auth", 0, "none", auth_ok, permission=None, scope="filtered"),
+    Route("GET", "v2", 0, "optional", oci_v2, permission="read", scope="filtered", prefix=()),
+    Route("GET", "wess", 0, "none", wess_count, permission="read", scope="filtered", prefix=()),
+    Route("POST", "wess", 0, "none", wess_create, permission="write", prefix=(), body=True,
+          store_prefix=WESS_PREFIX),
+    Route("GET", "wess", 0, "optional", wess_read, permission="read", prefix=(),
+          store_prefix=WESS_PREFIX),
+    Route("PUT", "wess", 0, "optional", wess_replace, permission="write", prefix=(), body=True,
+          store_prefix=WESS_PREFIX),
+    Route("DELETE", "wess", 0, "optional", wess_delete, permission="write", prefix=(),
+          store_prefix=WESS_PREFIX),
+    Route("POST", "wess", 0, "optional", wess_call, permission="run", prefix=(), body=True,
+          store_prefix=WESS_PREFIX),
 ]
+
+
+def word_methods(routes):
+    """{permission word: the methods of the routes that need it} (GET routes serve HEAD too)."""
+    methods = collections.defaultdict(set)
+    for route in routes:
+        if route.permission is not None and route.method != "*":
+            methods[route.permission].add(route.method)
+    return {word: frozenset(found) for word, found in methods.items()}
+
+
+WORD_METHODS = word_methods(ROUTES)     # what /api/v1/auth answers for a key with words only
 
 
 def match_route(method, segments, routes=ROUTES):
@@ -1106,7 +1744,7 @@ def match_route(method, segments, routes=ROUTES):
 
     HEAD is served by the GET route (same headers, no body).
     """
-    if segments[:1] == OCI_PREFIX:
+    if segments[:1] in (OCI_PREFIX, WESS_PREFIX):
         prefix, name, tail = (), segments[0], segments[1:]
     elif tuple(segments[:2]) == API_PREFIX and len(segments) >= 3:
         prefix, name, tail = API_PREFIX, segments[2], segments[3:]
@@ -1132,12 +1770,84 @@ def match_route(method, segments, routes=ROUTES):
     raise HttpError(404, "no such route")
 
 
-# ---------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------
 # Auth
-# ---------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------
+
+class Access:
+    """What an authorized request may reach: every path (prefixes None), or only the paths
+    under one of `prefixes` (tuples of segments). Handlers whose answers span paths (listings,
+    watch events) keep only what reaches() allows."""
+
+    __slots__ = ("prefixes",)
+
+    def __init__(self, prefixes=None):
+        self.prefixes = prefixes
+
+    @property
+    def scoped(self):
+        return self.prefixes is not None
+
+    def reaches(self, segments):
+        """True if the path (a tuple of segments, or a printed path) is within reach."""
+        if self.prefixes is None:
+            return True
+        if isinstance(segments, str):
+            segments = tuple(s for s in segments.split("/") if s)
+        if len(segments) == 1 and wasmstore.HASH_TEXT.match(segments[0]):
+            return False              # a module named by hash may live at any path
+        return any(segments[:len(prefix)] == prefix for prefix in self.prefixes)
+
+    def require(self, segments):
+        """HttpError 403 unless the path is within reach; () stands for the whole store. The
+        answer depends only on the key and the path asked for, never on what the store holds,
+        so it tells nothing about paths out of reach."""
+        if self.prefixes is None:
+            return
+        if not segments:
+            raise HttpError(403, "this key is limited to " + ", ".join(
+                wasmstore.format_path(p) + "/" for p in self.prefixes) +
+                            ": this route needs a key for the whole store")
+        if not self.reaches(tuple(segments)):
+            raise HttpError(403, f"this key may not reach {_printed(segments)}")
+
+
+EVERYTHING = Access()
+
+
+def _printed(segments):
+    return ("/" + "/".join(segments))[:200]
+
+
+class _AuthEntry:
+    """One KEY:PERMS[@PREFIX] entry of an --auth spec."""
+
+    __slots__ = ("key", "methods", "words", "prefix")
+
+    def __init__(self, key, methods, words, prefix):
+        self.key = key                # bytes
+        self.methods = methods        # frozenset of method names, or AuthTable.ALL
+        self.words = words            # frozenset of PERMISSIONS
+        self.prefix = prefix          # tuple of path segments, or None: the whole store
+
+    def grants(self, method, permission):
+        if self.methods is AuthTable.ALL or method in self.methods:
+            return True
+        if permission is None:        # method-level routes (/api/v1/auth): any word using it
+            return any(method in WORD_METHODS.get(word, ()) for word in self.words)
+        return permission in self.words
+
 
 class AuthTable:
-    """Keys and the methods each may use, from a spec like "KEY1:GET,POST;KEY2:GET" ("*" = all).
+    """Keys and what each may do, from a spec of `;`-separated entries `KEY:PERMS[@PREFIX]`.
+
+    PERMS is a comma list of HTTP methods (`*` for all) and the words read (GET/HEAD of
+    data), write (add, remove, set hash, rollback, restore, create branch), run (call, run,
+    HTTP apps) and admin (gc, merge, delete or switch a branch, kv writes); the route table
+    says which word each route needs. `@/PREFIX` limits the entry to paths under PREFIX;
+    routes that span the whole store (log, commits, gc, merge...) need an entry without one.
+    A key may appear in several entries: a request is allowed when one of them grants it.
+    The original form "KEY1:GET,POST;KEY2:GET" means what it meant.
 
     Every presented key is compared with every configured key in constant time, so neither
     timing nor early exit tells how much of a key matched or which entry it was.
@@ -1152,55 +1862,89 @@ class AuthTable:
 
     @staticmethod
     def _parse(spec):
-        entries, seen = [], set()
+        entries = []
         for number, part in enumerate(spec.split(";"), 1):
             part = part.strip()
             if not part:
                 continue
-            key, sep, methods = part.rpartition(":")
-            key = key.strip()
-            if not sep or not key:
-                raise ServerError(f"auth entry {number}: expected KEY:METHODS")
-            if _CONTROL_RE.search(key) or key != key.strip() or "," in key:
+            match = _AUTH_ENTRY_RE.match(part)
+            if not match or not match.group("key").strip():
+                raise ServerError(f"auth entry {number}: expected KEY:PERMS or KEY:PERMS@/PREFIX")
+            key = match.group("key").strip()
+            if _CONTROL_RE.search(key) or "," in key:
                 raise ServerError(f"auth entry {number}: the key has a control character or ','")
-            if key in seen:
-                raise ServerError(f"auth entry {number}: duplicate key")
-            seen.add(key)
-            names = [m.strip().upper() for m in methods.split(",") if m.strip()]
-            if names == ["*"]:
-                allowed = AuthTable.ALL
-            else:
-                if not names or not all(_METHOD_RE.match(m) for m in names):
-                    raise ServerError(f"auth entry {number}: methods must be '*' or names like GET,POST")
-                allowed = frozenset(names)
-            entries.append((key.encode("utf-8"), allowed))
+            methods, words = AuthTable._permissions(number, match.group("perms"))
+            prefix = None
+            if match.group("prefix") is not None:
+                prefix = AuthTable._prefix(number, match.group("prefix"))
+            entries.append(_AuthEntry(key.encode("utf-8"), methods, words, prefix))
         if not entries:
-            raise ServerError("auth spec has no KEY:METHODS entry")
+            raise ServerError("auth spec has no KEY:PERMS entry")
         return entries
+
+    @staticmethod
+    def _prefix(number, text):
+        try:
+            prefix = tuple(wasmstore.validate_path(text[:-1] if text.endswith("/") else text))
+        except wasmstore.InvalidInput as exc:
+            raise ServerError(f"auth entry {number}: bad prefix: {exc}") from None
+        if not prefix:
+            raise ServerError(f"auth entry {number}: a prefix names a directory, as in @/apps/")
+        return prefix
+
+    @staticmethod
+    def _permissions(number, text):
+        names = [name.strip() for name in text.split(",") if name.strip()]
+        words = frozenset(name.lower() for name in names if name.lower() in PERMISSIONS)
+        methods = [name.upper() for name in names if name.lower() not in PERMISSIONS]
+        if "*" in methods:
+            if len(methods) > 1:
+                raise ServerError(f"auth entry {number}: '*' already allows every method")
+            return AuthTable.ALL, words
+        unknown = [m for m in methods if m not in KNOWN_METHODS]
+        if not names or unknown:
+            raise ServerError(f"auth entry {number}: {', '.join(unknown)[:100]!r} is neither '*', "
+                              f"an HTTP method nor one of the words {', '.join(PERMISSIONS)}")
+        return frozenset(methods), words
 
     @property
     def enabled(self):
+        """True when keys are required."""
         return bool(self.entries)
 
-    def check(self, presented, method):
-        """Raise HttpError 401 (no or unknown key) or 403 (method not allowed for the key)."""
+    def authorize(self, presented, method, permission=None, segments=None):
+        """The Access a request gets: HttpError 401 (no or unknown key) or 403 (no entry of
+        the key grants the method or `permission`, or the path is out of reach).
+
+        permission: the word the route needs (None: any word whose routes use the method);
+        segments: the path the request touches (() = the whole store; None = the handler
+        filters what it answers by the Access)."""
         if not self.entries:
-            return
+            return EVERYTHING
         if not presented:
             raise HttpError(401, "missing key (send it in Wasmstore-Auth)")
         candidate = presented.encode("latin-1", "replace")
-        found, allowed = False, None
-        for key, methods in self.entries:
-            if hmac.compare_digest(candidate, key) and not found:
-                found, allowed = True, methods
-        if not found:
+        mine = [entry for entry in self.entries if hmac.compare_digest(candidate, entry.key)]
+        if not mine:
             raise HttpError(401, "unknown key")
         wanted = "GET" if method == "HEAD" else method
-        if allowed is not AuthTable.ALL and wanted not in allowed:
-            raise HttpError(403, f"key not allowed to use {method}")
+        granting = [entry for entry in mine if entry.grants(wanted, permission)]
+        if not granting:
+            raise HttpError(403, f"key not allowed to use {method}" +
+                            (f" here (this route needs {permission})" if permission else ""))
+        prefixes = [entry.prefix for entry in granting]
+        access = EVERYTHING if None in prefixes else Access(tuple(prefixes))
+        if segments is not None:
+            access.require(segments)
+        return access
+
+    def check(self, presented, method):
+        """Raise HttpError 401 (no or unknown key) or 403 (method not allowed for the key)."""
+        self.authorize(presented, method)
 
 
 def presented_key(headers):
+    """The key a request presents: Wasmstore-Auth, a Bearer token or a Basic password."""
     key = headers.get("Wasmstore-Auth")
     if key is None:
         scheme, _, value = (headers.get("Authorization") or "").partition(" ")
@@ -1220,9 +1964,9 @@ def _basic_password(value):
     return pair.partition(":")[2]
 
 
-# ---------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------
 # Browser safety: which Host names and which Origins the server answers to
-# ---------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------
 
 def parse_authority(text):
     """(host, port or None) of a Host header or a URL authority; ValueError if malformed.
@@ -1230,11 +1974,11 @@ def parse_authority(text):
     The host comes back lower-case, an IPv6 literal without its brackets."""
     if not text or _CONTROL_RE.search(text) or any(c in text for c in " @/?#\\"):
         raise ValueError(f"expected HOST or HOST:PORT, got {text!r}")
-    parts = urllib.parse.urlsplit("//" + text)
-    host, port = parts.hostname, parts.port     # .port raises ValueError unless 0-65535
-    if not host:
-        raise ValueError(f"expected HOST or HOST:PORT, got {text!r}")
-    return host, port
+    try:
+        url = wasmstore.parse_url("http://" + text, "authority")
+    except wasmstore.InvalidInput:
+        raise ValueError(f"expected HOST or HOST:PORT, got {text!r}") from None
+    return url.host, url.port
 
 
 def parse_origin(text):
@@ -1261,11 +2005,12 @@ def _ip_literal(host):
 
 
 def host_name(text):
-    """A --allowed-host entry, normalized (lower-case, IPv6 without brackets); ServerError if bad."""
+    """A --allowed-host entry, normalized (lower-case, IPv6 without brackets); ServerError if
+    bad."""
     name = text.strip().lower()
     if name.startswith("[") and name.endswith("]"):
         name = name[1:-1]
-    if _ip_literal(name) is None and not re.fullmatch(r"[a-z0-9_]([a-z0-9_.-]{0,251}[a-z0-9_])?", name):
+    if _ip_literal(name) is None and not _HOST_NAME_RE.fullmatch(name):
         raise ServerError(f"expected a host name like wasmstore.example or an IP address "
                           f"(no scheme, no port), got {text!r}")
     return name
@@ -1332,6 +2077,7 @@ class OriginAllowList:
 
     @property
     def enabled(self):
+        """True when some other origin is allowed (CORS headers are sent)."""
         return self.any_origin or bool(self.origins)
 
     def __bool__(self):
@@ -1360,11 +2106,12 @@ class OriginAllowList:
         return [("Vary", "Origin")]
 
 
-# ---------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------
 # Body readers: bounded views of the connection's input
-# ---------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------
 
 CHUNKED = -1                                # body_framing(): a chunked body of unknown length
+_HEX_RE = re.compile(rb"[0-9a-fA-F]+\Z")
 
 
 def body_framing(headers, version):
@@ -1393,9 +2140,13 @@ def body_framing(headers, version):
         return 0
     values = {value.strip() for value in lengths}
     value = values.pop()
-    if values or not value.isdigit() or not value.isascii() or len(value) > 19:
-        raise HttpError(400, "bad Content-Length: " + ", ".join(repr(v) for v in lengths[:4]), close=True)
-    return int(value)
+    try:
+        if values:
+            raise wasmstore.InvalidInput("two lengths")
+        return wasmstore.parse_number(value, "Content-Length", maximum=MAX_CONTENT_LENGTH)
+    except wasmstore.InvalidInput:
+        raise HttpError(400, "bad Content-Length: " + ", ".join(repr(v) for v in lengths[:4]),
+                        close=True) from None
 
 
 class LimitedReader(io.RawIOBase):
@@ -1407,9 +2158,11 @@ class LimitedReader(io.RawIOBase):
         self.consumed = 0
 
     def readable(self):
+        """Always True: a reader."""
         return True
 
     def readinto(self, buffer):
+        """Read up to len(buffer) bytes of what is left; HttpError 400 if the body ends early."""
         if self.remaining <= 0:
             return 0
         view = memoryview(buffer)[:min(len(buffer), self.remaining)]
@@ -1422,6 +2175,7 @@ class LimitedReader(io.RawIOBase):
 
     @property
     def exhausted(self):
+        """True once the whole body was read."""
         return self.remaining <= 0
 
 
@@ -1436,6 +2190,7 @@ class ChunkedReader(io.RawIOBase):
         self.done = False
 
     def readable(self):
+        """Always True: a reader."""
         return True
 
     def _line(self):
@@ -1446,7 +2201,7 @@ class ChunkedReader(io.RawIOBase):
 
     def _next_chunk(self):
         size_text = self._line().split(b";", 1)[0].strip()
-        if not size_text or len(size_text) > 16 or not all(c in b"0123456789abcdefABCDEF" for c in size_text):
+        if not size_text or len(size_text) > 16 or not _HEX_RE.match(size_text):
             raise HttpError(400, "bad chunk size", close=True)
         size = int(size_text, 16)
         if self.consumed + size > self.limit:
@@ -1460,6 +2215,7 @@ class ChunkedReader(io.RawIOBase):
         self.chunk_left = size
 
     def readinto(self, buffer):
+        """Read decoded body bytes (0 at the end of the body); HttpError on bad framing."""
         if self.done:
             return 0
         if self.chunk_left == 0:
@@ -1478,6 +2234,7 @@ class ChunkedReader(io.RawIOBase):
 
     @property
     def exhausted(self):
+        """True once the last chunk and the trailers were read."""
         return self.done
 
 
@@ -1494,141 +2251,270 @@ def drain(reader, limit):
             raise HttpError(413, "this route takes no request body", close=True)
 
 
-# ---------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------
 # Metrics
-# ---------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------
 
 def _label(value):
     return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
-class Metrics:
-    """Request counters, a latency histogram per route and byte counters (thread-safe)."""
+class MetricValues:
+    """The numbers one process records, by key: a tuple of a series name and its labels.
+
+    Metrics keeps its counters and gauges here and renders them from snapshot(); a server of
+    several worker processes gives each worker a SharedMetricValues instead, which its
+    siblings can read."""
 
     def __init__(self):
+        self.numbers = {}
+
+    def add(self, key, delta):
+        """Add delta to the number at key (0 when new); the caller holds Metrics.lock."""
+        self.numbers[key] = self.numbers.get(key, 0) + delta
+
+    def get(self, key, default=0):
+        """The number at key, or default."""
+        return self.numbers.get(key, default)
+
+    def snapshot(self):
+        """{key: number} of everything recorded."""
+        return dict(self.numbers)
+
+
+def _merge(snapshots):
+    """One {key: number} summing several snapshots."""
+    total = {}
+    for snapshot in snapshots:
+        for key, value in snapshot.items():
+            total[key] = total.get(key, 0) + value
+    return total
+
+
+def _series(name, labels):
+    """name{label="value",...} in the Prometheus text format (no braces without labels)."""
+    if not labels:
+        return name
+    inner = ",".join(f'{label}="{_label(value)}"' for label, value in labels)
+    return f"{name}{{{inner}}}"
+
+
+def _number(value):
+    return f"{value:.6f}" if isinstance(value, float) else str(value)
+
+
+class _Exposition:
+    """Builds the Prometheus text exposition: families of samples, HELP and TYPE first."""
+
+    def __init__(self):
+        self.lines = []
+
+    def family(self, name, kind, text, samples):
+        """samples: [(labels, value)], labels a list of (name, value) pairs."""
+        self.lines.append(f"# HELP {name} {text}")
+        self.lines.append(f"# TYPE {name} {kind}")
+        for labels, value in samples:
+            self.lines.append(f"{_series(name, labels)} {_number(value)}")
+
+    def histogram(self, name, text, rows):
+        """rows: [(labels, per-bucket counts (the last one past every bound), sum)]."""
+        self.lines.append(f"# HELP {name} {text}")
+        self.lines.append(f"# TYPE {name} histogram")
+        for labels, counts, total in rows:
+            cumulative = list(itertools.accumulate(counts))
+            for bound, count in zip(LATENCY_BUCKETS + ("+Inf",), cumulative):
+                self.lines.append(f"{_series(name + '_bucket', labels + [('le', bound)])} {count}")
+            self.lines.append(f"{_series(name + '_sum', labels)} {total:.6f}")
+            self.lines.append(f"{_series(name + '_count', labels)} {cumulative[-1]}")
+
+    def text(self):
+        return ("\n".join(self.lines) + "\n").encode("utf-8")
+
+
+def _histograms(numbers, name, label_names):
+    """[(labels, counts, sum)] of the histogram stored as (name, *labels, bucket) keys."""
+    width = len(LATENCY_BUCKETS) + 1
+    rows = {}
+    for key, value in numbers.items():
+        if key[0] == name:
+            counts = rows.setdefault(key[1:-1], [0] * width)
+            counts[key[-1]] += value
+    return [(list(zip(label_names, labels)), counts, numbers.get((name + "_sum",) + labels, 0.0))
+            for labels, counts in sorted(rows.items())]
+
+
+def _samples(numbers, name, label_names):
+    """[(labels, value)] of the series stored as (name, *labels) keys, sorted."""
+    found = [(key[1:], value) for key, value in numbers.items() if key[0] == name]
+    return [(list(zip(label_names, labels)), value) for labels, value in sorted(found)]
+
+
+class Metrics:
+    """Request counters, a latency histogram per route, byte counters, guest runs (by module,
+    function and outcome) and gauges, rendered in the Prometheus text format (thread-safe).
+
+    values: where this process records (MetricValues by default); peers: None, or a function
+    returning [(worker label, snapshot)] of every worker of the server, this one included:
+    render() then sums them and adds per-worker series."""
+
+    def __init__(self, values=None, peers=None):
         self.lock = threading.Lock()
-        self.requests = collections.Counter()          # (route, method, status) -> count
-        self.latency = {}                              # route -> [bucket counts..., sum, count]
-        self.bytes_in = 0
-        self.bytes_out = 0
-        self.websocket_clients = 0
-        self.connections = 0
-        self.runs = collections.Counter()              # (module, function, outcome) -> count
-        self.run_latency = {}                          # (module, function) -> [bucket counts..., sum, count]
-        self.run_fuel = collections.Counter()          # (module, function) -> fuel used
+        self.values = MetricValues() if values is None else values
+        self.peers = peers
         self.runtime = None                            # a GuestRuntime: its gate and cache gauges
+        self._run_series = set()                       # (module, function) pairs recorded
+        self._cache_seen = {}                          # compile-cache counts recorded so far
+
+    @property
+    def connections(self):
+        """Open client connections of this process."""
+        return self.values.get(("connections",))
+
+    @property
+    def websocket_clients(self):
+        """Connected watch clients of this process."""
+        return self.values.get(("websocket_clients",))
+
+    @property
+    def requests(self):
+        """{(route, method, status): count} of this process."""
+        return collections.Counter({key[1:]: value for key, value in self.values.snapshot().items()
+                                    if key[0] == "http_requests"})
 
     def observe(self, route, method, status, seconds, bytes_in, bytes_out):
+        """One HTTP request: its route label, method, status, duration and body sizes."""
         if method not in KNOWN_METHODS:
             method = "OTHER"                           # bounded label set, even under fuzzing
+        bucket = bisect.bisect_left(LATENCY_BUCKETS, seconds)
         with self.lock:
-            self.requests[(route, method, status)] += 1
-            row = self.latency.get(route)
-            if row is None:
-                row = self.latency[route] = [0] * (len(LATENCY_BUCKETS) + 2)
-            index = bisect.bisect_left(LATENCY_BUCKETS, seconds)
-            if index < len(LATENCY_BUCKETS):
-                row[index] += 1                        # per bucket; cumulated by render()
-            row[-2] += seconds
-            row[-1] += 1
-            self.bytes_in += bytes_in
-            self.bytes_out += bytes_out
+            add = self.values.add
+            add(("http_requests", route, method, status), 1)
+            add(("http_duration", route, bucket), 1)
+            add(("http_duration_sum", route), seconds)
+            add(("bytes_in",), bytes_in)
+            add(("bytes_out",), bytes_out)
 
     def observe_run(self, module, function, outcome, seconds, fuel):
         """One call, run or exports of a stored module, by module and function."""
+        bucket = bisect.bisect_left(LATENCY_BUCKETS, seconds)
         with self.lock:
             key = (module, function)
-            if key not in self.run_latency and len(self.run_latency) >= MAX_RUN_SERIES:
-                key = ("other", "other")                # bounded series, whatever modules exist
-            self.runs[key + (outcome,)] += 1
-            self.run_fuel[key] += fuel
-            row = self.run_latency.get(key)
-            if row is None:
-                row = self.run_latency[key] = [0] * (len(LATENCY_BUCKETS) + 2)
-            index = bisect.bisect_left(LATENCY_BUCKETS, seconds)
-            if index < len(LATENCY_BUCKETS):
-                row[index] += 1
-            row[-2] += seconds
-            row[-1] += 1
+            if key not in self._run_series:
+                if len(self._run_series) >= MAX_RUN_SERIES:
+                    key = ("other", "other")           # bounded series, whatever modules exist
+                self._run_series.add(key)
+            add = self.values.add
+            add(("guest_calls",) + key + (outcome,), 1)
+            add(("guest_duration",) + key + (bucket,), 1)
+            add(("guest_duration_sum",) + key, seconds)
+            add(("guest_fuel",) + key, fuel)
 
-    def _render_runs(self, out):
-        out.append("# HELP wasmstore_guest_calls_total Calls and runs of stored modules by module, function and outcome.")
-        out.append("# TYPE wasmstore_guest_calls_total counter")
-        for (module, function, outcome), count in sorted(self.runs.items()):
-            out.append(f'wasmstore_guest_calls_total{{module="{_label(module)}",function="{_label(function)}",'
-                       f'outcome="{outcome}"}} {count}')
-        out.append("# HELP wasmstore_guest_call_duration_seconds Time a call or run took, queueing included.")
-        out.append("# TYPE wasmstore_guest_call_duration_seconds histogram")
-        for (module, function), row in sorted(self.run_latency.items()):
-            lbl = f'module="{_label(module)}",function="{_label(function)}"'
-            for bound, count in zip(LATENCY_BUCKETS, itertools.accumulate(row[:len(LATENCY_BUCKETS)])):
-                out.append(f'wasmstore_guest_call_duration_seconds_bucket{{{lbl},le="{bound}"}} {count}')
-            out.append(f'wasmstore_guest_call_duration_seconds_bucket{{{lbl},le="+Inf"}} {row[-1]}')
-            out.append(f'wasmstore_guest_call_duration_seconds_sum{{{lbl}}} {row[-2]:.6f}')
-            out.append(f'wasmstore_guest_call_duration_seconds_count{{{lbl}}} {row[-1]}')
-        out.append("# HELP wasmstore_guest_fuel_total Fuel (roughly wasm instructions) used by calls and runs.")
-        out.append("# TYPE wasmstore_guest_fuel_total counter")
-        for (module, function), fuel in sorted(self.run_fuel.items()):
-            out.append(f'wasmstore_guest_fuel_total{{module="{_label(module)}",function="{_label(function)}"}} {fuel}')
+    def add_gauge(self, name, delta):
+        """Move the gauge `name` (connections, websocket_clients, in_flight) by delta."""
+        self.add((name,), delta)
+
+    def add(self, key, delta):
+        """Add delta to the number at key (a tuple: a series name and its labels)."""
+        with self.lock:
+            self.values.add(key, delta)
+
+    def record_cache_stats(self, stats):
+        """The compile cache's counts ({"memory_hits", "disk_hits", "compiles"}) of this
+        process's kvhost.Host, as cache_stats() gives them (added since the last record, so a
+        worker that replaces a dead one continues its counters)."""
+        with self.lock:
+            for result, count in stats.items():
+                self.values.add(("compile_cache", result), count - self._cache_seen.get(result, 0))
+                self._cache_seen[result] = count
+
+    def _snapshots(self):
+        if self.peers is None:
+            with self.lock:
+                return [(None, self.values.snapshot())]
+        return self.peers()
+
+    def render(self, store=None):
+        """The Prometheus text exposition format (version 0.0.4) of the whole server."""
+        if self.runtime is not None:
+            self.record_cache_stats(self.runtime.runner.host.cache_stats())
+        workers = self._snapshots()
+        numbers = _merge(snapshot for _, snapshot in workers)
+        out = _Exposition()
+        self._render_http(out, numbers)
+        self._render_runs(out, numbers)
+        if self.peers is not None:
+            self._render_workers(out, workers)
+        if store is not None:
+            try:
+                out.lines.extend(self._store_gauges(store))
+            except wasmstore.StoreError:
+                pass                                   # e.g. default branch deleted meanwhile
+        return out.text()
+
+    @staticmethod
+    def _render_http(out, numbers):
+        out.family("wasmstore_http_requests_total", "counter",
+                   "HTTP requests by route, method and status.",
+                   _samples(numbers, "http_requests", ("route", "method", "status")))
+        out.histogram("wasmstore_http_request_duration_seconds",
+                      "Time from request line to last byte sent.",
+                      _histograms(numbers, "http_duration", ("route",)))
+        for name, key, kind, text in (
+                ("http_request_body_bytes_total", "bytes_in", "counter",
+                 "Request body bytes received."),
+                ("http_response_body_bytes_total", "bytes_out", "counter",
+                 "Response body bytes sent."),
+                ("http_connections", "connections", "gauge", "Open client connections."),
+                ("websocket_clients", "websocket_clients", "gauge", "Connected watch clients."),
+                ("http_requests_in_flight", "in_flight", "gauge",
+                 "Requests being served (this one included).")):
+            out.family("wasmstore_" + name, kind, text, [([], numbers.get((key,), 0))])
+
+    def _render_runs(self, out, numbers):
+        names = ("module", "function")
+        out.family("wasmstore_guest_calls_total", "counter",
+                   "Calls and runs of stored modules by module, function and outcome.",
+                   _samples(numbers, "guest_calls", names + ("outcome",)))
+        out.histogram("wasmstore_guest_call_duration_seconds",
+                      "Time a call or run took, queueing included.",
+                      _histograms(numbers, "guest_duration", names))
+        out.family("wasmstore_guest_fuel_total", "counter",
+                   "Fuel (roughly wasm instructions) used by calls and runs.",
+                   _samples(numbers, "guest_fuel", names))
         runtime = self.runtime
         if runtime is None:
             return
-        out.append("# HELP wasmstore_guests_running Guests running now.")
-        out.append("# TYPE wasmstore_guests_running gauge")
-        out.append(f"wasmstore_guests_running {runtime.gate.running}")
-        out.append("# HELP wasmstore_guests_waiting Callers waiting for a guest slot.")
-        out.append("# TYPE wasmstore_guests_waiting gauge")
-        out.append(f"wasmstore_guests_waiting {runtime.gate.waiting}")
-        out.append("# HELP wasmstore_compile_cache_total Guests found compiled in memory or on disk, or compiled.")
-        out.append("# TYPE wasmstore_compile_cache_total counter")
-        for result, count in runtime.runner.host.cache_stats().items():
-            out.append(f'wasmstore_compile_cache_total{{result="{result}"}} {count}')
+        out.family("wasmstore_guests_running", "gauge", "Guests running now.",
+                   [([], runtime.gate.running)])
+        out.family("wasmstore_guests_waiting", "gauge", "Callers waiting for a guest slot.",
+                   [([], runtime.gate.waiting)])
+        out.family("wasmstore_compile_cache_total", "counter",
+                   "Guests found compiled in memory or on disk, or compiled.",
+                   [([("result", result)], numbers.get(("compile_cache", result), 0))
+                    for result in ("memory_hits", "disk_hits", "compiles")])
+        out.family("wasmstore_background_compiles_total", "counter",
+                   "Modules compiled after an add, before their first call (or that failed to).",
+                   [([("result", result)], numbers.get(("precompiles", result), 0))
+                    for result in ("compiled", "failed")])
 
-    def add_gauge(self, name, delta):
-        with self.lock:
-            setattr(self, name, getattr(self, name) + delta)
-
-    def render(self, store=None, in_flight=None):
-        """The Prometheus text exposition format (version 0.0.4)."""
-        out = []
-        with self.lock:
-            out.append("# HELP wasmstore_http_requests_total HTTP requests by route, method and status.")
-            out.append("# TYPE wasmstore_http_requests_total counter")
-            for (route, method, status), count in sorted(self.requests.items()):
-                out.append(f'wasmstore_http_requests_total{{route="{_label(route)}",method="{method}",'
-                           f'status="{status}"}} {count}')
-            out.append("# HELP wasmstore_http_request_duration_seconds Time from request line to last byte sent.")
-            out.append("# TYPE wasmstore_http_request_duration_seconds histogram")
-            for route, row in sorted(self.latency.items()):
-                lbl = _label(route)
-                for bound, count in zip(LATENCY_BUCKETS, itertools.accumulate(row[:len(LATENCY_BUCKETS)])):
-                    out.append(f'wasmstore_http_request_duration_seconds_bucket{{route="{lbl}",le="{bound}"}} {count}')
-                out.append(f'wasmstore_http_request_duration_seconds_bucket{{route="{lbl}",le="+Inf"}} {row[-1]}')
-                out.append(f'wasmstore_http_request_duration_seconds_sum{{route="{lbl}"}} {row[-2]:.6f}')
-                out.append(f'wasmstore_http_request_duration_seconds_count{{route="{lbl}"}} {row[-1]}')
-            out.append("# HELP wasmstore_http_request_body_bytes_total Request body bytes received.")
-            out.append("# TYPE wasmstore_http_request_body_bytes_total counter")
-            out.append(f"wasmstore_http_request_body_bytes_total {self.bytes_in}")
-            out.append("# HELP wasmstore_http_response_body_bytes_total Response body bytes sent.")
-            out.append("# TYPE wasmstore_http_response_body_bytes_total counter")
-            out.append(f"wasmstore_http_response_body_bytes_total {self.bytes_out}")
-            out.append("# HELP wasmstore_http_connections Open client connections.")
-            out.append("# TYPE wasmstore_http_connections gauge")
-            out.append(f"wasmstore_http_connections {self.connections}")
-            out.append("# HELP wasmstore_websocket_clients Connected watch clients.")
-            out.append("# TYPE wasmstore_websocket_clients gauge")
-            out.append(f"wasmstore_websocket_clients {self.websocket_clients}")
-            self._render_runs(out)
-        if in_flight is not None:
-            out.append("# HELP wasmstore_http_requests_in_flight Requests being served (this one included).")
-            out.append("# TYPE wasmstore_http_requests_in_flight gauge")
-            out.append(f"wasmstore_http_requests_in_flight {in_flight}")
-        if store is not None:
-            try:
-                out.extend(self._store_gauges(store))
-            except wasmstore.StoreError:
-                pass                                   # e.g. default branch deleted meanwhile
-        return ("\n".join(out) + "\n").encode("utf-8")
+    @staticmethod
+    def _render_workers(out, workers):
+        serving = [(label, snapshot) for label, snapshot in workers if label != "supervisor"]
+        starts = sum(snapshot.get(("worker_starts",), 0) for _, snapshot in workers)
+        out.family("wasmstore_workers", "gauge", "Worker processes of the server.",
+                   [([], len(serving))])
+        out.family("wasmstore_worker_restarts_total", "counter",
+                   "Worker processes started to replace one that exited.",
+                   [([], max(0, starts - len(serving)))])
+        out.family("wasmstore_worker_http_requests_total", "counter",
+                   "HTTP requests served by each worker process.",
+                   [([("worker", label)], sum(value for key, value in snapshot.items()
+                                              if key[0] == "http_requests"))
+                    for label, snapshot in serving])
+        out.family("wasmstore_worker_http_connections", "gauge",
+                   "Open client connections of each worker process.",
+                   [([("worker", label)], snapshot.get(("connections",), 0))
+                    for label, snapshot in serving])
 
     @staticmethod
     def _store_gauges(store):
@@ -1644,25 +2530,40 @@ class Metrics:
         ]
 
 
-# ---------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------
 # Watch: one poller thread per watched branch, broadcasting into bounded per-client queues
-# ---------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------
 
 class Subscription:
-    """A watch client's mailbox. The hub never blocks on it: a full queue drops the client."""
+    """A watch client's mailbox. The hub never blocks on it: a full queue drops the client.
 
-    def __init__(self, branch, size=WS_QUEUE_SIZE):
+    A client whose key reaches only some paths (access) gets only their changes: an event
+    about nothing it reaches is not sent at all."""
+
+    def __init__(self, branch, size=WS_QUEUE_SIZE, access=None):
         self.branch = branch
         self.queue = queue.Queue(size)
         self.closed = None            # (code, reason) once the hub wants the client gone
+        self.access = access or EVERYTHING
 
-    def offer(self, message):
+    def offer(self, message, changes=None):
+        """Queue one event: its JSON text, and the changes it encodes (for a scoped client)."""
         if self.closed:
             return
+        if self.access.scoped and changes is not None:
+            reaches = self.access.reaches
+            changes = {path: change for path, change in changes.items() if reaches(path)}
+            if not changes:
+                return
+            message = _event_text(changes)
         try:
             self.queue.put_nowait(message)
         except queue.Full:
             self.closed = (1008, "too slow: event queue overflowed")
+
+
+def _event_text(changes):
+    return json.dumps(changes, separators=(",", ":"), ensure_ascii=False)
 
 
 class _BranchWatcher(threading.Thread):
@@ -1685,7 +2586,7 @@ class _BranchWatcher(threading.Thread):
     def run(self):
         try:
             for _commit, changes in self.events:
-                self.hub.broadcast(self, json.dumps(changes, separators=(",", ":"), ensure_ascii=False))
+                self.hub.broadcast(self, _event_text(changes), changes)
         except wasmstore.NotFound:
             self.hub.end_branch(self, (1001, "branch deleted"))
         except Exception:                                  # a bug: say why, end the watches
@@ -1703,8 +2604,9 @@ class WatchHub:
         self.watchers = {}
         self.log = log or (lambda text: None)
 
-    def subscribe(self, branch=None):
-        """Register a client on `branch` (None = default); NotFound if the branch does not exist."""
+    def subscribe(self, branch=None, access=None):
+        """Register a client on `branch` (None = default) that gets the changes `access`
+        reaches (default: all); NotFound if the branch does not exist."""
         branch = branch or self.store.default_branch
         with self.lock:
             watcher = self.watchers.get(branch)
@@ -1715,11 +2617,12 @@ class WatchHub:
                 watcher = _BranchWatcher(self, branch, events, stop_event)
                 self.watchers[branch] = watcher
                 watcher.start()
-            subscription = Subscription(branch)
+            subscription = Subscription(branch, access=access)
             watcher.subscribers.add(subscription)
             return subscription
 
     def unsubscribe(self, subscription):
+        """Remove a client; the branch's watcher stops with its last client."""
         with self.lock:
             watcher = self.watchers.get(subscription.branch)
             if watcher is None:
@@ -1729,13 +2632,15 @@ class WatchHub:
                 watcher.stop_event.set()
                 del self.watchers[subscription.branch]
 
-    def broadcast(self, watcher, message):
+    def broadcast(self, watcher, message, changes=None):
+        """Offer a message (and the changes it encodes) to every client of the watcher's branch."""
         with self.lock:
             subscribers = list(watcher.subscribers)
         for subscription in subscribers:
-            subscription.offer(message)
+            subscription.offer(message, changes)
 
     def end_branch(self, watcher, reason):
+        """Close every client of a watcher that ended (e.g. its branch was deleted)."""
         with self.lock:
             if self.watchers.get(watcher.branch) is watcher:
                 del self.watchers[watcher.branch]
@@ -1744,6 +2649,7 @@ class WatchHub:
             subscription.closed = reason
 
     def close(self, reason=(1001, "server shutting down")):
+        """Stop every watcher and ask every client to close with `reason`."""
         with self.lock:
             watchers = list(self.watchers.values())
             self.watchers.clear()
@@ -1753,14 +2659,15 @@ class WatchHub:
                 subscription.closed = reason
 
 
-# ---------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------
 # WebSocket framing (RFC 6455): unmasked server frames, masked client frames
-# ---------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------
 
 OP_CONTINUATION, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
 
 
 def websocket_accept(key):
+    """The Sec-WebSocket-Accept value for a Sec-WebSocket-Key (RFC 6455 section 4.2.2)."""
     return base64.b64encode(hashlib.sha1((key + WS_GUID).encode("ascii")).digest()).decode("ascii")
 
 
@@ -1784,6 +2691,7 @@ def encode_frame(opcode, payload=b"", mask=None):
 
 
 class WebSocketProtocolError(ServerError):
+    """A client broke RFC 6455: the session closes with `code`."""
     def __init__(self, code, message):
         super().__init__(message)
         self.code = code
@@ -1797,9 +2705,11 @@ class FrameParser:
         self.max_payload = max_payload
 
     def feed(self, data):
+        """Add bytes received from the client."""
         self.buffer += data
 
     def frames(self):
+        """Yield each complete (opcode, unmasked payload) frame buffered so far."""
         while True:
             frame = self._take()
             if frame is None:
@@ -1838,13 +2748,14 @@ class FrameParser:
         del buf[:offset + 4 + length]
         if length:
             key = (mask * (length // 4 + 1))[:length]
-            data = (int.from_bytes(data, "big") ^ int.from_bytes(key, "big")).to_bytes(length, "big")
+            data = (int.from_bytes(data, "big") ^ int.from_bytes(key, "big")).to_bytes(length,
+                                                                                       "big")
         return opcode, data
 
 
-# ---------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------
 # Connection handling
-# ---------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------
 
 class _DeadlineSocketReader(io.RawIOBase):
     """Raw socket input with a per-phase deadline.
@@ -1927,18 +2838,22 @@ class Headers:
             self.add(name, value)
 
     def add(self, name, value):
+        """Append one field (repeats are kept, in order)."""
         self.items_.append((name, value))
         self.index.setdefault(name.lower(), []).append(value)
 
     def get(self, name, default=None):
+        """The first value of a field (case-insensitive name), or default."""
         values = self.index.get(name.lower())
         return values[0] if values else default
 
     def get_all(self, name, default=None):
+        """Every value of a field, in order, or default."""
         values = self.index.get(name.lower())
         return list(values) if values else default
 
     def items(self):
+        """Every (name, value) pair, in order."""
         return list(self.items_)
 
     def __contains__(self, name):
@@ -1976,8 +2891,10 @@ def read_headers(rfile, max_bytes=MAX_HEADER_BYTES, max_count=MAX_HEADER_COUNT):
 
 
 def _log_value(value):
-    """A value for the access log: no spaces, quotes or control characters (paths come from users)."""
-    return str(value).encode("unicode_escape").decode("ascii").replace(" ", "\\x20").replace('"', '\\"')[:300]
+    """A value for the access log: no spaces, quotes or control characters (paths come from
+    users)."""
+    text = str(value).encode("unicode_escape").decode("ascii")
+    return text.replace(" ", "\\x20").replace('"', '\\"')[:300]
 
 
 class WasmstoreHandler(http.server.BaseHTTPRequestHandler):
@@ -1987,11 +2904,12 @@ class WasmstoreHandler(http.server.BaseHTTPRequestHandler):
     default_request_version = "HTTP/1.0"   # so that early errors still get a status line
     server_version = "wasmstore/" + __version__
     sys_version = ""
-    disable_nagle_algorithm = True        # else keep-alive responses stall ~40 ms (Nagle + delayed ACK)
+    disable_nagle_algorithm = True        # else keep-alive replies stall ~40 ms (Nagle + ACKs)
 
-    # -- connection lifecycle --------------------------------------------------------------
+    # -- connection lifecycle ----------------------------------------------------------------------
 
     def setup(self):
+        """Wrap the socket: the TLS handshake (in this thread) and the deadline reader."""
         server = self.server
         self.timeout = server.request_timeout
         self.request.settimeout(self.timeout)
@@ -2014,6 +2932,7 @@ class WasmstoreHandler(http.server.BaseHTTPRequestHandler):
         server.metrics.add_gauge("connections", 1)
 
     def finish(self):
+        """Close the connection (and the TLS socket) and update the gauge."""
         self.server.metrics.add_gauge("connections", -1)
         try:
             super().finish()
@@ -2024,6 +2943,7 @@ class WasmstoreHandler(http.server.BaseHTTPRequestHandler):
             self._tls_socket.close()
 
     def handle_one_request(self):
+        """Read one request line and serve the request; errors become replies."""
         self._reset_request_state()
         self._reader.set_deadline(self.timeout)    # idle wait + request head share one budget
         try:
@@ -2116,10 +3036,11 @@ class WasmstoreHandler(http.server.BaseHTTPRequestHandler):
         return True
 
     def handle_expect_100(self):
+        """Remember Expect: 100-continue; it is answered once auth and size pass."""
         self._expect_continue = True               # answered only once auth and size are checked
         return True
 
-    # -- request processing ----------------------------------------------------------------
+    # -- request processing ------------------------------------------------------------------------
 
     def _serve(self):
         method = self.command
@@ -2138,7 +3059,8 @@ class WasmstoreHandler(http.server.BaseHTTPRequestHandler):
             raise exc
         status = error_status(exc)
         if status is None:                          # a bug: the traceback goes to the log only
-            self.server.log_text(f"error in {self.command} {self._safe_path()}:\n" + traceback.format_exc())
+            self.server.log_text(f"error in {self.command} {self._safe_path()}:\n"
+                                 + traceback.format_exc())
         elif status >= 500:                         # known failure (corrupt object): one line
             self.server.log_text(f"error in {self.command} {self._safe_path()}: {one_line(exc)}")
         return self._error_reply(exc)
@@ -2151,34 +3073,38 @@ class WasmstoreHandler(http.server.BaseHTTPRequestHandler):
         self._check_request_source(method)
         if segments[:1] == OCI_PREFIX:
             self._error_reply = oci_error_reply     # OCI clients read JSON error codes
+        elif segments[:1] == WESS_PREFIX:
+            self._error_reply = wess_error_reply    # Wess clients read {"message": ...}
         if method == "OPTIONS" and server.cors.enabled:
             self._route_label = "preflight"
             return self._preflight()
         if segments == ("metrics",):
             self._route_label = "/metrics"
-            server.auth.check(presented_key(self.headers), method)
+            server.auth.authorize(presented_key(self.headers), method, "read", ())   # names paths
             if method not in ("GET", "HEAD"):
                 raise HttpError(405, "method not allowed", headers=[("Allow", "GET, HEAD")])
             self._consume_body(upload=False)
             reply = Reply(200, [("Content-Type", "text/plain; version=0.0.4; charset=utf-8")],
-                          server.metrics.render(server.store, server.in_flight))
+                          server.metrics.render(server.store))
             return reply
         try:
             route, params, rest = match_route(method, segments)
         except HttpError:
             self._route_label = "unmatched"
-            server.auth.check(presented_key(self.headers), method)   # no route probing without a key
+            server.auth.check(presented_key(self.headers), method)   # no probing without a key
             raise
         self._route_label = route.label
+        access = EVERYTHING
         if server.auth.enabled:
             key = presented_key(self.headers)
             if key is None and route.websocket:
                 key = query.get("auth")             # browsers cannot set headers on a WebSocket
-            server.auth.check(key, method)
+            access = server.auth.authorize(key, method, route.permission,
+                                           route.reach(tuple(rest.split("/")) if rest else ()))
         call = Call(params, rest, branch=self._header("Wasmstore-Branch"),
                     author=self._header("Wasmstore-Author"), headers=self.headers,
                     max_body=server.max_body, locator=server.locate_cache, query=query,
-                    runtime=server.runtime)
+                    runtime=server.runtime, access=access)
         self._call = call
         if route.websocket:
             call.branch = call.branch or query.get("branch") or None
@@ -2205,7 +3131,8 @@ class WasmstoreHandler(http.server.BaseHTTPRequestHandler):
         if origins is None or (method in SAFE_METHODS and not self._is_websocket_upgrade()):
             return
         scheme = "https" if server.ssl_context is not None else "http"
-        own = None if authority is None else (scheme, authority[0], authority[1] or DEFAULT_PORTS[scheme])
+        own = None if authority is None else \
+            (scheme, authority[0], authority[1] or DEFAULT_PORTS[scheme])
         if len(origins) != 1 or not server.cors.allows(origins[0], own):
             self._route_label = "refused"
             raise HttpError(403, f"request from the origin {', '.join(origins)!r} refused: "
@@ -2300,10 +3227,11 @@ class WasmstoreHandler(http.server.BaseHTTPRequestHandler):
                 headers[1] = ("Access-Control-Allow-Headers", ", ".join(names))
         return Reply(204, headers)
 
-    # -- replies ---------------------------------------------------------------------------
+    # -- replies -----------------------------------------------------------------------------------
 
     def _send_reply(self, reply, head_only=False):
-        """Write status, headers (always Content-Length) and the body in as few sends as possible."""
+        """Write status, headers (always Content-Length) and the body in as few sends as
+        possible."""
         try:
             self._reader.arm(self.timeout)
             if self.server.draining or self._unread_body():
@@ -2395,6 +3323,7 @@ class WasmstoreHandler(http.server.BaseHTTPRequestHandler):
     _date_cache = (0, "")
 
     def date_time_string(self, timestamp=None):
+        """The Date header's value (formatted once per second)."""
         if timestamp is not None:
             return super().date_time_string(timestamp)
         now = int(time.time())
@@ -2404,9 +3333,11 @@ class WasmstoreHandler(http.server.BaseHTTPRequestHandler):
         return cached[1]
 
     def log_request(self, code="-", size="-"):
+        """Unused: _account() writes one access-log line per request."""
         pass                                       # one access-log line per request: _account()
 
     def log_message(self, format, *args):
+        """http.server's diagnostics go to the server's log."""
         self.server.log_text(format % args)
 
     def _safe_path(self):
@@ -2427,11 +3358,12 @@ class WasmstoreHandler(http.server.BaseHTTPRequestHandler):
             self.server.log_text(f'{self.client_address[0]} "{method_text} {self._safe_path()}" '
                                  f"{status} {self._bytes_out} {elapsed * 1000:.1f}ms{extra}")
 
-    # -- WebSocket watch -------------------------------------------------------------------
+    # -- WebSocket watch ---------------------------------------------------------------------------
 
     def _serve_watch(self, call):
         headers = self.headers
-        if not self._is_websocket_upgrade() or "upgrade" not in (headers.get("Connection") or "").lower():
+        upgrade = "upgrade" in (headers.get("Connection") or "").lower()
+        if not self._is_websocket_upgrade() or not upgrade:
             raise HttpError(426, "this route needs a WebSocket upgrade",
                             headers=[("Upgrade", "websocket")])
         if (headers.get("Sec-WebSocket-Version") or "").strip() != "13":
@@ -2446,17 +3378,19 @@ class WasmstoreHandler(http.server.BaseHTTPRequestHandler):
         self._consume_body(upload=False)
         limits = self.server.limits
         if not limits.become_watch():
-            raise HttpError(503, f"too many watch sessions (the limit is {limits.max_watches}); retry later",
+            raise HttpError(503, f"too many watch sessions (the limit is {limits.max_watches}); "
+                                 "retry later",
                             headers=[("Retry-After", "1")])
-        self.close_connection = True                # it holds a watch slot now: it ends with the watch
-        subscription = self.server.hub.subscribe(call.branch)      # 404 before the upgrade
+        self.close_connection = True                # it holds a watch slot: it ends with the watch
+        subscription = self.server.hub.subscribe(call.branch, call.access)  # 404 before upgrade
         try:
             self._status = 101
             self._reply_started = True
             self._reader.arm(self.timeout)
             self.wfile.write(("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
                               "Connection: Upgrade\r\n"
-                              f"Sec-WebSocket-Accept: {websocket_accept(key)}\r\n\r\n").encode("ascii"))
+                              f"Sec-WebSocket-Accept: {websocket_accept(key)}\r\n\r\n"
+                              ).encode("ascii"))
             self.close_connection = True
             self.server.metrics.add_gauge("websocket_clients", 1)
             try:
@@ -2484,7 +3418,7 @@ class WasmstoreHandler(http.server.BaseHTTPRequestHandler):
         flush queued events and poll the socket briefly for client frames."""
         parser = FrameParser()
         reader = self._reader
-        reader.set_deadline(None)                   # a session lasts as long as the client answers pings
+        reader.set_deadline(None)                   # a session lasts while the client answers pings
         last_heard = last_ping = time.monotonic()
         buffer = bytearray(16384)
         try:
@@ -2535,9 +3469,9 @@ class WasmstoreHandler(http.server.BaseHTTPRequestHandler):
             pass                                        # dead or too slow: drop it
 
 
-# ---------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------
 # Server
-# ---------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------
 
 class ConnectionLimits:
     """The threads clients may hold, in two pools: ordinary connections and watch sessions.
@@ -2547,22 +3481,25 @@ class ConnectionLimits:
     rest of its life (full: the upgrade is refused with 503 and Retry-After, the connection
     keeps its ordinary slot), so watchers, which may idle for hours, never hold a slot an
     ordinary request needs. The pool each connection holds is kept per thread: one thread
-    serves a connection from accept to close.
+    serves a connection from accept to close. Both bound the whole server: in a server of
+    several workers, `pools` gives the two shared SlotPools.
     """
 
-    def __init__(self, max_connections=DEFAULT_MAX_CONNECTIONS, max_watches=DEFAULT_MAX_WATCHES):
+    def __init__(self, max_connections=DEFAULT_MAX_CONNECTIONS, max_watches=DEFAULT_MAX_WATCHES,
+                 pools=None):
         for name, value in (("max_connections", max_connections), ("max_watches", max_watches)):
             if not isinstance(value, int) or value < 1:
                 raise ServerError(f"{name} must be an integer >= 1, got {value!r}")
         self.max_connections = max_connections
         self.max_watches = max_watches
-        self._connections = threading.BoundedSemaphore(max_connections)
-        self._watches = threading.BoundedSemaphore(max_watches)
+        if pools is None:
+            pools = (SlotPool(max_connections), SlotPool(max_watches))
+        self._connections, self._watches = pools
         self._held = threading.local()
 
     def admit(self):
         """Take an ordinary slot for a new connection (accept loop); False when none is left."""
-        return self._connections.acquire(blocking=False)
+        return self._connections.acquire()
 
     def unadmit(self):
         """Give back a slot taken by admit() for a connection that never got its thread."""
@@ -2579,8 +3516,9 @@ class ConnectionLimits:
             pool.release()
 
     def become_watch(self):
-        """Move the calling connection to the watch pool; False (nothing changes) when it is full."""
-        if not self._watches.acquire(blocking=False):
+        """Move the calling connection to the watch pool; False (nothing changes) when it is
+        full."""
+        if not self._watches.acquire():
             return False
         self._held.pool.release()
         self._held.pool = self._watches
@@ -2589,7 +3527,11 @@ class ConnectionLimits:
 
 class WasmstoreServer(http.server.ThreadingHTTPServer):
     """ThreadingHTTPServer serving one Store, with graceful shutdown, a connection cap and a
-    separate cap for watch sessions (see ConnectionLimits), and Host/Origin checks."""
+    separate cap for watch sessions (see ConnectionLimits), and Host/Origin checks.
+
+    listener: a bound, listening socket to serve instead of binding (host and port are then
+    unused); worker: the WorkerContext of one process of a server of several (see the worker
+    processes section), which shares the bounds and metrics with its siblings."""
 
     daemon_threads = True
     allow_reuse_address = True
@@ -2598,7 +3540,7 @@ class WasmstoreServer(http.server.ThreadingHTTPServer):
     def __init__(self, store, host=DEFAULT_HOST, port=DEFAULT_PORT, *, auth=None, tls=None,
                  cors=False, max_body=DEFAULT_MAX_BODY, quiet=False, timeout=DEFAULT_TIMEOUT,
                  max_connections=DEFAULT_MAX_CONNECTIONS, max_watches=DEFAULT_MAX_WATCHES,
-                 allowed_hosts=(), log=None, run=None):
+                 allowed_hosts=(), log=None, run=None, listener=None, worker=None):
         if isinstance(store, (str, os.PathLike)):
             store = wasmstore.Store(store)
         if int(max_body) < 0:
@@ -2613,20 +3555,42 @@ class WasmstoreServer(http.server.ThreadingHTTPServer):
         self.max_body = int(max_body)
         self.quiet = bool(quiet)
         self.request_timeout = float(timeout)
-        self.metrics = Metrics()
+        self.worker = worker
+        self.metrics = Metrics() if worker is None else worker.metrics()
         self._log = log or sys.stderr
         self._log_lock = threading.Lock()
         self.hub = WatchHub(store, log=self.log_text)
         self.locate_cache = LocateCache(store)
-        self.runtime = make_runtime(store, self.metrics, **(run or {}))
         self.draining = False
         self._inflight = 0
         self._inflight_cond = threading.Condition()
-        self.limits = ConnectionLimits(max_connections, max_watches)
+        pools = None if worker is None else (worker.pool("connections"), worker.pool("watches"))
+        self.limits = ConnectionLimits(max_connections, max_watches, pools)
+        self.runtime = make_runtime(store, self.metrics, worker=worker, log=self.log_text,
+                                    **(run or {}))
         if ":" in host:
             self.address_family = socket.AF_INET6
-        super().__init__((host, int(port)), WasmstoreHandler)
+        super().__init__((host, int(port)), WasmstoreHandler, bind_and_activate=listener is None)
+        if listener is not None:
+            self._adopt(listener)
         self.allowed_hosts = HostAllowList(self.server_address[0], allowed_names)
+
+    def _adopt(self, listener):
+        """Serve a socket bound and listening already (shared by sibling workers: accepting
+        never blocks, a connection a sibling took first is no error)."""
+        self.socket.close()
+        self.socket = listener
+        self.address_family = listener.family
+        self.server_address = listener.getsockname()
+        self.server_name, self.server_port = self.server_address[:2]
+        listener.setblocking(False)
+
+    def get_request(self):
+        """Accept a connection; it is blocking whatever the listening socket is (on BSD and
+        macOS an accepted socket inherits the listener's O_NONBLOCK)."""
+        request, address = self.socket.accept()
+        request.setblocking(True)
+        return request, address
 
     @staticmethod
     def _ssl_context(tls):
@@ -2642,10 +3606,12 @@ class WasmstoreServer(http.server.ThreadingHTTPServer):
 
     @property
     def port(self):
+        """The port the server listens on (the real one when bound to port 0)."""
         return self.server_address[1]
 
     @property
     def url(self):
+        """http(s)://host:port of the server."""
         host = self.server_address[0]
         if ":" in host:
             host = f"[{host}]"
@@ -2653,12 +3619,14 @@ class WasmstoreServer(http.server.ThreadingHTTPServer):
 
     def server_bind(self):
         # HTTPServer.server_bind resolves the host's FQDN (a DNS lookup): not needed here.
+        """Bind without http.server's FQDN lookup (a DNS query at every start)."""
         socketserver_bind = http.server.socketserver.TCPServer.server_bind
         socketserver_bind(self)
         host, port = self.server_address[:2]
         self.server_name, self.server_port = host, port
 
     def log_text(self, text):
+        """Write one line (or a traceback) to the server's log."""
         with self._log_lock:
             try:
                 self._log.write(text.rstrip("\n") + "\n")
@@ -2666,9 +3634,10 @@ class WasmstoreServer(http.server.ThreadingHTTPServer):
             except (OSError, ValueError):
                 pass
 
-    # -- connection cap ---------------------------------------------------------------------
+    # -- connection cap ----------------------------------------------------------------------------
 
     def process_request(self, request, client_address):
+        """Admit the connection (503 when the cap is reached) and start its thread."""
         if self.draining or not self.limits.admit():
             self._refuse(request)
             return
@@ -2679,6 +3648,7 @@ class WasmstoreServer(http.server.ThreadingHTTPServer):
             raise
 
     def process_request_thread(self, request, client_address):
+        """Serve one connection in its thread, holding its slot."""
         with self.limits.serving():
             super().process_request_thread(request, client_address)
 
@@ -2688,35 +3658,42 @@ class WasmstoreServer(http.server.ThreadingHTTPServer):
                 request.settimeout(0.5)
                 body = b"server busy, retry later\n"
                 request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\n"
-                                b"Retry-After: 1\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s"
-                                % (len(body), body))
+                                b"Retry-After: 1\r\nConnection: close\r\n"
+                                b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
         except OSError:
             pass
         finally:
             self.shutdown_request(request)
 
     def handle_error(self, request, client_address):
+        """Log an unexpected error of a connection (not resets or failed handshakes)."""
         exc = sys.exc_info()[1]
         if isinstance(exc, (OSError, ssl.SSLError)):
             return                     # failed TLS handshakes, resets: the client's problem
         self.log_text("unexpected error on a connection:\n" + traceback.format_exc())
 
-    # -- graceful shutdown ------------------------------------------------------------------
+    # -- graceful shutdown -------------------------------------------------------------------------
 
     @property
     def in_flight(self):
+        """Requests this process is serving now."""
         return self._inflight
 
     def request_started(self):
+        """A request line was read: it counts as in flight until request_finished()."""
         with self._inflight_cond:
             self._inflight += 1
+        self.metrics.add_gauge("in_flight", 1)
 
     def request_finished(self):
+        """The request's last byte was sent (or it failed): graceful_shutdown may go on."""
+        self.metrics.add_gauge("in_flight", -1)
         with self._inflight_cond:
             self._inflight -= 1
             self._inflight_cond.notify_all()
 
     def serve_forever(self, poll_interval=0.5):
+        """Accept connections until shutdown(); graceful_shutdown() calls that."""
         self._serving = True
         try:
             super().serve_forever(poll_interval)
@@ -2746,31 +3723,49 @@ class WasmstoreServer(http.server.ThreadingHTTPServer):
         return True
 
     def server_close(self):
+        """Close the listening socket (and, unless draining, the guests' processes)."""
         super().server_close()
         if self.runtime is not None and not self.draining:
             self.runtime.close()          # stops the guests' worker processes
 
 
-def make_runtime(store, metrics, *, kv=None, timeout=None, fuel=None, max_memory=None, max_guests=DEFAULT_MAX_GUESTS,
-                 run_queue=DEFAULT_RUN_QUEUE, queue_wait=DEFAULT_QUEUE_WAIT, namespace_map=(), stub_imports=False,
-                 max_output=DEFAULT_MAX_OUTPUT, cache_dir=None, provider_kv=None):
+def make_runtime(store, metrics, *, kv=None, timeout=None, fuel=None, max_memory=None,
+                 max_guests=DEFAULT_MAX_GUESTS, run_queue=DEFAULT_RUN_QUEUE,
+                 queue_wait=DEFAULT_QUEUE_WAIT, namespace_map=(), stub_imports=False,
+                 max_output=DEFAULT_MAX_OUTPUT, cache_dir=None, provider_kv=None,
+                 precompile=True, worker=None, log=None, links=None):
     """The GuestRuntime of a server (None when kvhost.py or wasmtime is missing: 501 then).
 
     kv: backend URL (default sqlite under the store root), or "component:PATH", a wasi:keyvalue
     provider stored at PATH (as the default branch holds it when the server starts) over the
     backend provider_kv (see wasmstore.kv_options); timeout (seconds), fuel, max_memory
     (bytes): each guest's limits (kvhost's defaults when None); max_guests running at once,
-    run_queue callers waiting up to queue_wait seconds; namespace_map: ["PREFIX=NS", ...]."""
+    run_queue callers waiting up to queue_wait seconds; namespace_map: ["PREFIX=NS", ...];
+    precompile: compile added modules in the background (see Precompiler); worker: the
+    WorkerContext whose shared run slots, queue and compile locks bound the whole server;
+    links: {import module name: store path} (see wasmstore.Runner, wasmstore.parse_links)."""
     if kvhost is None:
         return None
-    limits = {name: value for name, value in (("timeout", timeout), ("fuel", fuel), ("max_memory", max_memory))
-              if value is not None}
+    limits = {name: value for name, value in (("timeout", timeout), ("fuel", fuel),
+                                              ("max_memory", max_memory)) if value is not None}
+    # output="discard": nothing a guest writes reaches the server's own streams (a call's and a
+    # run's output is captured into its reply; watchers and providers they trigger are dropped)
     runner = wasmstore.Runner(store, namespaces=wasmstore.parse_namespace_map(namespace_map),
-                              kv=kv, provider_kv=provider_kv, workers=max_guests,
+                              links=links,
+                              output="discard", kv=kv, provider_kv=provider_kv, workers=max_guests,
                               stub_imports=stub_imports, cache_dir=cache_dir, **limits)
     runner.host.start_workers(1)      # the first guest that needs a worker process finds one ready
-    runtime = GuestRuntime(runner, RunGate(max_guests, run_queue, queue_wait), metrics, max_output)
+    if worker is None:
+        gate, locks = RunGate(max_guests, run_queue, queue_wait), CompileLocks()
+    else:
+        gate = RunGate(max_guests, run_queue, queue_wait, worker.pool("run_slots"),
+                       worker.pool("run_queue"))
+        locks = CompileLocks(worker.compile_file)
+    runtime = GuestRuntime(runner, gate, metrics, max_output, locks)
     metrics.runtime = runtime
+    if precompile and (worker is None or worker.index == 0):
+        runtime.precompiler = Precompiler(runtime, log=log)
+        runtime.precompiler.start()
     return runtime
 
 
@@ -2786,22 +3781,429 @@ def make_server(store, host=DEFAULT_HOST, port=DEFAULT_PORT, **options):
     return WasmstoreServer(store, host, port, **options)
 
 
-# ---------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------
+# Worker processes: one listening socket, N processes, bounds shared by all
+# ---------------------------------------------------------------------------
+
+WORKER_REGION_BYTES = 4 << 20       # metric numbers a worker publishes (only touched pages cost)
+WORKER_START_SECONDS = 60.0         # a first worker not serving by then failed to start
+WORKER_GRACE_SECONDS = 35.0         # a draining worker still alive after this is killed
+WORKER_RESTART_DELAY = (0.1, 30.0)  # first and longest pause before replacing a worker
+GAUGE_NAMES = frozenset({"connections", "websocket_clients", "in_flight"})
+_REGION_HEADER = 16                 # the end of the entries (u64), then the entries
+
+
+def _pad8(length):
+    return (length + 7) & ~7
+
+
+class SharedMetricValues:
+    """MetricValues in a memory region shared by the workers of a server, so that the worker
+    answering /metrics can read its siblings' numbers.
+
+    One process writes a region (writer=True; the lock of its Metrics serializes its
+    threads), any process reads it. Entries are appended: [u32 key length][u32 kind (0
+    integer, 1 float)][the key as JSON, padded to 8 bytes][the value, 8 bytes], and the
+    region's end is published after the entry is complete, so a reader never sees half of
+    one. A writer that takes over a dead worker's region continues its counters and starts
+    its gauges at 0."""
+
+    def __init__(self, region, writer=False):
+        self.region = region
+        self.offsets = {}                 # key -> (offset of the value, struct format)
+        self.dropped = 0                  # new keys that did not fit
+        if writer:
+            for key, offset, fmt, _ in self._entries():
+                self.offsets[key] = (offset, fmt)
+                if key[0] in GAUGE_NAMES:
+                    struct.pack_into(fmt, region, offset, 0)
+
+    def _entries(self):
+        region = self.region
+        end = max(_REGION_HEADER, struct.unpack_from("Q", region, 0)[0])
+        position = _REGION_HEADER
+        while position < end:
+            length, kind = struct.unpack_from("II", region, position)
+            start = position + 8
+            try:
+                key = tuple(json.loads(bytes(region[start:start + length])))
+            except ValueError:                # torn by a writer on a weakly ordered CPU
+                return
+            offset = start + _pad8(length)
+            fmt = "d" if kind else "q"
+            yield key, offset, fmt, struct.unpack_from(fmt, region, offset)[0]
+            position = offset + 8
+
+    def _append(self, key, kind):
+        data = json.dumps(list(key), separators=(",", ":")).encode("utf-8")
+        end = max(_REGION_HEADER, struct.unpack_from("Q", self.region, 0)[0])
+        offset = end + 8 + _pad8(len(data))
+        if offset + 8 > len(self.region):
+            self.dropped += 1
+            return None
+        struct.pack_into("II", self.region, end, len(data), kind)
+        self.region[end + 8:end + 8 + len(data)] = data
+        fmt = "d" if kind else "q"
+        struct.pack_into(fmt, self.region, offset, 0)
+        struct.pack_into("Q", self.region, 0, offset + 8)
+        self.offsets[key] = (offset, fmt)
+        return offset, fmt
+
+    def add(self, key, delta):
+        """Add delta to the number at key (0 when new); the caller holds Metrics.lock."""
+        entry = self.offsets.get(key) or self._append(key, isinstance(delta, float))
+        if entry is not None:
+            offset, fmt = entry
+            value = struct.unpack_from(fmt, self.region, offset)[0]
+            value += delta if fmt == "d" else int(delta)
+            struct.pack_into(fmt, self.region, offset, value)
+
+    def get(self, key, default=0):
+        """The number at key, or default."""
+        entry = self.offsets.get(key)
+        if entry is None:
+            return default
+        return struct.unpack_from(entry[1], self.region, entry[0])[0]
+
+    def snapshot(self):
+        """{key: number} of everything in the region (from any process)."""
+        return {key: value for key, _, _, value in self._entries()}
+
+
+class WorkerShared:
+    """What the workers of one server share, made by the supervisor before it forks them: a
+    metric region per worker (and one for the supervisor's own counters), the SlotPools'
+    POSIX semaphores and their per-worker counts (run slots, run queue, connections, watch
+    sessions), and the file whose byte-range locks are the CompileLocks. Anonymous shared
+    maps and unnamed semaphores: nothing to clean up after the server, whatever ends it."""
+
+    def __init__(self, workers, limits):
+        self.workers = int(workers)
+        self.limits = dict(limits)                  # pool name -> limit
+        context = multiprocessing.get_context("fork")
+        self.semaphores = {name: context.Semaphore(limit) for name, limit in self.limits.items()}
+        self.regions = []
+        for _ in range(self.workers + 1):
+            region = mmap.mmap(-1, WORKER_REGION_BYTES)
+            struct.pack_into("Q", region, 0, _REGION_HEADER)
+            self.regions.append(region)
+        self._counts = mmap.mmap(-1, max(8, 8 * self.workers * len(self.limits)))
+        view = memoryview(self._counts).cast("q")
+        self.counts = {name: view[i * self.workers:(i + 1) * self.workers]
+                       for i, name in enumerate(self.limits)}
+        self.compile_file = tempfile.TemporaryFile(prefix="wasmstore-compile-")
+
+    def close(self):
+        """Release the maps and the lock file (after every worker has exited)."""
+        self.compile_file.close()
+
+    def pool(self, name, index):
+        """Worker `index`'s view of the shared pool `name`."""
+        return SlotPool(self.limits[name], self.semaphores[name], self.counts[name], index)
+
+    def worker_died(self, index):
+        """Give back what a dead worker held: its slots in every pool, its gauges."""
+        for name in self.limits:
+            self.pool(name, index).release_for(index)
+        SharedMetricValues(self.regions[index], writer=True)
+
+    def supervisor_metrics(self):
+        """The supervisor's own numbers (worker starts), in the last region."""
+        return SharedMetricValues(self.regions[-1], writer=True)
+
+    def snapshots(self):
+        """[(worker label, snapshot)] of every worker, then the supervisor's ("supervisor")."""
+        labels = [str(index) for index in range(self.workers)] + ["supervisor"]
+        return [(label, SharedMetricValues(region).snapshot())
+                for label, region in zip(labels, self.regions)]
+
+
+class WorkerContext:
+    """One worker's part of a WorkerShared: what make_server needs to be that worker."""
+
+    def __init__(self, shared, index):
+        self.shared = shared
+        self.index = index                # 0 also runs the background compiler
+        self.compile_file = shared.compile_file
+
+    def pool(self, name):
+        """This worker's view of a shared SlotPool."""
+        return self.shared.pool(name, self.index)
+
+    def metrics(self):
+        """A Metrics that writes this worker's region and renders every worker's."""
+        values = SharedMetricValues(self.shared.regions[self.index], writer=True)
+        return Metrics(values, peers=self.shared.snapshots)
+
+
+def listen(host, port, backlog=WasmstoreServer.request_queue_size):
+    """A TCP socket bound to (host, port) and listening, as WasmstoreServer binds its own."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(backlog)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+class Supervisor:
+    """Runs a server as `workers` processes serving one listening socket.
+
+    The supervisor binds the socket and makes the WorkerShared, then forks the workers (it
+    has no thread of its own, so forking is safe); each builds its own WasmstoreServer around
+    the inherited socket with build(listener, WorkerContext) and serves with its own threads,
+    and the kernel hands each new connection to one of them. The supervisor only waits: a
+    worker that exits unexpectedly is replaced (its slots and gauges given back first; a
+    worker that keeps dying is replaced after a growing pause), and SIGTERM or SIGINT is
+    passed to every worker, which drains as a single-process server does, before serve()
+    returns 0. A worker whose supervisor is gone (killed) drains and exits too: it watches a
+    pipe the supervisor holds open."""
+
+    def __init__(self, workers, listener, shared, build, log=None):
+        self.workers = workers
+        self.listener = listener
+        self.shared = shared
+        self.build = build
+        self.log = log or sys.stderr
+        self.children = {}                # pid -> (worker index, started at, ready pipe)
+        self.stopping = False
+        self._alive_read, self._alive_write = os.pipe()
+        self._wakeup_read, self._wakeup_write = os.pipe()
+        self._numbers = shared.supervisor_metrics()
+
+    def _say(self, text):
+        try:
+            self.log.write(f"wasmstore: {text}\n")
+            self.log.flush()
+        except (OSError, ValueError):
+            pass
+
+    def serve(self, on_ready=None):
+        """Start the workers, call on_ready() once all of them serve, supervise until SIGTERM
+        or SIGINT, drain. Returns None, or the error that kept the first workers from starting
+        (they are stopped)."""
+        previous = self._install_signals()
+        try:
+            for index in range(self.workers):
+                self._start(index)
+            error = self._await_ready()
+            if error is not None:
+                self._stop_all(kill=True)
+                return error
+            if on_ready is not None:
+                on_ready()
+            self._supervise()
+            self._stop_all()
+            return None
+        finally:
+            self._restore_signals(previous)
+
+    # -- starting and replacing workers ----------------------------------------------------
+
+    def _start(self, index):
+        ready_read, ready_write = os.pipe()
+        pid = os.fork()
+        if pid == 0:                                      # the worker: never returns
+            os.close(ready_read)
+            self._become_worker(index, ready_write)
+        os.close(ready_write)
+        self.children[pid] = (index, time.monotonic(), ready_read)
+        self._numbers.add(("worker_starts",), 1)
+
+    def _become_worker(self, index, ready_write):
+        status = 1
+        try:
+            inherited = [self._alive_write, self._wakeup_read, self._wakeup_write]
+            inherited += [ready for _, _, ready in self.children.values() if ready is not None]
+            for fd in inherited:
+                os.close(fd)
+            signal.set_wakeup_fd(-1)
+            for signum in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT):
+                signal.signal(signum, signal.SIG_DFL)
+            status = _serve_worker(self.build, self.listener, WorkerContext(self.shared, index),
+                                   ready_write, self._alive_read)
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            try:
+                sys.stderr.flush()
+            finally:
+                os._exit(status)
+
+    def _await_ready(self):
+        """None once every first worker serves, else the first one's error message."""
+        deadline = time.monotonic() + WORKER_START_SECONDS
+        waiting = {ready: pid for pid, (_, _, ready) in self.children.items()}
+        while waiting:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return f"the workers did not start within {WORKER_START_SECONDS:g} s"
+            readable, _, _ = select.select(list(waiting), [], [], left)
+            for ready in readable:
+                message = os.read(ready, 4096).decode("utf-8", "replace")
+                pid = waiting.pop(ready)
+                self._forget_ready(pid)
+                if message != "ready":
+                    return message or "a worker exited while starting"
+        return None
+
+    def _forget_ready(self, pid):
+        index, started, ready = self.children[pid]
+        if ready is not None:
+            os.close(ready)
+            self.children[pid] = (index, started, None)
+
+    def _supervise(self):
+        failures = {}                                     # index -> quick deaths in a row
+        restarts = []                                     # (when, index)
+        while not self.stopping:
+            timeout = 1.0
+            if restarts:
+                timeout = max(0.0, min(when for when, _ in restarts) - time.monotonic())
+            readable, _, _ = select.select([self._wakeup_read], [], [], timeout)
+            if readable:                                  # a signal came (SIGCHLD, SIGTERM)
+                os.read(self._wakeup_read, 4096)
+            for pid, index, started, status in self._reap():
+                quick = time.monotonic() - started < 5.0
+                failures[index] = failures.get(index, 0) + 1 if quick else 0
+                delay = min(WORKER_RESTART_DELAY[1],
+                            WORKER_RESTART_DELAY[0] * (2 ** failures[index]))
+                self.shared.worker_died(index)
+                self._say(f"worker {index} (pid {pid}) {_exit_text(status)}; starting another "
+                          f"in {delay:.1f} s")
+                restarts.append((time.monotonic() + delay, index))
+            now = time.monotonic()
+            for entry in [r for r in restarts if r[0] <= now and not self.stopping]:
+                restarts.remove(entry)
+                self._start(entry[1])
+
+    def _reap(self):
+        """[(pid, index, started, wait status)] of the workers that exited."""
+        ended = []
+        while self.children:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid == 0:
+                break
+            if pid in self.children:
+                self._forget_ready(pid)
+                index, started, _ = self.children.pop(pid)
+                ended.append((pid, index, started, status))
+        return ended
+
+    # -- stopping ---------------------------------------------------------------------------
+
+    def _stop_all(self, kill=False):
+        """SIGTERM (or SIGKILL) to every worker, then wait for them (SIGKILL after the grace)."""
+        self.stopping = True
+        if self._alive_write is not None:
+            os.close(self._alive_write)                   # workers see their supervisor go
+            self._alive_write = None
+        self._signal_all(signal.SIGKILL if kill else signal.SIGTERM)
+        deadline = time.monotonic() + WORKER_GRACE_SECONDS
+        while self.children:
+            self._reap()
+            if not self.children:
+                break
+            if time.monotonic() > deadline:
+                self._signal_all(signal.SIGKILL)
+                deadline = float("inf")
+            time.sleep(0.05)
+        for pid in list(self.children):
+            self._forget_ready(pid)
+
+    def _signal_all(self, signum):
+        for pid in list(self.children):
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:
+                pass
+
+    def _install_signals(self):
+        def stop(_signum, _frame):
+            self.stopping = True
+        previous = {signum: signal.signal(signum, stop)
+                    for signum in (signal.SIGTERM, signal.SIGINT)}
+        previous[signal.SIGCHLD] = signal.signal(signal.SIGCHLD, lambda _signum, _frame: None)
+        os.set_blocking(self._wakeup_write, False)
+        previous["wakeup"] = signal.set_wakeup_fd(self._wakeup_write)
+        return previous
+
+    @staticmethod
+    def _restore_signals(previous):
+        signal.set_wakeup_fd(previous.pop("wakeup"))
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _exit_text(status):
+    if os.WIFSIGNALED(status):
+        return f"was killed by signal {os.WTERMSIG(status)}"
+    return f"exited with status {os.WEXITSTATUS(status)}"
+
+
+def _serve_worker(build, listener, context, ready_write, alive_read):
+    """The life of one worker process: build its server, say "ready" (or the error) through
+    ready_write, serve until SIGTERM / SIGINT or until its supervisor is gone, drain; returns
+    the exit status."""
+    stop = threading.Event()
+    _install_signal_handlers(stop)
+    try:
+        server = build(listener, context)
+    except _STARTUP_ERRORS as exc:
+        os.write(ready_write, one_line(exc).encode("utf-8"))
+        return 3
+    os.write(ready_write, b"ready")
+    os.close(ready_write)
+    watcher = threading.Thread(target=_await_eof, args=(alive_read, stop), daemon=True,
+                               name="wasmstore-supervisor-watch")
+    watcher.start()
+    threading.Thread(target=server.serve_forever, name="wasmstore-accept", daemon=True).start()
+    while not stop.wait(0.5):
+        pass
+    server.graceful_shutdown()
+    return 0
+
+
+def _await_eof(fd, event):
+    """Set event when the pipe's other end is closed (its process ended)."""
+    try:
+        while os.read(fd, 1):
+            pass
+    except OSError:
+        pass
+    event.set()
+
+
+# ---------------------------------------------------------------------------
 # Command line
-# ---------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------
+
+def _option_number(text, what, **bounds):
+    """An option's number through wasmstore.parse_number (ASCII digits only), for argparse."""
+    try:
+        return wasmstore.parse_number(text, what, **bounds)
+    except wasmstore.InvalidInput as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
 
 def _byte_size(text):
-    match = re.fullmatch(r"\s*(\d+)\s*([kmg]i?b?|b)?\s*", text, re.I)
+    match = re.fullmatch(r"\s*([0-9]+)\s*([kmg]i?b?|b)?\s*", text, re.I)
     if not match:
         raise argparse.ArgumentTypeError(f"expected a size like 134217728 or 128M, got {text!r}")
-    scale = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}[(match.group(2) or "")[:1].lower()]
-    return int(match.group(1)) * scale
+    unit = (match.group(2) or "")[:1].lower()
+    scale = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}[unit]
+    return _option_number(match.group(1), "size") * scale
 
 
 def _port(text):
-    if not text.isdigit() or int(text) > 65535:
-        raise argparse.ArgumentTypeError(f"expected a port number 0-65535, got {text!r}")
-    return int(text)
+    return _option_number(text, "port number", maximum=65535)
 
 
 def _tls_pair(text):
@@ -2831,25 +4233,18 @@ def _host_names(text):
 
 
 def _positive_seconds(text):
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1
+    value = _option_number(text, "number of seconds", fraction=True)
     if not value > 0:
         raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {text!r}")
     return value
 
 
-def build_parser():
-    env = os.environ
-    parser = argparse.ArgumentParser(
-        prog="http_server.py",
-        description="Serve a wasmstore over HTTP (REST API, WebSocket watch, /metrics).",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="""environment: WASMSTORE_ROOT, WASMSTORE_HOST, WASMSTORE_PORT, WASMSTORE_AUTH, WASMSTORE_TLS,
-  WASMSTORE_KV, WASMSTORE_PROVIDER_KV, WASMSTORE_RUN_TIMEOUT, WASMSTORE_FUEL, WASMSTORE_MAX_MEMORY, WASMSTORE_MAX_GUESTS,
-  WASMSTORE_RUN_QUEUE, WASMSTORE_ALLOWED_HOSTS (comma-separated), WASMSTORE_MAX_WATCHES
-  (used when the matching option is absent)
+_EPILOG = """\
+environment: WASMSTORE_ROOT, WASMSTORE_HOST, WASMSTORE_PORT, WASMSTORE_AUTH, WASMSTORE_TLS,
+  WASMSTORE_KV, WASMSTORE_PROVIDER_KV, WASMSTORE_RUN_TIMEOUT, WASMSTORE_FUEL,
+  WASMSTORE_MAX_MEMORY, WASMSTORE_MAX_GUESTS, WASMSTORE_RUN_QUEUE, WASMSTORE_ALLOWED_HOSTS
+  (comma-separated), WASMSTORE_MAX_WATCHES, WASMSTORE_WORKERS (used when the matching option
+  is absent)
 
 browser safety:
   A request whose Origin header names another origin than the server's own (as reached
@@ -2864,81 +4259,109 @@ browser safety:
 examples:
   python http_server.py                                   # ~/.wasmstore on http://127.0.0.1:6384
   python http_server.py --auth 'SECRET:*;READER:GET'      # keys in the Wasmstore-Auth header
+  python http_server.py --auth 'SECRET:*;CI:read,run@/apps/'   # CI reads and runs /apps/ only
   python http_server.py --tls key.pem,cert.pem --cors     # HTTPS, pages of any origin
   python http_server.py --cors http://localhost:3000      # pages of that origin only
   python http_server.py --host 0.0.0.0 --allowed-host store.lan   # on the LAN, as store.lan
   curl --data-binary @a.wasm http://127.0.0.1:6384/api/v1/module/a.wasm
-  curl -d '[2, 3]' http://127.0.0.1:6384/api/v1/call/add/a.wasm      # call add(2, 3) of a stored module""")
-    parser.add_argument("--root", default=env.get("WASMSTORE_ROOT") or os.path.join("~", ".wasmstore"),
-                        help="store directory (default: $WASMSTORE_ROOT or ~/.wasmstore)")
-    parser.add_argument("--host", default=env.get("WASMSTORE_HOST") or DEFAULT_HOST,
-                        help=f"address to listen on (default: {DEFAULT_HOST})")
-    parser.add_argument("--port", type=_port, default=None,
-                        help=f"TCP port, 0 = any free port (default: {DEFAULT_PORT})")
-    parser.add_argument("--auth", default=env.get("WASMSTORE_AUTH") or None, metavar="SPEC",
-                        help="require keys: 'KEY1:GET,POST;KEY2:GET' ('*' = every method)")
-    parser.add_argument("--tls", type=_tls_pair, default=None, metavar="KEY,CERT",
-                        help="serve HTTPS with this PEM key file and certificate file")
-    parser.add_argument("--cors", nargs="?", const="*", default=None, type=_origins, metavar="ORIGINS",
-                        help="let web pages of other origins use the API (CORS headers, preflight "
-                             "answers): alone, any origin; with a comma-separated list such as "
-                             "https://app.example,http://localhost:3000, only those")
-    parser.add_argument("--allowed-host", action="append", type=_host_name, default=None, metavar="NAME",
-                        help="also answer to this Host name (repeatable); see 'browser safety' below")
-    parser.add_argument("--max-body", type=_byte_size, default=DEFAULT_MAX_BODY, metavar="N",
-                        help="largest accepted upload in bytes, suffix K/M/G allowed (default: 128M)")
-    parser.add_argument("--timeout", type=_positive_seconds, default=DEFAULT_TIMEOUT, metavar="S",
-                        help=f"close idle or stalled connections after S seconds (default: {DEFAULT_TIMEOUT:g}); "
-                             f"a request body gets S seconds plus 1 per {MIN_BODY_RATE // 1024} KiB received")
-    parser.add_argument("--max-watches", type=_positive_int, default=None, metavar="N",
-                        help=f"WebSocket watch sessions at once, apart from the {DEFAULT_MAX_CONNECTIONS} "
-                             f"ordinary connections; more get 503 (default: {DEFAULT_MAX_WATCHES})")
-    parser.add_argument("--quiet", action="store_true", help="no access log on stderr")
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    run = parser.add_argument_group("running stored modules (POST /api/v1/call, /api/v1/run)")
-    run.add_argument("--kv", default=env.get("WASMSTORE_KV") or None, metavar="URL",
-                     help="key-value backend of the guests: sqlite:PATH, memory: or redis://HOST:PORT/DB, or "
-                          "component:PATH, a wasi:keyvalue provider component stored at PATH that serves the "
-                          "guests' wasi:keyvalue (env WASMSTORE_KV; default: sqlite:<root>/kv.sqlite3)")
-    run.add_argument("--provider-kv", default=env.get("WASMSTORE_PROVIDER_KV") or None, metavar="URL",
-                     help="the backend beneath a --kv component:PATH provider (env WASMSTORE_PROVIDER_KV; "
-                          "default: sqlite:<root>/kv.sqlite3)")
-    run.add_argument("--run-timeout", type=_positive_seconds, default=None, metavar="S",
-                     help="stop a guest after S seconds, also when it waits in a host call "
-                          "(env WASMSTORE_RUN_TIMEOUT; default 10)")
-    run.add_argument("--fuel", type=_positive_int, default=None, metavar="N",
-                     help="stop a guest after N units of fuel (env WASMSTORE_FUEL; default: no limit)")
-    run.add_argument("--max-memory", type=_byte_size, default=None, metavar="N",
-                     help="largest linear memory of a guest, suffix K/M/G allowed (env WASMSTORE_MAX_MEMORY; "
-                          "default 256M)")
-    run.add_argument("--max-guests", type=_positive_int, default=None, metavar="N",
-                     help=f"guests running at once (env WASMSTORE_MAX_GUESTS; default {DEFAULT_MAX_GUESTS})")
-    run.add_argument("--run-queue", type=_nonnegative_int, default=None, metavar="N",
-                     help="callers waiting for a guest slot; more get 503 with Retry-After "
-                          f"(env WASMSTORE_RUN_QUEUE; default {DEFAULT_RUN_QUEUE})")
-    run.add_argument("--queue-wait", type=_positive_seconds, default=DEFAULT_QUEUE_WAIT, metavar="S",
-                     help=f"longest wait for a guest slot before 503 (default {DEFAULT_QUEUE_WAIT:g})")
-    run.add_argument("--max-output", type=_byte_size, default=DEFAULT_MAX_OUTPUT, metavar="N",
-                     help="stdout (and stderr) kept per run; the rest is counted, not sent (default 16M)")
-    run.add_argument("--namespace-map", action="append", default=[], metavar="PREFIX=NS",
-                     help="modules under PREFIX share kv namespace NS (repeatable; default: each path "
-                          "is its own namespace, a hash is sha256:<hash>)")
-    run.add_argument("--stub-imports", action="store_true",
-                     help="imports the host does not provide (e.g. wasi:http) trap when called "
-                          "instead of refusing the guest")
+  curl -d '[2, 3]' http://127.0.0.1:6384/api/v1/call/add/a.wasm   # add(2, 3) of a stored module
+"""
+
+
+def build_parser():
+    """The command line's parser (main() fills absent options from the environment)."""
+    parser = argparse.ArgumentParser(
+        prog="http_server.py",
+        description="Serve a wasmstore over HTTP (REST API, WebSocket watch, /metrics).",
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_EPILOG)
+    _add_server_options(parser)
+    _add_run_options(parser.add_argument_group(
+        "running stored modules (POST /api/v1/call, /api/v1/run)"))
     return parser
 
 
+def _add_server_options(parser):
+    env = os.environ
+    add = parser.add_argument
+    add("--root", default=env.get("WASMSTORE_ROOT") or os.path.join("~", ".wasmstore"),
+        help="store directory (default: $WASMSTORE_ROOT or ~/.wasmstore)")
+    add("--host", default=env.get("WASMSTORE_HOST") or DEFAULT_HOST,
+        help=f"address to listen on (default: {DEFAULT_HOST})")
+    add("--port", type=_port, default=None,
+        help=f"TCP port, 0 = any free port (default: {DEFAULT_PORT})")
+    add("--auth", default=env.get("WASMSTORE_AUTH") or None, metavar="SPEC",
+        help="require keys: 'KEY:PERMS[@/PREFIX];...', PERMS a comma list of HTTP methods "
+             "('*' = all) and the words read, write, run, admin; @/PREFIX limits the entry "
+             "to paths under PREFIX (e.g. 'A:*;R:read;CI:run@/apps/')")
+    add("--tls", type=_tls_pair, default=None, metavar="KEY,CERT",
+        help="serve HTTPS with this PEM key file and certificate file")
+    add("--cors", nargs="?", const="*", default=None, type=_origins, metavar="ORIGINS",
+        help="let web pages of other origins use the API (CORS headers, preflight answers): "
+             "alone, any origin; with a comma-separated list such as "
+             "https://app.example,http://localhost:3000, only those")
+    add("--allowed-host", action="append", type=_host_name, default=None, metavar="NAME",
+        help="also answer to this Host name (repeatable); see 'browser safety' below")
+    add("--max-body", type=_byte_size, default=DEFAULT_MAX_BODY, metavar="N",
+        help="largest accepted upload in bytes, suffix K/M/G allowed (default: 128M)")
+    add("--timeout", type=_positive_seconds, default=DEFAULT_TIMEOUT, metavar="S",
+        help=f"close idle or stalled connections after S seconds (default: "
+             f"{DEFAULT_TIMEOUT:g}); a request body gets S seconds plus 1 per "
+             f"{MIN_BODY_RATE // 1024} KiB received")
+    add("--max-watches", type=_positive_int, default=None, metavar="N",
+        help=f"WebSocket watch sessions at once, apart from the {DEFAULT_MAX_CONNECTIONS} "
+             f"ordinary connections; more get 503 (default: {DEFAULT_MAX_WATCHES})")
+    add("--workers", type=_positive_int, default=None, metavar="N",
+        help="serve from N processes sharing the listening socket, each with its own threads; "
+             "run slots, the run queue and connection caps bound all of them together "
+             f"(env WASMSTORE_WORKERS; default: the number of CPUs, {DEFAULT_WORKERS})")
+    add("--quiet", action="store_true", help="no access log on stderr")
+    add("--version", action="version", version=f"%(prog)s {__version__}")
+
+
+def _add_run_options(group):
+    env = os.environ
+    add = group.add_argument
+    add("--kv", default=env.get("WASMSTORE_KV") or None, metavar="URL",
+        help="key-value backend of the guests: sqlite:PATH, memory: or redis://HOST:PORT/DB, "
+             "or component:PATH, a wasi:keyvalue provider component stored at PATH that serves "
+             "the guests' wasi:keyvalue (env WASMSTORE_KV; default: sqlite:<root>/kv.sqlite3)")
+    add("--provider-kv", default=env.get("WASMSTORE_PROVIDER_KV") or None, metavar="URL",
+        help="the backend beneath a --kv component:PATH provider (env WASMSTORE_PROVIDER_KV; "
+             "default: sqlite:<root>/kv.sqlite3)")
+    add("--run-timeout", type=_positive_seconds, default=None, metavar="S",
+        help="stop a guest after S seconds, also when it waits in a host call "
+             "(env WASMSTORE_RUN_TIMEOUT; default 10)")
+    add("--fuel", type=_positive_int, default=None, metavar="N",
+        help="stop a guest after N units of fuel (env WASMSTORE_FUEL; default: no limit)")
+    add("--max-memory", type=_byte_size, default=None, metavar="N",
+        help="largest linear memory of a guest, suffix K/M/G allowed "
+             "(env WASMSTORE_MAX_MEMORY; default 256M)")
+    add("--max-guests", type=_positive_int, default=None, metavar="N",
+        help=f"guests running at once (env WASMSTORE_MAX_GUESTS; default {DEFAULT_MAX_GUESTS})")
+    add("--run-queue", type=_nonnegative_int, default=None, metavar="N",
+        help="callers waiting for a guest slot; more get 503 with Retry-After "
+             f"(env WASMSTORE_RUN_QUEUE; default {DEFAULT_RUN_QUEUE})")
+    add("--queue-wait", type=_positive_seconds, default=DEFAULT_QUEUE_WAIT, metavar="S",
+        help=f"longest wait for a guest slot before 503 (default {DEFAULT_QUEUE_WAIT:g})")
+    add("--max-output", type=_byte_size, default=DEFAULT_MAX_OUTPUT, metavar="N",
+        help="stdout (and stderr) kept per run; the rest is counted, not sent (default 16M)")
+    add("--namespace-map", action="append", default=[], metavar="PREFIX=NS",
+        help="modules under PREFIX share kv namespace NS (repeatable; default: each path is "
+             "its own namespace, a hash is sha256:<hash>)")
+    add("--stub-imports", action="store_true",
+        help="imports the host does not provide (e.g. wasi:http, or a core module's env "
+             "functions) trap when called instead of refusing the guest")
+    add("--link", action="append", default=[], dest="links", metavar="NAME=PATH",
+        help="link core modules' imports from module NAME to the module stored at PATH (in the "
+             "same commit as the module run; repeatable), e.g. --link env=/lib/random.wasm")
+
+
 def _positive_int(text):
-    if not text.isdigit() or not text.isascii() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return int(text)
+    return _option_number(text, "positive integer", minimum=1)
 
 
 def _nonnegative_int(text):
-    if not text.isdigit():
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return int(text)
+    return _option_number(text, "integer", minimum=0)
 
 
 # option -> (environment variable, parser) for the options that fall back to the environment
@@ -2947,17 +4370,20 @@ ENV_OPTIONS = {"run_timeout": ("WASMSTORE_RUN_TIMEOUT", _positive_seconds),
                "max_memory": ("WASMSTORE_MAX_MEMORY", _byte_size),
                "max_guests": ("WASMSTORE_MAX_GUESTS", _positive_int),
                "max_watches": ("WASMSTORE_MAX_WATCHES", _positive_int),
+               "workers": ("WASMSTORE_WORKERS", _positive_int),
                "allowed_host": ("WASMSTORE_ALLOWED_HOSTS", _host_names),
                "run_queue": ("WASMSTORE_RUN_QUEUE", _nonnegative_int)}
 
 
 def run_options(args):
     """The make_runtime() options of parsed command-line arguments."""
-    return {"kv": args.kv, "provider_kv": args.provider_kv, "timeout": args.run_timeout, "fuel": args.fuel, "max_memory": args.max_memory,
+    return {"kv": args.kv, "provider_kv": args.provider_kv, "timeout": args.run_timeout,
+            "fuel": args.fuel, "max_memory": args.max_memory,
             "max_guests": args.max_guests or DEFAULT_MAX_GUESTS,
             "run_queue": DEFAULT_RUN_QUEUE if args.run_queue is None else args.run_queue,
             "queue_wait": args.queue_wait, "namespace_map": args.namespace_map,
-            "stub_imports": args.stub_imports, "max_output": args.max_output}
+            "stub_imports": args.stub_imports, "max_output": args.max_output,
+            "links": wasmstore.parse_links(args.links)}
 
 
 def _options_from(parser, args):
@@ -2979,11 +4405,17 @@ def _options_from(parser, args):
                 setattr(args, option, convert(env[variable]))
             except argparse.ArgumentTypeError as exc:
                 parser.error(f"{variable}: {exc}")
+    try:
+        wasmstore.parse_links(args.links)
+    except wasmstore.StoreError as exc:
+        parser.error(str(exc))
     return args
 
 
 def main(argv=None):
-    """Run the server until SIGTERM or Ctrl-C; then finish in-flight requests and return 0."""
+    """Run the server until SIGTERM or Ctrl-C; then finish in-flight requests and return 0.
+
+    --workers 1 serves from this process; more fork that many workers under a Supervisor."""
     parser = build_parser()
     args = _options_from(parser, parser.parse_args(argv))
     try:
@@ -2991,33 +4423,74 @@ def main(argv=None):
     except ServerError as exc:
         parser.error(f"--auth: {exc}")              # the message never contains a key
     root = os.path.expanduser(args.root)
+    options = dict(auth=auth, tls=args.tls, cors=args.cors,
+                   allowed_hosts=args.allowed_host or (),
+                   max_watches=args.max_watches or DEFAULT_MAX_WATCHES,
+                   max_body=args.max_body, quiet=args.quiet, timeout=args.timeout,
+                   run=run_options(args))
+    workers = args.workers or DEFAULT_WORKERS
     try:
         store = wasmstore.Store(root)
-        server = make_server(store, args.host, args.port, auth=auth, tls=args.tls, cors=args.cors,
-                             allowed_hosts=args.allowed_host or (),
-                             max_watches=args.max_watches or DEFAULT_MAX_WATCHES,
-                             max_body=args.max_body, quiet=args.quiet, timeout=args.timeout,
-                             run=run_options(args))
-    except (wasmstore.StoreError, ServerError, OSError, ssl.SSLError) + _RUNTIME_ERRORS as exc:
+        if workers == 1:
+            return _serve_alone(make_server(store, args.host, args.port, **options))
+        if args.tls:
+            WasmstoreServer._ssl_context(args.tls)  # a bad key or certificate: said once, here
+        listener = listen(args.host, args.port)
+    except _STARTUP_ERRORS as exc:
         print(f"http_server.py: error: {one_line(exc)}", file=sys.stderr)
-        return 1
+        meaning = error_meaning(exc)
+        return 1 if meaning is None else meaning.exit_status
+    return _serve_workers(store, listener, workers, options)
+
+
+def _serve_alone(server):
     stop = threading.Event()
     _install_signal_handlers(stop)
     thread = threading.Thread(target=server.serve_forever, name="wasmstore-accept", daemon=True)
     thread.start()
-    print(f"wasmstore: serving {store.root} on {server.url}", file=sys.stderr, flush=True)
+    print(f"wasmstore: serving {server.store.root} on {server.url}", file=sys.stderr, flush=True)
     try:
         while not stop.wait(0.5):
             pass
     except KeyboardInterrupt:
         pass
-    finished = server.graceful_shutdown()
-    if not finished:
-        print("http_server.py: shutdown grace period over; some requests were cut", file=sys.stderr)
+    if not server.graceful_shutdown():
+        print("http_server.py: shutdown grace period over; some requests were cut",
+              file=sys.stderr)
     return 0
 
 
-_RUNTIME_ERRORS = () if kvhost is None else (kvhost.KvError,)   # e.g. a --kv URL that cannot be opened
+def _serve_workers(store, listener, workers, options):
+    run = options["run"]
+    shared = WorkerShared(workers, {"run_slots": run["max_guests"], "run_queue": run["run_queue"],
+                                    "connections": DEFAULT_MAX_CONNECTIONS,
+                                    "watches": options["max_watches"]})
+
+    def build(listener, context):
+        return make_server(wasmstore.Store(store.root), listener=listener, worker=context,
+                           **options)
+
+    host, port = listener.getsockname()[:2]
+    scheme = "https" if options["tls"] else "http"
+    url = f"{scheme}://{f'[{host}]' if ':' in host else host}:{port}"
+
+    def ready():
+        print(f"wasmstore: serving {store.root} on {url} ({workers} worker processes)",
+              file=sys.stderr, flush=True)
+
+    try:
+        error = Supervisor(workers, listener, shared, build).serve(on_ready=ready)
+    finally:
+        listener.close()
+        shared.close()
+    if error is not None:
+        print(f"http_server.py: error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+_RUNTIME_ERRORS = () if kvhost is None else (kvhost.KvError,)   # e.g. a --kv URL that fails
+_STARTUP_ERRORS = (wasmstore.StoreError, ServerError, OSError, ssl.SSLError) + _RUNTIME_ERRORS
 
 
 def _install_signal_handlers(stop):

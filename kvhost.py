@@ -15,6 +15,11 @@ Library use::
     print(host.call(guest, "incr", ["counter", "hits", 1]))  # {'ok': 1}  (JSON-style values)
     host.close()
 
+HTTP apps (a component exporting wasi:http/incoming-handler, e.g. built by `jco componentize`)::
+
+    request = kvhost.HttpRequest("GET", "http", "localhost:8080", "/hello", [("accept", b"*/*")], None)
+    host.handle_http(host.load("app.wasm"), request, sink)   # sink.start / write / finish
+
 Command line::
 
     python kvhost.py run  [options] GUEST.wasm [ARGS ...]        # wasi:cli/run
@@ -29,6 +34,8 @@ wasi:keyvalue on provider_kv).
 
 Map of this file, top-down:
   constants and exceptions
+  input           parse_number, parse_json, parse_url: every number, JSON text and URL from
+                  outside (ASCII digits only, bounded nesting, ports in range)
   backends        Backend (validation, cursors) -> MemoryBackend, SqliteBackend, RedisBackend;
                   open_backend()
   wasm reader     the one reader of the binary format (WasmReader): framing, core_signatures,
@@ -43,10 +50,15 @@ Map of this file, top-down:
   host glue       the wasi:keyvalue functions of both versions, dispatched without per-call
                   type walks
   engine          compile cache on disk (checksummed, mapped by wasmtime), Guest and what it
-                  exports (describe_exports), Host (load / call / run / run_captured / exports /
-                  link_plan / attach_watcher), _Session (one Store per call)
+                  exports (describe_exports), Host (load / call / call_captured / run /
+                  run_captured / exports / link_plan / attach_watcher; _Capture, the bounded
+                  sink for guest output), _Session (one Store per call)
   composition     Provider; a consumer's wasi:keyvalue forwarded to a provider component's
                   exports (_forward), one provider instance per consumer call (_ProviderLink)
+  HTTP apps       the wasi:http proxy world defined here (wasi:http types and outgoing-handler,
+                  wasi:io, wasi:clocks, wasi:cli, wasi:random, wasi:filesystem without preopens:
+                  add_http_to_linker), HttpRequest / HttpOutcome, _HttpState (one request's
+                  resources), _OutboundCall (outgoing requests), _HttpSession (Host.handle_http)
   sandbox         worker processes for guests that can block (_WorkerPool, _Worker, _Channel,
                   _RemoteBackend; _worker_main), killed at the deadline
   CLI             shared with wasmstore.py (add_sandbox_options, host_from_args,
@@ -64,17 +76,19 @@ __version__ = "0.1.0"
 __all__ = [
     "KvError", "ArgumentError", "BackendError", "AccessDeniedError", "NoSuchStoreError",
     "OperationError",
-    "NoSuchFunction", "GuestError", "LinkError", "TrapError", "GuestExit", "Err",
+    "NoSuchFunction", "GuestError", "LinkError", "NotHttpHandler", "TrapError", "GuestExit", "Err",
+    "HttpRequest", "HttpOutcome", "parse_outbound",
     "Backend", "MemoryBackend", "SqliteBackend", "RedisBackend", "open_backend",
-    "Guest", "Host", "RunResult", "Provider", "provider_of", "provider_exports", "PROVIDER_PREFIX",
-    "describe_exports", "format_export", "json_float", "float_from_json",
+    "Guest", "Host", "RunResult", "CallResult", "Provider", "provider_of", "provider_exports",
+    "PROVIDER_PREFIX", "describe_exports", "format_export", "json_float", "float_from_json",
     "WasmFormatError", "WasmReader", "wasm_kind", "core_signatures", "check_core_imports",
     "sections_fit", "module_spans", "stub_function_bodies", "component_interface",
     "CORE_HEADER", "COMPONENT_HEADER",
-    "add_store_options", "add_sandbox_options", "host_from_args", "parse_json_args", "print_json",
-    "print_exports",
-    "run_with_deadline", "end_process", "report", "DeadlineExceeded", "main",
-    "DEFAULT_KV_URL", "MAX_KEY_BYTES", "DEFAULT_MAX_VALUE_BYTES", "PAGE_SIZE",
+    "add_store_options", "add_sandbox_options", "link_table", "host_from_args", "parse_json_args",
+    "print_json", "print_exports",
+    "run_with_deadline", "end_process", "report", "DeadlineExceeded", "main", "console_main",
+    "parse_number", "parse_json", "json_depth", "parse_url", "Url", "MAX_JSON_DEPTH",
+    "DEFAULT_KV_URL", "MAX_KEY_BYTES", "DEFAULT_MAX_VALUE_BYTES", "PAGE_SIZE", "STDIN_INHERIT",
 ]
 
 import argparse
@@ -84,6 +98,8 @@ import collections
 import contextlib
 import ctypes
 import hashlib
+import http.client
+import itertools
 import json
 import math
 import mmap
@@ -91,6 +107,7 @@ import os
 import re
 import select
 import socket
+import ssl
 import struct
 import sqlite3
 import subprocess
@@ -112,6 +129,7 @@ MAX_KEY_BYTES = 4096                                 # keys at most 4 KiB (every
 DEFAULT_MAX_VALUE_BYTES = 16 * 1024 * 1024           # values at most 16 MiB (configurable)
 PAGE_SIZE = 1000                                     # list-keys pages hold at most 1,000 keys
 DEFAULT_TIMEOUT = 10.0                               # seconds; --timeout default
+STDIN_INHERIT = "inherit"                            # run(stdin=...): the guest reads our stdin
 BUCKET_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,128}\Z")
 # What Redis INCRBY accepts (no sign on zero, no leading zeros, no '+'); every backend uses it.
 DECIMAL_RE = re.compile(rb"(0|-?[1-9][0-9]{0,19})\Z")
@@ -122,6 +140,9 @@ CORE_SCRATCH_VALUES = 16                             # core params/results in a 
 EPOCH_TICK = 0.05                                    # seconds per epoch tick of the timeout thread
 CACHE_MAGIC = b"KVHCACHE2\n"                         # header of a compile-cache entry's .sum file
 KV_VERSIONS = ("0.2.0-draft", "0.2.0-draft2")
+MAX_JSON_DEPTH = 64                                  # JSON from outside nests at most this deep
+MAX_NUMBER_CHARS = 40                                # a longer number from outside: refused unread
+_NOT_IN_URL = re.compile(r"[\x00-\x20\x7f]")          # spaces and control characters
 CACHE_ORPHAN_SECONDS = 3600                          # a lone cache file this old is debris
 # What kvhost writes into a cache directory (anything else there is left alone).
 CACHE_FILE_RE = re.compile(r"([0-9a-f]{64}\.(?:component|module))(\.sum)?\Z|\.tmp-[a-z0-9_]{8}\Z")
@@ -171,6 +192,10 @@ class LinkError(GuestError):
     """A guest's imports cannot be satisfied; the message names the import."""
 
 
+class NotHttpHandler(GuestError):
+    """The guest is not an HTTP handler: it does not export wasi:http/incoming-handler."""
+
+
 class TrapError(KvError):
     """A guest stopped before it answered (CLI exit status 1). .kind says why: "trap" (it
     trapped), "timeout", "fuel", "memory" (a store limit), "data" (a host call carried more
@@ -187,6 +212,106 @@ class GuestExit(TrapError):
     def __init__(self, status):
         super().__init__(f"guest exited with status {status}", "exit")
         self.status = status
+
+
+# ---------------------------------------------------------------------------
+# input from outside: numbers, JSON, URLs
+# ---------------------------------------------------------------------------
+# Every number, JSON text and URL kvhost takes from a user, a file or a peer goes through one of
+# these three, so each rule holds everywhere: only ASCII digits are digits (str.isdigit() takes
+# "²", int() takes "٣" and "1_0"), JSON nests at most MAX_JSON_DEPTH levels (the decoder
+# recurses: 1,000 levels in 2 KB raise RecursionError), a URL's port is a number in range.
+# wasmstore.py has the same three for its own input, so that each file works copied alone;
+# http_server.py uses wasmstore.py's.
+
+_INTEGER_TEXT = re.compile(r"-?[0-9]+\Z")
+_FRACTION_TEXT = re.compile(r"-?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][-+]?[0-9]+)?\Z")
+_JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.S)
+_JSON_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
+_BRACKET_STEP = {"[": 1, "{": 1, "]": -1, "}": -1}
+_USERINFO = re.compile(r"//[^/@]*@")
+
+
+def parse_number(text, what, *, minimum=0, maximum=None, fraction=False):
+    """The number `text` (str or bytes) spells in ASCII digits: an int, or with fraction=True a
+    finite float (a decimal point and an exponent allowed). A leading "-" is the only sign; no
+    space, "_", "+", nan or inf. ArgumentError naming `what` when the text is not such a number
+    or the number is outside [minimum, maximum] (None: unbounded)."""
+    if isinstance(text, (bytes, bytearray)):
+        text = bytes(text).decode("latin-1")
+    pattern = _FRACTION_TEXT if fraction else _INTEGER_TEXT
+    if not isinstance(text, str) or len(text) > MAX_NUMBER_CHARS or not pattern.match(text):
+        shown = repr(text) if not isinstance(text, str) or len(text) <= 40 else repr(text[:37] + "...")
+        kind = "a number" if fraction else "an integer"
+        raise ArgumentError(f"invalid {what} {shown}: expected {kind} in ASCII digits")
+    value = float(text) if fraction else int(text)
+    if not math.isfinite(value) or (minimum is not None and value < minimum) \
+            or (maximum is not None and value > maximum):
+        bounds = f"at least {minimum}" if maximum is None else f"{minimum} to {maximum}"
+        raise ArgumentError(f"invalid {what} {text!r}: expected {bounds}")
+    return value
+
+
+def _reject_constant(name):
+    raise ValueError(f"{name} is not JSON (write \"NaN\", \"Infinity\" or \"-Infinity\" as strings)")
+
+
+_STRICT_JSON = json.JSONDecoder(parse_constant=_reject_constant)
+
+
+def json_depth(text):
+    """How deep the arrays and objects of JSON text nest (brackets inside strings do not count;
+    for text that is not JSON, how deep a decoder would get before it finds out)."""
+    brackets = _JSON_NOT_BRACKET.sub("", _JSON_STRING.sub("", text))
+    return max(itertools.accumulate(map(_BRACKET_STEP.__getitem__, brackets)), default=0)
+
+
+def parse_json(data, what="JSON", *, max_depth=MAX_JSON_DEPTH):
+    """The value of strict JSON (no NaN or Infinity) given as str or bytes (UTF-8, or the
+    UTF-16/32 that json detects), nested at most max_depth levels: deeper input is refused
+    before the decoder sees it. ArgumentError naming `what` otherwise."""
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        data = bytes(data)
+        try:
+            data = data.decode(json.detect_encoding(data))
+        except UnicodeDecodeError:
+            raise ArgumentError(f"invalid {what}: not UTF-8 text") from None
+    if not isinstance(data, str):
+        raise ArgumentError(f"invalid {what}: expected JSON text, not {type(data).__name__}")
+    if data.count("[") + data.count("{") > max_depth and json_depth(data) > max_depth:
+        raise ArgumentError(f"invalid {what}: nested deeper than {max_depth} levels")
+    try:
+        return _STRICT_JSON.decode(data)
+    except ValueError as exc:              # json.JSONDecodeError, and numbers over 4,300 digits
+        raise ArgumentError(f"invalid {what}: {exc}") from None
+
+
+class Url(collections.namedtuple("Url", "scheme username password host port path query")):
+    """A URL parse_url() checked; netloc is "host[:port]" (IPv6 hosts in brackets)."""
+
+    __slots__ = ()
+
+    @property
+    def netloc(self):
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return host if self.port is None else f"{host}:{self.port}"
+
+
+def parse_url(text, what, schemes):
+    """A URL from outside as a Url (host lowercased, IPv6 without brackets, port None when not
+    given); ArgumentError naming `what` unless its scheme is one of `schemes`, it names a host
+    (no space or control character) and its port, if any, is 0-65535 in ASCII digits."""
+    shown = repr(_USERINFO.sub("//", str(text))[:200])            # never a password in a message
+    if not isinstance(text, str) or _NOT_IN_URL.search(text):
+        raise ArgumentError(f"invalid {what} {shown}: not a URL")
+    try:
+        parts = urllib.parse.urlsplit(text)
+        port = parts.port
+    except ValueError as exc:              # "Invalid IPv6 URL", a port out of range or not a number
+        raise ArgumentError(f"invalid {what} {shown}: {exc}") from None
+    if parts.scheme not in schemes or not parts.hostname:
+        raise ArgumentError(f"invalid {what} {shown}: expected {' or '.join(schemes)}://HOST")
+    return Url(parts.scheme, parts.username, parts.password, parts.hostname, port, parts.path, parts.query)
 
 
 # ---------------------------------------------------------------------------
@@ -317,6 +442,12 @@ class Backend:
             return keys, encode_cursor(keys[-1])
         return keys, None
 
+    def buckets(self, namespace):
+        """The sorted ids of the buckets of `namespace` that hold at least one key (what a
+        person inspecting a guest's data starts from; guests themselves open buckets by id)."""
+        _check_namespace(namespace)
+        return self._bucket_ids(namespace)
+
     def list_page_at(self, namespace, bucket, offset=None, limit=PAGE_SIZE):
         """(keys, next_offset): sorted keys from numeric `offset` (draft cursor); None when done."""
         self._check(namespace, bucket)
@@ -377,6 +508,11 @@ class Backend:
         if keys:
             self._delete_many(namespace, bucket, keys)
 
+    def namespaces(self, limit=10_000):
+        """The sorted namespaces that hold at least one key, at most `limit` of them (where a
+        person looks first when a guest's data is not under the namespace they tried)."""
+        return self._namespace_ids(limit)
+
     def close(self):
         """Release connections; the backend must not be used afterwards."""
 
@@ -426,6 +562,11 @@ class MemoryBackend(Backend):
         with self._lock:
             return key in self._table(namespace, bucket)
 
+    def _bucket_ids(self, namespace):
+        with self._lock:
+            return sorted(bucket for (ns, bucket), table in self._buckets.items()
+                          if ns == namespace and table)
+
     def _keys_after(self, namespace, bucket, after, limit):
         with self._lock:
             keys = sorted(self._table(namespace, bucket))
@@ -457,6 +598,11 @@ class MemoryBackend(Backend):
             table = self._table(namespace, bucket)
             for key in keys:
                 table.pop(key, None)
+
+    def _namespace_ids(self, limit):
+        with self._lock:
+            found = {namespace for (namespace, _), table in self._buckets.items() if table}
+        return sorted(found)[:limit]
 
 
 class SqliteBackend(Backend):
@@ -496,6 +642,7 @@ class SqliteBackend(Backend):
                                      check_same_thread=False)
                 db.execute("PRAGMA journal_mode=WAL")
                 db.execute("PRAGMA synchronous=FULL")
+                db.execute("PRAGMA fullfsync=ON")     # macOS: F_FULLFSYNC, past the drive's cache
             except (sqlite3.Error, OSError) as e:
                 raise BackendError(f"sqlite: cannot open {self.path}: {e}") from None
             self._local.db = db
@@ -570,6 +717,13 @@ class SqliteBackend(Backend):
         return self._one("SELECT 1 FROM kv WHERE ns=? AND bucket=? AND key=?",
                          (namespace, bucket, key)) is not None
 
+    def _bucket_ids(self, namespace):
+        def work(db):
+            rows = db.execute("SELECT DISTINCT bucket FROM kv WHERE ns=? ORDER BY bucket",
+                              (namespace,))
+            return [row[0] for row in rows]
+        return self._run(work)
+
     def _keys_after(self, namespace, bucket, after, limit):
         # TEXT compares as UTF-8 bytes, which is code-point order: the same order as Python's
         # sorted().
@@ -588,6 +742,10 @@ class SqliteBackend(Backend):
         return self._run(lambda db: [row[0] for row in db.execute(
             "SELECT key FROM kv WHERE ns=? AND bucket=? ORDER BY key LIMIT ? OFFSET ?",
             (namespace, bucket, limit, offset))])
+
+    def _namespace_ids(self, limit):
+        return self._run(lambda db: [row[0] for row in db.execute(
+            "SELECT DISTINCT ns FROM kv ORDER BY ns LIMIT ?", (limit,))])
 
     def _increment(self, namespace, bucket, key, delta, bounds):
         def work(db):
@@ -646,6 +804,14 @@ class SqliteBackend(Backend):
 
 class _RedisReplyError(Exception):
     """An error reply (-ERR ...) from Redis: the connection itself is still fine."""
+
+
+def _reply_number(text, minimum):
+    """The number in a RESP header line; a peer that sends anything else broke the protocol."""
+    try:
+        return parse_number(text, "number in a redis reply", minimum=minimum)
+    except ArgumentError as exc:
+        raise ConnectionError(f"bad reply from redis: {exc}") from None
 
 
 class _RespConnection:
@@ -771,14 +937,14 @@ class _RespConnection:
         if kind == b"+":
             return rest
         if kind == b"$":
-            size = int(rest)
+            size = _reply_number(rest, -1)
             return None if size < 0 else self._bulk(size)
         if kind == b":":
-            return int(rest)
+            return _reply_number(rest, None)
         if kind == b"-":
             raise _RedisReplyError(rest.decode("utf-8", "replace"))
         if kind == b"*":
-            count = int(rest)
+            count = _reply_number(rest, -1)
             if count < 0:
                 return None
             return [self.read_reply() for _ in range(count)]
@@ -806,17 +972,11 @@ class RedisBackend(Backend):
 
     def __init__(self, url, max_value_size=DEFAULT_MAX_VALUE_BYTES, timeout=5.0, pool_size=8):
         super().__init__(max_value_size)
-        parts = urllib.parse.urlsplit(url)
-        if parts.scheme != "redis" or not parts.hostname:
-            raise ArgumentError(f"invalid redis URL {url!r}: expected "
-                                "redis://[:password@]host:port/db")
-        try:
-            self.port = parts.port or 6379
-            db_text = parts.path.lstrip("/")
-            self.db = int(db_text) if db_text else 0
-        except ValueError:
-            raise ArgumentError(f"invalid redis URL {url!r}: bad port or database number") from None
-        self.host = parts.hostname
+        parts = parse_url(url, "redis URL (expected redis://[:password@]host:port/db)", ("redis",))
+        self.port = parts.port or 6379
+        db_text = parts.path.lstrip("/")
+        self.db = parse_number(db_text, "redis database number") if db_text else 0
+        self.host = parts.host
         self.password = urllib.parse.unquote(parts.password) if parts.password is not None else None
         self.username = urllib.parse.unquote(parts.username) if parts.username else None
         self.url = f"redis://{self.host}:{self.port}/{self.db}"
@@ -926,6 +1086,21 @@ class RedisBackend(Backend):
                     return sorted(k[len(prefix):].decode("utf-8") for k in keys)
         return self._with_connection(work)
 
+    def _bucket_ids(self, namespace):
+        # Keys are kv:<quoted namespace>:<bucket>:<key>; quoting leaves no glob character, and
+        # a bucket id has no ':'.
+        prefix = ("kv:%s:" % urllib.parse.quote(namespace, safe="")).encode("utf-8")
+
+        def work(conn):
+            buckets, cursor = set(), b"0"
+            while True:
+                cursor, batch = conn.call(b"SCAN", cursor, b"MATCH", prefix + b"*",
+                                          b"COUNT", b"1000")
+                buckets.update(name[len(prefix):].split(b":", 1)[0] for name in batch)
+                if cursor == b"0":
+                    return sorted(bucket.decode("ascii") for bucket in buckets)
+        return self._with_connection(work)
+
     def _keys_after(self, namespace, bucket, after, limit):
         keys = self._all_keys(namespace, bucket)
         if after is not None:
@@ -982,6 +1157,18 @@ class RedisBackend(Backend):
     def _delete_many(self, namespace, bucket, keys):
         names = [self._key(namespace, bucket, k) for k in keys]
         self._with_connection(lambda c: c.call(b"DEL", *names))
+
+    def _namespace_ids(self, limit):
+        def work(conn):
+            found, cursor = set(), b"0"
+            while True:
+                cursor, batch = conn.call(b"SCAN", cursor, b"MATCH", b"kv:*", b"COUNT", b"1000")
+                found.update(name.split(b":", 2)[1] for name in batch if name.count(b":") >= 3)
+                if cursor == b"0":
+                    break
+            names = (urllib.parse.unquote(name.decode("utf-8", "replace")) for name in found)
+            return sorted(names)[:limit]
+        return self._with_connection(work)
 
     def close(self):
         with self._pool_lock:
@@ -1398,7 +1585,8 @@ Private names of wasmtime-py relied upon (nothing else outside its public API is
   wasmtime._ffi constants: WASMTIME_COMPONENT_<KIND> (checked against _KIND),
       WASMTIME_I32, WASMTIME_I64, WASMTIME_F32, WASMTIME_F64, WASMTIME_EXTERN_FUNC
   wasmtime.WasmtimeError._from_ptr, wasmtime.Trap._from_ptr (take over a C error or trap)
-  .ptr() of Engine, Module, Store, component LinkerInstance and ResourceType; Store._context()
+  .ptr() of Config, Engine, Module, Store, component LinkerInstance and ResourceType;
+      Store._context()
   wasmtime.component.Func._func, wasmtime.Instance._instance (their C structures)
 C functions (wasmtime's C API, bound by name in _CApi): see _CApi.__init__.
 """
@@ -1530,6 +1718,8 @@ class _CApi:
         self.get_fuel = quick("wasmtime_context_get_fuel", _vp, _vp, ctypes.POINTER(u64))
         self.set_epoch_deadline = quick("wasmtime_context_set_epoch_deadline", None, _vp, u64)
         self.store_limiter = quick("wasmtime_store_limiter", None, _vp, i64, i64, i64, i64, i64)
+        self.concurrency_support = quick("wasmtime_config_concurrency_support_set", None, _vp,
+                                         ctypes.c_bool)
         self.export_get = quick("wasmtime_instance_export_get", ctypes.c_bool, _vp, _vp,
                                 ctypes.c_char_p, _sz, _vp)
         self.add_func = quick("wasmtime_component_linker_instance_add_func", _vp, _vp,
@@ -1612,6 +1802,11 @@ class _CApi:
     def trap_pointer(self, message):
         """A new wasmtime_error_t for a host callback to return (the guest traps with it)."""
         return self.error_new(message.encode("utf-8", "replace"))
+
+    def disable_concurrency_support(self, config):
+        """Turn off a wasmtime.Config's component-model concurrency support (wasmtime-py has no
+        setter for it)."""
+        self.concurrency_support(self.address(config), False)
 
     # -- registering host functions and resources -----------------------------------------------
 
@@ -2157,11 +2352,11 @@ def _make_lower_int(desc):
 
 def _make_lower_float(desc, json_mode=False):
     """Floats; in JSON mode also the strings "NaN", "Infinity" and "-Infinity" (see json_float)."""
-    write, code = _field("<B7x" + _SCALAR_FORMAT[desc[0]])[1], _KIND[desc[0]]
+    kind = desc[0]
+    write, code = _field("<B7x" + _SCALAR_FORMAT[kind])[1], _KIND[kind]
 
     def lower_float(ctx, v, addr):
-        value = float_from_json(v) if json_mode else (
-            float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None)
+        value = float_from_json(v, kind) if json_mode or not isinstance(v, str) else None
         if value is None:
             raise _bad(desc, v)
         write(addr, code, value)
@@ -2201,7 +2396,7 @@ def _make_lower_bytes(desc, json_mode):
         if json_mode and isinstance(v, str):
             try:
                 v = base64.b64decode(v, validate=True)
-            except binascii.Error:
+            except ValueError:             # binascii.Error, or a character that is not ASCII
                 raise _bad(desc, v) from None
         elif json_mode and isinstance(v, list):
             if not all(isinstance(b, int) and not isinstance(b, bool) and 0 <= b <= 255 for b in v):
@@ -2670,11 +2865,15 @@ def _dispatch(data, ctx, _ty, args, nargs, results, nresults):
         state = _STATES.get(ctx)
         if state is None:
             return _trap_pointer(f"kvhost: {name} called from a store this host did not create")
-        if nargs == 2:      # most kv functions: (bucket, key); no list or enumerate per call
+        if nargs == 1:      # most HTTP functions: (self)
+            result = func(state, lifts[0](ctx, args))
+        elif nargs == 2:    # most kv functions: (bucket, key); no list or enumerate per call
             result = func(state, lifts[0](ctx, args), lifts[1](ctx, args + _VAL_SIZE))
         elif nargs == 3:
             result = func(state, lifts[0](ctx, args), lifts[1](ctx, args + _VAL_SIZE),
                           lifts[2](ctx, args + 2 * _VAL_SIZE))
+        elif nargs == 0:
+            result = func(state)
         else:
             result = func(state, *[lift(ctx, args + i * _VAL_SIZE) for i, lift in enumerate(lifts)])
         if lower is not None:
@@ -2711,13 +2910,17 @@ def _new_func_id():
     return func_id
 
 
-def _add_host_func(instance, name, params, result, func):
-    """Register `func` under `name` with converters built now, once, from the WIT descriptors."""
+def _add_host_func(instance, name, params, result, func, *, guarded=True, lower=None):
+    """Register `func` under `name` with converters built now, once, from the WIT descriptors.
+    guarded: its exceptions become wasi:keyvalue errors (else they trap the guest); lower: a
+    converter for the result other than make_lower(result)'s."""
     wrap = ((lambda err: Err(wc.Variant("store-error", err.value))) if name == "swap"
             else (lambda err: err))
     func_id = _new_func_id()
-    _HOST_FUNCS[func_id] = (name, _guarded(func, len(params), wrap), [make_lift(p) for p in params],
-                            None if result is None else make_lower(result), len(params))
+    if lower is None and result is not None:
+        lower = make_lower(result)
+    _HOST_FUNCS[func_id] = (name, _guarded(func, len(params), wrap) if guarded else func,
+                            [make_lift(p) for p in params], lower, len(params))
     _C.define_func(instance, name, _dispatch, func_id, _forget_function)
 
 
@@ -2791,7 +2994,8 @@ def check_kv_instance(label, interface, ty, engine):
 
 # What an engine is made with; part of every compile-cache key, since code compiled for fuel
 # metering differs from code compiled without it.
-ENGINE_SETTINGS = "consume_fuel={fuel};epoch_interruption=1;cranelift_opt_level=speed"
+ENGINE_SETTINGS = ("consume_fuel={fuel};epoch_interruption=1;cranelift_opt_level=speed;"
+                   "concurrency_support=0")
 DEFAULT_MAX_MEMORY = 256 << 20                  # bytes per linear memory: a shared host's default
 DEFAULT_MAX_TABLE_ELEMENTS = 1_000_000          # per table (memory limits do not bound table.grow)
 # per Store (one call); py-counter needs 11/2/1
@@ -2799,11 +3003,12 @@ STORE_LIMITS = {"instances": 100, "tables": 20, "memories": 8}
 # wasmtime's limit of data per host call: 128 MiB of 48-byte values
 HOSTCALL_VALUE_BYTES = (128 << 20) // 48
 GUEST_VALUE_LIMIT = 5 << 19                     # values a guest gets or sets (2.5 MiB, under that)
-GUEST_CACHE_SIZE = 64                           # compiled guests a Host keeps in memory
+GUEST_CACHE_BYTES = 256 << 20                   # compiled code a Host keeps in memory (_register)
 DEFAULT_CAPTURE_BYTES = 16 << 20                # run_captured keeps this much stdout and stderr
 WORKER_GRACE = 0.5                              # seconds past the timeout before a worker is killed
 WORKER_START_SECONDS = 30                       # for a worker to load its guest before that counts
 ISOLATIONS = ("auto", "thread", "process")
+OUTPUTS = ("inherit", "discard")                   # where a guest's uncaptured output goes
 BLOCKING_PREVIEW1 = frozenset({"poll_oneoff", "sock_accept", "sock_recv",
                                "sock_send", "sock_shutdown"})
 CORE_JSON_TYPES = frozenset({"i32", "i64", "f32", "f64"})
@@ -2814,11 +3019,15 @@ _COMPONENT_TEXT_RE = re.compile(r"\A(?:\s+|;;[^\n]*\n|\(;.*?;\))*\(\s*component\
 
 def _new_engine(metered):
     """An engine for guests: epoch interruption (timeouts) always; fuel metering only when a
-    fuel limit is set (it makes compute-bound code about 5x slower)."""
+    fuel limit is set (it makes compute-bound code about 5x slower). Without the component
+    model's concurrency support (async, which no guest here uses), wasmtime 50 can pass a host
+    function two borrowed handles in one call (poll over several pollables); with it, such a
+    call fails before the host sees it."""
     config = wasmtime.Config()
     config.consume_fuel = metered
     config.epoch_interruption = True
     config.cranelift_opt_level = "speed"
+    _C.disable_concurrency_support(config)
     return wasmtime.Engine(config)
 
 
@@ -2911,6 +3120,19 @@ def _write_atomically(path, data):
         pass
 
 
+# Directories where an open file descriptor N has a name, /DIR/N: Linux has /proc/self/fd (and
+# /dev/fd, a link to it), macOS and the BSDs only /dev/fd (opening /dev/fd/N there dups N).
+FD_DIRECTORIES = ("/proc/self/fd", "/dev/fd")
+
+
+def _open_file_path(fd):
+    """A path that opens the file open as fd, or None where the system has none."""
+    for directory in FD_DIRECTORIES:
+        if os.path.isdir(directory):
+            return f"{directory}/{fd}"
+    return None
+
+
 def _prune_cache(directory, now=None):
     """Remove the cache files no reader can use, once CACHE_ORPHAN_SECONDS old (a writer may be
     between its two renames): an artifact without its .sum (the previous cache format, or a
@@ -2961,9 +3183,11 @@ class Guest:
         self.signatures = None      # core modules: core_signatures() of the binary
         self.needs_wasi = True      # imports WASI (a Store without WASI saves ~10 us per call)
         self.cache_key = None       # stat key of its checked compile-cache entry (workers trust it)
+        self.compiled_bytes = None  # size of its compiled code (what the memory cache counts)
         self.links_needed = False   # a core module importing from other modules than WASI
         self.module_address = None  # core modules: the C address of the compiled module
         self._calls = {}            # function name -> (path, param lowers, result lift)
+        self.http_handler = None    # export index of wasi:http/incoming-handler#handle, once found
 
     def __repr__(self):
         return f"<Guest {self.kind} {self.name} {self.digest[:12]}>"
@@ -3019,16 +3243,35 @@ def _component_functions(guest, engine):
     return found
 
 
+# Exports that toolchains add for their own use, never an application's function: left out of
+# describe_exports (they can still be called by name). Components: {name: its parameter names}.
+TOOLCHAIN_COMPONENT_EXPORTS = {
+    "exports#init": ("app-name", "symbols", "stub-wasi"),   # componentize-py, run when it builds
+}
+TOOLCHAIN_CORE_EXPORTS = ("__wasm_call_ctors", "cabi_realloc")   # wasm-ld; the canonical ABI
+TOOLCHAIN_CORE_PREFIXES = ("cabi_post_",)                       # canonical ABI post-return
+
+
+def _toolchain_internal(name, param_names=None):
+    """True for an export a toolchain made for itself (see TOOLCHAIN_COMPONENT_EXPORTS)."""
+    if param_names is not None:
+        return TOOLCHAIN_COMPONENT_EXPORTS.get(name) == tuple(param_names)
+    return name in TOOLCHAIN_CORE_EXPORTS or name.startswith(TOOLCHAIN_CORE_PREFIXES)
+
+
 def describe_exports(guest, engine):
     """Every function a JSON caller can call: [{"name", "params": [{"name", "type"}],
     "results": [type]}].
 
     Types are WIT-style text for components and i32/i64/f32/f64 for core modules (whose
     parameters have no names: "name" is null). Functions taking or returning resource handles,
-    references or vectors are left out: JSON cannot carry them."""
+    references or vectors are left out: JSON cannot carry them; so are the exports toolchains
+    add for themselves (componentize-py's exports#init, wasm-ld's __wasm_call_ctors)."""
     described = []
     if guest.kind == "component":
         for name, fty in _component_functions(guest, engine):
+            if _toolchain_internal(name, [pname for pname, _ in fty.params]):
+                continue
             params, result = describe_functype(fty)
             if not all(map(_json_callable, params)) or not _json_callable(result):
                 continue
@@ -3038,7 +3281,7 @@ def describe_exports(guest, engine):
                               "results": [] if result is None else [format_desc(result)]})
         return described
     for name, (kind, signature) in guest.signatures[1].items():
-        if kind != "func":
+        if kind != "func" or _toolchain_internal(name):
             continue
         params, results = list(signature[0]), list(signature[1])
         if set(params + results) <= CORE_JSON_TYPES:
@@ -3070,12 +3313,24 @@ def json_float(value):
     return value
 
 
-def float_from_json(value):
-    """The float a JSON argument stands for (a number, or one of json_float's strings); None if
-    neither."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    return NON_FINITE.get(value) if isinstance(value, str) else None
+_F32 = struct.Struct("<f")
+
+
+def float_from_json(value, kind="f64"):
+    """The float a JSON argument stands for as `kind` ("f32" or "f64"): a number that type can
+    hold, or one of json_float's strings; None otherwise (an integer too big for a float, or for
+    f32 a finite number that would round to infinity, such as 1e39)."""
+    if isinstance(value, str):
+        return NON_FINITE.get(value)
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return None
+    try:
+        number = float(value)
+        if kind == "f32":
+            _F32.pack(number)
+    except OverflowError:
+        return None
+    return number
 
 
 # -- what one call or run asks for, and what it gave
@@ -3099,7 +3354,12 @@ class _Request:
 
 class _Capture:
     """A guest's stdout or stderr kept in memory up to `limit` bytes; the rest is counted, not
-    kept."""
+    kept.
+
+    The one sink for guest output that must not reach this process's own streams (a server's
+    calls and runs, HTTP handlers, a provider serving them): write() never blocks, so a guest
+    writing without end only spends its own time and fuel, and never more than `limit` bytes
+    are held."""
 
     def __init__(self, limit):
         self.limit = limit
@@ -3129,9 +3389,24 @@ class RunResult:
         self.stdout_total = stdout_total      # bytes the guest wrote; more than len(stdout) if cut
         self.stderr_total = stderr_total
 
+    @classmethod
+    def _of(cls, outcome):
+        return cls(outcome.value, outcome.stdout.value(), outcome.stderr.value(), outcome.stdout.total,
+                   outcome.stderr.total)
+
     def __repr__(self):
-        return (f"<RunResult status={self.status} stdout={len(self.stdout)}B "
+        return (f"<{type(self).__name__} {self.status!r} stdout={len(self.stdout)}B "
                 f"stderr={len(self.stderr)}B>")
+
+
+class CallResult(RunResult):
+    """What Host.call_captured gives back: the call's result (.value) and the guest's bounded
+    output, as in RunResult."""
+
+    @property
+    def value(self):
+        """The call's result (JSON-style values)."""
+        return self.status
 
 
 class _Outcome:
@@ -3197,8 +3472,15 @@ class Host:
     stub_imports: define every import the host does not provide as a function that traps when
     called (componentize-js builds import wasi:http, for instance); off by default.
     cache_dir: compile cache (None: default_cache_dir(), False: off); stdout / stderr: file paths
-    for the guest's output (default: inherited); max_value_size: value limit of a backend opened
-    from a URL (a Backend carries its own).
+    for the guest's output; output: where output goes that is neither captured (call_captured,
+    run_captured) nor sent to those files: "inherit" (this process's stdout and stderr, the
+    default, for command lines) or "discard" (for servers: then nothing a guest writes, nor a
+    provider or watcher it triggers, reaches this process's streams or can block on them);
+    max_value_size: value limit of a backend opened from a URL (a Backend carries its own);
+    guest_cache_bytes: compiled code kept in memory for load() (bytes; least recently used
+    guests go first).
+    HTTP handlers (handle_http): allow_outbound lists the destinations ("HOST" or "HOST:PORT",
+    see parse_outbound) their outgoing requests may reach; any other is refused.
     """
 
     def __init__(self, kv="memory:", namespace="default", allow_buckets=None, deny_buckets=None,
@@ -3206,8 +3488,14 @@ class Host:
                  fuel=None, max_memory=DEFAULT_MAX_MEMORY, env=None, dirs=None, cache_dir=None,
                  stdout=None,
                  stderr=None, max_value_size=None, max_table_elements=DEFAULT_MAX_TABLE_ELEMENTS,
-                 isolation="auto", workers=None, stub_imports=False, provider_kv=None):
+                 isolation="auto", workers=None, stub_imports=False, provider_kv=None,
+                 allow_outbound=None, output="inherit", guest_cache_bytes=GUEST_CACHE_BYTES):
         _check_namespace(namespace)
+        _check_limit("guest_cache_bytes", guest_cache_bytes, allow_none=False)
+        if output not in OUTPUTS:
+            raise ArgumentError(f"invalid output {output!r}: expected one of {', '.join(OUTPUTS)}")
+        self.output = output
+        self.allow_outbound = parse_outbound(allow_outbound)
         provider = provider_of(kv)
         if provider is not None:
             kv = "memory:" if provider_kv is None else provider_kv
@@ -3253,6 +3541,7 @@ class Host:
         self.isolation = isolation
         self.stub_imports = bool(stub_imports)
         self.cache_dir = default_cache_dir() if cache_dir is None else cache_dir
+        self.guest_cache_bytes = guest_cache_bytes
         self.stdout = stdout
         self.stderr = stderr
         self.watch_errors = []          # failures of watcher guests (they never reach the writer)
@@ -3265,8 +3554,10 @@ class Host:
         self._engine_address = _C.address(self.engine)
         self._component_linker = None
         self._module_linker = None
+        self._http_component_linker = None
         self._lock = threading.Lock()
         self._guests = collections.OrderedDict()   # digest -> Guest, least recently used first
+        self._guest_bytes = 0                      # their compiled_bytes summed
         self._compiling = _SingleFlight()
         self._cache_counts = collections.Counter()  # memory hits, disk hits, compiles
         self._ticker = None
@@ -3416,10 +3707,20 @@ class Host:
         return guest
 
     def _register(self, guest):
+        """Keep a compiled guest in memory, least recently used ones going first once they
+        hold more than guest_cache_bytes of compiled code (its size in the compile cache, or
+        serialized); the newest always stays, however big."""
+        if guest.compiled_bytes is None:
+            guest.compiled_bytes = guest.cache_key[1] if guest.cache_key else \
+                len(guest.artifact.serialize())
         with self._lock:
+            old = self._guests.pop(guest.digest, None)
+            if old is not None:
+                self._guest_bytes -= old.compiled_bytes
             self._guests[guest.digest] = guest
-            while len(self._guests) > GUEST_CACHE_SIZE:
-                self._guests.popitem(last=False)
+            self._guest_bytes += guest.compiled_bytes
+            while self._guest_bytes > self.guest_cache_bytes and len(self._guests) > 1:
+                self._guest_bytes -= self._guests.popitem(last=False)[1].compiled_bytes
         return guest
 
     def _from_cache(self, kind, digest, name, signatures=None, trusted=None):
@@ -3496,8 +3797,9 @@ class Host:
         hashed again (40 MB for a componentize-py guest).
 
         The artifact is checked through a map of the open file, then handed to wasmtime through
-        that same file (/proc/self/fd/N), which wasmtime maps: nothing is read into Python or
-        copied, and nobody can swap the file between the check and the load."""
+        that same file (_open_file_path), which wasmtime maps: nothing is read into Python or
+        copied, and nobody can swap the file between the check and the load. Without such a
+        name the checked bytes are copied to wasmtime instead."""
         try:
             with open(path + ".sum", "rb") as f:
                 expected = f.read(len(CACHE_MAGIC) + 33)
@@ -3508,8 +3810,8 @@ class Host:
                 key = [info.st_ino, info.st_size, info.st_mtime_ns]
                 if key != trusted and hashlib.sha256(view).digest() != expected[len(CACHE_MAGIC):]:
                     return None, None
-                same_file = f"/proc/self/fd/{f.fileno()}"
-                if os.path.exists(same_file):
+                same_file = _open_file_path(f.fileno())
+                if same_file is not None:
                     return cls.deserialize_file(self.engine, same_file), key
                 return cls.deserialize(self.engine, view[:]), key
         except (OSError, ValueError, wasmtime.WasmtimeError):   # ValueError: mmap of an empty file
@@ -3530,7 +3832,8 @@ class Host:
 
         resolve(module name) -> a Guest of this Host, or None: it decides which import module
         names stand for other guests (a store resolves its paths). Missing guests or exports,
-        type mismatches and cycles raise LinkError naming the import."""
+        type mismatches and cycles raise LinkError naming the import; with stub_imports, a
+        module name nothing resolves is left to trap when one of its functions is called."""
         self._check_guest(guest)
         if guest.kind != "module" or not guest.links_needed:
             return []
@@ -3545,10 +3848,15 @@ class Host:
                     raise LinkError("import cycle: " + " -> ".join(cycle))
                 dependency = resolve(module_name) if resolve is not None else None
                 if dependency is None:
+                    if self.stub_imports:
+                        continue                  # _Session._linker defines them as traps
                     raise LinkError(f"{importer.name} imports {module_name!r} {items[0][0]!r}, "
                                     "which "
                                     f"this host does not provide" + ("" if resolve is None else
-                                                                     " (no such module to link)"))
+                                                                     " (no such module to link)")
+                                    + "; link a module that exports it (--link "
+                                    + f"{module_name}=PATH), or let it trap when called "
+                                      "(--stub-imports)")
                 if dependency.kind != "module" or dependency.engine is not self.engine:
                     raise LinkError(f"{importer.name} imports {module_name!r}, which is not a "
                                     "core module "
@@ -3589,7 +3897,9 @@ class Host:
             config.env = sorted(self.env.items())
         for host_dir, guest_dir in self.dirs:
             config.preopen_dir(host_dir, guest_dir)
-        if stdin_path is not None:
+        if stdin_path is STDIN_INHERIT:
+            config.inherit_stdin()
+        elif stdin_path is not None:
             config.stdin_file = stdin_path
         if capture is not None:
             config.stdout_custom = capture[0].write
@@ -3597,13 +3907,13 @@ class Host:
             return config
         if self.stdout:
             config.stdout_file = self.stdout
-        else:
+        elif self.output == "inherit":
             config.inherit_stdout()
         if self.stderr:
             config.stderr_file = self.stderr
-        else:
+        elif self.output == "inherit":
             config.inherit_stderr()
-        return config
+        return config                    # "discard": WASI's default streams drop what is written
 
     def _new_store(self, argv=("guest",), stdin=None, capture=None, wasi=True, bare=False):
         """A fresh Store with the sandbox limits, and WASI set unless the guests it runs import
@@ -3615,8 +3925,8 @@ class Host:
                             wrapped=wasi or not bare)
         if not wasi:
             return store
-        if stdin is None:
-            store.wrapper.set_wasi(self._wasi_config(argv, None, capture))
+        if stdin is None or stdin is STDIN_INHERIT:
+            store.wrapper.set_wasi(self._wasi_config(argv, stdin, capture))
             return store
         fd, stdin_path = tempfile.mkstemp(prefix="kvhost-stdin-")
         try:
@@ -3638,6 +3948,20 @@ class Host:
                 add_forwarding_to_linker(linker)
             self._component_linker = linker
         return self._component_linker
+
+    def _http_linker(self):
+        """The linker of HTTP handlers: the proxy world's imports defined here (add_http_to_linker)
+        and wasi:keyvalue, no wasmtime WASI."""
+        with self._lock:
+            if self._http_component_linker is None:
+                linker = wc.Linker(self.engine)
+                add_http_to_linker(linker)
+                if self._provider is None:
+                    add_keyvalue_to_linker(linker)
+                else:
+                    add_forwarding_to_linker(linker)
+                self._http_component_linker = linker
+            return self._http_component_linker
 
     def _linker_for(self, kind):
         with self._lock:
@@ -3673,7 +3997,9 @@ class Host:
 
     def run(self, guest, argv=(), *, namespace=None, resolve=None, stdin=None, stats=None):
         """Run a wasi:cli/run component (or a core module's _start); returns the exit status.
-        Output goes where the Host says (inherited by default); stdin: bytes (default: empty)."""
+        Output goes where the Host says (inherited by default); stdin: bytes (default: empty),
+        or STDIN_INHERIT: this process's own stdin, read as the guest reads it (the command
+        lines; only for a guest that runs in this process, see isolation)."""
         self._check_guest(guest)
         request = _Request("run", argv=[guest.name] + [str(a) for a in argv],
                            namespace=namespace, stdin=stdin)
@@ -3688,9 +4014,49 @@ class Host:
         _check_limit("limit", limit, allow_none=False)
         request = _Request("run", argv=[guest.name] + [str(a) for a in argv], namespace=namespace,
                            stdin=stdin, capture=limit)
-        outcome = self._execute(guest, request, resolve, stats)
-        return RunResult(outcome.value, outcome.stdout.value(), outcome.stderr.value(),
-                         outcome.stdout.total, outcome.stderr.total)
+        return RunResult._of(self._execute(guest, request, resolve, stats))
+
+    def call_captured(self, guest, function, args=(), *, namespace=None, resolve=None, limit=DEFAULT_CAPTURE_BYTES,
+                      stats=None):
+        """Like call(), but the guest's stdout and stderr are kept (up to `limit` bytes each; the
+        rest is counted) and returned with the result in a CallResult: nothing the guest writes
+        reaches this process's streams, and writing never blocks it."""
+        self._check_guest(guest)
+        if not isinstance(function, str) or not function:
+            raise ArgumentError(f"invalid function name {function!r}")
+        _check_limit("limit", limit, allow_none=False)
+        request = _Request("call", function=function, args=args, namespace=namespace, capture=limit)
+        return CallResult._of(self._execute(guest, request, resolve, stats))
+
+    def handle_http(self, guest, request, sink, *, namespace=None):
+        """Answer one HTTP request with a component exporting wasi:http/incoming-handler, in a
+        fresh instance with this Host's limits; returns an HttpOutcome.
+
+        request: an HttpRequest. sink: where the response goes, as the guest produces it:
+        sink.start(status, [(name, value: bytes)]) once, when the guest sets its response;
+        sink.write(data) for each piece of the body (it may block: the guest waits);
+        sink.finish(trailers) at the end (trailers: such a list, or None). namespace: the
+        wasi:keyvalue tenant (default: the Host's).
+
+        A guest that does not answer cleanly raises TrapError; .kind says why: "trap", "timeout",
+        "fuel", "memory", "exit" (as for call), "no-response" (it returned without setting a
+        response), "response-error" (it set an error-code instead), "response-twice",
+        "body-size" (its body and its content-length disagree), "incomplete" (it dropped its
+        body unfinished; a body it still holds when it returns ends there, as in wasmtime
+        serve), "sink" (sink raised: the client is gone). .response_started says whether
+        sink.start was called (then the server can only close the connection); .stderr holds
+        what the guest wrote to stderr. NotHttpHandler: the component exports no handler;
+        LinkError: it imports what this host does not provide."""
+        self._check_guest(guest)
+        if not isinstance(request, HttpRequest):
+            raise ArgumentError(f"invalid request {request!r}: expected an HttpRequest")
+        if namespace is not None and namespace not in self._valid_namespaces:
+            _check_namespace(namespace)
+            if len(self._valid_namespaces) < 10_000:
+                self._valid_namespaces.add(namespace)
+        _http_handler_index(guest, self.engine)
+        with _HttpSession(self, guest, request, sink, namespace) as session:
+            return session.run()
 
     def _execute(self, guest, request, resolve, stats):
         if request.namespace is not None and request.namespace not in self._valid_namespaces:
@@ -3701,6 +4067,9 @@ class Host:
         request.record_events = bool(self._watchers)
         isolated = self.isolation == "process" or (self.isolation == "auto" and (
             guest.may_block or any(dependency.may_block for _, dependency in request.links)))
+        if isolated and request.stdin is STDIN_INHERIT:
+            raise ArgumentError(f"{guest.name} runs in a worker process, which cannot read this "
+                                "process's stdin: pass the input as bytes")
         try:
             if isolated:
                 outcome = self._pool.execute(guest, request)
@@ -3857,16 +4226,22 @@ class _Session:
             self._trap(e)
 
     def _linker(self):
-        """The Host's shared linker, or, for a core module linked to other guests, a linker of this
-        Store's own that holds their instances (dependencies first)."""
-        if not self.request.links:
+        """The Host's shared linker, or, for a core module linked to other guests (or with imports
+        left to trap, stub_imports), a linker of this Store's own that holds their instances
+        (dependencies first) and the traps."""
+        stubbed = self.host.stub_imports and self.guest.kind == "module" and self.guest.links_needed
+        if not self.request.links and not stubbed:
             if self.guest.kind == "module" and not self.guest.signatures[0]:
                 return None
             return self.host._linker_for(self.guest.kind)
         linker = wasmtime.Linker(self.host.engine)
         linker.define_wasi()
         for module_name, dependency in self.request.links:
+            if stubbed:
+                linker.define_unknown_imports_as_traps(dependency.artifact)
             linker.define_instance(self.store, module_name, self._instantiate(linker, dependency))
+        if stubbed:
+            linker.define_unknown_imports_as_traps(self.guest.artifact)
         return linker
 
     def instantiate(self):
@@ -4022,7 +4397,7 @@ def _core_argument(index, kind, arg):
             # an unsigned spelling of the same bits is the same value
             return arg - (1 << bits) if arg >= 1 << (bits - 1) else arg
     else:
-        value = float_from_json(arg)
+        value = float_from_json(arg, kind)
         if value is not None:
             return value
     try:
@@ -4338,8 +4713,8 @@ class _Composition:
             link.close()
 
     def wasi_config(self, capture):
-        """The provider's WASI: the Host's env and dirs; its output goes to the consumer's
-        stderr."""
+        """The provider's WASI: the Host's env and dirs; its output goes where the consumer's
+        does (captured with it, else the Host's stderr unless the Host discards output)."""
         host = self.host
         config = wasmtime.WasiConfig()
         config.argv = [self.guest.name]
@@ -4347,10 +4722,13 @@ class _Composition:
             config.env = sorted(host.env.items())
         for host_dir, guest_dir in host.dirs:
             config.preopen_dir(host_dir, guest_dir)
-        sink = _to_stderr if capture is None else capture.write
-        config.stdout_custom = sink
-        config.stderr_custom = sink
-        return config
+        if capture is not None:
+            config.stdout_custom = capture.write
+            config.stderr_custom = capture.write
+        elif host.output == "inherit":
+            config.stdout_custom = _to_stderr
+            config.stderr_custom = _to_stderr
+        return config                    # "discard": WASI's default streams drop what is written
 
     def check_consumer(self, guest):
         """Refuse a consumer needing a function the provider lacks; a consumer of a provider that
@@ -4506,6 +4884,1755 @@ class _WiredProvider(Provider):
 
 
 # ---------------------------------------------------------------------------
+# HTTP apps: the wasi:http proxy world
+# ---------------------------------------------------------------------------
+#
+# Host.handle_http runs a component that exports wasi:http/incoming-handler (the wasi:http/proxy
+# world: what `wasmtime serve`, jco's fetch handlers and componentize-py's proxy apps are). Its
+# imports are all defined here, in Python, on a linker of their own: wasi:http/types and
+# outgoing-handler, and the interfaces whose resources they share or that toolchains import
+# beside them (wasi:io error/poll/streams, wasi:clocks, wasi:cli, wasi:random, wasi:filesystem
+# with no preopens), plus wasi:keyvalue. wasmtime's own WASI cannot be used: its C API cannot
+# make an incoming-request or a response-outparam, and its streams and pollables are not ours.
+#
+# Versions: wasmtime's component linker matches imports semver-compatibly, also through the C
+# API (an import of wasi:io/poll@0.2.0 or @0.2.20 finds the one defined as @0.2.12), so every
+# interface is defined once, at HTTP_WASI_VERSION, and any 0.2.x guest links.
+#
+# One request is one fresh Store and instance (the Host's timeout, memory, table and fuel
+# limits). Its resources are Python objects in one table per request (_HttpState.objects); the
+# guest holds their reps. The request body is read from the server's reader when the guest
+# reads, and the response goes to the server's sink as the guest writes it: neither is ever
+# whole in memory. Blocking calls wait in Python against the request's deadline, so a guest
+# blocked in poll is stopped at the deadline, in this process, like one that computes forever.
+#
+# Outgoing requests (wasi:http/outgoing-handler) are refused (HTTP-request-denied) unless the
+# destination is in Host(allow_outbound=[...]); an allowed one runs on a thread of its own with
+# http.client (TLS verified), its request body buffered up to a bound, its response body read
+# as the guest reads it, bounded too.
+
+HTTP_WASI_VERSION = "0.2.12"                     # each interface is defined at this version
+HTTP_HANDLER_PREFIX = "wasi:http/incoming-handler@0.2"
+HTTP_READ_CHUNK = 1 << 16                        # bytes one stream read gives at most
+HTTP_WRITE_PERMIT = 1 << 20                      # bytes check-write allows at once
+HTTP_EARLY_BODY_LIMIT = 1 << 20                  # bytes written before the response is set
+BLOCKING_WRITE_LIMIT = 4096                      # blocking-write-and-flush's limit (the WIT's)
+HTTP_CAPTURE_BYTES = 64 << 10                    # guest stdout / stderr kept per request
+OUTBOUND_BODY_LIMIT = 16 << 20                   # request body an outgoing call may carry
+OUTBOUND_RESPONSE_LIMIT = 64 << 20               # response body an outgoing call may read
+OUTBOUND_CALLS_LIMIT = 16                        # outgoing calls one request may make
+OUTBOUND_CONNECT_TIMEOUT = 10.0                  # seconds, when request-options sets none
+OUTBOUND_FIRST_BYTE_TIMEOUT = 30.0
+OUTBOUND_BETWEEN_BYTES_TIMEOUT = 30.0
+# Hop-by-hop and connection-level fields, taken out of what a guest receives (the list of
+# wasmtime serve 49, so a guest sees the same request from both), and refused, with te too, when
+# a guest sets them (header-error.forbidden).
+HOP_BY_HOP_HEADERS = frozenset({"connection", "keep-alive", "proxy-authenticate",
+                                "proxy-authorization", "proxy-connection", "transfer-encoding",
+                                "upgrade", "host", "http2-settings"})
+FORBIDDEN_HEADERS = HOP_BY_HOP_HEADERS | {"te"}
+_TOKEN_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")     # RFC 9110 token: names, methods
+_FIELD_VALUE_RE = re.compile(rb"[\t\x20-\x7e\x80-\xff]*\Z")   # no CR, LF, NUL or other controls
+_PATH_RE = re.compile(r"[\x21-\x7e]*\Z")
+_SCHEME_RE = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*\Z")
+_TARGET_RE = re.compile(r"(\[[^\]]*\]|[^:]*)(?::([0-9]{1,5}))?\Z")   # an authority: host, port
+_AUTHORITY_RE = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.\-_~%!$&'()*+,;=]*)(:[0-9]{0,5})?\Z")
+_OUTBOUND_RE = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.\-_]+)(?::([0-9]{1,5}))?\Z")
+_METHODS = {"GET": "get", "HEAD": "head", "POST": "post", "PUT": "put", "DELETE": "delete",
+            "CONNECT": "connect", "OPTIONS": "options", "TRACE": "trace", "PATCH": "patch"}
+_METHOD_NAMES = {case: name for name, case in _METHODS.items()}
+
+# host resource type ids ("ht" + a number)
+IO_ERROR, POLLABLE, INPUT_STREAM, OUTPUT_STREAM = 0x68740001, 0x68740002, 0x68740003, 0x68740004
+FIELDS, INCOMING_REQUEST, OUTGOING_REQUEST = 0x68740005, 0x68740006, 0x68740007
+REQUEST_OPTIONS, RESPONSE_OUTPARAM, INCOMING_RESPONSE = 0x68740008, 0x68740009, 0x6874000A
+INCOMING_BODY, FUTURE_TRAILERS, OUTGOING_RESPONSE = 0x6874000B, 0x6874000C, 0x6874000D
+OUTGOING_BODY, FUTURE_INCOMING_RESPONSE = 0x6874000E, 0x6874000F
+TERMINAL_INPUT, TERMINAL_OUTPUT = 0x68740010, 0x68740011
+DESCRIPTOR, DIRECTORY_ENTRY_STREAM = 0x68740012, 0x68740013
+NETWORK, UDP_SOCKET, DATAGRAM_IN, DATAGRAM_OUT = 0x68740014, 0x68740015, 0x68740016, 0x68740017
+TCP_SOCKET, RESOLVE_STREAM = 0x68740018, 0x68740019
+
+
+class HttpRequest:
+    """One incoming HTTP request, as a server hands it to Host.handle_http.
+
+    method: "GET", "POST", ... or an extension method (a token, case kept); scheme: "http",
+    "https" or None; authority: "host[:port]" or None; path_with_query: "/a/b?c=d" or None;
+    headers: [(name: str, value: bytes)] in order, repeated names kept (connection-level
+    fields such as connection or transfer-encoding are not shown to the guest); body: an object
+    whose read(n) returns up to n bytes and b"" at the end (it may block), or None for none."""
+
+    __slots__ = ("method", "scheme", "authority", "path_with_query", "headers", "body")
+
+    def __init__(self, method, scheme, authority, path_with_query, headers=(), body=None):
+        if not isinstance(method, str) or not _TOKEN_RE.match(method):
+            raise ArgumentError(f"invalid HTTP method {method!r}: expected a token")
+        for label, value in (("scheme", scheme), ("authority", authority),
+                             ("path", path_with_query)):
+            if value is not None and not isinstance(value, str):
+                raise ArgumentError(f"invalid {label} {value!r}: expected a string or None")
+        if body is not None and not callable(getattr(body, "read", None)):
+            raise ArgumentError(f"invalid body {body!r}: expected an object with read(n)")
+        self.method = method
+        self.scheme = scheme
+        self.authority = authority
+        self.path_with_query = path_with_query
+        self.headers = headers
+        self.body = body
+
+    def __repr__(self):
+        return f"<HttpRequest {self.method} {self.path_with_query!r}>"
+
+
+class HttpOutcome:
+    """What Host.handle_http gives back once the guest answered: the status it set, the body bytes
+    it wrote, its stdout and stderr (the first HTTP_CAPTURE_BYTES of each) and the fuel it used."""
+
+    __slots__ = ("status", "body_bytes", "stdout", "stderr", "fuel")
+
+    def __init__(self, status, body_bytes, stdout, stderr, fuel):
+        self.status = status
+        self.body_bytes = body_bytes
+        self.stdout = stdout
+        self.stderr = stderr
+        self.fuel = fuel
+
+    def __repr__(self):
+        return f"<HttpOutcome status={self.status} body={self.body_bytes}B>"
+
+
+# -- resources -------------------------------------------------------------------------------------
+
+class _IoError:
+    """wasi:io/error: what failed, and the error-code http-error-code gives for it (or None)."""
+
+    __slots__ = ("message", "code")
+
+    def __init__(self, message, code=None):
+        self.message = message
+        self.code = code
+
+
+class _Fields:
+    """wasi:http fields as wasmtime keeps them (an http::HeaderMap): names lowercased, each
+    name's values together in order, names in the order of the map's entries, where removing a
+    name moves the last entry into its place (so a guest sees the order `wasmtime serve` gives
+    it); immutable once a request or response owns them."""
+
+    __slots__ = ("names", "map", "immutable")
+
+    def __init__(self, immutable=False):
+        self.names = []                   # entry order
+        self.map = {}                     # name -> [value, ...]
+        self.immutable = immutable
+
+    @classmethod
+    def from_server(cls, headers):
+        """The immutable fields of a message received from a peer, hop-by-hop fields removed."""
+        fields = cls(immutable=True)
+        for name, value in headers:
+            fields.append(name.lower(), bytes(value))
+        for name in [name for name in fields.names if name in HOP_BY_HOP_HEADERS]:
+            fields.remove(name)
+        return fields
+
+    def append(self, name, value):
+        values = self.map.get(name)
+        if values is None:
+            self.names.append(name)
+            self.map[name] = [value]
+        else:
+            values.append(value)
+
+    def replace(self, name, values):
+        """What fields.set does in wasmtime: remove the name, then append each value."""
+        self.remove(name)
+        for value in values:
+            self.append(name, value)
+
+    def remove(self, name):
+        if self.map.pop(name, None) is None:
+            return
+        index = self.names.index(name)
+        last = self.names.pop()
+        if index < len(self.names):
+            self.names[index] = last
+
+    def items(self):
+        return [(name, value) for name in self.names for value in self.map[name]]
+
+    def copy(self):
+        fields = _Fields()
+        fields.names = list(self.names)
+        fields.map = {name: list(values) for name, values in self.map.items()}
+        return fields
+
+    def content_length(self):
+        """The content-length these fields declare, or None (also when it is not one number)."""
+        values = self.map.get("content-length")
+        if not values or len(set(values)) != 1:
+            return None
+        try:
+            return parse_number(values[0], "content-length")
+        except ArgumentError:
+            return None
+
+
+def _header_error(name, values=()):
+    """The header-error for setting `name` to `values`, or None if they are fine."""
+    if not _TOKEN_RE.match(name):
+        return "invalid-syntax"
+    if name.lower() in FORBIDDEN_HEADERS:
+        return "forbidden"
+    if not all(_FIELD_VALUE_RE.match(v) for v in values):
+        return "invalid-syntax"
+    return None
+
+
+class _Pollable:
+    """wasi:io/poll pollable: ready when `check()` says so; `at` is the monotonic time at which
+    it becomes ready by itself (a timer), or None when only an event can make it ready."""
+
+    __slots__ = ("check", "at")
+
+    def __init__(self, check, at=None):
+        self.check = check
+        self.at = at
+
+    def ready(self):
+        return self.check()
+
+
+def _always():
+    return True
+
+
+class _InputStream:
+    """wasi:io/streams input-stream over a reader (read(n) -> bytes, b"" at the end; it may block):
+    the request body, an outgoing call's response body, or stdin (no reader: at its end)."""
+
+    __slots__ = ("reader", "done", "limit", "total", "error_code", "owner")
+
+    def __init__(self, reader, limit=None, error_code=None, owner=None):
+        self.reader = reader
+        self.done = reader is None
+        self.limit = limit                # bytes this stream may give; more is an error
+        self.total = 0
+        self.error_code = error_code      # the error-code a read past `limit` carries
+        self.owner = owner                # the incoming-body it belongs to, if any
+
+    def read(self, state, size):
+        """ok(bytes) (b"" only when size is 0), or an Err(stream-error)."""
+        if self.done:
+            return Err(wc.Variant("closed"))
+        if size == 0:
+            return b""
+        want = min(size, HTTP_READ_CHUNK)
+        if self.limit is not None:
+            want = min(want, self.limit - self.total) or 1     # at the limit: is there more?
+        try:
+            data = self.reader.read(want)
+        except Exception as e:          # the client went away, a socket timed out
+            self.done = True
+            return state.stream_failed(f"reading the body failed: {e}",
+                                       wc.Variant("HTTP-protocol-error"))
+        if not data:
+            self.done = True
+            if self.owner is not None:
+                self.owner.ended = True
+            return Err(wc.Variant("closed"))
+        if self.limit is not None and self.total + len(data) > self.limit:
+            self.done = True
+            return state.stream_failed(f"the body is larger than {self.limit} bytes",
+                                       self.error_code)
+        self.total += len(data)
+        state.check_deadline()
+        return bytes(data)
+
+
+class _OutputStream:
+    """wasi:io/streams output-stream writing into `target` (an _OutgoingBody, or a capture for
+    stdout and stderr: anything with write(state, data) -> None or an Err, and permit())."""
+
+    __slots__ = ("target", "closed")
+
+    def __init__(self, target):
+        self.target = target
+        self.closed = False
+
+    def permit(self):
+        return 0 if self.closed else self.target.permit()
+
+    def write(self, state, data):
+        if self.closed:
+            return Err(wc.Variant("closed"))
+        if len(data) > self.target.permit():
+            return state.stream_failed(f"write of {len(data)} bytes exceeds what check-write "
+                                       "permitted")
+        failed = self.target.write(state, data)
+        if failed is not None:
+            self.closed = True
+        return failed
+
+
+class _CaptureTarget:
+    """Guest stdout or stderr: kept in a bounded capture, never written to the server's streams."""
+
+    __slots__ = ("capture",)
+
+    def __init__(self, capture):
+        self.capture = capture
+
+    def permit(self):
+        return HTTP_WRITE_PERMIT
+
+    def write(self, state, data):
+        self.capture.write(data)
+        return None
+
+
+class _OutgoingBody:
+    """outgoing-body of the guest's response (`response` set: written to the server's sink once
+    the response is set, buffered up to HTTP_EARLY_BODY_LIMIT before) or of an outgoing request
+    (buffered up to OUTBOUND_BODY_LIMIT until the call sends it)."""
+
+    __slots__ = ("response", "declared", "written", "stream_taken", "finished", "trailers",
+                 "chunks", "buffered", "failed", "dropped", "finished_event")
+
+    def __init__(self, response, declared):
+        self.response = response          # the _OutgoingResponse, or None for an outgoing request
+        self.declared = declared          # content-length, or None
+        self.written = 0
+        self.stream_taken = False
+        self.finished = False
+        self.trailers = None
+        self.chunks = []                  # bytes not yet handed on
+        self.buffered = 0
+        self.failed = None                # why the body is broken (a message), if it is
+        self.dropped = False              # the guest dropped it without finish
+        self.finished_event = None if response is not None else threading.Event()
+
+    def limit(self):
+        return HTTP_EARLY_BODY_LIMIT if self.response is not None else OUTBOUND_BODY_LIMIT
+
+    def permit(self, state=None):
+        if self.finished or self.failed:
+            return 0
+        if self.response is not None and self.response.started:
+            return HTTP_WRITE_PERMIT
+        return max(0, self.limit() - self.buffered)
+
+    def write(self, state, data):
+        size = len(data)
+        if self.declared is not None and self.written + size > self.declared:
+            self.failed = (f"the guest wrote more than the {self.declared} bytes its "
+                           "content-length says")
+            code = wc.Variant("HTTP-response-body-size" if self.response is not None
+                              else "HTTP-request-body-size", self.written + size)
+            return state.stream_failed(self.failed, code)
+        self.written += size
+        if self.response is not None and self.response.started:
+            return state.send_body(data)
+        self.chunks.append(bytes(data))
+        self.buffered += size
+        return None
+
+    def length_error(self):
+        """The message for a body that ended short of its content-length, or None."""
+        if self.declared is not None and self.written != self.declared:
+            return f"the guest wrote {self.written} bytes, its content-length says {self.declared}"
+        return None
+
+
+class _OutgoingResponse:
+    """outgoing-response: status and headers (immutable once the response owns them), its body."""
+
+    __slots__ = ("status", "fields", "body", "started")
+
+    def __init__(self, fields):
+        fields.immutable = True
+        self.status = 200
+        self.fields = fields
+        self.body = None
+        self.started = False
+
+
+class _IncomingBody:
+    """incoming-body of the request (or of an outgoing call's response): its one stream."""
+
+    __slots__ = ("stream", "stream_taken", "ended")
+
+    def __init__(self, stream):
+        self.stream = stream
+        stream.owner = self
+        self.stream_taken = False
+        self.ended = False
+
+
+class _IncomingRequest:
+    """incoming-request: the server's HttpRequest; its fields are made when the guest asks."""
+
+    __slots__ = ("request", "_fields", "body_taken")
+
+    def __init__(self, request):
+        self.request = request
+        self._fields = None
+        self.body_taken = False
+
+    @property
+    def fields(self):
+        if self._fields is None:
+            self._fields = _Fields.from_server(self.request.headers)
+        return self._fields
+
+
+class _OutgoingRequest:
+    """outgoing-request the guest builds for outgoing-handler.handle."""
+
+    __slots__ = ("method", "scheme", "authority", "path", "fields", "body")
+
+    def __init__(self, fields):
+        fields.immutable = True
+        self.method = wc.Variant("get")
+        self.scheme = None
+        self.authority = None
+        self.path = None
+        self.fields = fields
+        self.body = None
+
+
+class _RequestOptions:
+    __slots__ = ("connect", "first_byte", "between_bytes")
+
+    def __init__(self):
+        self.connect = self.first_byte = self.between_bytes = None    # nanoseconds or None
+
+
+class _Placeholder:
+    """A resource the guest holds that has no state of its own (response-outparam, terminals)."""
+
+    __slots__ = ()
+
+
+# -- the state of one request ----------------------------------------------------------------------
+
+class _HttpState(_CallState):
+    """One request's Store: its resources, its response so far, its deadline and sink."""
+
+    def __init__(self, host, namespace, sink, deadline, captures):
+        super().__init__(host, bool(host._watchers), namespace)
+        self.objects = {}                 # rep -> the Python object of any resource type
+        self.sink = sink
+        self.deadline = deadline          # time.monotonic() by which the request must be answered
+        self.captures = captures          # (stdout, stderr) _Capture
+        self.failure = None               # the KvError that ends the request (set before a trap)
+        self.response = None              # the _OutgoingResponse once set
+        self.response_error = None        # the error-code the guest answered with instead
+        self.outparam_used = False
+        self.sink_error = None            # what the sink raised (the client is gone)
+        self.calls = []                   # _OutboundCall started by this request
+        self.wakeup = None                # an Event an outgoing call sets when it completes
+
+    # -- handles --
+    def add(self, obj):
+        rep = self.next_rep
+        self.next_rep += 1
+        self.objects[rep] = obj
+        return rep
+
+    def get(self, rep):
+        return self.objects[rep]
+
+    def take(self, rep):
+        """The object of an own handle the guest passed back (it no longer has it)."""
+        return self.objects.pop(rep)
+
+    # -- failures --
+    def fail(self, error):
+        """Remember why this request ends and return the exception a host function raises (the
+        guest traps; handle_http raises `error`)."""
+        if self.failure is None:
+            self.failure = error
+        return _GuestStopped(str(error))
+
+    def check_deadline(self):
+        if self.deadline is not None and time.monotonic() >= self.deadline:
+            raise self.fail(TrapError(f"timeout: the guest ran longer than {self.host.timeout} s "
+                                      "(stopped while it waited)", "timeout"))
+
+    def stream_failed(self, message, code=None):
+        """Err(stream-error.last-operation-failed) carrying a new wasi:io error."""
+        return Err(wc.Variant("last-operation-failed", self.add(_IoError(message, code))))
+
+    # -- waiting --
+    def wait(self, pollables):
+        """The indexes of the ready pollables, waiting (never past the deadline) until one is."""
+        while True:
+            ready = [i for i, p in enumerate(pollables) if p.ready()]
+            if ready:
+                return ready
+            self.check_deadline()
+            times = [p.at for p in pollables if p.at is not None]
+            if self.deadline is not None:
+                times.append(self.deadline)
+            pause = None if not times else max(0.0, min(times) - time.monotonic())
+            if self.wakeup is not None:
+                self.wakeup.wait(pause)
+                self.wakeup.clear()
+            elif pause is not None:
+                time.sleep(pause)
+            else:
+                raise self.fail(TrapError("the guest waits for something that can never happen "
+                                          "(no timer, no outgoing request, no deadline)", "trap"))
+
+    # -- the response --
+    def send_body(self, data):
+        """Hand response bytes to the sink; a failing sink closes the stream (the client left)."""
+        if self.sink_error is not None:
+            return Err(wc.Variant("closed"))
+        try:
+            self.sink.write(data)
+        except Exception as e:
+            self.sink_error = e
+            return Err(wc.Variant("closed"))
+        self.check_deadline()
+        return None
+
+    def start_response(self, response):
+        self.response = response
+        response.started = True
+        try:
+            self.sink.start(response.status, response.fields.items())
+        except Exception as e:
+            self.sink_error = e
+            return
+        body = response.body
+        if body is None:
+            return
+        chunks, body.chunks, body.buffered = body.chunks, [], 0
+        for chunk in chunks:
+            if self.send_body(chunk) is not None:
+                return
+        if body.finished:
+            self.finish_body(body)
+
+    def finish_body(self, body):
+        if self.sink_error is not None:
+            return
+        try:
+            self.sink.finish(None if body.trailers is None else body.trailers.items())
+        except Exception as e:
+            self.sink_error = e
+
+    def close(self):
+        for call in self.calls:
+            call.cancel()
+
+
+class _GuestStopped(Exception):
+    """Raised by a host function to trap the guest; the request's failure says why."""
+
+
+# -- wasi:io ---------------------------------------------------------------------------------------
+
+_STREAM_ERROR = ("variant", (("last-operation-failed", ("own", IO_ERROR)), ("closed", None)))
+_POLLABLE_OWN, _POLLABLE_BORROW = ("own", POLLABLE), ("borrow", POLLABLE)
+
+
+def _stream_result(ok):
+    return ("result", ok, _STREAM_ERROR)
+
+
+def _error_to_debug_string(state, rep):
+    return state.get(rep).message
+
+
+def _pollable_ready(state, rep):
+    return state.get(rep).ready()
+
+
+def _pollable_block(state, rep):
+    state.wait([state.get(rep)])
+
+
+def _poll(state, reps):
+    if not reps:
+        raise state.fail(TrapError("poll was called with an empty list of pollables", "trap"))
+    return state.wait([state.get(rep) for rep in reps])
+
+
+def _input_read(state, rep, size):
+    return state.get(rep).read(state, size)
+
+
+def _input_skip(state, rep, size):
+    result = state.get(rep).read(state, size)
+    return result if isinstance(result, Err) else len(result)
+
+
+def _ready_pollable(state, rep):
+    return state.add(_Pollable(_always))
+
+
+def _output_check_write(state, rep):
+    stream = state.get(rep)
+    return Err(wc.Variant("closed")) if stream.closed else stream.permit()
+
+
+def _output_write(state, rep, data):
+    return state.get(rep).write(state, data)
+
+
+def _output_blocking_write(state, rep, data):
+    if len(data) > BLOCKING_WRITE_LIMIT:
+        raise state.fail(TrapError(f"blocking-write-and-flush of {len(data)} bytes: at most "
+                                   f"{BLOCKING_WRITE_LIMIT} at once", "trap"))
+    stream = state.get(rep)
+    if len(data) > stream.permit() and not stream.closed:
+        state.wait([_Pollable(lambda: len(data) <= stream.permit() or stream.closed)])
+    return stream.write(state, data)
+
+
+def _output_flush(state, rep):
+    return Err(wc.Variant("closed")) if state.get(rep).closed else None
+
+
+def _output_subscribe(state, rep):
+    stream = state.get(rep)
+    return state.add(_Pollable(lambda: stream.closed or stream.permit() > 0))
+
+
+def _output_write_zeroes(state, rep, size):
+    return state.get(rep).write(state, bytes(size)) if size <= HTTP_WRITE_PERMIT else \
+        state.stream_failed(f"write of {size} bytes exceeds what check-write permitted")
+
+
+def _output_blocking_write_zeroes(state, rep, size):
+    return _output_blocking_write(state, rep, bytes(min(size, BLOCKING_WRITE_LIMIT + 1)))
+
+
+def _output_splice(state, rep, source_rep, size):
+    stream, source = state.get(rep), state.get(source_rep)
+    size = min(size, stream.permit())
+    if size == 0:
+        return 0
+    data = source.read(state, size)
+    if isinstance(data, Err):
+        return data
+    failed = stream.write(state, data)
+    return failed if failed is not None else len(data)
+
+
+def _io_interfaces():
+    error = ("borrow", IO_ERROR)
+    inp, out = ("borrow", INPUT_STREAM), ("borrow", OUTPUT_STREAM)
+    return {
+        "wasi:io/error": ({"error": IO_ERROR}, {
+            "[method]error.to-debug-string": ((error,), _STRING, _error_to_debug_string),
+        }),
+        "wasi:io/poll": ({"pollable": POLLABLE}, {
+            "[method]pollable.ready": ((_POLLABLE_BORROW,), _BOOL, _pollable_ready),
+            "[method]pollable.block": ((_POLLABLE_BORROW,), None, _pollable_block),
+            "poll": ((("list", _POLLABLE_BORROW),), ("list", ("u32",)), _poll),
+        }),
+        "wasi:io/streams": ({"input-stream": INPUT_STREAM, "output-stream": OUTPUT_STREAM}, {
+            "[method]input-stream.read": ((inp, _U64), _stream_result(_BYTES), _input_read),
+            "[method]input-stream.blocking-read": ((inp, _U64), _stream_result(_BYTES),
+                                                   _input_read),
+            "[method]input-stream.skip": ((inp, _U64), _stream_result(_U64), _input_skip),
+            "[method]input-stream.blocking-skip": ((inp, _U64), _stream_result(_U64), _input_skip),
+            "[method]input-stream.subscribe": ((inp,), _POLLABLE_OWN, _ready_pollable),
+            "[method]output-stream.check-write": ((out,), _stream_result(_U64),
+                                                  _output_check_write),
+            "[method]output-stream.write": ((out, _BYTES), _stream_result(None), _output_write),
+            "[method]output-stream.blocking-write-and-flush": ((out, _BYTES), _stream_result(None),
+                                                               _output_blocking_write),
+            "[method]output-stream.flush": ((out,), _stream_result(None), _output_flush),
+            "[method]output-stream.blocking-flush": ((out,), _stream_result(None), _output_flush),
+            "[method]output-stream.subscribe": ((out,), _POLLABLE_OWN, _output_subscribe),
+            "[method]output-stream.write-zeroes": ((out, _U64), _stream_result(None),
+                                                   _output_write_zeroes),
+            "[method]output-stream.blocking-write-zeroes-and-flush": (
+                (out, _U64), _stream_result(None), _output_blocking_write_zeroes),
+            "[method]output-stream.splice": ((out, inp, _U64), _stream_result(_U64),
+                                             _output_splice),
+            "[method]output-stream.blocking-splice": ((out, inp, _U64), _stream_result(_U64),
+                                                      _output_splice),
+        }),
+    }
+
+
+# -- wasi:clocks, wasi:random, wasi:cli, wasi:filesystem -------------------------------------------
+
+_DATETIME = ("record", (("seconds", _U64), ("nanoseconds", ("u32",))))
+_ADDRESS_FAMILY = ("enum", ("ipv4", "ipv6"))
+_SOCKET_ERROR = ("enum", ("access-denied",))      # only this case is ever returned
+
+
+def _socket_result(type_id):
+    return ("result", ("own", type_id), _SOCKET_ERROR)
+
+
+def _monotonic_now(state):
+    return time.monotonic_ns()
+
+
+def _monotonic_resolution(state):
+    return max(1, int(time.get_clock_info("monotonic").resolution * 1e9))
+
+
+def _timer(state, at_ns):
+    at = at_ns / 1e9
+    return state.add(_Pollable(lambda: time.monotonic() >= at, at))
+
+
+def _subscribe_duration(state, duration_ns):
+    return _timer(state, time.monotonic_ns() + duration_ns)
+
+
+def _wall_now(state):
+    now = time.time_ns()
+    return {"seconds": now // 1_000_000_000, "nanoseconds": now % 1_000_000_000}
+
+
+def _wall_resolution(state):
+    return {"seconds": 0, "nanoseconds": max(1, int(time.get_clock_info("time").resolution * 1e9))}
+
+
+def _random_bytes(state, size):
+    if size > GUEST_VALUE_LIMIT:
+        raise state.fail(TrapError(f"get-random-bytes({size}): at most {GUEST_VALUE_LIMIT} "
+                                   "bytes at once", "trap"))
+    return os.urandom(size)
+
+
+def _random_u64(state):
+    return int.from_bytes(os.urandom(8), "little")
+
+
+def _insecure_seed(state):
+    return (_random_u64(state), _random_u64(state))
+
+
+def _environment(state):
+    return sorted(state.host.env.items())
+
+
+def _arguments(state):
+    return []
+
+
+def _initial_cwd(state):
+    return None
+
+
+def _exit(state, status):
+    raise state.fail(GuestExit(1 if isinstance(status, Err) else 0))
+
+
+def _exit_with_code(state, code):
+    raise state.fail(GuestExit(code))
+
+
+def _stdin(state):
+    return state.add(_InputStream(None))
+
+
+def _stdout(state):
+    return state.add(_OutputStream(_CaptureTarget(state.captures[0])))
+
+
+def _stderr(state):
+    return state.add(_OutputStream(_CaptureTarget(state.captures[1])))
+
+
+def _no_terminal(state):
+    return None
+
+
+def _no_preopens(state):
+    return []
+
+
+def _no_filesystem_error(state, rep):
+    return None
+
+
+def _instance_network(state):
+    return state.add(_Placeholder())
+
+
+def _no_socket(state, family):
+    return Err("access-denied")
+
+
+def _no_name_lookup(state, network_rep, name):
+    return Err("access-denied")
+
+
+def _methods(resource, names):
+    return tuple(f"[method]{resource}.{name}" for name in names.split())
+
+
+# Functions a guest can never reach: they need a handle of a resource it can never get (there
+# are no preopens, and no socket can be made), so they are defined as traps, because
+# toolchains import whole interfaces. {interface: (why, names)}.
+_NO_FILES = "no file system is available to HTTP handlers"
+_NO_SOCKETS = "HTTP handlers cannot make sockets"
+UNREACHABLE_FUNCTIONS = {
+    "wasi:filesystem/types": (_NO_FILES, _methods("descriptor", """
+        read-via-stream write-via-stream append-via-stream advise sync-data get-flags get-type
+        set-size set-times read write read-directory sync create-directory-at stat stat-at
+        set-times-at link-at open-at readlink-at remove-directory-at rename-at symlink-at
+        unlink-file-at is-same-object metadata-hash metadata-hash-at""")
+        + _methods("directory-entry-stream", "read-directory-entry")),
+    "wasi:sockets/udp": (_NO_SOCKETS, _methods("udp-socket", """
+        start-bind finish-bind stream local-address remote-address address-family
+        unicast-hop-limit set-unicast-hop-limit receive-buffer-size set-receive-buffer-size
+        send-buffer-size set-send-buffer-size subscribe""")
+        + _methods("incoming-datagram-stream", "receive subscribe")
+        + _methods("outgoing-datagram-stream", "check-send send subscribe")),
+    "wasi:sockets/tcp": (_NO_SOCKETS, _methods("tcp-socket", """
+        start-bind finish-bind start-connect finish-connect start-listen finish-listen accept
+        local-address remote-address is-listening address-family set-listen-backlog-size
+        keep-alive-enabled set-keep-alive-enabled keep-alive-idle-time set-keep-alive-idle-time
+        keep-alive-interval set-keep-alive-interval keep-alive-count set-keep-alive-count
+        hop-limit set-hop-limit receive-buffer-size set-receive-buffer-size send-buffer-size
+        set-send-buffer-size subscribe shutdown""")),
+    "wasi:sockets/ip-name-lookup": (_NO_SOCKETS, _methods("resolve-address-stream",
+                                                          "resolve-next-address subscribe")),
+}
+
+
+def _wasi_interfaces():
+    out_own = ("own", OUTPUT_STREAM)
+    return {
+        "wasi:clocks/monotonic-clock": ({}, {
+            "now": ((), _U64, _monotonic_now),
+            "resolution": ((), _U64, _monotonic_resolution),
+            "subscribe-instant": ((_U64,), _POLLABLE_OWN, _timer),
+            "subscribe-duration": ((_U64,), _POLLABLE_OWN, _subscribe_duration),
+        }),
+        "wasi:clocks/wall-clock": ({}, {
+            "now": ((), _DATETIME, _wall_now),
+            "resolution": ((), _DATETIME, _wall_resolution),
+        }),
+        "wasi:random/random": ({}, {
+            "get-random-bytes": ((_U64,), _BYTES, _random_bytes),
+            "get-random-u64": ((), _U64, _random_u64),
+        }),
+        "wasi:random/insecure": ({}, {
+            "get-insecure-random-bytes": ((_U64,), _BYTES, _random_bytes),
+            "get-insecure-random-u64": ((), _U64, _random_u64),
+        }),
+        "wasi:random/insecure-seed": ({}, {
+            "insecure-seed": ((), ("tuple", (_U64, _U64)), _insecure_seed),
+        }),
+        "wasi:cli/environment": ({}, {
+            "get-environment": ((), ("list", ("tuple", (_STRING, _STRING))), _environment),
+            "get-arguments": ((), ("list", _STRING), _arguments),
+            "initial-cwd": ((), ("option", _STRING), _initial_cwd),
+        }),
+        "wasi:cli/exit": ({}, {
+            "exit": ((("result", None, None),), None, _exit),
+            "exit-with-code": ((("u8",),), None, _exit_with_code),
+        }),
+        "wasi:cli/stdin": ({}, {"get-stdin": ((), ("own", INPUT_STREAM), _stdin)}),
+        "wasi:cli/stdout": ({}, {"get-stdout": ((), out_own, _stdout)}),
+        "wasi:cli/stderr": ({}, {"get-stderr": ((), out_own, _stderr)}),
+        "wasi:cli/terminal-input": ({"terminal-input": TERMINAL_INPUT}, {}),
+        "wasi:cli/terminal-output": ({"terminal-output": TERMINAL_OUTPUT}, {}),
+        "wasi:cli/terminal-stdin": ({}, {
+            "get-terminal-stdin": ((), ("option", ("own", TERMINAL_INPUT)), _no_terminal)}),
+        "wasi:cli/terminal-stdout": ({}, {
+            "get-terminal-stdout": ((), ("option", ("own", TERMINAL_OUTPUT)), _no_terminal)}),
+        "wasi:cli/terminal-stderr": ({}, {
+            "get-terminal-stderr": ((), ("option", ("own", TERMINAL_OUTPUT)), _no_terminal)}),
+        "wasi:filesystem/types": ({"descriptor": DESCRIPTOR,
+                                   "directory-entry-stream": DIRECTORY_ENTRY_STREAM}, {
+            # option<error-code>: only none is ever returned, so the enum's cases do not matter
+            "filesystem-error-code": ((("borrow", IO_ERROR),), ("option", ("enum", ("access",))),
+                                      _no_filesystem_error),
+        }),
+        "wasi:filesystem/preopens": ({}, {
+            "get-directories": ((), ("list", ("tuple", (("own", DESCRIPTOR), _STRING))),
+                                _no_preopens),
+        }),
+        # wasi:sockets (componentize-py's runtime imports it): every socket is refused
+        "wasi:sockets/network": ({"network": NETWORK}, {}),
+        "wasi:sockets/instance-network": ({}, {
+            "instance-network": ((), ("own", NETWORK), _instance_network)}),
+        "wasi:sockets/udp": ({"udp-socket": UDP_SOCKET, "incoming-datagram-stream": DATAGRAM_IN,
+                              "outgoing-datagram-stream": DATAGRAM_OUT}, {}),
+        "wasi:sockets/udp-create-socket": ({}, {
+            "create-udp-socket": ((_ADDRESS_FAMILY,), _socket_result(UDP_SOCKET), _no_socket)}),
+        "wasi:sockets/tcp": ({"tcp-socket": TCP_SOCKET}, {}),
+        "wasi:sockets/tcp-create-socket": ({}, {
+            "create-tcp-socket": ((_ADDRESS_FAMILY,), _socket_result(TCP_SOCKET), _no_socket)}),
+        "wasi:sockets/ip-name-lookup": ({"resolve-address-stream": RESOLVE_STREAM}, {
+            "resolve-addresses": ((("borrow", NETWORK), _STRING), _socket_result(RESOLVE_STREAM),
+                                  _no_name_lookup)}),
+    }
+
+
+# -- wasi:http/types -------------------------------------------------------------------------------
+
+_FIELD_SIZE = ("record", (("field-name", ("option", _STRING)),
+                          ("field-size", ("option", ("u32",)))))
+_ERROR_CODE = ("variant", (
+    ("DNS-timeout", None),
+    ("DNS-error", ("record", (("rcode", ("option", _STRING)),
+                              ("info-code", ("option", ("u16",)))))),
+    ("destination-not-found", None), ("destination-unavailable", None),
+    ("destination-IP-prohibited", None), ("destination-IP-unroutable", None),
+    ("connection-refused", None), ("connection-terminated", None),
+    ("connection-timeout", None), ("connection-read-timeout", None),
+    ("connection-write-timeout", None), ("connection-limit-reached", None),
+    ("TLS-protocol-error", None), ("TLS-certificate-error", None),
+    ("TLS-alert-received", ("record", (("alert-id", ("option", ("u8",))),
+                                       ("alert-message", ("option", _STRING))))),
+    ("HTTP-request-denied", None), ("HTTP-request-length-required", None),
+    ("HTTP-request-body-size", ("option", _U64)), ("HTTP-request-method-invalid", None),
+    ("HTTP-request-URI-invalid", None), ("HTTP-request-URI-too-long", None),
+    ("HTTP-request-header-section-size", ("option", ("u32",))),
+    ("HTTP-request-header-size", ("option", _FIELD_SIZE)),
+    ("HTTP-request-trailer-section-size", ("option", ("u32",))),
+    ("HTTP-request-trailer-size", _FIELD_SIZE), ("HTTP-response-incomplete", None),
+    ("HTTP-response-header-section-size", ("option", ("u32",))),
+    ("HTTP-response-header-size", _FIELD_SIZE), ("HTTP-response-body-size", ("option", _U64)),
+    ("HTTP-response-trailer-section-size", ("option", ("u32",))),
+    ("HTTP-response-trailer-size", _FIELD_SIZE),
+    ("HTTP-response-transfer-coding", ("option", _STRING)),
+    ("HTTP-response-content-coding", ("option", _STRING)),
+    ("HTTP-response-timeout", None), ("HTTP-upgrade-failed", None), ("HTTP-protocol-error", None),
+    ("loop-detected", None), ("configuration-error", None),
+    ("internal-error", ("option", _STRING))))
+_HEADER_ERROR = ("variant", (("invalid-syntax", None), ("forbidden", None), ("immutable", None)))
+_METHOD = ("variant", tuple((name, None) for name in _METHODS.values()) + (("other", _STRING),))
+_SCHEME = ("variant", (("HTTP", None), ("HTTPS", None), ("other", _STRING)))
+_ENTRY = ("tuple", (_STRING, _BYTES))
+_FIELDS_OWN, _FIELDS_BORROW = ("own", FIELDS), ("borrow", FIELDS)
+_TAKEN = object()       # a future whose value the guest already took
+
+
+def _header_result(error):
+    return None if error is None else Err(wc.Variant(error))
+
+
+def _fields_new(state):
+    return state.add(_Fields())
+
+
+def _fields_from_list(state, entries):
+    fields = _Fields()
+    for name, value in entries:
+        error = _header_error(name, (value,))
+        if error is not None:
+            return Err(wc.Variant(error))
+        fields.append(name.lower(), value)
+    return state.add(fields)
+
+
+def _fields_get(state, rep, name):
+    return list(state.get(rep).map.get(name.lower(), ()))
+
+
+def _fields_has(state, rep, name):
+    return name.lower() in state.get(rep).map
+
+
+def _fields_change(state, rep, name, values, append):
+    fields = state.get(rep)
+    if fields.immutable:
+        return Err(wc.Variant("immutable"))
+    error = _header_error(name, values)
+    if error is not None:
+        return Err(wc.Variant(error))
+    key = name.lower()
+    if append:
+        fields.append(key, values[0])
+    else:
+        fields.replace(key, values)
+    return None
+
+
+def _fields_set(state, rep, name, values):
+    return _fields_change(state, rep, name, values, False)
+
+
+def _fields_delete(state, rep, name):
+    return _fields_change(state, rep, name, (), False)
+
+
+def _fields_append(state, rep, name, value):
+    return _fields_change(state, rep, name, (value,), True)
+
+
+def _fields_entries(state, rep):
+    return state.get(rep).items()
+
+
+def _fields_clone(state, rep):
+    return state.add(state.get(rep).copy())
+
+
+def _method_of(name):
+    case = _METHODS.get(name)
+    return wc.Variant(case) if case is not None else wc.Variant("other", name)
+
+
+def _scheme_of(scheme):
+    if scheme is None:
+        return None
+    lowered = scheme.lower()
+    if lowered == "http":
+        return wc.Variant("HTTP")
+    if lowered == "https":
+        return wc.Variant("HTTPS")
+    return wc.Variant("other", scheme)
+
+
+def _request_method(state, rep):
+    return _method_of(state.get(rep).request.method)
+
+
+def _request_path(state, rep):
+    return state.get(rep).request.path_with_query
+
+
+def _request_scheme(state, rep):
+    return _scheme_of(state.get(rep).request.scheme)
+
+
+def _request_authority(state, rep):
+    return state.get(rep).request.authority
+
+
+def _headers_of(state, rep):
+    """A new handle to the (immutable) fields of a request or response."""
+    return state.add(state.get(rep).fields)
+
+
+def _request_consume(state, rep):
+    incoming = state.get(rep)
+    if incoming.body_taken:
+        return Err(None)
+    incoming.body_taken = True
+    return state.add(_IncomingBody(_InputStream(incoming.request.body)))
+
+
+def _body_stream(state, rep):
+    body = state.get(rep)
+    if body.stream_taken:
+        return Err(None)
+    body.stream_taken = True
+    return state.add(body.stream)
+
+
+def _body_finish(state, rep):
+    state.take(rep)
+    return state.add(_FutureTrailers())       # request trailers are never passed on: none
+
+
+class _FutureTrailers:
+    __slots__ = ("taken",)
+
+    def __init__(self):
+        self.taken = False
+
+
+def _future_trailers_subscribe(state, rep):
+    return state.add(_Pollable(_always))
+
+
+def _future_trailers_get(state, rep):
+    future = state.get(rep)
+    if future.taken:
+        return _TAKEN
+    future.taken = True
+    return (None,)                            # ready: ok(ok(none))
+
+
+def _response_new(state, fields_rep):
+    return state.add(_OutgoingResponse(state.take(fields_rep)))
+
+
+def _response_status(state, rep):
+    return state.get(rep).status
+
+
+def _response_set_status(state, rep, status):
+    if not 100 <= status <= 999:
+        return Err(None)
+    state.get(rep).status = status
+    return None
+
+
+def _response_body(state, rep):
+    response = state.get(rep)
+    if response.body is not None:
+        return Err(None)
+    response.body = _OutgoingBody(response, response.fields.content_length())
+    return state.add(response.body)
+
+
+def _outgoing_body_write(state, rep):
+    body = state.get(rep)
+    if body.stream_taken:
+        return Err(None)
+    body.stream_taken = True
+    return state.add(_OutputStream(body))
+
+
+def _outgoing_body_finish(state, rep, trailers_rep):
+    body = state.take(rep)
+    if trailers_rep is not None:
+        trailers = state.take(trailers_rep)
+        trailers.immutable = True
+        body.trailers = trailers
+    mismatch = body.length_error()
+    if body.failed or mismatch:
+        body.failed = body.failed or mismatch
+        kind = "HTTP-response-body-size" if body.response is not None else "HTTP-request-body-size"
+        return Err(wc.Variant(kind, body.written))
+    body.finished = True
+    if body.response is None:
+        body.finished_event.set()
+    elif body.response.started:
+        state.finish_body(body)
+    return None
+
+
+def _outparam_set(state, rep, response):
+    state.take(rep)
+    state.outparam_used = True
+    if isinstance(response, Err):
+        state.response_error = response.value
+        return None
+    state.start_response(state.take(response))
+    return None
+
+
+def _http_error_code(state, rep):
+    return state.get(rep).code
+
+
+def _drop_http_object(state, type_id, obj):
+    """The guest dropped a handle: an outgoing-body dropped before finish is a broken body."""
+    if type_id == OUTGOING_BODY and not obj.finished:
+        obj.dropped = True
+        obj.failed = obj.failed or "the guest dropped the body without finishing it"
+        if obj.finished_event is not None:
+            obj.finished_event.set()
+
+
+def _http_types_interface():
+    """wasi:http/types: (resources {name: type id}, functions {name: (params, result, func)})."""
+    def borrow(type_id):
+        return ("borrow", type_id)
+
+    def maybe(type_id):                       # result<T>: the handle, or an error without payload
+        return ("result", ("own", type_id), None)
+    fields, req, out_req = _FIELDS_BORROW, borrow(INCOMING_REQUEST), borrow(OUTGOING_REQUEST)
+    opts, resp = borrow(REQUEST_OPTIONS), borrow(OUTGOING_RESPONSE)
+    in_resp, in_body = borrow(INCOMING_RESPONSE), borrow(INCOMING_BODY)
+    duration, text, unit = ("option", _U64), ("option", _STRING), ("result", None, None)
+    header_result = ("result", None, _HEADER_ERROR)
+    resources = {"fields": FIELDS, "incoming-request": INCOMING_REQUEST,
+                 "outgoing-request": OUTGOING_REQUEST, "request-options": REQUEST_OPTIONS,
+                 "response-outparam": RESPONSE_OUTPARAM, "incoming-response": INCOMING_RESPONSE,
+                 "incoming-body": INCOMING_BODY, "future-trailers": FUTURE_TRAILERS,
+                 "outgoing-response": OUTGOING_RESPONSE, "outgoing-body": OUTGOING_BODY,
+                 "future-incoming-response": FUTURE_INCOMING_RESPONSE}
+    functions = {
+        "http-error-code": ((borrow(IO_ERROR),), ("option", _ERROR_CODE), _http_error_code),
+        "[constructor]fields": ((), _FIELDS_OWN, _fields_new),
+        "[static]fields.from-list": ((("list", _ENTRY),), ("result", _FIELDS_OWN, _HEADER_ERROR),
+                                     _fields_from_list),
+        "[method]fields.get": ((fields, _STRING), ("list", _BYTES), _fields_get),
+        "[method]fields.has": ((fields, _STRING), _BOOL, _fields_has),
+        "[method]fields.set": ((fields, _STRING, ("list", _BYTES)), header_result, _fields_set),
+        "[method]fields.delete": ((fields, _STRING), header_result, _fields_delete),
+        "[method]fields.append": ((fields, _STRING, _BYTES), header_result, _fields_append),
+        "[method]fields.entries": ((fields,), ("list", _ENTRY), _fields_entries),
+        "[method]fields.clone": ((fields,), _FIELDS_OWN, _fields_clone),
+        "[method]incoming-request.method": ((req,), _METHOD, _request_method),
+        "[method]incoming-request.path-with-query": ((req,), text, _request_path),
+        "[method]incoming-request.scheme": ((req,), ("option", _SCHEME), _request_scheme),
+        "[method]incoming-request.authority": ((req,), text, _request_authority),
+        "[method]incoming-request.headers": ((req,), _FIELDS_OWN, _headers_of),
+        "[method]incoming-request.consume": ((req,), maybe(INCOMING_BODY), _request_consume),
+        "[constructor]outgoing-request": ((_FIELDS_OWN,), ("own", OUTGOING_REQUEST),
+                                          _outgoing_request_new),
+        "[method]outgoing-request.body": ((out_req,), maybe(OUTGOING_BODY), _outgoing_request_body),
+        "[method]outgoing-request.method": ((out_req,), _METHOD, _outgoing_request_method),
+        "[method]outgoing-request.set-method": ((out_req, _METHOD), unit,
+                                                _outgoing_request_set_method),
+        "[method]outgoing-request.path-with-query": ((out_req,), text, _outgoing_request_path),
+        "[method]outgoing-request.set-path-with-query": ((out_req, text), unit,
+                                                         _outgoing_request_set_path),
+        "[method]outgoing-request.scheme": ((out_req,), ("option", _SCHEME),
+                                            _outgoing_request_scheme),
+        "[method]outgoing-request.set-scheme": ((out_req, ("option", _SCHEME)), unit,
+                                                _outgoing_request_set_scheme),
+        "[method]outgoing-request.authority": ((out_req,), text, _outgoing_request_authority),
+        "[method]outgoing-request.set-authority": ((out_req, text), unit,
+                                                   _outgoing_request_set_authority),
+        "[method]outgoing-request.headers": ((out_req,), _FIELDS_OWN, _headers_of),
+        "[constructor]request-options": ((), ("own", REQUEST_OPTIONS), _options_new),
+        "[static]response-outparam.set": ((("own", RESPONSE_OUTPARAM),
+                                           ("result", ("own", OUTGOING_RESPONSE), _ERROR_CODE)),
+                                          None, _outparam_set),
+        "[method]incoming-response.status": ((in_resp,), ("u16",), _incoming_response_status),
+        "[method]incoming-response.headers": ((in_resp,), _FIELDS_OWN, _headers_of),
+        "[method]incoming-response.consume": ((in_resp,), maybe(INCOMING_BODY),
+                                              _incoming_response_consume),
+        "[method]incoming-body.stream": ((in_body,), maybe(INPUT_STREAM), _body_stream),
+        "[static]incoming-body.finish": ((("own", INCOMING_BODY),), ("own", FUTURE_TRAILERS),
+                                         _body_finish),
+        "[method]future-trailers.subscribe": ((borrow(FUTURE_TRAILERS),), _POLLABLE_OWN,
+                                              _future_trailers_subscribe),
+        "[method]future-trailers.get": ((borrow(FUTURE_TRAILERS),), _FUTURE_TRAILERS_GET,
+                                        _future_trailers_get),
+        "[constructor]outgoing-response": ((_FIELDS_OWN,), ("own", OUTGOING_RESPONSE),
+                                           _response_new),
+        "[method]outgoing-response.status-code": ((resp,), ("u16",), _response_status),
+        "[method]outgoing-response.set-status-code": ((resp, ("u16",)), unit, _response_set_status),
+        "[method]outgoing-response.headers": ((resp,), _FIELDS_OWN, _headers_of),
+        "[method]outgoing-response.body": ((resp,), maybe(OUTGOING_BODY), _response_body),
+        "[method]outgoing-body.write": ((borrow(OUTGOING_BODY),), maybe(OUTPUT_STREAM),
+                                        _outgoing_body_write),
+        "[static]outgoing-body.finish": ((("own", OUTGOING_BODY), ("option", _FIELDS_OWN)),
+                                         ("result", None, _ERROR_CODE), _outgoing_body_finish),
+        "[method]future-incoming-response.subscribe": ((borrow(FUTURE_INCOMING_RESPONSE),),
+                                                       _POLLABLE_OWN, _future_response_subscribe),
+        "[method]future-incoming-response.get": ((borrow(FUTURE_INCOMING_RESPONSE),),
+                                                 _FUTURE_RESPONSE_GET, _future_response_get),
+    }
+    for name, attribute in (("connect-timeout", "connect"), ("first-byte-timeout", "first_byte"),
+                            ("between-bytes-timeout", "between_bytes")):
+        functions[f"[method]request-options.{name}"] = ((opts,), duration,
+                                                        _options_getter(attribute))
+        functions[f"[method]request-options.set-{name}"] = ((opts, duration), unit,
+                                                            _options_setter(attribute))
+    return resources, functions
+
+
+# -- wasi:http outgoing requests -------------------------------------------------------------------
+
+def _outgoing_request_new(state, fields_rep):
+    return state.add(_OutgoingRequest(state.take(fields_rep)))
+
+
+def _outgoing_request_body(state, rep):
+    request = state.get(rep)
+    if request.body is not None:
+        return Err(None)
+    request.body = _OutgoingBody(None, request.fields.content_length())
+    return state.add(request.body)
+
+
+def _outgoing_request_method(state, rep):
+    return state.get(rep).method
+
+
+def _outgoing_request_set_method(state, rep, method):
+    if method.tag == "other" and not _TOKEN_RE.match(method.payload):
+        return Err(None)
+    state.get(rep).method = method
+    return None
+
+
+def _outgoing_request_path(state, rep):
+    return state.get(rep).path
+
+
+def _outgoing_request_set_path(state, rep, path):
+    if path is not None and not _PATH_RE.match(path):
+        return Err(None)
+    state.get(rep).path = path
+    return None
+
+
+def _outgoing_request_scheme(state, rep):
+    return state.get(rep).scheme
+
+
+def _outgoing_request_set_scheme(state, rep, scheme):
+    if scheme is not None and scheme.tag == "other" and not _SCHEME_RE.match(scheme.payload):
+        return Err(None)
+    state.get(rep).scheme = scheme
+    return None
+
+
+def _outgoing_request_authority(state, rep):
+    return state.get(rep).authority
+
+
+def _outgoing_request_set_authority(state, rep, authority):
+    if authority is not None and not _AUTHORITY_RE.match(authority):
+        return Err(None)
+    state.get(rep).authority = authority
+    return None
+
+
+def _options_new(state):
+    return state.add(_RequestOptions())
+
+
+def _options_getter(attribute):
+    def get(state, rep):
+        return getattr(state.get(rep), attribute)
+    get.__name__ = f"_options_{attribute}"
+    return get
+
+
+def _options_setter(attribute):
+    def set_(state, rep, duration):
+        setattr(state.get(rep), attribute, duration)
+        return None
+    set_.__name__ = f"_options_set_{attribute}"
+    return set_
+
+
+def parse_outbound(entries):
+    """The destinations an allow_outbound list names: {(host, port or None)}. HOST alone allows
+    the scheme's default port (80 for http, 443 for https); HOST:PORT that port only."""
+    allowed = set()
+    for entry in entries or ():
+        match = _OUTBOUND_RE.match(entry) if isinstance(entry, str) else None
+        port = None if match is None or match.group(2) is None else int(match.group(2))
+        if match is None or (port is not None and not 0 < port < 65536):
+            raise ArgumentError(f"invalid outbound destination {entry!r}: expected HOST or "
+                                "HOST:PORT")
+        allowed.add((match.group(1).strip("[]").lower(), port))
+    return frozenset(allowed)
+
+
+def _outbound_target(host, request):
+    """(use TLS, host, port) of an outgoing request, or the Err(error-code) that refuses it."""
+    scheme = request.scheme.tag if request.scheme is not None else "HTTPS"
+    if scheme not in ("HTTP", "HTTPS"):
+        return Err(wc.Variant("HTTP-protocol-error"))
+    if not request.authority:
+        return Err(wc.Variant("HTTP-request-URI-invalid"))
+    match = _TARGET_RE.match(request.authority)
+    default = 443 if scheme == "HTTPS" else 80
+    port = None if match is None else default if match.group(2) is None else int(match.group(2))
+    if match is None or not match.group(1) or not 0 < port < 65536:
+        return Err(wc.Variant("HTTP-request-URI-invalid"))
+    name = match.group(1).strip("[]").lower()
+    allowed = host.allow_outbound
+    if (name, port) not in allowed and not (port == default and (name, None) in allowed):
+        return Err(wc.Variant("HTTP-request-denied"))
+    return scheme == "HTTPS", name, port
+
+
+def _outbound_error(error):
+    """The wasi:http error-code for an exception of http.client, ssl or socket."""
+    if isinstance(error, socket.gaierror):
+        return wc.Variant("DNS-error", {"rcode": str(error.strerror or error), "info-code": None})
+    if isinstance(error, ssl.SSLCertVerificationError):
+        return wc.Variant("TLS-certificate-error")
+    if isinstance(error, ssl.SSLError):
+        return wc.Variant("TLS-protocol-error")
+    if isinstance(error, ConnectionRefusedError):
+        return wc.Variant("connection-refused")
+    if isinstance(error, (ConnectionResetError, BrokenPipeError, http.client.RemoteDisconnected)):
+        return wc.Variant("connection-terminated")
+    if isinstance(error, http.client.HTTPException):
+        return wc.Variant("HTTP-protocol-error")
+    return wc.Variant("internal-error", f"{type(error).__name__}: {error}")
+
+
+class _OutboundCall:
+    """One outgoing request, sent by a thread of its own (http.client; TLS verified), and the
+    future-incoming-response the guest polls. Its request body is sent once the guest finished
+    it; its response body is read as the guest reads it, up to OUTBOUND_RESPONSE_LIMIT."""
+
+    def __init__(self, state, request, options, use_tls, host, port):
+        self.state = state
+        self.request = request
+        self.use_tls = use_tls
+        self.host = host
+        self.port = port
+        seconds = lambda ns, default: default if ns is None else ns / 1e9
+        self.connect_timeout = seconds(options.connect, OUTBOUND_CONNECT_TIMEOUT)
+        self.first_byte_timeout = seconds(options.first_byte, OUTBOUND_FIRST_BYTE_TIMEOUT)
+        self.between_bytes_timeout = seconds(options.between_bytes, OUTBOUND_BETWEEN_BYTES_TIMEOUT)
+        self.complete = False
+        self.outcome = None         # (status, [(name, value)], HTTPResponse) or Err(error-code)
+        self.taken = False
+        self.connection = None
+        self.cancelled = False
+
+    def start(self):
+        threading.Thread(target=self._run, name="kvhost-outbound", daemon=True).start()
+
+    def _timeout(self, wanted):
+        deadline = self.state.deadline
+        return wanted if deadline is None else max(0.001, min(wanted, deadline - time.monotonic()))
+
+    def _run(self):
+        try:
+            self.outcome = self._send()
+        except (socket.timeout, TimeoutError):
+            connected = self.connection is not None
+            self.outcome = Err(wc.Variant("connection-read-timeout" if connected else
+                                          "connection-timeout"))
+        except Exception as e:
+            self.outcome = Err(_outbound_error(e))
+        self.complete = True
+        self.state.wakeup.set()
+
+    def _send(self):
+        request, body = self.request, self.request.body
+        if body is not None:
+            body.finished_event.wait(None if self.state.deadline is None else
+                                     max(0.0, self.state.deadline - time.monotonic()))
+            if body.failed or not body.finished:
+                return Err(wc.Variant("HTTP-request-body-size", body.written))
+        data = b"" if body is None else b"".join(body.chunks)
+        timeout = self._timeout(self.connect_timeout)
+        if self.use_tls:
+            connection = http.client.HTTPSConnection(self.host, self.port, timeout=timeout,
+                                                     context=ssl.create_default_context())
+        else:
+            connection = http.client.HTTPConnection(self.host, self.port, timeout=timeout)
+        connection.connect()
+        self.connection = connection
+        if self.cancelled:
+            connection.close()
+            return Err(wc.Variant("connection-terminated"))
+        method = request.method
+        name = method.payload if method.tag == "other" else _METHOD_NAMES[method.tag]
+        connection.putrequest(name, request.path or "/", skip_host=True, skip_accept_encoding=True)
+        connection.putheader("Host", request.authority)
+        for name, value in request.fields.items():
+            connection.putheader(name, value)
+        if body is not None and request.fields.content_length() is None:
+            connection.putheader("Content-Length", str(len(data)))
+        sock = connection.sock          # getresponse() drops it when the server will close
+        sock.settimeout(self._timeout(self.first_byte_timeout))
+        connection.endheaders(data or None)
+        response = connection.getresponse()
+        sock.settimeout(self._timeout(self.between_bytes_timeout))
+        headers = [(name, value.encode("latin-1", "replace"))
+                   for name, value in response.getheaders()]
+        return response.status, headers, response
+
+    def cancel(self):
+        """End the call when its request ends (a thread still connecting finds it cancelled)."""
+        self.cancelled = True
+        connection = self.connection
+        if connection is not None:
+            with contextlib.suppress(Exception):
+                connection.sock.shutdown(socket.SHUT_RDWR)
+            with contextlib.suppress(Exception):
+                connection.close()
+
+
+class _IncomingResponse:
+    __slots__ = ("status", "fields", "reader", "body_taken")
+
+    def __init__(self, status, headers, reader):
+        self.status = status
+        self.fields = _Fields.from_server(headers)
+        self.reader = reader
+        self.body_taken = False
+
+
+def _outgoing_handle(state, request_rep, options_rep):
+    request = state.take(request_rep)
+    options = _RequestOptions() if options_rep is None else state.take(options_rep)
+    target = _outbound_target(state.host, request)
+    if isinstance(target, Err):
+        return target
+    if len(state.calls) >= OUTBOUND_CALLS_LIMIT:
+        return Err(wc.Variant("connection-limit-reached"))
+    call = _OutboundCall(state, request, options, *target)
+    if state.wakeup is None:
+        state.wakeup = threading.Event()
+    state.calls.append(call)
+    call.start()
+    return state.add(call)
+
+
+def _future_response_subscribe(state, rep):
+    call = state.get(rep)
+    return state.add(_Pollable(lambda: call.complete))
+
+
+def _future_response_get(state, rep):
+    call = state.get(rep)
+    if not call.complete:
+        return None
+    if call.taken:
+        return _TAKEN
+    call.taken = True
+    if isinstance(call.outcome, Err):
+        return (call.outcome,)
+    status, headers, reader = call.outcome
+    return (state.add(_IncomingResponse(status, headers, reader)),)
+
+
+def _incoming_response_status(state, rep):
+    return state.get(rep).status
+
+
+def _incoming_response_consume(state, rep):
+    response = state.get(rep)
+    if response.body_taken:
+        return Err(None)
+    response.body_taken = True
+    stream = _InputStream(response.reader, OUTBOUND_RESPONSE_LIMIT,
+                          wc.Variant("HTTP-response-body-size", None))
+    return state.add(_IncomingBody(stream))
+
+
+# future-incoming-response.get and future-trailers.get answer option<result<result<T, error-code>>>:
+# None (not ready), _TAKEN (asked again: some(err)) or (value,) with value T or Err(error-code).
+_FUTURE_RESPONSE_GET = ("future", ("own", INCOMING_RESPONSE))
+_FUTURE_TRAILERS_GET = ("future", ("option", _FIELDS_OWN))
+
+
+def _future_desc(desc):
+    """The WIT shape of a ("future", T) result descriptor."""
+    if desc is not None and desc[0] == "future":
+        return ("option", ("result", ("result", desc[1], _ERROR_CODE), None))
+    return desc
+
+
+def _make_lower_future(ok_desc):
+    inner = make_lower(("result", ok_desc, _ERROR_CODE))
+    option_code, result_code = _KIND["option"], _KIND["result"]
+
+    def lower_ready(ctx, value, addr):
+        if value is _TAKEN:
+            _write_result(addr, result_code, False, 0)
+        else:
+            _write_result(addr, result_code, True, _boxed(inner, ctx, value[0]))
+
+    def lower_future(ctx, value, addr):
+        box = 0 if value is None else _boxed(lower_ready, ctx, value)
+        _write_kind_pointer(addr, option_code, box)
+    return lower_future
+
+
+# -- the interfaces, registered on a linker of their own -------------------------------------------
+
+def _http_interfaces():
+    """{interface without version: (resources {name: type id},
+    functions {name: (params, result, func)})}."""
+    interfaces = _io_interfaces()
+    interfaces.update(_wasi_interfaces())
+    interfaces["wasi:http/types"] = _http_types_interface()
+    interfaces["wasi:http/outgoing-handler"] = ({}, {
+        "handle": ((("own", OUTGOING_REQUEST), ("option", ("own", REQUEST_OPTIONS))),
+                   ("result", ("own", FUTURE_INCOMING_RESPONSE), _ERROR_CODE), _outgoing_handle),
+    })
+    return interfaces
+
+
+HTTP_INTERFACES = _http_interfaces()
+
+
+@_DTOR_CALLBACK
+def _drop_http_resource(data, ctx, rep):
+    """The guest dropped an own handle of an HTTP-world resource; `data` is its type id."""
+    try:
+        state = _STATES.get(ctx)
+        if state is not None:
+            state.take_back(data, rep)
+            obj = state.objects.pop(rep, None)
+            if obj is not None:
+                _drop_http_object(state, data, obj)
+    except Exception:        # a destructor must not raise into wasmtime
+        pass
+    return 0
+
+
+_UNREACHABLE = {}           # function id -> message of a function no guest can reach
+
+
+@_FUNC_CALLBACK
+def _unreachable(data, ctx, _ty, args, nargs, results, nresults):
+    return _trap_pointer(_UNREACHABLE.get(data or 0, "kvhost: function not available"))
+
+
+def add_http_to_linker(linker):
+    """Define the wasi:http proxy world's imports (and what toolchains import beside them) in a
+    component linker, each interface at HTTP_WASI_VERSION."""
+    with linker.root() as root:
+        for interface, (resources, functions) in HTTP_INTERFACES.items():
+            with root.add_instance(f"{interface}@{HTTP_WASI_VERSION}") as instance:
+                for name, type_id in resources.items():
+                    _add_host_resource(instance, name, type_id, _drop_http_resource)
+                for name, (params, result, func) in functions.items():
+                    future = result is not None and result[0] == "future"
+                    lower = _make_lower_future(result[1]) if future else None
+                    _add_host_func(instance, name, params, result, func, guarded=False, lower=lower)
+                why, names = UNREACHABLE_FUNCTIONS.get(interface, (None, ()))
+                for name in names:
+                    func_id = _new_func_id()
+                    _UNREACHABLE[func_id] = f"kvhost: {name}: {why}"
+                    _C.define_func(instance, name, _unreachable, func_id, _forget_nothing)
+
+
+def _http_handler_index(guest, engine):
+    """The export index of a component's wasi:http/incoming-handler#handle (found once), or
+    NotHttpHandler."""
+    if guest.http_handler is None:
+        if guest.kind != "component":
+            raise NotHttpHandler(f"{guest.name} is a core module, not a component exporting "
+                                 "wasi:http/incoming-handler")
+        names = [name for name in guest.artifact.type.exports(engine)
+                 if name.startswith(HTTP_HANDLER_PREFIX)]
+        if not names:
+            raise NotHttpHandler(f"{guest.name} does not export wasi:http/incoming-handler (it is "
+                                 "not an HTTP handler: build it for the wasi:http/proxy world)")
+        interface = guest.artifact.get_export_index(names[0])
+        guest.http_handler = guest.artifact.get_export_index("handle", interface)
+    return guest.http_handler
+
+
+# -- one request -----------------------------------------------------------------------------------
+
+_LOWER_REQUEST = make_lower(("own", INCOMING_REQUEST))
+_LOWER_OUTPARAM = make_lower(("own", RESPONSE_OUTPARAM))
+
+
+class _HttpSession:
+    """One request: a fresh Store and instance, the guest's handle() called with the request and
+    a response-outparam, and what it answered checked."""
+
+    def __init__(self, host, guest, request, sink, namespace):
+        self.host = host
+        self.guest = guest
+        self.request = request
+        deadline = None if host.timeout is None else time.monotonic() + host.timeout
+        self.captures = (_Capture(HTTP_CAPTURE_BYTES), _Capture(HTTP_CAPTURE_BYTES))
+        self.state = _HttpState(host, namespace, sink, deadline, self.captures)
+        self.guest_store = host._new_store(wasi=False)
+        self.address = self.guest_store.address
+        if host._composition is not None:
+            self.state.provider = host._composition.link(self.state, self.captures)
+
+    def __enter__(self):
+        _STATES[self.address] = self.state
+        return self
+
+    def __exit__(self, *exc):
+        state = self.state
+        _STATES.pop(self.address, None)
+        state.close()
+        if state.provider is not None:
+            state.provider.close()
+        self.guest_store.close()
+        if state.events:
+            (self.host._event_sink or self.host._deliver)(state.events)
+
+    def fuel_used(self):
+        left = self.guest_store.fuel_left()        # None: the Host meters no fuel
+        return 0 if left is None else self.host.fuel - left
+
+    def _instantiate(self, store):
+        try:
+            return self.host._http_linker().instantiate(store, self.guest.artifact)
+        except wasmtime.WasmtimeError as e:
+            reason = _link_reason(e)
+            if _is_link_failure(reason):
+                raise LinkError(f"cannot link {self.guest.name} as an HTTP handler: "
+                                f"{reason}") from None
+            raise self._error(e) from None
+        except wasmtime.Trap as e:          # a start function trapped
+            raise self._error(e) from None
+
+    def run(self):
+        """Call handle(request, response-outparam); the HttpOutcome, or the TrapError."""
+        index = _http_handler_index(self.guest, self.host.engine)
+        store = self.guest_store.wrapper
+        instance = self._instantiate(store)
+        func = instance.get_func(store, index)
+        if func is None:
+            raise NotHttpHandler(f"{self.guest.name}: wasi:http/incoming-handler#handle is not a "
+                                 "function")
+        state = self.state
+        args = ctypes.create_string_buffer(2 * _VAL_SIZE)     # zeros: bool false, owns nothing
+        base = ctypes.addressof(args)
+        _LOWER_REQUEST(self.address, state.add(_IncomingRequest(self.request)), base)
+        _LOWER_OUTPARAM(self.address, state.add(_Placeholder()), base + _VAL_SIZE)
+        try:
+            _C.call_component(self.address, _C.func_address(func), base, 2, None, 0)
+        except wasmtime.WasmtimeError as e:
+            raise self._error(e) from None
+        finally:
+            _C.val_delete(base)
+            _C.val_delete(base + _VAL_SIZE)
+        if state.failure is not None:
+            raise self._mark(state.failure)
+        return self._answer()
+
+    def _mark(self, error):
+        """`error` with what the caller needs: whether the response started, the guest's stderr."""
+        error.response_started = self.state.response is not None
+        error.stderr = self.captures[1].value()
+        error.fuel = self.fuel_used()
+        return error
+
+    def _error(self, wasmtime_error):
+        """The TrapError for a guest that trapped: the reason a host function gave first (a
+        deadline, an exit, a client gone), else what the trap says."""
+        state = self.state
+        failure = state.failure
+        if failure is None and state.sink_error is not None:
+            failure = TrapError(f"the response could not be sent ({state.sink_error}); then the "
+                                "guest trapped", "sink")
+        if failure is None:
+            failure = _trap_error(wasmtime_error, self.host)
+            if state.outparam_used and "unknown handle index" in str(wasmtime_error):
+                failure = TrapError("the guest set its response twice", "response-twice")
+        return self._mark(failure)
+
+    def _fail(self, message, kind):
+        return self._mark(TrapError(message, kind))
+
+    def _answer(self):
+        """The HttpOutcome of a guest that returned, or the TrapError saying what is wrong."""
+        state = self.state
+        response = state.response
+        if response is None:
+            code = state.response_error
+            if code is not None:
+                detail = "" if code.payload is None else f" ({code.payload})"
+                raise self._fail(f"the guest answered with error {code.tag}{detail}",
+                                 "response-error")
+            raise self._fail("the guest returned without setting a response", "no-response")
+        body = response.body
+        if body is None:
+            declared = response.fields.content_length()
+            if declared:
+                raise self._fail(f"the guest wrote no body, its content-length says {declared}",
+                                 "body-size")
+            state.finish_body(_OutgoingBody(response, None))
+        elif body.failed:
+            raise self._fail(body.failed, "incomplete" if body.dropped else "body-size")
+        elif not body.finished:
+            # It still holds the body: the body ends here, as in wasmtime serve (a body it
+            # dropped unfinished is broken, above).
+            mismatch = body.length_error()
+            if mismatch:
+                raise self._fail(mismatch, "body-size")
+            state.finish_body(body)
+        if state.sink_error is not None:
+            raise self._fail(f"the response could not be sent: {state.sink_error}", "sink")
+        stdout, stderr = self.captures
+        return HttpOutcome(response.status, 0 if body is None else body.written, stdout.value(),
+                           stderr.value(), self.fuel_used())
+
+
+# ---------------------------------------------------------------------------
 # sandbox processes: guests that can block in a host call
 # ---------------------------------------------------------------------------
 
@@ -4543,7 +6670,7 @@ class _Channel:
             raise _ChannelError("oversized frame")
         try:
             header = json.loads(self._read(size, deadline))
-        except ValueError:
+        except (ValueError, RecursionError):
             raise _ChannelError("malformed frame") from None
         blobs = []
         for _ in range(count):
@@ -4688,7 +6815,8 @@ class _Worker:
                 [sys.executable, "-c", self.CODE, os.path.abspath(__file__),
                  str(to_child_read), str(from_child_write)],
                 stdin=subprocess.DEVNULL,
-                pass_fds=(to_child_read, from_child_write), start_new_session=True)
+                pass_fds=(to_child_read, from_child_write), start_new_session=True,
+                stdout=subprocess.DEVNULL if settings.get("output") == "discard" else None)
         finally:
             os.close(to_child_read)
             os.close(from_child_write)
@@ -4758,6 +6886,14 @@ class _Worker:
                                                            "message": "internal error: "
                                                                       f"{type(e).__name__}: {e}"}})
 
+    def alive(self):
+        """True while the process runs and its pipe is quiet: an idle worker that died (or wrote
+        when nobody asked) must not be handed a request."""
+        try:
+            return self.process.poll() is None and not select.select([self.channel.read_fd], [], [], 0)[0]
+        except (OSError, ValueError):   # the channel is closed
+            return False
+
     def exit_reason(self):
         try:
             code = self.process.wait(timeout=1)
@@ -4805,6 +6941,7 @@ class _WorkerPool:
                     "env": host.env, "dirs": host.dirs, "cache_dir": host.cache_dir,
                     "stdout": host.stdout,
                     "stderr": host.stderr, "stub_imports": host.stub_imports,
+                    "output": host.output,
                     "allow_buckets": (None if host.allow_buckets is None
                                       else sorted(host.allow_buckets)),
                     "deny_buckets": sorted(host.deny_buckets)}
@@ -4831,16 +6968,25 @@ class _WorkerPool:
             threading.Thread(target=start, name="kvhost-workers", daemon=True).start()
 
     def _acquire(self):
-        with self._cond:
-            while True:
-                if self._closed:
-                    raise KvError("the host is closed")
-                if self._idle:
-                    return self._idle.pop()
-                if self._started < self.size:
-                    self._started += 1
-                    break
-                self._cond.wait()
+        dead = []
+        try:
+            with self._cond:
+                while True:
+                    if self._closed:
+                        raise KvError("the host is closed")
+                    while self._idle:
+                        worker = self._idle.pop()
+                        if worker.alive():
+                            return worker
+                        dead.append(worker)       # died while idle (killed, out of memory): replaced
+                        self._started -= 1
+                    if self._started < self.size:
+                        self._started += 1
+                        break
+                    self._cond.wait()
+        finally:
+            for worker in dead:
+                worker.kill()
         try:
             return _Worker(*self._settings())
         except OSError as e:
@@ -4895,7 +7041,8 @@ def _worker_guest(host, wire, blobs):
 
 def _worker_main(argv):
     """The loop of a worker process (see _WorkerPool): requests from the parent, one at a time,
-    until the parent closes the pipe. Guest stdout/stderr are the parent's unless captured."""
+    until the parent closes the pipe. Guest output goes where the parent's Host says (captured,
+    to files, inherited or dropped)."""
     channel = _Channel(int(argv[0]), int(argv[1]))
     try:
         header, blobs = channel.recv()
@@ -4958,24 +7105,22 @@ class _Parser(argparse.ArgumentParser):
         raise ArgumentError(message)
 
 
-def _positive_float(text):
+def _option_number(text, what, **bounds):
     try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid number {text!r}") from None
+        return parse_number(text, what, **bounds)
+    except ArgumentError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _positive_float(text):
+    value = _option_number(text, "number of seconds", minimum=0, maximum=1e9, fraction=True)
     if not 0 < value < 1e9:
         raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
     return value
 
 
 def _positive_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid integer {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
+    return _option_number(text, "integer", minimum=1)
 
 
 def _env_pair(text):
@@ -4993,13 +7138,7 @@ def _dir_pair(text):
 
 
 def _nonnegative_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid integer {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return value
+    return _option_number(text, "integer", minimum=0)
 
 
 def add_store_options(parser, kv_default=DEFAULT_KV_URL, kv_default_text=None, provider="FILE"):
@@ -5019,8 +7158,26 @@ def add_store_options(parser, kv_default=DEFAULT_KV_URL, kv_default_text=None, p
     parser.add_argument("--namespace", help="tenant whose data the guest sees (default: default)")
 
 
-def add_sandbox_options(parser):
-    """The options of a guest's sandbox; host_from_args() turns them into Host arguments."""
+def link_table(entries):
+    """{import module name: file} from --link NAME=FILE texts (kvhost's own command line)."""
+    table = {}
+    for entry in entries or ():
+        name, sep, target = entry.partition("=")
+        if not sep or not name or not target:
+            raise ArgumentError(f"invalid --link {entry!r}: expected NAME=FILE")
+        if table.setdefault(name, target) != target:
+            raise ArgumentError(f"--link {name}= is given twice ({table[name]!r} and {target!r})")
+    return table
+
+
+def add_sandbox_options(parser, link_target="FILE"):
+    """The options of a guest's sandbox; host_from_args() turns them into Host arguments.
+    link_target: what --link NAME=PATH names (a file for kvhost, a stored path for wasmstore)."""
+    parser.add_argument("--link", action="append", default=[], dest="links",
+                        metavar="NAME=PATH",
+                        help=f"link a core module's imports from module NAME to the exports of "
+                             f"the core module at PATH ({link_target}; repeatable), e.g. "
+                             "--link env=random.wasm")
     parser.add_argument("--allow-bucket", action="append", dest="allow_buckets", metavar="B",
                         help="bucket the guest may open (repeatable; default: any)")
     parser.add_argument("--timeout", type=_positive_float, default=DEFAULT_TIMEOUT, metavar="S",
@@ -5043,6 +7200,11 @@ def add_sandbox_options(parser):
                         help="define imports this host does not provide (e.g. wasi:http) as "
                              "functions that "
                              "trap when called, so the rest of the guest runs")
+    parser.add_argument("--allow-outbound", action="append", dest="allow_outbound", default=[],
+                        metavar="HOST[:PORT]",
+                        help="destination an HTTP handler may send requests to (repeatable; "
+                             "HOST alone allows its default port, 80 or 443; default: none, "
+                             "requests are refused)")
     parser.add_argument("--cache-dir",
                         help="compile cache directory (default ~/.cache/wasmstore/kvhost)")
 
@@ -5054,7 +7216,8 @@ def host_from_args(args, **overrides):
                    max_memory=args.max_memory, max_table_elements=args.max_table_elements,
                    env=dict(args.env),
                    dirs=args.dirs, cache_dir=args.cache_dir,
-                   stub_imports=args.stub_imports, isolation="thread")
+                   stub_imports=args.stub_imports, isolation="thread",
+                   allow_outbound=getattr(args, "allow_outbound", None))
     if args.namespace is not None:
         options["namespace"] = args.namespace
     if getattr(args, "provider_kv", None) is not None:
@@ -5067,13 +7230,24 @@ def host_from_args(args, **overrides):
 
 def parse_json_args(texts):
     """JSON arguments of a call, one per command-line word."""
+    shown = (lambda text: repr(text) if len(text) <= 60 else repr(text[:57] + "..."))
     values = []
     for text in texts:
         try:
-            values.append(json.loads(text))
-        except ValueError:
-            raise ArgumentError(f"invalid JSON argument {text!r}") from None
+            values.append(parse_json(text, f"JSON argument {shown(text)}"))
+        except ArgumentError as exc:
+            hint = _quoting_hint(text)
+            raise ArgumentError(f"invalid JSON argument {shown(text)} ({hint})" if hint else str(exc)) from None
     return values
+
+
+def _quoting_hint(text):
+    """For a word that JSON does not take: how to pass it as a JSON string through a shell."""
+    if not text or text[:1] in '"[{' or len(text) > 200:
+        return ""
+    quoted = json.dumps(text, ensure_ascii=False)
+    shell = "'" + quoted.replace("'", "'\\''") + "'"
+    return f"arguments are JSON: a string is written {quoted}, in a shell {shell}"
 
 
 
@@ -5155,8 +7329,10 @@ def _build_parser():
     exports.add_argument("guest")
     kv = commands.add_parser("kv", help="inspect and edit stored data")
     add_store_options(kv, provider=None)
-    kv.add_argument("action", choices=["get", "set", "delete", "list", "incr"])
-    kv.add_argument("bucket")
+    kv.add_argument("action", choices=["get", "set", "delete", "list", "incr"],
+                    help="list without BUCKET (and without --namespace) prints the namespaces "
+                         "that hold data")
+    kv.add_argument("bucket", nargs="?")
     kv.add_argument("key", nargs="?")
     kv.add_argument("value", nargs="?")
     return parser
@@ -5171,15 +7347,21 @@ def print_exports(described, out, as_json=False):
         out.write(format_export(entry) + "\n")
 
 
-def _kv_command(args, out):
+def _kv_command(args, out, err):
     needs = {"get": 1, "set": 2, "delete": 1, "list": 0, "incr": 1}[args.action]
     given = sum(x is not None for x in (args.key, args.value))
-    if given < needs or (args.action != "incr" and given > needs) or given > 2:
+    listing_namespaces = args.action == "list" and args.bucket is None and args.namespace is None
+    if (args.bucket is None and not listing_namespaces) or given < needs or \
+            (args.action != "incr" and given > needs) or given > 2:
         raise ArgumentError(f"kv {args.action} expects BUCKET" + (" KEY" if needs >= 1 else "")
                             + (" VALUE" if needs == 2 else "")
                             + (" [DELTA]" if args.action == "incr" else ""))
     backend = open_backend(args.kv)
     try:
+        if listing_namespaces:
+            for namespace in backend.namespaces():
+                out.write(namespace + "\n")
+            return 0
         _check_bucket(args.bucket)
         ns, bucket = args.namespace or "default", args.bucket
         if args.action == "get":
@@ -5197,22 +7379,33 @@ def _kv_command(args, out):
         elif args.action == "delete":
             backend.delete(ns, bucket, args.key)
         elif args.action == "list":
-            cursor = None
+            cursor, listed = None, 0
             while True:
                 keys, cursor = backend.list_page(ns, bucket, cursor)
+                listed += len(keys)
                 for key in keys:
                     out.write(key + "\n")
                 if cursor is None:
                     break
+            if not listed and args.namespace is None:
+                _say_where_data_is(backend, bucket, err)
         else:
-            try:
-                delta = int(args.value) if args.value is not None else 1
-            except ValueError:
-                raise ArgumentError(f"invalid delta {args.value!r}: expected an integer") from None
+            delta = 1 if args.value is None else parse_number(args.value, "delta", minimum=S64[0], maximum=U64[1])
             out.write(f"{backend.increment(ns, bucket, args.key, delta)}\n")
     finally:
         backend.close()
     return 0
+
+
+def _say_where_data_is(backend, bucket, err):
+    """An empty listing of the default namespace: name the namespaces that do hold data (a
+    stored module's data is under its path, not under "default")."""
+    namespaces = [ns for ns in backend.namespaces(limit=21) if ns != "default"]
+    if not namespaces:
+        return
+    shown = ", ".join(namespaces[:20]) + (", ..." if len(namespaces) > 20 else "")
+    err.write(f"kvhost: bucket {bucket!r} of namespace 'default' is empty; namespaces with data: "
+              f"{shown} (choose one with --namespace; `kv list` lists them all)\n")
 
 
 def report(error, err, prog):
@@ -5236,19 +7429,23 @@ def main(argv=None):
     try:
         args = _build_parser().parse_args(argv)
         if args.command == "kv":
-            return _kv_command(args, out)
+            return _kv_command(args, out, err)
         if args.command == "exports":
             with Host(cache_dir=args.cache_dir, isolation="thread") as host:
                 print_exports(host.exports(host.load(args.guest)), out, args.json)
             return 0
         json_args = parse_json_args(getattr(args, "json_args", []))
+        links = link_table(args.links)
         with host_from_args(args) as host:
             guest = host.load(args.guest)
+            linked = {name: host.load(target) for name, target in links.items()}
+            resolve = linked.get if linked else None
             if args.command == "run":
                 out.flush()
-                return run_with_deadline(lambda: host.run(guest, args.args), host.timeout)
-            result = run_with_deadline(lambda: host.call(guest,
-                                                         args.function, json_args), host.timeout)
+                return run_with_deadline(lambda: host.run(guest, args.args, stdin=STDIN_INHERIT,
+                                                          resolve=resolve), host.timeout)
+            result = run_with_deadline(
+                lambda: host.call(guest, args.function, json_args, resolve=resolve), host.timeout)
             print_json(result, out)
             return 0
     except KvError as e:
@@ -5258,5 +7455,10 @@ def main(argv=None):
         return 130
 
 
-if __name__ == "__main__":
+def console_main():
+    """The `kvhost` command (python kvhost.py, or the script pip installs)."""
     sys.exit(end_process(main()))
+
+
+if __name__ == "__main__":
+    console_main()

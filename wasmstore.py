@@ -31,15 +31,13 @@ the raw module bytes, trees and commits canonical JSON):
   what follows it; a damaged or missing index just means a scan. Records after the first
   header that is not whole and intact (a killed writer's torn tail) are ignored, and the
   next writer truncates them.
-- ``objects/<2 hex>/<62 hex>``: loose objects: the layout before packs (still read), and
-  modules written out from a pack the first time they are served as a file
-  (``module_filename``: zero-copy downloads, the CLI's ``filename``). A loose and a packed
-  copy are the same object.
+- ``objects/<2 hex>/<62 hex>``: a module written out from its pack the first time it is
+  served as a file (``module_filename``: zero-copy downloads, the CLI's ``filename``). A
+  loose and a packed copy are the same object; gc keeps only the loose one.
 - ``refs/heads/<branch>``: 256 bytes, two 128-byte slots ``ref <sequence 16 hex> <head
   | none> <crc32 8 hex>`` (the CRC-32 of the text before it) padded with spaces and a
   newline. A change overwrites the slot with the lower sequence; readers take the intact
-  slot with the higher one. (A file of the
-  previous layout, ``<hex>\\n`` or empty, is read too and rewritten as slots on open.)
+  slot with the higher one.
 - ``HEAD``: the default branch's name and a newline.
 - ``cache/history``: derived per-commit change lines for versions()/audit() (not synced).
 - ``tmp/``: files being written, named ``<pid>-...``; a dead writer's are removed by the
@@ -48,7 +46,8 @@ the raw module bytes, trees and commits canonical JSON):
 Durability: a commit costs two syncs, three at most. Its new objects (modules first, then
 trees bottom-up, then the commit) are appended to the active pack in one write and made
 durable by one fdatasync (starting a new pack adds an fsync of ``objects/pack``); then the
-ref's older slot is overwritten in place and fdatasynced. No file is created per commit. A
+ref's older slot is overwritten in place and fdatasynced (every sync goes through ``_sync``:
+F_FULLFSYNC on macOS, which has no fdatasync). No file is created per commit. A
 crash at any point leaves the ref at a commit whose objects are all durable. A ref changes
 only under an exclusive ``flock`` of ``refs/heads``, by compare-and-swap against the head
 the change was computed from, so writers in many threads and processes never lose an
@@ -61,9 +60,11 @@ file needs an open, an fsync, a rename and a directory fsync; an append needs on
 fdatasync), and a ref that moves by rename cannot be read fresh without a syscall anyway,
 so a commit creates no file and a ref is rewritten in place.
 
-Map of this file: constants; exceptions and the ERROR_STATUS table (HTTP and exit status of
-each error, shared with http_server.py); names (paths, branches, hashes); validation
-(wasmtime, imported lazily); primitives (the durable write, temp files and their debris, the
+Map of this file: constants; exceptions and the ERROR_STATUS table (HTTP status, exit
+status and metric label of each error, shared with http_server.py); input from outside
+(parse_number, parse_json, parse_url: ASCII digits, bounded JSON nesting, ports in range; used
+by http_server.py too); names (paths, branches,
+hashes); validation (wasmtime, imported lazily); primitives (the durable write, temp files and their debris, the
 hash check, caches); the object store (_Segment: one pack as a reader sees it;
 _ObjectStore: packs and loose files, batches, module files, fsck and gc passes); refs
 (_Refs: slot files, compare-and-swap, HEAD); the Store facade (layout, trees, changes,
@@ -90,14 +91,16 @@ OCI::
 
 __version__ = "0.1.0"
 __all__ = [
-    "Store", "StoreError", "InvalidInput", "InvalidModule", "TooLarge", "NotFound",
-    "Conflict", "MergeConflict", "CorruptObject", "validate_path", "format_path",
+    "Store", "Cache", "SharedFd", "StoreError", "InvalidInput", "InvalidModule", "TooLarge", "NotFound",
+    "Conflict", "MergeConflict", "CorruptObject", "FsckReport", "validate_path", "format_path",
     "validate_branch", "validate_hash", "validate_module", "load_backup", "main",
-    "ERROR_STATUS", "error_status", "Runner", "Target", "default_kv_url", "kv_options", "parse_namespace_map",
+    "ERROR_STATUS", "ErrorMeaning", "error_status", "Runner", "Target", "default_kv_url",
+    "kv_options", "parse_namespace_map", "parse_links",
     "RegistryError", "OciReference", "WasmArtifact", "Credentials", "RegistryClient",
     "TransferReport", "wasm_interface", "module_artifact", "registry_credentials",
     "docker_config_file", "validate_module_file", "is_branch_tag", "push", "push_all", "pull",
-    "pull_many",
+    "pull_many", "console_main", "wasm_from_text", "parse_number", "parse_json", "json_depth",
+    "parse_url", "Url", "MAX_JSON_DEPTH",
 ]
 
 import argparse
@@ -106,11 +109,11 @@ import collections
 import concurrent.futures
 import contextlib
 import fcntl
-import functools
 import hashlib
 import io
 import itertools
 import json
+import math
 import mmap
 import os
 import re
@@ -128,7 +131,6 @@ import zlib
 DEFAULT_ROOT = "~/.wasmstore"
 DEFAULT_BRANCH = "main"
 DEFAULT_AUTHOR = "wasmstore"
-HASH_LENGTH = 64                      # SHA-256, lowercase hex
 MAX_SEGMENT_BYTES = 255               # the common filesystem name limit, so export works
 MAX_SEGMENTS = 64                     # keeps trees shallow and commits O(depth)
 MAX_AUTHOR_CHARS = 256                # authors come from HTTP headers: keep commits small
@@ -159,6 +161,8 @@ OCI_TITLE = "org.opencontainers.image.title"   # `oras pull` names the file afte
 OCI_MAX_MANIFEST_BYTES = 4 << 20      # the distribution spec asks registries to take 4 MB
 OCI_MAX_SMALL_BODY = 64 << 10         # error bodies, token answers, Docker config.json
 OCI_MAX_MODULE_BYTES = 1 << 30        # a pulled layer over this is refused before download
+TEXT_SUFFIXES = (".wat", ".wast")      # WebAssembly text: `add` stores its binary
+MAX_TEXT_BYTES = 64 << 20              # wat2wasm parses text whole, in memory
 OCI_TIMEOUT = 60.0                    # seconds per registry socket operation
 OCI_REDIRECTS = 5                     # redirects followed per request
 PULL_MESSAGE_SOURCES = 20            # sources a pull of several modules names in its one commit
@@ -171,6 +175,8 @@ OCI_REPOSITORY = re.compile(r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*"
 OCI_TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}\Z")
 OCI_DIGEST = re.compile(r"sha256:[0-9a-f]{64}\Z")
 OCI_VERSION_TAG = re.compile(r"v(0|[1-9][0-9]{0,8})\Z")   # v0, v1, ...: a path's versions
+MAX_JSON_DEPTH = 64                   # JSON from outside nests at most this deep
+MAX_NUMBER_CHARS = 40                 # a longer number from outside is refused unread
 
 
 # --------------------------------------------------------------------------- exceptions
@@ -212,21 +218,35 @@ class CorruptObject(StoreError):
     """An object or ref failed its integrity check: it is never returned as data."""
 
 
-# What each error means to a caller, in one table read by main() (exit status) and by
-# http_server.py (HTTP status): {exception class: (HTTP status, exit status)}. A subclass
-# without its own row uses its nearest parent's (see error_status).
+class RegistryError(StoreError):
+    """A registry could not be reached, refused a request, or sent something unusable.
+    str() is one line and never contains a credential or a token."""
+
+
+class ErrorMeaning(collections.namedtuple("ErrorMeaning", "http_status exit_status label")):
+    """What an error means to a caller: the HTTP status a server answers with, the exit
+    status of the command line, and the label metrics and access logs count it under (one
+    of a small, fixed set)."""
+
+    __slots__ = ()
+
+# The one table of what each error of this module means, read by main() (exit status) and by
+# http_server.py (HTTP status, metric label). A subclass without its own row uses its nearest
+# parent's (see error_status): InvalidModule is an InvalidInput, MergeConflict a Conflict.
 ERROR_STATUS = {
-    TooLarge: (413, 1),          # over the size limit the caller set (an upload's --max-body)
-    InvalidInput: (400, 1),      # bad path, branch, hash, index; InvalidModule (the validator's words)
-    NotFound: (404, 1),
-    Conflict: (409, 1),          # MergeConflict, branch exists, nothing to roll back
-    CorruptObject: (500, 1),     # never served; fsck says more
-    StoreError: (500, 1),
+    TooLarge: ErrorMeaning(413, 1, "too-large"),      # over the caller's limit (--max-body)
+    InvalidInput: ErrorMeaning(400, 1, "arguments"),  # bad path, branch, hash; invalid module
+    NotFound: ErrorMeaning(404, 1, "not-found"),
+    Conflict: ErrorMeaning(409, 1, "conflict"),       # branch exists, nothing to roll back...
+    CorruptObject: ErrorMeaning(500, 1, "corrupt"),   # never served as data; fsck says more
+    RegistryError: ErrorMeaning(502, 1, "registry"),  # an OCI registry failed us
+    StoreError: ErrorMeaning(500, 1, "error"),
 }
 
 
 def error_status(exc):
-    """(HTTP status, exit status) for an exception of this module, None for anything else."""
+    """The ErrorMeaning of an exception of this module (its class's row, or its nearest
+    parent's), None for any other exception."""
     for cls in type(exc).__mro__:
         if cls in ERROR_STATUS:
             return ERROR_STATUS[cls]
@@ -242,6 +262,106 @@ class _RefMoved(Conflict):
                          "(a writer without the lock?); nothing was written, retry")
 
 
+# --------------------------------------------------------------------------- input from outside
+#
+# Every number, JSON text and URL this module takes from a user, a file or a peer (a registry,
+# a backup) goes through one of these three: only ASCII digits are digits (str.isdigit() takes
+# "²", int() takes "٣" and "1_0"), JSON nests at most MAX_JSON_DEPTH levels (the decoder
+# recurses: 1,000 levels in 2 KB raise RecursionError), a URL's port is a number in range.
+# http_server.py uses these; kvhost.py has the same three for its own input (each file works
+# copied alone).
+
+_INTEGER_TEXT = re.compile(r"-?[0-9]+\Z")
+_FRACTION_TEXT = re.compile(r"-?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][-+]?[0-9]+)?\Z")
+_JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.S)
+_JSON_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
+_BRACKET_STEP = {"[": 1, "{": 1, "]": -1, "}": -1}
+_USERINFO = re.compile(r"//[^/@]*@")
+_NOT_IN_URL = re.compile(r"[\x00-\x20\x7f]")          # spaces and control characters
+
+
+def parse_number(text, what, *, minimum=0, maximum=None, fraction=False):
+    """The number `text` (str or bytes) spells in ASCII digits: an int, or with fraction=True a
+    finite float (a decimal point and an exponent allowed). A leading "-" is the only sign; no
+    space, "_", "+", nan or inf. InvalidInput naming `what` when the text is not such a number
+    or the number is outside [minimum, maximum] (None: unbounded)."""
+    if isinstance(text, (bytes, bytearray)):
+        text = bytes(text).decode("latin-1")
+    pattern = _FRACTION_TEXT if fraction else _INTEGER_TEXT
+    if not isinstance(text, str) or len(text) > MAX_NUMBER_CHARS or not pattern.match(text):
+        kind = "a number" if fraction else "an integer"
+        raise InvalidInput(f"invalid {what} {_short(text, 40)}: expected {kind} in ASCII digits")
+    value = float(text) if fraction else int(text)
+    if not math.isfinite(value) or (minimum is not None and value < minimum) \
+            or (maximum is not None and value > maximum):
+        bounds = f"at least {minimum}" if maximum is None else f"{minimum} to {maximum}"
+        raise InvalidInput(f"invalid {what} {text!r}: expected {bounds}")
+    return value
+
+
+def _reject_constant(name):
+    raise ValueError(f"{name} is not JSON (write \"NaN\", \"Infinity\" or \"-Infinity\" as strings)")
+
+
+_STRICT_JSON = json.JSONDecoder(parse_constant=_reject_constant)
+
+
+def json_depth(text):
+    """How deep the arrays and objects of JSON text nest (brackets inside strings do not count;
+    for text that is not JSON, how deep a decoder would get before it finds out)."""
+    brackets = _JSON_NOT_BRACKET.sub("", _JSON_STRING.sub("", text))
+    return max(itertools.accumulate(map(_BRACKET_STEP.__getitem__, brackets)), default=0)
+
+
+def parse_json(data, what="JSON", *, max_depth=MAX_JSON_DEPTH):
+    """The value of strict JSON (no NaN or Infinity) given as str or bytes (UTF-8, or the
+    UTF-16/32 that json detects), nested at most max_depth levels: deeper input is refused
+    before the decoder sees it. InvalidInput naming `what` otherwise."""
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        data = bytes(data)
+        try:
+            data = data.decode(json.detect_encoding(data))
+        except UnicodeDecodeError:
+            raise InvalidInput(f"invalid {what}: not UTF-8 text") from None
+    if not isinstance(data, str):
+        raise InvalidInput(f"invalid {what}: expected JSON text, not {type(data).__name__}")
+    if data.count("[") + data.count("{") > max_depth and json_depth(data) > max_depth:
+        raise InvalidInput(f"invalid {what}: nested deeper than {max_depth} levels")
+    try:
+        return _STRICT_JSON.decode(data)
+    except ValueError as exc:              # json.JSONDecodeError, and numbers over 4,300 digits
+        raise InvalidInput(f"invalid {what}: {exc}") from None
+
+
+class Url(collections.namedtuple("Url", "scheme username password host port path query")):
+    """A URL parse_url() checked; netloc is "host[:port]" (IPv6 hosts in brackets)."""
+
+    __slots__ = ()
+
+    @property
+    def netloc(self):
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return host if self.port is None else f"{host}:{self.port}"
+
+
+def parse_url(text, what, schemes=("http", "https")):
+    """A URL from outside as a Url (host lowercased, IPv6 without brackets, port None when not
+    given); InvalidInput naming `what` unless its scheme is one of `schemes`, it names a host
+    (no space or control character) and its port, if any, is 0-65535 in ASCII digits."""
+    import urllib.parse
+    shown = _short(_USERINFO.sub("//", str(text)), 200)           # never a password in a message
+    if not isinstance(text, str) or _NOT_IN_URL.search(text):
+        raise InvalidInput(f"invalid {what} {shown}: not a URL")
+    try:
+        parts = urllib.parse.urlsplit(text)
+        port = parts.port
+    except ValueError as exc:              # "Invalid IPv6 URL", a port out of range or not a number
+        raise InvalidInput(f"invalid {what} {shown}: {exc}") from None
+    if parts.scheme not in schemes or not parts.hostname:
+        raise InvalidInput(f"invalid {what} {shown}: expected {' or '.join(schemes)}://HOST")
+    return Url(parts.scheme, parts.username, parts.password, parts.hostname, port, parts.path, parts.query)
+
+
 # --------------------------------------------------------------------------- names
 
 def _short(value, limit=80):
@@ -254,16 +374,20 @@ def validate_path(path):
 
     One leading "/" is allowed (the printed form). "" and "/" are the root (no segments).
     """
+    segments = _valid_paths.get(path) if isinstance(path, str) else None
+    if segments is None:
+        segments = _parse_path(path)
+        _valid_paths.put(path, segments)
+    return segments
+
+
+def _parse_path(path):
+    """validate_path's work (its answers are cached: valid paths repeat, every find parses
+    one)."""
     if not isinstance(path, str):
         raise InvalidInput(f"invalid path {_short(path)}: expected a string")
     if len(path) > MAX_SEGMENTS * (MAX_SEGMENT_BYTES + 1) + 1:
         raise InvalidInput(f"invalid path {_short(path)}: longer than any valid path")
-    return _parse_path(path)
-
-
-@functools.lru_cache(maxsize=8192)
-def _parse_path(path):
-    """validate_path's work, cached: valid paths repeat (every find parses one)."""
     body = path[1:] if path.startswith("/") else path
     if not body:
         return ()
@@ -386,6 +510,23 @@ def _wasm_reader():
         return None
 
 
+def wasm_from_text(text, name="<text>"):
+    """The binary of a module or component written in the WebAssembly text format (wasmtime's
+    wat2wasm); InvalidModule naming `name` and the parser's message if it does not parse."""
+    wasmtime = _wasmtime()                          # the clear error when wasmtime is missing
+    try:
+        return bytes(wasmtime.wat2wasm(text.decode("utf-8") if isinstance(text, bytes) else text))
+    except UnicodeDecodeError as exc:
+        raise InvalidModule(f"{name}: WebAssembly text must be UTF-8 ({exc.reason} at byte "
+                            f"{exc.start})") from None
+    except wasmtime.WasmtimeError as exc:
+        lines = str(exc).strip().splitlines() or ["cannot be parsed"]
+        where = re.search(r"--> .*:(\d+):(\d+)\s*$", str(exc), re.M)
+        place = f" (line {where.group(1)}, column {where.group(2)})" if where else ""
+        raise InvalidModule(f"{name}: invalid WebAssembly text: {lines[0].strip()[:300]}"
+                            f"{place}") from None
+
+
 def validate_module(data):
     """Raise InvalidModule unless wasmtime would compile data (bytes, bytearray or mmap): a
     core module or component that kvhost.py can run. The message is wasmtime's."""
@@ -464,10 +605,32 @@ def validate_module_file(filename):
 
 # --------------------------------------------------------------------------- primitives
 
+def _sync(fd, data_only=False):
+    """Make what was written to fd durable: every sync of the store goes through here.
+
+    macOS: fcntl(F_FULLFSYNC), as SQLite does, since a plain fsync there stops at the drive's
+    volatile cache; where a file system refuses it, fsync. Elsewhere fdatasync when only the
+    data (and the size) must reach the disk, else fsync; Python has no os.fdatasync on macOS.
+    Both are looked up per call (a syscall costs far more), so tests can take them away."""
+    full_sync = getattr(fcntl, "F_FULLFSYNC", None)
+    if full_sync is not None:
+        try:
+            fcntl.fcntl(fd, full_sync)
+            return
+        except OSError:
+            pass
+    datasync = getattr(os, "fdatasync", None) if data_only else None
+    if datasync is not None:
+        datasync(fd)
+    else:
+        os.fsync(fd)
+
+
 def _fsync_path(path):
+    """Sync a file or a directory (a directory: the names created or renamed in it)."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        os.fsync(fd)
+        _sync(fd)
     finally:
         os.close(fd)
 
@@ -531,26 +694,33 @@ def _unlink_quietly(path):
 _temp_names = itertools.count()
 
 
-def _new_temp(tmp_dir, mode=0o600):
-    """(path, fd) of a new file in tmp_dir; the name starts with our pid so that a later
-    writer can tell a killed writer's debris (see _remove_debris)."""
-    name = f"{os.getpid()}-{next(_temp_names)}-{os.urandom(4).hex()}.tmp"
-    path = os.path.join(tmp_dir, name)
+def _new_temp(directory, mode=0o600, prefix=""):
+    """(path, fd) of a new file "<prefix><pid>-<n>-<random>.tmp" in directory: the pid lets a
+    later writer tell a killed writer's debris (see _remove_debris)."""
+    name = f"{prefix}{os.getpid()}-{next(_temp_names)}-{os.urandom(4).hex()}.tmp"
+    path = os.path.join(directory, name)
     return path, os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
 
 
-def _write_whole(path, data, tmp_dir, *, exclusive=False, mode=0o644, durable=True):
-    """The one way a file is put in place whole: write a temp file (data: bytes, or an
-    iterable of chunks), fsync it, rename it over path (exclusive: link it, False if path
-    exists), fsync path's directory. durable=False skips both syncs (derived files, which
-    are checked when read). True when path was written."""
-    tmp, fd = _new_temp(tmp_dir, mode)
+def _write_whole(path, data, tmp_dir, *, exclusive=False, mode=0o644, durable=True,
+                 prefix=""):
+    """The one way a file is put in place whole: write a temp file in tmp_dir (data: bytes,
+    an iterable of chunks, or a function that writes into the binary file it is given),
+    fsync it, rename it over path (exclusive: link it, False if path exists), fsync path's
+    directory. durable=False skips both syncs (derived files, which are checked when read).
+    tmp_dir must be on path's file system; prefix starts the temp file's name. True when
+    path was written."""
+    tmp, fd = _new_temp(tmp_dir, mode, prefix)
     try:
         try:
-            for chunk in ([data] if isinstance(data, (bytes, bytearray)) else data):
-                _write_all(fd, chunk)
+            if callable(data):
+                with open(fd, "wb", closefd=False) as handle:
+                    data(handle)
+            else:
+                for chunk in ([data] if isinstance(data, (bytes, bytearray)) else data):
+                    _write_all(fd, chunk)
             if durable:
-                os.fsync(fd)
+                _sync(fd)
         finally:
             os.close(fd)
         if exclusive:
@@ -567,16 +737,19 @@ def _write_whole(path, data, tmp_dir, *, exclusive=False, mode=0o644, durable=Tr
         _unlink_quietly(tmp)
 
 
-def _remove_debris(tmp_dir):
-    """Delete temp files of dead writers (their pid is gone) or older than a day."""
+def _remove_debris(directory, prefix=""):
+    """Delete the temp files _new_temp made in directory (with prefix) whose writer is dead
+    (its pid is gone) or that are older than a day: what a killed writer leaves."""
     now = time.time()
     try:
-        names = os.listdir(tmp_dir)
+        names = os.listdir(directory)
     except FileNotFoundError:
         return
     for name in names:
-        path = os.path.join(tmp_dir, name)
-        pid = name.split("-", 1)[0]
+        if not (name.startswith(prefix) and name.endswith(".tmp")):
+            continue
+        path = os.path.join(directory, name)
+        pid = name[len(prefix):].split("-", 1)[0]
         try:
             age = now - os.lstat(path).st_mtime
         except FileNotFoundError:
@@ -584,6 +757,12 @@ def _remove_debris(tmp_dir):
         dead = pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid))
         if dead or age > STALE_TMP_SECONDS:
             _unlink_quietly(path)
+
+
+def _format_date(seconds):
+    """A commit date (Unix seconds) as RFC 3339 UTC text, "2026-12-07T03:00:00Z": the one
+    form the CLI (log, audit) and OCI annotations print."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
 
 
 _json_string = json.encoder.encode_basestring      # JSON string literal, non-ASCII kept
@@ -617,44 +796,63 @@ def _verified(data, digest):
     return data
 
 
-class _BoundedCache:
-    """A thread-safe cache bounded by the sum of its entries' weights, evicting the oldest
-    insertions first (not an LRU: hits are lock-free dict reads, the hot path of every find;
-    the entries are immutable, content-addressed objects)."""
+class Cache:
+    """A thread-safe map bounded by the total weight of what it holds (each value weighs 1
+    unless put() says otherwise); when it is full, the oldest insertions leave first. get()
+    is a plain dict read, without a lock: it is on the path of every find. The one cache
+    type of the store and of http_server.py. A cache of answers derived from the refs keys
+    them by Store.generation(), so that an answer given before any ref changed is never
+    returned after: stale keys are simply never asked for again and age out."""
 
     def __init__(self, max_weight):
-        self._items = {}
-        self._weight = 0
-        self._max_weight = max_weight
+        self.max_weight = max_weight
+        self._values = collections.OrderedDict()   # oldest first; popped from the front
+        self._weights = {}
+        self._total = 0
         self._lock = threading.Lock()
+        self.get = self._values.get                # get(key, default=None)
 
-    def get(self, key):
-        item = self._items.get(key)
-        return None if item is None else item[0]
+    def __len__(self):
+        return len(self._values)
 
     def put(self, key, value, weight=1):
-        if weight > self._max_weight:
-            return
+        """Keep value under key (replacing any older one); too heavy a value is not kept."""
         with self._lock:
-            old = self._items.pop(key, None)
-            if old is not None:
-                self._weight -= old[1]
-            self._items[key] = (value, weight)
-            self._weight += weight
-            while self._weight > self._max_weight:
-                oldest = next(iter(self._items))
-                self._weight -= self._items.pop(oldest)[1]
+            self._drop(key)
+            if weight > self.max_weight:
+                return
+            self._values[key] = value
+            self._weights[key] = weight
+            self._total += weight
+            while self._total > self.max_weight:
+                self._drop(next(iter(self._values)))
 
     def discard(self, key):
+        """Forget key, if it is held."""
         with self._lock:
-            old = self._items.pop(key, None)
-            if old is not None:
-                self._weight -= old[1]
+            self._drop(key)
+
+    def clear(self):
+        """Forget everything."""
+        with self._lock:
+            self._values.clear()
+            self._weights.clear()
+            self._total = 0
+
+    def _drop(self, key):
+        weight = self._weights.pop(key, None)
+        if weight is not None:
+            self._total -= weight
+            del self._values[key]
 
 
-class _Fd:
+_valid_paths = Cache(8192)            # validate_path's answers: valid paths repeat
+
+
+class SharedFd:
     """An open descriptor closed when the last user drops it: threads that read through a
-    shared descriptor keep it alive, so replacing it never closes one in use."""
+    shared descriptor keep it alive, so replacing it (or evicting it from a Cache) never
+    closes one in use. http_server.py shares open module files between replies with it."""
 
     __slots__ = ("fd",)
 
@@ -758,7 +956,7 @@ class _Segment:
     def __init__(self, directory, number):
         self.number = number
         self.path = os.path.join(directory, _pack_name(number))
-        self.file = _Fd(os.open(self.path, os.O_RDONLY | os.O_CLOEXEC))
+        self.file = SharedFd(os.open(self.path, os.O_RDONLY | os.O_CLOEXEC))
         self.covered = 0             # bytes of the file indexed (index + scanned records)
         self.entries = {}            # hex digest -> (payload offset, length, kind) past the index
         self._index = None
@@ -850,7 +1048,7 @@ class _Segment:
 
 class _ObjectStore:
     """Every object, by SHA-256: packed records (objects/pack/) and loose files
-    (objects/<2 hex>/<62 hex>, the previous layout and materialised modules).
+    (objects/<2 hex>/<62 hex>: modules written out to be served as files).
 
     Reads are hash-checked. A change's new objects are appended to the active pack in one
     write (temp files copied in the kernel) and made durable by one fdatasync; starting a new
@@ -866,10 +1064,10 @@ class _ObjectStore:
         self.tmp_dir = tmp_dir
         self._segments = ()                  # newest first; replaced whole, read lock-free
         self._refresh_lock = threading.Lock()
-        self._writer = None                  # (_Fd open for writing, segment number)
+        self._writer = None                  # (SharedFd open for writing, segment number)
         self._unsynced_pack_dir = False      # a new pack's name not yet fsynced
-        self._whole = _BoundedCache(200_000)          # hashes read back or written here
-        self._checked_files = _BoundedCache(200_000)  # module hash -> stat key of checked file
+        self._whole = Cache(200_000)           # hashes read back or written here
+        self._checked_files = Cache(200_000)   # module hash -> stat key of its checked file
         self._known_dirs = set()
 
     def loose_path(self, digest):
@@ -965,7 +1163,7 @@ class _ObjectStore:
         for location in self._locations(digest):
             try:
                 if location is None:
-                    source = _Fd(os.open(self.loose_path(digest), os.O_RDONLY | os.O_CLOEXEC))
+                    source = SharedFd(os.open(self.loose_path(digest), os.O_RDONLY | os.O_CLOEXEC))
                     offset, length = 0, os.fstat(source.fd).st_size
                 else:
                     source, offset, length = location[0].file, location[1], location[2]
@@ -988,7 +1186,7 @@ class _ObjectStore:
             key = _stat_key(path)
         if self._checked_files.get(digest) != key:
             head = b""
-            for chunk in _checked_chunks(_Fd(os.open(path, os.O_RDONLY | os.O_CLOEXEC)), 0,
+            for chunk in _checked_chunks(SharedFd(os.open(path, os.O_RDONLY | os.O_CLOEXEC)), 0,
                                          key[2], digest):
                 head = head or chunk[:4]
             if head != WASM_MAGIC:
@@ -1032,8 +1230,7 @@ class _ObjectStore:
                 return True
             except (CorruptObject, OSError):
                 return False
-        # Loose files land whole (renamed into place). Only modules are looked for: a tree
-        # or commit stored twice costs a few bytes, a stat per object costs every add.
+        # Loose files are modules, and land whole (linked into place).
         return kind == "module" and os.path.exists(self.loose_path(digest))
 
     def write(self, batch):
@@ -1067,7 +1264,7 @@ class _ObjectStore:
                     os.close(source)
             _write_all(writer.fd, pending, position)
             position += len(pending)
-            os.fdatasync(writer.fd)
+            _sync(writer.fd, data_only=True)
             if self._unsynced_pack_dir:
                 _fsync_path(self.pack_dir)
                 self._unsynced_pack_dir = False
@@ -1080,7 +1277,7 @@ class _ObjectStore:
             self._whole.put(digest, True)
 
     def _writable(self):
-        """(_Fd open for writing, its _Segment) of the pack to append to; a full pack is
+        """(SharedFd open for writing, its _Segment) of the pack to append to; a full pack is
         sealed with its index and a new one started."""
         while True:
             if self._writer is None:
@@ -1091,7 +1288,7 @@ class _ObjectStore:
                 number = self._segments[0].number
                 path = os.path.join(self.pack_dir, _pack_name(number))
                 try:
-                    self._writer = (_Fd(os.open(path, os.O_RDWR | os.O_CLOEXEC)), number)
+                    self._writer = (SharedFd(os.open(path, os.O_RDWR | os.O_CLOEXEC)), number)
                 except FileNotFoundError:
                     continue
             writer, number = self._writer
@@ -1175,7 +1372,7 @@ class _ObjectStore:
                     kinds[digest] = found
         for digest, path in self.loose_digests(problems):
             try:
-                source = _Fd(os.open(path, os.O_RDONLY | os.O_CLOEXEC))
+                source = SharedFd(os.open(path, os.O_RDONLY | os.O_CLOEXEC))
                 found = _check_object(source, 0, os.fstat(source.fd).st_size, digest,
                                       problems)
             except OSError as exc:
@@ -1191,15 +1388,15 @@ class _ObjectStore:
         copies of loose modules) are rewritten into one new pack, made durable and sealed
         before they are deleted, so a kill at any point loses nothing reachable. Readers that
         hold a deleted pack open keep reading it; others find the objects in the new one.
-        Returns the number of objects dropped."""
+        Returns (objects dropped, their bytes)."""
         self.refresh()
         loose = {digest: path for digest, path in self.loose_digests()}
-        keep, dirty, dropped = {}, [], set()
+        keep, dirty, dropped = {}, [], {}
         for segment in self._segments:
             garbage = segment.scan() > segment.covered           # a torn tail
             for digest, (offset, length, kind) in segment.items().items():
                 if digest not in reachable:
-                    dropped.add(digest)
+                    dropped[digest] = length
                     garbage = True
                 elif digest in keep:                             # a second copy
                     garbage = True
@@ -1222,12 +1419,13 @@ class _ObjectStore:
             self.refresh()
         for digest, path in loose.items():
             if digest not in reachable:
+                key = _stat_key(path)
                 _unlink_quietly(path)
                 self._checked_files.discard(digest)
-                dropped.add(digest)
+                dropped.setdefault(digest, key[2] if key else 0)
         for digest in dropped:
             self._whole.discard(digest)
-        return len(dropped)
+        return len(dropped), sum(dropped.values())
 
     def _loose_is_whole(self, digest, path):
         key = _stat_key(path)
@@ -1236,7 +1434,7 @@ class _ObjectStore:
         if self._checked_files.get(digest) == key:
             return True
         try:
-            for _ in _checked_chunks(_Fd(os.open(path, os.O_RDONLY | os.O_CLOEXEC)), 0,
+            for _ in _checked_chunks(SharedFd(os.open(path, os.O_RDONLY | os.O_CLOEXEC)), 0,
                                      key[2], digest):
                 pass
         except (CorruptObject, OSError):
@@ -1260,7 +1458,7 @@ class _ObjectStore:
                 _copy_range(segment.file.fd, offset, fd, position, length)
                 entries[digest] = (position, length, kind)
                 position += length
-            os.fdatasync(fd)
+            _sync(fd, data_only=True)
         except BaseException:
             os.close(fd)
             _unlink_quietly(path)
@@ -1285,20 +1483,16 @@ class _ObjectStore:
                 if location is None:
                     raise NotFound(f"no such object {digest}")
             if location is None:
-                kind = "module" if self.is_module(digest) else self._json_kind(digest)
-                length = loose[2]
+                kind, length = "module", loose[2]          # loose objects are modules
             else:
                 kind, length = location[3], location[2]
             locations.append((digest, kind, length))
             size += RECORD_HEADER_BYTES + length
         return size, io.BufferedReader(_PackReader(self, locations), CHUNK_SIZE)
 
-    def _json_kind(self, digest):
-        return _parse_object(self.read(digest), digest)[0]
-
 
 def _checked_chunks(source, offset, length, digest):
-    """Yield length bytes of source (an _Fd) from offset in chunks, hashing them;
+    """Yield length bytes of source (an SharedFd) from offset in chunks, hashing them;
     CorruptObject after the last one when they do not make digest."""
     hasher = hashlib.sha256()
     for chunk in _pread_chunks(source.fd, offset, length):
@@ -1319,7 +1513,7 @@ def _pread_chunks(fd, offset, length):
 
 
 def _check_object(source, offset, length, digest, problems):
-    """fsck of one object streamed from source (an _Fd): its kind, or None with the
+    """fsck of one object streamed from source (an SharedFd): its kind, or None with the
     problem reported (a failed hash check, or bytes that are no module, tree or commit)."""
     head, small = None, []
     try:
@@ -1406,13 +1600,7 @@ def _parse_ref_slot(data):
 
 
 def _ref_state(data, branch):
-    """(sequence, value, slot to overwrite next) of a ref file's bytes. A file of the
-    previous layout ("<hex>\\n", or empty for no commits) has sequence -1 and no slot."""
-    if not data:
-        return -1, _NO_COMMITS, None
-    text = data.decode("ascii", "replace")
-    if len(data) == HASH_LENGTH + 1 and text.endswith("\n") and _is_hash(text[:-1]):
-        return -1, text[:-1].lower(), None
+    """(sequence, value, slot to overwrite next) of a ref file's bytes."""
     if len(data) == REF_FILE_BYTES:
         slots = [_parse_ref_slot(data[start:start + REF_SLOT_BYTES])
                  for start in (0, REF_SLOT_BYTES)]
@@ -1420,7 +1608,8 @@ def _ref_state(data, branch):
         if valid:
             sequence, index, value = max(valid)
             return sequence, value, 1 - index
-    raise CorruptObject(f"ref of branch {branch!r} is corrupt: {text[:70]!r}; run fsck")
+    text = data[:70].decode("ascii", "replace")
+    raise CorruptObject(f"ref of branch {branch!r} is corrupt: {text!r}; run fsck")
 
 
 class _Refs:
@@ -1438,21 +1627,15 @@ class _Refs:
         self.heads_dir = os.path.join(root, "refs", "heads")
         self.head_file = os.path.join(root, "HEAD")
         self.tmp_dir = tmp_dir
-        self._handles = {}                   # branch -> _Fd of its slot file (bounded)
-        self._last_read = {}                 # branch -> (bytes read, parsed) (bounded)
-        self._paths = {}                     # branch -> file name (validated names only)
+        self._open_refs = Cache(1024)        # branch -> (SharedFd, bytes last read, their value)
         self._thread_lock = threading.Lock()
-        self._default_cache = (None, None)   # (stat key of HEAD, default branch)
+        self._default = (None, None)         # (generation, default branch) when last read
         self.generation_file = os.path.join(root, "refs", "generation")
         self._generation_map = None          # the counter's bytes, mapped (see generation())
 
     def path(self, branch):
-        path = self._paths.get(branch)
-        if path is None:
-            path = os.path.join(self.heads_dir, validate_branch(branch))
-            if len(self._paths) < 1024:         # bounded: names may come from requests
-                self._paths[branch] = path
-        return path
+        """The slot file of a branch (InvalidInput for an invalid name)."""
+        return os.path.join(self.heads_dir, validate_branch(branch))
 
     @contextlib.contextmanager
     def lock(self):
@@ -1468,27 +1651,23 @@ class _Refs:
     def read(self, branch):
         """Head commit of a branch (None while it has no commits); NotFound if missing."""
         for _ in range(3):
-            handle = self._handles.get(branch)
-            cached = handle is not None
-            if not cached:
+            known = self._open_refs.get(branch)
+            if known is None:
                 try:
-                    handle = _Fd(os.open(self.path(branch), os.O_RDONLY | os.O_CLOEXEC))
+                    handle = SharedFd(os.open(self.path(branch), os.O_RDONLY | os.O_CLOEXEC))
                 except FileNotFoundError:
                     raise NotFound(f"no such branch {branch!r}") from None
-            data = os.pread(handle.fd, REF_FILE_BYTES + 1, 0)
-            last = self._last_read.get(branch)
-            if last is not None and last[0] == data:
-                sequence, value = last[1]          # unchanged: no parse, no checksums
             else:
-                sequence, value, _ = _ref_state(data, branch)
-                if len(self._last_read) < 1024:
-                    self._last_read[branch] = (data, (sequence, value))
+                handle = known[0]
+            data = os.pread(handle.fd, REF_FILE_BYTES + 1, 0)
+            if known is not None and known[1] == data:
+                value = known[2]                   # unchanged: no parse, no checksums
+            else:
+                value = _ref_state(data, branch)[1]
+                self._open_refs.put(branch, (handle, data, value))
             if value == _DELETED:
-                if cached and self._handles.get(branch) is handle:
-                    self._handles.pop(branch, None)
-                continue                      # deleted: look the name up again
-            if not cached and sequence >= 0 and len(self._handles) < 1024:
-                self._handles[branch] = handle
+                self._open_refs.discard(branch)
+                continue                           # deleted: look the name up again
             return None if value == _NO_COMMITS else value
         raise NotFound(f"no such branch {branch!r}")
 
@@ -1506,15 +1685,11 @@ class _Refs:
                 raise NotFound(f"no such branch {branch!r}")
             if (None if value == _NO_COMMITS else value) != old:
                 raise _RefMoved(branch)
-            if slot is None:                  # the previous layout: becomes a slot file
-                _write_whole(path, _ref_file(new or _NO_COMMITS), self.tmp_dir)
-                self.bump()
-                return
             previous = os.pread(fd, REF_SLOT_BYTES, slot * REF_SLOT_BYTES)
             try:
                 _write_all(fd, _ref_slot(sequence + 1, new or _NO_COMMITS),
                            slot * REF_SLOT_BYTES)
-                os.fdatasync(fd)
+                _sync(fd, data_only=True)
             except BaseException:
                 with contextlib.suppress(OSError):     # not acknowledged: put it back
                     _write_all(fd, previous, slot * REF_SLOT_BYTES)
@@ -1581,35 +1756,20 @@ class _Refs:
             _write_all(fd, _ref_slot(1 << 60, _DELETED) * 2, 0)
         finally:
             os.close(fd)
-        self._handles.pop(branch, None)
+        self._open_refs.discard(branch)
         self.bump()
 
     def names(self):
         """Sorted names of every branch."""
         return sorted(filter(_is_branch_name, os.listdir(self.heads_dir)))
 
-    def migrate(self):
-        """Rewrite refs of the previous layout ("<hex>\\n" files) as slot files, once."""
-        legacy = [name for name in self.names()
-                  if os.path.getsize(self.path(name)) in (0, HASH_LENGTH + 1)]
-        if not legacy:
-            return
-        with self.lock():
-            for name in legacy:
-                path = self.path(name)
-                with contextlib.suppress(FileNotFoundError):
-                    if os.path.getsize(path) in (0, HASH_LENGTH + 1):
-                        _write_whole(path, _ref_file(self.read(name) or _NO_COMMITS),
-                                       self.tmp_dir)
-            self.bump()
-
     def default_branch(self, fresh=False):
-        """The branch used when none is named (HEAD). fresh: not from the stat-keyed cache
-        (callers deciding under lock())."""
+        """The branch used when none is named (HEAD), read again only when the generation
+        moved. fresh: read it anyway (callers deciding under lock())."""
+        generation = self.generation()
+        if not fresh and generation is not None and self._default[0] == generation:
+            return self._default[1]
         try:
-            key = _stat_key(self.head_file)
-            if not fresh and key is not None and self._default_cache[0] == key:
-                return self._default_cache[1]
             with open(self.head_file, encoding="utf-8", errors="replace") as handle:
                 name = handle.read(256).strip()
         except FileNotFoundError:
@@ -1618,7 +1778,7 @@ class _Refs:
             validate_branch(name)
         except InvalidInput:
             raise CorruptObject(f"HEAD is corrupt: {name[:70]!r}") from None
-        self._default_cache = (key, name)
+        self._default = (generation, name)
         return name
 
     def set_default_branch(self, name):
@@ -1628,7 +1788,8 @@ class _Refs:
         self.bump()
 
     def close(self):
-        self._handles.clear()
+        """Drop the open ref files and the generation map (reopened on demand)."""
+        self._open_refs.clear()
         mapping, self._generation_map = self._generation_map, None
         if mapping is not None:
             mapping.close()
@@ -1649,13 +1810,12 @@ class Store:
         self._refs = _Refs(self.root, self._tmp_dir)
         self._history = _HistoryCache(os.path.join(self.root, "cache", "history"),
                                       self._tmp_dir)
-        self._parsed = _BoundedCache(OBJECT_CACHE_WEIGHT)   # hash -> parsed tree/commit
-        self._modules = _BoundedCache(MODULE_CACHE_BYTES)   # hash -> small module bytes
-        self._indexes = _BoundedCache(INDEX_CACHE_TREES)    # root tree -> {module: paths}
-        self._commit_counts = _BoundedCache(200_000)        # commit -> first-parent length
+        self._parsed = Cache(OBJECT_CACHE_WEIGHT)   # hash -> parsed tree/commit
+        self._modules = Cache(MODULE_CACHE_BYTES)   # hash -> small module bytes
+        self._indexes = Cache(INDEX_CACHE_TREES)    # root tree -> {module: paths}
+        self._commit_counts = Cache(200_000)        # commit -> first-parent length
         self._debris_checked = False
         self._empty_tree = self._encode_tree({})
-        self._refs.migrate()
 
     def __repr__(self):
         return f"Store({self.root!r})"
@@ -2197,11 +2357,8 @@ class Store:
 
     def version(self, index, path, *, branch=None):
         """The index-th entry of versions(path) (0 = oldest)."""
-        try:
-            index = int(index)
-        except (TypeError, ValueError):
-            raise InvalidInput(f"invalid version index {_short(index)}: expected an "
-                               "integer") from None
+        if not isinstance(index, int) or isinstance(index, bool):
+            index = parse_number(index, "version index")
         found = self.versions(path, branch=branch)
         if not 0 <= index < len(found):
             raise NotFound(f"no version {index} of {format_path(validate_path(path))} "
@@ -2217,12 +2374,16 @@ class Store:
         return [self.commit_info(digest) for digest, changes in self._changed_modules(head)
                 if printed in changes or any(changed.startswith(below) for changed in changes)]
 
-    def log(self, limit=None, *, branch=None):
-        """Commit infos along first parents from the head, newest first."""
+    def log(self, limit=None, *, branch=None, start=None):
+        """Commit infos along first parents from the head (or from commit `start`, for the
+        next page of a long log), newest first."""
         head = self._read_ref(self._branch(branch))
+        if start is not None:
+            head = self.commit_info(start)["hash"]        # NotFound for an unknown commit
         chain = self._first_parents(head)
         if limit is not None:
-            chain = itertools.islice(chain, max(0, int(limit)))
+            chain = itertools.islice(chain, max(0, limit if isinstance(limit, int) else
+                                                parse_number(limit, "number of commits")))
         return [_commit_info(digest, commit) for digest, commit in chain]
 
     def snapshot(self, *, branch=None):
@@ -2497,14 +2658,17 @@ class Store:
         finally:
             os.close(fd)
 
-    def gc(self, *, branch=None, author=None):
+    def gc(self, *, branch=None, author=None, stats=None):
         """Squash the branch's history into one "GC" commit, then delete every object
-        not reachable from any branch. Returns the number of objects deleted."""
+        not reachable from any branch. Returns the number of objects deleted; stats (a dict)
+        also receives {"objects": that number, "bytes": their size, "commits_squashed":
+        commits of the branch's history replaced by the GC commit}."""
         branch = self._branch(branch)
         author = _author(author)
         with self._refs.lock(), self._objects_lock(shared=False):
-            head = self._read_ref(branch)
+            head, squashed_count = self._read_ref(branch), 0
             if head and self._commit(head)["parents"]:
+                squashed_count = self._count_commits(head) if stats is not None else 0
                 batch = _Batch()
                 tree = self._commit(head)["tree"]
                 squashed = self._put_commit(tree, [], author, "GC", batch)
@@ -2512,10 +2676,22 @@ class Store:
                 self._history.record(squashed, None, self.changes(None, squashed))
             heads = [self._read_ref(name) for name in self.branches()]
             reachable = self._reachable(heads)
-            deleted = self._objects.compact(reachable)
+            deleted, deleted_bytes = self._objects.compact(reachable)
             self._history.compact(reachable)
             _remove_debris(self._tmp_dir)
+            if stats is not None:
+                stats.update(objects=deleted, bytes=deleted_bytes, commits_squashed=squashed_count)
         return deleted
+
+    def _count_commits(self, head):
+        """How many commits head's history holds (every ancestor, merges' second parents too)."""
+        seen, stack = set(), [head]
+        while stack:
+            digest = stack.pop()
+            if digest not in seen:
+                seen.add(digest)
+                stack.extend(self._commit(digest)["parents"])
+        return len(seen)
 
     def _reachable(self, heads):
         """Hashes of every commit, tree and module reachable from heads."""
@@ -2581,14 +2757,14 @@ class Store:
         os.close(fd)
 
     def backup(self, filename):
-        """Write a consistent .tar.gz of the store: HEAD, refs/heads/* (as "<hex>\\n"
-        text) and one pack holding every reachable object, each hash-checked as it is
-        written. Returns the number of objects in it. Temp files of killed backups next to
-        filename are removed first."""
+        """Write a consistent .tar.gz of the store: HEAD, refs/heads/* and one pack holding
+        every reachable object, each hash-checked as it is written. Returns the number of
+        objects in it. Temp files of killed backups next to filename are removed first."""
         filename = os.path.abspath(filename)
         if filename == self.root or filename.startswith(self.root + os.sep):
             raise InvalidInput("the backup file must be outside the store root")
-        _remove_backup_debris(filename)
+        directory, temp_prefix = os.path.dirname(filename), os.path.basename(filename) + "."
+        _remove_debris(directory, temp_prefix)
         with contextlib.ExitStack() as locks:
             with self._refs.lock():
                 locks.enter_context(self._objects_lock(shared=True))
@@ -2596,20 +2772,14 @@ class Store:
                 default = self._refs.default_branch(fresh=True)
             objects = sorted(self._reachable(refs.values()))
             size, stream = self._objects.pack_stream(objects)
-            tmp = f"{filename}.{os.getpid()}.tmp"
-            try:
-                with tarfile.open(tmp, "w:gz") as archive:
+
+            def write(handle):
+                with tarfile.open(fileobj=handle, mode="w:gz") as archive:
                     _add_bytes(archive, "HEAD", (default + "\n").encode())
                     for name, head in sorted(refs.items()):
-                        _add_bytes(archive, f"refs/heads/{name}",
-                                   (head + "\n").encode() if head else b"")
+                        _add_bytes(archive, f"refs/heads/{name}", _ref_file(head or _NO_COMMITS))
                     _add_stream(archive, f"objects/pack/{_pack_name(1)}", size, stream)
-                _fsync_path(tmp)
-                os.replace(tmp, filename)
-                _fsync_path(os.path.dirname(filename))
-            except BaseException:
-                _unlink_quietly(tmp)
-                raise
+            _write_whole(filename, write, directory, prefix=temp_prefix)
         return len(objects)
 
     @classmethod
@@ -2620,14 +2790,11 @@ class Store:
     # ------------------------------------------------------------------- fsck
 
     def fsck(self):
-        """Problems found (empty list = clean): every object's hash (loose files and pack
-        records), every reference reachable from a branch, the refs and HEAD. Objects no
-        branch reaches (a killed writer's, say) are dangling, not problems."""
-        return self._fsck()[0]
-
-    def _fsck(self):
-        """(problems, objects checked, dangling objects)."""
-        problems = []
+        """Check every object's hash (loose files and pack records), every reference
+        reachable from a branch, the refs and HEAD: an FsckReport, the list of problems
+        found (empty = clean). Objects no branch reaches (a killed writer's, say) are
+        dangling, not problems."""
+        problems = FsckReport()
         kinds = self._objects.check(problems)      # hash -> kind, None if damaged
         try:
             default = self._refs.default_branch(fresh=True)
@@ -2648,7 +2815,8 @@ class Store:
             elif head:
                 heads.append(head)
         reached = self._check_references(heads, kinds, problems)
-        return problems, len(kinds), len(set(kinds) - reached)
+        problems.checked, problems.dangling = len(kinds), len(set(kinds) - reached)
+        return problems
 
     def _check_references(self, heads, kinds, problems):
         """Walk everything reachable from heads; report missing or mistyped objects.
@@ -2680,6 +2848,13 @@ class Store:
                 else:
                     stack.append((child, child_kind))
         return reached
+
+
+class FsckReport(list):
+    """What Store.fsck found: a list of one-line problems (empty = clean), with the number
+    of objects checked and of dangling ones (no branch reaches them; gc deletes them)."""
+
+    checked = dangling = 0
 
 
 # --------------------------------------------------------------------------- history cache
@@ -2815,8 +2990,8 @@ def _parse_object(data, digest):
             if not isinstance(document["date"], int) or not isinstance(document["message"], str):
                 raise ValueError("bad field")
             return ("commit", document)
-    except (ValueError, KeyError, TypeError, AttributeError):
-        pass
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
+        pass      # RecursionError: JSON nested beyond any tree or commit (a hostile backup's object)
     raise _not_an_object(digest)
 
 
@@ -2877,27 +3052,12 @@ def _add_stream(archive, name, size, stream):
     archive.addfile(info, stream)
 
 
-def _remove_backup_debris(filename):
-    """Delete "<filename>.<pid>.tmp" files of backups whose process is gone."""
-    directory, base = os.path.split(filename)
-    pattern = re.compile(re.escape(base) + r"\.(\d+)\.tmp\Z")
-    with contextlib.suppress(OSError):
-        for name in os.listdir(directory):
-            match = pattern.match(name)
-            if match and int(match.group(1)) != os.getpid() and \
-                    not _pid_alive(int(match.group(1))):
-                _unlink_quietly(os.path.join(directory, name))
-
-
 # --------------------------------------------------------------------------- backup loading
 
-_BACKUP_MEMBER = re.compile(
-    r"(HEAD|refs|refs/heads|refs/heads/(?P<branch>[^/]+)|objects"
-    r"|objects/[0-9a-f]{2}|objects/[0-9a-f]{2}/[0-9a-f]{62}"
-    r"|objects/pack|objects/pack/[0-9a-f]{16}\.pack)\Z")
-_DERIVED_MEMBER = re.compile(          # temp files, caches and pack indexes: skipped
-    r"((tmp|cache)(/[^/]+)?|objects/pack/[0-9a-f]{16}\.idx)\Z")
-_SMALL_MEMBER_BYTES = 4096             # HEAD and a ref are a line each
+_BACKUP_MEMBER = re.compile(          # what Store.backup writes, and its directories
+    r"(HEAD|refs|refs/heads|refs/heads/(?P<branch>[^/]+)|objects|objects/pack"
+    r"|objects/pack/[0-9a-f]{16}\.pack)\Z")
+_SMALL_MEMBER_BYTES = 4096             # HEAD is a line, a ref 256 bytes
 _BACKUP_READ_ERRORS = (tarfile.TarError, EOFError, zlib.error, OSError, ValueError,
                        UnicodeError, struct.error)
 
@@ -2986,7 +3146,7 @@ def _check_members(archive, archive_bytes, root):
             raise InvalidInput(f"the backup has more than {MAX_BACKUP_MEMBERS:,} members; "
                                "refusing to extract it")
         name = _member_name(member)
-        if name in ("", ".") or _DERIVED_MEMBER.match(name):
+        if name in ("", "."):
             continue
         if not _is_store_member(name, member):
             raise InvalidInput(f"backup member {member.name!r} is not part of a store; "
@@ -3023,7 +3183,7 @@ def _free_bytes(root):
 def _extract_members(archive, root, filename):
     for member in archive:
         name = _member_name(member)
-        if name in ("", ".") or _DERIVED_MEMBER.match(name):
+        if name in ("", "."):
             continue
         if not _is_store_member(name, member):
             raise InvalidInput(f"backup member {member.name!r} changed between reads")
@@ -3037,8 +3197,6 @@ def _extract_members(archive, root, filename):
             shutil.copyfileobj(source, out, CHUNK_SIZE)
             if out.tell() != member.size:
                 raise _unreadable(filename, f"member {name!r} is truncated")
-        if name.startswith("objects/") and not name.startswith("objects/pack/"):
-            os.chmod(target, 0o444)
 
 
 # --------------------------------------------------------------------------- running stored modules
@@ -3098,6 +3256,24 @@ def parse_namespace_map(entries):
     return sorted(parsed, key=lambda item: -len(item[0]))
 
 
+def parse_links(entries):
+    """{import module name: printed store path} from "NAME=PATH" texts (--link) or (name, path)
+    pairs, for Runner."""
+    links = {}
+    for entry in entries or ():
+        if isinstance(entry, tuple):
+            name, sep, path = entry[0], "=", entry[1]
+        else:
+            name, sep, path = str(entry).partition("=")
+        if not sep or not name or not path or "\0" in name or len(name) > 1024:
+            raise InvalidInput(f"invalid --link {_short(entry)}: expected NAME=PATH, a stored path")
+        printed = format_path(validate_path(path))
+        if links.setdefault(name, printed) != printed:
+            raise InvalidInput(f"--link {_short(name)}= is given twice ({links[name]} and "
+                               f"{printed})")
+    return links
+
+
 class Target:
     """A stored module picked for running: the hash of its bytes, the commit whose tree it was
     found in (its imports of other stored modules resolve in that tree too), the printed path
@@ -3125,15 +3301,19 @@ class Runner:
     hash uses "sha256:<hash>"; `namespaces` ([(prefix segments, namespace)], see
     parse_namespace_map) lets an operator give every module under a prefix one shared
     namespace. Core modules whose imports name a store path (or a hash) are linked to those
-    modules in the same commit. `host` is a kvhost.Host (default: one made from host_options,
+    modules in the same commit; `links` ({import module name: store path}, the CLI's and the
+    server's --link NAME=PATH) links imports from any other module name ("env") to the module
+    at that path, in the same commit too. `host` is a kvhost.Host (default: one made from
+    host_options,
     whose kv and provider_kv go through kv_options: sqlite under the store root, or
     "component:PATH", a provider stored at PATH)."""
 
-    def __init__(self, store, host=None, *, namespaces=(), **host_options):
+    def __init__(self, store, host=None, *, namespaces=(), links=None, **host_options):
         kvhost = _kvhost()
         self.store = store
         self.namespaces = list(namespaces)
-        self._resolved = {}            # (branch, path_or_hash, version, commit) -> (head, Target)
+        self.links = parse_links((links or {}).items())
+        self._resolved = Cache(RESOLVED_CACHE_SIZE)   # (generation, how it was named) -> Target
         self._owns_host = host is None
         if host is None:
             host_options.update(kv_options(store, host_options.pop("kv", None), host_options.pop("provider_kv", None)))
@@ -3160,15 +3340,13 @@ class Runner:
         return self._target(path_or_hash, branch, version, commit)
 
     def _target(self, path_or_hash, branch, version, commit):
-        generation = self.store.generation()           # read first: a change meanwhile shows next time
-        key = (branch, path_or_hash, version, commit)
-        cached = self._resolved.get(key)
-        if cached is not None and generation is not None and cached[0] == generation:
-            return cached[1]
-        target = self._resolve(path_or_hash, branch, version, commit)
-        if len(self._resolved) >= RESOLVED_CACHE_SIZE:
-            self._resolved.clear()
-        self._resolved[key] = (generation, target)
+        generation = self.store.generation()    # read first: a change meanwhile shows next time
+        key = (generation, branch, path_or_hash, version, commit)
+        target = self._resolved.get(key)
+        if target is None:
+            target = self._resolve(path_or_hash, branch, version, commit)
+            if generation is not None:
+                self._resolved.put(key, target)
         return target
 
     def _resolve(self, path_or_hash, branch, version, commit):
@@ -3185,10 +3363,6 @@ class Runner:
             return Target(digest, commit, None, f"sha256:{digest}")
         return Target(digest, commit, format_path(value), self._namespace_of(value))
 
-    def namespace_for(self, path, digest):
-        """The kv namespace of a module: its path, a mapped prefix's namespace, or sha256:<hash>."""
-        return f"sha256:{digest}" if path is None else self._namespace_of(validate_path(path))
-
     def _namespace_of(self, segments):
         for prefix, namespace in self.namespaces:
             if segments[:len(prefix)] == prefix:
@@ -3203,14 +3377,29 @@ class Runner:
                                    name=target.path or target.digest)
         return guest
 
-    def _linker_for(self, target, guest):
+    def _linker_for(self, target, guest, reach=None):
         """resolve(import module name) for kvhost: store paths and hashes in the target's commit
-        (None for a guest with no imports to link)."""
+        (None for a guest with no imports to link). reach(module name) -> bool, when given,
+        leaves the names it refuses unlinked, exactly as if nothing were stored there (a
+        server's key limited to some paths links only what it may reach; the links an operator
+        gave, self.links, are followed whatever the key)."""
         if not guest.links_needed:
             return None
 
         def resolve(module_name):
+            linked = self.links.get(module_name)
+            if linked is not None:
+                try:
+                    digest, _ = self.store.module_at(linked, commit=target.commit)
+                except NotFound:
+                    raise _kvhost().LinkError(
+                        f"{target.path or target.digest} imports {module_name!r}, linked to "
+                        f"{linked}, but there is no module at {linked} in commit "
+                        f"{target.commit[:12]}") from None
+                return self.load(Target(digest, target.commit, linked, None))
             if not module_name.startswith("/") and not _is_hash(module_name):
+                return None
+            if reach is not None and not reach(module_name):
                 return None
             try:
                 digest, _ = self.store.module_at(module_name, commit=target.commit)
@@ -3228,31 +3417,46 @@ class Runner:
     # -- running ---------------------------------------------------------------------------------
 
     def call(self, path_or_hash, function, args=(), *, branch=None, version=None, commit=None,
-             namespace=None, stats=None):
+             namespace=None, stats=None, reach=None):
         """Call an exported function with JSON-style arguments (kvhost.Host.call's mapping).
-        path_or_hash may also be a Target from resolve() (then branch/version/commit are unused)."""
+        path_or_hash may also be a Target from resolve() (then branch/version/commit are unused);
+        reach: which stored modules its imports may link to (see _linker_for)."""
         # the hot path of every call: _prepare inlined
         target = path_or_hash if type(path_or_hash) is Target else \
             self._target(path_or_hash, branch, version, commit)
         guest = self.host.loaded(target.digest) or self.load(target)
         return self.host.call(guest, function, args, namespace=namespace or target.namespace,
-                              resolve=self._linker_for(target, guest) if guest.links_needed else None,
-                              stats=stats)
+                              resolve=self._linker_for(target, guest, reach)
+                              if guest.links_needed else None, stats=stats)
+
+    def call_captured(self, path_or_hash, function, args=(), *, branch=None, version=None, commit=None,
+                      namespace=None, limit=None, stats=None, reach=None):
+        """Like call(), with the guest's stdout and stderr kept, never written to this process's
+        streams (kvhost.CallResult: .value, .stdout, .stderr and their totals)."""
+        target = path_or_hash if type(path_or_hash) is Target else \
+            self._target(path_or_hash, branch, version, commit)
+        guest = self.host.loaded(target.digest) or self.load(target)
+        options = {} if limit is None else {"limit": limit}
+        return self.host.call_captured(guest, function, args, namespace=namespace or target.namespace,
+                                       resolve=self._linker_for(target, guest, reach)
+                                       if guest.links_needed else None, stats=stats, **options)
 
     def run(self, path_or_hash, argv=(), *, branch=None, version=None, commit=None, namespace=None,
-            stdin=None, stats=None):
+            stdin=None, stats=None, reach=None):
         """Run a wasi:cli/run component or a WASI command module; returns its exit status."""
         target, guest = self._prepare(path_or_hash, branch, version, commit)
         return self.host.run(guest, argv, namespace=namespace or target.namespace,
-                             resolve=self._linker_for(target, guest), stdin=stdin, stats=stats)
+                             resolve=self._linker_for(target, guest, reach), stdin=stdin,
+                             stats=stats)
 
     def run_captured(self, path_or_hash, argv=(), *, branch=None, version=None, commit=None,
-                     namespace=None, stdin=b"", limit=None, stats=None):
+                     namespace=None, stdin=b"", limit=None, stats=None, reach=None):
         """Like run(), with stdout and stderr kept (kvhost.RunResult)."""
         target, guest = self._prepare(path_or_hash, branch, version, commit)
         options = {} if limit is None else {"limit": limit}
         return self.host.run_captured(guest, argv, namespace=namespace or target.namespace,
-                                      resolve=self._linker_for(target, guest), stdin=stdin, stats=stats, **options)
+                                      resolve=self._linker_for(target, guest, reach),
+                                      stdin=stdin, stats=stats, **options)
 
     def exports(self, path_or_hash, *, branch=None, version=None, commit=None):
         """The callable exports of a stored module (kvhost.describe_exports)."""
@@ -3261,14 +3465,6 @@ class Runner:
 
 
 # --------------------------------------------------------------------------- OCI registries
-
-class RegistryError(StoreError):
-    """A registry could not be reached, refused a request, or sent something unusable.
-    str() is one line and never contains a credential or a token."""
-
-
-ERROR_STATUS[RegistryError] = (502, 1)   # a peer failed us (the table above, for this section)
-
 
 def _http_modules():
     """http.client and ssl, imported on first use: they add ~20 ms to the start-up of every
@@ -3428,10 +3624,6 @@ def _interface_of(data):
         raise InvalidModule(f"invalid module: {exc}") from None
 
 
-def _rfc3339(seconds):
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
-
-
 def _compact_json(document):
     """JSON with the keys in the order written: manifests and configs are hashed, so the
     same module always gives the same bytes."""
@@ -3490,7 +3682,7 @@ def module_artifact(store, path, *, branch=None, digest=None, history=None):
         history = store.versions(printed, branch=branch)
     commit = next((commit for module, commit in history if module == digest), None)
     info = store.commit_info(commit) if commit else {"date": 0, "author": DEFAULT_AUTHOR}
-    return WasmArtifact(filename, digest, segments[-1], _rfc3339(info["date"]), info["author"])
+    return WasmArtifact(filename, digest, segments[-1], _format_date(info["date"]), info["author"])
 
 
 def _wasm_layer(data, content_type):
@@ -3500,9 +3692,9 @@ def _wasm_layer(data, content_type):
         raise RegistryError(f"the manifest has media type {_clean_text(content_type)!r}, "
                             f"expected {OCI_MANIFEST_TYPE}")
     try:
-        manifest = json.loads(data)
-    except (ValueError, UnicodeDecodeError):
-        raise RegistryError("the manifest is not valid JSON") from None
+        manifest = parse_json(data, "manifest")
+    except InvalidInput as exc:
+        raise RegistryError(f"the registry sent an {exc}") from None
     if not isinstance(manifest, dict) or manifest.get("schemaVersion") != 2:
         raise RegistryError("the manifest is not an OCI image manifest (schemaVersion 2)")
     media_type = manifest.get("mediaType", OCI_MANIFEST_TYPE)
@@ -3595,12 +3787,12 @@ def registry_credentials(registry, *, username=None, password=None, environ=None
 def _docker_credentials(registry, filename):
     try:
         with open(filename, "rb") as handle:
-            document = json.loads(handle.read(OCI_MAX_SMALL_BODY + 1))
+            document = parse_json(handle.read(OCI_MAX_SMALL_BODY + 1), "JSON")
     except FileNotFoundError:
         return None
-    except (OSError, ValueError) as exc:
+    except (OSError, InvalidInput) as exc:
         raise InvalidInput(f"cannot read Docker config {filename!r}: "
-                           f"{getattr(exc, 'strerror', None) or 'not JSON'}") from None
+                           f"{getattr(exc, 'strerror', None) or exc}") from None
     auths = document.get("auths") if isinstance(document, dict) else None
     for key, entry in (auths or {}).items():
         host = key.split("://", 1)[-1].split("/", 1)[0]
@@ -3642,7 +3834,7 @@ def _parse_challenge(header):
 def _registry_detail(body):
     """": CODE: message" from an OCI error body, or "" (peer text, cleaned and bounded)."""
     try:
-        errors = json.loads(body).get("errors")
+        errors = parse_json(body, "error body").get("errors")
         first = errors[0]
         return ": " + _clean_text(f"{first.get('code', '')}: {first.get('message', '')}")
     except Exception:            # any other body: the status line says enough
@@ -3664,12 +3856,24 @@ class _Response:
     def header(self, name):
         return self.response.getheader(name)
 
+    def length(self, what):
+        """The Content-Length the registry announced (None without one); RegistryError when it
+        is not a byte count in ASCII digits."""
+        text = self.header("Content-Length")
+        if text is None:
+            return None
+        try:
+            return parse_number(text.strip(), "Content-Length")
+        except InvalidInput as exc:
+            self.close()
+            raise RegistryError(f"{self.client.registry} sent {what} with an {exc}") from None
+
     def read(self, limit, what):
         """The whole body, or RegistryError when it is longer than limit."""
-        length = self.header("Content-Length")
-        if length is not None and length.isdigit() and int(length) > limit:
+        length = self.length(what)
+        if length is not None and length > limit:
             self.close()
-            raise RegistryError(f"{what} from {self.client.registry} is {int(length)} bytes, "
+            raise RegistryError(f"{what} from {self.client.registry} is {length} bytes, "
                                 f"over the limit of {limit} bytes")
         try:
             data = self.response.read(limit + 1)
@@ -3932,12 +4136,14 @@ class RegistryClient:
         """(True, path) for a redirect on this registry, (False, split URL) elsewhere."""
         import urllib.parse
         base = f"{self.scheme}://{self.registry}/"
-        url = urllib.parse.urlsplit(urllib.parse.urljoin(base, location))
-        if url.scheme not in ("http", "https") or not url.hostname:
-            raise RegistryError(f"{self.registry} redirected {what} to an unusable location")
+        try:
+            url = parse_url(urllib.parse.urljoin(base, location), "location")
+        except (InvalidInput, ValueError) as exc:      # urljoin too refuses a broken IPv6 host
+            raise RegistryError(f"{self.registry} redirected {what} to an unusable location "
+                                f"({_clean_text(exc)})") from None
         own_port = self.port or (443 if self.scheme == "https" else 80)
         port = url.port or (443 if url.scheme == "https" else 80)
-        if url.scheme == self.scheme and url.hostname == self.host.lower() and port == own_port:
+        if url.scheme == self.scheme and url.host == self.host.lower() and port == own_port:
             return True, (url.path or "/") + (f"?{url.query}" if url.query else "")
         return False, url
 
@@ -3947,23 +4153,23 @@ class RegistryClient:
         if url.scheme != "https":
             raise RegistryError(f"{self.registry} redirected {what} to plain HTTP on another "
                                 f"host ({_clean_text(url.netloc)}); refusing")
-        connection = self._connection("https", url.hostname, url.port)
+        connection = self._connection("https", url.host, url.port)
         target = (url.path or "/") + (f"?{url.query}" if url.query else "")
         try:
             connection.request("GET", target, headers={"User-Agent": f"wasmstore/{__version__}"})
             response = _Response(self, connection, connection.getresponse(), pooled=False)
         except self.ssl.SSLCertVerificationError as exc:
             connection.close()
-            raise RegistryError(f"the TLS certificate of {_clean_text(url.hostname)} cannot "
+            raise RegistryError(f"the TLS certificate of {_clean_text(url.host)} cannot "
                                 f"be verified ({_clean_text(exc.verify_message)})") from None
         except (OSError, self.http.HTTPException) as exc:
             connection.close()
-            raise RegistryError(f"downloading {what} from {_clean_text(url.hostname)} failed: "
+            raise RegistryError(f"downloading {what} from {_clean_text(url.host)} failed: "
                                 f"{_clean_text(getattr(exc, 'strerror', None) or exc)}"
                                 ) from None
         if response.status != 200:
             response.close()
-            raise RegistryError(f"{_clean_text(url.hostname)} answered {response.status} "
+            raise RegistryError(f"{_clean_text(url.host)} answered {response.status} "
                                 f"{response.reason} to the redirected download of {what}")
         return response
 
@@ -4004,16 +4210,13 @@ class RegistryClient:
     def _fetch_token(self, params):
         """A bearer token from the challenge's realm (the registry token auth flow)."""
         import urllib.parse
-        realm = urllib.parse.urlsplit(params["realm"])
-        service = _clean_text(realm.hostname or "?")
         try:
-            port = realm.port
-        except ValueError:
-            port = None
-            realm = realm._replace(scheme="")
-        if realm.scheme not in ("http", "https") or not realm.hostname:
-            raise RegistryError(f"{self.registry} announced an unusable token service")
-        if realm.scheme == "http" and not (self.plain_http or _is_loopback(realm.hostname)):
+            realm = parse_url(params["realm"], "token service")
+        except InvalidInput as exc:
+            raise RegistryError(f"{self.registry} announced an unusable token service "
+                                f"({_clean_text(exc)})") from None
+        service, port = _clean_text(realm.host), realm.port
+        if realm.scheme == "http" and not (self.plain_http or _is_loopback(realm.host)):
             raise RegistryError(f"the token service of {self.registry} ({service}) is plain "
                                 "HTTP; refusing to send credentials there (--plain-http "
                                 "allows it)")
@@ -4024,7 +4227,7 @@ class RegistryClient:
         headers = {"User-Agent": f"wasmstore/{__version__}", "Accept": "application/json"}
         if self.credentials is not None:
             headers["Authorization"] = self.credentials.basic()
-        connection = self._connection(realm.scheme, realm.hostname, port)
+        connection = self._connection(realm.scheme, realm.host, port)
         try:
             connection.request("GET", target, headers=headers)
             response = connection.getresponse()
@@ -4045,9 +4248,9 @@ class RegistryClient:
             raise RegistryError(f"the token service {service} of {self.registry} answered "
                                 f"{status} with no usable token")
         try:
-            document = json.loads(body)
+            document = parse_json(body, "token answer")
             token = document.get("token") or document.get("access_token")
-        except (ValueError, AttributeError):
+        except (InvalidInput, AttributeError):
             token = None
         if not isinstance(token, str) or not token or not token.isprintable() or " " in token:
             raise RegistryError(f"the token service {service} of {self.registry} sent no "
@@ -4128,8 +4331,8 @@ class RegistryClient:
         what = f"blob {digest} of {repository}"
         response = self.call("GET", f"/v2/{repository}/blobs/{digest}", repository=repository,
                              what=what, foreign_redirects=True)
-        length = response.header("Content-Length")
-        if length is not None and length.isdigit() and int(length) != size:
+        length = response.length(what)
+        if length is not None and length != size:
             response.close()
             raise RegistryError(f"{what} is {length} bytes, but the manifest says {size}; "
                                 "nothing was stored")
@@ -4406,6 +4609,14 @@ def _open_layer(client, reference, segments, progress):
 
 # --------------------------------------------------------------------------- CLI
 
+def _cli_count(text):
+    """argparse type of a count or index option: ASCII digits only."""
+    try:
+        return parse_number(text, "number")
+    except InvalidInput as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _print_line(text):
     sys.stdout.write(text + "\n")
 
@@ -4414,14 +4625,66 @@ def _cmd_add(store, args):
     if args.file == "-":
         if not args.path:
             raise InvalidInput("reading a module from stdin needs a PATH argument")
-        digest = store.add_file(args.path, sys.stdin.buffer, branch=args.branch,
-                                author=args.author)
+        source = _binary_or_text(sys.stdin.buffer, "stdin")
+        digest = store.add_file(args.path, source, branch=args.branch, author=args.author)
     else:
         if not os.path.isfile(args.file):
             raise NotFound(f"no such file {args.file!r}")
-        path = args.path if args.path is not None else os.path.basename(args.file)
-        digest = store.add_file(path, args.file, branch=args.branch, author=args.author)
+        path = args.path if args.path is not None else _stored_name(args.file)
+        source = args.file
+        if args.file.endswith(TEXT_SUFFIXES):
+            with open(args.file, "rb") as text:
+                source = io.BytesIO(wasm_from_text(_read_text(text, args.file), args.file))
+        digest = store.add_file(path, source, branch=args.branch, author=args.author)
     _print_line(digest)
+
+
+def _stored_name(filename):
+    """The default PATH of `add FILE`: its base name, .wasm for WebAssembly text."""
+    base = os.path.basename(filename)
+    stem, suffix = os.path.splitext(base)
+    return stem + ".wasm" if suffix in TEXT_SUFFIXES else base
+
+
+def _read_text(reader, name, head=b""):
+    """All of a WebAssembly text source, bounded (wat2wasm needs it whole)."""
+    data = head + reader.read(MAX_TEXT_BYTES + 1 - len(head))
+    if len(data) > MAX_TEXT_BYTES:
+        raise TooLarge(f"{name}: WebAssembly text over {MAX_TEXT_BYTES >> 20} MiB; store its "
+                       "binary instead")
+    return data
+
+
+def _binary_or_text(reader, name):
+    """stdin for `add -`: a binary module as a stream, or the binary of WebAssembly text (what
+    is not binary and begins like text: '(' or a ';;' comment)."""
+    head = b""
+    while len(head) < len(WASM_MAGIC):
+        chunk = reader.read(len(WASM_MAGIC) - len(head))
+        if not chunk:
+            break
+        head += chunk
+    if head == WASM_MAGIC or not head.lstrip()[:1] in (b"(", b";"):
+        return _Prefixed(head, reader)
+    return io.BytesIO(wasm_from_text(_read_text(reader, name, head), name))
+
+
+class _Prefixed:
+    """A binary reader that gives `head` first, then the rest of `reader`."""
+
+    def __init__(self, head, reader):
+        self.head, self.reader = head, reader
+
+    def read(self, size=-1):
+        """Up to size bytes (all that is left for a negative size)."""
+        if not self.head:
+            return self.reader.read(size)
+        if size is not None and 0 <= size <= len(self.head):
+            data, self.head = self.head[:size], self.head[size:]
+            return data
+        data, self.head = self.head, b""
+        rest = self.reader.read(-1 if size is None or size < 0 else size - len(data))
+        return data + (rest or b"")
 
 
 def _cmd_import(store, args):
@@ -4486,10 +4749,6 @@ def _cmd_commit(store, args):
     _print_line(json.dumps(store.commit_info(args.hash), indent=2))
 
 
-def _format_date(seconds):
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
-
-
 def _cmd_audit(store, args):
     for info in store.audit(args.path, branch=args.branch):
         _print_line(f"{_format_date(info['date'])}\t{info['author']}\t{info['hash']}")
@@ -4504,11 +4763,13 @@ def _cmd_log(store, args):
 def _cmd_branch(store, args):
     if args.switch:
         store.set_default_branch(args.switch)
-    elif args.name and args.delete:
+    elif args.delete:
+        if not args.name:
+            raise InvalidInput("branch --delete needs the NAME of the branch to delete")
         store.delete_branch(args.name)
     elif args.name:
         store.create_branch(args.name, branch=args.branch)
-    else:
+    else:                                     # no NAME: list the branches
         default = store.default_branch
         for name in store.branches():
             _print_line(("* " if name == default else "  ") + name if args.verbose else name)
@@ -4519,7 +4780,16 @@ def _cmd_merge(store, args):
 
 
 def _cmd_gc(store, args):
-    _print_line(str(store.gc(branch=args.branch, author=args.author)))
+    stats = {}
+    store.gc(branch=args.branch, author=args.author, stats=stats)
+    branch = args.branch or store.default_branch
+    squashed = stats["commits_squashed"]
+    _print_line(f"gc: removed {_count(stats['objects'], 'object')} ({_size_text(stats['bytes'])}); "
+                + (f"squashed {_count(squashed, 'commit')} of {branch} into one" if squashed else
+                   f"{branch}'s history was one commit already"))
+    if squashed:
+        sys.stderr.write(f"wasmstore: warning: gc squashed the history of {branch}: its earlier "
+                         "versions, log and audit are gone (other branches keep theirs)\n")
 
 
 def _cmd_export(store, args):
@@ -4533,11 +4803,12 @@ def _cmd_backup(store, args):
 
 
 def _cmd_fsck(store, args):
-    problems, checked, dangling = store._fsck()
+    problems = store.fsck()
     for problem in problems:
         _print_line(problem)
-    _print_line(f"fsck: {checked} objects checked, {len(problems)} problems, "
-                f"{dangling} dangling (unreachable from every branch; gc deletes them)")
+    _print_line(f"fsck: {problems.checked} objects checked, {len(problems)} problems, "
+                f"{problems.dangling} dangling (unreachable from every branch; gc deletes "
+                "them)")
     return 1 if problems else 0
 
 
@@ -4556,7 +4827,8 @@ RUN_COMMANDS = ("call", "run", "exports")     # their options come from kvhost (
 def _runner(store, args):
     kvhost = _kvhost()
     host = kvhost.host_from_args(args, **kv_options(store, args.kv, args.provider_kv))
-    return Runner(store, host, namespaces=parse_namespace_map(args.namespace_map))
+    return Runner(store, host, namespaces=parse_namespace_map(args.namespace_map),
+                  links=parse_links(args.links))
 
 
 def _run_guest(store, args, work):
@@ -4578,9 +4850,12 @@ def _selector(args):
 
 def _cmd_call(store, args):
     kvhost = _kvhost()
+    try:
+        json_args = kvhost.parse_json_args(args.json_args)     # before anything is opened
+    except kvhost.KvError as exc:
+        return kvhost.report(exc, sys.stderr, "wasmstore")
 
     def call(runner):
-        json_args = kvhost.parse_json_args(args.json_args)
         result = runner.call(args.target, args.function, json_args, namespace=args.namespace, **_selector(args))
         kvhost.print_json(result, sys.stdout)
         return 0
@@ -4588,9 +4863,12 @@ def _cmd_call(store, args):
 
 
 def _cmd_run(store, args):
+    kvhost = _kvhost()
+
     def run(runner):
         sys.stdout.flush()
-        return runner.run(args.target, args.args, namespace=args.namespace, **_selector(args))
+        return runner.run(args.target, args.args, namespace=args.namespace,
+                          stdin=kvhost.STDIN_INHERIT, **_selector(args))
     return _run_guest(store, args, run)
 
 
@@ -4606,7 +4884,7 @@ def _cmd_exports(store, args):
 
 
 def _add_selector_options(sub):
-    sub.add_argument("--version", dest="version_index", type=int, metavar="INDEX",
+    sub.add_argument("--version", dest="version_index", type=_cli_count, metavar="INDEX",
                      help="run version INDEX of the path (0 = oldest; see 'versions')")
     sub.add_argument("--commit", metavar="COMMIT", help="run the module as it was in COMMIT")
 
@@ -4624,7 +4902,8 @@ def _add_run_options(sub, name):
     sub.add_argument("--namespace-map", action="append", default=[], metavar="PREFIX=NS",
                      help="modules under PREFIX share kv namespace NS (repeatable; default: each path "
                           "is its own namespace, a hash is sha256:<hash>)")
-    kvhost.add_sandbox_options(sub)
+    kvhost.add_sandbox_options(sub, link_target="a path in the store, in the same commit as the "
+                                                "module run")
 
 
 def _progress_writer(args):
@@ -4713,10 +4992,12 @@ REGISTRY_OPTIONS = [
 
 COMMANDS = {
     # name: (handler, help, [(argument, options)])
-    "add": (_cmd_add, "validate and store a module (FILE '-' reads stdin); prints its hash",
+    "add": (_cmd_add, "validate and store a module (FILE '-' reads stdin; WebAssembly text, "
+                      ".wat or .wast, is stored as its binary); prints its hash",
             [("file", {"metavar": "FILE"}),
              ("path", {"metavar": "PATH", "nargs": "?",
-                       "help": "where to store it (default: the file's base name)"})]),
+                       "help": "where to store it (default: the file's base name, .wasm for "
+                               "text)"})]),
     "import": (_cmd_import, "store every *.wasm file under DIR in one commit",
                [("directory", {"metavar": "DIR"}),
                 ("prefix", {"metavar": "PREFIX", "nargs": "?", "help": "path to store them under"})]),
@@ -4747,16 +5028,16 @@ COMMANDS = {
     "audit": (_cmd_audit, "print '<date>\\t<author>\\t<commit>' for each change of PATH",
               [("path", {"metavar": "PATH"})]),
     "log": (_cmd_log, "print the branch's history, newest first",
-            [("-n", {"type": int, "metavar": "N", "help": "at most N commits"})]),
-    "branch": (_cmd_branch, "create, delete, list or switch branches",
+            [("-n", {"type": _cli_count, "metavar": "N", "help": "at most N commits"})]),
+    "branch": (_cmd_branch, "create, delete or switch branches; with no NAME, list them",
                [("name", {"metavar": "NAME", "nargs": "?", "help": "branch to create or delete"}),
                 ("--delete", {"action": "store_true", "help": "delete NAME"}),
-                ("--list", {"action": "store_true", "help": "list branches (the default)"}),
                 ("--verbose", {"action": "store_true", "help": "mark the default branch"}),
                 ("--switch", {"metavar": "NAME", "help": "make NAME the default branch"})]),
     "merge": (_cmd_merge, "merge BRANCH into the selected branch",
               [("source", {"metavar": "BRANCH"})]),
-    "gc": (_cmd_gc, "squash the branch's history and delete unreachable objects", []),
+    "gc": (_cmd_gc, "squash the branch's history into one commit (its earlier versions, log and "
+                    "audit are gone) and delete unreachable objects; prints what it removed", []),
     "export": (_cmd_export, "write every module as plain files under a directory",
                [("-o", {"dest": "output", "metavar": "DIR", "default": ".",
                         "help": "target directory (default: current directory)"}),
@@ -4813,14 +5094,22 @@ and exit 1 (also "not found"); bad usage exits 2. 'COMMAND --help' explains one
 command."""
 
 
-def _add_global_options(parser, suppress):
+# The commands that make commits: the only ones --author means something to.
+COMMITTING_COMMANDS = ("add", "import", "set", "remove", "rollback", "restore", "merge", "gc",
+                       "pull")
+
+
+def _add_global_options(parser, suppress, author=True):
     default = (lambda value: argparse.SUPPRESS) if suppress else (lambda value: value)
     parser.add_argument("--root", default=default(None),
                         help=f"store root (env WASMSTORE_ROOT; default {DEFAULT_ROOT})")
     parser.add_argument("--branch", default=default(None),
                         help="branch to use (env WASMSTORE_BRANCH; default: the store's default)")
+    # Commands that make no commit accept --author only to refuse it with a clear message.
     parser.add_argument("--author", default=default(None),
-                        help=f"commit author (env WASMSTORE_AUTHOR; default {DEFAULT_AUTHOR})")
+                        help=f"commit author, for commands that make commits (env "
+                             f"WASMSTORE_AUTHOR; default {DEFAULT_AUTHOR})" if author else
+                        argparse.SUPPRESS)
 
 
 def _build_parser(command=None):
@@ -4837,7 +5126,7 @@ def _build_parser(command=None):
     for name, (_, help_text, arguments) in COMMANDS.items():
         sub = commands.add_parser(name, help=help_text, description=help_text)
         if name != "server":
-            _add_global_options(sub, suppress=True)
+            _add_global_options(sub, suppress=True, author=name in COMMITTING_COMMANDS)
         for argument, options in arguments:
             sub.add_argument(argument, **options)
         if name == command and name in RUN_COMMANDS:
@@ -4855,6 +5144,11 @@ def main(argv=None):
         sys.stderr.write(f"wasmstore: error: {exc}\n")
         return 2
     args = parser.parse_args(argv if server_args is None else argv[:argv.index("server") + 1])
+    if args.author is not None and args.command not in COMMITTING_COMMANDS:
+        parser.error("--author is for the commands that make commits "
+                     f"({', '.join(COMMITTING_COMMANDS)}); {args.command} makes none"
+                     + (" (the server takes Wasmstore-Author per request)"
+                        if args.command == "server" else ""))
     root = args.root or os.environ.get("WASMSTORE_ROOT") or DEFAULT_ROOT
     args.branch = args.branch or os.environ.get("WASMSTORE_BRANCH") or None
     args.author = args.author or os.environ.get("WASMSTORE_AUTHOR") or None
@@ -4870,7 +5164,7 @@ def main(argv=None):
             return handler(store, args) or 0
     except StoreError as exc:
         sys.stderr.write(f"wasmstore: error: {exc}\n")
-        return error_status(exc)[1]
+        return error_status(exc).exit_status
     except BrokenPipeError:         # stdout closed early (| head): a normal end
         _discard_stdout()
         return 0
@@ -4883,17 +5177,32 @@ def main(argv=None):
 
 
 def _run_server(argv):
-    """Become the HTTP server: run http_server.py, the file next to this one, as a program
-    in this process (os.execv). It is not imported: the HTTP layer is built on the store,
-    and the store never depends on it, so wasmstore.py copied alone still works (the server
-    command then says what is missing)."""
-    program = os.path.join(os.path.dirname(os.path.abspath(__file__)), "http_server.py")
-    if not os.path.isfile(program):
+    """Become the HTTP server: run http_server.py as a program in this process (os.execv).
+    It is not imported: the HTTP layer is built on the store, and the store never depends on
+    it, so wasmstore.py copied alone still works (the server command then says what is
+    missing)."""
+    program = _server_program()
+    if program is None:
         raise StoreError(f"the server command needs http_server.py next to {__file__} "
                          "(copy it there, or run python http_server.py)")
     sys.stdout.flush()
     sys.stderr.flush()
     os.execv(sys.executable, [sys.executable, program] + argv)
+
+
+def _server_program():
+    """http_server.py's file: the one next to this file (a checkout, a copied pair, or
+    site-packages after `pip install`), else wherever the module would be imported from."""
+    program = os.path.join(os.path.dirname(os.path.abspath(__file__)), "http_server.py")
+    if os.path.isfile(program):
+        return program
+    import importlib.util                      # finds the module without importing it
+    try:
+        spec = importlib.util.find_spec("http_server")
+    except (ImportError, ValueError):
+        return None
+    origin = getattr(spec, "origin", None)
+    return origin if origin and origin.endswith(".py") and os.path.isfile(origin) else None
 
 
 def _command_index(argv):
@@ -4934,7 +5243,9 @@ def _discard_stdout():
         os.close(devnull)
 
 
-if __name__ == "__main__":
+def console_main():
+    """The `wasmstore` command (python wasmstore.py, or the script pip installs): main(), then
+    the exit, also when stdout was closed early or a guest is still blocked."""
     try:
         status = _end_process(main())
         sys.stdout.flush()
@@ -4942,3 +5253,7 @@ if __name__ == "__main__":
         _discard_stdout()
         status = 0
     sys.exit(status)
+
+
+if __name__ == "__main__":
+    console_main()

@@ -5,7 +5,11 @@
 #   build/py-provider.wasm from guests/py-provider/*.py with componentize-py 0.25.1 (a
 #                          wasi:keyvalue provider: a layer over the host's wasi:keyvalue);
 #   build/js-hello.wasm    from guests/js-hello/app.js with jco 1.35.0 (componentize-js 0.22.0),
-#                          default options, so it imports wasi:http.
+#                          default options, so it imports wasi:http;
+#   build/js-http.wasm     from guests/js-http/app.js with the same jco: a fetch handler (the
+#                          wasi:http/proxy world of wit/wasi-http-0.2.10);
+#   build/py-http.wasm     from guests/py-http/app.py with componentize-py 0.25.1: a wasi:http
+#                          handler in Python (the same world).
 # Idempotent: skips each output that is newer than all of its sources.
 # Run from anywhere: bash guests/build.sh   (.ci/run calls it after installing componentize-py
 # and running npm ci in guests/js-hello).
@@ -81,22 +85,49 @@ build_py_provider() {
     publish "$out"
 }
 
-build_js_hello() {
-    local want_version=1.35.0 out=build/js-hello.wasm dir=guests/js-hello version
-    local jco=$dir/node_modules/.bin/jco
-    up_to_date "$out" guests/build.sh "$dir/app.js" "$dir/wit" "$dir/package.json" \
-        "$dir/package-lock.json" && return 0
+# check_jco: guests/js-hello's jco must be installed, at the pinned version (js-http uses it too).
+jco=guests/js-hello/node_modules/.bin/jco
+check_jco() {
+    local want_version=1.35.0 version
     if ! version=$("$jco" --version 2>/dev/null); then
-        echo "build.sh: jco is not installed (cd $dir && npm ci)" >&2
+        echo "build.sh: jco is not installed (cd guests/js-hello && npm ci)" >&2
         return 1
     fi
     if [[ $version != "$want_version" ]]; then
-        echo "build.sh: need jco $want_version, found '$version' (cd $dir && npm ci)" >&2
+        echo "build.sh: need jco $want_version, found '$version' (cd guests/js-hello && npm ci)" >&2
         return 1
     fi
+}
+
+build_js_hello() {
+    local out=build/js-hello.wasm dir=guests/js-hello
+    up_to_date "$out" guests/build.sh "$dir/app.js" "$dir/wit" "$dir/package.json" \
+        "$dir/package-lock.json" && return 0
+    check_jco
     start_output js-hello
     # Default options (no --disable): the build imports wasi:http like most users' builds.
     "$jco" componentize "$dir/app.js" --wit "$dir/wit" --world-name js-hello -o "$pending" >/dev/null
+    publish "$out"
+}
+
+build_js_http() {
+    local out=build/js-http.wasm dir=guests/js-http
+    up_to_date "$out" guests/build.sh "$dir/app.js" "$dir/wit" wit/wasi-http-0.2.10 \
+        guests/js-hello/package-lock.json && return 0
+    check_jco
+    start_output js-http
+    # The world is upstream's wasi:http/proxy; its wit/ holds the upstream files less the
+    # wasi:cli worlds, whose wasi:sockets componentize-js cannot merge with its engine's.
+    "$jco" componentize "$dir/app.js" --wit "$dir/wit" --world-name proxy -o "$pending" >/dev/null
+    publish "$out"
+}
+
+build_py_http() {
+    local out=build/py-http.wasm dir=guests/py-http
+    up_to_date "$out" guests/build.sh "$dir/app.py" wit/wasi-http-0.2.10 && return 0
+    check_componentize_py
+    start_output py-http
+    componentize-py --quiet -d wit/wasi-http-0.2.10 -w wasi:http/proxy componentize -p "$dir" app -o "$pending"
     publish "$out"
 }
 
@@ -104,3 +135,5 @@ mkdir -p build
 build_py_counter
 build_py_provider
 build_js_hello
+build_js_http
+build_py_http
