@@ -71,6 +71,8 @@ Map of this file (top-down):
                        and runs; renders the Prometheus text format)
     watch              WatchHub (one Store.watch thread per branch -> bounded per-client queues)
     WebSocket framing  encode_frame(), FrameParser
+    web page           PAGE_HTML (inline HTML, CSS and JavaScript reading the API routes) and
+                       PAGE_CSP, wants_page() (a browser's GET /), page_reply()
     connection         request head parsing (Headers, read_headers), WasmstoreHandler
                        (one thread per connection)
     server             ConnectionLimits (connections and watch sessions, two pools),
@@ -697,7 +699,7 @@ def auth_ok(store, call, body):
     return Reply(200)            # reaching a handler means the key passed for this method
 
 
-# -- history over HTTP: log, audit, diff (pages of commit infos) ----------------------------------
+# -- history over HTTP: log, audit, diff (pages of commit infos) -----------------------------------
 
 def _query_count(call, name, default, maximum):
     """A count from the query string (ASCII digits, 0 to maximum), default when absent; 400
@@ -728,6 +730,32 @@ def get_log(store, call, body):
     return json_reply(_page(store.log(limit + 1, branch=call.branch, start=start), limit))
 
 
+def _visible_info(store, access, info):
+    """A commit info as a key that reaches only some paths may see it: with a fixed text in
+    place of the message when the commit also changed paths out of its reach."""
+    if access.scoped:
+        parent = info.get("parents", [None])[0]
+        if not all(map(access.reaches, store.changes(parent, info["hash"]))):
+            info = dict(info, message=HIDDEN_MESSAGE)
+    return info
+
+
+def get_tree(store, call, body):
+    """GET /api/v1/tree[/*]: {"/path": {"hash", "size", "kind", "changed": commit info}} of
+    every module under the prefix (that the key reaches)."""
+    details = store.list_details(call.path, branch=call.branch)
+    infos = {}
+    tree = {}
+    for path, entry in details.items():
+        if not call.access.reaches(path):
+            continue
+        commit = entry["changed"]
+        if commit is not None and commit not in infos:
+            infos[commit] = _visible_info(store, call.access, store.commit_info(commit))
+        tree[path] = dict(entry, changed=infos.get(commit))
+    return json_reply(tree)
+
+
 def get_audit(store, call, body):
     """GET /api/v1/audit/*?limit=N&after=COMMIT: the commits that changed a path, newest first.
 
@@ -744,11 +772,7 @@ def get_audit(store, call, body):
             raise HttpError(404, f"commit {after} did not change {_printed(call.path.split('/'))}")
         commits = commits[position + 1:]
     page = _page(commits[:limit + 1], limit)
-    if call.access.scoped:
-        for info in page["commits"]:
-            parent = info.get("parents", [None])[0]
-            if not all(map(call.access.reaches, store.changes(parent, info["hash"]))):
-                info["message"] = HIDDEN_MESSAGE
+    page["commits"] = [_visible_info(store, call.access, info) for info in page["commits"]]
     return json_reply(page)
 
 
@@ -1163,18 +1187,20 @@ def run_module(store, call, body):
 
 
 def get_exports(store, call, body):
-    """GET /api/v1/exports/*: {"hash", "kind", "exports": [{"name", "params", "results"}]}."""
+    """GET /api/v1/exports/*: {"hash", "kind", "exports": [{"name", "params", "results"}],
+    "imports": [...]} (kvhost.describe_exports, describe_imports)."""
     runtime = _runtime(call)
     version = _version_query(call)
 
     def work(target, stats):
         guest = runtime.runner.load(target)
-        return {"hash": target.digest, "kind": guest.kind,
-                "exports": runtime.runner.host.exports(guest)}
+        host = runtime.runner.host
+        return {"hash": target.digest, "kind": guest.kind, "exports": host.exports(guest),
+                "imports": host.imports(guest)}
     return json_reply(runtime.execute(call, "exports", version, work, gated=False))
 
 
-# -- the kv data of a stored module: its namespace's buckets, keys and values ---------------------
+# -- the kv data of a stored module: its namespace's buckets, keys and values ----------------------
 
 def _kv_of(call):
     """(backend, namespace) of the module a kv route names: the namespace the Runner gives the
@@ -1681,6 +1707,7 @@ class Route:
 # (method, name, number of named params, rest of path, handler; what a key needs)
 ROUTES = [
     Route("GET", "modules", 0, "optional", list_modules, permission="read", scope="filtered"),
+    Route("GET", "tree", 0, "optional", get_tree, permission="read", scope="filtered"),
     Route("GET", "module", 0, "optional", get_module, permission="read"),
     Route("POST", "module", 0, "optional", add_module, permission="write", upload=True),
     Route("DELETE", "module", 0, "optional", delete_module, permission="write"),
@@ -2754,6 +2781,742 @@ class FrameParser:
 
 
 # ---------------------------------------------------------------------------
+# Web page
+# ---------------------------------------------------------------------------
+
+# GET / for a browser (a request that accepts text/html) serves one page: inline HTML, CSS and
+# JavaScript, nothing loaded from anywhere else (its Content-Security-Policy allows only this
+# script and style, and requests to this origin). It holds no store data, so it needs no key;
+# it reads everything through the API routes, sending the key the tab was given (sessionStorage)
+# when the server asks for one. Stable URLs: #/ (modules), #/log, #/module/<path>, each with
+# ?branch=NAME for a branch other than the default.
+
+_PAGE_STYLE = r"""
+:root { color-scheme: light dark; --line: #8884; --dim: #888; --accent: #3b6fd4; }
+* { box-sizing: border-box; }
+body { font: 14px/1.45 system-ui, sans-serif; margin: 0; display: grid;
+       grid-template: "top top" auto "main side" 1fr / 1fr 18rem; min-height: 100vh; }
+header { grid-area: top; display: flex; gap: 1rem; align-items: center; flex-wrap: wrap;
+         padding: .5rem 1rem; border-bottom: 1px solid var(--line); }
+header .brand { font-weight: 700; font-size: 1.1rem; text-decoration: none; color: inherit; }
+header nav a { margin-right: .75rem; }
+main { grid-area: main; padding: 1rem; min-width: 0; }
+aside { grid-area: side; padding: 1rem; border-left: 1px solid var(--line); font-size: 12px; }
+aside ol { padding-left: 1rem; margin: 0; }
+a { color: var(--accent); }
+h1 { font-size: 1.3rem; margin: .2rem 0 .8rem; word-break: break-all; }
+h2 { font-size: 1.05rem; margin: 1.5rem 0 .5rem; border-bottom: 1px solid var(--line); }
+h3 { font-size: .95rem; margin: .8rem 0 .3rem; }
+table { border-collapse: collapse; width: 100%; }
+th, td { text-align: left; padding: .25rem .5rem; border-bottom: 1px solid var(--line);
+         vertical-align: top; }
+th { font-weight: 600; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; }
+tr.dir td { color: var(--dim); font-family: ui-monospace, monospace; padding-top: .6rem; }
+td.name { padding-left: 1.5rem; }
+td.change { color: var(--dim); }
+tr.current { background: #3b6fd41a; }
+.badge { margin-left: .4rem; padding: 0 .4rem; border-radius: .6rem; background: var(--accent);
+         color: #fff; font-size: 11px; }
+code, pre, textarea, input[type=text] { font-family: ui-monospace, monospace; font-size: 13px; }
+pre { background: #8881; padding: .5rem; overflow: auto; white-space: pre-wrap;
+      word-break: break-all; }
+pre.error, p.error { color: #c62828; }
+.empty, .loading { color: var(--dim); }
+label.arg, form label { display: block; margin: .3rem 0; }
+textarea { width: 100%; }
+button { margin: .3rem .3rem .3rem 0; }
+.diff div { margin: .2rem 0; }
+#live.on { color: #2e7d32; }
+#live.off { color: var(--dim); }
+#auth { position: fixed; inset: 0; background: #0008; display: grid; place-items: center; }
+#auth[hidden] { display: none; }
+#auth form { background: Canvas; color: CanvasText; padding: 1.5rem; border-radius: .5rem;
+             min-width: 20rem; }
+#auth input { width: 100%; margin: .5rem 0; }
+.hint { color: var(--dim); font-size: 12px; }
+@media (max-width: 800px) { body { grid-template: "top" auto "main" 1fr "side" auto / 1fr; }
+                            aside { border-left: 0; border-top: 1px solid var(--line); } }
+"""
+
+_PAGE_SCRIPT = r"""
+"use strict";
+// The wasmstore web page. Every request below is a route of the documented API; nothing is
+// loaded from anywhere else. The DOM is built with textContent only: store data never becomes
+// markup.
+const API = "/api/v1";
+const KEY_ITEM = "wasmstore-key";             // sessionStorage: kept for this tab only
+const PAGE = 100;                             // rows asked for per page of log, audit, keys
+const state = {branch: null, defaultBranch: null, socket: null, socketBranch: undefined,
+               retry: 0, view: 0, refresh: null};
+const $ = (id) => document.getElementById(id);
+
+function el(tag, props, ...children) {
+  const node = document.createElement(tag);
+  for (const [name, value] of Object.entries(props || {})) {
+    if (value === undefined || value === null || value === false) continue;
+    if (name === "text") node.textContent = value;
+    else if (name === "class") node.className = value;
+    else if (name.startsWith("on")) node.addEventListener(name.slice(2), value);
+    else node.setAttribute(name, value === true ? "" : String(value));
+  }
+  for (const child of children.flat(Infinity)) {
+    if (child === null || child === undefined || child === false) continue;
+    node.append(child instanceof Node ? child : String(child));
+  }
+  return node;
+}
+
+class ApiError extends Error {
+  constructor(status, message) {
+    super(message);
+    this.status = status;
+  }
+}
+
+// -- the key: asked for once (every request that meets a 401 waits for the same answer) --------
+
+let keyWaiters = null;
+
+function askKey(message) {
+  if (keyWaiters === null) {
+    keyWaiters = [];
+    $("auth-message").textContent = message;
+    $("auth").hidden = false;
+    $("auth-key").focus();
+  }
+  return new Promise((resolve) => keyWaiters.push(resolve));
+}
+
+$("auth-form").addEventListener("submit", (event) => {
+  event.preventDefault();
+  const key = $("auth-key").value;
+  if (!key) return;
+  sessionStorage.setItem(KEY_ITEM, key);
+  $("auth-key").value = "";
+  $("auth").hidden = true;
+  $("forget-key").hidden = false;
+  const waiters = keyWaiters || [];
+  keyWaiters = null;
+  waiters.forEach((resolve) => resolve());
+  openWatch(true);
+});
+
+$("forget-key").addEventListener("click", () => {
+  sessionStorage.removeItem(KEY_ITEM);
+  location.reload();
+});
+
+async function api(path, options = {}) {
+  for (;;) {
+    const headers = new Headers(options.headers || {});
+    const key = sessionStorage.getItem(KEY_ITEM);
+    if (key) headers.set("Wasmstore-Auth", key);
+    if (state.branch) headers.set("Wasmstore-Branch", state.branch);
+    const response = await fetch(API + path, {method: options.method || "GET", headers,
+                                              body: options.body, cache: "no-store"});
+    if (response.status === 401) {
+      const text = (await response.text()).trim();
+      if (sessionStorage.getItem(KEY_ITEM) !== key) continue;    // a new key came meanwhile
+      if (key) sessionStorage.removeItem(KEY_ITEM);
+      await askKey(key ? `The server refused the key (${text}): enter another one.`
+                       : "This server needs a key.");
+      continue;
+    }
+    if (!response.ok) {
+      const text = options.method === "HEAD" ? "" : (await response.text()).trim();
+      throw new ApiError(response.status, text || response.statusText);
+    }
+    return response;
+  }
+}
+
+const getJSON = async (path) => (await api(path)).json();
+const enc = (path) => "/" + path.split("/").filter(Boolean).map(encodeURIComponent).join("/");
+
+// -- formatting -------------------------------------------------------------------------------
+
+function size(bytes) {
+  if (bytes < 1024) return `${bytes} B`;
+  const units = ["KiB", "MiB", "GiB"];
+  let value = bytes / 1024, unit = 0;
+  while (value >= 1024 && unit < units.length - 1) { value /= 1024; unit += 1; }
+  return `${value.toFixed(value < 10 ? 1 : 0)} ${units[unit]}`;
+}
+
+const date = (seconds) => new Date(seconds * 1000).toISOString().replace("T", " ").slice(0, 19);
+const short = (hash) => el("code", {class: "hash", title: hash, text: hash.slice(0, 12)});
+
+function errorBox(error) {
+  const status = error instanceof ApiError ? `${error.status}: ` : "";
+  return el("p", {class: "error", text: status + error.message});
+}
+
+function commitCells(info) {
+  if (!info) return [el("td"), el("td"), el("td"), el("td")];
+  return [el("td", {}, short(info.hash)), el("td", {text: info.author}),
+          el("td", {text: date(info.date)}), el("td", {text: info.message})];
+}
+
+// -- navigation: #/ (modules), #/log, #/module/<path>; ?branch=NAME picks a branch ------------
+
+function parseHash() {
+  const text = location.hash.slice(1) || "/";
+  const cut = text.indexOf("?");
+  const route = cut < 0 ? text : text.slice(0, cut);
+  return {route, params: new URLSearchParams(cut < 0 ? "" : text.slice(cut + 1))};
+}
+
+function href(route) {
+  return "#" + route + (state.branch ? "?branch=" + encodeURIComponent(state.branch) : "");
+}
+
+const moduleHref = (path) => href("/module" + enc(path));
+
+function modulePath(route) {
+  return "/" + route.slice("/module/".length).split("/").filter(Boolean)
+    .map(decodeURIComponent).join("/");
+}
+
+async function render(quiet) {
+  const {route, params} = parseHash();
+  const branch = params.get("branch") || null;
+  if (branch !== state.branch) {
+    state.branch = branch;
+    openWatch(true);
+  }
+  const token = ++state.view;
+  const view = $("view");
+  if (!quiet) view.replaceChildren(el("p", {class: "loading", text: "Loading…"}));
+  state.refresh = null;
+  let node;
+  try {
+    await loadBranches();
+    if (route.startsWith("/module/")) node = moduleView(modulePath(route));
+    else if (route === "/log") node = await logView();
+    else node = await treeView();
+  } catch (error) {
+    node = errorBox(error);
+  }
+  if (token === state.view) view.replaceChildren(node);
+  document.body.dataset.view = route === "/log" ? "log" : route.startsWith("/module/")
+    ? "module" : "tree";
+}
+
+window.addEventListener("hashchange", () => render(false));
+
+async function loadBranches() {
+  const [branches, current] = await Promise.all([
+    getJSON("/branches"), api("/branch").then((response) => response.text())]);
+  state.defaultBranch = current.trim();
+  const select = $("branch");
+  const shown = state.branch || state.defaultBranch;
+  select.replaceChildren(...branches.map((name) => el("option", {
+    value: name, selected: name === shown,
+    text: name === state.defaultBranch ? `${name} (default)` : name})));
+}
+
+$("branch").addEventListener("change", (event) => {
+  const name = event.target.value;
+  state.branch = name === state.defaultBranch ? null : name;
+  location.hash = href(parseHash().route);
+});
+
+// -- the tree of paths ------------------------------------------------------------------------
+
+async function treeView() {
+  const tree = await getJSON("/tree");
+  const table = el("table", {id: "tree"}, el("thead", {}, el("tr", {},
+    ["Path", "Kind", "Size", "Hash", "Last change"].map((name) => el("th", {text: name})))));
+  const body = el("tbody");
+  let directory = null;
+  for (const [path, entry] of Object.entries(tree)) {
+    const cut = path.lastIndexOf("/");
+    const parent = path.slice(0, cut + 1);
+    if (parent !== directory) {
+      directory = parent;
+      body.append(el("tr", {class: "dir"}, el("td", {colspan: 5, text: parent})));
+    }
+    const change = entry.changed;
+    body.append(el("tr", {"data-path": path},
+      el("td", {class: "name"}, el("a", {href: moduleHref(path), text: path.slice(cut + 1)})),
+      el("td", {text: entry.kind}),
+      el("td", {class: "num", title: `${entry.size} bytes`, text: size(entry.size)}),
+      el("td", {}, short(entry.hash)),
+      el("td", {class: "change", text: change
+        ? `${date(change.date)} · ${change.author} · ${change.message}` : ""})));
+  }
+  table.append(body);
+  state.refresh = () => render(true);
+  const name = state.branch || state.defaultBranch;
+  return el("div", {}, el("h1", {text: `Modules on ${name}`}), Object.keys(tree).length
+    ? table : el("p", {id: "tree", class: "empty", text: "No modules on this branch yet."}));
+}
+
+// -- pages of commits (log, audit) ------------------------------------------------------------
+
+function commitTable(id, route) {
+  const body = el("tbody");
+  const more = el("button", {type: "button", class: "more", hidden: true, text: "More"});
+  const table = el("table", {id}, el("thead", {}, el("tr", {},
+    ["Commit", "Author", "Date", "Message"].map((name) => el("th", {text: name})))), body);
+  let after = null;
+  const load = async () => {
+    const separator = route.includes("?") ? "&" : "?";
+    const page = await getJSON(`${route}${separator}limit=${PAGE}` +
+                               (after ? `&after=${after}` : ""));
+    body.append(...page.commits.map((info) => el("tr", {"data-hash": info.hash},
+                                                  commitCells(info))));
+    after = page.next;
+    more.hidden = !after;
+  };
+  more.addEventListener("click", () => load().catch((error) => more.replaceWith(errorBox(error))));
+  return {node: el("div", {}, table, more), load};
+}
+
+async function logView() {
+  const log = commitTable("log", "/log");
+  await log.load();
+  state.refresh = () => render(true);
+  return el("div", {}, el("h1", {text: `Log of ${state.branch || state.defaultBranch}`}), log.node);
+}
+
+// -- one module -------------------------------------------------------------------------------
+
+function section(id, title) {
+  const body = el("div", {class: "body"});
+  return {node: el("section", {id}, el("h2", {text: title}), body), body};
+}
+
+function fill(part, work) {
+  part.body.replaceChildren(el("p", {class: "loading", text: "Loading…"}));
+  Promise.resolve().then(work).then((node) => part.body.replaceChildren(node))
+    .catch((error) => part.body.replaceChildren(errorBox(error)));
+}
+
+function moduleView(path) {
+  const parts = {
+    versions: section("versions", "Versions"),
+    iface: section("interface", "Exports and imports"),
+    diff: section("diff", "Diff between versions"),
+    call: section("call", "Call a function"),
+    run: section("run", "Run as a command"),
+    kv: section("kv", "Key-value data"),
+    audit: section("audit", "Audit"),
+  };
+  const head = el("p", {id: "module-head"});
+  const exportsOf = getJSON("/exports" + enc(path));
+  exportsOf.catch(() => {});
+  const history = historyOf(path);
+  history.catch(() => {});
+  const showVersions = () => fill(parts.versions, async () => versionsTable(await historyOf(path),
+                                                                             head));
+  fill(parts.versions, async () => versionsTable(await history, head));
+  fill(parts.iface, async () => interfaceOf(await exportsOf));
+  fill(parts.diff, async () => diffForm(path, await history));
+  const showKv = () => fill(parts.kv, async () => kvBrowser(path));
+  fill(parts.call, async () => callForm(path, await exportsOf, showKv));
+  fill(parts.run, async () => runForm(path, showKv));
+  showKv();
+  fill(parts.audit, async () => {
+    const audit = commitTable("audit-table", "/audit" + enc(path));
+    await audit.load();
+    return audit.node;
+  });
+  state.refresh = (changes) => {
+    if (changes === null || path in changes) showVersions();
+  };
+  return el("div", {id: "module", "data-path": path},
+    el("p", {}, el("a", {href: href("/"), text: "← all modules"})),
+    el("h1", {text: path}), head, Object.values(parts).map((part) => part.node));
+}
+
+async function historyOf(path) {
+  const [versions, current] = await Promise.all([
+    getJSON("/versions" + enc(path)),
+    api("/hash" + enc(path)).then((response) => response.text(), () => null)]);
+  const wanted = new Set(versions.map(([, commit]) => commit));
+  const infos = new Map();
+  let after = null;
+  do {
+    const page = await getJSON("/audit" + enc(path) + "?limit=1000" +
+                               (after ? `&after=${after}` : ""));
+    page.commits.forEach((info) => infos.set(info.hash, info));
+    after = page.next;
+  } while (after && [...wanted].some((commit) => !infos.has(commit)));
+  return {versions, current: current && current.trim(), infos};
+}
+
+function versionsTable(history, head) {
+  const {versions, current, infos} = history;
+  head.replaceChildren(current ? ["current ", short(current)] : "not on this branch now");
+  const rows = versions.map(([hash, commit], index) => el("tr", {
+    "data-hash": hash, class: hash === current ? "current" : null},
+    el("td", {class: "num", text: index}), commitCells(infos.get(commit) ||
+                                                       {hash: commit, author: "", date: 0,
+                                                        message: ""}),
+    el("td", {}, short(hash), hash === current ? el("span", {class: "badge", text: "current"})
+                                               : null)));
+  return el("table", {id: "versions-table"}, el("thead", {}, el("tr", {},
+    ["#", "Commit", "Author", "Date", "Message", "Hash"].map((name) => el("th", {text: name})))),
+    el("tbody", {}, rows.reverse()));
+}
+
+function signature(entry) {
+  const params = entry.params.map((p) => (p.name === null ? p.type : `${p.name}: ${p.type}`));
+  const results = entry.results.length === 0 ? "" : " -> " + (entry.results.length === 1
+    ? entry.results[0] : `(${entry.results.join(", ")})`);
+  return `${entry.name}(${params.join(", ")})${results}`;
+}
+
+const importName = (entry) => (entry.module === undefined ? entry.name
+                                                          : `${entry.module} ${entry.name}`);
+const importType = (entry) => (entry.type === undefined ? "" : entry.type);
+
+function interfaceOf(described) {
+  const list = (id, items) => (items.length ? el("ul", {id}, items)
+                                            : el("p", {id, class: "empty", text: "none"}));
+  return el("div", {},
+    el("p", {text: `${described.kind}, hash `}, short(described.hash)),
+    el("h3", {text: "Exports"}),
+    list("exports", described.exports.map((entry) => el("li", {}, el("code", {
+      text: signature(entry)})))),
+    el("h3", {text: "Imports"}),
+    list("imports", (described.imports || []).map((entry) => el("li", {}, el("code", {
+      text: [importName(entry), importType(entry)].filter(Boolean).join(": ")})))));
+}
+
+// -- a diff between two versions: exports and imports added, removed or changed; size ---------
+
+function compareMaps(before, after) {
+  const out = {added: [], removed: [], changed: []};
+  for (const [name, value] of after) {
+    if (!before.has(name)) out.added.push(`${name}: ${value}`);
+    else if (before.get(name) !== value) {
+      out.changed.push(`${name}: ${before.get(name)} → ${value}`);
+    }
+  }
+  for (const [name, value] of before) if (!after.has(name)) out.removed.push(`${name}: ${value}`);
+  return out;
+}
+
+async function versionFacts(path, index) {
+  const [described, head] = await Promise.all([
+    getJSON(`/exports${enc(path)}?version=${index}`),
+    api(`/version/${index}${enc(path)}`, {method: "HEAD"})]);
+  return {exports: new Map(described.exports.map((e) => [e.name, signature(e)])),
+          imports: new Map((described.imports || []).map((e) => [importName(e), importType(e)])),
+          size: Number(head.headers.get("Content-Length"))};
+}
+
+function diffForm(path, history) {
+  const count = history.versions.length;
+  if (count < 2) return el("p", {class: "empty", text: "Only one version so far."});
+  const pick = (id, chosen) => el("select", {id}, history.versions.map((_, index) =>
+    el("option", {value: index, selected: index === chosen, text: `version ${index}`})));
+  const from = pick("diff-from", count - 2), to = pick("diff-to", count - 1);
+  const out = el("div", {id: "diff-result"});
+  const form = el("form", {id: "diff-form"}, from, " → ", to, " ",
+                  el("button", {text: "Compare"}), out);
+  form.addEventListener("submit", async (event) => {
+    event.preventDefault();
+    out.replaceChildren(el("p", {class: "loading", text: "Comparing…"}));
+    try {
+      const [a, b] = await Promise.all([versionFacts(path, from.value),
+                                        versionFacts(path, to.value)]);
+      const block = (title, diff) => el("div", {class: "diff"}, el("h3", {text: title}),
+        ["added", "removed", "changed"].map((kind) => el("div", {class: kind, "data-kind": kind},
+          el("strong", {text: `${kind}: `}), diff[kind].length ? diff[kind].join("; ") : "none")));
+      const delta = b.size - a.size;
+      out.replaceChildren(el("p", {id: "diff-size", text: `size ${a.size} → ${b.size} bytes (` +
+                                   (delta >= 0 ? "+" : "") + `${delta})`}),
+                          block("Exports", compareMaps(a.exports, b.exports)),
+                          block("Imports", compareMaps(a.imports, b.imports)));
+    } catch (error) {
+      out.replaceChildren(errorBox(error));
+    }
+  });
+  return form;
+}
+
+// -- calling a function: a form built from the export's types ---------------------------------
+
+const NUMBER_TYPES = new Set(["i32", "i64", "f32", "f64", "u8", "u16", "u32", "u64", "s8",
+                              "s16", "s32", "s64", "float32", "float64"]);
+const NUMBER_TEXT = /^-?\d+(\.\d+)?([eE][+-]?\d+)?$/;
+
+// The JSON text of one argument, built as text so that 64-bit integers keep every digit.
+function argumentText(type, input) {
+  if (type === "bool") return input.checked ? "true" : "false";
+  const text = input.value.trim();
+  if (type === "string" || type === "char") return JSON.stringify(input.value);
+  if (NUMBER_TYPES.has(type)) return NUMBER_TEXT.test(text) ? text : JSON.stringify(text);
+  return text || "null";
+}
+
+function argumentInput(param, index) {
+  const id = `arg-${index}`;
+  const label = param.name === null ? `#${index + 1}` : param.name;
+  let input;
+  if (param.type === "bool") input = el("input", {id, type: "checkbox"});
+  else if (NUMBER_TYPES.has(param.type) || param.type === "string" || param.type === "char") {
+    input = el("input", {id, type: "text", placeholder: param.type, autocomplete: "off"});
+  } else {
+    input = el("textarea", {id, rows: 2, placeholder: `${param.type} as JSON`});
+  }
+  return {input, node: el("label", {class: "arg"}, el("span", {text: `${label}: `}),
+                          el("code", {text: param.type}), " ", input)};
+}
+
+// A call or a run may change the module's kv data: `ran` shows it again afterwards.
+function callForm(path, described, ran) {
+  if (!described.exports.length) {
+    return el("p", {class: "empty", text: "No function JSON can call."});
+  }
+  const select = el("select", {id: "call-function"}, described.exports.map((entry) =>
+    el("option", {value: entry.name, text: signature(entry)})));
+  const fields = el("div", {id: "call-args"});
+  const result = el("pre", {id: "call-result"});
+  let inputs = [];
+  const build = () => {
+    const entry = described.exports.find((e) => e.name === select.value);
+    inputs = entry.params.map((param, index) => ({param, ...argumentInput(param, index)}));
+    fields.replaceChildren(...inputs.map((item) => item.node));
+  };
+  select.addEventListener("change", build);
+  build();
+  const form = el("form", {id: "call-form"}, select, fields, el("button", {text: "Call"}), result);
+  form.addEventListener("submit", async (event) => {
+    event.preventDefault();
+    const body = "[" + inputs.map((item) => argumentText(item.param.type, item.input))
+      .join(",") + "]";
+    result.className = "pending";
+    result.textContent = "calling…";
+    try {
+      const response = await api(`/call/${encodeURIComponent(select.value)}${enc(path)}`,
+                                 {method: "POST", body,
+                                  headers: {"Content-Type": "application/json"}});
+      result.className = "ok";
+      result.textContent = await response.text();
+    } catch (error) {
+      result.className = "error";
+      result.textContent = error instanceof ApiError ? `${error.status}: ${error.message}`
+                                                     : String(error);
+    }
+    ran();
+  });
+  return form;
+}
+
+// -- running a command: stdin and arguments ---------------------------------------------------
+
+function runForm(path, ran) {
+  const args = el("textarea", {id: "run-args", rows: 2, placeholder: "one argument per line"});
+  const stdin = el("textarea", {id: "run-stdin", rows: 3, placeholder: "stdin"});
+  const out = el("div", {id: "run-result"});
+  const form = el("form", {id: "run-form"}, el("label", {}, "Arguments ", args),
+                  el("label", {}, "Standard input ", stdin), el("button", {text: "Run"}), out);
+  form.addEventListener("submit", async (event) => {
+    event.preventDefault();
+    const query = args.value.split("\n").filter((line) => line !== "")
+      .map((arg) => "arg=" + encodeURIComponent(arg)).join("&");
+    out.replaceChildren(el("p", {class: "loading", text: "running…"}));
+    try {
+      const response = await api(`/run${enc(path)}${query ? "?" + query : ""}`,
+                                 {method: "POST", body: stdin.value});
+      const stderr = response.headers.get("Wasmstore-Stderr");
+      out.replaceChildren(
+        el("p", {id: "run-status", text:
+          `exit status ${response.headers.get("Wasmstore-Exit-Status")}`}),
+        el("h3", {text: "stdout"}), el("pre", {id: "run-stdout", text: await response.text()}),
+        el("h3", {text: "stderr"}), el("pre", {id: "run-stderr",
+                                                text: stderr ? JSON.parse(stderr) : ""}));
+    } catch (error) {
+      out.replaceChildren(errorBox(error));
+    }
+    ran();
+  });
+  return form;
+}
+
+// -- kv data: buckets, keys a page at a time, values as text or hex ---------------------------
+
+function asText(bytes) {
+  try {
+    const text = new TextDecoder("utf-8", {fatal: true}).decode(bytes);
+    return /[\u0000-\u0008\u000b\u000c\u000e-\u001f\u007f]/.test(text) ? null : text;
+  } catch (error) {
+    return null;
+  }
+}
+
+const asHex = (bytes) => Array.from(bytes, (b) => b.toString(16).padStart(2, "0"))
+  .join(" ").replace(/((?:\S\S ){16})/g, "$1\n");
+
+function valueView(bytes) {
+  const text = asText(bytes);
+  const pre = el("pre", {id: "kv-value"});
+  let hex = text === null;
+  const toggle = el("button", {type: "button", id: "kv-toggle"});
+  const show = () => {
+    pre.textContent = hex ? asHex(bytes) : text;
+    pre.dataset.format = hex ? "hex" : "text";
+    toggle.textContent = hex ? "as text" : "as hex";
+    toggle.hidden = text === null;
+  };
+  toggle.addEventListener("click", () => { hex = !hex; show(); });
+  show();
+  return el("div", {}, el("p", {text: `${bytes.length} bytes `}, toggle), pre);
+}
+
+async function kvBrowser(path) {
+  const data = await getJSON("/kv" + enc(path));
+  const keys = el("div", {id: "kv-keys"});
+  const value = el("div", {id: "kv-value-box"});
+  const openBucket = async (bucket) => {
+    value.replaceChildren();
+    const list = el("ul");
+    const more = el("button", {type: "button", class: "more", hidden: true, text: "More keys"});
+    keys.replaceChildren(el("h3", {text: `Bucket ${bucket}`}), list, more);
+    let cursor = null;
+    const load = async () => {
+      const page = await getJSON(`/kv-keys/${encodeURIComponent(bucket)}${enc(path)}` +
+        `?limit=${PAGE}` + (cursor ? "&cursor=" + encodeURIComponent(cursor) : ""));
+      list.append(...page.keys.map((key) => el("li", {}, el("a", {
+        href: "#", "data-key": key, text: key, onclick: (event) => {
+          event.preventDefault();
+          showValue(bucket, key);
+        }}))));
+      cursor = page.next;
+      more.hidden = !cursor;
+    };
+    more.addEventListener("click", () => load().catch((error) => keys.append(errorBox(error))));
+    await load();
+  };
+  const showValue = async (bucket, key) => {
+    value.replaceChildren(el("p", {class: "loading", text: "Loading…"}));
+    try {
+      const response = await api(`/kv-value/${encodeURIComponent(bucket)}${enc(path)}?key=` +
+                                 encodeURIComponent(key));
+      const bytes = new Uint8Array(await response.arrayBuffer());
+      value.replaceChildren(el("h3", {text: key}), valueView(bytes));
+    } catch (error) {
+      value.replaceChildren(errorBox(error));
+    }
+  };
+  const buckets = data.buckets.length ? el("ul", {id: "kv-buckets"}, data.buckets.map((bucket) =>
+    el("li", {}, el("a", {href: "#", "data-bucket": bucket, text: bucket, onclick: (event) => {
+      event.preventDefault();
+      openBucket(bucket).catch((error) => keys.replaceChildren(errorBox(error)));
+    }})))) : el("p", {id: "kv-buckets", class: "empty", text: "No data yet."});
+  return el("div", {}, el("p", {text: "namespace "}, el("code", {text: data.namespace})),
+            buckets, keys, value);
+}
+
+// -- live updates over the watch WebSocket ----------------------------------------------------
+
+function setLive(on) {
+  const live = $("live");
+  live.textContent = on ? "live" : "offline";
+  live.className = on ? "on" : "off";
+}
+
+function openWatch(force) {
+  if (!force && state.socket && state.socketBranch === state.branch) return;
+  if (state.socket) {
+    state.socket.onclose = null;
+    state.socket.close();
+  }
+  const url = new URL(API + "/watch", location.href);
+  url.protocol = location.protocol === "https:" ? "wss:" : "ws:";
+  if (state.branch) url.searchParams.set("branch", state.branch);
+  const key = sessionStorage.getItem(KEY_ITEM);
+  if (key) url.searchParams.set("auth", key);
+  const socket = new WebSocket(url);
+  state.socket = socket;
+  state.socketBranch = state.branch;
+  socket.onopen = () => {
+    state.retry = 0;
+    setLive(true);
+    if (state.refresh) state.refresh(null);     // what changed before the watch began
+  };
+  socket.onmessage = (event) => onChanges(JSON.parse(event.data));
+  socket.onclose = () => {
+    setLive(false);
+    if (state.socket !== socket) return;
+    const wait = Math.min(10000, 500 * 2 ** state.retry++);
+    setTimeout(() => { if (state.socket === socket) openWatch(true); }, wait);
+  };
+}
+
+function onChanges(changes) {
+  const when = new Date().toISOString().slice(11, 19);
+  const items = Object.entries(changes).map(([path, change]) => el("li", {"data-path": path},
+    `${when} ${change.action} `, el("a", {href: moduleHref(path), text: path})));
+  $("events").prepend(...items);
+  while ($("events").children.length > 50) $("events").lastChild.remove();
+  if (state.refresh) state.refresh(changes);
+}
+
+if (sessionStorage.getItem(KEY_ITEM)) $("forget-key").hidden = false;
+render(false).then(() => openWatch(false));
+"""
+
+_PAGE_BODY = """
+<header>
+  <a class="brand" href="#/">wasmstore</a>
+  <nav><a id="nav-tree" href="#/">Modules</a><a id="nav-log" href="#/log">Log</a></nav>
+  <label>Branch <select id="branch"></select></label>
+  <span id="live" class="off">offline</span>
+  <button id="forget-key" type="button" hidden>Forget the key</button>
+</header>
+<main id="view"><p class="loading">Loading…</p></main>
+<aside><h2>Live changes</h2><ol id="events"></ol></aside>
+<div id="auth" hidden>
+  <form id="auth-form">
+    <h2>Key</h2>
+    <p id="auth-message"></p>
+    <input id="auth-key" type="password" autocomplete="off" aria-label="key">
+    <button>Use this key</button>
+    <p class="hint">Kept for this tab only, until it closes.</p>
+  </form>
+</div>
+"""
+
+
+def _csp_source(text):
+    """The CSP hash source of an inline script or style."""
+    digest = hashlib.sha256(text.encode("utf-8")).digest()
+    return "'sha256-" + base64.b64encode(digest).decode("ascii") + "'"
+
+
+PAGE_CSP = ("default-src 'none'; script-src " + _csp_source(_PAGE_SCRIPT) + "; style-src " +
+            _csp_source(_PAGE_STYLE) + "; connect-src 'self'; img-src data:; base-uri 'none'; "
+            "form-action 'none'; frame-ancestors 'none'")
+PAGE_HTML = ('<!doctype html>\n<html lang="en"><head><meta charset="utf-8">\n'
+             '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
+             '<title>wasmstore</title><link rel="icon" href="data:,">\n'
+             f"<style>{_PAGE_STYLE}</style></head>\n<body>{_PAGE_BODY}"
+             f"<script>{_PAGE_SCRIPT}</script></body></html>\n").encode("utf-8")
+
+
+def wants_page(method, segments, headers):
+    """True for a browser's request of the page: GET or HEAD of / accepting text/html (API
+    clients asking / for anything else keep their answer)."""
+    return not segments and method in ("GET", "HEAD") and \
+        "text/html" in (headers.get("Accept") or "").lower()
+
+
+def page_reply():
+    """The web page, with headers that keep it to itself (CSP, no framing, no sniffing)."""
+    return Reply(200, [("Content-Type", "text/html; charset=utf-8"),
+                       ("Content-Security-Policy", PAGE_CSP), ("Cache-Control", "no-cache"),
+                       ("Vary", "Accept"), ("X-Content-Type-Options", "nosniff"),
+                       ("X-Frame-Options", "DENY"), ("Referrer-Policy", "no-referrer")],
+                 PAGE_HTML)
+
+
+# ---------------------------------------------------------------------------
 # Connection handling
 # ---------------------------------------------------------------------------
 
@@ -3078,6 +3841,10 @@ class WasmstoreHandler(http.server.BaseHTTPRequestHandler):
         if method == "OPTIONS" and server.cors.enabled:
             self._route_label = "preflight"
             return self._preflight()
+        if wants_page(method, segments, self.headers):
+            self._route_label = "/"
+            self._consume_body(upload=False)
+            return page_reply()
         if segments == ("metrics",):
             self._route_label = "/metrics"
             server.auth.authorize(presented_key(self.headers), method, "read", ())   # names paths

@@ -50,9 +50,10 @@ Map of this file, top-down:
   host glue       the wasi:keyvalue functions of both versions, dispatched without per-call
                   type walks
   engine          compile cache on disk (checksummed, mapped by wasmtime), Guest and what it
-                  exports (describe_exports), Host (load / call / call_captured / run /
-                  run_captured / exports / link_plan / attach_watcher; _Capture, the bounded
-                  sink for guest output), _Session (one Store per call)
+                  exports and imports (describe_exports, describe_imports), Host (load / call /
+                  call_captured / run / run_captured / exports / imports / link_plan /
+                  attach_watcher; _Capture, the bounded sink for guest output), _Session (one
+                  Store per call)
   composition     Provider; a consumer's wasi:keyvalue forwarded to a provider component's
                   exports (_forward), one provider instance per consumer call (_ProviderLink)
   HTTP apps       the wasi:http proxy world defined here (wasi:http types and outgoing-handler,
@@ -80,7 +81,8 @@ __all__ = [
     "HttpRequest", "HttpOutcome", "parse_outbound",
     "Backend", "MemoryBackend", "SqliteBackend", "RedisBackend", "open_backend",
     "Guest", "Host", "RunResult", "CallResult", "Provider", "provider_of", "provider_exports",
-    "PROVIDER_PREFIX", "describe_exports", "format_export", "json_float", "float_from_json",
+    "PROVIDER_PREFIX", "describe_exports", "describe_imports", "format_export", "json_float",
+    "float_from_json",
     "WasmFormatError", "WasmReader", "wasm_kind", "core_signatures", "check_core_imports",
     "sections_fit", "module_spans", "stub_function_bodies", "component_interface",
     "CORE_HEADER", "COMPONENT_HEADER",
@@ -3290,6 +3292,17 @@ def describe_exports(guest, engine):
     return described
 
 
+def describe_imports(guest, engine):
+    """What a guest imports, in order: for a core module [{"module", "name", "kind", "type"}]
+    ("type" like "func(i32, i32) -> i32", or the kind: "memory", "table", "global"); for a
+    component [{"name"}] (interface names such as "wasi:keyvalue/store@0.2.0-draft2", or plain
+    names)."""
+    if guest.kind == "component":
+        return [{"name": name} for name in guest.artifact.type.imports(engine)]
+    return [{"module": module, "name": name, "kind": kind, "type": _extern_text(kind, signature)}
+            for module, name, kind, signature in guest.signatures[0]]
+
+
 def format_export(entry):
     """One line for an export: "get(bucket: string, key: string) -> result<...>", "add(i32, i32) ->
     i32"."""
@@ -3824,8 +3837,12 @@ class Host:
         self._check_guest(guest)
         return describe_exports(guest, self.engine)
 
-    # -- linking core modules to other guests
-    # -------------------------------------------------------
+    def imports(self, guest):
+        """What a guest imports (see describe_imports)."""
+        self._check_guest(guest)
+        return describe_imports(guest, self.engine)
+
+    # -- linking core modules to other guests ------------------------------------------------------
 
     def link_plan(self, guest, resolve):
         """[(import module name, Guest)] that a core module's imports need, dependencies first.
@@ -4035,6 +4052,8 @@ class Host:
         request: an HttpRequest. sink: where the response goes, as the guest produces it:
         sink.start(status, [(name, value: bytes)]) once, when the guest sets its response;
         sink.write(data) for each piece of the body (it may block: the guest waits);
+        sink.flush(), if the sink has it, before the guest waits (a poll, a read of a body that
+        may block) after writing, so a sink that gathers writes sends them meanwhile;
         sink.finish(trailers) at the end (trailers: such a list, or None). namespace: the
         wasi:keyvalue tenant (default: the Host's).
 
@@ -4905,6 +4924,10 @@ class _WiredProvider(Provider):
 # reads, and the response goes to the server's sink as the guest writes it: neither is ever
 # whole in memory. Blocking calls wait in Python against the request's deadline, so a guest
 # blocked in poll is stopped at the deadline, in this process, like one that computes forever.
+# Reading a body is the one wait that is not ours: its bytes come from the server's reader (or
+# an outgoing call's socket), which has no way to say "nothing yet"; so an input stream's
+# pollable is always ready and read waits for the reader as blocking-read does (the reader's
+# own timeout bounds it; the deadline is checked after each read).
 #
 # Outgoing requests (wasi:http/outgoing-handler) are refused (HTTP-request-denied) unless the
 # destination is in Host(allow_outbound=[...]); an allowed one runs on a thread of its own with
@@ -5131,6 +5154,8 @@ class _InputStream:
         want = min(size, HTTP_READ_CHUNK)
         if self.limit is not None:
             want = min(want, self.limit - self.total) or 1     # at the limit: is there more?
+        if state.unflushed:               # the read may wait for the peer
+            state.flush_response()
         try:
             data = self.reader.read(want)
         except Exception as e:          # the client went away, a socket timed out
@@ -5324,6 +5349,8 @@ class _HttpState(_CallState):
         super().__init__(host, bool(host._watchers), namespace)
         self.objects = {}                 # rep -> the Python object of any resource type
         self.sink = sink
+        self.sink_flush = getattr(sink, "flush", None)     # optional: called before a wait
+        self.unflushed = False            # body bytes went to the sink since its last flush
         self.deadline = deadline          # time.monotonic() by which the request must be answered
         self.captures = captures          # (stdout, stderr) _Capture
         self.failure = None               # the KvError that ends the request (set before a trap)
@@ -5373,6 +5400,8 @@ class _HttpState(_CallState):
             if ready:
                 return ready
             self.check_deadline()
+            if self.unflushed:
+                self.flush_response()
             times = [p.at for p in pollables if p.at is not None]
             if self.deadline is not None:
                 times.append(self.deadline)
@@ -5396,8 +5425,20 @@ class _HttpState(_CallState):
         except Exception as e:
             self.sink_error = e
             return Err(wc.Variant("closed"))
+        self.unflushed = True
         self.check_deadline()
         return None
+
+    def flush_response(self):
+        """Before the guest waits (a poll, a read that may block): the sink's flush, so that what
+        it wrote reaches the client meanwhile (between waits, the sink may gather bytes)."""
+        self.unflushed = False
+        if self.sink_flush is None or self.sink_error is not None:
+            return
+        try:
+            self.sink_flush()
+        except Exception as e:
+            self.sink_error = e
 
     def start_response(self, response):
         self.response = response
@@ -6334,12 +6375,15 @@ class _OutboundCall:
 
 
 class _IncomingResponse:
-    __slots__ = ("status", "fields", "reader", "body_taken")
+    """incoming-response of an outgoing call: status, fields, and its body read as it arrives
+    (http.client's read1: the bytes there are, where read(n) would wait for n of them)."""
 
-    def __init__(self, status, headers, reader):
+    __slots__ = ("status", "fields", "read", "body_taken")
+
+    def __init__(self, status, headers, response):
         self.status = status
         self.fields = _Fields.from_server(headers)
-        self.reader = reader
+        self.read = response.read1
         self.body_taken = False
 
 
@@ -6386,7 +6430,7 @@ def _incoming_response_consume(state, rep):
     if response.body_taken:
         return Err(None)
     response.body_taken = True
-    stream = _InputStream(response.reader, OUTBOUND_RESPONSE_LIMIT,
+    stream = _InputStream(response, OUTBOUND_RESPONSE_LIMIT,
                           wc.Variant("HTTP-response-body-size", None))
     return state.add(_IncomingBody(stream))
 

@@ -26,7 +26,7 @@ The file has one banner-separated section per feature, in this order (feature: t
   HTTP watch: WatchTests, WatchLimitTests
   HTTP hardening: FuzzTests, TimeoutTests, ConcurrencyTests, FramingTests, HostCheckTests,
       OriginCheckTests, HardeningCommandLineTests
-  Browser safety (headless Chromium): BrowserTests
+  Browser safety (headless Chromium): BrowserTests; the web page: WebPageTests
   The published clients (PyPI and npm wasmstore 0.3.0): PythonClientTest, PythonClientAuthTest,
       PythonClientTlsTest, NodeClientTest, NodeClientTlsTest, NodeClientAuthTest,
       CommandLineServerTest
@@ -3381,6 +3381,22 @@ class HistoryRouteTests(unittest.TestCase):
         self.assertEqual(self.get("/api/v1/audit/lib/secret.wasm", key="apps")[0], 403)
         self.assertEqual(self.get("/api/v1/log", key="apps")[0], 403)
 
+    def test_tree_lists_hash_size_kind_and_last_change(self):
+        core, component = wasm_module("core"), component_of(wasm_module("inner"))
+        self.store.add("/apps/a.wasm", wasm_module("old"))
+        self.store.add("/lib/c.wasm", component)
+        self.store.add("/apps/a.wasm", core, author="ada")
+        changed = self.store.log()[0]
+        status, tree = self.get("/api/v1/tree")
+        self.assertEqual(tree, {
+            "/apps/a.wasm": {"hash": sha256(core), "size": len(core), "kind": "module",
+                             "changed": changed},
+            "/lib/c.wasm": {"hash": sha256(component), "size": len(component), "kind": "component",
+                            "changed": self.store.audit("/lib/c.wasm")[0]}})
+        self.assertEqual(self.get("/api/v1/tree/lib")[1], {"/lib/c.wasm": tree["/lib/c.wasm"]})
+        self.assertEqual(self.get("/api/v1/tree", key="apps")[1],
+                         {"/apps/a.wasm": tree["/apps/a.wasm"]})
+
     def test_diff_between_two_commits_in_the_watch_format(self):
         a1, a2, b = wasm_module("a1"), wasm_module("a2"), wasm_module("b")
         self.store.add("/apps/a.wasm", a1)
@@ -5314,16 +5330,33 @@ class Chromium:
                     return event.get("params", {})
             self.events.append(self._receive(deadline))
 
-    def open(self, url, timeout=30):
-        """A new tab showing `url` once its load event fired; returns the tab's session id."""
+    def open(self, url, timeout=30, network=False):
+        """A new tab showing `url` once its load event fired; returns the tab's session id.
+        network: record the tab's requests from the start (see requested_urls)."""
         target = self.send("Target.createTarget", {"url": "about:blank"})["targetId"]
         session = self.send("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
         self.send("Page.enable", session=session)
+        if network:
+            self.send("Network.enable", session=session)
         navigated = self.send("Page.navigate", {"url": url}, session=session)
         if navigated.get("errorText"):
             raise AssertionError(f"chromium could not open {url}: {navigated['errorText']}")
         self.wait_for_event("Page.loadEventFired", session, timeout)
         return session
+
+    def requested_urls(self, session):
+        """Every URL the tab (opened with network=True) requested so far, WebSockets included.
+        DevTools sends events in order, so one command's answer comes after every earlier one."""
+        self.send("Runtime.evaluate", {"expression": "0"}, session=session)
+        return [event["params"]["request"]["url"] if event["method"] == "Network.requestWillBeSent"
+                else event["params"]["url"] for event in self.events
+                if event.get("sessionId") == session and event.get("method") in
+                ("Network.requestWillBeSent", "Network.webSocketCreated")]
+
+    def wait_for(self, session, expression, timeout=30, what=None):
+        """The value of `expression` in the tab once it is truthy (polled with a deadline)."""
+        return wait_until(lambda: self.evaluate(session, expression), timeout, what or expression,
+                          interval=0.05)
 
     def evaluate(self, session, expression, timeout=30):
         """The value of a JavaScript expression in the tab (a promise is awaited)."""
@@ -5540,6 +5573,263 @@ class BrowserTests(unittest.TestCase):
         tab = browser.open(f"http://rebound.test:{allowed.port}/api/v1/modules")
         self.assertEqual(json.loads(browser.evaluate(tab, "document.body.innerText")),
                          {"/shared.wasm": sha256(wasm_module("shared"))})
+
+
+# What a script in the page reads or does, as JavaScript expressions.
+ROWS = "[...document.querySelectorAll('#tree tr[data-path]')].map(r => r.dataset.path)"
+TEXT = "(document.querySelector({!r}) || {{}}).textContent"
+
+
+def set_field(selector, value):
+    """A script that sets a form field's value as typing would."""
+    return (f"(() => {{ const f = document.querySelector({json.dumps(selector)}); "
+            f"f.value = {json.dumps(value)}; f.dispatchEvent(new Event('change')); "
+            "return true; })()")
+
+
+def submit(selector):
+    return f"document.querySelector({json.dumps(selector)}).requestSubmit() || true"
+
+
+def click(selector):
+    return f"document.querySelector({json.dumps(selector)}).click() || true"
+
+
+class WebPageTests(unittest.TestCase):
+    """The page GET / serves to a browser, in a real headless Chromium: navigation, a call
+    through the form, running, kv data, live updates, the key prompt, and no request to any
+    origin but the server's."""
+
+    def serve(self, **options):
+        live = LiveServer(self, run={"kv": "memory:", "timeout": 5}, **options)
+        fill_run_store(live.store, paths={"/num/numbers.wasm", "/kv/probe.wasm",
+                                          "/wasi/hello.wasm", "/apps/linked.wasm",
+                                          "/lib/math.wasm"})
+        live.store.add("/lib/math.wasm", wat_binary(LIB_MATH_V2), author="ada")
+        return live
+
+    def page(self, live, route="#/"):
+        browser = Chromium(self)
+        tab = browser.open(f"{live.url}/{route}", network=True)
+        return browser, tab
+
+    def text(self, browser, tab, selector):
+        return browser.evaluate(tab, TEXT.format(selector))
+
+    def test_browsers_get_the_page_and_api_clients_their_answers(self):
+        live = LiveServer(self, auth="k:read")
+        status, headers, body = live.request("GET", "/", headers={"Accept": "text/html,*/*"})
+        self.assertEqual((status, headers["content-type"]), (200, "text/html; charset=utf-8"))
+        self.assertIn("default-src 'none'", headers["content-security-policy"])
+        self.assertIn(b"<title>wasmstore</title>", body)
+        self.assertNotIn(b"http://", body.replace(b"http://www.w3.org", b""))
+        self.assertEqual(live.request("GET", "/")[0], 401)             # curl: as it was
+        self.assertEqual(live.request("GET", "/", headers={"Wasmstore-Auth": "k"})[0], 404)
+        self.assertEqual(live.request("POST", "/", b"", {"Accept": "text/html"})[0], 401)
+
+    def test_navigation_through_branches_modules_versions_and_the_log(self):
+        live = self.serve()
+        live.store.create_branch("dev")
+        live.store.add("/dev-only.wasm", wasm_module("dev"), branch="dev")
+        browser, tab = self.page(live)
+        paths = browser.wait_for(tab, f"{ROWS}.length && {ROWS}")
+        self.assertEqual(paths, sorted(live.store.list()))
+        row = "#tree tr[data-path='/lib/math.wasm'] td"
+        cells = browser.evaluate(tab, f"[...document.querySelectorAll({json.dumps(row)})]"
+                                      ".map(c => c.textContent)")
+        self.assertEqual(cells[1:4], ["module", f"{len(wat_binary(LIB_MATH_V2))} B",
+                                      live.store.hash("/lib/math.wasm")[:12]])
+        self.assertIn("ada · Import /lib/math.wasm", cells[4])
+        options = browser.evaluate(tab, "[...document.querySelectorAll('#branch option')]"
+                                        ".map(o => o.textContent)")
+        self.assertEqual(options, ["dev", "main (default)"])
+        browser.evaluate(tab, set_field("#branch", "dev"))
+        browser.wait_for(tab, f"{ROWS}.includes('/dev-only.wasm')")
+        self.assertIn("branch=dev", browser.evaluate(tab, "location.hash"))
+        browser.evaluate(tab, "location.hash = '#/module/lib/math.wasm'")
+        versions = browser.wait_for(tab, "[...document.querySelectorAll('#versions-table tr"
+                                         "[data-hash]')].map(r => [r.dataset.hash, r.className])"
+                                         ".filter(r => r[0]).length == 2 && [...document."
+                                         "querySelectorAll('#versions-table tr[data-hash]')]"
+                                         ".map(r => [r.dataset.hash, r.className])")
+        current = live.store.hash("/lib/math.wasm")
+        self.assertEqual(versions, [[current, "current"],
+                                    [live.store.versions("/lib/math.wasm")[0][0], ""]])
+        exports = browser.wait_for(tab, "!!document.querySelector('#exports') && "
+                                        "[...document.querySelectorAll('#exports li')]"
+                                        ".map(li => li.textContent)")
+        self.assertEqual(exports, ["add(i32, i32) -> i32", "square(i32) -> i32"])
+        browser.evaluate(tab, submit("#diff-form"))
+        diff = browser.wait_for(tab, TEXT.format("#diff-size"))
+        self.assertRegex(diff, r"^size \d+ → \d+ bytes")
+        browser.evaluate(tab, "location.hash = '#/module/apps/linked.wasm'")
+        imports = browser.wait_for(tab, "!!document.querySelector('#imports li') && "
+                                        "[...document.querySelectorAll('#imports li')]"
+                                        ".map(li => li.textContent)")
+        self.assertIn("/lib/math.wasm add: func(i32, i32) -> i32", imports)
+        audit = browser.wait_for(tab, "[...document.querySelectorAll('#audit-table tr"
+                                      "[data-hash]')].map(r => r.dataset.hash)")
+        self.assertEqual(audit, [info["hash"] for info in live.store.audit("/apps/linked.wasm")])
+        browser.evaluate(tab, click("#nav-log"))
+        log = browser.wait_for(tab, "[...document.querySelectorAll('#log tr[data-hash]')]"
+                                    ".map(r => r.dataset.hash)")
+        self.assertEqual(log, [info["hash"] for info in live.store.log()])
+        self.assert_only_own_origin(browser, tab, live)
+
+    def assert_only_own_origin(self, browser, tab, live):
+        """Every request the tab made went to the server's origin, and each API request to a
+        route the README documents (the page uses nothing a user could not)."""
+        urls = [url for url in browser.requested_urls(tab) if not url.startswith("data:")]
+        origins = {urllib.parse.urlsplit(url)._replace(path="", query="", fragment="").geturl()
+                   for url in urls}
+        self.assertEqual(origins, {live.url, live.url.replace("http", "ws", 1)}, urls)
+        paths = [urllib.parse.urlsplit(url).path for url in urls]
+        self.assertEqual({path for path in paths if not path.startswith("/api/v1/")}, {"/"})
+        names = {path.split("/")[3] for path in paths if path.startswith("/api/v1/")}
+        self.assertLessEqual(names, {route.name for route in http_server.ROUTES})
+        readme = read_text(os.path.join(HERE, "README.md"))
+        self.assertEqual({name for name in names if not re.search(
+            rf"(\$S|/api/v1)/{re.escape(name)}\b", readme)}, set())
+
+    def test_a_call_through_the_form_and_a_run(self):
+        live = self.serve()
+        browser, tab = self.page(live, "#/module/num/numbers.wasm")
+        browser.wait_for(tab, "!!document.querySelector('#call-function')")
+        browser.evaluate(tab, set_field("#call-function", "add64"))
+        browser.evaluate(tab, set_field("#arg-0", "9007199254740993"))
+        browser.evaluate(tab, set_field("#arg-1", "1"))
+        browser.evaluate(tab, submit("#call-form"))
+        result = browser.wait_for(tab, "!!document.querySelector('#call-result.ok, #call-result"
+                                       ".error') && " + TEXT.format("#call-result"))
+        self.assertEqual(result, "9007199254740994")
+        browser.evaluate(tab, set_field("#arg-1", "one"))
+        browser.evaluate(tab, submit("#call-form"))
+        error = browser.wait_for(tab, "!!document.querySelector('#call-result.error') && " +
+                                      TEXT.format("#call-result"))
+        self.assertEqual(error, '400: argument 2 (i64): expected i64, got "one"')
+        browser.evaluate(tab, "location.hash = '#/module/wasi/hello.wasm'")
+        browser.wait_for(tab, "!!document.querySelector('#run-form')")
+        browser.evaluate(tab, set_field("#run-args", "a b\nc"))
+        browser.evaluate(tab, set_field("#run-stdin", "from the form\n"))
+        browser.evaluate(tab, submit("#run-form"))
+        status = browser.wait_for(tab, TEXT.format("#run-status"))
+        self.assertEqual(status, "exit status 0")
+        self.assertEqual(self.text(browser, tab, "#run-stdout"), "hello a b c\nfrom the form\n")
+        self.assertEqual(self.text(browser, tab, "#run-stderr"),
+                         "wasi-hello: this line goes to stderr\n")
+        browser.evaluate(tab, set_field("#run-args", "fail"))
+        browser.evaluate(tab, submit("#run-form"))
+        browser.wait_for(tab, TEXT.format("#run-status") + " == 'exit status 3'")
+        self.assert_only_own_origin(browser, tab, live)
+
+    def test_a_diff_between_two_versions_names_what_changed(self):
+        live = self.serve()
+        live.store.add("/diff/m.wasm", wat_binary(
+            '(module (func (export "add") (param i32 i32) (result i32) (local.get 0))'
+            ' (func (export "square") (param i32) (result i32) (local.get 0)))'))
+        live.store.add("/diff/m.wasm", wat_binary(
+            '(module (import "env" "log" (func (param i32)))'
+            ' (func (export "add") (param i64 i64) (result i64) (local.get 0))'
+            ' (func (export "cube") (param i32) (result i32) (local.get 0)))'))
+        sizes = [len(live.request("GET", f"/api/v1/version/{n}/diff/m.wasm")[2]) for n in (0, 1)]
+        browser, tab = self.page(live, "#/module/diff/m.wasm")
+        browser.wait_for(tab, "!!document.querySelector('#diff-form')")
+        browser.evaluate(tab, submit("#diff-form"))
+        size = browser.wait_for(tab, TEXT.format("#diff-size"))
+        self.assertEqual(size, f"size {sizes[0]} → {sizes[1]} bytes ({sizes[1] - sizes[0]:+d})")
+        blocks = browser.evaluate(tab, "Object.fromEntries([...document.querySelectorAll("
+                                       "'#diff-result .diff')].map(d => [d.firstChild.textContent"
+                                       ", [...d.querySelectorAll('[data-kind]')].map(k => "
+                                       "k.textContent)]))")
+        self.assertEqual(blocks, {
+            "Exports": ["added: cube: cube(i32) -> i32", "removed: square: square(i32) -> i32",
+                        "changed: add: add(i32, i32) -> i32 → add(i64, i64) -> i64"],
+            "Imports": ["added: env log: func(i32)", "removed: none", "changed: none"]})
+        self.assert_only_own_origin(browser, tab, live)
+
+    def call_through_the_form(self, browser, tab, function, *values):
+        """Call `function` with the form's fields set to `values`; the result box's text."""
+        browser.evaluate(tab, set_field("#call-function", function))
+        for index, value in enumerate(values):
+            browser.evaluate(tab, set_field(f"#arg-{index}", value))
+        browser.evaluate(tab, "document.querySelector('#call-result').className = ''")
+        browser.evaluate(tab, submit("#call-form"))
+        return browser.wait_for(tab, "!!document.querySelector('#call-result.ok, #call-result"
+                                     ".error') && " + TEXT.format("#call-result"))
+
+    def test_a_component_called_through_the_form_and_its_kv_data_as_text_and_hex(self):
+        live = self.serve()
+        browser, tab = self.page(live, "#/module/kv/probe.wasm")
+        browser.wait_for(tab, "!!document.querySelector('#kv-buckets.empty')")
+        labels = browser.evaluate(tab, set_field("#call-function", "set") + " && [...document."
+                                       "querySelectorAll('#call-args label')].map(l => "
+                                       "l.textContent)")
+        self.assertEqual(labels, ["bucket: string ", "key: string ", "value: list<u8> "])
+        self.assertEqual(self.call_through_the_form(browser, tab, "incr", "counter", "hits", "42"),
+                         '{"ok":42}')
+        self.assertEqual(self.call_through_the_form(browser, tab, "set", "counter", "raw",
+                                                    "[0, 255, 10]"), '{"ok":null}')
+        browser.wait_for(tab, "!!document.querySelector('[data-bucket=counter]')")
+        browser.evaluate(tab, click("[data-bucket=counter]"))
+        browser.wait_for(tab, "!!document.querySelector('[data-key=hits]')")
+        browser.evaluate(tab, click("[data-key=hits]"))
+        self.assertEqual(browser.wait_for(tab, TEXT.format("#kv-value")), "42")
+        browser.evaluate(tab, click("#kv-toggle"))
+        self.assertEqual(self.text(browser, tab, "#kv-value"), "34 32")
+        browser.evaluate(tab, click("[data-key=raw]"))
+        browser.wait_for(tab, TEXT.format("#kv-value-box h3") + " == 'raw'")
+        self.assertEqual(browser.evaluate(tab, "document.querySelector('#kv-value').dataset"
+                                               ".format"), "hex")
+        self.assertEqual(self.text(browser, tab, "#kv-value"), "00 ff 0a")
+        self.assertIs(browser.evaluate(tab, "document.querySelector('#kv-toggle').hidden"), True)
+        self.assertIn("/kv/probe.wasm", self.text(browser, tab, "#kv"))
+        self.assert_only_own_origin(browser, tab, live)
+
+    def test_a_commit_made_elsewhere_appears_without_a_reload(self):
+        live = self.serve()
+        browser, tab = self.page(live)
+        browser.wait_for(tab, f"{ROWS}.length && !!document.querySelector('#live.on')")
+        browser.evaluate(tab, "window.notReloaded = true")
+        source = os.path.join(temp_dir(self), "new.wasm")
+        with open(source, "wb") as handle:
+            handle.write(wasm_module("live"))
+        result = run_cli(live.root, "add", source, "/live/new.wasm")      # another process
+        self.assertEqual(result.returncode, 0, result.stderr)
+        browser.wait_for(tab, f"{ROWS}.includes('/live/new.wasm')", what="the new row")
+        self.assertIn("added /live/new.wasm", self.text(browser, tab, "#events li"))
+        self.assertIs(browser.evaluate(tab, "window.notReloaded"), True)
+
+    def test_with_auth_the_page_asks_for_a_key_once_and_keeps_it_for_the_tab(self):
+        live = self.serve(auth="root:*;apps:read,run@/apps/")
+        browser, tab = self.page(live)
+        browser.wait_for(tab, "!document.querySelector('#auth').hidden")
+        self.assertEqual(self.text(browser, tab, "#auth-message"), "This server needs a key.")
+        browser.evaluate(tab, set_field("#auth-key", "wrong"))
+        browser.evaluate(tab, submit("#auth-form"))
+        message = browser.wait_for(tab, "!document.querySelector('#auth').hidden && " +
+                                        TEXT.format("#auth-message") + ".includes('refused') && " +
+                                        TEXT.format("#auth-message"))
+        self.assertIn("unknown key", message)
+        browser.evaluate(tab, set_field("#auth-key", "apps"))
+        browser.evaluate(tab, submit("#auth-form"))
+        self.assertEqual(browser.wait_for(tab, f"{ROWS}.length && {ROWS}"), ["/apps/linked.wasm"])
+        browser.wait_for(tab, "!!document.querySelector('#live.on')")
+        browser.evaluate(tab, "location.reload()")
+        browser.wait_for(tab, f"document.readyState == 'complete' && {ROWS}.length && "
+                              "!!document.querySelector('#live.on')")
+        self.assertIs(browser.evaluate(tab, "document.querySelector('#auth').hidden"), True)
+        live.store.add("/lib/hidden.wasm", wasm_module("hidden"))
+        live.store.add("/apps/seen.wasm", wasm_module("seen"))
+        browser.wait_for(tab, f"{ROWS}.includes('/apps/seen.wasm')")
+        events = browser.evaluate(tab, "[...document.querySelectorAll('#events li')]"
+                                       ".map(li => li.dataset.path)")
+        self.assertEqual(events, ["/apps/seen.wasm"])
+        browser.evaluate(tab, "location.hash = '#/module/lib/math.wasm'")
+        error = browser.wait_for(tab, TEXT.format("#versions .error"))
+        self.assertEqual(error, "403: this key may not reach /lib/math.wasm")
+        self.assertNotIn("wrong", live.log.getvalue())
+        self.assertNotIn("apps&", live.log.getvalue())
+        self.assert_only_own_origin(browser, tab, live)
 
 
 # =================================================================================================
@@ -10203,8 +10493,20 @@ class RunHttpTest(unittest.TestCase):
         self.assertEqual(json.loads(body), {
             "hash": live.store.hash("/lib/math.wasm"), "kind": "module",
             "exports": [{"name": "add", "params": [{"name": None, "type": "i32"}] * 2, "results": ["i32"]},
-                        {"name": "square", "params": [{"name": None, "type": "i32"}], "results": ["i32"]}]})
+                        {"name": "square", "params": [{"name": None, "type": "i32"}], "results": ["i32"]}],
+            "imports": []})
         self.assertEqual(json.loads(live.request("GET", "/api/v1/exports/kv/probe.wasm")[2])["kind"], "component")
+
+    def test_exports_route_lists_the_imports_too(self):
+        live = self.server()
+        linked = json.loads(live.request("GET", "/api/v1/exports/apps/linked.wasm")[2])
+        math = {"module": "/lib/math.wasm", "kind": "func"}
+        self.assertEqual(linked["imports"], [
+            dict(math, name="add", type="func(i32, i32) -> i32"),
+            dict(math, name="square", type="func(i32) -> i32")])
+        probe = json.loads(live.request("GET", "/api/v1/exports/kv/probe.wasm")[2])
+        self.assertEqual(probe["imports"], [{"name": f"wasi:keyvalue/{name}@0.2.0-draft2"}
+                                            for name in ("store", "atomics", "batch")])
 
     def test_branch_header_and_version_query(self):
         live = self.server()
@@ -10882,7 +11184,8 @@ HTTP_COUNTER = os.path.join(HTTP_GUESTS, "counter.wat")
 JS_HTTP = os.path.join(HERE, "build", "js-http.wasm")             # jco fetch handler
 PY_HTTP = os.path.join(HERE, "build", "py-http.wasm")             # componentize-py handler
 # The case numbers of wasi:http's error-code that the outbound guest reports.
-ERROR_CODE_CASES = {"connection-refused": 6, "TLS-certificate-error": 13, "HTTP-request-denied": 15}
+ERROR_CODE_CASES = {"connection-refused": 6, "connection-timeout": 8, "connection-read-timeout": 9,
+                    "TLS-certificate-error": 13, "HTTP-request-denied": 15}
 
 
 class RecordingSink:
@@ -10951,6 +11254,19 @@ class ChunkReader:
         return data
 
 
+class ChunkedBody:
+    """A request body given out 1,000 bytes per read, with a switch to another thread between
+    reads (as a socket gives a body)."""
+
+    def __init__(self, data):
+        self.data = memoryview(data)
+
+    def read(self, n):
+        time.sleep(0)
+        piece, self.data = bytes(self.data[:min(n, 1000)]), self.data[min(n, 1000):]
+        return piece
+
+
 def incoming_request(method="GET", path="/", headers=(), body=None, authority="localhost"):
     """A kvhost.HttpRequest; body: bytes (read through an io.BytesIO), a reader, or None."""
     reader = io.BytesIO(body) if isinstance(body, bytes) else body
@@ -10997,10 +11313,43 @@ class HttpHandlerTest(HttpTestCase):
             self.assertEqual(sink.body()[-40_000:], b"x" * 40_000)
         self.assertIsNotNone(guest)
 
+    def test_requests_on_many_threads_at_once_keep_to_their_own(self):
+        # A threaded server calls handle_http from several threads on one Host: each request's
+        # resources, body and response stay its own.
+        guest = self.host.load(HTTP_ECHO)
+        results, failures = {}, []
+
+        def one(n):
+            try:
+                sink = RecordingSink()
+                body = b"%d" % n * 5000
+                self.host.handle_http(guest, incoming_request("POST", f"/t{n}", body=ChunkedBody(body)), sink)
+                results[n] = sink.body() == b"POST /t%d\n\n" % n + body
+            except Exception as e:          # what the assertion below shows
+                failures.append(e)
+        threads = [threading.Thread(target=one, args=(n,)) for n in range(16)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        self.assertEqual((failures, results), ([], {n: True for n in range(16)}))
+
     def test_a_component_that_is_not_a_handler_is_one_clear_error(self):
         guest = self.host.load(os.path.join(RUN_GUESTS, "http-import.wat"))
         with self.assertRaisesRegex(kvhost.NotHttpHandler, "does not export wasi:http/incoming-handler"):
             self.host.handle_http(guest, incoming_request(), RecordingSink())
+
+    def test_guests_of_any_0_2_version_link(self):
+        # Toolchains emit 0.2.0 (wasi-libc, componentize-py), 0.2.3, 0.2.6, 0.2.10 (jco), ...;
+        # each interface is defined once and matched semver-compatibly, newer patch levels too.
+        with open(HTTP_HELLO) as f:
+            text = f.read()
+        for version in ("0.2.3", "0.2.6", "0.2.12", "0.2.40"):
+            with self.subTest(version=version):
+                outcome, sink = self.serve(text.replace("@0.2.0", "@" + version).encode())
+                self.assertEqual(sink.body(), b"hello from wasm\n")
+        with self.assertRaisesRegex(kvhost.LinkError, "cannot link .* as an HTTP handler.*wasi:io/error@0.3"):
+            self.serve(text.replace("wasi:io/error@0.2.0", "wasi:io/error@0.3.0").encode())
 
     def test_a_core_module_is_not_a_handler(self):
         guest = self.host.load(os.path.join(RUN_GUESTS, "numbers.wat"))
@@ -11051,6 +11400,22 @@ class HttpHandlerTest(HttpTestCase):
         writes = [event[1] for event in sink.events if event[0] == "write"]
         self.assertEqual(writes[-16:], [b"chunk %02d\n" % i for i in range(16)])
         self.assertEqual(sink.events[-1], ("finish", None))
+
+    def test_the_sink_is_flushed_before_the_guest_waits_for_the_body(self):
+        # A sink that gathers writes learns when the guest is about to wait (here, for the
+        # request body), so what it wrote reaches the client meanwhile; never twice in a row.
+        class FlushingSink(RecordingSink):
+            def flush(self):
+                self.events.append(("flush",))
+        sink = FlushingSink()
+        reader = ChunkReader(30_000, chunk=10_000)
+        self.host.handle_http(self.host.load(HTTP_ECHO), incoming_request("POST", "/f", body=reader), sink)
+        self.assertEqual(sink.events[:3], [("start", 200, []), ("write", b"POST /f\n\n"), ("flush",)])
+        self.assertEqual(sink.body(), b"POST /f\n\n" + reader_body(30_000, 10_000))
+        kinds = [event[0] for event in sink.events]
+        self.assertGreaterEqual(kinds.count("flush"), 3)
+        self.assertNotIn(("flush", "flush"), list(zip(kinds, kinds[1:])))
+        self.assertEqual(kinds[-1], "finish")
 
     def test_a_request_is_checked_at_the_boundary(self):
         with self.assertRaisesRegex(kvhost.ArgumentError, "invalid HTTP method"):
@@ -11202,12 +11567,17 @@ class HttpKeyvalueTest(unittest.TestCase):
 
 
 class OutboundServer:
-    """A local HTTP (or HTTPS) server on a free loopback port, answering every GET with 200 and
-    "upstream saw <path>", served from a thread."""
+    """A local HTTP (or HTTPS) server on a free loopback port, served from a thread, answering
+    every GET with 200 and "upstream saw <path>", or as answer(handler) does."""
 
-    def __init__(self, testcase, tls=None):
+    def __init__(self, testcase, tls=None, answer=None):
         class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
             def do_GET(self):
+                if answer is not None:
+                    answer(self)
+                    return
                 body = f"upstream saw {self.path}".encode()
                 self.send_response(200)
                 self.send_header("Content-Length", str(len(body)))
@@ -11237,12 +11607,12 @@ class HttpOutboundTest(unittest.TestCase):
     """wasi:http/outgoing-handler: refused unless the destination is allowed, then sent by
     http.client; the guest (guests/http/outbound.wat) forwards to its x-upstream header."""
 
-    def forward(self, upstream, allow=(), path="/hello?x=1"):
+    def forward(self, upstream, allow=(), path="/hello?x=1", headers=(), sink=None):
         host = kvhost.Host(cache_dir=False, timeout=10, allow_outbound=list(allow))
         self.addCleanup(host.close)
-        sink = RecordingSink()
-        host.handle_http(host.load(HTTP_OUTBOUND), incoming_request(path=path, headers=[("x-upstream", upstream.encode())]),
-                         sink)
+        sink = sink or RecordingSink()
+        headers = [("x-upstream", upstream.encode()), *headers]
+        host.handle_http(host.load(HTTP_OUTBOUND), incoming_request(path=path, headers=headers), sink)
         return sink.status(), sink.body()
 
     def test_refused_by_default(self):
@@ -11288,6 +11658,55 @@ class HttpOutboundTest(unittest.TestCase):
             host.handle_http(host.load(HTTP_OUTBOUND),
                              incoming_request(headers=[("x-upstream", f"127.0.0.1:{server.port}".encode())]), sink)
         self.assertEqual((sink.status(), sink.body()), (200, b"upstream"))     # the first 8 bytes, then the error
+
+    def test_the_response_body_reaches_the_guest_as_it_arrives(self):
+        # The upstream sends its second chunk only once the first reached the guest's client:
+        # a host that waited for a full read would stall here until the deadline.
+        first_seen = threading.Event()
+
+        def answer(handler):
+            handler.send_response(200)
+            handler.send_header("Transfer-Encoding", "chunked")
+            handler.end_headers()
+            handler.wfile.write(b"6\r\npart1\n\r\n")
+            handler.wfile.flush()
+            first_seen.wait(10)
+            handler.wfile.write(b"6\r\npart2\n\r\n0\r\n\r\n")
+
+        class WatchingSink(RecordingSink):
+            def write(self, data):
+                super().write(data)
+                if b"part1" in self.body():
+                    first_seen.set()
+        server = OutboundServer(self, answer=answer)
+        started = time.monotonic()
+        upstream = f"127.0.0.1:{server.port}"
+        self.assertEqual(self.forward(upstream, [upstream], sink=WatchingSink()), (200, b"part1\npart2\n"))
+        self.assertLess(time.monotonic() - started, 5)
+
+    def test_the_first_byte_timeout_of_request_options(self):
+        answered = threading.Event()
+        self.addCleanup(answered.set)
+        server = OutboundServer(self, answer=lambda handler: answered.wait(10))     # never answers
+        upstream = f"127.0.0.1:{server.port}"
+        started = time.monotonic()
+        self.assertEqual(self.forward(upstream, [upstream], headers=[("x-timeout", b"1")]),
+                         (502, b"error-code %02d\n" % ERROR_CODE_CASES["connection-read-timeout"]))
+        self.assertLess(time.monotonic() - started, 5)               # 300 ms, not the 30 s default
+
+    def test_the_connect_timeout_of_request_options(self):
+        # A listening socket whose backlog of one is taken: the next connect is never accepted.
+        listener = socket.socket()
+        self.addCleanup(listener.close)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        port = listener.getsockname()[1]
+        waiting = socket.create_connection(("127.0.0.1", port))
+        self.addCleanup(waiting.close)
+        started = time.monotonic()
+        self.assertEqual(self.forward(f"127.0.0.1:{port}", [f"127.0.0.1:{port}"], headers=[("x-timeout", b"1")]),
+                         (502, b"error-code %02d\n" % ERROR_CODE_CASES["connection-timeout"]))
+        self.assertLess(time.monotonic() - started, 5)
 
     def test_the_allow_list_is_checked(self):
         self.assertEqual(kvhost.parse_outbound(["Example.com", "127.0.0.1:8080", "[::1]:443"]),

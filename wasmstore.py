@@ -1145,6 +1145,23 @@ class _ObjectStore:
             return data
         raise problem or NotFound(f"no such object {digest}")
 
+    def head(self, digest, count):
+        """(size, first `count` bytes) of a stored object, without reading (or checking) the
+        rest: what a listing shows of each module. NotFound when it is not stored."""
+        for location in self._locations(digest):
+            if location is not None:
+                segment, offset, length, _ = location
+                return length, segment.read(offset, min(count, length))
+            try:
+                fd = os.open(self.loose_path(digest), os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                continue
+            try:
+                return os.fstat(fd).st_size, os.pread(fd, count, 0)
+            finally:
+                os.close(fd)
+        raise NotFound(f"no such object {digest}")
+
     def is_module(self, digest):
         """True if a module object with this hash is stored (packed or loose)."""
         for location in self._locations(digest):
@@ -2290,6 +2307,26 @@ class Store:
             return {format_path(segments): entry[1]}
         return dict(sorted((format_path(segments + rest), digest)
                            for rest, digest in self._walk_modules(entry[1])))
+
+    def list_details(self, prefix="", *, branch=None):
+        """{printed path: {"hash", "size", "kind", "changed"}} of every module under prefix,
+        sorted by path: kind "module" or "component", changed the last commit that changed the
+        path. One walk of the history cache, stopping once every path is found."""
+        listing = self.list(prefix, branch=branch)
+        head = self._read_ref(self._branch(branch))
+        changed, missing = {}, set(listing)
+        for digest, changes in self._changed_modules(head):
+            for path in missing.intersection(changes):
+                changed[path] = digest
+            missing.difference_update(changed)
+            if not missing:
+                break
+        details = {}
+        for path, digest in listing.items():
+            size, header = self._objects.head(digest, len(COMPONENT_HEADER))
+            details[path] = {"hash": digest, "size": size, "changed": changed.get(path),
+                             "kind": "component" if header == COMPONENT_HEADER else "module"}
+        return details
 
     # ------------------------------------------------------------------- history
 
