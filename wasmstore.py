@@ -38,6 +38,8 @@ the raw module bytes, trees and commits canonical JSON):
   | none> <crc32 8 hex>`` (the CRC-32 of the text before it) padded with spaces and a
   newline. A change overwrites the slot with the lower sequence; readers take the intact
   slot with the higher one.
+- ``refs/generation``: an 8-byte counter bumped (through a shared map, unsynced) by every
+  change of a ref or HEAD: ``Store.generation()``, what caches of ref-derived answers key on.
 - ``HEAD``: the default branch's name and a newline.
 - ``cache/history``: derived per-commit change lines for versions()/audit() (not synced).
 - ``tmp/``: files being written, named ``<pid>-...``; a dead writer's are removed by the
@@ -60,19 +62,20 @@ file needs an open, an fsync, a rename and a directory fsync; an append needs on
 fdatasync), and a ref that moves by rename cannot be read fresh without a syscall anyway,
 so a commit creates no file and a ref is rewritten in place.
 
-Map of this file: constants; exceptions and the ERROR_STATUS table (HTTP status, exit
-status and metric label of each error, shared with http_server.py); input from outside
+Map of this file: constants; exceptions and ERROR_STATUS (the one table of what each error
+means: HTTP status, exit status, metric label; http_server.py reads it); input from outside
 (parse_number, parse_json, parse_url: ASCII digits, bounded JSON nesting, ports in range; used
-by http_server.py too); names (paths, branches,
-hashes); validation (wasmtime, imported lazily); primitives (the durable write, temp files and their debris, the
-hash check, caches); the object store (_Segment: one pack as a reader sees it;
-_ObjectStore: packs and loose files, batches, module files, fsck and gc passes); refs
-(_Refs: slot files, compare-and-swap, HEAD); the Store facade (layout, trees, changes,
-operations, history, branches, merge, watch, gc, export, backup, fsck); the history cache
-(_HistoryCache); object helpers; backup loading (load_backup, bounded); running stored
-modules (``Runner``, ``Target``: resolution, kv namespaces, linking; kvhost.py is imported
-only here); OCI registries (``OciReference``; the CNCF Wasm OCI artifact layout:
-``wasm_interface``, ``WasmArtifact``, ``module_artifact``; ``Credentials``; the
+by http_server.py too); names (paths, branches, hashes); validation (wasmtime, imported
+lazily); primitives (the one durable whole-file write ``_write_whole``, temp files and their
+sweep ``_remove_debris``, ``_format_date``, the hash check, ``Cache`` (the one cache type,
+also http_server.py's), ``SharedFd``); the object store (_Segment: one pack as a reader sees
+it; _ObjectStore: packs and module files, batches, fsck and gc passes); refs (_Refs: slot
+files, compare-and-swap, HEAD, the generation counter); the Store facade (layout, objects,
+refs, trees, changes, operations, history, branches, watch, gc, export and backup, fsck;
+FsckReport); the history cache (_HistoryCache); object helpers; backup loading (load_backup,
+bounded); running stored modules (``Runner``, ``Target``: resolution, kv namespaces, linking;
+kvhost.py is imported only here); OCI registries (``OciReference``; the CNCF Wasm OCI artifact
+layout: ``wasm_interface``, ``WasmArtifact``, ``module_artifact``; ``Credentials``; the
 ``RegistryClient`` on http.client, imported lazily; ``push``, ``push_all``, ``pull``,
 ``pull_many``); the command line (``main``; ``server`` runs http_server.py, the file next to
 this one, as a program; ``call``/``run``/``exports`` take kvhost's options).
@@ -91,16 +94,16 @@ OCI::
 
 __version__ = "0.1.0"
 __all__ = [
-    "Store", "Cache", "SharedFd", "StoreError", "InvalidInput", "InvalidModule", "TooLarge", "NotFound",
-    "Conflict", "MergeConflict", "CorruptObject", "FsckReport", "validate_path", "format_path",
-    "validate_branch", "validate_hash", "validate_module", "load_backup", "main",
-    "ERROR_STATUS", "ErrorMeaning", "error_status", "Runner", "Target", "default_kv_url",
-    "kv_options", "parse_namespace_map", "parse_links",
-    "RegistryError", "OciReference", "WasmArtifact", "Credentials", "RegistryClient",
-    "TransferReport", "wasm_interface", "module_artifact", "registry_credentials",
-    "docker_config_file", "validate_module_file", "is_branch_tag", "push", "push_all", "pull",
-    "pull_many", "console_main", "wasm_from_text", "parse_number", "parse_json", "json_depth",
-    "parse_url", "Url", "MAX_JSON_DEPTH",
+    "Store", "FsckReport", "Cache", "SharedFd", "load_backup", "main", "console_main",
+    "StoreError", "InvalidInput", "InvalidModule", "TooLarge", "NotFound", "Conflict",
+    "MergeConflict", "CorruptObject", "RegistryError", "ERROR_STATUS", "ErrorMeaning",
+    "error_status", "parse_number", "parse_json", "json_depth", "parse_url", "Url",
+    "MAX_JSON_DEPTH", "validate_path", "format_path", "validate_branch", "validate_hash",
+    "validate_module", "validate_module_file", "wasm_from_text", "Runner", "Target",
+    "default_kv_url", "kv_options", "parse_namespace_map", "parse_links", "OciReference",
+    "WasmArtifact", "Credentials", "RegistryClient", "TransferReport", "wasm_interface",
+    "module_artifact", "registry_credentials", "docker_config_file", "is_branch_tag", "push",
+    "push_all", "pull", "pull_many",
 ]
 
 import argparse
@@ -126,7 +129,9 @@ import threading
 import time
 import zlib
 
-# --------------------------------------------------------------------------- constants
+# ---------------------------------------------------------------------------
+# constants
+# ---------------------------------------------------------------------------
 
 DEFAULT_ROOT = "~/.wasmstore"
 DEFAULT_BRANCH = "main"
@@ -179,7 +184,9 @@ MAX_JSON_DEPTH = 64                   # JSON from outside nests at most this dee
 MAX_NUMBER_CHARS = 40                 # a longer number from outside is refused unread
 
 
-# --------------------------------------------------------------------------- exceptions
+# ---------------------------------------------------------------------------
+# exceptions
+# ---------------------------------------------------------------------------
 
 class StoreError(Exception):
     """Root of every error this module raises; str() is a one-line message for users."""
@@ -262,8 +269,9 @@ class _RefMoved(Conflict):
                          "(a writer without the lock?); nothing was written, retry")
 
 
-# --------------------------------------------------------------------------- input from outside
-#
+# ---------------------------------------------------------------------------
+# input from outside: numbers, JSON, URLs
+# ---------------------------------------------------------------------------
 # Every number, JSON text and URL this module takes from a user, a file or a peer (a registry,
 # a backup) goes through one of these three: only ASCII digits are digits (str.isdigit() takes
 # "²", int() takes "٣" and "1_0"), JSON nests at most MAX_JSON_DEPTH levels (the decoder
@@ -300,7 +308,8 @@ def parse_number(text, what, *, minimum=0, maximum=None, fraction=False):
 
 
 def _reject_constant(name):
-    raise ValueError(f"{name} is not JSON (write \"NaN\", \"Infinity\" or \"-Infinity\" as strings)")
+    raise ValueError(f"{name} is not JSON "
+                     "(write \"NaN\", \"Infinity\" or \"-Infinity\" as strings)")
 
 
 _STRICT_JSON = json.JSONDecoder(parse_constant=_reject_constant)
@@ -340,6 +349,7 @@ class Url(collections.namedtuple("Url", "scheme username password host port path
 
     @property
     def netloc(self):
+        """"host[:port]", an IPv6 host in brackets: what an HTTP Host header carries."""
         host = f"[{self.host}]" if ":" in self.host else self.host
         return host if self.port is None else f"{host}:{self.port}"
 
@@ -359,10 +369,13 @@ def parse_url(text, what, schemes=("http", "https")):
         raise InvalidInput(f"invalid {what} {shown}: {exc}") from None
     if parts.scheme not in schemes or not parts.hostname:
         raise InvalidInput(f"invalid {what} {shown}: expected {' or '.join(schemes)}://HOST")
-    return Url(parts.scheme, parts.username, parts.password, parts.hostname, port, parts.path, parts.query)
+    return Url(parts.scheme, parts.username, parts.password, parts.hostname, port, parts.path,
+               parts.query)
 
 
-# --------------------------------------------------------------------------- names
+# ---------------------------------------------------------------------------
+# names
+# ---------------------------------------------------------------------------
 
 def _short(value, limit=80):
     text = repr(value)
@@ -457,7 +470,9 @@ def _target(path_or_hash):
     return "path", segments
 
 
-# --------------------------------------------------------------------------- validation
+# ---------------------------------------------------------------------------
+# validation
+# ---------------------------------------------------------------------------
 #
 # Core modules are checked by wasmtime's validator (wasmtime.Module.validate: function bodies
 # included, at a small fraction of the cost of a compile) and for the one encoding that the
@@ -603,7 +618,9 @@ def validate_module_file(filename):
             _validate_module(mapped, owned=True)
 
 
-# --------------------------------------------------------------------------- primitives
+# ---------------------------------------------------------------------------
+# primitives
+# ---------------------------------------------------------------------------
 
 def _sync(fd, data_only=False):
     """Make what was written to fd durable: every sync of the store goes through here.
@@ -882,7 +899,9 @@ class _Batch:
             self.parsed[digest] = parsed
 
 
-# --------------------------------------------------------------------------- object store
+# ---------------------------------------------------------------------------
+# object store
+# ---------------------------------------------------------------------------
 
 PACK_MAGIC = b"WSO1"                         # a pack record: wasmstore object, format 1
 _RECORD_FIELDS = struct.Struct(">4sc3xQ32s")  # magic, kind code, payload length, SHA-256
@@ -1073,7 +1092,7 @@ class _ObjectStore:
     def loose_path(self, digest):
         return os.path.join(self.directory, digest[:2], digest[2:])
 
-    # ---------------------------------------------------------------- finding
+    # -- finding -----------------------------------------------------------------------------------
 
     def refresh(self):
         """Re-read the pack directory: new packs opened, vanished ones dropped (descriptors
@@ -1231,7 +1250,7 @@ class _ObjectStore:
         self._known_dirs.add(directory)
         return created
 
-    # ---------------------------------------------------------------- writing
+    # -- writing -----------------------------------------------------------------------------------
 
     def _has_whole(self, digest, kind):
         """True if an intact copy is stored. A packed copy this process has not written or
@@ -1346,7 +1365,7 @@ class _ObjectStore:
         _write_whole(path, _index_bytes(segment.items(), segment.covered), self.tmp_dir,
                      mode=0o444, durable=False)
 
-    # ---------------------------------------------------------------- whole-store passes
+    # -- whole-store passes ------------------------------------------------------------------------
 
     def loose_digests(self, problems=None):
         """Yield (hash, file name) of every loose object; other files are reported."""
@@ -1581,7 +1600,9 @@ class _PackReader(io.RawIOBase):
         return count
 
 
-# --------------------------------------------------------------------------- refs
+# ---------------------------------------------------------------------------
+# refs
+# ---------------------------------------------------------------------------
 
 REF_SLOT_BYTES = 128                  # one slot: "ref <sequence> <head> <crc32>", padded
 REF_FILE_BYTES = 2 * REF_SLOT_BYTES   # two slots: a torn write spoils at most the older one
@@ -1812,7 +1833,9 @@ class _Refs:
             mapping.close()
 
 
-# --------------------------------------------------------------------------- store
+# ---------------------------------------------------------------------------
+# store
+# ---------------------------------------------------------------------------
 
 class Store:
     """A wasmstore root directory: the facade over the object store (_ObjectStore), the
@@ -1847,7 +1870,7 @@ class Store:
     def __exit__(self, *exc_info):
         self.close()
 
-    # ------------------------------------------------------------------- layout
+    # -- layout ------------------------------------------------------------------------------------
 
     def _init_layout(self):
         """Create a new store's directories, HEAD and empty main branch, durably."""
@@ -1861,14 +1884,13 @@ class Store:
         for directory in (pack, heads, self._tmp_dir):
             os.makedirs(directory, exist_ok=True)
         head = os.path.join(self.root, "HEAD")
-        if _write_whole(head, (DEFAULT_BRANCH + "\n").encode(), self._tmp_dir,
-                          exclusive=True):
+        if _write_whole(head, (DEFAULT_BRANCH + "\n").encode(), self._tmp_dir, exclusive=True):
             _write_whole(os.path.join(heads, DEFAULT_BRANCH), _ref_file(_NO_COMMITS),
-                           self._tmp_dir, exclusive=True)
+                         self._tmp_dir, exclusive=True)
         for directory in (os.path.dirname(pack), os.path.dirname(heads), self.root):
             _fsync_path(directory)
 
-    # ------------------------------------------------------------------- objects
+    # -- objects -----------------------------------------------------------------------------------
 
     def _load(self, digest, kind):
         """A parsed tree (dict name -> (kind, hash)) or commit (dict), cached."""
@@ -1918,7 +1940,7 @@ class Store:
         if ref_update:
             self._refs.set_if_equals(*ref_update)
 
-    # ------------------------------------------------------------------- refs
+    # -- refs --------------------------------------------------------------------------------------
 
     def _branch(self, branch):
         return validate_branch(branch) if branch is not None else self.default_branch
@@ -1948,7 +1970,7 @@ class Store:
                 continue   # gc replaced the head after we read it: read it again
         raise NotFound(f"head of branch {branch!r} cannot be read")
 
-    # ------------------------------------------------------------------- trees
+    # -- trees -------------------------------------------------------------------------------------
 
     def _entry_at(self, tree, segments):
         """The (kind, hash) entry at segments under tree, None if absent; root: its tree."""
@@ -2024,7 +2046,7 @@ class Store:
             self._indexes.put(key, index)
         return index
 
-    # ------------------------------------------------------------------- changes
+    # -- changes -----------------------------------------------------------------------------------
 
     def _change(self, branch, author, message, edit):
         """Run edit(head, tree, batch) -> new root tree under the ref lock; commit if changed.
@@ -2107,7 +2129,7 @@ class Store:
         self._change(branch, author, message, edit)
         return digest
 
-    # ------------------------------------------------------------------- operations
+    # -- operations --------------------------------------------------------------------------------
 
     def add(self, path, data, *, branch=None, author=None):
         """Validate data, store it and point path at it. Returns the module hash."""
@@ -2153,7 +2175,8 @@ class Store:
         files = _wasm_files(directory)
         if not files:
             raise InvalidInput(f"no *.wasm files under {directory!r}")
-        items = [(format_path(base + validate_path(relative)), filename) for relative, filename in files]
+        items = [(format_path(base + validate_path(relative)), filename)
+                 for relative, filename in files]
         return self.add_files(items, branch=branch, author=author,
                               message=f"Import {format_path(base)} ({len(items)} modules)")
 
@@ -2175,7 +2198,8 @@ class Store:
                 try:
                     self._validate_file(temps[digest], size, digest)
                 except InvalidModule as exc:
-                    raise InvalidModule(f"{source if isinstance(source, str) else path}: {exc}") from None
+                    shown = source if isinstance(source, str) else path
+                    raise InvalidModule(f"{shown}: {exc}") from None
                 edits[segments] = ("module", digest)
                 stored[format_path(segments)] = digest
 
@@ -2328,7 +2352,7 @@ class Store:
                              "kind": "component" if header == COMPONENT_HEADER else "module"}
         return details
 
-    # ------------------------------------------------------------------- history
+    # -- history -----------------------------------------------------------------------------------
 
     def _first_parents(self, head):
         """Yield (commit hash, commit) along first parents; stops at a vanished commit."""
@@ -2475,7 +2499,7 @@ class Store:
         message = f"Restore {format_path(segments)}" if segments else "Restore"
         self._change(branch, author, message, edit)
 
-    # ------------------------------------------------------------------- branches
+    # -- branches ----------------------------------------------------------------------------------
 
     @property
     def default_branch(self):
@@ -2583,7 +2607,7 @@ class Store:
         conflicts.append(format_path(prefix))
         return ours
 
-    # ------------------------------------------------------------------- watch
+    # -- watch -------------------------------------------------------------------------------------
 
     def changes(self, old_commit, new_commit):
         """What changed between two commits, in the watch event format."""
@@ -2683,7 +2707,7 @@ class Store:
             self._commit_counts.put(digest, count)
         return count
 
-    # ------------------------------------------------------------------- gc
+    # -- gc ----------------------------------------------------------------------------------------
 
     @contextlib.contextmanager
     def _objects_lock(self, shared):
@@ -2757,7 +2781,7 @@ class Store:
                 else:
                     reachable.add(child)
 
-    # ------------------------------------------------------------------- export, backup
+    # -- export, backup ----------------------------------------------------------------------------
 
     def export(self, directory, commit=None, *, branch=None):
         """Write every module of the branch (or commit) under directory as plain files.
@@ -2824,7 +2848,7 @@ class Store:
         """Extract a backup into root (missing or empty) safely and check it: a Store."""
         return load_backup(filename, root)
 
-    # ------------------------------------------------------------------- fsck
+    # -- fsck --------------------------------------------------------------------------------------
 
     def fsck(self):
         """Check every object's hash (loose files and pack records), every reference
@@ -2894,7 +2918,9 @@ class FsckReport(list):
     checked = dangling = 0
 
 
-# --------------------------------------------------------------------------- history cache
+# ---------------------------------------------------------------------------
+# history cache
+# ---------------------------------------------------------------------------
 
 def _module_changes(changes):
     """{printed path: new module hash or None} from changes() output."""
@@ -2990,7 +3016,9 @@ def _history_line(fields):
     return f"{body}\t{zlib.crc32(body.encode('utf-8')):08x}\n".encode("utf-8")
 
 
-# --------------------------------------------------------------------------- object helpers
+# ---------------------------------------------------------------------------
+# object helpers
+# ---------------------------------------------------------------------------
 
 def _author(author):
     if author is None or author == "":
@@ -3028,7 +3056,8 @@ def _parse_object(data, digest):
                 raise ValueError("bad field")
             return ("commit", document)
     except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
-        pass      # RecursionError: JSON nested beyond any tree or commit (a hostile backup's object)
+        pass      # RecursionError: JSON nested deeper than any tree or commit (a damaged or
+                  # crafted object, from a backup say)
     raise _not_an_object(digest)
 
 
@@ -3089,7 +3118,9 @@ def _add_stream(archive, name, size, stream):
     archive.addfile(info, stream)
 
 
-# --------------------------------------------------------------------------- backup loading
+# ---------------------------------------------------------------------------
+# backup loading
+# ---------------------------------------------------------------------------
 
 _BACKUP_MEMBER = re.compile(          # what Store.backup writes, and its directories
     r"(HEAD|refs|refs/heads|refs/heads/(?P<branch>[^/]+)|objects|objects/pack"
@@ -3236,7 +3267,9 @@ def _extract_members(archive, root, filename):
                 raise _unreadable(filename, f"member {name!r} is truncated")
 
 
-# --------------------------------------------------------------------------- running stored modules
+# ---------------------------------------------------------------------------
+# running stored modules
+# ---------------------------------------------------------------------------
 
 KV_FILE = "kv.sqlite3"                 # the default kv backend lives with the store
 RESOLVED_CACHE_SIZE = 4096             # resolved (branch, path) pairs a Runner keeps
@@ -3271,14 +3304,16 @@ def kv_options(store, kv=None, provider_kv=None):
     kv = kv or default_kv_url(store.root)
     if not (isinstance(kv, str) and kv.startswith(PROVIDER_PREFIX)):
         if provider_kv is not None:
-            raise InvalidInput(f"--provider-kv {_short(provider_kv)} is the backend beneath a provider: it "
-                               "needs --kv component:PATH")
+            raise InvalidInput(f"--provider-kv {_short(provider_kv)} is the backend beneath a "
+                               "provider: it needs --kv component:PATH")
         return {"kv": kv}
     path = kv[len(PROVIDER_PREFIX):]
     if not path:
-        raise InvalidInput(f"invalid --kv {_short(kv)}: expected component:PATH, a provider stored at PATH")
+        raise InvalidInput(f"invalid --kv {_short(kv)}: expected component:PATH, a provider "
+                           "stored at PATH")
     digest, _ = store.module_at(path)
-    provider = _kvhost().Provider(store.module_filename(digest), digest=digest, name=format_path(validate_path(path)))
+    provider = _kvhost().Provider(store.module_filename(digest), digest=digest,
+                                  name=format_path(validate_path(path)))
     return {"kv": provider, "provider_kv": provider_kv or default_kv_url(store.root)}
 
 
@@ -3288,7 +3323,8 @@ def parse_namespace_map(entries):
     for entry in entries or ():
         prefix, sep, namespace = str(entry).partition("=")
         if not sep or not namespace or "\0" in namespace or len(namespace) > 1024:
-            raise InvalidInput(f"invalid namespace mapping {_short(entry)}: expected PREFIX=NAMESPACE")
+            raise InvalidInput(f"invalid namespace mapping {_short(entry)}: "
+                               "expected PREFIX=NAMESPACE")
         parsed.append((tuple(validate_path(prefix)), namespace))
     return sorted(parsed, key=lambda item: -len(item[0]))
 
@@ -3353,11 +3389,13 @@ class Runner:
         self._resolved = Cache(RESOLVED_CACHE_SIZE)   # (generation, how it was named) -> Target
         self._owns_host = host is None
         if host is None:
-            host_options.update(kv_options(store, host_options.pop("kv", None), host_options.pop("provider_kv", None)))
+            host_options.update(kv_options(store, host_options.pop("kv", None),
+                                           host_options.pop("provider_kv", None)))
             host = kvhost.Host(**host_options)
         self.host = host
 
     def close(self):
+        """Close the kvhost.Host if this Runner made it (a Host passed in stays open)."""
         if self._owns_host:
             self.host.close()
 
@@ -3367,7 +3405,7 @@ class Runner:
     def __exit__(self, *exc_info):
         self.close()
 
-    # -- resolution ------------------------------------------------------------------------------
+    # -- resolution --------------------------------------------------------------------------------
 
     def resolve(self, path_or_hash, *, branch=None, version=None, commit=None):
         """The Target for a path or hash on a branch, at an older version index, or in a commit.
@@ -3451,7 +3489,7 @@ class Runner:
             self._target(path_or_hash, branch, version, commit)
         return target, self.load(target)
 
-    # -- running ---------------------------------------------------------------------------------
+    # -- running -----------------------------------------------------------------------------------
 
     def call(self, path_or_hash, function, args=(), *, branch=None, version=None, commit=None,
              namespace=None, stats=None, reach=None):
@@ -3466,15 +3504,16 @@ class Runner:
                               resolve=self._linker_for(target, guest, reach)
                               if guest.links_needed else None, stats=stats)
 
-    def call_captured(self, path_or_hash, function, args=(), *, branch=None, version=None, commit=None,
-                      namespace=None, limit=None, stats=None, reach=None):
+    def call_captured(self, path_or_hash, function, args=(), *, branch=None, version=None,
+                      commit=None, namespace=None, limit=None, stats=None, reach=None):
         """Like call(), with the guest's stdout and stderr kept, never written to this process's
         streams (kvhost.CallResult: .value, .stdout, .stderr and their totals)."""
         target = path_or_hash if type(path_or_hash) is Target else \
             self._target(path_or_hash, branch, version, commit)
         guest = self.host.loaded(target.digest) or self.load(target)
         options = {} if limit is None else {"limit": limit}
-        return self.host.call_captured(guest, function, args, namespace=namespace or target.namespace,
+        return self.host.call_captured(guest, function, args,
+                                       namespace=namespace or target.namespace,
                                        resolve=self._linker_for(target, guest, reach)
                                        if guest.links_needed else None, stats=stats, **options)
 
@@ -3501,7 +3540,9 @@ class Runner:
         return self.host.exports(guest)
 
 
-# --------------------------------------------------------------------------- OCI registries
+# ---------------------------------------------------------------------------
+# OCI registries
+# ---------------------------------------------------------------------------
 
 def _http_modules():
     """http.client and ssl, imported on first use: they add ~20 ms to the start-up of every
@@ -3583,10 +3624,12 @@ class OciReference:
 
     @property
     def host(self):
+        """The registry's host name or address (an IPv6 address without brackets)."""
         return OCI_REGISTRY.match(self.registry).group(1).strip("[]")
 
     @property
     def port(self):
+        """The registry's port, None when the reference names none."""
         port = OCI_REGISTRY.match(self.registry).group(2)
         return int(port) if port else None
 
@@ -3631,7 +3674,7 @@ def _check_repository(name, registry):
                            "name must fit in 255 characters")
 
 
-# ------------------------------------------------------------- the Wasm OCI artifact layout
+# -- the Wasm OCI artifact layout ------------------------------------------------------------------
 
 def wasm_interface(source):
     """(kind, imports, exports) of a module file name or bytes: kind is "component" or
@@ -3764,7 +3807,7 @@ def _wasm_layer(data, content_type):
     return digest, size
 
 
-# ------------------------------------------------------------- credentials
+# -- credentials -----------------------------------------------------------------------------------
 
 class Credentials:
     """A user name and password (or token) for one registry, and where they came from.
@@ -3853,7 +3896,7 @@ def _docker_credentials(registry, filename):
     return None
 
 
-# ------------------------------------------------------------- the registry client
+# -- the registry client ---------------------------------------------------------------------------
 
 _CHALLENGE_PARAM = re.compile(r'([A-Za-z][A-Za-z0-9_-]*)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s,"]+))')
 
@@ -4046,6 +4089,7 @@ class RegistryClient:
         return f"RegistryClient({self.registry!r})"
 
     def close(self):
+        """Close the pooled idle connections (a later request opens a new one)."""
         with self._lock:
             idle, self._idle = self._idle, []
         for connection in idle:
@@ -4057,7 +4101,7 @@ class RegistryClient:
     def __exit__(self, *exc_info):
         self.close()
 
-    # -- connections -----------------------------------------------------------------
+    # -- connections -------------------------------------------------------------------------------
 
     def _connection(self, scheme, host, port):
         if scheme == "https":
@@ -4125,7 +4169,7 @@ class RegistryClient:
             message = getattr(error, "strerror", None) or error
             raise RegistryError(f"request to {self.registry} failed: {_clean_text(message)}")
 
-    # -- requests ----------------------------------------------------------------------
+    # -- requests ----------------------------------------------------------------------------------
 
     def _authorization(self, repository):
         token = self._tokens.get(repository)
@@ -4226,7 +4270,7 @@ class RegistryClient:
         return RegistryError(f"{self.registry} answered {status} {response.reason} to "
                              f"{what}{detail}")
 
-    # -- auth ----------------------------------------------------------------------------
+    # -- auth --------------------------------------------------------------------------------------
 
     def _answer(self, response, repository, sent):
         """Act on a 401's challenge to a request sent with Authorization `sent`; True if the
@@ -4294,9 +4338,10 @@ class RegistryClient:
                                 "usable token")
         return token
 
-    # -- the distribution API -------------------------------------------------------------
+    # -- the distribution API ----------------------------------------------------------------------
 
     def blob_exists(self, repository, digest):
+        """True if the registry holds the blob (a HEAD request: nothing is downloaded)."""
         response = self.call("HEAD", f"/v2/{repository}/blobs/{digest}", repository=repository,
                              what=f"blob {digest} of {repository}", ok=(200, 404))
         response.discard()
@@ -4357,6 +4402,7 @@ class RegistryClient:
         return data, digest, content_type
 
     def put_manifest(self, repository, reference, data):
+        """Store manifest bytes under reference (a tag or a digest) in repository."""
         response = self.call("PUT", f"/v2/{repository}/manifests/{reference}",
                              repository=repository, ok=(200, 201),
                              what=f"the manifest {reference} of {repository}",
@@ -4376,7 +4422,7 @@ class RegistryClient:
         return _VerifiedBlob(response, digest, size, what)
 
 
-# ------------------------------------------------------------- push, push --all, pull
+# -- push, push --all, pull ------------------------------------------------------------------------
 
 class TransferReport:
     """What a push or push_all did: tags written, what was uploaded, what was already
@@ -4395,6 +4441,7 @@ class TransferReport:
         self._lock = threading.Lock()
 
     def add(self, **deltas):
+        """Add to counters (numbers) and extend lists (tags_pushed, skipped) by name."""
         with self._lock:
             for name, delta in deltas.items():
                 if isinstance(delta, list):
@@ -4616,11 +4663,13 @@ def pull_many(store, pairs, *, branch=None, author=None, client=None, progress=N
         paths = [format_path(segments) for _, segments in jobs]
         messages = [message for _, message in fetched]
         if len(messages) > 1:
-            shown = "; ".join(message[len("Pull "):] for message in messages[:PULL_MESSAGE_SOURCES])
+            shown = "; ".join(message[len("Pull "):]
+                              for message in messages[:PULL_MESSAGE_SOURCES])
             more = len(messages) - PULL_MESSAGE_SOURCES
-            messages = [f"Pull {len(messages)} modules: {shown}" + (f"; and {more} more" if more > 0 else "")]
-        stored = store.add_files(list(zip(paths, (filename for filename, _ in fetched))), branch=branch,
-                                 author=author, message=messages[0])
+            messages = [f"Pull {len(messages)} modules: {shown}"
+                        + (f"; and {more} more" if more > 0 else "")]
+        stored = store.add_files(list(zip(paths, (filename for filename, _ in fetched))),
+                                 branch=branch, author=author, message=messages[0])
         return [stored[path] for path in paths]
 
 
@@ -4644,7 +4693,9 @@ def _open_layer(client, reference, segments, progress):
     return client.open_blob(reference.repository, digest, size), message
 
 
-# --------------------------------------------------------------------------- CLI
+# ---------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------
 
 def _cli_count(text):
     """argparse type of a count or index option: ASCII digits only."""
@@ -4858,7 +4909,7 @@ def _cmd_watch(store, args):
         return 0
 
 
-RUN_COMMANDS = ("call", "run", "exports")     # their options come from kvhost (imported only for them)
+RUN_COMMANDS = ("call", "run", "exports")     # their options come from kvhost (imported for them)
 
 
 def _runner(store, args):
@@ -4869,7 +4920,8 @@ def _runner(store, args):
 
 
 def _run_guest(store, args, work):
-    """Run work(runner) within the sandbox's deadline; kvhost errors become kvhost's CLI statuses."""
+    """Run work(runner) within the sandbox's deadline; kvhost errors become kvhost's CLI
+    statuses."""
     kvhost = _kvhost()
     try:
         runner = _runner(store, args)
@@ -4893,7 +4945,8 @@ def _cmd_call(store, args):
         return kvhost.report(exc, sys.stderr, "wasmstore")
 
     def call(runner):
-        result = runner.call(args.target, args.function, json_args, namespace=args.namespace, **_selector(args))
+        result = runner.call(args.target, args.function, json_args, namespace=args.namespace,
+                             **_selector(args))
         kvhost.print_json(result, sys.stdout)
         return 0
     return _run_guest(store, args, call)
@@ -4931,14 +4984,16 @@ def _add_run_options(sub, name):
     _add_selector_options(sub)
     kvhost = _kvhost()
     if name == "exports":
-        sub.add_argument("--json", action="store_true", help="one JSON document instead of one line each")
-        sub.add_argument("--cache-dir", help="compile cache directory (default ~/.cache/wasmstore/kvhost)")
+        sub.add_argument("--json", action="store_true",
+                         help="one JSON document instead of one line each")
+        sub.add_argument("--cache-dir",
+                         help="compile cache directory (default ~/.cache/wasmstore/kvhost)")
         return
     kvhost.add_store_options(sub, kv_default=None, kv_default_text="sqlite under the store root",
                              provider="PATH")
     sub.add_argument("--namespace-map", action="append", default=[], metavar="PREFIX=NS",
-                     help="modules under PREFIX share kv namespace NS (repeatable; default: each path "
-                          "is its own namespace, a hash is sha256:<hash>)")
+                     help="modules under PREFIX share kv namespace NS (repeatable; default: "
+                          "each path is its own namespace, a hash is sha256:<hash>)")
     kvhost.add_sandbox_options(sub, link_target="a path in the store, in the same commit as the "
                                                 "module run")
 
@@ -5037,7 +5092,8 @@ COMMANDS = {
                                "text)"})]),
     "import": (_cmd_import, "store every *.wasm file under DIR in one commit",
                [("directory", {"metavar": "DIR"}),
-                ("prefix", {"metavar": "PREFIX", "nargs": "?", "help": "path to store them under"})]),
+                ("prefix", {"metavar": "PREFIX", "nargs": "?",
+                            "help": "path to store them under"})]),
     "find": (_cmd_find, "write a module's bytes to stdout (PATH or 64-hex HASH)",
              [("path", {"metavar": "PATH"})]),
     "filename": (_cmd_filename, "print the object file holding a module",
@@ -5085,11 +5141,13 @@ COMMANDS = {
                     [("file", {"metavar": "FILE"})]),
     "fsck": (_cmd_fsck, "check every object and reference; exit 1 on any problem", []),
     "watch": (_cmd_watch, "print one JSON line per commit on the branch (Ctrl-C stops)", []),
-    "call": (_cmd_call, "call FUNCTION of a stored module with JSON arguments; print its JSON result",
+    "call": (_cmd_call, "call FUNCTION of a stored module with JSON arguments; print its JSON "
+                        "result",
              [("target", {"metavar": "PATH|HASH"}), ("function", {"metavar": "FUNCTION"}),
               ("json_args", {"metavar": "JSON_ARG", "nargs": "*"})]),
     "run": (_cmd_run, "run a stored wasi:cli/run component or WASI command module",
-            [("target", {"metavar": "PATH|HASH"}), ("args", {"metavar": "ARG", "nargs": argparse.REMAINDER})]),
+            [("target", {"metavar": "PATH|HASH"}),
+             ("args", {"metavar": "ARG", "nargs": argparse.REMAINDER})]),
     "exports": (_cmd_exports, "print each callable export of a stored module with its types",
                 [("target", {"metavar": "PATH|HASH"})]),
     "push": (_cmd_push, "push PATH to an OCI registry as a Wasm OCI artifact (prints its "
