@@ -65,20 +65,21 @@ so a commit creates no file and a ref is rewritten in place.
 Map of this file: constants; exceptions and ERROR_STATUS (the one table of what each error
 means: HTTP status, exit status, metric label; http_server.py reads it); input from outside
 (parse_number, parse_json, parse_url: ASCII digits, bounded JSON nesting, ports in range; used
-by http_server.py too); names (paths, branches, hashes); validation (wasmtime, imported
-lazily); primitives (the one durable whole-file write ``_write_whole``, temp files and their
-sweep ``_remove_debris``, ``_format_date``, the hash check, ``Cache`` (the one cache type,
-also http_server.py's), ``SharedFd``); the object store (_Segment: one pack as a reader sees
-it; _ObjectStore: packs and module files, batches, fsck and gc passes); refs (_Refs: slot
-files, compare-and-swap, HEAD, the generation counter); the Store facade (layout, objects,
-refs, trees, changes, operations, history, branches, watch, gc, export and backup, fsck;
-FsckReport); the history cache (_HistoryCache); object helpers; backup loading (load_backup,
-bounded); running stored modules (``Runner``, ``Target``: resolution, kv namespaces, linking;
-kvhost.py is imported only here); OCI registries (``OciReference``; the CNCF Wasm OCI artifact
-layout: ``wasm_interface``, ``WasmArtifact``, ``module_artifact``; ``Credentials``; the
-``RegistryClient`` on http.client, imported lazily; ``push``, ``push_all``, ``pull``,
-``pull_many``); the command line (``main``; ``server`` runs http_server.py, the file next to
-this one, as a program; ``call``/``run``/``exports`` take kvhost's options).
+by http_server.py too); names (paths, branches, hashes); validation (wasmtime's validator, and
+kvhost.py's wasm reader for components, both imported lazily); primitives (the one durable
+whole-file write ``_write_whole``, temp files and their sweep ``_remove_debris``,
+``_format_date``, the hash check, ``Cache`` (the one cache type, also http_server.py's),
+``SharedFd``); the object store (_Segment: one pack as a reader sees it; _ObjectStore: packs and
+module files, batches, fsck and gc passes); refs (_Refs: slot files, compare-and-swap, HEAD, the
+generation counter); the Store facade (layout, objects, refs, trees, changes, operations,
+history, branches, watch, gc, export and backup, fsck; FsckReport); the history cache
+(_HistoryCache); object helpers; backup loading (load_backup, bounded); running stored modules
+(``Runner``, ``Target``: resolution, kv namespaces, linking; kvhost.py is imported by
+``_kvhost``, for these, validation and ``wasm_interface``); OCI registries (``OciReference``;
+the CNCF Wasm OCI artifact layout: ``wasm_interface``, ``WasmArtifact``, ``module_artifact``;
+``Credentials``; the ``RegistryClient`` on http.client, imported lazily; ``push``, ``push_all``,
+``pull``, ``pull_many``); the command line (``main``; ``server`` runs http_server.py, the file
+next to this one, as a program; ``call``/``run``/``exports`` take kvhost's options).
 
 Running (needs kvhost.py next to this file)::
 
