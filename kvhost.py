@@ -4077,6 +4077,12 @@ class Host:
         with _HttpSession(self, guest, request, sink, namespace) as session:
             return session.run()
 
+    def check_http_handler(self, guest):
+        """NotHttpHandler unless `guest` is a component exporting wasi:http/incoming-handler
+        (a server checks its app when it starts, before any request)."""
+        self._check_guest(guest)
+        _http_handler_index(guest, self.engine)
+
     def _execute(self, guest, request, resolve, stats):
         if request.namespace is not None and request.namespace not in self._valid_namespaces:
             _check_namespace(request.namespace)

@@ -79,7 +79,8 @@ history, branches, watch, gc, export and backup, fsck; FsckReport); the history 
 the CNCF Wasm OCI artifact layout: ``wasm_interface``, ``WasmArtifact``, ``module_artifact``;
 ``Credentials``; the ``RegistryClient`` on http.client, imported lazily; ``push``, ``push_all``,
 ``pull``, ``pull_many``); the command line (``main``; ``server`` runs http_server.py, the file
-next to this one, as a program; ``call``/``run``/``exports`` take kvhost's options).
+next to this one, as a program, and ``serve`` runs it in its one-app mode;
+``call``/``run``/``exports``/``serve`` take kvhost's options).
 
 Running (needs kvhost.py next to this file)::
 
@@ -3439,6 +3440,22 @@ class Runner:
             return Target(digest, commit, None, f"sha256:{digest}")
         return Target(digest, commit, format_path(value), self._namespace_of(value))
 
+    def resolve_prefix(self, segments, *, branch=None, version=None, commit=None):
+        """(Target, n) for the shortest leading part of `segments` (the store path at the
+        start of a URL path, the app's own path after it) that names a module, n being how
+        many segments it took. A path names either a module or a directory, so the answer is
+        unambiguous; a 64-hex first segment is a hash, as everywhere."""
+        segments = list(segments)[:MAX_SEGMENTS]
+        if not segments:
+            raise NotFound("no store path given")
+        for count in range(1, len(segments) + 1):
+            try:
+                return self._target(format_path(segments[:count]), branch, version, commit), count
+            except NotFound:
+                if count == 1 and _is_hash(segments[0]):
+                    raise
+        raise NotFound(f"no module at {format_path(segments)} or at a path above it")
+
     def _namespace_of(self, segments):
         for prefix, namespace in self.namespaces:
             if segments[:len(prefix)] == prefix:
@@ -3534,6 +3551,15 @@ class Runner:
         return self.host.run_captured(guest, argv, namespace=namespace or target.namespace,
                                       resolve=self._linker_for(target, guest, reach),
                                       stdin=stdin, stats=stats, **options)
+
+    def handle_http(self, path_or_hash, request, sink, *, branch=None, version=None,
+                    commit=None, namespace=None, stats=None):
+        """Answer one HTTP request with a stored wasi:http handler (kvhost.Host.handle_http):
+        request a kvhost.HttpRequest, sink where the response goes (start, write, flush,
+        finish). path_or_hash may be a Target from resolve() or resolve_prefix()."""
+        target, guest = self._prepare(path_or_hash, branch, version, commit)
+        return self.host.handle_http(guest, request, sink,
+                                     namespace=namespace or target.namespace)
 
     def exports(self, path_or_hash, *, branch=None, version=None, commit=None):
         """The callable exports of a stored module (kvhost.describe_exports)."""
@@ -4910,7 +4936,7 @@ def _cmd_watch(store, args):
         return 0
 
 
-RUN_COMMANDS = ("call", "run", "exports")     # their options come from kvhost (imported for them)
+RUN_COMMANDS = ("call", "run", "exports", "serve")    # options from kvhost (imported for them)
 
 
 def _runner(store, args):
@@ -4981,9 +5007,11 @@ def _add_selector_options(sub):
 
 
 def _add_run_options(sub, name):
-    """The options of call/run/exports; the sandbox and kv ones are kvhost's own."""
+    """The options of call/run/exports/serve; the sandbox and kv ones are kvhost's own."""
     _add_selector_options(sub)
     kvhost = _kvhost()
+    if name == "serve":
+        _add_serve_options(sub)
     if name == "exports":
         sub.add_argument("--json", action="store_true",
                          help="one JSON document instead of one line each")
@@ -4997,6 +5025,95 @@ def _add_run_options(sub, name):
                           "each path is its own namespace, a hash is sha256:<hash>)")
     kvhost.add_sandbox_options(sub, link_target="a path in the store, in the same commit as the "
                                                 "module run")
+
+
+DEFAULT_SERVE_HOST = "127.0.0.1"
+DEFAULT_SERVE_PORT = 8080              # `wasmtime serve`'s
+
+
+def _add_serve_options(sub):
+    """serve's own options (beside call/run's sandbox and kv options)."""
+    sub.add_argument("--host", default=DEFAULT_SERVE_HOST,
+                     help=f"address to listen on (default {DEFAULT_SERVE_HOST})")
+    sub.add_argument("--port", type=_port_number, default=DEFAULT_SERVE_PORT,
+                     help=f"TCP port, 0 = any free port (default {DEFAULT_SERVE_PORT})")
+    sub.add_argument("--metrics-port", type=_port_number, metavar="P",
+                     help="serve GET /metrics on port P of --host (the app owns every path of "
+                          "its own port)")
+    sub.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                     help="also answer to this Host name (repeatable; bound to a loopback "
+                          "address, only loopback names are answered otherwise)")
+    sub.add_argument("--max-body", metavar="N",
+                     help="largest request body in bytes, suffix K/M/G allowed (default 128M)")
+    sub.add_argument("--max-guests", type=_count(1), metavar="N",
+                     help="requests running at once (default: the number of CPUs, at least 2)")
+    sub.add_argument("--run-queue", type=_count(0), metavar="N",
+                     help="requests waiting for a slot; more get 503 with Retry-After "
+                          "(default 64)")
+    sub.add_argument("--workers", type=_count(1), metavar="N",
+                     help="server processes sharing the port (env WASMSTORE_WORKERS; default: "
+                          "the number of CPUs)")
+    sub.add_argument("--quiet", action="store_true", help="no access log on stderr")
+
+
+def _port_number(text):
+    if not (text.isascii() and text.isdigit()) or int(text) > 65535:
+        raise argparse.ArgumentTypeError(f"expected a port number 0-65535, got {text!r}")
+    return int(text)
+
+
+def _count(least):
+    """An argparse type: a whole number >= least."""
+    def parse(text):
+        if not (text.isascii() and text.isdigit()) or int(text) < least:
+            raise argparse.ArgumentTypeError(f"expected a whole number >= {least}, got {text!r}")
+        return int(text)
+    return parse
+
+
+def _serve_ref(args):
+    """The app-ref (see http_server.parse_app_ref) of serve's --branch/--version/--commit."""
+    if args.version_index is not None and args.commit is not None:
+        raise InvalidInput("give --version or --commit, not both")
+    if args.commit is not None:
+        return validate_hash(args.commit, "commit")
+    if args.version_index is not None:
+        if args.version_index < 0:
+            raise InvalidInput(f"invalid --version {args.version_index}: expected an index >= 0")
+        suffix = f"v{args.version_index}"
+        return suffix if args.branch is None else f"{validate_branch(args.branch)}:{suffix}"
+    return None if args.branch is None else validate_branch(args.branch)
+
+
+def _serve_argv(args, root):
+    """http_server.py's arguments for `serve`: its one-app mode (--serve) with the same sandbox
+    and kv options call and run take (--timeout is a guest's time, as there)."""
+    validate_path(args.target)
+    argv = ["--root", root, "--serve", args.target, "--host", args.host, "--port", str(args.port)]
+    ref = _serve_ref(args)
+    options = [("--serve-ref", ref), ("--metrics-port", args.metrics_port),
+               ("--max-body", args.max_body), ("--max-guests", args.max_guests),
+               ("--run-queue", args.run_queue), ("--workers", args.workers),
+               ("--run-timeout", args.timeout),
+               ("--fuel", args.fuel), ("--max-memory", args.max_memory),
+               ("--max-table-elements", args.max_table_elements), ("--kv", args.kv),
+               ("--provider-kv", args.provider_kv), ("--cache-dir", args.cache_dir)]
+    repeated = [("--allowed-host", args.allowed_host), ("--allow-bucket", args.allow_buckets),
+                ("--env", [f"{name}={value}" for name, value in args.env]),
+                ("--dir", [f"{host}::{guest}" for host, guest in args.dirs]),
+                ("--link", args.links), ("--allow-outbound", args.allow_outbound),
+                ("--namespace-map", args.namespace_map
+                 + ([f"/={args.namespace}"] if args.namespace is not None else []))]
+    for flag, value in options:
+        if value is not None:
+            argv += [flag, str(value)]
+    for flag, values in repeated:
+        for value in values or ():
+            argv += [flag, value]
+    for flag, on in (("--quiet", args.quiet), ("--stub-imports", args.stub_imports)):
+        if on:
+            argv.append(flag)
+    return argv
 
 
 def _progress_writer(args):
@@ -5171,6 +5288,9 @@ COMMANDS = {
                                  "(any failure stores nothing)"})]
              + REGISTRY_OPTIONS),
     "server": (None, "run the HTTP API (options: python http_server.py --help)", []),
+    "serve": (None, "serve a stored wasi:http component (an HTTP app) on a port of its own, as "
+                    "`wasmtime serve` does; the next request after a new version runs it",
+              [("target", {"metavar": "PATH|HASH"})]),
 }
 
 
@@ -5184,6 +5304,7 @@ CLI_EXAMPLES = """examples:
   python wasmstore.py push /math/add.wasm oci://ghcr.io/me/add:v1   to a registry
   python wasmstore.py pull oci://localhost:5000/add add.wasm        from a registry
   python wasmstore.py server --port 6384              serve the HTTP API
+  python wasmstore.py serve /apps/hello.wasm          serve a stored HTTP app on :8080
 
 Global options may also follow the command. Errors print one line on stderr
 and exit 1 (also "not found"); bad usage exits 2. 'COMMAND --help' explains one
@@ -5251,6 +5372,8 @@ def main(argv=None):
     try:
         if args.command == "server":
             return _run_server(["--root", root] + server_args)    # a later --root wins
+        if args.command == "serve":
+            return _run_server(_serve_argv(args, root))
         if args.command == "load-backup":
             load_backup(args.file, root)
             _print_line(f"backup loaded into {os.path.abspath(os.path.expanduser(root))}")
@@ -5275,12 +5398,12 @@ def main(argv=None):
 def _run_server(argv):
     """Become the HTTP server: run http_server.py as a program in this process (os.execv).
     It is not imported: the HTTP layer is built on the store, and the store never depends on
-    it, so wasmstore.py copied alone still works (the server command then says what is
-    missing)."""
+    it, so wasmstore.py copied alone still works (the server and serve commands then say what
+    is missing)."""
     program = _server_program()
     if program is None:
-        raise StoreError(f"the server command needs http_server.py next to {__file__} "
-                         "(copy it there, or run python http_server.py)")
+        raise StoreError(f"the server and serve commands need http_server.py next to "
+                         f"{__file__} (copy it there, or run python http_server.py)")
     sys.stdout.flush()
     sys.stderr.flush()
     os.execv(sys.executable, [sys.executable, program] + argv)
