@@ -3095,16 +3095,14 @@ def _trap_error(error, host):
     return TrapError(reason, "trap")
 
 
-def _write_atomically(path, data):
-    """Temp file in the same directory, fsync, rename, fsync the directory: readers never see half a
-    file."""
-    directory = os.path.dirname(path)
-    fd, temp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+def _write_replacing(path, data):
+    """Write a temp file in the same directory and rename it over `path`: a reader never sees
+    half a file. Not synced: this is the compile cache, which can be rebuilt, and an entry that
+    a crash left torn fails its checksum and is compiled again."""
+    fd, temp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(path))
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
         os.replace(temp, path)
     except BaseException:
         try:
@@ -3112,14 +3110,6 @@ def _write_atomically(path, data):
         except OSError:
             pass
         raise
-    try:
-        dir_fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError:
-        pass
 
 
 # Directories where an open file descriptor N has a name, /DIR/N: Linux has /proc/self/fd (and
@@ -3795,8 +3785,8 @@ class Host:
         payload = bytes(artifact.serialize())
         try:
             os.makedirs(self.cache_dir, exist_ok=True)
-            _write_atomically(path, payload)        # the artifact first: a reader that sees
-            _write_atomically(path + ".sum", CACHE_MAGIC + hashlib.sha256(payload).digest())
+            _write_replacing(path, payload)         # the artifact first: a reader that sees
+            _write_replacing(path + ".sum", CACHE_MAGIC + hashlib.sha256(payload).digest())
             info = os.stat(path)
         except OSError:                             # a new one with an old .sum recompiles
             return artifact, None                   # a cache that cannot be written only costs time

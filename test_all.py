@@ -7323,6 +7323,21 @@ class CompileCacheTest(unittest.TestCase):
         with self.assertRaises(kvhost.ArgumentError):
             kvhost.Host(kv="memory:", guest_cache_bytes=0)
 
+    def test_cache_entries_are_written_whole_but_not_synced(self):
+        # The cache can be rebuilt: a torn entry fails its checksum and is compiled again, so a
+        # compile pays no fsync; a reader still never sees half a file (temp file and rename).
+        synced = []
+        real_fsync = os.fsync
+        self.addCleanup(setattr, os, "fsync", real_fsync)
+        os.fsync = lambda fd: synced.append(fd) or real_fsync(fd)
+        host = kvhost.Host(cache_dir=self.cache, kv="memory:")
+        self.addCleanup(host.close)
+        host.load(wat_binary('(module (func (export "f") (result i32) i32.const 5))'))
+        os.fsync = real_fsync
+        self.assertEqual(synced, [])
+        self.assert_valid_entry(self.artifact())
+        self.assertFalse([name for name in self.entries() if name.startswith(".tmp-")])
+
     def test_compiled_guest_is_cached_and_reused(self):
         kvhost.Host(cache_dir=self.cache, kv="memory:").load(PROBE)
         files = self.entries()
