@@ -419,14 +419,15 @@ ERROR_STATUS = {
 
 
 if kvhost is not None:
-    ERROR_STATUS.update({
-        kvhost.NoSuchFunction: ErrorMeaning(404, 2, "not-found"),   # the message lists them
-        kvhost.ArgumentError: ErrorMeaning(400, 2, "arguments"),    # the message names which
-        kvhost.LinkError: ErrorMeaning(424, 2, "link"),             # it names the import
-        kvhost.GuestError: ErrorMeaning(422, 2, "guest"),           # stored, but cannot run
-        kvhost.TrapError: ErrorMeaning(422, 1, None),               # Wasmstore-Error: its kind
-        kvhost.KvError: ErrorMeaning(422, 1, "error"),
-    })
+    # kvhost's rows (its exit status and label) with the HTTP status of each
+    ERROR_STATUS.update({cls: ErrorMeaning(http_status, *kvhost.ERROR_STATUS[cls])
+                         for cls, http_status in (
+        (kvhost.NoSuchFunction, 404),       # the message lists them
+        (kvhost.ArgumentError, 400),        # the message names which
+        (kvhost.LinkError, 424),            # it names the import
+        (kvhost.GuestError, 422),           # stored, but cannot run
+        (kvhost.TrapError, 422),            # Wasmstore-Error: its kind
+        (kvhost.KvError, 422))})
 
 
 def _http_label(status):

@@ -33,7 +33,8 @@ by a provider component's exports, the provider's own imports by the host (WASIp
 wasi:keyvalue on provider_kv).
 
 Map of this file, top-down:
-  constants and exceptions
+  constants and exceptions (ERROR_STATUS: the one table of what each error means, exit status
+                  and metric label; error_meaning)
   input           parse_number, parse_json, parse_url: every number, JSON text and URL from
                   outside (ASCII digits only, bounded nesting, ports in range)
   backends        Backend (validation, cursors) -> MemoryBackend, SqliteBackend, RedisBackend;
@@ -78,6 +79,7 @@ __all__ = [
     "KvError", "ArgumentError", "BackendError", "AccessDeniedError", "NoSuchStoreError",
     "OperationError",
     "NoSuchFunction", "GuestError", "LinkError", "NotHttpHandler", "TrapError", "GuestExit", "Err",
+    "ErrorMeaning", "ERROR_STATUS", "error_meaning",
     "HttpRequest", "HttpOutcome", "parse_outbound",
     "Backend", "MemoryBackend", "SqliteBackend", "RedisBackend", "open_backend",
     "Guest", "Host", "RunResult", "CallResult", "Provider", "provider_of", "provider_exports",
@@ -214,6 +216,37 @@ class GuestExit(TrapError):
     def __init__(self, status):
         super().__init__(f"guest exited with status {status}", "exit")
         self.status = status
+
+
+class ErrorMeaning(collections.namedtuple("ErrorMeaning", "exit_status label")):
+    """What a kvhost error means to a caller: the exit status of a command line and the label
+    metrics and logs count it under (None in the table: the TrapError's kind). A server adds
+    the HTTP status to each row (http_server.py's rows are (http_status, exit_status, label))."""
+
+    __slots__ = ()
+
+
+# The one table of what each kvhost error means, read by report() (kvhost's and wasmstore.py's
+# command lines) and by http_server.py. A subclass without its own row uses its nearest
+# parent's (see error_meaning): AccessDeniedError is a KvError, GuestExit a TrapError.
+ERROR_STATUS = {
+    NoSuchFunction: ErrorMeaning(2, "not-found"),     # the message lists the functions there are
+    ArgumentError: ErrorMeaning(2, "arguments"),      # the message names which argument
+    LinkError: ErrorMeaning(2, "link"),               # the message names the import
+    GuestError: ErrorMeaning(2, "guest"),             # refused before it runs
+    TrapError: ErrorMeaning(1, None),                 # stopped: timeout, fuel, memory, trap...
+    KvError: ErrorMeaning(1, "error"),                # a backend or an operation failed
+}
+
+
+def error_meaning(exc):
+    """The ErrorMeaning of a kvhost exception (its class's row or its nearest parent's, a
+    TrapError's kind as the label); None for any other exception."""
+    for cls in type(exc).__mro__:
+        meaning = ERROR_STATUS.get(cls)
+        if meaning is not None:
+            return meaning._replace(label=exc.kind) if meaning.label is None else meaning
+    return None
 
 
 # ---------------------------------------------------------------------------
@@ -7449,16 +7482,11 @@ def _say_where_data_is(backend, bucket, err):
 
 
 def report(error, err, prog):
-    """Print a kvhost error as one line; returns the CLI exit status: 2 for bad arguments or a
-    guest refused before it runs, 1 for a trap, a limit or a failed operation."""
-    if isinstance(error, (ArgumentError, GuestError)):
-        err.write(f"{prog}: error: {error}\n")
-        return 2
-    if isinstance(error, TrapError):
-        err.write(f"{prog}: trap: {error}\n")
-        return 1
-    err.write(f"{prog}: error: {error}\n")
-    return 1
+    """Print a kvhost error as one line; returns its exit status from ERROR_STATUS: 2 for bad
+    arguments or a guest refused before it runs, 1 for a trap, a limit or a failed operation."""
+    word = "trap" if isinstance(error, TrapError) else "error"
+    err.write(f"{prog}: {word}: {error}\n")
+    return error_meaning(error).exit_status
 
 
 def main(argv=None):

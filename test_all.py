@@ -2857,6 +2857,8 @@ class PureFunctionTests(unittest.TestCase):
                 self.assertEqual(http_server.outcome_of(exc), meaning[2])
         self.assertIsNone(http_server.error_meaning(ValueError("a bug")))
         self.assertEqual(http_server.outcome_of(ValueError("a bug")), "error")
+        for cls, meaning in kvhost.ERROR_STATUS.items():          # kvhost's rows, with a status
+            self.assertEqual(tuple(http_server.ERROR_STATUS[cls])[1:], tuple(meaning))
         self.assertEqual(http_server.error_reply(ValueError("a bug")).status, 500)
         self.assertEqual(http_server.outcome_of(None), "ok")
 
@@ -7281,6 +7283,27 @@ def big_component_text(functions=3000):
         for i in range(functions))
     return (f'(component (core module $M {body}) (core instance $m (instantiate $M))'
             f' (func (export "f1") (param "x" s32) (result s32) (canon lift (core func $m "f1"))))')
+
+
+class KvhostErrorTableTest(unittest.TestCase):
+    """kvhost's one table of what each error means: the exit status its command line (and
+    wasmstore.py's call and run) ends with, and the label metrics count it under."""
+
+    def test_each_error_gets_its_exit_status_label_and_one_line(self):
+        cases = [(kvhost.NoSuchFunction("no function 'f'"), 2, "not-found", "error"),
+                 (kvhost.ArgumentError("bad"), 2, "arguments", "error"),
+                 (kvhost.LinkError("no import"), 2, "link", "error"),
+                 (kvhost.NotHttpHandler("no handler"), 2, "guest", "error"),
+                 (kvhost.TrapError("spun", "timeout"), 1, "timeout", "trap"),
+                 (kvhost.GuestExit(3), 1, "exit", "trap"),
+                 (kvhost.AccessDeniedError("redis: NOPERM"), 1, "error", "error")]
+        for exc, exit_status, label, word in cases:
+            with self.subTest(exc=exc):
+                self.assertEqual(kvhost.error_meaning(exc), (exit_status, label))
+                err = io.StringIO()
+                self.assertEqual(kvhost.report(exc, err, "kvhost"), exit_status)
+                self.assertEqual(err.getvalue(), f"kvhost: {word}: {exc}\n")
+        self.assertIsNone(kvhost.error_meaning(ValueError("a bug")))
 
 
 class CompileCacheTest(unittest.TestCase):
