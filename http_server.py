@@ -5966,14 +5966,6 @@ def _add_run_options(group):
     add("--provider-kv", default=env.get("WASMSTORE_PROVIDER_KV") or None, metavar="URL",
         help="the backend beneath a --kv component:PATH provider (env WASMSTORE_PROVIDER_KV; "
              "default: sqlite:<root>/kv.sqlite3)")
-    add("--run-timeout", type=_positive_seconds, default=None, metavar="S",
-        help="stop a guest after S seconds, also when it waits in a host call "
-             "(env WASMSTORE_RUN_TIMEOUT; default 10)")
-    add("--fuel", type=_positive_int, default=None, metavar="N",
-        help="stop a guest after N units of fuel (env WASMSTORE_FUEL; default: no limit)")
-    add("--max-memory", type=_byte_size, default=None, metavar="N",
-        help="largest linear memory of a guest, suffix K/M/G allowed "
-             "(env WASMSTORE_MAX_MEMORY; default 256M)")
     add("--max-guests", type=_positive_int, default=None, metavar="N",
         help=f"guests running at once (env WASMSTORE_MAX_GUESTS; default {DEFAULT_MAX_GUESTS})")
     add("--run-queue", type=_nonnegative_int, default=None, metavar="N",
@@ -5986,40 +5978,16 @@ def _add_run_options(group):
     add("--namespace-map", action="append", default=[], metavar="PREFIX=NS",
         help="modules under PREFIX share kv namespace NS (repeatable; default: each path is "
              "its own namespace, a hash is sha256:<hash>)")
-    add("--stub-imports", action="store_true",
-        help="imports the host does not provide (e.g. wasi:http, or a core module's env "
-             "functions) trap when called instead of refusing the guest")
-    add("--link", action="append", default=[], dest="links", metavar="NAME=PATH",
-        help="link core modules' imports from module NAME to the module stored at PATH (in the "
-             "same commit as the module run; repeatable), e.g. --link env=/lib/random.wasm")
-    add("--max-table-elements", type=_positive_int, default=None, metavar="N",
-        help="largest table of a guest (default 1,000,000)")
-    add("--allow-bucket", action="append", default=None, dest="allow_buckets", metavar="B",
-        help="kv bucket a guest may open (repeatable; default: any)")
-    add("--env", action="append", type=_env_pair, default=None, metavar="K=V",
-        help="environment variable guests see (repeatable; default: none)")
-    add("--dir", action="append", type=_dir_pair, default=None, dest="dirs",
-        metavar="HOST::GUEST", help="directory guests may use (repeatable; default: none)")
-    add("--allow-outbound", action="append", default=None, dest="allow_outbound",
-        metavar="HOST[:PORT]",
-        help="destination HTTP apps may send requests to (repeatable; HOST alone allows its "
-             "default port, 80 or 443; default: none, their requests are refused)")
-    add("--cache-dir", default=None, metavar="DIR",
-        help="compile cache directory (default ~/.cache/wasmstore/kvhost)")
+    if kvhost is not None:        # the sandbox options are kvhost's, parsed as everywhere
+        kvhost.add_sandbox_options(group, "a path in the store, in the same commit as the "
+                                          "module run", flags=SANDBOX_FLAGS, env=SANDBOX_ENV)
 
 
-def _env_pair(text):
-    name, sep, value = text.partition("=")
-    if not sep or not name:
-        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
-    return name, value
-
-
-def _dir_pair(text):
-    host_dir, sep, guest_dir = text.partition("::")
-    if not sep or not host_dir or not guest_dir:
-        raise argparse.ArgumentTypeError(f"expected HOST::GUEST, got {text!r}")
-    return host_dir, guest_dir
+# kvhost's sandbox options as this server names them (its --timeout is its connections') and
+# the environment variables they fall back to
+SANDBOX_FLAGS = {"timeout": "--run-timeout"}
+SANDBOX_ENV = {"timeout": "WASMSTORE_RUN_TIMEOUT", "fuel": "WASMSTORE_FUEL",
+               "max_memory": "WASMSTORE_MAX_MEMORY"}
 
 
 def _positive_int(text):
@@ -6031,10 +5999,7 @@ def _nonnegative_int(text):
 
 
 # option -> (environment variable, parser) for the options that fall back to the environment
-ENV_OPTIONS = {"run_timeout": ("WASMSTORE_RUN_TIMEOUT", _positive_seconds),
-               "fuel": ("WASMSTORE_FUEL", _positive_int),
-               "max_memory": ("WASMSTORE_MAX_MEMORY", _byte_size),
-               "max_guests": ("WASMSTORE_MAX_GUESTS", _positive_int),
+ENV_OPTIONS = {"max_guests": ("WASMSTORE_MAX_GUESTS", _positive_int),
                "max_watches": ("WASMSTORE_MAX_WATCHES", _positive_int),
                "workers": ("WASMSTORE_WORKERS", _positive_int),
                "allowed_host": ("WASMSTORE_ALLOWED_HOSTS", _host_names),
@@ -6044,16 +6009,19 @@ ENV_OPTIONS = {"run_timeout": ("WASMSTORE_RUN_TIMEOUT", _positive_seconds),
 
 def run_options(args):
     """The make_runtime() options of parsed command-line arguments."""
-    return {"kv": args.kv, "provider_kv": args.provider_kv, "timeout": args.run_timeout,
-            "fuel": args.fuel, "max_memory": args.max_memory,
+    sandbox = vars(args).get            # kvhost's sandbox options (none without kvhost.py)
+    env = sandbox("env")
+    return {"kv": args.kv, "provider_kv": args.provider_kv, "timeout": sandbox("run_timeout"),
+            "fuel": sandbox("fuel"), "max_memory": sandbox("max_memory"),
             "max_guests": args.max_guests or DEFAULT_MAX_GUESTS,
             "run_queue": DEFAULT_RUN_QUEUE if args.run_queue is None else args.run_queue,
             "queue_wait": args.queue_wait, "namespace_map": args.namespace_map,
-            "stub_imports": args.stub_imports, "max_output": args.max_output,
-            "max_table_elements": args.max_table_elements, "allow_buckets": args.allow_buckets,
-            "env": None if args.env is None else dict(args.env), "dirs": args.dirs,
-            "allow_outbound": args.allow_outbound, "cache_dir": args.cache_dir,
-            "links": wasmstore.parse_links(args.links)}
+            "stub_imports": bool(sandbox("stub_imports")), "max_output": args.max_output,
+            "max_table_elements": sandbox("max_table_elements"),
+            "allow_buckets": sandbox("allow_buckets"),
+            "env": None if env is None else dict(env), "dirs": sandbox("dirs"),
+            "allow_outbound": sandbox("allow_outbound"), "cache_dir": sandbox("cache_dir"),
+            "links": wasmstore.parse_links(sandbox("links"))}
 
 
 def _options_from(parser, args):
@@ -6079,8 +6047,13 @@ def _options_from(parser, args):
                 setattr(args, option, convert(env[variable]))
             except argparse.ArgumentTypeError as exc:
                 parser.error(f"{variable}: {exc}")
+    if kvhost is not None:
+        try:
+            kvhost.fill_sandbox_from_env(args, SANDBOX_ENV, SANDBOX_FLAGS)
+        except kvhost.ArgumentError as exc:
+            parser.error(str(exc))
     try:
-        wasmstore.parse_links(args.links)
+        wasmstore.parse_links(vars(args).get("links"))
     except wasmstore.StoreError as exc:
         parser.error(str(exc))
     return args

@@ -7178,40 +7178,149 @@ class _Parser(argparse.ArgumentParser):
         raise ArgumentError(message)
 
 
-def _option_number(text, what, **bounds):
-    try:
-        return parse_number(text, what, **bounds)
-    except ArgumentError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+def parse_size(text, what="size"):
+    """A byte count from outside: ASCII digits, optionally followed by K, M or G (powers of
+    1024; "KiB", "MB" and a final "B" are read alike), e.g. 268435456 or 256M; ArgumentError
+    otherwise."""
+    match = _SIZE_TEXT.fullmatch(text) if isinstance(text, str) else None
+    if match is None:
+        raise ArgumentError(f"invalid {what} {str(text)[:40]!r}: expected a number of bytes, "
+                            "suffix K, M or G allowed (e.g. 268435456 or 256M)")
+    scale = _SIZE_UNITS[(match.group(2) or "b")[0].lower()]
+    return parse_number(match.group(1), what) * scale
 
 
-def _positive_float(text):
-    value = _option_number(text, "number of seconds", minimum=0, maximum=1e9, fraction=True)
+_SIZE_TEXT = re.compile(r"\s*([0-9]+)\s*([kmgKMG](?:i?[bB])?|[bB])?\s*")
+_SIZE_UNITS = {"b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+
+
+def _option_type(parse):
+    """An argparse type from one of the parsers below (its ArgumentError as argparse's)."""
+    def convert(text):
+        try:
+            return parse(text)
+        except ArgumentError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    convert.__name__ = parse.__name__.lstrip("_")
+    return convert
+
+
+def _seconds(text):
+    value = parse_number(text, "number of seconds", minimum=0, maximum=1e9, fraction=True)
     if not 0 < value < 1e9:
-        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+        raise ArgumentError(f"expected a positive number of seconds, got {text!r}")
     return value
 
 
-def _positive_int(text):
-    return _option_number(text, "integer", minimum=1)
+def _positive(text):
+    return parse_number(text, "positive integer", minimum=1)
 
 
 def _env_pair(text):
     name, sep, value = text.partition("=")
     if not sep or not name:
-        raise argparse.ArgumentTypeError(f"invalid --env {text!r}: expected NAME=VALUE")
+        raise ArgumentError(f"invalid --env {text!r}: expected NAME=VALUE")
     return name, value
 
 
 def _dir_pair(text):
     host_dir, sep, guest_dir = text.partition("::")
     if not sep or not host_dir or not guest_dir:
-        raise argparse.ArgumentTypeError(f"invalid --dir {text!r}: expected HOST::GUEST")
+        raise ArgumentError(f"invalid --dir {text!r}: expected HOST::GUEST")
     return host_dir, guest_dir
 
 
-def _nonnegative_int(text):
-    return _option_number(text, "integer", minimum=0)
+class SandboxOption(collections.namedtuple("SandboxOption",
+                                           "flag dest parse metavar default many shown help")):
+    """One option of a guest's sandbox: its flag, the Host argument it sets (dest), the parser
+    of its text (None: a switch), its default, whether it may be repeated (many), and its help
+    (`shown`: the default as the help names it)."""
+
+    __slots__ = ()
+
+
+# The sandbox options, defined once: kvhost's call and run, wasmstore.py's call, run and serve
+# and http_server.py all add them with add_sandbox_options and parse them with these parsers.
+SANDBOX_OPTIONS = {option.dest: option for option in (
+    SandboxOption("--timeout", "timeout", _seconds, "S", DEFAULT_TIMEOUT, False,
+                  f"{DEFAULT_TIMEOUT:g}",
+                  "stop the guest after S seconds, even when it waits in a host call"),
+    SandboxOption("--fuel", "fuel", _positive, "N", None, False, "no limit",
+                  "stop the guest after N units of fuel; only a host given a limit meters fuel, "
+                  "which makes compute-bound code several times slower"),
+    SandboxOption("--max-memory", "max_memory", parse_size, "BYTES", DEFAULT_MAX_MEMORY, False,
+                  f"{DEFAULT_MAX_MEMORY >> 20}M",
+                  "largest linear memory, suffix K/M/G allowed, e.g. 512M"),
+    SandboxOption("--max-table-elements", "max_table_elements", _positive, "N",
+                  DEFAULT_MAX_TABLE_ELEMENTS, False, f"{DEFAULT_MAX_TABLE_ELEMENTS:,}",
+                  "largest table"),
+    SandboxOption("--allow-bucket", "allow_buckets", str, "B", None, True, "any",
+                  "bucket the guest may open"),
+    SandboxOption("--env", "env", _env_pair, "K=V", [], True, "none",
+                  "environment variable the guest sees"),
+    SandboxOption("--dir", "dirs", _dir_pair, "HOST::GUEST", [], True, "none",
+                  "directory the guest may use"),
+    SandboxOption("--link", "links", str, "NAME=PATH", [], True, None,
+                  "link a core module's imports from module NAME to the exports of the core "
+                  "module at PATH, {link_target}, e.g. --link env=random.wasm"),
+    SandboxOption("--stub-imports", "stub_imports", None, None, False, False, None,
+                  "define imports this host does not provide (e.g. wasi:http) as functions "
+                  "that trap when called, so the rest of the guest runs"),
+    SandboxOption("--allow-outbound", "allow_outbound", str, "HOST[:PORT]", [], True,
+                  "none, requests are refused",
+                  "destination an HTTP handler may send requests to; HOST alone allows its "
+                  "default port, 80 or 443"),
+    SandboxOption("--cache-dir", "cache_dir", str, "DIR", None, False,
+                  "~/.cache/wasmstore/kvhost", "compile cache directory"),
+)}
+
+
+def add_sandbox_options(parser, link_target="a file", *, flags=None, env=None):
+    """Add the sandbox options (SANDBOX_OPTIONS) to an argparse parser or group;
+    host_from_args() turns them into Host arguments. link_target: what --link NAME=PATH names
+    (a file for kvhost, a stored path for wasmstore). flags: {dest: flag} for a program whose
+    own options take a flag (a server's --timeout is its connections': --run-timeout); the
+    parsed value is then the attribute that flag names. env: {dest: environment variable}: a
+    program that reads these from its environment (fill_sandbox_from_env) gets None for every
+    option not given, and the help names the variable."""
+    flags, env = flags or {}, env or {}
+    for option in SANDBOX_OPTIONS.values():
+        flag = flags.get(option.dest, option.flag)
+        notes = (["repeatable"] if option.many else []) \
+            + ([f"env {env[option.dest]}"] if option.dest in env else []) \
+            + ([f"default: {option.shown}"] if option.shown is not None else [])
+        text = option.help.format(link_target=link_target)
+        text += f" ({'; '.join(notes)})" if notes else ""
+        if option.parse is None:
+            parser.add_argument(flag, dest=_attribute(flag), action="store_true", help=text)
+        else:
+            parser.add_argument(flag, dest=_attribute(flag), type=_option_type(option.parse),
+                                action="append" if option.many else None,
+                                default=None if env else option.default,
+                                metavar=option.metavar, help=text)
+
+
+def _attribute(flag):
+    """The argparse attribute of a sandbox flag: its dest in SANDBOX_OPTIONS, or for a renamed
+    flag the flag's own name (--run-timeout: run_timeout)."""
+    for option in SANDBOX_OPTIONS.values():
+        if option.flag == flag:
+            return option.dest
+    return flag.lstrip("-").replace("-", "_")
+
+
+def fill_sandbox_from_env(args, env, flags=None, environ=None):
+    """Set each sandbox option of `args` not given on the command line from its environment
+    variable (env: {dest: variable}), parsed as on the command line; ArgumentError naming the
+    variable if its value does not parse."""
+    environ = os.environ if environ is None else environ
+    for dest, variable in env.items():
+        attribute = _attribute((flags or {}).get(dest, SANDBOX_OPTIONS[dest].flag))
+        if getattr(args, attribute) is None and environ.get(variable):
+            try:
+                setattr(args, attribute, SANDBOX_OPTIONS[dest].parse(environ[variable]))
+            except ArgumentError as exc:
+                raise ArgumentError(f"{variable}: {exc}") from None
 
 
 def add_store_options(parser, kv_default=DEFAULT_KV_URL, kv_default_text=None, provider="FILE"):
@@ -7241,45 +7350,6 @@ def link_table(entries):
         if table.setdefault(name, target) != target:
             raise ArgumentError(f"--link {name}= is given twice ({table[name]!r} and {target!r})")
     return table
-
-
-def add_sandbox_options(parser, link_target="FILE"):
-    """The options of a guest's sandbox; host_from_args() turns them into Host arguments.
-    link_target: what --link NAME=PATH names (a file for kvhost, a stored path for wasmstore)."""
-    parser.add_argument("--link", action="append", default=[], dest="links",
-                        metavar="NAME=PATH",
-                        help=f"link a core module's imports from module NAME to the exports of "
-                             f"the core module at PATH ({link_target}; repeatable), e.g. "
-                             "--link env=random.wasm")
-    parser.add_argument("--allow-bucket", action="append", dest="allow_buckets", metavar="B",
-                        help="bucket the guest may open (repeatable; default: any)")
-    parser.add_argument("--timeout", type=_positive_float, default=DEFAULT_TIMEOUT, metavar="S",
-                        help="stop the guest after S seconds, even when it waits in a host call "
-                             f"(default {DEFAULT_TIMEOUT:g})")
-    parser.add_argument("--fuel", type=_positive_int, metavar="N",
-                        help="stop the guest after N units of fuel")
-    parser.add_argument("--max-memory", type=_positive_int, default=DEFAULT_MAX_MEMORY,
-                        metavar="BYTES",
-                        help=f"largest linear memory (default {DEFAULT_MAX_MEMORY >> 20} MiB)")
-    parser.add_argument("--max-table-elements", type=_positive_int,
-                        default=DEFAULT_MAX_TABLE_ELEMENTS, metavar="N",
-                        help=f"largest table (default {DEFAULT_MAX_TABLE_ELEMENTS:,})")
-    parser.add_argument("--env", type=_env_pair, action="append", default=[], metavar="K=V",
-                        help="environment variable the guest sees (repeatable; default: none)")
-    parser.add_argument("--dir", type=_dir_pair, action="append", default=[], dest="dirs",
-                        metavar="HOST::GUEST",
-                        help="directory the guest may use (repeatable; default: none)")
-    parser.add_argument("--stub-imports", action="store_true",
-                        help="define imports this host does not provide (e.g. wasi:http) as "
-                             "functions that "
-                             "trap when called, so the rest of the guest runs")
-    parser.add_argument("--allow-outbound", action="append", dest="allow_outbound", default=[],
-                        metavar="HOST[:PORT]",
-                        help="destination an HTTP handler may send requests to (repeatable; "
-                             "HOST alone allows its default port, 80 or 443; default: none, "
-                             "requests are refused)")
-    parser.add_argument("--cache-dir",
-                        help="compile cache directory (default ~/.cache/wasmstore/kvhost)")
 
 
 def host_from_args(args, **overrides):

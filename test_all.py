@@ -7285,6 +7285,67 @@ def big_component_text(functions=3000):
             f' (func (export "f1") (param "x" s32) (result s32) (canon lift (core func $m "f1"))))')
 
 
+class SandboxOptionsTest(unittest.TestCase):
+    """The sandbox options are defined once (kvhost.SANDBOX_OPTIONS): kvhost's command line,
+    wasmstore.py's call, run and serve and the server parse the same words to the same values,
+    and refuse the same mistakes with the same message."""
+
+    WORDS = ["--fuel", "5", "--max-memory", "256M", "--max-table-elements", "9", "--env",
+             "A=B", "--dir", "/tmp::/data", "--allow-bucket", "b", "--stub-imports",
+             "--allow-outbound", "example.org", "--cache-dir", "/tmp/c"]
+    EXPECTED = {"fuel": 5, "max_memory": 256 << 20, "max_table_elements": 9,
+                "env": [("A", "B")], "dirs": [("/tmp", "/data")], "allow_buckets": ["b"],
+                "stub_imports": True, "allow_outbound": ["example.org"], "cache_dir": "/tmp/c"}
+
+    def parsed(self, program, words):
+        if program == "kvhost":
+            return kvhost._build_parser().parse_args(["call", *words, "g.wasm", "f"])
+        if program == "server":
+            return http_server.build_parser().parse_args(words)
+        return wasmstore._build_parser(program).parse_args([program, *words, "/a.wasm", "f"])
+
+    def test_every_program_parses_them_alike(self):
+        for program, timeout in (("kvhost", "--timeout"), ("call", "--timeout"),
+                                 ("run", "--timeout"), ("server", "--run-timeout")):
+            with self.subTest(program=program):
+                args = vars(self.parsed(program, self.WORDS + [timeout, "2.5"]))
+                self.assertEqual({name: args[name] for name in self.EXPECTED}, self.EXPECTED)
+                self.assertEqual(args[timeout[2:].replace("-", "_")], 2.5)
+
+    def test_the_same_mistake_gets_the_same_message(self):
+        for words, message in ((["--max-memory", "12Q"], "invalid size '12Q'"),
+                               (["--fuel", "0"], "positive integer"),
+                               (["--env", "novalue"], "expected NAME=VALUE"),
+                               (["--dir", "nodest"], "expected HOST::GUEST")):
+            for program in ("kvhost", "call", "server"):
+                with self.subTest(program=program, words=words):
+                    err = io.StringIO()
+                    with self.assertRaises((SystemExit, kvhost.ArgumentError)) as caught, \
+                            contextlib.redirect_stderr(err):
+                        self.parsed(program, words)
+                    self.assertIn(message, err.getvalue() or str(caught.exception))
+
+    def test_sizes(self):
+        for text, size in (("268435456", 256 << 20), ("256M", 256 << 20), ("64k", 64 << 10),
+                           ("1G", 1 << 30), ("2MiB", 2 << 20), ("10 MB", 10 << 20), ("7b", 7)):
+            self.assertEqual(kvhost.parse_size(text), size)
+        for text in ("", "M", "-1M", "1.5M", "1T", "\u0661M", "1 M B"):
+            with self.assertRaises(kvhost.ArgumentError):
+                kvhost.parse_size(text)
+
+    def test_the_server_reads_them_from_its_environment_with_the_same_parsers(self):
+        parser = http_server.build_parser()
+        args = parser.parse_args([])
+        kvhost.fill_sandbox_from_env(args, http_server.SANDBOX_ENV, http_server.SANDBOX_FLAGS,
+                                     {"WASMSTORE_MAX_MEMORY": "64M", "WASMSTORE_FUEL": "9",
+                                      "WASMSTORE_RUN_TIMEOUT": "1.5"})
+        self.assertEqual((args.max_memory, args.fuel, args.run_timeout), (64 << 20, 9, 1.5))
+        with self.assertRaisesRegex(kvhost.ArgumentError, "^WASMSTORE_MAX_MEMORY: invalid size"):
+            kvhost.fill_sandbox_from_env(parser.parse_args([]), http_server.SANDBOX_ENV,
+                                         http_server.SANDBOX_FLAGS,
+                                         {"WASMSTORE_MAX_MEMORY": "lots"})
+
+
 class KvhostErrorTableTest(unittest.TestCase):
     """kvhost's one table of what each error means: the exit status its command line (and
     wasmstore.py's call and run) ends with, and the label metrics count it under."""
@@ -10258,6 +10319,20 @@ class RunCliTest(StoreTestCase):
                 self.assertIn(message, done.stderr)
                 self.assertEqual(len(done.stderr.splitlines()), 1, done.stderr)
                 self.assertNotIn("Traceback", done.stderr)
+
+    def test_sandbox_sizes_take_the_suffixes_the_server_takes(self):
+        # A memory of 40 pages (2.5 MiB) fits in 4M and not in 2M, through `wasmstore.py call`
+        # as through the server: the sandbox options are kvhost's, with one parser each.
+        self.store.add("/mem/big.wasm", wat_binary(
+            '(module (memory 40) (func (export "f") (result i32) (i32.const 7)))'))
+        done = run_cli(self.root, "call", "--max-memory", "4M", "/mem/big.wasm", "f")
+        self.assertEqual((done.returncode, done.stdout, done.stderr), (0, "7\n", ""))
+        done = run_cli(self.root, "call", "--max-memory", "2M", "/mem/big.wasm", "f")
+        self.assertEqual(done.returncode, 1, done.stderr)
+        self.assertIn("memory", done.stderr)
+        done = run_cli(self.root, "call", "--max-memory", "2Q", "/mem/big.wasm", "f")
+        self.assertEqual(done.returncode, 2)
+        self.assertIn("invalid size '2Q'", done.stderr)
 
     def test_run_passes_arguments_and_the_guest_exit_status(self):
         done = run_cli(self.root, "run", "/wasi/hello.wasm", "a", "b c")
