@@ -4402,6 +4402,10 @@ class _WiredProvider(Provider):
 # reads, and the response goes to the server's sink as the guest writes it: neither is ever
 # whole in memory. Blocking calls wait in Python against the request's deadline, so a guest
 # blocked in poll is stopped at the deadline, in this process, like one that computes forever.
+# Reading a body is the one wait that is not ours: its bytes come from the server's reader (or
+# an outgoing call's socket), which has no way to say "nothing yet"; so an input stream's
+# pollable is always ready and read waits for the reader as blocking-read does (the reader's
+# own timeout bounds it; the deadline is checked after each read).
 #
 # Outgoing requests (wasi:http/outgoing-handler) are refused (HTTP-request-denied) unless the
 # destination is in Host(allow_outbound=[...]); an allowed one runs on a thread of its own with

@@ -11194,6 +11194,19 @@ class ChunkReader:
         return data
 
 
+class ChunkedBody:
+    """A request body given out 1,000 bytes per read, with a switch to another thread between
+    reads (as a socket gives a body)."""
+
+    def __init__(self, data):
+        self.data = memoryview(data)
+
+    def read(self, n):
+        time.sleep(0)
+        piece, self.data = bytes(self.data[:min(n, 1000)]), self.data[min(n, 1000):]
+        return piece
+
+
 def incoming_request(method="GET", path="/", headers=(), body=None, authority="localhost"):
     """A kvhost.HttpRequest; body: bytes (read through an io.BytesIO), a reader, or None."""
     reader = io.BytesIO(body) if isinstance(body, bytes) else body
@@ -11239,6 +11252,27 @@ class HttpHandlerTest(HttpTestCase):
             self.host.handle_http(self.host.load(HTTP_ECHO), incoming_request(body=b"x" * 40_000), sink)
             self.assertEqual(sink.body()[-40_000:], b"x" * 40_000)
         self.assertIsNotNone(guest)
+
+    def test_requests_on_many_threads_at_once_keep_to_their_own(self):
+        # A threaded server calls handle_http from several threads on one Host: each request's
+        # resources, body and response stay its own.
+        guest = self.host.load(HTTP_ECHO)
+        results, failures = {}, []
+
+        def one(n):
+            try:
+                sink = RecordingSink()
+                body = b"%d" % n * 5000
+                self.host.handle_http(guest, incoming_request("POST", f"/t{n}", body=ChunkedBody(body)), sink)
+                results[n] = sink.body() == b"POST /t%d\n\n" % n + body
+            except Exception as e:          # what the assertion below shows
+                failures.append(e)
+        threads = [threading.Thread(target=one, args=(n,)) for n in range(16)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        self.assertEqual((failures, results), ([], {n: True for n in range(16)}))
 
     def test_a_component_that_is_not_a_handler_is_one_clear_error(self):
         guest = self.host.load(os.path.join(RUN_GUESTS, "http-import.wat"))
