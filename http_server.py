@@ -3596,7 +3596,7 @@ function section(id, title) {
 
 function fill(part, work) {
   part.body.replaceChildren(el("p", {class: "loading", text: "Loading…"}));
-  Promise.resolve().then(work).then((node) => part.body.replaceChildren(node))
+  return Promise.resolve().then(work).then((node) => part.body.replaceChildren(node))
     .catch((error) => part.body.replaceChildren(errorBox(error)));
 }
 
@@ -3629,9 +3629,7 @@ function moduleView(path) {
     await audit.load();
     return audit.node;
   });
-  state.refresh = (changes) => {
-    if (changes === null || path in changes) showVersions();
-  };
+  state.refresh = (changes) => (changes === null || path in changes ? showVersions() : null);
   return el("div", {id: "module", "data-path": path},
     el("p", {}, el("a", {href: href("/"), text: "← all modules"})),
     el("h1", {text: path}), head, Object.values(parts).map((part) => part.node));
@@ -3944,7 +3942,7 @@ function openWatch(force) {
   socket.onopen = () => {
     state.retry = 0;
     setLive(true);
-    if (state.refresh) state.refresh(null);     // what changed before the watch began
+    refreshFor(null);                           // what changed before the watch began
   };
   socket.onmessage = (event) => onChanges(JSON.parse(event.data));
   socket.onclose = () => {
@@ -3961,7 +3959,28 @@ function onChanges(changes) {
     `${when} ${change.action} `, el("a", {href: moduleHref(path), text: path})));
   $("events").prepend(...items);
   while ($("events").children.length > 50) $("events").lastChild.remove();
-  if (state.refresh) state.refresh(changes);
+  refreshFor(changes);
+}
+
+// One refresh of the view at a time; changes that arrive meanwhile are gathered for the next
+// one, so a burst of commits costs two fetches, not one per commit. null means "anything".
+const refresher = {running: false, pending: undefined};
+
+function refreshFor(changes) {
+  const before = refresher.pending;
+  refresher.pending = before === undefined ? changes
+    : before === null || changes === null ? null : {...before, ...changes};
+  if (!refresher.running) runRefreshes();
+}
+
+async function runRefreshes() {
+  refresher.running = true;
+  while (refresher.pending !== undefined) {
+    const changes = refresher.pending;
+    refresher.pending = undefined;
+    if (state.refresh) await Promise.resolve(state.refresh(changes)).catch(() => {});
+  }
+  refresher.running = false;
 }
 
 if (sessionStorage.getItem(KEY_ITEM)) $("forget-key").hidden = false;

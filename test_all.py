@@ -5799,6 +5799,17 @@ class WebPageTests(unittest.TestCase):
         self.assertEqual(result.returncode, 0, result.stderr)
         browser.wait_for(tab, f"{ROWS}.includes('/live/new.wasm')", what="the new row")
         self.assertIn("added /live/new.wasm", self.text(browser, tab, "#events li"))
+        browser.evaluate(tab, "location.hash = '#/module/live/new.wasm'")
+        browser.wait_for(tab, "document.querySelectorAll('#versions-table tr.current').length")
+        with open(source, "wb") as handle:
+            handle.write(wasm_module("live, second version"))
+        result = run_cli(live.root, "add", source, "/live/new.wasm")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        rows = ("[...document.querySelectorAll('#versions-table tr[data-hash]')]"
+                ".map(r => [r.dataset.hash, r.className])")
+        self.assertEqual(browser.wait_for(tab, f"{rows}.length == 2 && {rows}"),
+                         [[live.store.hash("/live/new.wasm"), "current"],
+                          [sha256(wasm_module("live")), ""]])
         self.assertIs(browser.evaluate(tab, "window.notReloaded"), True)
 
     def test_with_auth_the_page_asks_for_a_key_once_and_keeps_it_for_the_tab(self):
@@ -5830,7 +5841,7 @@ class WebPageTests(unittest.TestCase):
         error = browser.wait_for(tab, TEXT.format("#versions .error"))
         self.assertEqual(error, "403: this key may not reach /lib/math.wasm")
         self.assertNotIn("wrong", live.log.getvalue())
-        self.assertNotIn("apps&", live.log.getvalue())
+        self.assertNotIn("auth=", live.log.getvalue())
         self.assert_only_own_origin(browser, tab, live)
 
 
