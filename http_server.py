@@ -428,14 +428,15 @@ ERROR_STATUS = {
 
 
 if kvhost is not None:
-    ERROR_STATUS.update({
-        kvhost.NoSuchFunction: ErrorMeaning(404, 2, "not-found"),   # the message lists them
-        kvhost.ArgumentError: ErrorMeaning(400, 2, "arguments"),    # the message names which
-        kvhost.LinkError: ErrorMeaning(424, 2, "link"),             # it names the import
-        kvhost.GuestError: ErrorMeaning(422, 2, "guest"),           # stored, but cannot run
-        kvhost.TrapError: ErrorMeaning(422, 1, None),               # Wasmstore-Error: its kind
-        kvhost.KvError: ErrorMeaning(422, 1, "error"),
-    })
+    # kvhost's rows (its exit status and label) with the HTTP status of each
+    ERROR_STATUS.update({cls: ErrorMeaning(http_status, *kvhost.ERROR_STATUS[cls])
+                         for cls, http_status in (
+        (kvhost.NoSuchFunction, 404),       # the message lists them
+        (kvhost.ArgumentError, 400),        # the message names which
+        (kvhost.LinkError, 424),            # it names the import
+        (kvhost.GuestError, 422),           # stored, but cannot run
+        (kvhost.TrapError, 422),            # Wasmstore-Error: its kind
+        (kvhost.KvError, 422))})
 
 
 def _http_label(status):
@@ -3614,7 +3615,7 @@ function section(id, title) {
 
 function fill(part, work) {
   part.body.replaceChildren(el("p", {class: "loading", text: "Loading…"}));
-  Promise.resolve().then(work).then((node) => part.body.replaceChildren(node))
+  return Promise.resolve().then(work).then((node) => part.body.replaceChildren(node))
     .catch((error) => part.body.replaceChildren(errorBox(error)));
 }
 
@@ -3647,9 +3648,7 @@ function moduleView(path) {
     await audit.load();
     return audit.node;
   });
-  state.refresh = (changes) => {
-    if (changes === null || path in changes) showVersions();
-  };
+  state.refresh = (changes) => (changes === null || path in changes ? showVersions() : null);
   return el("div", {id: "module", "data-path": path},
     el("p", {}, el("a", {href: href("/"), text: "← all modules"})),
     el("h1", {text: path}), head, Object.values(parts).map((part) => part.node));
@@ -3962,7 +3961,7 @@ function openWatch(force) {
   socket.onopen = () => {
     state.retry = 0;
     setLive(true);
-    if (state.refresh) state.refresh(null);     // what changed before the watch began
+    refreshFor(null);                           // what changed before the watch began
   };
   socket.onmessage = (event) => onChanges(JSON.parse(event.data));
   socket.onclose = () => {
@@ -3979,7 +3978,28 @@ function onChanges(changes) {
     `${when} ${change.action} `, el("a", {href: moduleHref(path), text: path})));
   $("events").prepend(...items);
   while ($("events").children.length > 50) $("events").lastChild.remove();
-  if (state.refresh) state.refresh(changes);
+  refreshFor(changes);
+}
+
+// One refresh of the view at a time; changes that arrive meanwhile are gathered for the next
+// one, so a burst of commits costs two fetches, not one per commit. null means "anything".
+const refresher = {running: false, pending: undefined};
+
+function refreshFor(changes) {
+  const before = refresher.pending;
+  refresher.pending = before === undefined ? changes
+    : before === null || changes === null ? null : {...before, ...changes};
+  if (!refresher.running) runRefreshes();
+}
+
+async function runRefreshes() {
+  refresher.running = true;
+  while (refresher.pending !== undefined) {
+    const changes = refresher.pending;
+    refresher.pending = undefined;
+    if (state.refresh) await Promise.resolve(state.refresh(changes)).catch(() => {});
+  }
+  refresher.running = false;
 }
 
 if (sessionStorage.getItem(KEY_ITEM)) $("forget-key").hidden = false;
@@ -5996,14 +6016,6 @@ def _add_run_options(group):
     add("--provider-kv", default=env.get("WASMSTORE_PROVIDER_KV") or None, metavar="URL",
         help="the backend beneath a --kv component:PATH provider (env WASMSTORE_PROVIDER_KV; "
              "default: sqlite:<root>/kv.sqlite3)")
-    add("--run-timeout", type=_positive_seconds, default=None, metavar="S",
-        help="stop a guest after S seconds, also when it waits in a host call "
-             "(env WASMSTORE_RUN_TIMEOUT; default 10)")
-    add("--fuel", type=_positive_int, default=None, metavar="N",
-        help="stop a guest after N units of fuel (env WASMSTORE_FUEL; default: no limit)")
-    add("--max-memory", type=_byte_size, default=None, metavar="N",
-        help="largest linear memory of a guest, suffix K/M/G allowed "
-             "(env WASMSTORE_MAX_MEMORY; default 256M)")
     add("--max-guests", type=_positive_int, default=None, metavar="N",
         help=f"guests running at once (env WASMSTORE_MAX_GUESTS; default {DEFAULT_MAX_GUESTS})")
     add("--run-queue", type=_nonnegative_int, default=None, metavar="N",
@@ -6016,40 +6028,16 @@ def _add_run_options(group):
     add("--namespace-map", action="append", default=[], metavar="PREFIX=NS",
         help="modules under PREFIX share kv namespace NS (repeatable; default: each path is "
              "its own namespace, a hash is sha256:<hash>)")
-    add("--stub-imports", action="store_true",
-        help="imports the host does not provide (e.g. wasi:http, or a core module's env "
-             "functions) trap when called instead of refusing the guest")
-    add("--link", action="append", default=[], dest="links", metavar="NAME=PATH",
-        help="link core modules' imports from module NAME to the module stored at PATH (in the "
-             "same commit as the module run; repeatable), e.g. --link env=/lib/random.wasm")
-    add("--max-table-elements", type=_positive_int, default=None, metavar="N",
-        help="largest table of a guest (default 1,000,000)")
-    add("--allow-bucket", action="append", default=None, dest="allow_buckets", metavar="B",
-        help="kv bucket a guest may open (repeatable; default: any)")
-    add("--env", action="append", type=_env_pair, default=None, metavar="K=V",
-        help="environment variable guests see (repeatable; default: none)")
-    add("--dir", action="append", type=_dir_pair, default=None, dest="dirs",
-        metavar="HOST::GUEST", help="directory guests may use (repeatable; default: none)")
-    add("--allow-outbound", action="append", default=None, dest="allow_outbound",
-        metavar="HOST[:PORT]",
-        help="destination HTTP apps may send requests to (repeatable; HOST alone allows its "
-             "default port, 80 or 443; default: none, their requests are refused)")
-    add("--cache-dir", default=None, metavar="DIR",
-        help="compile cache directory (default ~/.cache/wasmstore/kvhost)")
+    if kvhost is not None:        # the sandbox options are kvhost's, parsed as everywhere
+        kvhost.add_sandbox_options(group, "a path in the store, in the same commit as the "
+                                          "module run", flags=SANDBOX_FLAGS, env=SANDBOX_ENV)
 
 
-def _env_pair(text):
-    name, sep, value = text.partition("=")
-    if not sep or not name:
-        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
-    return name, value
-
-
-def _dir_pair(text):
-    host_dir, sep, guest_dir = text.partition("::")
-    if not sep or not host_dir or not guest_dir:
-        raise argparse.ArgumentTypeError(f"expected HOST::GUEST, got {text!r}")
-    return host_dir, guest_dir
+# kvhost's sandbox options as this server names them (its --timeout is its connections') and
+# the environment variables they fall back to
+SANDBOX_FLAGS = {"timeout": "--run-timeout"}
+SANDBOX_ENV = {"timeout": "WASMSTORE_RUN_TIMEOUT", "fuel": "WASMSTORE_FUEL",
+               "max_memory": "WASMSTORE_MAX_MEMORY"}
 
 
 def _positive_int(text):
@@ -6061,10 +6049,7 @@ def _nonnegative_int(text):
 
 
 # option -> (environment variable, parser) for the options that fall back to the environment
-ENV_OPTIONS = {"run_timeout": ("WASMSTORE_RUN_TIMEOUT", _positive_seconds),
-               "fuel": ("WASMSTORE_FUEL", _positive_int),
-               "max_memory": ("WASMSTORE_MAX_MEMORY", _byte_size),
-               "max_guests": ("WASMSTORE_MAX_GUESTS", _positive_int),
+ENV_OPTIONS = {"max_guests": ("WASMSTORE_MAX_GUESTS", _positive_int),
                "max_watches": ("WASMSTORE_MAX_WATCHES", _positive_int),
                "workers": ("WASMSTORE_WORKERS", _positive_int),
                "allowed_host": ("WASMSTORE_ALLOWED_HOSTS", _host_names),
@@ -6074,16 +6059,19 @@ ENV_OPTIONS = {"run_timeout": ("WASMSTORE_RUN_TIMEOUT", _positive_seconds),
 
 def run_options(args):
     """The make_runtime() options of parsed command-line arguments."""
-    return {"kv": args.kv, "provider_kv": args.provider_kv, "timeout": args.run_timeout,
-            "fuel": args.fuel, "max_memory": args.max_memory,
+    sandbox = vars(args).get            # kvhost's sandbox options (none without kvhost.py)
+    env = sandbox("env")
+    return {"kv": args.kv, "provider_kv": args.provider_kv, "timeout": sandbox("run_timeout"),
+            "fuel": sandbox("fuel"), "max_memory": sandbox("max_memory"),
             "max_guests": args.max_guests or DEFAULT_MAX_GUESTS,
             "run_queue": DEFAULT_RUN_QUEUE if args.run_queue is None else args.run_queue,
             "queue_wait": args.queue_wait, "namespace_map": args.namespace_map,
-            "stub_imports": args.stub_imports, "max_output": args.max_output,
-            "max_table_elements": args.max_table_elements, "allow_buckets": args.allow_buckets,
-            "env": None if args.env is None else dict(args.env), "dirs": args.dirs,
-            "allow_outbound": args.allow_outbound, "cache_dir": args.cache_dir,
-            "links": wasmstore.parse_links(args.links)}
+            "stub_imports": bool(sandbox("stub_imports")), "max_output": args.max_output,
+            "max_table_elements": sandbox("max_table_elements"),
+            "allow_buckets": sandbox("allow_buckets"),
+            "env": None if env is None else dict(env), "dirs": sandbox("dirs"),
+            "allow_outbound": sandbox("allow_outbound"), "cache_dir": sandbox("cache_dir"),
+            "links": wasmstore.parse_links(sandbox("links"))}
 
 
 def _options_from(parser, args):
@@ -6109,8 +6097,13 @@ def _options_from(parser, args):
                 setattr(args, option, convert(env[variable]))
             except argparse.ArgumentTypeError as exc:
                 parser.error(f"{variable}: {exc}")
+    if kvhost is not None:
+        try:
+            kvhost.fill_sandbox_from_env(args, SANDBOX_ENV, SANDBOX_FLAGS)
+        except kvhost.ArgumentError as exc:
+            parser.error(str(exc))
     try:
-        wasmstore.parse_links(args.links)
+        wasmstore.parse_links(vars(args).get("links"))
     except wasmstore.StoreError as exc:
         parser.error(str(exc))
     return args
