@@ -1332,7 +1332,7 @@ class AppResponseError(ServerError):
         self.kind = kind
 
 
-# -- which app: mounts, refs, the one app of a server --------------------------------------------
+# -- which app: mounts, refs, the one app of a server ----------------------------------------------
 
 class AppSelector:
     """A stored app as a request names it: a store path (or hash) and where to find it, the
@@ -1465,7 +1465,7 @@ def app_path_with_query(raw_segments, query):
     return "/" + "/".join(raw_segments) + query
 
 
-# -- the request body, as the guest reads it ------------------------------------------------------
+# -- the request body, as the guest reads it -------------------------------------------------------
 
 class _OneReceive:
     """The connection's buffered input as an app's body readers use it: readinto returns what
@@ -1528,7 +1528,7 @@ class AppRequestBody:
         return getattr(self._reader, "remaining", None)
 
 
-# -- the response, as the guest writes it ---------------------------------------------------------
+# -- the response, as the guest writes it ----------------------------------------------------------
 
 class AppResponse:
     """The sink of a guest's response (kvhost.Host.handle_http calls it): start(status,

@@ -12095,6 +12095,13 @@ class ServeAppTests(unittest.TestCase):
         body = raw_exchange(live.port, b"GET /a HTTP/1.0\r\n\r\n").partition(b"\r\n\r\n")[2]
         self.assertEqual(body, f"0 127.0.0.1:{live.port}\n".encode())
 
+    def test_a_guest_served_over_tls_sees_the_https_scheme(self):
+        keyfile, certfile = self_signed_certificate(temp_dir(self))
+        live = app_server(self, serve="/apps/framing.wasm", tls=(keyfile, certfile))
+        context = ssl.create_default_context(cafile=certfile)
+        status, _, body = http_request(live.url + "/a", context=context)
+        self.assertEqual((status, body), (200, f"1 127.0.0.1:{live.port}\n".encode()))
+
     def test_keep_alive_serves_many_requests_on_one_connection(self):
         live = app_server(self, serve="/apps/hello.wasm")
         with contextlib.closing(live.connect()) as conn:
