@@ -12537,7 +12537,7 @@ class ServeCommandTest(StoreTestCase):
                 self.assertEqual(done.stderr.count("\n"), 1, done.stderr)
         done = run_cli(self.root, "serve", "/num.wasm", "--port", "70000")
         self.assertEqual(done.returncode, 2)
-        self.assertIn("expected a port number 0-65535, got '70000'", done.stderr)
+        self.assertIn("invalid port number '70000': expected 0 to 65535", done.stderr)
 
 
 def process_memory(pid):

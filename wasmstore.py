@@ -5045,30 +5045,28 @@ def _add_serve_options(sub):
                           "address, only loopback names are answered otherwise)")
     sub.add_argument("--max-body", metavar="N",
                      help="largest request body in bytes, suffix K/M/G allowed (default 128M)")
-    sub.add_argument("--max-guests", type=_count(1), metavar="N",
+    sub.add_argument("--max-guests", type=_number_type("count", 1), metavar="N",
                      help="requests running at once (default: the number of CPUs, at least 2)")
-    sub.add_argument("--run-queue", type=_count(0), metavar="N",
+    sub.add_argument("--run-queue", type=_number_type("count", 0), metavar="N",
                      help="requests waiting for a slot; more get 503 with Retry-After "
                           "(default 64)")
-    sub.add_argument("--workers", type=_count(1), metavar="N",
+    sub.add_argument("--workers", type=_number_type("count", 1), metavar="N",
                      help="server processes sharing the port (env WASMSTORE_WORKERS; default: "
                           "the number of CPUs)")
     sub.add_argument("--quiet", action="store_true", help="no access log on stderr")
 
 
-def _port_number(text):
-    if not (text.isascii() and text.isdigit()) or int(text) > 65535:
-        raise argparse.ArgumentTypeError(f"expected a port number 0-65535, got {text!r}")
-    return int(text)
-
-
-def _count(least):
-    """An argparse type: a whole number >= least."""
+def _number_type(what, minimum, maximum=None):
+    """An argparse type: a whole number from minimum to maximum, in ASCII digits (parse_number)."""
     def parse(text):
-        if not (text.isascii() and text.isdigit()) or int(text) < least:
-            raise argparse.ArgumentTypeError(f"expected a whole number >= {least}, got {text!r}")
-        return int(text)
+        try:
+            return parse_number(text, what, minimum=minimum, maximum=maximum)
+        except InvalidInput as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
     return parse
+
+
+_port_number = _number_type("port number", 0, 65535)
 
 
 def _serve_ref(args):
@@ -5372,9 +5370,9 @@ def main(argv=None):
     args.author = args.author or os.environ.get("WASMSTORE_AUTHOR") or None
     try:
         if args.command == "server":
-            return _run_server(["--root", root] + server_args)    # a later --root wins
+            return _run_server("server", ["--root", root] + server_args)   # a later --root wins
         if args.command == "serve":
-            return _run_server(_serve_argv(args, root))
+            return _run_server("serve", _serve_argv(args, root))
         if args.command == "load-backup":
             load_backup(args.file, root)
             _print_line(f"backup loaded into {os.path.abspath(os.path.expanduser(root))}")
@@ -5396,14 +5394,14 @@ def main(argv=None):
         return 130
 
 
-def _run_server(argv):
+def _run_server(command, argv):
     """Become the HTTP server: run http_server.py as a program in this process (os.execv).
     It is not imported: the HTTP layer is built on the store, and the store never depends on
     it, so wasmstore.py copied alone still works (the server and serve commands then say what
     is missing)."""
     program = _server_program()
     if program is None:
-        raise StoreError(f"the server and serve commands need http_server.py next to "
+        raise StoreError(f"the {command} command needs http_server.py next to "
                          f"{__file__} (copy it there, or run python http_server.py)")
     sys.stdout.flush()
     sys.stderr.flush()
