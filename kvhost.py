@@ -3028,8 +3028,8 @@ def check_kv_instance(label, interface, ty, engine):
 # ---------------------------------------------------------------------------
 
 # What an engine is made with; part of every compile-cache key, since code compiled for fuel
-# metering differs from code compiled without it.
-ENGINE_SETTINGS = ("consume_fuel={fuel};epoch_interruption=1;cranelift_opt_level=speed;"
+# metering or epoch interruption differs from code compiled without it.
+ENGINE_SETTINGS = ("consume_fuel={fuel};epoch_interruption={epoch};cranelift_opt_level=speed;"
                    "concurrency_support=0")
 DEFAULT_MAX_MEMORY = 256 << 20                  # bytes per linear memory: a shared host's default
 DEFAULT_MAX_TABLE_ELEMENTS = 1_000_000          # per table (memory limits do not bound table.grow)
@@ -3042,7 +3042,7 @@ GUEST_CACHE_BYTES = 256 << 20                   # compiled code a Host keeps in 
 DEFAULT_CAPTURE_BYTES = 16 << 20                # run_captured keeps this much stdout and stderr
 WORKER_GRACE = 0.5                              # seconds past the timeout before a worker is killed
 WORKER_START_SECONDS = 30                       # for a worker to load its guest before that counts
-ISOLATIONS = ("auto", "thread", "process")
+ISOLATIONS = ("auto", "thread", "process", "one-shot")
 OUTPUTS = ("inherit", "discard")                   # where a guest's uncaptured output goes
 BLOCKING_PREVIEW1 = frozenset({"poll_oneoff", "sock_accept", "sock_recv",
                                "sock_send", "sock_shutdown"})
@@ -3052,15 +3052,16 @@ _DIGEST_RE = re.compile(r"[0-9a-f]{64}\Z")
 _COMPONENT_TEXT_RE = re.compile(r"\A(?:\s+|;;[^\n]*\n|\(;.*?;\))*\(\s*component\b", re.S)
 
 
-def _new_engine(metered):
-    """An engine for guests: epoch interruption (timeouts) always; fuel metering only when a
-    fuel limit is set (it makes compute-bound code about 5x slower). Without the component
-    model's concurrency support (async, which no guest here uses), wasmtime 50 can pass a host
-    function two borrowed handles in one call (poll over several pollables); with it, such a
-    call fails before the host sees it."""
+def _new_engine(metered, interruptible):
+    """An engine for guests: fuel metering only when a fuel limit is set (it makes
+    compute-bound code about 2.5x slower); epoch interruption (the timeout) unless the program
+    ends itself at the deadline (isolation="one-shot"): its check at every loop head makes a
+    tight loop up to 1.8x slower. Without the component model's concurrency support (async,
+    which no guest here uses), wasmtime 50 can pass a host function two borrowed handles in one
+    call (poll over several pollables); with it, such a call fails before the host sees it."""
     config = wasmtime.Config()
     config.consume_fuel = metered
-    config.epoch_interruption = True
+    config.epoch_interruption = interruptible
     config.cranelift_opt_level = "speed"
     _C.disable_concurrency_support(config)
     return wasmtime.Engine(config)
@@ -3504,7 +3505,11 @@ class Host:
     see (nothing unless given; sockets are never granted). Limits hold whatever a guest does:
     isolation="auto" runs guests that import a call which can block (a WASI sleep or poll) in
     worker processes that are killed at the deadline ("process": every guest; "thread": none,
-    for one-shot programs that enforce the deadline themselves); `workers` bounds them.
+    for one-shot programs that end a guest blocked past the deadline themselves); `workers`
+    bounds them. "one-shot" is "thread" for a program that ends itself at the deadline
+    (run_with_deadline, host_from_args): its code is compiled without epoch checks, so a
+    compute-bound guest runs at the engine's full speed, and nothing but the program's end
+    stops it.
     stub_imports: define every import the host does not provide as a function that traps when
     called (componentize-js builds import wasi:http, for instance); off by default.
     cache_dir: compile cache (None: default_cache_dir(), False: off); stdout / stderr: file paths
@@ -3586,7 +3591,7 @@ class Host:
         self._valid_namespaces = set()  # namespaces of calls, already checked
         if _C is None:
             raise KvError(_WASMTIME_PROBLEM)
-        self.engine = _new_engine(metered=fuel is not None)
+        self.engine = _new_engine(metered=fuel is not None, interruptible=isolation != "one-shot")
         self._engine_address = _C.address(self.engine)
         self._component_linker = None
         self._module_linker = None
@@ -3636,7 +3641,7 @@ class Host:
     def start_workers(self, count=1):
         """Start `count` worker processes now (in the background), so that the first guest that
         needs one does not wait for a Python interpreter to start."""
-        if self.isolation != "thread":
+        if self.isolation not in ("thread", "one-shot"):
             self._pool.prestart(count)
 
     def cache_stats(self):
@@ -3791,7 +3796,8 @@ class Host:
     def _cache_path(self, kind, digest):
         """A cache entry is two files: KEY.KIND, exactly what wasmtime serialized (so that wasmtime
         can map it instead of reading it), and KEY.KIND.sum, CACHE_MAGIC + the SHA-256 of it."""
-        settings = ENGINE_SETTINGS.format(fuel=int(self.fuel is not None))
+        settings = ENGINE_SETTINGS.format(fuel=int(self.fuel is not None),
+                                          epoch=int(self.isolation != "one-shot"))
         parts = (CACHE_MAGIC.decode().strip(), kind, digest, _wasmtime_version(), settings,
                  sys.platform, os.uname().machine)
         key = hashlib.sha256("|".join(parts).encode()).hexdigest()
@@ -3914,7 +3920,7 @@ class Host:
 
     def _start_ticker(self):
         with self._lock:
-            if self._ticker is not None or self.timeout is None:
+            if self._ticker is not None or self.timeout is None or self.isolation == "one-shot":
                 return
             engine, stop = self.engine, self._ticker_stop
 
@@ -7353,13 +7359,14 @@ def link_table(entries):
 
 
 def host_from_args(args, **overrides):
-    """A Host for one-shot commands (isolation="thread": run_with_deadline ends a blocked guest)."""
+    """A Host for one-shot commands (isolation="one-shot": run_with_deadline ends the process
+    at the deadline)."""
     options = dict(kv=args.kv, allow_buckets=args.allow_buckets, timeout=args.timeout,
                    fuel=args.fuel,
                    max_memory=args.max_memory, max_table_elements=args.max_table_elements,
                    env=dict(args.env),
                    dirs=args.dirs, cache_dir=args.cache_dir,
-                   stub_imports=args.stub_imports, isolation="thread",
+                   stub_imports=args.stub_imports, isolation="one-shot",
                    allow_outbound=getattr(args, "allow_outbound", None))
     if args.namespace is not None:
         options["namespace"] = args.namespace
@@ -7403,10 +7410,11 @@ class DeadlineExceeded(TrapError):
 
 
 def run_with_deadline(function, timeout):
-    """function() in a daemon thread, for one-shot programs (isolation="thread"): if it has not
-    returned WORKER_GRACE seconds after `timeout` (a guest blocked in a WASI sleep, which epoch
-    interruption cannot stop), raise DeadlineExceeded; the caller must then end the process
-    (os._exit), since the thread cannot be stopped."""
+    """function() in a daemon thread, for one-shot programs (isolation "one-shot" or "thread"):
+    if it has not returned WORKER_GRACE seconds after `timeout` (a guest of a one-shot Host
+    still running, or a guest blocked in a WASI sleep, which epoch interruption cannot stop),
+    raise DeadlineExceeded; the caller must then end the process (os._exit), since the thread
+    cannot be stopped."""
     if timeout is None:
         return function()
     result = {}

@@ -5045,12 +5045,12 @@ def _add_serve_options(sub):
                           "address, only loopback names are answered otherwise)")
     sub.add_argument("--max-body", metavar="N",
                      help="largest request body in bytes, suffix K/M/G allowed (default 128M)")
-    sub.add_argument("--max-guests", type=_count(1), metavar="N",
+    sub.add_argument("--max-guests", type=_at_least(1), metavar="N",
                      help="requests running at once (default: the number of CPUs, at least 2)")
-    sub.add_argument("--run-queue", type=_count(0), metavar="N",
+    sub.add_argument("--run-queue", type=_at_least(0), metavar="N",
                      help="requests waiting for a slot; more get 503 with Retry-After "
                           "(default 64)")
-    sub.add_argument("--workers", type=_count(1), metavar="N",
+    sub.add_argument("--workers", type=_at_least(1), metavar="N",
                      help="server processes sharing the port (env WASMSTORE_WORKERS; default: "
                           "the number of CPUs)")
     sub.add_argument("--quiet", action="store_true", help="no access log on stderr")
@@ -5062,7 +5062,7 @@ def _port_number(text):
     return int(text)
 
 
-def _count(least):
+def _at_least(least):
     """An argparse type: a whole number >= least."""
     def parse(text):
         if not (text.isascii() and text.isdigit()) or int(text) < least:
