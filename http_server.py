@@ -2,12 +2,14 @@
 """The wasmstore REST API: an HTTP/1.1 server over a `wasmstore.Store`.
 
 Standard library only (plus `wasmstore.py`): `http.server.ThreadingHTTPServer` with keep-alive,
-Content-Length on every response, zero-copy downloads (`os.sendfile` of the object file; plain
+Content-Length on every API response, zero-copy downloads (`os.sendfile` of the object file; plain
 reads through TLS), uploads streamed into the store, keys with permissions and path scopes, TLS,
 CORS, a WebSocket watch (RFC 6455), Prometheus metrics, bounded request heads and bodies, strict
 body framing, connection timeouts, a connection cap with a separate cap for watch sessions, Host
 and Origin checks against DNS rebinding and cross-site requests, graceful shutdown on SIGTERM /
-Ctrl-C, running stored modules (call, run, exports) on kvhost, and the read side of the OCI
+Ctrl-C, running stored modules (call, run, exports) on kvhost, stored wasi:http components
+answering HTTP requests (mounted with --app, reached by store path under /api/v1/app, or the
+one app of a port with --serve: what `wasmstore.py serve` runs), and the read side of the OCI
 distribution API under /v2/ (each store path a repository: `oras pull` fetches from it), and
 Wess's API under /wess (its clients work with only the base URL changed).
 
@@ -17,7 +19,8 @@ As a command::
                           [--tls KEY,CERT] [--cors [ORIGINS]] [--allowed-host NAME]
                           [--max-body N] [--timeout S] [--max-watches N] [--quiet] [--kv URL]
                           [--run-timeout S] [--fuel N] [--max-memory N] [--max-guests N]
-                          [--run-queue N] [--namespace-map P=NS]
+                          [--run-queue N] [--namespace-map P=NS] [--app PREFIX=PATH]
+                          [--serve PATH [--serve-ref REF]] [--metrics-port P]
 
 Processes: `--workers N` (default: one per CPU) serves from N worker processes. The command's
 process is their Supervisor: it binds and listens, makes what they share (WorkerShared), forks
@@ -54,6 +57,11 @@ Map of this file (top-down):
                        CompileLocks, GuestRuntime (a wasmstore.Runner, per-module metrics),
                        Precompiler (compiles what is added, in the background), the
                        call/run/exports handlers, a module's kv data (buckets, keys, values)
+    HTTP apps          AppSelector, parse_app_ref (which version a request runs), AppMount,
+                       AppTable (--app mounts, the app routes, --serve's one app), the target
+                       as the guest sees it, AppRequestBody (the body streamed into the
+                       guest), AppResponse (the sink kvhost.Host.handle_http writes to: framing,
+                       lengths enforced, chunked), app_error_reply (status, Wasmstore-Error)
     Wess /wess         Wess's API (wess_create, wess_read, wess_replace, wess_delete,
                        wess_call, wess_count): each module the store path /wess/<id>, its
                        metadata in an appended custom section (wess_module, wess_split),
@@ -76,7 +84,8 @@ Map of this file (top-down):
     connection         request head parsing (Headers, read_headers), WasmstoreHandler
                        (one thread per connection)
     server             ConnectionLimits (connections and watch sessions, two pools),
-                       WasmstoreServer, make_runtime(), make_server()
+                       WasmstoreServer, MetricsServer (--metrics-port), make_runtime(),
+                       make_server()
     worker processes   SharedMetricValues (a worker's numbers in shared memory), WorkerShared
                        (made before forking), WorkerContext (one worker's view), listen(),
                        Supervisor (forks, replaces, drains), _serve_worker (a worker's life)
@@ -1341,6 +1350,16 @@ class AppSelector:
         """The same branch, version and commit for another store path."""
         return AppSelector(path, self.branch, self.version, self.commit)
 
+    def pinned(self, store):
+        """This selector, or for a module hash with no version or commit the same pinned to the
+        commit of its branch that holds it now: a hash keeps serving its module whatever the
+        branch does next, as a path follows its branch (NotFound when the branch lacks it)."""
+        if self.version is not None or self.commit is not None or \
+                not wasmstore.HASH_TEXT.match(self.path or ""):
+            return self
+        _, commit = store.module_at(self.path, branch=self.branch)
+        return AppSelector(self.path, self.branch, commit=commit)
+
     def __repr__(self):
         return (f"AppSelector({self.path!r}, branch={self.branch!r}, version={self.version!r}, "
                 f"commit={self.commit!r})")
@@ -1356,7 +1375,7 @@ def parse_app_ref(text, branch=None):
         if not match or not name:
             raise HttpError(400, f"bad app ref {text[:80]!r}: expected BRANCH:vN, e.g. dev:v2")
         return AppSelector(None, _checked_branch(name), int(match.group(1)))
-    if re.fullmatch(r"[0-9a-fA-F]{64}", text):
+    if wasmstore.HASH_TEXT.match(text):
         return AppSelector(None, branch, commit=text.lower())
     match = _VERSION_REF_RE.match(text)
     if match:
@@ -4640,7 +4659,8 @@ class WasmstoreHandler(http.server.BaseHTTPRequestHandler):
         if host:
             return host
         address = self.server.server_address[0]
-        return f"[{address}]:{self.server.port}" if ":" in address else f"{address}:{self.server.port}"
+        host = f"[{address}]" if ":" in address else address
+        return f"{host}:{self.server.port}"
 
     def _app_headers(self):
         """The request's fields as the guest gets them: names in lower case, values as bytes,
@@ -4696,7 +4716,8 @@ class WasmstoreHandler(http.server.BaseHTTPRequestHandler):
 
     def _keeps_unread_body(self, body):
         remaining = body.remaining
-        return not self._expect_continue and remaining is not None and remaining <= MAX_DISCARDED_BODY
+        return (not self._expect_continue and remaining is not None
+                and remaining <= MAX_DISCARDED_BODY)
 
     def app_connection_field(self):
         """The Connection field of an app's response head (b"" when none is needed)."""
@@ -5388,6 +5409,9 @@ def make_server(store, host=DEFAULT_HOST, port=DEFAULT_PORT, **options):
 
 WORKER_REGION_BYTES = 4 << 20       # metric numbers a worker publishes (only touched pages cost)
 WORKER_START_SECONDS = 60.0         # a first worker not serving by then failed to start
+# ... unless it serves one app (--serve), which it compiles first: an 18 MB component takes
+# tens of seconds on a loaded machine (then it is in the compile cache for every next start)
+APP_WORKER_START_SECONDS = 900.0
 WORKER_GRACE_SECONDS = 35.0         # a draining worker still alive after this is killed
 WORKER_RESTART_DELAY = (0.1, 30.0)  # first and longest pause before replacing a worker
 GAUGE_NAMES = frozenset({"connections", "websocket_clients", "in_flight"})
@@ -5564,8 +5588,10 @@ class Supervisor:
     returns 0. A worker whose supervisor is gone (killed) drains and exits too: it watches a
     pipe the supervisor holds open."""
 
-    def __init__(self, workers, listener, shared, build, log=None):
+    def __init__(self, workers, listener, shared, build, log=None,
+                 start_seconds=WORKER_START_SECONDS):
         self.workers = workers
+        self.start_seconds = start_seconds  # the first workers not serving by then: an error
         self.listener = listener
         self.shared = shared
         self.build = build
@@ -5637,12 +5663,12 @@ class Supervisor:
 
     def _await_ready(self):
         """None once every first worker serves, else the first one's error message."""
-        deadline = time.monotonic() + WORKER_START_SECONDS
+        deadline = time.monotonic() + self.start_seconds
         waiting = {ready: pid for pid, (_, _, ready) in self.children.items()}
         while waiting:
             left = deadline - time.monotonic()
             if left <= 0:
-                return f"the workers did not start within {WORKER_START_SECONDS:g} s"
+                return f"the workers did not start within {self.start_seconds:g} s"
             readable, _, _ = select.select(list(waiting), [], [], left)
             for ready in readable:
                 message = os.read(ready, 4096).decode("utf-8", "replace")
@@ -5907,10 +5933,14 @@ def _app_mounts(text):
 
 
 def _app_path(text):
+    """--serve's store path (printed as paths are), or a module hash as it is."""
     try:
-        return wasmstore.format_path(wasmstore.validate_path(text))
+        segments = wasmstore.validate_path(text)
     except wasmstore.InvalidInput as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+    if len(segments) == 1 and wasmstore.HASH_TEXT.match(segments[0]):
+        return segments[0].lower()
+    return wasmstore.format_path(segments)
 
 
 def _app_ref(text):
@@ -5927,8 +5957,9 @@ def _add_app_options(group):
         help="serve the app stored at PATH under the URL path PREFIX (repeatable; env "
              "WASMSTORE_APPS, comma-separated)")
     add("--serve", type=_app_path, default=None, metavar="PATH",
-        help=f"serve only the app stored at PATH (or HASH), on every path of the port (default "
-             f"port {DEFAULT_APP_PORT}); no API")
+        help=f"serve only the app stored at PATH, on every path of the port (default port "
+             f"{DEFAULT_APP_PORT}); no API. A module HASH serves that module for good (as the "
+             "branch held it at the start)")
     add("--serve-ref", type=_app_ref, default=None, metavar="REF",
         help="with --serve: the app as a branch, vN (version N), BRANCH:vN or a commit holds it "
              "(default: the head of the default branch, at each request)")
@@ -6097,6 +6128,8 @@ def main(argv=None):
     workers = args.workers or DEFAULT_WORKERS
     try:
         store = wasmstore.Store(root)
+        if options["serve"] is not None:
+            options["serve"] = options["serve"].pinned(store)
         metrics = None if args.metrics_port is None else listen(args.host, args.metrics_port)
         if workers == 1:
             server = make_server(store, args.host, args.port, **options)
@@ -6158,7 +6191,10 @@ def _serve_workers(store, listener, workers, options, metrics=None):
                   file=sys.stderr, flush=True)
 
     try:
-        error = Supervisor(workers, listener, shared, build).serve(on_ready=ready)
+        start_seconds = WORKER_START_SECONDS if options["serve"] is None else \
+            APP_WORKER_START_SECONDS
+        error = Supervisor(workers, listener, shared, build,
+                           start_seconds=start_seconds).serve(on_ready=ready)
     finally:
         listener.close()
         shared.close()

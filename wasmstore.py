@@ -5289,7 +5289,8 @@ COMMANDS = {
              + REGISTRY_OPTIONS),
     "server": (None, "run the HTTP API (options: python http_server.py --help)", []),
     "serve": (None, "serve a stored wasi:http component (an HTTP app) on a port of its own, as "
-                    "`wasmtime serve` does; the next request after a new version runs it",
+                    "`wasmtime serve` does; the next request after a new version of PATH runs it "
+                    "(a HASH serves that module for good)",
               [("target", {"metavar": "PATH|HASH"})]),
 }
 
