@@ -102,7 +102,6 @@ import collections
 import contextlib
 import ctypes
 import hashlib
-import http.client
 import itertools
 import json
 import math
@@ -111,7 +110,6 @@ import os
 import re
 import select
 import socket
-import ssl
 import struct
 import sqlite3
 import subprocess
@@ -6307,6 +6305,7 @@ def _outbound_target(host, request):
 
 def _outbound_error(error):
     """The wasi:http error-code for an exception of http.client, ssl or socket."""
+    import http.client, ssl                 # imported by HTTP apps only: ~70 ms of start-up
     if isinstance(error, socket.gaierror):
         return wc.Variant("DNS-error", {"rcode": str(error.strerror or error), "info-code": None})
     if isinstance(error, ssl.SSLCertVerificationError):
@@ -6371,6 +6370,7 @@ class _OutboundCall:
                 return Err(wc.Variant("HTTP-request-body-size", body.written))
         data = b"" if body is None else b"".join(body.chunks)
         timeout = self._timeout(self.connect_timeout)
+        import http.client, ssl                 # imported by HTTP apps only: ~70 ms of start-up
         if self.use_tls:
             connection = http.client.HTTPSConnection(self.host, self.port, timeout=timeout,
                                                      context=ssl.create_default_context())
