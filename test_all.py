@@ -1094,6 +1094,72 @@ class LibraryTest(StoreTestCase):
         self.assertIn("unexpected end-of-file", str(caught.exception))
 
 
+class ValidationTest(StoreTestCase):
+    """What validation accepts and refuses, and the one narrow check beside wasmtime's
+    validator."""
+
+    # A module importing env.f in the compact-imports encoding (an empty field name, then
+    # 0x7F and the items): wasmtime 50's validator accepts it and its compiler refuses it
+    # ("compact imports proposal disabled"), so the store checks the import section itself.
+    COMPACT_IMPORTS = (MODULE_HEADER + b"\x01\x04\x01\x60\x00\x00"
+                       + b"\x02\x0c\x01\x03env\x00\x7f\x01\x01f\x00\x00")
+
+    def test_compact_imports_accepted_by_the_validator_are_refused_as_the_compiler_does(self):
+        import wasmtime
+        engine = wasmtime.Engine()
+        wasmtime.Module.validate(engine, self.COMPACT_IMPORTS)       # the validator's verdict
+        with self.assertRaisesRegex(wasmtime.WasmtimeError, "compact imports"):
+            wasmtime.Module(engine, self.COMPACT_IMPORTS)             # the compiler's
+        with self.assertRaises(wasmstore.InvalidModule) as caught:
+            self.store.add("c.wasm", self.COMPACT_IMPORTS)
+        self.assertEqual(str(caught.exception), "invalid module: invalid leading byte 0x7F with "
+                         "compact imports proposal disabled (at offset 0x16)")
+        self.assertFalse(self.store.contains("c.wasm"))
+
+    def test_a_text_file_is_not_webassembly_rather_than_truncated(self):
+        for text in (b"this is not WebAssembly\n", b"(module)\n", b"#!/bin/sh\n"):
+            with self.subTest(text=text):
+                with self.assertRaises(wasmstore.InvalidModule) as caught:
+                    wasmstore.validate_module(text)
+                self.assertNotIn("end-of-file", str(caught.exception))
+                self.assertIn("magic header", str(caught.exception))
+        truncated = wasm_module("t")[:-2]
+        with self.assertRaisesRegex(wasmstore.InvalidModule, "unexpected end-of-file"):
+            wasmstore.validate_module(truncated)
+
+    def test_modules_with_code_are_checked_by_the_validator_not_compiled(self):
+        import wasmtime
+        compiled = []
+        real = wasmtime.Module.__init__
+        self.addCleanup(setattr, wasmtime.Module, "__init__", real)
+        wasmtime.Module.__init__ = lambda module, *args, **kw: compiled.append(1) or real(
+            module, *args, **kw)
+        body = "".join(f'(func (export "f{n}") (result i32) (i32.const {n}))' for n in range(200))
+        self.store.add("code.wasm", wat_binary(f"(module {body})"))
+        wasmtime.Module.__init__ = real
+        self.assertEqual(compiled, [])
+        with self.assertRaisesRegex(wasmstore.InvalidModule, "type mismatch"):
+            self.store.add("bad.wasm", wat_binary('(module (func (result i32) (i64.const 1)))'))
+
+    def test_wasmstore_copied_alone_validates_core_modules_and_says_what_components_need(self):
+        folder = temp_dir(self, "alone-")
+        shutil.copy(WASMSTORE_PY, folder)
+        core, component = os.path.join(folder, "m.wasm"), os.path.join(folder, "c.wasm")
+        with open(core, "wb") as f:
+            f.write(wasm_module("alone"))
+        with open(component, "wb") as f:
+            f.write(COMPONENT_HEADER)
+        script = os.path.join(folder, "wasmstore.py")
+        done = run_cli(os.path.join(folder, "root"), "add", core, "/m.wasm", script=script,
+                       cwd=folder)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        done = run_cli(os.path.join(folder, "root"), "add", component, "/c.wasm", script=script,
+                       cwd=folder)
+        self.assertEqual((done.returncode, done.stderr),
+                         (1, "wasmstore: error: validating a component needs kvhost.py next to "
+                             "wasmstore.py (core modules need only wasmtime)\n"))
+
+
 class BadInputTest(StoreTestCase):
     """Every bad input gets a clear one-line error and changes nothing."""
 
