@@ -3035,7 +3035,9 @@ DEFAULT_MAX_TABLE_ELEMENTS = 1_000_000          # per table (memory limits do no
 STORE_LIMITS = {"instances": 100, "tables": 20, "memories": 8}
 # wasmtime's limit of data per host call: 128 MiB of 48-byte values
 HOSTCALL_VALUE_BYTES = (128 << 20) // 48
-GUEST_VALUE_LIMIT = 5 << 19                     # values a guest gets or sets (2.5 MiB, under that)
+# The largest value a guest gets or sets: what one host call carries, less the longest key
+# (its bytes count as values too) and the call's other values (a handle, a result, an option)
+GUEST_VALUE_LIMIT = HOSTCALL_VALUE_BYTES - MAX_KEY_BYTES - 64          # 2,792,042 bytes
 GUEST_CACHE_BYTES = 256 << 20                   # compiled code a Host keeps in memory (_register)
 DEFAULT_CAPTURE_BYTES = 16 << 20                # run_captured keeps this much stdout and stderr
 WORKER_GRACE = 0.5                              # seconds past the timeout before a worker is killed

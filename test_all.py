@@ -10323,6 +10323,18 @@ class SandboxLimitsTest(unittest.TestCase):
             host.call(guest, "f", [])
         self.assertEqual(caught.exception.kind, "memory")
 
+    def test_the_largest_value_with_the_longest_key_goes_both_ways(self):
+        # As far as wasmtime lets one host call carry data: 128 MiB of 48-byte values, less the
+        # key's bytes and the call's other values.
+        host = self.host()
+        guest = host.load(KV_DRAFT2)
+        key, value = "k" * kvhost.MAX_KEY_BYTES, bytes(range(256)) * 10_000
+        value = (value * 2)[:kvhost.GUEST_VALUE_LIMIT]
+        self.assertEqual(len(value), 2_792_042)
+        self.assertEqual(host.call(guest, "set", ["b", key, b64_text(value)]), {"ok": None})
+        self.assertEqual(host.backend.get("default", "b", key), value)
+        self.assertEqual(bytes(host.call(guest, "get", ["b", key])["ok"]), value)
+
     def test_values_a_host_call_cannot_carry_are_errors_or_a_clear_trap(self):
         host = self.host()
         guest = host.load(KV_DRAFT2)
