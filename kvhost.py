@@ -2422,6 +2422,9 @@ def _make_lower_string(desc):
     return lower_string
 
 
+_INT_ONLY = frozenset({int})
+
+
 def _make_lower_bytes(desc, json_mode):
     new, code = _C.seq_new["list"], _KIND["list"]
 
@@ -2432,9 +2435,15 @@ def _make_lower_bytes(desc, json_mode):
             except ValueError:             # binascii.Error, or a character that is not ASCII
                 raise _bad(desc, v) from None
         elif json_mode and isinstance(v, list):
-            if not all(isinstance(b, int) and not isinstance(b, bool) and 0 <= b <= 255 for b in v):
+            # bytes() refuses what is not an int in 0..255 (at C speed), but takes True and
+            # False: one pass over the element types refuses those
+            try:
+                data = bytes(v) if set(map(type, v)) <= _INT_ONLY else None
+            except ValueError:
+                data = None
+            if data is None:
                 raise _bad(desc, v)
-            v = bytes(v)
+            v = data
         elif not isinstance(v, (bytes, bytearray, memoryview)):
             raise _bad(desc, v)
         new(addr + _VAL_PAYLOAD, len(v))
