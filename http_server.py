@@ -2,12 +2,14 @@
 """The wasmstore REST API: an HTTP/1.1 server over a `wasmstore.Store`.
 
 Standard library only (plus `wasmstore.py`): `http.server.ThreadingHTTPServer` with keep-alive,
-Content-Length on every response, zero-copy downloads (`os.sendfile` of the object file; plain
+Content-Length on every API response, zero-copy downloads (`os.sendfile` of the object file; plain
 reads through TLS), uploads streamed into the store, keys with permissions and path scopes, TLS,
 CORS, a WebSocket watch (RFC 6455), Prometheus metrics, bounded request heads and bodies, strict
 body framing, connection timeouts, a connection cap with a separate cap for watch sessions, Host
 and Origin checks against DNS rebinding and cross-site requests, graceful shutdown on SIGTERM /
-Ctrl-C, running stored modules (call, run, exports) on kvhost, and the read side of the OCI
+Ctrl-C, running stored modules (call, run, exports) on kvhost, stored wasi:http components
+answering HTTP requests (mounted with --app, reached by store path under /api/v1/app, or the
+one app of a port with --serve: what `wasmstore.py serve` runs), and the read side of the OCI
 distribution API under /v2/ (each store path a repository: `oras pull` fetches from it), and
 Wess's API under /wess (its clients work with only the base URL changed).
 
@@ -17,7 +19,8 @@ As a command::
                           [--tls KEY,CERT] [--cors [ORIGINS]] [--allowed-host NAME]
                           [--max-body N] [--timeout S] [--max-watches N] [--quiet] [--kv URL]
                           [--run-timeout S] [--fuel N] [--max-memory N] [--max-guests N]
-                          [--run-queue N] [--namespace-map P=NS]
+                          [--run-queue N] [--namespace-map P=NS] [--app PREFIX=PATH]
+                          [--serve PATH [--serve-ref REF]] [--metrics-port P]
 
 Processes: `--workers N` (default: one per CPU) serves from N worker processes. The command's
 process is their Supervisor: it binds and listens, makes what they share (WorkerShared), forks
@@ -54,6 +57,11 @@ Map of this file (top-down):
                        CompileLocks, GuestRuntime (a wasmstore.Runner, per-module metrics),
                        Precompiler (compiles what is added, in the background), the
                        call/run/exports handlers, a module's kv data (buckets, keys, values)
+    HTTP apps          AppSelector, parse_app_ref (which version a request runs), AppMount,
+                       AppTable (--app mounts, the app routes, --serve's one app), the target
+                       as the guest sees it, AppRequestBody (the body streamed into the
+                       guest), AppResponse (the sink kvhost.Host.handle_http writes to: framing,
+                       lengths enforced, chunked), app_error_reply (status, Wasmstore-Error)
     Wess /wess         Wess's API (wess_create, wess_read, wess_replace, wess_delete,
                        wess_call, wess_count): each module the store path /wess/<id>, its
                        metadata in an appended custom section (wess_module, wess_split),
@@ -76,7 +84,8 @@ Map of this file (top-down):
     connection         request head parsing (Headers, read_headers), WasmstoreHandler
                        (one thread per connection)
     server             ConnectionLimits (connections and watch sessions, two pools),
-                       WasmstoreServer, make_runtime(), make_server()
+                       WasmstoreServer, MetricsServer (--metrics-port), make_runtime(),
+                       make_server()
     worker processes   SharedMetricValues (a worker's numbers in shared memory), WorkerShared
                        (made before forking), WorkerContext (one worker's view), listen(),
                        Supervisor (forks, replaces, drains), _serve_worker (a worker's life)
@@ -419,14 +428,15 @@ ERROR_STATUS = {
 
 
 if kvhost is not None:
-    ERROR_STATUS.update({
-        kvhost.NoSuchFunction: ErrorMeaning(404, 2, "not-found"),   # the message lists them
-        kvhost.ArgumentError: ErrorMeaning(400, 2, "arguments"),    # the message names which
-        kvhost.LinkError: ErrorMeaning(424, 2, "link"),             # it names the import
-        kvhost.GuestError: ErrorMeaning(422, 2, "guest"),           # stored, but cannot run
-        kvhost.TrapError: ErrorMeaning(422, 1, None),               # Wasmstore-Error: its kind
-        kvhost.KvError: ErrorMeaning(422, 1, "error"),
-    })
+    # kvhost's rows (its exit status and label) with the HTTP status of each
+    ERROR_STATUS.update({cls: ErrorMeaning(http_status, *kvhost.ERROR_STATUS[cls])
+                         for cls, http_status in (
+        (kvhost.NoSuchFunction, 404),       # the message lists them
+        (kvhost.ArgumentError, 400),        # the message names which
+        (kvhost.LinkError, 424),            # it names the import
+        (kvhost.GuestError, 422),           # stored, but cannot run
+        (kvhost.TrapError, 422),            # Wasmstore-Error: its kind
+        (kvhost.KvError, 422))})
 
 
 def _http_label(status):
@@ -1340,6 +1350,16 @@ class AppSelector:
         """The same branch, version and commit for another store path."""
         return AppSelector(path, self.branch, self.version, self.commit)
 
+    def pinned(self, store):
+        """This selector, or for a module hash with no version or commit the same pinned to the
+        commit of its branch that holds it now: a hash keeps serving its module whatever the
+        branch does next, as a path follows its branch (NotFound when the branch lacks it)."""
+        if self.version is not None or self.commit is not None or \
+                not wasmstore.HASH_TEXT.match(self.path or ""):
+            return self
+        _, commit = store.module_at(self.path, branch=self.branch)
+        return AppSelector(self.path, self.branch, commit=commit)
+
     def __repr__(self):
         return (f"AppSelector({self.path!r}, branch={self.branch!r}, version={self.version!r}, "
                 f"commit={self.commit!r})")
@@ -1355,7 +1375,7 @@ def parse_app_ref(text, branch=None):
         if not match or not name:
             raise HttpError(400, f"bad app ref {text[:80]!r}: expected BRANCH:vN, e.g. dev:v2")
         return AppSelector(None, _checked_branch(name), int(match.group(1)))
-    if re.fullmatch(r"[0-9a-fA-F]{64}", text):
+    if wasmstore.HASH_TEXT.match(text):
         return AppSelector(None, branch, commit=text.lower())
     match = _VERSION_REF_RE.match(text)
     if match:
@@ -3595,7 +3615,7 @@ function section(id, title) {
 
 function fill(part, work) {
   part.body.replaceChildren(el("p", {class: "loading", text: "Loading…"}));
-  Promise.resolve().then(work).then((node) => part.body.replaceChildren(node))
+  return Promise.resolve().then(work).then((node) => part.body.replaceChildren(node))
     .catch((error) => part.body.replaceChildren(errorBox(error)));
 }
 
@@ -3628,9 +3648,7 @@ function moduleView(path) {
     await audit.load();
     return audit.node;
   });
-  state.refresh = (changes) => {
-    if (changes === null || path in changes) showVersions();
-  };
+  state.refresh = (changes) => (changes === null || path in changes ? showVersions() : null);
   return el("div", {id: "module", "data-path": path},
     el("p", {}, el("a", {href: href("/"), text: "← all modules"})),
     el("h1", {text: path}), head, Object.values(parts).map((part) => part.node));
@@ -3943,7 +3961,7 @@ function openWatch(force) {
   socket.onopen = () => {
     state.retry = 0;
     setLive(true);
-    if (state.refresh) state.refresh(null);     // what changed before the watch began
+    refreshFor(null);                           // what changed before the watch began
   };
   socket.onmessage = (event) => onChanges(JSON.parse(event.data));
   socket.onclose = () => {
@@ -3960,7 +3978,28 @@ function onChanges(changes) {
     `${when} ${change.action} `, el("a", {href: moduleHref(path), text: path})));
   $("events").prepend(...items);
   while ($("events").children.length > 50) $("events").lastChild.remove();
-  if (state.refresh) state.refresh(changes);
+  refreshFor(changes);
+}
+
+// One refresh of the view at a time; changes that arrive meanwhile are gathered for the next
+// one, so a burst of commits costs two fetches, not one per commit. null means "anything".
+const refresher = {running: false, pending: undefined};
+
+function refreshFor(changes) {
+  const before = refresher.pending;
+  refresher.pending = before === undefined ? changes
+    : before === null || changes === null ? null : {...before, ...changes};
+  if (!refresher.running) runRefreshes();
+}
+
+async function runRefreshes() {
+  refresher.running = true;
+  while (refresher.pending !== undefined) {
+    const changes = refresher.pending;
+    refresher.pending = undefined;
+    if (state.refresh) await Promise.resolve(state.refresh(changes)).catch(() => {});
+  }
+  refresher.running = false;
 }
 
 if (sessionStorage.getItem(KEY_ITEM)) $("forget-key").hidden = false;
@@ -4620,7 +4659,8 @@ class WasmstoreHandler(http.server.BaseHTTPRequestHandler):
         if host:
             return host
         address = self.server.server_address[0]
-        return f"[{address}]:{self.server.port}" if ":" in address else f"{address}:{self.server.port}"
+        host = f"[{address}]" if ":" in address else address
+        return f"{host}:{self.server.port}"
 
     def _app_headers(self):
         """The request's fields as the guest gets them: names in lower case, values as bytes,
@@ -4676,7 +4716,8 @@ class WasmstoreHandler(http.server.BaseHTTPRequestHandler):
 
     def _keeps_unread_body(self, body):
         remaining = body.remaining
-        return not self._expect_continue and remaining is not None and remaining <= MAX_DISCARDED_BODY
+        return (not self._expect_continue and remaining is not None
+                and remaining <= MAX_DISCARDED_BODY)
 
     def app_connection_field(self):
         """The Connection field of an app's response head (b"" when none is needed)."""
@@ -5368,6 +5409,9 @@ def make_server(store, host=DEFAULT_HOST, port=DEFAULT_PORT, **options):
 
 WORKER_REGION_BYTES = 4 << 20       # metric numbers a worker publishes (only touched pages cost)
 WORKER_START_SECONDS = 60.0         # a first worker not serving by then failed to start
+# ... unless it serves one app (--serve), which it compiles first: an 18 MB component takes
+# tens of seconds on a loaded machine (then it is in the compile cache for every next start)
+APP_WORKER_START_SECONDS = 900.0
 WORKER_GRACE_SECONDS = 35.0         # a draining worker still alive after this is killed
 WORKER_RESTART_DELAY = (0.1, 30.0)  # first and longest pause before replacing a worker
 GAUGE_NAMES = frozenset({"connections", "websocket_clients", "in_flight"})
@@ -5544,8 +5588,10 @@ class Supervisor:
     returns 0. A worker whose supervisor is gone (killed) drains and exits too: it watches a
     pipe the supervisor holds open."""
 
-    def __init__(self, workers, listener, shared, build, log=None):
+    def __init__(self, workers, listener, shared, build, log=None,
+                 start_seconds=WORKER_START_SECONDS):
         self.workers = workers
+        self.start_seconds = start_seconds  # the first workers not serving by then: an error
         self.listener = listener
         self.shared = shared
         self.build = build
@@ -5617,12 +5663,12 @@ class Supervisor:
 
     def _await_ready(self):
         """None once every first worker serves, else the first one's error message."""
-        deadline = time.monotonic() + WORKER_START_SECONDS
+        deadline = time.monotonic() + self.start_seconds
         waiting = {ready: pid for pid, (_, _, ready) in self.children.items()}
         while waiting:
             left = deadline - time.monotonic()
             if left <= 0:
-                return f"the workers did not start within {WORKER_START_SECONDS:g} s"
+                return f"the workers did not start within {self.start_seconds:g} s"
             readable, _, _ = select.select(list(waiting), [], [], left)
             for ready in readable:
                 message = os.read(ready, 4096).decode("utf-8", "replace")
@@ -5887,10 +5933,14 @@ def _app_mounts(text):
 
 
 def _app_path(text):
+    """--serve's store path (printed as paths are), or a module hash as it is."""
     try:
-        return wasmstore.format_path(wasmstore.validate_path(text))
+        segments = wasmstore.validate_path(text)
     except wasmstore.InvalidInput as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+    if len(segments) == 1 and wasmstore.HASH_TEXT.match(segments[0]):
+        return segments[0].lower()
+    return wasmstore.format_path(segments)
 
 
 def _app_ref(text):
@@ -5907,8 +5957,9 @@ def _add_app_options(group):
         help="serve the app stored at PATH under the URL path PREFIX (repeatable; env "
              "WASMSTORE_APPS, comma-separated)")
     add("--serve", type=_app_path, default=None, metavar="PATH",
-        help=f"serve only the app stored at PATH (or HASH), on every path of the port (default "
-             f"port {DEFAULT_APP_PORT}); no API")
+        help=f"serve only the app stored at PATH, on every path of the port (default port "
+             f"{DEFAULT_APP_PORT}); no API. A module HASH serves that module for good (as the "
+             "branch held it at the start)")
     add("--serve-ref", type=_app_ref, default=None, metavar="REF",
         help="with --serve: the app as a branch, vN (version N), BRANCH:vN or a commit holds it "
              "(default: the head of the default branch, at each request)")
@@ -5965,14 +6016,6 @@ def _add_run_options(group):
     add("--provider-kv", default=env.get("WASMSTORE_PROVIDER_KV") or None, metavar="URL",
         help="the backend beneath a --kv component:PATH provider (env WASMSTORE_PROVIDER_KV; "
              "default: sqlite:<root>/kv.sqlite3)")
-    add("--run-timeout", type=_positive_seconds, default=None, metavar="S",
-        help="stop a guest after S seconds, also when it waits in a host call "
-             "(env WASMSTORE_RUN_TIMEOUT; default 10)")
-    add("--fuel", type=_positive_int, default=None, metavar="N",
-        help="stop a guest after N units of fuel (env WASMSTORE_FUEL; default: no limit)")
-    add("--max-memory", type=_byte_size, default=None, metavar="N",
-        help="largest linear memory of a guest, suffix K/M/G allowed "
-             "(env WASMSTORE_MAX_MEMORY; default 256M)")
     add("--max-guests", type=_positive_int, default=None, metavar="N",
         help=f"guests running at once (env WASMSTORE_MAX_GUESTS; default {DEFAULT_MAX_GUESTS})")
     add("--run-queue", type=_nonnegative_int, default=None, metavar="N",
@@ -5985,40 +6028,16 @@ def _add_run_options(group):
     add("--namespace-map", action="append", default=[], metavar="PREFIX=NS",
         help="modules under PREFIX share kv namespace NS (repeatable; default: each path is "
              "its own namespace, a hash is sha256:<hash>)")
-    add("--stub-imports", action="store_true",
-        help="imports the host does not provide (e.g. wasi:http, or a core module's env "
-             "functions) trap when called instead of refusing the guest")
-    add("--link", action="append", default=[], dest="links", metavar="NAME=PATH",
-        help="link core modules' imports from module NAME to the module stored at PATH (in the "
-             "same commit as the module run; repeatable), e.g. --link env=/lib/random.wasm")
-    add("--max-table-elements", type=_positive_int, default=None, metavar="N",
-        help="largest table of a guest (default 1,000,000)")
-    add("--allow-bucket", action="append", default=None, dest="allow_buckets", metavar="B",
-        help="kv bucket a guest may open (repeatable; default: any)")
-    add("--env", action="append", type=_env_pair, default=None, metavar="K=V",
-        help="environment variable guests see (repeatable; default: none)")
-    add("--dir", action="append", type=_dir_pair, default=None, dest="dirs",
-        metavar="HOST::GUEST", help="directory guests may use (repeatable; default: none)")
-    add("--allow-outbound", action="append", default=None, dest="allow_outbound",
-        metavar="HOST[:PORT]",
-        help="destination HTTP apps may send requests to (repeatable; HOST alone allows its "
-             "default port, 80 or 443; default: none, their requests are refused)")
-    add("--cache-dir", default=None, metavar="DIR",
-        help="compile cache directory (default ~/.cache/wasmstore/kvhost)")
+    if kvhost is not None:        # the sandbox options are kvhost's, parsed as everywhere
+        kvhost.add_sandbox_options(group, "a path in the store, in the same commit as the "
+                                          "module run", flags=SANDBOX_FLAGS, env=SANDBOX_ENV)
 
 
-def _env_pair(text):
-    name, sep, value = text.partition("=")
-    if not sep or not name:
-        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
-    return name, value
-
-
-def _dir_pair(text):
-    host_dir, sep, guest_dir = text.partition("::")
-    if not sep or not host_dir or not guest_dir:
-        raise argparse.ArgumentTypeError(f"expected HOST::GUEST, got {text!r}")
-    return host_dir, guest_dir
+# kvhost's sandbox options as this server names them (its --timeout is its connections') and
+# the environment variables they fall back to
+SANDBOX_FLAGS = {"timeout": "--run-timeout"}
+SANDBOX_ENV = {"timeout": "WASMSTORE_RUN_TIMEOUT", "fuel": "WASMSTORE_FUEL",
+               "max_memory": "WASMSTORE_MAX_MEMORY"}
 
 
 def _positive_int(text):
@@ -6030,10 +6049,7 @@ def _nonnegative_int(text):
 
 
 # option -> (environment variable, parser) for the options that fall back to the environment
-ENV_OPTIONS = {"run_timeout": ("WASMSTORE_RUN_TIMEOUT", _positive_seconds),
-               "fuel": ("WASMSTORE_FUEL", _positive_int),
-               "max_memory": ("WASMSTORE_MAX_MEMORY", _byte_size),
-               "max_guests": ("WASMSTORE_MAX_GUESTS", _positive_int),
+ENV_OPTIONS = {"max_guests": ("WASMSTORE_MAX_GUESTS", _positive_int),
                "max_watches": ("WASMSTORE_MAX_WATCHES", _positive_int),
                "workers": ("WASMSTORE_WORKERS", _positive_int),
                "allowed_host": ("WASMSTORE_ALLOWED_HOSTS", _host_names),
@@ -6043,16 +6059,19 @@ ENV_OPTIONS = {"run_timeout": ("WASMSTORE_RUN_TIMEOUT", _positive_seconds),
 
 def run_options(args):
     """The make_runtime() options of parsed command-line arguments."""
-    return {"kv": args.kv, "provider_kv": args.provider_kv, "timeout": args.run_timeout,
-            "fuel": args.fuel, "max_memory": args.max_memory,
+    sandbox = vars(args).get            # kvhost's sandbox options (none without kvhost.py)
+    env = sandbox("env")
+    return {"kv": args.kv, "provider_kv": args.provider_kv, "timeout": sandbox("run_timeout"),
+            "fuel": sandbox("fuel"), "max_memory": sandbox("max_memory"),
             "max_guests": args.max_guests or DEFAULT_MAX_GUESTS,
             "run_queue": DEFAULT_RUN_QUEUE if args.run_queue is None else args.run_queue,
             "queue_wait": args.queue_wait, "namespace_map": args.namespace_map,
-            "stub_imports": args.stub_imports, "max_output": args.max_output,
-            "max_table_elements": args.max_table_elements, "allow_buckets": args.allow_buckets,
-            "env": None if args.env is None else dict(args.env), "dirs": args.dirs,
-            "allow_outbound": args.allow_outbound, "cache_dir": args.cache_dir,
-            "links": wasmstore.parse_links(args.links)}
+            "stub_imports": bool(sandbox("stub_imports")), "max_output": args.max_output,
+            "max_table_elements": sandbox("max_table_elements"),
+            "allow_buckets": sandbox("allow_buckets"),
+            "env": None if env is None else dict(env), "dirs": sandbox("dirs"),
+            "allow_outbound": sandbox("allow_outbound"), "cache_dir": sandbox("cache_dir"),
+            "links": wasmstore.parse_links(sandbox("links"))}
 
 
 def _options_from(parser, args):
@@ -6078,8 +6097,13 @@ def _options_from(parser, args):
                 setattr(args, option, convert(env[variable]))
             except argparse.ArgumentTypeError as exc:
                 parser.error(f"{variable}: {exc}")
+    if kvhost is not None:
+        try:
+            kvhost.fill_sandbox_from_env(args, SANDBOX_ENV, SANDBOX_FLAGS)
+        except kvhost.ArgumentError as exc:
+            parser.error(str(exc))
     try:
-        wasmstore.parse_links(args.links)
+        wasmstore.parse_links(vars(args).get("links"))
     except wasmstore.StoreError as exc:
         parser.error(str(exc))
     return args
@@ -6104,6 +6128,8 @@ def main(argv=None):
     workers = args.workers or DEFAULT_WORKERS
     try:
         store = wasmstore.Store(root)
+        if options["serve"] is not None:
+            options["serve"] = options["serve"].pinned(store)
         metrics = None if args.metrics_port is None else listen(args.host, args.metrics_port)
         if workers == 1:
             server = make_server(store, args.host, args.port, **options)
@@ -6165,7 +6191,10 @@ def _serve_workers(store, listener, workers, options, metrics=None):
                   file=sys.stderr, flush=True)
 
     try:
-        error = Supervisor(workers, listener, shared, build).serve(on_ready=ready)
+        start_seconds = WORKER_START_SECONDS if options["serve"] is None else \
+            APP_WORKER_START_SECONDS
+        error = Supervisor(workers, listener, shared, build,
+                           start_seconds=start_seconds).serve(on_ready=ready)
     finally:
         listener.close()
         shared.close()

@@ -65,21 +65,22 @@ so a commit creates no file and a ref is rewritten in place.
 Map of this file: constants; exceptions and ERROR_STATUS (the one table of what each error
 means: HTTP status, exit status, metric label; http_server.py reads it); input from outside
 (parse_number, parse_json, parse_url: ASCII digits, bounded JSON nesting, ports in range; used
-by http_server.py too); names (paths, branches, hashes); validation (wasmtime, imported
-lazily); primitives (the one durable whole-file write ``_write_whole``, temp files and their
-sweep ``_remove_debris``, ``_format_date``, the hash check, ``Cache`` (the one cache type,
-also http_server.py's), ``SharedFd``); the object store (_Segment: one pack as a reader sees
-it; _ObjectStore: packs and module files, batches, fsck and gc passes); refs (_Refs: slot
-files, compare-and-swap, HEAD, the generation counter); the Store facade (layout, objects,
-refs, trees, changes, operations, history, branches, watch, gc, export and backup, fsck;
-FsckReport); the history cache (_HistoryCache); object helpers; backup loading (load_backup,
-bounded); running stored modules (``Runner``, ``Target``: resolution, kv namespaces, linking;
-kvhost.py is imported only here); OCI registries (``OciReference``; the CNCF Wasm OCI artifact
-layout: ``wasm_interface``, ``WasmArtifact``, ``module_artifact``; ``Credentials``; the
-``RegistryClient`` on http.client, imported lazily; ``push``, ``push_all``, ``pull``,
-``pull_many``); the command line (``main``; ``server`` runs http_server.py, the file next to
-this one, as a program, and ``serve`` runs it in its one-app mode; ``call``/``run``/``exports``
-/``serve`` take kvhost's options).
+by http_server.py too); names (paths, branches, hashes); validation (wasmtime's validator, and
+kvhost.py's wasm reader for components, both imported lazily); primitives (the one durable
+whole-file write ``_write_whole``, temp files and their sweep ``_remove_debris``,
+``_format_date``, the hash check, ``Cache`` (the one cache type, also http_server.py's),
+``SharedFd``); the object store (_Segment: one pack as a reader sees it; _ObjectStore: packs and
+module files, batches, fsck and gc passes); refs (_Refs: slot files, compare-and-swap, HEAD, the
+generation counter); the Store facade (layout, objects, refs, trees, changes, operations,
+history, branches, watch, gc, export and backup, fsck; FsckReport); the history cache
+(_HistoryCache); object helpers; backup loading (load_backup, bounded); running stored modules
+(``Runner``, ``Target``: resolution, kv namespaces, linking; kvhost.py is imported by
+``_kvhost``, for these, validation and ``wasm_interface``); OCI registries (``OciReference``;
+the CNCF Wasm OCI artifact layout: ``wasm_interface``, ``WasmArtifact``, ``module_artifact``;
+``Credentials``; the ``RegistryClient`` on http.client, imported lazily; ``push``, ``push_all``,
+``pull``, ``pull_many``); the command line (``main``; ``server`` runs http_server.py, the file
+next to this one, as a program, and ``serve`` runs it in its one-app mode;
+``call``/``run``/``exports``/``serve`` take kvhost's options).
 
 Running (needs kvhost.py next to this file)::
 
@@ -146,7 +147,7 @@ HASH_TEXT = re.compile(r"[0-9a-fA-F]{64}\Z")
 WASM_MAGIC = b"\0asm"
 COMPONENT_HEADER = WASM_MAGIC + b"\x0d\x00\x01\x00"   # component-model binary, layer 1
 CORE_HEADER = WASM_MAGIC + b"\x01\x00\x00\x00"        # core module, version 1
-SMALL_MODULE_BYTES = 64 << 10         # compiled as is when validated (tens of microseconds)
+SMALL_MODULE_BYTES = 64 << 10         # added again, a module this small is validated again
 IN_MEMORY_INGEST_BYTES = 1 << 20      # add_file reads a module up to this size into memory
 CHUNK_SIZE = 1 << 20                  # streaming reads: bounded memory for any module size
 OBJECT_CACHE_WEIGHT = 400_000         # parsed trees/commits kept, counted in tree entries
@@ -474,6 +475,17 @@ def _target(path_or_hash):
 # ---------------------------------------------------------------------------
 # validation
 # ---------------------------------------------------------------------------
+#
+# Core modules are checked by wasmtime's validator (wasmtime.Module.validate: function bodies
+# included, at a small fraction of the cost of a compile) and for the one encoding that the
+# validator accepts and wasmtime's compiler refuses (compact imports). wasmtime has no
+# validator for components, so a component's core modules are validated, then the component
+# is compiled without optimisation with every function body replaced by ``unreachable``
+# padded with ``nop`` to its original size (offsets in messages stay the original's): an
+# 18 MB componentize-py guest in about 0.6 s, against 7-12 s for a full compile. The binary
+# format is read by kvhost.py's wasm reader, imported lazily as the run commands import
+# kvhost; without kvhost.py core modules get wasmtime's validator alone, and components are
+# refused with a one-line error saying so.
 
 _engine_lock = threading.Lock()
 _engines = {}   # purpose -> a lazily created wasmtime.Engine shared by every Store
@@ -486,11 +498,7 @@ def _wasmtime_engine(purpose="validate"):
     with _engine_lock:
         engine = _engines.get(purpose)
         if engine is None:
-            try:
-                import wasmtime
-            except ImportError:
-                raise StoreError("validating modules needs the wasmtime package "
-                                 "(pip install -r requirements.txt)") from None
+            wasmtime = _wasmtime()
             config = wasmtime.Config()
             if purpose == "check-compile":
                 config.cranelift_opt_level = "none"
@@ -500,11 +508,29 @@ def _wasmtime_engine(purpose="validate"):
         return engine
 
 
+def _wasmtime():
+    try:
+        import wasmtime
+        import wasmtime.component       # noqa: F401  (Component, for components)
+    except ImportError:
+        raise StoreError("validating modules needs the wasmtime package "
+                         "(pip install -r requirements.txt)") from None
+    return wasmtime
+
+
+def _wasm_reader():
+    """kvhost.py, where the project's wasm reader lives, or None if it is not next to this
+    file."""
+    try:
+        return _kvhost()
+    except StoreError:
+        return None
+
+
 def wasm_from_text(text, name="<text>"):
     """The binary of a module or component written in the WebAssembly text format (wasmtime's
     wat2wasm); InvalidModule naming `name` and the parser's message if it does not parse."""
-    _wasmtime_engine()                              # the clear error when wasmtime is missing
-    import wasmtime
+    wasmtime = _wasmtime()                          # the clear error when wasmtime is missing
     try:
         return bytes(wasmtime.wat2wasm(text.decode("utf-8") if isinstance(text, bytes) else text))
     except UnicodeDecodeError as exc:
@@ -520,17 +546,7 @@ def wasm_from_text(text, name="<text>"):
 
 def validate_module(data):
     """Raise InvalidModule unless wasmtime would compile data (bytes, bytearray or mmap): a
-    core module or component that kvhost.py can run. The message is wasmtime's.
-
-    wasmtime has no validate-only call for components, and its core validator
-    (Module.validate) accepts modules that its compiler refuses (a compact-imports encoding,
-    for one), so the verdict comes from wasmtime's compiler, made cheap: a module up to
-    64 KiB is compiled as it is, without optimisation; a bigger one has every embedded core
-    module checked by the validator (function bodies included), then is compiled with each
-    function body replaced by ``unreachable`` padded with ``nop`` to its original size, so
-    offsets in messages stay the original's (18 MB componentize-py guest: about 0.6 s,
-    against 7-12 s for a full compile).
-    """
+    core module or component that kvhost.py can run. The message is wasmtime's."""
     _validate_module(data, owned=False)
 
 
@@ -539,56 +555,56 @@ def _validate_module(data, owned):
     a temp file) that may be stubbed in place instead of copied."""
     if not len(data):
         raise InvalidModule("invalid module: empty input: unexpected end-of-file (at offset 0x0)")
-    if len(data) <= SMALL_MODULE_BYTES:
-        _check_compile(bytes(data))
-        return
-    modules = _core_modules(data)
-    if modules is None:
-        _check_compile(data)                # wasmtime's parser says what is wrong
-        return
-    for start, end in modules:              # function bodies, before they are stubbed
-        _validate_core(data, start, end)
-    stub = data if owned else bytearray(data)
-    for start, end in modules:
-        _stub_bodies(stub, start, end)
-    _check_compile(stub)
-
-
-def _check_compile(data):
-    """Compile data (bytes, bytearray or a writable map) in place with the check-compile
-    engine: binary only (wasmtime.Module would take text too), through the C API, and
-    dropped at once."""
-    import ctypes
-    import wasmtime
-    from wasmtime import _ffi as ffi
-    engine = _wasmtime_engine("check-compile")
-    pointer = ctypes.cast(_buffer_address(data), ctypes.POINTER(ctypes.c_uint8))
-    if bytes(data[4:8]) == COMPONENT_HEADER[4:]:
-        new, delete, kind = (ffi.wasmtime_component_new, ffi.wasmtime_component_delete,
-                             ffi.wasmtime_component_t)
+    if bytes(data[:8]) == COMPONENT_HEADER:
+        _validate_component(data, owned)
     else:
-        new, delete, kind = ffi.wasmtime_module_new, ffi.wasmtime_module_delete, \
-            ffi.wasmtime_module_t
-    compiled = ctypes.POINTER(kind)()
-    error = new(engine.ptr(), pointer, len(data), ctypes.byref(compiled))
-    if not error:
-        delete(compiled)
-        return
-    exc = _invalid(wasmtime.WasmtimeError._from_ptr(error))
-    if _runs_past_end(data):        # the spec's words for a truncated module, then wasmtime's
-        exc = InvalidModule(str(exc).replace("invalid module: ",
-                                             "invalid module: unexpected end-of-file: ", 1))
-    raise exc from None
+        _validate_core(data)                # anything else gets the validator's message
 
 
-def _runs_past_end(data):
-    """True if a top-level section of a module or component is cut off by the end."""
+def _validate_core(data, start=0, end=None):
+    """Validate the core module at start..end of data with wasmtime's validator, then refuse
+    what its compiler would (kvhost.check_core_imports)."""
+    wasmtime = _wasmtime()
+    end = len(data) if end is None else end
+    whole = data if isinstance(data, bytes) and (start, end) == (0, len(data)) \
+        else bytes(memoryview(data)[start:end])
     try:
-        for _ in _sections(data, 8, len(data)):
-            pass
-    except _Unparsable:
-        return True
-    return False
+        wasmtime.Module.validate(_wasmtime_engine(), whole)
+    except wasmtime.WasmtimeError as exc:
+        raise _invalid(exc) from None
+    reader = _wasm_reader()
+    if reader is not None:
+        try:
+            reader.check_core_imports(data, start, end)
+        except reader.WasmFormatError as exc:
+            raise InvalidModule(f"invalid module: {exc}") from None
+
+
+def _validate_component(data, owned):
+    reader = _wasm_reader()
+    if reader is None:
+        raise StoreError("validating a component needs kvhost.py next to wasmstore.py "
+                         "(core modules need only wasmtime)")
+    try:
+        spans = reader.module_spans(data)
+    except reader.WasmFormatError:
+        spans = None                        # wasmtime's parser says what is wrong
+    stub = data
+    if spans:
+        for start, end in spans:            # function bodies, before they are stubbed
+            _validate_core(data, start, end)
+        stub = data if owned else bytearray(data)
+        for start, end in spans:
+            reader.stub_function_bodies(stub, start, end)
+    wasmtime = _wasmtime()
+    try:
+        wasmtime.component.Component(_wasmtime_engine("check-compile"), bytes(stub))
+    except wasmtime.WasmtimeError as exc:
+        error = _invalid(exc)
+        if not reader.sections_fit(data):   # the spec's words for a truncated binary
+            error = InvalidModule(str(error).replace(
+                "invalid module: ", "invalid module: unexpected end-of-file: ", 1))
+        raise error from None
 
 
 def _invalid(exc):
@@ -602,115 +618,6 @@ def validate_module_file(filename):
             validate_module(b"")
         with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY) as mapped:
             _validate_module(mapped, owned=True)
-
-
-def _validate_core(data, start, end):
-    import ctypes
-    import wasmtime
-    engine = _wasmtime_engine()
-    try:
-        from wasmtime import _ffi as ffi
-        base = _buffer_address(data)
-        pointer = ctypes.cast(base + start, ctypes.POINTER(ctypes.c_uint8))
-        error = ffi.wasmtime_module_validate(engine.ptr(), pointer, end - start)
-        if error:
-            raise wasmtime.WasmtimeError._from_ptr(error)
-    except wasmtime.WasmtimeError as exc:
-        raise _invalid(exc) from None
-    except (ImportError, AttributeError, TypeError):
-        # A wasmtime without the private FFI names: the public API (one copy of the bytes).
-        try:
-            wasmtime.Module.validate(engine, bytes(memoryview(data)[start:end]))
-        except wasmtime.WasmtimeError as exc:
-            raise _invalid(exc) from None
-
-
-def _buffer_address(data):
-    """Address of data's buffer without copying it (bytes, bytearray or writable mmap)."""
-    import ctypes
-    if isinstance(data, bytes):
-        return ctypes.cast(ctypes.c_char_p(data), ctypes.c_void_p).value
-    return ctypes.addressof(ctypes.c_char.from_buffer(data))
-
-
-class _Unparsable(Exception):
-    """The component's framing is not what the stubbing walk expects."""
-
-
-def _core_modules(data):
-    """(start, end) of every core module of a module or component (nested components
-    included), None when the framing is not what stubbing expects."""
-    try:
-        if bytes(data[:8]) == CORE_HEADER:
-            for _ in _sections(data, 8, len(data)):
-                pass
-            return [(0, len(data))]
-        return _component_modules(data, 0, len(data), 0)
-    except _Unparsable:
-        return None
-
-
-def _component_modules(buffer, start, end, depth):
-    if depth > 64 or bytes(buffer[start:start + 8]) != COMPONENT_HEADER:
-        raise _Unparsable()
-    modules = []
-    for section_id, payload, payload_end in _sections(buffer, start + 8, end):
-        if section_id == 1:                          # a core module
-            if bytes(buffer[payload:payload + 8]) != CORE_HEADER:
-                raise _Unparsable()
-            modules.append((payload, payload_end))
-        elif section_id == 4:                        # a nested component
-            modules += _component_modules(buffer, payload, payload_end, depth + 1)
-    return modules
-
-
-def _stub_bodies(buffer, start, end):
-    """Replace every function body of the (validated) core module at start..end by
-    ``unreachable``, ``nop``... ``end`` of the same size, in place."""
-    for section_id, payload, payload_end in _sections(buffer, start + 8, end):
-        if section_id != 10:                         # the code section
-            continue
-        count, position = _leb_or_unparsable(buffer, payload, payload_end)
-        for _ in range(count):
-            size, body = _leb_or_unparsable(buffer, position, payload_end)
-            position = body + size
-            if position > payload_end:
-                raise _Unparsable()
-            if size >= 3:                 # no locals, unreachable, nop..., end
-                buffer[body:position] = b"\x00\x00" + b"\x01" * (size - 3) + b"\x0b"
-
-
-def _sections(buffer, position, end):
-    """Yield (section id, payload start, payload end) of the sections at position..end."""
-    while position < end:
-        section_id = buffer[position]
-        size, payload = _leb_or_unparsable(buffer, position + 1, end)
-        if payload + size > end:
-            raise _Unparsable()
-        yield section_id, payload, payload + size
-        position = payload + size
-
-
-def _leb_or_unparsable(buffer, position, end):
-    try:
-        return _read_leb_u32(buffer, position, end)
-    except InvalidModule:
-        raise _Unparsable() from None
-
-
-def _read_leb_u32(view, pos, end):
-    result = shift = 0
-    while True:
-        if pos >= end:
-            raise InvalidModule(f"invalid module: unexpected end-of-file (at offset {pos:#x})")
-        byte = view[pos]
-        pos += 1
-        result |= (byte & 0x7F) << shift
-        if not byte & 0x80:
-            return result, pos
-        shift += 7
-        if shift > 28:
-            raise InvalidModule(f"invalid module: invalid LEB128 number (at offset {pos:#x})")
 
 
 # ---------------------------------------------------------------------------
@@ -3376,7 +3283,8 @@ def default_kv_url(root):
 
 
 def _kvhost():
-    """kvhost.py, the runtime: a sibling file, needed only to run modules."""
+    """kvhost.py, the runtime and the wasm reader: a sibling file, needed to run modules and to
+    read components."""
     try:
         import kvhost
     except ModuleNotFoundError as exc:
@@ -3798,129 +3706,29 @@ def _check_repository(name, registry):
 def wasm_interface(source):
     """(kind, imports, exports) of a module file name or bytes: kind is "component" or
     "module"; for a component, the names of its top-level imports and exports (interface
-    names such as "wasi:cli/run@0.2.0", or plain names), in order. Only section headers are
-    read, plus the import and export sections of a component."""
-    handle = open(source, "rb") if isinstance(source, (str, os.PathLike)) \
-        else io.BytesIO(bytes(source))
-    with handle:
-        header = handle.read(8)
-        if header != COMPONENT_HEADER:
+    names such as "wasi:cli/run@0.2.0", or plain names), in order. Read by kvhost.py's wasm
+    reader (kvhost.component_interface), from a map of a file."""
+    if not isinstance(source, (str, os.PathLike)):
+        return _interface_of(bytes(source))
+    with open(source, "rb") as handle:
+        if os.fstat(handle.fileno()).st_size < len(COMPONENT_HEADER):
             return "module", [], []
-        reader = _SectionReader(handle)
-        imports, exports = [], []
-        for section_id, size in reader.sections():
-            if section_id == 10:
-                imports += _component_names(handle.read(size), exports=False)
-            elif section_id == 11:
-                exports += _component_names(handle.read(size), exports=True)
-            else:
-                handle.seek(size, os.SEEK_CUR)
-    return "component", list(dict.fromkeys(imports)), list(dict.fromkeys(exports))
+        with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+            return _interface_of(mapped)
 
 
-class _SectionReader:
-    """Walks the top-level sections of a module file: (id, size) with the file positioned at
-    the payload; the caller reads or skips it."""
-
-    def __init__(self, handle):
-        self.handle = handle
-
-    def sections(self):
-        while True:
-            section_id = self.handle.read(1)
-            if not section_id:
-                return
-            yield section_id[0], self._u32()
-
-    def _u32(self):
-        result = shift = 0
-        while True:
-            byte = self.handle.read(1)
-            if not byte or shift > 28:
-                raise InvalidModule("invalid module: bad section size")
-            result |= (byte[0] & 0x7F) << shift
-            if not byte[0] & 0x80:
-                return result
-            shift += 7
-
-
-class _Cursor:
-    """Reads the component binary encoding of import and export entries from one section."""
-
-    def __init__(self, data):
-        self.data = memoryview(data)
-        self.pos = 0
-
-    def byte(self):
-        if self.pos >= len(self.data):
-            raise InvalidModule("invalid module: unexpected end of an import or export section")
-        self.pos += 1
-        return self.data[self.pos - 1]
-
-    def u32(self):
-        value, self.pos = _read_leb_u32(self.data, self.pos, len(self.data))
-        return value
-
-    def skip_s33(self):
-        while self.byte() & 0x80:
-            pass
-
-    def name(self):
-        size = self.u32()
-        if self.pos + size > len(self.data):
-            raise InvalidModule("invalid module: a name runs past its section")
-        text = bytes(self.data[self.pos:self.pos + size]).decode("utf-8", "replace")
-        self.pos += size
-        return text
-
-    def name_attributes(self):
-        kind = self.byte()
-        name = self.name()
-        if kind == 0x02:                          # name followed by attributes
-            for _ in range(self.u32()):
-                if self.byte() not in (0x00, 0x01, 0x02):
-                    raise InvalidModule("invalid module: unknown import/export attribute")
-                self.name()
-        elif kind not in (0x00, 0x01):
-            raise InvalidModule(f"invalid module: unknown import/export name kind {kind:#x}")
-        return name
-
-    def skip_extern_type(self):
-        kind = self.byte()
-        if kind == 0x00:                          # core module: 0x11 and a type index
-            self.byte()
-            self.u32()
-        elif kind in (0x01, 0x04, 0x05):          # func, component, instance: type index
-            self.u32()
-        elif kind == 0x02:                        # value: eq index or a value type
-            if self.byte() == 0x00:
-                self.u32()
-            else:
-                self.skip_s33()
-        elif kind == 0x03:                        # type: eq index or sub resource
-            if self.byte() == 0x00:
-                self.u32()
-        else:
-            raise InvalidModule(f"invalid module: unknown extern type {kind:#x}")
-
-    def skip_sort_index(self):
-        if self.byte() == 0x00:                   # a core sort has a second byte
-            self.byte()
-        self.u32()
-
-
-def _component_names(payload, exports):
-    cursor = _Cursor(payload)
-    names = []
-    for _ in range(cursor.u32()):
-        names.append(cursor.name_attributes())
-        if exports:
-            cursor.skip_sort_index()
-            if cursor.byte() == 0x01:             # an optional explicit type
-                cursor.skip_extern_type()
-        else:
-            cursor.skip_extern_type()
-    return names
+def _interface_of(data):
+    if bytes(data[:8]) != COMPONENT_HEADER:
+        return "module", [], []
+    try:
+        reader = _kvhost()
+    except StoreError:
+        raise StoreError("listing a component's interfaces needs kvhost.py next to "
+                         "wasmstore.py") from None
+    try:
+        return reader.component_interface(data)
+    except reader.WasmFormatError as exc:
+        raise InvalidModule(f"invalid module: {exc}") from None
 
 
 def _compact_json(document):
@@ -5476,7 +5284,8 @@ COMMANDS = {
              + REGISTRY_OPTIONS),
     "server": (None, "run the HTTP API (options: python http_server.py --help)", []),
     "serve": (None, "serve a stored wasi:http component (an HTTP app) on a port of its own, as "
-                    "`wasmtime serve` does; the next request after a new version runs it",
+                    "`wasmtime serve` does; the next request after a new version of PATH runs it "
+                    "(a HASH serves that module for good)",
               [("target", {"metavar": "PATH|HASH"})]),
 }
 
