@@ -1573,7 +1573,7 @@ class StoreCliTest(StoreTestCase):
         proc = run_cli(self.root, "server", "--port", "0", script=alone, cwd=os.path.dirname(alone))
         self.assertEqual(proc.returncode, 1)
         self.assertEqual(proc.stderr.count("\n"), 1, proc.stderr)
-        self.assertIn("wasmstore: error: the server command needs http_server.py next to",
+        self.assertIn("wasmstore: error: the server and serve commands need http_server.py next to",
                       proc.stderr)
 
     def test_a_closed_stdout_ends_list_quietly(self):
