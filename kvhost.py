@@ -7416,10 +7416,11 @@ def parse_json_args(texts):
     for text in texts:
         try:
             values.append(parse_json(text, f"JSON argument {shown(text)}"))
-        except ArgumentError as exc:
+        except ArgumentError:
             hint = _quoting_hint(text)
-            raise ArgumentError(f"invalid JSON argument {shown(text)} ({hint})" if hint
-                                else str(exc)) from None
+            if not hint:
+                raise
+            raise ArgumentError(f"invalid JSON argument {shown(text)} ({hint})") from None
     return values
 
 

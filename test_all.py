@@ -1639,7 +1639,7 @@ class StoreCliTest(StoreTestCase):
         proc = run_cli(self.root, "server", "--port", "0", script=alone, cwd=os.path.dirname(alone))
         self.assertEqual(proc.returncode, 1)
         self.assertEqual(proc.stderr.count("\n"), 1, proc.stderr)
-        self.assertIn("wasmstore: error: the server command needs http_server.py next to",
+        self.assertIn("wasmstore: error: the server and serve commands need http_server.py next to",
                       proc.stderr)
 
     def test_a_closed_stdout_ends_list_quietly(self):
@@ -10590,6 +10590,23 @@ class HostModuleLinkTest(StoreTestCase):
         self.assertEqual((proc.returncode, proc.stderr),
                          (2, "kvhost: error: invalid --link 'env': expected NAME=FILE\n"))
 
+    def test_run_links_a_command_s_imports(self):
+        # A WASI command whose exit status comes from an import of module "env".
+        self.store.add("/lib/code.wasm", wat_binary(
+            '(module (func (export "code") (result i32) (i32.const 3)))'))
+        self.store.add("/cmd.wasm", wat_binary(
+            '(module (import "wasi_snapshot_preview1" "proc_exit" (func $exit (param i32)))'
+            ' (import "env" "code" (func $code (result i32))) (memory (export "memory") 1)'
+            ' (func (export "_start") (call $exit (call $code))))'))
+        proc = run_cli(self.root, "run", "--link", "env=/lib/code.wasm", "/cmd.wasm")
+        self.assertEqual((proc.returncode, proc.stderr), (3, ""))
+        proc = run_cli(self.root, "run", "/cmd.wasm")
+        self.assertEqual(proc.returncode, 2, proc.stderr)
+        self.assertIn("imports 'env' 'code', which this host does not provide", proc.stderr)
+        proc = run_cli(self.root, "run", "--stub-imports", "/cmd.wasm")
+        self.assertEqual(proc.returncode, 1, proc.stderr)
+        self.assertIn("unknown import: `env::code` has not been defined", proc.stderr)
+
     def test_the_server_links(self):
         args = http_server.build_parser().parse_args(["--link", "env=lib/random.wasm",
                                                       "--stub-imports"])
@@ -12629,7 +12646,7 @@ class ServeCommandTest(StoreTestCase):
                 self.assertEqual(done.stderr.count("\n"), 1, done.stderr)
         done = run_cli(self.root, "serve", "/num.wasm", "--port", "70000")
         self.assertEqual(done.returncode, 2)
-        self.assertIn("expected a port number 0-65535, got '70000'", done.stderr)
+        self.assertIn("invalid port '70000': expected 0 to 65535", done.stderr)
 
 
 def process_memory(pid):

@@ -4724,10 +4724,10 @@ def _open_layer(client, reference, segments, progress):
 # CLI
 # ---------------------------------------------------------------------------
 
-def _cli_count(text):
-    """argparse type of a count or index option: ASCII digits only."""
+def _cli_count(text, what="number", *, minimum=0, maximum=None):
+    """argparse type of a count or index option: ASCII digits only (parse_number's bounds)."""
     try:
-        return parse_number(text, "number")
+        return parse_number(text, what, minimum=minimum, maximum=maximum)
     except InvalidInput as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
@@ -5057,18 +5057,13 @@ def _add_serve_options(sub):
 
 
 def _port_number(text):
-    if not (text.isascii() and text.isdigit()) or int(text) > 65535:
-        raise argparse.ArgumentTypeError(f"expected a port number 0-65535, got {text!r}")
-    return int(text)
+    """argparse type of a TCP port (0: any free one)."""
+    return _cli_count(text, "port", maximum=65535)
 
 
 def _at_least(least):
-    """An argparse type: a whole number >= least."""
-    def parse(text):
-        if not (text.isascii() and text.isdigit()) or int(text) < least:
-            raise argparse.ArgumentTypeError(f"expected a whole number >= {least}, got {text!r}")
-        return int(text)
-    return parse
+    """An argparse type: a whole number >= least, in ASCII digits."""
+    return lambda text: _cli_count(text, minimum=least)
 
 
 def _serve_ref(args):
