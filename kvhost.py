@@ -17,7 +17,8 @@ Library use::
 
 HTTP apps (a component exporting wasi:http/incoming-handler, e.g. built by `jco componentize`)::
 
-    request = kvhost.HttpRequest("GET", "http", "localhost:8080", "/hello", [("accept", b"*/*")], None)
+    request = kvhost.HttpRequest("GET", "http", "localhost:8080", "/hello",
+                                 [("accept", b"*/*")], None)
     host.handle_http(host.load("app.wasm"), request, sink)   # sink.start / write / finish
 
 Command line::
@@ -63,8 +64,9 @@ Map of this file, top-down:
                   resources), _OutboundCall (outgoing requests), _HttpSession (Host.handle_http)
   sandbox         worker processes for guests that can block (_WorkerPool, _Worker, _Channel,
                   _RemoteBackend; _worker_main), killed at the deadline
-  CLI             shared with wasmstore.py (add_sandbox_options, host_from_args,
-                  run_with_deadline, report), main()
+  CLI             shared with wasmstore.py and http_server.py: the one table of sandbox
+                  options (SANDBOX_OPTIONS, add_sandbox_options, fill_sandbox_from_env,
+                  parse_size), host_from_args, run_with_deadline, report; main()
 
 Why the value codecs exist: wasmtime-py's component host functions re-read and re-walk the
 function type on every call (~100 us) and cannot return an err for result<option<T>, E> (its
@@ -102,7 +104,6 @@ import collections
 import contextlib
 import ctypes
 import hashlib
-import http.client
 import itertools
 import json
 import math
@@ -111,7 +112,6 @@ import os
 import re
 import select
 import socket
-import ssl
 import struct
 import sqlite3
 import subprocess
@@ -276,7 +276,8 @@ def parse_number(text, what, *, minimum=0, maximum=None, fraction=False):
         text = bytes(text).decode("latin-1")
     pattern = _FRACTION_TEXT if fraction else _INTEGER_TEXT
     if not isinstance(text, str) or len(text) > MAX_NUMBER_CHARS or not pattern.match(text):
-        shown = repr(text) if not isinstance(text, str) or len(text) <= 40 else repr(text[:37] + "...")
+        shown = (repr(text) if not isinstance(text, str) or len(text) <= 40
+                 else repr(text[:37] + "..."))
         kind = "a number" if fraction else "an integer"
         raise ArgumentError(f"invalid {what} {shown}: expected {kind} in ASCII digits")
     value = float(text) if fraction else int(text)
@@ -288,7 +289,8 @@ def parse_number(text, what, *, minimum=0, maximum=None, fraction=False):
 
 
 def _reject_constant(name):
-    raise ValueError(f"{name} is not JSON (write \"NaN\", \"Infinity\" or \"-Infinity\" as strings)")
+    raise ValueError(f"{name} is not JSON (write \"NaN\", \"Infinity\" or \"-Infinity\" as "
+                     "strings)")
 
 
 _STRICT_JSON = json.JSONDecoder(parse_constant=_reject_constant)
@@ -328,6 +330,7 @@ class Url(collections.namedtuple("Url", "scheme username password host port path
 
     @property
     def netloc(self):
+        """host[:port] as a URL writes it (an IPv6 host in brackets)."""
         host = f"[{self.host}]" if ":" in self.host else self.host
         return host if self.port is None else f"{host}:{self.port}"
 
@@ -346,7 +349,8 @@ def parse_url(text, what, schemes):
         raise ArgumentError(f"invalid {what} {shown}: {exc}") from None
     if parts.scheme not in schemes or not parts.hostname:
         raise ArgumentError(f"invalid {what} {shown}: expected {' or '.join(schemes)}://HOST")
-    return Url(parts.scheme, parts.username, parts.password, parts.hostname, port, parts.path, parts.query)
+    return Url(parts.scheme, parts.username, parts.password, parts.hostname, port, parts.path,
+               parts.query)
 
 
 # ---------------------------------------------------------------------------
@@ -454,6 +458,7 @@ class Backend:
         return self._get(namespace, bucket, key)
 
     def set(self, namespace, bucket, key, value):
+        """Write `value` (bytes) under `key`, replacing any value there."""
         self._check(namespace, bucket, key)
         self._set(namespace, bucket, key, self._check_value(value))
 
@@ -463,6 +468,7 @@ class Backend:
         self._delete(namespace, bucket, key)
 
     def exists(self, namespace, bucket, key):
+        """True if `key` holds a value."""
         self._check(namespace, bucket, key)
         return self._exists(namespace, bucket, key)
 
@@ -536,6 +542,7 @@ class Backend:
             self._set_many(namespace, bucket, checked)
 
     def delete_many(self, namespace, bucket, keys):
+        """Delete `keys` (missing ones are fine), as one transaction where the backend has them."""
         self._check(namespace, bucket)
         keys = list(keys)
         for key in keys:
@@ -826,6 +833,7 @@ class SqliteBackend(Backend):
             [(namespace, bucket, k) for k in keys]), immediate=True)
 
     def close(self):
+        """Close every thread's connection; later operations fail."""
         self._closed = True
         with self._all_lock:
             connections, self._all = self._all, []
@@ -1206,6 +1214,7 @@ class RedisBackend(Backend):
         return self._with_connection(work)
 
     def close(self):
+        """Close the pooled connections."""
         with self._pool_lock:
             pool, self._pool = self._pool, []
         for conn in pool:
@@ -1271,9 +1280,11 @@ class WasmReader:
         self.end = len(data) if end is None else end
 
     def fail(self, message):
+        """Raise WasmFormatError with `message` at the current offset."""
         raise WasmFormatError(message, self.pos)
 
     def byte(self):
+        """The next byte."""
         if self.pos >= self.end:
             self.fail("unexpected end-of-file")
         self.pos += 1
@@ -1295,14 +1306,17 @@ class WasmReader:
         return result
 
     def u32(self):
+        """An unsigned LEB128 number of at most 32 bits."""
         return self.leb(bits=32)
 
     def skip(self, size):
+        """Step over `size` bytes."""
         if size > self.end - self.pos:
             self.fail("unexpected end-of-file")
         self.pos += size
 
     def name(self):
+        """A name: its length, then UTF-8."""
         size = self.u32()
         start = self.pos
         self.skip(size)
@@ -1334,9 +1348,10 @@ class WasmReader:
             return "component"
         raise WasmFormatError(f"unknown WebAssembly version {head[4:].hex()}", self.pos - 4)
 
-    # -- core types ----------------------------------------------------------------------------
+    # -- core types --------------------------------------------------------------------------------
 
     def valtype(self):
+        """A core value type's name ("i32", "v128", "funcref", "ref", ...)."""
         b = self.byte()
         if b in _VALTYPE_NAMES:
             return _VALTYPE_NAMES[b]
@@ -1348,6 +1363,7 @@ class WasmReader:
         self.fail(f"unknown value type 0x{b:02x}")
 
     def limits(self):
+        """Step over the limits of a memory or table."""
         flags = self.byte()
         self.leb()
         if flags & 1:
@@ -1414,7 +1430,7 @@ class WasmReader:
             raise WasmFormatError(f"unknown import kind {kind}", at)
         return module, name, _EXTERN_KINDS[kind], signature
 
-    # -- component imports and exports ---------------------------------------------------------
+    # -- component imports and exports -------------------------------------------------------------
 
     def extern_name(self):
         """A component import or export name (with its attributes, which are skipped)."""
@@ -1430,6 +1446,7 @@ class WasmReader:
         return name
 
     def skip_extern_type(self):
+        """Step over a component extern type (of an import, or an export's explicit type)."""
         kind = self.byte()
         if kind == 0x00:                          # core module: 0x11 and a type index
             self.byte()
@@ -1448,6 +1465,7 @@ class WasmReader:
             self.fail(f"unknown extern type {kind:#x}")
 
     def skip_sort_index(self):
+        """Step over an export's sort and index."""
         if self.byte() == 0x00:                   # a core sort has a second byte
             self.byte()
         self.u32()
@@ -1799,7 +1817,7 @@ class _CApi:
                 raise ValueError(f"the layout of wasmtime's C values changed ({found} != "
                                  f"{expected})")
 
-    # -- pointers of wasmtime-py objects and errors -------------------------------------------
+    # -- pointers of wasmtime-py objects and errors ------------------------------------------------
 
     @staticmethod
     def address(managed):
@@ -1843,7 +1861,7 @@ class _CApi:
         setter for it)."""
         self.concurrency_support(self.address(config), False)
 
-    # -- registering host functions and resources -----------------------------------------------
+    # -- registering host functions and resources --------------------------------------------------
 
     def define_func(self, instance, name, callback, func_id, finalizer):
         """Define function `name` of a component LinkerInstance as the C callback `callback`,
@@ -1859,7 +1877,7 @@ class _CApi:
         self.check(self.add_resource(self.address(instance), raw, len(raw), self.address(ty),
                                      dtor, type_id, finalizer))
 
-    # -- resources ------------------------------------------------------------------------------
+    # -- resources ---------------------------------------------------------------------------------
 
     def resource_rep(self, ctx, any_ptr):
         """The rep of the host resource behind a resource_any (which keeps owning any_ptr)."""
@@ -1880,7 +1898,7 @@ class _CApi:
             self.host_delete(host_ptr)
         return any_ptr.value
 
-    # -- calls ----------------------------------------------------------------------------------
+    # -- calls -------------------------------------------------------------------------------------
 
     def call_component(self, context, func, args, nargs, result, nresults):
         """Call a component Func (its address) on plain val_t arrays; raises WasmtimeError."""
@@ -2094,6 +2112,7 @@ def describe_valtype(ty):
 
 
 def describe_functype(fty):
+    """(parameter descriptors, result descriptor or None) of a component function type."""
     return (tuple(describe_valtype(t) for _, t in fty.params),
             None if fty.result is None else describe_valtype(fty.result))
 
@@ -2424,6 +2443,9 @@ def _make_lower_string(desc):
     return lower_string
 
 
+_INT_ONLY = frozenset({int})
+
+
 def _make_lower_bytes(desc, json_mode):
     new, code = _C.seq_new["list"], _KIND["list"]
 
@@ -2434,9 +2456,15 @@ def _make_lower_bytes(desc, json_mode):
             except ValueError:             # binascii.Error, or a character that is not ASCII
                 raise _bad(desc, v) from None
         elif json_mode and isinstance(v, list):
-            if not all(isinstance(b, int) and not isinstance(b, bool) and 0 <= b <= 255 for b in v):
+            # bytes() refuses what is not an int in 0..255 (at C speed), but takes True and
+            # False: one pass over the element types refuses those
+            try:
+                data = bytes(v) if set(map(type, v)) <= _INT_ONLY else None
+            except ValueError:
+                data = None
+            if data is None:
                 raise _bad(desc, v)
-            v = bytes(v)
+            v = data
         elif not isinstance(v, (bytes, bytearray, memoryview)):
             raise _bad(desc, v)
         new(addr + _VAL_PAYLOAD, len(v))
@@ -3028,8 +3056,8 @@ def check_kv_instance(label, interface, ty, engine):
 # ---------------------------------------------------------------------------
 
 # What an engine is made with; part of every compile-cache key, since code compiled for fuel
-# metering differs from code compiled without it.
-ENGINE_SETTINGS = ("consume_fuel={fuel};epoch_interruption=1;cranelift_opt_level=speed;"
+# metering or epoch interruption differs from code compiled without it.
+ENGINE_SETTINGS = ("consume_fuel={fuel};epoch_interruption={epoch};cranelift_opt_level=speed;"
                    "concurrency_support=0")
 DEFAULT_MAX_MEMORY = 256 << 20                  # bytes per linear memory: a shared host's default
 DEFAULT_MAX_TABLE_ELEMENTS = 1_000_000          # per table (memory limits do not bound table.grow)
@@ -3037,12 +3065,14 @@ DEFAULT_MAX_TABLE_ELEMENTS = 1_000_000          # per table (memory limits do no
 STORE_LIMITS = {"instances": 100, "tables": 20, "memories": 8}
 # wasmtime's limit of data per host call: 128 MiB of 48-byte values
 HOSTCALL_VALUE_BYTES = (128 << 20) // 48
-GUEST_VALUE_LIMIT = 5 << 19                     # values a guest gets or sets (2.5 MiB, under that)
+# The largest value a guest gets or sets: what one host call carries, less the longest key
+# (its bytes count as values too) and the call's other values (a handle, a result, an option)
+GUEST_VALUE_LIMIT = HOSTCALL_VALUE_BYTES - MAX_KEY_BYTES - 64          # 2,792,042 bytes
 GUEST_CACHE_BYTES = 256 << 20                   # compiled code a Host keeps in memory (_register)
 DEFAULT_CAPTURE_BYTES = 16 << 20                # run_captured keeps this much stdout and stderr
 WORKER_GRACE = 0.5                              # seconds past the timeout before a worker is killed
 WORKER_START_SECONDS = 30                       # for a worker to load its guest before that counts
-ISOLATIONS = ("auto", "thread", "process")
+ISOLATIONS = ("auto", "thread", "process", "one-shot")
 OUTPUTS = ("inherit", "discard")                   # where a guest's uncaptured output goes
 BLOCKING_PREVIEW1 = frozenset({"poll_oneoff", "sock_accept", "sock_recv",
                                "sock_send", "sock_shutdown"})
@@ -3052,15 +3082,16 @@ _DIGEST_RE = re.compile(r"[0-9a-f]{64}\Z")
 _COMPONENT_TEXT_RE = re.compile(r"\A(?:\s+|;;[^\n]*\n|\(;.*?;\))*\(\s*component\b", re.S)
 
 
-def _new_engine(metered):
-    """An engine for guests: epoch interruption (timeouts) always; fuel metering only when a
-    fuel limit is set (it makes compute-bound code about 5x slower). Without the component
-    model's concurrency support (async, which no guest here uses), wasmtime 50 can pass a host
-    function two borrowed handles in one call (poll over several pollables); with it, such a
-    call fails before the host sees it."""
+def _new_engine(metered, interruptible):
+    """An engine for guests: fuel metering only when a fuel limit is set (it makes
+    compute-bound code about 2.5x slower); epoch interruption (the timeout) unless the program
+    ends itself at the deadline (isolation="one-shot"): its check at every loop head makes a
+    tight loop up to 1.8x slower. Without the component model's concurrency support (async,
+    which no guest here uses), wasmtime 50 can pass a host function two borrowed handles in one
+    call (poll over several pollables); with it, such a call fails before the host sees it."""
     config = wasmtime.Config()
     config.consume_fuel = metered
-    config.epoch_interruption = True
+    config.epoch_interruption = interruptible
     config.cranelift_opt_level = "speed"
     _C.disable_concurrency_support(config)
     return wasmtime.Engine(config)
@@ -3180,7 +3211,7 @@ def _prune_cache(directory, now=None):
                 os.unlink(path)
 
 
-# -- guests and what they export -----------------------------------------------------------------
+# -- guests and what they export -------------------------------------------------------------------
 
 def _is_component_file(source):
     """True if `source` names a file that starts like a component binary (8 bytes are read)."""
@@ -3369,8 +3400,7 @@ def float_from_json(value, kind="f64"):
     return number
 
 
-# -- what one call or run asks for, and what it gave
-# -------------------------------------------------
+# -- what one call or run asks for, and what it gave -----------------------------------------------
 
 class _Request:
     """One call or run: everything a Store needs, so it can be carried to a worker process."""
@@ -3427,8 +3457,8 @@ class RunResult:
 
     @classmethod
     def _of(cls, outcome):
-        return cls(outcome.value, outcome.stdout.value(), outcome.stderr.value(), outcome.stdout.total,
-                   outcome.stderr.total)
+        return cls(outcome.value, outcome.stdout.value(), outcome.stderr.value(),
+                   outcome.stdout.total, outcome.stderr.total)
 
     def __repr__(self):
         return (f"<{type(self).__name__} {self.status!r} stdout={len(self.stdout)}B "
@@ -3479,8 +3509,7 @@ class _SingleFlight:
                     del self._keys[key]
 
 
-# -- the Host
-# ---------------------------------------------------------------------------------------
+# -- the Host --------------------------------------------------------------------------------------
 
 def _check_limit(label, value, allow_none=True):
     if value is None and allow_none:
@@ -3504,7 +3533,11 @@ class Host:
     see (nothing unless given; sockets are never granted). Limits hold whatever a guest does:
     isolation="auto" runs guests that import a call which can block (a WASI sleep or poll) in
     worker processes that are killed at the deadline ("process": every guest; "thread": none,
-    for one-shot programs that enforce the deadline themselves); `workers` bounds them.
+    for one-shot programs that end a guest blocked past the deadline themselves); `workers`
+    bounds them. "one-shot" is "thread" for a program that ends itself at the deadline
+    (run_with_deadline, host_from_args): its code is compiled without epoch checks, so a
+    compute-bound guest runs at the engine's full speed, and nothing but the program's end
+    stops it.
     stub_imports: define every import the host does not provide as a function that traps when
     called (componentize-js builds import wasi:http, for instance); off by default.
     cache_dir: compile cache (None: default_cache_dir(), False: off); stdout / stderr: file paths
@@ -3586,7 +3619,7 @@ class Host:
         self._valid_namespaces = set()  # namespaces of calls, already checked
         if _C is None:
             raise KvError(_WASMTIME_PROBLEM)
-        self.engine = _new_engine(metered=fuel is not None)
+        self.engine = _new_engine(metered=fuel is not None, interruptible=isolation != "one-shot")
         self._engine_address = _C.address(self.engine)
         self._component_linker = None
         self._module_linker = None
@@ -3617,7 +3650,7 @@ class Host:
         Provider)."""
         return None if self._composition is None else self._composition.guest
 
-    # -- lifecycle ------------------------------------------------------------------------------
+    # -- lifecycle ---------------------------------------------------------------------------------
 
     def close(self):
         """Stop the timeout thread and the worker processes; close the backend if this Host opened
@@ -3636,7 +3669,7 @@ class Host:
     def start_workers(self, count=1):
         """Start `count` worker processes now (in the background), so that the first guest that
         needs one does not wait for a Python interpreter to start."""
-        if self.isolation != "thread":
+        if self.isolation not in ("thread", "one-shot"):
             self._pool.prestart(count)
 
     def cache_stats(self):
@@ -3645,7 +3678,7 @@ class Host:
             return {key: self._cache_counts[key]
                     for key in ("memory_hits", "disk_hits", "compiles")}
 
-    # -- loading ----------------------------------------------------------------------------------
+    # -- loading -----------------------------------------------------------------------------------
 
     def load(self, source, *, digest=None, name=None):
         """A Guest from a path (.wasm or .wat) or bytes/str; compiled once, cached on disk.
@@ -3791,7 +3824,8 @@ class Host:
     def _cache_path(self, kind, digest):
         """A cache entry is two files: KEY.KIND, exactly what wasmtime serialized (so that wasmtime
         can map it instead of reading it), and KEY.KIND.sum, CACHE_MAGIC + the SHA-256 of it."""
-        settings = ENGINE_SETTINGS.format(fuel=int(self.fuel is not None))
+        settings = ENGINE_SETTINGS.format(fuel=int(self.fuel is not None),
+                                          epoch=int(self.isolation != "one-shot"))
         parts = (CACHE_MAGIC.decode().strip(), kind, digest, _wasmtime_version(), settings,
                  sys.platform, os.uname().machine)
         key = hashlib.sha256("|".join(parts).encode()).hexdigest()
@@ -3853,7 +3887,7 @@ class Host:
         except (OSError, ValueError, wasmtime.WasmtimeError):   # ValueError: mmap of an empty file
             return None, None
 
-    # -- what a guest exports ---------------------------------------------------------------------
+    # -- what a guest exports ----------------------------------------------------------------------
 
     def exports(self, guest):
         """The functions of a guest a JSON caller can call (see describe_exports)."""
@@ -3910,11 +3944,11 @@ class Host:
         visit(guest, [guest.name])
         return order
 
-    # -- stores -----------------------------------------------------------------------------------
+    # -- stores ------------------------------------------------------------------------------------
 
     def _start_ticker(self):
         with self._lock:
-            if self._ticker is not None or self.timeout is None:
+            if self._ticker is not None or self.timeout is None or self.isolation == "one-shot":
                 return
             engine, stop = self.engine, self._ticker_stop
 
@@ -4019,7 +4053,7 @@ class Host:
         if guest.engine is not self.engine:
             raise ArgumentError(f"{guest.name} was loaded by another Host: load it with this one")
 
-    # -- calling ----------------------------------------------------------------------------------
+    # -- calling -----------------------------------------------------------------------------------
 
     def call(self, guest, function, args=(), *, namespace=None, resolve=None, stats=None):
         """Call an exported function with JSON-style arguments; returns its JSON-style result.
@@ -4056,8 +4090,8 @@ class Host:
                            stdin=stdin, capture=limit)
         return RunResult._of(self._execute(guest, request, resolve, stats))
 
-    def call_captured(self, guest, function, args=(), *, namespace=None, resolve=None, limit=DEFAULT_CAPTURE_BYTES,
-                      stats=None):
+    def call_captured(self, guest, function, args=(), *, namespace=None, resolve=None,
+                      limit=DEFAULT_CAPTURE_BYTES, stats=None):
         """Like call(), but the guest's stdout and stderr are kept (up to `limit` bytes each; the
         rest is counted) and returned with the result in a CallResult: nothing the guest writes
         reaches this process's streams, and writing never blocks it."""
@@ -4810,7 +4844,7 @@ class _ProviderLink:
         self.args = ctypes.create_string_buffer(3 * _VAL_SIZE)   # kv functions take at most three
         self.args_address = ctypes.addressof(self.args)
 
-    # -- the provider instance --------------------------------------------------------------------
+    # -- the provider instance ---------------------------------------------------------------------
 
     def start(self):
         """Make the provider instance: a fresh Store with the Host's limits and the call's
@@ -5390,7 +5424,7 @@ class _HttpState(_CallState):
         self.calls = []                   # _OutboundCall started by this request
         self.wakeup = None                # an Event an outgoing call sets when it completes
 
-    # -- handles --
+    # -- handles -----------------------------------------------------------------------------------
     def add(self, obj):
         rep = self.next_rep
         self.next_rep += 1
@@ -5404,7 +5438,7 @@ class _HttpState(_CallState):
         """The object of an own handle the guest passed back (it no longer has it)."""
         return self.objects.pop(rep)
 
-    # -- failures --
+    # -- failures ----------------------------------------------------------------------------------
     def fail(self, error):
         """Remember why this request ends and return the exception a host function raises (the
         guest traps; handle_http raises `error`)."""
@@ -5421,7 +5455,7 @@ class _HttpState(_CallState):
         """Err(stream-error.last-operation-failed) carrying a new wasi:io error."""
         return Err(wc.Variant("last-operation-failed", self.add(_IoError(message, code))))
 
-    # -- waiting --
+    # -- waiting -----------------------------------------------------------------------------------
     def wait(self, pollables):
         """The indexes of the ready pollables, waiting (never past the deadline) until one is."""
         while True:
@@ -5444,7 +5478,7 @@ class _HttpState(_CallState):
                 raise self.fail(TrapError("the guest waits for something that can never happen "
                                           "(no timer, no outgoing request, no deadline)", "trap"))
 
-    # -- the response --
+    # -- the response ------------------------------------------------------------------------------
     def send_body(self, data):
         """Hand response bytes to the sink; a failing sink closes the stream (the client left)."""
         if self.sink_error is not None:
@@ -6301,6 +6335,7 @@ def _outbound_target(host, request):
 
 def _outbound_error(error):
     """The wasi:http error-code for an exception of http.client, ssl or socket."""
+    import http.client, ssl                 # imported by HTTP apps only: ~70 ms of start-up
     if isinstance(error, socket.gaierror):
         return wc.Variant("DNS-error", {"rcode": str(error.strerror or error), "info-code": None})
     if isinstance(error, ssl.SSLCertVerificationError):
@@ -6365,6 +6400,7 @@ class _OutboundCall:
                 return Err(wc.Variant("HTTP-request-body-size", body.written))
         data = b"" if body is None else b"".join(body.chunks)
         timeout = self._timeout(self.connect_timeout)
+        import http.client, ssl                 # imported by HTTP apps only: ~70 ms of start-up
         if self.use_tls:
             connection = http.client.HTTPSConnection(self.host, self.port, timeout=timeout,
                                                      context=ssl.create_default_context())
@@ -6963,7 +6999,8 @@ class _Worker:
         """True while the process runs and its pipe is quiet: an idle worker that died (or wrote
         when nobody asked) must not be handed a request."""
         try:
-            return self.process.poll() is None and not select.select([self.channel.read_fd], [], [], 0)[0]
+            return (self.process.poll() is None
+                    and not select.select([self.channel.read_fd], [], [], 0)[0])
         except (OSError, ValueError):   # the channel is closed
             return False
 
@@ -7051,7 +7088,7 @@ class _WorkerPool:
                         worker = self._idle.pop()
                         if worker.alive():
                             return worker
-                        dead.append(worker)       # died while idle (killed, out of memory): replaced
+                        dead.append(worker)       # died while idle (killed, out of memory)
                         self._started -= 1
                     if self._started < self.size:
                         self._started += 1
@@ -7353,13 +7390,14 @@ def link_table(entries):
 
 
 def host_from_args(args, **overrides):
-    """A Host for one-shot commands (isolation="thread": run_with_deadline ends a blocked guest)."""
+    """A Host for one-shot commands (isolation="one-shot": run_with_deadline ends the process
+    at the deadline)."""
     options = dict(kv=args.kv, allow_buckets=args.allow_buckets, timeout=args.timeout,
                    fuel=args.fuel,
                    max_memory=args.max_memory, max_table_elements=args.max_table_elements,
                    env=dict(args.env),
                    dirs=args.dirs, cache_dir=args.cache_dir,
-                   stub_imports=args.stub_imports, isolation="thread",
+                   stub_imports=args.stub_imports, isolation="one-shot",
                    allow_outbound=getattr(args, "allow_outbound", None))
     if args.namespace is not None:
         options["namespace"] = args.namespace
@@ -7378,9 +7416,11 @@ def parse_json_args(texts):
     for text in texts:
         try:
             values.append(parse_json(text, f"JSON argument {shown(text)}"))
-        except ArgumentError as exc:
+        except ArgumentError:
             hint = _quoting_hint(text)
-            raise ArgumentError(f"invalid JSON argument {shown(text)} ({hint})" if hint else str(exc)) from None
+            if not hint:
+                raise
+            raise ArgumentError(f"invalid JSON argument {shown(text)} ({hint})") from None
     return values
 
 
@@ -7403,10 +7443,11 @@ class DeadlineExceeded(TrapError):
 
 
 def run_with_deadline(function, timeout):
-    """function() in a daemon thread, for one-shot programs (isolation="thread"): if it has not
-    returned WORKER_GRACE seconds after `timeout` (a guest blocked in a WASI sleep, which epoch
-    interruption cannot stop), raise DeadlineExceeded; the caller must then end the process
-    (os._exit), since the thread cannot be stopped."""
+    """function() in a daemon thread, for one-shot programs (isolation "one-shot" or "thread"):
+    if it has not returned WORKER_GRACE seconds after `timeout` (a guest of a one-shot Host
+    still running, or a guest blocked in a WASI sleep, which epoch interruption cannot stop),
+    raise DeadlineExceeded; the caller must then end the process (os._exit), since the thread
+    cannot be stopped."""
     if timeout is None:
         return function()
     result = {}
@@ -7533,7 +7574,8 @@ def _kv_command(args, out, err):
             if not listed and args.namespace is None:
                 _say_where_data_is(backend, bucket, err)
         else:
-            delta = 1 if args.value is None else parse_number(args.value, "delta", minimum=S64[0], maximum=U64[1])
+            delta = 1 if args.value is None else parse_number(args.value, "delta",
+                                                              minimum=S64[0], maximum=U64[1])
             out.write(f"{backend.increment(ns, bucket, args.key, delta)}\n")
     finally:
         backend.close()

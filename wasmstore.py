@@ -4724,10 +4724,10 @@ def _open_layer(client, reference, segments, progress):
 # CLI
 # ---------------------------------------------------------------------------
 
-def _cli_count(text):
-    """argparse type of a count or index option: ASCII digits only."""
+def _cli_count(text, what="number", *, minimum=0, maximum=None):
+    """argparse type of a count or index option: ASCII digits only (parse_number's bounds)."""
     try:
-        return parse_number(text, "number")
+        return parse_number(text, what, minimum=minimum, maximum=maximum)
     except InvalidInput as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
@@ -5045,28 +5045,25 @@ def _add_serve_options(sub):
                           "address, only loopback names are answered otherwise)")
     sub.add_argument("--max-body", metavar="N",
                      help="largest request body in bytes, suffix K/M/G allowed (default 128M)")
-    sub.add_argument("--max-guests", type=_number_type("count", 1), metavar="N",
+    sub.add_argument("--max-guests", type=_at_least(1), metavar="N",
                      help="requests running at once (default: the number of CPUs, at least 2)")
-    sub.add_argument("--run-queue", type=_number_type("count", 0), metavar="N",
+    sub.add_argument("--run-queue", type=_at_least(0), metavar="N",
                      help="requests waiting for a slot; more get 503 with Retry-After "
                           "(default 64)")
-    sub.add_argument("--workers", type=_number_type("count", 1), metavar="N",
+    sub.add_argument("--workers", type=_at_least(1), metavar="N",
                      help="server processes sharing the port (env WASMSTORE_WORKERS; default: "
                           "the number of CPUs)")
     sub.add_argument("--quiet", action="store_true", help="no access log on stderr")
 
 
-def _number_type(what, minimum, maximum=None):
-    """An argparse type: a whole number from minimum to maximum, in ASCII digits (parse_number)."""
-    def parse(text):
-        try:
-            return parse_number(text, what, minimum=minimum, maximum=maximum)
-        except InvalidInput as exc:
-            raise argparse.ArgumentTypeError(str(exc)) from None
-    return parse
+def _port_number(text):
+    """argparse type of a TCP port (0: any free one)."""
+    return _cli_count(text, "port", maximum=65535)
 
 
-_port_number = _number_type("port number", 0, 65535)
+def _at_least(least):
+    """An argparse type: a whole number >= least, in ASCII digits."""
+    return lambda text: _cli_count(text, minimum=least)
 
 
 def _serve_ref(args):
