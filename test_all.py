@@ -12472,6 +12472,19 @@ class AppRouteTests(unittest.TestCase):
         self.assertEqual(status, 200)
         self.assertNotIn(b"RUN", body)                        # the server's key: never shown
 
+    def test_a_scoped_key_runs_only_the_apps_under_its_prefix(self):
+        live = app_server(self, auth="APPS:run@/apps/;OTHER:run@/other/;READ:read",
+                          apps=["/e=/apps/echo.wasm"])
+        digest = live.store.hash("/apps/hello.wasm")
+        cases = [("APPS", "/api/v1/app/apps/hello.wasm/", 200), ("APPS", "/e/x", 200),
+                 ("OTHER", "/api/v1/app/apps/hello.wasm/", 403), ("OTHER", "/e/x", 403),
+                 ("READ", "/api/v1/app/apps/hello.wasm/", 403),
+                 ("APPS", f"/api/v1/app/{digest}/", 403)]     # a hash may be stored anywhere
+        for key, target, status in cases:
+            with self.subTest(key=key, target=target):
+                self.assertEqual(live.request("GET", target, headers={"Wasmstore-Auth": key})[0],
+                                 status)
+
     def test_cross_site_posts_and_unknown_hosts_are_refused_before_the_guest_runs(self):
         live = app_server(self)
         app = "/api/v1/app/apps/echo.wasm/"
