@@ -1332,7 +1332,7 @@ class AppResponseError(ServerError):
         self.kind = kind
 
 
-# -- which app: mounts, refs, the one app of a server --------------------------------------------
+# -- which app: mounts, refs, the one app of a server ----------------------------------------------
 
 class AppSelector:
     """A stored app as a request names it: a store path (or hash) and where to find it, the
@@ -1465,7 +1465,7 @@ def app_path_with_query(raw_segments, query):
     return "/" + "/".join(raw_segments) + query
 
 
-# -- the request body, as the guest reads it ------------------------------------------------------
+# -- the request body, as the guest reads it -------------------------------------------------------
 
 class _OneReceive:
     """The connection's buffered input as an app's body readers use it: readinto returns what
@@ -1528,7 +1528,7 @@ class AppRequestBody:
         return getattr(self._reader, "remaining", None)
 
 
-# -- the response, as the guest writes it ---------------------------------------------------------
+# -- the response, as the guest writes it ----------------------------------------------------------
 
 class AppResponse:
     """The sink of a guest's response (kvhost.Host.handle_http calls it): start(status,
@@ -5435,13 +5435,19 @@ class SharedMetricValues:
 
     def __init__(self, region, writer=False):
         self.region = region
-        self.offsets = {}                 # key -> (offset of the value, struct format)
+        # key -> (its value as a one-number view of the region, whether a float): adding to a
+        # view costs a tenth of a struct unpack and pack (a request adds about twenty numbers)
+        self.cells = {}
         self.dropped = 0                  # new keys that did not fit
         if writer:
             for key, offset, fmt, _ in self._entries():
-                self.offsets[key] = (offset, fmt)
+                cell = self._cell(offset, fmt)
                 if key[0] in GAUGE_NAMES:
-                    struct.pack_into(fmt, region, offset, 0)
+                    cell[0] = 0
+                self.cells[key] = (cell, fmt == "d")
+
+    def _cell(self, offset, fmt):
+        return memoryview(self.region)[offset:offset + 8].cast(fmt)
 
     def _entries(self):
         region = self.region
@@ -5471,24 +5477,20 @@ class SharedMetricValues:
         fmt = "d" if kind else "q"
         struct.pack_into(fmt, self.region, offset, 0)
         struct.pack_into("Q", self.region, 0, offset + 8)
-        self.offsets[key] = (offset, fmt)
-        return offset, fmt
+        entry = self.cells[key] = (self._cell(offset, fmt), bool(kind))
+        return entry
 
     def add(self, key, delta):
         """Add delta to the number at key (0 when new); the caller holds Metrics.lock."""
-        entry = self.offsets.get(key) or self._append(key, isinstance(delta, float))
+        entry = self.cells.get(key) or self._append(key, isinstance(delta, float))
         if entry is not None:
-            offset, fmt = entry
-            value = struct.unpack_from(fmt, self.region, offset)[0]
-            value += delta if fmt == "d" else int(delta)
-            struct.pack_into(fmt, self.region, offset, value)
+            cell, is_float = entry
+            cell[0] += delta if is_float else int(delta)
 
     def get(self, key, default=0):
         """The number at key, or default."""
-        entry = self.offsets.get(key)
-        if entry is None:
-            return default
-        return struct.unpack_from(entry[1], self.region, entry[0])[0]
+        entry = self.cells.get(key)
+        return default if entry is None else entry[0][0]
 
     def snapshot(self):
         """{key: number} of everything in the region (from any process)."""
