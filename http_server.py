@@ -6143,6 +6143,11 @@ def main(argv=None):
                    max_body=args.max_body, quiet=args.quiet, timeout=args.timeout,
                    run=run_options(args), apps=args.apps or (), serve=_served_app(args))
     workers = args.workers or DEFAULT_WORKERS
+    for option, url in (("--kv", args.kv), ("--provider-kv", args.provider_kv)):
+        if workers > 1 and str(url).partition(":")[0] == "memory":
+            parser.error(f"{option} memory: keeps data inside one process, and each of the "
+                         f"{workers} worker processes would have its own: use --workers 1, or "
+                         "a backend every worker shares (sqlite, the default, or redis)")
     try:
         store = wasmstore.Store(root)
         if options["serve"] is not None:

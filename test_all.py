@@ -3888,8 +3888,7 @@ class WorkerProcessTests(unittest.TestCase):
     def test_run_slots_bound_the_whole_server(self):
         store = wasmstore.Store(self.root)
         fill_run_store(store, ["/p2/sleep.wasm"])
-        server = self.start("--workers", "2", "--max-guests", "1", "--run-queue", "0",
-                            "--kv", "memory:")
+        server = self.start("--workers", "2", "--max-guests", "1", "--run-queue", "0")
         self.assertEqual(http_request(server.url + "/api/v1/call/sleep/p2/sleep.wasm",
                                       "POST", b"[0]")[0], 200)        # compiled by now
         results = []
@@ -3905,7 +3904,7 @@ class WorkerProcessTests(unittest.TestCase):
         self.assertEqual(sorted(results), [200] + [503] * 7)
 
     def test_a_module_added_by_the_command_line_is_compiled_once_for_every_worker(self):
-        server = self.start("--workers", "2", "--kv", "memory:")
+        server = self.start("--workers", "2")
         module = numbered_module(random.randrange(1 << 30))
         source = os.path.join(temp_dir(self), "fresh.wasm")
         with open(source, "wb") as f:
@@ -3918,6 +3917,19 @@ class WorkerProcessTests(unittest.TestCase):
         self.assertEqual({reply[:1] + reply[2:] for reply in calls}, {(200, calls[0][2])})
         text = self.metrics(server)
         self.assertEqual(metric(text, "wasmstore_compile_cache_total", result="compiles"), 1)
+
+    def test_a_process_local_kv_backend_needs_one_worker(self):
+        # Each worker would keep its own memory: backend, so the same guest would see different
+        # data depending on which worker a connection reached.
+        for args in (["--kv", "memory:"], ["--kv", "component:/apps/p.wasm", "--provider-kv",
+                                            "memory:"]):
+            with self.subTest(args=args):
+                result = run_http_server("--root", self.root, "--port", "0", "--workers", "2",
+                                         *args)
+                self.assertEqual(result.returncode, 2)
+                self.assertIn("memory: keeps data inside one process", result.stderr)
+        server = self.start("--workers", "1", "--kv", "memory:")
+        self.assertNotIn("worker processes", server.banner)
 
     def test_workers_option_and_environment(self):
         self.assertIn("WASMSTORE_WORKERS", run_http_server("--help").stdout)
