@@ -10758,6 +10758,24 @@ class RunHttpTest(unittest.TestCase):
             "imports": []})
         self.assertEqual(json.loads(live.request("GET", "/api/v1/exports/kv/probe.wasm")[2])["kind"], "component")
 
+    def test_exports_never_compile(self):
+        # A freshly added 18 MB component takes seconds to compile: listing what it exports
+        # must not cost that, nor fill the memory cache with a guest nobody called.
+        live = self.server(precompile=False, cache_dir=temp_dir(self, "fresh-cache-"))
+        host = live.server.runtime.runner.host
+        for path in ("/lib/math.wasm", "/kv/probe.wasm"):
+            status, _, body = live.request("GET", "/api/v1/exports" + path)
+            self.assertEqual(status, 200, body)
+            self.assertFalse(host.is_loaded(live.store.hash(path)))
+        self.assertEqual(host.cache_stats(), {"memory_hits": 0, "disk_hits": 0, "compiles": 0})
+        described = json.loads(body)
+        self.assertEqual(described["kind"], "component")
+        self.assertIn("incr", [export["name"] for export in described["exports"]])
+        self.assertEqual(self.call(live, "incr", "/kv/probe.wasm", ["b", "k", 1])[2], b'{"ok":1}')
+        self.assertEqual(host.cache_stats()["compiles"], 1)
+        loaded = json.loads(live.request("GET", "/api/v1/exports/kv/probe.wasm")[2])
+        self.assertEqual(loaded, described)             # the compiled guest says the same
+
     def test_exports_route_lists_the_imports_too(self):
         live = self.server()
         linked = json.loads(live.request("GET", "/api/v1/exports/apps/linked.wasm")[2])
