@@ -840,6 +840,11 @@ class SlotPool:
         """Slots taken now, by every process of the server."""
         return sum(self._counts)
 
+    def busier_than_another(self):
+        """True if another worker of the server holds fewer slots than this one."""
+        mine = self._counts[self._index]
+        return any(count < mine for count in self._counts)
+
     def release_for(self, index):
         """Give back every slot worker `index` held (it died); only the supervisor calls this."""
         count, self._counts[index] = self._counts[index], 0
@@ -5018,6 +5023,10 @@ class ConnectionLimits:
         self._connections, self._watches = pools
         self._held = threading.local()
 
+    def busier_than_another(self):
+        """True if another worker of the server holds fewer ordinary connections than this."""
+        return self._connections.busier_than_another()
+
     def admit(self):
         """Take an ordinary slot for a new connection (accept loop); False when none is left."""
         return self._connections.acquire()
@@ -5113,7 +5122,12 @@ class WasmstoreServer(http.server.ThreadingHTTPServer):
 
     def get_request(self):
         """Accept a connection; it is blocking whatever the listening socket is (on BSD and
-        macOS an accepted socket inherits the listener's O_NONBLOCK)."""
+        macOS an accepted socket inherits the listener's O_NONBLOCK). Every worker is woken
+        by a new connection and the first to accept gets it, so a worker serving more
+        connections than a sibling lets that sibling try first: keep-alive clients connect
+        once, and without this a burst of them could all land on one worker."""
+        if self.worker is not None and self.limits.busier_than_another():
+            time.sleep(ACCEPT_DEFER_SECONDS)
         request, address = self.socket.accept()
         request.setblocking(True)
         return request, address
@@ -5412,6 +5426,7 @@ def make_server(store, host=DEFAULT_HOST, port=DEFAULT_PORT, **options):
 # Worker processes: one listening socket, N processes, bounds shared by all
 # ---------------------------------------------------------------------------
 
+ACCEPT_DEFER_SECONDS = 0.002       # a worker busier than a sibling waits this long to accept
 WORKER_REGION_BYTES = 4 << 20       # metric numbers a worker publishes (only touched pages cost)
 WORKER_START_SECONDS = 60.0         # a first worker not serving by then failed to start
 # ... unless it serves one app (--serve), which it compiles first: an 18 MB component takes

@@ -1622,6 +1622,10 @@ Why, as measured on wasmtime-py 50.0.1 (2026-12-07):
   running Python, a ``wasmtime_component_val_new`` + ``val_free`` through wasmtime-py's CDLL
   bindings took 147 us (it waits for the GIL to come back) against 0.6 us. Calls that run
   guest code (instantiation, function calls, a provider's destructors) release the GIL.
+- HTTP handlers: a request's Store is a bare C store and its component is instantiated and its
+  handler found through the C API (``instantiate_component``, ``component_func``): with a
+  wasmtime.Store and wasmtime-py's instantiate and get_func, a request cost 158 us of CPU
+  against 146 us (guests/http/hello.wat; the jco handler 969 against 923 us).
 
 Memory is reached only through bounded ctypes arrays over what wasmtime handed over (a
 record, a vector's data, a box): ``_span(address, size)``.
@@ -1633,13 +1637,14 @@ Host() raises KvError saying which wasmtime to install; the backends, the wasm r
 Private names of wasmtime-py relied upon (nothing else outside its public API is used):
   wasmtime._ffi.dll (its ``_name``: the library's path)
   wasmtime._ffi structures: wasmtime_component_val_t, wasmtime_component_valrecord_entry,
-      wasmtime_val_t, wasmtime_instance_t, wasmtime_extern_t, wasmtime_error_t, wasm_trap_t
-      (sizes and offsets checked against the constants below when binding)
+      wasmtime_val_t, wasmtime_instance_t, wasmtime_extern_t, wasmtime_error_t, wasm_trap_t,
+      wasmtime_component_instance_t, wasmtime_component_func_t (sizes and offsets checked
+      against the constants below when binding, or only sized)
   wasmtime._ffi constants: WASMTIME_COMPONENT_<KIND> (checked against _KIND),
       WASMTIME_I32, WASMTIME_I64, WASMTIME_F32, WASMTIME_F64, WASMTIME_EXTERN_FUNC
   wasmtime.WasmtimeError._from_ptr, wasmtime.Trap._from_ptr (take over a C error or trap)
-  .ptr() of Config, Engine, Module, Store, component LinkerInstance and ResourceType;
-      Store._context()
+  .ptr() of Config, Engine, Module, Store, component Linker, LinkerInstance, Component,
+      ExportIndex and ResourceType; Store._context()
   wasmtime.component.Func._func, wasmtime.Instance._instance (their C structures)
 C functions (wasmtime's C API, bound by name in _CApi): see _CApi.__init__.
 """
@@ -1785,6 +1790,12 @@ class _CApi:
         self.component_call = slow("wasmtime_component_func_call", _vp, _vp, _vp, _vp, _sz, _vp,
                                    _sz)                                  # runs post-return too
         self.provider_drop = slow("wasmtime_component_resource_any_drop", _vp, _vp, _vp)
+        self.component_instantiate = slow("wasmtime_component_linker_instantiate", _vp, _vp, _vp,
+                                          _vp, _vp)                      # runs start functions
+        self.component_get_func = quick("wasmtime_component_instance_get_func", ctypes.c_bool,
+                                        _vp, _vp, _vp, _vp)
+        self.component_instance_size = ctypes.sizeof(ffi.wasmtime_component_instance_t)
+        self.component_func_size = ctypes.sizeof(ffi.wasmtime_component_func_t)
         self.scratch = _CoreScratch(ffi)
 
     def _quick(self, name, restype, *argtypes):
@@ -1904,6 +1915,23 @@ class _CApi:
         """Call a component Func (its address) on plain val_t arrays; raises WasmtimeError."""
         self.check(self.component_call(func, context, args, nargs, result, nresults))
 
+    def instantiate_component(self, context, linker, component):
+        """A new instance of a component in a store (addresses of its context, a component
+        Linker and a Component): its wasmtime_component_instance_t, in a buffer of its own."""
+        instance = ctypes.create_string_buffer(self.component_instance_size)
+        self.check(self.component_instantiate(linker, context, component,
+                                              ctypes.addressof(instance)))
+        return instance
+
+    def component_func(self, context, instance, index):
+        """The wasmtime_component_func_t (a buffer) of an instance's export at `index` (an
+        ExportIndex's address), or None when that export is not a function."""
+        func = ctypes.create_string_buffer(self.component_func_size)
+        if not self.component_get_func(ctypes.addressof(instance), context, index,
+                                       ctypes.addressof(func)):
+            return None
+        return func
+
     def instantiate_module(self, context, module):
         """The address of an instance of a core module without imports (`module`: its
         address), in this thread's scratch (valid until the thread's next instantiation)."""
@@ -1977,8 +2005,9 @@ _C, _WASMTIME_PROBLEM = _bind_wasmtime()
 
 class _GuestStore:
     """A wasmtime Store with its fuel, epoch deadline and limits. A core module without
-    imports runs in a bare C store (made and freed keeping the GIL, used by address);
-    everything else (linkers, WASI, components) in a wasmtime.Store, made by wasmtime-py."""
+    imports and an HTTP handler run in a bare C store (made and freed keeping the GIL, used by
+    address); everything else (linkers, WASI, components) in a wasmtime.Store, made by
+    wasmtime-py."""
 
     __slots__ = ("wrapper", "raw", "address", "metered")
 
@@ -3992,7 +4021,8 @@ class Host:
     def _new_store(self, argv=("guest",), stdin=None, capture=None, wasi=True, bare=False):
         """A fresh Store with the sandbox limits, and WASI set unless the guests it runs import
         none (a WASI call in a Store without WASI aborts the process: `wasi` must say so truly).
-        bare: a C store alone, for a core module without imports (no wasmtime.Store)."""
+        bare: a C store alone, for a core module without imports or an HTTP handler (no
+        wasmtime.Store)."""
         self._start_ticker()
         deadline = 1 << 62 if self.timeout is None else math.ceil(self.timeout / EPOCH_TICK) + 1
         store = _GuestStore(self.engine, self._engine_address, self.fuel, deadline, self._limits,
@@ -6623,7 +6653,7 @@ class _HttpSession:
         deadline = None if host.timeout is None else time.monotonic() + host.timeout
         self.captures = (_Capture(HTTP_CAPTURE_BYTES), _Capture(HTTP_CAPTURE_BYTES))
         self.state = _HttpState(host, namespace, sink, deadline, self.captures)
-        self.guest_store = host._new_store(wasi=False)
+        self.guest_store = host._new_store(wasi=False, bare=True)
         self.address = self.guest_store.address
         if host._composition is not None:
             self.state.provider = host._composition.link(self.state, self.captures)
@@ -6646,24 +6676,22 @@ class _HttpSession:
         left = self.guest_store.fuel_left()        # None: the Host meters no fuel
         return 0 if left is None else self.host.fuel - left
 
-    def _instantiate(self, store):
+    def _instantiate(self):
+        linker = _C.address(self.host._http_linker())
         try:
-            return self.host._http_linker().instantiate(store, self.guest.artifact)
-        except wasmtime.WasmtimeError as e:
+            return _C.instantiate_component(self.address, linker, _C.address(self.guest.artifact))
+        except wasmtime.WasmtimeError as e:     # a link failure, or a start function trapped
             reason = _link_reason(e)
             if _is_link_failure(reason):
                 raise LinkError(f"cannot link {self.guest.name} as an HTTP handler: "
                                 f"{reason}") from None
             raise self._error(e) from None
-        except wasmtime.Trap as e:          # a start function trapped
-            raise self._error(e) from None
 
     def run(self):
         """Call handle(request, response-outparam); the HttpOutcome, or the TrapError."""
         index = _http_handler_index(self.guest, self.host.engine)
-        store = self.guest_store.wrapper
-        instance = self._instantiate(store)
-        func = instance.get_func(store, index)
+        instance = self._instantiate()
+        func = _C.component_func(self.address, instance, _C.address(index))
         if func is None:
             raise NotHttpHandler(f"{self.guest.name}: wasi:http/incoming-handler#handle is not a "
                                  "function")
@@ -6673,7 +6701,7 @@ class _HttpSession:
         _LOWER_REQUEST(self.address, state.add(_IncomingRequest(self.request)), base)
         _LOWER_OUTPARAM(self.address, state.add(_Placeholder()), base + _VAL_SIZE)
         try:
-            _C.call_component(self.address, _C.func_address(func), base, 2, None, 0)
+            _C.call_component(self.address, ctypes.addressof(func), base, 2, None, 0)
         except wasmtime.WasmtimeError as e:
             raise self._error(e) from None
         finally:

@@ -11818,6 +11818,13 @@ class HttpKeyvalueTest(unittest.TestCase):
         self.visit(host, "/apps/a.wasm")
         self.assertEqual(host.backend.get("/apps/a.wasm", "default", "visits"), b"1")
 
+    def test_a_provider_component_serves_the_handlers_keyvalue(self):
+        # kv-provider.wat keeps the guest's bucket B as the backend's bucket wat.B
+        host = kvhost.Host(kv="component:" + KV_PROVIDER, provider_kv="memory:", cache_dir=False)
+        self.addCleanup(host.close)
+        self.assertEqual([self.visit(host, "/apps/p.wasm") for _ in range(2)], [b"visits=1\n", b"visits=2\n"])
+        self.assertEqual(host.backend.get("/apps/p.wasm", "wat.default", "visits"), b"2")
+
 
 class OutboundServer:
     """A local HTTP (or HTTPS) server on a free loopback port, served from a thread, answering

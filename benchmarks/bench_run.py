@@ -31,9 +31,14 @@ the same round, in alternating blocks, so that both see the same machine noise:
    ``--baseline DIR``'s wasmstore.py (another checkout, e.g. the starting commit) timed in the
    same rounds.
 
---only NAME runs figure NAME alone (http, inprocess, cold+restart, compute).
+6. added: the guest added over HTTP (``POST /api/v1/module/...``) to a new server process with a
+   fresh compile cache and its default worker processes; once /metrics reports the background
+   compile done (``wasmstore_background_compiles_total{result="compiled"}``), the first call
+   (goal <= 0.3 s) and the slowest of 4 calls on new connections (any worker may answer one).
 
---quick replaces build/py-counter.wasm in figures 3 and 4 by a generated ~2 MB core module (it
+--only NAME runs figure NAME alone (http, inprocess, cold+restart, compute, added).
+
+--quick replaces build/py-counter.wasm in figures 3, 4 and 6 by a generated ~2 MB core module (it
 compiles in a fraction of a second) and shortens every block: a smoke run in seconds. Without
 build/py-counter.wasm the generated module is used too, and the table says so.
 
@@ -51,11 +56,9 @@ import http.client
 import importlib.util
 import json
 import os
-import queue
 import re
 import selectors
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
@@ -66,9 +69,7 @@ import time
 
 BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO_DIR = os.path.dirname(BENCH_DIR)
-NUMBERS_WAT = os.path.join(REPO_DIR, "guests", "run", "numbers.wat")
 PY_COUNTER = os.path.join(REPO_DIR, "build", "py-counter.wasm")
-HTTP_SERVER = os.path.join(REPO_DIR, "http_server.py")
 NUMBERS_PATH = "bench/numbers.wasm"
 SMALL_PATH = "bench/small.wasm"
 BIG_PATH = "bench/big.wasm"            # py-counter, or the generated module (--quick)
@@ -79,15 +80,17 @@ GENERATED_FUNCTIONS = 3000             # the --quick stand-in for py-counter: ~2
 HTTP_GOAL = 0.5
 INPROCESS_GOAL = 0.9
 RESTART_GOAL = 0.5                     # seconds
+ADDED_GOAL = 0.3                       # seconds: first call after an add, compiled in the background
+ADDED_CALLS = 4                        # calls on fresh connections after an add (reach every worker)
 COMPUTE_GOAL = 0.9                     # wasmtime run's time / wasmstore call's time
 FIBONACCI_WAT = os.path.join(REPO_DIR, "guests", "run", "fibonacci.wat")
 FIBONACCI_PATH = "wess/fibonacci.wasm"
 WASMTIME_CLI_GLOB = os.path.join(REPO_DIR, ".venv-wasmtime", "lib", "python*", "site-packages",
                                  "wasmtime_cli", "wasmtime")
-START_TIMEOUT = 120.0                  # seconds for a server process to listen (a loaded machine)
 CALL_TIMEOUT = 600.0                   # seconds for one call (a cold 18 MB compile on a loaded machine)
 COMPILES_RE = re.compile(r'^wasmstore_compile_cache_total\{result="compiles"\} (\d+)\s*$', re.M)
-SERVING_RE = re.compile(r"^wasmstore: serving .* on (http://\S+)$")
+BACKGROUND_RE = re.compile(r'^wasmstore_background_compiles_total\{result="(compiled|failed)"\} '
+                           r'(\d+)\s*$', re.M)
 
 
 def _load_bench_http():
@@ -107,11 +110,7 @@ bench_http = _load_bench_http()
 
 # ------------------------------------------------------------------------------ guests
 
-def numbers_wasm():
-    """guests/run/numbers.wat as a binary module (what a user would store)."""
-    import wasmtime
-    with open(NUMBERS_WAT, encoding="utf-8") as f:
-        return bytes(wasmtime.wat2wasm(f.read()))
+numbers_wasm = bench_http.numbers_wasm
 
 
 def generated_wasm(functions=GENERATED_FUNCTIONS):
@@ -345,52 +344,7 @@ def bench_inprocess(store, directory, rounds, seconds, block):
 
 # ------------------------------------------------------------------------------ server processes
 
-class ServerProcess:
-    """``python http_server.py --root ROOT --port 0 --quiet`` as a child process, its compile cache
-    under cache_home (XDG_CACHE_HOME); WASMSTORE_* variables of this environment are not passed on."""
-
-    def __init__(self, root, cache_home, extra_args=()):
-        env = {name: value for name, value in os.environ.items() if not name.startswith("WASMSTORE_")}
-        env["XDG_CACHE_HOME"] = cache_home
-        self.lines = queue.Queue()
-        self.spawned = time.perf_counter()
-        self.process = subprocess.Popen([sys.executable, HTTP_SERVER, "--root", root, "--port", "0", "--quiet",
-                                         *extra_args], env=env, cwd=REPO_DIR, stdin=subprocess.DEVNULL,
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        self.stderr = []
-        threading.Thread(target=self._read_stderr, daemon=True).start()
-        self.port, self.listening = self._wait_listening()
-
-    def _read_stderr(self):
-        for line in self.process.stderr:
-            self.lines.put(line.rstrip("\n"))
-        self.lines.put(None)
-
-    def _wait_listening(self):
-        """(port, seconds from spawning to the "serving ... on URL" line)."""
-        deadline = time.monotonic() + START_TIMEOUT
-        while True:
-            try:
-                line = self.lines.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
-                line = None
-            if line is None:
-                self.stop()
-                raise RuntimeError("http_server.py did not start listening: " + " | ".join(self.stderr[-5:]))
-            match = SERVING_RE.match(line)
-            if match:
-                return int(match.group(1).rsplit(":", 1)[1]), time.perf_counter() - self.spawned
-            self.stderr.append(line)
-
-    def stop(self):
-        """SIGTERM (a graceful shutdown), then SIGKILL if it has not ended within 30 s."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+ServerProcess = bench_http.ServerProcess
 
 
 # ------------------------------------------------------------------------------ figure 4
@@ -529,6 +483,54 @@ def bench_compute(directory, rounds, quick, baseline=None):
     return {"argument": argument, "rounds": results}
 
 
+# ------------------------------------------------------------------------------ figure 6
+
+def background_compiles(port):
+    """{"compiled": n, "failed": n} from the server's /metrics."""
+    _, status, data = request_once(port, "GET", "/metrics", timeout=30)
+    if status != 200:
+        raise RuntimeError(f"/metrics answered {status}")
+    found = {"compiled": 0, "failed": 0}
+    found.update({name: int(n) for name, n in BACKGROUND_RE.findall(data.decode("utf-8", "replace"))})
+    return found
+
+
+def bench_added(root, directory, guest, rounds):
+    """Per round: a new server process (default --workers) with a fresh compile cache; the guest
+    is added over HTTP under a new path, and once /metrics says the background compile is done,
+    ADDED_CALLS calls on fresh connections (a new connection may reach any worker). Returns
+    [{"compile", "first", "slowest", "compiles"}] (seconds; compiles from /metrics)."""
+    results = []
+    for number in range(rounds):
+        server = ServerProcess(root, os.path.join(directory, f"xdg-added-{number}"))
+        path = f"bench/added-{number}.wasm"
+        try:
+            _, status, body = request_once(server.port, "POST", f"/api/v1/module/{path}", guest.data)
+            if status != 200:
+                raise RuntimeError(f"adding the guest answered {status} {body[:200]!r}")
+            added = time.perf_counter()
+            while not background_compiles(server.port)["compiled"]:
+                if background_compiles(server.port)["failed"]:
+                    raise RuntimeError("the background compile of the added guest failed")
+                if time.perf_counter() - added > CALL_TIMEOUT:
+                    raise RuntimeError("the background compile did not finish")
+                time.sleep(0.1)
+            compiled = time.perf_counter() - added
+            calls = []
+            for _ in range(ADDED_CALLS):
+                seconds, status, body = request_once(server.port, "POST",
+                                                     call_url(guest.function, path), guest.body)
+                if not guest.check(status, body):
+                    raise RuntimeError(f"a call after the add answered {status} {body[:200]!r}")
+                calls.append(seconds)
+            compiles = compiles_of(server.port)
+        finally:
+            server.stop()
+        results.append({"compile": compiled, "first": calls[0], "slowest": max(calls),
+                        "calls": calls, "compiles": compiles})
+    return results
+
+
 # --------------------------------------------------------------------------------- table
 
 def _median(results, key):
@@ -552,6 +554,8 @@ def print_table(figures, options, out=sys.stdout):
         _print_restart_and_cold(figures, write)
     if "compute" in figures:
         _print_compute(figures["compute"], write)
+    if "added" in figures:
+        _print_added(figures["added"], figures["guest"], write)
 
 
 def _print_compute(compute, write):
@@ -577,6 +581,20 @@ def _print_compute(compute, write):
     for r in results:
         if r["wrong"]:
             write(f"   answers differ: {r['wrong']}\n")
+
+
+def _print_added(added, guest, write):
+    first = _median(added, "first")
+    write(f"6. first HTTP call after an add (POST /api/v1/module), once /metrics reports the "
+          f"background compile: {guest.label}\n")
+    write(f"   request sent -> full answer      {first:6.3f} s   goal <= {ADDED_GOAL} s: "
+          f"{_verdict(first <= ADDED_GOAL)}\n")
+    write(f"   slowest of {ADDED_CALLS} calls on new connections {_median(added, 'slowest'):6.3f} s "
+          "(any worker process)\n")
+    write(f"   add -> background compile done   {_median(added, 'compile'):6.2f} s\n")
+    write("   per round (call s): " + "; ".join(", ".join(f"{c:.3f}" for c in r["calls"])
+                                             for r in added)
+          + "   compiles reported: " + ", ".join(str(r["compiles"]) for r in added) + "\n")
 
 
 def _print_http(figures, options, write):
@@ -653,7 +671,7 @@ def _build_parser():
     return parser
 
 
-FIGURES = ("http", "inprocess", "cold+restart", "compute")
+FIGURES = ("http", "inprocess", "cold+restart", "compute", "added")
 
 
 def _settings(args):
@@ -699,6 +717,8 @@ def main(argv=None):
             figures["restart"] = bench_restart(root, cache_home, guest, args.rounds)
         if "compute" in chosen:
             figures["compute"] = bench_compute(directory, args.rounds, args.quick, args.baseline)
+        if "added" in chosen:
+            figures["added"] = bench_added(root, directory, guest, args.rounds)
     finally:
         shutil.rmtree(directory, ignore_errors=True)
     print_table(figures, options)
