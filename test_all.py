@@ -9573,6 +9573,7 @@ class OciRegistryTest(OciTestCase):
         wasmstore.push(self.store, "/ok.wasm", good)
         target = Store(os.path.join(self.tmp, "target"))
         self.addCleanup(target.close)
+        self.assertEqual(list(target.list()), [])     # a first read maps refs/generation
         before = store_files(target.root)
         with self.assertRaises(wasmstore.NotFound):
             wasmstore.pull_many(target, [(good, "/1.wasm"), (self.registry.ref(self.repo("missing")), "/2.wasm"),
