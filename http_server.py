@@ -1701,7 +1701,7 @@ class AppResponse:
                 handler.close_connection = True       # the body ends with the connection
         elif final and self._head_only and self.status not in NO_BODY_STATUSES:
             lines.append(b"Content-Length: %d\r\n" % self.written)   # what GET would send
-        lines.append(handler.app_connection_field())
+        lines.append(handler.app_connection_field(final))
         lines.append(b"\r\n")
         return b"".join(lines)
 
@@ -4707,10 +4707,10 @@ class WasmstoreHandler(http.server.BaseHTTPRequestHandler):
 
     def _after_app_body(self, body):
         """Keep the connection for the next request only if the body was read to its end (or
-        what is left of it, small and announced, can be read and dropped now)."""
+        what is left of it, at most MAX_DISCARDED_BODY bytes, can be read and dropped now)."""
         if body.exhausted:
             return
-        if self._keeps_unread_body(body):
+        if not self._expect_continue and (body.remaining or 0) <= MAX_DISCARDED_BODY:
             try:
                 self._bytes_in += drain(body._reader, MAX_DISCARDED_BODY)
                 self._body_done = True
@@ -4724,10 +4724,15 @@ class WasmstoreHandler(http.server.BaseHTTPRequestHandler):
         return (not self._expect_continue and remaining is not None
                 and remaining <= MAX_DISCARDED_BODY)
 
-    def app_connection_field(self):
-        """The Connection field of an app's response head (b"" when none is needed)."""
-        app = getattr(self, "_app", None)
-        if app is not None and not app[2].exhausted and not self._keeps_unread_body(app[2]):
+    def app_connection_field(self, final):
+        """The Connection field of an app's response head (b"" when none is needed). A request
+        body the guest has not read to its end lets the connection stay only if the rest is
+        small enough to read and drop (_after_app_body): for a response sent whole (final) that
+        is known now; for one sent while the guest runs, only at its end (the guest may still
+        read it all), and then the connection may close without having said so."""
+        app = self._app
+        if final and app is not None and not app[2].exhausted and \
+                not self._keeps_unread_body(app[2]):
             self.close_connection = True            # unread body bytes would be read as a request
         if self.server.draining:
             self.close_connection = True

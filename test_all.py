@@ -9585,6 +9585,7 @@ class OciRegistryTest(OciTestCase):
         wasmstore.push(self.store, "/ok.wasm", good)
         target = Store(os.path.join(self.tmp, "target"))
         self.addCleanup(target.close)
+        self.assertEqual(list(target.list()), [])     # a first read maps refs/generation
         before = store_files(target.root)
         with self.assertRaises(wasmstore.NotFound):
             wasmstore.pull_many(target, [(good, "/1.wasm"), (self.registry.ref(self.repo("missing")), "/2.wasm"),
@@ -12157,6 +12158,32 @@ def parsed_response(raw, head_only=False):
     return int(status_line.split()[1]), headers, rest, True
 
 
+def split_responses(raw):
+    """[(status, headers, payload)] of the whole responses one after the other in `raw` (each
+    framed by its Content-Length or its chunks); an incomplete one is an AssertionError."""
+    found = []
+    while raw:
+        head, _, rest = raw.partition(b"\r\n\r\n")
+        status, headers, _, _ = parsed_response(head + b"\r\n\r\n")
+        if headers.get("transfer-encoding", "").lower() == "chunked":
+            end = position = 0
+            while True:
+                line_end = rest.index(b"\r\n", position)
+                size = int(rest[position:line_end].split(b";")[0], 16)
+                position = line_end + 2 + size + 2
+                if size == 0:
+                    end = position
+                    break
+            payload, raw = dechunk(rest[:end]), rest[end:]
+        else:
+            length = int(headers.get("content-length", "0"))
+            if len(rest) < length:
+                raise AssertionError(f"a response cut short: {raw[:200]!r}")
+            payload, raw = rest[:length], rest[length:]
+        found.append((status, headers, payload))
+    return found
+
+
 def refused(port):
     """True once nothing accepts connections on the loopback port."""
     try:
@@ -12262,6 +12289,37 @@ class ServeAppTests(unittest.TestCase):
             self.assertEqual((status, headers["content-length"], body), (200, "16", b""))
             self.assertEqual(live.request("GET", "/", conn=conn)[2], b"hello from wasm\n")
         wait_until(lambda: live.server.metrics.connections == 0, message="the connection to close")
+
+    def test_a_large_upload_the_guest_reads_while_it_answers_keeps_the_connection(self):
+        live = app_server(self, serve="/apps/echo.wasm")        # echo.wat answers as it reads
+        body = bytes(range(256)) * 4096                            # 1 MiB
+        with contextlib.closing(live.connect()) as conn:
+            status, headers, answer = live.request("POST", "/up", body, conn=conn)
+            self.assertEqual((status, echoed(answer)[2], headers.get("connection")),
+                             (200, body, None))
+            first = conn.sock
+            self.assertEqual(echoed(live.request("GET", "/next", conn=conn)[2])[0], "GET /next")
+            self.assertIs(conn.sock, first)                      # the same connection
+        wait_until(lambda: live.server.metrics.connections == 0, message="the connection to close")
+
+    def test_pipelined_requests_with_bodies_are_answered_in_order(self):
+        live = app_server(self, serve="/apps/echo.wasm")
+        requests = (b"POST /one HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 3\r\n\r\nabc"
+                    b"POST /two HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+                    b"2\r\nde\r\n0\r\n\r\n"
+                    b"GET /three HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        answers = [(status, echoed(body)[0], echoed(body)[2])
+                   for status, _, body in split_responses(raw_exchange(live.port, requests))]
+        self.assertEqual(answers, [(200, "POST /one", b"abc"), (200, "POST /two", b"de"),
+                                   (200, "GET /three", b"")])
+
+    def test_an_app_removed_from_the_store_is_404_until_it_is_back(self):
+        live = app_server(self, serve="/apps/hello.wasm")
+        live.store.remove("/apps/hello.wasm")
+        status, headers, _ = live.request("GET", "/")
+        self.assertEqual((status, headers["wasmstore-error"]), (404, "not-found"))
+        live.store.add("/apps/hello.wasm", guest_binary(HTTP_HELLO))
+        self.assertEqual(live.request("GET", "/")[2], b"hello from wasm\n")
 
     def test_a_new_version_serves_the_next_request_and_requests_in_flight_keep_theirs(self):
         live = app_server(self, {"/apps/site.wasm": guest_binary(HTTP_ECHO)},
