@@ -273,6 +273,17 @@ class HttpError(ServerError):
         self.headers = list(headers)
 
 
+class AppResponseError(ServerError):
+    """A guest's response that cannot be sent as it is: a bad status or field, a body longer or
+    shorter than its Content-Length, a second response, none. `kind` labels it for
+    Wasmstore-Error and the metrics."""
+
+    def __init__(self, message, kind="bad-response"):
+        super().__init__(message)
+        self.kind = kind
+
+
+
 # ---------------------------------------------------------------------------
 # URL parsing
 # ---------------------------------------------------------------------------
@@ -423,6 +434,7 @@ ErrorMeaning = wasmstore.ErrorMeaning
 # HttpError its status, a TrapError its kind). Anything not in the table is a bug: 500.
 ERROR_STATUS = {
     HttpError: ErrorMeaning(None, 1, None),
+    AppResponseError: ErrorMeaning(502, 1, None),       # Wasmstore-Error: its kind
     **wasmstore.ERROR_STATUS,
 }
 
@@ -437,6 +449,13 @@ if kvhost is not None:
         (kvhost.GuestError, 422),           # stored, but cannot run
         (kvhost.TrapError, 422),            # Wasmstore-Error: its kind
         (kvhost.KvError, 422))})
+    ERROR_STATUS[kvhost.NotHttpHandler] = ErrorMeaning(422, 1, "not-http-handler")   # serve: start-up
+
+# An app request (the HTTP-app routes) answers from the same rows, as a gateway does: an error
+# of the guest's (kvhost's errors, a response the server cannot send) is 502, or 504 for a
+# timeout, with the row's label as Wasmstore-Error; any other keeps its status, labelled
+# "busy" (503), "not-found", "request" (another 4xx) or "store" (5xx). See app_error_status.
+_GUEST_FAILURES = (AppResponseError,) + (() if kvhost is None else (kvhost.KvError,))
 
 
 def _http_label(status):
@@ -1327,16 +1346,6 @@ _FIELD_VALUE_BAD_RE = re.compile(rb"[\x00\r\n]")
 _VERSION_REF_RE = re.compile(r"v(\d{1,9})\Z")
 
 
-class AppResponseError(ServerError):
-    """A guest's response that cannot be sent as it is: a bad status or field, a body longer or
-    shorter than its Content-Length, a second response, none. `kind` labels it for
-    Wasmstore-Error and the metrics."""
-
-    def __init__(self, message, kind="bad-response"):
-        super().__init__(message)
-        self.kind = kind
-
-
 # -- which app: mounts, refs, the one app of a server ----------------------------------------------
 
 class AppSelector:
@@ -1736,30 +1745,18 @@ def _unfinished(sink):
 
 
 def app_error_status(exc):
-    """(HTTP status, Wasmstore-Error kind) of an app request that failed before a response:
-    the guest's failures are a gateway's (502; 504 for a timeout), the request's are the
-    client's (400, 404, 413, ...), a full queue is 503; None for an unexpected error (a bug)."""
-    if isinstance(exc, AppResponseError):
-        return 502, exc.kind
-    if isinstance(exc, HttpError):
-        return exc.status, ("busy" if exc.status == 503 else "request")
-    if kvhost is not None:
-        if isinstance(exc, kvhost.NotHttpHandler):
-            return 502, "not-http-handler"
-        if isinstance(exc, kvhost.TrapError):
-            return (504 if exc.kind == "timeout" else 502), exc.kind
-        if isinstance(exc, kvhost.LinkError):
-            return 502, "link"
-        if isinstance(exc, kvhost.GuestError):
-            return 502, getattr(exc, "kind", None) or "guest"
-        if isinstance(exc, kvhost.KvError):
-            return 502, getattr(exc, "kind", None) or "host"
-    if isinstance(exc, wasmstore.NotFound):
-        return 404, "not-found"
-    if isinstance(exc, wasmstore.InvalidInput):
-        return 400, "request"
-    status = error_status(exc)
-    return (None, None) if status is None else (status, "store")
+    """(HTTP status, Wasmstore-Error kind) of an app request that failed before a response,
+    from the ERROR_STATUS row (see the rule beside the table); (None, None) for an unexpected
+    error (a bug)."""
+    meaning = error_meaning(exc)
+    if meaning is None:
+        return None, None
+    if isinstance(exc, _GUEST_FAILURES) and not isinstance(exc, HttpError):
+        return (504 if meaning.label == "timeout" else 502), meaning.label
+    status = meaning.http_status
+    if status == 503 or meaning.label == "not-found":
+        return status, "busy" if status == 503 else "not-found"
+    return status, "request" if 400 <= status < 500 else "store"
 
 
 def app_error_reply(exc):
@@ -6147,12 +6144,7 @@ def main(argv=None):
                    max_watches=args.max_watches or DEFAULT_MAX_WATCHES,
                    max_body=args.max_body, quiet=args.quiet, timeout=args.timeout,
                    run=run_options(args), apps=args.apps or (), serve=_served_app(args))
-    workers = args.workers or DEFAULT_WORKERS
-    for option, url in (("--kv", args.kv), ("--provider-kv", args.provider_kv)):
-        if workers > 1 and str(url).partition(":")[0] == "memory":
-            parser.error(f"{option} memory: keeps data inside one process, and each of the "
-                         f"{workers} worker processes would have its own: use --workers 1, or "
-                         "a backend every worker shares (sqlite, the default, or redis)")
+    workers = _worker_count(parser, args)
     try:
         store = wasmstore.Store(root)
         if options["serve"] is not None:
@@ -6170,6 +6162,20 @@ def main(argv=None):
         meaning = error_meaning(exc)
         return 1 if meaning is None else meaning.exit_status
     return _serve_workers(store, listener, workers, options, metrics)
+
+
+def _worker_count(parser, args):
+    """--workers, or one per CPU; one when a kv backend lives inside one process (memory:),
+    which more workers could not share (asked for explicitly: a usage error)."""
+    local = [option for option, url in (("--kv", args.kv), ("--provider-kv", args.provider_kv))
+             if str(url).partition(":")[0] == "memory"]
+    if not local:
+        return args.workers or DEFAULT_WORKERS
+    if (args.workers or 1) > 1:
+        parser.error(f"{local[0]} memory: keeps data inside one process, and each of the "
+                     f"{args.workers} worker processes would have its own: use --workers 1, or "
+                     "a backend every worker shares (sqlite, the default, or redis)")
+    return 1
 
 
 def _serve_alone(server):

@@ -2935,6 +2935,24 @@ class PureFunctionTests(unittest.TestCase):
         self.assertEqual(http_server.error_reply(ValueError("a bug")).status, 500)
         self.assertEqual(http_server.outcome_of(None), "ok")
 
+    def test_an_app_request_answers_from_the_same_rows_as_a_gateway(self):
+        cases = [(kvhost.TrapError("spun", "timeout"), (504, "timeout")),
+                 (kvhost.TrapError("unreachable", "trap"), (502, "trap")),
+                 (kvhost.LinkError("no import"), (502, "link")),
+                 (kvhost.NotHttpHandler("no handler"), (502, "not-http-handler")),
+                 (http_server.AppResponseError("two", "response-twice"), (502, "response-twice")),
+                 (http_server.HttpError(503, "busy"), (503, "busy")),
+                 (http_server.HttpError(431, "too many fields"), (431, "request")),
+                 (wasmstore.NotFound("no app"), (404, "not-found")),
+                 (wasmstore.TooLarge("big"), (413, "request")),
+                 (wasmstore.StoreError("disk"), (500, "store")),
+                 (ValueError("a bug"), (None, None))]
+        for exc, answer in cases:
+            with self.subTest(exc=exc):
+                self.assertEqual(http_server.app_error_status(exc), answer)
+        reply = http_server.app_error_reply(kvhost.TrapError("spun", "timeout"))
+        self.assertEqual((reply.status, dict(reply.headers)["Wasmstore-Error"]), (504, "timeout"))
+
     def test_parse_target_decodes_segments_and_drops_empty_ones(self):
         segments, query = http_server.parse_target("/api/v1//module/a%20b/%C3%A9.wasm?branch=dev")
         self.assertEqual(segments, ("api", "v1", "module", "a b", "é.wasm"))
@@ -3928,7 +3946,7 @@ class WorkerProcessTests(unittest.TestCase):
                                          *args)
                 self.assertEqual(result.returncode, 2)
                 self.assertIn("memory: keeps data inside one process", result.stderr)
-        server = self.start("--workers", "1", "--kv", "memory:")
+        server = self.start("--kv", "memory:")        # without --workers: one process
         self.assertNotIn("worker processes", server.banner)
 
     def test_workers_option_and_environment(self):
