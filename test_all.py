@@ -10578,6 +10578,81 @@ class WorkerDeathTest(unittest.TestCase):
                 self.assertEqual((status, headers.get("wasmstore-error")), (200, None), body)
 
 
+class BranchStateTest(StoreTestCase):
+    """kv state follows branches: a branch other than the default has its own namespace for a
+    path, sharing is an explicit --namespace-map, merging moves no data; any storable path runs."""
+
+    def setUp(self):
+        super().setUp()
+        self.store.add("/kv/probe.wasm", guest_binary(PROBE))
+        self.store.create_branch("dev")
+        self.runner = wasmstore.Runner(self.store, kv="memory:", cache_dir=False)
+        self.addCleanup(self.runner.close)
+
+    def bump(self, runner=None, branch=None, path="/kv/probe.wasm"):
+        return (runner or self.runner).call(path, "incr", ["b", "k", 1], branch=branch)["ok"]
+
+    def test_a_branch_has_its_own_namespace_by_default(self):
+        self.assertEqual([self.bump(), self.bump(branch="dev"), self.bump(), self.bump(branch="main")], [1, 1, 2, 3])
+        self.assertEqual(self.runner.resolve("/kv/probe.wasm", branch="dev").namespace, "dev:/kv/probe.wasm")
+        self.assertEqual(self.runner.resolve("/kv/probe.wasm").namespace, "/kv/probe.wasm")
+        digest = self.store.hash("/kv/probe.wasm")
+        self.assertEqual(self.runner.resolve(digest, branch="dev").namespace, f"dev:sha256:{digest}")
+        backend = self.runner.host.backend
+        self.assertEqual(backend.get("dev:/kv/probe.wasm", "b", "k"), b"1")
+        self.assertEqual(backend.get("/kv/probe.wasm", "b", "k"), b"3")
+
+    def test_merging_a_branch_moves_no_data(self):
+        self.bump(branch="dev")
+        self.bump(branch="dev")
+        self.store.add("/kv/other.wasm", guest_binary(PROBE), branch="dev")
+        self.store.merge("dev", branch="main")
+        self.assertEqual(self.bump(), 1)                                   # main's own count
+        self.assertEqual(self.bump(branch="dev"), 3)
+        self.assertEqual(self.bump(path="/kv/other.wasm"), 1)
+
+    def test_sharing_across_branches_is_a_namespace_map(self):
+        shared = wasmstore.Runner(self.store, kv="memory:", cache_dir=False,
+                                  namespaces=wasmstore.parse_namespace_map(["/kv=shared"]))
+        self.addCleanup(shared.close)
+        self.assertEqual([self.bump(shared), self.bump(shared, "dev"), self.bump(shared)], [1, 2, 3])
+        self.assertEqual(shared.resolve("/kv/probe.wasm", branch="dev").namespace, "shared")
+
+    def test_the_default_branch_is_whichever_the_store_names(self):
+        self.bump(branch="dev")
+        self.store.set_default_branch("dev")
+        self.assertEqual(self.runner.resolve("/kv/probe.wasm", branch="dev").namespace, "/kv/probe.wasm")
+        self.assertEqual(self.runner.resolve("/kv/probe.wasm", branch="main").namespace, "main:/kv/probe.wasm")
+
+    def test_a_path_longer_than_a_namespace_runs_and_keeps_its_state(self):
+        long_a = "/" + "/".join(["d" * 200] * 9) + "/a.wasm"
+        long_b = long_a[:-len("a.wasm")] + "b.wasm"
+        for path in (long_a, long_b):
+            for branch in ("main", "dev"):
+                self.store.add(path, guest_binary(PROBE), branch=branch)
+        self.assertGreater(len(long_a), 1024)
+        self.assertEqual([self.bump(path=long_a), self.bump(path=long_a), self.bump(path=long_b)], [1, 2, 1])
+        namespaces = {self.runner.resolve(path, branch=branch).namespace
+                      for path in (long_a, long_b) for branch in ("main", "dev")}
+        self.assertEqual(len(namespaces), 4)
+        self.assertTrue(all(len(namespace) <= 1024 for namespace in namespaces))
+
+    def test_over_http_a_branch_and_a_long_path(self):
+        live = LiveServer(self, root=self.root, run={"kv": "memory:"})
+        long_path = "/" + "/".join(["s" * 250] * 8) + "/p.wasm"
+        live.store.add(long_path, guest_binary(PROBE))
+
+        def bump(path, branch="main"):
+            status, _, body = live.request("POST", "/api/v1/call/incr" + urllib.parse.quote(path), b'["b", "k", 1]',
+                                           {"Wasmstore-Branch": branch})
+            self.assertEqual(status, 200, body)
+            return json.loads(body)["ok"]
+        self.assertEqual([bump("/kv/probe.wasm"), bump("/kv/probe.wasm", "dev"), bump("/kv/probe.wasm")], [1, 1, 2])
+        self.assertEqual([bump(long_path), bump(long_path)], [1, 2])
+        status, _, body = live.request("POST", "/api/v1/run" + urllib.parse.quote(long_path))
+        self.assertNotEqual(status, 400, body)
+
+
 # =================================================================================================
 # HTTP apps in kvhost (Host.handle_http): the wasi:http proxy world served by kvhost's own imports
 # =================================================================================================

@@ -176,6 +176,7 @@ OCI_TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}\Z")
 OCI_DIGEST = re.compile(r"sha256:[0-9a-f]{64}\Z")
 OCI_VERSION_TAG = re.compile(r"v(0|[1-9][0-9]{0,8})\Z")   # v0, v1, ...: a path's versions
 MAX_JSON_DEPTH = 64                   # JSON from outside nests at most this deep
+MAX_NAMESPACE_CHARS = 1024            # kvhost's longest namespace (a path may be 16 KiB)
 MAX_NUMBER_CHARS = 40                 # a longer number from outside is refused unread
 
 
@@ -3391,9 +3392,11 @@ class Runner:
     the bytes go to kvhost with their hash, so a module is compiled once (kvhost's compile cache
     survives restarts) and never re-hashed per call. State: a module's wasi:keyvalue namespace
     is its path ("/apps/counter.wasm"), kept across runs and new versions; a module called by
-    hash uses "sha256:<hash>"; `namespaces` ([(prefix segments, namespace)], see
-    parse_namespace_map) lets an operator give every module under a prefix one shared
-    namespace. Core modules whose imports name a store path (or a hash) are linked to those
+    hash uses "sha256:<hash>"; on a branch other than the store's default, "<branch>:" comes
+    first ("dev:/apps/counter.wasm"), so a branch never reads or writes the default branch's
+    data (merging moves no data either); a name over 1,024 characters is cut and ends in its
+    SHA-256. `namespaces` ([(prefix segments, namespace)], see parse_namespace_map) lets an
+    operator give every module under a prefix one namespace, shared by every branch. Core modules whose imports name a store path (or a hash) are linked to those
     modules in the same commit; `links` ({import module name: store path}, the CLI's and the
     server's --link NAME=PATH) links imports from any other module name ("env") to the module
     at that path, in the same commit too. `host` is a kvhost.Host (default: one made from
@@ -3453,14 +3456,27 @@ class Runner:
         else:
             digest, commit = self.store.module_at(path_or_hash, branch=branch, commit=commit)
         if kind == "hash":
-            return Target(digest, commit, None, f"sha256:{digest}")
-        return Target(digest, commit, format_path(value), self._namespace_of(value))
+            return Target(digest, commit, None, self._on_branch(f"sha256:{digest}", branch))
+        return Target(digest, commit, format_path(value), self._namespace_of(value, branch))
 
-    def _namespace_of(self, segments):
+    def _namespace_of(self, segments, branch):
         for prefix, namespace in self.namespaces:
             if segments[:len(prefix)] == prefix:
-                return namespace
-        return format_path(segments)
+                return namespace             # an operator's choice: shared by every branch
+        return self._on_branch(format_path(segments), branch)
+
+    def _on_branch(self, name, branch):
+        """The namespace of a module named `name` (its path, or sha256:<hash>) on `branch`: the
+        name itself on the store's default branch, "<branch>:<name>" on any other, so that
+        trying a version on a branch never touches the data the default branch serves (branch
+        names hold no ":" or "/", so no path's namespace looks like another branch's). A
+        namespace longer than kvhost takes ends in the SHA-256 of the whole name instead."""
+        if branch is not None and branch != self.store.default_branch:
+            name = f"{branch}:{name}"
+        if len(name) <= MAX_NAMESPACE_CHARS:
+            return name
+        tail = "...sha256:" + hashlib.sha256(name.encode("utf-8")).hexdigest()
+        return name[:MAX_NAMESPACE_CHARS - len(tail)] + tail
 
     def load(self, target):
         """The kvhost Guest for a target (compiled once per module hash)."""
