@@ -7,9 +7,11 @@
     python bench.py kv    [--rounds N] ...              wasi:keyvalue host figures
     python bench.py run   [--rounds N] [--quick] ...    running stored modules (issue 8)
     python bench.py oci   [--rounds N] ...              push/pull to a local registry vs oras
+    python bench.py http-app [--rounds N] [--quick] ... stored HTTP apps: wasmstore serve vs
+                                                        wasmtime serve (wrk)
     python bench.py AREA --help                         the area's own options
 
-Each area lives in benchmarks/bench_<area>.py, loaded by file path (benchmarks/ is not a
+Each area lives in benchmarks/bench_<area>.py (a "-" in its name is "_" there), loaded by file path (benchmarks/ is not a
 package), and exposes ``main(argv) -> int``. ``--rounds N`` (default 3) is common to every
 area: each figure is the median of N rounds. Any other option is passed to the area as is.
 """
@@ -29,6 +31,8 @@ AREAS = {
     "kv": "kvhost.py: wasi:keyvalue calls from guest modules",
     "run": "running stored modules: HTTP calls vs GET, Runner vs kvhost.Host, restart and cold compiles",
     "oci": "push and pull of Wasm OCI artifacts to a local registry vs the oras client",
+    "http-app": "stored wasi:http apps: wasmstore serve vs wasmtime serve under wrk, and the JS "
+                "handler's first request after a restart",
 }
 DEFAULT_ROUNDS = 3
 REPO_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -40,7 +44,7 @@ class BenchError(Exception):
 
 
 def area_file(area):
-    return os.path.join(BENCH_DIR, f"bench_{area}.py")
+    return os.path.join(BENCH_DIR, f"bench_{area.replace('-', '_')}.py")
 
 
 def load_area(area):
@@ -49,7 +53,7 @@ def load_area(area):
     if not os.path.isfile(filename):
         raise BenchError(f"no benchmark for area {area!r} yet: "
                          f"{os.path.relpath(filename, REPO_DIR)} is missing")
-    spec = importlib.util.spec_from_file_location(f"bench_{area}", filename)
+    spec = importlib.util.spec_from_file_location(f"bench_{area.replace('-', '_')}", filename)
     module = importlib.util.module_from_spec(spec)
     # Registered before running so dataclasses/pickle inside the area can find the module.
     sys.modules[spec.name] = module

@@ -2,13 +2,16 @@
 """The wasmstore REST API: an HTTP/1.1 server over a `wasmstore.Store`.
 
 Standard library only (plus `wasmstore.py`): `http.server.ThreadingHTTPServer` with keep-alive,
-Content-Length on every response, zero-copy downloads (`os.sendfile` of the object file; plain
+Content-Length on every API response, zero-copy downloads (`os.sendfile` of the object file; plain
 reads through TLS), uploads streamed into the store, keys with permissions and path scopes, TLS,
 CORS, a WebSocket watch (RFC 6455), Prometheus metrics, bounded request heads and bodies, strict
 body framing, connection timeouts, a connection cap with a separate cap for watch sessions, Host
 and Origin checks against DNS rebinding and cross-site requests, graceful shutdown on SIGTERM /
-Ctrl-C, running stored modules (call, run, exports) on kvhost, and the read side of the OCI
-distribution API under /v2/ (each store path a repository: `oras pull` fetches from it).
+Ctrl-C, running stored modules (call, run, exports) on kvhost, stored wasi:http components
+answering HTTP requests (mounted with --app, reached by store path under /api/v1/app, or the
+one app of a port with --serve: what `wasmstore.py serve` runs), and the read side of the OCI
+distribution API under /v2/ (each store path a repository: `oras pull` fetches from it), and
+Wess's API under /wess (its clients work with only the base URL changed).
 
 As a command::
 
@@ -16,7 +19,8 @@ As a command::
                           [--tls KEY,CERT] [--cors [ORIGINS]] [--allowed-host NAME]
                           [--max-body N] [--timeout S] [--max-watches N] [--quiet] [--kv URL]
                           [--run-timeout S] [--fuel N] [--max-memory N] [--max-guests N]
-                          [--run-queue N] [--namespace-map P=NS]
+                          [--run-queue N] [--namespace-map P=NS] [--app PREFIX=PATH]
+                          [--serve PATH [--serve-ref REF]] [--metrics-port P]
 
 Processes: `--workers N` (default: one per CPU) serves from N worker processes. The command's
 process is their Supervisor: it binds and listens, makes what they share (WorkerShared), forks
@@ -53,6 +57,15 @@ Map of this file (top-down):
                        CompileLocks, GuestRuntime (a wasmstore.Runner, per-module metrics),
                        Precompiler (compiles what is added, in the background), the
                        call/run/exports handlers, a module's kv data (buckets, keys, values)
+    HTTP apps          AppSelector, parse_app_ref (which version a request runs), AppMount,
+                       AppTable (--app mounts, the app routes, --serve's one app), the target
+                       as the guest sees it, AppRequestBody (the body streamed into the
+                       guest), AppResponse (the sink kvhost.Host.handle_http writes to: framing,
+                       lengths enforced, chunked), app_error_reply (status, Wasmstore-Error)
+    Wess /wess         Wess's API (wess_create, wess_read, wess_replace, wess_delete,
+                       wess_call, wess_count): each module the store path /wess/<id>, its
+                       metadata in an appended custom section (wess_module, wess_split),
+                       errors as {"message"} (wess_error_reply)
     OCI /v2/           the distribution API's read side: OciRepository (a store path's tags,
                        manifests, blobs), oci_v2 (its one route), oci_error_reply (JSON codes)
     routing            Route, the ROUTES table (each route's permission and scope), match_route()
@@ -66,10 +79,13 @@ Map of this file (top-down):
                        and runs; renders the Prometheus text format)
     watch              WatchHub (one Store.watch thread per branch -> bounded per-client queues)
     WebSocket framing  encode_frame(), FrameParser
+    web page           PAGE_HTML (inline HTML, CSS and JavaScript reading the API routes) and
+                       PAGE_CSP, wants_page() (a browser's GET /), page_reply()
     connection         request head parsing (Headers, read_headers), WasmstoreHandler
                        (one thread per connection)
     server             ConnectionLimits (connections and watch sessions, two pools),
-                       WasmstoreServer, make_runtime(), make_server()
+                       WasmstoreServer, MetricsServer (--metrics-port), make_runtime(),
+                       make_server()
     worker processes   SharedMetricValues (a worker's numbers in shared memory), WorkerShared
                        (made before forking), WorkerContext (one worker's view), listen(),
                        Supervisor (forks, replaces, drains), _serve_worker (a worker's life)
@@ -155,6 +171,7 @@ import threading
 import time
 import traceback
 import urllib.parse
+import uuid
 
 import wasmstore
 
@@ -176,6 +193,7 @@ else:
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 6384
+DEFAULT_APP_PORT = 8080                    # the port of a one-app server, as `wasmtime serve`'s
 DEFAULT_MAX_BODY = 128 * 1024 * 1024       # largest accepted module upload (413 above)
 DEFAULT_TIMEOUT = 30.0                     # seconds an idle or stalled connection may hold a thread
 DEFAULT_MAX_CONNECTIONS = 512              # beyond this, new connections get 503 (bounds threads)
@@ -410,14 +428,15 @@ ERROR_STATUS = {
 
 
 if kvhost is not None:
-    ERROR_STATUS.update({
-        kvhost.NoSuchFunction: ErrorMeaning(404, 2, "not-found"),   # the message lists them
-        kvhost.ArgumentError: ErrorMeaning(400, 2, "arguments"),    # the message names which
-        kvhost.LinkError: ErrorMeaning(424, 2, "link"),             # it names the import
-        kvhost.GuestError: ErrorMeaning(422, 2, "guest"),           # stored, but cannot run
-        kvhost.TrapError: ErrorMeaning(422, 1, None),               # Wasmstore-Error: its kind
-        kvhost.KvError: ErrorMeaning(422, 1, "error"),
-    })
+    # kvhost's rows (its exit status and label) with the HTTP status of each
+    ERROR_STATUS.update({cls: ErrorMeaning(http_status, *kvhost.ERROR_STATUS[cls])
+                         for cls, http_status in (
+        (kvhost.NoSuchFunction, 404),       # the message lists them
+        (kvhost.ArgumentError, 400),        # the message names which
+        (kvhost.LinkError, 424),            # it names the import
+        (kvhost.GuestError, 422),           # stored, but cannot run
+        (kvhost.TrapError, 422),            # Wasmstore-Error: its kind
+        (kvhost.KvError, 422))})
 
 
 def _http_label(status):
@@ -691,7 +710,7 @@ def auth_ok(store, call, body):
     return Reply(200)            # reaching a handler means the key passed for this method
 
 
-# -- history over HTTP: log, audit, diff (pages of commit infos) ----------------------------------
+# -- history over HTTP: log, audit, diff (pages of commit infos) -----------------------------------
 
 def _query_count(call, name, default, maximum):
     """A count from the query string (ASCII digits, 0 to maximum), default when absent; 400
@@ -722,6 +741,32 @@ def get_log(store, call, body):
     return json_reply(_page(store.log(limit + 1, branch=call.branch, start=start), limit))
 
 
+def _visible_info(store, access, info):
+    """A commit info as a key that reaches only some paths may see it: with a fixed text in
+    place of the message when the commit also changed paths out of its reach."""
+    if access.scoped:
+        parent = info.get("parents", [None])[0]
+        if not all(map(access.reaches, store.changes(parent, info["hash"]))):
+            info = dict(info, message=HIDDEN_MESSAGE)
+    return info
+
+
+def get_tree(store, call, body):
+    """GET /api/v1/tree[/*]: {"/path": {"hash", "size", "kind", "changed": commit info}} of
+    every module under the prefix (that the key reaches)."""
+    details = store.list_details(call.path, branch=call.branch)
+    infos = {}
+    tree = {}
+    for path, entry in details.items():
+        if not call.access.reaches(path):
+            continue
+        commit = entry["changed"]
+        if commit is not None and commit not in infos:
+            infos[commit] = _visible_info(store, call.access, store.commit_info(commit))
+        tree[path] = dict(entry, changed=infos.get(commit))
+    return json_reply(tree)
+
+
 def get_audit(store, call, body):
     """GET /api/v1/audit/*?limit=N&after=COMMIT: the commits that changed a path, newest first.
 
@@ -738,11 +783,7 @@ def get_audit(store, call, body):
             raise HttpError(404, f"commit {after} did not change {_printed(call.path.split('/'))}")
         commits = commits[position + 1:]
     page = _page(commits[:limit + 1], limit)
-    if call.access.scoped:
-        for info in page["commits"]:
-            parent = info.get("parents", [None])[0]
-            if not all(map(call.access.reaches, store.changes(parent, info["hash"]))):
-                info["message"] = HIDDEN_MESSAGE
+    page["commits"] = [_visible_info(store, call.access, info) for info in page["commits"]]
     return json_reply(page)
 
 
@@ -798,6 +839,11 @@ class SlotPool:
     def held(self):
         """Slots taken now, by every process of the server."""
         return sum(self._counts)
+
+    def busier_than_another(self):
+        """True if another worker of the server holds fewer slots than this one."""
+        mine = self._counts[self._index]
+        return any(count < mine for count in self._counts)
 
     def release_for(self, index):
         """Give back every slot worker `index` held (it died); only the supervisor calls this."""
@@ -931,15 +977,19 @@ class GuestRuntime:
                 guest = self.runner.load(target)
         return guest
 
-    def execute(self, call, function, version, work, gated=True):
+    def execute(self, call, function, version, work, gated=True, resolve=None):
         """Resolve the module, then load it and work(target, stats) in a gate slot; records the
         outcome in the metrics and the access log. gated=False (exports): a module compiled
-        already needs no slot."""
+        already needs no slot. resolve: a function giving the Target, when the caller picks it
+        otherwise than by call.path, call.branch and version (an app)."""
         started = time.monotonic()
         stats = {}
         error = None
         try:
-            target = self.runner.resolve(call.path, branch=call.branch, version=version)
+            if resolve is None:
+                target = self.runner.resolve(call.path, branch=call.branch, version=version)
+            else:
+                target = resolve()
             if not gated and self.runner.host.is_loaded(target.digest):
                 return work(target, stats)
             with self.gate.slot():
@@ -1157,18 +1207,20 @@ def run_module(store, call, body):
 
 
 def get_exports(store, call, body):
-    """GET /api/v1/exports/*: {"hash", "kind", "exports": [{"name", "params", "results"}]}."""
+    """GET /api/v1/exports/*: {"hash", "kind", "exports": [{"name", "params", "results"}],
+    "imports": [...]} (kvhost.describe_exports, describe_imports)."""
     runtime = _runtime(call)
     version = _version_query(call)
 
     def work(target, stats):
         guest = runtime.runner.load(target)
-        return {"hash": target.digest, "kind": guest.kind,
-                "exports": runtime.runner.host.exports(guest)}
+        host = runtime.runner.host
+        return {"hash": target.digest, "kind": guest.kind, "exports": host.exports(guest),
+                "imports": host.imports(guest)}
     return json_reply(runtime.execute(call, "exports", version, work, gated=False))
 
 
-# -- the kv data of a stored module: its namespace's buckets, keys and values ---------------------
+# -- the kv data of a stored module: its namespace's buckets, keys and values ----------------------
 
 def _kv_of(call):
     """(backend, namespace) of the module a kv route names: the namespace the Runner gives the
@@ -1243,6 +1295,689 @@ def kv_delete(store, call, body):
     except (kvhost.ArgumentError, kvhost.OperationError) as exc:
         raise _kv_refusal(exc) from None
     return Reply(200)
+
+
+# ---------------------------------------------------------------------------
+# HTTP apps
+# ---------------------------------------------------------------------------
+#
+# A stored component exporting wasi:http/incoming-handler answers HTTP requests. Three ways
+# reach one: the whole port of a one-app server (`--serve PATH`, what `wasmstore.py serve`
+# runs), a mount on the API server (`--app PREFIX=PATH`), and the app routes, which reach any
+# stored app by its store path: /api/v1/app/<store path>/<path below the app> (the request's
+# branch: Wasmstore-Branch or the default) and /api/v1/app-at/<ref>/<store path>/<path below>
+# (ref: a branch, vN, BRANCH:vN or a commit). The guest sees the path below the app (at least
+# "/") with the query as it came, the scheme of the connection and the Host it was sent to.
+# kvhost runs the guest (Host.handle_http); this section frames what it reads and writes.
+
+APP_ROUTES = ("app", "app-at")             # the route names under /api/v1/ that reach any app
+MAX_APP_METHOD = 64                        # longest method name (extension methods too) for apps
+MAX_APP_READ = 1 << 20                     # most body bytes one guest read returns
+APP_HOLD_BYTES = 64 * 1024                 # response bytes gathered before they are sent
+APP_FUNCTION = "http"                      # the `function` label of app requests in run metrics
+MAX_APP_SERIES = 1000                      # apps with series of their own on /metrics
+# Fields that describe the connection, not the message (RFC 9110 section 7.6.1; wasi:http
+# refuses them too): the server frames each message itself, so guests never see or set them.
+CONNECTION_FIELDS = frozenset(["connection", "keep-alive", "proxy-connection", "te", "trailer",
+                               "transfer-encoding", "upgrade", "http2-settings"])
+NO_BODY_STATUSES = frozenset([204, 304])   # responses that never have a body (RFC 9110 6.4.1)
+_APP_METHOD_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]{1," + str(MAX_APP_METHOD) + r"}\Z")
+_FIELD_NAME_RE = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
+_FIELD_VALUE_BAD_RE = re.compile(rb"[\x00\r\n]")
+_VERSION_REF_RE = re.compile(r"v(\d{1,9})\Z")
+
+
+class AppResponseError(ServerError):
+    """A guest's response that cannot be sent as it is: a bad status or field, a body longer or
+    shorter than its Content-Length, a second response, none. `kind` labels it for
+    Wasmstore-Error and the metrics."""
+
+    def __init__(self, message, kind="bad-response"):
+        super().__init__(message)
+        self.kind = kind
+
+
+# -- which app: mounts, refs, the one app of a server ----------------------------------------------
+
+class AppSelector:
+    """A stored app as a request names it: a store path (or hash) and where to find it, the
+    head of a branch (None: the store's default), a version index, or a commit."""
+
+    __slots__ = ("path", "branch", "version", "commit")
+
+    def __init__(self, path, branch=None, version=None, commit=None):
+        self.path = path
+        self.branch = branch
+        self.version = version
+        self.commit = commit
+
+    def with_path(self, path):
+        """The same branch, version and commit for another store path."""
+        return AppSelector(path, self.branch, self.version, self.commit)
+
+    def pinned(self, store):
+        """This selector, or for a module hash with no version or commit the same pinned to the
+        commit of its branch that holds it now: a hash keeps serving its module whatever the
+        branch does next, as a path follows its branch (NotFound when the branch lacks it)."""
+        if self.version is not None or self.commit is not None or \
+                not wasmstore.HASH_TEXT.match(self.path or ""):
+            return self
+        _, commit = store.module_at(self.path, branch=self.branch)
+        return AppSelector(self.path, self.branch, commit=commit)
+
+    def __repr__(self):
+        return (f"AppSelector({self.path!r}, branch={self.branch!r}, version={self.version!r}, "
+                f"commit={self.commit!r})")
+
+
+def parse_app_ref(text, branch=None):
+    """An AppSelector (no path yet) from a ref of the app-at route or --serve-ref: a 64-hex
+    commit, vN (version N of the path on `branch`), a branch name, or BRANCH:vN."""
+    text = str(text)
+    name, colon, version_text = text.partition(":")
+    if colon:
+        match = _VERSION_REF_RE.match(version_text)
+        if not match or not name:
+            raise HttpError(400, f"bad app ref {text[:80]!r}: expected BRANCH:vN, e.g. dev:v2")
+        return AppSelector(None, _checked_branch(name), int(match.group(1)))
+    if wasmstore.HASH_TEXT.match(text):
+        return AppSelector(None, branch, commit=text.lower())
+    match = _VERSION_REF_RE.match(text)
+    if match:
+        return AppSelector(None, branch, int(match.group(1)))
+    return AppSelector(None, _checked_branch(text))
+
+
+def _checked_branch(name):
+    try:
+        return wasmstore.validate_branch(name)
+    except wasmstore.InvalidInput as exc:
+        raise HttpError(400, f"bad app ref: {exc}") from None
+
+
+class AppMount:
+    """--app PREFIX=PATH: requests under the URL path PREFIX run the app stored at PATH, as the
+    default branch's head holds it at each request (a new version serves the next request)."""
+
+    __slots__ = ("prefix", "path", "label")
+
+    def __init__(self, prefix, path):
+        self.prefix = tuple(prefix)       # decoded URL path segments; () is "/"
+        self.path = path                  # the printed store path
+        self.label = "/" + "/".join(self.prefix)
+
+
+def parse_app_mount(text):
+    """An AppMount from "PREFIX=PATH" (ServerError when malformed). The API's own paths (/api,
+    /v2, /metrics) cannot be mounted over."""
+    prefix_text, sep, path = str(text).partition("=")
+    if not sep or not prefix_text.startswith("/") or not path:
+        raise ServerError(f"bad app mount {str(text)[:200]!r}: expected PREFIX=PATH, e.g. "
+                          "/hello=/apps/hello.wasm")
+    try:
+        prefix = [decode_segment(part) for part in prefix_text.split("/") if part]
+        segments = wasmstore.validate_path(path)
+    except (HttpError, wasmstore.InvalidInput) as exc:
+        raise ServerError(f"bad app mount {str(text)[:200]!r}: {exc}") from None
+    if prefix[:1] in (["api"], ["v2"], ["metrics"]):
+        raise ServerError(f"bad app mount {str(text)[:200]!r}: /{prefix[0]} belongs to the API")
+    return AppMount(prefix, wasmstore.format_path(segments))
+
+
+class AppTable:
+    """Where the app requests of a server go: `serve` (an AppSelector) makes every request of
+    the port one app's; otherwise the mounts (longest prefix first) and the app routes."""
+
+    def __init__(self, mounts=(), serve=None):
+        self.serve = serve
+        self.mounts = sorted(mounts, key=lambda mount: -len(mount.prefix))
+        prefixes = [mount.prefix for mount in self.mounts]
+        if len(set(prefixes)) != len(prefixes):
+            raise ServerError("two app mounts have the same prefix")
+
+    def match(self, raw_segments):
+        """(AppMount, segments used) for the raw URL path segments (without the leading ""),
+        or None when no mount holds the path."""
+        for mount in self.mounts:
+            size = len(mount.prefix)
+            if len(raw_segments) < size:
+                continue
+            try:
+                if all(decode_segment(raw) == want
+                       for raw, want in zip(raw_segments, mount.prefix)):
+                    return mount, size
+            except HttpError:
+                continue                  # a segment no prefix can equal
+        return None
+
+
+def split_app_target(target):
+    """(raw path segments after the leading "/", query suffix "?..." or "") of a request target
+    as an app receives it: the path is not decoded (the app reads it as it came)."""
+    if target.startswith(("http://", "https://")):           # absolute-form (RFC 9112 3.2.2)
+        parts = urllib.parse.urlsplit(target)
+        target = (parts.path or "/") + (f"?{parts.query}" if "?" in target else "")
+    if not target.startswith("/"):
+        raise HttpError(400, "request target must start with '/'")
+    if _CONTROL_RE.search(target) or "#" in target:
+        raise HttpError(400, "request target has a control character or a fragment")
+    path, question, query = target.partition("?")
+    return path.split("/")[1:], question + query
+
+
+def app_path_with_query(raw_segments, query):
+    """The path-with-query a guest sees: the segments below the app joined, at least "/"."""
+    return "/" + "/".join(raw_segments) + query
+
+
+# -- the request body, as the guest reads it -------------------------------------------------------
+
+class _OneReceive:
+    """The connection's buffered input as an app's body readers use it: readinto returns what
+    is there (one receive at most), so a guest can answer a part before the client sends more."""
+
+    __slots__ = ("rfile",)
+
+    def __init__(self, rfile):
+        self.rfile = rfile
+
+    def readinto(self, buffer):
+        return self.rfile.readinto1(buffer)
+
+    def readline(self, limit=-1):
+        return self.rfile.readline(limit)
+
+
+class AppRequestBody:
+    """The request body handed to a guest: read(n) returns at most n bytes as they arrive,
+    b"" at the end, so an upload of any size streams through (never whole in memory).
+
+    Bounded like every body (see body_framing, LimitedReader, ChunkedReader): a Content-Length
+    over --max-body is refused before the guest starts, a chunked body past it fails the read
+    (HttpError 413). A read that fails (a short or malformed body, a stalled client) raises
+    ServerError or OSError; `error` keeps it, and the connection is not reused. `on_first_read`
+    runs before the first read: the 100 Continue a client waits for, sent only when the guest
+    asks for the body."""
+
+    def __init__(self, reader, on_first_read=None):
+        self._reader = reader             # a LimitedReader / ChunkedReader, or None: no body
+        self._on_first_read = on_first_read
+        self.consumed = 0
+        self.error = None
+
+    def read(self, size=CHUNK):
+        """Up to `size` bytes of the body (b"" at its end); blocks until some arrive."""
+        reader = self._reader
+        if reader is None or size <= 0 or reader.exhausted:
+            return b""
+        if self._on_first_read is not None:
+            callback, self._on_first_read = self._on_first_read, None
+            callback()
+        try:
+            data = reader.read(min(size, MAX_APP_READ))
+        except (ServerError, OSError, ValueError) as exc:
+            self.error = exc
+            raise
+        self.consumed += len(data)
+        return data
+
+    @property
+    def exhausted(self):
+        return self._reader is None or self._reader.exhausted
+
+    @property
+    def remaining(self):
+        """Bytes still to come when known (a Content-Length body), else None."""
+        if self._reader is None:
+            return 0
+        return getattr(self._reader, "remaining", None)
+
+
+# -- the response, as the guest writes it ----------------------------------------------------------
+
+class AppResponse:
+    """The sink of a guest's response (kvhost.Host.handle_http calls it): start(status,
+    headers) once, write(data) for each piece of the body (blocking: a slow client holds the
+    guest back), flush() when the guest flushes, finish(trailers or None) at the end.
+
+    Framing is the server's: a Content-Length the guest sets is kept and enforced (a body that
+    runs over or stops short is an AppResponseError: a clean 502 when nothing was sent yet, a
+    closed connection otherwise, never a reply that looks whole); without one, a body the guest
+    finishes before APP_HOLD_BYTES have gathered (and before any flush) is sent with its
+    Content-Length, a longer one chunked (trailers go in the last chunk), and an HTTP/1.0
+    client reads to the end of the connection. HEAD, 204 and 304 send no body (HEAD keeps the
+    Content-Length a GET would get). Connection fields (CONNECTION_FIELDS) a guest sets are
+    dropped; Date is added unless it set one. A request body that failed (over --max-body,
+    malformed, stalled) fails the response too, even one the guest finished: its error reply
+    when nothing was sent yet, else the connection closed before the response's end.
+
+    kvhost calls flush() before the guest waits (a poll, a sleep), so that what it wrote
+    reaches the client while it waits; between waits, bytes gather for fewer, larger sends."""
+
+    def __init__(self, handler, head_only=False, request_body=None):
+        self._handler = handler
+        self._head_only = head_only
+        self._request_body = request_body     # its failure before the head is sent is the answer
+        self.status = None
+        self.headers = []
+        self.length = None                # the guest's Content-Length
+        self.written = 0                  # body bytes the guest wrote
+        self.bytes_out = 0                # body bytes sent
+        self.started = False
+        self.sent = False                 # the head went out: an error now can only close
+        self.finished = False
+        self.failure = None               # the first error; the connection is not reused
+        self._chunked = False
+        self._pending = []
+        self._pending_size = 0
+
+    @property
+    def _has_body(self):
+        return not self._head_only and self.status not in NO_BODY_STATUSES
+
+    def _fail(self, error):
+        if self.failure is None:
+            self.failure = error
+        raise error
+
+    def start(self, status, headers):
+        """The guest set its response: status (an int) and [(name, value bytes), ...]."""
+        if self.failure is not None:
+            raise self.failure
+        if self.started:
+            self._fail(AppResponseError("the guest set its response twice"))
+        self.started = True
+        if not isinstance(status, int) or isinstance(status, bool) or not 200 <= status <= 999:
+            self._fail(AppResponseError(f"the guest's status {status!r} is not a final HTTP "
+                                        "status (200-999)"))
+        self.status = status
+        kept, lengths = [], []
+        for name, value in headers:
+            raw_name = name.encode("latin-1") if isinstance(name, str) else bytes(name)
+            value = bytes(value)
+            if not _FIELD_NAME_RE.match(raw_name) or _FIELD_VALUE_BAD_RE.search(value):
+                self._fail(AppResponseError(f"the guest set a malformed header {raw_name[:80]!r}"))
+            lower = raw_name.lower()
+            if lower == b"content-length":
+                lengths.append(value.strip())
+            elif lower.decode("latin-1") not in CONNECTION_FIELDS:
+                kept.append((raw_name, value))
+        if lengths:
+            if len(set(lengths)) != 1 or not lengths[0].isdigit() or len(lengths[0]) > 19:
+                self._fail(AppResponseError("the guest set a bad Content-Length: "
+                                            + ", ".join(repr(v[:40]) for v in lengths[:4])))
+            self.length = int(lengths[0])
+        self.headers = kept
+
+    def write(self, data):
+        """Body bytes; sent as they gather (at most APP_HOLD_BYTES held back)."""
+        if self.failure is not None:
+            raise self.failure
+        if not self.started or self.finished:
+            self._fail(AppResponseError("the guest wrote a body outside its response"))
+        size = len(data)
+        if self.length is not None and self.written + size > self.length:
+            self._fail(AppResponseError(f"the guest wrote more than its Content-Length of "
+                                        f"{self.length} bytes"))
+        self.written += size
+        if not size or not self._has_body:
+            return
+        self._pending.append(bytes(data))
+        self._pending_size += size
+        if self._pending_size >= APP_HOLD_BYTES and self.written != self.length:
+            self._send(final=False)
+
+    def flush(self):
+        """Send what the guest wrote so far (held back only while it completes a known length,
+        so that a body running over it is still caught before the client has it whole)."""
+        if self.failure is not None:
+            raise self.failure
+        if self.started and not self.finished and self.written != self.length:
+            self._send(final=False)
+
+    def finish(self, trailers=None):
+        """The body is complete; trailers ([(name, value bytes)] or None) follow a chunked one."""
+        if self.failure is not None:
+            raise self.failure
+        if not self.started or self.finished:
+            self._fail(AppResponseError("the guest finished a response it had not set"))
+        self.finished = True
+        if self.length is not None and self.written != self.length and self._has_body:
+            self._fail(AppResponseError(f"the guest wrote {self.written} bytes of its "
+                                        f"Content-Length of {self.length}"))
+        tail = []
+        for name, value in trailers or ():
+            raw_name = name.encode("latin-1") if isinstance(name, str) else bytes(name)
+            value = bytes(value)
+            if not _FIELD_NAME_RE.match(raw_name) or _FIELD_VALUE_BAD_RE.search(value):
+                self._fail(AppResponseError(f"the guest set a malformed trailer {raw_name[:80]!r}"))
+            tail.append(raw_name + b": " + value + b"\r\n")
+        self._send(final=True, trailers=tail)
+
+    def _send(self, final, trailers=()):
+        pieces = []
+        failed = None if self._request_body is None else self._request_body.error
+        if failed is not None and (final or not self.sent):
+            # a broken request (over --max-body, malformed, stalled) gets its own error reply,
+            # or once the head is out a response cut short: never one that looks whole
+            self._fail(failed)
+        if not self.sent:
+            pieces.append(self._head(final))
+        body, self._pending, self._pending_size = self._pending, [], 0
+        if self._chunked:
+            for data in body:
+                pieces += [b"%x\r\n" % len(data), data, b"\r\n"]
+            if final:
+                pieces += [b"0\r\n"] + list(trailers) + [b"\r\n"]
+        else:
+            pieces += body
+        self.sent = True
+        if not pieces:
+            return
+        try:
+            self._handler.send_app_bytes(b"".join(pieces))
+        except (OSError, ssl.SSLError) as exc:
+            self._fail(ConnectionError(f"the client stopped reading: {exc}"))
+        self.bytes_out += sum(len(data) for data in body)
+
+    def _head(self, final):
+        handler = self._handler
+        lines = [b"HTTP/1.1 %d %s\r\n" % (self.status, _reason(self.status).encode("latin-1"))]
+        has_date = False
+        for name, value in self.headers:
+            has_date = has_date or name.lower() == b"date"
+            lines.append(name + b": " + value + b"\r\n")
+        if not has_date:
+            lines.append(b"Date: " + handler.date_time_string().encode("latin-1") + b"\r\n")
+        if self.length is not None and self.status not in NO_BODY_STATUSES:
+            lines.append(b"Content-Length: %d\r\n" % self.length)
+        elif self._has_body:
+            if final:
+                lines.append(b"Content-Length: %d\r\n" % self._pending_size)
+            elif handler.request_version == "HTTP/1.1":
+                lines.append(b"Transfer-Encoding: chunked\r\n")
+                self._chunked = True
+            else:
+                handler.close_connection = True       # the body ends with the connection
+        elif final and self._head_only and self.status not in NO_BODY_STATUSES:
+            lines.append(b"Content-Length: %d\r\n" % self.written)   # what GET would send
+        lines.append(handler.app_connection_field(final))
+        lines.append(b"\r\n")
+        return b"".join(lines)
+
+
+def _decoded_or_none(raw):
+    """A URL path segment decoded (decode_segment), or None when it is malformed."""
+    try:
+        return decode_segment(raw)
+    except HttpError:
+        return None
+
+
+def _store_segments(raw):
+    """The decoded URL path segments an app route's store path is looked for in: up to the
+    first empty one, at most a store path's length (HttpError 400 for a malformed one)."""
+    segments = []
+    for part in raw[:wasmstore.MAX_SEGMENTS]:
+        if not part:
+            break
+        segments.append(decode_segment(part))
+    return tuple(segments)
+
+
+def _unfinished(sink):
+    """The error of a guest that returned without a whole response (None when it gave one)."""
+    if not sink.started:
+        return AppResponseError("the guest returned without setting a response", "no-response")
+    if not sink.finished:
+        return AppResponseError("the guest returned without finishing its response body",
+                                "unfinished")
+    return None
+
+
+def app_error_status(exc):
+    """(HTTP status, Wasmstore-Error kind) of an app request that failed before a response:
+    the guest's failures are a gateway's (502; 504 for a timeout), the request's are the
+    client's (400, 404, 413, ...), a full queue is 503; None for an unexpected error (a bug)."""
+    if isinstance(exc, AppResponseError):
+        return 502, exc.kind
+    if isinstance(exc, HttpError):
+        return exc.status, ("busy" if exc.status == 503 else "request")
+    if kvhost is not None:
+        if isinstance(exc, kvhost.NotHttpHandler):
+            return 502, "not-http-handler"
+        if isinstance(exc, kvhost.TrapError):
+            return (504 if exc.kind == "timeout" else 502), exc.kind
+        if isinstance(exc, kvhost.LinkError):
+            return 502, "link"
+        if isinstance(exc, kvhost.GuestError):
+            return 502, getattr(exc, "kind", None) or "guest"
+        if isinstance(exc, kvhost.KvError):
+            return 502, getattr(exc, "kind", None) or "host"
+    if isinstance(exc, wasmstore.NotFound):
+        return 404, "not-found"
+    if isinstance(exc, wasmstore.InvalidInput):
+        return 400, "request"
+    status = error_status(exc)
+    return (None, None) if status is None else (status, "store")
+
+
+def app_error_reply(exc):
+    """The plain-text one-line Reply of a failed app request, with Wasmstore-Error: KIND."""
+    status, kind = app_error_status(exc)
+    if status is None:
+        reply = text_reply("internal server error\n", 500)
+        reply.headers.append(("Wasmstore-Error", "internal"))
+        return reply
+    reply = text_reply(one_line(exc) + "\n", status)
+    if isinstance(exc, HttpError):
+        reply.headers.extend(exc.headers)
+    reply.headers.append(("Wasmstore-Error", kind))
+    return reply
+
+
+# ---------------------------------------------------------------------------
+# The Wess API (/wess): Wess's clients work with only the base URL changed
+# ---------------------------------------------------------------------------
+# Wess (a WebAssembly function-execution service) keeps each module under a UUID with metadata
+# naming the function to call: POST /wess {"wasm": [bytes], "metadata": {"functionName",
+# "returnType", "args"}} -> 202 {"message": {"id"}}; PUT and DELETE /wess/<id> -> 202;
+# GET /wess/<id> -> 202 {"message": {"wasm", "metadata"}} (Wess answers reads with 202 too);
+# GET /wess -> 202 {"message": <number of modules>}; POST /wess/<id> [args] -> 200
+# {"message": [results]}; errors {"message": "..."}. Here each module is the store path
+# /wess/<id>, versioned like any other, with its metadata in a custom section appended to it
+# (WESS_SECTION), so a version, a rollback or a restore keeps module and metadata together;
+# GET gives back exactly the bytes that were sent.
+
+WESS_PREFIX = ("wess",)
+WESS_SECTION = b"wess.metadata"             # the custom section holding a module's metadata
+WESS_TYPES = ("I32", "I64", "F32", "F64", "V128", "ExternRef", "FuncRef")   # Wess's type names
+WESS_TRAILER = struct.Struct(">QI")         # ends the section: module length, metadata length
+
+
+def _leb_u32(value):
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def _wess_section(metadata_json, module_length):
+    """The custom section appended to a module: WESS_SECTION, the metadata's JSON, then
+    WESS_TRAILER (so it is found from the end, and checked by writing it again)."""
+    payload = (_leb_u32(len(WESS_SECTION)) + WESS_SECTION + metadata_json
+               + WESS_TRAILER.pack(module_length, len(metadata_json)))
+    return b"\x00" + _leb_u32(len(payload)) + payload
+
+
+def wess_module(wasm, metadata):
+    """The bytes stored for a Wess module: the module and its metadata section."""
+    metadata_json = json.dumps(metadata, separators=(",", ":"), sort_keys=True).encode("utf-8")
+    return wasm + _wess_section(metadata_json, len(wasm))
+
+
+def wess_split(data):
+    """(module bytes as sent, metadata) of stored bytes; WessError 422 if they end otherwise."""
+    if len(data) >= WESS_TRAILER.size:
+        length, metadata_length = WESS_TRAILER.unpack_from(data, len(data) - WESS_TRAILER.size)
+        start = len(data) - WESS_TRAILER.size - metadata_length
+        if length < start and data[length:] == _wess_section(data[start:-WESS_TRAILER.size],
+                                                             length):
+            return data[:length], json.loads(data[start:-WESS_TRAILER.size])
+    raise WessError(422, "this module was not stored through /wess: it has no Wess metadata")
+
+
+class WessError(HttpError):
+    """An error of the /wess API: Wess's message prefix ("Invalid Id", "Invalid Json", ...)."""
+
+
+def wess_error_reply(exc):
+    """Wess's error body, {"message": "..."}, with the status of the one ERROR_STATUS table."""
+    status = error_status(exc)
+    if status is None:
+        return json_reply({"message": "internal server error"}, 500)
+    reply = json_reply({"message": one_line(exc)}, status)
+    if isinstance(exc, HttpError):
+        reply.headers.extend(exc.headers)
+    elif kvhost is not None and isinstance(exc, kvhost.TrapError):
+        reply.headers.append(("Wasmstore-Error", exc.kind))
+    return reply
+
+
+def _wess_message(value, status=202):
+    return json_reply({"message": value}, status)
+
+
+def _wess_id(call, strict):
+    """The canonical id (and its store path) of /wess/<id>. Wess answers a malformed id with
+    400 on reads (strict) and 404 on writes and calls (it looks the id up first)."""
+    text = call.path
+    try:
+        if "/" in text or len(text) > 64:
+            raise ValueError
+        canonical = str(uuid.UUID(text))
+    except ValueError:
+        if strict:
+            raise WessError(400, f"Invalid ID: {text[:80]!r} is not a UUID") from None
+        raise WessError(404, "Invalid Id: Not found") from None
+    return canonical, f"/wess/{canonical}"
+
+
+def _wess_stored(store, call, strict=False):
+    """(id, path, stored bytes) of an existing module; WessError 404 if there is none."""
+    module_id, path = _wess_id(call, strict)
+    try:
+        return module_id, path, store.find(path, branch=call.branch)
+    except wasmstore.NotFound:
+        raise WessError(404, "Invalid Id: Not found") from None
+
+
+def _wess_upload(body, limit):
+    """(module bytes, metadata) of a Wess upload, checked as Wess's JSON schema has it."""
+    data = read_body(body, limit)
+    try:
+        document = wasmstore.parse_json(data, "Json")
+    except wasmstore.InvalidInput as exc:
+        raise WessError(400, f"Invalid Json: {one_line(exc)}") from None
+    metadata = document.get("metadata") if isinstance(document, dict) else None
+    wasm = document.get("wasm") if isinstance(document, dict) else None
+    if not isinstance(wasm, list) or not isinstance(metadata, dict):
+        raise WessError(400, 'Invalid Json: expected {"wasm": [bytes...], "metadata": '
+                             '{"functionName", "returnType", "args"}}')
+    if set(map(type, wasm)) - {int}:
+        raise WessError(400, "Invalid Json: wasm must be an array of numbers 0 to 255")
+    try:
+        module = bytes(wasm)
+    except ValueError:
+        raise WessError(400, "Invalid Json: wasm must be an array of numbers 0 to 255") from None
+    name = metadata.get("functionName")
+    if not isinstance(name, str) or not name:
+        raise WessError(400, "Invalid Json: metadata.functionName must be a function name")
+    for field in ("returnType", "args"):
+        types = metadata.get(field)
+        if not isinstance(types, list) or any(t is not None and t not in WESS_TYPES for t in types):
+            raise WessError(400, f"Invalid Json: metadata.{field} must be a list of "
+                                 f"{', '.join(WESS_TYPES)} (or null)")
+    return module, {"functionName": name, "returnType": metadata["returnType"],
+                    "args": metadata["args"]}
+
+
+def _wess_add(store, call, path, body):
+    module, metadata = _wess_upload(body, call.max_body)
+    try:
+        wasmstore.validate_module(module)
+    except wasmstore.InvalidModule as exc:
+        raise WessError(400, f"Invalid Wasm: {one_line(exc)}") from None
+    store.add(path, wess_module(module, metadata), branch=call.branch, author=call.author)
+
+
+def wess_count(store, call, body):
+    """GET /wess: how many modules there are (what Wess's load test reads at its end)."""
+    try:
+        modules = store.list("/wess", branch=call.branch)
+    except wasmstore.NotFound:
+        modules = {}
+    return _wess_message(sum(1 for path in modules if call.access.reaches(path)))
+
+
+def wess_create(store, call, body):
+    """POST /wess: store the module under a new id (a uuid4)."""
+    module_id = str(uuid.uuid4())
+    _wess_add(store, call, f"/wess/{module_id}", body)
+    return _wess_message({"id": module_id})
+
+
+def wess_read(store, call, body):
+    """GET /wess/<id>: the module as it was sent and its metadata."""
+    _, _, data = _wess_stored(store, call, strict=True)
+    module, metadata = wess_split(data)
+    return _wess_message({"wasm": list(module), "metadata": metadata})
+
+
+def wess_replace(store, call, body):
+    """PUT /wess/<id>: a new version of the module and its metadata."""
+    module_id, path, _ = _wess_stored(store, call)
+    _wess_add(store, call, path, body)
+    return _wess_message({"id": module_id})
+
+
+def wess_delete(store, call, body):
+    """DELETE /wess/<id> (its versions stay in the history)."""
+    module_id, path, _ = _wess_stored(store, call)
+    store.remove(path, branch=call.branch, author=call.author)
+    return _wess_message({"id": module_id})
+
+
+def wess_call(store, call, body):
+    """POST /wess/<id> with a JSON array of arguments: calls the metadata's functionName;
+    200 {"message": [results]} (no result: [], several: each)."""
+    runtime = _runtime(call)
+    _, path, data = _wess_stored(store, call)
+    _, metadata = wess_split(data)
+    try:
+        args = _json_arguments(body, call.max_body)
+    except (HttpError, wasmstore.InvalidInput) as exc:
+        if isinstance(exc, HttpError) and exc.status != 400:
+            raise
+        raise WessError(400, f"Invalid Json: {one_line(exc)}") from None
+    function = metadata["functionName"]
+    call.path = path.lstrip("/")
+    kinds = {}
+
+    def work(target, stats):
+        kinds["kind"] = runtime.load(target).kind
+        return runtime.runner.call(target, function, args, stats=stats, reach=_link_reach(call))
+    result = runtime.execute(call, function, None, work)
+    if result is None:
+        results = []
+    elif kinds.get("kind") == "module" and isinstance(result, list):
+        results = result                          # a core function's several results
+    else:
+        results = [result]
+    return Reply(200, [("Content-Type", JSON_TYPE)],
+                 _RESULT_JSON.encode({"message": results}).encode("utf-8"))
 
 
 # ---------------------------------------------------------------------------
@@ -1436,10 +2171,10 @@ class Route:
     touches no path at all)."""
 
     __slots__ = ("method", "name", "nparams", "rest", "handler", "label", "upload", "websocket",
-                 "body", "prefix", "permission", "scope")
+                 "body", "prefix", "permission", "scope", "store_prefix")
 
     def __init__(self, method, name, nparams, rest, handler, *, permission, scope="path",
-                 upload=False, websocket=False, body=False, prefix=API_PREFIX):
+                 upload=False, websocket=False, body=False, prefix=API_PREFIX, store_prefix=()):
         if permission is not None and permission not in PERMISSIONS:
             raise ValueError(f"route {name!r}: permission must be one of {PERMISSIONS} or None")
         if scope not in ROUTE_SCOPES:
@@ -1455,6 +2190,7 @@ class Route:
         self.prefix = prefix
         self.permission = permission
         self.scope = scope
+        self.store_prefix = store_prefix   # the store path of the URL's rest is under it (/wess)
         parts = ["/".join(("",) + prefix), name] + [":p"] * nparams + \
             (["*"] if rest == "optional" else [])
         self.label = "/".join(parts)  # bounded metric label
@@ -1463,13 +2199,14 @@ class Route:
         """What authorize() checks for a request whose URL rest is `rest` (segments): see
         `scope`."""
         if self.scope == "path":
-            return rest
+            return self.store_prefix + rest
         return () if self.scope == "store" else None
 
 
 # (method, name, number of named params, rest of path, handler; what a key needs)
 ROUTES = [
     Route("GET", "modules", 0, "optional", list_modules, permission="read", scope="filtered"),
+    Route("GET", "tree", 0, "optional", get_tree, permission="read", scope="filtered"),
     Route("GET", "module", 0, "optional", get_module, permission="read"),
     Route("POST", "module", 0, "optional", add_module, permission="write", upload=True),
     Route("DELETE", "module", 0, "optional", delete_module, permission="write"),
@@ -1502,6 +2239,17 @@ ROUTES = [
     Route("DELETE", "kv-value", 1, "optional", kv_delete, permission="admin"),
     Route("*", "auth", 0, "none", auth_ok, permission=None, scope="filtered"),
     Route("GET", "v2", 0, "optional", oci_v2, permission="read", scope="filtered", prefix=()),
+    Route("GET", "wess", 0, "none", wess_count, permission="read", scope="filtered", prefix=()),
+    Route("POST", "wess", 0, "none", wess_create, permission="write", prefix=(), body=True,
+          store_prefix=WESS_PREFIX),
+    Route("GET", "wess", 0, "optional", wess_read, permission="read", prefix=(),
+          store_prefix=WESS_PREFIX),
+    Route("PUT", "wess", 0, "optional", wess_replace, permission="write", prefix=(), body=True,
+          store_prefix=WESS_PREFIX),
+    Route("DELETE", "wess", 0, "optional", wess_delete, permission="write", prefix=(),
+          store_prefix=WESS_PREFIX),
+    Route("POST", "wess", 0, "optional", wess_call, permission="run", prefix=(), body=True,
+          store_prefix=WESS_PREFIX),
 ]
 
 
@@ -1522,7 +2270,7 @@ def match_route(method, segments, routes=ROUTES):
 
     HEAD is served by the GET route (same headers, no body).
     """
-    if segments[:1] == OCI_PREFIX:
+    if segments[:1] in (OCI_PREFIX, WESS_PREFIX):
         prefix, name, tail = (), segments[0], segments[1:]
     elif tuple(segments[:2]) == API_PREFIX and len(segments) >= 3:
         prefix, name, tail = API_PREFIX, segments[2], segments[3:]
@@ -2141,6 +2889,7 @@ class Metrics:
         self.peers = peers
         self.runtime = None                            # a GuestRuntime: its gate and cache gauges
         self._run_series = set()                       # (module, function) pairs recorded
+        self._app_series = set()                       # apps recorded
         self._cache_seen = {}                          # compile-cache counts recorded so far
 
     @property
@@ -2187,6 +2936,22 @@ class Metrics:
             add(("guest_duration_sum",) + key, seconds)
             add(("guest_fuel",) + key, fuel)
 
+    def observe_app(self, app, status, seconds, bytes_in, bytes_out):
+        """One request answered by a stored HTTP app (its store path or hash): status,
+        duration, request and response body bytes."""
+        bucket = bisect.bisect_left(LATENCY_BUCKETS, seconds)
+        with self.lock:
+            if app not in self._app_series:
+                if len(self._app_series) >= MAX_APP_SERIES:
+                    app = "other"                      # bounded series, whatever apps exist
+                self._app_series.add(app)
+            add = self.values.add
+            add(("app_requests", app, status), 1)
+            add(("app_duration", app, bucket), 1)
+            add(("app_duration_sum", app), seconds)
+            add(("app_bytes_in", app), bytes_in)
+            add(("app_bytes_out", app), bytes_out)
+
     def add_gauge(self, name, delta):
         """Move the gauge `name` (connections, websocket_clients, in_flight) by delta."""
         self.add((name,), delta)
@@ -2220,6 +2985,7 @@ class Metrics:
         out = _Exposition()
         self._render_http(out, numbers)
         self._render_runs(out, numbers)
+        self._render_apps(out, numbers)
         if self.peers is not None:
             self._render_workers(out, workers)
         if store is not None:
@@ -2274,6 +3040,19 @@ class Metrics:
                    "Modules compiled after an add, before their first call (or that failed to).",
                    [([("result", result)], numbers.get(("precompiles", result), 0))
                     for result in ("compiled", "failed")])
+
+    @staticmethod
+    def _render_apps(out, numbers):
+        out.family("wasmstore_app_requests_total", "counter",
+                   "Requests answered by stored HTTP apps, by app and status.",
+                   _samples(numbers, "app_requests", ("app", "status")))
+        out.histogram("wasmstore_app_request_duration_seconds",
+                      "Time from an app request's line to its last byte sent.",
+                      _histograms(numbers, "app_duration", ("app",)))
+        out.family("wasmstore_app_request_body_bytes_total", "counter",
+                   "Request body bytes apps read.", _samples(numbers, "app_bytes_in", ("app",)))
+        out.family("wasmstore_app_response_body_bytes_total", "counter",
+                   "Response body bytes apps sent.", _samples(numbers, "app_bytes_out", ("app",)))
 
     @staticmethod
     def _render_workers(out, workers):
@@ -2532,6 +3311,761 @@ class FrameParser:
 
 
 # ---------------------------------------------------------------------------
+# Web page
+# ---------------------------------------------------------------------------
+
+# GET / for a browser (a request that accepts text/html) serves one page: inline HTML, CSS and
+# JavaScript, nothing loaded from anywhere else (its Content-Security-Policy allows only this
+# script and style, and requests to this origin). It holds no store data, so it needs no key;
+# it reads everything through the API routes, sending the key the tab was given (sessionStorage)
+# when the server asks for one. Stable URLs: #/ (modules), #/log, #/module/<path>, each with
+# ?branch=NAME for a branch other than the default.
+
+_PAGE_STYLE = r"""
+:root { color-scheme: light dark; --line: #8884; --dim: #888; --accent: #3b6fd4; }
+* { box-sizing: border-box; }
+body { font: 14px/1.45 system-ui, sans-serif; margin: 0; display: grid;
+       grid-template: "top top" auto "main side" 1fr / 1fr 18rem; min-height: 100vh; }
+header { grid-area: top; display: flex; gap: 1rem; align-items: center; flex-wrap: wrap;
+         padding: .5rem 1rem; border-bottom: 1px solid var(--line); }
+header .brand { font-weight: 700; font-size: 1.1rem; text-decoration: none; color: inherit; }
+header nav a { margin-right: .75rem; }
+main { grid-area: main; padding: 1rem; min-width: 0; }
+aside { grid-area: side; padding: 1rem; border-left: 1px solid var(--line); font-size: 12px; }
+aside ol { padding-left: 1rem; margin: 0; }
+a { color: var(--accent); }
+h1 { font-size: 1.3rem; margin: .2rem 0 .8rem; word-break: break-all; }
+h2 { font-size: 1.05rem; margin: 1.5rem 0 .5rem; border-bottom: 1px solid var(--line); }
+h3 { font-size: .95rem; margin: .8rem 0 .3rem; }
+table { border-collapse: collapse; width: 100%; }
+th, td { text-align: left; padding: .25rem .5rem; border-bottom: 1px solid var(--line);
+         vertical-align: top; }
+th { font-weight: 600; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; }
+tr.dir td { color: var(--dim); font-family: ui-monospace, monospace; padding-top: .6rem; }
+td.name { padding-left: 1.5rem; }
+td.change { color: var(--dim); }
+tr.current { background: #3b6fd41a; }
+.badge { margin-left: .4rem; padding: 0 .4rem; border-radius: .6rem; background: var(--accent);
+         color: #fff; font-size: 11px; }
+code, pre, textarea, input[type=text] { font-family: ui-monospace, monospace; font-size: 13px; }
+pre { background: #8881; padding: .5rem; overflow: auto; white-space: pre-wrap;
+      word-break: break-all; }
+pre.error, p.error { color: #c62828; }
+.empty, .loading { color: var(--dim); }
+label.arg, form label { display: block; margin: .3rem 0; }
+textarea { width: 100%; }
+button { margin: .3rem .3rem .3rem 0; }
+.diff div { margin: .2rem 0; }
+#live.on { color: #2e7d32; }
+#live.off { color: var(--dim); }
+#auth { position: fixed; inset: 0; background: #0008; display: grid; place-items: center; }
+#auth[hidden] { display: none; }
+#auth form { background: Canvas; color: CanvasText; padding: 1.5rem; border-radius: .5rem;
+             min-width: 20rem; }
+#auth input { width: 100%; margin: .5rem 0; }
+.hint { color: var(--dim); font-size: 12px; }
+@media (max-width: 800px) { body { grid-template: "top" auto "main" 1fr "side" auto / 1fr; }
+                            aside { border-left: 0; border-top: 1px solid var(--line); } }
+"""
+
+_PAGE_SCRIPT = r"""
+"use strict";
+// The wasmstore web page. Every request below is a route of the documented API; nothing is
+// loaded from anywhere else. The DOM is built with textContent only: store data never becomes
+// markup.
+const API = "/api/v1";
+const KEY_ITEM = "wasmstore-key";             // sessionStorage: kept for this tab only
+const PAGE = 100;                             // rows asked for per page of log, audit, keys
+const state = {branch: null, defaultBranch: null, socket: null, socketBranch: undefined,
+               retry: 0, view: 0, refresh: null};
+const $ = (id) => document.getElementById(id);
+
+function el(tag, props, ...children) {
+  const node = document.createElement(tag);
+  for (const [name, value] of Object.entries(props || {})) {
+    if (value === undefined || value === null || value === false) continue;
+    if (name === "text") node.textContent = value;
+    else if (name === "class") node.className = value;
+    else if (name.startsWith("on")) node.addEventListener(name.slice(2), value);
+    else node.setAttribute(name, value === true ? "" : String(value));
+  }
+  for (const child of children.flat(Infinity)) {
+    if (child === null || child === undefined || child === false) continue;
+    node.append(child instanceof Node ? child : String(child));
+  }
+  return node;
+}
+
+class ApiError extends Error {
+  constructor(status, message) {
+    super(message);
+    this.status = status;
+  }
+}
+
+// -- the key: asked for once (every request that meets a 401 waits for the same answer) --------
+
+let keyWaiters = null;
+
+function askKey(message) {
+  if (keyWaiters === null) {
+    keyWaiters = [];
+    $("auth-message").textContent = message;
+    $("auth").hidden = false;
+    $("auth-key").focus();
+  }
+  return new Promise((resolve) => keyWaiters.push(resolve));
+}
+
+$("auth-form").addEventListener("submit", (event) => {
+  event.preventDefault();
+  const key = $("auth-key").value;
+  if (!key) return;
+  sessionStorage.setItem(KEY_ITEM, key);
+  $("auth-key").value = "";
+  $("auth").hidden = true;
+  $("forget-key").hidden = false;
+  const waiters = keyWaiters || [];
+  keyWaiters = null;
+  waiters.forEach((resolve) => resolve());
+  openWatch(true);
+});
+
+$("forget-key").addEventListener("click", () => {
+  sessionStorage.removeItem(KEY_ITEM);
+  location.reload();
+});
+
+async function api(path, options = {}) {
+  for (;;) {
+    const headers = new Headers(options.headers || {});
+    const key = sessionStorage.getItem(KEY_ITEM);
+    if (key) headers.set("Wasmstore-Auth", key);
+    if (state.branch) headers.set("Wasmstore-Branch", state.branch);
+    const response = await fetch(API + path, {method: options.method || "GET", headers,
+                                              body: options.body, cache: "no-store"});
+    if (response.status === 401) {
+      const text = (await response.text()).trim();
+      if (sessionStorage.getItem(KEY_ITEM) !== key) continue;    // a new key came meanwhile
+      if (key) sessionStorage.removeItem(KEY_ITEM);
+      await askKey(key ? `The server refused the key (${text}): enter another one.`
+                       : "This server needs a key.");
+      continue;
+    }
+    if (!response.ok) {
+      const text = options.method === "HEAD" ? "" : (await response.text()).trim();
+      throw new ApiError(response.status, text || response.statusText);
+    }
+    return response;
+  }
+}
+
+const getJSON = async (path) => (await api(path)).json();
+const enc = (path) => "/" + path.split("/").filter(Boolean).map(encodeURIComponent).join("/");
+
+// -- formatting -------------------------------------------------------------------------------
+
+function size(bytes) {
+  if (bytes < 1024) return `${bytes} B`;
+  const units = ["KiB", "MiB", "GiB"];
+  let value = bytes / 1024, unit = 0;
+  while (value >= 1024 && unit < units.length - 1) { value /= 1024; unit += 1; }
+  return `${value.toFixed(value < 10 ? 1 : 0)} ${units[unit]}`;
+}
+
+const date = (seconds) => new Date(seconds * 1000).toISOString().replace("T", " ").slice(0, 19);
+const short = (hash) => el("code", {class: "hash", title: hash, text: hash.slice(0, 12)});
+
+function errorBox(error) {
+  const status = error instanceof ApiError ? `${error.status}: ` : "";
+  return el("p", {class: "error", text: status + error.message});
+}
+
+function commitCells(info) {
+  if (!info) return [el("td"), el("td"), el("td"), el("td")];
+  return [el("td", {}, short(info.hash)), el("td", {text: info.author}),
+          el("td", {text: date(info.date)}), el("td", {text: info.message})];
+}
+
+// -- navigation: #/ (modules), #/log, #/module/<path>; ?branch=NAME picks a branch ------------
+
+function parseHash() {
+  const text = location.hash.slice(1) || "/";
+  const cut = text.indexOf("?");
+  const route = cut < 0 ? text : text.slice(0, cut);
+  return {route, params: new URLSearchParams(cut < 0 ? "" : text.slice(cut + 1))};
+}
+
+function href(route) {
+  return "#" + route + (state.branch ? "?branch=" + encodeURIComponent(state.branch) : "");
+}
+
+const moduleHref = (path) => href("/module" + enc(path));
+
+function modulePath(route) {
+  return "/" + route.slice("/module/".length).split("/").filter(Boolean)
+    .map(decodeURIComponent).join("/");
+}
+
+async function render(quiet) {
+  const {route, params} = parseHash();
+  const branch = params.get("branch") || null;
+  if (branch !== state.branch) {
+    state.branch = branch;
+    openWatch(true);
+  }
+  const token = ++state.view;
+  const view = $("view");
+  if (!quiet) view.replaceChildren(el("p", {class: "loading", text: "Loading…"}));
+  state.refresh = null;
+  let node;
+  try {
+    await loadBranches();
+    if (route.startsWith("/module/")) node = moduleView(modulePath(route));
+    else if (route === "/log") node = await logView();
+    else node = await treeView();
+  } catch (error) {
+    node = errorBox(error);
+  }
+  if (token === state.view) view.replaceChildren(node);
+  document.body.dataset.view = route === "/log" ? "log" : route.startsWith("/module/")
+    ? "module" : "tree";
+}
+
+window.addEventListener("hashchange", () => render(false));
+
+async function loadBranches() {
+  const [branches, current] = await Promise.all([
+    getJSON("/branches"), api("/branch").then((response) => response.text())]);
+  state.defaultBranch = current.trim();
+  const select = $("branch");
+  const shown = state.branch || state.defaultBranch;
+  select.replaceChildren(...branches.map((name) => el("option", {
+    value: name, selected: name === shown,
+    text: name === state.defaultBranch ? `${name} (default)` : name})));
+}
+
+$("branch").addEventListener("change", (event) => {
+  const name = event.target.value;
+  state.branch = name === state.defaultBranch ? null : name;
+  location.hash = href(parseHash().route);
+});
+
+// -- the tree of paths ------------------------------------------------------------------------
+
+async function treeView() {
+  const tree = await getJSON("/tree");
+  const table = el("table", {id: "tree"}, el("thead", {}, el("tr", {},
+    ["Path", "Kind", "Size", "Hash", "Last change"].map((name) => el("th", {text: name})))));
+  const body = el("tbody");
+  let directory = null;
+  for (const [path, entry] of Object.entries(tree)) {
+    const cut = path.lastIndexOf("/");
+    const parent = path.slice(0, cut + 1);
+    if (parent !== directory) {
+      directory = parent;
+      body.append(el("tr", {class: "dir"}, el("td", {colspan: 5, text: parent})));
+    }
+    const change = entry.changed;
+    body.append(el("tr", {"data-path": path},
+      el("td", {class: "name"}, el("a", {href: moduleHref(path), text: path.slice(cut + 1)})),
+      el("td", {text: entry.kind}),
+      el("td", {class: "num", title: `${entry.size} bytes`, text: size(entry.size)}),
+      el("td", {}, short(entry.hash)),
+      el("td", {class: "change", text: change
+        ? `${date(change.date)} · ${change.author} · ${change.message}` : ""})));
+  }
+  table.append(body);
+  state.refresh = () => render(true);
+  const name = state.branch || state.defaultBranch;
+  return el("div", {}, el("h1", {text: `Modules on ${name}`}), Object.keys(tree).length
+    ? table : el("p", {id: "tree", class: "empty", text: "No modules on this branch yet."}));
+}
+
+// -- pages of commits (log, audit) ------------------------------------------------------------
+
+function commitTable(id, route) {
+  const body = el("tbody");
+  const more = el("button", {type: "button", class: "more", hidden: true, text: "More"});
+  const table = el("table", {id}, el("thead", {}, el("tr", {},
+    ["Commit", "Author", "Date", "Message"].map((name) => el("th", {text: name})))), body);
+  let after = null;
+  const load = async () => {
+    const separator = route.includes("?") ? "&" : "?";
+    const page = await getJSON(`${route}${separator}limit=${PAGE}` +
+                               (after ? `&after=${after}` : ""));
+    body.append(...page.commits.map((info) => el("tr", {"data-hash": info.hash},
+                                                  commitCells(info))));
+    after = page.next;
+    more.hidden = !after;
+  };
+  more.addEventListener("click", () => load().catch((error) => more.replaceWith(errorBox(error))));
+  return {node: el("div", {}, table, more), load};
+}
+
+async function logView() {
+  const log = commitTable("log", "/log");
+  await log.load();
+  state.refresh = () => render(true);
+  return el("div", {}, el("h1", {text: `Log of ${state.branch || state.defaultBranch}`}), log.node);
+}
+
+// -- one module -------------------------------------------------------------------------------
+
+function section(id, title) {
+  const body = el("div", {class: "body"});
+  return {node: el("section", {id}, el("h2", {text: title}), body), body};
+}
+
+function fill(part, work) {
+  part.body.replaceChildren(el("p", {class: "loading", text: "Loading…"}));
+  return Promise.resolve().then(work).then((node) => part.body.replaceChildren(node))
+    .catch((error) => part.body.replaceChildren(errorBox(error)));
+}
+
+function moduleView(path) {
+  const parts = {
+    versions: section("versions", "Versions"),
+    iface: section("interface", "Exports and imports"),
+    diff: section("diff", "Diff between versions"),
+    call: section("call", "Call a function"),
+    run: section("run", "Run as a command"),
+    kv: section("kv", "Key-value data"),
+    audit: section("audit", "Audit"),
+  };
+  const head = el("p", {id: "module-head"});
+  const exportsOf = getJSON("/exports" + enc(path));
+  exportsOf.catch(() => {});
+  const history = historyOf(path);
+  history.catch(() => {});
+  const showVersions = () => fill(parts.versions, async () => versionsTable(await historyOf(path),
+                                                                             head));
+  fill(parts.versions, async () => versionsTable(await history, head));
+  fill(parts.iface, async () => interfaceOf(await exportsOf));
+  fill(parts.diff, async () => diffForm(path, await history));
+  const showKv = () => fill(parts.kv, async () => kvBrowser(path));
+  fill(parts.call, async () => callForm(path, await exportsOf, showKv));
+  fill(parts.run, async () => runForm(path, showKv));
+  showKv();
+  fill(parts.audit, async () => {
+    const audit = commitTable("audit-table", "/audit" + enc(path));
+    await audit.load();
+    return audit.node;
+  });
+  state.refresh = (changes) => (changes === null || path in changes ? showVersions() : null);
+  return el("div", {id: "module", "data-path": path},
+    el("p", {}, el("a", {href: href("/"), text: "← all modules"})),
+    el("h1", {text: path}), head, Object.values(parts).map((part) => part.node));
+}
+
+async function historyOf(path) {
+  const [versions, current] = await Promise.all([
+    getJSON("/versions" + enc(path)),
+    api("/hash" + enc(path)).then((response) => response.text(), () => null)]);
+  const wanted = new Set(versions.map(([, commit]) => commit));
+  const infos = new Map();
+  let after = null;
+  do {
+    const page = await getJSON("/audit" + enc(path) + "?limit=1000" +
+                               (after ? `&after=${after}` : ""));
+    page.commits.forEach((info) => infos.set(info.hash, info));
+    after = page.next;
+  } while (after && [...wanted].some((commit) => !infos.has(commit)));
+  return {versions, current: current && current.trim(), infos};
+}
+
+function versionsTable(history, head) {
+  const {versions, current, infos} = history;
+  head.replaceChildren(current ? ["current ", short(current)] : "not on this branch now");
+  const rows = versions.map(([hash, commit], index) => el("tr", {
+    "data-hash": hash, class: hash === current ? "current" : null},
+    el("td", {class: "num", text: index}), commitCells(infos.get(commit) ||
+                                                       {hash: commit, author: "", date: 0,
+                                                        message: ""}),
+    el("td", {}, short(hash), hash === current ? el("span", {class: "badge", text: "current"})
+                                               : null)));
+  return el("table", {id: "versions-table"}, el("thead", {}, el("tr", {},
+    ["#", "Commit", "Author", "Date", "Message", "Hash"].map((name) => el("th", {text: name})))),
+    el("tbody", {}, rows.reverse()));
+}
+
+function signature(entry) {
+  const params = entry.params.map((p) => (p.name === null ? p.type : `${p.name}: ${p.type}`));
+  const results = entry.results.length === 0 ? "" : " -> " + (entry.results.length === 1
+    ? entry.results[0] : `(${entry.results.join(", ")})`);
+  return `${entry.name}(${params.join(", ")})${results}`;
+}
+
+const importName = (entry) => (entry.module === undefined ? entry.name
+                                                          : `${entry.module} ${entry.name}`);
+const importType = (entry) => (entry.type === undefined ? "" : entry.type);
+
+function interfaceOf(described) {
+  const list = (id, items) => (items.length ? el("ul", {id}, items)
+                                            : el("p", {id, class: "empty", text: "none"}));
+  return el("div", {},
+    el("p", {text: `${described.kind}, hash `}, short(described.hash)),
+    el("h3", {text: "Exports"}),
+    list("exports", described.exports.map((entry) => el("li", {}, el("code", {
+      text: signature(entry)})))),
+    el("h3", {text: "Imports"}),
+    list("imports", (described.imports || []).map((entry) => el("li", {}, el("code", {
+      text: [importName(entry), importType(entry)].filter(Boolean).join(": ")})))));
+}
+
+// -- a diff between two versions: exports and imports added, removed or changed; size ---------
+
+function compareMaps(before, after) {
+  const out = {added: [], removed: [], changed: []};
+  for (const [name, value] of after) {
+    if (!before.has(name)) out.added.push(`${name}: ${value}`);
+    else if (before.get(name) !== value) {
+      out.changed.push(`${name}: ${before.get(name)} → ${value}`);
+    }
+  }
+  for (const [name, value] of before) if (!after.has(name)) out.removed.push(`${name}: ${value}`);
+  return out;
+}
+
+async function versionFacts(path, index) {
+  const [described, head] = await Promise.all([
+    getJSON(`/exports${enc(path)}?version=${index}`),
+    api(`/version/${index}${enc(path)}`, {method: "HEAD"})]);
+  return {exports: new Map(described.exports.map((e) => [e.name, signature(e)])),
+          imports: new Map((described.imports || []).map((e) => [importName(e), importType(e)])),
+          size: Number(head.headers.get("Content-Length"))};
+}
+
+function diffForm(path, history) {
+  const count = history.versions.length;
+  if (count < 2) return el("p", {class: "empty", text: "Only one version so far."});
+  const pick = (id, chosen) => el("select", {id}, history.versions.map((_, index) =>
+    el("option", {value: index, selected: index === chosen, text: `version ${index}`})));
+  const from = pick("diff-from", count - 2), to = pick("diff-to", count - 1);
+  const out = el("div", {id: "diff-result"});
+  const form = el("form", {id: "diff-form"}, from, " → ", to, " ",
+                  el("button", {text: "Compare"}), out);
+  form.addEventListener("submit", async (event) => {
+    event.preventDefault();
+    out.replaceChildren(el("p", {class: "loading", text: "Comparing…"}));
+    try {
+      const [a, b] = await Promise.all([versionFacts(path, from.value),
+                                        versionFacts(path, to.value)]);
+      const block = (title, diff) => el("div", {class: "diff"}, el("h3", {text: title}),
+        ["added", "removed", "changed"].map((kind) => el("div", {class: kind, "data-kind": kind},
+          el("strong", {text: `${kind}: `}), diff[kind].length ? diff[kind].join("; ") : "none")));
+      const delta = b.size - a.size;
+      out.replaceChildren(el("p", {id: "diff-size", text: `size ${a.size} → ${b.size} bytes (` +
+                                   (delta >= 0 ? "+" : "") + `${delta})`}),
+                          block("Exports", compareMaps(a.exports, b.exports)),
+                          block("Imports", compareMaps(a.imports, b.imports)));
+    } catch (error) {
+      out.replaceChildren(errorBox(error));
+    }
+  });
+  return form;
+}
+
+// -- calling a function: a form built from the export's types ---------------------------------
+
+const NUMBER_TYPES = new Set(["i32", "i64", "f32", "f64", "u8", "u16", "u32", "u64", "s8",
+                              "s16", "s32", "s64", "float32", "float64"]);
+const NUMBER_TEXT = /^-?\d+(\.\d+)?([eE][+-]?\d+)?$/;
+
+// The JSON text of one argument, built as text so that 64-bit integers keep every digit.
+function argumentText(type, input) {
+  if (type === "bool") return input.checked ? "true" : "false";
+  const text = input.value.trim();
+  if (type === "string" || type === "char") return JSON.stringify(input.value);
+  if (NUMBER_TYPES.has(type)) return NUMBER_TEXT.test(text) ? text : JSON.stringify(text);
+  return text || "null";
+}
+
+function argumentInput(param, index) {
+  const id = `arg-${index}`;
+  const label = param.name === null ? `#${index + 1}` : param.name;
+  let input;
+  if (param.type === "bool") input = el("input", {id, type: "checkbox"});
+  else if (NUMBER_TYPES.has(param.type) || param.type === "string" || param.type === "char") {
+    input = el("input", {id, type: "text", placeholder: param.type, autocomplete: "off"});
+  } else {
+    input = el("textarea", {id, rows: 2, placeholder: `${param.type} as JSON`});
+  }
+  return {input, node: el("label", {class: "arg"}, el("span", {text: `${label}: `}),
+                          el("code", {text: param.type}), " ", input)};
+}
+
+// A call or a run may change the module's kv data: `ran` shows it again afterwards.
+function callForm(path, described, ran) {
+  if (!described.exports.length) {
+    return el("p", {class: "empty", text: "No function JSON can call."});
+  }
+  const select = el("select", {id: "call-function"}, described.exports.map((entry) =>
+    el("option", {value: entry.name, text: signature(entry)})));
+  const fields = el("div", {id: "call-args"});
+  const result = el("pre", {id: "call-result"});
+  let inputs = [];
+  const build = () => {
+    const entry = described.exports.find((e) => e.name === select.value);
+    inputs = entry.params.map((param, index) => ({param, ...argumentInput(param, index)}));
+    fields.replaceChildren(...inputs.map((item) => item.node));
+  };
+  select.addEventListener("change", build);
+  build();
+  const form = el("form", {id: "call-form"}, select, fields, el("button", {text: "Call"}), result);
+  form.addEventListener("submit", async (event) => {
+    event.preventDefault();
+    const body = "[" + inputs.map((item) => argumentText(item.param.type, item.input))
+      .join(",") + "]";
+    result.className = "pending";
+    result.textContent = "calling…";
+    try {
+      const response = await api(`/call/${encodeURIComponent(select.value)}${enc(path)}`,
+                                 {method: "POST", body,
+                                  headers: {"Content-Type": "application/json"}});
+      result.className = "ok";
+      result.textContent = await response.text();
+    } catch (error) {
+      result.className = "error";
+      result.textContent = error instanceof ApiError ? `${error.status}: ${error.message}`
+                                                     : String(error);
+    }
+    ran();
+  });
+  return form;
+}
+
+// -- running a command: stdin and arguments ---------------------------------------------------
+
+function runForm(path, ran) {
+  const args = el("textarea", {id: "run-args", rows: 2, placeholder: "one argument per line"});
+  const stdin = el("textarea", {id: "run-stdin", rows: 3, placeholder: "stdin"});
+  const out = el("div", {id: "run-result"});
+  const form = el("form", {id: "run-form"}, el("label", {}, "Arguments ", args),
+                  el("label", {}, "Standard input ", stdin), el("button", {text: "Run"}), out);
+  form.addEventListener("submit", async (event) => {
+    event.preventDefault();
+    const query = args.value.split("\n").filter((line) => line !== "")
+      .map((arg) => "arg=" + encodeURIComponent(arg)).join("&");
+    out.replaceChildren(el("p", {class: "loading", text: "running…"}));
+    try {
+      const response = await api(`/run${enc(path)}${query ? "?" + query : ""}`,
+                                 {method: "POST", body: stdin.value});
+      const stderr = response.headers.get("Wasmstore-Stderr");
+      out.replaceChildren(
+        el("p", {id: "run-status", text:
+          `exit status ${response.headers.get("Wasmstore-Exit-Status")}`}),
+        el("h3", {text: "stdout"}), el("pre", {id: "run-stdout", text: await response.text()}),
+        el("h3", {text: "stderr"}), el("pre", {id: "run-stderr",
+                                                text: stderr ? JSON.parse(stderr) : ""}));
+    } catch (error) {
+      out.replaceChildren(errorBox(error));
+    }
+    ran();
+  });
+  return form;
+}
+
+// -- kv data: buckets, keys a page at a time, values as text or hex ---------------------------
+
+function asText(bytes) {
+  try {
+    const text = new TextDecoder("utf-8", {fatal: true}).decode(bytes);
+    return /[\u0000-\u0008\u000b\u000c\u000e-\u001f\u007f]/.test(text) ? null : text;
+  } catch (error) {
+    return null;
+  }
+}
+
+const asHex = (bytes) => Array.from(bytes, (b) => b.toString(16).padStart(2, "0"))
+  .join(" ").replace(/((?:\S\S ){16})/g, "$1\n");
+
+function valueView(bytes) {
+  const text = asText(bytes);
+  const pre = el("pre", {id: "kv-value"});
+  let hex = text === null;
+  const toggle = el("button", {type: "button", id: "kv-toggle"});
+  const show = () => {
+    pre.textContent = hex ? asHex(bytes) : text;
+    pre.dataset.format = hex ? "hex" : "text";
+    toggle.textContent = hex ? "as text" : "as hex";
+    toggle.hidden = text === null;
+  };
+  toggle.addEventListener("click", () => { hex = !hex; show(); });
+  show();
+  return el("div", {}, el("p", {text: `${bytes.length} bytes `}, toggle), pre);
+}
+
+async function kvBrowser(path) {
+  const data = await getJSON("/kv" + enc(path));
+  const keys = el("div", {id: "kv-keys"});
+  const value = el("div", {id: "kv-value-box"});
+  const openBucket = async (bucket) => {
+    value.replaceChildren();
+    const list = el("ul");
+    const more = el("button", {type: "button", class: "more", hidden: true, text: "More keys"});
+    keys.replaceChildren(el("h3", {text: `Bucket ${bucket}`}), list, more);
+    let cursor = null;
+    const load = async () => {
+      const page = await getJSON(`/kv-keys/${encodeURIComponent(bucket)}${enc(path)}` +
+        `?limit=${PAGE}` + (cursor ? "&cursor=" + encodeURIComponent(cursor) : ""));
+      list.append(...page.keys.map((key) => el("li", {}, el("a", {
+        href: "#", "data-key": key, text: key, onclick: (event) => {
+          event.preventDefault();
+          showValue(bucket, key);
+        }}))));
+      cursor = page.next;
+      more.hidden = !cursor;
+    };
+    more.addEventListener("click", () => load().catch((error) => keys.append(errorBox(error))));
+    await load();
+  };
+  const showValue = async (bucket, key) => {
+    value.replaceChildren(el("p", {class: "loading", text: "Loading…"}));
+    try {
+      const response = await api(`/kv-value/${encodeURIComponent(bucket)}${enc(path)}?key=` +
+                                 encodeURIComponent(key));
+      const bytes = new Uint8Array(await response.arrayBuffer());
+      value.replaceChildren(el("h3", {text: key}), valueView(bytes));
+    } catch (error) {
+      value.replaceChildren(errorBox(error));
+    }
+  };
+  const buckets = data.buckets.length ? el("ul", {id: "kv-buckets"}, data.buckets.map((bucket) =>
+    el("li", {}, el("a", {href: "#", "data-bucket": bucket, text: bucket, onclick: (event) => {
+      event.preventDefault();
+      openBucket(bucket).catch((error) => keys.replaceChildren(errorBox(error)));
+    }})))) : el("p", {id: "kv-buckets", class: "empty", text: "No data yet."});
+  return el("div", {}, el("p", {text: "namespace "}, el("code", {text: data.namespace})),
+            buckets, keys, value);
+}
+
+// -- live updates over the watch WebSocket ----------------------------------------------------
+
+function setLive(on) {
+  const live = $("live");
+  live.textContent = on ? "live" : "offline";
+  live.className = on ? "on" : "off";
+}
+
+function openWatch(force) {
+  if (!force && state.socket && state.socketBranch === state.branch) return;
+  if (state.socket) {
+    state.socket.onclose = null;
+    state.socket.close();
+  }
+  const url = new URL(API + "/watch", location.href);
+  url.protocol = location.protocol === "https:" ? "wss:" : "ws:";
+  if (state.branch) url.searchParams.set("branch", state.branch);
+  const key = sessionStorage.getItem(KEY_ITEM);
+  if (key) url.searchParams.set("auth", key);
+  const socket = new WebSocket(url);
+  state.socket = socket;
+  state.socketBranch = state.branch;
+  socket.onopen = () => {
+    state.retry = 0;
+    setLive(true);
+    refreshFor(null);                           // what changed before the watch began
+  };
+  socket.onmessage = (event) => onChanges(JSON.parse(event.data));
+  socket.onclose = () => {
+    setLive(false);
+    if (state.socket !== socket) return;
+    const wait = Math.min(10000, 500 * 2 ** state.retry++);
+    setTimeout(() => { if (state.socket === socket) openWatch(true); }, wait);
+  };
+}
+
+function onChanges(changes) {
+  const when = new Date().toISOString().slice(11, 19);
+  const items = Object.entries(changes).map(([path, change]) => el("li", {"data-path": path},
+    `${when} ${change.action} `, el("a", {href: moduleHref(path), text: path})));
+  $("events").prepend(...items);
+  while ($("events").children.length > 50) $("events").lastChild.remove();
+  refreshFor(changes);
+}
+
+// One refresh of the view at a time; changes that arrive meanwhile are gathered for the next
+// one, so a burst of commits costs two fetches, not one per commit. null means "anything".
+const refresher = {running: false, pending: undefined};
+
+function refreshFor(changes) {
+  const before = refresher.pending;
+  refresher.pending = before === undefined ? changes
+    : before === null || changes === null ? null : {...before, ...changes};
+  if (!refresher.running) runRefreshes();
+}
+
+async function runRefreshes() {
+  refresher.running = true;
+  while (refresher.pending !== undefined) {
+    const changes = refresher.pending;
+    refresher.pending = undefined;
+    if (state.refresh) await Promise.resolve(state.refresh(changes)).catch(() => {});
+  }
+  refresher.running = false;
+}
+
+if (sessionStorage.getItem(KEY_ITEM)) $("forget-key").hidden = false;
+render(false).then(() => openWatch(false));
+"""
+
+_PAGE_BODY = """
+<header>
+  <a class="brand" href="#/">wasmstore</a>
+  <nav><a id="nav-tree" href="#/">Modules</a><a id="nav-log" href="#/log">Log</a></nav>
+  <label>Branch <select id="branch"></select></label>
+  <span id="live" class="off">offline</span>
+  <button id="forget-key" type="button" hidden>Forget the key</button>
+</header>
+<main id="view"><p class="loading">Loading…</p></main>
+<aside><h2>Live changes</h2><ol id="events"></ol></aside>
+<div id="auth" hidden>
+  <form id="auth-form">
+    <h2>Key</h2>
+    <p id="auth-message"></p>
+    <input id="auth-key" type="password" autocomplete="off" aria-label="key">
+    <button>Use this key</button>
+    <p class="hint">Kept for this tab only, until it closes.</p>
+  </form>
+</div>
+"""
+
+
+def _csp_source(text):
+    """The CSP hash source of an inline script or style."""
+    digest = hashlib.sha256(text.encode("utf-8")).digest()
+    return "'sha256-" + base64.b64encode(digest).decode("ascii") + "'"
+
+
+PAGE_CSP = ("default-src 'none'; script-src " + _csp_source(_PAGE_SCRIPT) + "; style-src " +
+            _csp_source(_PAGE_STYLE) + "; connect-src 'self'; img-src data:; base-uri 'none'; "
+            "form-action 'none'; frame-ancestors 'none'")
+PAGE_HTML = ('<!doctype html>\n<html lang="en"><head><meta charset="utf-8">\n'
+             '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
+             '<title>wasmstore</title><link rel="icon" href="data:,">\n'
+             f"<style>{_PAGE_STYLE}</style></head>\n<body>{_PAGE_BODY}"
+             f"<script>{_PAGE_SCRIPT}</script></body></html>\n").encode("utf-8")
+
+
+def wants_page(method, segments, headers):
+    """True for a browser's request of the page: GET or HEAD of / accepting text/html (API
+    clients asking / for anything else keep their answer)."""
+    return not segments and method in ("GET", "HEAD") and \
+        "text/html" in (headers.get("Accept") or "").lower()
+
+
+def page_reply():
+    """The web page, with headers that keep it to itself (CSP, no framing, no sniffing)."""
+    return Reply(200, [("Content-Type", "text/html; charset=utf-8"),
+                       ("Content-Security-Policy", PAGE_CSP), ("Cache-Control", "no-cache"),
+                       ("Vary", "Accept"), ("X-Content-Type-Options", "nosniff"),
+                       ("X-Frame-Options", "DENY"), ("Referrer-Policy", "no-referrer")],
+                 PAGE_HTML)
+
+
+# ---------------------------------------------------------------------------
 # Connection handling
 # ---------------------------------------------------------------------------
 
@@ -2760,6 +4294,7 @@ class WasmstoreHandler(http.server.BaseHTTPRequestHandler):
         self._expect_continue = False
         self._framing = 0
         self._error_reply = error_reply
+        self._app = None
 
     def _handle_request_line(self, line):
         if len(line) > MAX_REQUEST_LINE:
@@ -2845,15 +4380,24 @@ class WasmstoreHandler(http.server.BaseHTTPRequestHandler):
 
     def _dispatch(self, method):
         server = self.server
+        app = self._app_request()
+        if app is not None:
+            return self._serve_app(*app)
         if not _METHOD_RE.match(method or "") or method not in KNOWN_METHODS:
             raise HttpError(501, "unsupported method", close=True)
         segments, query = parse_target(self.path)
         self._check_request_source(method)
         if segments[:1] == OCI_PREFIX:
             self._error_reply = oci_error_reply     # OCI clients read JSON error codes
+        elif segments[:1] == WESS_PREFIX:
+            self._error_reply = wess_error_reply    # Wess clients read {"message": ...}
         if method == "OPTIONS" and server.cors.enabled:
             self._route_label = "preflight"
             return self._preflight()
+        if wants_page(method, segments, self.headers):
+            self._route_label = "/"
+            self._consume_body(upload=False)
+            return page_reply()
         if segments == ("metrics",):
             self._route_label = "/metrics"
             server.auth.authorize(presented_key(self.headers), method, "read", ())   # names paths
@@ -3003,6 +4547,209 @@ class WasmstoreHandler(http.server.BaseHTTPRequestHandler):
                 headers[1] = ("Access-Control-Allow-Headers", ", ".join(names))
         return Reply(204, headers)
 
+    # -- HTTP apps -------------------------------------------------------------------------------
+
+    def _app_request(self):
+        """What an app request needs, when an app answers this request's path (else None):
+        (route label, AppSelector, raw segments below the app's prefix or None for the app
+        routes' store-path walk, query suffix). Every path of a one-app server is its app's;
+        on the API server, mounts take what the API does not use, and the app routes theirs."""
+        apps = self.server.apps
+        if apps.serve is not None:
+            raw, query = split_app_target(self.path)
+            return "app", apps.serve, raw, query
+        path = self.path
+        if not apps.mounts and not path.startswith("/api/v1/app"):
+            return None                             # the API's hot path: nothing to split
+        raw, query = split_app_target(path)
+        head = [_decoded_or_none(part) for part in raw[:3]]
+        if head[:1] in (["api"], ["v2"], ["metrics"]):
+            if head[:2] != ["api", "v1"] or len(head) < 3 or head[2] not in APP_ROUTES:
+                return None
+            branch = self._header("Wasmstore-Branch")
+            if head[2] == "app":
+                return "/api/v1/app/*", AppSelector(None, branch), raw[3:], query
+            if len(raw) < 4 or not raw[3]:
+                raise HttpError(404, "no such route: /api/v1/app-at/REF/PATH")
+            return "/api/v1/app-at/:p/*", parse_app_ref(decode_segment(raw[3]), branch), \
+                raw[4:], query
+        found = apps.match(raw)
+        if found is None:
+            return None
+        mount, used = found
+        return "mount:" + mount.label, AppSelector(mount.path), raw[used:], query
+
+    def _serve_app(self, label, selector, raw, query):
+        """Run one request through a stored app; its response is streamed by AppResponse."""
+        server = self.server
+        method = self.command
+        self._error_reply = app_error_reply
+        self._route_label = label
+        if not _APP_METHOD_RE.match(method or ""):
+            raise HttpError(400, "malformed method", close=True)
+        if server.apps.serve is None:               # an app run by a request to the API server
+            self._check_request_source(method)
+            if method == "OPTIONS" and server.cors.enabled:
+                self._route_label = "preflight"
+                return self._preflight()
+        else:
+            self._addressed_authority()             # the Host check (DNS rebinding) applies
+        wanted = _store_segments(raw) if selector.path is None else \
+            tuple(wasmstore.validate_path(selector.path))
+        # running an app is running code: the run permission (or POST), for the path it is at
+        # (for the app routes: the URL's path, checked before the store is read)
+        access = server.auth.authorize(presented_key(self.headers), "POST", "run", wanted)
+        runtime = _runtime(self._call_for_app(selector, access))
+        body = self._app_body()
+        target, below = self._app_target(runtime, selector, raw, wanted)
+        access.require(tuple(wasmstore.validate_path(self._call.path)))
+        request = kvhost.HttpRequest(method, "https" if server.ssl_context else "http",
+                                     self._app_authority(), app_path_with_query(below, query),
+                                     self._app_headers(), body)
+        sink = AppResponse(self, head_only=(method == "HEAD"), request_body=body)
+        self._app = (target.path or target.digest, sink, body)
+
+        def work(resolved, stats):
+            return runtime.runner.handle_http(resolved, request, sink, stats=stats)
+        error = None
+        try:
+            runtime.execute(self._call, APP_FUNCTION, None, work, resolve=lambda: target)
+        except Exception as exc:                    # the guest's, the host's or the request's
+            error = exc
+        if sink.failure is None and sink.finished:
+            error = None                            # answered in full (whatever failed after)
+        else:                                       # the root cause first: the body, framing
+            error = body.error or sink.failure or error or _unfinished(sink)
+        self._bytes_in += body.consumed
+        self._bytes_out += sink.bytes_out
+        self._body_done = body.exhausted
+        if error is None:
+            if body.error is not None:
+                self.close_connection = True        # the rest of the body cannot be trusted
+            else:
+                self._after_app_body(body)
+            return None
+        self.close_connection = True
+        if sink.sent:                               # too late for an error reply: cut it short
+            self.server.log_text(f"app {self._safe_path()}: {one_line(error)} (connection closed)")
+            return None
+        raise error
+
+    def _call_for_app(self, selector, access):
+        self._call = Call((), selector.path or "", branch=selector.branch, headers=self.headers,
+                          max_body=self.server.max_body, runtime=self.server.runtime,
+                          access=access)
+        return self._call
+
+    def _app_target(self, runtime, selector, raw, segments):
+        """(kvhost Target, raw segments below the app): the selector's path, or for the app
+        routes the shortest prefix of the URL path (`segments`, decoded) naming a module."""
+        runner = runtime.runner
+        if selector.path is not None:
+            target = runner.resolve(selector.path, branch=selector.branch,
+                                    version=selector.version, commit=selector.commit)
+            below = raw
+        else:
+            target, used = runner.resolve_prefix(segments, branch=selector.branch,
+                                                 version=selector.version, commit=selector.commit)
+            below = raw[used:]
+        self._call.path = target.path or target.digest
+        return target, below
+
+    def _app_authority(self):
+        """The authority the client addressed (absolute-form target or Host), else the server's."""
+        if self.path.startswith(("http://", "https://")):
+            return urllib.parse.urlsplit(self.path).netloc
+        host = self.headers.get("Host")
+        if host:
+            return host
+        address = self.server.server_address[0]
+        host = f"[{address}]" if ":" in address else address
+        return f"{host}:{self.server.port}"
+
+    def _app_headers(self):
+        """The request's fields as the guest gets them: names in lower case, values as bytes,
+        in order with repeats; without connection fields and without the key that reached the
+        server (Wasmstore-Auth, or the Authorization that carried it): a guest never sees it."""
+        named = {token.strip().lower() for value in self.headers.get_all("Connection") or ()
+                 for token in value.split(",")}
+        hidden = CONNECTION_FIELDS | named | {"wasmstore-auth"}
+        if self.server.auth.enabled and "Wasmstore-Auth" not in self.headers:
+            hidden = hidden | {"authorization"}
+        return [(name.lower(), value.encode("latin-1")) for name, value in self.headers.items()
+                if name.lower() not in hidden]
+
+    def _app_body(self):
+        """The AppRequestBody of this request: bounded by --max-body, 413 before the guest
+        starts for a Content-Length over it."""
+        length = self._framing
+        limit = self.server.max_body
+        source = _OneReceive(self.rfile)
+        if length == CHUNKED:
+            reader = ChunkedReader(source, limit)
+        elif length:
+            if length > limit:
+                raise HttpError(413, f"request body of {length} bytes is over the limit of "
+                                     f"{limit} bytes", close=True)
+            reader = LimitedReader(source, length)
+        else:
+            self._body_done = True
+            return AppRequestBody(None)
+        on_first_read = self._send_continue if self._expect_continue else None
+        return AppRequestBody(reader, on_first_read)
+
+    def _send_continue(self):
+        self._expect_continue = False
+        if self._reply_started:
+            return              # the final head is out (the guest answered before reading)
+        self._reader.arm(self.timeout)
+        self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    def _after_app_body(self, body):
+        """Keep the connection for the next request only if the body was read to its end (or
+        what is left of it, at most MAX_DISCARDED_BODY bytes, can be read and dropped now)."""
+        if body.exhausted:
+            return
+        if not self._expect_continue and (body.remaining or 0) <= MAX_DISCARDED_BODY:
+            try:
+                self._bytes_in += drain(body._reader, MAX_DISCARDED_BODY)
+                self._body_done = True
+                return
+            except (ServerError, OSError):
+                pass
+        self.close_connection = True
+
+    def _keeps_unread_body(self, body):
+        remaining = body.remaining
+        return (not self._expect_continue and remaining is not None
+                and remaining <= MAX_DISCARDED_BODY)
+
+    def app_connection_field(self, final):
+        """The Connection field of an app's response head (b"" when none is needed). A request
+        body the guest has not read to its end lets the connection stay only if the rest is
+        small enough to read and drop (_after_app_body): for a response sent whole (final) that
+        is known now; for one sent while the guest runs, only at its end (the guest may still
+        read it all), and then the connection may close without having said so."""
+        app = self._app
+        if final and app is not None and not app[2].exhausted and \
+                not self._keeps_unread_body(app[2]):
+            self.close_connection = True            # unread body bytes would be read as a request
+        if self.server.draining:
+            self.close_connection = True
+        if self.close_connection:
+            return b"Connection: close\r\n"
+        if self.request_version == "HTTP/1.0":
+            return b"Connection: keep-alive\r\n"
+        return b""
+
+    def send_app_bytes(self, data):
+        """Send part of an app's response (the head first), within the connection timeout."""
+        if not self._reply_started:
+            self._reply_started = True
+            self._status = self._app[1].status
+        self._reader.arm(self.timeout)
+        self.connection.sendall(data)
+
     # -- replies -----------------------------------------------------------------------------------
 
     def _send_reply(self, reply, head_only=False):
@@ -3127,6 +4874,9 @@ class WasmstoreHandler(http.server.BaseHTTPRequestHandler):
         method = self.command or "-"
         self.server.metrics.observe(self._route_label, method, status, elapsed,
                                     self._bytes_in, self._bytes_out)
+        if self._app is not None:
+            self.server.metrics.observe_app(self._app[0], status, elapsed, self._bytes_in,
+                                            self._bytes_out)
         if not self.server.quiet:
             method_text = method if _METHOD_RE.match(method) else "-"
             extra = "" if self._call is None else "".join(
@@ -3273,6 +5023,10 @@ class ConnectionLimits:
         self._connections, self._watches = pools
         self._held = threading.local()
 
+    def busier_than_another(self):
+        """True if another worker of the server holds fewer ordinary connections than this."""
+        return self._connections.busier_than_another()
+
     def admit(self):
         """Take an ordinary slot for a new connection (accept loop); False when none is left."""
         return self._connections.acquire()
@@ -3316,7 +5070,8 @@ class WasmstoreServer(http.server.ThreadingHTTPServer):
     def __init__(self, store, host=DEFAULT_HOST, port=DEFAULT_PORT, *, auth=None, tls=None,
                  cors=False, max_body=DEFAULT_MAX_BODY, quiet=False, timeout=DEFAULT_TIMEOUT,
                  max_connections=DEFAULT_MAX_CONNECTIONS, max_watches=DEFAULT_MAX_WATCHES,
-                 allowed_hosts=(), log=None, run=None, listener=None, worker=None):
+                 allowed_hosts=(), log=None, run=None, listener=None, worker=None, apps=(),
+                 serve=None):
         if isinstance(store, (str, os.PathLike)):
             store = wasmstore.Store(store)
         if int(max_body) < 0:
@@ -3328,6 +5083,9 @@ class WasmstoreServer(http.server.ThreadingHTTPServer):
         self.ssl_context = self._ssl_context(tls)
         self.cors = cors if isinstance(cors, OriginAllowList) else OriginAllowList(cors)
         allowed_names = [host_name(name) for name in allowed_hosts]    # checked before binding
+        self.apps = AppTable([mount if isinstance(mount, AppMount) else parse_app_mount(mount)
+                              for mount in apps],
+                             AppSelector(serve) if isinstance(serve, str) else serve)
         self.max_body = int(max_body)
         self.quiet = bool(quiet)
         self.request_timeout = float(timeout)
@@ -3338,6 +5096,7 @@ class WasmstoreServer(http.server.ThreadingHTTPServer):
         self.hub = WatchHub(store, log=self.log_text)
         self.locate_cache = LocateCache(store)
         self.draining = False
+        self.metrics_server = None                 # a MetricsServer, once serve_metrics()
         self._inflight = 0
         self._inflight_cond = threading.Condition()
         pools = None if worker is None else (worker.pool("connections"), worker.pool("watches"))
@@ -3363,7 +5122,12 @@ class WasmstoreServer(http.server.ThreadingHTTPServer):
 
     def get_request(self):
         """Accept a connection; it is blocking whatever the listening socket is (on BSD and
-        macOS an accepted socket inherits the listener's O_NONBLOCK)."""
+        macOS an accepted socket inherits the listener's O_NONBLOCK). Every worker is woken
+        by a new connection and the first to accept gets it, so a worker serving more
+        connections than a sibling lets that sibling try first: keep-alive clients connect
+        once, and without this a burst of them could all land on one worker."""
+        if self.worker is not None and self.limits.busier_than_another():
+            time.sleep(ACCEPT_DEFER_SECONDS)
         request, address = self.socket.accept()
         request.setblocking(True)
         return request, address
@@ -3496,7 +5260,29 @@ class WasmstoreServer(http.server.ThreadingHTTPServer):
         self.locate_cache.close()
         if self.runtime is not None:
             self.runtime.close()
+        if self.metrics_server is not None:
+            self.metrics_server.shutdown()        # scraped until the last request is done
+            self.metrics_server.server_close()
         return True
+
+    def serve_metrics(self, listener):
+        """Serve GET /metrics on the listening socket `listener` too, from a thread of its own
+        (see MetricsServer), until graceful_shutdown()."""
+        self.metrics_server = MetricsServer(self, listener=listener)
+        threading.Thread(target=self.metrics_server.serve_forever, name="wasmstore-metrics",
+                         daemon=True).start()
+
+    def preload_app(self):
+        """Find and compile the one app of a --serve server before it takes requests: a path
+        that holds nothing, or a component that cannot be run, is an error at startup."""
+        if self.runtime is None:
+            raise ServerError("serving an app needs kvhost.py next to http_server.py and the "
+                              "wasmtime package")
+        app = self.apps.serve
+        runner = self.runtime.runner
+        guest = self.runtime.load(runner.resolve(app.path, branch=app.branch,
+                                                 version=app.version, commit=app.commit))
+        runner.host.check_http_handler(guest)
 
     def server_close(self):
         """Close the listening socket (and, unless draining, the guests' processes)."""
@@ -3505,25 +5291,102 @@ class WasmstoreServer(http.server.ThreadingHTTPServer):
             self.runtime.close()          # stops the guests' worker processes
 
 
+class _MetricsHandler(http.server.BaseHTTPRequestHandler):
+    """GET /metrics of the server a MetricsServer reports on; nothing else."""
+
+    protocol_version = "HTTP/1.1"
+    server_version = "wasmstore/" + __version__
+    sys_version = ""
+    disable_nagle_algorithm = True
+
+    def do_GET(self):
+        """The metrics (GET and HEAD), 404 for any other path, 421 for a Host not answered to."""
+        host = (self.headers.get("Host") or "").strip()
+        try:
+            allowed = not host or self.server.allowed_hosts.allows(parse_authority(host)[0])
+        except ValueError:
+            allowed = False
+        if not allowed:
+            status, body, kind = 421, b"this server does not answer to that host\n", TEXT_TYPE
+        elif self.path.split("?", 1)[0] != "/metrics":
+            status, body, kind = 404, b"only /metrics is served here\n", TEXT_TYPE
+        else:
+            source = self.server.source
+            status, body = 200, source.metrics.render(source.store)
+            kind = "text/plain; version=0.0.4; charset=utf-8"
+        self.send_response(status)
+        self.send_header("Content-Type", kind)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    do_HEAD = do_GET
+
+    def log_message(self, format, *args):
+        pass                                       # scrapes are not requests of the server
+
+
+class MetricsServer(http.server.ThreadingHTTPServer):
+    """--metrics-port: GET /metrics of a WasmstoreServer on a port of its own, so that a
+    one-app server's apps keep every path of theirs and scrapes stay apart from app traffic.
+    listener: a bound, listening socket to serve (a server of several workers binds it once,
+    and one worker reports: the numbers are the whole server's); else (host, port) is bound."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, source, host=DEFAULT_HOST, port=0, listener=None):
+        self.source = source
+        if ":" in host:
+            self.address_family = socket.AF_INET6
+        super().__init__((host, int(port)), _MetricsHandler, bind_and_activate=listener is None)
+        if listener is not None:
+            self.socket.close()
+            self.socket = listener
+            self.address_family = listener.family
+            self.server_address = listener.getsockname()
+        self.allowed_hosts = HostAllowList(self.server_address[0], source.allowed_hosts.names)
+
+    @staticmethod
+    def url_of(sock):
+        """http://HOST:PORT of a listening socket."""
+        host, port = sock.getsockname()[:2]
+        return f"http://{f'[{host}]' if ':' in host else host}:{port}"
+
+    @property
+    def url(self):
+        """http://HOST:PORT of the metrics port."""
+        return self.url_of(self.socket)
+
+    def server_bind(self):
+        http.server.socketserver.TCPServer.server_bind(self)    # no reverse DNS lookup
+
+
 def make_runtime(store, metrics, *, kv=None, timeout=None, fuel=None, max_memory=None,
                  max_guests=DEFAULT_MAX_GUESTS, run_queue=DEFAULT_RUN_QUEUE,
                  queue_wait=DEFAULT_QUEUE_WAIT, namespace_map=(), stub_imports=False,
                  max_output=DEFAULT_MAX_OUTPUT, cache_dir=None, provider_kv=None,
-                 precompile=True, worker=None, log=None, links=None):
+                 max_table_elements=None, allow_buckets=None, env=None, dirs=None,
+                 allow_outbound=None, precompile=True, worker=None, log=None, links=None):
     """The GuestRuntime of a server (None when kvhost.py or wasmtime is missing: 501 then).
 
     kv: backend URL (default sqlite under the store root), or "component:PATH", a wasi:keyvalue
     provider stored at PATH (as the default branch holds it when the server starts) over the
     backend provider_kv (see wasmstore.kv_options); timeout (seconds), fuel, max_memory
-    (bytes): each guest's limits (kvhost's defaults when None); max_guests running at once,
+    (bytes), max_table_elements: each guest's limits (kvhost's defaults when None);
+    allow_buckets, env ({name: value}), dirs ([(host, guest)]), allow_outbound (HTTP apps'
+    destinations): what a guest may open and see (kvhost.Host); max_guests running at once,
     run_queue callers waiting up to queue_wait seconds; namespace_map: ["PREFIX=NS", ...];
     precompile: compile added modules in the background (see Precompiler); worker: the
     WorkerContext whose shared run slots, queue and compile locks bound the whole server;
     links: {import module name: store path} (see wasmstore.Runner, wasmstore.parse_links)."""
     if kvhost is None:
         return None
-    limits = {name: value for name, value in (("timeout", timeout), ("fuel", fuel),
-                                              ("max_memory", max_memory)) if value is not None}
+    limits = {name: value for name, value in (
+        ("timeout", timeout), ("fuel", fuel), ("max_memory", max_memory),
+        ("max_table_elements", max_table_elements), ("allow_buckets", allow_buckets),
+        ("env", env), ("dirs", dirs), ("allow_outbound", allow_outbound)) if value is not None}
     # output="discard": nothing a guest writes reaches the server's own streams (a call's and a
     # run's output is captured into its reply; watchers and providers they trigger are dropped)
     runner = wasmstore.Runner(store, namespaces=wasmstore.parse_namespace_map(namespace_map),
@@ -3550,7 +5413,9 @@ def make_server(store, host=DEFAULT_HOST, port=DEFAULT_PORT, **options):
 
     options: auth (spec string or AuthTable), tls ((keyfile, certfile) or SSLContext), cors
     (True: any origin; origins as a list or comma-separated string; see OriginAllowList),
-    allowed_hosts (extra Host names, see HostAllowList), max_body (bytes), quiet, timeout
+    allowed_hosts (extra Host names, see HostAllowList), apps ("PREFIX=PATH" texts or
+    AppMounts: stored HTTP apps mounted beside the API), serve (a store path or an
+    AppSelector: the port serves that one app and no API), max_body (bytes), quiet, timeout
     (seconds), max_connections, max_watches, log (a text stream), run (a dict of
     make_runtime() options: kv, timeout, fuel, max_memory, max_guests, run_queue, ...).
     """
@@ -3561,8 +5426,12 @@ def make_server(store, host=DEFAULT_HOST, port=DEFAULT_PORT, **options):
 # Worker processes: one listening socket, N processes, bounds shared by all
 # ---------------------------------------------------------------------------
 
+ACCEPT_DEFER_SECONDS = 0.002       # a worker busier than a sibling waits this long to accept
 WORKER_REGION_BYTES = 4 << 20       # metric numbers a worker publishes (only touched pages cost)
 WORKER_START_SECONDS = 60.0         # a first worker not serving by then failed to start
+# ... unless it serves one app (--serve), which it compiles first: an 18 MB component takes
+# tens of seconds on a loaded machine (then it is in the compile cache for every next start)
+APP_WORKER_START_SECONDS = 900.0
 WORKER_GRACE_SECONDS = 35.0         # a draining worker still alive after this is killed
 WORKER_RESTART_DELAY = (0.1, 30.0)  # first and longest pause before replacing a worker
 GAUGE_NAMES = frozenset({"connections", "websocket_clients", "in_flight"})
@@ -3586,13 +5455,19 @@ class SharedMetricValues:
 
     def __init__(self, region, writer=False):
         self.region = region
-        self.offsets = {}                 # key -> (offset of the value, struct format)
+        # key -> (its value as a one-number view of the region, whether a float): adding to a
+        # view costs a tenth of a struct unpack and pack (a request adds about twenty numbers)
+        self.cells = {}
         self.dropped = 0                  # new keys that did not fit
         if writer:
             for key, offset, fmt, _ in self._entries():
-                self.offsets[key] = (offset, fmt)
+                cell = self._cell(offset, fmt)
                 if key[0] in GAUGE_NAMES:
-                    struct.pack_into(fmt, region, offset, 0)
+                    cell[0] = 0
+                self.cells[key] = (cell, fmt == "d")
+
+    def _cell(self, offset, fmt):
+        return memoryview(self.region)[offset:offset + 8].cast(fmt)
 
     def _entries(self):
         region = self.region
@@ -3622,24 +5497,20 @@ class SharedMetricValues:
         fmt = "d" if kind else "q"
         struct.pack_into(fmt, self.region, offset, 0)
         struct.pack_into("Q", self.region, 0, offset + 8)
-        self.offsets[key] = (offset, fmt)
-        return offset, fmt
+        entry = self.cells[key] = (self._cell(offset, fmt), bool(kind))
+        return entry
 
     def add(self, key, delta):
         """Add delta to the number at key (0 when new); the caller holds Metrics.lock."""
-        entry = self.offsets.get(key) or self._append(key, isinstance(delta, float))
+        entry = self.cells.get(key) or self._append(key, isinstance(delta, float))
         if entry is not None:
-            offset, fmt = entry
-            value = struct.unpack_from(fmt, self.region, offset)[0]
-            value += delta if fmt == "d" else int(delta)
-            struct.pack_into(fmt, self.region, offset, value)
+            cell, is_float = entry
+            cell[0] += delta if is_float else int(delta)
 
     def get(self, key, default=0):
         """The number at key, or default."""
-        entry = self.offsets.get(key)
-        if entry is None:
-            return default
-        return struct.unpack_from(entry[1], self.region, entry[0])[0]
+        entry = self.cells.get(key)
+        return default if entry is None else entry[0][0]
 
     def snapshot(self):
         """{key: number} of everything in the region (from any process)."""
@@ -3739,8 +5610,10 @@ class Supervisor:
     returns 0. A worker whose supervisor is gone (killed) drains and exits too: it watches a
     pipe the supervisor holds open."""
 
-    def __init__(self, workers, listener, shared, build, log=None):
+    def __init__(self, workers, listener, shared, build, log=None,
+                 start_seconds=WORKER_START_SECONDS):
         self.workers = workers
+        self.start_seconds = start_seconds  # the first workers not serving by then: an error
         self.listener = listener
         self.shared = shared
         self.build = build
@@ -3812,12 +5685,12 @@ class Supervisor:
 
     def _await_ready(self):
         """None once every first worker serves, else the first one's error message."""
-        deadline = time.monotonic() + WORKER_START_SECONDS
+        deadline = time.monotonic() + self.start_seconds
         waiting = {ready: pid for pid, (_, _, ready) in self.children.items()}
         while waiting:
             left = deadline - time.monotonic()
             if left <= 0:
-                return f"the workers did not start within {WORKER_START_SECONDS:g} s"
+                return f"the workers did not start within {self.start_seconds:g} s"
             readable, _, _ = select.select(list(waiting), [], [], left)
             for ready in readable:
                 message = os.read(ready, 4096).decode("utf-8", "replace")
@@ -4019,8 +5892,20 @@ _EPILOG = """\
 environment: WASMSTORE_ROOT, WASMSTORE_HOST, WASMSTORE_PORT, WASMSTORE_AUTH, WASMSTORE_TLS,
   WASMSTORE_KV, WASMSTORE_PROVIDER_KV, WASMSTORE_RUN_TIMEOUT, WASMSTORE_FUEL,
   WASMSTORE_MAX_MEMORY, WASMSTORE_MAX_GUESTS, WASMSTORE_RUN_QUEUE, WASMSTORE_ALLOWED_HOSTS
-  (comma-separated), WASMSTORE_MAX_WATCHES, WASMSTORE_WORKERS (used when the matching option
-  is absent)
+  (comma-separated), WASMSTORE_MAX_WATCHES, WASMSTORE_WORKERS, WASMSTORE_APPS
+  (comma-separated PREFIX=PATH) (used when the matching option is absent)
+
+HTTP apps (stored components exporting wasi:http/incoming-handler):
+  --app /hello=/apps/hello.wasm serves the app stored at /apps/hello.wasm under /hello/ (the
+  default branch's head at each request); any stored app answers at
+  /api/v1/app/<store path>/<its own path> (the request's branch) and at
+  /api/v1/app-at/<ref>/<store path>/<its own path>, ref a branch, vN (version N), BRANCH:vN
+  or a commit. The guest sees the path below the app ("/" at least) with the query as sent,
+  the connection's scheme and the Host the client sent. App requests need a key with the
+  run permission (or POST) for the app's path, pass the Host and Origin checks, and the
+  guest never sees the key's header.
+  --serve PATH makes the whole port that one app (no API; what `wasmstore.py serve` runs);
+  --metrics-port P serves /metrics on a port of its own.
 
 browser safety:
   A request whose Origin header names another origin than the server's own (as reached
@@ -4041,6 +5926,7 @@ examples:
   python http_server.py --host 0.0.0.0 --allowed-host store.lan   # on the LAN, as store.lan
   curl --data-binary @a.wasm http://127.0.0.1:6384/api/v1/module/a.wasm
   curl -d '[2, 3]' http://127.0.0.1:6384/api/v1/call/add/a.wasm   # add(2, 3) of a stored module
+  python http_server.py --app /hello=/apps/hello.wasm    # curl http://127.0.0.1:6384/hello/
 """
 
 
@@ -4053,7 +5939,55 @@ def build_parser():
     _add_server_options(parser)
     _add_run_options(parser.add_argument_group(
         "running stored modules (POST /api/v1/call, /api/v1/run)"))
+    _add_app_options(parser.add_argument_group("HTTP apps (see below)"))
     return parser
+
+
+def _app_mount(text):
+    try:
+        return parse_app_mount(text)
+    except ServerError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _app_mounts(text):
+    return [_app_mount(part.strip()) for part in text.split(",") if part.strip()]
+
+
+def _app_path(text):
+    """--serve's store path (printed as paths are), or a module hash as it is."""
+    try:
+        segments = wasmstore.validate_path(text)
+    except wasmstore.InvalidInput as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if len(segments) == 1 and wasmstore.HASH_TEXT.match(segments[0]):
+        return segments[0].lower()
+    return wasmstore.format_path(segments)
+
+
+def _app_ref(text):
+    try:
+        return parse_app_ref(text)
+    except HttpError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _add_app_options(group):
+    add = group.add_argument
+    add("--app", action="append", type=_app_mount, default=None, dest="apps",
+        metavar="PREFIX=PATH",
+        help="serve the app stored at PATH under the URL path PREFIX (repeatable; env "
+             "WASMSTORE_APPS, comma-separated)")
+    add("--serve", type=_app_path, default=None, metavar="PATH",
+        help=f"serve only the app stored at PATH, on every path of the port (default port "
+             f"{DEFAULT_APP_PORT}); no API. A module HASH serves that module for good (as the "
+             "branch held it at the start)")
+    add("--serve-ref", type=_app_ref, default=None, metavar="REF",
+        help="with --serve: the app as a branch, vN (version N), BRANCH:vN or a commit holds it "
+             "(default: the head of the default branch, at each request)")
+    add("--metrics-port", type=_port, default=None, metavar="P",
+        help="also serve GET /metrics on port P of --host (for --serve, whose apps own every "
+             "path of their port)")
 
 
 def _add_server_options(parser):
@@ -4104,14 +6038,6 @@ def _add_run_options(group):
     add("--provider-kv", default=env.get("WASMSTORE_PROVIDER_KV") or None, metavar="URL",
         help="the backend beneath a --kv component:PATH provider (env WASMSTORE_PROVIDER_KV; "
              "default: sqlite:<root>/kv.sqlite3)")
-    add("--run-timeout", type=_positive_seconds, default=None, metavar="S",
-        help="stop a guest after S seconds, also when it waits in a host call "
-             "(env WASMSTORE_RUN_TIMEOUT; default 10)")
-    add("--fuel", type=_positive_int, default=None, metavar="N",
-        help="stop a guest after N units of fuel (env WASMSTORE_FUEL; default: no limit)")
-    add("--max-memory", type=_byte_size, default=None, metavar="N",
-        help="largest linear memory of a guest, suffix K/M/G allowed "
-             "(env WASMSTORE_MAX_MEMORY; default 256M)")
     add("--max-guests", type=_positive_int, default=None, metavar="N",
         help=f"guests running at once (env WASMSTORE_MAX_GUESTS; default {DEFAULT_MAX_GUESTS})")
     add("--run-queue", type=_nonnegative_int, default=None, metavar="N",
@@ -4122,14 +6048,17 @@ def _add_run_options(group):
     add("--max-output", type=_byte_size, default=DEFAULT_MAX_OUTPUT, metavar="N",
         help="stdout (and stderr) kept per run; the rest is counted, not sent (default 16M)")
     add("--namespace-map", action="append", default=[], metavar="PREFIX=NS",
-        help="modules under PREFIX share kv namespace NS (repeatable; default: each path is "
-             "its own namespace, a hash is sha256:<hash>)")
-    add("--stub-imports", action="store_true",
-        help="imports the host does not provide (e.g. wasi:http, or a core module's env "
-             "functions) trap when called instead of refusing the guest")
-    add("--link", action="append", default=[], dest="links", metavar="NAME=PATH",
-        help="link core modules' imports from module NAME to the module stored at PATH (in the "
-             "same commit as the module run; repeatable), e.g. --link env=/lib/random.wasm")
+        help=wasmstore.NAMESPACE_MAP_HELP)
+    if kvhost is not None:        # the sandbox options are kvhost's, parsed as everywhere
+        kvhost.add_sandbox_options(group, "a path in the store, in the same commit as the "
+                                          "module run", flags=SANDBOX_FLAGS, env=SANDBOX_ENV)
+
+
+# kvhost's sandbox options as this server names them (its --timeout is its connections') and
+# the environment variables they fall back to
+SANDBOX_FLAGS = {"timeout": "--run-timeout"}
+SANDBOX_ENV = {"timeout": "WASMSTORE_RUN_TIMEOUT", "fuel": "WASMSTORE_FUEL",
+               "max_memory": "WASMSTORE_MAX_MEMORY"}
 
 
 def _positive_int(text):
@@ -4141,30 +6070,38 @@ def _nonnegative_int(text):
 
 
 # option -> (environment variable, parser) for the options that fall back to the environment
-ENV_OPTIONS = {"run_timeout": ("WASMSTORE_RUN_TIMEOUT", _positive_seconds),
-               "fuel": ("WASMSTORE_FUEL", _positive_int),
-               "max_memory": ("WASMSTORE_MAX_MEMORY", _byte_size),
-               "max_guests": ("WASMSTORE_MAX_GUESTS", _positive_int),
+ENV_OPTIONS = {"max_guests": ("WASMSTORE_MAX_GUESTS", _positive_int),
                "max_watches": ("WASMSTORE_MAX_WATCHES", _positive_int),
                "workers": ("WASMSTORE_WORKERS", _positive_int),
                "allowed_host": ("WASMSTORE_ALLOWED_HOSTS", _host_names),
+               "apps": ("WASMSTORE_APPS", _app_mounts),
                "run_queue": ("WASMSTORE_RUN_QUEUE", _nonnegative_int)}
 
 
 def run_options(args):
     """The make_runtime() options of parsed command-line arguments."""
-    return {"kv": args.kv, "provider_kv": args.provider_kv, "timeout": args.run_timeout,
-            "fuel": args.fuel, "max_memory": args.max_memory,
+    sandbox = vars(args).get            # kvhost's sandbox options (none without kvhost.py)
+    env = sandbox("env")
+    return {"kv": args.kv, "provider_kv": args.provider_kv, "timeout": sandbox("run_timeout"),
+            "fuel": sandbox("fuel"), "max_memory": sandbox("max_memory"),
             "max_guests": args.max_guests or DEFAULT_MAX_GUESTS,
             "run_queue": DEFAULT_RUN_QUEUE if args.run_queue is None else args.run_queue,
             "queue_wait": args.queue_wait, "namespace_map": args.namespace_map,
-            "stub_imports": args.stub_imports, "max_output": args.max_output,
-            "links": wasmstore.parse_links(args.links)}
+            "stub_imports": bool(sandbox("stub_imports")), "max_output": args.max_output,
+            "max_table_elements": sandbox("max_table_elements"),
+            "allow_buckets": sandbox("allow_buckets"),
+            "env": None if env is None else dict(env), "dirs": sandbox("dirs"),
+            "allow_outbound": sandbox("allow_outbound"), "cache_dir": sandbox("cache_dir"),
+            "links": wasmstore.parse_links(sandbox("links"))}
 
 
 def _options_from(parser, args):
     """Fill options not given on the command line from the environment (validated alike)."""
     env = os.environ
+    if args.serve is None and args.serve_ref is not None:
+        parser.error("--serve-ref needs --serve PATH")
+    if args.serve is not None and args.port is None:
+        args.port = DEFAULT_APP_PORT              # an app's port, as `wasmtime serve`'s
     if args.port is None:
         try:
             args.port = _port(env["WASMSTORE_PORT"]) if env.get("WASMSTORE_PORT") else DEFAULT_PORT
@@ -4181,8 +6118,13 @@ def _options_from(parser, args):
                 setattr(args, option, convert(env[variable]))
             except argparse.ArgumentTypeError as exc:
                 parser.error(f"{variable}: {exc}")
+    if kvhost is not None:
+        try:
+            kvhost.fill_sandbox_from_env(args, SANDBOX_ENV, SANDBOX_FLAGS)
+        except kvhost.ArgumentError as exc:
+            parser.error(str(exc))
     try:
-        wasmstore.parse_links(args.links)
+        wasmstore.parse_links(vars(args).get("links"))
     except wasmstore.StoreError as exc:
         parser.error(str(exc))
     return args
@@ -4203,12 +6145,17 @@ def main(argv=None):
                    allowed_hosts=args.allowed_host or (),
                    max_watches=args.max_watches or DEFAULT_MAX_WATCHES,
                    max_body=args.max_body, quiet=args.quiet, timeout=args.timeout,
-                   run=run_options(args))
+                   run=run_options(args), apps=args.apps or (), serve=_served_app(args))
     workers = args.workers or DEFAULT_WORKERS
     try:
         store = wasmstore.Store(root)
+        if options["serve"] is not None:
+            options["serve"] = options["serve"].pinned(store)
+        metrics = None if args.metrics_port is None else listen(args.host, args.metrics_port)
         if workers == 1:
-            return _serve_alone(make_server(store, args.host, args.port, **options))
+            server = make_server(store, args.host, args.port, **options)
+            _prepare(server, metrics)
+            return _serve_alone(server)
         if args.tls:
             WasmstoreServer._ssl_context(args.tls)  # a bad key or certificate: said once, here
         listener = listen(args.host, args.port)
@@ -4216,7 +6163,7 @@ def main(argv=None):
         print(f"http_server.py: error: {one_line(exc)}", file=sys.stderr)
         meaning = error_meaning(exc)
         return 1 if meaning is None else meaning.exit_status
-    return _serve_workers(store, listener, workers, options)
+    return _serve_workers(store, listener, workers, options, metrics)
 
 
 def _serve_alone(server):
@@ -4224,7 +6171,11 @@ def _serve_alone(server):
     _install_signal_handlers(stop)
     thread = threading.Thread(target=server.serve_forever, name="wasmstore-accept", daemon=True)
     thread.start()
-    print(f"wasmstore: serving {server.store.root} on {server.url}", file=sys.stderr, flush=True)
+    print(f"wasmstore: serving {_what_is_served(server.store, server.apps)} on {server.url}",
+          file=sys.stderr, flush=True)
+    if server.metrics_server is not None:
+        print(f"wasmstore: metrics on {server.metrics_server.url}/metrics", file=sys.stderr,
+              flush=True)
     try:
         while not stop.wait(0.5):
             pass
@@ -4236,26 +6187,35 @@ def _serve_alone(server):
     return 0
 
 
-def _serve_workers(store, listener, workers, options):
+def _serve_workers(store, listener, workers, options, metrics=None):
     run = options["run"]
     shared = WorkerShared(workers, {"run_slots": run["max_guests"], "run_queue": run["run_queue"],
                                     "connections": DEFAULT_MAX_CONNECTIONS,
                                     "watches": options["max_watches"]})
 
     def build(listener, context):
-        return make_server(wasmstore.Store(store.root), listener=listener, worker=context,
-                           **options)
+        server = make_server(wasmstore.Store(store.root), listener=listener, worker=context,
+                             **options)
+        _prepare(server, metrics if context.index == 0 else None)   # one worker reports
+        return server
 
     host, port = listener.getsockname()[:2]
     scheme = "https" if options["tls"] else "http"
     url = f"{scheme}://{f'[{host}]' if ':' in host else host}:{port}"
 
     def ready():
-        print(f"wasmstore: serving {store.root} on {url} ({workers} worker processes)",
+        what = _what_is_served(store, AppTable(serve=options["serve"]))
+        print(f"wasmstore: serving {what} on {url} ({workers} worker processes)",
               file=sys.stderr, flush=True)
+        if metrics is not None:
+            print(f"wasmstore: metrics on {MetricsServer.url_of(metrics)}/metrics",
+                  file=sys.stderr, flush=True)
 
     try:
-        error = Supervisor(workers, listener, shared, build).serve(on_ready=ready)
+        start_seconds = WORKER_START_SECONDS if options["serve"] is None else \
+            APP_WORKER_START_SECONDS
+        error = Supervisor(workers, listener, shared, build,
+                           start_seconds=start_seconds).serve(on_ready=ready)
     finally:
         listener.close()
         shared.close()
@@ -4267,6 +6227,27 @@ def _serve_workers(store, listener, workers, options):
 
 _RUNTIME_ERRORS = () if kvhost is None else (kvhost.KvError,)   # e.g. a --kv URL that fails
 _STARTUP_ERRORS = (wasmstore.StoreError, ServerError, OSError, ssl.SSLError) + _RUNTIME_ERRORS
+
+
+def _prepare(server, metrics):
+    """What a server does before its first request: a one-app server finds and compiles its
+    app (a missing path or a component that is no HTTP handler is a startup error), and the
+    process that reports metrics on --metrics-port starts doing so."""
+    if server.apps.serve is not None:
+        server.preload_app()
+    if metrics is not None:
+        server.serve_metrics(metrics)
+
+
+def _what_is_served(store, apps):
+    return store.root if apps.serve is None else f"{apps.serve.path} of {store.root}"
+
+
+def _served_app(args):
+    """The AppSelector of --serve PATH [--serve-ref REF], or None."""
+    if args.serve is None:
+        return None
+    return (args.serve_ref or AppSelector(None)).with_path(args.serve)
 
 
 def _install_signal_handlers(stop):

@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: Apache-2.0
-"""kvhost: run WebAssembly components and modules against wasi:keyvalue, with memory, SQLite and Redis backends.
+"""kvhost: run WebAssembly components and modules against wasi:keyvalue (memory, SQLite, Redis).
 
 A host on the `wasmtime` package that links both ``wasi:keyvalue@0.2.0-draft`` and
 ``@0.2.0-draft2`` (store, atomics, batch; the watcher export) beside WASIp2 into one
@@ -17,7 +17,8 @@ Library use::
 
 HTTP apps (a component exporting wasi:http/incoming-handler, e.g. built by `jco componentize`)::
 
-    request = kvhost.HttpRequest("GET", "http", "localhost:8080", "/hello", [("accept", b"*/*")], None)
+    request = kvhost.HttpRequest("GET", "http", "localhost:8080", "/hello",
+                                 [("accept", b"*/*")], None)
     host.handle_http(host.load("app.wasm"), request, sink)   # sink.start / write / finish
 
 Command line::
@@ -33,19 +34,28 @@ by a provider component's exports, the provider's own imports by the host (WASIp
 wasi:keyvalue on provider_kv).
 
 Map of this file, top-down:
-  constants and exceptions
+  constants and exceptions (ERROR_STATUS: the one table of what each error means, exit status
+                  and metric label; error_meaning)
   input           parse_number, parse_json, parse_url: every number, JSON text and URL from
                   outside (ASCII digits only, bounded nesting, ports in range)
-  backends        Backend (validation, cursors) -> MemoryBackend, SqliteBackend, RedisBackend; open_backend()
+  backends        Backend (validation, cursors) -> MemoryBackend, SqliteBackend, RedisBackend;
+                  open_backend()
+  wasm reader     the one reader of the binary format (WasmReader): framing, core_signatures,
+                  component_interface, module_spans, stub_function_bodies, check_core_imports
+                  (what wasmtime's validator accepts and its compiler refuses)
+  wasmtime C API  the one place below wasmtime-py's public API (its docstring lists every
+                  private name and the figures that justify it): _CApi (bound as _C, or None
+                  with a clear error on a wasmtime it was not written for), bounded record
+                  access (_span, _field), _GuestStore, core calls by address
   value codecs    type descriptors of component values and converters that read and write
                   wasmtime's value records in place (host + JSON dialects)
-  host glue       the wasi:keyvalue functions of both versions, dispatched without per-call type walks
-  core signatures core_signatures(): a core module's import/export types read from its bytes
+  host glue       the wasi:keyvalue functions of both versions, dispatched without per-call
+                  type walks
   engine          compile cache on disk (checksummed, mapped by wasmtime), Guest and what it
-                  exports (describe_exports), Host (load / call / call_captured / run /
-                  run_captured / exports / link_plan / attach_watcher; _Capture, the bounded
-                  sink for guest output), _Session (one Store per call; core calls through
-                  the C API by address)
+                  exports and imports (describe_exports, describe_imports), Host (load / call /
+                  call_captured / run / run_captured / exports / imports / link_plan /
+                  attach_watcher; _Capture, the bounded sink for guest output), _Session (one
+                  Store per call)
   composition     Provider; a consumer's wasi:keyvalue forwarded to a provider component's
                   exports (_forward), one provider instance per consumer call (_ProviderLink)
   HTTP apps       the wasi:http proxy world defined here (wasi:http types and outgoing-handler,
@@ -54,24 +64,32 @@ Map of this file, top-down:
                   resources), _OutboundCall (outgoing requests), _HttpSession (Host.handle_http)
   sandbox         worker processes for guests that can block (_WorkerPool, _Worker, _Channel,
                   _RemoteBackend; _worker_main), killed at the deadline
-  CLI             shared with wasmstore.py (add_sandbox_options, host_from_args,
-                  run_with_deadline, report), main()
+  CLI             shared with wasmstore.py and http_server.py: the one table of sandbox
+                  options (SANDBOX_OPTIONS, add_sandbox_options, fill_sandbox_from_env,
+                  parse_size), host_from_args, run_with_deadline, report; main()
 
 Why the value codecs exist: wasmtime-py's component host functions re-read and re-walk the
 function type on every call (~100 us) and cannot return an err for result<option<T>, E> (its
 lowering tries the ok case first). kvhost registers its host functions through the C API with
 converters built once from the WIT (descriptors below), writing wasmtime_component_val_t
-records by address; guests' imports are checked against the same descriptors at load time.
+records in place; guests' imports are checked against the same descriptors at load time.
 """
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "KvError", "ArgumentError", "BackendError", "AccessDeniedError", "NoSuchStoreError", "OperationError",
+    "KvError", "ArgumentError", "BackendError", "AccessDeniedError", "NoSuchStoreError",
+    "OperationError",
     "NoSuchFunction", "GuestError", "LinkError", "NotHttpHandler", "TrapError", "GuestExit", "Err",
+    "ErrorMeaning", "ERROR_STATUS", "error_meaning",
     "HttpRequest", "HttpOutcome", "parse_outbound",
     "Backend", "MemoryBackend", "SqliteBackend", "RedisBackend", "open_backend",
-    "Guest", "Host", "RunResult", "CallResult", "Provider", "provider_of", "provider_exports", "PROVIDER_PREFIX", "core_signatures", "describe_exports", "format_export", "json_float", "float_from_json",
+    "Guest", "Host", "RunResult", "CallResult", "Provider", "provider_of", "provider_exports",
+    "PROVIDER_PREFIX", "describe_exports", "describe_imports", "format_export", "json_float",
+    "float_from_json",
+    "WasmFormatError", "WasmReader", "wasm_kind", "core_signatures", "check_core_imports",
+    "sections_fit", "module_spans", "stub_function_bodies", "component_interface",
+    "CORE_HEADER", "COMPONENT_HEADER",
     "add_store_options", "add_sandbox_options", "link_table", "host_from_args", "parse_json_args",
     "print_json", "print_exports",
     "run_with_deadline", "end_process", "report", "DeadlineExceeded", "main", "console_main",
@@ -86,7 +104,6 @@ import collections
 import contextlib
 import ctypes
 import hashlib
-import http.client
 import itertools
 import json
 import math
@@ -95,7 +112,6 @@ import os
 import re
 import select
 import socket
-import ssl
 import struct
 import sqlite3
 import subprocess
@@ -106,7 +122,6 @@ import time
 import urllib.parse
 
 import wasmtime
-from wasmtime import _ffi as ffi
 from wasmtime import component as wc
 
 # ---------------------------------------------------------------------------
@@ -125,14 +140,14 @@ DECIMAL_RE = re.compile(rb"(0|-?[1-9][0-9]{0,19})\Z")
 S64 = (-(1 << 63), (1 << 63) - 1)
 U64 = (0, (1 << 64) - 1)
 CURSOR_PREFIX = "k1."                                # draft2 cursors: "k1." + base64url(last key)
-CORE_SCRATCH_VALUES = 16                             # core parameters/results a thread's scratch holds
+CORE_SCRATCH_VALUES = 16                             # core params/results in a thread's scratch
 EPOCH_TICK = 0.05                                    # seconds per epoch tick of the timeout thread
 CACHE_MAGIC = b"KVHCACHE2\n"                         # header of a compile-cache entry's .sum file
 KV_VERSIONS = ("0.2.0-draft", "0.2.0-draft2")
 MAX_JSON_DEPTH = 64                                  # JSON from outside nests at most this deep
-MAX_NUMBER_CHARS = 40                                # a longer number from outside is refused unread
+MAX_NUMBER_CHARS = 40                                # a longer number from outside: refused unread
 _NOT_IN_URL = re.compile(r"[\x00-\x20\x7f]")          # spaces and control characters
-CACHE_ORPHAN_SECONDS = 3600                          # an artifact without its .sum this old is debris
+CACHE_ORPHAN_SECONDS = 3600                          # a lone cache file this old is debris
 # What kvhost writes into a cache directory (anything else there is left alone).
 CACHE_FILE_RE = re.compile(r"([0-9a-f]{64}\.(?:component|module))(\.sum)?\Z|\.tmp-[a-z0-9_]{8}\Z")
 
@@ -203,6 +218,37 @@ class GuestExit(TrapError):
         self.status = status
 
 
+class ErrorMeaning(collections.namedtuple("ErrorMeaning", "exit_status label")):
+    """What a kvhost error means to a caller: the exit status of a command line and the label
+    metrics and logs count it under (None in the table: the TrapError's kind). A server adds
+    the HTTP status to each row (http_server.py's rows are (http_status, exit_status, label))."""
+
+    __slots__ = ()
+
+
+# The one table of what each kvhost error means, read by report() (kvhost's and wasmstore.py's
+# command lines) and by http_server.py. A subclass without its own row uses its nearest
+# parent's (see error_meaning): AccessDeniedError is a KvError, GuestExit a TrapError.
+ERROR_STATUS = {
+    NoSuchFunction: ErrorMeaning(2, "not-found"),     # the message lists the functions there are
+    ArgumentError: ErrorMeaning(2, "arguments"),      # the message names which argument
+    LinkError: ErrorMeaning(2, "link"),               # the message names the import
+    GuestError: ErrorMeaning(2, "guest"),             # refused before it runs
+    TrapError: ErrorMeaning(1, None),                 # stopped: timeout, fuel, memory, trap...
+    KvError: ErrorMeaning(1, "error"),                # a backend or an operation failed
+}
+
+
+def error_meaning(exc):
+    """The ErrorMeaning of a kvhost exception (its class's row or its nearest parent's, a
+    TrapError's kind as the label); None for any other exception."""
+    for cls in type(exc).__mro__:
+        meaning = ERROR_STATUS.get(cls)
+        if meaning is not None:
+            return meaning._replace(label=exc.kind) if meaning.label is None else meaning
+    return None
+
+
 # ---------------------------------------------------------------------------
 # input from outside: numbers, JSON, URLs
 # ---------------------------------------------------------------------------
@@ -230,7 +276,8 @@ def parse_number(text, what, *, minimum=0, maximum=None, fraction=False):
         text = bytes(text).decode("latin-1")
     pattern = _FRACTION_TEXT if fraction else _INTEGER_TEXT
     if not isinstance(text, str) or len(text) > MAX_NUMBER_CHARS or not pattern.match(text):
-        shown = repr(text) if not isinstance(text, str) or len(text) <= 40 else repr(text[:37] + "...")
+        shown = (repr(text) if not isinstance(text, str) or len(text) <= 40
+                 else repr(text[:37] + "..."))
         kind = "a number" if fraction else "an integer"
         raise ArgumentError(f"invalid {what} {shown}: expected {kind} in ASCII digits")
     value = float(text) if fraction else int(text)
@@ -242,7 +289,8 @@ def parse_number(text, what, *, minimum=0, maximum=None, fraction=False):
 
 
 def _reject_constant(name):
-    raise ValueError(f"{name} is not JSON (write \"NaN\", \"Infinity\" or \"-Infinity\" as strings)")
+    raise ValueError(f"{name} is not JSON (write \"NaN\", \"Infinity\" or \"-Infinity\" as "
+                     "strings)")
 
 
 _STRICT_JSON = json.JSONDecoder(parse_constant=_reject_constant)
@@ -282,6 +330,7 @@ class Url(collections.namedtuple("Url", "scheme username password host port path
 
     @property
     def netloc(self):
+        """host[:port] as a URL writes it (an IPv6 host in brackets)."""
         host = f"[{self.host}]" if ":" in self.host else self.host
         return host if self.port is None else f"{host}:{self.port}"
 
@@ -300,7 +349,8 @@ def parse_url(text, what, schemes):
         raise ArgumentError(f"invalid {what} {shown}: {exc}") from None
     if parts.scheme not in schemes or not parts.hostname:
         raise ArgumentError(f"invalid {what} {shown}: expected {' or '.join(schemes)}://HOST")
-    return Url(parts.scheme, parts.username, parts.password, parts.hostname, port, parts.path, parts.query)
+    return Url(parts.scheme, parts.username, parts.password, parts.hostname, port, parts.path,
+               parts.query)
 
 
 # ---------------------------------------------------------------------------
@@ -308,7 +358,8 @@ def parse_url(text, what, schemes):
 # ---------------------------------------------------------------------------
 
 def _check_namespace(namespace):
-    if not isinstance(namespace, str) or not namespace or len(namespace) > 1024 or "\0" in namespace:
+    if not isinstance(namespace, str) or not namespace or len(namespace) > 1024 \
+            or "\0" in namespace:
         raise ArgumentError(f"invalid namespace {namespace!r}: expected 1-1024 characters, no NUL")
 
 
@@ -359,7 +410,8 @@ def decode_cursor(cursor):
     if not isinstance(cursor, str) or not cursor.startswith(CURSOR_PREFIX):
         raise OperationError("invalid cursor")
     try:
-        raw = base64.b64decode(cursor[len(CURSOR_PREFIX):].encode("ascii"), altchars=b"-_", validate=True)
+        raw = base64.b64decode(cursor[len(CURSOR_PREFIX):].encode("ascii"),
+                               altchars=b"-_", validate=True)
         return raw.decode("utf-8")
     except (binascii.Error, UnicodeError, ValueError):
         raise OperationError("invalid cursor") from None
@@ -387,14 +439,17 @@ class Backend:
             if len(self._checked) > 10_000:
                 self._checked.clear()
             self._checked.add((namespace, bucket))
-        if key is not None and not (type(key) is str and len(key) <= MAX_KEY_BYTES // 4 and key.isascii()):
-            _check_key(key)     # the common case above is decided without a call or an encode
+        # the common case is decided without a call or an encode
+        if key is not None and not (type(key) is str and len(key) <= MAX_KEY_BYTES // 4
+                                    and key.isascii()):
+            _check_key(key)
 
     def _check_value(self, value):
         if not isinstance(value, (bytes, bytearray, memoryview)):
             raise ArgumentError(f"invalid value of type {type(value).__name__}: expected bytes")
         if len(value) > self.max_value_size:
-            raise OperationError(f"value too large ({len(value)} bytes, limit {self.max_value_size})")
+            raise OperationError(f"value too large ({len(value)} bytes, limit "
+                                 f"{self.max_value_size})")
         return bytes(value)
 
     def get(self, namespace, bucket, key):
@@ -403,6 +458,7 @@ class Backend:
         return self._get(namespace, bucket, key)
 
     def set(self, namespace, bucket, key, value):
+        """Write `value` (bytes) under `key`, replacing any value there."""
         self._check(namespace, bucket, key)
         self._set(namespace, bucket, key, self._check_value(value))
 
@@ -412,11 +468,13 @@ class Backend:
         self._delete(namespace, bucket, key)
 
     def exists(self, namespace, bucket, key):
+        """True if `key` holds a value."""
         self._check(namespace, bucket, key)
         return self._exists(namespace, bucket, key)
 
     def list_page(self, namespace, bucket, cursor=None, limit=PAGE_SIZE):
-        """(keys, next_cursor): sorted keys after `cursor` (draft2 opaque string); None when done."""
+        """(keys, next_cursor): sorted keys after `cursor` (draft2 opaque string); the cursor is
+        None when done."""
         self._check(namespace, bucket)
         after = None if cursor is None else decode_cursor(cursor)
         keys = self._keys_after(namespace, bucket, after, limit + 1)
@@ -451,19 +509,22 @@ class Backend:
         self._check(namespace, bucket, key)
         bounds = S64 if signed else U64
         delta_bounds = S64 if signed else U64
-        if not isinstance(delta, int) or isinstance(delta, bool) or not delta_bounds[0] <= delta <= delta_bounds[1]:
+        if not isinstance(delta, int) or isinstance(delta, bool) \
+                or not delta_bounds[0] <= delta <= delta_bounds[1]:
             raise ArgumentError(f"invalid delta {delta!r}")
         return self._increment(namespace, bucket, key, delta, bounds)
 
     def compare_and_swap(self, namespace, bucket, key, expected, value):
-        """Write `value` only if the current value is still `expected` (None: missing). True if written."""
+        """Write `value` only if the current value is still `expected` (None: missing). True if
+        written."""
         self._check(namespace, bucket, key)
         if expected is not None:
             expected = bytes(expected)
         return self._compare_and_swap(namespace, bucket, key, expected, self._check_value(value))
 
     def get_many(self, namespace, bucket, keys):
-        """Values for `keys`, positionally (None for a missing key; duplicates answered each time)."""
+        """Values for `keys`, positionally (None for a missing key; duplicates answered each
+        time)."""
         self._check(namespace, bucket)
         keys = list(keys)
         for key in keys:
@@ -481,6 +542,7 @@ class Backend:
             self._set_many(namespace, bucket, checked)
 
     def delete_many(self, namespace, bucket, keys):
+        """Delete `keys` (missing ones are fine), as one transaction where the backend has them."""
         self._check(namespace, bucket)
         keys = list(keys)
         for key in keys:
@@ -581,11 +643,13 @@ class MemoryBackend(Backend):
 
     def _namespace_ids(self, limit):
         with self._lock:
-            return sorted({namespace for (namespace, _), table in self._buckets.items() if table})[:limit]
+            found = {namespace for (namespace, _), table in self._buckets.items() if table}
+        return sorted(found)[:limit]
 
 
 class SqliteBackend(Backend):
-    """Durable store in one SQLite file: WAL, one transaction per operation, one connection per thread.
+    """Durable store in one SQLite file: WAL, one transaction per operation, one connection per
+    thread.
 
     Single-statement operations run in autocommit mode (SQLite makes each its own transaction);
     read-modify-write operations (increment, compare-and-swap) and batches run inside
@@ -603,7 +667,8 @@ class SqliteBackend(Backend):
         self._write_lock = threading.Lock()
         self._closed = False
         self._run(lambda db: db.execute(
-            "CREATE TABLE IF NOT EXISTS kv (ns TEXT NOT NULL, bucket TEXT NOT NULL, key TEXT NOT NULL,"
+            "CREATE TABLE IF NOT EXISTS kv (ns TEXT NOT NULL, bucket TEXT NOT NULL, key TEXT NOT "
+            "NULL,"
             " value BLOB NOT NULL, PRIMARY KEY (ns, bucket, key)) WITHOUT ROWID"))
 
     def connection(self):
@@ -678,7 +743,8 @@ class SqliteBackend(Backend):
                 self._write_lock.release()
 
     def _get(self, namespace, bucket, key):
-        row = self._one("SELECT value FROM kv WHERE ns=? AND bucket=? AND key=?", (namespace, bucket, key))
+        row = self._one("SELECT value FROM kv WHERE ns=? AND bucket=? AND key=?",
+                        (namespace, bucket, key))
         return None if row is None else bytes(row[0])
 
     def _set(self, namespace, bucket, key, value):
@@ -686,10 +752,12 @@ class SqliteBackend(Backend):
                   (namespace, bucket, key, value), write=True)
 
     def _delete(self, namespace, bucket, key):
-        self._one("DELETE FROM kv WHERE ns=? AND bucket=? AND key=?", (namespace, bucket, key), write=True)
+        self._one("DELETE FROM kv WHERE ns=? AND bucket=? AND key=?",
+                  (namespace, bucket, key), write=True)
 
     def _exists(self, namespace, bucket, key):
-        return self._one("SELECT 1 FROM kv WHERE ns=? AND bucket=? AND key=?", (namespace, bucket, key)) is not None
+        return self._one("SELECT 1 FROM kv WHERE ns=? AND bucket=? AND key=?",
+                         (namespace, bucket, key)) is not None
 
     def _bucket_ids(self, namespace):
         def work(db):
@@ -699,13 +767,15 @@ class SqliteBackend(Backend):
         return self._run(work)
 
     def _keys_after(self, namespace, bucket, after, limit):
-        # TEXT compares as UTF-8 bytes, which is code-point order: the same order as Python's sorted().
+        # TEXT compares as UTF-8 bytes, which is code-point order: the same order as Python's
+        # sorted().
         def work(db):
             if after is None:
                 rows = db.execute("SELECT key FROM kv WHERE ns=? AND bucket=? ORDER BY key LIMIT ?",
                                   (namespace, bucket, limit))
             else:
-                rows = db.execute("SELECT key FROM kv WHERE ns=? AND bucket=? AND key>? ORDER BY key LIMIT ?",
+                rows = db.execute("SELECT key FROM kv WHERE ns=? AND bucket=? AND key>? ORDER BY "
+                                  "key LIMIT ?",
                                   (namespace, bucket, after, limit))
             return [row[0] for row in rows]
         return self._run(work)
@@ -723,7 +793,8 @@ class SqliteBackend(Backend):
         def work(db):
             row = db.execute("SELECT value FROM kv WHERE ns=? AND bucket=? AND key=?",
                              (namespace, bucket, key)).fetchone()
-            total = _add_checked(_parse_counter(None if row is None else bytes(row[0]), bounds), delta, bounds)
+            current = _parse_counter(None if row is None else bytes(row[0]), bounds)
+            total = _add_checked(current, delta, bounds)
             db.execute("INSERT OR REPLACE INTO kv (ns, bucket, key, value) VALUES (?, ?, ?, ?)",
                        (namespace, bucket, key, str(total).encode("ascii")))
             return total
@@ -762,6 +833,7 @@ class SqliteBackend(Backend):
             [(namespace, bucket, k) for k in keys]), immediate=True)
 
     def close(self):
+        """Close every thread's connection; later operations fail."""
         self._closed = True
         with self._all_lock:
             connections, self._all = self._all, []
@@ -843,7 +915,8 @@ class _RespConnection:
         return self.read_reply()
 
     def set(self, name, value):
-        self.sock.sendall(b"*3\r\n$3\r\nSET\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n" % (len(name), name, len(value), value))
+        self.sock.sendall(b"*3\r\n$3\r\nSET\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n"
+                          % (len(name), name, len(value), value))
         return self.read_reply()
 
     def pipeline(self, commands):
@@ -862,7 +935,7 @@ class _RespConnection:
         BlockingIOError (see __init__)."""
         while self.end - self.start < need:
             if self.start == self.end:
-                if len(self.buf) > self.BUFFER:        # a big reply is consumed: give the memory back
+                if len(self.buf) > self.BUFFER:        # a big reply is consumed: free its memory
                     self._new_buffer(self.BUFFER)
                 self.start = self.end = 0
             if len(self.buf) - self.start < need or self.end == len(self.buf):
@@ -961,7 +1034,8 @@ class RedisBackend(Backend):
             if self._pool:
                 return self._pool.pop()
         try:
-            return _RespConnection(self.host, self.port, self.timeout, self.username, self.password, self.db)
+            return _RespConnection(self.host, self.port, self.timeout,
+                                   self.username, self.password, self.db)
         except _RedisReplyError as e:
             if str(e).startswith(("WRONGPASS", "NOPERM", "NOAUTH")):
                 raise AccessDeniedError(f"redis: {e}") from None
@@ -1014,7 +1088,8 @@ class RedisBackend(Backend):
     def _prefix(self, namespace, bucket):
         prefix = self._prefixes.get((namespace, bucket))
         if prefix is None:
-            prefix = ("kv:%s:%s:" % (urllib.parse.quote(namespace, safe=""), bucket)).encode("utf-8")
+            quoted = urllib.parse.quote(namespace, safe="")
+            prefix = ("kv:%s:%s:" % (quoted, bucket)).encode("utf-8")
             if len(self._prefixes) > 10_000:
                 self._prefixes.clear()
             self._prefixes[(namespace, bucket)] = prefix
@@ -1047,7 +1122,8 @@ class RedisBackend(Backend):
         def work(conn):
             keys, cursor = set(), b"0"
             while True:
-                cursor, batch = conn.call(b"SCAN", cursor, b"MATCH", prefix + b"*", b"COUNT", b"1000")
+                cursor, batch = conn.call(b"SCAN", cursor, b"MATCH",
+                                          prefix + b"*", b"COUNT", b"1000")
                 keys.update(batch)
                 if cursor == b"0":
                     return sorted(k[len(prefix):].decode("utf-8") for k in keys)
@@ -1086,7 +1162,8 @@ class RedisBackend(Backend):
                 if "redis: ERR" not in str(e):
                     raise
                 # Redis refused and changed nothing: report it in the words every backend uses.
-                _add_checked(_parse_counter(self._get(namespace, bucket, key), bounds), delta, bounds)
+                current = _parse_counter(self._get(namespace, bucket, key), bounds)
+                _add_checked(current, delta, bounds)
                 raise
         return self._with_connection(lambda c: self._increment_watched(c, name, delta, bounds))
 
@@ -1106,7 +1183,8 @@ class RedisBackend(Backend):
 
     def _compare_and_swap(self, namespace, bucket, key, expected, value):
         name = self._key(namespace, bucket, key)
-        args = [b"EVAL", _CAS_SCRIPT, b"1", name, b"1" if expected is None else b"0", expected or b"", value]
+        args = [b"EVAL", _CAS_SCRIPT, b"1", name,
+                b"1" if expected is None else b"0", expected or b"", value]
         return self._with_connection(lambda c: c.call(*args)) == 1
 
     def _get_many(self, namespace, bucket, keys):
@@ -1131,10 +1209,12 @@ class RedisBackend(Backend):
                 found.update(name.split(b":", 2)[1] for name in batch if name.count(b":") >= 3)
                 if cursor == b"0":
                     break
-            return sorted(urllib.parse.unquote(name.decode("utf-8", "replace")) for name in found)[:limit]
+            names = (urllib.parse.unquote(name.decode("utf-8", "replace")) for name in found)
+            return sorted(names)[:limit]
         return self._with_connection(work)
 
     def close(self):
+        """Close the pooled connections."""
         with self._pool_lock:
             pool, self._pool = self._pool, []
         for conn in pool:
@@ -1153,7 +1233,820 @@ def open_backend(url=DEFAULT_KV_URL, max_value_size=DEFAULT_MAX_VALUE_BYTES):
         return SqliteBackend(path, max_value_size)
     if url.startswith("redis://"):
         return RedisBackend(url, max_value_size)
-    raise ArgumentError(f"invalid backend URL {url!r}: expected memory:, sqlite:PATH or redis://host:port/db")
+    raise ArgumentError(f"invalid backend URL {url!r}: expected memory:, sqlite:PATH or "
+                        "redis://host:port/db")
+
+
+# ---------------------------------------------------------------------------
+# wasm binary reader
+# ---------------------------------------------------------------------------
+# The one reader of the WebAssembly binary format in the project (wasmstore.py imports it):
+# framing (the header, sections, the core modules inside a component), the import encoding
+# wasmtime's validator accepts and its compiler refuses (compact imports), a component's
+# interface names (what an OCI config lists), the types of a core module's imports and
+# exports, and the stubbing of function bodies (a big component is checked by compiling it
+# with every body replaced by `unreachable`). Types are read from the bytes because
+# wasmtime-py aborts the whole process (a Rust panic) when asked the kind of a v128 or of a
+# typed (GC) reference type, which any stored module may use in a signature; wasmtime is then
+# only asked to call functions whose types are i32/i64/f32/f64. Pure Python: none of it needs
+# wasmtime.
+
+WASM_MAGIC = b"\0asm"
+CORE_HEADER = WASM_MAGIC + b"\x01\x00\x00\x00"          # a core module, version 1
+COMPONENT_HEADER = WASM_MAGIC + b"\x0d\x00\x01\x00"     # a component, layer 1
+MAX_COMPONENT_NESTING = 64                              # nested components read at most this deep
+
+_VALTYPE_NAMES = {0x7F: "i32", 0x7E: "i64", 0x7D: "f32", 0x7C: "f64", 0x7B: "v128",
+                  0x70: "funcref", 0x6F: "externref"}
+_REF_SHORTHANDS = frozenset(range(0x69, 0x75)) - {0x70, 0x6F}       # anyref, eqref, i31ref, ...
+_EXTERN_KINDS = {0: "func", 1: "table", 2: "memory", 3: "global", 4: "tag"}
+_COMPACT_IMPORTS = (0x7E, 0x7F)      # what follows an empty field name in the compact encoding
+
+
+class WasmFormatError(KvError, ValueError):
+    """Bytes that break the WebAssembly binary format; .offset is where (None if unknown)."""
+
+    def __init__(self, message, offset=None):
+        super().__init__(message if offset is None else f"{message} (at offset {offset:#x})")
+        self.offset = offset
+
+
+class WasmReader:
+    """Sequential reads of a WebAssembly binary (bytes, bytearray, memoryview or mmap) from
+    `pos` up to `end`; WasmFormatError, with the offset, on anything malformed."""
+
+    def __init__(self, data, pos=0, end=None):
+        self.data, self.pos = data, pos
+        self.end = len(data) if end is None else end
+
+    def fail(self, message):
+        """Raise WasmFormatError with `message` at the current offset."""
+        raise WasmFormatError(message, self.pos)
+
+    def byte(self):
+        """The next byte."""
+        if self.pos >= self.end:
+            self.fail("unexpected end-of-file")
+        self.pos += 1
+        return self.data[self.pos - 1]
+
+    def leb(self, signed=False, bits=64):
+        """A LEB128 number of at most `bits` bits."""
+        result = shift = 0
+        while True:
+            b = self.byte()
+            result |= (b & 0x7F) << shift
+            shift += 7
+            if not b & 0x80:
+                break
+            if shift >= bits + 7:
+                self.fail("invalid LEB128 number")
+        if signed and b & 0x40:
+            result -= 1 << shift
+        return result
+
+    def u32(self):
+        """An unsigned LEB128 number of at most 32 bits."""
+        return self.leb(bits=32)
+
+    def skip(self, size):
+        """Step over `size` bytes."""
+        if size > self.end - self.pos:
+            self.fail("unexpected end-of-file")
+        self.pos += size
+
+    def name(self):
+        """A name: its length, then UTF-8."""
+        size = self.u32()
+        start = self.pos
+        self.skip(size)
+        try:
+            return bytes(self.data[start:self.pos]).decode("utf-8")
+        except UnicodeDecodeError:
+            raise WasmFormatError("malformed UTF-8 name", start) from None
+
+    def sections(self):
+        """(section id, a WasmReader over its payload) of each section up to the end."""
+        while self.pos < self.end:
+            section_id = self.byte()
+            size = self.u32()
+            start = self.pos
+            self.skip(size)
+            yield section_id, WasmReader(self.data, start, self.pos)
+
+    def header(self):
+        """"module" or "component" from the 8-byte header at pos (WasmFormatError otherwise)."""
+        head = bytes(self.data[self.pos:self.pos + 8])
+        if not head.startswith(WASM_MAGIC):
+            self.fail("not WebAssembly: the magic header \\0asm is missing")
+        if len(head) < 8:
+            self.fail("unexpected end-of-file")
+        self.skip(8)
+        if head == CORE_HEADER:
+            return "module"
+        if head == COMPONENT_HEADER:
+            return "component"
+        raise WasmFormatError(f"unknown WebAssembly version {head[4:].hex()}", self.pos - 4)
+
+    # -- core types --------------------------------------------------------------------------------
+
+    def valtype(self):
+        """A core value type's name ("i32", "v128", "funcref", "ref", ...)."""
+        b = self.byte()
+        if b in _VALTYPE_NAMES:
+            return _VALTYPE_NAMES[b]
+        if b in _REF_SHORTHANDS:
+            return "ref"
+        if b in (0x63, 0x64):               # (ref null? heaptype)
+            self.leb(signed=True)
+            return "ref"
+        self.fail(f"unknown value type 0x{b:02x}")
+
+    def limits(self):
+        """Step over the limits of a memory or table."""
+        flags = self.byte()
+        self.leb()
+        if flags & 1:
+            self.leb()
+        if flags & 8:                       # a custom page size (its log2)
+            self.u32()
+
+    def functype_entry(self, types):
+        """One entry of the type section (a rec group adds several); function types as
+        (params, results), other types as None."""
+        form = self.byte()
+        if form == 0x4E:                                        # rec group
+            for _ in range(self.u32()):
+                self.functype_entry(types)
+            return
+        if form in (0x50, 0x4F):                                # sub / sub final
+            for _ in range(self.u32()):
+                self.u32()
+            form = self.byte()
+        if form == 0x60:
+            params = tuple(self.valtype() for _ in range(self.u32()))
+            results = tuple(self.valtype() for _ in range(self.u32()))
+            types.append((params, results))
+        elif form in (0x5F, 0x5E):                              # struct / array
+            for _ in range(self.u32() if form == 0x5F else 1):
+                if self.pos < self.end and self.data[self.pos] in (0x78, 0x77):   # packed i8/i16
+                    self.byte()
+                else:
+                    self.valtype()
+                self.byte()                                     # mutability
+            types.append(None)
+        else:
+            self.fail(f"unknown type form 0x{form:02x}")
+
+    def import_entry(self, types=None):
+        """(module, name, kind, signature) of one import; a function's signature is its type
+        (None when `types`, the module's function types, is not given)."""
+        module, name = self.name(), self.name()
+        at = self.pos
+        kind = self.byte()
+        signature = None
+        if kind == 0:
+            index = self.u32()
+            if types is not None:
+                if index >= len(types):
+                    raise WasmFormatError(f"unknown type {index}", at)
+                signature = types[index]
+        elif kind == 1:
+            self.valtype()
+            self.limits()
+        elif kind == 2:
+            self.limits()
+        elif kind == 3:
+            self.valtype()
+            self.byte()
+        elif kind == 4:
+            self.byte()
+            self.u32()
+        elif kind in _COMPACT_IMPORTS and not name:
+            # wasmtime's validator accepts this encoding; its compiler does not (wasmtime 50)
+            raise WasmFormatError(f"invalid leading byte 0x{kind:02X} with compact imports "
+                                  "proposal disabled", at)
+        else:
+            raise WasmFormatError(f"unknown import kind {kind}", at)
+        return module, name, _EXTERN_KINDS[kind], signature
+
+    # -- component imports and exports -------------------------------------------------------------
+
+    def extern_name(self):
+        """A component import or export name (with its attributes, which are skipped)."""
+        kind = self.byte()
+        name = self.name()
+        if kind == 0x02:                          # name followed by attributes
+            for _ in range(self.u32()):
+                if self.byte() not in (0x00, 0x01, 0x02):
+                    self.fail("unknown import/export attribute")
+                self.name()
+        elif kind not in (0x00, 0x01):
+            self.fail(f"unknown import/export name kind {kind:#x}")
+        return name
+
+    def skip_extern_type(self):
+        """Step over a component extern type (of an import, or an export's explicit type)."""
+        kind = self.byte()
+        if kind == 0x00:                          # core module: 0x11 and a type index
+            self.byte()
+            self.u32()
+        elif kind in (0x01, 0x04, 0x05):          # func, component, instance: type index
+            self.u32()
+        elif kind == 0x02:                        # value: eq index or a value type
+            if self.byte() == 0x00:
+                self.u32()
+            else:
+                self.leb(signed=True, bits=33)
+        elif kind == 0x03:                        # type: eq index or sub resource
+            if self.byte() == 0x00:
+                self.u32()
+        else:
+            self.fail(f"unknown extern type {kind:#x}")
+
+    def skip_sort_index(self):
+        """Step over an export's sort and index."""
+        if self.byte() == 0x00:                   # a core sort has a second byte
+            self.byte()
+        self.u32()
+
+
+def wasm_kind(data):
+    """"module" or "component", from the header of `data` (WasmFormatError if neither)."""
+    return WasmReader(data).header()
+
+
+def core_signatures(data):
+    """(imports, exports) of a core module binary: imports [(module, name, kind, signature)],
+    exports {name: (kind, signature)}, where a function's signature is (params, results) as type
+    names ("i32", "v128", "ref", ...) and other kinds have None. WasmFormatError if
+    unreadable."""
+    reader = WasmReader(memoryview(data))
+    if reader.header() != "module":
+        raise WasmFormatError("a component has no core signatures", 0)
+    types, imports, exports, functions = [], [], {}, []
+    for section, body in reader.sections():
+        if section == 1:
+            for _ in range(body.u32()):
+                body.functype_entry(types)
+        elif section == 2:
+            for _ in range(body.u32()):
+                entry = body.import_entry(types)
+                imports.append(entry)
+                if entry[2] == "func":
+                    functions.append(entry[3])
+        elif section == 3:
+            for _ in range(body.u32()):
+                index = body.u32()
+                if index >= len(types):
+                    body.fail(f"unknown type {index}")
+                functions.append(types[index])
+        elif section == 7:
+            for _ in range(body.u32()):
+                name, kind, index = body.name(), body.byte(), body.u32()
+                if kind == 0 and index >= len(functions):
+                    body.fail(f"unknown function {index}")
+                exports[name] = (_EXTERN_KINDS.get(kind, "other"),
+                                 functions[index] if kind == 0 else None)
+    return imports, exports
+
+
+def check_core_imports(data, start=0, end=None):
+    """Refuse (WasmFormatError) the import encoding of the core module at start..end that
+    wasmtime's validator accepts and its compiler refuses: compact imports. Only the import
+    section is read."""
+    reader = WasmReader(data, start, end)
+    reader.header()
+    for section, body in reader.sections():
+        if section == 2:
+            for _ in range(body.u32()):
+                body.import_entry()
+            return
+
+
+def sections_fit(data):
+    """True if every top-level section of a module or component ends inside `data` (after a
+    WebAssembly header: a file that is not WebAssembly is not "truncated")."""
+    try:
+        reader = WasmReader(data)
+        reader.header()
+        for _ in reader.sections():
+            pass
+    except WasmFormatError as e:
+        return not str(e).startswith("unexpected end-of-file")
+    return True
+
+
+def module_spans(data, start=0, end=None, depth=0):
+    """(start, end) of every core module in a module or component (nested components
+    included), in order; WasmFormatError if the framing is broken."""
+    reader = WasmReader(data, start, end)
+    if reader.header() == "module":
+        for _ in reader.sections():
+            pass
+        return [(start, reader.end)]
+    if depth >= MAX_COMPONENT_NESTING:
+        reader.fail("components nested too deeply")
+    spans = []
+    for section, body in reader.sections():
+        if section == 1:                            # a core module
+            if WasmReader(data, body.pos, body.end).header() != "module":
+                body.fail("a core module section holds no core module")
+            spans.append((body.pos, body.end))
+        elif section == 4:                          # a nested component
+            spans += module_spans(data, body.pos, body.end, depth + 1)
+    return spans
+
+
+def stub_function_bodies(buffer, start, end):
+    """Replace every function body of the (validated) core module at start..end of the
+    writable `buffer` by `unreachable`, `nop`... `end` of the same size, in place (offsets in
+    messages stay the original's)."""
+    reader = WasmReader(buffer, start, end)
+    reader.header()
+    for section, body in reader.sections():
+        if section != 10:                           # the code section
+            continue
+        for _ in range(body.u32()):
+            size = body.u32()
+            at = body.pos
+            body.skip(size)
+            if size >= 3:                           # no locals, unreachable, nop..., end
+                buffer[at:at + size] = b"\x00\x00" + b"\x01" * (size - 3) + b"\x0b"
+
+
+def component_interface(data):
+    """(kind, imports, exports) of a module or component binary: for a component, the names of
+    its top-level imports and exports (interface names such as "wasi:cli/run@0.2.0", or plain
+    names) in order, without repeats; a core module has none listed. Only section headers and
+    a component's import and export sections are read."""
+    reader = WasmReader(data)
+    kind = reader.header()
+    if kind == "module":
+        return "module", [], []
+    imports, exports = [], []
+    for section, body in reader.sections():
+        if section == 10:
+            for _ in range(body.u32()):
+                imports.append(body.extern_name())
+                body.skip_extern_type()
+        elif section == 11:
+            for _ in range(body.u32()):
+                exports.append(body.extern_name())
+                body.skip_sort_index()
+                if body.byte() == 0x01:             # an optional explicit type
+                    body.skip_extern_type()
+    return "component", list(dict.fromkeys(imports)), list(dict.fromkeys(exports))
+
+
+# ---------------------------------------------------------------------------
+# wasmtime C API: the one section below wasmtime-py's public API
+# ---------------------------------------------------------------------------
+
+"""What kvhost does below wasmtime-py's public API, all of it here; the rest of the file uses
+the names this section defines (``_C``, the record accessors ``_read``/``_write``/``_span``,
+``_pointer_at``, the layout constants) and wasmtime-py's public API.
+
+Why, as measured on wasmtime-py 50.0.1 (2026-12-07):
+
+- Component host functions: wasmtime-py's ``add_func`` re-reads and re-walks the function
+  type on every call (~100 us, 8-12k calls/s) and cannot return an err from
+  ``result<option<T>, E>`` (its lowering tries the ok case first). kvhost registers C
+  callbacks (``wasmtime_component_linker_instance_add_func``) whose converters are built once
+  from the WIT and read and write ``wasmtime_component_val_t`` records in place: 150-170k
+  calls/s of ``bucket.exists``.
+- Core calls: one export lookup and no type reads per call (wasmtime-py wraps every export
+  and re-reads a Func's type on each call); a fresh Store, instance and call of a core
+  ``add`` costs about half of wasmtime-py's.
+- Short C calls keep the GIL (a ``ctypes.PyDLL`` of the same library): with one other thread
+  running Python, a ``wasmtime_component_val_new`` + ``val_free`` through wasmtime-py's CDLL
+  bindings took 147 us (it waits for the GIL to come back) against 0.6 us. Calls that run
+  guest code (instantiation, function calls, a provider's destructors) release the GIL.
+- HTTP handlers: a request's Store is a bare C store and its component is instantiated and its
+  handler found through the C API (``instantiate_component``, ``component_func``): with a
+  wasmtime.Store and wasmtime-py's instantiate and get_func, a request cost 158 us of CPU
+  against 146 us (guests/http/hello.wat; the jco handler 969 against 923 us).
+
+Memory is reached only through bounded ctypes arrays over what wasmtime handed over (a
+record, a vector's data, a box): ``_span(address, size)``.
+
+Written for wasmtime-py 50 (WASMTIME_SERIES). On any other version ``_C`` is None and
+Host() raises KvError saying which wasmtime to install; the backends, the wasm reader and
+``kvhost kv`` need none of this and keep working.
+
+Private names of wasmtime-py relied upon (nothing else outside its public API is used):
+  wasmtime._ffi.dll (its ``_name``: the library's path)
+  wasmtime._ffi structures: wasmtime_component_val_t, wasmtime_component_valrecord_entry,
+      wasmtime_val_t, wasmtime_instance_t, wasmtime_extern_t, wasmtime_error_t, wasm_trap_t,
+      wasmtime_component_instance_t, wasmtime_component_func_t (sizes and offsets checked
+      against the constants below when binding, or only sized)
+  wasmtime._ffi constants: WASMTIME_COMPONENT_<KIND> (checked against _KIND),
+      WASMTIME_I32, WASMTIME_I64, WASMTIME_F32, WASMTIME_F64, WASMTIME_EXTERN_FUNC
+  wasmtime.WasmtimeError._from_ptr, wasmtime.Trap._from_ptr (take over a C error or trap)
+  .ptr() of Config, Engine, Module, Store, component Linker, LinkerInstance, Component,
+      ExportIndex and ResourceType; Store._context()
+  wasmtime.component.Func._func, wasmtime.Instance._instance (their C structures)
+C functions (wasmtime's C API, bound by name in _CApi): see _CApi.__init__.
+"""
+
+WASMTIME_SERIES = "50."            # the wasmtime-py release series this section was written for
+
+# wasmtime_component_val_t (component/val.h): 32 bytes, its kind (u8) at +0, its payload at +8.
+_VAL_SIZE = 32
+_VAL_PAYLOAD = 8
+_ENTRY_SIZE = 48                   # wasmtime_component_valrecord_entry: name {size, data}, val
+_KIND = {name: code for code, name in enumerate((
+    "bool", "s8", "u8", "s16", "u16", "s32", "u32", "s64", "u64", "f32", "f64", "char", "string",
+    "list", "record", "tuple", "variant", "enum", "option", "result", "flags", "resource"))}
+_CORE_VAL_SIZE = 32                # wasmtime_val_t: kind at +0, value at +8
+_CORE_KINDS = {"i32": 0, "i64": 1, "f32": 2, "f64": 3}
+
+_SMALL_SPANS = {}                  # size -> ctypes array type, for the sizes records come in
+
+
+def _span(address, size):
+    """The `size` bytes at `address` as a writable ctypes array (a bounded view of memory that
+    wasmtime handed over: a record, a vector's data, a box)."""
+    kind = _SMALL_SPANS.get(size)
+    if kind is None:
+        kind = ctypes.c_char * size
+        if size <= 256:
+            _SMALL_SPANS[size] = kind
+    return kind.from_address(address)
+
+
+def _field(fmt):
+    """(read, write) of the struct `fmt` (one to three fields) stored at an address, each through
+    a bounded view of exactly its size: read(address) -> the fields (the field itself when
+    there is one); write(address, *fields). Fixed arities: these run several times per host
+    call."""
+    layout = struct.Struct(fmt)
+    unpack, pack = layout.unpack_from, layout.pack_into
+    at = (ctypes.c_char * layout.size).from_address
+    count = len(layout.unpack_from(bytes(layout.size)))
+
+    def read_one(address):
+        return unpack(at(address))[0]
+
+    def read_all(address):
+        return unpack(at(address))
+
+    def write_one(address, value):
+        pack(at(address), 0, value)
+
+    def write_two(address, first, second):
+        pack(at(address), 0, first, second)
+
+    def write_three(address, first, second, third):
+        pack(at(address), 0, first, second, third)
+    writers = {1: write_one, 2: write_two, 3: write_three}
+    return (read_one if count == 1 else read_all), writers[count]
+
+
+_pointer_at, _write_pointer = _field("<Q")
+_vec_at = _field("<QQ")[0]                   # (size, data address) of a {size, data} vector
+_kind_at, _set_kind = _field("<B")           # a val's kind (and a bool's value, at +8)
+_write_kind_pointer = _field("<B7xQ")[1]     # kind, then a pointer at +8
+_write_result = _field("<B7x?7xQ")[1]        # kind, is_ok at +8, box at +16
+_is_ok_box_at = _field("<?7xQ")[0]           # a result's payload: is_ok, box
+
+
+_vp, _sz = ctypes.c_void_p, ctypes.c_size_t
+# ctx, args and results arrive as plain addresses: no pointer objects are built per call.
+_FUNC_CALLBACK = ctypes.CFUNCTYPE(ctypes.c_size_t, _vp, _vp, _vp, _vp, _sz, _vp, _sz)
+_DTOR_CALLBACK = ctypes.CFUNCTYPE(ctypes.c_size_t, _vp, _vp, ctypes.c_uint32)
+_FINALIZER = ctypes.CFUNCTYPE(None, _vp)
+
+
+def _wasmtime_version():
+    """The installed wasmtime version, part of every compile-cache key (read from its
+    dist-info directory: importlib.metadata alone costs ~50 ms)."""
+    if not _WASMTIME_VERSION:
+        package_dir = os.path.dirname(os.path.dirname(os.path.abspath(wasmtime.__file__)))
+        try:
+            found = [name[len("wasmtime-"):-len(".dist-info")] for name in os.listdir(package_dir)
+                     if name.startswith("wasmtime-") and name.endswith(".dist-info")]
+        except OSError:
+            found = []
+        if len(found) != 1:
+            from importlib.metadata import version
+            found = [version("wasmtime")]
+        _WASMTIME_VERSION.append(found[0])
+    return _WASMTIME_VERSION[0]
+
+
+_WASMTIME_VERSION = []
+
+
+class _CApi:
+    """wasmtime's C functions and structures as kvhost calls them, bound once (see the
+    section's docstring). Functions take and return plain addresses (ints)."""
+
+    def __init__(self, ffi):
+        self.ffi = ffi
+        self._check_layout(ffi)
+        library = ffi.dll._name
+        # dlopen of the path wasmtime-py loaded hands back the same library.
+        self._keep_gil = ctypes.PyDLL(library)
+        self._release_gil = ctypes.CDLL(library)
+        quick, slow = self._quick, self._slow
+        p_vp, u32, i64, u64 = ctypes.POINTER(_vp), ctypes.c_uint32, ctypes.c_int64, ctypes.c_uint64
+        # resources and values: short, never block, keep the GIL
+        self.any_to_host = quick("wasmtime_component_resource_any_to_host", _vp, _vp, _vp, p_vp)
+        self.any_drop = quick("wasmtime_component_resource_any_drop", _vp, _vp, _vp)
+        self.any_delete = quick("wasmtime_component_resource_any_delete", None, _vp)
+        self.host_new = quick("wasmtime_component_resource_host_new", _vp, ctypes.c_bool, u32, u32)
+        self.host_rep = quick("wasmtime_component_resource_host_rep", u32, _vp)
+        self.host_delete = quick("wasmtime_component_resource_host_delete", None, _vp)
+        self.host_to_any = quick("wasmtime_component_resource_host_to_any", _vp, _vp, _vp, p_vp)
+        self.byte_vec_new = quick("wasm_byte_vec_new", None, _vp, _sz, ctypes.c_char_p)
+        self.val_new = quick("wasmtime_component_val_new", _vp, _vp)
+        self.val_delete = quick("wasmtime_component_val_delete", None, _vp)  # contents, in place
+        self.val_free = quick("wasmtime_component_val_free", None, _vp)      # a val_new box
+        self.error_new = quick("wasmtime_error_new", _vp, ctypes.c_char_p)
+        self.seq_new = {kind: quick(f"wasmtime_component_val{kind}_new_uninit", None, _vp, _sz)
+                        for kind in ("list", "tuple", "record", "flags")}
+        self.seq_delete = {kind: quick(f"wasmtime_component_val{kind}_delete", None, _vp)
+                           for kind in ("list", "tuple", "record", "flags")}
+        # stores: short setup and teardown keep the GIL too
+        self.store_new = quick("wasmtime_store_new", _vp, _vp, _vp, _vp)
+        self.store_context = quick("wasmtime_store_context", _vp, _vp)
+        self.store_delete = quick("wasmtime_store_delete", None, _vp)
+        self.set_fuel = quick("wasmtime_context_set_fuel", _vp, _vp, u64)
+        self.get_fuel = quick("wasmtime_context_get_fuel", _vp, _vp, ctypes.POINTER(u64))
+        self.set_epoch_deadline = quick("wasmtime_context_set_epoch_deadline", None, _vp, u64)
+        self.store_limiter = quick("wasmtime_store_limiter", None, _vp, i64, i64, i64, i64, i64)
+        self.concurrency_support = quick("wasmtime_config_concurrency_support_set", None, _vp,
+                                         ctypes.c_bool)
+        self.export_get = quick("wasmtime_instance_export_get", ctypes.c_bool, _vp, _vp,
+                                ctypes.c_char_p, _sz, _vp)
+        self.add_func = quick("wasmtime_component_linker_instance_add_func", _vp, _vp,
+                              ctypes.c_char_p, _sz, _FUNC_CALLBACK, _vp, _FINALIZER)
+        self.add_resource = quick("wasmtime_component_linker_instance_add_resource", _vp, _vp,
+                                  ctypes.c_char_p, _sz, _vp, _DTOR_CALLBACK, _vp, _FINALIZER)
+        # calls that run guest code release the GIL (the epoch ticker must keep running)
+        self.instance_new = slow("wasmtime_instance_new", _vp, _vp, _vp, _vp, _sz, _vp, _vp)
+        self.core_call = slow("wasmtime_func_call", _vp, _vp, _vp, _vp, _sz, _vp, _sz, _vp)
+        self.component_call = slow("wasmtime_component_func_call", _vp, _vp, _vp, _vp, _sz, _vp,
+                                   _sz)                                  # runs post-return too
+        self.provider_drop = slow("wasmtime_component_resource_any_drop", _vp, _vp, _vp)
+        self.component_instantiate = slow("wasmtime_component_linker_instantiate", _vp, _vp, _vp,
+                                          _vp, _vp)                      # runs start functions
+        self.component_get_func = quick("wasmtime_component_instance_get_func", ctypes.c_bool,
+                                        _vp, _vp, _vp, _vp)
+        self.component_instance_size = ctypes.sizeof(ffi.wasmtime_component_instance_t)
+        self.component_func_size = ctypes.sizeof(ffi.wasmtime_component_func_t)
+        self.scratch = _CoreScratch(ffi)
+
+    def _quick(self, name, restype, *argtypes):
+        return self._bind(self._keep_gil, name, restype, argtypes)
+
+    def _slow(self, name, restype, *argtypes):
+        return self._bind(self._release_gil, name, restype, argtypes)
+
+    @staticmethod
+    def _bind(library, name, restype, argtypes):
+        function = library[name]          # a new function object: wasmtime-py's stay untouched
+        function.restype = restype
+        function.argtypes = argtypes
+        return function
+
+    @staticmethod
+    def _check_layout(ffi):
+        """Refuse to bind if a structure or constant is not what the code here assumes."""
+        val = ffi.wasmtime_component_val_t
+        facts = [(ctypes.sizeof(val), _VAL_SIZE), (val.of.offset, _VAL_PAYLOAD),
+                 (ctypes.sizeof(ffi.wasmtime_component_valrecord_entry), _ENTRY_SIZE),
+                 (ctypes.sizeof(ffi.wasmtime_val_t), _CORE_VAL_SIZE),
+                 (ffi.wasmtime_val_t.of.offset, 8), (ffi.WASMTIME_EXTERN_FUNC.value, 0)]
+        facts += [(getattr(ffi, "WASMTIME_COMPONENT_" + name.upper()).value, code)
+                  for name, code in _KIND.items()]
+        facts += [(getattr(ffi, "WASMTIME_" + name.upper()).value, code)
+                  for name, code in _CORE_KINDS.items()]
+        for found, expected in facts:
+            if found != expected:
+                raise ValueError(f"the layout of wasmtime's C values changed ({found} != "
+                                 f"{expected})")
+
+    # -- pointers of wasmtime-py objects and errors ------------------------------------------------
+
+    @staticmethod
+    def address(managed):
+        """The C pointer of an Engine, Module, Store, LinkerInstance or ResourceType."""
+        return ctypes.cast(managed.ptr(), _vp).value
+
+    @staticmethod
+    def context_address(store):
+        """The address of a wasmtime.Store's wasmtime_context_t."""
+        return ctypes.cast(store._context(), _vp).value
+
+    @staticmethod
+    def func_address(func):
+        """The address of a wasmtime.component.Func's wasmtime_component_func_t."""
+        return ctypes.addressof(func._func)
+
+    @staticmethod
+    def instance_address(instance):
+        """A core instance's address (instantiate_module() gives one; a linker gives a
+        wasmtime.Instance)."""
+        return instance if isinstance(instance, int) else ctypes.addressof(instance._instance)
+
+    def error(self, pointer):
+        """The wasmtime.WasmtimeError of a wasmtime_error_t address (which it now owns)."""
+        return wasmtime.WasmtimeError._from_ptr(
+            ctypes.cast(pointer, ctypes.POINTER(self.ffi.wasmtime_error_t)))
+
+    def check(self, error, trap=None):
+        """Raise what a wasmtime call reported through its error and trap out-pointers."""
+        if error:
+            raise self.error(error)
+        if trap:
+            raise wasmtime.Trap._from_ptr(ctypes.cast(trap, ctypes.POINTER(self.ffi.wasm_trap_t)))
+
+    def trap_pointer(self, message):
+        """A new wasmtime_error_t for a host callback to return (the guest traps with it)."""
+        return self.error_new(message.encode("utf-8", "replace"))
+
+    def disable_concurrency_support(self, config):
+        """Turn off a wasmtime.Config's component-model concurrency support (wasmtime-py has no
+        setter for it)."""
+        self.concurrency_support(self.address(config), False)
+
+    # -- registering host functions and resources --------------------------------------------------
+
+    def define_func(self, instance, name, callback, func_id, finalizer):
+        """Define function `name` of a component LinkerInstance as the C callback `callback`,
+        which gets `func_id` back as its data."""
+        raw = name.encode("utf-8")
+        self.check(self.add_func(self.address(instance), raw, len(raw), callback, func_id,
+                                 finalizer))
+
+    def define_resource(self, instance, name, type_id, dtor, finalizer):
+        """Define resource type `name` of a LinkerInstance as host type `type_id`."""
+        raw = name.encode("utf-8")
+        ty = wc.ResourceType.host(type_id)
+        self.check(self.add_resource(self.address(instance), raw, len(raw), self.address(ty),
+                                     dtor, type_id, finalizer))
+
+    # -- resources ---------------------------------------------------------------------------------
+
+    def resource_rep(self, ctx, any_ptr):
+        """The rep of the host resource behind a resource_any (which keeps owning any_ptr)."""
+        host_ptr = _vp()
+        self.check(self.any_to_host(ctx, any_ptr, ctypes.byref(host_ptr)))
+        try:
+            return self.host_rep(host_ptr)
+        finally:
+            self.host_delete(host_ptr)
+
+    def resource_new(self, ctx, rep, type_id):
+        """A new owned resource_any for host resource `rep` of `type_id` (its address)."""
+        host_ptr = self.host_new(True, rep, type_id)
+        any_ptr = _vp()
+        try:
+            self.check(self.host_to_any(ctx, host_ptr, ctypes.byref(any_ptr)))
+        finally:
+            self.host_delete(host_ptr)
+        return any_ptr.value
+
+    # -- calls -------------------------------------------------------------------------------------
+
+    def call_component(self, context, func, args, nargs, result, nresults):
+        """Call a component Func (its address) on plain val_t arrays; raises WasmtimeError."""
+        self.check(self.component_call(func, context, args, nargs, result, nresults))
+
+    def instantiate_component(self, context, linker, component):
+        """A new instance of a component in a store (addresses of its context, a component
+        Linker and a Component): its wasmtime_component_instance_t, in a buffer of its own."""
+        instance = ctypes.create_string_buffer(self.component_instance_size)
+        self.check(self.component_instantiate(linker, context, component,
+                                              ctypes.addressof(instance)))
+        return instance
+
+    def component_func(self, context, instance, index):
+        """The wasmtime_component_func_t (a buffer) of an instance's export at `index` (an
+        ExportIndex's address), or None when that export is not a function."""
+        func = ctypes.create_string_buffer(self.component_func_size)
+        if not self.component_get_func(ctypes.addressof(instance), context, index,
+                                       ctypes.addressof(func)):
+            return None
+        return func
+
+    def instantiate_module(self, context, module):
+        """The address of an instance of a core module without imports (`module`: its
+        address), in this thread's scratch (valid until the thread's next instantiation)."""
+        scratch = self.scratch
+        scratch.trap.value = None
+        error = self.instance_new(context, module, None, 0, scratch.instance_address,
+                                  scratch.trap_address)
+        self.check(error, scratch.trap.value)
+        return scratch.instance_address
+
+    def call_core(self, context, instance, name, params, results, args):
+        """Call a core export of known i32/i64/f32/f64 types (context: a store context's
+        address; instance: an instance's address): one export lookup and no type reads."""
+        scratch = self.scratch
+        raw = name.encode("utf-8")
+        if not self.export_get(context, instance, raw, len(raw), scratch.item_address) \
+                or scratch.item.kind != 0:
+            raise NoSuchFunction(f"no function {name!r}")
+        if max(len(params), len(results)) <= CORE_SCRATCH_VALUES:
+            values, first_output = scratch.values, CORE_SCRATCH_VALUES
+        else:
+            values = (self.ffi.wasmtime_val_t * (len(params) + len(results)))()
+            first_output = len(params)
+        inputs = ctypes.addressof(values)
+        outputs = inputs + first_output * _CORE_VAL_SIZE
+        for index, (kind, value) in enumerate(zip(params, args)):
+            slot = values[index]
+            slot.kind = _CORE_KINDS[kind]
+            setattr(slot.of, kind, value)
+        scratch.trap.value = None
+        error = self.core_call(context, scratch.func_address, inputs, len(params), outputs,
+                               len(results), scratch.trap_address)
+        self.check(error, scratch.trap.value)
+        return [getattr(values[first_output + index].of, kind)
+                for index, kind in enumerate(results)]
+
+
+class _CoreScratch(threading.local):
+    """Per-thread C structures for core calls (making ctypes objects costs ~1 us each). A core
+    call never makes another on the same thread before it returns: its imports are WASI or
+    other core modules, never Python host functions."""
+
+    def __init__(self, ffi):
+        self.instance = ffi.wasmtime_instance_t()
+        self.instance_address = ctypes.addressof(self.instance)
+        self.item = ffi.wasmtime_extern_t()
+        self.item_address = ctypes.addressof(self.item)
+        self.func_address = self.item_address + type(self.item).of.offset
+        self.trap = ctypes.c_void_p()
+        self.trap_address = ctypes.addressof(self.trap)
+        self.values = (ffi.wasmtime_val_t * (2 * CORE_SCRATCH_VALUES))()
+
+
+def _bind_wasmtime():
+    """(_CApi, None), or (None, why not) when the installed wasmtime is not the one this
+    section was written for."""
+    version = _wasmtime_version()
+    wanted = f"pip install 'wasmtime=={WASMTIME_SERIES}*'"
+    if not version.startswith(WASMTIME_SERIES):
+        return None, (f"kvhost {__version__} runs guests through wasmtime-py {WASMTIME_SERIES}x "
+                      f"and wasmtime {version} is installed: {wanted}")
+    try:
+        from wasmtime import _ffi
+        return _CApi(_ffi), None
+    except (ImportError, AttributeError, OSError, ValueError) as e:
+        return None, f"kvhost {__version__} cannot bind wasmtime {version}'s C API ({e}): {wanted}"
+
+
+_C, _WASMTIME_PROBLEM = _bind_wasmtime()
+
+
+class _GuestStore:
+    """A wasmtime Store with its fuel, epoch deadline and limits. A core module without
+    imports and an HTTP handler run in a bare C store (made and freed keeping the GIL, used by
+    address); everything else (linkers, WASI, components) in a wasmtime.Store, made by
+    wasmtime-py."""
+
+    __slots__ = ("wrapper", "raw", "address", "metered")
+
+    def __init__(self, engine, engine_address, fuel, epoch_deadline, limits, wrapped):
+        if wrapped:
+            self.wrapper = wasmtime.Store(engine)
+            self.raw = None
+            store = _C.address(self.wrapper)
+            self.address = _C.context_address(self.wrapper)
+        else:
+            self.wrapper = None
+            self.raw = store = _C.store_new(engine_address, None, None)
+            self.address = _C.store_context(store)
+        self.metered = fuel is not None
+        if self.metered:
+            error = _C.set_fuel(self.address, fuel)
+            if error:
+                self.close()
+                _C.check(error)
+        _C.set_epoch_deadline(self.address, epoch_deadline)
+        _C.store_limiter(store, *limits)
+
+    def fuel_left(self):
+        """Fuel left, or None when the store is not metered."""
+        if not self.metered:
+            return None
+        left = ctypes.c_uint64(0)
+        error = _C.get_fuel(self.address, ctypes.byref(left))
+        if error:
+            _C.error(error)            # taken over, and so freed
+            return None
+        return left.value
+
+    def close(self):
+        raw, self.raw = self.raw, None
+        if raw is not None:
+            _C.store_delete(raw)
+        if self.wrapper is not None:
+            self.wrapper.close()
 
 
 # ---------------------------------------------------------------------------
@@ -1171,205 +2064,27 @@ def open_backend(url=DEFAULT_KV_URL, max_value_size=DEFAULT_MAX_VALUE_BYTES):
 # result errors) for the glue, and "json" values ({"ok": ..}, {"tag": .., "value": ..},
 # lists) for `call`.
 #
-# Converters read and write wasmtime_component_val_t records in place, through _MEMORY (a byte
-# view of the address space) with struct.unpack_from / pack_into and slices: no libffi call,
-# about a third of the cost of ctypes.string_at / memmove / from_address. They call the C API
-# only to allocate (strings, lists, boxes, resources). Ownership: lifting only reads, and the
-# val's owner frees it (wasmtime drops a host call's arguments after the callback;
-# _Session.invoke deletes a call's result with one wasmtime_component_val_delete).
+# Converters read and write wasmtime_component_val_t records in place, through the C API
+# section's bounded accessors (_read, _write, _span), and call the C API only to allocate
+# (strings, lists, boxes, resources). Ownership: lifting only reads, and the val's owner frees
+# it (wasmtime drops a host call's arguments after the callback; _Session.invoke deletes a
+# call's result with one val_delete). A list<u8> is converted in bulk: its records are one
+# strided slice of bytes, read or written in one step per 64 Ki elements.
 
-_VAL = ffi.wasmtime_component_val_t
-_VAL_SIZE = ctypes.sizeof(_VAL)                      # 32 bytes: kind at +0, payload at +8
-_VAL_PAYLOAD = _VAL.of.offset
-_ENTRY_SIZE = ctypes.sizeof(ffi.wasmtime_component_valrecord_entry)   # name (16 bytes) then val
-_K = {name: getattr(ffi, "WASMTIME_COMPONENT_" + name.upper()).value for name in (
-    "bool", "s8", "u8", "s16", "u16", "s32", "u32", "s64", "u64", "f32", "f64", "char", "string",
-    "list", "record", "tuple", "variant", "enum", "option", "result", "flags", "resource")}
 _INT_BOUNDS = {"s8": (-(1 << 7), (1 << 7) - 1), "u8": (0, 255), "s16": (-(1 << 15), (1 << 15) - 1),
                "u16": (0, 65535), "s32": (-(1 << 31), (1 << 31) - 1), "u32": (0, (1 << 32) - 1),
                "s64": S64, "u64": U64}
-_SCALAR_FORMAT = {"s8": "b", "u8": "B", "s16": "h", "u16": "H", "s32": "i", "u32": "I", "s64": "q",
-                  "u64": "Q", "f32": "f", "f64": "d", "char": "I"}     # the payload at +8
+_SCALAR_FORMAT = {"s8": "b", "u8": "B", "s16": "h", "u16": "H", "s32": "i", "u32": "I",
+                  "s64": "q", "u64": "Q", "f32": "f", "f64": "d", "char": "I"}  # payload at +8
 _BYTES_CHUNK = 1 << 16          # list<u8> elements converted per step (2 MiB of val_t)
-_ZERO_HEAD = bytes(16)           # kind bool, payload false: what a val that owns nothing starts with
-_BOOL_FALSE = _VAL()             # the source of every new box (val_new moves from it; it stays bool false)
+_ZERO_HEAD = bytes(16)          # kind bool, payload false: what a val that owns nothing starts with
+# The source of every new box (val_new moves from it, and it stays bool false: kind 0, zeros).
+_BOOL_FALSE = ctypes.create_string_buffer(_VAL_SIZE)
 _BOOL_FALSE_ADDRESS = ctypes.addressof(_BOOL_FALSE)
-_U8_KIND = bytes((_K["u8"],))
-_U8_TEMPLATE_RECORDS = 4096      # u8 records of a value up to this size start from a copy of:
+_U8_KIND = bytes((_KIND["u8"],))
+_U8_TEMPLATE_RECORDS = 4096     # u8 records of a value up to this size start from a copy of:
 _U8_TEMPLATE = bytearray(_U8_TEMPLATE_RECORDS * _VAL_SIZE)    # records of kind u8 (128 KiB)
 _U8_TEMPLATE[0::_VAL_SIZE] = _U8_KIND * _U8_TEMPLATE_RECORDS
-
-# The whole address space as bytes. Like ctypes, it trusts the addresses it is given; every
-# address used with it comes from wasmtime (a val, a vector's data, a box) or from ctypes.
-_MEMORY = memoryview((ctypes.c_char * sys.maxsize).from_address(0)).cast("B")
-_read_pointer = struct.Struct("<Q").unpack_from
-_read_vec = struct.Struct("<QQ").unpack_from            # {size, data}
-_write_kind_pointer = struct.Struct("<B7xQ").pack_into   # kind, then a pointer at +8
-_write_result = struct.Struct("<B7x?7xQ").pack_into      # kind, is_ok at +8, box at +16
-_write_pointer = struct.Struct("<Q").pack_into
-
-
-# The same library, with calls that keep the GIL: every function called through it is short and
-# never blocks (allocation, handle conversion), and dropping and retaking the GIL around it would
-# cost more than the call. wasmtime's own bindings (func_call, which runs the guest) still drop it.
-_WASMTIME_KEEP_GIL = ctypes.PyDLL(ffi.dll._name, handle=ffi.dll._handle)
-
-
-def _proto(name, restype, *argtypes):
-    """A private prototype of a wasmtime C function taking plain addresses (no per-call pointer objects);
-    dll[name] makes a new function object, so wasmtime's own prototypes stay untouched."""
-    func = _WASMTIME_KEEP_GIL[name]
-    func.restype = restype
-    func.argtypes = argtypes
-    return func
-
-
-_vp, _sz = ctypes.c_void_p, ctypes.c_size_t
-_c_any_to_host = _proto("wasmtime_component_resource_any_to_host", _vp, _vp, _vp, ctypes.POINTER(_vp))
-_c_any_drop = _proto("wasmtime_component_resource_any_drop", _vp, _vp, _vp)
-_c_host_new = _proto("wasmtime_component_resource_host_new", _vp, ctypes.c_bool, ctypes.c_uint32, ctypes.c_uint32)
-_c_host_rep = _proto("wasmtime_component_resource_host_rep", ctypes.c_uint32, _vp)
-_c_host_delete = _proto("wasmtime_component_resource_host_delete", None, _vp)
-_c_host_to_any = _proto("wasmtime_component_resource_host_to_any", _vp, _vp, _vp, ctypes.POINTER(_vp))
-_c_byte_vec_new = _proto("wasm_byte_vec_new", None, _vp, _sz, ctypes.c_char_p)
-_c_val_new = _proto("wasmtime_component_val_new", _vp, _vp)
-_c_val_delete = _proto("wasmtime_component_val_delete", None, _vp)     # drops a val's contents in place
-_c_val_free = _proto("wasmtime_component_val_free", None, _vp)         # drops and frees a val_new box
-_c_error_new = _proto("wasmtime_error_new", _vp, ctypes.c_char_p)
-# A Store's setup and teardown, keeping the GIL: each is short, and every GIL release is a
-# handoff to another request's thread when many run at once (wasmtime-py's own calls release it).
-_c_store_new = _proto("wasmtime_store_new", _vp, _vp, _vp, _vp)
-_c_store_context = _proto("wasmtime_store_context", _vp, _vp)
-_c_store_delete = _proto("wasmtime_store_delete", None, _vp)
-_c_set_fuel = _proto("wasmtime_context_set_fuel", _vp, _vp, ctypes.c_uint64)
-_c_get_fuel = _proto("wasmtime_context_get_fuel", _vp, _vp, ctypes.POINTER(ctypes.c_uint64))
-_c_set_epoch_deadline = _proto("wasmtime_context_set_epoch_deadline", None, _vp, ctypes.c_uint64)
-_c_store_limiter = _proto("wasmtime_store_limiter", None, _vp, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
-                          ctypes.c_int64, ctypes.c_int64)
-_c_export_get = _proto("wasmtime_instance_export_get", ctypes.c_bool, _vp, _vp, ctypes.c_char_p, _sz, _vp)
-_STORE_PTR = ctypes.POINTER(ffi.wasmtime_store_t)
-_CONTEXT_PTR = ctypes.POINTER(ffi.wasmtime_context_t)
-
-
-
-_SEQ_NEW = {"list": _proto("wasmtime_component_vallist_new_uninit", None, _vp, _sz),
-            "tuple": _proto("wasmtime_component_valtuple_new_uninit", None, _vp, _sz),
-            "record": _proto("wasmtime_component_valrecord_new_uninit", None, _vp, _sz),
-            "flags": _proto("wasmtime_component_valflags_new_uninit", None, _vp, _sz)}
-_SEQ_DELETE = {"list": _proto("wasmtime_component_vallist_delete", None, _vp),
-               "tuple": _proto("wasmtime_component_valtuple_delete", None, _vp),
-               "record": _proto("wasmtime_component_valrecord_delete", None, _vp),
-               "flags": _proto("wasmtime_component_valflags_delete", None, _vp)}
-
-
-_WASMTIME_RELEASE_GIL = ctypes.CDLL(ffi.dll._name, handle=ffi.dll._handle)   # for calls that run guest code
-
-
-def _released(name, restype, *argtypes):
-    """Like _proto, for a function that runs guest code: it releases the GIL (the epoch ticker
-    and other requests run meanwhile)."""
-    func = _WASMTIME_RELEASE_GIL[name]
-    func.restype = restype
-    func.argtypes = argtypes
-    return func
-
-
-_c_instance_new = _released("wasmtime_instance_new", _vp, _vp, _vp, _vp, _sz, _vp, _vp)
-_c_core_call = _released("wasmtime_func_call", _vp, _vp, _vp, _vp, _sz, _vp, _sz, _vp)
-
-
-def _raise_wasmtime(error, trap):
-    """Raise what a wasmtime call reported through its error and trap out-pointers (addresses)."""
-    if error:
-        raise wasmtime.WasmtimeError._from_ptr(ctypes.cast(error, ctypes.POINTER(ffi.wasmtime_error_t)))
-    if trap:
-        raise wasmtime.Trap._from_ptr(ctypes.cast(trap, ctypes.POINTER(ffi.wasm_trap_t)))
-
-
-class _GuestStore:
-    """A wasmtime Store with its fuel, epoch deadline and limits, made and freed without
-    releasing the GIL and used by address on the core-module call path; the wasmtime-py Store
-    object (for linkers, WASI and components) is made only when something asks for it."""
-
-    __slots__ = ("engine", "raw", "address", "_wrapper")
-
-    def __init__(self, engine, fuel, epoch_deadline, limits):
-        self.engine = engine
-        self.raw = _c_store_new(ctypes.cast(engine.ptr(), _vp), None, None)
-        self.address = _c_store_context(self.raw)
-        self._wrapper = None
-        error = _c_set_fuel(self.address, fuel)
-        if error:
-            self.close()
-            _raise_wasmtime(error, None)
-        _c_set_epoch_deadline(self.address, epoch_deadline)
-        _c_store_limiter(self.raw, *limits)
-
-    @property
-    def wrapper(self):
-        """The same Store as a wasmtime.Store (which this object frees, not wasmtime-py)."""
-        if self._wrapper is None:
-            store = wasmtime.Store.__new__(wasmtime.Store)
-            store._set_ptr(ctypes.cast(self.raw, _STORE_PTR))
-            store._Store__context = ctypes.cast(self.address, _CONTEXT_PTR)
-            store.engine = self.engine
-            self._wrapper = store
-        return self._wrapper
-
-    def fuel_left(self):
-        left = ctypes.c_uint64(0)
-        error = _c_get_fuel(self.address, ctypes.byref(left))
-        if error:
-            wasmtime.WasmtimeError._from_ptr(ctypes.cast(error, ctypes.POINTER(ffi.wasmtime_error_t)))  # freed
-            return None
-        return left.value
-
-    def instantiate_module(self, module):
-        """The address of an instance of a core module without imports, made straight through
-        the C API into this thread's scratch (valid until the thread's next instantiation)."""
-        scratch = _SCRATCH
-        scratch.trap.value = None
-        error = _c_instance_new(self.address, _module_address(module), None, 0, scratch.instance_address,
-                                scratch.trap_address)
-        _raise_wasmtime(error, scratch.trap.value)
-        return scratch.instance_address
-
-    def close(self):
-        raw, self.raw = self.raw, None
-        if raw is None:
-            return
-        if self._wrapper is not None:
-            self._wrapper._Managed__ptr = None          # wasmtime-py must not free it again
-            self._wrapper._Store__context = None
-        _c_store_delete(raw)
-
-
-class _CoreScratch(threading.local):
-    """Per-thread C structures for core calls (making ctypes objects costs ~1 us each). A core
-    call never makes another on the same thread before it returns: its imports are WASI or
-    other core modules, never Python host functions."""
-
-    def __init__(self):
-        self.instance = ffi.wasmtime_instance_t()
-        self.instance_address = ctypes.addressof(self.instance)
-        self.item = ffi.wasmtime_extern_t()
-        self.item_address = ctypes.addressof(self.item)
-        self.func_address = self.item_address + type(self.item).of.offset
-        self.trap = ctypes.c_void_p()
-        self.trap_address = ctypes.addressof(self.trap)
-        self.values = (ffi.wasmtime_val_t * (2 * CORE_SCRATCH_VALUES))()
-        self.inputs_address = ctypes.addressof(self.values)
-        self.outputs_address = self.inputs_address + CORE_SCRATCH_VALUES * ctypes.sizeof(ffi.wasmtime_val_t)
-
-
-_SCRATCH = _CoreScratch()
-
-
-def _module_address(module):
-    address = getattr(module, "_kvhost_address", None)
-    if address is None:
-        address = module._kvhost_address = ctypes.cast(module.ptr(), _vp).value
-    return address
 
 
 class Err:
@@ -1391,8 +2106,10 @@ class Err:
 
 def describe_valtype(ty):
     """The descriptor of a wasmtime component ValType (walked once, at load time)."""
-    simple = {wc.Bool: "bool", wc.S8: "s8", wc.U8: "u8", wc.S16: "s16", wc.U16: "u16", wc.S32: "s32",
-              wc.U32: "u32", wc.S64: "s64", wc.U64: "u64", wc.F32: "f32", wc.F64: "f64", wc.Char: "char",
+    simple = {wc.Bool: "bool", wc.S8: "s8", wc.U8: "u8", wc.S16: "s16", wc.U16: "u16",
+              wc.S32: "s32",
+              wc.U32: "u32", wc.S64: "s64", wc.U64: "u64", wc.F32: "f32", wc.F64: "f64",
+              wc.Char: "char",
               wc.String: "string"}
     for cls, name in simple.items():
         if isinstance(ty, cls):
@@ -1403,13 +2120,15 @@ def describe_valtype(ty):
         return ("option", describe_valtype(ty.payload))
     if isinstance(ty, wc.ResultType):
         ok, err = ty.ok, ty.err
-        return ("result", None if ok is None else describe_valtype(ok), None if err is None else describe_valtype(err))
+        return ("result", None if ok is None else describe_valtype(ok),
+                None if err is None else describe_valtype(err))
     if isinstance(ty, wc.RecordType):
         return ("record", tuple((name, describe_valtype(t)) for name, t in ty.fields))
     if isinstance(ty, wc.TupleType):
         return ("tuple", tuple(describe_valtype(t) for t in ty.elements))
     if isinstance(ty, wc.VariantType):
-        return ("variant", tuple((name, None if t is None else describe_valtype(t)) for name, t in ty.cases))
+        return ("variant",
+                tuple((name, None if t is None else describe_valtype(t)) for name, t in ty.cases))
     if isinstance(ty, wc.EnumType):
         return ("enum", tuple(ty.names))
     if isinstance(ty, wc.FlagsType):
@@ -1422,6 +2141,7 @@ def describe_valtype(ty):
 
 
 def describe_functype(fty):
+    """(parameter descriptors, result descriptor or None) of a component function type."""
     return (tuple(describe_valtype(t) for _, t in fty.params),
             None if fty.result is None else describe_valtype(fty.result))
 
@@ -1458,19 +2178,11 @@ def format_desc(desc):
     if kind == "record":
         return "record{" + ", ".join(f"{n}: {format_desc(d)}" for n, d in desc[1]) + "}"
     if kind == "variant":
-        return "variant{" + ", ".join(n if d is None else f"{n}({format_desc(d)})" for n, d in desc[1]) + "}"
+        cases = (n if d is None else f"{n}({format_desc(d)})" for n, d in desc[1])
+        return "variant{" + ", ".join(cases) + "}"
     if kind in ("enum", "flags"):
         return f"{kind}{{{', '.join(desc[1])}}}"
     return kind
-
-
-def _vec_at(addr):
-    """(size, data address) of the {size, data} vector stored at addr."""
-    return _read_vec(_MEMORY, addr)
-
-
-def _pointer_at(addr):
-    return _read_pointer(_MEMORY, addr)[0]
 
 
 def _u8_vals_at(data, size):
@@ -1478,7 +2190,7 @@ def _u8_vals_at(data, size):
     its u8 at a fixed offset, so copy and take a strided slice, in chunks so that a large value
     costs at most 2 MiB more at once."""
     if size <= _BYTES_CHUNK:
-        return _MEMORY[data:data + size * _VAL_SIZE].tobytes()[_VAL_PAYLOAD::_VAL_SIZE]
+        return _span(data, size * _VAL_SIZE).raw[_VAL_PAYLOAD::_VAL_SIZE]
     return b"".join(_u8_vals_at(data + start * _VAL_SIZE, min(_BYTES_CHUNK, size - start))
                     for start in range(0, size, _BYTES_CHUNK))
 
@@ -1495,32 +2207,19 @@ def _store_u8_vals(data, value):
             records[0::_VAL_SIZE] = _U8_KIND * len(part)
         records[_VAL_PAYLOAD::_VAL_SIZE] = part
         offset = data + start * _VAL_SIZE
-        _MEMORY[offset:offset + size] = records
+        _span(offset, size).raw = records
 
 
 def _boxed(lower, ctx, value):
     """A heap val_t holding `value` (what option, result and variant payloads point to): the box
     is made as bool false, which owns nothing, and lowered in place."""
-    box = _c_val_new(_BOOL_FALSE_ADDRESS)
+    box = _C.val_new(_BOOL_FALSE_ADDRESS)
     try:
         lower(ctx, value, box)
     except BaseException:
-        _c_val_free(box)        # a lowering that raises leaves its slot owning nothing
+        _C.val_free(box)        # a lowering that raises leaves its slot owning nothing
         raise
     return box
-
-
-def _resource_rep(ctx, any_ptr):
-    """The rep of the host resource behind a resource_any (the val keeps owning any_ptr).
-    No type check here: the canonical ABI already traps on a handle of another resource type."""
-    host_ptr = _vp()
-    err = _c_any_to_host(ctx, any_ptr, ctypes.byref(host_ptr))
-    if err:
-        raise wasmtime.WasmtimeError._from_ptr(ctypes.cast(err, ctypes.POINTER(ffi.wasmtime_error_t)))
-    try:
-        return _c_host_rep(host_ptr)
-    finally:
-        _c_host_delete(host_ptr)
 
 
 def make_lift(desc, json_mode=False):
@@ -1528,14 +2227,14 @@ def make_lift(desc, json_mode=False):
     frees it. ctx is the store context's address (resources need it)."""
     kind = desc[0]
     if kind == "bool":
-        return lambda ctx, addr: _MEMORY[addr + _VAL_PAYLOAD] != 0
+        return lambda ctx, addr: _kind_at(addr + _VAL_PAYLOAD) != 0
     if kind in _SCALAR_FORMAT:
-        read = struct.Struct("<" + _SCALAR_FORMAT[kind]).unpack_from
+        read = _field("<" + _SCALAR_FORMAT[kind])[0]
         if json_mode and kind in ("f32", "f64"):
-            return lambda ctx, addr: json_float(read(_MEMORY, addr + _VAL_PAYLOAD)[0])
+            return lambda ctx, addr: json_float(read(addr + _VAL_PAYLOAD))
         if kind == "char":
-            return lambda ctx, addr: chr(read(_MEMORY, addr + _VAL_PAYLOAD)[0])
-        return lambda ctx, addr: read(_MEMORY, addr + _VAL_PAYLOAD)[0]
+            return lambda ctx, addr: chr(read(addr + _VAL_PAYLOAD))
+        return lambda ctx, addr: read(addr + _VAL_PAYLOAD)
     if kind in ("string", "enum"):
         return _lift_string
     if kind == "list" and desc[1] == ("u8",):
@@ -1550,10 +2249,11 @@ def make_lift(desc, json_mode=False):
         return _make_lift_option(make_lift(desc[1], json_mode))
     if kind == "result":
         return _make_lift_result(None if desc[1] is None else make_lift(desc[1], json_mode),
-                                 None if desc[2] is None else make_lift(desc[2], json_mode), json_mode)
+                                 None if desc[2] is None else make_lift(desc[2], json_mode),
+                                 json_mode)
     if kind == "variant":
-        return _make_lift_variant({name: None if d is None else make_lift(d, json_mode) for name, d in desc[1]},
-                                  json_mode)
+        cases = {name: None if d is None else make_lift(d, json_mode) for name, d in desc[1]}
+        return _make_lift_variant(cases, json_mode)
     if kind == "flags":
         return _lift_flags
     if kind in ("own", "borrow"):
@@ -1573,19 +2273,19 @@ def _make_lift_borrow(type_id):
         state = _STATES.get(ctx)
         held = None if state is None else state.held.get(type_id)
         if held is not None and len(held) == 1:
-            err = _c_any_drop(ctx, _read_pointer(_MEMORY, addr + _VAL_PAYLOAD)[0])     # ends the borrow
-            if err:
-                raise wasmtime.WasmtimeError._from_ptr(ctypes.cast(err, ctypes.POINTER(ffi.wasmtime_error_t)))
+            error = _C.any_drop(ctx, _pointer_at(addr + _VAL_PAYLOAD))     # ends the borrow
+            if error:
+                raise _C.error(error)
             (rep,) = held
             return rep
-        return _resource_rep(ctx, _pointer_at(addr + _VAL_PAYLOAD))
+        return _C.resource_rep(ctx, _pointer_at(addr + _VAL_PAYLOAD))
     return lift_borrow
 
 
 def _make_lift_own(type_id):
     """An owned handle passed back by the guest: its rep, and the guest no longer holds it."""
     def lift_own(ctx, addr):
-        rep = _resource_rep(ctx, _pointer_at(addr + _VAL_PAYLOAD))
+        rep = _C.resource_rep(ctx, _pointer_at(addr + _VAL_PAYLOAD))
         state = _STATES.get(ctx)
         if state is not None:
             state.take_back(type_id, rep)
@@ -1594,12 +2294,12 @@ def _make_lift_own(type_id):
 
 
 def _lift_string(ctx, addr):
-    size, data = _read_vec(_MEMORY, addr + _VAL_PAYLOAD)
-    return str(_MEMORY[data:data + size], "utf-8") if size else ""
+    size, data = _vec_at(addr + _VAL_PAYLOAD)
+    return str(_span(data, size).raw, "utf-8") if size else ""
 
 
 def _lift_bytes(ctx, addr):
-    size, data = _read_vec(_MEMORY, addr + _VAL_PAYLOAD)
+    size, data = _vec_at(addr + _VAL_PAYLOAD)
     return _u8_vals_at(data, size) if size else b""
 
 
@@ -1608,24 +2308,24 @@ def _lift_json_bytes(ctx, addr):
 
 
 def _lift_flags(ctx, addr):
-    size, data = _read_vec(_MEMORY, addr + _VAL_PAYLOAD)
+    size, data = _vec_at(addr + _VAL_PAYLOAD)
     names = []
     for i in range(size):       # a vector of {size, data} names
-        length, text = _read_vec(_MEMORY, data + 16 * i)
-        names.append(str(_MEMORY[text:text + length], "utf-8"))
+        length, text = _vec_at(data + 16 * i)
+        names.append(str(_span(text, length).raw, "utf-8"))
     return names
 
 
 def _make_lift_list(lift):
     def lift_list(ctx, addr):
-        size, data = _read_vec(_MEMORY, addr + _VAL_PAYLOAD)
+        size, data = _vec_at(addr + _VAL_PAYLOAD)
         return [lift(ctx, data + i * _VAL_SIZE) for i in range(size)]
     return lift_list
 
 
 def _make_lift_tuple(lifts, json_mode):
     def lift_tuple(ctx, addr):
-        _, data = _read_vec(_MEMORY, addr + _VAL_PAYLOAD)
+        _, data = _vec_at(addr + _VAL_PAYLOAD)
         items = [lift(ctx, data + i * _VAL_SIZE) for i, lift in enumerate(lifts)]
         return items if json_mode else tuple(items)
     return lift_tuple
@@ -1633,9 +2333,10 @@ def _make_lift_tuple(lifts, json_mode):
 
 def _make_lift_record(fields):
     def lift_record(ctx, addr):
-        _, data = _read_vec(_MEMORY, addr + _VAL_PAYLOAD)
+        _, data = _vec_at(addr + _VAL_PAYLOAD)
         # each entry is {name (16 bytes), val}
-        return {name: lift(ctx, data + i * _ENTRY_SIZE + 16) for i, (name, lift) in enumerate(fields)}
+        return {name: lift(ctx,
+                           data + i * _ENTRY_SIZE + 16) for i, (name, lift) in enumerate(fields)}
     return lift_record
 
 
@@ -1648,8 +2349,7 @@ def _make_lift_option(lift):
 
 def _make_lift_result(ok_lift, err_lift, json_mode):
     def lift_result(ctx, addr):
-        is_ok = _MEMORY[addr + _VAL_PAYLOAD] != 0
-        box = _pointer_at(addr + _VAL_PAYLOAD + 8)
+        is_ok, box = _is_ok_box_at(addr + _VAL_PAYLOAD)
         lift = ok_lift if is_ok else err_lift
         value = lift(ctx, box) if (lift is not None and box) else None
         if json_mode:
@@ -1713,52 +2413,52 @@ def make_lower(desc, json_mode=False):
 
 
 def _make_lower_bool(desc):
-    write, code = struct.Struct("<B7x?").pack_into, _K["bool"]
+    write, code = _field("<B7x?")[1], _KIND["bool"]
 
     def lower_bool(ctx, v, addr):
         if not isinstance(v, bool):
             raise _bad(desc, v)
-        write(_MEMORY, addr, code, v)
+        write(addr, code, v)
     return lower_bool
 
 
 def _make_lower_int(desc):
-    (lo, hi), code = _INT_BOUNDS[desc[0]], _K[desc[0]]
-    write = struct.Struct("<B7x" + _SCALAR_FORMAT[desc[0]]).pack_into
+    (lo, hi), code = _INT_BOUNDS[desc[0]], _KIND[desc[0]]
+    write = _field("<B7x" + _SCALAR_FORMAT[desc[0]])[1]
 
     def lower_int(ctx, v, addr):
         if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
             raise _bad(desc, v)
-        write(_MEMORY, addr, code, v)
+        write(addr, code, v)
     return lower_int
 
 
 def _make_lower_float(desc, json_mode=False):
     """Floats; in JSON mode also the strings "NaN", "Infinity" and "-Infinity" (see json_float)."""
     kind = desc[0]
-    write, code = struct.Struct("<B7x" + _SCALAR_FORMAT[kind]).pack_into, _K[kind]
+    write, code = _field("<B7x" + _SCALAR_FORMAT[kind])[1], _KIND[kind]
 
     def lower_float(ctx, v, addr):
         value = float_from_json(v, kind) if json_mode or not isinstance(v, str) else None
         if value is None:
             raise _bad(desc, v)
-        write(_MEMORY, addr, code, value)
+        write(addr, code, value)
     return lower_float
 
 
 def _make_lower_char(desc):
-    write, code = struct.Struct("<B7xI").pack_into, _K["char"]
+    write, code = _field("<B7xI")[1], _KIND["char"]
 
     def lower_char(ctx, v, addr):
         if not isinstance(v, str) or len(v) != 1 or 0xD800 <= ord(v) <= 0xDFFF:
             raise _bad(desc, v)
-        write(_MEMORY, addr, code, ord(v))
+        write(addr, code, ord(v))
     return lower_char
 
 
 def _make_lower_string(desc):
     names = desc[1] if desc[0] == "enum" else None
-    code = _K[desc[0]]
+    code = _KIND[desc[0]]
 
     def lower_string(ctx, v, addr):
         if not isinstance(v, str) or (names is not None and v not in names):
@@ -1767,13 +2467,16 @@ def _make_lower_string(desc):
             data = v.encode("utf-8")
         except UnicodeEncodeError:
             raise _bad(desc, v) from None
-        _c_byte_vec_new(addr + _VAL_PAYLOAD, len(data), data)
-        _MEMORY[addr] = code
+        _C.byte_vec_new(addr + _VAL_PAYLOAD, len(data), data)
+        _set_kind(addr, code)
     return lower_string
 
 
+_INT_ONLY = frozenset({int})
+
+
 def _make_lower_bytes(desc, json_mode):
-    new, code = _SEQ_NEW["list"], _K["list"]
+    new, code = _C.seq_new["list"], _KIND["list"]
 
     def lower_bytes(ctx, v, addr):
         if json_mode and isinstance(v, str):
@@ -1782,27 +2485,35 @@ def _make_lower_bytes(desc, json_mode):
             except ValueError:             # binascii.Error, or a character that is not ASCII
                 raise _bad(desc, v) from None
         elif json_mode and isinstance(v, list):
-            if not all(isinstance(b, int) and not isinstance(b, bool) and 0 <= b <= 255 for b in v):
+            # bytes() refuses what is not an int in 0..255 (at C speed), but takes True and
+            # False: one pass over the element types refuses those
+            try:
+                data = bytes(v) if set(map(type, v)) <= _INT_ONLY else None
+            except ValueError:
+                data = None
+            if data is None:
                 raise _bad(desc, v)
-            v = bytes(v)
+            v = data
         elif not isinstance(v, (bytes, bytearray, memoryview)):
             raise _bad(desc, v)
         new(addr + _VAL_PAYLOAD, len(v))
         if len(v):
             _store_u8_vals(_vec_at(addr + _VAL_PAYLOAD)[1], v)
-        _MEMORY[addr] = code
+        _set_kind(addr, code)
     return lower_bytes
 
 
 def _make_lower_sequence(desc, json_mode):
-    """list<T> (T not u8), tuple<...> and record{...}: a vector of vals (records: of {name, val})."""
+    """list<T> (T not u8), tuple<...> and record{...}: a vector of vals (a record's: of
+    {name, val})."""
     kind = desc[0]
     names = [name.encode("utf-8") for name, _ in desc[1]] if kind == "record" else None
     if kind == "list":
         item_lower = make_lower(desc[1], json_mode)
     else:
-        lowers = [make_lower(d, json_mode) for d in (desc[1] if kind == "tuple" else [d for _, d in desc[1]])]
-    new, delete, code = _SEQ_NEW[kind], _SEQ_DELETE[kind], _K[kind]
+        members = desc[1] if kind == "tuple" else [d for _, d in desc[1]]
+        lowers = [make_lower(d, json_mode) for d in members]
+    new, delete, code = _C.seq_new[kind], _C.seq_delete[kind], _KIND[kind]
     stride = _ENTRY_SIZE if kind == "record" else _VAL_SIZE
 
     def items_of(v):
@@ -1824,7 +2535,7 @@ def _make_lower_sequence(desc, json_mode):
             for i, item in enumerate(items):
                 slot = data + i * stride
                 if names is not None:
-                    _c_byte_vec_new(slot, len(names[i]), names[i])
+                    _C.byte_vec_new(slot, len(names[i]), names[i])
                     slot += 16
                 (item_lower if kind == "list" else lowers[i])(ctx, item, slot)
                 done += 1
@@ -1832,7 +2543,7 @@ def _make_lower_sequence(desc, json_mode):
             _abandon_sequence(data, done, n, stride, names is not None)
             delete(addr + _VAL_PAYLOAD)
             raise
-        _MEMORY[addr] = code
+        _set_kind(addr, code)
     return lower_sequence
 
 
@@ -1843,23 +2554,23 @@ def _abandon_sequence(data, done, n, stride, named):
         slot = data + j * stride
         if named:
             if j > done:
-                _MEMORY[slot:slot + 16] = _ZERO_HEAD
+                _span(slot, 16).raw = _ZERO_HEAD
             slot += 16
-        _MEMORY[slot:slot + 16] = _ZERO_HEAD
+        _span(slot, 16).raw = _ZERO_HEAD
 
 
 def _make_lower_option(inner):
-    code = _K["option"]
+    code = _KIND["option"]
 
     def lower_option(ctx, v, addr):
-        _write_kind_pointer(_MEMORY, addr, code, 0 if v is None else _boxed(inner, ctx, v))
+        _write_kind_pointer(addr, code, 0 if v is None else _boxed(inner, ctx, v))
     return lower_option
 
 
 def _make_lower_result(desc, json_mode):
     ok_lower = None if desc[1] is None else make_lower(desc[1], json_mode)
     err_lower = None if desc[2] is None else make_lower(desc[2], json_mode)
-    code = _K["result"]
+    code = _KIND["result"]
 
     def lower_result(ctx, v, addr):
         if json_mode:
@@ -1873,7 +2584,8 @@ def _make_lower_result(desc, json_mode):
         lower = ok_lower if is_ok else err_lower
         if lower is None and payload is not None:
             raise _bad(desc, v)
-        _write_result(_MEMORY, addr, code, is_ok, 0 if lower is None else _boxed(lower, ctx, payload))
+        box = 0 if lower is None else _boxed(lower, ctx, payload)
+        _write_result(addr, code, is_ok, box)
     if not json_mode and desc[1] == ("option", ("list", ("u8",))):
         return _make_lower_ok_some_bytes(lower_result)
     return lower_result
@@ -1882,29 +2594,31 @@ def _make_lower_result(desc, json_mode):
 def _make_lower_ok_some_bytes(generic):
     """result<option<list<u8>>, E>, what `get` returns, with ok(bytes) written in one frame: the
     same two boxes and list the generic lowering makes. Anything else goes to `generic`."""
-    new_list, list_code, option_code, result_code = _SEQ_NEW["list"], _K["list"], _K["option"], _K["result"]
+    new_list = _C.seq_new["list"]
+    list_code, option_code, result_code = _KIND["list"], _KIND["option"], _KIND["result"]
 
     def lower_ok_some_bytes(ctx, v, addr):
         if type(v) is not bytes:
             return generic(ctx, v, addr)
-        some = _c_val_new(_BOOL_FALSE_ADDRESS)
+        some = _C.val_new(_BOOL_FALSE_ADDRESS)
         new_list(some + _VAL_PAYLOAD, len(v))
         if v:
-            _store_u8_vals(_read_vec(_MEMORY, some + _VAL_PAYLOAD)[1], v)
-        _MEMORY[some] = list_code
-        ok = _c_val_new(_BOOL_FALSE_ADDRESS)
-        _write_kind_pointer(_MEMORY, ok, option_code, some)
-        _write_result(_MEMORY, addr, result_code, True, ok)
+            _store_u8_vals(_vec_at(some + _VAL_PAYLOAD)[1], v)
+        _set_kind(some, list_code)
+        ok = _C.val_new(_BOOL_FALSE_ADDRESS)
+        _write_kind_pointer(ok, option_code, some)
+        _write_result(addr, result_code, True, ok)
     return lower_ok_some_bytes
 
 
 def _make_lower_variant(desc, json_mode):
     cases = {name: None if d is None else make_lower(d, json_mode) for name, d in desc[1]}
-    code = _K["variant"]
+    code = _KIND["variant"]
 
     def lower_variant(ctx, v, addr):
         if json_mode:
-            if not isinstance(v, dict) or v.get("tag") not in cases or not set(v) <= {"tag", "value"}:
+            if not isinstance(v, dict) or v.get("tag") not in cases \
+                    or not set(v) <= {"tag", "value"}:
                 raise _bad(desc, v)
             tag, payload = v["tag"], v.get("value")
         else:
@@ -1914,42 +2628,35 @@ def _make_lower_variant(desc, json_mode):
             raise _bad(desc, v)
         box = 0 if lower is None else _boxed(lower, ctx, payload)
         name = tag.encode("utf-8")
-        _c_byte_vec_new(addr + _VAL_PAYLOAD, len(name), name)
-        _write_pointer(_MEMORY, addr + _VAL_PAYLOAD + 16, box)
-        _MEMORY[addr] = code
+        _C.byte_vec_new(addr + _VAL_PAYLOAD, len(name), name)
+        _write_pointer(addr + _VAL_PAYLOAD + 16, box)
+        _set_kind(addr, code)
     return lower_variant
 
 
 def _make_lower_flags(desc):
     allowed = set(desc[1])
-    new, code = _SEQ_NEW["flags"], _K["flags"]
+    new, code = _C.seq_new["flags"], _KIND["flags"]
 
     def lower_flags(ctx, v, addr):
-        if not isinstance(v, (list, set, tuple)) or not all(isinstance(s, str) and s in allowed for s in v):
+        if not isinstance(v, (list, set, tuple)) \
+                or not all(isinstance(s, str) and s in allowed for s in v):
             raise _bad(desc, v)
         chosen = sorted(set(v))
         new(addr + _VAL_PAYLOAD, len(chosen))
         data = _vec_at(addr + _VAL_PAYLOAD)[1]
         for i, name in enumerate(chosen):
             raw = name.encode("utf-8")
-            _c_byte_vec_new(data + 16 * i, len(raw), raw)
-        _MEMORY[addr] = code
+            _C.byte_vec_new(data + 16 * i, len(raw), raw)
+        _set_kind(addr, code)
     return lower_flags
 
 
 def _make_lower_own(type_id):
-    code = _K["resource"]
+    code = _KIND["resource"]
 
     def lower_own(ctx, rep, addr):
-        host_ptr = _c_host_new(True, rep, type_id)
-        any_ptr = _vp()
-        try:
-            err = _c_host_to_any(ctx, host_ptr, ctypes.byref(any_ptr))
-            if err:
-                raise wasmtime.WasmtimeError._from_ptr(ctypes.cast(err, ctypes.POINTER(ffi.wasmtime_error_t)))
-        finally:
-            _c_host_delete(host_ptr)
-        _write_kind_pointer(_MEMORY, addr, code, any_ptr.value)
+        _write_kind_pointer(addr, code, _C.resource_new(ctx, rep, type_id))
         state = _STATES.get(ctx)
         if state is not None:
             state.hand_over(type_id, rep)
@@ -1974,7 +2681,8 @@ def _other(message):
 
 
 class _CallState:
-    """Everything a host function needs for one Store: tenant, handle tables, pending watch events."""
+    """Everything a host function needs for one Store: tenant, handle tables, pending watch
+    events."""
 
     def __init__(self, host, record_events=False, namespace=None):
         self.host = host
@@ -1985,7 +2693,7 @@ class _CallState:
         self.held = {}          # resource type id -> reps the guest holds (see _make_lift_borrow)
         self.next_rep = 1
         self.events = [] if record_events else None
-        self.provider = None    # the _ProviderLink serving this store's wasi:keyvalue (composition), if any
+        self.provider = None    # the _ProviderLink serving this store's wasi:keyvalue, if any
 
     def new_handle(self, table, value):
         rep = self.next_rep
@@ -2031,7 +2739,8 @@ def _guest_sized(values):
     guest gets error::other instead of a trap; `values` is one value or several."""
     total = sum(len(v) for v in values if v is not None)
     if total > GUEST_VALUE_LIMIT:
-        raise OperationError(f"value too large for a guest ({total} bytes; one host call carries at most "
+        raise OperationError(f"value too large for a guest ({total} bytes; one host call carries "
+                             "at most "
                              f"{GUEST_VALUE_LIMIT})")
 
 
@@ -2163,14 +2872,16 @@ def _error_result(error):
 
 
 def _kv_interfaces():
-    """{import name: (resources {name: (type id, table)}, functions {name: (params, result, func)})}."""
+    """{import name: (resources {name: (type id, table)}, functions {name: (params, result,
+    func)})}."""
     interfaces = {}
     for version in KV_VERSIONS:
         draft2 = version == "0.2.0-draft2"
         own_bucket, bucket = ("own", BUCKET_TYPE[version]), ("borrow", BUCKET_TYPE[version])
         cursor = _STRING if draft2 else _U64
         key_response = ("record", (("keys", ("list", _STRING)), ("cursor", ("option", cursor))))
-        interfaces[f"wasi:keyvalue/store@{version}"] = ({"bucket": (BUCKET_TYPE[version], "buckets")}, {
+        store_resources = {"bucket": (BUCKET_TYPE[version], "buckets")}
+        interfaces[f"wasi:keyvalue/store@{version}"] = (store_resources, {
             "open": ((_STRING,), _res(own_bucket), _kv_open),
             "[method]bucket.get": ((bucket, _STRING), _res(("option", _BYTES)), _kv_get),
             "[method]bucket.set": ((bucket, _STRING, _BYTES), _res(None), _kv_set),
@@ -2188,13 +2899,15 @@ def _kv_interfaces():
             resources = {"cas": (CAS_TYPE, "cas")}
             atomics.update({
                 "[static]cas.new": ((bucket, _STRING), _res(own_cas), _kv_cas_new),
-                "[method]cas.current": ((("borrow", CAS_TYPE),), _res(("option", _BYTES)), _kv_cas_current),
+                "[method]cas.current": ((("borrow", CAS_TYPE),),
+                                        _res(("option", _BYTES)), _kv_cas_current),
                 "swap": ((own_cas, _BYTES), ("result", None, _CAS_ERROR), _kv_swap),
             })
         interfaces[f"wasi:keyvalue/atomics@{version}"] = (resources, atomics)
         pair = ("tuple", (_STRING, _BYTES))
         interfaces[f"wasi:keyvalue/batch@{version}"] = ({}, {
-            "get-many": ((bucket, ("list", _STRING)), _res(("list", ("option", pair))), _kv_get_many),
+            "get-many": ((bucket, ("list", _STRING)),
+                         _res(("list", ("option", pair))), _kv_get_many),
             "set-many": ((bucket, ("list", pair)), _res(None), _kv_set_many),
             "delete-many": ((bucket, ("list", _STRING)), _res(None), _kv_delete_many),
         })
@@ -2208,7 +2921,8 @@ def _kv_named_types(version):
     """The value types an interface of `version` may export by name."""
     cursor = _STRING if version == "0.2.0-draft2" else _U64
     return {"error": _ERROR, "cas-error": _CAS_ERROR,
-            "key-response": ("record", (("keys", ("list", _STRING)), ("cursor", ("option", cursor))))}
+            "key-response": ("record",
+                             (("keys", ("list", _STRING)), ("cursor", ("option", cursor))))}
 WATCHER_FUNCS = {version: {
     "on-set": ((("own", BUCKET_TYPE[version]), _STRING, _BYTES), None),
     "on-delete": ((("own", BUCKET_TYPE[version]), _STRING), None),
@@ -2217,46 +2931,47 @@ WATCHER_FUNCS = {version: {
 # The C callbacks find their Python side through these tables (wasmtime gives back an integer).
 _HOST_FUNCS = {}     # function id -> (name, func, lifts, lower, number of parameters)
 _STATES = {}         # address of a store's wasmtime_context_t -> _CallState
-_RESOURCE_TABLES = {type_id: table for resources, _ in KV_INTERFACES.values()   # type id -> _CallState table
+# type id -> the _CallState table of its handles
+_RESOURCE_TABLES = {type_id: table for resources, _ in KV_INTERFACES.values()
                     for type_id, table in resources.values()}
 _ids_lock = threading.Lock()
 _next_id = [1]
 
 
 def _trap_pointer(message):
-    return _c_error_new(message.encode("utf-8", "replace"))
-
-
-# ctx, args and results arrive as plain addresses: no pointer objects are built per call.
-_FUNC_CALLBACK = ctypes.CFUNCTYPE(ctypes.c_size_t, _vp, _vp, _vp, _vp, _sz, _vp, _sz)
-_DTOR_CALLBACK = ctypes.CFUNCTYPE(ctypes.c_size_t, _vp, _vp, ctypes.c_uint32)
-_FINALIZER = ctypes.CFUNCTYPE(None, _vp)
+    return _C.trap_pointer(message)
 
 
 @_FUNC_CALLBACK
 def _dispatch(data, ctx, _ty, args, nargs, results, nresults):
-    """Every kv host call lands here: converters were built at registration, nothing is re-walked."""
+    """Every kv host call lands here: converters were built at registration, nothing is
+    re-walked."""
     entry = _HOST_FUNCS.get(data or 0)
     if entry is None:
         return _trap_pointer("kvhost: unknown host function")
     name, func, lifts, lower, arity = entry
     try:
         if nargs != arity or nresults != (lower is not None):
-            return _trap_pointer(f"kvhost: {name} called with a signature that does not match the WIT")
+            return _trap_pointer(f"kvhost: {name} called with a signature that does not match the "
+                                 "WIT")
         state = _STATES.get(ctx)
         if state is None:
             return _trap_pointer(f"kvhost: {name} called from a store this host did not create")
-        if nargs == 2:      # most kv functions: (bucket, key); no list or enumerate per call
+        if nargs == 1:      # most HTTP functions: (self)
+            result = func(state, lifts[0](ctx, args))
+        elif nargs == 2:    # most kv functions: (bucket, key); no list or enumerate per call
             result = func(state, lifts[0](ctx, args), lifts[1](ctx, args + _VAL_SIZE))
         elif nargs == 3:
             result = func(state, lifts[0](ctx, args), lifts[1](ctx, args + _VAL_SIZE),
                           lifts[2](ctx, args + 2 * _VAL_SIZE))
+        elif nargs == 0:
+            result = func(state)
         else:
             result = func(state, *[lift(ctx, args + i * _VAL_SIZE) for i, lift in enumerate(lifts)])
         if lower is not None:
             lower(ctx, result, results)
         return 0
-    except BaseException as e:   # conversion bug: trap this guest only, never leak into another thread
+    except BaseException as e:   # a conversion bug: trap this guest only, never another thread
         return _trap_pointer(f"kvhost: {name}: {type(e).__name__}: {e}")
 
 
@@ -2287,39 +3002,24 @@ def _new_func_id():
     return func_id
 
 
-def _add_callback(instance, name, callback, func_id, finalizer):
-    """Define function `name` of a linker instance as the C callback `callback`, which gets `func_id`."""
-    raw = name.encode("utf-8")
-    add_func = _proto("wasmtime_component_linker_instance_add_func", _vp, _vp, ctypes.c_char_p, _sz,
-                      _FUNC_CALLBACK, _vp, _FINALIZER)
-    err = add_func(ctypes.cast(instance.ptr(), _vp), raw, len(raw), callback, func_id, finalizer)
-    if err:
-        raise wasmtime.WasmtimeError._from_ptr(ctypes.cast(err, ctypes.POINTER(ffi.wasmtime_error_t)))
-
-
 def _add_host_func(instance, name, params, result, func, *, guarded=True, lower=None):
     """Register `func` under `name` with converters built now, once, from the WIT descriptors.
     guarded: its exceptions become wasi:keyvalue errors (else they trap the guest); lower: a
     converter for the result other than make_lower(result)'s."""
-    wrap = (lambda err: Err(wc.Variant("store-error", err.value))) if name == "swap" else (lambda err: err)
+    wrap = ((lambda err: Err(wc.Variant("store-error", err.value))) if name == "swap"
+            else (lambda err: err))
     func_id = _new_func_id()
     if lower is None and result is not None:
         lower = make_lower(result)
     _HOST_FUNCS[func_id] = (name, _guarded(func, len(params), wrap) if guarded else func,
                             [make_lift(p) for p in params], lower, len(params))
-    _add_callback(instance, name, _dispatch, func_id, _forget_function)
+    _C.define_func(instance, name, _dispatch, func_id, _forget_function)
 
 
 def _add_host_resource(instance, name, type_id, dtor=_drop_resource):
-    """Define resource type `name` as host type `type_id`; dtor(type id, ctx, rep) hears the guest's drops."""
-    raw = name.encode("utf-8")
-    ty = wc.ResourceType.host(type_id)
-    add_resource = _proto("wasmtime_component_linker_instance_add_resource", _vp, _vp, ctypes.c_char_p, _sz, _vp,
-                          _DTOR_CALLBACK, _vp, _FINALIZER)
-    err = add_resource(ctypes.cast(instance.ptr(), _vp), raw, len(raw), ctypes.cast(ty.ptr(), _vp),
-                       dtor, type_id, _forget_nothing)
-    if err:
-        raise wasmtime.WasmtimeError._from_ptr(ctypes.cast(err, ctypes.POINTER(ffi.wasmtime_error_t)))
+    """Define resource type `name` as host type `type_id`; dtor(type id, ctx, rep) hears the
+    guest's drops."""
+    _C.define_resource(instance, name, type_id, dtor, _forget_nothing)
 
 
 def add_keyvalue_to_linker(linker):
@@ -2334,7 +3034,8 @@ def add_keyvalue_to_linker(linker):
 
 
 def check_kv_imports(component_type, engine):
-    """Refuse a guest whose wasi:keyvalue imports do not match the WIT (GuestError names the import)."""
+    """Refuse a guest whose wasi:keyvalue imports do not match the WIT (GuestError names the
+    import)."""
     for import_name, item in component_type.imports(engine).items():
         if not import_name.startswith("wasi:keyvalue/"):
             continue
@@ -2345,8 +3046,9 @@ def check_kv_imports(component_type, engine):
 
 
 def check_kv_instance(label, interface, ty, engine):
-    """The functions of a wasi:keyvalue instance (a guest's import or a provider's export); GuestError
-    names the first member whose type is not the WIT's. `label` says whose ("guest import")."""
+    """The functions of a wasi:keyvalue instance (a guest's import or a provider's export);
+    GuestError names the first member whose type is not the WIT's. `label` says whose ("guest
+    import")."""
     if not isinstance(ty, wc.ComponentInstanceType):
         raise GuestError(f"{label} {interface} is not an instance")
     functions = KV_INTERFACES[interface][1]
@@ -2360,7 +3062,8 @@ def check_kv_instance(label, interface, ty, engine):
             want = _kv_named_types(version).get(name)
             if want is None or not same_shape(want, describe_valtype(member)):
                 raise GuestError(f"{label} {interface} expects type {name!r} = "
-                                 f"{format_desc(describe_valtype(member))}, which is not in the WIT")
+                                 f"{format_desc(describe_valtype(member))}, which is not in the "
+                                 "WIT")
             continue
         if name not in functions:
             raise GuestError(f"{label} {interface} expects function {name!r}, not in the WIT")
@@ -2370,199 +3073,69 @@ def check_kv_instance(label, interface, ty, engine):
                 or not same_shape(want_result, result):
             raise GuestError(
                 f"{label} {interface}#{name} has type func({', '.join(map(format_desc, params))})"
-                f" -> {format_desc(result)}; the WIT says func({', '.join(map(format_desc, want_params))})"
+                f" -> {format_desc(result)}; the WIT says "
+                f"func({', '.join(map(format_desc, want_params))})"
                 f" -> {format_desc(want_result)}")
         found.append(name)
     return found
 
 
 # ---------------------------------------------------------------------------
-# core module signatures, read from the binary
-# ---------------------------------------------------------------------------
-# wasmtime-py aborts the whole process (a Rust panic) when asked the kind of a v128 or of a
-# typed (GC) reference type, which any stored module may use in an exported signature. So the
-# types of a core module's imports and exports are read from its bytes, and wasmtime is only
-# asked to call functions whose types are i32/i64/f32/f64.
-
-_VALTYPE_NAMES = {0x7F: "i32", 0x7E: "i64", 0x7D: "f32", 0x7C: "f64", 0x7B: "v128", 0x70: "funcref",
-                  0x6F: "externref"}
-_REF_SHORTHANDS = frozenset(range(0x69, 0x75)) - {0x70, 0x6F}       # anyref, eqref, i31ref, exnref, ...
-_EXTERN_KINDS = {0: "func", 1: "table", 2: "memory", 3: "global", 4: "tag"}
-
-
-class _Reader:
-    """Sequential reads of a WebAssembly binary; ValueError on anything malformed."""
-
-    def __init__(self, data, pos=0, end=None):
-        self.data, self.pos = data, pos
-        self.end = len(data) if end is None else end
-
-    def byte(self):
-        if self.pos >= self.end:
-            raise ValueError("unexpected end")
-        self.pos += 1
-        return self.data[self.pos - 1]
-
-    def leb(self, signed=False):
-        result = shift = 0
-        while True:
-            b = self.byte()
-            result |= (b & 0x7F) << shift
-            shift += 7
-            if not b & 0x80:
-                break
-            if shift > 70:
-                raise ValueError("LEB128 too long")
-        if signed and b & 0x40:
-            result -= 1 << shift
-        return result
-
-    def name(self):
-        size = self.leb()
-        if self.pos + size > self.end:
-            raise ValueError("unexpected end")
-        self.pos += size
-        return bytes(self.data[self.pos - size:self.pos]).decode("utf-8")
-
-    def valtype(self):
-        b = self.byte()
-        if b in _VALTYPE_NAMES:
-            return _VALTYPE_NAMES[b]
-        if b in _REF_SHORTHANDS:
-            return "ref"
-        if b in (0x63, 0x64):               # (ref null? heaptype)
-            self.leb(signed=True)
-            return "ref"
-        raise ValueError(f"unknown value type 0x{b:02x}")
-
-    def limits(self):
-        flags = self.byte()
-        self.leb()
-        if flags & 1:
-            self.leb()
-
-
-def _read_type(reader, types):
-    """One entry of the type section (a rec group adds several); function types as (params, results)."""
-    form = reader.byte()
-    if form == 0x4E:                                        # rec group
-        for _ in range(reader.leb()):
-            _read_type(reader, types)
-        return
-    if form in (0x50, 0x4F):                                # sub / sub final
-        for _ in range(reader.leb()):
-            reader.leb()
-        form = reader.byte()
-    if form == 0x60:
-        params = tuple(reader.valtype() for _ in range(reader.leb()))
-        results = tuple(reader.valtype() for _ in range(reader.leb()))
-        types.append((params, results))
-    elif form in (0x5F, 0x5E):                              # struct / array
-        for _ in range(reader.leb() if form == 0x5F else 1):
-            if reader.data[reader.pos] in (0x78, 0x77):     # packed i8 / i16
-                reader.byte()
-            else:
-                reader.valtype()
-            reader.byte()                                   # mutability
-        types.append(None)
-    else:
-        raise ValueError(f"unknown type form 0x{form:02x}")
-
-
-def core_signatures(data):
-    """(imports, exports) of a core module binary: imports [(module, name, kind, signature)],
-    exports {name: (kind, signature)}, where a function's signature is (params, results) as type
-    names ("i32", "v128", "ref", ...) and other kinds have None. ValueError if unreadable."""
-    reader = _Reader(memoryview(data), 8)
-    types, imports, exports, functions = [], [], {}, []
-    while reader.pos < reader.end:
-        section = reader.byte()
-        size = reader.leb()
-        body = _Reader(reader.data, reader.pos, reader.pos + size)
-        reader.pos += size
-        if section == 1:
-            for _ in range(body.leb()):
-                _read_type(body, types)
-        elif section == 2:
-            for _ in range(body.leb()):
-                module, name, kind = body.name(), body.name(), body.byte()
-                signature = None
-                if kind == 0:
-                    signature = types[body.leb()]
-                    functions.append(signature)
-                elif kind == 1:
-                    body.valtype()
-                    body.limits()
-                elif kind == 2:
-                    body.limits()
-                elif kind == 3:
-                    body.valtype()
-                    body.byte()
-                elif kind == 4:
-                    body.byte()
-                    body.leb()
-                else:
-                    raise ValueError(f"unknown import kind {kind}")
-                imports.append((module, name, _EXTERN_KINDS[kind], signature))
-        elif section == 3:
-            functions += [types[body.leb()] for _ in range(body.leb())]
-        elif section == 7:
-            for _ in range(body.leb()):
-                name, kind, index = body.name(), body.byte(), body.leb()
-                exports[name] = (_EXTERN_KINDS.get(kind, "other"), functions[index] if kind == 0 else None)
-    return imports, exports
-
-
-# ---------------------------------------------------------------------------
 # engine: compile cache, guests, the Host
 # ---------------------------------------------------------------------------
 
-ENGINE_SETTINGS = "consume_fuel=1;epoch_interruption=1;cranelift_opt_level=speed;concurrency_support=0"
-FUEL_UNLIMITED = (1 << 63) - 1
+# What an engine is made with; part of every compile-cache key, since code compiled for fuel
+# metering or epoch interruption differs from code compiled without it.
+ENGINE_SETTINGS = ("consume_fuel={fuel};epoch_interruption={epoch};cranelift_opt_level=speed;"
+                   "concurrency_support=0")
 DEFAULT_MAX_MEMORY = 256 << 20                  # bytes per linear memory: a shared host's default
-DEFAULT_MAX_TABLE_ELEMENTS = 1_000_000          # per table: table.grow is not bounded by memory limits
-STORE_LIMITS = {"instances": 100, "tables": 20, "memories": 8}   # per Store (one call); py-counter needs 11/2/1
-HOSTCALL_VALUE_BYTES = (128 << 20) // 48        # wasmtime's limit of data per host call: 128 MiB of 48-byte values
-GUEST_VALUE_LIMIT = 5 << 19                     # values a guest gets or sets (2.5 MiB, under that limit)
-GUEST_CACHE_BYTES = 256 << 20                   # compiled code a Host keeps in memory (see _register)
+DEFAULT_MAX_TABLE_ELEMENTS = 1_000_000          # per table (memory limits do not bound table.grow)
+# per Store (one call); py-counter needs 11/2/1
+STORE_LIMITS = {"instances": 100, "tables": 20, "memories": 8}
+# wasmtime's limit of data per host call: 128 MiB of 48-byte values
+HOSTCALL_VALUE_BYTES = (128 << 20) // 48
+# The largest value a guest gets or sets: what one host call carries, less the longest key
+# (its bytes count as values too) and the call's other values (a handle, a result, an option)
+GUEST_VALUE_LIMIT = HOSTCALL_VALUE_BYTES - MAX_KEY_BYTES - 64          # 2,792,042 bytes
+GUEST_CACHE_BYTES = 256 << 20                   # compiled code a Host keeps in memory (_register)
 DEFAULT_CAPTURE_BYTES = 16 << 20                # run_captured keeps this much stdout and stderr
-WORKER_GRACE = 0.5                              # seconds past the timeout before a blocked guest is killed
-ISOLATIONS = ("auto", "thread", "process")
+WORKER_GRACE = 0.5                              # seconds past the timeout before a worker is killed
+WORKER_START_SECONDS = 30                       # for a worker to load its guest before that counts
+ISOLATIONS = ("auto", "thread", "process", "one-shot")
 OUTPUTS = ("inherit", "discard")                   # where a guest's uncaptured output goes
-BLOCKING_PREVIEW1 = frozenset({"poll_oneoff", "sock_accept", "sock_recv", "sock_send", "sock_shutdown"})
+BLOCKING_PREVIEW1 = frozenset({"poll_oneoff", "sock_accept", "sock_recv",
+                               "sock_send", "sock_shutdown"})
 CORE_JSON_TYPES = frozenset({"i32", "i64", "f32", "f64"})
 NON_FINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
 _DIGEST_RE = re.compile(r"[0-9a-f]{64}\Z")
 _COMPONENT_TEXT_RE = re.compile(r"\A(?:\s+|;;[^\n]*\n|\(;.*?;\))*\(\s*component\b", re.S)
 
 
+def _new_engine(metered, interruptible):
+    """An engine for guests: fuel metering only when a fuel limit is set (it makes
+    compute-bound code about 2.5x slower); epoch interruption (the timeout) unless the program
+    ends itself at the deadline (isolation="one-shot"): its check at every loop head makes a
+    tight loop up to 1.8x slower. Without the component model's concurrency support (async,
+    which no guest here uses), wasmtime 50 can pass a host function two borrowed handles in one
+    call (poll over several pollables); with it, such a call fails before the host sees it."""
+    config = wasmtime.Config()
+    config.consume_fuel = metered
+    config.epoch_interruption = interruptible
+    config.cranelift_opt_level = "speed"
+    _C.disable_concurrency_support(config)
+    return wasmtime.Engine(config)
+
+
 def default_cache_dir():
-    """Where compiled guests are cached when Host(cache_dir=None): $XDG_CACHE_HOME/wasmstore/kvhost."""
+    """Where compiled guests are cached when Host(cache_dir=None):
+    $XDG_CACHE_HOME/wasmstore/kvhost."""
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return os.path.join(base, "wasmstore", "kvhost")
 
 
-_WASMTIME_VERSION = []   # computed once: importlib.metadata alone costs ~50 ms
-
-
-def _wasmtime_version():
-    """The installed wasmtime version, part of every compile-cache key."""
-    if not _WASMTIME_VERSION:
-        package_dir = os.path.dirname(os.path.dirname(os.path.abspath(wasmtime.__file__)))
-        try:
-            found = [name[len("wasmtime-"):-len(".dist-info")] for name in os.listdir(package_dir)
-                     if name.startswith("wasmtime-") and name.endswith(".dist-info")]
-        except OSError:
-            found = []
-        if len(found) != 1:
-            from importlib.metadata import version
-            found = [version("wasmtime")]
-        _WASMTIME_VERSION.append(found[0])
-    return _WASMTIME_VERSION[0]
-
-
 def _error_lines(error):
-    """The non-empty lines of a wasmtime error's text, split at "Caused by:" into (context, causes)."""
+    """The non-empty lines of a wasmtime error's text, split at "Caused by:" into (context,
+    causes)."""
     text = str(error).strip()
     head, _, tail = text.partition("Caused by:")
     lines = lambda part: [line.strip() for line in part.splitlines() if line.strip()]
@@ -2600,27 +3173,29 @@ def _trap_error(error, host):
         return GuestExit(error.code)
     reason = _trap_reason(error)
     if "wasm trap: interrupt" in reason:
-        return TrapError(f"timeout: the guest ran longer than {host.timeout} s ({reason})", "timeout")
+        return TrapError(f"timeout: the guest ran longer than {host.timeout} s ({reason})",
+                         "timeout")
     if "all fuel consumed" in reason:
         return TrapError(f"out of fuel: the guest used all {host.fuel} units ({reason})", "fuel")
     if "hostcalls has been exhausted" in reason:
-        return TrapError(f"value too large: the guest passed more data in one host call than wasmtime "
-                         f"allows (about {HOSTCALL_VALUE_BYTES} bytes of a list<u8>); a guest may get "
+        return TrapError("value too large: the guest passed more data in one host call than "
+                         "wasmtime "
+                         f"allows (about {HOSTCALL_VALUE_BYTES} bytes of a list<u8>); a guest may "
+                         "get "
                          f"and set values of at most {GUEST_VALUE_LIMIT} bytes", "data")
     if "limit" in reason and ("memory" in reason or "resource" in reason or "table" in reason):
         return TrapError(f"memory limit: {reason}", "memory")
     return TrapError(reason, "trap")
 
 
-def _write_atomically(path, data):
-    """Temp file in the same directory, fsync, rename, fsync the directory: readers never see half a file."""
-    directory = os.path.dirname(path)
-    fd, temp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+def _write_replacing(path, data):
+    """Write a temp file in the same directory and rename it over `path`: a reader never sees
+    half a file. Not synced: this is the compile cache, which can be rebuilt, and an entry that
+    a crash left torn fails its checksum and is compiled again."""
+    fd, temp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(path))
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
         os.replace(temp, path)
     except BaseException:
         try:
@@ -2628,14 +3203,6 @@ def _write_atomically(path, data):
         except OSError:
             pass
         raise
-    try:
-        dir_fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError:
-        pass
 
 
 # Directories where an open file descriptor N has a name, /DIR/N: Linux has /proc/self/fd (and
@@ -2673,7 +3240,7 @@ def _prune_cache(directory, now=None):
                 os.unlink(path)
 
 
-# -- guests and what they export -----------------------------------------------------------------
+# -- guests and what they export -------------------------------------------------------------------
 
 def _is_component_file(source):
     """True if `source` names a file that starts like a component binary (8 bytes are read)."""
@@ -2697,12 +3264,13 @@ class Guest:
         self.name = name
         self.engine = None          # the Host engine it was compiled for
         self.may_block = False      # imports a host call that can wait (see _may_block)
-        self.source = None          # kept only when there is no disk cache (worker processes need it)
+        self.source = None          # kept only without a disk cache (worker processes need it)
         self.signatures = None      # core modules: core_signatures() of the binary
-        self.needs_wasi = True      # imports WASI (a Store without WASI config saves ~10 us per call)
+        self.needs_wasi = True      # imports WASI (a Store without WASI saves ~10 us per call)
         self.cache_key = None       # stat key of its checked compile-cache entry (workers trust it)
         self.compiled_bytes = None  # size of its compiled code (what the memory cache counts)
         self.links_needed = False   # a core module importing from other modules than WASI
+        self.module_address = None  # core modules: the C address of the compiled module
         self._calls = {}            # function name -> (path, param lowers, result lift)
         self.http_handler = None    # export index of wasi:http/incoming-handler#handle, once found
 
@@ -2748,7 +3316,8 @@ def _json_callable(desc):
 
 
 def _component_functions(guest, engine):
-    """[(callable name, FuncType)] of a component: world-level functions and "iface#name" members."""
+    """[(callable name, FuncType)] of a component: world-level functions and "iface#name"
+    members."""
     found = []
     for name, item in guest.artifact.type.exports(engine).items():
         if isinstance(item.ty, wc.FuncType):
@@ -2776,7 +3345,8 @@ def _toolchain_internal(name, param_names=None):
 
 
 def describe_exports(guest, engine):
-    """Every function a JSON caller can call: [{"name", "params": [{"name", "type"}], "results": [type]}].
+    """Every function a JSON caller can call: [{"name", "params": [{"name", "type"}],
+    "results": [type]}].
 
     Types are WIT-style text for components and i32/i64/f32/f64 for core modules (whose
     parameters have no names: "name" is null). Functions taking or returning resource handles,
@@ -2805,11 +3375,25 @@ def describe_exports(guest, engine):
     return described
 
 
+def describe_imports(guest, engine):
+    """What a guest imports, in order: for a core module [{"module", "name", "kind", "type"}]
+    ("type" like "func(i32, i32) -> i32", or the kind: "memory", "table", "global"); for a
+    component [{"name"}] (interface names such as "wasi:keyvalue/store@0.2.0-draft2", or plain
+    names)."""
+    if guest.kind == "component":
+        return [{"name": name} for name in guest.artifact.type.imports(engine)]
+    return [{"module": module, "name": name, "kind": kind, "type": _extern_text(kind, signature)}
+            for module, name, kind, signature in guest.signatures[0]]
+
+
 def format_export(entry):
-    """One line for an export: "get(bucket: string, key: string) -> result<...>", "add(i32, i32) -> i32"."""
-    params = ", ".join(p["type"] if p["name"] is None else f"{p['name']}: {p['type']}" for p in entry["params"])
+    """One line for an export: "get(bucket: string, key: string) -> result<...>", "add(i32, i32) ->
+    i32"."""
+    params = ", ".join(p["type"] if p["name"] is None else f"{p['name']}: {p['type']}"
+                       for p in entry["params"])
     results = entry["results"]
-    arrow = "" if not results else " -> " + (results[0] if len(results) == 1 else f"({', '.join(results)})")
+    shown = results[0] if len(results) == 1 else f"({', '.join(results)})"
+    arrow = " -> " + shown if results else ""
     return f"{entry['name']}({params}){arrow}"
 
 
@@ -2845,7 +3429,7 @@ def float_from_json(value, kind="f64"):
     return number
 
 
-# -- what one call or run asks for, and what it gave -------------------------------------------------
+# -- what one call or run asks for, and what it gave -----------------------------------------------
 
 class _Request:
     """One call or run: everything a Store needs, so it can be carried to a worker process."""
@@ -2858,13 +3442,14 @@ class _Request:
         self.argv = [str(a) for a in argv]
         self.namespace = namespace          # None: the Host's
         self.stdin = stdin                  # bytes, or None for an empty stdin
-        self.capture = capture              # None: output goes where the Host says; N: keep N bytes of each
+        self.capture = capture              # None: output where the Host says; N: keep N bytes
         self.links = list(links)            # [(import module name, Guest)], dependencies first
         self.record_events = record_events
 
 
 class _Capture:
-    """A guest's stdout or stderr kept in memory up to `limit` bytes; the rest is counted, not kept.
+    """A guest's stdout or stderr kept in memory up to `limit` bytes; the rest is counted, not
+    kept.
 
     The one sink for guest output that must not reach this process's own streams (a server's
     calls and runs, HTTP handlers, a provider serving them): write() never blocks, so a guest
@@ -2901,11 +3486,12 @@ class RunResult:
 
     @classmethod
     def _of(cls, outcome):
-        return cls(outcome.value, outcome.stdout.value(), outcome.stderr.value(), outcome.stdout.total,
-                   outcome.stderr.total)
+        return cls(outcome.value, outcome.stdout.value(), outcome.stderr.value(),
+                   outcome.stdout.total, outcome.stderr.total)
 
     def __repr__(self):
-        return f"<{type(self).__name__} {self.status!r} stdout={len(self.stdout)}B stderr={len(self.stderr)}B>"
+        return (f"<{type(self).__name__} {self.status!r} stdout={len(self.stdout)}B "
+                f"stderr={len(self.stderr)}B>")
 
 
 class CallResult(RunResult):
@@ -2914,6 +3500,7 @@ class CallResult(RunResult):
 
     @property
     def value(self):
+        """The call's result (JSON-style values)."""
         return self.status
 
 
@@ -2951,7 +3538,7 @@ class _SingleFlight:
                     del self._keys[key]
 
 
-# -- the Host ---------------------------------------------------------------------------------------
+# -- the Host --------------------------------------------------------------------------------------
 
 def _check_limit(label, value, allow_none=True):
     if value is None and allow_none:
@@ -2961,7 +3548,8 @@ def _check_limit(label, value, allow_none=True):
 
 
 class Host:
-    """Runs guests against wasi:keyvalue (both drafts) and WASIp2, each call in a fresh, limited Store.
+    """Runs guests against wasi:keyvalue (both drafts) and WASIp2, each call in a fresh, limited
+    Store.
 
     kv: a backend URL or a Backend; namespace: the tenant whose data guests see (each call may
     name another); allow_buckets / deny_buckets: bucket ids a guest may (not) open.
@@ -2974,7 +3562,11 @@ class Host:
     see (nothing unless given; sockets are never granted). Limits hold whatever a guest does:
     isolation="auto" runs guests that import a call which can block (a WASI sleep or poll) in
     worker processes that are killed at the deadline ("process": every guest; "thread": none,
-    for one-shot programs that enforce the deadline themselves); `workers` bounds them.
+    for one-shot programs that end a guest blocked past the deadline themselves); `workers`
+    bounds them. "one-shot" is "thread" for a program that ends itself at the deadline
+    (run_with_deadline, host_from_args): its code is compiled without epoch checks, so a
+    compute-bound guest runs at the engine's full speed, and nothing but the program's end
+    stops it.
     stub_imports: define every import the host does not provide as a function that traps when
     called (componentize-js builds import wasi:http, for instance); off by default.
     cache_dir: compile cache (None: default_cache_dir(), False: off); stdout / stderr: file paths
@@ -2985,13 +3577,17 @@ class Host:
     max_value_size: value limit of a backend opened from a URL (a Backend carries its own);
     guest_cache_bytes: compiled code kept in memory for load() (bytes; least recently used
     guests go first).
+    HTTP handlers (handle_http): allow_outbound lists the destinations ("HOST" or "HOST:PORT",
+    see parse_outbound) their outgoing requests may reach; any other is refused.
     """
 
-    def __init__(self, kv="memory:", namespace="default", allow_buckets=None, deny_buckets=None, timeout=DEFAULT_TIMEOUT,
-                 fuel=None, max_memory=DEFAULT_MAX_MEMORY, env=None, dirs=None, cache_dir=None, stdout=None,
+    def __init__(self, kv="memory:", namespace="default", allow_buckets=None, deny_buckets=None,
+                 timeout=DEFAULT_TIMEOUT,
+                 fuel=None, max_memory=DEFAULT_MAX_MEMORY, env=None, dirs=None, cache_dir=None,
+                 stdout=None,
                  stderr=None, max_value_size=None, max_table_elements=DEFAULT_MAX_TABLE_ELEMENTS,
-                 isolation="auto", workers=None, stub_imports=False, provider_kv=None, allow_outbound=None,
-                 output="inherit", guest_cache_bytes=GUEST_CACHE_BYTES):
+                 isolation="auto", workers=None, stub_imports=False, provider_kv=None,
+                 allow_outbound=None, output="inherit", guest_cache_bytes=GUEST_CACHE_BYTES):
         _check_namespace(namespace)
         _check_limit("guest_cache_bytes", guest_cache_bytes, allow_none=False)
         if output not in OUTPUTS:
@@ -3002,17 +3598,21 @@ class Host:
         if provider is not None:
             kv = "memory:" if provider_kv is None else provider_kv
         elif provider_kv is not None:
-            raise ArgumentError(f"a provider's backend (provider_kv, --provider-kv: {provider_kv!r}) needs a "
+            raise ArgumentError("a provider's backend (provider_kv, --provider-kv: "
+                                f"{provider_kv!r}) needs a "
                                 "provider: kv=\"component:FILE\" (or a Provider)")
-        if timeout is not None and (not isinstance(timeout, (int, float)) or isinstance(timeout, bool)
+        if timeout is not None and (not isinstance(timeout, (int, float))
+                                    or isinstance(timeout, bool)
                                     or not 0 < timeout < 1e9 or math.isnan(timeout)):
-            raise ArgumentError(f"invalid timeout {timeout!r}: expected a positive number of seconds")
+            raise ArgumentError(f"invalid timeout {timeout!r}: expected a positive number of "
+                                "seconds")
         _check_limit("fuel", fuel)
         _check_limit("max_memory", max_memory, allow_none=False)
         _check_limit("max_table_elements", max_table_elements, allow_none=False)
         _check_limit("workers", workers)
         if isolation not in ISOLATIONS:
-            raise ArgumentError(f"invalid isolation {isolation!r}: expected one of {', '.join(ISOLATIONS)}")
+            raise ArgumentError(f"invalid isolation {isolation!r}: expected one of "
+                                f"{', '.join(ISOLATIONS)}")
         self.allow_buckets = None if allow_buckets is None else frozenset(allow_buckets)
         self.deny_buckets = frozenset(deny_buckets or ())
         for bucket in (self.allow_buckets or frozenset()) | self.deny_buckets:
@@ -3046,15 +3646,10 @@ class Host:
         self._watchers = []             # (guest, version, buckets)
         self._event_sink = None         # a worker process hands kv events to its parent instead
         self._valid_namespaces = set()  # namespaces of calls, already checked
-        config = wasmtime.Config()
-        config.consume_fuel = True
-        config.epoch_interruption = True
-        config.cranelift_opt_level = "speed"
-        # Without the component model's concurrency support (async, which no guest here uses),
-        # wasmtime 50 can pass a host function two borrowed handles in one call (poll over
-        # several pollables); with it, such a call fails before the host sees it.
-        ffi.wasmtime_config_concurrency_support_set(config.ptr(), False)
-        self.engine = wasmtime.Engine(config)
+        if _C is None:
+            raise KvError(_WASMTIME_PROBLEM)
+        self.engine = _new_engine(metered=fuel is not None, interruptible=isolation != "one-shot")
+        self._engine_address = _C.address(self.engine)
         self._component_linker = None
         self._module_linker = None
         self._http_component_linker = None
@@ -3066,9 +3661,10 @@ class Host:
         self._ticker = None
         self._ticker_stop = threading.Event()
         self._pool = _WorkerPool(self, workers or max(2, os.cpu_count() or 2))
-        self._limits = (max_memory, max_table_elements, STORE_LIMITS["instances"], STORE_LIMITS["tables"],
+        self._limits = (max_memory, max_table_elements, STORE_LIMITS["instances"],
+                        STORE_LIMITS["tables"],
                         STORE_LIMITS["memories"])
-        self._provider = provider       # set before any linker is made: consumers' kv imports forward to it
+        self._provider = provider       # before any linker: consumers' kv imports forward to it
         self._composition = None
         if provider is not None:
             try:
@@ -3079,13 +3675,15 @@ class Host:
 
     @property
     def provider(self):
-        """The provider component (a Guest) serving guests' wasi:keyvalue, or None (see Provider)."""
+        """The provider component (a Guest) serving guests' wasi:keyvalue, or None (see
+        Provider)."""
         return None if self._composition is None else self._composition.guest
 
-    # -- lifecycle ------------------------------------------------------------------------------
+    # -- lifecycle ---------------------------------------------------------------------------------
 
     def close(self):
-        """Stop the timeout thread and the worker processes; close the backend if this Host opened it."""
+        """Stop the timeout thread and the worker processes; close the backend if this Host opened
+        it."""
         self._ticker_stop.set()
         self._pool.close()
         if self._owns_backend:
@@ -3100,15 +3698,16 @@ class Host:
     def start_workers(self, count=1):
         """Start `count` worker processes now (in the background), so that the first guest that
         needs one does not wait for a Python interpreter to start."""
-        if self.isolation != "thread":
+        if self.isolation not in ("thread", "one-shot"):
             self._pool.prestart(count)
 
     def cache_stats(self):
         """{"memory_hits", "disk_hits", "compiles"}: how guests were found by load()."""
         with self._lock:
-            return {key: self._cache_counts[key] for key in ("memory_hits", "disk_hits", "compiles")}
+            return {key: self._cache_counts[key]
+                    for key in ("memory_hits", "disk_hits", "compiles")}
 
-    # -- loading ----------------------------------------------------------------------------------
+    # -- loading -----------------------------------------------------------------------------------
 
     def load(self, source, *, digest=None, name=None):
         """A Guest from a path (.wasm or .wat) or bytes/str; compiled once, cached on disk.
@@ -3121,7 +3720,8 @@ class Host:
                 raise ArgumentError(f"invalid digest {digest!r}: expected 64 lowercase hex digits")
             guest = self._cached_guest(digest)
             if guest is None and _is_component_file(source):
-                guest = self._from_cache("component", digest, os.fspath(source) if name is None else name)
+                guest = self._from_cache("component", digest,
+                                         os.fspath(source) if name is None else name)
             if guest is not None:
                 return guest
         data, default_name = self._read_source(source)
@@ -3131,7 +3731,8 @@ class Host:
         with self._compiling.hold(digest):
             guest = self._cached_guest(digest)
             if guest is None:
-                guest = self._register(self._build_guest(kind, data if text is None else text, digest, name))
+                source = data if text is None else text
+                guest = self._register(self._build_guest(kind, source, digest, name))
         return guest
 
     def loaded(self, digest):
@@ -3172,11 +3773,13 @@ class Host:
         signatures = None
         if kind == "module":
             try:
-                signatures = core_signatures(wasmtime.wat2wasm(source) if isinstance(source, str) else source)
+                binary = wasmtime.wat2wasm(source) if isinstance(source, str) else source
+                signatures = core_signatures(binary)
             except (ValueError, IndexError, TypeError, wasmtime.WasmtimeError) as e:
                 raise GuestError(f"cannot read the types of {name}: {e}") from None
         # Worker processes load guests from the cache; one that is not there travels as bytes.
-        keep = None if cache_key else (source.encode("utf-8") if isinstance(source, str) else source)
+        keep = None if cache_key else (source.encode("utf-8") if isinstance(source, str)
+                                       else source)
         guest = self._new_guest(kind, artifact, digest, name, keep, signatures)
         guest.cache_key = cache_key
         return guest
@@ -3195,6 +3798,8 @@ class Host:
         guest.links_needed = kind == "module" and any(module != "wasi_snapshot_preview1"
                                                       for module, _, _, _ in signatures[0])
         guest.source = source
+        if kind == "module":
+            guest.module_address = _C.address(artifact)
         if self._composition is not None and kind == "component":
             self._composition.check_consumer(guest)
         return guest
@@ -3248,7 +3853,9 @@ class Host:
     def _cache_path(self, kind, digest):
         """A cache entry is two files: KEY.KIND, exactly what wasmtime serialized (so that wasmtime
         can map it instead of reading it), and KEY.KIND.sum, CACHE_MAGIC + the SHA-256 of it."""
-        parts = (CACHE_MAGIC.decode().strip(), kind, digest, _wasmtime_version(), ENGINE_SETTINGS,
+        settings = ENGINE_SETTINGS.format(fuel=int(self.fuel is not None),
+                                          epoch=int(self.isolation != "one-shot"))
+        parts = (CACHE_MAGIC.decode().strip(), kind, digest, _wasmtime_version(), settings,
                  sys.platform, os.uname().machine)
         key = hashlib.sha256("|".join(parts).encode()).hexdigest()
         return os.path.join(self.cache_dir, f"{key}.{kind}")
@@ -3274,8 +3881,8 @@ class Host:
         payload = bytes(artifact.serialize())
         try:
             os.makedirs(self.cache_dir, exist_ok=True)
-            _write_atomically(path, payload)        # the artifact first: a reader that sees
-            _write_atomically(path + ".sum", CACHE_MAGIC + hashlib.sha256(payload).digest())
+            _write_replacing(path, payload)         # the artifact first: a reader that sees
+            _write_replacing(path + ".sum", CACHE_MAGIC + hashlib.sha256(payload).digest())
             info = os.stat(path)
         except OSError:                             # a new one with an old .sum recompiles
             return artifact, None                   # a cache that cannot be written only costs time
@@ -3309,14 +3916,19 @@ class Host:
         except (OSError, ValueError, wasmtime.WasmtimeError):   # ValueError: mmap of an empty file
             return None, None
 
-    # -- what a guest exports ---------------------------------------------------------------------
+    # -- what a guest exports ----------------------------------------------------------------------
 
     def exports(self, guest):
         """The functions of a guest a JSON caller can call (see describe_exports)."""
         self._check_guest(guest)
         return describe_exports(guest, self.engine)
 
-    # -- linking core modules to other guests -------------------------------------------------------
+    def imports(self, guest):
+        """What a guest imports (see describe_imports)."""
+        self._check_guest(guest)
+        return describe_imports(guest, self.engine)
+
+    # -- linking core modules to other guests ------------------------------------------------------
 
     def link_plan(self, guest, resolve):
         """[(import module name, Guest)] that a core module's imports need, dependencies first.
@@ -3335,19 +3947,22 @@ class Host:
                 if module_name == "wasi_snapshot_preview1":
                     continue
                 if module_name in chain:
-                    raise LinkError("import cycle: " + " -> ".join(chain[chain.index(module_name):] + [module_name]))
+                    cycle = chain[chain.index(module_name):] + [module_name]
+                    raise LinkError("import cycle: " + " -> ".join(cycle))
                 dependency = resolve(module_name) if resolve is not None else None
                 if dependency is None:
                     if self.stub_imports:
                         continue                  # _Session._linker defines them as traps
-                    raise LinkError(f"{importer.name} imports {module_name!r} {items[0][0]!r}, which "
+                    raise LinkError(f"{importer.name} imports {module_name!r} {items[0][0]!r}, "
+                                    "which "
                                     f"this host does not provide" + ("" if resolve is None else
                                                                      " (no such module to link)")
                                     + "; link a module that exports it (--link "
                                     + f"{module_name}=PATH), or let it trap when called "
                                       "(--stub-imports)")
                 if dependency.kind != "module" or dependency.engine is not self.engine:
-                    raise LinkError(f"{importer.name} imports {module_name!r}, which is not a core module "
+                    raise LinkError(f"{importer.name} imports {module_name!r}, which is not a "
+                                    "core module "
                                     "(only core modules can be linked to core modules)")
                 _check_link_types(importer, module_name, items, dependency)
                 if module_name not in done:
@@ -3358,17 +3973,23 @@ class Host:
         visit(guest, [guest.name])
         return order
 
-    # -- stores -----------------------------------------------------------------------------------
+    # -- stores ------------------------------------------------------------------------------------
 
     def _start_ticker(self):
         with self._lock:
-            if self._ticker is not None or self.timeout is None:
+            if self._ticker is not None or self.timeout is None or self.isolation == "one-shot":
                 return
             engine, stop = self.engine, self._ticker_stop
 
             def tick():
+                # One increment per EPOCH_TICK of wall time, caught up after a late wake-up
+                # (a loaded machine), so that deadlines in ticks stay deadlines in seconds.
+                last = time.monotonic()
                 while not stop.wait(EPOCH_TICK):
-                    engine.increment_epoch()
+                    ticks = int((time.monotonic() - last) / EPOCH_TICK)
+                    for _ in range(min(ticks, 100)):
+                        engine.increment_epoch()
+                    last += ticks * EPOCH_TICK
             self._ticker = threading.Thread(target=tick, name="kvhost-epoch", daemon=True)
             self._ticker.start()
 
@@ -3397,13 +4018,15 @@ class Host:
             config.inherit_stderr()
         return config                    # "discard": WASI's default streams drop what is written
 
-    def _new_store(self, argv=("guest",), stdin=None, capture=None, wasi=True):
-        """A fresh Store with the sandbox limits, and WASI set unless the guests it runs import none
-        (a WASI call in a Store without WASI aborts the process: `wasi` must say so truly)."""
+    def _new_store(self, argv=("guest",), stdin=None, capture=None, wasi=True, bare=False):
+        """A fresh Store with the sandbox limits, and WASI set unless the guests it runs import
+        none (a WASI call in a Store without WASI aborts the process: `wasi` must say so truly).
+        bare: a C store alone, for a core module without imports or an HTTP handler (no
+        wasmtime.Store)."""
         self._start_ticker()
         deadline = 1 << 62 if self.timeout is None else math.ceil(self.timeout / EPOCH_TICK) + 1
-        store = _GuestStore(self.engine, self.fuel if self.fuel is not None else FUEL_UNLIMITED, deadline,
-                            self._limits)
+        store = _GuestStore(self.engine, self._engine_address, self.fuel, deadline, self._limits,
+                            wrapped=wasi or not bare)
         if not wasi:
             return store
         if stdin is None or stdin is STDIN_INHERIT:
@@ -3413,7 +4036,8 @@ class Host:
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(stdin)
-            store.wrapper.set_wasi(self._wasi_config(argv, stdin_path, capture))   # wasmtime opens it here
+            # wasmtime opens the file here
+            store.wrapper.set_wasi(self._wasi_config(argv, stdin_path, capture))
         finally:
             os.unlink(stdin_path)
         return store
@@ -3459,7 +4083,7 @@ class Host:
         if guest.engine is not self.engine:
             raise ArgumentError(f"{guest.name} was loaded by another Host: load it with this one")
 
-    # -- calling ----------------------------------------------------------------------------------
+    # -- calling -----------------------------------------------------------------------------------
 
     def call(self, guest, function, args=(), *, namespace=None, resolve=None, stats=None):
         """Call an exported function with JSON-style arguments; returns its JSON-style result.
@@ -3481,10 +4105,12 @@ class Host:
         or STDIN_INHERIT: this process's own stdin, read as the guest reads it (the command
         lines; only for a guest that runs in this process, see isolation)."""
         self._check_guest(guest)
-        request = _Request("run", argv=[guest.name] + [str(a) for a in argv], namespace=namespace, stdin=stdin)
+        request = _Request("run", argv=[guest.name] + [str(a) for a in argv],
+                           namespace=namespace, stdin=stdin)
         return self._execute(guest, request, resolve, stats).value
 
-    def run_captured(self, guest, argv=(), *, namespace=None, resolve=None, stdin=b"", limit=DEFAULT_CAPTURE_BYTES,
+    def run_captured(self, guest, argv=(), *, namespace=None, resolve=None, stdin=b"",
+                     limit=DEFAULT_CAPTURE_BYTES,
                      stats=None):
         """Like run(), but stdout and stderr are kept (up to `limit` bytes each) and returned in a
         RunResult with the exit status. A guest that exits non-zero is a result, not an error."""
@@ -3494,8 +4120,8 @@ class Host:
                            stdin=stdin, capture=limit)
         return RunResult._of(self._execute(guest, request, resolve, stats))
 
-    def call_captured(self, guest, function, args=(), *, namespace=None, resolve=None, limit=DEFAULT_CAPTURE_BYTES,
-                      stats=None):
+    def call_captured(self, guest, function, args=(), *, namespace=None, resolve=None,
+                      limit=DEFAULT_CAPTURE_BYTES, stats=None):
         """Like call(), but the guest's stdout and stderr are kept (up to `limit` bytes each; the
         rest is counted) and returned with the result in a CallResult: nothing the guest writes
         reaches this process's streams, and writing never blocks it."""
@@ -3513,6 +4139,8 @@ class Host:
         request: an HttpRequest. sink: where the response goes, as the guest produces it:
         sink.start(status, [(name, value: bytes)]) once, when the guest sets its response;
         sink.write(data) for each piece of the body (it may block: the guest waits);
+        sink.flush(), if the sink has it, before the guest waits (a poll, a read of a body that
+        may block) after writing, so a sink that gathers writes sends them meanwhile;
         sink.finish(trailers) at the end (trailers: such a list, or None). namespace: the
         wasi:keyvalue tenant (default: the Host's).
 
@@ -3536,6 +4164,12 @@ class Host:
         with _HttpSession(self, guest, request, sink, namespace) as session:
             return session.run()
 
+    def check_http_handler(self, guest):
+        """NotHttpHandler unless `guest` is a component exporting wasi:http/incoming-handler
+        (a server checks its app when it starts, before any request)."""
+        self._check_guest(guest)
+        _http_handler_index(guest, self.engine)
+
     def _execute(self, guest, request, resolve, stats):
         if request.namespace is not None and request.namespace not in self._valid_namespaces:
             _check_namespace(request.namespace)
@@ -3549,7 +4183,10 @@ class Host:
             raise ArgumentError(f"{guest.name} runs in a worker process, which cannot read this "
                                 "process's stdin: pass the input as bytes")
         try:
-            outcome = self._pool.execute(guest, request) if isolated else self._execute_here(guest, request)
+            if isolated:
+                outcome = self._pool.execute(guest, request)
+            else:
+                outcome = self._execute_here(guest, request)
         except KvError as e:
             if stats is not None:
                 stats["fuel"] = getattr(e, "fuel", 0)
@@ -3562,7 +4199,10 @@ class Host:
         """Run one request in a fresh Store of this process."""
         with _Session(self, guest, request) as session:
             try:
-                value = session.call(request.function, request.args) if request.op == "call" else session.run()
+                if request.op == "call":
+                    value = session.call(request.function, request.args)
+                else:
+                    value = session.run()
             except KvError as e:
                 e.fuel = session.fuel_used()          # a trap used fuel too (metrics count it)
                 raise
@@ -3618,24 +4258,32 @@ def _check_link_types(importer, module_name, items, dependency):
     for name, kind, signature in items:
         found = exports.get(name)
         if found is None:
-            raise LinkError(f"{importer.name} imports {name!r} from {module_name!r}, which does not "
+            raise LinkError(f"{importer.name} imports {name!r} from {module_name!r}, which does "
+                            "not "
                             f"export it (it exports: {', '.join(sorted(exports)) or 'nothing'})")
         if found != (kind, signature):
-            raise LinkError(f"{importer.name} imports {module_name!r} {name!r} as {_extern_text(kind, signature)}, "
+            raise LinkError(f"{importer.name} imports {module_name!r} {name!r} as "
+                            f"{_extern_text(kind, signature)}, "
                             f"but it exports {_extern_text(*found)}")
 
 class _Session:
-    """One fresh Store + instance for one request; hands its kv events to the watchers when it ends."""
+    """One fresh Store + instance for one request; hands its kv events to the watchers when it
+    ends."""
 
     def __init__(self, host, guest, request):
         self.host = host
         self.guest = guest
         self.request = request
         # kv state only for components: a core module cannot import wasi:keyvalue
-        self.state = _CallState(host, request.record_events, request.namespace) if guest.kind == "component" else None
-        self.capture = None if request.capture is None else (_Capture(request.capture), _Capture(request.capture))
-        wasi = request.op == "run" or guest.needs_wasi or any(d.needs_wasi for _, d in request.links)
-        self.guest_store = host._new_store(request.argv, request.stdin, self.capture, wasi)
+        self.state = None
+        if guest.kind == "component":
+            self.state = _CallState(host, request.record_events, request.namespace)
+        self.capture = None if request.capture is None else (_Capture(request.capture),
+                                                             _Capture(request.capture))
+        wasi = request.op == "run" or guest.needs_wasi \
+            or any(d.needs_wasi for _, d in request.links)
+        bare = guest.kind == "module" and not guest.signatures[0] and not request.links
+        self.guest_store = host._new_store(request.argv, request.stdin, self.capture, wasi, bare)
         self.address = self.guest_store.address
         if host._composition is not None and self.state is not None:
             self.state.provider = host._composition.link(self.state, self.capture)
@@ -3645,10 +4293,6 @@ class _Session:
     def store(self):
         """The wasmtime.Store (linkers, components, WASI); core calls use the address alone."""
         return self.guest_store.wrapper
-
-    @property
-    def ctx(self):
-        return self.store._context()
 
     def __enter__(self):
         if self.state is not None:
@@ -3666,8 +4310,9 @@ class _Session:
             (self.host._event_sink or self.host._deliver)(events)
 
     def fuel_used(self):
+        """Fuel this request used (0 when the Host meters none)."""
         left = self.guest_store.fuel_left()
-        return 0 if left is None else (self.host.fuel if self.host.fuel is not None else FUEL_UNLIMITED) - left
+        return 0 if left is None else self.host.fuel - left
 
     def outcome(self, value):
         stdout, stderr = self.capture or (None, None)
@@ -3679,13 +4324,14 @@ class _Session:
     def _instantiate(self, linker, guest):
         try:
             if linker is None:                        # a core module without imports
-                return self.guest_store.instantiate_module(guest.artifact)
+                return _C.instantiate_module(self.address, guest.module_address)
             return linker.instantiate(self.store, guest.artifact)
         except wasmtime.WasmtimeError as e:
             reason = _link_reason(e)
             if _is_link_failure(reason):
                 hint = "" if self.host.stub_imports or guest.kind != "component" else (
-                    " (stub_imports / --stub-imports runs the rest of the guest, with such imports trapping when called)")
+                    " (stub_imports / --stub-imports runs the rest of the guest, with such "
+                    "imports trapping when called)")
                 raise LinkError(f"cannot link {guest.name}: {reason}{hint}") from None
             self._trap(e)
         except wasmtime.Trap as e:     # a start function trapped
@@ -3715,7 +4361,8 @@ class _Session:
         return self.instance
 
     def _component_func(self, function):
-        """(Func, labels, param lowers, result lift) for an export; converters cached on the Guest."""
+        """(Func, labels, param lowers, result lift) for an export; converters cached on the
+        Guest."""
         guest = self.guest
         cached = guest._calls.get(function)
         if cached is None:
@@ -3728,9 +4375,12 @@ class _Session:
             params, result = describe_functype(fty)
             for desc in list(params) + [result]:
                 if not _json_callable(desc):
-                    raise ArgumentError(f"{function} takes or returns {format_desc(desc)}, which JSON cannot carry")
-            labels = [f"{pname}: {format_desc(desc)}" for (pname, _), desc in zip(fty.params, params)]
-            cached = (function.split("#", 1), labels, [make_lower(p, json_mode=True) for p in params],
+                    raise ArgumentError(f"{function} takes or returns {format_desc(desc)}, which "
+                                        "JSON cannot carry")
+            labels = [f"{pname}: {format_desc(desc)}"
+                      for (pname, _), desc in zip(fty.params, params)]
+            cached = (function.split("#", 1), labels,
+                      [make_lower(p, json_mode=True) for p in params],
                       None if result is None else make_lift(result, json_mode=True))
             guest._calls[function] = cached
         path, labels, lowers, lift = cached
@@ -3744,11 +4394,15 @@ class _Session:
         self.instantiate()
         func, labels, lowers, lift = self._component_func(function)
         if len(args) != len(lowers):
-            raise ArgumentError(f"{function} takes {len(lowers)} argument(s) ({', '.join(labels)}), got {len(args)}")
+            raise ArgumentError(f"{function} takes {len(lowers)} argument(s) "
+                                f"({', '.join(labels)}), got {len(args)}")
         return self.invoke(func, lowers, lift, args, labels)
 
     def invoke(self, func, lowers, lift, args, labels=None):
-        values = (_VAL * max(len(args), 1))()
+        """Call component Func `func` with `args` lowered by `lowers`; its result lifted by
+        `lift` (None: no result). labels name the parameters in argument errors."""
+        # zeros: bool false, which owns nothing
+        values = ctypes.create_string_buffer(max(len(args), 1) * _VAL_SIZE)
         base = ctypes.addressof(values)
         ctx = self.address
         done = 0
@@ -3761,30 +4415,33 @@ class _Session:
                         raise
                     raise ArgumentError(f"argument {i + 1} ({labels[i]}): {e}") from None
                 done += 1
-            result = _VAL()
-            err = ffi.wasmtime_component_func_call(ctypes.byref(func._func), self.ctx, values, len(args),
-                                                   ctypes.byref(result) if lift else None, 1 if lift else 0)
-            if err:
-                self._trap(wasmtime.WasmtimeError._from_ptr(err))
+            result = ctypes.create_string_buffer(_VAL_SIZE)
+            result_address = ctypes.addressof(result) if lift else None
+            try:
+                _C.call_component(ctx, _C.func_address(func), base, len(args), result_address,
+                                  1 if lift else 0)
+            except wasmtime.WasmtimeError as e:
+                self._trap(e)
             if lift:
                 try:
-                    value = lift(ctx, ctypes.addressof(result))
+                    value = lift(ctx, result_address)
                 finally:
-                    _c_val_delete(ctypes.addressof(result))     # lifting only reads
+                    _C.val_delete(result_address)     # lifting only reads
             else:
                 value = None
             return value          # wasmtime (43 and later) runs the post-return inside the call
         finally:
             for i in range(done):
-                _c_val_delete(base + i * _VAL_SIZE)
+                _C.val_delete(base + i * _VAL_SIZE)
 
     def run(self):
         if self.guest.kind == "module":
             instance = self.instantiate()
             if self.guest.signatures[1].get("_start") != ("func", ((), ())):
-                raise NoSuchFunction(f"{self.guest.name} has no _start export (it is not a WASI command)")
+                raise NoSuchFunction(f"{self.guest.name} has no _start export (it is not a WASI "
+                                     "command)")
             try:
-                _call_core_export(self.address, _instance_address(instance), "_start", (), (), ())
+                _C.call_core(self.address, _C.instance_address(instance), "_start", (), (), ())
             except wasmtime.ExitTrap as e:
                 return e.code
             except (wasmtime.Trap, wasmtime.WasmtimeError) as e:
@@ -3793,7 +4450,8 @@ class _Session:
         exports = self.guest.artifact.type.exports(self.host.engine)
         run_iface = next((n for n in exports if n.startswith("wasi:cli/run@")), None)
         if run_iface is None:
-            raise NoSuchFunction(f"{self.guest.name} does not export wasi:cli/run (it is not a command)")
+            raise NoSuchFunction(f"{self.guest.name} does not export wasi:cli/run (it is not a "
+                                 "command)")
         try:
             outcome = self.call_component(f"{run_iface}#run", [])
         except GuestExit as e:
@@ -3812,11 +4470,13 @@ class _Session:
             if kind not in CORE_JSON_TYPES:
                 raise ArgumentError(f"{function} takes or returns {kind}, which JSON cannot carry")
         if len(args) != len(params):
-            raise ArgumentError(f"{function} takes {len(params)} argument(s) ({', '.join(params)}), got {len(args)}")
-        converted = [_core_argument(i, kind, arg) for i, (kind, arg) in enumerate(zip(params, args))]
+            raise ArgumentError(f"{function} takes {len(params)} argument(s) "
+                                f"({', '.join(params)}), got {len(args)}")
+        converted = [_core_argument(i, kind, arg)
+                     for i, (kind, arg) in enumerate(zip(params, args))]
         try:
-            values = _call_core_export(self.address, _instance_address(instance), function, params, results,
-                                       converted)
+            values = _C.call_core(self.address, _C.instance_address(instance), function, params,
+                                  results, converted)
         except (wasmtime.Trap, wasmtime.WasmtimeError) as e:
             self._trap(e)
         values = [json_float(v) if isinstance(v, float) else v for v in values]
@@ -3840,51 +4500,14 @@ class _Session:
         self.invoke(func, [make_lower(p) for p in params], None, args)
 
 
-_CORE_VALUES = {"i32": (ffi.WASMTIME_I32.value, "i32"), "i64": (ffi.WASMTIME_I64.value, "i64"),
-                "f32": (ffi.WASMTIME_F32.value, "f32"), "f64": (ffi.WASMTIME_F64.value, "f64")}
-
-
-def _call_core_export(context, instance, name, params, results, args):
-    """Call a core export of known i32/i64/f32/f64 types straight through wasmtime's C API
-    (context: the store context's address; instance: an instance's address): one export lookup
-    and no type reads (wasmtime-py's exports() wraps every export, and its Func re-reads the
-    type on each call). The call releases the GIL."""
-    scratch = _SCRATCH
-    raw = name.encode("utf-8")
-    if not _c_export_get(context, instance, raw, len(raw), scratch.item_address) \
-            or scratch.item.kind != ffi.WASMTIME_EXTERN_FUNC.value:
-        raise NoSuchFunction(f"no function {name!r}")
-    if max(len(params), len(results)) <= CORE_SCRATCH_VALUES:
-        values, inputs, outputs = scratch.values, scratch.inputs_address, scratch.outputs_address
-        first_output = CORE_SCRATCH_VALUES
-    else:
-        values = (ffi.wasmtime_val_t * (len(params) + len(results)))()
-        inputs = ctypes.addressof(values)
-        outputs = inputs + len(params) * ctypes.sizeof(ffi.wasmtime_val_t)
-        first_output = len(params)
-    for index, (kind, value) in enumerate(zip(params, args)):
-        code, field = _CORE_VALUES[kind]
-        slot = values[index]
-        slot.kind = code
-        setattr(slot.of, field, value)
-    scratch.trap.value = None
-    error = _c_core_call(context, scratch.func_address, inputs, len(params), outputs, len(results),
-                         scratch.trap_address)
-    _raise_wasmtime(error, scratch.trap.value)
-    return [getattr(values[first_output + index].of, _CORE_VALUES[kind][1]) for index, kind in enumerate(results)]
-
-
-def _instance_address(instance):
-    """A core instance's address: instantiate_module() gives one, a linker a wasmtime.Instance."""
-    return instance if isinstance(instance, int) else ctypes.addressof(instance._instance)
-
-
 def _core_argument(index, kind, arg):
     """A JSON argument as the i32/i64/f32/f64 wasmtime takes; ArgumentError names the parameter."""
     if kind in ("i32", "i64"):
         bits = 32 if kind == "i32" else 64
-        if isinstance(arg, int) and not isinstance(arg, bool) and -(1 << (bits - 1)) <= arg < (1 << bits):
-            return arg - (1 << bits) if arg >= 1 << (bits - 1) else arg   # unsigned spellings of the same bits
+        if isinstance(arg, int) and not isinstance(arg, bool) \
+                and -(1 << (bits - 1)) <= arg < (1 << bits):
+            # an unsigned spelling of the same bits is the same value
+            return arg - (1 << bits) if arg >= 1 << (bits - 1) else arg
     else:
         value = float_from_json(arg, kind)
         if value is not None:
@@ -3893,7 +4516,8 @@ def _core_argument(index, kind, arg):
         shown = json.dumps(arg)
     except (TypeError, ValueError):
         shown = repr(arg)
-    expected = kind if kind in ("i32", "i64") else f'{kind} (a number, "NaN", "Infinity" or "-Infinity")'
+    expected = kind if kind in ("i32", "i64") else \
+        f'{kind} (a number, "NaN", "Infinity" or "-Infinity")'
     raise ArgumentError(f"argument {index + 1} ({kind}): expected {expected}, got {shown[:80]}")
 
 
@@ -3928,16 +4552,7 @@ def _core_argument(index, kind, arg):
 
 PROVIDER_PREFIX = "component:"          # --kv component:FILE names a provider, not a backend
 
-# Calls into a provider run wasm code: they release the GIL, as wasmtime-py's calls do (the
-# epoch ticker, a Python thread, must keep running to interrupt a provider that never returns).
-_c_component_call = _released("wasmtime_component_func_call", _vp, _vp, _vp, _vp, _sz, _vp, _sz)   # runs post-return too
-_c_provider_drop = _released("wasmtime_component_resource_any_drop", _vp, _vp, _vp)   # runs a destructor
-_c_any_delete = _proto("wasmtime_component_resource_any_delete", None, _vp)           # frees the handle record
-_RESOURCE_KIND = _K["resource"]
-
-
-def _error_from(pointer):
-    return wasmtime.WasmtimeError._from_ptr(ctypes.cast(pointer, ctypes.POINTER(ffi.wasmtime_error_t)))
+_RESOURCE_KIND = _KIND["resource"]
 
 
 class Provider:
@@ -3946,7 +4561,7 @@ class Provider:
     SHA-256 of the source when the caller knows it (a store does). Host(kv="component:FILE")
     means Provider("FILE"). The backend beneath it is Host(provider_kv=...)."""
 
-    trial = True        # instantiate it once when the Host is made (a worker process trusts its parent)
+    trial = True        # instantiate once when the Host is made (a worker trusts its parent)
 
     def __init__(self, source, *, name=None, digest=None):
         if not isinstance(source, (str, bytes, bytearray, os.PathLike)) or not len(source):
@@ -3960,7 +4575,8 @@ class Provider:
         """The Provider of "component:FILE"."""
         path = url[len(PROVIDER_PREFIX):]
         if not path:
-            raise ArgumentError(f"invalid backend URL {url!r}: expected component:FILE (a provider component)")
+            raise ArgumentError(f"invalid backend URL {url!r}: expected component:FILE (a "
+                                "provider component)")
         return cls(path)
 
     def load(self, host):
@@ -3971,7 +4587,8 @@ class Provider:
             raise ArgumentError(f"provider: {e}") from None
 
     def __repr__(self):
-        return f"<Provider {self.name or (self.source if isinstance(self.source, str) else '<bytes>')}>"
+        shown = self.name or (self.source if isinstance(self.source, str) else "<bytes>")
+        return f"<Provider {shown}>"
 
 
 def provider_of(kv):
@@ -3989,10 +4606,12 @@ def provider_exports(component_type, engine, name):
     provided = {}
     for export_name, item in component_type.exports(engine).items():
         if export_name in KV_INTERFACES:
-            provided[export_name] = frozenset(check_kv_instance(f"provider {name}: export", export_name, item.ty,
+            provided[export_name] = frozenset(check_kv_instance(f"provider {name}: export",
+                                                                export_name, item.ty,
                                                                 engine))
     if not provided:
-        raise GuestError(f"{name} exports no wasi:keyvalue interface, so it cannot be a provider (it must "
+        raise GuestError(f"{name} exports no wasi:keyvalue interface, so it cannot be a provider "
+                         "(it must "
                          f"export one of {', '.join(sorted(KV_INTERFACES))})")
     return provided
 
@@ -4006,9 +4625,11 @@ def check_consumer(component_type, engine, provided, consumer, provider):
         exported = provided.get(import_name, frozenset())
         for member, export in item.ty.exports(engine).items():
             if isinstance(export.ty, wc.FuncType) and member not in exported:
-                have = ", ".join(f"{iface} ({', '.join(sorted(funcs))})" for iface, funcs in sorted(provided.items()))
+                have = ", ".join(f"{iface} ({', '.join(sorted(funcs))})"
+                                 for iface, funcs in sorted(provided.items()))
                 raise LinkError(f"cannot run {consumer} on provider {provider}: {consumer} imports "
-                                f"{import_name}#{member}, which the provider does not export (it exports {have})")
+                                f"{import_name}#{member}, which the provider does not export (it "
+                                f"exports {have})")
 
 
 # -- forwarding a consumer's calls -----------------------------------------------------------------
@@ -4042,16 +4663,19 @@ class _Forward:
                              if p[0] in ("own", "borrow"))
         self.adopts = _handle_in_result(result)
         self.lower = make_lower(result)
-        self.wrap_error = (lambda e: wc.Variant("store-error", e)) if name == "swap" else (lambda e: e)
+        self.wrap_error = ((lambda e: wc.Variant("store-error", e)) if name == "swap"
+                           else (lambda e: e))
 
     def fail(self, ctx, message, results):
-        """Answer the consumer with error::other(message) (swap: cas-error::store-error(other(...)))."""
+        """Answer the consumer with error::other(message) (swap:
+        cas-error::store-error(other(...)))."""
         self.lower(ctx, Err(self.wrap_error(wc.Variant("other", message))), results)
         return 0
 
 
 _FORWARDS = {}       # function id -> _Forward
-_LOWER_HANDLE = {type_id: _make_lower_own(type_id) for type_id in list(BUCKET_TYPE.values()) + [CAS_TYPE]}
+_LOWER_HANDLE = {type_id: _make_lower_own(type_id)
+                 for type_id in list(BUCKET_TYPE.values()) + [CAS_TYPE]}
 
 
 @_FUNC_CALLBACK
@@ -4063,26 +4687,29 @@ def _forward(data, ctx, _ty, args, nargs, results, nresults):
         forward = _FORWARDS[data]
         link = _STATES[ctx].provider
         if nargs != forward.arity or nresults != 1:
-            return _trap_pointer(f"kvhost: {forward.label} called with a signature that does not match the WIT")
+            return _trap_pointer(f"kvhost: {forward.label} called with a signature that does not "
+                                 "match the WIT")
         base = link.args_address
-        _MEMORY[base:base + nargs * _VAL_SIZE] = _MEMORY[args:args + nargs * _VAL_SIZE]   # borrowed as they are
+        size = nargs * _VAL_SIZE
+        _span(base, size).raw = _span(args, size).raw    # borrowed as they are
         taken = None
         for index, own, lift in forward.handles:
-            rep = lift(ctx, args + index * _VAL_SIZE)            # ends the borrow / takes back the own
+            rep = lift(ctx,
+                       args + index * _VAL_SIZE)            # ends the borrow / takes back the own
             handle = link.handles.pop(rep, None) if own else link.handles.get(rep)
             if handle is None:
                 return forward.fail(ctx, link.missing(rep), results)
-            _write_kind_pointer(_MEMORY, base + index * _VAL_SIZE, _RESOURCE_KIND, handle)
+            _write_kind_pointer(base + index * _VAL_SIZE, _RESOURCE_KIND, handle)
             if own:
                 taken = handle
         func = link.funcs.get(forward) or link.func(forward, ctx, results, taken)
-        if func is None:                                          # the provider could not start; answered
+        if func is None:                                 # the provider could not start; answered
             return 0
-        error = _c_component_call(func, link.context, base, nargs, results, 1)
+        error = _C.component_call(func, link.context, base, nargs, results, 1)
         if taken is not None:
-            _c_any_delete(taken)                                  # the provider consumed it (or trapped)
+            _C.any_delete(taken)                         # the provider consumed it (or trapped)
         if error:
-            return link.trapped(forward, ctx, results, _trap_reason(_error_from(error)))
+            return link.trapped(forward, ctx, results, _trap_reason(_C.error(error)))
         if forward.adopts is not None:
             link.adopt(forward.adopts, ctx, results)
         return 0
@@ -4110,7 +4737,8 @@ def _forget_forward(data):
 
 
 def add_forwarding_to_linker(linker):
-    """Define both wasi:keyvalue versions in a consumer's linker as forwards to its Store's provider."""
+    """Define both wasi:keyvalue versions in a consumer's linker as forwards to its Store's
+    provider."""
     with linker.root() as root:
         for import_name, (resources, functions) in KV_INTERFACES.items():
             with root.add_instance(import_name) as instance:
@@ -4119,11 +4747,12 @@ def add_forwarding_to_linker(linker):
                 for func_name, (params, result, _func) in functions.items():
                     func_id = _new_func_id()
                     _FORWARDS[func_id] = _Forward(import_name, func_name, params, result)
-                    _add_callback(instance, func_name, _forward, func_id, _forget_forward)
+                    _C.define_func(instance, func_name, _forward, func_id, _forget_forward)
 
 
 def _to_stderr(data):
-    """Where a provider's output goes when the consumer's is not captured: never the consumer's stdout."""
+    """Where a provider's output goes when the consumer's is not captured: never the consumer's
+    stdout."""
     with contextlib.suppress(Exception):
         stream = sys.stderr
         if hasattr(stream, "buffer"):
@@ -4135,17 +4764,19 @@ def _to_stderr(data):
 
 class _Composition:
     """A Host's provider: the compiled component, the wasi:keyvalue functions it exports, and the
-    linker its instances are made with (WASIp2 and the host's wasi:keyvalue on the Host's backend)."""
+    linker its instances are made with (WASIp2 and the host's wasi:keyvalue on the Host's
+    backend)."""
 
     def __init__(self, host, guest, trial=True):
         if guest.kind != "component":
-            raise GuestError(f"{guest.name} is a core module; a provider must be a component that exports "
+            raise GuestError(f"{guest.name} is a core module; a provider must be a component that "
+                             "exports "
                              "wasi:keyvalue")
         self.host = host
         self.guest = guest
         self.provided = provider_exports(guest.artifact.type, host.engine, guest.name)
         self._linker = None
-        self._indexes = {}          # _Forward -> the component's export index of its function (any instance)
+        self._indexes = {}          # _Forward -> export index of its function (any instance)
         if trial:
             self._trial()
 
@@ -4165,11 +4796,13 @@ class _Composition:
         if forward not in self._indexes:
             artifact = self.guest.artifact
             index = artifact.get_export_index(forward.interface)
-            self._indexes[forward] = None if index is None else artifact.get_export_index(forward.name, index)
+            self._indexes[forward] = (None if index is None
+                                      else artifact.get_export_index(forward.name, index))
         return self._indexes[forward]
 
     def instantiate(self, store):
-        """A provider instance in `store`; LinkError if its imports cannot be met, TrapError if it traps."""
+        """A provider instance in `store`; LinkError if its imports cannot be met, TrapError if it
+        traps."""
         try:
             return self._provider_linker().instantiate(store, self.guest.artifact)
         except wasmtime.WasmtimeError as e:
@@ -4181,7 +4814,8 @@ class _Composition:
             raise _trap_error(e, self.host) from None
 
     def _trial(self):
-        """Make one instance, so that a provider that cannot link or start is refused before any guest runs."""
+        """Make one instance, so that a provider that cannot link or start is refused before any
+        guest runs."""
         link = _ProviderLink(self, _CallState(self.host), None)
         try:
             link.start()
@@ -4191,8 +4825,8 @@ class _Composition:
             link.close()
 
     def wasi_config(self, capture):
-        """The provider's WASI: the Host's env and dirs; its output goes where the consumer's does
-        (captured with it, else the Host's stderr unless the Host discards output)."""
+        """The provider's WASI: the Host's env and dirs; its output goes where the consumer's
+        does (captured with it, else the Host's stderr unless the Host discards output)."""
         host = self.host
         config = wasmtime.WasiConfig()
         config.argv = [self.guest.name]
@@ -4209,13 +4843,16 @@ class _Composition:
         return config                    # "discard": WASI's default streams drop what is written
 
     def check_consumer(self, guest):
-        """Refuse a consumer needing a function the provider lacks; a consumer of a provider that may
-        block (a WASI poll) may block too (so isolation="auto" runs it in a worker process)."""
-        check_consumer(guest.artifact.type, self.host.engine, self.provided, guest.name, self.guest.name)
+        """Refuse a consumer needing a function the provider lacks; a consumer of a provider that
+        may block (a WASI poll) may block too (so isolation="auto" runs it in a worker
+        process)."""
+        check_consumer(guest.artifact.type, self.host.engine, self.provided,
+                       guest.name, self.guest.name)
         guest.may_block = guest.may_block or self.guest.may_block
 
     def link(self, consumer, capture):
-        """The _ProviderLink of one consumer call (its _CallState; its (stdout, stderr) captures or None)."""
+        """The _ProviderLink of one consumer call (its _CallState; its (stdout, stderr) captures or
+        None)."""
         return _ProviderLink(self, consumer, None if capture is None else capture[1])
 
 
@@ -4234,20 +4871,21 @@ class _ProviderLink:
         self.keep = []                      # the Func objects those addresses belong to
         self.handles = {}                   # consumer rep -> provider resource_any address
         self.lost = None                    # why earlier handles are gone (the provider trapped)
-        self.args = (_VAL * 3)()            # a wasi:keyvalue function takes at most three arguments
+        self.args = ctypes.create_string_buffer(3 * _VAL_SIZE)   # kv functions take at most three
         self.args_address = ctypes.addressof(self.args)
 
-    # -- the provider instance --------------------------------------------------------------------
+    # -- the provider instance ---------------------------------------------------------------------
 
     def start(self):
-        """Make the provider instance: a fresh Store with the Host's limits and the call's deadline."""
+        """Make the provider instance: a fresh Store with the Host's limits and the call's
+        deadline."""
         composition = self.composition
         host, guest = composition.host, composition.guest
         store = host._new_store(wasi=False)
         context = store.address
         if host.timeout is not None:
             left = max(0.0, host.timeout - (time.monotonic() - self.started))
-            _c_set_epoch_deadline(context, math.ceil(left / EPOCH_TICK) + 1)
+            _C.set_epoch_deadline(context, math.ceil(left / EPOCH_TICK) + 1)
         if guest.needs_wasi:
             store.wrapper.set_wasi(composition.wasi_config(self.capture))
         state = _CallState(host, False, self.consumer.namespace)
@@ -4261,9 +4899,10 @@ class _ProviderLink:
             raise
 
     def close(self, why=None):
-        """Drop the provider instance and every handle into it (at the end of the call, or after a trap)."""
+        """Drop the provider instance and every handle into it (at the end of the call, or after a
+        trap)."""
         for handle in self.handles.values():
-            _c_any_delete(handle)
+            _C.any_delete(handle)
         self.handles.clear()
         self.funcs.clear()
         del self.keep[:]
@@ -4272,7 +4911,8 @@ class _ProviderLink:
             self.store.close()
         self.store = self.context = self.instance = None
         if why is not None:
-            self.lost = f"this handle was lost when the provider instance that held it stopped: {why}"
+            self.lost = ("this handle was lost when the provider instance that held it stopped: "
+                         f"{why}")
 
     def func(self, forward, ctx, results, taken):
         """The address of the provider's function for `forward`, looked up once per instance (which
@@ -4287,31 +4927,33 @@ class _ProviderLink:
                 raise LinkError(f"{forward.label} is not exported")
         except KvError as e:
             if taken is not None:
-                _c_any_delete(taken)
+                _C.any_delete(taken)
             forward.fail(ctx, f"provider {self.composition.guest.name}: {e}", results)
             return None
         self.keep.append(func)
-        address = self.funcs[forward] = ctypes.addressof(func._func)
+        address = self.funcs[forward] = _C.func_address(func)
         return address
 
     def missing(self, rep):
         """Why the consumer's handle `rep` stands for no provider handle."""
         if rep in self.consumer.buckets:       # made by the host for a watcher (Session.notify)
-            return ("a bucket handed to a watcher names the backend's bucket, which the provider does not "
+            return ("a bucket handed to a watcher names the backend's bucket, which the provider "
+                    "does not "
                     "serve: open the bucket to use it")
         return self.lost or "unknown handle"
 
     def adopt(self, adopts, ctx, results):
-        """Give the consumer its own handle for a provider handle in the result (open, cas.new, swap)."""
+        """Give the consumer its own handle for a provider handle in the result (open, cas.new,
+        swap)."""
         where, type_id, case = adopts
-        if (_MEMORY[results + _VAL_PAYLOAD] != 0) != (where == "ok"):
+        if (_kind_at(results + _VAL_PAYLOAD) != 0) != (where == "ok"):
             return
         box = _pointer_at(results + _VAL_PAYLOAD + 8)
         if where == "err":
             if _lift_string(ctx, box) != case:
                 return
             box = _pointer_at(box + _VAL_PAYLOAD + 16)
-        consumer = self.consumer                # its counter: reps the host made too (watchers) never clash
+        consumer = self.consumer        # its counter: reps the host made too (watchers) never clash
         rep = consumer.next_rep
         consumer.next_rep += 1
         self.handles[rep] = _pointer_at(box + _VAL_PAYLOAD)     # now this link's to free
@@ -4331,11 +4973,11 @@ class _ProviderLink:
         handle = self.handles.pop(rep, None)
         if handle is None:
             return
-        error = _c_provider_drop(self.context, handle)
-        _c_any_delete(handle)
+        error = _C.provider_drop(self.context, handle)
+        _C.any_delete(handle)
         if error:
             self.close(f"provider {self.composition.guest.name} trapped dropping a handle: "
-                       f"{_trap_reason(_error_from(error))}")
+                       f"{_trap_reason(_C.error(error))}")
 
 
 class _WiredProvider(Provider):
@@ -4344,7 +4986,8 @@ class _WiredProvider(Provider):
     trial = False
 
     def __init__(self, wire, blobs):
-        super().__init__(wire.get("name") or "provider", name=wire.get("name"), digest=wire.get("digest"))
+        super().__init__(wire.get("name") or "provider", name=wire.get("name"),
+                         digest=wire.get("digest"))
         self.wire = wire
         self.blobs = blobs
 
@@ -4374,6 +5017,10 @@ class _WiredProvider(Provider):
 # reads, and the response goes to the server's sink as the guest writes it: neither is ever
 # whole in memory. Blocking calls wait in Python against the request's deadline, so a guest
 # blocked in poll is stopped at the deadline, in this process, like one that computes forever.
+# Reading a body is the one wait that is not ours: its bytes come from the server's reader (or
+# an outgoing call's socket), which has no way to say "nothing yet"; so an input stream's
+# pollable is always ready and read waits for the reader as blocking-read does (the reader's
+# own timeout bounds it; the deadline is checked after each read).
 #
 # Outgoing requests (wasi:http/outgoing-handler) are refused (HTTP-request-denied) unless the
 # destination is in Host(allow_outbound=[...]); an allowed one runs on a thread of its own with
@@ -4384,8 +5031,8 @@ HTTP_WASI_VERSION = "0.2.12"                     # each interface is defined at 
 HTTP_HANDLER_PREFIX = "wasi:http/incoming-handler@0.2"
 HTTP_READ_CHUNK = 1 << 16                        # bytes one stream read gives at most
 HTTP_WRITE_PERMIT = 1 << 20                      # bytes check-write allows at once
-HTTP_EARLY_BODY_LIMIT = 1 << 20                  # bytes a guest may write before setting its response
-BLOCKING_WRITE_LIMIT = 4096                      # what blocking-write-and-flush accepts (the WIT's limit)
+HTTP_EARLY_BODY_LIMIT = 1 << 20                  # bytes written before the response is set
+BLOCKING_WRITE_LIMIT = 4096                      # blocking-write-and-flush's limit (the WIT's)
 HTTP_CAPTURE_BYTES = 64 << 10                    # guest stdout / stderr kept per request
 OUTBOUND_BODY_LIMIT = 16 << 20                   # request body an outgoing call may carry
 OUTBOUND_RESPONSE_LIMIT = 64 << 20               # response body an outgoing call may read
@@ -4396,12 +5043,15 @@ OUTBOUND_BETWEEN_BYTES_TIMEOUT = 30.0
 # Hop-by-hop and connection-level fields, taken out of what a guest receives (the list of
 # wasmtime serve 49, so a guest sees the same request from both), and refused, with te too, when
 # a guest sets them (header-error.forbidden).
-HOP_BY_HOP_HEADERS = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization",
-                                "proxy-connection", "transfer-encoding", "upgrade", "host", "http2-settings"})
+HOP_BY_HOP_HEADERS = frozenset({"connection", "keep-alive", "proxy-authenticate",
+                                "proxy-authorization", "proxy-connection", "transfer-encoding",
+                                "upgrade", "host", "http2-settings"})
 FORBIDDEN_HEADERS = HOP_BY_HOP_HEADERS | {"te"}
-_TOKEN_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")          # RFC 9110 token (field names, methods)
-_FIELD_VALUE_RE = re.compile(rb"[\t\x20-\x7e\x80-\xff]*\Z")        # no CR, LF, NUL or other controls
+_TOKEN_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")     # RFC 9110 token: names, methods
+_FIELD_VALUE_RE = re.compile(rb"[\t\x20-\x7e\x80-\xff]*\Z")   # no CR, LF, NUL or other controls
 _PATH_RE = re.compile(r"[\x21-\x7e]*\Z")
+_SCHEME_RE = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*\Z")
+_TARGET_RE = re.compile(r"(\[[^\]]*\]|[^:]*)(?::([0-9]{1,5}))?\Z")   # an authority: host, port
 _AUTHORITY_RE = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.\-_~%!$&'()*+,;=]*)(:[0-9]{0,5})?\Z")
 _OUTBOUND_RE = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.\-_]+)(?::([0-9]{1,5}))?\Z")
 _METHODS = {"GET": "get", "HEAD": "head", "POST": "post", "PUT": "put", "DELETE": "delete",
@@ -4414,8 +5064,8 @@ FIELDS, INCOMING_REQUEST, OUTGOING_REQUEST = 0x68740005, 0x68740006, 0x68740007
 REQUEST_OPTIONS, RESPONSE_OUTPARAM, INCOMING_RESPONSE = 0x68740008, 0x68740009, 0x6874000A
 INCOMING_BODY, FUTURE_TRAILERS, OUTGOING_RESPONSE = 0x6874000B, 0x6874000C, 0x6874000D
 OUTGOING_BODY, FUTURE_INCOMING_RESPONSE = 0x6874000E, 0x6874000F
-TERMINAL_INPUT, TERMINAL_OUTPUT, DESCRIPTOR, DIRECTORY_ENTRY_STREAM = (0x68740010, 0x68740011, 0x68740012,
-                                                                        0x68740013)
+TERMINAL_INPUT, TERMINAL_OUTPUT = 0x68740010, 0x68740011
+DESCRIPTOR, DIRECTORY_ENTRY_STREAM = 0x68740012, 0x68740013
 NETWORK, UDP_SOCKET, DATAGRAM_IN, DATAGRAM_OUT = 0x68740014, 0x68740015, 0x68740016, 0x68740017
 TCP_SOCKET, RESOLVE_STREAM = 0x68740018, 0x68740019
 
@@ -4434,7 +5084,8 @@ class HttpRequest:
     def __init__(self, method, scheme, authority, path_with_query, headers=(), body=None):
         if not isinstance(method, str) or not _TOKEN_RE.match(method):
             raise ArgumentError(f"invalid HTTP method {method!r}: expected a token")
-        for label, value in (("scheme", scheme), ("authority", authority), ("path", path_with_query)):
+        for label, value in (("scheme", scheme), ("authority", authority),
+                             ("path", path_with_query)):
             if value is not None and not isinstance(value, str):
                 raise ArgumentError(f"invalid {label} {value!r}: expected a string or None")
         if body is not None and not callable(getattr(body, "read", None)):
@@ -4467,7 +5118,7 @@ class HttpOutcome:
         return f"<HttpOutcome status={self.status} body={self.body_bytes}B>"
 
 
-# -- resources ------------------------------------------------------------------------------------
+# -- resources -------------------------------------------------------------------------------------
 
 class _IoError:
     """wasi:io/error: what failed, and the error-code http-error-code gives for it (or None)."""
@@ -4596,11 +5247,14 @@ class _InputStream:
         want = min(size, HTTP_READ_CHUNK)
         if self.limit is not None:
             want = min(want, self.limit - self.total) or 1     # at the limit: is there more?
+        if state.unflushed:               # the read may wait for the peer
+            state.flush_response()
         try:
             data = self.reader.read(want)
         except Exception as e:          # the client went away, a socket timed out
             self.done = True
-            return state.stream_failed(f"reading the body failed: {e}", wc.Variant("HTTP-protocol-error"))
+            return state.stream_failed(f"reading the body failed: {e}",
+                                       wc.Variant("HTTP-protocol-error"))
         if not data:
             self.done = True
             if self.owner is not None:
@@ -4608,7 +5262,8 @@ class _InputStream:
             return Err(wc.Variant("closed"))
         if self.limit is not None and self.total + len(data) > self.limit:
             self.done = True
-            return state.stream_failed(f"the body is larger than {self.limit} bytes", self.error_code)
+            return state.stream_failed(f"the body is larger than {self.limit} bytes",
+                                       self.error_code)
         self.total += len(data)
         state.check_deadline()
         return bytes(data)
@@ -4631,7 +5286,8 @@ class _OutputStream:
         if self.closed:
             return Err(wc.Variant("closed"))
         if len(data) > self.target.permit():
-            return state.stream_failed(f"write of {len(data)} bytes exceeds what check-write permitted")
+            return state.stream_failed(f"write of {len(data)} bytes exceeds what check-write "
+                                       "permitted")
         failed = self.target.write(state, data)
         if failed is not None:
             self.closed = True
@@ -4659,8 +5315,8 @@ class _OutgoingBody:
     the response is set, buffered up to HTTP_EARLY_BODY_LIMIT before) or of an outgoing request
     (buffered up to OUTBOUND_BODY_LIMIT until the call sends it)."""
 
-    __slots__ = ("response", "declared", "written", "stream_taken", "finished", "trailers", "chunks",
-                 "buffered", "failed", "dropped", "finished_event")
+    __slots__ = ("response", "declared", "written", "stream_taken", "finished", "trailers",
+                 "chunks", "buffered", "failed", "dropped", "finished_event")
 
     def __init__(self, response, declared):
         self.response = response          # the _OutgoingResponse, or None for an outgoing request
@@ -4688,9 +5344,10 @@ class _OutgoingBody:
     def write(self, state, data):
         size = len(data)
         if self.declared is not None and self.written + size > self.declared:
-            self.failed = f"the guest wrote more than the {self.declared} bytes its content-length says"
-            code = wc.Variant("HTTP-response-body-size" if self.response is not None else "HTTP-request-body-size",
-                              self.written + size)
+            self.failed = (f"the guest wrote more than the {self.declared} bytes its "
+                           "content-length says")
+            code = wc.Variant("HTTP-response-body-size" if self.response is not None
+                              else "HTTP-request-body-size", self.written + size)
             return state.stream_failed(self.failed, code)
         self.written += size
         if self.response is not None and self.response.started:
@@ -4732,12 +5389,20 @@ class _IncomingBody:
 
 
 class _IncomingRequest:
-    __slots__ = ("request", "fields", "body_taken")
+    """incoming-request: the server's HttpRequest; its fields are made when the guest asks."""
+
+    __slots__ = ("request", "_fields", "body_taken")
 
     def __init__(self, request):
         self.request = request
-        self.fields = _Fields.from_server(request.headers)
+        self._fields = None
         self.body_taken = False
+
+    @property
+    def fields(self):
+        if self._fields is None:
+            self._fields = _Fields.from_server(self.request.headers)
+        return self._fields
 
 
 class _OutgoingRequest:
@@ -4768,7 +5433,7 @@ class _Placeholder:
     __slots__ = ()
 
 
-# -- the state of one request -----------------------------------------------------------------------
+# -- the state of one request ----------------------------------------------------------------------
 
 class _HttpState(_CallState):
     """One request's Store: its resources, its response so far, its deadline and sink."""
@@ -4777,6 +5442,8 @@ class _HttpState(_CallState):
         super().__init__(host, bool(host._watchers), namespace)
         self.objects = {}                 # rep -> the Python object of any resource type
         self.sink = sink
+        self.sink_flush = getattr(sink, "flush", None)     # optional: called before a wait
+        self.unflushed = False            # body bytes went to the sink since its last flush
         self.deadline = deadline          # time.monotonic() by which the request must be answered
         self.captures = captures          # (stdout, stderr) _Capture
         self.failure = None               # the KvError that ends the request (set before a trap)
@@ -4785,9 +5452,9 @@ class _HttpState(_CallState):
         self.outparam_used = False
         self.sink_error = None            # what the sink raised (the client is gone)
         self.calls = []                   # _OutboundCall started by this request
-        self.wakeup = threading.Event()   # set when an outgoing call completes
+        self.wakeup = None                # an Event an outgoing call sets when it completes
 
-    # -- handles --
+    # -- handles -----------------------------------------------------------------------------------
     def add(self, obj):
         rep = self.next_rep
         self.next_rep += 1
@@ -4801,7 +5468,7 @@ class _HttpState(_CallState):
         """The object of an own handle the guest passed back (it no longer has it)."""
         return self.objects.pop(rep)
 
-    # -- failures --
+    # -- failures ----------------------------------------------------------------------------------
     def fail(self, error):
         """Remember why this request ends and return the exception a host function raises (the
         guest traps; handle_http raises `error`)."""
@@ -4818,7 +5485,7 @@ class _HttpState(_CallState):
         """Err(stream-error.last-operation-failed) carrying a new wasi:io error."""
         return Err(wc.Variant("last-operation-failed", self.add(_IoError(message, code))))
 
-    # -- waiting --
+    # -- waiting -----------------------------------------------------------------------------------
     def wait(self, pollables):
         """The indexes of the ready pollables, waiting (never past the deadline) until one is."""
         while True:
@@ -4826,14 +5493,22 @@ class _HttpState(_CallState):
             if ready:
                 return ready
             self.check_deadline()
-            now = time.monotonic()
+            if self.unflushed:
+                self.flush_response()
             times = [p.at for p in pollables if p.at is not None]
             if self.deadline is not None:
                 times.append(self.deadline)
-            self.wakeup.wait(None if not times else max(0.0, min(times) - now))
-            self.wakeup.clear()
+            pause = None if not times else max(0.0, min(times) - time.monotonic())
+            if self.wakeup is not None:
+                self.wakeup.wait(pause)
+                self.wakeup.clear()
+            elif pause is not None:
+                time.sleep(pause)
+            else:
+                raise self.fail(TrapError("the guest waits for something that can never happen "
+                                          "(no timer, no outgoing request, no deadline)", "trap"))
 
-    # -- the response --
+    # -- the response ------------------------------------------------------------------------------
     def send_body(self, data):
         """Hand response bytes to the sink; a failing sink closes the stream (the client left)."""
         if self.sink_error is not None:
@@ -4843,8 +5518,20 @@ class _HttpState(_CallState):
         except Exception as e:
             self.sink_error = e
             return Err(wc.Variant("closed"))
+        self.unflushed = True
         self.check_deadline()
         return None
+
+    def flush_response(self):
+        """Before the guest waits (a poll, a read that may block): the sink's flush, so that what
+        it wrote reaches the client meanwhile (between waits, the sink may gather bytes)."""
+        self.unflushed = False
+        if self.sink_flush is None or self.sink_error is not None:
+            return
+        try:
+            self.sink_flush()
+        except Exception as e:
+            self.sink_error = e
 
     def start_response(self, response):
         self.response = response
@@ -4881,7 +5568,7 @@ class _GuestStopped(Exception):
     """Raised by a host function to trap the guest; the request's failure says why."""
 
 
-# -- wasi:io --------------------------------------------------------------------------------------
+# -- wasi:io ---------------------------------------------------------------------------------------
 
 _STREAM_ERROR = ("variant", (("last-operation-failed", ("own", IO_ERROR)), ("closed", None)))
 _POLLABLE_OWN, _POLLABLE_BORROW = ("own", POLLABLE), ("borrow", POLLABLE)
@@ -4985,31 +5672,40 @@ def _io_interfaces():
         }),
         "wasi:io/streams": ({"input-stream": INPUT_STREAM, "output-stream": OUTPUT_STREAM}, {
             "[method]input-stream.read": ((inp, _U64), _stream_result(_BYTES), _input_read),
-            "[method]input-stream.blocking-read": ((inp, _U64), _stream_result(_BYTES), _input_read),
+            "[method]input-stream.blocking-read": ((inp, _U64), _stream_result(_BYTES),
+                                                   _input_read),
             "[method]input-stream.skip": ((inp, _U64), _stream_result(_U64), _input_skip),
             "[method]input-stream.blocking-skip": ((inp, _U64), _stream_result(_U64), _input_skip),
             "[method]input-stream.subscribe": ((inp,), _POLLABLE_OWN, _ready_pollable),
-            "[method]output-stream.check-write": ((out,), _stream_result(_U64), _output_check_write),
+            "[method]output-stream.check-write": ((out,), _stream_result(_U64),
+                                                  _output_check_write),
             "[method]output-stream.write": ((out, _BYTES), _stream_result(None), _output_write),
             "[method]output-stream.blocking-write-and-flush": ((out, _BYTES), _stream_result(None),
                                                                _output_blocking_write),
             "[method]output-stream.flush": ((out,), _stream_result(None), _output_flush),
             "[method]output-stream.blocking-flush": ((out,), _stream_result(None), _output_flush),
             "[method]output-stream.subscribe": ((out,), _POLLABLE_OWN, _output_subscribe),
-            "[method]output-stream.write-zeroes": ((out, _U64), _stream_result(None), _output_write_zeroes),
-            "[method]output-stream.blocking-write-zeroes-and-flush": ((out, _U64), _stream_result(None),
-                                                                      _output_blocking_write_zeroes),
-            "[method]output-stream.splice": ((out, inp, _U64), _stream_result(_U64), _output_splice),
-            "[method]output-stream.blocking-splice": ((out, inp, _U64), _stream_result(_U64), _output_splice),
+            "[method]output-stream.write-zeroes": ((out, _U64), _stream_result(None),
+                                                   _output_write_zeroes),
+            "[method]output-stream.blocking-write-zeroes-and-flush": (
+                (out, _U64), _stream_result(None), _output_blocking_write_zeroes),
+            "[method]output-stream.splice": ((out, inp, _U64), _stream_result(_U64),
+                                             _output_splice),
+            "[method]output-stream.blocking-splice": ((out, inp, _U64), _stream_result(_U64),
+                                                      _output_splice),
         }),
     }
 
 
-# -- wasi:clocks, wasi:random, wasi:cli, wasi:filesystem ------------------------------------------
+# -- wasi:clocks, wasi:random, wasi:cli, wasi:filesystem -------------------------------------------
 
 _DATETIME = ("record", (("seconds", _U64), ("nanoseconds", ("u32",))))
 _ADDRESS_FAMILY = ("enum", ("ipv4", "ipv6"))
 _SOCKET_ERROR = ("enum", ("access-denied",))      # only this case is ever returned
+
+
+def _socket_result(type_id):
+    return ("result", ("own", type_id), _SOCKET_ERROR)
 
 
 def _monotonic_now(state):
@@ -5040,7 +5736,8 @@ def _wall_resolution(state):
 
 def _random_bytes(state, size):
     if size > GUEST_VALUE_LIMIT:
-        raise state.fail(TrapError(f"get-random-bytes({size}): at most {GUEST_VALUE_LIMIT} bytes at once", "trap"))
+        raise state.fail(TrapError(f"get-random-bytes({size}): at most {GUEST_VALUE_LIMIT} "
+                                   "bytes at once", "trap"))
     return os.urandom(size)
 
 
@@ -5115,26 +5812,30 @@ def _methods(resource, names):
 # Functions a guest can never reach: they need a handle of a resource it can never get (there
 # are no preopens, and no socket can be made), so they are defined as traps, because
 # toolchains import whole interfaces. {interface: (why, names)}.
+_NO_FILES = "no file system is available to HTTP handlers"
+_NO_SOCKETS = "HTTP handlers cannot make sockets"
 UNREACHABLE_FUNCTIONS = {
-    "wasi:filesystem/types": ("no file system is available to HTTP handlers", _methods("descriptor", """
-        read-via-stream write-via-stream append-via-stream advise sync-data get-flags get-type set-size
-        set-times read write read-directory sync create-directory-at stat stat-at set-times-at link-at
-        open-at readlink-at remove-directory-at rename-at symlink-at unlink-file-at is-same-object
-        metadata-hash metadata-hash-at""") + _methods("directory-entry-stream", "read-directory-entry")),
-    "wasi:sockets/udp": ("HTTP handlers cannot make sockets", _methods("udp-socket", """
-        start-bind finish-bind stream local-address remote-address address-family unicast-hop-limit
-        set-unicast-hop-limit receive-buffer-size set-receive-buffer-size send-buffer-size
-        set-send-buffer-size subscribe""") + _methods("incoming-datagram-stream", "receive subscribe")
+    "wasi:filesystem/types": (_NO_FILES, _methods("descriptor", """
+        read-via-stream write-via-stream append-via-stream advise sync-data get-flags get-type
+        set-size set-times read write read-directory sync create-directory-at stat stat-at
+        set-times-at link-at open-at readlink-at remove-directory-at rename-at symlink-at
+        unlink-file-at is-same-object metadata-hash metadata-hash-at""")
+        + _methods("directory-entry-stream", "read-directory-entry")),
+    "wasi:sockets/udp": (_NO_SOCKETS, _methods("udp-socket", """
+        start-bind finish-bind stream local-address remote-address address-family
+        unicast-hop-limit set-unicast-hop-limit receive-buffer-size set-receive-buffer-size
+        send-buffer-size set-send-buffer-size subscribe""")
+        + _methods("incoming-datagram-stream", "receive subscribe")
         + _methods("outgoing-datagram-stream", "check-send send subscribe")),
-    "wasi:sockets/tcp": ("HTTP handlers cannot make sockets", _methods("tcp-socket", """
+    "wasi:sockets/tcp": (_NO_SOCKETS, _methods("tcp-socket", """
         start-bind finish-bind start-connect finish-connect start-listen finish-listen accept
         local-address remote-address is-listening address-family set-listen-backlog-size
         keep-alive-enabled set-keep-alive-enabled keep-alive-idle-time set-keep-alive-idle-time
-        keep-alive-interval set-keep-alive-interval keep-alive-count set-keep-alive-count hop-limit
-        set-hop-limit receive-buffer-size set-receive-buffer-size send-buffer-size set-send-buffer-size
-        subscribe shutdown""")),
-    "wasi:sockets/ip-name-lookup": ("HTTP handlers cannot make sockets",
-                                    _methods("resolve-address-stream", "resolve-next-address subscribe")),
+        keep-alive-interval set-keep-alive-interval keep-alive-count set-keep-alive-count
+        hop-limit set-hop-limit receive-buffer-size set-receive-buffer-size send-buffer-size
+        set-send-buffer-size subscribe shutdown""")),
+    "wasi:sockets/ip-name-lookup": (_NO_SOCKETS, _methods("resolve-address-stream",
+                                                          "resolve-next-address subscribe")),
 }
 
 
@@ -5182,41 +5883,49 @@ def _wasi_interfaces():
             "get-terminal-stdout": ((), ("option", ("own", TERMINAL_OUTPUT)), _no_terminal)}),
         "wasi:cli/terminal-stderr": ({}, {
             "get-terminal-stderr": ((), ("option", ("own", TERMINAL_OUTPUT)), _no_terminal)}),
-        "wasi:filesystem/types": ({"descriptor": DESCRIPTOR, "directory-entry-stream": DIRECTORY_ENTRY_STREAM}, {
-            # option<error-code>: only none is ever returned, so the enum's cases do not matter here
+        "wasi:filesystem/types": ({"descriptor": DESCRIPTOR,
+                                   "directory-entry-stream": DIRECTORY_ENTRY_STREAM}, {
+            # option<error-code>: only none is ever returned, so the enum's cases do not matter
             "filesystem-error-code": ((("borrow", IO_ERROR),), ("option", ("enum", ("access",))),
                                       _no_filesystem_error),
         }),
         "wasi:filesystem/preopens": ({}, {
-            "get-directories": ((), ("list", ("tuple", (("own", DESCRIPTOR), _STRING))), _no_preopens),
+            "get-directories": ((), ("list", ("tuple", (("own", DESCRIPTOR), _STRING))),
+                                _no_preopens),
         }),
         # wasi:sockets (componentize-py's runtime imports it): every socket is refused
         "wasi:sockets/network": ({"network": NETWORK}, {}),
-        "wasi:sockets/instance-network": ({}, {"instance-network": ((), ("own", NETWORK), _instance_network)}),
+        "wasi:sockets/instance-network": ({}, {
+            "instance-network": ((), ("own", NETWORK), _instance_network)}),
         "wasi:sockets/udp": ({"udp-socket": UDP_SOCKET, "incoming-datagram-stream": DATAGRAM_IN,
                               "outgoing-datagram-stream": DATAGRAM_OUT}, {}),
         "wasi:sockets/udp-create-socket": ({}, {
-            "create-udp-socket": ((_ADDRESS_FAMILY,), ("result", ("own", UDP_SOCKET), _SOCKET_ERROR), _no_socket)}),
+            "create-udp-socket": ((_ADDRESS_FAMILY,), _socket_result(UDP_SOCKET), _no_socket)}),
         "wasi:sockets/tcp": ({"tcp-socket": TCP_SOCKET}, {}),
         "wasi:sockets/tcp-create-socket": ({}, {
-            "create-tcp-socket": ((_ADDRESS_FAMILY,), ("result", ("own", TCP_SOCKET), _SOCKET_ERROR), _no_socket)}),
+            "create-tcp-socket": ((_ADDRESS_FAMILY,), _socket_result(TCP_SOCKET), _no_socket)}),
         "wasi:sockets/ip-name-lookup": ({"resolve-address-stream": RESOLVE_STREAM}, {
-            "resolve-addresses": ((("borrow", NETWORK), _STRING), ("result", ("own", RESOLVE_STREAM), _SOCKET_ERROR),
+            "resolve-addresses": ((("borrow", NETWORK), _STRING), _socket_result(RESOLVE_STREAM),
                                   _no_name_lookup)}),
     }
 
 
 # -- wasi:http/types -------------------------------------------------------------------------------
 
-_FIELD_SIZE = ("record", (("field-name", ("option", _STRING)), ("field-size", ("option", ("u32",)))))
+_FIELD_SIZE = ("record", (("field-name", ("option", _STRING)),
+                          ("field-size", ("option", ("u32",)))))
 _ERROR_CODE = ("variant", (
     ("DNS-timeout", None),
-    ("DNS-error", ("record", (("rcode", ("option", _STRING)), ("info-code", ("option", ("u16",)))))),
-    ("destination-not-found", None), ("destination-unavailable", None), ("destination-IP-prohibited", None),
-    ("destination-IP-unroutable", None), ("connection-refused", None), ("connection-terminated", None),
-    ("connection-timeout", None), ("connection-read-timeout", None), ("connection-write-timeout", None),
-    ("connection-limit-reached", None), ("TLS-protocol-error", None), ("TLS-certificate-error", None),
-    ("TLS-alert-received", ("record", (("alert-id", ("option", ("u8",))), ("alert-message", ("option", _STRING))))),
+    ("DNS-error", ("record", (("rcode", ("option", _STRING)),
+                              ("info-code", ("option", ("u16",)))))),
+    ("destination-not-found", None), ("destination-unavailable", None),
+    ("destination-IP-prohibited", None), ("destination-IP-unroutable", None),
+    ("connection-refused", None), ("connection-terminated", None),
+    ("connection-timeout", None), ("connection-read-timeout", None),
+    ("connection-write-timeout", None), ("connection-limit-reached", None),
+    ("TLS-protocol-error", None), ("TLS-certificate-error", None),
+    ("TLS-alert-received", ("record", (("alert-id", ("option", ("u8",))),
+                                       ("alert-message", ("option", _STRING))))),
     ("HTTP-request-denied", None), ("HTTP-request-length-required", None),
     ("HTTP-request-body-size", ("option", _U64)), ("HTTP-request-method-invalid", None),
     ("HTTP-request-URI-invalid", None), ("HTTP-request-URI-too-long", None),
@@ -5231,7 +5940,8 @@ _ERROR_CODE = ("variant", (
     ("HTTP-response-transfer-coding", ("option", _STRING)),
     ("HTTP-response-content-coding", ("option", _STRING)),
     ("HTTP-response-timeout", None), ("HTTP-upgrade-failed", None), ("HTTP-protocol-error", None),
-    ("loop-detected", None), ("configuration-error", None), ("internal-error", ("option", _STRING))))
+    ("loop-detected", None), ("configuration-error", None),
+    ("internal-error", ("option", _STRING))))
 _HEADER_ERROR = ("variant", (("invalid-syntax", None), ("forbidden", None), ("immutable", None)))
 _METHOD = ("variant", tuple((name, None) for name in _METHODS.values()) + (("other", _STRING),))
 _SCHEME = ("variant", (("HTTP", None), ("HTTPS", None), ("other", _STRING)))
@@ -5452,88 +6162,98 @@ def _drop_http_object(state, type_id, obj):
 
 
 def _http_types_interface():
-    borrow = lambda type_id: ("borrow", type_id)
-    req, resp = borrow(INCOMING_REQUEST), borrow(OUTGOING_RESPONSE)
-    out_req, opts = borrow(OUTGOING_REQUEST), borrow(REQUEST_OPTIONS)
-    duration = ("option", _U64)
+    """wasi:http/types: (resources {name: type id}, functions {name: (params, result, func)})."""
+    def borrow(type_id):
+        return ("borrow", type_id)
+
+    def maybe(type_id):                       # result<T>: the handle, or an error without payload
+        return ("result", ("own", type_id), None)
+    fields, req, out_req = _FIELDS_BORROW, borrow(INCOMING_REQUEST), borrow(OUTGOING_REQUEST)
+    opts, resp = borrow(REQUEST_OPTIONS), borrow(OUTGOING_RESPONSE)
+    in_resp, in_body = borrow(INCOMING_RESPONSE), borrow(INCOMING_BODY)
+    duration, text, unit = ("option", _U64), ("option", _STRING), ("result", None, None)
     header_result = ("result", None, _HEADER_ERROR)
-    result_unit = ("result", None, None)
-    resources = {"fields": FIELDS, "incoming-request": INCOMING_REQUEST, "outgoing-request": OUTGOING_REQUEST,
-                 "request-options": REQUEST_OPTIONS, "response-outparam": RESPONSE_OUTPARAM,
-                 "incoming-response": INCOMING_RESPONSE, "incoming-body": INCOMING_BODY,
-                 "future-trailers": FUTURE_TRAILERS, "outgoing-response": OUTGOING_RESPONSE,
-                 "outgoing-body": OUTGOING_BODY, "future-incoming-response": FUTURE_INCOMING_RESPONSE}
+    resources = {"fields": FIELDS, "incoming-request": INCOMING_REQUEST,
+                 "outgoing-request": OUTGOING_REQUEST, "request-options": REQUEST_OPTIONS,
+                 "response-outparam": RESPONSE_OUTPARAM, "incoming-response": INCOMING_RESPONSE,
+                 "incoming-body": INCOMING_BODY, "future-trailers": FUTURE_TRAILERS,
+                 "outgoing-response": OUTGOING_RESPONSE, "outgoing-body": OUTGOING_BODY,
+                 "future-incoming-response": FUTURE_INCOMING_RESPONSE}
     functions = {
         "http-error-code": ((borrow(IO_ERROR),), ("option", _ERROR_CODE), _http_error_code),
         "[constructor]fields": ((), _FIELDS_OWN, _fields_new),
-        "[static]fields.from-list": ((("list", _ENTRY),), ("result", _FIELDS_OWN, _HEADER_ERROR), _fields_from_list),
-        "[method]fields.get": ((_FIELDS_BORROW, _STRING), ("list", _BYTES), _fields_get),
-        "[method]fields.has": ((_FIELDS_BORROW, _STRING), _BOOL, _fields_has),
-        "[method]fields.set": ((_FIELDS_BORROW, _STRING, ("list", _BYTES)), header_result, _fields_set),
-        "[method]fields.delete": ((_FIELDS_BORROW, _STRING), header_result, _fields_delete),
-        "[method]fields.append": ((_FIELDS_BORROW, _STRING, _BYTES), header_result, _fields_append),
-        "[method]fields.entries": ((_FIELDS_BORROW,), ("list", _ENTRY), _fields_entries),
-        "[method]fields.clone": ((_FIELDS_BORROW,), _FIELDS_OWN, _fields_clone),
+        "[static]fields.from-list": ((("list", _ENTRY),), ("result", _FIELDS_OWN, _HEADER_ERROR),
+                                     _fields_from_list),
+        "[method]fields.get": ((fields, _STRING), ("list", _BYTES), _fields_get),
+        "[method]fields.has": ((fields, _STRING), _BOOL, _fields_has),
+        "[method]fields.set": ((fields, _STRING, ("list", _BYTES)), header_result, _fields_set),
+        "[method]fields.delete": ((fields, _STRING), header_result, _fields_delete),
+        "[method]fields.append": ((fields, _STRING, _BYTES), header_result, _fields_append),
+        "[method]fields.entries": ((fields,), ("list", _ENTRY), _fields_entries),
+        "[method]fields.clone": ((fields,), _FIELDS_OWN, _fields_clone),
         "[method]incoming-request.method": ((req,), _METHOD, _request_method),
-        "[method]incoming-request.path-with-query": ((req,), ("option", _STRING), _request_path),
+        "[method]incoming-request.path-with-query": ((req,), text, _request_path),
         "[method]incoming-request.scheme": ((req,), ("option", _SCHEME), _request_scheme),
-        "[method]incoming-request.authority": ((req,), ("option", _STRING), _request_authority),
+        "[method]incoming-request.authority": ((req,), text, _request_authority),
         "[method]incoming-request.headers": ((req,), _FIELDS_OWN, _headers_of),
-        "[method]incoming-request.consume": ((req,), ("result", ("own", INCOMING_BODY), None), _request_consume),
-        "[constructor]outgoing-request": ((_FIELDS_OWN,), ("own", OUTGOING_REQUEST), _outgoing_request_new),
-        "[method]outgoing-request.body": ((out_req,), ("result", ("own", OUTGOING_BODY), None),
-                                          _outgoing_request_body),
+        "[method]incoming-request.consume": ((req,), maybe(INCOMING_BODY), _request_consume),
+        "[constructor]outgoing-request": ((_FIELDS_OWN,), ("own", OUTGOING_REQUEST),
+                                          _outgoing_request_new),
+        "[method]outgoing-request.body": ((out_req,), maybe(OUTGOING_BODY), _outgoing_request_body),
         "[method]outgoing-request.method": ((out_req,), _METHOD, _outgoing_request_method),
-        "[method]outgoing-request.set-method": ((out_req, _METHOD), result_unit, _outgoing_request_set_method),
-        "[method]outgoing-request.path-with-query": ((out_req,), ("option", _STRING), _outgoing_request_path),
-        "[method]outgoing-request.set-path-with-query": ((out_req, ("option", _STRING)), result_unit,
+        "[method]outgoing-request.set-method": ((out_req, _METHOD), unit,
+                                                _outgoing_request_set_method),
+        "[method]outgoing-request.path-with-query": ((out_req,), text, _outgoing_request_path),
+        "[method]outgoing-request.set-path-with-query": ((out_req, text), unit,
                                                          _outgoing_request_set_path),
-        "[method]outgoing-request.scheme": ((out_req,), ("option", _SCHEME), _outgoing_request_scheme),
-        "[method]outgoing-request.set-scheme": ((out_req, ("option", _SCHEME)), result_unit,
+        "[method]outgoing-request.scheme": ((out_req,), ("option", _SCHEME),
+                                            _outgoing_request_scheme),
+        "[method]outgoing-request.set-scheme": ((out_req, ("option", _SCHEME)), unit,
                                                 _outgoing_request_set_scheme),
-        "[method]outgoing-request.authority": ((out_req,), ("option", _STRING), _outgoing_request_authority),
-        "[method]outgoing-request.set-authority": ((out_req, ("option", _STRING)), result_unit,
+        "[method]outgoing-request.authority": ((out_req,), text, _outgoing_request_authority),
+        "[method]outgoing-request.set-authority": ((out_req, text), unit,
                                                    _outgoing_request_set_authority),
         "[method]outgoing-request.headers": ((out_req,), _FIELDS_OWN, _headers_of),
         "[constructor]request-options": ((), ("own", REQUEST_OPTIONS), _options_new),
-        "[method]request-options.connect-timeout": ((opts,), duration, _options_getter("connect")),
-        "[method]request-options.set-connect-timeout": ((opts, duration), result_unit,
-                                                        _options_setter("connect")),
-        "[method]request-options.first-byte-timeout": ((opts,), duration, _options_getter("first_byte")),
-        "[method]request-options.set-first-byte-timeout": ((opts, duration), result_unit,
-                                                           _options_setter("first_byte")),
-        "[method]request-options.between-bytes-timeout": ((opts,), duration, _options_getter("between_bytes")),
-        "[method]request-options.set-between-bytes-timeout": ((opts, duration), result_unit,
-                                                              _options_setter("between_bytes")),
         "[static]response-outparam.set": ((("own", RESPONSE_OUTPARAM),
-                                           ("result", ("own", OUTGOING_RESPONSE), _ERROR_CODE)), None, _outparam_set),
-        "[method]incoming-response.status": ((borrow(INCOMING_RESPONSE),), ("u16",), _incoming_response_status),
-        "[method]incoming-response.headers": ((borrow(INCOMING_RESPONSE),), _FIELDS_OWN, _headers_of),
-        "[method]incoming-response.consume": ((borrow(INCOMING_RESPONSE),), ("result", ("own", INCOMING_BODY), None),
+                                           ("result", ("own", OUTGOING_RESPONSE), _ERROR_CODE)),
+                                          None, _outparam_set),
+        "[method]incoming-response.status": ((in_resp,), ("u16",), _incoming_response_status),
+        "[method]incoming-response.headers": ((in_resp,), _FIELDS_OWN, _headers_of),
+        "[method]incoming-response.consume": ((in_resp,), maybe(INCOMING_BODY),
                                               _incoming_response_consume),
-        "[method]incoming-body.stream": ((borrow(INCOMING_BODY),), ("result", ("own", INPUT_STREAM), None),
-                                         _body_stream),
-        "[static]incoming-body.finish": ((("own", INCOMING_BODY),), ("own", FUTURE_TRAILERS), _body_finish),
-        "[method]future-trailers.subscribe": ((borrow(FUTURE_TRAILERS),), _POLLABLE_OWN, _future_trailers_subscribe),
-        "[method]future-trailers.get": ((borrow(FUTURE_TRAILERS),), _FUTURE_TRAILERS_GET, _future_trailers_get),
-        "[constructor]outgoing-response": ((_FIELDS_OWN,), ("own", OUTGOING_RESPONSE), _response_new),
+        "[method]incoming-body.stream": ((in_body,), maybe(INPUT_STREAM), _body_stream),
+        "[static]incoming-body.finish": ((("own", INCOMING_BODY),), ("own", FUTURE_TRAILERS),
+                                         _body_finish),
+        "[method]future-trailers.subscribe": ((borrow(FUTURE_TRAILERS),), _POLLABLE_OWN,
+                                              _future_trailers_subscribe),
+        "[method]future-trailers.get": ((borrow(FUTURE_TRAILERS),), _FUTURE_TRAILERS_GET,
+                                        _future_trailers_get),
+        "[constructor]outgoing-response": ((_FIELDS_OWN,), ("own", OUTGOING_RESPONSE),
+                                           _response_new),
         "[method]outgoing-response.status-code": ((resp,), ("u16",), _response_status),
-        "[method]outgoing-response.set-status-code": ((resp, ("u16",)), result_unit, _response_set_status),
+        "[method]outgoing-response.set-status-code": ((resp, ("u16",)), unit, _response_set_status),
         "[method]outgoing-response.headers": ((resp,), _FIELDS_OWN, _headers_of),
-        "[method]outgoing-response.body": ((resp,), ("result", ("own", OUTGOING_BODY), None), _response_body),
-        "[method]outgoing-body.write": ((borrow(OUTGOING_BODY),), ("result", ("own", OUTPUT_STREAM), None),
+        "[method]outgoing-response.body": ((resp,), maybe(OUTGOING_BODY), _response_body),
+        "[method]outgoing-body.write": ((borrow(OUTGOING_BODY),), maybe(OUTPUT_STREAM),
                                         _outgoing_body_write),
         "[static]outgoing-body.finish": ((("own", OUTGOING_BODY), ("option", _FIELDS_OWN)),
                                          ("result", None, _ERROR_CODE), _outgoing_body_finish),
-        "[method]future-incoming-response.subscribe": ((borrow(FUTURE_INCOMING_RESPONSE),), _POLLABLE_OWN,
-                                                       _future_response_subscribe),
-        "[method]future-incoming-response.get": ((borrow(FUTURE_INCOMING_RESPONSE),), _FUTURE_RESPONSE_GET,
-                                                 _future_response_get),
+        "[method]future-incoming-response.subscribe": ((borrow(FUTURE_INCOMING_RESPONSE),),
+                                                       _POLLABLE_OWN, _future_response_subscribe),
+        "[method]future-incoming-response.get": ((borrow(FUTURE_INCOMING_RESPONSE),),
+                                                 _FUTURE_RESPONSE_GET, _future_response_get),
     }
+    for name, attribute in (("connect-timeout", "connect"), ("first-byte-timeout", "first_byte"),
+                            ("between-bytes-timeout", "between_bytes")):
+        functions[f"[method]request-options.{name}"] = ((opts,), duration,
+                                                        _options_getter(attribute))
+        functions[f"[method]request-options.set-{name}"] = ((opts, duration), unit,
+                                                            _options_setter(attribute))
     return resources, functions
 
 
-# -- wasi:http outgoing requests ---------------------------------------------------------------------
+# -- wasi:http outgoing requests -------------------------------------------------------------------
 
 def _outgoing_request_new(state, fields_rep):
     return state.add(_OutgoingRequest(state.take(fields_rep)))
@@ -5574,7 +6294,7 @@ def _outgoing_request_scheme(state, rep):
 
 
 def _outgoing_request_set_scheme(state, rep, scheme):
-    if scheme is not None and scheme.tag == "other" and not re.match(r"[A-Za-z][A-Za-z0-9+.\-]*\Z", scheme.payload):
+    if scheme is not None and scheme.tag == "other" and not _SCHEME_RE.match(scheme.payload):
         return Err(None)
     state.get(rep).scheme = scheme
     return None
@@ -5618,7 +6338,8 @@ def parse_outbound(entries):
         match = _OUTBOUND_RE.match(entry) if isinstance(entry, str) else None
         port = None if match is None or match.group(2) is None else int(match.group(2))
         if match is None or (port is not None and not 0 < port < 65536):
-            raise ArgumentError(f"invalid outbound destination {entry!r}: expected HOST or HOST:PORT")
+            raise ArgumentError(f"invalid outbound destination {entry!r}: expected HOST or "
+                                "HOST:PORT")
         allowed.add((match.group(1).strip("[]").lower(), port))
     return frozenset(allowed)
 
@@ -5630,12 +6351,12 @@ def _outbound_target(host, request):
         return Err(wc.Variant("HTTP-protocol-error"))
     if not request.authority:
         return Err(wc.Variant("HTTP-request-URI-invalid"))
-    match = re.match(r"(\[[^\]]*\]|[^:]*)(?::([0-9]{1,5}))?\Z", request.authority)
-    if match is None or not match.group(1) or (match.group(2) is not None and not 0 < int(match.group(2)) < 65536):
+    match = _TARGET_RE.match(request.authority)
+    default = 443 if scheme == "HTTPS" else 80
+    port = None if match is None else default if match.group(2) is None else int(match.group(2))
+    if match is None or not match.group(1) or not 0 < port < 65536:
         return Err(wc.Variant("HTTP-request-URI-invalid"))
     name = match.group(1).strip("[]").lower()
-    default = 443 if scheme == "HTTPS" else 80
-    port = default if match.group(2) is None else int(match.group(2))
     allowed = host.allow_outbound
     if (name, port) not in allowed and not (port == default and (name, None) in allowed):
         return Err(wc.Variant("HTTP-request-denied"))
@@ -5644,6 +6365,7 @@ def _outbound_target(host, request):
 
 def _outbound_error(error):
     """The wasi:http error-code for an exception of http.client, ssl or socket."""
+    import http.client, ssl                 # imported by HTTP apps only: ~70 ms of start-up
     if isinstance(error, socket.gaierror):
         return wc.Variant("DNS-error", {"rcode": str(error.strerror or error), "info-code": None})
     if isinstance(error, ssl.SSLCertVerificationError):
@@ -5690,9 +6412,10 @@ class _OutboundCall:
     def _run(self):
         try:
             self.outcome = self._send()
-        except (socket.timeout, TimeoutError) as e:
-            self.outcome = Err(wc.Variant("connection-timeout" if self.connection is None or
-                                          self.connection.sock is None else "connection-read-timeout"))
+        except (socket.timeout, TimeoutError):
+            connected = self.connection is not None
+            self.outcome = Err(wc.Variant("connection-read-timeout" if connected else
+                                          "connection-timeout"))
         except Exception as e:
             self.outcome = Err(_outbound_error(e))
         self.complete = True
@@ -5706,19 +6429,21 @@ class _OutboundCall:
             if body.failed or not body.finished:
                 return Err(wc.Variant("HTTP-request-body-size", body.written))
         data = b"" if body is None else b"".join(body.chunks)
+        timeout = self._timeout(self.connect_timeout)
+        import http.client, ssl                 # imported by HTTP apps only: ~70 ms of start-up
         if self.use_tls:
-            connection = http.client.HTTPSConnection(self.host, self.port, context=ssl.create_default_context(),
-                                                     timeout=self._timeout(self.connect_timeout))
+            connection = http.client.HTTPSConnection(self.host, self.port, timeout=timeout,
+                                                     context=ssl.create_default_context())
         else:
-            connection = http.client.HTTPConnection(self.host, self.port,
-                                                    timeout=self._timeout(self.connect_timeout))
+            connection = http.client.HTTPConnection(self.host, self.port, timeout=timeout)
         connection.connect()
         self.connection = connection
         if self.cancelled:
             connection.close()
             return Err(wc.Variant("connection-terminated"))
-        method = request.method.payload if request.method.tag == "other" else _METHOD_NAMES[request.method.tag]
-        connection.putrequest(method, request.path or "/", skip_host=True, skip_accept_encoding=True)
+        method = request.method
+        name = method.payload if method.tag == "other" else _METHOD_NAMES[method.tag]
+        connection.putrequest(name, request.path or "/", skip_host=True, skip_accept_encoding=True)
         connection.putheader("Host", request.authority)
         for name, value in request.fields.items():
             connection.putheader(name, value)
@@ -5729,7 +6454,8 @@ class _OutboundCall:
         connection.endheaders(data or None)
         response = connection.getresponse()
         sock.settimeout(self._timeout(self.between_bytes_timeout))
-        headers = [(name, value.encode("latin-1", "replace")) for name, value in response.getheaders()]
+        headers = [(name, value.encode("latin-1", "replace"))
+                   for name, value in response.getheaders()]
         return response.status, headers, response
 
     def cancel(self):
@@ -5744,12 +6470,15 @@ class _OutboundCall:
 
 
 class _IncomingResponse:
-    __slots__ = ("status", "fields", "reader", "body_taken")
+    """incoming-response of an outgoing call: status, fields, and its body read as it arrives
+    (http.client's read1: the bytes there are, where read(n) would wait for n of them)."""
 
-    def __init__(self, status, headers, reader):
+    __slots__ = ("status", "fields", "read", "body_taken")
+
+    def __init__(self, status, headers, response):
         self.status = status
         self.fields = _Fields.from_server(headers)
-        self.reader = reader
+        self.read = response.read1
         self.body_taken = False
 
 
@@ -5762,6 +6491,8 @@ def _outgoing_handle(state, request_rep, options_rep):
     if len(state.calls) >= OUTBOUND_CALLS_LIMIT:
         return Err(wc.Variant("connection-limit-reached"))
     call = _OutboundCall(state, request, options, *target)
+    if state.wakeup is None:
+        state.wakeup = threading.Event()
     state.calls.append(call)
     call.start()
     return state.add(call)
@@ -5794,7 +6525,7 @@ def _incoming_response_consume(state, rep):
     if response.body_taken:
         return Err(None)
     response.body_taken = True
-    stream = _InputStream(response.reader, OUTBOUND_RESPONSE_LIMIT,
+    stream = _InputStream(response, OUTBOUND_RESPONSE_LIMIT,
                           wc.Variant("HTTP-response-body-size", None))
     return state.add(_IncomingBody(stream))
 
@@ -5814,23 +6545,25 @@ def _future_desc(desc):
 
 def _make_lower_future(ok_desc):
     inner = make_lower(("result", ok_desc, _ERROR_CODE))
-    option_code, result_code = _K["option"], _K["result"]
+    option_code, result_code = _KIND["option"], _KIND["result"]
 
     def lower_ready(ctx, value, addr):
         if value is _TAKEN:
-            _write_result(_MEMORY, addr, result_code, False, 0)
+            _write_result(addr, result_code, False, 0)
         else:
-            _write_result(_MEMORY, addr, result_code, True, _boxed(inner, ctx, value[0]))
+            _write_result(addr, result_code, True, _boxed(inner, ctx, value[0]))
 
     def lower_future(ctx, value, addr):
-        _write_kind_pointer(_MEMORY, addr, option_code, 0 if value is None else _boxed(lower_ready, ctx, value))
+        box = 0 if value is None else _boxed(lower_ready, ctx, value)
+        _write_kind_pointer(addr, option_code, box)
     return lower_future
 
 
-# -- the interfaces, registered on a linker of their own ----------------------------------------------
+# -- the interfaces, registered on a linker of their own -------------------------------------------
 
 def _http_interfaces():
-    """{interface name without version: (resources {name: type id}, functions {name: (params, result, func)})}."""
+    """{interface without version: (resources {name: type id},
+    functions {name: (params, result, func)})}."""
     interfaces = _io_interfaces()
     interfaces.update(_wasi_interfaces())
     interfaces["wasi:http/types"] = _http_types_interface()
@@ -5876,13 +6609,14 @@ def add_http_to_linker(linker):
                 for name, type_id in resources.items():
                     _add_host_resource(instance, name, type_id, _drop_http_resource)
                 for name, (params, result, func) in functions.items():
-                    lower = _make_lower_future(result[1]) if result is not None and result[0] == "future" else None
+                    future = result is not None and result[0] == "future"
+                    lower = _make_lower_future(result[1]) if future else None
                     _add_host_func(instance, name, params, result, func, guarded=False, lower=lower)
                 why, names = UNREACHABLE_FUNCTIONS.get(interface, (None, ()))
                 for name in names:
                     func_id = _new_func_id()
                     _UNREACHABLE[func_id] = f"kvhost: {name}: {why}"
-                    _add_callback(instance, name, _unreachable, func_id, _forget_nothing)
+                    _C.define_func(instance, name, _unreachable, func_id, _forget_nothing)
 
 
 def _http_handler_index(guest, engine):
@@ -5892,16 +6626,17 @@ def _http_handler_index(guest, engine):
         if guest.kind != "component":
             raise NotHttpHandler(f"{guest.name} is a core module, not a component exporting "
                                  "wasi:http/incoming-handler")
-        names = [name for name in guest.artifact.type.exports(engine) if name.startswith(HTTP_HANDLER_PREFIX)]
+        names = [name for name in guest.artifact.type.exports(engine)
+                 if name.startswith(HTTP_HANDLER_PREFIX)]
         if not names:
-            raise NotHttpHandler(f"{guest.name} does not export wasi:http/incoming-handler (it is not an HTTP "
-                                 "handler: build it for the wasi:http/proxy world)")
+            raise NotHttpHandler(f"{guest.name} does not export wasi:http/incoming-handler (it is "
+                                 "not an HTTP handler: build it for the wasi:http/proxy world)")
         interface = guest.artifact.get_export_index(names[0])
         guest.http_handler = guest.artifact.get_export_index("handle", interface)
     return guest.http_handler
 
 
-# -- one request ----------------------------------------------------------------------------------------
+# -- one request -----------------------------------------------------------------------------------
 
 _LOWER_REQUEST = make_lower(("own", INCOMING_REQUEST))
 _LOWER_OUTPARAM = make_lower(("own", RESPONSE_OUTPARAM))
@@ -5918,7 +6653,7 @@ class _HttpSession:
         deadline = None if host.timeout is None else time.monotonic() + host.timeout
         self.captures = (_Capture(HTTP_CAPTURE_BYTES), _Capture(HTTP_CAPTURE_BYTES))
         self.state = _HttpState(host, namespace, sink, deadline, self.captures)
-        self.guest_store = host._new_store(wasi=False)
+        self.guest_store = host._new_store(wasi=False, bare=True)
         self.address = self.guest_store.address
         if host._composition is not None:
             self.state.provider = host._composition.link(self.state, self.captures)
@@ -5938,44 +6673,46 @@ class _HttpSession:
             (self.host._event_sink or self.host._deliver)(state.events)
 
     def fuel_used(self):
-        left = self.guest_store.fuel_left()
-        return 0 if left is None else (self.host.fuel if self.host.fuel is not None else FUEL_UNLIMITED) - left
+        left = self.guest_store.fuel_left()        # None: the Host meters no fuel
+        return 0 if left is None else self.host.fuel - left
 
-    def run(self):
-        index = _http_handler_index(self.guest, self.host.engine)
-        store = self.guest_store.wrapper
+    def _instantiate(self):
+        linker = _C.address(self.host._http_linker())
         try:
-            instance = self.host._http_linker().instantiate(store, self.guest.artifact)
-        except wasmtime.WasmtimeError as e:
+            return _C.instantiate_component(self.address, linker, _C.address(self.guest.artifact))
+        except wasmtime.WasmtimeError as e:     # a link failure, or a start function trapped
             reason = _link_reason(e)
             if _is_link_failure(reason):
-                raise LinkError(f"cannot link {self.guest.name} as an HTTP handler: {reason}") from None
+                raise LinkError(f"cannot link {self.guest.name} as an HTTP handler: "
+                                f"{reason}") from None
             raise self._error(e) from None
-        except wasmtime.Trap as e:
-            raise self._error(e) from None
-        func = ffi.wasmtime_component_func_t()
-        context = store._context()
-        if not ffi.wasmtime_component_instance_get_func(ctypes.byref(instance._instance), context, index.ptr(),
-                                                        ctypes.byref(func)):
-            raise NotHttpHandler(f"{self.guest.name}: wasi:http/incoming-handler#handle is not a function")
+
+    def run(self):
+        """Call handle(request, response-outparam); the HttpOutcome, or the TrapError."""
+        index = _http_handler_index(self.guest, self.host.engine)
+        instance = self._instantiate()
+        func = _C.component_func(self.address, instance, _C.address(index))
+        if func is None:
+            raise NotHttpHandler(f"{self.guest.name}: wasi:http/incoming-handler#handle is not a "
+                                 "function")
         state = self.state
-        args = (_VAL * 2)()
+        args = ctypes.create_string_buffer(2 * _VAL_SIZE)     # zeros: bool false, owns nothing
         base = ctypes.addressof(args)
         _LOWER_REQUEST(self.address, state.add(_IncomingRequest(self.request)), base)
         _LOWER_OUTPARAM(self.address, state.add(_Placeholder()), base + _VAL_SIZE)
         try:
-            err = ffi.wasmtime_component_func_call(ctypes.byref(func), context, args, 2, None, 0)
+            _C.call_component(self.address, ctypes.addressof(func), base, 2, None, 0)
+        except wasmtime.WasmtimeError as e:
+            raise self._error(e) from None
         finally:
-            _c_val_delete(base)
-            _c_val_delete(base + _VAL_SIZE)
-        if err:
-            raise self._error(wasmtime.WasmtimeError._from_ptr(err))
+            _C.val_delete(base)
+            _C.val_delete(base + _VAL_SIZE)
         if state.failure is not None:
             raise self._mark(state.failure)
         return self._answer()
 
     def _mark(self, error):
-        """`error` with what the caller needs: whether the response had started, the guest's stderr."""
+        """`error` with what the caller needs: whether the response started, the guest's stderr."""
         error.response_started = self.state.response is not None
         error.stderr = self.captures[1].value()
         error.fuel = self.fuel_used()
@@ -5984,49 +6721,52 @@ class _HttpSession:
     def _error(self, wasmtime_error):
         """The TrapError for a guest that trapped: the reason a host function gave first (a
         deadline, an exit, a client gone), else what the trap says."""
-        state, text = self.state, str(wasmtime_error)
+        state = self.state
         failure = state.failure
         if failure is None and state.sink_error is not None:
-            failure = TrapError(f"the response could not be sent ({state.sink_error}); then the guest trapped",
-                                "sink")
+            failure = TrapError(f"the response could not be sent ({state.sink_error}); then the "
+                                "guest trapped", "sink")
         if failure is None:
             failure = _trap_error(wasmtime_error, self.host)
-            if state.outparam_used and "unknown handle index" in text:
+            if state.outparam_used and "unknown handle index" in str(wasmtime_error):
                 failure = TrapError("the guest set its response twice", "response-twice")
         return self._mark(failure)
 
+    def _fail(self, message, kind):
+        return self._mark(TrapError(message, kind))
+
     def _answer(self):
-        """The HttpOutcome of a guest that returned, or the TrapError saying what is wrong with it."""
+        """The HttpOutcome of a guest that returned, or the TrapError saying what is wrong."""
         state = self.state
         response = state.response
         if response is None:
-            if state.response_error is not None:
-                raise self._mark(TrapError(f"the guest answered with error {state.response_error.tag}"
-                                           + ("" if state.response_error.payload is None else
-                                              f" ({state.response_error.payload})"), "response-error"))
-            raise self._mark(TrapError("the guest returned without setting a response", "no-response"))
+            code = state.response_error
+            if code is not None:
+                detail = "" if code.payload is None else f" ({code.payload})"
+                raise self._fail(f"the guest answered with error {code.tag}{detail}",
+                                 "response-error")
+            raise self._fail("the guest returned without setting a response", "no-response")
         body = response.body
         if body is None:
             declared = response.fields.content_length()
             if declared:
-                raise self._mark(TrapError(f"the guest wrote no body, its content-length says {declared}",
-                                           "body-size"))
+                raise self._fail(f"the guest wrote no body, its content-length says {declared}",
+                                 "body-size")
             state.finish_body(_OutgoingBody(response, None))
         elif body.failed:
-            kind = "incomplete" if body.dropped else "body-size"
-            raise self._mark(TrapError(body.failed, kind))
+            raise self._fail(body.failed, "incomplete" if body.dropped else "body-size")
         elif not body.finished:
             # It still holds the body: the body ends here, as in wasmtime serve (a body it
             # dropped unfinished is broken, above).
             mismatch = body.length_error()
             if mismatch:
-                raise self._mark(TrapError(mismatch, "body-size"))
+                raise self._fail(mismatch, "body-size")
             state.finish_body(body)
         if state.sink_error is not None:
-            raise self._mark(TrapError(f"the response could not be sent: {state.sink_error}", "sink"))
+            raise self._fail(f"the response could not be sent: {state.sink_error}", "sink")
         stdout, stderr = self.captures
-        return HttpOutcome(response.status, 0 if body is None else body.written, stdout.value(), stderr.value(),
-                           self.fuel_used())
+        return HttpOutcome(response.status, 0 if body is None else body.written, stdout.value(),
+                           stderr.value(), self.fuel_used())
 
 
 # ---------------------------------------------------------------------------
@@ -6125,7 +6865,8 @@ def _unpack(value, blobs):
 
 # Exceptions that cross the channel, by name; anything else arrives as a plain KvError.
 _WIRE_ERRORS = {cls.__name__: cls for cls in (KvError, ArgumentError, OperationError, BackendError,
-                                              AccessDeniedError, NoSuchStoreError, GuestError, LinkError)}
+                                              AccessDeniedError,
+                                              NoSuchStoreError, GuestError, LinkError)}
 # The Backend methods a worker may ask its parent to run.
 _REMOTE_METHODS = ("get", "set", "delete", "exists", "list_page", "list_page_at", "increment",
                    "compare_and_swap", "get_many", "set_many", "delete_many")
@@ -6208,8 +6949,10 @@ class _Worker:
         from_child_read, from_child_write = os.pipe()
         try:
             self.process = subprocess.Popen(
-                [sys.executable, "-c", self.CODE, os.path.abspath(__file__), str(to_child_read), str(from_child_write)],
-                stdin=subprocess.DEVNULL, pass_fds=(to_child_read, from_child_write), start_new_session=True,
+                [sys.executable, "-c", self.CODE, os.path.abspath(__file__),
+                 str(to_child_read), str(from_child_write)],
+                stdin=subprocess.DEVNULL,
+                pass_fds=(to_child_read, from_child_write), start_new_session=True,
                 stdout=subprocess.DEVNULL if settings.get("output") == "discard" else None)
         finally:
             os.close(to_child_read)
@@ -6221,25 +6964,36 @@ class _Worker:
     def execute(self, host, guest, request):
         blobs = []
         header = {"op": request.op, "guest": _guest_to_wire(guest, blobs),
-                  "links": [[name, _guest_to_wire(dependency, blobs)] for name, dependency in request.links],
-                  "function": request.function, "args": _pack(request.args, blobs), "argv": request.argv,
-                  "namespace": request.namespace, "stdin": _pack(request.stdin, blobs), "capture": request.capture,
+                  "links": [[name, _guest_to_wire(dependency, blobs)]
+                            for name, dependency in request.links],
+                  "function": request.function, "args": _pack(request.args, blobs),
+                  "argv": request.argv,
+                  "namespace": request.namespace, "stdin": _pack(request.stdin, blobs),
+                  "capture": request.capture,
                   "record_events": request.record_events}
-        deadline = None if host.timeout is None else time.monotonic() + host.timeout + WORKER_GRACE
+        # The deadline counts from the worker's "started" (a new or loaded worker may take a
+        # while to get there); until then it has WORKER_START_SECONDS more.
+        limit = None if host.timeout is None else host.timeout + WORKER_GRACE
+        deadline = None if limit is None else time.monotonic() + WORKER_START_SECONDS + limit
         try:
             self.channel.send(header, blobs)
             while True:
                 reply, blobs = self.channel.recv(deadline)
+                if reply.get("op") == "started":
+                    deadline = None if limit is None else time.monotonic() + limit
+                    continue
                 if reply.get("op") != "kv":
                     break
                 self._serve_kv(host.backend, reply, blobs)
         except TimeoutError:
             self.kill()
-            raise TrapError(f"timeout: the guest ran longer than {host.timeout} s (it was blocked in a host "
-                            "call; its worker process was stopped)", "timeout") from None
+            raise TrapError(f"timeout: the guest ran longer than {host.timeout} s (its worker "
+                            "process "
+                            "was stopped)", "timeout") from None
         except (_ChannelError, OSError, ValueError, KeyError, TypeError):
             self.kill()
-            raise TrapError(f"crash: the guest's worker process died ({self.exit_reason()})", "crash") from None
+            raise TrapError(f"crash: the guest's worker process died ({self.exit_reason()})",
+                            "crash") from None
         events = [tuple(event) for event in _unpack(reply.get("events") or [], blobs)]
         if events:
             host._deliver(events)
@@ -6266,13 +7020,15 @@ class _Worker:
             self.channel.send({"op": "kv-reply", "error": _error_to_wire(e)})
         except Exception as e:      # a bug or an unexpected backend failure: the guest gets `other`
             self.channel.send({"op": "kv-reply", "error": {"class": "BackendError",
-                                                           "message": f"internal error: {type(e).__name__}: {e}"}})
+                                                           "message": "internal error: "
+                                                                      f"{type(e).__name__}: {e}"}})
 
     def alive(self):
         """True while the process runs and its pipe is quiet: an idle worker that died (or wrote
         when nobody asked) must not be handed a request."""
         try:
-            return self.process.poll() is None and not select.select([self.channel.read_fd], [], [], 0)[0]
+            return (self.process.poll() is None
+                    and not select.select([self.channel.read_fd], [], [], 0)[0])
         except (OSError, ValueError):   # the channel is closed
             return False
 
@@ -6320,9 +7076,12 @@ class _WorkerPool:
         host = self.host
         settings = {"namespace": host.namespace, "timeout": host.timeout, "fuel": host.fuel,
                     "max_memory": host.max_memory, "max_table_elements": host.max_table_elements,
-                    "env": host.env, "dirs": host.dirs, "cache_dir": host.cache_dir, "stdout": host.stdout,
-                    "stderr": host.stderr, "stub_imports": host.stub_imports, "output": host.output,
-                    "allow_buckets": None if host.allow_buckets is None else sorted(host.allow_buckets),
+                    "env": host.env, "dirs": host.dirs, "cache_dir": host.cache_dir,
+                    "stdout": host.stdout,
+                    "stderr": host.stderr, "stub_imports": host.stub_imports,
+                    "output": host.output,
+                    "allow_buckets": (None if host.allow_buckets is None
+                                      else sorted(host.allow_buckets)),
                     "deny_buckets": sorted(host.deny_buckets)}
         blobs = []
         if host.provider is not None:
@@ -6357,7 +7116,7 @@ class _WorkerPool:
                         worker = self._idle.pop()
                         if worker.alive():
                             return worker
-                        dead.append(worker)       # died while idle (killed, out of memory): replaced
+                        dead.append(worker)       # died while idle (killed, out of memory)
                         self._started -= 1
                     if self._started < self.size:
                         self._started += 1
@@ -6408,7 +7167,8 @@ def _worker_guest(host, wire, blobs):
     signatures = wire.get("signatures")
     if signatures is not None:       # JSON lists back to the tuples core_signatures() gives
         imports, exports = signatures
-        signatures = ([(m, n, k, None if sig is None else (tuple(sig[0]), tuple(sig[1]))) for m, n, k, sig in imports],
+        signatures = ([(m, n, k, None if sig is None else (tuple(sig[0]), tuple(sig[1])))
+                       for m, n, k, sig in imports],
                       {name: (k, None if sig is None else (tuple(sig[0]), tuple(sig[1])))
                        for name, (k, sig) in exports.items()})
     guest = host._from_cache(kind, digest, name, signatures, wire.get("cache_key"))
@@ -6429,8 +7189,11 @@ def _worker_main(argv):
     events = []
     settings = header["settings"]
     provider = settings.pop("provider", None)
-    backend = _RemoteBackend(channel)       # the provider's own wasi:keyvalue goes to the parent too
-    kv = {"kv": backend} if provider is None else {"kv": _WiredProvider(provider, blobs), "provider_kv": backend}
+    backend = _RemoteBackend(channel)       # the provider's wasi:keyvalue goes to the parent too
+    if provider is None:
+        kv = {"kv": backend}
+    else:
+        kv = {"kv": _WiredProvider(provider, blobs), "provider_kv": backend}
     try:
         host = Host(isolation="thread", **kv, **settings)
     except KvError:     # the parent loaded the same provider: only a broken cache gets here
@@ -6446,10 +7209,12 @@ def _worker_main(argv):
         try:
             guest = _worker_guest(host, header["guest"], blobs)
             links = [(name, _worker_guest(host, wire, blobs)) for name, wire in header["links"]]
-            request = _Request(header["op"], function=header["function"], args=_unpack(header["args"], blobs),
+            request = _Request(header["op"], function=header["function"],
+                               args=_unpack(header["args"], blobs),
                                argv=header["argv"], namespace=header["namespace"],
                                stdin=_unpack(header["stdin"], blobs), capture=header["capture"],
                                links=links, record_events=header["record_events"])
+            channel.send({"op": "started"})          # the parent's deadline counts from here
             outcome = host._execute_here(guest, request)
             out = []
             reply["value"] = _pack(outcome.value, out)
@@ -6461,7 +7226,8 @@ def _worker_main(argv):
             reply, out = {"op": "failed", "error": _error_to_wire(e)}, []
         except Exception as e:       # a bug: report it as a trap of this guest, keep serving
             reply, out = {"op": "failed", "error": {"class": "TrapError", "kind": "trap",
-                                                    "message": f"internal error: {type(e).__name__}: {e}"}}, []
+                                                    "message": "internal error: "
+                                                               f"{type(e).__name__}: {e}"}}, []
         reply["events"] = _pack(events, out)
         channel.send(reply, out)
 
@@ -6477,40 +7243,149 @@ class _Parser(argparse.ArgumentParser):
         raise ArgumentError(message)
 
 
-def _option_number(text, what, **bounds):
-    try:
-        return parse_number(text, what, **bounds)
-    except ArgumentError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+def parse_size(text, what="size"):
+    """A byte count from outside: ASCII digits, optionally followed by K, M or G (powers of
+    1024; "KiB", "MB" and a final "B" are read alike), e.g. 268435456 or 256M; ArgumentError
+    otherwise."""
+    match = _SIZE_TEXT.fullmatch(text) if isinstance(text, str) else None
+    if match is None:
+        raise ArgumentError(f"invalid {what} {str(text)[:40]!r}: expected a number of bytes, "
+                            "suffix K, M or G allowed (e.g. 268435456 or 256M)")
+    scale = _SIZE_UNITS[(match.group(2) or "b")[0].lower()]
+    return parse_number(match.group(1), what) * scale
 
 
-def _positive_float(text):
-    value = _option_number(text, "number of seconds", minimum=0, maximum=1e9, fraction=True)
+_SIZE_TEXT = re.compile(r"\s*([0-9]+)\s*([kmgKMG](?:i?[bB])?|[bB])?\s*")
+_SIZE_UNITS = {"b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+
+
+def _option_type(parse):
+    """An argparse type from one of the parsers below (its ArgumentError as argparse's)."""
+    def convert(text):
+        try:
+            return parse(text)
+        except ArgumentError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    convert.__name__ = parse.__name__.lstrip("_")
+    return convert
+
+
+def _seconds(text):
+    value = parse_number(text, "number of seconds", minimum=0, maximum=1e9, fraction=True)
     if not 0 < value < 1e9:
-        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+        raise ArgumentError(f"expected a positive number of seconds, got {text!r}")
     return value
 
 
-def _positive_int(text):
-    return _option_number(text, "integer", minimum=1)
+def _positive(text):
+    return parse_number(text, "positive integer", minimum=1)
 
 
 def _env_pair(text):
     name, sep, value = text.partition("=")
     if not sep or not name:
-        raise argparse.ArgumentTypeError(f"invalid --env {text!r}: expected NAME=VALUE")
+        raise ArgumentError(f"invalid --env {text!r}: expected NAME=VALUE")
     return name, value
 
 
 def _dir_pair(text):
     host_dir, sep, guest_dir = text.partition("::")
     if not sep or not host_dir or not guest_dir:
-        raise argparse.ArgumentTypeError(f"invalid --dir {text!r}: expected HOST::GUEST")
+        raise ArgumentError(f"invalid --dir {text!r}: expected HOST::GUEST")
     return host_dir, guest_dir
 
 
-def _nonnegative_int(text):
-    return _option_number(text, "integer", minimum=0)
+class SandboxOption(collections.namedtuple("SandboxOption",
+                                           "flag dest parse metavar default many shown help")):
+    """One option of a guest's sandbox: its flag, the Host argument it sets (dest), the parser
+    of its text (None: a switch), its default, whether it may be repeated (many), and its help
+    (`shown`: the default as the help names it)."""
+
+    __slots__ = ()
+
+
+# The sandbox options, defined once: kvhost's call and run, wasmstore.py's call, run and serve
+# and http_server.py all add them with add_sandbox_options and parse them with these parsers.
+SANDBOX_OPTIONS = {option.dest: option for option in (
+    SandboxOption("--timeout", "timeout", _seconds, "S", DEFAULT_TIMEOUT, False,
+                  f"{DEFAULT_TIMEOUT:g}",
+                  "stop the guest after S seconds, even when it waits in a host call"),
+    SandboxOption("--fuel", "fuel", _positive, "N", None, False, "no limit",
+                  "stop the guest after N units of fuel; only a host given a limit meters fuel, "
+                  "which makes compute-bound code several times slower"),
+    SandboxOption("--max-memory", "max_memory", parse_size, "BYTES", DEFAULT_MAX_MEMORY, False,
+                  f"{DEFAULT_MAX_MEMORY >> 20}M",
+                  "largest linear memory, suffix K/M/G allowed, e.g. 512M"),
+    SandboxOption("--max-table-elements", "max_table_elements", _positive, "N",
+                  DEFAULT_MAX_TABLE_ELEMENTS, False, f"{DEFAULT_MAX_TABLE_ELEMENTS:,}",
+                  "largest table"),
+    SandboxOption("--allow-bucket", "allow_buckets", str, "B", None, True, "any",
+                  "bucket the guest may open"),
+    SandboxOption("--env", "env", _env_pair, "K=V", [], True, "none",
+                  "environment variable the guest sees"),
+    SandboxOption("--dir", "dirs", _dir_pair, "HOST::GUEST", [], True, "none",
+                  "directory the guest may use"),
+    SandboxOption("--link", "links", str, "NAME=PATH", [], True, None,
+                  "link a core module's imports from module NAME to the exports of the core "
+                  "module at PATH, {link_target}, e.g. --link env=random.wasm"),
+    SandboxOption("--stub-imports", "stub_imports", None, None, False, False, None,
+                  "define imports this host does not provide (e.g. wasi:http) as functions "
+                  "that trap when called, so the rest of the guest runs"),
+    SandboxOption("--allow-outbound", "allow_outbound", str, "HOST[:PORT]", [], True,
+                  "none, requests are refused",
+                  "destination an HTTP handler may send requests to; HOST alone allows its "
+                  "default port, 80 or 443"),
+    SandboxOption("--cache-dir", "cache_dir", str, "DIR", None, False,
+                  "~/.cache/wasmstore/kvhost", "compile cache directory"),
+)}
+
+
+def add_sandbox_options(parser, link_target="a file", *, flags=None, env=None):
+    """Add the sandbox options (SANDBOX_OPTIONS) to an argparse parser or group;
+    host_from_args() turns them into Host arguments. link_target: what --link NAME=PATH names
+    (a file for kvhost, a stored path for wasmstore). flags: {dest: flag} for a program whose
+    own options take a flag (a server's --timeout is its connections': --run-timeout); the
+    parsed value is then the attribute that flag names. env: {dest: environment variable}: a
+    program that reads these from its environment (fill_sandbox_from_env) gets None for every
+    option not given, and the help names the variable."""
+    flags, env = flags or {}, env or {}
+    for option in SANDBOX_OPTIONS.values():
+        flag = flags.get(option.dest, option.flag)
+        notes = (["repeatable"] if option.many else []) \
+            + ([f"env {env[option.dest]}"] if option.dest in env else []) \
+            + ([f"default: {option.shown}"] if option.shown is not None else [])
+        text = option.help.format(link_target=link_target)
+        text += f" ({'; '.join(notes)})" if notes else ""
+        if option.parse is None:
+            parser.add_argument(flag, dest=_attribute(flag), action="store_true", help=text)
+        else:
+            parser.add_argument(flag, dest=_attribute(flag), type=_option_type(option.parse),
+                                action="append" if option.many else None,
+                                default=None if env else option.default,
+                                metavar=option.metavar, help=text)
+
+
+def _attribute(flag):
+    """The argparse attribute of a sandbox flag: its dest in SANDBOX_OPTIONS, or for a renamed
+    flag the flag's own name (--run-timeout: run_timeout)."""
+    for option in SANDBOX_OPTIONS.values():
+        if option.flag == flag:
+            return option.dest
+    return flag.lstrip("-").replace("-", "_")
+
+
+def fill_sandbox_from_env(args, env, flags=None, environ=None):
+    """Set each sandbox option of `args` not given on the command line from its environment
+    variable (env: {dest: variable}), parsed as on the command line; ArgumentError naming the
+    variable if its value does not parse."""
+    environ = os.environ if environ is None else environ
+    for dest, variable in env.items():
+        attribute = _attribute((flags or {}).get(dest, SANDBOX_OPTIONS[dest].flag))
+        if getattr(args, attribute) is None and environ.get(variable):
+            try:
+                setattr(args, attribute, SANDBOX_OPTIONS[dest].parse(environ[variable]))
+            except ArgumentError as exc:
+                raise ArgumentError(f"{variable}: {exc}") from None
 
 
 def add_store_options(parser, kv_default=DEFAULT_KV_URL, kv_default_text=None, provider="FILE"):
@@ -6519,12 +7394,14 @@ def add_store_options(parser, kv_default=DEFAULT_KV_URL, kv_default_text=None, p
     default = kv_default_text or kv_default
     parser.add_argument("--kv", default=kv_default, metavar="URL",
                         help="key-value backend: sqlite:PATH, memory: or redis://HOST:PORT/DB"
-                             + ("" if provider is None else f", or component:{provider}, a provider component "
-                                "whose wasi:keyvalue exports serve the guest's imports") + f" (default {default})")
+                             + ("" if provider is None else
+                                f", or component:{provider}, a provider component whose "
+                                "wasi:keyvalue exports serve the guest's imports")
+                             + f" (default {default})")
     if provider is not None:
         parser.add_argument("--provider-kv", metavar="URL",
-                            help=f"the backend beneath a --kv component:{provider} provider: what its own "
-                                 f"wasi:keyvalue imports use (default {default})")
+                            help=f"the backend beneath a --kv component:{provider} provider: "
+                                 f"what its own wasi:keyvalue imports use (default {default})")
     parser.add_argument("--namespace", help="tenant whose data the guest sees (default: default)")
 
 
@@ -6540,42 +7417,15 @@ def link_table(entries):
     return table
 
 
-def add_sandbox_options(parser, link_target="FILE"):
-    """The options of a guest's sandbox; host_from_args() turns them into Host arguments.
-    link_target: what --link NAME=PATH names (a file for kvhost, a stored path for wasmstore)."""
-    parser.add_argument("--link", action="append", default=[], dest="links",
-                        metavar="NAME=PATH",
-                        help=f"link a core module's imports from module NAME to the exports of "
-                             f"the core module at PATH ({link_target}; repeatable), e.g. "
-                             "--link env=random.wasm")
-    parser.add_argument("--allow-bucket", action="append", dest="allow_buckets", metavar="B",
-                        help="bucket the guest may open (repeatable; default: any)")
-    parser.add_argument("--timeout", type=_positive_float, default=DEFAULT_TIMEOUT, metavar="S",
-                        help=f"stop the guest after S seconds, even when it waits in a host call (default {DEFAULT_TIMEOUT:g})")
-    parser.add_argument("--fuel", type=_positive_int, metavar="N", help="stop the guest after N units of fuel")
-    parser.add_argument("--max-memory", type=_positive_int, default=DEFAULT_MAX_MEMORY, metavar="BYTES",
-                        help=f"largest linear memory (default {DEFAULT_MAX_MEMORY >> 20} MiB)")
-    parser.add_argument("--max-table-elements", type=_positive_int, default=DEFAULT_MAX_TABLE_ELEMENTS, metavar="N",
-                        help=f"largest table (default {DEFAULT_MAX_TABLE_ELEMENTS:,})")
-    parser.add_argument("--env", type=_env_pair, action="append", default=[], metavar="K=V",
-                        help="environment variable the guest sees (repeatable; default: none)")
-    parser.add_argument("--dir", type=_dir_pair, action="append", default=[], dest="dirs", metavar="HOST::GUEST",
-                        help="directory the guest may use (repeatable; default: none)")
-    parser.add_argument("--stub-imports", action="store_true",
-                        help="define imports this host does not provide (e.g. wasi:http) as functions that "
-                             "trap when called, so the rest of the guest runs")
-    parser.add_argument("--allow-outbound", action="append", dest="allow_outbound", default=[],
-                        metavar="HOST[:PORT]",
-                        help="destination an HTTP handler may send requests to (repeatable; HOST alone "
-                             "allows its default port, 80 or 443; default: none, requests are refused)")
-    parser.add_argument("--cache-dir", help="compile cache directory (default ~/.cache/wasmstore/kvhost)")
-
-
 def host_from_args(args, **overrides):
-    """A Host for one-shot commands (isolation="thread": run_with_deadline ends a blocked guest)."""
-    options = dict(kv=args.kv, allow_buckets=args.allow_buckets, timeout=args.timeout, fuel=args.fuel,
-                   max_memory=args.max_memory, max_table_elements=args.max_table_elements, env=dict(args.env),
-                   dirs=args.dirs, cache_dir=args.cache_dir, stub_imports=args.stub_imports, isolation="thread",
+    """A Host for one-shot commands (isolation="one-shot": run_with_deadline ends the process
+    at the deadline)."""
+    options = dict(kv=args.kv, allow_buckets=args.allow_buckets, timeout=args.timeout,
+                   fuel=args.fuel,
+                   max_memory=args.max_memory, max_table_elements=args.max_table_elements,
+                   env=dict(args.env),
+                   dirs=args.dirs, cache_dir=args.cache_dir,
+                   stub_imports=args.stub_imports, isolation="one-shot",
                    allow_outbound=getattr(args, "allow_outbound", None))
     if args.namespace is not None:
         options["namespace"] = args.namespace
@@ -6594,9 +7444,11 @@ def parse_json_args(texts):
     for text in texts:
         try:
             values.append(parse_json(text, f"JSON argument {shown(text)}"))
-        except ArgumentError as exc:
+        except ArgumentError:
             hint = _quoting_hint(text)
-            raise ArgumentError(f"invalid JSON argument {shown(text)} ({hint})" if hint else str(exc)) from None
+            if not hint:
+                raise
+            raise ArgumentError(f"invalid JSON argument {shown(text)} ({hint})") from None
     return values
 
 
@@ -6614,14 +7466,16 @@ class DeadlineExceeded(TrapError):
     """A one-shot program's guest is still blocked after its deadline; the process must end now."""
 
     def __init__(self, timeout):
-        super().__init__(f"timeout: the guest ran longer than {timeout} s (blocked in a host call)", "timeout")
+        super().__init__(f"timeout: the guest ran longer than {timeout} s (it was still running "
+                         "at the deadline; the process ends it)", "timeout")
 
 
 def run_with_deadline(function, timeout):
-    """function() in a daemon thread, for one-shot programs (isolation="thread"): if it has not
-    returned WORKER_GRACE seconds after `timeout` (a guest blocked in a WASI sleep, which epoch
-    interruption cannot stop), raise DeadlineExceeded; the caller must then end the process
-    (os._exit), since the thread cannot be stopped."""
+    """function() in a daemon thread, for one-shot programs (isolation "one-shot" or "thread"):
+    if it has not returned WORKER_GRACE seconds after `timeout` (a guest of a one-shot Host
+    still running, or a guest blocked in a WASI sleep, which epoch interruption cannot stop),
+    raise DeadlineExceeded; the caller must then end the process (os._exit), since the thread
+    cannot be stopped."""
     if timeout is None:
         return function()
     result = {}
@@ -6678,14 +7532,18 @@ def _build_parser():
     call.add_argument("guest")
     call.add_argument("function")
     call.add_argument("json_args", nargs="*", metavar="JSON_ARG")
-    exports = commands.add_parser("exports", help="list the functions a guest exports, with their types")
-    exports.add_argument("--json", action="store_true", help="one JSON document instead of one line per function")
-    exports.add_argument("--cache-dir", help="compile cache directory (default ~/.cache/wasmstore/kvhost)")
+    exports = commands.add_parser("exports",
+                                  help="list the functions a guest exports, with their types")
+    exports.add_argument("--json", action="store_true",
+                         help="one JSON document instead of one line per function")
+    exports.add_argument("--cache-dir",
+                         help="compile cache directory (default ~/.cache/wasmstore/kvhost)")
     exports.add_argument("guest")
     kv = commands.add_parser("kv", help="inspect and edit stored data")
     add_store_options(kv, provider=None)
     kv.add_argument("action", choices=["get", "set", "delete", "list", "incr"],
-                    help="list without BUCKET (and without --namespace) prints the namespaces that hold data")
+                    help="list without BUCKET (and without --namespace) prints the namespaces "
+                         "that hold data")
     kv.add_argument("bucket", nargs="?")
     kv.add_argument("key", nargs="?")
     kv.add_argument("value", nargs="?")
@@ -6708,7 +7566,8 @@ def _kv_command(args, out, err):
     if (args.bucket is None and not listing_namespaces) or given < needs or \
             (args.action != "incr" and given > needs) or given > 2:
         raise ArgumentError(f"kv {args.action} expects BUCKET" + (" KEY" if needs >= 1 else "")
-                            + (" VALUE" if needs == 2 else "") + (" [DELTA]" if args.action == "incr" else ""))
+                            + (" VALUE" if needs == 2 else "")
+                            + (" [DELTA]" if args.action == "incr" else ""))
     backend = open_backend(args.kv)
     try:
         if listing_namespaces:
@@ -6743,7 +7602,8 @@ def _kv_command(args, out, err):
             if not listed and args.namespace is None:
                 _say_where_data_is(backend, bucket, err)
         else:
-            delta = 1 if args.value is None else parse_number(args.value, "delta", minimum=S64[0], maximum=U64[1])
+            delta = 1 if args.value is None else parse_number(args.value, "delta",
+                                                              minimum=S64[0], maximum=U64[1])
             out.write(f"{backend.increment(ns, bucket, args.key, delta)}\n")
     finally:
         backend.close()
@@ -6762,16 +7622,11 @@ def _say_where_data_is(backend, bucket, err):
 
 
 def report(error, err, prog):
-    """Print a kvhost error as one line; returns the CLI exit status: 2 for bad arguments or a
-    guest refused before it runs, 1 for a trap, a limit or a failed operation."""
-    if isinstance(error, (ArgumentError, GuestError)):
-        err.write(f"{prog}: error: {error}\n")
-        return 2
-    if isinstance(error, TrapError):
-        err.write(f"{prog}: trap: {error}\n")
-        return 1
-    err.write(f"{prog}: error: {error}\n")
-    return 1
+    """Print a kvhost error as one line; returns its exit status from ERROR_STATUS: 2 for bad
+    arguments or a guest refused before it runs, 1 for a trap, a limit or a failed operation."""
+    word = "trap" if isinstance(error, TrapError) else "error"
+    err.write(f"{prog}: {word}: {error}\n")
+    return error_meaning(error).exit_status
 
 
 def main(argv=None):

@@ -38,6 +38,8 @@ the raw module bytes, trees and commits canonical JSON):
   | none> <crc32 8 hex>`` (the CRC-32 of the text before it) padded with spaces and a
   newline. A change overwrites the slot with the lower sequence; readers take the intact
   slot with the higher one.
+- ``refs/generation``: an 8-byte counter bumped (through a shared map, unsynced) by every
+  change of a ref or HEAD: ``Store.generation()``, what caches of ref-derived answers key on.
 - ``HEAD``: the default branch's name and a newline.
 - ``cache/history``: derived per-commit change lines for versions()/audit() (not synced).
 - ``tmp/``: files being written, named ``<pid>-...``; a dead writer's are removed by the
@@ -60,22 +62,25 @@ file needs an open, an fsync, a rename and a directory fsync; an append needs on
 fdatasync), and a ref that moves by rename cannot be read fresh without a syscall anyway,
 so a commit creates no file and a ref is rewritten in place.
 
-Map of this file: constants; exceptions and the ERROR_STATUS table (HTTP status, exit
-status and metric label of each error, shared with http_server.py); input from outside
+Map of this file: constants; exceptions and ERROR_STATUS (the one table of what each error
+means: HTTP status, exit status, metric label; http_server.py reads it); input from outside
 (parse_number, parse_json, parse_url: ASCII digits, bounded JSON nesting, ports in range; used
-by http_server.py too); names (paths, branches,
-hashes); validation (wasmtime, imported lazily); primitives (the durable write, temp files and their debris, the
-hash check, caches); the object store (_Segment: one pack as a reader sees it;
-_ObjectStore: packs and loose files, batches, module files, fsck and gc passes); refs
-(_Refs: slot files, compare-and-swap, HEAD); the Store facade (layout, trees, changes,
-operations, history, branches, merge, watch, gc, export, backup, fsck); the history cache
-(_HistoryCache); object helpers; backup loading (load_backup, bounded); running stored
-modules (``Runner``, ``Target``: resolution, kv namespaces, linking; kvhost.py is imported
-only here); OCI registries (``OciReference``; the CNCF Wasm OCI artifact layout:
-``wasm_interface``, ``WasmArtifact``, ``module_artifact``; ``Credentials``; the
-``RegistryClient`` on http.client, imported lazily; ``push``, ``push_all``, ``pull``,
-``pull_many``); the command line (``main``; ``server`` runs http_server.py, the file next to
-this one, as a program; ``call``/``run``/``exports`` take kvhost's options).
+by http_server.py too); names (paths, branches, hashes); validation (wasmtime's validator, and
+kvhost.py's wasm reader for components, both imported lazily); primitives (the one durable
+whole-file write ``_write_whole``, temp files and their sweep ``_remove_debris``,
+``_format_date``, the hash check, ``Cache`` (the one cache type, also http_server.py's),
+``SharedFd``); the object store (_Segment: one pack as a reader sees it; _ObjectStore: packs and
+module files, batches, fsck and gc passes); refs (_Refs: slot files, compare-and-swap, HEAD, the
+generation counter); the Store facade (layout, objects, refs, trees, changes, operations,
+history, branches, watch, gc, export and backup, fsck; FsckReport); the history cache
+(_HistoryCache); object helpers; backup loading (load_backup, bounded); running stored modules
+(``Runner``, ``Target``: resolution, kv namespaces, linking; kvhost.py is imported by
+``_kvhost``, for these, validation and ``wasm_interface``); OCI registries (``OciReference``;
+the CNCF Wasm OCI artifact layout: ``wasm_interface``, ``WasmArtifact``, ``module_artifact``;
+``Credentials``; the ``RegistryClient`` on http.client, imported lazily; ``push``, ``push_all``,
+``pull``, ``pull_many``); the command line (``main``; ``server`` runs http_server.py, the file
+next to this one, as a program, and ``serve`` runs it in its one-app mode;
+``call``/``run``/``exports``/``serve`` take kvhost's options).
 
 Running (needs kvhost.py next to this file)::
 
@@ -91,16 +96,16 @@ OCI::
 
 __version__ = "0.1.0"
 __all__ = [
-    "Store", "Cache", "SharedFd", "StoreError", "InvalidInput", "InvalidModule", "TooLarge", "NotFound",
-    "Conflict", "MergeConflict", "CorruptObject", "FsckReport", "validate_path", "format_path",
-    "validate_branch", "validate_hash", "validate_module", "load_backup", "main",
-    "ERROR_STATUS", "ErrorMeaning", "error_status", "Runner", "Target", "default_kv_url",
-    "kv_options", "parse_namespace_map", "parse_links",
-    "RegistryError", "OciReference", "WasmArtifact", "Credentials", "RegistryClient",
-    "TransferReport", "wasm_interface", "module_artifact", "registry_credentials",
-    "docker_config_file", "validate_module_file", "is_branch_tag", "push", "push_all", "pull",
-    "pull_many", "console_main", "wasm_from_text", "parse_number", "parse_json", "json_depth",
-    "parse_url", "Url", "MAX_JSON_DEPTH",
+    "Store", "FsckReport", "Cache", "SharedFd", "load_backup", "main", "console_main",
+    "StoreError", "InvalidInput", "InvalidModule", "TooLarge", "NotFound", "Conflict",
+    "MergeConflict", "CorruptObject", "RegistryError", "ERROR_STATUS", "ErrorMeaning",
+    "error_status", "parse_number", "parse_json", "json_depth", "parse_url", "Url",
+    "MAX_JSON_DEPTH", "validate_path", "format_path", "validate_branch", "validate_hash",
+    "validate_module", "validate_module_file", "wasm_from_text", "Runner", "Target",
+    "default_kv_url", "kv_options", "parse_namespace_map", "parse_links", "OciReference",
+    "WasmArtifact", "Credentials", "RegistryClient", "TransferReport", "wasm_interface",
+    "module_artifact", "registry_credentials", "docker_config_file", "is_branch_tag", "push",
+    "push_all", "pull", "pull_many",
 ]
 
 import argparse
@@ -126,7 +131,9 @@ import threading
 import time
 import zlib
 
-# --------------------------------------------------------------------------- constants
+# ---------------------------------------------------------------------------
+# constants
+# ---------------------------------------------------------------------------
 
 DEFAULT_ROOT = "~/.wasmstore"
 DEFAULT_BRANCH = "main"
@@ -140,7 +147,7 @@ HASH_TEXT = re.compile(r"[0-9a-fA-F]{64}\Z")
 WASM_MAGIC = b"\0asm"
 COMPONENT_HEADER = WASM_MAGIC + b"\x0d\x00\x01\x00"   # component-model binary, layer 1
 CORE_HEADER = WASM_MAGIC + b"\x01\x00\x00\x00"        # core module, version 1
-SMALL_MODULE_BYTES = 64 << 10         # compiled as is when validated (tens of microseconds)
+SMALL_MODULE_BYTES = 64 << 10         # added again, a module this small is validated again
 IN_MEMORY_INGEST_BYTES = 1 << 20      # add_file reads a module up to this size into memory
 CHUNK_SIZE = 1 << 20                  # streaming reads: bounded memory for any module size
 OBJECT_CACHE_WEIGHT = 400_000         # parsed trees/commits kept, counted in tree entries
@@ -177,10 +184,15 @@ OCI_DIGEST = re.compile(r"sha256:[0-9a-f]{64}\Z")
 OCI_VERSION_TAG = re.compile(r"v(0|[1-9][0-9]{0,8})\Z")   # v0, v1, ...: a path's versions
 MAX_JSON_DEPTH = 64                   # JSON from outside nests at most this deep
 MAX_NAMESPACE_CHARS = 1024            # kvhost's longest namespace (a path may be 16 KiB)
+NAMESPACE_MAP_HELP = ("modules under PREFIX share kv namespace NS on every branch (repeatable; "
+                      "default: each path is its own namespace, a hash is sha256:<hash>, and "
+                      "a branch other than the default prefixes BRANCH:)")
 MAX_NUMBER_CHARS = 40                 # a longer number from outside is refused unread
 
 
-# --------------------------------------------------------------------------- exceptions
+# ---------------------------------------------------------------------------
+# exceptions
+# ---------------------------------------------------------------------------
 
 class StoreError(Exception):
     """Root of every error this module raises; str() is a one-line message for users."""
@@ -263,8 +275,9 @@ class _RefMoved(Conflict):
                          "(a writer without the lock?); nothing was written, retry")
 
 
-# --------------------------------------------------------------------------- input from outside
-#
+# ---------------------------------------------------------------------------
+# input from outside: numbers, JSON, URLs
+# ---------------------------------------------------------------------------
 # Every number, JSON text and URL this module takes from a user, a file or a peer (a registry,
 # a backup) goes through one of these three: only ASCII digits are digits (str.isdigit() takes
 # "²", int() takes "٣" and "1_0"), JSON nests at most MAX_JSON_DEPTH levels (the decoder
@@ -301,7 +314,8 @@ def parse_number(text, what, *, minimum=0, maximum=None, fraction=False):
 
 
 def _reject_constant(name):
-    raise ValueError(f"{name} is not JSON (write \"NaN\", \"Infinity\" or \"-Infinity\" as strings)")
+    raise ValueError(f"{name} is not JSON "
+                     "(write \"NaN\", \"Infinity\" or \"-Infinity\" as strings)")
 
 
 _STRICT_JSON = json.JSONDecoder(parse_constant=_reject_constant)
@@ -341,6 +355,7 @@ class Url(collections.namedtuple("Url", "scheme username password host port path
 
     @property
     def netloc(self):
+        """"host[:port]", an IPv6 host in brackets: what an HTTP Host header carries."""
         host = f"[{self.host}]" if ":" in self.host else self.host
         return host if self.port is None else f"{host}:{self.port}"
 
@@ -360,10 +375,13 @@ def parse_url(text, what, schemes=("http", "https")):
         raise InvalidInput(f"invalid {what} {shown}: {exc}") from None
     if parts.scheme not in schemes or not parts.hostname:
         raise InvalidInput(f"invalid {what} {shown}: expected {' or '.join(schemes)}://HOST")
-    return Url(parts.scheme, parts.username, parts.password, parts.hostname, port, parts.path, parts.query)
+    return Url(parts.scheme, parts.username, parts.password, parts.hostname, port, parts.path,
+               parts.query)
 
 
-# --------------------------------------------------------------------------- names
+# ---------------------------------------------------------------------------
+# names
+# ---------------------------------------------------------------------------
 
 def _short(value, limit=80):
     text = repr(value)
@@ -458,7 +476,20 @@ def _target(path_or_hash):
     return "path", segments
 
 
-# --------------------------------------------------------------------------- validation
+# ---------------------------------------------------------------------------
+# validation
+# ---------------------------------------------------------------------------
+#
+# Core modules are checked by wasmtime's validator (wasmtime.Module.validate: function bodies
+# included, at a small fraction of the cost of a compile) and for the one encoding that the
+# validator accepts and wasmtime's compiler refuses (compact imports). wasmtime has no
+# validator for components, so a component's core modules are validated, then the component
+# is compiled without optimisation with every function body replaced by ``unreachable``
+# padded with ``nop`` to its original size (offsets in messages stay the original's): an
+# 18 MB componentize-py guest in about 0.6 s, against 7-12 s for a full compile. The binary
+# format is read by kvhost.py's wasm reader, imported lazily as the run commands import
+# kvhost; without kvhost.py core modules get wasmtime's validator alone, and components are
+# refused with a one-line error saying so.
 
 _engine_lock = threading.Lock()
 _engines = {}   # purpose -> a lazily created wasmtime.Engine shared by every Store
@@ -471,11 +502,7 @@ def _wasmtime_engine(purpose="validate"):
     with _engine_lock:
         engine = _engines.get(purpose)
         if engine is None:
-            try:
-                import wasmtime
-            except ImportError:
-                raise StoreError("validating modules needs the wasmtime package "
-                                 "(pip install -r requirements.txt)") from None
+            wasmtime = _wasmtime()
             config = wasmtime.Config()
             if purpose == "check-compile":
                 config.cranelift_opt_level = "none"
@@ -485,11 +512,29 @@ def _wasmtime_engine(purpose="validate"):
         return engine
 
 
+def _wasmtime():
+    try:
+        import wasmtime
+        import wasmtime.component       # noqa: F401  (Component, for components)
+    except ImportError:
+        raise StoreError("validating modules needs the wasmtime package "
+                         "(pip install -r requirements.txt)") from None
+    return wasmtime
+
+
+def _wasm_reader():
+    """kvhost.py, where the project's wasm reader lives, or None if it is not next to this
+    file."""
+    try:
+        return _kvhost()
+    except StoreError:
+        return None
+
+
 def wasm_from_text(text, name="<text>"):
     """The binary of a module or component written in the WebAssembly text format (wasmtime's
     wat2wasm); InvalidModule naming `name` and the parser's message if it does not parse."""
-    _wasmtime_engine()                              # the clear error when wasmtime is missing
-    import wasmtime
+    wasmtime = _wasmtime()                          # the clear error when wasmtime is missing
     try:
         return bytes(wasmtime.wat2wasm(text.decode("utf-8") if isinstance(text, bytes) else text))
     except UnicodeDecodeError as exc:
@@ -505,17 +550,7 @@ def wasm_from_text(text, name="<text>"):
 
 def validate_module(data):
     """Raise InvalidModule unless wasmtime would compile data (bytes, bytearray or mmap): a
-    core module or component that kvhost.py can run. The message is wasmtime's.
-
-    wasmtime has no validate-only call for components, and its core validator
-    (Module.validate) accepts modules that its compiler refuses (a compact-imports encoding,
-    for one), so the verdict comes from wasmtime's compiler, made cheap: a module up to
-    64 KiB is compiled as it is, without optimisation; a bigger one has every embedded core
-    module checked by the validator (function bodies included), then is compiled with each
-    function body replaced by ``unreachable`` padded with ``nop`` to its original size, so
-    offsets in messages stay the original's (18 MB componentize-py guest: about 0.6 s,
-    against 7-12 s for a full compile).
-    """
+    core module or component that kvhost.py can run. The message is wasmtime's."""
     _validate_module(data, owned=False)
 
 
@@ -524,56 +559,56 @@ def _validate_module(data, owned):
     a temp file) that may be stubbed in place instead of copied."""
     if not len(data):
         raise InvalidModule("invalid module: empty input: unexpected end-of-file (at offset 0x0)")
-    if len(data) <= SMALL_MODULE_BYTES:
-        _check_compile(bytes(data))
-        return
-    modules = _core_modules(data)
-    if modules is None:
-        _check_compile(data)                # wasmtime's parser says what is wrong
-        return
-    for start, end in modules:              # function bodies, before they are stubbed
-        _validate_core(data, start, end)
-    stub = data if owned else bytearray(data)
-    for start, end in modules:
-        _stub_bodies(stub, start, end)
-    _check_compile(stub)
-
-
-def _check_compile(data):
-    """Compile data (bytes, bytearray or a writable map) in place with the check-compile
-    engine: binary only (wasmtime.Module would take text too), through the C API, and
-    dropped at once."""
-    import ctypes
-    import wasmtime
-    from wasmtime import _ffi as ffi
-    engine = _wasmtime_engine("check-compile")
-    pointer = ctypes.cast(_buffer_address(data), ctypes.POINTER(ctypes.c_uint8))
-    if bytes(data[4:8]) == COMPONENT_HEADER[4:]:
-        new, delete, kind = (ffi.wasmtime_component_new, ffi.wasmtime_component_delete,
-                             ffi.wasmtime_component_t)
+    if bytes(data[:8]) == COMPONENT_HEADER:
+        _validate_component(data, owned)
     else:
-        new, delete, kind = ffi.wasmtime_module_new, ffi.wasmtime_module_delete, \
-            ffi.wasmtime_module_t
-    compiled = ctypes.POINTER(kind)()
-    error = new(engine.ptr(), pointer, len(data), ctypes.byref(compiled))
-    if not error:
-        delete(compiled)
-        return
-    exc = _invalid(wasmtime.WasmtimeError._from_ptr(error))
-    if _runs_past_end(data):        # the spec's words for a truncated module, then wasmtime's
-        exc = InvalidModule(str(exc).replace("invalid module: ",
-                                             "invalid module: unexpected end-of-file: ", 1))
-    raise exc from None
+        _validate_core(data)                # anything else gets the validator's message
 
 
-def _runs_past_end(data):
-    """True if a top-level section of a module or component is cut off by the end."""
+def _validate_core(data, start=0, end=None):
+    """Validate the core module at start..end of data with wasmtime's validator, then refuse
+    what its compiler would (kvhost.check_core_imports)."""
+    wasmtime = _wasmtime()
+    end = len(data) if end is None else end
+    whole = data if isinstance(data, bytes) and (start, end) == (0, len(data)) \
+        else bytes(memoryview(data)[start:end])
     try:
-        for _ in _sections(data, 8, len(data)):
-            pass
-    except _Unparsable:
-        return True
-    return False
+        wasmtime.Module.validate(_wasmtime_engine(), whole)
+    except wasmtime.WasmtimeError as exc:
+        raise _invalid(exc) from None
+    reader = _wasm_reader()
+    if reader is not None:
+        try:
+            reader.check_core_imports(data, start, end)
+        except reader.WasmFormatError as exc:
+            raise InvalidModule(f"invalid module: {exc}") from None
+
+
+def _validate_component(data, owned):
+    reader = _wasm_reader()
+    if reader is None:
+        raise StoreError("validating a component needs kvhost.py next to wasmstore.py "
+                         "(core modules need only wasmtime)")
+    try:
+        spans = reader.module_spans(data)
+    except reader.WasmFormatError:
+        spans = None                        # wasmtime's parser says what is wrong
+    stub = data
+    if spans:
+        for start, end in spans:            # function bodies, before they are stubbed
+            _validate_core(data, start, end)
+        stub = data if owned else bytearray(data)
+        for start, end in spans:
+            reader.stub_function_bodies(stub, start, end)
+    wasmtime = _wasmtime()
+    try:
+        wasmtime.component.Component(_wasmtime_engine("check-compile"), bytes(stub))
+    except wasmtime.WasmtimeError as exc:
+        error = _invalid(exc)
+        if not reader.sections_fit(data):   # the spec's words for a truncated binary
+            error = InvalidModule(str(error).replace(
+                "invalid module: ", "invalid module: unexpected end-of-file: ", 1))
+        raise error from None
 
 
 def _invalid(exc):
@@ -589,116 +624,9 @@ def validate_module_file(filename):
             _validate_module(mapped, owned=True)
 
 
-def _validate_core(data, start, end):
-    import ctypes
-    import wasmtime
-    engine = _wasmtime_engine()
-    try:
-        from wasmtime import _ffi as ffi
-        base = _buffer_address(data)
-        pointer = ctypes.cast(base + start, ctypes.POINTER(ctypes.c_uint8))
-        error = ffi.wasmtime_module_validate(engine.ptr(), pointer, end - start)
-        if error:
-            raise wasmtime.WasmtimeError._from_ptr(error)
-    except wasmtime.WasmtimeError as exc:
-        raise _invalid(exc) from None
-    except (ImportError, AttributeError, TypeError):
-        # A wasmtime without the private FFI names: the public API (one copy of the bytes).
-        try:
-            wasmtime.Module.validate(engine, bytes(memoryview(data)[start:end]))
-        except wasmtime.WasmtimeError as exc:
-            raise _invalid(exc) from None
-
-
-def _buffer_address(data):
-    """Address of data's buffer without copying it (bytes, bytearray or writable mmap)."""
-    import ctypes
-    if isinstance(data, bytes):
-        return ctypes.cast(ctypes.c_char_p(data), ctypes.c_void_p).value
-    return ctypes.addressof(ctypes.c_char.from_buffer(data))
-
-
-class _Unparsable(Exception):
-    """The component's framing is not what the stubbing walk expects."""
-
-
-def _core_modules(data):
-    """(start, end) of every core module of a module or component (nested components
-    included), None when the framing is not what stubbing expects."""
-    try:
-        if bytes(data[:8]) == CORE_HEADER:
-            for _ in _sections(data, 8, len(data)):
-                pass
-            return [(0, len(data))]
-        return _component_modules(data, 0, len(data), 0)
-    except _Unparsable:
-        return None
-
-
-def _component_modules(buffer, start, end, depth):
-    if depth > 64 or bytes(buffer[start:start + 8]) != COMPONENT_HEADER:
-        raise _Unparsable()
-    modules = []
-    for section_id, payload, payload_end in _sections(buffer, start + 8, end):
-        if section_id == 1:                          # a core module
-            if bytes(buffer[payload:payload + 8]) != CORE_HEADER:
-                raise _Unparsable()
-            modules.append((payload, payload_end))
-        elif section_id == 4:                        # a nested component
-            modules += _component_modules(buffer, payload, payload_end, depth + 1)
-    return modules
-
-
-def _stub_bodies(buffer, start, end):
-    """Replace every function body of the (validated) core module at start..end by
-    ``unreachable``, ``nop``... ``end`` of the same size, in place."""
-    for section_id, payload, payload_end in _sections(buffer, start + 8, end):
-        if section_id != 10:                         # the code section
-            continue
-        count, position = _leb_or_unparsable(buffer, payload, payload_end)
-        for _ in range(count):
-            size, body = _leb_or_unparsable(buffer, position, payload_end)
-            position = body + size
-            if position > payload_end:
-                raise _Unparsable()
-            if size >= 3:                 # no locals, unreachable, nop..., end
-                buffer[body:position] = b"\x00\x00" + b"\x01" * (size - 3) + b"\x0b"
-
-
-def _sections(buffer, position, end):
-    """Yield (section id, payload start, payload end) of the sections at position..end."""
-    while position < end:
-        section_id = buffer[position]
-        size, payload = _leb_or_unparsable(buffer, position + 1, end)
-        if payload + size > end:
-            raise _Unparsable()
-        yield section_id, payload, payload + size
-        position = payload + size
-
-
-def _leb_or_unparsable(buffer, position, end):
-    try:
-        return _read_leb_u32(buffer, position, end)
-    except InvalidModule:
-        raise _Unparsable() from None
-
-
-def _read_leb_u32(view, pos, end):
-    result = shift = 0
-    while True:
-        if pos >= end:
-            raise InvalidModule(f"invalid module: unexpected end-of-file (at offset {pos:#x})")
-        byte = view[pos]
-        pos += 1
-        result |= (byte & 0x7F) << shift
-        if not byte & 0x80:
-            return result, pos
-        shift += 7
-        if shift > 28:
-            raise InvalidModule(f"invalid module: invalid LEB128 number (at offset {pos:#x})")
-
-
-# --------------------------------------------------------------------------- primitives
+# ---------------------------------------------------------------------------
+# primitives
+# ---------------------------------------------------------------------------
 
 def _sync(fd, data_only=False):
     """Make what was written to fd durable: every sync of the store goes through here.
@@ -789,24 +717,31 @@ def _unlink_quietly(path):
 _temp_names = itertools.count()
 
 
-def _new_temp(tmp_dir, mode=0o600):
-    """(path, fd) of a new file in tmp_dir; the name starts with our pid so that a later
-    writer can tell a killed writer's debris (see _remove_debris)."""
-    name = f"{os.getpid()}-{next(_temp_names)}-{os.urandom(4).hex()}.tmp"
-    path = os.path.join(tmp_dir, name)
+def _new_temp(directory, mode=0o600, prefix=""):
+    """(path, fd) of a new file "<prefix><pid>-<n>-<random>.tmp" in directory: the pid lets a
+    later writer tell a killed writer's debris (see _remove_debris)."""
+    name = f"{prefix}{os.getpid()}-{next(_temp_names)}-{os.urandom(4).hex()}.tmp"
+    path = os.path.join(directory, name)
     return path, os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
 
 
-def _write_whole(path, data, tmp_dir, *, exclusive=False, mode=0o644, durable=True):
-    """The one way a file is put in place whole: write a temp file (data: bytes, or an
-    iterable of chunks), fsync it, rename it over path (exclusive: link it, False if path
-    exists), fsync path's directory. durable=False skips both syncs (derived files, which
-    are checked when read). True when path was written."""
-    tmp, fd = _new_temp(tmp_dir, mode)
+def _write_whole(path, data, tmp_dir, *, exclusive=False, mode=0o644, durable=True,
+                 prefix=""):
+    """The one way a file is put in place whole: write a temp file in tmp_dir (data: bytes,
+    an iterable of chunks, or a function that writes into the binary file it is given),
+    fsync it, rename it over path (exclusive: link it, False if path exists), fsync path's
+    directory. durable=False skips both syncs (derived files, which are checked when read).
+    tmp_dir must be on path's file system; prefix starts the temp file's name. True when
+    path was written."""
+    tmp, fd = _new_temp(tmp_dir, mode, prefix)
     try:
         try:
-            for chunk in ([data] if isinstance(data, (bytes, bytearray)) else data):
-                _write_all(fd, chunk)
+            if callable(data):
+                with open(fd, "wb", closefd=False) as handle:
+                    data(handle)
+            else:
+                for chunk in ([data] if isinstance(data, (bytes, bytearray)) else data):
+                    _write_all(fd, chunk)
             if durable:
                 _sync(fd)
         finally:
@@ -825,16 +760,19 @@ def _write_whole(path, data, tmp_dir, *, exclusive=False, mode=0o644, durable=Tr
         _unlink_quietly(tmp)
 
 
-def _remove_debris(tmp_dir):
-    """Delete temp files of dead writers (their pid is gone) or older than a day."""
+def _remove_debris(directory, prefix=""):
+    """Delete the temp files _new_temp made in directory (with prefix) whose writer is dead
+    (its pid is gone) or that are older than a day: what a killed writer leaves."""
     now = time.time()
     try:
-        names = os.listdir(tmp_dir)
+        names = os.listdir(directory)
     except FileNotFoundError:
         return
     for name in names:
-        path = os.path.join(tmp_dir, name)
-        pid = name.split("-", 1)[0]
+        if not (name.startswith(prefix) and name.endswith(".tmp")):
+            continue
+        path = os.path.join(directory, name)
+        pid = name[len(prefix):].split("-", 1)[0]
         try:
             age = now - os.lstat(path).st_mtime
         except FileNotFoundError:
@@ -842,6 +780,12 @@ def _remove_debris(tmp_dir):
         dead = pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid))
         if dead or age > STALE_TMP_SECONDS:
             _unlink_quietly(path)
+
+
+def _format_date(seconds):
+    """A commit date (Unix seconds) as RFC 3339 UTC text, "2026-12-07T03:00:00Z": the one
+    form the CLI (log, audit) and OCI annotations print."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
 
 
 _json_string = json.encoder.encode_basestring      # JSON string literal, non-ASCII kept
@@ -961,7 +905,9 @@ class _Batch:
             self.parsed[digest] = parsed
 
 
-# --------------------------------------------------------------------------- object store
+# ---------------------------------------------------------------------------
+# object store
+# ---------------------------------------------------------------------------
 
 PACK_MAGIC = b"WSO1"                         # a pack record: wasmstore object, format 1
 _RECORD_FIELDS = struct.Struct(">4sc3xQ32s")  # magic, kind code, payload length, SHA-256
@@ -1152,7 +1098,7 @@ class _ObjectStore:
     def loose_path(self, digest):
         return os.path.join(self.directory, digest[:2], digest[2:])
 
-    # ---------------------------------------------------------------- finding
+    # -- finding -----------------------------------------------------------------------------------
 
     def refresh(self):
         """Re-read the pack directory: new packs opened, vanished ones dropped (descriptors
@@ -1224,6 +1170,23 @@ class _ObjectStore:
             return data
         raise problem or NotFound(f"no such object {digest}")
 
+    def head(self, digest, count):
+        """(size, first `count` bytes) of a stored object, without reading (or checking) the
+        rest: what a listing shows of each module. NotFound when it is not stored."""
+        for location in self._locations(digest):
+            if location is not None:
+                segment, offset, length, _ = location
+                return length, segment.read(offset, min(count, length))
+            try:
+                fd = os.open(self.loose_path(digest), os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                continue
+            try:
+                return os.fstat(fd).st_size, os.pread(fd, count, 0)
+            finally:
+                os.close(fd)
+        raise NotFound(f"no such object {digest}")
+
     def is_module(self, digest):
         """True if a module object with this hash is stored (packed or loose)."""
         for location in self._locations(digest):
@@ -1293,7 +1256,7 @@ class _ObjectStore:
         self._known_dirs.add(directory)
         return created
 
-    # ---------------------------------------------------------------- writing
+    # -- writing -----------------------------------------------------------------------------------
 
     def _has_whole(self, digest, kind):
         """True if an intact copy is stored. A packed copy this process has not written or
@@ -1408,7 +1371,7 @@ class _ObjectStore:
         _write_whole(path, _index_bytes(segment.items(), segment.covered), self.tmp_dir,
                      mode=0o444, durable=False)
 
-    # ---------------------------------------------------------------- whole-store passes
+    # -- whole-store passes ------------------------------------------------------------------------
 
     def loose_digests(self, problems=None):
         """Yield (hash, file name) of every loose object; other files are reported."""
@@ -1643,7 +1606,9 @@ class _PackReader(io.RawIOBase):
         return count
 
 
-# --------------------------------------------------------------------------- refs
+# ---------------------------------------------------------------------------
+# refs
+# ---------------------------------------------------------------------------
 
 REF_SLOT_BYTES = 128                  # one slot: "ref <sequence> <head> <crc32>", padded
 REF_FILE_BYTES = 2 * REF_SLOT_BYTES   # two slots: a torn write spoils at most the older one
@@ -1874,7 +1839,9 @@ class _Refs:
             mapping.close()
 
 
-# --------------------------------------------------------------------------- store
+# ---------------------------------------------------------------------------
+# store
+# ---------------------------------------------------------------------------
 
 class Store:
     """A wasmstore root directory: the facade over the object store (_ObjectStore), the
@@ -1909,7 +1876,7 @@ class Store:
     def __exit__(self, *exc_info):
         self.close()
 
-    # ------------------------------------------------------------------- layout
+    # -- layout ------------------------------------------------------------------------------------
 
     def _init_layout(self):
         """Create a new store's directories, HEAD and empty main branch, durably."""
@@ -1923,14 +1890,13 @@ class Store:
         for directory in (pack, heads, self._tmp_dir):
             os.makedirs(directory, exist_ok=True)
         head = os.path.join(self.root, "HEAD")
-        if _write_whole(head, (DEFAULT_BRANCH + "\n").encode(), self._tmp_dir,
-                          exclusive=True):
+        if _write_whole(head, (DEFAULT_BRANCH + "\n").encode(), self._tmp_dir, exclusive=True):
             _write_whole(os.path.join(heads, DEFAULT_BRANCH), _ref_file(_NO_COMMITS),
-                           self._tmp_dir, exclusive=True)
+                         self._tmp_dir, exclusive=True)
         for directory in (os.path.dirname(pack), os.path.dirname(heads), self.root):
             _fsync_path(directory)
 
-    # ------------------------------------------------------------------- objects
+    # -- objects -----------------------------------------------------------------------------------
 
     def _load(self, digest, kind):
         """A parsed tree (dict name -> (kind, hash)) or commit (dict), cached."""
@@ -1980,7 +1946,7 @@ class Store:
         if ref_update:
             self._refs.set_if_equals(*ref_update)
 
-    # ------------------------------------------------------------------- refs
+    # -- refs --------------------------------------------------------------------------------------
 
     def _branch(self, branch):
         return validate_branch(branch) if branch is not None else self.default_branch
@@ -2010,7 +1976,7 @@ class Store:
                 continue   # gc replaced the head after we read it: read it again
         raise NotFound(f"head of branch {branch!r} cannot be read")
 
-    # ------------------------------------------------------------------- trees
+    # -- trees -------------------------------------------------------------------------------------
 
     def _entry_at(self, tree, segments):
         """The (kind, hash) entry at segments under tree, None if absent; root: its tree."""
@@ -2086,7 +2052,7 @@ class Store:
             self._indexes.put(key, index)
         return index
 
-    # ------------------------------------------------------------------- changes
+    # -- changes -----------------------------------------------------------------------------------
 
     def _change(self, branch, author, message, edit):
         """Run edit(head, tree, batch) -> new root tree under the ref lock; commit if changed.
@@ -2169,7 +2135,7 @@ class Store:
         self._change(branch, author, message, edit)
         return digest
 
-    # ------------------------------------------------------------------- operations
+    # -- operations --------------------------------------------------------------------------------
 
     def add(self, path, data, *, branch=None, author=None):
         """Validate data, store it and point path at it. Returns the module hash."""
@@ -2215,7 +2181,8 @@ class Store:
         files = _wasm_files(directory)
         if not files:
             raise InvalidInput(f"no *.wasm files under {directory!r}")
-        items = [(format_path(base + validate_path(relative)), filename) for relative, filename in files]
+        items = [(format_path(base + validate_path(relative)), filename)
+                 for relative, filename in files]
         return self.add_files(items, branch=branch, author=author,
                               message=f"Import {format_path(base)} ({len(items)} modules)")
 
@@ -2237,7 +2204,8 @@ class Store:
                 try:
                     self._validate_file(temps[digest], size, digest)
                 except InvalidModule as exc:
-                    raise InvalidModule(f"{source if isinstance(source, str) else path}: {exc}") from None
+                    shown = source if isinstance(source, str) else path
+                    raise InvalidModule(f"{shown}: {exc}") from None
                 edits[segments] = ("module", digest)
                 stored[format_path(segments)] = digest
 
@@ -2370,7 +2338,27 @@ class Store:
         return dict(sorted((format_path(segments + rest), digest)
                            for rest, digest in self._walk_modules(entry[1])))
 
-    # ------------------------------------------------------------------- history
+    def list_details(self, prefix="", *, branch=None):
+        """{printed path: {"hash", "size", "kind", "changed"}} of every module under prefix,
+        sorted by path: kind "module" or "component", changed the last commit that changed the
+        path. One walk of the history cache, stopping once every path is found."""
+        listing = self.list(prefix, branch=branch)
+        head = self._read_ref(self._branch(branch))
+        changed, missing = {}, set(listing)
+        for digest, changes in self._changed_modules(head):
+            for path in missing.intersection(changes):
+                changed[path] = digest
+            missing.difference_update(changed)
+            if not missing:
+                break
+        details = {}
+        for path, digest in listing.items():
+            size, header = self._objects.head(digest, len(COMPONENT_HEADER))
+            details[path] = {"hash": digest, "size": size, "changed": changed.get(path),
+                             "kind": "component" if header == COMPONENT_HEADER else "module"}
+        return details
+
+    # -- history -----------------------------------------------------------------------------------
 
     def _first_parents(self, head):
         """Yield (commit hash, commit) along first parents; stops at a vanished commit."""
@@ -2517,7 +2505,7 @@ class Store:
         message = f"Restore {format_path(segments)}" if segments else "Restore"
         self._change(branch, author, message, edit)
 
-    # ------------------------------------------------------------------- branches
+    # -- branches ----------------------------------------------------------------------------------
 
     @property
     def default_branch(self):
@@ -2625,7 +2613,7 @@ class Store:
         conflicts.append(format_path(prefix))
         return ours
 
-    # ------------------------------------------------------------------- watch
+    # -- watch -------------------------------------------------------------------------------------
 
     def changes(self, old_commit, new_commit):
         """What changed between two commits, in the watch event format."""
@@ -2725,7 +2713,7 @@ class Store:
             self._commit_counts.put(digest, count)
         return count
 
-    # ------------------------------------------------------------------- gc
+    # -- gc ----------------------------------------------------------------------------------------
 
     @contextlib.contextmanager
     def _objects_lock(self, shared):
@@ -2799,7 +2787,7 @@ class Store:
                 else:
                     reachable.add(child)
 
-    # ------------------------------------------------------------------- export, backup
+    # -- export, backup ----------------------------------------------------------------------------
 
     def export(self, directory, commit=None, *, branch=None):
         """Write every module of the branch (or commit) under directory as plain files.
@@ -2837,12 +2825,13 @@ class Store:
 
     def backup(self, filename):
         """Write a consistent .tar.gz of the store: HEAD, refs/heads/* and one pack holding
-        every reachable object, each hash-checked as it is written. Returns the number of objects in it. Temp files of killed backups next to
-        filename are removed first."""
+        every reachable object, each hash-checked as it is written. Returns the number of
+        objects in it. Temp files of killed backups next to filename are removed first."""
         filename = os.path.abspath(filename)
         if filename == self.root or filename.startswith(self.root + os.sep):
             raise InvalidInput("the backup file must be outside the store root")
-        _remove_backup_debris(filename)
+        directory, temp_prefix = os.path.dirname(filename), os.path.basename(filename) + "."
+        _remove_debris(directory, temp_prefix)
         with contextlib.ExitStack() as locks:
             with self._refs.lock():
                 locks.enter_context(self._objects_lock(shared=True))
@@ -2850,19 +2839,14 @@ class Store:
                 default = self._refs.default_branch(fresh=True)
             objects = sorted(self._reachable(refs.values()))
             size, stream = self._objects.pack_stream(objects)
-            tmp = f"{filename}.{os.getpid()}.tmp"
-            try:
-                with tarfile.open(tmp, "w:gz") as archive:
+
+            def write(handle):
+                with tarfile.open(fileobj=handle, mode="w:gz") as archive:
                     _add_bytes(archive, "HEAD", (default + "\n").encode())
                     for name, head in sorted(refs.items()):
                         _add_bytes(archive, f"refs/heads/{name}", _ref_file(head or _NO_COMMITS))
                     _add_stream(archive, f"objects/pack/{_pack_name(1)}", size, stream)
-                _fsync_path(tmp)
-                os.replace(tmp, filename)
-                _fsync_path(os.path.dirname(filename))
-            except BaseException:
-                _unlink_quietly(tmp)
-                raise
+            _write_whole(filename, write, directory, prefix=temp_prefix)
         return len(objects)
 
     @classmethod
@@ -2870,7 +2854,7 @@ class Store:
         """Extract a backup into root (missing or empty) safely and check it: a Store."""
         return load_backup(filename, root)
 
-    # ------------------------------------------------------------------- fsck
+    # -- fsck --------------------------------------------------------------------------------------
 
     def fsck(self):
         """Check every object's hash (loose files and pack records), every reference
@@ -2940,7 +2924,9 @@ class FsckReport(list):
     checked = dangling = 0
 
 
-# --------------------------------------------------------------------------- history cache
+# ---------------------------------------------------------------------------
+# history cache
+# ---------------------------------------------------------------------------
 
 def _module_changes(changes):
     """{printed path: new module hash or None} from changes() output."""
@@ -3036,7 +3022,9 @@ def _history_line(fields):
     return f"{body}\t{zlib.crc32(body.encode('utf-8')):08x}\n".encode("utf-8")
 
 
-# --------------------------------------------------------------------------- object helpers
+# ---------------------------------------------------------------------------
+# object helpers
+# ---------------------------------------------------------------------------
 
 def _author(author):
     if author is None or author == "":
@@ -3074,7 +3062,8 @@ def _parse_object(data, digest):
                 raise ValueError("bad field")
             return ("commit", document)
     except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
-        pass      # RecursionError: JSON nested beyond any tree or commit (a hostile backup's object)
+        pass      # RecursionError: JSON nested deeper than any tree or commit (a damaged or
+                  # crafted object, from a backup say)
     raise _not_an_object(digest)
 
 
@@ -3135,19 +3124,9 @@ def _add_stream(archive, name, size, stream):
     archive.addfile(info, stream)
 
 
-def _remove_backup_debris(filename):
-    """Delete "<filename>.<pid>.tmp" files of backups whose process is gone."""
-    directory, base = os.path.split(filename)
-    pattern = re.compile(re.escape(base) + r"\.(\d+)\.tmp\Z")
-    with contextlib.suppress(OSError):
-        for name in os.listdir(directory):
-            match = pattern.match(name)
-            if match and int(match.group(1)) != os.getpid() and \
-                    not _pid_alive(int(match.group(1))):
-                _unlink_quietly(os.path.join(directory, name))
-
-
-# --------------------------------------------------------------------------- backup loading
+# ---------------------------------------------------------------------------
+# backup loading
+# ---------------------------------------------------------------------------
 
 _BACKUP_MEMBER = re.compile(          # what Store.backup writes, and its directories
     r"(HEAD|refs|refs/heads|refs/heads/(?P<branch>[^/]+)|objects|objects/pack"
@@ -3294,7 +3273,9 @@ def _extract_members(archive, root, filename):
                 raise _unreadable(filename, f"member {name!r} is truncated")
 
 
-# --------------------------------------------------------------------------- running stored modules
+# ---------------------------------------------------------------------------
+# running stored modules
+# ---------------------------------------------------------------------------
 
 KV_FILE = "kv.sqlite3"                 # the default kv backend lives with the store
 RESOLVED_CACHE_SIZE = 4096             # resolved (branch, path) pairs a Runner keeps
@@ -3306,7 +3287,8 @@ def default_kv_url(root):
 
 
 def _kvhost():
-    """kvhost.py, the runtime: a sibling file, needed only to run modules."""
+    """kvhost.py, the runtime and the wasm reader: a sibling file, needed to run modules and to
+    read components."""
     try:
         import kvhost
     except ModuleNotFoundError as exc:
@@ -3328,14 +3310,16 @@ def kv_options(store, kv=None, provider_kv=None):
     kv = kv or default_kv_url(store.root)
     if not (isinstance(kv, str) and kv.startswith(PROVIDER_PREFIX)):
         if provider_kv is not None:
-            raise InvalidInput(f"--provider-kv {_short(provider_kv)} is the backend beneath a provider: it "
-                               "needs --kv component:PATH")
+            raise InvalidInput(f"--provider-kv {_short(provider_kv)} is the backend beneath a "
+                               "provider: it needs --kv component:PATH")
         return {"kv": kv}
     path = kv[len(PROVIDER_PREFIX):]
     if not path:
-        raise InvalidInput(f"invalid --kv {_short(kv)}: expected component:PATH, a provider stored at PATH")
+        raise InvalidInput(f"invalid --kv {_short(kv)}: expected component:PATH, a provider "
+                           "stored at PATH")
     digest, _ = store.module_at(path)
-    provider = _kvhost().Provider(store.module_filename(digest), digest=digest, name=format_path(validate_path(path)))
+    provider = _kvhost().Provider(store.module_filename(digest), digest=digest,
+                                  name=format_path(validate_path(path)))
     return {"kv": provider, "provider_kv": provider_kv or default_kv_url(store.root)}
 
 
@@ -3344,8 +3328,9 @@ def parse_namespace_map(entries):
     parsed = []
     for entry in entries or ():
         prefix, sep, namespace = str(entry).partition("=")
-        if not sep or not namespace or "\0" in namespace or len(namespace) > 1024:
-            raise InvalidInput(f"invalid namespace mapping {_short(entry)}: expected PREFIX=NAMESPACE")
+        if not sep or not namespace or "\0" in namespace or len(namespace) > MAX_NAMESPACE_CHARS:
+            raise InvalidInput(f"invalid namespace mapping {_short(entry)}: "
+                               "expected PREFIX=NAMESPACE")
         parsed.append((tuple(validate_path(prefix)), namespace))
     return sorted(parsed, key=lambda item: -len(item[0]))
 
@@ -3396,13 +3381,13 @@ class Runner:
     first ("dev:/apps/counter.wasm"), so a branch never reads or writes the default branch's
     data (merging moves no data either); a name over 1,024 characters is cut and ends in its
     SHA-256. `namespaces` ([(prefix segments, namespace)], see parse_namespace_map) lets an
-    operator give every module under a prefix one namespace, shared by every branch. Core modules whose imports name a store path (or a hash) are linked to those
-    modules in the same commit; `links` ({import module name: store path}, the CLI's and the
-    server's --link NAME=PATH) links imports from any other module name ("env") to the module
-    at that path, in the same commit too. `host` is a kvhost.Host (default: one made from
-    host_options,
-    whose kv and provider_kv go through kv_options: sqlite under the store root, or
-    "component:PATH", a provider stored at PATH)."""
+    operator give every module under a prefix one namespace, shared by every branch. Core
+    modules whose imports name a store path (or a hash) are linked to those modules in the same
+    commit; `links` ({import module name: store path}, the CLI's and the server's --link
+    NAME=PATH) links imports from any other module name ("env") to the module at that path, in
+    the same commit too. `host` is a kvhost.Host (default: one made from host_options, whose kv
+    and provider_kv go through kv_options: sqlite under the store root, or "component:PATH", a
+    provider stored at PATH)."""
 
     def __init__(self, store, host=None, *, namespaces=(), links=None, **host_options):
         kvhost = _kvhost()
@@ -3412,11 +3397,13 @@ class Runner:
         self._resolved = Cache(RESOLVED_CACHE_SIZE)   # (generation, how it was named) -> Target
         self._owns_host = host is None
         if host is None:
-            host_options.update(kv_options(store, host_options.pop("kv", None), host_options.pop("provider_kv", None)))
+            host_options.update(kv_options(store, host_options.pop("kv", None),
+                                           host_options.pop("provider_kv", None)))
             host = kvhost.Host(**host_options)
         self.host = host
 
     def close(self):
+        """Close the kvhost.Host if this Runner made it (a Host passed in stays open)."""
         if self._owns_host:
             self.host.close()
 
@@ -3426,7 +3413,7 @@ class Runner:
     def __exit__(self, *exc_info):
         self.close()
 
-    # -- resolution ------------------------------------------------------------------------------
+    # -- resolution --------------------------------------------------------------------------------
 
     def resolve(self, path_or_hash, *, branch=None, version=None, commit=None):
         """The Target for a path or hash on a branch, at an older version index, or in a commit.
@@ -3458,6 +3445,22 @@ class Runner:
         if kind == "hash":
             return Target(digest, commit, None, self._on_branch(f"sha256:{digest}", branch))
         return Target(digest, commit, format_path(value), self._namespace_of(value, branch))
+
+    def resolve_prefix(self, segments, *, branch=None, version=None, commit=None):
+        """(Target, n) for the shortest leading part of `segments` (the store path at the
+        start of a URL path, the app's own path after it) that names a module, n being how
+        many segments it took. A path names either a module or a directory, so the answer is
+        unambiguous; a 64-hex first segment is a hash, as everywhere."""
+        segments = list(segments)[:MAX_SEGMENTS]
+        if not segments:
+            raise NotFound("no store path given")
+        for count in range(1, len(segments) + 1):
+            try:
+                return self._target(format_path(segments[:count]), branch, version, commit), count
+            except NotFound:
+                if count == 1 and _is_hash(segments[0]):
+                    raise
+        raise NotFound(f"no module at {format_path(segments)} or at a path above it")
 
     def _namespace_of(self, segments, branch):
         for prefix, namespace in self.namespaces:
@@ -3523,7 +3526,7 @@ class Runner:
             self._target(path_or_hash, branch, version, commit)
         return target, self.load(target)
 
-    # -- running ---------------------------------------------------------------------------------
+    # -- running -----------------------------------------------------------------------------------
 
     def call(self, path_or_hash, function, args=(), *, branch=None, version=None, commit=None,
              namespace=None, stats=None, reach=None):
@@ -3538,15 +3541,16 @@ class Runner:
                               resolve=self._linker_for(target, guest, reach)
                               if guest.links_needed else None, stats=stats)
 
-    def call_captured(self, path_or_hash, function, args=(), *, branch=None, version=None, commit=None,
-                      namespace=None, limit=None, stats=None, reach=None):
+    def call_captured(self, path_or_hash, function, args=(), *, branch=None, version=None,
+                      commit=None, namespace=None, limit=None, stats=None, reach=None):
         """Like call(), with the guest's stdout and stderr kept, never written to this process's
         streams (kvhost.CallResult: .value, .stdout, .stderr and their totals)."""
         target = path_or_hash if type(path_or_hash) is Target else \
             self._target(path_or_hash, branch, version, commit)
         guest = self.host.loaded(target.digest) or self.load(target)
         options = {} if limit is None else {"limit": limit}
-        return self.host.call_captured(guest, function, args, namespace=namespace or target.namespace,
+        return self.host.call_captured(guest, function, args,
+                                       namespace=namespace or target.namespace,
                                        resolve=self._linker_for(target, guest, reach)
                                        if guest.links_needed else None, stats=stats, **options)
 
@@ -3567,13 +3571,24 @@ class Runner:
                                       resolve=self._linker_for(target, guest, reach),
                                       stdin=stdin, stats=stats, **options)
 
+    def handle_http(self, path_or_hash, request, sink, *, branch=None, version=None,
+                    commit=None, namespace=None, stats=None):
+        """Answer one HTTP request with a stored wasi:http handler (kvhost.Host.handle_http):
+        request a kvhost.HttpRequest, sink where the response goes (start, write, flush,
+        finish). path_or_hash may be a Target from resolve() or resolve_prefix()."""
+        target, guest = self._prepare(path_or_hash, branch, version, commit)
+        return self.host.handle_http(guest, request, sink,
+                                     namespace=namespace or target.namespace)
+
     def exports(self, path_or_hash, *, branch=None, version=None, commit=None):
         """The callable exports of a stored module (kvhost.describe_exports)."""
         _, guest = self._prepare(path_or_hash, branch, version, commit)
         return self.host.exports(guest)
 
 
-# --------------------------------------------------------------------------- OCI registries
+# ---------------------------------------------------------------------------
+# OCI registries
+# ---------------------------------------------------------------------------
 
 def _http_modules():
     """http.client and ssl, imported on first use: they add ~20 ms to the start-up of every
@@ -3655,10 +3670,12 @@ class OciReference:
 
     @property
     def host(self):
+        """The registry's host name or address (an IPv6 address without brackets)."""
         return OCI_REGISTRY.match(self.registry).group(1).strip("[]")
 
     @property
     def port(self):
+        """The registry's port, None when the reference names none."""
         port = OCI_REGISTRY.match(self.registry).group(2)
         return int(port) if port else None
 
@@ -3703,138 +3720,34 @@ def _check_repository(name, registry):
                            "name must fit in 255 characters")
 
 
-# ------------------------------------------------------------- the Wasm OCI artifact layout
+# -- the Wasm OCI artifact layout ------------------------------------------------------------------
 
 def wasm_interface(source):
     """(kind, imports, exports) of a module file name or bytes: kind is "component" or
     "module"; for a component, the names of its top-level imports and exports (interface
-    names such as "wasi:cli/run@0.2.0", or plain names), in order. Only section headers are
-    read, plus the import and export sections of a component."""
-    handle = open(source, "rb") if isinstance(source, (str, os.PathLike)) \
-        else io.BytesIO(bytes(source))
-    with handle:
-        header = handle.read(8)
-        if header != COMPONENT_HEADER:
+    names such as "wasi:cli/run@0.2.0", or plain names), in order. Read by kvhost.py's wasm
+    reader (kvhost.component_interface), from a map of a file."""
+    if not isinstance(source, (str, os.PathLike)):
+        return _interface_of(bytes(source))
+    with open(source, "rb") as handle:
+        if os.fstat(handle.fileno()).st_size < len(COMPONENT_HEADER):
             return "module", [], []
-        reader = _SectionReader(handle)
-        imports, exports = [], []
-        for section_id, size in reader.sections():
-            if section_id == 10:
-                imports += _component_names(handle.read(size), exports=False)
-            elif section_id == 11:
-                exports += _component_names(handle.read(size), exports=True)
-            else:
-                handle.seek(size, os.SEEK_CUR)
-    return "component", list(dict.fromkeys(imports)), list(dict.fromkeys(exports))
+        with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+            return _interface_of(mapped)
 
 
-class _SectionReader:
-    """Walks the top-level sections of a module file: (id, size) with the file positioned at
-    the payload; the caller reads or skips it."""
-
-    def __init__(self, handle):
-        self.handle = handle
-
-    def sections(self):
-        while True:
-            section_id = self.handle.read(1)
-            if not section_id:
-                return
-            yield section_id[0], self._u32()
-
-    def _u32(self):
-        result = shift = 0
-        while True:
-            byte = self.handle.read(1)
-            if not byte or shift > 28:
-                raise InvalidModule("invalid module: bad section size")
-            result |= (byte[0] & 0x7F) << shift
-            if not byte[0] & 0x80:
-                return result
-            shift += 7
-
-
-class _Cursor:
-    """Reads the component binary encoding of import and export entries from one section."""
-
-    def __init__(self, data):
-        self.data = memoryview(data)
-        self.pos = 0
-
-    def byte(self):
-        if self.pos >= len(self.data):
-            raise InvalidModule("invalid module: unexpected end of an import or export section")
-        self.pos += 1
-        return self.data[self.pos - 1]
-
-    def u32(self):
-        value, self.pos = _read_leb_u32(self.data, self.pos, len(self.data))
-        return value
-
-    def skip_s33(self):
-        while self.byte() & 0x80:
-            pass
-
-    def name(self):
-        size = self.u32()
-        if self.pos + size > len(self.data):
-            raise InvalidModule("invalid module: a name runs past its section")
-        text = bytes(self.data[self.pos:self.pos + size]).decode("utf-8", "replace")
-        self.pos += size
-        return text
-
-    def name_attributes(self):
-        kind = self.byte()
-        name = self.name()
-        if kind == 0x02:                          # name followed by attributes
-            for _ in range(self.u32()):
-                if self.byte() not in (0x00, 0x01, 0x02):
-                    raise InvalidModule("invalid module: unknown import/export attribute")
-                self.name()
-        elif kind not in (0x00, 0x01):
-            raise InvalidModule(f"invalid module: unknown import/export name kind {kind:#x}")
-        return name
-
-    def skip_extern_type(self):
-        kind = self.byte()
-        if kind == 0x00:                          # core module: 0x11 and a type index
-            self.byte()
-            self.u32()
-        elif kind in (0x01, 0x04, 0x05):          # func, component, instance: type index
-            self.u32()
-        elif kind == 0x02:                        # value: eq index or a value type
-            if self.byte() == 0x00:
-                self.u32()
-            else:
-                self.skip_s33()
-        elif kind == 0x03:                        # type: eq index or sub resource
-            if self.byte() == 0x00:
-                self.u32()
-        else:
-            raise InvalidModule(f"invalid module: unknown extern type {kind:#x}")
-
-    def skip_sort_index(self):
-        if self.byte() == 0x00:                   # a core sort has a second byte
-            self.byte()
-        self.u32()
-
-
-def _component_names(payload, exports):
-    cursor = _Cursor(payload)
-    names = []
-    for _ in range(cursor.u32()):
-        names.append(cursor.name_attributes())
-        if exports:
-            cursor.skip_sort_index()
-            if cursor.byte() == 0x01:             # an optional explicit type
-                cursor.skip_extern_type()
-        else:
-            cursor.skip_extern_type()
-    return names
-
-
-def _rfc3339(seconds):
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
+def _interface_of(data):
+    if bytes(data[:8]) != COMPONENT_HEADER:
+        return "module", [], []
+    try:
+        reader = _kvhost()
+    except StoreError:
+        raise StoreError("listing a component's interfaces needs kvhost.py next to "
+                         "wasmstore.py") from None
+    try:
+        return reader.component_interface(data)
+    except reader.WasmFormatError as exc:
+        raise InvalidModule(f"invalid module: {exc}") from None
 
 
 def _compact_json(document):
@@ -3895,7 +3808,7 @@ def module_artifact(store, path, *, branch=None, digest=None, history=None):
         history = store.versions(printed, branch=branch)
     commit = next((commit for module, commit in history if module == digest), None)
     info = store.commit_info(commit) if commit else {"date": 0, "author": DEFAULT_AUTHOR}
-    return WasmArtifact(filename, digest, segments[-1], _rfc3339(info["date"]), info["author"])
+    return WasmArtifact(filename, digest, segments[-1], _format_date(info["date"]), info["author"])
 
 
 def _wasm_layer(data, content_type):
@@ -3940,7 +3853,7 @@ def _wasm_layer(data, content_type):
     return digest, size
 
 
-# ------------------------------------------------------------- credentials
+# -- credentials -----------------------------------------------------------------------------------
 
 class Credentials:
     """A user name and password (or token) for one registry, and where they came from.
@@ -4029,7 +3942,7 @@ def _docker_credentials(registry, filename):
     return None
 
 
-# ------------------------------------------------------------- the registry client
+# -- the registry client ---------------------------------------------------------------------------
 
 _CHALLENGE_PARAM = re.compile(r'([A-Za-z][A-Za-z0-9_-]*)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s,"]+))')
 
@@ -4222,6 +4135,7 @@ class RegistryClient:
         return f"RegistryClient({self.registry!r})"
 
     def close(self):
+        """Close the pooled idle connections (a later request opens a new one)."""
         with self._lock:
             idle, self._idle = self._idle, []
         for connection in idle:
@@ -4233,7 +4147,7 @@ class RegistryClient:
     def __exit__(self, *exc_info):
         self.close()
 
-    # -- connections -----------------------------------------------------------------
+    # -- connections -------------------------------------------------------------------------------
 
     def _connection(self, scheme, host, port):
         if scheme == "https":
@@ -4301,7 +4215,7 @@ class RegistryClient:
             message = getattr(error, "strerror", None) or error
             raise RegistryError(f"request to {self.registry} failed: {_clean_text(message)}")
 
-    # -- requests ----------------------------------------------------------------------
+    # -- requests ----------------------------------------------------------------------------------
 
     def _authorization(self, repository):
         token = self._tokens.get(repository)
@@ -4402,7 +4316,7 @@ class RegistryClient:
         return RegistryError(f"{self.registry} answered {status} {response.reason} to "
                              f"{what}{detail}")
 
-    # -- auth ----------------------------------------------------------------------------
+    # -- auth --------------------------------------------------------------------------------------
 
     def _answer(self, response, repository, sent):
         """Act on a 401's challenge to a request sent with Authorization `sent`; True if the
@@ -4470,9 +4384,10 @@ class RegistryClient:
                                 "usable token")
         return token
 
-    # -- the distribution API -------------------------------------------------------------
+    # -- the distribution API ----------------------------------------------------------------------
 
     def blob_exists(self, repository, digest):
+        """True if the registry holds the blob (a HEAD request: nothing is downloaded)."""
         response = self.call("HEAD", f"/v2/{repository}/blobs/{digest}", repository=repository,
                              what=f"blob {digest} of {repository}", ok=(200, 404))
         response.discard()
@@ -4533,6 +4448,7 @@ class RegistryClient:
         return data, digest, content_type
 
     def put_manifest(self, repository, reference, data):
+        """Store manifest bytes under reference (a tag or a digest) in repository."""
         response = self.call("PUT", f"/v2/{repository}/manifests/{reference}",
                              repository=repository, ok=(200, 201),
                              what=f"the manifest {reference} of {repository}",
@@ -4552,7 +4468,7 @@ class RegistryClient:
         return _VerifiedBlob(response, digest, size, what)
 
 
-# ------------------------------------------------------------- push, push --all, pull
+# -- push, push --all, pull ------------------------------------------------------------------------
 
 class TransferReport:
     """What a push or push_all did: tags written, what was uploaded, what was already
@@ -4571,6 +4487,7 @@ class TransferReport:
         self._lock = threading.Lock()
 
     def add(self, **deltas):
+        """Add to counters (numbers) and extend lists (tags_pushed, skipped) by name."""
         with self._lock:
             for name, delta in deltas.items():
                 if isinstance(delta, list):
@@ -4792,11 +4709,13 @@ def pull_many(store, pairs, *, branch=None, author=None, client=None, progress=N
         paths = [format_path(segments) for _, segments in jobs]
         messages = [message for _, message in fetched]
         if len(messages) > 1:
-            shown = "; ".join(message[len("Pull "):] for message in messages[:PULL_MESSAGE_SOURCES])
+            shown = "; ".join(message[len("Pull "):]
+                              for message in messages[:PULL_MESSAGE_SOURCES])
             more = len(messages) - PULL_MESSAGE_SOURCES
-            messages = [f"Pull {len(messages)} modules: {shown}" + (f"; and {more} more" if more > 0 else "")]
-        stored = store.add_files(list(zip(paths, (filename for filename, _ in fetched))), branch=branch,
-                                 author=author, message=messages[0])
+            messages = [f"Pull {len(messages)} modules: {shown}"
+                        + (f"; and {more} more" if more > 0 else "")]
+        stored = store.add_files(list(zip(paths, (filename for filename, _ in fetched))),
+                                 branch=branch, author=author, message=messages[0])
         return [stored[path] for path in paths]
 
 
@@ -4820,12 +4739,14 @@ def _open_layer(client, reference, segments, progress):
     return client.open_blob(reference.repository, digest, size), message
 
 
-# --------------------------------------------------------------------------- CLI
+# ---------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------
 
-def _cli_count(text):
-    """argparse type of a count or index option: ASCII digits only."""
+def _cli_count(text, what="number", *, minimum=0, maximum=None):
+    """argparse type of a count or index option: ASCII digits only (parse_number's bounds)."""
     try:
-        return parse_number(text, "number")
+        return parse_number(text, what, minimum=minimum, maximum=maximum)
     except InvalidInput as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
@@ -4962,10 +4883,6 @@ def _cmd_commit(store, args):
     _print_line(json.dumps(store.commit_info(args.hash), indent=2))
 
 
-def _format_date(seconds):
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
-
-
 def _cmd_audit(store, args):
     for info in store.audit(args.path, branch=args.branch):
         _print_line(f"{_format_date(info['date'])}\t{info['author']}\t{info['hash']}")
@@ -5038,7 +4955,7 @@ def _cmd_watch(store, args):
         return 0
 
 
-RUN_COMMANDS = ("call", "run", "exports")     # their options come from kvhost (imported only for them)
+RUN_COMMANDS = ("call", "run", "exports", "serve")    # options from kvhost (imported for them)
 
 
 def _runner(store, args):
@@ -5049,7 +4966,8 @@ def _runner(store, args):
 
 
 def _run_guest(store, args, work):
-    """Run work(runner) within the sandbox's deadline; kvhost errors become kvhost's CLI statuses."""
+    """Run work(runner) within the sandbox's deadline; kvhost errors become kvhost's CLI
+    statuses."""
     kvhost = _kvhost()
     try:
         runner = _runner(store, args)
@@ -5073,7 +4991,8 @@ def _cmd_call(store, args):
         return kvhost.report(exc, sys.stderr, "wasmstore")
 
     def call(runner):
-        result = runner.call(args.target, args.function, json_args, namespace=args.namespace, **_selector(args))
+        result = runner.call(args.target, args.function, json_args, namespace=args.namespace,
+                             **_selector(args))
         kvhost.print_json(result, sys.stdout)
         return 0
     return _run_guest(store, args, call)
@@ -5107,20 +5026,107 @@ def _add_selector_options(sub):
 
 
 def _add_run_options(sub, name):
-    """The options of call/run/exports; the sandbox and kv ones are kvhost's own."""
+    """The options of call/run/exports/serve; the sandbox and kv ones are kvhost's own."""
     _add_selector_options(sub)
     kvhost = _kvhost()
+    if name == "serve":
+        _add_serve_options(sub)
     if name == "exports":
-        sub.add_argument("--json", action="store_true", help="one JSON document instead of one line each")
-        sub.add_argument("--cache-dir", help="compile cache directory (default ~/.cache/wasmstore/kvhost)")
+        sub.add_argument("--json", action="store_true",
+                         help="one JSON document instead of one line each")
+        sub.add_argument("--cache-dir",
+                         help="compile cache directory (default ~/.cache/wasmstore/kvhost)")
         return
     kvhost.add_store_options(sub, kv_default=None, kv_default_text="sqlite under the store root",
                              provider="PATH")
     sub.add_argument("--namespace-map", action="append", default=[], metavar="PREFIX=NS",
-                     help="modules under PREFIX share kv namespace NS (repeatable; default: each path "
-                          "is its own namespace, a hash is sha256:<hash>)")
+                     help=NAMESPACE_MAP_HELP)
     kvhost.add_sandbox_options(sub, link_target="a path in the store, in the same commit as the "
                                                 "module run")
+
+
+DEFAULT_SERVE_HOST = "127.0.0.1"
+DEFAULT_SERVE_PORT = 8080              # `wasmtime serve`'s
+
+
+def _add_serve_options(sub):
+    """serve's own options (beside call/run's sandbox and kv options)."""
+    sub.add_argument("--host", default=DEFAULT_SERVE_HOST,
+                     help=f"address to listen on (default {DEFAULT_SERVE_HOST})")
+    sub.add_argument("--port", type=_port_number, default=DEFAULT_SERVE_PORT,
+                     help=f"TCP port, 0 = any free port (default {DEFAULT_SERVE_PORT})")
+    sub.add_argument("--metrics-port", type=_port_number, metavar="P",
+                     help="serve GET /metrics on port P of --host (the app owns every path of "
+                          "its own port)")
+    sub.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                     help="also answer to this Host name (repeatable; bound to a loopback "
+                          "address, only loopback names are answered otherwise)")
+    sub.add_argument("--max-body", metavar="N",
+                     help="largest request body in bytes, suffix K/M/G allowed (default 128M)")
+    sub.add_argument("--max-guests", type=_at_least(1), metavar="N",
+                     help="requests running at once (default: the number of CPUs, at least 2)")
+    sub.add_argument("--run-queue", type=_at_least(0), metavar="N",
+                     help="requests waiting for a slot; more get 503 with Retry-After "
+                          "(default 64)")
+    sub.add_argument("--workers", type=_at_least(1), metavar="N",
+                     help="server processes sharing the port (env WASMSTORE_WORKERS; default: "
+                          "the number of CPUs)")
+    sub.add_argument("--quiet", action="store_true", help="no access log on stderr")
+
+
+def _port_number(text):
+    """argparse type of a TCP port (0: any free one)."""
+    return _cli_count(text, "port", maximum=65535)
+
+
+def _at_least(least):
+    """An argparse type: a whole number >= least, in ASCII digits."""
+    return lambda text: _cli_count(text, minimum=least)
+
+
+def _serve_ref(args):
+    """The app-ref (see http_server.parse_app_ref) of serve's --branch/--version/--commit."""
+    if args.version_index is not None and args.commit is not None:
+        raise InvalidInput("give --version or --commit, not both")
+    if args.commit is not None:
+        return validate_hash(args.commit, "commit")
+    if args.version_index is not None:
+        if args.version_index < 0:
+            raise InvalidInput(f"invalid --version {args.version_index}: expected an index >= 0")
+        suffix = f"v{args.version_index}"
+        return suffix if args.branch is None else f"{validate_branch(args.branch)}:{suffix}"
+    return None if args.branch is None else validate_branch(args.branch)
+
+
+def _serve_argv(args, root):
+    """http_server.py's arguments for `serve`: its one-app mode (--serve) with the same sandbox
+    and kv options call and run take (--timeout is a guest's time, as there)."""
+    validate_path(args.target)
+    argv = ["--root", root, "--serve", args.target, "--host", args.host, "--port", str(args.port)]
+    ref = _serve_ref(args)
+    options = [("--serve-ref", ref), ("--metrics-port", args.metrics_port),
+               ("--max-body", args.max_body), ("--max-guests", args.max_guests),
+               ("--run-queue", args.run_queue), ("--workers", args.workers),
+               ("--run-timeout", args.timeout),
+               ("--fuel", args.fuel), ("--max-memory", args.max_memory),
+               ("--max-table-elements", args.max_table_elements), ("--kv", args.kv),
+               ("--provider-kv", args.provider_kv), ("--cache-dir", args.cache_dir)]
+    repeated = [("--allowed-host", args.allowed_host), ("--allow-bucket", args.allow_buckets),
+                ("--env", [f"{name}={value}" for name, value in args.env]),
+                ("--dir", [f"{host}::{guest}" for host, guest in args.dirs]),
+                ("--link", args.links), ("--allow-outbound", args.allow_outbound),
+                ("--namespace-map", args.namespace_map
+                 + ([f"/={args.namespace}"] if args.namespace is not None else []))]
+    for flag, value in options:
+        if value is not None:
+            argv += [flag, str(value)]
+    for flag, values in repeated:
+        for value in values or ():
+            argv += [flag, value]
+    for flag, on in (("--quiet", args.quiet), ("--stub-imports", args.stub_imports)):
+        if on:
+            argv.append(flag)
+    return argv
 
 
 def _progress_writer(args):
@@ -5217,7 +5223,8 @@ COMMANDS = {
                                "text)"})]),
     "import": (_cmd_import, "store every *.wasm file under DIR in one commit",
                [("directory", {"metavar": "DIR"}),
-                ("prefix", {"metavar": "PREFIX", "nargs": "?", "help": "path to store them under"})]),
+                ("prefix", {"metavar": "PREFIX", "nargs": "?",
+                            "help": "path to store them under"})]),
     "find": (_cmd_find, "write a module's bytes to stdout (PATH or 64-hex HASH)",
              [("path", {"metavar": "PATH"})]),
     "filename": (_cmd_filename, "print the object file holding a module",
@@ -5265,11 +5272,13 @@ COMMANDS = {
                     [("file", {"metavar": "FILE"})]),
     "fsck": (_cmd_fsck, "check every object and reference; exit 1 on any problem", []),
     "watch": (_cmd_watch, "print one JSON line per commit on the branch (Ctrl-C stops)", []),
-    "call": (_cmd_call, "call FUNCTION of a stored module with JSON arguments; print its JSON result",
+    "call": (_cmd_call, "call FUNCTION of a stored module with JSON arguments; print its JSON "
+                        "result",
              [("target", {"metavar": "PATH|HASH"}), ("function", {"metavar": "FUNCTION"}),
               ("json_args", {"metavar": "JSON_ARG", "nargs": "*"})]),
     "run": (_cmd_run, "run a stored wasi:cli/run component or WASI command module",
-            [("target", {"metavar": "PATH|HASH"}), ("args", {"metavar": "ARG", "nargs": argparse.REMAINDER})]),
+            [("target", {"metavar": "PATH|HASH"}),
+             ("args", {"metavar": "ARG", "nargs": argparse.REMAINDER})]),
     "exports": (_cmd_exports, "print each callable export of a stored module with its types",
                 [("target", {"metavar": "PATH|HASH"})]),
     "push": (_cmd_push, "push PATH to an OCI registry as a Wasm OCI artifact (prints its "
@@ -5292,6 +5301,10 @@ COMMANDS = {
                                  "(any failure stores nothing)"})]
              + REGISTRY_OPTIONS),
     "server": (None, "run the HTTP API (options: python http_server.py --help)", []),
+    "serve": (None, "serve a stored wasi:http component (an HTTP app) on a port of its own, as "
+                    "`wasmtime serve` does; the next request after a new version of PATH runs it "
+                    "(a HASH serves that module for good)",
+              [("target", {"metavar": "PATH|HASH"})]),
 }
 
 
@@ -5305,6 +5318,7 @@ CLI_EXAMPLES = """examples:
   python wasmstore.py push /math/add.wasm oci://ghcr.io/me/add:v1   to a registry
   python wasmstore.py pull oci://localhost:5000/add add.wasm        from a registry
   python wasmstore.py server --port 6384              serve the HTTP API
+  python wasmstore.py serve /apps/hello.wasm          serve a stored HTTP app on :8080
 
 Global options may also follow the command. Errors print one line on stderr
 and exit 1 (also "not found"); bad usage exits 2. 'COMMAND --help' explains one
@@ -5312,7 +5326,8 @@ command."""
 
 
 # The commands that make commits: the only ones --author means something to.
-COMMITTING_COMMANDS = ("add", "import", "set", "remove", "rollback", "restore", "merge", "gc", "pull")
+COMMITTING_COMMANDS = ("add", "import", "set", "remove", "rollback", "restore", "merge", "gc",
+                       "pull")
 
 
 def _add_global_options(parser, suppress, author=True):
@@ -5361,15 +5376,18 @@ def main(argv=None):
         return 2
     args = parser.parse_args(argv if server_args is None else argv[:argv.index("server") + 1])
     if args.author is not None and args.command not in COMMITTING_COMMANDS:
-        parser.error(f"--author is for the commands that make commits ({', '.join(COMMITTING_COMMANDS)}); "
-                     f"{args.command} makes none" + (" (the server takes Wasmstore-Author per request)"
-                                                     if args.command == "server" else ""))
+        parser.error("--author is for the commands that make commits "
+                     f"({', '.join(COMMITTING_COMMANDS)}); {args.command} makes none"
+                     + (" (the server takes Wasmstore-Author per request)"
+                        if args.command == "server" else ""))
     root = args.root or os.environ.get("WASMSTORE_ROOT") or DEFAULT_ROOT
     args.branch = args.branch or os.environ.get("WASMSTORE_BRANCH") or None
     args.author = args.author or os.environ.get("WASMSTORE_AUTHOR") or None
     try:
         if args.command == "server":
-            return _run_server(["--root", root] + server_args)    # a later --root wins
+            return _run_server("server", ["--root", root] + server_args)   # a later --root wins
+        if args.command == "serve":
+            return _run_server("serve", _serve_argv(args, root))
         if args.command == "load-backup":
             load_backup(args.file, root)
             _print_line(f"backup loaded into {os.path.abspath(os.path.expanduser(root))}")
@@ -5391,15 +5409,15 @@ def main(argv=None):
         return 130
 
 
-def _run_server(argv):
+def _run_server(command, argv):
     """Become the HTTP server: run http_server.py as a program in this process (os.execv).
     It is not imported: the HTTP layer is built on the store, and the store never depends on
-    it, so wasmstore.py copied alone still works (the server command then says what is
-    missing)."""
+    it, so wasmstore.py copied alone still works (the server and serve commands then say what
+    is missing)."""
     program = _server_program()
     if program is None:
-        raise StoreError(f"the server command needs http_server.py next to {__file__} "
-                         "(copy it there, or run python http_server.py)")
+        raise StoreError(f"the {command} command needs http_server.py next to "
+                         f"{__file__} (copy it there, or run python http_server.py)")
     sys.stdout.flush()
     sys.stderr.flush()
     os.execv(sys.executable, [sys.executable, program] + argv)

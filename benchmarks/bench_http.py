@@ -26,8 +26,11 @@ import argparse
 import http.server
 import json
 import os
+import queue
+import re
 import selectors
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -37,10 +40,23 @@ import threading
 import time
 
 REPO_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HTTP_SERVER = os.path.join(REPO_DIR, "http_server.py")
+NUMBERS_WAT = os.path.join(REPO_DIR, "guests", "run", "numbers.wat")
 GET_BODY_SIZE = 100 * 1024
 GET_CONNECTIONS = 8
 GOAL_RATIO = 0.8
 POST_BLOCK = 20                  # adds per block; in-process and HTTP blocks alternate
+WORKERS_GOAL = 1.6               # requests/s of 2 worker processes over 1, GET and call each
+WORKERS_CONNECTIONS = 16         # wrk's keep-alive connections in the workers figure
+WORKERS_SMALL_SIZE = 1024        # the GET of the workers figure: a ~1 KB module
+START_TIMEOUT = 120.0            # seconds for a server process to listen (a loaded machine)
+SERVING_RE = re.compile(r"^wasmstore: serving .* on (http://\S+)(?: \(\d+ worker processes\))?$")
+WRK_RATE_RE = re.compile(r"^Requests/sec:\s+([\d.]+)", re.M)
+WRK_COUNT_RE = re.compile(r"^\s*(\d+) requests in ([\d.]+)(us|ms|s|m)", re.M)
+WRK_NON_2XX_RE = re.compile(r"^\s*Non-2xx or 3xx responses: (\d+)", re.M)
+WRK_ERRORS_RE = re.compile(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)")
+WRK_PERCENTILE_RE = re.compile(r"^\s*(50|99)(?:\.000)?%\s+([\d.]+)(us|ms|s)", re.M)
+WRK_UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0}
 
 
 # ------------------------------------------------------------------------------ modules
@@ -287,6 +303,113 @@ def _baseline_server(body):
     return _QuietServer(("127.0.0.1", 0), handler)
 
 
+class ServerProcess:
+    """``python http_server.py --root ROOT --port 0 --quiet ARGS`` as a child process, its compile
+    cache under cache_home (XDG_CACHE_HOME); WASMSTORE_* variables of this environment are not
+    passed on. .port once it listens; .listening: seconds from spawning to that."""
+
+    def __init__(self, root, cache_home, extra_args=()):
+        env = {name: value for name, value in os.environ.items()
+               if not name.startswith("WASMSTORE_")}
+        env["XDG_CACHE_HOME"] = cache_home
+        self.lines = queue.Queue()
+        self.spawned = time.perf_counter()
+        self.process = subprocess.Popen([sys.executable, HTTP_SERVER, "--root", root, "--port",
+                                         "0", "--quiet", *extra_args], env=env, cwd=REPO_DIR,
+                                        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.PIPE, text=True)
+        self.stderr = []
+        threading.Thread(target=self._read_stderr, daemon=True).start()
+        self.port, self.listening = self._wait_listening()
+
+    def _read_stderr(self):
+        for line in self.process.stderr:
+            self.lines.put(line.rstrip("\n"))
+        self.lines.put(None)
+
+    def _wait_listening(self):
+        """(port, seconds from spawning to the "serving ... on URL" line)."""
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:
+            try:
+                line = self.lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                line = None
+            if line is None:
+                self.stop()
+                raise RuntimeError("http_server.py did not start listening: "
+                                   + " | ".join(self.stderr[-5:]))
+            match = SERVING_RE.match(line)
+            if match:
+                return int(match.group(1).rsplit(":", 1)[1]), time.perf_counter() - self.spawned
+            self.stderr.append(line)
+
+    def cpu_seconds(self):
+        """CPU time (user + system) used so far by the server's live processes: the command's
+        own and its descendants' (worker processes, kvhost's guest processes)."""
+        return sum(_process_cpu(pid) for pid in _process_tree(self.process.pid))
+
+    def stop(self):
+        """SIGTERM (a graceful shutdown), then SIGKILL if it has not ended within 30 s."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def _process_tree(pid):
+    """pid and the pids of all its live descendants (Linux /proc)."""
+    found, pending = [], [pid]
+    while pending:
+        current = pending.pop()
+        found.append(current)
+        try:
+            with open(f"/proc/{current}/task/{current}/children") as f:
+                pending += [int(child) for child in f.read().split()]
+        except OSError:                      # ended meanwhile
+            pass
+    return found
+
+
+def _process_cpu(pid):
+    """User + system CPU seconds of one process (0 once it has ended)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rpartition(")")[2].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def wrk(url, seconds, connections, script=None, threads=1):
+    """One run of wrk (a C load generator: it takes little of the CPU it measures) against url;
+    {"requests", "seconds", "rate", "p50_ms", "p99_ms", "bad"} where bad counts non-2xx answers
+    and socket errors."""
+    command = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds:g}s", "--latency",
+               "--timeout", "10s"]
+    if script is not None:
+        command += ["-s", script]
+    result = subprocess.run(command + [url], capture_output=True, text=True,
+                            timeout=seconds + 60)
+    out = result.stdout
+    count, rate = WRK_COUNT_RE.search(out), WRK_RATE_RE.search(out)
+    if result.returncode != 0 or count is None or rate is None:
+        raise RuntimeError(f"wrk failed: {(result.stderr or out).strip()[-300:]}")
+    percentiles = {int(level): float(value) * WRK_UNITS[unit] * 1000
+                   for level, value, unit in WRK_PERCENTILE_RE.findall(out)}
+    bad = sum(int(n) for n in WRK_NON_2XX_RE.findall(out))
+    errors = WRK_ERRORS_RE.search(out)
+    if errors is not None:
+        bad += sum(int(n) for n in errors.groups())
+    return {"requests": int(count.group(1)),
+            "seconds": float(count.group(2)) * WRK_UNITS[count.group(3)],
+            "rate": float(rate.group(1)), "p50_ms": percentiles.get(50, float("nan")),
+            "p99_ms": percentiles.get(99, float("nan")), "bad": bad}
+
+
 # ------------------------------------------------------------------------------ figures
 
 def bench_get(store, rounds, seconds):
@@ -367,6 +490,79 @@ def bench_post(root_parent, rounds, seconds):
     return inproc, http
 
 
+def numbers_wasm():
+    """guests/run/numbers.wat as a binary module (add(i32, i32) -> i32 and friends: what a user
+    would store and call)."""
+    import wasmtime
+    with open(NUMBERS_WAT, encoding="utf-8") as f:
+        return bytes(wasmtime.wat2wasm(f.read()))
+
+
+ADD_SCRIPT = ('wrk.method = "POST"\nwrk.body = "[2,3]"\n'
+              'wrk.headers["Content-Type"] = "application/json"\n')
+WORKERS_REQUESTS = {      # name -> (path, whether it is the POST of ADD_SCRIPT, expected body)
+    "GET": ("/api/v1/module/bench/small.wasm", False, None),
+    "call": ("/api/v1/call/add/bench/numbers.wasm", True, b"5"),
+}
+
+
+def _check_answer(port, path, post, expected):
+    """One request on its own connection; RuntimeError unless it answers 200 (and `expected`)."""
+    import http.client
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    try:
+        conn.request("POST" if post else "GET", path, body=b"[2,3]" if post else None,
+                     headers={"Content-Type": "application/json"} if post else {})
+        response = conn.getresponse()
+        body = response.read()
+    finally:
+        conn.close()
+    if response.status != 200 or (expected is not None and body != expected):
+        raise RuntimeError(f"{path} answered {response.status} {body[:200]!r}")
+
+
+def bench_workers(parent, rounds, seconds):
+    """Per round and request (GET of a ~1 KB module, a warm call of add(2, 3)): wrk against a
+    server of one worker process and one of two, started once on the same store (the one not
+    measured idles), in alternating order. Returns {request: {workers: [wrk results]}}, each
+    result with "cpu_us": the server's CPU time (all its processes) per request."""
+    import wasmstore
+    root = os.path.join(parent, "workers")
+    store = wasmstore.Store(root)
+    store.add("bench/small.wasm", wasm_module("bench-small", padding=WORKERS_SMALL_SIZE - 23))
+    store.add("bench/numbers.wasm", numbers_wasm())
+    script = os.path.join(parent, "add.lua")
+    with open(script, "w", encoding="utf-8") as f:
+        f.write(ADD_SCRIPT)
+    servers = {}
+    try:
+        for workers in (1, 2):
+            servers[workers] = ServerProcess(root, os.path.join(parent, "cache"),
+                                             ["--workers", str(workers), "--kv", "memory:"])
+        for server in servers.values():               # warm-up, untimed: every worker loads add
+            for path, post, expected in WORKERS_REQUESTS.values():
+                _check_answer(server.port, path, post, expected)
+                wrk(f"http://127.0.0.1:{server.port}{path}", min(seconds, 1.0),
+                    WORKERS_CONNECTIONS, script if post else None)
+        results = {name: {1: [], 2: []} for name in WORKERS_REQUESTS}
+        for number in range(rounds):
+            for name, (path, post, _) in WORKERS_REQUESTS.items():
+                for workers in ((1, 2) if number % 2 == 0 else (2, 1)):
+                    server = servers[workers]
+                    cpu = server.cpu_seconds()
+                    result = wrk(f"http://127.0.0.1:{server.port}{path}", seconds,
+                                 WORKERS_CONNECTIONS, script if post else None)
+                    result["cpu_us"] = 1e6 * (server.cpu_seconds() - cpu) / max(1, result["requests"])
+                    if result["bad"]:
+                        raise RuntimeError(f"{name} with {workers} workers: {result['bad']} "
+                                           "answers were not 200 or failed")
+                    results[name][workers].append(result)
+    finally:
+        for server in servers.values():
+            server.stop()
+    return results
+
+
 def _summary(latencies, seconds):
     latencies = sorted(latencies)
     return {"requests": len(latencies), "seconds": seconds, "rate": len(latencies) / seconds,
@@ -396,33 +592,73 @@ def _latency_row(label, results):
     return f"  {label:<32} p50 {_median(results, 'p50_ms'):7.2f} ms   p99 {_median(results, 'p99_ms'):7.2f} ms"
 
 
-def print_table(get_ours, get_base, size, post_inproc, post_http, rounds, seconds, out=sys.stdout):
-    out.write(f"\nhttp_server.py benchmark: medians of {rounds} alternating rounds of {seconds:g} s each\n\n")
+def print_table(raw, size, rounds, seconds, out=sys.stdout):
+    """The GET and POST figures of `raw` (main's results; either may be missing)."""
+    out.write(f"\nhttp_server.py benchmark: medians of {rounds} alternating rounds of {seconds:g} s "
+              "each\n\n")
     out.write("ratio = median of the per-round ratios (each round measures both, back to back)\n\n")
     out.write(f"{'figure':<34} {'wasmstore':>10} {'baseline':>10} {'ratio':>7}  goal\n")
     out.write("-" * 78 + "\n")
-    get_ratio, line = _row(f"GET {size // 1024} KB x {GET_CONNECTIONS} conns (req/s)", get_ours, get_base, GOAL_RATIO)
-    out.write(line + "\n")
-    out.write(_latency_row("wasmstore GET", get_ours) + "\n")
-    out.write(_latency_row("baseline (http.server, memory)", get_base) + "\n")
-    post_ratio, line = _row("POST small module, 1 client (/s)", post_http, post_inproc, GOAL_RATIO)
-    out.write(line + "\n")
-    out.write(_latency_row("wasmstore POST", post_http) + "\n")
-    out.write(_latency_row("baseline (in-process Store.add)", post_inproc) + "\n")
-    out.write("\nper round (req/s): GET ours " + ", ".join(f"{r['rate']:.0f}" for r in get_ours)
-              + " | GET base " + ", ".join(f"{r['rate']:.0f}" for r in get_base)
-              + " | POST http " + ", ".join(f"{r['rate']:.0f}" for r in post_http)
-              + " | add " + ", ".join(f"{r['rate']:.0f}" for r in post_inproc) + "\n")
-    return get_ratio, post_ratio
+    per_round = []
+    if "get_wasmstore" in raw:
+        get_ours, get_base = raw["get_wasmstore"], raw["get_baseline"]
+        _, line = _row(f"GET {size // 1024} KB x {GET_CONNECTIONS} conns (req/s)", get_ours,
+                       get_base, GOAL_RATIO)
+        out.write(line + "\n")
+        out.write(_latency_row("wasmstore GET", get_ours) + "\n")
+        out.write(_latency_row("baseline (http.server, memory)", get_base) + "\n")
+        per_round += [("GET ours", get_ours), ("GET base", get_base)]
+    if "post_http" in raw:
+        post_http, post_inproc = raw["post_http"], raw["add_inprocess"]
+        _, line = _row("POST small module, 1 client (/s)", post_http, post_inproc, GOAL_RATIO)
+        out.write(line + "\n")
+        out.write(_latency_row("wasmstore POST", post_http) + "\n")
+        out.write(_latency_row("baseline (in-process Store.add)", post_inproc) + "\n")
+        per_round += [("POST http", post_http), ("add", post_inproc)]
+    out.write("\nper round (req/s): " + " | ".join(
+        f"{label} " + ", ".join(f"{r['rate']:.0f}" for r in results)
+        for label, results in per_round) + "\n")
+
+
+def print_workers_table(results, rounds, seconds, out=sys.stdout):
+    """The workers figure; returns {request: ratio of 2 workers over 1}."""
+    out.write(f"\nworkers: wrk -t1 -c{WORKERS_CONNECTIONS}, {seconds:g} s per run, {rounds} "
+              "alternating rounds; requests/s of --workers 2 over --workers 1 (one process)\n\n")
+    out.write(f"{'request':<30} {'1 worker':>10} {'2 workers':>10} {'ratio':>7}  goal"
+              f"{'':<14} CPU/request 1 | 2\n")
+    out.write("-" * 96 + "\n")
+    labels = {"GET": f"GET of a {WORKERS_SMALL_SIZE // 1024} KB module (req/s)",
+              "call": "warm call of add(2, 3) (req/s)"}
+    ratios = {}
+    for name, by_workers in results.items():
+        one, two = by_workers[1], by_workers[2]
+        ratio = ratios[name] = paired_ratio(two, one)
+        verdict = "met" if ratio >= WORKERS_GOAL else "MISSED"
+        out.write(f"{labels[name]:<30} {_median(one, 'rate'):>10.0f} {_median(two, 'rate'):>10.0f} "
+                  f"{ratio:>7.2f}  >= {WORKERS_GOAL:.1f} {verdict:<7} "
+                  f"{_median(one, 'cpu_us'):>6.0f} | {_median(two, 'cpu_us'):.0f} us\n")
+        out.write(f"  p50/p99 ms: 1 worker {_median(one, 'p50_ms'):.2f}/{_median(one, 'p99_ms'):.2f}"
+                  f", 2 workers {_median(two, 'p50_ms'):.2f}/{_median(two, 'p99_ms'):.2f}; per round "
+                  "(req/s 1 | 2): " + ", ".join(f"{a['rate']:.0f} | {b['rate']:.0f}"
+                                               for a, b in zip(one, two)) + "\n")
+    return ratios
 
 
 # ---------------------------------------------------------------------------------- main
 
+FIGURES = ("get", "post", "workers")
+
+
 def _build_parser():
     parser = argparse.ArgumentParser(prog="bench.py http",
-                                     description="REST API throughput and latency vs same-run baselines.")
-    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per figure (median)")
-    parser.add_argument("--seconds", type=float, default=3.0, help="duration of each measurement")
+                                     description="REST API throughput and latency vs same-run "
+                                                 "baselines.")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="alternating rounds per figure (median)")
+    parser.add_argument("--seconds", type=float, default=3.0,
+                        help="duration of each measurement")
+    parser.add_argument("--only", action="append", choices=FIGURES,
+                        help="measure only this figure (repeatable; default: all)")
     parser.add_argument("--json", action="store_true", help="also print the raw results as JSON")
     return parser
 
@@ -432,20 +668,33 @@ def main(argv=None):
     if args.rounds < 1 or not args.seconds > 0:
         sys.stderr.write("bench.py http: error: --rounds >= 1 and --seconds > 0 please\n")
         return 2
+    figures = args.only or FIGURES
+    if "workers" in figures and shutil.which("wrk") is None:
+        sys.stderr.write("bench.py http: error: the workers figure needs wrk "
+                         "(apt-get install wrk; .ci/run installs it)\n")
+        return 2
     if REPO_DIR not in sys.path:
         sys.path.insert(0, REPO_DIR)
     import wasmstore
     parent = tempfile.mkdtemp(prefix="wasmstore-bench-http-")
+    raw = {}
     try:
-        store = wasmstore.Store(os.path.join(parent, "get"))
-        get_ours, get_base, size = bench_get(store, args.rounds, args.seconds)
-        post_inproc, post_http = bench_post(parent, args.rounds, args.seconds)
+        if "get" in figures:
+            store = wasmstore.Store(os.path.join(parent, "get"))
+            raw["get_wasmstore"], raw["get_baseline"], _ = bench_get(store, args.rounds,
+                                                                     args.seconds)
+        if "post" in figures:
+            raw["add_inprocess"], raw["post_http"] = bench_post(parent, args.rounds, args.seconds)
+        if "workers" in figures:
+            raw["workers"] = bench_workers(parent, args.rounds, args.seconds)
     finally:
         shutil.rmtree(parent, ignore_errors=True)
-    print_table(get_ours, get_base, size, post_inproc, post_http, args.rounds, args.seconds)
+    if "get" in figures or "post" in figures:
+        print_table(raw, GET_BODY_SIZE, args.rounds, args.seconds)
+    if "workers" in figures:
+        print_workers_table(raw["workers"], args.rounds, args.seconds)
     if args.json:
-        print(json.dumps({"get_wasmstore": get_ours, "get_baseline": get_base,
-                          "post_http": post_http, "add_inprocess": post_inproc}, indent=1))
+        print(json.dumps(raw, indent=1))
     return 0
 
 

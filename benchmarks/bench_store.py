@@ -9,7 +9,13 @@ Figures, each the median of --rounds rounds, ratios taken against a baseline in 
 - W1b: 300 small modules added one commit each, durably, spread over ten directories
   (``d0`` .. ``d9``): adds/s and the ratio to dulwich doing the same work in the same run.
   Unlike W1, no tree grows big, so the figure is the per-commit cost itself (objects, syncs,
-  ref update) rather than the serialisation of one large directory.
+  ref update, validation) rather than the serialisation of one large directory. The main
+  workload is modules with code (10 functions, ~200 bytes, as a compiler emits them: each one
+  is validated); modules of a custom section alone, which flatter validation, are beside it.
+- validate: the durable add of modules with 10, 200 and 2,000 functions (~0.2, 3.6 and 38
+  KB) against ``wasmtime.Module.validate`` of the same bytes and the add of a module of the
+  same size without code (the commit's own cost), interleaved; goal: add <= 2 x validator +
+  commit for the 2,000-function module.
 - W2: the same adds into a store already holding 10,000 paths in 100 directories: the ratio
   of its per-add cost to W1's (a commit must cost O(depth), not O(store size)).
 - W3: warm ``find`` by path (lookups/s); ``versions`` of a path changed 10 times inside 5,000
@@ -76,7 +82,10 @@ QUICK = types.SimpleNamespace(
     gc_modules=1000, gc_small_bytes=2048, gc_factor=10, gc_commits=2,
     big_module_bytes=5 << 20, import_modules=100, import_module_bytes=1024)
 ADD_BLOCK = 50          # W1/W2 runs alternate every ADD_BLOCK adds to share the noise
-SECTIONS = ("w1", "w1b", "w2", "w3", "w4", "big", "import", "component")
+W1B_FUNCTIONS = 10      # W1b's main workload: modules with code (a module without is beside it)
+VALIDATE_SIZES = (10, 200, 2000)    # functions per module in the validation figure
+VALIDATE_ADDS = 20      # durable adds per size and round in the validation figure
+SECTIONS = ("w1", "w1b", "validate", "w2", "w3", "w4", "big", "import", "component")
 
 
 class BenchFailure(Exception):
@@ -106,6 +115,30 @@ def module_bytes(tag, size=0):
     padding = max(0, size - len(WASM_HEADER) - len(payload) - 6)
     payload += b"\xa5" * padding
     return WASM_HEADER + b"\0" + _leb(len(payload)) + payload
+
+
+def _section(section_id, payload):
+    return bytes([section_id]) + _leb(len(payload)) + payload
+
+
+def code_module_bytes(tag, functions):
+    """A valid core module with code, as compilers emit it: `functions` functions of type
+    (i32) -> i32, each adding a constant, calling the one before it and multiplying (about
+    19 bytes of code each: 10 functions make ~200 bytes, 2,000 make ~38 KB), the first one
+    exported, and a custom section holding tag (distinct per module)."""
+    tag = tag.encode() if isinstance(tag, str) else tag
+    types = _section(1, b"\x01\x60\x01\x7f\x01\x7f")
+    declared = _section(3, _leb(functions) + b"\x00" * functions)
+    exports = _section(7, b"\x01\x02f0\x00\x00")
+    bodies = bytearray(_leb(functions))
+    for index in range(functions):
+        code = b"\x00\x20\x00\x41" + _leb(index * 7 + 1) + b"\x6a"     # local.get 0 + k
+        if index:
+            code += b"\x10" + _leb(index - 1)                              # call the previous
+        code += b"\x41\x03\x6c\x20\x00\x73\x0b"                          # * 3, ^ arg, end
+        bodies += _leb(len(code)) + code
+    custom = _section(0, _leb(5) + b"bench" + tag)
+    return WASM_HEADER + types + declared + exports + _section(10, bytes(bodies)) + custom
 
 
 def write_module_file(filename, size, tag_size=16):
@@ -141,12 +174,13 @@ def _write_tree(directory, files):
 
 # --------------------------------------------------------------------------- setup helpers
 
-def load_wasmstore():
-    """The project's wasmstore.py, loaded by file path (the benchmark may run from anywhere)."""
+def load_wasmstore(filename=WASMSTORE_FILE):
+    """The project's wasmstore.py (or `filename`), loaded by file path (the benchmark may run
+    from anywhere)."""
     module = sys.modules.get("wasmstore")
-    if module is not None and os.path.abspath(getattr(module, "__file__", "")) == WASMSTORE_FILE:
+    if module is not None and os.path.abspath(getattr(module, "__file__", "")) == filename:
         return module
-    spec = importlib.util.spec_from_file_location("wasmstore", WASMSTORE_FILE)
+    spec = importlib.util.spec_from_file_location("wasmstore", filename)
     module = importlib.util.module_from_spec(spec)
     sys.modules["wasmstore"] = module
     spec.loader.exec_module(module)
@@ -320,10 +354,12 @@ def bench_adds(ws, cfg, rounds, work, dulwich, prefilled_root, sections):
     return times
 
 
-def bench_spread_adds(ws, cfg, rounds, work, dulwich):
+def bench_spread_adds(ws, cfg, rounds, work, dulwich, functions=W1B_FUNCTIONS):
     """W1b: spread_adds adds over spread_dirs directories, wasmstore and dulwich interleaved
-    like W1; returns {run: [seconds/round]}."""
-    modules = [module_bytes(f"w1b-{index}") for index in range(cfg.spread_adds)]
+    like W1, of modules with `functions` functions of code (0: a custom section alone);
+    returns {run: [seconds/round]}."""
+    modules = [code_module_bytes(f"w1b-{index}", functions) if functions
+               else module_bytes(f"w1b-{index}") for index in range(cfg.spread_adds)]
     directories = [f"d{index}" for index in range(cfg.spread_dirs)]
     times = collections.defaultdict(list)
     for round_number in range(rounds):
@@ -336,6 +372,43 @@ def bench_spread_adds(ws, cfg, rounds, work, dulwich):
         _run_interleaved(adders, cfg.spread_adds, round_number, times)
         shutil.rmtree(scratch)
     return times
+
+
+def bench_validation(ws, work, rounds):
+    """Per size in VALIDATE_SIZES: the seconds of a durable add of a module with that many
+    functions, of wasmtime.Module.validate of the same bytes, and of a durable add of a
+    module of the same size without code (the commit's own cost), interleaved; returns
+    {functions: {"add": [...], "validate": [...], "commit": [...], "bytes": size}}."""
+    import wasmtime
+    engine = wasmtime.Engine()
+    results = {}
+    for functions in VALIDATE_SIZES:
+        measured = results[functions] = collections.defaultdict(list)
+        for round_number in range(rounds):
+            coded = [code_module_bytes(f"v{round_number}-{i}", functions)
+                     for i in range(VALIDATE_ADDS)]
+            plain = [module_bytes(f"p{round_number}-{i}", len(coded[0]))
+                     for i in range(VALIDATE_ADDS)]
+            root = tempfile.mkdtemp(prefix="validate-", dir=work)
+            with ws.Store(os.path.join(root, "s")) as store:
+                spent = collections.Counter()
+                for index, (code, blank) in enumerate(zip(coded, plain)):
+                    spent["add"] += _seconds(store.add, f"c/m{index}.wasm", code)
+                    spent["validate"] += _seconds(wasmtime.Module.validate, engine, code)
+                    spent["commit"] += _seconds(store.add, f"p/m{index}.wasm", blank)
+            shutil.rmtree(root)
+            for key, seconds in spent.items():
+                measured[key].append(seconds / VALIDATE_ADDS)
+        measured["bytes"] = len(coded[0])
+        _progress(f"validation, {functions} functions: add {_median(measured['add']) * 1e3:.2f} "
+                  f"ms, validate {_median(measured['validate']) * 1e3:.2f} ms")
+    return results
+
+
+def _seconds(function, *args):
+    began = time.perf_counter()
+    function(*args)
+    return time.perf_counter() - began
 
 
 def _run_interleaved(adders, count, round_number, times):
@@ -722,6 +795,19 @@ def _report_adds(table, cfg, times, dulwich_note, label="W1", count=None, goal=1
                       ratio <= 1.3)
 
 
+def _report_validation(table, results):
+    """Each size's durable add, validator and commit cost; the goal: an add costs at most
+    twice the validator plus the commit's own cost."""
+    for functions, measured in results.items():
+        add, validate, commit = (_median(measured[key]) for key in ("add", "validate", "commit"))
+        goal = add <= 2 * validate + commit
+        table.add(f"durable add of a {functions}-function module ({measured['bytes']:,} B)",
+                  f"{add * 1e3:.2f} ms (validator {validate * 1e3:.2f} ms, commit of a "
+                  f"module without code {commit * 1e3:.2f} ms)",
+                  "<= 2 x validator + commit" if functions == max(results) else "",
+                  goal if functions == max(results) else None)
+
+
 def _report_maintenance(table, label, results, total_bytes):
     for operation in ("fsck", "gc"):
         data = results[operation]
@@ -765,6 +851,9 @@ def _build_parser():
                         help="also print a cProfile of W1 wasmstore adds to stderr")
     parser.add_argument("--check", action="store_true",
                         help="exit 1 when a goal is missed (default: report only)")
+    parser.add_argument("--wasmstore", metavar="FILE", default=WASMSTORE_FILE,
+                        help="measure this wasmstore.py instead (e.g. another checkout's, for a "
+                             "before/after in one time window)")
     return parser
 
 
@@ -796,7 +885,7 @@ def main(argv=None):
 
 
 def run(args, cfg, sections):
-    ws = load_wasmstore()
+    ws = load_wasmstore(os.path.abspath(args.wasmstore))
     table = Table()
     rounds = args.rounds
     with tempfile.TemporaryDirectory(prefix="wasmstore-bench-", dir="/tmp") as work:
@@ -814,9 +903,15 @@ def run(args, cfg, sections):
             times = bench_adds(ws, cfg, rounds, work, dulwich, prefilled_root, sections)
             _report_adds(table, cfg, times, dulwich_note)
         if "w1b" in sections:
-            _progress(f"W1b: {cfg.spread_adds} adds over {cfg.spread_dirs} directories per round")
-            times = bench_spread_adds(ws, cfg, rounds, work, dulwich)
-            _report_adds(table, cfg, times, dulwich_note, "W1b", cfg.spread_adds, 1.5)
+            for functions, label, goal in ((W1B_FUNCTIONS, f"W1b ({W1B_FUNCTIONS}-function "
+                                            "modules)", 3.0),
+                                           (0, "W1b (modules without code)", 1.5)):
+                _progress(f"{label}: {cfg.spread_adds} adds over {cfg.spread_dirs} directories "
+                          "per round")
+                times = bench_spread_adds(ws, cfg, rounds, work, dulwich, functions)
+                _report_adds(table, cfg, times, dulwich_note, label, cfg.spread_adds, goal)
+        if "validate" in sections:
+            _report_validation(table, bench_validation(ws, work, rounds))
         if args.file_ops:
             per_add = count_file_operations(ws, work, min(cfg.adds, 200))
             table.add("os calls per add (untimed run, ten directories)",

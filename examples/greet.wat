@@ -20,13 +20,14 @@
       (local.set $p (global.get $heap))
       (global.set $heap (i32.add (local.get $p) (local.get $size)))
       (if (i32.gt_u (global.get $heap) (i32.shl (memory.size) (i32.const 16)))
-        (then (if (i32.eq (memory.grow (i32.add (i32.shr_u (local.get $size) (i32.const 16)) (i32.const 1)))
+        (then (if (i32.eq (memory.grow (i32.add (i32.shr_u (local.get $size) (i32.const 16))
+                                                (i32.const 1)))
                           (i32.const -1))
                 (then unreachable))))
       (local.get $p))
 
-    (func (export "realloc") (param $old i32) (param $old-size i32) (param $align i32) (param $size i32)
-      (result i32)
+    (func (export "realloc")
+      (param $old i32) (param $old-size i32) (param $align i32) (param $size i32) (result i32)
       (call $alloc (local.get $size)))
 
     (func (export "greet") (param $name i32) (param $length i32) (result i32)
@@ -34,7 +35,8 @@
       (local.set $out (call $alloc (i32.add (local.get $length) (i32.const 8))))
       (memory.copy (local.get $out) (i32.const 16) (i32.const 7))
       (memory.copy (i32.add (local.get $out) (i32.const 7)) (local.get $name) (local.get $length))
-      (i32.store8 (i32.add (local.get $out) (i32.add (local.get $length) (i32.const 7))) (i32.const 33))
+      (i32.store8 (i32.add (local.get $out) (i32.add (local.get $length) (i32.const 7)))
+                  (i32.const 33))
       (i32.store (i32.const 0) (local.get $out))             ;; the (pointer, length) pair at 0
       (i32.store (i32.const 4) (i32.add (local.get $length) (i32.const 8)))
       (i32.const 0)))

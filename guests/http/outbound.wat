@@ -1,8 +1,10 @@
 ;; SPDX-License-Identifier: Apache-2.0
 ;; outbound.wat: a wasi:http handler (@0.2.0 interfaces) that makes one outgoing request: GET
 ;; http://<x-upstream><path-with-query>, where x-upstream is a request header (host:port) and
-;; the path is the request's own (https when the request has an x-tls header); it answers with the upstream's status and its body, copied
-;; chunk by chunk as it arrives (blocking-read, blocking-write-and-flush), no headers.
+;; the path is the request's own (https when the request has an x-tls header); it answers with
+;; the upstream's status and its body, copied chunk by chunk as it arrives (blocking-read,
+;; blocking-write-and-flush), no headers. With an x-timeout header the call has request-options
+;; of 300 ms for connect-timeout and first-byte-timeout.
 ;; When outgoing-handler.handle or the response fails: 502 with the body "error-code <N>\n",
 ;; N the wasi:http error-code case (15 HTTP-request-denied, 6 connection-refused, ...).
 ;; Without an x-upstream header: 400 with an empty body.
@@ -88,6 +90,11 @@
       (func (param "self" (borrow $outgoing-request)) (param "authority" (option string)) (result (result))))
     (export "[method]outgoing-request.set-path-with-query"
       (func (param "self" (borrow $outgoing-request)) (param "path-with-query" (option string)) (result (result))))
+    (export "[constructor]request-options" (func (result (own $request-options))))
+    (export "[method]request-options.set-connect-timeout"
+      (func (param "self" (borrow $request-options)) (param "duration" (option u64)) (result (result))))
+    (export "[method]request-options.set-first-byte-timeout"
+      (func (param "self" (borrow $request-options)) (param "duration" (option u64)) (result (result))))
     (export "[method]future-incoming-response.subscribe" (func (param "self" (borrow $future)) (result (own $p))))
     (export "[method]future-incoming-response.get"
       (func (param "self" (borrow $future)) (result (option (result (result (own $incoming-response) (error $ec)))))))
@@ -154,6 +161,10 @@
   (core func $set-scheme (canon lower (func $types "[method]outgoing-request.set-scheme") (memory $mem)))
   (core func $set-authority (canon lower (func $types "[method]outgoing-request.set-authority") (memory $mem)))
   (core func $set-path (canon lower (func $types "[method]outgoing-request.set-path-with-query") (memory $mem)))
+  (core func $new-options (canon lower (func $types "[constructor]request-options")))
+  (core func $set-connect-timeout (canon lower (func $types "[method]request-options.set-connect-timeout")))
+  (core func $set-first-byte-timeout
+    (canon lower (func $types "[method]request-options.set-first-byte-timeout")))
   (core func $handle (canon lower (func $outgoing-handler "handle") (memory $mem) (realloc $realloc)))
   (core func $future-subscribe (canon lower (func $types "[method]future-incoming-response.subscribe")))
   (core func $future-get (canon lower (func $types "[method]future-incoming-response.get") (memory $mem) (realloc $realloc)))
@@ -185,6 +196,9 @@
     (import "host" "set-scheme" (func $set-scheme (param i32 i32 i32 i32 i32) (result i32)))
     (import "host" "set-authority" (func $set-authority (param i32 i32 i32 i32) (result i32)))
     (import "host" "set-path" (func $set-path (param i32 i32 i32 i32) (result i32)))
+    (import "host" "new-options" (func $new-options (result i32)))
+    (import "host" "set-connect-timeout" (func $set-connect-timeout (param i32 i32 i64) (result i32)))
+    (import "host" "set-first-byte-timeout" (func $set-first-byte-timeout (param i32 i32 i64) (result i32)))
     (import "host" "handle" (func $handle (param i32 i32 i32 i32)))
     (import "host" "future-subscribe" (func $future-subscribe (param i32) (result i32)))
     (import "host" "future-get" (func $future-get (param i32 i32)))
@@ -203,6 +217,7 @@
     (data (i32.const 512) "x-upstream")                  ;; 10
     (data (i32.const 528) "error-code ")                 ;; 11
     (data (i32.const 544) "x-tls")                       ;; 5
+    (data (i32.const 560) "x-timeout")                   ;; 9
     (global $out (mut i32) (i32.const 0))
 
     ;; set a response with `status` and no headers; the body's output stream (the body at 20)
@@ -236,6 +251,7 @@
     (func (export "handle") (param $request i32) (param $out-param i32)
       (local $upstream i32) (local $outgoing i32) (local $future i32) (local $p i32) (local $response i32)
       (local $stream i32) (local $in i32) (local $mark i32) (local $n i32) (local $off i32) (local $chunk i32)
+      (local $options i32) (local $has-options i32)
       (global.set $out (local.get $out-param))
       ;; the x-upstream header's first value (ptr at 32, len at 36 of the list's first element)
       (call $fields-get (call $headers (local.get $request)) (i32.const 512) (i32.const 10) (i32.const 32))
@@ -252,7 +268,17 @@
                                  (i32.load (local.get $upstream)) (i32.load offset=4 (local.get $upstream))))
       (drop (call $set-path (local.get $outgoing) (i32.load8_u (i32.const 40)) (i32.load (i32.const 44))
                             (i32.load (i32.const 48))))
-      (call $handle (local.get $outgoing) (i32.const 0) (i32.const 0) (i32.const 256))
+      ;; request-options of 300 ms when x-timeout is there
+      (call $fields-get (call $headers (local.get $request)) (i32.const 560) (i32.const 9) (i32.const 24))
+      (if (i32.load (i32.const 28))
+        (then
+          (local.set $options (call $new-options))
+          (local.set $has-options (i32.const 1))
+          (if (call $set-connect-timeout (local.get $options) (i32.const 1) (i64.const 300000000))
+            (then unreachable))
+          (if (call $set-first-byte-timeout (local.get $options) (i32.const 1) (i64.const 300000000))
+            (then unreachable))))
+      (call $handle (local.get $outgoing) (local.get $has-options) (local.get $options) (i32.const 256))
       (if (i32.load8_u (i32.const 256)) (then (call $fail (i32.load8_u (i32.const 264))) (return)))
       (local.set $future (i32.load (i32.const 264)))
       (local.set $p (call $future-subscribe (local.get $future)))
@@ -304,6 +330,9 @@
       (export "set-scheme" (func $set-scheme))
       (export "set-authority" (func $set-authority))
       (export "set-path" (func $set-path))
+      (export "new-options" (func $new-options))
+      (export "set-connect-timeout" (func $set-connect-timeout))
+      (export "set-first-byte-timeout" (func $set-first-byte-timeout))
       (export "handle" (func $handle))
       (export "future-subscribe" (func $future-subscribe))
       (export "future-get" (func $future-get))

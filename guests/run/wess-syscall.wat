@@ -13,7 +13,8 @@
   (import "env" "randomi32" (func $randomi32 (result i32)))
   (import "wasi_snapshot_preview1" "fd_write" (func $fd_write (param i32 i32 i32 i32) (result i32)))
   (import "wasi_snapshot_preview1" "environ_get" (func $environ_get (param i32 i32) (result i32)))
-  (import "wasi_snapshot_preview1" "environ_sizes_get" (func $environ_sizes_get (param i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "environ_sizes_get"
+    (func $environ_sizes_get (param i32 i32) (result i32)))
   (import "wasi_snapshot_preview1" "proc_exit" (func $proc_exit (param i32)))
   (memory (export "memory") 1)
   (global $heap (mut i32) (i32.const 1024))
@@ -27,7 +28,8 @@
     (block $done
       (loop $next
         (br_if $done (i32.ge_u (local.get $i) (local.get $n)))
-        (i32.store (i32.add (local.get $start) (i32.shl (local.get $i) (i32.const 2))) (call $randomi32))
+        (i32.store (i32.add (local.get $start) (i32.shl (local.get $i) (i32.const 2)))
+                   (call $randomi32))
         (local.set $i (i32.add (local.get $i) (i32.const 1)))
         (br $next)))
     (global.set $heap (i32.add (local.get $start) (i32.shl (local.get $n) (i32.const 2))))
