@@ -979,9 +979,11 @@ class GuestRuntime:
 
     def execute(self, call, function, version, work, gated=True, resolve=None):
         """Resolve the module, then load it and work(target, stats) in a gate slot; records the
-        outcome in the metrics and the access log. gated=False (exports): a module compiled
-        already needs no slot. resolve: a function giving the Target, when the caller picks it
-        otherwise than by call.path, call.branch and version (an app)."""
+        outcome in the metrics and the access log. gated=False (exports, which never compiles):
+        nothing is loaded, and only a module not compiled yet takes a slot (reading its types
+        is work too: a component's take a stubbed compile). resolve: a function giving the
+        Target, when the caller picks it otherwise than by call.path, call.branch and version
+        (an app)."""
         started = time.monotonic()
         stats = {}
         error = None
@@ -993,7 +995,8 @@ class GuestRuntime:
             if not gated and self.runner.host.is_loaded(target.digest):
                 return work(target, stats)
             with self.gate.slot():
-                self.load(target)                   # a first call's compile holds its slot
+                if gated:
+                    self.load(target)               # a first call's compile holds its slot
                 return work(target, stats)
         except Exception as exc:
             error = exc
@@ -1213,10 +1216,7 @@ def get_exports(store, call, body):
     version = _version_query(call)
 
     def work(target, stats):
-        guest = runtime.runner.load(target)
-        host = runtime.runner.host
-        return {"hash": target.digest, "kind": guest.kind, "exports": host.exports(guest),
-                "imports": host.imports(guest)}
+        return dict(hash=target.digest, **runtime.runner.describe(target))
     return json_reply(runtime.execute(call, "exports", version, work, gated=False))
 
 
@@ -6147,6 +6147,11 @@ def main(argv=None):
                    max_body=args.max_body, quiet=args.quiet, timeout=args.timeout,
                    run=run_options(args), apps=args.apps or (), serve=_served_app(args))
     workers = args.workers or DEFAULT_WORKERS
+    for option, url in (("--kv", args.kv), ("--provider-kv", args.provider_kv)):
+        if workers > 1 and str(url).partition(":")[0] == "memory":
+            parser.error(f"{option} memory: keeps data inside one process, and each of the "
+                         f"{workers} worker processes would have its own: use --workers 1, or "
+                         "a backend every worker shares (sqlite, the default, or redis)")
     try:
         store = wasmstore.Store(root)
         if options["serve"] is not None:

@@ -3891,8 +3891,7 @@ class WorkerProcessTests(unittest.TestCase):
     def test_run_slots_bound_the_whole_server(self):
         store = wasmstore.Store(self.root)
         fill_run_store(store, ["/p2/sleep.wasm"])
-        server = self.start("--workers", "2", "--max-guests", "1", "--run-queue", "0",
-                            "--kv", "memory:")
+        server = self.start("--workers", "2", "--max-guests", "1", "--run-queue", "0")
         self.assertEqual(http_request(server.url + "/api/v1/call/sleep/p2/sleep.wasm",
                                       "POST", b"[0]")[0], 200)        # compiled by now
         results = []
@@ -3908,7 +3907,7 @@ class WorkerProcessTests(unittest.TestCase):
         self.assertEqual(sorted(results), [200] + [503] * 7)
 
     def test_a_module_added_by_the_command_line_is_compiled_once_for_every_worker(self):
-        server = self.start("--workers", "2", "--kv", "memory:")
+        server = self.start("--workers", "2")
         module = numbered_module(random.randrange(1 << 30))
         source = os.path.join(temp_dir(self), "fresh.wasm")
         with open(source, "wb") as f:
@@ -3921,6 +3920,19 @@ class WorkerProcessTests(unittest.TestCase):
         self.assertEqual({reply[:1] + reply[2:] for reply in calls}, {(200, calls[0][2])})
         text = self.metrics(server)
         self.assertEqual(metric(text, "wasmstore_compile_cache_total", result="compiles"), 1)
+
+    def test_a_process_local_kv_backend_needs_one_worker(self):
+        # Each worker would keep its own memory: backend, so the same guest would see different
+        # data depending on which worker a connection reached.
+        for args in (["--kv", "memory:"], ["--kv", "component:/apps/p.wasm", "--provider-kv",
+                                            "memory:"]):
+            with self.subTest(args=args):
+                result = run_http_server("--root", self.root, "--port", "0", "--workers", "2",
+                                         *args)
+                self.assertEqual(result.returncode, 2)
+                self.assertIn("memory: keeps data inside one process", result.stderr)
+        server = self.start("--workers", "1", "--kv", "memory:")
+        self.assertNotIn("worker processes", server.banner)
 
     def test_workers_option_and_environment(self):
         self.assertIn("WASMSTORE_WORKERS", run_http_server("--help").stdout)
@@ -9576,6 +9588,7 @@ class OciRegistryTest(OciTestCase):
         wasmstore.push(self.store, "/ok.wasm", good)
         target = Store(os.path.join(self.tmp, "target"))
         self.addCleanup(target.close)
+        self.assertEqual(list(target.list()), [])     # a first read maps refs/generation
         before = store_files(target.root)
         with self.assertRaises(wasmstore.NotFound):
             wasmstore.pull_many(target, [(good, "/1.wasm"), (self.registry.ref(self.repo("missing")), "/2.wasm"),
@@ -10748,6 +10761,24 @@ class RunHttpTest(unittest.TestCase):
                         {"name": "square", "params": [{"name": None, "type": "i32"}], "results": ["i32"]}],
             "imports": []})
         self.assertEqual(json.loads(live.request("GET", "/api/v1/exports/kv/probe.wasm")[2])["kind"], "component")
+
+    def test_exports_never_compile(self):
+        # A freshly added 18 MB component takes seconds to compile: listing what it exports
+        # must not cost that, nor fill the memory cache with a guest nobody called.
+        live = self.server(precompile=False, cache_dir=temp_dir(self, "fresh-cache-"))
+        host = live.server.runtime.runner.host
+        for path in ("/lib/math.wasm", "/kv/probe.wasm"):
+            status, _, body = live.request("GET", "/api/v1/exports" + path)
+            self.assertEqual(status, 200, body)
+            self.assertFalse(host.is_loaded(live.store.hash(path)))
+        self.assertEqual(host.cache_stats(), {"memory_hits": 0, "disk_hits": 0, "compiles": 0})
+        described = json.loads(body)
+        self.assertEqual(described["kind"], "component")
+        self.assertIn("incr", [export["name"] for export in described["exports"]])
+        self.assertEqual(self.call(live, "incr", "/kv/probe.wasm", ["b", "k", 1])[2], b'{"ok":1}')
+        self.assertEqual(host.cache_stats()["compiles"], 1)
+        loaded = json.loads(live.request("GET", "/api/v1/exports/kv/probe.wasm")[2])
+        self.assertEqual(loaded, described)             # the compiled guest says the same
 
     def test_exports_route_lists_the_imports_too(self):
         live = self.server()

@@ -3580,10 +3580,19 @@ class Runner:
         return self.host.handle_http(guest, request, sink,
                                      namespace=namespace or target.namespace)
 
+    def describe(self, path_or_hash, *, branch=None, version=None, commit=None):
+        """{"kind", "exports", "imports"} of a stored module, never compiling it
+        (kvhost.Host.describe); path_or_hash may be a Target from resolve()."""
+        target = path_or_hash if type(path_or_hash) is Target else \
+            self._target(path_or_hash, branch, version, commit)
+        return self.host.describe(self.store.module_filename(target.digest), digest=target.digest,
+                                  name=target.path or target.digest)
+
     def exports(self, path_or_hash, *, branch=None, version=None, commit=None):
-        """The callable exports of a stored module (kvhost.describe_exports)."""
-        _, guest = self._prepare(path_or_hash, branch, version, commit)
-        return self.host.exports(guest)
+        """The callable exports of a stored module (kvhost.describe_exports), never compiling
+        it."""
+        return self.describe(path_or_hash, branch=branch, version=version,
+                             commit=commit)["exports"]
 
 
 # ---------------------------------------------------------------------------

@@ -538,7 +538,7 @@ def bench_workers(parent, rounds, seconds):
     try:
         for workers in (1, 2):
             servers[workers] = ServerProcess(root, os.path.join(parent, "cache"),
-                                             ["--workers", str(workers), "--kv", "memory:"])
+                                             ["--workers", str(workers)])
         for server in servers.values():               # warm-up, untimed: every worker loads add
             for path, post, expected in WORKERS_REQUESTS.values():
                 _check_answer(server.port, path, post, expected)
