@@ -6045,8 +6045,7 @@ def _add_run_options(group):
     add("--max-output", type=_byte_size, default=DEFAULT_MAX_OUTPUT, metavar="N",
         help="stdout (and stderr) kept per run; the rest is counted, not sent (default 16M)")
     add("--namespace-map", action="append", default=[], metavar="PREFIX=NS",
-        help="modules under PREFIX share kv namespace NS (repeatable; default: each path is "
-             "its own namespace, a hash is sha256:<hash>)")
+        help=wasmstore.NAMESPACE_MAP_HELP)
     if kvhost is not None:        # the sandbox options are kvhost's, parsed as everywhere
         kvhost.add_sandbox_options(group, "a path in the store, in the same commit as the "
                                           "module run", flags=SANDBOX_FLAGS, env=SANDBOX_ENV)

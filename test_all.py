@@ -49,6 +49,9 @@ The file has one banner-separated section per feature, in this order (feature: t
       ServeAppTests, AppFramingTests, AppErrorTests, AppRouteTests, AppLimitsTests,
       AppObservabilityTests, ServeCommandTest, WasmtimeServePeerTest (the same requests
       through `wasmtime serve`)
+  Hostile input and reliability (tables of cases; the server keeps serving, nothing changes):
+      InputHelpersTest, HostileHttpTest, HostileCommandLineTest, GuestOutputTest,
+      WorkerDeathTest, BranchStateTest
 
 A new test goes in its feature's section and uses the fixtures: one behaviour per test, a
 temp_dir (or StoreTestCase) for files, wait_until on the event it needs (never a sleep),
@@ -11467,6 +11470,120 @@ class WorkerDeathTest(unittest.TestCase):
                 kill_idle_workers()
                 status, headers, body = live.request(*call)
                 self.assertEqual((status, headers.get("wasmstore-error")), (200, None), body)
+
+
+class BranchStateTest(StoreTestCase):
+    """kv state follows branches: a branch other than the default has its own namespace for a
+    path, sharing is an explicit --namespace-map, merging moves no data; any storable path runs,
+    however long, and keeps a namespace of its own."""
+
+    PATH = "/kv/probe.wasm"
+
+    def setUp(self):
+        super().setUp()
+        self.store.add(self.PATH, guest_binary(PROBE))
+        self.store.create_branch("dev")
+        self.runner = wasmstore.Runner(self.store, kv="memory:", cache_dir=False)
+        self.addCleanup(self.runner.close)
+
+    def bump(self, runner=None, branch=None, path=PATH):
+        """The count after adding 1 to key k of bucket b, as the module at path sees it."""
+        runner = runner or self.runner
+        return runner.call(path, "incr", ["b", "k", 1], branch=branch)["ok"]
+
+    def namespace(self, path=PATH, branch=None, runner=None):
+        return (runner or self.runner).resolve(path, branch=branch).namespace
+
+    def data(self):
+        """Every namespace's value of b/k in the runner's backend."""
+        backend = self.runner.host.backend
+        return {namespace: backend.get(namespace, "b", "k")
+                for namespace in backend.namespaces()}
+
+    def test_a_branch_has_its_own_namespace_by_default(self):
+        counts = [self.bump(), self.bump(branch="dev"), self.bump(), self.bump(branch="main")]
+        self.assertEqual(counts, [1, 1, 2, 3])
+        self.assertEqual(self.namespace(branch="dev"), "dev:/kv/probe.wasm")
+        self.assertEqual(self.namespace(), "/kv/probe.wasm")
+        self.assertEqual(self.namespace(branch="main"), "/kv/probe.wasm")
+        digest = self.store.hash(self.PATH)
+        self.assertEqual(self.namespace(digest, branch="dev"), f"dev:sha256:{digest}")
+        self.assertEqual(self.data(), {"dev:/kv/probe.wasm": b"1", "/kv/probe.wasm": b"3"})
+
+    def test_merging_a_branch_moves_no_data(self):
+        self.bump(branch="dev")
+        self.bump(branch="dev")
+        self.store.add("/kv/other.wasm", guest_binary(PROBE), branch="dev")
+        self.bump(branch="dev", path="/kv/other.wasm")
+        before = self.data()
+        self.store.merge("dev", branch="main")
+        self.assertEqual(self.data(), before)
+        self.assertEqual(self.bump(), 1)                        # the default branch's own count
+        self.assertEqual(self.bump(branch="dev"), 3)
+        self.assertEqual(self.bump(path="/kv/other.wasm"), 1)
+
+    def test_sharing_across_branches_is_a_namespace_map(self):
+        shared = wasmstore.Runner(self.store, kv="memory:", cache_dir=False,
+                                  namespaces=wasmstore.parse_namespace_map(["/kv=shared"]))
+        self.addCleanup(shared.close)
+        self.assertEqual([self.bump(shared), self.bump(shared, "dev"), self.bump(shared)],
+                         [1, 2, 3])
+        self.assertEqual(self.namespace(branch="dev", runner=shared), "shared")
+
+    def test_the_default_branch_is_whichever_the_store_names(self):
+        self.bump(branch="dev")
+        self.store.set_default_branch("dev")
+        self.assertEqual(self.namespace(branch="dev"), "/kv/probe.wasm")
+        self.assertEqual(self.namespace(branch="main"), "main:/kv/probe.wasm")
+
+    def test_a_path_longer_than_a_namespace_runs_and_keeps_its_state(self):
+        long_a = "/" + "/".join(["d" * 200] * 9) + "/a.wasm"
+        long_b = long_a[:-len("a.wasm")] + "b.wasm"
+        for path in (long_a, long_b):
+            for branch in ("main", "dev"):
+                self.store.add(path, guest_binary(PROBE), branch=branch)
+        self.assertGreater(len(long_a), 1024)
+        counts = [self.bump(path=long_a), self.bump(path=long_a), self.bump(path=long_b),
+                  self.bump(path=long_a, branch="dev")]
+        self.assertEqual(counts, [1, 2, 1, 1])
+        namespaces = {self.namespace(path, branch) for path in (long_a, long_b)
+                      for branch in ("main", "dev")}
+        self.assertEqual(len(namespaces), 4)
+        for namespace in namespaces:
+            self.assertLessEqual(len(namespace), 1024)
+            self.assertRegex(namespace, r"\.\.\.sha256:[0-9a-f]{64}\Z")
+
+    def test_the_command_line_call_takes_the_branch_namespace(self):
+        args = ("call", "--kv", "sqlite:" + os.path.join(self.tmp, "kv.sqlite3"))
+        for branch, expected in (("dev", "1"), ("main", "1"), ("dev", "2")):
+            done = run_cli(self.root, *args, "--branch", branch, self.PATH, "incr", '"b"', '"k"',
+                           "1")
+            self.assertEqual((done.returncode, done.stderr), (0, ""))
+            self.assertEqual(json.loads(done.stdout), {"ok": int(expected)})
+
+    def test_over_http_a_branch_and_a_long_path(self):
+        live = LiveServer(self, root=self.root, run={"kv": "memory:"})
+        long_dir = "/" + "/".join(["s" * 250] * 8)
+        fill_run_store(live.store, paths={"/num/numbers.wasm", "/wasi/hello.wasm"})
+        for path in ("/p.wasm", "/numbers.wasm", "/hello.wasm"):
+            source = {"/p.wasm": PROBE, "/numbers.wasm": "numbers", "/hello.wasm": "wasi-hello"}
+            live.store.add(long_dir + path, guest_binary(source[path]))
+
+        def post(route, path, body=b"", branch="main"):
+            target = route + urllib.parse.quote(path)
+            status, _, answer = live.request("POST", target, body, {"Wasmstore-Branch": branch})
+            self.assertEqual(status, 200, answer)
+            return answer
+
+        def bump(path, branch="main"):
+            return json.loads(post("/api/v1/call/incr", path, b'["b", "k", 1]', branch))["ok"]
+        self.assertEqual([bump(self.PATH), bump(self.PATH, "dev"), bump(self.PATH)], [1, 1, 2])
+        self.assertEqual([bump(long_dir + "/p.wasm"), bump(long_dir + "/p.wasm")], [1, 2])
+        self.assertEqual(post("/api/v1/call/add", long_dir + "/numbers.wasm", b"[2, 3]"), b"5")
+        self.assertEqual(post("/api/v1/run", long_dir + "/hello.wasm"), b"hello\n")
+        status, _, body = live.request("GET", "/api/v1/kv" + self.PATH, None,
+                                       {"Wasmstore-Branch": "dev"})
+        self.assertEqual((status, json.loads(body)["namespace"]), (200, "dev:/kv/probe.wasm"))
 
 
 # =================================================================================================

@@ -183,6 +183,10 @@ OCI_TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}\Z")
 OCI_DIGEST = re.compile(r"sha256:[0-9a-f]{64}\Z")
 OCI_VERSION_TAG = re.compile(r"v(0|[1-9][0-9]{0,8})\Z")   # v0, v1, ...: a path's versions
 MAX_JSON_DEPTH = 64                   # JSON from outside nests at most this deep
+MAX_NAMESPACE_CHARS = 1024            # kvhost's longest namespace (a path may be 16 KiB)
+NAMESPACE_MAP_HELP = ("modules under PREFIX share kv namespace NS on every branch (repeatable; "
+                      "default: each path is its own namespace, a hash is sha256:<hash>, and "
+                      "a branch other than the default prefixes BRANCH:)")
 MAX_NUMBER_CHARS = 40                 # a longer number from outside is refused unread
 
 
@@ -3324,7 +3328,7 @@ def parse_namespace_map(entries):
     parsed = []
     for entry in entries or ():
         prefix, sep, namespace = str(entry).partition("=")
-        if not sep or not namespace or "\0" in namespace or len(namespace) > 1024:
+        if not sep or not namespace or "\0" in namespace or len(namespace) > MAX_NAMESPACE_CHARS:
             raise InvalidInput(f"invalid namespace mapping {_short(entry)}: "
                                "expected PREFIX=NAMESPACE")
         parsed.append((tuple(validate_path(prefix)), namespace))
@@ -3373,15 +3377,17 @@ class Runner:
     the bytes go to kvhost with their hash, so a module is compiled once (kvhost's compile cache
     survives restarts) and never re-hashed per call. State: a module's wasi:keyvalue namespace
     is its path ("/apps/counter.wasm"), kept across runs and new versions; a module called by
-    hash uses "sha256:<hash>"; `namespaces` ([(prefix segments, namespace)], see
-    parse_namespace_map) lets an operator give every module under a prefix one shared
-    namespace. Core modules whose imports name a store path (or a hash) are linked to those
-    modules in the same commit; `links` ({import module name: store path}, the CLI's and the
-    server's --link NAME=PATH) links imports from any other module name ("env") to the module
-    at that path, in the same commit too. `host` is a kvhost.Host (default: one made from
-    host_options,
-    whose kv and provider_kv go through kv_options: sqlite under the store root, or
-    "component:PATH", a provider stored at PATH)."""
+    hash uses "sha256:<hash>"; on a branch other than the store's default, "<branch>:" comes
+    first ("dev:/apps/counter.wasm"), so a branch never reads or writes the default branch's
+    data (merging moves no data either); a name over 1,024 characters is cut and ends in its
+    SHA-256. `namespaces` ([(prefix segments, namespace)], see parse_namespace_map) lets an
+    operator give every module under a prefix one namespace, shared by every branch. Core
+    modules whose imports name a store path (or a hash) are linked to those modules in the same
+    commit; `links` ({import module name: store path}, the CLI's and the server's --link
+    NAME=PATH) links imports from any other module name ("env") to the module at that path, in
+    the same commit too. `host` is a kvhost.Host (default: one made from host_options, whose kv
+    and provider_kv go through kv_options: sqlite under the store root, or "component:PATH", a
+    provider stored at PATH)."""
 
     def __init__(self, store, host=None, *, namespaces=(), links=None, **host_options):
         kvhost = _kvhost()
@@ -3437,8 +3443,8 @@ class Runner:
         else:
             digest, commit = self.store.module_at(path_or_hash, branch=branch, commit=commit)
         if kind == "hash":
-            return Target(digest, commit, None, f"sha256:{digest}")
-        return Target(digest, commit, format_path(value), self._namespace_of(value))
+            return Target(digest, commit, None, self._on_branch(f"sha256:{digest}", branch))
+        return Target(digest, commit, format_path(value), self._namespace_of(value, branch))
 
     def resolve_prefix(self, segments, *, branch=None, version=None, commit=None):
         """(Target, n) for the shortest leading part of `segments` (the store path at the
@@ -3456,11 +3462,24 @@ class Runner:
                     raise
         raise NotFound(f"no module at {format_path(segments)} or at a path above it")
 
-    def _namespace_of(self, segments):
+    def _namespace_of(self, segments, branch):
         for prefix, namespace in self.namespaces:
             if segments[:len(prefix)] == prefix:
-                return namespace
-        return format_path(segments)
+                return namespace             # an operator's choice: shared by every branch
+        return self._on_branch(format_path(segments), branch)
+
+    def _on_branch(self, name, branch):
+        """The namespace of a module named `name` (its path, or sha256:<hash>) on `branch`: the
+        name itself on the store's default branch, "<branch>:<name>" on any other, so that
+        trying a version on a branch never touches the data the default branch serves (branch
+        names hold no ":" or "/", so no path's namespace looks like another branch's). A
+        namespace longer than kvhost takes ends in the SHA-256 of the whole name instead."""
+        if branch is not None and branch != self.store.default_branch:
+            name = f"{branch}:{name}"
+        if len(name) <= MAX_NAMESPACE_CHARS:
+            return name
+        tail = "...sha256:" + hashlib.sha256(name.encode("utf-8")).hexdigest()
+        return name[:MAX_NAMESPACE_CHARS - len(tail)] + tail
 
     def load(self, target):
         """The kvhost Guest for a target (compiled once per module hash)."""
@@ -5030,8 +5049,7 @@ def _add_run_options(sub, name):
     kvhost.add_store_options(sub, kv_default=None, kv_default_text="sqlite under the store root",
                              provider="PATH")
     sub.add_argument("--namespace-map", action="append", default=[], metavar="PREFIX=NS",
-                     help="modules under PREFIX share kv namespace NS (repeatable; default: "
-                          "each path is its own namespace, a hash is sha256:<hash>)")
+                     help=NAMESPACE_MAP_HELP)
     kvhost.add_sandbox_options(sub, link_target="a path in the store, in the same commit as the "
                                                 "module run")
 
