@@ -3821,8 +3821,9 @@ function callForm(path, described, ran) {
       const response = await api(`/call/${encodeURIComponent(select.value)}${enc(path)}`,
                                  {method: "POST", body,
                                   headers: {"Content-Type": "application/json"}});
+      const text = await response.text();     // class and text change together
       result.className = "ok";
-      result.textContent = await response.text();
+      result.textContent = text;
     } catch (error) {
       result.className = "error";
       result.textContent = error instanceof ApiError ? `${error.status}: ${error.message}`

@@ -682,7 +682,7 @@ class SqliteBackend(Backend):
                 os.makedirs(parent, exist_ok=True)
                 db = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None,
                                      check_same_thread=False)
-                db.execute("PRAGMA journal_mode=WAL")
+                self._use_wal(db)
                 db.execute("PRAGMA synchronous=FULL")
                 db.execute("PRAGMA fullfsync=ON")     # macOS: F_FULLFSYNC, past the drive's cache
             except (sqlite3.Error, OSError) as e:
@@ -691,6 +691,21 @@ class SqliteBackend(Backend):
             with self._all_lock:
                 self._all.append(db)
         return db
+
+    def _use_wal(self, db):
+        """Put the file in WAL mode (it stays so). Switching needs an exclusive lock, and SQLite
+        answers "database is locked" at once, without its busy handler, when another connection
+        opening the same new file holds a lock meanwhile: retry until the busy timeout."""
+        deadline = time.monotonic() + self.busy_timeout
+        while True:
+            try:
+                if db.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+                    db.execute("PRAGMA journal_mode=WAL")
+                return
+            except sqlite3.OperationalError as e:
+                if "locked" not in str(e) or time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.01)
 
     def _queue_writer(self):
         """Writers of this process queue on a lock before asking SQLite for its write lock:

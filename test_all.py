@@ -2638,7 +2638,7 @@ class MacosFallbackTest(StoreTestCase):
                 f"runpy.run_path({HTTP_SERVER_PY!r}, run_name='__main__')\n")
         root = os.path.join(self.tmp, "served")
         server = ServerProcess(self, None, "--root", root, "--port", "0", "--workers", "2",
-                               "--kv", "memory:", command=[sys.executable, "-c", code])
+                               command=[sys.executable, "-c", code])   # kv: the shared sqlite
         numbers = guest_binary("numbers")
         status, _, body = http_request(server.url + "/api/v1/module/num.wasm", "POST", numbers)
         self.assertEqual(status, 200, body)
@@ -5933,9 +5933,10 @@ class WebPageTests(unittest.TestCase):
         browser.evaluate(tab, submit("#auth-form"))
         self.assertEqual(browser.wait_for(tab, f"{ROWS}.length && {ROWS}"), ["/apps/linked.wasm"])
         browser.wait_for(tab, "!!document.querySelector('#live.on')")
-        browser.evaluate(tab, "location.reload()")
-        browser.wait_for(tab, f"document.readyState == 'complete' && {ROWS}.length && "
-                              "!!document.querySelector('#live.on')")
+        browser.evaluate(tab, "window.beforeReload = true; location.reload()")
+        browser.wait_for(tab, f"!window.beforeReload && document.readyState == 'complete' && "
+                              f"{ROWS}.length && !!document.querySelector('#live.on')",
+                         what="the reloaded page, watching")       # not the old page's state
         self.assertIs(browser.evaluate(tab, "document.querySelector('#auth').hidden"), True)
         live.store.add("/lib/hidden.wasm", wasm_module("hidden"))
         live.store.add("/apps/seen.wasm", wasm_module("seen"))
@@ -6803,6 +6804,27 @@ class SqliteBackendTest(BackendContract, unittest.TestCase):
         for p in procs:
             self.assertEqual(p.wait(timeout=120), 0)
         self.assertEqual(self.backend.get("ns", "b", "n"), b"450")
+
+    def test_connections_opening_a_new_file_at_once_all_open(self):
+        # Switching a new file to WAL takes an exclusive lock that SQLite refuses at once (no
+        # busy wait) while another connection holds a lock: a server's threads opening their
+        # connections together once failed with "cannot open ...: database is locked".
+        for attempt in range(20):
+            path = os.path.join(temp_dir(self), f"new-{attempt}.sqlite3")
+            barrier, errors = threading.Barrier(8), []
+
+            def open_one():
+                barrier.wait()
+                try:
+                    kvhost.open_backend("sqlite:" + path).close()
+                except kvhost.BackendError as e:
+                    errors.append(str(e))
+            threads = [threading.Thread(target=open_one) for _ in range(8)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(60)
+            self.assertEqual(errors, [], f"attempt {attempt}")
 
 
 class RedisBackendTest(BackendContract, unittest.TestCase):
