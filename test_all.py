@@ -7484,6 +7484,30 @@ class SandboxOptionsTest(unittest.TestCase):
                                          http_server.SANDBOX_FLAGS,
                                          {"WASMSTORE_MAX_MEMORY": "lots"})
 
+    def test_links_have_one_parser_with_stored_paths_checked_by_wasmstore(self):
+        # kvhost's --link NAME=FILE and wasmstore's --link NAME=PATH are one parser
+        # (kvhost.link_table): the same mistakes are refused alike; wasmstore only adds the
+        # store's path rule and prints the path in its canonical form.
+        self.assertEqual(kvhost.link_table(["env=lib/r.wasm", ("wasi", "x.wasm")]),
+                         {"env": "lib/r.wasm", "wasi": "x.wasm"})
+        self.assertEqual(wasmstore.parse_links(["env=lib/r.wasm", ("m", "/x.wasm")]),
+                         {"env": "/lib/r.wasm", "m": "/x.wasm"})
+        self.assertEqual(wasmstore.parse_links(["env=/a.wasm", "env=a.wasm"]), {"env": "/a.wasm"})
+        for entry in ("env", "=a.wasm", "env=", "e\0nv=a.wasm", "x" * 1025 + "=a.wasm"):
+            with self.subTest(entry=entry[:20]):
+                with self.assertRaisesRegex(kvhost.ArgumentError, "expected NAME=FILE$"):
+                    kvhost.link_table([entry])
+                with self.assertRaisesRegex(wasmstore.InvalidInput,
+                                            "expected NAME=PATH, a stored path$"):
+                    wasmstore.parse_links([entry])
+        for parse, error in ((kvhost.link_table, kvhost.ArgumentError),
+                             (wasmstore.parse_links, wasmstore.InvalidInput)):
+            with self.assertRaisesRegex(error, r"^--link 'env'= is given twice \(/a.wasm and "
+                                               r"/b.wasm\)$"):
+                parse(["env=/a.wasm", "env=/b.wasm"])
+        with self.assertRaises(wasmstore.InvalidInput):
+            wasmstore.parse_links(["env=../escape.wasm"])
+
 
 class KvhostErrorTableTest(unittest.TestCase):
     """kvhost's one table of what each error means: the exit status its command line (and

@@ -3337,20 +3337,16 @@ def parse_namespace_map(entries):
 
 def parse_links(entries):
     """{import module name: printed store path} from "NAME=PATH" texts (--link) or (name, path)
-    pairs, for Runner."""
-    links = {}
-    for entry in entries or ():
-        if isinstance(entry, tuple):
-            name, sep, path = entry[0], "=", entry[1]
-        else:
-            name, sep, path = str(entry).partition("=")
-        if not sep or not name or not path or "\0" in name or len(name) > 1024:
-            raise InvalidInput(f"invalid --link {_short(entry)}: expected NAME=PATH, a stored path")
-        printed = format_path(validate_path(path))
-        if links.setdefault(name, printed) != printed:
-            raise InvalidInput(f"--link {_short(name)}= is given twice ({links[name]} and "
-                               f"{printed})")
-    return links
+    pairs, for Runner: kvhost's one link parser (kvhost.link_table), with stored paths as the
+    targets; InvalidInput for a mistake."""
+    if not entries:
+        return {}
+    kvhost = _kvhost()
+    try:
+        return kvhost.link_table(entries, lambda path: format_path(validate_path(path)),
+                                 expected="NAME=PATH, a stored path")
+    except kvhost.ArgumentError as exc:
+        raise InvalidInput(str(exc)) from None
 
 
 class Target:
