@@ -4581,8 +4581,8 @@ class WatchTests(unittest.TestCase):
 
 
 class WatchLimitTests(unittest.TestCase):
-    """Watch sessions have a pool of their own (issue 8 item 7: 512 idle watch sessions kept
-    every new client at 503, because they counted against the one connection cap)."""
+    """Watch sessions have a pool of their own (this pins a bug: 512 idle watch sessions
+    kept every new client at 503, because they counted against the one connection cap)."""
 
     def setUp(self):
         self.live = LiveServer(self, max_connections=3, max_watches=4, quiet=True)
@@ -4966,8 +4966,8 @@ class ConcurrencyTests(unittest.TestCase):
 
 class FramingTests(unittest.TestCase):
     """Ambiguous request framing is 400 and closes the connection: a proxy in front may have read
-    the body the other way, and the rest would be a smuggled request (issue 8 item 7: two
-    Transfer-Encoding headers were read as chunked from the first one only)."""
+    the body the other way, and the rest would be a smuggled request (this pins a bug:
+    two Transfer-Encoding headers were read as chunked from the first one only)."""
 
     SMUGGLED = (b"POST /api/v1/branch/smuggled HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\n"
                 b"Connection: close\r\n\r\n")
@@ -5147,7 +5147,7 @@ class HostCheckTests(unittest.TestCase):
 
 class OriginCheckTests(unittest.TestCase):
     """State-changing requests and watches from a web page of another origin are refused unless
-    --cors allows that origin (issue 8 item 7: a drive-by page added modules and created a
+    --cors allows that origin (this pins a bug: a drive-by page added modules and created a
     branch on a server without --cors; once a POST runs code, that is code execution)."""
 
     WRITES = [("POST", "/api/v1/module/x.wasm"), ("POST", "/api/v1/branch/x"), ("PUT", "/api/v1/branch/main"),
@@ -5588,7 +5588,7 @@ def npm_client_source():
 class BrowserTests(unittest.TestCase):
     """Drive-by pages cannot drive the server, in a real headless Chromium (Debian's chromium),
     next to what must keep working: same-origin pages, and the npm client in a page of an origin
-    --cors allows, with and without --auth (issue 8 item 7)."""
+    --cors allows, with and without --auth."""
 
     def drive_by(self, **options):
         """Serve the drive-by page from a second origin and run its attack against a new server;
