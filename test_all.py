@@ -2935,6 +2935,10 @@ class PureFunctionTests(unittest.TestCase):
         self.assertEqual(http_server.outcome_of(ValueError("a bug")), "error")
         for cls, meaning in kvhost.ERROR_STATUS.items():          # kvhost's rows, with a status
             self.assertEqual(tuple(http_server.ERROR_STATUS[cls])[1:], tuple(meaning))
+        for cls, meaning in wasmstore.ERROR_STATUS.items():       # the store's rows, as they are
+            self.assertEqual(http_server.ERROR_STATUS[cls], meaning)
+            self.assertEqual(wasmstore.error_meaning(cls("x")), meaning)
+        self.assertIsNone(wasmstore.error_meaning(ValueError("a bug")))
         self.assertEqual(http_server.error_reply(ValueError("a bug")).status, 500)
         self.assertEqual(http_server.outcome_of(None), "ok")
 

@@ -99,7 +99,7 @@ __all__ = [
     "Store", "FsckReport", "Cache", "SharedFd", "load_backup", "main", "console_main",
     "StoreError", "InvalidInput", "InvalidModule", "TooLarge", "NotFound", "Conflict",
     "MergeConflict", "CorruptObject", "RegistryError", "ERROR_STATUS", "ErrorMeaning",
-    "error_status", "parse_number", "parse_json", "json_depth", "parse_url", "Url",
+    "error_meaning", "parse_number", "parse_json", "json_depth", "parse_url", "Url",
     "MAX_JSON_DEPTH", "validate_path", "format_path", "validate_branch", "validate_hash",
     "validate_module", "validate_module_file", "wasm_from_text", "Runner", "Target",
     "default_kv_url", "kv_options", "parse_namespace_map", "parse_links", "OciReference",
@@ -245,7 +245,7 @@ class ErrorMeaning(collections.namedtuple("ErrorMeaning", "http_status exit_stat
 
 # The one table of what each error of this module means, read by main() (exit status) and by
 # http_server.py (HTTP status, metric label). A subclass without its own row uses its nearest
-# parent's (see error_status): InvalidModule is an InvalidInput, MergeConflict a Conflict.
+# parent's (see error_meaning): InvalidModule is an InvalidInput, MergeConflict a Conflict.
 ERROR_STATUS = {
     TooLarge: ErrorMeaning(413, 1, "too-large"),      # over the caller's limit (--max-body)
     InvalidInput: ErrorMeaning(400, 1, "arguments"),  # bad path, branch, hash; invalid module
@@ -257,7 +257,7 @@ ERROR_STATUS = {
 }
 
 
-def error_status(exc):
+def error_meaning(exc):
     """The ErrorMeaning of an exception of this module (its class's row, or its nearest
     parent's), None for any other exception."""
     for cls in type(exc).__mro__:
@@ -5402,7 +5402,7 @@ def main(argv=None):
             return handler(store, args) or 0
     except StoreError as exc:
         sys.stderr.write(f"wasmstore: error: {exc}\n")
-        return error_status(exc).exit_status
+        return error_meaning(exc).exit_status
     except BrokenPipeError:         # stdout closed early (| head): a normal end
         _discard_stdout()
         return 0
