@@ -7488,6 +7488,28 @@ class SandboxOptionsTest(unittest.TestCase):
                                          http_server.SANDBOX_FLAGS,
                                          {"WASMSTORE_MAX_MEMORY": "lots"})
 
+    def test_serve_hands_the_server_the_sandbox_options_it_was_given(self):
+        # `wasmstore.py serve` becomes http_server.py: the words it passes on are made from the
+        # one table too, so the server parses them to the values serve parsed.
+        words = self.WORDS + ["--timeout", "2.5", "--link", "env=/lib.wasm", "--kv", "memory:"]
+        args = wasmstore._build_parser("serve").parse_args(["serve", *words, "/app.wasm"])
+        served = vars(http_server.build_parser().parse_args(wasmstore._serve_argv(args, "/r")))
+        self.assertEqual({name: served[name] for name in self.EXPECTED}, self.EXPECTED)
+        self.assertEqual((served["run_timeout"], served["links"], served["kv"], served["serve"]),
+                         (2.5, ["env=/lib.wasm"], "memory:", "/app.wasm"))
+        bare = wasmstore._build_parser("serve").parse_args(["serve", "/app.wasm"])
+        served = vars(http_server.build_parser().parse_args(wasmstore._serve_argv(bare, "/r")))
+        self.assertEqual((served["stub_imports"], served["env"], served["max_memory"]),
+                         (False, None, kvhost.DEFAULT_MAX_MEMORY))
+
+    def test_exports_takes_the_cache_dir_option_of_the_table(self):
+        for parser, words in ((kvhost._build_parser(), ["exports", "--cache-dir", "/c", "g"]),
+                              (wasmstore._build_parser("exports"),
+                               ["exports", "--cache-dir", "/c", "/a.wasm"])):
+            args = parser.parse_args(words)
+            self.assertEqual(args.cache_dir, "/c")
+            self.assertFalse(hasattr(args, "fuel"))
+
     def test_links_have_one_parser_with_stored_paths_checked_by_wasmstore(self):
         # kvhost's --link NAME=FILE and wasmstore's --link NAME=PATH are one parser
         # (kvhost.link_table): the same mistakes are refused alike; wasmstore only adds the

@@ -5039,8 +5039,7 @@ def _add_run_options(sub, name):
     if name == "exports":
         sub.add_argument("--json", action="store_true",
                          help="one JSON document instead of one line each")
-        sub.add_argument("--cache-dir",
-                         help="compile cache directory (default ~/.cache/wasmstore/kvhost)")
+        kvhost.add_sandbox_options(sub, only=("cache_dir",))
         return
     kvhost.add_store_options(sub, kv_default=None, kv_default_text="sqlite under the store root",
                              provider="PATH")
@@ -5111,26 +5110,19 @@ def _serve_argv(args, root):
     ref = _serve_ref(args)
     options = [("--serve-ref", ref), ("--metrics-port", args.metrics_port),
                ("--max-body", args.max_body), ("--max-guests", args.max_guests),
-               ("--run-queue", args.run_queue), ("--workers", args.workers),
-               ("--run-timeout", args.timeout),
-               ("--fuel", args.fuel), ("--max-memory", args.max_memory),
-               ("--max-table-elements", args.max_table_elements), ("--kv", args.kv),
-               ("--provider-kv", args.provider_kv), ("--cache-dir", args.cache_dir)]
-    repeated = [("--allowed-host", args.allowed_host), ("--allow-bucket", args.allow_buckets),
-                ("--env", [f"{name}={value}" for name, value in args.env]),
-                ("--dir", [f"{host}::{guest}" for host, guest in args.dirs]),
-                ("--link", args.links), ("--allow-outbound", args.allow_outbound),
-                ("--namespace-map", args.namespace_map
-                 + ([f"/={args.namespace}"] if args.namespace is not None else []))]
+               ("--run-queue", args.run_queue), ("--workers", args.workers), ("--kv", args.kv),
+               ("--provider-kv", args.provider_kv)]
     for flag, value in options:
         if value is not None:
             argv += [flag, str(value)]
-    for flag, values in repeated:
-        for value in values or ():
+    namespaces = args.namespace_map + ([f"/={args.namespace}"] if args.namespace is not None
+                                       else [])
+    for flag, values in (("--allowed-host", args.allowed_host), ("--namespace-map", namespaces)):
+        for value in values:
             argv += [flag, value]
-    for flag, on in (("--quiet", args.quiet), ("--stub-imports", args.stub_imports)):
-        if on:
-            argv.append(flag)
+    argv += ["--quiet"] if args.quiet else []
+    # the sandbox options as call and run take them; the server's --timeout is its connections'
+    return argv + _kvhost().sandbox_argv(args, flags={"timeout": "--run-timeout"})
     return argv
 
 
