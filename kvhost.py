@@ -7486,16 +7486,29 @@ def add_store_options(parser, kv_default=DEFAULT_KV_URL, kv_default_text=None, p
     parser.add_argument("--namespace", help="tenant whose data the guest sees (default: default)")
 
 
-def link_table(entries):
-    """{import module name: file} from --link NAME=FILE texts (kvhost's own command line)."""
+def link_table(entries, target=None, expected="NAME=FILE"):
+    """{import module name: target} from --link NAME=TARGET texts or (name, target) pairs: the
+    one parser of links, for kvhost's command line (a target is a file) and wasmstore.py's
+    (target: a function that checks a stored path and returns its printed form; expected:
+    what the error message asks for). ArgumentError for a malformed entry or a name linked
+    twice to different targets."""
     table = {}
     for entry in entries or ():
-        name, sep, target = entry.partition("=")
-        if not sep or not name or not target:
-            raise ArgumentError(f"invalid --link {entry!r}: expected NAME=FILE")
-        if table.setdefault(name, target) != target:
-            raise ArgumentError(f"--link {name}= is given twice ({table[name]!r} and {target!r})")
+        if isinstance(entry, tuple):
+            name, sep, value = entry[0], "=", entry[1]
+        else:
+            name, sep, value = str(entry).partition("=")
+        if not sep or not name or not value or "\0" in name or len(name) > MAX_LINK_NAME:
+            shown = repr(entry) if len(repr(entry)) <= 80 else repr(entry)[:80] + "..."
+            raise ArgumentError(f"invalid --link {shown}: expected {expected}")
+        value = value if target is None else target(value)
+        if table.setdefault(name, value) != value:
+            raise ArgumentError(f"--link {name[:80]!r}= is given twice ({table[name]} and "
+                                f"{value})")
     return table
+
+
+MAX_LINK_NAME = 1024                 # an import's module name; longer is a mistake, not a link
 
 
 def host_from_args(args, **overrides):
