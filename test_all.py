@@ -1390,6 +1390,31 @@ class GenerationTest(StoreTestCase):
         self.store.add("/on-dev.wasm", wasm_module("dev"))
         self.assertEqual(list(self.store.list(branch="dev")), ["/on-dev.wasm"])
 
+    def test_own_commits_keep_the_default_branch_without_reading_head_and_a_switch_is_seen(self):
+        self.store.create_branch("dev")
+        self.store.add("/first.wasm", wasm_module("first"))
+        head_file = os.path.join(self.root, "HEAD")
+        real_open = open
+        head_reads = []
+
+        def counting_open(file, *args, **kwargs):
+            if file == head_file:
+                head_reads.append(file)
+            return real_open(file, *args, **kwargs)
+        with mock.patch("builtins.open", counting_open):
+            for index in range(5):
+                self.store.add(f"/m{index}.wasm", wasm_module(f"m{index}"))
+        self.assertEqual(head_reads, [])                 # its own commits do not change HEAD
+        with Store(self.root) as other:                  # another writer on the same root
+            other.set_default_branch("dev")
+        self.assertEqual(self.store.default_branch, "dev")
+        self.store.add("/after-switch.wasm", wasm_module("after"))
+        self.assertEqual(list(self.store.list(branch="dev")), ["/after-switch.wasm"])
+        self.store.set_default_branch("main")            # its own switch, then its own commit
+        self.store.add("/back.wasm", wasm_module("back"))
+        self.assertEqual(self.store.default_branch, "main")
+        self.assertIn("/back.wasm", self.store.list(branch="main"))
+
 
 class CacheTest(unittest.TestCase):
     """wasmstore.Cache, the one cache type: bounded by weight, oldest insertions out first."""
