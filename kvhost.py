@@ -66,7 +66,8 @@ Map of this file, top-down:
                   _RemoteBackend; _worker_main), killed at the deadline
   CLI             shared with wasmstore.py and http_server.py: the one table of sandbox
                   options (SANDBOX_OPTIONS, add_sandbox_options, fill_sandbox_from_env,
-                  parse_size), host_from_args, run_with_deadline, report; main()
+                  sandbox_argv, parse_size, link_table), host_from_args, run_with_deadline,
+                  report; main()
 
 Why the value codecs exist: wasmtime-py's component host functions re-read and re-walk the
 function type on every call (~100 us) and cannot return an err for result<option<T>, E> (its
@@ -90,7 +91,8 @@ __all__ = [
     "WasmFormatError", "WasmReader", "wasm_kind", "core_signatures", "check_core_imports",
     "sections_fit", "module_spans", "stub_function_bodies", "component_interface",
     "CORE_HEADER", "COMPONENT_HEADER",
-    "add_store_options", "add_sandbox_options", "sandbox_argv", "link_table", "host_from_args", "parse_json_args",
+    "add_store_options", "add_sandbox_options", "sandbox_argv", "link_table", "host_from_args",
+    "parse_json_args",
     "print_json", "print_exports",
     "run_with_deadline", "end_process", "report", "DeadlineExceeded", "main", "console_main",
     "parse_number", "parse_json", "json_depth", "parse_url", "Url", "MAX_JSON_DEPTH",
