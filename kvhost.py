@@ -66,7 +66,8 @@ Map of this file, top-down:
                   _RemoteBackend; _worker_main), killed at the deadline
   CLI             shared with wasmstore.py and http_server.py: the one table of sandbox
                   options (SANDBOX_OPTIONS, add_sandbox_options, fill_sandbox_from_env,
-                  parse_size), host_from_args, run_with_deadline, report; main()
+                  sandbox_argv, parse_size, link_table), host_from_args, run_with_deadline,
+                  report; main()
 
 Why the value codecs exist: wasmtime-py's component host functions re-read and re-walk the
 function type on every call (~100 us) and cannot return an err for result<option<T>, E> (its
@@ -85,12 +86,13 @@ __all__ = [
     "HttpRequest", "HttpOutcome", "parse_outbound",
     "Backend", "MemoryBackend", "SqliteBackend", "RedisBackend", "open_backend",
     "Guest", "Host", "RunResult", "CallResult", "Provider", "provider_of", "provider_exports",
-    "PROVIDER_PREFIX", "describe_exports", "describe_imports", "outline", "format_export", "json_float",
-    "float_from_json",
+    "PROVIDER_PREFIX", "describe_exports", "describe_imports", "outline", "format_export",
+    "json_float", "float_from_json",
     "WasmFormatError", "WasmReader", "wasm_kind", "core_signatures", "check_core_imports",
     "sections_fit", "module_spans", "stub_function_bodies", "component_interface",
     "CORE_HEADER", "COMPONENT_HEADER",
-    "add_store_options", "add_sandbox_options", "link_table", "host_from_args", "parse_json_args",
+    "add_store_options", "add_sandbox_options", "sandbox_argv", "link_table", "host_from_args",
+    "parse_json_args",
     "print_json", "print_exports",
     "run_with_deadline", "end_process", "report", "DeadlineExceeded", "main", "console_main",
     "parse_number", "parse_json", "json_depth", "parse_url", "Url", "MAX_JSON_DEPTH",
@@ -1633,10 +1635,13 @@ Why, as measured on wasmtime-py 50.0.1 (2026-12-07):
 - Core calls: one export lookup and no type reads per call (wasmtime-py wraps every export
   and re-reads a Func's type on each call); a fresh Store, instance and call of a core
   ``add`` costs about half of wasmtime-py's.
-- Short C calls keep the GIL (a ``ctypes.PyDLL`` of the same library): with one other thread
-  running Python, a ``wasmtime_component_val_new`` + ``val_free`` through wasmtime-py's CDLL
-  bindings took 147 us (it waits for the GIL to come back) against 0.6 us. Calls that run
-  guest code (instantiation, function calls, a provider's destructors) release the GIL.
+- Short C calls keep the GIL (a ``ctypes.PyDLL`` opened by the path wasmtime-py loaded, not
+  from its handle): ``python bench.py run --only http`` (figure 1: warm calls of ``add`` over 8
+  connections, a threaded server) used 209/249/316 us of server CPU per call (three runs)
+  against 252/328/337 us with every function bound through wasmtime-py's CDLL, and with one
+  other thread running Python a ``val_new`` + ``val_free`` took 0.6 us against 19.7 us (each
+  call hands the GIL over). ``bench.py kv``'s single-threaded figures do not move. Calls that
+  run guest code (instantiation, function calls, a provider's destructors) release the GIL.
 - HTTP handlers: a request's Store is a bare C store and its component is instantiated and its
   handler found through the C API (``instantiate_component``, ``component_func``): with a
   wasmtime.Store and wasmtime-py's instantiate and get_func, a request cost 158 us of CPU
@@ -3989,7 +3994,8 @@ class Host:
         digest, name: as for load())."""
         guest = self._guests.get(digest) if isinstance(digest, str) else None
         if guest is None and digest is not None and _is_component_file(source):
-            guest = self._from_cache("component", digest, os.fspath(source) if name is None else name)
+            label = os.fspath(source) if name is None else name
+            guest = self._from_cache("component", digest, label)
         if guest is not None:
             return {"kind": guest.kind, "exports": self.exports(guest),
                     "imports": self.imports(guest)}
@@ -7417,16 +7423,19 @@ SANDBOX_OPTIONS = {option.dest: option for option in (
 )}
 
 
-def add_sandbox_options(parser, link_target="a file", *, flags=None, env=None):
+def add_sandbox_options(parser, link_target="a file", *, flags=None, env=None, only=None):
     """Add the sandbox options (SANDBOX_OPTIONS) to an argparse parser or group;
     host_from_args() turns them into Host arguments. link_target: what --link NAME=PATH names
     (a file for kvhost, a stored path for wasmstore). flags: {dest: flag} for a program whose
     own options take a flag (a server's --timeout is its connections': --run-timeout); the
     parsed value is then the attribute that flag names. env: {dest: environment variable}: a
     program that reads these from its environment (fill_sandbox_from_env) gets None for every
-    option not given, and the help names the variable."""
+    option not given, and the help names the variable. only: the dests to add (default all;
+    e.g. ("cache_dir",) for a command that compiles but runs nothing)."""
     flags, env = flags or {}, env or {}
     for option in SANDBOX_OPTIONS.values():
+        if only is not None and option.dest not in only:
+            continue
         flag = flags.get(option.dest, option.flag)
         notes = (["repeatable"] if option.many else []) \
             + ([f"env {env[option.dest]}"] if option.dest in env else []) \
@@ -7440,6 +7449,26 @@ def add_sandbox_options(parser, link_target="a file", *, flags=None, env=None):
                                 action="append" if option.many else None,
                                 default=None if env else option.default,
                                 metavar=option.metavar, help=text)
+
+
+def sandbox_argv(args, flags=None):
+    """The command-line words that give another program the sandbox options parsed into
+    `args` (by add_sandbox_options without flags): each option with a value, in that program's
+    flags ({dest: flag}, as its add_sandbox_options was given). wasmstore.py's serve hands its
+    options to the server this way."""
+    words = []
+    for option in SANDBOX_OPTIONS.values():
+        value, flag = getattr(args, option.dest), (flags or {}).get(option.dest, option.flag)
+        if option.parse is None:
+            words += [flag] if value else []
+            continue
+        for item in (value or ()) if option.many else (() if value is None else (value,)):
+            text = _PAIR_SEPARATOR[option.dest].join(item) if isinstance(item, tuple) else item
+            words += [flag, str(text)]
+    return words
+
+
+_PAIR_SEPARATOR = {"env": "=", "dirs": "::"}      # how _env_pair and _dir_pair split their text
 
 
 def _attribute(flag):
@@ -7482,16 +7511,29 @@ def add_store_options(parser, kv_default=DEFAULT_KV_URL, kv_default_text=None, p
     parser.add_argument("--namespace", help="tenant whose data the guest sees (default: default)")
 
 
-def link_table(entries):
-    """{import module name: file} from --link NAME=FILE texts (kvhost's own command line)."""
+def link_table(entries, target=None, expected="NAME=FILE"):
+    """{import module name: target} from --link NAME=TARGET texts or (name, target) pairs: the
+    one parser of links, for kvhost's command line (a target is a file) and wasmstore.py's
+    (target: a function that checks a stored path and returns its printed form; expected:
+    what the error message asks for). ArgumentError for a malformed entry or a name linked
+    twice to different targets."""
     table = {}
     for entry in entries or ():
-        name, sep, target = entry.partition("=")
-        if not sep or not name or not target:
-            raise ArgumentError(f"invalid --link {entry!r}: expected NAME=FILE")
-        if table.setdefault(name, target) != target:
-            raise ArgumentError(f"--link {name}= is given twice ({table[name]!r} and {target!r})")
+        if isinstance(entry, tuple):
+            name, sep, value = entry[0], "=", entry[1]
+        else:
+            name, sep, value = str(entry).partition("=")
+        if not sep or not name or not value or "\0" in name or len(name) > MAX_LINK_NAME:
+            shown = repr(entry) if len(repr(entry)) <= 80 else repr(entry)[:80] + "..."
+            raise ArgumentError(f"invalid --link {shown}: expected {expected}")
+        value = value if target is None else target(value)
+        if table.setdefault(name, value) != value:
+            raise ArgumentError(f"--link {name[:80]!r}= is given twice ({table[name]} and "
+                                f"{value})")
     return table
+
+
+MAX_LINK_NAME = 1024                 # an import's module name; longer is a mistake, not a link
 
 
 def host_from_args(args, **overrides):
@@ -7613,8 +7655,7 @@ def _build_parser():
                                   help="list the functions a guest exports, with their types")
     exports.add_argument("--json", action="store_true",
                          help="one JSON document instead of one line per function")
-    exports.add_argument("--cache-dir",
-                         help="compile cache directory (default ~/.cache/wasmstore/kvhost)")
+    add_sandbox_options(exports, only=("cache_dir",))
     exports.add_argument("guest")
     kv = commands.add_parser("kv", help="inspect and edit stored data")
     add_store_options(kv, provider=None)
