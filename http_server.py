@@ -11,7 +11,8 @@ Ctrl-C, running stored modules (call, run, exports) on kvhost, stored wasi:http 
 answering HTTP requests (mounted with --app, reached by store path under /api/v1/app, or the
 one app of a port with --serve: what `wasmstore.py serve` runs), and the read side of the OCI
 distribution API under /v2/ (each store path a repository: `oras pull` fetches from it), and
-Wess's API under /wess (its clients work with only the base URL changed).
+the API of Wess, a WebAssembly function-execution service, under /wess (its clients work with
+only the base URL changed).
 
 As a command::
 
@@ -188,7 +189,7 @@ else:
     KVHOST_MISSING = None
 
 # ---------------------------------------------------------------------------
-# Constants
+# constants
 # ---------------------------------------------------------------------------
 
 DEFAULT_HOST = "127.0.0.1"
@@ -226,7 +227,7 @@ DEFAULT_QUEUE_WAIT = 10.0                  # seconds a caller waits for a slot b
 DEFAULT_MAX_OUTPUT = 16 * 1024 * 1024      # stdout (and stderr) kept per run
 PRECOMPILE_POLL_SECONDS = 0.2              # how often the background compiler looks for adds
 MAX_PRECOMPILE_SEEN = 100_000              # module hashes it remembers having queued
-MAX_VERSION_INDEX = 999_999_999           # ?version=N and /version/N/: more versions than any path has
+MAX_VERSION_INDEX = 999_999_999           # ?version=N, /version/N/: more than any path has
 MAX_CONTENT_LENGTH = (1 << 63) - 1         # what a signed 64-bit length holds
 DEFAULT_PAGE = 100                         # commits (or kv keys) per page of log, audit, kv-keys
 MAX_PAGE = 1000                            # the largest page a client may ask for
@@ -259,7 +260,7 @@ _HOST_NAME_RE = re.compile(r"[a-z0-9_]([a-z0-9_.-]{0,251}[a-z0-9_])?")
 
 
 # ---------------------------------------------------------------------------
-# Exceptions
+# exceptions
 # ---------------------------------------------------------------------------
 
 class ServerError(Exception):
@@ -351,7 +352,7 @@ def parse_target(target):
 
 
 # ---------------------------------------------------------------------------
-# Replies and the single exception -> status table
+# replies and the one exception -> status table
 # ---------------------------------------------------------------------------
 
 class FileBody:
@@ -452,7 +453,8 @@ if kvhost is not None:
         (kvhost.GuestError, 422),           # stored, but cannot run
         (kvhost.TrapError, 422),            # Wasmstore-Error: its kind
         (kvhost.KvError, 422))})
-    ERROR_STATUS[kvhost.NotHttpHandler] = ErrorMeaning(422, 1, "not-http-handler")   # serve: start-up
+    # --serve of a component that is no HTTP app: a start-up error
+    ERROR_STATUS[kvhost.NotHttpHandler] = ErrorMeaning(422, 1, "not-http-handler")
 
 # An app request (the HTTP-app routes) answers from the same rows, as a gateway does: an error
 # of the guest's (kvhost's errors, a response the server cannot send) is 502, or 504 for a
@@ -510,7 +512,7 @@ def error_reply(exc):
 
 
 # ---------------------------------------------------------------------------
-# Route handlers: pure functions (store, call, body) -> Reply, testable without a socket
+# route handlers: pure functions (store, call, body) -> Reply, testable without a socket
 # ---------------------------------------------------------------------------
 
 class Call:
@@ -822,7 +824,7 @@ def get_diff(store, call, body):
 
 
 # ---------------------------------------------------------------------------
-# Running stored modules: the run gate, per-module metrics, the call/run/exports handlers
+# running modules: the run gate, per-module metrics, the call/run/exports handlers
 # ---------------------------------------------------------------------------
 
 class SlotPool:
@@ -1535,6 +1537,7 @@ class AppRequestBody:
 
     @property
     def exhausted(self):
+        """True once the whole body has been read (or there is none)."""
         return self._reader is None or self._reader.exhausted
 
     @property
@@ -1777,7 +1780,7 @@ def app_error_reply(exc):
 
 
 # ---------------------------------------------------------------------------
-# The Wess API (/wess): Wess's clients work with only the base URL changed
+# Wess /wess: Wess's API, whose clients work with only the base URL changed
 # ---------------------------------------------------------------------------
 # Wess (a WebAssembly function-execution service) keeps each module under a UUID with metadata
 # naming the function to call: POST /wess {"wasm": [bytes], "metadata": {"functionName",
@@ -1981,7 +1984,7 @@ def wess_call(store, call, body):
 
 
 # ---------------------------------------------------------------------------
-# OCI distribution API, read side (/v2/): each store path is a repository
+# OCI /v2/: the distribution API's read side, each store path a repository
 # ---------------------------------------------------------------------------
 
 OCI_PREFIX = ("v2",)
@@ -2126,7 +2129,8 @@ def oci_tags(store, call, segments):
         try:
             n = wasmstore.parse_number(raw_n, "n", maximum=OCI_MAX_PAGE)
         except wasmstore.InvalidInput:
-            raise OciError(400, "UNSUPPORTED", f"n must be an integer from 0 to {OCI_MAX_PAGE}") from None
+            raise OciError(400, "UNSUPPORTED",
+                           f"n must be an integer from 0 to {OCI_MAX_PAGE}") from None
         if 0 < n < len(tags):
             after = urllib.parse.urlencode({"n": n, "last": tags[n - 1]})
             headers.append(("Link", f'</v2/{repository.name}/tags/list?{after}>; rel="next"'))
@@ -2158,6 +2162,10 @@ def oci_v2(store, call, body):
     raise OciError(404, "UNSUPPORTED", "no such /v2/ endpoint (this registry serves pulls: "
                    "manifests, blobs, tags/list)")
 
+
+# ---------------------------------------------------------------------------
+# routing: the ROUTES table and match_route()
+# ---------------------------------------------------------------------------
 
 class Route:
     """One row of the routing table: /api/v1/<name>/<params...>/<rest...> (or, with
@@ -2297,7 +2305,7 @@ def match_route(method, segments, routes=ROUTES):
 
 
 # ---------------------------------------------------------------------------
-# Auth
+# auth
 # ---------------------------------------------------------------------------
 
 class Access:
@@ -2312,6 +2320,7 @@ class Access:
 
     @property
     def scoped(self):
+        """True if the key reaches only some path prefixes (an @PREFIX entry)."""
         return self.prefixes is not None
 
     def reaches(self, segments):
@@ -2491,7 +2500,7 @@ def _basic_password(value):
 
 
 # ---------------------------------------------------------------------------
-# Browser safety: which Host names and which Origins the server answers to
+# browser safety: which Host names and which Origins the server answers to
 # ---------------------------------------------------------------------------
 
 def parse_authority(text):
@@ -2633,7 +2642,7 @@ class OriginAllowList:
 
 
 # ---------------------------------------------------------------------------
-# Body readers: bounded views of the connection's input
+# body readers: bounded views of the connection's input
 # ---------------------------------------------------------------------------
 
 CHUNKED = -1                                # body_framing(): a chunked body of unknown length
@@ -2778,7 +2787,7 @@ def drain(reader, limit):
 
 
 # ---------------------------------------------------------------------------
-# Metrics
+# metrics
 # ---------------------------------------------------------------------------
 
 def _label(value):
@@ -3088,7 +3097,7 @@ class Metrics:
 
 
 # ---------------------------------------------------------------------------
-# Watch: one poller thread per watched branch, broadcasting into bounded per-client queues
+# watch: one poller thread per watched branch, broadcasting into bounded per-client queues
 # ---------------------------------------------------------------------------
 
 class Subscription:
@@ -3311,7 +3320,7 @@ class FrameParser:
 
 
 # ---------------------------------------------------------------------------
-# Web page
+# web page
 # ---------------------------------------------------------------------------
 
 # GET / for a browser (a request that accepts text/html) serves one page: inline HTML, CSS and
@@ -4067,7 +4076,7 @@ def page_reply():
 
 
 # ---------------------------------------------------------------------------
-# Connection handling
+# connection handling
 # ---------------------------------------------------------------------------
 
 class _DeadlineSocketReader(io.RawIOBase):
@@ -4997,7 +5006,7 @@ class WasmstoreHandler(http.server.BaseHTTPRequestHandler):
 
 
 # ---------------------------------------------------------------------------
-# Server
+# server
 # ---------------------------------------------------------------------------
 
 class ConnectionLimits:
@@ -5361,7 +5370,8 @@ class MetricsServer(http.server.ThreadingHTTPServer):
         return self.url_of(self.socket)
 
     def server_bind(self):
-        http.server.socketserver.TCPServer.server_bind(self)    # no reverse DNS lookup
+        """Bind as TCPServer does: HTTPServer's own bind adds a reverse DNS lookup."""
+        http.server.socketserver.TCPServer.server_bind(self)
 
 
 def make_runtime(store, metrics, *, kv=None, timeout=None, fuel=None, max_memory=None,
@@ -5425,7 +5435,7 @@ def make_server(store, host=DEFAULT_HOST, port=DEFAULT_PORT, **options):
 
 
 # ---------------------------------------------------------------------------
-# Worker processes: one listening socket, N processes, bounds shared by all
+# worker processes: one listening socket, N processes, bounds shared by all
 # ---------------------------------------------------------------------------
 
 ACCEPT_DEFER_SECONDS = 0.002       # a worker busier than a sibling waits this long to accept
@@ -5833,7 +5843,7 @@ def _await_eof(fd, event):
 
 
 # ---------------------------------------------------------------------------
-# Command line
+# command line
 # ---------------------------------------------------------------------------
 
 def _option_number(text, what, **bounds):

@@ -85,8 +85,8 @@ __all__ = [
     "HttpRequest", "HttpOutcome", "parse_outbound",
     "Backend", "MemoryBackend", "SqliteBackend", "RedisBackend", "open_backend",
     "Guest", "Host", "RunResult", "CallResult", "Provider", "provider_of", "provider_exports",
-    "PROVIDER_PREFIX", "describe_exports", "describe_imports", "outline", "format_export", "json_float",
-    "float_from_json",
+    "PROVIDER_PREFIX", "describe_exports", "describe_imports", "outline", "format_export",
+    "json_float", "float_from_json",
     "WasmFormatError", "WasmReader", "wasm_kind", "core_signatures", "check_core_imports",
     "sections_fit", "module_spans", "stub_function_bodies", "component_interface",
     "CORE_HEADER", "COMPONENT_HEADER",
@@ -1633,10 +1633,13 @@ Why, as measured on wasmtime-py 50.0.1 (2026-12-07):
 - Core calls: one export lookup and no type reads per call (wasmtime-py wraps every export
   and re-reads a Func's type on each call); a fresh Store, instance and call of a core
   ``add`` costs about half of wasmtime-py's.
-- Short C calls keep the GIL (a ``ctypes.PyDLL`` of the same library): with one other thread
-  running Python, a ``wasmtime_component_val_new`` + ``val_free`` through wasmtime-py's CDLL
-  bindings took 147 us (it waits for the GIL to come back) against 0.6 us. Calls that run
-  guest code (instantiation, function calls, a provider's destructors) release the GIL.
+- Short C calls keep the GIL (a ``ctypes.PyDLL`` opened by the path wasmtime-py loaded, not
+  from its handle): ``python bench.py run --only http`` (figure 1: warm calls of ``add`` over 8
+  connections, a threaded server) used 209/249/316 us of server CPU per call (three runs)
+  against 252/328/337 us with every function bound through wasmtime-py's CDLL, and with one
+  other thread running Python a ``val_new`` + ``val_free`` took 0.6 us against 19.7 us (each
+  call hands the GIL over). ``bench.py kv``'s single-threaded figures do not move. Calls that
+  run guest code (instantiation, function calls, a provider's destructors) release the GIL.
 - HTTP handlers: a request's Store is a bare C store and its component is instantiated and its
   handler found through the C API (``instantiate_component``, ``component_func``): with a
   wasmtime.Store and wasmtime-py's instantiate and get_func, a request cost 158 us of CPU
@@ -4072,7 +4075,8 @@ class Host:
         digest, name: as for load())."""
         guest = self._guests.get(digest) if isinstance(digest, str) else None
         if guest is None and digest is not None and _is_component_file(source):
-            guest = self._from_cache("component", digest, os.fspath(source) if name is None else name)
+            label = os.fspath(source) if name is None else name
+            guest = self._from_cache("component", digest, label)
         if guest is not None:
             return {"kind": guest.kind, "exports": self.exports(guest),
                     "imports": self.imports(guest)}
@@ -7565,16 +7569,29 @@ def add_store_options(parser, kv_default=DEFAULT_KV_URL, kv_default_text=None, p
     parser.add_argument("--namespace", help="tenant whose data the guest sees (default: default)")
 
 
-def link_table(entries):
-    """{import module name: file} from --link NAME=FILE texts (kvhost's own command line)."""
+def link_table(entries, target=None, expected="NAME=FILE"):
+    """{import module name: target} from --link NAME=TARGET texts or (name, target) pairs: the
+    one parser of links, for kvhost's command line (a target is a file) and wasmstore.py's
+    (target: a function that checks a stored path and returns its printed form; expected:
+    what the error message asks for). ArgumentError for a malformed entry or a name linked
+    twice to different targets."""
     table = {}
     for entry in entries or ():
-        name, sep, target = entry.partition("=")
-        if not sep or not name or not target:
-            raise ArgumentError(f"invalid --link {entry!r}: expected NAME=FILE")
-        if table.setdefault(name, target) != target:
-            raise ArgumentError(f"--link {name}= is given twice ({table[name]!r} and {target!r})")
+        if isinstance(entry, tuple):
+            name, sep, value = entry[0], "=", entry[1]
+        else:
+            name, sep, value = str(entry).partition("=")
+        if not sep or not name or not value or "\0" in name or len(name) > MAX_LINK_NAME:
+            shown = repr(entry) if len(repr(entry)) <= 80 else repr(entry)[:80] + "..."
+            raise ArgumentError(f"invalid --link {shown}: expected {expected}")
+        value = value if target is None else target(value)
+        if table.setdefault(name, value) != value:
+            raise ArgumentError(f"--link {name[:80]!r}= is given twice ({table[name]} and "
+                                f"{value})")
     return table
+
+
+MAX_LINK_NAME = 1024                 # an import's module name; longer is a mistake, not a link
 
 
 def host_from_args(args, **overrides):

@@ -2935,6 +2935,10 @@ class PureFunctionTests(unittest.TestCase):
         self.assertEqual(http_server.outcome_of(ValueError("a bug")), "error")
         for cls, meaning in kvhost.ERROR_STATUS.items():          # kvhost's rows, with a status
             self.assertEqual(tuple(http_server.ERROR_STATUS[cls])[1:], tuple(meaning))
+        for cls, meaning in wasmstore.ERROR_STATUS.items():       # the store's rows, as they are
+            self.assertEqual(http_server.ERROR_STATUS[cls], meaning)
+            self.assertEqual(wasmstore.error_meaning(cls("x")), meaning)
+        self.assertIsNone(wasmstore.error_meaning(ValueError("a bug")))
         self.assertEqual(http_server.error_reply(ValueError("a bug")).status, 500)
         self.assertEqual(http_server.outcome_of(None), "ok")
 
@@ -4581,8 +4585,8 @@ class WatchTests(unittest.TestCase):
 
 
 class WatchLimitTests(unittest.TestCase):
-    """Watch sessions have a pool of their own (issue 8 item 7: 512 idle watch sessions kept
-    every new client at 503, because they counted against the one connection cap)."""
+    """Watch sessions have a pool of their own (this pins a bug: 512 idle watch sessions
+    kept every new client at 503, because they counted against the one connection cap)."""
 
     def setUp(self):
         self.live = LiveServer(self, max_connections=3, max_watches=4, quiet=True)
@@ -4966,8 +4970,8 @@ class ConcurrencyTests(unittest.TestCase):
 
 class FramingTests(unittest.TestCase):
     """Ambiguous request framing is 400 and closes the connection: a proxy in front may have read
-    the body the other way, and the rest would be a smuggled request (issue 8 item 7: two
-    Transfer-Encoding headers were read as chunked from the first one only)."""
+    the body the other way, and the rest would be a smuggled request (this pins a bug:
+    two Transfer-Encoding headers were read as chunked from the first one only)."""
 
     SMUGGLED = (b"POST /api/v1/branch/smuggled HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\n"
                 b"Connection: close\r\n\r\n")
@@ -5147,7 +5151,7 @@ class HostCheckTests(unittest.TestCase):
 
 class OriginCheckTests(unittest.TestCase):
     """State-changing requests and watches from a web page of another origin are refused unless
-    --cors allows that origin (issue 8 item 7: a drive-by page added modules and created a
+    --cors allows that origin (this pins a bug: a drive-by page added modules and created a
     branch on a server without --cors; once a POST runs code, that is code execution)."""
 
     WRITES = [("POST", "/api/v1/module/x.wasm"), ("POST", "/api/v1/branch/x"), ("PUT", "/api/v1/branch/main"),
@@ -5588,7 +5592,7 @@ def npm_client_source():
 class BrowserTests(unittest.TestCase):
     """Drive-by pages cannot drive the server, in a real headless Chromium (Debian's chromium),
     next to what must keep working: same-origin pages, and the npm client in a page of an origin
-    --cors allows, with and without --auth (issue 8 item 7)."""
+    --cors allows, with and without --auth."""
 
     def drive_by(self, **options):
         """Serve the drive-by page from a second origin and run its attack against a new server;
@@ -7483,6 +7487,30 @@ class SandboxOptionsTest(unittest.TestCase):
             kvhost.fill_sandbox_from_env(parser.parse_args([]), http_server.SANDBOX_ENV,
                                          http_server.SANDBOX_FLAGS,
                                          {"WASMSTORE_MAX_MEMORY": "lots"})
+
+    def test_links_have_one_parser_with_stored_paths_checked_by_wasmstore(self):
+        # kvhost's --link NAME=FILE and wasmstore's --link NAME=PATH are one parser
+        # (kvhost.link_table): the same mistakes are refused alike; wasmstore only adds the
+        # store's path rule and prints the path in its canonical form.
+        self.assertEqual(kvhost.link_table(["env=lib/r.wasm", ("wasi", "x.wasm")]),
+                         {"env": "lib/r.wasm", "wasi": "x.wasm"})
+        self.assertEqual(wasmstore.parse_links(["env=lib/r.wasm", ("m", "/x.wasm")]),
+                         {"env": "/lib/r.wasm", "m": "/x.wasm"})
+        self.assertEqual(wasmstore.parse_links(["env=/a.wasm", "env=a.wasm"]), {"env": "/a.wasm"})
+        for entry in ("env", "=a.wasm", "env=", "e\0nv=a.wasm", "x" * 1025 + "=a.wasm"):
+            with self.subTest(entry=entry[:20]):
+                with self.assertRaisesRegex(kvhost.ArgumentError, "expected NAME=FILE$"):
+                    kvhost.link_table([entry])
+                with self.assertRaisesRegex(wasmstore.InvalidInput,
+                                            "expected NAME=PATH, a stored path$"):
+                    wasmstore.parse_links([entry])
+        for parse, error in ((kvhost.link_table, kvhost.ArgumentError),
+                             (wasmstore.parse_links, wasmstore.InvalidInput)):
+            with self.assertRaisesRegex(error, r"^--link 'env'= is given twice \(/a.wasm and "
+                                               r"/b.wasm\)$"):
+                parse(["env=/a.wasm", "env=/b.wasm"])
+        with self.assertRaises(wasmstore.InvalidInput):
+            wasmstore.parse_links(["env=../escape.wasm"])
 
 
 class KvhostErrorTableTest(unittest.TestCase):

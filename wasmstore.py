@@ -99,7 +99,7 @@ __all__ = [
     "Store", "FsckReport", "Cache", "SharedFd", "load_backup", "main", "console_main",
     "StoreError", "InvalidInput", "InvalidModule", "TooLarge", "NotFound", "Conflict",
     "MergeConflict", "CorruptObject", "RegistryError", "ERROR_STATUS", "ErrorMeaning",
-    "error_status", "parse_number", "parse_json", "json_depth", "parse_url", "Url",
+    "error_meaning", "parse_number", "parse_json", "json_depth", "parse_url", "Url",
     "MAX_JSON_DEPTH", "validate_path", "format_path", "validate_branch", "validate_hash",
     "validate_module", "validate_module_file", "wasm_from_text", "Runner", "Target",
     "default_kv_url", "kv_options", "parse_namespace_map", "parse_links", "OciReference",
@@ -245,7 +245,7 @@ class ErrorMeaning(collections.namedtuple("ErrorMeaning", "http_status exit_stat
 
 # The one table of what each error of this module means, read by main() (exit status) and by
 # http_server.py (HTTP status, metric label). A subclass without its own row uses its nearest
-# parent's (see error_status): InvalidModule is an InvalidInput, MergeConflict a Conflict.
+# parent's (see error_meaning): InvalidModule is an InvalidInput, MergeConflict a Conflict.
 ERROR_STATUS = {
     TooLarge: ErrorMeaning(413, 1, "too-large"),      # over the caller's limit (--max-body)
     InvalidInput: ErrorMeaning(400, 1, "arguments"),  # bad path, branch, hash; invalid module
@@ -257,7 +257,7 @@ ERROR_STATUS = {
 }
 
 
-def error_status(exc):
+def error_meaning(exc):
     """The ErrorMeaning of an exception of this module (its class's row, or its nearest
     parent's), None for any other exception."""
     for cls in type(exc).__mro__:
@@ -3337,20 +3337,16 @@ def parse_namespace_map(entries):
 
 def parse_links(entries):
     """{import module name: printed store path} from "NAME=PATH" texts (--link) or (name, path)
-    pairs, for Runner."""
-    links = {}
-    for entry in entries or ():
-        if isinstance(entry, tuple):
-            name, sep, path = entry[0], "=", entry[1]
-        else:
-            name, sep, path = str(entry).partition("=")
-        if not sep or not name or not path or "\0" in name or len(name) > 1024:
-            raise InvalidInput(f"invalid --link {_short(entry)}: expected NAME=PATH, a stored path")
-        printed = format_path(validate_path(path))
-        if links.setdefault(name, printed) != printed:
-            raise InvalidInput(f"--link {_short(name)}= is given twice ({links[name]} and "
-                               f"{printed})")
-    return links
+    pairs, for Runner: kvhost's one link parser (kvhost.link_table), with stored paths as the
+    targets; InvalidInput for a mistake."""
+    if not entries:
+        return {}
+    kvhost = _kvhost()
+    try:
+        return kvhost.link_table(entries, lambda path: format_path(validate_path(path)),
+                                 expected="NAME=PATH, a stored path")
+    except kvhost.ArgumentError as exc:
+        raise InvalidInput(str(exc)) from None
 
 
 class Target:
@@ -5406,7 +5402,7 @@ def main(argv=None):
             return handler(store, args) or 0
     except StoreError as exc:
         sys.stderr.write(f"wasmstore: error: {exc}\n")
-        return error_status(exc).exit_status
+        return error_meaning(exc).exit_status
     except BrokenPipeError:         # stdout closed early (| head): a normal end
         _discard_stdout()
         return 0

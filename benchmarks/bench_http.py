@@ -13,6 +13,13 @@ Ratios are the median of the per-round ratios (each round measures both sides ba
   ``Store.add`` rate of the same modules into a fresh store (goal: ratio >= 0.8); p50/p99 of both.
   Adds are fsync-bound and the disk is shared, so the two sides alternate in blocks of
   POST_BLOCK adds within each round (a persistent client process runs the HTTP blocks).
+- workers: wrk (a C load generator, so it takes little of the CPU it measures) with
+  WORKERS_CONNECTIONS keep-alive connections against ``http_server.py --workers 2`` vs
+  ``--workers 1`` on one store: GET of a ~1 KB module and a warm call of add(2, 3) from
+  guests/run/numbers.wat (goal: ratio >= 1.6 each on two cores), with the server's CPU time per
+  request (all its processes; goal: no higher with two workers), the cores it used and how
+  idle the machine was meanwhile: on a shared machine whose other jobs take the second core,
+  two workers cannot reach the goal, and the idle column says so.
 
 The load generator is a separate process (this file run with --loadgen): one thread driving
 raw keep-alive sockets with ``selectors``, so that it is not itself limited by the GIL.
@@ -384,6 +391,13 @@ def _process_cpu(pid):
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def machine_ticks():
+    """(busy, total) clock ticks of all the machine's CPUs so far (Linux /proc/stat)."""
+    with open("/proc/stat") as f:
+        ticks = [int(n) for n in f.readline().split()[1:]]
+    return sum(ticks) - ticks[3] - ticks[4], sum(ticks)        # idle and iowait are not busy
+
+
 def wrk(url, seconds, connections, script=None, threads=1):
     """One run of wrk (a C load generator: it takes little of the CPU it measures) against url;
     {"requests", "seconds", "rate", "p50_ms", "p99_ms", "bad"} where bad counts non-2xx answers
@@ -549,10 +563,14 @@ def bench_workers(parent, rounds, seconds):
             for name, (path, post, _) in WORKERS_REQUESTS.items():
                 for workers in ((1, 2) if number % 2 == 0 else (2, 1)):
                     server = servers[workers]
-                    cpu = server.cpu_seconds()
+                    cpu, (busy, total) = server.cpu_seconds(), machine_ticks()
                     result = wrk(f"http://127.0.0.1:{server.port}{path}", seconds,
                                  WORKERS_CONNECTIONS, script if post else None)
-                    result["cpu_us"] = 1e6 * (server.cpu_seconds() - cpu) / max(1, result["requests"])
+                    cpu = server.cpu_seconds() - cpu
+                    busy_after, total_after = machine_ticks()
+                    result["cpu_us"] = 1e6 * cpu / max(1, result["requests"])
+                    result["cores"] = cpu / result["seconds"]
+                    result["idle"] = 1 - (busy_after - busy) / max(1, total_after - total)
                     if result["bad"]:
                         raise RuntimeError(f"{name} with {workers} workers: {result['bad']} "
                                            "answers were not 200 or failed")
@@ -626,6 +644,8 @@ def print_workers_table(results, rounds, seconds, out=sys.stdout):
               "alternating rounds; requests/s of --workers 2 over --workers 1 (one process)\n\n")
     out.write(f"{'request':<30} {'1 worker':>10} {'2 workers':>10} {'ratio':>7}  goal"
               f"{'':<14} CPU/request 1 | 2\n")
+    out.write("  (cores: the server's CPU seconds per second of the run; idle: the share of the "
+              f"machine's {os.cpu_count()} CPUs that no process used meanwhile)\n")
     out.write("-" * 96 + "\n")
     labels = {"GET": f"GET of a {WORKERS_SMALL_SIZE // 1024} KB module (req/s)",
               "call": "warm call of add(2, 3) (req/s)"}
@@ -641,6 +661,9 @@ def print_workers_table(results, rounds, seconds, out=sys.stdout):
                   f", 2 workers {_median(two, 'p50_ms'):.2f}/{_median(two, 'p99_ms'):.2f}; per round "
                   "(req/s 1 | 2): " + ", ".join(f"{a['rate']:.0f} | {b['rate']:.0f}"
                                                for a, b in zip(one, two)) + "\n")
+        out.write(f"  server cores used: 1 worker {_median(one, 'cores'):.2f}, 2 workers "
+                  f"{_median(two, 'cores'):.2f}; machine idle: {100 * _median(one, 'idle'):.0f}%"
+                  f" | {100 * _median(two, 'idle'):.0f}%\n")
     return ratios
 
 

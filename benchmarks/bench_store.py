@@ -19,7 +19,8 @@ Figures, each the median of --rounds rounds, ratios taken against a baseline in 
 - W2: the same adds into a store already holding 10,000 paths in 100 directories: the ratio
   of its per-add cost to W1's (a commit must cost O(depth), not O(store size)).
 - W3: warm ``find`` by path (lookups/s); ``versions`` of a path changed 10 times inside 5,000
-  commits, cold (new Store object on the root) and warm (second call).
+  commits, cold (new Store object on the root) and warm (second call), and cold without the
+  history cache (``cache/history`` removed): the figure that justifies keeping that cache.
 - W4: ``fsck`` and ``gc`` of a 10,000-module store: seconds, tracemalloc peak and RSS growth
   (ru_maxrss in a fresh subprocess), with small modules and with modules 10x bigger: the
   memory must not grow with the bytes of the modules.
@@ -510,10 +511,15 @@ def build_history(ws, root, cfg):
     return "v/target.wasm"
 
 
-def bench_versions(ws, root, path, expected, rounds):
-    """versions(path): ms of the first call on a new Store object (cold) and the second."""
+def bench_versions(ws, root, path, expected, rounds, history_cache=True):
+    """versions(path): ms of the first call on a new Store object (cold) and the second.
+    history_cache=False: cache/history is removed first (versions then diffs the trees of
+    every commit, and writes no cache back): what the cache saves."""
     cold, warm = [], []
     for _ in range(rounds):
+        if not history_cache:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(root, "cache", "history"))
         with ws.Store(root) as store:
             start = time.perf_counter()
             first = store.versions(path)
@@ -523,7 +529,8 @@ def bench_versions(ws, root, path, expected, rounds):
             warm.append((time.perf_counter() - start) * 1000)
         if len(first) != expected or first != second:
             raise BenchFailure(f"versions returned {len(first)} entries, expected {expected}")
-        _progress(f"versions: cold {cold[-1]:.1f} ms, warm {warm[-1]:.1f} ms")
+        _progress(f"versions{'' if history_cache else ' without the history cache'}: "
+                  f"cold {cold[-1]:.1f} ms, warm {warm[-1]:.1f} ms")
     return cold, warm
 
 
@@ -966,6 +973,10 @@ def _run_w3(ws, cfg, rounds, work, table, prefilled_root, prefill_paths):
               _median(warm) <= 50)
     table.add(f"W3 versions, cold (new Store object, {label})", f"{_median(cold):.1f} ms",
               "<= 50 ms", _median(cold) <= 50)
+    bare, _ = bench_versions(ws, history_root, path, cfg.history_changes, rounds,
+                             history_cache=False)
+    table.add("  the same, cold, without the history cache (trees diffed per commit)",
+              f"{_median(bare):.1f} ms ({_median(bare) / _median(cold):.0f}x the cold figure)")
     shutil.rmtree(history_root)
 
 
