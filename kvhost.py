@@ -66,7 +66,8 @@ Map of this file, top-down:
                   _RemoteBackend; _worker_main), killed at the deadline
   CLI             shared with wasmstore.py and http_server.py: the one table of sandbox
                   options (SANDBOX_OPTIONS, add_sandbox_options, fill_sandbox_from_env,
-                  parse_size), host_from_args, run_with_deadline, report; main()
+                  sandbox_argv, parse_size, link_table), host_from_args, run_with_deadline,
+                  report; main()
 
 Why the value codecs exist: wasmtime-py's component host functions re-read and re-walk the
 function type on every call (~100 us) and cannot return an err for result<option<T>, E> (its
@@ -90,7 +91,8 @@ __all__ = [
     "WasmFormatError", "WasmReader", "wasm_kind", "core_signatures", "check_core_imports",
     "sections_fit", "module_spans", "stub_function_bodies", "component_interface",
     "CORE_HEADER", "COMPONENT_HEADER",
-    "add_store_options", "add_sandbox_options", "link_table", "host_from_args", "parse_json_args",
+    "add_store_options", "add_sandbox_options", "sandbox_argv", "link_table", "host_from_args",
+    "parse_json_args",
     "print_json", "print_exports",
     "run_with_deadline", "end_process", "report", "DeadlineExceeded", "main", "console_main",
     "parse_number", "parse_json", "json_depth", "parse_url", "Url", "MAX_JSON_DEPTH",
@@ -7504,16 +7506,19 @@ SANDBOX_OPTIONS = {option.dest: option for option in (
 )}
 
 
-def add_sandbox_options(parser, link_target="a file", *, flags=None, env=None):
+def add_sandbox_options(parser, link_target="a file", *, flags=None, env=None, only=None):
     """Add the sandbox options (SANDBOX_OPTIONS) to an argparse parser or group;
     host_from_args() turns them into Host arguments. link_target: what --link NAME=PATH names
     (a file for kvhost, a stored path for wasmstore). flags: {dest: flag} for a program whose
     own options take a flag (a server's --timeout is its connections': --run-timeout); the
     parsed value is then the attribute that flag names. env: {dest: environment variable}: a
     program that reads these from its environment (fill_sandbox_from_env) gets None for every
-    option not given, and the help names the variable."""
+    option not given, and the help names the variable. only: the dests to add (default all;
+    e.g. ("cache_dir",) for a command that compiles but runs nothing)."""
     flags, env = flags or {}, env or {}
     for option in SANDBOX_OPTIONS.values():
+        if only is not None and option.dest not in only:
+            continue
         flag = flags.get(option.dest, option.flag)
         notes = (["repeatable"] if option.many else []) \
             + ([f"env {env[option.dest]}"] if option.dest in env else []) \
@@ -7527,6 +7532,26 @@ def add_sandbox_options(parser, link_target="a file", *, flags=None, env=None):
                                 action="append" if option.many else None,
                                 default=None if env else option.default,
                                 metavar=option.metavar, help=text)
+
+
+def sandbox_argv(args, flags=None):
+    """The command-line words that give another program the sandbox options parsed into
+    `args` (by add_sandbox_options without flags): each option with a value, in that program's
+    flags ({dest: flag}, as its add_sandbox_options was given). wasmstore.py's serve hands its
+    options to the server this way."""
+    words = []
+    for option in SANDBOX_OPTIONS.values():
+        value, flag = getattr(args, option.dest), (flags or {}).get(option.dest, option.flag)
+        if option.parse is None:
+            words += [flag] if value else []
+            continue
+        for item in (value or ()) if option.many else (() if value is None else (value,)):
+            text = _PAIR_SEPARATOR[option.dest].join(item) if isinstance(item, tuple) else item
+            words += [flag, str(text)]
+    return words
+
+
+_PAIR_SEPARATOR = {"env": "=", "dirs": "::"}      # how _env_pair and _dir_pair split their text
 
 
 def _attribute(flag):
@@ -7713,8 +7738,7 @@ def _build_parser():
                                   help="list the functions a guest exports, with their types")
     exports.add_argument("--json", action="store_true",
                          help="one JSON document instead of one line per function")
-    exports.add_argument("--cache-dir",
-                         help="compile cache directory (default ~/.cache/wasmstore/kvhost)")
+    add_sandbox_options(exports, only=("cache_dir",))
     exports.add_argument("guest")
     kv = commands.add_parser("kv", help="inspect and edit stored data")
     add_store_options(kv, provider=None)

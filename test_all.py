@@ -1390,6 +1390,31 @@ class GenerationTest(StoreTestCase):
         self.store.add("/on-dev.wasm", wasm_module("dev"))
         self.assertEqual(list(self.store.list(branch="dev")), ["/on-dev.wasm"])
 
+    def test_own_commits_keep_the_default_branch_without_reading_head_and_a_switch_is_seen(self):
+        self.store.create_branch("dev")
+        self.store.add("/first.wasm", wasm_module("first"))
+        head_file = os.path.join(self.root, "HEAD")
+        real_open = open
+        head_reads = []
+
+        def counting_open(file, *args, **kwargs):
+            if file == head_file:
+                head_reads.append(file)
+            return real_open(file, *args, **kwargs)
+        with mock.patch("builtins.open", counting_open):
+            for index in range(5):
+                self.store.add(f"/m{index}.wasm", wasm_module(f"m{index}"))
+        self.assertEqual(head_reads, [])                 # its own commits do not change HEAD
+        with Store(self.root) as other:                  # another writer on the same root
+            other.set_default_branch("dev")
+        self.assertEqual(self.store.default_branch, "dev")
+        self.store.add("/after-switch.wasm", wasm_module("after"))
+        self.assertEqual(list(self.store.list(branch="dev")), ["/after-switch.wasm"])
+        self.store.set_default_branch("main")            # its own switch, then its own commit
+        self.store.add("/back.wasm", wasm_module("back"))
+        self.assertEqual(self.store.default_branch, "main")
+        self.assertIn("/back.wasm", self.store.list(branch="main"))
+
 
 class CacheTest(unittest.TestCase):
     """wasmstore.Cache, the one cache type: bounded by weight, oldest insertions out first."""
@@ -7487,6 +7512,28 @@ class SandboxOptionsTest(unittest.TestCase):
             kvhost.fill_sandbox_from_env(parser.parse_args([]), http_server.SANDBOX_ENV,
                                          http_server.SANDBOX_FLAGS,
                                          {"WASMSTORE_MAX_MEMORY": "lots"})
+
+    def test_serve_hands_the_server_the_sandbox_options_it_was_given(self):
+        # `wasmstore.py serve` becomes http_server.py: the words it passes on are made from the
+        # one table too, so the server parses them to the values serve parsed.
+        words = self.WORDS + ["--timeout", "2.5", "--link", "env=/lib.wasm", "--kv", "memory:"]
+        args = wasmstore._build_parser("serve").parse_args(["serve", *words, "/app.wasm"])
+        served = vars(http_server.build_parser().parse_args(wasmstore._serve_argv(args, "/r")))
+        self.assertEqual({name: served[name] for name in self.EXPECTED}, self.EXPECTED)
+        self.assertEqual((served["run_timeout"], served["links"], served["kv"], served["serve"]),
+                         (2.5, ["env=/lib.wasm"], "memory:", "/app.wasm"))
+        bare = wasmstore._build_parser("serve").parse_args(["serve", "/app.wasm"])
+        served = vars(http_server.build_parser().parse_args(wasmstore._serve_argv(bare, "/r")))
+        self.assertEqual((served["stub_imports"], served["env"], served["max_memory"]),
+                         (False, None, kvhost.DEFAULT_MAX_MEMORY))
+
+    def test_exports_takes_the_cache_dir_option_of_the_table(self):
+        for parser, words in ((kvhost._build_parser(), ["exports", "--cache-dir", "/c", "g"]),
+                              (wasmstore._build_parser("exports"),
+                               ["exports", "--cache-dir", "/c", "/a.wasm"])):
+            args = parser.parse_args(words)
+            self.assertEqual(args.cache_dir, "/c")
+            self.assertFalse(hasattr(args, "fuel"))
 
     def test_links_have_one_parser_with_stored_paths_checked_by_wasmstore(self):
         # kvhost's --link NAME=FILE and wasmstore's --link NAME=PATH are one parser
