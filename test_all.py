@@ -12432,9 +12432,11 @@ class HttpOutboundTest(unittest.TestCase):
 class RealToolchainHttpTest(unittest.TestCase):
     """The JavaScript (jco) and Python (componentize-py) handlers built by guests/build.sh."""
 
+    host_options = {}
+
     @classmethod
     def setUpClass(cls):
-        cls.host = kvhost.Host(timeout=30)
+        cls.host = kvhost.Host(timeout=30, **cls.host_options)
 
     @classmethod
     def tearDownClass(cls):
@@ -12481,6 +12483,88 @@ class RealToolchainHttpTest(unittest.TestCase):
         self.assertEqual(sink.body(), b"PUT /echo/a\nx-k: v\n\ndata")
         _, sink = self.serve(PY_HTTP, incoming_request(path="/missing"))
         self.assertEqual(sink.status(), 404)
+
+
+class PooledRealToolchainHttpTest(RealToolchainHttpTest):
+    """The same handlers on an engine with wasmtime's pooling allocator (what servers use): they
+    fit its per-instance limits."""
+
+    host_options = {"pooled_stores": 2}
+
+    def test_the_host_is_pooled(self):
+        self.assertTrue(self.host.pooled)
+
+
+class PooledHttpHandlerTest(HttpHandlerTest):
+    """Every handle_http behaviour again, on a pooled engine: slots are reused request after
+    request, and a fresh instance still sees nothing of the one before."""
+
+    host_options = {"pooled_stores": 4}
+
+
+class PooledEngineTest(HttpTestCase):
+    """Host(pooled_stores=N): the engine's pooling allocator, sized for N Stores at once."""
+
+    host_options = {"pooled_stores": 1}
+
+    def test_slots_are_reused_request_after_request(self):
+        self.assertTrue(self.host.pooled)
+        for _ in range(50):                     # far more than the pool's 8 memories
+            self.assertEqual(self.serve(HTTP_HELLO)[1].body(), b"hello from wasm\n")
+
+    def test_a_request_beyond_the_pool_fails_cleanly_and_the_next_one_runs(self):
+        guest = self.host.load(HTTP_HELLO)      # one memory a request: 8 fit one pooled Store's room
+        release, started = threading.Event(), []
+
+        class HeldSink(RecordingSink):          # keeps its request's instance alive until released
+            def start(self, status, headers):
+                super().start(status, headers)
+                started.append(status)
+                release.wait(30)
+
+        threads = [threading.Thread(target=self.host.handle_http,
+                                    args=(guest, incoming_request(), HeldSink())) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        self.addCleanup(lambda: [release.set()] + [thread.join(30) for thread in threads])
+        wait_until(lambda: len(started) == 8, message="8 requests holding their instances")
+        with self.assertRaises(kvhost.TrapError) as caught:
+            self.host.handle_http(guest, incoming_request(), RecordingSink())
+        self.assertEqual(caught.exception.kind, "memory")
+        self.assertIn("concurrent limit", str(caught.exception))
+        release.set()
+        for thread in threads:
+            thread.join(30)
+        self.assertEqual(self.serve(HTTP_HELLO)[1].body(), b"hello from wasm\n")
+
+    @unittest.skipUnless(sys.platform.startswith("linux"), "RLIMIT_AS is enforced on Linux only")
+    def test_without_address_space_for_the_pool_the_host_maps_each_store_itself(self):
+        # wasmtime aborts the process when it cannot reserve a pool: the Host must not ask it to.
+        script = "\n".join([
+            "import resource, sys",
+            f"sys.path.insert(0, {HERE!r})",
+            "resource.setrlimit(resource.RLIMIT_AS, (64 << 30, 64 << 30))",
+            "import kvhost",
+            "class Sink:",
+            "    def start(self, status, headers): print(status, host.pooled)",
+            "    def write(self, data): pass",
+            "    def finish(self, trailers): pass",
+            "host = kvhost.Host(cache_dir=False, pooled_stores=16)",
+            f"guest = host.load({HTTP_HELLO!r})",
+            "host.handle_http(guest, kvhost.HttpRequest('GET', 'http', 'h', '/', [], None), Sink())"])
+        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                              timeout=120)
+        self.assertEqual((done.returncode, done.stdout), (0, "200 False\n"), done.stderr[-2000:])
+
+    def test_pooled_stores_must_be_a_positive_integer(self):
+        for wrong in (0, -1, 2.5, True, "4"):
+            with self.assertRaises(kvhost.ArgumentError):
+                kvhost.Host(cache_dir=False, pooled_stores=wrong)
+
+    def test_a_server_runs_its_guests_on_a_pooled_engine(self):
+        live = app_server(self, serve="/apps/hello.wasm")
+        self.assertTrue(live.server.runtime.runner.host.pooled)
+        self.assertEqual(live.request("GET", "/")[2], b"hello from wasm\n")
 
 
 
