@@ -220,6 +220,9 @@ WATCH_POLL_SECONDS = 0.05                  # how often a branch watcher checks t
 DEFAULT_MAX_GUESTS = max(2, os.cpu_count() or 2)   # guests running at once
 DEFAULT_WORKERS = os.cpu_count() or 1      # server processes (--workers)
 DEFAULT_RUN_QUEUE = 64                     # callers waiting for a guest slot; beyond: 503
+# Stores the guest engine's pooling allocator keeps room for, per guest slot: a running guest's
+# and the watchers its writes start (kvhost.Host pooled_stores: half the CPU of a request)
+POOLED_STORES_PER_GUEST = 2
 DEFAULT_QUEUE_WAIT = 10.0                  # seconds a caller waits for a slot before 503
 DEFAULT_MAX_OUTPUT = 16 * 1024 * 1024      # stdout (and stderr) kept per run
 PRECOMPILE_POLL_SECONDS = 0.2              # how often the background compiler looks for adds
@@ -5400,6 +5403,7 @@ def make_runtime(store, metrics, *, kv=None, timeout=None, fuel=None, max_memory
     runner = wasmstore.Runner(store, namespaces=wasmstore.parse_namespace_map(namespace_map),
                               links=links,
                               output="discard", kv=kv, provider_kv=provider_kv, workers=max_guests,
+                              pooled_stores=POOLED_STORES_PER_GUEST * max_guests,
                               stub_imports=stub_imports, cache_dir=cache_dir, **limits)
     runner.host.start_workers(1)      # the first guest that needs a worker process finds one ready
     if worker is None:

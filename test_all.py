@@ -1390,6 +1390,31 @@ class GenerationTest(StoreTestCase):
         self.store.add("/on-dev.wasm", wasm_module("dev"))
         self.assertEqual(list(self.store.list(branch="dev")), ["/on-dev.wasm"])
 
+    def test_own_commits_keep_the_default_branch_without_reading_head_and_a_switch_is_seen(self):
+        self.store.create_branch("dev")
+        self.store.add("/first.wasm", wasm_module("first"))
+        head_file = os.path.join(self.root, "HEAD")
+        real_open = open
+        head_reads = []
+
+        def counting_open(file, *args, **kwargs):
+            if file == head_file:
+                head_reads.append(file)
+            return real_open(file, *args, **kwargs)
+        with mock.patch("builtins.open", counting_open):
+            for index in range(5):
+                self.store.add(f"/m{index}.wasm", wasm_module(f"m{index}"))
+        self.assertEqual(head_reads, [])                 # its own commits do not change HEAD
+        with Store(self.root) as other:                  # another writer on the same root
+            other.set_default_branch("dev")
+        self.assertEqual(self.store.default_branch, "dev")
+        self.store.add("/after-switch.wasm", wasm_module("after"))
+        self.assertEqual(list(self.store.list(branch="dev")), ["/after-switch.wasm"])
+        self.store.set_default_branch("main")            # its own switch, then its own commit
+        self.store.add("/back.wasm", wasm_module("back"))
+        self.assertEqual(self.store.default_branch, "main")
+        self.assertIn("/back.wasm", self.store.list(branch="main"))
+
 
 class CacheTest(unittest.TestCase):
     """wasmstore.Cache, the one cache type: bounded by weight, oldest insertions out first."""
@@ -7488,6 +7513,28 @@ class SandboxOptionsTest(unittest.TestCase):
                                          http_server.SANDBOX_FLAGS,
                                          {"WASMSTORE_MAX_MEMORY": "lots"})
 
+    def test_serve_hands_the_server_the_sandbox_options_it_was_given(self):
+        # `wasmstore.py serve` becomes http_server.py: the words it passes on are made from the
+        # one table too, so the server parses them to the values serve parsed.
+        words = self.WORDS + ["--timeout", "2.5", "--link", "env=/lib.wasm", "--kv", "memory:"]
+        args = wasmstore._build_parser("serve").parse_args(["serve", *words, "/app.wasm"])
+        served = vars(http_server.build_parser().parse_args(wasmstore._serve_argv(args, "/r")))
+        self.assertEqual({name: served[name] for name in self.EXPECTED}, self.EXPECTED)
+        self.assertEqual((served["run_timeout"], served["links"], served["kv"], served["serve"]),
+                         (2.5, ["env=/lib.wasm"], "memory:", "/app.wasm"))
+        bare = wasmstore._build_parser("serve").parse_args(["serve", "/app.wasm"])
+        served = vars(http_server.build_parser().parse_args(wasmstore._serve_argv(bare, "/r")))
+        self.assertEqual((served["stub_imports"], served["env"], served["max_memory"]),
+                         (False, None, kvhost.DEFAULT_MAX_MEMORY))
+
+    def test_exports_takes_the_cache_dir_option_of_the_table(self):
+        for parser, words in ((kvhost._build_parser(), ["exports", "--cache-dir", "/c", "g"]),
+                              (wasmstore._build_parser("exports"),
+                               ["exports", "--cache-dir", "/c", "/a.wasm"])):
+            args = parser.parse_args(words)
+            self.assertEqual(args.cache_dir, "/c")
+            self.assertFalse(hasattr(args, "fuel"))
+
     def test_links_have_one_parser_with_stored_paths_checked_by_wasmstore(self):
         # kvhost's --link NAME=FILE and wasmstore's --link NAME=PATH are one parser
         # (kvhost.link_table): the same mistakes are refused alike; wasmstore only adds the
@@ -9390,6 +9437,71 @@ class MisbehavingRegistry:
         self.thread.join(10)
 
 
+class TricklingRegistry:
+    """A loopback registry that answers from a table {path: (status, headers, body, slow)}
+    and sends the slow part one byte every `interval` seconds: "head" trickles the whole
+    answer from its status line on, "body" sends the headers at once and trickles the body.
+    It stops trickling when the client goes away or at close(). Plain HTTP only (clients need
+    plain_http=True: a TLS hello would wait here for a line that never comes)."""
+
+    def __init__(self, interval=0.25):
+        self.interval = interval
+        self.routes = {}
+        self.requests = []                       # (method, path) in arrival order
+        self.closed = threading.Event()
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.thread = threading.Thread(target=self.accept, daemon=True)
+        self.thread.start()
+
+    @property
+    def registry(self):
+        return f"127.0.0.1:{self.listener.getsockname()[1]}"
+
+    def accept(self):
+        while not self.closed.is_set():
+            try:
+                connection, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self.serve, args=(connection,), daemon=True).start()
+
+    def serve(self, connection):
+        with connection, connection.makefile("rb") as incoming:
+            while not self.closed.is_set():
+                request_line = incoming.readline(65536).split()
+                if len(request_line) < 2:
+                    return
+                length = 0
+                for line in iter(lambda: incoming.readline(65536), b""):
+                    if line in (b"\r\n", b"\n"):
+                        break
+                    name, _, value = line.partition(b":")
+                    if name.strip().lower() == b"content-length":
+                        length = int(value)
+                incoming.read(length)
+                method, path = request_line[0].decode("latin-1"), request_line[1].decode("latin-1")
+                path = path.split("?", 1)[0]
+                self.requests.append((method, path))
+                status, headers, body, slow = self.routes.get(path, (404, {}, b"{}", None))
+                head = f"HTTP/1.1 {status} X\r\nContent-Length: {len(body)}\r\n" + "".join(
+                    f"{name}: {value}\r\n" for name, value in headers.items()) + "\r\n"
+                answer = head.encode() + (b"" if method == "HEAD" else body)
+                fast = {"head": 0, "body": len(head)}.get(slow, len(answer))
+                try:
+                    connection.sendall(answer[:fast])
+                    for byte in range(fast, len(answer)):
+                        if self.closed.wait(self.interval):
+                            return
+                        connection.sendall(answer[byte:byte + 1])
+                except OSError:                  # the client gave up: what the test wants
+                    return
+
+    def close(self):
+        self.closed.set()
+        self.listener.close()
+        self.thread.join(10)
+
+
 def wasm_manifest(layer_bytes, layer_type=wasmstore.WASM_LAYER_TYPE, layer_digest=None):
     """A Wasm OCI manifest (as a dict) for layer_bytes."""
     return {"schemaVersion": 2, "mediaType": wasmstore.OCI_MANIFEST_TYPE,
@@ -9987,6 +10099,120 @@ class OciBadInputTest(OciTestCase):
                                 "never taken from the command line")
         self.assertOneLineError(run_cli(self.root, "push", "oci://h/x"), "push needs PATH and REFERENCE")
         self.assertNothingStored(self.before)
+
+
+class PullDeadlineTest(OciTestCase):
+    """A registry that sends one byte at a time (in its headers, a manifest, a blob, a token
+    answer, or while a push waits) cannot hold a pull or push past its deadline: it ends with
+    one clear error soon after, and nothing is stored (issue 17, item 2)."""
+
+    DEADLINE = 1.0
+
+    @classmethod
+    def setUpClass(cls):
+        cls.slow = TricklingRegistry()
+        cls.addClassCleanup(cls.slow.close)
+        data = wasm_module_of_size(1500, tag="deadline")
+        manifest = json.dumps(wasm_manifest(data)).encode()
+        blob = f"/v2/slow/blob/blobs/sha256:{sha256(data)}"
+        token_realm = f'Bearer realm="http://{cls.slow.registry}/token",service="slow"'
+        manifest_headers = {"Content-Type": wasmstore.OCI_MANIFEST_TYPE}
+        cls.slow.routes.update({
+            "/v2/slow/head/manifests/latest": (200, manifest_headers, manifest, "head"),
+            "/v2/slow/manifest/manifests/latest": (200, manifest_headers, manifest, "body"),
+            "/v2/slow/blob/manifests/latest": (200, manifest_headers, manifest, None),
+            blob: (200, {}, data, "body"),
+            "/v2/slow/token/manifests/latest": (401, {"WWW-Authenticate": token_realm}, b"{}", None),
+            "/token": (200, {"Content-Type": "application/json"},
+                       json.dumps({"token": "t" * 200}).encode(), "body"),
+        })
+
+    def setUp(self):
+        super().setUp()
+        self.store.add("/kept.wasm", self.module("kept"))
+        self.before = store_files(self.root)
+
+    def client(self):
+        client = wasmstore.RegistryClient(self.slow.registry, plain_http=True, deadline=self.DEADLINE)
+        self.addCleanup(client.close)
+        return client
+
+    def assertEndsAtTheDeadline(self, operation, slow_request):
+        """operation() fails with the deadline error within a few seconds of the deadline,
+        after the registry started trickling the answer to slow_request; no branch moved."""
+        heads = store_state(self.root)
+        started = time.monotonic()
+        with self.assertRaisesRegex(wasmstore.RegistryError,
+                                    r"did not finish within its deadline of 1 s") as caught:
+            operation()
+        elapsed = time.monotonic() - started
+        self.assertGreaterEqual(elapsed, self.DEADLINE * 0.9)
+        self.assertLess(elapsed, self.DEADLINE + 5, "the deadline did not end the operation")
+        self.assertIn(slow_request, self.slow.requests)
+        self.assertNotIn("Traceback", str(caught.exception))
+        self.assertEqual(store_state(self.root), heads)
+        return caught.exception
+
+    def test_each_slow_answer_ends_the_pull_at_its_deadline(self):
+        cases = [
+            ("head", ("GET", "/v2/slow/head/manifests/latest")),
+            ("manifest", ("GET", "/v2/slow/manifest/manifests/latest")),
+            ("blob", ("GET", next(path for path in self.slow.routes if "/blobs/" in path))),
+            ("token", ("GET", "/token")),
+        ]
+        for repository, slow_request in cases:
+            with self.subTest(slow=repository):
+                reference = f"oci://{self.slow.registry}/slow/{repository}"
+                error = self.assertEndsAtTheDeadline(
+                    lambda: wasmstore.pull(self.store, reference, "/new.wasm", client=self.client()),
+                    slow_request)
+                self.assertIn(f"pull of {reference}", str(error))
+                self.assertNothingStored(self.before)
+
+    def test_pull_many_and_push_end_at_the_deadline(self):
+        pairs = [(f"oci://{self.slow.registry}/slow/{name}", f"/{name}.wasm") for name in ("blob", "manifest")]
+        self.assertEndsAtTheDeadline(lambda: wasmstore.pull_many(self.store, pairs, client=self.client()),
+                                     ("GET", "/v2/slow/manifest/manifests/latest"))
+        self.assertNothingStored(self.before)
+        artifact = wasmstore.module_artifact(self.store, "/kept.wasm")
+        head = f"/v2/slow/push/blobs/{artifact.module_digest}"
+        self.slow.routes[head] = (200, {}, b"", "head")
+        self.assertEndsAtTheDeadline(
+            lambda: wasmstore.push(self.store, "/kept.wasm", f"oci://{self.slow.registry}/slow/push",
+                                   client=self.client()),
+            ("HEAD", head))
+
+    def test_a_client_that_met_its_deadline_works_for_the_next_operation(self):
+        client = self.client()
+        reference = f"oci://{self.slow.registry}/slow/head"
+        self.assertEndsAtTheDeadline(lambda: wasmstore.pull(self.store, reference, "/a.wasm", client=client),
+                                     ("GET", "/v2/slow/head/manifests/latest"))
+        with self.assertRaisesRegex(wasmstore.NotFound, "not found"):     # answered at once: no deadline
+            wasmstore.pull(self.store, f"oci://{self.slow.registry}/no/such", "/a.wasm", client=client)
+
+    def test_command_line_deadline_option_and_environment(self):
+        reference = f"oci://{self.slow.registry}/slow/blob"
+        for options, env in ((["--deadline", "1"], None), ([], {"WASMSTORE_OCI_DEADLINE": "1"})):
+            with self.subTest(options=options, env=env):
+                started = time.monotonic()
+                done = run_cli(self.root, "pull", "--plain-http", *options, reference, "/new.wasm", env=env,
+                               timeout=60)
+                self.assertOneLineError(done, "did not finish within its deadline of 1 s", "--deadline")
+                self.assertLess(time.monotonic() - started, 30)
+                self.assertNothingStored(self.before)
+        for bad in ("0", "²", "-1", "nan"):
+            with self.subTest(bad=bad):
+                done = run_cli(self.root, "pull", "--deadline", bad, reference, "/new.wasm")
+                self.assertEqual(done.returncode, 2, done.stderr)
+                self.assertNotIn("Traceback", done.stderr)
+        done = run_cli(self.root, "pull", reference, "/new.wasm", env={"WASMSTORE_OCI_DEADLINE": "x"})
+        self.assertOneLineError(done, "WASMSTORE_OCI_DEADLINE")
+        self.assertNothingStored(self.before)
+
+    def test_library_refuses_a_deadline_that_is_not_seconds(self):
+        for bad in (0, -1, float("nan"), float("inf"), "5", True):
+            with self.subTest(bad=bad), self.assertRaisesRegex(wasmstore.InvalidInput, "invalid deadline"):
+                wasmstore.RegistryClient(self.slow.registry, deadline=bad)
 
 
 class OciServerTest(OciTestCase):
@@ -12206,9 +12432,11 @@ class HttpOutboundTest(unittest.TestCase):
 class RealToolchainHttpTest(unittest.TestCase):
     """The JavaScript (jco) and Python (componentize-py) handlers built by guests/build.sh."""
 
+    host_options = {}
+
     @classmethod
     def setUpClass(cls):
-        cls.host = kvhost.Host(timeout=30)
+        cls.host = kvhost.Host(timeout=30, **cls.host_options)
 
     @classmethod
     def tearDownClass(cls):
@@ -12255,6 +12483,88 @@ class RealToolchainHttpTest(unittest.TestCase):
         self.assertEqual(sink.body(), b"PUT /echo/a\nx-k: v\n\ndata")
         _, sink = self.serve(PY_HTTP, incoming_request(path="/missing"))
         self.assertEqual(sink.status(), 404)
+
+
+class PooledRealToolchainHttpTest(RealToolchainHttpTest):
+    """The same handlers on an engine with wasmtime's pooling allocator (what servers use): they
+    fit its per-instance limits."""
+
+    host_options = {"pooled_stores": 2}
+
+    def test_the_host_is_pooled(self):
+        self.assertTrue(self.host.pooled)
+
+
+class PooledHttpHandlerTest(HttpHandlerTest):
+    """Every handle_http behaviour again, on a pooled engine: slots are reused request after
+    request, and a fresh instance still sees nothing of the one before."""
+
+    host_options = {"pooled_stores": 4}
+
+
+class PooledEngineTest(HttpTestCase):
+    """Host(pooled_stores=N): the engine's pooling allocator, sized for N Stores at once."""
+
+    host_options = {"pooled_stores": 1}
+
+    def test_slots_are_reused_request_after_request(self):
+        self.assertTrue(self.host.pooled)
+        for _ in range(50):                     # far more than the pool's 8 memories
+            self.assertEqual(self.serve(HTTP_HELLO)[1].body(), b"hello from wasm\n")
+
+    def test_a_request_beyond_the_pool_fails_cleanly_and_the_next_one_runs(self):
+        guest = self.host.load(HTTP_HELLO)      # one memory a request: 8 fit one pooled Store's room
+        release, started = threading.Event(), []
+
+        class HeldSink(RecordingSink):          # keeps its request's instance alive until released
+            def start(self, status, headers):
+                super().start(status, headers)
+                started.append(status)
+                release.wait(30)
+
+        threads = [threading.Thread(target=self.host.handle_http,
+                                    args=(guest, incoming_request(), HeldSink())) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        self.addCleanup(lambda: [release.set()] + [thread.join(30) for thread in threads])
+        wait_until(lambda: len(started) == 8, message="8 requests holding their instances")
+        with self.assertRaises(kvhost.TrapError) as caught:
+            self.host.handle_http(guest, incoming_request(), RecordingSink())
+        self.assertEqual(caught.exception.kind, "memory")
+        self.assertIn("concurrent limit", str(caught.exception))
+        release.set()
+        for thread in threads:
+            thread.join(30)
+        self.assertEqual(self.serve(HTTP_HELLO)[1].body(), b"hello from wasm\n")
+
+    @unittest.skipUnless(sys.platform.startswith("linux"), "RLIMIT_AS is enforced on Linux only")
+    def test_without_address_space_for_the_pool_the_host_maps_each_store_itself(self):
+        # wasmtime aborts the process when it cannot reserve a pool: the Host must not ask it to.
+        script = "\n".join([
+            "import resource, sys",
+            f"sys.path.insert(0, {HERE!r})",
+            "resource.setrlimit(resource.RLIMIT_AS, (64 << 30, 64 << 30))",
+            "import kvhost",
+            "class Sink:",
+            "    def start(self, status, headers): print(status, host.pooled)",
+            "    def write(self, data): pass",
+            "    def finish(self, trailers): pass",
+            "host = kvhost.Host(cache_dir=False, pooled_stores=16)",
+            f"guest = host.load({HTTP_HELLO!r})",
+            "host.handle_http(guest, kvhost.HttpRequest('GET', 'http', 'h', '/', [], None), Sink())"])
+        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                              timeout=120)
+        self.assertEqual((done.returncode, done.stdout), (0, "200 False\n"), done.stderr[-2000:])
+
+    def test_pooled_stores_must_be_a_positive_integer(self):
+        for wrong in (0, -1, 2.5, True, "4"):
+            with self.assertRaises(kvhost.ArgumentError):
+                kvhost.Host(cache_dir=False, pooled_stores=wrong)
+
+    def test_a_server_runs_its_guests_on_a_pooled_engine(self):
+        live = app_server(self, serve="/apps/hello.wasm")
+        self.assertTrue(live.server.runtime.runner.host.pooled)
+        self.assertEqual(live.request("GET", "/")[2], b"hello from wasm\n")
 
 
 
