@@ -7535,6 +7535,29 @@ class SandboxOptionsTest(unittest.TestCase):
             self.assertEqual(args.cache_dir, "/c")
             self.assertFalse(hasattr(args, "fuel"))
 
+    def test_every_size_option_reads_sizes_by_one_rule(self):
+        # kvhost's --max-memory and the server's --max-body and --max-output take the same
+        # texts to the same byte counts (wasmstore.parse_size is kvhost.parse_size's twin, so
+        # that each file works copied alone) and refuse the same ones.
+        parser = http_server.build_parser()
+        for text in ("268435456", "256M", "64k", "1G", "2MiB", "10 MB", "7b", "1Ki", "", "M",
+                     "-1M", "1.5M", "1T", "\u0661M", "1 M B", "9" * 30 + "G"):
+            with self.subTest(text=text):
+                try:
+                    size = kvhost.parse_size(text)
+                except kvhost.ArgumentError:
+                    size = None
+                if size is None:
+                    with self.assertRaises(wasmstore.InvalidInput):
+                        wasmstore.parse_size(text)
+                    with self.assertRaises(SystemExit), \
+                            contextlib.redirect_stderr(io.StringIO()):
+                        parser.parse_args(["--max-body", text])
+                else:
+                    self.assertEqual(wasmstore.parse_size(text), size)
+                    args = parser.parse_args(["--max-body", text, "--max-output", text])
+                    self.assertEqual((args.max_body, args.max_output), (size, size))
+
     def test_links_have_one_parser_with_stored_paths_checked_by_wasmstore(self):
         # kvhost's --link NAME=FILE and wasmstore's --link NAME=PATH are one parser
         # (kvhost.link_table): the same mistakes are refused alike; wasmstore only adds the

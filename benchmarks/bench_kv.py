@@ -30,6 +30,10 @@ Figures, each the median of --rounds rounds, ratios taken against a baseline in 
   and get (each pair moves 2 MiB: the value into the host and back), from the time of a call of
   8 pairs less that of a call of none (the value's trip in as the call's argument), goal >= 100
   MB/s; and the largest value a guest may pass (kvhost.GUEST_VALUE_LIMIT), set and got back.
+  Beside it, what of a pair is kvhost's own bulk conversion (a 1 Mi-element list of wasmtime's
+  32-byte value records made, filled and read back, as set and get do; the rest is wasmtime's
+  C API, which copies each byte as one such value, and its allocator), and the same MB/s with a
+  256 KiB value (below glibc's mmap threshold for the records, so without fresh pages).
 - counter: 8 threads, each running a guest that increments one SQLite counter N times;
   the final value must be exactly 8 x N (exit status 1 otherwise).
 - warm start: ``python kvhost.py call --kv memory: build/py-counter.wasm bump`` as a new
@@ -44,6 +48,7 @@ __version__ = "0.1.0"
 __all__ = ["main"]
 
 import argparse
+import ctypes
 import os
 import shutil
 import socket
@@ -288,15 +293,19 @@ def bench_large(rounds):
     guest = host.load(PROBE)
     argument = list(LARGE_VALUE)
 
-    def seconds(pairs):
+    def seconds(pairs, value=argument):
         started = time.perf_counter()
-        host.call(guest, "set-get-loop", ["b", "large", argument, pairs])
+        host.call(guest, "set-get-loop", ["b", "large", value, pairs])
         return time.perf_counter() - started
     per_pair = []
     for _ in range(rounds):
         per_pair.append((seconds(LARGE_PAIRS) - seconds(0)) / LARGE_PAIRS)
     if host.backend.get("default", "b", "large") != LARGE_VALUE:
         raise RuntimeError("the 1 MiB value did not arrive whole")
+    smaller = LARGE_VALUE[:len(LARGE_VALUE) // 4]
+    small_pair = statistics.median(
+        (seconds(LARGE_PAIRS * 4, list(smaller)) - seconds(0, list(smaller))) / (LARGE_PAIRS * 4)
+        for _ in range(rounds))
     largest = (LARGE_VALUE * 3)[:kvhost.GUEST_VALUE_LIMIT]
     key = "k" * kvhost.MAX_KEY_BYTES
     started = time.perf_counter()
@@ -308,7 +317,29 @@ def bench_large(rounds):
         raise RuntimeError("the largest value did not come back whole")
     pair = statistics.median(per_pair)
     return {"MB/s": 2 * len(LARGE_VALUE) / pair / 1e6, "pair s": pair, "largest": len(largest),
-            "largest s": largest_seconds}
+            "largest s": largest_seconds, "conversion s": conversion_seconds(rounds, LARGE_VALUE),
+            "256 KiB MB/s": 2 * len(smaller) / small_pair / 1e6}
+
+
+def conversion_seconds(rounds, value):
+    """Median seconds of kvhost's own share of one set+get of `value`: a list of u8 value records
+    allocated by wasmtime's C API and filled (get's result), then read back (set's argument)."""
+    c = kvhost._C
+    record = bytearray(kvhost._VAL_SIZE)
+    address = (ctypes.c_char * len(record)).from_buffer(record)
+    payload = ctypes.addressof(address) + kvhost._VAL_PAYLOAD
+    times = []
+    for _ in range(rounds):
+        started = time.perf_counter()
+        c.seq_new["list"](payload, len(value))
+        data = kvhost._vec_at(payload)[1]
+        kvhost._store_u8_vals(data, value)
+        back = kvhost._u8_vals_at(data, len(value))
+        c.seq_delete["list"](payload)
+        times.append(time.perf_counter() - started)
+        if back != value:
+            raise RuntimeError("kvhost's conversion did not give the value back")
+    return statistics.median(times)
 
 
 # -- counter: 8 threads, one SQLite counter ------------------------------------------------------
@@ -415,6 +446,9 @@ def main(argv=None):
               f"per pair; goal >= 100 MB/s: {'met' if large['MB/s'] >= 100 else 'MISSED'}); the largest "
               f"value a guest may pass, {large['largest']:,} bytes with a 4 KiB key, set and got back in "
               f"{large['largest s']:.2f} s")
+        print(f"         of each pair kvhost's bulk conversion {large['conversion s'] * 1e3:.0f} ms, "
+              f"wasmtime's C API (a 32-byte value per byte) the rest; a 256 KiB value "
+              f"{large['256 KiB MB/s']:,.1f} MB/s")
         counter = bench_counter(8, increments, directory)
         exact = counter["final"] == counter["expected"] and not counter["errors"]
         print(f"counter  8 threads x {increments} increments on one SQLite counter: final {counter['final']}"
