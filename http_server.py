@@ -5855,12 +5855,11 @@ def _option_number(text, what, **bounds):
 
 
 def _byte_size(text):
-    match = re.fullmatch(r"\s*([0-9]+)\s*([kmg]i?b?|b)?\s*", text, re.I)
-    if not match:
-        raise argparse.ArgumentTypeError(f"expected a size like 134217728 or 128M, got {text!r}")
-    unit = (match.group(2) or "")[:1].lower()
-    scale = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}[unit]
-    return _option_number(match.group(1), "size") * scale
+    """An option's byte count (128M) through wasmstore.parse_size, for argparse."""
+    try:
+        return wasmstore.parse_size(text)
+    except wasmstore.InvalidInput as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _port(text):

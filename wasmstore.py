@@ -64,7 +64,7 @@ so a commit creates no file and a ref is rewritten in place.
 
 Map of this file: constants; exceptions and ERROR_STATUS (the one table of what each error
 means: HTTP status, exit status, metric label; http_server.py reads it); input from outside
-(parse_number, parse_json, parse_url: ASCII digits, bounded JSON nesting, ports in range; used
+(parse_number, parse_size, parse_json, parse_url: ASCII digits, bounded JSON, ports in range; used
 by http_server.py too); names (paths, branches, hashes); validation (wasmtime's validator, and
 kvhost.py's wasm reader for components, both imported lazily); primitives (the one durable
 whole-file write ``_write_whole``, temp files and their sweep ``_remove_debris``,
@@ -99,7 +99,7 @@ __all__ = [
     "Store", "FsckReport", "Cache", "SharedFd", "load_backup", "main", "console_main",
     "StoreError", "InvalidInput", "InvalidModule", "TooLarge", "NotFound", "Conflict",
     "MergeConflict", "CorruptObject", "RegistryError", "ERROR_STATUS", "ErrorMeaning",
-    "error_meaning", "parse_number", "parse_json", "json_depth", "parse_url", "Url",
+    "error_meaning", "parse_number", "parse_size", "parse_json", "json_depth", "parse_url", "Url",
     "MAX_JSON_DEPTH", "validate_path", "format_path", "validate_branch", "validate_hash",
     "validate_module", "validate_module_file", "wasm_from_text", "Runner", "Target",
     "default_kv_url", "kv_options", "parse_namespace_map", "parse_links", "OciReference",
@@ -313,6 +313,21 @@ def parse_number(text, what, *, minimum=0, maximum=None, fraction=False):
         bounds = f"at least {minimum}" if maximum is None else f"{minimum} to {maximum}"
         raise InvalidInput(f"invalid {what} {text!r}: expected {bounds}")
     return value
+
+
+def parse_size(text, what="size"):
+    """A byte count from outside: ASCII digits, optionally followed by K, M or G (powers of
+    1024; "KiB", "MB" and a final "B" are read alike), e.g. 134217728 or 128M; InvalidInput
+    otherwise. The same rule as kvhost.parse_size (the sandbox's --max-memory)."""
+    match = _SIZE_TEXT.fullmatch(text) if isinstance(text, str) else None
+    if match is None:
+        raise InvalidInput(f"invalid {what} {_short(text, 40)}: expected a number of bytes, "
+                           "suffix K, M or G allowed (e.g. 134217728 or 128M)")
+    return parse_number(match.group(1), what) * _SIZE_UNITS[(match.group(2) or "b")[0].lower()]
+
+
+_SIZE_TEXT = re.compile(r"\s*([0-9]+)\s*([kmgKMG](?:i?[bB])?|[bB])?\s*")
+_SIZE_UNITS = {"b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
 
 
 def _reject_constant(name):
