@@ -7953,7 +7953,10 @@ class ModuleShapeTest(unittest.TestCase):
                      ".ptr()"):
             self.assertIn(name, docstring)
         self.assertNotRegex(source, r"_Store__context|_Managed__ptr|_kvhost_address|sys\.maxsize")
-        self.assertEqual(self.PRIVATE_USES.findall(read_text(HTTP_SERVER_PY)), [])
+        for other in (HTTP_SERVER_PY, WASMSTORE_PY):      # wasmtime's public API only
+            self.assertEqual(self.PRIVATE_USES.findall(read_text(other)), [], other)
+            self.assertNotRegex(read_text(other), r"(?m)^import ctypes|\bkvhost\._[A-Za-z]|"
+                                                  r"\bwasmtime\._[A-Za-z]")
 
     def test_another_wasmtime_version_gets_one_clear_error_and_the_rest_still_works(self):
         code = ("import importlib.metadata, os, sys, wasmtime\n"
@@ -9463,8 +9466,8 @@ class MisbehavingRegistry:
 class TricklingRegistry:
     """A loopback registry that answers from a table {path: (status, headers, body, slow)}
     and sends the slow part one byte every `interval` seconds: "head" trickles the whole
-    answer from its status line on, "body" sends the headers at once and trickles the body.
-    It stops trickling when the client goes away or at close(). Plain HTTP only (clients need
+    answer from its status line on, "body" sends the headers at once and trickles the body,
+    None sends it all at once. A route's headers may replace the true Content-Length. It stops trickling when the client goes away or at close(). Plain HTTP only (clients need
     plain_http=True: a TLS hello would wait here for a line that never comes)."""
 
     def __init__(self, interval=0.25):
@@ -9489,6 +9492,12 @@ class TricklingRegistry:
             threading.Thread(target=self.serve, args=(connection,), daemon=True).start()
 
     def serve(self, connection):
+        try:
+            self.answer(connection)
+        except OSError:                          # the client gave up: what the test wants
+            pass
+
+    def answer(self, connection):
         with connection, connection.makefile("rb") as incoming:
             while not self.closed.is_set():
                 request_line = incoming.readline(65536).split()
@@ -9506,18 +9515,16 @@ class TricklingRegistry:
                 path = path.split("?", 1)[0]
                 self.requests.append((method, path))
                 status, headers, body, slow = self.routes.get(path, (404, {}, b"{}", None))
-                head = f"HTTP/1.1 {status} X\r\nContent-Length: {len(body)}\r\n" + "".join(
+                headers = {"Content-Length": str(len(body)), **headers}   # a route may lie
+                head = f"HTTP/1.1 {status} X\r\n" + "".join(
                     f"{name}: {value}\r\n" for name, value in headers.items()) + "\r\n"
-                answer = head.encode() + (b"" if method == "HEAD" else body)
+                answer = head.encode() + (b"" if method == "HEAD" else body)   # UTF-8 headers too
                 fast = {"head": 0, "body": len(head)}.get(slow, len(answer))
-                try:
-                    connection.sendall(answer[:fast])
-                    for byte in range(fast, len(answer)):
-                        if self.closed.wait(self.interval):
-                            return
-                        connection.sendall(answer[byte:byte + 1])
-                except OSError:                  # the client gave up: what the test wants
-                    return
+                connection.sendall(answer[:fast])
+                for byte in range(fast, len(answer)):
+                    if self.closed.wait(self.interval):
+                        return
+                    connection.sendall(answer[byte:byte + 1])
 
     def close(self):
         self.closed.set()
@@ -10236,6 +10243,92 @@ class PullDeadlineTest(OciTestCase):
         for bad in (0, -1, float("nan"), float("inf"), "5", True):
             with self.subTest(bad=bad), self.assertRaisesRegex(wasmstore.InvalidInput, "invalid deadline"):
                 wasmstore.RegistryClient(self.slow.registry, deadline=bad)
+
+
+class OciHostileRegistryTest(OciTestCase):
+    """What a hostile registry sends a pull (issue 17, items 3 and 8): each answer in the table
+    ends the pull with its one-line error, never a traceback, and nothing is stored."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.registry = TricklingRegistry(interval=0)
+        cls.addClassCleanup(cls.registry.close)
+        cls.data = wasm_module_of_size(1200, tag="hostile")
+        cls.blob = f"blobs/sha256:{sha256(cls.data)}"
+
+    def setUp(self):
+        super().setUp()
+        self.store.add("/kept.wasm", self.module("kept"))
+        self.before = store_files(self.root)
+
+    def serve(self, repository, manifest=None, manifest_headers=None, blob_headers=None, **routes):
+        """The routes of one repository: its manifest (the good one unless given), its blob,
+        and more {name under /v2/REPO/ or an absolute path: (status, headers, body)}."""
+        manifest = json.dumps(wasm_manifest(self.data)).encode() if manifest is None else manifest
+        base = f"/v2/{repository}/"
+        self.registry.routes[base + "manifests/latest"] = (
+            200, {"Content-Type": wasmstore.OCI_MANIFEST_TYPE, **(manifest_headers or {})}, manifest, None)
+        self.registry.routes[base + self.blob] = (200, blob_headers or {}, self.data, None)
+        for name, (status, headers, body) in routes.items():
+            self.registry.routes[name if name.startswith("/") else base + name] = (status, headers, body, None)
+        return f"oci://{self.registry.registry}/{repository}"
+
+    def redirect(self, repository, location):
+        return self.serve(repository, **{"manifests/latest": (307, {"Location": location}, b"")})
+
+    def token(self, repository, body):
+        realm = f'Bearer realm="http://{self.registry.registry}/token/{repository}",service="x"'
+        return self.serve(repository, **{"manifests/latest": (401, {"WWW-Authenticate": realm}, b"{}"),
+                                         f"/token/{repository}": (200, {}, body)})
+
+    def cases(self):
+        """[(what the registry does, reference, text in the error)]"""
+        deep = b"[" * 200_000 + b"]" * 200_000
+        deep_token = b'{"token":' * 30_000 + b'"t"' + b"}" * 30_000
+        good = json.dumps(wasm_manifest(self.data)).encode()
+        return [
+            ("manifest nested 200,000 deep", self.serve("deep/manifest", deep), "nested deeper than 64"),
+            ("token nested 30,000 deep", self.token("deep/token", deep_token), "no usable token"),
+            ("token not UTF-8", self.token("bad/token", b"\xff\xfe{"), "no usable token"),
+            ("token NaN", self.token("nan/token", b'{"token": NaN}'), "no usable token"),
+            ("manifest Content-Length in Arabic digits",
+             self.serve("cl/arabic", manifest_headers={"Content-Length": "\u0663"}), "Content-Length"),
+            ("manifest Content-Length superscript two",
+             self.serve("cl/super", manifest_headers={"Content-Length": "\u00b2"}), "Content-Length"),
+            ("blob Content-Length 1_0", self.serve("cl/underscore", blob_headers={"Content-Length": "1_0"}),
+             "Content-Length"),
+            ("blob Content-Length 40 digits", self.serve("cl/long", blob_headers={"Content-Length": "9" * 40}),
+             "but the manifest says 1200"),
+            ("blob Content-Length not the layer's size",
+             self.serve("cl/wrong", blob_headers={"Content-Length": str(len(self.data) + 1)}),
+             "but the manifest says"),
+            ("redirect to port 99999", self.redirect("to/port", "http://127.0.0.1:99999/x"), "unusable location"),
+            ("redirect to port abc", self.redirect("to/abc", "http://127.0.0.1:abc/x"), "unusable location"),
+            ("redirect to a broken IPv6 host", self.redirect("to/ipv6", "http://[::1/x"), "unusable location"),
+            ("redirect loop", self.redirect("to/self", "/v2/to/self/manifests/latest"), "too many times"),
+            ("manifest with NaN", self.serve("nan/manifest", b'{"schemaVersion": NaN}'), "manifest"),
+            ("layer size 1e400", self.serve("big/size", good.replace(
+                b'"size": %d' % len(self.data), b'"size": 1e400')), "size"),
+        ]
+
+    def test_each_hostile_answer_is_a_clear_error_and_nothing_is_stored(self):
+        for name, reference, text in self.cases():
+            with self.subTest(name):
+                client = wasmstore.RegistryClient(self.registry.registry, plain_http=True, deadline=30)
+                self.addCleanup(client.close)
+                with self.assertRaises(wasmstore.StoreError) as caught:
+                    wasmstore.pull(self.store, reference, "/new.wasm", client=client)
+                message = str(caught.exception)
+                self.assertIn(text, message)
+                self.assertNotIn("\n", message)
+                self.assertLess(len(message), 400)
+                self.assertNothingStored(self.before)
+
+    def test_the_command_line_says_it_in_one_line(self):
+        for name, reference, text in self.cases()[:3]:
+            with self.subTest(name):
+                self.assertOneLineError(run_cli(self.root, "pull", "--plain-http", reference, "/new.wasm"), text)
+                self.assertNothingStored(self.before)
 
 
 class OciServerTest(OciTestCase):
