@@ -5897,20 +5897,20 @@ def _await_eof(fd, event):
 # command line
 # ---------------------------------------------------------------------------
 
-def _option_number(text, what, **bounds):
-    """An option's number through wasmstore.parse_number (ASCII digits only), for argparse."""
-    try:
-        return wasmstore.parse_number(text, what, **bounds)
-    except wasmstore.InvalidInput as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+def _option_type(parse):
+    """An argparse type from a parser of this file or wasmstore.py: its error (ServerError,
+    StoreError) becomes argparse's, so a bad option is one usage line (exit status 2)."""
+    def convert(text, *args, **kwargs):
+        try:
+            return parse(text, *args, **kwargs)
+        except (ServerError, wasmstore.StoreError) as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    convert.__name__ = parse.__name__.lstrip("_")
+    return convert
 
 
-def _byte_size(text):
-    """An option's byte count (128M) through wasmstore.parse_size, for argparse."""
-    try:
-        return wasmstore.parse_size(text)
-    except wasmstore.InvalidInput as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+_option_number = _option_type(wasmstore.parse_number)   # ASCII digits only, in bounds
+_byte_size = _option_type(wasmstore.parse_size)         # 134217728 or 128M
 
 
 def _port(text):
@@ -5924,19 +5924,13 @@ def _tls_pair(text):
     return keyfile.strip(), certfile.strip()
 
 
+@_option_type
 def _origins(text):
-    try:
-        OriginAllowList(text)
-    except ServerError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+    OriginAllowList(text)                   # checked here, built by the server
     return text
 
 
-def _host_name(text):
-    try:
-        return host_name(text)
-    except ServerError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+_host_name = _option_type(host_name)
 
 
 def _host_names(text):
@@ -6005,33 +5999,23 @@ def build_parser():
     return parser
 
 
-def _app_mount(text):
-    try:
-        return parse_app_mount(text)
-    except ServerError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+_app_mount = _option_type(parse_app_mount)
 
 
 def _app_mounts(text):
     return [_app_mount(part.strip()) for part in text.split(",") if part.strip()]
 
 
+@_option_type
 def _app_path(text):
     """--serve's store path (printed as paths are), or a module hash as it is."""
-    try:
-        segments = wasmstore.validate_path(text)
-    except wasmstore.InvalidInput as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+    segments = wasmstore.validate_path(text)
     if len(segments) == 1 and wasmstore.HASH_TEXT.match(segments[0]):
         return segments[0].lower()
     return wasmstore.format_path(segments)
 
 
-def _app_ref(text):
-    try:
-        return parse_app_ref(text)
-    except HttpError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+_app_ref = _option_type(parse_app_ref)
 
 
 def _add_app_options(group):

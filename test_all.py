@@ -7953,7 +7953,10 @@ class ModuleShapeTest(unittest.TestCase):
                      ".ptr()"):
             self.assertIn(name, docstring)
         self.assertNotRegex(source, r"_Store__context|_Managed__ptr|_kvhost_address|sys\.maxsize")
-        self.assertEqual(self.PRIVATE_USES.findall(read_text(HTTP_SERVER_PY)), [])
+        for other in (HTTP_SERVER_PY, WASMSTORE_PY):      # wasmtime's public API only
+            self.assertEqual(self.PRIVATE_USES.findall(read_text(other)), [], other)
+            self.assertNotRegex(read_text(other), r"(?m)^import ctypes|\bkvhost\._[A-Za-z]|"
+                                                  r"\bwasmtime\._[A-Za-z]")
 
     def test_another_wasmtime_version_gets_one_clear_error_and_the_rest_still_works(self):
         code = ("import importlib.metadata, os, sys, wasmtime\n"

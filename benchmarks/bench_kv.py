@@ -25,7 +25,8 @@ Figures, each the median of --rounds rounds, ratios taken against a baseline in 
   also the componentize-py provider build/py-provider.wasm (``bash guests/build.sh``; skipped
   with a message if it is missing). In-process (isolation="thread"), so the figure is the cost
   of forwarding, not of a worker's IPC; the provider's instance is made once per guest call
-  (one block of 100 pairs).
+  (one block of 100 pairs). Beside the wall-clock ratio, the CPU time per pair of each side
+  (time.thread_time, same blocks), which other processes on a loaded machine do not move.
 - large: the same ``set-get-loop`` with a 1 MiB value on the memory backend: MB/s through set
   and get (each pair moves 2 MiB: the value into the host and back), from the time of a call of
   8 pairs less that of a call of none (the value's trip in as the call's argument), goal >= 100
@@ -151,22 +152,31 @@ def raw_sqlite_pairs(path):
     return work, db.close
 
 
-def interleaved(rounds, pairs, guest_work, raw_work):
-    """Median pairs/s of guest and raw, timed in alternating blocks so both share the machine's noise."""
+def interleaved(rounds, pairs, guest_work, raw_work, cpu=None):
+    """Median pairs/s of guest and raw, timed in alternating blocks so both share the machine's
+    noise. `cpu`, a dict, gets the median CPU microseconds per pair of this thread on each side
+    ("guest", "raw"): steadier than wall time on a loaded machine when no other process works
+    for either side."""
     guest_work(BLOCK), raw_work(BLOCK)      # warm up
-    guest_rates, raw_rates = [], []
+    guest_rates, raw_rates, guest_cpu, raw_cpu = [], [], [], []
     for _ in range(rounds):
-        guest_time = raw_time = 0.0
+        guest_time = raw_time = guest_busy = raw_busy = 0.0
         for _ in range(max(1, pairs // BLOCK)):
-            start = time.perf_counter()
+            start, start_busy = time.perf_counter(), time.thread_time()
             guest_work(BLOCK)
-            middle = time.perf_counter()
+            middle, middle_busy = time.perf_counter(), time.thread_time()
             raw_work(BLOCK)
             raw_time += time.perf_counter() - middle
+            raw_busy += time.thread_time() - middle_busy
             guest_time += middle - start
+            guest_busy += middle_busy - start_busy
         done = max(1, pairs // BLOCK) * BLOCK
         guest_rates.append(done / guest_time)
         raw_rates.append(done / raw_time)
+        guest_cpu.append(guest_busy / done * 1e6)
+        raw_cpu.append(raw_busy / done * 1e6)
+    if cpu is not None:
+        cpu.update(guest=statistics.median(guest_cpu), raw=statistics.median(raw_cpu))
     return statistics.median(guest_rates), statistics.median(raw_rates)
 
 
@@ -270,14 +280,16 @@ def bench_provider(rounds, pairs, provider, cache_dir):
     try:
         direct_guest, layered_guest = direct.load(PROBE), layered.load(PROBE)
         value = list(VALUE)
+        cpu = {}
         g, d = interleaved(rounds, pairs, lambda n: layered.call(layered_guest, "set-get-loop", ["b", "key", value, n]),
-                           lambda n: direct.call(direct_guest, "set-get-loop", ["b", "key", value, n]))
+                           lambda n: direct.call(direct_guest, "set-get-loop", ["b", "key", value, n]), cpu)
         if layered.backend.get("default", "wat.b" if provider == KV_PROVIDER else "py.b", "key") != VALUE:
             raise RuntimeError(f"{provider} did not write through to its backend")
     finally:
         direct.close()
         layered.close()
-    return {"provider pairs/s": g, "direct pairs/s": d, "ratio": g / d, "added us/pair": 1e6 / g - 1e6 / d}
+    return {"provider pairs/s": g, "direct pairs/s": d, "ratio": g / d, "added us/pair": 1e6 / g - 1e6 / d,
+            "cpu us/pair": cpu["guest"], "direct cpu us/pair": cpu["raw"]}
 
 
 # -- large: a 1 MiB value through set and get, and the largest value -----------------------------
@@ -434,6 +446,9 @@ def main(argv=None):
         print(f"provider WAT provider set+get pairs/s {layer['provider pairs/s']:>10,.0f}   same guest on memory: "
               f"{layer['direct pairs/s']:,.0f}   ratio {layer['ratio']:.2f} (goal >= 0.6: "
               f"{'met' if layer['ratio'] >= 0.6 else 'MISSED'}); adds {layer['added us/pair']:,.1f} us per pair")
+        print(f"         CPU per pair {layer['cpu us/pair']:.1f} us, on memory: {layer['direct cpu us/pair']:.1f} us: "
+              f"ratio {layer['direct cpu us/pair'] / layer['cpu us/pair']:.2f} (the same ratio without the "
+              "machine's noise)")
         if not os.path.exists(PY_PROVIDER):
             print("         componentize-py provider skipped: build/py-provider.wasm is missing "
                   "(pip install componentize-py==0.25.1 && bash guests/build.sh)")
