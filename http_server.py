@@ -362,16 +362,17 @@ class FileBody:
     It holds the file's wasmstore.SharedFd: the descriptor is closed once the body is closed
     and nothing else (LocateCache, other replies of the same file) holds it."""
 
-    __slots__ = ("file", "fd", "size")
+    __slots__ = ("file", "fd", "size", "start")
 
-    def __init__(self, file, size):
+    def __init__(self, file, size, start=0):
         self.file = file              # the SharedFd
         self.fd = file.fd             # a raw fd: io.open's buffered object costs ~40 us here
-        self.size = size
+        self.size = size              # bytes sent, from offset `start` of the file (a Range)
+        self.start = start
 
     def read(self):
         """The whole body (for tests and non-socket callers)."""
-        return os.pread(self.fd, self.size, 0)
+        return os.pread(self.fd, self.size, self.start)
 
     def close(self):
         """Let the descriptor go (idempotent)."""
@@ -2003,8 +2004,8 @@ OCI_ERROR_CODES = {401: "UNAUTHORIZED", 403: "DENIED", 404: "NAME_UNKNOWN", 405:
 class OciError(HttpError):
     """An error of the /v2/ API, with its distribution-spec error code."""
 
-    def __init__(self, status, code, message):
-        super().__init__(status, message)
+    def __init__(self, status, code, message, headers=()):
+        super().__init__(status, message, headers=headers)
         self.code = code
 
 
@@ -2095,28 +2096,78 @@ class OciRepository:
 
 def _oci_headers(content_type, digest):
     return [("Content-Type", content_type), ("Docker-Content-Digest", digest),
-            ("ETag", f'"{digest}"'), OCI_API_VERSION]
+            ("ETag", f'"{digest}"'), ("Accept-Ranges", "bytes"), OCI_API_VERSION]
+
+
+_BYTE_RANGE = re.compile(r"bytes=([0-9]*)-([0-9]*)\Z")
+
+
+def byte_range(header, size):
+    """(start, end) (end exclusive) of a Range header's one byte range over a body of `size`
+    bytes; None to send the whole body (no header, or one this server ignores as RFC 9110
+    allows: another unit, several ranges, a malformed one). OciError 416 when the range
+    starts at or past the end."""
+    match = _BYTE_RANGE.match((header or "").replace(" ", ""))
+    if not match or match.groups() == ("", ""):
+        return None
+    try:
+        first, last = (wasmstore.parse_number(text, "byte position") if text else None
+                       for text in match.groups())
+    except wasmstore.InvalidInput:              # a position of more digits than any file has
+        return None
+    if first is None:                           # "bytes=-N": the last N bytes
+        return None if last == 0 and size else (max(0, size - last), size)
+    if last is not None and last < first:
+        return None
+    if first >= size:
+        raise OciError(416, "RANGE_INVALID", f"range starts at byte {first}, past the end "
+                       f"of the {size} bytes", headers=[("Content-Range", f"bytes */{size}")])
+    return first, size if last is None else min(last + 1, size)
+
+
+def ranged(reply, call, digest):
+    """reply (a whole 200 body) cut to the request's Range: 206 with Content-Range, as
+    registries answer so that an interrupted download resumes. An If-Range naming another
+    ETag gets the whole body."""
+    if_range = call.headers.get("If-Range")
+    span = byte_range(call.headers.get("Range"), reply.body_size)
+    if span is None or (if_range is not None and if_range.strip() != f'"{digest}"'):
+        return reply
+    (start, end), size = span, reply.body_size
+    if isinstance(reply.body, FileBody):
+        reply.body = FileBody(reply.body.file, end - start, reply.body.start + start)
+    else:
+        reply.body = reply.body[start:end]
+    reply.status = 206
+    reply.headers.append(("Content-Range", f"bytes {start}-{end - 1}/{size}"))
+    return reply
 
 
 def oci_manifest(store, call, segments, reference):
-    """GET /v2/<name>/manifests/<reference>: the OCI image manifest."""
+    """GET /v2/<name>/manifests/<reference>: the OCI image manifest (a Range: 206)."""
     artifact = OciRepository(store, segments, call.branch).manifest(reference)
-    return Reply(200, _oci_headers(wasmstore.OCI_MANIFEST_TYPE, artifact.manifest_digest),
-                 artifact.manifest)
+    digest = artifact.manifest_digest
+    return ranged(Reply(200, _oci_headers(wasmstore.OCI_MANIFEST_TYPE, digest),
+                        artifact.manifest), call, digest)
 
 
 def oci_blob(store, call, segments, digest):
-    """GET /v2/<name>/blobs/<digest>: the module (sendfile) or its config."""
+    """GET /v2/<name>/blobs/<digest>: the module (sendfile) or its config (a Range: 206)."""
     if not wasmstore.OCI_DIGEST.match(digest):
         raise OciError(400, "DIGEST_INVALID", f"invalid digest {digest[:80]!r}: expected "
                        "sha256: and 64 lowercase hex digits")
     repository = OciRepository(store, segments, call.branch)
     headers = _oci_headers(OCI_BLOB_TYPE, digest)
     if any("sha256:" + module == digest for _, module in repository.tags.values()):
-        return Reply(200, headers, open_body(store.module_filename(digest[7:])))   # sendfile
+        body = open_body(store.module_filename(digest[7:]))     # sendfile
+        try:
+            return ranged(Reply(200, headers, body), call, digest)
+        except BaseException:
+            body.close()
+            raise
     for artifact in repository.artifacts():
         if artifact.config_digest == digest:
-            return Reply(200, headers, artifact.config)
+            return ranged(Reply(200, headers, artifact.config), call, digest)
     raise OciError(404, "BLOB_UNKNOWN", f"no blob {digest} in repository {repository.name!r}")
 
 
@@ -4825,7 +4876,7 @@ class WasmstoreHandler(http.server.BaseHTTPRequestHandler):
         if isinstance(sock, ssl.SSLSocket):
             sent = 0
             while sent < body.size:
-                chunk = os.pread(body.fd, min(256 * 1024, body.size - sent), sent)
+                chunk = os.pread(body.fd, min(256 * 1024, body.size - sent), body.start + sent)
                 if not chunk:
                     break
                 sock.sendall(chunk)
@@ -4833,7 +4884,7 @@ class WasmstoreHandler(http.server.BaseHTTPRequestHandler):
             return sent
         # socket.sendfile() builds a selector per call; the socket is non-blocking (it has a
         # timeout), so loop on os.sendfile and wait for room only when the kernel says so.
-        out, offset, size = sock.fileno(), 0, body.size
+        out, offset, size = sock.fileno(), body.start, body.start + body.size
         while offset < size:
             try:
                 count = os.sendfile(out, body.fd, offset, size - offset)
@@ -4846,7 +4897,7 @@ class WasmstoreHandler(http.server.BaseHTTPRequestHandler):
             if count == 0:
                 break                              # file shrank: cannot happen for objects
             offset += count
-        return offset
+        return offset - body.start
 
     def _reply_if_possible(self, error):
         self.close_connection = True

@@ -10407,6 +10407,50 @@ class OciServerTest(OciTestCase):
         head = self.get(f"/v2/apps/hello.wasm/blobs/{manifest['layers'][0]['digest']}", method="HEAD")
         self.assertEqual((head[0], head[1]["content-length"], head[2]), (200, str(len(self.v0)), b""))
 
+    def test_blob_and_manifest_gets_honour_range_with_206(self):
+        manifest = self.get("/v2/apps/hello.wasm/manifests/v0")[2]
+        layer, config = (json.loads(manifest)[key] for key in ("layers", "config"))
+        targets = {"module": (f"/v2/apps/hello.wasm/blobs/{layer[0]['digest']}", self.v0),
+                   "config": (f"/v2/apps/hello.wasm/blobs/{config['digest']}", None),
+                   "manifest": ("/v2/apps/hello.wasm/manifests/v0", manifest)}
+        conn = self.server.connect()                    # one keep-alive connection for every answer
+        self.addCleanup(conn.close)
+        for name, (path, data) in targets.items():
+            data = data if data is not None else self.get(path)[2]
+            size, etag = len(data), self.get(path)[1]["etag"]
+            for header, extra, status, expected in [
+                    ("bytes=0-9", {}, 206, (0, 10)),
+                    ("bytes=10-", {}, 206, (10, size)),
+                    ("bytes=-5", {}, 206, (size - 5, size)),
+                    ("bytes=5-99999999", {}, 206, (5, size)),
+                    ("bytes = 3-3", {}, 206, (3, 4)),
+                    ("bytes=0-9", {"If-Range": etag}, 206, (0, 10)),
+                    ("bytes=0-9", {"If-Range": '"other"'}, 200, (0, size)),
+                    ("bytes=0-1,5-6", {}, 200, (0, size)),
+                    ("items=0-1", {}, 200, (0, size)),
+                    ("bytes=5-2", {}, 200, (0, size)),
+                    ("bytes=\u0663-5".encode(), {}, 200, (0, size)),        # UTF-8 bytes, as sent
+                    ("bytes=" + "9" * 60 + "-", {}, 200, (0, size))]:
+                with self.subTest(name=name, range=header, extra=extra):
+                    status_got, headers, body = self.server.request("GET", path, None,
+                                                                    {"Range": header, **extra}, conn=conn)
+                    start, end = expected
+                    self.assertEqual((status_got, body), (status, data[start:end]))
+                    self.assertEqual(headers["content-length"], str(end - start))
+                    self.assertEqual(headers["accept-ranges"], "bytes")
+                    if status == 206:
+                        self.assertEqual(headers["content-range"], f"bytes {start}-{end - 1}/{size}")
+                    else:
+                        self.assertNotIn("content-range", headers)
+            status_got, headers, body = self.server.request("GET", path, None, {"Range": f"bytes={size}-"},
+                                                            conn=conn)
+            self.assertEqual((status_got, headers["content-range"], json.loads(body)["errors"][0]["code"]),
+                             (416, f"bytes */{size}", "RANGE_INVALID"))
+            status_got, headers, body = self.server.request("HEAD", path, None, {"Range": "bytes=2-5"}, conn=conn)
+            self.assertEqual((status_got, headers["content-length"], body), (206, "4", b""))
+        log = self.server.log.getvalue() if hasattr(self.server, "log") else ""
+        self.assertNotIn("Traceback", log)
+
     def test_errors_are_oci_json_with_the_spec_codes(self):
         self.server.store.add("/Apps/Upper.wasm", self.module("upper"))
         for path, method, status, code in [

@@ -32,9 +32,10 @@ Figures, each the median of --rounds rounds, ratios taken against a baseline in 
   8 pairs less that of a call of none (the value's trip in as the call's argument), goal >= 100
   MB/s; and the largest value a guest may pass (kvhost.GUEST_VALUE_LIMIT), set and got back.
   Beside it, what of a pair is kvhost's own bulk conversion (a 1 Mi-element list of wasmtime's
-  32-byte value records made, filled and read back, as set and get do; the rest is wasmtime's
-  C API, which copies each byte as one such value, and its allocator), and the same MB/s with a
-  256 KiB value (below glibc's mmap threshold for the records, so without fresh pages).
+  32-byte value records filled and read back, as get and set do) and the allocation of those
+  records by wasmtime's C API (timed alone; over glibc's mmap threshold, so fresh pages each
+  time); the rest is wasmtime's C API, which copies each byte as one such value. Also the
+  MB/s of a 256 KiB value.
 - counter: 8 threads, each running a guest that increments one SQLite counter N times;
   the final value must be exactly 8 x N (exit status 1 otherwise).
 - warm start: ``python kvhost.py call --kv memory: build/py-counter.wasm bump`` as a new
@@ -334,24 +335,29 @@ def bench_large(rounds):
 
 
 def conversion_seconds(rounds, value):
-    """Median seconds of kvhost's own share of one set+get of `value`: a list of u8 value records
-    allocated by wasmtime's C API and filled (get's result), then read back (set's argument)."""
+    """Median seconds of kvhost's own share of one set+get of `value`, and of the allocation it
+    asks wasmtime's C API for: (allocation, conversion). A list of u8 value records is allocated
+    (get's result) and freed again; then allocated, filled and read back (set's argument)."""
     c = kvhost._C
     record = bytearray(kvhost._VAL_SIZE)
     address = (ctypes.c_char * len(record)).from_buffer(record)
     payload = ctypes.addressof(address) + kvhost._VAL_PAYLOAD
-    times = []
+    allocations, conversions = [], []
     for _ in range(rounds):
         started = time.perf_counter()
+        c.seq_new["list"](payload, len(value))
+        c.seq_delete["list"](payload)
+        middle = time.perf_counter()
         c.seq_new["list"](payload, len(value))
         data = kvhost._vec_at(payload)[1]
         kvhost._store_u8_vals(data, value)
         back = kvhost._u8_vals_at(data, len(value))
         c.seq_delete["list"](payload)
-        times.append(time.perf_counter() - started)
+        allocations.append(middle - started)
+        conversions.append(time.perf_counter() - middle - allocations[-1])
         if back != value:
             raise RuntimeError("kvhost's conversion did not give the value back")
-    return statistics.median(times)
+    return statistics.median(allocations), statistics.median(conversions)
 
 
 # -- counter: 8 threads, one SQLite counter ------------------------------------------------------
@@ -461,7 +467,9 @@ def main(argv=None):
               f"per pair; goal >= 100 MB/s: {'met' if large['MB/s'] >= 100 else 'MISSED'}); the largest "
               f"value a guest may pass, {large['largest']:,} bytes with a 4 KiB key, set and got back in "
               f"{large['largest s']:.2f} s")
-        print(f"         of each pair kvhost's bulk conversion {large['conversion s'] * 1e3:.0f} ms, "
+        allocation, conversion = large["conversion s"]
+        print(f"         of each pair kvhost's bulk conversion {conversion * 1e3:.0f} ms and the "
+              f"records' allocation (by wasmtime's C API, fresh pages) {allocation * 1e3:.0f} ms; "
               f"wasmtime's C API (a 32-byte value per byte) the rest; a 256 KiB value "
               f"{large['256 KiB MB/s']:,.1f} MB/s")
         counter = bench_counter(8, increments, directory)
