@@ -50,7 +50,7 @@ As a library::
 Map of this file (top-down):
     constants, exceptions (ServerError root)
     URL parsing        parse_target(), decode_segment()
-    replies            Reply, FileBody, error_reply() and the one ERROR_STATUS table
+    replies            Reply, FileBody, error_reply(), error_headers(), the one ERROR_STATUS table
     route handlers     pure functions (store, call, body) -> Reply, LocateCache; history: log
                        and audit by pages, diff
     running modules    SlotPool (a semaphore and its per-worker counts), RunGate (guests at
@@ -136,6 +136,7 @@ __all__ = [
     "Supervisor",
     "listen",
     "error_reply",
+    "error_headers",
     "OciError",
     "OciRepository",
     "oci_error_reply",
@@ -505,11 +506,18 @@ def error_reply(exc):
     if status is None:
         return text_reply("internal server error\n", 500)
     reply = text_reply(one_line(exc) + "\n", status)
-    if isinstance(exc, HttpError):
-        reply.headers.extend(exc.headers)
-    elif kvhost is not None and isinstance(exc, kvhost.TrapError):
-        reply.headers.append(("Wasmstore-Error", exc.kind))
+    reply.headers.extend(error_headers(exc))
     return reply
+
+
+def error_headers(exc):
+    """The headers an error reply carries beside its body: an HttpError's own (Allow,
+    Retry-After, ...), or a stopped guest's kind as Wasmstore-Error (timeout, fuel, ...)."""
+    if isinstance(exc, HttpError):
+        return list(exc.headers)
+    if kvhost is not None and isinstance(exc, kvhost.TrapError):
+        return [("Wasmstore-Error", exc.kind)]
+    return []
 
 
 # ---------------------------------------------------------------------------
@@ -1843,10 +1851,7 @@ def wess_error_reply(exc):
     if status is None:
         return json_reply({"message": "internal server error"}, 500)
     reply = json_reply({"message": one_line(exc)}, status)
-    if isinstance(exc, HttpError):
-        reply.headers.extend(exc.headers)
-    elif kvhost is not None and isinstance(exc, kvhost.TrapError):
-        reply.headers.append(("Wasmstore-Error", exc.kind))
+    reply.headers.extend(error_headers(exc))
     return reply
 
 
@@ -2013,8 +2018,7 @@ def oci_error_reply(exc):
     code = getattr(exc, "code", None) or OCI_ERROR_CODES.get(status, "UNSUPPORTED")
     reply = json_reply({"errors": [{"code": code, "message": one_line(exc)}]}, status)
     reply.headers.append(OCI_API_VERSION)
-    if isinstance(exc, HttpError):
-        reply.headers.extend(exc.headers)
+    reply.headers.extend(error_headers(exc))
     if status == 401:
         reply.headers.append(("WWW-Authenticate", 'Basic realm="wasmstore", charset="UTF-8"'))
     return reply

@@ -3013,6 +3013,20 @@ class PureFunctionTests(unittest.TestCase):
         self.assertEqual(http_server.error_reply(ValueError("a bug")).status, 500)
         self.assertEqual(http_server.outcome_of(None), "ok")
 
+    def test_every_error_body_carries_the_same_headers(self):
+        # the plain-text, Wess and OCI error replies take their extra headers from one place
+        busy = http_server.HttpError(503, "busy", headers=[("Retry-After", "2")])
+        trap = kvhost.TrapError("out of fuel", "fuel")
+        for reply_of in (http_server.error_reply, http_server.wess_error_reply,
+                         http_server.oci_error_reply):
+            with self.subTest(reply=reply_of.__name__):
+                self.assertIn(("Retry-After", "2"), reply_of(busy).headers)
+                self.assertEqual(reply_of(busy).status, 503)
+                reply = reply_of(trap)
+                self.assertEqual(reply.status, 422)
+                self.assertIn(("Wasmstore-Error", "fuel"), reply.headers)
+                self.assertNotIn("Wasmstore-Error", dict(reply_of(wasmstore.NotFound("x")).headers))
+
     def test_an_app_request_answers_from_the_same_rows_as_a_gateway(self):
         cases = [(kvhost.TrapError("spun", "timeout"), (504, "timeout")),
                  (kvhost.TrapError("unreachable", "trap"), (502, "trap")),

@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: Apache-2.0
-"""bench_http.py: the REST API figures of issue 3 item 6 (run it as ``python bench.py http``).
+"""bench_http.py: the REST API figures (run it as ``python bench.py http``).
 
 Figures, each the median of --rounds rounds; every ratio is taken against a baseline measured
 in the same run, by the same load generator, with the rounds alternating:
@@ -470,7 +470,8 @@ def bench_post(root_parent, rounds, seconds):
         _start(server)
         spec = json.dumps({"port": server.port, "path": f"/api/v1/module/bench/r{number}",
                            "body_prefix": f"h{number}"})
-        worker = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--post-worker", spec],
+        worker = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--post-worker",
+                                   spec],
                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         local_lat, http_lat, local_time, http_time, statuses = [], [], 0.0, 0.0, {}
         try:
@@ -480,7 +481,8 @@ def bench_post(root_parent, rounds, seconds):
                 for _ in range(POST_BLOCK):
                     counter += 1
                     started = time.perf_counter()
-                    local.add(f"bench/r{number}/{counter}.wasm", wasm_module(f"l{number}-{counter}"))
+                    local.add(f"bench/r{number}/{counter}.wasm",
+                              wasm_module(f"l{number}-{counter}"))
                     local_lat.append(time.perf_counter() - started)
                 local_time += time.perf_counter() - begin
                 worker.stdin.write(f"{POST_BLOCK}\n")
@@ -584,7 +586,8 @@ def bench_workers(parent, rounds, seconds):
 def _summary(latencies, seconds):
     latencies = sorted(latencies)
     return {"requests": len(latencies), "seconds": seconds, "rate": len(latencies) / seconds,
-            "p50_ms": 1000 * _percentile(latencies, 0.5), "p99_ms": 1000 * _percentile(latencies, 0.99)}
+            "p50_ms": 1000 * _percentile(latencies, 0.5),
+            "p99_ms": 1000 * _percentile(latencies, 0.99)}
 
 
 # --------------------------------------------------------------------------------- table
@@ -607,12 +610,14 @@ def _row(label, ours, base, goal=None):
 
 
 def _latency_row(label, results):
-    return f"  {label:<32} p50 {_median(results, 'p50_ms'):7.2f} ms   p99 {_median(results, 'p99_ms'):7.2f} ms"
+    return (f"  {label:<32} p50 {_median(results, 'p50_ms'):7.2f} ms   "
+            f"p99 {_median(results, 'p99_ms'):7.2f} ms")
 
 
 def print_table(raw, size, rounds, seconds, out=sys.stdout):
     """The GET and POST figures of `raw` (main's results; either may be missing)."""
-    out.write(f"\nhttp_server.py benchmark: medians of {rounds} alternating rounds of {seconds:g} s "
+    out.write(f"\nhttp_server.py benchmark: medians of {rounds} alternating rounds of "
+              f"{seconds:g} s "
               "each\n\n")
     out.write("ratio = median of the per-round ratios (each round measures both, back to back)\n\n")
     out.write(f"{'figure':<34} {'wasmstore':>10} {'baseline':>10} {'ratio':>7}  goal\n")
@@ -657,8 +662,9 @@ def print_workers_table(results, rounds, seconds, out=sys.stdout):
         out.write(f"{labels[name]:<30} {_median(one, 'rate'):>10.0f} {_median(two, 'rate'):>10.0f} "
                   f"{ratio:>7.2f}  >= {WORKERS_GOAL:.1f} {verdict:<7} "
                   f"{_median(one, 'cpu_us'):>6.0f} | {_median(two, 'cpu_us'):.0f} us\n")
-        out.write(f"  p50/p99 ms: 1 worker {_median(one, 'p50_ms'):.2f}/{_median(one, 'p99_ms'):.2f}"
-                  f", 2 workers {_median(two, 'p50_ms'):.2f}/{_median(two, 'p99_ms'):.2f}; per round "
+        out.write(f"  p50/p99 ms: 1 worker {_median(one, 'p50_ms'):.2f}/"
+                  f"{_median(one, 'p99_ms'):.2f}, 2 workers {_median(two, 'p50_ms'):.2f}/"
+                  f"{_median(two, 'p99_ms'):.2f}; per round "
                   "(req/s 1 | 2): " + ", ".join(f"{a['rate']:.0f} | {b['rate']:.0f}"
                                                for a, b in zip(one, two)) + "\n")
         out.write(f"  server cores used: 1 worker {_median(one, 'cores'):.2f}, 2 workers "
