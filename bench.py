@@ -27,7 +27,8 @@ import sys
 AREAS = {
     "store": "wasmstore.Store and the CLI: adds/s vs dulwich (W1, W1b), find, versions, "
              "gc/fsck, 50 MB module, bulk import, component add",
-    "http": "http_server.py: the REST API under load",
+    "http": "http_server.py: the REST API under load (GET, POST vs baselines; --workers 2 vs 1 "
+            "under wrk)",
     "kv": "kvhost.py: wasi:keyvalue calls from guest modules",
     "run": "running stored modules: HTTP calls vs GET, Runner vs kvhost.Host, restart and cold compiles",
     "oci": "push and pull of Wasm OCI artifacts to a local registry vs the oras client",

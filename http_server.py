@@ -50,7 +50,7 @@ As a library::
 Map of this file (top-down):
     constants, exceptions (ServerError root)
     URL parsing        parse_target(), decode_segment()
-    replies            Reply, FileBody, error_reply() and the one ERROR_STATUS table
+    replies            Reply, FileBody, error_reply(), error_headers(), the one ERROR_STATUS table
     route handlers     pure functions (store, call, body) -> Reply, LocateCache; history: log
                        and audit by pages, diff
     running modules    SlotPool (a semaphore and its per-worker counts), RunGate (guests at
@@ -136,6 +136,7 @@ __all__ = [
     "Supervisor",
     "listen",
     "error_reply",
+    "error_headers",
     "OciError",
     "OciRepository",
     "oci_error_reply",
@@ -220,6 +221,9 @@ WATCH_POLL_SECONDS = 0.05                  # how often a branch watcher checks t
 DEFAULT_MAX_GUESTS = max(2, os.cpu_count() or 2)   # guests running at once
 DEFAULT_WORKERS = os.cpu_count() or 1      # server processes (--workers)
 DEFAULT_RUN_QUEUE = 64                     # callers waiting for a guest slot; beyond: 503
+# Stores the guest engine's pooling allocator keeps room for, per guest slot: a running guest's
+# and the watchers its writes start (kvhost.Host pooled_stores: half the CPU of a request)
+POOLED_STORES_PER_GUEST = 2
 DEFAULT_QUEUE_WAIT = 10.0                  # seconds a caller waits for a slot before 503
 DEFAULT_MAX_OUTPUT = 16 * 1024 * 1024      # stdout (and stderr) kept per run
 PRECOMPILE_POLL_SECONDS = 0.2              # how often the background compiler looks for adds
@@ -358,16 +362,17 @@ class FileBody:
     It holds the file's wasmstore.SharedFd: the descriptor is closed once the body is closed
     and nothing else (LocateCache, other replies of the same file) holds it."""
 
-    __slots__ = ("file", "fd", "size")
+    __slots__ = ("file", "fd", "size", "start")
 
-    def __init__(self, file, size):
+    def __init__(self, file, size, start=0):
         self.file = file              # the SharedFd
         self.fd = file.fd             # a raw fd: io.open's buffered object costs ~40 us here
-        self.size = size
+        self.size = size              # bytes sent, from offset `start` of the file (a Range)
+        self.start = start
 
     def read(self):
         """The whole body (for tests and non-socket callers)."""
-        return os.pread(self.fd, self.size, 0)
+        return os.pread(self.fd, self.size, self.start)
 
     def close(self):
         """Let the descriptor go (idempotent)."""
@@ -501,11 +506,18 @@ def error_reply(exc):
     if status is None:
         return text_reply("internal server error\n", 500)
     reply = text_reply(one_line(exc) + "\n", status)
-    if isinstance(exc, HttpError):
-        reply.headers.extend(exc.headers)
-    elif kvhost is not None and isinstance(exc, kvhost.TrapError):
-        reply.headers.append(("Wasmstore-Error", exc.kind))
+    reply.headers.extend(error_headers(exc))
     return reply
+
+
+def error_headers(exc):
+    """The headers an error reply carries beside its body: an HttpError's own (Allow,
+    Retry-After, ...), or a stopped guest's kind as Wasmstore-Error (timeout, fuel, ...)."""
+    if isinstance(exc, HttpError):
+        return list(exc.headers)
+    if kvhost is not None and isinstance(exc, kvhost.TrapError):
+        return [("Wasmstore-Error", exc.kind)]
+    return []
 
 
 # ---------------------------------------------------------------------------
@@ -1839,10 +1851,7 @@ def wess_error_reply(exc):
     if status is None:
         return json_reply({"message": "internal server error"}, 500)
     reply = json_reply({"message": one_line(exc)}, status)
-    if isinstance(exc, HttpError):
-        reply.headers.extend(exc.headers)
-    elif kvhost is not None and isinstance(exc, kvhost.TrapError):
-        reply.headers.append(("Wasmstore-Error", exc.kind))
+    reply.headers.extend(error_headers(exc))
     return reply
 
 
@@ -1995,8 +2004,8 @@ OCI_ERROR_CODES = {401: "UNAUTHORIZED", 403: "DENIED", 404: "NAME_UNKNOWN", 405:
 class OciError(HttpError):
     """An error of the /v2/ API, with its distribution-spec error code."""
 
-    def __init__(self, status, code, message):
-        super().__init__(status, message)
+    def __init__(self, status, code, message, headers=()):
+        super().__init__(status, message, headers=headers)
         self.code = code
 
 
@@ -2009,8 +2018,7 @@ def oci_error_reply(exc):
     code = getattr(exc, "code", None) or OCI_ERROR_CODES.get(status, "UNSUPPORTED")
     reply = json_reply({"errors": [{"code": code, "message": one_line(exc)}]}, status)
     reply.headers.append(OCI_API_VERSION)
-    if isinstance(exc, HttpError):
-        reply.headers.extend(exc.headers)
+    reply.headers.extend(error_headers(exc))
     if status == 401:
         reply.headers.append(("WWW-Authenticate", 'Basic realm="wasmstore", charset="UTF-8"'))
     return reply
@@ -2088,28 +2096,78 @@ class OciRepository:
 
 def _oci_headers(content_type, digest):
     return [("Content-Type", content_type), ("Docker-Content-Digest", digest),
-            ("ETag", f'"{digest}"'), OCI_API_VERSION]
+            ("ETag", f'"{digest}"'), ("Accept-Ranges", "bytes"), OCI_API_VERSION]
+
+
+_BYTE_RANGE = re.compile(r"bytes=([0-9]*)-([0-9]*)\Z")
+
+
+def byte_range(header, size):
+    """(start, end) (end exclusive) of a Range header's one byte range over a body of `size`
+    bytes; None to send the whole body (no header, or one this server ignores as RFC 9110
+    allows: another unit, several ranges, a malformed one). OciError 416 when the range
+    starts at or past the end."""
+    match = _BYTE_RANGE.match((header or "").replace(" ", ""))
+    if not match or match.groups() == ("", ""):
+        return None
+    try:
+        first, last = (wasmstore.parse_number(text, "byte position") if text else None
+                       for text in match.groups())
+    except wasmstore.InvalidInput:              # a position of more digits than any file has
+        return None
+    if first is None:                           # "bytes=-N": the last N bytes
+        return None if last == 0 and size else (max(0, size - last), size)
+    if last is not None and last < first:
+        return None
+    if first >= size:
+        raise OciError(416, "RANGE_INVALID", f"range starts at byte {first}, past the end "
+                       f"of the {size} bytes", headers=[("Content-Range", f"bytes */{size}")])
+    return first, size if last is None else min(last + 1, size)
+
+
+def ranged(reply, call, digest):
+    """reply (a whole 200 body) cut to the request's Range: 206 with Content-Range, as
+    registries answer so that an interrupted download resumes. An If-Range naming another
+    ETag gets the whole body."""
+    if_range = call.headers.get("If-Range")
+    span = byte_range(call.headers.get("Range"), reply.body_size)
+    if span is None or (if_range is not None and if_range.strip() != f'"{digest}"'):
+        return reply
+    (start, end), size = span, reply.body_size
+    if isinstance(reply.body, FileBody):
+        reply.body = FileBody(reply.body.file, end - start, reply.body.start + start)
+    else:
+        reply.body = reply.body[start:end]
+    reply.status = 206
+    reply.headers.append(("Content-Range", f"bytes {start}-{end - 1}/{size}"))
+    return reply
 
 
 def oci_manifest(store, call, segments, reference):
-    """GET /v2/<name>/manifests/<reference>: the OCI image manifest."""
+    """GET /v2/<name>/manifests/<reference>: the OCI image manifest (a Range: 206)."""
     artifact = OciRepository(store, segments, call.branch).manifest(reference)
-    return Reply(200, _oci_headers(wasmstore.OCI_MANIFEST_TYPE, artifact.manifest_digest),
-                 artifact.manifest)
+    digest = artifact.manifest_digest
+    return ranged(Reply(200, _oci_headers(wasmstore.OCI_MANIFEST_TYPE, digest),
+                        artifact.manifest), call, digest)
 
 
 def oci_blob(store, call, segments, digest):
-    """GET /v2/<name>/blobs/<digest>: the module (sendfile) or its config."""
+    """GET /v2/<name>/blobs/<digest>: the module (sendfile) or its config (a Range: 206)."""
     if not wasmstore.OCI_DIGEST.match(digest):
         raise OciError(400, "DIGEST_INVALID", f"invalid digest {digest[:80]!r}: expected "
                        "sha256: and 64 lowercase hex digits")
     repository = OciRepository(store, segments, call.branch)
     headers = _oci_headers(OCI_BLOB_TYPE, digest)
     if any("sha256:" + module == digest for _, module in repository.tags.values()):
-        return Reply(200, headers, open_body(store.module_filename(digest[7:])))   # sendfile
+        body = open_body(store.module_filename(digest[7:]))     # sendfile
+        try:
+            return ranged(Reply(200, headers, body), call, digest)
+        except BaseException:
+            body.close()
+            raise
     for artifact in repository.artifacts():
         if artifact.config_digest == digest:
-            return Reply(200, headers, artifact.config)
+            return ranged(Reply(200, headers, artifact.config), call, digest)
     raise OciError(404, "BLOB_UNKNOWN", f"no blob {digest} in repository {repository.name!r}")
 
 
@@ -4818,7 +4876,7 @@ class WasmstoreHandler(http.server.BaseHTTPRequestHandler):
         if isinstance(sock, ssl.SSLSocket):
             sent = 0
             while sent < body.size:
-                chunk = os.pread(body.fd, min(256 * 1024, body.size - sent), sent)
+                chunk = os.pread(body.fd, min(256 * 1024, body.size - sent), body.start + sent)
                 if not chunk:
                     break
                 sock.sendall(chunk)
@@ -4826,7 +4884,7 @@ class WasmstoreHandler(http.server.BaseHTTPRequestHandler):
             return sent
         # socket.sendfile() builds a selector per call; the socket is non-blocking (it has a
         # timeout), so loop on os.sendfile and wait for room only when the kernel says so.
-        out, offset, size = sock.fileno(), 0, body.size
+        out, offset, size = sock.fileno(), body.start, body.start + body.size
         while offset < size:
             try:
                 count = os.sendfile(out, body.fd, offset, size - offset)
@@ -4839,7 +4897,7 @@ class WasmstoreHandler(http.server.BaseHTTPRequestHandler):
             if count == 0:
                 break                              # file shrank: cannot happen for objects
             offset += count
-        return offset
+        return offset - body.start
 
     def _reply_if_possible(self, error):
         self.close_connection = True
@@ -5400,6 +5458,7 @@ def make_runtime(store, metrics, *, kv=None, timeout=None, fuel=None, max_memory
     runner = wasmstore.Runner(store, namespaces=wasmstore.parse_namespace_map(namespace_map),
                               links=links,
                               output="discard", kv=kv, provider_kv=provider_kv, workers=max_guests,
+                              pooled_stores=POOLED_STORES_PER_GUEST * max_guests,
                               stub_imports=stub_imports, cache_dir=cache_dir, **limits)
     runner.host.start_workers(1)      # the first guest that needs a worker process finds one ready
     if worker is None:
@@ -5842,21 +5901,20 @@ def _await_eof(fd, event):
 # command line
 # ---------------------------------------------------------------------------
 
-def _option_number(text, what, **bounds):
-    """An option's number through wasmstore.parse_number (ASCII digits only), for argparse."""
-    try:
-        return wasmstore.parse_number(text, what, **bounds)
-    except wasmstore.InvalidInput as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+def _option_type(parse):
+    """An argparse type from a parser of this file or wasmstore.py: its error (ServerError,
+    StoreError) becomes argparse's, so a bad option is one usage line (exit status 2)."""
+    def convert(text, *args, **kwargs):
+        try:
+            return parse(text, *args, **kwargs)
+        except (ServerError, wasmstore.StoreError) as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    convert.__name__ = parse.__name__.lstrip("_")
+    return convert
 
 
-def _byte_size(text):
-    match = re.fullmatch(r"\s*([0-9]+)\s*([kmg]i?b?|b)?\s*", text, re.I)
-    if not match:
-        raise argparse.ArgumentTypeError(f"expected a size like 134217728 or 128M, got {text!r}")
-    unit = (match.group(2) or "")[:1].lower()
-    scale = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}[unit]
-    return _option_number(match.group(1), "size") * scale
+_option_number = _option_type(wasmstore.parse_number)   # ASCII digits only, in bounds
+_byte_size = _option_type(wasmstore.parse_size)         # 134217728 or 128M
 
 
 def _port(text):
@@ -5870,19 +5928,13 @@ def _tls_pair(text):
     return keyfile.strip(), certfile.strip()
 
 
+@_option_type
 def _origins(text):
-    try:
-        OriginAllowList(text)
-    except ServerError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+    OriginAllowList(text)                   # checked here, built by the server
     return text
 
 
-def _host_name(text):
-    try:
-        return host_name(text)
-    except ServerError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+_host_name = _option_type(host_name)
 
 
 def _host_names(text):
@@ -5951,33 +6003,23 @@ def build_parser():
     return parser
 
 
-def _app_mount(text):
-    try:
-        return parse_app_mount(text)
-    except ServerError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+_app_mount = _option_type(parse_app_mount)
 
 
 def _app_mounts(text):
     return [_app_mount(part.strip()) for part in text.split(",") if part.strip()]
 
 
+@_option_type
 def _app_path(text):
     """--serve's store path (printed as paths are), or a module hash as it is."""
-    try:
-        segments = wasmstore.validate_path(text)
-    except wasmstore.InvalidInput as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+    segments = wasmstore.validate_path(text)
     if len(segments) == 1 and wasmstore.HASH_TEXT.match(segments[0]):
         return segments[0].lower()
     return wasmstore.format_path(segments)
 
 
-def _app_ref(text):
-    try:
-        return parse_app_ref(text)
-    except HttpError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+_app_ref = _option_type(parse_app_ref)
 
 
 def _add_app_options(group):

@@ -66,7 +66,8 @@ Map of this file, top-down:
                   _RemoteBackend; _worker_main), killed at the deadline
   CLI             shared with wasmstore.py and http_server.py: the one table of sandbox
                   options (SANDBOX_OPTIONS, add_sandbox_options, fill_sandbox_from_env,
-                  parse_size), host_from_args, run_with_deadline, report; main()
+                  sandbox_argv, parse_size, link_table), host_from_args, run_with_deadline,
+                  report; main()
 
 Why the value codecs exist: wasmtime-py's component host functions re-read and re-walk the
 function type on every call (~100 us) and cannot return an err for result<option<T>, E> (its
@@ -90,7 +91,8 @@ __all__ = [
     "WasmFormatError", "WasmReader", "wasm_kind", "core_signatures", "check_core_imports",
     "sections_fit", "module_spans", "stub_function_bodies", "component_interface",
     "CORE_HEADER", "COMPONENT_HEADER",
-    "add_store_options", "add_sandbox_options", "link_table", "host_from_args", "parse_json_args",
+    "add_store_options", "add_sandbox_options", "sandbox_argv", "link_table", "host_from_args",
+    "parse_json_args",
     "print_json", "print_exports",
     "run_with_deadline", "end_process", "report", "DeadlineExceeded", "main", "console_main",
     "parse_number", "parse_json", "json_depth", "parse_url", "Url", "MAX_JSON_DEPTH",
@@ -1754,6 +1756,10 @@ def _wasmtime_version():
 
 
 _WASMTIME_VERSION = []
+# wasmtime_pooling_allocation_config_*_set functions taking a size_t (the others take a uint32)
+_POOL_SIZE_T_SETTINGS = frozenset({"max_memory_size", "table_elements", "max_core_instance_size",
+                                   "linear_memory_keep_resident", "table_keep_resident",
+                                   "max_component_instance_size"})
 
 
 class _CApi:
@@ -1889,6 +1895,28 @@ class _CApi:
         """Turn off a wasmtime.Config's component-model concurrency support (wasmtime-py has no
         setter for it)."""
         self.concurrency_support(self.address(config), False)
+
+    def use_pooling_allocator(self, config, limits):
+        """Make engines of a wasmtime.Config take instances, memories and tables from a pool
+        reserved once (wasmtime-py has no setter for it): a fresh Store, instance and teardown
+        then costs less than half (no mmap/munmap per request). `limits`: {setting: value},
+        the setters of wasmtime_pooling_allocation_config_* (see POOL_LIMITS)."""
+        pool = self._keep_gil["wasmtime_pooling_allocation_config_new"]
+        pool.restype, pool.argtypes = _vp, ()
+        pooling = pool()
+        try:
+            for name, value in limits.items():
+                setter = self._keep_gil[f"wasmtime_pooling_allocation_config_{name}_set"]
+                setter.restype = None
+                setter.argtypes = (_vp, _sz if name in _POOL_SIZE_T_SETTINGS else ctypes.c_uint32)
+                setter(pooling, value)
+            strategy = self._keep_gil["wasmtime_pooling_allocation_strategy_set"]
+            strategy.restype, strategy.argtypes = None, (_vp, _vp)
+            strategy(self.address(config), pooling)        # copies the pool's settings
+        finally:
+            delete = self._keep_gil["wasmtime_pooling_allocation_config_delete"]
+            delete.restype, delete.argtypes = None, (_vp,)
+            delete(pooling)
 
     # -- registering host functions and resources --------------------------------------------------
 
@@ -3110,6 +3138,12 @@ DEFAULT_MAX_MEMORY = 256 << 20                  # bytes per linear memory: a sha
 DEFAULT_MAX_TABLE_ELEMENTS = 1_000_000          # per table (memory limits do not bound table.grow)
 # per Store (one call); py-counter needs 11/2/1
 STORE_LIMITS = {"instances": 100, "tables": 20, "memories": 8}
+# an instance's own state (its vmctx) in a pooled engine: wasmtime's default, 1 MiB, is too
+# small for some toolchains' modules; only checked, not reserved
+POOL_INSTANCE_BYTES = 16 << 20
+# bytes of a pooled memory (and of a table) reset by memset rather than returned to the system:
+# the next instance then takes no page faults there (a fresh instance of hello.wat: 15 -> 11 us)
+POOL_KEEP_RESIDENT = 1 << 20
 # wasmtime's limit of data per host call: 128 MiB of 48-byte values
 HOSTCALL_VALUE_BYTES = (128 << 20) // 48
 # The largest value a guest gets or sets: what one host call carries, less the longest key
@@ -3129,19 +3163,62 @@ _DIGEST_RE = re.compile(r"[0-9a-f]{64}\Z")
 _COMPONENT_TEXT_RE = re.compile(r"\A(?:\s+|;;[^\n]*\n|\(;.*?;\))*\(\s*component\b", re.S)
 
 
-def _new_engine(metered, interruptible):
+def _pool_limits(stores, max_memory, max_table_elements):
+    """The pooling allocator's settings for `stores` Stores alive at once, each within
+    STORE_LIMITS and the sandbox's memory and table limits: what fits a Store fits the pool.
+    Reserving costs address space only (a memory's slot is its 4 GiB reservation plus guards)."""
+    return {"total_component_instances": stores * STORE_LIMITS["instances"],
+            "total_core_instances": stores * STORE_LIMITS["instances"],
+            "total_memories": stores * STORE_LIMITS["memories"],
+            "total_tables": stores * STORE_LIMITS["tables"],
+            "max_core_instances_per_component": STORE_LIMITS["instances"],
+            "max_memories_per_component": STORE_LIMITS["memories"],
+            "max_tables_per_component": STORE_LIMITS["tables"],
+            "max_memories_per_module": STORE_LIMITS["memories"],
+            "max_tables_per_module": STORE_LIMITS["tables"],
+            "max_memory_size": max_memory,
+            "table_elements": max_table_elements,
+            "max_core_instance_size": POOL_INSTANCE_BYTES,
+            "max_component_instance_size": POOL_INSTANCE_BYTES,
+            "linear_memory_keep_resident": POOL_KEEP_RESIDENT,
+            "table_keep_resident": POOL_KEEP_RESIDENT}
+
+
+def _new_engine(metered, interruptible, pool=None):
     """An engine for guests: fuel metering only when a fuel limit is set (it makes
     compute-bound code about 2.5x slower); epoch interruption (the timeout) unless the program
     ends itself at the deadline (isolation="one-shot"): its check at every loop head makes a
     tight loop up to 1.8x slower. Without the component model's concurrency support (async,
     which no guest here uses), wasmtime 50 can pass a host function two borrowed handles in one
-    call (poll over several pollables); with it, such a call fails before the host sees it."""
+    call (poll over several pollables); with it, such a call fails before the host sees it.
+    pool: the pooling allocator's settings (_pool_limits), or None: each Store maps its own."""
     config = wasmtime.Config()
     config.consume_fuel = metered
     config.epoch_interruption = interruptible
     config.cranelift_opt_level = "speed"
     _C.disable_concurrency_support(config)
+    if pool is not None:
+        _C.use_pooling_allocator(config, pool)
     return wasmtime.Engine(config)
+
+
+def _pool_bytes(pool):
+    """More address space than a pool with these settings reserves (wasmtime 50: per memory
+    its 4 GiB reservation, or the largest memory if bigger, and guard pages; per table 8 bytes
+    an element)."""
+    memory_slot = max(4 << 30, pool["max_memory_size"]) + (128 << 20)
+    tables = pool["total_tables"] * pool["table_elements"] * 16
+    return pool["total_memories"] * memory_slot + tables + (1 << 30)
+
+
+def _can_reserve(size):
+    """True if `size` bytes of address space can be reserved now (wasmtime aborts the process
+    when an engine's pool cannot be: an address-space ulimit, a 32-bit system)."""
+    try:
+        mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE, prot=0).close()     # prot=0: PROT_NONE
+    except (OSError, ValueError, OverflowError, TypeError, AttributeError):
+        return False                # TypeError, AttributeError: no such mmap (Windows)
+    return True
 
 
 def default_cache_dir():
@@ -3634,6 +3711,11 @@ class Host:
     max_value_size: value limit of a backend opened from a URL (a Backend carries its own);
     guest_cache_bytes: compiled code kept in memory for load() (bytes; least recently used
     guests go first).
+    pooled_stores: Stores (calls and HTTP requests) alive at once that the engine's pooling
+    allocator keeps room for (a server's setting: a request then costs half the CPU); a call
+    beyond them fails with a limit error, as does a guest that does not fit the pool; None (the
+    default), or where the pool's address space cannot be reserved (.pooled is then False):
+    each Store maps its own memory.
     HTTP handlers (handle_http): allow_outbound lists the destinations ("HOST" or "HOST:PORT",
     see parse_outbound) their outgoing requests may reach; any other is refused.
     """
@@ -3644,7 +3726,8 @@ class Host:
                  stdout=None,
                  stderr=None, max_value_size=None, max_table_elements=DEFAULT_MAX_TABLE_ELEMENTS,
                  isolation="auto", workers=None, stub_imports=False, provider_kv=None,
-                 allow_outbound=None, output="inherit", guest_cache_bytes=GUEST_CACHE_BYTES):
+                 allow_outbound=None, output="inherit", guest_cache_bytes=GUEST_CACHE_BYTES,
+                 pooled_stores=None):
         _check_namespace(namespace)
         _check_limit("guest_cache_bytes", guest_cache_bytes, allow_none=False)
         if output not in OUTPUTS:
@@ -3667,6 +3750,7 @@ class Host:
         _check_limit("max_memory", max_memory, allow_none=False)
         _check_limit("max_table_elements", max_table_elements, allow_none=False)
         _check_limit("workers", workers)
+        _check_limit("pooled_stores", pooled_stores)
         if isolation not in ISOLATIONS:
             raise ArgumentError(f"invalid isolation {isolation!r}: expected one of "
                                 f"{', '.join(ISOLATIONS)}")
@@ -3705,7 +3789,13 @@ class Host:
         self._valid_namespaces = set()  # namespaces of calls, already checked
         if _C is None:
             raise KvError(_WASMTIME_PROBLEM)
-        self.engine = _new_engine(metered=fuel is not None, interruptible=isolation != "one-shot")
+        pool = None if pooled_stores is None else _pool_limits(pooled_stores, max_memory,
+                                                                max_table_elements)
+        if pool is not None and not _can_reserve(_pool_bytes(pool)):
+            pool = None                 # wasmtime would abort the process (an address ulimit)
+        self.pooled = pool is not None  # the engine takes its Stores' memory from a pool
+        self.engine = _new_engine(metered=fuel is not None, interruptible=isolation != "one-shot",
+                                  pool=pool)
         self._engine_address = _C.address(self.engine)
         self._component_linker = None
         self._module_linker = None
@@ -7421,16 +7511,19 @@ SANDBOX_OPTIONS = {option.dest: option for option in (
 )}
 
 
-def add_sandbox_options(parser, link_target="a file", *, flags=None, env=None):
+def add_sandbox_options(parser, link_target="a file", *, flags=None, env=None, only=None):
     """Add the sandbox options (SANDBOX_OPTIONS) to an argparse parser or group;
     host_from_args() turns them into Host arguments. link_target: what --link NAME=PATH names
     (a file for kvhost, a stored path for wasmstore). flags: {dest: flag} for a program whose
     own options take a flag (a server's --timeout is its connections': --run-timeout); the
     parsed value is then the attribute that flag names. env: {dest: environment variable}: a
     program that reads these from its environment (fill_sandbox_from_env) gets None for every
-    option not given, and the help names the variable."""
+    option not given, and the help names the variable. only: the dests to add (default all;
+    e.g. ("cache_dir",) for a command that compiles but runs nothing)."""
     flags, env = flags or {}, env or {}
     for option in SANDBOX_OPTIONS.values():
+        if only is not None and option.dest not in only:
+            continue
         flag = flags.get(option.dest, option.flag)
         notes = (["repeatable"] if option.many else []) \
             + ([f"env {env[option.dest]}"] if option.dest in env else []) \
@@ -7444,6 +7537,26 @@ def add_sandbox_options(parser, link_target="a file", *, flags=None, env=None):
                                 action="append" if option.many else None,
                                 default=None if env else option.default,
                                 metavar=option.metavar, help=text)
+
+
+def sandbox_argv(args, flags=None):
+    """The command-line words that give another program the sandbox options parsed into
+    `args` (by add_sandbox_options without flags): each option with a value, in that program's
+    flags ({dest: flag}, as its add_sandbox_options was given). wasmstore.py's serve hands its
+    options to the server this way."""
+    words = []
+    for option in SANDBOX_OPTIONS.values():
+        value, flag = getattr(args, option.dest), (flags or {}).get(option.dest, option.flag)
+        if option.parse is None:
+            words += [flag] if value else []
+            continue
+        for item in (value or ()) if option.many else (() if value is None else (value,)):
+            text = _PAIR_SEPARATOR[option.dest].join(item) if isinstance(item, tuple) else item
+            words += [flag, str(text)]
+    return words
+
+
+_PAIR_SEPARATOR = {"env": "=", "dirs": "::"}      # how _env_pair and _dir_pair split their text
 
 
 def _attribute(flag):
@@ -7630,8 +7743,7 @@ def _build_parser():
                                   help="list the functions a guest exports, with their types")
     exports.add_argument("--json", action="store_true",
                          help="one JSON document instead of one line per function")
-    exports.add_argument("--cache-dir",
-                         help="compile cache directory (default ~/.cache/wasmstore/kvhost)")
+    add_sandbox_options(exports, only=("cache_dir",))
     exports.add_argument("guest")
     kv = commands.add_parser("kv", help="inspect and edit stored data")
     add_store_options(kv, provider=None)

@@ -2995,6 +2995,20 @@ class PureFunctionTests(unittest.TestCase):
         self.assertEqual(http_server.error_reply(ValueError("a bug")).status, 500)
         self.assertEqual(http_server.outcome_of(None), "ok")
 
+    def test_every_error_body_carries_the_same_headers(self):
+        # the plain-text, Wess and OCI error replies take their extra headers from one place
+        busy = http_server.HttpError(503, "busy", headers=[("Retry-After", "2")])
+        trap = kvhost.TrapError("out of fuel", "fuel")
+        for reply_of in (http_server.error_reply, http_server.wess_error_reply,
+                         http_server.oci_error_reply):
+            with self.subTest(reply=reply_of.__name__):
+                self.assertIn(("Retry-After", "2"), reply_of(busy).headers)
+                self.assertEqual(reply_of(busy).status, 503)
+                reply = reply_of(trap)
+                self.assertEqual(reply.status, 422)
+                self.assertIn(("Wasmstore-Error", "fuel"), reply.headers)
+                self.assertNotIn("Wasmstore-Error", dict(reply_of(wasmstore.NotFound("x")).headers))
+
     def test_an_app_request_answers_from_the_same_rows_as_a_gateway(self):
         cases = [(kvhost.TrapError("spun", "timeout"), (504, "timeout")),
                  (kvhost.TrapError("unreachable", "trap"), (502, "trap")),
@@ -7541,6 +7555,51 @@ class SandboxOptionsTest(unittest.TestCase):
                                          http_server.SANDBOX_FLAGS,
                                          {"WASMSTORE_MAX_MEMORY": "lots"})
 
+    def test_serve_hands_the_server_the_sandbox_options_it_was_given(self):
+        # `wasmstore.py serve` becomes http_server.py: the words it passes on are made from the
+        # one table too, so the server parses them to the values serve parsed.
+        words = self.WORDS + ["--timeout", "2.5", "--link", "env=/lib.wasm", "--kv", "memory:"]
+        args = wasmstore._build_parser("serve").parse_args(["serve", *words, "/app.wasm"])
+        served = vars(http_server.build_parser().parse_args(wasmstore._serve_argv(args, "/r")))
+        self.assertEqual({name: served[name] for name in self.EXPECTED}, self.EXPECTED)
+        self.assertEqual((served["run_timeout"], served["links"], served["kv"], served["serve"]),
+                         (2.5, ["env=/lib.wasm"], "memory:", "/app.wasm"))
+        bare = wasmstore._build_parser("serve").parse_args(["serve", "/app.wasm"])
+        served = vars(http_server.build_parser().parse_args(wasmstore._serve_argv(bare, "/r")))
+        self.assertEqual((served["stub_imports"], served["env"], served["max_memory"]),
+                         (False, None, kvhost.DEFAULT_MAX_MEMORY))
+
+    def test_exports_takes_the_cache_dir_option_of_the_table(self):
+        for parser, words in ((kvhost._build_parser(), ["exports", "--cache-dir", "/c", "g"]),
+                              (wasmstore._build_parser("exports"),
+                               ["exports", "--cache-dir", "/c", "/a.wasm"])):
+            args = parser.parse_args(words)
+            self.assertEqual(args.cache_dir, "/c")
+            self.assertFalse(hasattr(args, "fuel"))
+
+    def test_every_size_option_reads_sizes_by_one_rule(self):
+        # kvhost's --max-memory and the server's --max-body and --max-output take the same
+        # texts to the same byte counts (wasmstore.parse_size is kvhost.parse_size's twin, so
+        # that each file works copied alone) and refuse the same ones.
+        parser = http_server.build_parser()
+        for text in ("268435456", "256M", "64k", "1G", "2MiB", "10 MB", "7b", "1Ki", "", "M",
+                     "-1M", "1.5M", "1T", "\u0661M", "1 M B", "9" * 30 + "G"):
+            with self.subTest(text=text):
+                try:
+                    size = kvhost.parse_size(text)
+                except kvhost.ArgumentError:
+                    size = None
+                if size is None:
+                    with self.assertRaises(wasmstore.InvalidInput):
+                        wasmstore.parse_size(text)
+                    with self.assertRaises(SystemExit), \
+                            contextlib.redirect_stderr(io.StringIO()):
+                        parser.parse_args(["--max-body", text])
+                else:
+                    self.assertEqual(wasmstore.parse_size(text), size)
+                    args = parser.parse_args(["--max-body", text, "--max-output", text])
+                    self.assertEqual((args.max_body, args.max_output), (size, size))
+
     def test_links_have_one_parser_with_stored_paths_checked_by_wasmstore(self):
         # kvhost's --link NAME=FILE and wasmstore's --link NAME=PATH are one parser
         # (kvhost.link_table): the same mistakes are refused alike; wasmstore only adds the
@@ -7936,7 +7995,10 @@ class ModuleShapeTest(unittest.TestCase):
                      ".ptr()"):
             self.assertIn(name, docstring)
         self.assertNotRegex(source, r"_Store__context|_Managed__ptr|_kvhost_address|sys\.maxsize")
-        self.assertEqual(self.PRIVATE_USES.findall(read_text(HTTP_SERVER_PY)), [])
+        for other in (HTTP_SERVER_PY, WASMSTORE_PY):      # wasmtime's public API only
+            self.assertEqual(self.PRIVATE_USES.findall(read_text(other)), [], other)
+            self.assertNotRegex(read_text(other), r"(?m)^import ctypes|\bkvhost\._[A-Za-z]|"
+                                                  r"\bwasmtime\._[A-Za-z]")
 
     def test_another_wasmtime_version_gets_one_clear_error_and_the_rest_still_works(self):
         code = ("import importlib.metadata, os, sys, wasmtime\n"
@@ -9443,6 +9505,75 @@ class MisbehavingRegistry:
         self.thread.join(10)
 
 
+class TricklingRegistry:
+    """A loopback registry that answers from a table {path: (status, headers, body, slow)}
+    and sends the slow part one byte every `interval` seconds: "head" trickles the whole
+    answer from its status line on, "body" sends the headers at once and trickles the body,
+    None sends it all at once. A route's headers may replace the true Content-Length. It stops trickling when the client goes away or at close(). Plain HTTP only (clients need
+    plain_http=True: a TLS hello would wait here for a line that never comes)."""
+
+    def __init__(self, interval=0.25):
+        self.interval = interval
+        self.routes = {}
+        self.requests = []                       # (method, path) in arrival order
+        self.closed = threading.Event()
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.thread = threading.Thread(target=self.accept, daemon=True)
+        self.thread.start()
+
+    @property
+    def registry(self):
+        return f"127.0.0.1:{self.listener.getsockname()[1]}"
+
+    def accept(self):
+        while not self.closed.is_set():
+            try:
+                connection, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self.serve, args=(connection,), daemon=True).start()
+
+    def serve(self, connection):
+        try:
+            self.answer(connection)
+        except OSError:                          # the client gave up: what the test wants
+            pass
+
+    def answer(self, connection):
+        with connection, connection.makefile("rb") as incoming:
+            while not self.closed.is_set():
+                request_line = incoming.readline(65536).split()
+                if len(request_line) < 2:
+                    return
+                length = 0
+                for line in iter(lambda: incoming.readline(65536), b""):
+                    if line in (b"\r\n", b"\n"):
+                        break
+                    name, _, value = line.partition(b":")
+                    if name.strip().lower() == b"content-length":
+                        length = int(value)
+                incoming.read(length)
+                method, path = request_line[0].decode("latin-1"), request_line[1].decode("latin-1")
+                path = path.split("?", 1)[0]
+                self.requests.append((method, path))
+                status, headers, body, slow = self.routes.get(path, (404, {}, b"{}", None))
+                headers = {"Content-Length": str(len(body)), **headers}   # a route may lie
+                head = f"HTTP/1.1 {status} X\r\n" + "".join(
+                    f"{name}: {value}\r\n" for name, value in headers.items()) + "\r\n"
+                answer = head.encode() + (b"" if method == "HEAD" else body)   # UTF-8 headers too
+                fast = {"head": 0, "body": len(head)}.get(slow, len(answer))
+                connection.sendall(answer[:fast])
+                for byte in range(fast, len(answer)):
+                    if self.closed.wait(self.interval):
+                        return
+                    connection.sendall(answer[byte:byte + 1])
+
+    def close(self):
+        self.closed.set()
+        self.listener.close()
+        self.thread.join(10)
+
+
 def wasm_manifest(layer_bytes, layer_type=wasmstore.WASM_LAYER_TYPE, layer_digest=None):
     """A Wasm OCI manifest (as a dict) for layer_bytes."""
     return {"schemaVersion": 2, "mediaType": wasmstore.OCI_MANIFEST_TYPE,
@@ -10042,6 +10173,206 @@ class OciBadInputTest(OciTestCase):
         self.assertNothingStored(self.before)
 
 
+class PullDeadlineTest(OciTestCase):
+    """A registry that sends one byte at a time (in its headers, a manifest, a blob, a token
+    answer, or while a push waits) cannot hold a pull or push past its deadline: it ends with
+    one clear error soon after, and nothing is stored (issue 17, item 2)."""
+
+    DEADLINE = 1.0
+
+    @classmethod
+    def setUpClass(cls):
+        cls.slow = TricklingRegistry()
+        cls.addClassCleanup(cls.slow.close)
+        data = wasm_module_of_size(1500, tag="deadline")
+        manifest = json.dumps(wasm_manifest(data)).encode()
+        blob = f"/v2/slow/blob/blobs/sha256:{sha256(data)}"
+        token_realm = f'Bearer realm="http://{cls.slow.registry}/token",service="slow"'
+        manifest_headers = {"Content-Type": wasmstore.OCI_MANIFEST_TYPE}
+        cls.slow.routes.update({
+            "/v2/slow/head/manifests/latest": (200, manifest_headers, manifest, "head"),
+            "/v2/slow/manifest/manifests/latest": (200, manifest_headers, manifest, "body"),
+            "/v2/slow/blob/manifests/latest": (200, manifest_headers, manifest, None),
+            blob: (200, {}, data, "body"),
+            "/v2/slow/token/manifests/latest": (401, {"WWW-Authenticate": token_realm}, b"{}", None),
+            "/token": (200, {"Content-Type": "application/json"},
+                       json.dumps({"token": "t" * 200}).encode(), "body"),
+        })
+
+    def setUp(self):
+        super().setUp()
+        self.store.add("/kept.wasm", self.module("kept"))
+        self.before = store_files(self.root)
+
+    def client(self):
+        client = wasmstore.RegistryClient(self.slow.registry, plain_http=True, deadline=self.DEADLINE)
+        self.addCleanup(client.close)
+        return client
+
+    def assertEndsAtTheDeadline(self, operation, slow_request):
+        """operation() fails with the deadline error within a few seconds of the deadline,
+        after the registry started trickling the answer to slow_request; no branch moved."""
+        heads = store_state(self.root)
+        started = time.monotonic()
+        with self.assertRaisesRegex(wasmstore.RegistryError,
+                                    r"did not finish within its deadline of 1 s") as caught:
+            operation()
+        elapsed = time.monotonic() - started
+        self.assertGreaterEqual(elapsed, self.DEADLINE * 0.9)
+        self.assertLess(elapsed, self.DEADLINE + 5, "the deadline did not end the operation")
+        self.assertIn(slow_request, self.slow.requests)
+        self.assertNotIn("Traceback", str(caught.exception))
+        self.assertEqual(store_state(self.root), heads)
+        return caught.exception
+
+    def test_each_slow_answer_ends_the_pull_at_its_deadline(self):
+        cases = [
+            ("head", ("GET", "/v2/slow/head/manifests/latest")),
+            ("manifest", ("GET", "/v2/slow/manifest/manifests/latest")),
+            ("blob", ("GET", next(path for path in self.slow.routes if "/blobs/" in path))),
+            ("token", ("GET", "/token")),
+        ]
+        for repository, slow_request in cases:
+            with self.subTest(slow=repository):
+                reference = f"oci://{self.slow.registry}/slow/{repository}"
+                error = self.assertEndsAtTheDeadline(
+                    lambda: wasmstore.pull(self.store, reference, "/new.wasm", client=self.client()),
+                    slow_request)
+                self.assertIn(f"pull of {reference}", str(error))
+                self.assertNothingStored(self.before)
+
+    def test_pull_many_and_push_end_at_the_deadline(self):
+        pairs = [(f"oci://{self.slow.registry}/slow/{name}", f"/{name}.wasm") for name in ("blob", "manifest")]
+        self.assertEndsAtTheDeadline(lambda: wasmstore.pull_many(self.store, pairs, client=self.client()),
+                                     ("GET", "/v2/slow/manifest/manifests/latest"))
+        self.assertNothingStored(self.before)
+        artifact = wasmstore.module_artifact(self.store, "/kept.wasm")
+        head = f"/v2/slow/push/blobs/{artifact.module_digest}"
+        self.slow.routes[head] = (200, {}, b"", "head")
+        self.assertEndsAtTheDeadline(
+            lambda: wasmstore.push(self.store, "/kept.wasm", f"oci://{self.slow.registry}/slow/push",
+                                   client=self.client()),
+            ("HEAD", head))
+
+    def test_a_client_that_met_its_deadline_works_for_the_next_operation(self):
+        client = self.client()
+        reference = f"oci://{self.slow.registry}/slow/head"
+        self.assertEndsAtTheDeadline(lambda: wasmstore.pull(self.store, reference, "/a.wasm", client=client),
+                                     ("GET", "/v2/slow/head/manifests/latest"))
+        with self.assertRaisesRegex(wasmstore.NotFound, "not found"):     # answered at once: no deadline
+            wasmstore.pull(self.store, f"oci://{self.slow.registry}/no/such", "/a.wasm", client=client)
+
+    def test_command_line_deadline_option_and_environment(self):
+        reference = f"oci://{self.slow.registry}/slow/blob"
+        for options, env in ((["--deadline", "1"], None), ([], {"WASMSTORE_OCI_DEADLINE": "1"})):
+            with self.subTest(options=options, env=env):
+                started = time.monotonic()
+                done = run_cli(self.root, "pull", "--plain-http", *options, reference, "/new.wasm", env=env,
+                               timeout=60)
+                self.assertOneLineError(done, "did not finish within its deadline of 1 s", "--deadline")
+                self.assertLess(time.monotonic() - started, 30)
+                self.assertNothingStored(self.before)
+        for bad in ("0", "²", "-1", "nan"):
+            with self.subTest(bad=bad):
+                done = run_cli(self.root, "pull", "--deadline", bad, reference, "/new.wasm")
+                self.assertEqual(done.returncode, 2, done.stderr)
+                self.assertNotIn("Traceback", done.stderr)
+        done = run_cli(self.root, "pull", reference, "/new.wasm", env={"WASMSTORE_OCI_DEADLINE": "x"})
+        self.assertOneLineError(done, "WASMSTORE_OCI_DEADLINE")
+        self.assertNothingStored(self.before)
+
+    def test_library_refuses_a_deadline_that_is_not_seconds(self):
+        for bad in (0, -1, float("nan"), float("inf"), "5", True):
+            with self.subTest(bad=bad), self.assertRaisesRegex(wasmstore.InvalidInput, "invalid deadline"):
+                wasmstore.RegistryClient(self.slow.registry, deadline=bad)
+
+
+class OciHostileRegistryTest(OciTestCase):
+    """What a hostile registry sends a pull (issue 17, items 3 and 8): each answer in the table
+    ends the pull with its one-line error, never a traceback, and nothing is stored."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.registry = TricklingRegistry(interval=0)
+        cls.addClassCleanup(cls.registry.close)
+        cls.data = wasm_module_of_size(1200, tag="hostile")
+        cls.blob = f"blobs/sha256:{sha256(cls.data)}"
+
+    def setUp(self):
+        super().setUp()
+        self.store.add("/kept.wasm", self.module("kept"))
+        self.before = store_files(self.root)
+
+    def serve(self, repository, manifest=None, manifest_headers=None, blob_headers=None, **routes):
+        """The routes of one repository: its manifest (the good one unless given), its blob,
+        and more {name under /v2/REPO/ or an absolute path: (status, headers, body)}."""
+        manifest = json.dumps(wasm_manifest(self.data)).encode() if manifest is None else manifest
+        base = f"/v2/{repository}/"
+        self.registry.routes[base + "manifests/latest"] = (
+            200, {"Content-Type": wasmstore.OCI_MANIFEST_TYPE, **(manifest_headers or {})}, manifest, None)
+        self.registry.routes[base + self.blob] = (200, blob_headers or {}, self.data, None)
+        for name, (status, headers, body) in routes.items():
+            self.registry.routes[name if name.startswith("/") else base + name] = (status, headers, body, None)
+        return f"oci://{self.registry.registry}/{repository}"
+
+    def redirect(self, repository, location):
+        return self.serve(repository, **{"manifests/latest": (307, {"Location": location}, b"")})
+
+    def token(self, repository, body):
+        realm = f'Bearer realm="http://{self.registry.registry}/token/{repository}",service="x"'
+        return self.serve(repository, **{"manifests/latest": (401, {"WWW-Authenticate": realm}, b"{}"),
+                                         f"/token/{repository}": (200, {}, body)})
+
+    def cases(self):
+        """[(what the registry does, reference, text in the error)]"""
+        deep = b"[" * 200_000 + b"]" * 200_000
+        deep_token = b'{"token":' * 30_000 + b'"t"' + b"}" * 30_000
+        good = json.dumps(wasm_manifest(self.data)).encode()
+        return [
+            ("manifest nested 200,000 deep", self.serve("deep/manifest", deep), "nested deeper than 64"),
+            ("token nested 30,000 deep", self.token("deep/token", deep_token), "no usable token"),
+            ("token not UTF-8", self.token("bad/token", b"\xff\xfe{"), "no usable token"),
+            ("token NaN", self.token("nan/token", b'{"token": NaN}'), "no usable token"),
+            ("manifest Content-Length in Arabic digits",
+             self.serve("cl/arabic", manifest_headers={"Content-Length": "\u0663"}), "Content-Length"),
+            ("manifest Content-Length superscript two",
+             self.serve("cl/super", manifest_headers={"Content-Length": "\u00b2"}), "Content-Length"),
+            ("blob Content-Length 1_0", self.serve("cl/underscore", blob_headers={"Content-Length": "1_0"}),
+             "Content-Length"),
+            ("blob Content-Length 40 digits", self.serve("cl/long", blob_headers={"Content-Length": "9" * 40}),
+             "but the manifest says 1200"),
+            ("blob Content-Length not the layer's size",
+             self.serve("cl/wrong", blob_headers={"Content-Length": str(len(self.data) + 1)}),
+             "but the manifest says"),
+            ("redirect to port 99999", self.redirect("to/port", "http://127.0.0.1:99999/x"), "unusable location"),
+            ("redirect to port abc", self.redirect("to/abc", "http://127.0.0.1:abc/x"), "unusable location"),
+            ("redirect to a broken IPv6 host", self.redirect("to/ipv6", "http://[::1/x"), "unusable location"),
+            ("redirect loop", self.redirect("to/self", "/v2/to/self/manifests/latest"), "too many times"),
+            ("manifest with NaN", self.serve("nan/manifest", b'{"schemaVersion": NaN}'), "manifest"),
+            ("layer size 1e400", self.serve("big/size", good.replace(
+                b'"size": %d' % len(self.data), b'"size": 1e400')), "size"),
+        ]
+
+    def test_each_hostile_answer_is_a_clear_error_and_nothing_is_stored(self):
+        for name, reference, text in self.cases():
+            with self.subTest(name):
+                client = wasmstore.RegistryClient(self.registry.registry, plain_http=True, deadline=30)
+                self.addCleanup(client.close)
+                with self.assertRaises(wasmstore.StoreError) as caught:
+                    wasmstore.pull(self.store, reference, "/new.wasm", client=client)
+                message = str(caught.exception)
+                self.assertIn(text, message)
+                self.assertNotIn("\n", message)
+                self.assertLess(len(message), 400)
+                self.assertNothingStored(self.before)
+
+    def test_the_command_line_says_it_in_one_line(self):
+        for name, reference, text in self.cases()[:3]:
+            with self.subTest(name):
+                self.assertOneLineError(run_cli(self.root, "pull", "--plain-http", reference, "/new.wasm"), text)
+                self.assertNothingStored(self.before)
+
+
 class OciServerTest(OciTestCase):
     """The store as a registry: http_server.py's /v2/ read side, read by oras and by wasmstore pull."""
 
@@ -10103,6 +10434,50 @@ class OciServerTest(OciTestCase):
         self.assertEqual(json.loads(config[2])["layerDigests"], ["sha256:" + sha256(self.v0)])
         head = self.get(f"/v2/apps/hello.wasm/blobs/{manifest['layers'][0]['digest']}", method="HEAD")
         self.assertEqual((head[0], head[1]["content-length"], head[2]), (200, str(len(self.v0)), b""))
+
+    def test_blob_and_manifest_gets_honour_range_with_206(self):
+        manifest = self.get("/v2/apps/hello.wasm/manifests/v0")[2]
+        layer, config = (json.loads(manifest)[key] for key in ("layers", "config"))
+        targets = {"module": (f"/v2/apps/hello.wasm/blobs/{layer[0]['digest']}", self.v0),
+                   "config": (f"/v2/apps/hello.wasm/blobs/{config['digest']}", None),
+                   "manifest": ("/v2/apps/hello.wasm/manifests/v0", manifest)}
+        conn = self.server.connect()                    # one keep-alive connection for every answer
+        self.addCleanup(conn.close)
+        for name, (path, data) in targets.items():
+            data = data if data is not None else self.get(path)[2]
+            size, etag = len(data), self.get(path)[1]["etag"]
+            for header, extra, status, expected in [
+                    ("bytes=0-9", {}, 206, (0, 10)),
+                    ("bytes=10-", {}, 206, (10, size)),
+                    ("bytes=-5", {}, 206, (size - 5, size)),
+                    ("bytes=5-99999999", {}, 206, (5, size)),
+                    ("bytes = 3-3", {}, 206, (3, 4)),
+                    ("bytes=0-9", {"If-Range": etag}, 206, (0, 10)),
+                    ("bytes=0-9", {"If-Range": '"other"'}, 200, (0, size)),
+                    ("bytes=0-1,5-6", {}, 200, (0, size)),
+                    ("items=0-1", {}, 200, (0, size)),
+                    ("bytes=5-2", {}, 200, (0, size)),
+                    ("bytes=\u0663-5".encode(), {}, 200, (0, size)),        # UTF-8 bytes, as sent
+                    ("bytes=" + "9" * 60 + "-", {}, 200, (0, size))]:
+                with self.subTest(name=name, range=header, extra=extra):
+                    status_got, headers, body = self.server.request("GET", path, None,
+                                                                    {"Range": header, **extra}, conn=conn)
+                    start, end = expected
+                    self.assertEqual((status_got, body), (status, data[start:end]))
+                    self.assertEqual(headers["content-length"], str(end - start))
+                    self.assertEqual(headers["accept-ranges"], "bytes")
+                    if status == 206:
+                        self.assertEqual(headers["content-range"], f"bytes {start}-{end - 1}/{size}")
+                    else:
+                        self.assertNotIn("content-range", headers)
+            status_got, headers, body = self.server.request("GET", path, None, {"Range": f"bytes={size}-"},
+                                                            conn=conn)
+            self.assertEqual((status_got, headers["content-range"], json.loads(body)["errors"][0]["code"]),
+                             (416, f"bytes */{size}", "RANGE_INVALID"))
+            status_got, headers, body = self.server.request("HEAD", path, None, {"Range": "bytes=2-5"}, conn=conn)
+            self.assertEqual((status_got, headers["content-length"], body), (206, "4", b""))
+        log = self.server.log.getvalue() if hasattr(self.server, "log") else ""
+        self.assertNotIn("Traceback", log)
 
     def test_errors_are_oci_json_with_the_spec_codes(self):
         self.server.store.add("/Apps/Upper.wasm", self.module("upper"))
@@ -12259,9 +12634,11 @@ class HttpOutboundTest(unittest.TestCase):
 class RealToolchainHttpTest(unittest.TestCase):
     """The JavaScript (jco) and Python (componentize-py) handlers built by guests/build.sh."""
 
+    host_options = {}
+
     @classmethod
     def setUpClass(cls):
-        cls.host = kvhost.Host(timeout=30)
+        cls.host = kvhost.Host(timeout=30, **cls.host_options)
 
     @classmethod
     def tearDownClass(cls):
@@ -12308,6 +12685,88 @@ class RealToolchainHttpTest(unittest.TestCase):
         self.assertEqual(sink.body(), b"PUT /echo/a\nx-k: v\n\ndata")
         _, sink = self.serve(PY_HTTP, incoming_request(path="/missing"))
         self.assertEqual(sink.status(), 404)
+
+
+class PooledRealToolchainHttpTest(RealToolchainHttpTest):
+    """The same handlers on an engine with wasmtime's pooling allocator (what servers use): they
+    fit its per-instance limits."""
+
+    host_options = {"pooled_stores": 2}
+
+    def test_the_host_is_pooled(self):
+        self.assertTrue(self.host.pooled)
+
+
+class PooledHttpHandlerTest(HttpHandlerTest):
+    """Every handle_http behaviour again, on a pooled engine: slots are reused request after
+    request, and a fresh instance still sees nothing of the one before."""
+
+    host_options = {"pooled_stores": 4}
+
+
+class PooledEngineTest(HttpTestCase):
+    """Host(pooled_stores=N): the engine's pooling allocator, sized for N Stores at once."""
+
+    host_options = {"pooled_stores": 1}
+
+    def test_slots_are_reused_request_after_request(self):
+        self.assertTrue(self.host.pooled)
+        for _ in range(50):                     # far more than the pool's 8 memories
+            self.assertEqual(self.serve(HTTP_HELLO)[1].body(), b"hello from wasm\n")
+
+    def test_a_request_beyond_the_pool_fails_cleanly_and_the_next_one_runs(self):
+        guest = self.host.load(HTTP_HELLO)      # one memory a request: 8 fit one pooled Store's room
+        release, started = threading.Event(), []
+
+        class HeldSink(RecordingSink):          # keeps its request's instance alive until released
+            def start(self, status, headers):
+                super().start(status, headers)
+                started.append(status)
+                release.wait(30)
+
+        threads = [threading.Thread(target=self.host.handle_http,
+                                    args=(guest, incoming_request(), HeldSink())) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        self.addCleanup(lambda: [release.set()] + [thread.join(30) for thread in threads])
+        wait_until(lambda: len(started) == 8, message="8 requests holding their instances")
+        with self.assertRaises(kvhost.TrapError) as caught:
+            self.host.handle_http(guest, incoming_request(), RecordingSink())
+        self.assertEqual(caught.exception.kind, "memory")
+        self.assertIn("concurrent limit", str(caught.exception))
+        release.set()
+        for thread in threads:
+            thread.join(30)
+        self.assertEqual(self.serve(HTTP_HELLO)[1].body(), b"hello from wasm\n")
+
+    @unittest.skipUnless(sys.platform.startswith("linux"), "RLIMIT_AS is enforced on Linux only")
+    def test_without_address_space_for_the_pool_the_host_maps_each_store_itself(self):
+        # wasmtime aborts the process when it cannot reserve a pool: the Host must not ask it to.
+        script = "\n".join([
+            "import resource, sys",
+            f"sys.path.insert(0, {HERE!r})",
+            "resource.setrlimit(resource.RLIMIT_AS, (64 << 30, 64 << 30))",
+            "import kvhost",
+            "class Sink:",
+            "    def start(self, status, headers): print(status, host.pooled)",
+            "    def write(self, data): pass",
+            "    def finish(self, trailers): pass",
+            "host = kvhost.Host(cache_dir=False, pooled_stores=16)",
+            f"guest = host.load({HTTP_HELLO!r})",
+            "host.handle_http(guest, kvhost.HttpRequest('GET', 'http', 'h', '/', [], None), Sink())"])
+        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                              timeout=120)
+        self.assertEqual((done.returncode, done.stdout), (0, "200 False\n"), done.stderr[-2000:])
+
+    def test_pooled_stores_must_be_a_positive_integer(self):
+        for wrong in (0, -1, 2.5, True, "4"):
+            with self.assertRaises(kvhost.ArgumentError):
+                kvhost.Host(cache_dir=False, pooled_stores=wrong)
+
+    def test_a_server_runs_its_guests_on_a_pooled_engine(self):
+        live = app_server(self, serve="/apps/hello.wasm")
+        self.assertTrue(live.server.runtime.runner.host.pooled)
+        self.assertEqual(live.request("GET", "/")[2], b"hello from wasm\n")
 
 
 

@@ -64,7 +64,7 @@ so a commit creates no file and a ref is rewritten in place.
 
 Map of this file: constants; exceptions and ERROR_STATUS (the one table of what each error
 means: HTTP status, exit status, metric label; http_server.py reads it); input from outside
-(parse_number, parse_json, parse_url: ASCII digits, bounded JSON nesting, ports in range; used
+(parse_number, parse_size, parse_json, parse_url: ASCII digits, bounded JSON, ports in range; used
 by http_server.py too); names (paths, branches, hashes); validation (wasmtime's validator, and
 kvhost.py's wasm reader for components, both imported lazily); primitives (the one durable
 whole-file write ``_write_whole``, temp files and their sweep ``_remove_debris``,
@@ -99,7 +99,7 @@ __all__ = [
     "Store", "FsckReport", "Cache", "SharedFd", "load_backup", "main", "console_main",
     "StoreError", "InvalidInput", "InvalidModule", "TooLarge", "NotFound", "Conflict",
     "MergeConflict", "CorruptObject", "RegistryError", "ERROR_STATUS", "ErrorMeaning",
-    "error_meaning", "parse_number", "parse_json", "json_depth", "parse_url", "Url",
+    "error_meaning", "parse_number", "parse_size", "parse_json", "json_depth", "parse_url", "Url",
     "MAX_JSON_DEPTH", "validate_path", "format_path", "validate_branch", "validate_hash",
     "validate_module", "validate_module_file", "wasm_from_text", "Runner", "Target",
     "default_kv_url", "kv_options", "parse_namespace_map", "parse_links", "OciReference",
@@ -171,6 +171,8 @@ OCI_MAX_MODULE_BYTES = 1 << 30        # a pulled layer over this is refused befo
 TEXT_SUFFIXES = (".wat", ".wast")      # WebAssembly text: `add` stores its binary
 MAX_TEXT_BYTES = 64 << 20              # wat2wasm parses text whole, in memory
 OCI_TIMEOUT = 60.0                    # seconds per registry socket operation
+OCI_DEADLINE = 900.0                  # seconds a whole pull or push may take (a trickling peer
+                                      # resets a socket timeout with every byte); --deadline
 OCI_REDIRECTS = 5                     # redirects followed per request
 PULL_MESSAGE_SOURCES = 20            # sources a pull of several modules names in its one commit
 OCI_MIRROR_WORKERS = 4                # repositories push --all sends at once (a connection each)
@@ -311,6 +313,21 @@ def parse_number(text, what, *, minimum=0, maximum=None, fraction=False):
         bounds = f"at least {minimum}" if maximum is None else f"{minimum} to {maximum}"
         raise InvalidInput(f"invalid {what} {text!r}: expected {bounds}")
     return value
+
+
+def parse_size(text, what="size"):
+    """A byte count from outside: ASCII digits, optionally followed by K, M or G (powers of
+    1024; "KiB", "MB" and a final "B" are read alike), e.g. 134217728 or 128M; InvalidInput
+    otherwise. The same rule as kvhost.parse_size (the sandbox's --max-memory)."""
+    match = _SIZE_TEXT.fullmatch(text) if isinstance(text, str) else None
+    if match is None:
+        raise InvalidInput(f"invalid {what} {_short(text, 40)}: expected a number of bytes, "
+                           "suffix K, M or G allowed (e.g. 134217728 or 128M)")
+    return parse_number(match.group(1), what) * _SIZE_UNITS[(match.group(2) or "b")[0].lower()]
+
+
+_SIZE_TEXT = re.compile(r"\s*([0-9]+)\s*([kmgKMG](?:i?[bB])?|[bB])?\s*")
+_SIZE_UNITS = {"b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
 
 
 def _reject_constant(name):
@@ -4106,17 +4123,67 @@ class _VerifiedBlob:
         self.close()
 
 
+class _Deadline:
+    """The deadline of one registry operation: a watchdog thread that, once it has passed,
+    shuts down every watched connection's socket (and keeps doing so for connections opened
+    later), which ends any blocked send or receive at once."""
+
+    def __init__(self, seconds):
+        self.ends = time.monotonic() + seconds
+        self.expired = False
+        self._connections = []
+        self._lock = threading.Lock()
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="wasmstore-deadline",
+                                        daemon=True)
+        self._thread.start()
+
+    def socket_timeout(self, timeout):
+        """timeout, or less when the deadline comes sooner."""
+        if self.expired:
+            raise RegistryError("the deadline has passed")
+        return max(0.001, min(timeout, self.ends - time.monotonic()))
+
+    def watch(self, connection):
+        with self._lock:
+            self._connections.append(connection)
+
+    def stop(self):
+        """End the watchdog; True if the deadline had passed."""
+        self._done.set()
+        self._thread.join()
+        return self.expired
+
+    def _watch(self):
+        import socket
+        if self._done.wait(max(0.0, self.ends - time.monotonic())):
+            return
+        self.expired = True
+        while True:                       # a connection opened meanwhile is shut down too
+            with self._lock:
+                sockets = [connection.sock for connection in self._connections]
+            for sock in sockets:
+                if sock is not None:
+                    try:          # the plain socket's shutdown: an SSL one would drop its state
+                        socket.socket.shutdown(sock, socket.SHUT_RDWR)
+                    except OSError:
+                        pass
+            if self._done.wait(0.05):
+                return
+
+
 class RegistryClient:
     """An HTTP(S) client for one registry: pooled keep-alive connections (thread-safe),
     anonymous, Basic and Bearer-token auth answering the registry's WWW-Authenticate
-    challenges, bounded reads, and redirects kept on the registry's own host.
+    challenges, bounded reads, redirects kept on the registry's own host, and a deadline
+    for each whole operation (bounded(): a pull or push, every request it makes).
 
     TLS is verified (ca_file adds trusted CAs). Plain HTTP is used with plain_http=True,
     and for a loopback registry whose port does not speak TLS (Docker's rule).
     """
 
     def __init__(self, registry, *, credentials=None, plain_http=False, ca_file=None,
-                 timeout=OCI_TIMEOUT):
+                 timeout=OCI_TIMEOUT, deadline=OCI_DEADLINE):
         self.http, self.ssl = _http_modules()
         match = OCI_REGISTRY.match(registry) if isinstance(registry, str) else None
         if not match:
@@ -4127,6 +4194,11 @@ class RegistryClient:
         self.credentials = credentials
         self.plain_http = bool(plain_http)
         self.timeout = timeout
+        if isinstance(deadline, bool) or not isinstance(deadline, (int, float)) \
+                or not 0 < deadline < math.inf:
+            raise InvalidInput(f"invalid deadline {_short(deadline)}: expected seconds > 0")
+        self.deadline = deadline
+        self._bound = None                # the _Deadline of the operation under way
         self.scheme = "http" if plain_http else "https"
         self._http_fallback = not plain_http and _is_loopback(self.host)
         try:
@@ -4141,12 +4213,12 @@ class RegistryClient:
 
     @classmethod
     def for_reference(cls, reference, *, username=None, password=None, plain_http=False,
-                      ca_file=None, environ=None):
+                      ca_file=None, environ=None, deadline=OCI_DEADLINE):
         """A client for the reference's registry, with credentials from the usual sources."""
         credentials = registry_credentials(reference.registry, username=username,
                                            password=password, environ=environ)
         return cls(reference.registry, credentials=credentials, plain_http=plain_http,
-                   ca_file=ca_file)
+                   ca_file=ca_file, deadline=deadline)
 
     def __repr__(self):
         return f"RegistryClient({self.registry!r})"
@@ -4164,13 +4236,44 @@ class RegistryClient:
     def __exit__(self, *exc_info):
         self.close()
 
+    @contextlib.contextmanager
+    def bounded(self, what):
+        """Run one whole operation (what: "pull of oci://...") within self.deadline seconds:
+        past it, every connection of this client is shut down and the operation ends with
+        RegistryError, however slowly the registry keeps sending. An operation inside
+        another one runs within the outer deadline."""
+        if self._bound is not None:
+            yield
+            return
+        self._bound = _Deadline(self.deadline)
+        try:
+            yield
+        except Exception:
+            if not self._bound.expired:
+                raise
+            raise RegistryError(f"{what} did not finish within its deadline of "
+                                f"{self.deadline:g} s (--deadline SECONDS)") from None
+        finally:
+            bound, self._bound = self._bound, None
+            if bound.stop():
+                self.close()              # pooled connections were shut down too
+
     # -- connections -------------------------------------------------------------------------------
 
     def _connection(self, scheme, host, port):
+        """A new connection (not connected yet) within the operation's deadline."""
+        timeout = self.timeout
+        if self._bound is not None:
+            timeout = self._bound.socket_timeout(timeout)
         if scheme == "https":
-            return self.http.HTTPSConnection(host, port, timeout=self.timeout,
-                                             context=self._context, blocksize=CHUNK_SIZE)
-        return self.http.HTTPConnection(host, port, timeout=self.timeout, blocksize=CHUNK_SIZE)
+            connection = self.http.HTTPSConnection(host, port, timeout=timeout,
+                                                   context=self._context, blocksize=CHUNK_SIZE)
+        else:
+            connection = self.http.HTTPConnection(host, port, timeout=timeout,
+                                                  blocksize=CHUNK_SIZE)
+        if self._bound is not None:
+            self._bound.watch(connection)
+        return connection
 
     def _connect(self):
         scheme = self.scheme
@@ -4254,9 +4357,13 @@ class RegistryClient:
                 if authorization:
                     headers["Authorization"] = authorization
                 response = self._exchange(method, target, headers, body)
-                if response.status != 401 or attempt == 2 or \
-                        not self._answer(response, repository, authorization):
-                    break
+                try:
+                    if response.status != 401 or attempt == 2 or \
+                            not self._answer(response, repository, authorization):
+                        break
+                except BaseException:     # no token: the 401's connection is not reused
+                    response.close()
+                    raise
                 response.discard()
             if response.status in (301, 302, 303, 307, 308) and method in ("GET", "HEAD"):
                 location = response.header("Location") or ""
@@ -4592,16 +4699,19 @@ class _Pusher:
 
 
 @contextlib.contextmanager
-def _client_for(reference, client):
-    """The caller's client (for the reference's registry), or one of our own, closed after."""
+def _client_for(reference, client, operation):
+    """The caller's client (for the reference's registry), or one of our own, closed after,
+    bounding the whole operation ("pull", "push") by the client's deadline."""
     if client is None:
-        with RegistryClient.for_reference(reference) as own:
+        with RegistryClient.for_reference(reference) as own, \
+                own.bounded(f"{operation} of {reference}"):
             yield own
         return
     if client.registry != reference.registry:
         raise InvalidInput(f"the client is for registry {client.registry!r}, the reference "
                            f"names {reference.registry!r}")
-    yield client
+    with client.bounded(f"{operation} of {reference}"):
+        yield client
 
 
 def push(store, path, reference, *, branch=None, client=None, progress=None):
@@ -4615,7 +4725,8 @@ def push(store, path, reference, *, branch=None, client=None, progress=None):
                            f"of {format_path(validate_path(path))} is "
                            f"{artifact.manifest_digest}")
     report = TransferReport(str(reference))
-    with _client_for(reference, client) as client, _Pusher(client, report, progress) as pusher:
+    with _client_for(reference, client, "push") as client, \
+            _Pusher(client, report, progress) as pusher:
         pusher.push(reference.repository, artifact, [reference.tag or reference.digest or "latest"])
     report.manifest_digest = artifact.manifest_digest
     return report
@@ -4655,7 +4766,8 @@ def push_all(store, prefix, *, branch=None, client=None, progress=None,
         if pushed:
             pusher.progress(f"{target.repository}: pushed {pushed} of {len(plan)} tags")
 
-    with _client_for(base, client) as client, _Pusher(client, report, progress) as pusher:
+    with _client_for(base, client, "push --all") as client, \
+            _Pusher(client, report, progress) as pusher:
         with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:
             for _ in pool.map(mirror, jobs):
                 pass
@@ -4684,7 +4796,7 @@ def pull(store, reference, path, *, branch=None, author=None, client=None, progr
     reference = OciReference.parse(reference)
     segments = _module_segments(path)
     store.head(branch=branch)             # a missing branch fails before any network traffic
-    with _client_for(reference, client) as client:
+    with _client_for(reference, client, "pull") as client:
         blob, message = _open_layer(client, reference, segments, progress)
         with blob:
             return store.add_file(format_path(segments), blob, branch=branch, author=author,
@@ -4705,7 +4817,7 @@ def pull_many(store, pairs, *, branch=None, author=None, client=None, progress=N
     if not jobs:
         return []
     store.head(branch=branch)
-    with _client_for(jobs[0][0], client) as client, \
+    with _client_for(jobs[0][0], client, "pull") as client, \
             tempfile.TemporaryDirectory(prefix="wasmstore-pull-") as scratch, \
             concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:
 
@@ -4766,6 +4878,17 @@ def _cli_count(text, what="number", *, minimum=0, maximum=None):
         return parse_number(text, what, minimum=minimum, maximum=maximum)
     except InvalidInput as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _cli_seconds(text):
+    """argparse type of a duration in seconds: a number > 0 in ASCII digits."""
+    try:
+        seconds = parse_number(text, "seconds", fraction=True)
+    except InvalidInput as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if not seconds > 0:
+        raise argparse.ArgumentTypeError(f"invalid seconds {text!r}: expected more than 0")
+    return seconds
 
 
 def _print_line(text):
@@ -5051,8 +5174,7 @@ def _add_run_options(sub, name):
     if name == "exports":
         sub.add_argument("--json", action="store_true",
                          help="one JSON document instead of one line each")
-        sub.add_argument("--cache-dir",
-                         help="compile cache directory (default ~/.cache/wasmstore/kvhost)")
+        kvhost.add_sandbox_options(sub, only=("cache_dir",))
         return
     kvhost.add_store_options(sub, kv_default=None, kv_default_text="sqlite under the store root",
                              provider="PATH")
@@ -5123,26 +5245,19 @@ def _serve_argv(args, root):
     ref = _serve_ref(args)
     options = [("--serve-ref", ref), ("--metrics-port", args.metrics_port),
                ("--max-body", args.max_body), ("--max-guests", args.max_guests),
-               ("--run-queue", args.run_queue), ("--workers", args.workers),
-               ("--run-timeout", args.timeout),
-               ("--fuel", args.fuel), ("--max-memory", args.max_memory),
-               ("--max-table-elements", args.max_table_elements), ("--kv", args.kv),
-               ("--provider-kv", args.provider_kv), ("--cache-dir", args.cache_dir)]
-    repeated = [("--allowed-host", args.allowed_host), ("--allow-bucket", args.allow_buckets),
-                ("--env", [f"{name}={value}" for name, value in args.env]),
-                ("--dir", [f"{host}::{guest}" for host, guest in args.dirs]),
-                ("--link", args.links), ("--allow-outbound", args.allow_outbound),
-                ("--namespace-map", args.namespace_map
-                 + ([f"/={args.namespace}"] if args.namespace is not None else []))]
+               ("--run-queue", args.run_queue), ("--workers", args.workers), ("--kv", args.kv),
+               ("--provider-kv", args.provider_kv)]
     for flag, value in options:
         if value is not None:
             argv += [flag, str(value)]
-    for flag, values in repeated:
-        for value in values or ():
+    namespaces = args.namespace_map + ([f"/={args.namespace}"] if args.namespace is not None
+                                       else [])
+    for flag, values in (("--allowed-host", args.allowed_host), ("--namespace-map", namespaces)):
+        for value in values:
             argv += [flag, value]
-    for flag, on in (("--quiet", args.quiet), ("--stub-imports", args.stub_imports)):
-        if on:
-            argv.append(flag)
+    argv += ["--quiet"] if args.quiet else []
+    # the sandbox options as call and run take them; the server's --timeout is its connections'
+    return argv + _kvhost().sandbox_argv(args, flags={"timeout": "--run-timeout"})
     return argv
 
 
@@ -5174,8 +5289,14 @@ def _registry_client(args, reference):
                                "(a password is never taken from the command line)")
     credentials = registry_credentials(reference.registry, username=username,
                                        password=password)
+    deadline = args.deadline
+    if deadline is None:
+        try:
+            deadline = _cli_seconds(os.environ.get("WASMSTORE_OCI_DEADLINE", str(OCI_DEADLINE)))
+        except argparse.ArgumentTypeError as exc:
+            raise InvalidInput(f"WASMSTORE_OCI_DEADLINE: {exc}") from None
     return RegistryClient(reference.registry, credentials=credentials,
-                          plain_http=args.plain_http, ca_file=args.ca_file)
+                          plain_http=args.plain_http, ca_file=args.ca_file, deadline=deadline)
 
 
 def _cmd_push(store, args):
@@ -5226,6 +5347,10 @@ REGISTRY_OPTIONS = [
                       "help": "plain HTTP instead of TLS (a loopback registry without TLS "
                               "needs no flag)"}),
     ("--ca-file", {"metavar": "FILE", "help": "also trust the CA certificates in FILE"}),
+    ("--deadline", {"metavar": "SECONDS", "type": _cli_seconds,
+                    "help": "end the whole pull or push with an error after SECONDS, however "
+                            f"slowly the registry answers (env WASMSTORE_OCI_DEADLINE; default "
+                            f"{OCI_DEADLINE:g})"}),
     ("--quiet", {"action": "store_true", "help": "no progress lines on stderr"}),
 ]
 

@@ -25,11 +25,17 @@ Figures, each the median of --rounds rounds, ratios taken against a baseline in 
   also the componentize-py provider build/py-provider.wasm (``bash guests/build.sh``; skipped
   with a message if it is missing). In-process (isolation="thread"), so the figure is the cost
   of forwarding, not of a worker's IPC; the provider's instance is made once per guest call
-  (one block of 100 pairs).
+  (one block of 100 pairs). Beside the wall-clock ratio, the CPU time per pair of each side
+  (time.thread_time, same blocks), which other processes on a loaded machine do not move.
 - large: the same ``set-get-loop`` with a 1 MiB value on the memory backend: MB/s through set
   and get (each pair moves 2 MiB: the value into the host and back), from the time of a call of
   8 pairs less that of a call of none (the value's trip in as the call's argument), goal >= 100
   MB/s; and the largest value a guest may pass (kvhost.GUEST_VALUE_LIMIT), set and got back.
+  Beside it, what of a pair is kvhost's own bulk conversion (a 1 Mi-element list of wasmtime's
+  32-byte value records filled and read back, as get and set do) and the allocation of those
+  records by wasmtime's C API (timed alone; over glibc's mmap threshold, so fresh pages each
+  time); the rest is wasmtime's C API, which copies each byte as one such value. Also the
+  MB/s of a 256 KiB value.
 - counter: 8 threads, each running a guest that increments one SQLite counter N times;
   the final value must be exactly 8 x N (exit status 1 otherwise).
 - warm start: ``python kvhost.py call --kv memory: build/py-counter.wasm bump`` as a new
@@ -44,6 +50,7 @@ __version__ = "0.1.0"
 __all__ = ["main"]
 
 import argparse
+import ctypes
 import os
 import shutil
 import socket
@@ -146,22 +153,31 @@ def raw_sqlite_pairs(path):
     return work, db.close
 
 
-def interleaved(rounds, pairs, guest_work, raw_work):
-    """Median pairs/s of guest and raw, timed in alternating blocks so both share the machine's noise."""
+def interleaved(rounds, pairs, guest_work, raw_work, cpu=None):
+    """Median pairs/s of guest and raw, timed in alternating blocks so both share the machine's
+    noise. `cpu`, a dict, gets the median CPU microseconds per pair of this thread on each side
+    ("guest", "raw"): steadier than wall time on a loaded machine when no other process works
+    for either side."""
     guest_work(BLOCK), raw_work(BLOCK)      # warm up
-    guest_rates, raw_rates = [], []
+    guest_rates, raw_rates, guest_cpu, raw_cpu = [], [], [], []
     for _ in range(rounds):
-        guest_time = raw_time = 0.0
+        guest_time = raw_time = guest_busy = raw_busy = 0.0
         for _ in range(max(1, pairs // BLOCK)):
-            start = time.perf_counter()
+            start, start_busy = time.perf_counter(), time.thread_time()
             guest_work(BLOCK)
-            middle = time.perf_counter()
+            middle, middle_busy = time.perf_counter(), time.thread_time()
             raw_work(BLOCK)
             raw_time += time.perf_counter() - middle
+            raw_busy += time.thread_time() - middle_busy
             guest_time += middle - start
+            guest_busy += middle_busy - start_busy
         done = max(1, pairs // BLOCK) * BLOCK
         guest_rates.append(done / guest_time)
         raw_rates.append(done / raw_time)
+        guest_cpu.append(guest_busy / done * 1e6)
+        raw_cpu.append(raw_busy / done * 1e6)
+    if cpu is not None:
+        cpu.update(guest=statistics.median(guest_cpu), raw=statistics.median(raw_cpu))
     return statistics.median(guest_rates), statistics.median(raw_rates)
 
 
@@ -265,14 +281,16 @@ def bench_provider(rounds, pairs, provider, cache_dir):
     try:
         direct_guest, layered_guest = direct.load(PROBE), layered.load(PROBE)
         value = list(VALUE)
+        cpu = {}
         g, d = interleaved(rounds, pairs, lambda n: layered.call(layered_guest, "set-get-loop", ["b", "key", value, n]),
-                           lambda n: direct.call(direct_guest, "set-get-loop", ["b", "key", value, n]))
+                           lambda n: direct.call(direct_guest, "set-get-loop", ["b", "key", value, n]), cpu)
         if layered.backend.get("default", "wat.b" if provider == KV_PROVIDER else "py.b", "key") != VALUE:
             raise RuntimeError(f"{provider} did not write through to its backend")
     finally:
         direct.close()
         layered.close()
-    return {"provider pairs/s": g, "direct pairs/s": d, "ratio": g / d, "added us/pair": 1e6 / g - 1e6 / d}
+    return {"provider pairs/s": g, "direct pairs/s": d, "ratio": g / d, "added us/pair": 1e6 / g - 1e6 / d,
+            "cpu us/pair": cpu["guest"], "direct cpu us/pair": cpu["raw"]}
 
 
 # -- large: a 1 MiB value through set and get, and the largest value -----------------------------
@@ -288,15 +306,19 @@ def bench_large(rounds):
     guest = host.load(PROBE)
     argument = list(LARGE_VALUE)
 
-    def seconds(pairs):
+    def seconds(pairs, value=argument):
         started = time.perf_counter()
-        host.call(guest, "set-get-loop", ["b", "large", argument, pairs])
+        host.call(guest, "set-get-loop", ["b", "large", value, pairs])
         return time.perf_counter() - started
     per_pair = []
     for _ in range(rounds):
         per_pair.append((seconds(LARGE_PAIRS) - seconds(0)) / LARGE_PAIRS)
     if host.backend.get("default", "b", "large") != LARGE_VALUE:
         raise RuntimeError("the 1 MiB value did not arrive whole")
+    smaller = LARGE_VALUE[:len(LARGE_VALUE) // 4]
+    small_pair = statistics.median(
+        (seconds(LARGE_PAIRS * 4, list(smaller)) - seconds(0, list(smaller))) / (LARGE_PAIRS * 4)
+        for _ in range(rounds))
     largest = (LARGE_VALUE * 3)[:kvhost.GUEST_VALUE_LIMIT]
     key = "k" * kvhost.MAX_KEY_BYTES
     started = time.perf_counter()
@@ -308,7 +330,34 @@ def bench_large(rounds):
         raise RuntimeError("the largest value did not come back whole")
     pair = statistics.median(per_pair)
     return {"MB/s": 2 * len(LARGE_VALUE) / pair / 1e6, "pair s": pair, "largest": len(largest),
-            "largest s": largest_seconds}
+            "largest s": largest_seconds, "conversion s": conversion_seconds(rounds, LARGE_VALUE),
+            "256 KiB MB/s": 2 * len(smaller) / small_pair / 1e6}
+
+
+def conversion_seconds(rounds, value):
+    """Median seconds of kvhost's own share of one set+get of `value`, and of the allocation it
+    asks wasmtime's C API for: (allocation, conversion). A list of u8 value records is allocated
+    (get's result) and freed again; then allocated, filled and read back (set's argument)."""
+    c = kvhost._C
+    record = bytearray(kvhost._VAL_SIZE)
+    address = (ctypes.c_char * len(record)).from_buffer(record)
+    payload = ctypes.addressof(address) + kvhost._VAL_PAYLOAD
+    allocations, conversions = [], []
+    for _ in range(rounds):
+        started = time.perf_counter()
+        c.seq_new["list"](payload, len(value))
+        c.seq_delete["list"](payload)
+        middle = time.perf_counter()
+        c.seq_new["list"](payload, len(value))
+        data = kvhost._vec_at(payload)[1]
+        kvhost._store_u8_vals(data, value)
+        back = kvhost._u8_vals_at(data, len(value))
+        c.seq_delete["list"](payload)
+        allocations.append(middle - started)
+        conversions.append(time.perf_counter() - middle - allocations[-1])
+        if back != value:
+            raise RuntimeError("kvhost's conversion did not give the value back")
+    return statistics.median(allocations), statistics.median(conversions)
 
 
 # -- counter: 8 threads, one SQLite counter ------------------------------------------------------
@@ -403,6 +452,9 @@ def main(argv=None):
         print(f"provider WAT provider set+get pairs/s {layer['provider pairs/s']:>10,.0f}   same guest on memory: "
               f"{layer['direct pairs/s']:,.0f}   ratio {layer['ratio']:.2f} (goal >= 0.6: "
               f"{'met' if layer['ratio'] >= 0.6 else 'MISSED'}); adds {layer['added us/pair']:,.1f} us per pair")
+        print(f"         CPU per pair {layer['cpu us/pair']:.1f} us, on memory: {layer['direct cpu us/pair']:.1f} us: "
+              f"ratio {layer['direct cpu us/pair'] / layer['cpu us/pair']:.2f} (the same ratio without the "
+              "machine's noise)")
         if not os.path.exists(PY_PROVIDER):
             print("         componentize-py provider skipped: build/py-provider.wasm is missing "
                   "(pip install componentize-py==0.25.1 && bash guests/build.sh)")
@@ -415,6 +467,11 @@ def main(argv=None):
               f"per pair; goal >= 100 MB/s: {'met' if large['MB/s'] >= 100 else 'MISSED'}); the largest "
               f"value a guest may pass, {large['largest']:,} bytes with a 4 KiB key, set and got back in "
               f"{large['largest s']:.2f} s")
+        allocation, conversion = large["conversion s"]
+        print(f"         of each pair kvhost's bulk conversion {conversion * 1e3:.0f} ms and the "
+              f"records' allocation (by wasmtime's C API, fresh pages) {allocation * 1e3:.0f} ms; "
+              f"wasmtime's C API (a 32-byte value per byte) the rest; a 256 KiB value "
+              f"{large['256 KiB MB/s']:,.1f} MB/s")
         counter = bench_counter(8, increments, directory)
         exact = counter["final"] == counter["expected"] and not counter["errors"]
         print(f"counter  8 threads x {increments} increments on one SQLite counter: final {counter['final']}"
