@@ -2810,8 +2810,10 @@ class HostileBackupTest(StoreTestCase):
         self.assertFalse(os.path.exists(self.target))
 
     def test_300000_members_are_refused_before_any_is_written(self):
-        member = tarfile.TarInfo("objects/pack/0000000000000001.pack").tobuf()   # empty
-        bomb = self.gzip_of([member * 1000] * 300)
+        def members(start):             # empty packs, each named once (a name twice is refused)
+            return b"".join(tarfile.TarInfo(f"objects/pack/{number:016x}.pack").tobuf()
+                            for number in range(start, start + 1000))
+        bomb = self.gzip_of(map(members, range(0, 300_000, 1000)))
         with self.assertRaisesRegex(wasmstore.InvalidInput, "more than 100,000 members"):
             wasmstore.load_backup(bomb, self.target)
         self.assertFalse(os.path.exists(self.target))
@@ -2825,6 +2827,50 @@ class HostileBackupTest(StoreTestCase):
                 archive.addfile(info, io.BytesIO(data))
         error = self.load(buffer.getvalue())
         self.assertIn("expected at most 4,096", str(error))
+
+    def archive_of(self, members):
+        """A .tar.gz of members [(name, bytes or None for a directory)]."""
+        buffer = io.BytesIO()
+        with tarfile.open(fileobj=buffer, mode="w:gz") as archive:
+            for name, data in members:
+                info = tarfile.TarInfo(name)
+                if data is None:
+                    info.type = tarfile.DIRTYPE
+                    archive.addfile(info)
+                else:
+                    info.size = len(data)
+                    archive.addfile(info, io.BytesIO(data))
+        return buffer.getvalue()
+
+    def test_a_second_member_or_a_directory_for_a_file_is_said_in_its_own_words(self):
+        with tarfile.open(self.archive) as archive:         # the good backup's members, and then...
+            good = [(member.name, None if member.isdir() else archive.extractfile(member).read())
+                    for member in archive]
+        pack = next(name for name, data in good if name.endswith(".pack"))
+        cases = [
+            ("a second HEAD", good + [("HEAD", b"other\n")], "'HEAD' appears twice"),
+            ("a second ref", good + [("refs/heads/main", b"x")], "'refs/heads/main' appears twice"),
+            ("a second pack", good + [(pack, b"")], "appears twice"),
+            ("HEAD a directory", [("HEAD", None)] + good, "'HEAD' is a directory where a store has a file"),
+            ("a ref a directory", [("refs/heads/main", None)] + good, "is a directory where a store has a file"),
+            ("a pack a directory", [("objects/pack/0000000000000009.pack", None)] + good,
+             "is a directory where a store has a file"),
+            ("objects a file", [("objects", b"x")] + good, "'objects' is a file where a store has a directory"),
+        ]
+        for name, members, text in cases:
+            with self.subTest(name):
+                error = self.load(self.archive_of(members))
+                self.assertIsInstance(error, wasmstore.InvalidInput)
+                self.assertIn(text, str(error))
+                self.assertNotIn("File exists", str(error))
+        self.assertIsNone(self.load(self.archive_of(good)))              # the members alone load
+        damaged = os.path.join(self.tmp, "two-heads.tar.gz")
+        with open(damaged, "wb") as handle:
+            handle.write(self.archive_of(good + [("HEAD", b"other\n")]))
+        proc = run_cli(self.target, "load-backup", damaged)
+        self.assertEqual(proc.returncode, 1)
+        self.assertRegex(proc.stderr, r"\Awasmstore: error: backup member 'HEAD' appears twice[^\n]*\n\Z")
+        self.assertFalse(os.path.exists(self.target))
 
     def test_a_killed_backup_s_temp_file_is_removed_by_the_next_backup(self):
         debris = f"{self.archive}.{dead_pid()}-0-deadbeef.tmp"

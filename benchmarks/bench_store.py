@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: Apache-2.0
-"""bench_store.py: the store figures of issue 2 item 6 (run it as ``python bench.py store``).
+"""bench_store.py: the store figures (run it as ``python bench.py store``).
 
 Figures, each the median of --rounds rounds, ratios taken against a baseline in the same run:
 
@@ -842,7 +842,7 @@ def _report_memory_growth(table, small, big, small_bytes, big_bytes):
 def _build_parser():
     parser = argparse.ArgumentParser(
         prog="bench.py store",
-        description="Store benchmarks of issue 2 item 6 (W1-W4, 50 MB module, bulk import). "
+        description="Store benchmarks (W1-W4, 50 MB module, bulk import). "
                     "Each figure is the median of --rounds rounds.")
     parser.add_argument("--rounds", type=int, default=3, help="rounds per figure (default 3)")
     parser.add_argument("--quick", action="store_true",
