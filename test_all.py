@@ -1137,6 +1137,34 @@ class ValidationTest(StoreTestCase):
         with self.assertRaisesRegex(wasmstore.InvalidModule, "unexpected end-of-file"):
             wasmstore.validate_module(truncated)
 
+    def test_a_file_is_judged_as_its_bytes_are(self):
+        """validate_module_file reads a core module whole and maps a component: both give
+        validate_module's verdict."""
+        cases = {"text.wasm": (b"this is not WebAssembly\n", "magic header"),
+                 "short.wasm": (b"\0asm\x0d", "invalid module"),
+                 "truncated.wasm": (wasm_module("t")[:-2], "unexpected end-of-file"),
+                 "core.wasm": (wasm_module("ok"), None),
+                 "component.wasm": (COMPONENT_HEADER, None),
+                 "bad-component.wasm": (COMPONENT_HEADER + b"\x01", "invalid module")}
+        for name, (data, words) in cases.items():
+            filename = os.path.join(self.tmp, name)
+            with open(filename, "wb") as f:
+                f.write(data)
+            with self.subTest(name=name):
+                verdicts = []
+                for check, argument in ((wasmstore.validate_module, data),
+                                        (wasmstore.validate_module_file, filename)):
+                    try:
+                        check(argument)
+                        verdicts.append(None)
+                    except wasmstore.InvalidModule as exc:
+                        verdicts.append(str(exc))
+                self.assertEqual(verdicts[1], verdicts[0])
+                if words is None:
+                    self.assertIsNone(verdicts[1])
+                else:
+                    self.assertIn(words, verdicts[1] or "")
+
     def test_modules_with_code_are_checked_by_the_validator_not_compiled(self):
         import wasmtime
         compiled = []

@@ -11,6 +11,9 @@ Ratios are the median of the per-round ratios (each round measures both sides ba
   (goal: ratio >= 0.8); p50/p99 latency of both.
 - POST of small distinct modules from one keep-alive client: requests/s vs the in-process
   ``Store.add`` rate of the same modules into a fresh store (goal: ratio >= 0.8); p50/p99 of both.
+  Two workloads: function-less modules (a custom section: the HTTP layer's own cost shows most)
+  and modules with POST_FUNCTIONS functions of code, as users store (validation is then part
+  of both sides' cost), built as ``bench.py store`` builds them.
   Adds are fsync-bound and the disk is shared, so the two sides alternate in blocks of
   POST_BLOCK adds within each round (a persistent client process runs the HTTP blocks).
 - workers: wrk (a C load generator, so it takes little of the CPU it measures) with
@@ -31,6 +34,7 @@ __all__ = ["main"]
 
 import argparse
 import http.server
+import importlib.util
 import json
 import os
 import queue
@@ -53,6 +57,7 @@ GET_BODY_SIZE = 100 * 1024
 GET_CONNECTIONS = 8
 GOAL_RATIO = 0.8
 POST_BLOCK = 20                  # adds per block; in-process and HTTP blocks alternate
+POST_FUNCTIONS = 10              # functions per module of the realistic POST workload
 WORKERS_GOAL = 1.6               # requests/s of 2 worker processes over 1, GET and call each
 WORKERS_CONNECTIONS = 16         # wrk's keep-alive connections in the workers figure
 WORKERS_SMALL_SIZE = 1024        # the GET of the workers figure: a ~1 KB module
@@ -82,6 +87,23 @@ def wasm_module(tag, padding=0):
     name = tag.encode()
     payload = _leb(len(name)) + name + b"\0" * padding
     return b"\0asm\x01\0\0\0\x00" + _leb(len(payload)) + payload
+
+
+def post_module(tag, functions=0):
+    """A distinct module to add: function-less (wasm_module), or with `functions` functions of
+    code as a compiler emits them (bench_store.code_module_bytes)."""
+    return _bench_store().code_module_bytes(tag, functions) if functions else wasm_module(tag)
+
+
+def _bench_store():
+    """benchmarks/bench_store.py, loaded by file path as bench.py loads areas (once)."""
+    if "bench_store" not in sys.modules:
+        spec = importlib.util.spec_from_file_location(
+            "bench_store", os.path.join(REPO_DIR, "benchmarks", "bench_store.py"))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+    return sys.modules["bench_store"]
 
 
 # ------------------------------------------------------------------------ load generator
@@ -231,7 +253,7 @@ def _read_response(sock, pending=b""):
     return status, rest[length:]
 
 
-def post_worker(port, path, body_prefix):
+def post_worker(port, path, body_prefix, functions=0):
     """Persistent POST client: for each line "N" on stdin, POST N distinct modules on one
     keep-alive connection and print {"seconds", "latencies", "statuses"} as one JSON line."""
     sock = socket.create_connection(("127.0.0.1", port))
@@ -242,7 +264,7 @@ def post_worker(port, path, body_prefix):
         begin = time.perf_counter()
         for _ in range(int(line)):
             counter += 1
-            body = wasm_module(f"{body_prefix}-{counter}")
+            body = post_module(f"{body_prefix}-{counter}", functions)
             started = time.perf_counter()
             sock.sendall((f"POST {path}/{counter}.wasm HTTP/1.1\r\nHost: 127.0.0.1\r\n"
                           f"Content-Length: {len(body)}\r\n\r\n").encode() + body)
@@ -457,9 +479,10 @@ def bench_get(store, rounds, seconds):
     return ours, theirs, len(module)
 
 
-def bench_post(root_parent, rounds, seconds):
+def bench_post(root_parent, rounds, seconds, functions=0):
     """Per round: in-process Store.add into one fresh store and HTTP POSTs into another,
-    alternating in blocks of POST_BLOCK until each side has run `seconds`."""
+    alternating in blocks of POST_BLOCK until each side has run `seconds`; modules with
+    `functions` functions of code (0: function-less)."""
     import http_server
     import wasmstore
     inproc, http = [], []
@@ -469,7 +492,7 @@ def bench_post(root_parent, rounds, seconds):
         server = http_server.make_server(served, "127.0.0.1", 0, quiet=True)
         _start(server)
         spec = json.dumps({"port": server.port, "path": f"/api/v1/module/bench/r{number}",
-                           "body_prefix": f"h{number}"})
+                           "body_prefix": f"h{number}", "functions": functions})
         worker = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--post-worker",
                                    spec],
                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
@@ -482,7 +505,7 @@ def bench_post(root_parent, rounds, seconds):
                     counter += 1
                     started = time.perf_counter()
                     local.add(f"bench/r{number}/{counter}.wasm",
-                              wasm_module(f"l{number}-{counter}"))
+                              post_module(f"l{number}-{counter}", functions))
                     local_lat.append(time.perf_counter() - started)
                 local_time += time.perf_counter() - begin
                 worker.stdin.write(f"{POST_BLOCK}\n")
@@ -631,13 +654,16 @@ def print_table(raw, size, rounds, seconds, out=sys.stdout):
         out.write(_latency_row("wasmstore GET", get_ours) + "\n")
         out.write(_latency_row("baseline (http.server, memory)", get_base) + "\n")
         per_round += [("GET ours", get_ours), ("GET base", get_base)]
-    if "post_http" in raw:
-        post_http, post_inproc = raw["post_http"], raw["add_inprocess"]
-        _, line = _row("POST small module, 1 client (/s)", post_http, post_inproc, GOAL_RATIO)
+    for suffix, label in (("", "POST small module"),
+                          ("_code", f"POST {POST_FUNCTIONS} functions")):
+        if "post_http" + suffix not in raw:
+            continue
+        post_http, post_inproc = raw["post_http" + suffix], raw["add_inprocess" + suffix]
+        _, line = _row(f"{label}, 1 client (/s)", post_http, post_inproc, GOAL_RATIO)
         out.write(line + "\n")
         out.write(_latency_row("wasmstore POST", post_http) + "\n")
         out.write(_latency_row("baseline (in-process Store.add)", post_inproc) + "\n")
-        per_round += [("POST http", post_http), ("add", post_inproc)]
+        per_round += [("POST http" + suffix, post_http), ("add" + suffix, post_inproc)]
     out.write("\nper round (req/s): " + " | ".join(
         f"{label} " + ", ".join(f"{r['rate']:.0f}" for r in results)
         for label, results in per_round) + "\n")
@@ -714,6 +740,8 @@ def main(argv=None):
                                                                      args.seconds)
         if "post" in figures:
             raw["add_inprocess"], raw["post_http"] = bench_post(parent, args.rounds, args.seconds)
+            raw["add_inprocess_code"], raw["post_http_code"] = bench_post(
+                parent, args.rounds, args.seconds, POST_FUNCTIONS)
         if "workers" in figures:
             raw["workers"] = bench_workers(parent, args.rounds, args.seconds)
     finally:
