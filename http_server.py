@@ -1837,8 +1837,18 @@ def wess_split(data):
         start = len(data) - WESS_TRAILER.size - metadata_length
         if length < start and data[length:] == _wess_section(data[start:-WESS_TRAILER.size],
                                                              length):
-            return data[:length], json.loads(data[start:-WESS_TRAILER.size])
+            return data[:length], _stored_wess_metadata(data[start:-WESS_TRAILER.size])
     raise WessError(422, "this module was not stored through /wess: it has no Wess metadata")
+
+
+def _stored_wess_metadata(text):
+    """The metadata of a stored module's section, checked as an upload's is: a module stored
+    through /api/v1/ may carry any bytes there (WessError 422)."""
+    try:
+        return _wess_metadata(wasmstore.parse_json(text, "Wess metadata"))
+    except (wasmstore.InvalidInput, WessError) as exc:
+        raise WessError(422, "this module's Wess metadata section is not Wess's: "
+                        f"{one_line(exc)}") from None
 
 
 class WessError(HttpError):
@@ -1901,6 +1911,14 @@ def _wess_upload(body, limit):
         module = bytes(wasm)
     except ValueError:
         raise WessError(400, "Invalid Json: wasm must be an array of numbers 0 to 255") from None
+    return module, _wess_metadata(metadata)
+
+
+def _wess_metadata(metadata):
+    """Wess metadata as its JSON schema has it, {"functionName", "returnType", "args"}, or
+    WessError 400."""
+    if not isinstance(metadata, dict):
+        raise WessError(400, "Invalid Json: metadata must be an object")
     name = metadata.get("functionName")
     if not isinstance(name, str) or not name:
         raise WessError(400, "Invalid Json: metadata.functionName must be a function name")
@@ -1909,8 +1927,8 @@ def _wess_upload(body, limit):
         if not isinstance(types, list) or any(t is not None and t not in WESS_TYPES for t in types):
             raise WessError(400, f"Invalid Json: metadata.{field} must be a list of "
                                  f"{', '.join(WESS_TYPES)} (or null)")
-    return module, {"functionName": name, "returnType": metadata["returnType"],
-                    "args": metadata["args"]}
+    return {"functionName": name, "returnType": metadata["returnType"],
+            "args": metadata["args"]}
 
 
 def _wess_add(store, call, path, body):

@@ -11579,6 +11579,25 @@ class WessApiTest(unittest.TestCase):
         self.assertEqual(status, 202, body)
         return body["message"]["id"]
 
+    def test_a_stored_module_with_a_forged_metadata_section_is_a_422(self):
+        # Issue 17 item 3 (found by its audit): a module stored through /api/v1/ under
+        # /wess/<id> may end in any section; reading or calling it gave a 500 and a traceback.
+        wasm = wasm_module("wess-hostile")
+        for metadata in (b"[" * 1000 + b"]" * 1000, b"not json", b"[]", b"{}", b'{"functionName": 5}',
+                         b'{"functionName": "f", "returnType": "I32", "args": []}', b'{"a": NaN}'):
+            with self.subTest(metadata=metadata[:30]):
+                module_id = str(uuid.uuid4())
+                data = wasm + http_server._wess_section(metadata, len(wasm))
+                status, _, body = self.live.request("POST", f"/api/v1/module/wess/{module_id}", data)
+                self.assertEqual(status, 200, body)
+                for method, body in (("GET", None), ("POST", b"[1]")):
+                    status, answer = self.send(method, f"/{module_id}", raw=body)
+                    self.assertEqual(status, 422, answer)
+                    self.assertIn("Wess metadata section is not Wess's", answer["message"])
+        log = self.live.log.getvalue()
+        self.assertNotIn(" 500 ", log)
+        self.assertNotIn("Traceback", log)
+
     def test_the_crud_scenarios(self):
         # Wess's crud.feature: create the_answer (202, a uuid4 id), update it with fibonacci,
         # delete it.
