@@ -1137,6 +1137,34 @@ class ValidationTest(StoreTestCase):
         with self.assertRaisesRegex(wasmstore.InvalidModule, "unexpected end-of-file"):
             wasmstore.validate_module(truncated)
 
+    def test_a_file_is_judged_as_its_bytes_are(self):
+        """validate_module_file reads a core module whole and maps a component: both give
+        validate_module's verdict."""
+        cases = {"text.wasm": (b"this is not WebAssembly\n", "magic header"),
+                 "short.wasm": (b"\0asm\x0d", "invalid module"),
+                 "truncated.wasm": (wasm_module("t")[:-2], "unexpected end-of-file"),
+                 "core.wasm": (wasm_module("ok"), None),
+                 "component.wasm": (COMPONENT_HEADER, None),
+                 "bad-component.wasm": (COMPONENT_HEADER + b"\x01", "invalid module")}
+        for name, (data, words) in cases.items():
+            filename = os.path.join(self.tmp, name)
+            with open(filename, "wb") as f:
+                f.write(data)
+            with self.subTest(name=name):
+                verdicts = []
+                for check, argument in ((wasmstore.validate_module, data),
+                                        (wasmstore.validate_module_file, filename)):
+                    try:
+                        check(argument)
+                        verdicts.append(None)
+                    except wasmstore.InvalidModule as exc:
+                        verdicts.append(str(exc))
+                self.assertEqual(verdicts[1], verdicts[0])
+                if words is None:
+                    self.assertIsNone(verdicts[1])
+                else:
+                    self.assertIn(words, verdicts[1] or "")
+
     def test_modules_with_code_are_checked_by_the_validator_not_compiled(self):
         import wasmtime
         compiled = []
@@ -11764,8 +11792,9 @@ class InputHelpersTest(unittest.TestCase):
 
 
 class HostileHttpTest(unittest.TestCase):
-    """Requests an attacker sends to the API: each gets its 4xx in one line; the server logs no
-    500 or traceback, keeps serving, and the store does not change."""
+    """Requests an attacker sends to the API (bodies, queries, headers; the registry side is
+    OciHostileRegistryTest and PullDeadlineTest): each gets its 4xx in one line; the server logs
+    no 500 or traceback, keeps serving, and the store does not change."""
 
     @classmethod
     def setUpClass(cls):
@@ -11830,6 +11859,29 @@ class HostileHttpTest(unittest.TestCase):
             ]
         cases.append(("GET", "/api/v1/version/" + "9" * 30 + "/num/numbers.wasm", {}, None, 400, "version index"))
         self.check_cases(cases)
+
+    def test_headers(self):
+        upload, modules = "/api/v1/module/h/x.wasm", "/api/v1/modules"
+        manifest, module = "/v2/num/numbers.wasm/manifests/latest", b"\0asm\1\0\0\0"
+        self.check_cases([
+            ("GET", modules, {"Wasmstore-Branch": "../etc"}, None, 400, "invalid branch name"),
+            ("GET", modules, {"Wasmstore-Branch": "x" * 500}, None, 400, "invalid branch name"),
+            ("GET", modules, {"Wasmstore-Branch": "d\u00e9v".encode()}, None, 400, "invalid branch name"),
+            ("GET", modules, {"Wasmstore-Branch": ".hidden"}, None, 400, "invalid branch name"),
+            ("GET", modules, {"Wasmstore-Branch": "nope"}, None, 404, "no such branch 'nope'"),
+            ("GET", modules, {"Host": "a b"}, None, 400, "bad Host"),
+            ("POST", upload, {"Content-Length": "\u0663".encode()}, module, 400, "bad Content-Length"),
+            ("POST", upload, {"Content-Length": "-1"}, b"", 400, "bad Content-Length"),
+            ("POST", upload, {"Content-Length": "1_0"}, b"0123456789", 400, "bad Content-Length"),
+            ("POST", upload, {"Content-Length": "9" * 40}, b"", 400, "bad Content-Length"),
+            ("POST", upload, {"Transfer-Encoding": "gzip, chunked"}, b"", 400, "Transfer-Encoding"),
+            ("POST", "/api/v1/call/add/num/numbers.wasm", {"Expect": "100-continue-x"}, b"[1,2]", 417,
+             "unsupported Expect"),
+            ("GET", manifest, {"Range": "bytes=99999999999-"}, None, 416, "RANGE_INVALID"),
+            ("GET", manifest, {"Range": "bytes=-0"}, None, 200, "schemaVersion"),
+            ("GET", manifest, {"Range": "bytes=\u0663-".encode()}, None, 200, "schemaVersion"),
+            ("GET", manifest, {"Range": "bytes=0-1," * 2000}, None, 200, "schemaVersion"),
+        ])
 
 
 class HostileCommandLineTest(StoreTestCase):

@@ -635,10 +635,16 @@ def _invalid(exc):
 
 
 def validate_module_file(filename):
-    """validate_module for a file, through a private map of it (any size, no copy)."""
+    """validate_module for a file. A component is checked through a private map of it (it is
+    stubbed in place, without a copy); anything else is read whole, as wasmtime's validator
+    takes bytes only (and copies them): a map of it would be a third copy in memory."""
     with open(filename, "rb") as handle:
-        if not os.fstat(handle.fileno()).st_size:
+        size = os.fstat(handle.fileno()).st_size
+        if not size:
             validate_module(b"")
+        if os.pread(handle.fileno(), len(COMPONENT_HEADER), 0) != COMPONENT_HEADER:
+            _validate_module(_read_exactly(handle.fileno(), size, 0), owned=False)
+            return
         with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY) as mapped:
             _validate_module(mapped, owned=True)
 
