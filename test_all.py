@@ -4184,6 +4184,30 @@ class SharedBoundsTest(unittest.TestCase):
 
 class CommandLineTests(unittest.TestCase):
 
+    def options(self, argv, env):
+        parser = http_server.build_parser()
+        with mock.patch.dict(os.environ, env, clear=True):
+            return http_server._options_from(parser, parser.parse_args(argv))
+
+    def test_options_fall_back_to_the_environment_and_the_command_line_wins(self):
+        args = self.options([], {"WASMSTORE_PORT": "7001", "WASMSTORE_TLS": "k.pem,c.pem",
+                                 "WASMSTORE_WORKERS": "3"})
+        self.assertEqual((args.port, args.tls, args.workers), (7001, ("k.pem", "c.pem"), 3))
+        args = self.options(["--port", "7002", "--tls", "a,b"], {"WASMSTORE_PORT": "7001",
+                                                                  "WASMSTORE_TLS": "k,c"})
+        self.assertEqual((args.port, args.tls), (7002, ("a", "b")))
+        self.assertEqual(self.options([], {}).port, http_server.DEFAULT_PORT)
+        # one app's port is `wasmtime serve`'s, whatever WASMSTORE_PORT says for the API
+        self.assertEqual(self.options(["--serve", "/a.wasm"], {"WASMSTORE_PORT": "7001"}).port,
+                         http_server.DEFAULT_APP_PORT)
+        for env, named in (({"WASMSTORE_PORT": "99999"}, "WASMSTORE_PORT: "),
+                           ({"WASMSTORE_TLS": "onlyone"}, "WASMSTORE_TLS: ")):
+            err = io.StringIO()
+            with self.subTest(env=env), self.assertRaises(SystemExit), \
+                    contextlib.redirect_stderr(err):
+                self.options([], env)
+            self.assertIn(named, err.getvalue())
+
     def test_help_mentions_every_option(self):
         result = run_http_server("--help")
         self.assertEqual(result.returncode, 0)
@@ -11768,8 +11792,9 @@ class InputHelpersTest(unittest.TestCase):
 
 
 class HostileHttpTest(unittest.TestCase):
-    """Requests an attacker sends to the API: each gets its 4xx in one line; the server logs no
-    500 or traceback, keeps serving, and the store does not change."""
+    """Requests an attacker sends to the API (bodies, queries, headers; the registry side is
+    OciHostileRegistryTest and PullDeadlineTest): each gets its 4xx in one line; the server logs
+    no 500 or traceback, keeps serving, and the store does not change."""
 
     @classmethod
     def setUpClass(cls):
@@ -11834,6 +11859,29 @@ class HostileHttpTest(unittest.TestCase):
             ]
         cases.append(("GET", "/api/v1/version/" + "9" * 30 + "/num/numbers.wasm", {}, None, 400, "version index"))
         self.check_cases(cases)
+
+    def test_headers(self):
+        upload, modules = "/api/v1/module/h/x.wasm", "/api/v1/modules"
+        manifest, module = "/v2/num/numbers.wasm/manifests/latest", b"\0asm\1\0\0\0"
+        self.check_cases([
+            ("GET", modules, {"Wasmstore-Branch": "../etc"}, None, 400, "invalid branch name"),
+            ("GET", modules, {"Wasmstore-Branch": "x" * 500}, None, 400, "invalid branch name"),
+            ("GET", modules, {"Wasmstore-Branch": "d\u00e9v".encode()}, None, 400, "invalid branch name"),
+            ("GET", modules, {"Wasmstore-Branch": ".hidden"}, None, 400, "invalid branch name"),
+            ("GET", modules, {"Wasmstore-Branch": "nope"}, None, 404, "no such branch 'nope'"),
+            ("GET", modules, {"Host": "a b"}, None, 400, "bad Host"),
+            ("POST", upload, {"Content-Length": "\u0663".encode()}, module, 400, "bad Content-Length"),
+            ("POST", upload, {"Content-Length": "-1"}, b"", 400, "bad Content-Length"),
+            ("POST", upload, {"Content-Length": "1_0"}, b"0123456789", 400, "bad Content-Length"),
+            ("POST", upload, {"Content-Length": "9" * 40}, b"", 400, "bad Content-Length"),
+            ("POST", upload, {"Transfer-Encoding": "gzip, chunked"}, b"", 400, "Transfer-Encoding"),
+            ("POST", "/api/v1/call/add/num/numbers.wasm", {"Expect": "100-continue-x"}, b"[1,2]", 417,
+             "unsupported Expect"),
+            ("GET", manifest, {"Range": "bytes=99999999999-"}, None, 416, "RANGE_INVALID"),
+            ("GET", manifest, {"Range": "bytes=-0"}, None, 200, "schemaVersion"),
+            ("GET", manifest, {"Range": "bytes=\u0663-".encode()}, None, 200, "schemaVersion"),
+            ("GET", manifest, {"Range": "bytes=0-1," * 2000}, None, 200, "schemaVersion"),
+        ])
 
 
 class HostileCommandLineTest(StoreTestCase):
