@@ -6138,7 +6138,8 @@ def _nonnegative_int(text):
 
 
 # option -> (environment variable, parser) for the options that fall back to the environment
-ENV_OPTIONS = {"max_guests": ("WASMSTORE_MAX_GUESTS", _positive_int),
+ENV_OPTIONS = {"port": ("WASMSTORE_PORT", _port), "tls": ("WASMSTORE_TLS", _tls_pair),
+               "max_guests": ("WASMSTORE_MAX_GUESTS", _positive_int),
                "max_watches": ("WASMSTORE_MAX_WATCHES", _positive_int),
                "workers": ("WASMSTORE_WORKERS", _positive_int),
                "allowed_host": ("WASMSTORE_ALLOWED_HOSTS", _host_names),
@@ -6170,22 +6171,14 @@ def _options_from(parser, args):
         parser.error("--serve-ref needs --serve PATH")
     if args.serve is not None and args.port is None:
         args.port = DEFAULT_APP_PORT              # an app's port, as `wasmtime serve`'s
-    if args.port is None:
-        try:
-            args.port = _port(env["WASMSTORE_PORT"]) if env.get("WASMSTORE_PORT") else DEFAULT_PORT
-        except argparse.ArgumentTypeError as exc:
-            parser.error(f"WASMSTORE_PORT: {exc}")
-    if args.tls is None and env.get("WASMSTORE_TLS"):
-        try:
-            args.tls = _tls_pair(env["WASMSTORE_TLS"])
-        except argparse.ArgumentTypeError as exc:
-            parser.error(f"WASMSTORE_TLS: {exc}")
     for option, (variable, convert) in ENV_OPTIONS.items():
         if getattr(args, option) is None and env.get(variable):
             try:
                 setattr(args, option, convert(env[variable]))
             except argparse.ArgumentTypeError as exc:
                 parser.error(f"{variable}: {exc}")
+    if args.port is None:
+        args.port = DEFAULT_PORT
     if kvhost is not None:
         try:
             kvhost.fill_sandbox_from_env(args, SANDBOX_ENV, SANDBOX_FLAGS)

@@ -4184,6 +4184,30 @@ class SharedBoundsTest(unittest.TestCase):
 
 class CommandLineTests(unittest.TestCase):
 
+    def options(self, argv, env):
+        parser = http_server.build_parser()
+        with mock.patch.dict(os.environ, env, clear=True):
+            return http_server._options_from(parser, parser.parse_args(argv))
+
+    def test_options_fall_back_to_the_environment_and_the_command_line_wins(self):
+        args = self.options([], {"WASMSTORE_PORT": "7001", "WASMSTORE_TLS": "k.pem,c.pem",
+                                 "WASMSTORE_WORKERS": "3"})
+        self.assertEqual((args.port, args.tls, args.workers), (7001, ("k.pem", "c.pem"), 3))
+        args = self.options(["--port", "7002", "--tls", "a,b"], {"WASMSTORE_PORT": "7001",
+                                                                  "WASMSTORE_TLS": "k,c"})
+        self.assertEqual((args.port, args.tls), (7002, ("a", "b")))
+        self.assertEqual(self.options([], {}).port, http_server.DEFAULT_PORT)
+        # one app's port is `wasmtime serve`'s, whatever WASMSTORE_PORT says for the API
+        self.assertEqual(self.options(["--serve", "/a.wasm"], {"WASMSTORE_PORT": "7001"}).port,
+                         http_server.DEFAULT_APP_PORT)
+        for env, named in (({"WASMSTORE_PORT": "99999"}, "WASMSTORE_PORT: "),
+                           ({"WASMSTORE_TLS": "onlyone"}, "WASMSTORE_TLS: ")):
+            err = io.StringIO()
+            with self.subTest(env=env), self.assertRaises(SystemExit), \
+                    contextlib.redirect_stderr(err):
+                self.options([], env)
+            self.assertIn(named, err.getvalue())
+
     def test_help_mentions_every_option(self):
         result = run_http_server("--help")
         self.assertEqual(result.returncode, 0)
