@@ -1357,7 +1357,7 @@ NO_BODY_STATUSES = frozenset([204, 304])   # responses that never have a body (R
 _APP_METHOD_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]{1," + str(MAX_APP_METHOD) + r"}\Z")
 _FIELD_NAME_RE = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
 _FIELD_VALUE_BAD_RE = re.compile(rb"[\x00\r\n]")
-_VERSION_REF_RE = re.compile(r"v(\d{1,9})\Z")
+_VERSION_REF_RE = re.compile(r"v([0-9]{1,9})\Z")      # ASCII digits only: \d takes "٣"
 
 
 # -- which app: mounts, refs, the one app of a server ----------------------------------------------
