@@ -5,7 +5,7 @@
                                                         component add
     python bench.py http  [--rounds N] ...              REST API figures
     python bench.py kv    [--rounds N] ...              wasi:keyvalue host figures
-    python bench.py run   [--rounds N] [--quick] ...    running stored modules (issue 8)
+    python bench.py run   [--rounds N] [--quick] ...    running stored modules
     python bench.py oci   [--rounds N] ...              push/pull to a local registry vs oras
     python bench.py http-app [--rounds N] [--quick] ... stored HTTP apps: wasmstore serve vs
                                                         wasmtime serve (wrk)

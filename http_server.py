@@ -1837,8 +1837,18 @@ def wess_split(data):
         start = len(data) - WESS_TRAILER.size - metadata_length
         if length < start and data[length:] == _wess_section(data[start:-WESS_TRAILER.size],
                                                              length):
-            return data[:length], json.loads(data[start:-WESS_TRAILER.size])
+            return data[:length], _stored_wess_metadata(data[start:-WESS_TRAILER.size])
     raise WessError(422, "this module was not stored through /wess: it has no Wess metadata")
+
+
+def _stored_wess_metadata(text):
+    """The metadata of a stored module's section, checked as an upload's is: a module stored
+    through /api/v1/ may carry any bytes there (WessError 422)."""
+    try:
+        return _wess_metadata(wasmstore.parse_json(text, "Wess metadata"))
+    except (wasmstore.InvalidInput, WessError) as exc:
+        raise WessError(422, "this module's Wess metadata section is not Wess's: "
+                        f"{one_line(exc)}") from None
 
 
 class WessError(HttpError):
@@ -1901,6 +1911,14 @@ def _wess_upload(body, limit):
         module = bytes(wasm)
     except ValueError:
         raise WessError(400, "Invalid Json: wasm must be an array of numbers 0 to 255") from None
+    return module, _wess_metadata(metadata)
+
+
+def _wess_metadata(metadata):
+    """Wess metadata as its JSON schema has it, {"functionName", "returnType", "args"}, or
+    WessError 400."""
+    if not isinstance(metadata, dict):
+        raise WessError(400, "Invalid Json: metadata must be an object")
     name = metadata.get("functionName")
     if not isinstance(name, str) or not name:
         raise WessError(400, "Invalid Json: metadata.functionName must be a function name")
@@ -1909,8 +1927,8 @@ def _wess_upload(body, limit):
         if not isinstance(types, list) or any(t is not None and t not in WESS_TYPES for t in types):
             raise WessError(400, f"Invalid Json: metadata.{field} must be a list of "
                                  f"{', '.join(WESS_TYPES)} (or null)")
-    return module, {"functionName": name, "returnType": metadata["returnType"],
-                    "args": metadata["args"]}
+    return {"functionName": name, "returnType": metadata["returnType"],
+            "args": metadata["args"]}
 
 
 def _wess_add(store, call, path, body):
@@ -6120,7 +6138,8 @@ def _nonnegative_int(text):
 
 
 # option -> (environment variable, parser) for the options that fall back to the environment
-ENV_OPTIONS = {"max_guests": ("WASMSTORE_MAX_GUESTS", _positive_int),
+ENV_OPTIONS = {"port": ("WASMSTORE_PORT", _port), "tls": ("WASMSTORE_TLS", _tls_pair),
+               "max_guests": ("WASMSTORE_MAX_GUESTS", _positive_int),
                "max_watches": ("WASMSTORE_MAX_WATCHES", _positive_int),
                "workers": ("WASMSTORE_WORKERS", _positive_int),
                "allowed_host": ("WASMSTORE_ALLOWED_HOSTS", _host_names),
@@ -6152,22 +6171,14 @@ def _options_from(parser, args):
         parser.error("--serve-ref needs --serve PATH")
     if args.serve is not None and args.port is None:
         args.port = DEFAULT_APP_PORT              # an app's port, as `wasmtime serve`'s
-    if args.port is None:
-        try:
-            args.port = _port(env["WASMSTORE_PORT"]) if env.get("WASMSTORE_PORT") else DEFAULT_PORT
-        except argparse.ArgumentTypeError as exc:
-            parser.error(f"WASMSTORE_PORT: {exc}")
-    if args.tls is None and env.get("WASMSTORE_TLS"):
-        try:
-            args.tls = _tls_pair(env["WASMSTORE_TLS"])
-        except argparse.ArgumentTypeError as exc:
-            parser.error(f"WASMSTORE_TLS: {exc}")
     for option, (variable, convert) in ENV_OPTIONS.items():
         if getattr(args, option) is None and env.get(variable):
             try:
                 setattr(args, option, convert(env[variable]))
             except argparse.ArgumentTypeError as exc:
                 parser.error(f"{variable}: {exc}")
+    if args.port is None:
+        args.port = DEFAULT_PORT
     if kvhost is not None:
         try:
             kvhost.fill_sandbox_from_env(args, SANDBOX_ENV, SANDBOX_FLAGS)

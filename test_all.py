@@ -1137,6 +1137,34 @@ class ValidationTest(StoreTestCase):
         with self.assertRaisesRegex(wasmstore.InvalidModule, "unexpected end-of-file"):
             wasmstore.validate_module(truncated)
 
+    def test_a_file_is_judged_as_its_bytes_are(self):
+        """validate_module_file reads a core module whole and maps a component: both give
+        validate_module's verdict."""
+        cases = {"text.wasm": (b"this is not WebAssembly\n", "magic header"),
+                 "short.wasm": (b"\0asm\x0d", "invalid module"),
+                 "truncated.wasm": (wasm_module("t")[:-2], "unexpected end-of-file"),
+                 "core.wasm": (wasm_module("ok"), None),
+                 "component.wasm": (COMPONENT_HEADER, None),
+                 "bad-component.wasm": (COMPONENT_HEADER + b"\x01", "invalid module")}
+        for name, (data, words) in cases.items():
+            filename = os.path.join(self.tmp, name)
+            with open(filename, "wb") as f:
+                f.write(data)
+            with self.subTest(name=name):
+                verdicts = []
+                for check, argument in ((wasmstore.validate_module, data),
+                                        (wasmstore.validate_module_file, filename)):
+                    try:
+                        check(argument)
+                        verdicts.append(None)
+                    except wasmstore.InvalidModule as exc:
+                        verdicts.append(str(exc))
+                self.assertEqual(verdicts[1], verdicts[0])
+                if words is None:
+                    self.assertIsNone(verdicts[1])
+                else:
+                    self.assertIn(words, verdicts[1] or "")
+
     def test_modules_with_code_are_checked_by_the_validator_not_compiled(self):
         import wasmtime
         compiled = []
@@ -2782,8 +2810,10 @@ class HostileBackupTest(StoreTestCase):
         self.assertFalse(os.path.exists(self.target))
 
     def test_300000_members_are_refused_before_any_is_written(self):
-        member = tarfile.TarInfo("objects/pack/0000000000000001.pack").tobuf()   # empty
-        bomb = self.gzip_of([member * 1000] * 300)
+        def members(start):             # empty packs, each named once (a name twice is refused)
+            return b"".join(tarfile.TarInfo(f"objects/pack/{number:016x}.pack").tobuf()
+                            for number in range(start, start + 1000))
+        bomb = self.gzip_of(map(members, range(0, 300_000, 1000)))
         with self.assertRaisesRegex(wasmstore.InvalidInput, "more than 100,000 members"):
             wasmstore.load_backup(bomb, self.target)
         self.assertFalse(os.path.exists(self.target))
@@ -2797,6 +2827,50 @@ class HostileBackupTest(StoreTestCase):
                 archive.addfile(info, io.BytesIO(data))
         error = self.load(buffer.getvalue())
         self.assertIn("expected at most 4,096", str(error))
+
+    def archive_of(self, members):
+        """A .tar.gz of members [(name, bytes or None for a directory)]."""
+        buffer = io.BytesIO()
+        with tarfile.open(fileobj=buffer, mode="w:gz") as archive:
+            for name, data in members:
+                info = tarfile.TarInfo(name)
+                if data is None:
+                    info.type = tarfile.DIRTYPE
+                    archive.addfile(info)
+                else:
+                    info.size = len(data)
+                    archive.addfile(info, io.BytesIO(data))
+        return buffer.getvalue()
+
+    def test_a_second_member_or_a_directory_for_a_file_is_said_in_its_own_words(self):
+        with tarfile.open(self.archive) as archive:         # the good backup's members, and then...
+            good = [(member.name, None if member.isdir() else archive.extractfile(member).read())
+                    for member in archive]
+        pack = next(name for name, data in good if name.endswith(".pack"))
+        cases = [
+            ("a second HEAD", good + [("HEAD", b"other\n")], "'HEAD' appears twice"),
+            ("a second ref", good + [("refs/heads/main", b"x")], "'refs/heads/main' appears twice"),
+            ("a second pack", good + [(pack, b"")], "appears twice"),
+            ("HEAD a directory", [("HEAD", None)] + good, "'HEAD' is a directory where a store has a file"),
+            ("a ref a directory", [("refs/heads/main", None)] + good, "is a directory where a store has a file"),
+            ("a pack a directory", [("objects/pack/0000000000000009.pack", None)] + good,
+             "is a directory where a store has a file"),
+            ("objects a file", [("objects", b"x")] + good, "'objects' is a file where a store has a directory"),
+        ]
+        for name, members, text in cases:
+            with self.subTest(name):
+                error = self.load(self.archive_of(members))
+                self.assertIsInstance(error, wasmstore.InvalidInput)
+                self.assertIn(text, str(error))
+                self.assertNotIn("File exists", str(error))
+        self.assertIsNone(self.load(self.archive_of(good)))              # the members alone load
+        damaged = os.path.join(self.tmp, "two-heads.tar.gz")
+        with open(damaged, "wb") as handle:
+            handle.write(self.archive_of(good + [("HEAD", b"other\n")]))
+        proc = run_cli(self.target, "load-backup", damaged)
+        self.assertEqual(proc.returncode, 1)
+        self.assertRegex(proc.stderr, r"\Awasmstore: error: backup member 'HEAD' appears twice[^\n]*\n\Z")
+        self.assertFalse(os.path.exists(self.target))
 
     def test_a_killed_backup_s_temp_file_is_removed_by_the_next_backup(self):
         debris = f"{self.archive}.{dead_pid()}-0-deadbeef.tmp"
@@ -4109,6 +4183,30 @@ class SharedBoundsTest(unittest.TestCase):
 
 
 class CommandLineTests(unittest.TestCase):
+
+    def options(self, argv, env):
+        parser = http_server.build_parser()
+        with mock.patch.dict(os.environ, env, clear=True):
+            return http_server._options_from(parser, parser.parse_args(argv))
+
+    def test_options_fall_back_to_the_environment_and_the_command_line_wins(self):
+        args = self.options([], {"WASMSTORE_PORT": "7001", "WASMSTORE_TLS": "k.pem,c.pem",
+                                 "WASMSTORE_WORKERS": "3"})
+        self.assertEqual((args.port, args.tls, args.workers), (7001, ("k.pem", "c.pem"), 3))
+        args = self.options(["--port", "7002", "--tls", "a,b"], {"WASMSTORE_PORT": "7001",
+                                                                  "WASMSTORE_TLS": "k,c"})
+        self.assertEqual((args.port, args.tls), (7002, ("a", "b")))
+        self.assertEqual(self.options([], {}).port, http_server.DEFAULT_PORT)
+        # one app's port is `wasmtime serve`'s, whatever WASMSTORE_PORT says for the API
+        self.assertEqual(self.options(["--serve", "/a.wasm"], {"WASMSTORE_PORT": "7001"}).port,
+                         http_server.DEFAULT_APP_PORT)
+        for env, named in (({"WASMSTORE_PORT": "99999"}, "WASMSTORE_PORT: "),
+                           ({"WASMSTORE_TLS": "onlyone"}, "WASMSTORE_TLS: ")):
+            err = io.StringIO()
+            with self.subTest(env=env), self.assertRaises(SystemExit), \
+                    contextlib.redirect_stderr(err):
+                self.options([], env)
+            self.assertIn(named, err.getvalue())
 
     def test_help_mentions_every_option(self):
         result = run_http_server("--help")
@@ -11505,6 +11603,25 @@ class WessApiTest(unittest.TestCase):
         self.assertEqual(status, 202, body)
         return body["message"]["id"]
 
+    def test_a_stored_module_with_a_forged_metadata_section_is_a_422(self):
+        # Issue 17 item 3 (found by its audit): a module stored through /api/v1/ under
+        # /wess/<id> may end in any section; reading or calling it gave a 500 and a traceback.
+        wasm = wasm_module("wess-hostile")
+        for metadata in (b"[" * 1000 + b"]" * 1000, b"not json", b"[]", b"{}", b'{"functionName": 5}',
+                         b'{"functionName": "f", "returnType": "I32", "args": []}', b'{"a": NaN}'):
+            with self.subTest(metadata=metadata[:30]):
+                module_id = str(uuid.uuid4())
+                data = wasm + http_server._wess_section(metadata, len(wasm))
+                status, _, body = self.live.request("POST", f"/api/v1/module/wess/{module_id}", data)
+                self.assertEqual(status, 200, body)
+                for method, body in (("GET", None), ("POST", b"[1]")):
+                    status, answer = self.send(method, f"/{module_id}", raw=body)
+                    self.assertEqual(status, 422, answer)
+                    self.assertIn("Wess metadata section is not Wess's", answer["message"])
+        log = self.live.log.getvalue()
+        self.assertNotIn(" 500 ", log)
+        self.assertNotIn("Traceback", log)
+
     def test_the_crud_scenarios(self):
         # Wess's crud.feature: create the_answer (202, a uuid4 id), update it with fibonacci,
         # delete it.
@@ -11694,8 +11811,9 @@ class InputHelpersTest(unittest.TestCase):
 
 
 class HostileHttpTest(unittest.TestCase):
-    """Requests an attacker sends to the API: each gets its 4xx in one line; the server logs no
-    500 or traceback, keeps serving, and the store does not change."""
+    """Requests an attacker sends to the API (bodies, queries, headers; the registry side is
+    OciHostileRegistryTest and PullDeadlineTest): each gets its 4xx in one line; the server logs
+    no 500 or traceback, keeps serving, and the store does not change."""
 
     @classmethod
     def setUpClass(cls):
@@ -11760,6 +11878,29 @@ class HostileHttpTest(unittest.TestCase):
             ]
         cases.append(("GET", "/api/v1/version/" + "9" * 30 + "/num/numbers.wasm", {}, None, 400, "version index"))
         self.check_cases(cases)
+
+    def test_headers(self):
+        upload, modules = "/api/v1/module/h/x.wasm", "/api/v1/modules"
+        manifest, module = "/v2/num/numbers.wasm/manifests/latest", b"\0asm\1\0\0\0"
+        self.check_cases([
+            ("GET", modules, {"Wasmstore-Branch": "../etc"}, None, 400, "invalid branch name"),
+            ("GET", modules, {"Wasmstore-Branch": "x" * 500}, None, 400, "invalid branch name"),
+            ("GET", modules, {"Wasmstore-Branch": "d\u00e9v".encode()}, None, 400, "invalid branch name"),
+            ("GET", modules, {"Wasmstore-Branch": ".hidden"}, None, 400, "invalid branch name"),
+            ("GET", modules, {"Wasmstore-Branch": "nope"}, None, 404, "no such branch 'nope'"),
+            ("GET", modules, {"Host": "a b"}, None, 400, "bad Host"),
+            ("POST", upload, {"Content-Length": "\u0663".encode()}, module, 400, "bad Content-Length"),
+            ("POST", upload, {"Content-Length": "-1"}, b"", 400, "bad Content-Length"),
+            ("POST", upload, {"Content-Length": "1_0"}, b"0123456789", 400, "bad Content-Length"),
+            ("POST", upload, {"Content-Length": "9" * 40}, b"", 400, "bad Content-Length"),
+            ("POST", upload, {"Transfer-Encoding": "gzip, chunked"}, b"", 400, "Transfer-Encoding"),
+            ("POST", "/api/v1/call/add/num/numbers.wasm", {"Expect": "100-continue-x"}, b"[1,2]", 417,
+             "unsupported Expect"),
+            ("GET", manifest, {"Range": "bytes=99999999999-"}, None, 416, "RANGE_INVALID"),
+            ("GET", manifest, {"Range": "bytes=-0"}, None, 200, "schemaVersion"),
+            ("GET", manifest, {"Range": "bytes=\u0663-".encode()}, None, 200, "schemaVersion"),
+            ("GET", manifest, {"Range": "bytes=0-1," * 2000}, None, 200, "schemaVersion"),
+        ])
 
 
 class HostileCommandLineTest(StoreTestCase):

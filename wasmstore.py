@@ -635,10 +635,16 @@ def _invalid(exc):
 
 
 def validate_module_file(filename):
-    """validate_module for a file, through a private map of it (any size, no copy)."""
+    """validate_module for a file. A component is checked through a private map of it (it is
+    stubbed in place, without a copy); anything else is read whole, as wasmtime's validator
+    takes bytes only (and copies them): a map of it would be a third copy in memory."""
     with open(filename, "rb") as handle:
-        if not os.fstat(handle.fileno()).st_size:
+        size = os.fstat(handle.fileno()).st_size
+        if not size:
             validate_module(b"")
+        if os.pread(handle.fileno(), len(COMPONENT_HEADER), 0) != COMPONENT_HEADER:
+            _validate_module(_read_exactly(handle.fileno(), size, 0), owned=False)
+            return
         with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY) as mapped:
             _validate_module(mapped, owned=True)
 
@@ -3154,6 +3160,7 @@ def _add_stream(archive, name, size, stream):
 _BACKUP_MEMBER = re.compile(          # what Store.backup writes, and its directories
     r"(HEAD|refs|refs/heads|refs/heads/(?P<branch>[^/]+)|objects|objects/pack"
     r"|objects/pack/[0-9a-f]{16}\.pack)\Z")
+_BACKUP_DIRECTORIES = {"refs", "refs/heads", "objects", "objects/pack"}   # the rest are files
 _SMALL_MEMBER_BYTES = 4096             # HEAD is a line, a ref 256 bytes
 _BACKUP_READ_ERRORS = (tarfile.TarError, EOFError, zlib.error, OSError, ValueError,
                        UnicodeError, struct.error)
@@ -3236,7 +3243,7 @@ def _check_members(archive, archive_bytes, root):
     budget = MAX_BACKUP_EXPANSION * archive_bytes + (1 << 20)
     free = _free_bytes(root)
     total = count = 0
-    seen_head = False
+    files = set()
     for member in archive:
         count += 1
         if count > MAX_BACKUP_MEMBERS:
@@ -3248,6 +3255,7 @@ def _check_members(archive, archive_bytes, root):
         if not _is_store_member(name, member):
             raise InvalidInput(f"backup member {member.name!r} is not part of a store; "
                                "refusing to extract it")
+        _check_member_shape(name, member, files)
         if member.isfile() and not name.startswith("objects/") and \
                 member.size > _SMALL_MEMBER_BYTES:
             raise InvalidInput(f"backup member {name!r} holds {member.size:,} bytes; "
@@ -3260,9 +3268,22 @@ def _check_members(archive, archive_bytes, root):
         if free is not None and total > free:
             raise InvalidInput(f"the backup needs more than the {free:,} bytes free "
                                f"under {root!r}")
-        seen_head = seen_head or name == "HEAD"
-    if not seen_head:
+    if "HEAD" not in files:
         raise InvalidInput("the archive has no HEAD: it is not a wasmstore backup")
+
+
+def _check_member_shape(name, member, files):
+    """A store's directories are directories and its files files, each file once (files:
+    the names seen so far, extended)."""
+    if member.isdir() != (name in _BACKUP_DIRECTORIES):
+        found, expected = ("a directory", "file") if member.isdir() else ("a file", "directory")
+        raise InvalidInput(f"backup member {name!r} is {found} where a store has a "
+                           f"{expected}; refusing to extract it")
+    if member.isfile():
+        if name in files:
+            raise InvalidInput(f"backup member {name!r} appears twice (a store has one); "
+                               "refusing to extract it")
+        files.add(name)
 
 
 def _free_bytes(root):

@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: Apache-2.0
-"""bench_http.py: the REST API figures of issue 3 item 6 (run it as ``python bench.py http``).
+"""bench_http.py: the REST API figures (run it as ``python bench.py http``).
 
 Figures, each the median of --rounds rounds; every ratio is taken against a baseline measured
 in the same run, by the same load generator, with the rounds alternating:
@@ -11,6 +11,9 @@ Ratios are the median of the per-round ratios (each round measures both sides ba
   (goal: ratio >= 0.8); p50/p99 latency of both.
 - POST of small distinct modules from one keep-alive client: requests/s vs the in-process
   ``Store.add`` rate of the same modules into a fresh store (goal: ratio >= 0.8); p50/p99 of both.
+  Two workloads: function-less modules (a custom section: the HTTP layer's own cost shows most)
+  and modules with POST_FUNCTIONS functions of code, as users store (validation is then part
+  of both sides' cost), built as ``bench.py store`` builds them.
   Adds are fsync-bound and the disk is shared, so the two sides alternate in blocks of
   POST_BLOCK adds within each round (a persistent client process runs the HTTP blocks).
 - workers: wrk (a C load generator, so it takes little of the CPU it measures) with
@@ -31,6 +34,7 @@ __all__ = ["main"]
 
 import argparse
 import http.server
+import importlib.util
 import json
 import os
 import queue
@@ -53,6 +57,7 @@ GET_BODY_SIZE = 100 * 1024
 GET_CONNECTIONS = 8
 GOAL_RATIO = 0.8
 POST_BLOCK = 20                  # adds per block; in-process and HTTP blocks alternate
+POST_FUNCTIONS = 10              # functions per module of the realistic POST workload
 WORKERS_GOAL = 1.6               # requests/s of 2 worker processes over 1, GET and call each
 WORKERS_CONNECTIONS = 16         # wrk's keep-alive connections in the workers figure
 WORKERS_SMALL_SIZE = 1024        # the GET of the workers figure: a ~1 KB module
@@ -82,6 +87,23 @@ def wasm_module(tag, padding=0):
     name = tag.encode()
     payload = _leb(len(name)) + name + b"\0" * padding
     return b"\0asm\x01\0\0\0\x00" + _leb(len(payload)) + payload
+
+
+def post_module(tag, functions=0):
+    """A distinct module to add: function-less (wasm_module), or with `functions` functions of
+    code as a compiler emits them (bench_store.code_module_bytes)."""
+    return _bench_store().code_module_bytes(tag, functions) if functions else wasm_module(tag)
+
+
+def _bench_store():
+    """benchmarks/bench_store.py, loaded by file path as bench.py loads areas (once)."""
+    if "bench_store" not in sys.modules:
+        spec = importlib.util.spec_from_file_location(
+            "bench_store", os.path.join(REPO_DIR, "benchmarks", "bench_store.py"))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+    return sys.modules["bench_store"]
 
 
 # ------------------------------------------------------------------------ load generator
@@ -231,7 +253,7 @@ def _read_response(sock, pending=b""):
     return status, rest[length:]
 
 
-def post_worker(port, path, body_prefix):
+def post_worker(port, path, body_prefix, functions=0):
     """Persistent POST client: for each line "N" on stdin, POST N distinct modules on one
     keep-alive connection and print {"seconds", "latencies", "statuses"} as one JSON line."""
     sock = socket.create_connection(("127.0.0.1", port))
@@ -242,7 +264,7 @@ def post_worker(port, path, body_prefix):
         begin = time.perf_counter()
         for _ in range(int(line)):
             counter += 1
-            body = wasm_module(f"{body_prefix}-{counter}")
+            body = post_module(f"{body_prefix}-{counter}", functions)
             started = time.perf_counter()
             sock.sendall((f"POST {path}/{counter}.wasm HTTP/1.1\r\nHost: 127.0.0.1\r\n"
                           f"Content-Length: {len(body)}\r\n\r\n").encode() + body)
@@ -457,9 +479,10 @@ def bench_get(store, rounds, seconds):
     return ours, theirs, len(module)
 
 
-def bench_post(root_parent, rounds, seconds):
+def bench_post(root_parent, rounds, seconds, functions=0):
     """Per round: in-process Store.add into one fresh store and HTTP POSTs into another,
-    alternating in blocks of POST_BLOCK until each side has run `seconds`."""
+    alternating in blocks of POST_BLOCK until each side has run `seconds`; modules with
+    `functions` functions of code (0: function-less)."""
     import http_server
     import wasmstore
     inproc, http = [], []
@@ -469,8 +492,9 @@ def bench_post(root_parent, rounds, seconds):
         server = http_server.make_server(served, "127.0.0.1", 0, quiet=True)
         _start(server)
         spec = json.dumps({"port": server.port, "path": f"/api/v1/module/bench/r{number}",
-                           "body_prefix": f"h{number}"})
-        worker = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--post-worker", spec],
+                           "body_prefix": f"h{number}", "functions": functions})
+        worker = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--post-worker",
+                                   spec],
                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         local_lat, http_lat, local_time, http_time, statuses = [], [], 0.0, 0.0, {}
         try:
@@ -480,7 +504,8 @@ def bench_post(root_parent, rounds, seconds):
                 for _ in range(POST_BLOCK):
                     counter += 1
                     started = time.perf_counter()
-                    local.add(f"bench/r{number}/{counter}.wasm", wasm_module(f"l{number}-{counter}"))
+                    local.add(f"bench/r{number}/{counter}.wasm",
+                              post_module(f"l{number}-{counter}", functions))
                     local_lat.append(time.perf_counter() - started)
                 local_time += time.perf_counter() - begin
                 worker.stdin.write(f"{POST_BLOCK}\n")
@@ -584,7 +609,8 @@ def bench_workers(parent, rounds, seconds):
 def _summary(latencies, seconds):
     latencies = sorted(latencies)
     return {"requests": len(latencies), "seconds": seconds, "rate": len(latencies) / seconds,
-            "p50_ms": 1000 * _percentile(latencies, 0.5), "p99_ms": 1000 * _percentile(latencies, 0.99)}
+            "p50_ms": 1000 * _percentile(latencies, 0.5),
+            "p99_ms": 1000 * _percentile(latencies, 0.99)}
 
 
 # --------------------------------------------------------------------------------- table
@@ -607,12 +633,14 @@ def _row(label, ours, base, goal=None):
 
 
 def _latency_row(label, results):
-    return f"  {label:<32} p50 {_median(results, 'p50_ms'):7.2f} ms   p99 {_median(results, 'p99_ms'):7.2f} ms"
+    return (f"  {label:<32} p50 {_median(results, 'p50_ms'):7.2f} ms   "
+            f"p99 {_median(results, 'p99_ms'):7.2f} ms")
 
 
 def print_table(raw, size, rounds, seconds, out=sys.stdout):
     """The GET and POST figures of `raw` (main's results; either may be missing)."""
-    out.write(f"\nhttp_server.py benchmark: medians of {rounds} alternating rounds of {seconds:g} s "
+    out.write(f"\nhttp_server.py benchmark: medians of {rounds} alternating rounds of "
+              f"{seconds:g} s "
               "each\n\n")
     out.write("ratio = median of the per-round ratios (each round measures both, back to back)\n\n")
     out.write(f"{'figure':<34} {'wasmstore':>10} {'baseline':>10} {'ratio':>7}  goal\n")
@@ -626,13 +654,16 @@ def print_table(raw, size, rounds, seconds, out=sys.stdout):
         out.write(_latency_row("wasmstore GET", get_ours) + "\n")
         out.write(_latency_row("baseline (http.server, memory)", get_base) + "\n")
         per_round += [("GET ours", get_ours), ("GET base", get_base)]
-    if "post_http" in raw:
-        post_http, post_inproc = raw["post_http"], raw["add_inprocess"]
-        _, line = _row("POST small module, 1 client (/s)", post_http, post_inproc, GOAL_RATIO)
+    for suffix, label in (("", "POST small module"),
+                          ("_code", f"POST {POST_FUNCTIONS} functions")):
+        if "post_http" + suffix not in raw:
+            continue
+        post_http, post_inproc = raw["post_http" + suffix], raw["add_inprocess" + suffix]
+        _, line = _row(f"{label}, 1 client (/s)", post_http, post_inproc, GOAL_RATIO)
         out.write(line + "\n")
         out.write(_latency_row("wasmstore POST", post_http) + "\n")
         out.write(_latency_row("baseline (in-process Store.add)", post_inproc) + "\n")
-        per_round += [("POST http", post_http), ("add", post_inproc)]
+        per_round += [("POST http" + suffix, post_http), ("add" + suffix, post_inproc)]
     out.write("\nper round (req/s): " + " | ".join(
         f"{label} " + ", ".join(f"{r['rate']:.0f}" for r in results)
         for label, results in per_round) + "\n")
@@ -657,8 +688,9 @@ def print_workers_table(results, rounds, seconds, out=sys.stdout):
         out.write(f"{labels[name]:<30} {_median(one, 'rate'):>10.0f} {_median(two, 'rate'):>10.0f} "
                   f"{ratio:>7.2f}  >= {WORKERS_GOAL:.1f} {verdict:<7} "
                   f"{_median(one, 'cpu_us'):>6.0f} | {_median(two, 'cpu_us'):.0f} us\n")
-        out.write(f"  p50/p99 ms: 1 worker {_median(one, 'p50_ms'):.2f}/{_median(one, 'p99_ms'):.2f}"
-                  f", 2 workers {_median(two, 'p50_ms'):.2f}/{_median(two, 'p99_ms'):.2f}; per round "
+        out.write(f"  p50/p99 ms: 1 worker {_median(one, 'p50_ms'):.2f}/"
+                  f"{_median(one, 'p99_ms'):.2f}, 2 workers {_median(two, 'p50_ms'):.2f}/"
+                  f"{_median(two, 'p99_ms'):.2f}; per round "
                   "(req/s 1 | 2): " + ", ".join(f"{a['rate']:.0f} | {b['rate']:.0f}"
                                                for a, b in zip(one, two)) + "\n")
         out.write(f"  server cores used: 1 worker {_median(one, 'cores'):.2f}, 2 workers "
@@ -708,6 +740,8 @@ def main(argv=None):
                                                                      args.seconds)
         if "post" in figures:
             raw["add_inprocess"], raw["post_http"] = bench_post(parent, args.rounds, args.seconds)
+            raw["add_inprocess_code"], raw["post_http_code"] = bench_post(
+                parent, args.rounds, args.seconds, POST_FUNCTIONS)
         if "workers" in figures:
             raw["workers"] = bench_workers(parent, args.rounds, args.seconds)
     finally:

@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: Apache-2.0
-"""bench_kv.py: the kvhost figures of issue 4 item 8 (run it as ``python bench.py kv``).
+"""bench_kv.py: the kvhost figures (run it as ``python bench.py kv``).
 
 Figures, each the median of --rounds rounds, ratios taken against a baseline in the same run:
 
@@ -20,7 +20,7 @@ Figures, each the median of --rounds rounds, ratios taken against a baseline in 
   cost of a guest call), so the added cost per pair in microseconds is printed too: that is
   the figure to compare between runs.
 - provider: the same ``set-get-loop`` (100-byte values) with the guest's wasi:keyvalue served by
-  the WAT provider guests/kv-provider.wat over the memory backend (issue 10), against the same
+  the WAT provider guests/kv-provider.wat over the memory backend, against the same
   guest on the memory backend directly, in alternating blocks: pairs/s and ratio (goal >= 0.6);
   also the componentize-py provider build/py-provider.wasm (``bash guests/build.sh``; skipped
   with a message if it is missing). In-process (isolation="thread"), so the figure is the cost

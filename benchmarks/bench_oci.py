@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: Apache-2.0
-"""bench_oci.py: the OCI figures of issue 11 item 7 (run it as ``python bench.py oci``).
+"""bench_oci.py: the OCI figures (run it as ``python bench.py oci``).
 
 Against a local CNCF distribution registry (Debian ``docker-registry``, started here on a free
 loopback port with a temporary storage directory), each round measures, back to back:

@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: Apache-2.0
-"""bench_run.py: the figures of issue 8 item 9, running stored modules (``python bench.py run``).
+"""bench_run.py: the figures of running stored modules (``python bench.py run``).
 
 Figures, each the median of --rounds rounds; every ratio is taken between two sides measured in
 the same round, in alternating blocks, so that both see the same machine noise:
