@@ -222,7 +222,7 @@ DEFAULT_MAX_GUESTS = max(2, os.cpu_count() or 2)   # guests running at once
 DEFAULT_WORKERS = os.cpu_count() or 1      # server processes (--workers)
 DEFAULT_RUN_QUEUE = 64                     # callers waiting for a guest slot; beyond: 503
 # Stores the guest engine's pooling allocator keeps room for, per guest slot: a running guest's
-# and the watchers its writes start (kvhost.Host pooled_stores: half the CPU of a request)
+# and the watchers its writes start (kvhost.Host pooled_stores: a quarter of an instance's CPU)
 POOLED_STORES_PER_GUEST = 2
 DEFAULT_QUEUE_WAIT = 10.0                  # seconds a caller waits for a slot before 503
 DEFAULT_MAX_OUTPUT = 16 * 1024 * 1024      # stdout (and stderr) kept per run
