@@ -11891,6 +11891,15 @@ class HostileHttpTest(unittest.TestCase):
         cases.append(("GET", "/api/v1/version/" + "9" * 30 + "/num/numbers.wasm", {}, None, 400, "version index"))
         self.check_cases(cases)
 
+    def test_absolute_form_targets(self):
+        # Issue 17 item 3 (found by its audit): urlsplit raised ValueError on these: a 500.
+        self.check_cases([
+            ("GET", f"http://{host}/api/v1/{route}", {"Host": "127.0.0.1"}, None, 400, "bad request target")
+            for host in ("[::1", "127.0.0.1:99999", "127.0.0.1:abc", "[")
+            for route in ("modules", "app-at/v0/num/numbers.wasm")])
+        self.assertEqual(self.live.request("GET", f"http://127.0.0.1:{self.live.port}/api/v1/branches")[2],
+                         b'["main"]')
+
     def test_headers(self):
         upload, modules = "/api/v1/module/h/x.wasm", "/api/v1/modules"
         manifest, module = "/v2/num/numbers.wasm/manifests/latest", b"\0asm\1\0\0\0"
