@@ -10366,8 +10366,8 @@ class PullDeadlineTest(OciTestCase):
 
 
 class OciHostileRegistryTest(OciTestCase):
-    """What a hostile registry sends a pull (issue 17, items 3 and 8): each answer in the table
-    ends the pull with its one-line error, never a traceback, and nothing is stored."""
+    """What a hostile registry sends a pull or push (issue 17, items 3 and 8): each answer in
+    the table ends it with its one-line error, never a traceback, and a pull stores nothing."""
 
     @classmethod
     def setUpClass(cls):
@@ -10401,6 +10401,26 @@ class OciHostileRegistryTest(OciTestCase):
         return self.serve(repository, **{"manifests/latest": (401, {"WWW-Authenticate": realm}, b"{}"),
                                          f"/token/{repository}": (200, {}, body)})
 
+    def token_at(self, repository, realm_path):
+        realm = f'Bearer realm="http://{self.registry.registry}{realm_path}"'
+        return self.serve(repository, **{"manifests/latest": (401, {"WWW-Authenticate": realm}, b"{}")})
+
+    def test_each_hostile_upload_location_is_a_clear_error(self):
+        self.store.add("/up.wasm", self.module("up"))
+        for number, (location, text) in enumerate([
+                ("http://[::1/x", "unusable location"), ("http://127.0.0.1:99999/u", "unusable location"),
+                ("http://127.0.0.1:abc/u", "unusable location"), ("/v2/u/\u00e9?a=b", "unusable location"),
+                ("//other.example/u", "another host"), ("", "not found")]):
+            with self.subTest(location=location):
+                self.registry.routes[f"/v2/up{number}/blobs/uploads/"] = (202, {"Location": location}, b"", None)
+                client = wasmstore.RegistryClient(self.registry.registry, plain_http=True, deadline=30)
+                self.addCleanup(client.close)
+                with self.assertRaises(wasmstore.StoreError) as caught:
+                    wasmstore.push(self.store, "/up.wasm", f"oci://{self.registry.registry}/up{number}",
+                                   client=client)
+                self.assertIn(text, str(caught.exception))
+                self.assertNotIn("\n", str(caught.exception))
+
     def cases(self):
         """[(what the registry does, reference, text in the error)]"""
         deep = b"[" * 200_000 + b"]" * 200_000
@@ -10426,6 +10446,10 @@ class OciHostileRegistryTest(OciTestCase):
             ("redirect to port abc", self.redirect("to/abc", "http://127.0.0.1:abc/x"), "unusable location"),
             ("redirect to a broken IPv6 host", self.redirect("to/ipv6", "http://[::1/x"), "unusable location"),
             ("redirect loop", self.redirect("to/self", "/v2/to/self/manifests/latest"), "too many times"),
+            ("redirect to a non-ASCII path", self.redirect("to/utf8", "/v2/to/\u00e9/manifests/latest"),
+             "unusable location"),
+            ("token service at a non-ASCII path", self.token_at("utf8/token", "/token/\u00e9"),
+             "unusable token service"),
             ("manifest with NaN", self.serve("nan/manifest", b'{"schemaVersion": NaN}'), "manifest"),
             ("layer size 1e400", self.serve("big/size", good.replace(
                 b'"size": %d' % len(self.data), b'"size": 1e400')), "size"),
@@ -11807,7 +11831,7 @@ class InputHelpersTest(unittest.TestCase):
     def test_urls_need_a_host_and_a_port_in_range(self):
         for module, error in self.LAYERS:
             for url in ("http://[::1/x", "http://h:99999/", "http://h:abc/", "http://h:٣/", "ftp://h/",
-                        "http:///x", "http://h x/", "http://h/\n"):
+                        "http:///x", "http://h x/", "http://h/\n", "http://h/\u00e9", "http://\u00e9.h/"):
                 with self.subTest(module=module.__name__, url=url), self.assertRaises(error):
                     module.parse_url(url, "location", ("http", "https"))
             url = module.parse_url("https://[::1]:5000/v2/?a=b", "location", ("http", "https"))
