@@ -331,10 +331,25 @@ class Query(dict):
         return list(dict.get(self, name, ()))
 
 
+def absolute_form(target):
+    """urllib.parse.SplitResult of an absolute-form request target (RFC 9112 3.2.2,
+    "http://host/path"), or None for any other form; HttpError 400 when it does not parse
+    (urlsplit refuses "http://[::1/x" and a port out of range or not a number)."""
+    if not target.startswith(("http://", "https://")):
+        return None
+    try:
+        parts = urllib.parse.urlsplit(target)
+        parts.port
+    except ValueError as exc:
+        raise HttpError(400, f"bad request target {target[:80]!r}: {exc}", close=True) from None
+    return parts
+
+
 def parse_target(target):
     """Split a request target into (decoded path segments, query dict); empty segments dropped."""
-    if target.startswith(("http://", "https://")):       # absolute-form (RFC 9112 3.2.2)
-        target = urllib.parse.urlsplit(target).path or "/"
+    absolute = absolute_form(target)
+    if absolute is not None:
+        target = absolute.path or "/"
         target = target.split("?", 1)[0]
     if not target.startswith("/"):
         raise HttpError(400, "request target must start with '/'")
@@ -1357,7 +1372,7 @@ NO_BODY_STATUSES = frozenset([204, 304])   # responses that never have a body (R
 _APP_METHOD_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]{1," + str(MAX_APP_METHOD) + r"}\Z")
 _FIELD_NAME_RE = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
 _FIELD_VALUE_BAD_RE = re.compile(rb"[\x00\r\n]")
-_VERSION_REF_RE = re.compile(r"v(\d{1,9})\Z")
+_VERSION_REF_RE = re.compile(r"v([0-9]{1,9})\Z")      # ASCII digits only: \d takes "٣"
 
 
 # -- which app: mounts, refs, the one app of a server ----------------------------------------------
@@ -1477,8 +1492,8 @@ class AppTable:
 def split_app_target(target):
     """(raw path segments after the leading "/", query suffix "?..." or "") of a request target
     as an app receives it: the path is not decoded (the app reads it as it came)."""
-    if target.startswith(("http://", "https://")):           # absolute-form (RFC 9112 3.2.2)
-        parts = urllib.parse.urlsplit(target)
+    parts = absolute_form(target)
+    if parts is not None:
         target = (parts.path or "/") + (f"?{parts.query}" if "?" in target else "")
     if not target.startswith("/"):
         raise HttpError(400, "request target must start with '/'")
@@ -4546,8 +4561,9 @@ class WasmstoreHandler(http.server.BaseHTTPRequestHandler):
         else the Host header; None without either. HttpError 400 when malformed or repeated,
         421 when the server does not answer to that host. The connection's last allowed Host
         is remembered: keep-alive clients repeat theirs."""
-        if self.path.startswith(("http://", "https://")):
-            text = urllib.parse.urlsplit(self.path).netloc
+        absolute = absolute_form(self.path)
+        if absolute is not None:
+            text = absolute.netloc
         else:
             hosts = self.headers.get_all("Host") or [""]
             if len(hosts) > 1:
@@ -4741,8 +4757,9 @@ class WasmstoreHandler(http.server.BaseHTTPRequestHandler):
 
     def _app_authority(self):
         """The authority the client addressed (absolute-form target or Host), else the server's."""
-        if self.path.startswith(("http://", "https://")):
-            return urllib.parse.urlsplit(self.path).netloc
+        absolute = absolute_form(self.path)
+        if absolute is not None:
+            return absolute.netloc
         host = self.headers.get("Host")
         if host:
             return host

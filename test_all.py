@@ -2887,6 +2887,14 @@ class HostileBackupTest(StoreTestCase):
             store.add("after.wasm", wasm_module("after the crash"))
         self.assertFalse(os.path.exists(debris))
 
+    def test_a_temp_file_named_with_non_ascii_digits_is_not_a_crash(self):
+        # Issue 17 item 3: str.isdigit() takes "²", int() does not (every add raised ValueError).
+        odd = os.path.join(self.root, "tmp", "\u00b2-0-deadbeef.tmp")
+        open(odd, "wb").close()
+        with Store(self.root) as store:
+            store.add("after.wasm", wasm_module("after an odd temp file"))
+        self.assertTrue(os.path.exists(odd))               # a fresh file of no known writer: kept
+
 
 # =================================================================================================
 # Component validation on add: exactly what wasmtime refuses to compile
@@ -11876,8 +11884,21 @@ class HostileHttpTest(unittest.TestCase):
                 ("GET", f"/api/v1/version/{quoted}/num/numbers.wasm", {}, None, 400, "ASCII digits"),
                 ("GET", f"/v2/num/numbers.wasm/tags/list?n={quoted}", {}, None, 400, "UNSUPPORTED"),
             ]
+            if not text.isascii():        # "v1_0" and "v0x1" are branch names an app ref may give
+                cases += [(
+                    "GET", f"/api/v1/app-at/{prefix}v{quoted}/num/numbers.wasm", {}, None, 400, "bad app ref")
+                    for prefix in ("", "main:")]
         cases.append(("GET", "/api/v1/version/" + "9" * 30 + "/num/numbers.wasm", {}, None, 400, "version index"))
         self.check_cases(cases)
+
+    def test_absolute_form_targets(self):
+        # Issue 17 item 3 (found by its audit): urlsplit raised ValueError on these: a 500.
+        self.check_cases([
+            ("GET", f"http://{host}/api/v1/{route}", {"Host": "127.0.0.1"}, None, 400, "bad request target")
+            for host in ("[::1", "127.0.0.1:99999", "127.0.0.1:abc", "[")
+            for route in ("modules", "app-at/v0/num/numbers.wasm")])
+        self.assertEqual(self.live.request("GET", f"http://127.0.0.1:{self.live.port}/api/v1/branches")[2],
+                         b'["main"]')
 
     def test_headers(self):
         upload, modules = "/api/v1/module/h/x.wasm", "/api/v1/modules"

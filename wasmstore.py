@@ -802,7 +802,7 @@ def _remove_debris(directory, prefix=""):
             age = now - os.lstat(path).st_mtime
         except FileNotFoundError:
             continue
-        dead = pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid))
+        dead = pid.isascii() and pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid))
         if dead or age > STALE_TMP_SECONDS:
             _unlink_quietly(path)
 
