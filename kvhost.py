@@ -3144,6 +3144,9 @@ POOL_INSTANCE_BYTES = 16 << 20
 # bytes of a pooled memory (and of a table) reset by memset rather than returned to the system:
 # the next instance then takes no page faults there (a fresh instance of hello.wat: 15 -> 11 us)
 POOL_KEEP_RESIDENT = 1 << 20
+# memories (and tables) one pooled engine reserves at most: about 1 TiB of address space, an
+# eighth of what x86-64 gives a process, so that many engines (a test suite's servers) still fit
+POOL_MAX_SLOTS = 256
 # wasmtime's limit of data per host call: 128 MiB of 48-byte values
 HOSTCALL_VALUE_BYTES = (128 << 20) // 48
 # The largest value a guest gets or sets: what one host call carries, less the longest key
@@ -3166,11 +3169,12 @@ _COMPONENT_TEXT_RE = re.compile(r"\A(?:\s+|;;[^\n]*\n|\(;.*?;\))*\(\s*component\
 def _pool_limits(stores, max_memory, max_table_elements):
     """The pooling allocator's settings for `stores` Stores alive at once, each within
     STORE_LIMITS and the sandbox's memory and table limits: what fits a Store fits the pool.
-    Reserving costs address space only (a memory's slot is its 4 GiB reservation plus guards)."""
+    Reserving costs address space only (a memory's slot is its 4 GiB reservation plus guards),
+    so memories and tables are capped at POOL_MAX_SLOTS: most guests have one memory."""
     return {"total_component_instances": stores * STORE_LIMITS["instances"],
             "total_core_instances": stores * STORE_LIMITS["instances"],
-            "total_memories": stores * STORE_LIMITS["memories"],
-            "total_tables": stores * STORE_LIMITS["tables"],
+            "total_memories": min(stores * STORE_LIMITS["memories"], POOL_MAX_SLOTS),
+            "total_tables": min(stores * STORE_LIMITS["tables"], POOL_MAX_SLOTS),
             "max_core_instances_per_component": STORE_LIMITS["instances"],
             "max_memories_per_component": STORE_LIMITS["memories"],
             "max_tables_per_component": STORE_LIMITS["tables"],

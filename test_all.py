@@ -12916,6 +12916,17 @@ class PooledEngineTest(HttpTestCase):
                               timeout=120)
         self.assertEqual((done.returncode, done.stdout), (0, "200 False\n"), done.stderr[-2000:])
 
+    def test_a_pool_for_many_stores_reserves_a_bounded_address_space(self):
+        host = kvhost.Host(cache_dir=False, pooled_stores=10_000)     # 80,000 memories uncapped
+        self.addCleanup(host.close)
+        self.assertTrue(host.pooled)
+        self.assertEqual(self.serve_on(host, HTTP_HELLO), b"hello from wasm\n")
+
+    def serve_on(self, host, guest):
+        sink = RecordingSink()
+        host.handle_http(host.load(guest), incoming_request(), sink)
+        return sink.body()
+
     def test_pooled_stores_must_be_a_positive_integer(self):
         for wrong in (0, -1, 2.5, True, "4"):
             with self.assertRaises(kvhost.ArgumentError):
