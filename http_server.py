@@ -222,7 +222,7 @@ DEFAULT_MAX_GUESTS = max(2, os.cpu_count() or 2)   # guests running at once
 DEFAULT_WORKERS = os.cpu_count() or 1      # server processes (--workers)
 DEFAULT_RUN_QUEUE = 64                     # callers waiting for a guest slot; beyond: 503
 # Stores the guest engine's pooling allocator keeps room for, per guest slot: a running guest's
-# and the watchers its writes start (kvhost.Host pooled_stores: half the CPU of a request)
+# and the watchers its writes start (kvhost.Host pooled_stores: a quarter of an instance's CPU)
 POOLED_STORES_PER_GUEST = 2
 DEFAULT_QUEUE_WAIT = 10.0                  # seconds a caller waits for a slot before 503
 DEFAULT_MAX_OUTPUT = 16 * 1024 * 1024      # stdout (and stderr) kept per run
@@ -331,10 +331,25 @@ class Query(dict):
         return list(dict.get(self, name, ()))
 
 
+def absolute_form(target):
+    """urllib.parse.SplitResult of an absolute-form request target (RFC 9112 3.2.2,
+    "http://host/path"), or None for any other form; HttpError 400 when it does not parse
+    (urlsplit refuses "http://[::1/x" and a port out of range or not a number)."""
+    if not target.startswith(("http://", "https://")):
+        return None
+    try:
+        parts = urllib.parse.urlsplit(target)
+        parts.port
+    except ValueError as exc:
+        raise HttpError(400, f"bad request target {target[:80]!r}: {exc}", close=True) from None
+    return parts
+
+
 def parse_target(target):
     """Split a request target into (decoded path segments, query dict); empty segments dropped."""
-    if target.startswith(("http://", "https://")):       # absolute-form (RFC 9112 3.2.2)
-        target = urllib.parse.urlsplit(target).path or "/"
+    absolute = absolute_form(target)
+    if absolute is not None:
+        target = absolute.path or "/"
         target = target.split("?", 1)[0]
     if not target.startswith("/"):
         raise HttpError(400, "request target must start with '/'")
@@ -1357,7 +1372,7 @@ NO_BODY_STATUSES = frozenset([204, 304])   # responses that never have a body (R
 _APP_METHOD_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]{1," + str(MAX_APP_METHOD) + r"}\Z")
 _FIELD_NAME_RE = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
 _FIELD_VALUE_BAD_RE = re.compile(rb"[\x00\r\n]")
-_VERSION_REF_RE = re.compile(r"v(\d{1,9})\Z")
+_VERSION_REF_RE = re.compile(r"v([0-9]{1,9})\Z")      # ASCII digits only: \d takes "٣"
 
 
 # -- which app: mounts, refs, the one app of a server ----------------------------------------------
@@ -1477,8 +1492,8 @@ class AppTable:
 def split_app_target(target):
     """(raw path segments after the leading "/", query suffix "?..." or "") of a request target
     as an app receives it: the path is not decoded (the app reads it as it came)."""
-    if target.startswith(("http://", "https://")):           # absolute-form (RFC 9112 3.2.2)
-        parts = urllib.parse.urlsplit(target)
+    parts = absolute_form(target)
+    if parts is not None:
         target = (parts.path or "/") + (f"?{parts.query}" if "?" in target else "")
     if not target.startswith("/"):
         raise HttpError(400, "request target must start with '/'")
@@ -1837,8 +1852,18 @@ def wess_split(data):
         start = len(data) - WESS_TRAILER.size - metadata_length
         if length < start and data[length:] == _wess_section(data[start:-WESS_TRAILER.size],
                                                              length):
-            return data[:length], json.loads(data[start:-WESS_TRAILER.size])
+            return data[:length], _stored_wess_metadata(data[start:-WESS_TRAILER.size])
     raise WessError(422, "this module was not stored through /wess: it has no Wess metadata")
+
+
+def _stored_wess_metadata(text):
+    """The metadata of a stored module's section, checked as an upload's is: a module stored
+    through /api/v1/ may carry any bytes there (WessError 422)."""
+    try:
+        return _wess_metadata(wasmstore.parse_json(text, "Wess metadata"))
+    except (wasmstore.InvalidInput, WessError) as exc:
+        raise WessError(422, "this module's Wess metadata section is not Wess's: "
+                        f"{one_line(exc)}") from None
 
 
 class WessError(HttpError):
@@ -1901,6 +1926,14 @@ def _wess_upload(body, limit):
         module = bytes(wasm)
     except ValueError:
         raise WessError(400, "Invalid Json: wasm must be an array of numbers 0 to 255") from None
+    return module, _wess_metadata(metadata)
+
+
+def _wess_metadata(metadata):
+    """Wess metadata as its JSON schema has it, {"functionName", "returnType", "args"}, or
+    WessError 400."""
+    if not isinstance(metadata, dict):
+        raise WessError(400, "Invalid Json: metadata must be an object")
     name = metadata.get("functionName")
     if not isinstance(name, str) or not name:
         raise WessError(400, "Invalid Json: metadata.functionName must be a function name")
@@ -1909,8 +1942,8 @@ def _wess_upload(body, limit):
         if not isinstance(types, list) or any(t is not None and t not in WESS_TYPES for t in types):
             raise WessError(400, f"Invalid Json: metadata.{field} must be a list of "
                                  f"{', '.join(WESS_TYPES)} (or null)")
-    return module, {"functionName": name, "returnType": metadata["returnType"],
-                    "args": metadata["args"]}
+    return {"functionName": name, "returnType": metadata["returnType"],
+            "args": metadata["args"]}
 
 
 def _wess_add(store, call, path, body):
@@ -4528,8 +4561,9 @@ class WasmstoreHandler(http.server.BaseHTTPRequestHandler):
         else the Host header; None without either. HttpError 400 when malformed or repeated,
         421 when the server does not answer to that host. The connection's last allowed Host
         is remembered: keep-alive clients repeat theirs."""
-        if self.path.startswith(("http://", "https://")):
-            text = urllib.parse.urlsplit(self.path).netloc
+        absolute = absolute_form(self.path)
+        if absolute is not None:
+            text = absolute.netloc
         else:
             hosts = self.headers.get_all("Host") or [""]
             if len(hosts) > 1:
@@ -4723,8 +4757,9 @@ class WasmstoreHandler(http.server.BaseHTTPRequestHandler):
 
     def _app_authority(self):
         """The authority the client addressed (absolute-form target or Host), else the server's."""
-        if self.path.startswith(("http://", "https://")):
-            return urllib.parse.urlsplit(self.path).netloc
+        absolute = absolute_form(self.path)
+        if absolute is not None:
+            return absolute.netloc
         host = self.headers.get("Host")
         if host:
             return host

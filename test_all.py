@@ -2887,6 +2887,14 @@ class HostileBackupTest(StoreTestCase):
             store.add("after.wasm", wasm_module("after the crash"))
         self.assertFalse(os.path.exists(debris))
 
+    def test_a_temp_file_named_with_non_ascii_digits_is_not_a_crash(self):
+        # Issue 17 item 3: str.isdigit() takes "²", int() does not (every add raised ValueError).
+        odd = os.path.join(self.root, "tmp", "\u00b2-0-deadbeef.tmp")
+        open(odd, "wb").close()
+        with Store(self.root) as store:
+            store.add("after.wasm", wasm_module("after an odd temp file"))
+        self.assertTrue(os.path.exists(odd))               # a fresh file of no known writer: kept
+
 
 # =================================================================================================
 # Component validation on add: exactly what wasmtime refuses to compile
@@ -10358,8 +10366,8 @@ class PullDeadlineTest(OciTestCase):
 
 
 class OciHostileRegistryTest(OciTestCase):
-    """What a hostile registry sends a pull (issue 17, items 3 and 8): each answer in the table
-    ends the pull with its one-line error, never a traceback, and nothing is stored."""
+    """What a hostile registry sends a pull or push (issue 17, items 3 and 8): each answer in
+    the table ends it with its one-line error, never a traceback, and a pull stores nothing."""
 
     @classmethod
     def setUpClass(cls):
@@ -10393,6 +10401,26 @@ class OciHostileRegistryTest(OciTestCase):
         return self.serve(repository, **{"manifests/latest": (401, {"WWW-Authenticate": realm}, b"{}"),
                                          f"/token/{repository}": (200, {}, body)})
 
+    def token_at(self, repository, realm_path):
+        realm = f'Bearer realm="http://{self.registry.registry}{realm_path}"'
+        return self.serve(repository, **{"manifests/latest": (401, {"WWW-Authenticate": realm}, b"{}")})
+
+    def test_each_hostile_upload_location_is_a_clear_error(self):
+        self.store.add("/up.wasm", self.module("up"))
+        for number, (location, text) in enumerate([
+                ("http://[::1/x", "unusable location"), ("http://127.0.0.1:99999/u", "unusable location"),
+                ("http://127.0.0.1:abc/u", "unusable location"), ("/v2/u/\u00e9?a=b", "unusable location"),
+                ("//other.example/u", "another host"), ("", "not found")]):
+            with self.subTest(location=location):
+                self.registry.routes[f"/v2/up{number}/blobs/uploads/"] = (202, {"Location": location}, b"", None)
+                client = wasmstore.RegistryClient(self.registry.registry, plain_http=True, deadline=30)
+                self.addCleanup(client.close)
+                with self.assertRaises(wasmstore.StoreError) as caught:
+                    wasmstore.push(self.store, "/up.wasm", f"oci://{self.registry.registry}/up{number}",
+                                   client=client)
+                self.assertIn(text, str(caught.exception))
+                self.assertNotIn("\n", str(caught.exception))
+
     def cases(self):
         """[(what the registry does, reference, text in the error)]"""
         deep = b"[" * 200_000 + b"]" * 200_000
@@ -10418,6 +10446,10 @@ class OciHostileRegistryTest(OciTestCase):
             ("redirect to port abc", self.redirect("to/abc", "http://127.0.0.1:abc/x"), "unusable location"),
             ("redirect to a broken IPv6 host", self.redirect("to/ipv6", "http://[::1/x"), "unusable location"),
             ("redirect loop", self.redirect("to/self", "/v2/to/self/manifests/latest"), "too many times"),
+            ("redirect to a non-ASCII path", self.redirect("to/utf8", "/v2/to/\u00e9/manifests/latest"),
+             "unusable location"),
+            ("token service at a non-ASCII path", self.token_at("utf8/token", "/token/\u00e9"),
+             "unusable token service"),
             ("manifest with NaN", self.serve("nan/manifest", b'{"schemaVersion": NaN}'), "manifest"),
             ("layer size 1e400", self.serve("big/size", good.replace(
                 b'"size": %d' % len(self.data), b'"size": 1e400')), "size"),
@@ -11603,6 +11635,25 @@ class WessApiTest(unittest.TestCase):
         self.assertEqual(status, 202, body)
         return body["message"]["id"]
 
+    def test_a_stored_module_with_a_forged_metadata_section_is_a_422(self):
+        # Issue 17 item 3 (found by its audit): a module stored through /api/v1/ under
+        # /wess/<id> may end in any section; reading or calling it gave a 500 and a traceback.
+        wasm = wasm_module("wess-hostile")
+        for metadata in (b"[" * 1000 + b"]" * 1000, b"not json", b"[]", b"{}", b'{"functionName": 5}',
+                         b'{"functionName": "f", "returnType": "I32", "args": []}', b'{"a": NaN}'):
+            with self.subTest(metadata=metadata[:30]):
+                module_id = str(uuid.uuid4())
+                data = wasm + http_server._wess_section(metadata, len(wasm))
+                status, _, body = self.live.request("POST", f"/api/v1/module/wess/{module_id}", data)
+                self.assertEqual(status, 200, body)
+                for method, body in (("GET", None), ("POST", b"[1]")):
+                    status, answer = self.send(method, f"/{module_id}", raw=body)
+                    self.assertEqual(status, 422, answer)
+                    self.assertIn("Wess metadata section is not Wess's", answer["message"])
+        log = self.live.log.getvalue()
+        self.assertNotIn(" 500 ", log)
+        self.assertNotIn("Traceback", log)
+
     def test_the_crud_scenarios(self):
         # Wess's crud.feature: create the_answer (202, a uuid4 id), update it with fibonacci,
         # delete it.
@@ -11780,7 +11831,7 @@ class InputHelpersTest(unittest.TestCase):
     def test_urls_need_a_host_and_a_port_in_range(self):
         for module, error in self.LAYERS:
             for url in ("http://[::1/x", "http://h:99999/", "http://h:abc/", "http://h:٣/", "ftp://h/",
-                        "http:///x", "http://h x/", "http://h/\n"):
+                        "http:///x", "http://h x/", "http://h/\n", "http://h/\u00e9", "http://\u00e9.h/"):
                 with self.subTest(module=module.__name__, url=url), self.assertRaises(error):
                     module.parse_url(url, "location", ("http", "https"))
             url = module.parse_url("https://[::1]:5000/v2/?a=b", "location", ("http", "https"))
@@ -11857,8 +11908,21 @@ class HostileHttpTest(unittest.TestCase):
                 ("GET", f"/api/v1/version/{quoted}/num/numbers.wasm", {}, None, 400, "ASCII digits"),
                 ("GET", f"/v2/num/numbers.wasm/tags/list?n={quoted}", {}, None, 400, "UNSUPPORTED"),
             ]
+            if not text.isascii():        # "v1_0" and "v0x1" are branch names an app ref may give
+                cases += [(
+                    "GET", f"/api/v1/app-at/{prefix}v{quoted}/num/numbers.wasm", {}, None, 400, "bad app ref")
+                    for prefix in ("", "main:")]
         cases.append(("GET", "/api/v1/version/" + "9" * 30 + "/num/numbers.wasm", {}, None, 400, "version index"))
         self.check_cases(cases)
+
+    def test_absolute_form_targets(self):
+        # Issue 17 item 3 (found by its audit): urlsplit raised ValueError on these: a 500.
+        self.check_cases([
+            ("GET", f"http://{host}/api/v1/{route}", {"Host": "127.0.0.1"}, None, 400, "bad request target")
+            for host in ("[::1", "127.0.0.1:99999", "127.0.0.1:abc", "[")
+            for route in ("modules", "app-at/v0/num/numbers.wasm")])
+        self.assertEqual(self.live.request("GET", f"http://127.0.0.1:{self.live.port}/api/v1/branches")[2],
+                         b'["main"]')
 
     def test_headers(self):
         upload, modules = "/api/v1/module/h/x.wasm", "/api/v1/modules"
@@ -12851,6 +12915,17 @@ class PooledEngineTest(HttpTestCase):
         done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                               timeout=120)
         self.assertEqual((done.returncode, done.stdout), (0, "200 False\n"), done.stderr[-2000:])
+
+    def test_a_pool_for_many_stores_reserves_a_bounded_address_space(self):
+        host = kvhost.Host(cache_dir=False, pooled_stores=10_000)     # 80,000 memories uncapped
+        self.addCleanup(host.close)
+        self.assertTrue(host.pooled)
+        self.assertEqual(self.serve_on(host, HTTP_HELLO), b"hello from wasm\n")
+
+    def serve_on(self, host, guest):
+        sink = RecordingSink()
+        host.handle_http(host.load(guest), incoming_request(), sink)
+        return sink.body()
 
     def test_pooled_stores_must_be_a_positive_integer(self):
         for wrong in (0, -1, 2.5, True, "4"):

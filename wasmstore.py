@@ -293,7 +293,7 @@ _JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.S)
 _JSON_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
 _BRACKET_STEP = {"[": 1, "{": 1, "]": -1, "}": -1}
 _USERINFO = re.compile(r"//[^/@]*@")
-_NOT_IN_URL = re.compile(r"[\x00-\x20\x7f]")          # spaces and control characters
+_NOT_IN_URL = re.compile(r"[^\x21-\x7e]")     # spaces, control and non-ASCII characters (RFC 3986)
 
 
 def parse_number(text, what, *, minimum=0, maximum=None, fraction=False):
@@ -380,7 +380,7 @@ class Url(collections.namedtuple("Url", "scheme username password host port path
 def parse_url(text, what, schemes=("http", "https")):
     """A URL from outside as a Url (host lowercased, IPv6 without brackets, port None when not
     given); InvalidInput naming `what` unless its scheme is one of `schemes`, it names a host
-    (no space or control character) and its port, if any, is 0-65535 in ASCII digits."""
+    (printable ASCII only: no space) and its port, if any, is 0-65535 in ASCII digits."""
     import urllib.parse
     shown = _short(_USERINFO.sub("//", str(text)), 200)           # never a password in a message
     if not isinstance(text, str) or _NOT_IN_URL.search(text):
@@ -802,7 +802,8 @@ def _remove_debris(directory, prefix=""):
             age = now - os.lstat(path).st_mtime
         except FileNotFoundError:
             continue
-        dead = pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid))
+        dead = pid.isascii() and pid.isdigit() and int(pid) != os.getpid() \
+            and not _pid_alive(int(pid))
         if dead or age > STALE_TMP_SECONDS:
             _unlink_quietly(path)
 

@@ -121,10 +121,12 @@ class Served:
 
     @classmethod
     def wasmstore(cls, root, path, cache_home, workers=None):
-        """``python wasmstore.py --root ROOT serve PATH --port 0 --quiet --kv memory:``, once its
-        banner names the URL it listens on."""
-        argv = [sys.executable, WASMSTORE, "--root", root, "serve", path, "--port", "0", "--quiet",
-                "--kv", "memory:"] + ([] if workers is None else ["--workers", str(workers)])
+        """``python wasmstore.py --root ROOT serve PATH --port 0 --quiet``, once its banner names
+        the URL it listens on. The kv backend is serve's default (sqlite under the temporary
+        ROOT), which every worker process shares: with memory: serve runs one process, on one
+        core, while wasmtime serve uses them all."""
+        argv = [sys.executable, WASMSTORE, "--root", root, "serve", path, "--port", "0",
+                "--quiet"] + ([] if workers is None else ["--workers", str(workers)])
         spawned = time.perf_counter()
         process = subprocess.Popen(argv, env=_clean_env(cache_home), cwd=REPO_DIR,
                                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
