@@ -11980,6 +11980,10 @@ class HostileCommandLineTest(StoreTestCase):
             (("call", "--timeout", "٣", "/types/probe.wasm", "echo-f32", "1"), 2, "ASCII digits"),
             (("log", "-n", "①"), 2, "ASCII digits"),
             (("version", "٣", "/types/probe.wasm"), 1, "ASCII digits"),
+            (("pull", "--deadline", "1e400", "oci://127.0.0.1:1/x", "/p.wasm"), 2, "expected a finite number"),
+            (("pull", "--deadline", "0", "oci://127.0.0.1:1/x", "/p.wasm"), 2, "expected more than 0"),
+            (("export", "-o", os.devnull), 1, "a file that is not a directory is in the way"),
+            (("export", "-o", os.path.join(os.devnull, "x")), 1, "a file that is not a directory is in the way"),
         ]
         for args, status, text in cases:
             with self.subTest(args=[a[:20] for a in args]):
