@@ -4271,7 +4271,8 @@ class RegistryClient:
         """Run one whole operation (what: "pull of oci://...") within self.deadline seconds:
         past it, every connection of this client is shut down and the operation ends with
         RegistryError, however slowly the registry keeps sending. An operation inside
-        another one runs within the outer deadline."""
+        another one runs within the outer deadline; a client bounds one operation at a time
+        (the threads of that operation share it)."""
         if self._bound is not None:
             yield
             return
