@@ -283,7 +283,9 @@ def parse_number(text, what, *, minimum=0, maximum=None, fraction=False):
         kind = "a number" if fraction else "an integer"
         raise ArgumentError(f"invalid {what} {shown}: expected {kind} in ASCII digits")
     value = float(text) if fraction else int(text)
-    if not math.isfinite(value) or (minimum is not None and value < minimum) \
+    if not math.isfinite(value):
+        raise ArgumentError(f"invalid {what} {text!r}: expected a finite number")
+    if (minimum is not None and value < minimum) \
             or (maximum is not None and value > maximum):
         bounds = f"at least {minimum}" if maximum is None else f"{minimum} to {maximum}"
         raise ArgumentError(f"invalid {what} {text!r}: expected {bounds}")

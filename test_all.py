@@ -10401,6 +10401,12 @@ class OciHostileRegistryTest(OciTestCase):
         return self.serve(repository, **{"manifests/latest": (401, {"WWW-Authenticate": realm}, b"{}"),
                                          f"/token/{repository}": (200, {}, body)})
 
+    def layer_with(self, **fields):
+        """The good manifest's bytes with fields of its layer replaced."""
+        manifest = wasm_manifest(self.data)
+        manifest["layers"][0].update(fields)
+        return json.dumps(manifest).encode()
+
     def token_at(self, repository, realm_path):
         realm = f'Bearer realm="http://{self.registry.registry}{realm_path}"'
         return self.serve(repository, **{"manifests/latest": (401, {"WWW-Authenticate": realm}, b"{}")})
@@ -10453,6 +10459,16 @@ class OciHostileRegistryTest(OciTestCase):
             ("manifest with NaN", self.serve("nan/manifest", b'{"schemaVersion": NaN}'), "manifest"),
             ("layer size 1e400", self.serve("big/size", good.replace(
                 b'"size": %d' % len(self.data), b'"size": 1e400')), "size"),
+            ("layer size true", self.serve("bool/size", self.layer_with(size=True)), "not a byte count"),
+            ("layer size 10**30", self.serve("huge/size", self.layer_with(size=10 ** 30)), "over the limit"),
+            ("layer digest ../../x", self.serve("dots/digest", self.layer_with(digest="sha256:../../x")),
+             "not a sha256 digest"),
+            ("layers an object", self.serve("object/layers", json.dumps({**wasm_manifest(self.data),
+                                                                         "layers": {"a": 1}}).encode()),
+             "exactly one layer"),
+            ("manifest a list", self.serve("list/manifest", b"[]"), "not an OCI image manifest"),
+            ("manifest number of 5,000 digits", self.serve("long/number", b'{"schemaVersion": ' + b"9" * 5000 + b"}"),
+             "invalid manifest"),
         ]
 
     def test_each_hostile_answer_is_a_clear_error_and_nothing_is_stored(self):
@@ -11964,6 +11980,10 @@ class HostileCommandLineTest(StoreTestCase):
             (("call", "--timeout", "٣", "/types/probe.wasm", "echo-f32", "1"), 2, "ASCII digits"),
             (("log", "-n", "①"), 2, "ASCII digits"),
             (("version", "٣", "/types/probe.wasm"), 1, "ASCII digits"),
+            (("pull", "--deadline", "1e400", "oci://127.0.0.1:1/x", "/p.wasm"), 2, "expected a finite number"),
+            (("pull", "--deadline", "0", "oci://127.0.0.1:1/x", "/p.wasm"), 2, "expected more than 0"),
+            (("export", "-o", os.devnull), 1, "a file that is not a directory is in the way"),
+            (("export", "-o", os.path.join(os.devnull, "x")), 1, "a file that is not a directory is in the way"),
         ]
         for args, status, text in cases:
             with self.subTest(args=[a[:20] for a in args]):

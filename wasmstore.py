@@ -308,7 +308,9 @@ def parse_number(text, what, *, minimum=0, maximum=None, fraction=False):
         kind = "a number" if fraction else "an integer"
         raise InvalidInput(f"invalid {what} {_short(text, 40)}: expected {kind} in ASCII digits")
     value = float(text) if fraction else int(text)
-    if not math.isfinite(value) or (minimum is not None and value < minimum) \
+    if not math.isfinite(value):
+        raise InvalidInput(f"invalid {what} {text!r}: expected a finite number")
+    if (minimum is not None and value < minimum) \
             or (maximum is not None and value > maximum):
         bounds = f"at least {minimum}" if maximum is None else f"{minimum} to {maximum}"
         raise InvalidInput(f"invalid {what} {text!r}: expected {bounds}")
@@ -783,6 +785,18 @@ def _write_whole(path, data, tmp_dir, *, exclusive=False, mode=0o644, durable=Tr
         return True
     finally:
         _unlink_quietly(tmp)
+
+
+def _export_directory(path):
+    """Make the directory export writes into; StoreError in a line of its own when a file
+    (or anything else that is not a directory) stands there or the system refuses."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise StoreError(f"cannot export into {path!r}: a file that is not a directory is in "
+                         "the way") from None
+    except OSError as exc:
+        raise StoreError(f"cannot export into {path!r}: {exc.strerror}") from None
 
 
 def _remove_debris(directory, prefix=""):
@@ -2827,11 +2841,11 @@ class Store:
         else:
             _, tree = self._head_tree(self._branch(branch))
         base = os.path.realpath(directory)
-        os.makedirs(base, exist_ok=True)
+        _export_directory(base)
         count = 0
         for segments, digest in self._walk_modules(tree):
             parent = os.path.join(base, *segments[:-1])
-            os.makedirs(parent, exist_ok=True)
+            _export_directory(parent)
             if os.path.realpath(parent) != parent:
                 raise StoreError(f"refusing to export through a symbolic link at {parent!r}")
             self._copy_module_to(digest, os.path.join(parent, segments[-1]))
