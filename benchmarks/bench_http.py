@@ -22,7 +22,8 @@ Ratios are the median of the per-round ratios (each round measures both sides ba
   guests/run/numbers.wat (goal: ratio >= 1.6 each on two cores), with the server's CPU time per
   request (all its processes; goal: no higher with two workers), and the cores the server,
   wrk and every other process used meanwhile: on a shared machine whose other jobs take the
-  second core, two workers cannot reach the goal, and those columns say so.
+  second core, two workers cannot reach the goal, and those columns say so. For reference, one
+  worker on a single connection: its threads then never wait for each other's GIL.
 
 The load generator is a separate process (this file run with --loadgen): one thread driving
 raw keep-alive sockets with ``selectors``, so that it is not itself limited by the GIL.
@@ -567,8 +568,10 @@ def _check_answer(port, path, post, expected):
 def bench_workers(parent, rounds, seconds):
     """Per round and request (GET of a ~1 KB module, a warm call of add(2, 3)): wrk against a
     server of one worker process and one of two, started once on the same store (the one not
-    measured idles), in alternating order. Returns {request: {workers: [wrk results]}}, each
-    result with "cpu_us": the server's CPU time (all its processes) per request."""
+    measured idles), in alternating order; and the one-worker server on one connection
+    (workers "one": no threads contend for its GIL). Returns {request: {workers: [wrk
+    results]}}, each result with "cpu_us": the server's CPU time (all its processes) per
+    request, and the cores of the server, wrk and the machine's other processes."""
     import wasmstore
     root = os.path.join(parent, "workers")
     store = wasmstore.Store(root)
@@ -587,14 +590,15 @@ def bench_workers(parent, rounds, seconds):
                 _check_answer(server.port, path, post, expected)
                 wrk(f"http://127.0.0.1:{server.port}{path}", min(seconds, 1.0),
                     WORKERS_CONNECTIONS, script if post else None)
-        results = {name: {1: [], 2: []} for name in WORKERS_REQUESTS}
+        results = {name: {1: [], 2: [], "one": []} for name in WORKERS_REQUESTS}
         for number in range(rounds):
             for name, (path, post, _) in WORKERS_REQUESTS.items():
-                for workers in ((1, 2) if number % 2 == 0 else (2, 1)):
-                    server = servers[workers]
+                for workers in ((1, 2, "one") if number % 2 == 0 else ("one", 2, 1)):
+                    server = servers[1 if workers == "one" else workers]
+                    connections = 1 if workers == "one" else WORKERS_CONNECTIONS
                     cpu, (busy, total) = server.cpu_seconds(), machine_ticks()
                     result = wrk(f"http://127.0.0.1:{server.port}{path}", seconds,
-                                 WORKERS_CONNECTIONS, script if post else None)
+                                 connections, script if post else None)
                     cpu = server.cpu_seconds() - cpu
                     busy_after, total_after = machine_ticks()
                     result["cpu_us"] = 1e6 * cpu / max(1, result["requests"])
@@ -707,6 +711,11 @@ def print_workers_table(results, rounds, seconds, out=sys.stdout):
             for label, key in (("server", "cores"), ("wrk", "wrk_cores"),
                                ("other jobs", "other_cores")))
             + f"; idle {100 * _median(one, 'idle'):.0f}% | {100 * _median(two, 'idle'):.0f}%\n")
+        single = by_workers.get("one")
+        if single:
+            out.write(f"  1 worker on 1 connection (no thread waits for its GIL): "
+                      f"{_median(single, 'rate'):.0f} req/s, {_median(single, 'cpu_us'):.0f} us "
+                      f"CPU/request, {_median(single, 'cores'):.2f} cores\n")
     return ratios
 
 
