@@ -9587,7 +9587,8 @@ class TricklingRegistry:
     """A loopback registry that answers from a table {path: (status, headers, body, slow)}
     and sends the slow part one byte every `interval` seconds: "head" trickles the whole
     answer from its status line on, "body" sends the headers at once and trickles the body,
-    None sends it all at once. A route's headers may replace the true Content-Length. It stops trickling when the client goes away or at close(). Plain HTTP only (clients need
+    None sends it all at once. A route's headers may replace the true Content-Length. It
+    stops trickling when the client goes away or at close(). Plain HTTP only (clients need
     plain_http=True: a TLS hello would wait here for a line that never comes)."""
 
     def __init__(self, interval=0.25):
