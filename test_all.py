@@ -9588,11 +9588,16 @@ class TricklingRegistry:
     and sends the slow part one byte every `interval` seconds: "head" trickles the whole
     answer from its status line on, "body" sends the headers at once and trickles the body,
     None sends it all at once. A route's headers may replace the true Content-Length. It
-    stops trickling when the client goes away or at close(). Plain HTTP only (clients need
-    plain_http=True: a TLS hello would wait here for a line that never comes)."""
+    stops trickling when the client goes away or at close(). Plain HTTP (clients need
+    plain_http=True: a TLS hello would wait here for a line that never comes), or TLS with
+    tls=(KEY_FILE, CERT_FILE)."""
 
-    def __init__(self, interval=0.25):
+    def __init__(self, interval=0.25, tls=None):
         self.interval = interval
+        self.context = None
+        if tls is not None:
+            self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            self.context.load_cert_chain(tls[1], tls[0])
         self.routes = {}
         self.requests = []                       # (method, path) in arrival order
         self.closed = threading.Event()
@@ -9614,6 +9619,9 @@ class TricklingRegistry:
 
     def serve(self, connection):
         try:
+            if self.context is not None:
+                connection.settimeout(30)
+                connection = self.context.wrap_socket(connection, server_side=True)
             self.answer(connection)
         except OSError:                          # the client gave up: what the test wants
             pass
@@ -10358,6 +10366,23 @@ class PullDeadlineTest(OciTestCase):
                 self.assertNotIn("Traceback", done.stderr)
         done = run_cli(self.root, "pull", reference, "/new.wasm", env={"WASMSTORE_OCI_DEADLINE": "x"})
         self.assertOneLineError(done, "WASMSTORE_OCI_DEADLINE")
+        self.assertNothingStored(self.before)
+
+    def test_a_trickling_registry_over_tls_ends_at_the_deadline(self):
+        key, cert = self_signed_certificate(self.tmp)
+        slow = TricklingRegistry(tls=(key, cert))
+        self.addCleanup(slow.close)
+        slow.routes.update(self.slow.routes)
+        client = wasmstore.RegistryClient(slow.registry, ca_file=cert, deadline=self.DEADLINE)
+        self.addCleanup(client.close)
+        blob = next(path for path in slow.routes if "/blobs/" in path)
+        self.slow, saved = slow, self.slow                       # assertEndsAtTheDeadline reads it
+        try:
+            self.assertEndsAtTheDeadline(
+                lambda: wasmstore.pull(self.store, f"oci://{slow.registry}/slow/blob", "/new.wasm",
+                                       client=client), ("GET", blob))
+        finally:
+            self.slow = saved
         self.assertNothingStored(self.before)
 
     def test_library_refuses_a_deadline_that_is_not_seconds(self):
