@@ -148,7 +148,7 @@ CACHE_MAGIC = b"KVHCACHE2\n"                         # header of a compile-cache
 KV_VERSIONS = ("0.2.0-draft", "0.2.0-draft2")
 MAX_JSON_DEPTH = 64                                  # JSON from outside nests at most this deep
 MAX_NUMBER_CHARS = 40                                # a longer number from outside: refused unread
-_NOT_IN_URL = re.compile(r"[\x00-\x20\x7f]")          # spaces and control characters
+_NOT_IN_URL = re.compile(r"[^\x21-\x7e]")     # spaces, control and non-ASCII characters (RFC 3986)
 CACHE_ORPHAN_SECONDS = 3600                          # a lone cache file this old is debris
 # What kvhost writes into a cache directory (anything else there is left alone).
 CACHE_FILE_RE = re.compile(r"([0-9a-f]{64}\.(?:component|module))(\.sum)?\Z|\.tmp-[a-z0-9_]{8}\Z")
@@ -283,7 +283,9 @@ def parse_number(text, what, *, minimum=0, maximum=None, fraction=False):
         kind = "a number" if fraction else "an integer"
         raise ArgumentError(f"invalid {what} {shown}: expected {kind} in ASCII digits")
     value = float(text) if fraction else int(text)
-    if not math.isfinite(value) or (minimum is not None and value < minimum) \
+    if not math.isfinite(value):
+        raise ArgumentError(f"invalid {what} {text!r}: expected a finite number")
+    if (minimum is not None and value < minimum) \
             or (maximum is not None and value > maximum):
         bounds = f"at least {minimum}" if maximum is None else f"{minimum} to {maximum}"
         raise ArgumentError(f"invalid {what} {text!r}: expected {bounds}")
@@ -340,7 +342,7 @@ class Url(collections.namedtuple("Url", "scheme username password host port path
 def parse_url(text, what, schemes):
     """A URL from outside as a Url (host lowercased, IPv6 without brackets, port None when not
     given); ArgumentError naming `what` unless its scheme is one of `schemes`, it names a host
-    (no space or control character) and its port, if any, is 0-65535 in ASCII digits."""
+    (printable ASCII only: no space) and its port, if any, is 0-65535 in ASCII digits."""
     shown = repr(_USERINFO.sub("//", str(text))[:200])            # never a password in a message
     if not isinstance(text, str) or _NOT_IN_URL.search(text):
         raise ArgumentError(f"invalid {what} {shown}: not a URL")

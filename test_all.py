@@ -9587,7 +9587,8 @@ class TricklingRegistry:
     """A loopback registry that answers from a table {path: (status, headers, body, slow)}
     and sends the slow part one byte every `interval` seconds: "head" trickles the whole
     answer from its status line on, "body" sends the headers at once and trickles the body,
-    None sends it all at once. A route's headers may replace the true Content-Length. It stops trickling when the client goes away or at close(). Plain HTTP only (clients need
+    None sends it all at once. A route's headers may replace the true Content-Length. It
+    stops trickling when the client goes away or at close(). Plain HTTP only (clients need
     plain_http=True: a TLS hello would wait here for a line that never comes)."""
 
     def __init__(self, interval=0.25):
@@ -10366,8 +10367,8 @@ class PullDeadlineTest(OciTestCase):
 
 
 class OciHostileRegistryTest(OciTestCase):
-    """What a hostile registry sends a pull (issue 17, items 3 and 8): each answer in the table
-    ends the pull with its one-line error, never a traceback, and nothing is stored."""
+    """What a hostile registry sends a pull or push (issue 17, items 3 and 8): each answer in
+    the table ends it with its one-line error, never a traceback, and a pull stores nothing."""
 
     @classmethod
     def setUpClass(cls):
@@ -10401,6 +10402,32 @@ class OciHostileRegistryTest(OciTestCase):
         return self.serve(repository, **{"manifests/latest": (401, {"WWW-Authenticate": realm}, b"{}"),
                                          f"/token/{repository}": (200, {}, body)})
 
+    def layer_with(self, **fields):
+        """The good manifest's bytes with fields of its layer replaced."""
+        manifest = wasm_manifest(self.data)
+        manifest["layers"][0].update(fields)
+        return json.dumps(manifest).encode()
+
+    def token_at(self, repository, realm_path):
+        realm = f'Bearer realm="http://{self.registry.registry}{realm_path}"'
+        return self.serve(repository, **{"manifests/latest": (401, {"WWW-Authenticate": realm}, b"{}")})
+
+    def test_each_hostile_upload_location_is_a_clear_error(self):
+        self.store.add("/up.wasm", self.module("up"))
+        for number, (location, text) in enumerate([
+                ("http://[::1/x", "unusable location"), ("http://127.0.0.1:99999/u", "unusable location"),
+                ("http://127.0.0.1:abc/u", "unusable location"), ("/v2/u/\u00e9?a=b", "unusable location"),
+                ("//other.example/u", "another host"), ("", "not found")]):
+            with self.subTest(location=location):
+                self.registry.routes[f"/v2/up{number}/blobs/uploads/"] = (202, {"Location": location}, b"", None)
+                client = wasmstore.RegistryClient(self.registry.registry, plain_http=True, deadline=30)
+                self.addCleanup(client.close)
+                with self.assertRaises(wasmstore.StoreError) as caught:
+                    wasmstore.push(self.store, "/up.wasm", f"oci://{self.registry.registry}/up{number}",
+                                   client=client)
+                self.assertIn(text, str(caught.exception))
+                self.assertNotIn("\n", str(caught.exception))
+
     def cases(self):
         """[(what the registry does, reference, text in the error)]"""
         deep = b"[" * 200_000 + b"]" * 200_000
@@ -10426,9 +10453,23 @@ class OciHostileRegistryTest(OciTestCase):
             ("redirect to port abc", self.redirect("to/abc", "http://127.0.0.1:abc/x"), "unusable location"),
             ("redirect to a broken IPv6 host", self.redirect("to/ipv6", "http://[::1/x"), "unusable location"),
             ("redirect loop", self.redirect("to/self", "/v2/to/self/manifests/latest"), "too many times"),
+            ("redirect to a non-ASCII path", self.redirect("to/utf8", "/v2/to/\u00e9/manifests/latest"),
+             "unusable location"),
+            ("token service at a non-ASCII path", self.token_at("utf8/token", "/token/\u00e9"),
+             "unusable token service"),
             ("manifest with NaN", self.serve("nan/manifest", b'{"schemaVersion": NaN}'), "manifest"),
             ("layer size 1e400", self.serve("big/size", good.replace(
                 b'"size": %d' % len(self.data), b'"size": 1e400')), "size"),
+            ("layer size true", self.serve("bool/size", self.layer_with(size=True)), "not a byte count"),
+            ("layer size 10**30", self.serve("huge/size", self.layer_with(size=10 ** 30)), "over the limit"),
+            ("layer digest ../../x", self.serve("dots/digest", self.layer_with(digest="sha256:../../x")),
+             "not a sha256 digest"),
+            ("layers an object", self.serve("object/layers", json.dumps({**wasm_manifest(self.data),
+                                                                         "layers": {"a": 1}}).encode()),
+             "exactly one layer"),
+            ("manifest a list", self.serve("list/manifest", b"[]"), "not an OCI image manifest"),
+            ("manifest number of 5,000 digits", self.serve("long/number", b'{"schemaVersion": ' + b"9" * 5000 + b"}"),
+             "invalid manifest"),
         ]
 
     def test_each_hostile_answer_is_a_clear_error_and_nothing_is_stored(self):
@@ -11807,7 +11848,7 @@ class InputHelpersTest(unittest.TestCase):
     def test_urls_need_a_host_and_a_port_in_range(self):
         for module, error in self.LAYERS:
             for url in ("http://[::1/x", "http://h:99999/", "http://h:abc/", "http://h:٣/", "ftp://h/",
-                        "http:///x", "http://h x/", "http://h/\n"):
+                        "http:///x", "http://h x/", "http://h/\n", "http://h/\u00e9", "http://\u00e9.h/"):
                 with self.subTest(module=module.__name__, url=url), self.assertRaises(error):
                     module.parse_url(url, "location", ("http", "https"))
             url = module.parse_url("https://[::1]:5000/v2/?a=b", "location", ("http", "https"))
@@ -11940,6 +11981,10 @@ class HostileCommandLineTest(StoreTestCase):
             (("call", "--timeout", "٣", "/types/probe.wasm", "echo-f32", "1"), 2, "ASCII digits"),
             (("log", "-n", "①"), 2, "ASCII digits"),
             (("version", "٣", "/types/probe.wasm"), 1, "ASCII digits"),
+            (("pull", "--deadline", "1e400", "oci://127.0.0.1:1/x", "/p.wasm"), 2, "expected a finite number"),
+            (("pull", "--deadline", "0", "oci://127.0.0.1:1/x", "/p.wasm"), 2, "expected more than 0"),
+            (("export", "-o", os.devnull), 1, "a file that is not a directory is in the way"),
+            (("export", "-o", os.path.join(os.devnull, "x")), 1, "a file that is not a directory is in the way"),
         ]
         for args, status, text in cases:
             with self.subTest(args=[a[:20] for a in args]):

@@ -293,7 +293,7 @@ _JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.S)
 _JSON_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
 _BRACKET_STEP = {"[": 1, "{": 1, "]": -1, "}": -1}
 _USERINFO = re.compile(r"//[^/@]*@")
-_NOT_IN_URL = re.compile(r"[\x00-\x20\x7f]")          # spaces and control characters
+_NOT_IN_URL = re.compile(r"[^\x21-\x7e]")     # spaces, control and non-ASCII characters (RFC 3986)
 
 
 def parse_number(text, what, *, minimum=0, maximum=None, fraction=False):
@@ -308,7 +308,9 @@ def parse_number(text, what, *, minimum=0, maximum=None, fraction=False):
         kind = "a number" if fraction else "an integer"
         raise InvalidInput(f"invalid {what} {_short(text, 40)}: expected {kind} in ASCII digits")
     value = float(text) if fraction else int(text)
-    if not math.isfinite(value) or (minimum is not None and value < minimum) \
+    if not math.isfinite(value):
+        raise InvalidInput(f"invalid {what} {text!r}: expected a finite number")
+    if (minimum is not None and value < minimum) \
             or (maximum is not None and value > maximum):
         bounds = f"at least {minimum}" if maximum is None else f"{minimum} to {maximum}"
         raise InvalidInput(f"invalid {what} {text!r}: expected {bounds}")
@@ -380,7 +382,7 @@ class Url(collections.namedtuple("Url", "scheme username password host port path
 def parse_url(text, what, schemes=("http", "https")):
     """A URL from outside as a Url (host lowercased, IPv6 without brackets, port None when not
     given); InvalidInput naming `what` unless its scheme is one of `schemes`, it names a host
-    (no space or control character) and its port, if any, is 0-65535 in ASCII digits."""
+    (printable ASCII only: no space) and its port, if any, is 0-65535 in ASCII digits."""
     import urllib.parse
     shown = _short(_USERINFO.sub("//", str(text)), 200)           # never a password in a message
     if not isinstance(text, str) or _NOT_IN_URL.search(text):
@@ -785,6 +787,18 @@ def _write_whole(path, data, tmp_dir, *, exclusive=False, mode=0o644, durable=Tr
         _unlink_quietly(tmp)
 
 
+def _export_directory(path):
+    """Make the directory export writes into; StoreError in a line of its own when a file
+    (or anything else that is not a directory) stands there or the system refuses."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise StoreError(f"cannot export into {path!r}: a file that is not a directory is in "
+                         "the way") from None
+    except OSError as exc:
+        raise StoreError(f"cannot export into {path!r}: {exc.strerror}") from None
+
+
 def _remove_debris(directory, prefix=""):
     """Delete the temp files _new_temp made in directory (with prefix) whose writer is dead
     (its pid is gone) or that are older than a day: what a killed writer leaves."""
@@ -802,7 +816,8 @@ def _remove_debris(directory, prefix=""):
             age = now - os.lstat(path).st_mtime
         except FileNotFoundError:
             continue
-        dead = pid.isascii() and pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid))
+        dead = pid.isascii() and pid.isdigit() and int(pid) != os.getpid() \
+            and not _pid_alive(int(pid))
         if dead or age > STALE_TMP_SECONDS:
             _unlink_quietly(path)
 
@@ -2826,11 +2841,11 @@ class Store:
         else:
             _, tree = self._head_tree(self._branch(branch))
         base = os.path.realpath(directory)
-        os.makedirs(base, exist_ok=True)
+        _export_directory(base)
         count = 0
         for segments, digest in self._walk_modules(tree):
             parent = os.path.join(base, *segments[:-1])
-            os.makedirs(parent, exist_ok=True)
+            _export_directory(parent)
             if os.path.realpath(parent) != parent:
                 raise StoreError(f"refusing to export through a symbolic link at {parent!r}")
             self._copy_module_to(digest, os.path.join(parent, segments[-1]))
@@ -4256,7 +4271,8 @@ class RegistryClient:
         """Run one whole operation (what: "pull of oci://...") within self.deadline seconds:
         past it, every connection of this client is shut down and the operation ends with
         RegistryError, however slowly the registry keeps sending. An operation inside
-        another one runs within the outer deadline."""
+        another one runs within the outer deadline; a client bounds one operation at a time
+        (the threads of that operation share it)."""
         if self._bound is not None:
             yield
             return

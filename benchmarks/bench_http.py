@@ -20,9 +20,10 @@ Ratios are the median of the per-round ratios (each round measures both sides ba
   WORKERS_CONNECTIONS keep-alive connections against ``http_server.py --workers 2`` vs
   ``--workers 1`` on one store: GET of a ~1 KB module and a warm call of add(2, 3) from
   guests/run/numbers.wat (goal: ratio >= 1.6 each on two cores), with the server's CPU time per
-  request (all its processes; goal: no higher with two workers), the cores it used and how
-  idle the machine was meanwhile: on a shared machine whose other jobs take the second core,
-  two workers cannot reach the goal, and the idle column says so.
+  request (all its processes; goal: no higher with two workers), and the cores the server,
+  wrk and every other process used meanwhile: on a shared machine whose other jobs take the
+  second core, two workers cannot reach the goal, and those columns say so. For reference, one
+  worker on a single connection: its threads then never wait for each other's GIL.
 
 The load generator is a separate process (this file run with --loadgen): one thread driving
 raw keep-alive sockets with ``selectors``, so that it is not itself limited by the GIL.
@@ -39,6 +40,7 @@ import json
 import os
 import queue
 import re
+import resource
 import selectors
 import shutil
 import signal
@@ -422,14 +424,16 @@ def machine_ticks():
 
 def wrk(url, seconds, connections, script=None, threads=1):
     """One run of wrk (a C load generator: it takes little of the CPU it measures) against url;
-    {"requests", "seconds", "rate", "p50_ms", "p99_ms", "bad"} where bad counts non-2xx answers
-    and socket errors."""
+    {"requests", "seconds", "rate", "p50_ms", "p99_ms", "bad", "cpu"} where bad counts non-2xx
+    answers and socket errors, and cpu is wrk's own CPU seconds."""
     command = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds:g}s", "--latency",
                "--timeout", "10s"]
     if script is not None:
         command += ["-s", script]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     result = subprocess.run(command + [url], capture_output=True, text=True,
                             timeout=seconds + 60)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     out = result.stdout
     count, rate = WRK_COUNT_RE.search(out), WRK_RATE_RE.search(out)
     if result.returncode != 0 or count is None or rate is None:
@@ -442,6 +446,7 @@ def wrk(url, seconds, connections, script=None, threads=1):
         bad += sum(int(n) for n in errors.groups())
     return {"requests": int(count.group(1)),
             "seconds": float(count.group(2)) * WRK_UNITS[count.group(3)],
+            "cpu": after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime,
             "rate": float(rate.group(1)), "p50_ms": percentiles.get(50, float("nan")),
             "p99_ms": percentiles.get(99, float("nan")), "bad": bad}
 
@@ -563,8 +568,10 @@ def _check_answer(port, path, post, expected):
 def bench_workers(parent, rounds, seconds):
     """Per round and request (GET of a ~1 KB module, a warm call of add(2, 3)): wrk against a
     server of one worker process and one of two, started once on the same store (the one not
-    measured idles), in alternating order. Returns {request: {workers: [wrk results]}}, each
-    result with "cpu_us": the server's CPU time (all its processes) per request."""
+    measured idles), in alternating order; and the one-worker server on one connection
+    (workers "one": no threads contend for its GIL). Returns {request: {workers: [wrk
+    results]}}, each result with "cpu_us": the server's CPU time (all its processes) per
+    request, and the cores of the server, wrk and the machine's other processes."""
     import wasmstore
     root = os.path.join(parent, "workers")
     store = wasmstore.Store(root)
@@ -583,19 +590,24 @@ def bench_workers(parent, rounds, seconds):
                 _check_answer(server.port, path, post, expected)
                 wrk(f"http://127.0.0.1:{server.port}{path}", min(seconds, 1.0),
                     WORKERS_CONNECTIONS, script if post else None)
-        results = {name: {1: [], 2: []} for name in WORKERS_REQUESTS}
+        results = {name: {1: [], 2: [], "one": []} for name in WORKERS_REQUESTS}
         for number in range(rounds):
             for name, (path, post, _) in WORKERS_REQUESTS.items():
-                for workers in ((1, 2) if number % 2 == 0 else (2, 1)):
-                    server = servers[workers]
+                for workers in ((1, 2, "one") if number % 2 == 0 else ("one", 2, 1)):
+                    server = servers[1 if workers == "one" else workers]
+                    connections = 1 if workers == "one" else WORKERS_CONNECTIONS
                     cpu, (busy, total) = server.cpu_seconds(), machine_ticks()
                     result = wrk(f"http://127.0.0.1:{server.port}{path}", seconds,
-                                 WORKERS_CONNECTIONS, script if post else None)
+                                 connections, script if post else None)
                     cpu = server.cpu_seconds() - cpu
                     busy_after, total_after = machine_ticks()
                     result["cpu_us"] = 1e6 * cpu / max(1, result["requests"])
                     result["cores"] = cpu / result["seconds"]
-                    result["idle"] = 1 - (busy_after - busy) / max(1, total_after - total)
+                    result["wrk_cores"] = result["cpu"] / result["seconds"]
+                    busy_share = (busy_after - busy) / max(1, total_after - total)
+                    result["idle"] = 1 - busy_share
+                    result["other_cores"] = max(0.0, busy_share * os.cpu_count()
+                                                - result["cores"] - result["wrk_cores"])
                     if result["bad"]:
                         raise RuntimeError(f"{name} with {workers} workers: {result['bad']} "
                                            "answers were not 200 or failed")
@@ -675,8 +687,9 @@ def print_workers_table(results, rounds, seconds, out=sys.stdout):
               "alternating rounds; requests/s of --workers 2 over --workers 1 (one process)\n\n")
     out.write(f"{'request':<30} {'1 worker':>10} {'2 workers':>10} {'ratio':>7}  goal"
               f"{'':<14} CPU/request 1 | 2\n")
-    out.write("  (cores: the server's CPU seconds per second of the run; idle: the share of the "
-              f"machine's {os.cpu_count()} CPUs that no process used meanwhile)\n")
+    out.write("  (cores: CPU seconds per second of the run, of the server (all its processes), of "
+              "wrk, and of every other process of the machine; idle: the share of its "
+              f"{os.cpu_count()} CPUs no process used)\n")
     out.write("-" * 96 + "\n")
     labels = {"GET": f"GET of a {WORKERS_SMALL_SIZE // 1024} KB module (req/s)",
               "call": "warm call of add(2, 3) (req/s)"}
@@ -693,9 +706,16 @@ def print_workers_table(results, rounds, seconds, out=sys.stdout):
                   f"{_median(two, 'p99_ms'):.2f}; per round "
                   "(req/s 1 | 2): " + ", ".join(f"{a['rate']:.0f} | {b['rate']:.0f}"
                                                for a, b in zip(one, two)) + "\n")
-        out.write(f"  server cores used: 1 worker {_median(one, 'cores'):.2f}, 2 workers "
-                  f"{_median(two, 'cores'):.2f}; machine idle: {100 * _median(one, 'idle'):.0f}%"
-                  f" | {100 * _median(two, 'idle'):.0f}%\n")
+        out.write("  cores, 1 | 2 workers: " + "; ".join(
+            f"{label} {_median(one, key):.2f} | {_median(two, key):.2f}"
+            for label, key in (("server", "cores"), ("wrk", "wrk_cores"),
+                               ("other jobs", "other_cores")))
+            + f"; idle {100 * _median(one, 'idle'):.0f}% | {100 * _median(two, 'idle'):.0f}%\n")
+        single = by_workers.get("one")
+        if single:
+            out.write(f"  1 worker on 1 connection (no thread waits for its GIL): "
+                      f"{_median(single, 'rate'):.0f} req/s, {_median(single, 'cpu_us'):.0f} us "
+                      f"CPU/request, {_median(single, 'cores'):.2f} cores\n")
     return ratios
 
 
