@@ -12973,6 +12973,20 @@ class PooledEngineTest(HttpTestCase):
         host.handle_http(host.load(guest), incoming_request(), sink)
         return sink.body()
 
+    def test_a_guest_beyond_the_pools_limits_gets_one_clear_error(self):
+        # nine memories in one module: more than a Store may have (STORE_LIMITS), so more than
+        # the pool keeps per instance; refused when loaded, as the server says
+        memories = " ".join(["(memory 1)"] * 9)
+        binary = wat_binary(f"(component (core module $m {memories}) "
+                            "(core instance $i (instantiate $m)))")
+        with self.assertRaises(kvhost.GuestError) as caught:
+            self.host.load(binary)
+        self.assertIn("memories count of 9 exceeds the per-instance limit of 8", str(caught.exception))
+        live = app_server(self, stored={"/apps/many.wasm": binary})
+        status, headers, body = live.request("GET", "/api/v1/app/apps/many.wasm/")
+        self.assertEqual((status, headers["wasmstore-error"]), (502, "guest"))
+        self.assertIn(b"cannot compile /apps/many.wasm: defined memories count of 9", body)
+
     def test_pooled_stores_must_be_a_positive_integer(self):
         for wrong in (0, -1, 2.5, True, "4"):
             with self.assertRaises(kvhost.ArgumentError):
