@@ -49,7 +49,7 @@ As a library::
 
 Map of this file (top-down):
     constants, exceptions (ServerError root)
-    URL parsing        parse_target(), decode_segment()
+    URL parsing        parse_target(), absolute_form(), decode_segment()
     replies            Reply, FileBody, error_reply(), error_headers(), the one ERROR_STATUS table
     route handlers     pure functions (store, call, body) -> Reply, LocateCache; history: log
                        and audit by pages, diff
@@ -68,7 +68,8 @@ Map of this file (top-down):
                        metadata in an appended custom section (wess_module, wess_split),
                        errors as {"message"} (wess_error_reply)
     OCI /v2/           the distribution API's read side: OciRepository (a store path's tags,
-                       manifests, blobs), oci_v2 (its one route), oci_error_reply (JSON codes)
+                       manifests, blobs), oci_v2 (its one route), oci_error_reply (JSON codes),
+                       byte_range/ranged (Range: 206 on blob and manifest GETs)
     routing            Route, the ROUTES table (each route's permission and scope), match_route()
     auth               Access (what a key reaches), AuthTable (KEY:PERMS[@PREFIX] entries,
                        constant-time key comparison; the routes declare their permission)
