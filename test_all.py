@@ -10911,7 +10911,9 @@ class SandboxLimitsTest(unittest.TestCase):
         elapsed = time.monotonic() - started
         self.assertEqual(caught.exception.kind, "timeout")
         self.assertGreaterEqual(elapsed, timeout)
-        self.assertLess(elapsed, timeout + 3)
+        # The bound includes starting a new worker process when the last one was stopped: on a
+        # loaded 2-core machine that alone took over 3 s. The guests here would run an hour.
+        self.assertLess(elapsed, timeout + 10)
 
     def test_a_component_blocked_in_a_wasi_sleep_is_stopped_at_its_timeout(self):
         host = self.host(timeout=1)
