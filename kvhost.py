@@ -689,7 +689,13 @@ class SqliteBackend(Backend):
                 self._use_wal(db)
                 db.execute("PRAGMA synchronous=FULL")
                 db.execute("PRAGMA fullfsync=ON")     # macOS: F_FULLFSYNC, past the drive's cache
-            except (sqlite3.Error, OSError) as e:
+            except FileExistsError as e:       # makedirs met a file where a directory goes
+                raise BackendError(f"sqlite: cannot open {self.path}: {e.filename} is not a "
+                                   "directory") from None
+            except OSError as e:
+                raise BackendError(f"sqlite: cannot open {self.path}: "
+                                   f"{e.strerror or e}") from None
+            except sqlite3.Error as e:
                 raise BackendError(f"sqlite: cannot open {self.path}: {e}") from None
             self._local.db = db
             with self._all_lock:

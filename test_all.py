@@ -6954,6 +6954,15 @@ class SqliteBackendTest(BackendContract, unittest.TestCase):
             self.assertEqual(p.wait(timeout=120), 0)
         self.assertEqual(self.backend.get("ns", "b", "n"), b"450")
 
+    def test_a_file_where_a_directory_goes_is_named_in_plain_words(self):
+        blocker = os.path.join(temp_dir(self), "file")
+        with open(blocker, "w") as f:
+            f.write("not a directory")
+        with self.assertRaises(kvhost.BackendError) as caught:
+            kvhost.open_backend("sqlite:" + os.path.join(blocker, "kv.sqlite3"))
+        self.assertEqual(str(caught.exception), f"sqlite: cannot open "
+                         f"{os.path.join(blocker, 'kv.sqlite3')}: {blocker} is not a directory")
+
     def test_connections_opening_a_new_file_at_once_all_open(self):
         # Switching a new file to WAL takes an exclusive lock that SQLite refuses at once (no
         # busy wait) while another connection holds a lock: a server's threads opening their
@@ -11170,6 +11179,20 @@ class RunCliTest(StoreTestCase):
         listed = run_cli(self.root, "list", script=alone, cwd=os.path.dirname(alone))
         self.assertEqual(listed.returncode, 0)                                # the store works alone
 
+    def test_only_a_missing_kvhost_or_wasmtime_is_running_needs_kvhost(self):
+        folder = os.path.dirname(wasmstore_alone(self))
+        probe = ("import sys, wasmstore\n{}try:\n    wasmstore._kvhost()\n"
+                 "except wasmstore.StoreError as e:\n    print('missing:', e)\n")
+        cases = [("", "sys.modules['wasmtime.component'] = None\n", "missing: running modules"),
+                 ("import a_dependency_kvhost_lacks\n", "",
+                  "ModuleNotFoundError: No module named 'a_dependency_kvhost_lacks'")]
+        for kvhost_source, setup, expected in cases:
+            with self.subTest(kvhost=kvhost_source, setup=setup):
+                with open(os.path.join(folder, "kvhost.py"), "w") as f:
+                    f.write(kvhost_source + "import wasmtime.component\n")
+                done = subprocess.run([sys.executable, "-c", probe.format(setup)], cwd=folder,
+                                      capture_output=True, text=True, timeout=60)
+                self.assertIn(expected, done.stdout + done.stderr)
 
 FIRST_RANDOM = 723471715        # randomi32.wat's first value (xorshift32 from its seed)
 
