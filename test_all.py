@@ -4077,6 +4077,12 @@ class WorkerProcessTests(unittest.TestCase):
         server = self.start("--kv", "memory:")        # without --workers: one process
         self.assertNotIn("worker processes", server.banner)
 
+    def test_the_default_is_two_workers_per_cpu(self):
+        server = self.start()
+        count = 2 * (os.cpu_count() or 1)
+        self.assertIn(f"({count} worker processes)", server.banner)
+        self.assertEqual(len(self.workers_of(server)), count)
+
     def test_workers_option_and_environment(self):
         self.assertIn("WASMSTORE_WORKERS", run_http_server("--help").stdout)
         self.env["WASMSTORE_WORKERS"] = "3"

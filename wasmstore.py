@@ -5242,7 +5242,7 @@ def _add_serve_options(sub):
                           "(default 64)")
     sub.add_argument("--workers", type=_at_least(1), metavar="N",
                      help="server processes sharing the port (env WASMSTORE_WORKERS; default: "
-                          "the number of CPUs)")
+                          "two per CPU)")
     sub.add_argument("--quiet", action="store_true", help="no access log on stderr")
 
 
