@@ -36,6 +36,8 @@ wasi:keyvalue on provider_kv).
 Map of this file, top-down:
   constants and exceptions (ERROR_STATUS: the one table of what each error means, exit status
                   and metric label; error_meaning)
+  cache           _BoundedCache: the one bounded map (validated names, Redis key prefixes,
+                  compiled guests)
   input           parse_number, parse_json, parse_url: every number, JSON text and URL from
                   outside (ASCII digits only, bounded nesting, ports in range)
   backends        Backend (validation, cursors) -> MemoryBackend, SqliteBackend, RedisBackend;
@@ -125,6 +127,7 @@ import urllib.parse
 
 import wasmtime
 from wasmtime import component as wc
+
 
 # ---------------------------------------------------------------------------
 # constants
@@ -249,6 +252,53 @@ def error_meaning(exc):
         if meaning is not None:
             return meaning._replace(label=exc.kind) if meaning.label is None else meaning
     return None
+
+
+# ---------------------------------------------------------------------------
+# cache: the one bounded map
+# ---------------------------------------------------------------------------
+# Every memo kvhost keeps (names already validated, Redis key prefixes, compiled guests) is a
+# _BoundedCache, so none grows without bound when callers pick its keys. wasmstore.py has its
+# own cache type: kvhost must keep working copied alone.
+
+class _BoundedCache(collections.OrderedDict):
+    """A dict that forgets its least recently used entries once it holds more than max_items
+    of them, or once weight(value) summed over them passes max_weight (the newest entry stays,
+    however heavy). Lookups are plain dict lookups (a host call makes several); only get_recent
+    marks an entry used. Change it through put() only, so the weight stays true."""
+
+    def __init__(self, max_items=None, max_weight=None, weight=None):
+        super().__init__()
+        self.max_items = max_items
+        self.max_weight = max_weight
+        self._weight_of = weight or (lambda value: 1)
+        self.weight = 0             # weight(value) summed over the entries
+
+    def put(self, key, value):
+        """Store value under key as the most recently used entry, then evict down to bounds."""
+        if key in self:
+            self.weight -= self._weight_of(super().pop(key))
+        self[key] = value
+        self.weight += self._weight_of(value)
+        while len(self) > 1 and ((self.max_items is not None and len(self) > self.max_items)
+                                 or (self.max_weight is not None
+                                     and self.weight > self.max_weight)):
+            self.weight -= self._weight_of(self.popitem(last=False)[1])
+        return value
+
+    def add(self, key):
+        """put(key, True): the set-like use (a key that has passed a check)."""
+        return self.put(key, True)
+
+    def get_recent(self, key):
+        """The value under key (None if absent), marked as the most recently used."""
+        value = self.get(key)
+        if value is not None:
+            try:
+                self.move_to_end(key)
+            except KeyError:        # evicted by another thread meanwhile
+                pass
+        return value
 
 
 # ---------------------------------------------------------------------------
@@ -434,14 +484,12 @@ class Backend:
         if not isinstance(max_value_size, int) or max_value_size < 0:
             raise ArgumentError(f"invalid max_value_size {max_value_size!r}")
         self.max_value_size = max_value_size
-        self._checked = set()       # (namespace, bucket) pairs already validated
+        self._checked = _BoundedCache(max_items=10_000)  # (namespace, bucket) pairs validated
 
     def _check(self, namespace, bucket, key=None):
         if (namespace, bucket) not in self._checked:
             _check_namespace(namespace)
             _check_bucket(bucket)
-            if len(self._checked) > 10_000:
-                self._checked.clear()
             self._checked.add((namespace, bucket))
         # the common case is decided without a call or an encode
         if key is not None and not (type(key) is str and len(key) <= MAX_KEY_BYTES // 4
@@ -1052,7 +1100,7 @@ class RedisBackend(Backend):
         self.pool_size = pool_size
         self._pool = []
         self._pool_lock = threading.Lock()
-        self._prefixes = {}
+        self._prefixes = _BoundedCache(max_items=10_000)    # (namespace, bucket) -> key prefix
 
     def _acquire(self):
         with self._pool_lock:
@@ -1114,10 +1162,8 @@ class RedisBackend(Backend):
         prefix = self._prefixes.get((namespace, bucket))
         if prefix is None:
             quoted = urllib.parse.quote(namespace, safe="")
-            prefix = ("kv:%s:%s:" % (quoted, bucket)).encode("utf-8")
-            if len(self._prefixes) > 10_000:
-                self._prefixes.clear()
-            self._prefixes[(namespace, bucket)] = prefix
+            prefix = self._prefixes.put((namespace, bucket),
+                                        ("kv:%s:%s:" % (quoted, bucket)).encode("utf-8"))
         return prefix
 
     def _key(self, namespace, bucket, key):
@@ -1263,7 +1309,7 @@ def open_backend(url=DEFAULT_KV_URL, max_value_size=DEFAULT_MAX_VALUE_BYTES):
 
 
 # ---------------------------------------------------------------------------
-# wasm binary reader
+# wasm reader: the binary format
 # ---------------------------------------------------------------------------
 # The one reader of the WebAssembly binary format in the project (wasmstore.py imports it):
 # framing (the header, sections, the core modules inside a component), the import encoding
@@ -2715,6 +2761,8 @@ def _make_lower_own(type_id):
         if state is not None:
             state.hand_over(type_id, rep)
     return lower_own
+
+
 # ---------------------------------------------------------------------------
 # host glue: wasi:keyvalue for both versions
 # ---------------------------------------------------------------------------
@@ -3799,7 +3847,7 @@ class Host:
         self.watch_errors = []          # failures of watcher guests (they never reach the writer)
         self._watchers = []             # (guest, version, buckets)
         self._event_sink = None         # a worker process hands kv events to its parent instead
-        self._valid_namespaces = set()  # namespaces of calls, already checked
+        self._valid_namespaces = _BoundedCache(max_items=10_000)  # call namespaces checked
         if _C is None:
             raise KvError(_WASMTIME_PROBLEM)
         pool = None if pooled_stores is None else _pool_limits(pooled_stores, max_memory,
@@ -3814,8 +3862,8 @@ class Host:
         self._module_linker = None
         self._http_component_linker = None
         self._lock = threading.Lock()
-        self._guests = collections.OrderedDict()   # digest -> Guest, least recently used first
-        self._guest_bytes = 0                      # their compiled_bytes summed
+        self._guests = _BoundedCache(max_weight=guest_cache_bytes,       # digest -> Guest
+                                     weight=lambda guest: guest.compiled_bytes)
         self._compiling = _SingleFlight()
         self._cache_counts = collections.Counter()  # memory hits, disk hits, compiles
         self._ticker = None
@@ -3909,8 +3957,7 @@ class Host:
         if guest is not None:
             with self._lock:
                 self._cache_counts["memory_hits"] += 1
-                if digest in self._guests:
-                    self._guests.move_to_end(digest)
+                self._guests.get_recent(digest)
         return guest
 
     @staticmethod
@@ -3972,13 +4019,7 @@ class Host:
             guest.compiled_bytes = guest.cache_key[1] if guest.cache_key else \
                 len(guest.artifact.serialize())
         with self._lock:
-            old = self._guests.pop(guest.digest, None)
-            if old is not None:
-                self._guest_bytes -= old.compiled_bytes
-            self._guests[guest.digest] = guest
-            self._guest_bytes += guest.compiled_bytes
-            while self._guest_bytes > self.guest_cache_bytes and len(self._guests) > 1:
-                self._guest_bytes -= self._guests.popitem(last=False)[1].compiled_bytes
+            self._guests.put(guest.digest, guest)
         return guest
 
     def _from_cache(self, kind, digest, name, signatures=None, trusted=None):
@@ -4340,10 +4381,7 @@ class Host:
         self._check_guest(guest)
         if not isinstance(request, HttpRequest):
             raise ArgumentError(f"invalid request {request!r}: expected an HttpRequest")
-        if namespace is not None and namespace not in self._valid_namespaces:
-            _check_namespace(namespace)
-            if len(self._valid_namespaces) < 10_000:
-                self._valid_namespaces.add(namespace)
+        self._check_call_namespace(namespace)
         _http_handler_index(guest, self.engine)
         with _HttpSession(self, guest, request, sink, namespace) as session:
             return session.run()
@@ -4354,11 +4392,13 @@ class Host:
         self._check_guest(guest)
         _http_handler_index(guest, self.engine)
 
+    def _check_call_namespace(self, namespace):
+        if namespace is not None and namespace not in self._valid_namespaces:
+            _check_namespace(namespace)             # a tenant is checked once, not per call
+            self._valid_namespaces.add(namespace)
+
     def _execute(self, guest, request, resolve, stats):
-        if request.namespace is not None and request.namespace not in self._valid_namespaces:
-            _check_namespace(request.namespace)
-            if len(self._valid_namespaces) < 10_000:      # a tenant is checked once, not per call
-                self._valid_namespaces.add(request.namespace)
+        self._check_call_namespace(request.namespace)
         request.links = self.link_plan(guest, resolve)
         request.record_events = bool(self._watchers)
         isolated = self.isolation == "process" or (self.isolation == "auto" and (
@@ -6954,7 +6994,7 @@ class _HttpSession:
 
 
 # ---------------------------------------------------------------------------
-# sandbox processes: guests that can block in a host call
+# sandbox: worker processes for guests that can block in a host call
 # ---------------------------------------------------------------------------
 
 class _ChannelError(Exception):

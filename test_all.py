@@ -7739,6 +7739,44 @@ class KvhostErrorTableTest(unittest.TestCase):
         self.assertIsNone(kvhost.error_meaning(ValueError("a bug")))
 
 
+class KvhostBoundedCacheTest(unittest.TestCase):
+    """kvhost's one bounded map: every memo it keeps stops growing at its bound."""
+
+    def test_past_max_items_the_least_recently_used_entry_goes(self):
+        cache = kvhost._BoundedCache(max_items=2)
+        cache.put("a", 1)
+        cache.put("b", 2)
+        self.assertEqual(cache.get_recent("a"), 1)
+        cache.put("c", 3)
+        self.assertEqual(list(cache.items()), [("a", 1), ("c", 3)])
+
+    def test_a_plain_lookup_does_not_count_as_a_use(self):
+        cache = kvhost._BoundedCache(max_items=2)
+        cache.add("a")
+        cache.add("b")
+        self.assertIn("a", cache)
+        cache.add("c")
+        self.assertEqual(list(cache), ["b", "c"])
+
+    def test_weights_bound_the_sum_and_the_newest_stays_however_heavy(self):
+        cache = kvhost._BoundedCache(max_weight=10, weight=len)
+        cache.put("a", b"xxxx")
+        cache.put("b", b"yyyy")
+        cache.put("a", b"zz")               # replacing an entry replaces its weight
+        self.assertEqual(cache.weight, 6)
+        cache.put("c", b"w" * 50)
+        self.assertEqual(list(cache), ["c"])
+        self.assertEqual(cache.weight, 50)
+
+    def test_backend_name_checks_stay_bounded(self):
+        backend = kvhost.MemoryBackend()
+        self.addCleanup(backend.close)
+        for i in range(10_050):
+            backend.set("ns", f"bucket-{i}", "k", b"v")
+        self.assertEqual(len(backend._checked), 10_000)
+        self.assertEqual(backend.get("ns", "bucket-10049", "k"), b"v")
+
+
 class CompileCacheTest(unittest.TestCase):
     def setUp(self):
         self.cache = temp_dir(self)
