@@ -3265,7 +3265,7 @@ def _new_engine(metered, interruptible, pool=None):
 def _pool_bytes(pool):
     """More address space than a pool with these settings reserves (wasmtime 50: per memory
     its 4 GiB reservation, or the largest memory if bigger, and guard pages; per table 8 bytes
-    an element)."""
+    an element, counted twice for room)."""
     memory_slot = max(4 << 30, pool["max_memory_size"]) + (128 << 20)
     tables = pool["total_tables"] * pool["table_elements"] * 16
     return pool["total_memories"] * memory_slot + tables + (1 << 30)
