@@ -2154,7 +2154,7 @@ def byte_range(header, size):
     except wasmstore.InvalidInput:              # a position of more digits than any file has
         return None
     if first is None:                           # "bytes=-N": the last N bytes
-        return None if last == 0 and size else (max(0, size - last), size)
+        return None if last == 0 or size == 0 else (max(0, size - last), size)
     if last is not None and last < first:
         return None
     if first >= size:

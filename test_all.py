@@ -3022,6 +3022,18 @@ class ComponentValidationTest(StoreTestCase):
 class PureFunctionTests(unittest.TestCase):
     """Parsing, routing, auth and the error table, without a socket."""
 
+
+    def test_byte_range_reads_one_range_and_ignores_what_it_cannot_serve(self):
+        cases = [("bytes=0-3", 10, (0, 4)), ("bytes=7-", 10, (7, 10)), ("bytes=-2", 10, (8, 10)),
+                 ("bytes=-20", 10, (0, 10)), ("bytes=2-99", 10, (2, 10)), (None, 10, None),
+                 ("bytes=-0", 10, None), ("bytes=-5", 0, None), ("bytes=5-2", 10, None),
+                 ("bytes=0-1,4-5", 10, None), ("items=0-1", 10, None), ("bytes=abc", 10, None)]
+        for header, size, expected in cases:
+            with self.subTest(header=header, size=size):
+                self.assertEqual(http_server.byte_range(header, size), expected)
+        with self.assertRaises(http_server.OciError) as caught:
+            http_server.byte_range("bytes=10-", 10)
+        self.assertEqual(caught.exception.status, 416)
     def test_one_error_table_gives_each_error_its_status_exit_status_and_label(self):
         cases = [(http_server.HttpError(503, "busy"), (503, 1, "busy")),
                  (http_server.HttpError(413, "too big"), (413, 1, "arguments")),
