@@ -1889,18 +1889,25 @@ def _wess_message(value, status=202):
     return json_reply({"message": value}, status)
 
 
+def _canonical_wess_id(text):
+    """The canonical spelling of a Wess id (a UUID, as POST /wess names modules), or None."""
+    try:
+        if "/" in text or len(text) > 64:
+            raise ValueError
+        return str(uuid.UUID(text))
+    except ValueError:
+        return None
+
+
 def _wess_id(call, strict):
     """The canonical id (and its store path) of /wess/<id>. Wess answers a malformed id with
     400 on reads (strict) and 404 on writes and calls (it looks the id up first)."""
     text = call.path
-    try:
-        if "/" in text or len(text) > 64:
-            raise ValueError
-        canonical = str(uuid.UUID(text))
-    except ValueError:
+    canonical = _canonical_wess_id(text)
+    if canonical is None:
         if strict:
-            raise WessError(400, f"Invalid ID: {text[:80]!r} is not a UUID") from None
-        raise WessError(404, "Invalid Id: Not found") from None
+            raise WessError(400, f"Invalid ID: {text[:80]!r} is not a UUID")
+        raise WessError(404, "Invalid Id: Not found")
     return canonical, f"/wess/{canonical}"
 
 
@@ -1961,12 +1968,19 @@ def _wess_add(store, call, path, body):
 
 
 def wess_count(store, call, body):
-    """GET /wess: how many modules there are (what Wess's load test reads at its end)."""
+    """GET /wess: how many modules there are (what Wess's load test reads at its end): the
+    paths /wess/<id> the id routes reach, not other modules stored under /wess."""
     try:
         modules = store.list("/wess", branch=call.branch)
     except wasmstore.NotFound:
         modules = {}
-    return _wess_message(sum(1 for path in modules if call.access.reaches(path)))
+    return _wess_message(sum(1 for path in modules if call.access.reaches(path)
+                             and _is_wess_path(path)))
+
+
+def _is_wess_path(path):
+    parent, _, name = path.rpartition("/")
+    return parent == "/wess" and _canonical_wess_id(name) == name
 
 
 def wess_create(store, call, body):

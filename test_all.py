@@ -11814,6 +11814,18 @@ class WessApiTest(unittest.TestCase):
         self.assertEqual(self.send("GET"), (202, {"message": 24}))
         self.assertEqual(self.send("POST", f"/{ids[0]}", [1.5, 2.25]), (200, {"message": [3.75]}))
 
+    def test_the_count_is_of_wess_modules_only(self):
+        # The README stores Wess's syscall example at /wess/syscall.wasm with the CLI: a module
+        # no id reaches, which GET /wess counted as one of Wess's.
+        store = self.live.store
+        store.add("/wess/syscall.wasm", wat_binary(WESS_THE_ANSWER))
+        store.add(f"/wess/{uuid.uuid4()}/nested.wasm", wat_binary(WESS_THE_ANSWER))
+        store.add(f"/wess/{str(uuid.uuid4()).upper()}", wat_binary(WESS_THE_ANSWER))
+        self.assertEqual(self.send("GET"), (202, {"message": 0}))
+        module_id = self.create(wess_payload(WESS_THE_ANSWER, "the_answer", ["I32"], []))
+        self.assertEqual(self.send("GET"), (202, {"message": 1}))
+        self.assertEqual(self.send("POST", f"/{module_id}", []), (200, {"message": [42]}))
+
     def test_a_call_answers_the_results_as_a_list(self):
         sum64 = self.create(wess_payload(WESS_SUM_I64, "sum", ["I64"], ["I64", "I64"]))
         x, y = 2 ** 40, 12345
