@@ -2572,8 +2572,12 @@ class AuthTable:
         wanted = "GET" if method == "HEAD" else method
         granting = [entry for entry in mine if entry.grants(wanted, permission)]
         if not granting:
-            raise HttpError(403, f"key not allowed to use {method}" +
-                            (f" here (this route needs {permission})" if permission else ""))
+            if permission is None:
+                raise HttpError(403, f"key not allowed to use {method}")
+            # the route's word, and the method that grants it too: not always the request's
+            # (an app request of any method needs run, or POST)
+            raise HttpError(403, f"key not allowed here: this route needs {permission} "
+                                 f"(or {wanted})")
         prefixes = [entry.prefix for entry in granting]
         access = EVERYTHING if None in prefixes else Access(tuple(prefixes))
         if segments is not None:
