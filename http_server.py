@@ -6048,10 +6048,14 @@ examples:
 """
 
 
-def build_parser():
+PROGRAM = "http_server.py"                 # the name usage lines and errors give
+AS_PROGRAM = "--as-program"                # first in argv: another name (wasmstore.py's commands)
+
+
+def build_parser(program=PROGRAM):
     """The command line's parser (main() fills absent options from the environment)."""
     parser = argparse.ArgumentParser(
-        prog="http_server.py",
+        prog=program,
         description="Serve a wasmstore over HTTP (REST API, WebSocket watch, /metrics).",
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_EPILOG)
     _add_server_options(parser)
@@ -6234,8 +6238,15 @@ def _options_from(parser, args):
 def main(argv=None):
     """Run the server until SIGTERM or Ctrl-C; then finish in-flight requests and return 0.
 
-    --workers 1 serves from this process; more fork that many workers under a Supervisor."""
-    parser = build_parser()
+    --workers 1 serves from this process; more fork that many workers under a Supervisor.
+    wasmstore.py's server and serve commands run this file with AS_PROGRAM and their own name
+    first ("wasmstore serve"), so that usage and errors name the command the user typed."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    program = PROGRAM
+    if argv[:1] == [AS_PROGRAM] and len(argv) > 1:
+        program, argv = argv[1], argv[2:]
+    parser = build_parser(program)
+    error_prefix = program.split(" ")[0]      # "wasmstore: error: ...", as its commands print
     args = _options_from(parser, parser.parse_args(argv))
     try:
         auth = AuthTable(args.auth)
@@ -6261,10 +6272,14 @@ def main(argv=None):
             WasmstoreServer._ssl_context(args.tls)  # a bad key or certificate: said once, here
         listener = listen(args.host, args.port)
     except _STARTUP_ERRORS as exc:
-        print(f"http_server.py: error: {one_line(exc)}", file=sys.stderr)
+        print(f"{error_prefix}: error: {one_line(exc)}", file=sys.stderr)
         meaning = error_meaning(exc)
         return 1 if meaning is None else meaning.exit_status
-    return _serve_workers(store, listener, workers, options, metrics)
+    error = _serve_workers(store, listener, workers, options, metrics)
+    if error is not None:
+        print(f"{error_prefix}: error: {error}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _worker_count(parser, args):
@@ -6303,6 +6318,7 @@ def _serve_alone(server):
 
 
 def _serve_workers(store, listener, workers, options, metrics=None):
+    """Serve from `workers` processes until SIGTERM: None, or why they could not start."""
     run = options["run"]
     shared = WorkerShared(workers, {"run_slots": run["max_guests"], "run_queue": run["run_queue"],
                                     "connections": DEFAULT_MAX_CONNECTIONS,
@@ -6334,10 +6350,7 @@ def _serve_workers(store, listener, workers, options, metrics=None):
     finally:
         listener.close()
         shared.close()
-    if error is not None:
-        print(f"http_server.py: error: {error}", file=sys.stderr)
-        return 1
-    return 0
+    return error
 
 
 _RUNTIME_ERRORS = () if kvhost is None else (kvhost.KvError,)   # e.g. a --kv URL that fails

@@ -1697,6 +1697,20 @@ class StoreCliTest(StoreTestCase):
         self.assertNotIn(".wasmstore", os.listdir(home))    # (~/.cache holds compiled guests)
         self.assertFalse(os.path.exists(os.path.join(self.tmp, "ignored")))
 
+    def test_server_usage_and_errors_name_the_command(self):
+        # Pins a bug: `wasmstore.py server` and `serve` said "http_server.py: error: ...".
+        proc = run_cli(self.root, "server", "--bogus")
+        self.assertEqual(proc.returncode, 2)
+        self.assertTrue(proc.stderr.startswith("usage: wasmstore server "), proc.stderr)
+        self.assertIn("\nwasmstore server: error: unrecognized arguments: --bogus", proc.stderr)
+        proc = run_cli(self.root, "server", "--port", "0", "--tls", "/no/key.pem,/no/cert.pem")
+        self.assertEqual(proc.returncode, 1)
+        self.assertRegex(proc.stderr, r"^wasmstore: error: .+\n$")
+        proc = run_cli(self.root, "serve", "--port", "0", "--workers", "2", "--kv",
+                       "component:/no/provider.wasm", "/app.wasm")
+        self.assertEqual(proc.returncode, 1)
+        self.assertRegex(proc.stderr, r"^wasmstore: error: no module at /no/provider.wasm.*\n$")
+
     def test_server_without_http_server_py_says_so_in_one_line(self):
         alone = wasmstore_alone(self)
         proc = run_cli(self.root, "server", "--port", "0", script=alone, cwd=os.path.dirname(alone))
@@ -13803,6 +13817,7 @@ class ServeCommandTest(StoreTestCase):
                 self.assertEqual(done.returncode, 1)
                 self.assertIn(text, done.stderr)
                 self.assertEqual(done.stderr.count("\n"), 1, done.stderr)
+                self.assertTrue(done.stderr.startswith("wasmstore: error: "), done.stderr)
         done = run_cli(self.root, "serve", "/num.wasm", "--port", "70000")
         self.assertEqual(done.returncode, 2)
         self.assertIn("invalid port '70000': expected 0 to 65535", done.stderr)

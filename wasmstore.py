@@ -5595,7 +5595,9 @@ def _run_server(command, argv):
                          f"{__file__} (copy it there, or run python http_server.py)")
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execv(sys.executable, [sys.executable, program] + argv)
+    # its usage lines and errors then name this command (http_server.AS_PROGRAM)
+    os.execv(sys.executable, [sys.executable, program, "--as-program", f"wasmstore {command}"]
+             + argv)
 
 
 def _server_program():
