@@ -1924,7 +1924,7 @@ def _wess_upload(body, limit):
     """(module bytes, metadata) of a Wess upload, checked as Wess's JSON schema has it."""
     data = read_body(body, limit)
     try:
-        document = wasmstore.parse_json(data, "Json")
+        document = wasmstore.parse_json(data, "JSON body")   # as a call's arguments
     except wasmstore.InvalidInput as exc:
         raise WessError(400, f"Invalid Json: {one_line(exc)}") from None
     metadata = document.get("metadata") if isinstance(document, dict) else None

@@ -11862,7 +11862,7 @@ class WessApiTest(unittest.TestCase):
         module_id = self.create(wess_payload(WESS_THE_ANSWER, "the_answer", ["I32"], []))
         missing = str(uuid.uuid4())
         cases = [
-            (("POST", "", None, b"{not json"), 400, "Invalid Json: "),
+            (("POST", "", None, b"{not json"), 400, "Invalid Json: invalid JSON body: "),
             (("POST", "", {"wasm": [0, 97, 115, 109], "metadata": {}}, None), 400,
              "Invalid Json: metadata."),
             (("POST", "", {"wasm": [256], "metadata": {}}, None), 400,
