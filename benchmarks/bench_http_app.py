@@ -17,8 +17,8 @@ servers measured one after the other under the same load generator, so both see 
    ``wasmstore.py serve`` process on the same store and cache, the time from sending GET / to
    the whole answer once it listens (goal <= 0.3 s), and from spawning it to that answer.
 
-Each wasmstore process serves with its defaults (one worker process per CPU, kv in memory here)
-and --quiet (no access log); wasmtime serve uses its own defaults (every core). Both servers of
+Each wasmstore process serves with its defaults (two worker processes per CPU, kv in SQLite
+under a temporary root) and --quiet (no access log); wasmtime serve uses its own defaults (every core). Both servers of
 a figure run at once, idle while the other is measured. Without build/js-http.wasm figures 2
 and 3 are left out and the table says why.
 
@@ -371,7 +371,7 @@ def _build_parser():
     parser.add_argument("--seconds", type=int, default=5,
                         help="wrk's duration per server and round (default 5)")
     parser.add_argument("--workers", type=int, default=None,
-                        help="wasmstore serve's worker processes (default: its own, one per CPU)")
+                        help="wasmstore serve's worker processes (default: its own, two per CPU)")
     parser.add_argument("--quick", action="store_true",
                         help="a smoke run: 1 round of 2 s, one restart")
     parser.add_argument("--no-js", action="store_true", help="leave out the JS handler's figures")
