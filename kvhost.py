@@ -4133,7 +4133,12 @@ class Host:
         """{"kind", "exports", "imports"} of a guest (describe_exports, describe_imports),
         never compiling it: a guest this Host holds, or whose compiled form the compile cache
         has, is described as loaded; any other is read through outline() and dropped (source,
-        digest, name: as for load())."""
+        digest, name: as for load(); without digest a component file is hashed, as load()
+        would, to find its compiled form)."""
+        data = None
+        if digest is None and _is_component_file(source):
+            data, default_name = self._read_source(source)
+            digest = hashlib.sha256(data).hexdigest()
         guest = self._guests.get(digest) if isinstance(digest, str) else None
         if guest is None and digest is not None and _is_component_file(source):
             label = os.fspath(source) if name is None else name
@@ -4141,7 +4146,8 @@ class Host:
         if guest is not None:
             return {"kind": guest.kind, "exports": self.exports(guest),
                     "imports": self.imports(guest)}
-        data, default_name = self._read_source(source)
+        if data is None:
+            data, default_name = self._read_source(source)
         name = default_name if name is None else name
         kind, text = self._classify(data, name)
         if text is not None:
@@ -7897,9 +7903,9 @@ def main(argv=None):
         args = _build_parser().parse_args(argv)
         if args.command == "kv":
             return _kv_command(args, out, err)
-        if args.command == "exports":
+        if args.command == "exports":               # never compiles (see Host.describe)
             with Host(cache_dir=args.cache_dir, isolation="thread") as host:
-                print_exports(host.exports(host.load(args.guest)), out, args.json)
+                print_exports(host.describe(args.guest)["exports"], out, args.json)
             return 0
         json_args = parse_json_args(getattr(args, "json_args", []))
         links = link_table(args.links)
@@ -7917,14 +7923,31 @@ def main(argv=None):
             return 0
     except KvError as e:
         return report(e, err, "kvhost")
+    except BrokenPipeError:                 # stdout closed early (| head): a normal end
+        _discard_stdout()
+        return 0
     except KeyboardInterrupt:
         err.write("kvhost: interrupted\n")
         return 130
 
 
+def _discard_stdout():
+    """Point stdout at /dev/null, so that flushing it again at exit cannot fail."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+
+
 def console_main():
-    """The `kvhost` command (python kvhost.py, or the script pip installs)."""
-    sys.exit(end_process(main()))
+    """The `kvhost` command (python kvhost.py, or the script pip installs); a stdout closed
+    early (| head) ends it quietly."""
+    status = main()
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        _discard_stdout()
+    sys.exit(end_process(status))
 
 
 if __name__ == "__main__":
