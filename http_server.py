@@ -6312,7 +6312,7 @@ def _serve_alone(server):
     except KeyboardInterrupt:
         pass
     if not server.graceful_shutdown():
-        print("http_server.py: shutdown grace period over; some requests were cut",
+        print("wasmstore: shutdown grace period over; some requests were cut",
               file=sys.stderr)
     return 0
 
