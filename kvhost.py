@@ -4371,7 +4371,8 @@ class Host:
         sink.start(status, [(name, value: bytes)]) once, when the guest sets its response;
         sink.write(data) for each piece of the body (it may block: the guest waits);
         sink.flush(), if the sink has it, before the guest waits (a poll, a read of a body that
-        may block) after writing, so a sink that gathers writes sends them meanwhile;
+        may block) after writing or finishing, so a sink that gathers writes sends them
+        meanwhile;
         sink.finish(trailers) at the end (trailers: such a list, or None). namespace: the
         wasi:keyvalue tenant (default: the Host's).
 
@@ -5788,6 +5789,7 @@ class _HttpState(_CallState):
             self.sink.finish(None if body.trailers is None else body.trailers.items())
         except Exception as e:
             self.sink_error = e
+        self.unflushed = True             # a sink may hold a finished response until a flush
 
     def close(self):
         for call in self.calls:

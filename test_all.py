@@ -12712,6 +12712,18 @@ class HttpSemanticsTest(HttpTestCase):
     def test_a_guest_that_computes_forever_is_stopped_at_the_deadline(self):
         self.failure(HTTP_PROBE, "/s", "timeout")
 
+    def test_a_sink_is_flushed_when_the_guest_waits_after_finishing(self):
+        # a sink may hold a response finished whole (the server's sends it once the guest's
+        # run slot is free): a guest that waits after answering must not keep it waiting
+        class FlushingSink(RecordingSink):
+            def flush(self):
+                self.events.append(("flush",))
+        sink = FlushingSink()
+        with self.assertRaises(kvhost.TrapError) as caught:
+            self.host.handle_http(self.host.load(HTTP_PROBE), incoming_request(path="/a"), sink)
+        self.assertEqual(caught.exception.kind, "timeout")
+        self.assertEqual(sink.events, [("start", 200, []), ("finish", None), ("flush",)])
+
     def test_fuel_stops_a_guest_when_asked(self):
         self.host = kvhost.Host(cache_dir=False, timeout=30, fuel=1_000_000)
         self.addCleanup(self.host.close)
@@ -13560,6 +13572,19 @@ class AppErrorTests(unittest.TestCase):
             self.assertEqual(live.request("GET", "/2", conn=conn)[:1], (200,))
             self.assertEqual(live.request("GET", "/o", conn=conn)[2], b"ok\n")
         wait_for_log_line(live, r'"GET /2" 200 .*outcome=response-twice')
+
+    def test_a_response_finished_whole_reaches_the_client_while_the_guest_waits(self):
+        # The server holds a whole response to send it once the guest's run slot is free; a
+        # guest that waits after answering (here until its deadline) has it sent meanwhile.
+        live = app_server(self, serve="/apps/probe.wasm", run={"timeout": 4})
+        with contextlib.closing(live.connect()) as conn:
+            started = time.monotonic()
+            status, headers, body = live.request("GET", "/a", conn=conn)
+            self.assertLess(time.monotonic() - started, 3.0)        # not at the guest's deadline
+            self.assertEqual((status, headers["content-length"], body), (200, "0", b""))
+            self.assertNotIn('"GET /a"', live.log.getvalue())     # the request is not over yet
+            wait_for_log_line(live, r'"GET /a" 200 .*outcome=timeout')
+            self.assertEqual(live.request("GET", "/o", conn=conn)[2], b"ok\n")    # kept alive
 
     def test_a_module_that_is_no_http_handler_is_one_clear_error(self):
         live = app_server(self, {"/num.wasm": guest_binary("numbers")})

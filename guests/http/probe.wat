@@ -10,6 +10,8 @@
 ;;   /p  poll: timers of 0 and 3600 s; body "poll <indexes> ready <r>\n": what poll([long,
 ;;       short]) returned (expected "1"), and ready() of the long one (expected 0)
 ;;   /z  blocks on a 3600 s timer (a host must stop it at its deadline)
+;;   /a  answers 200 with an empty body (finished, never written), then blocks on a 3600 s
+;;       timer: the answer must not wait for it
 ;;   /s  spins forever in wasm          /t  traps (unreachable)
 ;;   /n  returns without a response     /2  sets the response twice
 ;;   /e  answers with error-code internal-error("boom") instead of a response
@@ -311,6 +313,11 @@
         (if (i32.eq (local.get $letter) (i32.const 112)) (then (call $probe-poll) (return)))                     ;; p
         (if (i32.eq (local.get $letter) (i32.const 122))                                                         ;; z
           (then (call $block (call $sleep (i64.const 3600000000000))) (return)))
+        (if (i32.eq (local.get $letter) (i32.const 97))                                                          ;; a
+          (then
+            (call $finish (call $respond (call $new-fields) (i32.const 200)))
+            (call $block (call $sleep (i64.const 3600000000000)))
+            (return)))
         (if (i32.eq (local.get $letter) (i32.const 115)) (then (loop $forever (br $forever))))                   ;; s
         (if (i32.eq (local.get $letter) (i32.const 116)) (then unreachable))                                     ;; t
         (if (i32.eq (local.get $letter) (i32.const 110)) (then (return)))                                        ;; n
