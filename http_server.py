@@ -219,12 +219,17 @@ WS_QUEUE_SIZE = 256                        # events buffered per client before i
 WS_POLL_SECONDS = 0.05                     # how often a session checks its queue and its socket
 WS_PING_SECONDS = 20.0                     # keep-alive ping period on an otherwise silent watch
 WATCH_POLL_SECONDS = 0.05                  # how often a branch watcher checks the branch head
-DEFAULT_MAX_GUESTS = max(2, os.cpu_count() or 2)   # guests running at once
 # Server processes (--workers): two per CPU. A process runs one Python thread at a time, and its
 # threads handing that lock to each other cost more than the system switching processes: on 2
 # cores, a warm call under 16 connections ran 5,800 req/s with 2 workers and 9,800 with 4.
 WORKERS_PER_CPU = 2
 DEFAULT_WORKERS = WORKERS_PER_CPU * (os.cpu_count() or 1)
+# Guests running at once in the whole server (--max-guests): one per default worker process.
+# Most of a short guest's slot is host functions in Python, which its process runs one thread
+# at a time, and a slot waits while its holder waits for that lock or a core: with one slot per
+# CPU, requests queued behind idle slots (hello.wat under 8 connections on 2 cores: 5,200
+# req/s with 2 slots, 6,100 with 4). A compute-bound guest then shares a core with another.
+DEFAULT_MAX_GUESTS = max(2, DEFAULT_WORKERS)
 DEFAULT_RUN_QUEUE = 64                     # callers waiting for a guest slot; beyond: 503
 # Stores the guest engine's pooling allocator keeps room for, per guest slot: a running guest's
 # and the watchers its writes start (kvhost.Host pooled_stores: a quarter of an instance's CPU)

@@ -13849,6 +13849,32 @@ class ServeCommandTest(StoreTestCase):
         self.assertEqual((status, echoed(body)[2], whole), (200, b"abcd", True))
         self.assertEqual(server.process.wait(15), 0)
 
+    def test_by_default_two_guests_per_cpu_run_at_once_and_the_next_one_waits(self):
+        self.store.add("/apps/echo.wasm", guest_binary(HTTP_ECHO))
+        server = self.serve("/apps/echo.wasm", "--metrics-port", "0", kv=())   # default workers
+        metrics_url = re.search(r"http://\S+/metrics", server.process.stderr.readline()).group(0)
+        slots = 2 * (os.cpu_count() or 1)
+
+        def gauges():
+            text = http_request(metrics_url)[2].decode()
+            return (metric(text, "wasmstore_guests_running"),
+                    metric(text, "wasmstore_guests_waiting"))
+        uploads = []
+        for count in range(1, slots + 2):           # each guest waits for the rest of its body
+            sock = socket.create_connection(("127.0.0.1", server.port), timeout=20)
+            self.addCleanup(sock.close)
+            sock.sendall(b"POST /slow HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
+                         b"Content-Length: 4\r\n\r\nab")
+            uploads.append(sock)
+            expected = (min(count, slots), max(0, count - slots))
+            wait_until(lambda: gauges() == expected, 20,
+                       lambda: f"{expected} guests running and waiting, not {gauges()}")
+        for sock in uploads:
+            sock.sendall(b"cd")
+        for sock in uploads:
+            status, _, body, whole = parsed_response(read_until_closed(sock, 20))
+            self.assertEqual((status, echoed(body)[2], whole), (200, b"abcd", True))
+
     def test_a_100_mb_upload_streams_through_and_is_never_whole_in_memory(self):
         self.store.add("/apps/echo.wasm", guest_binary(HTTP_ECHO))
         server = self.serve("/apps/echo.wasm", "--quiet", "--timeout", "600")

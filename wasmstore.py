@@ -5236,7 +5236,7 @@ def _add_serve_options(sub):
     sub.add_argument("--max-body", metavar="N",
                      help="largest request body in bytes, suffix K/M/G allowed (default 128M)")
     sub.add_argument("--max-guests", type=_at_least(1), metavar="N",
-                     help="requests running at once (default: the number of CPUs, at least 2)")
+                     help="requests running at once (default: two per CPU, at least 2)")
     sub.add_argument("--run-queue", type=_at_least(0), metavar="N",
                      help="requests waiting for a slot; more get 503 with Retry-After "
                           "(default 64)")

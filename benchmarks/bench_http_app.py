@@ -17,10 +17,10 @@ servers measured one after the other under the same load generator, so both see 
    ``wasmstore.py serve`` process on the same store and cache, the time from sending GET / to
    the whole answer once it listens (goal <= 0.3 s), and from spawning it to that answer.
 
-Each wasmstore process serves with its defaults (two worker processes per CPU, kv in SQLite
-under a temporary root) and --quiet (no access log); wasmtime serve uses its own defaults (every core). Both servers of
-a figure run at once, idle while the other is measured. Without build/js-http.wasm figures 2
-and 3 are left out and the table says why.
+Each wasmstore process serves with its defaults (two worker processes and two guest slots per
+CPU; kv in SQLite under a temporary root) and --quiet (no access log); wasmtime serve uses its
+own defaults (every core). Both servers of a figure run at once, idle while the other is
+measured. Without build/js-http.wasm figures 2 and 3 are left out and the table says why.
 
 Map: peers and guests; server processes; wrk; figures; table and ``main``.
 """
