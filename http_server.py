@@ -1050,10 +1050,11 @@ class GuestRuntime:
                 target = self.runner.resolve(call.path, branch=call.branch, version=version)
             else:
                 target = resolve()
-            if not gated and self.runner.host.is_loaded(target.digest):
+            loaded = self.runner.host.is_loaded(target.digest)
+            if not gated and loaded:
                 return work(target, stats)
             with self.gate.slot():
-                if gated:
+                if gated and not loaded:
                     self.load(target)               # a first call's compile holds its slot
                 return work(target, stats)
         except Exception as exc:
@@ -3056,8 +3057,9 @@ class Metrics:
         return collections.Counter({key[1:]: value for key, value in self.values.snapshot().items()
                                     if key[0] == "http_requests"})
 
-    def observe(self, route, method, status, seconds, bytes_in, bytes_out):
-        """One HTTP request: its route label, method, status, duration and body sizes."""
+    def observe(self, route, method, status, seconds, bytes_in, bytes_out, app=None):
+        """One HTTP request: its route label, method, status, duration and body sizes; app:
+        the store path or hash of the stored HTTP app that answered it, if one did."""
         if method not in KNOWN_METHODS:
             method = "OTHER"                           # bounded label set, even under fuzzing
         bucket = bisect.bisect_left(LATENCY_BUCKETS, seconds)
@@ -3068,6 +3070,8 @@ class Metrics:
             add(("http_duration_sum", route), seconds)
             add(("bytes_in",), bytes_in)
             add(("bytes_out",), bytes_out)
+            if app is not None:
+                self._observe_app(app, status, seconds, bucket, bytes_in, bytes_out)
 
     def observe_run(self, module, function, outcome, seconds, fuel):
         """One call, run or exports of a stored module, by module and function."""
@@ -3084,21 +3088,18 @@ class Metrics:
             add(("guest_duration_sum",) + key, seconds)
             add(("guest_fuel",) + key, fuel)
 
-    def observe_app(self, app, status, seconds, bytes_in, bytes_out):
-        """One request answered by a stored HTTP app (its store path or hash): status,
-        duration, request and response body bytes."""
-        bucket = bisect.bisect_left(LATENCY_BUCKETS, seconds)
-        with self.lock:
-            if app not in self._app_series:
-                if len(self._app_series) >= MAX_APP_SERIES:
-                    app = "other"                      # bounded series, whatever apps exist
-                self._app_series.add(app)
-            add = self.values.add
-            add(("app_requests", app, status), 1)
-            add(("app_duration", app, bucket), 1)
-            add(("app_duration_sum", app), seconds)
-            add(("app_bytes_in", app), bytes_in)
-            add(("app_bytes_out", app), bytes_out)
+    def _observe_app(self, app, status, seconds, bucket, bytes_in, bytes_out):
+        """observe()'s series of the app that answered (the caller holds the lock)."""
+        if app not in self._app_series:
+            if len(self._app_series) >= MAX_APP_SERIES:
+                app = "other"                          # bounded series, whatever apps exist
+            self._app_series.add(app)
+        add = self.values.add
+        add(("app_requests", app, status), 1)
+        add(("app_duration", app, bucket), 1)
+        add(("app_duration_sum", app), seconds)
+        add(("app_bytes_in", app), bytes_in)
+        add(("app_bytes_out", app), bytes_out)
 
     def add_gauge(self, name, delta):
         """Move the gauge `name` (connections, websocket_clients, in_flight) by delta."""
@@ -5037,11 +5038,8 @@ class WasmstoreHandler(http.server.BaseHTTPRequestHandler):
         elapsed = time.monotonic() - self._started
         status = self._status or 0
         method = self.command or "-"
-        self.server.metrics.observe(self._route_label, method, status, elapsed,
-                                    self._bytes_in, self._bytes_out)
-        if self._app is not None:
-            self.server.metrics.observe_app(self._app[0], status, elapsed, self._bytes_in,
-                                            self._bytes_out)
+        self.server.metrics.observe(self._route_label, method, status, elapsed, self._bytes_in,
+                                    self._bytes_out, None if self._app is None else self._app[0])
         if not self.server.quiet:
             method_text = method if _METHOD_RE.match(method) else "-"
             extra = "" if self._call is None else "".join(
@@ -5395,7 +5393,8 @@ class WasmstoreServer(http.server.ThreadingHTTPServer):
         self.metrics.add_gauge("in_flight", -1)
         with self._inflight_cond:
             self._inflight -= 1
-            self._inflight_cond.notify_all()
+            if self.draining:                     # graceful_shutdown waits (it sets draining first)
+                self._inflight_cond.notify_all()
 
     def serve_forever(self, poll_interval=0.5):
         """Accept connections until shutdown(); graceful_shutdown() calls that."""
