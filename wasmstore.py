@@ -22,22 +22,27 @@ Layout under the root (an object is named by the SHA-256 of its bytes; module ob
 the raw module bytes, trees and commits canonical JSON):
 
 - ``objects/pack/<16 hex>.pack``: where new objects go. A pack is a sequence of records,
-  each a 52-byte header (magic ``WSO1``, kind ``m``/``t``/``c``, 3 zero bytes, payload
-  length u64, SHA-256 32 bytes, CRC-32 of those 48 bytes; big-endian) and the payload.
-  The highest-numbered pack is appended to; at 8 MiB it is sealed by
+  each a 52-byte header (magic ``WSO1``, kind ``m``/``t``/``c``/``r``, 3 zero bytes, payload
+  length u64, SHA-256 of the payload 32 bytes, CRC-32 of those 48 bytes; big-endian) and
+  the payload. Kind ``r`` is no object but a ref record, the journal of a branch's move:
+  ``<branch> <sequence 16 hex> <head | none>`` (ASCII), written after the objects the move
+  needs. The highest-numbered pack is appended to; at 8 MiB it is synced, the ref slots are
+  brought up to its ref records and synced, and it is sealed by
   ``<16 hex>.idx`` (magic ``WSI1``, 4 zero bytes, bytes of the pack covered u64, count u64,
-  then per record SHA-256, payload offset u64, kind code << 56 | length u64, sorted by
-  hash, then a CRC-32 of it all) and the next pack begun. Readers bisect an index and scan
-  what follows it; a damaged or missing index just means a scan. Records after the first
-  header that is not whole and intact (a killed writer's torn tail) are ignored, and the
-  next writer truncates them.
+  then per object record SHA-256, payload offset u64, kind code << 56 | length u64, sorted
+  by hash, then a CRC-32 of it all) and the next pack begun. Readers bisect an index and
+  scan what follows it; a damaged or missing index just means a scan. Records after the
+  first header that is not whole and intact (a killed writer's torn tail) are ignored, and
+  the next writer truncates them; a ref record whose payload fails its hash is skipped.
 - ``objects/<2 hex>/<62 hex>``: a module written out from its pack the first time it is
   served as a file (``module_filename``: zero-copy downloads, the CLI's ``filename``). A
   loose and a packed copy are the same object; gc keeps only the loose one.
 - ``refs/heads/<branch>``: 256 bytes, two 128-byte slots ``ref <sequence 16 hex> <head
   | none> <crc32 8 hex>`` (the CRC-32 of the text before it) padded with spaces and a
   newline. A change overwrites the slot with the lower sequence; readers take the intact
-  slot with the higher one.
+  slot with the higher one, or a ref record of the branch with a higher sequence still (a
+  slot write lost to a crash). A new ref file's sequence starts at the time in
+  nanoseconds, above the records a deleted branch of that name may have left.
 - ``refs/generation``: an 8-byte counter bumped (through a shared map, unsynced) by every
   change of a ref or HEAD: ``Store.generation()``, what caches of ref-derived answers key on.
 - ``HEAD``: the default branch's name and a newline.
@@ -45,22 +50,31 @@ the raw module bytes, trees and commits canonical JSON):
 - ``tmp/``: files being written, named ``<pid>-...``; a dead writer's are removed by the
   next change (and by gc).
 
-Durability: a commit costs two syncs, three at most. Its new objects (modules first, then
-trees bottom-up, then the commit) are appended to the active pack in one write and made
-durable by one fdatasync (starting a new pack adds an fsync of ``objects/pack``); then the
-ref's older slot is overwritten in place and fdatasynced (every sync goes through ``_sync``:
-F_FULLFSYNC on macOS, which has no fdatasync). No file is created per commit. A
-crash at any point leaves the ref at a commit whose objects are all durable. A ref changes
-only under an exclusive ``flock`` of ``refs/heads``, by compare-and-swap against the head
-the change was computed from, so writers in many threads and processes never lose an
-update; packs are appended only under that lock. Readers take no lock: they re-read a ref's
-slots (one pread of an open file; an in-place write is invisible to stat) and rescan the
-packs when an object is not where they looked. gc rewrites packs that hold garbage into a
-new sealed pack, durable before the old ones are deleted; readers holding an old pack open
-keep reading it. Why this design: on ext4 creating a file is what a commit cost (each new
-file needs an open, an fsync, a rename and a directory fsync; an append needs one
-fdatasync), and a ref that moves by rename cannot be read fresh without a syscall anyway,
-so a commit creates no file and a ref is rewritten in place.
+Durability: a commit costs one sync, two at most. Its new objects (modules first, then
+trees bottom-up, then the commit) and then the ref record of the branch's move are
+appended to the active pack in one write and made durable by one fdatasync (starting a new
+pack adds an fsync of ``objects/pack``; every sync goes through ``_sync``: F_FULLFSYNC on
+macOS, which has no fdatasync); then the ref's older slot is overwritten in place, not
+synced. No file is created per commit. The ref record is the commit point: a crash or kill
+before the slot write reaches the disk leaves the record, and the first ref read of a
+Store (and every writer, under the lock) takes up the records newer than their slots, once
+the pack is synced and every object record before them in it hash-checks (a crash during
+the sync may keep the record and lose an earlier page: then it is not applied, the write
+was never acknowledged). Slots are synced, catching up with the records, before a pack is
+sealed and before gc rewrites packs (dropping their records), so only records past an
+index are ever read. A crash at any point leaves every ref at a commit whose objects are
+all durable. A ref changes only under an exclusive ``flock`` of ``refs/heads``, by
+compare-and-swap against the head the change was computed from, so writers in many
+threads and processes never lose an update; packs are appended only under that lock, and
+only the highest-numbered one (gc, when it writes a pack, rewrites the active one too).
+Readers take no lock: they re-read a ref's slots (one pread of an open file; an in-place
+write is invisible to stat) and rescan the packs when an object is not where they looked.
+gc rewrites packs that hold garbage into a new sealed pack, durable before the old ones are
+deleted; readers holding an old pack open keep reading it. Why this design: on ext4
+creating a file is what a commit cost (each new file needs an open, an fsync, a rename and
+a directory fsync; an append needs one fdatasync), and a ref that moves by rename cannot be
+read fresh without a syscall anyway, so a commit creates no file and a ref is rewritten in
+place; its move rides in the pack's one sync.
 
 Map of this file: constants; exceptions and ERROR_STATUS (the one table of what each error
 means: HTTP status, exit status, metric label; http_server.py reads it); input from outside
@@ -70,9 +84,10 @@ kvhost.py's wasm reader for components, both imported lazily); primitives (the o
 whole-file write ``_write_whole``, temp files and their sweep ``_remove_debris``,
 ``_format_date``, the hash check, ``Cache`` (the one cache type, also http_server.py's),
 ``SharedFd``); the object store (_Segment: one pack as a reader sees it; _ObjectStore: packs and
-module files, batches, fsck and gc passes); refs (_Refs: slot files, compare-and-swap, HEAD, the
-generation counter); the Store facade (layout, objects, refs, trees, changes, operations,
-history, branches, watch, gc, export and backup, fsck; FsckReport); the history cache
+module files, ref records, batches, fsck and gc passes); refs (_Refs: slot files,
+compare-and-swap, HEAD, the generation counter, pending ref records); the Store facade (layout,
+objects, refs and their recovery from ref records, trees, changes, operations, history,
+branches, watch, gc, export and backup, fsck; FsckReport); the history cache
 (_HistoryCache); object helpers; backup loading (load_backup, bounded); running stored modules
 (``Runner``, ``Target``: resolution, kv namespaces, linking; kvhost.py is imported by
 ``_kvhost``, for these, validation and ``wasm_interface``); OCI registries (``OciReference``;
@@ -676,11 +691,11 @@ def _sync(fd, data_only=False):
         os.fsync(fd)
 
 
-def _fsync_path(path):
+def _fsync_path(path, data_only=False):
     """Sync a file or a directory (a directory: the names created or renamed in it)."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        _sync(fd)
+        _sync(fd, data_only)
     finally:
         os.close(fd)
 
@@ -956,8 +971,9 @@ INDEX_MAGIC = b"WSI1"                        # a pack index, format 1
 _INDEX_HEAD = struct.Struct(">4s4xQQ")       # magic, pack bytes covered, entry count
 _INDEX_ENTRY = struct.Struct(">32sQQ")       # SHA-256, payload offset, kind code << 56 | length
 _LENGTH_MASK = (1 << 56) - 1
-_KIND_CODES = {"module": b"m", "tree": b"t", "commit": b"c"}
+_KIND_CODES = {"module": b"m", "tree": b"t", "commit": b"c", "ref": b"r"}   # "ref": no object
 _CODE_KINDS = {code: kind for kind, code in _KIND_CODES.items()}
+MAX_REF_RECORD_BYTES = 512            # "<branch> <sequence 16 hex> <head | none>" fits easily
 _PACK_NAME = re.compile(r"[0-9a-f]{16}\.pack\Z")
 
 
@@ -990,6 +1006,27 @@ def _parse_record_header(buffer, position=0):
     return kind, length, raw.hex()
 
 
+def _ref_record(branch, sequence, head):
+    """(hash, payload) of a ref record: a branch's move to head at sequence, journaled in the
+    pack with the objects it needs (see _ObjectStore.write)."""
+    payload = f"{branch} {sequence:016x} {head}".encode("ascii")
+    return hashlib.sha256(payload).hexdigest(), payload
+
+
+def _parse_ref_record(payload, digest):
+    """(branch, sequence, head or "none") of an intact ref record's payload, else None."""
+    if hashlib.sha256(payload).hexdigest() != digest:
+        return None                            # torn or damaged: never applied
+    parts = payload.decode("ascii", "replace").split(" ")
+    if len(parts) != 3 or not _is_branch_name(parts[0]) or \
+            not (parts[2] == _NO_COMMITS or _is_hash(parts[2])):
+        return None
+    try:
+        return parts[0], int(parts[1], 16), parts[2]
+    except ValueError:
+        return None
+
+
 def _index_bytes(entries, covered):
     """A pack index: the records sorted by hash (one per hash), then a CRC-32 of it all."""
     rows = sorted((bytes.fromhex(digest), offset, _KIND_CODES[kind][0] << 56 | length)
@@ -1016,7 +1053,8 @@ class _Segment:
     """One pack file as a reader sees it: the prefix its index covers (objects/pack/<n>.idx,
     bisected in a map) and the records after it, found by scanning. Scanning stops at the
     first header that is not whole and intact: a killed writer's torn tail is never
-    indexed (the next writer truncates it)."""
+    indexed (the next writer truncates it). Ref records past the index are not objects:
+    the newest per branch is kept in refs (see Store._catch_up_refs)."""
 
     def __init__(self, directory, number):
         self.number = number
@@ -1024,6 +1062,8 @@ class _Segment:
         self.file = SharedFd(os.open(self.path, os.O_RDONLY | os.O_CLOEXEC))
         self.covered = 0             # bytes of the file indexed (index + scanned records)
         self.entries = {}            # hex digest -> (payload offset, length, kind) past the index
+        self.refs = {}               # branch -> (sequence, head, record offset) past the index
+        self.unchecked = set()       # branches whose ref record another writer appended
         self._index = None
         self._index_count = 0
         self._lock = threading.Lock()
@@ -1095,16 +1135,34 @@ class _Segment:
                 end = position + RECORD_HEADER_BYTES + length
                 if end > size:
                     break                       # still being written, or cut by a kill
-                self.entries[digest] = (position + RECORD_HEADER_BYTES, length, kind)
+                if kind != "ref":
+                    self.entries[digest] = (position + RECORD_HEADER_BYTES, length, kind)
+                elif length <= MAX_REF_RECORD_BYTES:
+                    start = relative + RECORD_HEADER_BYTES
+                    payload = buffer[start:start + length] if start + length <= len(buffer) \
+                        else os.pread(self.file.fd, length, position + RECORD_HEADER_BYTES)
+                    self._note_ref(_parse_ref_record(payload, digest), position, True)
                 position = end
             self.covered = position
             return size
 
-    def note(self, start, end, entries):
-        """Records this process appended at start..end (already durable)."""
+    def _note_ref(self, record, offset, foreign):
+        if record is None:
+            return                              # a damaged ref record is skipped, not applied
+        branch, sequence, head = record
+        if sequence > self.refs.get(branch, (-1,))[0]:
+            self.refs[branch] = (sequence, head, offset)
+            if foreign:
+                self.unchecked.add(branch)
+
+    def note(self, start, end, entries, ref=None):
+        """Records this process appended at start..end (already durable); ref: (branch,
+        sequence, head, record offset) of the ref record among them."""
         with self._lock:
             if self.covered == start:
                 self.entries.update(entries)
+                if ref is not None:
+                    self._note_ref(ref[:3], ref[3], False)
                 self.covered = end
 
     def read(self, offset, length):
@@ -1115,15 +1173,19 @@ class _ObjectStore:
     """Every object, by SHA-256: packed records (objects/pack/) and loose files
     (objects/<2 hex>/<62 hex>: modules written out to be served as files).
 
-    Reads are hash-checked. A change's new objects are appended to the active pack in one
-    write (temp files copied in the kernel) and made durable by one fdatasync; starting a new
-    pack adds one fsync of its directory. Callers append only under the ref lock, so there is
-    one appender at a time across threads and processes. A module served as a file gets a
-    loose copy written durably on first use (module_file); loose and packed copies of an
-    object are the same object.
+    Reads are hash-checked. A change's new objects, then the ref record of the branch move
+    they make, are appended to the active pack in one write (temp files copied in the
+    kernel) and made durable by one fdatasync; starting a new pack adds one fsync of its
+    directory. Callers append only under the ref lock, so there is one appender at a time
+    across threads and processes, always to the highest-numbered pack. A module served as a
+    file gets a loose copy written durably on first use (module_file); loose and packed
+    copies of an object are the same object. before_seal (set by the Store) makes every
+    ref slot durable before a pack's records are indexed or rewritten: ref records past an
+    index are all that recovery reads.
     """
 
-    def __init__(self, root, tmp_dir):
+    def __init__(self, root, tmp_dir, before_seal=lambda: None):
+        self.before_seal = before_seal
         self.directory = os.path.join(root, "objects")
         self.pack_dir = os.path.join(self.directory, "pack")
         self.tmp_dir = tmp_dir
@@ -1239,6 +1301,11 @@ class _ObjectStore:
                 continue
         return False
 
+    def is_commit(self, digest):
+        """True if a packed commit with this hash is stored (commits are never loose)."""
+        packed = self._packed(digest)
+        return packed is not None and packed[3] == "commit"
+
     def chunks(self, digest):
         """Yield an object's bytes in chunks; CorruptObject after the last chunk when they
         do not match the hash (callers discard what they wrote)."""
@@ -1315,15 +1382,18 @@ class _ObjectStore:
         # Loose files are modules, and land whole (linked into place).
         return kind == "module" and os.path.exists(self.loose_path(digest))
 
-    def write(self, batch):
-        """Make a batch's new objects durable (callers hold the ref lock)."""
+    def write(self, batch, ref=None):
+        """Make a batch's new objects durable, and with them ref, a (branch, sequence, head)
+        move journaled as a ref record after them: one write, one fdatasync (callers hold
+        the ref lock). The record comes last, so a kill that leaves it intact left the
+        whole write (after a crash, Store._catch_up_refs checks the objects too)."""
         records = [(digest, batch.kinds[digest], data) for digest, data in batch.blobs.items()
                    if not self._has_whole(digest, batch.kinds[digest])]
-        if not records:
+        if not records and ref is None:
             return
         writer, segment = self._writable()
         start = position = segment.covered
-        entries = {}
+        entries, noted = {}, None
         try:
             pending = bytearray()
             for digest, kind, data in records:
@@ -1344,6 +1414,10 @@ class _ObjectStore:
                     position += size
                 finally:
                     os.close(source)
+            if ref is not None:
+                noted = ref + (position + len(pending),)
+                digest, payload = _ref_record(*ref)
+                pending += _record_header("ref", digest, len(payload)) + payload
             _write_all(writer.fd, pending, position)
             position += len(pending)
             _sync(writer.fd, data_only=True)
@@ -1354,7 +1428,7 @@ class _ObjectStore:
             with contextlib.suppress(OSError):
                 os.ftruncate(writer.fd, start)          # nothing half-written stays behind
             raise
-        segment.note(start, position, entries)
+        segment.note(start, position, entries, noted)
         for digest in entries:
             self._whole.put(digest, True)
 
@@ -1382,9 +1456,46 @@ class _ObjectStore:
                 os.ftruncate(writer.fd, segment.covered)     # a killed writer's torn tail
             if segment.covered < SEGMENT_BYTES:
                 return writer, segment
+            _sync(writer.fd, data_only=True)   # a sealed pack is durable whole, a killed
+            self.before_seal()                 # writer's last records too; then the refs
             self._seal(segment)
             self._writer = None
             self._create_pack(number + 1)
+
+    def scan_newest(self):
+        """Index what other writers appended to the pack appended to (under the ref lock:
+        everything they appended); a replaced or full one means the directory is read
+        again, for the pack that follows it."""
+        segment = self._segments[0] if self._segments else None
+        if segment is None or os.fstat(segment.file.fd).st_nlink == 0 or \
+                segment.scan() >= SEGMENT_BYTES:
+            self.refresh()
+
+    def unchecked_refs(self):
+        """{branch: (sequence, head, segment, record offset)}: the newest ref record of each
+        branch that scans found since the last call and this process did not write."""
+        found = {}
+        for segment in reversed(self._segments):          # oldest first: newer ones win
+            while segment.unchecked:
+                branch = segment.unchecked.pop()
+                sequence, head, offset = segment.refs[branch]
+                if sequence > found.get(branch, (-1,))[0]:
+                    found[branch] = (sequence, head, segment, offset)
+        return found
+
+    def make_durable(self, segment, before):
+        """Sync a pack, then check every object record it has past its index before offset
+        `before`: True when all are intact, so a ref record there may be applied (after a
+        crash, what the sync of its write had not yet covered may be torn or missing)."""
+        try:
+            _sync(segment.file.fd, data_only=True)
+            for digest, (offset, length, _) in list(segment.entries.items()):
+                if offset < before:
+                    for _ in _checked_chunks(segment.file, offset, length, digest):
+                        pass
+        except (CorruptObject, OSError):
+            return False
+        return True
 
     def _create_pack(self, number):
         try:
@@ -1486,7 +1597,10 @@ class _ObjectStore:
                     keep[digest] = (segment, offset, length, kind)
             if garbage or len(self._segments) > MAX_PACKS:
                 dirty.append(segment)             # many packs: merged into one
+        if dirty and self._segments[0] not in dirty:
+            dirty.append(self._segments[0])       # writers append only to the newest pack
         if dirty:
+            self.before_seal()                    # the ref records in them are applied
             # A module written out as a file needs no packed copy, if the file is whole.
             moving = {digest: location for digest, location in keep.items()
                       if location[0] in dirty and not (
@@ -1664,7 +1778,10 @@ def _ref_slot(sequence, value):
 
 
 def _ref_file(value):
-    return _ref_slot(1, value) + _ref_slot(0, value)
+    """A new ref file. Its sequence starts at the time in nanoseconds, above any ref record a
+    deleted branch of the same name left in the packs (see Store._catch_up_refs)."""
+    sequence = time.time_ns()
+    return _ref_slot(sequence + 1, value) + _ref_slot(sequence, value)
 
 
 def _parse_ref_slot(data):
@@ -1700,18 +1817,22 @@ class _Refs:
     """Branch heads and the default branch (HEAD).
 
     A head lives in refs/heads/<branch>: two checksummed 128-byte slots, each a sequence
-    number and a head. A change overwrites the older slot in place and fdatasyncs (no file is
-    created); readers take the intact slot with the higher sequence, so a torn write leaves
-    the previous head. Readers keep the file open and re-read it (one pread) on every read:
-    an in-place write does not change what a stat shows. Refs change only under lock(), by
-    compare-and-swap (set_if_equals, add_if_new, remove), in the manner of dulwich's refs.
+    number and a head. A move is made durable by its ref record in the pack (the journal
+    set_if_equals is given), then the older slot is overwritten in place, not synced (no file
+    is created); readers take the intact slot with the higher sequence, so a torn write
+    leaves the previous head. A ref record newer than the slot (the slot write was lost to a
+    crash or a kill) is held in `pending` until a writer applies it: read() answers with it.
+    Readers keep the file open and re-read it (one pread) on every read: an in-place write
+    does not change what a stat shows. Refs change only under lock(), by compare-and-swap
+    (set_if_equals, add_if_new, remove), in the manner of dulwich's refs.
     """
 
     def __init__(self, root, tmp_dir):
         self.heads_dir = os.path.join(root, "refs", "heads")
         self.head_file = os.path.join(root, "HEAD")
         self.tmp_dir = tmp_dir
-        self._open_refs = Cache(1024)        # branch -> (SharedFd, bytes last read, their value)
+        self._open_refs = Cache(1024)        # branch -> (SharedFd, bytes last read, (seq, value))
+        self.pending = {}                    # branch -> (sequence, head) of a record ahead
         self._thread_lock = threading.Lock()
         self._default = (None, None)         # (generation, default branch) when last read
         self.generation_file = os.path.join(root, "refs", "generation")
@@ -1734,6 +1855,12 @@ class _Refs:
 
     def read(self, branch):
         """Head commit of a branch (None while it has no commits); NotFound if missing."""
+        value = self.state(branch)[1]
+        return None if value == _NO_COMMITS else value
+
+    def state(self, branch):
+        """(sequence, head or "none") of a branch: its newest slot, or a pending record
+        ahead of it; NotFound if missing."""
         for _ in range(3):
             known = self._open_refs.get(branch)
             if known is None:
@@ -1745,42 +1872,55 @@ class _Refs:
                 handle = known[0]
             data = os.pread(handle.fd, REF_FILE_BYTES + 1, 0)
             if known is not None and known[1] == data:
-                value = known[2]                   # unchanged: no parse, no checksums
+                state = known[2]                   # unchanged: no parse, no checksums
             else:
-                value = _ref_state(data, branch)[1]
-                self._open_refs.put(branch, (handle, data, value))
-            if value == _DELETED:
+                state = _ref_state(data, branch)[:2]
+                self._open_refs.put(branch, (handle, data, state))
+            if state[1] == _DELETED:
                 self._open_refs.discard(branch)
                 continue                           # deleted: look the name up again
-            return None if value == _NO_COMMITS else value
+            if self.pending:
+                ahead = self.pending.get(branch)
+                if ahead is not None:
+                    if ahead[0] > state[0]:
+                        return ahead
+                    self.pending.pop(branch, None)     # applied meanwhile
+            return state
         raise NotFound(f"no such branch {branch!r}")
 
-    def set_if_equals(self, branch, old, new):
-        """Move branch from old to new (None: no commits) with one in-place slot write and
-        one fdatasync; _RefMoved if it is not at old. The caller holds lock()."""
-        path = self.path(branch)
+    def set_if_equals(self, branch, old, new, journal):
+        """Move branch from old to new (None: no commits); _RefMoved if it is not at old.
+        journal(branch, sequence, head) makes the move durable (a ref record synced with
+        the objects it needs); then the older slot is overwritten, without a sync. The
+        caller holds lock()."""
+        sequence, value = self.state(branch)
+        if (None if value == _NO_COMMITS else value) != old:
+            raise _RefMoved(branch)
+        head = new or _NO_COMMITS
+        journal(branch, sequence + 1, head)
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-        except FileNotFoundError:
-            raise NotFound(f"no such branch {branch!r}") from None
+            self.write_slot(branch, sequence + 1, head)
+        except OSError:                  # the move is durable: the next writer applies it
+            self.pending[branch] = (sequence + 1, head)
+        self.bump()
+
+    def write_slot(self, branch, sequence, head):
+        """Overwrite a ref file's older slot with (sequence, head), not synced: the move is
+        durable in the ref record (or a pack sync) already. Under lock()."""
+        fd = os.open(self.path(branch), os.O_RDWR | os.O_CLOEXEC)
         try:
-            sequence, value, slot = _ref_state(os.pread(fd, REF_FILE_BYTES + 1, 0), branch)
-            if value == _DELETED:
-                raise NotFound(f"no such branch {branch!r}")
-            if (None if value == _NO_COMMITS else value) != old:
-                raise _RefMoved(branch)
-            previous = os.pread(fd, REF_SLOT_BYTES, slot * REF_SLOT_BYTES)
-            try:
-                _write_all(fd, _ref_slot(sequence + 1, new or _NO_COMMITS),
-                           slot * REF_SLOT_BYTES)
-                _sync(fd, data_only=True)
-            except BaseException:
-                with contextlib.suppress(OSError):     # not acknowledged: put it back
-                    _write_all(fd, previous, slot * REF_SLOT_BYTES)
-                raise
-            self.bump()
+            current, _, slot = _ref_state(os.pread(fd, REF_FILE_BYTES + 1, 0), branch)
+            if current < sequence:
+                _write_all(fd, _ref_slot(sequence, head), slot * REF_SLOT_BYTES)
         finally:
             os.close(fd)
+        self.pending.pop(branch, None)
+
+    def sync_all(self):
+        """Make every ref file's slots durable (before the ref records are dropped)."""
+        for name in self.names():
+            with contextlib.suppress(FileNotFoundError):
+                _fsync_path(os.path.join(self.heads_dir, name), data_only=True)
 
     def add_if_new(self, branch, head):
         """Create branch at head (None: no commits); False if it exists. Under lock()."""
@@ -1844,6 +1984,7 @@ class _Refs:
         finally:
             os.close(fd)
         self._open_refs.discard(branch)
+        self.pending.pop(branch, None)
         self.bump()
 
     def names(self):
@@ -1896,8 +2037,9 @@ class Store:
         self.root = os.path.abspath(os.path.expanduser(os.fspath(root)))
         self._tmp_dir = os.path.join(self.root, "tmp")
         self._init_layout()
-        self._objects = _ObjectStore(self.root, self._tmp_dir)
+        self._objects = _ObjectStore(self.root, self._tmp_dir, self._checkpoint_refs)
         self._refs = _Refs(self.root, self._tmp_dir)
+        self._recovered = False                     # ref records ahead of slots looked for
         self._history = _HistoryCache(os.path.join(self.root, "cache", "history"),
                                       self._tmp_dir)
         self._parsed = Cache(OBJECT_CACHE_WEIGHT)   # hash -> parsed tree/commit
@@ -1980,15 +2122,14 @@ class Store:
         batch.add(digest, "commit", data, ("commit", document))
         return digest
 
-    def _land(self, batch, ref_update=None):
-        """Make a batch of objects durable (one pack append, one fdatasync), then swap a
-        ref (one slot write, one fdatasync). The caller holds the ref lock. A crash at any
-        point leaves a ref that points at durable objects."""
-        self._objects.write(batch)
+    def _land(self, batch, ref_update):
+        """Make a batch of objects and a ref's move, ref_update = (branch, old head, new
+        head), durable together (one pack append of the objects and the ref record, one
+        fdatasync), then write the ref's slot (not synced). The caller holds the ref lock
+        (_locked). A crash at any point leaves a ref that points at durable objects."""
+        self._refs.set_if_equals(*ref_update, lambda *ref: self._objects.write(batch, ref))
         for digest, parsed in batch.parsed.items():
             self._parsed.put(digest, parsed, _weight(parsed))
-        if ref_update:
-            self._refs.set_if_equals(*ref_update)
 
     # -- refs --------------------------------------------------------------------------------------
 
@@ -1997,7 +2138,47 @@ class Store:
 
     def _read_ref(self, branch):
         """Head commit of a branch (None while it has no commits); NotFound if missing."""
+        if not self._recovered:
+            self._objects.refresh()
+            self._catch_up_refs()
+            self._recovered = True
         return self._refs.read(branch)
+
+    @contextlib.contextmanager
+    def _locked(self):
+        """The ref lock, with the ref records other writers appended looked at first: a
+        change computes from the true head (a killed writer's record may be ahead)."""
+        with self._refs.lock():
+            self._objects.scan_newest()
+            self._catch_up_refs()
+            yield
+
+    def _catch_up_refs(self):
+        """Take up the ref records found since the last call: one newer than its branch's
+        slot (its writer was killed, or a crash lost the unsynced slot write, or it is being
+        written now) becomes pending, what reads answer, once its pack is synced and every
+        object record before it is intact (a crash may persist the record and not all that
+        the sync of its write would have). A record of a deleted branch, or of one since
+        made again (a new ref file's sequence starts above it), is obsolete."""
+        for branch, (sequence, head, segment, offset) in self._objects.unchecked_refs().items():
+            try:
+                if sequence <= self._refs.state(branch)[0]:
+                    continue
+            except (NotFound, CorruptObject):
+                continue
+            if (head == _NO_COMMITS or self._objects.is_commit(head)) and \
+                    self._objects.make_durable(segment, offset):
+                self._refs.pending[branch] = (sequence, head)
+
+    def _checkpoint_refs(self):
+        """Apply every pending ref record to its slot and make every slot durable: before a
+        pack is sealed (its ref records past the index are no longer read) or rewritten by
+        gc. Under the ref lock; the packs are synced already."""
+        self._catch_up_refs()
+        for branch, (sequence, head) in list(self._refs.pending.items()):
+            with contextlib.suppress(NotFound):
+                self._refs.write_slot(branch, sequence, head)
+        self._refs.sync_all()
 
     def generation(self):
         """A token that changes whenever any branch head or the default branch changes, in any
@@ -2105,7 +2286,7 @@ class Store:
         """
         branch = self._branch(branch)
         author = _author(author)
-        with self._refs.lock():
+        with self._locked():
             if not self._debris_checked:
                 _remove_debris(self._tmp_dir)        # temp files of killed writers
                 self._debris_checked = True
@@ -2559,7 +2740,7 @@ class Store:
     def set_default_branch(self, name):
         """Make an existing branch the default."""
         validate_branch(name)
-        with self._refs.lock():
+        with self._locked():
             self._refs.set_default_branch(name)
 
     def branches(self):
@@ -2570,14 +2751,14 @@ class Store:
         """Create branch name at the head of branch (default: the default branch)."""
         validate_branch(name)
         source = self._branch(branch)
-        with self._refs.lock():
+        with self._locked():
             if not self._refs.add_if_new(name, self._read_ref(source)):
                 raise Conflict(f"branch {name!r} already exists")
 
     def delete_branch(self, name):
         """Delete a branch (not the default one)."""
         validate_branch(name)
-        with self._refs.lock():
+        with self._locked():
             # Checked under the lock that guards HEAD too: a concurrent switch of the default
             # branch to `name` must not leave HEAD naming a deleted branch.
             if name == self._refs.default_branch(fresh=True):
@@ -2589,13 +2770,13 @@ class Store:
         validate_branch(source)
         target = self._branch(branch)
         author = _author(author)
-        with self._refs.lock():
+        with self._locked():
             theirs = self._read_ref(source)
             ours = self._read_ref(target)
             if theirs is None or theirs == ours or self._is_ancestor(theirs, ours):
                 return
             if ours is None or self._is_ancestor(ours, theirs):
-                self._refs.set_if_equals(target, ours, theirs)
+                self._land(_Batch(), (target, ours, theirs))     # a ref record alone
                 return
             base = self._merge_base(ours, theirs)
             base_tree = self._commit(base)["tree"] if base else None
@@ -2776,7 +2957,7 @@ class Store:
         commits of the branch's history replaced by the GC commit}."""
         branch = self._branch(branch)
         author = _author(author)
-        with self._refs.lock(), self._objects_lock(shared=False):
+        with self._locked(), self._objects_lock(shared=False):
             head, squashed_count = self._read_ref(branch), 0
             if head and self._commit(head)["parents"]:
                 squashed_count = self._count_commits(head) if stats is not None else 0
@@ -2877,7 +3058,7 @@ class Store:
         directory, temp_prefix = os.path.dirname(filename), os.path.basename(filename) + "."
         _remove_debris(directory, temp_prefix)
         with contextlib.ExitStack() as locks:
-            with self._refs.lock():
+            with self._locked():
                 locks.enter_context(self._objects_lock(shared=True))
                 refs = {name: self._read_ref(name) for name in self.branches()}
                 default = self._refs.default_branch(fresh=True)
