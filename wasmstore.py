@@ -1831,7 +1831,8 @@ class _Refs:
         self.heads_dir = os.path.join(root, "refs", "heads")
         self.head_file = os.path.join(root, "HEAD")
         self.tmp_dir = tmp_dir
-        self._open_refs = Cache(1024)        # branch -> (SharedFd, bytes last read, (seq, value))
+        self._open_refs = Cache(1024)        # branch -> (SharedFd, bytes last read or written,
+                                             #   their (sequence, value), slot to write next)
         self.pending = {}                    # branch -> (sequence, head) of a record ahead
         self._thread_lock = threading.Lock()
         self._default = (None, None)         # (generation, default branch) when last read
@@ -1874,8 +1875,9 @@ class _Refs:
             if known is not None and known[1] == data:
                 state = known[2]                   # unchanged: no parse, no checksums
             else:
-                state = _ref_state(data, branch)[:2]
-                self._open_refs.put(branch, (handle, data, state))
+                sequence, value, slot = _ref_state(data, branch)
+                state = (sequence, value)
+                self._open_refs.put(branch, (handle, data, state, slot))
             if state[1] == _DELETED:
                 self._open_refs.discard(branch)
                 continue                           # deleted: look the name up again
@@ -1909,9 +1911,19 @@ class _Refs:
         durable in the ref record (or a pack sync) already. Under lock()."""
         fd = os.open(self.path(branch), os.O_RDWR | os.O_CLOEXEC)
         try:
-            current, _, slot = _ref_state(os.pread(fd, REF_FILE_BYTES + 1, 0), branch)
+            data = os.pread(fd, REF_FILE_BYTES + 1, 0)
+            known = self._open_refs.get(branch)
+            if known is not None and known[1] == data:
+                (current, _), slot = known[2], known[3]
+            else:
+                current, _, slot = _ref_state(data, branch)
             if current < sequence:
-                _write_all(fd, _ref_slot(sequence, head), slot * REF_SLOT_BYTES)
+                line = _ref_slot(sequence, head)
+                _write_all(fd, line, slot * REF_SLOT_BYTES)
+                if known is not None:          # what the next read finds: no parse then
+                    start = slot * REF_SLOT_BYTES
+                    written = data[:start] + line + data[start + REF_SLOT_BYTES:]
+                    self._open_refs.put(branch, (known[0], written, (sequence, head), 1 - slot))
         finally:
             os.close(fd)
         self.pending.pop(branch, None)
@@ -2146,11 +2158,11 @@ class Store:
 
     @contextlib.contextmanager
     def _locked(self):
-        """The ref lock, with the ref records other writers appended looked at first: a
+        """The ref lock, with the ref records other writers appended taken up first: a
         change computes from the true head (a killed writer's record may be ahead)."""
         with self._refs.lock():
             self._objects.scan_newest()
-            self._catch_up_refs()
+            self._apply_pending_refs()
             yield
 
     def _catch_up_refs(self):
@@ -2170,14 +2182,21 @@ class Store:
                     self._objects.make_durable(segment, offset):
                 self._refs.pending[branch] = (sequence, head)
 
-    def _checkpoint_refs(self):
-        """Apply every pending ref record to its slot and make every slot durable: before a
-        pack is sealed (its ref records past the index are no longer read) or rewritten by
-        gc. Under the ref lock; the packs are synced already."""
+    def _apply_pending_refs(self):
+        """Under the ref lock: write the slots of the pending ref records (not synced: the
+        records are durable), so that every process reads them there; readers are told."""
         self._catch_up_refs()
-        for branch, (sequence, head) in list(self._refs.pending.items()):
-            with contextlib.suppress(NotFound):
-                self._refs.write_slot(branch, sequence, head)
+        if self._refs.pending:
+            for branch, (sequence, head) in list(self._refs.pending.items()):
+                with contextlib.suppress(OSError):     # still pending: reads answer it
+                    self._refs.write_slot(branch, sequence, head)
+            self._refs.bump()
+
+    def _checkpoint_refs(self):
+        """Bring every slot up to its ref records and make it durable: before a pack is
+        sealed (its ref records past the index are no longer read) or rewritten by gc.
+        Under the ref lock; the packs are synced already."""
+        self._apply_pending_refs()
         self._refs.sync_all()
 
     def generation(self):
