@@ -2504,6 +2504,21 @@ class RefRecordTest(StoreTestCase):
         self.assertNotEqual(self.ref_slots(), slots)
         self.assertClean()
 
+    def test_a_failing_slot_write_after_the_sync_leaves_the_add_done(self):
+        # The ref record is durable: the add is done, and reads answer it while it is pending.
+        self.store.add("a.wasm", wasm_module("a"))
+        slots = self.ref_slots()
+        with mock.patch.object(wasmstore._Refs, "write_slot",
+                               side_effect=OSError(5, "Input/output error")):
+            self.store.add("b.wasm", wasm_module("b"))
+        self.assertEqual(self.ref_slots(), slots)
+        self.assertEqual(self.store.find("b.wasm"), wasm_module("b"))
+        with Store(self.root) as fresh:
+            self.assertEqual(fresh.find("b.wasm"), wasm_module("b"))
+        self.store.add("c.wasm", wasm_module("c"))
+        self.assertEqual(Store(self.root).commit_count(), 3)
+        self.assertClean()
+
     def test_a_torn_or_damaged_ref_record_is_ignored(self):
         self.store.add("a.wasm", wasm_module("a"))
         head = self.store.snapshot()
@@ -2533,6 +2548,33 @@ class RefRecordTest(StoreTestCase):
             handle.write(b"\0")
         with Store(self.root) as fresh:
             self.assertEqual(fresh.snapshot(), first)
+
+    def test_damage_before_the_last_applied_record_does_not_block_a_later_one(self):
+        self.store.add("a.wasm", wasm_module("rots later"))
+        self.add_and_die_before_the_slot("b.wasm", "b")
+        pack = _active_pack(self.root)
+        with open(pack, "r+b") as handle:                # an applied commit's module rots
+            offset = handle.read().index(wasm_module("rots later")) + 10
+            handle.seek(offset)
+            handle.write(b"\0")
+        with Store(self.root) as fresh:
+            self.assertEqual(fresh.find("b.wasm"), wasm_module("b"))
+
+    def test_a_writer_syncs_what_a_killed_writer_left_before_it_appends(self):
+        # It may reuse those records: they must be durable before its own ref record is.
+        self.store.add("a.wasm", wasm_module("a"))
+        data = wasm_module("left by a killed writer")
+        with open(_active_pack(self.root), "ab") as handle:
+            handle.write(wasmstore._record_header("module", sha256(data), len(data)) + data)
+        syncs = []
+        real_fdatasync = os.fdatasync
+        with mock.patch.object(wasmstore.os, "fdatasync",
+                               lambda fd: syncs.append(fd) or real_fdatasync(fd)):
+            self.store.add("b.wasm", data)
+            self.assertEqual(len(syncs), 2)
+            self.store.add("c.wasm", wasm_module("c"))
+            self.assertEqual(len(syncs), 3)
+        self.assertClean()
 
     def test_gc_after_recovery_keeps_the_commit_and_drops_the_records(self):
         self.store.add("a.wasm", wasm_module("a"))

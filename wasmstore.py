@@ -58,9 +58,11 @@ macOS, which has no fdatasync); then the ref's older slot is overwritten in plac
 synced. No file is created per commit. The ref record is the commit point: a crash or kill
 before the slot write reaches the disk leaves the record, and the first ref read of a
 Store (and every writer, under the lock) takes up the records newer than their slots, once
-the pack is synced and every object record before them in it hash-checks (a crash during
-the sync may keep the record and lose an earlier page: then it is not applied, the write
-was never acknowledged). Slots are synced, catching up with the records, before a pack is
+the pack is synced and the object records since the ref record before them hash-check (a
+crash during the sync may keep the record and lose an earlier page: then it is not
+applied, the write was never acknowledged); a writer that finds records it cannot know
+synced (a killed writer's) syncs them before it appends, so nothing older needs checking.
+Slots are synced, catching up with the records, before a pack is
 sealed and before gc rewrites packs (dropping their records), so only records past an
 index are ever read. A crash at any point leaves every ref at a commit whose objects are
 all durable. A ref changes only under an exclusive ``flock`` of ``refs/heads``, by
@@ -1049,6 +1051,13 @@ def _index_count(data):
     return count
 
 
+class _RefRecord(collections.namedtuple(
+        "_RefRecord", "sequence head segment verify_from offset end")):
+    """A ref record found in a pack: a branch's move to head at sequence; its record spans
+    offset..end of segment, and the object records from verify_from (the end of the ref
+    record before it) to offset were written since the last sync known to have returned."""
+
+
 class _Segment:
     """One pack file as a reader sees it: the prefix its index covers (objects/pack/<n>.idx,
     bisected in a map) and the records after it, found by scanning. Scanning stops at the
@@ -1062,12 +1071,14 @@ class _Segment:
         self.file = SharedFd(os.open(self.path, os.O_RDONLY | os.O_CLOEXEC))
         self.covered = 0             # bytes of the file indexed (index + scanned records)
         self.entries = {}            # hex digest -> (payload offset, length, kind) past the index
-        self.refs = {}               # branch -> (sequence, head, record offset) past the index
+        self.refs = {}               # branch -> _RefRecord of its newest ref record past the index
         self.unchecked = set()       # branches whose ref record another writer appended
         self._index = None
         self._index_count = 0
         self._lock = threading.Lock()
         self._load_index(os.path.join(directory, _index_name(number)))
+        self.durable = self.covered  # bytes known synced (an index covers a synced prefix)
+        self._ref_end = self.covered  # where the last intact ref record ends
 
     def _load_index(self, path):
         try:
@@ -1141,19 +1152,26 @@ class _Segment:
                     start = relative + RECORD_HEADER_BYTES
                     payload = buffer[start:start + length] if start + length <= len(buffer) \
                         else os.pread(self.file.fd, length, position + RECORD_HEADER_BYTES)
-                    self._note_ref(_parse_ref_record(payload, digest), position, True)
+                    self._note_ref(_parse_ref_record(payload, digest), position, end, True)
                 position = end
             self.covered = position
             return size
 
-    def _note_ref(self, record, offset, foreign):
+    def _note_ref(self, record, offset, end, foreign):
         if record is None:
             return                              # a damaged ref record is skipped, not applied
         branch, sequence, head = record
-        if sequence > self.refs.get(branch, (-1,))[0]:
-            self.refs[branch] = (sequence, head, offset)
+        known = self.refs.get(branch)
+        if known is None or sequence >= known.sequence:    # on a tie the later one stands
+            self.refs[branch] = _RefRecord(sequence, head, self, self._ref_end, offset, end)
             if foreign:
                 self.unchecked.add(branch)
+        self._ref_end = end
+
+    def durable_to(self, offset):
+        """Note that the bytes before offset are synced (a ref record there was applied, so
+        its writer's sync returned; or this process synced)."""
+        self.durable = max(self.durable, offset)
 
     def note(self, start, end, entries, ref=None):
         """Records this process appended at start..end (already durable); ref: (branch,
@@ -1162,8 +1180,9 @@ class _Segment:
             if self.covered == start:
                 self.entries.update(entries)
                 if ref is not None:
-                    self._note_ref(ref[:3], ref[3], False)
+                    self._note_ref(ref[:3], ref[3], end, False)
                 self.covered = end
+            self.durable_to(end)
 
     def read(self, offset, length):
         return _read_exactly(self.file.fd, length, offset)
@@ -1393,6 +1412,9 @@ class _ObjectStore:
             return
         writer, segment = self._writable()
         start = position = segment.covered
+        if segment.durable < start:      # a killed writer's records, which this may reuse
+            _sync(writer.fd, data_only=True)
+            segment.durable_to(start)
         entries, noted = {}, None
         try:
             pending = bytearray()
@@ -1472,25 +1494,30 @@ class _ObjectStore:
             self.refresh()
 
     def unchecked_refs(self):
-        """{branch: (sequence, head, segment, record offset)}: the newest ref record of each
-        branch that scans found since the last call and this process did not write."""
+        """{branch: _RefRecord}: the newest ref record of each branch that scans found since
+        the last call and this process did not write."""
         found = {}
         for segment in reversed(self._segments):          # oldest first: newer ones win
             while segment.unchecked:
                 branch = segment.unchecked.pop()
-                sequence, head, offset = segment.refs[branch]
-                if sequence > found.get(branch, (-1,))[0]:
-                    found[branch] = (sequence, head, segment, offset)
+                record = segment.refs[branch]
+                if branch not in found or record.sequence >= found[branch].sequence:
+                    found[branch] = record
         return found
 
-    def make_durable(self, segment, before):
-        """Sync a pack, then check every object record it has past its index before offset
-        `before`: True when all are intact, so a ref record there may be applied (after a
-        crash, what the sync of its write had not yet covered may be torn or missing)."""
+    def make_durable(self, record):
+        """Sync the pack of a ref record not yet applied, then check the object records
+        written with it (from the ref record before it): True when all are intact, so it
+        may be applied. After a crash, what its sync had not yet covered may be torn or
+        missing; a writer syncs what others left unsynced before it appends (write), so
+        nothing older needs checking."""
+        segment = record.segment
+        scanned = segment.covered
         try:
             _sync(segment.file.fd, data_only=True)
+            segment.durable_to(scanned)
             for digest, (offset, length, _) in list(segment.entries.items()):
-                if offset < before:
+                if record.verify_from <= offset < record.offset:
                     for _ in _checked_chunks(segment.file, offset, length, digest):
                         pass
         except (CorruptObject, OSError):
@@ -2168,19 +2195,22 @@ class Store:
     def _catch_up_refs(self):
         """Take up the ref records found since the last call: one newer than its branch's
         slot (its writer was killed, or a crash lost the unsynced slot write, or it is being
-        written now) becomes pending, what reads answer, once its pack is synced and every
-        object record before it is intact (a crash may persist the record and not all that
-        the sync of its write would have). A record of a deleted branch, or of one since
-        made again (a new ref file's sequence starts above it), is obsolete."""
-        for branch, (sequence, head, segment, offset) in self._objects.unchecked_refs().items():
+        written now) becomes pending, what reads answer, once its pack is synced and the
+        object records written with it are intact (a crash may persist the record and not
+        all that the sync of its write would have). A record of a deleted branch, or of one
+        since made again (a new ref file's sequence starts above it), is obsolete."""
+        for branch, record in self._objects.unchecked_refs().items():
             try:
-                if sequence <= self._refs.state(branch)[0]:
-                    continue
+                state = self._refs.state(branch)
             except (NotFound, CorruptObject):
                 continue
-            if (head == _NO_COMMITS or self._objects.is_commit(head)) and \
-                    self._objects.make_durable(segment, offset):
-                self._refs.pending[branch] = (sequence, head)
+            if record.sequence <= state[0]:
+                if (record.sequence, record.head) == state:
+                    record.segment.durable_to(record.end)    # applied: its sync returned
+                continue
+            if (record.head == _NO_COMMITS or self._objects.is_commit(record.head)) and \
+                    self._objects.make_durable(record):
+                self._refs.pending[branch] = (record.sequence, record.head)
 
     def _apply_pending_refs(self):
         """Under the ref lock: write the slots of the pending ref records (not synced: the
