@@ -2079,6 +2079,7 @@ class Store:
         self._objects = _ObjectStore(self.root, self._tmp_dir, self._checkpoint_refs)
         self._refs = _Refs(self.root, self._tmp_dir)
         self._recovered = False                     # ref records ahead of slots looked for
+        self._catch_up_lock = threading.Lock()      # one thread takes up a record at a time
         self._history = _HistoryCache(os.path.join(self.root, "cache", "history"),
                                       self._tmp_dir)
         self._parsed = Cache(OBJECT_CACHE_WEIGHT)   # hash -> parsed tree/commit
@@ -2199,18 +2200,23 @@ class Store:
         object records written with it are intact (a crash may persist the record and not
         all that the sync of its write would have). A record of a deleted branch, or of one
         since made again (a new ref file's sequence starts above it), is obsolete."""
-        for branch, record in self._objects.unchecked_refs().items():
-            try:
-                state = self._refs.state(branch)
-            except (NotFound, CorruptObject):
-                continue
-            if record.sequence <= state[0]:
-                if (record.sequence, record.head) == state:
-                    record.segment.durable_to(record.end)    # applied: its sync returned
-                continue
-            if (record.head == _NO_COMMITS or self._objects.is_commit(record.head)) and \
-                    self._objects.make_durable(record):
-                self._refs.pending[branch] = (record.sequence, record.head)
+        with self._catch_up_lock:
+            for branch, record in self._objects.unchecked_refs().items():
+                self._take_up(branch, record)
+
+    def _take_up(self, branch, record):
+        """_catch_up_refs for one branch's newest record."""
+        try:
+            state = self._refs.state(branch)
+        except (NotFound, CorruptObject):
+            return
+        if record.sequence <= state[0]:
+            if (record.sequence, record.head) == state:
+                record.segment.durable_to(record.end)        # applied: its sync returned
+            return
+        if (record.head == _NO_COMMITS or self._objects.is_commit(record.head)) and \
+                self._objects.make_durable(record):
+            self._refs.pending[branch] = (record.sequence, record.head)
 
     def _apply_pending_refs(self):
         """Under the ref lock: write the slots of the pending ref records (not synced: the
