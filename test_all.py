@@ -4191,9 +4191,12 @@ class WorkerProcessTests(unittest.TestCase):
         server = self.start("--workers", "2")
         for _ in range(30):
             self.assertEqual(http_request(server.url + "/api/v1/branches")[0], 200)
-        text = self.metrics(server)
         route = {"route": "/api/v1/branches", "method": "GET", "status": "200"}
-        self.assertEqual(metric(text, "wasmstore_http_requests_total", **route), 30)
+
+        def counted():          # a request is counted just after its reply: the last one may lag
+            text = self.metrics(server)
+            return text if metric(text, "wasmstore_http_requests_total", **route) == 30 else None
+        text = wait_until(counted, 10, "the 30 requests to be counted")
         self.assertEqual(metric(text, "wasmstore_workers"), 2)
         per_worker = [metric(text, "wasmstore_worker_http_requests_total", worker=str(index))
                       for index in range(2)]
