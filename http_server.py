@@ -237,6 +237,7 @@ POOLED_STORES_PER_GUEST = 2
 DEFAULT_QUEUE_WAIT = 10.0                  # seconds a caller waits for a slot before 503
 DEFAULT_MAX_OUTPUT = 16 * 1024 * 1024      # stdout (and stderr) kept per run
 PRECOMPILE_POLL_SECONDS = 0.2              # how often the background compiler looks for adds
+CACHE_STATS_SECONDS = 1.0                  # how often runs publish compile-cache memory hits
 MAX_PRECOMPILE_SEEN = 100_000              # module hashes it remembers having queued
 MAX_VERSION_INDEX = 999_999_999           # ?version=N, /version/N/: more than any path has
 MAX_CONTENT_LENGTH = (1 << 63) - 1         # what a signed 64-bit length holds
@@ -1025,6 +1026,7 @@ class GuestRuntime:
         self.max_output = int(max_output)
         self.compile_locks = CompileLocks() if compile_locks is None else compile_locks
         self.precompiler = None           # a Precompiler, when make_runtime starts one
+        self._cache_stats_due = 0.0       # when a run next publishes the compile-cache counts
 
     def load(self, target):
         """The kvhost Guest of a target, compiled at most once at a time in the whole server
@@ -1033,7 +1035,15 @@ class GuestRuntime:
         if guest is None:
             with self.compile_locks.hold(target.digest):
                 guest = self.runner.load(target)
+            self._publish_cache_stats()             # a compile or a disk hit shows at once
         return guest
+
+    def _publish_cache_stats(self):
+        """Record the Host's compile-cache counts in the metrics, where every worker's /metrics
+        reads them. A run of a loaded guest only adds a memory hit: runs publish at most every
+        CACHE_STATS_SECONDS (a worker's own /metrics publishes first), not each time."""
+        self._cache_stats_due = time.monotonic() + CACHE_STATS_SECONDS
+        self.metrics.record_cache_stats(self.runner.host.cache_stats())
 
     def execute(self, call, function, version, work, gated=True, resolve=None):
         """Resolve the module, then load it and work(target, stats) in a gate slot; records the
@@ -1069,8 +1079,8 @@ class GuestRuntime:
         call.log.update(module=module, function=function, outcome=outcome, fuel=fuel)
         if outcome not in ("not-found", "busy"):        # bounded label sets: real modules only
             self.metrics.observe_run(module, function, outcome, seconds, fuel)
-        if self.runner is not None:
-            self.metrics.record_cache_stats(self.runner.host.cache_stats())
+        if self.runner is not None and time.monotonic() >= self._cache_stats_due:
+            self._publish_cache_stats()
 
     def close(self):
         """Stop the background compiler, the guests' worker processes and the kv backend
