@@ -2618,6 +2618,30 @@ class RefRecordTest(StoreTestCase):
         self.assertTrue(os.path.exists(first_index))
         self.assertClean()
 
+    def test_a_failed_append_another_store_scanned_leaves_no_hole_in_the_pack(self):
+        # Another Store (a reader thread or process that became a writer) scans a write whose
+        # sync then fails: the writer cuts it off. Appending past the cut left a hole of zero
+        # bytes, where every fresh scan stopped: later acknowledged commits were unreadable.
+        self.store.add("a.wasm", wasm_module("a"))
+        other = Store(self.root)
+        self.addCleanup(other.close)
+        self.assertEqual(other.find("a.wasm"), wasm_module("a"))
+        real_sync = wasmstore._sync
+
+        def scanned_then_failing(fd, data_only=False):
+            other._objects.refresh()                     # sees the records being synced
+            raise OSError(5, "Input/output error")
+
+        with mock.patch.object(wasmstore, "_sync", scanned_then_failing), \
+                self.assertRaises(OSError):
+            self.store.add("b.wasm", wasm_module("b"))
+        self.assertEqual(wasmstore._sync, real_sync)
+        other.add("c.wasm", wasm_module("c"))            # acknowledged
+        with Store(self.root) as fresh:
+            self.assertEqual(sorted(fresh.list()), ["/a.wasm", "/c.wasm"])
+            self.assertEqual(fresh.find("c.wasm"), wasm_module("c"))
+            self.assertEqual(fresh.fsck(), [])
+
 
 KILLER = r"""
 import builtins, os, signal, sys

@@ -1077,6 +1077,7 @@ class _Segment:
         self._index_count = 0
         self._lock = threading.Lock()
         self._load_index(os.path.join(directory, _index_name(number)))
+        self._indexed = self.covered  # bytes the index covers
         self.durable = self.covered  # bytes known synced (an index covers a synced prefix)
         self._ref_end = self.covered  # where the last intact ref record ends
 
@@ -1133,6 +1134,8 @@ class _Segment:
         """Index the records appended since the last scan; returns the file's size."""
         with self._lock:
             size = os.fstat(self.file.fd).st_size
+            if size < self.covered:
+                self._forget_tail(size)
             position, buffer, buffer_start = self.covered, b"", self.covered
             while position + RECORD_HEADER_BYTES <= size:
                 relative = position - buffer_start
@@ -1156,6 +1159,16 @@ class _Segment:
                 position = end
             self.covered = position
             return size
+
+    def _forget_tail(self, size):
+        """Forget every record scanned past the index: the file is now shorter than what was
+        scanned (a writer whose append failed cut it off), and an append at the old end
+        would leave a hole no later scan gets past. The tail is scanned again; its ref
+        records are checked again (those applied already are no-ops)."""
+        self.entries, self.refs = {}, {}
+        self.unchecked.clear()
+        self.covered = self._ref_end = self._indexed
+        self.durable = min(self.durable, size)
 
     def _note_ref(self, record, offset, end, foreign):
         if record is None:
