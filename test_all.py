@@ -2642,6 +2642,18 @@ class RefRecordTest(StoreTestCase):
             self.assertEqual(fresh.find("c.wasm"), wasm_module("c"))
             self.assertEqual(fresh.fsck(), [])
 
+    def test_a_module_gc_dropped_in_another_store_is_written_again(self):
+        # A writer remembers the objects it wrote or read as whole; gc in another process
+        # may drop them since. Added again, the module must be stored again, not assumed.
+        self.store.add("a.wasm", wasm_module("dropped"))
+        self.store.remove("a.wasm")
+        with Store(self.root) as collector:
+            self.assertGreater(collector.gc(), 0)
+        self.store.add("b.wasm", wasm_module("dropped"))
+        with Store(self.root) as fresh:
+            self.assertEqual(fresh.find("b.wasm"), wasm_module("dropped"))
+            self.assertEqual(fresh.fsck(), [])
+
 
 KILLER = r"""
 import builtins, os, signal, sys

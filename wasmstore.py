@@ -1400,19 +1400,21 @@ class _ObjectStore:
     def _has_whole(self, digest, kind):
         """True if an intact copy is stored. A packed copy this process has not written or
         read back is read and checked first: a killed writer's torn record must never stand
-        in for the object a new change needs."""
+        in for the object a new change needs. One known whole is still looked up in the
+        packs as they are now (callers hold the ref lock and rescanned): gc in another
+        process, or a failed append cut off, may have dropped it since."""
+        packed = self._packed(digest)
+        if packed is None:
+            # Loose files are modules, and land whole (linked into place).
+            return kind == "module" and os.path.exists(self.loose_path(digest))
         if self._whole.get(digest):
             return True
-        packed = self._packed(digest)
-        if packed is not None:
-            try:
-                self._read_at(packed, digest)
-                self._whole.put(digest, True)
-                return True
-            except (CorruptObject, OSError):
-                return False
-        # Loose files are modules, and land whole (linked into place).
-        return kind == "module" and os.path.exists(self.loose_path(digest))
+        try:
+            self._read_at(packed, digest)
+            self._whole.put(digest, True)
+            return True
+        except (CorruptObject, OSError):
+            return False
 
     def write(self, batch, ref=None):
         """Make a batch's new objects durable, and with them ref, a (branch, sequence, head)
