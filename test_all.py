@@ -2654,6 +2654,34 @@ class RefRecordTest(StoreTestCase):
             self.assertEqual(fresh.find("b.wasm"), wasm_module("dropped"))
             self.assertEqual(fresh.fsck(), [])
 
+    def test_a_failing_sync_while_taking_up_a_record_loses_no_acknowledged_add(self):
+        # b's add was acknowledged and a crash lost its slot write: only its record holds it.
+        # A recovering writer whose sync of the pack fails must not build on the slot's head
+        # (its commit would get b's sequence and win the tie): it fails, and tries again.
+        self.store.add("a.wasm", wasm_module("a"))
+        slots = self.ref_slots()
+        self.store.add("b.wasm", wasm_module("b"))
+        with open(os.path.join(self.root, "refs", "heads", "main"), "wb") as handle:
+            handle.write(slots)                          # the unsynced slot write, lost
+        real_sync, calls = wasmstore._sync, []
+
+        def failing_once(fd, data_only=False):
+            calls.append(fd)
+            if len(calls) == 1:
+                raise OSError(5, "Input/output error")
+            return real_sync(fd, data_only)
+
+        with Store(self.root) as recovering:
+            with mock.patch.object(wasmstore, "_sync", failing_once):
+                try:
+                    recovering.add("c.wasm", wasm_module("c"))
+                except OSError:
+                    recovering.add("c.wasm", wasm_module("c"))
+            self.assertEqual(sorted(recovering.list()), ["/a.wasm", "/b.wasm", "/c.wasm"])
+        with Store(self.root) as fresh:
+            self.assertEqual(sorted(fresh.list()), ["/a.wasm", "/b.wasm", "/c.wasm"])
+            self.assertEqual(fresh.commit_count(), 3)
+
 
 KILLER = r"""
 import builtins, os, signal, sys

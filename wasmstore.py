@@ -1525,17 +1525,18 @@ class _ObjectStore:
         written with it (from the ref record before it): True when all are intact, so it
         may be applied. After a crash, what its sync had not yet covered may be torn or
         missing; a writer syncs what others left unsynced before it appends (write), so
-        nothing older needs checking."""
+        nothing older needs checking. OSError when the sync or a read fails: whether the
+        record stands is then unknown (it may hold an acknowledged change), not False."""
         segment = record.segment
         scanned = segment.covered
+        _sync(segment.file.fd, data_only=True)
+        segment.durable_to(scanned)
         try:
-            _sync(segment.file.fd, data_only=True)
-            segment.durable_to(scanned)
             for digest, (offset, length, _) in list(segment.entries.items()):
                 if record.verify_from <= offset < record.offset:
                     for _ in _checked_chunks(segment.file, offset, length, digest):
                         pass
-        except (CorruptObject, OSError):
+        except CorruptObject:
             return False
         return True
 
@@ -2214,10 +2215,19 @@ class Store:
         written now) becomes pending, what reads answer, once its pack is synced and the
         object records written with it are intact (a crash may persist the record and not
         all that the sync of its write would have). A record of a deleted branch, or of one
-        since made again (a new ref file's sequence starts above it), is obsolete."""
+        since made again (a new ref file's sequence starts above it), is obsolete. When a
+        record cannot be decided (OSError: a sync or read failed), it and those not yet taken
+        up are looked at again by the next call, and the error is raised: a writer must not
+        compute a change from a slot an undecided record may be ahead of."""
         with self._catch_up_lock:
-            for branch, record in self._objects.unchecked_refs().items():
-                self._take_up(branch, record)
+            found = list(self._objects.unchecked_refs().items())
+            for done, (branch, record) in enumerate(found):
+                try:
+                    self._take_up(branch, record)
+                except OSError:
+                    for again, left in found[done:]:
+                        left.segment.unchecked.add(again)
+                    raise
 
     def _take_up(self, branch, record):
         """_catch_up_refs for one branch's newest record."""
