@@ -2682,6 +2682,29 @@ class RefRecordTest(StoreTestCase):
             self.assertEqual(sorted(fresh.list()), ["/a.wasm", "/b.wasm", "/c.wasm"])
             self.assertEqual(fresh.commit_count(), 3)
 
+    def test_a_record_taken_up_then_cut_off_by_its_failed_writer_is_not_applied(self):
+        # Another Store takes up b's record (and answers it) while b's writer is in its sync;
+        # the sync then fails and the writer cuts the write off. The record is gone: it must
+        # not be written to the slot, nor be built on (b's commit is no longer stored).
+        self.store.add("a.wasm", wasm_module("a"))
+        reader, real_sync = Store(self.root), wasmstore._sync
+        self.addCleanup(reader.close)
+
+        def taken_up_then_failing(fd, data_only=False):
+            real_sync(fd, data_only)
+            with mock.patch.object(wasmstore, "_sync", real_sync):
+                self.assertEqual(reader.find("b.wasm"), wasm_module("b"))
+            raise OSError(5, "Input/output error")
+
+        with mock.patch.object(wasmstore, "_sync", taken_up_then_failing), \
+                self.assertRaises(OSError):
+            self.store.add("b.wasm", wasm_module("b"))
+        reader.add("c.wasm", wasm_module("c"))
+        self.assertEqual(sorted(reader.list()), ["/a.wasm", "/c.wasm"])
+        with Store(self.root) as fresh:
+            self.assertEqual(sorted(fresh.list()), ["/a.wasm", "/c.wasm"])
+            self.assertEqual(fresh.fsck(), [])
+
 
 KILLER = r"""
 import builtins, os, signal, sys

@@ -2249,6 +2249,11 @@ class Store:
         self._catch_up_refs()
         if self._refs.pending:
             for branch, (sequence, head) in list(self._refs.pending.items()):
+                if head != _NO_COMMITS and not self._objects.is_commit(head):
+                    # Taken up while its writer was in its sync, which then failed: the
+                    # writer cut the write off (the rescan under the lock found it gone).
+                    self._refs.pending.pop(branch, None)
+                    continue
                 with contextlib.suppress(OSError):     # still pending: reads answer it
                     self._refs.write_slot(branch, sequence, head)
             self._refs.bump()
