@@ -2705,6 +2705,25 @@ class RefRecordTest(StoreTestCase):
             self.assertEqual(sorted(fresh.list()), ["/a.wasm", "/c.wasm"])
             self.assertEqual(fresh.fsck(), [])
 
+    def test_gc_whose_slot_write_fails_keeps_the_records_it_needs(self):
+        # The slot of b's move cannot be written: only b's ref record (and this Store's memory)
+        # holds it. gc must not rewrite the packs (dropping that record, and the commits the
+        # slot still names) until the slot holds it durably.
+        self.store.add("a.wasm", wasm_module("a"))
+        with mock.patch.object(wasmstore._Refs, "write_slot",
+                               side_effect=OSError(5, "Input/output error")):
+            self.store.add("b.wasm", wasm_module("b"))
+            with self.assertRaises(OSError):
+                self.store.gc()
+        with Store(self.root) as fresh:
+            self.assertEqual(sorted(fresh.list()), ["/a.wasm", "/b.wasm"])
+            self.assertEqual(fresh.fsck(), [])
+        self.store.gc()
+        with Store(self.root) as fresh:
+            self.assertEqual(sorted(fresh.list()), ["/a.wasm", "/b.wasm"])
+            self.assertEqual(fresh.commit_count(), 1)
+            self.assertEqual(fresh.fsck(), [])
+
 
 KILLER = r"""
 import builtins, os, signal, sys

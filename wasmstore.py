@@ -2243,26 +2243,35 @@ class Store:
                 self._objects.make_durable(record):
             self._refs.pending[branch] = (record.sequence, record.head)
 
-    def _apply_pending_refs(self):
+    def _apply_pending_refs(self, strict=False):
         """Under the ref lock: write the slots of the pending ref records (not synced: the
-        records are durable), so that every process reads them there; readers are told."""
+        records are durable), so that every process reads them there; readers are told. A
+        slot that cannot be written stays pending (reads answer it), unless strict: then
+        the OSError is raised, as the records are about to be dropped."""
         self._catch_up_refs()
-        if self._refs.pending:
+        if not self._refs.pending:
+            return
+        try:
             for branch, (sequence, head) in list(self._refs.pending.items()):
                 if head != _NO_COMMITS and not self._objects.is_commit(head):
                     # Taken up while its writer was in its sync, which then failed: the
                     # writer cut the write off (the rescan under the lock found it gone).
                     self._refs.pending.pop(branch, None)
                     continue
-                with contextlib.suppress(OSError):     # still pending: reads answer it
+                try:
                     self._refs.write_slot(branch, sequence, head)
+                except OSError:
+                    if strict:
+                        raise
+        finally:
             self._refs.bump()
 
     def _checkpoint_refs(self):
         """Bring every slot up to its ref records and make it durable: before a pack is
         sealed (its ref records past the index are no longer read) or rewritten by gc.
-        Under the ref lock; the packs are synced already."""
-        self._apply_pending_refs()
+        Under the ref lock; the packs are synced already. OSError if a slot cannot be
+        written: then nothing is sealed or rewritten (only the records hold that move)."""
+        self._apply_pending_refs(strict=True)
         self._refs.sync_all()
 
     def generation(self):
