@@ -2724,6 +2724,20 @@ class RefRecordTest(StoreTestCase):
             self.assertEqual(fresh.commit_count(), 1)
             self.assertEqual(fresh.fsck(), [])
 
+    def test_a_branch_made_again_after_the_clock_stepped_back_ignores_the_old_records(self):
+        # A new ref file's sequence starts at the clock; if the clock stepped back since the
+        # deleted branch was made, its records must still not win over the new branch.
+        self.store.add("a.wasm", wasm_module("a"))
+        later = time.time_ns() + 3600 * 10 ** 9
+        with mock.patch.object(wasmstore.time, "time_ns", return_value=later):
+            self.store.create_branch("x")
+        self.store.add("x.wasm", wasm_module("x"), branch="x")
+        self.store.delete_branch("x")
+        self.store.create_branch("x")                     # the clock is an hour earlier now
+        with Store(self.root) as fresh:
+            self.assertEqual(fresh.head(branch="x"), fresh.snapshot())
+            self.assertNotIn("/x.wasm", fresh.list(branch="x"))
+
 
 KILLER = r"""
 import builtins, os, signal, sys

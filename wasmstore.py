@@ -42,7 +42,8 @@ the raw module bytes, trees and commits canonical JSON):
   newline. A change overwrites the slot with the lower sequence; readers take the intact
   slot with the higher one, or a ref record of the branch with a higher sequence still (a
   slot write lost to a crash). A new ref file's sequence starts at the time in
-  nanoseconds, above the records a deleted branch of that name may have left.
+  nanoseconds (or past the newest record of that name, if the clock stepped back), above
+  the records a deleted branch of that name may have left.
 - ``refs/generation``: an 8-byte counter bumped (through a shared map, unsynced) by every
   change of a ref or HEAD: ``Store.generation()``, what caches of ref-derived answers key on.
 - ``HEAD``: the default branch's name and a newline.
@@ -1520,6 +1521,12 @@ class _ObjectStore:
                     found[branch] = record
         return found
 
+    def newest_ref_sequence(self, branch):
+        """The highest sequence of the ref records of branch found past the indexes (0 if
+        none): a branch made again must start above them."""
+        return max((segment.refs[branch].sequence for segment in self._segments
+                    if branch in segment.refs), default=0)
+
     def make_durable(self, record):
         """Sync the pack of a ref record not yet applied, then check the object records
         written with it (from the ref record before it): True when all are intact, so it
@@ -1820,10 +1827,11 @@ def _ref_slot(sequence, value):
     return line.ljust(REF_SLOT_BYTES - 1).encode("ascii") + b"\n"
 
 
-def _ref_file(value):
+def _ref_file(value, floor=0):
     """A new ref file. Its sequence starts at the time in nanoseconds, above any ref record a
-    deleted branch of the same name left in the packs (see Store._catch_up_refs)."""
-    sequence = time.time_ns()
+    deleted branch of the same name left in the packs (see Store._catch_up_refs), and at
+    floor at least (past the records seen, should the clock have stepped back)."""
+    sequence = max(time.time_ns(), floor)
     return _ref_slot(sequence + 1, value) + _ref_slot(sequence, value)
 
 
@@ -1977,9 +1985,10 @@ class _Refs:
             with contextlib.suppress(FileNotFoundError):
                 _fsync_path(os.path.join(self.heads_dir, name), data_only=True)
 
-    def add_if_new(self, branch, head):
-        """Create branch at head (None: no commits); False if it exists. Under lock()."""
-        created = _write_whole(self.path(branch), _ref_file(head or _NO_COMMITS),
+    def add_if_new(self, branch, head, floor=0):
+        """Create branch at head (None: no commits), its sequence floor at least; False if
+        it exists. Under lock()."""
+        created = _write_whole(self.path(branch), _ref_file(head or _NO_COMMITS, floor),
                                self.tmp_dir, exclusive=True)
         if created:
             self.bump()
@@ -2846,7 +2855,8 @@ class Store:
         validate_branch(name)
         source = self._branch(branch)
         with self._locked():
-            if not self._refs.add_if_new(name, self._read_ref(source)):
+            floor = self._objects.newest_ref_sequence(name) + 1   # a deleted one's records
+            if not self._refs.add_if_new(name, self._read_ref(source), floor):
                 raise Conflict(f"branch {name!r} already exists")
 
     def delete_branch(self, name):
