@@ -2738,6 +2738,17 @@ class RefRecordTest(StoreTestCase):
             self.assertEqual(fresh.head(branch="x"), fresh.snapshot())
             self.assertNotIn("/x.wasm", fresh.list(branch="x"))
 
+    def test_a_store_that_read_before_a_writer_was_killed_sees_what_a_fresh_one_sees(self):
+        # Stores that read already read only slots. Once a fresh Store has answered the killed
+        # writer's record, the older Store must not keep answering the slot's older head.
+        self.store.add("a.wasm", wasm_module("a"))
+        self.assertEqual(sorted(self.store.list()), ["/a.wasm"])
+        self.add_and_die_before_the_slot("b.wasm", "b")
+        with Store(self.root) as fresh:
+            self.assertEqual(sorted(fresh.list()), ["/a.wasm", "/b.wasm"])
+        self.assertEqual(sorted(self.store.list()), ["/a.wasm", "/b.wasm"])
+        self.assertClean()
+
 
 KILLER = r"""
 import builtins, os, signal, sys

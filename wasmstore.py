@@ -61,16 +61,18 @@ before the slot write reaches the disk leaves the record, and the first ref read
 Store (and every writer, under the lock) takes up the records newer than their slots, once
 the pack is synced and the object records since the ref record before them hash-check (a
 crash during the sync may keep the record and lose an earlier page: then it is not
-applied, the write was never acknowledged); a writer that finds records it cannot know
-synced (a killed writer's) syncs them before it appends, so nothing older needs checking.
-Slots are synced, catching up with the records, before a pack is
-sealed and before gc rewrites packs (dropping their records), so only records past an
-index are ever read. A crash at any point leaves every ref at a commit whose objects are
-all durable. A ref changes only under an exclusive ``flock`` of ``refs/heads``, by
-compare-and-swap against the head the change was computed from, so writers in many
-threads and processes never lose an update; packs are appended only under that lock, and
-only the highest-numbered one (gc, when it writes a pack, rewrites the active one too).
-Readers take no lock: they re-read a ref's slots (one pread of an open file; an in-place
+applied, the write was never acknowledged) and writes their slots (the first read: if no
+writer holds the lock, which would), so Stores that read before see them too; a record
+whose writer's sync failed is cut off by it, and dropped. A writer that finds records it
+cannot know synced (a killed writer's) syncs them before it appends, so nothing older
+needs checking. Slots are synced, catching up with the records, before a pack is sealed
+and before gc rewrites packs (dropping their records; a slot that cannot be written stops
+them), so only records past an index are ever read. A crash at any point leaves every
+ref at a commit whose objects are all durable. A ref changes only under an exclusive
+``flock`` of ``refs/heads``, by compare-and-swap against the head the change was computed
+from, so writers in many threads and processes never lose an update; packs are appended
+only under that lock, and only the highest-numbered one (gc, when it writes a pack,
+rewrites the active one too). Readers take no lock (but a Store's first read tries it): they re-read a ref's slots (one pread of an open file; an in-place
 write is invisible to stat) and rescan the packs when an object is not where they looked.
 gc rewrites packs that hold garbage into a new sealed pack, durable before the old ones are
 deleted; readers holding an old pack open keep reading it. Why this design: on ext4
@@ -1895,15 +1897,26 @@ class _Refs:
         return os.path.join(self.heads_dir, validate_branch(branch))
 
     @contextlib.contextmanager
-    def lock(self):
-        """Exclusive across threads (a mutex) and processes (flock on refs/heads)."""
-        with self._thread_lock:
+    def lock(self, wait=True):
+        """Exclusive across threads (a mutex) and processes (flock on refs/heads); yields
+        True. wait=False: yields False at once, without it, when another holds it."""
+        if not self._thread_lock.acquire(blocking=wait):
+            yield False
+            return
+        try:
             fd = os.open(self.heads_dir, os.O_RDONLY | os.O_CLOEXEC)
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX)
-                yield
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+                except BlockingIOError:
+                    locked = False
+                else:
+                    locked = True
+                yield locked
             finally:
                 os.close(fd)   # closing releases the flock, also when a process dies
+        finally:
+            self._thread_lock.release()
 
     def read(self, branch):
         """Head commit of a branch (None while it has no commits); NotFound if missing."""
@@ -2206,17 +2219,24 @@ class Store:
         if not self._recovered:
             self._objects.refresh()
             self._catch_up_refs()
+            if self._refs.pending:
+                # Stores that have read already read only the slots: write them now if no
+                # writer holds the lock (one that does writes them when it takes it).
+                with self._locked(wait=False):
+                    pass
             self._recovered = True
         return self._refs.read(branch)
 
     @contextlib.contextmanager
-    def _locked(self):
+    def _locked(self, wait=True):
         """The ref lock, with the ref records other writers appended taken up first: a
-        change computes from the true head (a killed writer's record may be ahead)."""
-        with self._refs.lock():
-            self._objects.scan_newest()
-            self._apply_pending_refs()
-            yield
+        change computes from the true head (a killed writer's record may be ahead).
+        wait=False: yields False at once, doing nothing, when another holds it."""
+        with self._refs.lock(wait) as locked:
+            if locked:
+                self._objects.scan_newest()
+                self._apply_pending_refs()
+            yield locked
 
     def _catch_up_refs(self):
         """Take up the ref records found since the last call: one newer than its branch's
