@@ -72,8 +72,9 @@ ref at a commit whose objects are all durable. A ref changes only under an exclu
 ``flock`` of ``refs/heads``, by compare-and-swap against the head the change was computed
 from, so writers in many threads and processes never lose an update; packs are appended
 only under that lock, and only the highest-numbered one (gc, when it writes a pack,
-rewrites the active one too). Readers take no lock (but a Store's first read tries it): they re-read a ref's slots (one pread of an open file; an in-place
-write is invisible to stat) and rescan the packs when an object is not where they looked.
+rewrites the active one too). Readers take no lock (but a Store's first read tries it):
+they re-read a ref's slots (one pread of an open file; an in-place write is invisible to
+stat) and rescan the packs when an object is not where they looked.
 gc rewrites packs that hold garbage into a new sealed pack, durable before the old ones are
 deleted; readers holding an old pack open keep reading it. Why this design: on ext4
 creating a file is what a commit cost (each new file needs an open, an fsync, a rename and
