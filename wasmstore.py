@@ -1168,9 +1168,12 @@ class _Segment:
         """Forget every record scanned past the index: the file is now shorter than what was
         scanned (a writer whose append failed cut it off), and an append at the old end
         would leave a hole no later scan gets past. The tail is scanned again; its ref
-        records are checked again (those applied already are no-ops)."""
-        self.entries, self.refs = {}, {}
-        self.unchecked.clear()
+        records are checked again (those applied already are no-ops). What is still there
+        stays findable meanwhile (readers look without the lock)."""
+        self.entries = {digest: entry for digest, entry in self.entries.items()
+                        if entry[0] + entry[1] <= size}
+        self.refs = {branch: record for branch, record in self.refs.items()
+                     if record.end <= size}
         self.covered = self._ref_end = self._indexed
         self.durable = min(self.durable, size)
 
@@ -1519,7 +1522,9 @@ class _ObjectStore:
         for segment in reversed(self._segments):          # oldest first: newer ones win
             while segment.unchecked:
                 branch = segment.unchecked.pop()
-                record = segment.refs[branch]
+                record = segment.refs.get(branch)       # None: cut off meanwhile
+                if record is None:
+                    continue
                 if branch not in found or record.sequence >= found[branch].sequence:
                     found[branch] = record
         return found
