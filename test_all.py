@@ -2749,6 +2749,34 @@ class RefRecordTest(StoreTestCase):
         self.assertEqual(sorted(self.store.list()), ["/a.wasm", "/b.wasm"])
         self.assertClean()
 
+    def test_a_backup_holds_the_head_only_a_ref_record_holds(self):
+        self.store.add("a.wasm", wasm_module("a"))
+        self.assertEqual(sorted(self.store.list()), ["/a.wasm"])
+        slots = self.ref_slots()
+        self.add_and_die_before_the_slot("b.wasm", "b")
+        self.assertEqual(self.ref_slots(), slots)        # only b's record holds it
+        backup = os.path.join(self.tmp, "store.tar.gz")
+        with Store(self.root) as other, mock.patch.object(wasmstore._Refs, "write_slot",
+                                                          side_effect=OSError(5, "EIO")):
+            self.assertEqual(other.backup(backup), 6)    # 2 commits, 2 trees, 2 modules
+        self.assertEqual(self.ref_slots(), slots)        # the slot could not be written
+        with Store.load_backup(backup, os.path.join(self.tmp, "loaded")) as loaded:
+            self.assertEqual(sorted(loaded.list()), ["/a.wasm", "/b.wasm"])
+            self.assertEqual(loaded.fsck(), [])
+
+    def test_a_killed_writers_record_in_a_pack_then_sealed_is_applied_first(self):
+        self.store.add("a.wasm", wasm_module("a"))
+        self.add_and_die_before_the_slot("b.wasm", "b")
+        pack = os.path.join(self.root, "objects", "pack")
+        with mock.patch.object(wasmstore, "SEGMENT_BYTES", 1):   # the next append seals
+            self.store.add("c.wasm", wasm_module("c"))
+        self.assertTrue(os.path.exists(os.path.join(pack, "0000000000000001.idx")))
+        self.assertTrue(os.path.exists(os.path.join(pack, "0000000000000002.pack")))
+        with Store(self.root) as fresh:                  # reads no record of pack 1
+            self.assertEqual(sorted(fresh.list()), ["/a.wasm", "/b.wasm", "/c.wasm"])
+            self.assertEqual(fresh.commit_count(), 3)
+            self.assertEqual(fresh.fsck(), [])
+
 
 KILLER = r"""
 import builtins, os, signal, sys
