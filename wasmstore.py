@@ -1880,7 +1880,8 @@ class _Refs:
     set_if_equals is given), then the older slot is overwritten in place, not synced (no file
     is created); readers take the intact slot with the higher sequence, so a torn write
     leaves the previous head. A ref record newer than the slot (the slot write was lost to a
-    crash or a kill) is held in `pending` until a writer applies it: read() answers with it.
+    crash or a kill) is held in `pending` until its slot is written under lock() (by the next
+    writer, or by the Store's first read when the lock is free): read() answers with it.
     Readers keep the file open and re-read it (one pread) on every read: an in-place write
     does not change what a stat shows. Refs change only under lock(), by compare-and-swap
     (set_if_equals, add_if_new, remove), in the manner of dulwich's refs.
