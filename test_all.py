@@ -2777,6 +2777,14 @@ class RefRecordTest(StoreTestCase):
             self.assertEqual(fresh.commit_count(), 3)
             self.assertEqual(fresh.fsck(), [])
 
+    def test_a_reader_whose_recovery_sync_fails_answers_the_slot_and_tries_again(self):
+        self.store.add("a.wasm", wasm_module("a"))
+        self.add_and_die_before_the_slot("b.wasm", "b")
+        with Store(self.root) as reader:
+            with mock.patch.object(wasmstore, "_sync", side_effect=OSError(5, "EIO")):
+                self.assertEqual(sorted(reader.list()), ["/a.wasm"])     # undecided: the slot
+            self.assertEqual(sorted(reader.list()), ["/a.wasm", "/b.wasm"])
+
 
 KILLER = r"""
 import builtins, os, signal, sys

@@ -2224,15 +2224,24 @@ class Store:
     def _read_ref(self, branch):
         """Head commit of a branch (None while it has no commits); NotFound if missing."""
         if not self._recovered:
-            self._objects.refresh()
-            self._catch_up_refs()
-            if self._refs.pending:
-                # Stores that have read already read only the slots: write them now if no
-                # writer holds the lock (one that does writes them when it takes it).
-                with self._locked(wait=False):
-                    pass
-            self._recovered = True
+            self._recover()
         return self._refs.read(branch)
+
+    def _recover(self):
+        """A Store's first ref read: take up the ref records ahead of their slots. Stores that
+        have read already read only the slots: write them now if no writer holds the lock (one
+        that does writes them when it takes it). A record that cannot be decided (a sync
+        failed) leaves the slots answered, and the next read tries again: unlike a writer, a
+        reader may answer the older, durable head."""
+        self._objects.refresh()
+        try:
+            self._catch_up_refs()
+        except OSError:
+            return
+        if self._refs.pending:
+            with self._locked(wait=False):
+                pass
+        self._recovered = True
 
     @contextlib.contextmanager
     def _locked(self, wait=True):
