@@ -2785,6 +2785,31 @@ class RefRecordTest(StoreTestCase):
                 self.assertEqual(sorted(reader.list()), ["/a.wasm"])     # undecided: the slot
             self.assertEqual(sorted(reader.list()), ["/a.wasm", "/b.wasm"])
 
+    def test_first_reads_taking_up_a_record_while_processes_add_see_every_add_once(self):
+        # Fresh Stores' first reads take up a killed writer's record (and try the lock to write
+        # its slot) while two processes add: no read fails, none loses a path it saw before.
+        self.store.add("a.wasm", wasm_module("a"))
+        self.add_and_die_before_the_slot("b.wasm", "b")
+        writers = [subprocess.Popen([sys.executable, "-c", WRITER, self.root, f"p{n}", "15"],
+                                    stdout=subprocess.PIPE, cwd=HERE, text=True)
+                   for n in range(2)]
+        seen, deadline = {"/a.wasm", "/b.wasm"}, time.monotonic() + 120
+        while any(writer.poll() is None for writer in writers):
+            self.assertLess(time.monotonic(), deadline)
+            with Store(self.root) as reader:
+                listing = set(reader.list())
+            self.assertLessEqual(seen, listing)
+            seen = listing
+        for writer in writers:
+            writer.communicate(timeout=120)
+            self.assertEqual(writer.returncode, 0)
+        expected = {"/a.wasm", "/b.wasm"} | {f"/p{n}/{i}.wasm" for n in range(2)
+                                             for i in range(15)}
+        with Store(self.root) as fresh:
+            self.assertEqual(set(fresh.list()), expected)
+            self.assertEqual(fresh.commit_count(), len(expected))
+        self.assertClean()
+
 
 KILLER = r"""
 import builtins, os, signal, sys
