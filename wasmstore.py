@@ -2236,11 +2236,11 @@ class Store:
         self._objects.refresh()
         try:
             self._catch_up_refs()
+            if self._refs.pending:
+                with self._locked(wait=False):
+                    pass
         except OSError:
             return
-        if self._refs.pending:
-            with self._locked(wait=False):
-                pass
         self._recovered = True
 
     @contextlib.contextmanager
